@@ -1,0 +1,58 @@
+"""Shared fixtures: small synthetic slides with tissue at known places, and the real fixtures."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from wsitools.synthetic import Region, write_slide  # noqa: E402
+
+FIXTURES = Path(__file__).parent / "data" / "openslide-fixtures"
+
+# A 2048 x 1536 slide at 0.25 um/px: one large tissue ellipse and a planted region of the other
+# texture, far enough apart that their masks do not touch.
+SLIDE_SIZE = (2048, 1536)
+SLIDE_MPP = 0.25
+REGIONS = (Region(160, 160, 1000, 1000, "tissue"), Region(1500, 700, 460, 640, "other"))
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def synthetic_svs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("slides") / "synth_svs.svs"
+    return write_slide(path, size=SLIDE_SIZE, mpp=SLIDE_MPP, regions=REGIONS, fmt="svs",
+                       downsamples=(1, 2, 4, 8))
+
+
+@pytest.fixture(scope="session")
+def synthetic_tiff(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("slides") / "synth_tiff.tiff"
+    return write_slide(path, size=SLIDE_SIZE, mpp=SLIDE_MPP, regions=REGIONS, fmt="tiff",
+                       downsamples=(1, 2, 4, 8))
+
+
+@pytest.fixture(scope="session")
+def blank_svs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("slides") / "blank.svs"
+    return write_slide(path, size=(1024, 768), mpp=SLIDE_MPP, regions=(), fmt="svs", downsamples=(1, 4))
+
+
+def planted_mask(shape: tuple[int, int], downsample: tuple[float, float], regions=REGIONS) -> np.ndarray:
+    """Ground truth on a mask grid: which mask pixel centres lie inside a planted region."""
+    ys, xs = np.mgrid[0 : shape[0], 0 : shape[1]]
+    x0 = (xs + 0.5) * downsample[0] - 0.5
+    y0 = (ys + 0.5) * downsample[1] - 0.5
+    truth = np.zeros(shape, bool)
+    for r in regions:
+        truth |= r.contains(x0, y0)
+    return truth

@@ -1,0 +1,179 @@
+"""Slide reading: both backends, the level-0 contract, mpp as a hard contract, real fixtures."""
+
+from __future__ import annotations
+
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import REGIONS, SLIDE_MPP, SLIDE_SIZE
+from wsitools.errors import SlideError
+from wsitools.slide import open_slide
+from wsitools.synthetic import Region, render, write_slide
+
+
+@pytest.mark.parametrize("fixture", ["synthetic_svs", "synthetic_tiff"])
+def test_both_backends_read_the_same_pixels(fixture, request):
+    path = request.getfixturevalue(fixture)
+    expected = render(REGIONS, 300, 400, 256, 200)
+    reads = {}
+    for backend in ("openslide", "tiffslide"):
+        with open_slide(path, backend=backend) as s:
+            assert s.backend == backend
+            assert s.dimensions == SLIDE_SIZE
+            assert s.level_downsamples == (1.0, 2.0, 4.0, 8.0)
+            assert s.mpp == pytest.approx(SLIDE_MPP)
+            region = s.read_region((300, 400), 0, (256, 200))
+            assert region.shape == (200, 256, 3) and region.dtype == np.uint8
+            # JPEG at quality 90 on a textured image: close to the rendered truth
+            assert np.abs(region.astype(int) - expected).mean() < 4
+            reads[backend] = (region, s.read_region((300, 400), 2, (64, 50)))
+    for a, b in zip(reads["openslide"], reads["tiffslide"]):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_svs_properties(synthetic_svs):
+    with open_slide(synthetic_svs) as s:
+        assert s.backend == "tiffslide"  # auto: tiffslide first for SVS and TIFF (faster)
+        assert s.vendor == "aperio"
+        assert s.objective_power == pytest.approx(40.0)
+        info = s.info()
+        assert info["level_mpp"] == pytest.approx([0.25, 0.5, 1.0, 2.0])
+        assert info["mpp_source"] == "metadata"
+
+
+@pytest.mark.parametrize(
+    "target, level",
+    [(0.1, 0), (0.25, 0), (0.3, 0), (0.5, 1), (0.502, 1), (0.7, 1), (1.0, 2), (1.9, 2), (2.0, 3), (8.0, 3)],
+)
+def test_best_level_is_the_coarsest_not_coarser_than_target(synthetic_svs, target, level):
+    with open_slide(synthetic_svs) as s:
+        assert s.best_level_for_mpp(target) == level
+
+
+def test_outside_the_slide_is_white(synthetic_tiff):
+    with open_slide(synthetic_tiff, backend="openslide") as s:
+        region = s.read_region((SLIDE_SIZE[0] - 10, 0), 0, (20, 4))
+    assert (region[:, 10:] == 255).all()
+
+
+def test_thumbnail_has_the_requested_resolution(synthetic_svs):
+    with open_slide(synthetic_svs) as s:
+        thumb, ds = s.thumbnail(mpp=4.0)
+    assert thumb.shape == (96, 128, 3)
+    assert ds == pytest.approx(16.0)
+    # tissue centre is dark-ish, glass corner is light
+    assert thumb[:4, :4].mean() > 235
+    assert thumb[40, 40].mean() < 230
+
+
+def test_pickles_by_path(synthetic_svs):
+    with open_slide(synthetic_svs, backend="tiffslide") as s:
+        clone = pickle.loads(pickle.dumps(s))
+        assert clone.backend == "tiffslide" and clone.path == s.path
+        np.testing.assert_array_equal(clone.read_region((0, 0), 1, (32, 32)), s.read_region((0, 0), 1, (32, 32)))
+
+
+def test_missing_mpp_needs_an_override(tmp_path):
+    path = write_slide(tmp_path / "nompp.tiff", size=(512, 512), mpp=0.5, regions=(), write_mpp=False,
+                       downsamples=(1,))
+    with pytest.raises(SlideError, match=r"nompp\.tiff.*no resolution"):
+        open_slide(path)
+    with open_slide(path, mpp_override=0.5) as s:
+        assert s.mpp == 0.5 and s.info()["mpp_source"] == "override"
+    with pytest.raises(SlideError, match="outside"):
+        open_slide(path, mpp_override=50)
+
+
+def test_mpp_x_and_y_must_agree(tmp_path):
+    import tifffile
+
+    path = tmp_path / "aniso.tiff"
+    data = np.full((256, 256, 3), 200, np.uint8)
+    tifffile.imwrite(path, data, tile=(256, 256), photometric="rgb",
+                     resolution=(1e4 / 0.25, 1e4 / 0.5), resolutionunit="CENTIMETER")
+    with pytest.raises(SlideError, match=r"aniso\.tiff.*mpp-x = 0\.25 and mpp-y = 0\.5"):
+        open_slide(path)
+
+
+# --- the real OpenSlide fixtures -------------------------------------------------------------
+
+
+def test_boxes_tiff_odd_downsamples_and_nonsense_mpp(fixtures_dir):
+    path = fixtures_dir / "boxes.tiff"
+    for backend in ("openslide", "tiffslide"):
+        with pytest.raises(SlideError, match=r"boxes\.tiff.*352\.77.*implausible"):
+            open_slide(path, backend=backend)
+    with open_slide(path, mpp_override=0.5) as s:
+        assert s.dimensions == (300, 250)
+        assert s.level_count == 4
+        assert s.level_downsamples[2] == pytest.approx(4.016, abs=1e-3)
+        assert s.level_downsamples[3] == pytest.approx(8.086, abs=1e-3)
+        expected = np.asarray(Image.open(fixtures_dir / "boxes.png").convert("RGB"))
+        np.testing.assert_array_equal(s.read_region((0, 0), 0, (300, 250)), expected)
+        assert s.best_level_for_mpp(2.0) == 2  # 0.5 * 4.016 = 2.008 is within tolerance
+        assert s.best_level_for_mpp(1.95) == 1
+
+
+def test_small_svs(fixtures_dir):
+    for backend in ("openslide", "tiffslide"):
+        with open_slide(fixtures_dir / "small.svs", backend=backend) as s:
+            assert s.dimensions == (16, 16)
+            assert s.mpp == pytest.approx(0.499)
+            assert s.vendor == "aperio"
+            assert s.read_region((0, 0), 0, (16, 16)).shape == (16, 16, 3)
+
+
+def test_dicom_opens_with_openslide_only(fixtures_dir, tmp_path):
+    # OpenSlide reads a DICOM WSI from one file of its series directory
+    for name in ("boxes_0.dcm", "boxes_1.dcm"):
+        shutil.copy(fixtures_dir / name, tmp_path / name)
+    with open_slide(tmp_path / "boxes_0.dcm") as s:
+        assert s.backend == "openslide"
+        assert s.vendor == "dicom"
+        assert s.read_region((0, 0), 0, (8, 8)).shape == (8, 8, 3)
+    with pytest.raises(SlideError, match=r"boxes_0\.dcm.*cannot be opened by tiffslide"):
+        open_slide(tmp_path / "boxes_0.dcm", backend="tiffslide")
+
+
+def test_unreadable_svs_names_the_file(fixtures_dir):
+    with open_slide(fixtures_dir / "unreadable.svs") as s:
+        with pytest.raises(SlideError, match=r"unreadable\.svs: reading .* failed"):
+            s.read_region((0, 0), 0, (16, 16))
+
+
+def test_unopenable_tiff_names_the_file(fixtures_dir):
+    with pytest.raises(SlideError, match=r"unopenable\.tiff.*cannot be opened by openslide"):
+        open_slide(fixtures_dir / "unopenable.tiff", backend="openslide")
+    # auto falls back to tiffslide, which opens it but cannot decode it
+    with open_slide(fixtures_dir / "unopenable.tiff", mpp_override=0.5) as s:
+        assert s.backend == "tiffslide"
+        with pytest.raises(SlideError, match=r"unopenable\.tiff: reading"):
+            s.read_region((0, 0), 0, (1, 1))
+
+
+def test_auto_backend_rule(fixtures_dir, tmp_path):
+    from wsitools.slide import choose_backend
+
+    assert choose_backend("a.svs") == choose_backend("b.TIFF") == "tiffslide"
+    assert choose_backend("a.ndpi") == choose_backend("a.mrxs") == choose_backend("a.dcm") == "openslide"
+    # a file the first choice cannot open goes to the other backend
+    shutil.copy(fixtures_dir / "boxes_0.dcm", tmp_path / "boxes.tif")
+    with open_slide(tmp_path / "boxes.tif") as s:
+        assert s.backend == "openslide"
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(SlideError, match="no such slide file"):
+        open_slide(tmp_path / "nope.svs")
+
+
+def test_region_in_synthetic_truth_is_textured():
+    # guards the synthetic generator the other tests rely on
+    tissue = render([Region(0, 0, 100, 100)], 40, 40, 20, 20)
+    other = render([Region(0, 0, 100, 100, "other")], 40, 40, 20, 20)
+    assert tissue.std() > 5 and other.std() > 5
+    assert abs(tissue.mean(axis=(0, 1)) - other.mean(axis=(0, 1))).max() > 20

@@ -1,0 +1,184 @@
+"""Tiling into patch stores: pixels, coordinates, levels, tissue, atomicity, re-runs."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import planted_mask
+from wsitools.errors import StoreError
+from wsitools.slide import open_slide
+from wsitools.store import PatchStore, read_store_attrs
+from wsitools.tiling import TilingParams, tile_slide
+from wsitools.tissue import TissueParams
+
+TISSUE = TissueParams(mpp=4.0, min_region_area=5_000)
+
+
+def params(**kw) -> TilingParams:
+    return TilingParams(**{"mpp": 0.5, "tile_size": 64, "tissue": TISSUE, **kw})
+
+
+def exact_reference(slide, store: PatchStore) -> np.ndarray:
+    """Each tile read directly (one read per tile) from its exact grid position."""
+    a = store.attrs
+    step = a["stride"] * a["mpp_target"] / a["mpp_level0"]
+    size = a["tile_size_level0"] / a["level_downsample"]
+    out = []
+    for x, y in store.coords:
+        gx, gy = round(x / step) * step, round(y / step) * step
+        out.append(slide.read_region_resized((gx, gy), a["level"], (size, size), (store.tile_size,) * 2))
+    return np.stack(out)
+
+
+@pytest.mark.parametrize(
+    "mpp, level, resize",
+    [(0.25, 0, 1.0), (0.5, 1, 1.0), (0.7, 1, 1.4), (1.0, 2, 1.0), (0.3, 0, 1.2)],
+)
+def test_tiles_equal_direct_reads(synthetic_svs, tmp_path, mpp, level, resize):
+    record = tile_slide(synthetic_svs, tmp_path, params(mpp=mpp), progress=False)
+    store = PatchStore.open(tmp_path / "synth_svs.zarr")
+    assert record["status"] == "ok" and record["n_tiles"] == len(store) > 0
+    assert store.attrs["level"] == level == record["level"]
+    assert store.attrs["resize_factor"] == pytest.approx(resize)
+    assert store.tile_size_level0 == pytest.approx(64 * mpp / 0.25)
+    tiles = store.read_tiles(slice(None))
+    assert tiles.shape == (len(store), 64, 64, 3) and tiles.dtype == np.uint8
+    with open_slide(synthetic_svs) as s:
+        reference = exact_reference(s, store)
+        # block reads sample exactly the geometry of single-tile reads
+        assert np.abs(reference.astype(int) - tiles).max() <= 1
+        # and a plain read at the rounded level-0 coords agrees within resampling tolerance
+        x, y = store.coords[0]
+        size = store.tile_size_level0 / store.attrs["level_downsample"]
+        plain = s.read_region_resized((float(x), float(y)), level, (size, size), (64, 64))
+        assert np.abs(plain.astype(int) - tiles[0]).mean() < 12
+
+
+def test_coords_lie_on_the_level0_grid_inside_tissue(synthetic_svs, tmp_path):
+    tile_slide(synthetic_svs, tmp_path, params(overlap=16, min_tissue=0.9), progress=False)
+    store = PatchStore.open(tmp_path / "synth_svs.zarr")
+    step = 48 * 2  # stride 48 target px at 2 level-0 px each
+    assert store.attrs["stride"] == 48 and store.attrs["overlap"] == 16
+    assert (store.coords % step == 0).all()
+    assert len(np.unique(store.coords, axis=0)) == len(store)
+    assert (store.tissue_fraction >= 0.9).all()
+    # every tile centre is in planted tissue
+    truth = planted_mask((1536, 2048), (1.0, 1.0))
+    centres = store.coords + 64
+    assert truth[centres[:, 1], centres[:, 0]].all()
+
+
+def test_more_tissue_required_means_fewer_tiles(synthetic_svs, tmp_path):
+    counts = []
+    for i, min_tissue in enumerate((0.1, 0.5, 0.99)):
+        counts.append(tile_slide(synthetic_svs, tmp_path / str(i), params(min_tissue=min_tissue),
+                                 progress=False)["n_tiles"])
+    assert counts[0] > counts[1] > counts[2] > 0
+
+
+def test_both_backends_and_schedulers_give_the_same_store(synthetic_tiff, tmp_path):
+    stores = []
+    for name, backend, scheduler in (("a", "openslide", "threads"), ("b", "tiffslide", "processes")):
+        tile_slide(synthetic_tiff, tmp_path / name, params(mpp=0.7), backend=backend, scheduler=scheduler,
+                   workers=2, progress=False)
+        stores.append(PatchStore.open(tmp_path / name / "synth_tiff.zarr"))
+    np.testing.assert_array_equal(stores[0].coords, stores[1].coords)
+    np.testing.assert_array_equal(stores[0].read_tiles(slice(None)), stores[1].read_tiles(slice(None)))
+
+
+def test_magnification_is_converted_with_objective_power(synthetic_svs, tmp_path):
+    tile_slide(synthetic_svs, tmp_path, TilingParams(mpp=None, magnification=10, tile_size=64, tissue=TISSUE),
+               progress=False)
+    attrs = read_store_attrs(tmp_path / "synth_svs.zarr")
+    assert attrs["mpp_target"] == pytest.approx(1.0)  # 0.25 um/px at 40x -> 1.0 at 10x
+    assert attrs["level"] == 2
+
+
+def test_coords_only_store_reads_the_same_pixels(synthetic_svs, tmp_path):
+    tile_slide(synthetic_svs, tmp_path / "px", params(mpp=0.7), progress=False)
+    tile_slide(synthetic_svs, tmp_path / "co", params(mpp=0.7, store_pixels=False), progress=False)
+    with_px = PatchStore.open(tmp_path / "px" / "synth_svs.zarr")
+    coords_only = PatchStore.open(tmp_path / "co" / "synth_svs.zarr")
+    assert not coords_only.has_pixels
+    assert not (tmp_path / "co" / "synth_svs.zarr" / "tiles").exists()
+    idx = np.array([0, 3, len(with_px) - 1])
+    got = coords_only.read_tiles(idx)
+    assert np.abs(got.astype(int) - with_px.read_tiles(idx)).max() <= 1
+
+
+def test_rerun_is_a_no_op_and_other_params_refuse(synthetic_svs, tmp_path):
+    tile_slide(synthetic_svs, tmp_path, params(), progress=False)
+    store = tmp_path / "synth_svs.zarr"
+    created = read_store_attrs(store)["created"]
+    mtime = (store / "zarr.json").stat().st_mtime_ns
+    tile_slide(synthetic_svs, tmp_path, params(), progress=False)
+    assert (store / "zarr.json").stat().st_mtime_ns == mtime
+    with pytest.raises(StoreError, match=r"synth_svs\.zarr: exists with other parameters \(tile_size\)"):
+        tile_slide(synthetic_svs, tmp_path, params(tile_size=32), progress=False)
+    tile_slide(synthetic_svs, tmp_path, params(tile_size=32), overwrite=True, progress=False)
+    assert PatchStore.open(store).tile_size == 32
+    assert read_store_attrs(store)["created"] >= created
+
+
+def test_killed_run_leaves_nothing_that_looks_finished(synthetic_svs, tmp_path, monkeypatch):
+    import wsitools.tiling as tiling
+
+    calls = {"n": 0}
+    real = tiling.read_tiles
+
+    def dies_on_second_chunk(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # as when a job is killed mid-run
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tiling, "read_tiles", dies_on_second_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        tile_slide(synthetic_svs, tmp_path, params(mpp=0.25), workers=1, progress=False)
+    assert not (tmp_path / "synth_svs.zarr").exists()
+    assert not list(tmp_path.glob(".tmp-*"))
+    # a temporary left by a hard kill (no cleanup possible) is never taken as a store
+    leftover = tmp_path / f".tmp-synth_svs.zarr-{os.getpid() + 1}"
+    leftover.mkdir()
+    with pytest.raises(StoreError, match="unfinished"):
+        PatchStore.open(leftover)
+    with pytest.raises(StoreError, match="no such patch store"):
+        PatchStore.open(tmp_path / "synth_svs.zarr")
+
+
+def test_blank_slide_gives_an_empty_store(blank_svs, tmp_path):
+    record = tile_slide(blank_svs, tmp_path, params(), progress=False)
+    assert record["status"] == "no_tissue" and record["n_tiles"] == 0
+    store = PatchStore.open(tmp_path / "blank.zarr")
+    assert len(store) == 0 and store.read_tiles(slice(None)).shape == (0, 64, 64, 3)
+    qc = json.loads((tmp_path / "blank.qc.json").read_text())
+    assert qc["status"] == "no_tissue"
+
+
+def test_qc_record_and_files(synthetic_svs, tmp_path):
+    record = tile_slide(synthetic_svs, tmp_path, params(), progress=False)
+    qc = json.loads((tmp_path / "synth_svs.qc.json").read_text())
+    assert qc == json.loads(json.dumps(record))
+    assert qc["mpp"] == 0.25 and qc["level"] == 1 and qc["tissue_area_mm2"] > 0.05
+    assert (tmp_path / "synth_svs.tissue.png").stat().st_size > 0
+    assert json.loads((tmp_path / "synth_svs.geojson").read_text())["type"] == "FeatureCollection"
+
+
+def test_store_provenance_attributes(synthetic_svs, tmp_path):
+    tile_slide(synthetic_svs, tmp_path, params(), progress=False)
+    a = read_store_attrs(tmp_path / "synth_svs.zarr")
+    assert a["slide_path"] == str(Path(synthetic_svs).resolve())
+    assert a["slide_size"] == Path(synthetic_svs).stat().st_size
+    for key in ("mpp_level0", "mpp_target", "tile_size", "tile_size_level0", "level", "level_downsample",
+                "tissue", "package_version", "format_version", "params_hash", "backend"):
+        assert key in a
+    import zarr
+
+    tiles = zarr.open_array(str(tmp_path / "synth_svs.zarr" / "tiles"), mode="r")
+    assert tiles.chunks[0] == 64  # many tiles per chunk
+    assert tiles.compressors  # compressed

@@ -1,0 +1,76 @@
+"""Tissue detection: finds the planted tissue, not the glass; polygons, GeoJSON, QC image."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import REGIONS, planted_mask
+from wsitools.slide import open_slide
+from wsitools.tissue import TissueParams, detect_tissue, tissue_fraction, to_geojson, write_qc
+
+PARAMS = TissueParams(mpp=4.0, min_region_area=5_000)
+
+
+def test_mask_covers_planted_tissue_and_not_glass(synthetic_svs):
+    with open_slide(synthetic_svs) as s:
+        result = detect_tissue(s, PARAMS)
+    truth = planted_mask(result.mask.shape, result.downsample)
+    recall = (result.mask & truth).sum() / truth.sum()
+    false_pos = (result.mask & ~truth).sum() / (~truth).sum()
+    assert recall > 0.93, recall
+    assert false_pos < 0.01, false_pos
+    assert len(result.polygons) == 2  # the two planted regions
+    expected_area = sum(np.pi * r.w * r.h / 4 for r in REGIONS) * 0.25**2
+    assert result.area_um2 == pytest.approx(expected_area, rel=0.1)
+
+
+def test_polygons_are_level0_and_inside_the_regions(synthetic_svs):
+    with open_slide(synthetic_svs) as s:
+        result = detect_tissue(s, PARAMS)
+    boxes = sorted(REGIONS, key=lambda r: r.x)
+    polys = sorted(result.polygons, key=lambda p: min(x for x, _ in p[0]))
+    for poly, r in zip(polys, boxes):
+        xs = np.array([x for x, _ in poly[0]])
+        ys = np.array([y for _, y in poly[0]])
+        margin = 2 * result.downsample[0]
+        assert xs.min() > r.x - margin and xs.max() < r.x + r.w + margin
+        assert ys.min() > r.y - margin and ys.max() < r.y + r.h + margin
+        assert poly[0][0] == poly[0][-1]  # closed ring
+
+
+def test_geojson_and_qc_files(synthetic_svs, tmp_path):
+    with open_slide(synthetic_svs) as s:
+        result = detect_tissue(s, PARAMS)
+    paths = write_qc(result, tmp_path, "synth")
+    gj = json.loads(paths["geojson"].read_text())
+    assert gj == to_geojson(result)
+    assert gj["type"] == "FeatureCollection" and len(gj["features"]) == 2
+    feature = gj["features"][0]
+    assert feature["geometry"]["type"] == "Polygon"
+    assert feature["properties"]["objectType"] == "annotation"
+    png = np.asarray(Image.open(paths["png"]))
+    assert png.shape == result.thumbnail.shape
+    green = (png[..., 0] == 0) & (png[..., 1] == 200) & (png[..., 2] == 60)
+    assert green.sum() > 50  # contours are drawn
+
+
+def test_blank_slide_is_empty_with_a_warning(blank_svs, caplog):
+    with open_slide(blank_svs) as s, caplog.at_level(logging.WARNING):
+        result = detect_tissue(s, PARAMS)
+    assert result.empty and result.polygons == [] and result.area_um2 == 0
+    assert "no tissue found" in caplog.text
+
+
+def test_tissue_fraction_is_exact_on_a_known_mask():
+    mask = np.zeros((10, 10), bool)
+    mask[2:6, 2:6] = True  # mask px = 8 level-0 px
+    coords = np.array([[16, 16], [0, 0], [12, 16], [40, 40], [20, 20]])
+    frac = tissue_fraction(mask, (8.0, 8.0), coords, 16.0)
+    # inside; outside; x 12..28 covers 16..28 (12/16); [40,56)^2 overlaps [40,48)^2 (1/4);
+    # [20,36) x [20,36) overlaps [16,48) fully
+    np.testing.assert_allclose(frac, [1.0, 0.0, 0.75, 0.25, 1.0], atol=1e-6)

@@ -1,0 +1,86 @@
+"""``wsitools tile``: tissue detection and tiling into one zarr patch store per slide."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from wsitools.tiling import TilingParams, tile_slides
+from wsitools.tissue import TissueParams
+from wsitools.types import MicronsPerPixel, TargetPx
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "tile",
+        help="find tissue and tile slides into zarr patch stores",
+        description=__doc__ + " Writes DIR/{slide_id}.zarr, {slide_id}.qc.json, "
+        "{slide_id}.tissue.png and {slide_id}.geojson for each slide.",
+    )
+    p.add_argument("slides", nargs="+", metavar="SLIDE")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    res = p.add_mutually_exclusive_group()
+    res.add_argument("--mpp", type=float, default=None, help="target um/px (default 0.5)")
+    res.add_argument("--magnification", type=float, default=None,
+                     help="target magnification, e.g. 20 (instead of --mpp)")
+    p.add_argument("--tile-size", type=int, default=224, help="tile side in target px (224)")
+    p.add_argument("--overlap", type=int, default=0, help="overlap between tiles in target px (0)")
+    p.add_argument("--min-tissue", type=float, default=0.5,
+                   help="minimum tissue fraction of a kept tile (0.5)")
+    p.add_argument("--backend", choices=["auto", "openslide", "tiffslide"], default="auto")
+    p.add_argument("--mpp-override", type=float, default=None, metavar="UM",
+                   help="the slides' level-0 mpp when their metadata lacks it or is wrong")
+    p.add_argument("--no-pixels", action="store_true", help="store coordinates only")
+    p.add_argument("--workers", type=int, default=None,
+                   help="parallel workers (default: the CPUs this process may use)")
+    p.add_argument("--scheduler", choices=["threads", "processes"], default="threads")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace stores made with other parameters")
+    p.add_argument("--keep-going", action="store_true",
+                   help="exit 0 even if some slides failed (their qc.json says why)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    t = p.add_argument_group("tissue detection")
+    d = TissueParams()
+    t.add_argument("--tissue-mpp", type=float, default=d.mpp, help=f"mask resolution ({d.mpp} um/px)")
+    t.add_argument("--min-region-area", type=float, default=d.min_region_area,
+                   help=f"drop tissue regions smaller than this, um^2 ({d.min_region_area:g})")
+    t.add_argument("--no-fill-holes", action="store_true", help="keep holes inside tissue")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        params = TilingParams(
+            mpp=None if args.magnification else MicronsPerPixel(args.mpp or 0.5),
+            magnification=args.magnification,
+            tile_size=TargetPx(args.tile_size),
+            overlap=TargetPx(args.overlap),
+            min_tissue=args.min_tissue,
+            store_pixels=not args.no_pixels,
+            tissue=TissueParams(
+                mpp=MicronsPerPixel(args.tissue_mpp),
+                min_region_area=args.min_region_area,
+                fill_holes=not args.no_fill_holes,
+            ),
+        )
+    except ValueError as exc:
+        print(f"wsitools tile: error: {exc}", file=sys.stderr)
+        return 2
+    records = tile_slides(
+        args.slides,
+        args.out,
+        params,
+        backend=args.backend,
+        mpp_override=args.mpp_override,
+        workers=args.workers,
+        scheduler=args.scheduler,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+    failed = [r for r in records if r["status"] == "failed"]
+    for r in records:
+        detail = f"{r['n_tiles']} tiles" if r["status"] != "failed" else r["reason"]
+        print(f"{r['slide_id']}\t{r['status']}\t{detail}")
+    if failed:
+        print(f"{len(failed)} of {len(records)} slides failed (see {args.out}/*.qc.json)", file=sys.stderr)
+    return 0 if not failed or args.keep_going else 1

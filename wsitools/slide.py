@@ -1,0 +1,421 @@
+"""Slide reading: one reader interface over openslide-python and tiffslide.
+
+Contract: every coordinate is in level-0 pixels; regions come back as RGB ``uint8`` arrays
+(transparent pixels outside the scanned area are composited onto white); ``mpp`` is a checked
+fact about the slide, never a guess.
+
+Backends register themselves with :func:`register_backend`. ``backend="auto"`` tries tiffslide
+first for SVS and generic TIFF (it decodes regions about 3x faster there) and OpenSlide first for
+everything else (DICOM, MRXS and others tiffslide cannot read; NDPI, which OpenSlide decodes
+faster); when the first cannot open the file, the other is tried.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+from PIL import Image
+
+from wsitools.errors import SlideError
+from wsitools.types import MPP_MAX, MPP_MIN, Level0Px, MicronsPerPixel, slide_id_from_path
+
+Backend = Literal["auto", "openslide", "tiffslide"]
+
+MPP_XY_TOLERANCE = 0.05
+"""Largest relative difference between mpp-x and mpp-y accepted (square pixels assumed)."""
+
+_BACKENDS: dict[str, type[Slide]] = {}
+
+
+class SlideOpenError(SlideError):
+    """The backend cannot open the file at all (as opposed to a slide with bad metadata)."""
+
+
+def register_backend(name: str) -> Callable[[type[Slide]], type[Slide]]:
+    """Class decorator that makes a :class:`Slide` subclass available as ``backend=name``."""
+
+    def deco(cls: type[Slide]) -> type[Slide]:
+        cls.backend = name
+        _BACKENDS[name] = cls
+        return cls
+
+    return deco
+
+
+def resize_rgb(
+    image: np.ndarray,
+    size: tuple[int, int],
+    *,
+    box: tuple[float, float, float, float] | None = None,
+) -> np.ndarray:
+    """Resize an RGB uint8 array (or its sub-pixel ``box`` = x0, y0, x1, y1) to ``size`` = (w, h).
+
+    Area averaging (box filter) when shrinking, bicubic when enlarging: the one resampling rule
+    used by tiling, thumbnails and the tests' reference reads.
+    """
+    h, w = image.shape[:2]
+    box = box or (0.0, 0.0, float(w), float(h))
+    bw, bh = box[2] - box[0], box[3] - box[1]
+    if (bw, bh) == (size[0], size[1]) and float(box[0]).is_integer() and float(box[1]).is_integer():
+        x0, y0 = int(box[0]), int(box[1])
+        return image[y0 : y0 + size[1], x0 : x0 + size[0]]
+    shrinking = size[0] < bw or size[1] < bh
+    resample = Image.Resampling.BOX if shrinking else Image.Resampling.BICUBIC
+    return np.asarray(Image.fromarray(image).resize(size, resample, box=box))
+
+
+def _rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
+    """Composite an RGBA array onto white (openslide returns transparent pixels off-slide)."""
+    if rgba.shape[-1] == 3:
+        return rgba
+    rgb = rgba[..., :3]
+    alpha = rgba[..., 3:4]
+    if alpha.min() == 255:
+        return np.ascontiguousarray(rgb)
+    a = alpha.astype(np.float32) / 255.0
+    out = rgb.astype(np.float32) * a + 255.0 * (1.0 - a)
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+def _float_or_none(value: Any) -> float | None:
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) and f > 0 else None
+
+
+def _tiff_resolution_mpp(path: Path) -> tuple[float | None, float | None]:
+    """mpp from the TIFF XResolution/YResolution tags of the first page, if present and metric."""
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            tags = tif.pages[0].tags
+            unit = tags.get("ResolutionUnit")
+            xres, yres = tags.get("XResolution"), tags.get("YResolution")
+            if unit is None or xres is None or yres is None:
+                return None, None
+            um_per_unit = {2: 25400.0, 3: 10000.0}.get(int(unit.value))
+            if um_per_unit is None:
+                return None, None
+
+            def to_mpp(v: Any) -> float | None:
+                num, den = v if isinstance(v, tuple) else (v, 1)
+                ppu = _float_or_none(num / den) if den else None
+                return um_per_unit / ppu if ppu else None
+
+            return to_mpp(xres.value), to_mpp(yres.value)
+    except Exception:  # not a TIFF, or unreadable tags: no resolution from this source
+        return None, None
+
+
+class Slide(ABC):
+    """A whole-slide image opened by one backend.
+
+    Attributes set by backends: ``dimensions``, ``level_dimensions``, ``level_downsamples``,
+    ``properties``. The resolution ``mpp`` is resolved once at open time (metadata, else the
+    override, else :class:`SlideError`).
+    """
+
+    backend: ClassVar[str]
+    property_prefix: ClassVar[str]
+
+    dimensions: tuple[Level0Px, Level0Px]
+    level_dimensions: tuple[tuple[int, int], ...]
+    level_downsamples: tuple[float, ...]
+    properties: Mapping[str, str]
+
+    def __init__(self, path: str | os.PathLike[str], *, mpp_override: float | None = None):
+        self.path = Path(path).resolve()
+        self.mpp_override = mpp_override
+        if not self.path.exists():
+            raise SlideError(f"{self.path}: no such slide file")
+        try:
+            self._open()
+        except SlideError:
+            raise
+        except Exception as exc:
+            raise SlideOpenError(f"{self.path}: cannot be opened by {self.backend}: {exc}") from None
+        self.mpp: MicronsPerPixel = self._resolve_mpp(mpp_override)
+
+    # --- backend hooks -------------------------------------------------------------------
+    @abstractmethod
+    def _open(self) -> None:
+        """Open the file and set dimensions, level_dimensions, level_downsamples, properties."""
+
+    @abstractmethod
+    def _read(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        """Read a region as an RGB or RGBA uint8 array (backend-native)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the file handle."""
+
+    # --- the uniform interface -----------------------------------------------------------
+    @property
+    def slide_id(self) -> str:
+        return slide_id_from_path(str(self.path))
+
+    @property
+    def level_count(self) -> int:
+        return len(self.level_dimensions)
+
+    @property
+    def vendor(self) -> str | None:
+        return self.properties.get(f"{self.property_prefix}.vendor")
+
+    @property
+    def objective_power(self) -> float | None:
+        return _float_or_none(self.properties.get(f"{self.property_prefix}.objective-power"))
+
+    def level_mpp(self, level: int) -> MicronsPerPixel:
+        return MicronsPerPixel(self.mpp * self.level_downsamples[level])
+
+    def read_region(
+        self, location: tuple[int, int], level: int, size: tuple[int, int]
+    ) -> np.ndarray:
+        """Read ``size`` = (w, h) pixels of ``level`` whose top-left is ``location`` in level-0 px.
+
+        Returns an RGB uint8 array [h, w, 3]; areas outside the slide are white.
+        """
+        if not 0 <= level < self.level_count:
+            raise SlideError(f"{self.path}: level {level} does not exist ({self.level_count} levels)")
+        w, h = int(size[0]), int(size[1])
+        if w <= 0 or h <= 0:
+            raise ValueError(f"region size must be positive, got {size}")
+        try:
+            region = self._read((int(location[0]), int(location[1])), level, (w, h))
+        except Exception as exc:
+            raise SlideError(
+                f"{self.path}: reading {w}x{h} px at {tuple(location)} (level {level}) failed: {exc}"
+            ) from None
+        return _rgba_to_rgb(np.asarray(region))
+
+    def read_region_resized(
+        self,
+        location: tuple[float, float],
+        level: int,
+        size: tuple[float, float],
+        out_size: tuple[int, int],
+    ) -> np.ndarray:
+        """The region at ``location`` (level-0 px) spanning ``size`` px of ``level``, as ``out_size``.
+
+        Location and size may be fractional: the covering whole pixels are read and resampled
+        from the exact sub-pixel box, so every backend and every read path (one tile, or a
+        block of tiles) samples the same geometry.
+        """
+        ds = self.level_downsamples[level]
+        lx, ly = location[0] / ds, location[1] / ds
+        ix, iy = math.floor(lx), math.floor(ly)
+        fx, fy = lx - ix, ly - iy
+        w, h = math.ceil(fx + size[0]), math.ceil(fy + size[1])
+        region = self.read_region((round(ix * ds), round(iy * ds)), level, (w, h))
+        return resize_rgb(region, out_size, box=(fx, fy, fx + size[0], fy + size[1]))
+
+    def best_level_for_mpp(self, mpp: float, *, tolerance: float = 0.01) -> int:
+        """The coarsest level whose mpp is not coarser than ``mpp`` (within ``tolerance``).
+
+        Reading it and shrinking keeps every detail the target resolution can hold, while reading
+        far fewer pixels than level 0 whenever a finer-than-target level exists.
+        """
+        best = 0
+        for level in range(self.level_count):
+            if self.level_mpp(level) <= mpp * (1.0 + tolerance):
+                if self.level_downsamples[level] >= self.level_downsamples[best]:
+                    best = level
+        return best
+
+    def thumbnail(self, *, mpp: float, block: int = 4096) -> tuple[np.ndarray, float]:
+        """The whole slide at about ``mpp`` um/px, read in blocks so memory stays bounded.
+
+        Returns the image and its downsample (level-0 px per thumbnail px, along x). Never
+        finer than level 0.
+        """
+        w0, h0 = self.dimensions
+        target_ds = max(1.0, mpp / self.mpp)
+        out_w, out_h = max(1, round(w0 / target_ds)), max(1, round(h0 / target_ds))
+        level = self.best_level_for_mpp(self.mpp * target_ds)
+        lds = self.level_downsamples[level]
+        lw, lh = self.level_dimensions[level]
+        sx, sy = out_w / lw, out_h / lh  # thumbnail px per level px
+        step_x = max(1, int(block * sx))  # output px per block, so input blocks stay <= block
+        step_y = max(1, int(block * sy))
+        out = np.empty((out_h, out_w, 3), np.uint8)
+        for oy in range(0, out_h, step_y):
+            oy1 = min(out_h, oy + step_y)
+            ly, ly1 = round(oy / sy), min(lh, max(round(oy1 / sy), round(oy / sy) + 1))
+            for ox in range(0, out_w, step_x):
+                ox1 = min(out_w, ox + step_x)
+                lx, lx1 = round(ox / sx), min(lw, max(round(ox1 / sx), round(ox / sx) + 1))
+                region = self.read_region(
+                    (round(lx * lds), round(ly * lds)), level, (lx1 - lx, ly1 - ly)
+                )
+                out[oy:oy1, ox:ox1] = resize_rgb(region, (ox1 - ox, oy1 - oy))
+        return out, w0 / out_w
+
+    def info(self) -> dict[str, Any]:
+        """Everything ``wsitools info`` prints, JSON-serialisable."""
+        return {
+            "path": str(self.path),
+            "slide_id": self.slide_id,
+            "backend": self.backend,
+            "vendor": self.vendor,
+            "dimensions": list(self.dimensions),
+            "level_count": self.level_count,
+            "level_dimensions": [list(d) for d in self.level_dimensions],
+            "level_downsamples": [float(d) for d in self.level_downsamples],
+            "level_mpp": [float(self.level_mpp(i)) for i in range(self.level_count)],
+            "mpp": float(self.mpp),
+            "mpp_source": "override" if self.mpp_override is not None else "metadata",
+            "objective_power": self.objective_power,
+        }
+
+    # --- resolution ----------------------------------------------------------------------
+    def metadata_mpp(self) -> tuple[float | None, float | None]:
+        """(mpp-x, mpp-y) from the backend's properties, else from TIFF resolution tags."""
+        x = _float_or_none(self.properties.get(f"{self.property_prefix}.mpp-x"))
+        y = _float_or_none(self.properties.get(f"{self.property_prefix}.mpp-y"))
+        if x is None and y is None:
+            x, y = _tiff_resolution_mpp(self.path)
+        return x, y
+
+    def _resolve_mpp(self, override: float | None) -> MicronsPerPixel:
+        if override is not None:
+            value = _float_or_none(override)
+            if value is None or not MPP_MIN <= value <= MPP_MAX:
+                raise SlideError(
+                    f"{self.path}: mpp override {override!r} is outside {MPP_MIN}-{MPP_MAX} um/px"
+                )
+            return MicronsPerPixel(value)
+        x, y = self.metadata_mpp()
+        if x is None and y is None:
+            raise SlideError(
+                f"{self.path}: the slide's metadata gives no resolution (mpp); "
+                "give one with --mpp-override (or the samples sheet's mpp column)"
+            )
+        x = x if x is not None else y
+        y = y if y is not None else x
+        assert x is not None and y is not None
+        for axis, v in (("x", x), ("y", y)):
+            if not MPP_MIN <= v <= MPP_MAX:
+                raise SlideError(
+                    f"{self.path}: metadata mpp-{axis} = {v:g} um/px is implausible for a slide "
+                    f"(expected {MPP_MIN}-{MPP_MAX}); give the true value with --mpp-override"
+                )
+        if abs(x - y) / max(x, y) > MPP_XY_TOLERANCE:
+            raise SlideError(
+                f"{self.path}: mpp-x = {x:g} and mpp-y = {y:g} differ by more than "
+                f"{MPP_XY_TOLERANCE:.0%}; non-square pixels are not supported"
+            )
+        return MicronsPerPixel((x + y) / 2.0)
+
+    # --- lifecycle -----------------------------------------------------------------------
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __reduce__(self) -> tuple[Callable[..., Slide], tuple[Any, ...]]:
+        """Pickle by path: a worker process re-opens the file itself."""
+        return _reopen, (str(self.path), self.backend, self.mpp_override)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.path.name} {self.dimensions} mpp={self.mpp:.4g}>"
+
+
+def _reopen(path: str, backend: str, mpp_override: float | None) -> Slide:
+    return open_slide(path, backend=backend, mpp_override=mpp_override)  # type: ignore[arg-type]
+
+
+@register_backend("openslide")
+class OpenSlideSlide(Slide):
+    """openslide-python over the OpenSlide C library (openslide-bin)."""
+
+    property_prefix = "openslide"
+
+    def _open(self) -> None:
+        import openslide
+
+        self._osr = openslide.OpenSlide(str(self.path))
+        self.dimensions = tuple(self._osr.dimensions)  # type: ignore[assignment]
+        self.level_dimensions = tuple(tuple(d) for d in self._osr.level_dimensions)
+        self.level_downsamples = tuple(float(d) for d in self._osr.level_downsamples)
+        self.properties = dict(self._osr.properties)
+
+    def _read(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        return np.asarray(self._osr.read_region(location, level, size))
+
+    def close(self) -> None:
+        self._osr.close()
+
+
+
+@register_backend("tiffslide")
+class TiffSlideSlide(Slide):
+    """tiffslide: tifffile + imagecodecs, pure Python (no DICOM or MRXS)."""
+
+    property_prefix = "tiffslide"
+
+    def _open(self) -> None:
+        import tiffslide
+
+        self._ts = tiffslide.TiffSlide(str(self.path))
+        self.dimensions = tuple(self._ts.dimensions)  # type: ignore[assignment]
+        self.level_dimensions = tuple(tuple(d) for d in self._ts.level_dimensions)
+        self.level_downsamples = tuple(float(d) for d in self._ts.level_downsamples)
+        self.properties = {k: str(v) for k, v in self._ts.properties.items() if v is not None}
+
+    def _read(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        return self._ts.read_region(location, level, size, as_array=True)
+
+    def close(self) -> None:
+        self._ts.close()
+
+
+TIFFSLIDE_FIRST = (".svs", ".tif", ".tiff")
+"""Formats tiffslide decodes faster than OpenSlide (whole blocks through tifffile/imagecodecs,
+about 3x on our tiling benchmark); every other format (NDPI, where OpenSlide is faster, DICOM,
+MRXS, SCN, BIF, VMS...) goes to OpenSlide first."""
+
+
+def choose_backend(path: str | os.PathLike[str]) -> str:
+    """The backend ``auto`` tries first: tiffslide for SVS and generic TIFF, else OpenSlide.
+
+    If the first choice cannot open the file, ``open_slide`` tries the other one.
+    """
+    return "tiffslide" if Path(path).suffix.lower() in TIFFSLIDE_FIRST else "openslide"
+
+
+def open_slide(
+    path: str | os.PathLike[str],
+    *,
+    backend: Backend = "auto",
+    mpp_override: float | None = None,
+) -> Slide:
+    """Open a slide with the chosen backend and resolve its mpp (see module docstring)."""
+    p = Path(path)
+    if not p.exists():
+        raise SlideError(f"{p}: no such slide file")
+    if backend != "auto":
+        if backend not in _BACKENDS:
+            raise SlideError(
+                f"{p}: unknown backend {backend!r} (choose from auto, {', '.join(_BACKENDS)})"
+            )
+        return _BACKENDS[backend](p, mpp_override=mpp_override)
+    first = choose_backend(p)
+    order = [first] + [name for name in _BACKENDS if name != first]
+    failures: list[str] = []
+    for name in order:
+        try:
+            return _BACKENDS[name](p, mpp_override=mpp_override)
+        except SlideOpenError as exc:  # a wrong mpp is the slide's fault: no second opinion
+            failures.append(str(exc).removeprefix(f"{p.resolve()}: "))
+    raise SlideError(f"{p}: no backend can open it ({'; '.join(failures)})")

@@ -1,0 +1,230 @@
+"""The patch store: one zarr v3 group per slide holding its tiles, coordinates and provenance.
+
+Layout (docs/formats.md): ``coords`` [N, 2] int64 level-0 (x, y) top-left corners, ``tiles``
+[N, S, S, 3] uint8 in chunks of many tiles (absent when pixels are switched off),
+``tissue_fraction`` [N] float32, and the provenance under the group attribute ``wsitools``.
+A store exists under its final name only once complete (written under a temporary name and
+renamed), so opening one that is not finished is an error, never a silent partial read.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wsitools.errors import StoreError
+
+FORMAT_VERSION = 1
+ATTRS_KEY = "wsitools"
+CHUNK_TILES = 64
+"""Tiles per zarr chunk: large enough to compress well and keep file counts low, small enough
+for a DataLoader worker to read one chunk per batch."""
+
+
+def _compressor() -> Any:
+    from zarr.codecs import BloscCodec
+
+    # lz4 at a moderate level: about 2x on tissue tiles, fast enough that writing never limits
+    # tiling (see docs/benchmarks.md).
+    return BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle")
+
+
+def create_patch_store(
+    path: str | os.PathLike[str],
+    *,
+    n_tiles: int,
+    tile_size: int,
+    store_pixels: bool,
+    attrs: dict[str, Any],
+) -> Any:
+    """Create the arrays of a store at ``path`` (a temporary directory) and return the group.
+
+    The caller fills ``coords``, ``tissue_fraction`` and (chunk by chunk) ``tiles``, then
+    renames the directory into place.
+    """
+    import zarr
+
+    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    group.attrs[ATTRS_KEY] = {
+        **attrs,
+        "format_version": FORMAT_VERSION,
+        "kind": "patch_store",
+        "n_tiles": int(n_tiles),
+        "has_pixels": bool(store_pixels),
+    }
+    rows = max(1, min(n_tiles, 1 << 16))
+    group.create_array("coords", shape=(n_tiles, 2), dtype="int64", chunks=(rows, 2))
+    group.create_array("tissue_fraction", shape=(n_tiles,), dtype="float32", chunks=(rows,))
+    if store_pixels:
+        group.create_array(
+            "tiles",
+            shape=(n_tiles, tile_size, tile_size, 3),
+            dtype="uint8",
+            chunks=(CHUNK_TILES, tile_size, tile_size, 3),
+            compressors=_compressor(),
+            fill_value=0,
+        )
+    return group
+
+
+def write_patch_store(
+    path: str | os.PathLike[str],
+    *,
+    coords: np.ndarray,
+    tiles: np.ndarray | None,
+    tissue_fraction: np.ndarray,
+    attrs: dict[str, Any],
+    overwrite: bool = False,
+) -> Path:
+    """Write a complete store in one go (atomically): for tests and small stores."""
+    from wsitools.io import atomic_path
+
+    coords = np.asarray(coords, np.int64).reshape(-1, 2)
+    if tiles is not None and (tiles.ndim != 4 or tiles.shape[0] != len(coords) or tiles.shape[-1] != 3):
+        raise ValueError(f"tiles must be [N, S, S, 3] with N = {len(coords)}, got {tiles.shape}")
+    tile_size = int(tiles.shape[1]) if tiles is not None else int(attrs["tile_size"])
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        group = create_patch_store(
+            tmp, n_tiles=len(coords), tile_size=tile_size, store_pixels=tiles is not None, attrs=attrs
+        )
+        group["coords"][:] = coords
+        group["tissue_fraction"][:] = np.asarray(tissue_fraction, np.float32)
+        if tiles is not None and len(coords):
+            group["tiles"][:] = np.asarray(tiles, np.uint8)
+    return Path(path)
+
+
+def read_store_attrs(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The provenance attributes of a finished store; :class:`StoreError` if there is none."""
+    import zarr
+
+    p = Path(path)
+    if p.name.startswith(".tmp-"):
+        raise StoreError(f"{p}: is an unfinished (temporary) patch store")
+    if not p.is_dir():
+        raise StoreError(f"{p}: no such patch store")
+    try:
+        group = zarr.open_group(str(p), mode="r")
+        attrs = dict(group.attrs[ATTRS_KEY])
+    except Exception as exc:
+        raise StoreError(f"{p}: not a wsitools patch store ({exc})") from None
+    if attrs.get("kind") != "patch_store":
+        raise StoreError(f"{p}: not a wsitools patch store (kind {attrs.get('kind')!r})")
+    if attrs.get("format_version") != FORMAT_VERSION:
+        raise StoreError(
+            f"{p}: patch store format {attrs.get('format_version')} is not supported "
+            f"(this wsitools writes and reads format {FORMAT_VERSION}); re-tile the slide"
+        )
+    return attrs
+
+
+class PatchStore:
+    """Read access to a finished patch store; picklable (workers re-open it by path)."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path).resolve()
+        self.attrs = read_store_attrs(self.path)
+        if len(self.coords) != self.attrs["n_tiles"]:
+            raise StoreError(
+                f"{self.path}: holds {len(self.coords)} coordinates but its attributes say "
+                f"{self.attrs['n_tiles']}: the store is damaged; re-tile the slide"
+            )
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> PatchStore:
+        return cls(path)
+
+    @cached_property
+    def _group(self) -> Any:
+        import zarr
+
+        return zarr.open_group(str(self.path), mode="r")
+
+    @cached_property
+    def coords(self) -> np.ndarray:
+        return np.asarray(self._group["coords"][:], np.int64).reshape(-1, 2)
+
+    @cached_property
+    def tissue_fraction(self) -> np.ndarray:
+        return np.asarray(self._group["tissue_fraction"][:], np.float32)
+
+    @property
+    def slide_id(self) -> str:
+        return str(self.attrs["slide_id"])
+
+    @property
+    def slide_path(self) -> Path:
+        return Path(self.attrs["slide_path"])
+
+    @property
+    def params_hash(self) -> str:
+        return str(self.attrs["params_hash"])
+
+    @property
+    def has_pixels(self) -> bool:
+        return bool(self.attrs["has_pixels"])
+
+    @property
+    def tile_size(self) -> int:
+        return int(self.attrs["tile_size"])
+
+    @property
+    def tile_size_level0(self) -> float:
+        return float(self.attrs["tile_size_level0"])
+
+    @property
+    def mpp_target(self) -> float:
+        return float(self.attrs["mpp_target"])
+
+    @property
+    def identity(self) -> dict[str, str]:
+        """What a feature store records to know which patch store it came from."""
+        return {"store_path": str(self.path), "store_hash": self.params_hash}
+
+    def __len__(self) -> int:
+        return len(self.coords)
+
+    def read_tiles(self, index: slice | np.ndarray) -> np.ndarray:
+        """Tiles [n, S, S, 3] uint8; for a coords-only store they are read from the slide."""
+        if self.has_pixels:
+            tiles = self._group["tiles"]
+            if isinstance(index, slice):
+                return np.asarray(tiles[index])
+            index = np.asarray(index)
+            return np.asarray(tiles.get_orthogonal_selection((index,)))
+        coords = self.coords[index].reshape(-1, 2)
+        return np.stack([self._read_from_slide(c) for c in coords]) if len(coords) else np.zeros(
+            (0, self.tile_size, self.tile_size, 3), np.uint8
+        )
+
+    @cached_property
+    def _slide(self) -> Any:
+        from wsitools.slide import open_slide
+
+        a = self.attrs
+        if not self.slide_path.exists():
+            raise StoreError(
+                f"{self.path}: coords-only store, and its slide {self.slide_path} is gone"
+            )
+        return open_slide(self.slide_path, backend=a["backend"], mpp_override=a.get("mpp_override"))
+
+    def _read_from_slide(self, coord: np.ndarray) -> np.ndarray:
+        a = self.attrs
+        # The exact (unrounded) grid position the tiler sampled: coords are rounded to whole px.
+        step = a["stride"] * a["mpp_target"] / a["mpp_level0"]
+        x, y = (np.rint(coord / step) * step).tolist()
+        size = self.tile_size_level0 / a["level_downsample"]
+        return self._slide.read_region_resized((x, y), int(a["level"]), (size, size), (self.tile_size,) * 2)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["path"])  # type: ignore[misc]
+
+    def __repr__(self) -> str:
+        return f"<PatchStore {self.path.name}: {len(self)} tiles of {self.tile_size}px @ {self.mpp_target} mpp>"

@@ -1,0 +1,238 @@
+"""Synthetic whole-slide images with tissue at known places, for tests, benchmarks and the demo.
+
+Tissue is textured with a real tissue image bundled with scikit-image
+(``skimage.data.immunohistochemistry()``), mirrored so it tiles without seams, on a light
+background. A second texture (the same tissue recoloured to an eosin-dominant stain and rotated)
+marks planted regions, e.g. the "tumour" of a positive slide in the demo cohort.
+
+Slides are written tile by tile, every level rendered from level 0 by area averaging, so a
+slide far larger than memory (the tiling benchmark's 40k x 30k) can be made.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from wsitools.io import atomic_path
+
+Texture = Literal["tissue", "other"]
+SlideFormat = Literal["tiff", "svs"]
+
+BACKGROUND = 243
+"""Grey level of the empty glass (slightly below white, as on a real scan)."""
+
+
+@dataclass(frozen=True)
+class Region:
+    """An elliptical patch of tissue: bounding box in level-0 px, and its texture."""
+
+    x: int
+    y: int
+    w: int
+    h: int
+    texture: Texture = "tissue"
+
+    def contains(self, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+        """Boolean mask of the level-0 pixel centres (xs, ys) inside the ellipse."""
+        cx, cy = self.x + self.w / 2.0, self.y + self.h / 2.0
+        return ((xs + 0.5 - cx) / (self.w / 2.0)) ** 2 + ((ys + 0.5 - cy) / (self.h / 2.0)) ** 2 <= 1.0
+
+
+@lru_cache(maxsize=None)
+def texture(name: Texture) -> np.ndarray:
+    """A seamless 1024x1024 RGB texture: the IHC image mirrored into a 2x2 periodic tile."""
+    from skimage import data
+    from skimage.color import hed2rgb, rgb2hed
+
+    ihc = data.immunohistochemistry()
+    if name == "other":
+        hed = rgb2hed(ihc)
+        eosin = np.stack([hed[..., 0] * 0.25, hed[..., 0] * 1.4 + hed[..., 2], hed[..., 2] * 0.1], -1)
+        ihc = np.rot90((np.clip(hed2rgb(eosin), 0, 1) * 255).astype(np.uint8))
+    top = np.concatenate([ihc, ihc[:, ::-1]], axis=1)
+    return np.ascontiguousarray(np.concatenate([top, top[::-1]], axis=0))
+
+
+def render(regions: Sequence[Region], x: int, y: int, w: int, h: int) -> np.ndarray:
+    """Level-0 pixels [h, w, 3] of the synthetic slide in the box (x, y, w, h)."""
+    out = np.full((h, w, 3), BACKGROUND, np.uint8)
+    xs = np.arange(x, x + w)[None, :]
+    ys = np.arange(y, y + h)[:, None]
+    for region in regions:
+        if region.x >= x + w or region.y >= y + h or region.x + region.w <= x or region.y + region.h <= y:
+            continue
+        inside = region.contains(xs, ys)
+        if not inside.any():
+            continue
+        tex = texture(region.texture)
+        period = tex.shape[0]
+        patch = np.take(np.take(tex, ys[:, 0] % period, axis=0), xs[0] % period, axis=1)
+        if inside.all():
+            out[:] = patch
+        else:
+            out[inside] = patch[inside]
+    return out
+
+
+def _render_level(regions: Sequence[Region], x: int, y: int, w: int, h: int, ds: int) -> np.ndarray:
+    """Pixels of a level with integer downsample ``ds``: level-0 render, area-averaged."""
+    full = render(regions, x * ds, y * ds, w * ds, h * ds)
+    if ds == 1:
+        return full
+    sums = full.reshape(h, ds, w, ds, 3).sum(axis=(1, 3), dtype=np.uint32)
+    return ((sums + ds * ds // 2) // (ds * ds)).astype(np.uint8)
+
+
+def _tiles(
+    regions: Sequence[Region], size: tuple[int, int], ds: int, tile: int
+) -> Iterator[np.ndarray]:
+    width, height = -(-size[0] // ds), -(-size[1] // ds)
+    for ty in range(0, height, tile):
+        for tx in range(0, width, tile):
+            yield _render_level(regions, tx, ty, tile, tile, ds)
+
+
+def write_slide(
+    path: str | os.PathLike[str],
+    *,
+    size: tuple[int, int],
+    mpp: float,
+    regions: Sequence[Region],
+    fmt: SlideFormat = "tiff",
+    downsamples: Sequence[int] = (1, 4, 16),
+    tile: int = 256,
+    quality: int = 90,
+    write_mpp: bool = True,
+) -> Path:
+    """Write a tiled, JPEG-compressed pyramidal slide that OpenSlide and tiffslide both read.
+
+    ``fmt="svs"`` writes an Aperio-like SVS (ImageDescription with MPP and AppMag, every level a
+    full-resolution-type page as Aperio does); ``fmt="tiff"`` a generic pyramidal TIFF with the
+    resolution in the TIFF resolution tags. ``write_mpp=False`` leaves the resolution out (a slide
+    that needs an mpp override).
+    """
+    import tifffile
+
+    path = Path(path)
+    width, height = size
+    levels = [ds for ds in downsamples if ds == 1 or min(width, height) // ds >= tile // 2]
+    with atomic_path(path, overwrite=True) as tmp:
+        with tifffile.TiffWriter(tmp, bigtiff=width * height * 3 > 2**31) as tw:
+            for ds in levels:
+                shape = (-(-height // ds), -(-width // ds), 3)
+                kwargs: dict = {}
+                if fmt == "svs":
+                    if ds == 1:
+                        mag = 10.0 / mpp
+                        desc = (
+                            f"Aperio Image Library v12.0.0\r\n{width}x{height} ({tile}x{tile}) "
+                            f"JPEG/RGB Q={quality}|AppMag = {mag:g}"
+                        )
+                        kwargs["description"] = desc + (f"|MPP = {mpp:g}" if write_mpp else "")
+                    kwargs["subfiletype"] = 0
+                else:
+                    kwargs["subfiletype"] = 0 if ds == 1 else 1
+                    if write_mpp:
+                        kwargs["resolution"] = (1e4 / (mpp * ds), 1e4 / (mpp * ds))
+                        kwargs["resolutionunit"] = "CENTIMETER"
+                tw.write(
+                    _tiles(regions, size, ds, tile),
+                    shape=shape,
+                    dtype=np.uint8,
+                    tile=(tile, tile),
+                    photometric="rgb",
+                    compression="jpeg",
+                    compressionargs={"level": quality},
+                    metadata=None,
+                    **kwargs,
+                )
+                if fmt == "svs" and ds == 1:
+                    _write_svs_thumbnail(tw, regions, size)
+    return path
+
+
+def _write_svs_thumbnail(tw: object, regions: Sequence[Region], size: tuple[int, int]) -> None:
+    """Aperio's second page: a small stripped thumbnail (readers skip it when finding levels)."""
+    ds = max(1, -(-max(size) // 768))
+    thumb = _render_level(regions, 0, 0, size[0] // ds, size[1] // ds, ds)
+    tw.write(thumb, photometric="rgb", compression="jpeg", metadata=None,  # type: ignore[attr-defined]
+             description=f"Aperio Image Library v12.0.0\r\n{size[0]}x{size[1]} -> {thumb.shape[1]}x{thumb.shape[0]}")
+
+
+# --- a cohort for the demo and the workflow tests --------------------------------------------
+
+
+@dataclass(frozen=True)
+class CohortSlide:
+    slide_id: str
+    path: str
+    label: str
+    patient_id: str
+    regions: tuple[Region, ...]
+
+
+def make_cohort(
+    out_dir: str | os.PathLike[str],
+    *,
+    n_slides: int = 12,
+    size: tuple[int, int] = (4096, 3072),
+    mpp: float = 0.5,
+    seed: int = 0,
+    fmt: SlideFormat = "svs",
+) -> list[CohortSlide]:
+    """Write a small labelled cohort: half the slides carry a planted region of the other texture.
+
+    Writes ``out_dir/slides/{slide_id}.svs`` (or .tiff), ``out_dir/samples.tsv`` (slide_id, path,
+    patient_id, label) and ``out_dir/truth.json`` (the planted regions, level-0 px). Labels are
+    ``positive`` / ``negative``; two slides per patient, alternating patients positive.
+    """
+    rng = np.random.default_rng(seed)
+    out = Path(out_dir)
+    (out / "slides").mkdir(parents=True, exist_ok=True)
+    width, height = size
+    cohort: list[CohortSlide] = []
+    for i in range(n_slides):
+        positive = (i // 2) % 2 == 1  # the two slides of a patient share its label
+        slide_id = f"slide_{i:03d}"
+        # One or two tissue blobs, at random places inside the slide.
+        regions = []
+        for _ in range(int(rng.integers(1, 3))):
+            w = int(rng.uniform(0.35, 0.55) * width)
+            h = int(rng.uniform(0.45, 0.7) * height)
+            x = int(rng.uniform(0.02, 0.98) * (width - w))
+            y = int(rng.uniform(0.02, 0.98) * (height - h))
+            regions.append(Region(x, y, w, h, "tissue"))
+        if positive:
+            host = regions[0]
+            pw, ph = int(host.w * 0.45), int(host.h * 0.45)
+            regions.append(
+                Region(host.x + (host.w - pw) // 2, host.y + (host.h - ph) // 2, pw, ph, "other")
+            )
+        path = out / "slides" / f"{slide_id}.{fmt}"
+        write_slide(path, size=size, mpp=mpp, regions=regions, fmt=fmt)
+        cohort.append(
+            CohortSlide(
+                slide_id=slide_id,
+                path=str(path.resolve()),
+                label="positive" if positive else "negative",
+                patient_id=f"patient_{i // 2:03d}",
+                regions=tuple(regions),
+            )
+        )
+    with open(out / "samples.tsv", "w", newline="") as f:
+        writer = csv.writer(f, delimiter="\t", lineterminator="\n")
+        writer.writerow(["slide_id", "path", "patient_id", "label"])
+        for s in cohort:
+            writer.writerow([s.slide_id, s.path, s.patient_id, s.label])
+    truth = {s.slide_id: [asdict(r) for r in s.regions] for s in cohort}
+    (out / "truth.json").write_text(json.dumps(truth, indent=2) + "\n")
+    return cohort

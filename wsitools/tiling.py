@@ -1,0 +1,393 @@
+"""Tiling: cut a slide's tissue into tiles at a target resolution and write its patch store.
+
+The tile grid lives in target pixels: tile (i, j) starts at (i * stride, j * stride) target px,
+so its level-0 corner is that times ``scale`` = mpp_target / mpp_level0, rounded. Tiles are read
+from the coarsest pyramid level that is not coarser than the target, in blocks of neighbouring
+tiles (one read and one resize per block, not per tile), and written straight into the zarr
+chunks by parallel dask tasks, one chunk per task, so memory stays bounded by the number of
+workers whatever the slide's size.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from wsitools import __version__
+from wsitools.errors import StoreError, WsiToolsError
+from wsitools.io import atomic_path, available_cpus, stable_hash, write_json_atomic
+from wsitools.slide import Backend, Slide, open_slide
+from wsitools.store import CHUNK_TILES, FORMAT_VERSION, create_patch_store, read_store_attrs
+from wsitools.tissue import TissueParams, TissueResult, detect_tissue, params_dict, tissue_fraction, write_qc
+from wsitools.types import MicronsPerPixel, TargetPx, check_slide_id, slide_id_from_path
+
+log = logging.getLogger(__name__)
+
+Scheduler = Literal["threads", "processes"]
+Status = Literal["ok", "no_tissue", "failed"]
+
+MAX_BLOCK_READ = 4096
+"""Largest side, in pixels of the level read, of one block read: bounds a task's memory."""
+
+
+@dataclass(frozen=True)
+class TilingParams:
+    """What to tile: resolution (mpp, or magnification), tile size, overlap, tissue threshold."""
+
+    mpp: MicronsPerPixel | None = MicronsPerPixel(0.5)
+    """Target resolution in um/px (None when ``magnification`` is given)."""
+    magnification: float | None = None
+    """Target magnification (e.g. 20): converted with the slide's objective power and mpp, or with
+    the 10 um/px-at-1x convention (20x = 0.5 um/px) when the slide does not state its objective."""
+    tile_size: TargetPx = TargetPx(224)
+    overlap: TargetPx = TargetPx(0)
+    min_tissue: float = 0.5
+    """Keep tiles whose tissue fraction is at least this (0-1)."""
+    store_pixels: bool = True
+    tissue: TissueParams = field(default_factory=TissueParams)
+
+    def __post_init__(self) -> None:
+        if (self.mpp is None) == (self.magnification is None):
+            raise ValueError("give exactly one of a target mpp and a target magnification")
+        if self.mpp is not None and not self.mpp > 0:
+            raise ValueError(f"target mpp must be positive, got {self.mpp}")
+        if self.magnification is not None and not self.magnification > 0:
+            raise ValueError(f"magnification must be positive, got {self.magnification}")
+        if self.tile_size < 8:
+            raise ValueError(f"tile size must be at least 8 px, got {self.tile_size}")
+        if not 0 <= self.overlap < self.tile_size:
+            raise ValueError(f"overlap must be in [0, tile size), got {self.overlap}")
+        if not 0.0 <= self.min_tissue <= 1.0:
+            raise ValueError(f"min tissue fraction must be in [0, 1], got {self.min_tissue}")
+
+    @property
+    def stride(self) -> int:
+        return int(self.tile_size - self.overlap)
+
+    def target_mpp(self, slide: Slide) -> MicronsPerPixel:
+        if self.mpp is not None:
+            return self.mpp
+        assert self.magnification is not None
+        objective = slide.objective_power
+        if objective:
+            return MicronsPerPixel(slide.mpp * objective / self.magnification)
+        return MicronsPerPixel(10.0 / self.magnification)
+
+
+@dataclass(frozen=True)
+class TileGeometry:
+    """How the target grid maps onto a slide and the pyramid level it is read from."""
+
+    mpp_level0: float
+    mpp_target: float
+    tile_size: int
+    stride: int
+    level: int
+    level_downsample: float
+    grid_shape: tuple[int, int]
+    """Tiles along (x, y) that fit inside the slide."""
+
+    @property
+    def scale(self) -> float:
+        """Level-0 px per target px."""
+        return self.mpp_target / self.mpp_level0
+
+    @property
+    def resize_factor(self) -> float:
+        """Pixels of the level read per target px (1 when a level matches the target)."""
+        return self.scale / self.level_downsample
+
+    @property
+    def tile_size_level0(self) -> float:
+        return self.tile_size * self.scale
+
+    @property
+    def block_tiles(self) -> int:
+        """Tiles per side of one block read, so a block stays under MAX_BLOCK_READ px."""
+        return int(np.clip(MAX_BLOCK_READ // max(1.0, self.stride * self.resize_factor), 1, 16))
+
+    def level0(self, grid: np.ndarray) -> np.ndarray:
+        """Level-0 top-left corners of grid cells [N, 2] (i, j)."""
+        return np.rint(grid * self.stride * self.scale).astype(np.int64)
+
+
+def tile_geometry(slide: Slide, params: TilingParams) -> TileGeometry:
+    mpp_target = float(params.target_mpp(slide))
+    scale = mpp_target / slide.mpp
+    w_t, h_t = int(slide.dimensions[0] / scale), int(slide.dimensions[1] / scale)
+    n = [max(0, (side - params.tile_size) // params.stride + 1) for side in (w_t, h_t)]
+    level = slide.best_level_for_mpp(mpp_target)
+    return TileGeometry(
+        mpp_level0=float(slide.mpp),
+        mpp_target=mpp_target,
+        tile_size=int(params.tile_size),
+        stride=params.stride,
+        level=level,
+        level_downsample=float(slide.level_downsamples[level]),
+        grid_shape=(n[0], n[1]),
+    )
+
+
+def plan_tiles(
+    geometry: TileGeometry, tissue: TissueResult, min_tissue: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Grid cells, level-0 coords and tissue fractions of the tiles to keep, in block order.
+
+    Block order (blocks of ``block_tiles``^2 cells row by row, cells row by row inside a block)
+    keeps the tiles of one chunk spatially together, so each task reads few, compact regions.
+    """
+    nx, ny = geometry.grid_shape
+    jj, ii = np.mgrid[0:ny, 0:nx]
+    grid = np.stack([ii.ravel(), jj.ravel()], axis=1).astype(np.int64)
+    coords = geometry.level0(grid)
+    fraction = tissue_fraction(tissue.mask, tissue.downsample, coords, geometry.tile_size_level0)
+    keep = (fraction >= min_tissue) & (fraction > 0)
+    grid, coords, fraction = grid[keep], coords[keep], fraction[keep]
+    b = geometry.block_tiles
+    order = np.lexsort((grid[:, 0], grid[:, 1], grid[:, 0] // b, grid[:, 1] // b))
+    return grid[order], coords[order], fraction[order]
+
+
+_local = threading.local()
+
+
+def _cached_slide(path: str, backend: str, mpp_override: float | None) -> Slide:
+    """One open slide per (thread, slide): handles are not shared between threads."""
+    cache: dict[tuple[str, str, float | None], Slide] = _local.__dict__.setdefault("slides", {})
+    key = (path, backend, mpp_override)
+    if key not in cache:
+        cache[key] = open_slide(path, backend=backend, mpp_override=mpp_override)  # type: ignore[arg-type]
+    return cache[key]
+
+
+def read_tiles(slide: Slide, geometry: TileGeometry, grid: np.ndarray) -> np.ndarray:
+    """Tiles [n, S, S, 3] for grid cells ``grid`` (sorted by block), one read per block."""
+    s, stride = geometry.tile_size, geometry.stride
+    out = np.empty((len(grid), s, s, 3), np.uint8)
+    blocks = (grid[:, 0] // geometry.block_tiles) + (grid[:, 1] // geometry.block_tiles) * (1 << 32)
+    starts = np.flatnonzero(np.r_[True, blocks[1:] != blocks[:-1]])
+    for a, b in zip(starts, np.r_[starts[1:], len(grid)]):
+        cells = grid[a:b]
+        i0, j0 = cells.min(axis=0)
+        i1, j1 = cells.max(axis=0)
+        w_t = int((i1 - i0) * stride + s)
+        h_t = int((j1 - j0) * stride + s)
+        x0, y0 = i0 * stride * geometry.scale, j0 * stride * geometry.scale
+        size = (w_t * geometry.resize_factor, h_t * geometry.resize_factor)
+        block = slide.read_region_resized((x0, y0), geometry.level, size, (w_t, h_t))
+        for k, (i, j) in enumerate(cells, start=a):
+            ox, oy = (i - i0) * stride, (j - j0) * stride
+            out[k] = block[oy : oy + s, ox : ox + s]
+    return out
+
+
+def _write_chunk(
+    slide_args: tuple[str, str, float | None],
+    geometry: TileGeometry,
+    grid: np.ndarray,
+    tiles_path: str,
+    start: int,
+) -> int:
+    """Read the tiles of one zarr chunk and write them (chunk-aligned: no two tasks share a chunk)."""
+    import zarr
+
+    tiles = read_tiles(_cached_slide(*slide_args), geometry, grid)
+    zarr.open_array(tiles_path, mode="r+")[start : start + len(grid)] = tiles
+    return len(grid)
+
+
+def _run_chunks(
+    slide: Slide,
+    geometry: TileGeometry,
+    grid: np.ndarray,
+    tiles_path: Path,
+    *,
+    workers: int,
+    scheduler: Scheduler,
+    progress: bool,
+) -> None:
+    import dask
+    from dask.callbacks import Callback
+    from tqdm.auto import tqdm
+
+    slide_args = (str(slide.path), slide.backend, slide.mpp_override)
+    tasks = [
+        dask.delayed(_write_chunk)(
+            slide_args, geometry, grid[a : a + CHUNK_TILES], str(tiles_path), a,
+            dask_key_name=f"tile-chunk-{a}",
+        )
+        for a in range(0, len(grid), CHUNK_TILES)
+    ]
+    bar = tqdm(total=len(grid), unit="tile", desc=slide.slide_id, disable=not progress, leave=False)
+
+    class _Progress(Callback):  # type: ignore[misc]
+        def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:
+            if isinstance(key, str) and key.startswith("tile-chunk-"):
+                bar.update(result)
+
+    with bar, _Progress():
+        dask.compute(*tasks, scheduler=scheduler, num_workers=workers)
+
+
+def _slide_identity(path: Path) -> dict[str, Any]:
+    st = path.stat()
+    return {"slide_path": str(path), "slide_size": st.st_size, "slide_mtime": st.st_mtime}
+
+
+def _store_identity(slide: Slide, params: TilingParams, geometry: TileGeometry) -> dict[str, Any]:
+    """Everything that changes a store's content; its hash is the store's identity."""
+    return {
+        **_slide_identity(slide.path),
+        "backend": slide.backend,
+        "mpp_override": slide.mpp_override,
+        "mpp_target": geometry.mpp_target,
+        "tile_size": geometry.tile_size,
+        "overlap": int(params.overlap),
+        "min_tissue": float(params.min_tissue),
+        "tissue": params_dict(params.tissue),
+        "has_pixels": bool(params.store_pixels),
+        "format_version": FORMAT_VERSION,
+    }
+
+
+def _store_attrs(
+    slide_id: str, slide: Slide, params: TilingParams, geometry: TileGeometry, tissue: TissueResult
+) -> dict[str, Any]:
+    """The provenance attributes of a store (docs/formats.md)."""
+    identity = _store_identity(slide, params, geometry)
+    return {
+        **identity,
+        "params_hash": stable_hash(identity),
+        "slide_id": slide_id,
+        "mpp_level0": float(slide.mpp),
+        "magnification": params.magnification,
+        "stride": geometry.stride,
+        "tile_size_level0": geometry.tile_size_level0,
+        "level": geometry.level,
+        "level_downsample": geometry.level_downsample,
+        "resize_factor": geometry.resize_factor,
+        "tissue_area_um2": tissue.area_um2,
+        "package_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _qc_record(slide_id: str, slide_path: Path, status: Status, reason: str, **extra: Any) -> dict[str, Any]:
+    return {"slide_id": slide_id, "slide_path": str(slide_path), "status": status, "reason": reason, **extra}
+
+
+def _record_from_attrs(attrs: dict[str, Any], store: Path) -> dict[str, Any]:
+    n = int(attrs["n_tiles"])
+    return _qc_record(
+        attrs["slide_id"],
+        Path(attrs["slide_path"]),
+        "ok" if n else "no_tissue",
+        "" if n else f"no tile has tissue fraction >= {attrs['min_tissue']}",
+        store=str(store),
+        mpp=attrs["mpp_level0"],
+        mpp_target=attrs["mpp_target"],
+        level=attrs["level"],
+        level_downsample=attrs["level_downsample"],
+        tissue_area_mm2=round(attrs["tissue_area_um2"] / 1e6, 4),
+        n_tiles=n,
+        params_hash=attrs["params_hash"],
+    )
+
+
+def tile_slide(
+    slide_path: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    params: TilingParams = TilingParams(),
+    *,
+    backend: Backend = "auto",
+    mpp_override: float | None = None,
+    slide_id: str | None = None,
+    workers: int | None = None,
+    scheduler: Scheduler = "threads",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Detect tissue, tile, and write ``out_dir/{slide_id}.zarr`` plus its QC files.
+
+    Returns the QC record (also written as ``{slide_id}.qc.json``). A finished store with the
+    same parameters is kept as it is; one with other parameters is an error unless
+    ``overwrite``. A slide without tissue gives an empty store and status ``no_tissue``.
+    """
+    path = Path(slide_path)
+    slide_id = check_slide_id(slide_id or slide_id_from_path(str(path)))
+    out = Path(out_dir)
+    store_path = out / f"{slide_id}.zarr"
+    with open_slide(path, backend=backend, mpp_override=mpp_override) as slide:
+        geometry = tile_geometry(slide, params)
+        identity = _store_identity(slide, params, geometry)
+        if store_path.exists():
+            old = read_store_attrs(store_path)
+            if old.get("params_hash") == stable_hash(identity):
+                log.info("%s: finished store with the same parameters exists; kept", store_path)
+                record = _record_from_attrs(old, store_path)
+                write_json_atomic(out / f"{slide_id}.qc.json", record)
+                return record
+            if not overwrite:
+                changed = sorted(k for k in identity if old.get(k) != identity[k])
+                raise StoreError(
+                    f"{store_path}: exists with other parameters ({', '.join(changed) or 'format'}); "
+                    "use --overwrite to replace it"
+                )
+        tissue = detect_tissue(slide, params.tissue)
+        attrs = _store_attrs(slide_id, slide, params, geometry, tissue)
+        grid, coords, fraction = plan_tiles(geometry, tissue, params.min_tissue)
+        write_qc(tissue, out, slide_id)
+        with atomic_path(store_path, overwrite=True) as tmp:
+            group = create_patch_store(
+                tmp, n_tiles=len(grid), tile_size=geometry.tile_size,
+                store_pixels=params.store_pixels, attrs=attrs,
+            )
+            group["coords"][:] = coords
+            group["tissue_fraction"][:] = fraction
+            if params.store_pixels and len(grid):
+                _run_chunks(
+                    slide, geometry, grid, tmp / "tiles",
+                    workers=workers or available_cpus(), scheduler=scheduler, progress=progress,
+                )
+        record = _record_from_attrs({**attrs, "n_tiles": len(grid)}, store_path)
+        if not len(grid):
+            log.warning("%s: %s", path, record["reason"])
+        write_json_atomic(out / f"{slide_id}.qc.json", record)
+        return record
+
+
+def tile_slides(
+    slide_paths: Sequence[str | os.PathLike[str]],
+    out_dir: str | os.PathLike[str],
+    params: TilingParams = TilingParams(),
+    **kwargs: Any,
+) -> list[dict[str, Any]]:
+    """Tile every slide; a slide that fails gets a ``failed`` QC record and the rest go on.
+
+    ``kwargs`` go to :func:`tile_slide` for every slide.
+    """
+    records = []
+    for p in slide_paths:
+        path = Path(p)
+        try:
+            slide_id = check_slide_id(slide_id_from_path(str(path)))
+        except ValueError as exc:
+            log.error("%s: %s", path, exc)
+            records.append(_qc_record(path.name, path, "failed", str(exc)))
+            continue
+        try:
+            records.append(tile_slide(path, out_dir, params, slide_id=slide_id, **kwargs))
+        except WsiToolsError as exc:
+            log.error("%s", exc)
+            record = _qc_record(slide_id, path, "failed", str(exc))
+            write_json_atomic(Path(out_dir) / f"{slide_id}.qc.json", record)
+            records.append(record)
+    return records

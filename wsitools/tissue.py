@@ -1,0 +1,250 @@
+"""Tissue detection on a low-resolution thumbnail.
+
+Tissue is stained, glass is not: pixels whose HSV saturation is above an Otsu threshold (kept
+between a floor, so a blank slide finds nothing, and a cap, so pale tissue is kept) and that are
+not near-white are tissue. Morphological
+closing and opening at physical radii clean the mask, regions smaller than a physical area are
+dropped, and holes inside tissue are filled (all of them, or those under a size) so lumina and
+fat inside tissue count as tissue. Every size is in microns, so results do not depend on the
+scanner's resolution.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wsitools.io import atomic_path
+from wsitools.slide import Slide
+from wsitools.types import Microns, MicronsPerPixel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TissueParams:
+    """Tissue detection settings; every length in microns, every area in square microns."""
+
+    mpp: MicronsPerPixel = MicronsPerPixel(8.0)
+    """Resolution of the thumbnail the mask is computed on (about 8-16 um/px is plenty)."""
+    min_saturation: float = 0.05
+    """Floor under the Otsu saturation threshold (0-1): glass never passes it."""
+    max_saturation: float = 0.10
+    """Cap on the Otsu threshold: on tissue-dense thumbnails Otsu can split pale tissue from
+    dark tissue instead of tissue from glass; pale stained tissue is still above 0.1."""
+    max_brightness: float = 0.92
+    """Pixels brighter than this (HSV value, 0-1) are background whatever their saturation."""
+    closing_radius: Microns = Microns(40.0)
+    """Closing joins tissue fragments across gaps up to about twice this."""
+    opening_radius: Microns = Microns(16.0)
+    """Opening removes specks and thin debris narrower than about twice this."""
+    min_region_area: float = 50_000.0
+    """Tissue regions smaller than this (um^2) are dropped as debris."""
+    fill_holes: bool = True
+    """Fill holes inside tissue (lumina, fat) so they count as tissue."""
+    max_hole_area: float | None = None
+    """Fill only holes smaller than this (um^2); None fills every hole."""
+
+
+Ring = list[tuple[float, float]]
+"""A closed polygon ring in level-0 px, first point repeated last."""
+
+
+@dataclass
+class TissueResult:
+    """The mask on the thumbnail grid, with everything needed to map it to level 0."""
+
+    mask: np.ndarray
+    """Boolean [h, w] on the thumbnail grid."""
+    thumbnail: np.ndarray
+    """RGB [h, w, 3] the mask was computed on."""
+    downsample: tuple[float, float]
+    """Level-0 px per mask px along (x, y)."""
+    mpp_level0: MicronsPerPixel
+    threshold: float
+    polygons: list[list[Ring]]
+    """One polygon per tissue region: the outer ring, then its holes (level-0 px)."""
+
+    @property
+    def area_um2(self) -> float:
+        px_area = self.downsample[0] * self.downsample[1] * self.mpp_level0**2
+        return float(self.mask.sum() * px_area)
+
+    @property
+    def empty(self) -> bool:
+        return not bool(self.mask.any())
+
+
+def _disk(radius_px: float) -> np.ndarray:
+    from skimage.morphology import disk
+
+    return disk(max(0, int(round(radius_px))))
+
+
+def tissue_mask(thumbnail: np.ndarray, mpp: float, params: TissueParams) -> tuple[np.ndarray, float]:
+    """The cleaned tissue mask of an RGB thumbnail at ``mpp`` um/px, and the threshold used."""
+    from scipy import ndimage as ndi
+    from skimage.color import rgb2hsv
+    from skimage.filters import threshold_otsu
+    from skimage.morphology import remove_small_holes, remove_small_objects
+
+    hsv = rgb2hsv(thumbnail)
+    sat, val = hsv[..., 1], hsv[..., 2]
+    otsu = threshold_otsu(sat) if np.ptp(sat) > 0 else 1.0
+    threshold = float(np.clip(otsu, params.min_saturation, params.max_saturation))
+    mask = (sat > threshold) & (val < params.max_brightness)
+    if params.closing_radius > 0:
+        mask = ndi.binary_closing(mask, _disk(params.closing_radius / mpp), border_value=0)
+    if params.opening_radius > 0:
+        mask = ndi.binary_opening(mask, _disk(params.opening_radius / mpp))
+    px_area = mpp * mpp
+    if params.fill_holes:
+        if params.max_hole_area is None:
+            mask = ndi.binary_fill_holes(mask)
+        else:
+            mask = remove_small_holes(mask, max_size=int(params.max_hole_area / px_area))
+    mask = remove_small_objects(mask, max_size=max(0, int(params.min_region_area / px_area) - 1))
+    return mask.astype(bool), threshold
+
+
+def mask_polygons(mask: np.ndarray, downsample: tuple[float, float]) -> list[list[Ring]]:
+    """Polygons (outer ring + holes) of each connected region, in level-0 px."""
+    from scipy import ndimage as ndi
+    from skimage.measure import approximate_polygon, find_contours, label
+
+    def rings_of(binary: np.ndarray) -> list[np.ndarray]:
+        padded = np.pad(binary, 1).astype(np.float32)
+        return [approximate_polygon(c, tolerance=0.75) for c in find_contours(padded, 0.5)]
+
+    def to_level0(contour: np.ndarray) -> Ring:
+        # contour is (row, col) in padded index space; pixel i spans [i, i+1) -> edge at index+0.5
+        xs = (contour[:, 1] - 1 + 0.5) * downsample[0]
+        ys = (contour[:, 0] - 1 + 0.5) * downsample[1]
+        ring = [(round(float(x), 1), round(float(y), 1)) for x, y in zip(xs, ys)]
+        if ring[0] != ring[-1]:
+            ring.append(ring[0])
+        return ring
+
+    labels = label(mask, connectivity=2)
+    polygons: list[list[Ring]] = []
+    for index, region in enumerate(ndi.find_objects(labels), start=1):
+        if region is None:
+            continue
+        sub = labels[region] == index
+        offset = np.array([region[0].start, region[1].start])
+        filled = ndi.binary_fill_holes(sub)
+        outer = max(rings_of(filled), key=len) + offset
+        holes_mask = filled & ~sub
+        holes = [r + offset for r in rings_of(holes_mask) if len(r) >= 4] if holes_mask.any() else []
+        polygons.append([to_level0(outer)] + [to_level0(h) for h in holes])
+    return polygons
+
+
+def detect_tissue(slide: Slide, params: TissueParams = TissueParams()) -> TissueResult:
+    """Find tissue on a thumbnail of ``slide``; an empty result (with a warning) if there is none."""
+    thumbnail, _ = slide.thumbnail(mpp=params.mpp)
+    w0, h0 = slide.dimensions
+    downsample = (w0 / thumbnail.shape[1], h0 / thumbnail.shape[0])
+    thumb_mpp = slide.mpp * downsample[0]
+    mask, threshold = tissue_mask(thumbnail, thumb_mpp, params)
+    result = TissueResult(
+        mask=mask,
+        thumbnail=thumbnail,
+        downsample=downsample,
+        mpp_level0=slide.mpp,
+        threshold=threshold,
+        polygons=mask_polygons(mask, downsample),
+    )
+    if result.empty:
+        log.warning("%s: no tissue found (saturation threshold %.3f)", slide.path, threshold)
+    return result
+
+
+def tissue_fraction(
+    mask: np.ndarray,
+    downsample: tuple[float, float],
+    coords: np.ndarray,
+    size_level0: float,
+) -> np.ndarray:
+    """Fraction of each square tile (top-left ``coords``, side ``size_level0``) covered by ``mask``.
+
+    Exact for the piecewise-constant mask: the integral image is bilinear inside each mask
+    pixel, so interpolating it at the tile's fractional corners gives the covered area.
+    """
+    if len(coords) == 0:
+        return np.zeros(0, np.float32)
+    h, w = mask.shape
+    integral = np.zeros((h + 1, w + 1), np.float64)
+    integral[1:, 1:] = np.cumsum(np.cumsum(mask, axis=0), axis=1)
+
+    def at(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        x = np.clip(x, 0, w)
+        y = np.clip(y, 0, h)
+        x0 = np.minimum(np.floor(x).astype(int), w - 1)
+        y0 = np.minimum(np.floor(y).astype(int), h - 1)
+        fx, fy = x - x0, y - y0
+        return (
+            integral[y0, x0] * (1 - fx) * (1 - fy)
+            + integral[y0, x0 + 1] * fx * (1 - fy)
+            + integral[y0 + 1, x0] * (1 - fx) * fy
+            + integral[y0 + 1, x0 + 1] * fx * fy
+        )
+
+    x0 = coords[:, 0] / downsample[0]
+    y0 = coords[:, 1] / downsample[1]
+    x1 = (coords[:, 0] + size_level0) / downsample[0]
+    y1 = (coords[:, 1] + size_level0) / downsample[1]
+    covered = at(x1, y1) - at(x0, y1) - at(x1, y0) + at(x0, y0)
+    area = (size_level0 / downsample[0]) * (size_level0 / downsample[1])
+    return np.clip(covered / area, 0.0, 1.0).astype(np.float32)
+
+
+def to_geojson(result: TissueResult, *, name: str = "Tissue") -> dict[str, Any]:
+    """A GeoJSON FeatureCollection of the tissue polygons (level-0 px) that QuPath imports."""
+    features = [
+        {
+            "type": "Feature",
+            "geometry": {"type": "Polygon", "coordinates": [[list(p) for p in ring] for ring in poly]},
+            "properties": {
+                "objectType": "annotation",
+                "classification": {"name": name, "color": [0, 160, 60]},
+            },
+        }
+        for poly in result.polygons
+    ]
+    return {"type": "FeatureCollection", "features": features}
+
+
+def qc_image(result: TissueResult) -> np.ndarray:
+    """The thumbnail with tissue contours drawn in green (2 px) and glass dimmed slightly."""
+    from scipy import ndimage as ndi
+    from skimage.segmentation import find_boundaries
+
+    image = result.thumbnail.copy()
+    image[~result.mask] = (image[~result.mask] * 0.85 + 255 * 0.15).astype(np.uint8)
+    edges = ndi.binary_dilation(find_boundaries(result.mask, mode="inner"), np.ones((2, 2), bool))
+    image[edges] = (0, 200, 60)
+    return image
+
+
+def write_qc(result: TissueResult, out_dir: str | os.PathLike[str], slide_id: str) -> dict[str, Path]:
+    """Write ``{slide_id}.tissue.png`` and ``{slide_id}.geojson`` atomically; return their paths."""
+    from PIL import Image
+
+    out = Path(out_dir)
+    paths = {"png": out / f"{slide_id}.tissue.png", "geojson": out / f"{slide_id}.geojson"}
+    with atomic_path(paths["png"], overwrite=True) as tmp:
+        Image.fromarray(qc_image(result)).save(tmp, format="PNG")
+    with atomic_path(paths["geojson"], overwrite=True) as tmp:
+        tmp.write_text(json.dumps(to_geojson(result)))
+    return paths
+
+
+def params_dict(params: TissueParams) -> dict[str, Any]:
+    return {k: (float(v) if isinstance(v, float) else v) for k, v in asdict(params).items()}
