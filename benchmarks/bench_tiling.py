@@ -120,7 +120,9 @@ def main() -> None:
         shutil.rmtree(work / "tiles_1", ignore_errors=True)
         shutil.rmtree(work / f"tiles_{available_cpus()}", ignore_errors=True)
 
-    print(f"\nmachine: {platform.processor() or platform.machine()}, {cpus} CPUs; slide {width}x{height}")
+    with open_slide(slide_path) as s:
+        dims = "x".join(map(str, s.dimensions))
+    print(f"\nmachine: {platform.processor() or platform.machine()}, {cpus} CPUs; slide {dims}")
     for label, rate in results.items():
         print(f"  {label:48s} {rate:8.1f} tiles/s")
     ours1 = results["ours, 1 worker"]

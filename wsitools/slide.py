@@ -368,13 +368,62 @@ class TiffSlideSlide(Slide):
         import tiffslide
 
         self._ts = tiffslide.TiffSlide(str(self.path))
+        self._pages: dict[int, Any] = {}
         self.dimensions = tuple(self._ts.dimensions)  # type: ignore[assignment]
         self.level_dimensions = tuple(tuple(d) for d in self._ts.level_dimensions)
         self.level_downsamples = tuple(float(d) for d in self._ts.level_downsamples)
         self.properties = {k: str(v) for k, v in self._ts.properties.items() if v is not None}
 
     def _read(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
-        return self._ts.read_region(location, level, size, as_array=True)
+        page = self._tiled_page(level)
+        if page is None:
+            return self._ts.read_region(location, level, size, as_array=True)
+        ds = self.level_downsamples[level]
+        return self._read_tiles_direct(page, round(location[0] / ds), round(location[1] / ds), size)
+
+    def _tiled_page(self, level: int) -> Any:
+        """The level's TIFF page when its tiles can be decoded directly (tiled, chunky RGB(A))."""
+        if level not in self._pages:
+            series = self._ts.ts_tifffile.series[int(self.properties.get("tiffslide.series-index", 0))]
+            pages = series.levels[level].pages
+            page = pages[0] if len(pages) == 1 else None
+            ok = (
+                page is not None and page.is_tiled and page.planarconfig == 1
+                and page.samplesperpixel in (3, 4) and page.bitspersample == 8 and page.imagedepth == 1
+            )
+            self._pages[level] = page if ok else None
+        return self._pages[level]
+
+    def _read_tiles_direct(self, page: Any, x: int, y: int, size: tuple[int, int]) -> np.ndarray:
+        """Decode just the TIFF tiles the region touches, each once, and paste them.
+
+        tiffslide's general path goes through zarr's async machinery, about 4x slower than the
+        decoder itself on JPEG tiles; this is the decoder plus a copy. Off-image pixels are white.
+        """
+        w, h = size
+        tw, th = page.tilewidth, page.tilelength
+        across = -(-page.imagewidth // tw)
+        out = np.full((h, w, page.samplesperpixel), 255, np.uint8)
+        tx0, ty0 = max(0, x // tw), max(0, y // th)
+        tx1 = min(across - 1, (x + w - 1) // tw)
+        ty1 = min(-(-page.imagelength // th) - 1, (y + h - 1) // th)
+        fh = self._ts.ts_tifffile.filehandle
+        for ty in range(ty0, ty1 + 1):
+            for tx in range(tx0, tx1 + 1):
+                index = ty * across + tx
+                with fh.lock:
+                    fh.seek(page.dataoffsets[index])
+                    data = fh.read(page.databytecounts[index])
+                tile = page.decode(data, index, jpegtables=page.jpegtables)[0][0]
+                # overlap of this tile [tx*tw, +tw) x [ty*th, +th) with the region, in both frames
+                ax0, ay0 = max(x, tx * tw), max(y, ty * th)
+                ax1 = min(x + w, (tx + 1) * tw, page.imagewidth)
+                ay1 = min(y + h, (ty + 1) * th, page.imagelength)
+                if ax1 > ax0 and ay1 > ay0:
+                    out[ay0 - y : ay1 - y, ax0 - x : ax1 - x] = tile[
+                        ay0 - ty * th : ay1 - ty * th, ax0 - tx * tw : ax1 - tx * tw
+                    ]
+        return out
 
     def close(self) -> None:
         self._ts.close()

@@ -200,7 +200,8 @@ def _write_chunk(
     import zarr
 
     tiles = read_tiles(_cached_slide(*slide_args), geometry, grid)
-    zarr.open_array(tiles_path, mode="r+")[start : start + len(grid)] = tiles
+    # every chunk holds tissue: skip zarr's scan for empty chunks
+    zarr.open_array(tiles_path, mode="r+", config={"write_empty_chunks": True})[start : start + len(grid)] = tiles
     return len(grid)
 
 

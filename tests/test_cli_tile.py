@@ -1,0 +1,67 @@
+"""``wsitools info`` and ``wsitools tile`` from the command line: outputs, exit codes, errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from wsitools.cli import main
+from wsitools.store import PatchStore
+
+
+def test_info_json(synthetic_svs, capsys):
+    assert main(["info", str(synthetic_svs), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["dimensions"] == [2048, 1536]
+    assert info["mpp"] == 0.25 and info["vendor"] == "aperio"
+    assert info["level_downsamples"] == [1.0, 2.0, 4.0, 8.0]
+
+
+def test_info_text(fixtures_dir, capsys):
+    assert main(["info", str(fixtures_dir / "boxes.tiff"), "--mpp-override", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "300 x 250" in out and "downsample 4.016" in out and "override" in out
+
+
+@pytest.mark.parametrize("name, message", [
+    ("unopenable.tiff", "unopenable.tiff"),
+    ("boxes.tiff", "boxes.tiff: metadata mpp-x = 352.7"),
+])
+def test_errors_are_one_line_without_traceback(fixtures_dir, name, message):
+    cmd = [sys.executable, "-m", "wsitools", "info", str(fixtures_dir / name), "--backend", "openslide"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_tile_cohort_with_a_bad_slide(synthetic_svs, fixtures_dir, tmp_path, capsys):
+    out = tmp_path / "tiles"
+    args = ["tile", str(synthetic_svs), str(fixtures_dir / "unreadable.svs"), "--out", str(out),
+            "--mpp", "1.0", "--tile-size", "64", "--min-region-area", "5000", "--tissue-mpp", "4", "--quiet"]
+    assert main(args) == 1  # one slide failed...
+    store = PatchStore.open(out / "synth_svs.zarr")  # ...but the good one was tiled
+    assert len(store) > 0 and store.mpp_target == 1.0 and store.tile_size == 64
+    bad = json.loads((out / "unreadable.qc.json").read_text())
+    assert bad["status"] == "failed" and "unreadable.svs" in bad["reason"]
+    assert not (out / "unreadable.zarr").exists()
+    printed = capsys.readouterr()
+    assert "1 of 2 slides failed" in printed.err
+    assert main(args + ["--keep-going"]) == 0  # re-run: good store kept, bad one recorded again
+
+
+def test_tile_rejects_unsafe_slide_ids(tmp_path, synthetic_svs, capsys):
+    weird = tmp_path / "bad name!.svs"
+    weird.write_bytes(synthetic_svs.read_bytes())
+    assert main(["tile", str(weird), "--out", str(tmp_path / "t"), "--quiet"]) == 1
+    assert not list((tmp_path / "t").glob("*bad name*"))  # an unsafe id never becomes a path
+    printed = capsys.readouterr()
+    assert "unsafe slide id 'bad name!'" in printed.out + printed.err
+
+
+def test_tile_bad_parameters(synthetic_svs, tmp_path, capsys):
+    assert main(["tile", str(synthetic_svs), "--out", str(tmp_path), "--overlap", "300"]) == 2
+    assert "overlap" in capsys.readouterr().err
