@@ -113,14 +113,26 @@ def tissue_mask(thumbnail: np.ndarray, mpp: float, params: TissueParams) -> tupl
     return mask.astype(bool), threshold
 
 
+def _drop_collinear(ring: np.ndarray) -> np.ndarray:
+    """Keep only the corners of a closed ring (find_contours puts a vertex every half pixel)."""
+    if len(ring) < 4:
+        return ring
+    body = ring[:-1]
+    before = body - np.roll(body, 1, axis=0)
+    after = np.roll(body, -1, axis=0) - body
+    corner = np.abs(before[:, 0] * after[:, 1] - before[:, 1] * after[:, 0]) > 1e-9
+    kept = body[corner]
+    return np.vstack([kept, kept[:1]]) if len(kept) >= 3 else ring
+
+
 def mask_polygons(mask: np.ndarray, downsample: tuple[float, float]) -> list[list[Ring]]:
     """Polygons (outer ring + holes) of each connected region, in level-0 px."""
     from scipy import ndimage as ndi
-    from skimage.measure import approximate_polygon, find_contours, label
+    from skimage.measure import find_contours, label
 
     def rings_of(binary: np.ndarray) -> list[np.ndarray]:
         padded = np.pad(binary, 1).astype(np.float32)
-        return [approximate_polygon(c, tolerance=0.75) for c in find_contours(padded, 0.5)]
+        return [_drop_collinear(c) for c in find_contours(padded, 0.5)]
 
     def to_level0(contour: np.ndarray) -> Ring:
         # contour is (row, col) in padded index space; pixel i spans [i, i+1) -> edge at index+0.5
