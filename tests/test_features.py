@@ -1,0 +1,195 @@
+"""Feature extraction: patch store -> encoder -> h5 feature store, reuse, recompute, bad input, CLI."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from test_encoders import official_backbone, official_promptstate, run_cli, write_card
+from wsitools.encoders import load_encoder
+from wsitools.errors import ModelError, StoreError
+from wsitools.features import FeatureStore, extract_features, feature_store_path
+from wsitools.store import PatchStore, write_patch_store
+from wsitools.tiling import TilingParams, tile_slide
+from wsitools.tissue import TissueParams
+
+MODELS = Path(__file__).resolve().parents[1] / "models"
+PARAMS = TilingParams(mpp=0.5, tile_size=112, tissue=TissueParams(mpp=4.0, min_region_area=5_000))
+
+
+@pytest.fixture(scope="module")
+def tiles_dir(synthetic_svs, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tiles")
+    tile_slide(synthetic_svs, out, PARAMS, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def store(tiles_dir) -> PatchStore:
+    return PatchStore.open(tiles_dir / "synth_svs.zarr")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_encoder("vit-test-tiny", device="cpu", models_dir=MODELS)
+
+
+def small_store(path: Path, *, n: int = 10, slide_id: str = "S1", params_hash: str = "p1", seed: int = 0) -> Path:
+    from skimage import data
+
+    img = data.immunohistochemistry()
+    rng = np.random.default_rng(seed)
+    xy = rng.integers(0, 400, size=(n, 2))
+    tiles = np.stack([img[y : y + 64, x : x + 64] for x, y in xy])
+    attrs = dict(slide_id=slide_id, slide_path=f"/slides/{slide_id}.svs", params_hash=params_hash,
+                 tile_size=64, tile_size_level0=128.0, mpp_target=0.5)
+    return write_patch_store(path, coords=xy * 2, tiles=tiles, tissue_fraction=np.ones(n), attrs=attrs, overwrite=True)
+
+
+def test_round_trip_tiny_vit(store, tiny, tmp_path):
+    assert len(store) > 8
+    result = extract_features(store.path, tiny, tmp_path, batch_size=8, workers=0)
+    assert result.status == "computed" and result.path == tmp_path / "vit-test-tiny" / "synth_svs.h5"
+    fs = FeatureStore.open(result.path)
+    features, coords = fs.load()
+    assert features.shape == (len(store), 64) and features.dtype == np.float32
+    np.testing.assert_array_equal(coords, store.coords)
+    expected = tiny.encode(torch.from_numpy(store.read_tiles(slice(None)))).numpy()
+    np.testing.assert_allclose(features, expected, atol=1e-5, rtol=0)
+    assert features.std(axis=0).mean() > 1e-3  # different tiles, different features
+    a = fs.attrs
+    assert (a["format_version"], a["kind"], a["encoder"], a["encoder_hash"]) == (1, "feature_store", "vit-test-tiny", tiny.encoder_hash)
+    assert (a["store_hash"], a["store_path"], a["slide_id"]) == (store.params_hash, str(store.path), "synth_svs")
+    assert a["mpp_target"] == pytest.approx(0.5) and a["tile_size"] == 112
+    assert a["tile_size_level0"] == pytest.approx(224.0) and a["slide_path"] == str(store.slide_path)
+    # second run: reused, file untouched
+    mtime = result.path.stat().st_mtime_ns
+    again = extract_features(store.path, tiny, tmp_path)
+    assert again.status == "reused" and result.path.stat().st_mtime_ns == mtime
+    assert not list(result.path.parent.glob(".tmp-*"))
+
+
+def test_round_trip_efficientnet_lite0_with_workers(store, tmp_path):
+    enc = load_encoder("efficientnet-lite0-imagenet", device="cpu", models_dir=MODELS)
+    n = 12
+    sub = write_patch_store(
+        tmp_path / "tiles" / "sub.zarr",
+        coords=store.coords[:n], tiles=store.read_tiles(slice(0, n)),
+        tissue_fraction=store.tissue_fraction[:n], attrs={**store.attrs, "slide_id": "sub"},
+    )
+    result = extract_features(sub, enc, tmp_path / "features", batch_size=5, workers=1)
+    features, coords = FeatureStore.open(result.path).load()
+    assert features.shape == (n, 1280) and features.dtype == np.float16
+    np.testing.assert_array_equal(coords, store.coords[:n])
+    expected = enc.encode(torch.from_numpy(store.read_tiles(slice(0, n)))).float().numpy()
+    np.testing.assert_allclose(features.astype(np.float32), expected, atol=1e-2, rtol=1e-3)
+    assert (features >= 0).all() and features.astype(np.float32).mean() > 0.05  # post-ReLU6 pooled activations
+    assert extract_features(sub, enc, tmp_path / "features").status == "reused"
+
+
+def test_coords_only_store_reads_the_slide(synthetic_svs, store, tiny, tmp_path):
+    params = TilingParams(mpp=0.5, tile_size=112, tissue=PARAMS.tissue, store_pixels=False)
+    tile_slide(synthetic_svs, tmp_path / "tiles", params, progress=False)
+    bare = PatchStore.open(tmp_path / "tiles" / "synth_svs.zarr")
+    assert not bare.has_pixels
+    np.testing.assert_array_equal(bare.coords, store.coords)
+    result = extract_features(bare, tiny, tmp_path / "features", batch_size=16, workers=1)
+    features, _ = FeatureStore.open(result.path).load()
+    expected = tiny.encode(torch.from_numpy(bare.read_tiles(slice(None)))).numpy()
+    np.testing.assert_allclose(features, expected, atol=1e-5, rtol=0)
+    from_pixels = tiny.encode(torch.from_numpy(store.read_tiles(slice(None)))).numpy()
+    np.testing.assert_allclose(features, from_pixels, atol=0.05)  # same tiles up to resampling
+
+
+def test_weight_and_store_changes_force_recompute(tmp_path):
+    torch.save(official_backbone(seed=0), tmp_path / "backbone.pth")
+    torch.save(official_promptstate(seed=1), tmp_path / "promptstate.pth")
+    card = write_card(tmp_path)
+    path = small_store(tmp_path / "tiles" / "S1.zarr")
+    first = extract_features(path, load_encoder(card, device="cpu"), tmp_path / "features")
+    f1, _ = FeatureStore.open(first.path).load()
+    torch.save(official_promptstate(seed=2), tmp_path / "promptstate.pth")  # new prompts
+    enc2 = load_encoder(card, device="cpu")
+    second = extract_features(path, enc2, tmp_path / "features")
+    f2, _ = FeatureStore.open(second.path).load()
+    assert second.status == "computed" and np.abs(f1 - f2).max() > 1e-3
+    assert FeatureStore.open(second.path).encoder_hash == enc2.encoder_hash
+    assert extract_features(path, enc2, tmp_path / "features").status == "reused"
+    small_store(path, params_hash="p2", seed=1)  # the store was re-tiled: other params, other tiles
+    third = extract_features(path, enc2, tmp_path / "features")
+    fs = FeatureStore.open(third.path)
+    assert third.status == "computed" and fs.store_hash == "p2"
+    np.testing.assert_array_equal(fs.coords(), PatchStore.open(path).coords)
+
+
+def test_unfinished_and_foreign_stores_are_errors(tiny, tmp_path):
+    good = small_store(tmp_path / "S1.zarr")
+    unfinished = tmp_path / ".tmp-S2.zarr-4242"
+    shutil.copytree(good, unfinished)
+    with pytest.raises(StoreError, match=r"\.tmp-S2\.zarr-4242: is an unfinished"):
+        extract_features(unfinished, tiny, tmp_path / "features")
+    (tmp_path / "empty.zarr").mkdir()
+    with pytest.raises(StoreError, match=r"empty\.zarr: not a wsitools patch store"):
+        extract_features(tmp_path / "empty.zarr", tiny, tmp_path / "features")
+    with pytest.raises(StoreError, match=r"missing\.zarr: no such patch store"):
+        extract_features(tmp_path / "missing.zarr", tiny, tmp_path / "features")
+    assert not (tmp_path / "features").exists()
+    # a damaged feature store is recomputed, a foreign h5 is not a feature store
+    out = feature_store_path(tmp_path / "features", "vit-test-tiny", "S1")
+    out.parent.mkdir(parents=True)
+    out.write_bytes(b"not hdf5")
+    assert extract_features(good, tiny, tmp_path / "features").status == "computed"
+    with h5py.File(tmp_path / "other.h5", "w") as f:
+        f["features"] = np.zeros((2, 3))
+    with pytest.raises(StoreError, match=r"other\.h5: not a feature store \(needs datasets"):
+        FeatureStore.open(tmp_path / "other.h5")
+
+
+def test_empty_store_gives_empty_feature_store(tiny, tmp_path):
+    attrs = dict(slide_id="E", slide_path="/slides/E.svs", params_hash="e", tile_size=64,
+                 tile_size_level0=128.0, mpp_target=0.5)
+    path = write_patch_store(tmp_path / "E.zarr", coords=np.zeros((0, 2)), tiles=np.zeros((0, 64, 64, 3), np.uint8),
+                             tissue_fraction=np.zeros(0), attrs=attrs)
+    fs = FeatureStore.open(extract_features(path, tiny, tmp_path / "features").path)
+    assert (fs.n, fs.dim) == (0, 64)
+
+
+def test_float16_overflow_is_an_error(tmp_path):
+    backbone = official_backbone()
+    backbone["norm.weight"] = torch.full_like(backbone["norm.weight"], 1e6)
+    torch.save(backbone, tmp_path / "backbone.pth")
+    torch.save(official_promptstate(), tmp_path / "promptstate.pth")
+    card = write_card(tmp_path, precision={"compute": "fp32", "features": "float16"})
+    path = small_store(tmp_path / "S1.zarr", n=3)
+    with pytest.raises(ModelError, match=r"S1\.zarr: encoder 'tiny-official' produced non-finite features for 3 tiles"):
+        extract_features(path, load_encoder(card, device="cpu"), tmp_path / "features")
+    assert not list((tmp_path / "features").rglob("*.h5"))
+
+
+def test_cli_extract_reports_a_bad_store_and_continues(tmp_path, capsys):
+    a = small_store(tmp_path / "tiles" / "A.zarr", slide_id="A")
+    b = small_store(tmp_path / "tiles" / "B.zarr", slide_id="B", seed=3)
+    bad = tmp_path / "tiles" / "broken.zarr"
+    bad.mkdir()
+    argv = ["extract", str(a), str(bad), str(b), "--encoder", "vit-test-tiny", "--models-dir", str(MODELS),
+            "--out", str(tmp_path / "features"), "--device", "cpu", "--workers", "0", "--quiet"]
+    assert run_cli(argv) == 1
+    err = capsys.readouterr().err
+    assert "broken.zarr: not a wsitools patch store" in err and "1 of 3 stores failed" in err
+    for sid in ("A", "B"):
+        fs = FeatureStore.open(tmp_path / "features" / "vit-test-tiny" / f"{sid}.h5")
+        assert fs.slide_id == sid and fs.n == 10
+    argv.remove(str(bad))
+    assert run_cli(argv) == 0
+
+
+def test_cli_lists_cards(capsys):
+    assert run_cli(["encoders", "--models-dir", str(MODELS), "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert "efficientnet-lite0-imagenet  tf_efficientnet_lite0" in out and "backbone: ok" in out
+    assert "vit-test-tiny" in out and "random (test model)" in out

@@ -1,0 +1,150 @@
+"""``wsitools encoders`` (list cards, ``fetch`` weights) and ``wsitools extract`` (feature stores).
+
+torch and timm are imported inside the handlers, so other sub-commands start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+from wsitools.errors import WsiToolsError
+
+log = logging.getLogger(__name__)
+
+
+def _models_dir_option() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument(
+        "--models-dir",
+        metavar="DIR",
+        default=argparse.SUPPRESS,
+        help="folder of model cards and weights (default: $WSITOOLS_MODELS, else the repo's models/)",
+    )
+    return parent
+
+
+def register(subparsers: Any) -> None:
+    models_dir = _models_dir_option()
+    enc = subparsers.add_parser(
+        "encoders",
+        parents=[models_dir],
+        help="list encoder model cards (and whether their weights are present); fetch weights",
+        description="List the model cards of the models directory. `encoders fetch NAME` downloads a card's weights.",
+    )
+    enc.add_argument("--verify", action="store_true", help="also check the sha256 of present weight files")
+    enc.set_defaults(func=_list)
+    actions = enc.add_subparsers(dest="encoders_action", metavar="ACTION")
+    fetch = actions.add_parser(
+        "fetch",
+        parents=[models_dir],
+        help="download the weight files of cards, verifying sha256",
+    )
+    fetch.add_argument("names", nargs="+", metavar="NAME", help="card names or card files")
+    fetch.add_argument("--force", action="store_true", help="download even if the file is present and valid")
+    fetch.add_argument("--timeout", type=float, default=60.0, help="network timeout in seconds (default 60)")
+    fetch.set_defaults(func=_fetch)
+
+    ext = subparsers.add_parser(
+        "extract",
+        parents=[models_dir],
+        help="extract features of patch stores into h5 feature stores",
+        description=(
+            "Write OUT/{encoder}/{slide_id}.h5 for each patch store. OUT is the features root. "
+            "Stores whose features already match (encoder hash, store hash) are reused."
+        ),
+    )
+    ext.add_argument("stores", nargs="+", metavar="STORE", help="patch stores (tiles/{slide_id}.zarr)")
+    ext.add_argument("--encoder", required=True, help="card name, card file (.yaml) or timm:NAME")
+    ext.add_argument("--weights", metavar="CKPT", help="local checkpoint for --encoder timm:NAME")
+    ext.add_argument("--out", required=True, metavar="DIR", help="features root: writes DIR/{encoder}/{slide_id}.h5")
+    ext.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
+    ext.add_argument("--batch-size", type=int, default=128, help="tiles per forward pass (default 128)")
+    ext.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: CPUs - 1, max 8)")
+    ext.add_argument("--compile", action="store_true", help="torch.compile the encoder (GPU, large cohorts)")
+    ext.add_argument("--overwrite", action="store_true", help="recompute even when a matching h5 exists")
+    ext.add_argument("--quiet", action="store_true", help="no progress bar or per-store lines")
+    ext.set_defaults(func=_extract)
+
+
+def _list(args: argparse.Namespace) -> int:
+    from wsitools.encoders import default_models_dir, list_cards
+    from wsitools.encoders.loading import verify_weight
+
+    directory = getattr(args, "models_dir", None) or default_models_dir()
+    print(f"models directory: {directory}")
+    rows = [("NAME", "MODEL", "DIM", "WEIGHTS")]
+    for card in list_cards(directory):
+        states = []
+        for w in card.weights:
+            if not w.path.is_file():
+                states.append(f"{w.role}: missing")
+            elif args.verify:
+                try:
+                    verify_weight(card, w)
+                    states.append(f"{w.role}: ok" if w.sha256 else f"{w.role}: present (sha256 not pinned)")
+                except WsiToolsError:
+                    states.append(f"{w.role}: WRONG CHECKSUM")
+            else:
+                states.append(f"{w.role}: present")
+        rows.append((card.name, card.model, str(card.dim), ", ".join(states) or "random (test model)"))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for r in rows:
+        print("  ".join(c.ljust(widths[i]) for i, c in enumerate(r[:3])) + "  " + r[3])
+    return 0
+
+
+def _fetch(args: argparse.Namespace) -> int:
+    from wsitools.encoders import fetch_card, find_card
+
+    models_dir = getattr(args, "models_dir", None)
+    for name in args.names:
+        card = find_card(name, models_dir=models_dir)
+        if not card.weights:
+            print(f"{card.name}: no weight files (random-weight test model), nothing to fetch")
+        for result in fetch_card(card, force=args.force, timeout=args.timeout):
+            sha = f" sha256 {result.sha256}" if result.sha256 else ""
+            print(f"{card.name}: {result.weight.role} {result.weight.path}: {result.status}{sha}")
+    return 0
+
+
+def _extract(args: argparse.Namespace) -> int:
+    from wsitools.encoders import load_encoder
+    from wsitools.features import extract_features
+
+    encoder = load_encoder(
+        args.encoder,
+        device=args.device,
+        models_dir=getattr(args, "models_dir", None),
+        weights=args.weights,
+    )
+    if not args.quiet:
+        print(f"encoder {encoder.name} ({encoder.encoder_hash}) on {encoder.device}", file=sys.stderr)
+    failed = []
+    for store in args.stores:
+        try:
+            result = extract_features(
+                store,
+                encoder,
+                args.out,
+                batch_size=args.batch_size,
+                workers=args.workers,
+                compile=args.compile,
+                overwrite=args.overwrite,
+                progress=not args.quiet,
+            )
+        except Exception as exc:  # one bad store never stops the others
+            log.debug("extraction failed for %s", store, exc_info=True)
+            message = str(exc) if isinstance(exc, WsiToolsError) else f"{store}: {type(exc).__name__}: {exc}"
+            print(f"wsitools extract: error: {message}", file=sys.stderr)
+            failed.append(store)
+            continue
+        if not args.quiet:
+            rate = f", {result.patches_per_s:.0f} patches/s" if result.status == "computed" else ""
+            print(f"{result.slide_id}: {result.n_tiles} tiles -> {result.path} ({result.status}{rate})")
+    if failed:
+        print(f"wsitools extract: {len(failed)} of {len(args.stores)} stores failed: {' '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0

