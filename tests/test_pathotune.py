@@ -1,0 +1,268 @@
+"""Patch-level PathoTune: prompt subsets, data sources, tuning on two textures, the tuned encoder."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from wsitools.encoders import load_encoder
+from wsitools.errors import DataError, ModelError, WsiToolsError
+from wsitools.pathotune import (
+    PROMPT_KINDS,
+    PathoTuneConfig,
+    PathoTunePrompts,
+    PathoTuneTrainConfig,
+    PathoTuneViT,
+    folder_tiles,
+    load_pathotune,
+    load_pathotune_encoder,
+    parse_prompts,
+    store_tiles,
+    stratified_split,
+    tune_pathotune,
+)
+from wsitools.store import write_patch_store
+from wsitools.text import task_from_dict
+
+CARD = """name: {name}
+description: tiny prompted ViT at {size} px for PathoTune tests
+architecture:
+  model: prompted_vit_test_patch16_224
+  kwargs: {{img_size: {size}}}
+  prompts: {{tokens: 4, mode: deep}}
+  init_seed: {seed}
+weights: []
+input: {{size: {size}, normalize: {norm}}}
+output: {{kind: cls, dim: 64}}
+precision: {{compute: bf16, features: float32}}
+"""
+
+TASK = task_from_dict({
+    "name": "textures",
+    "description": "two synthetic textures",
+    "classes": {"stripes": "dark pink parallel stripes", "spots": "bright blue round spots"},
+})
+
+
+def _texture(kind: str, rng: np.random.Generator, size: int = 64) -> np.ndarray:
+    yy, xx = np.mgrid[0:size, 0:size]
+    if kind == "stripes":
+        s = 0.5 + 0.5 * np.sin(rng.uniform(0.3, 0.6) * xx + rng.uniform(0, 6))
+        img = np.stack([90 + 80 * s, 30 + 40 * s, 70 + 60 * s], -1)
+    else:
+        s = 0.5 + 0.5 * np.sin(0.4 * xx + rng.uniform(0, 6)) * np.sin(0.4 * yy + rng.uniform(0, 6))
+        img = np.stack([170 + 50 * s, 160 + 40 * s, 230 - 20 * s], -1)
+    return np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pathotune")
+    cards = {}
+    for name, size, seed, norm in (("vit-a", 64, 0, "null"), ("vit-b", 32, 1, "{mean: [0.5, 0.5, 0.5], std: [0.25, 0.25, 0.25]}")):
+        cards[name] = root / f"{name}.yaml"
+        cards[name].write_text(CARD.format(name=name, size=size, seed=seed, norm=norm))
+    rng = np.random.default_rng(0)
+    for kind in ("stripes", "spots"):
+        (root / "data" / kind).mkdir(parents=True)
+        for i in range(20):
+            Image.fromarray(_texture(kind, rng)).save(root / "data" / kind / f"{i:02d}.png")
+    # the same kind of tiles in two patch stores, labelled by a table
+    rows = []
+    for s, sid in enumerate(("S1", "S2")):
+        kinds = ["stripes", "spots"] * 8
+        tiles = np.stack([_texture(k, rng) for k in kinds])
+        coords = np.stack([np.arange(16) * 128 + s, np.full(16, 7)], 1)
+        write_patch_store(root / "tiles" / f"{sid}.zarr", coords=coords, tiles=tiles,
+                          tissue_fraction=np.ones(16),
+                          attrs={"slide_id": sid, "slide_path": f"/synthetic/{sid}.svs", "params_hash": f"h-{sid}",
+                                 "tile_size": 64, "tile_size_level0": 128.0, "mpp_target": 0.5})
+        rows += [(sid, int(x), int(y), k) for (x, y), k in zip(coords, kinds)]
+    with open(root / "labels.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["slide_id", "x", "y", "label"])
+        w.writerows(rows)
+    return root, cards
+
+
+def _text(n_classes: int = 2, dim: int = 16) -> np.ndarray:
+    return np.random.default_rng(5).normal(size=(1 + n_classes, dim)).astype(np.float32)
+
+
+SUBSETS = [c for r in (1, 2, 3) for c in itertools.combinations(PROMPT_KINDS, r)]
+
+
+@pytest.mark.parametrize("subset", SUBSETS, ids=["+".join(s) for s in SUBSETS])
+def test_each_prompt_subset_runs_and_trains_only_its_parts(setup, subset):
+    _, cards = setup
+    backbone = load_encoder(str(cards["vit-a"]), device="cpu")
+    ivp = load_encoder(str(cards["vit-b"]), device="cpu") if "ivp" in subset else None
+    config = PathoTuneConfig(prompts=subset, classes=("a", "b"), embed_dim=64, depth=3,
+                             text_dim=16 if "ttp" in subset else None, ivp_dim=64 if ivp else None)
+    prompts = PathoTunePrompts(config)
+    if "ttp" in subset:
+        prompts.set_text_embeddings(torch.from_numpy(_text()))
+    model = PathoTuneViT(backbone, prompts, ivp=ivp).train()
+    frozen = {k: v.clone() for k, v in backbone.model.state_dict().items()}
+    x = torch.rand(4, 3, 64, 64)
+    logits = model(x)
+    assert logits.shape == (4, 2)
+    torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 0, 1])).backward()
+    groups = {"tvp": "tvp", "ttp": "ttp_", "ivp": "ivp_refine."}
+    names = {n for n, _ in prompts.named_parameters()}
+    for kind, prefix in groups.items():
+        assert any(n.startswith(prefix) for n in names) == (kind in subset)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in prompts.named_parameters())
+    assert all(p.grad is None for p in backbone.model.parameters())
+    assert all(torch.equal(backbone.model.state_dict()[k], v) for k, v in frozen.items())
+    # the prompted CLS differs from the frozen model's own feature
+    with torch.no_grad():
+        assert (model.eval().forward_features(x)[:, 0] - backbone.forward_batch(x)).abs().max() > 1e-4
+
+
+def test_parse_prompts_and_config_errors():
+    assert parse_prompts("ivp, TVP") == ("tvp", "ivp")
+    with pytest.raises(ModelError, match="subset of tvp,ttp,ivp"):
+        parse_prompts("tvp,xyz")
+    with pytest.raises(ModelError, match="TTP prompts need text_dim"):
+        PathoTuneConfig(prompts=("ttp",), classes=("a", "b"), embed_dim=64, depth=3)
+
+
+def test_data_sources_and_split(setup, tmp_path):
+    root, _ = setup
+    tiles = folder_tiles(root / "data")
+    assert tiles.classes == ("spots", "stripes") and len(tiles) == 40 and tiles.split is None
+    assert tiles.read(0).shape == (64, 64, 3)
+    relabelled = tiles.relabel(("stripes", "spots"))
+    assert (relabelled.labels == 1 - tiles.labels).all()
+    split = stratified_split(tiles.labels, val_fraction=0.2, test_fraction=0.1, seed=0)
+    for c in (0, 1):
+        counts = {s: int(((split == s) & (tiles.labels == c)).sum()) for s in ("train", "val", "test")}
+        assert counts == {"train": 14, "val": 4, "test": 2}
+    table = store_tiles(root / "labels.csv", [root / "tiles"])
+    assert len(table) == 32 and table.classes == ("spots", "stripes")
+    # the table's tile is the store's tile at those coordinates
+    assert table.names[3] == "S1:384:7"
+    from wsitools.store import PatchStore
+
+    assert np.array_equal(table.read(3), PatchStore.open(root / "tiles" / "S1.zarr").read_tiles(np.array([3]))[0])
+    bad = tmp_path / "bad.csv"
+    bad.write_text("slide_id,x,y,label\nS1,5,7,spots\nS1,0,7,stripes\n")
+    with pytest.raises(DataError, match=r"line 2: no tile at \(5, 7\)"):
+        store_tiles(bad, [root / "tiles"])
+    bad.write_text("slide_id,x,y,label\nS9,0,7,spots\nS1,0,7,stripes\n")
+    with pytest.raises(DataError, match="slide 'S9' has no patch store"):
+        store_tiles(bad, [root / "tiles"])
+    # a predefined split from train/ val/ folders
+    for part in ("train", "val"):
+        for kind in ("a", "b"):
+            (tmp_path / "pre" / part / kind).mkdir(parents=True)
+            Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "pre" / part / kind / "x.png")
+    pre = folder_tiles(tmp_path / "pre")
+    assert sorted(pre.split.tolist()) == ["train"] * 2 + ["val"] * 2
+
+
+def test_tuning_beats_the_untrained_head_and_serves_as_encoder(setup):
+    root, cards = setup
+    out = root / "tuned"
+    config = PathoTuneTrainConfig(epochs=4, batch_size=16, lr=1e-2, warmup_epochs=0, num_workers=0,
+                                  val_fraction=0.2, test_fraction=0.2)
+    result = tune_pathotune(folder_tiles(root / "data"), out, backbone=str(cards["vit-a"]), task=TASK,
+                            text_embeddings=_text(), config=config, device="cpu", progress=False)
+    assert result.best["balanced_accuracy"] >= 0.9
+    assert result.best["balanced_accuracy"] > result.untrained["balanced_accuracy"]
+    assert result.best["loss"] < result.untrained["loss"]
+    assert result.test is not None and result.test["n"] == 8 and result.test["auroc"] >= 0.9
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["classes"] == ["stripes", "spots"]  # the task's order
+    assert metrics["n_tiles"] == {"train": 24, "val": 8, "test": 8}
+    with open(out / "predictions.csv") as f:
+        preds = list(csv.DictReader(f))
+    assert len(preds) == 8 and {p["split"] for p in preds} == {"test"}
+    with open(out / "log.csv") as f:
+        assert len(list(csv.DictReader(f))) == 5  # untrained + 4 epochs
+    # the tuned model reloads to the same predictions, and as an encoder gives prompted features
+    tuned = load_pathotune(result.card, device="cpu")
+    assert tuned.meta["task"]["name"] == "textures"
+    enc = load_pathotune_encoder(result.card, device="cpu")
+    plain = load_encoder(str(cards["vit-a"]), device="cpu")
+    tiles = torch.from_numpy(np.stack([np.array(Image.open(p)) for p in sorted((root / "data" / "spots").glob("*.png"))[:4]]))
+    f_tuned, f_plain = enc.encode(tiles), plain.encode(tiles)
+    assert f_tuned.shape == (4, 64) and (f_tuned - f_plain).abs().max() > 1e-3
+    assert enc.name == result.card.stem and enc.encoder_hash != plain.encoder_hash
+    with torch.no_grad():
+        x = enc.preprocess(tiles)
+        assert torch.allclose(tuned.model.forward_features(x)[:, 0], f_tuned, atol=1e-5)
+
+
+def test_ivp_from_a_second_encoder_on_store_tiles(setup):
+    root, cards = setup
+    data = store_tiles(root / "labels.csv", [root / "tiles"])
+    config = PathoTuneTrainConfig(prompts=("ivp",), epochs=1, batch_size=8, num_workers=0)
+    result = tune_pathotune(data, root / "ivp", backbone=str(cards["vit-a"]),
+                            ivp_encoder=str(cards["vit-b"]), config=config, device="cpu", progress=False)
+    meta = json.loads((root / "ivp" / "pathotune.json").read_text())
+    assert meta["ivp"]["source"] == "card" and meta["ivp"]["name"] == "vit-b"
+    assert meta["config"]["ivp_dim"] == 64 and meta["config"]["prompts"] == ["ivp"]
+    enc = load_pathotune_encoder(result.card, device="cpu")
+    assert enc.encode(torch.from_numpy(data.read(0))[None]).shape == (1, 64)
+    # feature extraction with the tuned encoder writes the prompted features
+    from wsitools.features import FeatureStore, extract_features
+
+    fs = FeatureStore.open(extract_features(root / "tiles" / "S1.zarr", enc, root / "features", workers=0).path)
+    feats, _ = fs.load()
+    assert fs.attrs["encoder"] == result.card.stem and fs.attrs["encoder_hash"] == enc.encoder_hash
+    first = enc.encode(torch.from_numpy(data.read(0))[None])
+    assert np.allclose(np.asarray(feats[0], np.float32), first[0].numpy(), atol=1e-4)
+    # a changed IVP encoder card is caught
+    cards["vit-b"].write_text(cards["vit-b"].read_text().replace("init_seed: 1", "init_seed: 2"))
+    try:
+        with pytest.raises(ModelError, match="IVP encoder .* changed"):
+            load_pathotune_encoder(result.card, device="cpu")
+    finally:
+        cards["vit-b"].write_text(cards["vit-b"].read_text().replace("init_seed: 2", "init_seed: 1"))
+
+
+def test_clear_errors(setup):
+    root, cards = setup
+    data = folder_tiles(root / "data")
+    with pytest.raises(DataError, match="TTP prompts need a task description"):
+        tune_pathotune(data, root / "x", backbone=str(cards["vit-a"]),
+                       config=PathoTuneTrainConfig(prompts=("ttp",)), device="cpu")
+    other = task_from_dict({"name": "t", "description": "d", "classes": {"a": "x", "b": "y"}})
+    with pytest.raises(DataError, match="differ from the data's"):
+        tune_pathotune(data, root / "x", backbone=str(cards["vit-a"]), task=other,
+                       config=PathoTuneTrainConfig(prompts=("tvp",)), device="cpu")
+    with pytest.raises(WsiToolsError, match="no model card named 'no-such-card'"):
+        tune_pathotune(data, root / "x", backbone="no-such-card", models_dir=root,
+                       config=PathoTuneTrainConfig(prompts=("tvp",)), device="cpu")
+
+
+def test_cli_tune_pathotune(setup, capsys):
+    import argparse
+
+    from wsitools.cli import pretrain
+
+    root, cards = setup
+    parser = argparse.ArgumentParser()
+    pretrain.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args([
+        "tune", "pathotune", "--data", str(root / "labels.csv"), "--stores", str(root / "tiles"),
+        "--backbone", str(cards["vit-a"]), "--prompts", "tvp,ivp", "--epochs", "2", "--batch-size", "8",
+        "--lr", "1e-2", "--workers", "0", "--device", "cpu", "--out", str(root / "cli"), "--name", "tex-cli",
+        "--quiet",
+    ])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "val (untrained)" in out and str(root / "cli" / "tex-cli.yaml") in out
+    assert json.loads((root / "cli" / "pathotune.json").read_text())["config"]["prompts"] == ["tvp", "ivp"]
+    args = parser.parse_args(["tune", "pathotune", "--data", str(root / "labels.csv"), "--backbone",
+                              str(cards["vit-a"]), "--out", str(root / "cli2")])
+    with pytest.raises(DataError, match="needs --stores"):
+        args.func(args)

@@ -1,0 +1,281 @@
+"""PuzzleTuning on a tiny prompted ViT and tiny patch stores: the model, training, resume, export."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+from wsitools.encoders import load_encoder, read_card
+from wsitools.encoders.checkpoint import load_weights
+from wsitools.errors import WsiToolsError
+from wsitools.puzzle import PuzzleTuningModel, fix_position_shuffle
+from wsitools.puzzle.backbone import load_puzzle_backbone
+from wsitools.puzzle.data import TileStream, open_stores
+from wsitools.puzzle.train import PuzzleTrainConfig, _param_groups, train_puzzle
+from wsitools.store import write_patch_store
+
+TINY_CARD = """name: vit-test-64
+description: tiny prompted ViT at 64 px for PuzzleTuning tests
+architecture:
+  model: prompted_vit_test_patch16_224
+  kwargs: {img_size: 64}
+  prompts: {tokens: 4, mode: deep}
+  init_seed: 0
+weights: []
+input: {size: 64, normalize: null}
+output: {kind: cls, dim: 64}
+precision: {compute: bf16, features: float32}
+"""
+
+
+def _textures(n: int, seed: int, size: int = 64) -> np.ndarray:
+    """Smooth, varied colour textures (learnable in a few steps)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    out = []
+    for _ in range(n):
+        f = rng.uniform(0.1, 0.5, 3)
+        ph = rng.uniform(0, 6, 3)
+        img = np.stack([
+            128 + 100 * np.sin(f[0] * xx + ph[0]),
+            128 + 100 * np.cos(f[1] * yy + ph[1]),
+            128 + 80 * np.sin(f[2] * (xx + yy) + ph[2]),
+        ], -1)
+        out.append(img)
+    return np.clip(np.stack(out), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("puzzle")
+    card = root / "vit-test-64.yaml"
+    card.write_text(TINY_CARD)
+    stores = root / "tiles"
+    for s, n in (("slideA", 70), ("slideB", 30)):
+        tiles = _textures(n, seed=len(s) + n)
+        write_patch_store(
+            stores / f"{s}.zarr",
+            coords=np.stack([np.arange(n) * 64, np.zeros(n)], 1),
+            tiles=tiles,
+            tissue_fraction=np.ones(n),
+            attrs={"slide_id": s, "slide_path": f"/synthetic/{s}.svs", "params_hash": f"h-{s}",
+                   "tile_size": 64, "tile_size_level0": 128.0, "mpp_target": 0.5},
+        )
+    return root, card, stores
+
+
+def _config(**kw):
+    base = dict(
+        epochs=3, batch_size=8, steps_per_epoch=4, warmup_epochs=1, decoder_dim=32, decoder_depth=1,
+        decoder_heads=2, num_workers=0, base_lr=0.05, seed=3,
+    )
+    base.update(kw)
+    return PuzzleTrainConfig(**base)
+
+
+def test_tile_stream_covers_stores_once_and_repeats(tiny):
+    _, _, stores = tiny
+    opened = open_stores([stores])
+    stream = TileStream(opened, batch_size=10, image_size=64, seed=1, batches_per_window=3)
+    assert len(stream) == 10  # 100 tiles / 10
+    windows = stream.windows()
+    pairs = np.concatenate([w.tiles for w in windows])
+    assert len(pairs) == 100 and len({tuple(p) for p in pairs}) == 100  # every tile exactly once
+    assert {len(w.tiles) for w in windows[:-1]} == {30}
+    # tiles of one batch come from both slides (shuffled across blocks and stores)
+    assert len(set(windows[0].tiles[:, 0].tolist())) == 2
+    batches = list(stream)
+    assert len(batches) == 10 and batches[0].shape == (10, 3, 64, 64)
+    assert 0.0 <= float(batches[0].min()) and float(batches[0].max()) <= 1.0
+    again = list(stream)
+    assert all(torch.equal(a, b) for a, b in zip(batches, again))  # a pure function of (seed, epoch)
+    stream.set_epoch(1)
+    assert not torch.equal(next(iter(stream)), batches[0])
+    # without augmentation the pixels are the stored tile, exactly
+    plain = TileStream(opened, batch_size=10, image_size=64, seed=1, augment=False)
+    w = plain.windows()[0]
+    s, i = w.tiles[0]
+    expected = torch.from_numpy(opened[s].read_tiles(np.array([i]))[0]).permute(2, 0, 1).float() / 255
+    assert torch.allclose(next(iter(plain))[0], expected)
+
+
+def test_only_prompts_and_decoder_train(tiny):
+    _, card, _ = tiny
+    bb = load_puzzle_backbone(str(card), device="cpu")
+    assert float(bb.model.prompt_tokens.detach().abs().sum()) == 0.0  # zero-initialised (METHODS 1.2)
+    model = PuzzleTuningModel(bb.model, decoder_dim=32, decoder_depth=1, decoder_heads=2)
+    frozen = {k: v.clone() for k, v in bb.model.state_dict().items() if k != "prompt_tokens"}
+    decoder0 = {k: v.clone() for k, v in model.decoder.state_dict().items()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "backbone.prompt_tokens" in trainable
+    assert all(n == "backbone.prompt_tokens" or n.startswith("decoder.") for n in trainable)
+    opt = torch.optim.AdamW(_param_groups(model, 0.05), lr=1e-2, betas=(0.9, 0.95))
+    images = torch.from_numpy(_textures(8, 9)).permute(0, 3, 1, 2).float() / 255
+    gen = torch.Generator().manual_seed(0)
+    model.train()
+    losses = []
+    for _ in range(6):
+        puzzled, mask = fix_position_shuffle(images, ratio=0.25, patch_size=16, group_size=8, generator=gen)
+        out = model(images, puzzled, mask)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        losses.append(float(out.loss.detach()))
+        # the loss only counts relation tokens
+        assert out.relation.sum(1).tolist() == [12.0] * 8
+    assert losses[-1] < losses[0]
+    after = bb.model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in frozen.items())  # backbone untouched
+    assert float(bb.model.prompt_tokens.detach().abs().sum()) > 0  # prompts moved
+    assert any(not torch.equal(model.decoder.state_dict()[k], v) for k, v in decoder0.items())
+
+
+def test_loss_is_mse_on_relation_patches_only(tiny):
+    _, card, _ = tiny
+    bb = load_puzzle_backbone(str(card), device="cpu")
+    model = PuzzleTuningModel(bb.model, decoder_dim=32, decoder_depth=1, decoder_heads=2).eval()
+    images = torch.from_numpy(_textures(4, 5)).permute(0, 3, 1, 2).float() / 255
+    puzzled, mask = fix_position_shuffle(images, ratio=0.5, patch_size=32, group_size=4,
+                                         generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = model(images, puzzled, mask)
+        target = images.unfold(2, 16, 16).unfold(3, 16, 16)  # [B, 3, 4, 4, 16, 16]
+        target = target.permute(0, 2, 3, 4, 5, 1).reshape(4, 16, 16 * 16 * 3)
+        err = (out.pred - target).pow(2).mean(-1)
+        rel = mask[:, 0, ::16, ::16].reshape(4, 16)
+        assert out.loss.item() == pytest.approx(float((err * rel).sum() / rel.sum()), rel=1e-5)
+        # a puzzle patch of 32 px spans 2x2 tokens; half of the 4 puzzle patches are relation
+        assert rel.sum(1).tolist() == [8.0] * 4
+    with pytest.raises(WsiToolsError, match="multiple of the ViT token size"):
+        model.check_patch_size(8)
+
+
+def test_training_lowers_loss_and_writes_outputs(tiny):
+    root, card, stores = tiny
+    out = root / "run-loss"
+    result = train_puzzle([stores], out, backbone=str(card), config=_config(epochs=3), progress=False)
+    losses = [r["loss"] for r in result.log_rows]
+    assert len(losses) == 12 and result.steps_done == 12
+    assert np.mean(losses[-3:]) < np.mean(losses[:3])
+    with open(out / "log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["epoch", "step", "loss", "lr", "patch_size", "ratio"]
+    # the curriculum at 64 px with 16 px tokens: warm-up at 32, then 16, 32 ...
+    assert [int(r["patch_size"]) for r in rows[::4]] == [32, 16, 16]
+    assert [float(r["ratio"]) for r in rows[::4]] == pytest.approx([0.75, 0.75, 0.375])
+    assert float(rows[0]["lr"]) == 0.0 and float(rows[4]["lr"]) == pytest.approx(0.05 * 8 / 256)
+    png = out / "previews" / "epoch-0003.png"
+    from PIL import Image
+
+    assert Image.open(png).size == (3 * 64, 4 * 64)
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert ckpts == ["epoch-0002", "epoch-0003"]  # the last two are kept
+    from safetensors.torch import load_file
+
+    saved = load_file(str(out / "checkpoints" / "epoch-0003" / "trainable.safetensors"))
+    assert "backbone.prompt_tokens" in saved
+    assert all(k == "backbone.prompt_tokens" or k.startswith("decoder.") for k in saved)
+    with pytest.raises(WsiToolsError, match="--resume"):
+        train_puzzle([stores], out, backbone=str(card), config=_config(epochs=3), progress=False)
+
+
+def test_gradient_accumulation_counts_optimiser_steps(tiny):
+    root, card, stores = tiny
+    cfg = _config(epochs=2, batch_size=4, accum_steps=2, steps_per_epoch=2, warmup_epochs=0)
+    result = train_puzzle([stores], root / "accum", backbone=str(card), config=cfg, progress=False)
+    assert result.steps_done == 4 and [r["step"] for r in result.log_rows] == [0, 1, 2, 3]
+    assert cfg.lr == pytest.approx(0.05 * 4 * 2 / 256)  # lr scales with the effective batch
+    assert result.log_rows[0]["lr"] == pytest.approx(cfg.lr)  # no warm-up: cosine from the top
+    assert result.log_rows[2]["lr"] == pytest.approx(cfg.lr * 0.5 * (1 + np.cos(np.pi * 0.5)))
+
+
+def test_resume_continues_with_the_same_schedule(tiny):
+    root, card, stores = tiny
+    full = train_puzzle([stores], root / "full", backbone=str(card), config=_config(), progress=False)
+    part = train_puzzle([stores], root / "part", backbone=str(card), config=_config(),
+                        progress=False, stop_after_epochs=1)
+    assert part.epochs_done == 1 and part.steps_done == 4
+    rest = train_puzzle([stores], root / "part", backbone=str(card), config=_config(),
+                        progress=False, resume=True)
+    assert rest.steps_done == full.steps_done == 12
+    for a, b in zip(full.log_rows, rest.log_rows, strict=True):
+        assert (a["step"], a["patch_size"], a["ratio"]) == (b["step"], b["patch_size"], b["ratio"])
+        assert a["lr"] == pytest.approx(b["lr"], rel=1e-12)
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+    pa = torch.load(full.promptstate, weights_only=True)["Prompt_Tokens"]
+    pb = torch.load(rest.promptstate, weights_only=True)["Prompt_Tokens"]
+    assert torch.allclose(pa, pb, atol=1e-5)
+    with pytest.raises(WsiToolsError, match="other settings"):
+        train_puzzle([stores], root / "part", backbone=str(card), config=_config(epochs=4),
+                     progress=False, resume=True)
+
+
+def test_exported_promptstate_loads_and_changes_features(tiny):
+    root, card, stores = tiny
+    result = train_puzzle([stores], root / "export", backbone=str(card), config=_config(epochs=2),
+                          progress=False, name="tiny-puzzled")
+    state = torch.load(result.promptstate, weights_only=True)
+    assert set(state) == {"Prompt_Tokens", "head"} and tuple(state["Prompt_Tokens"].shape) == (3, 4, 64)
+    new_card = read_card(result.card)
+    assert new_card.name == "tiny-puzzled" and new_card.prompt_tokens == 4
+    assert new_card.weight("prompts").path == result.promptstate.resolve()
+    tuned = load_encoder(str(result.card), device="cpu")
+    assert torch.equal(tuned.model.prompt_tokens.detach(), state["Prompt_Tokens"])
+    # the same backbone with the zero prompts training started from
+    start = load_puzzle_backbone(str(card), device="cpu").model.eval()
+    tiles = torch.from_numpy(_textures(6, 11))
+    x = tuned.preprocess(tiles)
+    with torch.no_grad():
+        f_tuned = tuned.forward_batch(x)
+        f_start = start.forward_features(x)[:, 0]
+        backbone_sd = {k: v for k, v in tuned.model.state_dict().items() if k != "prompt_tokens"}
+        start_sd = {k: v for k, v in start.state_dict().items() if k != "prompt_tokens"}
+    assert all(torch.equal(backbone_sd[k], start_sd[k]) for k in start_sd)  # same backbone weights
+    assert f_tuned.shape == (6, 64)
+    assert (f_tuned - f_start).abs().max() > 1e-3  # the prompts change the features
+    # the official loader path (promptstate into a prompted ViT) gives the same prompts
+    load_weights(start, backbone=None, prompts=result.promptstate)
+    with torch.no_grad():
+        assert torch.allclose(start.forward_features(x)[:, 0], f_tuned, atol=1e-5)
+    # feature extraction takes the new card as it is
+    from wsitools.features import FeatureStore, extract_features
+
+    store = stores / "slideB.zarr"
+    fs = FeatureStore.open(extract_features(store, tuned, root / "features", workers=0).path)
+    feats, coords = fs.load()
+    assert fs.attrs["encoder"] == "tiny-puzzled" and feats.shape == (30, 64)
+    from wsitools.store import PatchStore
+
+    expected = tuned.encode(torch.from_numpy(PatchStore.open(store).read_tiles(slice(0, 30))))
+    assert np.allclose(np.asarray(feats, np.float32), expected.numpy(), atol=1e-4)
+
+
+def test_cli_pretrain_puzzle(tiny, capsys):
+    import argparse
+
+    from wsitools.cli import pretrain
+
+    root, card, stores = tiny
+    parser = argparse.ArgumentParser()
+    pretrain.register(parser.add_subparsers(dest="command"))
+    common = ["pretrain", "puzzle", "--stores", str(stores / "slideA.zarr"), str(stores / "slideB.zarr"),
+              "--backbone", str(card), "--epochs", "2", "--batch-size", "4", "--steps-per-epoch", "2",
+              "--decoder-dim", "32", "--decoder-depth", "1", "--decoder-heads", "2", "--workers", "0",
+              "--device", "cpu", "--quiet"]
+    args = parser.parse_args(common + ["--out", str(root / "cli"), "--stop-after-epochs", "1"])
+    assert args.func(args) == 0
+    assert "epochs done\t1/2" in capsys.readouterr().out
+    args = parser.parse_args(common + ["--out", str(root / "cli"), "--resume", "--name", "cli-tuned"])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "epochs done\t2/2" in out and "steps done\t4" in out
+    assert (root / "cli" / "cli-tuned.yaml").is_file()
+    # through the real command: a user error is one line on stderr and exit status 2
+    from wsitools.cli import main
+
+    assert main(common + ["--out", str(root / "cli-bad"), "--group-size", "3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["wsitools pretrain: error: puzzle group size 3 must divide the batch size 4"]

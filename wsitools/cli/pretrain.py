@@ -1,0 +1,173 @@
+"""``wsitools pretrain puzzle`` (PuzzleTuning prompt pretraining) and ``wsitools tune pathotune``
+(patch-level PathoTune prompt tuning).
+
+torch and timm are imported inside the handlers, so other sub-commands start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+
+def register(subparsers: Any) -> None:
+    pre = subparsers.add_parser(
+        "pretrain",
+        help="prompt pretraining of a frozen ViT on patch stores (PuzzleTuning)",
+        description="Prompt pretraining on patch stores. `pretrain puzzle` runs PuzzleTuning.",
+    )
+    pre_actions = pre.add_subparsers(dest="pretrain_method", metavar="METHOD", required=True)
+    pz = pre_actions.add_parser(
+        "puzzle",
+        help="PuzzleTuning: train prompt tokens by multiple-puzzle restoration",
+        description=(
+            "Train the prompt tokens of a frozen ViT (and an MAE-style decoder) to restore puzzles "
+            "made of tiles from patch stores. Writes OUT/config.json, log.csv, checkpoints/, "
+            "previews/, the promptstate file (official format) and an encoder card OUT/NAME.yaml "
+            "usable at once with `wsitools extract --encoder OUT/NAME.yaml`."
+        ),
+    )
+    pz.add_argument("--stores", nargs="+", required=True, metavar="DIR",
+                    help="patch stores (*.zarr) or folders of them; tiles are drawn across all")
+    pz.add_argument("--out", required=True, metavar="DIR", help="run folder")
+    pz.add_argument("--backbone", default="vitb16-imagenet", metavar="CARD",
+                    help="encoder card (name or .yaml) of the ViT to prompt (default vitb16-imagenet)")
+    pz.add_argument("--models-dir", metavar="DIR", help="folder of model cards (default: $WSITOOLS_MODELS or models/)")
+    pz.add_argument("--epochs", type=int, default=200, help="epochs (default 200)")
+    pz.add_argument("--batch-size", type=int, default=64, help="images per step on the device (default 64)")
+    pz.add_argument("--accum-steps", type=int, default=1, help="gradient accumulation steps (default 1)")
+    pz.add_argument("--group-size", type=int, default=None,
+                    help="puzzle group G: images whose relation patches are shuffled together (default: the batch)")
+    pz.add_argument("--warmup-epochs", type=int, default=None,
+                    help="warm-up epochs for the lr and the curriculum (default: a tenth of the epochs)")
+    pz.add_argument("--steps-per-epoch", type=int, default=None,
+                    help="optimiser steps per epoch (default: one pass over all tiles)")
+    pz.add_argument("--base-lr", type=float, default=1.5e-4, help="lr per 256 images (default 1.5e-4)")
+    pz.add_argument("--ratio-mode", choices=["decay", "constant"], default="decay",
+                    help="fix-position ratio: linear decay 0.75 -> 0.2 (default) or constant")
+    pz.add_argument("--ratio", type=float, default=0.25, help="the constant ratio (default 0.25)")
+    pz.add_argument("--prompt-tokens", type=int, default=None, help="prompt tokens per layer (default: the card's, else 20)")
+    pz.add_argument("--prompt-mode", choices=["deep", "shallow"], default=None, help="default: the card's, else deep")
+    pz.add_argument("--decoder-dim", type=int, default=512, help="decoder width (default 512)")
+    pz.add_argument("--decoder-depth", type=int, default=8, help="decoder blocks (default 8)")
+    pz.add_argument("--decoder-heads", type=int, default=16, help="decoder heads (default 16)")
+    pz.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                    help="auto: bf16 autocast on a GPU (fp16 where bf16 is missing), fp32 on CPU")
+    pz.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
+    pz.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: CPUs - 1, max 4)")
+    pz.add_argument("--seed", type=int, default=0)
+    pz.add_argument("--name", default=None, help="name of the exported card (default BACKBONE-puzzletuned)")
+    pz.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    pz.add_argument("--stop-after-epochs", type=int, default=None, metavar="N",
+                    help="stop (checkpointed) once N epochs are done, e.g. within a cluster time limit; "
+                    "continue later with --resume")
+    pz.add_argument("--quiet", action="store_true", help="no progress bar")
+    pz.set_defaults(func=_puzzle)
+
+    tune = subparsers.add_parser(
+        "tune",
+        help="prompt tuning of a frozen encoder on labelled tiles (PathoTune)",
+        description="Prompt tuning on labelled tiles. `tune pathotune` runs patch-level PathoTune.",
+    )
+    tune_actions = tune.add_subparsers(dest="tune_method", metavar="METHOD", required=True)
+    pt = tune_actions.add_parser(
+        "pathotune",
+        help="PathoTune: TVP/TTP/IVP prompts + classifier on a frozen ViT",
+        description=(
+            "Tune PathoTune prompts (any of tvp, ttp, ivp) and a classifier on a frozen ViT. --data is "
+            "a folder of class folders (optionally split into train/ val/ test/), or a CSV table "
+            "slide_id,x,y,label[,split] naming tiles of the patch stores given with --stores. "
+            "Writes OUT/pathotune.safetensors, pathotune.json, metrics.json, log.csv, "
+            "predictions.csv, split.csv and an encoder card OUT/NAME.yaml."
+        ),
+    )
+    pt.add_argument("--data", required=True, metavar="PATH", help="class-folder root, or a tile-label CSV")
+    pt.add_argument("--stores", nargs="+", metavar="DIR", help="patch stores for a tile-label CSV")
+    pt.add_argument("--backbone", required=True, metavar="CARD", help="the frozen ViT's encoder card")
+    pt.add_argument("--ivp-encoder", metavar="CARD", default=None,
+                    help="second frozen encoder whose features feed IVP (default: the backbone)")
+    pt.add_argument("--prompts", default="tvp,ttp,ivp", help="prompt kinds, comma-separated (default tvp,ttp,ivp)")
+    pt.add_argument("--task", metavar="YAML", default=None,
+                    help="task description with class descriptions (needed for ttp; fixes the class order)")
+    pt.add_argument("--text-model", default=None, help="text encoder directory (default: bundled all-MiniLM-L6-v2)")
+    pt.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    pt.add_argument("--models-dir", metavar="DIR", help="folder of model cards")
+    pt.add_argument("--epochs", type=int, default=20)
+    pt.add_argument("--batch-size", type=int, default=32)
+    pt.add_argument("--lr", type=float, default=1e-3)
+    pt.add_argument("--weight-decay", type=float, default=1e-4)
+    pt.add_argument("--n-tvp", type=int, default=8, help="TVP tokens per layer (default 8)")
+    pt.add_argument("--n-ivp", type=int, default=4, help="IVP tokens (default 4)")
+    pt.add_argument("--val-fraction", type=float, default=0.15)
+    pt.add_argument("--test-fraction", type=float, default=0.15)
+    pt.add_argument("--no-augment", action="store_true", help="no random crops and flips in training")
+    pt.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
+    pt.add_argument("--device", default="auto")
+    pt.add_argument("--workers", type=int, default=None)
+    pt.add_argument("--seed", type=int, default=0)
+    pt.add_argument("--name", default=None, help="name of the encoder card (default BACKBONE-pathotune-TASK)")
+    pt.add_argument("--quiet", action="store_true", help="no progress bar")
+    pt.set_defaults(func=_pathotune)
+
+
+def _puzzle(args: argparse.Namespace) -> int:
+    from wsitools.puzzle.train import PuzzleTrainConfig, train_puzzle
+
+    config = PuzzleTrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, accum_steps=args.accum_steps,
+        group_size=args.group_size, warmup_epochs=args.warmup_epochs,
+        steps_per_epoch=args.steps_per_epoch, base_lr=args.base_lr, ratio_mode=args.ratio_mode,
+        ratio=args.ratio, prompt_tokens=args.prompt_tokens, prompt_mode=args.prompt_mode,
+        decoder_dim=args.decoder_dim, decoder_depth=args.decoder_depth,
+        decoder_heads=args.decoder_heads, precision=args.precision, seed=args.seed,
+        num_workers=args.workers,
+    )
+    result = train_puzzle(
+        args.stores, args.out, backbone=args.backbone, config=config, resume=args.resume,
+        device=args.device, models_dir=args.models_dir, name=args.name, progress=not args.quiet,
+        stop_after_epochs=args.stop_after_epochs,
+    )
+    print(f"epochs done\t{result.epochs_done}/{args.epochs}")
+    print(f"steps done\t{result.steps_done}")
+    print(f"final loss\t{result.final_loss:.5f}")
+    print(f"images/s\t{result.images_per_second:.1f}")
+    print(f"promptstate\t{result.promptstate}")
+    print(f"encoder card\t{result.card}")
+    return 0
+
+
+def _pathotune(args: argparse.Namespace) -> int:
+    from wsitools.errors import DataError
+    from wsitools.pathotune import PathoTuneTrainConfig, folder_tiles, parse_prompts, store_tiles, tune_pathotune
+    from wsitools.text import load_task
+
+    data_path = Path(args.data)
+    if data_path.suffix.lower() == ".csv":
+        if not args.stores:
+            raise DataError(f"{data_path}: a tile-label table needs --stores with the patch stores it names")
+        data = store_tiles(data_path, args.stores)
+    else:
+        if args.stores:
+            raise DataError("--stores goes with a tile-label CSV as --data, not with an image folder")
+        data = folder_tiles(data_path)
+    config = PathoTuneTrainConfig(
+        prompts=parse_prompts(args.prompts), n_tvp=args.n_tvp, n_ivp=args.n_ivp, epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+        val_fraction=args.val_fraction, test_fraction=args.test_fraction,
+        augment=not args.no_augment, seed=args.seed, precision=args.precision,
+        num_workers=args.workers, text_model=args.text_model,
+    )
+    result = tune_pathotune(
+        data, args.out, backbone=args.backbone, task=load_task(args.task) if args.task else None,
+        ivp_encoder=args.ivp_encoder, config=config, device=args.device,
+        models_dir=args.models_dir, name=args.name, progress=not args.quiet,
+    )
+    keys = ("auroc", "balanced_accuracy", "f1", "accuracy")
+    print("split\t" + "\t".join(keys))
+    print("val (untrained)\t" + "\t".join(f"{result.untrained[k]:.4f}" for k in keys))
+    print(f"val (epoch {result.best_epoch})\t" + "\t".join(f"{result.best[k]:.4f}" for k in keys))
+    if result.test is not None:
+        print("test\t" + "\t".join("nan" if result.test[k] is None else f"{result.test[k]:.4f}" for k in keys))
+    print(f"encoder card\t{result.card}")
+    return 0

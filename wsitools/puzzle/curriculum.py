@@ -1,0 +1,137 @@
+"""The PuzzleTuning curriculum (METHODS.md §1.3) and the learning-rate schedule.
+
+Both are pure functions of the position in training (epoch, or optimiser step), so a resumed run
+gets exactly the puzzle size, fix-position ratio and learning rate it would have had without the
+interruption, and the whole schedule can be printed before training starts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+from wsitools.puzzle.shuffle import PuzzleError
+
+RatioMode = Literal["decay", "constant"]
+
+
+def default_patch_sizes(image_size: int, token_size: int) -> tuple[int, ...]:
+    """Puzzle patch sizes for an image: its divisors that are multiples of the ViT token size,
+    without the whole image. For 224 px and 16 px tokens this is (16, 32, 112), the paper's list."""
+    sizes = tuple(
+        s for s in range(token_size, image_size, token_size) if image_size % s == 0
+    )
+    if not sizes:
+        raise PuzzleError(
+            f"no puzzle patch size fits a {image_size} px image with {token_size} px tokens"
+        )
+    return sizes
+
+
+@dataclass(frozen=True)
+class PuzzleStage:
+    """The puzzle of one epoch."""
+
+    epoch: int
+    patch_size: int
+    ratio: float
+
+
+@dataclass(frozen=True)
+class Curriculum:
+    """Puzzle patch size and fix-position ratio as a function of the epoch.
+
+    After ``warmup_epochs`` at ``warmup_patch_size`` the patch size cycles through
+    ``patch_sizes``, changing every ``epochs_per_size`` epochs. The ratio either decays linearly,
+    ``r(e) = clip((T - e) / (T - W) * ratio_max, ratio_min, ratio_max)`` (T total epochs, W warm-up
+    epochs; during the warm-up this is ``ratio_max``: the easiest puzzles first), or stays at
+    ``ratio`` (mode ``"constant"``, the public code's default of 0.25).
+    """
+
+    total_epochs: int
+    warmup_epochs: int
+    patch_sizes: tuple[int, ...] = (16, 32, 112)
+    warmup_patch_size: int = 32
+    epochs_per_size: int = 3
+    ratio_mode: RatioMode = "decay"
+    ratio: float = 0.25
+    ratio_max: float = 0.75
+    ratio_min: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.total_epochs < 1:
+            raise PuzzleError(f"the number of epochs must be at least 1, got {self.total_epochs}")
+        if not 0 <= self.warmup_epochs < self.total_epochs:
+            raise PuzzleError(
+                f"warm-up epochs ({self.warmup_epochs}) must lie in [0, epochs={self.total_epochs})"
+            )
+        if not self.patch_sizes or min(self.patch_sizes) <= 0 or self.warmup_patch_size <= 0:
+            raise PuzzleError(f"bad puzzle patch sizes {self.patch_sizes} / {self.warmup_patch_size}")
+        if self.epochs_per_size < 1:
+            raise PuzzleError(f"epochs per patch size must be at least 1, got {self.epochs_per_size}")
+        if self.ratio_mode not in ("decay", "constant"):
+            raise PuzzleError(f"ratio mode must be 'decay' or 'constant', got {self.ratio_mode!r}")
+        if not 0.0 <= self.ratio_min <= self.ratio_max <= 1.0 or not 0.0 <= self.ratio <= 1.0:
+            raise PuzzleError(
+                f"ratios must satisfy 0 <= min ({self.ratio_min}) <= max ({self.ratio_max}) <= 1 "
+                f"and 0 <= constant ratio ({self.ratio}) <= 1"
+            )
+
+    def patch_size_at(self, epoch: int) -> int:
+        if epoch < self.warmup_epochs:
+            return self.warmup_patch_size
+        cycle = (epoch - self.warmup_epochs) % (len(self.patch_sizes) * self.epochs_per_size)
+        return self.patch_sizes[cycle // self.epochs_per_size]
+
+    def ratio_at(self, epoch: int) -> float:
+        if self.ratio_mode == "constant":
+            return self.ratio
+        t, w = self.total_epochs, self.warmup_epochs
+        raw = (t - epoch) / (t - w) * self.ratio_max
+        return min(max(raw, self.ratio_min), self.ratio_max)
+
+    def at(self, epoch: int) -> PuzzleStage:
+        return PuzzleStage(epoch=epoch, patch_size=self.patch_size_at(epoch), ratio=self.ratio_at(epoch))
+
+    def stages(self) -> list[PuzzleStage]:
+        return [self.at(e) for e in range(self.total_epochs)]
+
+    def describe(self) -> str:
+        """A compact, human-readable table of the schedule: one line per run of equal epochs."""
+        lines = [
+            f"puzzle curriculum ({self.total_epochs} epochs, warm-up {self.warmup_epochs}, "
+            f"ratio {self.ratio_mode}):"
+        ]
+        stages = self.stages()
+        start = 0
+        for i in range(1, len(stages) + 1):
+            if i == len(stages) or (stages[i].patch_size, stages[i].ratio) != (
+                stages[start].patch_size,
+                stages[start].ratio,
+            ):
+                first, last = stages[start].epoch, stages[i - 1].epoch
+                span = f"{first}" if first == last else f"{first}-{last}"
+                lines.append(
+                    f"  epoch {span:>9}: patch {stages[start].patch_size:>4} px, "
+                    f"fix ratio {stages[start].ratio:.3f}"
+                )
+                start = i
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, object]:
+        d = asdict(self)
+        d["patch_sizes"] = list(self.patch_sizes)
+        return d
+
+
+def learning_rate_at(
+    step: int, *, base_lr: float, total_steps: int, warmup_steps: int, min_lr: float = 0.0
+) -> float:
+    """Linear warm-up from 0 to ``base_lr`` over ``warmup_steps``, then a half-cycle cosine down
+    to ``min_lr`` at ``total_steps`` (the MAE/PuzzleTuning schedule, stepped per iteration)."""
+    if step < warmup_steps:
+        return base_lr * step / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -1,0 +1,489 @@
+"""PuzzleTuning training: puzzles from patch stores, prompts + decoder trained, everything resumable.
+
+Output folder layout::
+
+    out/
+      config.json                 the run's settings, backbone card and curriculum
+      log.csv                     per optimiser step: epoch, step, loss, lr, patch_size, ratio
+      checkpoints/epoch-NNNN/     trainable.safetensors + optimizer.pt + state.json (last 2 kept)
+      previews/epoch-NNNN.png     a few images: original | puzzle | restoration
+      {name}_promptstate.pth      the learned prompts, official format
+      {name}.yaml                 an encoder card using them (``wsitools extract --encoder``)
+
+The learning rate (warm-up + cosine per optimiser step), the curriculum (per epoch), the order
+of tiles, their augmentation and the puzzles are pure functions of (seed, epoch, step), so a run
+resumed from its last checkpoint continues exactly as if it had not been interrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
+
+from wsitools.errors import ModelError
+from wsitools.io import atomic_path, available_cpus, stable_hash, write_json_atomic
+from wsitools.puzzle.backbone import PuzzleBackbone, export_promptstate, load_puzzle_backbone
+from wsitools.puzzle.curriculum import Curriculum, RatioMode, default_patch_sizes, learning_rate_at
+from wsitools.puzzle.data import TileStream, open_stores, prepare_input
+from wsitools.puzzle.model import PuzzleTuningModel
+from wsitools.puzzle.shuffle import PuzzleError, check_puzzle_setting, fix_position_shuffle
+
+log = logging.getLogger(__name__)
+
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+LOG_COLUMNS = ("epoch", "step", "loss", "lr", "patch_size", "ratio")
+CHECKPOINT_RE = re.compile(r"^epoch-(\d{4,})$")
+
+
+@dataclass(frozen=True)
+class PuzzleTrainConfig:
+    """Settings of a PuzzleTuning run (defaults: the paper's recipe, METHODS.md §1.4).
+
+    ``batch_size`` is per step on the device; ``accum_steps`` micro-batches make one optimiser
+    step, and the learning rate is ``base_lr * batch_size * accum_steps / 256``.
+    ``group_size`` (None: the batch) is the puzzle group G. ``warmup_epochs`` (None: a tenth of
+    the epochs) serves both the learning rate and the curriculum. ``steps_per_epoch`` (None: one
+    pass over all tiles) counts optimiser steps. ``patch_sizes`` (None: the image size's divisors
+    that are multiples of the ViT token size, (16, 32, 112) at 224 px) and ``warmup_patch_size``
+    (None: the second size, 32 at 224 px) set the curriculum.
+    """
+
+    epochs: int = 200
+    batch_size: int = 64
+    accum_steps: int = 1
+    group_size: int | None = None
+    warmup_epochs: int | None = None
+    steps_per_epoch: int | None = None
+    base_lr: float = 1.5e-4
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    ratio_mode: RatioMode = "decay"
+    ratio: float = 0.25
+    ratio_max: float = 0.75
+    ratio_min: float = 0.2
+    patch_sizes: tuple[int, ...] | None = None
+    warmup_patch_size: int | None = None
+    epochs_per_size: int = 3
+    prompt_tokens: int | None = None
+    prompt_mode: Literal["deep", "shallow"] | None = None
+    decoder_dim: int = 512
+    decoder_depth: int = 8
+    decoder_heads: int = 16
+    precision: Precision = "auto"
+    seed: int = 0
+    num_workers: int | None = None
+    keep_checkpoints: int = 2
+    preview_images: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "accum_steps", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise PuzzleError(f"{name} must be at least 1, got {getattr(self, name)}")
+        group = self.group
+        if self.batch_size % group:
+            raise PuzzleError(
+                f"puzzle group size {group} must divide the batch size {self.batch_size}"
+            )
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise PuzzleError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+
+    @property
+    def group(self) -> int:
+        return self.group_size or self.batch_size
+
+    @property
+    def warmup(self) -> int:
+        return self.epochs // 10 if self.warmup_epochs is None else self.warmup_epochs
+
+    @property
+    def lr(self) -> float:
+        return self.base_lr * self.batch_size * self.accum_steps / 256
+
+    def curriculum(self, *, image_size: int, token_size: int) -> Curriculum:
+        sizes = self.patch_sizes or default_patch_sizes(image_size, token_size)
+        warm = self.warmup_patch_size or (sizes[1] if len(sizes) > 1 else sizes[0])
+        for p in (*sizes, warm):
+            check_puzzle_setting(
+                batch_size=self.batch_size, height=image_size, width=image_size,
+                ratio=self.ratio, patch_size=p, group_size=self.group,
+            )
+            if p % token_size:
+                raise PuzzleError(
+                    f"puzzle patch size {p} must be a multiple of the ViT token size {token_size}"
+                )
+        return Curriculum(
+            total_epochs=self.epochs,
+            warmup_epochs=self.warmup,
+            patch_sizes=tuple(sizes),
+            warmup_patch_size=warm,
+            epochs_per_size=self.epochs_per_size,
+            ratio_mode=self.ratio_mode,
+            ratio=self.ratio,
+            ratio_max=self.ratio_max,
+            ratio_min=self.ratio_min,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        d["patch_sizes"] = list(self.patch_sizes) if self.patch_sizes else None
+        return d
+
+    def schedule_dict(self) -> dict[str, Any]:
+        """The settings a resumed run must share with the original (all but the bookkeeping)."""
+        d = self.to_dict()
+        for key in ("num_workers", "keep_checkpoints", "preview_images"):
+            d.pop(key)
+        return d
+
+
+@dataclass
+class PuzzleRunResult:
+    out_dir: Path
+    epochs_done: int
+    steps_done: int
+    promptstate: Path
+    card: Path
+    final_loss: float
+    images_per_second: float
+    log_rows: list[dict[str, float]] = field(default_factory=list)
+
+
+def _resolve_precision(precision: Precision, device: torch.device) -> torch.dtype | None:
+    if device.type != "cuda":
+        if precision in ("bf16", "fp16"):
+            raise PuzzleError(f"mixed precision {precision} needs a CUDA device (running on {device})")
+        return None
+    if precision == "fp32":
+        return None
+    if precision == "fp16" or (precision == "auto" and not torch.cuda.is_bf16_supported()):
+        return torch.float16
+    return torch.bfloat16
+
+
+def _param_groups(model: PuzzleTuningModel, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups as in the PuzzleTuning/MAE code: no weight decay on biases and 1-D weights
+    (norms); decay on matrices and the prompt tokens."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
+    root = out_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = CHECKPOINT_RE.match(p.name)
+        if m and (p / "state.json").is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def _save_checkpoint(
+    out_dir: Path,
+    *,
+    epoch: int,
+    step: int,
+    model: PuzzleTuningModel,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    schedule_hash: str,
+    keep: int,
+) -> Path:
+    final = out_dir / "checkpoints" / f"epoch-{epoch:04d}"
+    with atomic_path(final, overwrite=True) as tmp:
+        tmp.mkdir()
+        tensors = {k: v.detach().cpu().contiguous() for k, v in model.trainable_state().items()}
+        save_file(tensors, str(tmp / "trainable.safetensors"))
+        torch.save(
+            {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else {}},
+            tmp / "optimizer.pt",
+        )
+        (tmp / "state.json").write_text(
+            json.dumps({"epochs_done": epoch, "steps_done": step, "schedule_hash": schedule_hash}, indent=2)
+        )
+    for _, old in _checkpoints(out_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _load_checkpoint(
+    path: Path,
+    *,
+    model: PuzzleTuningModel,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    schedule_hash: str,
+) -> tuple[int, int]:
+    state = json.loads((path / "state.json").read_text())
+    if state["schedule_hash"] != schedule_hash:
+        raise PuzzleError(
+            f"{path}: was written by a run with other settings (schedule hash "
+            f"{state['schedule_hash']}, now {schedule_hash}); resume with the same settings "
+            "(see config.json) or start a new --out folder"
+        )
+    tensors = load_file(str(path / "trainable.safetensors"))
+    own = model.trainable_state()
+    if set(tensors) != set(own) or any(tensors[k].shape != own[k].shape for k in own):
+        raise ModelError(f"{path / 'trainable.safetensors'}: does not fit this model (keys or shapes differ)")
+    with torch.no_grad():
+        for k, p in own.items():
+            p.copy_(tensors[k].to(p.device))
+    opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(opt["optimizer"])
+    if scaler is not None and opt["scaler"]:
+        scaler.load_state_dict(opt["scaler"])
+    return int(state["epochs_done"]), int(state["steps_done"])
+
+
+def _read_log(path: Path, *, up_to_step: int) -> list[dict[str, float]]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        rows = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
+    return [r for r in rows if r["step"] <= up_to_step]
+
+
+def _write_log(path: Path, rows: list[dict[str, float]]) -> None:
+    with atomic_path(path, overwrite=True) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: _fmt(k, r[k]) for k in LOG_COLUMNS})
+
+
+def _fmt(key: str, value: float) -> str:
+    return str(int(value)) if key in ("epoch", "step", "patch_size") else repr(float(value))
+
+
+def write_preview(path: Path, rows: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
+    """A PNG grid, one row per image: original | puzzle | restoration ([3, H, W] tensors in [0, 1])."""
+    tiles = [torch.cat([a, b, c], dim=2) for a, b, c in rows]
+    grid = torch.cat(tiles, dim=1).clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).numpy()
+    with atomic_path(path, overwrite=True) as tmp:
+        Image.fromarray(np.ascontiguousarray(grid)).save(tmp, format="PNG")
+
+
+def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(np.random.default_rng([seed, epoch, 31337]).integers(2**62)))
+
+
+def train_puzzle(
+    stores: Sequence[str | os.PathLike[str]],
+    out_dir: str | os.PathLike[str],
+    *,
+    backbone: str | os.PathLike[str] = "vitb16-imagenet",
+    config: PuzzleTrainConfig = PuzzleTrainConfig(),
+    resume: bool = False,
+    device: str | torch.device = "auto",
+    models_dir: str | os.PathLike[str] | None = None,
+    name: str | None = None,
+    progress: bool = True,
+    stop_after_epochs: int | None = None,
+) -> PuzzleRunResult:
+    """Train prompt tokens (and the decoder) by multiple-puzzle restoration; see the module doc.
+
+    Args:
+        stores: patch stores (``*.zarr``) or folders of them; tiles are drawn across all.
+        out_dir: the run folder. Without ``resume`` it must not hold checkpoints yet.
+        backbone: an encoder card (name or YAML path) of a (prompted) ViT.
+        config: the training settings.
+        resume: continue from the last checkpoint in ``out_dir`` (same settings required).
+        name: the exported card's name (default ``{backbone card}-puzzletuned``).
+        stop_after_epochs: stop (after checkpointing) once this many epochs are done in total,
+            as an interruption would; the schedule still spans ``config.epochs``.
+    """
+    from tqdm import tqdm
+
+    out = Path(out_dir)
+    existing = _checkpoints(out)
+    if existing and not resume:
+        raise PuzzleError(
+            f"{out}: holds checkpoints of an earlier run; pass --resume to continue it or choose another --out"
+        )
+    store_list = open_stores(stores)
+    bb: PuzzleBackbone = load_puzzle_backbone(
+        backbone, prompt_tokens=config.prompt_tokens, prompt_mode=config.prompt_mode,
+        device=device, models_dir=models_dir,
+    )
+    dev = bb.device
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)  # the decoder's initial weights
+        model = PuzzleTuningModel(
+            bb.model, decoder_dim=config.decoder_dim, decoder_depth=config.decoder_depth,
+            decoder_heads=config.decoder_heads,
+        )
+    model.to(dev)
+    image_size = model.image_size[0]
+    curriculum = config.curriculum(image_size=image_size, token_size=model.token_size)
+    amp_dtype = _resolve_precision(config.precision, dev)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype is torch.float16 else None
+
+    tiles_per_step = config.batch_size * config.accum_steps
+    steps_per_epoch = config.steps_per_epoch or sum(len(st) for st in store_list) // tiles_per_step
+    if steps_per_epoch < 1:
+        raise PuzzleError(
+            f"the stores hold too few tiles for one optimiser step of {config.batch_size} x "
+            f"{config.accum_steps} tiles"
+        )
+    stream = TileStream(
+        store_list, batch_size=config.batch_size, image_size=image_size, seed=config.seed,
+        steps=steps_per_epoch * config.accum_steps,
+    )
+    workers = config.num_workers if config.num_workers is not None else min(4, max(0, available_cpus() - 1))
+    loader = DataLoader(
+        stream, batch_size=None, num_workers=workers, pin_memory=dev.type == "cuda",
+        persistent_workers=False,
+    )
+    total_steps = config.epochs * steps_per_epoch
+    warmup_steps = curriculum.warmup_epochs * steps_per_epoch
+    optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr, betas=config.betas)
+    schedule = {
+        "config": config.schedule_dict(),
+        "backbone_card": str(bb.card.source or bb.card.name),
+        "backbone_sha256": bb.weight_sha256,
+        "steps_per_epoch": steps_per_epoch,
+        "stores": sorted(str(s.path) for s in store_list),
+    }
+    schedule_hash = stable_hash(schedule)
+
+    start_epoch, step = 0, 0
+    if resume and existing:
+        start_epoch, step = _load_checkpoint(
+            existing[-1][1], model=model, optimizer=optimizer, scaler=scaler, schedule_hash=schedule_hash
+        )
+        log.info("resuming %s at epoch %d, step %d", out, start_epoch, step)
+    elif resume:
+        log.info("no checkpoint in %s: starting from the beginning", out)
+    rows = _read_log(out / "log.csv", up_to_step=step) if start_epoch else []
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(
+        out / "config.json",
+        {**schedule, "schedule_hash": schedule_hash, "curriculum": curriculum.to_dict(),
+         "lr": config.lr, "total_steps": total_steps, "warmup_steps": warmup_steps,
+         "image_size": image_size, "num_workers": workers,
+         "amp": str(amp_dtype) if amp_dtype else "fp32", "device": str(dev)},
+    )
+    log.info("%s", curriculum.describe())
+    log.info(
+        "PuzzleTuning %s: %d tiles in %d stores, %d epochs x %d steps of %d x %d images, lr %.3g",
+        bb.card.name, int(stream.lengths.sum()), len(store_list), config.epochs, steps_per_epoch,
+        config.batch_size, config.accum_steps, config.lr,
+    )
+
+    last_epoch = config.epochs if stop_after_epochs is None else min(config.epochs, stop_after_epochs)
+    images, seconds = 0, 0.0
+    model.train()
+    for epoch in range(start_epoch, last_epoch):
+        stage = curriculum.at(epoch)
+        stream.set_epoch(epoch)
+        gen = _epoch_generator(config.seed, epoch)
+        losses: list[float] = []
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", disable=not progress, leave=False)
+        t0 = time.perf_counter()
+        for i, batch in enumerate(loader):
+            if i % config.accum_steps == 0:
+                lr = learning_rate_at(
+                    step, base_lr=config.lr, total_steps=total_steps, warmup_steps=warmup_steps,
+                    min_lr=config.min_lr,
+                )
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+            batch = batch.to(dev, non_blocking=True)
+            puzzled, mask = fix_position_shuffle(
+                batch, ratio=stage.ratio, patch_size=stage.patch_size, group_size=config.group, generator=gen
+            )
+            ctx = torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+            with ctx:
+                out_ = model(batch, prepare_input(bb.card, puzzled), mask)
+            loss = out_.loss / config.accum_steps
+            (scaler.scale(loss) if scaler else loss).backward()
+            losses.append(float(out_.loss.detach()))
+            if not math.isfinite(losses[-1]):
+                raise PuzzleError(
+                    f"the loss became {losses[-1]} at epoch {epoch}, step {step}; lower the learning "
+                    "rate or use fp32/bf16 (the last good checkpoint is kept)"
+                )
+            if (i + 1) % config.accum_steps == 0:
+                if scaler:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                row = {
+                    "epoch": float(epoch), "step": float(step), "loss": float(np.mean(losses)),
+                    "lr": lr, "patch_size": float(stage.patch_size), "ratio": stage.ratio,
+                }
+                rows.append(row)
+                losses = []
+                step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{row['loss']:.4f}")
+            images += batch.shape[0]
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        seconds += time.perf_counter() - t0
+        bar.close()
+        _write_log(out / "log.csv", rows)
+        k = min(config.preview_images, batch.shape[0])  # the epoch's last batch
+        with torch.no_grad():
+            restored = model.restoration(puzzled[:k], _slice_output(out_, k))
+        write_preview(
+            out / "previews" / f"epoch-{epoch + 1:04d}.png",
+            list(zip(batch[:k].float().cpu(), puzzled[:k].float().cpu(), restored.float().cpu())),
+        )
+        _save_checkpoint(
+            out, epoch=epoch + 1, step=step, model=model, optimizer=optimizer, scaler=scaler,
+            schedule_hash=schedule_hash, keep=config.keep_checkpoints,
+        )
+        log.info(
+            "epoch %d/%d: loss %.4f, patch %d px, fix ratio %.3f, lr %.3g",
+            epoch + 1, config.epochs, rows[-1]["loss"] if rows else float("nan"),
+            stage.patch_size, stage.ratio, rows[-1]["lr"] if rows else 0.0,
+        )
+
+    done = max(start_epoch, last_epoch)
+    card_name = name or f"{bb.card.name}-puzzletuned"
+    promptstate, card_path = export_promptstate(
+        bb.model.prompt_tokens, out, card=bb.card, weight_sha256=bb.weight_sha256, name=card_name,
+        description=(
+            f"{bb.card.name} with {bb.card.prompt_tokens} {bb.card.prompt_mode} prompt tokens "
+            f"trained by PuzzleTuning (wsitools) for {done} of {config.epochs} epochs "
+            f"({step} steps) on {len(store_list)} patch stores."
+        ),
+    )
+    return PuzzleRunResult(
+        out_dir=out, epochs_done=done, steps_done=step, promptstate=promptstate, card=card_path,
+        final_loss=rows[-1]["loss"] if rows else float("nan"),
+        images_per_second=images / seconds if seconds else 0.0, log_rows=rows,
+    )
+
+
+def _slice_output(out: Any, k: int) -> Any:
+    return dataclasses.replace(out, pred=out.pred[:k].detach(), relation=out.relation[:k])
