@@ -199,6 +199,10 @@ def test_tuning_beats_the_untrained_head_and_serves_as_encoder(setup):
     with torch.no_grad():
         x = enc.preprocess(tiles)
         assert torch.allclose(tuned.model.forward_features(x)[:, 0], f_tuned, atol=1e-5)
+    # the generic encoder loader (what `wsitools extract --encoder CARD` uses) takes the card too
+    via_loader = load_encoder(str(result.card), device="cpu")
+    assert via_loader.encoder_hash == enc.encoder_hash
+    assert torch.allclose(via_loader.encode(tiles), f_tuned, atol=1e-6)
 
 
 def test_ivp_from_a_second_encoder_on_store_tiles(setup):

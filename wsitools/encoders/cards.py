@@ -27,7 +27,7 @@ from wsitools.errors import ModelError
 OutputKind = Literal["cls", "pooled", "mean_patch"]
 ComputePrecision = Literal["bf16", "fp16", "fp32"]
 FeatureDtype = Literal["float16", "float32"]
-WeightRole = Literal["backbone", "prompts"]
+WeightRole = Literal["backbone", "prompts", "pathotune"]
 
 MODELS_ENV = "WSITOOLS_MODELS"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -56,6 +56,12 @@ CARD_SCHEMA: dict[str, Any] = {
                     },
                 },
                 "init_seed": {"type": "integer", "minimum": 0},
+                "pathotune": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["config"],
+                    "properties": {"config": {"type": "string", "minLength": 1}},
+                },
             },
         },
         "weights": {
@@ -65,7 +71,7 @@ CARD_SCHEMA: dict[str, Any] = {
                 "additionalProperties": False,
                 "required": ["role", "file"],
                 "properties": {
-                    "role": {"enum": ["backbone", "prompts"]},
+                    "role": {"enum": ["backbone", "prompts", "pathotune"]},
                     "file": {"type": "string", "minLength": 1},
                     "sha256": {"type": ["string", "null"], "pattern": "^[0-9a-f]{64}$"},
                     "url": {"type": ["string", "null"]},
@@ -157,6 +163,9 @@ class EncoderCard:
     dim: int
     compute_precision: ComputePrecision
     feature_dtype: FeatureDtype
+    pathotune_config: Path | None = None
+    """For a PathoTune-tuned encoder (made by ``wsitools tune pathotune``): its config file;
+    such a card is loaded by :func:`wsitools.pathotune.load_pathotune_encoder`."""
     source: Path | None = field(default=None, compare=False)
 
     def weight(self, role: WeightRole) -> WeightFile | None:
@@ -252,6 +261,7 @@ def card_from_dict(data: Any, *, source: Path) -> EncoderCard:
         dim=data["output"]["dim"],
         compute_precision=data["precision"]["compute"],
         feature_dtype=data["precision"]["features"],
+        pathotune_config=source.parent / arch["pathotune"]["config"] if "pathotune" in arch else None,
         source=source,
     )
 

@@ -310,4 +310,8 @@ def load_encoder(
     if weights is not None and not str(name_or_card).startswith("timm:"):
         raise ModelError(f"--weights is only for timm:NAME encoders; the card {card.name!r} names its own")
     log.debug("loading encoder %s from %s", card.name, card.source)
+    if card.pathotune_config is not None:
+        from wsitools.pathotune import load_pathotune_encoder
+
+        return load_pathotune_encoder(card.source, device=device, models_dir=models_dir)
     return build_encoder(card, device=device)

@@ -6,7 +6,6 @@ the tuned model as an encoder card (:mod:`.encoder`)."""
 from wsitools.pathotune.data import LabelledTiles, folder_tiles, store_tiles, stratified_split
 from wsitools.pathotune.encoder import (
     TunedModel,
-    is_pathotune_card,
     load_pathotune,
     load_pathotune_encoder,
     save_pathotune,
@@ -32,7 +31,6 @@ __all__ = [
     "TunedModel",
     "VisualRefine",
     "folder_tiles",
-    "is_pathotune_card",
     "load_pathotune",
     "load_pathotune_encoder",
     "parse_prompts",

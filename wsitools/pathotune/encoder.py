@@ -108,15 +108,6 @@ def save_pathotune(
     return weights, card_path
 
 
-def is_pathotune_card(path: str | os.PathLike[str]) -> bool:
-    """Whether a YAML card has the PathoTune entries (``architecture.pathotune``)."""
-    p = Path(path)
-    if p.suffix not in (".yaml", ".yml") or not p.is_file():
-        return False
-    data = yaml.safe_load(p.read_text())
-    return isinstance(data, dict) and isinstance(data.get("architecture"), dict) and "pathotune" in data["architecture"]
-
-
 def _split_card(path: Path) -> tuple[EncoderCard, Path, Path, str | None]:
     """A PathoTune card -> (the backbone's card under the tuned name, weights, config, pinned sha)."""
     try:
