@@ -227,7 +227,7 @@ def _run_chunks(
         )
         for a in range(0, len(grid), CHUNK_TILES)
     ]
-    bar = tqdm(total=len(grid), unit="tile", desc=slide.slide_id, disable=not progress, leave=False)
+    bar = tqdm(total=len(grid), unit="tile", desc=slide.path.name, disable=not progress, leave=False)
 
     class _Progress(Callback):  # type: ignore[misc]
         def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:
@@ -369,17 +369,22 @@ def tile_slides(
     slide_paths: Sequence[str | os.PathLike[str]],
     out_dir: str | os.PathLike[str],
     params: TilingParams = TilingParams(),
+    *,
+    slide_ids: Sequence[str] | None = None,
     **kwargs: Any,
 ) -> list[dict[str, Any]]:
     """Tile every slide; a slide that fails gets a ``failed`` QC record and the rest go on.
 
-    ``kwargs`` go to :func:`tile_slide` for every slide.
+    ``slide_ids`` (one per slide, e.g. from a samples sheet) replace the ids taken from the file
+    names. ``kwargs`` go to :func:`tile_slide` for every slide.
     """
+    if slide_ids is not None and len(slide_ids) != len(slide_paths):
+        raise ValueError(f"{len(slide_ids)} slide ids for {len(slide_paths)} slides")
     records = []
-    for p in slide_paths:
+    for i, p in enumerate(slide_paths):
         path = Path(p)
         try:
-            slide_id = check_slide_id(slide_id_from_path(str(path)))
+            slide_id = check_slide_id(slide_ids[i] if slide_ids is not None else slide_id_from_path(str(path)))
         except ValueError as exc:
             log.error("%s: %s", path, exc)
             records.append(_qc_record(path.name, path, "failed", str(exc)))

@@ -19,6 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("slides", nargs="+", metavar="SLIDE")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--slide-id", default=None, metavar="ID",
+                   help="the slide's id in output names (one SLIDE only; default: its file name)")
     res = p.add_mutually_exclusive_group()
     res.add_argument("--mpp", type=float, default=None, help="target um/px (default 0.5)")
     res.add_argument("--magnification", type=float, default=None,
@@ -66,10 +68,14 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"wsitools tile: error: {exc}", file=sys.stderr)
         return 2
+    if args.slide_id is not None and len(args.slides) != 1:
+        print("wsitools tile: error: --slide-id names one slide; give one SLIDE", file=sys.stderr)
+        return 2
     records = tile_slides(
         args.slides,
         args.out,
         params,
+        slide_ids=None if args.slide_id is None else [args.slide_id],
         backend=args.backend,
         mpp_override=args.mpp_override,
         workers=args.workers,

@@ -1,0 +1,437 @@
+"""The Snakemake workflow without running jobs: cohort tables, config validation, dry runs, lint.
+
+The end-to-end run is in test_workflow_e2e.py. Here every Snakemake call is a dry run or a lint
+(a few seconds each), on slides that only need to exist.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from wsitools import cohort
+from wsitools.errors import DataError, WsiToolsError
+from wsitools.metrics import METRICS, binary_auroc
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURES = Path(__file__).parent / "data" / "openslide-fixtures"
+SLURM_PROFILE = REPO / "config" / "profiles" / "slurm"
+TASK = {
+    "name": "planted",
+    "description": "synthetic slides; is there a region of another texture",
+    "classes": {"neg": "one texture only", "pos": "a region of another texture"},
+}
+
+
+def write_sheet(path: Path, header: list[str], rows: list[list[str]]) -> Path:
+    path.write_text("\n".join("\t".join(r) for r in [header, *rows]) + "\n")
+    return path
+
+
+def make_project(root: Path, n: int = 4, config: dict | None = None) -> Path:
+    """A working directory with ``n`` slide files, a samples sheet, a task and a config."""
+    (root / "slides").mkdir(parents=True)
+    (root / "config").mkdir()
+    rows = []
+    for i in range(n):
+        shutil.copyfile(FIXTURES / "small.svs", root / "slides" / f"s{i}.svs")
+        rows.append([f"s{i}", f"slides/s{i}.svs", f"p{i}", "pos" if i % 2 else "neg"])
+    write_sheet(root / "config" / "samples.tsv", ["slide_id", "path", "patient_id", "label"], rows)
+    (root / "config" / "task.yaml").write_text(yaml.safe_dump(TASK))
+    base = {
+        "samples": "config/samples.tsv",
+        "device": "cpu",
+        "tasks": {"planted": {"task_file": "config/task.yaml"}},
+        "heads": {"abmil": {"type": "abmil", "folds": 2}},
+    }
+    base.update(config or {})
+    (root / "config" / "config.yaml").write_text(yaml.safe_dump(base))
+    return root
+
+
+def snakemake(workdir: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run this checkout's workflow in ``workdir`` with Snakemake's CLI, output captured."""
+    return subprocess.run(
+        cohort.snakemake_command(workdir, *args), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """The 'Job stats' table of a dry run as {rule: count}."""
+    block = output.split("Job stats:", 1)[1]
+    counts = {}
+    for line in block.splitlines()[3:]:
+        parts = line.split()
+        if len(parts) != 2 or not parts[1].isdigit() or parts[0] == "total":
+            break
+        counts[parts[0]] = int(parts[1])
+    return counts
+
+
+# --- samples sheets ------------------------------------------------------------------------------
+
+
+def test_samples_sheet_is_read_with_defaults_and_overrides(tmp_path):
+    for name in ("a.svs", "b.tiff"):
+        (tmp_path / name).write_bytes(b"x")
+    sheet = write_sheet(
+        tmp_path / "s.tsv",
+        ["slide_id", "path", "patient_id", "label", "mpp", "grade"],
+        [["A-1", str(tmp_path / "a.svs"), "P1", "pos", "0.25", "G2"],
+         ["B_2", str(tmp_path / "b.tiff"), "", "neg", "", ""]],
+    )
+    a, b = cohort.read_samples(sheet)
+    assert (a.slide_id, a.patient_id, a.mpp, a.value("label"), a.value("grade")) == (
+        "A-1", "P1", 0.25, "pos", "G2")
+    assert (b.slide_id, b.patient_id, b.mpp, b.value("grade")) == ("B_2", "B_2", None, "")
+
+
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        ([["s1", "a.svs"], ["s1", "b.svs"]], "duplicate slide id 's1'"),
+        ([["../up", "a.svs"]], "unsafe slide id '../up'"),
+        ([["s 1", "a.svs"]], "unsafe slide id 's 1'"),
+        ([["s1", ""]], "has no path"),
+        ([["s1", "missing.svs"]], "file missing.svs does not exist"),
+    ],
+)
+def test_bad_samples_sheet_names_the_problem(tmp_path, monkeypatch, rows, message):
+    monkeypatch.chdir(tmp_path)
+    for name in ("a.svs", "b.svs"):
+        Path(name).write_bytes(b"x")
+    sheet = write_sheet(tmp_path / "s.tsv", ["slide_id", "path"], rows)
+    with pytest.raises(DataError, match=re.escape(message)) as err:
+        cohort.read_samples(sheet)
+    assert str(sheet) in str(err.value)
+
+
+def test_samples_sheet_mpp_and_columns_are_checked(tmp_path):
+    (tmp_path / "a.svs").write_bytes(b"x")
+    bad_mpp = write_sheet(tmp_path / "m.tsv", ["slide_id", "path", "mpp"], [["s1", str(tmp_path / "a.svs"), "40"]])
+    with pytest.raises(DataError, match=r"row 2 \(slide 's1'\): mpp 40 is outside"):
+        cohort.read_samples(bad_mpp)
+    commas = tmp_path / "c.tsv"
+    commas.write_text("slide_id,path\ns1,a.svs\n")
+    with pytest.raises(DataError, match="missing column.*tab-separated"):
+        cohort.read_samples(commas)
+
+
+def test_slide_glob_gives_ids_from_file_names(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("slides").mkdir()
+    for name in ("b.svs", "a.ome.tiff"):
+        Path("slides", name).write_bytes(b"x")
+    samples = cohort.samples_from_glob("slides/*")
+    assert [(s.slide_id, s.path) for s in samples] == [("a", "slides/a.ome.tiff"), ("b", "slides/b.svs")]
+    Path("slides", "b.tiff").write_bytes(b"x")
+    with pytest.raises(DataError, match="duplicate slide id 'b'"):
+        cohort.samples_from_glob("slides/*")
+    with pytest.raises(DataError, match="matches no file"):
+        cohort.samples_from_glob("nothing/*.svs")
+
+
+# --- QC summary and labels -------------------------------------------------------------------
+
+
+def write_qc(folder: Path, slide_id: str, **record) -> Path:
+    path = folder / f"{slide_id}.qc.json"
+    path.write_text(json.dumps({"slide_id": slide_id, **record}))
+    return path
+
+
+def test_qc_summary_table_thumbnails_and_report(tmp_path):
+    tiles = tmp_path / "tiles"
+    tiles.mkdir()
+    files = [
+        write_qc(tiles, "s2", status="ok", reason="", mpp=0.2527, level=1, tissue_area_mm2=1.5,
+                 n_tiles=120, mpp_target=0.5, level_downsample=2.0, slide_path="/x/s2.svs"),
+        write_qc(tiles, "s1", status="failed", reason="cannot open\tthe file", slide_path="/x/s1.svs"),
+        write_qc(tiles, "s3", status="no_tissue", reason="no tile has tissue", n_tiles=0),
+    ]
+    (tiles / "s2.tissue.png").write_bytes(b"png-s2")
+    (tiles / "s3.tissue.png").write_bytes(b"png-s3")
+    table = tmp_path / "qc" / "summary.tsv"
+    cohort.write_qc_summary(files, table, thumbnails=tmp_path / "qc" / "thumbs")
+
+    rows = cohort.read_table(table)
+    assert list(rows[0]) == list(cohort.QC_COLUMNS)
+    assert [r["slide_id"] for r in rows] == ["s1", "s2", "s3"]
+    assert rows[0]["status"] == "failed" and rows[0]["reason"] == "cannot open the file"
+    assert rows[0]["mpp"] == "" and rows[0]["n_tiles"] == ""
+    assert (rows[1]["mpp"], rows[1]["level"], rows[1]["tissue_area_mm2"], rows[1]["n_tiles"]) == (
+        "0.2527", "1", "1.5", "120")
+    assert cohort.usable_slides(table) == ["s2"]
+    assert sorted(p.name for p in (tmp_path / "qc" / "thumbs").iterdir()) == ["s2.png", "s3.png"]
+    assert (tmp_path / "qc" / "thumbs" / "s2.png").read_bytes() == b"png-s2"
+    text = cohort.qc_report(table)
+    assert "3 slides: 1 failed, 1 no_tissue, 1 ok" in text
+    assert "left out: s1 (failed): cannot open the file" in text
+
+
+def test_labels_keep_usable_labelled_slides_only(tmp_path):
+    tiles = tmp_path / "tiles"
+    tiles.mkdir()
+    qc = [write_qc(tiles, f"s{i}", status="failed" if i == 1 else "ok", reason="") for i in range(5)]
+    table = tmp_path / "summary.tsv"
+    cohort.write_qc_summary(qc, table)
+    samples = [
+        cohort.Sample(f"s{i}", f"s{i}.svs", f"p{i // 2}", fields={"label": lab, "grade": "g"})
+        for i, lab in enumerate(["neg", "pos", "pos", "", "neg"])
+    ]
+    out = tmp_path / "labels.tsv"
+    cohort.write_labels(samples, usable=cohort.usable_slides(table), label_column="label", out=out)
+    assert cohort.read_table(out) == [
+        {"slide_id": "s0", "patient_id": "p0", "label": "neg"},
+        {"slide_id": "s2", "patient_id": "p1", "label": "pos"},
+        {"slide_id": "s4", "patient_id": "p2", "label": "neg"},
+    ]
+    with_folds = [cohort.Sample(s.slide_id, s.path, s.patient_id, fields={**s.fields, "fold": str(i % 2)})
+                  for i, s in enumerate(samples)]
+    cohort.write_labels(with_folds, usable=["s0", "s2"], label_column="label", out=out)
+    assert cohort.read_table(out) == [
+        {"slide_id": "s0", "patient_id": "p0", "label": "neg", "fold": "0"},
+        {"slide_id": "s2", "patient_id": "p1", "label": "pos", "fold": "0"},
+    ]
+    with pytest.raises(DataError, match=r"class\(es\) \['g'\]: training needs at least two"):
+        cohort.write_labels(samples, usable=["s0", "s2"], label_column="grade", out=out)
+    with pytest.raises(DataError, match="no column 'stage'"):
+        cohort.write_labels(samples, usable=["s0"], label_column="stage", out=out)
+
+
+# --- the workflow: config, dry runs, lint --------------------------------------------------------
+
+
+def test_example_config_documents_every_key_with_the_schema_defaults():
+    schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    example = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    text = (REPO / "config" / "config.yaml").read_text()
+    assert set(example) == set(schema["properties"])
+    for key, sub in schema["properties"].items():
+        assert sub.get("description"), key
+        if key in ("tasks", "heads"):  # examples, not defaults
+            continue
+        if sub.get("type") == "object":
+            assert set(example[key]) == set(sub["properties"]), key
+            for inner, inner_schema in sub["properties"].items():
+                assert example[key][inner] == inner_schema["default"], (key, inner)
+                assert re.search(rf"^\s+{inner}:", text, re.M)
+        else:
+            assert example[key] == sub["default"], key
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"tilling": {"mpp": 0.5}}, "Additional properties are not allowed ('tilling' was unexpected)"),
+        ({"tiling": {"mpp": "half"}}, "'half' is not of type 'number'"),
+        ({"heads": {"h": {"type": "transmil"}}}, "'transmil' is not one of ['abmil', 'pathotune', 'meanpool']"),
+        ({"heads": {"h": {"type": "abmil", "folds": 1}}}, "1 is less than the minimum of 2"),
+        ({"heads": {"h": {"type": "pathotune", "prompts": ["tvp", "vpt"]}}}, "'vpt' is not one of"),
+        ({"heads": {"h": {"type": "pathotune", "prompts": []}}}, "[] should be non-empty"),
+        ({"tasks": {"t/1": {"task_file": "t.yaml"}}}, "'t/1' does not match"),
+        ({"tune": {"enabled": True}}, "'' should be non-empty"),
+    ],
+)
+def test_schema_rejects_bad_settings(change, message):
+    from snakemake.exceptions import WorkflowError
+    from snakemake.utils import validate
+
+    with pytest.raises(WorkflowError, match=re.escape(message)):
+        validate(dict(change), str(REPO / "workflow" / "schemas" / "config.schema.yaml"))
+
+
+def test_schema_fills_in_the_defaults():
+    from snakemake.utils import validate
+
+    config = {"heads": {"h": {"type": "abmil"}}, "tiling": {"mpp": 1.0}}
+    validate(config, str(REPO / "workflow" / "schemas" / "config.schema.yaml"))
+    assert config["tiling"] == {"mpp": 1.0, "tile_size": 224, "overlap": 0, "min_tissue": 0.5,
+                                "backend": "auto", "store_pixels": True, "threads": 2, "extra_args": []}
+    assert config["heads"]["h"] == {"type": "abmil", "prompts": ["tvp", "ttp", "ivp"], "folds": 5,
+                                    "threads": 2, "extra_args": []}
+    assert config["features"]["encoders"] == ["efficientnet-lite0-imagenet"]
+    assert (config["samples"], config["device"], config["pretrain"]["enabled"]) == ("config/samples.tsv", "auto", False)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"tilling": {"mpp": 0.5}}, "Additional properties are not allowed ('tilling' was unexpected)"),
+        ({"tasks": {"planted": {"task_file": "config/task.yaml", "label_column": "grade"}}},
+         "has no column 'grade' (label_column)"),
+    ],
+)
+def test_bad_config_fails_before_any_job(tmp_path, change, message):
+    work = make_project(tmp_path / "w", config=change)
+    result = snakemake(work, "--cores", "1")  # a real run, not a dry run: nothing may start
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Job stats" not in result.stdout + result.stderr
+    assert not (work / "results").exists() and not (work / "logs").exists()
+
+
+def test_bad_samples_sheet_fails_before_any_job(tmp_path):
+    work = make_project(tmp_path / "w")
+    with open(work / "config" / "samples.tsv", "a") as f:
+        f.write("s1\tslides/s1.svs\tp9\tneg\n")
+    result = snakemake(work, "--cores", "1")
+    assert result.returncode != 0
+    assert "duplicate slide id 's1'" in result.stderr
+    assert not (work / "results").exists()
+
+
+def test_slide_glob_cohort_makes_tiles_and_features_only(tmp_path):
+    work = make_project(tmp_path / "w", config={"slides_glob": "slides/*.svs", "tasks": {}, "heads": {}})
+    result = snakemake(work, "-n", "--printshellcmds")
+    assert result.returncode == 0, result.stderr
+    assert job_counts(result.stdout) == {"tile": 4, "qc_summary": 1, "all": 1}
+    assert "wsitools tile slides/s3.svs --slide-id s3 --out results/tiles --mpp 0.5" in result.stdout
+    labelled = make_project(tmp_path / "x", config={"slides_glob": "slides/*.svs"})
+    result = snakemake(labelled, "-n")
+    assert result.returncode != 0 and "tasks need labels" in result.stdout + result.stderr
+
+
+def test_lint_is_clean(tmp_path):
+    work = make_project(tmp_path / "w")
+    result = snakemake(work, "--lint")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Lints for" not in result.stdout + result.stderr
+
+
+def dry_run_resources(output: str) -> dict[str, str]:
+    """{rule: its 'resources:' line} from a dry run's job listing (last job of each rule)."""
+    jobs = {}
+    for block in re.split(r"\n(?=(?:local)?(?:rule|checkpoint) \w+:)", output):
+        head = re.match(r"(?:local)?(?:rule|checkpoint) (\w+):", block)
+        res = re.search(r"resources: (.*)", block)
+        if head and res:
+            jobs[head.group(1)] = res.group(1)
+    return jobs
+
+
+def test_slurm_dry_run_gives_gpu_rules_a_gpu(tmp_path):
+    tune = {"enabled": True, "data": "tiles_by_class", "task": "config/task.yaml", "prompts": ["tvp", "ttp"]}
+    work = make_project(tmp_path / "w", config={"device": "auto", "pretrain": {"enabled": True}, "tune": tune})
+    (work / "tiles_by_class").mkdir()
+    result = snakemake(work, "--profile", str(SLURM_PROFILE), "-n")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout + result.stderr
+    assert job_counts(out) == {"tile": 4, "qc_summary": 1, "labels": 1, "train": 1, "heatmap": 1,
+                               "metrics_table": 1, "roc": 1, "pretrain_puzzle": 1, "tune_pathotune": 1,
+                               "all": 1}
+    jobs = dry_run_resources(out)
+    gpu = jobs["pretrain_puzzle"]
+    assert "gpu=1" in gpu and "slurm_partition=<gpu-partition>" in gpu and "runtime=2880" in gpu
+    assert "gpu=1" in jobs["tune_pathotune"] and "slurm_partition=<gpu-partition>" in jobs["tune_pathotune"]
+    assert "output: results/pretrain/puzzle/vitb16-imagenet-puzzletuned.yaml" in out
+    for cpu_rule in ("tile", "train", "heatmap"):
+        assert "gpu" not in jobs[cpu_rule] and "slurm_partition=<cpu-partition>" in jobs[cpu_rule]
+    assert "mem_mb=8000" in jobs["tile"] and "slurm_account=<account>" in jobs["tile"]
+
+
+def test_cpu_device_asks_for_no_gpu(tmp_path):
+    work = make_project(tmp_path / "w", config={"device": "cpu", "pretrain": {"enabled": True}})
+    result = snakemake(work, "-n")
+    assert result.returncode == 0, result.stderr
+    assert "gpu=0" in dry_run_resources(result.stdout)["pretrain_puzzle"]
+
+
+def write_head_run(root: Path, task: str, encoder: str, head: str, labels, probs, classes) -> Path:
+    """A minimal training output: metrics.json and predictions.csv as `wsitools train` writes them."""
+    folder = root / "heads" / task / encoder / head
+    folder.mkdir(parents=True)
+    metric = {"auroc": 0.875, "auroc_ci95": [0.7, 1.0], "balanced_accuracy": 0.75,
+              "balanced_accuracy_ci95": [0.5, 1.0], "f1": 0.7333333, "f1_ci95": [None, None],
+              "accuracy": 0.75, "accuracy_ci95": [0.5, 1.0]}
+    folds = {k: {"mean": 0.8, "sd": 0.1, "n_folds": 3} for k in METRICS}
+    folds["f1"] = {"mean": 0.5, "sd": None, "n_folds": 1}
+    (folder / "metrics.json").write_text(json.dumps(
+        {"task": task, "head": head, "prompts": ["tvp", "ttp"], "n_slides": 8, "n_patients": 4,
+         "pooled": metric, "mean_over_folds": folds}))
+    lines = ["slide_id,patient_id,label,fold,pred," + ",".join(f"prob_{c}" for c in classes)]
+    for i, (label, p) in enumerate(zip(labels, probs)):
+        lines.append(f"s{i},p{i},{label},0,{classes[0]}," + ",".join(f"{x:.3f}" for x in p))
+    (folder / "predictions.csv").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def test_metrics_table_has_one_row_per_head(tmp_path):
+    a = write_head_run(tmp_path, "t", "enc", "abmil", ["neg"], [[0.4, 0.6]], ["neg", "pos"])
+    b = write_head_run(tmp_path, "t", "enc", "pt", ["neg"], [[0.4, 0.6]], ["neg", "pos"])
+    cohort.write_metrics_table([a / "metrics.json", b / "metrics.json"], tmp_path / "m.tsv")
+    rows = cohort.read_table(tmp_path / "m.tsv")
+    assert [(r["task"], r["encoder"], r["head"]) for r in rows] == [("t", "enc", "abmil"), ("t", "enc", "pt")]
+    r = rows[0]
+    assert (r["prompts"], r["n_slides"], r["auroc"], r["auroc_lo"], r["auroc_hi"]) == (
+        "tvp,ttp", "8", "0.8750", "0.7000", "1.0000")
+    assert (r["f1"], r["f1_lo"], r["f1_fold_mean"], r["f1_fold_sd"]) == ("0.7333", "", "0.5000", "")
+    (a / "metrics.json").write_text("{}")
+    with pytest.raises(DataError, match="metrics file .*abmil/metrics.json cannot be read"):
+        cohort.write_metrics_table([a / "metrics.json"], tmp_path / "m.tsv")
+
+
+def test_roc_points_step_through_thresholds_with_ties():
+    fpr, tpr = cohort.roc_points([1, 0, 1, 0, 1], [0.9, 0.8, 0.8, 0.3, 0.1])
+    # thresholds 0.9 | 0.8 (one positive and one negative tied) | 0.3 | 0.1
+    np.testing.assert_allclose(fpr, [0, 0, 0.5, 1, 1])
+    np.testing.assert_allclose(tpr, [0, 1 / 3, 2 / 3, 2 / 3, 1])
+    area = np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2)  # trapezoids: ties count half
+    assert area == pytest.approx(binary_auroc(np.array([1, 0, 1, 0, 1], bool), np.array([0.9, 0.8, 0.8, 0.3, 0.1])))
+
+
+def test_roc_figure_has_one_panel_per_positive_class(tmp_path):
+    from PIL import Image
+
+    two = write_head_run(tmp_path, "t2", "enc", "abmil", ["neg", "pos", "pos"],
+                         [[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]], ["neg", "pos"])
+    cohort.plot_roc([two / "predictions.csv"], tmp_path / "roc2.png")
+    three = write_head_run(tmp_path, "t3", "enc", "abmil", ["a", "b", "c"],
+                           [[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6]], ["a", "b", "c"])
+    cohort.plot_roc([three / "predictions.csv"], tmp_path / "roc3.png")
+    w2, h2 = Image.open(tmp_path / "roc2.png").size
+    w3, h3 = Image.open(tmp_path / "roc3.png").size
+    assert (w2, h2) == (504, 504)  # 4.2 in at 120 dpi, one panel
+    assert (w3, h3) == (3 * 504, 504)  # one panel per class
+
+
+def test_example_sheet_and_task_files_are_valid():
+    from wsitools.text import load_task
+
+    samples = cohort.read_samples(REPO / "config" / "samples.tsv", check_files=False)
+    task = load_task(REPO / "config" / "task.yaml")
+    assert {s.value("label") for s in samples} == set(task.classes)
+    assert [s.mpp for s in samples][-1] == pytest.approx(0.2527)
+    demo_task = load_task(REPO / "config" / "demo" / "task.yaml")
+    assert demo_task.classes == ("negative", "positive")  # the labels make_cohort writes
+
+
+def test_demo_config_drives_the_workflow(tmp_path, capsys):
+    from wsitools.cli import demo
+
+    work = tmp_path / "demo"
+    (work / "slides").mkdir(parents=True)
+    rows = []
+    for i in range(6):  # stands in for make_cohort's output: the demo reuses an existing cohort
+        shutil.copyfile(FIXTURES / "small.svs", work / "slides" / f"slide_{i:03d}.svs")
+        rows.append([f"slide_{i:03d}", str(work / "slides" / f"slide_{i:03d}.svs"), f"patient_{i // 2:03d}",
+                     "positive" if (i // 2) % 2 else "negative"])
+    write_sheet(work / "samples.tsv", ["slide_id", "path", "patient_id", "label"], rows)
+    demo.prepare(work, n_slides=12, seed=0)
+    assert "reusing the synthetic cohort" in capsys.readouterr().out
+    config = yaml.safe_load((work / "config" / "config.yaml").read_text())
+    assert config["device"] == "cpu" and config["heads"]["pathotune"]["folds"] == 3
+    assert config["features"]["encoders"] == ["efficientnet-lite0-imagenet"]
+    result = snakemake(work, "-n")
+    assert result.returncode == 0, result.stderr
+    assert job_counts(result.stdout) == {"tile": 6, "qc_summary": 1, "labels": 1, "train": 1, "heatmap": 1,
+                                         "metrics_table": 1, "roc": 1, "all": 1}
+    with pytest.raises(WsiToolsError, match="--slides 7: give an even number"):
+        demo.prepare(work, n_slides=7, seed=0)

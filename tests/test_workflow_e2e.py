@@ -1,0 +1,165 @@
+"""The workflow end to end on a tiny synthetic cohort with one unreadable slide, then reuse.
+
+One real run (module fixture): 8 small synthetic slides (half with a planted region) plus a copy
+of the unreadable.svs fixture, tiled, embedded with the tiny test ViT, a PathoTune head with
+2-fold cross-validation, heatmaps, the report. The other tests work on copies of that run
+(mtimes and Snakemake's metadata kept) and only dry-run or run cheap steps.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import yaml
+
+from test_workflow import SLURM_PROFILE, dry_run_resources, job_counts, snakemake
+from wsitools import cohort
+from wsitools.store import PatchStore
+from wsitools.synthetic import make_cohort
+
+pytestmark = pytest.mark.slow
+
+FIXTURES = Path(__file__).parent / "data" / "openslide-fixtures"
+ENCODER = "vit-test-tiny"
+HEAD_DIR = Path("results/heads/planted") / ENCODER / "pathotune"
+TASK = {
+    "name": "planted",
+    "description": "synthetic slides; is there a region of another tissue texture",
+    "classes": {"negative": "one tissue texture only", "positive": "a region of another texture"},
+}
+CONFIG = {
+    "samples": "config/samples.tsv",
+    "device": "cpu",
+    "features": {"encoders": [ENCODER], "batch_size": 32, "threads": 1},
+    "tasks": {"planted": {"task_file": "config/task.yaml"}},
+    "heads": {
+        "pathotune": {"type": "pathotune", "prompts": ["tvp", "ivp"], "folds": 2, "threads": 1,
+                      "extra_args": ["--epochs", "12", "--bootstrap", "100"]},
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
+    work = tmp_path_factory.mktemp("e2e")
+    slides = make_cohort(work, n_slides=8, size=(2048, 1536), seed=1)
+    # Slide ids come from the sheet, not the file names: one slide's file is named otherwise.
+    shutil.copyfile(FIXTURES / "unreadable.svs", work / "slides" / "scan-unreadable.svs")
+    (work / "slides" / "slide_007.svs").rename(work / "slides" / "scan 7.svs")
+    (work / "config").mkdir()
+    rows = [f"{s.slide_id}\tslides/{Path(s.path).name}\t{s.slide_id}\t{s.label}" for s in slides[:-1]]
+    rows.append(f"slide_007\tslides/scan 7.svs\tslide_007\t{slides[-1].label}")
+    rows.append("broken\tslides/scan-unreadable.svs\tbroken\tnegative")
+    (work / "config" / "samples.tsv").write_text(
+        "slide_id\tpath\tpatient_id\tlabel\n" + "\n".join(rows) + "\n"
+    )
+    (work / "config" / "task.yaml").write_text(yaml.safe_dump(TASK))
+    (work / "config" / "config.yaml").write_text(yaml.safe_dump(CONFIG))
+    result = snakemake(work, "--cores", "2", timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return work, result
+
+
+def copy_run(work: Path, dest: Path) -> Path:
+    """A copy of a finished run, with mtimes and Snakemake's metadata."""
+    shutil.copytree(work, dest, symlinks=True)
+    return dest
+
+
+OK = [f"slide_{i:03d}" for i in range(8)]
+
+
+def test_qc_table_names_the_unreadable_slide_and_the_run_ends_with_a_summary(run):
+    work, result = run
+    rows = {r["slide_id"]: r for r in cohort.read_table(work / "results/qc/summary.tsv")}
+    assert sorted(rows) == sorted(OK + ["broken"])
+    assert rows["broken"]["status"] == "failed"
+    assert "scan-unreadable.svs" in rows["broken"]["reason"] and rows["broken"]["n_tiles"] == ""
+    for sid in OK:
+        r = rows[sid]
+        store = PatchStore.open(work / "results/tiles" / f"{sid}.zarr")
+        assert r["status"] == "ok" and int(r["n_tiles"]) == len(store) > 0
+        assert (float(r["mpp"]), float(r["mpp_target"]), r["level"]) == (0.5, 0.5, "0")
+        assert float(r["tissue_area_mm2"]) > 0.05
+    assert not (work / "results/tiles/broken.zarr").exists()
+    out = result.stdout + result.stderr
+    assert "QC: 9 slides: 1 failed, 8 ok" in out and "left out: broken (failed)" in out
+    assert sorted(p.name for p in (work / "results/qc/thumbnails").glob("*.png")) == [f"{s}.png" for s in OK]
+
+
+def test_features_match_the_stores(run):
+    work, _ = run
+    for sid in OK:
+        store = PatchStore.open(work / "results/tiles" / f"{sid}.zarr")
+        with h5py.File(work / "results/features" / ENCODER / f"{sid}.h5", "r") as f:
+            assert f["features"].shape == (len(store), 64)
+            np.testing.assert_array_equal(f["coords"][()], store.coords)
+            assert np.isfinite(f["features"][()]).all()
+    assert not (work / "results/features" / ENCODER / "broken.h5").exists()
+
+
+def test_head_metrics_predictions_and_heatmaps(run):
+    work, _ = run
+    labels = cohort.read_table(work / "results/heads/planted/labels.tsv")
+    assert [r["slide_id"] for r in labels] == OK  # the failed slide is left out of training
+    metrics = json.loads((work / HEAD_DIR / "metrics.json").read_text())
+    assert (metrics["n_slides"], metrics["classes"], metrics["prompts"]) == (
+        8, ["negative", "positive"], ["tvp", "ivp"])
+    assert len(metrics["folds"]) == 2
+    with open(work / HEAD_DIR / "predictions.csv") as f:
+        predicted = sorted(line.split(",")[0] for line in f.read().splitlines()[1:])
+    assert predicted == OK
+    heatmaps = work / "results/heatmaps/planted" / ENCODER / "pathotune"
+    names = sorted(p.name for p in heatmaps.glob("*.png"))
+    assert names == sorted([f"{s}.heatmap.png" for s in OK] + [f"{s}.top_tiles.png" for s in OK])
+    table = cohort.read_table(work / "results/report/metrics.tsv")
+    assert [(r["task"], r["encoder"], r["head"], r["n_slides"]) for r in table] == [
+        ("planted", ENCODER, "pathotune", "8")]
+    assert float(table[0]["auroc"]) == pytest.approx(metrics["pooled"]["auroc"], abs=1e-4)
+    assert (work / "results/report/roc/planted.png").stat().st_size > 10_000
+
+
+def test_report_has_qc_metrics_roc_and_heatmaps(run, tmp_path):
+    work = copy_run(run[0], tmp_path / "w")
+    result = snakemake(work, "--report", "report.html")
+    assert result.returncode == 0, result.stderr
+    html = (work / "report.html").read_text()
+    for needle in ("1. Quality control", "2. Metrics", "3. ROC curves", "4. Heatmaps",
+                   "summary.tsv", "slide_003.png", "planted.png", "slide_003.heatmap.png"):
+        assert needle in html, needle
+
+
+def test_adding_a_head_reruns_only_head_rules(run, tmp_path):
+    work = copy_run(run[0], tmp_path / "w")
+    config = yaml.safe_load((work / "config/config.yaml").read_text())
+    config["heads"]["abmil"] = {"type": "abmil", "folds": 2}
+    (work / "config/config.yaml").write_text(yaml.safe_dump(config))
+    result = snakemake(work, "-n")
+    assert result.returncode == 0, result.stderr
+    assert job_counts(result.stdout) == {"train": 1, "heatmap": 1, "metrics_table": 1, "roc": 1, "all": 1}
+    assert "wildcards: task=planted, encoder=vit-test-tiny, head=abmil" in result.stdout
+
+
+def test_adding_a_slide_tiles_and_extracts_only_it(run, tmp_path):
+    work = copy_run(run[0], tmp_path / "w")
+    shutil.copyfile(work / "slides/slide_003.svs", work / "slides/extra.svs")  # a new slide
+    with open(work / "config/samples.tsv", "a") as f:
+        f.write("extra\tslides/extra.svs\textra\tpositive\n")
+    counts = job_counts(snakemake(work, "-n").stdout)
+    assert counts["tile"] == 1 and counts["qc_summary"] == 1
+    qc = snakemake(work, "--cores", "1", "results/qc/summary.tsv")  # tile the new slide, re-QC
+    assert qc.returncode == 0, qc.stderr
+    assert [p.name for p in (work / "logs/tile").iterdir()].count("extra.log") == 1
+    result = snakemake(work, "-n", "--profile", str(SLURM_PROFILE))
+    assert result.returncode == 0, result.stderr
+    counts = job_counts(result.stdout)
+    assert counts["extract"] == 1 and "tile" not in counts
+    assert "output: results/features/vit-test-tiny/extra.h5" in result.stdout
+    extract = dry_run_resources(result.stdout)["extract"]
+    assert "gpu=1" in extract and "slurm_partition=<gpu-partition>" in extract

@@ -1,0 +1,180 @@
+# Shared set-up of the workflow: config validation, the cohort, paths, input functions.
+#
+# Everything that is logic (reading and checking the samples sheet, QC tables, labels) lives in
+# the package (wsitools.cohort); this file only wires it to Snakemake. Errors in the config or
+# the samples sheet stop the run here, before any job is scheduled.
+
+import os
+import shlex
+from pathlib import Path
+
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
+
+from wsitools import cohort
+from wsitools.errors import WsiToolsError
+
+
+validate(config, schema="../schemas/config.schema.yaml")
+
+try:
+    SAMPLES = {
+        s.slide_id: s
+        for s in cohort.load_cohort(
+            samples=config["samples"] if not config["slides_glob"] else None,
+            slides_glob=config["slides_glob"] or None,
+        )
+    }
+except WsiToolsError as exc:
+    raise WorkflowError(str(exc)) from None
+
+# The checkout this workflow belongs to: envs/wsitools.yaml installs the package from it.
+os.environ.setdefault("WSITOOLS_SOURCE", str(Path(workflow.basedir).resolve().parent))
+
+SLIDES = sorted(SAMPLES)
+TILES = config["tiles_dir"].rstrip("/")
+FEATURES = config["features_dir"].rstrip("/")
+ENCODERS = config["features"]["encoders"]
+TASKS = config["tasks"]
+HEADS = config["heads"]
+GPU_JOB = 0 if config["device"] == "cpu" else 1  # GPUs asked for by a GPU-capable job
+
+# Name of the encoder card PuzzleTuning exports (its file is the pretraining's declared output).
+PUZZLE_CARD = config["pretrain"]["name"] or (
+    f"{Path(config['pretrain']['backbone']).name.removesuffix('.yaml')}-puzzletuned"
+)
+
+# Settings that the schema cannot check, checked before any job runs.
+if TASKS and config["slides_glob"]:
+    raise WorkflowError(
+        "config: tasks need labels, which come from a samples sheet ('samples'), not 'slides_glob'"
+    )
+if TASKS and not HEADS:
+    raise WorkflowError("config: tasks are given but no heads to train for them ('heads')")
+for _name, _task in TASKS.items():
+    if not Path(_task["task_file"]).is_file():
+        raise WorkflowError(f"config: task {_name!r}: task file {_task['task_file']} does not exist")
+    if not any(_task["label_column"] in s.fields for s in SAMPLES.values()):
+        raise WorkflowError(
+            f"config: task {_name!r}: the samples sheet {config['samples']} has no column "
+            f"{_task['label_column']!r} (label_column)"
+        )
+if config["tune"]["enabled"] and "ttp" in config["tune"]["prompts"] and not config["tune"]["task"]:
+    raise WorkflowError("config: tune: the ttp prompt needs a task file ('tune: task:')")
+
+
+wildcard_constraints:
+    slide=r"[A-Za-z0-9][A-Za-z0-9._-]*",
+    encoder=r"[A-Za-z0-9][A-Za-z0-9._-]*",
+    task=r"[A-Za-z0-9][A-Za-z0-9._-]*",
+    head=r"[A-Za-z0-9][A-Za-z0-9._-]*",
+
+
+def shell_args(args):
+    """Command-line arguments, each quoted for the shell."""
+    return " ".join(shlex.quote(str(a)) for a in args)
+
+
+# --- the cohort after QC (known once the qc_summary checkpoint has run) -----------------------
+
+
+def usable_slides():
+    """Slides whose QC status is ok: they go on to features, training and heatmaps."""
+    return cohort.usable_slides(checkpoints.qc_summary.get().output.table)
+
+
+def labelled_slides(task):
+    """Usable slides with a label for ``task`` (the slides its heads train on)."""
+    column = TASKS[task]["label_column"]
+    return [s for s in usable_slides() if SAMPLES[s].value(column)]
+
+
+# --- input functions ---------------------------------------------------------------------------
+
+
+def models_dir_args():
+    """``--models-dir`` for the steps that load encoder cards, when the config names one."""
+    return ["--models-dir", config["models_dir"]] if config["models_dir"] else []
+
+
+def get_slide(wildcards):
+    return SAMPLES[wildcards.slide].path
+
+
+def get_tile_options(wildcards):
+    t = config["tiling"]
+    args = [
+        "--mpp", t["mpp"],
+        "--tile-size", t["tile_size"],
+        "--overlap", t["overlap"],
+        "--min-tissue", t["min_tissue"],
+        "--backend", t["backend"],
+    ]
+    if not t["store_pixels"]:
+        args.append("--no-pixels")
+    if SAMPLES[wildcards.slide].mpp is not None:
+        args += ["--mpp-override", SAMPLES[wildcards.slide].mpp]
+    return shell_args(args + t["extra_args"])
+
+
+def get_task_file(wildcards):
+    return TASKS[wildcards.task]["task_file"]
+
+
+def get_task_features(wildcards):
+    return expand(
+        f"{FEATURES}/{wildcards.encoder}/{{slide}}.h5", slide=labelled_slides(wildcards.task)
+    )
+
+
+def get_head_options(wildcards):
+    h = HEADS[wildcards.head]
+    args = ["--head", h["type"], "--folds", h["folds"]]
+    if h["type"] == "pathotune":
+        args += ["--prompts", ",".join(h["prompts"])]
+    return shell_args(args + h["extra_args"])
+
+
+def get_usable_qc(wildcards):
+    return expand(f"{TILES}/{{slide}}.qc.json", slide=usable_slides())
+
+
+def fixed_targets():
+    """What a plain `snakemake` run makes that is known before QC has run."""
+    targets = ["results/qc/summary.tsv"]
+    if TASKS:
+        targets += expand(
+            "results/heads/{task}/{encoder}/{head}/metrics.json",
+            task=TASKS, encoder=ENCODERS, head=HEADS,
+        )
+        targets.append("results/report/metrics.tsv")
+        targets += expand("results/report/roc/{task}.png", task=TASKS)
+    if TASKS and config["heatmaps"]["enabled"]:
+        targets += expand(
+            "results/heatmaps/{task}/{encoder}/{head}", task=TASKS, encoder=ENCODERS, head=HEADS
+        )
+    if config["pretrain"]["enabled"]:
+        targets.append(f"results/pretrain/puzzle/{PUZZLE_CARD}.yaml")
+    if config["tune"]["enabled"]:
+        targets.append("results/tune/pathotune/metrics.json")
+    return targets
+
+
+def get_cohort_targets(wildcards):
+    """Features of every encoder for every usable slide (known once QC has run)."""
+    return expand(f"{FEATURES}/{{encoder}}/{{slide}}.h5", encoder=ENCODERS, slide=usable_slides())
+
+
+def get_tune_inputs(wildcards):
+    """PathoTune's labelled tiles; a tile table (CSV) also needs the cohort's patch stores."""
+    inputs = {"data": config["tune"]["data"]}
+    if config["tune"]["task"]:
+        inputs["task"] = config["tune"]["task"]
+    if config["tune"]["data"].endswith(".csv"):
+        inputs["qc"] = get_usable_qc(wildcards)
+    return inputs
+
+
+def stores_of(qc_files):
+    """The patch stores beside QC files ({slide}.qc.json -> {slide}.zarr), quoted for the shell."""
+    return shell_args(f"{str(qc).removesuffix('.qc.json')}.zarr" for qc in qc_files)

@@ -1,0 +1,38 @@
+# Feature extraction: one feature store per (encoder, slide), the unit of reuse.
+#
+# A feature file depends only on its slide's patch store and the encoder, never on tasks or
+# heads, so adding a head, a task or a fold setting reuses every feature file, and adding
+# slides extracts only the new ones. Only slides that passed QC are asked for (see
+# usable_slides in common.smk).
+
+
+rule extract:
+    input:
+        qc=f"{TILES}/{{slide}}.qc.json",
+    output:
+        h5=f"{FEATURES}/{{encoder}}/{{slide}}.h5",
+    params:
+        store=lambda wildcards, input: stores_of([input.qc]),
+        out=lambda wildcards, output: Path(output.h5).parent.parent,
+        options=shell_args(
+            [
+                "--device", config["device"],
+                *models_dir_args(),
+                "--batch-size", config["features"]["batch_size"],
+            ]
+            + config["features"]["extra_args"]
+        ),
+    log:
+        "logs/extract/{encoder}/{slide}.log",
+    benchmark:
+        "benchmarks/extract/{encoder}/{slide}.tsv",
+    threads: config["features"]["threads"]
+    resources:
+        mem_mb=16000,
+        runtime=120,
+        gpu=GPU_JOB,
+    conda:
+        "../envs/wsitools.yaml"
+    shell:
+        "wsitools extract {params.store} --encoder {wildcards.encoder:q} --out {params.out:q}"
+        " {params.options} --workers {threads} --quiet > {log:q} 2>&1"

@@ -1,0 +1,52 @@
+# MIL heads: one labels table per task (usable, labelled slides only), then every head is
+# trained with cross-validation for every task and encoder. Training runs on CPU (the heads
+# are small; `wsitools train` has no GPU path), so it asks for no GPU.
+
+
+rule labels:
+    input:
+        summary="results/qc/summary.tsv",
+        sheet=config["samples"],
+    output:
+        labels="results/heads/{task}/labels.tsv",
+    params:
+        column=lambda wildcards: TASKS[wildcards.task]["label_column"],
+    log:
+        "logs/labels/{task}.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../envs/wsitools.yaml"
+    script:
+        "../scripts/labels.py"
+
+
+rule train:
+    input:
+        labels="results/heads/{task}/labels.tsv",
+        task=get_task_file,
+        features=get_task_features,
+    output:
+        metrics="results/heads/{task}/{encoder}/{head}/metrics.json",
+        predictions="results/heads/{task}/{encoder}/{head}/predictions.csv",
+        attention=directory("results/heads/{task}/{encoder}/{head}/attention"),
+    params:
+        features=lambda wildcards: f"{FEATURES}/{wildcards.encoder}",
+        out=lambda wildcards, output: Path(output.metrics).parent,
+        options=get_head_options,
+    log:
+        "logs/train/{task}/{encoder}/{head}.log",
+    benchmark:
+        "benchmarks/train/{task}/{encoder}/{head}.tsv",
+    threads: lambda wildcards: HEADS[wildcards.head]["threads"]
+    resources:
+        mem_mb=8000,
+        runtime=240,
+    conda:
+        "../envs/wsitools.yaml"
+    shell:
+        "wsitools train --features {params.features:q} --labels {input.labels:q}"
+        " --task {input.task:q} {params.options} --out {params.out:q}"
+        " --overwrite --quiet > {log:q} 2>&1"

@@ -1,0 +1,33 @@
+# Attention heatmaps: one job per trained head draws every slide it was evaluated on, from the
+# out-of-fold attention that training wrote (each slide seen by the fold model that did not
+# train on it): {slide}.heatmap.png over the slide's thumbnail, {slide}.top_tiles.png montage.
+
+
+rule heatmap:
+    input:
+        attention="results/heads/{task}/{encoder}/{head}/attention",
+    output:
+        pictures=report(
+            directory("results/heatmaps/{task}/{encoder}/{head}"),
+            patterns=["{slide}.{figure}.png"],
+            caption="../report/heatmap.rst",
+            category="4. Heatmaps",
+            subcategory="{task} / {encoder} / {head}",
+            labels={"slide": "{slide}", "figure": "{figure}"},
+        ),
+    params:
+        stores=TILES,
+        options=shell_args(config["heatmaps"]["extra_args"]),
+    log:
+        "logs/heatmap/{task}/{encoder}/{head}.log",
+    benchmark:
+        "benchmarks/heatmap/{task}/{encoder}/{head}.tsv",
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    conda:
+        "../envs/wsitools.yaml"
+    shell:
+        "wsitools heatmap --attention {input.attention:q} --store {params.stores:q}"
+        " {params.options} --out {output.pictures:q} --quiet > {log:q} 2>&1"

@@ -1,0 +1,40 @@
+# Optional: PuzzleTuning prompt pretraining on the patch stores of the usable slides
+# (config: pretrain.enabled). The run folder keeps checkpoints, and the job always passes
+# --resume, so a job cut off by a time limit continues where it stopped when rerun. The
+# exported prompts come with an encoder card (the declared output), so a later run can name
+# the result as an encoder.
+
+
+rule pretrain_puzzle:
+    input:
+        qc=get_usable_qc,
+    output:
+        card=f"results/pretrain/puzzle/{PUZZLE_CARD}.yaml",
+    params:
+        stores=lambda wildcards, input: stores_of(input.qc),
+        out=lambda wildcards, output: Path(output.card).parent,
+        options=shell_args(
+            [
+                "--backbone", config["pretrain"]["backbone"],
+                "--name", PUZZLE_CARD,
+                "--epochs", config["pretrain"]["epochs"],
+                "--batch-size", config["pretrain"]["batch_size"],
+                "--device", config["device"],
+                *models_dir_args(),
+            ]
+            + config["pretrain"]["extra_args"]
+        ),
+    log:
+        "logs/pretrain_puzzle.log",
+    benchmark:
+        "benchmarks/pretrain_puzzle.tsv",
+    threads: config["pretrain"]["threads"]
+    resources:
+        mem_mb=32000,
+        runtime=2880,
+        gpu=GPU_JOB,
+    conda:
+        "../envs/wsitools.yaml"
+    shell:
+        "wsitools pretrain puzzle --stores {params.stores} --out {params.out:q} {params.options}"
+        " --workers {threads} --resume --quiet > {log:q} 2>&1"

@@ -1,0 +1,59 @@
+# Tissue detection and tiling: one patch store per slide, then the cohort's QC table.
+#
+# `wsitools tile --keep-going` always writes {slide}.qc.json (status ok, no_tissue or failed,
+# with the reason) and exits 0 for a slide it cannot use, so one bad slide never stops the
+# cohort. The QC table is a checkpoint: which slides go on to features and training is known
+# once it exists.
+
+
+rule tile:
+    input:
+        slide=get_slide,
+    output:
+        qc=f"{TILES}/{{slide}}.qc.json",
+    params:
+        out=lambda wildcards, output: Path(output.qc).parent,
+        options=get_tile_options,
+    log:
+        "logs/tile/{slide}.log",
+    benchmark:
+        "benchmarks/tile/{slide}.tsv",
+    threads: config["tiling"]["threads"]
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    conda:
+        "../envs/wsitools.yaml"
+    shell:
+        "wsitools tile {input.slide:q} --slide-id {wildcards.slide:q} --out {params.out:q} {params.options}"
+        " --workers {threads} --keep-going --overwrite --quiet > {log:q} 2>&1"
+
+
+checkpoint qc_summary:
+    input:
+        qc=expand(f"{TILES}/{{slide}}.qc.json", slide=SLIDES),
+    output:
+        table=report(
+            "results/qc/summary.tsv",
+            caption="../report/qc_summary.rst",
+            category="1. Quality control",
+            labels={"table": "QC summary"},
+        ),
+        thumbnails=report(
+            directory("results/qc/thumbnails"),
+            patterns=["{slide}.png"],
+            caption="../report/qc_thumbnail.rst",
+            category="1. Quality control",
+            subcategory="Tissue thumbnails",
+            labels={"slide": "{slide}"},
+        ),
+    log:
+        "logs/qc_summary.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../envs/wsitools.yaml"
+    script:
+        "../scripts/qc_summary.py"

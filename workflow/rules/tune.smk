@@ -1,0 +1,38 @@
+# Optional: PathoTune patch-level prompt tuning on labelled tiles (config: tune.enabled): a
+# folder of class folders, or a tile table (CSV: slide_id, x, y, label) naming tiles of the
+# cohort's patch stores. The tuned model is written with an encoder card.
+
+
+rule tune_pathotune:
+    input:
+        unpack(get_tune_inputs),
+    output:
+        metrics="results/tune/pathotune/metrics.json",
+    params:
+        out=lambda wildcards, output: Path(output.metrics).parent,
+        task=lambda wildcards, input: shell_args(["--task", input.task]) if "task" in input.keys() else "",
+        stores=lambda wildcards, input: f"--stores {stores_of(input.qc)}" if "qc" in input.keys() else "",
+        options=shell_args(
+            [
+                "--backbone", config["tune"]["backbone"],
+                "--prompts", ",".join(config["tune"]["prompts"]),
+                "--device", config["device"],
+                *models_dir_args(),
+            ]
+            + (["--ivp-encoder", config["tune"]["ivp_encoder"]] if config["tune"]["ivp_encoder"] else [])
+            + config["tune"]["extra_args"]
+        ),
+    log:
+        "logs/tune_pathotune.log",
+    benchmark:
+        "benchmarks/tune_pathotune.tsv",
+    threads: config["tune"]["threads"]
+    resources:
+        mem_mb=32000,
+        runtime=1440,
+        gpu=GPU_JOB,
+    conda:
+        "../envs/wsitools.yaml"
+    shell:
+        "wsitools tune pathotune --data {input.data:q} {params.task} {params.stores} {params.options}"
+        " --workers {threads} --out {params.out:q} --quiet > {log:q} 2>&1"

@@ -1,0 +1,447 @@
+"""A cohort of slides for the workflow: the samples sheet, the QC summary, labels and metrics tables.
+
+The Snakemake workflow (``workflow/``) and ``wsitools demo`` call these functions; the Snakefile
+holds no logic of its own beyond wiring. Everything a user can get wrong here (an unsafe or
+duplicate slide id, a missing slide file, an implausible mpp override) is a :class:`DataError`
+naming the sheet, the row and the problem, raised before any job runs.
+
+Tables are tab-separated with a header row, read and written with the standard ``csv`` module.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import math
+import os
+import shutil
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from wsitools.errors import DataError
+from wsitools.io import atomic_path
+from wsitools.metrics import METRICS
+from wsitools.types import MPP_MAX, MPP_MIN, MicronsPerPixel, check_slide_id, slide_id_from_path
+
+QC_COLUMNS = (
+    "slide_id",
+    "status",
+    "reason",
+    "mpp",
+    "mpp_target",
+    "level",
+    "level_downsample",
+    "tissue_area_mm2",
+    "n_tiles",
+    "slide_path",
+)
+"""Columns of ``results/qc/summary.tsv``, one row per slide of the cohort: the fields of the
+slide's ``{slide_id}.qc.json`` (``mpp`` is the slide's level-0 resolution, ``level`` the pyramid
+level read; empty where a failed slide has no value)."""
+
+SPLIT_COLUMNS = ("split", "fold")
+"""Samples-sheet columns with the user's own splits, passed on to the labels tables."""
+
+USABLE_STATUS = "ok"
+"""The QC status of a slide that goes on to feature extraction and training."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One slide of the cohort, as the samples sheet (or a slide glob) describes it."""
+
+    slide_id: str
+    path: str
+    patient_id: str
+    mpp: MicronsPerPixel | None = None
+    fields: Mapping[str, str] = field(default_factory=dict)
+    """Every column of the sheet for this row (labels of any task live here)."""
+
+    def value(self, column: str) -> str:
+        """The (stripped) value of ``column`` for this slide; empty when absent."""
+        return self.fields.get(column, "").strip()
+
+
+def workflow_dir() -> Path:
+    """The ``workflow/`` folder of the wsitools checkout this package was imported from.
+
+    The workflow is not part of the installed package: it lives beside it in the repository
+    (repo root = parent of the package folder), so the package must be installed editable
+    (``pip install -e .``) or run from a checkout.
+    """
+    root = Path(__file__).resolve().parent.parent
+    snakefile = root / "workflow" / "Snakefile"
+    if not snakefile.is_file():
+        raise DataError(
+            f"no workflow at {snakefile}: the Snakemake workflow ships with the repository, "
+            "install wsitools from a checkout with `pip install -e .`"
+        )
+    return root / "workflow"
+
+
+def snakemake_command(workdir: str | os.PathLike[str], *args: str) -> list[str]:
+    """The command that runs this checkout's workflow in ``workdir`` with Snakemake's CLI.
+
+    Snakemake runs as ``python -m snakemake`` with the current interpreter, so it sees the same
+    environment (and wsitools) as the caller.
+    """
+    snakefile = workflow_dir() / "Snakefile"
+    return [sys.executable, "-m", "snakemake", "--snakefile", str(snakefile),
+            "--directory", str(workdir), *args]
+
+
+def _parse_mpp(text: str, where: str) -> MicronsPerPixel | None:
+    if not text.strip():
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise DataError(f"{where}: mpp {text!r} is not a number") from None
+    if not (math.isfinite(value) and MPP_MIN <= value <= MPP_MAX):
+        raise DataError(f"{where}: mpp {value:g} is outside {MPP_MIN:g}-{MPP_MAX:g} um/px")
+    return MicronsPerPixel(value)
+
+
+def _check_unique(samples: Sequence[Sample], source: str) -> None:
+    seen: dict[str, str] = {}
+    for s in samples:
+        if s.slide_id in seen:
+            raise DataError(
+                f"{source}: duplicate slide id {s.slide_id!r} ({seen[s.slide_id]} and {s.path})"
+            )
+        seen[s.slide_id] = s.path
+
+
+def _check_files(samples: Sequence[Sample], source: str) -> None:
+    for s in samples:
+        if not os.path.isfile(s.path):
+            raise DataError(f"{source}: slide {s.slide_id!r}: file {s.path} does not exist")
+
+
+def read_samples(path: str | os.PathLike[str], *, check_files: bool = True) -> list[Sample]:
+    """Read and validate a samples sheet (TSV with a header row).
+
+    Required columns: ``slide_id`` and ``path``; optional: ``patient_id`` (defaults to the slide
+    id, so splits are per slide), ``label`` and ``mpp`` (an override for slides whose metadata
+    lacks a resolution); other columns are kept in :attr:`Sample.fields`. Relative slide paths
+    are relative to the working directory (the workflow's convention). Blank lines and lines
+    starting with ``#`` are skipped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"samples sheet {path} does not exist")
+    with open(path, newline="") as f:
+        lines = [line for line in f if line.strip() and not line.lstrip().startswith("#")]
+    if not lines:
+        raise DataError(f"samples sheet {path} is empty")
+    reader = csv.DictReader(lines, delimiter="\t")
+    columns = [c.strip() for c in reader.fieldnames or []]
+    missing = [c for c in ("slide_id", "path") if c not in columns]
+    if missing:
+        raise DataError(
+            f"samples sheet {path}: missing column(s) {', '.join(missing)} "
+            f"(found {', '.join(columns) or 'none'}; is it tab-separated?)"
+        )
+    samples = []
+    for row_no, row in enumerate(reader, start=2):
+        if None in row:
+            raise DataError(f"samples sheet {path}, row {row_no}: more fields than columns")
+        fields = {k.strip(): (v or "").strip() for k, v in row.items()}
+        where = f"samples sheet {path}, row {row_no}"
+        try:
+            slide_id = check_slide_id(fields["slide_id"])
+        except ValueError as exc:
+            raise DataError(f"{where}: {exc}") from None
+        if not fields["path"]:
+            raise DataError(f"{where}: slide {slide_id!r} has no path")
+        samples.append(
+            Sample(
+                slide_id=slide_id,
+                path=fields["path"],
+                patient_id=fields.get("patient_id") or slide_id,
+                mpp=_parse_mpp(fields.get("mpp", ""), f"{where} (slide {slide_id!r})"),
+                fields=fields,
+            )
+        )
+    if not samples:
+        raise DataError(f"samples sheet {path} lists no slides")
+    _check_unique(samples, f"samples sheet {path}")
+    if check_files:
+        _check_files(samples, f"samples sheet {path}")
+    return samples
+
+
+def samples_from_glob(pattern: str) -> list[Sample]:
+    """The slides matching a glob (relative to the working directory), ids from file names.
+
+    No labels: a glob cohort can be tiled and embedded, and heads need a sheet.
+    """
+    paths = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+    if not paths:
+        raise DataError(f"slide glob {pattern!r} matches no file")
+    samples = []
+    for p in paths:
+        try:
+            slide_id = slide_id_from_path(p)
+        except ValueError as exc:
+            raise DataError(f"slide glob {pattern!r}: {p}: {exc}") from None
+        samples.append(Sample(slide_id=slide_id, path=p, patient_id=slide_id, fields={}))
+    _check_unique(samples, f"slide glob {pattern!r}")
+    return samples
+
+
+def load_cohort(*, samples: str | None, slides_glob: str | None) -> list[Sample]:
+    """The cohort from exactly one of a samples sheet or a slide glob (the workflow's config)."""
+    if bool(samples) == bool(slides_glob):
+        raise DataError("config: give exactly one of 'samples' (a samples sheet) and 'slides_glob'")
+    return read_samples(samples) if samples else samples_from_glob(slides_glob or "")
+
+
+# --- QC --------------------------------------------------------------------------------------
+
+
+def read_qc(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """One slide's ``{slide_id}.qc.json`` as written by ``wsitools tile``."""
+    try:
+        qc = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"QC file {path} cannot be read: {exc}") from None
+    if not isinstance(qc, dict) or "status" not in qc:
+        raise DataError(f"QC file {path} has no 'status'")
+    return qc
+
+
+def _qc_row(qc: Mapping[str, Any], slide_id: str) -> dict[str, str]:
+    def text(key: str) -> str:
+        value = qc.get(key)
+        if value is None:
+            return ""
+        if isinstance(value, float):
+            return f"{value:.6g}"
+        return str(value).replace("\t", " ").replace("\n", " ")
+
+    row = {c: text(c) for c in QC_COLUMNS}
+    row["slide_id"] = slide_id
+    return row
+
+
+def write_qc_summary(
+    qc_files: Iterable[str | os.PathLike[str]],
+    out: str | os.PathLike[str],
+    *,
+    thumbnails: str | os.PathLike[str] | None = None,
+) -> list[dict[str, str]]:
+    """Gather per-slide QC files into one table (``QC_COLUMNS``), sorted by slide id.
+
+    The slide id is the QC file's name (``{slide_id}.qc.json``), so a QC file that lacks it
+    still lands on the right row. With ``thumbnails``, each slide's tissue thumbnail
+    (``{slide_id}.tissue.png`` beside its QC file, absent for a slide that could not be read)
+    is copied there as ``{slide_id}.png``, a folder the workflow's report shows.
+    """
+    rows = []
+    pictures = {}
+    for path in qc_files:
+        path = Path(path)
+        if not path.name.endswith(".qc.json"):
+            raise DataError(f"{path} is not a {{slide_id}}.qc.json file")
+        slide_id = path.name[: -len(".qc.json")]
+        rows.append(_qc_row(read_qc(path), slide_id))
+        picture = path.with_name(f"{slide_id}.tissue.png")
+        if picture.is_file():
+            pictures[slide_id] = picture
+    rows.sort(key=lambda r: r["slide_id"])
+    if thumbnails is not None:
+        with atomic_path(thumbnails, overwrite=True) as tmp:
+            tmp.mkdir()
+            for slide_id, picture in pictures.items():
+                shutil.copyfile(picture, tmp / f"{slide_id}.png")
+    write_table(out, rows, QC_COLUMNS)
+    return rows
+
+
+def read_table(path: str | os.PathLike[str]) -> list[dict[str, str]]:
+    """A tab-separated table with a header row, as a list of row dicts."""
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+def write_table(
+    path: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]], columns: Sequence[str]
+) -> None:
+    """Write rows as a tab-separated table with ``columns`` as header, atomically."""
+    with atomic_path(path, overwrite=True) as tmp:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(
+                f, fieldnames=list(columns), delimiter="\t", lineterminator="\n", extrasaction="ignore"
+            )
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+def usable_slides(summary: str | os.PathLike[str]) -> list[str]:
+    """Ids of the slides whose QC status is ``ok``, in table order."""
+    return [r["slide_id"] for r in read_table(summary) if r["status"] == USABLE_STATUS]
+
+
+def qc_report(summary: str | os.PathLike[str]) -> str:
+    """A short text summary of a QC table: counts per status, and each unusable slide's reason."""
+    rows = read_table(summary)
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    lines = [
+        f"QC: {len(rows)} slides: "
+        + ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+        + f" (table: {summary})"
+    ]
+    for r in rows:
+        if r["status"] != USABLE_STATUS:
+            lines.append(f"  left out: {r['slide_id']} ({r['status']}): {r['reason'] or 'no reason given'}")
+    return "\n".join(lines)
+
+
+# --- labels for the heads --------------------------------------------------------------------
+
+
+def write_labels(
+    samples: Sequence[Sample],
+    *,
+    usable: Iterable[str],
+    label_column: str,
+    out: str | os.PathLike[str],
+) -> list[dict[str, str]]:
+    """The labels table of one task: usable slides that have a label in ``label_column``.
+
+    Columns ``slide_id``, ``patient_id``, ``label`` (the table ``wsitools train`` reads), plus
+    the sheet's ``split`` or ``fold`` column when it fills one (the user's own splits). Slides
+    that failed QC or have no label are left out. Fewer than two classes left is an error,
+    raised here (before training) with the counts.
+    """
+    if samples and not any(label_column in s.fields for s in samples):
+        raise DataError(f"samples sheet has no column {label_column!r} for the task's labels")
+    keep = set(usable)
+    splits = [c for c in SPLIT_COLUMNS if any(s.value(c) for s in samples)]
+    rows = [
+        {"slide_id": s.slide_id, "patient_id": s.patient_id, "label": s.value(label_column),
+         **{c: s.value(c) for c in splits}}
+        for s in samples
+        if s.slide_id in keep and s.value(label_column)
+    ]
+    classes = sorted({r["label"] for r in rows})
+    if len(classes) < 2:
+        raise DataError(
+            f"task labels from column {label_column!r}: {len(rows)} usable labelled slide(s) "
+            f"with class(es) {classes}: training needs at least two classes"
+        )
+    write_table(out, rows, ("slide_id", "patient_id", "label", *splits))
+    return rows
+
+
+# --- the report's tables and figures ---------------------------------------------------------
+
+def roc_points(is_positive: Any, scores: Any) -> tuple[Any, Any]:
+    """False and true positive rates of a binary ROC curve, one point per distinct score,
+    from (0, 0) to (1, 1); tied scores make one step."""
+    import numpy as np
+
+    pos = np.asarray(is_positive, dtype=bool)
+    s = np.asarray(scores, dtype=np.float64)
+    order = np.argsort(-s, kind="mergesort")
+    tp, fp = np.cumsum(pos[order]), np.cumsum(~pos[order])
+    last_of_tie = np.r_[s[order][1:] != s[order][:-1], True]
+    tpr = np.r_[0.0, tp[last_of_tie] / max(1, int(pos.sum()))]
+    fpr = np.r_[0.0, fp[last_of_tie] / max(1, int((~pos).sum()))]
+    return fpr, tpr
+
+
+def head_of(path: str | os.PathLike[str]) -> tuple[str, str, str]:
+    """(task, encoder, head) of a file in ``heads/{task}/{encoder}/{head}/``."""
+    parts = Path(path).parts
+    if len(parts) < 4:
+        raise DataError(f"{path} is not inside heads/{{task}}/{{encoder}}/{{head}}/")
+    return parts[-4], parts[-3], parts[-2]
+
+
+def _number(value: Any) -> str:
+    return "" if value is None else f"{float(value):.4f}"
+
+
+def write_metrics_table(
+    metrics_files: Iterable[str | os.PathLike[str]], out: str | os.PathLike[str]
+) -> list[dict[str, str]]:
+    """One row per trained head: cross-validated metrics from each ``metrics.json``.
+
+    Per metric: the value over the pooled out-of-fold predictions with its bootstrap 95 %
+    interval (``_lo``, ``_hi``), and the mean and standard deviation over folds.
+    """
+    rows = []
+    for path in metrics_files:
+        task, encoder, head = head_of(path)
+        try:
+            m = json.loads(Path(path).read_text())
+            pooled, folds = m["pooled"], m["mean_over_folds"]
+            row = {"task": task, "encoder": encoder, "head": head,
+                   "prompts": ",".join(m.get("prompts") or []),
+                   "n_slides": str(m["n_slides"]), "n_patients": str(m["n_patients"])}
+            for name in METRICS:
+                lo, hi = pooled.get(f"{name}_ci95") or (None, None)
+                row.update({name: _number(pooled.get(name)), f"{name}_lo": _number(lo),
+                            f"{name}_hi": _number(hi),
+                            f"{name}_fold_mean": _number(folds[name]["mean"]),
+                            f"{name}_fold_sd": _number(folds[name]["sd"])})
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise DataError(f"metrics file {path} cannot be read: {exc!r}") from None
+        rows.append(row)
+    columns = ["task", "encoder", "head", "prompts", "n_slides", "n_patients"] + [
+        f"{name}{suffix}" for name in METRICS
+        for suffix in ("", "_lo", "_hi", "_fold_mean", "_fold_sd")
+    ]
+    write_table(out, rows, columns)
+    return rows
+
+
+def plot_roc(predictions_files: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str]) -> None:
+    """ROC curves of the out-of-fold predictions of several heads of one task, in one figure.
+
+    One panel per class (one-vs-rest; a single panel for the second class of a two-class
+    task), one curve per (encoder, head), with its AUROC in the legend.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from wsitools.metrics import binary_auroc
+
+    runs = []
+    for path in predictions_files:
+        with open(path, newline="") as f:
+            table = list(csv.DictReader(f))
+        if not table or "label" not in table[0]:
+            raise DataError(f"predictions {path} have no rows with a 'label' column")
+        classes = [c[len("prob_"):] for c in table[0] if c.startswith("prob_")]
+        labels = np.array([r["label"] for r in table])
+        probs = np.array([[float(r[f"prob_{c}"]) for c in classes] for r in table])
+        runs.append(("/".join(head_of(path)[1:]), classes, labels, probs))
+    classes = runs[0][1]
+    panels = classes[1:] if len(classes) == 2 else classes
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), squeeze=False)
+    for ax, cls in zip(axes[0], panels):
+        for name, run_classes, labels, probs in runs:
+            positive = labels == cls
+            scores = probs[:, run_classes.index(cls)]
+            fpr, tpr = roc_points(positive, scores)
+            ax.plot(fpr, tpr, lw=1.8, label=f"{name} (AUROC {binary_auroc(positive, scores):.3f})")
+        ax.plot([0, 1], [0, 1], color="0.7", lw=1, ls="--")
+        ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate", ylabel="true positive rate",
+               title=f"{cls} vs " + ("rest" if len(classes) > 2 else classes[0]), aspect="equal")
+        ax.legend(loc="lower right", fontsize=7)
+    fig.tight_layout()
+    with atomic_path(out, overwrite=True) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
