@@ -65,3 +65,10 @@ def test_tile_rejects_unsafe_slide_ids(tmp_path, synthetic_svs, capsys):
 def test_tile_bad_parameters(synthetic_svs, tmp_path, capsys):
     assert main(["tile", str(synthetic_svs), "--out", str(tmp_path), "--overlap", "300"]) == 2
     assert "overlap" in capsys.readouterr().err
+
+
+def test_info_on_a_file_name_that_is_no_safe_id(synthetic_svs, tmp_path, capsys):
+    spaced = tmp_path / "scan 7.svs"
+    spaced.write_bytes(synthetic_svs.read_bytes())
+    assert main(["info", str(spaced), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["name"] == "scan 7.svs"

@@ -182,3 +182,21 @@ def test_store_provenance_attributes(synthetic_svs, tmp_path):
     tiles = zarr.open_array(str(tmp_path / "synth_svs.zarr" / "tiles"), mode="r")
     assert tiles.chunks[0] == 64  # many tiles per chunk
     assert tiles.compressors  # compressed
+
+
+def test_any_failure_of_one_slide_is_recorded_and_the_rest_go_on(synthetic_svs, blank_svs, tmp_path, monkeypatch):
+    import wsitools.tiling as tiling
+
+    real = tiling.detect_tissue
+
+    def broken_decoder(slide, p):
+        if slide.path.name == "blank.svs":
+            raise ValueError("corrupt JPEG tile")
+        return real(slide, p)
+
+    monkeypatch.setattr(tiling, "detect_tissue", broken_decoder)
+    records = tiling.tile_slides([blank_svs, synthetic_svs], tmp_path, params(), progress=False)
+    assert [r["status"] for r in records] == ["failed", "ok"]
+    qc = json.loads((tmp_path / "blank.qc.json").read_text())
+    assert qc["status"] == "failed" and "ValueError: corrupt JPEG tile" in qc["reason"]
+    assert "blank.svs" in qc["reason"]

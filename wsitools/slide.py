@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from wsitools.errors import SlideError
-from wsitools.types import MPP_MAX, MPP_MIN, Level0Px, MicronsPerPixel, slide_id_from_path
+from wsitools.types import MPP_MAX, MPP_MIN, Level0Px, MicronsPerPixel
 
 Backend = Literal["auto", "openslide", "tiffslide"]
 
@@ -160,10 +160,6 @@ class Slide(ABC):
 
     # --- the uniform interface -----------------------------------------------------------
     @property
-    def slide_id(self) -> str:
-        return slide_id_from_path(str(self.path))
-
-    @property
     def level_count(self) -> int:
         return len(self.level_dimensions)
 
@@ -264,7 +260,7 @@ class Slide(ABC):
         """Everything ``wsitools info`` prints, JSON-serialisable."""
         return {
             "path": str(self.path),
-            "slide_id": self.slide_id,
+            "name": self.path.name,
             "backend": self.backend,
             "vendor": self.vendor,
             "dimensions": list(self.dimensions),

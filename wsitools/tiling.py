@@ -391,9 +391,13 @@ def tile_slides(
             continue
         try:
             records.append(tile_slide(path, out_dir, params, slide_id=slide_id, **kwargs))
-        except WsiToolsError as exc:
-            log.error("%s", exc)
-            record = _qc_record(slide_id, path, "failed", str(exc))
+        except Exception as exc:  # noqa: BLE001 - any failure of one slide is that slide's QC record
+            reason = str(exc) if isinstance(exc, WsiToolsError) else f"{path}: {type(exc).__name__}: {exc}"
+            if isinstance(exc, WsiToolsError):
+                log.error("%s", reason)
+            else:
+                log.exception("%s", reason)
+            record = _qc_record(slide_id, path, "failed", reason)
             write_json_atomic(Path(out_dir) / f"{slide_id}.qc.json", record)
             records.append(record)
     return records

@@ -25,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2))
         return 0
     print(f"{info['path']}")
-    for key in ("slide_id", "backend", "vendor", "objective_power", "mpp", "mpp_source"):
+    for key in ("name", "backend", "vendor", "objective_power", "mpp", "mpp_source"):
         print(f"  {key:16s} {info[key]}")
     print(f"  {'dimensions':16s} {info['dimensions'][0]} x {info['dimensions'][1]}")
     print("  levels:")
