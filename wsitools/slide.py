@@ -399,7 +399,11 @@ class TiffSlideSlide(Slide):
         w, h = size
         tw, th = page.tilewidth, page.tilelength
         across = -(-page.imagewidth // tw)
-        out = np.full((h, w, page.samplesperpixel), 255, np.uint8)
+        out = np.empty((h, w, page.samplesperpixel), np.uint8)
+        inside_w = min(x + w, page.imagewidth) - max(x, 0)
+        inside_h = min(y + h, page.imagelength) - max(y, 0)
+        if x < 0 or y < 0 or inside_w < w or inside_h < h:
+            out.fill(255)  # part of the region is off the image
         tx0, ty0 = max(0, x // tw), max(0, y // th)
         tx1 = min(across - 1, (x + w - 1) // tw)
         ty1 = min(-(-page.imagelength // th) - 1, (y + h - 1) // th)

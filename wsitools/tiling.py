@@ -25,7 +25,7 @@ from wsitools import __version__
 from wsitools.errors import StoreError, WsiToolsError
 from wsitools.io import atomic_path, available_cpus, stable_hash, write_json_atomic
 from wsitools.slide import Backend, Slide, open_slide
-from wsitools.store import CHUNK_TILES, FORMAT_VERSION, create_patch_store, read_store_attrs
+from wsitools.store import CHUNK_TILES, FORMAT_VERSION, create_patch_store, read_store_attrs, write_tile_chunk
 from wsitools.tissue import TissueParams, TissueResult, detect_tissue, params_dict, tissue_fraction, write_qc
 from wsitools.types import MicronsPerPixel, TargetPx, check_slide_id, slide_id_from_path
 
@@ -111,8 +111,10 @@ class TileGeometry:
 
     @property
     def block_tiles(self) -> int:
-        """Tiles per side of one block read, so a block stays under MAX_BLOCK_READ px."""
-        return int(np.clip(MAX_BLOCK_READ // max(1.0, self.stride * self.resize_factor), 1, 16))
+        """Tiles per side of one block: 8, so that a full chunk of 64 tiles is one square block
+        (fewest source tiles decoded per tile kept), fewer if a block would exceed
+        MAX_BLOCK_READ px of the level read."""
+        return int(np.clip(MAX_BLOCK_READ // max(1.0, self.stride * self.resize_factor), 1, 8))
 
     def level0(self, grid: np.ndarray) -> np.ndarray:
         """Level-0 top-left corners of grid cells [N, 2] (i, j)."""
@@ -197,11 +199,8 @@ def _write_chunk(
     start: int,
 ) -> int:
     """Read the tiles of one zarr chunk and write them (chunk-aligned: no two tasks share a chunk)."""
-    import zarr
-
     tiles = read_tiles(_cached_slide(*slide_args), geometry, grid)
-    # every chunk holds tissue: skip zarr's scan for empty chunks
-    zarr.open_array(tiles_path, mode="r+", config={"write_empty_chunks": True})[start : start + len(grid)] = tiles
+    write_tile_chunk(tiles_path, start // CHUNK_TILES, tiles)
     return len(grid)
 
 
