@@ -1,0 +1,111 @@
+"""Metrics against values worked out by hand (and against scikit-learn where it is installed)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from wsitools.metrics import (
+    auroc,
+    average_ranks,
+    balanced_accuracy,
+    binary_auroc,
+    bootstrap_ci,
+    classification_metrics,
+    confusion_matrix,
+    f1_macro,
+    mean_sd,
+    metrics_report,
+)
+
+
+def test_average_ranks_share_ties():
+    np.testing.assert_allclose(average_ranks(np.array([3.0, 1.0, 3.0, 2.0])), [3.5, 1.0, 3.5, 2.0])
+
+
+def test_binary_auroc_by_hand():
+    # 3 positives x 2 negatives = 6 pairs; positive wins: (0.9 > 0.1, 0.3), (0.4 > 0.1, 0.3), 0.2 > 0.1.
+    y = np.array([1, 1, 1, 0, 0], bool)
+    s = np.array([0.9, 0.4, 0.2, 0.3, 0.1])
+    assert binary_auroc(y, s) == pytest.approx(5 / 6)
+    # A tie between a positive and a negative counts one half.
+    assert binary_auroc(np.array([1, 0], bool), np.array([0.5, 0.5])) == pytest.approx(0.5)
+    assert binary_auroc(np.array([1, 1, 0], bool), np.array([0.5, 0.7, 0.5])) == pytest.approx(0.75)
+    assert math.isnan(binary_auroc(np.array([1, 1], bool), np.array([0.1, 0.2])))
+
+
+def test_auroc_binary_and_one_vs_rest_macro():
+    y = np.array([0, 0, 1, 1])
+    probs = np.array([[0.9, 0.1], [0.6, 0.4], [0.65, 0.35], [0.2, 0.8]])
+    assert auroc(y, probs) == pytest.approx(0.75)  # score = P(class 1): 0.35 < 0.4 loses one pair
+    y3 = np.array([0, 1, 2, 2])
+    p3 = np.array([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.5, 0.1, 0.4], [0.1, 0.1, 0.8]])
+    # class 0 vs rest: 0.8 beats 0.1, 0.5, 0.1 -> 1; class 1: 0.8 beats all -> 1;
+    # class 2 (pos 0.4, 0.8; neg 0.1, 0.1) -> 1. Then break class 2: positive 0.4 below negative 0.5.
+    assert auroc(y3, p3) == pytest.approx(1.0)
+    p3b = p3.copy()
+    p3b[2] = [0.3, 0.2, 0.05]
+    # class 0: pos 0.8 vs 0.1, 0.3, 0.1 -> 1; class 1: pos 0.8 -> 1; class 2: pos 0.05, 0.8 vs 0.1, 0.1 -> 2/4.
+    assert auroc(y3, p3b) == pytest.approx((1 + 1 + 0.5) / 3)
+
+
+def test_confusion_balanced_accuracy_f1_by_hand():
+    y = np.array([0, 0, 0, 0, 1, 1, 2])
+    p = np.array([0, 0, 0, 1, 1, 0, 2])
+    cm = confusion_matrix(y, p, 3)
+    np.testing.assert_array_equal(cm, [[3, 1, 0], [1, 1, 0], [0, 0, 1]])
+    assert balanced_accuracy(y, p, 3) == pytest.approx((3 / 4 + 1 / 2 + 1) / 3)
+    # F1 per class: 2TP/(2TP+FP+FN): c0 6/8, c1 2/4, c2 2/2
+    assert f1_macro(y, p, 3) == pytest.approx((6 / 8 + 2 / 4 + 1) / 3)
+    # A class absent from truth and predictions does not drag the macro mean down.
+    assert f1_macro(y, p, 4) == pytest.approx(f1_macro(y, p, 3))
+
+
+def test_against_sklearn_on_random_data():
+    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 300)
+    logits = rng.standard_normal((300, 3)) + np.eye(3)[y] * 1.2
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    pred = probs.argmax(1)
+    ours = classification_metrics(y, probs)
+    assert ours["auroc"] == pytest.approx(sklearn_metrics.roc_auc_score(y, probs, multi_class="ovr", average="macro"))
+    assert ours["balanced_accuracy"] == pytest.approx(sklearn_metrics.balanced_accuracy_score(y, pred))
+    assert ours["f1"] == pytest.approx(sklearn_metrics.f1_score(y, pred, average="macro"))
+    yb = (y == 1).astype(int)
+    assert binary_auroc(yb == 1, probs[:, 1]) == pytest.approx(sklearn_metrics.roc_auc_score(yb, probs[:, 1]))
+
+
+def test_bootstrap_interval_brackets_estimate_and_narrows_with_n():
+    rng = np.random.default_rng(1)
+
+    def sample(n):
+        y = rng.integers(0, 2, n)
+        score = np.clip(0.5 + (y - 0.5) * 0.4 + rng.normal(0, 0.3, n), 0, 1)
+        return y, np.stack([1 - score, score], 1)
+
+    y_small, p_small = sample(60)
+    y_big, p_big = sample(2000)
+    small = bootstrap_ci(y_small, p_small, n_boot=300, seed=0)
+    big = bootstrap_ci(y_big, p_big, n_boot=300, seed=0)
+    point = classification_metrics(y_small, p_small)["auroc"]
+    assert small["auroc"][0] <= point <= small["auroc"][1]
+    assert big["auroc"][1] - big["auroc"][0] < (small["auroc"][1] - small["auroc"][0]) / 2
+    assert bootstrap_ci(y_small, p_small, n_boot=50, seed=3) == bootstrap_ci(y_small, p_small, n_boot=50, seed=3)
+
+
+def test_report_is_json_ready_and_nulls_undefined():
+    y = np.array([0, 0, 0])
+    p = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7]])
+    rep = metrics_report(y, p, class_names=["a", "b"], n_boot=20)
+    assert rep["auroc"] is None and rep["auroc_ci95"] == [None, None]
+    assert rep["accuracy"] == pytest.approx(2 / 3)
+    assert rep["confusion_matrix"]["rows_true_cols_pred"] == [[2, 1], [0, 0]]
+    assert rep["support"] == {"a": 3, "b": 0}
+    agg = mean_sd([{"auroc": 0.8, "balanced_accuracy": 0.7, "f1": 0.6, "accuracy": 0.7},
+                   {"auroc": 1.0, "balanced_accuracy": None, "f1": 0.8, "accuracy": 0.9}])
+    assert agg["auroc"]["mean"] == pytest.approx(0.9)
+    assert agg["auroc"]["sd"] == pytest.approx(np.std([0.8, 1.0], ddof=1), abs=1e-6)  # rounded to 6 places
+    assert agg["balanced_accuracy"] == {"mean": 0.7, "sd": None, "n_folds": 1}

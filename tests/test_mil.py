@@ -1,0 +1,242 @@
+"""MIL heads on a synthetic cohort with planted key instances: accuracy, attention, files, CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from wsitools.cli import main  # noqa: E402
+from wsitools.errors import DataError, ModelError  # noqa: E402
+from wsitools.mil import train as train_module  # noqa: E402
+from wsitools.mil.config import TrainConfig  # noqa: E402
+from wsitools.mil.heads import load_head, save_head  # noqa: E402
+from wsitools.mil.predict import predict  # noqa: E402
+from wsitools.mil.synthetic import make_bag_cohort  # noqa: E402
+from wsitools.mil.train import train  # noqa: E402
+
+TASK = """name: synthetic
+description: synthetic feature bags; positives hold a few planted instances
+classes:
+  neg: background instances only
+  pos: a few instances from another distribution
+"""
+FAST = TrainConfig(epochs=20, patience=8, lr=5e-4, n_boot=200)
+
+
+def _write_labels(path, bags, parts=None):
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["slide_id", "label", "patient_id"] + (["split"] if parts else []))
+        for i, b in enumerate(bags):
+            w.writerow([b.slide_id, b.label, b.patient_id] + ([parts[i]] if parts else []))
+    return path
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    """90 bags of 60-120 16-d instances; positives hold 3-6 planted ones. Split 45/15/30."""
+    root = tmp_path_factory.mktemp("mil")
+    bags = make_bag_cohort(root / "features", n_slides=90, n_tiles=(60, 120), n_planted=(3, 6), dim=16,
+                           shift=6.0, seed=0)
+    parts = ["train"] * 45 + ["val"] * 15 + ["test"] * 30
+    (root / "task.yaml").write_text(TASK)
+    return {"root": root, "bags": bags, "labels": _write_labels(root / "labels.csv", bags, parts),
+            "task": root / "task.yaml", "test": bags[60:]}
+
+
+@pytest.fixture(scope="module")
+def trained(cohort):
+    """Both heads trained once on the cohort (shared by the tests below)."""
+    out = {}
+    for head, prompts in (("abmil", ()), ("pathotune", ("tvp", "ttp", "ivp"))):
+        out[head] = cohort["root"] / f"heads_{head}"
+        train(features_dir=cohort["root"] / "features", labels=cohort["labels"], task=cohort["task"],
+              out_dir=out[head], head=head, prompts=prompts, config=FAST, progress=False,
+              text_cache_dir=cohort["root"] / "text_cache")
+    return out
+
+
+@pytest.mark.parametrize("head", ["abmil", "pathotune"])
+def test_heads_separate_held_out_bags_and_attend_to_planted_instances(cohort, trained, head):
+    metrics = json.loads((trained[head] / "metrics.json").read_text())
+    assert metrics["pooled"]["n"] == 30
+    assert metrics["pooled"]["auroc"] >= 0.95
+    lo, hi = metrics["pooled"]["auroc_ci95"]
+    assert lo <= metrics["pooled"]["auroc"] <= hi
+    shares, top_hits = [], []
+    for bag in cohort["test"]:
+        if bag.label != "pos":
+            continue
+        with h5py.File(trained[head] / "attention" / f"{bag.slide_id}.h5") as f:
+            a = f["attention"][()]
+            np.testing.assert_array_equal(f["coords"][()], h5py.File(bag.path)["coords"][()])
+        assert a.sum() == pytest.approx(1.0, abs=1e-4)
+        shares.append(a[bag.planted].sum())
+        top_hits.append(int(np.argmax(a)) in bag.planted)
+    # A few planted instances among 60-120 hold most of the attention.
+    assert np.mean(shares) > 0.6
+    assert np.mean(top_hits) >= 0.8
+
+
+def test_output_layout(cohort, trained):
+    out = trained["pathotune"]
+    for name in ("run.json", "splits.csv", "metrics.json", "predictions.csv", "curves.csv", "curves.png"):
+        assert (out / name).is_file(), name
+    fold = out / "fold_0"
+    for name in ("model.safetensors", "config.json", "metrics.json", "predictions.csv", "curves.csv", "curves.png"):
+        assert (fold / name).is_file(), name
+    assert sorted(p.stem for p in (out / "attention").glob("*.h5")) == sorted(b.slide_id for b in cohort["test"])
+    config = json.loads((fold / "config.json").read_text())
+    assert config["config"]["prompts"] == ["tvp", "ttp", "ivp"] and config["classes"] == ["neg", "pos"]
+    assert config["text"]["prompts"][1] == "neg: background instances only"
+    with open(out / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 30 and {r["pred"] for r in rows} <= {"neg", "pos"}
+    for r in rows:
+        assert float(r["prob_neg"]) + float(r["prob_pos"]) == pytest.approx(1.0, abs=1e-5)
+    curves = list(csv.DictReader(open(fold / "curves.csv")))
+    assert int(curves[-1]["epoch"]) + 1 == len(curves) and len(curves) <= FAST.epochs
+    best = json.loads((fold / "metrics.json").read_text())["best_epoch"]
+    assert float(curves[best]["val_loss"]) == min(float(c["val_loss"]) for c in curves)
+    with open(out / "splits.csv") as f:
+        parts = [r["part"] for r in csv.DictReader(f)]
+    assert (parts.count("train"), parts.count("val"), parts.count("test")) == (45, 15, 30)
+
+
+@pytest.mark.parametrize("head", ["abmil", "pathotune"])
+def test_predict_reproduces_the_held_out_predictions(cohort, trained, head, tmp_path):
+    test_ids = [b.slide_id for b in cohort["test"]]
+    results = predict(trained[head], cohort["root"] / "features", tmp_path / "pred", slides=test_ids, progress=False)
+    train_rows = {r["slide_id"]: r for r in csv.DictReader(open(trained[head] / "predictions.csv"))}
+    pred_rows = {r["slide_id"]: r for r in csv.DictReader(open(tmp_path / "pred" / "predictions.csv"))}
+    assert set(pred_rows) == set(test_ids) and len(results) == 30
+    for sid in test_ids:
+        assert float(pred_rows[sid]["prob_pos"]) == pytest.approx(float(train_rows[sid]["prob_pos"]), abs=2e-6)
+        with h5py.File(trained[head] / "attention" / f"{sid}.h5") as a, \
+                h5py.File(tmp_path / "pred" / "attention" / f"{sid}.h5") as b:
+            np.testing.assert_allclose(b["attention"][()], a["attention"][()], atol=1e-6)
+            assert b.attrs["pred"] == pred_rows[sid]["pred"]
+
+
+def test_predict_cli_on_unlabelled_slides_skips_bad_ones(cohort, trained, tmp_path, capsys):
+    feats = tmp_path / "new"
+    new = make_bag_cohort(feats, n_slides=4, n_tiles=(50, 60), n_planted=(5, 5), dim=16, shift=6.0, seed=7)
+    (feats / "broken.h5").write_bytes(b"not hdf5")
+    rc = main(["predict", "--model", str(trained["abmil"]), "--features", str(feats), "--out", str(tmp_path / "p"),
+               "--quiet", "--threads", "1"])
+    assert rc == 0
+    info = json.loads((tmp_path / "p" / "predict.json").read_text())
+    assert info["n_models"] == 1 and list(info["skipped"]) == ["broken"]
+    rows = {r["slide_id"]: r for r in csv.DictReader(open(tmp_path / "p" / "predictions.csv"))}
+    assert set(rows) == {b.slide_id for b in new}
+    for b in new:
+        assert rows[b.slide_id]["pred"] == b.label
+    rc = main(["predict", "--model", str(trained["abmil"]), "--features", str(feats), "--out", str(tmp_path / "q"),
+               "--quiet", "--strict", "--threads", "1"])
+    assert rc == 2 and "broken" in capsys.readouterr().err and not (tmp_path / "q").exists()
+
+
+def test_meanpool_probe_on_a_mean_shifted_cohort(tmp_path):
+    bags = make_bag_cohort(tmp_path / "f", n_slides=40, n_tiles=(40, 60), n_planted=(15, 25), dim=8, shift=2.0, seed=2)
+    labels = _write_labels(tmp_path / "l.csv", bags, ["train"] * 20 + ["val"] * 8 + ["test"] * 12)
+    (tmp_path / "task.yaml").write_text(TASK)
+    summary = train(features_dir=tmp_path / "f", labels=labels, task=tmp_path / "task.yaml", out_dir=tmp_path / "o",
+                    head="meanpool", config=TrainConfig(epochs=30, patience=10, lr=1e-2, n_boot=50), progress=False)
+    assert summary["pooled"]["auroc"] >= 0.95
+    with h5py.File(tmp_path / "o" / "attention" / f"{bags[-1].slide_id}.h5") as f:
+        a = f["attention"][()]
+    np.testing.assert_allclose(a, 1.0 / len(a), rtol=1e-6)
+
+
+def test_kfold_training_is_reproducible_and_seeded(tmp_path):
+    bags = make_bag_cohort(tmp_path / "f", n_slides=24, n_tiles=(20, 30), dim=8, shift=6.0, seed=4,
+                           slides_per_patient=2)
+    labels = _write_labels(tmp_path / "l.csv", bags)
+    (tmp_path / "task.yaml").write_text(TASK)
+    cfg = TrainConfig(epochs=3, folds=3, n_boot=20, seed=5)
+    kw = dict(features_dir=tmp_path / "f", labels=labels, task=tmp_path / "task.yaml", head="abmil", progress=False)
+    s1 = train(out_dir=tmp_path / "a", config=cfg, **kw)
+    train(out_dir=tmp_path / "b", config=cfg, **kw)
+    train(out_dir=tmp_path / "c", config=TrainConfig(epochs=3, folds=3, n_boot=20, seed=6), **kw)
+    assert len(s1["folds"]) == 3 and s1["pooled"]["n"] == 24
+    assert (tmp_path / "a/predictions.csv").read_bytes() == (tmp_path / "b/predictions.csv").read_bytes()
+    for k in range(3):
+        a, b = (load_file(tmp_path / f"{run}/fold_{k}/model.safetensors") for run in "ab")
+        assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+    assert (tmp_path / "a/predictions.csv").read_bytes() != (tmp_path / "c/predictions.csv").read_bytes()
+    splits = list(csv.DictReader(open(tmp_path / "a/splits.csv")))
+    for k in range(3):
+        parts = {}
+        for r in splits:
+            if int(r["fold"]) == k:
+                parts.setdefault(r["part"], set()).add(r["patient_id"])
+        assert not (parts["train"] & parts["test"] or parts["val"] & parts["test"] or parts["train"] & parts["val"])
+
+
+def test_train_cli_skips_missing_features_or_fails_strictly(tmp_path, capsys, caplog):
+    bags = make_bag_cohort(tmp_path / "f", n_slides=12, n_tiles=(10, 20), dim=4, seed=1)
+    labels = _write_labels(tmp_path / "l.csv", bags, ["train"] * 6 + ["val"] * 3 + ["test"] * 3)
+    with open(labels, "a") as f:
+        f.write("qc_failed_slide,pos,px,train\n")
+    (tmp_path / "task.yaml").write_text(TASK)
+    args = ["train", "--features", str(tmp_path / "f"), "--labels", str(labels), "--task", str(tmp_path / "task.yaml"),
+            "--head", "abmil", "--epochs", "2", "--bootstrap", "10", "--quiet", "--threads", "1"]
+    assert main(args + ["--out", str(tmp_path / "o")]) == 0
+    assert "qc_failed_slide" in caplog.text
+    assert "qc_failed_slide" in json.loads((tmp_path / "o" / "run.json").read_text())["skipped"]
+    assert "auroc" in capsys.readouterr().out
+    assert main(args + ["--out", str(tmp_path / "strict"), "--strict"]) == 2
+    assert "qc_failed_slide: no feature store" in capsys.readouterr().err
+    assert not (tmp_path / "strict").exists()
+    assert main(args + ["--out", str(tmp_path / "o")]) == 2  # exists, no --overwrite
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(args + ["--out", str(tmp_path / "x"), "--prompts", "tvp"]) == 2  # prompts are pathotune's
+
+
+def test_a_failed_run_leaves_no_output(tmp_path, monkeypatch):
+    bags = make_bag_cohort(tmp_path / "f", n_slides=16, n_tiles=(10, 20), dim=4, seed=1)
+    labels = _write_labels(tmp_path / "l.csv", bags)
+    (tmp_path / "task.yaml").write_text(TASK)
+    calls = []
+    real = train_module.train_fold
+
+    def fail_on_second_fold(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_fold", fail_on_second_fold)
+    with pytest.raises(RuntimeError, match="killed"):
+        train(features_dir=tmp_path / "f", labels=labels, task=tmp_path / "task.yaml", out_dir=tmp_path / "o",
+              config=TrainConfig(epochs=1, folds=2, n_boot=5), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f", "l.csv", "task.yaml"]
+
+
+def test_saved_head_round_trip_and_mismatch_is_named(trained, tmp_path):
+    saved = load_head(trained["pathotune"] / "fold_0")
+    assert saved.classes == ["neg", "pos"] and saved.config.text_dim == 384
+    x = torch.randn(50, 16)
+    again = load_head(save_head(saved.model, tmp_path / "copy", meta=saved.meta))
+    torch.testing.assert_close(again.model(x).logits, saved.model(x).logits)
+    abmil_weights = (trained["abmil"] / "fold_0" / "model.safetensors").read_bytes()
+    (tmp_path / "copy" / "model.safetensors").write_bytes(abmil_weights)
+    with pytest.raises(ModelError, match="weights do not match the pathotune head"):
+        load_head(tmp_path / "copy")
+    with pytest.raises(ModelError, match="no trained head"):
+        predict(tmp_path, tmp_path, tmp_path / "out")
+
+
+def test_predict_rejects_features_of_another_width(trained, tmp_path):
+    make_bag_cohort(tmp_path / "f", n_slides=2, n_tiles=(5, 6), dim=12, seed=0)
+    with pytest.raises(DataError, match="features are 12-d, the head expects 16-d"):
+        predict(trained["abmil"], tmp_path / "f", tmp_path / "out", strict=True, progress=False)

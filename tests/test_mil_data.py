@@ -1,0 +1,178 @@
+"""Labels tables, cohort checks (bad inputs named) and patient-level folds."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from wsitools.errors import DataError
+from wsitools.mil.data import (
+    build_cohort,
+    class_weights,
+    patient_kfold,
+    read_features,
+    read_labels,
+    sample_index,
+    user_folds,
+)
+from wsitools.mil.synthetic import make_bag_cohort, write_feature_store
+
+CLASSES = ("neg", "pos")
+
+
+def _labels(path, rows, header=("slide_id", "label", "patient_id")):
+    path.write_text("\n".join(",".join(map(str, r)) for r in [header, *rows]) + "\n")
+    return path
+
+
+@pytest.fixture()
+def cohort_dir(tmp_path):
+    bags = make_bag_cohort(tmp_path / "feats", n_slides=8, n_tiles=(5, 9), dim=6, seed=3)
+    return tmp_path, bags
+
+
+def test_read_labels_csv_tsv_and_defaults(tmp_path):
+    rows = read_labels(_labels(tmp_path / "l.csv", [("a", "neg", "p1"), ("b", "pos", "")]))
+    assert [(r.slide_id, r.label, r.patient_id) for r in rows] == [("a", "neg", "p1"), ("b", "pos", "b")]
+    tsv = tmp_path / "l.tsv"
+    tsv.write_text("slide_id\tlabel\tsplit\na\tneg\ttrain\nb\tpos\ttest\n")
+    assert [r.split for r in read_labels(tsv)] == ["train", "test"]
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("slide\tlabel\na\tneg\n", "no 'slide_id' column"),
+        ("slide_id,label\na,neg\na,pos\n", "line 3: slide a appears twice"),
+        ("slide_id,label\n../x,neg\n", "line 2: unsafe slide id"),
+        ("slide_id,label\na,\n", "slide a has an empty label"),
+        ("slide_id,label,split\na,neg,training\n", "split 'training'"),
+        ("slide_id,label,fold\na,neg,one\n", "fold 'one', not an integer"),
+        ("slide_id,label,split,fold\na,neg,train,1\n", "either a 'split' or a 'fold'"),
+        ("slide_id,label,split\na,neg,train\nb,pos,\n", "split is empty for slides b"),
+    ],
+)
+def test_bad_labels_tables_are_named(tmp_path, content, message):
+    path = tmp_path / "labels.csv"
+    path.write_text(content)
+    with pytest.raises(DataError, match=message) as err:
+        read_labels(path)
+    assert str(path) in str(err.value)
+
+
+def test_missing_feature_store_is_skipped_with_warning_or_strict_error(cohort_dir, caplog):
+    root, bags = cohort_dir
+    rows = [(b.slide_id, b.label, b.patient_id) for b in bags] + [("failed_qc_slide", "pos", "p9")]
+    labels = read_labels(_labels(root / "l.csv", rows))
+    with caplog.at_level(logging.WARNING):
+        cohort = build_cohort(labels, root / "feats", CLASSES)
+    assert "failed_qc_slide" not in cohort.slide_ids and len(cohort) == 8
+    assert "failed_qc_slide" in cohort.skipped and "no feature store" in cohort.skipped["failed_qc_slide"]
+    assert "failed_qc_slide" in caplog.text
+    with pytest.raises(DataError, match="failed_qc_slide: no feature store"):
+        build_cohort(labels, root / "feats", CLASSES, strict=True)
+
+
+def test_feature_store_without_label_is_warned_and_ignored(cohort_dir, caplog):
+    root, bags = cohort_dir
+    labels = read_labels(_labels(root / "l.csv", [(b.slide_id, b.label, b.patient_id) for b in bags[:-1]]))
+    with caplog.at_level(logging.WARNING):
+        cohort = build_cohort(labels, root / "feats", CLASSES)
+    assert bags[-1].slide_id not in cohort.slide_ids
+    assert f"have no label and are ignored: {bags[-1].slide_id}" in caplog.text
+
+
+def test_nan_feature_is_named(cohort_dir, caplog):
+    root, bags = cohort_dir
+    feats = read_features(bags[2].path).numpy()
+    feats[3, 1] = np.nan
+    write_feature_store(bags[2].path, feats)
+    labels = read_labels(_labels(root / "l.csv", [(b.slide_id, b.label, b.patient_id) for b in bags]))
+    with caplog.at_level(logging.WARNING):
+        cohort = build_cohort(labels, root / "feats", CLASSES)
+    assert bags[2].slide_id not in cohort.slide_ids
+    assert "non-finite" in cohort.skipped[bags[2].slide_id] and "first row 3" in cohort.skipped[bags[2].slide_id]
+    with pytest.raises(DataError, match=f"{bags[2].slide_id}: .*non-finite"):
+        build_cohort(labels, root / "feats", CLASSES, strict=True)
+
+
+def test_mismatched_feature_dims_name_the_odd_slide(cohort_dir):
+    root, bags = cohort_dir
+    write_feature_store(bags[5].path, np.zeros((4, 7), np.float32))
+    labels = read_labels(_labels(root / "l.csv", [(b.slide_id, b.label, b.patient_id) for b in bags]))
+    with pytest.raises(DataError, match=f"most slides have D=6, but D=7: {bags[5].slide_id}"):
+        build_cohort(labels, root / "feats", CLASSES)
+
+
+def test_one_class_only_and_unknown_label(cohort_dir):
+    root, bags = cohort_dir
+    only_neg = [(b.slide_id, "neg", b.patient_id) for b in bags]
+    with pytest.raises(DataError, match="only one class \\('neg'\\)"):
+        build_cohort(read_labels(_labels(root / "a.csv", only_neg)), root / "feats", CLASSES)
+    odd = [(b.slide_id, b.label, b.patient_id) for b in bags[1:]] + [(bags[0].slide_id, "tumour", "p")]
+    with pytest.raises(DataError, match=f"slides {bags[0].slide_id} \\('tumour'\\)"):
+        build_cohort(read_labels(_labels(root / "b.csv", odd)), root / "feats", CLASSES)
+
+
+def test_patient_kfold_keeps_patients_together_and_stratifies():
+    rng = np.random.default_rng(0)
+    patients = [f"p{i // 3}" for i in range(90)]  # 30 patients, 3 slides each
+    plabel = rng.integers(0, 2, 30)
+    labels = np.array([plabel[i // 3] for i in range(90)])
+    folds = patient_kfold(labels, patients, n_folds=5, val_fraction=0.25, seed=1)
+    tested = np.concatenate([f.test for f in folds])
+    assert sorted(tested.tolist()) == list(range(90))  # every slide tested exactly once
+    for f in folds:
+        parts = [set(np.array(patients)[idx]) for idx in (f.train, f.val, f.test)]
+        assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
+        assert len(f.train) + len(f.val) + len(f.test) == 90
+        assert set(labels[f.val]) == {0, 1}
+        # stratified: each test fold's positive share is close to the cohort's
+        assert abs(labels[f.test].mean() - labels.mean()) < 0.2
+    again = patient_kfold(labels, patients, n_folds=5, val_fraction=0.25, seed=1)
+    assert all(np.array_equal(a.test, b.test) and np.array_equal(a.val, b.val) for a, b in zip(folds, again))
+    with pytest.raises(DataError, match="at least 5 patients per class"):
+        patient_kfold(np.array([0, 0, 0, 0, 0, 1, 1, 1]), [str(i) for i in range(8)], n_folds=5)
+
+
+def test_user_split_and_fold_columns(cohort_dir):
+    root, bags = cohort_dir
+    parts = ["train", "train", "train", "train", "val", "val", "test", "test"]
+    rows = [(b.slide_id, b.label, b.patient_id, s) for b, s in zip(bags, parts)]
+    cohort = build_cohort(read_labels(_labels(root / "s.csv", rows, ("slide_id", "label", "patient_id", "split"))),
+                          root / "feats", CLASSES)
+    (fold,) = user_folds(cohort)
+    assert fold.train.tolist() == [0, 1, 2, 3] and fold.val.tolist() == [4, 5] and fold.test.tolist() == [6, 7]
+    leaky = [(b.slide_id, b.label, "same_patient" if i in (0, 7) else b.patient_id, s)
+             for i, (b, s) in enumerate(zip(bags, parts))]
+    cohort = build_cohort(read_labels(_labels(root / "t.csv", leaky, ("slide_id", "label", "patient_id", "split"))),
+                          root / "feats", CLASSES)
+    with pytest.raises(DataError, match="same_patient in \\['test', 'train'\\]"):
+        user_folds(cohort)
+    fold_rows = [(b.slide_id, b.label, b.patient_id, i % 2) for i, b in enumerate(bags)]
+    cohort = build_cohort(read_labels(_labels(root / "f.csv", fold_rows, ("slide_id", "label", "patient_id", "fold"))),
+                          root / "feats", CLASSES)
+    folds = user_folds(cohort)
+    assert [f.test.tolist() for f in folds] == [[0, 2, 4, 6], [1, 3, 5, 7]]
+
+
+def test_class_weights_and_bag_sampling():
+    np.testing.assert_allclose(class_weights(np.array([0, 0, 0, 1]), 2), [4 / 6, 4 / 2])
+    rng = np.random.default_rng(0)
+    assert sample_index(100, 512, rng) is None and sample_index(100, None, rng) is None
+    idx = sample_index(1000, 64, rng)
+    assert len(idx) == 64 and len(set(idx.tolist())) == 64 and np.all(np.diff(idx) > 0)
+
+
+def test_read_features_rows_from_contiguous_and_chunked(tmp_path):
+    x = np.arange(200 * 4, dtype=np.float32).reshape(200, 4)
+    idx = np.array([150, 3, 77])
+    for chunks in (None, (16, 4)):
+        path = write_feature_store(tmp_path / f"s{chunks is None}.h5", x.astype(np.float16), chunks=chunks)
+        got = read_features(path, idx)
+        assert got.dtype == torch.float32 and got.shape == (3, 4)
+        np.testing.assert_array_equal(got.numpy(), x[np.sort(idx)])  # small integers are exact in float16
+        np.testing.assert_array_equal(read_features(path).numpy(), x)

@@ -1,0 +1,120 @@
+"""PathoTune prompt ablations: every subset trains and predicts, and every prompt kind is live."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from wsitools.errors import DataError, ModelError  # noqa: E402
+from wsitools.mil.config import TrainConfig  # noqa: E402
+from wsitools.mil.heads import HeadConfig, create_head  # noqa: E402
+from wsitools.mil.predict import predict  # noqa: E402
+from wsitools.mil.synthetic import make_bag_cohort  # noqa: E402
+from wsitools.mil.train import train  # noqa: E402
+
+TASK = """name: ablation
+description: synthetic bags
+stain: none
+classes:
+  neg: background only
+  pos: planted instances
+"""
+SUBSETS = [c for r in (1, 2, 3) for c in itertools.combinations(("tvp", "ttp", "ivp"), r)]
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ablation")
+    bags = make_bag_cohort(root / "f", n_slides=16, n_tiles=(20, 30), dim=8, shift=6.0, seed=3)
+    make_bag_cohort(root / "f2", n_slides=16, n_tiles=(20, 30), dim=5, shift=6.0, seed=3)  # a second encoder
+    with open(root / "labels.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["slide_id", "label", "split"])
+        for i, b in enumerate(bags):
+            w.writerow([b.slide_id, b.label, "train" if i < 8 else "val" if i < 12 else "test"])
+    (root / "task.yaml").write_text(TASK)
+    return root
+
+
+@pytest.mark.parametrize("prompts", SUBSETS, ids=lambda p: "+".join(p))
+def test_every_prompt_subset_trains_and_predicts(small, prompts, tmp_path):
+    out = tmp_path / "head"
+    summary = train(features_dir=small / "f", labels=small / "labels.csv", task=small / "task.yaml", out_dir=out,
+                    head="pathotune", prompts=prompts, config=TrainConfig(epochs=2, n_boot=10), progress=False,
+                    text_cache_dir=small / "text_cache", head_options={"dim": 32, "n_tvp": 3, "n_ivp": 2})
+    assert summary["prompts"] == list(prompts) and summary["pooled"]["n"] == 4
+    config = json.loads((out / "fold_0" / "config.json").read_text())["config"]
+    assert config["prompts"] == list(prompts)
+    results = predict(out, small / "f", tmp_path / "pred", progress=False)
+    assert len(results) == 16
+    for r in results:
+        assert r.probs.shape == (2,) and r.probs.sum() == pytest.approx(1.0, abs=1e-5)
+        assert r.attention.sum() == pytest.approx(1.0, abs=1e-4)
+
+
+def test_ivp_from_a_second_encoder(small, tmp_path):
+    out = tmp_path / "head"
+    train(features_dir=small / "f", labels=small / "labels.csv", task=small / "task.yaml", out_dir=out,
+          head="pathotune", prompts=("ivp",), ivp_features_dir=small / "f2", config=TrainConfig(epochs=2, n_boot=10),
+          progress=False, head_options={"dim": 32, "n_ivp": 2})
+    assert json.loads((out / "fold_0" / "config.json").read_text())["config"]["ivp_in_dim"] == 5
+    with pytest.raises(DataError, match="--ivp-features"):
+        predict(out, small / "f", tmp_path / "p1", progress=False)
+    assert len(predict(out, small / "f", tmp_path / "p2", ivp_features_dir=small / "f2", progress=False)) == 16
+    with pytest.raises(DataError, match="add ivp to --prompts"):
+        train(features_dir=small / "f", labels=small / "labels.csv", task=small / "task.yaml", out_dir=tmp_path / "x",
+              head="pathotune", prompts=("tvp",), ivp_features_dir=small / "f2", progress=False)
+
+
+def test_token_counts_and_every_prompt_kind_gets_gradient():
+    text = torch.randn(3, 24)  # task + 2 classes, 24-d text embeddings
+    cfg = HeadConfig(head="pathotune", in_dim=8, n_classes=2, dim=16, n_heads=2, prompts=("ivp", "ttp", "tvp"),
+                     n_tvp=5, n_ivp=3, text_dim=24, dropout=0.0)
+    assert cfg.prompts == ("tvp", "ttp", "ivp")  # canonical order whatever the input order
+    torch.manual_seed(0)
+    model = create_head(cfg, text_embeddings=text)
+    x = torch.randn(40, 8)
+    h = model.project(x)
+    assert model.prompt_tokens(h, None).shape == (5 + 3 + 3, 16)
+    out = model(x)
+    out.logits[1].backward()
+    for name in ("tvp", "ttp_project.0.weight", "ivp_refine.queries"):
+        grad = dict(model.named_parameters())[name].grad
+        assert grad is not None and grad.abs().sum() > 0, name
+    assert model.ttp_text.grad is None and not model.ttp_text.requires_grad  # the text stays frozen
+    # Different task texts change the prediction: TTP reaches the output.
+    other = create_head(cfg, text_embeddings=torch.randn(3, 24))
+    other.load_state_dict({**model.state_dict(), "ttp_text": torch.randn(3, 24)})
+    model.eval(), other.eval()
+    assert not torch.allclose(model(x).logits, other(x).logits)
+
+
+def test_cross_attention_is_linear_in_bag_size():
+    cfg = HeadConfig(head="pathotune", in_dim=8, n_classes=2, dim=16, n_heads=2, prompts=("tvp", "ivp"))
+    model = create_head(cfg).eval()
+    with torch.no_grad():
+        out = model(torch.randn(100_000, 8))  # a 100k-patch bag: [N, K] attention, never [N, N]
+    assert out.attention.shape == (100_000,) and np.isclose(float(out.attention.sum()), 1.0, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"head": "pathotune"}, "at least one prompt kind"),
+        ({"head": "abmil", "prompts": ("tvp",)}, "prompts are a pathotune option"),
+        ({"head": "pathotune", "prompts": ("ttp",)}, "need text_dim"),
+        ({"head": "pathotune", "prompts": ("xyz",)}, "unknown prompt kinds"),
+        ({"head": "transmil"}, "unknown head"),
+    ],
+)
+def test_bad_head_configs_are_named(kwargs, message):
+    with pytest.raises(ModelError, match=message):
+        HeadConfig(in_dim=8, n_classes=2, **kwargs)

@@ -1,0 +1,261 @@
+"""``wsitools train``, ``predict`` and ``heatmap``: slide-level MIL heads and their attention maps."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from wsitools.errors import DataError, WsiToolsError
+
+
+
+def _prompt_list(text: str) -> tuple[str, ...]:
+    kinds = tuple(p.strip().lower() for p in text.split(",") if p.strip())
+    bad = [k for k in kinds if k not in ("tvp", "ttp", "ivp")]
+    if bad or not kinds:
+        raise argparse.ArgumentTypeError(f"prompts must be a comma-separated subset of tvp,ttp,ivp, got {text!r}")
+    return kinds
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from wsitools.heatmap import DEFAULT_THUMBNAIL_MPP
+    from wsitools.mil.config import TrainConfig
+
+    d = TrainConfig()
+    t = sub.add_parser(
+        "train",
+        help="cross-validate an attention-MIL head on a labelled cohort of feature stores",
+        description="Train a slide-level head (abmil, pathotune with TVP/TTP/IVP prompts, or a mean-pooling "
+        "linear probe) with patient-level stratified k-fold (or the labels table's split/fold column). "
+        "Writes per-fold weights (safetensors + JSON), metrics.json with bootstrap 95% intervals, "
+        "predictions.csv, training curves and attention/{slide_id}.h5 into --out.",
+    )
+    t.add_argument("--features", required=True, metavar="DIR", help="feature stores: DIR/{slide_id}.h5")
+    t.add_argument("--labels", required=True, metavar="FILE",
+                   help="CSV/TSV with slide_id, label, optional patient_id and split (train/val/test) or fold")
+    t.add_argument("--task", required=True, metavar="TASK.yaml",
+                   help="task description: name, description, optional stain, classes with descriptions")
+    t.add_argument("--head", choices=["abmil", "pathotune", "meanpool"], default="abmil")
+    t.add_argument("--prompts", type=_prompt_list, default=None, metavar="tvp,ttp,ivp",
+                   help="PathoTune prompt kinds (default for pathotune: all three)")
+    t.add_argument("--ivp-features", metavar="DIR", default=None,
+                   help="a second encoder's feature stores for the IVP refine module (default: the slide's own bag)")
+    t.add_argument("--folds", type=int, default=d.folds, help=f"folds of patient-level k-fold ({d.folds})")
+    t.add_argument("--val-fraction", type=float, default=d.val_fraction,
+                   help=f"patients of each training part held out for early stopping ({d.val_fraction})")
+    t.add_argument("--seed", type=int, default=d.seed, help=f"seed of splits, init and sampling ({d.seed})")
+    t.add_argument("--epochs", type=int, default=d.epochs, help=f"maximum epochs ({d.epochs})")
+    t.add_argument("--patience", type=int, default=d.patience,
+                   help=f"stop after this many epochs without a lower validation loss ({d.patience})")
+    t.add_argument("--lr", type=float, default=d.lr, help=f"AdamW learning rate ({d.lr:g})")
+    t.add_argument("--weight-decay", type=float, default=d.weight_decay, help=f"AdamW weight decay ({d.weight_decay:g})")
+    t.add_argument("--bag-size", type=int, default=d.bag_size,
+                   help=f"patches sampled per bag per training step; 0 = all ({d.bag_size})")
+    t.add_argument("--balance", choices=["weights", "sampling"], default=d.balance,
+                   help="class-weighted loss or class-balanced bag sampling (weights)")
+    t.add_argument("--dim", type=int, default=128, help="head width d (128)")
+    t.add_argument("--dropout", type=float, default=0.25, help="dropout (0.25)")
+    t.add_argument("--n-tvp", type=int, default=8, help="TVP tokens (8)")
+    t.add_argument("--n-ivp", type=int, default=4, help="IVP tokens (4)")
+    t.add_argument("--text-model", default=None, metavar="DIR",
+                   help="sentence-transformers / Hugging Face model directory for TTP (default: bundled MiniLM)")
+    t.add_argument("--text-cache", default=None, metavar="DIR",
+                   help="text embedding cache (default $WSITOOLS_CACHE/text or ~/.cache/wsitools/text)")
+    t.add_argument("--workers", type=int, default=d.workers, help=f"bag-reading worker processes ({d.workers})")
+    t.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: the CPUs this process may use, e.g. SLURM_CPUS_PER_TASK)")
+    t.add_argument("--bootstrap", type=int, default=d.n_boot, help=f"bootstrap resamples for 95%% intervals ({d.n_boot})")
+    t.add_argument("--strict", action="store_true",
+                   help="a labelled slide without a usable feature store is an error (default: warn and skip)")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    t.add_argument("--out", required=True, metavar="DIR", help="output, e.g. heads/{task}/{encoder}/{head}")
+    t.set_defaults(func=run_train)
+
+    p = sub.add_parser(
+        "predict",
+        help="predict slides (no labels needed) with a trained head or k-fold ensemble",
+        description="Average the probabilities and attention of every fold head in --model (or of one head "
+        "folder) on each feature store; write predictions.csv and attention/{slide_id}.h5 into --out.",
+    )
+    p.add_argument("--model", required=True, metavar="DIR", help="a `wsitools train` output, or one fold_K folder")
+    p.add_argument("--features", required=True, metavar="DIR", help="feature stores: DIR/{slide_id}.h5")
+    p.add_argument("--slides", nargs="+", default=None, metavar="SLIDE_ID", help="only these slides (default: all)")
+    p.add_argument("--ivp-features", metavar="DIR", default=None, help="second encoder's features, if the head used them")
+    p.add_argument("--strict", action="store_true", help="an unusable slide is an error (default: warn and skip)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the CPUs this process may use)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.set_defaults(func=run_predict)
+
+    h = sub.add_parser(
+        "heatmap",
+        help="draw attention heatmaps over slide thumbnails and montages of the most attended tiles",
+        description="For each attention file, write {slide_id}.heatmap.png (attention per tile over the slide "
+        "thumbnail, with a colour bar) and {slide_id}.top_tiles.png (the most attended tiles from the patch "
+        "store). Slide and patch store paths default to those recorded in the attention file.",
+    )
+    h.add_argument("--attention", nargs="+", required=True, metavar="PATH",
+                   help="attention .h5 files, or directories of them (e.g. heads/.../attention)")
+    h.add_argument("--slide", default=None, metavar="PATH",
+                   help="the slide file (one attention file), or a directory holding {slide_id}.* slides")
+    h.add_argument("--store", default=None, metavar="PATH",
+                   help="the patch store {slide_id}.zarr, or a directory of them (for the montage)")
+    h.add_argument("--mpp", type=float, default=DEFAULT_THUMBNAIL_MPP,
+                   help=f"thumbnail resolution in um/px ({DEFAULT_THUMBNAIL_MPP:g})")
+    h.add_argument("--top-k", type=int, default=16, help="tiles in the montage; 0 = no montage (16)")
+    h.add_argument("--alpha", type=float, default=0.5, help="heatmap opacity (0.5)")
+    h.add_argument("--scale", choices=["rank", "minmax"], default="rank",
+                   help="per-slide display scale: percentile rank or min-max (rank)")
+    h.add_argument("--quiet", action="store_true", help="no progress bar")
+    h.add_argument("--out", required=True, metavar="DIR")
+    h.set_defaults(func=run_heatmap)
+
+
+def _set_threads(threads: int | None) -> None:
+    """Pin torch's CPU threads: oversubscribed cores slow the small matmuls of MIL heads many-fold."""
+    import torch
+
+    from wsitools.io import available_cpus
+
+    torch.set_num_threads(max(1, threads or available_cpus()))
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from wsitools.mil.config import TrainConfig
+    from wsitools.mil.train import train
+
+    _set_threads(args.threads)
+    prompts = args.prompts
+    if args.head == "pathotune" and prompts is None:
+        prompts = ("tvp", "ttp", "ivp")
+    if args.head != "pathotune" and prompts:
+        raise DataError(f"--prompts applies to the pathotune head, not {args.head}")
+    config = TrainConfig(
+        epochs=args.epochs,
+        patience=args.patience,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        bag_size=args.bag_size or None,
+        balance=args.balance,
+        folds=args.folds,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        workers=args.workers,
+        n_boot=args.bootstrap,
+    )
+    head_options = {"dim": args.dim, "dropout": args.dropout}
+    if args.head == "pathotune":
+        head_options.update(n_tvp=args.n_tvp, n_ivp=args.n_ivp)
+    summary = train(
+        features_dir=args.features,
+        labels=args.labels,
+        task=args.task,
+        out_dir=args.out,
+        head=args.head,
+        prompts=prompts or (),
+        config=config,
+        head_options=head_options,
+        ivp_features_dir=args.ivp_features,
+        text_model=args.text_model,
+        text_cache_dir=args.text_cache,
+        strict=args.strict,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+    pooled = summary["pooled"]
+    for name in ("auroc", "balanced_accuracy", "f1"):
+        lo, hi = pooled[f"{name}_ci95"]
+        print(f"{name}\t{pooled[name]}\t95% CI [{lo}, {hi}]")
+    if summary["skipped"]:
+        print(f"skipped {len(summary['skipped'])} slides (see {args.out}/run.json)", file=sys.stderr)
+    return 0
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from wsitools.mil.predict import predict
+
+    _set_threads(args.threads)
+    results = predict(
+        args.model,
+        args.features,
+        args.out,
+        slides=args.slides,
+        ivp_features_dir=args.ivp_features,
+        strict=args.strict,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+    print(f"predicted {len(results)} slides into {args.out}/predictions.csv")
+    return 0
+
+
+def _attention_files(paths: list[str]) -> list[Path]:
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files.extend(sorted(f for f in p.glob("*.h5") if not f.name.startswith(".")))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise DataError(f"attention {p}: no such file or directory")
+    if not files:
+        raise DataError(f"no attention files in {', '.join(paths)}")
+    return files
+
+
+def _slide_for(slide_arg: str | None, slide_id: str, n_files: int) -> Path | None:
+    if slide_arg is None:
+        return None
+    path = Path(slide_arg)
+    if path.is_dir():
+        found = sorted(f for f in path.glob(f"{slide_id}.*") if f.is_file())
+        if not found:
+            raise DataError(f"slide {slide_id}: no file {slide_id}.* in {path}")
+        return found[0]
+    if n_files > 1:
+        raise DataError("--slide names one file but several attention files were given; pass a directory")
+    return path
+
+
+def _store_for(store_arg: str | None, slide_id: str, n_files: int) -> Path | None:
+    if store_arg is None:
+        return None
+    path = Path(store_arg)
+    if path.suffix == ".zarr":
+        if n_files > 1:
+            raise DataError("--store names one patch store but several attention files were given; pass a directory")
+        return path
+    return path / f"{slide_id}.zarr"
+
+
+def run_heatmap(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from wsitools.heatmap import draw_heatmap
+
+    files = _attention_files(args.attention)
+    failed = 0
+    for f in tqdm(files, desc="heatmap", unit="slide", disable=args.quiet):
+        slide_id = f.stem
+        try:
+            out = draw_heatmap(
+                f,
+                args.out,
+                slide_path=_slide_for(args.slide, slide_id, len(files)),
+                store_path=_store_for(args.store, slide_id, len(files)),
+                mpp=args.mpp,
+                top_k=args.top_k,
+                alpha=args.alpha,
+                scale=args.scale,
+            )
+        except WsiToolsError as exc:
+            failed += 1
+            print(f"{slide_id}\tfailed\t{exc}", file=sys.stderr)
+            continue
+        print(f"{out.slide_id}\t{out.heatmap}\t{out.montage or '-'}\t{out.seconds:.1f}s")
+    if failed:
+        print(f"{failed} of {len(files)} heatmaps failed", file=sys.stderr)
+    return 1 if failed else 0

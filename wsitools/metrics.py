@@ -1,0 +1,194 @@
+"""Classification metrics with bootstrap confidence intervals, in plain numpy.
+
+Used by the MIL heads (slide level) and by patch-level prompt tuning. Conventions:
+
+- labels are integer class indices ``0..C-1``; scores are class probabilities ``[n, C]``;
+- AUROC is the Mann-Whitney statistic with average ranks for ties; for more than two classes it
+  is the unweighted mean of the one-vs-rest AUROCs of the classes that occur in ``y_true``
+  (a class absent from the sample has no defined AUROC and is left out of the mean);
+- balanced accuracy is the mean recall over the classes present in ``y_true``;
+- F1 is macro F1 over all ``C`` classes (also for two classes, so it is symmetric in the class
+  order); a class never predicted and never true adds nothing;
+- 95 % intervals are percentile bootstrap intervals over slides (or patches) resampled with
+  replacement; resamples where a metric is undefined (one class only) are skipped.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+METRICS = ("auroc", "balanced_accuracy", "f1", "accuracy")
+"""The scalar metrics :func:`classification_metrics` returns, in report order."""
+
+
+def _as_labels(y_true: np.ndarray) -> np.ndarray:
+    y = np.asarray(y_true)
+    if y.ndim != 1:
+        raise ValueError(f"labels must be 1-D, got shape {y.shape}")
+    return y.astype(np.int64)
+
+
+def average_ranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks of ``values``, ties sharing the mean of their ranks."""
+    values = np.asarray(values, dtype=np.float64)
+    order = np.argsort(values, kind="mergesort")
+    sorted_vals = values[order]
+    # Start index of each run of equal values, and its length.
+    starts = np.flatnonzero(np.r_[True, sorted_vals[1:] != sorted_vals[:-1]])
+    lengths = np.diff(np.r_[starts, len(values)])
+    mean_rank = starts + (lengths + 1) / 2.0
+    ranks = np.empty(len(values), dtype=np.float64)
+    ranks[order] = np.repeat(mean_rank, lengths)
+    return ranks
+
+
+def binary_auroc(is_positive: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve for a binary problem; NaN when one class is missing."""
+    pos = np.asarray(is_positive, dtype=bool)
+    n_pos = int(pos.sum())
+    n_neg = len(pos) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    ranks = average_ranks(scores)
+    u = ranks[pos].sum() - n_pos * (n_pos + 1) / 2.0
+    return float(u / (n_pos * n_neg))
+
+
+def auroc(y_true: np.ndarray, probs: np.ndarray) -> float:
+    """AUROC: binary for two classes (score = probability of class 1), else one-vs-rest macro."""
+    y = _as_labels(y_true)
+    p = np.asarray(probs, dtype=np.float64)
+    if p.ndim != 2 or len(p) != len(y):
+        raise ValueError(f"probs must be [n, C] with n = {len(y)}, got shape {p.shape}")
+    if p.shape[1] == 2:
+        return binary_auroc(y == 1, p[:, 1])
+    per_class = [binary_auroc(y == c, p[:, c]) for c in range(p.shape[1]) if (y == c).any()]
+    per_class = [a for a in per_class if not math.isnan(a)]
+    return float(np.mean(per_class)) if per_class else math.nan
+
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
+    """Counts ``[C, C]``: row = true class, column = predicted class."""
+    y, p = _as_labels(y_true), _as_labels(y_pred)
+    if y.shape != p.shape:
+        raise ValueError(f"y_true {y.shape} and y_pred {p.shape} differ in shape")
+    return np.bincount(y * n_classes + p, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+
+
+def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float:
+    """Mean recall over the classes that occur in ``y_true``."""
+    cm = confusion_matrix(y_true, y_pred, n_classes)
+    support = cm.sum(axis=1)
+    present = support > 0
+    if not present.any():
+        return math.nan
+    return float(np.mean(np.diag(cm)[present] / support[present]))
+
+
+def f1_macro(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float:
+    """Unweighted mean of per-class F1 over classes that are true or predicted at least once."""
+    cm = confusion_matrix(y_true, y_pred, n_classes)
+    tp = np.diag(cm).astype(np.float64)
+    denom = cm.sum(axis=0) + cm.sum(axis=1)  # 2TP + FP + FN
+    used = denom > 0
+    if not used.any():
+        return math.nan
+    return float(np.mean(2.0 * tp[used] / denom[used]))
+
+
+def classification_metrics(y_true: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    """AUROC, balanced accuracy, macro F1 and accuracy; the prediction is the arg-max class."""
+    y = _as_labels(y_true)
+    p = np.asarray(probs, dtype=np.float64)
+    n_classes = p.shape[1]
+    pred = p.argmax(axis=1)
+    return {
+        "auroc": auroc(y, p),
+        "balanced_accuracy": balanced_accuracy(y, pred, n_classes),
+        "f1": f1_macro(y, pred, n_classes),
+        "accuracy": float(np.mean(pred == y)) if len(y) else math.nan,
+    }
+
+
+def bootstrap_ci(
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap interval of each metric in :data:`METRICS`.
+
+    Resamples whole cases with replacement ``n_boot`` times (seeded, so reports are
+    reproducible); a resample where a metric is undefined is left out for that metric.
+    """
+    y = _as_labels(y_true)
+    p = np.asarray(probs, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    draws = {name: [] for name in METRICS}
+    for _ in range(n_boot):
+        idx = rng.integers(0, len(y), size=len(y))
+        for name, value in classification_metrics(y[idx], p[idx]).items():
+            if not math.isnan(value):
+                draws[name].append(value)
+    tail = (1.0 - level) / 2.0 * 100.0
+    out: dict[str, tuple[float, float]] = {}
+    for name, values in draws.items():
+        if values:
+            lo, hi = np.percentile(values, [tail, 100.0 - tail])
+            out[name] = (float(lo), float(hi))
+        else:
+            out[name] = (math.nan, math.nan)
+    return out
+
+
+def _json_float(x: float) -> float | None:
+    return None if math.isnan(x) else round(float(x), 6)
+
+
+def metrics_report(
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    *,
+    class_names: Sequence[str],
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """A JSON-ready report: each metric with its 95 % interval, the confusion matrix, counts.
+
+    Undefined values (e.g. AUROC of a single-class sample) are written as ``null``.
+    """
+    y = _as_labels(y_true)
+    p = np.asarray(probs, dtype=np.float64)
+    if p.shape[1] != len(class_names):
+        raise ValueError(f"probs have {p.shape[1]} columns for {len(class_names)} classes")
+    point = classification_metrics(y, p)
+    ci = bootstrap_ci(y, p, n_boot=n_boot, seed=seed)
+    report: dict[str, Any] = {"n": int(len(y))}
+    for name in METRICS:
+        report[name] = _json_float(point[name])
+        report[f"{name}_ci95"] = [_json_float(v) for v in ci[name]]
+    report["confusion_matrix"] = {
+        "classes": list(class_names),
+        "rows_true_cols_pred": confusion_matrix(y, p.argmax(axis=1), len(class_names)).tolist(),
+    }
+    report["support"] = {c: int((y == i).sum()) for i, c in enumerate(class_names)}
+    return report
+
+
+def mean_sd(reports: Sequence[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
+    """Mean and sample standard deviation of each metric over fold reports (nulls skipped)."""
+    out: dict[str, dict[str, float | None]] = {}
+    for name in METRICS:
+        values = np.array([r[name] for r in reports if r.get(name) is not None], dtype=np.float64)
+        out[name] = {
+            "mean": _json_float(float(values.mean())) if len(values) else None,
+            "sd": _json_float(float(values.std(ddof=1))) if len(values) > 1 else None,
+            "n_folds": int(len(values)),
+        }
+    return out

@@ -1,0 +1,11 @@
+"""Slide-level attention MIL with PathoTune prompts: heads, cohorts, training, prediction.
+
+- :mod:`wsitools.mil.heads`: the ``abmil``, ``pathotune`` and ``meanpool`` heads, their config,
+  and safetensors + JSON saving/loading.
+- :mod:`wsitools.mil.data`: labels tables, feature bags, cohort checks, patient-level folds.
+- :mod:`wsitools.mil.config`: :class:`TrainConfig` (no torch import).
+- :mod:`wsitools.mil.train`: cross-validated training (``wsitools train``).
+- :mod:`wsitools.mil.predict`: ensembles of trained heads on new slides (``wsitools predict``).
+- :mod:`wsitools.mil.synthetic`: feature-bag cohorts with planted key instances (tests, benchmarks).
+"""
+

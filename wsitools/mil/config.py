@@ -1,0 +1,35 @@
+"""Training settings of a MIL run, importable without torch (the CLI reads its defaults here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from wsitools.errors import DataError
+
+Balance = Literal["weights", "sampling"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and evaluation settings of a run (saved in ``run.json``)."""
+
+    epochs: int = 50
+    patience: int = 10
+    lr: float = 2e-4
+    weight_decay: float = 1e-4
+    bag_size: int | None = 512
+    balance: Balance = "weights"
+    folds: int = 5
+    val_fraction: float = 0.2
+    seed: int = 0
+    workers: int = 0
+    n_boot: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.patience < 1:
+            raise DataError("epochs and patience must be at least 1")
+        if self.balance not in ("weights", "sampling"):
+            raise DataError(f"balance must be 'weights' or 'sampling', got {self.balance!r}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise DataError(f"val_fraction must lie in (0, 1), got {self.val_fraction}")

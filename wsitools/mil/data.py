@@ -1,0 +1,487 @@
+"""Labels, feature bags and cohorts for slide-level MIL.
+
+A *bag* is one slide's feature store ``{features_dir}/{slide_id}.h5`` (``features`` [N, D],
+``coords`` [N, 2], see docs/formats.md). A *cohort* is the labelled slides whose bags exist and
+are usable: every bag is checked once up front (shape, feature width, finite values), so a bad
+slide is named and skipped (or, with ``strict``, is an error) before any training starts.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+
+from wsitools.errors import DataError, StoreError
+from wsitools.types import check_slide_id
+
+log = logging.getLogger(__name__)
+
+CHECK_ROWS = 16384
+"""Rows read at a time when checking or loading a whole bag (bounds memory)."""
+
+
+@dataclass(frozen=True)
+class LabelRow:
+    """One row of a labels table."""
+
+    slide_id: str
+    label: str
+    patient_id: str
+    split: str | None = None
+    fold: int | None = None
+
+
+def _sniff_dialect(path: Path, head: str) -> type[csv.Dialect] | csv.Dialect:
+    if path.suffix.lower() in (".tsv", ".tab"):
+        return csv.excel_tab
+    if path.suffix.lower() == ".csv":
+        return csv.excel
+    try:
+        return csv.Sniffer().sniff(head, delimiters=",\t;")
+    except csv.Error:
+        return csv.excel
+
+
+def read_labels(path: str | os.PathLike[str]) -> list[LabelRow]:
+    """Read a labels table (CSV or TSV) with ``slide_id``, ``label`` and optional ``patient_id``,
+    ``split`` (train/val/test) or ``fold`` (integer) columns.
+
+    A slide without ``patient_id`` is its own patient. Raises :class:`DataError` naming the file
+    and row for a missing column, an unsafe or repeated slide id, an empty label or a bad split.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError as exc:
+        raise DataError(f"labels table {path}: no such file") from exc
+    reader = csv.DictReader(text.splitlines(), dialect=_sniff_dialect(path, text[:4096]))
+    columns = [c.strip() for c in (reader.fieldnames or [])]
+    for need in ("slide_id", "label"):
+        if need not in columns:
+            raise DataError(f"labels table {path}: no '{need}' column (columns: {', '.join(columns) or 'none'})")
+    if "split" in columns and "fold" in columns:
+        raise DataError(f"labels table {path}: give either a 'split' or a 'fold' column, not both")
+    rows: list[LabelRow] = []
+    seen: set[str] = set()
+    for line, raw in enumerate(reader, start=2):
+        row = {(k or "").strip(): (v or "").strip() for k, v in raw.items()}
+        slide_id = row["slide_id"]
+        if not slide_id:
+            continue
+        try:
+            check_slide_id(slide_id)
+        except ValueError as exc:
+            raise DataError(f"labels table {path}, line {line}: {exc}") from exc
+        if slide_id in seen:
+            raise DataError(f"labels table {path}, line {line}: slide {slide_id} appears twice")
+        seen.add(slide_id)
+        if not row["label"]:
+            raise DataError(f"labels table {path}, line {line}: slide {slide_id} has an empty label")
+        split = row.get("split") or None
+        if split is not None and split not in ("train", "val", "test"):
+            raise DataError(
+                f"labels table {path}, line {line}: slide {slide_id} has split {split!r}; "
+                "use train, val or test"
+            )
+        fold: int | None = None
+        if row.get("fold"):
+            try:
+                fold = int(row["fold"])
+            except ValueError as exc:
+                raise DataError(
+                    f"labels table {path}, line {line}: slide {slide_id} has fold {row['fold']!r}, not an integer"
+                ) from exc
+        rows.append(
+            LabelRow(
+                slide_id=slide_id,
+                label=row["label"],
+                patient_id=row.get("patient_id") or slide_id,
+                split=split,
+                fold=fold,
+            )
+        )
+    if not rows:
+        raise DataError(f"labels table {path}: no rows")
+    has_split = [r.split is not None for r in rows]
+    has_fold = [r.fold is not None for r in rows]
+    for name, flags in (("split", has_split), ("fold", has_fold)):
+        if any(flags) and not all(flags):
+            missing = [r.slide_id for r, f in zip(rows, flags) if not f]
+            raise DataError(f"labels table {path}: {name} is empty for slides {', '.join(missing[:10])}")
+    return rows
+
+
+def feature_path(features_dir: str | os.PathLike[str], slide_id: str) -> Path:
+    """Where a slide's feature store lives: ``{features_dir}/{slide_id}.h5``."""
+    return Path(features_dir) / f"{check_slide_id(slide_id)}.h5"
+
+
+def list_feature_stores(features_dir: str | os.PathLike[str]) -> dict[str, Path]:
+    """Finished feature stores in a directory, by slide id (temporary ``.tmp-*`` files are skipped)."""
+    folder = Path(features_dir)
+    if not folder.is_dir():
+        raise StoreError(f"feature directory {folder}: no such directory")
+    return {p.stem: p for p in sorted(folder.glob("*.h5")) if not p.name.startswith(".")}
+
+
+@dataclass(frozen=True)
+class BagInfo:
+    """What a feature store holds, without its features."""
+
+    slide_id: str
+    path: Path
+    n: int
+    dim: int
+    attrs: dict[str, Any]
+
+
+def _attr_value(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
+
+
+def bag_info(path: str | os.PathLike[str], *, check_values: bool = True) -> BagInfo:
+    """Open a feature store and check it: ``features`` [N, D] with N >= 1, ``coords`` [N, 2],
+    and (with ``check_values``) every feature finite. Raises :class:`DataError` naming the slide."""
+    path = Path(path)
+    slide_id = path.stem
+    try:
+        with h5py.File(path, "r") as f:
+            if "features" not in f:
+                raise DataError(f"slide {slide_id}: feature store {path} has no 'features' dataset")
+            feats = f["features"]
+            if feats.ndim != 2 or feats.shape[0] == 0 or feats.shape[1] == 0:
+                raise DataError(f"slide {slide_id}: features in {path} have shape {feats.shape}, expected [N>0, D]")
+            if "coords" in f and f["coords"].shape != (feats.shape[0], 2):
+                raise DataError(
+                    f"slide {slide_id}: coords in {path} have shape {f['coords'].shape}, "
+                    f"expected ({feats.shape[0]}, 2)"
+                )
+            if check_values:
+                for start in range(0, feats.shape[0], CHECK_ROWS):
+                    block = feats[start : start + CHECK_ROWS]
+                    bad = ~np.isfinite(block).all(axis=1)
+                    if bad.any():
+                        rows = start + np.flatnonzero(bad)
+                        raise DataError(
+                            f"slide {slide_id}: feature store {path} has non-finite (NaN/inf) features "
+                            f"in {int(bad.sum())}+ rows, first row {int(rows[0])}"
+                        )
+            attrs = {k: _attr_value(v) for k, v in f.attrs.items()}
+            return BagInfo(slide_id=slide_id, path=path, n=int(feats.shape[0]), dim=int(feats.shape[1]), attrs=attrs)
+    except OSError as exc:
+        raise DataError(f"slide {slide_id}: feature store {path} cannot be read: {exc}") from exc
+
+
+def read_features(path: str | os.PathLike[str], index: np.ndarray | None = None) -> torch.Tensor:
+    """Features of one bag as a float32 tensor ``[n, D]``: all rows, or the rows in ``index``
+    (returned in sorted row order).
+
+    A whole bag is read in blocks of :data:`CHECK_ROWS` rows into the float32 result, so a
+    float16 store never sits in memory twice. Selected rows of a contiguous dataset (what the
+    feature step writes) are gathered through a memory map of the h5 file at the dataset's offset,
+    without HDF5's per-row selection; from a chunked dataset the whole bag is read and indexed.
+    float16 is widened by torch (vectorised), not numpy.
+    """
+    with h5py.File(path, "r") as f:
+        dset = f["features"]
+        offset = dset.id.get_offset() if dset.chunks is None else None  # None: chunked or unallocated
+        if index is None or offset is None:
+            n, dim = dset.shape
+            out = torch.empty((n, dim), dtype=torch.float32)
+            for start in range(0, n, CHECK_ROWS):
+                out[start : start + CHECK_ROWS] = torch.from_numpy(dset[start : start + CHECK_ROWS])
+            return out if index is None else out[torch.from_numpy(np.sort(index))]
+        dtype, shape = dset.dtype, dset.shape
+    rows = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)[np.sort(index)]
+    return torch.from_numpy(rows).to(torch.float32)
+
+
+def read_coords(path: str | os.PathLike[str]) -> np.ndarray:
+    """The ``coords`` [N, 2] int64 of a feature store (level-0 x, y of each tile's top-left)."""
+    with h5py.File(path, "r") as f:
+        if "coords" not in f:
+            raise StoreError(f"feature store {path} has no 'coords' dataset")
+        return np.asarray(f["coords"][()], dtype=np.int64)
+
+
+@dataclass
+class Cohort:
+    """The usable labelled slides: ids, class indices, patients, bag paths (and IVP bag paths)."""
+
+    slide_ids: list[str]
+    labels: np.ndarray  # int64 [n] class indices into ``classes``
+    patients: list[str]
+    classes: tuple[str, ...]
+    paths: list[Path]
+    sizes: list[int]
+    dim: int
+    ivp_paths: list[Path] | None = None
+    ivp_dim: int | None = None
+    splits: list[str] | None = None
+    folds: list[int] | None = None
+    encoder: str | None = None
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.slide_ids)
+
+
+def _warn_or_raise(problems: dict[str, str], *, strict: bool, what: str) -> None:
+    if not problems:
+        return
+    listing = "; ".join(f"{s}: {r}" for s, r in list(problems.items())[:20])
+    more = f" (and {len(problems) - 20} more)" if len(problems) > 20 else ""
+    if strict:
+        raise DataError(f"{len(problems)} {what}: {listing}{more}")
+    log.warning("skipping %d %s: %s%s", len(problems), what, listing, more)
+
+
+def build_cohort(
+    rows: Sequence[LabelRow],
+    features_dir: str | os.PathLike[str],
+    classes: Sequence[str],
+    *,
+    ivp_features_dir: str | os.PathLike[str] | None = None,
+    strict: bool = False,
+    check_values: bool = True,
+) -> Cohort:
+    """Match labelled slides to their feature stores and check every bag.
+
+    - A label not among ``classes`` is an error naming the slide.
+    - A labelled slide without a feature store (e.g. it failed QC), or with an unusable one
+      (non-finite features, wrong shape), is skipped with a warning naming it; with ``strict``
+      it is an error. Feature stores without a label are listed in a warning and ignored.
+    - Bags whose feature width differs from the others are an error naming them (mixed encoders).
+    - Fewer than two classes left is an error.
+    """
+    class_index = {c: i for i, c in enumerate(classes)}
+    unknown = [f"{r.slide_id} ({r.label!r})" for r in rows if r.label not in class_index]
+    if unknown:
+        raise DataError(
+            f"labels not among the task's classes {list(classes)}: slides {', '.join(unknown[:20])}"
+        )
+    stores = list_feature_stores(features_dir)
+    unlabelled = sorted(set(stores) - {r.slide_id for r in rows})
+    if unlabelled:
+        log.warning(
+            "%d feature stores in %s have no label and are ignored: %s%s",
+            len(unlabelled), features_dir, ", ".join(unlabelled[:20]), " ..." if len(unlabelled) > 20 else "",
+        )
+    ivp_stores = list_feature_stores(ivp_features_dir) if ivp_features_dir is not None else None
+
+    problems: dict[str, str] = {}
+    infos: dict[str, BagInfo] = {}
+    ivp_infos: dict[str, BagInfo] = {}
+    for r in rows:
+        if r.slide_id not in stores:
+            problems[r.slide_id] = f"no feature store {feature_path(features_dir, r.slide_id)}"
+            continue
+        if ivp_stores is not None and r.slide_id not in ivp_stores:
+            problems[r.slide_id] = f"no IVP feature store {feature_path(ivp_features_dir, r.slide_id)}"
+            continue
+        try:
+            infos[r.slide_id] = bag_info(stores[r.slide_id], check_values=check_values)
+            if ivp_stores is not None:
+                ivp_infos[r.slide_id] = bag_info(ivp_stores[r.slide_id], check_values=check_values)
+        except DataError as exc:
+            problems[r.slide_id] = str(exc).removeprefix(f"slide {r.slide_id}: ")
+    _warn_or_raise(problems, strict=strict, what="labelled slides without usable features")
+
+    kept = [r for r in rows if r.slide_id in infos and r.slide_id not in problems]
+    _check_one_width(infos, features_dir)
+    if ivp_stores is not None:
+        _check_one_width(ivp_infos, ivp_features_dir)
+    if not kept:
+        raise DataError(f"no labelled slide has a usable feature store in {features_dir}")
+    present = sorted({r.label for r in kept}, key=lambda c: class_index[c])
+    if len(present) < 2:
+        raise DataError(
+            f"only one class ({present[0]!r}) among the {len(kept)} usable slides; "
+            "a classifier needs at least two"
+        )
+    encoders = {str(infos[r.slide_id].attrs.get("encoder", "")) for r in kept} - {""}
+    if len(encoders) > 1:
+        raise DataError(f"feature stores in {features_dir} come from several encoders: {sorted(encoders)}")
+    return Cohort(
+        slide_ids=[r.slide_id for r in kept],
+        labels=np.array([class_index[r.label] for r in kept], dtype=np.int64),
+        patients=[r.patient_id for r in kept],
+        classes=tuple(classes),
+        paths=[infos[r.slide_id].path for r in kept],
+        sizes=[infos[r.slide_id].n for r in kept],
+        dim=infos[kept[0].slide_id].dim,
+        ivp_paths=[ivp_infos[r.slide_id].path for r in kept] if ivp_stores is not None else None,
+        ivp_dim=ivp_infos[kept[0].slide_id].dim if ivp_stores is not None else None,
+        splits=[r.split for r in kept] if kept[0].split is not None else None,
+        folds=[r.fold for r in kept] if kept[0].fold is not None else None,
+        encoder=encoders.pop() if encoders else None,
+        skipped=problems,
+    )
+
+
+def _check_one_width(infos: dict[str, BagInfo], features_dir: Any) -> None:
+    if not infos:
+        return
+    dims: dict[int, list[str]] = {}
+    for sid, info in infos.items():
+        dims.setdefault(info.dim, []).append(sid)
+    if len(dims) > 1:
+        common = max(dims, key=lambda d: len(dims[d]))
+        odd = {d: s for d, s in dims.items() if d != common}
+        listing = "; ".join(f"D={d}: {', '.join(s[:10])}" for d, s in odd.items())
+        raise DataError(
+            f"feature widths differ in {features_dir}: most slides have D={common}, but {listing} "
+            "(mixed encoders?)"
+        )
+
+
+@dataclass(frozen=True)
+class Fold:
+    """One train / validation / test partition of a cohort, as index arrays."""
+
+    index: int
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+
+
+def _patient_labels(labels: np.ndarray, patients: Sequence[str]) -> tuple[list[str], np.ndarray]:
+    """Unique patients (first-seen order) and each one's majority label (for stratification)."""
+    order: dict[str, list[int]] = {}
+    for i, p in enumerate(patients):
+        order.setdefault(p, []).append(i)
+    names = list(order)
+    plabels = np.array([np.bincount(labels[idx]).argmax() for idx in order.values()], dtype=np.int64)
+    return names, plabels
+
+
+def _stratified_assign(plabels: np.ndarray, n_parts: int, rng: np.random.Generator) -> np.ndarray:
+    """Deal the patients of each class round-robin into ``n_parts`` parts, after a shuffle.
+
+    Each class starts where the previous one stopped, so part sizes differ by at most one.
+    """
+    part = np.empty(len(plabels), dtype=np.int64)
+    offset = 0
+    for c in np.unique(plabels):
+        members = rng.permutation(np.flatnonzero(plabels == c))
+        part[members] = (offset + np.arange(len(members))) % n_parts
+        offset = (offset + len(members)) % n_parts
+    return part
+
+
+def _split_val(
+    candidates: np.ndarray, labels: np.ndarray, patients: Sequence[str], val_fraction: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split slide indices into train and validation by patient, stratified by class."""
+    sub_patients = [patients[i] for i in candidates]
+    names, plabels = _patient_labels(labels[candidates], sub_patients)
+    val_patients: set[str] = set()
+    for c in np.unique(plabels):
+        members = rng.permutation(np.flatnonzero(plabels == c))
+        n_val = max(1, int(round(val_fraction * len(members)))) if len(members) >= 2 else 0
+        val_patients.update(names[m] for m in members[:n_val])
+    is_val = np.array([p in val_patients for p in sub_patients], dtype=bool)
+    return candidates[~is_val], candidates[is_val]
+
+
+def patient_kfold(
+    labels: np.ndarray,
+    patients: Sequence[str],
+    *,
+    n_folds: int = 5,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+) -> list[Fold]:
+    """Patient-level stratified k-fold: every patient's slides are in one test fold; inside each
+    fold's training part a stratified ``val_fraction`` of the patients is held out for early
+    stopping. Raises :class:`DataError` if a class has fewer patients than folds."""
+    labels = np.asarray(labels, dtype=np.int64)
+    if n_folds < 2:
+        raise DataError(f"--folds must be at least 2, got {n_folds}")
+    names, plabels = _patient_labels(labels, patients)
+    counts = np.bincount(plabels)
+    short = [f"class {c}: {n} patients" for c, n in enumerate(counts) if 0 < n < n_folds]
+    if short:
+        raise DataError(
+            f"{n_folds}-fold cross-validation needs at least {n_folds} patients per class; "
+            f"{'; '.join(short)} (use fewer folds)"
+        )
+    rng = np.random.default_rng(seed)
+    part = _stratified_assign(plabels, n_folds, rng)
+    part_of = dict(zip(names, part))
+    slide_part = np.array([part_of[p] for p in patients])
+    folds = []
+    for k in range(n_folds):
+        test = np.flatnonzero(slide_part == k)
+        train, val = _split_val(np.flatnonzero(slide_part != k), labels, patients, val_fraction, rng)
+        folds.append(Fold(index=k, train=train, val=val, test=test))
+    return folds
+
+
+def user_folds(cohort: Cohort, *, val_fraction: float = 0.2, seed: int = 0) -> list[Fold]:
+    """Folds from the labels table: a ``split`` column gives one fold (validation carved from
+    ``train`` by patient if no ``val`` rows); a ``fold`` column gives one fold per value, that
+    value's slides being the test set. A patient spanning two parts is an error (leakage)."""
+    rng = np.random.default_rng(seed)
+    if cohort.splits is not None:
+        parts = np.array(cohort.splits)
+        _check_patients_disjoint(cohort.patients, list(parts))
+        test = np.flatnonzero(parts == "test")
+        if len(test) == 0:
+            raise DataError("the labels table's split column has no 'test' slides left")
+        val = np.flatnonzero(parts == "val")
+        train = np.flatnonzero(parts == "train")
+        if len(val) == 0:
+            train, val = _split_val(train, cohort.labels, cohort.patients, val_fraction, rng)
+        return [Fold(index=0, train=train, val=val, test=test)]
+    if cohort.folds is None:
+        raise DataError("the labels table has neither a split nor a fold column")
+    folds_col = np.array(cohort.folds)
+    _check_patients_disjoint(cohort.patients, [str(f) for f in folds_col])
+    out = []
+    for k, value in enumerate(sorted(set(folds_col.tolist()))):
+        test = np.flatnonzero(folds_col == value)
+        train, val = _split_val(np.flatnonzero(folds_col != value), cohort.labels, cohort.patients, val_fraction, rng)
+        out.append(Fold(index=k, train=train, val=val, test=test))
+    if len(out) < 2:
+        raise DataError("the labels table's fold column has a single value; give at least two folds")
+    return out
+
+
+def _check_patients_disjoint(patients: Sequence[str], parts: Sequence[str]) -> None:
+    where: dict[str, set[str]] = {}
+    for p, part in zip(patients, parts):
+        where.setdefault(p, set()).add(str(part))
+    leaky = {p: s for p, s in where.items() if len(s) > 1}
+    if leaky:
+        listing = "; ".join(f"{p} in {sorted(s)}" for p, s in list(leaky.items())[:10])
+        raise DataError(f"patients appear in more than one split/fold (leakage): {listing}")
+
+
+def class_weights(labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """Inverse-frequency class weights, normalised so that a balanced cohort gets all ones."""
+    counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
+    weights = np.where(counts > 0, len(labels) / (n_classes * np.maximum(counts, 1)), 0.0)
+    return weights.astype(np.float32)
+
+
+def sample_index(n: int, bag_size: int | None, rng: np.random.Generator) -> np.ndarray | None:
+    """Rows to train on from an ``n``-row bag: ``None`` (all) if ``bag_size`` is None or >= n."""
+    if bag_size is None or bag_size <= 0 or n <= bag_size:
+        return None
+    return np.sort(rng.choice(n, size=bag_size, replace=False))

@@ -1,0 +1,210 @@
+"""Running trained heads on bags: probabilities, attention maps, and their files.
+
+``wsitools predict --model DIR`` takes a training output (every ``fold_*/`` head, averaged: a
+k-fold ensemble) or one head folder, and writes ``predictions.csv`` and
+``attention/{slide_id}.h5`` for each slide of a feature directory (no labels needed).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+
+from wsitools import __version__
+from wsitools.errors import DataError, ModelError
+from wsitools.io import atomic_path, write_json_atomic
+from wsitools.mil.data import BagInfo, bag_info, list_feature_stores, read_coords, read_features
+from wsitools.mil.heads import SavedHead, load_head
+from wsitools.types import check_slide_id
+
+log = logging.getLogger(__name__)
+
+ATTENTION_FORMAT_VERSION = 1
+_PROVENANCE_ATTRS = ("slide_path", "store_path", "tile_size", "tile_size_level0", "mpp_target", "encoder")
+
+
+@dataclass(frozen=True)
+class BagPrediction:
+    """One slide's prediction: class probabilities [C] and attention [N] (sums to one)."""
+
+    slide_id: str
+    probs: np.ndarray
+    attention: np.ndarray
+
+
+@torch.no_grad()
+def predict_bag(models: Sequence[torch.nn.Module], x: torch.Tensor, ivp: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Mean softmax probabilities and mean attention of ``models`` (eval mode) on one bag."""
+    probs, attention = [], []
+    for model in models:
+        model.eval()
+        out = model(x, ivp)
+        probs.append(torch.softmax(out.logits.float(), dim=-1))
+        attention.append(out.attention.float())
+    return torch.stack(probs).mean(0).numpy(), torch.stack(attention).mean(0).numpy()
+
+
+def write_attention(
+    path: str | os.PathLike[str],
+    *,
+    slide_id: str,
+    attention: np.ndarray,
+    coords: np.ndarray,
+    classes: Sequence[str],
+    probs: np.ndarray,
+    bag: BagInfo,
+    meta: dict[str, Any],
+) -> None:
+    """Write one slide's attention file (layout in docs/formats.md, "Heads").
+
+    Datasets ``attention`` [N] float32 (sums to one) and ``coords`` [N, 2] int64 (level-0 x, y
+    of each tile's top-left, as in the feature store); attributes name the slide, the head, the
+    prediction, and carry over the feature store's slide/store paths and tile geometry so that
+    ``wsitools heatmap`` needs nothing else.
+    """
+    if len(attention) != len(coords):
+        raise ValueError(f"slide {slide_id}: {len(attention)} attention values for {len(coords)} coords")
+    with atomic_path(path, overwrite=True) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("attention", data=np.asarray(attention, dtype=np.float32))
+            f.create_dataset("coords", data=np.asarray(coords, dtype=np.int64))
+            f.attrs["format_version"] = ATTENTION_FORMAT_VERSION
+            f.attrs["kind"] = "attention"
+            f.attrs["slide_id"] = slide_id
+            f.attrs["classes"] = json.dumps(list(classes))
+            f.attrs["probs"] = np.asarray(probs, dtype=np.float64)
+            f.attrs["pred"] = str(classes[int(np.argmax(probs))])
+            f.attrs["feature_path"] = str(Path(bag.path).resolve())
+            f.attrs["package_version"] = __version__
+            for key in _PROVENANCE_ATTRS:
+                if key in bag.attrs and bag.attrs[key] is not None:
+                    f.attrs[key] = bag.attrs[key]
+            for key, value in meta.items():
+                f.attrs[key] = value if isinstance(value, (int, float, str)) else json.dumps(value)
+
+
+def load_heads(model_dir: str | os.PathLike[str]) -> list[SavedHead]:
+    """The heads of a training output (``fold_*/``, in fold order) or of one head folder."""
+    model_dir = Path(model_dir)
+    if (model_dir / "model.safetensors").is_file():
+        heads = [load_head(model_dir)]
+    else:
+        folders = [p for p in model_dir.glob("fold_*") if p.name[5:].isdigit() and (p / "model.safetensors").is_file()]
+        heads = [load_head(p) for p in sorted(folders, key=lambda p: int(p.name[5:]))]
+    if not heads:
+        raise ModelError(f"{model_dir}: no trained head (model.safetensors) here or in fold_*/")
+    first = heads[0]
+    for h in heads[1:]:
+        if h.classes != first.classes or h.config.in_dim != first.config.in_dim:
+            raise ModelError(f"{model_dir}: the fold heads disagree on classes or feature width")
+    return heads
+
+
+def write_predictions_csv(path: str | os.PathLike[str], rows: Sequence[dict[str, Any]], classes: Sequence[str]) -> None:
+    """``predictions.csv``: one row per slide, ``prob_{class}`` columns in class order."""
+    extra = [k for k in rows[0] if k not in ("slide_id", "probs")] if rows else []
+    fields = ["slide_id", *extra, "pred", *[f"prob_{c}" for c in classes]]
+    with atomic_path(path, overwrite=True) as tmp:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(fields)
+            for r in rows:
+                probs = np.asarray(r["probs"])
+                writer.writerow(
+                    [r["slide_id"], *[r[k] for k in extra], classes[int(probs.argmax())], *[f"{p:.6f}" for p in probs]]
+                )
+
+
+def predict(
+    model_dir: str | os.PathLike[str],
+    features_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    slides: Sequence[str] | None = None,
+    ivp_features_dir: str | os.PathLike[str] | None = None,
+    strict: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> list[BagPrediction]:
+    """Predict every slide in ``features_dir`` (or the named ``slides``) with the heads in
+    ``model_dir``; write ``out_dir/predictions.csv``, ``out_dir/attention/{slide_id}.h5`` and
+    ``out_dir/predict.json``. A slide whose bag is missing or unusable is skipped with a warning
+    naming it (an error with ``strict``)."""
+    from tqdm import tqdm
+
+    heads = load_heads(model_dir)
+    models = [h.model for h in heads]
+    first = heads[0]
+    classes = first.classes
+    needs_ivp = first.config.ivp_in_dim is not None
+    if needs_ivp and ivp_features_dir is None:
+        raise DataError(f"{model_dir}: the head uses IVP features from a second encoder; give --ivp-features")
+    stores = list_feature_stores(features_dir)
+    wanted = [check_slide_id(s) for s in slides] if slides else sorted(stores)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise DataError(f"output {out_dir} exists; use --overwrite to replace it")
+    skipped: dict[str, str] = {}
+    results: list[BagPrediction] = []
+    rows: list[dict[str, Any]] = []
+    with atomic_path(out_dir, overwrite=overwrite) as tmp:
+        (tmp / "attention").mkdir(parents=True)
+        for slide_id in tqdm(wanted, desc="predict", unit="slide", disable=not progress):
+            try:
+                if slide_id not in stores:
+                    raise DataError(f"slide {slide_id}: no feature store {Path(features_dir) / (slide_id + '.h5')}")
+                bag = bag_info(stores[slide_id])
+                if bag.dim != first.config.in_dim:
+                    raise DataError(
+                        f"slide {slide_id}: features are {bag.dim}-d, the head expects {first.config.in_dim}-d "
+                        f"(encoder {first.meta.get('encoder')})"
+                    )
+                ivp = None
+                if needs_ivp:
+                    ivp_bag = bag_info(Path(ivp_features_dir) / f"{slide_id}.h5")
+                    ivp = read_features(ivp_bag.path)
+            except DataError as exc:
+                if strict:
+                    raise
+                skipped[slide_id] = str(exc)
+                log.warning("skipping %s", exc)
+                continue
+            probs, attention = predict_bag(models, read_features(bag.path), ivp)
+            write_attention(
+                tmp / "attention" / f"{slide_id}.h5",
+                slide_id=slide_id,
+                attention=attention,
+                coords=read_coords(bag.path),
+                classes=classes,
+                probs=probs,
+                bag=bag,
+                meta={"head": first.config.head, "task": first.meta.get("task", {}).get("name", ""), "n_models": len(models)},
+            )
+            results.append(BagPrediction(slide_id=slide_id, probs=probs, attention=attention))
+            rows.append({"slide_id": slide_id, "n_tiles": bag.n, "probs": probs})
+        if not results:
+            raise DataError(f"no slide could be predicted from {features_dir}: {'; '.join(skipped.values())[:2000]}")
+        write_predictions_csv(tmp / "predictions.csv", rows, classes)
+        write_json_atomic(
+            tmp / "predict.json",
+            {
+                "model_dir": str(Path(model_dir).resolve()),
+                "features_dir": str(Path(features_dir).resolve()),
+                "n_models": len(models),
+                "classes": classes,
+                "n_predicted": len(results),
+                "skipped": skipped,
+                "package_version": __version__,
+            },
+        )
+    return results

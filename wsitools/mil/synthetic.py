@@ -1,0 +1,120 @@
+"""Synthetic feature-bag cohorts with known key instances, for tests and benchmarks.
+
+Negative bags hold only "background" features drawn from N(0, I); positive bags are the same
+plus a few planted instances drawn from N(mu, I), ``mu`` being ``shift`` times a unit vector
+that depends only on the feature width (so a head trained on one cohort applies to another).
+The planted rows are returned, so tests can check where the attention goes. Files follow the
+feature store contract (docs/formats.md): ``{slide_id}.h5`` with ``features`` and ``coords``.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from wsitools.io import atomic_path
+
+
+@dataclass(frozen=True)
+class SyntheticBag:
+    """One written bag: its id, label, patient, file, and the rows of planted instances."""
+
+    slide_id: str
+    label: str
+    patient_id: str
+    path: Path
+    planted: np.ndarray
+
+
+def write_feature_store(
+    path: str | os.PathLike[str],
+    features: np.ndarray,
+    *,
+    coords: np.ndarray | None = None,
+    encoder: str = "synthetic",
+    tile_size_level0: float = 448.0,
+    chunks: tuple[int, int] | None = None,
+) -> Path:
+    """Write an h5 feature store (``features``, ``coords`` on a square grid if not given)."""
+    path = Path(path)
+    n = len(features)
+    if coords is None:
+        side = int(np.ceil(np.sqrt(n)))
+        grid = np.stack([np.arange(n) % side, np.arange(n) // side], axis=1)
+        coords = (grid * tile_size_level0).astype(np.int64)
+    with atomic_path(path, overwrite=True) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("features", data=features, chunks=chunks)
+            f.create_dataset("coords", data=np.asarray(coords, dtype=np.int64))
+            f.attrs["format_version"] = 1
+            f.attrs["kind"] = "feature_store"
+            f.attrs["encoder"] = encoder
+            f.attrs["slide_id"] = path.stem
+            f.attrs["tile_size"] = 224
+            f.attrs["tile_size_level0"] = float(tile_size_level0)
+            f.attrs["mpp_target"] = 0.5
+    return path
+
+
+def make_bag_cohort(
+    out_dir: str | os.PathLike[str],
+    *,
+    n_slides: int = 40,
+    n_tiles: int | tuple[int, int] = (80, 160),
+    dim: int = 32,
+    n_planted: int | tuple[int, int] = (4, 8),
+    shift: float = 3.0,
+    positive_fraction: float = 0.5,
+    slides_per_patient: int = 1,
+    dtype: str = "float32",
+    seed: int = 0,
+    labels_path: str | os.PathLike[str] | None = None,
+) -> list[SyntheticBag]:
+    """Write ``n_slides`` bags into ``out_dir`` (labels ``neg``/``pos``) and, if asked, a labels CSV.
+
+    Bag sizes and planted counts are drawn uniformly from the given (low, high) ranges.
+    """
+    rng = np.random.default_rng(seed)
+    direction = np.random.default_rng(dim).standard_normal(dim)  # the same for every cohort of this width
+    mu = shift * direction / np.linalg.norm(direction)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def draw(spec: int | tuple[int, int]) -> int:
+        return int(spec) if isinstance(spec, int) else int(rng.integers(spec[0], spec[1] + 1))
+
+    n_patients = -(-n_slides // slides_per_patient)
+    n_pos = int(round(positive_fraction * n_patients))
+    patient_pos = rng.permutation(np.r_[np.ones(n_pos, bool), np.zeros(n_patients - n_pos, bool)])
+    is_pos = np.repeat(patient_pos, slides_per_patient)[:n_slides]  # a patient's slides share its label
+    bags = []
+    for s in range(n_slides):
+        n = draw(n_tiles)
+        feats = rng.standard_normal((n, dim))
+        planted = np.array([], dtype=np.int64)
+        if is_pos[s]:
+            planted = np.sort(rng.choice(n, size=min(n, draw(n_planted)), replace=False))
+            feats[planted] += mu
+        slide_id = f"slide_{s:03d}"
+        path = write_feature_store(out_dir / f"{slide_id}.h5", feats.astype(dtype))
+        bags.append(
+            SyntheticBag(
+                slide_id=slide_id,
+                label="pos" if is_pos[s] else "neg",
+                patient_id=f"patient_{s // slides_per_patient:03d}",
+                path=path,
+                planted=planted,
+            )
+        )
+    if labels_path is not None:
+        with atomic_path(labels_path, overwrite=True) as tmp:
+            with open(tmp, "w", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow(["slide_id", "label", "patient_id"])
+                writer.writerows([b.slide_id, b.label, b.patient_id] for b in bags)
+    return bags

