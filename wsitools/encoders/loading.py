@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import timm
 import torch
@@ -74,6 +74,31 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ModelError("--device cuda was asked for but no CUDA GPU is available")
     return dev
+
+
+TrainPrecision = Literal["auto", "fp32", "bf16", "fp16"]
+
+
+def training_amp_dtype(precision: TrainPrecision, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for training on ``device`` (None: full fp32).
+
+    ``auto`` is bf16 on a GPU that has it, else fp16 (with a grad scaler), and fp32 on a CPU;
+    asking for bf16 or fp16 on a CPU is an error rather than a silent fp32 run.
+    """
+    if device.type != "cuda":
+        if precision in ("bf16", "fp16"):
+            raise ModelError(f"mixed precision {precision} needs a CUDA device (running on {device})")
+        return None
+    if precision == "fp32":
+        return None
+    if precision == "fp16" or (precision == "auto" and not torch.cuda.is_bf16_supported()):
+        return torch.float16
+    return torch.bfloat16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
+    """``torch.autocast`` for ``dtype``, or a no-op context for full precision."""
+    return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
 
 @dataclass(eq=False)

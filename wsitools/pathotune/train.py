@@ -15,7 +15,6 @@ validation loss is kept. Output folder::
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import logging
 import math
@@ -23,7 +22,7 @@ import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from wsitools.encoders import Encoder, load_encoder
+from wsitools.encoders.loading import TrainPrecision, autocast, training_amp_dtype
 from wsitools.errors import DataError, ModelError
 from wsitools.io import atomic_path, available_cpus, write_json_atomic
 from wsitools.metrics import classification_metrics, metrics_report
@@ -43,7 +43,6 @@ from wsitools.text import TaskDescription, embed_texts
 
 log = logging.getLogger(__name__)
 
-Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
 
 @dataclass(frozen=True)
@@ -62,7 +61,7 @@ class PathoTuneTrainConfig:
     test_fraction: float = 0.15
     augment: bool = True
     seed: int = 0
-    precision: Precision = "auto"
+    precision: TrainPrecision = "auto"
     num_workers: int | None = None
     text_model: str | None = None
 
@@ -108,23 +107,6 @@ class _TileDataset(Dataset):
         return to_unit_float(self.tiles.read(i)[None], size=self.size)[0], int(self.tiles.labels[i])
 
 
-def _amp(precision: Precision, device: torch.device) -> torch.dtype | None:
-    if device.type != "cuda":
-        if precision in ("bf16", "fp16"):
-            raise ModelError(f"mixed precision {precision} needs a CUDA device (running on {device})")
-        return None
-    if precision == "fp32":
-        return None
-    if precision == "fp16" or (precision == "auto" and not torch.cuda.is_bf16_supported()):
-        return torch.float16
-    return torch.bfloat16
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
-    return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
-
-
-@torch.no_grad()
 def predict(
     model: PathoTuneViT, loader: DataLoader, *, device: torch.device, amp: torch.dtype | None
 ) -> tuple[np.ndarray, np.ndarray, float]:
@@ -134,7 +116,7 @@ def predict(
     for x, y in loader:
         x = prepare_input(model.backbone_card, x.to(device))
         y = y.to(device)
-        with _autocast(device, amp):
+        with autocast(device, amp):
             logits = model(x)
         loss_sum += float(F.cross_entropy(logits.float(), y, reduction="sum"))
         probs.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
@@ -236,7 +218,7 @@ def tune_pathotune(
         )
 
     train_loader, val_loader = loader("train", True), loader("val", False)
-    amp = _amp(config.precision, dev)
+    amp = training_amp_dtype(config.precision, dev)
     scaler = torch.amp.GradScaler("cuda") if amp is torch.float16 else None
     params = [p for p in trainable.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -262,7 +244,7 @@ def tune_pathotune(
             if config.augment:
                 x = random_resized_crop_flip(x, size=size, generator=aug)
             x, y = prepare_input(backbone_enc.card, x.to(dev, non_blocking=True)), y.to(dev)
-            with _autocast(dev, amp):
+            with autocast(dev, amp):
                 logits = model(x)
             loss = F.cross_entropy(logits.float(), y)
             optimizer.zero_grad(set_to_none=True)

@@ -17,7 +17,6 @@ resumed from its last checkpoint continues exactly as if it had not been interru
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import json
@@ -38,6 +37,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
+from wsitools.encoders.loading import TrainPrecision, autocast, training_amp_dtype
 from wsitools.errors import ModelError
 from wsitools.io import atomic_path, available_cpus, stable_hash, write_json_atomic
 from wsitools.puzzle.backbone import PuzzleBackbone, export_promptstate, load_puzzle_backbone
@@ -48,7 +48,6 @@ from wsitools.puzzle.shuffle import PuzzleError, check_puzzle_setting, fix_posit
 
 log = logging.getLogger(__name__)
 
-Precision = Literal["auto", "fp32", "bf16", "fp16"]
 LOG_COLUMNS = ("epoch", "step", "loss", "lr", "patch_size", "ratio")
 CHECKPOINT_RE = re.compile(r"^epoch-(\d{4,})$")
 
@@ -88,7 +87,7 @@ class PuzzleTrainConfig:
     decoder_dim: int = 512
     decoder_depth: int = 8
     decoder_heads: int = 16
-    precision: Precision = "auto"
+    precision: TrainPrecision = "auto"
     seed: int = 0
     num_workers: int | None = None
     keep_checkpoints: int = 2
@@ -166,18 +165,6 @@ class PuzzleRunResult:
     final_loss: float
     images_per_second: float
     log_rows: list[dict[str, float]] = field(default_factory=list)
-
-
-def _resolve_precision(precision: Precision, device: torch.device) -> torch.dtype | None:
-    if device.type != "cuda":
-        if precision in ("bf16", "fp16"):
-            raise PuzzleError(f"mixed precision {precision} needs a CUDA device (running on {device})")
-        return None
-    if precision == "fp32":
-        return None
-    if precision == "fp16" or (precision == "auto" and not torch.cuda.is_bf16_supported()):
-        return torch.float16
-    return torch.bfloat16
 
 
 def _param_groups(model: PuzzleTuningModel, weight_decay: float) -> list[dict[str, Any]]:
@@ -340,7 +327,7 @@ def train_puzzle(
     model.to(dev)
     image_size = model.image_size[0]
     curriculum = config.curriculum(image_size=image_size, token_size=model.token_size)
-    amp_dtype = _resolve_precision(config.precision, dev)
+    amp_dtype = training_amp_dtype(config.precision, dev)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype is torch.float16 else None
 
     tiles_per_step = config.batch_size * config.accum_steps
@@ -418,7 +405,7 @@ def train_puzzle(
             puzzled, mask = fix_position_shuffle(
                 batch, ratio=stage.ratio, patch_size=stage.patch_size, group_size=config.group, generator=gen
             )
-            ctx = torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+            ctx = autocast(dev, amp_dtype)
             with ctx:
                 out_ = model(batch, prepare_input(bb.card, puzzled), mask)
             loss = out_.loss / config.accum_steps
