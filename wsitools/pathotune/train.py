@@ -107,6 +107,7 @@ class _TileDataset(Dataset):
         return to_unit_float(self.tiles.read(i)[None], size=self.size)[0], int(self.tiles.labels[i])
 
 
+@torch.no_grad()
 def predict(
     model: PathoTuneViT, loader: DataLoader, *, device: torch.device, amp: torch.dtype | None
 ) -> tuple[np.ndarray, np.ndarray, float]:
