@@ -240,3 +240,64 @@ def test_predict_rejects_features_of_another_width(trained, tmp_path):
     make_bag_cohort(tmp_path / "f", n_slides=2, n_tiles=(5, 6), dim=12, seed=0)
     with pytest.raises(DataError, match="features are 12-d, the head expects 16-d"):
         predict(trained["abmil"], tmp_path / "f", tmp_path / "out", strict=True, progress=False)
+
+
+def _tiny_cli_cohort(root):
+    bags = make_bag_cohort(root / "f", n_slides=12, n_tiles=(10, 20), dim=4, shift=6.0, seed=3)
+    labels = _write_labels(root / "l.csv", bags, ["train"] * 6 + ["val"] * 3 + ["test"] * 3)
+    (root / "task.yaml").write_text(TASK)
+    return ["--features", str(root / "f"), "--labels", str(labels), "--task", str(root / "task.yaml"),
+            "--epochs", "3", "--lr", "5e-3", "--bootstrap", "10", "--quiet", "--threads", "1"]
+
+
+def test_device_cpu_equals_auto_without_a_gpu(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # auto -> cpu on any machine
+    args = _tiny_cli_cohort(tmp_path)
+    assert main(["train", *args, "--out", str(tmp_path / "auto")]) == 0
+    assert main(["train", *args, "--device", "cpu", "--out", str(tmp_path / "cpu")]) == 0
+    a, c = (load_file(tmp_path / run / "fold_0" / "model.safetensors") for run in ("auto", "cpu"))
+    assert a.keys() == c.keys() and all(torch.equal(a[k], c[k]) for k in a)
+    assert all(t.device.type == "cpu" and t.dtype == torch.float32 for t in a.values())
+    for name in ("predictions.csv", "curves.csv"):  # curves: every epoch's losses, not just the weights
+        rows = [[{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(open(tmp_path / run / name))]
+                for run in ("auto", "cpu")]
+        assert rows[0] == rows[1] and len(rows[0]) == 3, name  # 3 epochs; 3 test slides
+    assert json.loads((tmp_path / "cpu" / "run.json").read_text())["device"] == "cpu"
+    feats = ["--model", str(tmp_path / "cpu"), "--features", str(tmp_path / "f"), "--quiet", "--threads", "1"]
+    assert main(["predict", *feats, "--out", str(tmp_path / "p_auto")]) == 0
+    assert main(["predict", *feats, "--device", "cpu", "--out", str(tmp_path / "p_cpu")]) == 0
+    pa, pc = ((tmp_path / run / "predictions.csv").read_bytes() for run in ("p_auto", "p_cpu"))
+    assert pa == pc and pa.count(b"\n") == 13  # header + 12 slides
+    assert json.loads((tmp_path / "p_cpu" / "predict.json").read_text())["device"] == "cpu"
+
+
+def test_device_cuda_without_a_gpu_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = _tiny_cli_cohort(tmp_path)
+    assert main(["train", *args, "--device", "cuda", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--device cuda" in err and "no CUDA GPU" in err and "\n" not in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(ModelError, match="no CUDA GPU"):
+        predict(tmp_path, tmp_path / "f", tmp_path / "p", device="cuda")
+    assert main(["predict", "--model", str(tmp_path), "--features", str(tmp_path / "f"), "--out", str(tmp_path / "p"),
+                 "--device", "cuda", "--quiet"]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err and not (tmp_path / "p").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_training_and_prediction_on_the_gpu_match_the_cpu(cohort, trained, tmp_path):
+    out = tmp_path / "gpu"
+    summary = train(features_dir=cohort["root"] / "features", labels=cohort["labels"], task=cohort["task"],
+                    out_dir=out, head="abmil", config=FAST, device="cuda", progress=False)
+    assert summary["pooled"]["auroc"] >= 0.95 and json.loads((out / "run.json").read_text())["device"] == "cuda:0"
+    weights = load_file(out / "fold_0" / "model.safetensors")
+    assert all(t.device.type == "cpu" and t.dtype == torch.float32 for t in weights.values())
+    test_ids = [b.slide_id for b in cohort["test"]]
+    on_gpu = predict(trained["abmil"], cohort["root"] / "features", tmp_path / "pg", slides=test_ids,
+                     device="cuda", progress=False)
+    on_cpu = predict(trained["abmil"], cohort["root"] / "features", tmp_path / "pc", slides=test_ids,
+                     device="cpu", progress=False)
+    for g, c in zip(on_gpu, on_cpu):
+        np.testing.assert_allclose(g.probs, c.probs, atol=1e-4)
+        np.testing.assert_allclose(g.attention, c.attention, atol=1e-4)

@@ -256,7 +256,7 @@ def test_schema_fills_in_the_defaults():
     assert config["tiling"] == {"mpp": 1.0, "tile_size": 224, "overlap": 0, "min_tissue": 0.5,
                                 "backend": "auto", "store_pixels": True, "threads": 2, "extra_args": []}
     assert config["heads"]["h"] == {"type": "abmil", "prompts": ["tvp", "ttp", "ivp"], "folds": 5,
-                                    "threads": 2, "extra_args": []}
+                                    "threads": 2, "device": "auto", "extra_args": []}
     assert config["features"]["encoders"] == ["efficientnet-lite0-imagenet"]
     assert (config["samples"], config["device"], config["pretrain"]["enabled"]) == ("config/samples.tsv", "auto", False)
 
@@ -331,8 +331,10 @@ def test_slurm_dry_run_gives_gpu_rules_a_gpu(tmp_path):
     gpu = jobs["pretrain_puzzle"]
     assert "gpu=1" in gpu and "slurm_partition=<gpu-partition>" in gpu and "runtime=2880" in gpu
     assert "gpu=1" in jobs["tune_pathotune"] and "slurm_partition=<gpu-partition>" in jobs["tune_pathotune"]
+    assert "gpu=1" in jobs["train"] and "slurm_partition=<gpu-partition>" in jobs["train"]
+    assert "mem_mb=16000" in jobs["train"] and "runtime=240" in jobs["train"]
     assert "output: results/pretrain/puzzle/vitb16-imagenet-puzzletuned.yaml" in out
-    for cpu_rule in ("tile", "train", "heatmap"):
+    for cpu_rule in ("tile", "heatmap"):
         assert "gpu" not in jobs[cpu_rule] and "slurm_partition=<cpu-partition>" in jobs[cpu_rule]
     assert "mem_mb=8000" in jobs["tile"] and "slurm_account=<account>" in jobs["tile"]
 
@@ -342,6 +344,25 @@ def test_cpu_device_asks_for_no_gpu(tmp_path):
     result = snakemake(work, "-n")
     assert result.returncode == 0, result.stderr
     assert "gpu=0" in dry_run_resources(result.stdout)["pretrain_puzzle"]
+
+
+def _train_job(work: Path) -> tuple[str, str]:
+    """The train job's resources line and shell command from a dry run."""
+    result = snakemake(work, "-n", "--printshellcmds", "--cores", "4")  # threads are capped at --cores
+    assert result.returncode == 0, result.stderr
+    commands = [line.split("wsitools train ", 1)[1] for line in result.stdout.splitlines() if "wsitools train " in line]
+    assert len(commands) == 1, result.stdout
+    return dry_run_resources(result.stdout)["train"], commands[0]
+
+
+def test_train_gets_its_head_device_and_threads(tmp_path):
+    heads = {"abmil": {"type": "abmil", "folds": 2, "threads": 3}}  # device: auto by default
+    resources, command = _train_job(make_project(tmp_path / "auto", config={"device": "cpu", "heads": heads}))
+    assert "gpu=1" in resources
+    assert " --device auto --threads 3 --out results/heads/planted/efficientnet-lite0-imagenet/abmil " in command
+    heads["abmil"]["device"] = "cpu"
+    resources, command = _train_job(make_project(tmp_path / "cpu", config={"device": "auto", "heads": heads}))
+    assert "gpu=0" in resources and " --device cpu --threads 3 " in command
 
 
 def write_head_run(root: Path, task: str, encoder: str, head: str, labels, probs, classes) -> Path:
@@ -428,6 +449,7 @@ def test_demo_config_drives_the_workflow(tmp_path, capsys):
     assert "reusing the synthetic cohort" in capsys.readouterr().out
     config = yaml.safe_load((work / "config" / "config.yaml").read_text())
     assert config["device"] == "cpu" and config["heads"]["pathotune"]["folds"] == 3
+    assert config["heads"]["pathotune"]["device"] == "cpu"  # the demo trains on CPU, asks for no GPU
     assert config["features"]["encoders"] == ["efficientnet-lite0-imagenet"]
     result = snakemake(work, "-n")
     assert result.returncode == 0, result.stderr

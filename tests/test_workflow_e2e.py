@@ -161,5 +161,7 @@ def test_adding_a_slide_tiles_and_extracts_only_it(run, tmp_path):
     counts = job_counts(result.stdout)
     assert counts["extract"] == 1 and "tile" not in counts
     assert "output: results/features/vit-test-tiny/extra.h5" in result.stdout
-    extract = dry_run_resources(result.stdout)["extract"]
-    assert "gpu=1" in extract and "slurm_partition=<gpu-partition>" in extract
+    jobs = dry_run_resources(result.stdout)
+    assert "gpu=1" in jobs["extract"] and "slurm_partition=<gpu-partition>" in jobs["extract"]
+    assert counts["train"] == 1  # the new slide is labelled: the head retrains, on a GPU node
+    assert "gpu=1" in jobs["train"] and "slurm_partition=<gpu-partition>" in jobs["train"]

@@ -1,6 +1,7 @@
 # MIL heads: one labels table per task (usable, labelled slides only), then every head is
-# trained with cross-validation for every task and encoder. Training runs on CPU (the heads
-# are small; `wsitools train` has no GPU path), so it asks for no GPU.
+# trained with cross-validation for every task and encoder. A head trains on its config
+# `device` (auto: a GPU when the job has one) with `threads` torch threads; it asks for a GPU
+# unless its device is cpu.
 
 
 rule labels:
@@ -36,6 +37,7 @@ rule train:
         features=lambda wildcards: f"{FEATURES}/{wildcards.encoder}",
         out=lambda wildcards, output: Path(output.metrics).parent,
         options=get_head_options,
+        device=lambda wildcards: HEADS[wildcards.head]["device"],
     log:
         "logs/train/{task}/{encoder}/{head}.log",
     benchmark:
@@ -44,9 +46,10 @@ rule train:
     resources:
         mem_mb=8000,
         runtime=240,
+        gpu=lambda wildcards: 0 if HEADS[wildcards.head]["device"] == "cpu" else 1,
     conda:
         "../envs/wsitools.yaml"
     shell:
         "wsitools train --features {params.features:q} --labels {input.labels:q}"
-        " --task {input.task:q} {params.options} --out {params.out:q}"
-        " --overwrite --quiet > {log:q} 2>&1"
+        " --task {input.task:q} {params.options} --device {params.device}"
+        " --threads {threads} --out {params.out:q} --overwrite --quiet > {log:q} 2>&1"

@@ -65,6 +65,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--workers", type=int, default=d.workers, help=f"bag-reading worker processes ({d.workers})")
     t.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: the CPUs this process may use, e.g. SLURM_CPUS_PER_TASK)")
+    t.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where the head trains: auto = a CUDA GPU when there is one, else the CPU (auto)")
     t.add_argument("--bootstrap", type=int, default=d.n_boot, help=f"bootstrap resamples for 95%% intervals ({d.n_boot})")
     t.add_argument("--strict", action="store_true",
                    help="a labelled slide without a usable feature store is an error (default: warn and skip)")
@@ -85,6 +87,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ivp-features", metavar="DIR", default=None, help="second encoder's features, if the head used them")
     p.add_argument("--strict", action="store_true", help="an unusable slide is an error (default: warn and skip)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the CPUs this process may use)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where the heads run: auto = a CUDA GPU when there is one, else the CPU (auto)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--out", required=True, metavar="DIR")
@@ -161,6 +165,7 @@ def run_train(args: argparse.Namespace) -> int:
         ivp_features_dir=args.ivp_features,
         text_model=args.text_model,
         text_cache_dir=args.text_cache,
+        device=args.device,
         strict=args.strict,
         overwrite=args.overwrite,
         progress=not args.quiet,
@@ -184,6 +189,7 @@ def run_predict(args: argparse.Namespace) -> int:
         args.out,
         slides=args.slides,
         ivp_features_dir=args.ivp_features,
+        device=args.device,
         strict=args.strict,
         overwrite=args.overwrite,
         progress=not args.quiet,

@@ -2,7 +2,8 @@
 
 ``wsitools predict --model DIR`` takes a training output (every ``fold_*/`` head, averaged: a
 k-fold ensemble) or one head folder, and writes ``predictions.csv`` and
-``attention/{slide_id}.h5`` for each slide of a feature directory (no labels needed).
+``attention/{slide_id}.h5`` for each slide of a feature directory (no labels needed). The heads
+run on ``device`` (``auto``: CUDA when available); bags are read on the CPU and copied over.
 """
 
 from __future__ import annotations
@@ -44,14 +45,20 @@ class BagPrediction:
 
 @torch.no_grad()
 def predict_bag(models: Sequence[torch.nn.Module], x: torch.Tensor, ivp: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Mean softmax probabilities and mean attention of ``models`` (eval mode) on one bag."""
+    """Mean softmax probabilities and mean attention of ``models`` (eval mode) on one bag.
+
+    The bag is moved to the device of the models (all on one device, e.g. from
+    :func:`load_heads`); the results come back as CPU arrays."""
+    device = next(models[0].parameters()).device
+    x = x.to(device)
+    ivp = ivp.to(device) if ivp is not None else None
     probs, attention = [], []
     for model in models:
         model.eval()
         out = model(x, ivp)
         probs.append(torch.softmax(out.logits.float(), dim=-1))
         attention.append(out.attention.float())
-    return torch.stack(probs).mean(0).numpy(), torch.stack(attention).mean(0).numpy()
+    return torch.stack(probs).mean(0).cpu().numpy(), torch.stack(attention).mean(0).cpu().numpy()
 
 
 def write_attention(
@@ -93,14 +100,14 @@ def write_attention(
                 f.attrs[key] = value if isinstance(value, (int, float, str)) else json.dumps(value)
 
 
-def load_heads(model_dir: str | os.PathLike[str]) -> list[SavedHead]:
-    """The heads of a training output (``fold_*/``, in fold order) or of one head folder."""
+def load_heads(model_dir: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> list[SavedHead]:
+    """The heads of a training output (``fold_*/``, in fold order) or of one head folder, on ``device``."""
     model_dir = Path(model_dir)
     if (model_dir / "model.safetensors").is_file():
-        heads = [load_head(model_dir)]
+        heads = [load_head(model_dir, device=device)]
     else:
         folders = [p for p in model_dir.glob("fold_*") if p.name[5:].isdigit() and (p / "model.safetensors").is_file()]
-        heads = [load_head(p) for p in sorted(folders, key=lambda p: int(p.name[5:]))]
+        heads = [load_head(p, device=device) for p in sorted(folders, key=lambda p: int(p.name[5:]))]
     if not heads:
         raise ModelError(f"{model_dir}: no trained head (model.safetensors) here or in fold_*/")
     first = heads[0]
@@ -132,6 +139,7 @@ def predict(
     *,
     slides: Sequence[str] | None = None,
     ivp_features_dir: str | os.PathLike[str] | None = None,
+    device: str | torch.device = "auto",
     strict: bool = False,
     overwrite: bool = False,
     progress: bool = True,
@@ -139,10 +147,14 @@ def predict(
     """Predict every slide in ``features_dir`` (or the named ``slides``) with the heads in
     ``model_dir``; write ``out_dir/predictions.csv``, ``out_dir/attention/{slide_id}.h5`` and
     ``out_dir/predict.json``. A slide whose bag is missing or unusable is skipped with a warning
-    naming it (an error with ``strict``)."""
+    naming it (an error with ``strict``). ``device``: ``auto`` (CUDA when available), ``cpu`` or
+    ``cuda`` (a :class:`ModelError` when there is no GPU)."""
     from tqdm import tqdm
 
-    heads = load_heads(model_dir)
+    from wsitools.encoders.loading import resolve_device
+
+    dev = resolve_device(device)
+    heads = load_heads(model_dir, device=dev)
     models = [h.model for h in heads]
     first = heads[0]
     classes = first.classes
@@ -203,6 +215,7 @@ def predict(
                 "n_models": len(models),
                 "classes": classes,
                 "n_predicted": len(results),
+                "device": str(dev),
                 "skipped": skipped,
                 "package_version": __version__,
             },

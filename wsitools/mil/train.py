@@ -11,6 +11,11 @@ Choices where the papers are silent (documented in docs/mil.md):
   over a hundred bags per second on a 2-core CPU; validation, test and prediction always use whole bags.
 - The validation loss used for early stopping is class-balanced (inverse-frequency weights of
   the validation set), so the majority class cannot dominate model selection.
+
+The head and every bag live on one ``device`` (``auto``: CUDA when available). Bags are read on
+the CPU (by loader workers), pinned when the device is a GPU and copied without blocking; the
+saved weights are always CPU tensors. Training is plain float32: the heads are small, and on a
+CPU it is bit-for-bit what it was before there was a device option.
 """
 
 from __future__ import annotations
@@ -94,16 +99,25 @@ class BagDataset(torch.utils.data.Dataset):
         return x, ivp, int(self.labels[i])
 
 
-def _loader(dataset: BagDataset, keys: Sequence[tuple[int, int | None]], workers: int) -> Iterator[Any]:
-    return iter(
-        torch.utils.data.DataLoader(
-            dataset,
-            sampler=list(keys),
-            batch_size=None,
-            num_workers=workers,
-            prefetch_factor=4 if workers else None,
-        )
+def _loader(
+    dataset: BagDataset, keys: Sequence[tuple[int, int | None]], workers: int, device: torch.device
+) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, int]]:
+    """Bags in the order of ``keys``, moved to ``device`` (from pinned memory, without blocking,
+    when it is a GPU: the copy overlaps the previous step)."""
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        sampler=list(keys),
+        batch_size=None,
+        num_workers=workers,
+        prefetch_factor=4 if workers else None,
+        pin_memory=device.type == "cuda",
     )
+    for x, ivp, y in loader:
+        yield (
+            x.to(device, non_blocking=True),
+            ivp.to(device, non_blocking=True) if ivp is not None else None,
+            y,
+        )
 
 
 def epoch_keys(train: np.ndarray, labels: np.ndarray, *, balance: Balance, rng: np.random.Generator) -> list[tuple[int, int]]:
@@ -126,23 +140,26 @@ def train_epoch(
     keys: Sequence[tuple[int, int]],
     *,
     step_weights: torch.Tensor,
+    device: torch.device = torch.device("cpu"),
     workers: int = 0,
 ) -> float:
     """One pass over ``keys``, one bag per optimiser step; returns the mean (class-weighted) loss.
 
     Each step's loss is ``weight[y] * CE``: with one bag per step a weighted mean would cancel
-    the weight, so it is applied as a factor.
+    the weight, so it is applied as a factor. ``model`` and ``step_weights`` are on ``device``.
+    The losses are summed in float64 on the device (no GPU synchronisation per step; the same
+    sum as adding them up as Python floats).
     """
     model.train()
-    total = 0.0
-    for x, ivp, y in _loader(dataset, keys, workers):
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for x, ivp, y in _loader(dataset, keys, workers, device):
         out = model(x, ivp)
-        loss = step_weights[y] * F.cross_entropy(out.logits[None], torch.tensor([y]))
+        loss = step_weights[y] * F.cross_entropy(out.logits[None], torch.tensor([y], device=device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total += float(loss.detach())
-    return total / max(1, len(keys))
+        total += loss.detach()
+    return float(total) / max(1, len(keys))
 
 
 @dataclass
@@ -156,24 +173,36 @@ class Evaluation:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset: BagDataset, index: np.ndarray, *, workers: int = 0) -> Evaluation:
-    """Predict whole bags in eval mode; the loss weights each class by its inverse frequency here."""
+def evaluate(
+    model: nn.Module,
+    dataset: BagDataset,
+    index: np.ndarray,
+    *,
+    device: torch.device = torch.device("cpu"),
+    workers: int = 0,
+) -> Evaluation:
+    """Predict whole bags in eval mode (``model`` on ``device``); the loss weights each class by
+    its inverse frequency here. Results are gathered on the device and copied back once."""
     model.eval()
     probs, attention, losses = [], [], []
-    for x, ivp, y in _loader(dataset, [(int(i), None) for i in index], workers):
+    for x, ivp, y in _loader(dataset, [(int(i), None) for i in index], workers, device):
         out = model(x, ivp)
-        probs.append(torch.softmax(out.logits, dim=-1).numpy())
-        attention.append(out.attention.numpy())
-        losses.append(float(F.cross_entropy(out.logits[None], torch.tensor([y]))))
+        probs.append(torch.softmax(out.logits, dim=-1))
+        attention.append(out.attention)
+        losses.append(F.cross_entropy(out.logits[None], torch.tensor([y], device=device)))
     labels = dataset.labels[index]
-    weights = class_weights(labels, len(probs[0]))[labels]
-    loss = float(np.sum(weights * np.array(losses)) / np.sum(weights))
-    return Evaluation(index=np.asarray(index), probs=np.stack(probs), attention=attention, loss=loss)
+    probs_np = torch.stack(probs).cpu().numpy()
+    weights = class_weights(labels, probs_np.shape[1])[labels]
+    per_bag = torch.stack(losses).cpu().numpy().astype(np.float64)
+    loss = float(np.sum(weights * per_bag) / np.sum(weights))
+    return Evaluation(
+        index=np.asarray(index), probs=probs_np, attention=[a.cpu().numpy() for a in attention], loss=loss
+    )
 
 
 @dataclass
 class FoldResult:
-    """A trained fold: its model (best epoch restored), curves and test evaluation."""
+    """A trained fold: its model (best epoch restored, on the training device), curves and test evaluation."""
 
     fold: Fold
     model: nn.Module
@@ -190,9 +219,12 @@ def train_fold(
     config: TrainConfig,
     *,
     text_embeddings: torch.Tensor | None = None,
+    device: torch.device = torch.device("cpu"),
     progress: bool = False,
 ) -> FoldResult:
-    """Train one head on ``fold.train``, early-stopped on ``fold.val``; evaluate on ``fold.test``."""
+    """Train one head on ``device`` on ``fold.train``, early-stopped on ``fold.val``; evaluate on
+    ``fold.test``. The head is initialised on the CPU (seeded) and then moved, so its initial
+    weights do not depend on the device."""
     from tqdm import tqdm
 
     for part in ("train", "val", "test"):
@@ -202,7 +234,7 @@ def train_fold(
         raise DataError(f"fold {fold.index}: the training part holds a single class")
     torch.manual_seed(config.seed * 1009 + fold.index)
     rng = np.random.default_rng([config.seed, fold.index])
-    model = create_head(head_config, text_embeddings=text_embeddings)
+    model = create_head(head_config, text_embeddings=text_embeddings).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, foreach=True)
     dataset = BagDataset(cohort.paths, cohort.labels, cohort.sizes, bag_size=config.bag_size, ivp_paths=cohort.ivp_paths)
     n_classes = len(cohort.classes)
@@ -210,7 +242,7 @@ def train_fold(
         torch.from_numpy(class_weights(cohort.labels[fold.train], n_classes))
         if config.balance == "weights"
         else torch.ones(n_classes)
-    )
+    ).to(device)
     best_loss, best_epoch, best_state = math.inf, -1, None
     history: list[dict[str, float]] = []
     start = time.perf_counter()
@@ -218,8 +250,10 @@ def train_fold(
     for epoch in bar:
         t0 = time.perf_counter()
         keys = epoch_keys(fold.train, cohort.labels, balance=config.balance, rng=rng)
-        train_loss = train_epoch(model, optimizer, dataset, keys, step_weights=step_weights, workers=config.workers)
-        val = evaluate(model, dataset, fold.val, workers=config.workers)
+        train_loss = train_epoch(
+            model, optimizer, dataset, keys, step_weights=step_weights, device=device, workers=config.workers
+        )
+        val = evaluate(model, dataset, fold.val, device=device, workers=config.workers)
         scores = classification_metrics(cohort.labels[fold.val], val.probs)
         history.append(
             {
@@ -239,7 +273,7 @@ def train_fold(
             break
     assert best_state is not None
     model.load_state_dict(best_state)
-    test = evaluate(model, dataset, fold.test, workers=config.workers)
+    test = evaluate(model, dataset, fold.test, device=device, workers=config.workers)
     return FoldResult(
         fold=fold, model=model, history=history, best_epoch=best_epoch, test=test, seconds=time.perf_counter() - start
     )
@@ -295,6 +329,7 @@ def train(
     ivp_features_dir: str | os.PathLike[str] | None = None,
     text_model: str | os.PathLike[str] | None = None,
     text_cache_dir: str | os.PathLike[str] | None = None,
+    device: str | torch.device = "auto",
     strict: bool = False,
     overwrite: bool = False,
     progress: bool = True,
@@ -302,8 +337,13 @@ def train(
     """Cross-validate ``head`` on a labelled cohort and write the run to ``out_dir``.
 
     Folds come from the labels table's ``split``/``fold`` column if it has one, else from
-    patient-level stratified k-fold. Returns the content of ``metrics.json``.
+    patient-level stratified k-fold. ``device``: ``auto`` (CUDA when available), ``cpu`` or
+    ``cuda`` (a :class:`~wsitools.errors.ModelError` when there is no GPU). Returns the content
+    of ``metrics.json``.
     """
+    from wsitools.encoders.loading import resolve_device
+
+    dev = resolve_device(device)
     task = task if isinstance(task, TaskDescription) else load_task(task)
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
@@ -341,16 +381,18 @@ def train(
         "package_version": __version__,
     }
     log.info(
-        "training %s%s on %d slides (%d patients), %d folds, %d-d features",
+        "training %s%s on %d slides (%d patients), %d folds, %d-d features, on %s",
         head, f" [{','.join(head_config.prompts)}]" if head_config.prompts else "",
-        len(cohort), len(set(cohort.patients)), len(folds), cohort.dim,
+        len(cohort), len(set(cohort.patients)), len(folds), cohort.dim, dev,
     )
     oof_rows: list[dict[str, Any]] = []
     fold_reports, histories, best_epochs, curve_rows = [], {}, {}, []
     with atomic_path(out_dir, overwrite=overwrite) as tmp:
         (tmp / "attention").mkdir(parents=True)
         for fold in folds:
-            result = train_fold(cohort, fold, head_config, config, text_embeddings=text_embeddings, progress=progress)
+            result = train_fold(
+                cohort, fold, head_config, config, text_embeddings=text_embeddings, device=dev, progress=progress
+            )
             fold_dir = tmp / f"fold_{fold.index}"
             save_head(result.model, fold_dir, meta={**meta, "fold": fold.index, "best_epoch": result.best_epoch})
             rows = []
@@ -422,6 +464,7 @@ def train(
                 "labels": str(Path(labels).resolve()),
                 "split_source": "labels table" if (cohort.splits or cohort.folds) else "patient stratified k-fold",
                 "n_folds": len(folds),
+                "device": str(dev),
                 "skipped": cohort.skipped,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             },
