@@ -17,6 +17,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from wsitools.cli import encoders as encoders_cli
+from wsitools.device import resolve_device
 from wsitools.encoders import (
     PromptedVisionTransformer,
     fetch_card,
@@ -27,7 +28,6 @@ from wsitools.encoders import (
     prompts_from_checkpoint,
     read_card,
     read_checkpoint,
-    resolve_device,
 )
 from wsitools.errors import ModelError
 

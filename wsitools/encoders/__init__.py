@@ -27,7 +27,7 @@ from wsitools.encoders.checkpoint import (
     unwrap_state_dict,
 )
 from wsitools.encoders.fetch import FetchResult, fetch_card
-from wsitools.encoders.loading import Encoder, build_encoder, load_encoder, resolve_device
+from wsitools.encoders.loading import Encoder, build_encoder, load_encoder
 from wsitools.encoders.vit import PromptedVisionTransformer
 
 __all__ = [
@@ -49,6 +49,5 @@ __all__ = [
     "prompts_from_checkpoint",
     "read_card",
     "read_checkpoint",
-    "resolve_device",
     "unwrap_state_dict",
 ]

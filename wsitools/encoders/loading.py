@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import timm
 import torch
@@ -26,6 +26,7 @@ from torch import nn
 
 from wsitools.encoders.cards import EncoderCard, WeightFile, find_card
 from wsitools.encoders.checkpoint import load_weights
+from wsitools.device import resolve_device
 from wsitools.errors import ModelError
 from wsitools.io import sha256_file, stable_hash
 
@@ -64,41 +65,6 @@ def verify_weight(card: EncoderCard, weight: WeightFile) -> str:
             f"{card.source} expects {weight.sha256}); the file is corrupt or not the one the card names"
         )
     return digest
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; asking for CUDA without one is an error."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ModelError("--device cuda was asked for but no CUDA GPU is available")
-    return dev
-
-
-TrainPrecision = Literal["auto", "fp32", "bf16", "fp16"]
-
-
-def training_amp_dtype(precision: TrainPrecision, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for training on ``device`` (None: full fp32).
-
-    ``auto`` is bf16 on a GPU that has it, else fp16 (with a grad scaler), and fp32 on a CPU;
-    asking for bf16 or fp16 on a CPU is an error rather than a silent fp32 run.
-    """
-    if device.type != "cuda":
-        if precision in ("bf16", "fp16"):
-            raise ModelError(f"mixed precision {precision} needs a CUDA device (running on {device})")
-        return None
-    if precision == "fp32":
-        return None
-    if precision == "fp16" or (precision == "auto" and not torch.cuda.is_bf16_supported()):
-        return torch.float16
-    return torch.bfloat16
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
-    """``torch.autocast`` for ``dtype``, or a no-op context for full precision."""
-    return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
 
 @dataclass(eq=False)

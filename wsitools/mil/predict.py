@@ -151,7 +151,7 @@ def predict(
     ``cuda`` (a :class:`ModelError` when there is no GPU)."""
     from tqdm import tqdm
 
-    from wsitools.encoders.loading import resolve_device
+    from wsitools.device import resolve_device
 
     dev = resolve_device(device)
     heads = load_heads(model_dir, device=dev)

@@ -341,7 +341,7 @@ def train(
     ``cuda`` (a :class:`~wsitools.errors.ModelError` when there is no GPU). Returns the content
     of ``metrics.json``.
     """
-    from wsitools.encoders.loading import resolve_device
+    from wsitools.device import resolve_device
 
     dev = resolve_device(device)
     task = task if isinstance(task, TaskDescription) else load_task(task)

@@ -34,7 +34,8 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from wsitools.encoders import Encoder, EncoderCard, load_encoder, resolve_device
+from wsitools.device import resolve_device
+from wsitools.encoders import Encoder, EncoderCard, load_encoder
 from wsitools.encoders.cards import card_from_dict
 from wsitools.encoders.loading import build_encoder
 from wsitools.errors import ModelError

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from wsitools.encoders import Encoder, load_encoder
-from wsitools.encoders.loading import TrainPrecision, autocast, training_amp_dtype
+from wsitools.device import TrainPrecision, autocast, training_amp_dtype
 from wsitools.errors import DataError, ModelError
 from wsitools.io import atomic_path, available_cpus, write_json_atomic
 from wsitools.metrics import classification_metrics, metrics_report

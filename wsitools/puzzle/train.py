@@ -37,7 +37,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
-from wsitools.encoders.loading import TrainPrecision, autocast, training_amp_dtype
+from wsitools.device import TrainPrecision, autocast, training_amp_dtype
 from wsitools.errors import ModelError
 from wsitools.io import atomic_path, available_cpus, stable_hash, write_json_atomic
 from wsitools.puzzle.backbone import PuzzleBackbone, export_promptstate, load_puzzle_backbone
