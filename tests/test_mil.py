@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+from dataclasses import replace
 
 import h5py
 import numpy as np
@@ -301,3 +302,44 @@ def test_training_and_prediction_on_the_gpu_match_the_cpu(cohort, trained, tmp_p
     for g, c in zip(on_gpu, on_cpu):
         np.testing.assert_allclose(g.probs, c.probs, atol=1e-4)
         np.testing.assert_allclose(g.attention, c.attention, atol=1e-4)
+
+
+def _top_k_precision(run_dir, bags):
+    """Mean over positive bags of the share of planted instances among the k most attended
+    (k = the number of planted instances), and the mean largest attention weight."""
+    precision, peak = [], []
+    for bag in bags:
+        if bag.label != "pos":
+            continue
+        with h5py.File(run_dir / "attention" / f"{bag.slide_id}.h5") as f:
+            a = f["attention"][()]
+        top = np.argsort(-a, kind="stable")[: len(bag.planted)]
+        precision.append(np.isin(top, bag.planted).mean())
+        peak.append(a.max())
+    return float(np.mean(precision)), float(np.mean(peak))
+
+
+def test_instance_dropout_spreads_attention_over_a_planted_region(tmp_path):
+    """Positives hold a region-sized set of weakly shifted instances (12-20 of 60-120): without
+    instance dropout the attention piles onto a few of them; the default spreads it over the
+    region, so the top-k tiles are mostly planted ones, at the same AUROC."""
+    bags = make_bag_cohort(tmp_path / "features", n_slides=90, n_tiles=(60, 120), n_planted=(12, 20), dim=16,
+                           shift=3.0, seed=0)
+    labels = _write_labels(tmp_path / "labels.csv", bags, ["train"] * 45 + ["val"] * 15 + ["test"] * 30)
+    (tmp_path / "task.yaml").write_text(TASK)
+    assert TrainConfig().instance_dropout == 0.7
+    results = {}
+    for dropout in (0.0, TrainConfig().instance_dropout):
+        out = tmp_path / f"dropout_{dropout}"
+        train(features_dir=tmp_path / "features", labels=labels, task=tmp_path / "task.yaml", out_dir=out,
+              head="abmil", config=replace(FAST, instance_dropout=dropout), progress=False)
+        run = json.loads((out / "run.json").read_text())
+        assert run["train"]["instance_dropout"] == dropout
+        results[dropout] = (json.loads((out / "metrics.json").read_text())["pooled"]["auroc"],
+                            *_top_k_precision(out, bags[60:]))
+    (auroc0, precision0, peak0), (auroc, precision, peak) = results[0.0], results[0.7]
+    assert auroc0 >= 0.95 and auroc >= 0.95
+    assert precision >= 0.7 and precision >= precision0 + 0.08
+    assert peak < peak0
+    with pytest.raises(DataError, match="instance_dropout must lie in"):
+        TrainConfig(instance_dropout=1.0)

@@ -165,6 +165,14 @@ def test_class_weights_and_bag_sampling():
     assert sample_index(100, 512, rng) is None and sample_index(100, None, rng) is None
     idx = sample_index(1000, 64, rng)
     assert len(idx) == 64 and len(set(idx.tolist())) == 64 and np.all(np.diff(idx) > 0)
+    # Instance dropout keeps round((1 - p) n) rows (at least one), then at most bag_size.
+    idx = sample_index(100, 512, rng, instance_dropout=0.7)
+    assert len(idx) == 30 and len(set(idx.tolist())) == 30 and np.all(np.diff(idx) > 0) and idx.max() < 100
+    assert len(sample_index(1000, 64, rng, instance_dropout=0.7)) == 64
+    assert len(sample_index(2, None, rng, instance_dropout=0.9)) == 1
+    assert sample_index(100, None, rng, instance_dropout=0.0) is None
+    a, b = (sample_index(100, None, np.random.default_rng(7), instance_dropout=0.5) for _ in range(2))
+    np.testing.assert_array_equal(a, b)  # the step's seed fixes the subset
 
 
 def test_read_features_rows_from_contiguous_and_chunked(tmp_path):

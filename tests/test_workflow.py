@@ -457,3 +457,41 @@ def test_demo_config_drives_the_workflow(tmp_path, capsys):
                                          "metrics_table": 1, "roc": 1, "all": 1}
     with pytest.raises(WsiToolsError, match="--slides 7: give an even number"):
         demo.prepare(work, n_slides=7, seed=0)
+
+
+def _qc_done(work: Path, status: dict[str, str]) -> None:
+    """Give ``work`` a finished QC (tile QC files and summary, newer than the slides), so a dry
+    run sees which slides are usable."""
+    tiles = work / "results" / "tiles"
+    tiles.mkdir(parents=True)
+    qc = [write_qc(tiles, s, status=st, reason="" if st == "ok" else "cannot open") for s, st in status.items()]
+    cohort.write_qc_summary(qc, work / "results" / "qc" / "summary.tsv", thumbnails=work / "results" / "qc" / "thumbnails")
+
+
+def test_unlabelled_usable_slides_are_predicted_by_every_head(tmp_path):
+    work = make_project(tmp_path / "w", n=6, config={"heads": {"abmil": {"type": "abmil", "folds": 2},
+                                                              "mean": {"type": "meanpool", "folds": 2}}})
+    sheet = work / "config" / "samples.tsv"
+    rows = [line.split("\t") for line in sheet.read_text().splitlines()]
+    rows[5][3] = rows[6][3] = ""  # s4 and s5 have no label; s5 fails QC
+    sheet.write_text("\n".join("\t".join(r) for r in rows) + "\n")
+    _qc_done(work, {f"s{i}": "failed" if i == 5 else "ok" for i in range(6)})
+    result = snakemake(work, "-n", "--printshellcmds", "--cores", "4")  # threads are capped at --cores
+    assert result.returncode == 0, result.stderr
+    counts = job_counts(result.stdout)
+    assert (counts["predict"], counts["heatmap_predicted"], counts["train"]) == (2, 2, 2)
+    assert "tile" not in counts and "qc_summary" not in counts
+    commands = [line.split("wsitools predict ", 1)[1] for line in result.stdout.splitlines() if "wsitools predict " in line]
+    assert sorted(commands) == [
+        f"--model results/heads/planted/efficientnet-lite0-imagenet/{h} --features results/features/"
+        f"efficientnet-lite0-imagenet --slides s4 --device auto --threads 2"
+        f" --out results/predictions/planted/efficientnet-lite0-imagenet/{h} --overwrite --quiet"
+        f" > logs/predict/planted/efficientnet-lite0-imagenet/{h}.log 2>&1"
+        for h in ("abmil", "mean")
+    ]
+    labelled = make_project(tmp_path / "l", n=6)
+    _qc_done(labelled, {f"s{i}": "ok" for i in range(6)})
+    result = snakemake(labelled, "-n")
+    assert result.returncode == 0, result.stderr
+    counts = job_counts(result.stdout)
+    assert counts["train"] == 1 and "predict" not in counts and "heatmap_predicted" not in counts

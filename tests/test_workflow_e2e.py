@@ -8,6 +8,7 @@ of the unreadable.svs fixture, tiled, embedded with the tiny test ViT, a PathoTu
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 import subprocess
@@ -165,3 +166,22 @@ def test_adding_a_slide_tiles_and_extracts_only_it(run, tmp_path):
     assert "gpu=1" in jobs["extract"] and "slurm_partition=<gpu-partition>" in jobs["extract"]
     assert counts["train"] == 1  # the new slide is labelled: the head retrains, on a GPU node
     assert "gpu=1" in jobs["train"] and "slurm_partition=<gpu-partition>" in jobs["train"]
+
+
+def test_an_unlabelled_slide_is_predicted_by_the_trained_head(run, tmp_path):
+    work = copy_run(run[0], tmp_path / "w")
+    shutil.copyfile(work / "slides/slide_003.svs", work / "slides/new.svs")
+    with open(work / "config/samples.tsv", "a") as f:
+        f.write("new\tslides/new.svs\tnew\t\n")  # no label: predicted, not trained on
+    result = snakemake(work, "--cores", "2", timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert [r["slide_id"] for r in cohort.read_table(work / "results/heads/planted/labels.tsv")] == OK
+    out = work / "results/predictions/planted" / ENCODER / "pathotune"
+    rows = list(csv.DictReader(open(out / "predictions.csv")))
+    assert [r["slide_id"] for r in rows] == ["new"]
+    probs = [float(rows[0]["prob_negative"]), float(rows[0]["prob_positive"])]
+    assert sum(probs) == pytest.approx(1.0, abs=1e-5) and rows[0]["pred"] in TASK["classes"]
+    with h5py.File(out / "attention" / "new.h5") as f, h5py.File(work / "results/features" / ENCODER / "new.h5") as g:
+        assert f["attention"].shape == (g["features"].shape[0],)
+        assert float(f["attention"][()].sum()) == pytest.approx(1.0, abs=1e-4)
+    assert sorted(p.name for p in (out / "heatmaps").glob("*.png")) == ["new.heatmap.png", "new.top_tiles.png"]

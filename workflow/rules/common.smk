@@ -89,6 +89,12 @@ def labelled_slides(task):
     return [s for s in usable_slides() if SAMPLES[s].value(column)]
 
 
+def unlabelled_slides(task):
+    """Usable slides without a label for ``task`` (its trained heads predict them)."""
+    column = TASKS[task]["label_column"]
+    return [s for s in usable_slides() if not SAMPLES[s].value(column)]
+
+
 # --- input functions ---------------------------------------------------------------------------
 
 
@@ -127,6 +133,12 @@ def get_task_features(wildcards):
     )
 
 
+def get_predict_features(wildcards):
+    return expand(
+        f"{FEATURES}/{wildcards.encoder}/{{slide}}.h5", slide=unlabelled_slides(wildcards.task)
+    )
+
+
 def get_head_options(wildcards):
     h = HEADS[wildcards.head]
     args = ["--head", h["type"], "--folds", h["folds"]]
@@ -161,8 +173,20 @@ def fixed_targets():
 
 
 def get_cohort_targets(wildcards):
-    """Features of every encoder for every usable slide (known once QC has run)."""
-    return expand(f"{FEATURES}/{{encoder}}/{{slide}}.h5", encoder=ENCODERS, slide=usable_slides())
+    """Features of every encoder for every usable slide, and the predictions (with heatmaps when
+    enabled) of every head for each task that has usable unlabelled slides (known once QC has run)."""
+    targets = expand(f"{FEATURES}/{{encoder}}/{{slide}}.h5", encoder=ENCODERS, slide=usable_slides())
+    predicted = [task for task in TASKS if unlabelled_slides(task)]
+    targets += expand(
+        "results/predictions/{task}/{encoder}/{head}/predictions.csv",
+        task=predicted, encoder=ENCODERS, head=HEADS,
+    )
+    if config["heatmaps"]["enabled"]:
+        targets += expand(
+            "results/predictions/{task}/{encoder}/{head}/heatmaps",
+            task=predicted, encoder=ENCODERS, head=HEADS,
+        )
+    return targets
 
 
 def get_tune_inputs(wildcards):

@@ -52,6 +52,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--weight-decay", type=float, default=d.weight_decay, help=f"AdamW weight decay ({d.weight_decay:g})")
     t.add_argument("--bag-size", type=int, default=d.bag_size,
                    help=f"patches sampled per bag per training step; 0 = all ({d.bag_size})")
+    t.add_argument("--instance-dropout", type=float, default=d.instance_dropout,
+                   help="fraction of a bag's patches dropped at random in each training step, so the "
+                   f"attention spreads over all the evidence; 0 = none ({d.instance_dropout})")
     t.add_argument("--balance", choices=["weights", "sampling"], default=d.balance,
                    help="class-weighted loss or class-balanced bag sampling (weights)")
     t.add_argument("--dim", type=int, default=128, help="head width d (128)")
@@ -143,6 +146,7 @@ def run_train(args: argparse.Namespace) -> int:
         lr=args.lr,
         weight_decay=args.weight_decay,
         bag_size=args.bag_size or None,
+        instance_dropout=args.instance_dropout,
         balance=args.balance,
         folds=args.folds,
         val_fraction=args.val_fraction,

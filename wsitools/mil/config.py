@@ -19,6 +19,7 @@ class TrainConfig:
     lr: float = 2e-4
     weight_decay: float = 1e-4
     bag_size: int | None = 512
+    instance_dropout: float = 0.7
     balance: Balance = "weights"
     folds: int = 5
     val_fraction: float = 0.2
@@ -31,5 +32,7 @@ class TrainConfig:
             raise DataError("epochs and patience must be at least 1")
         if self.balance not in ("weights", "sampling"):
             raise DataError(f"balance must be 'weights' or 'sampling', got {self.balance!r}")
+        if not 0.0 <= self.instance_dropout < 1.0:
+            raise DataError(f"instance_dropout must lie in [0, 1), got {self.instance_dropout}")
         if not 0.0 < self.val_fraction < 1.0:
             raise DataError(f"val_fraction must lie in (0, 1), got {self.val_fraction}")

@@ -480,8 +480,17 @@ def class_weights(labels: np.ndarray, n_classes: int) -> np.ndarray:
     return weights.astype(np.float32)
 
 
-def sample_index(n: int, bag_size: int | None, rng: np.random.Generator) -> np.ndarray | None:
-    """Rows to train on from an ``n``-row bag: ``None`` (all) if ``bag_size`` is None or >= n."""
-    if bag_size is None or bag_size <= 0 or n <= bag_size:
+def sample_index(
+    n: int, bag_size: int | None, rng: np.random.Generator, *, instance_dropout: float = 0.0
+) -> np.ndarray | None:
+    """Rows to train on from an ``n``-row bag, sorted; ``None`` means all rows.
+
+    ``instance_dropout`` drops that fraction of the rows (a random ``round((1 - p) n)`` rows are
+    kept, at least one), then at most ``bag_size`` rows are kept (None or 0: no cap).
+    """
+    keep = n if instance_dropout <= 0.0 else max(1, int(round((1.0 - instance_dropout) * n)))
+    if bag_size is not None and bag_size > 0:
+        keep = min(keep, bag_size)
+    if keep >= n:
         return None
-    return np.sort(rng.choice(n, size=bag_size, replace=False))
+    return np.sort(rng.choice(n, size=keep, replace=False))

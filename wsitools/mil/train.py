@@ -9,6 +9,9 @@ Choices where the papers are silent (documented in docs/mil.md):
 - Training steps see at most ``bag_size`` patches per bag (a fresh random subset every step,
   512 by default), which is both an augmentation and what makes 10k-patch bags train at
   over a hundred bags per second on a 2-core CPU; validation, test and prediction always use whole bags.
+- Instance dropout: each training step also drops a random ``instance_dropout`` fraction (0.7 by
+  default) of the bag's patches, so no single patch can carry the decision and the attention
+  learns to rank all the evidence, not just its strongest patch.
 - The validation loss used for early stopping is class-balanced (inverse-frequency weights of
   the validation set), so the majority class cannot dominate model selection.
 
@@ -63,8 +66,9 @@ log = logging.getLogger(__name__)
 class BagDataset(torch.utils.data.Dataset):
     """Bags read from their feature stores; a key is ``(index, draw)``.
 
-    ``draw`` seeds the random subset of ``bag_size`` rows for a training step (so a run is
-    reproducible whatever the number of loader workers); ``draw=None`` reads the whole bag.
+    ``draw`` seeds the random subset of rows for a training step (an ``instance_dropout``
+    fraction dropped, at most ``bag_size`` kept), so a run is reproducible whatever the number
+    of loader workers; ``draw=None`` reads the whole bag.
     """
 
     def __init__(
@@ -74,12 +78,14 @@ class BagDataset(torch.utils.data.Dataset):
         sizes: Sequence[int],
         *,
         bag_size: int | None,
+        instance_dropout: float = 0.0,
         ivp_paths: Sequence[Path] | None = None,
     ):
         self.paths = list(paths)
         self.labels = np.asarray(labels, dtype=np.int64)
         self.sizes = list(sizes)
         self.bag_size = bag_size
+        self.instance_dropout = instance_dropout
         self.ivp_paths = list(ivp_paths) if ivp_paths is not None else None
 
     def __len__(self) -> int:
@@ -88,13 +94,15 @@ class BagDataset(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, int | None]) -> tuple[torch.Tensor, torch.Tensor | None, int]:
         i, draw = key
         rng = np.random.default_rng(draw) if draw is not None else None
-        index = sample_index(self.sizes[i], self.bag_size, rng) if rng is not None else None
+        index = None
+        if rng is not None:
+            index = sample_index(self.sizes[i], self.bag_size, rng, instance_dropout=self.instance_dropout)
         x = read_features(self.paths[i], index)
         ivp = None
         if self.ivp_paths is not None:
             ivp = read_features(self.ivp_paths[i])
             if rng is not None:
-                sub = sample_index(len(ivp), self.bag_size, rng)
+                sub = sample_index(len(ivp), self.bag_size, rng, instance_dropout=self.instance_dropout)
                 ivp = ivp if sub is None else ivp[torch.from_numpy(sub)]
         return x, ivp, int(self.labels[i])
 
@@ -236,7 +244,10 @@ def train_fold(
     rng = np.random.default_rng([config.seed, fold.index])
     model = create_head(head_config, text_embeddings=text_embeddings).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, foreach=True)
-    dataset = BagDataset(cohort.paths, cohort.labels, cohort.sizes, bag_size=config.bag_size, ivp_paths=cohort.ivp_paths)
+    dataset = BagDataset(
+        cohort.paths, cohort.labels, cohort.sizes, bag_size=config.bag_size,
+        instance_dropout=config.instance_dropout, ivp_paths=cohort.ivp_paths,
+    )
     n_classes = len(cohort.classes)
     step_weights = (
         torch.from_numpy(class_weights(cohort.labels[fold.train], n_classes))

@@ -1,0 +1,65 @@
+# Predictions for the slides a task has no label for: every usable slide of the samples sheet
+# whose label column is empty for a task is predicted by each trained head of that task (all
+# fold models, probabilities and attention averaged), on the head's `device` with its
+# `threads`. There is no such job when every usable slide is labelled. Heatmaps of these
+# slides are drawn like those of the trained ones (when heatmaps are enabled).
+
+
+rule predict:
+    input:
+        metrics="results/heads/{task}/{encoder}/{head}/metrics.json",
+        features=get_predict_features,
+    output:
+        predictions="results/predictions/{task}/{encoder}/{head}/predictions.csv",
+        attention=directory("results/predictions/{task}/{encoder}/{head}/attention"),
+    params:
+        model=lambda wildcards, input: Path(input.metrics).parent,
+        features=lambda wildcards: f"{FEATURES}/{wildcards.encoder}",
+        slides=lambda wildcards: shell_args(unlabelled_slides(wildcards.task)),
+        out=lambda wildcards, output: Path(output.predictions).parent,
+        device=lambda wildcards: HEADS[wildcards.head]["device"],
+    log:
+        "logs/predict/{task}/{encoder}/{head}.log",
+    benchmark:
+        "benchmarks/predict/{task}/{encoder}/{head}.tsv",
+    threads: lambda wildcards: HEADS[wildcards.head]["threads"]
+    resources:
+        mem_mb=8000,
+        runtime=60,
+        gpu=lambda wildcards: 0 if HEADS[wildcards.head]["device"] == "cpu" else 1,
+    conda:
+        "../envs/wsitools.yaml"
+    shell:
+        "wsitools predict --model {params.model:q} --features {params.features:q}"
+        " --slides {params.slides} --device {params.device} --threads {threads}"
+        " --out {params.out:q} --overwrite --quiet > {log:q} 2>&1"
+
+
+rule heatmap_predicted:
+    input:
+        attention="results/predictions/{task}/{encoder}/{head}/attention",
+    output:
+        pictures=report(
+            directory("results/predictions/{task}/{encoder}/{head}/heatmaps"),
+            patterns=["{slide}.{figure}.png"],
+            caption="../report/heatmap.rst",
+            category="5. Predictions",
+            subcategory="{task} / {encoder} / {head}",
+            labels={"slide": "{slide}", "figure": "{figure}"},
+        ),
+    params:
+        stores=TILES,
+        options=shell_args(config["heatmaps"]["extra_args"]),
+    log:
+        "logs/heatmap_predicted/{task}/{encoder}/{head}.log",
+    benchmark:
+        "benchmarks/heatmap_predicted/{task}/{encoder}/{head}.tsv",
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    conda:
+        "../envs/wsitools.yaml"
+    shell:
+        "wsitools heatmap --attention {input.attention:q} --store {params.stores:q}"
+        " {params.options} --out {output.pictures:q} --quiet > {log:q} 2>&1"
