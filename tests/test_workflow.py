@@ -18,7 +18,7 @@ import yaml
 
 from wsitools import cohort
 from wsitools.errors import DataError, WsiToolsError
-from wsitools.metrics import METRICS, binary_auroc
+from wsitools.metrics import METRICS, binary_auroc, roc_points
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).parent / "data" / "openslide-fixtures"
@@ -400,7 +400,7 @@ def test_metrics_table_has_one_row_per_head(tmp_path):
 
 
 def test_roc_points_step_through_thresholds_with_ties():
-    fpr, tpr = cohort.roc_points([1, 0, 1, 0, 1], [0.9, 0.8, 0.8, 0.3, 0.1])
+    fpr, tpr = roc_points([1, 0, 1, 0, 1], [0.9, 0.8, 0.8, 0.3, 0.1])
     # thresholds 0.9 | 0.8 (one positive and one negative tied) | 0.3 | 0.1
     np.testing.assert_allclose(fpr, [0, 0, 0.5, 1, 1])
     np.testing.assert_allclose(tpr, [0, 1 / 3, 2 / 3, 2 / 3, 1])

@@ -24,7 +24,7 @@ from typing import Any
 
 from wsitools.errors import DataError
 from wsitools.io import atomic_path
-from wsitools.metrics import METRICS
+from wsitools.metrics import METRICS, roc_points
 from wsitools.types import MPP_MAX, MPP_MIN, MicronsPerPixel, check_slide_id, slide_id_from_path
 
 QC_COLUMNS = (
@@ -342,21 +342,6 @@ def write_labels(
 
 
 # --- the report's tables and figures ---------------------------------------------------------
-
-def roc_points(is_positive: Any, scores: Any) -> tuple[Any, Any]:
-    """False and true positive rates of a binary ROC curve, one point per distinct score,
-    from (0, 0) to (1, 1); tied scores make one step."""
-    import numpy as np
-
-    pos = np.asarray(is_positive, dtype=bool)
-    s = np.asarray(scores, dtype=np.float64)
-    order = np.argsort(-s, kind="mergesort")
-    tp, fp = np.cumsum(pos[order]), np.cumsum(~pos[order])
-    last_of_tie = np.r_[s[order][1:] != s[order][:-1], True]
-    tpr = np.r_[0.0, tp[last_of_tie] / max(1, int(pos.sum()))]
-    fpr = np.r_[0.0, fp[last_of_tie] / max(1, int((~pos).sum()))]
-    return fpr, tpr
-
 
 def head_of(path: str | os.PathLike[str]) -> tuple[str, str, str]:
     """(task, encoder, head) of a file in ``heads/{task}/{encoder}/{head}/``."""

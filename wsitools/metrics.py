@@ -71,6 +71,19 @@ def auroc(y_true: np.ndarray, probs: np.ndarray) -> float:
     return float(np.mean(per_class)) if per_class else math.nan
 
 
+def roc_points(is_positive: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """False and true positive rates of a binary ROC curve, one point per distinct score,
+    from (0, 0) to (1, 1); tied scores make one step."""
+    pos = np.asarray(is_positive, dtype=bool)
+    s = np.asarray(scores, dtype=np.float64)
+    order = np.argsort(-s, kind="mergesort")
+    tp, fp = np.cumsum(pos[order]), np.cumsum(~pos[order])
+    last_of_tie = np.r_[s[order][1:] != s[order][:-1], True]
+    tpr = np.r_[0.0, tp[last_of_tie] / max(1, int(pos.sum()))]
+    fpr = np.r_[0.0, fp[last_of_tie] / max(1, int((~pos).sum()))]
+    return fpr, tpr
+
+
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
     """Counts ``[C, C]``: row = true class, column = predicted class."""
     y, p = _as_labels(y_true), _as_labels(y_pred)

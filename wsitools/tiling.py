@@ -259,10 +259,14 @@ def _store_identity(slide: Slide, params: TilingParams, geometry: TileGeometry) 
 
 
 def _store_attrs(
-    slide_id: str, slide: Slide, params: TilingParams, geometry: TileGeometry, tissue: TissueResult
+    identity: dict[str, Any],
+    slide_id: str,
+    slide: Slide,
+    params: TilingParams,
+    geometry: TileGeometry,
+    tissue: TissueResult,
 ) -> dict[str, Any]:
-    """The provenance attributes of a store (docs/formats.md)."""
-    identity = _store_identity(slide, params, geometry)
+    """The provenance attributes of a store (docs/formats.md): its identity and the rest."""
     return {
         **identity,
         "params_hash": stable_hash(identity),
@@ -342,7 +346,7 @@ def tile_slide(
                     "use --overwrite to replace it"
                 )
         tissue = detect_tissue(slide, params.tissue)
-        attrs = _store_attrs(slide_id, slide, params, geometry, tissue)
+        attrs = _store_attrs(identity, slide_id, slide, params, geometry, tissue)
         grid, coords, fraction = plan_tiles(geometry, tissue, params.min_tissue)
         write_qc(tissue, out, slide_id)
         with atomic_path(store_path, overwrite=True) as tmp:
