@@ -34,7 +34,7 @@ from wsitools.mil.config import TrainConfig
 from wsitools.mil.data import read_features
 from wsitools.mil.heads import HeadConfig, create_head
 from wsitools.mil.synthetic import write_feature_store
-from wsitools.mil.train import BagDataset, epoch_keys, train_epoch
+from wsitools.mil.train import BagDataset, epoch_keys, make_optimizer, train_epoch
 
 TEXT_DIM = 384  # MiniLM's width; the TTP embeddings are random here (their values do not change the cost)
 
@@ -54,11 +54,12 @@ def head_config(head: str, dim: int) -> HeadConfig:
     return HeadConfig(head=head, in_dim=dim, n_classes=2)
 
 
-def build(head: str, dim: int, lr: float) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+def build(head: str, dim: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The head and the optimiser exactly as ``wsitools train`` makes them (default settings)."""
     torch.manual_seed(0)
     cfg = head_config(head, dim)
     model = create_head(cfg, text_embeddings=torch.randn(cfg.n_ttp, TEXT_DIM) if "ttp" in cfg.prompts else None)
-    return model, torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4, foreach=True)
+    return model, make_optimizer(model, TrainConfig())
 
 
 def ours_bags_per_s(
@@ -70,8 +71,9 @@ def ours_bags_per_s(
     ``repeats`` timed runs of ``epochs`` epochs."""
     cfg = TrainConfig(workers=workers, bag_size=bag_size)
     labels = np.arange(len(paths)) % 2
-    dataset = BagDataset(paths, labels, [n_patches] * len(paths), bag_size=cfg.bag_size)
-    model, optimizer = build(head, dim, cfg.lr)
+    dataset = BagDataset(paths, labels, [n_patches] * len(paths), bag_size=cfg.bag_size,
+                         instance_dropout=cfg.instance_dropout)
+    model, optimizer = build(head, dim)
     rng = np.random.default_rng(0)
     weights = torch.ones(2)
     index = np.arange(len(paths))
@@ -90,7 +92,7 @@ def ours_bags_per_s(
 
 def baseline_bags_per_s(paths: list[Path], head: str, dim: int, epochs: int) -> tuple[float, float]:
     """Whole bag read and trained on every step (the usual CLAM-style loop)."""
-    model, optimizer = build(head, dim, 2e-4)
+    model, optimizer = build(head, dim)
     model.train()
     labels = np.arange(len(paths)) % 2
     steps = 0
@@ -113,7 +115,7 @@ def _rss_mib() -> float:
 def _memory_case(args: tuple[str, str, str, int]) -> dict[str, float]:
     """In a fresh process: peak RSS of one full-bag training step or prediction on ``path``."""
     path, head, mode, dim = args
-    model, optimizer = build(head, dim, 2e-4)
+    model, optimizer = build(head, dim)
     with open("/proc/self/status") as f:
         current = next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024.0
     start = time.perf_counter()

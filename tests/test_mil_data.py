@@ -15,6 +15,7 @@ from wsitools.mil.data import (
     patient_kfold,
     read_features,
     read_labels,
+    row_layout,
     sample_index,
     user_folds,
 )
@@ -180,7 +181,12 @@ def test_read_features_rows_from_contiguous_and_chunked(tmp_path):
     idx = np.array([150, 3, 77])
     for chunks in (None, (16, 4)):
         path = write_feature_store(tmp_path / f"s{chunks is None}.h5", x.astype(np.float16), chunks=chunks)
-        got = read_features(path, idx)
-        assert got.dtype == torch.float32 and got.shape == (3, 4)
-        np.testing.assert_array_equal(got.numpy(), x[np.sort(idx)])  # small integers are exact in float16
+        layout = row_layout(path)
+        assert (layout is None) == (chunks is not None)
+        for given in (None, layout):
+            got = read_features(path, idx, layout=given)
+            assert got.dtype == torch.float32 and got.shape == (3, 4)
+            np.testing.assert_array_equal(got.numpy(), x[np.sort(idx)])  # small integers are exact in float16
         np.testing.assert_array_equal(read_features(path).numpy(), x)
+    layout = row_layout(tmp_path / "sTrue.h5")
+    assert layout.dtype == "<f2" and layout.shape == (200, 4) and layout.offset > 0

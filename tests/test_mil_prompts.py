@@ -118,3 +118,36 @@ def test_cross_attention_is_linear_in_bag_size():
 def test_bad_head_configs_are_named(kwargs, message):
     with pytest.raises(ModelError, match=message):
         HeadConfig(in_dim=8, n_classes=2, **kwargs)
+
+
+def test_dropout_matches_torch_semantics_and_seed():
+    from wsitools.mil.heads import Dropout
+
+    x = torch.rand(400, 250) + 0.5  # no zeros of its own
+    drop = Dropout(0.25)
+    torch.manual_seed(3)
+    y = drop(x)
+    zeroed = (y == 0).float().mean().item()
+    assert abs(zeroed - 0.25) < 0.01  # 100k draws: the sd of the fraction is 0.0014
+    kept = y != 0
+    torch.testing.assert_close(y[kept], x[kept] / 0.75)
+    torch.manual_seed(3)
+    torch.testing.assert_close(drop(x), y)  # the same seed gives the same mask
+    x.requires_grad_(True)
+    drop(x).sum().backward()
+    torch.testing.assert_close(torch.unique(x.grad), torch.tensor([0.0, 1 / 0.75]))
+    drop.eval()
+    assert drop(x) is x
+    with pytest.raises(ModelError, match="dropout"):
+        Dropout(1.0)
+
+
+def test_gated_attention_uses_tanh_times_sigmoid():
+    from wsitools.mil.heads import GatedAttentionPool
+
+    torch.manual_seed(0)
+    pool = GatedAttentionPool(16, 8)
+    h = torch.randn(50, 16) * 3
+    v, u = pool.vu(h).split(8, dim=-1)
+    expected = torch.softmax(pool.w(torch.tanh(v) * torch.sigmoid(u)).squeeze(-1), dim=-1)
+    torch.testing.assert_close(pool.weights(h), expected, rtol=1e-5, atol=1e-7)

@@ -177,3 +177,29 @@ def test_region_in_synthetic_truth_is_textured():
     other = render([Region(0, 0, 100, 100, "other")], 40, 40, 20, 20)
     assert tissue.std() > 5 and other.std() > 5
     assert abs(tissue.mean(axis=(0, 1)) - other.mean(axis=(0, 1))).max() > 20
+
+
+def test_tiffslide_decodes_a_shared_tile_once_and_the_cache_is_bounded(synthetic_svs, monkeypatch):
+    from wsitools.slide import TileCache
+
+    with open_slide(synthetic_svs, backend="tiffslide") as s, open_slide(synthetic_svs, backend="openslide") as ref:
+        page = s._tiled_page(0)
+        tw = page.tilewidth
+        decoded: list[int] = []
+        decode = page.decode
+        monkeypatch.setattr(page, "decode", lambda data, index, **kw: decoded.append(index) or decode(data, index, **kw))
+        left = s.read_region((tw // 2, 0), 0, (tw, 16))  # tiles 0 and 1 of the first row
+        right = s.read_region((tw, 0), 0, (tw, 16))  # tile 1 again: from the cache
+        assert decoded == [0, 1]
+        np.testing.assert_array_equal(left, ref.read_region((tw // 2, 0), 0, (tw, 16)))
+        np.testing.assert_array_equal(right, ref.read_region((tw, 0), 0, (tw, 16)))
+
+    cache = TileCache(max_bytes=3 * 100)
+    for key in range(5):
+        cache.put((0, key), np.zeros(100, np.uint8))
+    assert [cache.get((0, k)) is not None for k in range(5)] == [False, False, True, True, True]
+    cache.get((0, 2))  # now the most recent: tile 3 goes first
+    cache.put((0, 5), np.zeros(100, np.uint8))
+    assert cache.get((0, 3)) is None and cache.get((0, 2)) is not None
+    cache.put((0, 9), np.zeros(301, np.uint8))  # larger than the whole cache: not kept
+    assert cache.get((0, 9)) is None

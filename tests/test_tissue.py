@@ -11,7 +11,7 @@ from PIL import Image
 
 from conftest import REGIONS, planted_mask
 from wsitools.slide import open_slide
-from wsitools.tissue import TissueParams, detect_tissue, tissue_fraction, to_geojson, write_qc
+from wsitools.tissue import TissueParams, detect_tissue, saturation_value, tissue_fraction, to_geojson, write_qc
 
 PARAMS = TissueParams(mpp=4.0, min_region_area=5_000)
 
@@ -74,3 +74,19 @@ def test_tissue_fraction_is_exact_on_a_known_mask():
     # inside; outside; x 12..28 covers 16..28 (12/16); [40,56)^2 overlaps [40,48)^2 (1/4);
     # [20,36) x [20,36) overlaps [16,48) fully
     np.testing.assert_allclose(frac, [1.0, 0.0, 0.75, 0.25, 1.0], atol=1e-6)
+
+
+def test_saturation_and_value_equal_skimage_hsv():
+    from skimage import data
+    from skimage.color import rgb2hsv
+
+    rgb = data.immunohistochemistry().copy()
+    rgb[:4, :4] = 0  # black: saturation 0, not a division by zero
+    rgb[4:8, :4] = 255  # white
+    rgb[8:12, :4] = (200, 10, 10)  # pure-ish red: high saturation
+    sat, val = saturation_value(rgb)
+    hsv = rgb2hsv(rgb)
+    assert sat.dtype == np.float32 and sat.shape == rgb.shape[:2]
+    np.testing.assert_allclose(sat, hsv[..., 1], atol=1e-6)
+    np.testing.assert_allclose(val, hsv[..., 2], atol=1e-6)
+    assert sat[0, 0] == 0 and sat[5, 0] == 0 and abs(sat[9, 0] - 190 / 200) < 1e-6

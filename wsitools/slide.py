@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import math
 import os
+import threading
+from collections import OrderedDict
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -354,6 +356,42 @@ class OpenSlideSlide(Slide):
 
 
 
+class TileCache:
+    """Decoded tiles, least recently used first out, bounded in bytes and safe across threads.
+
+    Regions that share a border share the TIFF tiles along it; without a cache each is decoded
+    once per region that touches it (1.3 decodes per 224 px patch on 256 px JPEG tiles).
+    OpenSlide keeps a 32 MiB tile cache per slide for the same reason.
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._tiles: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[int, int]) -> np.ndarray | None:
+        with self._lock:
+            tile = self._tiles.get(key)
+            if tile is not None:
+                self._tiles.move_to_end(key)
+            return tile
+
+    def put(self, key: tuple[int, int], tile: np.ndarray) -> None:
+        with self._lock:
+            if key in self._tiles or tile.nbytes > self.max_bytes:
+                return
+            self._tiles[key] = tile
+            self._bytes += tile.nbytes
+            while self._bytes > self.max_bytes:
+                _, old = self._tiles.popitem(last=False)
+                self._bytes -= old.nbytes
+
+
+TILE_CACHE_BYTES = 32 * 2**20
+"""Decoded-tile cache of a tiffslide-backed slide (OpenSlide's default size)."""
+
+
 @register_backend("tiffslide")
 class TiffSlideSlide(Slide):
     """tiffslide: tifffile + imagecodecs, pure Python (no DICOM or MRXS)."""
@@ -365,6 +403,7 @@ class TiffSlideSlide(Slide):
 
         self._ts = tiffslide.TiffSlide(str(self.path))
         self._pages: dict[int, Any] = {}
+        self._tiles = TileCache(TILE_CACHE_BYTES)
         self.dimensions = tuple(self._ts.dimensions)  # type: ignore[assignment]
         self.level_dimensions = tuple(tuple(d) for d in self._ts.level_dimensions)
         self.level_downsamples = tuple(float(d) for d in self._ts.level_downsamples)
@@ -375,7 +414,7 @@ class TiffSlideSlide(Slide):
         if page is None:
             return self._ts.read_region(location, level, size, as_array=True)
         ds = self.level_downsamples[level]
-        return self._read_tiles_direct(page, round(location[0] / ds), round(location[1] / ds), size)
+        return self._read_tiles_direct(level, page, round(location[0] / ds), round(location[1] / ds), size)
 
     def _tiled_page(self, level: int) -> Any:
         """The level's TIFF page when its tiles can be decoded directly (tiled, chunky RGB(A))."""
@@ -390,8 +429,8 @@ class TiffSlideSlide(Slide):
             self._pages[level] = page if ok else None
         return self._pages[level]
 
-    def _read_tiles_direct(self, page: Any, x: int, y: int, size: tuple[int, int]) -> np.ndarray:
-        """Decode just the TIFF tiles the region touches, each once, and paste them.
+    def _read_tiles_direct(self, level: int, page: Any, x: int, y: int, size: tuple[int, int]) -> np.ndarray:
+        """Paste the TIFF tiles the region touches, decoding those not in the tile cache.
 
         tiffslide's general path goes through zarr's async machinery, about 4x slower than the
         decoder itself on JPEG tiles; this is the decoder plus a copy. Off-image pixels are white.
@@ -411,10 +450,13 @@ class TiffSlideSlide(Slide):
         for ty in range(ty0, ty1 + 1):
             for tx in range(tx0, tx1 + 1):
                 index = ty * across + tx
-                with fh.lock:
-                    fh.seek(page.dataoffsets[index])
-                    data = fh.read(page.databytecounts[index])
-                tile = page.decode(data, index, jpegtables=page.jpegtables)[0][0]
+                tile = self._tiles.get((level, index))
+                if tile is None:
+                    with fh.lock:
+                        fh.seek(page.dataoffsets[index])
+                        data = fh.read(page.databytecounts[index])
+                    tile = page.decode(data, index, jpegtables=page.jpegtables)[0][0]
+                    self._tiles.put((level, index), tile)
                 # overlap of this tile [tx*tw, +tw) x [ty*th, +th) with the region, in both frames
                 ax0, ay0 = max(x, tx * tw), max(y, ty * th)
                 ax1 = min(x + w, (tx + 1) * tw, page.imagewidth)

@@ -87,15 +87,27 @@ def _disk(radius_px: float) -> np.ndarray:
     return disk(max(0, int(round(radius_px))))
 
 
+def saturation_value(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """HSV saturation and value in [0, 1] of an RGB uint8 image, as float32.
+
+    The same S and V as ``skimage.color.rgb2hsv`` (V = max, S = (max - min) / max, 0 on black)
+    without computing hue in float64, which was half the time of tissue detection.
+    """
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    hi = np.maximum(np.maximum(r, g), b)
+    spread = (hi - np.minimum(np.minimum(r, g), b)).astype(np.float32)
+    hi_f = hi.astype(np.float32)
+    sat = np.divide(spread, hi_f, out=np.zeros_like(spread), where=hi > 0)
+    return sat, hi_f * np.float32(1.0 / 255.0)
+
+
 def tissue_mask(thumbnail: np.ndarray, mpp: float, params: TissueParams) -> tuple[np.ndarray, float]:
     """The cleaned tissue mask of an RGB thumbnail at ``mpp`` um/px, and the threshold used."""
     from scipy import ndimage as ndi
-    from skimage.color import rgb2hsv
     from skimage.filters import threshold_otsu
     from skimage.morphology import remove_small_holes, remove_small_objects
 
-    hsv = rgb2hsv(thumbnail)
-    sat, val = hsv[..., 1], hsv[..., 2]
+    sat, val = saturation_value(thumbnail)
     otsu = threshold_otsu(sat) if np.ptp(sat) > 0 else 1.0
     threshold = float(np.clip(otsu, params.min_saturation, params.max_saturation))
     mask = (sat > threshold) & (val < params.max_brightness)

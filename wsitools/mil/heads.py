@@ -122,7 +122,11 @@ def register_head(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
 
 
 class GatedAttentionPool(nn.Module):
-    """Gated attention pooling (Ilse et al. 2018), V and U fused into one matmul."""
+    """Gated attention pooling (Ilse et al. 2018), V and U fused into one matmul.
+
+    ``tanh(v)`` is computed as ``2 sigmoid(2v) - 1`` (the same function): on CPUs torch's tanh
+    kernel is about five times slower than its sigmoid, which made it a tenth of a training step.
+    """
 
     def __init__(self, dim: int, attn_dim: int):
         super().__init__()
@@ -133,15 +137,38 @@ class GatedAttentionPool(nn.Module):
     def weights(self, h: Tensor) -> Tensor:
         """Attention over the N instances of ``h`` [N, d] (softmax, sums to one)."""
         v, u = self.vu(h).split(self.attn_dim, dim=-1)
-        return torch.softmax(self.w(torch.tanh(v) * torch.sigmoid(u)).squeeze(-1), dim=-1)
+        gate = (2.0 * torch.sigmoid(2.0 * v) - 1.0) * torch.sigmoid(u)
+        return torch.softmax(self.w(gate).squeeze(-1), dim=-1)
 
     def forward(self, h: Tensor) -> tuple[Tensor, Tensor]:
         attention = self.weights(h)
         return attention @ h, attention
 
 
+class Dropout(nn.Module):
+    """Element dropout exactly as ``nn.Dropout`` (each element zeroed with probability ``p``, the
+    rest scaled by ``1 / (1 - p)``, identity in eval mode), with the mask drawn by ``torch.rand``:
+    torch's CPU Bernoulli kernel made dropout a sixth of an abmil training step; this mask is
+    three times cheaper and comes from the same seeded generator."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ModelError(f"dropout must lie in [0, 1), got {p}")
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        scale = torch.rand_like(x).ge_(self.p).mul_(1.0 / (1.0 - self.p))  # 0 or 1/(1-p), one buffer
+        return x * scale
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
 def _projection(in_dim: int, dim: int, dropout: float) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(in_dim, dim), nn.ReLU(), nn.Dropout(dropout))
+    return nn.Sequential(nn.Linear(in_dim, dim), nn.ReLU(), Dropout(dropout))
 
 
 @register_head("meanpool")
@@ -182,7 +209,7 @@ class InstanceRefine(nn.Module):
         self.queries = nn.Parameter(torch.randn(n_tokens, dim) * 0.02)
         self.norm_in = nn.LayerNorm(dim)
         self.norm_mid = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(2 * dim, dim))
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), Dropout(dropout), nn.Linear(2 * dim, dim))
 
     def forward(self, bag: Tensor) -> Tensor:
         keys = self.norm_in(bag)
@@ -202,7 +229,7 @@ class PromptCrossAttention(nn.Module):
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * dim)
         self.out = nn.Linear(dim, dim)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
 
     def forward(self, h: Tensor, prompts: Tensor) -> Tensor:
         n, d = h.shape
