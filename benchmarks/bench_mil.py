@@ -64,11 +64,11 @@ def build(head: str, dim: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
 
 def ours_bags_per_s(
     paths: list[Path], head: str, dim: int, n_patches: int, epochs: int, workers: int, bag_size: int, repeats: int
-) -> tuple[float, float]:
+) -> tuple[float, float, float, float]:
     """Bags per second through ``train_epoch`` with the default training settings: per second of
     wall time, and per second of this process's CPU time (the rate without other processes
     competing for the cores; meaningful for one thread and no workers), of the median of
-    ``repeats`` timed runs of ``epochs`` epochs."""
+    ``repeats`` timed runs of ``epochs`` epochs; then the slowest and fastest run's wall rate."""
     cfg = TrainConfig(workers=workers, bag_size=bag_size)
     labels = np.arange(len(paths)) % 2
     dataset = BagDataset(paths, labels, [n_patches] * len(paths), bag_size=cfg.bag_size,
@@ -87,7 +87,8 @@ def ours_bags_per_s(
             train_epoch(model, optimizer, dataset, keys, step_weights=weights, workers=workers)
         n = epochs * len(paths)
         rates.append((n / (time.perf_counter() - start), n / (time.process_time() - cpu)))
-    return sorted(rates)[len(rates) // 2]  # the median repeat by wall-clock rate
+    rates.sort()
+    return (*rates[len(rates) // 2], rates[0][0], rates[-1][0])  # the median repeat by wall-clock rate
 
 
 def baseline_bags_per_s(paths: list[Path], head: str, dim: int, epochs: int) -> tuple[float, float]:
@@ -138,7 +139,7 @@ def main() -> None:
     parser.add_argument("--patches", type=int, default=10_000)
     parser.add_argument("--dim", type=int, default=768)
     parser.add_argument("--epochs", type=int, default=4, help="epochs per timed run of ours")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs of ours; the median is reported")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs of ours; the median is reported")
     parser.add_argument("--dtype", choices=["float16", "float32"], default="float16")
     parser.add_argument("--big", type=int, default=100_000, help="patches of the memory-test bag")
     parser.add_argument("--workers", type=int, nargs="+", default=[0], help="bag-reading worker processes")
@@ -170,7 +171,8 @@ def main() -> None:
                         rate = ours_bags_per_s(paths, head, args.dim, args.patches, args.epochs, w, bag_size, args.repeats)
                         row[f"ours_bag{bag_size}_workers{w}"] = rate
                         print(f"{'':10s} ours bag_size={bag_size} workers={w}: {rate[0]:6.1f} bags/s "
-                              f"({rate[1]:6.1f}/cpu-s), {rate[0] / base[0]:5.1f}x the baseline", flush=True)
+                              f"(runs {rate[2]:.0f}-{rate[3]:.0f}; {rate[1]:6.1f}/cpu-s), "
+                              f"{rate[0] / base[0]:5.1f}x the baseline", flush=True)
                 results[f"{head}_threads{threads}"] = row
 
         big = write_feature_store(Path(tmp) / "big.h5",
