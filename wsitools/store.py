@@ -48,8 +48,11 @@ def write_tile_chunk(tiles_dir: str | os.PathLike[str], chunk: int, tiles: np.nd
 
     if len(tiles) > CHUNK_TILES:
         raise ValueError(f"a chunk holds at most {CHUNK_TILES} tiles, got {len(tiles)}")
-    full = np.zeros((CHUNK_TILES, *tiles.shape[1:]), np.uint8)
-    full[: len(tiles)] = tiles
+    if len(tiles) == CHUNK_TILES:
+        full = np.ascontiguousarray(tiles, np.uint8)
+    else:  # the last chunk: padded to the chunk shape
+        full = np.zeros((CHUNK_TILES, *tiles.shape[1:]), np.uint8)
+        full[: len(tiles)] = tiles
     path = Path(tiles_dir) / "c" / str(chunk) / "0" / "0" / "0"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(Blosc(**BLOSC, shuffle=Blosc.NOSHUFFLE).encode(full))
