@@ -57,6 +57,10 @@ def test_geojson_and_qc_files(synthetic_svs, tmp_path):
     assert png.shape == result.thumbnail.shape
     green = (png[..., 0] == 0) & (png[..., 1] == 200) & (png[..., 2] == 60)
     assert green.sum() > 50  # contours are drawn
+    thumb = result.thumbnail
+    glass, tissue = ~result.mask & ~green, result.mask & ~green
+    np.testing.assert_array_equal(png[glass], (thumb[glass] * 0.85 + 255 * 0.15).astype(np.uint8))  # dimmed
+    np.testing.assert_array_equal(png[tissue], thumb[tissue])  # untouched
 
 
 def test_blank_slide_is_empty_with_a_warning(blank_svs, caplog):
