@@ -250,7 +250,7 @@ def qc_image(result: TissueResult) -> np.ndarray:
     from scipy import ndimage as ndi
     from skimage.segmentation import find_boundaries
 
-    dim = (np.arange(256) * 0.85 + 255 * 0.15).astype(np.uint8)  # a lookup table: 10x a float blend
+    dim = (np.arange(256) * 0.85 + 255 * 0.15).astype(np.uint8)  # a lookup table, not a float blend
     image = np.where(result.mask[..., None], result.thumbnail, dim[result.thumbnail])
     edges = ndi.binary_dilation(find_boundaries(result.mask, mode="inner"), np.ones((2, 2), bool))
     image[edges] = (0, 200, 60)
