@@ -9,7 +9,7 @@ tissue over part of it), target 0.5 um/px, 224 px tiles:
 - raw decode: tifffile + imagecodecs decoding every JPEG tile of the level we read that the
   kept tiles touch, in one thread: the bound for reading this file;
 - lossless bound: that decode plus the least a store with pixels must add, in one thread:
-  compressing as many tile pixels with the store's codec and writing them as new chunk files
+  compressing as many tile pixels and writing them as new chunk files (the store's own chunk writer)
   (pixels cut from the decoded tiles, so they compress as the real ones do). No tiler that
   keeps the pixels losslessly can beat it on this machine and file system.
 
@@ -32,7 +32,7 @@ import numpy as np
 
 from wsitools.io import available_cpus
 from wsitools.slide import open_slide
-from wsitools.store import BLOSC, CHUNK_TILES, PatchStore
+from wsitools.store import CHUNK_TILES, PatchStore, write_tile_chunk
 from wsitools.synthetic import Region, write_slide
 from wsitools.tiling import TilingParams, plan_tiles, tile_geometry, tile_slide
 from wsitools.tissue import detect_tissue
@@ -110,20 +110,17 @@ def raw_decode(
 
 
 def compress_and_write_seconds(decoded: list[np.ndarray], n_tiles: int, tile: int, out: Path) -> float:
-    """Seconds to compress ``n_tiles`` tiles with the store's codec and write them as new chunk
-    files of :data:`CHUNK_TILES` tiles, in this thread (Blosc's own threads off)."""
+    """Seconds to compress and write ``n_tiles`` tiles as new chunks of :data:`CHUNK_TILES` tiles
+    through the store's own :func:`write_tile_chunk`, in this thread (Blosc's own threads off)."""
     import numcodecs.blosc
-    from numcodecs import Blosc
 
     numcodecs.blosc.use_threads = False
-    codec = Blosc(**BLOSC, shuffle=Blosc.NOSHUFFLE)
     crops = np.stack([d[:tile, :tile, :3] for d in decoded if d.shape[0] >= tile and d.shape[1] >= tile])
-    out.mkdir(parents=True, exist_ok=True)
     seconds = 0.0
     for c, start in enumerate(range(0, n_tiles, CHUNK_TILES)):
-        chunk = crops[np.arange(start, start + CHUNK_TILES) % len(crops)]
+        chunk = crops[np.arange(start, min(n_tiles, start + CHUNK_TILES)) % len(crops)]
         t = time.perf_counter()
-        (out / str(c)).write_bytes(codec.encode(chunk))
+        write_tile_chunk(out, c, chunk)
         seconds += time.perf_counter() - t
     return seconds
 
