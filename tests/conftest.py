@@ -10,6 +10,14 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# One thread per process: on a busy 2-core machine torch's default pool oversubscribes the cores
+# and small models slow down many-fold. Subprocesses (the CLI, Snakemake jobs) inherit these.
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 from wsitools.synthetic import Region, write_slide  # noqa: E402
 
