@@ -328,6 +328,23 @@ def test_encoder_hash_follows_weights_and_settings(official_files):
     assert len({h1, h2, h3}) == 3
 
 
+def test_fp32_precision_overrides_a_half_precision_card(official_files):
+    directory, _, _ = official_files
+    card = write_card(directory, precision={"compute": "bf16", "features": "float16"})
+    half = load_encoder(card, device="cpu")
+    exact = load_encoder(card, device="cpu", precision="fp32")
+    assert (half.card.compute_precision, half.feature_dtype) == ("bf16", torch.float16)
+    assert (exact.card.compute_precision, exact.feature_dtype) == ("fp32", torch.float32)
+    assert exact.encoder_hash != half.encoder_hash  # stores of one never pass for the other
+    tiles = tissue_images(2, 224)
+    fh, fe = half.encode(tiles), exact.encode(tiles)
+    assert fh.dtype == torch.float16 and fe.dtype == torch.float32
+    assert torch.equal(fe.half(), fh) and not torch.equal(fe, fh.float())
+    # a card that already computes and stores float32 is unchanged
+    plain = load_encoder(write_card(directory), device="cpu")
+    assert load_encoder(write_card(directory), device="cpu", precision="fp32").encoder_hash == plain.encoder_hash
+
+
 def test_random_test_card_is_deterministic():
     a = load_encoder("vit-test-tiny", device="cpu", models_dir=MODELS)
     b = load_encoder("vit-test-tiny", device="cpu", models_dir=MODELS)

@@ -186,6 +186,11 @@ def test_cli_extract_reports_a_bad_store_and_continues(tmp_path, capsys):
         assert fs.slide_id == sid and fs.n == 10
     argv.remove(str(bad))
     assert run_cli(argv) == 0
+    store = tmp_path / "features" / "vit-test-tiny" / "A.h5"
+    before = FeatureStore.open(store).encoder_hash
+    assert run_cli([*argv, "--precision", "fp32"]) == 0  # another encoder_hash: recomputed, not reused
+    after = FeatureStore.open(store)
+    assert after.encoder_hash != before and after.n == 10
 
 
 def test_cli_lists_cards(capsys):

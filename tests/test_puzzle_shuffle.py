@@ -105,26 +105,45 @@ def test_default_patch_sizes_match_paper():
     assert default_patch_sizes(32, 4) == (4, 8, 16)
 
 
-def test_curriculum_is_the_papers_schedule():
+def test_loop_curriculum_is_the_official_commands():
     c = Curriculum(total_epochs=200, warmup_epochs=20)
+    assert c.strategy == "loop"
     sizes = [c.patch_size_at(e) for e in range(200)]
     assert sizes[:20] == [32] * 20
     assert sizes[20:29] == [16] * 3 + [32] * 3 + [112] * 3
     assert sizes[29:32] == [16] * 3
-    assert c.ratio_at(0) == pytest.approx(0.75)
-    assert c.ratio_at(20) == pytest.approx(0.75)
-    assert c.ratio_at(110) == pytest.approx(90 / 180 * 0.75)
-    assert c.ratio_at(199) == pytest.approx(0.2)
-    ratios = [c.ratio_at(e) for e in range(200)]
-    assert all(a >= b for a, b in zip(ratios, ratios[1:]))  # never gets easier
-    const = Curriculum(total_epochs=10, warmup_epochs=2, ratio_mode="constant")
-    assert {const.ratio_at(e) for e in range(10)} == {0.25}
+    assert {c.ratio_at(e) for e in range(200)} == {0.25}
     # a pure function of the epoch: the same object gives the same answer in any order
     assert [c.at(e) for e in (150, 3, 150)][0] == c.at(150)
     text = c.describe()
-    assert "epoch      0-19: patch   32 px, fix ratio 0.750" in text
+    assert "epoch      0-19: patch   32 px, fix ratio 0.250" in text
+    assert "strategy loop" in text
     with pytest.raises(PuzzleError, match="warm-up"):
         Curriculum(total_epochs=5, warmup_epochs=5)
+    with pytest.raises(PuzzleError, match="strategy"):
+        Curriculum(total_epochs=5, warmup_epochs=1, strategy="linear")
+
+
+def _official_decay_ratio(epoch: int, total: int, warmup: int, basic: float = 0.25) -> float:
+    """The official ratio scheduler's decay branch, written out from its published definition."""
+    if epoch < warmup:
+        return basic
+    hi, lo = min(3 * basic, 0.9), max(basic * 0.5, 0.2)
+    return min(max(((total - warmup) - (epoch - warmup)) / (total - warmup) * hi, lo), hi)
+
+
+def test_decay_and_fixed_curricula_are_the_official_options():
+    c = Curriculum(total_epochs=200, warmup_epochs=20, strategy="decay")
+    assert [c.ratio_at(e) for e in range(200)] == [_official_decay_ratio(e, 200, 20) for e in range(200)]
+    assert c.ratio_at(0) == c.ratio_at(19) == 0.25  # the warm-up keeps the base ratio
+    assert c.ratio_at(20) == pytest.approx(0.75) and c.ratio_at(110) == pytest.approx(90 / 180 * 0.75)
+    assert c.ratio_at(199) == pytest.approx(0.2)
+    after = [c.ratio_at(e) for e in range(20, 200)]
+    assert all(a >= b for a, b in zip(after, after[1:]))  # never gets easier after the warm-up
+    assert {c.patch_size_at(e) for e in range(200)} == {16}  # the puzzle size stays at the smallest
+    assert Curriculum(total_epochs=9, warmup_epochs=2, strategy="decay", fixed_patch_size=32).patch_size_at(5) == 32
+    f = Curriculum(total_epochs=10, warmup_epochs=2, strategy="fixed", ratio=0.5)
+    assert {(s.patch_size, s.ratio) for s in f.stages()} == {(16, 0.5)}
 
 
 def test_learning_rate_warmup_then_cosine():

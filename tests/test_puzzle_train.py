@@ -70,7 +70,7 @@ def tiny(tmp_path_factory):
 def _config(**kw):
     base = dict(
         epochs=3, batch_size=8, steps_per_epoch=4, warmup_epochs=1, decoder_dim=32, decoder_depth=1,
-        decoder_heads=2, num_workers=0, base_lr=0.05, seed=3,
+        decoder_heads=2, num_workers=0, base_lr=0.05, seed=3, accum_steps=1,
     )
     base.update(kw)
     return PuzzleTrainConfig(**base)
@@ -163,9 +163,9 @@ def test_training_lowers_loss_and_writes_outputs(tiny):
     with open(out / "log.csv") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["epoch", "step", "loss", "lr", "patch_size", "ratio"]
-    # the curriculum at 64 px with 16 px tokens: warm-up at 32, then 16, 32 ...
+    # the loop curriculum at 64 px with 16 px tokens: warm-up at 32, then 16, 32 ...; ratio 0.25
     assert [int(r["patch_size"]) for r in rows[::4]] == [32, 16, 16]
-    assert [float(r["ratio"]) for r in rows[::4]] == pytest.approx([0.75, 0.75, 0.375])
+    assert [float(r["ratio"]) for r in rows[::4]] == pytest.approx([0.25, 0.25, 0.25])
     assert float(rows[0]["lr"]) == 0.0 and float(rows[4]["lr"]) == pytest.approx(0.05 * 8 / 256)
     png = out / "previews" / "epoch-0003.png"
     from PIL import Image
@@ -279,3 +279,26 @@ def test_cli_pretrain_puzzle(tiny, capsys):
     assert main(common + ["--out", str(root / "cli-bad"), "--group-size", "3"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["wsitools pretrain: error: puzzle group size 3 must divide the batch size 4"]
+
+
+def test_decoder_position_embedding_is_maes_layout():
+    """The official decoder's table (MAE's get_2d_sincos_pos_embed): for the token at row r,
+    column c, channels [0, D/4) are sin(c w), [D/4, D/2) cos(c w), then the same of r, with
+    w_k = 10000^(-k / (D/4)) in float32, and a zero row for CLS."""
+    from wsitools.puzzle import sincos_pos_embed_2d
+
+    dim, rows, cols = 32, 3, 5
+    q = dim // 4
+    w = (1.0 / np.float32(10000) ** (np.arange(q, dtype=np.float32) / np.float32(q))).astype(np.float32)
+    ref = np.zeros((1 + rows * cols, dim), np.float32)
+    for r in range(rows):
+        for c in range(cols):
+            cw, rw = np.float32(c) * w, np.float32(r) * w
+            ref[1 + r * cols + c] = np.concatenate([np.sin(cw), np.cos(cw), np.sin(rw), np.cos(rw)])
+    got = sincos_pos_embed_2d(dim, rows, cols, prefix_tokens=1)
+    assert got.dtype == torch.float32 and got.shape == (1 + rows * cols, dim)
+    np.testing.assert_allclose(got.numpy(), ref, rtol=0, atol=1e-6)
+    # the first half moves along a row (the column index), the second half down a column
+    assert torch.equal(got[1, : dim // 2], got[1 + cols, : dim // 2])
+    assert not torch.equal(got[1, : dim // 2], got[2, : dim // 2])
+    assert torch.equal(got[1, dim // 2 :], got[2, dim // 2 :])

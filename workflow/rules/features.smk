@@ -19,6 +19,7 @@ rule extract:
                 "--device", config["device"],
                 *models_dir_args(),
                 "--batch-size", config["features"]["batch_size"],
+                "--precision", config["features"]["precision"],
             ]
             + config["features"]["extra_args"]
         ),

@@ -63,6 +63,9 @@ def register(subparsers: Any) -> None:
     ext.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
     ext.add_argument("--batch-size", type=int, default=128, help="tiles per forward pass (default 128)")
     ext.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: CPUs - 1, max 8)")
+    ext.add_argument("--precision", choices=["card", "fp32"], default="card",
+                     help="card: the card's compute precision and feature dtype (default); fp32: float32 "
+                     "compute and float32 features, bit-for-bit parity with a float32 reference forward")
     ext.add_argument("--compile", action="store_true", help="torch.compile the encoder (GPU, large cohorts)")
     ext.add_argument("--overwrite", action="store_true", help="recompute even when a matching h5 exists")
     ext.add_argument("--quiet", action="store_true", help="no progress bar or per-store lines")
@@ -119,6 +122,7 @@ def _extract(args: argparse.Namespace) -> int:
         device=args.device,
         models_dir=getattr(args, "models_dir", None),
         weights=args.weights,
+        precision=args.precision,
     )
     if not args.quiet:
         print(f"encoder {encoder.name} ({encoder.encoder_hash}) on {encoder.device}", file=sys.stderr)

@@ -36,7 +36,8 @@ def register(subparsers: Any) -> None:
     pz.add_argument("--models-dir", metavar="DIR", help="folder of model cards (default: $WSITOOLS_MODELS or models/)")
     pz.add_argument("--epochs", type=int, default=200, help="epochs (default 200)")
     pz.add_argument("--batch-size", type=int, default=64, help="images per step on the device (default 64)")
-    pz.add_argument("--accum-steps", type=int, default=1, help="gradient accumulation steps (default 1)")
+    pz.add_argument("--accum-steps", type=int, default=2,
+                    help="micro-batches per optimiser step (default 2, as the official command)")
     pz.add_argument("--group-size", type=int, default=None,
                     help="puzzle group G: images whose relation patches are shuffled together (default: the batch)")
     pz.add_argument("--warmup-epochs", type=int, default=None,
@@ -44,9 +45,14 @@ def register(subparsers: Any) -> None:
     pz.add_argument("--steps-per-epoch", type=int, default=None,
                     help="optimiser steps per epoch (default: one pass over all tiles)")
     pz.add_argument("--base-lr", type=float, default=1.5e-4, help="lr per 256 images (default 1.5e-4)")
-    pz.add_argument("--ratio-mode", choices=["decay", "constant"], default="decay",
-                    help="fix-position ratio: linear decay 0.75 -> 0.2 (default) or constant")
-    pz.add_argument("--ratio", type=float, default=0.25, help="the constant ratio (default 0.25)")
+    pz.add_argument("--strategy", choices=["loop", "decay", "fixed"], default="loop",
+                    help="curriculum: loop (default, the official command: puzzle size 32 in the warm-up, "
+                    "then 16, 32, 112 for 3 epochs each, ratio constant), decay (puzzle size fixed, ratio "
+                    "--ratio in the warm-up then falling linearly 0.75 -> 0.2), fixed (size and ratio constant)")
+    pz.add_argument("--ratio", type=float, default=0.25,
+                    help="fix-position ratio of loop and fixed, and of decay's warm-up (default 0.25)")
+    pz.add_argument("--fixed-patch-size", type=int, default=None, metavar="PX",
+                    help="puzzle size of the decay and fixed strategies (default: the smallest, 16 at 224 px)")
     pz.add_argument("--prompt-tokens", type=int, default=None, help="prompt tokens per layer (default: the card's, else 20)")
     pz.add_argument("--prompt-mode", choices=["deep", "shallow"], default=None, help="default: the card's, else deep")
     pz.add_argument("--decoder-dim", type=int, default=512, help="decoder width (default 512)")
@@ -117,8 +123,9 @@ def _puzzle(args: argparse.Namespace) -> int:
     config = PuzzleTrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, accum_steps=args.accum_steps,
         group_size=args.group_size, warmup_epochs=args.warmup_epochs,
-        steps_per_epoch=args.steps_per_epoch, base_lr=args.base_lr, ratio_mode=args.ratio_mode,
-        ratio=args.ratio, prompt_tokens=args.prompt_tokens, prompt_mode=args.prompt_mode,
+        steps_per_epoch=args.steps_per_epoch, base_lr=args.base_lr, strategy=args.strategy,
+        ratio=args.ratio, fixed_patch_size=args.fixed_patch_size, prompt_tokens=args.prompt_tokens,
+        prompt_mode=args.prompt_mode,
         decoder_dim=args.decoder_dim, decoder_depth=args.decoder_depth,
         decoder_heads=args.decoder_heads, precision=args.precision, seed=args.seed,
         num_workers=args.workers,

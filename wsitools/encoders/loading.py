@@ -11,13 +11,14 @@ changed encoder is never mistaken for the old one.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import timm
 import torch
@@ -235,6 +236,24 @@ def build_encoder(card: EncoderCard, *, device: str | torch.device = "auto") -> 
     )
 
 
+Precision = Literal["card", "fp32"]
+
+
+def with_precision(encoder: Encoder, precision: Precision) -> Encoder:
+    """The encoder at the requested precision: ``"card"`` as its card says; ``"fp32"`` float32
+    compute on every device and float32 features, the exact-parity setting (the features then
+    equal a float32 reference forward, e.g. the official PuzzleTuning code, at twice the disk of
+    float16). A changed precision changes ``encoder_hash``, so stores of one never pass for the other.
+    """
+    card = encoder.card
+    if precision == "card" or (card.compute_precision, card.feature_dtype) == ("fp32", "float32"):
+        return encoder
+    exact = dataclasses.replace(card, compute_precision="fp32", feature_dtype="float32")
+    return dataclasses.replace(
+        encoder, card=exact, encoder_hash=stable_hash({"encoder": encoder.encoder_hash, "precision": "fp32"})
+    )
+
+
 def timm_card(model_name: str, weights: str | os.PathLike[str]) -> EncoderCard:
     """A card for ``timm:NAME`` plus a local timm-layout checkpoint (no YAML needed).
 
@@ -277,6 +296,7 @@ def load_encoder(
     device: str | torch.device = "auto",
     models_dir: str | os.PathLike[str] | None = None,
     weights: str | os.PathLike[str] | None = None,
+    precision: Precision = "card",
 ) -> Encoder:
     """Load an encoder: a card name (looked up in the models directory), a card file, or ``timm:NAME``.
 
@@ -287,6 +307,7 @@ def load_encoder(
         models_dir: where named cards are looked up (default: ``$WSITOOLS_MODELS`` or the repo's
             ``models/``).
         weights: the local checkpoint for ``timm:NAME`` (required there, refused elsewhere).
+        precision: ``"card"`` or ``"fp32"`` (exact parity; see :func:`with_precision`).
     """
     if isinstance(name_or_card, EncoderCard):
         card = name_or_card
@@ -304,5 +325,7 @@ def load_encoder(
     if card.pathotune_config is not None:
         from wsitools.pathotune import load_pathotune_encoder
 
-        return load_pathotune_encoder(card.source, device=device, models_dir=models_dir)
-    return build_encoder(card, device=device)
+        encoder = load_pathotune_encoder(card.source, device=device, models_dir=models_dir)
+    else:
+        encoder = build_encoder(card, device=device)
+    return with_precision(encoder, precision)

@@ -13,7 +13,8 @@ from typing import Literal
 
 from wsitools.puzzle.shuffle import PuzzleError
 
-RatioMode = Literal["decay", "constant"]
+Strategy = Literal["loop", "decay", "fixed"]
+STRATEGIES: tuple[Strategy, ...] = ("loop", "decay", "fixed")
 
 
 def default_patch_sizes(image_size: int, token_size: int) -> tuple[int, ...]:
@@ -40,21 +41,30 @@ class PuzzleStage:
 
 @dataclass(frozen=True)
 class Curriculum:
-    """Puzzle patch size and fix-position ratio as a function of the epoch.
+    """Puzzle patch size and fix-position ratio as a function of the epoch: the official
+    PuzzleTuning schedules, each reproduced exactly.
 
-    After ``warmup_epochs`` at ``warmup_patch_size`` the patch size cycles through
-    ``patch_sizes``, changing every ``epochs_per_size`` epochs. The ratio either decays linearly,
-    ``r(e) = clip((T - e) / (T - W) * ratio_max, ratio_min, ratio_max)`` (T total epochs, W warm-up
-    epochs; during the warm-up this is ``ratio_max``: the easiest puzzles first), or stays at
-    ``ratio`` (mode ``"constant"``, the public code's default of 0.25).
+    - ``"loop"`` (the official public training command): ``warmup_patch_size`` during the
+      warm-up, then the patch size cycles through ``patch_sizes``, changing every
+      ``epochs_per_size`` epochs; the ratio stays at ``ratio``.
+    - ``"decay"`` (the official decay option, the paper's harder-puzzles-later idea): the patch
+      size stays at ``fixed_patch_size``; the ratio is ``ratio`` during the warm-up, then
+      ``r(e) = clip((T - e) / (T - W) * ratio_max, ratio_min, ratio_max)`` (T total epochs, W
+      warm-up epochs). The official values, 0.75 and 0.2, are ``min(3 * 0.25, 0.9)`` and
+      ``max(0.25 / 2, 0.2)`` of its base ratio 0.25.
+    - ``"fixed"`` (the official code without a strategy, for ablations): ``fixed_patch_size`` and
+      ``ratio`` throughout.
+
+    ``fixed_patch_size`` None means the smallest of ``patch_sizes``, as the official code does.
     """
 
     total_epochs: int
     warmup_epochs: int
+    strategy: Strategy = "loop"
     patch_sizes: tuple[int, ...] = (16, 32, 112)
     warmup_patch_size: int = 32
+    fixed_patch_size: int | None = None
     epochs_per_size: int = 3
-    ratio_mode: RatioMode = "decay"
     ratio: float = 0.25
     ratio_max: float = 0.75
     ratio_min: float = 0.2
@@ -66,29 +76,34 @@ class Curriculum:
             raise PuzzleError(
                 f"warm-up epochs ({self.warmup_epochs}) must lie in [0, epochs={self.total_epochs})"
             )
-        if not self.patch_sizes or min(self.patch_sizes) <= 0 or self.warmup_patch_size <= 0:
-            raise PuzzleError(f"bad puzzle patch sizes {self.patch_sizes} / {self.warmup_patch_size}")
+        sizes = (*self.patch_sizes, self.warmup_patch_size, self.fixed_patch_size or 1)
+        if not self.patch_sizes or min(sizes) <= 0:
+            raise PuzzleError(
+                f"bad puzzle patch sizes {self.patch_sizes} / {self.warmup_patch_size} / {self.fixed_patch_size}"
+            )
         if self.epochs_per_size < 1:
             raise PuzzleError(f"epochs per patch size must be at least 1, got {self.epochs_per_size}")
-        if self.ratio_mode not in ("decay", "constant"):
-            raise PuzzleError(f"ratio mode must be 'decay' or 'constant', got {self.ratio_mode!r}")
+        if self.strategy not in STRATEGIES:
+            raise PuzzleError(f"curriculum strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
         if not 0.0 <= self.ratio_min <= self.ratio_max <= 1.0 or not 0.0 <= self.ratio <= 1.0:
             raise PuzzleError(
                 f"ratios must satisfy 0 <= min ({self.ratio_min}) <= max ({self.ratio_max}) <= 1 "
-                f"and 0 <= constant ratio ({self.ratio}) <= 1"
+                f"and 0 <= ratio ({self.ratio}) <= 1"
             )
 
     def patch_size_at(self, epoch: int) -> int:
+        if self.strategy != "loop":
+            return self.fixed_patch_size or min(self.patch_sizes)
         if epoch < self.warmup_epochs:
             return self.warmup_patch_size
         cycle = (epoch - self.warmup_epochs) % (len(self.patch_sizes) * self.epochs_per_size)
         return self.patch_sizes[cycle // self.epochs_per_size]
 
     def ratio_at(self, epoch: int) -> float:
-        if self.ratio_mode == "constant":
+        if self.strategy != "decay" or epoch < self.warmup_epochs:
             return self.ratio
         t, w = self.total_epochs, self.warmup_epochs
-        raw = (t - epoch) / (t - w) * self.ratio_max
+        raw = ((t - w) - (epoch - w)) / (t - w) * self.ratio_max
         return min(max(raw, self.ratio_min), self.ratio_max)
 
     def at(self, epoch: int) -> PuzzleStage:
@@ -101,7 +116,7 @@ class Curriculum:
         """A compact, human-readable table of the schedule: one line per run of equal epochs."""
         lines = [
             f"puzzle curriculum ({self.total_epochs} epochs, warm-up {self.warmup_epochs}, "
-            f"ratio {self.ratio_mode}):"
+            f"strategy {self.strategy}):"
         ]
         stages = self.stages()
         start = 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import partial
 
+import numpy as np
 import torch
 from timm.models.vision_transformer import Block
 from torch import nn
@@ -20,24 +21,27 @@ from wsitools.puzzle.shuffle import PuzzleError, patchify, unpatchify
 def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int, *, prefix_tokens: int = 0) -> torch.Tensor:
     """Fixed 2-D sine-cosine positional embedding, [prefix_tokens + grid_h * grid_w, dim].
 
-    Half of the channels encode the row, half the column; each half is sin and cos of the
-    position at ``dim / 4`` geometric frequencies (1 down to 1/10000). Prefix slots (CLS) are 0.
+    MAE's layout, which the official PuzzleTuning decoder uses: the first half of the channels
+    encodes the column (x), the second half the row (y); each half is the sines, then the cosines,
+    of the position at ``dim / 4`` geometric frequencies (1 down to 1/10000). Tokens run row by
+    row; prefix slots (CLS) are 0. Computed in float32 in the reference's order of operations, so
+    the table is bit-identical to the official one and the puzzle loss on the same weights is equal.
     """
     if dim % 4:
         raise PuzzleError(f"a 2-D sin-cos embedding needs a dimension divisible by 4, got {dim}")
     quarter = dim // 4
-    omega = 1.0 / (10000.0 ** (torch.arange(quarter, dtype=torch.float64) / quarter))
-    ys, xs = torch.meshgrid(
-        torch.arange(grid_h, dtype=torch.float64), torch.arange(grid_w, dtype=torch.float64), indexing="ij"
-    )
+    omega = np.arange(quarter, dtype=np.float32)
+    omega /= float(quarter)
+    omega = 1.0 / 10000**omega
+    xs, ys = np.meshgrid(np.arange(grid_w, dtype=np.float32), np.arange(grid_h, dtype=np.float32))
 
-    def encode(pos: torch.Tensor) -> torch.Tensor:
-        angles = pos.reshape(-1, 1) * omega[None, :]
-        return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    def encode(pos: np.ndarray) -> np.ndarray:
+        angles = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
 
-    emb = torch.cat([encode(ys), encode(xs)], dim=1)
-    prefix = torch.zeros(prefix_tokens, dim, dtype=torch.float64)
-    return torch.cat([prefix, emb], dim=0).float()
+    emb = np.concatenate([encode(xs), encode(ys)], axis=1)
+    prefix = np.zeros((prefix_tokens, dim), dtype=np.float32)
+    return torch.from_numpy(np.concatenate([prefix, emb], axis=0))
 
 
 class PuzzleDecoder(nn.Module):

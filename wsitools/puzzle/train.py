@@ -41,7 +41,7 @@ from wsitools.device import TrainPrecision, autocast, training_amp_dtype
 from wsitools.errors import ModelError
 from wsitools.io import atomic_path, available_cpus, stable_hash, write_json_atomic
 from wsitools.puzzle.backbone import PuzzleBackbone, export_promptstate, load_puzzle_backbone
-from wsitools.puzzle.curriculum import Curriculum, RatioMode, default_patch_sizes, learning_rate_at
+from wsitools.puzzle.curriculum import Curriculum, Strategy, default_patch_sizes, learning_rate_at
 from wsitools.puzzle.data import TileStream, open_stores, prepare_input
 from wsitools.puzzle.model import PuzzleTuningModel
 from wsitools.puzzle.shuffle import PuzzleError, check_puzzle_setting, fix_position_shuffle
@@ -54,20 +54,23 @@ CHECKPOINT_RE = re.compile(r"^epoch-(\d{4,})$")
 
 @dataclass(frozen=True)
 class PuzzleTrainConfig:
-    """Settings of a PuzzleTuning run (defaults: the paper's recipe, METHODS.md §1.4).
+    """Settings of a PuzzleTuning run (defaults: the official public training command: batch 64
+    with gradient accumulation 2, the ``loop`` curriculum at a constant fix-position ratio 0.25).
 
     ``batch_size`` is per step on the device; ``accum_steps`` micro-batches make one optimiser
-    step, and the learning rate is ``base_lr * batch_size * accum_steps / 256``.
+    step, and the learning rate is ``base_lr * batch_size * accum_steps / 256``. ``strategy``,
+    the ratios and the patch sizes set the curriculum (:class:`Curriculum`).
     ``group_size`` (None: the batch) is the puzzle group G. ``warmup_epochs`` (None: a tenth of
     the epochs) serves both the learning rate and the curriculum. ``steps_per_epoch`` (None: one
     pass over all tiles) counts optimiser steps. ``patch_sizes`` (None: the image size's divisors
     that are multiples of the ViT token size, (16, 32, 112) at 224 px) and ``warmup_patch_size``
-    (None: the second size, 32 at 224 px) set the curriculum.
+    (None: the second size, 32 at 224 px) and ``fixed_patch_size`` (None: the smallest size) set
+    the puzzle sizes.
     """
 
     epochs: int = 200
     batch_size: int = 64
-    accum_steps: int = 1
+    accum_steps: int = 2
     group_size: int | None = None
     warmup_epochs: int | None = None
     steps_per_epoch: int | None = None
@@ -75,12 +78,13 @@ class PuzzleTrainConfig:
     min_lr: float = 0.0
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.95)
-    ratio_mode: RatioMode = "decay"
+    strategy: Strategy = "loop"
     ratio: float = 0.25
     ratio_max: float = 0.75
     ratio_min: float = 0.2
     patch_sizes: tuple[int, ...] | None = None
     warmup_patch_size: int | None = None
+    fixed_patch_size: int | None = None
     epochs_per_size: int = 3
     prompt_tokens: int | None = None
     prompt_mode: Literal["deep", "shallow"] | None = None
@@ -120,7 +124,7 @@ class PuzzleTrainConfig:
     def curriculum(self, *, image_size: int, token_size: int) -> Curriculum:
         sizes = self.patch_sizes or default_patch_sizes(image_size, token_size)
         warm = self.warmup_patch_size or (sizes[1] if len(sizes) > 1 else sizes[0])
-        for p in (*sizes, warm):
+        for p in (*sizes, warm, *([self.fixed_patch_size] if self.fixed_patch_size else [])):
             check_puzzle_setting(
                 batch_size=self.batch_size, height=image_size, width=image_size,
                 ratio=self.ratio, patch_size=p, group_size=self.group,
@@ -134,8 +138,9 @@ class PuzzleTrainConfig:
             warmup_epochs=self.warmup,
             patch_sizes=tuple(sizes),
             warmup_patch_size=warm,
+            fixed_patch_size=self.fixed_patch_size,
             epochs_per_size=self.epochs_per_size,
-            ratio_mode=self.ratio_mode,
+            strategy=self.strategy,
             ratio=self.ratio,
             ratio_max=self.ratio_max,
             ratio_min=self.ratio_min,
