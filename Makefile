@@ -3,8 +3,14 @@ PYTHON ?= python3
 
 .PHONY: install demo test test-all
 
-install:
+# Installed once per interpreter (the stamp names its prefix), again when pyproject.toml changes.
+STAMP := .installed-$(shell $(PYTHON) -c 'import hashlib, sys; print(hashlib.sha1(sys.prefix.encode()).hexdigest()[:10])')
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
 	$(PYTHON) -m pip install -q -e ".[test]"
+	touch $@
 
 demo: install
 	$(PYTHON) -m wsitools demo --out demo_run

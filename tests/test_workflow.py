@@ -339,6 +339,30 @@ def test_slurm_dry_run_gives_gpu_rules_a_gpu(tmp_path):
     assert "mem_mb=8000" in jobs["tile"] and "slurm_account=<account>" in jobs["tile"]
 
 
+def test_every_slurm_job_asks_for_a_gpu_exactly_on_the_gpu_partition(tmp_path):
+    """Whole DAG (tiles done): a job asking for a GPU on a CPU partition never starts, and a GPU
+    node held by a job that uses no GPU is wasted."""
+    tune = {"enabled": True, "data": "tiles_by_class", "task": "config/task.yaml", "prompts": ["tvp"]}
+    work = make_project(tmp_path / "w", n=6, config={"device": "auto", "pretrain": {"enabled": True}, "tune": tune})
+    (work / "tiles_by_class").mkdir()
+    sheet = work / "config" / "samples.tsv"
+    rows = [line.split("\t") for line in sheet.read_text().splitlines()]
+    rows[6][3] = ""  # s5 has no label: predicted and drawn
+    sheet.write_text("\n".join("\t".join(r) for r in rows) + "\n")
+    _qc_done(work, {f"s{i}": "ok" for i in range(6)})
+    result = snakemake(work, "--profile", str(SLURM_PROFILE), "-n")
+    assert result.returncode == 0, result.stderr
+    jobs = dry_run_resources(result.stdout + result.stderr)
+    expected_gpu = {"extract", "train", "predict", "pretrain_puzzle", "tune_pathotune"}
+    assert expected_gpu | {"heatmap", "heatmap_predicted", "labels"} <= set(jobs), sorted(jobs)
+    for rule, line in jobs.items():
+        gpu = re.search(r"\bgpu=(\d+)", line)
+        partition = re.search(r"slurm_partition=(<[\w-]+>)", line)
+        wants_gpu = gpu is not None and int(gpu.group(1)) > 0
+        assert wants_gpu == (rule in expected_gpu), f"{rule}: {line}"
+        assert partition and partition.group(1) == ("<gpu-partition>" if wants_gpu else "<cpu-partition>"), f"{rule}: {line}"
+
+
 def test_cpu_device_asks_for_no_gpu(tmp_path):
     work = make_project(tmp_path / "w", config={"device": "cpu", "pretrain": {"enabled": True}})
     result = snakemake(work, "-n")
