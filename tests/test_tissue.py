@@ -94,3 +94,23 @@ def test_saturation_and_value_equal_skimage_hsv():
     np.testing.assert_allclose(sat, hsv[..., 1], atol=1e-6)
     np.testing.assert_allclose(val, hsv[..., 2], atol=1e-6)
     assert sat[0, 0] == 0 and sat[5, 0] == 0 and abs(sat[9, 0] - 190 / 200) < 1e-6
+
+
+def test_polygon_rings_follow_the_geojson_right_hand_rule():
+    """RFC 7946: outer rings counterclockwise, holes clockwise (signed area as written)."""
+    from wsitools.tissue import mask_polygons
+
+    def signed_area(ring):
+        return 0.5 * sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in zip(ring, ring[1:]))
+
+    mask = np.zeros((40, 60), bool)
+    mask[5:35, 5:55] = True
+    mask[12:20, 12:22] = False  # two holes (lumina)
+    mask[15:30, 35:48] = False
+    polygons = mask_polygons(mask, (4.0, 4.0))
+    assert len(polygons) == 1 and len(polygons[0]) == 3
+    outer, *holes = polygons[0]
+    assert signed_area(outer) == pytest.approx(30 * 50 * 16, rel=0.02)
+    assert sorted(-signed_area(h) for h in holes) == pytest.approx([8 * 10 * 16, 15 * 13 * 16], rel=0.1)
+    for ring in polygons[0]:
+        assert ring[0] == ring[-1]

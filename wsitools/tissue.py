@@ -137,8 +137,21 @@ def _drop_collinear(ring: np.ndarray) -> np.ndarray:
     return np.vstack([kept, kept[:1]]) if len(kept) >= 3 else ring
 
 
+def _signed_area(ring: Ring) -> float:
+    """Shoelace area of a closed ring, positive when it winds counterclockwise (x right, y up)."""
+    xy = np.asarray(ring, dtype=np.float64)
+    return 0.5 * float(np.sum(xy[:-1, 0] * xy[1:, 1] - xy[1:, 0] * xy[:-1, 1]))
+
+
+def _wound(ring: Ring, *, counterclockwise: bool) -> Ring:
+    """``ring`` wound the requested way (GeoJSON's right-hand rule, RFC 7946 section 3.1.6:
+    outer rings counterclockwise, holes clockwise, in the coordinates as written)."""
+    return ring if (_signed_area(ring) > 0) == counterclockwise else ring[::-1]
+
+
 def mask_polygons(mask: np.ndarray, downsample: tuple[float, float]) -> list[list[Ring]]:
-    """Polygons (outer ring + holes) of each connected region, in level-0 px."""
+    """Polygons (outer ring + holes) of each connected region, in level-0 px; outer rings wind
+    counterclockwise and holes clockwise, as GeoJSON requires."""
     from scipy import ndimage as ndi
     from skimage.measure import find_contours, label
 
@@ -166,7 +179,10 @@ def mask_polygons(mask: np.ndarray, downsample: tuple[float, float]) -> list[lis
         outer = max(rings_of(filled), key=len) + offset
         holes_mask = filled & ~sub
         holes = [r + offset for r in rings_of(holes_mask) if len(r) >= 4] if holes_mask.any() else []
-        polygons.append([to_level0(outer)] + [to_level0(h) for h in holes])
+        polygons.append(
+            [_wound(to_level0(outer), counterclockwise=True)]
+            + [_wound(to_level0(h), counterclockwise=False) for h in holes]
+        )
     return polygons
 
 
