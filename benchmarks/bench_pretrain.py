@@ -35,7 +35,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from wsitools.puzzle import PuzzleTuningModel, fix_position_shuffle
 from wsitools.puzzle.backbone import load_puzzle_backbone
-from wsitools.puzzle.data import TileStream, open_stores, prepare_input, random_resized_crop_flip, to_unit_float
+from wsitools.encoders.transforms import prepare_input, random_resized_crop_flip, to_unit_float
+from wsitools.puzzle.data import TileStream, open_stores
 from wsitools.puzzle.train import PuzzleTrainConfig, _param_groups, train_puzzle
 from wsitools.store import write_patch_store
 from wsitools.synthetic import texture

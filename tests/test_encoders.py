@@ -460,3 +460,26 @@ def test_mean_patch_output(official_files):
     tiles = tissue_images()
     ref = reference_forward(tiles.permute(0, 3, 1, 2).float() / 255, backbone, promptstate["Prompt_Tokens"].detach())
     torch.testing.assert_close(enc.encode(tiles).double(), ref[:, 1:].mean(dim=1), atol=1e-5, rtol=0)
+
+
+def test_run_blocks_appends_shallow_and_deep_prompts_and_checkpoints_alike():
+    """The one prompted forward: shallow tokens travel through every block, deep tokens live for
+    one block, the outputs drop both; gradient checkpointing changes nothing."""
+    from wsitools.encoders.vit import embed_tokens, run_blocks
+
+    torch.manual_seed(0)
+    vit = timm.create_model("prompted_vit_test_patch16_224").eval()
+    x = embed_tokens(vit, torch.rand(2, 3, 224, 224))
+    shallow = torch.randn(2, 3, 64)
+    deep = torch.randn(len(vit.blocks), 2, 5, 64)
+    seq = torch.cat([x, shallow], 1)
+    for i, block in enumerate(vit.blocks):  # written out by hand
+        seq = block(torch.cat([seq, deep[i]], 1))[:, : seq.shape[1]]
+    expected = vit.norm(seq[:, : x.shape[1]])
+    got = run_blocks(vit, x, shallow=[shallow], deep=lambda i: deep[i])
+    assert got.shape == x.shape and torch.allclose(got, expected, atol=1e-6)
+    vit.set_grad_checkpointing(True)
+    with torch.enable_grad():
+        ckpt = run_blocks(vit, x, shallow=[shallow], deep=lambda i: deep[i])
+    assert torch.allclose(ckpt, expected, atol=1e-6)
+    assert torch.allclose(run_blocks(vit, x), vit.norm(vit.blocks(x)), atol=1e-6)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from wsitools.errors import WsiToolsError
-from wsitools.puzzle import Curriculum, PuzzleError, default_patch_sizes, fix_position_shuffle, learning_rate_at
+from wsitools.puzzle import Curriculum, PuzzleError, default_patch_sizes, fix_position_shuffle
+from wsitools.training import learning_rate_at
 from wsitools.puzzle.shuffle import patchify, unpatchify
 
 

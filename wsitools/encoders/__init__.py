@@ -1,7 +1,9 @@
 """Encoders: model cards, the prompted ViT of PuzzleTuning, weight loading and verification.
 
 - :mod:`wsitools.encoders.vit`: :class:`PromptedVisionTransformer` (timm ViT + deep/shallow
-  prompts) and its registered timm models (``prompted_vit_{test,small,base,large}_patch16_224``).
+  prompts), its registered timm models (``prompted_vit_{test,small,base,large}_patch16_224``) and
+  ``run_blocks``, the one prompted forward that PuzzleTuning and PathoTune also use.
+- :mod:`wsitools.encoders.transforms`: tiles to model input (a card's recipe), and augmentation.
 - :mod:`wsitools.encoders.checkpoint`: reading weight files safely and converting official
   checkpoints (pure functions), strict key/shape checks.
 - :mod:`wsitools.encoders.cards`: YAML model cards and the models directory.

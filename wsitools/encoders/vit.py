@@ -23,6 +23,7 @@ weights of their own: weights come from model cards (see :mod:`wsitools.encoders
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -34,6 +35,41 @@ from torch.utils.checkpoint import checkpoint
 from wsitools.errors import ModelError
 
 PromptMode = Literal["deep", "shallow"]
+
+
+def embed_tokens(vit: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
+    """Images ``[B, C, H, W]`` -> the tokens ``[B, prefix + N, D]`` entering a timm ViT's first
+    block: patch embedding, class token, position embedding (as timm applies them), patch dropout
+    and the optional pre-norm; no prompts."""
+    return vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x))))
+
+
+def run_blocks(
+    vit: VisionTransformer,
+    x: torch.Tensor,
+    *,
+    shallow: Sequence[torch.Tensor] = (),
+    deep: Callable[[int], torch.Tensor | None] | None = None,
+) -> torch.Tensor:
+    """The prompted forward of a timm ViT's blocks, shared by every prompt method.
+
+    ``x``: tokens ``[B, L, D]`` from :func:`embed_tokens`. ``shallow``: prompt tokens ``[B, K, D]``
+    appended once after the tokens; they travel through every block. ``deep(i)``: prompt tokens
+    ``[B, K, D]`` appended before block ``i`` and dropped after it (None: none at that block).
+    Returns the final-normed ``[B, L, D]`` with every prompt removed. Blocks are
+    gradient-checkpointed when the ViT's ``grad_checkpointing`` is set and gradients are on.
+    """
+    n = x.shape[1]
+    if shallow:
+        x = torch.cat([x, *(p.to(dtype=x.dtype) for p in shallow)], dim=1)
+    keep = x.shape[1]
+    ckpt = getattr(vit, "grad_checkpointing", False) and torch.is_grad_enabled() and not torch.jit.is_scripting()
+    for i, block in enumerate(vit.blocks):
+        extra = deep(i) if deep is not None else None
+        inp = x if extra is None else torch.cat([x, extra.to(dtype=x.dtype)], dim=1)
+        out = checkpoint(block, inp, use_reentrant=False) if ckpt else block(inp)
+        x = out if extra is None else out[:, :keep]
+    return vit.norm(x[:, :n])
 
 
 class PromptedVisionTransformer(VisionTransformer):
@@ -71,40 +107,18 @@ class PromptedVisionTransformer(VisionTransformer):
             param.requires_grad_(name == "prompt_tokens")
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Images ``[B, C, H, W]`` -> tokens ``[B, prefix + N, D]`` entering the first block.
-
-        Patch embedding, class token, position embedding (as timm applies them), patch dropout
-        and the optional pre-norm; no prompts yet.
-        """
-        x = self.patch_embed(x)
-        x = self._pos_embed(x)
-        x = self.patch_drop(x)
-        return self.norm_pre(x)
-
-    def _prompts(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        assert self.prompt_tokens is not None
-        return self.prompt_tokens[layer].to(dtype=x.dtype).expand(x.shape[0], -1, -1)
-
-    def _run_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
-            return checkpoint(block, x, use_reentrant=False)
-        return block(x)
+        """Images ``[B, C, H, W]`` -> tokens ``[B, prefix + N, D]`` entering the first block
+        (:func:`embed_tokens`; no prompts yet)."""
+        return embed_tokens(self, x)
 
     def forward_blocks(self, x: torch.Tensor) -> torch.Tensor:
         """Tokens ``[B, L, D]`` (from :meth:`embed`) -> normed outputs ``[B, L, D]``, prompts dropped."""
-        n = x.shape[1]
-        if self.prompt_tokens is None:
-            for block in self.blocks:
-                x = self._run_block(block, x)
-        elif self.prompt_mode == "deep":
-            for i, block in enumerate(self.blocks):
-                x = self._run_block(block, torch.cat([x, self._prompts(i, x)], dim=1))[:, :n]
-        else:
-            x = torch.cat([x, self._prompts(0, x)], dim=1)
-            for block in self.blocks:
-                x = self._run_block(block, x)
-            x = x[:, :n]
-        return self.norm(x)
+        prompts = self.prompt_tokens
+        if prompts is None:
+            return run_blocks(self, x)
+        if self.prompt_mode == "shallow":
+            return run_blocks(self, x, shallow=[prompts[0].expand(x.shape[0], -1, -1)])
+        return run_blocks(self, x, deep=lambda i: prompts[i].expand(x.shape[0], -1, -1))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         """Images -> normed tokens ``[B, prefix + N, D]`` (class token first, prompts removed)."""

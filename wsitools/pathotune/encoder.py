@@ -36,12 +36,11 @@ from safetensors.torch import load_file, save_file
 
 from wsitools.device import resolve_device
 from wsitools.encoders import Encoder, EncoderCard, load_encoder
-from wsitools.encoders.cards import card_from_dict
+from wsitools.encoders.cards import card_from_dict, card_to_dict
 from wsitools.encoders.loading import build_encoder
 from wsitools.errors import ModelError
 from wsitools.io import atomic_path, sha256_file, stable_hash, write_json_atomic
 from wsitools.pathotune.model import PathoTuneConfig, PathoTunePrompts, PathoTuneViT
-from wsitools.puzzle.backbone import card_to_dict
 
 FORMAT_VERSION = 1
 KIND = "pathotune_patch"

@@ -32,7 +32,8 @@ from torch import nn
 
 from wsitools.encoders import Encoder
 from wsitools.errors import ModelError
-from wsitools.puzzle.data import prepare_input, unnormalize
+from wsitools.encoders.transforms import prepare_input, unnormalize
+from wsitools.encoders.vit import embed_tokens, run_blocks
 
 PromptKind = Literal["tvp", "ttp", "ivp"]
 PROMPT_KINDS: tuple[PromptKind, ...] = ("tvp", "ttp", "ivp")
@@ -200,12 +201,6 @@ class PathoTuneViT(nn.Module):
         self.backbone.eval()  # frozen backbone: no dropout noise
         return self
 
-    def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        vit = self.backbone
-        if hasattr(vit, "embed"):
-            return vit.embed(x)
-        return vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x))))
-
     def ivp_features(self, x: torch.Tensor) -> torch.Tensor:
         """The IVP encoder's features [B, F] of the tiles behind ``x`` (no gradient)."""
         assert self._ivp_encoder is not None and self.ivp_card is not None
@@ -214,30 +209,22 @@ class PathoTuneViT(nn.Module):
             return self._ivp_encoder.forward_batch(prepare_input(self.ivp_card, x01)).float()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Preprocessed images -> normed tokens [B, 1 + N, D]: the backbone's own prompts (if any)
+        first, then TTP/IVP once before the first block and TVP before every block."""
         vit, cfg = self.backbone, self.prompts.config
         b = x.shape[0]
         ivp_feature = self.ivp_features(x) if "ivp" in cfg.prompts else None
-        tokens = self._embed(x)
-        n = tokens.shape[1]
         own = getattr(vit, "prompt_tokens", None)
         own_deep = own is not None and getattr(vit, "prompt_mode", "deep") == "deep"
         shallow = self.prompts.shallow(b, ivp_feature)
         if own is not None and not own_deep:
             shallow.insert(0, own[0].expand(b, -1, -1))
-        seq = torch.cat([tokens, *(s.to(tokens.dtype) for s in shallow)], dim=1)
-        keep = seq.shape[1]
-        for i, block in enumerate(vit.blocks):
-            deep = []
-            if own_deep:
-                deep.append(own[i])
-            if "tvp" in cfg.prompts:
-                deep.append(self.prompts.tvp[i])
-            if deep:
-                extra = torch.cat(deep, dim=0).to(seq.dtype).expand(b, -1, -1)
-                seq = block(torch.cat([seq, extra], dim=1))[:, :keep]
-            else:
-                seq = block(seq)
-        return vit.norm(seq[:, :n])
+
+        def deep(i: int) -> torch.Tensor | None:
+            tokens = ([own[i]] if own_deep else []) + ([self.prompts.tvp[i]] if "tvp" in cfg.prompts else [])
+            return torch.cat(tokens, dim=0).expand(b, -1, -1) if tokens else None
+
+        return run_blocks(vit, embed_tokens(vit, x), shallow=shallow, deep=deep)
 
     def forward_head(self, tokens: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """The backbone's own pooling of the prompted tokens (timm interface; no logits here)."""

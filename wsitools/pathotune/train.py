@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from wsitools.encoders import Encoder, load_encoder
+from wsitools.encoders.transforms import prepare_input, random_resized_crop_flip, to_unit_float
 from wsitools.device import TrainPrecision, autocast, training_amp_dtype
 from wsitools.errors import DataError, ModelError
 from wsitools.io import atomic_path, available_cpus, write_json_atomic
@@ -37,9 +38,8 @@ from wsitools.metrics import classification_metrics, metrics_report
 from wsitools.pathotune.data import LabelledTiles, stratified_split
 from wsitools.pathotune.encoder import save_pathotune
 from wsitools.pathotune.model import PathoTuneConfig, PathoTunePrompts, PathoTuneViT, PromptKind, parse_prompts
-from wsitools.puzzle.curriculum import learning_rate_at
-from wsitools.puzzle.data import prepare_input, random_resized_crop_flip, to_unit_float
 from wsitools.text import TaskDescription, embed_texts
+from wsitools.training import learning_rate_at
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ prompts as an official promptstate file plus an encoder card (:func:`export_prom
 """
 
 from wsitools.puzzle.backbone import PuzzleBackbone, export_promptstate, load_puzzle_backbone
-from wsitools.puzzle.curriculum import Curriculum, PuzzleStage, default_patch_sizes, learning_rate_at
+from wsitools.puzzle.curriculum import Curriculum, PuzzleStage, default_patch_sizes
 from wsitools.puzzle.model import PuzzleDecoder, PuzzleOutput, PuzzleTuningModel, sincos_pos_embed_2d
 from wsitools.puzzle.shuffle import PuzzleError, fix_position_shuffle
 from wsitools.puzzle.train import PuzzleRunResult, PuzzleTrainConfig, train_puzzle
@@ -24,7 +24,6 @@ __all__ = [
     "default_patch_sizes",
     "export_promptstate",
     "fix_position_shuffle",
-    "learning_rate_at",
     "load_puzzle_backbone",
     "sincos_pos_embed_2d",
     "train_puzzle",

@@ -24,6 +24,7 @@ import yaml
 from torch import nn
 
 from wsitools.encoders import EncoderCard, PromptedVisionTransformer, build_encoder, find_card, read_card
+from wsitools.encoders.cards import card_to_dict
 from wsitools.errors import ModelError
 from wsitools.io import atomic_path, sha256_file
 from wsitools.puzzle.shuffle import PuzzleError
@@ -97,36 +98,6 @@ def load_puzzle_backbone(
         raise ModelError(f"{card.source or card.name}: {card.model} is not a prompted ViT")
     model.freeze_backbone()
     return PuzzleBackbone(model=model, card=card, weight_sha256=dict(encoder.weight_sha256), device=encoder.device)
-
-
-def card_to_dict(card: EncoderCard) -> dict[str, Any]:
-    """The YAML form of a card (weight files as written: package-relative, else absolute paths)."""
-    arch: dict[str, Any] = {"model": card.model}
-    if card.model_kwargs:
-        arch["kwargs"] = dict(card.model_kwargs)
-    if card.prompt_tokens:
-        arch["prompts"] = {"tokens": card.prompt_tokens, "mode": card.prompt_mode}
-    if card.init_seed is not None:
-        arch["init_seed"] = card.init_seed
-    weights = []
-    for w in card.weights:
-        entry: dict[str, Any] = {"role": w.role, "file": w.file if w.package else str(w.path)}
-        for key in ("sha256", "url", "package"):
-            if getattr(w, key):
-                entry[key] = getattr(w, key)
-        if w.layout != "timm":
-            entry["layout"] = w.layout
-        weights.append(entry)
-    normalize = None if card.mean is None else {"mean": list(card.mean), "std": list(card.std or ())}
-    return {
-        "name": card.name,
-        "description": card.description,
-        "architecture": arch,
-        "weights": weights,
-        "input": {"size": card.input_size, "interpolation": card.interpolation, "normalize": normalize},
-        "output": {"kind": card.output, "dim": card.dim},
-        "precision": {"compute": card.compute_precision, "features": card.feature_dtype},
-    }
 
 
 def export_promptstate(

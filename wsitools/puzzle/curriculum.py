@@ -1,13 +1,11 @@
-"""The PuzzleTuning curriculum (METHODS.md §1.3) and the learning-rate schedule.
+"""The PuzzleTuning curriculum: puzzle size and fix-position ratio per epoch.
 
-Both are pure functions of the position in training (epoch, or optimiser step), so a resumed run
-gets exactly the puzzle size, fix-position ratio and learning rate it would have had without the
-interruption, and the whole schedule can be printed before training starts.
+A pure function of the epoch, so a resumed run gets exactly the puzzles it would have had without
+the interruption, and the whole schedule can be printed before training starts.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -138,15 +136,3 @@ class Curriculum:
         d = asdict(self)
         d["patch_sizes"] = list(self.patch_sizes)
         return d
-
-
-def learning_rate_at(
-    step: int, *, base_lr: float, total_steps: int, warmup_steps: int, min_lr: float = 0.0
-) -> float:
-    """Linear warm-up from 0 to ``base_lr`` over ``warmup_steps``, then a half-cycle cosine down
-    to ``min_lr`` at ``total_steps`` (the MAE/PuzzleTuning schedule, stepped per iteration)."""
-    if step < warmup_steps:
-        return base_lr * step / warmup_steps
-    span = max(1, total_steps - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / span)
-    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))

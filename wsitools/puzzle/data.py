@@ -21,83 +21,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import IterableDataset, get_worker_info
 
-from wsitools.encoders import EncoderCard
+from wsitools.encoders.transforms import random_resized_crop_flip, to_unit_float
 from wsitools.errors import StoreError
 from wsitools.store import CHUNK_TILES, PatchStore
 
 MIN_BLOCKS_PER_WINDOW = 8
 """A window of batches draws its tiles from at least this many blocks (store chunks or parts)."""
-
-
-def random_resized_crop_flip(
-    tiles: torch.Tensor,
-    *,
-    size: int,
-    generator: torch.Generator,
-    scale: tuple[float, float] = (0.8, 1.0),
-) -> torch.Tensor:
-    """RandomResizedCrop (square crops, area fraction in ``scale``) + left-right and top-bottom flips.
-
-    ``tiles``: [B, 3, S, S] float in [0, 1]. Each tile gets its own square crop covering a
-    uniform fraction ``scale`` of its area at a uniform position, resized to ``size`` x ``size``
-    (antialiased bicubic, clamped to [0, 1]), then flipped left-right and top-bottom each with
-    probability 0.5 (the PuzzleTuning recipe: square crops, both flips, no normalisation).
-    Returns [B, 3, size, size].
-    """
-    b, _, h, w = tiles.shape
-    area = torch.empty(b).uniform_(*scale, generator=generator) * h * w
-    side = torch.sqrt(area).round().clamp(1, min(h, w)).long()
-    u = torch.rand(b, 2, generator=generator)
-    x0 = (u[:, 0] * (w - side + 1)).floor().long()
-    y0 = (u[:, 1] * (h - side + 1)).floor().long()
-    flips = torch.rand(b, 2, generator=generator) < 0.5
-    out = torch.empty(b, 3, size, size, dtype=tiles.dtype)
-    for i in range(b):  # one crop box per image: a loop over images, not pixels
-        crop = tiles[i : i + 1, :, y0[i] : y0[i] + side[i], x0[i] : x0[i] + side[i]]
-        img = F.interpolate(crop, size=(size, size), mode="bicubic", antialias=True, align_corners=False)[0]
-        if flips[i, 0]:
-            img = img.flip(-1)
-        if flips[i, 1]:
-            img = img.flip(-2)
-        out[i] = img
-    return out.clamp_(0.0, 1.0)
-
-
-def to_unit_float(tiles: np.ndarray, *, size: int | None = None) -> torch.Tensor:
-    """uint8 [B, S, S, 3] -> float32 [B, 3, S, S] in [0, 1], resized to ``size`` if given."""
-    x = torch.from_numpy(np.ascontiguousarray(tiles)).permute(0, 3, 1, 2).float().div_(255.0)
-    if size is not None and tuple(x.shape[-2:]) != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return x
-
-
-def _mean_std(card: EncoderCard, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    if card.mean is None or card.std is None:
-        return None
-    mean = torch.tensor(card.mean, device=like.device, dtype=like.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(card.std, device=like.device, dtype=like.dtype).view(1, 3, 1, 1)
-    return mean, std
-
-
-def prepare_input(card: EncoderCard, x01: torch.Tensor) -> torch.Tensor:
-    """[0, 1] images [B, 3, H, W] -> an encoder card's model input: resized to its input size
-    (antialiased, its interpolation) when needed, then its mean/std (none for PuzzleTuning)."""
-    size = card.input_size
-    if tuple(x01.shape[-2:]) != (size, size):
-        x01 = F.interpolate(
-            x01, size=(size, size), mode=card.interpolation, antialias=True, align_corners=False
-        ).clamp(0, 1)
-    ms = _mean_std(card, x01)
-    return x01 if ms is None else (x01 - ms[0]) / ms[1]
-
-
-def unnormalize(card: EncoderCard, x: torch.Tensor) -> torch.Tensor:
-    """Undo a card's mean/std: model input -> [0, 1] pixels (at the card's input size)."""
-    ms = _mean_std(card, x)
-    return x if ms is None else x * ms[1] + ms[0]
 
 
 def open_stores(paths: Sequence[str | os.PathLike[str]]) -> list[PatchStore]:

@@ -41,10 +41,12 @@ from wsitools.device import TrainPrecision, autocast, training_amp_dtype
 from wsitools.errors import ModelError
 from wsitools.io import atomic_path, available_cpus, stable_hash, write_json_atomic
 from wsitools.puzzle.backbone import PuzzleBackbone, export_promptstate, load_puzzle_backbone
-from wsitools.puzzle.curriculum import Curriculum, Strategy, default_patch_sizes, learning_rate_at
-from wsitools.puzzle.data import TileStream, open_stores, prepare_input
+from wsitools.puzzle.curriculum import Curriculum, Strategy, default_patch_sizes
+from wsitools.encoders.transforms import prepare_input
+from wsitools.puzzle.data import TileStream, open_stores
 from wsitools.puzzle.model import PuzzleTuningModel
 from wsitools.puzzle.shuffle import PuzzleError, check_puzzle_setting, fix_position_shuffle
+from wsitools.training import learning_rate_at
 
 log = logging.getLogger(__name__)
 
