@@ -89,7 +89,7 @@ def _block(x: torch.Tensor, sd: dict, i: int, heads: int) -> torch.Tensor:
 
 
 def reference_forward(images: torch.Tensor, sd: dict, prompts: torch.Tensor | None, mode: str = "deep"):
-    """[B,3,H,W] -> normed tokens [B, 1+N, D], in float64, per METHODS.md §1.2."""
+    """[B,3,H,W] -> normed tokens [B, 1+N, D], in float64, as the official PuzzleTuning forward computes them."""
     sd = {k: v.double() for k, v in sd.items()}
     x = F.conv2d(images.double(), sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=16)
     x = x.flatten(2).transpose(1, 2)

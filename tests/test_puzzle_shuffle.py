@@ -1,4 +1,4 @@
-"""Invariants of the fix-position shuffle and the curriculum (METHODS.md §1.1, §1.3)."""
+"""Invariants of the fix-position shuffle and the curriculum."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """PathoTune at patch level: multi-modal prompt tuning of a frozen ViT on labelled tiles
-(METHODS.md §2). TVP, TTP and IVP prompts in any combination (:mod:`.model`), labelled tiles
+(docs/pathotune.md). TVP, TTP and IVP prompts in any combination (:mod:`.model`), labelled tiles
 from image folders or patch stores (:mod:`.data`), tuning with metrics (:mod:`.train`), and
 the tuned model as an encoder card (:mod:`.encoder`)."""
 

@@ -1,7 +1,7 @@
 """PathoTune at patch level: a frozen ViT with task-specific visual (TVP), task-specific textual
 (TTP) and instance-specific visual (IVP) prompts, and a linear classifier on its feature (CLS).
 
-How the prompts enter the ViT (our choices; the paper's code is not public, METHODS.md §2):
+How the prompts enter the ViT (our choices; the paper's code is not public; docs/pathotune.md):
 
 - TVP, deep: ``n_tvp`` learnable tokens per block ([depth, n_tvp, D], normal std 0.02). Before
   block *i* its tokens are appended after the sequence and their outputs dropped after the block

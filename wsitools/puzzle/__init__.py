@@ -1,4 +1,4 @@
-"""PuzzleTuning: prompt pretraining by multiple-puzzle restoration (METHODS.md §1).
+"""PuzzleTuning: prompt pretraining by multiple-puzzle restoration (docs/puzzletuning.md).
 
 The puzzle (:func:`fix_position_shuffle`), the curriculum (:class:`Curriculum`), the model
 (:class:`PuzzleTuningModel`), training (:func:`train_puzzle`) and the export of the learned

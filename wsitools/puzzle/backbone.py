@@ -2,7 +2,7 @@
 
 A backbone comes from an encoder card (``wsitools.encoders``). A card of a plain timm ViT
 (``vit_base_patch16_224``) is trained as its prompted twin (``prompted_vit_base_patch16_224``,
-the same network plus prompt tokens). Prompts start at zero (METHODS.md §1.2) unless the card
+the same network plus prompt tokens). Prompts start at zero (the paper) unless the card
 brings a prompts file, in which case training continues from those prompts.
 
 The export is the official promptstate file (``{'Prompt_Tokens': [L, T, D], 'head': {}}``, read

@@ -1,4 +1,4 @@
-"""The PuzzleTuning model (METHODS.md §1.2): a frozen prompted ViT reads the puzzled image, a
+"""The PuzzleTuning model: a frozen prompted ViT reads the puzzled image, a
 position hint marks the fixed patches, and an MAE-style decoder restores the relation patches.
 
 Only the backbone's prompt tokens and the decoder are trained; every other backbone weight is

@@ -1,4 +1,4 @@
-"""The fix-position shuffle: the puzzle PuzzleTuning learns to restore (METHODS.md §1.1).
+"""The fix-position shuffle: the puzzle PuzzleTuning learns to restore (docs/puzzletuning.md).
 
 Each image is cut into non-overlapping square puzzle patches. Per image a random ``int(N * r)``
 of the N positions are *fixed* (their patch stays where it was, a position hint for the model);
