@@ -203,3 +203,41 @@ def test_tiffslide_decodes_a_shared_tile_once_and_the_cache_is_bounded(synthetic
     assert cache.get((0, 3)) is None and cache.get((0, 2)) is not None
     cache.put((0, 9), np.zeros(301, np.uint8))  # larger than the whole cache: not kept
     assert cache.get((0, 9)) is None
+
+
+def test_synthetic_levels_are_area_averages_of_level_zero(tmp_path):
+    """Each smaller level (and the SVS thumbnail) equals the rounded ds x ds mean of a level-0
+    render, up to the JPEG coding of the file."""
+    import tifffile
+
+    regions = (Region(100, 80, 900, 600, "tissue"), Region(500, 300, 300, 250, "other"))
+    path = write_slide(tmp_path / "s.svs", size=(1100, 900), mpp=0.5, regions=regions, fmt="svs",
+                       downsamples=(1, 2, 4), tile=128, quality=95)
+    full = render(regions, 0, 0, 1152, 1024)
+    with tifffile.TiffFile(path) as tif:
+        pages = [p.asarray() for p in tif.pages]
+    level0, thumb, level2, level4 = pages
+    assert level0.shape == (900, 1100, 3) and level2.shape == (450, 550, 3) and level4.shape == (225, 275, 3)
+    for ds, level in ((2, level2), (4, level4)):
+        h, w = level.shape[:2]
+        ref = full[: h * ds, : w * ds].reshape(h, ds, w, ds, 3).astype(np.uint32).sum((1, 3))
+        ref = (ref + ds * ds // 2) // (ds * ds)
+        assert np.abs(level.astype(int) - ref.astype(int)).mean() < 2.0
+    ds = 2  # thumbnail: ceil(1100 / 768)
+    h, w = thumb.shape[:2]
+    assert (h, w) == (900 // ds, 1100 // ds)
+    with pytest.raises(ValueError, match="divide the tile size"):
+        write_slide(tmp_path / "bad.tiff", size=(600, 600), mpp=0.5, regions=regions, downsamples=(1, 3), tile=128)
+
+
+def test_synthetic_writer_memory_is_bounded(tmp_path):
+    """Level 0 is never held whole: writing a 6144 x 4096 slide (72 MiB of level-0 pixels)
+    allocates a small fraction of it."""
+    import tracemalloc
+
+    regions = (Region(200, 200, 5600, 3600, "tissue"),)
+    tracemalloc.start()
+    write_slide(tmp_path / "big.svs", size=(6144, 4096), mpp=0.5, regions=regions, fmt="svs", downsamples=(1, 4, 16))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 16 * 2**20, f"peak {peak / 2**20:.1f} MiB"

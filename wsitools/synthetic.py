@@ -5,8 +5,10 @@ Tissue is textured with a real tissue image bundled with scikit-image
 background. A second texture (the same tissue recoloured to an eosin-dominant stain and rotated)
 marks planted regions, e.g. the "tumour" of a positive slide in the demo cohort.
 
-Slides are written tile by tile, every level rendered from level 0 by area averaging, so a
-slide far larger than memory (the tiling benchmark's 40k x 30k) can be made.
+Slides are written tile by tile. Level 0 is rendered once; every smaller level (and the SVS
+thumbnail) is the area average of level 0, summed block by block from the level-0 tiles as they
+are written into sum arrays memory-mapped on disk, so a slide far larger than memory (the tiling
+benchmark's 40k x 30k) is made in bounded memory.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -83,22 +86,66 @@ def render(regions: Sequence[Region], x: int, y: int, w: int, h: int) -> np.ndar
     return out
 
 
-def _render_level(regions: Sequence[Region], x: int, y: int, w: int, h: int, ds: int) -> np.ndarray:
-    """Pixels of a level with integer downsample ``ds``: level-0 render, area-averaged."""
-    full = render(regions, x * ds, y * ds, w * ds, h * ds)
-    if ds == 1:
-        return full
-    sums = full.reshape(h, ds, w, ds, 3).sum(axis=(1, 3), dtype=np.uint32)
-    return ((sums + ds * ds // 2) // (ds * ds)).astype(np.uint8)
+class _Pyramid:
+    """Area sums of level-0 tiles for each smaller level, filled while level 0 is written.
+
+    ``sums[ds]`` holds, for every pixel of the level with downsample ``ds``, the sum of its
+    ``ds x ds`` level-0 pixels (uint16 when that cannot overflow, else uint32), memory-mapped in
+    ``folder``; a level pixel is then ``round(sum / ds^2)``, exactly the area average of a
+    fresh level-0 render.
+    """
+
+    def __init__(self, folder: Path, shapes: dict[int, tuple[int, int]]):
+        self.sums: dict[int, np.ndarray] = {}
+        for ds, (h, w) in shapes.items():
+            dtype = np.uint16 if ds * ds * 255 < 2**16 else np.uint32
+            self.sums[ds] = np.lib.format.open_memmap(folder / f"sum-{ds}.npy", mode="w+", dtype=dtype, shape=(h, w, 3))
+
+    def add(self, tile: np.ndarray, x: int, y: int) -> None:
+        """Add a level-0 tile whose top-left corner is (x, y) to every level's sums."""
+        th, tw = tile.shape[:2]
+        for ds, sums in self.sums.items():
+            h, w = sums.shape[:2]
+            bx0, by0 = x // ds, y // ds
+            bx1, by1 = min(w, -(-(x + tw) // ds)), min(h, -(-(y + th) // ds))
+            if bx0 >= bx1 or by0 >= by1:
+                continue
+            # the tile's columns/rows where a new level pixel starts (clipped to the level)
+            cols = np.maximum(np.arange(bx0, bx1) * ds - x, 0)
+            rows = np.maximum(np.arange(by0, by1) * ds - y, 0)
+            last_x, last_y = min(tw, bx1 * ds - x), min(th, by1 * ds - y)
+            part = tile[:last_y, :last_x].astype(sums.dtype)
+            block = np.add.reduceat(np.add.reduceat(part, rows, axis=0), cols, axis=1)
+            sums[by0:by1, bx0:bx1] += block
+
+    def level(self, ds: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        """Pixels [h, w, 3] of level ``ds`` at (x, y); outside the level they are glass."""
+        sums = self.sums[ds]
+        out = np.full((h, w, 3), BACKGROUND, np.uint8)
+        block = sums[y : y + h, x : x + w].astype(np.uint32)
+        n = ds * ds
+        out[: block.shape[0], : block.shape[1]] = (block + n // 2) // n
+        return out
 
 
 def _tiles(
-    regions: Sequence[Region], size: tuple[int, int], ds: int, tile: int
+    regions: Sequence[Region], shape: tuple[int, int], tile: int, pyramid: _Pyramid | None = None
 ) -> Iterator[np.ndarray]:
-    width, height = -(-size[0] // ds), -(-size[1] // ds)
+    """Level-0 tiles row by row, each also added to ``pyramid``."""
+    height, width = shape
     for ty in range(0, height, tile):
         for tx in range(0, width, tile):
-            yield _render_level(regions, tx, ty, tile, tile, ds)
+            pixels = render(regions, tx, ty, tile, tile)
+            if pyramid is not None:
+                pyramid.add(pixels, tx, ty)
+            yield pixels
+
+
+def _level_tiles(pyramid: _Pyramid, ds: int, shape: tuple[int, int], tile: int) -> Iterator[np.ndarray]:
+    height, width = shape
+    for ty in range(0, height, tile):
+        for tx in range(0, width, tile):
+            yield pyramid.level(ds, tx, ty, tile, tile)
 
 
 def write_slide(
@@ -125,10 +172,17 @@ def write_slide(
     path = Path(path)
     width, height = size
     levels = [ds for ds in downsamples if ds == 1 or min(width, height) // ds >= tile // 2]
-    with atomic_path(path, overwrite=True) as tmp:
+    if levels[:1] != [1] or any(tile % ds for ds in levels):
+        raise ValueError(f"downsamples must start at 1 and divide the tile size {tile}, got {tuple(downsamples)}")
+    shapes = {ds: (-(-height // ds), -(-width // ds)) for ds in levels}
+    thumb_ds = max(1, -(-max(size) // 768))
+    sums = {ds: shapes[ds] for ds in levels if ds > 1}
+    if fmt == "svs":
+        sums.setdefault(thumb_ds, (height // thumb_ds, width // thumb_ds))
+    with atomic_path(path, overwrite=True) as tmp, tempfile.TemporaryDirectory(dir=path.parent, prefix=".tmp-pyramid-") as scratch:
+        pyramid = _Pyramid(Path(scratch), sums)
         with tifffile.TiffWriter(tmp, bigtiff=width * height * 3 > 2**31) as tw:
             for ds in levels:
-                shape = (-(-height // ds), -(-width // ds), 3)
                 kwargs: dict = {}
                 if fmt == "svs":
                     if ds == 1:
@@ -144,9 +198,12 @@ def write_slide(
                     if write_mpp:
                         kwargs["resolution"] = (1e4 / (mpp * ds), 1e4 / (mpp * ds))
                         kwargs["resolutionunit"] = "CENTIMETER"
+                tiles = (
+                    _tiles(regions, shapes[1], tile, pyramid) if ds == 1 else _level_tiles(pyramid, ds, shapes[ds], tile)
+                )
                 tw.write(
-                    _tiles(regions, size, ds, tile),
-                    shape=shape,
+                    tiles,
+                    shape=(*shapes[ds], 3),
                     dtype=np.uint8,
                     tile=(tile, tile),
                     photometric="rgb",
@@ -156,16 +213,11 @@ def write_slide(
                     **kwargs,
                 )
                 if fmt == "svs" and ds == 1:
-                    _write_svs_thumbnail(tw, regions, size)
+                    thumb = pyramid.level(thumb_ds, 0, 0, width // thumb_ds, height // thumb_ds)
+                    tw.write(thumb, photometric="rgb", compression="jpeg", metadata=None,
+                             description=f"Aperio Image Library v12.0.0\r\n{width}x{height} -> "
+                             f"{thumb.shape[1]}x{thumb.shape[0]}")
     return path
-
-
-def _write_svs_thumbnail(tw: object, regions: Sequence[Region], size: tuple[int, int]) -> None:
-    """Aperio's second page: a small stripped thumbnail (readers skip it when finding levels)."""
-    ds = max(1, -(-max(size) // 768))
-    thumb = _render_level(regions, 0, 0, size[0] // ds, size[1] // ds, ds)
-    tw.write(thumb, photometric="rgb", compression="jpeg", metadata=None,  # type: ignore[attr-defined]
-             description=f"Aperio Image Library v12.0.0\r\n{size[0]}x{size[1]} -> {thumb.shape[1]}x{thumb.shape[0]}")
 
 
 # --- a cohort for the demo and the workflow tests --------------------------------------------
