@@ -241,3 +241,19 @@ def test_synthetic_writer_memory_is_bounded(tmp_path):
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < 16 * 2**20, f"peak {peak / 2**20:.1f} MiB"
+
+
+def test_synthetic_levels_over_the_budget_are_rendered_afresh(tmp_path, monkeypatch):
+    """A level whose sums would not fit the budget comes out the same, rendered from level 0."""
+    import tifffile
+
+    from wsitools import synthetic
+
+    regions = (Region(50, 40, 700, 500, "tissue"), Region(300, 200, 200, 150, "other"))
+    kw = dict(size=(800, 600), mpp=0.5, regions=regions, fmt="svs", downsamples=(1, 2, 4), tile=128)
+    summed = write_slide(tmp_path / "summed.svs", **kw)
+    monkeypatch.setattr(synthetic, "PYRAMID_BUDGET", 200 * 150 * 3 * 2 + 400 * 300 * 3 * 2 - 1)
+    fresh = write_slide(tmp_path / "fresh.svs", **kw)  # level 2 no longer fits
+    with tifffile.TiffFile(summed) as a, tifffile.TiffFile(fresh) as b:
+        for pa, pb in zip(a.pages, b.pages, strict=True):
+            np.testing.assert_array_equal(pa.asarray(), pb.asarray())

@@ -5,10 +5,11 @@ Tissue is textured with a real tissue image bundled with scikit-image
 background. A second texture (the same tissue recoloured to an eosin-dominant stain and rotated)
 marks planted regions, e.g. the "tumour" of a positive slide in the demo cohort.
 
-Slides are written tile by tile. Level 0 is rendered once; every smaller level (and the SVS
-thumbnail) is the area average of level 0, summed block by block from the level-0 tiles as they
-are written into sum arrays memory-mapped on disk, so a slide far larger than memory (the tiling
-benchmark's 40k x 30k) is made in bounded memory.
+Slides are written tile by tile; every smaller level (and the SVS thumbnail) is the area average
+of level 0. The small levels are summed from the level-0 tiles as they are written, into arrays
+memory-mapped on disk under a fixed budget (:data:`PYRAMID_BUDGET`); a level too large for it is
+rendered afresh from level 0 tile by tile. So a slide far larger than memory (the tiling
+benchmark's 40k x 30k) is made in bounded memory, rendering level 0 at most twice.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ SlideFormat = Literal["tiff", "svs"]
 
 BACKGROUND = 243
 """Grey level of the empty glass (slightly below white, as on a real scan)."""
+
+PYRAMID_BUDGET = 1 << 30
+"""Bytes of level sums kept (memory-mapped) while level 0 is written; larger levels are re-rendered."""
 
 
 @dataclass(frozen=True)
@@ -86,8 +90,15 @@ def render(regions: Sequence[Region], x: int, y: int, w: int, h: int) -> np.ndar
     return out
 
 
+def _area_mean(pixels: np.ndarray, ds: int) -> np.ndarray:
+    """The rounded mean of each ``ds x ds`` block of ``pixels`` [h * ds, w * ds, 3]."""
+    h, w = pixels.shape[0] // ds, pixels.shape[1] // ds
+    sums = pixels.reshape(h, ds, w, ds, 3).sum(axis=(1, 3), dtype=np.uint32)
+    return ((sums + ds * ds // 2) // (ds * ds)).astype(np.uint8)
+
+
 class _Pyramid:
-    """Area sums of level-0 tiles for each smaller level, filled while level 0 is written.
+    """Area sums of level-0 tiles for the smaller levels, filled while level 0 is written.
 
     ``sums[ds]`` holds, for every pixel of the level with downsample ``ds``, the sum of its
     ``ds x ds`` level-0 pixels (uint16 when that cannot overflow, else uint32), memory-mapped in
@@ -141,11 +152,32 @@ def _tiles(
             yield pixels
 
 
-def _level_tiles(pyramid: _Pyramid, ds: int, shape: tuple[int, int], tile: int) -> Iterator[np.ndarray]:
+def _level(regions: Sequence[Region], pyramid: _Pyramid, ds: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+    """Pixels [h, w, 3] at (x, y) of the level with downsample ``ds``: from the pyramid's sums
+    when it kept them, else rendered afresh from level 0."""
+    if ds in pyramid.sums:
+        return pyramid.level(ds, x, y, w, h)
+    return _area_mean(render(regions, x * ds, y * ds, w * ds, h * ds), ds)
+
+
+def _level_tiles(
+    regions: Sequence[Region], pyramid: _Pyramid, ds: int, shape: tuple[int, int], tile: int
+) -> Iterator[np.ndarray]:
     height, width = shape
     for ty in range(0, height, tile):
         for tx in range(0, width, tile):
-            yield pyramid.level(ds, tx, ty, tile, tile)
+            yield _level(regions, pyramid, ds, tx, ty, tile, tile)
+
+
+def _summed_levels(shapes: dict[int, tuple[int, int]], budget: int) -> dict[int, tuple[int, int]]:
+    """The levels (smallest first) whose sum arrays fit in ``budget`` bytes together."""
+    chosen, used = {}, 0
+    for ds, (h, w) in sorted(shapes.items(), key=lambda item: item[1][0] * item[1][1]):
+        size = h * w * 3 * (2 if ds * ds * 255 < 2**16 else 4)
+        if used + size > budget:
+            break
+        chosen[ds], used = (h, w), used + size
+    return chosen
 
 
 def write_slide(
@@ -176,10 +208,12 @@ def write_slide(
         raise ValueError(f"downsamples must start at 1 and divide the tile size {tile}, got {tuple(downsamples)}")
     shapes = {ds: (-(-height // ds), -(-width // ds)) for ds in levels}
     thumb_ds = max(1, -(-max(size) // 768))
-    sums = {ds: shapes[ds] for ds in levels if ds > 1}
+    wanted = {ds: shapes[ds] for ds in levels if ds > 1}
     if fmt == "svs":
-        sums.setdefault(thumb_ds, (height // thumb_ds, width // thumb_ds))
-    with atomic_path(path, overwrite=True) as tmp, tempfile.TemporaryDirectory(dir=path.parent, prefix=".tmp-pyramid-") as scratch:
+        wanted.setdefault(thumb_ds, (height // thumb_ds, width // thumb_ds))
+    sums = _summed_levels(wanted, PYRAMID_BUDGET)
+    scratch_dir = tempfile.TemporaryDirectory(dir=path.parent, prefix=".tmp-pyramid-")
+    with atomic_path(path, overwrite=True) as tmp, scratch_dir as scratch:
         pyramid = _Pyramid(Path(scratch), sums)
         with tifffile.TiffWriter(tmp, bigtiff=width * height * 3 > 2**31) as tw:
             for ds in levels:
@@ -199,7 +233,9 @@ def write_slide(
                         kwargs["resolution"] = (1e4 / (mpp * ds), 1e4 / (mpp * ds))
                         kwargs["resolutionunit"] = "CENTIMETER"
                 tiles = (
-                    _tiles(regions, shapes[1], tile, pyramid) if ds == 1 else _level_tiles(pyramid, ds, shapes[ds], tile)
+                    _tiles(regions, shapes[1], tile, pyramid)
+                    if ds == 1
+                    else _level_tiles(regions, pyramid, ds, shapes[ds], tile)
                 )
                 tw.write(
                     tiles,
@@ -213,7 +249,7 @@ def write_slide(
                     **kwargs,
                 )
                 if fmt == "svs" and ds == 1:
-                    thumb = pyramid.level(thumb_ds, 0, 0, width // thumb_ds, height // thumb_ds)
+                    thumb = _level(regions, pyramid, thumb_ds, 0, 0, width // thumb_ds, height // thumb_ds)
                     tw.write(thumb, photometric="rgb", compression="jpeg", metadata=None,
                              description=f"Aperio Image Library v12.0.0\r\n{width}x{height} -> "
                              f"{thumb.shape[1]}x{thumb.shape[0]}")
