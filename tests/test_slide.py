@@ -249,11 +249,15 @@ def test_synthetic_levels_over_the_budget_are_rendered_afresh(tmp_path, monkeypa
 
     from wsitools import synthetic
 
+    synthetic_mean = synthetic._area_mean
     regions = (Region(50, 40, 700, 500, "tissue"), Region(300, 200, 200, 150, "other"))
     kw = dict(size=(800, 600), mpp=0.5, regions=regions, fmt="svs", downsamples=(1, 2, 4), tile=128)
     summed = write_slide(tmp_path / "summed.svs", **kw)
-    monkeypatch.setattr(synthetic, "PYRAMID_BUDGET", 200 * 150 * 3 * 2 + 400 * 300 * 3 * 2 - 1)
-    fresh = write_slide(tmp_path / "fresh.svs", **kw)  # level 2 no longer fits
+    monkeypatch.setattr(synthetic, "PYRAMID_BUDGET", 150 * 200 * 3)  # level 4 (uint8) fits, level 2 not
+    rendered = []
+    monkeypatch.setattr(synthetic, "_area_mean", lambda px, ds: rendered.append(ds) or synthetic_mean(px, ds))
+    fresh = write_slide(tmp_path / "fresh.svs", **kw)
+    assert set(rendered) == {2}
     with tifffile.TiffFile(summed) as a, tifffile.TiffFile(fresh) as b:
         for pa, pb in zip(a.pages, b.pages, strict=True):
             np.testing.assert_array_equal(pa.asarray(), pb.asarray())

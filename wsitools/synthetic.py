@@ -6,7 +6,7 @@ background. A second texture (the same tissue recoloured to an eosin-dominant st
 marks planted regions, e.g. the "tumour" of a positive slide in the demo cohort.
 
 Slides are written tile by tile; every smaller level (and the SVS thumbnail) is the area average
-of level 0. The small levels are summed from the level-0 tiles as they are written, into arrays
+of level 0. The small levels are computed from the level-0 tiles as they are written, into arrays
 memory-mapped on disk under a fixed budget (:data:`PYRAMID_BUDGET`); a level too large for it is
 rendered afresh from level 0 tile by tile. So a slide far larger than memory (the tiling
 benchmark's 40k x 30k) is made in bounded memory, rendering level 0 at most twice.
@@ -35,7 +35,7 @@ BACKGROUND = 243
 """Grey level of the empty glass (slightly below white, as on a real scan)."""
 
 PYRAMID_BUDGET = 1 << 30
-"""Bytes of level sums kept (memory-mapped) while level 0 is written; larger levels are re-rendered."""
+"""Bytes of smaller levels kept (memory-mapped) while level 0 is written; a level beyond it is re-rendered."""
 
 
 @dataclass(frozen=True)
@@ -90,52 +90,77 @@ def render(regions: Sequence[Region], x: int, y: int, w: int, h: int) -> np.ndar
     return out
 
 
+def _block_sum(pixels: np.ndarray, f: int) -> np.ndarray:
+    """uint32 sums of each ``f x f`` block of ``pixels`` [h * f, w * f, 3] (strided adds, which
+    numpy does many times faster than a sum over the axes of a reshaped view)."""
+    out = pixels[0::f, 0::f].astype(np.uint32)
+    for i in range(f):
+        for j in range(f):
+            if i or j:
+                out += pixels[i::f, j::f]
+    return out
+
+
 def _area_mean(pixels: np.ndarray, ds: int) -> np.ndarray:
     """The rounded mean of each ``ds x ds`` block of ``pixels`` [h * ds, w * ds, 3]."""
-    h, w = pixels.shape[0] // ds, pixels.shape[1] // ds
-    sums = pixels.reshape(h, ds, w, ds, 3).sum(axis=(1, 3), dtype=np.uint32)
-    return ((sums + ds * ds // 2) // (ds * ds)).astype(np.uint8)
+    return ((_block_sum(pixels, ds) + ds * ds // 2) // (ds * ds)).astype(np.uint8)
 
 
 class _Pyramid:
-    """Area sums of level-0 tiles for the smaller levels, filled while level 0 is written.
+    """The smaller levels of a slide, filled from the level-0 tiles while level 0 is written.
 
-    ``sums[ds]`` holds, for every pixel of the level with downsample ``ds``, the sum of its
-    ``ds x ds`` level-0 pixels (uint16 when that cannot overflow, else uint32), memory-mapped in
-    ``folder``; a level pixel is then ``round(sum / ds^2)``, exactly the area average of a
-    fresh level-0 render.
+    A level whose downsample ``ds`` divides the tile size gets each of its pixels whole from one
+    tile, so it is kept as final uint8 pixels (``round(mean)`` of the ``ds x ds`` block, summed
+    through the smaller kept levels); any other (the SVS thumbnail) keeps uint32 block sums,
+    since its blocks straddle tiles. All arrays are memory-mapped in ``folder``.
     """
 
-    def __init__(self, folder: Path, shapes: dict[int, tuple[int, int]]):
-        self.sums: dict[int, np.ndarray] = {}
+    def __init__(self, folder: Path, shapes: dict[int, tuple[int, int]], *, tile: int):
+        self.tile = tile
+        self.arrays: dict[int, np.ndarray] = {}
         for ds, (h, w) in shapes.items():
-            dtype = np.uint16 if ds * ds * 255 < 2**16 else np.uint32
-            self.sums[ds] = np.lib.format.open_memmap(folder / f"sum-{ds}.npy", mode="w+", dtype=dtype, shape=(h, w, 3))
+            dtype = np.uint8 if tile % ds == 0 else np.uint32
+            self.arrays[ds] = np.lib.format.open_memmap(folder / f"level-{ds}.npy", mode="w+", dtype=dtype, shape=(h, w, 3))
 
     def add(self, tile: np.ndarray, x: int, y: int) -> None:
-        """Add a level-0 tile whose top-left corner is (x, y) to every level's sums."""
-        th, tw = tile.shape[:2]
-        for ds, sums in self.sums.items():
-            h, w = sums.shape[:2]
-            bx0, by0 = x // ds, y // ds
-            bx1, by1 = min(w, -(-(x + tw) // ds)), min(h, -(-(y + th) // ds))
-            if bx0 >= bx1 or by0 >= by1:
+        """Add the level-0 tile whose top-left corner is (x, y), a multiple of the tile size."""
+        sums: dict[int, np.ndarray] = {1: tile}
+        for ds in sorted(self.arrays):
+            base = max(k for k in sums if ds % k == 0)
+            if self.tile % ds:  # a block straddling tiles: accumulate its partial sums
+                self._accumulate(ds, sums[base], base, x, y)
                 continue
-            # the tile's columns/rows where a new level pixel starts (clipped to the level)
-            cols = np.maximum(np.arange(bx0, bx1) * ds - x, 0)
-            rows = np.maximum(np.arange(by0, by1) * ds - y, 0)
-            last_x, last_y = min(tw, bx1 * ds - x), min(th, by1 * ds - y)
-            part = tile[:last_y, :last_x].astype(sums.dtype)
-            block = np.add.reduceat(np.add.reduceat(part, rows, axis=0), cols, axis=1)
-            sums[by0:by1, bx0:bx1] += block
+            sums[ds] = _block_sum(sums[base], ds // base)
+            level = self.arrays[ds]
+            y0, x0 = y // ds, x // ds
+            part = sums[ds][: level.shape[0] - y0, : level.shape[1] - x0]
+            n = ds * ds
+            level[y0 : y0 + part.shape[0], x0 : x0 + part.shape[1]] = (part + n // 2) // n
+
+    def _accumulate(self, ds: int, block: np.ndarray, base: int, x: int, y: int) -> None:
+        """Add ``block`` (sums of ``base x base`` level-0 pixels from (x, y)) to level ``ds``'s sums."""
+        sums = self.arrays[ds]
+        h, w = sums.shape[:2]
+        bx0, by0 = x // ds, y // ds
+        bx1 = min(w, -(-(x + block.shape[1] * base) // ds))
+        by1 = min(h, -(-(y + block.shape[0] * base) // ds))
+        if bx0 >= bx1 or by0 >= by1:
+            return
+        # the block's columns/rows where a new pixel of this level starts (ds is a multiple of base)
+        cols = np.maximum(np.arange(bx0, bx1) * ds - x, 0) // base
+        rows = np.maximum(np.arange(by0, by1) * ds - y, 0) // base
+        last_x, last_y = (bx1 * ds - x) // base, (by1 * ds - y) // base
+        part = block[:last_y, :last_x].astype(np.uint32)
+        sums[by0:by1, bx0:bx1] += np.add.reduceat(np.add.reduceat(part, rows, axis=0), cols, axis=1)
 
     def level(self, ds: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         """Pixels [h, w, 3] of level ``ds`` at (x, y); outside the level they are glass."""
-        sums = self.sums[ds]
+        kept = self.arrays[ds][y : y + h, x : x + w]
         out = np.full((h, w, 3), BACKGROUND, np.uint8)
-        block = sums[y : y + h, x : x + w].astype(np.uint32)
-        n = ds * ds
-        out[: block.shape[0], : block.shape[1]] = (block + n // 2) // n
+        if kept.dtype != np.uint8:
+            n = ds * ds
+            kept = ((kept + n // 2) // n).astype(np.uint8)
+        out[: kept.shape[0], : kept.shape[1]] = kept
         return out
 
 
@@ -155,7 +180,7 @@ def _tiles(
 def _level(regions: Sequence[Region], pyramid: _Pyramid, ds: int, x: int, y: int, w: int, h: int) -> np.ndarray:
     """Pixels [h, w, 3] at (x, y) of the level with downsample ``ds``: from the pyramid's sums
     when it kept them, else rendered afresh from level 0."""
-    if ds in pyramid.sums:
+    if ds in pyramid.arrays:
         return pyramid.level(ds, x, y, w, h)
     return _area_mean(render(regions, x * ds, y * ds, w * ds, h * ds), ds)
 
@@ -169,11 +194,11 @@ def _level_tiles(
             yield _level(regions, pyramid, ds, tx, ty, tile, tile)
 
 
-def _summed_levels(shapes: dict[int, tuple[int, int]], budget: int) -> dict[int, tuple[int, int]]:
-    """The levels (smallest first) whose sum arrays fit in ``budget`` bytes together."""
+def _kept_levels(shapes: dict[int, tuple[int, int]], budget: int, *, tile: int) -> dict[int, tuple[int, int]]:
+    """The levels (smallest first) whose arrays (see :class:`_Pyramid`) fit in ``budget`` bytes together."""
     chosen, used = {}, 0
     for ds, (h, w) in sorted(shapes.items(), key=lambda item: item[1][0] * item[1][1]):
-        size = h * w * 3 * (2 if ds * ds * 255 < 2**16 else 4)
+        size = h * w * 3 * (1 if tile % ds == 0 else 4)
         if used + size > budget:
             break
         chosen[ds], used = (h, w), used + size
@@ -211,10 +236,10 @@ def write_slide(
     wanted = {ds: shapes[ds] for ds in levels if ds > 1}
     if fmt == "svs":
         wanted.setdefault(thumb_ds, (height // thumb_ds, width // thumb_ds))
-    sums = _summed_levels(wanted, PYRAMID_BUDGET)
+    kept = _kept_levels(wanted, PYRAMID_BUDGET, tile=tile)
     scratch_dir = tempfile.TemporaryDirectory(dir=path.parent, prefix=".tmp-pyramid-")
     with atomic_path(path, overwrite=True) as tmp, scratch_dir as scratch:
-        pyramid = _Pyramid(Path(scratch), sums)
+        pyramid = _Pyramid(Path(scratch), kept, tile=tile)
         with tifffile.TiffWriter(tmp, bigtiff=width * height * 3 > 2**31) as tw:
             for ds in levels:
                 kwargs: dict = {}
