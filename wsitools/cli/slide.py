@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from wsitools.cli.options import mpp
 from wsitools.slide import open_slide
 
 
@@ -12,7 +13,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="print a slide's properties", description=__doc__)
     p.add_argument("slide", help="slide file")
     p.add_argument("--backend", choices=["auto", "openslide", "tiffslide"], default="auto")
-    p.add_argument("--mpp-override", type=float, default=None, metavar="UM",
+    p.add_argument("--mpp-override", type=mpp, default=None, metavar="UM",
                    help="use this mpp (um/px) instead of the slide's metadata")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=run)

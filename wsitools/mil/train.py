@@ -399,6 +399,8 @@ def train(
         "classes": list(task.classes),
         "task": task.to_dict(),
         "encoder": cohort.encoder,
+        "encoder_hash": cohort.encoder_hash,
+        "encoder_weights": cohort.encoder_weights,
         "text": text_info,
         "train": asdict(config),
         "package_version": __version__,
