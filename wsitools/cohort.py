@@ -176,20 +176,16 @@ def read_samples(path: str | os.PathLike[str], *, check_files: bool = True) -> l
 
 
 def samples_from_glob(pattern: str) -> list[Sample]:
-    """The slides matching a glob (relative to the working directory), ids from file names.
+    """The slides matching a glob (relative to the working directory), ids derived from the
+    file names (:func:`~wsitools.types.slide_id_from_path`: any name gives a safe id; two files
+    with one id are an error naming both).
 
     No labels: a glob cohort can be tiled and embedded, and heads need a sheet.
     """
     paths = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
     if not paths:
         raise DataError(f"slide glob {pattern!r} matches no file")
-    samples = []
-    for p in paths:
-        try:
-            slide_id = slide_id_from_path(p)
-        except ValueError as exc:
-            raise DataError(f"slide glob {pattern!r}: {p}: {exc}") from None
-        samples.append(Sample(slide_id=slide_id, path=p, patient_id=slide_id, fields={}))
+    samples = [Sample(slide_id=(sid := slide_id_from_path(p)), path=p, patient_id=sid, fields={}) for p in paths]
     _check_unique(samples, f"slide glob {pattern!r}")
     return samples
 

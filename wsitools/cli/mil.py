@@ -15,6 +15,7 @@ from wsitools.cli.options import (
     positive_int,
 )
 from wsitools.errors import DataError, WsiToolsError, one_line
+from wsitools.types import slide_id_from_path
 
 
 
@@ -229,9 +230,12 @@ def _slide_for(slide_arg: str | None, slide_id: str, n_files: int) -> Path | Non
         return None
     path = Path(slide_arg)
     if path.is_dir():
-        found = sorted(f for f in path.glob(f"{slide_id}.*") if f.is_file())
+        found = sorted(
+            f for f in path.iterdir()
+            if f.is_file() and not f.name.startswith(".") and slide_id_from_path(f.name) == slide_id
+        )
         if not found:
-            raise DataError(f"slide {slide_id}: no file {slide_id}.* in {path}")
+            raise DataError(f"slide {slide_id}: no slide file named {slide_id}.* (or with that id) in {path}")
         return found[0]
     if n_files > 1:
         raise DataError("--slide names one file but several attention files were given; pass a directory")
@@ -271,7 +275,7 @@ def run_heatmap(args: argparse.Namespace) -> int:
             )
         except WsiToolsError as exc:
             failed += 1
-            print(f"{slide_id}\tfailed\t{exc}", file=sys.stderr)
+            print(f"{slide_id}\tfailed\t{one_line(exc)}", file=sys.stderr)
             continue
         print(f"{out.slide_id}\t{out.heatmap}\t{out.montage or '-'}\t{out.seconds:.1f}s")
     if failed:

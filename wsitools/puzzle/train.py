@@ -38,6 +38,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
 from wsitools.device import TrainPrecision, autocast, training_amp_dtype
+from wsitools.encoders.cards import check_card_name
 from wsitools.encoders.checkpoint import check_optimizer_state, read_checkpoint, read_state_dict
 from wsitools.errors import ModelError, one_line
 from wsitools.io import atomic_path, available_cpus, stable_hash, write_json_atomic
@@ -314,6 +315,8 @@ def train_puzzle(
     """
     from tqdm import tqdm
 
+    if name is not None:
+        check_card_name(name)
     out = Path(out_dir)
     existing = _checkpoints(out)
     if existing and not resume:
