@@ -1,4 +1,8 @@
-"""``wsitools info``: what a slide is (backend, levels, downsamples, mpp, vendor)."""
+"""``wsitools info``: what a slide is (backend, levels, downsamples, mpp, vendor).
+
+A slide without a usable mpp is still shown in full, with the mpp problem stated; a file whose
+pixels no backend can decode is an error naming the cause.
+"""
 
 from __future__ import annotations
 
@@ -20,18 +24,24 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    with open_slide(args.slide, backend=args.backend, mpp_override=args.mpp_override) as slide:
+    with open_slide(args.slide, backend=args.backend, mpp_override=args.mpp_override, require_mpp=False) as slide:
         info = slide.info()
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
     print(f"{info['path']}")
-    for key in ("name", "backend", "vendor", "objective_power", "mpp", "mpp_source"):
+    for key in ("name", "backend", "vendor", "objective_power"):
         print(f"  {key:16s} {info[key]}")
+    if info["mpp"] is None:
+        print(f"  {'mpp':16s} unknown: {info['mpp_problem']}")
+    else:
+        print(f"  {'mpp':16s} {info['mpp']}")
+        print(f"  {'mpp_source':16s} {info['mpp_source']}")
     print(f"  {'dimensions':16s} {info['dimensions'][0]} x {info['dimensions'][1]}")
     print("  levels:")
     for i, (dims, ds, mpp) in enumerate(
         zip(info["level_dimensions"], info["level_downsamples"], info["level_mpp"])
     ):
-        print(f"    {i}: {dims[0]} x {dims[1]}  downsample {ds:.4g}  mpp {mpp:.4g}")
+        resolution = f"  mpp {mpp:.4g}" if mpp is not None else ""
+        print(f"    {i}: {dims[0]} x {dims[1]}  downsample {ds:.4g}{resolution}")
     return 0
