@@ -82,6 +82,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--bootstrap", type=non_negative_int, default=d.n_boot, help=f"bootstrap resamples for 95%% intervals ({d.n_boot})")
     t.add_argument("--strict", action="store_true",
                    help="a labelled slide without a usable feature store is an error (default: warn and skip)")
+    t.add_argument("--allow-empty-classes", action="store_true",
+                   help="a task class without a usable labelled slide is a warning (default: an error)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.add_argument("--out", required=True, metavar="DIR", help="output, e.g. heads/{task}/{encoder}/{head}")
@@ -180,6 +182,7 @@ def run_train(args: argparse.Namespace) -> int:
         text_cache_dir=args.text_cache,
         device=args.device,
         strict=args.strict,
+        allow_empty_classes=args.allow_empty_classes,
         overwrite=args.overwrite,
         progress=not args.quiet,
     )

@@ -288,6 +288,7 @@ def build_cohort(
     ivp_features_dir: str | os.PathLike[str] | None = None,
     strict: bool = False,
     check_values: bool = True,
+    allow_empty_classes: bool = False,
 ) -> Cohort:
     """Match labelled slides to their feature stores and check every bag.
 
@@ -296,6 +297,9 @@ def build_cohort(
       (non-finite features, wrong shape), is skipped with a warning naming it; with ``strict``
       it is an error. Feature stores without a label are listed in a warning and ignored.
     - Bags whose feature width differs from the others are an error naming them (mixed encoders).
+    - A class of ``classes`` without any usable labelled slide is an error naming it (a head
+      would be trained and evaluated on a class it never saw); with ``allow_empty_classes`` a
+      warning.
     - Fewer than two classes left is an error.
     """
     class_index = {c: i for i, c in enumerate(classes)}
@@ -338,6 +342,7 @@ def build_cohort(
     if not kept:
         raise DataError(f"no labelled slide has a usable feature store in {features_dir}")
     present = sorted({r.label for r in kept}, key=lambda c: class_index[c])
+    _check_empty_classes(classes, rows, kept, allow=allow_empty_classes)
     if len(present) < 2:
         raise DataError(
             f"only one class ({present[0]!r}) among the {len(kept)} usable slides; "
@@ -360,6 +365,26 @@ def build_cohort(
         encoder_hash=encoder.hash,
         encoder_weights=encoder.weights,
         skipped=problems,
+    )
+
+
+def _check_empty_classes(
+    classes: Sequence[str], rows: Sequence[LabelRow], kept: Sequence[LabelRow], *, allow: bool
+) -> None:
+    labelled = {c: sum(r.label == c for r in rows) for c in classes}
+    usable = {c: sum(r.label == c for r in kept) for c in classes}
+    empty = [c for c in classes if usable[c] == 0]
+    if not empty:
+        return
+    listing = ", ".join(
+        f"{c!r} ({'no labelled slide' if not labelled[c] else f'{labelled[c]} labelled, none usable'})" for c in empty
+    )
+    if allow:
+        log.warning("task classes without a usable labelled slide (trained and predicted all the same): %s", listing)
+        return
+    raise DataError(
+        f"task classes without a usable labelled slide: {listing}; label slides of them, remove them "
+        "from the task, or pass --allow-empty-classes"
     )
 
 
