@@ -342,12 +342,12 @@ def build_cohort(
     if not kept:
         raise DataError(f"no labelled slide has a usable feature store in {features_dir}")
     present = sorted({r.label for r in kept}, key=lambda c: class_index[c])
-    _check_empty_classes(classes, rows, kept, allow=allow_empty_classes)
     if len(present) < 2:
         raise DataError(
             f"only one class ({present[0]!r}) among the {len(kept)} usable slides; "
             "a classifier needs at least two"
         )
+    _check_empty_classes(classes, rows, kept, allow=allow_empty_classes)
     encoder = _one_encoder([infos[r.slide_id] for r in kept], features_dir)
     return Cohort(
         slide_ids=[r.slide_id for r in kept],
@@ -492,20 +492,25 @@ def patient_kfold(
     n_folds: int = 5,
     val_fraction: float = 0.2,
     seed: int = 0,
+    classes: Sequence[str] | None = None,
 ) -> list[Fold]:
     """Patient-level stratified k-fold: every patient's slides are in one test fold; inside each
     fold's training part a stratified ``val_fraction`` of the patients is held out for early
-    stopping. Raises :class:`DataError` if a class has fewer patients than folds."""
+    stopping. Raises :class:`DataError` if a class has fewer patients than folds (naming the
+    class by its name in ``classes`` when given)."""
     labels = np.asarray(labels, dtype=np.int64)
     if n_folds < 2:
         raise DataError(f"--folds must be at least 2, got {n_folds}")
     names, plabels = _patient_labels(labels, patients)
     counts = np.bincount(plabels)
-    short = [f"class {c}: {n} patients" for c, n in enumerate(counts) if 0 < n < n_folds]
+    short = [
+        f"class {classes[c] if classes is not None else c!r}: {n} patient{'s' if n != 1 else ''}"
+        for c, n in enumerate(counts) if 0 < n < n_folds
+    ]
     if short:
         raise DataError(
             f"{n_folds}-fold cross-validation needs at least {n_folds} patients per class; "
-            f"{'; '.join(short)} (use fewer folds)"
+            f"{'; '.join(short)} (use fewer folds: --folds)"
         )
     rng = np.random.default_rng(seed)
     part = _stratified_assign(plabels, n_folds, rng)

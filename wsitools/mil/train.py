@@ -383,7 +383,8 @@ def train(
         folds = user_folds(cohort, val_fraction=config.val_fraction, seed=config.seed)
     else:
         folds = patient_kfold(
-            cohort.labels, cohort.patients, n_folds=config.folds, val_fraction=config.val_fraction, seed=config.seed
+            cohort.labels, cohort.patients, n_folds=config.folds, val_fraction=config.val_fraction, seed=config.seed,
+            classes=cohort.classes,
         )
     text_embeddings = None
     text_info: dict[str, Any] | None = None
