@@ -26,6 +26,13 @@ class DataError(WsiToolsError):
     """A labels table, task description or cohort is inconsistent."""
 
 
+class UnsafeNameError(DataError, ValueError):
+    """A name that would become a path (a slide id, an encoder name) is not safe as one.
+
+    Also a ValueError, so code validating its own input can catch it as one.
+    """
+
+
 _TRACEBACK_MARKS = ("Traceback (most recent call last)", "Original Traceback (most recent call last)")
 
 

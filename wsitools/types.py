@@ -12,6 +12,8 @@ import unicodedata
 from collections.abc import Sequence
 from typing import NewType
 
+from wsitools.errors import UnsafeNameError
+
 Microns = NewType("Microns", float)
 """A length in micrometres (um)."""
 
@@ -44,7 +46,8 @@ _LATIN_LETTERS = str.maketrans(
 
 
 def check_slide_id(slide_id: str) -> str:
-    """Return ``slide_id`` if it is safe as a single path component, else raise ValueError.
+    """Return ``slide_id`` if it is safe as a single path component, else raise
+    :class:`~wsitools.errors.UnsafeNameError` (a ValueError).
 
     Slide ids become file names (``tiles/{slide_id}.zarr``), so they may hold only letters,
     digits, ``.``, ``_`` and ``-``, must start with a letter or digit (no hidden files, no
@@ -52,7 +55,7 @@ def check_slide_id(slide_id: str) -> str:
     is refused too).
     """
     if not isinstance(slide_id, str) or not _SLIDE_ID.fullmatch(slide_id) or ".." in slide_id:
-        raise ValueError(
+        raise UnsafeNameError(
             f"unsafe slide id {slide_id!r}: use letters, digits, '.', '_' and '-' only, "
             "starting with a letter or digit, without '..'"
         )

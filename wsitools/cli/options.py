@@ -10,75 +10,63 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 from wsitools.types import MPP_MAX, MPP_MIN
 
 
-def _number(text: str) -> float:
+def _number(text: str, requirement: str, ok: Callable[[float], bool]) -> float:
+    """``text`` as a finite float for which ``ok`` holds, else an error stating ``requirement``."""
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+        value = math.nan
+    if not (math.isfinite(value) and ok(value)):
+        raise argparse.ArgumentTypeError(f"must be {requirement}, got {text!r}")
     return value
 
 
-def _integer(text: str) -> int:
+def _integer(text: str, requirement: str, ok: Callable[[int], bool]) -> int:
+    """``text`` as an int for which ``ok`` holds, else an error stating ``requirement``."""
     try:
-        return int(text)
+        value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"must be {requirement}, got {text!r}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"must be {requirement}, got {text!r}")
+    return value
 
 
 def positive_float(text: str) -> float:
     """A finite number > 0 (learning rates, timeouts, magnifications)."""
-    value = _number(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
-    return value
+    return _number(text, "a finite number > 0", lambda v: v > 0)
 
 
 def non_negative_float(text: str) -> float:
     """A finite number >= 0 (weight decay, areas)."""
-    value = _number(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
-    return value
+    return _number(text, "a finite number >= 0", lambda v: v >= 0)
 
 
 def fraction(text: str) -> float:
     """A number in [0, 1] (tissue fractions, dropout, opacity, split fractions)."""
-    value = _number(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be a number from 0 to 1, got {text!r}")
-    return value
+    return _number(text, "a number from 0 to 1", lambda v: 0.0 <= v <= 1.0)
 
 
 def positive_int(text: str) -> int:
     """A whole number >= 1 (sizes, epochs, threads)."""
-    value = _integer(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
-    return value
+    return _integer(text, "a whole number >= 1", lambda v: v >= 1)
 
 
 def non_negative_int(text: str) -> int:
     """A whole number >= 0 (workers, seeds, counts where 0 means none)."""
-    value = _integer(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text!r}")
-    return value
+    return _integer(text, "a whole number >= 0", lambda v: v >= 0)
 
 
 def mpp(text: str) -> float:
     """A resolution in um/px within the range accepted for a slide (types.MPP_MIN-MPP_MAX):
     a target finer than any scanner's would only blow memory up."""
-    value = _number(text)
-    if not MPP_MIN <= value <= MPP_MAX:
-        raise argparse.ArgumentTypeError(f"must be from {MPP_MIN:g} to {MPP_MAX:g} um/px, got {text!r}")
-    return value
+    return _number(text, f"from {MPP_MIN:g} to {MPP_MAX:g} um/px", lambda v: MPP_MIN <= v <= MPP_MAX)
 
 
 def input_file(text: str) -> str:
