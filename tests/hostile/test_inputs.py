@@ -127,6 +127,11 @@ def test_a_directory_given_for_a_file_is_named(files, capsys, option):
     assert_one_line(rc, err, f"argument {option}: {files / 'dir'}: is a directory, expected a file")
 
 
+def test_an_output_path_under_a_file_is_one_line(files, capsys):
+    rc, _, err = run(["tile", FIXTURES / "small.svs", "--out", files / "labels.csv" / "tiles", "--quiet"], capsys)
+    assert_one_line(rc, err, f"wsitools tile: error: {files / 'labels.csv' / 'tiles'}: Not a directory")
+
+
 def test_readers_refuse_a_directory_with_a_data_error(files):
     from wsitools.mil.data import read_labels
     from wsitools.text import load_task

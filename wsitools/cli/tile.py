@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from wsitools.cli.options import fraction, mpp, non_negative_float, non_negative_int, positive_float, positive_int
 from wsitools.tiling import TilingParams, tile_slides
@@ -72,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
     if args.slide_id is not None and len(args.slides) != 1:
         print("wsitools tile: error: --slide-id names one slide; give one SLIDE", file=sys.stderr)
         return 2
+    Path(args.out).mkdir(parents=True, exist_ok=True)  # an unusable --out fails here, once, not per slide
     records = tile_slides(
         args.slides,
         args.out,
