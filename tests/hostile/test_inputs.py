@@ -537,13 +537,23 @@ def test_slide_glob_with_spaces_and_accents_and_a_collision(tmp_path, monkeypatc
         cohort.samples_from_glob("slides/*.svs")
 
 
+def test_heatmap_finds_a_slide_by_its_derived_id(tmp_path):
+    from wsitools.cli.mil import _slide_for
+
+    for name in ("scan 1 (HE).svs", "scan_1_HE.qc.json", "other.svs"):
+        (tmp_path / name).write_bytes(b"x")
+    assert _slide_for(str(tmp_path), "scan_1_HE", 2) == tmp_path / "scan 1 (HE).svs"
+    with pytest.raises(DataError, match="no slide file named missing"):
+        _slide_for(str(tmp_path), "missing", 2)
+
+
 def test_tile_refuses_two_files_with_one_id_naming_both(tmp_path, capsys):
     a, b = tmp_path / "scan 1.svs", tmp_path / "scan_1.svs"
     for p in (a, b):
         shutil.copyfile(FIXTURES / "small.svs", p)
     rc, _, err = run(["tile", a, b, "--out", tmp_path / "t", "--quiet"], capsys)
     assert_one_line(rc, err, f"{a} and {b} both have slide id 'scan_1'")
-    assert not (tmp_path / "t").exists()
+    assert list((tmp_path / "t").iterdir()) == []  # refused before any slide was tiled
 
 
 # --- resolutions ----------------------------------------------------------------------------------------
