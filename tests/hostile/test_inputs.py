@@ -189,6 +189,19 @@ def test_garbage_or_pickle_as_a_heads_weights_is_one_line(head_dir, bags, tmp_pa
     assert not (tmp_path / "pred").exists()
 
 
+@pytest.mark.parametrize("config, needle", [
+    ("{not json", "not valid JSON"),
+    ('{"kind": "mil_head", "format_version": 1, "classes": ["a", "b"]}', "not a usable head config (KeyError: 'config')"),
+    ('{"kind": "mil_head", "format_version": 1, "classes": ["a", "b"], "config": {"head": "abmil", "in_dim": "x"}}',
+     "not a usable head config"),
+])
+def test_a_broken_head_config_is_one_line(head_dir, bags, tmp_path, capsys, config, needle):
+    (head_dir / "config.json").write_text(config)
+    rc, _, err = run(["predict", "--model", head_dir, "--features", tmp_path / "features",
+                      "--out", tmp_path / "pred", "--quiet"], capsys)
+    assert_one_line(rc, err, str(head_dir / "config.json"), needle)
+
+
 @pytest.mark.parametrize("dtype", [torch.int8, torch.bool, torch.int64])
 def test_head_weights_of_another_dtype_kind_are_refused_naming_the_tensor(head_dir, bags, tmp_path, capsys, dtype):
     weights = head_dir / "model.safetensors"

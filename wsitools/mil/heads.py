@@ -357,8 +357,14 @@ def load_head(folder: str | os.PathLike[str], *, device: str | torch.device = "c
         raise ModelError(f"{config_path}: not valid JSON: {exc}") from None
     if not isinstance(meta, dict) or meta.get("kind") != "mil_head" or meta.get("format_version") != HEAD_FORMAT_VERSION:
         raise ModelError(f"{config_path}: not a version-{HEAD_FORMAT_VERSION} mil_head config")
-    config = HeadConfig.from_dict(meta.pop("config"))
-    model = create_head(config)
+    try:
+        config = HeadConfig.from_dict(meta.pop("config"))
+        model = create_head(config)
+        meta["classes"] = [str(c) for c in meta["classes"]]
+    except ModelError as exc:
+        raise ModelError(f"{config_path}: {exc}") from None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelError(f"{config_path}: not a usable head config ({type(exc).__name__}: {exc})") from None
     state = read_state_dict(weights_path, model.state_dict())
     model.load_state_dict(state, strict=True)
     model.to(device).eval()
