@@ -185,7 +185,7 @@ def test_garbage_or_pickle_as_a_heads_weights_is_one_line(head_dir, bags, tmp_pa
         weights.write_bytes(b"")
     rc, _, err = run(["predict", "--model", head_dir, "--features", tmp_path / "features",
                       "--out", tmp_path / "pred", "--quiet"], capsys)
-    assert_one_line(rc, err, f"{weights}: not a readable safetensors weight file")
+    assert_one_line(rc, err, f"{weights}: not a readable weight file (safetensors: ")
     assert not (tmp_path / "pred").exists()
 
 
@@ -240,14 +240,14 @@ def test_bad_weights_for_a_timm_encoder_are_one_line(resnet_weights, tmp_path, c
     if kind == "garbage":
         path = folder / "garbage.safetensors"
         path.write_bytes(np.random.default_rng(0).bytes(4096))
-        needle = "not a readable safetensors weight file"
+        needle = "not a readable weight file (safetensors: "
     elif kind == "pickle-as-safetensors":
         path = folder / "torch.safetensors"
         torch.save(state, path)
-        needle = "not a readable safetensors weight file"
+        needle = "not a readable weight file (safetensors: "
     elif kind == "code-pickle":
         path = write_pickle(folder / "code.pth")
-        needle = "not a readable weights-only torch weight file"
+        needle = "not a readable weight file (torch.load, weights only: it holds pickled Python objects"
     else:
         path = folder / f"{kind}.safetensors"
         dtype = {"int8": torch.int8, "bool": torch.bool}[kind]
@@ -297,10 +297,10 @@ def test_damaged_puzzle_checkpoints_are_refused_on_resume(puzzle_run, tmp_path, 
     optimizer, trainable = checkpoint / "optimizer.pt", checkpoint / "trainable.safetensors"
     if damage == "pickle-optimizer":
         write_pickle(optimizer)
-        target, needle = optimizer, "not a readable weights-only torch weight file"
+        target, needle = optimizer, "not a readable weight file (torch.load, weights only: it holds pickled Python objects"
     elif damage == "garbage-optimizer":
         optimizer.write_bytes(b"PK\x03\x04 not a zip")
-        target, needle = optimizer, "not a readable weights-only torch weight file"
+        target, needle = optimizer, "not a readable weight file (torch.load, weights only: "
     elif damage == "int64-optimizer-moment":
         state = torch.load(optimizer, weights_only=True)
         first = next(iter(state["optimizer"]["state"]))
@@ -315,7 +315,7 @@ def test_damaged_puzzle_checkpoints_are_refused_on_resume(puzzle_run, tmp_path, 
         target, needle = trainable, f"tensor '{key}' is bool, the model needs float"
     else:
         trainable.write_bytes(b"{}" * 10)
-        target, needle = trainable, "not a readable safetensors weight file"
+        target, needle = trainable, "not a readable weight file (safetensors: "
     rc, _, err = run(argv + [str(copy), "--resume"], capsys)
     assert_one_line(rc, err, str(target), needle)
 

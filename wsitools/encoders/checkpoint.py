@@ -20,6 +20,8 @@ Layouts understood:
 
 from __future__ import annotations
 
+import pickle
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -47,12 +49,22 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - whatever the reader trips on, the file is not a weight file
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        kind = "safetensors" if path.suffix == ".safetensors" else "weights-only torch"
-        raise ModelError(f"{path}: not a readable {kind} weight file ({first})") from None
+        reader = "safetensors" if path.suffix == ".safetensors" else "torch.load, weights only"
+        raise ModelError(f"{path}: not a readable weight file ({reader}: {_read_failure(exc)})") from None
     if not isinstance(obj, Mapping):
         raise ModelError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
     return dict(obj)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _read_failure(exc: Exception) -> str:
+    """Why a weight file could not be read, in a few words (no advice to unpickle it anyway)."""
+    text = _ANSI.sub("", str(exc)).strip()
+    if isinstance(exc, pickle.UnpicklingError) and "weights only" in text.lower():
+        return "it holds pickled Python objects other than tensors, which are never unpickled"
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _tensor_dict(obj: Mapping[str, Any], *, source: str) -> dict[str, torch.Tensor]:
