@@ -27,15 +27,22 @@ def test_info_text(fixtures_dir, capsys):
 
 
 @pytest.mark.parametrize("name, message", [
-    ("unopenable.tiff", "unopenable.tiff"),
-    ("boxes.tiff", "boxes.tiff: metadata mpp-x = 352.7"),
+    ("unopenable.tiff", "unopenable.tiff: cannot be opened by openslide: Unsupported TIFF compression: 52479"),
+    ("unreadable.svs", "unreadable.svs: cannot be opened by openslide: its pixels cannot be decoded"),
 ])
 def test_errors_are_one_line_without_traceback(fixtures_dir, name, message):
     cmd = [sys.executable, "-m", "wsitools", "info", str(fixtures_dir / name), "--backend", "openslide"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 2
     assert message in proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_info_shows_a_slide_without_usable_mpp_with_the_problem(fixtures_dir, capsys):
+    assert main(["info", str(fixtures_dir / "boxes.tiff")]) == 0
+    out = capsys.readouterr().out
+    assert "300 x 250" in out and "downsample 4.016" in out
+    assert "mpp              unknown: metadata mpp-x = 352.778 um/px is implausible" in out
 
 
 def test_tile_cohort_with_a_bad_slide(synthetic_svs, fixtures_dir, tmp_path, capsys):
@@ -53,13 +60,20 @@ def test_tile_cohort_with_a_bad_slide(synthetic_svs, fixtures_dir, tmp_path, cap
     assert main(args + ["--keep-going"]) == 0  # re-run: good store kept, bad one recorded again
 
 
-def test_tile_rejects_unsafe_slide_ids(tmp_path, synthetic_svs, capsys):
-    weird = tmp_path / "bad name!.svs"
+def test_tile_derives_a_safe_id_from_any_file_name(tmp_path, synthetic_svs, capsys):
+    weird = tmp_path / "bad name! Müller.svs"
     weird.write_bytes(synthetic_svs.read_bytes())
-    assert main(["tile", str(weird), "--out", str(tmp_path / "t"), "--quiet"]) == 1
-    assert not list((tmp_path / "t").glob("*bad name*"))  # an unsafe id never becomes a path
+    fast = ["--mpp", "1.0", "--tile-size", "64", "--min-region-area", "5000", "--tissue-mpp", "4", "--quiet"]
+    assert main(["tile", str(weird), "--out", str(tmp_path / "t"), *fast]) == 0
+    store = PatchStore.open(tmp_path / "t" / "bad_name_Muller.zarr")
+    assert store.slide_path == weird.resolve() and len(store) > 0  # the original path is kept
+    assert sorted(p.name for p in (tmp_path / "t").iterdir() if " " in p.name) == []
+    # an id given explicitly is still checked, never changed
+    capsys.readouterr()
+    assert main(["tile", str(weird), "--slide-id", "bad name", "--out", str(tmp_path / "u"), *fast]) == 1
     printed = capsys.readouterr()
-    assert "unsafe slide id 'bad name!'" in printed.out + printed.err
+    assert "unsafe slide id 'bad name'" in printed.out + printed.err
+    assert not list((tmp_path / "u").glob("*bad name*"))
 
 
 def test_tile_bad_parameters(synthetic_svs, tmp_path, capsys):

@@ -140,19 +140,30 @@ def test_dicom_opens_with_openslide_only(fixtures_dir, tmp_path):
 
 
 def test_unreadable_svs_names_the_file(fixtures_dir):
-    with open_slide(fixtures_dir / "unreadable.svs") as s:
-        with pytest.raises(SlideError, match=r"unreadable\.svs: reading .* failed"):
-            s.read_region((0, 0), 0, (16, 16))
+    # it opens in both backends, but no tile decodes: it is refused at open, naming the decoder's error
+    with pytest.raises(SlideError, match=r"unreadable\.svs: no backend can open it .*cannot be decoded.*Bogus marker length"):
+        open_slide(fixtures_dir / "unreadable.svs")
 
 
-def test_unopenable_tiff_names_the_file(fixtures_dir):
+def test_unopenable_tiff_names_the_real_cause_not_its_mpp(fixtures_dir):
     with pytest.raises(SlideError, match=r"unopenable\.tiff.*cannot be opened by openslide"):
         open_slide(fixtures_dir / "unopenable.tiff", backend="openslide")
-    # auto falls back to tiffslide, which opens it but cannot decode it
-    with open_slide(fixtures_dir / "unopenable.tiff", mpp_override=0.5) as s:
-        assert s.backend == "tiffslide"
-        with pytest.raises(SlideError, match=r"unopenable\.tiff: reading"):
-            s.read_region((0, 0), 0, (1, 1))
+    # tiffslide parses it but cannot decode it: the compression is named, with or without an
+    # override, and its (implausible) mpp is never judged
+    for override in (None, 0.5):
+        with pytest.raises(SlideError, match=r"unopenable\.tiff: no backend can open it") as err:
+            open_slide(fixtures_dir / "unopenable.tiff", mpp_override=override)
+        assert "52479" in str(err.value) and "mpp" not in str(err.value)
+
+
+def test_slide_without_usable_mpp_opens_for_inspection(fixtures_dir):
+    with open_slide(fixtures_dir / "boxes.tiff", require_mpp=False) as s:
+        info = s.info()
+        assert info["dimensions"] == [300, 250] and info["level_count"] == 4
+        assert info["mpp"] is None and info["level_mpp"] == [None] * 4
+        assert "352.7" in info["mpp_problem"] and "implausible" in info["mpp_problem"]
+        with pytest.raises(SlideError, match=r"boxes\.tiff: metadata mpp-x = 352\.7"):
+            s.mpp
 
 
 def test_auto_backend_rule(fixtures_dir, tmp_path):

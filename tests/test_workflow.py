@@ -464,7 +464,7 @@ def test_demo_config_drives_the_workflow(tmp_path, capsys):
     work = tmp_path / "demo"
     (work / "slides").mkdir(parents=True)
     rows = []
-    for i in range(6):  # stands in for make_cohort's output: the demo reuses an existing cohort
+    for i in range(12):  # stands in for make_cohort's output: the demo reuses an existing cohort
         shutil.copyfile(FIXTURES / "small.svs", work / "slides" / f"slide_{i:03d}.svs")
         rows.append([f"slide_{i:03d}", str(work / "slides" / f"slide_{i:03d}.svs"), f"patient_{i // 2:03d}",
                      "positive" if (i // 2) % 2 else "negative"])
@@ -477,10 +477,11 @@ def test_demo_config_drives_the_workflow(tmp_path, capsys):
     assert config["features"]["encoders"] == ["efficientnet-lite0-imagenet"]
     result = snakemake(work, "-n")
     assert result.returncode == 0, result.stderr
-    assert job_counts(result.stdout) == {"tile": 6, "qc_summary": 1, "labels": 1, "train": 1, "heatmap": 1,
+    assert job_counts(result.stdout) == {"tile": 12, "qc_summary": 1, "labels": 1, "train": 1, "heatmap": 1,
                                          "metrics_table": 1, "roc": 1, "all": 1}
-    with pytest.raises(WsiToolsError, match="--slides 7: give an even number"):
-        demo.prepare(work, n_slides=7, seed=0)
+    for bad in (7, 10):  # 10 slides are 5 patients: 2 of one class, fewer than the 3 folds
+        with pytest.raises(WsiToolsError, match=f"--slides {bad}: give an even number, at least 12"):
+            demo.prepare(work, n_slides=bad, seed=0)
 
 
 def _qc_done(work: Path, status: dict[str, str]) -> None:

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from wsitools.errors import DataError
+from wsitools.encoders.cards import find_card
+from wsitools.errors import DataError, ModelError
 from wsitools.io import atomic_path
 from wsitools.metrics import METRICS, roc_points
 from wsitools.types import MPP_MAX, MPP_MIN, MicronsPerPixel, check_slide_id, slide_id_from_path
@@ -176,20 +177,16 @@ def read_samples(path: str | os.PathLike[str], *, check_files: bool = True) -> l
 
 
 def samples_from_glob(pattern: str) -> list[Sample]:
-    """The slides matching a glob (relative to the working directory), ids from file names.
+    """The slides matching a glob (relative to the working directory), ids derived from the
+    file names (:func:`~wsitools.types.slide_id_from_path`: any name gives a safe id; two files
+    with one id are an error naming both).
 
     No labels: a glob cohort can be tiled and embedded, and heads need a sheet.
     """
     paths = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
     if not paths:
         raise DataError(f"slide glob {pattern!r} matches no file")
-    samples = []
-    for p in paths:
-        try:
-            slide_id = slide_id_from_path(p)
-        except ValueError as exc:
-            raise DataError(f"slide glob {pattern!r}: {p}: {exc}") from None
-        samples.append(Sample(slide_id=slide_id, path=p, patient_id=slide_id, fields={}))
+    samples = [Sample(slide_id=(sid := slide_id_from_path(p)), path=p, patient_id=sid, fields={}) for p in paths]
     _check_unique(samples, f"slide glob {pattern!r}")
     return samples
 
@@ -339,6 +336,100 @@ def write_labels(
         )
     write_table(out, rows, ("slide_id", "patient_id", "label", *splits))
     return rows
+
+
+def check_task_labels(
+    samples: Sequence[Sample],
+    *,
+    task: str,
+    label_column: str,
+    classes: Sequence[str] | None,
+    folds: Mapping[str, int],
+    sheet: str,
+    task_file: str | None = None,
+    allow_empty_classes: bool = False,
+) -> None:
+    """Check a task's labels in the samples sheet against its classes and the heads' folds,
+    before any slide is tiled (the workflow calls this when it builds the job graph).
+
+    - every label must be a class of the task file (when there is one, ``classes``);
+    - every class of the task needs a labelled slide (unless ``allow_empty_classes``);
+    - at least two classes must be labelled;
+    - without the sheet's own ``split``/``fold`` columns, each head's k-fold cross-validation
+      (``folds``: head name -> k) needs at least k patients of each class (a patient counts for
+      the class most of its slides have, as the split does).
+
+    Each problem is a :class:`DataError` naming the class and the config key to change. Slides
+    that later fail QC are not known yet: training checks again on what is left.
+    """
+    where = f"column {label_column!r} of {sheet}"
+    labelled = [(s, s.value(label_column)) for s in samples if s.value(label_column)]
+    present = sorted({label for _, label in labelled})
+    order = list(classes) if classes is not None else present
+    if classes is not None:
+        unknown: dict[str, list[str]] = {}
+        for s, label in labelled:
+            if label not in classes:
+                unknown.setdefault(label, []).append(s.slide_id)
+        if unknown:
+            listing = "; ".join(f"{label!r} (slides {', '.join(ids[:5])})" for label, ids in unknown.items())
+            raise DataError(
+                f"config: tasks: {task}: labels in {where} that are not classes of {task_file or 'the task'} "
+                f"({', '.join(classes)}): {listing}; fix the labels or add the classes to the task file"
+            )
+        empty = [c for c in classes if c not in present]
+        if empty and not allow_empty_classes:
+            raise DataError(
+                f"config: tasks: {task}: class{'es' if len(empty) > 1 else ''} {', '.join(map(repr, empty))} of "
+                f"{task_file or 'the task'} {'have' if len(empty) > 1 else 'has'} no labelled slide in {where}; "
+                "label slides of it, remove it from the task file, or add --allow-empty-classes to the "
+                "heads' extra_args"
+            )
+    if len(present) < 2:
+        raise DataError(
+            f"config: tasks: {task}: {len(labelled)} labelled slide(s) in {where} with class(es) {present}; "
+            "training needs at least two classes"
+        )
+    if any(s.value(c) for s, _ in labelled for c in SPLIT_COLUMNS):
+        return  # the sheet's own splits: the folds setting is not used
+    patients = _patient_classes(labelled, order)
+    counts = {c: sum(1 for label in patients.values() if label == c) for c in order}
+    for head, k in folds.items():
+        short = {c: n for c, n in counts.items() if 0 < n < k}
+        if not short:
+            continue
+        fewest = min(short.values())
+        listing = ", ".join(f"{c!r} has {n} patient{'s' if n != 1 else ''}" for c, n in short.items())
+        fix = (
+            f"set `heads: {head}: folds` to at most {fewest}" if fewest >= 2
+            else "label more patients of that class (cross-validation needs at least 2)"
+        )
+        raise DataError(
+            f"config: heads: {head}: folds: {k}-fold cross-validation of task {task!r} needs at least {k} "
+            f"patients of each class, but in {where} {listing}; {fix}"
+        )
+
+
+def _patient_classes(labelled: Sequence[tuple[Sample, str]], order: Sequence[str]) -> dict[str, str]:
+    """Each patient's class: the one most of its slides have (ties: the first in ``order``)."""
+    by_patient: dict[str, list[str]] = {}
+    for s, label in labelled:
+        by_patient.setdefault(s.patient_id, []).append(label)
+    rank = {c: i for i, c in enumerate(order)}
+    return {
+        p: min(set(labels), key=lambda c: (-labels.count(c), rank.get(c, len(rank))))
+        for p, labels in by_patient.items()
+    }
+
+
+def check_encoders(encoders: Mapping[str, str], *, models_dir: str | None) -> None:
+    """Check that every encoder the config names has a valid card (``encoders``: config key ->
+    card name or card file), before any slide is tiled; a :class:`DataError` names the key."""
+    for key, name in encoders.items():
+        try:
+            find_card(name, models_dir=models_dir or None)
+        except ModelError as exc:
+            raise DataError(f"config: {key}: {exc}") from None
 
 
 # --- the report's tables and figures ---------------------------------------------------------

@@ -24,3 +24,43 @@ class ModelError(WsiToolsError):
 
 class DataError(WsiToolsError):
     """A labels table, task description or cohort is inconsistent."""
+
+
+class UnsafeNameError(DataError, ValueError):
+    """A name that would become a path (a slide id, an encoder name) is not safe as one.
+
+    Also a ValueError, so code validating its own input can catch it as one.
+    """
+
+
+_TRACEBACK_MARKS = ("Traceback (most recent call last)", "Original Traceback (most recent call last)")
+
+
+def one_line(error: BaseException | str) -> str:
+    """An error message as one line, for the CLI and for QC records.
+
+    An error raised in a worker process (a DataLoader worker, a process pool) comes back with
+    the worker's whole traceback in its message; its last line is the error itself, which is
+    what is kept (without the exception's module path, and without the class name for our own
+    errors, whose messages already name the file). Other multi-line messages are joined.
+    """
+    text = str(error)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__ if isinstance(error, BaseException) else ""
+    if not any(line.startswith(_TRACEBACK_MARKS) for line in lines):
+        return " ".join(lines)
+    last = lines[-1]
+    name, sep, message = last.partition(": ")
+    if sep and name.replace(".", "").replace("_", "").isalnum():
+        short = name.rsplit(".", 1)[-1]
+        own = short in {c.__name__ for c in (WsiToolsError, *_subclasses(WsiToolsError))}
+        return message if own else f"{short}: {message}"
+    return last
+
+
+def _subclasses(cls: type) -> list[type]:
+    out = []
+    for sub in cls.__subclasses__():
+        out += [sub, *_subclasses(sub)]
+    return out

@@ -24,7 +24,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 from PIL import Image
 
-from wsitools.errors import SlideError
+from wsitools.errors import SlideError, one_line
 from wsitools.types import MPP_MAX, MPP_MIN, Level0Px, MicronsPerPixel
 
 Backend = Literal["auto", "openslide", "tiffslide"]
@@ -122,8 +122,12 @@ class Slide(ABC):
     """A whole-slide image opened by one backend.
 
     Attributes set by backends: ``dimensions``, ``level_dimensions``, ``level_downsamples``,
-    ``properties``. The resolution ``mpp`` is resolved once at open time (metadata, else the
-    override, else :class:`SlideError`).
+    ``properties``. Opening also decodes a few pixels of the coarsest level, so a file whose
+    pixels no backend can decode (an unknown compression, a broken tile stream) is reported as
+    that, before anything is judged from its metadata. The resolution ``mpp`` is resolved once
+    at open time (the override, else the metadata, else :class:`SlideError`); with
+    ``require_mpp=False`` a slide without a usable one still opens, ``mpp_problem`` says why, and
+    only reading ``mpp`` raises.
     """
 
     backend: ClassVar[str]
@@ -134,9 +138,12 @@ class Slide(ABC):
     level_downsamples: tuple[float, ...]
     properties: Mapping[str, str]
 
-    def __init__(self, path: str | os.PathLike[str], *, mpp_override: float | None = None):
+    def __init__(
+        self, path: str | os.PathLike[str], *, mpp_override: float | None = None, require_mpp: bool = True
+    ):
         self.path = Path(path).resolve()
         self.mpp_override = mpp_override
+        self.require_mpp = require_mpp
         if not self.path.exists():
             raise SlideError(f"{self.path}: no such slide file")
         try:
@@ -144,8 +151,42 @@ class Slide(ABC):
         except SlideError:
             raise
         except Exception as exc:
-            raise SlideOpenError(f"{self.path}: cannot be opened by {self.backend}: {exc}") from None
-        self.mpp: MicronsPerPixel = self._resolve_mpp(mpp_override)
+            raise SlideOpenError(f"{self.path}: cannot be opened by {self.backend}: {one_line(exc)}") from None
+        self._probe()
+        self._mpp: MicronsPerPixel | None = None
+        self.mpp_problem: str | None = None
+        try:
+            self._mpp = self._resolve_mpp(mpp_override)
+        except SlideError as exc:
+            if require_mpp:
+                self.close()
+                raise
+            self.mpp_problem = str(exc).removeprefix(f"{self.path}: ")
+
+    def _probe(self) -> None:
+        """Decode a few pixels of the coarsest level; a failure is a :class:`SlideOpenError`."""
+        level = len(self.level_dimensions) - 1
+        if level < 0:
+            self.close()
+            raise SlideOpenError(f"{self.path}: cannot be opened by {self.backend}: it has no image levels")
+        w, h = self.level_dimensions[level]
+        try:
+            region = np.asarray(self._read((0, 0), level, (max(1, min(16, w)), max(1, min(16, h)))))
+            if region.ndim != 3 or region.shape[-1] not in (3, 4):
+                raise ValueError(f"pixels of shape {region.shape}, expected RGB(A)")
+        except Exception as exc:
+            self.close()
+            raise SlideOpenError(
+                f"{self.path}: cannot be opened by {self.backend}: its pixels cannot be decoded "
+                f"({type(exc).__name__}: {one_line(exc)})"
+            ) from None
+
+    @property
+    def mpp(self) -> MicronsPerPixel:
+        """Level-0 resolution in um/px (a :class:`SlideError` saying why when it has none)."""
+        if self._mpp is None:
+            raise SlideError(f"{self.path}: {self.mpp_problem}")
+        return self._mpp
 
     # --- backend hooks -------------------------------------------------------------------
     @abstractmethod
@@ -259,7 +300,9 @@ class Slide(ABC):
         return out, w0 / out_w
 
     def info(self) -> dict[str, Any]:
-        """Everything ``wsitools info`` prints, JSON-serialisable."""
+        """Everything ``wsitools info`` prints, JSON-serialisable; without a usable mpp the
+        resolutions are None and ``mpp_problem`` says why."""
+        known = self._mpp is not None
         return {
             "path": str(self.path),
             "name": self.path.name,
@@ -269,9 +312,10 @@ class Slide(ABC):
             "level_count": self.level_count,
             "level_dimensions": [list(d) for d in self.level_dimensions],
             "level_downsamples": [float(d) for d in self.level_downsamples],
-            "level_mpp": [float(self.level_mpp(i)) for i in range(self.level_count)],
-            "mpp": float(self.mpp),
-            "mpp_source": "override" if self.mpp_override is not None else "metadata",
+            "level_mpp": [float(self.level_mpp(i)) if known else None for i in range(self.level_count)],
+            "mpp": float(self.mpp) if known else None,
+            "mpp_source": ("override" if self.mpp_override is not None else "metadata") if known else None,
+            "mpp_problem": self.mpp_problem,
             "objective_power": self.objective_power,
         }
 
@@ -323,14 +367,15 @@ class Slide(ABC):
 
     def __reduce__(self) -> tuple[Callable[..., Slide], tuple[Any, ...]]:
         """Pickle by path: a worker process re-opens the file itself."""
-        return _reopen, (str(self.path), self.backend, self.mpp_override)
+        return _reopen, (str(self.path), self.backend, self.mpp_override, self.require_mpp)
 
     def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.path.name} {self.dimensions} mpp={self.mpp:.4g}>"
+        mpp = f"{self._mpp:.4g}" if self._mpp is not None else "unknown"
+        return f"<{type(self).__name__} {self.path.name} {self.dimensions} mpp={mpp}>"
 
 
-def _reopen(path: str, backend: str, mpp_override: float | None) -> Slide:
-    return open_slide(path, backend=backend, mpp_override=mpp_override)  # type: ignore[arg-type]
+def _reopen(path: str, backend: str, mpp_override: float | None, require_mpp: bool = True) -> Slide:
+    return open_slide(path, backend=backend, mpp_override=mpp_override, require_mpp=require_mpp)  # type: ignore[arg-type]
 
 
 @register_backend("openslide")
@@ -490,8 +535,13 @@ def open_slide(
     *,
     backend: Backend = "auto",
     mpp_override: float | None = None,
+    require_mpp: bool = True,
 ) -> Slide:
-    """Open a slide with the chosen backend and resolve its mpp (see module docstring)."""
+    """Open a slide with the chosen backend and resolve its mpp (see module docstring).
+
+    ``require_mpp=False`` opens a slide without a usable mpp too (for ``wsitools info``): its
+    ``mpp_problem`` says why, and reading its ``mpp`` raises :class:`SlideError`.
+    """
     p = Path(path)
     if not p.exists():
         raise SlideError(f"{p}: no such slide file")
@@ -500,13 +550,13 @@ def open_slide(
             raise SlideError(
                 f"{p}: unknown backend {backend!r} (choose from auto, {', '.join(_BACKENDS)})"
             )
-        return _BACKENDS[backend](p, mpp_override=mpp_override)
+        return _BACKENDS[backend](p, mpp_override=mpp_override, require_mpp=require_mpp)
     first = choose_backend(p)
     order = [first] + [name for name in _BACKENDS if name != first]
     failures: list[str] = []
     for name in order:
         try:
-            return _BACKENDS[name](p, mpp_override=mpp_override)
+            return _BACKENDS[name](p, mpp_override=mpp_override, require_mpp=require_mpp)
         except SlideOpenError as exc:  # a wrong mpp is the slide's fault: no second opinion
             failures.append(str(exc).removeprefix(f"{p.resolve()}: "))
     raise SlideError(f"{p}: no backend can open it ({'; '.join(failures)})")

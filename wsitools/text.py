@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from wsitools.errors import DataError, ModelError
+from wsitools.errors import DataError, ModelError, one_line
 from wsitools.io import atomic_path, stable_hash
 
 DEFAULT_TEXT_MODEL = "all-MiniLM-L6-v2"
@@ -191,8 +191,12 @@ def load_task(path: str | os.PathLike[str]) -> TaskDescription:
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text())
-    except FileNotFoundError as exc:
-        raise DataError(f"task description {path}: no such file") from exc
+    except FileNotFoundError:
+        raise DataError(f"task description {path}: no such file") from None
+    except IsADirectoryError:
+        raise DataError(f"task description {path}: is a directory, expected a YAML file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"task description {path}: cannot be read ({exc})") from None
     except yaml.YAMLError as exc:
-        raise DataError(f"task description {path}: not valid YAML: {exc}") from exc
+        raise DataError(f"task description {path}: not valid YAML: {one_line(exc)}") from None
     return task_from_dict(data, source=str(path))

@@ -22,12 +22,12 @@ from typing import Any, Literal
 import numpy as np
 
 from wsitools import __version__
-from wsitools.errors import StoreError, WsiToolsError
+from wsitools.errors import DataError, SlideError, StoreError, WsiToolsError
 from wsitools.io import atomic_path, available_cpus, stable_hash, write_json_atomic
 from wsitools.slide import Backend, Slide, open_slide
 from wsitools.store import CHUNK_TILES, FORMAT_VERSION, create_patch_store, read_store_attrs, write_tile_chunk
 from wsitools.tissue import TissueParams, TissueResult, detect_tissue, params_dict, tissue_fraction, write_qc
-from wsitools.types import MicronsPerPixel, TargetPx, check_slide_id, slide_id_from_path
+from wsitools.types import MPP_MAX, MPP_MIN, MicronsPerPixel, TargetPx, check_distinct_ids, check_slide_id, slide_id_from_path
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +57,8 @@ class TilingParams:
     def __post_init__(self) -> None:
         if (self.mpp is None) == (self.magnification is None):
             raise ValueError("give exactly one of a target mpp and a target magnification")
-        if self.mpp is not None and not self.mpp > 0:
-            raise ValueError(f"target mpp must be positive, got {self.mpp}")
+        if self.mpp is not None and not MPP_MIN <= self.mpp <= MPP_MAX:
+            raise ValueError(f"target mpp must be from {MPP_MIN:g} to {MPP_MAX:g} um/px, got {self.mpp}")
         if self.magnification is not None and not self.magnification > 0:
             raise ValueError(f"magnification must be positive, got {self.magnification}")
         if self.tile_size < 8:
@@ -73,13 +73,21 @@ class TilingParams:
         return int(self.tile_size - self.overlap)
 
     def target_mpp(self, slide: Slide) -> MicronsPerPixel:
+        """The target resolution on ``slide``; one from a magnification is bounded like an mpp."""
         if self.mpp is not None:
             return self.mpp
         assert self.magnification is not None
         objective = slide.objective_power
         if objective:
-            return MicronsPerPixel(slide.mpp * objective / self.magnification)
-        return MicronsPerPixel(10.0 / self.magnification)
+            mpp = slide.mpp * objective / self.magnification
+        else:
+            mpp = 10.0 / self.magnification
+        if not MPP_MIN <= mpp <= MPP_MAX:
+            raise SlideError(
+                f"{slide.path}: magnification {self.magnification:g} gives a target of {mpp:g} um/px, "
+                f"outside {MPP_MIN:g}-{MPP_MAX:g} um/px"
+            )
+        return MicronsPerPixel(mpp)
 
 
 @dataclass(frozen=True)
@@ -378,16 +386,23 @@ def tile_slides(
 ) -> list[dict[str, Any]]:
     """Tile every slide; a slide that fails gets a ``failed`` QC record and the rest go on.
 
-    ``slide_ids`` (one per slide, e.g. from a samples sheet) replace the ids taken from the file
-    names. ``kwargs`` go to :func:`tile_slide` for every slide.
+    ``slide_ids`` (one per slide, e.g. from a samples sheet) replace the ids derived from the
+    file names (:func:`~wsitools.types.slide_id_from_path`). Two slides with one id are a
+    :class:`DataError` naming both, before any is tiled. ``kwargs`` go to :func:`tile_slide`
+    for every slide.
     """
     if slide_ids is not None and len(slide_ids) != len(slide_paths):
         raise ValueError(f"{len(slide_ids)} slide ids for {len(slide_paths)} slides")
+    ids = list(slide_ids) if slide_ids is not None else [slide_id_from_path(str(p)) for p in slide_paths]
+    try:
+        check_distinct_ids(ids, slide_paths)
+    except ValueError as exc:
+        raise DataError(str(exc)) from None
     records = []
     for i, p in enumerate(slide_paths):
         path = Path(p)
         try:
-            slide_id = check_slide_id(slide_ids[i] if slide_ids is not None else slide_id_from_path(str(path)))
+            slide_id = check_slide_id(ids[i])
         except ValueError as exc:
             log.error("%s: %s", path, exc)
             records.append(_qc_record(path.name, path, "failed", str(exc)))

@@ -6,8 +6,13 @@ make the unit of a number part of a signature, as STAMP does.
 
 from __future__ import annotations
 
+import hashlib
 import re
+import unicodedata
+from collections.abc import Sequence
 from typing import NewType
+
+from wsitools.errors import UnsafeNameError
 
 Microns = NewType("Microns", float)
 """A length in micrometres (um)."""
@@ -24,31 +29,81 @@ TargetPx = NewType("TargetPx", int)
 MPP_MIN: MicronsPerPixel = MicronsPerPixel(0.05)
 MPP_MAX: MicronsPerPixel = MicronsPerPixel(20.0)
 
-_SLIDE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+def schema_pattern(core: str) -> str:
+    """A JSON-schema ``pattern`` that the whole string must match: schema patterns are searched,
+    and ``$`` also matches before a trailing newline, which ``(?!\\n)`` excludes."""
+    return f"^(?:{core})$(?!\\n)"
+
+
+_SLIDE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
+SLIDE_ID_MAX = 200
+
+# Latin letters that Unicode does not decompose into a base letter and a mark.
+_LATIN_LETTERS = str.maketrans(
+    {"ß": "ss", "Æ": "AE", "æ": "ae", "Ø": "O", "ø": "o", "Œ": "OE", "œ": "oe", "Ł": "L", "ł": "l",
+     "Đ": "D", "đ": "d", "Þ": "Th", "þ": "th", "ı": "i"}
+)
 
 
 def check_slide_id(slide_id: str) -> str:
-    """Return ``slide_id`` if it is safe as a single path component, else raise ValueError.
+    """Return ``slide_id`` if it is safe as a single path component, else raise
+    :class:`~wsitools.errors.UnsafeNameError` (a ValueError).
 
     Slide ids become file names (``tiles/{slide_id}.zarr``), so they may hold only letters,
     digits, ``.``, ``_`` and ``-``, must start with a letter or digit (no hidden files, no
-    ``..``), and be at most 200 characters.
+    ``..``), and be at most 200 characters. The whole string must match (a trailing newline
+    is refused too).
     """
-    if not isinstance(slide_id, str) or not _SLIDE_ID.match(slide_id) or ".." in slide_id:
-        raise ValueError(
+    if not isinstance(slide_id, str) or not _SLIDE_ID.fullmatch(slide_id) or ".." in slide_id:
+        raise UnsafeNameError(
             f"unsafe slide id {slide_id!r}: use letters, digits, '.', '_' and '-' only, "
             "starting with a letter or digit, without '..'"
         )
     return slide_id
 
 
+def safe_id(text: str) -> str:
+    """A safe id (see :func:`check_slide_id`) derived from any text, e.g. a file name.
+
+    Accents are folded (Unicode NFKD, combining marks dropped: ``Müller`` -> ``Muller``; ``ß``,
+    ``æ``, ``ø``, ``ł`` and the like spelled out), every
+    run of other characters (spaces, punctuation, letters without an ASCII form) becomes one
+    ``_``, runs of dots become one, and leading and trailing ``_.-`` are stripped. Text with
+    nothing left (``切片``) becomes ``slide-`` and a hash of it, and text longer than 200
+    characters keeps its first 191 and a hash, so different long names stay different.
+    """
+    folded = "".join(c for c in unicodedata.normalize("NFKD", text.translate(_LATIN_LETTERS)) if not unicodedata.combining(c))
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", folded)
+    cleaned = re.sub(r"\.{2,}", ".", cleaned).strip("_.-")
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    if not cleaned:
+        cleaned = f"slide-{digest}"
+    elif len(cleaned) > SLIDE_ID_MAX:
+        cleaned = f"{cleaned[: SLIDE_ID_MAX - 9].rstrip('_.-')}-{digest}"
+    return check_slide_id(cleaned)
+
+
 def slide_id_from_path(path: str) -> str:
-    """The slide id of a slide file: its file name without the extension(s) of slide formats."""
+    """The slide id of a slide file: its file name without the extension(s) of slide formats,
+    made safe by :func:`safe_id` (``Biopsie Müller 3.svs`` -> ``Biopsie_Muller_3``)."""
     from pathlib import Path
 
     name = Path(path).name
     for ext in (".ome.tiff", ".ome.tif"):
         if name.lower().endswith(ext):
-            return check_slide_id(name[: -len(ext)])
+            return safe_id(name[: -len(ext)])
     stem = Path(name).stem if Path(name).suffix else name
-    return check_slide_id(stem)
+    return safe_id(stem)
+
+
+def check_distinct_ids(ids: Sequence[str], paths: Sequence[object]) -> None:
+    """Raise ValueError naming both files when two slides get one id (their outputs would
+    overwrite each other)."""
+    seen: dict[str, object] = {}
+    for slide_id, path in zip(ids, paths, strict=True):
+        if slide_id in seen:
+            raise ValueError(
+                f"{seen[slide_id]} and {path} both have slide id {slide_id!r}; rename one of them "
+                "(or give each its own id in a samples sheet)"
+            )
+        seen[slide_id] = path

@@ -13,6 +13,7 @@ from snakemake.utils import validate
 
 from wsitools import cohort
 from wsitools.errors import WsiToolsError
+from wsitools.text import load_task
 
 
 validate(config, schema="../schemas/config.schema.yaml")
@@ -52,15 +53,43 @@ if TASKS and config["slides_glob"]:
 if TASKS and not HEADS:
     raise WorkflowError("config: tasks are given but no heads to train for them ('heads')")
 for _name, _task in TASKS.items():
-    if not Path(_task["task_file"]).is_file():
-        raise WorkflowError(f"config: task {_name!r}: task file {_task['task_file']} does not exist")
+    _task_file = _task.get("task_file") or None
+    if _task_file and not Path(_task_file).is_file():
+        raise WorkflowError(f"config: task {_name!r}: task file {_task_file} does not exist")
     if not any(_task["label_column"] in s.fields for s in SAMPLES.values()):
         raise WorkflowError(
             f"config: task {_name!r}: the samples sheet {config['samples']} has no column "
             f"{_task['label_column']!r} (label_column)"
         )
+    try:
+        cohort.check_task_labels(
+            list(SAMPLES.values()),
+            task=_name,
+            label_column=_task["label_column"],
+            classes=load_task(_task_file).classes if _task_file else None,
+            folds={head: h["folds"] for head, h in HEADS.items()},
+            sheet=config["samples"],
+            task_file=_task_file,
+            allow_empty_classes=bool(HEADS)
+            and all("--allow-empty-classes" in h["extra_args"] for h in HEADS.values()),
+        )
+    except WsiToolsError as exc:
+        raise WorkflowError(str(exc)) from None
 if config["tune"]["enabled"] and "ttp" in config["tune"]["prompts"] and not config["tune"]["task"]:
     raise WorkflowError("config: tune: the ttp prompt needs a task file ('tune: task:')")
+
+# Every encoder card the config names must exist before any slide is tiled.
+_ENCODER_KEYS = {f"features: encoders: {name}": name for name in ENCODERS}
+if config["pretrain"]["enabled"]:
+    _ENCODER_KEYS["pretrain: backbone"] = config["pretrain"]["backbone"]
+if config["tune"]["enabled"]:
+    _ENCODER_KEYS["tune: backbone"] = config["tune"]["backbone"]
+    if config["tune"]["ivp_encoder"]:
+        _ENCODER_KEYS["tune: ivp_encoder"] = config["tune"]["ivp_encoder"]
+try:
+    cohort.check_encoders(_ENCODER_KEYS, models_dir=config["models_dir"])
+except WsiToolsError as exc:
+    raise WorkflowError(str(exc)) from None
 
 
 wildcard_constraints:

@@ -1,8 +1,11 @@
 """The ``wsitools`` command: one sub-command per pipeline step.
 
 Each step's module under ``wsitools.cli`` defines ``register(subparsers)``, which adds its
-sub-commands and sets ``func`` on them. User errors (:class:`WsiToolsError`) are printed as one
-line naming the file and the problem, with exit status 2 and no traceback.
+sub-commands and sets ``func`` on them. Every user error ends the command with one line on
+stderr, ``wsitools CMD: error: ...``, naming the file or option and the problem, with exit status
+2 and no traceback: a bad option value (the argument types of :mod:`wsitools.cli.options`), a
+:class:`WsiToolsError`, and an ``OSError`` about a named file (a directory given for a file, a
+file that cannot be read or written). Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -12,9 +15,10 @@ import importlib
 import logging
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from wsitools import __version__
-from wsitools.errors import WsiToolsError
+from wsitools.errors import WsiToolsError, one_line
 
 # Sub-command modules, in the order of the pipeline.
 COMMAND_MODULES = (
@@ -27,8 +31,15 @@ COMMAND_MODULES = (
 )
 
 
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (sub-parsers inherit the class)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="wsitools",
         description="Whole-slide image pipeline: tiles, features, MIL heads, prompt tuning.",
     )
@@ -50,7 +61,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except WsiToolsError as exc:
-        print(f"wsitools {args.command}: error: {exc}", file=sys.stderr)
+        print(f"wsitools {args.command}: error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.filename is None:
+            raise
+        reason = exc.strerror or one_line(exc)
+        print(f"wsitools {args.command}: error: {exc.filename}: {reason}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from wsitools import cohort
+from wsitools.cli.options import non_negative_int, positive_int
 from wsitools.errors import WsiToolsError
 from wsitools.io import available_cpus
 
@@ -28,10 +29,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", default="demo_run", metavar="DIR",
                    help="working directory of the demo run (default: demo_run)")
-    p.add_argument("--slides", type=int, default=12, metavar="N",
-                   help="slides in the synthetic cohort (default 12; even, at least 6)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic cohort (default 0)")
-    p.add_argument("--cores", type=int, default=None, metavar="N",
+    p.add_argument("--slides", type=positive_int, default=12, metavar="N",
+                   help="slides in the synthetic cohort (default 12; even, at least 12)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the synthetic cohort (default 0)")
+    p.add_argument("--cores", type=positive_int, default=None, metavar="N",
                    help="cores Snakemake may use (default: the CPUs this process may use)")
     p.add_argument("--quiet", action="store_true", help="only Snakemake's errors and the summary")
     p.set_defaults(func=run)
@@ -49,8 +50,11 @@ def prepare(out: Path, *, n_slides: int, seed: int) -> None:
     """Write the synthetic cohort (unless ``out`` has one) and the demo's config into ``out``."""
     from wsitools.synthetic import make_cohort
 
-    if n_slides < 6 or n_slides % 2:
-        raise WsiToolsError(f"--slides {n_slides}: give an even number, at least 6 (3 folds x 2 classes)")
+    if n_slides < 12 or n_slides % 2:
+        raise WsiToolsError(
+            f"--slides {n_slides}: give an even number, at least 12 (two slides per patient; 3 folds "
+            "need 3 patients of each class)"
+        )
     sheet = out / "samples.tsv"
     if sheet.is_file():
         print(f"reusing the synthetic cohort in {out} (delete {sheet} for a new one)")

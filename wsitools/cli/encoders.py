@@ -10,7 +10,8 @@ import logging
 import sys
 from typing import Any
 
-from wsitools.errors import WsiToolsError
+from wsitools.cli.options import input_file, non_negative_int, positive_float, positive_int
+from wsitools.errors import WsiToolsError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def register(subparsers: Any) -> None:
     )
     fetch.add_argument("names", nargs="+", metavar="NAME", help="card names or card files")
     fetch.add_argument("--force", action="store_true", help="download even if the file is present and valid")
-    fetch.add_argument("--timeout", type=float, default=60.0, help="network timeout in seconds (default 60)")
+    fetch.add_argument("--timeout", type=positive_float, default=60.0, help="network timeout in seconds (default 60)")
     fetch.set_defaults(func=_fetch)
 
     ext = subparsers.add_parser(
@@ -58,11 +59,11 @@ def register(subparsers: Any) -> None:
     )
     ext.add_argument("stores", nargs="+", metavar="STORE", help="patch stores (tiles/{slide_id}.zarr)")
     ext.add_argument("--encoder", required=True, help="card name, card file (.yaml) or timm:NAME")
-    ext.add_argument("--weights", metavar="CKPT", help="local checkpoint for --encoder timm:NAME")
+    ext.add_argument("--weights", type=input_file, metavar="CKPT", help="local checkpoint for --encoder timm:NAME")
     ext.add_argument("--out", required=True, metavar="DIR", help="features root: writes DIR/{encoder}/{slide_id}.h5")
     ext.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
-    ext.add_argument("--batch-size", type=int, default=128, help="tiles per forward pass (default 128)")
-    ext.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: CPUs - 1, max 8)")
+    ext.add_argument("--batch-size", type=positive_int, default=128, help="tiles per forward pass (default 128)")
+    ext.add_argument("--workers", type=non_negative_int, default=None, help="DataLoader workers (default: CPUs - 1, max 8)")
     ext.add_argument("--precision", choices=["card", "fp32"], default="card",
                      help="card: the card's compute precision and feature dtype (default); fp32: float32 "
                      "compute and float32 features, bit-for-bit parity with a float32 reference forward")
@@ -70,6 +71,15 @@ def register(subparsers: Any) -> None:
     ext.add_argument("--overwrite", action="store_true", help="recompute even when a matching h5 exists")
     ext.add_argument("--quiet", action="store_true", help="no progress bar or per-store lines")
     ext.set_defaults(func=_extract)
+
+
+def store_failure(store: str, exc: Exception) -> str:
+    """One line naming the store and what went wrong, also for an error raised in a loader worker
+    (whose message carries the worker's traceback) or by a codec (a corrupt chunk)."""
+    text = one_line(exc)
+    if not isinstance(exc, WsiToolsError) and not text.startswith(type(exc).__name__):
+        text = f"{type(exc).__name__}: {text}"
+    return text if str(store) in text else f"{store}: {text}"
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -141,8 +151,7 @@ def _extract(args: argparse.Namespace) -> int:
             )
         except Exception as exc:  # one bad store never stops the others
             log.debug("extraction failed for %s", store, exc_info=True)
-            message = str(exc) if isinstance(exc, WsiToolsError) else f"{store}: {type(exc).__name__}: {exc}"
-            print(f"wsitools extract: error: {message}", file=sys.stderr)
+            print(f"wsitools extract: error: {store_failure(store, exc)}", file=sys.stderr)
             failed.append(store)
             continue
         if not args.quiet:

@@ -6,7 +6,16 @@ import argparse
 import sys
 from pathlib import Path
 
-from wsitools.errors import DataError, WsiToolsError
+from wsitools.cli.options import (
+    fraction,
+    input_file,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
+from wsitools.errors import DataError, WsiToolsError, one_line
+from wsitools.types import slide_id_from_path
 
 
 
@@ -32,47 +41,49 @@ def register(sub: argparse._SubParsersAction) -> None:
         "predictions.csv, training curves and attention/{slide_id}.h5 into --out.",
     )
     t.add_argument("--features", required=True, metavar="DIR", help="feature stores: DIR/{slide_id}.h5")
-    t.add_argument("--labels", required=True, metavar="FILE",
+    t.add_argument("--labels", required=True, type=input_file, metavar="FILE",
                    help="CSV/TSV with slide_id, label, optional patient_id and split (train/val/test) or fold")
-    t.add_argument("--task", required=True, metavar="TASK.yaml",
+    t.add_argument("--task", required=True, type=input_file, metavar="TASK.yaml",
                    help="task description: name, description, optional stain, classes with descriptions")
     t.add_argument("--head", choices=["abmil", "pathotune", "meanpool"], default="abmil")
     t.add_argument("--prompts", type=_prompt_list, default=None, metavar="tvp,ttp,ivp",
                    help="PathoTune prompt kinds (default for pathotune: all three)")
     t.add_argument("--ivp-features", metavar="DIR", default=None,
                    help="a second encoder's feature stores for the IVP refine module (default: the slide's own bag)")
-    t.add_argument("--folds", type=int, default=d.folds, help=f"folds of patient-level k-fold ({d.folds})")
-    t.add_argument("--val-fraction", type=float, default=d.val_fraction,
+    t.add_argument("--folds", type=positive_int, default=d.folds, help=f"folds of patient-level k-fold ({d.folds})")
+    t.add_argument("--val-fraction", type=fraction, default=d.val_fraction,
                    help=f"patients of each training part held out for early stopping ({d.val_fraction})")
-    t.add_argument("--seed", type=int, default=d.seed, help=f"seed of splits, init and sampling ({d.seed})")
-    t.add_argument("--epochs", type=int, default=d.epochs, help=f"maximum epochs ({d.epochs})")
-    t.add_argument("--patience", type=int, default=d.patience,
+    t.add_argument("--seed", type=non_negative_int, default=d.seed, help=f"seed of splits, init and sampling ({d.seed})")
+    t.add_argument("--epochs", type=positive_int, default=d.epochs, help=f"maximum epochs ({d.epochs})")
+    t.add_argument("--patience", type=positive_int, default=d.patience,
                    help=f"stop after this many epochs without a lower validation loss ({d.patience})")
-    t.add_argument("--lr", type=float, default=d.lr, help=f"AdamW learning rate ({d.lr:g})")
-    t.add_argument("--weight-decay", type=float, default=d.weight_decay, help=f"AdamW weight decay ({d.weight_decay:g})")
-    t.add_argument("--bag-size", type=int, default=d.bag_size,
+    t.add_argument("--lr", type=positive_float, default=d.lr, help=f"AdamW learning rate ({d.lr:g})")
+    t.add_argument("--weight-decay", type=non_negative_float, default=d.weight_decay, help=f"AdamW weight decay ({d.weight_decay:g})")
+    t.add_argument("--bag-size", type=non_negative_int, default=d.bag_size,
                    help=f"patches sampled per bag per training step; 0 = all ({d.bag_size})")
-    t.add_argument("--instance-dropout", type=float, default=d.instance_dropout,
+    t.add_argument("--instance-dropout", type=fraction, default=d.instance_dropout,
                    help="fraction of a bag's patches dropped at random in each training step, so the "
                    f"attention spreads over all the evidence; 0 = none ({d.instance_dropout})")
     t.add_argument("--balance", choices=["weights", "sampling"], default=d.balance,
                    help="class-weighted loss or class-balanced bag sampling (weights)")
-    t.add_argument("--dim", type=int, default=128, help="head width d (128)")
-    t.add_argument("--dropout", type=float, default=0.25, help="dropout (0.25)")
-    t.add_argument("--n-tvp", type=int, default=8, help="TVP tokens (8)")
-    t.add_argument("--n-ivp", type=int, default=4, help="IVP tokens (4)")
+    t.add_argument("--dim", type=positive_int, default=128, help="head width d (128)")
+    t.add_argument("--dropout", type=fraction, default=0.25, help="dropout (0.25)")
+    t.add_argument("--n-tvp", type=positive_int, default=8, help="TVP tokens (8)")
+    t.add_argument("--n-ivp", type=positive_int, default=4, help="IVP tokens (4)")
     t.add_argument("--text-model", default=None, metavar="DIR",
                    help="sentence-transformers / Hugging Face model directory for TTP (default: bundled MiniLM)")
     t.add_argument("--text-cache", default=None, metavar="DIR",
                    help="text embedding cache (default $WSITOOLS_CACHE/text or ~/.cache/wsitools/text)")
-    t.add_argument("--workers", type=int, default=d.workers, help=f"bag-reading worker processes ({d.workers})")
-    t.add_argument("--threads", type=int, default=None,
+    t.add_argument("--workers", type=non_negative_int, default=d.workers, help=f"bag-reading worker processes ({d.workers})")
+    t.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads (default: the CPUs this process may use, e.g. SLURM_CPUS_PER_TASK)")
     t.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where the head trains: auto = a CUDA GPU when there is one, else the CPU (auto)")
-    t.add_argument("--bootstrap", type=int, default=d.n_boot, help=f"bootstrap resamples for 95%% intervals ({d.n_boot})")
+    t.add_argument("--bootstrap", type=non_negative_int, default=d.n_boot, help=f"bootstrap resamples for 95%% intervals ({d.n_boot})")
     t.add_argument("--strict", action="store_true",
                    help="a labelled slide without a usable feature store is an error (default: warn and skip)")
+    t.add_argument("--allow-empty-classes", action="store_true",
+                   help="a task class without a usable labelled slide is a warning (default: an error)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.add_argument("--out", required=True, metavar="DIR", help="output, e.g. heads/{task}/{encoder}/{head}")
@@ -89,7 +100,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--slides", nargs="+", default=None, metavar="SLIDE_ID", help="only these slides (default: all)")
     p.add_argument("--ivp-features", metavar="DIR", default=None, help="second encoder's features, if the head used them")
     p.add_argument("--strict", action="store_true", help="an unusable slide is an error (default: warn and skip)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the CPUs this process may use)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: the CPUs this process may use)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where the heads run: auto = a CUDA GPU when there is one, else the CPU (auto)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -110,10 +121,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the slide file (one attention file), or a directory holding {slide_id}.* slides")
     h.add_argument("--store", default=None, metavar="PATH",
                    help="the patch store {slide_id}.zarr, or a directory of them (for the montage)")
-    h.add_argument("--mpp", type=float, default=DEFAULT_THUMBNAIL_MPP,
+    h.add_argument("--mpp", type=positive_float, default=DEFAULT_THUMBNAIL_MPP,
                    help=f"thumbnail resolution in um/px ({DEFAULT_THUMBNAIL_MPP:g})")
-    h.add_argument("--top-k", type=int, default=16, help="tiles in the montage; 0 = no montage (16)")
-    h.add_argument("--alpha", type=float, default=0.5, help="heatmap opacity (0.5)")
+    h.add_argument("--top-k", type=non_negative_int, default=16, help="tiles in the montage; 0 = no montage (16)")
+    h.add_argument("--alpha", type=fraction, default=0.5, help="heatmap opacity (0.5)")
     h.add_argument("--scale", choices=["rank", "minmax"], default="rank",
                    help="per-slide display scale: percentile rank or min-max (rank)")
     h.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -171,6 +182,7 @@ def run_train(args: argparse.Namespace) -> int:
         text_cache_dir=args.text_cache,
         device=args.device,
         strict=args.strict,
+        allow_empty_classes=args.allow_empty_classes,
         overwrite=args.overwrite,
         progress=not args.quiet,
     )
@@ -221,9 +233,12 @@ def _slide_for(slide_arg: str | None, slide_id: str, n_files: int) -> Path | Non
         return None
     path = Path(slide_arg)
     if path.is_dir():
-        found = sorted(f for f in path.glob(f"{slide_id}.*") if f.is_file())
+        found = sorted(
+            f for f in path.iterdir()
+            if f.is_file() and not f.name.startswith(".") and slide_id_from_path(f.name) == slide_id
+        )
         if not found:
-            raise DataError(f"slide {slide_id}: no file {slide_id}.* in {path}")
+            raise DataError(f"slide {slide_id}: no slide file named {slide_id}.* (or with that id) in {path}")
         return found[0]
     if n_files > 1:
         raise DataError("--slide names one file but several attention files were given; pass a directory")
@@ -263,7 +278,7 @@ def run_heatmap(args: argparse.Namespace) -> int:
             )
         except WsiToolsError as exc:
             failed += 1
-            print(f"{slide_id}\tfailed\t{exc}", file=sys.stderr)
+            print(f"{slide_id}\tfailed\t{one_line(exc)}", file=sys.stderr)
             continue
         print(f"{out.slide_id}\t{out.heatmap}\t{out.montage or '-'}\t{out.seconds:.1f}s")
     if failed:

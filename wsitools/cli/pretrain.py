@@ -10,6 +10,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from wsitools.cli.options import fraction, input_file, non_negative_float, non_negative_int, positive_float, positive_int
+
 
 def register(subparsers: Any) -> None:
     pre = subparsers.add_parser(
@@ -34,38 +36,38 @@ def register(subparsers: Any) -> None:
     pz.add_argument("--backbone", default="vitb16-imagenet", metavar="CARD",
                     help="encoder card (name or .yaml) of the ViT to prompt (default vitb16-imagenet)")
     pz.add_argument("--models-dir", metavar="DIR", help="folder of model cards (default: $WSITOOLS_MODELS or models/)")
-    pz.add_argument("--epochs", type=int, default=200, help="epochs (default 200)")
-    pz.add_argument("--batch-size", type=int, default=64, help="images per step on the device (default 64)")
-    pz.add_argument("--accum-steps", type=int, default=2,
+    pz.add_argument("--epochs", type=positive_int, default=200, help="epochs (default 200)")
+    pz.add_argument("--batch-size", type=positive_int, default=64, help="images per step on the device (default 64)")
+    pz.add_argument("--accum-steps", type=positive_int, default=2,
                     help="micro-batches per optimiser step (default 2, as the official command)")
-    pz.add_argument("--group-size", type=int, default=None,
+    pz.add_argument("--group-size", type=positive_int, default=None,
                     help="puzzle group G: images whose relation patches are shuffled together (default: the batch)")
-    pz.add_argument("--warmup-epochs", type=int, default=None,
+    pz.add_argument("--warmup-epochs", type=non_negative_int, default=None,
                     help="warm-up epochs for the lr and the curriculum (default: a tenth of the epochs)")
-    pz.add_argument("--steps-per-epoch", type=int, default=None,
+    pz.add_argument("--steps-per-epoch", type=positive_int, default=None,
                     help="optimiser steps per epoch (default: one pass over all tiles)")
-    pz.add_argument("--base-lr", type=float, default=1.5e-4, help="lr per 256 images (default 1.5e-4)")
+    pz.add_argument("--base-lr", type=positive_float, default=1.5e-4, help="lr per 256 images (default 1.5e-4)")
     pz.add_argument("--strategy", choices=["loop", "decay", "fixed"], default="loop",
                     help="curriculum: loop (default, the official command: puzzle size 32 in the warm-up, "
                     "then 16, 32, 112 for 3 epochs each, ratio constant), decay (puzzle size fixed, ratio "
                     "--ratio in the warm-up then falling linearly 0.75 -> 0.2), fixed (size and ratio constant)")
-    pz.add_argument("--ratio", type=float, default=0.25,
+    pz.add_argument("--ratio", type=fraction, default=0.25,
                     help="fix-position ratio of loop and fixed, and of decay's warm-up (default 0.25)")
-    pz.add_argument("--fixed-patch-size", type=int, default=None, metavar="PX",
+    pz.add_argument("--fixed-patch-size", type=positive_int, default=None, metavar="PX",
                     help="puzzle size of the decay and fixed strategies (default: the smallest, 16 at 224 px)")
-    pz.add_argument("--prompt-tokens", type=int, default=None, help="prompt tokens per layer (default: the card's, else 20)")
+    pz.add_argument("--prompt-tokens", type=positive_int, default=None, help="prompt tokens per layer (default: the card's, else 20)")
     pz.add_argument("--prompt-mode", choices=["deep", "shallow"], default=None, help="default: the card's, else deep")
-    pz.add_argument("--decoder-dim", type=int, default=512, help="decoder width (default 512)")
-    pz.add_argument("--decoder-depth", type=int, default=8, help="decoder blocks (default 8)")
-    pz.add_argument("--decoder-heads", type=int, default=16, help="decoder heads (default 16)")
+    pz.add_argument("--decoder-dim", type=positive_int, default=512, help="decoder width (default 512)")
+    pz.add_argument("--decoder-depth", type=positive_int, default=8, help="decoder blocks (default 8)")
+    pz.add_argument("--decoder-heads", type=positive_int, default=16, help="decoder heads (default 16)")
     pz.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                     help="auto: bf16 autocast on a GPU (fp16 where bf16 is missing), fp32 on CPU")
     pz.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
-    pz.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: CPUs - 1, max 4)")
-    pz.add_argument("--seed", type=int, default=0)
+    pz.add_argument("--workers", type=non_negative_int, default=None, help="DataLoader workers (default: CPUs - 1, max 4)")
+    pz.add_argument("--seed", type=non_negative_int, default=0)
     pz.add_argument("--name", default=None, help="name of the exported card (default BACKBONE-puzzletuned)")
     pz.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
-    pz.add_argument("--stop-after-epochs", type=int, default=None, metavar="N",
+    pz.add_argument("--stop-after-epochs", type=positive_int, default=None, metavar="N",
                     help="stop (checkpointed) once N epochs are done, e.g. within a cluster time limit; "
                     "continue later with --resume")
     pz.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -94,24 +96,24 @@ def register(subparsers: Any) -> None:
     pt.add_argument("--ivp-encoder", metavar="CARD", default=None,
                     help="second frozen encoder whose features feed IVP (default: the backbone)")
     pt.add_argument("--prompts", default="tvp,ttp,ivp", help="prompt kinds, comma-separated (default tvp,ttp,ivp)")
-    pt.add_argument("--task", metavar="YAML", default=None,
+    pt.add_argument("--task", type=input_file, metavar="YAML", default=None,
                     help="task description with class descriptions (needed for ttp; fixes the class order)")
     pt.add_argument("--text-model", default=None, help="text encoder directory (default: bundled all-MiniLM-L6-v2)")
     pt.add_argument("--out", required=True, metavar="DIR", help="output folder")
     pt.add_argument("--models-dir", metavar="DIR", help="folder of model cards")
-    pt.add_argument("--epochs", type=int, default=20)
-    pt.add_argument("--batch-size", type=int, default=32)
-    pt.add_argument("--lr", type=float, default=1e-3)
-    pt.add_argument("--weight-decay", type=float, default=1e-4)
-    pt.add_argument("--n-tvp", type=int, default=8, help="TVP tokens per layer (default 8)")
-    pt.add_argument("--n-ivp", type=int, default=4, help="IVP tokens (default 4)")
-    pt.add_argument("--val-fraction", type=float, default=0.15)
-    pt.add_argument("--test-fraction", type=float, default=0.15)
+    pt.add_argument("--epochs", type=positive_int, default=20)
+    pt.add_argument("--batch-size", type=positive_int, default=32)
+    pt.add_argument("--lr", type=positive_float, default=1e-3)
+    pt.add_argument("--weight-decay", type=non_negative_float, default=1e-4)
+    pt.add_argument("--n-tvp", type=positive_int, default=8, help="TVP tokens per layer (default 8)")
+    pt.add_argument("--n-ivp", type=positive_int, default=4, help="IVP tokens (default 4)")
+    pt.add_argument("--val-fraction", type=fraction, default=0.15)
+    pt.add_argument("--test-fraction", type=fraction, default=0.15)
     pt.add_argument("--no-augment", action="store_true", help="no random crops and flips in training")
     pt.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
     pt.add_argument("--device", default="auto")
-    pt.add_argument("--workers", type=int, default=None)
-    pt.add_argument("--seed", type=int, default=0)
+    pt.add_argument("--workers", type=non_negative_int, default=None)
+    pt.add_argument("--seed", type=non_negative_int, default=0)
     pt.add_argument("--name", default=None, help="name of the encoder card (default BACKBONE-pathotune-TASK)")
     pt.add_argument("--quiet", action="store_true", help="no progress bar")
     pt.set_defaults(func=_pathotune)

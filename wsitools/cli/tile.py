@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
+from wsitools.cli.options import fraction, mpp, non_negative_float, non_negative_int, positive_float, positive_int
 from wsitools.tiling import TilingParams, tile_slides
 from wsitools.tissue import TissueParams
 from wsitools.types import MicronsPerPixel, TargetPx
@@ -22,18 +24,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--slide-id", default=None, metavar="ID",
                    help="the slide's id in output names (one SLIDE only; default: its file name)")
     res = p.add_mutually_exclusive_group()
-    res.add_argument("--mpp", type=float, default=None, help="target um/px (default 0.5)")
-    res.add_argument("--magnification", type=float, default=None,
+    res.add_argument("--mpp", type=mpp, default=None, help="target um/px (default 0.5)")
+    res.add_argument("--magnification", type=positive_float, default=None,
                      help="target magnification, e.g. 20 (instead of --mpp)")
-    p.add_argument("--tile-size", type=int, default=224, help="tile side in target px (224)")
-    p.add_argument("--overlap", type=int, default=0, help="overlap between tiles in target px (0)")
-    p.add_argument("--min-tissue", type=float, default=0.5,
+    p.add_argument("--tile-size", type=positive_int, default=224, help="tile side in target px (224)")
+    p.add_argument("--overlap", type=non_negative_int, default=0, help="overlap between tiles in target px (0)")
+    p.add_argument("--min-tissue", type=fraction, default=0.5,
                    help="minimum tissue fraction of a kept tile (0.5)")
     p.add_argument("--backend", choices=["auto", "openslide", "tiffslide"], default="auto")
-    p.add_argument("--mpp-override", type=float, default=None, metavar="UM",
+    p.add_argument("--mpp-override", type=mpp, default=None, metavar="UM",
                    help="the slides' level-0 mpp when their metadata lacks it or is wrong")
     p.add_argument("--no-pixels", action="store_true", help="store coordinates only")
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--workers", type=positive_int, default=None,
                    help="parallel workers (default: the CPUs this process may use)")
     p.add_argument("--scheduler", choices=["threads", "processes"], default="threads")
     p.add_argument("--overwrite", action="store_true",
@@ -43,8 +45,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     t = p.add_argument_group("tissue detection")
     d = TissueParams()
-    t.add_argument("--tissue-mpp", type=float, default=d.mpp, help=f"mask resolution ({d.mpp} um/px)")
-    t.add_argument("--min-region-area", type=float, default=d.min_region_area,
+    t.add_argument("--tissue-mpp", type=mpp, default=d.mpp, help=f"mask resolution ({d.mpp} um/px)")
+    t.add_argument("--min-region-area", type=non_negative_float, default=d.min_region_area,
                    help=f"drop tissue regions smaller than this, um^2 ({d.min_region_area:g})")
     t.add_argument("--no-fill-holes", action="store_true", help="keep holes inside tissue")
     p.set_defaults(func=run)
@@ -71,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
     if args.slide_id is not None and len(args.slides) != 1:
         print("wsitools tile: error: --slide-id names one slide; give one SLIDE", file=sys.stderr)
         return 2
+    Path(args.out).mkdir(parents=True, exist_ok=True)  # an unusable --out fails here, once, not per slide
     records = tile_slides(
         args.slides,
         args.out,

@@ -9,47 +9,43 @@
 - :mod:`wsitools.encoders.cards`: YAML model cards and the models directory.
 - :mod:`wsitools.encoders.loading`: :func:`load_encoder` -> :class:`Encoder`.
 - :mod:`wsitools.encoders.fetch`: downloading a card's weights with sha256 verification.
+
+The names below are imported on first use, so reading cards (e.g. when the workflow checks
+its config) does not import torch and timm.
 """
 
-from wsitools.encoders.cards import (
-    EncoderCard,
-    WeightFile,
-    default_models_dir,
-    find_card,
-    list_cards,
-    read_card,
-)
-from wsitools.encoders.checkpoint import (
-    check_state_dict,
-    convert_ordered_state_dict,
-    convert_timm_state_dict,
-    load_weights,
-    prompts_from_checkpoint,
-    read_checkpoint,
-    unwrap_state_dict,
-)
-from wsitools.encoders.fetch import FetchResult, fetch_card
-from wsitools.encoders.loading import Encoder, build_encoder, load_encoder
-from wsitools.encoders.vit import PromptedVisionTransformer
+from __future__ import annotations
 
-__all__ = [
-    "Encoder",
-    "EncoderCard",
-    "FetchResult",
-    "PromptedVisionTransformer",
-    "WeightFile",
-    "build_encoder",
-    "check_state_dict",
-    "convert_ordered_state_dict",
-    "convert_timm_state_dict",
-    "default_models_dir",
-    "fetch_card",
-    "find_card",
-    "list_cards",
-    "load_encoder",
-    "load_weights",
-    "prompts_from_checkpoint",
-    "read_card",
-    "read_checkpoint",
-    "unwrap_state_dict",
-]
+import importlib
+from typing import Any
+
+_HOMES = {
+    "EncoderCard": "cards",
+    "WeightFile": "cards",
+    "default_models_dir": "cards",
+    "find_card": "cards",
+    "list_cards": "cards",
+    "read_card": "cards",
+    "check_state_dict": "checkpoint",
+    "convert_ordered_state_dict": "checkpoint",
+    "convert_timm_state_dict": "checkpoint",
+    "load_weights": "checkpoint",
+    "prompts_from_checkpoint": "checkpoint",
+    "read_checkpoint": "checkpoint",
+    "unwrap_state_dict": "checkpoint",
+    "FetchResult": "fetch",
+    "fetch_card": "fetch",
+    "Encoder": "loading",
+    "build_encoder": "loading",
+    "load_encoder": "loading",
+    "PromptedVisionTransformer": "vit",
+}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{home}"), name)

@@ -23,6 +23,7 @@ import jsonschema
 import yaml
 
 from wsitools.errors import ModelError
+from wsitools.types import schema_pattern
 
 OutputKind = Literal["cls", "pooled", "mean_patch"]
 ComputePrecision = Literal["bf16", "fp16", "fp32"]
@@ -30,14 +31,15 @@ FeatureDtype = Literal["float16", "float32"]
 WeightRole = Literal["backbone", "prompts", "pathotune"]
 
 MODELS_ENV = "WSITOOLS_MODELS"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+"""A card name (it becomes a file and folder name): checked with ``fullmatch``."""
 
 CARD_SCHEMA: dict[str, Any] = {
     "type": "object",
     "additionalProperties": False,
     "required": ["name", "architecture", "weights", "input", "output", "precision"],
     "properties": {
-        "name": {"type": "string", "pattern": _NAME.pattern},
+        "name": {"type": "string", "pattern": schema_pattern(_NAME.pattern)},
         "description": {"type": "string"},
         "architecture": {
             "type": "object",
@@ -73,7 +75,7 @@ CARD_SCHEMA: dict[str, Any] = {
                 "properties": {
                     "role": {"enum": ["backbone", "prompts", "pathotune"]},
                     "file": {"type": "string", "minLength": 1},
-                    "sha256": {"type": ["string", "null"], "pattern": "^[0-9a-f]{64}$"},
+                    "sha256": {"type": ["string", "null"], "pattern": schema_pattern("[0-9a-f]{64}")},
                     "url": {"type": ["string", "null"]},
                     "package": {"type": ["string", "null"]},
                     "layout": {"enum": ["timm", "ordered"]},
@@ -278,12 +280,23 @@ def read_card(path: str | os.PathLike[str]) -> EncoderCard:
     return card_from_dict(data, source=path)
 
 
+def check_card_name(name: str) -> str:
+    """Return ``name`` if it can name a card (and its files and feature folder), else raise
+    :class:`ModelError`: letters, digits, ``.``, ``_`` and ``-``, starting with a letter or digit,
+    at most 100 characters, the whole string (no trailing newline)."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
+        raise ModelError(
+            f"{name!r} is not a valid encoder name (letters, digits, '.', '_' and '-', "
+            "starting with a letter or digit, at most 100 characters)"
+        )
+    return name
+
+
 def find_card(name_or_path: str, *, models_dir: str | os.PathLike[str] | None = None) -> EncoderCard:
     """A card by name (``models_dir/NAME.yaml``) or by path to a ``.yaml``/``.yml`` file."""
     if name_or_path.endswith((".yaml", ".yml")) or os.sep in name_or_path:
         return read_card(name_or_path)
-    if not _NAME.match(name_or_path):
-        raise ModelError(f"{name_or_path!r} is not a valid encoder name")
+    check_card_name(name_or_path)
     directory = _models_dir(models_dir)
     path = directory / f"{name_or_path}.yaml"
     if not path.is_file():

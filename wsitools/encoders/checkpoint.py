@@ -21,6 +21,7 @@ Layouts understood:
 from __future__ import annotations
 
 import pickle
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -47,12 +48,23 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             obj: Any = load_file(str(path), device="cpu")
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, OSError, ValueError, EOFError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"{path}: not a readable weight file ({first})") from exc
+    except Exception as exc:  # noqa: BLE001 - whatever the reader trips on, the file is not a weight file
+        reader = "safetensors" if path.suffix == ".safetensors" else "torch.load, weights only"
+        raise ModelError(f"{path}: not a readable weight file ({reader}: {_read_failure(exc)})") from None
     if not isinstance(obj, Mapping):
         raise ModelError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
     return dict(obj)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _read_failure(exc: Exception) -> str:
+    """Why a weight file could not be read, in a few words (no advice to unpickle it anyway)."""
+    text = _ANSI.sub("", str(exc)).strip()
+    if isinstance(exc, pickle.UnpicklingError) and "weights only" in text.lower():
+        return "it holds pickled Python objects other than tensors, which are never unpickled"
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _tensor_dict(obj: Mapping[str, Any], *, source: str) -> dict[str, torch.Tensor]:
@@ -146,10 +158,38 @@ def convert_ordered_state_dict(
     return out
 
 
+def dtype_kind(dtype: torch.dtype) -> str:
+    """The kind of a tensor dtype: ``float``, ``complex``, ``bool`` or ``int``."""
+    if dtype.is_floating_point:
+        return "float"
+    if dtype.is_complex:
+        return "complex"
+    return "bool" if dtype == torch.bool else "int"
+
+
+def check_dtypes(
+    state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], *, source: str
+) -> None:
+    """Raise :class:`ModelError` naming ``source`` and the tensor when a tensor's dtype is of
+    another kind than the model's (int8, bool or int64 weights for a float parameter).
+
+    Loading would cast them silently into numbers that were never trained. Floating-point
+    widths may differ (fp16 or bf16 files load into fp32 models, as published weights often are).
+    """
+    for key, want in expected.items():
+        have = state_dict.get(key)
+        if have is not None and dtype_kind(have.dtype) != dtype_kind(want.dtype):
+            raise ModelError(
+                f"{source}: tensor {key!r} is {str(have.dtype).removeprefix('torch.')}, the model needs "
+                f"{dtype_kind(want.dtype)} ({str(want.dtype).removeprefix('torch.')}); refusing to cast it"
+            )
+
+
 def check_state_dict(
     state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], *, source: str
 ) -> None:
-    """Raise :class:`ModelError` naming ``source`` unless keys and shapes match ``expected`` exactly."""
+    """Raise :class:`ModelError` naming ``source`` unless keys and shapes match ``expected`` exactly
+    and every dtype is of the model's kind (:func:`check_dtypes`)."""
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
     wrong = [
@@ -168,6 +208,35 @@ def check_state_dict(
         )
     if problems:
         raise ModelError(f"{source}: does not fit the model; " + "; ".join(problems))
+    check_dtypes(state_dict, expected, source=source)
+
+
+def read_state_dict(path: str | Path, expected: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Read a flat weight file written for a model whose state dict is ``expected`` and check it
+    (keys, shapes, dtype kinds); every problem is a :class:`ModelError` naming the file."""
+    sd = _tensor_dict(read_checkpoint(path), source=str(path))
+    check_state_dict(sd, expected, source=str(path))
+    return sd
+
+
+def check_optimizer_state(state: Any, *, source: str) -> dict[str, Any]:
+    """An optimizer state dict read from ``source``, checked before ``load_state_dict`` sees it:
+    the ``state`` and ``param_groups`` entries must be there, and every per-parameter tensor but
+    the step count must be floating point (a moment of another dtype would be cast silently)."""
+    if not isinstance(state, Mapping) or not isinstance(state.get("state"), Mapping) or not isinstance(
+        state.get("param_groups"), list
+    ):
+        raise ModelError(f"{source}: not an optimizer state (needs 'state' and 'param_groups')")
+    for index, entry in state["state"].items():
+        if not isinstance(entry, Mapping):
+            raise ModelError(f"{source}: optimizer state {index!r} is a {type(entry).__name__}, not a dict")
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor) and key != "step" and not value.dtype.is_floating_point:
+                raise ModelError(
+                    f"{source}: optimizer state {index}.{key} is {str(value.dtype).removeprefix('torch.')}, "
+                    "expected floating point; refusing to cast it"
+                )
+    return dict(state)
 
 
 def load_weights(
@@ -197,6 +266,7 @@ def load_weights(
                 f"{prompts}: prompt tokens have shape {list(prompt_tensor.shape)}, the model needs "
                 f"{list(wanted.shape)} [layers, tokens, dim]"
             )
+        check_dtypes({"prompt_tokens": prompt_tensor}, {"prompt_tokens": wanted}, source=str(prompts))
     if backbone is None:
         if prompt_tensor is not None:
             with torch.no_grad():

@@ -27,6 +27,7 @@ from torch import nn
 
 from wsitools.encoders.cards import EncoderCard, WeightFile, find_card
 from wsitools.encoders.checkpoint import load_weights
+from wsitools.encoders.vit import PromptedVisionTransformer  # noqa: F401 - registers the prompted ViTs with timm
 from wsitools.device import resolve_device
 from wsitools.errors import ModelError
 from wsitools.io import sha256_file, stable_hash

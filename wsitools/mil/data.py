@@ -20,7 +20,7 @@ import h5py
 import numpy as np
 import torch
 
-from wsitools.errors import DataError, StoreError
+from wsitools.errors import DataError, StoreError, one_line
 from wsitools.types import check_slide_id
 
 log = logging.getLogger(__name__)
@@ -61,8 +61,12 @@ def read_labels(path: str | os.PathLike[str]) -> list[LabelRow]:
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError as exc:
-        raise DataError(f"labels table {path}: no such file") from exc
+    except FileNotFoundError:
+        raise DataError(f"labels table {path}: no such file") from None
+    except IsADirectoryError:
+        raise DataError(f"labels table {path}: is a directory, expected a CSV or TSV file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"labels table {path}: cannot be read ({exc})") from None
     reader = csv.DictReader(text.splitlines(), dialect=_sniff_dialect(path, text[:4096]))
     columns = [c.strip() for c in (reader.fieldnames or [])]
     for need in ("slide_id", "label"):
@@ -166,6 +170,10 @@ def bag_info(path: str | os.PathLike[str], *, check_values: bool = True) -> BagI
             feats = f["features"]
             if feats.ndim != 2 or feats.shape[0] == 0 or feats.shape[1] == 0:
                 raise DataError(f"slide {slide_id}: features in {path} have shape {feats.shape}, expected [N>0, D]")
+            if feats.dtype.kind != "f":
+                raise DataError(
+                    f"slide {slide_id}: features in {path} are of type {feats.dtype}, expected floating point"
+                )
             if "coords" in f and f["coords"].shape != (feats.shape[0], 2):
                 raise DataError(
                     f"slide {slide_id}: coords in {path} have shape {f['coords'].shape}, "
@@ -183,8 +191,8 @@ def bag_info(path: str | os.PathLike[str], *, check_values: bool = True) -> BagI
                         )
             attrs = {k: _attr_value(v) for k, v in f.attrs.items()}
             return BagInfo(slide_id=slide_id, path=path, n=int(feats.shape[0]), dim=int(feats.shape[1]), attrs=attrs)
-    except OSError as exc:
-        raise DataError(f"slide {slide_id}: feature store {path} cannot be read: {exc}") from exc
+    except (OSError, TypeError, ValueError) as exc:
+        raise DataError(f"slide {slide_id}: feature store {path} cannot be read: {one_line(exc)}") from None
 
 
 class RowLayout(NamedTuple):
@@ -254,6 +262,8 @@ class Cohort:
     splits: list[str] | None = None
     folds: list[int] | None = None
     encoder: str | None = None
+    encoder_hash: str | None = None
+    encoder_weights: str | None = None
     skipped: dict[str, str] = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -278,6 +288,7 @@ def build_cohort(
     ivp_features_dir: str | os.PathLike[str] | None = None,
     strict: bool = False,
     check_values: bool = True,
+    allow_empty_classes: bool = False,
 ) -> Cohort:
     """Match labelled slides to their feature stores and check every bag.
 
@@ -286,6 +297,9 @@ def build_cohort(
       (non-finite features, wrong shape), is skipped with a warning naming it; with ``strict``
       it is an error. Feature stores without a label are listed in a warning and ignored.
     - Bags whose feature width differs from the others are an error naming them (mixed encoders).
+    - A class of ``classes`` without any usable labelled slide is an error naming it (a head
+      would be trained and evaluated on a class it never saw); with ``allow_empty_classes`` a
+      warning.
     - Fewer than two classes left is an error.
     """
     class_index = {c: i for i, c in enumerate(classes)}
@@ -333,9 +347,8 @@ def build_cohort(
             f"only one class ({present[0]!r}) among the {len(kept)} usable slides; "
             "a classifier needs at least two"
         )
-    encoders = {str(infos[r.slide_id].attrs.get("encoder", "")) for r in kept} - {""}
-    if len(encoders) > 1:
-        raise DataError(f"feature stores in {features_dir} come from several encoders: {sorted(encoders)}")
+    _check_empty_classes(classes, rows, kept, allow=allow_empty_classes)
+    encoder = _one_encoder([infos[r.slide_id] for r in kept], features_dir)
     return Cohort(
         slide_ids=[r.slide_id for r in kept],
         labels=np.array([class_index[r.label] for r in kept], dtype=np.int64),
@@ -348,9 +361,63 @@ def build_cohort(
         ivp_dim=ivp_infos[kept[0].slide_id].dim if ivp_stores is not None else None,
         splits=[r.split for r in kept] if kept[0].split is not None else None,
         folds=[r.fold for r in kept] if kept[0].fold is not None else None,
-        encoder=encoders.pop() if encoders else None,
+        encoder=encoder.name,
+        encoder_hash=encoder.hash,
+        encoder_weights=encoder.weights,
         skipped=problems,
     )
+
+
+def _check_empty_classes(
+    classes: Sequence[str], rows: Sequence[LabelRow], kept: Sequence[LabelRow], *, allow: bool
+) -> None:
+    labelled = {c: sum(r.label == c for r in rows) for c in classes}
+    usable = {c: sum(r.label == c for r in kept) for c in classes}
+    empty = [c for c in classes if usable[c] == 0]
+    if not empty:
+        return
+    listing = ", ".join(
+        f"{c!r} ({'no labelled slide' if not labelled[c] else f'{labelled[c]} labelled, none usable'})" for c in empty
+    )
+    if allow:
+        log.warning("task classes without a usable labelled slide (trained and predicted all the same): %s", listing)
+        return
+    raise DataError(
+        f"task classes without a usable labelled slide: {listing}; label slides of them, remove them "
+        "from the task, or pass --allow-empty-classes"
+    )
+
+
+class EncoderRecord(NamedTuple):
+    """The encoder of a feature store, as its attributes record it (None where they do not)."""
+
+    name: str | None
+    hash: str | None
+    weights: str | None
+
+    @classmethod
+    def of(cls, attrs: dict[str, Any]) -> EncoderRecord:
+        def text(key: str) -> str | None:
+            value = attrs.get(key)
+            return str(value) if value not in (None, "") else None
+
+        return cls(text("encoder"), text("encoder_hash"), text("weight_sha256"))
+
+    def describe(self) -> str:
+        """``name (hash 0123456789ab)``, for messages."""
+        return f"{self.name or 'unnamed'} (hash {self.hash[:12]})" if self.hash else f"{self.name or 'unnamed'}"
+
+
+def _one_encoder(bags: Sequence[BagInfo], features_dir: Any) -> EncoderRecord:
+    """The one encoder all ``bags`` come from; several (other names, or one name with other
+    weights or settings) is an error naming an example of each."""
+    seen: dict[EncoderRecord, str] = {}
+    for bag in bags:
+        seen.setdefault(EncoderRecord.of(bag.attrs), bag.slide_id)
+    if len(seen) > 1:
+        listing = "; ".join(f"{rec.describe()} (e.g. slide {sid})" for rec, sid in seen.items())
+        raise DataError(f"feature stores in {features_dir} come from several encoders: {listing}")
+    return next(iter(seen)) if seen else EncoderRecord(None, None, None)
 
 
 def _check_one_width(infos: dict[str, BagInfo], features_dir: Any) -> None:
@@ -425,20 +492,25 @@ def patient_kfold(
     n_folds: int = 5,
     val_fraction: float = 0.2,
     seed: int = 0,
+    classes: Sequence[str] | None = None,
 ) -> list[Fold]:
     """Patient-level stratified k-fold: every patient's slides are in one test fold; inside each
     fold's training part a stratified ``val_fraction`` of the patients is held out for early
-    stopping. Raises :class:`DataError` if a class has fewer patients than folds."""
+    stopping. Raises :class:`DataError` if a class has fewer patients than folds (naming the
+    class by its name in ``classes`` when given)."""
     labels = np.asarray(labels, dtype=np.int64)
     if n_folds < 2:
         raise DataError(f"--folds must be at least 2, got {n_folds}")
     names, plabels = _patient_labels(labels, patients)
     counts = np.bincount(plabels)
-    short = [f"class {c}: {n} patients" for c, n in enumerate(counts) if 0 < n < n_folds]
+    short = [
+        f"class {classes[c] if classes is not None else c!r}: {n} patient{'s' if n != 1 else ''}"
+        for c, n in enumerate(counts) if 0 < n < n_folds
+    ]
     if short:
         raise DataError(
             f"{n_folds}-fold cross-validation needs at least {n_folds} patients per class; "
-            f"{'; '.join(short)} (use fewer folds)"
+            f"{'; '.join(short)} (use fewer folds: --folds)"
         )
     rng = np.random.default_rng(seed)
     part = _stratified_assign(plabels, n_folds, rng)

@@ -345,7 +345,7 @@ def save_head(model: nn.Module, folder: str | os.PathLike[str], *, meta: dict[st
 
 def load_head(folder: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> SavedHead:
     """Read a head written by :func:`save_head`; raises :class:`ModelError` naming the file on a mismatch."""
-    from safetensors.torch import load_file
+    from wsitools.encoders.checkpoint import read_state_dict
 
     folder = Path(folder)
     config_path, weights_path = folder / "config.json", folder / "model.safetensors"
@@ -353,17 +353,20 @@ def load_head(folder: str | os.PathLike[str], *, device: str | torch.device = "c
         raise ModelError(f"{folder}: not a saved head (needs config.json and model.safetensors)")
     try:
         meta = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ModelError(f"{config_path}: not valid JSON: {exc}") from exc
-    if meta.get("kind") != "mil_head" or meta.get("format_version") != HEAD_FORMAT_VERSION:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{config_path}: not valid JSON: {exc}") from None
+    if not isinstance(meta, dict) or meta.get("kind") != "mil_head" or meta.get("format_version") != HEAD_FORMAT_VERSION:
         raise ModelError(f"{config_path}: not a version-{HEAD_FORMAT_VERSION} mil_head config")
-    config = HeadConfig.from_dict(meta.pop("config"))
-    model = create_head(config)
-    state = load_file(str(weights_path), device=str(device))
     try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise ModelError(f"{weights_path}: weights do not match the {config.head} head in config.json: {exc}") from exc
+        config = HeadConfig.from_dict(meta.pop("config"))
+        model = create_head(config)
+        meta["classes"] = [str(c) for c in meta["classes"]]
+    except ModelError as exc:
+        raise ModelError(f"{config_path}: {exc}") from None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelError(f"{config_path}: not a usable head config ({type(exc).__name__}: {exc})") from None
+    state = read_state_dict(weights_path, model.state_dict())
+    model.load_state_dict(state, strict=True)
     model.to(device).eval()
     return SavedHead(model=model, config=config, meta=meta)
 

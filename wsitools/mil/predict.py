@@ -24,7 +24,7 @@ import torch
 from wsitools import __version__
 from wsitools.errors import DataError, ModelError
 from wsitools.io import atomic_path, write_json_atomic
-from wsitools.mil.data import BagInfo, bag_info, list_feature_stores, read_coords, read_features
+from wsitools.mil.data import BagInfo, EncoderRecord, bag_info, list_feature_stores, read_coords, read_features
 from wsitools.mil.heads import SavedHead, load_head
 from wsitools.types import check_slide_id
 
@@ -114,7 +114,34 @@ def load_heads(model_dir: str | os.PathLike[str], *, device: str | torch.device 
     for h in heads[1:]:
         if h.classes != first.classes or h.config.in_dim != first.config.in_dim:
             raise ModelError(f"{model_dir}: the fold heads disagree on classes or feature width")
+        if h.meta.get("encoder_hash") != first.meta.get("encoder_hash"):
+            raise ModelError(f"{model_dir}: the fold heads were trained on features of different encoders")
     return heads
+
+
+def check_encoder(head: SavedHead, bag: BagInfo, *, model_dir: str | os.PathLike[str]) -> bool:
+    """Refuse features of another encoder than the one ``head`` was trained on.
+
+    A head records the encoder of its training features (name, ``encoder_hash`` and weight
+    checksums, from the feature stores' attributes); a bag whose hash differs (other weights or
+    settings, even at the same feature width) is a :class:`ModelError` naming both. A head
+    without a recorded hash is compared by name when it has one; returns False when nothing
+    could be compared (a head without an encoder record), so the caller can say so.
+    """
+    trained = EncoderRecord(head.meta.get("encoder"), head.meta.get("encoder_hash"), head.meta.get("encoder_weights"))
+    given = EncoderRecord.of(bag.attrs)
+    if trained.hash is not None:
+        same = given.hash == trained.hash
+    elif trained.name is not None and given.name is not None:
+        same = given.name == trained.name
+    else:
+        return False
+    if not same:
+        raise ModelError(
+            f"{bag.path}: features of encoder {given.describe()}, but the head {model_dir} was trained on "
+            f"features of encoder {trained.describe()}; give --features of that encoder"
+        )
+    return trained.hash is not None
 
 
 def write_predictions_csv(path: str | os.PathLike[str], rows: Sequence[dict[str, Any]], classes: Sequence[str]) -> None:
@@ -167,6 +194,7 @@ def predict(
     if out_dir.exists() and not overwrite:
         raise DataError(f"output {out_dir} exists; use --overwrite to replace it")
     skipped: dict[str, str] = {}
+    unchecked = False
     results: list[BagPrediction] = []
     rows: list[dict[str, Any]] = []
     with atomic_path(out_dir, overwrite=overwrite) as tmp:
@@ -180,6 +208,12 @@ def predict(
                     raise DataError(
                         f"slide {slide_id}: features are {bag.dim}-d, the head expects {first.config.in_dim}-d "
                         f"(encoder {first.meta.get('encoder')})"
+                    )
+                if not check_encoder(first, bag, model_dir=model_dir) and not unchecked:
+                    unchecked = True
+                    log.warning(
+                        "%s: the head records no encoder checksum; cannot check that %s holds features "
+                        "of the encoder it was trained on", model_dir, features_dir,
                     )
                 ivp = None
                 if needs_ivp:

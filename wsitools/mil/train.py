@@ -354,13 +354,15 @@ def train(
     text_cache_dir: str | os.PathLike[str] | None = None,
     device: str | torch.device = "auto",
     strict: bool = False,
+    allow_empty_classes: bool = False,
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Cross-validate ``head`` on a labelled cohort and write the run to ``out_dir``.
 
     Folds come from the labels table's ``split``/``fold`` column if it has one, else from
-    patient-level stratified k-fold. ``device``: ``auto`` (CUDA when available), ``cpu`` or
+    patient-level stratified k-fold. A task class without a usable labelled slide is an error
+    (a warning with ``allow_empty_classes``). ``device``: ``auto`` (CUDA when available), ``cpu`` or
     ``cuda`` (a :class:`~wsitools.errors.ModelError` when there is no GPU). Returns the content
     of ``metrics.json``.
     """
@@ -373,12 +375,16 @@ def train(
         raise DataError(f"output {out_dir} exists; use --overwrite to replace it")
     if ivp_features_dir is not None and "ivp" not in prompts:
         raise DataError("--ivp-features is used by the 'ivp' prompt; add ivp to --prompts")
-    cohort = build_cohort(read_labels(labels), features_dir, task.classes, ivp_features_dir=ivp_features_dir, strict=strict)
+    cohort = build_cohort(
+        read_labels(labels), features_dir, task.classes, ivp_features_dir=ivp_features_dir, strict=strict,
+        allow_empty_classes=allow_empty_classes,
+    )
     if cohort.splits is not None or cohort.folds is not None:
         folds = user_folds(cohort, val_fraction=config.val_fraction, seed=config.seed)
     else:
         folds = patient_kfold(
-            cohort.labels, cohort.patients, n_folds=config.folds, val_fraction=config.val_fraction, seed=config.seed
+            cohort.labels, cohort.patients, n_folds=config.folds, val_fraction=config.val_fraction, seed=config.seed,
+            classes=cohort.classes,
         )
     text_embeddings = None
     text_info: dict[str, Any] | None = None
@@ -399,6 +405,8 @@ def train(
         "classes": list(task.classes),
         "task": task.to_dict(),
         "encoder": cohort.encoder,
+        "encoder_hash": cohort.encoder_hash,
+        "encoder_weights": cohort.encoder_weights,
         "text": text_info,
         "train": asdict(config),
         "package_version": __version__,

@@ -32,11 +32,12 @@ from typing import Any
 
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from wsitools.device import resolve_device
 from wsitools.encoders import Encoder, EncoderCard, load_encoder
 from wsitools.encoders.cards import card_from_dict, card_to_dict
+from wsitools.encoders.checkpoint import read_state_dict
 from wsitools.encoders.loading import build_encoder
 from wsitools.errors import ModelError
 from wsitools.io import atomic_path, sha256_file, stable_hash, write_json_atomic
@@ -184,10 +185,7 @@ def load_pathotune(
             raise ModelError(f"{path}: its IVP encoder {ref['card']} changed since tuning (encoder hash differs)")
     config = PathoTuneConfig.from_dict(meta["config"])
     prompts = PathoTunePrompts(config)
-    try:
-        prompts.load_state_dict(load_file(str(weights)), strict=True)
-    except RuntimeError as exc:
-        raise ModelError(f"{weights}: does not match {config_path}: {exc}") from None
+    prompts.load_state_dict(read_state_dict(weights, prompts.state_dict()), strict=True)
     model = PathoTuneViT(backbone, prompts.to(dev), ivp=ivp).eval()
     return TunedModel(model=model, backbone=backbone, card=base, meta=meta, weights_sha256=digest)
 

@@ -34,11 +34,13 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
 from wsitools.device import TrainPrecision, autocast, training_amp_dtype
-from wsitools.errors import ModelError
+from wsitools.encoders.cards import check_card_name
+from wsitools.encoders.checkpoint import check_optimizer_state, read_checkpoint, read_state_dict
+from wsitools.errors import ModelError, one_line
 from wsitools.io import atomic_path, available_cpus, stable_hash, write_json_atomic
 from wsitools.puzzle.backbone import PuzzleBackbone, export_promptstate, load_puzzle_backbone
 from wsitools.puzzle.curriculum import Curriculum, Strategy, default_patch_sizes
@@ -51,7 +53,7 @@ from wsitools.training import learning_rate_at
 log = logging.getLogger(__name__)
 
 LOG_COLUMNS = ("epoch", "step", "loss", "lr", "patch_size", "ratio")
-CHECKPOINT_RE = re.compile(r"^epoch-(\d{4,})$")
+CHECKPOINT_RE = re.compile(r"epoch-(\d{4,})")
 
 
 @dataclass(frozen=True)
@@ -191,7 +193,7 @@ def _checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
         return []
     found = []
     for p in root.iterdir():
-        m = CHECKPOINT_RE.match(p.name)
+        m = CHECKPOINT_RE.fullmatch(p.name)
         if m and (p / "state.json").is_file():
             found.append((int(m.group(1)), p))
     return sorted(found)
@@ -233,24 +235,31 @@ def _load_checkpoint(
     scaler: torch.amp.GradScaler | None,
     schedule_hash: str,
 ) -> tuple[int, int]:
-    state = json.loads((path / "state.json").read_text())
+    try:
+        state = json.loads((path / "state.json").read_text())
+        state = {k: state[k] for k in ("schedule_hash", "epochs_done", "steps_done")}
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise ModelError(f"{path / 'state.json'}: not a checkpoint state ({one_line(exc)})") from None
     if state["schedule_hash"] != schedule_hash:
         raise PuzzleError(
             f"{path}: was written by a run with other settings (schedule hash "
             f"{state['schedule_hash']}, now {schedule_hash}); resume with the same settings "
             "(see config.json) or start a new --out folder"
         )
-    tensors = load_file(str(path / "trainable.safetensors"))
     own = model.trainable_state()
-    if set(tensors) != set(own) or any(tensors[k].shape != own[k].shape for k in own):
-        raise ModelError(f"{path / 'trainable.safetensors'}: does not fit this model (keys or shapes differ)")
+    tensors = read_state_dict(path / "trainable.safetensors", own)
+    opt_path = path / "optimizer.pt"
+    opt = read_checkpoint(opt_path)
+    optimizer_state = check_optimizer_state(opt.get("optimizer"), source=str(opt_path))
+    try:
+        optimizer.load_state_dict(optimizer_state)
+        if scaler is not None and opt.get("scaler"):
+            scaler.load_state_dict(opt["scaler"])
+    except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+        raise ModelError(f"{opt_path}: does not fit this run's optimizer ({one_line(exc)})") from None
     with torch.no_grad():
         for k, p in own.items():
             p.copy_(tensors[k].to(p.device))
-    opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(opt["optimizer"])
-    if scaler is not None and opt["scaler"]:
-        scaler.load_state_dict(opt["scaler"])
     return int(state["epochs_done"]), int(state["steps_done"])
 
 
@@ -313,6 +322,8 @@ def train_puzzle(
     """
     from tqdm import tqdm
 
+    if name is not None:
+        check_card_name(name)
     out = Path(out_dir)
     existing = _checkpoints(out)
     if existing and not resume:
