@@ -24,3 +24,8 @@ class ModelError(WsiToolsError):
 
 class DataError(WsiToolsError):
     """A labels table, task description or cohort is inconsistent."""
+
+
+class DamagedStoreError(StoreError):
+    """A store that fails its integrity check (a missing or truncated file, no manifest): it holds
+    nothing worth keeping, so ``wsitools tile`` rebuilds it."""
