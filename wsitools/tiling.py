@@ -427,8 +427,11 @@ def _worker_main(conn: Any, out: str, params: TilingParams, kwargs: dict[str, An
     """A tiling worker process: tile each (path, slide id) it is sent, send back the QC record."""
     logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_DFL)
-    while (task := conn.recv()) is not None:
-        conn.send(_tile_one(Path(task[0]), task[1], Path(out), params, kwargs))
+    try:
+        while (task := conn.recv()) is not None:
+            conn.send(_tile_one(Path(task[0]), task[1], Path(out), params, kwargs))
+    except EOFError:  # the supervising process is gone
+        pass
 
 
 _SIGNAL_HINTS = {
@@ -454,14 +457,15 @@ def death_reason(exitcode: int | None) -> str:
 
 class _Worker:
     """One tiling worker process (spawned: no threads or open files inherited), reused for slide
-    after slide and replaced when it dies."""
+    after slide and replaced when it dies. Not a daemon, so that it may start the processes of
+    ``scheduler="processes"``; it ends when the pipe to this process closes."""
 
     def __init__(self, out: Path, params: TilingParams, kwargs: dict[str, Any]):
         ctx = multiprocessing.get_context("spawn")
         self.conn, child_conn = ctx.Pipe()
         level = logging.getLogger().getEffectiveLevel()
         self.process = ctx.Process(
-            target=_worker_main, args=(child_conn, str(out), params, kwargs, level), name="wsitools-tile", daemon=True
+            target=_worker_main, args=(child_conn, str(out), params, kwargs, level), name="wsitools-tile"
         )
         self.process.start()
         child_conn.close()

@@ -396,3 +396,35 @@ def test_temporary_names_carry_host_pid_and_a_random_part(tmp_path):
     _, name, h, pid, rand = a.name.split("-")
     assert (name, h, pid, len(rand)) == ("S.h5", host(), str(os.getpid()), 8)
     assert h == "".join(c if c.isalnum() or c == "." else "_" for c in socket.gethostname())
+
+
+@pytest.mark.slow
+def test_workflow_draws_the_heatmap_of_a_slide_that_needs_an_mpp_override(tmp_path):
+    import yaml
+
+    from wsitools import cohort
+    from wsitools.synthetic import make_cohort
+
+    work = tmp_path / "w"
+    slides = make_cohort(work, n_slides=6, size=(1536, 1024), seed=2)
+    nompp = slides[3]  # rewritten without any resolution in its metadata: the sheet gives it
+    write_slide(nompp.path, size=(1536, 1024), mpp=0.5, regions=nompp.regions, fmt="svs", write_mpp=False)
+    (work / "config").mkdir()
+    rows = [f"{s.slide_id}\t{s.path}\t{s.patient_id}\t{s.label}\t{'0.5' if s is nompp else ''}" for s in slides]
+    (work / "config" / "samples.tsv").write_text("slide_id\tpath\tpatient_id\tlabel\tmpp\n" + "\n".join(rows) + "\n")
+    (work / "config" / "task.yaml").write_text(yaml.safe_dump({
+        "name": "planted", "description": "is there a region of another texture",
+        "classes": {"negative": "one texture", "positive": "a region of another texture"}}))
+    (work / "config" / "config.yaml").write_text(yaml.safe_dump({
+        "samples": "config/samples.tsv", "device": "cpu",
+        "features": {"encoders": ["vit-test-tiny"], "batch_size": 32, "threads": 1},
+        "tasks": {"planted": {"task_file": "config/task.yaml"}},
+        "heads": {"meanpool": {"type": "meanpool", "folds": 2, "threads": 1,
+                               "extra_args": ["--epochs", "3", "--bootstrap", "20"]}},
+    }))
+    result = subprocess.run(cohort.snakemake_command(work, "--cores", "2"), capture_output=True, text=True,
+                            timeout=1200, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    heatmaps = work / "results/heatmaps/planted/vit-test-tiny/meanpool"
+    assert (heatmaps / f"{nompp.slide_id}.heatmap.png").stat().st_size > 0
+    assert sorted(p.name for p in heatmaps.glob("*.heatmap.png")) == sorted(f"{s.slide_id}.heatmap.png" for s in slides)
