@@ -406,11 +406,11 @@ def test_workflow_draws_the_heatmap_of_a_slide_that_needs_an_mpp_override(tmp_pa
     from wsitools.synthetic import make_cohort
 
     work = tmp_path / "w"
-    slides = make_cohort(work, n_slides=6, size=(1536, 1024), seed=2)
+    slides = make_cohort(work, n_slides=8, size=(2048, 1536), seed=1)
     nompp = slides[3]  # rewritten without any resolution in its metadata: the sheet gives it
-    write_slide(nompp.path, size=(1536, 1024), mpp=0.5, regions=nompp.regions, fmt="svs", write_mpp=False)
+    write_slide(nompp.path, size=(2048, 1536), mpp=0.5, regions=nompp.regions, fmt="svs", write_mpp=False)
     (work / "config").mkdir()
-    rows = [f"{s.slide_id}\t{s.path}\t{s.patient_id}\t{s.label}\t{'0.5' if s is nompp else ''}" for s in slides]
+    rows = [f"{s.slide_id}\t{s.path}\t{s.slide_id}\t{s.label}\t{'0.5' if s is nompp else ''}" for s in slides]
     (work / "config" / "samples.tsv").write_text("slide_id\tpath\tpatient_id\tlabel\tmpp\n" + "\n".join(rows) + "\n")
     (work / "config" / "task.yaml").write_text(yaml.safe_dump({
         "name": "planted", "description": "is there a region of another texture",
