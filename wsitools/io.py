@@ -21,9 +21,13 @@ TEMP_PREFIX = ".tmp-"
 """Every temporary starts with this, so no glob for finished outputs (``*.zarr``, ``*.h5``) matches it."""
 
 
+NAME_MAX = 255
+"""Longest file name most file systems accept."""
+
+
 def _host_token() -> str:
     """This machine's name as it appears in temporary names (letters, digits, ``.`` and ``_``)."""
-    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "localhost"
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())[:64] or "localhost"
 
 
 def temp_sibling(final: Path) -> Path:
@@ -32,9 +36,10 @@ def temp_sibling(final: Path) -> Path:
     The name is ``.tmp-NAME-HOST-PID-RANDOM``: unique per run even when two runs share a process
     id (containers, PID namespaces, two nodes on one shared file system), and it says which host
     and process own it, so the temporaries of dead runs can be told from live ones
-    (:func:`temp_owner`).
+    (:func:`temp_owner`). A final name too long to fit is shortened in the temporary's name.
     """
-    return final.parent / f"{TEMP_PREFIX}{final.name}-{_host_token()}-{os.getpid()}-{secrets.token_hex(4)}"
+    owner = f"-{_host_token()}-{os.getpid()}-{secrets.token_hex(4)}"
+    return final.parent / f"{TEMP_PREFIX}{final.name[: NAME_MAX - len(TEMP_PREFIX) - len(owner)]}{owner}"
 
 
 @dataclass(frozen=True)

@@ -313,13 +313,10 @@ class PatchStore:
         slide = Path(path) if path is not None else self.slide_path
         if not slide.is_file():
             raise StoreError(f"{self.path}: its slide {slide} is gone; restore it or re-tile")
-        a = self.attrs
+        now = slide_identity(slide)
         changed = [
-            key.removeprefix("slide_") for key, now in (
-                ("slide_size", lambda: slide.stat().st_size),
-                ("slide_mtime", lambda: slide.stat().st_mtime),
-                ("slide_fingerprint", lambda: file_fingerprint(slide)),
-            ) if key in a and a[key] != now()
+            key.removeprefix("slide_") for key in ("slide_size", "slide_mtime", "slide_fingerprint")
+            if key in self.attrs and self.attrs[key] != now[key]
         ]
         if changed:
             raise StoreError(
