@@ -199,7 +199,7 @@ def read_store_attrs(path: str | os.PathLike[str]) -> dict[str, Any]:
     if p.name.startswith(TEMP_PREFIX):
         raise StoreError(f"{p}: is an unfinished (temporary) patch store")
     if not p.is_dir():
-        raise StoreError(f"{p}: no such patch store")
+        raise StoreError(f"{p}: not a patch store (a file, not a folder)" if p.exists() else f"{p}: no such patch store")
     _verify_manifest(p)
     try:
         group = zarr.open_group(str(p), mode="r")

@@ -430,7 +430,7 @@ def _worker_main(conn: Any, out: str, params: TilingParams, kwargs: dict[str, An
     try:
         while (task := conn.recv()) is not None:
             conn.send(_tile_one(Path(task[0]), task[1], Path(out), params, kwargs))
-    except EOFError:  # the supervising process is gone
+    except (EOFError, BrokenPipeError):  # the supervising process is gone
         pass
 
 
