@@ -552,7 +552,7 @@ def tile_slides(
                 reason = f"{path}: tiling was {death_reason(dead.process.exitcode)}"
                 log.error("%s", reason)
                 out.mkdir(parents=True, exist_ok=True)
-                remove_dead_temps(out, f"{slide_id}.zarr")
+                remove_dead_temps(out)  # the dead worker's store, tissue files, QC file
                 record = _failed(out, slide_id, path, reason)
             records.append(record)
             if stopped:
