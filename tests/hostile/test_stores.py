@@ -353,6 +353,27 @@ def test_killed_tile_worker_is_recorded_and_the_next_slide_is_tiled(synthetic_sv
     assert "big\tfailed\t" in stdout and "synth_svs\tok\t" in stdout
 
 
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs /proc to find the worker process")
+def test_sigterm_to_the_whole_job_records_the_slide_and_stops(synthetic_svs, tmp_path):
+    big = write_slide(tmp_path / "big.svs", size=(4096, 3072), mpp=0.25, regions=(Region(0, 0, 4096, 3072),),
+                      fmt="svs", downsamples=(1, 4, 16))
+    out = tmp_path / "tiles"
+    cmd = [sys.executable, "-m", "wsitools", "tile", str(big), str(synthetic_svs), "--out", str(out),
+           "--mpp", "0.25", "--tile-size", "32", "--tissue-mpp", "4", "--workers", "1", "--quiet", "--keep-going"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    deadline = time.monotonic() + 120
+    while not list(out.glob(".tmp-big.zarr-*")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGTERM)  # as a scheduler cancelling the job: every process of it
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    reason = json.loads((out / "big.qc.json").read_text())["reason"]
+    assert reason == f"{big}: tiling was killed by signal 15 (SIGTERM)"
+    assert "stopped by signal 15: 1 slides not tiled" in stderr
+    assert not (out / "synth_svs.qc.json").exists() and not temps(out)
+
+
 # --- 16. temporaries of dead runs are removed; `wsitools clean` for shared file systems -----------
 
 
