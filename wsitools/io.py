@@ -235,7 +235,6 @@ class TempReport:
     """One temporary found by :func:`scan_temps`, and whether it is stale (and why, or why not)."""
 
     path: Path
-    owner: TempOwner
     bytes: int
     idle_hours: float
     """Hours since anything inside it was last written."""
@@ -291,5 +290,5 @@ def scan_temps(root: str | os.PathLike[str], *, older_than_hours: float | None =
                 stale, why = False, f"its process {owner.pid} on this host is running"
             else:
                 stale, why = False, f"from {owner.host or 'an older wsitools'}, untouched for {idle:.1f} h"
-            found.append(TempReport(path, owner, size, idle, stale, why))
+            found.append(TempReport(path, size, idle, stale, why))
     return found

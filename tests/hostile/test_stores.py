@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from wsitools.cli import main
-from wsitools.errors import DamagedStoreError, SlideError, StoreError
+from wsitools.errors import DamagedStoreError, StoreError
 from wsitools.io import LostRace, atomic_path, temp_sibling
 from wsitools.synthetic import Region, write_slide
 from wsitools.store import MANIFEST, PatchStore, read_store_attrs
