@@ -22,6 +22,7 @@ import os
 import signal
 import threading
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -247,7 +248,14 @@ def _run_chunks(
                 bar.update(result)
 
     with bar, _Progress():
-        dask.compute(*tasks, scheduler=scheduler, num_workers=workers)
+        if scheduler == "threads":
+            # A pool of our own, shut down (its running tasks finished) before an error leaves
+            # here: no task may still write a chunk into a temporary store that is being removed.
+            # (dask's process pool is shut down the same way by dask itself.)
+            with ThreadPoolExecutor(workers) as pool:
+                dask.compute(*tasks, scheduler="threads", pool=pool)
+        else:
+            dask.compute(*tasks, scheduler=scheduler, num_workers=workers)
 
 
 def _store_identity(slide: Slide, params: TilingParams, geometry: TileGeometry) -> dict[str, Any]:

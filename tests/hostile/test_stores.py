@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from wsitools.cli import main
-from wsitools.errors import DamagedStoreError, StoreError
+from wsitools.errors import DamagedStoreError, SlideError, StoreError
 from wsitools.io import LostRace, atomic_path, temp_sibling
 from wsitools.synthetic import Region, write_slide
 from wsitools.store import MANIFEST, PatchStore, read_store_attrs
@@ -254,6 +254,28 @@ def test_corrupt_jpeg_tiles_fail_the_slide_and_the_cohort_goes_on(synthetic_svs,
     assert "\n" not in reason
     assert not (tmp_path / "t" / "bad.zarr").exists() and not temps(tmp_path / "t")
     assert not (tmp_path / "t" / "bad.tissue.png").exists() and not (tmp_path / "t" / "bad.geojson").exists()
+
+
+def test_a_failing_chunk_never_leaves_a_temporary_written_by_the_others(synthetic_svs, tmp_path, monkeypatch):
+    import wsitools.tiling as tiling
+
+    real, calls, lock = tiling.read_tiles, [], threading.Lock()
+
+    def first_fails_others_are_slow(*args, **kwargs):
+        with lock:
+            calls.append(1)
+            first = len(calls) == 1
+        if first:
+            raise SlideError("corrupt JPEG data in TIFF tile 3 of level 0")
+        time.sleep(0.3)  # still writing its chunk when the failure is raised
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tiling, "read_tiles", first_fails_others_are_slow)
+    record = tile_slides([synthetic_svs], tmp_path, TilingParams(mpp=0.25, tile_size=64, tissue=TISSUE),
+                         workers=2, progress=False)[0]
+    assert record["status"] == "failed" and "TIFF tile 3" in record["reason"]
+    time.sleep(0.5)
+    assert not temps(tmp_path) and not (tmp_path / "synth_svs.zarr").exists()
 
 
 def test_intact_jpeg_with_shared_tables_passes_the_check(fixtures_dir):
