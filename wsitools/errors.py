@@ -26,6 +26,11 @@ class DataError(WsiToolsError):
     """A labels table, task description or cohort is inconsistent."""
 
 
+class DamagedStoreError(StoreError):
+    """A store that fails its integrity check (a missing or truncated file, no manifest): it holds
+    nothing worth keeping, so ``wsitools tile`` rebuilds it."""
+
+
 class UnsafeNameError(DataError, ValueError):
     """A name that would become a path (a slide id, an encoder name) is not safe as one.
 

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from wsitools import __version__
 from wsitools.encoders.loading import Encoder
 from wsitools.errors import ModelError, StoreError
-from wsitools.io import atomic_path, available_cpus
+from wsitools.io import atomic_path, available_cpus, remove_dead_temps
 from wsitools.store import PatchStore
 from wsitools.types import check_slide_id
 
@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 KIND = "feature_store"
+REQUIRED_ATTRS = ("encoder", "slide_id")
+"""Attributes every reader relies on; a file without one of them is not a usable feature store."""
 
 
 def feature_store_path(out_root: str | os.PathLike[str], encoder_name: str, slide_id: str) -> Path:
@@ -79,6 +81,9 @@ class FeatureStore:
             )
         if len(fshape) != 2 or cshape != (fshape[0], 2):
             raise StoreError(f"{p}: features {fshape} and coords {cshape} do not match ([N, D] and [N, 2])")
+        missing = [k for k in REQUIRED_ATTRS if k not in attrs]
+        if missing:
+            raise StoreError(f"{p}: damaged feature store: attributes {', '.join(missing)} are missing")
         return cls(path=p, attrs=attrs, n=int(fshape[0]), dim=int(fshape[1]))
 
     @property
@@ -289,6 +294,10 @@ def extract_features(
         return ExtractResult(path, store.slide_id, len(store), "reused", time.perf_counter() - start)
     if len(store) == 0:
         log.warning("%s: patch store has no tiles; writing an empty feature store", store.path)
+    elif not store.has_pixels:
+        store.check_slide()  # here, once, rather than in every DataLoader worker
+    if path.parent.is_dir():
+        remove_dead_temps(path.parent, path.name)
     features = compute_features(store, encoder, batch_size=batch_size, workers=workers, compile=compile, progress=progress)
     write_feature_store(path, features, store.coords, feature_attrs(store, encoder))
     seconds = time.perf_counter() - start

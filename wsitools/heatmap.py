@@ -1,9 +1,9 @@
 """Attention heatmaps over slide thumbnails, and montages of the most attended tiles.
 
 Inputs are an attention file (``attention/{slide_id}.h5`` from ``wsitools train``/``predict``:
-attention per tile, level-0 coords, ``tile_size_level0``), the slide (for a thumbnail read at a
-low pyramid level, never at full resolution) and optionally the patch store (for the tiles of
-the montage). So a heatmap takes seconds per slide.
+attention per tile, level-0 coords, ``tile_size_level0``), the patch store (how the slide was
+read, and the tiles of the montage) and the slide (for a thumbnail read at a low pyramid level,
+never at full resolution). So a heatmap takes seconds per slide.
 
 Values are shown per slide on a 0-1 scale: ``rank`` (default) maps each tile's attention to its
 percentile within the slide, so the map is readable whatever the bag size (softmax attention
@@ -26,6 +26,7 @@ import numpy as np
 
 from wsitools.errors import SlideError, StoreError
 from wsitools.io import atomic_path
+from wsitools.store import PatchStore
 from wsitools.types import MicronsPerPixel, check_slide_id
 
 log = logging.getLogger(__name__)
@@ -201,9 +202,13 @@ def draw_heatmap(
     """Write ``{slide_id}.heatmap.png`` and (with a patch store and ``top_k > 0``)
     ``{slide_id}.top_tiles.png`` into ``out_dir``.
 
-    ``slide_path`` and ``store_path`` default to the paths recorded in the attention file. The
-    montage needs a patch store whose coords equal the attention file's; a missing store only
-    skips the montage (with a warning), a missing slide is a :class:`SlideError`.
+    ``store_path`` defaults to the patch store recorded in the attention file. The store is the
+    record of how the slide was read: the thumbnail comes from the slide opened through it (its
+    backend and mpp override, after checking the slide is the file that was tiled), so a slide
+    that needed an mpp override gets its heatmap. ``slide_path`` (default: the store's record,
+    else the attention file's) only says where the slide is now. A damaged store is a
+    :class:`StoreError`; without any store the slide is opened on its own metadata and there is
+    no montage. The montage needs a store whose coords equal the attention file's.
     """
     import time
 
@@ -214,12 +219,17 @@ def draw_heatmap(
     slide_id = check_slide_id(amap.slide_id)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    slide_file = Path(slide_path or amap.attrs.get("slide_path") or "")
+    store_file = Path(store_path or amap.attrs.get("store_path") or "")
+    store = PatchStore.open(store_file) if store_file.name and store_file.exists() else None
+    slide_file = Path(slide_path or (store.attrs.get("slide_path") if store else None) or amap.attrs.get("slide_path") or "")
     if not slide_file.is_file():
         raise SlideError(
             f"slide {slide_id}: slide file {str(slide_file) or '(none recorded)'} not found; pass --slide"
         )
-    with open_slide(slide_file) as slide:
+    if store is None:
+        log.warning("slide %s: no patch store (%s): the slide is read on its own metadata, no montage",
+                    slide_id, store_file if store_file.name else "none recorded")
+    with store.open_slide(slide_file) if store is not None else open_slide(slide_file) as slide:
         thumb, downsample = slide.thumbnail(mpp=mpp)
     raster = attention_raster(amap, shape=thumb.shape[:2], downsample=downsample, scale=scale)
     heatmap = save_heatmap_figure(
@@ -227,27 +237,23 @@ def draw_heatmap(
         title=_title(amap), scale=scale, cmap=cmap,
     )
     montage = None
-    store_file = store_path or amap.attrs.get("store_path")
-    if top_k > 0 and store_file:
+    if top_k > 0 and store is not None:
         try:
-            montage = write_top_tiles(amap, store_file, out_dir / f"{slide_id}.top_tiles.png", top_k=top_k)
+            montage = write_top_tiles(amap, store, out_dir / f"{slide_id}.top_tiles.png", top_k=top_k)
         except StoreError as exc:
             log.warning("slide %s: no top-tile montage: %s", slide_id, exc)
     return HeatmapFiles(slide_id=slide_id, heatmap=heatmap, montage=montage, seconds=time.perf_counter() - start)
 
 
 def write_top_tiles(
-    amap: AttentionMap, store_path: str | os.PathLike[str], out_path: str | os.PathLike[str], *, top_k: int = 16
+    amap: AttentionMap, store: PatchStore, out_path: str | os.PathLike[str], *, top_k: int = 16
 ) -> Path:
     """The ``top_k`` most attended tiles of the patch store, most attended first, as a PNG."""
     from PIL import Image
 
-    from wsitools.store import PatchStore
-
-    store = PatchStore.open(store_path)
     if not np.array_equal(store.coords, amap.coords):
         raise StoreError(
-            f"patch store {store_path} has other tile coords than the attention of slide {amap.slide_id} "
+            f"patch store {store.path} has other tile coords than the attention of slide {amap.slide_id} "
             f"({len(store.coords)} vs {len(amap.coords)} tiles)"
         )
     top = np.argsort(-amap.attention, kind="mergesort")[:top_k]

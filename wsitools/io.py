@@ -2,57 +2,200 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
+import secrets
 import shutil
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+
+TEMP_PREFIX = ".tmp-"
+"""Every temporary starts with this, so no glob for finished outputs (``*.zarr``, ``*.h5``) matches it."""
+
+
+NAME_MAX = 255
+"""Longest file name most file systems accept."""
+
+
+def _host_token() -> str:
+    """This machine's name as it appears in temporary names (letters, digits, ``.`` and ``_``)."""
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())[:64] or "localhost"
 
 
 def temp_sibling(final: Path) -> Path:
     """A temporary path next to ``final`` (same file system, so the rename is atomic).
 
-    Temporary names start with ``.tmp-`` and carry the process id, so two runs never share one
-    and no glob for finished outputs (``*.zarr``, ``*.h5``) matches them.
+    The name is ``.tmp-NAME-HOST-PID-RANDOM``: unique per run even when two runs share a process
+    id (containers, PID namespaces, two nodes on one shared file system), and it says which host
+    and process own it, so the temporaries of dead runs can be told from live ones
+    (:func:`temp_owner`). A final name too long to fit is shortened in the temporary's name.
     """
-    return final.parent / f".tmp-{final.name}-{os.getpid()}"
+    owner = f"-{_host_token()}-{os.getpid()}-{secrets.token_hex(4)}"
+    return final.parent / f"{TEMP_PREFIX}{final.name[: NAME_MAX - len(TEMP_PREFIX) - len(owner)]}{owner}"
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
+@dataclass(frozen=True)
+class TempOwner:
+    """Who wrote a temporary: the final name it stands for, its host and process id."""
+
+    name: str
+    host: str | None
+    pid: int | None
+
+
+_TEMP = re.compile(r"\.tmp-(?P<name>.+)-(?P<host>[A-Za-z0-9._]+)-(?P<pid>[0-9]+)-(?P<rand>[0-9a-f]{8})")
+_LEGACY_TEMP = re.compile(r"\.tmp-(?P<name>.+)-(?P<pid>[0-9]+)")
+
+
+def temp_owner(path: Path) -> TempOwner | None:
+    """The owner encoded in a temporary's name; None if ``path`` is no wsitools temporary.
+
+    Temporaries of older wsitools (``.tmp-NAME-PID``) have no host: they are never provably dead.
+    """
+    if m := _TEMP.fullmatch(path.name):
+        return TempOwner(m["name"], m["host"], int(m["pid"]))
+    if m := _LEGACY_TEMP.fullmatch(path.name):
+        return TempOwner(m["name"], None, None)
+    return None
+
+
+def pid_alive(pid: int) -> bool:
+    """True if a process with this id exists on this machine (or cannot be checked)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by someone else
+        return True
+    return True
+
+
+def provably_dead(path: Path) -> bool:
+    """True if ``path`` is a temporary written on this host by a process that no longer exists."""
+    owner = temp_owner(path)
+    return (
+        owner is not None and owner.host == _host_token() and owner.pid is not None
+        and owner.pid != os.getpid() and not pid_alive(owner.pid)
+    )
+
+
+def remove_path(path: Path) -> None:
+    """Remove a file, link or directory tree; nothing if it is already gone."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def remove_dead_temps(directory: Path, name: str | None = None) -> list[Path]:
+    """Remove the temporaries in ``directory`` (of final name ``name``, or all) that are provably dead.
+
+    Only temporaries of this host whose process is gone are touched: another host's, or a live
+    run's, are left alone (``wsitools clean`` removes old ones on a shared file system). The steps
+    that write big temporaries (tiling, extraction) call this before writing, once per slide.
+    """
+    pattern = f"{TEMP_PREFIX}{name}-*" if name is not None else f"{TEMP_PREFIX}*"
+    removed = []
+    for tmp in directory.glob(pattern):
+        owner = temp_owner(tmp)
+        if owner is not None and (name is None or owner.name == name) and provably_dead(tmp):
+            remove_path(tmp)
+            removed.append(tmp)
+    return removed
+
+
+class LostRace(FileExistsError):
+    """Another run put a finished ``final`` in place while this one was writing it."""
+
+
+def _publish(tmp: Path, final: Path, *, overwrite: bool) -> None:
+    """Rename the complete ``tmp`` to ``final`` in one step, never merging into what is there.
+
+    A file is linked into place (fails if ``final`` exists) or, with ``overwrite``, renamed over
+    it. A directory is renamed, which fails if a non-empty ``final`` exists; with ``overwrite``
+    the old ``final`` is first renamed aside (under a temporary name) and removed afterwards.
+    Raises :class:`LostRace` if another run's ``final`` is in the way.
+    """
+    if tmp.is_dir():
+        old = None
+        if overwrite and (final.exists() or final.is_symlink()):
+            old = temp_sibling(final)
+            try:
+                os.rename(final, old)
+            except FileNotFoundError:  # another run moved it aside first
+                old = None
+        try:
+            os.rename(tmp, final)
+        except OSError as exc:
+            if final.exists() and exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                raise LostRace(f"{final}: another run finished it first") from None
+            raise
+        finally:
+            if old is not None:
+                remove_path(old)
+    elif overwrite:
+        os.replace(tmp, final)
+    else:
+        try:
+            os.link(tmp, final)
+        except FileExistsError:
+            raise LostRace(f"{final}: another run finished it first") from None
+        except OSError:  # a file system without hard links
+            if final.exists():
+                raise LostRace(f"{final}: another run finished it first") from None
+            os.rename(tmp, final)
+        else:
+            tmp.unlink()
 
 
 @contextmanager
 def atomic_path(final: str | os.PathLike[str], *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary path to write a file or directory into; rename it to ``final`` on success.
 
-    On an exception the temporary is removed and ``final`` is left as it was. With
+    The temporary is unique to this run (:func:`temp_sibling`). On an exception it is removed and
+    ``final`` is left as it was. Without ``overwrite`` an existing ``final`` is never touched:
+    :class:`LostRace` (a ``FileExistsError``) says another run got there first. With
     ``overwrite`` an existing ``final`` is replaced only once the new one is complete.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_sibling(final)
-    _remove(tmp)
     try:
         yield tmp
-        if final.exists():
-            if not overwrite:
-                raise FileExistsError(f"{final} appeared while it was being written")
-            old = final.parent / f".old-{final.name}-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            _remove(old)
-        else:
-            os.replace(tmp, final)
+        if final.exists() and not overwrite:
+            raise LostRace(f"{final}: another run finished it first")
+        _publish(tmp, final, overwrite=overwrite)
     except BaseException:
-        _remove(tmp)
+        remove_path(tmp)
         raise
+
+
+def file_fingerprint(path: str | os.PathLike[str], *, span: int = 1 << 20) -> str:
+    """A fast identity of a large file: sha256 of its size, its first and its last ``span`` bytes.
+
+    Reads at most 2 MiB whatever the file's size; a slide rewritten, truncated or replaced by
+    another scan changes it (its header and tile index live at the start or the end).
+    """
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        h.update(str(size).encode() + b"\0")
+        h.update(f.read(span))
+        if size > span:
+            f.seek(max(span, size - span))
+            h.update(f.read(span))
+    return h.hexdigest()
 
 
 def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
@@ -85,3 +228,67 @@ def available_cpus() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
         return max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class TempReport:
+    """One temporary found by :func:`scan_temps`, and whether it is stale (and why, or why not)."""
+
+    path: Path
+    bytes: int
+    idle_hours: float
+    """Hours since anything inside it was last written."""
+    stale: bool
+    why: str
+
+
+def _tree_stats(path: Path) -> tuple[int, float]:
+    """Total bytes and newest modification time of a file or directory tree (links not followed)."""
+    st = path.lstat()
+    total, newest = st.st_size, st.st_mtime
+    if path.is_dir() and not path.is_symlink():
+        for root, dirs, files in os.walk(path):
+            for name in dirs + files:
+                try:
+                    s = os.lstat(os.path.join(root, name))
+                except FileNotFoundError:  # removed while we look
+                    continue
+                total += s.st_size
+                newest = max(newest, s.st_mtime)
+    return total, newest
+
+
+def scan_temps(root: str | os.PathLike[str], *, older_than_hours: float | None = None) -> list[TempReport]:
+    """Every wsitools temporary under ``root``, each judged stale or not.
+
+    Stale: written on this host by a process that is gone (provably dead), or, with
+    ``older_than_hours``, untouched for at least that long (the only evidence there is for a
+    temporary of another host on a shared file system, or of an older wsitools).
+    """
+    import time
+
+    now = time.time()
+    found = []
+    for dirpath, dirs, files in os.walk(root):
+        for name in sorted(dirs + files):
+            path = Path(dirpath) / name
+            owner = temp_owner(path)
+            if owner is None:
+                continue
+            if name in dirs:
+                dirs.remove(name)  # never look inside a temporary for more
+            try:
+                size, newest = _tree_stats(path)
+            except FileNotFoundError:
+                continue
+            idle = max(0.0, (now - newest) / 3600.0)
+            if provably_dead(path):
+                stale, why = True, f"its process {owner.pid} on this host is gone"
+            elif older_than_hours is not None and idle >= older_than_hours:
+                stale, why = True, f"untouched for {idle:.1f} h"
+            elif owner.host == _host_token() and owner.pid is not None:
+                stale, why = False, f"its process {owner.pid} on this host is running"
+            else:
+                stale, why = False, f"from {owner.host or 'an older wsitools'}, untouched for {idle:.1f} h"
+            found.append(TempReport(path, size, idle, stale, why))
+    return found

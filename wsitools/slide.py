@@ -433,6 +433,31 @@ class TileCache:
                 self._bytes -= old.nbytes
 
 
+JPEG_COMPRESSION = 7
+"""The TIFF compression tag value of (new-style) JPEG, the compression of nearly every WSI."""
+
+
+def check_jpeg(data: bytes, tables: bytes | None, *, where: str) -> None:
+    """Raise :class:`SlideError` if a JPEG tile does not decode cleanly.
+
+    imagecodecs (tiffslide's decoder) ignores libjpeg's warnings, so corrupt entropy-coded data
+    (bad Huffman codes, bytes left over before the end marker, a premature end) decodes silently
+    into garbage. This decodes the tile once more with simplejpeg in strict mode, at 1/8 scale in
+    grey (the entropy decoding is complete; the inverse DCT and colour work mostly skipped), where
+    any warning is an error. ``tables`` are the TIFF's shared JPEGTables, spliced in before the
+    tile's own segments. A header TurboJPEG cannot classify (an unusual chroma subsampling) is
+    left to the decoder proper, which fails on a broken header itself.
+    """
+    import simplejpeg
+
+    stream = tables[:-2] + data[2:] if tables else data
+    try:
+        simplejpeg.decode_jpeg(stream, colorspace="GRAY", strict=True, min_height=1, min_width=1)
+    except ValueError as exc:
+        if not str(exc).startswith("tjDecompressHeader"):
+            raise SlideError(f"corrupt JPEG data in {where}: {exc}") from None
+
+
 TILE_CACHE_BYTES = 32 * 2**20
 """Decoded-tile cache of a tiffslide-backed slide (OpenSlide's default size)."""
 
@@ -500,6 +525,8 @@ class TiffSlideSlide(Slide):
                     with fh.lock:
                         fh.seek(page.dataoffsets[index])
                         data = fh.read(page.databytecounts[index])
+                    if page.compression == JPEG_COMPRESSION and page.samplesperpixel == 3:
+                        check_jpeg(data, page.jpegtables, where=f"TIFF tile {index} of level {level}")
                     tile = page.decode(data, index, jpegtables=page.jpegtables)[0][0]
                     self._tiles.put((level, index), tile)
                 # overlap of this tile [tx*tw, +tw) x [ty*th, +th) with the region, in both frames

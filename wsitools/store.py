@@ -3,12 +3,19 @@
 Layout (docs/formats.md): ``coords`` [N, 2] int64 level-0 (x, y) top-left corners, ``tiles``
 [N, S, S, 3] uint8 in chunks of many tiles (absent when pixels are switched off),
 ``tissue_fraction`` [N] float32, and the provenance under the group attribute ``wsitools``.
+
 A store exists under its final name only once complete (written under a temporary name and
-renamed), so opening one that is not finished is an error, never a silent partial read.
+renamed), and its last file, ``manifest.json``, lists every other file with its size (and the
+sha256 of the metadata documents). Opening a store checks the manifest (a stat per file, no
+pixel read), so a store with a missing or truncated chunk or edited metadata is an error naming
+it, never a silent read of fill values. The store is also the one record of how its slide was
+read (backend, mpp and its override, pyramid level, geometry, the slide's identity): later steps
+open the slide through :meth:`PatchStore.open_slide`, never on their own.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from functools import cached_property
 from pathlib import Path
@@ -16,10 +23,14 @@ from typing import Any
 
 import numpy as np
 
-from wsitools.errors import StoreError
+from wsitools.errors import DamagedStoreError, StoreError
+from wsitools.io import TEMP_PREFIX, file_fingerprint, sha256_file
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: with ``manifest.json`` and the slide's fingerprint. Format 1 stores (no manifest) cannot be
+told from damaged ones and are refused; ``wsitools tile`` rebuilds them."""
 ATTRS_KEY = "wsitools"
+MANIFEST = "manifest.json"
 CHUNK_TILES = 64
 """Tiles per zarr chunk: large enough to compress well and keep file counts low, small enough
 for a DataLoader worker to read one chunk per batch."""
@@ -120,23 +131,81 @@ def write_patch_store(
         group["tissue_fraction"][:] = np.asarray(tissue_fraction, np.float32)
         if tiles is not None and len(coords):
             group["tiles"][:] = np.asarray(tiles, np.uint8)
+        seal_patch_store(tmp)
     return Path(path)
 
 
+def seal_patch_store(root: str | os.PathLike[str]) -> None:
+    """Write ``manifest.json``, the last file of a complete store: every other file and its size,
+    and the sha256 of the metadata documents (``zarr.json``, which hold the attributes)."""
+    root = Path(root)
+    files = {
+        p.relative_to(root).as_posix(): p.stat().st_size
+        for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST
+    }
+    metadata = {rel: sha256_file(root / rel) for rel in files if rel.rsplit("/", 1)[-1] == "zarr.json"}
+    manifest = {"kind": "patch_store_manifest", "format_version": FORMAT_VERSION, "files": files, "sha256": metadata}
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+
+
+def _raw_attrs(p: Path) -> dict[str, Any] | None:
+    """The ``wsitools`` attributes read straight from the group's zarr.json, or None."""
+    try:
+        return dict(json.loads((p / "zarr.json").read_text())["attributes"][ATTRS_KEY])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _verify_manifest(p: Path) -> None:
+    """:class:`DamagedStoreError` unless every file the manifest lists is there, whole."""
+    try:
+        manifest = json.loads((p / MANIFEST).read_text())
+        files, metadata = dict(manifest["files"]), dict(manifest["sha256"])
+    except FileNotFoundError:
+        attrs = _raw_attrs(p)
+        if attrs is None or attrs.get("kind") != "patch_store":
+            raise StoreError(f"{p}: not a wsitools patch store (no {MANIFEST}, no patch store attributes)") from None
+        if attrs.get("format_version") == 1:
+            raise DamagedStoreError(
+                f"{p}: patch store format 1 has no integrity manifest and cannot be verified; "
+                "re-tile the slide (wsitools tile rebuilds it)"
+            ) from None
+        raise DamagedStoreError(f"{p}: damaged patch store: {MANIFEST} is missing; re-tile the slide") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DamagedStoreError(f"{p}: damaged patch store: unreadable {MANIFEST} ({exc}); re-tile the slide") from None
+    for rel, size in files.items():
+        try:
+            actual = (p / rel).stat().st_size
+        except FileNotFoundError:
+            raise DamagedStoreError(f"{p}: damaged patch store: {rel} is missing; re-tile the slide") from None
+        if actual != size:
+            raise DamagedStoreError(
+                f"{p}: damaged patch store: {rel} holds {actual} bytes, {size} when written; re-tile the slide"
+            )
+    for rel, digest in metadata.items():
+        if sha256_file(p / rel) != digest:
+            raise DamagedStoreError(f"{p}: damaged patch store: {rel} was changed after writing; re-tile the slide")
+
+
 def read_store_attrs(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The provenance attributes of a finished store; :class:`StoreError` if there is none."""
+    """The provenance attributes of a finished, verified store.
+
+    :class:`DamagedStoreError` for a store that fails its manifest (or has none: unfinished, or
+    format 1), :class:`StoreError` for anything else that is not a finished patch store.
+    """
     import zarr
 
     p = Path(path)
-    if p.name.startswith(".tmp-"):
+    if p.name.startswith(TEMP_PREFIX):
         raise StoreError(f"{p}: is an unfinished (temporary) patch store")
     if not p.is_dir():
-        raise StoreError(f"{p}: no such patch store")
+        raise StoreError(f"{p}: not a patch store (a file, not a folder)" if p.exists() else f"{p}: no such patch store")
+    _verify_manifest(p)
     try:
         group = zarr.open_group(str(p), mode="r")
         attrs = dict(group.attrs[ATTRS_KEY])
     except Exception as exc:
-        raise StoreError(f"{p}: not a wsitools patch store ({exc})") from None
+        raise DamagedStoreError(f"{p}: damaged patch store: unreadable attributes ({exc})") from None
     if attrs.get("kind") != "patch_store":
         raise StoreError(f"{p}: not a wsitools patch store (kind {attrs.get('kind')!r})")
     if attrs.get("format_version") != FORMAT_VERSION:
@@ -145,6 +214,18 @@ def read_store_attrs(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"(this wsitools writes and reads format {FORMAT_VERSION}); re-tile the slide"
         )
     return attrs
+
+
+def slide_identity(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """What a store records to know its slide again: path, size, mtime and a partial hash."""
+    p = Path(path)
+    st = p.stat()
+    return {
+        "slide_path": str(p),
+        "slide_size": st.st_size,
+        "slide_mtime": st.st_mtime,
+        "slide_fingerprint": file_fingerprint(p),
+    }
 
 
 class PatchStore:
@@ -226,16 +307,35 @@ class PatchStore:
             (0, self.tile_size, self.tile_size, 3), np.uint8
         )
 
-    @cached_property
-    def _slide(self) -> Any:
+    def check_slide(self, path: str | os.PathLike[str] | None = None) -> Path:
+        """The slide file (``path``, default the recorded one) if it is the one this store was made
+        from: same size, mtime and fingerprint as recorded. Else :class:`StoreError` naming both."""
+        slide = Path(path) if path is not None else self.slide_path
+        if not slide.is_file():
+            raise StoreError(f"{self.path}: its slide {slide} is gone; restore it or re-tile")
+        now = slide_identity(slide)
+        changed = [
+            key.removeprefix("slide_") for key in ("slide_size", "slide_mtime", "slide_fingerprint")
+            if key in self.attrs and self.attrs[key] != now[key]
+        ]
+        if changed:
+            raise StoreError(
+                f"{self.path}: its slide {slide} is not the file it was tiled from "
+                f"({', '.join(changed)} differ); re-tile the slide"
+            )
+        return slide
+
+    def open_slide(self, path: str | os.PathLike[str] | None = None) -> Any:
+        """The store's slide opened as the tiler read it (recorded backend and mpp override),
+        after :meth:`check_slide`; ``path`` replaces the recorded location (a moved slide)."""
         from wsitools.slide import open_slide
 
-        a = self.attrs
-        if not self.slide_path.exists():
-            raise StoreError(
-                f"{self.path}: coords-only store, and its slide {self.slide_path} is gone"
-            )
-        return open_slide(self.slide_path, backend=a["backend"], mpp_override=a.get("mpp_override"))
+        slide = self.check_slide(path)
+        return open_slide(slide, backend=self.attrs.get("backend", "auto"), mpp_override=self.attrs.get("mpp_override"))
+
+    @cached_property
+    def _slide(self) -> Any:
+        return self.open_slide()
 
     def _read_from_slide(self, coord: np.ndarray) -> np.ndarray:
         a = self.attrs

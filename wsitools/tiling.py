@@ -6,15 +6,24 @@ from the coarsest pyramid level that is not coarser than the target, in blocks o
 tiles (one read and one resize per block, not per tile), and written straight into the zarr
 chunks by parallel dask tasks, one chunk per task, so memory stays bounded by the number of
 workers whatever the slide's size.
+
+Integrity: a store is built under a temporary name unique to the run, sealed with its manifest
+and renamed into place in one step; a run that finds another's finished store in its way keeps
+that one. A damaged store is rebuilt. With ``isolate`` every slide is tiled in a worker process
+whose death (a signal, out of memory, a decoder crash) becomes that slide's ``failed`` record.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import logging
+import multiprocessing
 import os
+import signal
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -22,10 +31,15 @@ from typing import Any, Literal
 import numpy as np
 
 from wsitools import __version__
-from wsitools.errors import DataError, SlideError, StoreError, WsiToolsError
-from wsitools.io import atomic_path, available_cpus, stable_hash, write_json_atomic
+from wsitools.errors import DamagedStoreError, DataError, SlideError, StoreError, WsiToolsError
+from wsitools.io import (
+    LostRace, atomic_path, available_cpus, remove_dead_temps, remove_path, stable_hash, write_json_atomic,
+)
 from wsitools.slide import Backend, Slide, open_slide
-from wsitools.store import CHUNK_TILES, FORMAT_VERSION, create_patch_store, read_store_attrs, write_tile_chunk
+from wsitools.store import (
+    CHUNK_TILES, FORMAT_VERSION, create_patch_store, read_store_attrs, seal_patch_store, slide_identity,
+    write_tile_chunk,
+)
 from wsitools.tissue import TissueParams, TissueResult, detect_tissue, params_dict, tissue_fraction, write_qc
 from wsitools.types import MPP_MAX, MPP_MIN, MicronsPerPixel, TargetPx, check_distinct_ids, check_slide_id, slide_id_from_path
 
@@ -242,18 +256,20 @@ def _run_chunks(
                 bar.update(result)
 
     with bar, _Progress():
-        dask.compute(*tasks, scheduler=scheduler, num_workers=workers)
-
-
-def _slide_identity(path: Path) -> dict[str, Any]:
-    st = path.stat()
-    return {"slide_path": str(path), "slide_size": st.st_size, "slide_mtime": st.st_mtime}
+        if scheduler == "threads":
+            # A pool of our own, shut down (its running tasks finished) before an error leaves
+            # here: no task may still write a chunk into a temporary store that is being removed.
+            # (dask's process pool is shut down the same way by dask itself.)
+            with ThreadPoolExecutor(workers) as pool:
+                dask.compute(*tasks, scheduler="threads", pool=pool)
+        else:
+            dask.compute(*tasks, scheduler=scheduler, num_workers=workers)
 
 
 def _store_identity(slide: Slide, params: TilingParams, geometry: TileGeometry) -> dict[str, Any]:
     """Everything that changes a store's content; its hash is the store's identity."""
     return {
-        **_slide_identity(slide.path),
+        **slide_identity(slide.path),
         "backend": slide.backend,
         "mpp_override": slide.mpp_override,
         "mpp_target": geometry.mpp_target,
@@ -329,51 +345,184 @@ def tile_slide(
 ) -> dict[str, Any]:
     """Detect tissue, tile, and write ``out_dir/{slide_id}.zarr`` plus its QC files.
 
-    Returns the QC record (also written as ``{slide_id}.qc.json``). A finished store with the
-    same parameters is kept as it is; one with other parameters is an error unless
-    ``overwrite``. A slide without tissue gives an empty store and status ``no_tissue``.
+    Returns the QC record (also written as ``{slide_id}.qc.json``). A finished, intact store
+    with the same parameters (and the same slide file) is kept as it is; a damaged one (its
+    manifest does not hold) is rebuilt; anything else at the store's path (a store with other
+    parameters, something that is no patch store) is an error unless ``overwrite``, which
+    replaces it. A slide without tissue gives an empty store and status ``no_tissue``.
     """
     path = Path(slide_path)
     slide_id = check_slide_id(slide_id or slide_id_from_path(str(path)))
     out = Path(out_dir)
     store_path = out / f"{slide_id}.zarr"
+    out.mkdir(parents=True, exist_ok=True)
+    remove_dead_temps(out, store_path.name)
     with open_slide(path, backend=backend, mpp_override=mpp_override) as slide:
         geometry = tile_geometry(slide, params)
         identity = _store_identity(slide, params, geometry)
-        if store_path.exists():
-            old = read_store_attrs(store_path)
-            if old.get("params_hash") == stable_hash(identity):
-                log.info("%s: finished store with the same parameters exists; kept", store_path)
-                record = _record_from_attrs(old, store_path)
-                write_json_atomic(out / f"{slide_id}.qc.json", record)
-                return record
-            if not overwrite:
-                changed = sorted(k for k in identity if old.get(k) != identity[k])
-                raise StoreError(
-                    f"{store_path}: exists with other parameters ({', '.join(changed) or 'format'}); "
-                    "use --overwrite to replace it"
-                )
+        replace = False
+        if store_path.exists() or store_path.is_symlink():
+            replace = True
+            try:
+                old = read_store_attrs(store_path)
+            except DamagedStoreError as exc:
+                log.warning("%s: rebuilding it", exc)
+            except StoreError as exc:
+                if not overwrite:
+                    raise StoreError(f"{exc}; use --overwrite to replace it") from None
+            else:
+                if old.get("params_hash") == stable_hash(identity):
+                    log.info("%s: finished store with the same parameters exists; kept", store_path)
+                    return _finish(out, _record_from_attrs(old, store_path))
+                if not overwrite:
+                    changed = sorted(k for k in identity if old.get(k) != identity[k])
+                    raise StoreError(
+                        f"{store_path}: exists with other parameters ({', '.join(changed) or 'format'}); "
+                        "use --overwrite to replace it"
+                    )
         tissue = detect_tissue(slide, params.tissue)
         attrs = _store_attrs(identity, slide_id, slide, params, geometry, tissue)
         grid, coords, fraction = plan_tiles(geometry, tissue, params.min_tissue)
-        write_qc(tissue, out, slide_id)
-        with atomic_path(store_path, overwrite=True) as tmp:
-            group = create_patch_store(
-                tmp, n_tiles=len(grid), tile_size=geometry.tile_size,
-                store_pixels=params.store_pixels, attrs=attrs,
-            )
-            group["coords"][:] = coords
-            group["tissue_fraction"][:] = fraction
-            if params.store_pixels and len(grid):
-                _run_chunks(
-                    slide, geometry, grid, tmp / "tiles",
-                    workers=workers or available_cpus(), scheduler=scheduler, progress=progress,
+        try:
+            with atomic_path(store_path, overwrite=replace) as tmp:
+                group = create_patch_store(
+                    tmp, n_tiles=len(grid), tile_size=geometry.tile_size,
+                    store_pixels=params.store_pixels, attrs=attrs,
                 )
+                group["coords"][:] = coords
+                group["tissue_fraction"][:] = fraction
+                if params.store_pixels and len(grid):
+                    _run_chunks(
+                        slide, geometry, grid, tmp / "tiles",
+                        workers=workers or available_cpus(), scheduler=scheduler, progress=progress,
+                    )
+                write_qc(tissue, out, slide_id)  # the tissue QC files appear with the store they describe
+                seal_patch_store(tmp)
+        except LostRace:
+            winner = read_store_attrs(store_path)
+            if winner.get("params_hash") != attrs["params_hash"]:
+                raise StoreError(
+                    f"{store_path}: another run finished it with other parameters while this one was tiling"
+                ) from None
+            log.info("%s: another run finished the same store first; kept", store_path)
+            return _finish(out, _record_from_attrs(winner, store_path))
         record = _record_from_attrs({**attrs, "n_tiles": len(grid)}, store_path)
         if not len(grid):
             log.warning("%s: %s", path, record["reason"])
-        write_json_atomic(out / f"{slide_id}.qc.json", record)
-        return record
+        return _finish(out, record)
+
+
+def _finish(out: Path, record: dict[str, Any]) -> dict[str, Any]:
+    """Write a slide's QC record (``{slide_id}.qc.json``, the last file of its tiling) and return it."""
+    write_json_atomic(out / f"{record['slide_id']}.qc.json", record)
+    return record
+
+
+def _failed(out: Path, slide_id: str, path: Path, reason: str) -> dict[str, Any]:
+    """Record a failed slide: its QC record, and no tissue QC files unless a finished store is there."""
+    if not (out / f"{slide_id}.zarr").exists():
+        for suffix in (".tissue.png", ".geojson"):
+            remove_path(out / f"{slide_id}{suffix}")
+    return _finish(out, _qc_record(slide_id, path, "failed", reason))
+
+
+def _tile_one(path: Path, slide_id: str, out: Path, params: TilingParams, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Tile one slide; any failure is its ``failed`` QC record."""
+    try:
+        return tile_slide(path, out, params, slide_id=slide_id, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - any failure of one slide is that slide's QC record
+        reason = str(exc) if isinstance(exc, WsiToolsError) else f"{path}: {type(exc).__name__}: {exc}"
+        if isinstance(exc, WsiToolsError):
+            log.error("%s", reason)
+        else:
+            log.exception("%s", reason)
+        return _failed(out, slide_id, path, reason)
+
+
+def _worker_main(conn: Any, out: str, params: TilingParams, kwargs: dict[str, Any], log_level: int) -> None:
+    """A tiling worker process: tile each (path, slide id) it is sent, send back the QC record."""
+    logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    try:
+        while (task := conn.recv()) is not None:
+            conn.send(_tile_one(Path(task[0]), task[1], Path(out), params, kwargs))
+    except (EOFError, BrokenPipeError):  # the supervising process is gone
+        pass
+
+
+_SIGNAL_HINTS = {
+    signal.SIGKILL: ": out of memory, a time limit, or killed by hand",
+    signal.SIGSEGV: ": a crash in a decoder or library",
+    signal.SIGBUS: ": a crash, or a file truncated while read",
+    signal.SIGABRT: ": a crash in a decoder or library",
+}
+
+
+def death_reason(exitcode: int | None) -> str:
+    """How a worker process ended, in words (``killed by signal 9 (SIGKILL: ...)``)."""
+    if exitcode is None:
+        return "stopped before it finished"
+    if exitcode >= 0:
+        return f"ended with exit status {exitcode}"
+    try:
+        sig = signal.Signals(-exitcode)
+    except ValueError:
+        return f"killed by signal {-exitcode}"
+    return f"killed by signal {-exitcode} ({sig.name}{_SIGNAL_HINTS.get(sig, '')})"
+
+
+class _Worker:
+    """One tiling worker process (spawned: no threads or open files inherited), reused for slide
+    after slide and replaced when it dies. Not a daemon, so that it may start the processes of
+    ``scheduler="processes"``; it ends when the pipe to this process closes."""
+
+    def __init__(self, out: Path, params: TilingParams, kwargs: dict[str, Any]):
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child_conn = ctx.Pipe()
+        level = logging.getLogger().getEffectiveLevel()
+        self.process = ctx.Process(
+            target=_worker_main, args=(child_conn, str(out), params, kwargs, level), name="wsitools-tile"
+        )
+        self.process.start()
+        child_conn.close()
+
+    def tile(self, path: Path, slide_id: str) -> dict[str, Any] | None:
+        """The slide's QC record, or None if the worker died on it."""
+        try:
+            self.conn.send((str(path), slide_id))
+            return self.conn.recv()
+        except (EOFError, OSError):
+            self.process.join()
+            return None
+
+    def close(self) -> None:
+        try:
+            self.conn.send(None)
+        except OSError:
+            pass
+        self.process.join()
+
+
+@contextmanager
+def _forward_termination(workers: list[_Worker]) -> Iterator[list[int]]:
+    """While tiling, SIGTERM (a scheduler cancelling the job) ends the worker, not this process,
+    so the slide gets its record; the signals received are collected in the yielded list."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        received.append(signum)
+        for w in workers:
+            if w.process.is_alive():
+                w.process.terminate()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def tile_slides(
@@ -382,14 +531,19 @@ def tile_slides(
     params: TilingParams = TilingParams(),
     *,
     slide_ids: Sequence[str] | None = None,
+    isolate: bool = False,
     **kwargs: Any,
 ) -> list[dict[str, Any]]:
     """Tile every slide; a slide that fails gets a ``failed`` QC record and the rest go on.
 
     ``slide_ids`` (one per slide, e.g. from a samples sheet) replace the ids derived from the
     file names (:func:`~wsitools.types.slide_id_from_path`). Two slides with one id are a
-    :class:`DataError` naming both, before any is tiled. ``kwargs`` go to :func:`tile_slide`
-    for every slide.
+    :class:`DataError` naming both, before any is tiled. ``kwargs`` go to :func:`tile_slide` for
+    every slide. With ``isolate`` (the command line's way) the slides are tiled in a worker
+    process: when it dies (killed, out of memory, a crash in a decoder) the slide's record says
+    how (``failed``, ``killed by signal 9 (SIGKILL...)``), its dead temporaries are removed, and a
+    new worker goes on with the next slide. A SIGTERM ends the worker, records its slide, and
+    stops before the next one.
     """
     if slide_ids is not None and len(slide_ids) != len(slide_paths):
         raise ValueError(f"{len(slide_ids)} slide ids for {len(slide_paths)} slides")
@@ -398,24 +552,35 @@ def tile_slides(
         check_distinct_ids(ids, slide_paths)
     except ValueError as exc:
         raise DataError(str(exc)) from None
+    out = Path(out_dir)
     records = []
-    for i, p in enumerate(slide_paths):
-        path = Path(p)
-        try:
-            slide_id = check_slide_id(ids[i])
-        except ValueError as exc:
-            log.error("%s: %s", path, exc)
-            records.append(_qc_record(path.name, path, "failed", str(exc)))
-            continue
-        try:
-            records.append(tile_slide(path, out_dir, params, slide_id=slide_id, **kwargs))
-        except Exception as exc:  # noqa: BLE001 - any failure of one slide is that slide's QC record
-            reason = str(exc) if isinstance(exc, WsiToolsError) else f"{path}: {type(exc).__name__}: {exc}"
-            if isinstance(exc, WsiToolsError):
+    workers: list[_Worker] = []
+    with _forward_termination(workers) as stopped:
+        for i, p in enumerate(slide_paths):
+            path = Path(p)
+            try:
+                slide_id = check_slide_id(ids[i])
+            except ValueError as exc:
+                log.error("%s: %s", path, exc)
+                records.append(_qc_record(path.name, path, "failed", str(exc)))
+                continue
+            if not isolate:
+                records.append(_tile_one(path, slide_id, out, params, kwargs))
+                continue
+            if not workers:
+                workers.append(_Worker(out, params, kwargs))
+            record = workers[0].tile(path, slide_id)
+            if record is None:  # the worker died on this slide
+                dead = workers.pop()
+                reason = f"{path}: tiling was {death_reason(dead.process.exitcode)}"
                 log.error("%s", reason)
-            else:
-                log.exception("%s", reason)
-            record = _qc_record(slide_id, path, "failed", reason)
-            write_json_atomic(Path(out_dir) / f"{slide_id}.qc.json", record)
+                out.mkdir(parents=True, exist_ok=True)
+                remove_dead_temps(out)  # the dead worker's store, tissue files, QC file
+                record = _failed(out, slide_id, path, reason)
             records.append(record)
+            if stopped:
+                log.error("stopped by signal %d: %d slides not tiled", stopped[0], len(slide_paths) - i - 1)
+                break
+        for w in workers:
+            w.close()
     return records

@@ -28,6 +28,7 @@ COMMAND_MODULES = (
     "mil",  # train, predict, heatmap
     "pretrain",  # pretrain puzzle, tune pathotune
     "demo",  # demo
+    "clean",  # clean
 )
 
 

@@ -120,7 +120,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     h.add_argument("--slide", default=None, metavar="PATH",
                    help="the slide file (one attention file), or a directory holding {slide_id}.* slides")
     h.add_argument("--store", default=None, metavar="PATH",
-                   help="the patch store {slide_id}.zarr, or a directory of them (for the montage)")
+                   help="the patch store {slide_id}.zarr, or a directory of them: how the slide was read "
+                   "(backend, mpp override) and the tiles of the montage (default: recorded in the attention file)")
     h.add_argument("--mpp", type=positive_float, default=DEFAULT_THUMBNAIL_MPP,
                    help=f"thumbnail resolution in um/px ({DEFAULT_THUMBNAIL_MPP:g})")
     h.add_argument("--top-k", type=non_negative_int, default=16, help="tiles in the montage; 0 = no montage (16)")

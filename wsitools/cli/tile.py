@@ -17,7 +17,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "tile",
         help="find tissue and tile slides into zarr patch stores",
         description=__doc__ + " Writes DIR/{slide_id}.zarr, {slide_id}.qc.json, "
-        "{slide_id}.tissue.png and {slide_id}.geojson for each slide.",
+        "{slide_id}.tissue.png and {slide_id}.geojson for each slide. Slides are tiled in a worker "
+        "process: one that dies (a signal, out of memory, a decoder crash) leaves its slide a failed "
+        "qc.json saying how, and the next slide goes on.",
     )
     p.add_argument("slides", nargs="+", metavar="SLIDE")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
@@ -39,7 +41,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="parallel workers (default: the CPUs this process may use)")
     p.add_argument("--scheduler", choices=["threads", "processes"], default="threads")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace stores made with other parameters")
+                   help="replace whatever is at a store's path (a store made with other parameters, "
+                   "one whose attributes are unreadable, a foreign folder); an intact store of the same "
+                   "parameters and slide is kept, a damaged one is always rebuilt")
     p.add_argument("--keep-going", action="store_true",
                    help="exit 0 even if some slides failed (their qc.json says why)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -85,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
         scheduler=args.scheduler,
         overwrite=args.overwrite,
         progress=not args.quiet,
+        isolate=True,
     )
     failed = [r for r in records if r["status"] == "failed"]
     for r in records:
