@@ -293,6 +293,10 @@ def test_models_dir_from_environment(tmp_path, monkeypatch, official_files):
         ({"architecture": {"model": "no_such_model_xyz"}, "weights": [{"role": "backbone", "file": "backbone.pth"}]},
          r"unknown timm model 'no_such_model_xyz'"),
         ({"output": {"kind": "cls", "dim": 65}}, r"output.dim is 65 but prompted_vit_test_patch16_224 gives 64"),
+        ({"architecture": {"model": "prompted_vit_test_patch16_224", "kwarg": {"config": "x.json"}}},
+         r"unknown key architecture\.kwarg \(neither a network setting nor a registered card kind: pathotune\)"),
+        ({"weights": [{"role": "backbone", "file": "backbone.pth"}, {"role": "extra", "file": "promptstate.pth"}]},
+         r"unknown weight role extra \(backbone, prompts\)"),
     ],
 )
 def test_bad_cards_are_clear_errors(official_files, change, message):

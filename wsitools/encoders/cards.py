@@ -28,7 +28,9 @@ from wsitools.types import schema_pattern
 OutputKind = Literal["cls", "pooled", "mean_patch"]
 ComputePrecision = Literal["bf16", "fp16", "fp32"]
 FeatureDtype = Literal["float16", "float32"]
-WeightRole = Literal["backbone", "prompts", "pathotune"]
+WeightRole = str
+"""``backbone``, ``prompts``, or the name of the card's kind (its own weight file)."""
+STANDARD_ARCHITECTURE_KEYS = ("model", "kwargs", "prompts", "init_seed")
 
 MODELS_ENV = "WSITOOLS_MODELS"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
@@ -43,7 +45,12 @@ CARD_SCHEMA: dict[str, Any] = {
         "description": {"type": "string"},
         "architecture": {
             "type": "object",
-            "additionalProperties": False,
+            "additionalProperties": {  # a card kind that a plugin registers (see loading.py)
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["config"],
+                "properties": {"config": {"type": "string", "minLength": 1}},
+            },
             "required": ["model"],
             "properties": {
                 "model": {"type": "string", "minLength": 1},
@@ -58,12 +65,6 @@ CARD_SCHEMA: dict[str, Any] = {
                     },
                 },
                 "init_seed": {"type": "integer", "minimum": 0},
-                "pathotune": {
-                    "type": "object",
-                    "additionalProperties": False,
-                    "required": ["config"],
-                    "properties": {"config": {"type": "string", "minLength": 1}},
-                },
             },
         },
         "weights": {
@@ -73,7 +74,7 @@ CARD_SCHEMA: dict[str, Any] = {
                 "additionalProperties": False,
                 "required": ["role", "file"],
                 "properties": {
-                    "role": {"enum": ["backbone", "prompts", "pathotune"]},
+                    "role": {"type": "string", "pattern": schema_pattern(r"[a-z][a-z0-9_]{0,39}")},
                     "file": {"type": "string", "minLength": 1},
                     "sha256": {"type": ["string", "null"], "pattern": schema_pattern("[0-9a-f]{64}")},
                     "url": {"type": ["string", "null"]},
@@ -165,9 +166,12 @@ class EncoderCard:
     dim: int
     compute_precision: ComputePrecision
     feature_dtype: FeatureDtype
-    pathotune_config: Path | None = None
-    """For a PathoTune-tuned encoder (made by ``wsitools tune pathotune``): its config file;
-    such a card is loaded by :func:`wsitools.pathotune.load_pathotune_encoder`."""
+    kind: str | None = None
+    """A card kind other than a plain network (e.g. ``pathotune``, written by ``wsitools tune
+    pathotune``): ``architecture.KIND: {config: FILE}``. The loader registered for the kind under
+    the ``wsitools.card_kinds`` entry points builds such an encoder."""
+    kind_config: Path | None = None
+    """The kind's config file (``architecture.KIND.config``, relative to the card)."""
     source: Path | None = field(default=None, compare=False)
 
     def weight(self, role: WeightRole) -> WeightFile | None:
@@ -225,7 +229,26 @@ def card_from_dict(data: Any, *, source: Path) -> EncoderCard:
             f"{source}: the card lists no weight files; give architecture.init_seed for a "
             "random-weight test model"
         )
+    kinds = [k for k in arch if k not in STANDARD_ARCHITECTURE_KEYS]
+    if len(kinds) > 1:
+        raise ModelError(f"{source}: a card has at most one kind, got {', '.join(kinds)} under architecture")
+    kind = kinds[0] if kinds else None
+    if kind is not None:
+        from importlib.metadata import entry_points
+
+        registered = sorted(e.name for e in entry_points(group="wsitools.card_kinds"))
+        if kind not in registered:
+            raise ModelError(
+                f"{source}: unknown key architecture.{kind} (neither a network setting nor a registered "
+                f"card kind: {', '.join(registered) or 'none installed'})"
+            )
     roles = [w["role"] for w in data["weights"]]
+    unknown = sorted({r for r in roles} - {"backbone", "prompts", *kinds})
+    if unknown:
+        raise ModelError(
+            f"{source}: unknown weight role {', '.join(unknown)} (backbone, prompts"
+            + (f" or {kind}" if kind else "") + ")"
+        )
     if roles.count("backbone") > 1 or roles.count("prompts") > 1:
         raise ModelError(f"{source}: at most one 'backbone' and one 'prompts' weight file")
     if "prompts" in roles and not prompts:
@@ -263,7 +286,8 @@ def card_from_dict(data: Any, *, source: Path) -> EncoderCard:
         dim=data["output"]["dim"],
         compute_precision=data["precision"]["compute"],
         feature_dtype=data["precision"]["features"],
-        pathotune_config=source.parent / arch["pathotune"]["config"] if "pathotune" in arch else None,
+        kind=kind,
+        kind_config=source.parent / arch[kind]["config"] if kind else None,
         source=source,
     )
 

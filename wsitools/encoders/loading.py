@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -237,6 +238,25 @@ def build_encoder(card: EncoderCard, *, device: str | torch.device = "auto") -> 
     )
 
 
+CARD_KINDS_GROUP = "wsitools.card_kinds"
+"""Entry-point group of the loaders of card kinds (``name = "module:function"``); the function
+takes ``(card_path, *, device, models_dir)`` and returns an :class:`Encoder`. wsitools registers
+``pathotune`` there; another package can add its own kinds the same way."""
+
+
+def card_kind_loader(card: EncoderCard) -> Callable[..., Encoder]:
+    """The loader registered for ``card.kind`` (the encoders know no kind by name)."""
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group=CARD_KINDS_GROUP):
+        if entry.name == card.kind:
+            return entry.load()
+    raise ModelError(
+        f"{card.source or card.name}: no loader for cards of kind {card.kind!r} is installed "
+        f"(entry points {CARD_KINDS_GROUP}; reinstall wsitools with pip install -e .)"
+    )
+
+
 Precision = Literal["card", "fp32"]
 
 
@@ -323,10 +343,8 @@ def load_encoder(
     if weights is not None and not str(name_or_card).startswith("timm:"):
         raise ModelError(f"--weights is only for timm:NAME encoders; the card {card.name!r} names its own")
     log.debug("loading encoder %s from %s", card.name, card.source)
-    if card.pathotune_config is not None:
-        from wsitools.pathotune import load_pathotune_encoder
-
-        encoder = load_pathotune_encoder(card.source, device=device, models_dir=models_dir)
+    if card.kind is not None:
+        encoder = card_kind_loader(card)(card.source, device=device, models_dir=models_dir)
     else:
         encoder = build_encoder(card, device=device)
     return with_precision(encoder, precision)
