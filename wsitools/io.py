@@ -198,6 +198,21 @@ def file_fingerprint(path: str | os.PathLike[str], *, span: int = 1 << 20) -> st
     return h.hexdigest()
 
 
+def read_user_text(path: Path, *, what: str, expected: str, encoding: str = "utf-8") -> str:
+    """The text of a file the user named; a :class:`~wsitools.errors.DataError` naming ``what``
+    and the file when it is missing, a directory (``expected`` says what was wanted) or unreadable."""
+    from wsitools.errors import DataError
+
+    try:
+        return path.read_text(encoding=encoding)
+    except FileNotFoundError:
+        raise DataError(f"{what} {path}: no such file") from None
+    except IsADirectoryError:
+        raise DataError(f"{what} {path}: is a directory, expected {expected}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{what} {path}: cannot be read ({exc})") from None
+
+
 def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
     """Write ``obj`` as indented JSON through a temporary file."""
     with atomic_path(path, overwrite=True) as tmp:

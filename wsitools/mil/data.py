@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from wsitools.errors import DataError, StoreError, one_line
+from wsitools.io import read_user_text
 from wsitools.types import check_slide_id
 
 log = logging.getLogger(__name__)
@@ -59,14 +60,7 @@ def read_labels(path: str | os.PathLike[str]) -> list[LabelRow]:
     and row for a missing column, an unsafe or repeated slide id, an empty label or a bad split.
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise DataError(f"labels table {path}: no such file") from None
-    except IsADirectoryError:
-        raise DataError(f"labels table {path}: is a directory, expected a CSV or TSV file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"labels table {path}: cannot be read ({exc})") from None
+    text = read_user_text(path, what="labels table", expected="a CSV or TSV file", encoding="utf-8-sig")
     reader = csv.DictReader(text.splitlines(), dialect=_sniff_dialect(path, text[:4096]))
     columns = [c.strip() for c in (reader.fieldnames or [])]
     for need in ("slide_id", "label"):
