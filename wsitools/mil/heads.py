@@ -134,11 +134,13 @@ class GatedAttentionPool(nn.Module):
         self.vu = nn.Linear(dim, 2 * attn_dim)
         self.w = nn.Linear(attn_dim, 1)
 
-    def weights(self, h: Tensor) -> Tensor:
-        """Attention over the N instances of ``h`` [N, d] (softmax, sums to one)."""
+    def weights(self, h: Tensor, bias: Tensor | None = None) -> Tensor:
+        """Attention over the N instances of ``h`` [N, d] (softmax, sums to one); ``bias`` [N]
+        is added to the scores before the softmax."""
         v, u = self.vu(h).split(self.attn_dim, dim=-1)
         gate = (2.0 * torch.sigmoid(2.0 * v) - 1.0) * torch.sigmoid(u)
-        return torch.softmax(self.w(gate).squeeze(-1), dim=-1)
+        scores = self.w(gate).squeeze(-1)
+        return torch.softmax(scores if bias is None else scores + bias, dim=-1)
 
     def forward(self, h: Tensor) -> tuple[Tensor, Tensor]:
         attention = self.weights(h)
@@ -219,7 +221,12 @@ class InstanceRefine(nn.Module):
 
 
 class PromptCrossAttention(nn.Module):
-    """Each patch (query) attends to the K prompt tokens (keys/values), added back residually."""
+    """Each patch (query) attends to the K prompt tokens (keys/values), added back residually.
+
+    The output projection starts at zero, so at initialisation the block is the identity and the
+    PathoTune head computes exactly what ``abmil`` computes with the same weights: prompts start
+    from the baseline and move away from it only where the training loss asks them to.
+    """
 
     def __init__(self, dim: int, n_heads: int, dropout: float):
         super().__init__()
@@ -229,6 +236,8 @@ class PromptCrossAttention(nn.Module):
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * dim)
         self.out = nn.Linear(dim, dim)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
         self.drop = Dropout(dropout)
 
     def forward(self, h: Tensor, prompts: Tensor) -> Tensor:
@@ -264,12 +273,34 @@ class PathoTuneHead(nn.Module):
         self.cross = PromptCrossAttention(dim, config.n_heads, config.dropout)
         self.pool = GatedAttentionPool(dim, config.attn_dim)
         self.classifier = nn.Linear(dim, config.n_classes)
+        if self.text_prior:
+            self.ttp_prior = nn.Parameter(torch.zeros(config.n_ttp))
+        if config.ivp_in_dim is not None:
+            self.ivp_classifier = nn.Linear(dim, config.n_classes)
+            nn.init.zeros_(self.ivp_classifier.weight)
+            nn.init.zeros_(self.ivp_classifier.bias)
+
+    @property
+    def text_prior(self) -> bool:
+        """TTP also scores each patch by its cosine similarity to the task and class texts when the
+        features live in the text encoder's space (same width: a vision-language encoder whose text
+        tower embeds the task)."""
+        return "ttp" in self.config.prompts and self.config.text_dim == self.config.in_dim
 
     def set_text_embeddings(self, embeddings: Tensor) -> None:
         """Install the frozen TTP embeddings [1 + C, E] (task first, then classes in order)."""
         if tuple(embeddings.shape) != tuple(self.ttp_text.shape):
             raise ModelError(f"TTP embeddings have shape {tuple(embeddings.shape)}, the head expects {tuple(self.ttp_text.shape)}")
         self.ttp_text.copy_(embeddings)
+
+    def instance_tokens(self, h: Tensor, ivp: Tensor | None) -> Tensor:
+        """IVP's [n_ivp, d] tokens: the refine module over the slide's own projected bag ``h`` or
+        over the second encoder's bag ``ivp``."""
+        if self.config.ivp_in_dim is None:
+            return self.ivp_refine(h)
+        if ivp is None:
+            raise ModelError("this head was trained with IVP features from a second encoder; pass them")
+        return self.ivp_refine(self.ivp_project(ivp))
 
     def prompt_tokens(self, h: Tensor, ivp: Tensor | None) -> Tensor:
         """The [K, d] prompt tokens for one bag (TVP, then TTP, then IVP)."""
@@ -279,20 +310,22 @@ class PathoTuneHead(nn.Module):
         if "ttp" in self.config.prompts:
             tokens.append(self.ttp_project(self.ttp_text))
         if "ivp" in self.config.prompts:
-            if self.config.ivp_in_dim is not None:
-                if ivp is None:
-                    raise ModelError("this head was trained with IVP features from a second encoder; pass them")
-                source = self.ivp_project(ivp)
-            else:
-                source = h
-            tokens.append(self.ivp_refine(source))
+            tokens.append(self.instance_tokens(h, ivp))
         return torch.cat(tokens, dim=0)
 
     def forward(self, x: Tensor, ivp: Tensor | None = None) -> HeadOutput:
         h = self.project(x)
-        prompted = self.cross(h, self.prompt_tokens(h, ivp))
-        attention = self.pool.weights(prompted)
-        return HeadOutput(self.classifier(attention @ h), attention)
+        tokens = self.prompt_tokens(h, ivp)
+        prompted = self.cross(h, tokens)
+        bias = None
+        if self.text_prior:
+            similarity = nn.functional.normalize(x, dim=-1) @ nn.functional.normalize(self.ttp_text, dim=-1).T
+            bias = similarity @ self.ttp_prior  # [N]: zero at initialisation
+        attention = self.pool.weights(prompted, bias)
+        logits = self.classifier(attention @ h)
+        if self.config.ivp_in_dim is not None:
+            logits = logits + self.ivp_classifier(tokens[-self.config.n_ivp :].mean(dim=0))
+        return HeadOutput(logits, attention)
 
 
 def create_head(config: HeadConfig, *, text_embeddings: Tensor | None = None) -> nn.Module:
