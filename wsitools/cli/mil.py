@@ -34,8 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--features", required=True, metavar="DIR", help="feature stores: DIR/{slide_id}.h5")
     t.add_argument("--labels", required=True, metavar="FILE",
                    help="CSV/TSV with slide_id, label, optional patient_id and split (train/val/test) or fold")
-    t.add_argument("--task", required=True, metavar="TASK.yaml",
-                   help="task description: name, description, optional stain, classes with descriptions")
+    t.add_argument("--task", default=None, metavar="TASK.yaml",
+                   help="task description: name, description, optional stain, classes with descriptions; "
+                   "required with the ttp prompt (default without: the classes are the labels, sorted)")
     t.add_argument("--head", choices=["abmil", "pathotune", "meanpool"], default="abmil")
     t.add_argument("--prompts", type=_prompt_list, default=None, metavar="tvp,ttp,ivp",
                    help="PathoTune prompt kinds (default for pathotune: all three)")
@@ -48,6 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--epochs", type=int, default=d.epochs, help=f"maximum epochs ({d.epochs})")
     t.add_argument("--patience", type=int, default=d.patience,
                    help=f"stop after this many epochs without a lower validation loss ({d.patience})")
+    t.add_argument("--min-epochs", type=int, default=d.min_epochs,
+                   help=f"epochs trained before early stopping may stop a fold ({d.min_epochs})")
     t.add_argument("--lr", type=float, default=d.lr, help=f"AdamW learning rate ({d.lr:g})")
     t.add_argument("--weight-decay", type=float, default=d.weight_decay, help=f"AdamW weight decay ({d.weight_decay:g})")
     t.add_argument("--bag-size", type=int, default=d.bag_size,
@@ -143,6 +146,7 @@ def run_train(args: argparse.Namespace) -> int:
     config = TrainConfig(
         epochs=args.epochs,
         patience=args.patience,
+        min_epochs=args.min_epochs,
         lr=args.lr,
         weight_decay=args.weight_decay,
         bag_size=args.bag_size or None,

@@ -16,6 +16,7 @@ class TrainConfig:
 
     epochs: int = 50
     patience: int = 10
+    min_epochs: int = 0
     lr: float = 2e-4
     weight_decay: float = 1e-4
     bag_size: int | None = 512
@@ -30,6 +31,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.patience < 1:
             raise DataError("epochs and patience must be at least 1")
+        if not 0 <= self.min_epochs <= self.epochs:
+            raise DataError(f"min_epochs must lie in [0, epochs = {self.epochs}], got {self.min_epochs}")
         if self.balance not in ("weights", "sampling"):
             raise DataError(f"balance must be 'weights' or 'sampling', got {self.balance!r}")
         if not 0.0 <= self.instance_dropout < 1.0:

@@ -292,7 +292,7 @@ def train_fold(
         if val.loss < best_loss - 1e-6:
             best_loss, best_epoch = val.loss, epoch
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        elif epoch - best_epoch >= config.patience:
+        elif epoch + 1 >= config.min_epochs and epoch - best_epoch >= config.patience:
             break
     assert best_state is not None
     model.load_state_dict(best_state)
@@ -343,8 +343,8 @@ def train(
     *,
     features_dir: str | os.PathLike[str],
     labels: str | os.PathLike[str],
-    task: str | os.PathLike[str] | TaskDescription,
     out_dir: str | os.PathLike[str],
+    task: str | os.PathLike[str] | TaskDescription | None = None,
     head: HeadName = "abmil",
     prompts: Sequence[PromptKind] = (),
     config: TrainConfig = TrainConfig(),
@@ -359,21 +359,29 @@ def train(
 ) -> dict[str, Any]:
     """Cross-validate ``head`` on a labelled cohort and write the run to ``out_dir``.
 
-    Folds come from the labels table's ``split``/``fold`` column if it has one, else from
-    patient-level stratified k-fold. ``device``: ``auto`` (CUDA when available), ``cpu`` or
+    ``task`` (a task YAML or :class:`TaskDescription`) names the classes in logit order and
+    describes them; heads that use no text (``abmil``, ``meanpool``, ``pathotune`` without
+    ``ttp``) can do without it, and then the classes are the labels found in the table, sorted
+    (recorded as ``classes`` with every head). Folds come from the labels table's
+    ``split``/``fold`` column if it has one, else from patient-level stratified k-fold. ``device``: ``auto`` (CUDA when available), ``cpu`` or
     ``cuda`` (a :class:`~wsitools.errors.ModelError` when there is no GPU). Returns the content
     of ``metrics.json``.
     """
     from wsitools.device import resolve_device
 
     dev = resolve_device(device)
-    task = task if isinstance(task, TaskDescription) else load_task(task)
+    if task is None and "ttp" in prompts:
+        raise DataError("the ttp prompt embeds the task and class descriptions: give a task (--task TASK.yaml)")
+    task = task if isinstance(task, TaskDescription) or task is None else load_task(task)
+    task_name = task.name if task is not None else ""
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise DataError(f"output {out_dir} exists; use --overwrite to replace it")
     if ivp_features_dir is not None and "ivp" not in prompts:
         raise DataError("--ivp-features is used by the 'ivp' prompt; add ivp to --prompts")
-    cohort = build_cohort(read_labels(labels), features_dir, task.classes, ivp_features_dir=ivp_features_dir, strict=strict)
+    rows = read_labels(labels)
+    classes = task.classes if task is not None else tuple(sorted({r.label for r in rows}))
+    cohort = build_cohort(rows, features_dir, classes, ivp_features_dir=ivp_features_dir, strict=strict)
     if cohort.splits is not None or cohort.folds is not None:
         folds = user_folds(cohort, val_fraction=config.val_fraction, seed=config.seed)
     else:
@@ -383,21 +391,22 @@ def train(
     text_embeddings = None
     text_info: dict[str, Any] | None = None
     if "ttp" in prompts:
+        assert task is not None  # checked above
         text_embeddings = task_text_embeddings(task, text_model=text_model, cache_dir=text_cache_dir)
         model_dir = resolve_text_model(text_model)
         text_info = {"model": str(model_dir), "model_key": text_model_key(model_dir), "prompts": task.prompts()}
     head_config = HeadConfig(
         head=head,
         in_dim=cohort.dim,
-        n_classes=len(task.classes),
+        n_classes=len(classes),
         prompts=tuple(prompts),
         text_dim=int(text_embeddings.shape[1]) if text_embeddings is not None else None,
         ivp_in_dim=cohort.ivp_dim,
         **(head_options or {}),
     )
     meta = {
-        "classes": list(task.classes),
-        "task": task.to_dict(),
+        "classes": list(classes),
+        "task": task.to_dict() if task is not None else None,
         "encoder": cohort.encoder,
         "text": text_info,
         "train": asdict(config),
@@ -438,7 +447,7 @@ def train(
                     classes=cohort.classes,
                     probs=result.test.probs[j],
                     bag=bag,
-                    meta={"head": head, "task": task.name, "fold": fold.index, "label": row["label"]},
+                    meta={"head": head, "task": task_name, "fold": fold.index, "label": row["label"]},
                 )
             write_predictions_csv(fold_dir / "predictions.csv", rows, cohort.classes)
             oof_rows.extend(rows)
@@ -452,30 +461,30 @@ def train(
             fold_curves = [{"fold": fold.index, **h} for h in result.history]
             _write_csv(fold_dir / "curves.csv", fold_curves)
             plot_curves(fold_dir / "curves.png", {fold.index: result.history}, {fold.index: result.best_epoch},
-                        title=f"{task.name} {head} fold {fold.index}")
+                        title=f"{task_name} {head} fold {fold.index}".strip())
             curve_rows.extend(fold_curves)
             histories[fold.index], best_epochs[fold.index] = result.history, result.best_epoch
             log.info("fold %d: test AUROC %s, best epoch %d", fold.index, report["auroc"], result.best_epoch)
 
-        oof_labels = np.array([task.classes.index(r["label"]) for r in oof_rows])
+        oof_labels = np.array([classes.index(r["label"]) for r in oof_rows])
         oof_probs = np.stack([r["probs"] for r in oof_rows])
         summary = {
-            "task": task.name,
+            "task": task_name or None,
             "head": head,
             "prompts": list(head_config.prompts),
             "encoder": cohort.encoder,
-            "classes": list(task.classes),
+            "classes": list(classes),
             "n_slides": len(cohort),
             "n_patients": len(set(cohort.patients)),
-            "pooled": metrics_report(oof_labels, oof_probs, class_names=task.classes, n_boot=config.n_boot, seed=config.seed),
+            "pooled": metrics_report(oof_labels, oof_probs, class_names=classes, n_boot=config.n_boot, seed=config.seed),
             "folds": fold_reports,
             "mean_over_folds": mean_sd(fold_reports),
             "skipped": cohort.skipped,
         }
-        write_predictions_csv(tmp / "predictions.csv", oof_rows, task.classes)
+        write_predictions_csv(tmp / "predictions.csv", oof_rows, classes)
         write_json_atomic(tmp / "metrics.json", summary)
         _write_csv(tmp / "curves.csv", curve_rows)
-        plot_curves(tmp / "curves.png", histories, best_epochs, title=f"{task.name} {head}")
+        plot_curves(tmp / "curves.png", histories, best_epochs, title=f"{task_name} {head}".strip())
         _write_splits(tmp / "splits.csv", cohort, folds)
         write_json_atomic(
             tmp / "run.json",
