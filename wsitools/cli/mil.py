@@ -70,7 +70,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="text embedding cache (default $WSITOOLS_CACHE/text or ~/.cache/wsitools/text)")
     t.add_argument("--workers", type=int, default=d.workers, help=f"bag-reading worker processes ({d.workers})")
     t.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: the CPUs this process may use, e.g. SLURM_CPUS_PER_TASK)")
+                   help="torch CPU threads (1: robust when other processes share the cores)")
     t.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where the head trains: auto = a CUDA GPU when there is one, else the CPU (auto)")
     t.add_argument("--bootstrap", type=int, default=d.n_boot, help=f"bootstrap resamples for 95%% intervals ({d.n_boot})")
@@ -92,7 +92,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--slides", nargs="+", default=None, metavar="SLIDE_ID", help="only these slides (default: all)")
     p.add_argument("--ivp-features", metavar="DIR", default=None, help="second encoder's features, if the head used them")
     p.add_argument("--strict", action="store_true", help="an unusable slide is an error (default: warn and skip)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the CPUs this process may use)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where the heads run: auto = a CUDA GPU when there is one, else the CPU (auto)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -124,13 +124,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     h.set_defaults(func=run_heatmap)
 
 
+DEFAULT_THREADS = 1
+"""Torch CPU threads of ``train`` and ``predict`` unless ``--threads`` says otherwise: a second
+thread gains these small heads little on an idle machine and, when another process is busy on
+the cores, makes them many times slower (docs/benchmarks.md, "Threads")."""
+
+
 def _set_threads(threads: int | None) -> None:
-    """Pin torch's CPU threads: oversubscribed cores slow the small matmuls of MIL heads many-fold."""
+    """Pin torch's CPU threads (``DEFAULT_THREADS`` unless given)."""
     import torch
 
-    from wsitools.io import available_cpus
-
-    torch.set_num_threads(max(1, threads or available_cpus()))
+    torch.set_num_threads(max(1, threads or DEFAULT_THREADS))
 
 
 def run_train(args: argparse.Namespace) -> int:
