@@ -37,10 +37,11 @@ Tasks (each seed draws a new cohort; "keys" are the patches that decide the labe
     python benchmarks/bench_mil_quality.py [--tasks key3pct many ...] [--heads abmil reference ...]
         [--seeds 0 1 2] [--jobs 2] [--set lr=1e-3 instance_dropout=0 ...] [--out DIR]
 
-Without ``--tasks``/``--heads``/``--seeds`` each task runs its default heads and seeds (every
-head and prompt subset on the small tasks, fewer on the big ones). Every run is one torch thread;
-``--jobs`` runs that many in parallel processes. Results are appended to ``DIR/results.jsonl``
-and printed as a markdown table.
+Without ``--tasks``/``--heads``/``--seeds`` each task runs its default heads and seeds, plus its
+ablation heads (other prompt subsets) on its first seed. Every run is one torch thread; ``--jobs``
+runs that many in parallel processes. Results are appended to ``DIR/results.jsonl`` (a run already
+there for the same task, seed, head and recipe is not repeated) and printed as a markdown table;
+``--report`` prints the table of everything recorded.
 """
 
 from __future__ import annotations
@@ -483,6 +484,13 @@ def main() -> None:
             heads = args.heads or (task.heads + task.ablation if seed == seeds[0] else task.heads)
             for head in heads:
                 jobs.append((name, seed, head, overrides, args.recipe, str(args.out)))
+    done_path = args.out / "results.jsonl"
+    done = set()
+    if done_path.is_file():
+        for line in open(done_path):
+            r = json.loads(line)
+            done.add((r["task"], r["seed"], r["head"], r["recipe"]))
+    jobs = [j for j in jobs if (j[0], j[1], j[2], "reference" if j[2] == "reference" else j[4]) not in done]
     jobs.sort(key=lambda j: (TASKS[j[0]].default, j[2] != "reference"))  # the slow ones first
     t0 = time.perf_counter()
     results = []

@@ -22,7 +22,7 @@ class TrainConfig:
 
     epochs: int = 100
     patience: int = 20
-    min_epochs: int = 30
+    min_epochs: int = 50
     lr: float = 1e-3
     weight_decay: float = 1e-4
     bag_size: int | None = 512
