@@ -255,7 +255,7 @@ def test_schema_fills_in_the_defaults():
     validate(config, str(REPO / "workflow" / "schemas" / "config.schema.yaml"))
     assert config["tiling"] == {"mpp": 1.0, "tile_size": 224, "overlap": 0, "min_tissue": 0.5,
                                 "backend": "auto", "store_pixels": True, "threads": 2, "extra_args": []}
-    assert config["heads"]["h"] == {"type": "abmil", "prompts": ["tvp", "ttp", "ivp"], "folds": 5,
+    assert config["heads"]["h"] == {"type": "abmil", "prompts": ["tvp", "ttp"], "folds": 5,
                                     "threads": 1, "device": "auto", "extra_args": []}
     assert config["features"]["encoders"] == ["efficientnet-lite0-imagenet"]
     assert (config["samples"], config["device"], config["pretrain"]["enabled"]) == ("config/samples.tsv", "auto", False)

@@ -39,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "required with the ttp prompt (default without: the classes are the labels, sorted)")
     t.add_argument("--head", choices=["abmil", "pathotune", "meanpool"], default="abmil")
     t.add_argument("--prompts", type=_prompt_list, default=None, metavar="tvp,ttp,ivp",
-                   help="PathoTune prompt kinds (default for pathotune: all three)")
+                   help="PathoTune prompt kinds (default for pathotune: tvp,ttp; add ivp with --ivp-features)")
     t.add_argument("--ivp-features", metavar="DIR", default=None,
                    help="a second encoder's feature stores for the IVP refine module (default: the slide's own bag)")
     t.add_argument("--folds", type=int, default=d.folds, help=f"folds of patient-level k-fold ({d.folds})")
@@ -124,6 +124,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     h.set_defaults(func=run_heatmap)
 
 
+DEFAULT_PROMPTS = ("tvp", "ttp")
+"""Prompts of ``--head pathotune`` without ``--prompts``: IVP is left out, as its slide-level path
+let the head learn small cohorts by heart (docs/mil.md, "The PathoTune head at slide level")."""
+
 DEFAULT_THREADS = 1
 """Torch CPU threads of ``train`` and ``predict`` unless ``--threads`` says otherwise: a second
 thread gains these small heads little on an idle machine and, when another process is busy on
@@ -144,7 +148,7 @@ def run_train(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
     prompts = args.prompts
     if args.head == "pathotune" and prompts is None:
-        prompts = ("tvp", "ttp", "ivp")
+        prompts = DEFAULT_PROMPTS
     if args.head != "pathotune" and prompts:
         raise DataError(f"--prompts applies to the pathotune head, not {args.head}")
     config = TrainConfig(

@@ -270,21 +270,22 @@ class PathoTuneHead(nn.Module):
             if config.ivp_in_dim is not None:
                 self.ivp_project = _projection(config.ivp_in_dim, dim, config.dropout)
             self.ivp_refine = InstanceRefine(dim, config.n_ivp, config.dropout)
-        self.cross = PromptCrossAttention(dim, config.n_heads, config.dropout)
+        if "tvp" in config.prompts or "ttp" in config.prompts:
+            self.cross = PromptCrossAttention(dim, config.n_heads, config.dropout)
         self.pool = GatedAttentionPool(dim, config.attn_dim)
         self.classifier = nn.Linear(dim, config.n_classes)
         if self.text_prior:
             self.ttp_prior = nn.Parameter(torch.zeros(config.n_ttp))
-        if config.ivp_in_dim is not None:
+        if "ivp" in config.prompts:
             self.ivp_classifier = nn.Linear(dim, config.n_classes)
             nn.init.zeros_(self.ivp_classifier.weight)
             nn.init.zeros_(self.ivp_classifier.bias)
 
     @property
     def text_prior(self) -> bool:
-        """TTP also scores each patch by its cosine similarity to the task and class texts when the
-        features live in the text encoder's space (same width: a vision-language encoder whose text
-        tower embeds the task)."""
+        """TTP also scores each patch by its cosine similarity to the task and class texts
+        (standardised within the bag, weighted by ``ttp_prior``) when the features live in the text
+        encoder's space (same width: a vision-language encoder whose text tower embeds the task)."""
         return "ttp" in self.config.prompts and self.config.text_dim == self.config.in_dim
 
     def set_text_embeddings(self, embeddings: Tensor) -> None:
@@ -295,36 +296,41 @@ class PathoTuneHead(nn.Module):
 
     def instance_tokens(self, h: Tensor, ivp: Tensor | None) -> Tensor:
         """IVP's [n_ivp, d] tokens: the refine module over the slide's own projected bag ``h`` or
-        over the second encoder's bag ``ivp``."""
+        over the second encoder's bag ``ivp``. They are slide-specific, so they feed the logits
+        (through ``ivp_classifier``, zero at initialisation) and not the patches' attention: as
+        keys of the cross-attention they let the attention tell the training slides apart, and the
+        head learned them by heart (training loss to zero, validation AUROC 0.5, where abmil
+        separated the same folds)."""
         if self.config.ivp_in_dim is None:
             return self.ivp_refine(h)
         if ivp is None:
             raise ModelError("this head was trained with IVP features from a second encoder; pass them")
         return self.ivp_refine(self.ivp_project(ivp))
 
-    def prompt_tokens(self, h: Tensor, ivp: Tensor | None) -> Tensor:
-        """The [K, d] prompt tokens for one bag (TVP, then TTP, then IVP)."""
+    def task_tokens(self) -> Tensor | None:
+        """The [K, d] task prompt tokens the patches attend to (TVP, then TTP); None without either."""
         tokens = []
         if "tvp" in self.config.prompts:
             tokens.append(self.tvp)
         if "ttp" in self.config.prompts:
             tokens.append(self.ttp_project(self.ttp_text))
-        if "ivp" in self.config.prompts:
-            tokens.append(self.instance_tokens(h, ivp))
-        return torch.cat(tokens, dim=0)
+        return torch.cat(tokens, dim=0) if tokens else None
 
     def forward(self, x: Tensor, ivp: Tensor | None = None) -> HeadOutput:
         h = self.project(x)
-        tokens = self.prompt_tokens(h, ivp)
-        prompted = self.cross(h, tokens)
+        tokens = self.task_tokens()
+        prompted = self.cross(h, tokens) if tokens is not None else h
         bias = None
         if self.text_prior:
             similarity = nn.functional.normalize(x, dim=-1) @ nn.functional.normalize(self.ttp_text, dim=-1).T
+            # Standardised within the bag, so that gamma ~ 1 already separates a patch a few
+            # standard deviations closer to a text than the rest of its bag.
+            similarity = (similarity - similarity.mean(0)) / (similarity.std(0, correction=0) + 1e-6)
             bias = similarity @ self.ttp_prior  # [N]: zero at initialisation
         attention = self.pool.weights(prompted, bias)
         logits = self.classifier(attention @ h)
-        if self.config.ivp_in_dim is not None:
-            logits = logits + self.ivp_classifier(tokens[-self.config.n_ivp :].mean(dim=0))
+        if "ivp" in self.config.prompts:
+            logits = logits + self.ivp_classifier(self.instance_tokens(h, ivp).mean(dim=0))
         return HeadOutput(logits, attention)
 
 
