@@ -466,11 +466,12 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=1, help="runs in parallel (each one torch thread)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--report", action="store_true",
-                    help="run nothing: print the table of DIR/results.jsonl for --tasks and --recipe")
+                    help="run nothing: print the table of DIR/results.jsonl for --tasks, --seeds and --recipe")
     args = ap.parse_args()
     if args.report:
         lines = [json.loads(line) for line in open(args.out / "results.jsonl")]
-        results = [r for r in lines if r["task"] in args.tasks and r["recipe"] in (args.recipe, "reference")]
+        results = [r for r in lines if r["task"] in args.tasks and r["recipe"] in (args.recipe, "reference")
+                   and (args.seeds is None or r["seed"] in args.seeds)]
         print(table(results, [h for h in ALL_HEADS if any(r["head"] == h for r in results)]))
         return
     overrides = {k: parse_value(v) for k, v in (s.split("=", 1) for s in args.set)}
