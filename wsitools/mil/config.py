@@ -17,7 +17,7 @@ class TrainConfig:
     Early stopping ends a fold once ``patience`` epochs have passed without a lower validation
     loss, but never before ``min_epochs`` epochs (all of them when ``epochs`` is smaller); the
     best epoch's weights are kept. The defaults were chosen on benchmarks/bench_mil_quality.py
-    (docs/mil.md, "Choosing the defaults").
+    (docs/mil.md, "Quality benchmark and the choice of defaults").
     """
 
     epochs: int = 100
