@@ -13,11 +13,6 @@ for _task_name, _task_conf in TASKS.items():
             )
 
 
-def get_task_args(wildcards):
-    task_file = TASKS[wildcards.task]["task_file"]
-    return shell_args(["--task", task_file]) if task_file else ""
-
-
 rule labels:
     input:
         summary="results/qc/summary.tsv",
@@ -50,7 +45,11 @@ rule train:
     params:
         features=lambda wildcards: f"{FEATURES}/{wildcards.encoder}",
         out=lambda wildcards, output: Path(output.metrics).parent,
-        task=get_task_args,
+        task=lambda wildcards: (
+            shell_args(["--task", TASKS[wildcards.task]["task_file"]])
+            if TASKS[wildcards.task]["task_file"]
+            else ""
+        ),
         options=get_head_options,
         device=lambda wildcards: HEADS[wildcards.head]["device"],
     log:
