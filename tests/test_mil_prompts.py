@@ -81,9 +81,15 @@ def test_token_counts_and_every_prompt_kind_gets_gradient():
     assert cfg.prompts == ("tvp", "ttp", "ivp")  # canonical order whatever the input order
     torch.manual_seed(0)
     model = create_head(cfg, text_embeddings=text)
+    # The cross-attention's output starts at zero (the head starts as abmil, whose computation it
+    # then is); give it the weights a first training step would, so the prompts reach the output.
+    with torch.no_grad():
+        model.cross.out.weight.normal_(0.0, 0.2)
+        model.ivp_classifier.weight.normal_(0.0, 0.2)  # likewise the IVP readout
     x = torch.randn(40, 8)
     h = model.project(x)
-    assert model.prompt_tokens(h, None).shape == (5 + 3 + 3, 16)
+    assert model.task_tokens().shape == (5 + 3, 16)  # the patches attend to TVP and TTP
+    assert model.instance_tokens(h, None).shape == (3, 16)  # IVP feeds the logits
     out = model(x)
     out.logits[1].backward()
     for name in ("tvp", "ttp_project.0.weight", "ivp_refine.queries"):

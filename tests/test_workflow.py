@@ -255,8 +255,8 @@ def test_schema_fills_in_the_defaults():
     validate(config, str(REPO / "workflow" / "schemas" / "config.schema.yaml"))
     assert config["tiling"] == {"mpp": 1.0, "tile_size": 224, "overlap": 0, "min_tissue": 0.5,
                                 "backend": "auto", "store_pixels": True, "threads": 2, "extra_args": []}
-    assert config["heads"]["h"] == {"type": "abmil", "prompts": ["tvp", "ttp", "ivp"], "folds": 5,
-                                    "threads": 2, "device": "auto", "extra_args": []}
+    assert config["heads"]["h"] == {"type": "abmil", "prompts": ["tvp", "ttp"], "folds": 5,
+                                    "threads": 1, "device": "auto", "extra_args": []}
     assert config["features"]["encoders"] == ["efficientnet-lite0-imagenet"]
     assert (config["samples"], config["device"], config["pretrain"]["enabled"]) == ("config/samples.tsv", "auto", False)
 
@@ -384,6 +384,7 @@ def test_train_gets_its_head_device_and_threads(tmp_path):
     resources, command = _train_job(make_project(tmp_path / "auto", config={"device": "cpu", "heads": heads}))
     assert "gpu=1" in resources
     assert " --device auto --threads 3 --out results/heads/planted/efficientnet-lite0-imagenet/abmil " in command
+    assert " --task config/task.yaml --head abmil " in command  # the task file, when configured
     heads["abmil"]["device"] = "cpu"
     resources, command = _train_job(make_project(tmp_path / "cpu", config={"device": "auto", "heads": heads}))
     assert "gpu=0" in resources and " --device cpu --threads 3 " in command
@@ -509,7 +510,7 @@ def test_unlabelled_usable_slides_are_predicted_by_every_head(tmp_path):
     commands = [line.split("wsitools predict ", 1)[1] for line in result.stdout.splitlines() if "wsitools predict " in line]
     assert sorted(commands) == [
         f"--model results/heads/planted/efficientnet-lite0-imagenet/{h} --features results/features/"
-        f"efficientnet-lite0-imagenet --slides s4 --device auto --threads 2"
+        f"efficientnet-lite0-imagenet --slides s4 --device auto --threads 1"
         f" --out results/predictions/planted/efficientnet-lite0-imagenet/{h} --overwrite --quiet"
         f" > logs/predict/planted/efficientnet-lite0-imagenet/{h}.log 2>&1"
         for h in ("abmil", "mean")

@@ -152,10 +152,6 @@ def get_tile_options(wildcards):
     return shell_args(args + t["extra_args"])
 
 
-def get_task_file(wildcards):
-    return TASKS[wildcards.task]["task_file"]
-
-
 def get_task_features(wildcards):
     return expand(
         f"{FEATURES}/{wildcards.encoder}/{{slide}}.h5", slide=labelled_slides(wildcards.task)

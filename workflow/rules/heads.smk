@@ -1,7 +1,16 @@
 # MIL heads: one labels table per task (usable, labelled slides only), then every head is
 # trained with cross-validation for every task and encoder. A head trains on its config
 # `device` (auto: a GPU when the job has one) with `threads` torch threads; it asks for a GPU
-# unless its device is cpu.
+# unless its device is cpu. A task's `task_file` is passed as `--task` when it is given; heads
+# without the ttp prompt can do without it (their classes are then the labels, sorted).
+
+for _task_name, _task_conf in TASKS.items():
+    for _head_name, _head_conf in HEADS.items():
+        if not _task_conf["task_file"] and _head_conf["type"] == "pathotune" and "ttp" in _head_conf["prompts"]:
+            raise WorkflowError(
+                f"config: head {_head_name!r} uses the ttp prompt, which needs the task's descriptions: "
+                f"set 'tasks: {_task_name}: task_file' or drop ttp from 'heads: {_head_name}: prompts'"
+            )
 
 
 rule labels:
@@ -27,7 +36,7 @@ rule labels:
 rule train:
     input:
         labels="results/heads/{task}/labels.tsv",
-        task=get_task_file,
+        task=lambda wildcards: TASKS[wildcards.task]["task_file"] or [],
         features=get_task_features,
     output:
         metrics="results/heads/{task}/{encoder}/{head}/metrics.json",
@@ -36,6 +45,11 @@ rule train:
     params:
         features=lambda wildcards: f"{FEATURES}/{wildcards.encoder}",
         out=lambda wildcards, output: Path(output.metrics).parent,
+        task=lambda wildcards: (
+            shell_args(["--task", TASKS[wildcards.task]["task_file"]])
+            if TASKS[wildcards.task]["task_file"]
+            else ""
+        ),
         options=get_head_options,
         device=lambda wildcards: HEADS[wildcards.head]["device"],
     log:
@@ -51,5 +65,5 @@ rule train:
         "../envs/wsitools.yaml"
     shell:
         "wsitools train --features {params.features:q} --labels {input.labels:q}"
-        " --task {input.task:q} {params.options} --device {params.device}"
+        " {params.task} {params.options} --device {params.device}"
         " --threads {threads} --out {params.out:q} --overwrite --quiet > {log:q} 2>&1"

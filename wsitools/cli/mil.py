@@ -43,11 +43,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--features", required=True, metavar="DIR", help="feature stores: DIR/{slide_id}.h5")
     t.add_argument("--labels", required=True, type=input_file, metavar="FILE",
                    help="CSV/TSV with slide_id, label, optional patient_id and split (train/val/test) or fold")
-    t.add_argument("--task", required=True, type=input_file, metavar="TASK.yaml",
-                   help="task description: name, description, optional stain, classes with descriptions")
+    t.add_argument("--task", default=None, type=input_file, metavar="TASK.yaml",
+                   help="task description: name, description, optional stain, classes with descriptions; "
+                   "required with the ttp prompt (default without: the classes are the labels, sorted)")
     t.add_argument("--head", choices=["abmil", "pathotune", "meanpool"], default="abmil")
     t.add_argument("--prompts", type=_prompt_list, default=None, metavar="tvp,ttp,ivp",
-                   help="PathoTune prompt kinds (default for pathotune: all three)")
+                   help="PathoTune prompt kinds (default for pathotune: tvp,ttp; add ivp with --ivp-features)")
     t.add_argument("--ivp-features", metavar="DIR", default=None,
                    help="a second encoder's feature stores for the IVP refine module (default: the slide's own bag)")
     t.add_argument("--folds", type=positive_int, default=d.folds, help=f"folds of patient-level k-fold ({d.folds})")
@@ -57,6 +58,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--epochs", type=positive_int, default=d.epochs, help=f"maximum epochs ({d.epochs})")
     t.add_argument("--patience", type=positive_int, default=d.patience,
                    help=f"stop after this many epochs without a lower validation loss ({d.patience})")
+    t.add_argument("--min-epochs", type=positive_int, default=d.min_epochs,
+                   help=f"epochs trained before early stopping may stop a fold ({d.min_epochs})")
     t.add_argument("--lr", type=positive_float, default=d.lr, help=f"AdamW learning rate ({d.lr:g})")
     t.add_argument("--weight-decay", type=non_negative_float, default=d.weight_decay, help=f"AdamW weight decay ({d.weight_decay:g})")
     t.add_argument("--bag-size", type=non_negative_int, default=d.bag_size,
@@ -76,7 +79,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="text embedding cache (default $WSITOOLS_CACHE/text or ~/.cache/wsitools/text)")
     t.add_argument("--workers", type=non_negative_int, default=d.workers, help=f"bag-reading worker processes ({d.workers})")
     t.add_argument("--threads", type=positive_int, default=None,
-                   help="torch CPU threads (default: the CPUs this process may use, e.g. SLURM_CPUS_PER_TASK)")
+                   help="torch CPU threads (default 1: robust when other processes share the cores)")
     t.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where the head trains: auto = a CUDA GPU when there is one, else the CPU (auto)")
     t.add_argument("--bootstrap", type=non_negative_int, default=d.n_boot, help=f"bootstrap resamples for 95%% intervals ({d.n_boot})")
@@ -100,7 +103,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--slides", nargs="+", default=None, metavar="SLIDE_ID", help="only these slides (default: all)")
     p.add_argument("--ivp-features", metavar="DIR", default=None, help="second encoder's features, if the head used them")
     p.add_argument("--strict", action="store_true", help="an unusable slide is an error (default: warn and skip)")
-    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: the CPUs this process may use)")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="torch CPU threads (default 1: robust when other processes share the cores)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where the heads run: auto = a CUDA GPU when there is one, else the CPU (auto)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -133,13 +137,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     h.set_defaults(func=run_heatmap)
 
 
+DEFAULT_PROMPTS = ("tvp", "ttp")
+"""Prompts of ``--head pathotune`` without ``--prompts``: IVP is left out, as its slide-level path
+let the head learn small cohorts by heart (docs/mil.md, "The PathoTune head at slide level")."""
+
+DEFAULT_THREADS = 1
+"""Torch CPU threads of ``train`` and ``predict`` unless ``--threads`` says otherwise: a second
+thread gains these small heads little on an idle machine and, when another process is busy on
+the cores, makes them many times slower (docs/benchmarks.md, "Threads")."""
+
+
 def _set_threads(threads: int | None) -> None:
-    """Pin torch's CPU threads: oversubscribed cores slow the small matmuls of MIL heads many-fold."""
+    """Pin torch's CPU threads (``DEFAULT_THREADS`` unless given)."""
     import torch
 
-    from wsitools.io import available_cpus
-
-    torch.set_num_threads(max(1, threads or available_cpus()))
+    torch.set_num_threads(max(1, threads or DEFAULT_THREADS))
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -149,12 +161,13 @@ def run_train(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
     prompts = args.prompts
     if args.head == "pathotune" and prompts is None:
-        prompts = ("tvp", "ttp", "ivp")
+        prompts = DEFAULT_PROMPTS
     if args.head != "pathotune" and prompts:
         raise DataError(f"--prompts applies to the pathotune head, not {args.head}")
     config = TrainConfig(
         epochs=args.epochs,
         patience=args.patience,
+        min_epochs=args.min_epochs,
         lr=args.lr,
         weight_decay=args.weight_decay,
         bag_size=args.bag_size or None,

@@ -12,14 +12,21 @@ Balance = Literal["weights", "sampling"]
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation and evaluation settings of a run (saved in ``run.json``)."""
+    """Optimisation and evaluation settings of a run (saved in ``run.json``).
 
-    epochs: int = 50
-    patience: int = 10
-    lr: float = 2e-4
+    Early stopping ends a fold once ``patience`` epochs have passed without a lower validation
+    loss, but never before ``min_epochs`` epochs (all of them when ``epochs`` is smaller); the
+    best epoch's weights are kept. The defaults were chosen on benchmarks/bench_mil_quality.py
+    (docs/mil.md, "Quality benchmark and the choice of defaults").
+    """
+
+    epochs: int = 100
+    patience: int = 20
+    min_epochs: int = 50
+    lr: float = 1e-3
     weight_decay: float = 1e-4
     bag_size: int | None = 512
-    instance_dropout: float = 0.7
+    instance_dropout: float = 0.0
     balance: Balance = "weights"
     folds: int = 5
     val_fraction: float = 0.2
@@ -30,6 +37,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.patience < 1:
             raise DataError("epochs and patience must be at least 1")
+        if self.min_epochs < 0:
+            raise DataError(f"min_epochs must be at least 0, got {self.min_epochs}")
         if self.balance not in ("weights", "sampling"):
             raise DataError(f"balance must be 'weights' or 'sampling', got {self.balance!r}")
         if not 0.0 <= self.instance_dropout < 1.0:

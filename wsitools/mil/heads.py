@@ -7,22 +7,25 @@ encoder, that encoder's bag [M, E]) to :class:`HeadOutput`: class logits [C] and
 - ``meanpool``: linear probe on the mean feature (attention is uniform).
 - ``abmil``: Ilse et al.'s gated attention MIL: Linear(D, d) + ReLU + dropout, gated attention
   ``a_i = softmax_i(w^T (tanh(V h_i) * sigmoid(U h_i)))``, ``z = sum_i a_i h_i``, Linear(d, C).
-- ``pathotune``: abmil plus PathoTune prompts at slide level. Prompt tokens (all of width d):
+- ``pathotune``: abmil plus PathoTune prompts at slide level, starting as abmil (every prompted
+  path is zero at initialisation). Prompt tokens (all of width d):
 
   - TVP: ``n_tvp`` learnable task tokens;
   - TTP: the frozen text embeddings of the task and of each class description (1 + C tokens),
-    stored in the head as a buffer and projected by Linear(E, d) + LayerNorm;
+    stored in the head as a buffer and projected by Linear(E, d) + LayerNorm; when the features
+    live in the text space (same width), also a prior on each patch's attention score from its
+    similarity to the texts;
   - IVP: ``n_ivp`` instance tokens from the refine module: ``n_ivp`` learned queries attend over
     the slide's own projected bag (or a second encoder's bag, projected by its own Linear + ReLU),
     and each pooled summary is refined by a residual MLP (d -> 2d -> d, GELU).
 
-  Each patch embedding then attends to the K prompt tokens (multi-head cross-attention with a
+  Each patch embedding attends to the task tokens (TVP, TTP; multi-head cross-attention with a
   residual, cost O(N K d), never O(N^2)). Gated attention over these prompted embeddings gives
   the attention map, which pools the patch embeddings themselves into the slide embedding: the
-  prompts steer *where* the head looks, while the evidence pooled stays local to each patch. (Pooling
-  the prompted embeddings instead lets slide-level context from IVP reach every patch, and the
-  attention then spreads: on real efficientnet features of synthetic slides the share of attention
-  on the planted region fell from 0.85 to 0.45 at equal AUROC.)
+  prompts steer *where* the head looks, while the evidence pooled stays local to each patch. The
+  slide-specific IVP tokens add their own term to the logits and do not reach the attention (as
+  keys of the cross-attention they let it tell training slides apart, and the head learned small
+  cohorts by heart).
 """
 
 from __future__ import annotations
@@ -134,11 +137,13 @@ class GatedAttentionPool(nn.Module):
         self.vu = nn.Linear(dim, 2 * attn_dim)
         self.w = nn.Linear(attn_dim, 1)
 
-    def weights(self, h: Tensor) -> Tensor:
-        """Attention over the N instances of ``h`` [N, d] (softmax, sums to one)."""
+    def weights(self, h: Tensor, bias: Tensor | None = None) -> Tensor:
+        """Attention over the N instances of ``h`` [N, d] (softmax, sums to one); ``bias`` [N]
+        is added to the scores before the softmax."""
         v, u = self.vu(h).split(self.attn_dim, dim=-1)
         gate = (2.0 * torch.sigmoid(2.0 * v) - 1.0) * torch.sigmoid(u)
-        return torch.softmax(self.w(gate).squeeze(-1), dim=-1)
+        scores = self.w(gate).squeeze(-1)
+        return torch.softmax(scores if bias is None else scores + bias, dim=-1)
 
     def forward(self, h: Tensor) -> tuple[Tensor, Tensor]:
         attention = self.weights(h)
@@ -219,7 +224,12 @@ class InstanceRefine(nn.Module):
 
 
 class PromptCrossAttention(nn.Module):
-    """Each patch (query) attends to the K prompt tokens (keys/values), added back residually."""
+    """Each patch (query) attends to the K prompt tokens (keys/values), added back residually.
+
+    The output projection starts at zero, so at initialisation the block is the identity and the
+    PathoTune head computes exactly what ``abmil`` computes with the same weights: prompts start
+    from the baseline and move away from it only where the training loss asks them to.
+    """
 
     def __init__(self, dim: int, n_heads: int, dropout: float):
         super().__init__()
@@ -229,6 +239,8 @@ class PromptCrossAttention(nn.Module):
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * dim)
         self.out = nn.Linear(dim, dim)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
         self.drop = Dropout(dropout)
 
     def forward(self, h: Tensor, prompts: Tensor) -> Tensor:
@@ -261,9 +273,23 @@ class PathoTuneHead(nn.Module):
             if config.ivp_in_dim is not None:
                 self.ivp_project = _projection(config.ivp_in_dim, dim, config.dropout)
             self.ivp_refine = InstanceRefine(dim, config.n_ivp, config.dropout)
-        self.cross = PromptCrossAttention(dim, config.n_heads, config.dropout)
+        if "tvp" in config.prompts or "ttp" in config.prompts:
+            self.cross = PromptCrossAttention(dim, config.n_heads, config.dropout)
         self.pool = GatedAttentionPool(dim, config.attn_dim)
         self.classifier = nn.Linear(dim, config.n_classes)
+        if self.text_prior:
+            self.ttp_prior = nn.Parameter(torch.zeros(config.n_ttp))
+        if "ivp" in config.prompts:
+            self.ivp_classifier = nn.Linear(dim, config.n_classes)
+            nn.init.zeros_(self.ivp_classifier.weight)
+            nn.init.zeros_(self.ivp_classifier.bias)
+
+    @property
+    def text_prior(self) -> bool:
+        """TTP also scores each patch by its cosine similarity to the task and class texts
+        (standardised within the bag, weighted by ``ttp_prior``) when the features live in the text
+        encoder's space (same width: a vision-language encoder whose text tower embeds the task)."""
+        return "ttp" in self.config.prompts and self.config.text_dim == self.config.in_dim
 
     def set_text_embeddings(self, embeddings: Tensor) -> None:
         """Install the frozen TTP embeddings [1 + C, E] (task first, then classes in order)."""
@@ -271,28 +297,44 @@ class PathoTuneHead(nn.Module):
             raise ModelError(f"TTP embeddings have shape {tuple(embeddings.shape)}, the head expects {tuple(self.ttp_text.shape)}")
         self.ttp_text.copy_(embeddings)
 
-    def prompt_tokens(self, h: Tensor, ivp: Tensor | None) -> Tensor:
-        """The [K, d] prompt tokens for one bag (TVP, then TTP, then IVP)."""
+    def instance_tokens(self, h: Tensor, ivp: Tensor | None) -> Tensor:
+        """IVP's [n_ivp, d] tokens: the refine module over the slide's own projected bag ``h`` or
+        over the second encoder's bag ``ivp``. They are slide-specific, so they feed the logits
+        (through ``ivp_classifier``, zero at initialisation) and not the patches' attention: as
+        keys of the cross-attention they let the attention tell the training slides apart, and the
+        head learned them by heart (training loss to zero, validation AUROC 0.5, where abmil
+        separated the same folds)."""
+        if self.config.ivp_in_dim is None:
+            return self.ivp_refine(h)
+        if ivp is None:
+            raise ModelError("this head was trained with IVP features from a second encoder; pass them")
+        return self.ivp_refine(self.ivp_project(ivp))
+
+    def task_tokens(self) -> Tensor | None:
+        """The [K, d] task prompt tokens the patches attend to (TVP, then TTP); None without either."""
         tokens = []
         if "tvp" in self.config.prompts:
             tokens.append(self.tvp)
         if "ttp" in self.config.prompts:
             tokens.append(self.ttp_project(self.ttp_text))
-        if "ivp" in self.config.prompts:
-            if self.config.ivp_in_dim is not None:
-                if ivp is None:
-                    raise ModelError("this head was trained with IVP features from a second encoder; pass them")
-                source = self.ivp_project(ivp)
-            else:
-                source = h
-            tokens.append(self.ivp_refine(source))
-        return torch.cat(tokens, dim=0)
+        return torch.cat(tokens, dim=0) if tokens else None
 
     def forward(self, x: Tensor, ivp: Tensor | None = None) -> HeadOutput:
         h = self.project(x)
-        prompted = self.cross(h, self.prompt_tokens(h, ivp))
-        attention = self.pool.weights(prompted)
-        return HeadOutput(self.classifier(attention @ h), attention)
+        tokens = self.task_tokens()
+        prompted = self.cross(h, tokens) if tokens is not None else h
+        bias = None
+        if self.text_prior:
+            similarity = nn.functional.normalize(x, dim=-1) @ nn.functional.normalize(self.ttp_text, dim=-1).T
+            # Standardised within the bag, so that gamma ~ 1 already separates a patch a few
+            # standard deviations closer to a text than the rest of its bag.
+            similarity = (similarity - similarity.mean(0)) / (similarity.std(0, correction=0) + 1e-6)
+            bias = similarity @ self.ttp_prior  # [N]: zero at initialisation
+        attention = self.pool.weights(prompted, bias)
+        logits = self.classifier(attention @ h)
+        if "ivp" in self.config.prompts:
+            logits = logits + self.ivp_classifier(self.instance_tokens(h, ivp).mean(dim=0))
+        return HeadOutput(logits, attention)
 
 
 def create_head(config: HeadConfig, *, text_embeddings: Tensor | None = None) -> nn.Module:

@@ -234,7 +234,7 @@ def predict(
                 classes=classes,
                 probs=probs,
                 bag=bag,
-                meta={"head": first.config.head, "task": first.meta.get("task", {}).get("name", ""), "n_models": len(models)},
+                meta={"head": first.config.head, "task": (first.meta.get("task") or {}).get("name", ""), "n_models": len(models)},
             )
             results.append(BagPrediction(slide_id=slide_id, probs=probs, attention=attention))
             rows.append({"slide_id": slide_id, "n_tiles": bag.n, "probs": probs})

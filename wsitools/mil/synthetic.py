@@ -69,6 +69,7 @@ def make_bag_cohort(
     dim: int = 32,
     n_planted: int | tuple[int, int] = (4, 8),
     shift: float = 3.0,
+    nuisance: float = 0.0,
     positive_fraction: float = 0.5,
     slides_per_patient: int = 1,
     dtype: str = "float32",
@@ -77,7 +78,9 @@ def make_bag_cohort(
 ) -> list[SyntheticBag]:
     """Write ``n_slides`` bags into ``out_dir`` (labels ``neg``/``pos``) and, if asked, a labels CSV.
 
-    Bag sizes and planted counts are drawn uniformly from the given (low, high) ranges.
+    Bag sizes and planted counts are drawn uniformly from the given (low, high) ranges. With
+    ``nuisance`` > 0 every slide adds its own N(0, nuisance^2 I) shift to all its rows (a stain or
+    scanner effect), which hides the planted instances from the bag mean.
     """
     rng = np.random.default_rng(seed)
     direction = np.random.default_rng(dim).standard_normal(dim)  # the same for every cohort of this width
@@ -96,6 +99,8 @@ def make_bag_cohort(
     for s in range(n_slides):
         n = draw(n_tiles)
         feats = rng.standard_normal((n, dim))
+        if nuisance > 0:
+            feats += nuisance * rng.standard_normal(dim)
         planted = np.array([], dtype=np.int64)
         if is_pos[s]:
             planted = np.sort(rng.choice(n, size=min(n, draw(n_planted)), replace=False))

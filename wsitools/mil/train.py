@@ -64,6 +64,9 @@ from wsitools.text import TaskDescription, embed_texts, load_task, resolve_text_
 
 log = logging.getLogger(__name__)
 
+CACHE_BYTES = 1 << 30
+"""Whole bags kept in memory per training run (per loader worker), in bytes."""
+
 
 class BagDataset(torch.utils.data.Dataset):
     """Bags read from their feature stores; a key is ``(index, draw)``.
@@ -72,6 +75,9 @@ class BagDataset(torch.utils.data.Dataset):
     fraction dropped, at most ``bag_size`` kept), so a run is reproducible whatever the number
     of loader workers; ``draw=None`` reads the whole bag. Each store's row layout is looked up
     once (per loader worker) and its sampled rows are then read through a memory map alone.
+    Bags read whole (validation, test, and training steps of bags no larger than ``bag_size``)
+    are kept in memory up to ``cache_bytes`` in all, so small cohorts are read from disk once:
+    opening an h5 file took a third of a small bag's training step.
     """
 
     def __init__(
@@ -83,6 +89,7 @@ class BagDataset(torch.utils.data.Dataset):
         bag_size: int | None,
         instance_dropout: float = 0.0,
         ivp_paths: Sequence[Path] | None = None,
+        cache_bytes: int = CACHE_BYTES,
     ):
         self.paths = list(paths)
         self.labels = np.asarray(labels, dtype=np.int64)
@@ -91,9 +98,22 @@ class BagDataset(torch.utils.data.Dataset):
         self.instance_dropout = instance_dropout
         self.ivp_paths = list(ivp_paths) if ivp_paths is not None else None
         self._layouts: dict[int, RowLayout | None] = {}
+        self.cache_bytes = cache_bytes
+        self._cache: dict[Path, torch.Tensor] = {}
+        self._cached = 0
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def _whole(self, path: Path) -> torch.Tensor:
+        """The whole bag of ``path``, from memory when it was read before and fitted."""
+        x = self._cache.get(path)
+        if x is None:
+            x = read_features(path)
+            if self._cached + x.nbytes <= self.cache_bytes:
+                self._cache[path] = x
+                self._cached += x.nbytes
+        return x
 
     def __getitem__(self, key: tuple[int, int | None]) -> tuple[torch.Tensor, torch.Tensor | None, int]:
         i, draw = key
@@ -101,12 +121,15 @@ class BagDataset(torch.utils.data.Dataset):
         index = None
         if rng is not None:
             index = sample_index(self.sizes[i], self.bag_size, rng, instance_dropout=self.instance_dropout)
-        if index is not None and i not in self._layouts:
-            self._layouts[i] = row_layout(self.paths[i])
-        x = read_features(self.paths[i], index, layout=self._layouts.get(i))
+        if index is None:
+            x = self._whole(self.paths[i])
+        else:
+            if i not in self._layouts:
+                self._layouts[i] = row_layout(self.paths[i])
+            x = read_features(self.paths[i], index, layout=self._layouts[i])
         ivp = None
         if self.ivp_paths is not None:
-            ivp = read_features(self.ivp_paths[i])
+            ivp = self._whole(self.ivp_paths[i])
             if rng is not None:
                 sub = sample_index(len(ivp), self.bag_size, rng, instance_dropout=self.instance_dropout)
                 ivp = ivp if sub is None else ivp[torch.from_numpy(sub)]
@@ -292,7 +315,7 @@ def train_fold(
         if val.loss < best_loss - 1e-6:
             best_loss, best_epoch = val.loss, epoch
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        elif epoch - best_epoch >= config.patience:
+        elif epoch + 1 >= config.min_epochs and epoch - best_epoch >= config.patience:
             break
     assert best_state is not None
     model.load_state_dict(best_state)
@@ -343,8 +366,8 @@ def train(
     *,
     features_dir: str | os.PathLike[str],
     labels: str | os.PathLike[str],
-    task: str | os.PathLike[str] | TaskDescription,
     out_dir: str | os.PathLike[str],
+    task: str | os.PathLike[str] | TaskDescription | None = None,
     head: HeadName = "abmil",
     prompts: Sequence[PromptKind] = (),
     config: TrainConfig = TrainConfig(),
@@ -360,23 +383,32 @@ def train(
 ) -> dict[str, Any]:
     """Cross-validate ``head`` on a labelled cohort and write the run to ``out_dir``.
 
-    Folds come from the labels table's ``split``/``fold`` column if it has one, else from
-    patient-level stratified k-fold. A task class without a usable labelled slide is an error
-    (a warning with ``allow_empty_classes``). ``device``: ``auto`` (CUDA when available), ``cpu`` or
+    ``task`` (a task YAML or :class:`TaskDescription`) names the classes in logit order and
+    describes them; heads that use no text (``abmil``, ``meanpool``, ``pathotune`` without
+    ``ttp``) can do without it, and then the classes are the labels found in the table, sorted
+    (recorded as ``classes`` with every head). Folds come from the labels table's
+    ``split``/``fold`` column if it has one, else from patient-level stratified k-fold. A task
+    class without a usable labelled slide is an error (a warning with ``allow_empty_classes``).
+    ``device``: ``auto`` (CUDA when available), ``cpu`` or
     ``cuda`` (a :class:`~wsitools.errors.ModelError` when there is no GPU). Returns the content
     of ``metrics.json``.
     """
     from wsitools.device import resolve_device
 
     dev = resolve_device(device)
-    task = task if isinstance(task, TaskDescription) else load_task(task)
+    if task is None and "ttp" in prompts:
+        raise DataError("the ttp prompt embeds the task and class descriptions: give a task (--task TASK.yaml)")
+    task = task if isinstance(task, TaskDescription) or task is None else load_task(task)
+    task_name = task.name if task is not None else ""
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise DataError(f"output {out_dir} exists; use --overwrite to replace it")
     if ivp_features_dir is not None and "ivp" not in prompts:
         raise DataError("--ivp-features is used by the 'ivp' prompt; add ivp to --prompts")
+    rows = read_labels(labels)
+    classes = task.classes if task is not None else tuple(sorted({r.label for r in rows}))
     cohort = build_cohort(
-        read_labels(labels), features_dir, task.classes, ivp_features_dir=ivp_features_dir, strict=strict,
+        rows, features_dir, classes, ivp_features_dir=ivp_features_dir, strict=strict,
         allow_empty_classes=allow_empty_classes,
     )
     if cohort.splits is not None or cohort.folds is not None:
@@ -389,21 +421,22 @@ def train(
     text_embeddings = None
     text_info: dict[str, Any] | None = None
     if "ttp" in prompts:
+        assert task is not None  # checked above
         text_embeddings = task_text_embeddings(task, text_model=text_model, cache_dir=text_cache_dir)
         model_dir = resolve_text_model(text_model)
         text_info = {"model": str(model_dir), "model_key": text_model_key(model_dir), "prompts": task.prompts()}
     head_config = HeadConfig(
         head=head,
         in_dim=cohort.dim,
-        n_classes=len(task.classes),
+        n_classes=len(classes),
         prompts=tuple(prompts),
         text_dim=int(text_embeddings.shape[1]) if text_embeddings is not None else None,
         ivp_in_dim=cohort.ivp_dim,
         **(head_options or {}),
     )
     meta = {
-        "classes": list(task.classes),
-        "task": task.to_dict(),
+        "classes": list(classes),
+        "task": task.to_dict() if task is not None else None,
         "encoder": cohort.encoder,
         "encoder_hash": cohort.encoder_hash,
         "encoder_weights": cohort.encoder_weights,
@@ -446,7 +479,7 @@ def train(
                     classes=cohort.classes,
                     probs=result.test.probs[j],
                     bag=bag,
-                    meta={"head": head, "task": task.name, "fold": fold.index, "label": row["label"]},
+                    meta={"head": head, "task": task_name, "fold": fold.index, "label": row["label"]},
                 )
             write_predictions_csv(fold_dir / "predictions.csv", rows, cohort.classes)
             oof_rows.extend(rows)
@@ -460,30 +493,30 @@ def train(
             fold_curves = [{"fold": fold.index, **h} for h in result.history]
             _write_csv(fold_dir / "curves.csv", fold_curves)
             plot_curves(fold_dir / "curves.png", {fold.index: result.history}, {fold.index: result.best_epoch},
-                        title=f"{task.name} {head} fold {fold.index}")
+                        title=f"{task_name} {head} fold {fold.index}".strip())
             curve_rows.extend(fold_curves)
             histories[fold.index], best_epochs[fold.index] = result.history, result.best_epoch
             log.info("fold %d: test AUROC %s, best epoch %d", fold.index, report["auroc"], result.best_epoch)
 
-        oof_labels = np.array([task.classes.index(r["label"]) for r in oof_rows])
+        oof_labels = np.array([classes.index(r["label"]) for r in oof_rows])
         oof_probs = np.stack([r["probs"] for r in oof_rows])
         summary = {
-            "task": task.name,
+            "task": task_name or None,
             "head": head,
             "prompts": list(head_config.prompts),
             "encoder": cohort.encoder,
-            "classes": list(task.classes),
+            "classes": list(classes),
             "n_slides": len(cohort),
             "n_patients": len(set(cohort.patients)),
-            "pooled": metrics_report(oof_labels, oof_probs, class_names=task.classes, n_boot=config.n_boot, seed=config.seed),
+            "pooled": metrics_report(oof_labels, oof_probs, class_names=classes, n_boot=config.n_boot, seed=config.seed),
             "folds": fold_reports,
             "mean_over_folds": mean_sd(fold_reports),
             "skipped": cohort.skipped,
         }
-        write_predictions_csv(tmp / "predictions.csv", oof_rows, task.classes)
+        write_predictions_csv(tmp / "predictions.csv", oof_rows, classes)
         write_json_atomic(tmp / "metrics.json", summary)
         _write_csv(tmp / "curves.csv", curve_rows)
-        plot_curves(tmp / "curves.png", histories, best_epochs, title=f"{task.name} {head}")
+        plot_curves(tmp / "curves.png", histories, best_epochs, title=f"{task_name} {head}".strip())
         _write_splits(tmp / "splits.csv", cohort, folds)
         write_json_atomic(
             tmp / "run.json",

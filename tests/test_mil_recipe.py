@@ -1,0 +1,93 @@
+"""The default training recipe on a hard cohort, PathoTune's start from abmil, and --task optional."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from wsitools.cli import main  # noqa: E402
+from wsitools.errors import DataError  # noqa: E402
+from wsitools.mil.config import TrainConfig  # noqa: E402
+from wsitools.mil.heads import HeadConfig, create_head  # noqa: E402
+from wsitools.mil.synthetic import make_bag_cohort  # noqa: E402
+from wsitools.mil.train import train  # noqa: E402
+
+
+def _labels(path, bags, rename=None):
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["slide_id", "label", "patient_id"])
+        for b in bags:
+            w.writerow([b.slide_id, (rename or {}).get(b.label, b.label), b.patient_id])
+    return path
+
+
+def test_default_recipe_separates_a_few_key_patch_cohort(tmp_path):
+    """1-3 key instances per positive bag and a per-slide nuisance shift: the kind of cohort the old
+    recipe (lr 2e-4, patience 10, instance dropout 0.7) failed. The default recipe, no task file,
+    3-fold CV (the fold count and the small bags only keep the test short)."""
+    bags = make_bag_cohort(tmp_path / "f", n_slides=40, n_tiles=(10, 30), n_planted=(1, 3), dim=16, shift=6.0,
+                           nuisance=0.2, seed=3)
+    summary = train(features_dir=tmp_path / "f", labels=_labels(tmp_path / "l.csv", bags), out_dir=tmp_path / "o",
+                    head="abmil", config=TrainConfig(folds=3, n_boot=50), progress=False)
+    assert summary["pooled"]["n"] == 40
+    assert summary["pooled"]["auroc"] >= 0.95
+    assert all(f["epochs_run"] >= TrainConfig().min_epochs for f in summary["folds"])
+
+
+@pytest.mark.parametrize("prompts,ivp_dim", [(("tvp",), None), (("ttp",), None), (("tvp", "ttp", "ivp"), None),
+                                             (("ivp",), 12), (("tvp", "ttp", "ivp"), 12)])
+def test_pathotune_at_initialisation_computes_what_abmil_computes(prompts, ivp_dim):
+    """With abmil's weights in its projection, attention pool and classifier, an untrained
+    PathoTune head gives abmil's logits and attention exactly, whatever its prompts."""
+    torch.manual_seed(0)
+    abmil = create_head(HeadConfig(head="abmil", in_dim=16, n_classes=3)).eval()
+    text_dim = 16 if "ttp" in prompts else None  # 16 = in_dim: the text prior is active too
+    config = HeadConfig(head="pathotune", in_dim=16, n_classes=3, prompts=prompts, text_dim=text_dim, ivp_in_dim=ivp_dim)
+    text = torch.randn(config.n_ttp, 16) if text_dim else None
+    head = create_head(config, text_embeddings=text).eval()
+    result = head.load_state_dict(abmil.state_dict(), strict=False)
+    assert not result.unexpected_keys
+    x = torch.randn(70, 16)
+    ivp = torch.randn(30, ivp_dim) if ivp_dim else None
+    a, p = abmil(x), head(x, ivp)
+    assert torch.equal(a.logits, p.logits) and torch.equal(a.attention, p.attention)
+    # ... and it is not frozen there: one step moves the prompted branch away from abmil.
+    head.train()
+    torch.nn.functional.cross_entropy(head(x, ivp).logits[None], torch.tensor([1])).backward()
+    first = head.cross.out.weight if "tvp" in prompts or "ttp" in prompts else head.ivp_classifier.weight
+    assert first.grad.abs().sum() > 0
+
+
+def test_task_is_optional_without_text_and_classes_come_sorted_from_the_labels(tmp_path, capsys):
+    bags = make_bag_cohort(tmp_path / "f", n_slides=16, n_tiles=(20, 30), dim=4, shift=6.0, seed=1)
+    labels = _labels(tmp_path / "l.csv", bags, rename={"pos": "tumour", "neg": "benign"})
+    base = ["train", "--features", str(tmp_path / "f"), "--labels", str(labels), "--folds", "2", "--epochs", "2",
+            "--min-epochs", "0", "--bootstrap", "10", "--quiet", "--threads", "1"]
+    assert main(base + ["--head", "abmil", "--out", str(tmp_path / "a")]) == 0
+    config = json.loads((tmp_path / "a" / "fold_0" / "config.json").read_text())
+    assert config["classes"] == ["benign", "tumour"] and config["task"] is None
+    metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert metrics["classes"] == ["benign", "tumour"] and metrics["task"] is None
+    assert main(base + ["--head", "pathotune", "--prompts", "tvp,ivp", "--out", str(tmp_path / "p")]) == 0
+    capsys.readouterr()
+    # TTP needs the task's texts: one line, exit 2, nothing written (pathotune's default prompts include ttp).
+    assert main(base + ["--head", "pathotune", "--out", str(tmp_path / "t")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "ttp prompt" in err[0] and "--task" in err[0]
+    assert not (tmp_path / "t").exists()
+    with pytest.raises(DataError, match="ttp prompt"):
+        train(features_dir=tmp_path / "f", labels=labels, out_dir=tmp_path / "u", head="pathotune", prompts=("ttp",))
+    # predict with a task-less head names no task and predicts the sorted classes.
+    assert main(["predict", "--model", str(tmp_path / "a"), "--features", str(tmp_path / "f"), "--out",
+                 str(tmp_path / "pred"), "--quiet", "--threads", "1"]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "pred" / "predictions.csv")))
+    assert len(rows) == 16 and {"prob_benign", "prob_tumour"} <= set(rows[0])
+    assert np.isfinite([float(r["prob_tumour"]) for r in rows]).all()
