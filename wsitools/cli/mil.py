@@ -58,7 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--epochs", type=positive_int, default=d.epochs, help=f"maximum epochs ({d.epochs})")
     t.add_argument("--patience", type=positive_int, default=d.patience,
                    help=f"stop after this many epochs without a lower validation loss ({d.patience})")
-    t.add_argument("--min-epochs", type=positive_int, default=d.min_epochs,
+    t.add_argument("--min-epochs", type=non_negative_int, default=d.min_epochs,
                    help=f"epochs trained before early stopping may stop a fold ({d.min_epochs})")
     t.add_argument("--lr", type=positive_float, default=d.lr, help=f"AdamW learning rate ({d.lr:g})")
     t.add_argument("--weight-decay", type=non_negative_float, default=d.weight_decay, help=f"AdamW weight decay ({d.weight_decay:g})")
