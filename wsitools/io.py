@@ -10,11 +10,14 @@ import re
 import secrets
 import shutil
 import socket
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from wsitools.errors import DataError
 
 
 TEMP_PREFIX = ".tmp-"
@@ -201,8 +204,6 @@ def file_fingerprint(path: str | os.PathLike[str], *, span: int = 1 << 20) -> st
 def read_user_text(path: Path, *, what: str, expected: str, encoding: str = "utf-8") -> str:
     """The text of a file the user named; a :class:`~wsitools.errors.DataError` naming ``what``
     and the file when it is missing, a directory (``expected`` says what was wanted) or unreadable."""
-    from wsitools.errors import DataError
-
     try:
         return path.read_text(encoding=encoding)
     except FileNotFoundError:
@@ -280,8 +281,6 @@ def scan_temps(root: str | os.PathLike[str], *, older_than_hours: float | None =
     ``older_than_hours``, untouched for at least that long (the only evidence there is for a
     temporary of another host on a shared file system, or of an older wsitools).
     """
-    import time
-
     now = time.time()
     found = []
     for dirpath, dirs, files in os.walk(root):
