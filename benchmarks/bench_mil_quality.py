@@ -28,7 +28,10 @@ Tasks (each seed draws a new cohort; "keys" are the patches that decide the labe
 - ``ivp2enc`` (prompt-informative, IVP): 60 slides; the first encoder (64-d) barely sees the keys
   (shift 1), a second encoder (32-d, same patches) sees them clearly (shift 4); IVP reads it.
 - ``ttptext`` (prompt-informative, TTP): 60 slides of 384-d features in the text encoder's space;
-  1-3 keys shifted along the MiniLM embedding of the positive class's description.
+  1-3 keys among 100-400 patches shifted by 5 along the MiniLM embedding of the positive class's
+  description. Knowing that direction separates the bags (the most text-like patch of each bag,
+  standardised within it, scores AUROC 0.996 on 200 bags; 0.77 at shift 3), learning it from 48
+  training bags of 384-d features is what the heads without the text must do.
 - ``real``: efficientnet-lite0 features of 40 synthetic slides (``wsitools.synthetic.make_cohort``:
   half carry a planted region of another tissue texture), tiled and extracted by ``wsitools tile``
   and ``wsitools extract``; keys are the tiles whose centre lies in the planted region. Made once
@@ -184,7 +187,7 @@ def make_ttptext(rng: np.random.Generator) -> list[Bag]:
 
     text = embed_texts([f"{c}: {d}" for c, d in zip(TTP_CLASSES, TTP_DESCRIPTIONS)])
     direction = text[1] / np.linalg.norm(text[1])
-    return key_bags(rng, n_slides=60, n_tiles=(100, 400), dim=text.shape[1], keys=between(1, 3), shift=3.0,
+    return key_bags(rng, n_slides=60, n_tiles=(100, 400), dim=text.shape[1], keys=between(1, 3), shift=5.0,
                     nuisance=0.3, directions=[direction])
 
 

@@ -81,11 +81,11 @@ def test_token_counts_and_every_prompt_kind_gets_gradient():
     assert cfg.prompts == ("tvp", "ttp", "ivp")  # canonical order whatever the input order
     torch.manual_seed(0)
     model = create_head(cfg, text_embeddings=text)
-    # The cross-attention's output starts at zero (the head starts as abmil, whose computation it
-    # then is); give it the weights a first training step would, so the prompts reach the output.
+    # The prompted paths enter through gates that start at zero (the head starts as abmil, whose
+    # computation it then is); open them as training would, so the prompts reach the output.
     with torch.no_grad():
-        model.cross.out.weight.normal_(0.0, 0.2)
-        model.ivp_classifier.weight.normal_(0.0, 0.2)  # likewise the IVP readout
+        model.cross.gate.fill_(0.5)
+        model.ivp_gate.fill_(0.5)  # likewise the IVP readout
     x = torch.randn(40, 8)
     h = model.project(x)
     assert model.task_tokens().shape == (5 + 3, 16)  # the patches attend to TVP and TTP

@@ -44,26 +44,36 @@ def test_default_recipe_separates_a_few_key_patch_cohort(tmp_path):
 
 @pytest.mark.parametrize("prompts,ivp_dim", [(("tvp",), None), (("ttp",), None), (("tvp", "ttp", "ivp"), None),
                                              (("ivp",), 12), (("tvp", "ttp", "ivp"), 12)])
-def test_pathotune_at_initialisation_computes_what_abmil_computes(prompts, ivp_dim):
-    """With abmil's weights in its projection, attention pool and classifier, an untrained
-    PathoTune head gives abmil's logits and attention exactly, whatever its prompts."""
+def test_pathotune_at_initialisation_is_abmil_of_the_same_seed(prompts, ivp_dim):
+    """Built from the same seed, an untrained PathoTune head holds abmil's weights in its
+    projection, attention pool and classifier and gives abmil's logits and attention exactly,
+    whatever its prompts, in eval mode and in a training step (the same dropout masks)."""
     torch.manual_seed(0)
-    abmil = create_head(HeadConfig(head="abmil", in_dim=16, n_classes=3)).eval()
+    abmil = create_head(HeadConfig(head="abmil", in_dim=16, n_classes=3))
     text_dim = 16 if "ttp" in prompts else None  # 16 = in_dim: the text prior is active too
     config = HeadConfig(head="pathotune", in_dim=16, n_classes=3, prompts=prompts, text_dim=text_dim, ivp_in_dim=ivp_dim)
     text = torch.randn(config.n_ttp, 16) if text_dim else None
-    head = create_head(config, text_embeddings=text).eval()
-    result = head.load_state_dict(abmil.state_dict(), strict=False)
-    assert not result.unexpected_keys
+    torch.manual_seed(0)
+    head = create_head(config, text_embeddings=text)
+    prompted = head.state_dict()
+    for name, value in abmil.state_dict().items():
+        assert torch.equal(prompted[name], value), name
     x = torch.randn(70, 16)
     ivp = torch.randn(30, ivp_dim) if ivp_dim else None
-    a, p = abmil(x), head(x, ivp)
+    a, p = abmil.eval()(x), head.eval()(x, ivp)
     assert torch.equal(a.logits, p.logits) and torch.equal(a.attention, p.attention)
-    # ... and it is not frozen there: one step moves the prompted branch away from abmil.
-    head.train()
-    torch.nn.functional.cross_entropy(head(x, ivp).logits[None], torch.tensor([1])).backward()
-    first = head.cross.out.weight if "tvp" in prompts or "ttp" in prompts else head.ivp_classifier.weight
-    assert first.grad.abs().sum() > 0
+    torch.manual_seed(1)
+    a = abmil.train()(x)
+    torch.manual_seed(1)
+    p = head.train()(x, ivp)
+    assert torch.equal(a.logits, p.logits) and torch.equal(a.attention, p.attention)
+    # ... and it is not frozen there: the gates of the prompted paths get a gradient.
+    torch.nn.functional.cross_entropy(p.logits[None], torch.tensor([1])).backward()
+    gates = [head.cross.gate] if "tvp" in prompts or "ttp" in prompts else []
+    gates += [head.ivp_gate] if "ivp" in prompts else []
+    assert all(g.grad is not None and g.grad.abs() > 0 for g in gates)
+    if head.text_prior:
+        assert head.ttp_prior.grad.abs().sum() > 0
 
 
 def test_task_is_optional_without_text_and_classes_come_sorted_from_the_labels(tmp_path, capsys):

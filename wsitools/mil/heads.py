@@ -8,7 +8,8 @@ encoder, that encoder's bag [M, E]) to :class:`HeadOutput`: class logits [C] and
 - ``abmil``: Ilse et al.'s gated attention MIL: Linear(D, d) + ReLU + dropout, gated attention
   ``a_i = softmax_i(w^T (tanh(V h_i) * sigmoid(U h_i)))``, ``z = sum_i a_i h_i``, Linear(d, C).
 - ``pathotune``: abmil plus PathoTune prompts at slide level, starting as abmil (every prompted
-  path is zero at initialisation). Prompt tokens (all of width d):
+  path enters through a gate or weights that are zero at initialisation, and abmil's own modules
+  are built first, so one seed gives both heads the same starting weights). Prompt tokens (all of width d):
 
   - TVP: ``n_tvp`` learnable task tokens;
   - TTP: the frozen text embeddings of the task and of each class description (1 + C tokens),
@@ -73,6 +74,11 @@ class HeadConfig:
     n_heads: int = 4
     text_dim: int | None = None
     ivp_in_dim: int | None = None
+    # The TTP prior's weights are ``ttp_prior_scale * ttp_prior``: Adam moves ``ttp_prior`` by
+    # about the learning rate per step, and these 1 + C numbers must reach a sharp prior (|gamma|
+    # of a few units) within a few epochs, before the rest of the head has learned the training
+    # bags by heart.
+    ttp_prior_scale: float = 10.0
 
     def __post_init__(self) -> None:
         if self.head not in HEADS:
@@ -108,7 +114,8 @@ class HeadConfig:
         unknown = set(data) - known
         if unknown:
             raise ModelError(f"head config has unknown keys {sorted(unknown)}")
-        return cls(**{**data, "prompts": tuple(data.get("prompts", ()))})
+        # Heads saved before the scale was a setting used the prior's weights unscaled.
+        return cls(**{"ttp_prior_scale": 1.0, **data, "prompts": tuple(data.get("prompts", ()))})
 
 
 HEADS: dict[str, Callable[[HeadConfig], nn.Module]] = {}
@@ -224,14 +231,18 @@ class InstanceRefine(nn.Module):
 
 
 class PromptCrossAttention(nn.Module):
-    """Each patch (query) attends to the K prompt tokens (keys/values), added back residually.
+    """Each patch (query) attends to the K prompt tokens (keys/values), added back through a gate.
 
-    The output projection starts at zero, so at initialisation the block is the identity and the
-    PathoTune head computes exactly what ``abmil`` computes with the same weights: prompts start
-    from the baseline and move away from it only where the training loss asks them to.
+    The gate is one number starting at zero (the zero-init gating of LLaMA-Adapter and
+    Flamingo), so at initialisation the block is the identity and the PathoTune head computes
+    exactly what ``abmil`` computes with the same weights. A single gate is also what keeps
+    prompts that cannot help from hurting: Adam moves every parameter by about the learning rate
+    per step whatever the size of its gradient, so a zero-initialised output matrix drifts away
+    from zero on gradient noise alone, while one gate whose gradient keeps changing sign only
+    random-walks, and grows steadily only where the loss keeps asking for the prompts.
     """
 
-    def __init__(self, dim: int, n_heads: int, dropout: float):
+    def __init__(self, dim: int, n_heads: int):
         super().__init__()
         self.n_heads = n_heads
         self.norm_patch = nn.LayerNorm(dim)
@@ -239,9 +250,7 @@ class PromptCrossAttention(nn.Module):
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * dim)
         self.out = nn.Linear(dim, dim)
-        nn.init.zeros_(self.out.weight)
-        nn.init.zeros_(self.out.bias)
-        self.drop = Dropout(dropout)
+        self.gate = nn.Parameter(torch.zeros(()))
 
     def forward(self, h: Tensor, prompts: Tensor) -> Tensor:
         n, d = h.shape
@@ -250,7 +259,7 @@ class PromptCrossAttention(nn.Module):
         k, v = self.kv(self.norm_prompt(prompts)).view(k_tokens, 2, heads, hd).permute(1, 2, 0, 3)
         weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(hd), dim=-1)  # [H, N, K]
         mixed = (weights @ v).transpose(0, 1).reshape(n, d)
-        return h + self.drop(self.out(mixed))
+        return h + self.gate * self.out(mixed)
 
 
 @register_head("pathotune")
@@ -262,27 +271,27 @@ class PathoTuneHead(nn.Module):
         super().__init__()
         self.config = config
         dim = config.dim
+        # abmil's modules first, in abmil's order: with the same seed both heads start from the
+        # same weights, and the prompted paths (all gated by zeros) leave abmil's computation.
         self.project = _projection(config.in_dim, dim, config.dropout)
+        self.pool = GatedAttentionPool(dim, config.attn_dim)
+        self.classifier = nn.Linear(dim, config.n_classes)
         if "tvp" in config.prompts:
             self.tvp = nn.Parameter(torch.randn(config.n_tvp, dim) * 0.02)
         if "ttp" in config.prompts:
             assert config.text_dim is not None
             self.register_buffer("ttp_text", torch.zeros(config.n_ttp, config.text_dim))
             self.ttp_project = nn.Sequential(nn.Linear(config.text_dim, dim), nn.LayerNorm(dim))
+        if "tvp" in config.prompts or "ttp" in config.prompts:
+            self.cross = PromptCrossAttention(dim, config.n_heads)
+        if self.text_prior:
+            self.ttp_prior = nn.Parameter(torch.zeros(config.n_ttp))
         if "ivp" in config.prompts:
             if config.ivp_in_dim is not None:
                 self.ivp_project = _projection(config.ivp_in_dim, dim, config.dropout)
             self.ivp_refine = InstanceRefine(dim, config.n_ivp, config.dropout)
-        if "tvp" in config.prompts or "ttp" in config.prompts:
-            self.cross = PromptCrossAttention(dim, config.n_heads, config.dropout)
-        self.pool = GatedAttentionPool(dim, config.attn_dim)
-        self.classifier = nn.Linear(dim, config.n_classes)
-        if self.text_prior:
-            self.ttp_prior = nn.Parameter(torch.zeros(config.n_ttp))
-        if "ivp" in config.prompts:
             self.ivp_classifier = nn.Linear(dim, config.n_classes)
-            nn.init.zeros_(self.ivp_classifier.weight)
-            nn.init.zeros_(self.ivp_classifier.bias)
+            self.ivp_gate = nn.Parameter(torch.zeros(()))
 
     @property
     def text_prior(self) -> bool:
@@ -300,7 +309,7 @@ class PathoTuneHead(nn.Module):
     def instance_tokens(self, h: Tensor, ivp: Tensor | None) -> Tensor:
         """IVP's [n_ivp, d] tokens: the refine module over the slide's own projected bag ``h`` or
         over the second encoder's bag ``ivp``. They are slide-specific, so they feed the logits
-        (through ``ivp_classifier``, zero at initialisation) and not the patches' attention: as
+        (through ``ivp_classifier``, behind a gate that starts at zero) and not the patches' attention: as
         keys of the cross-attention they let the attention tell the training slides apart, and the
         head learned them by heart (training loss to zero, validation AUROC 0.5, where abmil
         separated the same folds)."""
@@ -329,11 +338,11 @@ class PathoTuneHead(nn.Module):
             # Standardised within the bag, so that gamma ~ 1 already separates a patch a few
             # standard deviations closer to a text than the rest of its bag.
             similarity = (similarity - similarity.mean(0)) / (similarity.std(0, correction=0) + 1e-6)
-            bias = similarity @ self.ttp_prior  # [N]: zero at initialisation
+            bias = similarity @ (self.config.ttp_prior_scale * self.ttp_prior)  # [N]: zero at initialisation
         attention = self.pool.weights(prompted, bias)
         logits = self.classifier(attention @ h)
         if "ivp" in self.config.prompts:
-            logits = logits + self.ivp_classifier(self.instance_tokens(h, ivp).mean(dim=0))
+            logits = logits + self.ivp_gate * self.ivp_classifier(self.instance_tokens(h, ivp).mean(dim=0))
         return HeadOutput(logits, attention)
 
 
