@@ -96,6 +96,7 @@ class Task:
     ablation: tuple[str, ...] = ()  # further heads, run on the first seed only
     description: str = "synthetic feature bags"
     default: bool = True  # in the run without --tasks
+    text_space: bool = False  # features live in the text encoder's space: ttp heads get --text-prior
 
 
 def unit(dim: int, seed: int) -> np.ndarray:
@@ -248,7 +249,7 @@ def _tasks() -> dict[str, Task]:
              ablation=("pathotune[tvp]", "pathotune[tvp,ivp]")),
         Task("ttptext", TTP_CLASSES, TTP_DESCRIPTIONS, make_ttptext, seeds=(0, 1),
              heads=("abmil", "pathotune[ttp]", prompted, "reference"), ablation=("pathotune[tvp]", "pathotune[tvp,ttp]"),
-             description="H&E whole-slide image; is there invasive carcinoma"),
+             description="H&E whole-slide image; is there invasive carcinoma", text_space=True),
         Task("real", ("negative", "positive"), ("only DAB and haematoxylin stained tissue",
                                                  "a region of eosin-dominant, differently textured tissue"),
              make_real, seeds=(0, 1)),
@@ -312,8 +313,11 @@ def key_mass(attention: dict[str, np.ndarray], keys: dict[str, list[int]]) -> tu
     return float(np.mean(mass)), float(np.mean(share)), float(np.mean(topk))
 
 
-def run_package_head(folder: Path, head: str, seed: int, overrides: dict[str, object], out: Path) -> dict:
-    """Train ``head`` (``pathotune[subset]`` for prompts) through ``wsitools.mil.train.train``."""
+def run_package_head(folder: Path, head: str, seed: int, overrides: dict[str, object], out: Path, *,
+                     text_space: bool = False) -> dict:
+    """Train ``head`` (``pathotune[subset]`` for prompts) through ``wsitools.mil.train.train``;
+    ``text_space``: the features live in the text encoder's space, so ttp heads use the text prior
+    (``wsitools train --text-prior``)."""
     from wsitools.mil.config import TrainConfig
     from wsitools.mil.train import train
 
@@ -322,9 +326,10 @@ def run_package_head(folder: Path, head: str, seed: int, overrides: dict[str, ob
         name, prompts = "pathotune", tuple(head[len("pathotune["):-1].split(","))
     ivp_dir = folder / "ivp" if "ivp" in prompts and (folder / "ivp").is_dir() else None
     config = dataclasses.replace(TrainConfig(seed=seed, n_boot=1000), **overrides)
+    head_options = {"text_prior": True} if text_space and "ttp" in prompts else None
     summary = train(features_dir=folder / "features", labels=folder / "labels.csv", task=folder / "task.yaml",
-                    out_dir=out, head=name, prompts=prompts, config=config, ivp_features_dir=ivp_dir,
-                    overwrite=True, progress=False)
+                    out_dir=out, head=name, prompts=prompts, config=config, head_options=head_options,
+                    ivp_features_dir=ivp_dir, overwrite=True, progress=False)
     attention = {}
     for p in (out / "attention").glob("*.h5"):
         with h5py.File(p) as f:
@@ -415,7 +420,8 @@ def run_one(job: tuple[str, int, str, dict[str, object], str, str]) -> dict:
     if head == "reference":
         result = run_reference(folder, seed)
     else:
-        result = run_package_head(folder, head, seed, overrides, Path(out) / "runs" / f"{task_name}-{seed}-{head}")
+        result = run_package_head(folder, head, seed, overrides, Path(out) / "runs" / f"{task_name}-{seed}-{head}",
+                                  text_space=TASKS[task_name].text_space)
     mass, share, topk = key_mass(result.pop("attention"), keys)
     pooled = result.pop("pooled")
     return {"task": task_name, "seed": seed, "head": head, "recipe": recipe if head != "reference" else "reference",

@@ -13,7 +13,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from wsitools.cli import main  # noqa: E402
-from wsitools.errors import DataError  # noqa: E402
+from wsitools.errors import DataError, ModelError  # noqa: E402
 from wsitools.mil.config import TrainConfig  # noqa: E402
 from wsitools.mil.heads import HeadConfig, create_head  # noqa: E402
 from wsitools.mil.synthetic import make_bag_cohort  # noqa: E402
@@ -50,7 +50,7 @@ def test_pathotune_at_initialisation_is_abmil_of_the_same_seed(prompts, ivp_dim)
     whatever its prompts, in eval mode and in a training step (the same dropout masks)."""
     torch.manual_seed(0)
     abmil = create_head(HeadConfig(head="abmil", in_dim=16, n_classes=3))
-    text_dim = 16 if "ttp" in prompts else None  # 16 = in_dim: the text prior is active too
+    text_dim = 16 if "ttp" in prompts else None  # 16 = in_dim: widths match, and still no prior unless asked
     config = HeadConfig(head="pathotune", in_dim=16, n_classes=3, prompts=prompts, text_dim=text_dim, ivp_in_dim=ivp_dim)
     text = torch.randn(config.n_ttp, 16) if text_dim else None
     torch.manual_seed(0)
@@ -72,8 +72,33 @@ def test_pathotune_at_initialisation_is_abmil_of_the_same_seed(prompts, ivp_dim)
     gates = [head.cross.gate] if "tvp" in prompts or "ttp" in prompts else []
     gates += [head.ivp_gate] if "ivp" in prompts else []
     assert all(g.grad is not None and g.grad.abs() > 0 for g in gates)
-    if head.text_prior:
-        assert head.ttp_prior.grad.abs().sum() > 0
+    assert not hasattr(head, "ttp_prior")
+
+
+def test_text_prior_starts_zero_shot_and_needs_features_in_the_text_space():
+    """With ``text_prior`` the attention starts from abmil's scores plus each patch's standardised
+    similarity to every class text: a patch lying along a class description is found untrained."""
+    text = torch.nn.functional.normalize(torch.randn(3, 32), dim=-1)  # task, class a, class b
+    config = HeadConfig(head="pathotune", in_dim=32, n_classes=2, prompts=("ttp",), text_dim=32, text_prior=True)
+    torch.manual_seed(0)
+    head = create_head(config, text_embeddings=text).eval()
+    torch.manual_seed(0)
+    abmil = create_head(HeadConfig(head="abmil", in_dim=32, n_classes=2)).eval()
+    x = torch.randn(200, 32)
+    x[17] += 6.0 * text[2]  # one patch along class b's description
+    z = torch.nn.functional.normalize(x, dim=-1) @ text.T
+    z = (z - z.mean(0)) / z.std(0, correction=0)
+    scores = torch.log(abmil(x).attention)
+    expected = torch.softmax(scores + z[:, 1] + z[:, 2], dim=0)  # class texts weigh 1, the task text 0
+    torch.testing.assert_close(head(x).attention, expected, rtol=1e-4, atol=1e-7)
+    assert int(head(x).attention.argmax()) == 17 and int(abmil(x).attention.argmax()) != 17
+    with pytest.raises(ModelError, match="64-d and the text embeddings 32-d"):
+        HeadConfig(head="pathotune", in_dim=64, n_classes=2, prompts=("ttp",), text_dim=32, text_prior=True)
+    with pytest.raises(ModelError, match="add ttp"):
+        HeadConfig(head="pathotune", in_dim=32, n_classes=2, prompts=("tvp",), text_prior=True)
+    # A head saved before the prior was a setting had it whenever the widths matched, unscaled.
+    old = {k: v for k, v in config.to_dict().items() if k not in ("text_prior", "ttp_prior_scale")}
+    assert HeadConfig.from_dict(old).text_prior and HeadConfig.from_dict(old).ttp_prior_scale == 1.0
 
 
 def test_task_is_optional_without_text_and_classes_come_sorted_from_the_labels(tmp_path, capsys):
@@ -93,6 +118,10 @@ def test_task_is_optional_without_text_and_classes_come_sorted_from_the_labels(t
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "ttp prompt" in err[0] and "--task" in err[0]
     assert not (tmp_path / "t").exists()
+    # The text prior is part of TTP, for features in the text space: refused elsewhere, one line.
+    assert main(base + ["--head", "abmil", "--text-prior", "--out", str(tmp_path / "tp")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--text-prior" in err[0] and not (tmp_path / "tp").exists()
     with pytest.raises(DataError, match="ttp prompt"):
         train(features_dir=tmp_path / "f", labels=labels, out_dir=tmp_path / "u", head="pathotune", prompts=("ttp",))
     # predict with a task-less head names no task and predicts the sorted classes.

@@ -73,6 +73,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--dropout", type=fraction, default=0.25, help="dropout (0.25)")
     t.add_argument("--n-tvp", type=positive_int, default=8, help="TVP tokens (8)")
     t.add_argument("--n-ivp", type=positive_int, default=4, help="IVP tokens (4)")
+    t.add_argument("--text-prior", action="store_true",
+                   help="pathotune with ttp, for features in the text model's own space (a vision-language "
+                   "encoder whose text tower is --text-model): patches resembling a class description get "
+                   "more attention from the start (off)")
     t.add_argument("--text-model", default=None, metavar="DIR",
                    help="sentence-transformers / Hugging Face model directory for TTP (default: bundled MiniLM)")
     t.add_argument("--text-cache", default=None, metavar="DIR",
@@ -164,6 +168,8 @@ def run_train(args: argparse.Namespace) -> int:
         prompts = DEFAULT_PROMPTS
     if args.head != "pathotune" and prompts:
         raise DataError(f"--prompts applies to the pathotune head, not {args.head}")
+    if args.text_prior and (args.head != "pathotune" or "ttp" not in prompts):
+        raise DataError("--text-prior is part of the ttp prompt: use it with --head pathotune and ttp in --prompts")
     config = TrainConfig(
         epochs=args.epochs,
         patience=args.patience,
@@ -181,7 +187,7 @@ def run_train(args: argparse.Namespace) -> int:
     )
     head_options = {"dim": args.dim, "dropout": args.dropout}
     if args.head == "pathotune":
-        head_options.update(n_tvp=args.n_tvp, n_ivp=args.n_ivp)
+        head_options.update(n_tvp=args.n_tvp, n_ivp=args.n_ivp, text_prior=args.text_prior)
     summary = train(
         features_dir=args.features,
         labels=args.labels,

@@ -13,9 +13,9 @@ encoder, that encoder's bag [M, E]) to :class:`HeadOutput`: class logits [C] and
 
   - TVP: ``n_tvp`` learnable task tokens;
   - TTP: the frozen text embeddings of the task and of each class description (1 + C tokens),
-    stored in the head as a buffer and projected by Linear(E, d) + LayerNorm; when the features
-    live in the text space (same width), also a prior on each patch's attention score from its
-    similarity to the texts;
+    stored in the head as a buffer and projected by Linear(E, d) + LayerNorm; with ``text_prior``
+    (features in the text encoder's own space), also a prior on each patch's attention score from
+    its similarity to the texts, starting from the zero-shot prior;
   - IVP: ``n_ivp`` instance tokens from the refine module: ``n_ivp`` learned queries attend over
     the slide's own projected bag (or a second encoder's bag, projected by its own Linear + ReLU),
     and each pooled summary is refined by a residual MLP (d -> 2d -> d, GELU).
@@ -74,10 +74,11 @@ class HeadConfig:
     n_heads: int = 4
     text_dim: int | None = None
     ivp_in_dim: int | None = None
-    # The TTP prior's weights are ``ttp_prior_scale * ttp_prior``: Adam moves ``ttp_prior`` by
-    # about the learning rate per step, and these 1 + C numbers must reach a sharp prior (|gamma|
-    # of a few units) within a few epochs, before the rest of the head has learned the training
-    # bags by heart.
+    # TTP's text prior on the attention (PathoTuneHead.forward), for features in the text
+    # encoder's own space (a vision-language encoder whose text tower embedded the task); its
+    # weights are ``ttp_prior_scale * ttp_prior``, so that Adam, which moves ``ttp_prior`` by
+    # about the learning rate per step, moves these 1 + C numbers by units within a few epochs.
+    text_prior: bool = False
     ttp_prior_scale: float = 10.0
 
     def __post_init__(self) -> None:
@@ -93,6 +94,13 @@ class HeadConfig:
             raise ModelError(f"prompts are a pathotune option; the {self.head} head takes none")
         if "ttp" in self.prompts and not self.text_dim:
             raise ModelError("TTP prompts need text_dim (the text encoder's embedding width)")
+        if self.text_prior and "ttp" not in self.prompts:
+            raise ModelError("the text prior is part of the ttp prompt: add ttp to the prompts")
+        if self.text_prior and self.text_dim != self.in_dim:
+            raise ModelError(
+                f"the text prior needs features in the text encoder's space, but the features are "
+                f"{self.in_dim}-d and the text embeddings {self.text_dim}-d"
+            )
         if self.ivp_in_dim is not None and "ivp" not in self.prompts:
             raise ModelError("a second IVP encoder is only used with the 'ivp' prompt")
         if self.dim % self.n_heads:
@@ -114,8 +122,10 @@ class HeadConfig:
         unknown = set(data) - known
         if unknown:
             raise ModelError(f"head config has unknown keys {sorted(unknown)}")
-        # Heads saved before the scale was a setting used the prior's weights unscaled.
-        return cls(**{"ttp_prior_scale": 1.0, **data, "prompts": tuple(data.get("prompts", ()))})
+        prompts = tuple(data.get("prompts", ()))
+        # Heads saved before these were settings had the prior whenever the widths matched, unscaled.
+        implied = "ttp" in prompts and data.get("text_dim") == data.get("in_dim")
+        return cls(**{"text_prior": implied, "ttp_prior_scale": 1.0, **data, "prompts": prompts})
 
 
 HEADS: dict[str, Callable[[HeadConfig], nn.Module]] = {}
@@ -284,21 +294,19 @@ class PathoTuneHead(nn.Module):
             self.ttp_project = nn.Sequential(nn.Linear(config.text_dim, dim), nn.LayerNorm(dim))
         if "tvp" in config.prompts or "ttp" in config.prompts:
             self.cross = PromptCrossAttention(dim, config.n_heads)
-        if self.text_prior:
-            self.ttp_prior = nn.Parameter(torch.zeros(config.n_ttp))
+        if config.text_prior:
+            # Start from the zero-shot prior: every class text weighs 1 (a patch one standard
+            # deviation of its bag closer to a class description gets e times the attention),
+            # the task text 0. The user asserted that features and texts share one space.
+            start = torch.full((config.n_ttp,), 1.0 / config.ttp_prior_scale)
+            start[0] = 0.0
+            self.ttp_prior = nn.Parameter(start)
         if "ivp" in config.prompts:
             if config.ivp_in_dim is not None:
                 self.ivp_project = _projection(config.ivp_in_dim, dim, config.dropout)
             self.ivp_refine = InstanceRefine(dim, config.n_ivp, config.dropout)
             self.ivp_classifier = nn.Linear(dim, config.n_classes)
             self.ivp_gate = nn.Parameter(torch.zeros(()))
-
-    @property
-    def text_prior(self) -> bool:
-        """TTP also scores each patch by its cosine similarity to the task and class texts
-        (standardised within the bag, weighted by ``ttp_prior``) when the features live in the text
-        encoder's space (same width: a vision-language encoder whose text tower embeds the task)."""
-        return "ttp" in self.config.prompts and self.config.text_dim == self.config.in_dim
 
     def set_text_embeddings(self, embeddings: Tensor) -> None:
         """Install the frozen TTP embeddings [1 + C, E] (task first, then classes in order)."""
@@ -333,7 +341,7 @@ class PathoTuneHead(nn.Module):
         tokens = self.task_tokens()
         prompted = self.cross(h, tokens) if tokens is not None else h
         bias = None
-        if self.text_prior:
+        if self.config.text_prior:
             similarity = nn.functional.normalize(x, dim=-1) @ nn.functional.normalize(self.ttp_text, dim=-1).T
             # Standardised within the bag, so that gamma ~ 1 already separates a patch a few
             # standard deviations closer to a text than the rest of its bag.
