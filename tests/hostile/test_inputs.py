@@ -271,7 +271,7 @@ def puzzle_run(tmp_path_factory):
         "architecture": {"model": "prompted_vit_test_patch16_224", "kwargs": {"img_size": 64},
                          "prompts": {"tokens": 4, "mode": "deep"}, "init_seed": 0},
         "weights": [], "input": {"size": 64, "normalize": None}, "output": {"kind": "cls", "dim": 64},
-        "precision": {"compute": "bf16", "features": "float32"}}))
+        "precision": {"compute": "bf16"}}))
     rng = np.random.default_rng(0)
     store = write_patch_store(
         root / "tiles" / "s.zarr", coords=np.stack([np.arange(16) * 64, np.zeros(16)], 1),

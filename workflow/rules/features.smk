@@ -20,6 +20,7 @@ rule extract:
                 *models_dir_args(),
                 "--batch-size", config["features"]["batch_size"],
                 "--precision", config["features"]["precision"],
+                "--dtype", config["features"]["dtype"],
             ]
             + config["features"]["extra_args"]
         ),
