@@ -63,8 +63,9 @@ def interop_attrs(
     """The attributes CLAM and TRIDENT read on the ``coords`` dataset, for tiles of ``tile_size``
     target px at ``mpp_target`` um/px covering ``tile_size_level0`` level-0 px (docs/formats.md).
 
-    TRIDENT: ``patch_size`` (target px), ``patch_size_level0`` (level-0 px, whole), the level-0 and
-    target magnifications and ``overlap`` (target px; left out when unknown). The legacy (CLAM)
+    TRIDENT: ``patch_size`` (target px), ``patch_size_level0`` (level-0 px, rounded down as TRIDENT
+    computes it, so that its slide encoders' ``coords // patch_size_level0`` is each tile's grid
+    index), the level-0 and target magnifications and ``overlap`` (target px; left out when unknown). The legacy (CLAM)
     reading of the same file: ``patch_level`` 0 (coordinates are level-0) and ``custom_downsample``
     (level-0 px per target px), so that patch_size x downsample(patch_level) x custom_downsample
     is the tile's level-0 size. The level-0 mpp is the one the tiles were cut with
@@ -73,7 +74,7 @@ def interop_attrs(
     scale = float(tile_size_level0) / int(tile_size)
     attrs: dict[str, Any] = {
         "patch_size": int(tile_size),
-        "patch_size_level0": int(round(float(tile_size_level0))),
+        "patch_size_level0": math.floor(float(tile_size_level0) + 1e-6),
         "level0_magnification": magnification(float(mpp_target) / scale),
         "target_magnification": magnification(float(mpp_target)),
         "patch_level": 0,

@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "slide",  # info
     "tile",  # tile
     "encoders",  # encoders, extract
+    "export",  # export (to CLAM, TRIDENT)
     "mil",  # train, predict, heatmap
     "pretrain",  # pretrain puzzle, tune pathotune
     "demo",  # demo

@@ -126,6 +126,11 @@ def feature_path(features_dir: str | os.PathLike[str], slide_id: str) -> Path:
 def list_feature_stores(features_dir: str | os.PathLike[str]) -> dict[str, Path]:
     """Finished feature stores in a directory, by slide id (temporary ``.tmp-*`` files are skipped)."""
     folder = Path(features_dir)
+    if folder.is_file():
+        raise StoreError(
+            f"{folder}: is a file; --features wants the directory of feature stores "
+            f"(features/ENCODER, holding {{slide_id}}.h5), e.g. {folder.parent}"
+        )
     if not folder.is_dir():
         raise StoreError(f"feature directory {folder}: no such directory")
     return {p.stem: p for p in sorted(folder.glob("*.h5")) if not p.name.startswith(".")}
