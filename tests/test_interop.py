@@ -221,11 +221,18 @@ def test_export_errors_are_one_line(features_dir, tiny, tmp_path, capsys):
         code = main(["export", *argv, "--quiet"])
         return code, capsys.readouterr().err
 
-    code, err = run("--to", "clam", "--features", str(tmp_path / "nope"), "--out", str(tmp_path / "o"))
-    assert code == 2 and err.strip() == f"wsitools export: error: feature directory {tmp_path / 'nope'}: no such directory"
-    code, err = run("--to", "clam", "--features", str(features_dir / "S1.h5"), "--out", str(tmp_path / "o"))
-    assert code == 2 and "S1.h5: is a file; --features wants the directory of feature stores" in err
-    assert len(err.strip().splitlines()) == 1
+    with pytest.raises(SystemExit) as exit_:
+        run("--to", "clam", "--features", str(tmp_path / "nope"), "--out", str(tmp_path / "o"))
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.strip() == (
+        f"wsitools export: error: argument --features: feature directory {tmp_path / 'nope'}: no such directory "
+        "(see wsitools export --help)")
+    with pytest.raises(SystemExit) as exit_:
+        run("--to", "clam", "--features", str(features_dir / "S1.h5"), "--out", str(tmp_path / "o"))
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert f"S1.h5: is a file; give the directory of feature stores (features/ENCODER, holding {{slide_id}}.h5), " \
+           f"e.g. {features_dir}" in err
     code, err = run("--to", "clam", "--features", str(features_dir), "--out", str(tmp_path / "o"), "--slides", "S9")
     assert code == 2 and f"--slides: no feature store in {features_dir} for S9" in err
     # a store without the overlap attribute: TRIDENT's folder name is unknown, the others go on

@@ -90,6 +90,13 @@ def safe_id(text: str) -> str:
     return check_slide_id(cleaned)
 
 
+SLIDE_SUFFIXES = (
+    ".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".svslide", ".dcm", ".qptiff",
+)
+"""File name endings of the slide formats OpenSlide or tiffslide read (lower case): how a slide
+given where a store is expected is recognised, to say so."""
+
+
 def slide_id_from_path(path: str) -> str:
     """The slide id of a slide file: its file name without the extension(s) of slide formats,
     made safe by :func:`safe_id` (``Biopsie Müller 3.svs`` -> ``Biopsie_Muller_3``)."""

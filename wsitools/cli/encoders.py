@@ -10,7 +10,7 @@ import logging
 import sys
 from typing import Any
 
-from wsitools.cli.options import input_file, non_negative_int, positive_float, positive_int
+from wsitools.cli.options import input_file, non_negative_int, patch_store_dir, positive_float, positive_int
 from wsitools.errors import WsiToolsError, one_line
 from wsitools.types import DEFAULT_FEATURE_DTYPE, FEATURE_DTYPES
 
@@ -58,7 +58,8 @@ def register(subparsers: Any) -> None:
             "Stores whose features already match (encoder hash, store hash) are reused."
         ),
     )
-    ext.add_argument("stores", nargs="+", metavar="STORE", help="patch stores (tiles/{slide_id}.zarr)")
+    ext.add_argument("stores", nargs="+", metavar="STORE", type=patch_store_dir,
+                     help="patch stores (tiles/{slide_id}.zarr, written by wsitools tile)")
     ext.add_argument("--encoder", required=True, help="card name, card file (.yaml) or timm:NAME")
     ext.add_argument("--weights", type=input_file, metavar="CKPT", help="local checkpoint for --encoder timm:NAME")
     ext.add_argument("--out", required=True, metavar="DIR", help="features root: writes DIR/{encoder}/{slide_id}.h5")

@@ -10,6 +10,8 @@ import logging
 import sys
 from typing import Any
 
+from wsitools.cli.options import feature_store_dir
+
 log = logging.getLogger(__name__)
 
 
@@ -26,7 +28,7 @@ def register(subparsers: Any) -> None:
         ),
     )
     ex.add_argument("--to", required=True, choices=["clam", "trident"], help="the layout to write")
-    ex.add_argument("--features", required=True, metavar="DIR",
+    ex.add_argument("--features", required=True, metavar="DIR", type=feature_store_dir,
                     help="a folder of feature stores DIR/{slide_id}.h5 (features/{encoder})")
     ex.add_argument("--out", required=True, metavar="DIR",
                     help="CLAM's data folder (its --data_root_dir) or TRIDENT's job folder")
