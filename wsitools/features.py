@@ -22,8 +22,8 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -65,10 +65,10 @@ def interop_attrs(
 
     TRIDENT: ``patch_size`` (target px), ``patch_size_level0`` (level-0 px, rounded down as TRIDENT
     computes it, so that its slide encoders' ``coords // patch_size_level0`` is each tile's grid
-    index), the level-0 and target magnifications and ``overlap`` (target px; left out when unknown). The legacy (CLAM)
-    reading of the same file: ``patch_level`` 0 (coordinates are level-0) and ``custom_downsample``
-    (level-0 px per target px), so that patch_size x downsample(patch_level) x custom_downsample
-    is the tile's level-0 size. The level-0 mpp is the one the tiles were cut with
+    index), the level-0 and target magnifications and ``overlap`` (target px; left out when
+    unknown). The legacy (CLAM) reading of the same file: ``patch_level`` 0 (coordinates are
+    level-0) and ``custom_downsample`` (level-0 px per target px), so that patch_size x
+    downsample(patch_level) x custom_downsample is the tile's level-0 size. The level-0 mpp is the one the tiles were cut with
     (``mpp_target * tile_size / tile_size_level0``); wsitools never tiles a slide without one.
     """
     scale = float(tile_size_level0) / int(tile_size)
