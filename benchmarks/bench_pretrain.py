@@ -55,7 +55,7 @@ def write_card(path: Path, model: str) -> Path:
     path.write_text(
         f"name: bench-{model}\narchitecture: {{model: {timm_name}, prompts: {{tokens: {tokens}, mode: deep}}, "
         f"init_seed: 0}}\nweights: []\ninput: {{size: 224, normalize: null}}\n"
-        f"output: {{kind: cls, dim: {dim}}}\nprecision: {{compute: bf16, features: float16}}\n"
+        f"output: {{kind: cls, dim: {dim}}}\nprecision: {{compute: bf16}}\n"
     )
     return path
 

@@ -125,7 +125,7 @@ def write_card(directory: Path, name: str = "tiny-official", **sections) -> Path
         ],
         "input": {"size": 224, "normalize": None},
         "output": {"kind": "cls", "dim": 64},
-        "precision": {"compute": "fp32", "features": "float32"},
+        "precision": {"compute": "fp32"},
     }
     card.update(sections)
     path = directory / f"{name}.yaml"
@@ -287,7 +287,10 @@ def test_models_dir_from_environment(tmp_path, monkeypatch, official_files):
     "change, message",
     [
         ({"output": {"kind": "attention", "dim": 64}}, r"invalid model card at output/kind"),
-        ({"precision": {"compute": "fp8", "features": "float32"}}, r"invalid model card at precision/compute"),
+        ({"precision": {"compute": "fp8"}}, r"invalid model card at precision/compute"),
+        ({"precision": {"compute": "bf16", "features": "float16"}},
+         r"precision\.features is not a card setting: features are stored float32, or float16 with "
+         r"`wsitools extract --dtype float16`; delete that line from the card"),
         ({"weights": []}, r"lists no weight files"),
         ({"input": {"size": 224, "normalize": {"mean": [0.5], "std": [1, 1, 1]}}}, r"input/normalize"),
         ({"architecture": {"model": "no_such_model_xyz"}, "weights": [{"role": "backbone", "file": "backbone.pth"}]},
@@ -334,17 +337,16 @@ def test_encoder_hash_follows_weights_and_settings(official_files):
 
 def test_fp32_precision_overrides_a_half_precision_card(official_files):
     directory, _, _ = official_files
-    card = write_card(directory, precision={"compute": "bf16", "features": "float16"})
+    card = write_card(directory, precision={"compute": "bf16"})
     half = load_encoder(card, device="cpu")
     exact = load_encoder(card, device="cpu", precision="fp32")
-    assert (half.card.compute_precision, half.feature_dtype) == ("bf16", torch.float16)
-    assert (exact.card.compute_precision, exact.feature_dtype) == ("fp32", torch.float32)
+    assert (half.card.compute_precision, exact.card.compute_precision) == ("bf16", "fp32")
     assert exact.encoder_hash != half.encoder_hash  # stores of one never pass for the other
     tiles = tissue_images(2, 224)
     fh, fe = half.encode(tiles), exact.encode(tiles)
-    assert fh.dtype == torch.float16 and fe.dtype == torch.float32
-    assert torch.equal(fe.half(), fh) and not torch.equal(fe, fh.float())
-    # a card that already computes and stores float32 is unchanged
+    assert fh.dtype == fe.dtype == torch.float32
+    assert torch.equal(fe, fh)  # a CPU computes in float32 either way
+    # a card that already computes in float32 is unchanged
     plain = load_encoder(write_card(directory), device="cpu")
     assert load_encoder(write_card(directory), device="cpu", precision="fp32").encoder_hash == plain.encoder_hash
 
@@ -367,7 +369,7 @@ def test_efficientnet_lite0_real_weights():
     from wsitools.encoders.checkpoint import convert_ordered_state_dict, unwrap_state_dict
 
     enc = load_encoder("efficientnet-lite0-imagenet", device="cpu", models_dir=MODELS)
-    assert enc.dim == 1280 and enc.feature_dtype == torch.float16
+    assert enc.dim == 1280 and enc.card.compute_precision == "bf16"
     path = enc.card.weight("backbone").path
     assert path.is_file() and enc.weight_sha256["backbone"] == enc.card.weight("backbone").sha256
     # the same file, loaded by hand into timm's classifier, recognises a cat and a coffee cup

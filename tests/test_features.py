@@ -82,14 +82,18 @@ def test_round_trip_efficientnet_lite0_with_workers(store, tmp_path):
         coords=store.coords[:n], tiles=store.read_tiles(slice(0, n)),
         tissue_fraction=store.tissue_fraction[:n], attrs={**store.attrs, "slide_id": "sub"},
     )
-    result = extract_features(sub, enc, tmp_path / "features", batch_size=5, workers=1)
+    result = extract_features(sub, enc, tmp_path / "features", batch_size=5, workers=1, dtype="float16")
     features, coords = FeatureStore.open(result.path).load()
     assert features.shape == (n, 1280) and features.dtype == np.float16
     np.testing.assert_array_equal(coords, store.coords[:n])
-    expected = enc.encode(torch.from_numpy(store.read_tiles(slice(0, n)))).float().numpy()
-    np.testing.assert_allclose(features.astype(np.float32), expected, atol=1e-2, rtol=1e-3)
+    expected = enc.encode(torch.from_numpy(store.read_tiles(slice(0, n)))).numpy()
+    np.testing.assert_array_equal(features, expected.astype(np.float16))  # float16 is the float32 result, rounded
     assert (features >= 0).all() and features.astype(np.float32).mean() > 0.05  # post-ReLU6 pooled activations
-    assert extract_features(sub, enc, tmp_path / "features").status == "reused"
+    assert extract_features(sub, enc, tmp_path / "features", dtype="float16").status == "reused"
+    # float32 asked for: the float16 store is not taken for it
+    again = extract_features(sub, enc, tmp_path / "features")
+    assert again.status == "computed" and FeatureStore.open(again.path).dtype == "float32"
+    np.testing.assert_allclose(FeatureStore.open(again.path).load()[0], expected, atol=1e-5, rtol=0)
 
 
 def test_coords_only_store_reads_the_slide(synthetic_svs, store, tiny, tmp_path):
@@ -164,10 +168,11 @@ def test_float16_overflow_is_an_error(tmp_path):
     backbone["norm.weight"] = torch.full_like(backbone["norm.weight"], 1e6)
     torch.save(backbone, tmp_path / "backbone.pth")
     torch.save(official_promptstate(), tmp_path / "promptstate.pth")
-    card = write_card(tmp_path, precision={"compute": "fp32", "features": "float16"})
+    card = write_card(tmp_path)
     path = small_store(tmp_path / "S1.zarr", n=3)
-    with pytest.raises(ModelError, match=r"S1\.zarr: encoder 'tiny-official' produced non-finite features for 3 tiles"):
-        extract_features(path, load_encoder(card, device="cpu"), tmp_path / "features")
+    with pytest.raises(ModelError, match=r"S1\.zarr: encoder 'tiny-official' produced non-finite float16 features "
+                       r"for 3 tiles \(beyond float16's range: store float32\)"):
+        extract_features(path, load_encoder(card, device="cpu"), tmp_path / "features", dtype="float16")
     assert not list((tmp_path / "features").rglob("*.h5"))
 
 

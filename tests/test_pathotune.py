@@ -40,7 +40,7 @@ architecture:
 weights: []
 input: {{size: {size}, normalize: {norm}}}
 output: {{kind: cls, dim: 64}}
-precision: {{compute: bf16, features: float32}}
+precision: {{compute: bf16}}
 """
 
 TASK = task_from_dict({

@@ -27,7 +27,7 @@ architecture:
 weights: []
 input: {size: 64, normalize: null}
 output: {kind: cls, dim: 64}
-precision: {compute: bf16, features: float32}
+precision: {compute: bf16}
 """
 
 

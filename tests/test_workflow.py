@@ -264,7 +264,9 @@ def test_schema_fills_in_the_defaults():
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"tilling": {"mpp": 0.5}}, "Additional properties are not allowed ('tilling' was unexpected)"),
+        ({"tilling": {"mpp": 0.5}}, "config: tilling: unknown key (did you mean 'tiling'?)"),
+        ({"tiling": {"mpp": 0.5, "tile_sise": 224}}, "config: tiling: tile_sise: unknown key (did you mean 'tile_size'?)"),
+        ({"features": {"dtype": "float64"}}, "config: features: dtype: 'float64' is not one of ['float32', 'float16']"),
         ({"tasks": {"planted": {"task_file": "config/task.yaml", "label_column": "grade"}}},
          "has no column 'grade' (label_column)"),
     ],
@@ -272,10 +274,26 @@ def test_schema_fills_in_the_defaults():
 def test_bad_config_fails_before_any_job(tmp_path, change, message):
     work = make_project(tmp_path / "w", config=change)
     result = snakemake(work, "--cores", "1")  # a real run, not a dry run: nothing may start
+    output = result.stdout + result.stderr
     assert result.returncode != 0
-    assert message in result.stderr
-    assert "Job stats" not in result.stdout + result.stderr
+    assert message in output
+    assert "Job stats" not in output
+    assert "$defs" not in output and len(output.strip().splitlines()) <= 4  # the line, not the schema
     assert not (work / "results").exists() and not (work / "logs").exists()
+
+
+def test_config_error_names_the_key():
+    import jsonschema
+
+    schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
+
+    def first_error(config):
+        return cohort.config_error(next(jsonschema.Draft202012Validator(schema).iter_errors(config)))
+
+    assert first_error({"heads": {"h": {"type": "abmil", "fold": 3}}}) == (
+        "config: heads: h: fold: unknown key (did you mean 'folds'?)")
+    assert first_error({"zzz": 1}).startswith("config: zzz: unknown key (known keys: device, export, features")
+    assert first_error({"tiling": {"mpp": "x"}}) == "config: tiling: mpp: 'x' is not of type 'number'"
 
 
 def test_bad_samples_sheet_fails_before_any_job(tmp_path):
@@ -521,3 +539,21 @@ def test_unlabelled_usable_slides_are_predicted_by_every_head(tmp_path):
     assert result.returncode == 0, result.stderr
     counts = job_counts(result.stdout)
     assert counts["train"] == 1 and "predict" not in counts and "heatmap_predicted" not in counts
+
+
+def test_export_writes_every_encoder_for_each_tool(tmp_path):
+    work = make_project(tmp_path / "w", config={"export": ["clam", "trident"], "tasks": {}, "heads": {}})
+    _qc_done(work, {"s0": "ok", "s1": "failed", "s2": "ok", "s3": "ok"})
+    result = snakemake(work, "-n", "--printshellcmds")
+    assert result.returncode == 0, result.stderr
+    counts = job_counts(result.stdout)
+    assert (counts["export"], counts["extract"]) == (2, 3)
+    commands = sorted("wsitools export " + line.split("wsitools export ", 1)[1] for line in result.stdout.splitlines()
+                      if "wsitools export " in line)
+    assert commands == [
+        f"wsitools export --to {to} --features results/features/efficientnet-lite0-imagenet"
+        f" --out results/export/{to}/efficientnet-lite0-imagenet --slides s0 s2 s3 --quiet"
+        f" > logs/export/{to}/efficientnet-lite0-imagenet.log 2>&1"
+        for to in ("clam", "trident")
+    ]
+    assert "export" not in job_counts(snakemake(make_project(tmp_path / "x"), "-n").stdout)  # off by default

@@ -422,6 +422,25 @@ def _patient_classes(labelled: Sequence[tuple[Sample, str]], order: Sequence[str
     }
 
 
+def config_error(error: Any) -> str:
+    """One line for a config that fails the workflow's schema (a ``jsonschema.ValidationError``):
+    the key it is about and what is wrong, never the schema itself. An unknown key (a typo) is
+    named with its place and the nearest known key."""
+    import difflib
+
+    path = [str(p) for p in error.absolute_path]
+    if error.validator == "additionalProperties" and isinstance(error.instance, Mapping):
+        known = sorted((error.schema or {}).get("properties", {}))
+        unknown = sorted(k for k in error.instance if k not in known)
+        if unknown:
+            key = unknown[0]
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}"
+            return f"config: {': '.join([*path, key])}: unknown key ({hint})"
+    where = f"{': '.join(path)}: " if path else ""
+    return f"config: {where}{' '.join(str(error.message).split())}"
+
+
 def check_encoders(encoders: Mapping[str, str], *, models_dir: str | None) -> None:
     """Check that every encoder the config names has a valid card (``encoders``: config key ->
     card name or card file), before any slide is tiled; a :class:`DataError` names the key."""

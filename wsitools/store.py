@@ -25,6 +25,7 @@ import numpy as np
 
 from wsitools.errors import DamagedStoreError, StoreError
 from wsitools.io import TEMP_PREFIX, file_fingerprint, sha256_file
+from wsitools.types import SLIDE_SUFFIXES, slide_id_from_path
 
 FORMAT_VERSION = 2
 """2: with ``manifest.json`` and the slide's fingerprint. Format 1 stores (no manifest) cannot be
@@ -187,6 +188,19 @@ def _verify_manifest(p: Path) -> None:
             raise DamagedStoreError(f"{p}: damaged patch store: {rel} was changed after writing; re-tile the slide")
 
 
+def not_a_store(path: Path) -> str:
+    """Why ``path``, which is no folder, is not a patch store: missing, a slide (then what to run
+    first), or another file."""
+    if not path.exists():
+        return f"{path}: no such patch store"
+    if path.name.lower().endswith(SLIDE_SUFFIXES):
+        return (
+            f"{path}: is a slide, not a patch store; tile it first (wsitools tile {path} --out tiles) "
+            f"and give its store, tiles/{slide_id_from_path(str(path))}.zarr"
+        )
+    return f"{path}: not a patch store (a file; patch stores are the {{slide_id}}.zarr folders of wsitools tile)"
+
+
 def read_store_attrs(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The provenance attributes of a finished, verified store.
 
@@ -199,7 +213,7 @@ def read_store_attrs(path: str | os.PathLike[str]) -> dict[str, Any]:
     if p.name.startswith(TEMP_PREFIX):
         raise StoreError(f"{p}: is an unfinished (temporary) patch store")
     if not p.is_dir():
-        raise StoreError(f"{p}: not a patch store (a file, not a folder)" if p.exists() else f"{p}: no such patch store")
+        raise StoreError(not_a_store(p))
     _verify_manifest(p)
     try:
         group = zarr.open_group(str(p), mode="r")

@@ -10,7 +10,7 @@ import hashlib
 import re
 import unicodedata
 from collections.abc import Sequence
-from typing import NewType
+from typing import Literal, NewType, get_args
 
 from wsitools.errors import UnsafeNameError
 
@@ -25,6 +25,13 @@ Level0Px = NewType("Level0Px", int)
 
 TargetPx = NewType("TargetPx", int)
 """A length in pixels at the target resolution of a patch store."""
+
+FeatureDtype = Literal["float32", "float16"]
+"""The dtype a feature store holds its features in."""
+FEATURE_DTYPES: tuple[str, ...] = get_args(FeatureDtype)
+DEFAULT_FEATURE_DTYPE: FeatureDtype = "float32"
+"""float32: CLAM's and TRIDENT's heads are float32 and CLAM never casts its input; float16 is the
+option that halves the disk (the MIL heads here widen it on reading)."""
 
 MPP_MIN: MicronsPerPixel = MicronsPerPixel(0.05)
 MPP_MAX: MicronsPerPixel = MicronsPerPixel(20.0)
@@ -81,6 +88,13 @@ def safe_id(text: str) -> str:
     elif len(cleaned) > SLIDE_ID_MAX:
         cleaned = f"{cleaned[: SLIDE_ID_MAX - 9].rstrip('_.-')}-{digest}"
     return check_slide_id(cleaned)
+
+
+SLIDE_SUFFIXES = (
+    ".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".svslide", ".dcm", ".qptiff",
+)
+"""File name endings of the slide formats OpenSlide or tiffslide read (lower case): how a slide
+given where a store is expected is recognised, to say so."""
 
 
 def slide_id_from_path(path: str) -> str:

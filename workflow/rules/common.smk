@@ -16,7 +16,13 @@ from wsitools.errors import WsiToolsError
 from wsitools.text import load_task
 
 
-validate(config, schema="../schemas/config.schema.yaml")
+try:
+    validate(config, schema="../schemas/config.schema.yaml")
+except WorkflowError as exc:
+    # Snakemake's message holds the whole schema; say which key is wrong, in one line.
+    if not hasattr(exc.__context__, "absolute_path"):  # not a jsonschema.ValidationError
+        raise
+    raise WorkflowError(cohort.config_error(exc.__context__)) from None
 
 try:
     SAMPLES = {
@@ -198,9 +204,12 @@ def fixed_targets():
 
 
 def get_cohort_targets(wildcards):
-    """Features of every encoder for every usable slide, and the predictions (with heatmaps when
-    enabled) of every head for each task that has usable unlabelled slides (known once QC has run)."""
+    """Features of every encoder for every usable slide (and their exports, config `export`), and
+    the predictions (with heatmaps when enabled) of every head for each task that has usable
+    unlabelled slides (known once QC has run)."""
     targets = expand(f"{FEATURES}/{{encoder}}/{{slide}}.h5", encoder=ENCODERS, slide=usable_slides())
+    if usable_slides():
+        targets += expand("results/export/{to}/{encoder}", to=config["export"], encoder=ENCODERS)
     predicted = [task for task in TASKS if unlabelled_slides(task)]
     targets += expand(
         "results/predictions/{task}/{encoder}/{head}/predictions.csv",

@@ -20,6 +20,7 @@ rule extract:
                 *models_dir_args(),
                 "--batch-size", config["features"]["batch_size"],
                 "--precision", config["features"]["precision"],
+                "--dtype", config["features"]["dtype"],
             ]
             + config["features"]["extra_args"]
         ),
@@ -37,3 +38,26 @@ rule extract:
     shell:
         "wsitools extract {params.store} --encoder {wildcards.encoder:q} --out {params.out:q}"
         " {params.options} --workers {threads} --quiet > {log:q} 2>&1"
+
+
+# Export of an encoder's feature stores of the usable slides in CLAM's or TRIDENT's layout
+# (config `export`); the folder is remade whenever a feature store changes.
+rule export:
+    input:
+        h5=lambda wildcards: expand(
+            f"{FEATURES}/{wildcards.encoder}/{{slide}}.h5", slide=usable_slides()
+        ),
+    output:
+        directory("results/export/{to}/{encoder}"),
+    params:
+        features=lambda wildcards: f"{FEATURES}/{wildcards.encoder}",
+        slides=lambda wildcards: shell_args(usable_slides()),
+    log:
+        "logs/export/{to}/{encoder}.log",
+    wildcard_constraints:
+        to="clam|trident",
+    conda:
+        "../envs/wsitools.yaml"
+    shell:
+        "wsitools export --to {wildcards.to} --features {params.features:q} --out {output:q}"
+        " --slides {params.slides} --quiet > {log:q} 2>&1"

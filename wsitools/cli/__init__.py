@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import re
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -25,6 +26,7 @@ COMMAND_MODULES = (
     "slide",  # info
     "tile",  # tile
     "encoders",  # encoders, extract
+    "export",  # export (to CLAM, TRIDENT)
     "mil",  # train, predict, heatmap
     "pretrain",  # pretrain puzzle, tune pathotune
     "demo",  # demo
@@ -32,8 +34,18 @@ COMMAND_MODULES = (
 )
 
 
+_LITERAL = re.compile(r"``([^`]+)``")
+
+
 class Parser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line (sub-parsers inherit the class)."""
+    """An argument parser whose errors are one line and whose help shows the docstrings it is
+    made of without their reStructuredText literal markers (sub-parsers inherit the class)."""
+
+    def format_help(self) -> str:
+        return _LITERAL.sub(r"\1", super().format_help())
+
+    def format_usage(self) -> str:
+        return _LITERAL.sub(r"\1", super().format_usage())
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")

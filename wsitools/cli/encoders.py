@@ -10,8 +10,9 @@ import logging
 import sys
 from typing import Any
 
-from wsitools.cli.options import input_file, non_negative_int, positive_float, positive_int
+from wsitools.cli.options import input_file, non_negative_int, patch_store_dir, positive_float, positive_int
 from wsitools.errors import WsiToolsError, one_line
+from wsitools.types import DEFAULT_FEATURE_DTYPE, FEATURE_DTYPES
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,8 @@ def register(subparsers: Any) -> None:
             "Stores whose features already match (encoder hash, store hash) are reused."
         ),
     )
-    ext.add_argument("stores", nargs="+", metavar="STORE", help="patch stores (tiles/{slide_id}.zarr)")
+    ext.add_argument("stores", nargs="+", metavar="STORE", type=patch_store_dir,
+                     help="patch stores (tiles/{slide_id}.zarr, written by wsitools tile)")
     ext.add_argument("--encoder", required=True, help="card name, card file (.yaml) or timm:NAME")
     ext.add_argument("--weights", type=input_file, metavar="CKPT", help="local checkpoint for --encoder timm:NAME")
     ext.add_argument("--out", required=True, metavar="DIR", help="features root: writes DIR/{encoder}/{slide_id}.h5")
@@ -65,8 +67,11 @@ def register(subparsers: Any) -> None:
     ext.add_argument("--batch-size", type=positive_int, default=128, help="tiles per forward pass (default 128)")
     ext.add_argument("--workers", type=non_negative_int, default=None, help="DataLoader workers (default: CPUs - 1, max 8)")
     ext.add_argument("--precision", choices=["card", "fp32"], default="card",
-                     help="card: the card's compute precision and feature dtype (default); fp32: float32 "
-                     "compute and float32 features, bit-for-bit parity with a float32 reference forward")
+                     help="card: compute in the card's precision on a GPU (default); fp32: float32 compute "
+                     "everywhere, parity with a float32 reference forward")
+    ext.add_argument("--dtype", choices=FEATURE_DTYPES, default=DEFAULT_FEATURE_DTYPE,
+                     help=f"stored dtype of the features: float32, what CLAM and TRIDENT read as it is, or "
+                     f"float16, half the disk ({DEFAULT_FEATURE_DTYPE})")
     ext.add_argument("--compile", action="store_true", help="torch.compile the encoder (GPU, large cohorts)")
     ext.add_argument("--overwrite", action="store_true", help="recompute even when a matching h5 exists")
     ext.add_argument("--quiet", action="store_true", help="no progress bar or per-store lines")
@@ -146,6 +151,7 @@ def _extract(args: argparse.Namespace) -> int:
                 batch_size=args.batch_size,
                 workers=args.workers,
                 compile=args.compile,
+                dtype=args.dtype,
                 overwrite=args.overwrite,
                 progress=not args.quiet,
             )

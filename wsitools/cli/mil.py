@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from wsitools.cli.options import (
+    feature_store_dir,
     fraction,
     input_file,
     non_negative_float,
@@ -40,16 +41,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         "Writes per-fold weights (safetensors + JSON), metrics.json with bootstrap 95% intervals, "
         "predictions.csv, training curves and attention/{slide_id}.h5 into --out.",
     )
-    t.add_argument("--features", required=True, metavar="DIR", help="feature stores: DIR/{slide_id}.h5")
+    t.add_argument("--features", required=True, metavar="DIR", type=feature_store_dir, help="feature stores: DIR/{slide_id}.h5")
     t.add_argument("--labels", required=True, type=input_file, metavar="FILE",
                    help="CSV/TSV with slide_id, label, optional patient_id and split (train/val/test) or fold")
     t.add_argument("--task", default=None, type=input_file, metavar="TASK.yaml",
                    help="task description: name, description, optional stain, classes with descriptions; "
                    "required with the ttp prompt (default without: the classes are the labels, sorted)")
-    t.add_argument("--head", choices=["abmil", "pathotune", "meanpool"], default="abmil")
+    t.add_argument("--head", choices=["abmil", "pathotune", "meanpool"], default="abmil",
+                   help="gated-attention MIL, the same with PathoTune prompts, or a linear probe on the "
+                   "mean feature (abmil; docs/mil.md)")
     t.add_argument("--prompts", type=_prompt_list, default=None, metavar="tvp,ttp,ivp",
                    help="PathoTune prompt kinds (default for pathotune: tvp,ttp; add ivp with --ivp-features)")
-    t.add_argument("--ivp-features", metavar="DIR", default=None,
+    t.add_argument("--ivp-features", metavar="DIR", type=feature_store_dir, default=None,
                    help="a second encoder's feature stores for the IVP refine module (default: the slide's own bag)")
     t.add_argument("--folds", type=positive_int, default=d.folds, help=f"folds of patient-level k-fold ({d.folds})")
     t.add_argument("--val-fraction", type=fraction, default=d.val_fraction,
@@ -103,9 +106,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "folder) on each feature store; write predictions.csv and attention/{slide_id}.h5 into --out.",
     )
     p.add_argument("--model", required=True, metavar="DIR", help="a `wsitools train` output, or one fold_K folder")
-    p.add_argument("--features", required=True, metavar="DIR", help="feature stores: DIR/{slide_id}.h5")
+    p.add_argument("--features", required=True, metavar="DIR", type=feature_store_dir, help="feature stores: DIR/{slide_id}.h5")
     p.add_argument("--slides", nargs="+", default=None, metavar="SLIDE_ID", help="only these slides (default: all)")
-    p.add_argument("--ivp-features", metavar="DIR", default=None, help="second encoder's features, if the head used them")
+    p.add_argument("--ivp-features", metavar="DIR", type=feature_store_dir, default=None, help="second encoder's features, if the head used them")
     p.add_argument("--strict", action="store_true", help="an unusable slide is an error (default: warn and skip)")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads (default 1: robust when other processes share the cores)")
@@ -113,7 +116,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="where the heads run: auto = a CUDA GPU when there is one, else the CPU (auto)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="output folder: predictions.csv, predict.json, attention/")
     p.set_defaults(func=run_predict)
 
     h = sub.add_parser(
@@ -137,7 +141,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     h.add_argument("--scale", choices=["rank", "minmax"], default="rank",
                    help="per-slide display scale: percentile rank or min-max (rank)")
     h.add_argument("--quiet", action="store_true", help="no progress bar")
-    h.add_argument("--out", required=True, metavar="DIR")
+    h.add_argument("--out", required=True, metavar="DIR",
+                   help="output folder: {slide_id}.heatmap.png and {slide_id}.top_tiles.png")
     h.set_defaults(func=run_heatmap)
 
 

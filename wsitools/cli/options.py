@@ -1,5 +1,6 @@
 """Argument types shared by every sub-command: numbers that must be finite and in range, an
-mpp within the plausible range of a slide, and input files that must be files.
+mpp within the plausible range of a slide, input files that must be files and patch stores that
+must be folders.
 
 Each is an ``argparse`` ``type=``: a bad value ends the command before any work with one line,
 ``wsitools CMD: error: argument --lr: must be a finite number > 0, got 'nan'`` (exit status 2),
@@ -67,6 +68,29 @@ def mpp(text: str) -> float:
     """A resolution in um/px within the range accepted for a slide (types.MPP_MIN-MPP_MAX):
     a target finer than any scanner's would only blow memory up."""
     return _number(text, f"from {MPP_MIN:g} to {MPP_MAX:g} um/px", lambda v: MPP_MIN <= v <= MPP_MAX)
+
+
+def patch_store_dir(text: str) -> str:
+    """A folder (a patch store, checked when opened); a slide, another file or a missing path is
+    refused at once, saying what it is (a slide: tile it first)."""
+    from wsitools.store import not_a_store
+
+    if not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(not_a_store(Path(text)))
+    return text
+
+
+def feature_store_dir(text: str) -> str:
+    """A directory of feature stores (``features/ENCODER``); one store's file, or a missing path,
+    is refused at once, saying so."""
+    from wsitools.errors import StoreError
+    from wsitools.mil.data import check_feature_dir
+
+    try:
+        check_feature_dir(text)
+    except StoreError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def input_file(text: str) -> str:

@@ -64,7 +64,7 @@ def register(subparsers: Any) -> None:
                     help="auto: bf16 autocast on a GPU (fp16 where bf16 is missing), fp32 on CPU")
     pz.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
     pz.add_argument("--workers", type=non_negative_int, default=None, help="DataLoader workers (default: CPUs - 1, max 4)")
-    pz.add_argument("--seed", type=non_negative_int, default=0)
+    pz.add_argument("--seed", type=non_negative_int, default=0, help="seed of sampling, shuffles and init (default 0)")
     pz.add_argument("--name", default=None, help="name of the exported card (default BACKBONE-puzzletuned)")
     pz.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     pz.add_argument("--stop-after-epochs", type=positive_int, default=None, metavar="N",
@@ -100,20 +100,29 @@ def register(subparsers: Any) -> None:
                     help="task description with class descriptions (needed for ttp; fixes the class order)")
     pt.add_argument("--text-model", default=None, help="text encoder directory (default: bundled all-MiniLM-L6-v2)")
     pt.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    pt.add_argument("--models-dir", metavar="DIR", help="folder of model cards")
-    pt.add_argument("--epochs", type=positive_int, default=20)
-    pt.add_argument("--batch-size", type=positive_int, default=32)
-    pt.add_argument("--lr", type=positive_float, default=1e-3)
-    pt.add_argument("--weight-decay", type=non_negative_float, default=1e-4)
+    pt.add_argument("--models-dir", metavar="DIR",
+                    help="folder of model cards (default: $WSITOOLS_MODELS, else the repo's models/)")
+    pt.add_argument("--epochs", type=positive_int, default=20,
+                    help="training epochs; the one of lowest validation loss is kept (default 20)")
+    pt.add_argument("--batch-size", type=positive_int, default=32,
+                    help="tiles per optimiser step (default 32)")
+    pt.add_argument("--lr", type=positive_float, default=1e-3,
+                    help="AdamW peak learning rate, after a linear warm-up, with a cosine decay (default 1e-3)")
+    pt.add_argument("--weight-decay", type=non_negative_float, default=1e-4,
+                    help="AdamW weight decay (default 1e-4)")
     pt.add_argument("--n-tvp", type=positive_int, default=8, help="TVP tokens per layer (default 8)")
     pt.add_argument("--n-ivp", type=positive_int, default=4, help="IVP tokens (default 4)")
-    pt.add_argument("--val-fraction", type=fraction, default=0.15)
-    pt.add_argument("--test-fraction", type=fraction, default=0.15)
+    pt.add_argument("--val-fraction", type=fraction, default=0.15,
+                    help="tiles of each class held out for choosing the epoch, when the data has no split "
+                    "(default 0.15)")
+    pt.add_argument("--test-fraction", type=fraction, default=0.15,
+                    help="tiles of each class held out for the test report, when the data has no split (default 0.15)")
     pt.add_argument("--no-augment", action="store_true", help="no random crops and flips in training")
-    pt.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
-    pt.add_argument("--device", default="auto")
-    pt.add_argument("--workers", type=non_negative_int, default=None)
-    pt.add_argument("--seed", type=non_negative_int, default=0)
+    pt.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                    help="auto: bf16 autocast on a GPU (fp16 where bf16 is missing), fp32 on CPU")
+    pt.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
+    pt.add_argument("--workers", type=non_negative_int, default=None, help="DataLoader workers (default: CPUs - 1, max 4)")
+    pt.add_argument("--seed", type=non_negative_int, default=0, help="seed of the split, init and augmentation (default 0)")
     pt.add_argument("--name", default=None, help="name of the encoder card (default BACKBONE-pathotune-TASK)")
     pt.add_argument("--quiet", action="store_true", help="no progress bar")
     pt.set_defaults(func=_pathotune)

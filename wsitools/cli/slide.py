@@ -16,7 +16,9 @@ from wsitools.slide import open_slide
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="print a slide's properties", description=__doc__)
     p.add_argument("slide", help="slide file")
-    p.add_argument("--backend", choices=["auto", "openslide", "tiffslide"], default="auto")
+    p.add_argument("--backend", choices=["auto", "openslide", "tiffslide"], default="auto",
+                   help="the library that reads the slide; auto: tiffslide first for .svs/.tif/.tiff, "
+                   "OpenSlide first otherwise, the other if the first cannot open it (auto)")
     p.add_argument("--mpp-override", type=mpp, default=None, metavar="UM",
                    help="use this mpp (um/px) instead of the slide's metadata")
     p.add_argument("--json", action="store_true", help="print JSON")

@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "process: one that dies (a signal, out of memory, a decoder crash) leaves its slide a failed "
         "qc.json saying how, and the next slide goes on.",
     )
-    p.add_argument("slides", nargs="+", metavar="SLIDE")
+    p.add_argument("slides", nargs="+", metavar="SLIDE", help="slide files (.svs, .tiff, .ndpi, .mrxs, ...)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--slide-id", default=None, metavar="ID",
                    help="the slide's id in output names (one SLIDE only; default: its file name)")
@@ -33,13 +33,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overlap", type=non_negative_int, default=0, help="overlap between tiles in target px (0)")
     p.add_argument("--min-tissue", type=fraction, default=0.5,
                    help="minimum tissue fraction of a kept tile (0.5)")
-    p.add_argument("--backend", choices=["auto", "openslide", "tiffslide"], default="auto")
+    p.add_argument("--backend", choices=["auto", "openslide", "tiffslide"], default="auto",
+                   help="the library that reads the slides; auto: tiffslide first for .svs/.tif/.tiff, "
+                   "OpenSlide first otherwise, the other if the first cannot open it (auto)")
     p.add_argument("--mpp-override", type=mpp, default=None, metavar="UM",
                    help="the slides' level-0 mpp when their metadata lacks it or is wrong")
     p.add_argument("--no-pixels", action="store_true", help="store coordinates only")
     p.add_argument("--workers", type=positive_int, default=None,
                    help="parallel workers (default: the CPUs this process may use)")
-    p.add_argument("--scheduler", choices=["threads", "processes"], default="threads")
+    p.add_argument("--scheduler", choices=["threads", "processes"], default="threads",
+                   help="how a slide's tile blocks run in parallel: threads of one process (the decoders "
+                   "release the GIL; least memory) or processes (each opens the slide itself) (threads)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace whatever is at a store's path (a store made with other parameters, "
                    "one whose attributes are unreadable, a foreign folder); an intact store of the same "

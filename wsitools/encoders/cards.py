@@ -3,7 +3,8 @@
 A card says how to build the network (a timm model name, extra timm arguments, our prompt
 settings), which weight files to load (file name, sha256, where to download it), how to prepare
 its input (size, interpolation, normalisation or none), what its feature is (CLS token, pooled,
-mean of patch tokens) and which precision to use. Weight file names are relative to the folder
+mean of patch tokens) and which precision to compute in on a GPU. The dtype features are stored in
+is not the card's: ``wsitools extract --dtype`` chooses it (docs/formats.md). Weight file names are relative to the folder
 holding the card, or to an installed Python package's folder when ``package`` is given.
 
 Named cards live in the models directory: ``models_dir`` argument, else the ``WSITOOLS_MODELS``
@@ -27,7 +28,6 @@ from wsitools.types import schema_pattern
 
 OutputKind = Literal["cls", "pooled", "mean_patch"]
 ComputePrecision = Literal["bf16", "fp16", "fp32"]
-FeatureDtype = Literal["float16", "float32"]
 WeightRole = str
 """``backbone``, ``prompts``, or the name of the card's kind (its own weight file)."""
 STANDARD_ARCHITECTURE_KEYS = ("model", "kwargs", "prompts", "init_seed")
@@ -123,10 +123,9 @@ CARD_SCHEMA: dict[str, Any] = {
         "precision": {
             "type": "object",
             "additionalProperties": False,
-            "required": ["compute", "features"],
+            "required": ["compute"],
             "properties": {
                 "compute": {"enum": ["bf16", "fp16", "fp32"]},
-                "features": {"enum": ["float16", "float32"]},
             },
         },
     },
@@ -165,7 +164,6 @@ class EncoderCard:
     output: OutputKind
     dim: int
     compute_precision: ComputePrecision
-    feature_dtype: FeatureDtype
     kind: str | None = None
     """A card kind other than a plain network (e.g. ``pathotune``, written by ``wsitools tune
     pathotune``): ``architecture.KIND: {config: FILE}``. The loader registered for the kind under
@@ -192,7 +190,6 @@ class EncoderCard:
             "mean": self.mean,
             "std": self.std,
             "output": self.output,
-            "feature_dtype": self.feature_dtype,
         }
 
 
@@ -217,6 +214,12 @@ def _package_dir(package: str, *, source: Path) -> Path:
 
 def card_from_dict(data: Any, *, source: Path) -> EncoderCard:
     """Validate a parsed card against :data:`CARD_SCHEMA` and build the :class:`EncoderCard`."""
+    precision = data.get("precision") if isinstance(data, dict) else None
+    if isinstance(precision, dict) and "features" in precision:
+        raise ModelError(
+            f"{source}: precision.features is not a card setting: features are stored float32, or "
+            "float16 with `wsitools extract --dtype float16`; delete that line from the card"
+        )
     try:
         jsonschema.validate(data, CARD_SCHEMA)
     except jsonschema.ValidationError as exc:
@@ -285,7 +288,6 @@ def card_from_dict(data: Any, *, source: Path) -> EncoderCard:
         output=data["output"]["kind"],
         dim=data["output"]["dim"],
         compute_precision=data["precision"]["compute"],
-        feature_dtype=data["precision"]["features"],
         kind=kind,
         kind_config=source.parent / arch[kind]["config"] if kind else None,
         source=source,
@@ -369,5 +371,5 @@ def card_to_dict(card: EncoderCard) -> dict[str, Any]:
         "weights": weights,
         "input": {"size": card.input_size, "interpolation": card.interpolation, "normalize": normalize},
         "output": {"kind": card.output, "dim": card.dim},
-        "precision": {"compute": card.compute_precision, "features": card.feature_dtype},
+        "precision": {"compute": card.compute_precision},
     }

@@ -36,7 +36,6 @@ from wsitools.io import sha256_file, stable_hash
 log = logging.getLogger(__name__)
 
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
-_FEATURE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 # sha256 of weight files already hashed in this process, keyed by (path, size, mtime_ns).
 _SHA_CACHE: dict[tuple[str, int, int], str] = {}
@@ -99,11 +98,6 @@ class Encoder:
         return self.card.dim
 
     @property
-    def feature_dtype(self) -> torch.dtype:
-        """The dtype features are stored in (the card's choice)."""
-        return _FEATURE_DTYPES[self.card.feature_dtype]
-
-    @property
     def amp_dtype(self) -> torch.dtype | None:
         """The autocast dtype used on a GPU (None: full fp32). CPUs always run fp32."""
         if self.device.type != "cuda":
@@ -159,9 +153,9 @@ class Encoder:
 
     @torch.inference_mode()
     def encode(self, tiles: torch.Tensor) -> torch.Tensor:
-        """uint8 tiles ``[B, H, W, 3]`` -> features ``[B, D]`` in the card's feature dtype."""
+        """uint8 tiles ``[B, H, W, 3]`` -> features ``[B, D]`` float32."""
         with self.autocast():
-            return self.forward_batch(self.preprocess(tiles)).to(self.feature_dtype)
+            return self.forward_batch(self.preprocess(tiles)).float()
 
 
 def _create(card: EncoderCard, *, with_classifier: bool) -> nn.Module:
@@ -262,14 +256,14 @@ Precision = Literal["card", "fp32"]
 
 def with_precision(encoder: Encoder, precision: Precision) -> Encoder:
     """The encoder at the requested precision: ``"card"`` as its card says; ``"fp32"`` float32
-    compute on every device and float32 features, the exact-parity setting (the features then
-    equal a float32 reference forward, e.g. the official PuzzleTuning code, at twice the disk of
-    float16). A changed precision changes ``encoder_hash``, so stores of one never pass for the other.
+    compute on every device, the exact-parity setting (the features then equal a float32 reference
+    forward, e.g. the official PuzzleTuning code, when stored float32). It changes ``encoder_hash``
+    of a card that computes in half precision on GPUs, so stores of one never pass for the other.
     """
     card = encoder.card
-    if precision == "card" or (card.compute_precision, card.feature_dtype) == ("fp32", "float32"):
+    if precision == "card" or card.compute_precision == "fp32":
         return encoder
-    exact = dataclasses.replace(card, compute_precision="fp32", feature_dtype="float32")
+    exact = dataclasses.replace(card, compute_precision="fp32")
     return dataclasses.replace(
         encoder, card=exact, encoder_hash=stable_hash({"encoder": encoder.encoder_hash, "precision": "fp32"})
     )
@@ -279,7 +273,7 @@ def timm_card(model_name: str, weights: str | os.PathLike[str]) -> EncoderCard:
     """A card for ``timm:NAME`` plus a local timm-layout checkpoint (no YAML needed).
 
     Input size, mean/std and interpolation come from timm's pretrained config for the model;
-    the feature is timm's pooled pre-logits output, stored as float32.
+    the feature is timm's pooled pre-logits output.
     """
     path = Path(weights).expanduser().resolve()
     try:
@@ -306,7 +300,6 @@ def timm_card(model_name: str, weights: str | os.PathLike[str]) -> EncoderCard:
         output="pooled",
         dim=getattr(probe, "head_hidden_size", None) or probe.num_features,
         compute_precision="bf16",
-        feature_dtype="float32",
         source=path,
     )
 

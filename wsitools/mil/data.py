@@ -123,11 +123,23 @@ def feature_path(features_dir: str | os.PathLike[str], slide_id: str) -> Path:
     return Path(features_dir) / f"{check_slide_id(slide_id)}.h5"
 
 
-def list_feature_stores(features_dir: str | os.PathLike[str]) -> dict[str, Path]:
-    """Finished feature stores in a directory, by slide id (temporary ``.tmp-*`` files are skipped)."""
+def check_feature_dir(features_dir: str | os.PathLike[str]) -> Path:
+    """``features_dir`` if it is a directory; else a :class:`StoreError` saying what it is (one
+    feature store given for the directory of them, or nothing)."""
     folder = Path(features_dir)
+    if folder.is_file():
+        raise StoreError(
+            f"{folder}: is a file; give the directory of feature stores (features/ENCODER, "
+            f"holding {{slide_id}}.h5), e.g. {folder.parent}"
+        )
     if not folder.is_dir():
         raise StoreError(f"feature directory {folder}: no such directory")
+    return folder
+
+
+def list_feature_stores(features_dir: str | os.PathLike[str]) -> dict[str, Path]:
+    """Finished feature stores in a directory, by slide id (temporary ``.tmp-*`` files are skipped)."""
+    folder = check_feature_dir(features_dir)
     return {p.stem: p for p in sorted(folder.glob("*.h5")) if not p.name.startswith(".")}
 
 
