@@ -201,3 +201,92 @@ def test_not_an_attention_file(tmp_path):
         f.create_dataset("features", data=np.zeros((2, 2)))
     with pytest.raises(StoreError, match=f"{Path(path)}: not an attention file"):
         read_attention(path)
+
+
+# --- QuPath GeoJSON ----------------------------------------------------------------------------
+
+
+def _signed_area(ring) -> float:
+    """Shoelace area as written: positive for a counterclockwise ring (RFC 7946's exterior)."""
+    return 0.5 * sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in zip(ring, ring[1:]))
+
+
+def validate_qupath_detections(doc: dict, *, width: int, height: int) -> list[dict]:
+    """A GeoJSON FeatureCollection as RFC 7946 and QuPath's reader (qupath-core,
+    PathObjectTypeAdapters: properties.objectType, properties.measurements as a name -> number
+    map, properties.classification {name, color [r, g, b]}) take it; returns the features."""
+    assert doc["type"] == "FeatureCollection" and isinstance(doc["features"], list)
+    for feature in doc["features"]:
+        assert feature["type"] == "Feature"
+        geometry = feature["geometry"]
+        assert geometry["type"] == "Polygon" and len(geometry["coordinates"]) == 1  # no holes
+        ring = geometry["coordinates"][0]
+        assert len(ring) >= 4 and ring[0] == ring[-1], "ring not closed"
+        assert all(len(p) == 2 and all(isinstance(v, (int, float)) for v in p) for p in ring)
+        assert _signed_area(ring) > 0, "exterior ring not counterclockwise"
+        assert all(0 <= x <= width and 0 <= y <= height for x, y in ring), "outside the slide"
+        props = feature["properties"]
+        assert props["objectType"] == "detection"
+        measurements = props["measurements"]
+        assert isinstance(measurements, dict) and measurements
+        for name, value in measurements.items():
+            assert isinstance(name, str) and type(value) in (int, float) and np.isfinite(value)
+        if "classification" in props:
+            cls = props["classification"]
+            assert isinstance(cls["name"], str) and cls["name"]
+            assert len(cls["color"]) == 3 and all(type(c) is int and 0 <= c <= 255 for c in cls["color"])
+    return doc["features"]
+
+
+def test_attention_geojson_is_qupath_detections(attention_case, tmp_path):
+    import json
+
+    out = draw_heatmap(attention_case["attention"], tmp_path, mpp=4.0, top_k=0, scale="absolute")
+    assert out.geojson == tmp_path / "synth_svs.attention.geojson" and out.montage is None
+    features = validate_qupath_detections(json.loads(out.geojson.read_text()), width=SLIDE_SIZE[0],
+                                          height=SLIDE_SIZE[1])
+    amap = read_attention(attention_case["attention"])
+    assert len(features) == len(amap.coords)
+    for feature, (x, y), a in zip(features, amap.coords, amap.attention):
+        assert feature["geometry"]["coordinates"][0] == [[x, y], [x + TILE0, y], [x + TILE0, y + TILE0],
+                                                         [x, y + TILE0], [x, y]]
+        m = feature["properties"]["measurements"]
+        assert m["attention"] == pytest.approx(a, rel=1e-5)
+        assert m["attention x N"] == pytest.approx(a * len(amap.attention), rel=1e-4)
+        assert m["heatmap value"] == pytest.approx(min(1.0, max(0.0, np.log10(max(a * len(amap.attention), 1)) / 2)),
+                                                   abs=1e-5)
+        assert (m["prob neg"], m["prob pos"]) == (0.1, 0.9)
+        assert feature["properties"]["classification"]["name"] == "pos"
+    percentiles = np.array([f["properties"]["measurements"]["attention percentile"] for f in features])
+    np.testing.assert_allclose(percentiles, display_values(amap.attention), atol=1e-5)
+    assert percentiles[attention_case["inside"]].mean() > 0.85
+
+
+def test_geojson_clips_edge_tiles_and_omits_a_missing_prediction():
+    from wsitools.attention import AttentionMap
+    from wsitools.heatmap import attention_geojson
+
+    amap = AttentionMap("s", np.array([0.5, 0.25, 0.25], np.float32),
+                        np.array([[0, 0], [900, 500], [2000, 0]]), 224.0)
+    doc = attention_geojson(amap, bounds=(1000, 600))
+    features = validate_qupath_detections(doc, width=1000, height=600)
+    assert len(features) == 2  # the third tile lies off the slide
+    assert features[1]["geometry"]["coordinates"][0] == [[900, 500], [1000, 500], [1000, 600], [900, 600], [900, 500]]
+    assert "classification" not in features[0]["properties"]
+    assert set(features[0]["properties"]["measurements"]) == {"attention", "attention x N", "attention percentile",
+                                                              "heatmap value"}
+
+
+def test_heatmap_cli_options_and_bad_input(attention_case, tmp_path, capsys):
+    args = ["heatmap", "--attention", str(attention_case["attention"]), "--out", str(tmp_path / "o"), "--quiet"]
+    assert main([*args, "--min-side", "900", "--max-side", "800"]) == 2
+    assert capsys.readouterr().err.strip() == "wsitools heatmap: error: --min-side 900 is larger than --max-side 800"
+    with pytest.raises(SystemExit) as exc:
+        main([*args, "--cmap", "rainbow"])
+    assert exc.value.code == 2 and "invalid choice: 'rainbow'" in capsys.readouterr().err
+    assert main([*args, "--mpp", "8", "--min-side", "100", "--max-side", "200", "--cmap", "viridis", "--top-k", "0"]) == 0
+    line = capsys.readouterr().out.strip().split("\t")
+    assert line[:4] == ["synth_svs", str(tmp_path / "o" / "synth_svs.heatmap.png"),
+                        str(tmp_path / "o" / "synth_svs.attention.geojson"), "-"]
+    # 2048 x 1536 px at 0.25 um/px = 512 um: at 8 um/px 64 px long, raised to --min-side 100
+    assert Image.open(tmp_path / "o" / "synth_svs.heatmap.png").size == (100 + 150, 300 + 32)
