@@ -107,11 +107,20 @@ def test_draw_heatmap_files_and_top_tile_montage(attention_case, tmp_path):
     store = PatchStore.open(attention_case["store"])
     top = np.argsort(-attention_case["values"])[:4]
     gap, caption, s = 4, 26, 64  # two caption lines: rank and attention, then level-0 x, y
+    from PIL import ImageDraw
+
+    from wsitools.heatmap import top_tile_labels
+
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    widest = max(measure.textlength(part) for t in top_tile_labels(read_attention(attention_case["attention"]), top)
+                 for part in t.split("\n"))
+    cell = int(np.ceil(widest)) + 4  # captions wider than the 64 px tiles widen the cells
+    assert cell > s and montage.shape[1] == 2 * (cell + gap) + gap
     for rank, idx in enumerate(top):
         r, c = divmod(rank, 2)
-        x, y = gap + c * (s + gap), gap + r * (s + caption + gap) + caption
+        x, y = gap + c * (cell + gap), gap + r * (s + caption + gap) + caption
         np.testing.assert_array_equal(montage[y : y + s, x : x + s], store.read_tiles(np.array([idx]))[0])
-        strip = montage[y - caption : y, x : x + s]
+        strip = montage[y - caption : y, x : x + cell]
         assert (strip[:13] < 128).any() and (strip[13:] < 128).any()  # text on both lines
     assert attention_case["inside"][top].all()
 

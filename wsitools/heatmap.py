@@ -192,20 +192,24 @@ def save_heatmap_figure(
 
 
 def top_tile_montage(tiles: np.ndarray, labels: list[str], *, columns: int | None = None, gap: int = 4) -> np.ndarray:
-    """Tiles [k, S, S, 3] in a grid, each under a caption strip of one or more lines."""
+    """Tiles [k, S, S, 3] in a grid, each under a caption strip of one or more lines; cells are
+    widened beyond S where a caption is wider than a tile (small tiles), so no caption is cut."""
     from PIL import Image, ImageDraw
 
     k, s = len(tiles), tiles.shape[1]
     columns = columns or max(1, math.ceil(math.sqrt(k)))
     rows = math.ceil(k / columns)
     line = 12
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    text_w = max((measure.textlength(part) for text in labels for part in text.split("\n")), default=0.0)
+    cell_w = max(s, math.ceil(text_w) + 4)
     caption = 2 + line * max((text.count("\n") + 1 for text in labels), default=1)
     cell_h = s + caption
-    canvas = Image.new("RGB", (columns * (s + gap) + gap, rows * (cell_h + gap) + gap), (255, 255, 255))
+    canvas = Image.new("RGB", (columns * (cell_w + gap) + gap, rows * (cell_h + gap) + gap), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     for i, (tile, text) in enumerate(zip(tiles, labels)):
         r, c = divmod(i, columns)
-        x, y = gap + c * (s + gap), gap + r * (cell_h + gap)
+        x, y = gap + c * (cell_w + gap), gap + r * (cell_h + gap)
         for j, part in enumerate(text.split("\n")):
             draw.text((x + 2, y + 1 + j * line), part, fill=(0, 0, 0))
         canvas.paste(Image.fromarray(np.ascontiguousarray(tile)), (x, y + caption))
