@@ -258,7 +258,13 @@ def _number(value: float) -> float:
     return float(f"{float(value):.6g}")
 
 
-def tile_polygon(x: float, y: float, size: float, bounds: tuple[int, int] | None) -> list[list[float]] | None:
+def _coordinate(value: float) -> float | int:
+    """A level-0 coordinate to 0.01 px, written as an integer when it is one (shorter JSON)."""
+    value = round(value, 2)
+    return int(value) if value.is_integer() else value
+
+
+def tile_polygon(x: float, y: float, size: float, bounds: tuple[int, int] | None) -> list[list[float | int]] | None:
     """A tile's level-0 footprint as a closed GeoJSON ring, exterior counterclockwise in the
     coordinates as written (RFC 7946 section 3.1.6), clipped to ``bounds`` (width, height);
     None when nothing of it lies on the slide."""
@@ -268,7 +274,7 @@ def tile_polygon(x: float, y: float, size: float, bounds: tuple[int, int] | None
         x1, y1 = min(x1, float(bounds[0])), min(y1, float(bounds[1]))
     if x1 <= x0 or y1 <= y0:
         return None
-    x0, y0, x1, y1 = (round(v, 2) for v in (x0, y0, x1, y1))
+    x0, y0, x1, y1 = (_coordinate(v) for v in (x0, y0, x1, y1))
     return [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]
 
 
@@ -319,7 +325,7 @@ def write_attention_geojson(
     path: str | os.PathLike[str], amap: AttentionMap, *, scale: Scale = "rank",
     bounds: tuple[int, int] | None = None,
 ) -> Path:
-    """Write :func:`attention_geojson` atomically (compact JSON: about 300 bytes per tile)."""
+    """Write :func:`attention_geojson` atomically (compact JSON: about 400 bytes per tile)."""
     path = Path(path)
     with atomic_path(path, overwrite=True) as tmp:
         tmp.write_text(json.dumps(attention_geojson(amap, scale=scale, bounds=bounds), separators=(",", ":")))
