@@ -4,7 +4,7 @@ attention as QuPath detections.
 Inputs are an attention file (:mod:`wsitools.attention`: attention per tile, level-0 coords,
 ``tile_size_level0``, the prediction), the patch store (how the slide was read, and the tiles of
 the montage) and the slide (for a thumbnail read at a low pyramid level, never at full
-resolution). So a heatmap takes seconds per slide.
+resolution).
 
 Display scales map each tile's attention ``a`` (N tiles, summing to one) to [0, 1]:
 
