@@ -11,9 +11,8 @@ from PIL import Image
 
 from conftest import REGIONS, SLIDE_SIZE
 from wsitools.cli import main
-from wsitools.heatmap import attention_raster, display_values, draw_heatmap, overlay, read_attention
-from wsitools.mil.data import BagInfo
-from wsitools.mil.predict import write_attention
+from wsitools.attention import read_attention, write_attention
+from wsitools.heatmap import attention_raster, display_values, draw_heatmap, overlay
 from wsitools.slide import open_slide
 from wsitools.store import PatchStore, write_patch_store
 
@@ -40,12 +39,12 @@ def attention_case(synthetic_svs, tmp_path_factory):
     rng = np.random.default_rng(0)
     logits = np.where(inside, 4.0, 0.0) + rng.normal(0, 0.3, len(coords))
     attention = np.exp(logits) / np.exp(logits).sum()
-    bag = BagInfo(slide_id="synth_svs", path=root / "synth_svs.h5", n=len(coords), dim=4,
-                  attrs={"slide_path": str(synthetic_svs), "store_path": str(store_path),
-                         "tile_size_level0": float(TILE0), "tile_size": 64, "mpp_target": 0.5})
+    provenance = {"slide_path": str(synthetic_svs), "store_path": str(store_path),
+                  "tile_size_level0": float(TILE0), "tile_size": 64, "mpp_target": 0.5}
     att_path = root / "attention" / "synth_svs.h5"
     write_attention(att_path, slide_id="synth_svs", attention=attention, coords=coords, classes=["neg", "pos"],
-                    probs=np.array([0.1, 0.9]), bag=bag, meta={"head": "abmil", "label": "pos"})
+                    probs=np.array([0.1, 0.9]), feature_path=root / "synth_svs.h5",
+                    provenance=provenance, meta={"head": "abmil", "label": "pos"})
     return {"root": root, "attention": att_path, "store": store_path, "inside": inside, "coords": coords,
             "slide": synthetic_svs, "values": attention}
 
@@ -73,14 +72,14 @@ def test_raster_lights_up_the_planted_region(attention_case):
     x, y = (attention_case["coords"][first] / ds).astype(int)
     value = display_values(amap.attention)[first]
     np.testing.assert_allclose(raster[y : y + 16, x : x + 16], value, atol=1e-6)
-    blended = overlay(thumb, raster, alpha=1.0)
-    # jet: high attention is red, low is blue
+    blended = overlay(thumb, raster, alpha=1.0).astype(float)
+    # inferno (the default): high attention is bright yellow, low attention dark
+    assert blended[truth].mean() > blended[~truth].mean() + 80
     assert blended[truth][:, 0].mean() > blended[truth][:, 2].mean() + 60
-    assert blended[~truth][:, 2].mean() > blended[~truth][:, 0].mean()
 
 
 def test_partial_coverage_leaves_thumbnail_untouched():
-    from wsitools.heatmap import AttentionMap
+    from wsitools.attention import AttentionMap
 
     amap = AttentionMap("s", np.array([0.7, 0.3], np.float32), np.array([[0, 0], [100, 0]]), 50.0)
     raster = attention_raster(amap, shape=(10, 20), downsample=10.0)
@@ -92,19 +91,99 @@ def test_partial_coverage_leaves_thumbnail_untouched():
 
 
 def test_draw_heatmap_files_and_top_tile_montage(attention_case, tmp_path):
-    out = draw_heatmap(attention_case["attention"], tmp_path, mpp=2.0, top_k=4)
+    out = draw_heatmap(attention_case["attention"], tmp_path, mpp=2.0, min_side=200, top_k=4)
     assert out.heatmap == tmp_path / "synth_svs.heatmap.png" and out.seconds < 20
-    w, h = Image.open(out.heatmap).size
-    assert w > 256 and h > 192  # the 256 x 192 thumbnail at about 1:1, plus title and colour bar
+    # The 256 x 192 thumbnail 1:1 under a 32 px title band, a 150 px colour-bar band right of it
+    # (the figure at least 300 px high below the title, for the bar's label).
+    figure = np.asarray(Image.open(out.heatmap).convert("RGB"))
+    assert figure.shape == (32 + 300, 256 + 150, 3)
+    amap = read_attention(attention_case["attention"])
+    with open_slide(attention_case["slide"]) as slide:
+        thumb, ds = slide.thumbnail(mpp=2.0)
+    expected = overlay(thumb, attention_raster(amap, shape=thumb.shape[:2], downsample=ds))
+    np.testing.assert_array_equal(figure[32 : 32 + 192, :256], expected)
+    assert (figure[32 + 192 :, :256] == 255).all()  # below the image: white
     montage = np.asarray(Image.open(out.montage).convert("RGB"))
     store = PatchStore.open(attention_case["store"])
     top = np.argsort(-attention_case["values"])[:4]
-    gap, caption, s = 4, 14, 64
+    gap, caption, s = 4, 26, 64  # two caption lines: rank and attention, then level-0 x, y
+    from PIL import ImageDraw
+
+    from wsitools.heatmap import top_tile_labels
+
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    widest = max(measure.textlength(part) for t in top_tile_labels(read_attention(attention_case["attention"]), top)
+                 for part in t.split("\n"))
+    cell = int(np.ceil(widest)) + 4  # captions wider than the 64 px tiles widen the cells
+    assert cell > s and montage.shape[1] == 2 * (cell + gap) + gap
     for rank, idx in enumerate(top):
         r, c = divmod(rank, 2)
-        x, y = gap + c * (s + gap), gap + r * (s + caption + gap) + caption
+        x, y = gap + c * (cell + gap), gap + r * (s + caption + gap) + caption
         np.testing.assert_array_equal(montage[y : y + s, x : x + s], store.read_tiles(np.array([idx]))[0])
+        strip = montage[y - caption : y, x : x + cell]
+        assert (strip[:13] < 128).any() and (strip[13:] < 128).any()  # text on both lines
     assert attention_case["inside"][top].all()
+
+
+def test_top_tile_labels_give_level0_coordinates():
+    from wsitools.attention import AttentionMap
+    from wsitools.heatmap import top_tile_labels
+
+    amap = AttentionMap("s", np.array([0.1, 0.6, 0.3], np.float32), np.array([[0, 0], [4480, 1792], [224, 0]]), 224.0)
+    assert top_tile_labels(amap, np.array([1, 2])) == ["#1  1.8x uniform\nx 4480  y 1792",
+                                                       "#2  0.9x uniform\nx 224  y 0"]
+
+
+def test_heatmap_size_follows_the_slide_within_bounds():
+    from wsitools.heatmap import thumbnail_mpp
+
+    # a 20 x 15 mm resection at 0.25 um/px: drawn at --mpp, 2500 px long
+    assert thumbnail_mpp((80_000, 60_000), 0.25, mpp=8.0) == 8.0
+    # a 2 mm biopsy: finer, so its long side has 1024 px
+    assert thumbnail_mpp((8_000, 3_000), 0.25, mpp=8.0) == pytest.approx(2000 / 1024)
+    # a 75 mm slide: coarser, 4096 px long
+    assert thumbnail_mpp((300_000, 100_000), 0.25, mpp=8.0) == pytest.approx(75_000 / 4096)
+    # never finer than level 0
+    assert thumbnail_mpp((1000, 500), 0.5, mpp=8.0) == 0.5
+    with pytest.raises(ValueError, match="min_side <= max_side"):
+        thumbnail_mpp((1000, 500), 0.5, min_side=900, max_side=800)
+
+
+def test_absolute_scale_keeps_a_spread_out_slide_dark():
+    from wsitools.heatmap import ABSOLUTE_MAX, relative_attention, scale_label
+
+    n = 400
+    spread = np.full(n, 1 / n) * (1 + 0.05 * np.sin(np.arange(n)))  # within 5 % of uniform
+    spread /= spread.sum()
+    peaked = np.full(n, 0.5 / (n - 5))
+    peaked[:5] = 0.1  # 5 tiles hold half the attention: 40 times uniform each
+    for a in (spread, peaked):  # the per-slide scales span the whole map either way
+        assert display_values(a, scale="rank").max() == 1.0 and display_values(a, scale="minmax").max() == 1.0
+    assert display_values(spread, scale="absolute").max() < 0.02
+    np.testing.assert_allclose(relative_attention(peaked)[:5], 40.0)
+    np.testing.assert_allclose(display_values(peaked, scale="absolute")[:5], np.log10(40) / np.log10(ABSOLUTE_MAX))
+    np.testing.assert_allclose(display_values(peaked, scale="absolute")[5:], 0.0)  # below uniform: bottom
+    assert display_values(np.array([0.999, 0.001] + [0.0] * 998), scale="absolute")[0] == 1.0  # clipped at the top
+    assert scale_label("absolute") == "attention x N (1 = uniform over the N tiles; log scale 1-100)"
+    assert "percentile" in scale_label("rank") and "min-max" in scale_label("minmax")
+
+
+def test_absolute_heatmap_of_uniform_attention_is_the_bottom_colour(attention_case, tmp_path):
+    from matplotlib import colormaps
+
+    from wsitools.heatmap import save_heatmap_figure
+
+    amap = read_attention(attention_case["attention"])
+    uniform = type(amap)(amap.slide_id, np.full(len(amap.attention), 1 / len(amap.attention), np.float32),
+                         amap.coords, amap.tile_size_level0)
+    raster = attention_raster(uniform, shape=(192, 256), downsample=8.0, scale="absolute")
+    np.testing.assert_array_equal(raster, 0.0)
+    thumb = np.full((192, 256, 3), 200, np.uint8)
+    path = save_heatmap_figure(tmp_path / "u.png", overlay(thumb, raster, cmap="viridis"), title="u",
+                               scale="absolute", cmap="viridis")
+    figure = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    bottom = np.asarray(colormaps["viridis"](0.0)[:3]) * 255
+    np.testing.assert_allclose(figure[32 : 32 + 192, :256], np.rint(0.5 * 200 + 0.5 * bottom)[None, None].repeat(192, 0).repeat(256, 1), atol=1)
 
 
 def test_heatmap_cli_uses_recorded_paths_and_names_failures(attention_case, tmp_path, capsys):
@@ -131,3 +210,92 @@ def test_not_an_attention_file(tmp_path):
         f.create_dataset("features", data=np.zeros((2, 2)))
     with pytest.raises(StoreError, match=f"{Path(path)}: not an attention file"):
         read_attention(path)
+
+
+# --- QuPath GeoJSON ----------------------------------------------------------------------------
+
+
+def _signed_area(ring) -> float:
+    """Shoelace area as written: positive for a counterclockwise ring (RFC 7946's exterior)."""
+    return 0.5 * sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in zip(ring, ring[1:]))
+
+
+def validate_qupath_detections(doc: dict, *, width: int, height: int) -> list[dict]:
+    """A GeoJSON FeatureCollection as RFC 7946 and QuPath's reader (qupath-core,
+    PathObjectTypeAdapters: properties.objectType, properties.measurements as a name -> number
+    map, properties.classification {name, color [r, g, b]}) take it; returns the features."""
+    assert doc["type"] == "FeatureCollection" and isinstance(doc["features"], list)
+    for feature in doc["features"]:
+        assert feature["type"] == "Feature"
+        geometry = feature["geometry"]
+        assert geometry["type"] == "Polygon" and len(geometry["coordinates"]) == 1  # no holes
+        ring = geometry["coordinates"][0]
+        assert len(ring) >= 4 and ring[0] == ring[-1], "ring not closed"
+        assert all(len(p) == 2 and all(isinstance(v, (int, float)) for v in p) for p in ring)
+        assert _signed_area(ring) > 0, "exterior ring not counterclockwise"
+        assert all(0 <= x <= width and 0 <= y <= height for x, y in ring), "outside the slide"
+        props = feature["properties"]
+        assert props["objectType"] == "detection"
+        measurements = props["measurements"]
+        assert isinstance(measurements, dict) and measurements
+        for name, value in measurements.items():
+            assert isinstance(name, str) and type(value) in (int, float) and np.isfinite(value)
+        if "classification" in props:
+            cls = props["classification"]
+            assert isinstance(cls["name"], str) and cls["name"]
+            assert len(cls["color"]) == 3 and all(type(c) is int and 0 <= c <= 255 for c in cls["color"])
+    return doc["features"]
+
+
+def test_attention_geojson_is_qupath_detections(attention_case, tmp_path):
+    import json
+
+    out = draw_heatmap(attention_case["attention"], tmp_path, mpp=4.0, top_k=0, scale="absolute")
+    assert out.geojson == tmp_path / "synth_svs.attention.geojson" and out.montage is None
+    features = validate_qupath_detections(json.loads(out.geojson.read_text()), width=SLIDE_SIZE[0],
+                                          height=SLIDE_SIZE[1])
+    amap = read_attention(attention_case["attention"])
+    assert len(features) == len(amap.coords)
+    for feature, (x, y), a in zip(features, amap.coords, amap.attention):
+        assert feature["geometry"]["coordinates"][0] == [[x, y], [x + TILE0, y], [x + TILE0, y + TILE0],
+                                                         [x, y + TILE0], [x, y]]
+        m = feature["properties"]["measurements"]
+        assert m["attention"] == pytest.approx(a, rel=1e-5)
+        assert m["attention x N"] == pytest.approx(a * len(amap.attention), rel=1e-4)
+        assert m["heatmap value"] == pytest.approx(min(1.0, max(0.0, np.log10(max(a * len(amap.attention), 1)) / 2)),
+                                                   abs=1e-5)
+        assert (m["prob neg"], m["prob pos"]) == (0.1, 0.9)
+        assert feature["properties"]["classification"]["name"] == "pos"
+    percentiles = np.array([f["properties"]["measurements"]["attention percentile"] for f in features])
+    np.testing.assert_allclose(percentiles, display_values(amap.attention), atol=1e-5)
+    assert percentiles[attention_case["inside"]].mean() > 0.85
+
+
+def test_geojson_clips_edge_tiles_and_omits_a_missing_prediction():
+    from wsitools.attention import AttentionMap
+    from wsitools.heatmap import attention_geojson
+
+    amap = AttentionMap("s", np.array([0.5, 0.25, 0.25], np.float32),
+                        np.array([[0, 0], [900, 500], [2000, 0]]), 224.0)
+    doc = attention_geojson(amap, bounds=(1000, 600))
+    features = validate_qupath_detections(doc, width=1000, height=600)
+    assert len(features) == 2  # the third tile lies off the slide
+    assert features[1]["geometry"]["coordinates"][0] == [[900, 500], [1000, 500], [1000, 600], [900, 600], [900, 500]]
+    assert "classification" not in features[0]["properties"]
+    assert set(features[0]["properties"]["measurements"]) == {"attention", "attention x N", "attention percentile",
+                                                              "heatmap value"}
+
+
+def test_heatmap_cli_options_and_bad_input(attention_case, tmp_path, capsys):
+    args = ["heatmap", "--attention", str(attention_case["attention"]), "--out", str(tmp_path / "o"), "--quiet"]
+    assert main([*args, "--min-side", "900", "--max-side", "800"]) == 2
+    assert capsys.readouterr().err.strip() == "wsitools heatmap: error: --min-side 900 is larger than --max-side 800"
+    with pytest.raises(SystemExit) as exc:
+        main([*args, "--cmap", "rainbow"])
+    assert exc.value.code == 2 and "invalid choice: 'rainbow'" in capsys.readouterr().err
+    assert main([*args, "--mpp", "8", "--min-side", "100", "--max-side", "200", "--cmap", "viridis", "--top-k", "0"]) == 0
+    line = capsys.readouterr().out.strip().split("\t")
+    assert line[:4] == ["synth_svs", str(tmp_path / "o" / "synth_svs.heatmap.png"),
+                        str(tmp_path / "o" / "synth_svs.attention.geojson"), "-"]
+    # 2048 x 1536 px at 0.25 um/px = 512 um: at 8 um/px 64 px long, raised to --min-side 100
+    assert Image.open(tmp_path / "o" / "synth_svs.heatmap.png").size == (100 + 150, 300 + 32)

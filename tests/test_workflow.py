@@ -176,6 +176,146 @@ def test_qc_summary_table_thumbnails_and_report(tmp_path):
     assert "left out: s1 (failed): cannot open the file" in text
 
 
+def test_qc_and_metrics_tables_as_html_pages(tmp_path):
+    import html.parser
+
+    table = tmp_path / "summary.tsv"
+    cohort.write_table(table, [
+        {"slide_id": "a<b", "status": "ok", "reason": "", "mpp": "0.25", "n_tiles": "120"},
+        {"slide_id": "c", "status": "failed", "reason": "cannot open & read", "mpp": "", "n_tiles": ""},
+    ], cohort.QC_COLUMNS)
+    page = tmp_path / "qc.html"
+    cohort.write_qc_html(table, page)
+
+    class Cells(html.parser.HTMLParser):
+        """Rows of the page's table as (tr class, [cell texts]), header first."""
+
+        def __init__(self):
+            super().__init__()
+            self.rows, self.cell = [], None
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "tr":
+                self.rows.append((dict(attrs).get("class"), []))
+            elif tag in ("td", "th"):
+                self.cell = ""
+
+        def handle_data(self, data):
+            if self.cell is not None:
+                self.cell += data
+
+        def handle_endtag(self, tag):
+            if tag in ("td", "th"):
+                self.rows[-1][1].append(self.cell)
+                self.cell = None
+
+    parser = Cells()
+    text = page.read_text()
+    parser.feed(text)
+    header, *rows = parser.rows
+    assert header[1] == list(cohort.QC_COLUMNS)
+    assert rows[0] == (None, ["a<b", "ok", "", "0.25", "", "", "", "", "120", ""])
+    assert rows[1][0] == "left-out" and rows[1][1][:3] == ["c", "failed", "cannot open & read"]
+    assert "<td>a&lt;b</td>" in text and "1 failed, 1 ok. Rows tinted red are slides left out" in text
+
+    a = write_head_run(tmp_path, "t", "enc", "abmil", ["neg"], [[0.4, 0.6]], ["neg", "pos"])
+    cohort.write_metrics_table([a / "metrics.json"], tmp_path / "m.tsv", html_out=tmp_path / "m.html")
+    parser = Cells()
+    parser.feed((tmp_path / "m.html").read_text())
+    header, row = parser.rows
+    cells = dict(zip(header[1], row[1]))
+    assert (cells["head"], cells["auroc"], cells["f1"], cells["f1 over folds"]) == (
+        "abmil", "0.8750 [0.7000, 1.0000]", "0.7333", "0.5000")
+
+
+# --- the HTML report -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def loaded_workflow(tmp_path_factory):
+    """The workflow parsed by Snakemake's API on a small project (rules, config with defaults)."""
+    from snakemake.api import ConfigSettings, OutputSettings, ResourceSettings, SnakemakeApi, StorageSettings
+
+    root = make_project(tmp_path_factory.mktemp("report") / "w")
+    with SnakemakeApi(OutputSettings()) as api:
+        workflow = api.workflow(
+            resource_settings=ResourceSettings(), storage_settings=StorageSettings(),
+            config_settings=ConfigSettings(configfiles=[root / "config" / "config.yaml"]),
+            workdir=root, snakefile=REPO / "workflow" / "Snakefile",
+        )._workflow
+        yield workflow
+
+
+def report_outputs(workflow) -> list[tuple[str, str, object]]:
+    from snakemake.io import is_flagged
+
+    return [(rule.name, str(f), f.flags["report"]) for rule in workflow.rules for f in rule.output
+            if is_flagged(f, "report")]
+
+
+def test_every_report_output_is_in_a_listed_section_and_tables_render(loaded_workflow):
+    outputs = report_outputs(loaded_workflow)
+    front = (REPO / "workflow" / "report" / "workflow.rst").read_text()
+    listed = re.findall(r"^(\d\. [A-Z][a-z A-Z]+):", front, flags=re.M)
+    assert listed == ["1. Quality control", "2. Metrics", "3. ROC curves", "4. Heatmaps", "5. Predictions"]
+    categories = {r.category for _, _, r in outputs}
+    assert categories == {c.replace(":", "") for c in listed}  # every section listed, none missing
+    assert {name for name, _, _ in outputs} == {"qc_summary", "qc_table", "metrics_table", "roc", "heatmap",
+                                                 "heatmap_predicted"}
+    for name, path, r in outputs:
+        assert r.subcategory, f"{name}: {path} would land under 'Other'"
+        assert Path(r.caption.get_path_or_uri(secret_free=True)).is_file()
+    # Snakemake's report shows text/html inline and offers any other text file as a download:
+    # every table (TSV) has an HTML page beside it in the same subcategory.
+    tables = [(r.subcategory, r.labels["table"]) for _, path, r in outputs if path.endswith(".tsv")]
+    pages = [(r.subcategory, r.labels["table"]) for _, path, r in outputs if path.endswith(".html")]
+    assert sorted(tables) == sorted(pages) == [("Metrics of every head", "metrics of every head"),
+                                               ("QC summary", "QC summary")]
+    import mimetypes
+
+    assert all(mimetypes.guess_type(path)[0] == "text/html" for _, path, _ in outputs if path.endswith(".html"))
+
+
+def render_caption(name: str, config: dict, **wildcards: str) -> str:
+    """A caption as Snakemake's report renders it (Jinja with ``snakemake``, then docutils), its
+    whitespace runs made single spaces."""
+    from types import SimpleNamespace
+
+    import jinja2
+    from docutils.core import publish_parts
+
+    text = (REPO / "workflow" / "report" / name).read_text()
+    rst = jinja2.Environment().from_string(text).render(
+        snakemake=SimpleNamespace(config=config, wildcards=SimpleNamespace(**wildcards)))
+    parts = publish_parts(rst, writer="html", settings_overrides={"halt_level": 2, "report_level": 2})
+    return " ".join(parts["body"].split())
+
+
+@pytest.mark.parametrize("scale, says, not_says", [
+    ("rank", "percentile within this slide", "fixed log scale"),
+    ("minmax", "scaled linearly between this slide", "percentile within"),
+    ("absolute", "fixed log scale from 1", "percentile within"),
+])
+def test_heatmap_caption_says_what_the_colours_mean(loaded_workflow, scale, says, not_says):
+    import copy
+
+    config = copy.deepcopy(loaded_workflow.config)
+    config["heatmaps"]["scale"] = scale
+    flat = render_caption("heatmap.rst", config, head="abmil", task="t", encoder="e", slide="s1")
+    assert says in flat and not_says not in flat and "attention weight" not in flat
+    assert "Colour map inferno" in re.sub(r"<[^>]+>", "", flat)
+    assert "s1.attention.geojson" in flat and "level-0" in flat
+
+
+def test_every_caption_renders(loaded_workflow):
+    wildcards = {"head": "abmil", "task": "t", "encoder": "e", "slide": "s1"}
+    for caption in sorted((REPO / "workflow" / "report").glob("*.rst")):
+        body = render_caption(caption.name, loaded_workflow.config, **wildcards)
+        assert len(body) > 200 and "System Message" not in body, caption.name
+    assert "tinted red" in render_caption("qc_summary.rst", loaded_workflow.config)
+    assert "dashed grey diagonal" in render_caption("roc.rst", loaded_workflow.config, task="t")
+
+
 def test_labels_keep_usable_labelled_slides_only(tmp_path):
     tiles = tmp_path / "tiles"
     tiles.mkdir()
@@ -310,7 +450,7 @@ def test_slide_glob_cohort_makes_tiles_and_features_only(tmp_path):
     work = make_project(tmp_path / "w", config={"slides_glob": "slides/*.svs", "tasks": {}, "heads": {}})
     result = snakemake(work, "-n", "--printshellcmds")
     assert result.returncode == 0, result.stderr
-    assert job_counts(result.stdout) == {"tile": 4, "qc_summary": 1, "all": 1}
+    assert job_counts(result.stdout) == {"tile": 4, "qc_summary": 1, "qc_table": 1, "all": 1}
     assert "wsitools tile slides/s3.svs --slide-id s3 --out results/tiles --mpp 0.5" in result.stdout
     labelled = make_project(tmp_path / "x", config={"slides_glob": "slides/*.svs"})
     result = snakemake(labelled, "-n")
@@ -342,7 +482,7 @@ def test_slurm_dry_run_gives_gpu_rules_a_gpu(tmp_path):
     result = snakemake(work, "--profile", str(SLURM_PROFILE), "-n")
     assert result.returncode == 0, result.stderr
     out = result.stdout + result.stderr
-    assert job_counts(out) == {"tile": 4, "qc_summary": 1, "labels": 1, "train": 1, "heatmap": 1,
+    assert job_counts(out) == {"tile": 4, "qc_summary": 1, "qc_table": 1, "labels": 1, "train": 1, "heatmap": 1,
                                "metrics_table": 1, "roc": 1, "pretrain_puzzle": 1, "tune_pathotune": 1,
                                "all": 1}
     jobs = dry_run_resources(out)
@@ -496,7 +636,7 @@ def test_demo_config_drives_the_workflow(tmp_path, capsys):
     assert config["features"]["encoders"] == ["efficientnet-lite0-imagenet"]
     result = snakemake(work, "-n")
     assert result.returncode == 0, result.stderr
-    assert job_counts(result.stdout) == {"tile": 12, "qc_summary": 1, "labels": 1, "train": 1, "heatmap": 1,
+    assert job_counts(result.stdout) == {"tile": 12, "qc_summary": 1, "qc_table": 1, "labels": 1, "train": 1, "heatmap": 1,
                                          "metrics_table": 1, "roc": 1, "all": 1}
     for bad in (7, 10):  # 10 slides are 5 patients: 2 of one class, fewer than the 3 folds
         with pytest.raises(WsiToolsError, match=f"--slides {bad}: give an even number, at least 12"):
@@ -557,3 +697,32 @@ def test_export_writes_every_encoder_for_each_tool(tmp_path):
         for to in ("clam", "trident")
     ]
     assert "export" not in job_counts(snakemake(make_project(tmp_path / "x"), "-n").stdout)  # off by default
+
+
+@pytest.mark.slow  # two Snakemake runs: about 25 s on a busy 2-core machine
+def test_report_shows_the_qc_table_inline(tmp_path):
+    """Snakemake builds the report of the QC step: the QC table is an HTML result (shown in the
+    page), the TSV a download, both under "1. Quality control" / "QC summary"."""
+    import base64
+
+    work = make_project(tmp_path / "w", n=2, config={"tasks": {}, "heads": {}})
+    tiles = work / "results" / "tiles"
+    tiles.mkdir(parents=True)
+    write_qc(tiles, "s0", status="ok", reason="", n_tiles=12)
+    write_qc(tiles, "s1", status="failed", reason="cannot open")
+    targets = ("results/qc/summary.tsv", "results/report/qc_summary.html")
+    result = snakemake(work, *targets, "--cores", "1", "--allowed-rules", "qc_summary", "qc_table")
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = snakemake(work, "--report", "report.html", *targets)
+    assert result.returncode == 0, result.stderr[-3000:]
+    page = (work / "report.html").read_text()
+    results = json.loads(re.search(r"var results = (\{.*?\});\n", page, flags=re.S).group(1))
+    entries = {Path(path).name: entry for path, entry in results.items()}
+    assert entries["qc_summary.html"]["mime_type"] == "text/html"
+    assert entries["summary.tsv"]["mime_type"] != "text/html"  # offered as a download
+    inline = base64.b64decode(entries["qc_summary.html"]["data_uri"].split("base64,", 1)[1]).decode()
+    assert '<tr class="left-out"><td>s1</td><td>failed</td><td>cannot open</td>' in inline
+    categories = json.loads(re.search(r"var categories = (\{.*?\});\n", page, flags=re.S).group(1))
+    assert set(categories["1. Quality control"]["QC summary"]) == {"results/qc/summary.tsv",
+                                                                  "results/report/qc_summary.html"}
+    assert "Other" not in categories["1. Quality control"]

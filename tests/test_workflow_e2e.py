@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -119,6 +120,11 @@ def test_head_metrics_predictions_and_heatmaps(run):
     heatmaps = work / "results/heatmaps/planted" / ENCODER / "pathotune"
     names = sorted(p.name for p in heatmaps.glob("*.png"))
     assert names == sorted([f"{s}.heatmap.png" for s in OK] + [f"{s}.top_tiles.png" for s in OK])
+    assert sorted(p.name for p in heatmaps.glob("*.geojson")) == [f"{s}.attention.geojson" for s in OK]
+    detections = json.loads((heatmaps / "slide_003.attention.geojson").read_text())["features"]
+    with h5py.File(work / "results/features" / ENCODER / "slide_003.h5") as f:
+        assert len(detections) == f["coords"].shape[0]
+    assert {d["properties"]["objectType"] for d in detections} == {"detection"}
     table = cohort.read_table(work / "results/report/metrics.tsv")
     assert [(r["task"], r["encoder"], r["head"], r["n_slides"]) for r in table] == [
         ("planted", ENCODER, "pathotune", "8")]
@@ -132,8 +138,13 @@ def test_report_has_qc_metrics_roc_and_heatmaps(run, tmp_path):
     assert result.returncode == 0, result.stderr
     html = (work / "report.html").read_text()
     for needle in ("1. Quality control", "2. Metrics", "3. ROC curves", "4. Heatmaps",
-                   "summary.tsv", "slide_003.png", "planted.png", "slide_003.heatmap.png"):
+                   "Predictions: heatmaps of the slides without a label",  # front page: every section
+                   "summary.tsv", "qc_summary.html", "metrics.html", "slide_003.png", "planted.png",
+                   "slide_003.heatmap.png"):
         assert needle in html, needle
+    results = json.loads(re.search(r"var results = (\{.*?\});\n", html, flags=re.S).group(1))
+    pages = sorted(Path(path).name for path, entry in results.items() if entry["mime_type"] == "text/html")
+    assert pages == ["metrics.html", "qc_summary.html"]  # the tables, shown inline
 
 
 def test_adding_a_head_reruns_only_head_rules(run, tmp_path):
@@ -184,4 +195,5 @@ def test_an_unlabelled_slide_is_predicted_by_the_trained_head(run, tmp_path):
     with h5py.File(out / "attention" / "new.h5") as f, h5py.File(work / "results/features" / ENCODER / "new.h5") as g:
         assert f["attention"].shape == (g["features"].shape[0],)
         assert float(f["attention"][()].sum()) == pytest.approx(1.0, abs=1e-4)
-    assert sorted(p.name for p in (out / "heatmaps").glob("*.png")) == ["new.heatmap.png", "new.top_tiles.png"]
+    assert sorted(p.name for p in (out / "heatmaps").iterdir() if not p.name.startswith(".")) == [
+        "new.attention.geojson", "new.heatmap.png", "new.top_tiles.png"]

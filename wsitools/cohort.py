@@ -6,12 +6,16 @@ duplicate slide id, a missing slide file, an implausible mpp override) is a :cla
 naming the sheet, the row and the problem, raised before any job runs.
 
 Tables are tab-separated with a header row, read and written with the standard ``csv`` module.
+The workflow's HTML report shows a table inline only as an HTML file (Snakemake's report embeds
+``text/html`` results in the page and offers any other text file as a download), so the QC and
+metrics tables are also written as small self-contained HTML pages (:func:`write_html_table`).
 """
 
 from __future__ import annotations
 
 import csv
 import glob
+import html
 import json
 import math
 import os
@@ -279,17 +283,89 @@ def write_table(
             writer.writerows(rows)
 
 
+_HTML_STYLE = (
+    "body{font-family:sans-serif;font-size:13px;margin:12px}"
+    "table{border-collapse:collapse}th,td{border:1px solid #ccc;padding:3px 8px;text-align:left}"
+    "th{background:#f0f0f0;position:sticky;top:0}td.num{text-align:right;font-variant-numeric:tabular-nums}"
+    "tr.left-out td{background:#fde2e2}p{max-width:60em}"
+)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def write_html_table(
+    path: str | os.PathLike[str],
+    rows: Sequence[Mapping[str, Any]],
+    columns: Sequence[str],
+    *,
+    title: str,
+    note: str = "",
+    left_out: Sequence[bool] | None = None,
+) -> None:
+    """Write rows as a self-contained HTML page holding one table, atomically.
+
+    Every cell is escaped; numbers are right-aligned; rows flagged in ``left_out`` are tinted
+    red (say so in ``note``, shown above the table)."""
+    flags = list(left_out) if left_out is not None else [False] * len(rows)
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = []
+    for row, flag in zip(rows, flags):
+        cells = []
+        for c in columns:
+            value = row.get(c)
+            text = "" if value is None else str(value)
+            kind = ' class="num"' if text and _is_number(text) else ""
+            cells.append(f"<td{kind}>{html.escape(text)}</td>")
+        opening = '<tr class="left-out">' if flag else "<tr>"
+        body.append(opening + "".join(cells) + "</tr>")
+    page = (
+        f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+        f"<style>{_HTML_STYLE}</style></head><body>\n<h3>{html.escape(title)}</h3>\n"
+        + (f"<p>{html.escape(note)}</p>\n" if note else "")
+        + f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n" + "\n".join(body) + "\n</tbody></table>\n"
+        "</body></html>\n"
+    )
+    with atomic_path(path, overwrite=True) as tmp:
+        Path(tmp).write_text(page, encoding="utf-8")
+
+
+def write_qc_html(summary: str | os.PathLike[str], out: str | os.PathLike[str]) -> list[dict[str, str]]:
+    """The QC table (``results/qc/summary.tsv``) as an HTML page for the report; slides left out
+    (status other than ``ok``) are tinted red."""
+    rows = read_table(summary)
+    counts = _status_counts(rows)
+    write_html_table(
+        out, rows, QC_COLUMNS, title=f"QC summary: {len(rows)} slides",
+        note=", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+        + ". Rows tinted red are slides left out of feature extraction, training and heatmaps (the reason "
+        "column says why); mpp is the slide's own resolution (um/px at level 0), mpp_target the tiles'.",
+        left_out=[r["status"] != USABLE_STATUS for r in rows],
+    )
+    return rows
+
+
 def usable_slides(summary: str | os.PathLike[str]) -> list[str]:
     """Ids of the slides whose QC status is ``ok``, in table order."""
     return [r["slide_id"] for r in read_table(summary) if r["status"] == USABLE_STATUS]
 
 
-def qc_report(summary: str | os.PathLike[str]) -> str:
-    """A short text summary of a QC table: counts per status, and each unusable slide's reason."""
-    rows = read_table(summary)
+def _status_counts(rows: Iterable[Mapping[str, str]]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
+    return counts
+
+
+def qc_report(summary: str | os.PathLike[str]) -> str:
+    """A short text summary of a QC table: counts per status, and each unusable slide's reason."""
+    rows = read_table(summary)
+    counts = _status_counts(rows)
     lines = [
         f"QC: {len(rows)} slides: "
         + ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
@@ -466,12 +542,16 @@ def _number(value: Any) -> str:
 
 
 def write_metrics_table(
-    metrics_files: Iterable[str | os.PathLike[str]], out: str | os.PathLike[str]
+    metrics_files: Iterable[str | os.PathLike[str]],
+    out: str | os.PathLike[str],
+    *,
+    html_out: str | os.PathLike[str] | None = None,
 ) -> list[dict[str, str]]:
     """One row per trained head: cross-validated metrics from each ``metrics.json``.
 
     Per metric: the value over the pooled out-of-fold predictions with its bootstrap 95 %
-    interval (``_lo``, ``_hi``), and the mean and standard deviation over folds.
+    interval (``_lo``, ``_hi``), and the mean and standard deviation over folds. With
+    ``html_out``, also :func:`write_metrics_html` for the report.
     """
     rows = []
     for path in metrics_files:
@@ -496,7 +576,36 @@ def write_metrics_table(
         for suffix in ("", "_lo", "_hi", "_fold_mean", "_fold_sd")
     ]
     write_table(out, rows, columns)
+    if html_out is not None:
+        write_metrics_html(rows, html_out)
     return rows
+
+
+def _with_interval(value: str, lo: str, hi: str) -> str:
+    return f"{value} [{lo}, {hi}]" if value and lo and hi else value
+
+
+def write_metrics_html(rows: Sequence[Mapping[str, str]], out: str | os.PathLike[str]) -> None:
+    """The metrics table (rows of :func:`write_metrics_table`) as an HTML page for the report:
+    per metric the pooled out-of-fold value with its bootstrap 95 % interval, and the mean and
+    standard deviation over folds."""
+    shown = []
+    for r in rows:
+        row = {k: r[k] for k in ("task", "encoder", "head", "prompts", "n_slides", "n_patients")}
+        for name in METRICS:
+            row[name] = _with_interval(r[name], r[f"{name}_lo"], r[f"{name}_hi"])
+            sd = r[f"{name}_fold_sd"]
+            row[f"{name} over folds"] = r[f"{name}_fold_mean"] + (f" ± {sd}" if sd else "")
+        shown.append(row)
+    columns = ["task", "encoder", "head", "prompts", "n_slides", "n_patients"] + [
+        c for name in METRICS for c in (name, f"{name} over folds")
+    ]
+    write_html_table(
+        out, shown, columns, title="Cross-validated metrics of every head",
+        note="Each metric over the pooled out-of-fold predictions, with its bootstrap 95 % interval in "
+        "brackets, and its mean ± standard deviation over the folds. AUROC is one-vs-rest macro for "
+        "more than two classes. metrics.tsv holds the same numbers, one per column.",
+    )
 
 
 def plot_roc(predictions_files: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str]) -> None:

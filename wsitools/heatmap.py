@@ -1,14 +1,26 @@
-"""Attention heatmaps over slide thumbnails, and montages of the most attended tiles.
+"""Attention heatmaps over slide thumbnails, montages of the most attended tiles, and the
+attention as QuPath detections.
 
-Inputs are an attention file (``attention/{slide_id}.h5`` from ``wsitools train``/``predict``:
-attention per tile, level-0 coords, ``tile_size_level0``), the patch store (how the slide was
-read, and the tiles of the montage) and the slide (for a thumbnail read at a low pyramid level,
-never at full resolution). So a heatmap takes seconds per slide.
+Inputs are an attention file (:mod:`wsitools.attention`: attention per tile, level-0 coords,
+``tile_size_level0``, the prediction), the patch store (how the slide was read, and the tiles of
+the montage) and the slide (for a thumbnail read at a low pyramid level, never at full
+resolution).
 
-Values are shown per slide on a 0-1 scale: ``rank`` (default) maps each tile's attention to its
-percentile within the slide, so the map is readable whatever the bag size (softmax attention
-over 10^4 tiles is tiny everywhere); ``minmax`` rescales linearly between the slide's smallest
-and largest attention. Where tiles overlap, their values are averaged.
+Display scales map each tile's attention ``a`` (N tiles, summing to one) to [0, 1]:
+
+- ``rank`` (default): the tile's percentile within the slide. Readable whatever the bag size,
+  but every slide spans the whole colour map, a negative slide as much as a positive one.
+- ``minmax``: linear between the slide's smallest and largest attention (also per slide).
+- ``absolute``: ``a * N``, the attention relative to a uniform spread (1 = every tile alike),
+  on a log scale from 1 to :data:`ABSOLUTE_MAX`. Raw attention would not do: it shrinks as
+  1/N, so a large slide would look cold whatever the head saw. ``a * N`` is comparable
+  across slides, so a slide whose attention is spread out stays dark while one whose head
+  concentrated on a few tiles lights up there; values at or below uniform get the bottom
+  colour, values at or above :data:`ABSOLUTE_MAX` times uniform the top one.
+
+Where tiles overlap, their values are averaged. The default colour map, ``inferno``, is
+perceptually uniform (equal steps in value look like equal steps in colour, also in grey and to
+colour-blind readers) and dark-to-bright, so "brighter" reads as "more attention".
 """
 
 from __future__ import annotations
@@ -17,13 +29,14 @@ import json
 import logging
 import math
 import os
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import h5py
 import numpy as np
 
+from wsitools.attention import AttentionMap, read_attention
 from wsitools.errors import SlideError, StoreError
 from wsitools.io import atomic_path
 from wsitools.store import PatchStore
@@ -31,50 +44,41 @@ from wsitools.types import MicronsPerPixel, check_slide_id
 
 log = logging.getLogger(__name__)
 
-Scale = Literal["rank", "minmax"]
+Scale = Literal["rank", "minmax", "absolute"]
+SCALES: tuple[str, ...] = ("rank", "minmax", "absolute")
+COLOUR_MAPS: tuple[str, ...] = ("inferno", "viridis", "magma", "plasma", "cividis", "turbo", "jet")
+"""Colour maps offered: the first five are perceptually uniform; ``turbo`` and ``jet`` are not
+(bands of false contrast) and are there for readers used to them."""
+DEFAULT_CMAP = "inferno"
+ABSOLUTE_MAX = 100.0
+"""Top of the ``absolute`` scale: attention 100 times the uniform share (a * N = 100)."""
 DEFAULT_THUMBNAIL_MPP = MicronsPerPixel(8.0)
 """Thumbnail resolution: 8 um/px shows a 20 x 15 mm slide in 2500 x 1900 px."""
+DEFAULT_MIN_SIDE = 1024
+"""A slide smaller than this many px on its long side at ``--mpp`` is drawn finer, up to it."""
+DEFAULT_MAX_SIDE = 4096
+"""A slide larger than this many px on its long side at ``--mpp`` is drawn coarser, down to it."""
+
+_TITLE_PX = 32  # band above the image for the title
+_BAR_PANEL_PX = 150  # band right of the image for the colour bar and its label
+_MIN_IMAGE_PX = 300  # figure height below the title at least this, so the bar label fits
 
 
-@dataclass(frozen=True)
-class AttentionMap:
-    """One slide's attention per tile, as written by training or prediction."""
-
-    slide_id: str
-    attention: np.ndarray  # [N] float32
-    coords: np.ndarray  # [N, 2] int64, level-0 top-left corners
-    tile_size_level0: float
-    attrs: dict[str, Any] = field(default_factory=dict)
-
-
-def read_attention(path: str | os.PathLike[str]) -> AttentionMap:
-    """Read an attention file; :class:`StoreError` naming it if it is not one."""
-    path = Path(path)
-    try:
-        with h5py.File(path, "r") as f:
-            if f.attrs.get("kind") != "attention" or "attention" not in f or "coords" not in f:
-                raise StoreError(f"{path}: not an attention file (needs 'attention', 'coords', kind=attention)")
-            attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
-            attention = np.asarray(f["attention"][()], dtype=np.float32)
-            coords = np.asarray(f["coords"][()], dtype=np.int64)
-    except OSError as exc:
-        raise StoreError(f"{path}: cannot be read as an attention file: {exc}") from exc
-    if "tile_size_level0" not in attrs:
-        raise StoreError(f"{path}: lacks tile_size_level0 (the feature store did not record it)")
-    if len(attention) != len(coords) or coords.ndim != 2 or coords.shape[1] != 2:
-        raise StoreError(f"{path}: {len(attention)} attention values for coords of shape {coords.shape}")
-    return AttentionMap(
-        slide_id=str(attrs.get("slide_id", path.stem)),
-        attention=attention,
-        coords=coords,
-        tile_size_level0=float(attrs["tile_size_level0"]),
-        attrs=attrs,
-    )
+def relative_attention(attention: np.ndarray) -> np.ndarray:
+    """``a * N / sum(a)``: each tile's attention relative to a uniform spread (1 = uniform)."""
+    a = np.asarray(attention, dtype=np.float64)
+    total = a.sum()
+    return a * len(a) / total if total > 0 else np.ones_like(a)
 
 
 def display_values(attention: np.ndarray, *, scale: Scale = "rank") -> np.ndarray:
     """Attention mapped to [0, 1] for display (see the module docstring)."""
     a = np.asarray(attention, dtype=np.float64)
+    if scale == "absolute":
+        rel = np.maximum(relative_attention(a), 1.0)
+        return np.clip(np.log10(rel) / math.log10(ABSOLUTE_MAX), 0.0, 1.0)
+    if scale not in SCALES:
+        raise ValueError(f"unknown scale {scale!r}; use one of {', '.join(SCALES)}")
     if len(a) < 2:
         return np.ones_like(a)
     if scale == "rank":
@@ -82,10 +86,33 @@ def display_values(attention: np.ndarray, *, scale: Scale = "rank") -> np.ndarra
         ranks = np.empty(len(a))
         ranks[order] = np.arange(len(a))
         return ranks / (len(a) - 1)
+    lo, hi = a.min(), a.max()
+    return (a - lo) / (hi - lo) if hi > lo else np.ones_like(a)
+
+
+def scale_label(scale: Scale) -> str:
+    """The colour bar's label: what the colours mean, with the range of the scale."""
+    if scale == "rank":
+        return "attention percentile within the slide (0 = least, 1 = most attended tile)"
     if scale == "minmax":
-        lo, hi = a.min(), a.max()
-        return (a - lo) / (hi - lo) if hi > lo else np.ones_like(a)
-    raise ValueError(f"unknown scale {scale!r}; use 'rank' or 'minmax'")
+        return "attention, min-max within the slide (0 = least, 1 = most attended tile)"
+    return f"attention x N (1 = uniform over the N tiles; log scale 1-{ABSOLUTE_MAX:g})"
+
+
+def thumbnail_mpp(
+    dimensions: tuple[int, int], slide_mpp: float, *, mpp: float = DEFAULT_THUMBNAIL_MPP,
+    min_side: int = DEFAULT_MIN_SIDE, max_side: int = DEFAULT_MAX_SIDE,
+) -> float:
+    """The heatmap's resolution (um/px): ``mpp``, made finer where the slide's long side would
+    be under ``min_side`` px and coarser where it would be over ``max_side`` px, never finer
+    than level 0. So a 2 mm biopsy is as readable as a 20 mm resection, and a 60 mm slide
+    stays a file a browser opens."""
+    if not 0 < min_side <= max_side:
+        raise ValueError(f"need 0 < min_side <= max_side, got {min_side} and {max_side}")
+    long_um = max(dimensions) * slide_mpp
+    chosen = min(mpp, long_um / min_side)
+    chosen = max(chosen, long_um / max_side)
+    return max(chosen, slide_mpp)
 
 
 def attention_raster(
@@ -110,7 +137,7 @@ def attention_raster(
         return np.where(count > 0, total / count, np.nan).astype(np.float32)
 
 
-def overlay(thumbnail: np.ndarray, raster: np.ndarray, *, alpha: float = 0.5, cmap: str = "jet") -> np.ndarray:
+def overlay(thumbnail: np.ndarray, raster: np.ndarray, *, alpha: float = 0.5, cmap: str = DEFAULT_CMAP) -> np.ndarray:
     """The thumbnail with the raster's colours blended in where tiles are (uint8 RGB)."""
     from matplotlib import colormaps
 
@@ -122,59 +149,190 @@ def overlay(thumbnail: np.ndarray, raster: np.ndarray, *, alpha: float = 0.5, cm
 
 def _title(amap: AttentionMap) -> str:
     title = amap.slide_id
-    classes, probs = amap.attrs.get("classes"), amap.attrs.get("probs")
-    if classes is not None and probs is not None:
-        names = json.loads(classes) if isinstance(classes, str) else list(classes)
-        title += "   " + "  ".join(f"{c}: {p:.2f}" for c, p in zip(names, np.asarray(probs)))
+    if amap.classes:
+        title += "   " + "  ".join(f"{c}: {p:.2f}" for c, p in zip(amap.classes, amap.probs))
     if "label" in amap.attrs:
         title += f"   (label {amap.attrs['label']})"
     return title
 
 
 def save_heatmap_figure(
-    path: str | os.PathLike[str], image: np.ndarray, *, title: str, scale: Scale, cmap: str = "jet"
+    path: str | os.PathLike[str], image: np.ndarray, *, title: str, scale: Scale, cmap: str = DEFAULT_CMAP
 ) -> Path:
-    """Write the blended thumbnail with a title and a colour bar as PNG, about 1:1 in pixels."""
+    """Write the blended thumbnail 1:1 in pixels (a band of :data:`_TITLE_PX` above it for the
+    title, one of :data:`_BAR_PANEL_PX` right of it for the colour bar) as PNG."""
     from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import Normalize
+    from matplotlib.colors import LogNorm, Normalize
     from matplotlib.figure import Figure
 
     h, w = image.shape[:2]
+    width, height = w + _BAR_PANEL_PX, max(h, _MIN_IMAGE_PX) + _TITLE_PX
     dpi = 100
-    fig = Figure(figsize=(max(w, 300) / dpi + 1.4, max(h, 200) / dpi + 0.6), dpi=dpi)
+    fig = Figure(figsize=(width / dpi, height / dpi), dpi=dpi)
     FigureCanvasAgg(fig)
-    ax = fig.add_axes((0.02, 0.02, 0.8, 0.9))
-    ax.imshow(image, interpolation="nearest")
-    ax.set_axis_off()
-    ax.set_title(title, fontsize=9)
-    cax = fig.add_axes((0.86, 0.1, 0.03, 0.75))
-    bar = fig.colorbar(ScalarMappable(Normalize(0.0, 1.0), colormaps[cmap]), cax=cax)
-    bar.set_label("attention percentile in slide" if scale == "rank" else "attention (min-max in slide)")
+    fig.figimage(image, xo=0, yo=height - _TITLE_PX - h, origin="upper")
+    fig.text(4 / width, 1 - 6 / height, title, ha="left", va="top", fontsize=9)
+    bar_top = _TITLE_PX + 8
+    cax = fig.add_axes((
+        (w + 20) / width, 16 / height, 16 / width, (height - bar_top - 16) / height,
+    ))
+    norm = LogNorm(1.0, ABSOLUTE_MAX) if scale == "absolute" else Normalize(0.0, 1.0)
+    bar = fig.colorbar(ScalarMappable(norm, colormaps[cmap]), cax=cax)
+    if scale == "absolute":
+        ticks = [t for t in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000) if t <= ABSOLUTE_MAX]
+        bar.set_ticks(ticks, labels=[f"{t:g}" for t in ticks[:-1]] + [f">={ticks[-1]:g}"])
+    bar.ax.tick_params(labelsize=8)
+    bar.set_label(scale_label(scale), fontsize=8)
     path = Path(path)
     with atomic_path(path, overwrite=True) as tmp:
-        fig.savefig(tmp, format="png")
+        fig.savefig(tmp, format="png", dpi=dpi)
     return path
 
 
 def top_tile_montage(tiles: np.ndarray, labels: list[str], *, columns: int | None = None, gap: int = 4) -> np.ndarray:
-    """Tiles [k, S, S, 3] in a grid, each under a caption strip (e.g. rank and attention)."""
+    """Tiles [k, S, S, 3] in a grid, each under a caption strip of one or more lines; cells are
+    widened beyond S where a caption is wider than a tile (small tiles), so no caption is cut."""
     from PIL import Image, ImageDraw
 
     k, s = len(tiles), tiles.shape[1]
     columns = columns or max(1, math.ceil(math.sqrt(k)))
     rows = math.ceil(k / columns)
-    caption = 14
+    line = 12
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    text_w = max((measure.textlength(part) for text in labels for part in text.split("\n")), default=0.0)
+    cell_w = max(s, math.ceil(text_w) + 4)
+    caption = 2 + line * max((text.count("\n") + 1 for text in labels), default=1)
     cell_h = s + caption
-    canvas = Image.new("RGB", (columns * (s + gap) + gap, rows * (cell_h + gap) + gap), (255, 255, 255))
+    canvas = Image.new("RGB", (columns * (cell_w + gap) + gap, rows * (cell_h + gap) + gap), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     for i, (tile, text) in enumerate(zip(tiles, labels)):
         r, c = divmod(i, columns)
-        x, y = gap + c * (s + gap), gap + r * (cell_h + gap)
-        draw.text((x + 2, y + 1), text, fill=(0, 0, 0))
+        x, y = gap + c * (cell_w + gap), gap + r * (cell_h + gap)
+        for j, part in enumerate(text.split("\n")):
+            draw.text((x + 2, y + 1 + j * line), part, fill=(0, 0, 0))
         canvas.paste(Image.fromarray(np.ascontiguousarray(tile)), (x, y + caption))
     return np.asarray(canvas)
+
+
+def top_tile_labels(amap: AttentionMap, top: np.ndarray) -> list[str]:
+    """Captions of the montage: rank and attention relative to uniform, then the tile's level-0
+    top-left corner (where to find it in a slide viewer)."""
+    rel = relative_attention(amap.attention)
+    return [
+        f"#{r + 1}  {rel[i]:.3g}x uniform\nx {amap.coords[i, 0]}  y {amap.coords[i, 1]}"
+        for r, i in enumerate(top)
+    ]
+
+
+def write_top_tiles(
+    amap: AttentionMap, store: PatchStore, out_path: str | os.PathLike[str], *, top_k: int = 16
+) -> Path:
+    """The ``top_k`` most attended tiles of the patch store, most attended first, as a PNG."""
+    from PIL import Image
+
+    if not np.array_equal(store.coords, amap.coords):
+        raise StoreError(
+            f"patch store {store.path} has other tile coords than the attention of slide {amap.slide_id} "
+            f"({len(store.coords)} vs {len(amap.coords)} tiles)"
+        )
+    top = np.argsort(-amap.attention, kind="mergesort")[:top_k]
+    order = np.argsort(top)
+    tiles = np.empty((len(top), store.tile_size, store.tile_size, 3), np.uint8)
+    tiles[order] = store.read_tiles(top[order])  # read in store order, place in rank order
+    image = top_tile_montage(tiles, top_tile_labels(amap, top))
+    out_path = Path(out_path)
+    with atomic_path(out_path, overwrite=True) as tmp:
+        Image.fromarray(image).save(tmp, format="PNG")
+    return out_path
+
+
+# --- QuPath ----------------------------------------------------------------------------------
+
+_CLASS_COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+                  (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
+
+
+def _number(value: float) -> float:
+    return float(f"{float(value):.6g}")
+
+
+def _coordinate(value: float) -> float | int:
+    """A level-0 coordinate to 0.01 px, written as an integer when it is one (shorter JSON)."""
+    value = round(value, 2)
+    return int(value) if value.is_integer() else value
+
+
+def tile_polygon(x: float, y: float, size: float, bounds: tuple[int, int] | None) -> list[list[float | int]] | None:
+    """A tile's level-0 footprint as a closed GeoJSON ring, exterior counterclockwise in the
+    coordinates as written (RFC 7946 section 3.1.6), clipped to ``bounds`` (width, height);
+    None when nothing of it lies on the slide."""
+    x0, y0, x1, y1 = float(x), float(y), float(x) + size, float(y) + size
+    if bounds is not None:
+        x0, y0 = max(x0, 0.0), max(y0, 0.0)
+        x1, y1 = min(x1, float(bounds[0])), min(y1, float(bounds[1]))
+    if x1 <= x0 or y1 <= y0:
+        return None
+    x0, y0, x1, y1 = (_coordinate(v) for v in (x0, y0, x1, y1))
+    return [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]
+
+
+def attention_geojson(
+    amap: AttentionMap, *, scale: Scale = "rank", bounds: tuple[int, int] | None = None
+) -> dict[str, Any]:
+    """The attention as a GeoJSON FeatureCollection of QuPath detections, one per tile.
+
+    Each feature is the tile's level-0 footprint (QuPath's full-resolution pixel coordinates,
+    clipped to the slide's ``bounds``) with ``properties.objectType = "detection"`` and
+    ``properties.measurements`` (numbers, QuPath's map form): ``attention`` (raw, sums to one),
+    ``attention x N`` (relative to uniform), ``attention percentile`` (within the slide) and
+    ``heatmap value`` (the 0-1 value the PNG shows under ``scale``); with a prediction also
+    ``prob {class}`` per class, and ``classification`` names the slide's predicted class (the
+    same on every tile: it is the slide's, not the tile's).
+    """
+    rel = relative_attention(amap.attention)
+    percentile = display_values(amap.attention, scale="rank")
+    shown = display_values(amap.attention, scale=scale)
+    shared: dict[str, float] = {f"prob {c}": _number(p) for c, p in zip(amap.classes, amap.probs)}
+    classification = None
+    if amap.pred is not None:
+        colour = _CLASS_COLOURS[amap.classes.index(amap.pred) % len(_CLASS_COLOURS)]
+        classification = {"name": amap.pred, "color": list(colour)}
+    features = []
+    for i, (x, y) in enumerate(amap.coords):
+        ring = tile_polygon(x, y, amap.tile_size_level0, bounds)
+        if ring is None:
+            continue
+        properties: dict[str, Any] = {
+            "objectType": "detection",
+            "measurements": {
+                "attention": _number(amap.attention[i]),
+                "attention x N": _number(rel[i]),
+                "attention percentile": _number(percentile[i]),
+                "heatmap value": _number(shown[i]),
+                **shared,
+            },
+        }
+        if classification is not None:
+            properties["classification"] = classification
+        features.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
+                         "properties": properties})
+    return {"type": "FeatureCollection", "features": features}
+
+
+def write_attention_geojson(
+    path: str | os.PathLike[str], amap: AttentionMap, *, scale: Scale = "rank",
+    bounds: tuple[int, int] | None = None,
+) -> Path:
+    """Write :func:`attention_geojson` atomically (compact JSON: about 400 bytes per tile)."""
+    path = Path(path)
+    with atomic_path(path, overwrite=True) as tmp:
+        tmp.write_text(json.dumps(attention_geojson(amap, scale=scale, bounds=bounds), separators=(",", ":")))
+    return path
+
+
+# --- one slide -------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -183,6 +341,7 @@ class HeatmapFiles:
 
     slide_id: str
     heatmap: Path
+    geojson: Path
     montage: Path | None
     seconds: float
 
@@ -194,24 +353,26 @@ def draw_heatmap(
     slide_path: str | os.PathLike[str] | None = None,
     store_path: str | os.PathLike[str] | None = None,
     mpp: float = DEFAULT_THUMBNAIL_MPP,
+    min_side: int = DEFAULT_MIN_SIDE,
+    max_side: int = DEFAULT_MAX_SIDE,
     top_k: int = 16,
     alpha: float = 0.5,
     scale: Scale = "rank",
-    cmap: str = "jet",
+    cmap: str = DEFAULT_CMAP,
 ) -> HeatmapFiles:
-    """Write ``{slide_id}.heatmap.png`` and (with a patch store and ``top_k > 0``)
-    ``{slide_id}.top_tiles.png`` into ``out_dir``.
+    """Write ``{slide_id}.heatmap.png``, ``{slide_id}.attention.geojson`` (QuPath detections)
+    and (with a patch store and ``top_k > 0``) ``{slide_id}.top_tiles.png`` into ``out_dir``.
 
-    ``store_path`` defaults to the patch store recorded in the attention file. The store is the
-    record of how the slide was read: the thumbnail comes from the slide opened through it (its
-    backend and mpp override, after checking the slide is the file that was tiled), so a slide
-    that needed an mpp override gets its heatmap. ``slide_path`` (default: the store's record,
-    else the attention file's) only says where the slide is now. A damaged store is a
-    :class:`StoreError`; without any store the slide is opened on its own metadata and there is
-    no montage. The montage needs a store whose coords equal the attention file's.
+    The thumbnail's resolution is :func:`thumbnail_mpp` of ``mpp``, ``min_side`` and
+    ``max_side``. ``store_path`` defaults to the patch store recorded in the attention file.
+    The store is the record of how the slide was read: the thumbnail comes from the slide
+    opened through it (its backend and mpp override, after checking the slide is the file that
+    was tiled), so a slide that needed an mpp override gets its heatmap. ``slide_path``
+    (default: the store's record, else the attention file's) only says where the slide is now.
+    A damaged store is a :class:`StoreError`; without any store the slide is opened on its own
+    metadata and there is no montage. The montage needs a store whose coords equal the
+    attention file's.
     """
-    import time
-
     from wsitools.slide import open_slide
 
     start = time.perf_counter()
@@ -230,11 +391,16 @@ def draw_heatmap(
         log.warning("slide %s: no patch store (%s): the slide is read on its own metadata, no montage",
                     slide_id, store_file if store_file.name else "none recorded")
     with store.open_slide(slide_file) if store is not None else open_slide(slide_file) as slide:
-        thumb, downsample = slide.thumbnail(mpp=mpp)
+        dimensions = slide.dimensions
+        chosen = thumbnail_mpp(dimensions, slide.mpp, mpp=mpp, min_side=min_side, max_side=max_side)
+        thumb, downsample = slide.thumbnail(mpp=chosen)
     raster = attention_raster(amap, shape=thumb.shape[:2], downsample=downsample, scale=scale)
     heatmap = save_heatmap_figure(
         out_dir / f"{slide_id}.heatmap.png", overlay(thumb, raster, alpha=alpha, cmap=cmap),
         title=_title(amap), scale=scale, cmap=cmap,
+    )
+    geojson = write_attention_geojson(
+        out_dir / f"{slide_id}.attention.geojson", amap, scale=scale, bounds=(int(dimensions[0]), int(dimensions[1]))
     )
     montage = None
     if top_k > 0 and store is not None:
@@ -242,27 +408,5 @@ def draw_heatmap(
             montage = write_top_tiles(amap, store, out_dir / f"{slide_id}.top_tiles.png", top_k=top_k)
         except StoreError as exc:
             log.warning("slide %s: no top-tile montage: %s", slide_id, exc)
-    return HeatmapFiles(slide_id=slide_id, heatmap=heatmap, montage=montage, seconds=time.perf_counter() - start)
-
-
-def write_top_tiles(
-    amap: AttentionMap, store: PatchStore, out_path: str | os.PathLike[str], *, top_k: int = 16
-) -> Path:
-    """The ``top_k`` most attended tiles of the patch store, most attended first, as a PNG."""
-    from PIL import Image
-
-    if not np.array_equal(store.coords, amap.coords):
-        raise StoreError(
-            f"patch store {store.path} has other tile coords than the attention of slide {amap.slide_id} "
-            f"({len(store.coords)} vs {len(amap.coords)} tiles)"
-        )
-    top = np.argsort(-amap.attention, kind="mergesort")[:top_k]
-    order = np.argsort(top)
-    tiles = np.empty((len(top), store.tile_size, store.tile_size, 3), np.uint8)
-    tiles[order] = store.read_tiles(top[order])  # read in store order, place in rank order
-    labels = [f"#{r + 1}  a={amap.attention[i]:.2e}" for r, i in enumerate(top)]
-    image = top_tile_montage(tiles, labels)
-    out_path = Path(out_path)
-    with atomic_path(out_path, overwrite=True) as tmp:
-        Image.fromarray(image).save(tmp, format="PNG")
-    return out_path
+    return HeatmapFiles(slide_id=slide_id, heatmap=heatmap, geojson=geojson, montage=montage,
+                        seconds=time.perf_counter() - start)

@@ -290,8 +290,7 @@ def test_intact_jpeg_with_shared_tables_passes_the_check(fixtures_dir):
 
 
 def test_slide_needing_an_mpp_override_gets_its_heatmap(tmp_path, capsys):
-    from wsitools.mil.data import BagInfo
-    from wsitools.mil.predict import write_attention
+    from wsitools.attention import write_attention
 
     slide = write_slide(tmp_path / "nompp.tiff", size=(1024, 768), mpp=0.25, regions=(Region(100, 100, 800, 560),),
                         downsamples=(1, 4), write_mpp=False)
@@ -300,11 +299,11 @@ def test_slide_needing_an_mpp_override_gets_its_heatmap(tmp_path, capsys):
     store = PatchStore.open(out / "nompp.zarr")
     assert store.attrs["mpp_override"] == 0.25
     n = len(store)
-    bag = BagInfo("nompp", tmp_path / "nompp.h5", n, 4, {
-        "slide_path": str(slide), "store_path": str(store.path), "tile_size_level0": store.tile_size_level0})
+    provenance = {"slide_path": str(slide), "store_path": str(store.path), "tile_size_level0": store.tile_size_level0}
     att = tmp_path / "attention" / "nompp.h5"
     write_attention(att, slide_id="nompp", attention=np.full(n, 1 / n), coords=store.coords, classes=["a", "b"],
-                    probs=np.array([0.4, 0.6]), bag=bag, meta={"head": "abmil"})
+                    probs=np.array([0.4, 0.6]), feature_path=tmp_path / "nompp.h5",
+                    provenance=provenance, meta={"head": "abmil"})
     capsys.readouterr()
     # the workflow's call: stores by folder, slide found through the store
     assert main(["heatmap", "--attention", str(att.parent), "--store", str(out), "--out", str(tmp_path / "h"),
@@ -318,16 +317,16 @@ def test_slide_needing_an_mpp_override_gets_its_heatmap(tmp_path, capsys):
 
 
 def test_heatmap_refuses_a_damaged_store_in_one_line(tmp_path, capsys, tiled):
-    from wsitools.mil.data import BagInfo
-    from wsitools.mil.predict import write_attention
+    from wsitools.attention import write_attention
 
     store = copy_store(tiled, tmp_path)
     (store / "coords" / "c" / "0" / "0").unlink()
     n = int(read_store_attrs(tiled)["n_tiles"])
-    bag = BagInfo("synth_svs", tmp_path / "x.h5", n, 4, {"store_path": str(store), "tile_size_level0": 128.0})
+    provenance = {"store_path": str(store), "tile_size_level0": 128.0}
     att = tmp_path / "attention" / "synth_svs.h5"
     write_attention(att, slide_id="synth_svs", attention=np.full(n, 1 / n), coords=PatchStore.open(tiled).coords,
-                    classes=["a", "b"], probs=np.array([0.5, 0.5]), bag=bag, meta={"head": "abmil"})
+                    classes=["a", "b"], probs=np.array([0.5, 0.5]), feature_path=tmp_path / "x.h5",
+                    provenance=provenance, meta={"head": "abmil"})
     assert main(["heatmap", "--attention", str(att), "--out", str(tmp_path / "h"), "--quiet"]) == 1
     err = capsys.readouterr().err
     assert f"synth_svs\tfailed\t{store}: damaged patch store: coords/c/0/0 is missing" in err

@@ -1,6 +1,9 @@
 # Attention heatmaps: one job per trained head draws every slide it was evaluated on, from the
 # out-of-fold attention that training wrote (each slide seen by the fold model that did not
-# train on it): {slide}.heatmap.png over the slide's thumbnail, {slide}.top_tiles.png montage.
+# train on it): {slide}.heatmap.png over the slide's thumbnail (colour scale and map from
+# config heatmaps.scale and .cmap, which the report's caption describes), {slide}.top_tiles.png
+# montage, and {slide}.attention.geojson (the attention as QuPath detections; not in the report,
+# whose pattern takes the PNGs only).
 
 
 rule heatmap:
@@ -17,6 +20,8 @@ rule heatmap:
         ),
     params:
         stores=TILES,
+        scale=config["heatmaps"]["scale"],
+        cmap=config["heatmaps"]["cmap"],
         options=shell_args(config["heatmaps"]["extra_args"]),
     log:
         "logs/heatmap/{task}/{encoder}/{head}.log",
@@ -30,4 +35,4 @@ rule heatmap:
         "../envs/wsitools.yaml"
     shell:
         "wsitools heatmap --attention {input.attention:q} --store {params.stores:q}"
-        " {params.options} --out {output.pictures:q} --quiet > {log:q} 2>&1"
+        " --scale {params.scale} --cmap {params.cmap} {params.options} --out {output.pictures:q} --quiet > {log:q} 2>&1"

@@ -49,6 +49,8 @@ rule heatmap_predicted:
         ),
     params:
         stores=TILES,
+        scale=config["heatmaps"]["scale"],
+        cmap=config["heatmaps"]["cmap"],
         options=shell_args(config["heatmaps"]["extra_args"]),
     log:
         "logs/heatmap_predicted/{task}/{encoder}/{head}.log",
@@ -62,4 +64,4 @@ rule heatmap_predicted:
         "../envs/wsitools.yaml"
     shell:
         "wsitools heatmap --attention {input.attention:q} --store {params.stores:q}"
-        " {params.options} --out {output.pictures:q} --quiet > {log:q} 2>&1"
+        " --scale {params.scale} --cmap {params.cmap} {params.options} --out {output.pictures:q} --quiet > {log:q} 2>&1"

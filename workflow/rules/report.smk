@@ -1,5 +1,32 @@
-# Tables for the HTML report (`snakemake --report`): the metrics of every trained head side by
-# side. QC thumbnails, ROC curves and heatmaps are report() outputs of their own rules.
+# Tables for the HTML report (`snakemake --report`): the QC table and the metrics of every
+# trained head side by side, each as a TSV (for download and for programs) and as an HTML page
+# (Snakemake's report shows HTML results inline, other text files only as downloads). QC
+# thumbnails, ROC curves and heatmaps are report() outputs of their own rules. Every report()
+# output names its category (a section listed on the report's front page, report/workflow.rst)
+# and a subcategory, so nothing lands under "Other".
+
+
+rule qc_table:
+    input:
+        table="results/qc/summary.tsv",
+    output:
+        page=report(
+            "results/report/qc_summary.html",
+            caption="../report/qc_summary.rst",
+            category="1. Quality control",
+            subcategory="QC summary",
+            labels={"table": "QC summary", "format": "table"},
+        ),
+    log:
+        "logs/qc_table.log",
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    conda:
+        "../envs/wsitools.yaml"
+    script:
+        "../scripts/qc_table.py"
 
 
 rule metrics_table:
@@ -13,7 +40,15 @@ rule metrics_table:
             "results/report/metrics.tsv",
             caption="../report/metrics.rst",
             category="2. Metrics",
-            labels={"table": "metrics of every head"},
+            subcategory="Metrics of every head",
+            labels={"table": "metrics of every head", "format": "TSV (download)"},
+        ),
+        page=report(
+            "results/report/metrics.html",
+            caption="../report/metrics.rst",
+            category="2. Metrics",
+            subcategory="Metrics of every head",
+            labels={"table": "metrics of every head", "format": "table"},
         ),
     log:
         "logs/metrics_table.log",
@@ -38,6 +73,7 @@ rule roc:
             "results/report/roc/{task}.png",
             caption="../report/roc.rst",
             category="3. ROC curves",
+            subcategory="ROC curves of every task",
             labels={"task": "{task}"},
         ),
     log:

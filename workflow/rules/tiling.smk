@@ -40,7 +40,8 @@ checkpoint qc_summary:
             "results/qc/summary.tsv",
             caption="../report/qc_summary.rst",
             category="1. Quality control",
-            labels={"table": "QC summary"},
+            subcategory="QC summary",
+            labels={"table": "QC summary", "format": "TSV (download)"},
         ),
         thumbnails=report(
             directory("results/qc/thumbnails"),

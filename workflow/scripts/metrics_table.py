@@ -1,9 +1,11 @@
-"""Rule metrics_table: the metrics of every trained head side by side, for the report."""
+"""Rule metrics_table: the metrics of every trained head side by side (TSV and HTML), for the report."""
 
 from pathlib import Path
 
 from wsitools import cohort
 
 # `snakemake` is injected by the script directive
-rows = cohort.write_metrics_table(snakemake.input.metrics, snakemake.output.table)
+rows = cohort.write_metrics_table(
+    snakemake.input.metrics, snakemake.output.table, html_out=snakemake.output.page
+)
 Path(snakemake.log[0]).write_text(f"{len(rows)} heads\n")

@@ -29,7 +29,15 @@ def _prompt_list(text: str) -> tuple[str, ...]:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from wsitools.heatmap import DEFAULT_THUMBNAIL_MPP
+    from wsitools.heatmap import (
+        ABSOLUTE_MAX,
+        COLOUR_MAPS,
+        DEFAULT_CMAP,
+        DEFAULT_MAX_SIDE,
+        DEFAULT_MIN_SIDE,
+        DEFAULT_THUMBNAIL_MPP,
+        SCALES,
+    )
     from wsitools.mil.config import TrainConfig
 
     d = TrainConfig()
@@ -122,10 +130,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     h = sub.add_parser(
         "heatmap",
-        help="draw attention heatmaps over slide thumbnails and montages of the most attended tiles",
+        help="draw attention heatmaps over slide thumbnails, top-tile montages, and QuPath detections",
         description="For each attention file, write {slide_id}.heatmap.png (attention per tile over the slide "
-        "thumbnail, with a colour bar) and {slide_id}.top_tiles.png (the most attended tiles from the patch "
-        "store). Slide and patch store paths default to those recorded in the attention file.",
+        "thumbnail, with a colour bar saying what the colours mean), {slide_id}.top_tiles.png (the most "
+        "attended tiles from the patch store, captioned with their level-0 x, y) and "
+        "{slide_id}.attention.geojson (one QuPath detection per tile with the attention and the prediction "
+        "as measurements: File > Import objects in QuPath 0.4 or later). Slide and patch store paths "
+        "default to those recorded in the attention file.",
     )
     h.add_argument("--attention", nargs="+", required=True, metavar="PATH",
                    help="attention .h5 files, or directories of them (e.g. heads/.../attention)")
@@ -135,11 +146,19 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the patch store {slide_id}.zarr, or a directory of them: how the slide was read "
                    "(backend, mpp override) and the tiles of the montage (default: recorded in the attention file)")
     h.add_argument("--mpp", type=positive_float, default=DEFAULT_THUMBNAIL_MPP,
-                   help=f"thumbnail resolution in um/px ({DEFAULT_THUMBNAIL_MPP:g})")
+                   help=f"heatmap resolution in um/px, within --min-side and --max-side ({DEFAULT_THUMBNAIL_MPP:g})")
+    h.add_argument("--min-side", type=positive_int, default=DEFAULT_MIN_SIDE, metavar="PX",
+                   help=f"draw a small slide finer, so its long side has at least PX px ({DEFAULT_MIN_SIDE})")
+    h.add_argument("--max-side", type=positive_int, default=DEFAULT_MAX_SIDE, metavar="PX",
+                   help=f"draw a large slide coarser, so its long side has at most PX px ({DEFAULT_MAX_SIDE})")
     h.add_argument("--top-k", type=non_negative_int, default=16, help="tiles in the montage; 0 = no montage (16)")
     h.add_argument("--alpha", type=fraction, default=0.5, help="heatmap opacity (0.5)")
-    h.add_argument("--scale", choices=["rank", "minmax"], default="rank",
-                   help="per-slide display scale: percentile rank or min-max (rank)")
+    h.add_argument("--scale", choices=SCALES, default="rank",
+                   help="colour scale: rank = percentile within the slide; minmax = linear between the slide's "
+                   "least and most attended tile; absolute = attention x number of tiles (1 = uniform) on a fixed "
+                   f"log scale 1-{ABSOLUTE_MAX:g}, comparable across slides (rank)")
+    h.add_argument("--cmap", choices=COLOUR_MAPS, default=DEFAULT_CMAP,
+                   help=f"colour map; all but turbo and jet are perceptually uniform ({DEFAULT_CMAP})")
     h.add_argument("--quiet", action="store_true", help="no progress bar")
     h.add_argument("--out", required=True, metavar="DIR",
                    help="output folder: {slide_id}.heatmap.png and {slide_id}.top_tiles.png")
@@ -286,6 +305,8 @@ def run_heatmap(args: argparse.Namespace) -> int:
 
     from wsitools.heatmap import draw_heatmap
 
+    if args.min_side > args.max_side:
+        raise DataError(f"--min-side {args.min_side} is larger than --max-side {args.max_side}")
     files = _attention_files(args.attention)
     failed = 0
     for f in tqdm(files, desc="heatmap", unit="slide", disable=args.quiet):
@@ -297,15 +318,18 @@ def run_heatmap(args: argparse.Namespace) -> int:
                 slide_path=_slide_for(args.slide, slide_id, len(files)),
                 store_path=_store_for(args.store, slide_id, len(files)),
                 mpp=args.mpp,
+                min_side=args.min_side,
+                max_side=args.max_side,
                 top_k=args.top_k,
                 alpha=args.alpha,
                 scale=args.scale,
+                cmap=args.cmap,
             )
         except WsiToolsError as exc:
             failed += 1
             print(f"{slide_id}\tfailed\t{one_line(exc)}", file=sys.stderr)
             continue
-        print(f"{out.slide_id}\t{out.heatmap}\t{out.montage or '-'}\t{out.seconds:.1f}s")
+        print(f"{out.slide_id}\t{out.heatmap}\t{out.geojson}\t{out.montage or '-'}\t{out.seconds:.1f}s")
     if failed:
         print(f"{failed} of {len(files)} heatmaps failed", file=sys.stderr)
     return 1 if failed else 0

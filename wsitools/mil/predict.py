@@ -9,7 +9,6 @@ run on ``device`` (``auto``: CUDA when available); bags are read on the CPU and 
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -17,11 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import torch
 
 from wsitools import __version__
+from wsitools.attention import write_attention
 from wsitools.errors import DataError, ModelError
 from wsitools.io import atomic_path, write_json_atomic
 from wsitools.mil.data import BagInfo, EncoderRecord, bag_info, list_feature_stores, read_coords, read_features
@@ -29,9 +28,6 @@ from wsitools.mil.heads import SavedHead, load_head
 from wsitools.types import check_slide_id
 
 log = logging.getLogger(__name__)
-
-ATTENTION_FORMAT_VERSION = 1
-_PROVENANCE_ATTRS = ("slide_path", "store_path", "tile_size", "tile_size_level0", "mpp_target", "encoder")
 
 
 @dataclass(frozen=True)
@@ -59,45 +55,6 @@ def predict_bag(models: Sequence[torch.nn.Module], x: torch.Tensor, ivp: torch.T
         probs.append(torch.softmax(out.logits.float(), dim=-1))
         attention.append(out.attention.float())
     return torch.stack(probs).mean(0).cpu().numpy(), torch.stack(attention).mean(0).cpu().numpy()
-
-
-def write_attention(
-    path: str | os.PathLike[str],
-    *,
-    slide_id: str,
-    attention: np.ndarray,
-    coords: np.ndarray,
-    classes: Sequence[str],
-    probs: np.ndarray,
-    bag: BagInfo,
-    meta: dict[str, Any],
-) -> None:
-    """Write one slide's attention file (layout in docs/formats.md, "Heads").
-
-    Datasets ``attention`` [N] float32 (sums to one) and ``coords`` [N, 2] int64 (level-0 x, y
-    of each tile's top-left, as in the feature store); attributes name the slide, the head, the
-    prediction, and carry over the feature store's slide/store paths and tile geometry so that
-    ``wsitools heatmap`` needs nothing else.
-    """
-    if len(attention) != len(coords):
-        raise ValueError(f"slide {slide_id}: {len(attention)} attention values for {len(coords)} coords")
-    with atomic_path(path, overwrite=True) as tmp:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("attention", data=np.asarray(attention, dtype=np.float32))
-            f.create_dataset("coords", data=np.asarray(coords, dtype=np.int64))
-            f.attrs["format_version"] = ATTENTION_FORMAT_VERSION
-            f.attrs["kind"] = "attention"
-            f.attrs["slide_id"] = slide_id
-            f.attrs["classes"] = json.dumps(list(classes))
-            f.attrs["probs"] = np.asarray(probs, dtype=np.float64)
-            f.attrs["pred"] = str(classes[int(np.argmax(probs))])
-            f.attrs["feature_path"] = str(Path(bag.path).resolve())
-            f.attrs["package_version"] = __version__
-            for key in _PROVENANCE_ATTRS:
-                if key in bag.attrs and bag.attrs[key] is not None:
-                    f.attrs[key] = bag.attrs[key]
-            for key, value in meta.items():
-                f.attrs[key] = value if isinstance(value, (int, float, str)) else json.dumps(value)
 
 
 def load_heads(model_dir: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> list[SavedHead]:
@@ -233,7 +190,8 @@ def predict(
                 coords=read_coords(bag.path),
                 classes=classes,
                 probs=probs,
-                bag=bag,
+                feature_path=bag.path,
+                provenance=bag.attrs,
                 meta={"head": first.config.head, "task": (first.meta.get("task") or {}).get("name", ""), "n_models": len(models)},
             )
             results.append(BagPrediction(slide_id=slide_id, probs=probs, attention=attention))

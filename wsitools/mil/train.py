@@ -59,7 +59,8 @@ from wsitools.mil.data import (
     user_folds,
 )
 from wsitools.mil.heads import HeadConfig, HeadName, PromptKind, create_head, save_head
-from wsitools.mil.predict import write_attention, write_predictions_csv
+from wsitools.attention import write_attention
+from wsitools.mil.predict import write_predictions_csv
 from wsitools.text import TaskDescription, embed_texts, load_task, resolve_text_model, text_model_key
 
 log = logging.getLogger(__name__)
@@ -478,7 +479,8 @@ def train(
                     coords=read_coords(cohort.paths[i]),
                     classes=cohort.classes,
                     probs=result.test.probs[j],
-                    bag=bag,
+                    feature_path=bag.path,
+                    provenance=bag.attrs,
                     meta={"head": head, "task": task_name, "fold": fold.index, "label": row["label"]},
                 )
             write_predictions_csv(fold_dir / "predictions.csv", rows, cohort.classes)

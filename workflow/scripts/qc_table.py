@@ -1,0 +1,9 @@
+"""Rule qc_table: the QC table as an HTML page, which the report shows inline."""
+
+from pathlib import Path
+
+from wsitools import cohort
+
+# `snakemake` is injected by the script directive
+rows = cohort.write_qc_html(snakemake.input.table, snakemake.output.page)
+Path(snakemake.log[0]).write_text(f"{len(rows)} slides\n")

@@ -1,0 +1,134 @@
+"""The attention file ``attention/{slide_id}.h5``: one slide's attention per tile and prediction.
+
+Training (out-of-fold) and prediction write it; ``wsitools heatmap`` reads it. This module is the
+only one that knows its layout (docs/formats.md, "Attention file"): datasets ``attention`` [N]
+float32 (sums to one) and ``coords`` [N, 2] int64 (level-0 x, y of each tile's top-left, as in
+the feature store); attributes name the slide, the head and the prediction (``classes``,
+``probs``, ``pred``) and carry over the feature store's slide/store paths and tile geometry, so
+a heatmap needs nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from wsitools import __version__
+from wsitools.errors import StoreError
+from wsitools.io import atomic_path
+
+ATTENTION_FORMAT_VERSION = 1
+PROVENANCE_ATTRS = ("slide_path", "store_path", "tile_size", "tile_size_level0", "mpp_target", "encoder")
+"""Feature-store attributes copied into the attention file when the store has them."""
+
+
+@dataclass(frozen=True)
+class AttentionMap:
+    """One slide's attention per tile, and the head's prediction for the slide.
+
+    ``classes`` and ``probs`` are empty when the file carries no prediction; ``pred`` is then
+    ``None``."""
+
+    slide_id: str
+    attention: np.ndarray  # [N] float32
+    coords: np.ndarray  # [N, 2] int64, level-0 top-left corners
+    tile_size_level0: float
+    classes: tuple[str, ...] = ()
+    probs: np.ndarray = field(default_factory=lambda: np.zeros(0))  # [C] float64, order of classes
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pred(self) -> str | None:
+        """The predicted class (highest probability), or None without a prediction."""
+        return self.classes[int(np.argmax(self.probs))] if len(self.classes) else None
+
+
+def write_attention(
+    path: str | os.PathLike[str],
+    *,
+    slide_id: str,
+    attention: np.ndarray,
+    coords: np.ndarray,
+    classes: Sequence[str],
+    probs: np.ndarray,
+    feature_path: str | os.PathLike[str],
+    provenance: Mapping[str, Any],
+    meta: Mapping[str, Any],
+) -> None:
+    """Write one slide's attention file atomically.
+
+    ``provenance`` is the feature store's attributes (only :data:`PROVENANCE_ATTRS` are kept);
+    ``meta`` adds attributes such as the head, task, fold and label (non-scalars as JSON).
+    """
+    if len(attention) != len(coords):
+        raise ValueError(f"slide {slide_id}: {len(attention)} attention values for {len(coords)} coords")
+    if len(probs) != len(classes):
+        raise ValueError(f"slide {slide_id}: {len(probs)} probabilities for {len(classes)} classes")
+    with atomic_path(path, overwrite=True) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("attention", data=np.asarray(attention, dtype=np.float32))
+            f.create_dataset("coords", data=np.asarray(coords, dtype=np.int64))
+            f.attrs["format_version"] = ATTENTION_FORMAT_VERSION
+            f.attrs["kind"] = "attention"
+            f.attrs["slide_id"] = slide_id
+            f.attrs["classes"] = json.dumps(list(classes))
+            f.attrs["probs"] = np.asarray(probs, dtype=np.float64)
+            f.attrs["pred"] = str(classes[int(np.argmax(probs))])
+            f.attrs["feature_path"] = str(Path(feature_path).resolve())
+            f.attrs["package_version"] = __version__
+            for key in PROVENANCE_ATTRS:
+                if provenance.get(key) is not None:
+                    f.attrs[key] = provenance[key]
+            for key, value in meta.items():
+                f.attrs[key] = value if isinstance(value, (int, float, str)) else json.dumps(value)
+
+
+def _prediction(path: Path, attrs: Mapping[str, Any]) -> tuple[tuple[str, ...], np.ndarray]:
+    if "classes" not in attrs or "probs" not in attrs:
+        return (), np.zeros(0)
+    try:
+        raw = attrs["classes"]
+        classes = tuple(str(c) for c in (json.loads(raw) if isinstance(raw, str) else list(raw)))
+        probs = np.asarray(attrs["probs"], dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError) as exc:
+        raise StoreError(f"{path}: unreadable 'classes' or 'probs' attribute: {exc}") from None
+    if len(classes) != len(probs) or not np.all(np.isfinite(probs)):
+        raise StoreError(f"{path}: {len(probs)} probabilities for {len(classes)} classes (or not finite)")
+    return classes, probs
+
+
+def read_attention(path: str | os.PathLike[str]) -> AttentionMap:
+    """Read an attention file; :class:`StoreError` naming it if it is not one."""
+    path = Path(path)
+    try:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("kind") != "attention" or "attention" not in f or "coords" not in f:
+                raise StoreError(f"{path}: not an attention file (needs 'attention', 'coords', kind=attention)")
+            attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+            attention = np.asarray(f["attention"][()], dtype=np.float32)
+            coords = np.asarray(f["coords"][()], dtype=np.int64)
+    except OSError as exc:
+        raise StoreError(f"{path}: cannot be read as an attention file: {exc}") from exc
+    if "tile_size_level0" not in attrs:
+        raise StoreError(f"{path}: lacks tile_size_level0 (the feature store did not record it)")
+    if attention.ndim != 1 or len(attention) != len(coords) or coords.ndim != 2 or coords.shape[1] != 2:
+        raise StoreError(f"{path}: {len(attention)} attention values for coords of shape {coords.shape}")
+    if not np.all(np.isfinite(attention)):
+        raise StoreError(f"{path}: attention has values that are not finite")
+    classes, probs = _prediction(path, attrs)
+    return AttentionMap(
+        slide_id=str(attrs.get("slide_id", path.stem)),
+        attention=attention,
+        coords=coords,
+        tile_size_level0=float(attrs["tile_size_level0"]),
+        classes=classes,
+        probs=probs,
+        attrs=attrs,
+    )
