@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from wsitools.cli import main  # noqa: E402
-from wsitools.errors import DataError, ModelError  # noqa: E402
+from wsitools.errors import ConfigError, DataError, ModelError  # noqa: E402
 from wsitools.mil import train as train_module  # noqa: E402
 from wsitools.mil.config import TrainConfig  # noqa: E402
 from wsitools.mil.heads import load_head, save_head  # noqa: E402
@@ -341,5 +341,5 @@ def test_instance_dropout_spreads_attention_over_a_planted_region(tmp_path):
     assert auroc0 >= 0.95 and auroc >= 0.95
     assert precision >= 0.7 and precision >= precision0 + 0.08
     assert peak < peak0
-    with pytest.raises(DataError, match="instance_dropout must lie in"):
+    with pytest.raises(ConfigError, match="instance_dropout must lie in"):
         TrainConfig(instance_dropout=1.0)

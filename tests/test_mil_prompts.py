@@ -13,7 +13,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from wsitools.errors import DataError, ModelError  # noqa: E402
+from wsitools.errors import ConfigError, DataError, ModelError  # noqa: E402
 from wsitools.mil.config import TrainConfig  # noqa: E402
 from wsitools.mil.heads import HeadConfig, create_head  # noqa: E402
 from wsitools.mil.predict import predict  # noqa: E402
@@ -122,7 +122,7 @@ def test_cross_attention_is_linear_in_bag_size():
     ],
 )
 def test_bad_head_configs_are_named(kwargs, message):
-    with pytest.raises(ModelError, match=message):
+    with pytest.raises(ConfigError, match=message):
         HeadConfig(in_dim=8, n_classes=2, **kwargs)
 
 

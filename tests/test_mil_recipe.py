@@ -13,7 +13,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from wsitools.cli import main  # noqa: E402
-from wsitools.errors import DataError, ModelError  # noqa: E402
+from wsitools.errors import ConfigError, DataError  # noqa: E402
 from wsitools.mil.config import TrainConfig  # noqa: E402
 from wsitools.mil.heads import HeadConfig, create_head  # noqa: E402
 from wsitools.mil.synthetic import make_bag_cohort  # noqa: E402
@@ -92,9 +92,9 @@ def test_text_prior_starts_zero_shot_and_needs_features_in_the_text_space():
     expected = torch.softmax(scores + z[:, 1] + z[:, 2], dim=0)  # class texts weigh 1, the task text 0
     torch.testing.assert_close(head(x).attention, expected, rtol=1e-4, atol=1e-7)
     assert int(head(x).attention.argmax()) == 17 and int(abmil(x).attention.argmax()) != 17
-    with pytest.raises(ModelError, match="64-d and the text embeddings 32-d"):
+    with pytest.raises(ConfigError, match="64-d and the text embeddings 32-d"):
         HeadConfig(head="pathotune", in_dim=64, n_classes=2, prompts=("ttp",), text_dim=32, text_prior=True)
-    with pytest.raises(ModelError, match="add ttp"):
+    with pytest.raises(ConfigError, match="add ttp"):
         HeadConfig(head="pathotune", in_dim=32, n_classes=2, prompts=("tvp",), text_prior=True)
     # A head saved before the prior was a setting had it whenever the widths matched, unscaled.
     old = {k: v for k, v in config.to_dict().items() if k not in ("text_prior", "ttp_prior_scale")}

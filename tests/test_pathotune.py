@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from wsitools.encoders import load_encoder
-from wsitools.errors import DataError, ModelError, WsiToolsError
+from wsitools.errors import ConfigError, DataError, ModelError, WsiToolsError
 from wsitools.pathotune import (
     PROMPT_KINDS,
     PathoTuneConfig,
@@ -130,7 +130,7 @@ def test_parse_prompts_and_config_errors():
     assert parse_prompts("ivp, TVP") == ("tvp", "ivp")
     with pytest.raises(ModelError, match="subset of tvp,ttp,ivp"):
         parse_prompts("tvp,xyz")
-    with pytest.raises(ModelError, match="TTP prompts need text_dim"):
+    with pytest.raises(ConfigError, match="TTP prompts need text_dim"):
         PathoTuneConfig(prompts=("ttp",), classes=("a", "b"), embed_dim=64, depth=3)
 
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from wsitools.errors import WsiToolsError
+from wsitools.errors import ConfigError, WsiToolsError
 from wsitools.puzzle import Curriculum, PuzzleError, default_patch_sizes, fix_position_shuffle
 from wsitools.training import learning_rate_at
 from wsitools.puzzle.shuffle import patchify, unpatchify
@@ -119,9 +119,9 @@ def test_loop_curriculum_is_the_official_commands():
     text = c.describe()
     assert "epoch      0-19: patch   32 px, fix ratio 0.250" in text
     assert "strategy loop" in text
-    with pytest.raises(PuzzleError, match="warm-up"):
+    with pytest.raises(ConfigError, match="warm-up"):
         Curriculum(total_epochs=5, warmup_epochs=5)
-    with pytest.raises(PuzzleError, match="strategy"):
+    with pytest.raises(ConfigError, match="strategy"):
         Curriculum(total_epochs=5, warmup_epochs=1, strategy="linear")
 
 

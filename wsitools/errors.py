@@ -26,6 +26,13 @@ class DataError(WsiToolsError):
     """A labels table, task description or cohort is inconsistent."""
 
 
+class ConfigError(WsiToolsError, ValueError):
+    """A setting (a command option, a workflow config key, a field of a settings dataclass such
+    as ``TilingParams`` or ``TrainConfig``) is out of its range or contradicts another one.
+
+    Also a ValueError, so code validating its own input can catch it as one."""
+
+
 class DamagedStoreError(StoreError):
     """A store that fails its integrity check (a missing or truncated file, no manifest): it holds
     nothing worth keeping, so ``wsitools tile`` rebuilds it."""

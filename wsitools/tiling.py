@@ -31,7 +31,7 @@ from typing import Any, Literal
 import numpy as np
 
 from wsitools import __version__
-from wsitools.errors import DamagedStoreError, DataError, SlideError, StoreError, WsiToolsError
+from wsitools.errors import ConfigError, DamagedStoreError, DataError, SlideError, StoreError, WsiToolsError
 from wsitools.io import (
     LostRace, atomic_path, available_cpus, remove_dead_temps, remove_path, stable_hash, write_json_atomic,
 )
@@ -70,17 +70,17 @@ class TilingParams:
 
     def __post_init__(self) -> None:
         if (self.mpp is None) == (self.magnification is None):
-            raise ValueError("give exactly one of a target mpp and a target magnification")
+            raise ConfigError("give exactly one of a target mpp and a target magnification")
         if self.mpp is not None and not MPP_MIN <= self.mpp <= MPP_MAX:
-            raise ValueError(f"target mpp must be from {MPP_MIN:g} to {MPP_MAX:g} um/px, got {self.mpp}")
+            raise ConfigError(f"target mpp must be from {MPP_MIN:g} to {MPP_MAX:g} um/px, got {self.mpp}")
         if self.magnification is not None and not self.magnification > 0:
-            raise ValueError(f"magnification must be positive, got {self.magnification}")
+            raise ConfigError(f"magnification must be positive, got {self.magnification}")
         if self.tile_size < 8:
-            raise ValueError(f"tile size must be at least 8 px, got {self.tile_size}")
+            raise ConfigError(f"tile size must be at least 8 px, got {self.tile_size}")
         if not 0 <= self.overlap < self.tile_size:
-            raise ValueError(f"overlap must be in [0, tile size), got {self.overlap}")
+            raise ConfigError(f"overlap must be in [0, tile size), got {self.overlap}")
         if not 0.0 <= self.min_tissue <= 1.0:
-            raise ValueError(f"min tissue fraction must be in [0, 1], got {self.min_tissue}")
+            raise ConfigError(f"min tissue fraction must be in [0, 1], got {self.min_tissue}")
 
     @property
     def stride(self) -> int:

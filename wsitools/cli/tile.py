@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from wsitools.errors import ConfigError
 from wsitools.cli.options import fraction, mpp, non_negative_float, non_negative_int, positive_float, positive_int
 from wsitools.tiling import TilingParams, tile_slides
 from wsitools.tissue import TissueParams
@@ -75,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
                 fill_holes=not args.no_fill_holes,
             ),
         )
-    except ValueError as exc:
+    except ConfigError as exc:
         print(f"wsitools tile: error: {exc}", file=sys.stderr)
         return 2
     if args.slide_id is not None and len(args.slides) != 1:

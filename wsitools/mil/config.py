@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from wsitools.errors import DataError
+from wsitools.errors import ConfigError
 
 Balance = Literal["weights", "sampling"]
 
@@ -36,12 +36,12 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.patience < 1:
-            raise DataError("epochs and patience must be at least 1")
+            raise ConfigError("epochs and patience must be at least 1")
         if self.min_epochs < 0:
-            raise DataError(f"min_epochs must be at least 0, got {self.min_epochs}")
+            raise ConfigError(f"min_epochs must be at least 0, got {self.min_epochs}")
         if self.balance not in ("weights", "sampling"):
-            raise DataError(f"balance must be 'weights' or 'sampling', got {self.balance!r}")
+            raise ConfigError(f"balance must be 'weights' or 'sampling', got {self.balance!r}")
         if not 0.0 <= self.instance_dropout < 1.0:
-            raise DataError(f"instance_dropout must lie in [0, 1), got {self.instance_dropout}")
+            raise ConfigError(f"instance_dropout must lie in [0, 1), got {self.instance_dropout}")
         if not 0.0 < self.val_fraction < 1.0:
-            raise DataError(f"val_fraction must lie in (0, 1), got {self.val_fraction}")
+            raise ConfigError(f"val_fraction must lie in (0, 1), got {self.val_fraction}")

@@ -42,7 +42,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from wsitools.errors import ModelError
+from wsitools.errors import ConfigError, ModelError
 from wsitools.io import atomic_path, write_json_atomic
 
 HeadName = Literal["abmil", "pathotune", "meanpool"]
@@ -83,28 +83,28 @@ class HeadConfig:
 
     def __post_init__(self) -> None:
         if self.head not in HEADS:
-            raise ModelError(f"unknown head {self.head!r}; choose one of {sorted(HEADS)}")
+            raise ConfigError(f"unknown head {self.head!r}; choose one of {sorted(HEADS)}")
         bad = [p for p in self.prompts if p not in PROMPT_KINDS]
         if bad:
-            raise ModelError(f"unknown prompt kinds {bad}; choose from {', '.join(PROMPT_KINDS)}")
+            raise ConfigError(f"unknown prompt kinds {bad}; choose from {', '.join(PROMPT_KINDS)}")
         object.__setattr__(self, "prompts", tuple(p for p in PROMPT_KINDS if p in self.prompts))
         if self.head == "pathotune" and not self.prompts:
-            raise ModelError("the pathotune head needs at least one prompt kind (tvp, ttp, ivp); without prompts use abmil")
+            raise ConfigError("the pathotune head needs at least one prompt kind (tvp, ttp, ivp); without prompts use abmil")
         if self.head != "pathotune" and self.prompts:
-            raise ModelError(f"prompts are a pathotune option; the {self.head} head takes none")
+            raise ConfigError(f"prompts are a pathotune option; the {self.head} head takes none")
         if "ttp" in self.prompts and not self.text_dim:
-            raise ModelError("TTP prompts need text_dim (the text encoder's embedding width)")
+            raise ConfigError("TTP prompts need text_dim (the text encoder's embedding width)")
         if self.text_prior and "ttp" not in self.prompts:
-            raise ModelError("the text prior is part of the ttp prompt: add ttp to the prompts")
+            raise ConfigError("the text prior is part of the ttp prompt: add ttp to the prompts")
         if self.text_prior and self.text_dim != self.in_dim:
-            raise ModelError(
+            raise ConfigError(
                 f"the text prior needs features in the text encoder's space, but the features are "
                 f"{self.in_dim}-d and the text embeddings {self.text_dim}-d"
             )
         if self.ivp_in_dim is not None and "ivp" not in self.prompts:
-            raise ModelError("a second IVP encoder is only used with the 'ivp' prompt")
+            raise ConfigError("a second IVP encoder is only used with the 'ivp' prompt")
         if self.dim % self.n_heads:
-            raise ModelError(f"dim {self.dim} must be divisible by n_heads {self.n_heads}")
+            raise ConfigError(f"dim {self.dim} must be divisible by n_heads {self.n_heads}")
 
     @property
     def n_ttp(self) -> int:

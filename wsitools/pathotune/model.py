@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wsitools.encoders import Encoder
-from wsitools.errors import ModelError
+from wsitools.errors import ConfigError, ModelError
 from wsitools.encoders.transforms import prepare_input, unnormalize
 from wsitools.encoders.vit import embed_tokens, run_blocks
 
@@ -65,13 +65,13 @@ class PathoTuneConfig:
         object.__setattr__(self, "prompts", parse_prompts(tuple(self.prompts)))
         object.__setattr__(self, "classes", tuple(self.classes))
         if len(self.classes) < 2:
-            raise ModelError(f"PathoTune needs at least two classes, got {list(self.classes)}")
+            raise ConfigError(f"PathoTune needs at least two classes, got {list(self.classes)}")
         if "ttp" in self.prompts and not self.text_dim:
-            raise ModelError("TTP prompts need text_dim (the text encoder's width)")
+            raise ConfigError("TTP prompts need text_dim (the text encoder's width)")
         if "ivp" in self.prompts and not self.ivp_dim:
-            raise ModelError("IVP prompts need ivp_dim (the IVP encoder's feature width)")
+            raise ConfigError("IVP prompts need ivp_dim (the IVP encoder's feature width)")
         if self.n_tvp < 1 or self.n_ivp < 1:
-            raise ModelError(f"token counts must be positive (n_tvp={self.n_tvp}, n_ivp={self.n_ivp})")
+            raise ConfigError(f"token counts must be positive (n_tvp={self.n_tvp}, n_ivp={self.n_ivp})")
 
     @property
     def n_ttp(self) -> int:

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from wsitools.encoders import Encoder, load_encoder
 from wsitools.encoders.transforms import prepare_input, random_resized_crop_flip, to_unit_float
 from wsitools.device import TrainPrecision, autocast, training_amp_dtype
-from wsitools.errors import DataError, ModelError
+from wsitools.errors import ConfigError, DataError, ModelError
 from wsitools.io import atomic_path, available_cpus, write_json_atomic
 from wsitools.metrics import classification_metrics, metrics_report
 from wsitools.pathotune.data import LabelledTiles, stratified_split
@@ -68,9 +68,9 @@ class PathoTuneTrainConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "prompts", parse_prompts(tuple(self.prompts)))
         if self.epochs < 1 or self.batch_size < 1:
-            raise ModelError(f"epochs and batch size must be positive ({self.epochs}, {self.batch_size})")
+            raise ConfigError(f"epochs and batch size must be positive ({self.epochs}, {self.batch_size})")
         if not 0 <= self.warmup < self.epochs:
-            raise ModelError(f"warm-up epochs ({self.warmup}) must lie in [0, epochs={self.epochs})")
+            raise ConfigError(f"warm-up epochs ({self.warmup}) must lie in [0, epochs={self.epochs})")
 
     @property
     def warmup(self) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Literal
 
+from wsitools.errors import ConfigError
 from wsitools.puzzle.shuffle import PuzzleError
 
 Strategy = Literal["loop", "decay", "fixed"]
@@ -69,22 +70,22 @@ class Curriculum:
 
     def __post_init__(self) -> None:
         if self.total_epochs < 1:
-            raise PuzzleError(f"the number of epochs must be at least 1, got {self.total_epochs}")
+            raise ConfigError(f"the number of epochs must be at least 1, got {self.total_epochs}")
         if not 0 <= self.warmup_epochs < self.total_epochs:
-            raise PuzzleError(
+            raise ConfigError(
                 f"warm-up epochs ({self.warmup_epochs}) must lie in [0, epochs={self.total_epochs})"
             )
         sizes = (*self.patch_sizes, self.warmup_patch_size, self.fixed_patch_size or 1)
         if not self.patch_sizes or min(sizes) <= 0:
-            raise PuzzleError(
+            raise ConfigError(
                 f"bad puzzle patch sizes {self.patch_sizes} / {self.warmup_patch_size} / {self.fixed_patch_size}"
             )
         if self.epochs_per_size < 1:
-            raise PuzzleError(f"epochs per patch size must be at least 1, got {self.epochs_per_size}")
+            raise ConfigError(f"epochs per patch size must be at least 1, got {self.epochs_per_size}")
         if self.strategy not in STRATEGIES:
-            raise PuzzleError(f"curriculum strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+            raise ConfigError(f"curriculum strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
         if not 0.0 <= self.ratio_min <= self.ratio_max <= 1.0 or not 0.0 <= self.ratio <= 1.0:
-            raise PuzzleError(
+            raise ConfigError(
                 f"ratios must satisfy 0 <= min ({self.ratio_min}) <= max ({self.ratio_max}) <= 1 "
                 f"and 0 <= ratio ({self.ratio}) <= 1"
             )

@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader
 from wsitools.device import TrainPrecision, autocast, training_amp_dtype
 from wsitools.encoders.cards import check_card_name
 from wsitools.encoders.checkpoint import check_optimizer_state, read_checkpoint, read_state_dict
-from wsitools.errors import ModelError, one_line
+from wsitools.errors import ConfigError, ModelError, one_line
 from wsitools.io import atomic_path, available_cpus, stable_hash, write_json_atomic
 from wsitools.puzzle.backbone import PuzzleBackbone, export_promptstate, load_puzzle_backbone
 from wsitools.puzzle.curriculum import Curriculum, Strategy, default_patch_sizes
@@ -104,14 +104,14 @@ class PuzzleTrainConfig:
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "accum_steps", "keep_checkpoints"):
             if getattr(self, name) < 1:
-                raise PuzzleError(f"{name} must be at least 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         group = self.group
         if self.batch_size % group:
-            raise PuzzleError(
+            raise ConfigError(
                 f"puzzle group size {group} must divide the batch size {self.batch_size}"
             )
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise PuzzleError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+            raise ConfigError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
 
     @property
     def group(self) -> int:
