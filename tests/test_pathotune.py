@@ -258,7 +258,7 @@ def test_cli_tune_pathotune(setup, capsys):
     pretrain.register(parser.add_subparsers(dest="command"))
     args = parser.parse_args([
         "tune", "pathotune", "--data", str(root / "labels.csv"), "--stores", str(root / "tiles"),
-        "--backbone", str(cards["vit-a"]), "--prompts", "tvp,ivp", "--epochs", "2", "--batch-size", "8",
+        "--encoder", str(cards["vit-a"]), "--prompts", "tvp,ivp", "--epochs", "2", "--batch-size", "8",
         "--lr", "1e-2", "--workers", "0", "--device", "cpu", "--out", str(root / "cli"), "--name", "tex-cli",
         "--quiet",
     ])
@@ -266,7 +266,7 @@ def test_cli_tune_pathotune(setup, capsys):
     out = capsys.readouterr().out
     assert "val (untrained)" in out and str(root / "cli" / "tex-cli.yaml") in out
     assert json.loads((root / "cli" / "pathotune.json").read_text())["config"]["prompts"] == ["tvp", "ivp"]
-    args = parser.parse_args(["tune", "pathotune", "--data", str(root / "labels.csv"), "--backbone",
+    args = parser.parse_args(["tune", "pathotune", "--data", str(root / "labels.csv"), "--encoder",
                               str(cards["vit-a"]), "--out", str(root / "cli2")])
     with pytest.raises(DataError, match="needs --stores"):
         args.func(args)

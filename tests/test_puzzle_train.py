@@ -262,7 +262,7 @@ def test_cli_pretrain_puzzle(tiny, capsys):
     parser = argparse.ArgumentParser()
     pretrain.register(parser.add_subparsers(dest="command"))
     common = ["pretrain", "puzzle", "--stores", str(stores / "slideA.zarr"), str(stores / "slideB.zarr"),
-              "--backbone", str(card), "--epochs", "2", "--batch-size", "4", "--steps-per-epoch", "2",
+              "--encoder", str(card), "--epochs", "2", "--batch-size", "4", "--steps-per-epoch", "2",
               "--decoder-dim", "32", "--decoder-depth", "1", "--decoder-heads", "2", "--workers", "0",
               "--device", "cpu", "--quiet"]
     args = parser.parse_args(common + ["--out", str(root / "cli"), "--stop-after-epochs", "1"])

@@ -102,7 +102,7 @@ def files(tmp_path):
         (["predict", "--model", "{d}", "--features", "{d}", "--threads", "0"], "argument --threads"),
         (["heatmap", "--attention", "{d}", "--alpha", "nan"], "argument --alpha: must be a number from 0 to 1"),
         (["pretrain", "puzzle", "--stores", "{d}", "--base-lr", "nan"], "argument --base-lr: must be a finite number > 0"),
-        (["tune", "pathotune", "--data", "{d}", "--backbone", "x", "--lr", "0"], "argument --lr: must be a finite number > 0"),
+        (["tune", "pathotune", "--data", "{d}", "--encoder", "x", "--lr", "0"], "argument --lr: must be a finite number > 0"),
         (["demo", "--slides", "-4"], "argument --slides: must be a whole number >= 1"),
     ],
 )
@@ -279,7 +279,7 @@ def puzzle_run(tmp_path_factory):
         tiles=rng.integers(0, 256, (16, 64, 64, 3), dtype=np.uint8), tissue_fraction=np.ones(16),
         attrs={"slide_id": "s", "slide_path": "/synthetic/s.svs", "params_hash": "h",
                "tile_size": 64, "tile_size_level0": 128.0, "mpp_target": 0.5})
-    argv = ["pretrain", "puzzle", "--stores", str(store), "--backbone", str(card), "--epochs", "2",
+    argv = ["pretrain", "puzzle", "--stores", str(store), "--encoder", str(card), "--epochs", "2",
             "--batch-size", "4", "--steps-per-epoch", "1", "--decoder-dim", "32", "--decoder-depth", "1",
             "--decoder-heads", "2", "--workers", "0", "--device", "cpu", "--quiet", "--out"]
     assert main(argv + [str(root / "run"), "--stop-after-epochs", "1"]) == 0

@@ -48,7 +48,7 @@ GPU_JOB = 0 if config["device"] == "cpu" else 1  # GPUs asked for by a GPU-capab
 
 # Name of the encoder card PuzzleTuning exports (its file is the pretraining's declared output).
 PUZZLE_CARD = config["pretrain"]["name"] or (
-    f"{Path(config['pretrain']['backbone']).name.removesuffix('.yaml')}-puzzletuned"
+    f"{Path(config['pretrain']['encoder']).name.removesuffix('.yaml')}-puzzletuned"
 )
 
 # Settings that the schema cannot check, checked before any job runs.
@@ -87,9 +87,9 @@ if config["tune"]["enabled"] and "ttp" in config["tune"]["prompts"] and not conf
 # Every encoder card the config names must exist before any slide is tiled.
 _ENCODER_KEYS = {f"features: encoders: {name}": name for name in ENCODERS}
 if config["pretrain"]["enabled"]:
-    _ENCODER_KEYS["pretrain: backbone"] = config["pretrain"]["backbone"]
+    _ENCODER_KEYS["pretrain: encoder"] = config["pretrain"]["encoder"]
 if config["tune"]["enabled"]:
-    _ENCODER_KEYS["tune: backbone"] = config["tune"]["backbone"]
+    _ENCODER_KEYS["tune: encoder"] = config["tune"]["encoder"]
     if config["tune"]["ivp_encoder"]:
         _ENCODER_KEYS["tune: ivp_encoder"] = config["tune"]["ivp_encoder"]
 try:

@@ -15,7 +15,7 @@ rule pretrain_puzzle:
         out=lambda wildcards, output: Path(output.card).parent,
         options=shell_args(
             [
-                "--backbone", config["pretrain"]["backbone"],
+                "--encoder", config["pretrain"]["encoder"],
                 "--name", PUZZLE_CARD,
                 "--epochs", config["pretrain"]["epochs"],
                 "--batch-size", config["pretrain"]["batch_size"],

@@ -14,7 +14,7 @@ rule tune_pathotune:
         stores=lambda wildcards, input: f"--stores {stores_of(input.qc)}" if "qc" in input.keys() else "",
         options=shell_args(
             [
-                "--backbone", config["tune"]["backbone"],
+                "--encoder", config["tune"]["encoder"],
                 "--prompts", ",".join(config["tune"]["prompts"]),
                 "--device", config["device"],
                 *models_dir_args(),

@@ -33,7 +33,7 @@ def register(subparsers: Any) -> None:
     pz.add_argument("--stores", nargs="+", required=True, metavar="DIR",
                     help="patch stores (*.zarr) or folders of them; tiles are drawn across all")
     pz.add_argument("--out", required=True, metavar="DIR", help="run folder")
-    pz.add_argument("--backbone", default="vitb16-imagenet", metavar="CARD",
+    pz.add_argument("--encoder", default="vitb16-imagenet", metavar="CARD",
                     help="encoder card (name or .yaml) of the ViT to prompt (default vitb16-imagenet)")
     pz.add_argument("--models-dir", metavar="DIR", help="folder of model cards (default: $WSITOOLS_MODELS or models/)")
     pz.add_argument("--epochs", type=positive_int, default=200, help="epochs (default 200)")
@@ -92,9 +92,9 @@ def register(subparsers: Any) -> None:
     )
     pt.add_argument("--data", required=True, metavar="PATH", help="class-folder root, or a tile-label CSV")
     pt.add_argument("--stores", nargs="+", metavar="DIR", help="patch stores for a tile-label CSV")
-    pt.add_argument("--backbone", required=True, metavar="CARD", help="the frozen ViT's encoder card")
+    pt.add_argument("--encoder", required=True, metavar="CARD", help="the frozen ViT's encoder card")
     pt.add_argument("--ivp-encoder", metavar="CARD", default=None,
-                    help="second frozen encoder whose features feed IVP (default: the backbone)")
+                    help="second frozen encoder whose features feed IVP (default: --encoder)")
     pt.add_argument("--prompts", default="tvp,ttp,ivp", help="prompt kinds, comma-separated (default tvp,ttp,ivp)")
     pt.add_argument("--task", type=input_file, metavar="YAML", default=None,
                     help="task description with class descriptions (needed for ttp; fixes the class order)")
@@ -142,7 +142,7 @@ def _puzzle(args: argparse.Namespace) -> int:
         num_workers=args.workers,
     )
     result = train_puzzle(
-        args.stores, args.out, backbone=args.backbone, config=config, resume=args.resume,
+        args.stores, args.out, backbone=args.encoder, config=config, resume=args.resume,
         device=args.device, models_dir=args.models_dir, name=args.name, progress=not args.quiet,
         stop_after_epochs=args.stop_after_epochs,
     )
@@ -177,7 +177,7 @@ def _pathotune(args: argparse.Namespace) -> int:
         num_workers=args.workers, text_model=args.text_model,
     )
     result = tune_pathotune(
-        data, args.out, backbone=args.backbone, task=load_task(args.task) if args.task else None,
+        data, args.out, backbone=args.encoder, task=load_task(args.task) if args.task else None,
         ivp_encoder=args.ivp_encoder, config=config, device=args.device,
         models_dir=args.models_dir, name=args.name, progress=not args.quiet,
     )
