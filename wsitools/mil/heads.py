@@ -79,6 +79,9 @@ class HeadConfig:
     # of a few units) within a few epochs, before the rest of the head has learned the training
     # bags by heart.
     ttp_prior_scale: float = 10.0
+    # TTP texts when they are not the task and one per class (survival and regression tasks:
+    # the task and its optional high/low descriptions, with one output).
+    n_texts: int | None = None
 
     def __post_init__(self) -> None:
         if self.head not in HEADS:
@@ -100,8 +103,8 @@ class HeadConfig:
 
     @property
     def n_ttp(self) -> int:
-        """Text tokens: the task description and one per class."""
-        return 1 + self.n_classes
+        """Text tokens: ``n_texts``, else the task description and one per class."""
+        return self.n_texts if self.n_texts is not None else 1 + self.n_classes
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

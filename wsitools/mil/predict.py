@@ -72,7 +72,9 @@ def write_attention(
     bag: BagInfo,
     meta: dict[str, Any],
 ) -> None:
-    """Write one slide's attention file (layout in docs/formats.md, "Heads").
+    """Write one slide's attention file (layout in docs/formats.md, "Heads"). ``classes`` and
+    ``probs`` are the head's outputs: class names and probabilities, or for a survival or
+    regression head one name (``risk``, ``prediction``) and its value.
 
     Datasets ``attention`` [N] float32 (sums to one) and ``coords`` [N, 2] int64 (level-0 x, y
     of each tile's top-left, as in the feature store); attributes name the slide, the head, the
@@ -90,7 +92,8 @@ def write_attention(
             f.attrs["slide_id"] = slide_id
             f.attrs["classes"] = json.dumps(list(classes))
             f.attrs["probs"] = np.asarray(probs, dtype=np.float64)
-            f.attrs["pred"] = str(classes[int(np.argmax(probs))])
+            if len(classes) > 1:
+                f.attrs["pred"] = str(classes[int(np.argmax(probs))])
             f.attrs["feature_path"] = str(Path(bag.path).resolve())
             f.attrs["package_version"] = __version__
             for key in _PROVENANCE_ATTRS:
@@ -145,7 +148,17 @@ def check_encoder(head: SavedHead, bag: BagInfo, *, model_dir: str | os.PathLike
 
 
 def write_predictions_csv(path: str | os.PathLike[str], rows: Sequence[dict[str, Any]], classes: Sequence[str]) -> None:
-    """``predictions.csv``: one row per slide, ``prob_{class}`` columns in class order."""
+    """``predictions.csv``: one row per slide; a classification head's rows hold ``probs``
+    (written as ``pred`` and ``prob_{class}`` columns in class order), a survival or regression
+    head's rows (``classes`` empty) their ``risk`` or ``prediction`` as it is."""
+    if not classes:
+        with atomic_path(path, overwrite=True) as tmp:
+            with open(tmp, "w", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow(list(rows[0]) if rows else ["slide_id"])
+                for r in rows:
+                    writer.writerow([f"{v:.6g}" if isinstance(v, float) else v for v in r.values()])
+        return
     extra = [k for k in rows[0] if k not in ("slide_id", "probs")] if rows else []
     fields = ["slide_id", *extra, "pred", *[f"prob_{c}" for c in classes]]
     with atomic_path(path, overwrite=True) as tmp:
