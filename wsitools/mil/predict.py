@@ -1,7 +1,9 @@
 """Running trained heads on bags: probabilities, attention maps, and their files.
 
 ``wsitools predict --model DIR`` takes a training output (every ``fold_*/`` head, averaged: a
-k-fold ensemble) or one head folder, and writes ``predictions.csv`` and
+k-fold ensemble; survival heads average their risks relative to their own training median,
+regression heads their predictions in the target's units) or one head folder, and writes
+``predictions.csv`` and
 ``attention/{slide_id}.h5`` for each slide of a feature directory (no labels needed). The heads
 run on ``device`` (``auto``: CUDA when available); bags are read on the CPU and copied over.
 """
@@ -31,34 +33,69 @@ from wsitools.types import check_slide_id
 log = logging.getLogger(__name__)
 
 ATTENTION_FORMAT_VERSION = 1
+OUTPUT_NAMES = {"survival": "risk", "regression": "prediction"}
+"""The predictions column of a survival or regression head (classification: ``prob_{class}``)."""
 _PROVENANCE_ATTRS = ("slide_path", "store_path", "tile_size", "tile_size_level0", "mpp_target", "encoder")
 
 
 @dataclass(frozen=True)
 class BagPrediction:
-    """One slide's prediction: class probabilities [C] and attention [N] (sums to one)."""
+    """One slide's prediction: class probabilities [C] (classification) or the one-element
+    risk (survival) or predicted value (regression) [1], and attention [N] (sums to one)."""
 
     slide_id: str
     probs: np.ndarray
     attention: np.ndarray
 
 
+SCALE_KEYS = ("risk_offset", "target_mean", "target_sd")
+"""What a survival or regression head records beside its weights to turn outputs into predictions."""
+
+
+def to_predictions(outputs: np.ndarray, scale: dict[str, float]) -> np.ndarray:
+    """Outputs ``[n, C]`` of one head as predictions: class probabilities [n, C] (``scale``
+    empty), the risk relative to the median risk of the head's training slides
+    (``risk_offset``), or the target in its own units (``target_mean`` + ``target_sd`` x
+    output), [n]."""
+    outputs = np.asarray(outputs, dtype=np.float64)
+    if "risk_offset" in scale:
+        return outputs[:, 0] - scale["risk_offset"]
+    if "target_mean" in scale:
+        return scale["target_mean"] + scale["target_sd"] * outputs[:, 0]
+    shifted = np.exp(outputs - outputs.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+def head_scale(head: SavedHead) -> dict[str, float]:
+    """The scale a saved head recorded (empty for a classification head)."""
+    return {k: float(head.meta[k]) for k in SCALE_KEYS if head.meta.get(k) is not None}
+
+
 @torch.no_grad()
-def predict_bag(models: Sequence[torch.nn.Module], x: torch.Tensor, ivp: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Mean softmax probabilities and mean attention of ``models`` (eval mode) on one bag.
+def predict_bag(
+    models: Sequence[torch.nn.Module], x: torch.Tensor, ivp: torch.Tensor | None = None,
+    *, scales: Sequence[dict[str, float]] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mean prediction and mean attention of ``models`` (eval mode) on one bag: the mean of the
+    softmax probabilities [C], or with ``scales`` (one per model, :func:`head_scale`) of each
+    head's risk or predicted value, [1].
 
     The bag is moved to the device of the models (all on one device, e.g. from
     :func:`load_heads`); the results come back as CPU arrays."""
     device = next(models[0].parameters()).device
     x = x.to(device)
     ivp = ivp.to(device) if ivp is not None else None
-    probs, attention = [], []
-    for model in models:
+    preds, attention = [], []
+    for k, model in enumerate(models):
         model.eval()
         out = model(x, ivp)
-        probs.append(torch.softmax(out.logits.float(), dim=-1))
+        logits = out.logits.float()
+        if scales is not None and scales[k]:
+            preds.append(torch.from_numpy(to_predictions(logits[None].cpu().numpy(), scales[k])))
+        else:
+            preds.append(torch.softmax(logits, dim=-1).cpu())
         attention.append(out.attention.float())
-    return torch.stack(probs).mean(0).cpu().numpy(), torch.stack(attention).mean(0).cpu().numpy()
+    return torch.stack(preds).mean(0).numpy(), torch.stack(attention).mean(0).cpu().numpy()
 
 
 def write_attention(
@@ -115,11 +152,16 @@ def load_heads(model_dir: str | os.PathLike[str], *, device: str | torch.device 
         raise ModelError(f"{model_dir}: no trained head (model.safetensors) here or in fold_*/")
     first = heads[0]
     for h in heads[1:]:
-        if h.classes != first.classes or h.config.in_dim != first.config.in_dim:
+        if h.classes != first.classes or h.config.in_dim != first.config.in_dim or task_type(h) != task_type(first):
             raise ModelError(f"{model_dir}: the fold heads disagree on classes or feature width")
         if h.meta.get("encoder_hash") != first.meta.get("encoder_hash"):
             raise ModelError(f"{model_dir}: the fold heads were trained on features of different encoders")
     return heads
+
+
+def task_type(head: SavedHead) -> str:
+    """The task type a head was trained for (heads saved before task types: classification)."""
+    return str(head.meta.get("task_type") or "classification")
 
 
 def check_encoder(head: SavedHead, bag: BagInfo, *, model_dir: str | os.PathLike[str]) -> bool:
@@ -198,6 +240,9 @@ def predict(
     models = [h.model for h in heads]
     first = heads[0]
     classes = first.classes
+    kind = task_type(first)
+    output = OUTPUT_NAMES.get(kind, "")
+    scales = [head_scale(h) for h in heads] if kind != "classification" else None
     needs_ivp = first.config.ivp_in_dim is not None
     if needs_ivp and ivp_features_dir is None:
         raise DataError(f"{model_dir}: the head uses IVP features from a second encoder; give --ivp-features")
@@ -238,19 +283,21 @@ def predict(
                 skipped[slide_id] = str(exc)
                 log.warning("skipping %s", exc)
                 continue
-            probs, attention = predict_bag(models, read_features(bag.path), ivp)
+            probs, attention = predict_bag(models, read_features(bag.path), ivp, scales=scales)
             write_attention(
                 tmp / "attention" / f"{slide_id}.h5",
                 slide_id=slide_id,
                 attention=attention,
                 coords=read_coords(bag.path),
-                classes=classes,
+                classes=classes or [output],
                 probs=probs,
                 bag=bag,
-                meta={"head": first.config.head, "task": (first.meta.get("task") or {}).get("name", ""), "n_models": len(models)},
+                meta={"head": first.config.head, "task": (first.meta.get("task") or {}).get("name", ""),
+                      "task_type": kind, "n_models": len(models)},
             )
             results.append(BagPrediction(slide_id=slide_id, probs=probs, attention=attention))
-            rows.append({"slide_id": slide_id, "n_tiles": bag.n, "probs": probs})
+            row: dict[str, Any] = {"slide_id": slide_id, "n_tiles": bag.n}
+            rows.append({**row, "probs": probs} if classes else {**row, output: float(probs[0])})
         if not results:
             raise DataError(f"no slide could be predicted from {features_dir}: {'; '.join(skipped.values())[:2000]}")
         write_predictions_csv(tmp / "predictions.csv", rows, classes)
@@ -260,6 +307,7 @@ def predict(
                 "model_dir": str(Path(model_dir).resolve()),
                 "features_dir": str(Path(features_dir).resolve()),
                 "n_models": len(models),
+                "task_type": kind,
                 "classes": classes,
                 "n_predicted": len(results),
                 "device": str(dev),

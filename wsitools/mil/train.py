@@ -75,7 +75,7 @@ from wsitools.mil.data import (
     user_folds,
 )
 from wsitools.mil.heads import HeadConfig, HeadName, PromptKind, create_head, save_head
-from wsitools.mil.predict import write_attention, write_predictions_csv
+from wsitools.mil.predict import OUTPUT_NAMES, to_predictions, write_attention, write_predictions_csv
 from wsitools.survival import harrell_c, kaplan_meier, survival_report
 from wsitools.text import TaskDescription, TaskType, embed_texts, load_task, resolve_text_model, text_model_key
 
@@ -357,17 +357,6 @@ class FoldResult:
         return to_predictions(self.test.outputs, self.scale)
 
 
-def to_predictions(outputs: np.ndarray, scale: dict[str, float]) -> np.ndarray:
-    """Outputs of one head as predictions: class probabilities [n, C] (classification; ``scale``
-    empty), the risk relative to the training median (``risk_offset``) or the target in its own
-    units (``target_mean`` + ``target_sd`` * output), [n]."""
-    if "risk_offset" in scale:
-        return outputs[:, 0].astype(np.float64) - scale["risk_offset"]
-    if "target_mean" in scale:
-        return scale["target_mean"] + scale["target_sd"] * outputs[:, 0].astype(np.float64)
-    return torch.softmax(torch.from_numpy(np.asarray(outputs, dtype=np.float32)), dim=-1).numpy()
-
-
 def _fold_targets(cohort: Cohort, fold: Fold) -> tuple[torch.Tensor | None, dict[str, float]]:
     """The targets a fold trains on, and the scale recorded with its head: regression targets
     standardised with the training part's mean and standard deviation."""
@@ -561,10 +550,6 @@ def task_text_embeddings(
     """TTP's frozen embeddings of ``task.prompts()``: the task text, then each class description
     (or a survival/regression task's high/low descriptions), [K, E]."""
     return torch.from_numpy(embed_texts(task.prompts(), model=text_model, cache_dir=cache_dir))
-
-
-OUTPUT_NAMES: dict[TaskType, str] = {"survival": "risk", "regression": "prediction"}
-"""The predictions column of a survival or regression head (classification: ``prob_{class}``)."""
 
 
 def _fold_report(cohort: Cohort, index: np.ndarray, preds: np.ndarray, config: TrainConfig) -> dict[str, Any]:
