@@ -115,7 +115,12 @@ def read_labels(path: str | os.PathLike[str], *, task_type: TaskType = "classifi
     columns = [c.strip() for c in (reader.fieldnames or [])]
     for need in LABEL_COLUMNS[task_type]:
         if need not in columns:
-            raise DataError(f"labels table {path}: no '{need}' column (columns: {', '.join(columns) or 'none'})")
+            hint = (" (a survival table? give a task file with 'type: survival')"
+                    if task_type == "classification" and {"time", "event"} <= set(columns) else "")
+            raise DataError(
+                f"labels table {path}: no '{need}' column for a {task_type} task "
+                f"(columns: {', '.join(columns) or 'none'}){hint}"
+            )
     if "split" in columns and "fold" in columns:
         raise DataError(f"labels table {path}: give either a 'split' or a 'fold' column, not both")
     rows: list[LabelRow] = []

@@ -48,18 +48,19 @@ class BagPrediction:
     attention: np.ndarray
 
 
-SCALE_KEYS = ("risk_offset", "target_mean", "target_sd")
+SCALE_KEYS = ("risk_offset", "risk_scale", "target_mean", "target_sd")
 """What a survival or regression head records beside its weights to turn outputs into predictions."""
 
 
 def to_predictions(outputs: np.ndarray, scale: dict[str, float]) -> np.ndarray:
     """Outputs ``[n, C]`` of one head as predictions: class probabilities [n, C] (``scale``
-    empty), the risk relative to the median risk of the head's training slides
-    (``risk_offset``), or the target in its own units (``target_mean`` + ``target_sd`` x
-    output), [n]."""
+    empty), the risk standardised by the risks of the head's own training slides (their median
+    ``risk_offset`` and standard deviation ``risk_scale``: 0 is the training median, so risks of
+    several fold heads can be pooled, ranked and averaged), or the target in its own units
+    (``target_mean`` + ``target_sd`` x output), [n]."""
     outputs = np.asarray(outputs, dtype=np.float64)
     if "risk_offset" in scale:
-        return outputs[:, 0] - scale["risk_offset"]
+        return (outputs[:, 0] - scale["risk_offset"]) / scale["risk_scale"]
     if "target_mean" in scale:
         return scale["target_mean"] + scale["target_sd"] * outputs[:, 0]
     shifted = np.exp(outputs - outputs.max(axis=1, keepdims=True))

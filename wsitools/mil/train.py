@@ -8,8 +8,9 @@ and renamed when complete. The task type (:class:`~wsitools.text.TaskDescription
 - classification: one bag per step, cross-entropy with class weights or class-balanced sampling;
 - survival: one risk output, the negative Cox partial log-likelihood (Breslow ties) over a
   mini-batch of ``survival_batch`` bags per step (one bag alone has no risk set to compare
-  with); the risks are reported relative to the median risk of the fold model's own training
-  slides, which is also where the high/low risk groups split;
+  with); the risks are reported standardised by the fold model's own training slides' risks
+  (minus their median, over their standard deviation), so that the folds' risks can be pooled,
+  and the high/low risk groups split at that median (0);
 - regression: one output, the Huber loss on the target standardised with the training part's
   mean and standard deviation (recorded with the head), one bag per step.
 
@@ -469,7 +470,8 @@ def train_fold(
     if cohort.task_type == "survival":
         seen = np.sort(np.concatenate([fold.train, fold.val]))
         own = evaluate(model, dataset, seen, task_type="survival", targets=targets_dev, device=device, workers=config.workers)
-        scale = {"risk_offset": float(np.median(own.outputs[:, 0]))}
+        risks = own.outputs[:, 0].astype(np.float64)
+        scale = {"risk_offset": float(np.median(risks)), "risk_scale": float(max(risks.std(), 1e-6))}
     return FoldResult(
         fold=fold, model=model, history=history, best_epoch=best_epoch, test=test,
         seconds=time.perf_counter() - start, scale=scale,
