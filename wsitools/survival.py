@@ -253,3 +253,25 @@ def median_survival(time: np.ndarray, event: np.ndarray) -> float:
     times, surv = kaplan_meier(time, event)
     below = np.flatnonzero(surv <= 0.5)
     return float(times[below[0]]) if len(below) else math.nan
+
+
+def draw_risk_groups(ax: Any, time: np.ndarray, event: np.ndarray, high: np.ndarray, *, title: str) -> float:
+    """Draw the Kaplan-Meier curves of the high- and low-risk groups (censorings marked) with
+    the log-rank p-value onto the matplotlib axes ``ax``; returns the p-value."""
+    t, e = _arrays(time, event)
+    g = np.asarray(high).astype(bool)
+    for name, members, colour in (("high risk", g, "tab:red"), ("low risk", ~g, "tab:blue")):
+        if not members.any():
+            continue
+        times, surv = kaplan_meier(t[members], e[members])
+        ax.step(np.r_[0.0, times], np.r_[1.0, surv], where="post", color=colour,
+                label=f"{name} (n={int(members.sum())})")
+        censored = members & ~e
+        ax.plot(t[censored], surv[np.searchsorted(times, t[censored], side="right") - 1], "|", color=colour,
+                markersize=8)
+    _, p = logrank_test(t, e, g)
+    ax.set(xlabel="time", ylabel="survival probability", ylim=(0, 1.02), title=title)
+    ax.text(0.98, 0.97, f"log-rank p = {'n/a' if math.isnan(p) else f'{p:.3g}'}", transform=ax.transAxes,
+            ha="right", va="top", fontsize=9)
+    ax.legend(loc="lower left", fontsize=8)
+    return p

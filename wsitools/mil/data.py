@@ -22,6 +22,7 @@ import torch
 
 from wsitools.errors import DataError, StoreError, one_line
 from wsitools.io import read_user_text
+from wsitools.mil.targets import LABEL_COLUMNS, SURVIVAL_STRATA, parse_targets
 from wsitools.text import TaskType
 from wsitools.types import check_slide_id
 
@@ -44,48 +45,6 @@ class LabelRow:
     value: float | None = None
     time: float | None = None
     event: int | None = None
-
-
-LABEL_COLUMNS: dict[TaskType, tuple[str, ...]] = {
-    "classification": ("slide_id", "label"),
-    "regression": ("slide_id", "label"),
-    "survival": ("slide_id", "time", "event"),
-}
-"""The columns a labels table needs for each task type."""
-
-SURVIVAL_STRATA = ("censored", "event")
-"""The strata of a survival cohort (folds are stratified on the event indicator)."""
-
-
-def _finite(text: str, *, where: str, column: str) -> float:
-    """``text`` as a finite float; a :class:`DataError` naming ``where`` and the column if not."""
-    if not text:
-        raise DataError(f"{where}: empty {column}")
-    try:
-        value = float(text)
-    except ValueError:
-        raise DataError(f"{where}: {column} {text!r} is not a number") from None
-    if not np.isfinite(value):
-        raise DataError(f"{where}: {column} {text!r} is not a finite number")
-    return value
-
-
-def _targets(row: dict[str, str], task_type: TaskType, where: str) -> dict[str, Any]:
-    """The target fields of one table row for ``task_type`` (checked)."""
-    if task_type == "classification":
-        if not row["label"]:
-            raise DataError(f"{where} has an empty label")
-        return {"label": row["label"]}
-    if task_type == "regression":
-        value = _finite(row["label"], where=where, column="label")
-        return {"label": row["label"], "value": value}
-    time = _finite(row["time"], where=where, column="time")
-    if time < 0:
-        raise DataError(f"{where}: time {row['time']!r} is negative")
-    event = _finite(row["event"], where=where, column="event")
-    if event not in (0.0, 1.0):
-        raise DataError(f"{where}: event {row['event']!r} must be 0 (censored) or 1 (event)")
-    return {"label": SURVIVAL_STRATA[int(event)], "time": time, "event": int(event)}
 
 
 def _sniff_dialect(path: Path, head: str) -> type[csv.Dialect] | csv.Dialect:
@@ -137,7 +96,7 @@ def read_labels(path: str | os.PathLike[str], *, task_type: TaskType = "classifi
         if slide_id in seen:
             raise DataError(f"labels table {path}, line {line}: slide {slide_id} appears twice")
         seen.add(slide_id)
-        targets = _targets(row, task_type, f"labels table {path}, line {line}: slide {slide_id}")
+        targets = parse_targets(row, task_type, where=f"labels table {path}, line {line}: slide {slide_id}")
         split = row.get("split") or None
         if split is not None and split not in ("train", "val", "test"):
             raise DataError(

@@ -77,7 +77,7 @@ from wsitools.mil.data import (
 )
 from wsitools.mil.heads import HeadConfig, HeadName, PromptKind, create_head, save_head
 from wsitools.mil.predict import OUTPUT_NAMES, to_predictions, write_attention, write_predictions_csv
-from wsitools.survival import harrell_c, kaplan_meier, survival_report
+from wsitools.survival import draw_risk_groups, harrell_c, survival_report
 from wsitools.text import TaskDescription, TaskType, embed_texts, load_task, resolve_text_model, text_model_key
 
 log = logging.getLogger(__name__)
@@ -510,29 +510,14 @@ def plot_curves(
         fig.savefig(tmp, format="png")
 
 
-def plot_risk_groups(path: Path, time: np.ndarray, event: np.ndarray, high: np.ndarray, *, title: str,
-                     logrank_p: float | None) -> None:
-    """Kaplan-Meier curves of the high- and low-risk groups (censorings marked), with the
-    log-rank p-value and the group sizes."""
+def plot_risk_groups(path: Path, time: np.ndarray, event: np.ndarray, high: np.ndarray, *, title: str) -> None:
+    """Kaplan-Meier curves of the out-of-fold high- and low-risk groups with the log-rank p-value."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(6, 4.2), dpi=100)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    for name, members, colour in (("high risk", high, "tab:red"), ("low risk", ~high, "tab:blue")):
-        if not members.any():
-            continue
-        times, surv = kaplan_meier(time[members], event[members])
-        xs, ys = np.r_[0.0, times], np.r_[1.0, surv]
-        ax.step(xs, ys, where="post", color=colour, label=f"{name} (n={int(members.sum())})")
-        censored = members & (event == 0)
-        at = np.searchsorted(times, time[censored], side="right") - 1
-        ax.plot(time[censored], surv[at], "|", color=colour, markersize=8)
-    ax.set(xlabel="time", ylabel="survival probability", ylim=(0, 1.02), title=title)
-    p = "n/a" if logrank_p is None else f"{logrank_p:.3g}"
-    ax.text(0.98, 0.97, f"log-rank p = {p}", transform=ax.transAxes, ha="right", va="top", fontsize=9)
-    ax.legend(loc="lower left", fontsize=8)
+    draw_risk_groups(fig.add_subplot(1, 1, 1), time, event, high, title=title)
     fig.tight_layout()
     with atomic_path(path, overwrite=True) as tmp:
         fig.savefig(tmp, format="png")
@@ -746,8 +731,7 @@ def train(
         }
         if task_type == "survival":
             t = cohort.targets[index]
-            plot_risk_groups(tmp / "km.png", t[:, 0], t[:, 1].astype(np.int64), preds > 0,
-                             title=f"{title}: out-of-fold risk groups", logrank_p=pooled["risk_groups"]["logrank_p"])
+            plot_risk_groups(tmp / "km.png", t[:, 0], t[:, 1], preds > 0, title=f"{title}: out-of-fold risk groups")
         write_predictions_csv(tmp / "predictions.csv", oof_rows, classes)
         write_json_atomic(tmp / "metrics.json", summary)
         _write_csv(tmp / "curves.csv", curve_rows)
