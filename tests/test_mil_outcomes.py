@@ -42,6 +42,8 @@ def test_task_types_from_yaml(tmp_path):
     assert task.type == "survival" and task.classes == ()
     assert task.prompts() == ["Task: predict survival.", "high risk: necrosis", "low risk: lepidic"]
     assert task.to_dict()["risk"] == {"high": "necrosis", "low": "lepidic"}
+    path.write_text("name: os\ntype: survival\ndescription: d\nauc_times: [36, 12, 12.5]\n")
+    assert load_task(path).auc_times == (12.0, 12.5, 36.0)
     path.write_text("name: lvl\ntype: regression\ndescription: predict the level\n")
     assert load_task(path).prompts() == ["Task: predict the level."]
     path.write_text("name: sub\ndescription: subtype\nclasses: {a: x, b: y}\n")
@@ -57,6 +59,9 @@ def test_task_types_from_yaml(tmp_path):
         ("name: x\ntype: survival\ndescription: d\nrisk: {high: ''}\n", "'risk: high' has no description"),
         ("name: x\ntype: regression\ndescription: d\nrisk: {high: h}\n", "'risk' belongs to another task type"),
         ("name: x\ndescription: d\nclasses: {a: x, b: y}\nrisk: {high: h}\n", "'risk' belongs to a survival"),
+        ("name: x\ntype: survival\ndescription: d\nauc_times: [12, -1]\n", "'auc_times' holds -1; give positive"),
+        ("name: x\ntype: survival\ndescription: d\nauc_times: 12\n", "'auc_times' must be a list of times"),
+        ("name: x\ntype: regression\ndescription: d\nauc_times: [1]\n", "'auc_times' belongs to a survival task"),
     ],
 )
 def test_bad_task_files_are_one_line_errors(tmp_path, text, message):
@@ -317,12 +322,15 @@ def test_pathotune_survival_heads_with_every_prompt_kind(tmp_path, prompts):
 def test_cli_survival_and_its_errors(tmp_path, capsys):
     make_outcome_cohort(tmp_path / "f", n_slides=24, n_tiles=(8, 12), seed=2, labels_path=tmp_path / "labels.csv")
     task = tmp_path / "task.yaml"
-    task.write_text("name: os\ntype: survival\ndescription: predict survival\n")
+    task.write_text("name: os\ntype: survival\ndescription: predict survival\nauc_times: [0.1, 0.5]\n")
     args = ["train", "--features", str(tmp_path / "f"), "--labels", str(tmp_path / "labels.csv"), "--folds", "2",
             "--epochs", "2", "--min-epochs", "0", "--bootstrap", "20", "--quiet"]
     assert main([*args, "--task", str(task), "--out", str(tmp_path / "o")]) == 0
     printed = capsys.readouterr().out
     assert printed.startswith("c_index\t") and "uno_c\t" in printed and "logrank_p\t" in printed
+    assert "auc@0.1\t" in printed and "auc@0.5\t" in printed
+    metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert [row["time"] for row in metrics["pooled"]["time_auc"]] == [0.1, 0.5]
     # Without the task file the table is read as classification, which has no label column.
     assert main([*args, "--out", str(tmp_path / "o2")]) == 2
     err = capsys.readouterr().err

@@ -153,6 +153,8 @@ class TaskDescription:
     Classification tasks have ``classes`` (in logit order) with one description each. Survival
     and regression tasks have no classes; ``anchors`` holds their optional ``high``/``low``
     descriptions (of high and low risk, or of high and low target values), in that order.
+    ``auc_times`` (survival, optional) are the times the time-dependent AUC is reported at
+    (default: the quartiles of the event times).
     """
 
     name: str
@@ -162,6 +164,7 @@ class TaskDescription:
     stain: str | None = None
     type: TaskType = "classification"
     anchors: tuple[tuple[str, str], ...] = ()
+    auc_times: tuple[float, ...] = ()
 
     def prompts(self) -> list[str]:
         """The texts TTP embeds: the task (with its stain) first, then one per class (in order),
@@ -184,6 +187,8 @@ class TaskDescription:
             out["classes"] = dict(zip(self.classes, self.class_descriptions))
         else:
             out[ANCHOR_KEYS[self.type]] = dict(self.anchors)
+        if self.auc_times:
+            out["auc_times"] = list(self.auc_times)
         return out
 
 
@@ -204,6 +209,23 @@ def _anchors(data: dict[str, Any], task_type: TaskType, source: str) -> tuple[tu
                 raise DataError(f"{source}: '{key}: {level}' has no description")
             out.append((level, text))
     return tuple(out)
+
+
+def _auc_times(data: dict[str, Any], task_type: TaskType, source: str) -> tuple[float, ...]:
+    """The optional ``auc_times`` of a survival task: positive finite numbers, ascending."""
+    value = data.get("auc_times")
+    if value is None:
+        return ()
+    if task_type != "survival":
+        raise DataError(f"{source}: 'auc_times' belongs to a survival task")
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{source}: 'auc_times' must be a list of times, e.g. [12, 36, 60]")
+    times = []
+    for item in value:
+        if isinstance(item, bool) or not isinstance(item, (int, float)) or not np.isfinite(item) or item <= 0:
+            raise DataError(f"{source}: 'auc_times' holds {item!r}; give positive numbers (in the labels' time unit)")
+        times.append(float(item))
+    return tuple(sorted(set(times)))
 
 
 def task_from_dict(data: Any, *, source: str = "task") -> TaskDescription:
@@ -229,9 +251,9 @@ def task_from_dict(data: Any, *, source: str = "task") -> TaskDescription:
             raise DataError(f"{source}: '{other[0]}' belongs to another task type; a {task_type} task has '{ANCHOR_KEYS[task_type]}'")
         return TaskDescription(
             name=name, description=str(data["description"]), stain=str(stain) if stain else None,
-            type=task_type, anchors=_anchors(data, task_type, source),
+            type=task_type, anchors=_anchors(data, task_type, source), auc_times=_auc_times(data, task_type, source),
         )
-    stray = [k for k in ANCHOR_KEYS.values() if k in data]
+    stray = [k for k in (*ANCHOR_KEYS.values(), "auc_times") if k in data]
     if stray:
         raise DataError(f"{source}: '{stray[0]}' belongs to a survival or regression task (set 'type')")
     classes = data["classes"]

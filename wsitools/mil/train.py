@@ -539,15 +539,20 @@ def task_text_embeddings(
     return torch.from_numpy(embed_texts(task.prompts(), model=text_model, cache_dir=cache_dir))
 
 
-def _fold_report(cohort: Cohort, index: np.ndarray, preds: np.ndarray, config: TrainConfig) -> dict[str, Any]:
-    """The metrics of predictions ``preds`` of the slides ``index`` (one fold or pooled)."""
+def _fold_report(
+    cohort: Cohort, index: np.ndarray, preds: np.ndarray, config: TrainConfig, *, auc_times: Sequence[float] = ()
+) -> dict[str, Any]:
+    """The metrics of predictions ``preds`` of the slides ``index`` (one fold or pooled);
+    ``auc_times``: where a survival report's time-dependent AUC is taken (default: the
+    quartiles of the event times)."""
     if cohort.task_type == "classification":
         return metrics_report(cohort.labels[index], preds, class_names=cohort.classes, n_boot=config.n_boot,
                               seed=config.seed)
     if cohort.task_type == "regression":
         return regression_report(cohort.targets[index], preds, n_boot=config.n_boot, seed=config.seed)
     t = cohort.targets[index]
-    return survival_report(t[:, 0], t[:, 1], preds, high_risk=preds > 0, n_boot=config.n_boot, seed=config.seed)
+    return survival_report(t[:, 0], t[:, 1], preds, times=list(auc_times) or None, high_risk=preds > 0,
+                           n_boot=config.n_boot, seed=config.seed)
 
 
 def _prediction_row(cohort: Cohort, i: int, fold: int, pred: np.ndarray) -> dict[str, Any]:
@@ -606,6 +611,7 @@ def train(
     task = task if isinstance(task, TaskDescription) or task is None else load_task(task)
     task_name = task.name if task is not None else ""
     task_type: TaskType = task.type if task is not None else "classification"
+    auc_times = task.auc_times if task is not None else ()
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise DataError(f"output {out_dir} exists; use --overwrite to replace it")
@@ -697,7 +703,7 @@ def train(
             oof_rows.extend(rows)
             oof_index.append(result.test.index)
             oof_preds.append(preds)
-            report = _fold_report(cohort, result.test.index, preds, config)
+            report = _fold_report(cohort, result.test.index, preds, config, auc_times=auc_times)
             report.update(fold=fold.index, best_epoch=result.best_epoch, epochs_run=len(result.history),
                           n_train=len(fold.train), n_val=len(fold.val), seconds=round(result.seconds, 2),
                           **result.scale)
@@ -714,7 +720,7 @@ def train(
 
         index = np.concatenate(oof_index)
         preds = np.concatenate(oof_preds)
-        pooled = _fold_report(cohort, index, preds, config)
+        pooled = _fold_report(cohort, index, preds, config, auc_times=auc_times)
         summary = {
             "task": task_name or None,
             "task_type": task_type,
