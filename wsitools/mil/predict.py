@@ -58,13 +58,11 @@ def to_predictions(outputs: np.ndarray, scale: dict[str, float]) -> np.ndarray:
     ``risk_offset`` and standard deviation ``risk_scale``: 0 is the training median, so risks of
     several fold heads can be pooled, ranked and averaged), or the target in its own units
     (``target_mean`` + ``target_sd`` x output), [n]."""
-    outputs = np.asarray(outputs, dtype=np.float64)
     if "risk_offset" in scale:
-        return (outputs[:, 0] - scale["risk_offset"]) / scale["risk_scale"]
+        return (np.asarray(outputs, dtype=np.float64)[:, 0] - scale["risk_offset"]) / scale["risk_scale"]
     if "target_mean" in scale:
-        return scale["target_mean"] + scale["target_sd"] * outputs[:, 0]
-    shifted = np.exp(outputs - outputs.max(axis=1, keepdims=True))
-    return shifted / shifted.sum(axis=1, keepdims=True)
+        return scale["target_mean"] + scale["target_sd"] * np.asarray(outputs, dtype=np.float64)[:, 0]
+    return torch.softmax(torch.as_tensor(np.asarray(outputs, dtype=np.float32)), dim=-1).numpy()
 
 
 def head_scale(head: SavedHead) -> dict[str, float]:
