@@ -34,7 +34,7 @@ from wsitools.mil.config import TrainConfig
 from wsitools.mil.data import read_features
 from wsitools.mil.heads import HeadConfig, create_head
 from wsitools.mil.synthetic import write_feature_store
-from wsitools.mil.train import BagDataset, epoch_keys, make_optimizer, train_epoch
+from wsitools.mil.train import BagDataset, classification_loss, epoch_keys, make_optimizer, train_epoch
 
 TEXT_DIM = 384  # MiniLM's width; the TTP embeddings are random here (their values do not change the cost)
 
@@ -75,16 +75,16 @@ def ours_bags_per_s(
                          instance_dropout=cfg.instance_dropout)
     model, optimizer = build(head, dim)
     rng = np.random.default_rng(0)
-    weights = torch.ones(2)
+    step_loss = classification_loss(torch.from_numpy(labels), torch.ones(2))
     index = np.arange(len(paths))
     train_epoch(model, optimizer, dataset, epoch_keys(index, labels, balance="weights", rng=rng)[:4],
-                step_weights=weights, workers=workers)  # warm-up
+                step_loss=step_loss, workers=workers)  # warm-up
     rates = []
     for _ in range(repeats):
         start, cpu = time.perf_counter(), time.process_time()
         for _ in range(epochs):
             keys = epoch_keys(index, labels, balance="weights", rng=rng)
-            train_epoch(model, optimizer, dataset, keys, step_weights=weights, workers=workers)
+            train_epoch(model, optimizer, dataset, keys, step_loss=step_loss, workers=workers)
         n = epochs * len(paths)
         rates.append((n / (time.perf_counter() - start), n / (time.process_time() - cpu)))
     rates.sort()

@@ -257,11 +257,11 @@ def test_every_report_output_is_in_a_listed_section_and_tables_render(loaded_wor
     outputs = report_outputs(loaded_workflow)
     front = (REPO / "workflow" / "report" / "workflow.rst").read_text()
     listed = re.findall(r"^(\d\. [A-Z][a-z A-Z]+):", front, flags=re.M)
-    assert listed == ["1. Quality control", "2. Metrics", "3. ROC curves", "4. Heatmaps", "5. Predictions"]
+    assert listed == ["1. Quality control", "2. Metrics", "3. Curves", "4. Heatmaps", "5. Predictions"]
     categories = {r.category for _, _, r in outputs}
     assert categories == {c.replace(":", "") for c in listed}  # every section listed, none missing
-    assert {name for name, _, _ in outputs} == {"qc_summary", "qc_table", "metrics_table", "roc", "heatmap",
-                                                 "heatmap_predicted"}
+    assert {name for name, _, _ in outputs} == {"qc_summary", "qc_table", "metrics_table", "roc", "outcome_figure",
+                                                 "heatmap", "heatmap_predicted"}
     for name, path, r in outputs:
         assert r.subcategory, f"{name}: {path} would land under 'Other'"
         assert Path(r.caption.get_path_or_uri(secret_free=True)).is_file()
@@ -327,7 +327,7 @@ def test_labels_keep_usable_labelled_slides_only(tmp_path):
         for i, lab in enumerate(["neg", "pos", "pos", "", "neg"])
     ]
     out = tmp_path / "labels.tsv"
-    cohort.write_labels(samples, usable=cohort.usable_slides(table), label_column="label", out=out)
+    cohort.write_labels(samples, usable=cohort.usable_slides(table), columns={"label": "label"}, out=out)
     assert cohort.read_table(out) == [
         {"slide_id": "s0", "patient_id": "p0", "label": "neg"},
         {"slide_id": "s2", "patient_id": "p1", "label": "pos"},
@@ -335,15 +335,15 @@ def test_labels_keep_usable_labelled_slides_only(tmp_path):
     ]
     with_folds = [cohort.Sample(s.slide_id, s.path, s.patient_id, fields={**s.fields, "fold": str(i % 2)})
                   for i, s in enumerate(samples)]
-    cohort.write_labels(with_folds, usable=["s0", "s2"], label_column="label", out=out)
+    cohort.write_labels(with_folds, usable=["s0", "s2"], columns={"label": "label"}, out=out)
     assert cohort.read_table(out) == [
         {"slide_id": "s0", "patient_id": "p0", "label": "neg", "fold": "0"},
         {"slide_id": "s2", "patient_id": "p1", "label": "pos", "fold": "0"},
     ]
     with pytest.raises(DataError, match=r"class\(es\) \['g'\]: training needs at least two"):
-        cohort.write_labels(samples, usable=["s0", "s2"], label_column="grade", out=out)
+        cohort.write_labels(samples, usable=["s0", "s2"], columns={"label": "grade"}, out=out)
     with pytest.raises(DataError, match="no column 'stage'"):
-        cohort.write_labels(samples, usable=["s0"], label_column="stage", out=out)
+        cohort.write_labels(samples, usable=["s0"], columns={"label": "stage"}, out=out)
 
 
 # --- the workflow: config, dry runs, lint --------------------------------------------------------
@@ -726,3 +726,70 @@ def test_report_shows_the_qc_table_inline(tmp_path):
     assert set(categories["1. Quality control"]["QC summary"]) == {"results/qc/summary.tsv",
                                                                   "results/report/qc_summary.html"}
     assert "Other" not in categories["1. Quality control"]
+
+
+def test_survival_and_regression_tasks_in_the_workflow(tmp_path):
+    """The task file's type decides: a survival task's labels come from two sheet columns, its
+    report figure is a Kaplan-Meier plot, a regression task's a scatter plot; bad values in the
+    sheet stop the run before any job, naming the slide."""
+    work = make_project(tmp_path / "w", n=6)
+    rows = [r.split("\t") for r in (work / "config" / "samples.tsv").read_text().splitlines()]
+    header, body = rows[0], rows[1:]
+    extra = [["12.5", "1", "0.4"], ["3", "0", "1.5"], ["7", "1", "2.0"], ["20", "0", "0.1"], ["1.5", "1", "3"],
+             ["", "", ""]]
+    write_sheet(work / "config" / "samples.tsv", header + ["os_months", "os_event", "level"],
+                [r + e for r, e in zip(body, extra)])
+    (work / "config" / "os.yaml").write_text("name: os\ntype: survival\ndescription: predict survival\n")
+    (work / "config" / "level.yaml").write_text("name: level\ntype: regression\ndescription: predict the level\n")
+    tasks = {"os": {"task_file": "config/os.yaml", "time_column": "os_months", "event_column": "os_event"},
+             "level": {"task_file": "config/level.yaml", "label_column": "level"}}
+    config = yaml.safe_load((work / "config" / "config.yaml").read_text())
+    (work / "config" / "config.yaml").write_text(yaml.safe_dump({**config, "tasks": tasks}))
+    result = snakemake(work, "-n", "--printshellcmds")
+    assert result.returncode == 0, result.stderr
+    counts = job_counts(result.stdout)
+    assert counts["train"] == 2 and counts["outcome_figure"] == 2 and "roc" not in counts
+    assert "results/report/km/os.png" in result.stdout and "results/report/regression/level.png" in result.stdout
+    assert "--task config/os.yaml" in result.stdout and "--task config/level.yaml" in result.stdout
+    extra[1][1] = "2"
+    write_sheet(work / "config" / "samples.tsv", header + ["os_months", "os_event", "level"],
+                [r + e for r, e in zip(body, extra)])
+    result = snakemake(work, "-n")
+    assert result.returncode != 0
+    assert "config: tasks: os: config/samples.tsv: slide s1: event '2' must be 0 (censored) or 1 (event)" in (
+        result.stdout + result.stderr)
+
+
+def test_outcome_labels_tables_and_figures(tmp_path):
+    samples = [cohort.Sample(f"s{i}", f"s{i}.svs", f"p{i}", fields={"t": t, "e": e})
+               for i, (t, e) in enumerate([("5", "1"), ("2", "0"), ("", "1"), ("9", "1")])]
+    out = tmp_path / "labels.tsv"
+    columns = cohort.task_columns("survival", label_column="label", time_column="t", event_column="e")
+    cohort.write_labels(samples, usable=["s0", "s1", "s2"], columns=columns, out=out, task_type="survival")
+    assert cohort.read_table(out) == [{"slide_id": "s0", "patient_id": "p0", "time": "5", "event": "1"},
+                                      {"slide_id": "s1", "patient_id": "p1", "time": "2", "event": "0"}]
+    with pytest.raises(DataError, match="needs at least 3 patients with an event, but s.tsv has 2"):
+        cohort.check_outcome_labels(samples, task="os", task_type="survival", columns=columns, folds={"h": 3},
+                                    sheet="s.tsv")
+    heads = tmp_path / "heads" / "os" / "enc"
+    for head, flip in (("abmil", 1.0), ("meanpool", -1.0)):
+        (heads / head).mkdir(parents=True)
+        rows = ["slide_id,patient_id,time,event,fold,risk"] + [
+            f"s{i},p{i},{t},{e},0,{flip * (5 - t)}" for i, (t, e) in enumerate([(1, 1), (2, 1), (3, 0), (8, 1), (9, 0)])]
+        (heads / head / "predictions.csv").write_text("\n".join(rows) + "\n")
+    cohort.plot_outcomes([heads / h / "predictions.csv" for h in ("abmil", "meanpool")], tmp_path / "km.png",
+                         task_type="survival")
+    from PIL import Image
+
+    width, height = Image.open(tmp_path / "km.png").size
+    assert width > 1.8 * height  # two panels side by side
+    with pytest.raises(DataError, match="columns label, prediction"):
+        cohort.plot_outcomes([heads / "abmil" / "predictions.csv"], tmp_path / "r.png", task_type="regression")
+    metrics = {"task_type": "survival", "prompts": [], "n_slides": 5, "n_patients": 5,
+               "pooled": {"c_index": 0.8, "c_index_ci95": [0.6, 0.9], "uno_c": 0.75, "uno_c_ci95": [0.5, 0.9]},
+               "mean_over_folds": {"c_index": {"mean": 0.8, "sd": 0.1}, "uno_c": {"mean": 0.7, "sd": None}}}
+    (heads / "abmil" / "metrics.json").write_text(json.dumps(metrics))
+    rows = cohort.write_metrics_table([heads / "abmil" / "metrics.json"], tmp_path / "m.tsv")
+    table = cohort.read_table(tmp_path / "m.tsv")
+    assert table[0]["task_type"] == "survival" and table[0]["c_index"] == "0.8000" and table[0]["uno_c_fold_sd"] == ""
+    assert "auroc" not in table[0] and len(rows) == 1

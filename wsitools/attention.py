@@ -4,7 +4,8 @@ Training (out-of-fold) and prediction write it; ``wsitools heatmap`` reads it. T
 only one that knows its layout (docs/formats.md, "Attention file"): datasets ``attention`` [N]
 float32 (sums to one) and ``coords`` [N, 2] int64 (level-0 x, y of each tile's top-left, as in
 the feature store); attributes name the slide, the head and the prediction (``classes``,
-``probs``, ``pred``) and carry over the feature store's slide/store paths and tile geometry, so
+``probs``, ``pred``; a survival or regression head's one output as ``classes`` ``["risk"]`` or
+``["prediction"]`` with its value in ``probs``) and carry over the feature store's slide/store paths and tile geometry, so
 a heatmap needs nothing else.
 """
 
@@ -33,8 +34,9 @@ PROVENANCE_ATTRS = ("slide_path", "store_path", "tile_size", "tile_size_level0",
 class AttentionMap:
     """One slide's attention per tile, and the head's prediction for the slide.
 
-    ``classes`` and ``probs`` are empty when the file carries no prediction; ``pred`` is then
-    ``None``."""
+    ``classes`` and ``probs`` are empty when the file carries no prediction; for a survival or
+    regression head they are one name (``risk``, ``prediction``) and its value. ``pred`` is
+    ``None`` unless there are classes to choose from."""
 
     slide_id: str
     attention: np.ndarray  # [N] float32
@@ -46,8 +48,8 @@ class AttentionMap:
 
     @property
     def pred(self) -> str | None:
-        """The predicted class (highest probability), or None without a prediction."""
-        return self.classes[int(np.argmax(self.probs))] if len(self.classes) else None
+        """The predicted class (highest probability), or None without classes to choose from."""
+        return self.classes[int(np.argmax(self.probs))] if len(self.classes) > 1 else None
 
 
 def write_attention(
@@ -80,7 +82,8 @@ def write_attention(
             f.attrs["slide_id"] = slide_id
             f.attrs["classes"] = json.dumps(list(classes))
             f.attrs["probs"] = np.asarray(probs, dtype=np.float64)
-            f.attrs["pred"] = str(classes[int(np.argmax(probs))])
+            if len(classes) > 1:  # a survival or regression head has one output: no class to pick
+                f.attrs["pred"] = str(classes[int(np.argmax(probs))])
             f.attrs["feature_path"] = str(Path(feature_path).resolve())
             f.attrs["package_version"] = __version__
             for key in PROVENANCE_ATTRS:

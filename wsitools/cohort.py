@@ -29,7 +29,8 @@ from typing import Any
 from wsitools.encoders.cards import find_card
 from wsitools.errors import DataError, ModelError
 from wsitools.io import atomic_path
-from wsitools.metrics import METRICS, roc_points
+from wsitools.metrics import METRICS, REGRESSION_METRICS, roc_points
+from wsitools.text import TaskType
 from wsitools.types import MPP_MAX, MPP_MIN, MicronsPerPixel, check_slide_id, slide_id_from_path
 
 QC_COLUMNS = (
@@ -384,34 +385,82 @@ def write_labels(
     samples: Sequence[Sample],
     *,
     usable: Iterable[str],
-    label_column: str,
+    columns: Mapping[str, str],
     out: str | os.PathLike[str],
+    task_type: TaskType = "classification",
 ) -> list[dict[str, str]]:
-    """The labels table of one task: usable slides that have a label in ``label_column``.
+    """The labels table of one task: usable slides that have every target in the sheet.
 
-    Columns ``slide_id``, ``patient_id``, ``label`` (the table ``wsitools train`` reads), plus
-    the sheet's ``split`` or ``fold`` column when it fills one (the user's own splits). Slides
-    that failed QC or have no label are left out. Fewer than two classes left is an error,
-    raised here (before training) with the counts.
+    ``columns`` maps the table's target columns to the sheet's (``label``; for survival
+    ``time`` and ``event``). Columns ``slide_id``, ``patient_id`` and the targets (the table
+    ``wsitools train`` reads), plus the sheet's ``split`` or ``fold`` column when it fills one
+    (the user's own splits). Slides that failed QC or lack a target are left out. Fewer than two
+    classes left (classification) is an error, raised here (before training) with the counts.
     """
-    if samples and not any(label_column in s.fields for s in samples):
-        raise DataError(f"samples sheet has no column {label_column!r} for the task's labels")
+    for column in columns.values():
+        if samples and not any(column in s.fields for s in samples):
+            raise DataError(f"samples sheet has no column {column!r} for the task's labels")
     keep = set(usable)
     splits = [c for c in SPLIT_COLUMNS if any(s.value(c) for s in samples)]
     rows = [
-        {"slide_id": s.slide_id, "patient_id": s.patient_id, "label": s.value(label_column),
+        {"slide_id": s.slide_id, "patient_id": s.patient_id, **{k: s.value(c) for k, c in columns.items()},
          **{c: s.value(c) for c in splits}}
         for s in samples
-        if s.slide_id in keep and s.value(label_column)
+        if s.slide_id in keep and all(s.value(c) for c in columns.values())
     ]
-    classes = sorted({r["label"] for r in rows})
-    if len(classes) < 2:
-        raise DataError(
-            f"task labels from column {label_column!r}: {len(rows)} usable labelled slide(s) "
-            f"with class(es) {classes}: training needs at least two classes"
-        )
-    write_table(out, rows, ("slide_id", "patient_id", "label", *splits))
+    if task_type == "classification":
+        classes = sorted({r["label"] for r in rows})
+        if len(classes) < 2:
+            raise DataError(
+                f"task labels from column {columns['label']!r}: {len(rows)} usable labelled slide(s) "
+                f"with class(es) {classes}: training needs at least two classes"
+            )
+    write_table(out, rows, ("slide_id", "patient_id", *columns, *splits))
     return rows
+
+
+def task_columns(task_type: TaskType, *, label_column: str, time_column: str, event_column: str) -> dict[str, str]:
+    """The labels table's target columns and the samples-sheet columns they come from."""
+    if task_type == "survival":
+        return {"time": time_column, "event": event_column}
+    return {"label": label_column}
+
+
+def check_outcome_labels(
+    samples: Sequence[Sample],
+    *,
+    task: str,
+    task_type: TaskType,
+    columns: Mapping[str, str],
+    folds: Mapping[str, int],
+    sheet: str,
+) -> None:
+    """Check a survival or regression task's targets in the samples sheet before any slide is
+    tiled: every filled value as ``wsitools train`` checks it (a number; time >= 0, event 0/1),
+    naming the slide and column; at least two labelled slides (survival: two events); each head's
+    k-fold cross-validation needs at least k labelled patients (survival: k with an event)."""
+    from wsitools.mil.targets import parse_targets
+
+    labelled = [s for s in samples if all(s.value(c) for c in columns.values())]
+    parsed = []
+    for s in labelled:
+        row = {k: s.value(c) for k, c in columns.items()}
+        parsed.append(parse_targets(row, task_type, where=f"config: tasks: {task}: {sheet}: slide {s.slide_id}"))
+    if task_type == "survival":
+        counted = {s.patient_id for s, t in zip(labelled, parsed) if t["event"]}
+        what = "patients with an event"
+    else:
+        counted = {s.patient_id for s in labelled}
+        what = "labelled patients"
+    if len(labelled) < 2 or (task_type == "survival" and len(counted) < 2):
+        raise DataError(f"config: tasks: {task}: {len(labelled)} labelled slide(s), {len(counted)} {what} "
+                        f"in columns {', '.join(map(repr, columns.values()))} of {sheet}; training needs at least two")
+    if any(s.value(c) for s in labelled for c in SPLIT_COLUMNS):
+        return
+    for head, k in folds.items():
+        if len(counted) < k:
+            raise DataError(f"config: heads: {head}: folds: {k}-fold cross-validation of task {task!r} needs at "
+                            f"least {k} {what}, but {sheet} has {len(counted)}; set `heads: {head}: folds` lower")
 
 
 def check_task_labels(
@@ -541,6 +590,14 @@ def _number(value: Any) -> str:
     return "" if value is None else f"{float(value):.4f}"
 
 
+TASK_METRICS: dict[str, tuple[str, ...]] = {
+    "classification": METRICS,
+    "survival": ("c_index", "uno_c"),
+    "regression": REGRESSION_METRICS,
+}
+"""The metrics of each task type in the metrics table (``metrics.json`` of every head)."""
+
+
 def write_metrics_table(
     metrics_files: Iterable[str | os.PathLike[str]],
     out: str | os.PathLike[str],
@@ -549,33 +606,39 @@ def write_metrics_table(
 ) -> list[dict[str, str]]:
     """One row per trained head: cross-validated metrics from each ``metrics.json``.
 
-    Per metric: the value over the pooled out-of-fold predictions with its bootstrap 95 %
-    interval (``_lo``, ``_hi``), and the mean and standard deviation over folds. With
+    Per metric of the head's task type (:data:`TASK_METRICS`): the value over the pooled
+    out-of-fold predictions with its bootstrap 95 % interval (``_lo``, ``_hi``), and the mean
+    and standard deviation over folds; the columns of the other types stay empty. With
     ``html_out``, also :func:`write_metrics_html` for the report.
     """
     rows = []
+    used: list[str] = []
     for path in metrics_files:
         task, encoder, head = head_of(path)
         try:
             m = json.loads(Path(path).read_text())
             pooled, folds = m["pooled"], m["mean_over_folds"]
-            row = {"task": task, "encoder": encoder, "head": head,
+            task_type = m.get("task_type") or "classification"
+            row = {"task": task, "task_type": task_type, "encoder": encoder, "head": head,
                    "prompts": ",".join(m.get("prompts") or []),
                    "n_slides": str(m["n_slides"]), "n_patients": str(m["n_patients"])}
-            for name in METRICS:
+            for name in TASK_METRICS[task_type]:
                 lo, hi = pooled.get(f"{name}_ci95") or (None, None)
                 row.update({name: _number(pooled.get(name)), f"{name}_lo": _number(lo),
                             f"{name}_hi": _number(hi),
                             f"{name}_fold_mean": _number(folds[name]["mean"]),
                             f"{name}_fold_sd": _number(folds[name]["sd"])})
+            if task_type not in used:
+                used.append(task_type)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise DataError(f"metrics file {path} cannot be read: {exc!r}") from None
         rows.append(row)
-    columns = ["task", "encoder", "head", "prompts", "n_slides", "n_patients"] + [
-        f"{name}{suffix}" for name in METRICS
+    names = [n for t in TASK_METRICS if t in (used or ["classification"]) for n in TASK_METRICS[t]]
+    columns = ["task", "task_type", "encoder", "head", "prompts", "n_slides", "n_patients"] + [
+        f"{name}{suffix}" for name in names
         for suffix in ("", "_lo", "_hi", "_fold_mean", "_fold_sd")
     ]
-    write_table(out, rows, columns)
+    write_table(out, [{c: r.get(c, "") for c in columns} for r in rows], columns)
     if html_out is not None:
         write_metrics_html(rows, html_out)
     return rows
@@ -587,24 +650,30 @@ def _with_interval(value: str, lo: str, hi: str) -> str:
 
 def write_metrics_html(rows: Sequence[Mapping[str, str]], out: str | os.PathLike[str]) -> None:
     """The metrics table (rows of :func:`write_metrics_table`) as an HTML page for the report:
-    per metric the pooled out-of-fold value with its bootstrap 95 % interval, and the mean and
-    standard deviation over folds."""
+    per metric of the heads' task types the pooled out-of-fold value with its bootstrap 95 %
+    interval, and the mean and standard deviation over folds (empty for a head of another type)."""
+    types = [t for t in TASK_METRICS if any(r.get("task_type", "classification") == t for r in rows)]
+    names = [n for t in (types or ["classification"]) for n in TASK_METRICS[t]]
     shown = []
     for r in rows:
-        row = {k: r[k] for k in ("task", "encoder", "head", "prompts", "n_slides", "n_patients")}
-        for name in METRICS:
+        row = {k: r[k] for k in ("task", "task_type", "encoder", "head", "prompts", "n_slides", "n_patients")}
+        for name in names:
+            if name not in r:
+                continue
             row[name] = _with_interval(r[name], r[f"{name}_lo"], r[f"{name}_hi"])
             sd = r[f"{name}_fold_sd"]
             row[f"{name} over folds"] = r[f"{name}_fold_mean"] + (f" ± {sd}" if sd else "")
         shown.append(row)
-    columns = ["task", "encoder", "head", "prompts", "n_slides", "n_patients"] + [
-        c for name in METRICS for c in (name, f"{name} over folds")
+    columns = ["task", "task_type", "encoder", "head", "prompts", "n_slides", "n_patients"] + [
+        c for name in names for c in (name, f"{name} over folds")
     ]
     write_html_table(
-        out, shown, columns, title="Cross-validated metrics of every head",
+        out, [{c: r.get(c, "") for c in columns} for r in shown], columns,
+        title="Cross-validated metrics of every head",
         note="Each metric over the pooled out-of-fold predictions, with its bootstrap 95 % interval in "
         "brackets, and its mean ± standard deviation over the folds. AUROC is one-vs-rest macro for "
-        "more than two classes. metrics.tsv holds the same numbers, one per column.",
+        "more than two classes; c_index is Harrell's concordance, uno_c Uno's. metrics.tsv holds the "
+        "same numbers, one per column.",
     )
 
 
@@ -645,6 +714,47 @@ def plot_roc(predictions_files: Sequence[str | os.PathLike[str]], out: str | os.
         ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate", ylabel="true positive rate",
                title=f"{cls} vs " + ("rest" if len(classes) > 2 else classes[0]), aspect="equal")
         ax.legend(loc="lower right", fontsize=7)
+    fig.tight_layout()
+    with atomic_path(out, overwrite=True) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def plot_outcomes(
+    predictions_files: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str], *, task_type: TaskType
+) -> None:
+    """The out-of-fold predictions of several heads of one survival or regression task, one
+    panel per (encoder, head): Kaplan-Meier curves of the high- and low-risk groups (risk above
+    the fold head's training median, i.e. > 0) with the log-rank p-value, or predicted against
+    true values with the Pearson correlation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from wsitools.metrics import regression_metrics
+    from wsitools.survival import draw_risk_groups
+
+    need = ("time", "event", "risk") if task_type == "survival" else ("label", "prediction")
+    runs = []
+    for path in predictions_files:
+        with open(path, newline="") as f:
+            table = list(csv.DictReader(f))
+        if not table or any(c not in table[0] for c in need):
+            raise DataError(f"predictions {path} have no rows with columns {', '.join(need)} (a {task_type} head's)")
+        runs.append(("/".join(head_of(path)[1:]), {c: np.array([float(r[c]) for r in table]) for c in need}))
+    fig, axes = plt.subplots(1, len(runs), figsize=(4.6 * len(runs), 4.2), squeeze=False)
+    for ax, (name, cols) in zip(axes[0], runs):
+        if task_type == "survival":
+            draw_risk_groups(ax, cols["time"], cols["event"], cols["risk"] > 0, title=name)
+            continue
+        y, p = cols["label"], cols["prediction"]
+        ax.scatter(y, p, s=12, alpha=0.7)
+        lo, hi = float(min(y.min(), p.min())), float(max(y.max(), p.max()))
+        ax.plot([lo, hi], [lo, hi], color="0.7", lw=1, ls="--")
+        ax.set(xlabel="true", ylabel="predicted (out of fold)",
+               title=f"{name} (Pearson {regression_metrics(y, p)['pearson']:.3f})")
     fig.tight_layout()
     with atomic_path(out, overwrite=True) as tmp:
         fig.savefig(tmp, format="png", dpi=120)

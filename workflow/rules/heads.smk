@@ -1,5 +1,7 @@
-# MIL heads: one labels table per task (usable, labelled slides only), then every head is
-# trained with cross-validation for every task and encoder. A head trains on its config
+# MIL heads: one labels table per task (usable, labelled slides only: a class or a number in
+# `label_column`, or for survival a time and an event in `time_column` and `event_column`), then
+# every head is trained with cross-validation for every task and encoder; the task file's `type`
+# (classification, survival, regression) decides the loss, the metrics and the report figures. A head trains on its config
 # `device` (auto: a GPU when the job has one) with `threads` torch threads; it asks for a GPU
 # unless its device is cpu. A task's `task_file` is passed as `--task` when it is given; heads
 # without the ttp prompt can do without it (their classes are then the labels, sorted).
@@ -20,7 +22,8 @@ rule labels:
     output:
         labels="results/heads/{task}/labels.tsv",
     params:
-        column=lambda wildcards: TASKS[wildcards.task]["label_column"],
+        columns=lambda wildcards: TASK_COLUMNS[wildcards.task],
+        task_type=lambda wildcards: TASK_TYPES[wildcards.task],
     log:
         "logs/labels/{task}.log",
     threads: 1

@@ -1,9 +1,11 @@
 # Tables for the HTML report (`snakemake --report`): the QC table and the metrics of every
 # trained head side by side, each as a TSV (for download and for programs) and as an HTML page
-# (Snakemake's report shows HTML results inline, other text files only as downloads). QC
-# thumbnails, ROC curves and heatmaps are report() outputs of their own rules. Every report()
-# output names its category (a section listed on the report's front page, report/workflow.rst)
-# and a subcategory, so nothing lands under "Other".
+# (Snakemake's report shows HTML results inline, other text files only as downloads); per task,
+# ROC curves (classification), Kaplan-Meier curves of the predicted risk groups with a log-rank
+# test (survival) or predicted against true values (regression). QC thumbnails and heatmaps are
+# report() outputs of their own rules. Every report() output names its category (a section
+# listed on the report's front page, report/workflow.rst) and a subcategory, so nothing lands
+# under "Other".
 
 
 rule qc_table:
@@ -72,8 +74,8 @@ rule roc:
         png=report(
             "results/report/roc/{task}.png",
             caption="../report/roc.rst",
-            category="3. ROC curves",
-            subcategory="ROC curves of every task",
+            category="3. Curves",
+            subcategory="ROC curves (classification tasks)",
             labels={"task": "{task}"},
         ),
     log:
@@ -86,3 +88,33 @@ rule roc:
         "../envs/wsitools.yaml"
     script:
         "../scripts/roc.py"
+
+
+rule outcome_figure:
+    input:
+        predictions=lambda wildcards: expand(
+            "results/heads/{task}/{encoder}/{head}/predictions.csv",
+            task=wildcards.task, encoder=ENCODERS, head=HEADS,
+        ),
+    output:
+        png=report(
+            "results/report/{figure}/{task}.png",
+            caption="../report/outcomes.rst",
+            category="3. Curves",
+            subcategory="Survival and regression curves",
+            labels={"task": "{task}", "figure": "{figure}"},
+        ),
+    params:
+        task_type=lambda wildcards: TASK_TYPES[wildcards.task],
+    wildcard_constraints:
+        figure="km|regression",
+    log:
+        "logs/{figure}/{task}.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../envs/wsitools.yaml"
+    script:
+        "../scripts/outcomes.py"

@@ -7,7 +7,8 @@ from wsitools import cohort
 rows = cohort.write_labels(  # `snakemake` is injected by the script directive
     cohort.read_samples(snakemake.input.sheet, check_files=False),
     usable=cohort.usable_slides(snakemake.input.summary),
-    label_column=snakemake.params.column,
+    columns=snakemake.params.columns,
     out=snakemake.output.labels,
+    task_type=snakemake.params.task_type,
 )
 Path(snakemake.log[0]).write_text(f"{len(rows)} usable labelled slides\n")

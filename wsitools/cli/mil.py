@@ -45,16 +45,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         "train",
         help="cross-validate an attention-MIL head on a labelled cohort of feature stores",
         description="Train a slide-level head (abmil, pathotune with TVP/TTP/IVP prompts, or a mean-pooling "
-        "linear probe) with patient-level stratified k-fold (or the labels table's split/fold column). "
+        "linear probe) for classification, survival (Cox) or regression (the task file's type) with "
+        "patient-level stratified k-fold (or the labels table's split/fold column). "
         "Writes per-fold weights (safetensors + JSON), metrics.json with bootstrap 95% intervals, "
         "predictions.csv, training curves and attention/{slide_id}.h5 into --out.",
     )
     t.add_argument("--features", required=True, metavar="DIR", type=feature_store_dir, help="feature stores: DIR/{slide_id}.h5")
     t.add_argument("--labels", required=True, type=input_file, metavar="FILE",
-                   help="CSV/TSV with slide_id, label, optional patient_id and split (train/val/test) or fold")
+                   help="CSV/TSV with slide_id, label (a class; a number for regression) or time and event "
+                   "(survival), optional patient_id and split (train/val/test) or fold")
     t.add_argument("--task", default=None, type=input_file, metavar="TASK.yaml",
-                   help="task description: name, description, optional stain, classes with descriptions; "
-                   "required with the ttp prompt (default without: the classes are the labels, sorted)")
+                   help="task description: name, type (classification, survival, regression), description, "
+                   "optional stain, classes with descriptions (or high/low risk / target descriptions); "
+                   "required for survival and regression and with the ttp prompt (default without: "
+                   "classification, the classes are the labels, sorted)")
     t.add_argument("--head", choices=["abmil", "pathotune", "meanpool"], default="abmil",
                    help="gated-attention MIL, the same with PathoTune prompts, or a linear probe on the "
                    "mean feature (abmil; docs/mil.md)")
@@ -182,6 +186,14 @@ def _set_threads(threads: int | None) -> None:
     torch.set_num_threads(max(1, threads or DEFAULT_THREADS))
 
 
+HEADLINE = {
+    "classification": ("auroc", "balanced_accuracy", "f1"),
+    "survival": ("c_index", "uno_c"),
+    "regression": ("pearson", "spearman", "mae"),
+}
+"""The pooled metrics ``wsitools train`` prints, by task type."""
+
+
 def run_train(args: argparse.Namespace) -> int:
     from wsitools.mil.config import TrainConfig
     from wsitools.mil.train import train
@@ -231,9 +243,14 @@ def run_train(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     pooled = summary["pooled"]
-    for name in ("auroc", "balanced_accuracy", "f1"):
+    for name in HEADLINE[summary["task_type"]]:
         lo, hi = pooled[f"{name}_ci95"]
         print(f"{name}\t{pooled[name]}\t95% CI [{lo}, {hi}]")
+    for row in pooled.get("time_auc", []):
+        lo, hi = row["auc_ci95"]
+        print(f"auc@{row['time']:g}\t{row['auc']}\t95% CI [{lo}, {hi}]")
+    if "risk_groups" in pooled:
+        print(f"logrank_p\t{pooled['risk_groups']['logrank_p']}\t(high vs low risk, {args.out}/km.png)")
     if summary["skipped"]:
         print(f"skipped {len(summary['skipped'])} slides (see {args.out}/run.json)", file=sys.stderr)
     return 0

@@ -176,8 +176,11 @@ def _pathotune(args: argparse.Namespace) -> int:
         augment=not args.no_augment, seed=args.seed, precision=args.precision,
         num_workers=args.workers, text_model=args.text_model,
     )
+    task = load_task(args.task) if args.task else None
+    if task is not None and task.type != "classification":
+        raise DataError(f"task {args.task}: patch-level prompt tuning classifies tiles; this is a {task.type} task")
     result = tune_pathotune(
-        data, args.out, backbone=args.encoder, task=load_task(args.task) if args.task else None,
+        data, args.out, backbone=args.encoder, task=task,
         ivp_encoder=args.ivp_encoder, config=config, device=args.device,
         models_dir=args.models_dir, name=args.name, progress=not args.quiet,
     )

@@ -17,7 +17,9 @@ class TrainConfig:
     Early stopping ends a fold once ``patience`` epochs have passed without a lower validation
     loss, but never before ``min_epochs`` epochs (all of them when ``epochs`` is smaller); the
     best epoch's weights are kept. The defaults were chosen on benchmarks/bench_mil_quality.py
-    (docs/mil.md, "Quality benchmark and the choice of defaults").
+    (docs/mil.md, "Quality benchmark and the choice of defaults"). ``survival_batch`` is the
+    number of bags per optimiser step of a survival head (the Cox loss compares each event with
+    the bags of its step still at risk; docs/mil.md, "Survival").
     """
 
     epochs: int = 100
@@ -33,6 +35,7 @@ class TrainConfig:
     seed: int = 0
     workers: int = 0
     n_boot: int = 1000
+    survival_batch: int = 16
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.patience < 1:
@@ -43,5 +46,7 @@ class TrainConfig:
             raise ConfigError(f"balance must be 'weights' or 'sampling', got {self.balance!r}")
         if not 0.0 <= self.instance_dropout < 1.0:
             raise ConfigError(f"instance_dropout must lie in [0, 1), got {self.instance_dropout}")
+        if self.survival_batch < 2:
+            raise ConfigError(f"survival_batch must be at least 2 (a Cox risk set compares bags), got {self.survival_batch}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction must lie in (0, 1), got {self.val_fraction}")

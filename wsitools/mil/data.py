@@ -12,7 +12,7 @@ import csv
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -22,6 +22,8 @@ import torch
 
 from wsitools.errors import DataError, StoreError, one_line
 from wsitools.io import read_user_text
+from wsitools.mil.targets import LABEL_COLUMNS, SURVIVAL_STRATA, parse_targets
+from wsitools.text import TaskType
 from wsitools.types import check_slide_id
 
 log = logging.getLogger(__name__)
@@ -32,13 +34,17 @@ CHECK_ROWS = 16384
 
 @dataclass(frozen=True)
 class LabelRow:
-    """One row of a labels table."""
+    """One row of a labels table: a class label, a numeric target (``value``, regression) or a
+    follow-up ``time`` with its ``event`` indicator (survival; ``label`` is then the event as text)."""
 
     slide_id: str
     label: str
     patient_id: str
     split: str | None = None
     fold: int | None = None
+    value: float | None = None
+    time: float | None = None
+    event: int | None = None
 
 
 def _sniff_dialect(path: Path, head: str) -> type[csv.Dialect] | csv.Dialect:
@@ -52,20 +58,28 @@ def _sniff_dialect(path: Path, head: str) -> type[csv.Dialect] | csv.Dialect:
         return csv.excel
 
 
-def read_labels(path: str | os.PathLike[str]) -> list[LabelRow]:
-    """Read a labels table (CSV or TSV) with ``slide_id``, ``label`` and optional ``patient_id``,
-    ``split`` (train/val/test) or ``fold`` (integer) columns.
+def read_labels(path: str | os.PathLike[str], *, task_type: TaskType = "classification") -> list[LabelRow]:
+    """Read a labels table (CSV or TSV) with ``slide_id``, the target columns of ``task_type``
+    (:data:`LABEL_COLUMNS`: ``label``, a class or a number; or ``time`` and ``event`` for
+    survival) and optional ``patient_id``, ``split`` (train/val/test) or ``fold`` (integer) columns.
 
     A slide without ``patient_id`` is its own patient. Raises :class:`DataError` naming the file
-    and row for a missing column, an unsafe or repeated slide id, an empty label or a bad split.
+    and row for a missing column, an unsafe or repeated slide id, an empty label, a bad split, or
+    (regression, survival) a target that is not a finite number, a negative time or an event
+    other than 0/1.
     """
     path = Path(path)
     text = read_user_text(path, what="labels table", expected="a CSV or TSV file", encoding="utf-8-sig")
     reader = csv.DictReader(text.splitlines(), dialect=_sniff_dialect(path, text[:4096]))
     columns = [c.strip() for c in (reader.fieldnames or [])]
-    for need in ("slide_id", "label"):
+    for need in LABEL_COLUMNS[task_type]:
         if need not in columns:
-            raise DataError(f"labels table {path}: no '{need}' column (columns: {', '.join(columns) or 'none'})")
+            hint = (" (a survival table? give a task file with 'type: survival')"
+                    if task_type == "classification" and {"time", "event"} <= set(columns) else "")
+            raise DataError(
+                f"labels table {path}: no '{need}' column for a {task_type} task "
+                f"(columns: {', '.join(columns) or 'none'}){hint}"
+            )
     if "split" in columns and "fold" in columns:
         raise DataError(f"labels table {path}: give either a 'split' or a 'fold' column, not both")
     rows: list[LabelRow] = []
@@ -82,8 +96,7 @@ def read_labels(path: str | os.PathLike[str]) -> list[LabelRow]:
         if slide_id in seen:
             raise DataError(f"labels table {path}, line {line}: slide {slide_id} appears twice")
         seen.add(slide_id)
-        if not row["label"]:
-            raise DataError(f"labels table {path}, line {line}: slide {slide_id} has an empty label")
+        targets = parse_targets(row, task_type, where=f"labels table {path}, line {line}: slide {slide_id}")
         split = row.get("split") or None
         if split is not None and split not in ("train", "val", "test"):
             raise DataError(
@@ -101,10 +114,10 @@ def read_labels(path: str | os.PathLike[str]) -> list[LabelRow]:
         rows.append(
             LabelRow(
                 slide_id=slide_id,
-                label=row["label"],
                 patient_id=row.get("patient_id") or slide_id,
                 split=split,
                 fold=fold,
+                **targets,
             )
         )
     if not rows:
@@ -254,7 +267,13 @@ def read_coords(path: str | os.PathLike[str]) -> np.ndarray:
 
 @dataclass
 class Cohort:
-    """The usable labelled slides: ids, class indices, patients, bag paths (and IVP bag paths)."""
+    """The usable labelled slides: ids, class indices, patients, bag paths (and IVP bag paths).
+
+    ``labels`` are what folds are stratified on: class indices (classification), the event
+    indicator (survival: ``classes`` is ``("censored", "event")``) or zeros (regression: one
+    stratum, ``("all",)``). ``targets`` holds the numbers a survival or regression head learns:
+    ``[n, 2]`` follow-up time and event, or ``[n]`` target values.
+    """
 
     slide_ids: list[str]
     labels: np.ndarray  # int64 [n] class indices into ``classes``
@@ -271,6 +290,8 @@ class Cohort:
     encoder_hash: str | None = None
     encoder_weights: str | None = None
     skipped: dict[str, str] = field(default_factory=dict)
+    task_type: TaskType = "classification"
+    targets: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.slide_ids)
@@ -295,10 +316,12 @@ def build_cohort(
     strict: bool = False,
     check_values: bool = True,
     allow_empty_classes: bool = False,
+    task_type: TaskType = "classification",
 ) -> Cohort:
     """Match labelled slides to their feature stores and check every bag.
 
-    - A label not among ``classes`` is an error naming the slide.
+    - A label not among ``classes`` is an error naming the slide (classification; for survival
+      and regression ``classes`` is ignored and the strata are set as :class:`Cohort` says).
     - A labelled slide without a feature store (e.g. it failed QC), or with an unusable one
       (non-finite features, wrong shape), is skipped with a warning naming it; with ``strict``
       it is an error. Feature stores without a label are listed in a warning and ignored.
@@ -306,9 +329,16 @@ def build_cohort(
     - A class of ``classes`` without any usable labelled slide is an error naming it (a head
       would be trained and evaluated on a class it never saw); with ``allow_empty_classes`` a
       warning.
-    - Fewer than two classes left is an error.
+    - Fewer than two classes left is an error; so are, for survival, fewer than two events and,
+      for regression, a target with a single value among the usable slides.
     """
+    if task_type == "survival":
+        classes = SURVIVAL_STRATA
+    elif task_type == "regression":
+        classes = ("all",)
     class_index = {c: i for i, c in enumerate(classes)}
+    if task_type == "regression":
+        rows = [replace(r, label="all") for r in rows]
     unknown = [f"{r.slide_id} ({r.label!r})" for r in rows if r.label not in class_index]
     if unknown:
         raise DataError(
@@ -347,13 +377,15 @@ def build_cohort(
         _check_one_width(ivp_infos, ivp_features_dir)
     if not kept:
         raise DataError(f"no labelled slide has a usable feature store in {features_dir}")
-    present = sorted({r.label for r in kept}, key=lambda c: class_index[c])
-    if len(present) < 2:
-        raise DataError(
-            f"only one class ({present[0]!r}) among the {len(kept)} usable slides; "
-            "a classifier needs at least two"
-        )
-    _check_empty_classes(classes, rows, kept, allow=allow_empty_classes)
+    targets = _check_targets(kept, task_type)
+    if task_type == "classification":
+        present = sorted({r.label for r in kept}, key=lambda c: class_index[c])
+        if len(present) < 2:
+            raise DataError(
+                f"only one class ({present[0]!r}) among the {len(kept)} usable slides; "
+                "a classifier needs at least two"
+            )
+        _check_empty_classes(classes, rows, kept, allow=allow_empty_classes)
     encoder = _one_encoder([infos[r.slide_id] for r in kept], features_dir)
     return Cohort(
         slide_ids=[r.slide_id for r in kept],
@@ -371,7 +403,27 @@ def build_cohort(
         encoder_hash=encoder.hash,
         encoder_weights=encoder.weights,
         skipped=problems,
+        task_type=task_type,
+        targets=targets,
     )
+
+
+def _check_targets(kept: Sequence[LabelRow], task_type: TaskType) -> np.ndarray | None:
+    """The survival or regression targets of the usable slides, checked for being learnable."""
+    if task_type == "survival":
+        targets = np.array([[r.time, r.event] for r in kept], dtype=np.float64)
+        n_events = int(targets[:, 1].sum())
+        if n_events < 2:
+            raise DataError(
+                f"{n_events} event(s) among the {len(kept)} usable slides; a survival head needs at least two"
+            )
+        return targets
+    if task_type == "regression":
+        targets = np.array([r.value for r in kept], dtype=np.float64)
+        if np.ptp(targets) == 0:
+            raise DataError(f"the label is {targets[0]:g} on all {len(kept)} usable slides; nothing to regress")
+        return targets
+    return None
 
 
 def _check_empty_classes(

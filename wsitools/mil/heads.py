@@ -80,6 +80,9 @@ class HeadConfig:
     # about the learning rate per step, moves these 1 + C numbers by units within a few epochs.
     text_prior: bool = False
     ttp_prior_scale: float = 10.0
+    # TTP texts when they are not the task and one per class (survival and regression tasks:
+    # the task and its optional high/low descriptions, with one output).
+    n_texts: int | None = None
 
     def __post_init__(self) -> None:
         if self.head not in HEADS:
@@ -108,8 +111,8 @@ class HeadConfig:
 
     @property
     def n_ttp(self) -> int:
-        """Text tokens: the task description and one per class."""
-        return 1 + self.n_classes
+        """Text tokens: ``n_texts``, else the task description and one per class."""
+        return self.n_texts if self.n_texts is not None else 1 + self.n_classes
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -1,7 +1,9 @@
 """Running trained heads on bags: probabilities, attention maps, and their files.
 
 ``wsitools predict --model DIR`` takes a training output (every ``fold_*/`` head, averaged: a
-k-fold ensemble) or one head folder, and writes ``predictions.csv`` and
+k-fold ensemble; survival heads average their risks relative to their own training median,
+regression heads their predictions in the target's units) or one head folder, and writes
+``predictions.csv`` and
 ``attention/{slide_id}.h5`` for each slide of a feature directory (no labels needed). The heads
 run on ``device`` (``auto``: CUDA when available); bags are read on the CPU and copied over.
 """
@@ -29,32 +31,67 @@ from wsitools.types import check_slide_id
 
 log = logging.getLogger(__name__)
 
+OUTPUT_NAMES = {"survival": "risk", "regression": "prediction"}
+"""The predictions column of a survival or regression head (classification: ``prob_{class}``)."""
+
 
 @dataclass(frozen=True)
 class BagPrediction:
-    """One slide's prediction: class probabilities [C] and attention [N] (sums to one)."""
+    """One slide's prediction: class probabilities [C] (classification) or the one-element
+    risk (survival) or predicted value (regression) [1], and attention [N] (sums to one)."""
 
     slide_id: str
     probs: np.ndarray
     attention: np.ndarray
 
 
+SCALE_KEYS = ("risk_offset", "risk_scale", "target_mean", "target_sd")
+"""What a survival or regression head records beside its weights to turn outputs into predictions."""
+
+
+def to_predictions(outputs: np.ndarray, scale: dict[str, float]) -> np.ndarray:
+    """Outputs ``[n, C]`` of one head as predictions: class probabilities [n, C] (``scale``
+    empty), the risk standardised by the risks of the head's own training slides (their median
+    ``risk_offset`` and standard deviation ``risk_scale``: 0 is the training median, so risks of
+    several fold heads can be pooled, ranked and averaged), or the target in its own units
+    (``target_mean`` + ``target_sd`` x output), [n]."""
+    if "risk_offset" in scale:
+        return (np.asarray(outputs, dtype=np.float64)[:, 0] - scale["risk_offset"]) / scale["risk_scale"]
+    if "target_mean" in scale:
+        return scale["target_mean"] + scale["target_sd"] * np.asarray(outputs, dtype=np.float64)[:, 0]
+    return torch.softmax(torch.as_tensor(np.asarray(outputs, dtype=np.float32)), dim=-1).numpy()
+
+
+def head_scale(head: SavedHead) -> dict[str, float]:
+    """The scale a saved head recorded (empty for a classification head)."""
+    return {k: float(head.meta[k]) for k in SCALE_KEYS if head.meta.get(k) is not None}
+
+
 @torch.no_grad()
-def predict_bag(models: Sequence[torch.nn.Module], x: torch.Tensor, ivp: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Mean softmax probabilities and mean attention of ``models`` (eval mode) on one bag.
+def predict_bag(
+    models: Sequence[torch.nn.Module], x: torch.Tensor, ivp: torch.Tensor | None = None,
+    *, scales: Sequence[dict[str, float]] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mean prediction and mean attention of ``models`` (eval mode) on one bag: the mean of the
+    softmax probabilities [C], or with ``scales`` (one per model, :func:`head_scale`) of each
+    head's risk or predicted value, [1].
 
     The bag is moved to the device of the models (all on one device, e.g. from
     :func:`load_heads`); the results come back as CPU arrays."""
     device = next(models[0].parameters()).device
     x = x.to(device)
     ivp = ivp.to(device) if ivp is not None else None
-    probs, attention = [], []
-    for model in models:
+    preds, attention = [], []
+    for k, model in enumerate(models):
         model.eval()
         out = model(x, ivp)
-        probs.append(torch.softmax(out.logits.float(), dim=-1))
+        logits = out.logits.float()
+        if scales is not None and scales[k]:
+            preds.append(torch.from_numpy(to_predictions(logits[None].cpu().numpy(), scales[k])))
+        else:
+            preds.append(torch.softmax(logits, dim=-1).cpu())
         attention.append(out.attention.float())
-    return torch.stack(probs).mean(0).cpu().numpy(), torch.stack(attention).mean(0).cpu().numpy()
+    return torch.stack(preds).mean(0).numpy(), torch.stack(attention).mean(0).cpu().numpy()
 
 
 def load_heads(model_dir: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> list[SavedHead]:
@@ -69,11 +106,16 @@ def load_heads(model_dir: str | os.PathLike[str], *, device: str | torch.device 
         raise ModelError(f"{model_dir}: no trained head (model.safetensors) here or in fold_*/")
     first = heads[0]
     for h in heads[1:]:
-        if h.classes != first.classes or h.config.in_dim != first.config.in_dim:
+        if h.classes != first.classes or h.config.in_dim != first.config.in_dim or task_type(h) != task_type(first):
             raise ModelError(f"{model_dir}: the fold heads disagree on classes or feature width")
         if h.meta.get("encoder_hash") != first.meta.get("encoder_hash"):
             raise ModelError(f"{model_dir}: the fold heads were trained on features of different encoders")
     return heads
+
+
+def task_type(head: SavedHead) -> str:
+    """The task type a head was trained for (heads saved before task types: classification)."""
+    return str(head.meta.get("task_type") or "classification")
 
 
 def check_encoder(head: SavedHead, bag: BagInfo, *, model_dir: str | os.PathLike[str]) -> bool:
@@ -102,7 +144,17 @@ def check_encoder(head: SavedHead, bag: BagInfo, *, model_dir: str | os.PathLike
 
 
 def write_predictions_csv(path: str | os.PathLike[str], rows: Sequence[dict[str, Any]], classes: Sequence[str]) -> None:
-    """``predictions.csv``: one row per slide, ``prob_{class}`` columns in class order."""
+    """``predictions.csv``: one row per slide; a classification head's rows hold ``probs``
+    (written as ``pred`` and ``prob_{class}`` columns in class order), a survival or regression
+    head's rows (``classes`` empty) their ``risk`` or ``prediction`` as it is."""
+    if not classes:
+        with atomic_path(path, overwrite=True) as tmp:
+            with open(tmp, "w", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow(list(rows[0]) if rows else ["slide_id"])
+                for r in rows:
+                    writer.writerow([f"{v:.6g}" if isinstance(v, float) else v for v in r.values()])
+        return
     extra = [k for k in rows[0] if k not in ("slide_id", "probs")] if rows else []
     fields = ["slide_id", *extra, "pred", *[f"prob_{c}" for c in classes]]
     with atomic_path(path, overwrite=True) as tmp:
@@ -142,6 +194,9 @@ def predict(
     models = [h.model for h in heads]
     first = heads[0]
     classes = first.classes
+    kind = task_type(first)
+    output = OUTPUT_NAMES.get(kind, "")
+    scales = [head_scale(h) for h in heads] if kind != "classification" else None
     needs_ivp = first.config.ivp_in_dim is not None
     if needs_ivp and ivp_features_dir is None:
         raise DataError(f"{model_dir}: the head uses IVP features from a second encoder; give --ivp-features")
@@ -182,20 +237,22 @@ def predict(
                 skipped[slide_id] = str(exc)
                 log.warning("skipping %s", exc)
                 continue
-            probs, attention = predict_bag(models, read_features(bag.path), ivp)
+            probs, attention = predict_bag(models, read_features(bag.path), ivp, scales=scales)
             write_attention(
                 tmp / "attention" / f"{slide_id}.h5",
                 slide_id=slide_id,
                 attention=attention,
                 coords=read_coords(bag.path),
-                classes=classes,
+                classes=classes or [output],
                 probs=probs,
                 feature_path=bag.path,
                 provenance=bag.attrs,
-                meta={"head": first.config.head, "task": (first.meta.get("task") or {}).get("name", ""), "n_models": len(models)},
+                meta={"head": first.config.head, "task": (first.meta.get("task") or {}).get("name", ""),
+                      "task_type": kind, "n_models": len(models)},
             )
             results.append(BagPrediction(slide_id=slide_id, probs=probs, attention=attention))
-            rows.append({"slide_id": slide_id, "n_tiles": bag.n, "probs": probs})
+            row: dict[str, Any] = {"slide_id": slide_id, "n_tiles": bag.n}
+            rows.append({**row, "probs": probs} if classes else {**row, output: float(probs[0])})
         if not results:
             raise DataError(f"no slide could be predicted from {features_dir}: {'; '.join(skipped.values())[:2000]}")
         write_predictions_csv(tmp / "predictions.csv", rows, classes)
@@ -205,6 +262,7 @@ def predict(
                 "model_dir": str(Path(model_dir).resolve()),
                 "features_dir": str(Path(features_dir).resolve()),
                 "n_models": len(models),
+                "task_type": kind,
                 "classes": classes,
                 "n_predicted": len(results),
                 "device": str(dev),

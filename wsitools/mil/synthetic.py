@@ -123,3 +123,101 @@ def make_bag_cohort(
                 writer.writerow(["slide_id", "label", "patient_id"])
                 writer.writerows([b.slide_id, b.label, b.patient_id] for b in bags)
     return bags
+
+
+@dataclass(frozen=True)
+class OutcomeBag:
+    """One written bag of an outcome cohort: its share of key instances (the planted signal),
+    their rows, and its survival time, event indicator and regression target."""
+
+    slide_id: str
+    patient_id: str
+    path: Path
+    share: float
+    planted: np.ndarray
+    time: float
+    event: int
+    value: float
+
+
+def _censoring_rate(hazards: np.ndarray, fraction: float) -> float:
+    """The rate of exponential censoring that censors ``fraction`` of subjects with exponential
+    event times of these ``hazards`` in expectation (P(censored) = mu / (mu + hazard)), by bisection."""
+    lo, hi = 0.0, 1e6 * float(hazards.max())
+    for _ in range(200):
+        mid = (lo + hi) / 2.0
+        lo, hi = (mid, hi) if np.mean(mid / (mid + hazards)) < fraction else (lo, mid)
+    return (lo + hi) / 2.0
+
+
+def make_outcome_cohort(
+    out_dir: str | os.PathLike[str],
+    *,
+    n_slides: int = 60,
+    n_tiles: int | tuple[int, int] = (40, 80),
+    dim: int = 16,
+    shift: float = 5.0,
+    share: tuple[float, float] = (0.0, 0.3),
+    log_hazard_ratio: float = 5.0,
+    censored: float = 0.3,
+    noise: float = 0.1,
+    slides_per_patient: int = 1,
+    seed: int = 0,
+    task_type: str = "survival",
+    labels_path: str | os.PathLike[str] | None = None,
+) -> list[OutcomeBag]:
+    """Write ``n_slides`` bags whose outcome depends on their share of key instances.
+
+    Each slide draws a share ``s`` uniformly from ``share``, and that share of its rows is
+    planted from N(mu, I) as in :func:`make_bag_cohort`. Survival: event times are exponential
+    with hazard ``0.1 exp(log_hazard_ratio * (s - lo) / (hi - lo))``, censored by an independent
+    exponential time whose rate censors the ``censored`` fraction in expectation. Regression:
+    the target is ``10 s + noise * N(0, 1)``. A patient's slides share one share and outcome.
+    The labels table (``labels_path``) has ``time`` and ``event`` (survival) or a numeric
+    ``label`` (regression).
+    """
+    if task_type not in ("survival", "regression"):
+        raise ValueError(f"task_type must be survival or regression, got {task_type!r}")
+    rng = np.random.default_rng(seed)
+    direction = np.random.default_rng(dim).standard_normal(dim)
+    mu = shift * direction / np.linalg.norm(direction)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    n_patients = -(-n_slides // slides_per_patient)
+    lo, hi = share
+    shares = rng.uniform(lo, hi, size=n_patients)
+    hazards = 0.1 * np.exp(log_hazard_ratio * (shares - lo) / (hi - lo))
+    event_times = rng.exponential(1.0 / hazards)
+    censor_times = rng.exponential(1.0 / _censoring_rate(hazards, censored), size=n_patients)
+    values = 10.0 * shares + noise * rng.standard_normal(n_patients)
+    bags = []
+    for s in range(n_slides):
+        p = s // slides_per_patient
+        n = int(n_tiles) if isinstance(n_tiles, int) else int(rng.integers(n_tiles[0], n_tiles[1] + 1))
+        feats = rng.standard_normal((n, dim))
+        planted = np.sort(rng.choice(n, size=int(round(shares[p] * n)), replace=False))
+        feats[planted] += mu
+        slide_id = f"slide_{s:03d}"
+        bags.append(
+            OutcomeBag(
+                slide_id=slide_id,
+                patient_id=f"patient_{p:03d}",
+                path=write_feature_store(out_dir / f"{slide_id}.h5", feats.astype(np.float32)),
+                share=float(shares[p]),
+                planted=planted,
+                time=float(min(event_times[p], censor_times[p])),
+                event=int(event_times[p] <= censor_times[p]),
+                value=float(values[p]),
+            )
+        )
+    if labels_path is not None:
+        with atomic_path(labels_path, overwrite=True) as tmp:
+            with open(tmp, "w", newline="") as f:
+                writer = csv.writer(f)
+                if task_type == "survival":
+                    writer.writerow(["slide_id", "patient_id", "time", "event"])
+                    writer.writerows([b.slide_id, b.patient_id, f"{b.time:.6g}", b.event] for b in bags)
+                else:
+                    writer.writerow(["slide_id", "patient_id", "label"])
+                    writer.writerows([b.slide_id, b.patient_id, f"{b.value:.6g}"] for b in bags)
+    return bags

@@ -1,16 +1,25 @@
 """Training and cross-validated evaluation of slide-level MIL heads.
 
-One run = one head on one cohort: for each fold, train on the training slides (one bag per
-step, AdamW, class-weighted loss or class-balanced sampling), stop early on the validation
-loss, keep the best epoch's weights, and predict the fold's test slides. The output directory
-(layout in docs/formats.md, "MIL heads") is written under a temporary name and renamed when complete.
+One run = one head on one cohort: for each fold, train on the training slides (AdamW), stop
+early on the validation loss, keep the best epoch's weights, and predict the fold's test slides.
+The output directory (layout in docs/formats.md, "MIL heads") is written under a temporary name
+and renamed when complete. The task type (:class:`~wsitools.text.TaskDescription`) sets the loss:
+
+- classification: one bag per step, cross-entropy with class weights or class-balanced sampling;
+- survival: one risk output, the negative Cox partial log-likelihood (Breslow ties) over a
+  mini-batch of ``survival_batch`` bags per step (one bag alone has no risk set to compare
+  with); the risks are reported standardised by the fold model's own training slides' risks
+  (minus their median, over their standard deviation), so that the folds' risks can be pooled,
+  and the high/low risk groups split at that median (0);
+- regression: one output, the Huber loss on the target standardised with the training part's
+  mean and standard deviation (recorded with the head), one bag per step.
 
 Choices where the papers are silent (documented in docs/mil.md):
 - Training steps see at most ``bag_size`` patches per bag (a fresh random subset every step,
   512 by default), which is both an augmentation and what makes 10k-patch bags train at
   over a hundred bags per second on a 2-core CPU; validation, test and prediction always use whole bags.
-- Instance dropout: each training step also drops a random ``instance_dropout`` fraction (0.7 by
-  default) of the bag's patches, so no single patch can carry the decision and the attention
+- Instance dropout: each training step can also drop a random ``instance_dropout`` fraction (0
+  by default) of the bag's patches, so no single patch can carry the decision and the attention
   learns to rank all the evidence, not just its strongest patch.
 - The validation loss used for early stopping is class-balanced (inverse-frequency weights of
   the validation set), so the majority class cannot dominate model selection.
@@ -28,8 +37,8 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +50,15 @@ from torch import nn
 from wsitools import __version__
 from wsitools.errors import DataError
 from wsitools.io import atomic_path, write_json_atomic
-from wsitools.metrics import classification_metrics, mean_sd, metrics_report
+from wsitools.metrics import (
+    METRICS,
+    REGRESSION_METRICS,
+    classification_metrics,
+    mean_sd_of,
+    metrics_report,
+    regression_metrics,
+    regression_report,
+)
 from wsitools.mil.config import Balance, TrainConfig
 from wsitools.mil.data import (
     Cohort,
@@ -59,9 +76,10 @@ from wsitools.mil.data import (
     user_folds,
 )
 from wsitools.mil.heads import HeadConfig, HeadName, PromptKind, create_head, save_head
+from wsitools.mil.predict import OUTPUT_NAMES, to_predictions, write_predictions_csv
 from wsitools.attention import write_attention
-from wsitools.mil.predict import write_predictions_csv
-from wsitools.text import TaskDescription, embed_texts, load_task, resolve_text_model, text_model_key
+from wsitools.survival import draw_risk_groups, harrell_c, survival_report
+from wsitools.text import TaskDescription, TaskType, embed_texts, load_task, resolve_text_model, text_model_key
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +88,7 @@ CACHE_BYTES = 1 << 30
 
 
 class BagDataset(torch.utils.data.Dataset):
-    """Bags read from their feature stores; a key is ``(index, draw)``.
+    """Bags read from their feature stores; a key is ``(index, draw)``, an item ``(x, ivp, index)``.
 
     ``draw`` seeds the random subset of rows for a training step (an ``instance_dropout``
     fraction dropped, at most ``bag_size`` kept), so a run is reproducible whatever the number
@@ -117,6 +135,7 @@ class BagDataset(torch.utils.data.Dataset):
         return x
 
     def __getitem__(self, key: tuple[int, int | None]) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """The bag's rows (a training subset with ``draw``), its IVP bag, and its index."""
         i, draw = key
         rng = np.random.default_rng(draw) if draw is not None else None
         index = None
@@ -134,7 +153,7 @@ class BagDataset(torch.utils.data.Dataset):
             if rng is not None:
                 sub = sample_index(len(ivp), self.bag_size, rng, instance_dropout=self.instance_dropout)
                 ivp = ivp if sub is None else ivp[torch.from_numpy(sub)]
-        return x, ivp, int(self.labels[i])
+        return x, ivp, i
 
 
 def _loader(
@@ -150,11 +169,11 @@ def _loader(
         prefetch_factor=4 if workers else None,
         pin_memory=device.type == "cuda",
     )
-    for x, ivp, y in loader:
+    for x, ivp, i in loader:
         yield (
             x.to(device, non_blocking=True),
             ivp.to(device, non_blocking=True) if ivp is not None else None,
-            y,
+            int(i),
         )
 
 
@@ -177,43 +196,110 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
     return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True)
 
 
+StepLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""A training loss: the outputs ``[B, C]`` of a step's bags and their cohort indices ``[B]`` -> scalar."""
+
+
+def cox_loss(risk: torch.Tensor, time: torch.Tensor, event: torch.Tensor) -> torch.Tensor:
+    """Negative Cox partial log-likelihood per event, Breslow's handling of tied times: each
+    event's risk against the log-sum-exp of the risks of every bag still at risk at its time
+    (``time >= its time``). Zero (with a gradient of zero) when the bags hold no event."""
+    order = torch.argsort(time)
+    r, t, e = risk[order], time[order].contiguous(), event[order]
+    at_risk = torch.logcumsumexp(r.flip(0), dim=0).flip(0)  # log sum_{k >= j} exp(r_k), times ascending
+    first = torch.searchsorted(t, t, right=False)  # the first bag at each time: ties share one risk set
+    n_events = e.sum()
+    return -((r - at_risk[first]) * e).sum() / n_events.clamp(min=1.0)
+
+
+def classification_loss(labels: torch.Tensor, weights: torch.Tensor) -> StepLoss:
+    """Cross-entropy times the class weight of each bag's label (``labels``, ``weights`` on the
+    device). With one bag per step a weighted *mean* would cancel the weight, so it is a factor."""
+
+    def loss(outputs: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        y = labels[index]
+        return (weights[y] * F.cross_entropy(outputs, y, reduction="none")).mean()
+
+    return loss
+
+
+def survival_loss(targets: torch.Tensor) -> StepLoss:
+    """:func:`cox_loss` of the step's bags; ``targets`` [n, 2] (time, event) on the device."""
+
+    def loss(outputs: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return cox_loss(outputs[:, 0], targets[index, 0], targets[index, 1])
+
+    return loss
+
+
+def regression_loss(targets: torch.Tensor) -> StepLoss:
+    """Huber loss (delta 1, i.e. one standard deviation of the training targets) against the
+    standardised ``targets`` [n] on the device: squared near the target, linear for outliers."""
+
+    def loss(outputs: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return F.huber_loss(outputs[:, 0], targets[index], delta=1.0)
+
+    return loss
+
+
+def step_groups(n_keys: int, batch: int) -> list[int]:
+    """Sizes of the optimiser steps of an epoch of ``n_keys`` bags: ``batch`` 1 gives one bag per
+    step; larger, the epoch is cut into ``ceil(n_keys / batch)`` steps of nearly equal size (no
+    leftover step of one or two bags, whose risk set would be almost empty)."""
+    if batch <= 1:
+        return [1] * n_keys
+    n_steps = max(1, math.ceil(n_keys / batch))
+    return [len(part) for part in np.array_split(np.arange(n_keys), n_steps) if len(part)]
+
+
 def train_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     dataset: BagDataset,
     keys: Sequence[tuple[int, int]],
     *,
-    step_weights: torch.Tensor,
+    step_loss: StepLoss,
+    batch: int = 1,
     device: torch.device = torch.device("cpu"),
     workers: int = 0,
 ) -> float:
-    """One pass over ``keys``, one bag per optimiser step; returns the mean (class-weighted) loss.
-
-    Each step's loss is ``weight[y] * CE``: with one bag per step a weighted mean would cancel
-    the weight, so it is applied as a factor. ``model`` and ``step_weights`` are on ``device``.
-    The losses are summed in float64 on the device (no GPU synchronisation per step; the same
-    sum as adding them up as Python floats).
+    """One pass over ``keys`` in optimiser steps of ``batch`` bags (:func:`step_groups`); returns
+    the mean step loss. Each bag is run on its own (bags differ in size) and the step's outputs
+    are stacked for ``step_loss``. A step whose loss is exactly zero without a gradient path
+    (a survival step without an event) is skipped. The losses are summed in float64 on the
+    device (no GPU synchronisation per step).
     """
     model.train()
     total = torch.zeros((), dtype=torch.float64, device=device)
-    for x, ivp, y in _loader(dataset, keys, workers, device):
-        out = model(x, ivp)
-        loss = step_weights[y] * F.cross_entropy(out.logits[None], torch.tensor([y], device=device))
+    groups = step_groups(len(keys), batch)
+    bags = _loader(dataset, keys, workers, device)
+    for size in groups:
+        outputs, index = [], []
+        for _ in range(size):
+            x, ivp, i = next(bags)
+            outputs.append(model(x, ivp).logits)
+            index.append(i)
+        loss = step_loss(torch.stack(outputs), torch.tensor(index, device=device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         total += loss.detach()
-    return float(total) / max(1, len(keys))
+    return float(total) / max(1, len(groups))
 
 
 @dataclass
 class Evaluation:
-    """Whole-bag predictions of one model on a set of slides."""
+    """Whole-bag outputs of one model on a set of slides."""
 
     index: np.ndarray
-    probs: np.ndarray  # [n, C]
+    outputs: np.ndarray  # [n, C] logits (classification) or [n, 1] risk / standardised value
     attention: list[np.ndarray]
-    loss: float  # class-balanced mean cross-entropy
+    loss: float  # the task's validation loss (see :func:`evaluate`)
+
+    @property
+    def probs(self) -> np.ndarray:
+        """Class probabilities [n, C] (softmax of the logits)."""
+        return torch.softmax(torch.from_numpy(self.outputs), dim=-1).numpy()
 
 
 @torch.no_grad()
@@ -222,31 +308,43 @@ def evaluate(
     dataset: BagDataset,
     index: np.ndarray,
     *,
+    task_type: TaskType = "classification",
+    targets: torch.Tensor | None = None,
     device: torch.device = torch.device("cpu"),
     workers: int = 0,
 ) -> Evaluation:
-    """Predict whole bags in eval mode (``model`` on ``device``); the loss weights each class by
-    its inverse frequency here. Results are gathered on the device and copied back once."""
+    """Predict whole bags in eval mode (``model`` on ``device``). The loss: cross-entropy with
+    each class weighted by its inverse frequency here (classification), the Cox loss of all the
+    bags together (survival), the mean Huber loss (regression; ``targets`` standardised, on
+    the device). Results are gathered on the device and copied back once."""
     model.eval()
-    probs, attention, losses = [], [], []
-    for x, ivp, y in _loader(dataset, [(int(i), None) for i in index], workers, device):
+    outputs, attention = [], []
+    for x, ivp, _ in _loader(dataset, [(int(i), None) for i in index], workers, device):
         out = model(x, ivp)
-        probs.append(torch.softmax(out.logits, dim=-1))
+        outputs.append(out.logits)
         attention.append(out.attention)
-        losses.append(F.cross_entropy(out.logits[None], torch.tensor([y], device=device)))
-    labels = dataset.labels[index]
-    probs_np = torch.stack(probs).cpu().numpy()
-    weights = class_weights(labels, probs_np.shape[1])[labels]
-    per_bag = torch.stack(losses).cpu().numpy().astype(np.float64)
-    loss = float(np.sum(weights * per_bag) / np.sum(weights))
+    stacked = torch.stack(outputs)
+    at = torch.as_tensor(np.asarray(index), device=device)
+    if task_type == "classification":
+        labels = dataset.labels[index]
+        per_bag = F.cross_entropy(stacked, torch.from_numpy(labels).to(device), reduction="none")
+        weights = class_weights(labels, stacked.shape[1])[labels]
+        loss = float(np.sum(weights * per_bag.cpu().numpy().astype(np.float64)) / np.sum(weights))
+    else:
+        assert targets is not None
+        step = survival_loss(targets) if task_type == "survival" else regression_loss(targets)
+        loss = float(step(stacked, at))
     return Evaluation(
-        index=np.asarray(index), probs=probs_np, attention=[a.cpu().numpy() for a in attention], loss=loss
+        index=np.asarray(index), outputs=stacked.float().cpu().numpy(),
+        attention=[a.cpu().numpy() for a in attention], loss=loss,
     )
 
 
 @dataclass
 class FoldResult:
-    """A trained fold: its model (best epoch restored, on the training device), curves and test evaluation."""
+    """A trained fold: its model (best epoch restored, on the training device), curves, test
+    evaluation, and how its outputs become predictions (``scale``: the risk offset of a survival
+    head, the target mean and standard deviation of a regression head)."""
 
     fold: Fold
     model: nn.Module
@@ -254,6 +352,50 @@ class FoldResult:
     best_epoch: int
     test: Evaluation
     seconds: float = 0.0
+    scale: dict[str, float] = field(default_factory=dict)
+
+    def predictions(self) -> np.ndarray:
+        """The test slides' predictions: class probabilities [n, C], or the risk / value [n]."""
+        return to_predictions(self.test.outputs, self.scale)
+
+
+def _fold_targets(cohort: Cohort, fold: Fold) -> tuple[torch.Tensor | None, dict[str, float]]:
+    """The targets a fold trains on, and the scale recorded with its head: regression targets
+    standardised with the training part's mean and standard deviation."""
+    if cohort.task_type == "survival":
+        return torch.from_numpy(cohort.targets.astype(np.float32)), {}
+    if cohort.task_type == "regression":
+        values = cohort.targets[fold.train]
+        mean, sd = float(values.mean()), float(values.std())
+        if sd == 0:
+            raise DataError(f"fold {fold.index}: the training slides all have the label {mean:g}; nothing to regress")
+        return torch.from_numpy(((cohort.targets - mean) / sd).astype(np.float32)), {"target_mean": mean, "target_sd": sd}
+    return None, {}
+
+
+def _check_fold(cohort: Cohort, fold: Fold) -> None:
+    for part in ("train", "val", "test"):
+        if len(getattr(fold, part)) == 0:
+            raise DataError(f"fold {fold.index}: the {part} part is empty (too few patients for this split)")
+    if cohort.task_type == "classification" and len(np.unique(cohort.labels[fold.train])) < 2:
+        raise DataError(f"fold {fold.index}: the training part holds a single class")
+    if cohort.task_type == "survival":
+        for part in ("train", "val"):
+            if cohort.targets[getattr(fold, part), 1].sum() < 1:
+                raise DataError(f"fold {fold.index}: the {part} part holds no event (too few events for this split)")
+
+
+def _val_scores(cohort: Cohort, val: Evaluation, targets: torch.Tensor | None) -> dict[str, float]:
+    """The validation metrics logged per epoch."""
+    if cohort.task_type == "classification":
+        scores = classification_metrics(cohort.labels[val.index], val.probs)
+        return {"val_auroc": scores["auroc"], "val_balanced_accuracy": scores["balanced_accuracy"]}
+    if cohort.task_type == "survival":
+        t = cohort.targets[val.index]
+        return {"val_c_index": harrell_c(t[:, 0], t[:, 1], val.outputs[:, 0])}
+    assert targets is not None
+    scores = regression_metrics(targets[val.index].numpy(), val.outputs[:, 0])
+    return {"val_pearson": scores["pearson"], "val_mae_sd": scores["mae"]}
 
 
 def train_fold(
@@ -271,11 +413,7 @@ def train_fold(
     weights do not depend on the device."""
     from tqdm import tqdm
 
-    for part in ("train", "val", "test"):
-        if len(getattr(fold, part)) == 0:
-            raise DataError(f"fold {fold.index}: the {part} part is empty (too few patients for this split)")
-    if len(np.unique(cohort.labels[fold.train])) < 2:
-        raise DataError(f"fold {fold.index}: the training part holds a single class")
+    _check_fold(cohort, fold)
     torch.manual_seed(config.seed * 1009 + fold.index)
     rng = np.random.default_rng([config.seed, fold.index])
     model = create_head(head_config, text_embeddings=text_embeddings).to(device)
@@ -284,12 +422,21 @@ def train_fold(
         cohort.paths, cohort.labels, cohort.sizes, bag_size=config.bag_size,
         instance_dropout=config.instance_dropout, ivp_paths=cohort.ivp_paths,
     )
-    n_classes = len(cohort.classes)
-    step_weights = (
-        torch.from_numpy(class_weights(cohort.labels[fold.train], n_classes))
-        if config.balance == "weights"
-        else torch.ones(n_classes)
-    ).to(device)
+    targets, scale = _fold_targets(cohort, fold)
+    targets_dev = targets.to(device) if targets is not None else None
+    batch = 1
+    if cohort.task_type == "classification":
+        n_classes = len(cohort.classes)
+        step_weights = (
+            torch.from_numpy(class_weights(cohort.labels[fold.train], n_classes))
+            if config.balance == "weights"
+            else torch.ones(n_classes)
+        ).to(device)
+        step_loss = classification_loss(torch.from_numpy(cohort.labels).to(device), step_weights)
+    elif cohort.task_type == "survival":
+        step_loss, batch = survival_loss(targets_dev), config.survival_batch
+    else:
+        step_loss = regression_loss(targets_dev)
     best_loss, best_epoch, best_state = math.inf, -1, None
     history: list[dict[str, float]] = []
     start = time.perf_counter()
@@ -298,17 +445,16 @@ def train_fold(
         t0 = time.perf_counter()
         keys = epoch_keys(fold.train, cohort.labels, balance=config.balance, rng=rng)
         train_loss = train_epoch(
-            model, optimizer, dataset, keys, step_weights=step_weights, device=device, workers=config.workers
+            model, optimizer, dataset, keys, step_loss=step_loss, batch=batch, device=device, workers=config.workers
         )
-        val = evaluate(model, dataset, fold.val, device=device, workers=config.workers)
-        scores = classification_metrics(cohort.labels[fold.val], val.probs)
+        val = evaluate(model, dataset, fold.val, task_type=cohort.task_type, targets=targets_dev,
+                       device=device, workers=config.workers)
         history.append(
             {
                 "epoch": epoch,
                 "train_loss": train_loss,
                 "val_loss": val.loss,
-                "val_auroc": scores["auroc"],
-                "val_balanced_accuracy": scores["balanced_accuracy"],
+                **_val_scores(cohort, val, targets),
                 "seconds": time.perf_counter() - t0,
             }
         )
@@ -320,13 +466,30 @@ def train_fold(
             break
     assert best_state is not None
     model.load_state_dict(best_state)
-    test = evaluate(model, dataset, fold.test, device=device, workers=config.workers)
+    test = evaluate(model, dataset, fold.test, task_type=cohort.task_type, targets=targets_dev,
+                    device=device, workers=config.workers)
+    if cohort.task_type == "survival":
+        seen = np.sort(np.concatenate([fold.train, fold.val]))
+        own = evaluate(model, dataset, seen, task_type="survival", targets=targets_dev, device=device, workers=config.workers)
+        risks = own.outputs[:, 0].astype(np.float64)
+        scale = {"risk_offset": float(np.median(risks)), "risk_scale": float(max(risks.std(), 1e-6))}
     return FoldResult(
-        fold=fold, model=model, history=history, best_epoch=best_epoch, test=test, seconds=time.perf_counter() - start
+        fold=fold, model=model, history=history, best_epoch=best_epoch, test=test,
+        seconds=time.perf_counter() - start, scale=scale,
     )
 
 
-def plot_curves(path: Path, histories: dict[int, list[dict[str, float]]], best: dict[int, int], *, title: str) -> None:
+LOSS_NAMES: dict[TaskType, str] = {
+    "classification": "cross-entropy",
+    "survival": "Cox partial likelihood (neg. log, per event)",
+    "regression": "Huber loss (standardised target)",
+}
+
+
+def plot_curves(
+    path: Path, histories: dict[int, list[dict[str, float]]], best: dict[int, int], *, title: str,
+    loss_name: str = LOSS_NAMES["classification"],
+) -> None:
     """Training and validation loss per epoch, one colour per fold, best epoch marked."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -340,9 +503,22 @@ def plot_curves(path: Path, histories: dict[int, list[dict[str, float]]], best: 
         ax.plot(epochs, [h["val_loss"] for h in hist], "-", color=line.get_color(), label=f"fold {k} val")
         ax.axvline(best[k], color=line.get_color(), alpha=0.3, linewidth=1)
     ax.set_xlabel("epoch")
-    ax.set_ylabel("cross-entropy")
+    ax.set_ylabel(loss_name)
     ax.set_title(title)
     ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    with atomic_path(path, overwrite=True) as tmp:
+        fig.savefig(tmp, format="png")
+
+
+def plot_risk_groups(path: Path, time: np.ndarray, event: np.ndarray, high: np.ndarray, *, title: str) -> None:
+    """Kaplan-Meier curves of the out-of-fold high- and low-risk groups with the log-rank p-value."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4.2), dpi=100)
+    FigureCanvasAgg(fig)
+    draw_risk_groups(fig.add_subplot(1, 1, 1), time, event, high, title=title)
     fig.tight_layout()
     with atomic_path(path, overwrite=True) as tmp:
         fig.savefig(tmp, format="png")
@@ -359,8 +535,40 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 def task_text_embeddings(
     task: TaskDescription, *, text_model: str | os.PathLike[str] | None, cache_dir: str | os.PathLike[str] | None
 ) -> torch.Tensor:
-    """TTP's frozen embeddings: the task text and each class description, [1 + C, E]."""
+    """TTP's frozen embeddings of ``task.prompts()``: the task text, then each class description
+    (or a survival/regression task's high/low descriptions), [K, E]."""
     return torch.from_numpy(embed_texts(task.prompts(), model=text_model, cache_dir=cache_dir))
+
+
+def _fold_report(
+    cohort: Cohort, index: np.ndarray, preds: np.ndarray, config: TrainConfig, *, auc_times: Sequence[float] = ()
+) -> dict[str, Any]:
+    """The metrics of predictions ``preds`` of the slides ``index`` (one fold or pooled);
+    ``auc_times``: where a survival report's time-dependent AUC is taken (default: the
+    quartiles of the event times)."""
+    if cohort.task_type == "classification":
+        return metrics_report(cohort.labels[index], preds, class_names=cohort.classes, n_boot=config.n_boot,
+                              seed=config.seed)
+    if cohort.task_type == "regression":
+        return regression_report(cohort.targets[index], preds, n_boot=config.n_boot, seed=config.seed)
+    t = cohort.targets[index]
+    return survival_report(t[:, 0], t[:, 1], preds, times=list(auc_times) or None, high_risk=preds > 0,
+                           n_boot=config.n_boot, seed=config.seed)
+
+
+def _prediction_row(cohort: Cohort, i: int, fold: int, pred: np.ndarray) -> dict[str, Any]:
+    row: dict[str, Any] = {"slide_id": cohort.slide_ids[i], "patient_id": cohort.patients[i]}
+    if cohort.task_type == "classification":
+        return {**row, "label": cohort.classes[cohort.labels[i]], "fold": fold, "probs": pred}
+    if cohort.task_type == "survival":
+        return {**row, "time": cohort.targets[i, 0], "event": int(cohort.targets[i, 1]), "fold": fold, "risk": float(pred)}
+    return {**row, "label": cohort.targets[i], "fold": fold, "prediction": float(pred)}
+
+
+def _headline(cohort: Cohort) -> tuple[str, ...]:
+    """The metrics logged per fold and printed by the CLI."""
+    return {"classification": METRICS[:3], "survival": ("c_index", "uno_c"),
+            "regression": ("pearson", "spearman", "mae")}[cohort.task_type]
 
 
 def train(
@@ -384,15 +592,17 @@ def train(
 ) -> dict[str, Any]:
     """Cross-validate ``head`` on a labelled cohort and write the run to ``out_dir``.
 
-    ``task`` (a task YAML or :class:`TaskDescription`) names the classes in logit order and
-    describes them; heads that use no text (``abmil``, ``meanpool``, ``pathotune`` without
-    ``ttp``) can do without it, and then the classes are the labels found in the table, sorted
-    (recorded as ``classes`` with every head). Folds come from the labels table's
-    ``split``/``fold`` column if it has one, else from patient-level stratified k-fold. A task
-    class without a usable labelled slide is an error (a warning with ``allow_empty_classes``).
-    ``device``: ``auto`` (CUDA when available), ``cpu`` or
-    ``cuda`` (a :class:`~wsitools.errors.ModelError` when there is no GPU). Returns the content
-    of ``metrics.json``.
+    ``task`` (a task YAML or :class:`TaskDescription`) sets the task type (classification by
+    default, survival, regression), names the classes in logit order and describes them; heads
+    that use no text (``abmil``, ``meanpool``, ``pathotune`` without ``ttp``) can do without it
+    for classification, and then the classes are the labels found in the table, sorted
+    (recorded as ``classes`` with every head). Survival and regression need the task. Folds
+    come from the labels table's ``split``/``fold`` column if it has one, else from
+    patient-level stratified k-fold (on the class, or on the event indicator for survival). A
+    task class without a usable labelled slide is an error (a warning with
+    ``allow_empty_classes``). ``device``: ``auto`` (CUDA when available), ``cpu`` or ``cuda``
+    (a :class:`~wsitools.errors.ModelError` when there is no GPU). Returns the content of
+    ``metrics.json``.
     """
     from wsitools.device import resolve_device
 
@@ -401,16 +611,23 @@ def train(
         raise DataError("the ttp prompt embeds the task and class descriptions: give a task (--task TASK.yaml)")
     task = task if isinstance(task, TaskDescription) or task is None else load_task(task)
     task_name = task.name if task is not None else ""
+    task_type: TaskType = task.type if task is not None else "classification"
+    auc_times = task.auc_times if task is not None else ()
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise DataError(f"output {out_dir} exists; use --overwrite to replace it")
     if ivp_features_dir is not None and "ivp" not in prompts:
         raise DataError("--ivp-features is used by the 'ivp' prompt; add ivp to --prompts")
-    rows = read_labels(labels)
-    classes = task.classes if task is not None else tuple(sorted({r.label for r in rows}))
+    if task_type != "classification" and config.balance == "sampling":
+        raise DataError(f"--balance sampling balances classes; a {task_type} task has none (leave the default)")
+    rows = read_labels(labels, task_type=task_type)
+    if task_type != "classification":
+        classes: tuple[str, ...] = ()
+    else:
+        classes = task.classes if task is not None else tuple(sorted({r.label for r in rows}))
     cohort = build_cohort(
         rows, features_dir, classes, ivp_features_dir=ivp_features_dir, strict=strict,
-        allow_empty_classes=allow_empty_classes,
+        allow_empty_classes=allow_empty_classes, task_type=task_type,
     )
     if cohort.splits is not None or cohort.folds is not None:
         folds = user_folds(cohort, val_fraction=config.val_fraction, seed=config.seed)
@@ -429,14 +646,16 @@ def train(
     head_config = HeadConfig(
         head=head,
         in_dim=cohort.dim,
-        n_classes=len(classes),
+        n_classes=len(classes) if task_type == "classification" else 1,
         prompts=tuple(prompts),
         text_dim=int(text_embeddings.shape[1]) if text_embeddings is not None else None,
         ivp_in_dim=cohort.ivp_dim,
+        n_texts=int(text_embeddings.shape[0]) if text_embeddings is not None and task_type != "classification" else None,
         **(head_options or {}),
     )
     meta = {
         "classes": list(classes),
+        "task_type": task_type,
         "task": task.to_dict() if task is not None else None,
         "encoder": cohort.encoder,
         "encoder_hash": cohort.encoder_hash,
@@ -446,12 +665,14 @@ def train(
         "package_version": __version__,
     }
     log.info(
-        "training %s%s on %d slides (%d patients), %d folds, %d-d features, on %s",
-        head, f" [{','.join(head_config.prompts)}]" if head_config.prompts else "",
+        "training %s%s (%s) on %d slides (%d patients), %d folds, %d-d features, on %s",
+        head, f" [{','.join(head_config.prompts)}]" if head_config.prompts else "", task_type,
         len(cohort), len(set(cohort.patients)), len(folds), cohort.dim, dev,
     )
     oof_rows: list[dict[str, Any]] = []
+    oof_index, oof_preds = [], []
     fold_reports, histories, best_epochs, curve_rows = [], {}, {}, []
+    title = f"{task_name} {head}".strip()
     with atomic_path(out_dir, overwrite=overwrite) as tmp:
         (tmp / "attention").mkdir(parents=True)
         for fold in folds:
@@ -459,66 +680,71 @@ def train(
                 cohort, fold, head_config, config, text_embeddings=text_embeddings, device=dev, progress=progress
             )
             fold_dir = tmp / f"fold_{fold.index}"
-            save_head(result.model, fold_dir, meta={**meta, "fold": fold.index, "best_epoch": result.best_epoch})
+            save_head(result.model, fold_dir,
+                      meta={**meta, **result.scale, "fold": fold.index, "best_epoch": result.best_epoch})
+            preds = result.predictions()
             rows = []
             for j, i in enumerate(result.test.index):
-                sid = cohort.slide_ids[i]
-                row = {
-                    "slide_id": sid,
-                    "patient_id": cohort.patients[i],
-                    "label": cohort.classes[cohort.labels[i]],
-                    "fold": fold.index,
-                    "probs": result.test.probs[j],
-                }
+                row = _prediction_row(cohort, int(i), fold.index, preds[j])
                 rows.append(row)
+                sid = cohort.slide_ids[i]
+                outputs = (classes, preds[j]) if task_type == "classification" else ((OUTPUT_NAMES[task_type],), preds[j:j + 1])
                 bag = bag_info(cohort.paths[i], check_values=False)
                 write_attention(
                     tmp / "attention" / f"{sid}.h5",
                     slide_id=sid,
                     attention=result.test.attention[j],
                     coords=read_coords(cohort.paths[i]),
-                    classes=cohort.classes,
-                    probs=result.test.probs[j],
+                    classes=outputs[0],
+                    probs=outputs[1],
                     feature_path=bag.path,
                     provenance=bag.attrs,
-                    meta={"head": head, "task": task_name, "fold": fold.index, "label": row["label"]},
+                    meta={"head": head, "task": task_name, "task_type": task_type, "fold": fold.index,
+                          "label": _label_text(cohort, int(i))},
                 )
-            write_predictions_csv(fold_dir / "predictions.csv", rows, cohort.classes)
+            write_predictions_csv(fold_dir / "predictions.csv", rows, classes)
             oof_rows.extend(rows)
-            report = metrics_report(
-                cohort.labels[fold.test], result.test.probs, class_names=cohort.classes, n_boot=config.n_boot, seed=config.seed
-            )
+            oof_index.append(result.test.index)
+            oof_preds.append(preds)
+            report = _fold_report(cohort, result.test.index, preds, config, auc_times=auc_times)
             report.update(fold=fold.index, best_epoch=result.best_epoch, epochs_run=len(result.history),
-                          n_train=len(fold.train), n_val=len(fold.val), seconds=round(result.seconds, 2))
+                          n_train=len(fold.train), n_val=len(fold.val), seconds=round(result.seconds, 2),
+                          **result.scale)
             write_json_atomic(fold_dir / "metrics.json", report)
             fold_reports.append(report)
             fold_curves = [{"fold": fold.index, **h} for h in result.history]
             _write_csv(fold_dir / "curves.csv", fold_curves)
             plot_curves(fold_dir / "curves.png", {fold.index: result.history}, {fold.index: result.best_epoch},
-                        title=f"{task_name} {head} fold {fold.index}".strip())
+                        title=f"{title} fold {fold.index}", loss_name=LOSS_NAMES[task_type])
             curve_rows.extend(fold_curves)
             histories[fold.index], best_epochs[fold.index] = result.history, result.best_epoch
-            log.info("fold %d: test AUROC %s, best epoch %d", fold.index, report["auroc"], result.best_epoch)
+            log.info("fold %d: test %s, best epoch %d", fold.index,
+                     ", ".join(f"{k} {report[k]}" for k in _headline(cohort)), result.best_epoch)
 
-        oof_labels = np.array([classes.index(r["label"]) for r in oof_rows])
-        oof_probs = np.stack([r["probs"] for r in oof_rows])
+        index = np.concatenate(oof_index)
+        preds = np.concatenate(oof_preds)
+        pooled = _fold_report(cohort, index, preds, config, auc_times=auc_times)
         summary = {
             "task": task_name or None,
+            "task_type": task_type,
             "head": head,
             "prompts": list(head_config.prompts),
             "encoder": cohort.encoder,
             "classes": list(classes),
             "n_slides": len(cohort),
             "n_patients": len(set(cohort.patients)),
-            "pooled": metrics_report(oof_labels, oof_probs, class_names=classes, n_boot=config.n_boot, seed=config.seed),
+            "pooled": pooled,
             "folds": fold_reports,
-            "mean_over_folds": mean_sd(fold_reports),
+            "mean_over_folds": mean_sd_of(fold_reports, METRIC_NAMES[task_type]),
             "skipped": cohort.skipped,
         }
+        if task_type == "survival":
+            t = cohort.targets[index]
+            plot_risk_groups(tmp / "km.png", t[:, 0], t[:, 1], preds > 0, title=f"{title}: out-of-fold risk groups")
         write_predictions_csv(tmp / "predictions.csv", oof_rows, classes)
         write_json_atomic(tmp / "metrics.json", summary)
         _write_csv(tmp / "curves.csv", curve_rows)
-        plot_curves(tmp / "curves.png", histories, best_epochs, title=f"{task_name} {head}".strip())
+        plot_curves(tmp / "curves.png", histories, best_epochs, title=title, loss_name=LOSS_NAMES[task_type])
         _write_splits(tmp / "splits.csv", cohort, folds)
         write_json_atomic(
             tmp / "run.json",
@@ -538,11 +764,28 @@ def train(
     return summary
 
 
+METRIC_NAMES: dict[TaskType, tuple[str, ...]] = {
+    "classification": METRICS,
+    "survival": ("c_index", "uno_c"),
+    "regression": REGRESSION_METRICS,
+}
+"""The scalar metrics of each task type, averaged over folds in ``metrics.json``."""
+
+
+def _label_text(cohort: Cohort, i: int) -> str:
+    """A slide's label as text: its class, its target value, or ``time`` with ``+`` if censored."""
+    if cohort.task_type == "classification":
+        return cohort.classes[cohort.labels[i]]
+    if cohort.task_type == "regression":
+        return f"{cohort.targets[i]:g}"
+    return f"{cohort.targets[i, 0]:g}{'' if cohort.targets[i, 1] else '+'}"
+
+
 def _write_splits(path: Path, cohort: Cohort, folds: Sequence[Fold]) -> None:
     rows = []
     for fold in folds:
         for part in ("train", "val", "test"):
             for i in getattr(fold, part):
                 rows.append({"fold": fold.index, "part": part, "slide_id": cohort.slide_ids[i],
-                             "patient_id": cohort.patients[i], "label": cohort.classes[cohort.labels[i]]})
+                             "patient_id": cohort.patients[i], "label": _label_text(cohort, int(i))})
     _write_csv(path, rows)
