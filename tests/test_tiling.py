@@ -71,7 +71,7 @@ def test_jpeg_store_is_close_to_direct_reads_and_a_fraction_of_lossless(syntheti
     tile_slide(synthetic_svs, tmp_path / "j50", params(mpp=mpp, jpeg_quality=50), progress=False)
     tile_slide(synthetic_svs, tmp_path / "l", params(mpp=mpp, codec="lossless"), progress=False)
     jpeg, jpeg50, lossless = (PatchStore.open(tmp_path / d / "synth_svs.zarr") for d in ("j", "j50", "l"))
-    assert (jpeg.attrs["codec"], jpeg.attrs["jpeg_quality"], jpeg.attrs["jpeg_subsampling"]) == ("jpeg", 90, "420")
+    assert (jpeg.attrs["codec"], jpeg.attrs["jpeg_quality"], jpeg.attrs["jpeg_subsampling"]) == ("jpeg", 95, "444")
     assert (lossless.attrs["codec"], lossless.attrs["jpeg_quality"]) == ("lossless", None)
     assert jpeg.attrs["format_version"] == lossless.attrs["format_version"] == 3
     tiles, exact = jpeg.read_tiles(slice(None)), lossless.read_tiles(slice(None))
@@ -206,7 +206,7 @@ def test_store_provenance_attributes(synthetic_svs, tmp_path):
         assert key in a
     import zarr
 
-    assert (a["codec"], a["jpeg_quality"]) == ("jpeg", 90)
+    assert (a["codec"], a["jpeg_quality"]) == ("jpeg", 95)
     tiles = zarr.open_array(str(tmp_path / "synth_svs.zarr" / "tiles"), mode="r")
     assert tiles.shape == (a["n_tiles"],) and tiles.chunks == (64,)  # one JPEG per tile, 64 per chunk
     assert bytes(tiles[:1][0])[:2] == b"\xff\xd8"  # a JPEG any zarr reader gets as bytes

@@ -254,7 +254,7 @@ def test_schema_fills_in_the_defaults():
     config = {"heads": {"h": {"type": "abmil"}}, "tiling": {"mpp": 1.0}}
     validate(config, str(REPO / "workflow" / "schemas" / "config.schema.yaml"))
     assert config["tiling"] == {"mpp": 1.0, "tile_size": 224, "overlap": 0, "min_tissue": 0.5,
-                                "backend": "auto", "store_pixels": True, "codec": "jpeg", "jpeg_quality": 90,
+                                "backend": "auto", "store_pixels": True, "codec": "jpeg", "jpeg_quality": 95,
                                 "threads": 2, "extra_args": []}
     assert config["heads"]["h"] == {"type": "abmil", "prompts": ["tvp", "ttp"], "folds": 5,
                                     "threads": 1, "device": "auto", "extra_args": []}

@@ -3,7 +3,7 @@
 Layout (docs/formats.md): ``coords`` [N, 2] int64 level-0 (x, y) top-left corners, ``tiles``
 in chunks of many tiles (absent when pixels are switched off), ``tissue_fraction`` [N] float32,
 and the provenance under the group attribute ``wsitools``. ``tiles`` holds either one JPEG per
-tile ([N] variable-length bytes, codec ``jpeg``, the default: about a sixth of the lossless
+tile ([N] variable-length bytes, codec ``jpeg``, the default: under a third of the lossless
 size, docs/benchmarks.md) or the pixels themselves ([N, S, S, 3] uint8 under Blosc, codec
 ``lossless``). Readers never see the difference: :meth:`PatchStore.read_tiles` gives uint8
 pixels for both, and for format 2 stores (lossless, written before the codec was recorded).
@@ -51,13 +51,14 @@ limits tiling, but only 1.1-2x on tissue tiles (docs/benchmarks.md)."""
 Codec = Literal["jpeg", "lossless"]
 CODECS: tuple[Codec, ...] = ("jpeg", "lossless")
 DEFAULT_CODEC: Codec = "jpeg"
-DEFAULT_JPEG_QUALITY = 90
-"""Quality of the tile JPEGs: at 224 px about 21 KB a tile and 35 dB PSNR against the tiles
-as read, features within cosine 0.999 of the lossless tiles' (docs/benchmarks.md). Lower
-qualities save little more space and lose fidelity fast."""
-JPEG_SUBSAMPLING = "420"
-"""Chroma subsampling of the tile JPEGs (4:2:0, as scanners write slides): at the same size,
-fidelity equal to 4:4:4 at a lower quality, and faster to decode."""
+DEFAULT_JPEG_QUALITY = 95
+"""Quality of the tile JPEGs. Measured on JPEG-textured slides resampled to 224 px tiles
+(docs/benchmarks.md): 95 keeps efficientnet-lite0 features within cosine 0.996 of the lossless
+tiles' at about 36 KB a tile (0.29 of lossless); 90 saves a quarter of that but falls to 0.992,
+and ImageNet CNN features are more sensitive to JPEG artefacts than PSNR suggests."""
+JPEG_SUBSAMPLING = "444"
+"""Chroma subsampling of the tile JPEGs: none (4:4:4). Stain colour carries much of what encoders
+see: at equal size, 4:2:0 or 4:2:2 at a higher quality moves features further (docs/benchmarks.md)."""
 
 
 @dataclass(frozen=True)
