@@ -17,7 +17,8 @@ pyramid 1/4/16 as 40x scanners write it, so 0.5 um/px tiles are resampled from l
   consecutive tiles (what each DataLoader item reads) over the whole store, one thread;
 - for the choice of chroma subsampling: the sampled lossless tiles coded at each quality with
   4:2:0 instead of the store's 4:4:4 (the same encoder call), their size and efficientnet-lite0
-  cosine;
+  cosine; and, as a yardstick of the encoder's sensitivity, the cosine after adding uniform
+  noise of +-1 grey level to every pixel of the lossless tiles;
 
 and the ratios jpeg / lossless for size and read cost.
 
@@ -176,6 +177,9 @@ def main() -> None:
                 cos[label][f"{name} [{keep.sum()} tiles]"] = (float(c.mean()), float(c.min()))
             if name.startswith("efficientnet"):
                 chroma = other_subsampling(encoder, lossless_tiles, ref, qualities)
+                noisy = np.clip(lossless_tiles + np.random.default_rng(0).integers(-1, 2, lossless_tiles.shape), 0, 255)
+                noise_cos = cosine(features(encoder, noisy.astype(np.uint8)), ref)
+                noise_psnr = psnr(noisy.astype(np.uint8), lossless_tiles)[0]
     finally:
         shutil.rmtree(work, ignore_errors=True)  # stores, and the slide unless --slide named it
 
@@ -191,6 +195,8 @@ def main() -> None:
     print(f"\nthe same tiles coded with 4:2:0 instead of {JPEG_SUBSAMPLING} (KB/tile, efficientnet-lite0 cosine mean):")
     for q, (kb, c) in chroma.items():
         print(f"  q{q}: {kb:.1f} KB, cosine {c:.5f}")
+    print(f"lossless tiles + uniform noise of +-1 grey level ({noise_psnr:.1f} dB): efficientnet-lite0 cosine "
+          f"{noise_cos.mean():.5f} / {noise_cos.min():.5f}")
     lossless = rows["lossless"]
     print("\nratios against lossless (target: size <= 0.25 and <= 25 KB/tile; cosine >= 0.995):")
     for label, r in rows.items():
