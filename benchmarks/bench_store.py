@@ -14,7 +14,8 @@ pyramid 1/4/16 as 40x scanners write it, so 0.5 um/px tiles are resampled from l
   min), for efficientnet-lite0 (the card's ImageNet weights), the random-weight test ViT, and
   ViT-B/16 (the ``vitb16-imagenet`` card's architecture; random weights when its files are absent);
 - read cost per tile on the extraction path: ``PatchStore.read_tiles`` of batches of 64
-  consecutive tiles (what each DataLoader item reads) over the whole store, one thread;
+  consecutive tiles (what each DataLoader item reads) over the whole store, one thread, best of
+  5 passes taking turns between the stores;
 - for the choice of chroma subsampling: the sampled lossless tiles coded at each quality with
   4:2:0 instead of the store's 4:4:4 (the same encoder call), their size and efficientnet-lite0
   cosine; and, as a yardstick of the encoder's sensitivity, the cosine after adding uniform
@@ -72,15 +73,18 @@ def psnr(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     return float(db[0]), float(db[1])
 
 
-def read_ms_per_tile(store: PatchStore, repeats: int = 2) -> float:
-    """Best of ``repeats`` passes: ms per tile of reading the whole store in batches of 64."""
-    best = np.inf
-    for _ in range(repeats):
-        t = time.perf_counter()
-        for a in range(0, len(store), CHUNK_TILES):
-            store.read_tiles(slice(a, a + CHUNK_TILES))
-        best = min(best, (time.perf_counter() - t) / len(store) * 1e3)
-    return float(best)
+def read_ms_per_tile(stores: dict[str, PatchStore], rounds: int = 5) -> dict[str, float]:
+    """ms per tile of reading each whole store in batches of 64: the best of ``rounds`` passes,
+    the stores taking turns within each round, so that a busy spell on a shared machine slows
+    all of them rather than one."""
+    best = dict.fromkeys(stores, np.inf)
+    for _ in range(rounds):
+        for label, store in stores.items():
+            t = time.perf_counter()
+            for a in range(0, len(store), CHUNK_TILES):
+                store.read_tiles(slice(a, a + CHUNK_TILES))
+            best[label] = min(best[label], (time.perf_counter() - t) / len(store) * 1e3)
+    return {label: float(ms) for label, ms in best.items()}
 
 
 def encoders(names: tuple[str, ...]) -> dict[str, object]:
@@ -163,8 +167,9 @@ def main() -> None:
                 "kb_per_tile": tiles_bytes(store) / n / 1e3,
                 "psnr": overall,
                 "psnr_min": worst,
-                "read_ms": read_ms_per_tile(store),
             }
+        for label, ms in read_ms_per_tile(stores).items():
+            rows[label]["read_ms"] = ms
         lossless_tiles = stores["lossless"].read_tiles(sample)
         vit_rows = sample[:: max(1, len(sample) // args.vit_sample)][: args.vit_sample]
         cos: dict[str, dict[str, tuple[float, float]]] = {label: {} for label in variants}

@@ -300,6 +300,19 @@ def test_slide_glob_cohort_makes_tiles_and_features_only(tmp_path):
     assert result.returncode != 0 and "tasks need labels" in result.stdout + result.stderr
 
 
+def test_tile_jobs_get_the_configured_codec(tmp_path):
+    glob = {"slides_glob": "slides/*.svs", "tasks": {}, "heads": {}}
+    commands = {}
+    for name, tiling in (("d", {}), ("l", {"codec": "lossless", "jpeg_quality": 80}), ("n", {"store_pixels": False})):
+        work = make_project(tmp_path / name, n=1, config={**glob, "tiling": tiling})
+        result = snakemake(work, "-n", "--printshellcmds")
+        assert result.returncode == 0, result.stderr
+        commands[name] = next(line for line in result.stdout.splitlines() if "wsitools tile " in line)
+    assert "--backend auto --codec jpeg --jpeg-quality 95" in commands["d"]
+    assert "--backend auto --codec lossless --jpeg-quality 80" in commands["l"]
+    assert "--no-pixels" in commands["n"] and "--codec" not in commands["n"]
+
+
 def test_lint_is_clean(tmp_path):
     work = make_project(tmp_path / "w")
     result = snakemake(work, "--lint")
