@@ -38,8 +38,7 @@ from wsitools.io import (
 from wsitools.slide import Backend, Slide, open_slide
 from wsitools.store import (
     CHUNK_TILES, DEFAULT_CODEC, DEFAULT_JPEG_QUALITY, FORMAT_VERSION, Codec, TileCodec, codec_attrs,
-    create_patch_store,
-    read_store_attrs, seal_patch_store, slide_identity, write_tile_chunk,
+    create_patch_store, read_store_attrs, seal_patch_store, slide_identity, write_tile_chunk,
 )
 from wsitools.tissue import TissueParams, TissueResult, detect_tissue, params_dict, tissue_fraction, write_qc
 from wsitools.types import MPP_MAX, MPP_MIN, MicronsPerPixel, TargetPx, check_distinct_ids, check_slide_id, slide_id_from_path
