@@ -54,7 +54,7 @@ DEFAULT_CODEC: Codec = "jpeg"
 DEFAULT_JPEG_QUALITY = 95
 """Quality of the tile JPEGs. Measured on JPEG-textured slides resampled to 224 px tiles
 (docs/benchmarks.md): 95 keeps efficientnet-lite0 features within cosine 0.996 of the lossless
-tiles' at about 36 KB a tile (0.29 of lossless); 90 saves a quarter of that but falls to 0.992,
+tiles' at about 37 KB a tile (0.28 of lossless); 90 saves a quarter of that but falls to 0.992,
 and ImageNet CNN features are more sensitive to JPEG artefacts than PSNR suggests."""
 JPEG_SUBSAMPLING = "444"
 """Chroma subsampling of the tile JPEGs: none (4:4:4). Stain colour carries much of what encoders
