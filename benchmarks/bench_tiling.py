@@ -1,19 +1,22 @@
-"""Tiling benchmark: our tiler against a naive per-tile loop and the file's raw decode rate.
+"""Tiling benchmark: our tiler against a naive per-tile loop and against its bound, in one run.
 
 One process, one synthetic slide (default 40k x 30k at 0.25 um/px, JPEG tiles, pyramid 1/2/4/8/16,
 tissue over part of it), target 0.5 um/px, 224 px tiles:
 
-- ours: ``tile_slide`` with 1 worker (per core) and with all CPUs;
+- ours: ``tile_slide`` with the default store (one JPEG per tile) with 1 worker and with all CPUs,
+  and coordinates only (no pixels) with 1 worker;
 - naive: what CLAM- and STAMP-style code does: for each tissue tile, ``read_region`` at level 0
   (448 x 448) and resize to 224 (on a sample of the tiles);
 - raw decode: tifffile + imagecodecs decoding every JPEG tile of the level we read that the
   kept tiles touch, in one thread: the bound for reading this file;
-- lossless bound: that decode plus the least a store with pixels must add, in one thread:
-  compressing as many tile pixels and writing them as new chunk files (the store's own chunk writer)
-  (pixels cut from the decoded tiles, so they compress as the real ones do). No tiler that
-  keeps the pixels losslessly can beat it on this machine and file system.
+- bound: that decode plus the least a store with pixels must add, in one thread: encoding as many
+  tiles with the store's codec and writing them as new chunk files (the store's own chunk writer;
+  pixels cut from the decoded tiles, so they code as the real ones do). No tiler that writes such
+  a store can beat it on this machine and file system. Given for the default codec (the target's
+  yardstick) and for ``lossless``.
 
-Prints tiles/s for each and the ratios (targets: ours >= 3x naive per core, >= 70% of raw).
+Prints tiles/s for each and the ratios (targets: ours >= 3x naive per core, ours >= 0.9 of the
+bound with one worker).
 
     python benchmarks/bench_tiling.py [--size 40000x30000] [--slide PATH] [--naive-sample 400]
 """
@@ -32,14 +35,14 @@ import numpy as np
 
 from wsitools.io import available_cpus
 from wsitools.slide import open_slide
-from wsitools.store import CHUNK_TILES, PatchStore, write_tile_chunk
+from wsitools.store import CHUNK_TILES, PatchStore, TileCodec, write_tile_chunk
 from wsitools.synthetic import Region, write_slide
 from wsitools.tiling import TilingParams, plan_tiles, tile_geometry, tile_slide
 from wsitools.tissue import detect_tissue
 
 
 SAMPLE_TILES = 256
-"""Decoded tiles kept to cut the pixels of the lossless bound from."""
+"""Decoded tiles kept to cut the pixels of the bound's encoding from."""
 
 
 def make_slide(path: Path, width: int, height: int) -> Path:
@@ -109,9 +112,10 @@ def raw_decode(
     return decoded_px / (224 * 224) / seconds, decoded
 
 
-def compress_and_write_seconds(decoded: list[np.ndarray], n_tiles: int, tile: int, out: Path) -> float:
-    """Seconds to compress and write ``n_tiles`` tiles as new chunks of :data:`CHUNK_TILES` tiles
-    through the store's own :func:`write_tile_chunk`, in this thread (Blosc's own threads off)."""
+def encode_and_write_seconds(decoded: list[np.ndarray], n_tiles: int, tile: int, out: Path, codec: TileCodec) -> float:
+    """Seconds to encode ``n_tiles`` tiles with ``codec`` and write them as new chunks of
+    :data:`CHUNK_TILES` tiles through the store's own :func:`write_tile_chunk`, in this thread
+    (Blosc's own threads off)."""
     import numcodecs.blosc
 
     numcodecs.blosc.use_threads = False
@@ -120,7 +124,7 @@ def compress_and_write_seconds(decoded: list[np.ndarray], n_tiles: int, tile: in
     for c, start in enumerate(range(0, n_tiles, CHUNK_TILES)):
         chunk = crops[np.arange(start, min(n_tiles, start + CHUNK_TILES)) % len(crops)]
         t = time.perf_counter()
-        write_tile_chunk(out, c, chunk)
+        write_tile_chunk(out, c, chunk, codec=codec)
         seconds += time.perf_counter() - t
     return seconds
 
@@ -137,6 +141,10 @@ def main() -> None:
     if not slide_path.exists():
         make_slide(slide_path, width, height)
     params = TilingParams(mpp=0.5, tile_size=224)
+    codec = params.tile_codec
+    assert codec is not None
+    bound_label = f"bound: decode + {codec.name} q{codec.quality} + write, 1 core"
+    cpus = available_cpus()
     try:
         with open_slide(slide_path) as s:
             geometry = tile_geometry(s, params)
@@ -145,24 +153,27 @@ def main() -> None:
 
         warm_up(slide_path, params, work / "warm_up")
         results: dict[str, float] = {}
-        cpus = available_cpus()
-        for label, workers in (("ours, 1 worker", 1), (f"ours, {cpus} workers", cpus)):
-            out = work / f"tiles_{workers}"
+        runs = (("ours, 1 worker", params, 1), (f"ours, {cpus} workers", params, cpus),
+                ("ours, coordinates only, 1 worker", replace(params, store_pixels=False), 1))
+        for i, (label, run_params, workers) in enumerate(runs):
+            out = work / f"tiles_{i}"
             t = time.perf_counter()
-            tile_slide(slide_path, out, params, workers=workers, progress=False)
+            tile_slide(slide_path, out, run_params, workers=workers, progress=False)
             results[label] = len(PatchStore.open(out / f"{slide_path.stem}.zarr")) / (time.perf_counter() - t)
+            shutil.rmtree(out)
         results["naive read_region(level 0) + resize, 1 core"] = naive_rate(slide_path, coords, args.naive_sample)
         raw, decoded = raw_decode(
             slide_path, geometry.level, coords, geometry.tile_size_level0 / geometry.level_downsample,
             geometry.level_downsample,
         )
         results["raw JPEG decode of the level read, 1 core"] = raw
-        write_s = compress_and_write_seconds(decoded, len(coords), geometry.tile_size, work / "bound")
-        results["lossless bound (decode + compress + write), 1 core"] = len(coords) / (len(coords) / raw + write_s)
+        for label, c in ((bound_label, codec), ("bound: decode + lossless + write, 1 core", TileCodec("lossless"))):
+            write_s = encode_and_write_seconds(decoded, len(coords), geometry.tile_size, work / "bound", c)
+            shutil.rmtree(work / "bound")
+            results[label] = len(coords) / (len(coords) / raw + write_s)
     finally:
-        shutil.rmtree(work / "bound", ignore_errors=True)
-        shutil.rmtree(work / "tiles_1", ignore_errors=True)
-        shutil.rmtree(work / f"tiles_{available_cpus()}", ignore_errors=True)
+        for d in ("bound", "tiles_0", "tiles_1", "tiles_2", "warm_up"):
+            shutil.rmtree(work / d, ignore_errors=True)
 
     with open_slide(slide_path) as s:
         dims = "x".join(map(str, s.dimensions))
@@ -170,12 +181,12 @@ def main() -> None:
     for label, rate in results.items():
         print(f"  {label:48s} {rate:8.1f} tiles/s")
     ours1 = results["ours, 1 worker"]
-    print(f"  ratio ours/naive per core:      {ours1 / results['naive read_region(level 0) + resize, 1 core']:.2f}x (target >= 3)")
+    bound = results[bound_label]
     raw = results["raw JPEG decode of the level read, 1 core"]
-    bound = results["lossless bound (decode + compress + write), 1 core"]
-    print(f"  ratio ours/raw decode per core: {ours1 / raw:.2f} (target >= 0.70)")
-    print(f"  ratio lossless bound/raw decode: {bound / raw:.2f} (the most any lossless tiler can reach here)")
-    print(f"  ratio ours/lossless bound per core: {ours1 / bound:.2f}")
+    print(f"  ratio ours/naive per core:      {ours1 / results['naive read_region(level 0) + resize, 1 core']:.2f}x (target >= 3)")
+    print(f"  ratio ours/bound per core:      {ours1 / bound:.2f} (target >= 0.9)")
+    print(f"  ratio bound/raw decode:         {bound / raw:.2f} (the most any tiler writing this store can reach here)")
+    print(f"  ratio coordinates only/raw decode: {results['ours, coordinates only, 1 worker'] / raw:.2f}")
 
 
 if __name__ == "__main__":

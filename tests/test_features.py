@@ -14,7 +14,7 @@ from test_encoders import official_backbone, official_promptstate, run_cli, writ
 from wsitools.encoders import load_encoder
 from wsitools.errors import ModelError, StoreError
 from wsitools.features import FeatureStore, extract_features, feature_store_path
-from wsitools.store import PatchStore, write_patch_store
+from wsitools.store import PatchStore, TileCodec, write_patch_store
 from wsitools.tiling import TilingParams, tile_slide
 from wsitools.tissue import TissueParams
 
@@ -81,6 +81,7 @@ def test_round_trip_efficientnet_lite0_with_workers(store, tmp_path):
         tmp_path / "tiles" / "sub.zarr",
         coords=store.coords[:n], tiles=store.read_tiles(slice(0, n)),
         tissue_fraction=store.tissue_fraction[:n], attrs={**store.attrs, "slide_id": "sub"},
+        codec=TileCodec("lossless"),  # the very pixels read from the store
     )
     result = extract_features(sub, enc, tmp_path / "features", batch_size=5, workers=1, dtype="float16")
     features, coords = FeatureStore.open(result.path).load()

@@ -40,7 +40,7 @@ def exact_reference(slide, store: PatchStore) -> np.ndarray:
     [(0.25, 0, 1.0), (0.5, 1, 1.0), (0.7, 1, 1.4), (1.0, 2, 1.0), (0.3, 0, 1.2)],
 )
 def test_tiles_equal_direct_reads(synthetic_svs, tmp_path, mpp, level, resize):
-    record = tile_slide(synthetic_svs, tmp_path, params(mpp=mpp), progress=False)
+    record = tile_slide(synthetic_svs, tmp_path, params(mpp=mpp, codec="lossless"), progress=False)
     store = PatchStore.open(tmp_path / "synth_svs.zarr")
     assert record["status"] == "ok" and record["n_tiles"] == len(store) > 0
     assert store.attrs["level"] == level == record["level"]
@@ -57,6 +57,33 @@ def test_tiles_equal_direct_reads(synthetic_svs, tmp_path, mpp, level, resize):
         size = store.tile_size_level0 / store.attrs["level_downsample"]
         plain = s.read_region_resized((float(x), float(y)), level, (size, size), (64, 64))
         assert np.abs(plain.astype(int) - tiles[0]).mean() < 12
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """PSNR in dB of each tile of ``a`` against ``b`` ([n, S, S, 3] uint8)."""
+    mse = ((a.astype(np.float64) - b) ** 2).mean(axis=(1, 2, 3))
+    return 10 * np.log10(255.0**2 / np.maximum(mse, 1e-12))
+
+
+@pytest.mark.parametrize("mpp", [0.5, 0.7])
+def test_jpeg_store_is_close_to_direct_reads_and_a_fraction_of_lossless(synthetic_svs, tmp_path, mpp):
+    tile_slide(synthetic_svs, tmp_path / "j", params(mpp=mpp), progress=False)
+    tile_slide(synthetic_svs, tmp_path / "j50", params(mpp=mpp, jpeg_quality=50), progress=False)
+    tile_slide(synthetic_svs, tmp_path / "l", params(mpp=mpp, codec="lossless"), progress=False)
+    jpeg, jpeg50, lossless = (PatchStore.open(tmp_path / d / "synth_svs.zarr") for d in ("j", "j50", "l"))
+    assert (jpeg.attrs["codec"], jpeg.attrs["jpeg_quality"], jpeg.attrs["jpeg_subsampling"]) == ("jpeg", 95, "444")
+    assert (lossless.attrs["codec"], lossless.attrs["jpeg_quality"]) == ("lossless", None)
+    assert jpeg.attrs["format_version"] == lossless.attrs["format_version"] == 3
+    tiles, exact = jpeg.read_tiles(slice(None)), lossless.read_tiles(slice(None))
+    assert tiles.shape == exact.shape == (len(lossless), 64, 64, 3) and tiles.dtype == np.uint8
+    np.testing.assert_array_equal(jpeg.coords, lossless.coords)
+    assert psnr(tiles, exact).min() > 35
+    assert psnr(jpeg50.read_tiles(slice(None)), exact).mean() < psnr(tiles, exact).mean() - 2
+
+    def size(store: PatchStore) -> int:
+        return sum(f.stat().st_size for f in (store.path / "tiles").rglob("c/**/*") if f.is_file())
+
+    assert size(jpeg50) < size(jpeg) < size(lossless) / 3
 
 
 def test_coords_lie_on_the_level0_grid_inside_tissue(synthetic_svs, tmp_path):
@@ -100,7 +127,7 @@ def test_magnification_is_converted_with_objective_power(synthetic_svs, tmp_path
 
 
 def test_coords_only_store_reads_the_same_pixels(synthetic_svs, tmp_path):
-    tile_slide(synthetic_svs, tmp_path / "px", params(mpp=0.7), progress=False)
+    tile_slide(synthetic_svs, tmp_path / "px", params(mpp=0.7, codec="lossless"), progress=False)
     tile_slide(synthetic_svs, tmp_path / "co", params(mpp=0.7, store_pixels=False), progress=False)
     with_px = PatchStore.open(tmp_path / "px" / "synth_svs.zarr")
     coords_only = PatchStore.open(tmp_path / "co" / "synth_svs.zarr")
@@ -179,9 +206,10 @@ def test_store_provenance_attributes(synthetic_svs, tmp_path):
         assert key in a
     import zarr
 
+    assert (a["codec"], a["jpeg_quality"]) == ("jpeg", 95)
     tiles = zarr.open_array(str(tmp_path / "synth_svs.zarr" / "tiles"), mode="r")
-    assert tiles.chunks[0] == 64  # many tiles per chunk
-    assert tiles.compressors  # compressed
+    assert tiles.shape == (a["n_tiles"],) and tiles.chunks == (64,)  # one JPEG per tile, 64 per chunk
+    assert bytes(tiles[:1][0])[:2] == b"\xff\xd8"  # a JPEG any zarr reader gets as bytes
 
 
 def test_any_failure_of_one_slide_is_recorded_and_the_rest_go_on(synthetic_svs, blank_svs, tmp_path, monkeypatch):

@@ -394,7 +394,8 @@ def test_schema_fills_in_the_defaults():
     config = {"heads": {"h": {"type": "abmil"}}, "tiling": {"mpp": 1.0}}
     validate(config, str(REPO / "workflow" / "schemas" / "config.schema.yaml"))
     assert config["tiling"] == {"mpp": 1.0, "tile_size": 224, "overlap": 0, "min_tissue": 0.5,
-                                "backend": "auto", "store_pixels": True, "threads": 2, "extra_args": []}
+                                "backend": "auto", "store_pixels": True, "codec": "jpeg", "jpeg_quality": 95,
+                                "threads": 2, "extra_args": []}
     assert config["heads"]["h"] == {"type": "abmil", "prompts": ["tvp", "ttp"], "folds": 5,
                                     "threads": 1, "device": "auto", "extra_args": []}
     assert config["features"]["encoders"] == ["efficientnet-lite0-imagenet"]
@@ -455,6 +456,19 @@ def test_slide_glob_cohort_makes_tiles_and_features_only(tmp_path):
     labelled = make_project(tmp_path / "x", config={"slides_glob": "slides/*.svs"})
     result = snakemake(labelled, "-n")
     assert result.returncode != 0 and "tasks need labels" in result.stdout + result.stderr
+
+
+def test_tile_jobs_get_the_configured_codec(tmp_path):
+    glob = {"slides_glob": "slides/*.svs", "tasks": {}, "heads": {}}
+    commands = {}
+    for name, tiling in (("d", {}), ("l", {"codec": "lossless", "jpeg_quality": 80}), ("n", {"store_pixels": False})):
+        work = make_project(tmp_path / name, n=1, config={**glob, "tiling": tiling})
+        result = snakemake(work, "-n", "--printshellcmds")
+        assert result.returncode == 0, result.stderr
+        commands[name] = next(line for line in result.stdout.splitlines() if "wsitools tile " in line)
+    assert "--backend auto --codec jpeg --jpeg-quality 95" in commands["d"]
+    assert "--backend auto --codec lossless --jpeg-quality 80" in commands["l"]
+    assert "--no-pixels" in commands["n"] and "--codec" not in commands["n"]
 
 
 def test_lint_is_clean(tmp_path):

@@ -1,7 +1,8 @@
 """Feature extraction: patch store -> encoder -> h5 feature store ``{out_root}/{encoder}/{slide_id}.h5``.
 
-Tiles are read by DataLoader workers in contiguous batches (whole zarr chunks; a coords-only store
-reads its slide), handed over in pinned memory and copied to the device without blocking, so the
+Tiles are read by DataLoader workers in contiguous batches (whole zarr chunks, decoded to pixels
+by :meth:`PatchStore.read_tiles` whatever the store's codec; a coords-only store reads its slide),
+handed over in pinned memory and copied to the device without blocking, so the
 next batch is decoded while the current one runs. On the device the encoder's card recipe applies
 (scale to [0, 1], resize, normalise), the network runs under ``torch.inference_mode`` with the
 card's autocast dtype on a GPU, channels-last, optionally ``torch.compile``-d, and the features

@@ -1,8 +1,12 @@
 """The patch store: one zarr v3 group per slide holding its tiles, coordinates and provenance.
 
 Layout (docs/formats.md): ``coords`` [N, 2] int64 level-0 (x, y) top-left corners, ``tiles``
-[N, S, S, 3] uint8 in chunks of many tiles (absent when pixels are switched off),
-``tissue_fraction`` [N] float32, and the provenance under the group attribute ``wsitools``.
+in chunks of many tiles (absent when pixels are switched off), ``tissue_fraction`` [N] float32,
+and the provenance under the group attribute ``wsitools``. ``tiles`` holds either one JPEG per
+tile ([N] variable-length bytes, codec ``jpeg``, the default: under a third of the lossless
+size, docs/benchmarks.md) or the pixels themselves ([N, S, S, 3] uint8 under Blosc, codec
+``lossless``). Readers never see the difference: :meth:`PatchStore.read_tiles` gives uint8
+pixels for both, and for format 2 stores (lossless, written before the codec was recorded).
 
 A store exists under its final name only once complete (written under a temporary name and
 renamed), and its last file, ``manifest.json``, lists every other file with its size (and the
@@ -17,19 +21,23 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
-from wsitools.errors import DamagedStoreError, StoreError
+from wsitools.errors import ConfigError, DamagedStoreError, StoreError
 from wsitools.io import TEMP_PREFIX, file_fingerprint, sha256_file
 from wsitools.types import SLIDE_SUFFIXES, slide_id_from_path
 
-FORMAT_VERSION = 2
-"""2: with ``manifest.json`` and the slide's fingerprint. Format 1 stores (no manifest) cannot be
-told from damaged ones and are refused; ``wsitools tile`` rebuilds them."""
+FORMAT_VERSION = 3
+"""3: the tile codec (``jpeg`` or ``lossless``) recorded in the attributes. 2: with
+``manifest.json`` and the slide's fingerprint, always lossless; still read. Format 1 stores (no
+manifest) cannot be told from damaged ones and are refused; ``wsitools tile`` rebuilds them."""
+READABLE_VERSIONS = (2, 3)
 ATTRS_KEY = "wsitools"
 MANIFEST = "manifest.json"
 CHUNK_TILES = 64
@@ -38,36 +46,98 @@ for a DataLoader worker to read one chunk per batch."""
 
 
 BLOSC = {"cname": "lz4", "clevel": 5}
-"""Tiles are compressed with Blosc-lz4 (no shuffle): about 1.5-2x on tissue tiles, and fast
-enough that compression never limits tiling (docs/benchmarks.md)."""
+"""Lossless tiles are compressed with Blosc-lz4 (no shuffle): fast enough that compression never
+limits tiling, but only 1.1-2x on tissue tiles (docs/benchmarks.md)."""
+
+Codec = Literal["jpeg", "lossless"]
+CODECS: tuple[Codec, ...] = ("jpeg", "lossless")
+DEFAULT_CODEC: Codec = "jpeg"
+DEFAULT_JPEG_QUALITY = 95
+"""Quality of the tile JPEGs. Measured on JPEG-textured slides resampled to 224 px tiles
+(docs/benchmarks.md): 95 keeps efficientnet-lite0 features within cosine 0.996 of the lossless
+tiles' at about 37 KB a tile (0.28 of lossless); 90 saves a quarter of that but falls to 0.992,
+and ImageNet CNN features are more sensitive to JPEG artefacts than PSNR suggests."""
+JPEG_SUBSAMPLING = "444"
+"""Chroma subsampling of the tile JPEGs: none (4:4:4). Stain colour carries much of what encoders
+see: at equal size, 4:2:0 or 4:2:2 at a higher quality moves features further (docs/benchmarks.md)."""
 
 
-def _compressor() -> Any:
-    from zarr.codecs import BloscCodec
+@dataclass(frozen=True)
+class TileCodec:
+    """How a store codes its tile pixels: one JPEG of ``quality`` per tile, or lossless."""
 
-    return BloscCodec(**BLOSC, shuffle="noshuffle")
+    name: Codec = DEFAULT_CODEC
+    quality: int = DEFAULT_JPEG_QUALITY
+    """JPEG quality, 1-100 (ignored by ``lossless``)."""
+
+    def __post_init__(self) -> None:
+        if self.name not in CODECS:
+            raise ConfigError(f"tile codec must be one of {', '.join(CODECS)}, got {self.name!r}")
+        if not 1 <= self.quality <= 100:
+            raise ConfigError(f"JPEG quality must be from 1 to 100, got {self.quality}")
+
+    @classmethod
+    def from_attrs(cls, attrs: dict[str, Any]) -> TileCodec:
+        """The codec of a store with these attributes (format 2 stores are lossless)."""
+        if attrs.get("codec", "lossless") == "lossless":
+            return cls("lossless")
+        return cls(attrs["codec"], int(attrs["jpeg_quality"]))
+
+    def chunk_key(self, chunk: int) -> str:
+        """Where chunk ``chunk`` of ``tiles`` lies inside the array's folder (zarr v3 keys)."""
+        return f"c/{chunk}" if self.name == "jpeg" else f"c/{chunk}/0/0/0"
+
+    def encode_chunk(self, tiles: np.ndarray) -> bytes:
+        """The bytes of one chunk file holding ``tiles`` [n <= CHUNK_TILES, S, S, 3] uint8.
+
+        The bytes zarr's own write produces for the arrays of :func:`create_patch_store`: for
+        ``jpeg`` the vlen-bytes codec's format (a little-endian uint32 count, then each item's
+        uint32 length and bytes) over the tiles' JPEGs, the last chunk padded with empty items;
+        for ``lossless`` the bytes codec then Blosc, padded with zero tiles.
+        """
+        if len(tiles) > CHUNK_TILES:
+            raise ValueError(f"a chunk holds at most {CHUNK_TILES} tiles, got {len(tiles)}")
+        if self.name == "jpeg":
+            import simplejpeg
+            from numcodecs import VLenBytes
+
+            items = np.full(CHUNK_TILES, b"", dtype=object)
+            for k, tile in enumerate(tiles):
+                items[k] = simplejpeg.encode_jpeg(
+                    np.ascontiguousarray(tile, np.uint8), quality=self.quality, colorspace="RGB",
+                    colorsubsampling=JPEG_SUBSAMPLING,
+                )
+            return bytes(VLenBytes().encode(items))
+        from numcodecs import Blosc
+
+        if len(tiles) == CHUNK_TILES:
+            full = np.ascontiguousarray(tiles, np.uint8)
+        else:  # the last chunk: padded to the chunk shape
+            full = np.zeros((CHUNK_TILES, *tiles.shape[1:]), np.uint8)
+            full[: len(tiles)] = tiles
+        return bytes(Blosc(**BLOSC, shuffle=Blosc.NOSHUFFLE).encode(full))
 
 
-def write_tile_chunk(tiles_dir: str | os.PathLike[str], chunk: int, tiles: np.ndarray) -> None:
+def codec_attrs(codec: TileCodec | None) -> dict[str, Any]:
+    """The store attributes that record the tile codec (all None for a coordinates-only store)."""
+    jpeg = codec is not None and codec.name == "jpeg"
+    return {
+        "codec": codec.name if codec is not None else None,
+        "jpeg_quality": codec.quality if jpeg else None,
+        "jpeg_subsampling": JPEG_SUBSAMPLING if jpeg else None,
+    }
+
+
+def write_tile_chunk(tiles_dir: str | os.PathLike[str], chunk: int, tiles: np.ndarray, *, codec: TileCodec) -> None:
     """Encode one chunk of tiles and write it where zarr v3 keeps chunk ``chunk`` of ``tiles``.
 
-    The same bytes zarr's own write produces (bytes codec, then Blosc as configured above, chunk
-    key ``c/{chunk}/0/0/0``, edge chunks padded with the fill value 0), without zarr's per-chunk
-    async machinery, which costs about 5x the encoding itself; tests read every chunk back
-    through zarr. Only for arrays made by :func:`create_patch_store`.
+    Without zarr's per-chunk async machinery, which costs about 5x the encoding itself; tests
+    read every chunk back through zarr. Only for arrays made by :func:`create_patch_store`
+    with the same codec.
     """
-    from numcodecs import Blosc
-
-    if len(tiles) > CHUNK_TILES:
-        raise ValueError(f"a chunk holds at most {CHUNK_TILES} tiles, got {len(tiles)}")
-    if len(tiles) == CHUNK_TILES:
-        full = np.ascontiguousarray(tiles, np.uint8)
-    else:  # the last chunk: padded to the chunk shape
-        full = np.zeros((CHUNK_TILES, *tiles.shape[1:]), np.uint8)
-        full[: len(tiles)] = tiles
-    path = Path(tiles_dir) / "c" / str(chunk) / "0" / "0" / "0"
+    path = Path(tiles_dir) / codec.chunk_key(chunk)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(Blosc(**BLOSC, shuffle=Blosc.NOSHUFFLE).encode(full))
+    path.write_bytes(codec.encode_chunk(tiles))
 
 
 def create_patch_store(
@@ -75,13 +145,14 @@ def create_patch_store(
     *,
     n_tiles: int,
     tile_size: int,
-    store_pixels: bool,
+    codec: TileCodec | None,
     attrs: dict[str, Any],
 ) -> Any:
     """Create the arrays of a store at ``path`` (a temporary directory) and return the group.
 
-    The caller fills ``coords``, ``tissue_fraction`` and (chunk by chunk) ``tiles``, then
-    renames the directory into place.
+    ``codec`` None makes a coordinates-only store. The caller fills ``coords``,
+    ``tissue_fraction`` and (chunk by chunk, :func:`write_tile_chunk`) ``tiles``, then renames
+    the directory into place.
     """
     import zarr
 
@@ -91,18 +162,33 @@ def create_patch_store(
         "format_version": FORMAT_VERSION,
         "kind": "patch_store",
         "n_tiles": int(n_tiles),
-        "has_pixels": bool(store_pixels),
+        "has_pixels": codec is not None,
+        **codec_attrs(codec),
     }
     rows = max(1, min(n_tiles, 1 << 16))
     group.create_array("coords", shape=(n_tiles, 2), dtype="int64", chunks=(rows, 2))
     group.create_array("tissue_fraction", shape=(n_tiles,), dtype="float32", chunks=(rows,))
-    if store_pixels:
+    if codec is not None and codec.name == "jpeg":
+        from zarr.core.dtype import VariableLengthBytes
+        from zarr.errors import UnstableSpecificationWarning
+
+        with warnings.catch_warnings():
+            # zarr marks its variable-length bytes type unstable; wsitools reads and writes the
+            # chunks itself (numcodecs' vlen-bytes format), so its own reads do not depend on it.
+            warnings.simplefilter("ignore", UnstableSpecificationWarning)
+            group.create_array(
+                "tiles", shape=(n_tiles,), dtype=VariableLengthBytes(), chunks=(CHUNK_TILES,),
+                compressors=None, fill_value=b"",
+            )
+    elif codec is not None:
+        from zarr.codecs import BloscCodec
+
         group.create_array(
             "tiles",
             shape=(n_tiles, tile_size, tile_size, 3),
             dtype="uint8",
             chunks=(CHUNK_TILES, tile_size, tile_size, 3),
-            compressors=_compressor(),
+            compressors=BloscCodec(**BLOSC, shuffle="noshuffle"),
             fill_value=0,
         )
     return group
@@ -115,6 +201,7 @@ def write_patch_store(
     tiles: np.ndarray | None,
     tissue_fraction: np.ndarray,
     attrs: dict[str, Any],
+    codec: TileCodec = TileCodec(),
     overwrite: bool = False,
 ) -> Path:
     """Write a complete store in one go (atomically): for tests and small stores."""
@@ -126,12 +213,13 @@ def write_patch_store(
     tile_size = int(tiles.shape[1]) if tiles is not None else int(attrs["tile_size"])
     with atomic_path(path, overwrite=overwrite) as tmp:
         group = create_patch_store(
-            tmp, n_tiles=len(coords), tile_size=tile_size, store_pixels=tiles is not None, attrs=attrs
+            tmp, n_tiles=len(coords), tile_size=tile_size, codec=codec if tiles is not None else None, attrs=attrs
         )
         group["coords"][:] = coords
         group["tissue_fraction"][:] = np.asarray(tissue_fraction, np.float32)
-        if tiles is not None and len(coords):
-            group["tiles"][:] = np.asarray(tiles, np.uint8)
+        if tiles is not None:
+            for c, start in enumerate(range(0, len(coords), CHUNK_TILES)):
+                write_tile_chunk(tmp / "tiles", c, tiles[start : start + CHUNK_TILES], codec=codec)
         seal_patch_store(tmp)
     return Path(path)
 
@@ -222,10 +310,11 @@ def read_store_attrs(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise DamagedStoreError(f"{p}: damaged patch store: unreadable attributes ({exc})") from None
     if attrs.get("kind") != "patch_store":
         raise StoreError(f"{p}: not a wsitools patch store (kind {attrs.get('kind')!r})")
-    if attrs.get("format_version") != FORMAT_VERSION:
+    if attrs.get("format_version") not in READABLE_VERSIONS:
         raise StoreError(
-            f"{p}: patch store format {attrs.get('format_version')} is not supported "
-            f"(this wsitools writes and reads format {FORMAT_VERSION}); re-tile the slide"
+            f"{p}: patch store format {attrs.get('format_version')} is not supported (this wsitools "
+            f"writes format {FORMAT_VERSION} and reads formats {', '.join(map(str, READABLE_VERSIONS))}); "
+            "re-tile the slide"
         )
     return attrs
 
@@ -308,18 +397,65 @@ class PatchStore:
     def __len__(self) -> int:
         return len(self.coords)
 
+    @property
+    def codec(self) -> TileCodec | None:
+        """How the tile pixels are coded (None for a coordinates-only store)."""
+        return TileCodec.from_attrs(self.attrs) if self.has_pixels else None
+
     def read_tiles(self, index: slice | np.ndarray) -> np.ndarray:
-        """Tiles [n, S, S, 3] uint8; for a coords-only store they are read from the slide."""
-        if self.has_pixels:
+        """Tiles [n, S, S, 3] uint8 in the order of ``index``, whatever the store's codec; for a
+        coordinates-only store they are read from the slide."""
+        codec = self.codec
+        if codec is not None and codec.name == "lossless":
             tiles = self._group["tiles"]
             if isinstance(index, slice):
                 return np.asarray(tiles[index])
-            index = np.asarray(index)
-            return np.asarray(tiles.get_orthogonal_selection((index,)))
-        coords = self.coords[index].reshape(-1, 2)
-        return np.stack([self._read_from_slide(c) for c in coords]) if len(coords) else np.zeros(
-            (0, self.tile_size, self.tile_size, 3), np.uint8
-        )
+            return np.asarray(tiles.get_orthogonal_selection((np.asarray(index),)))
+        rows = np.arange(len(self))[index].reshape(-1)
+        out = np.empty((len(rows), self.tile_size, self.tile_size, 3), np.uint8)
+        if codec is None:
+            for k, c in enumerate(self.coords[rows]):
+                out[k] = self._read_from_slide(c)
+            return out
+        for chunk in np.unique(rows // CHUNK_TILES):
+            key = f"tiles/{codec.chunk_key(int(chunk))}"
+            items = self._jpeg_chunk(key)
+            for k in np.flatnonzero(rows // CHUNK_TILES == chunk):
+                self._decode_jpeg(items[rows[k] % CHUNK_TILES], key, int(rows[k]), out[k])
+        return out
+
+    def _jpeg_chunk(self, key: str) -> np.ndarray:
+        """The JPEGs of the chunk file ``key`` of a ``jpeg`` store (CHUNK_TILES bytes objects)."""
+        from numcodecs import VLenBytes
+
+        try:
+            items = VLenBytes().decode((self.path / key).read_bytes())
+        except FileNotFoundError:
+            raise DamagedStoreError(f"{self.path}: damaged patch store: {key} is missing; re-tile the slide") from None
+        except (ValueError, RuntimeError, MemoryError, OverflowError) as exc:
+            raise DamagedStoreError(
+                f"{self.path}: damaged patch store: {key} is not a chunk of JPEGs ({exc}); re-tile the slide"
+            ) from None
+        if len(items) != CHUNK_TILES:
+            raise DamagedStoreError(
+                f"{self.path}: damaged patch store: {key} holds {len(items)} items, not {CHUNK_TILES}; re-tile the slide"
+            )
+        return items
+
+    def _decode_jpeg(self, data: bytes, key: str, row: int, out: np.ndarray) -> None:
+        """Decode tile ``row`` (``data``, from chunk file ``key``) into ``out`` [S, S, 3]."""
+        import simplejpeg
+
+        try:
+            shape = simplejpeg.decode_jpeg_header(data)[:2]
+            if shape != out.shape[:2]:
+                raise ValueError(f"{shape[0]} x {shape[1]} px, not {out.shape[0]} x {out.shape[1]}")
+            simplejpeg.decode_jpeg(data, colorspace="RGB", buffer=out)
+        except (ValueError, TypeError) as exc:
+            raise DamagedStoreError(
+                f"{self.path}: damaged patch store: tile {row} in {key} is not a readable JPEG "
+                f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); re-tile the slide"
+            ) from None
 
     def check_slide(self, path: str | os.PathLike[str] | None = None) -> Path:
         """The slide file (``path``, default the recorded one) if it is the one this store was made

@@ -37,8 +37,8 @@ from wsitools.io import (
 )
 from wsitools.slide import Backend, Slide, open_slide
 from wsitools.store import (
-    CHUNK_TILES, FORMAT_VERSION, create_patch_store, read_store_attrs, seal_patch_store, slide_identity,
-    write_tile_chunk,
+    CHUNK_TILES, DEFAULT_CODEC, DEFAULT_JPEG_QUALITY, FORMAT_VERSION, Codec, TileCodec, codec_attrs,
+    create_patch_store, read_store_attrs, seal_patch_store, slide_identity, write_tile_chunk,
 )
 from wsitools.tissue import TissueParams, TissueResult, detect_tissue, params_dict, tissue_fraction, write_qc
 from wsitools.types import MPP_MAX, MPP_MIN, MicronsPerPixel, TargetPx, check_distinct_ids, check_slide_id, slide_id_from_path
@@ -66,6 +66,9 @@ class TilingParams:
     min_tissue: float = 0.5
     """Keep tiles whose tissue fraction is at least this (0-1)."""
     store_pixels: bool = True
+    codec: Codec = DEFAULT_CODEC
+    """How stored pixels are coded: ``jpeg`` (one JPEG per tile) or ``lossless``."""
+    jpeg_quality: int = DEFAULT_JPEG_QUALITY
     tissue: TissueParams = field(default_factory=TissueParams)
 
     def __post_init__(self) -> None:
@@ -81,6 +84,12 @@ class TilingParams:
             raise ConfigError(f"overlap must be in [0, tile size), got {self.overlap}")
         if not 0.0 <= self.min_tissue <= 1.0:
             raise ConfigError(f"min tissue fraction must be in [0, 1], got {self.min_tissue}")
+        TileCodec(self.codec, self.jpeg_quality)  # a ConfigError for a bad codec or quality
+
+    @property
+    def tile_codec(self) -> TileCodec | None:
+        """The store's tile codec; None for a coordinates-only store."""
+        return TileCodec(self.codec, self.jpeg_quality) if self.store_pixels else None
 
     @property
     def stride(self) -> int:
@@ -219,10 +228,11 @@ def _write_chunk(
     grid: np.ndarray,
     tiles_path: str,
     start: int,
+    codec: TileCodec,
 ) -> int:
     """Read the tiles of one zarr chunk and write them (chunk-aligned: no two tasks share a chunk)."""
     tiles = read_tiles(_cached_slide(*slide_args), geometry, grid)
-    write_tile_chunk(tiles_path, start // CHUNK_TILES, tiles)
+    write_tile_chunk(tiles_path, start // CHUNK_TILES, tiles, codec=codec)
     return len(grid)
 
 
@@ -232,6 +242,7 @@ def _run_chunks(
     grid: np.ndarray,
     tiles_path: Path,
     *,
+    codec: TileCodec,
     workers: int,
     scheduler: Scheduler,
     progress: bool,
@@ -243,7 +254,7 @@ def _run_chunks(
     slide_args = (str(slide.path), slide.backend, slide.mpp_override)
     tasks = [
         dask.delayed(_write_chunk)(
-            slide_args, geometry, grid[a : a + CHUNK_TILES], str(tiles_path), a,
+            slide_args, geometry, grid[a : a + CHUNK_TILES], str(tiles_path), a, codec,
             dask_key_name=f"tile-chunk-{a}",
         )
         for a in range(0, len(grid), CHUNK_TILES)
@@ -278,6 +289,7 @@ def _store_identity(slide: Slide, params: TilingParams, geometry: TileGeometry) 
         "min_tissue": float(params.min_tissue),
         "tissue": params_dict(params.tissue),
         "has_pixels": bool(params.store_pixels),
+        **codec_attrs(params.tile_codec),
         "format_version": FORMAT_VERSION,
     }
 
@@ -386,14 +398,13 @@ def tile_slide(
         try:
             with atomic_path(store_path, overwrite=replace) as tmp:
                 group = create_patch_store(
-                    tmp, n_tiles=len(grid), tile_size=geometry.tile_size,
-                    store_pixels=params.store_pixels, attrs=attrs,
+                    tmp, n_tiles=len(grid), tile_size=geometry.tile_size, codec=params.tile_codec, attrs=attrs,
                 )
                 group["coords"][:] = coords
                 group["tissue_fraction"][:] = fraction
-                if params.store_pixels and len(grid):
+                if params.tile_codec is not None and len(grid):
                     _run_chunks(
-                        slide, geometry, grid, tmp / "tiles",
+                        slide, geometry, grid, tmp / "tiles", codec=params.tile_codec,
                         workers=workers or available_cpus(), scheduler=scheduler, progress=progress,
                     )
                 write_qc(tissue, out, slide_id)  # the tissue QC files appear with the store they describe

@@ -344,7 +344,7 @@ def tiny_stores(tmp_path):
                    "slide_path": f"/synthetic/{name}.svs", "params_hash": name}))
     chunk = sorted(p for p in (stores[1] / "tiles").rglob("*") if p.is_file() and p.name != "zarr.json")[0]
     data = bytearray(chunk.read_bytes())
-    data[16:] = np.random.default_rng(1).bytes(len(data) - 16)  # the blosc header stays, the stream is ruined
+    data[16:] = np.random.default_rng(1).bytes(len(data) - 16)  # the chunk header stays, the rest is ruined
     chunk.write_bytes(bytes(data))
     return stores[0], stores[1]
 

@@ -117,9 +117,9 @@ def test_two_concurrent_tile_runs_of_one_slide_give_one_whole_store(synthetic_sv
 
 
 @pytest.mark.parametrize("damage, message", [
-    (lambda s: (s / "tiles" / "c" / "0" / "0" / "0" / "0").unlink(), r"tiles/c/0/0/0/0 is missing"),
+    (lambda s: (s / "tiles" / "c" / "0").unlink(), r"tiles/c/0 is missing"),
     (lambda s: (s / "coords" / "c" / "0" / "0").unlink(), r"coords/c/0/0 is missing"),
-    (lambda s: os.truncate(s / "tiles" / "c" / "0" / "0" / "0" / "0", 100), r"tiles/c/0/0/0/0 holds 100 bytes"),
+    (lambda s: os.truncate(s / "tiles" / "c" / "0", 100), r"tiles/c/0 holds 100 bytes"),
     (lambda s: (s / "zarr.json").write_text("{not json"), r"zarr\.json holds 9 bytes"),
     (lambda s: (s / "zarr.json").write_bytes(b"{" * (s / "zarr.json").stat().st_size),
      r"zarr\.json was changed after writing"),
@@ -142,7 +142,7 @@ def test_every_reader_refuses_a_damaged_store(tiled, tmp_path, capsys):
     from wsitools.puzzle.data import open_stores
 
     store = copy_store(tiled, tmp_path / "tiles")
-    (store / "tiles" / "c" / "0" / "0" / "0" / "0").unlink()
+    (store / "tiles" / "c" / "0").unlink()
     with pytest.raises(StoreError, match="damaged patch store"):
         open_stores([tmp_path / "tiles"])
     x, y = PatchStore.open(tiled).coords[0]
@@ -153,7 +153,7 @@ def test_every_reader_refuses_a_damaged_store(tiled, tmp_path, capsys):
     rc = main(["extract", str(store), "--encoder", "vit-test-tiny", "--models-dir", str(MODELS),
                "--out", str(tmp_path / "features"), "--device", "cpu", "--workers", "0", "--quiet"])
     err = capsys.readouterr().err
-    assert rc == 1 and f"{store}: damaged patch store: tiles/c/0/0/0/0 is missing" in err
+    assert rc == 1 and f"{store}: damaged patch store: tiles/c/0 is missing" in err
     assert not list((tmp_path / "features").rglob("*.h5"))
 
 
@@ -166,7 +166,30 @@ def test_format_1_store_is_refused_and_rebuilt(tiled, synthetic_svs, tmp_path):
     with pytest.raises(DamagedStoreError, match="format 1 has no integrity manifest"):
         read_store_attrs(store)
     assert tile_slides([synthetic_svs], tmp_path, PARAMS, progress=False)[0]["status"] == "ok"
-    assert read_store_attrs(store)["format_version"] == 2
+    assert read_store_attrs(store)["format_version"] == 3
+
+
+def test_a_jpeg_chunk_damaged_in_place_is_a_one_line_error_naming_store_and_file(tiled, tmp_path, capsys):
+    store = copy_store(tiled, tmp_path / "tiles")
+    chunk = store / "tiles" / "c" / "0"
+    data = bytearray(chunk.read_bytes())
+    start = data.index(b"\xff\xda", data.index(b"\xff\xd8", 8))  # the first tile's scan data...
+    data[start + 40 : start + 400] = bytes(360)  # ...zeroed, at the same size: the manifest holds
+    chunk.write_bytes(bytes(data))
+    opened = PatchStore.open(store)
+    assert opened.read_tiles(np.array([1])).shape == (1, 64, 64, 3)  # the other tiles still read
+    with pytest.raises(DamagedStoreError) as err:
+        opened.read_tiles(slice(0, 4))
+    assert str(err.value).startswith(f"{store}: damaged patch store: tile 0 in tiles/c/0 is not a readable JPEG")
+    assert "\n" not in str(err.value)
+    (store / "tiles" / "c" / "0").write_bytes(b"\x07" * len(data))  # no chunk of JPEGs at all
+    with pytest.raises(DamagedStoreError, match=r"tiles/c/0 (is not a chunk of JPEGs|holds \d+ items)"):
+        opened.read_tiles(np.array([1]))
+    rc = main(["extract", str(store), "--encoder", "vit-test-tiny", "--models-dir", str(MODELS),
+               "--out", str(tmp_path / "features"), "--device", "cpu", "--workers", "0", "--quiet"])
+    err_text = capsys.readouterr().err
+    assert rc == 1 and f"{store}: damaged patch store: tiles/c/0" in err_text and "Traceback" not in err_text
+    assert not list((tmp_path / "features").rglob("*.h5"))
 
 
 def test_overwrite_replaces_what_is_not_a_store_even_with_corrupt_attributes(synthetic_svs, tmp_path, capsys):

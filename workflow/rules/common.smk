@@ -173,7 +173,9 @@ def get_tile_options(wildcards):
         "--min-tissue", t["min_tissue"],
         "--backend", t["backend"],
     ]
-    if not t["store_pixels"]:
+    if t["store_pixels"]:
+        args += ["--codec", t["codec"], "--jpeg-quality", t["jpeg_quality"]]
+    else:
         args.append("--no-pixels")
     if SAMPLES[wildcards.slide].mpp is not None:
         args += ["--mpp-override", SAMPLES[wildcards.slide].mpp]

@@ -64,6 +64,11 @@ def non_negative_int(text: str) -> int:
     return _integer(text, "a whole number >= 0", lambda v: v >= 0)
 
 
+def jpeg_quality(text: str) -> int:
+    """A JPEG quality, a whole number from 1 to 100."""
+    return _integer(text, "a whole number from 1 to 100", lambda v: 1 <= v <= 100)
+
+
 def mpp(text: str) -> float:
     """A resolution in um/px within the range accepted for a slide (types.MPP_MIN-MPP_MAX):
     a target finer than any scanner's would only blow memory up."""

@@ -7,7 +7,10 @@ import sys
 from pathlib import Path
 
 from wsitools.errors import ConfigError
-from wsitools.cli.options import fraction, mpp, non_negative_float, non_negative_int, positive_float, positive_int
+from wsitools.cli.options import (
+    fraction, jpeg_quality, mpp, non_negative_float, non_negative_int, positive_float, positive_int,
+)
+from wsitools.store import CODECS, DEFAULT_CODEC, DEFAULT_JPEG_QUALITY
 from wsitools.tiling import TilingParams, tile_slides
 from wsitools.tissue import TissueParams
 from wsitools.types import MicronsPerPixel, TargetPx
@@ -40,6 +43,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mpp-override", type=mpp, default=None, metavar="UM",
                    help="the slides' level-0 mpp when their metadata lacks it or is wrong")
     p.add_argument("--no-pixels", action="store_true", help="store coordinates only")
+    p.add_argument("--codec", choices=list(CODECS), default=DEFAULT_CODEC,
+                   help=f"how tile pixels are stored: one JPEG per tile, or lossless ({DEFAULT_CODEC})")
+    p.add_argument("--jpeg-quality", type=jpeg_quality, default=DEFAULT_JPEG_QUALITY, metavar="Q",
+                   help=f"quality of the tile JPEGs, 1-100 ({DEFAULT_JPEG_QUALITY})")
     p.add_argument("--workers", type=positive_int, default=None,
                    help="parallel workers (default: the CPUs this process may use)")
     p.add_argument("--scheduler", choices=["threads", "processes"], default="threads",
@@ -70,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
             overlap=TargetPx(args.overlap),
             min_tissue=args.min_tissue,
             store_pixels=not args.no_pixels,
+            codec=args.codec,
+            jpeg_quality=args.jpeg_quality,
             tissue=TissueParams(
                 mpp=MicronsPerPixel(args.tissue_mpp),
                 min_region_area=args.min_region_area,

@@ -1,11 +1,11 @@
 """Random tiles across patch stores, augmented, as [0, 1] float batches for pretraining.
 
-Patch stores keep tiles in compressed chunks of 64, so reading tiles one at a time in random
-order would decompress a whole chunk for every tile. Instead each epoch shuffles *blocks* of
-consecutive tiles (a chunk, or less when windows are small) across all stores, cuts the resulting
-stream into windows of whole batches, shuffles the tiles inside each window, and reads each block
-once. A batch thus
-mixes tiles from many blocks of many slides while every chunk is decoded once per epoch.
+Patch stores keep tiles in chunk files of 64 (64 JPEGs, or 64 tiles compressed together), so
+reading tiles one at a time in random order would read (and for lossless stores decompress) a
+whole chunk for every tile. Instead each epoch shuffles *blocks* of consecutive tiles (a chunk, or
+less when windows are small) across all stores, cuts the resulting stream into windows of whole
+batches, shuffles the tiles inside each window, and reads each block once. A batch thus mixes
+tiles from many blocks of many slides while every chunk is read once per epoch.
 
 Everything random (block order, tile order, crops, flips) is a pure function of
 ``(seed, epoch, window)``, so a resumed run sees exactly the batches it would have seen, and

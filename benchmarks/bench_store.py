@@ -1,0 +1,214 @@
+"""Patch-store codec benchmark: JPEG-coded tiles against lossless ones, side by side in one run.
+
+One synthetic Aperio-like SVS (default 20 000 x 15 000 px at 0.25 um/px, JPEG q90 256 px tiles,
+pyramid 1/4/16 as 40x scanners write it, so 0.5 um/px tiles are resampled from level 0;
+``--pyramid 1,2,4,8,16`` gives a level that matches the target instead), tiled at 0.5 um/px into
+224 px tiles with one worker, once per codec: ``lossless`` (Blosc-lz4), ``jpeg`` at each of
+``--qualities``, and coordinates only (its tiles are direct reads from the slide, one
+``read_region`` per tile: the reference). For each store it prints
+
+- tiling rate (tiles/s, one worker) and bytes per tile (the chunk files of ``tiles``);
+- PSNR of the stored tiles against direct reads, on a sample of ``--sample`` tiles spread over
+  the slide;
+- cosine between the features of the stored tiles and of the lossless tiles, per tile (mean,
+  min), for efficientnet-lite0 (the card's ImageNet weights), the random-weight test ViT, and
+  ViT-B/16 (the ``vitb16-imagenet`` card's architecture; random weights when its files are absent);
+- read cost per tile on the extraction path: ``PatchStore.read_tiles`` of batches of 64
+  consecutive tiles (what each DataLoader item reads) over the whole store, one thread, best of
+  5 passes taking turns between the stores;
+- for the choice of chroma subsampling: the sampled lossless tiles coded at each quality with
+  4:2:0 instead of the store's 4:4:4 (the same encoder call), their size and efficientnet-lite0
+  cosine; and, as a yardstick of the encoder's sensitivity, the cosine after adding uniform
+  noise of +-1 grey level to every pixel of the lossless tiles;
+
+and the ratios jpeg / lossless for size and read cost.
+
+    python benchmarks/bench_store.py [--size 20000x15000] [--qualities 80,90,95] [--slide PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from wsitools.encoders import build_encoder, find_card
+from wsitools.store import CHUNK_TILES, JPEG_SUBSAMPLING, PatchStore
+from wsitools.synthetic import Region, write_slide
+from wsitools.tiling import TilingParams, tile_slide
+
+CARDS = ("efficientnet-lite0-imagenet", "vit-test-tiny", "vitb16-imagenet")
+
+
+def make_slide(path: Path, width: int, height: int, pyramid: tuple[int, ...]) -> Path:
+    """Three tissue ellipses over about 40% of the slide (as benchmarks/bench_tiling.py)."""
+    regions = [
+        Region(int(width * 0.05), int(height * 0.1), int(width * 0.4), int(height * 0.8)),
+        Region(int(width * 0.5), int(height * 0.05), int(width * 0.45), int(height * 0.5)),
+        Region(int(width * 0.55), int(height * 0.6), int(width * 0.3), int(height * 0.35), "other"),
+    ]
+    t = time.perf_counter()
+    write_slide(path, size=(width, height), mpp=0.25, regions=regions, fmt="svs", downsamples=pyramid)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - t:.0f} s")
+    return path
+
+
+def tiles_bytes(store: PatchStore) -> int:
+    """Bytes of the chunk files of the store's ``tiles`` array."""
+    return sum(f.stat().st_size for f in (store.path / "tiles" / "c").rglob("*") if f.is_file())
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """PSNR in dB of ``a`` against ``b`` ([n, S, S, 3] uint8): over all the tiles, and of the worst tile."""
+    mse = ((a.astype(np.float64) - b) ** 2).mean(axis=(1, 2, 3))
+    with np.errstate(divide="ignore"):  # identical pixels: inf dB
+        db = 10 * np.log10(255.0**2 / np.array([mse.mean(), mse.max()]))
+    return float(db[0]), float(db[1])
+
+
+def read_ms_per_tile(stores: dict[str, PatchStore], rounds: int = 5) -> dict[str, float]:
+    """ms per tile of reading each whole store in batches of 64: the best of ``rounds`` passes,
+    the stores taking turns within each round, so that a busy spell on a shared machine slows
+    all of them rather than one."""
+    best = dict.fromkeys(stores, np.inf)
+    for _ in range(rounds):
+        for label, store in stores.items():
+            t = time.perf_counter()
+            for a in range(0, len(store), CHUNK_TILES):
+                store.read_tiles(slice(a, a + CHUNK_TILES))
+            best[label] = min(best[label], (time.perf_counter() - t) / len(store) * 1e3)
+    return {label: float(ms) for label, ms in best.items()}
+
+
+def encoders(names: tuple[str, ...]) -> dict[str, object]:
+    """The cards' encoders in fp32 on the CPU; random weights where a card's files are absent."""
+    out = {}
+    for name in names:
+        card = find_card(name)
+        note = ""
+        if not all(w.path.is_file() for w in card.weights):
+            card = dataclasses.replace(card, weights=(), init_seed=0)
+            note = " (random weights: files absent)"
+        elif not card.weights:
+            note = " (random-weight test model)"
+        card = dataclasses.replace(card, compute_precision="fp32", feature_dtype="float32")
+        out[name + note] = build_encoder(card, device="cpu")
+    return out
+
+
+def features(encoder, tiles: np.ndarray, batch: int = 32) -> np.ndarray:
+    with torch.inference_mode():
+        return np.concatenate([
+            encoder.encode(torch.from_numpy(tiles[a : a + batch])).float().numpy() for a in range(0, len(tiles), batch)
+        ])
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def other_subsampling(encoder, tiles: np.ndarray, ref: np.ndarray, qualities: list[int]) -> dict[int, tuple[float, float]]:
+    """Per quality: KB per tile and mean feature cosine of ``tiles`` coded with 4:2:0."""
+    import simplejpeg
+
+    out = {}
+    for q in qualities:
+        coded = [simplejpeg.encode_jpeg(t, quality=q, colorspace="RGB", colorsubsampling="420") for t in tiles]
+        decoded = np.stack([simplejpeg.decode_jpeg(c) for c in coded])
+        out[q] = (float(np.mean([len(c) for c in coded]) / 1e3), float(cosine(features(encoder, decoded), ref).mean()))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", default="20000x15000", help="level-0 WIDTHxHEIGHT of the synthetic slide")
+    ap.add_argument("--pyramid", default="1,4,16", help="downsamples of the slide's levels")
+    ap.add_argument("--slide", type=Path, default=None, help="reuse (or create) the slide at this path")
+    ap.add_argument("--qualities", default="80,90,95", help="JPEG qualities to store with")
+    ap.add_argument("--sample", type=int, default=256, help="tiles compared by PSNR and features")
+    ap.add_argument("--vit-sample", type=int, default=48, help="of these, tiles through ViT-B/16 (slow on a CPU)")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    width, height = (int(v) for v in args.size.lower().split("x"))
+    pyramid = tuple(int(v) for v in args.pyramid.split(","))
+    qualities = [int(q) for q in args.qualities.split(",")]
+    work = Path(tempfile.mkdtemp(prefix="bench_store_"))
+    slide = args.slide or work / f"bench_{width}x{height}.svs"
+    if not slide.exists():
+        make_slide(slide, width, height, pyramid)
+    base = TilingParams(mpp=0.5, tile_size=224)
+    variants = {"lossless": dataclasses.replace(base, codec="lossless")}
+    variants |= {f"jpeg q{q}": dataclasses.replace(base, codec="jpeg", jpeg_quality=q) for q in qualities}
+    try:
+        tile_slide(slide, work / "direct", dataclasses.replace(base, store_pixels=False), workers=1, progress=False)
+        direct = PatchStore.open(work / "direct" / f"{slide.stem}.zarr")
+        n = len(direct)
+        sample = np.unique(np.linspace(0, n - 1, min(args.sample, n)).round().astype(int))
+        reference = direct.read_tiles(sample)
+        print(f"{n} tissue tiles of 224 px at 0.5 um/px, read from level {direct.attrs['level']} "
+              f"(resize factor {direct.attrs['resize_factor']:g}); {len(sample)} sampled")
+        rows: dict[str, dict[str, float]] = {}
+        stores: dict[str, PatchStore] = {}
+        for label, params in variants.items():
+            t = time.perf_counter()
+            tile_slide(slide, work / label.replace(" ", "_"), params, workers=1, progress=False)
+            seconds = time.perf_counter() - t
+            store = stores[label] = PatchStore.open(work / label.replace(" ", "_") / f"{slide.stem}.zarr")
+            overall, worst = psnr(store.read_tiles(sample), reference)
+            rows[label] = {
+                "tile_rate": n / seconds,
+                "kb_per_tile": tiles_bytes(store) / n / 1e3,
+                "psnr": overall,
+                "psnr_min": worst,
+            }
+        for label, ms in read_ms_per_tile(stores).items():
+            rows[label]["read_ms"] = ms
+        lossless_tiles = stores["lossless"].read_tiles(sample)
+        vit_rows = sample[:: max(1, len(sample) // args.vit_sample)][: args.vit_sample]
+        cos: dict[str, dict[str, tuple[float, float]]] = {label: {} for label in variants}
+        for name, encoder in encoders(CARDS).items():
+            rows_used = vit_rows if name.startswith("vitb16") else sample
+            keep = np.isin(sample, rows_used)
+            ref = features(encoder, lossless_tiles[keep])
+            for label, store in stores.items():
+                c = cosine(features(encoder, store.read_tiles(sample[keep])), ref)
+                cos[label][f"{name} [{keep.sum()} tiles]"] = (float(c.mean()), float(c.min()))
+            if name.startswith("efficientnet"):
+                chroma = other_subsampling(encoder, lossless_tiles, ref, qualities)
+                noisy = np.clip(lossless_tiles + np.random.default_rng(0).integers(-1, 2, lossless_tiles.shape), 0, 255)
+                noise_cos = cosine(features(encoder, noisy.astype(np.uint8)), ref)
+                noise_psnr = psnr(noisy.astype(np.uint8), lossless_tiles)[0]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # stores, and the slide unless --slide named it
+
+    print(f"\nmachine: {platform.processor() or platform.machine()}; slide {width}x{height}, pyramid {args.pyramid}")
+    print(f"{'store':10s} {'tiles/s':>8s} {'KB/tile':>8s} {'PSNR dB':>8s} {'worst tile':>11s} {'read ms/tile':>13s}")
+    for label, r in rows.items():
+        print(f"{label:10s} {r['tile_rate']:8.0f} {r['kb_per_tile']:8.1f} {r['psnr']:8.2f} "
+              f"{r['psnr_min']:11.2f} {r['read_ms']:13.3f}")
+    print("\ncosine of features against the lossless tiles' (mean / min over tiles):")
+    for label, per_encoder in cos.items():
+        for name, (mean, low) in per_encoder.items():
+            print(f"  {label:10s} {name:60s} {mean:.5f} / {low:.5f}")
+    print(f"\nthe same tiles coded with 4:2:0 instead of {JPEG_SUBSAMPLING} (KB/tile, efficientnet-lite0 cosine mean):")
+    for q, (kb, c) in chroma.items():
+        print(f"  q{q}: {kb:.1f} KB, cosine {c:.5f}")
+    print(f"lossless tiles + uniform noise of +-1 grey level ({noise_psnr:.1f} dB): efficientnet-lite0 cosine "
+          f"{noise_cos.mean():.5f} / {noise_cos.min():.5f}")
+    lossless = rows["lossless"]
+    print("\nratios against lossless (target: size <= 0.25 and <= 25 KB/tile; cosine >= 0.995):")
+    for label, r in rows.items():
+        if label != "lossless":
+            print(f"  {label:10s} size {r['kb_per_tile'] / lossless['kb_per_tile']:.3f}  "
+                  f"read cost {r['read_ms'] / lossless['read_ms']:.2f}x  tiling rate {r['tile_rate'] / lossless['tile_rate']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
