@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wsitools.encoders import Encoder
+from wsitools.encoders.loading import token_feature
 from wsitools.errors import ModelError
 from wsitools.encoders.transforms import prepare_input, unnormalize
 from wsitools.encoders.vit import embed_tokens, run_blocks
@@ -231,13 +232,11 @@ class PathoTuneViT(nn.Module):
         return self.backbone.forward_head(tokens, pre_logits=True)
 
     def feature(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The backbone card's feature of the prompted tokens: CLS, pooled or mean of patches."""
+        """The backbone card's feature of the prompted tokens (its output kind, as an encoder's)."""
         kind = self.backbone_card.output
-        if kind == "cls":
-            return tokens[:, 0]
         if kind == "pooled":
             return self.forward_head(tokens)
-        return tokens[:, self.num_prefix_tokens :].mean(dim=1)
+        return token_feature(tokens, kind=kind, num_prefix_tokens=self.num_prefix_tokens)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Class logits [B, C] from the classifier on the prompted feature."""
