@@ -37,6 +37,10 @@ WeightRole = str
 """``backbone``, ``prompts``, or the name of the card's kind (its own weight file)."""
 STANDARD_ARCHITECTURE_KEYS = ("model", "kwargs", "prompts", "init_seed")
 
+MLP_LAYERS = ("Mlp", "GluMlp", "SwiGLU", "SwiGLUPacked")
+"""timm MLP classes a card may name in ``architecture.kwargs.mlp_layer`` (YAML holds no classes;
+``act_layer`` and ``norm_layer`` take names timm resolves itself, e.g. ``silu``, ``layernorm``)."""
+
 MODELS_ENV = "WSITOOLS_MODELS"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 """A card name (it becomes a file and folder name): checked with ``fullmatch``."""
@@ -249,6 +253,11 @@ def card_from_dict(data: Any, *, source: Path) -> EncoderCard:
         raise ModelError(
             f"{source}: the card lists no weight files; give architecture.init_seed for a "
             "random-weight test model"
+        )
+    mlp = (arch.get("kwargs") or {}).get("mlp_layer")
+    if mlp is not None and mlp not in MLP_LAYERS:
+        raise ModelError(
+            f"{source}: architecture.kwargs.mlp_layer {mlp!r} is not one of {', '.join(MLP_LAYERS)}"
         )
     kinds = [k for k in arch if k not in STANDARD_ARCHITECTURE_KEYS]
     if len(kinds) > 1:

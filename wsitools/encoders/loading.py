@@ -170,22 +170,12 @@ class Encoder:
             return self.forward_batch(self.preprocess(tiles)).float()
 
 
-_MLP_LAYERS = ("Mlp", "GluMlp", "SwiGLU", "SwiGLUPacked")
-"""timm MLP classes a card may name in ``architecture.kwargs.mlp_layer`` (YAML holds no classes;
-``act_layer`` and ``norm_layer`` are names timm resolves itself, e.g. ``silu``, ``layernorm``)."""
-
-
 def _model_kwargs(card: EncoderCard) -> dict[str, Any]:
-    """The card's timm arguments with ``mlp_layer`` turned from its name into the timm class."""
+    """The card's timm arguments with ``mlp_layer`` turned from its name (one of
+    :data:`~wsitools.encoders.cards.MLP_LAYERS`, checked when the card is read) into timm's class."""
     kwargs = dict(card.model_kwargs)
-    mlp = kwargs.get("mlp_layer")
-    if mlp is not None:
-        if mlp not in _MLP_LAYERS:
-            raise ModelError(
-                f"{card.source or card.name}: architecture.kwargs.mlp_layer {mlp!r} is not one of "
-                f"{', '.join(_MLP_LAYERS)}"
-            )
-        kwargs["mlp_layer"] = getattr(timm.layers, mlp)
+    if "mlp_layer" in kwargs:
+        kwargs["mlp_layer"] = getattr(timm.layers, kwargs["mlp_layer"])
     return kwargs
 
 
