@@ -290,3 +290,15 @@ def test_gated_refusal_is_one_line_and_writes_nothing(tmp_path, monkeypatch, tok
     )
     assert seen == [card.weights[0].url]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["virchow2.yaml"]
+
+
+def test_pathotune_refuses_a_class_and_patch_mean_backbone():
+    from wsitools.pathotune.model import PathoTuneConfig, PathoTunePrompts, PathoTuneViT
+
+    enc = build_encoder(tiny(find_card("virchow2", models_dir=MODELS)), device="cpu")
+    prompts = PathoTunePrompts(PathoTuneConfig(prompts=("tvp",), classes=("a", "b"), embed_dim=TINY_WIDTH, depth=1))
+    with pytest.raises(ModelError, match=r"virchow2\.yaml: PathoTune's classifier reads one 48-d token feature; "
+                                         r"this card's feature \(class token and patch mean, 96-d\) is not one"):
+        PathoTuneViT(enc, prompts)
+    uni2 = build_encoder(tiny(find_card("uni2-h", models_dir=MODELS)), device="cpu")
+    assert PathoTuneViT(uni2, prompts).feature(torch.zeros(1, 1 + 8 + 256, TINY_WIDTH)).shape == (1, TINY_WIDTH)

@@ -43,6 +43,11 @@ def register(subparsers: Any) -> None:
         "fetch",
         parents=[models_dir],
         help="download the weight files of cards, verifying sha256",
+        description=(
+            "Download each weight file of the named cards into the models directory, verifying its sha256. "
+            "Hugging Face files of gated models need HF_TOKEN set to an access token of an account that "
+            "accepted the model's terms."
+        ),
     )
     fetch.add_argument("names", nargs="+", metavar="NAME", help="card names or card files")
     fetch.add_argument("--force", action="store_true", help="download even if the file is present and valid")

@@ -179,6 +179,12 @@ class PathoTuneViT(nn.Module):
                 f"{backbone.card.source or backbone.name}: PathoTune needs a ViT with a class token "
                 f"(timm VisionTransformer); {type(vit).__name__} is not one"
             )
+        if backbone.card.output == "cls_mean_patch":
+            raise ModelError(
+                f"{backbone.card.source or backbone.name}: PathoTune's classifier reads one "
+                f"{vit.embed_dim}-d token feature; this card's feature (class token and patch mean, "
+                f"{backbone.dim}-d) is not one: use a card whose output is cls, pooled or mean_patch"
+            )
         cfg = prompts.config
         if cfg.embed_dim != vit.embed_dim or cfg.depth != len(vit.blocks):
             raise ModelError(
