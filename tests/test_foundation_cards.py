@@ -302,3 +302,22 @@ def test_pathotune_refuses_a_class_and_patch_mean_backbone():
         PathoTuneViT(enc, prompts)
     uni2 = build_encoder(tiny(find_card("uni2-h", models_dir=MODELS)), device="cpu")
     assert PathoTuneViT(uni2, prompts).feature(torch.zeros(1, 1 + 8 + 256, TINY_WIDTH)).shape == (1, TINY_WIDTH)
+
+
+def test_cli_fetch_of_a_gated_model_without_token_exits_2_with_one_line(tmp_path, monkeypatch, capsys):
+    from wsitools.cli import main
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    shutil.copy(MODELS / "uni.yaml", tmp_path / "uni.yaml")
+
+    def refuse(request, timeout):
+        raise urllib.error.HTTPError(request.get_full_url(), 403, "Forbidden", {}, None)
+
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+    assert main(["encoders", "fetch", "uni", "--models-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "wsitools encoders: error: https://huggingface.co/MahmoodLab/UNI/resolve/main/pytorch_model.bin: download "
+        "refused (HTTP 403): MahmoodLab/UNI is gated; accept its terms at https://huggingface.co/MahmoodLab/UNI with "
+        "your account, then set HF_TOKEN to a Hugging Face access token\n"
+    )
