@@ -4,9 +4,10 @@ A card says how to build the network (a timm model name, extra timm arguments, o
 settings), which weight files to load (file name, sha256, where to download it), how to prepare
 its input (size, interpolation, an optional resize before a centre crop, normalisation or none),
 what its feature is (CLS token, pooled, mean of patch tokens, or CLS token and mean of patch tokens
-side by side), which precision to compute in on a GPU, and the weights' licence and access terms. The dtype features are stored in
-is not the card's: ``wsitools extract --dtype`` chooses it (docs/formats.md). Weight file names are relative to the folder
-holding the card, or to an installed Python package's folder when ``package`` is given.
+side by side), which precision to compute in on a GPU, and the weights' licence and access terms.
+The dtype features are stored in is not the card's: ``wsitools extract --dtype`` chooses it
+(docs/formats.md). Weight file names are relative to the folder holding the card, or to an
+installed Python package's folder when ``package`` is given.
 
 Named cards live in the models directory: ``models_dir`` argument, else the ``WSITOOLS_MODELS``
 environment variable, else the ``models/`` folder of the source checkout this package runs from.

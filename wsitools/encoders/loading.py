@@ -135,7 +135,8 @@ class Encoder:
         """uint8 tiles ``[B, H, W, 3]`` -> float ``[B, 3, S, S]`` on the device, channels-last.
 
         Scales to [0, 1], resizes to the card's input size (antialiased) when the tiles differ, or
-        to the card's ``resize`` and centre-crops the input size (:func:`fit_to_input`), and normalises with the card's mean/std (or not at all, as PuzzleTuning wants).
+        to the card's ``resize`` and centre-crops the input size (:func:`fit_to_input`), and
+        normalises with the card's mean/std (or not at all, as PuzzleTuning wants).
         """
         if tiles.dtype != torch.uint8 or tiles.ndim != 4 or tiles.shape[-1] != 3:
             raise ValueError(f"expected uint8 tiles [B, H, W, 3], got {tiles.dtype} {list(tiles.shape)}")
