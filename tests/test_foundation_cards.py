@@ -1,4 +1,5 @@
-"""Cards of the pathology foundation models (UNI, UNI2-h, Virchow2, H-optimus-0, Prov-GigaPath).
+"""Cards of the pathology foundation models (UNI, UNI2-h, Virchow, Virchow2, H-optimus-0,
+Prov-GigaPath).
 
 Each card is checked against its model card's published recipe, written out in this file:
 
@@ -73,6 +74,17 @@ PUBLISHED: dict[str, dict[str, Any]] = {
         feature=lambda model, x: torch.cat([model(x)[:, 0], model(x)[:, 5:].mean(1)], dim=-1),
         dim=2560,
     ),
+    "virchow": dict(
+        arch=("vit_huge_patch14_224", dict(
+            img_size=224, init_values=1e-5, num_classes=0, mlp_ratio=5.3375, global_pool="", dynamic_img_size=True,
+            mlp_layer=timm.layers.SwiGLUPacked, act_layer=torch.nn.SiLU)),
+        params=632,
+        transform=T.Compose([T.Resize(224, interpolation=BICUBIC), T.CenterCrop(224),
+                             T.ToDtype(torch.float32, scale=True), T.Normalize(*IMAGENET)]),
+        # "class_token = output[:, 0]; patch_tokens = output[:, 1:]"
+        feature=lambda model, x: torch.cat([model(x)[:, 0], model(x)[:, 1:].mean(1)], dim=-1),
+        dim=2560,
+    ),
     "h-optimus-0": dict(
         arch=("vit_giant_patch14_reg4_dinov2", dict(num_classes=0, img_size=224, global_pool="token",
                                                     init_values=1e-5, dynamic_img_size=False)),
@@ -142,13 +154,13 @@ def test_structures_that_differ_between_the_cards():
     with torch.device("meta"):
         models = {n: _create(find_card(n, models_dir=MODELS), with_classifier=False) for n in NAMES}
     registers = {n: m.num_prefix_tokens - 1 for n, m in models.items()}
-    assert registers == {"h-optimus-0": 4, "prov-gigapath": 0, "uni": 0, "uni2-h": 8, "virchow2": 4}
+    assert registers == {"h-optimus-0": 4, "prov-gigapath": 0, "uni": 0, "uni2-h": 8, "virchow": 0, "virchow2": 4}
     patch = {n: m.patch_embed.patch_size[0] for n, m in models.items()}
-    assert patch == {"h-optimus-0": 14, "prov-gigapath": 16, "uni": 16, "uni2-h": 14, "virchow2": 14}
+    assert patch == {"h-optimus-0": 14, "prov-gigapath": 16, "uni": 16, "uni2-h": 14, "virchow": 14, "virchow2": 14}
     # SwiGLU (packed: fc1 holds gate and value) everywhere but UNI's plain GELU MLP
     fc1 = {n: tuple(m.blocks[0].mlp.fc1.weight.shape) for n, m in models.items()}
     assert fc1 == {"h-optimus-0": (8192, 1536), "prov-gigapath": (8192, 1536), "uni": (4096, 1024),
-                   "uni2-h": (8192, 1536), "virchow2": (6832, 1280)}
+                   "uni2-h": (8192, 1536), "virchow": (6832, 1280), "virchow2": (6832, 1280)}
     assert tuple(models["virchow2"].blocks[0].mlp.fc2.weight.shape) == (1280, 3416)
 
 
