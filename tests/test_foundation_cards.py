@@ -333,3 +333,17 @@ def test_cli_fetch_of_a_gated_model_without_token_exits_2_with_one_line(tmp_path
         "refused (HTTP 403): MahmoodLab/UNI is gated; accept its terms at https://huggingface.co/MahmoodLab/UNI with "
         "your account, then set HF_TOKEN to a Hugging Face access token\n"
     )
+
+
+def test_listing_shows_licence_and_access(tmp_path, capsys):
+    from wsitools.cli import main
+
+    for name in ("uni", "h-optimus-0"):
+        shutil.copy(MODELS / f"{name}.yaml", tmp_path / f"{name}.yaml")
+    assert main(["encoders", "--models-dir", str(tmp_path)]) == 0
+    lines = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    assert lines == [
+        ["NAME", "MODEL", "DIM", "LICENCE", "WEIGHTS"],
+        ["h-optimus-0", "vit_giant_patch14_reg4_dinov2", "1536", "Apache-2.0", "(gated)", "backbone:", "missing"],
+        ["uni", "vit_large_patch16_224", "1024", "CC-BY-NC-ND-4.0", "(gated)", "backbone:", "missing"],
+    ]
