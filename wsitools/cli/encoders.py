@@ -43,6 +43,11 @@ def register(subparsers: Any) -> None:
         "fetch",
         parents=[models_dir],
         help="download the weight files of cards, verifying sha256",
+        description=(
+            "Download each weight file of the named cards into the models directory, verifying its sha256. "
+            "Hugging Face files of gated models need HF_TOKEN set to an access token of an account that "
+            "accepted the model's terms."
+        ),
     )
     fetch.add_argument("names", nargs="+", metavar="NAME", help="card names or card files")
     fetch.add_argument("--force", action="store_true", help="download even if the file is present and valid")
@@ -93,7 +98,7 @@ def _list(args: argparse.Namespace) -> int:
 
     directory = getattr(args, "models_dir", None) or default_models_dir()
     print(f"models directory: {directory}")
-    rows = [("NAME", "MODEL", "DIM", "WEIGHTS")]
+    rows = [("NAME", "MODEL", "DIM", "LICENCE", "WEIGHTS")]
     for card in list_cards(directory):
         states = []
         for w in card.weights:
@@ -107,10 +112,11 @@ def _list(args: argparse.Namespace) -> int:
                     states.append(f"{w.role}: WRONG CHECKSUM")
             else:
                 states.append(f"{w.role}: present")
-        rows.append((card.name, card.model, str(card.dim), ", ".join(states) or "random (test model)"))
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        licence = (card.license or "-") + (" (gated)" if card.access == "gated" else "")
+        rows.append((card.name, card.model, str(card.dim), licence, ", ".join(states) or "random (test model)"))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows:
-        print("  ".join(c.ljust(widths[i]) for i, c in enumerate(r[:3])) + "  " + r[3])
+        print("  ".join(c.ljust(widths[i]) for i, c in enumerate(r[:4])) + "  " + r[4])
     return 0
 
 

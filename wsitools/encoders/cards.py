@@ -2,10 +2,12 @@
 
 A card says how to build the network (a timm model name, extra timm arguments, our prompt
 settings), which weight files to load (file name, sha256, where to download it), how to prepare
-its input (size, interpolation, normalisation or none), what its feature is (CLS token, pooled,
-mean of patch tokens) and which precision to compute in on a GPU. The dtype features are stored in
-is not the card's: ``wsitools extract --dtype`` chooses it (docs/formats.md). Weight file names are relative to the folder
-holding the card, or to an installed Python package's folder when ``package`` is given.
+its input (size, interpolation, an optional resize before a centre crop, normalisation or none),
+what its feature is (CLS token, pooled, mean of patch tokens, or CLS token and mean of patch tokens
+side by side), which precision to compute in on a GPU, and the weights' licence and access terms.
+The dtype features are stored in is not the card's: ``wsitools extract --dtype`` chooses it
+(docs/formats.md). Weight file names are relative to the folder holding the card, or to an
+installed Python package's folder when ``package`` is given.
 
 Named cards live in the models directory: ``models_dir`` argument, else the ``WSITOOLS_MODELS``
 environment variable, else the ``models/`` folder of the source checkout this package runs from.
@@ -26,11 +28,19 @@ import yaml
 from wsitools.errors import ModelError
 from wsitools.types import schema_pattern
 
-OutputKind = Literal["cls", "pooled", "mean_patch"]
+OutputKind = Literal["cls", "pooled", "mean_patch", "cls_mean_patch"]
+OUTPUT_KINDS: tuple[str, ...] = ("cls", "pooled", "mean_patch", "cls_mean_patch")
+"""``cls``: the class token after the final norm; ``pooled``: timm's ``forward_head(pre_logits=True)``;
+``mean_patch``: the mean of the patch tokens; ``cls_mean_patch``: the class token followed by the
+mean of the patch tokens (twice the width). Register tokens are never patch tokens."""
 ComputePrecision = Literal["bf16", "fp16", "fp32"]
 WeightRole = str
 """``backbone``, ``prompts``, or the name of the card's kind (its own weight file)."""
 STANDARD_ARCHITECTURE_KEYS = ("model", "kwargs", "prompts", "init_seed")
+
+MLP_LAYERS = ("Mlp", "GluMlp", "SwiGLU", "SwiGLUPacked")
+"""timm MLP classes a card may name in ``architecture.kwargs.mlp_layer`` (YAML holds no classes;
+``act_layer`` and ``norm_layer`` take names timm resolves itself, e.g. ``silu``, ``layernorm``)."""
 
 MODELS_ENV = "WSITOOLS_MODELS"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
@@ -43,6 +53,8 @@ CARD_SCHEMA: dict[str, Any] = {
     "properties": {
         "name": {"type": "string", "pattern": schema_pattern(_NAME.pattern)},
         "description": {"type": "string"},
+        "license": {"type": "string", "minLength": 1},
+        "access": {"enum": ["open", "gated"]},
         "architecture": {
             "type": "object",
             "additionalProperties": {  # a card kind that a plugin registers (see loading.py)
@@ -89,6 +101,7 @@ CARD_SCHEMA: dict[str, Any] = {
             "required": ["size", "normalize"],
             "properties": {
                 "size": {"type": "integer", "minimum": 8, "maximum": 4096},
+                "resize": {"type": "integer", "minimum": 8, "maximum": 4096},
                 "interpolation": {"enum": ["bilinear", "bicubic"]},
                 "normalize": {
                     "oneOf": [
@@ -116,7 +129,7 @@ CARD_SCHEMA: dict[str, Any] = {
             "additionalProperties": False,
             "required": ["kind", "dim"],
             "properties": {
-                "kind": {"enum": ["cls", "pooled", "mean_patch"]},
+                "kind": {"enum": list(OUTPUT_KINDS)},
                 "dim": {"type": "integer", "minimum": 1},
             },
         },
@@ -164,6 +177,14 @@ class EncoderCard:
     output: OutputKind
     dim: int
     compute_precision: ComputePrecision
+    resize: int | None = None
+    """Resize tiles to this side first, then centre-crop ``input_size`` (None: resize straight to
+    ``input_size``), e.g. Prov-GigaPath's Resize(256) + CenterCrop(224)."""
+    license: str | None = None
+    """The weights' licence, as their publisher names it (e.g. ``CC-BY-NC-ND-4.0``)."""
+    access: Literal["open", "gated"] = "open"
+    """``gated``: the hub serves the weights only to an account that accepted the terms (a token
+    in ``HF_TOKEN`` when fetching)."""
     kind: str | None = None
     """A card kind other than a plain network (e.g. ``pathotune``, written by ``wsitools tune
     pathotune``): ``architecture.KIND: {config: FILE}``. The loader registered for the kind under
@@ -190,6 +211,8 @@ class EncoderCard:
             "mean": self.mean,
             "std": self.std,
             "output": self.output,
+            # Only when set, so that cards without a crop keep the hashes their stores recorded.
+            **({"resize": self.resize} if self.resize is not None else {}),
         }
 
 
@@ -232,6 +255,11 @@ def card_from_dict(data: Any, *, source: Path) -> EncoderCard:
             f"{source}: the card lists no weight files; give architecture.init_seed for a "
             "random-weight test model"
         )
+    mlp = (arch.get("kwargs") or {}).get("mlp_layer")
+    if mlp is not None and mlp not in MLP_LAYERS:
+        raise ModelError(
+            f"{source}: architecture.kwargs.mlp_layer {mlp!r} is not one of {', '.join(MLP_LAYERS)}"
+        )
     kinds = [k for k in arch if k not in STANDARD_ARCHITECTURE_KEYS]
     if len(kinds) > 1:
         raise ModelError(f"{source}: a card has at most one kind, got {', '.join(kinds)} under architecture")
@@ -272,6 +300,12 @@ def card_from_dict(data: Any, *, source: Path) -> EncoderCard:
             )
         )
     norm = data["input"]["normalize"]
+    resize = data["input"].get("resize")
+    if resize is not None and resize < data["input"]["size"]:
+        raise ModelError(
+            f"{source}: input.resize {resize} is smaller than input.size {data['input']['size']} "
+            "(tiles are resized to input.resize, then centre-cropped to input.size)"
+        )
     return EncoderCard(
         name=data["name"],
         description=" ".join(str(data.get("description", "")).split()),
@@ -288,6 +322,9 @@ def card_from_dict(data: Any, *, source: Path) -> EncoderCard:
         output=data["output"]["kind"],
         dim=data["output"]["dim"],
         compute_precision=data["precision"]["compute"],
+        resize=resize,
+        license=data.get("license"),
+        access=data.get("access", "open"),
         kind=kind,
         kind_config=source.parent / arch[kind]["config"] if kind else None,
         source=source,
@@ -364,12 +401,19 @@ def card_to_dict(card: EncoderCard) -> dict[str, Any]:
             entry["layout"] = w.layout
         weights.append(entry)
     normalize = None if card.mean is None else {"mean": list(card.mean), "std": list(card.std or ())}
+    inputs: dict[str, Any] = {"size": card.input_size, "interpolation": card.interpolation, "normalize": normalize}
+    if card.resize is not None:
+        inputs["resize"] = card.resize
+    data: dict[str, Any] = {"name": card.name, "description": card.description}
+    if card.license is not None:
+        data["license"] = card.license
+    if card.access != "open":
+        data["access"] = card.access
     return {
-        "name": card.name,
-        "description": card.description,
+        **data,
         "architecture": arch,
         "weights": weights,
-        "input": {"size": card.input_size, "interpolation": card.interpolation, "normalize": normalize},
+        "input": inputs,
         "output": {"kind": card.output, "dim": card.dim},
         "precision": {"compute": card.compute_precision},
     }

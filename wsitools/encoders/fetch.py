@@ -4,12 +4,19 @@ Each file with a ``url`` is streamed to a temporary name beside its final place,
 computed while it streams, and it is renamed into place only if the checksum matches the card
 (a card without a pinned sha256 gets the file plus a warning saying which checksum to pin).
 Any URL scheme urllib knows works, ``file://`` included (that is how the tests run offline).
+
+Hugging Face hub files are ``https://huggingface.co/OWNER/REPO/resolve/REVISION/FILE`` URLs. For
+those (and only those) the token in ``HF_TOKEN`` goes along as a bearer token, never to the host a
+download is redirected to; a gated model answers 401 or 403 without an accepted-terms token, which
+becomes one line saying where to accept the terms. Nothing is downloaded except by ``fetch``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import re
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -35,13 +42,53 @@ class FetchResult:
     sha256: str | None
 
 
+HF_HOST = "huggingface.co"
+HF_TOKEN_ENV = "HF_TOKEN"
+_HF_RESOLVE = re.compile(r"https://huggingface\.co/([A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)/resolve/.+")
+
+
+def hub_repo(url: str) -> str | None:
+    """``OWNER/REPO`` of a Hugging Face hub file URL, else None."""
+    match = _HF_RESOLVE.fullmatch(url)
+    return match.group(1) if match else None
+
+
+def download_request(url: str) -> urllib.request.Request:
+    """The request for ``url``: with ``Authorization: Bearer $HF_TOKEN`` for a Hugging Face hub
+    file when the variable is set, as an unredirected header (it is not sent on to the storage
+    host the hub redirects to)."""
+    request = urllib.request.Request(url)
+    token = os.environ.get(HF_TOKEN_ENV, "").strip()
+    if token and hub_repo(url) is not None:
+        request.add_unredirected_header("Authorization", f"Bearer {token}")
+    return request
+
+
+def _http_failure(url: str, exc: urllib.error.HTTPError) -> str:
+    repo = hub_repo(url)
+    if repo is not None and exc.code in (401, 403):
+        has_token = bool(os.environ.get(HF_TOKEN_ENV, "").strip())
+        how = (
+            f"the token in {HF_TOKEN_ENV} was refused: its account has not been granted access"
+            if has_token
+            else f"set {HF_TOKEN_ENV} to a Hugging Face access token"
+        )
+        return (
+            f"{url}: download refused (HTTP {exc.code}): {repo} is gated; accept its terms at "
+            f"https://{HF_HOST}/{repo} with your account, then {how}"
+        )
+    return f"{url}: download failed (HTTP {exc.code} {exc.reason})"
+
+
 def _download(url: str, dest: Path, *, timeout: float) -> str:
     digest = hashlib.sha256()
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response, open(dest, "wb") as out:
+        with urllib.request.urlopen(download_request(url), timeout=timeout) as response, open(dest, "wb") as out:
             while block := response.read(1 << 20):
                 digest.update(block)
                 out.write(block)
+    except urllib.error.HTTPError as exc:
+        raise ModelError(_http_failure(url, exc)) from None
     except (urllib.error.URLError, OSError, ValueError) as exc:
         raise ModelError(f"{url}: download failed ({exc})") from None
     return digest.hexdigest()

