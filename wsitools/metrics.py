@@ -18,7 +18,7 @@ Used by the MIL heads (slide level) and by patch-level prompt tuning. Convention
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -129,6 +129,37 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray) -> dict[str, f
     }
 
 
+def percentile_bootstrap(
+    metrics: Callable[[np.ndarray, np.ndarray], dict[str, float]],
+    y: np.ndarray,
+    p: np.ndarray,
+    *,
+    n_boot: int,
+    seed: int,
+    level: float,
+) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap interval of every metric ``metrics(y, p)`` returns.
+
+    Resamples whole cases with replacement ``n_boot`` times (seeded, so reports are
+    reproducible); a resample where a metric is undefined (NaN) is left out for that metric, and
+    a metric never defined gets (NaN, NaN).
+    """
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[float]] = {}
+    for _ in range(n_boot):
+        idx = rng.integers(0, len(y), size=len(y))
+        for name, value in metrics(y[idx], p[idx]).items():
+            values = draws.setdefault(name, [])
+            if not math.isnan(value):
+                values.append(value)
+    tail = (1.0 - level) / 2.0 * 100.0
+    out: dict[str, tuple[float, float]] = {}
+    for name, values in draws.items():
+        lo, hi = np.percentile(values, [tail, 100.0 - tail]) if values else (math.nan, math.nan)
+        out[name] = (float(lo), float(hi))
+    return out
+
+
 def bootstrap_ci(
     y_true: np.ndarray,
     probs: np.ndarray,
@@ -137,29 +168,11 @@ def bootstrap_ci(
     seed: int = 0,
     level: float = 0.95,
 ) -> dict[str, tuple[float, float]]:
-    """Percentile bootstrap interval of each metric in :data:`METRICS`.
-
-    Resamples whole cases with replacement ``n_boot`` times (seeded, so reports are
-    reproducible); a resample where a metric is undefined is left out for that metric.
-    """
+    """Percentile bootstrap interval of each metric in :data:`METRICS` (over slides)."""
     y = _as_labels(y_true)
     p = np.asarray(probs, dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    draws = {name: [] for name in METRICS}
-    for _ in range(n_boot):
-        idx = rng.integers(0, len(y), size=len(y))
-        for name, value in classification_metrics(y[idx], p[idx]).items():
-            if not math.isnan(value):
-                draws[name].append(value)
-    tail = (1.0 - level) / 2.0 * 100.0
-    out: dict[str, tuple[float, float]] = {}
-    for name, values in draws.items():
-        if values:
-            lo, hi = np.percentile(values, [tail, 100.0 - tail])
-            out[name] = (float(lo), float(hi))
-        else:
-            out[name] = (math.nan, math.nan)
-    return out
+    out = percentile_bootstrap(classification_metrics, y, p, n_boot=n_boot, seed=seed, level=level)
+    return {name: out.get(name, (math.nan, math.nan)) for name in METRICS}
 
 
 def _json_float(x: float) -> float | None:
@@ -235,18 +248,11 @@ def regression_report(
     y = np.asarray(y_true, dtype=np.float64)
     p = np.asarray(y_pred, dtype=np.float64)
     point = regression_metrics(y, p)
-    rng = np.random.default_rng(seed)
-    draws: dict[str, list[float]] = {name: [] for name in REGRESSION_METRICS}
-    for _ in range(n_boot):
-        idx = rng.integers(0, len(y), size=len(y))
-        for name, value in regression_metrics(y[idx], p[idx]).items():
-            if not math.isnan(value):
-                draws[name].append(value)
-    tail = (1.0 - level) / 2.0 * 100.0
+    intervals = percentile_bootstrap(regression_metrics, y, p, n_boot=n_boot, seed=seed, level=level)
     report: dict[str, Any] = {"n": int(len(y))}
     for name in REGRESSION_METRICS:
+        lo, hi = intervals.get(name, (math.nan, math.nan))
         report[name] = _json_float(point[name])
-        lo, hi = np.percentile(draws[name], [tail, 100.0 - tail]) if draws[name] else (math.nan, math.nan)
         report[f"{name}_ci95"] = [_json_float(lo), _json_float(hi)]
     return report
 
