@@ -168,3 +168,21 @@ def test_unknown_layout_is_refused_by_the_card_schema(tmp_path):
     (tmp_path / "phikon-v2.yaml").write_text(yaml.safe_dump(data))
     with pytest.raises(ModelError, match=r"invalid model card at weights/0/layout"):
         read_card(tmp_path / "phikon-v2.yaml")
+
+
+def test_preprocessing_is_tridents_transform():
+    """Resize(224) (bilinear), CenterCrop(224), ImageNet mean/std: exact on 224 px tiles; the
+    resize of smooth 448 px tiles agrees to about 1/255 of the pixel range."""
+    import torchvision.transforms.v2 as T
+
+    enc = build_encoder(small(find_card("phikon-v2", models_dir=MODELS)), device="cpu")
+    reference = T.Compose([T.Resize(224, interpolation=T.InterpolationMode.BILINEAR), T.CenterCrop(224),
+                           T.ToDtype(torch.float32, scale=True),
+                           T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    g = torch.Generator().manual_seed(6)
+    tiles = torch.randint(0, 256, (2, 224, 224, 3), dtype=torch.uint8, generator=g)
+    assert torch.allclose(enc.preprocess(tiles), reference(tiles.permute(0, 3, 1, 2)), atol=1e-5)
+    smooth = torch.nn.functional.interpolate(torch.rand(2, 3, 12, 12, generator=g), size=(448, 448), mode="bilinear")
+    tiles = (smooth * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    diff = (enc.preprocess(tiles) - reference(tiles.permute(0, 3, 1, 2))) * torch.tensor(enc.card.std).view(1, 3, 1, 1)
+    assert diff.abs().max() <= 1.5 / 255
