@@ -157,6 +157,9 @@ def test_foreign_keys_are_refused_naming_them():
     no_value = {k: v for k, v in sd.items() if not k.startswith("encoder.layer.1.attention.v_proj")}
     with pytest.raises(ModelError, match=r"block 1 has no v projection"):
         convert_hf_dinov2_state_dict(no_value, grid=(14, 14), source="ckpt.safetensors")
+    both = {**sd, "encoder.layer.0.attention.attention.query.weight": sd["encoder.layer.0.attention.q_proj.weight"]}
+    with pytest.raises(ModelError, match=r"query\.weight' holds a tensor the file already has under another key name"):
+        convert_hf_dinov2_state_dict(both, grid=(14, 14), source="ckpt.safetensors")
     flat = {**sd, "embeddings.position_embeddings": torch.zeros(1, 1 + 10, WIDTH)}
     with pytest.raises(ModelError, match=r"position_embeddings has shape \[1, 11, 48\]"):
         convert_hf_dinov2_state_dict(flat, grid=(14, 14), source="ckpt.safetensors")

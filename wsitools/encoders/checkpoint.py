@@ -213,7 +213,7 @@ def convert_hf_dinov2_state_dict(
         if key == "embeddings.mask_token":
             continue
         if key in _HF_DINOV2_TOP:
-            out[_HF_DINOV2_TOP[key]] = value
+            _put(out, _HF_DINOV2_TOP[key], value, key=key, source=source)
             continue
         if key == "embeddings.position_embeddings":
             out["pos_embed"] = _resample_hf_pos_embed(value, grid=grid, source=source)
@@ -224,14 +224,14 @@ def convert_hf_dinov2_state_dict(
             continue
         index, rest = int(block.group(1)), block.group(2)
         if rest in _HF_DINOV2_RENAMES:
-            out[f"blocks.{index}.{_HF_DINOV2_RENAMES[rest]}"] = value
+            _put(out, f"blocks.{index}.{_HF_DINOV2_RENAMES[rest]}", value, key=key, source=source)
             continue
         part = _HF_DINOV2_QKV.fullmatch(rest)
         if part is None:
             unknown.append(key)
             continue
         which = (part.group("old") or part.group("new"))[0]  # q, k or v
-        qkv.setdefault((index, part.group("param")), {})[which] = value
+        _put(qkv.setdefault((index, part.group("param")), {}), which, value, key=key, source=source)
     if unknown:
         raise ModelError(
             f"{source}: not a Dinov2Model state dict of a plain ViT; unknown keys: "
@@ -245,6 +245,13 @@ def convert_hf_dinov2_state_dict(
             )
         out[f"blocks.{index}.attn.qkv.{param}"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
     return out
+
+
+def _put(out: dict[str, torch.Tensor], target: str, value: torch.Tensor, *, key: str, source: str) -> None:
+    """Store ``value`` under ``target`` unless another key (the other spelling) already filled it."""
+    if target in out:
+        raise ModelError(f"{source}: {key!r} holds a tensor the file already has under another key name")
+    out[target] = value
 
 
 def _resample_hf_pos_embed(
