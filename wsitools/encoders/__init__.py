@@ -27,6 +27,7 @@ _HOMES = {
     "list_cards": "cards",
     "read_card": "cards",
     "check_state_dict": "checkpoint",
+    "convert_hf_dinov2_state_dict": "checkpoint",
     "convert_ordered_state_dict": "checkpoint",
     "convert_timm_state_dict": "checkpoint",
     "load_weights": "checkpoint",

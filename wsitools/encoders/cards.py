@@ -91,7 +91,7 @@ CARD_SCHEMA: dict[str, Any] = {
                     "sha256": {"type": ["string", "null"], "pattern": schema_pattern("[0-9a-f]{64}")},
                     "url": {"type": ["string", "null"]},
                     "package": {"type": ["string", "null"]},
-                    "layout": {"enum": ["timm", "ordered"]},
+                    "layout": {"enum": ["timm", "ordered", "hf_dinov2"]},
                 },
             },
         },
@@ -155,7 +155,8 @@ class WeightFile:
     sha256: str | None = None
     url: str | None = None
     package: str | None = None
-    layout: Literal["timm", "ordered"] = "timm"
+    layout: Literal["timm", "ordered", "hf_dinov2"] = "timm"
+    """How the file names its tensors (see :mod:`wsitools.encoders.checkpoint`)."""
 
 
 @dataclass(frozen=True)

