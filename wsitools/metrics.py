@@ -175,7 +175,8 @@ def bootstrap_ci(
     return {name: out.get(name, (math.nan, math.nan)) for name in METRICS}
 
 
-def _json_float(x: float) -> float | None:
+def json_float(x: float) -> float | None:
+    """A metric for a JSON report: rounded to 6 places, NaN (undefined) as null."""
     return None if math.isnan(x) else round(float(x), 6)
 
 
@@ -199,8 +200,8 @@ def metrics_report(
     ci = bootstrap_ci(y, p, n_boot=n_boot, seed=seed)
     report: dict[str, Any] = {"n": int(len(y))}
     for name in METRICS:
-        report[name] = _json_float(point[name])
-        report[f"{name}_ci95"] = [_json_float(v) for v in ci[name]]
+        report[name] = json_float(point[name])
+        report[f"{name}_ci95"] = [json_float(v) for v in ci[name]]
     report["confusion_matrix"] = {
         "classes": list(class_names),
         "rows_true_cols_pred": confusion_matrix(y, p.argmax(axis=1), len(class_names)).tolist(),
@@ -252,8 +253,8 @@ def regression_report(
     report: dict[str, Any] = {"n": int(len(y))}
     for name in REGRESSION_METRICS:
         lo, hi = intervals.get(name, (math.nan, math.nan))
-        report[name] = _json_float(point[name])
-        report[f"{name}_ci95"] = [_json_float(lo), _json_float(hi)]
+        report[name] = json_float(point[name])
+        report[f"{name}_ci95"] = [json_float(lo), json_float(hi)]
     return report
 
 
@@ -263,8 +264,8 @@ def mean_sd_of(reports: Sequence[dict[str, Any]], names: Sequence[str]) -> dict[
     for name in names:
         values = np.array([r[name] for r in reports if r.get(name) is not None], dtype=np.float64)
         out[name] = {
-            "mean": _json_float(float(values.mean())) if len(values) else None,
-            "sd": _json_float(float(values.std(ddof=1))) if len(values) > 1 else None,
+            "mean": json_float(float(values.mean())) if len(values) else None,
+            "sd": json_float(float(values.std(ddof=1))) if len(values) > 1 else None,
             "n_folds": int(len(values)),
         }
     return out

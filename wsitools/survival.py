@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from wsitools.metrics import json_float
+
 
 def _arrays(time: np.ndarray, event: np.ndarray, risk: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
     t = np.asarray(time, dtype=np.float64)
@@ -185,10 +187,6 @@ def auc_times(time: np.ndarray, event: np.ndarray) -> list[float]:
     return sorted({float(q) for q in quartiles if q < t.max()})
 
 
-def _json(x: float) -> float | None:
-    return None if math.isnan(x) else round(float(x), 6)
-
-
 def survival_metrics(time: np.ndarray, event: np.ndarray, risk: np.ndarray) -> dict[str, float]:
     """Point estimates without intervals (per-epoch validation): Harrell's and Uno's C."""
     t, e, r = _arrays(time, event, risk)
@@ -215,22 +213,22 @@ def survival_report(
     """
     t, e, r = _arrays(time, event, risk)
     report: dict[str, Any] = {"n": int(len(t)), "n_events": int(e.sum()),
-                              "censored_fraction": _json(float(1.0 - e.mean())) if len(t) else None}
+                              "censored_fraction": json_float(float(1.0 - e.mean())) if len(t) else None}
     ipcw = _ipcw(t, e)
     for name, weight in (("c_index", np.ones(len(t))), ("uno_c", ipcw**2)):
         if np.isnan(weight).any():
             report[name], report[f"{name}_ci95"] = None, [None, None]
             continue
         n, d = _concordance_matrices(t, e, r, weight)
-        report[name] = _json(_ratio(n, d))
-        report[f"{name}_ci95"] = [_json(v) for v in _bootstrap_ratio(n, d, n_boot=n_boot, seed=seed, level=level)]
+        report[name] = json_float(_ratio(n, d))
+        report[f"{name}_ci95"] = [json_float(v) for v in _bootstrap_ratio(n, d, n_boot=n_boot, seed=seed, level=level)]
     rows = []
     for at in auc_times(t, e) if times is None else times:
         if np.isnan(ipcw).any():
             break
         n, d = _auc_matrices(t, e, r, float(at), ipcw)
         lo, hi = _bootstrap_ratio(n, d, n_boot=n_boot, seed=seed, level=level)
-        rows.append({"time": round(float(at), 6), "auc": _json(_ratio(n, d)), "auc_ci95": [_json(lo), _json(hi)]})
+        rows.append({"time": round(float(at), 6), "auc": json_float(_ratio(n, d)), "auc_ci95": [json_float(lo), json_float(hi)]})
     report["time_auc"] = rows
     if high_risk is not None:
         g = np.asarray(high_risk).astype(bool)
@@ -238,9 +236,9 @@ def survival_report(
         report["risk_groups"] = {
             "n_high": int(g.sum()),
             "n_low": int((~g).sum()),
-            "median_time_high": _json(median_survival(t[g], e[g])),
-            "median_time_low": _json(median_survival(t[~g], e[~g])),
-            "logrank_chi2": _json(stat),
+            "median_time_high": json_float(median_survival(t[g], e[g])),
+            "median_time_low": json_float(median_survival(t[~g], e[~g])),
+            "logrank_chi2": json_float(stat),
             "logrank_p": None if math.isnan(p) else float(f"{p:.6g}"),
         }
     return report

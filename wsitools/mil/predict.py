@@ -85,11 +85,8 @@ def predict_bag(
     for k, model in enumerate(models):
         model.eval()
         out = model(x, ivp)
-        logits = out.logits.float()
-        if scales is not None and scales[k]:
-            preds.append(torch.from_numpy(to_predictions(logits[None].cpu().numpy(), scales[k])))
-        else:
-            preds.append(torch.softmax(logits, dim=-1).cpu())
+        scale = scales[k] if scales is not None else {}
+        preds.append(torch.from_numpy(to_predictions(out.logits.float()[None].cpu().numpy(), scale).reshape(-1)))
         attention.append(out.attention.float())
     return torch.stack(preds).mean(0).numpy(), torch.stack(attention).mean(0).cpu().numpy()
 
