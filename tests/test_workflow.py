@@ -271,6 +271,10 @@ def test_every_report_output_is_in_a_listed_section_and_tables_render(loaded_wor
     pages = [(r.subcategory, r.labels["table"]) for _, path, r in outputs if path.endswith(".html")]
     assert sorted(tables) == sorted(pages) == [("Metrics of every head", "metrics of every head"),
                                                ("QC summary", "QC summary")]
+    # The report turns the "format" label into a toggle whose values it sorts by UTF-16 code unit
+    # (JavaScript's default sort) and selects the first: the HTML page must sort first.
+    formats = {r.labels["format"] for _, path, r in outputs if path.endswith((".tsv", ".html"))}
+    assert sorted(formats, key=lambda f: f.encode("utf-16-be")) == ["HTML table", "TSV (download)"]
     import mimetypes
 
     assert all(mimetypes.guess_type(path)[0] == "text/html" for _, path, _ in outputs if path.endswith(".html"))
