@@ -57,13 +57,13 @@ class PatientCohort(Cohort):
         return sum(len(g.slide_ids) for g in self.groups)
 
 
-def _target_of(row: LabelRow, task_type: TaskType) -> tuple[str, str]:
-    """What a patient's slides must agree on, as (name, value text) for messages."""
+def _target_of(row: LabelRow, task_type: TaskType) -> tuple[Any, ...]:
+    """What a patient's slides must agree on: the class, the value, or the time and event."""
     if task_type == "survival":
-        return "time and event", f"{row.time:g}/{row.event}"
+        return (row.time, row.event)
     if task_type == "regression":
-        return "label", f"{row.value:g}"
-    return "label", row.label
+        return (row.value,)
+    return (row.label,)
 
 
 def check_patient_targets(
@@ -72,15 +72,16 @@ def check_patient_targets(
     """Every patient's slides must carry one target (class, value, or time and event): a patient
     bag has a single label. A disagreement is a :class:`DataError` naming the file, the
     patient and two slides that differ."""
+    what = "time and event" if task_type == "survival" else "label"
     first: dict[str, LabelRow] = {}
     for row in rows:
         seen = first.setdefault(row.patient_id, row)
-        what, value = _target_of(row, task_type)
-        _, expected = _target_of(seen, task_type)
-        if value != expected:
+        if _target_of(row, task_type) != _target_of(seen, task_type):
+            shown = ["/".join(f"{v:g}" if isinstance(v, float) else str(v) for v in _target_of(r, task_type))
+                     for r in (seen, row)]
             raise DataError(
-                f"labels table {path}: patient {row.patient_id}: slides {seen.slide_id} ({expected}) and "
-                f"{row.slide_id} ({value}) disagree on the {what}; patient bags (--bag patient) need one "
+                f"labels table {path}: patient {row.patient_id}: slides {seen.slide_id} ({shown[0]}) and "
+                f"{row.slide_id} ({shown[1]}) disagree on the {what}; patient bags (--bag patient) need one "
                 f"{what} per patient"
             )
 
