@@ -22,11 +22,11 @@ from wsitools.mil.predict import predict  # noqa: E402
 from wsitools.mil.synthetic import make_outcome_cohort, write_feature_store  # noqa: E402
 from wsitools.mil.train import PatientBagDataset, train  # noqa: E402
 
-FAST = TrainConfig(epochs=15, patience=8, min_epochs=0, lr=5e-4, n_boot=50, folds=4)
+FAST = TrainConfig(epochs=12, patience=8, min_epochs=0, n_boot=50, folds=3)
 DIM = 16
 
 
-def _key_in_one_slide(root, *, n_patients: int = 32, seed: int = 0) -> dict:
+def _key_in_one_slide(root, *, n_patients: int = 24, seed: int = 0) -> dict:
     """Patients of two slides each, labelled by patient; a positive patient's key instances
     (4-8 rows shifted by 6 along one direction) sit in only one of its two slides, so its other
     slide looks exactly like a negative one."""
@@ -72,12 +72,12 @@ def runs(cohort):
 
 def test_patient_bags_separate_better_when_the_evidence_sits_in_one_slide(runs):
     slide, patient = runs["slide_summary"], runs["patient_summary"]
-    assert (slide["bag"], slide["n_slides"], slide["n_patients"]) == ("slide", 64, 32)
-    assert (patient["bag"], patient["n_slides"], patient["n_patients"]) == ("patient", 64, 32)
+    assert (slide["bag"], slide["n_slides"], slide["n_patients"]) == ("slide", 48, 24)
+    assert (patient["bag"], patient["n_slides"], patient["n_patients"]) == ("patient", 48, 24)
     # Slide bags inherit the patient's label: half the positive slides carry no evidence, so the
     # slide head cannot rank them above negatives (expected AUROC about 0.75); the patient head can.
     assert patient["pooled"]["auroc"] >= 0.95
-    assert slide["pooled"]["auroc"] <= 0.9
+    assert slide["pooled"]["auroc"] <= 0.85
     assert patient["pooled"]["auroc"] - slide["pooled"]["auroc"] >= 0.1
 
 
@@ -127,9 +127,9 @@ def test_predict_pools_each_patient_as_the_head_was_trained(cohort, runs, tmp_pa
     features = str(cohort["root"] / "features")
     rc = main(["predict", "--model", str(fold0), "--features", features, "--patients", str(cohort["labels"]),
                "--out", str(tmp_path / "p"), "--quiet"])
-    assert rc == 0 and "predicted 32 patients" in capsys.readouterr().out
+    assert rc == 0 and "predicted 24 patients" in capsys.readouterr().out
     rows = {r["patient_id"]: r for r in csv.DictReader(open(tmp_path / "p" / "predictions.csv"))}
-    assert len(rows) == 32
+    assert len(rows) == 24
     for patient, r in held_out.items():
         assert float(rows[patient]["prob_pos"]) == pytest.approx(float(r["prob_pos"]), abs=2e-6)
         assert rows[patient]["slides"] == r["slides"]
