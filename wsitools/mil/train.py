@@ -14,6 +14,9 @@ and renamed when complete. The task type (:class:`~wsitools.text.TaskDescription
 - regression: one output, the Huber loss on the target standardised with the training part's
   mean and standard deviation (recorded with the head), one bag per step.
 
+A bag is one slide by default; with ``bag="patient"`` it is all slides of a patient concatenated
+(:class:`PatientBagDataset`, :mod:`wsitools.mil.patients`), one prediction per patient.
+
 Choices where the papers are silent (documented in docs/mil.md):
 - Training steps see at most ``bag_size`` patches per bag (a fresh random subset every step,
   512 by default), which is both an augmentation and what makes 10k-patch bags train at
