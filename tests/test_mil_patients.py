@@ -14,7 +14,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from wsitools.attention import read_attention  # noqa: E402
 from wsitools.cli import main  # noqa: E402
+from wsitools.heatmap import _title  # noqa: E402
 from wsitools.mil.config import TrainConfig  # noqa: E402
 from wsitools.mil.data import read_coords, read_features  # noqa: E402
 from wsitools.mil.patients import SlideGroup, read_patients, split_attention  # noqa: E402
@@ -103,6 +105,9 @@ def test_patient_attention_goes_back_to_each_slide_and_its_tiles(cohort, runs):
         if patient in cohort["key_slide"]:
             assert shares[cohort["key_slide"][patient]] > 0.5, (patient, shares)
     assert np.mean(hits) >= 0.9  # the most attended tile of a key slide is a planted one
+    amap = read_attention(folder / "p01_s0.h5")  # the heatmap's title gives the slide's share
+    share = 100 * float(amap.attrs["attention_share"])
+    assert f"p01_s0   patient p01: {share:.0f}% of its attention   neg: " in _title(amap)
 
 
 def test_patient_run_files_say_how_the_bags_were_made(cohort, runs):
