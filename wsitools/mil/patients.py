@@ -14,7 +14,6 @@ patient table that prediction needs (:func:`read_patients`), and splits and writ
 from __future__ import annotations
 
 import csv
-import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,8 +28,6 @@ from wsitools.io import read_user_text
 from wsitools.mil.data import BagInfo, Cohort, LabelRow, _sniff_dialect, read_coords
 from wsitools.text import TaskType
 from wsitools.types import check_slide_id
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -50,11 +47,6 @@ class PatientCohort(Cohort):
     the patient's (its slides agree), and ``groups`` the slides of each patient bag."""
 
     groups: list[SlideGroup] = field(default_factory=list)
-
-    @property
-    def n_slides(self) -> int:
-        """The slides pooled into the patient bags."""
-        return sum(len(g.slide_ids) for g in self.groups)
 
 
 def _target_of(row: LabelRow, task_type: TaskType) -> tuple[Any, ...]:
