@@ -272,3 +272,28 @@ def test_outcome_heads_on_patient_bags(tmp_path, task_type, head, prompts):
     assert len(got) == 12
     for patient, value in held_out.items():
         assert got[patient] == pytest.approx(value, abs=1e-5)
+
+
+def test_train_cli_with_patient_bags(cohort, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["train", "--features", str(cohort["root"] / "features"), "--labels", str(cohort["labels"]),
+               "--bag", "patient", "--epochs", "1", "--min-epochs", "0", "--folds", "2", "--bootstrap", "10",
+               "--quiet", "--out", str(out)])
+    assert rc == 0 and capsys.readouterr().out.startswith("auroc\t")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["bag"], metrics["n_slides"], metrics["n_patients"]) == ("patient", 48, 24)
+    assert sum(1 for _ in open(out / "predictions.csv")) == 1 + 24
+
+
+def test_workflow_check_of_patient_labels_compares_numbers_as_numbers():
+    from wsitools import cohort as workflow_cohort
+    from wsitools.errors import DataError
+
+    def sample(slide, patient, level):
+        return workflow_cohort.Sample(slide, f"{slide}.svs", patient, fields={"level": level})
+
+    same = [sample("a", "P", "1"), sample("b", "P", "1.0"), sample("c", "P", ""), sample("d", "Q", "2")]
+    workflow_cohort.check_patient_labels(same, task="t", columns={"label": "level"}, sheet="s.tsv", heads=["h"])
+    with pytest.raises(DataError, match=r"patient P in s.tsv: slides a \(1\) and b \(1.5\) disagree on 'level'"):
+        workflow_cohort.check_patient_labels([sample("a", "P", "1"), sample("b", "P", "1.5")], task="t",
+                                             columns={"label": "level"}, sheet="s.tsv", heads=["h"])
