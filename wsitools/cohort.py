@@ -535,6 +535,33 @@ def check_task_labels(
         )
 
 
+def check_patient_labels(
+    samples: Sequence[Sample], *, task: str, columns: Mapping[str, str], sheet: str, heads: Sequence[str]
+) -> None:
+    """For heads on patient bags (``heads``): the labelled slides of each patient must carry the
+    same targets (the task's ``columns`` of the sheet; numbers compared as numbers), before any
+    slide is tiled; a :class:`DataError` names the task, the patient, two slides that differ and
+    the heads."""
+
+    def key(text: str) -> str | float:
+        return float(text) if _is_number(text) else text
+
+    first: dict[str, Sample] = {}
+    for s in samples:
+        values = [s.value(c) for c in columns.values()]
+        if not all(values):
+            continue
+        seen = first.setdefault(s.patient_id, s)
+        expected = [seen.value(c) for c in columns.values()]
+        if list(map(key, values)) != list(map(key, expected)):
+            raise DataError(
+                f"config: tasks: {task}: patient {s.patient_id} in {sheet}: slides {seen.slide_id} "
+                f"({'/'.join(expected)}) and {s.slide_id} ({'/'.join(values)}) disagree on "
+                f"{', '.join(map(repr, columns.values()))}, but heads {', '.join(heads)} pool a patient's "
+                "slides into one bag (bag: patient) with one label"
+            )
+
+
 def _patient_classes(labelled: Sequence[tuple[Sample, str]], order: Sequence[str]) -> dict[str, str]:
     """Each patient's class: the one most of its slides have (ties: the first in ``order``)."""
     by_patient: dict[str, list[str]] = {}

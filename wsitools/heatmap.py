@@ -148,7 +148,11 @@ def overlay(thumbnail: np.ndarray, raster: np.ndarray, *, alpha: float = 0.5, cm
 
 
 def _title(amap: AttentionMap) -> str:
+    """The slide, the prediction, the label, and (a patient bag's slide) its patient and share of
+    the patient's attention."""
     title = amap.slide_id
+    if "patient_id" in amap.attrs and "attention_share" in amap.attrs:
+        title += f"   patient {amap.attrs['patient_id']}: {100 * float(amap.attrs['attention_share']):.0f}% of its attention"
     if amap.classes:
         title += "   " + "  ".join(f"{c}: {p:.2f}" for c, p in zip(amap.classes, amap.probs))
     if "label" in amap.attrs:

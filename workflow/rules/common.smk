@@ -78,6 +78,14 @@ for _name, _task in TASKS.items():
                 f"config: task {_name!r}: the samples sheet {config['samples']} has no column "
                 f"{_sheet_column!r} ({_table_column}_column)"
             )
+    if any(h["bag"] == "patient" for h in HEADS.values()):
+        try:
+            cohort.check_patient_labels(
+                list(SAMPLES.values()), task=_name, columns=TASK_COLUMNS[_name], sheet=config["samples"],
+                heads=[head for head, h in HEADS.items() if h["bag"] == "patient"],
+            )
+        except WsiToolsError as exc:
+            raise WorkflowError(str(exc)) from None
     if TASK_TYPES[_name] != "classification":
         try:
             cohort.check_outcome_labels(
@@ -194,9 +202,15 @@ def get_predict_features(wildcards):
     )
 
 
+def get_predict_patients(wildcards):
+    """``--patients SHEET`` for a head trained on patient bags: the samples sheet says which
+    slides to pool (its ``patient_id`` column); nothing for slide bags."""
+    return f" {shell_args(['--patients', config['samples']])}" if HEADS[wildcards.head]["bag"] == "patient" else ""
+
+
 def get_head_options(wildcards):
     h = HEADS[wildcards.head]
-    args = ["--head", h["type"], "--folds", h["folds"]]
+    args = ["--head", h["type"], "--bag", h["bag"], "--folds", h["folds"]]
     if h["type"] == "pathotune":
         args += ["--prompts", ",".join(h["prompts"])]
     return shell_args(args + h["extra_args"])
