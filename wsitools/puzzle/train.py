@@ -37,7 +37,7 @@ from wsitools.encoders.cards import check_card_name
 from wsitools.errors import ConfigError
 from wsitools.io import atomic_path, available_cpus, stable_hash, write_json_atomic
 from wsitools.puzzle.backbone import PuzzleBackbone, export_promptstate, load_puzzle_backbone
-from wsitools.puzzle.curriculum import Curriculum, Strategy, default_patch_sizes
+from wsitools.puzzle.curriculum import Curriculum, PuzzleStage, Strategy, default_patch_sizes
 from wsitools.encoders.transforms import prepare_input
 from wsitools.puzzle.data import TileStream, open_stores
 from wsitools.puzzle.model import PuzzleTuningModel
@@ -297,45 +297,19 @@ def train_puzzle(
     for epoch in range(start_epoch, last_epoch):
         stage = curriculum.at(epoch)
         stream.set_epoch(epoch)
-        gen = _epoch_generator(config.seed, epoch)
-        losses: list[float] = []
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", disable=not progress, leave=False)
         t0 = time.perf_counter()
-        for batch in loader:
-            batch = batch.to(dev, non_blocking=True)
-            puzzled, mask = fix_position_shuffle(
-                batch, ratio=stage.ratio, patch_size=stage.patch_size, group_size=config.group, generator=gen
-            )
-            with stepper.autocast():
-                out_ = model(batch, prepare_input(bb.card, puzzled), mask)
-            losses.append(float(out_.loss.detach()))
-            if not math.isfinite(losses[-1]):
-                raise PuzzleError(
-                    f"the loss became {losses[-1]} at epoch {epoch}, step {stepper.step}; lower the learning "
-                    "rate or use fp32/bf16 (the last good checkpoint is kept)"
-                )
-            if stepper.backward(out_.loss):
-                row = {
-                    "epoch": float(epoch), "step": float(stepper.step - 1), "loss": float(np.mean(losses)),
-                    "lr": stepper.lr, "patch_size": float(stage.patch_size), "ratio": stage.ratio,
-                }
-                rows.append(row)
-                losses = []
-                bar.update(1)
-                bar.set_postfix(loss=f"{row['loss']:.4f}")
-            images += batch.shape[0]
+        last = _train_epoch(
+            model, loader, stepper, rows, card=bb.card, stage=stage, epoch=epoch, group_size=config.group,
+            generator=_epoch_generator(config.seed, epoch), bar=bar,
+        )
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         seconds += time.perf_counter() - t0
+        images += steps_per_epoch * tiles_per_step
         bar.close()
         log_table.write(rows)
-        k = min(config.preview_images, batch.shape[0])  # the epoch's last batch
-        with torch.no_grad():
-            restored = model.restoration(puzzled[:k], _slice_output(out_, k))
-        write_preview(
-            out / "previews" / f"epoch-{epoch + 1:04d}.png",
-            list(zip(batch[:k].float().cpu(), puzzled[:k].float().cpu(), restored.float().cpu())),
-        )
+        _write_epoch_preview(out / "previews" / f"epoch-{epoch + 1:04d}.png", model, last, k=config.preview_images)
         checkpoints.save(
             epoch=epoch + 1, tensors=model.trainable_state(), stepper=stepper, schedule_hash=schedule_hash
         )
@@ -362,5 +336,64 @@ def train_puzzle(
     )
 
 
-def _slice_output(out: Any, k: int) -> Any:
-    return dataclasses.replace(out, pred=out.pred[:k].detach(), relation=out.relation[:k])
+@dataclass
+class _LastBatch:
+    """An epoch's last micro-batch, for its preview: images, their puzzles, the model output."""
+
+    images: torch.Tensor
+    puzzled: torch.Tensor
+    output: Any
+
+
+def _train_epoch(
+    model: PuzzleTuningModel,
+    loader: DataLoader,
+    stepper: Stepper,
+    rows: list[dict[str, float]],
+    *,
+    card: Any,
+    stage: PuzzleStage,
+    epoch: int,
+    group_size: int,
+    generator: torch.Generator,
+    bar: Any,
+) -> _LastBatch:
+    """One epoch of puzzle restoration at ``stage``: a log row appended to ``rows`` per
+    optimiser step (the mean loss of its micro-batches); a non-finite loss stops the run."""
+    dev = stepper.device
+    losses: list[float] = []
+    for batch in loader:
+        batch = batch.to(dev, non_blocking=True)
+        puzzled, mask = fix_position_shuffle(
+            batch, ratio=stage.ratio, patch_size=stage.patch_size, group_size=group_size, generator=generator
+        )
+        with stepper.autocast():
+            output = model(batch, prepare_input(card, puzzled), mask)
+        losses.append(float(output.loss.detach()))
+        if not math.isfinite(losses[-1]):
+            raise PuzzleError(
+                f"the loss became {losses[-1]} at epoch {epoch}, step {stepper.step}; lower the learning "
+                "rate or use fp32/bf16 (the last good checkpoint is kept)"
+            )
+        if stepper.backward(output.loss):
+            rows.append({
+                "epoch": float(epoch), "step": float(stepper.step - 1), "loss": float(np.mean(losses)),
+                "lr": stepper.lr, "patch_size": float(stage.patch_size), "ratio": stage.ratio,
+            })
+            losses = []
+            bar.update(1)
+            bar.set_postfix(loss=f"{rows[-1]['loss']:.4f}")
+    return _LastBatch(batch, puzzled, output)
+
+
+def _write_epoch_preview(path: Path, model: PuzzleTuningModel, last: _LastBatch, *, k: int) -> None:
+    """The preview of the first ``k`` images of an epoch's last batch (:func:`write_preview`)."""
+    k = min(k, last.images.shape[0])
+    out = last.output
+    with torch.no_grad():
+        restored = model.restoration(
+            last.puzzled[:k], dataclasses.replace(out, pred=out.pred[:k].detach(), relation=out.relation[:k])
+        )
+    write_preview(
+        path, list(zip(last.images[:k].float().cpu(), last.puzzled[:k].float().cpu(), restored.float().cpu()))
+    )
