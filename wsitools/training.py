@@ -133,7 +133,7 @@ class Stepper:
     by ``accum_steps``), and every ``accum_steps`` losses make one step at the scheduled rate.
 
     ``precision`` follows :func:`wsitools.device.training_amp_dtype` (``fp32`` never autocasts;
-    a CPU always runs in fp32). ``step`` counts optimiser steps done (restored on resume);
+    on a CPU ``auto`` is fp32 and bf16/fp16 are refused). ``step`` counts optimiser steps done (restored on resume);
     ``lr`` is the rate of the last step taken.
     """
 
