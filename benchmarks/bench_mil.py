@@ -37,7 +37,8 @@ from wsitools.mil.config import TrainConfig
 from wsitools.mil.data import read_features
 from wsitools.mil.heads import HeadConfig, create_head
 from wsitools.mil.synthetic import write_feature_store
-from wsitools.mil.train import BagDataset, classification_loss, epoch_keys, make_optimizer, train_epoch
+from wsitools.mil.train import BagDataset, classification_loss, epoch_keys, make_stepper, train_epoch
+from wsitools.training import Stepper
 
 TEXT_DIM = 384  # MiniLM's width; the TTP embeddings are random here (their values do not change the cost)
 
@@ -57,12 +58,12 @@ def head_config(head: str, dim: int) -> HeadConfig:
     return HeadConfig(head=head, in_dim=dim, n_classes=2)
 
 
-def build(head: str, dim: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    """The head and the optimiser exactly as ``wsitools train`` makes them (default settings)."""
+def build(head: str, dim: int) -> tuple[torch.nn.Module, Stepper]:
+    """The head and its optimiser steps exactly as ``wsitools train`` makes them (default settings)."""
     torch.manual_seed(0)
     cfg = head_config(head, dim)
     model = create_head(cfg, text_embeddings=torch.randn(cfg.n_ttp, TEXT_DIM) if "ttp" in cfg.prompts else None)
-    return model, make_optimizer(model, TrainConfig())
+    return model, make_stepper(model, TrainConfig(), device=torch.device("cpu"))
 
 
 def ours_bags_per_s(
@@ -76,18 +77,18 @@ def ours_bags_per_s(
     labels = np.arange(len(paths)) % 2
     dataset = BagDataset(paths, labels, [n_patches] * len(paths), bag_size=cfg.bag_size,
                          instance_dropout=cfg.instance_dropout)
-    model, optimizer = build(head, dim)
+    model, stepper = build(head, dim)
     rng = np.random.default_rng(0)
     step_loss = classification_loss(torch.from_numpy(labels), torch.ones(2))
     index = np.arange(len(paths))
-    train_epoch(model, optimizer, dataset, epoch_keys(index, labels, balance="weights", rng=rng)[:4],
+    train_epoch(model, stepper, dataset, epoch_keys(index, labels, balance="weights", rng=rng)[:4],
                 step_loss=step_loss, workers=workers)  # warm-up
     rates = []
     for _ in range(repeats):
         start, cpu = time.perf_counter(), time.process_time()
         for _ in range(epochs):
             keys = epoch_keys(index, labels, balance="weights", rng=rng)
-            train_epoch(model, optimizer, dataset, keys, step_loss=step_loss, workers=workers)
+            train_epoch(model, stepper, dataset, keys, step_loss=step_loss, workers=workers)
         n = epochs * len(paths)
         rates.append((n / (time.perf_counter() - start), n / (time.process_time() - cpu)))
     rates.sort()
@@ -96,9 +97,9 @@ def ours_bags_per_s(
 
 def bound_bags_per_s(head: str, dim: int, bag_size: int, steps: int) -> tuple[float, float]:
     """Steps per second of the model alone, per second of wall time and of this process's CPU
-    time: forward, loss, backward and AdamW on one resident ``bag_size`` x ``dim`` tensor (the
+    time: forward, loss, backward and the AdamW step on one resident ``bag_size`` x ``dim`` tensor (the
     median of five timed blocks of ``steps`` steps, by wall-clock rate)."""
-    model, optimizer = build(head, dim)
+    model, stepper = build(head, dim)
     model.train()
     x = torch.randn(bag_size, dim)
     target = torch.tensor([1])
@@ -106,10 +107,7 @@ def bound_bags_per_s(head: str, dim: int, bag_size: int, steps: int) -> tuple[fl
     for block in range(6):
         start, cpu = time.perf_counter(), time.process_time()
         for _ in range(steps):
-            loss = torch.nn.functional.cross_entropy(model(x).logits[None], target)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            stepper.backward(torch.nn.functional.cross_entropy(model(x).logits[None], target))
         if block:  # the first block warms up
             rates.append((steps / (time.perf_counter() - start), steps / (time.process_time() - cpu)))
     return sorted(rates)[len(rates) // 2]
@@ -117,7 +115,7 @@ def bound_bags_per_s(head: str, dim: int, bag_size: int, steps: int) -> tuple[fl
 
 def baseline_bags_per_s(paths: list[Path], head: str, dim: int, epochs: int) -> tuple[float, float]:
     """Whole bag read and trained on every step (the usual CLAM-style loop)."""
-    model, optimizer = build(head, dim)
+    model, stepper = build(head, dim)
     model.train()
     labels = np.arange(len(paths)) % 2
     steps = 0
@@ -126,9 +124,7 @@ def baseline_bags_per_s(paths: list[Path], head: str, dim: int, epochs: int) -> 
         for i in np.random.default_rng(steps).permutation(len(paths)):
             x = read_features(paths[i])
             loss = torch.nn.functional.cross_entropy(model(x).logits[None], torch.tensor([int(labels[i])]))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+            stepper.backward(loss)
             steps += 1
     return steps / (time.perf_counter() - start), steps / (time.process_time() - cpu)
 
@@ -140,7 +136,7 @@ def _rss_mib() -> float:
 def _memory_case(args: tuple[str, str, str, int]) -> dict[str, float]:
     """In a fresh process: peak RSS of one full-bag training step or prediction on ``path``."""
     path, head, mode, dim = args
-    model, optimizer = build(head, dim)
+    model, stepper = build(head, dim)
     with open("/proc/self/status") as f:
         current = next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024.0
     start = time.perf_counter()
@@ -148,8 +144,7 @@ def _memory_case(args: tuple[str, str, str, int]) -> dict[str, float]:
     if mode == "train":
         model.train()
         loss = torch.nn.functional.cross_entropy(model(x).logits[None], torch.tensor([1]))
-        loss.backward()
-        optimizer.step()
+        stepper.backward(loss)
     else:
         model.eval()
         with torch.no_grad():
