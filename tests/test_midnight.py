@@ -191,13 +191,32 @@ def test_full_size_card_fits_the_converted_dinov2_exactly():
     assert card.weights[0].layout == "hf_dinov2" and card.weights[0].url == URL
 
 
+def test_a_class_token_copy_of_the_card_gives_the_first_half(tmp_path):
+    """docs/encoders.md: a copy of the card with ``output: {kind: cls}`` gives the class token alone,
+    the first half of the classification embedding, from the same file."""
+    hf = hf_model(seed=9)
+    for name, kind, dim in (("mid", "cls_mean_patch", 2 * WIDTH), ("mid-cls", "cls", WIDTH)):
+        path = small_card_file(tmp_path, name=name)
+        data = yaml.safe_load(path.read_text())
+        data["weights"][0].update(file="mid.safetensors", url=None)
+        data["output"] = {"kind": kind, "dim": dim}
+        path.write_text(yaml.safe_dump(data))
+    save_file(published_keys(hf.state_dict()), str(tmp_path / "mid.safetensors"))
+    full, cls = (build_encoder(read_card(tmp_path / f"{n}.yaml"), device="cpu") for n in ("mid", "mid-cls"))
+    tiles = torch.randint(0, 256, (2, 224, 224, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(10))
+    both, first = full.encode(tiles), cls.encode(tiles)
+    assert first.shape == (2, WIDTH) and torch.equal(first, both[:, :WIDTH])
+    with torch.no_grad():
+        reference = hf(pixel_values=full.preprocess(tiles).contiguous()).last_hidden_state[:, 0]
+    assert torch.allclose(first, reference, atol=1e-5)
+    assert full.encoder_hash != cls.encoder_hash
+
+
 def test_a_swiglu_file_does_not_load_into_a_plain_vit(tmp_path):
     """Phikon-v2's plain-MLP card given a SwiGLU file: refused naming the file and the MLP shapes."""
-    import dataclasses as dc
-
     plain = find_card("phikon-v2", models_dir=MODELS)
     kwargs = {**plain.model_kwargs, "embed_dim": WIDTH, "depth": DEPTH, "num_heads": HEADS, "patch_size": 14}
-    model = _create(dc.replace(plain, model_kwargs=kwargs, weights=(), init_seed=0, dim=WIDTH), with_classifier=False)
+    model = _create(dataclasses.replace(plain, model_kwargs=kwargs, weights=(), init_seed=0, dim=WIDTH), with_classifier=False)
     save_file(published_keys(hf_model().state_dict()), str(tmp_path / "swiglu.safetensors"))
     with pytest.raises(ModelError, match=r"swiglu\.safetensors: does not fit the model; wrong shapes: "
                                          r"blocks\.0\.mlp\.fc1\.weight \[256, 48\] \(needs \[192, 48\]\)"):
