@@ -10,7 +10,7 @@ is unchanged: its jobs all run ``wsitools ...``); disk per slide comes from the 
 and per 1 000 tiles, and writes them to ``OUT/cohort_benchmark.json`` (docs/benchmarks.md
 projects a 10 000-slide cohort from them).
 
-    python benchmarks/bench_cohort.py [--slides 3] [--size 40000x30000] [--out DIR] [--cores N]
+    python benchmarks/bench_cohort.py [--slides 2] [--size 40000x30000] [--out DIR] [--cores N]
         [--encoder efficientnet-lite0-imagenet] [--train]
 
 The slides are kept in ``OUT/cohort`` and reused by a later run with the same ``--out`` (delete
@@ -111,7 +111,8 @@ def job_records(log: Path) -> dict[str, list[dict[str, Any]]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--slides", type=int, default=3, help="slides in the cohort (default 3: about 10 minutes on 2 cores)")
+    ap.add_argument("--slides", type=int, default=2,
+                    help="slides in the cohort (default 2: about 10 minutes of workflow on a shared 2-core machine)")
     ap.add_argument("--size", default="40000x30000", help="level-0 WIDTHxHEIGHT of each slide (0.25 um/px)")
     ap.add_argument("--out", type=Path, default=None, help="working folder (default: a new temporary one)")
     ap.add_argument("--cores", type=int, default=None, help="cores Snakemake may use (default: all this process may use)")
