@@ -478,8 +478,8 @@ def decode_jpeg_strict(
     there), RGB data on an RGB page. Otherwise (an RGB page whose JPEG looks like YCbCr, as in
     some Aperio files, which only the TIFF decoder can be told to read as RGB; a header TurboJPEG
     cannot classify; a tile of another ``shape`` = (h, w)) None: the caller checks the tile with
-    :func:`check_jpeg` and decodes it the TIFF way. One strict decode costs what the TIFF decoder
-    alone does; the check beside it adds about half of that again.
+    :func:`check_jpeg` and decodes it the TIFF way. So a tile is decoded once where it can be,
+    not checked by one decoder and decoded by another.
     """
     import simplejpeg
 

@@ -225,7 +225,9 @@ def read_tiles(slide: Slide, geometry: TileGeometry, grid: np.ndarray) -> list[n
     return tiles
 
 
-def _write_chunk_of(slide: Slide, geometry: TileGeometry, grid: np.ndarray, tiles_path: str, start: int, codec: TileCodec) -> int:
+def _write_chunk_of(
+    slide: Slide, geometry: TileGeometry, grid: np.ndarray, tiles_path: str, start: int, codec: TileCodec
+) -> int:
     """Read the tiles of one zarr chunk and write them (chunk-aligned: no two tasks share a chunk)."""
     write_tile_chunk(tiles_path, start // CHUNK_TILES, read_tiles(slide, geometry, grid), codec=codec)
     return len(grid)
