@@ -115,7 +115,8 @@ def main() -> None:
                     help="slides in the cohort (default 2: about 10 minutes of workflow on a shared 2-core machine)")
     ap.add_argument("--size", default="40000x30000", help="level-0 WIDTHxHEIGHT of each slide (0.25 um/px)")
     ap.add_argument("--out", type=Path, default=None, help="working folder (default: a new temporary one)")
-    ap.add_argument("--cores", type=int, default=None, help="cores Snakemake may use (default: all this process may use)")
+    ap.add_argument("--cores", type=int, default=None,
+                    help="cores Snakemake may use (default: all this process may use)")
     ap.add_argument("--encoder", default="efficientnet-lite0-imagenet", help="encoder card of the features")
     ap.add_argument("--train", action="store_true",
                     help="also train an ABMIL head (2-fold CV) and draw its heatmaps (needs at least 8 slides)")

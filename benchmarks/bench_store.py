@@ -171,7 +171,8 @@ def store_round_trip(tiles: np.ndarray, codec: TileCodec) -> tuple[np.ndarray, f
             for k, item in enumerate(VLenBytes().decode(data)[: len(chunk)]):
                 out[a + k] = simplejpeg.decode_jpeg(item, colorspace="RGB")
         else:
-            out[a : a + len(chunk)] = np.frombuffer(Blosc().decode(data), np.uint8).reshape(-1, *tiles.shape[1:])[: len(chunk)]
+            pixels = np.frombuffer(Blosc().decode(data), np.uint8).reshape(-1, *tiles.shape[1:])
+            out[a : a + len(chunk)] = pixels[: len(chunk)]
     return out, size / len(tiles) / 1e3
 
 
@@ -190,7 +191,8 @@ def image_benchmark(spec: str, qualities: list[int], stride: int) -> None:
         decoded, kb = store_round_trip(tiles, codec)
         db, worst = psnr(decoded, tiles)
         cos = [cosine(features(net, decoded), refs[name]) for name, net in nets.items()]
-        print(f"{label:18s} {kb:8.1f} {db:8.2f} {worst:6.2f}  " + "  ".join(f"{c.mean():.5f} / {c.min():.5f}" for c in cos))
+        print(f"{label:18s} {kb:8.1f} {db:8.2f} {worst:6.2f}  "
+              + "  ".join(f"{c.mean():.5f} / {c.min():.5f}" for c in cos))
     for q in qualities:  # the subsampling the store does not use, for the record
         coded = [simplejpeg.encode_jpeg(t, quality=q, colorspace="RGB", colorsubsampling="420") for t in tiles]
         decoded = np.stack([simplejpeg.decode_jpeg(c) for c in coded])
@@ -198,7 +200,8 @@ def image_benchmark(spec: str, qualities: list[int], stride: int) -> None:
         cos = [cosine(features(net, decoded), refs[name]) for name, net in nets.items()]
         print(f"{f'jpeg q{q} 4:2:0':18s} {np.mean([len(c) for c in coded]) / 1e3:8.1f} {db:8.2f} {worst:6.2f}  "
               + "  ".join(f"{c.mean():.5f} / {c.min():.5f}" for c in cos))
-    print("(cosine of features against the crops' own, mean / min; targets: <= 25 KB/tile, efficientnet-lite0 >= 0.995)")
+    print("(cosine of features against the crops' own, mean / min; "
+          "targets: <= 25 KB/tile, efficientnet-lite0 >= 0.995)")
 
 
 def main() -> None:

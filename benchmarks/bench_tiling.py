@@ -131,7 +131,8 @@ def read_and_decode(
         shape = (page.tilelength, page.tilewidth)
         t = now()
         for i, data in blobs:
-            if decode_jpeg_strict(data, page.jpegtables, photometric=int(page.photometric), shape=shape, where="") is None:
+            tile = decode_jpeg_strict(data, page.jpegtables, photometric=int(page.photometric), shape=shape, where="")
+            if tile is None:
                 break  # a page the strict decoder does not read alone: imagecodecs is the bound's decoder
         else:
             decode_s["simplejpeg strict"] = now() - t
@@ -140,7 +141,9 @@ def read_and_decode(
     return read_s, decode_s, decoded
 
 
-def encode_and_write_seconds(decoded: list[np.ndarray], n_tiles: int, tile: int, out: Path, codec: TileCodec) -> np.ndarray:
+def encode_and_write_seconds(
+    decoded: list[np.ndarray], n_tiles: int, tile: int, out: Path, codec: TileCodec
+) -> np.ndarray:
     """(Wall, CPU) seconds to encode ``n_tiles`` tiles with ``codec`` and write them as new chunks of
     :data:`CHUNK_TILES` tiles through the store's own :func:`write_tile_chunk`, in this thread
     (Blosc's own threads off)."""
