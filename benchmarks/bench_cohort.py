@@ -3,7 +3,7 @@
 Writes N slides with the package's streaming synthetic writer (Aperio-like SVS at 0.25 um/px,
 40x, pyramid 1/4/16, JPEG q90 256 px tiles, one or two tissue sections each: ``make_cohort``),
 then runs this checkout's workflow on them from one command, as a user would: tissue and tiles,
-the QC table, features with one encoder (CPU), and, with ``--train``, one ABMIL head with 2-fold
+the QC table, features with one encoder (CPU), and, with ``--train``, one ABMIL head with 3-fold
 cross-validation and its heatmaps. Every job's wall time, CPU time and peak memory are measured
 by a stand-in for the ``wsitools`` command put first on the workflow's PATH (the workflow itself
 is unchanged: its jobs all run ``wsitools ...``); disk per slide comes from the outputs. Prints per-stage figures, per slide
@@ -61,7 +61,7 @@ def write_config(work: Path, samples: Path, *, encoder: str, train: bool) -> Non
     }
     if train:
         config["tasks"] = {"planted": {"task_file": "config/task.yaml", "label_column": "label"}}
-        config["heads"] = {"abmil": {"type": "abmil", "folds": 2, "threads": 1, "device": "cpu"}}
+        config["heads"] = {"abmil": {"type": "abmil", "folds": 3, "threads": 1, "device": "cpu"}}
     (work / "config").mkdir(parents=True, exist_ok=True)
     (work / "config" / "config.yaml").write_text(json.dumps(config, indent=1) + "\n")  # JSON is YAML
     (work / "config" / "task.yaml").write_text(TASK)
@@ -119,10 +119,11 @@ def main() -> None:
                     help="cores Snakemake may use (default: all this process may use)")
     ap.add_argument("--encoder", default="efficientnet-lite0-imagenet", help="encoder card of the features")
     ap.add_argument("--train", action="store_true",
-                    help="also train an ABMIL head (2-fold CV) and draw its heatmaps (needs at least 8 slides)")
+                    help="also train an ABMIL head (3-fold CV) and draw its heatmaps (needs at least 12 slides)")
     args = ap.parse_args()
-    if args.train and args.slides < 8:
-        ap.error("--train needs at least 8 slides (2 patients of each class for 2 folds)")
+    if args.train and args.slides < 12:
+        ap.error("--train needs at least 12 slides (3 folds, each with training, validation and test "
+                 "patients of both classes)")
     width, height = (int(v) for v in args.size.lower().split("x"))
     out = (args.out or Path(tempfile.mkdtemp(prefix="bench_cohort_"))).resolve()
     cores = args.cores or available_cpus()
