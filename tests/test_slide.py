@@ -191,17 +191,19 @@ def test_region_in_synthetic_truth_is_textured():
 
 
 def test_tiffslide_decodes_a_shared_tile_once_and_the_cache_is_bounded(synthetic_svs, monkeypatch):
+    import wsitools.slide
     from wsitools.slide import TileCache
 
     with open_slide(synthetic_svs, backend="tiffslide") as s, open_slide(synthetic_svs, backend="openslide") as ref:
         page = s._tiled_page(0)
         tw = page.tilewidth
-        decoded: list[int] = []
-        decode = page.decode
-        monkeypatch.setattr(page, "decode", lambda data, index, **kw: decoded.append(index) or decode(data, index, **kw))
+        decoded: list[str] = []
+        decode = wsitools.slide.decode_jpeg_strict
+        monkeypatch.setattr(wsitools.slide, "decode_jpeg_strict",
+                            lambda data, tables, **kw: decoded.append(kw["where"]) or decode(data, tables, **kw))
         left = s.read_region((tw // 2, 0), 0, (tw, 16))  # tiles 0 and 1 of the first row
         right = s.read_region((tw, 0), 0, (tw, 16))  # tile 1 again: from the cache
-        assert decoded == [0, 1]
+        assert decoded == ["TIFF tile 0 of level 0", "TIFF tile 1 of level 0"]
         np.testing.assert_array_equal(left, ref.read_region((tw // 2, 0), 0, (tw, 16)))
         np.testing.assert_array_equal(right, ref.read_region((tw, 0), 0, (tw, 16)))
 
@@ -214,6 +216,78 @@ def test_tiffslide_decodes_a_shared_tile_once_and_the_cache_is_bounded(synthetic
     assert cache.get((0, 3)) is None and cache.get((0, 2)) is not None
     cache.put((0, 9), np.zeros(301, np.uint8))  # larger than the whole cache: not kept
     assert cache.get((0, 9)) is None
+
+
+def _tiff_tiles(path, page_index):
+    """(page, [(index, bytes)]) of every tile of a TIFF page."""
+    import tifffile
+
+    tif = tifffile.TiffFile(path)
+    page = tif.pages[page_index]
+    fh = tif.filehandle
+    blobs = []
+    for i, (offset, count) in enumerate(zip(page.dataoffsets, page.databytecounts)):
+        fh.seek(offset)
+        blobs.append((i, fh.read(count)))
+    return tif, page, blobs
+
+
+def test_one_strict_decode_gives_the_tiff_decoders_pixels(synthetic_svs, monkeypatch):
+    """On YCbCr JPEG pages the strict decode is the only decode, pixel-identical to imagecodecs'."""
+    from wsitools.slide import decode_jpeg_strict
+
+    tif, page, blobs = _tiff_tiles(synthetic_svs, 0)
+    with tif:
+        assert int(page.photometric) == 6 and len(blobs) == 48
+        for i, data in blobs:
+            ours = decode_jpeg_strict(data, page.jpegtables, photometric=6,
+                                      shape=(page.tilelength, page.tilewidth), where=f"tile {i}")
+            assert ours is not None and ours.shape == (256, 256, 3)
+            np.testing.assert_array_equal(ours, page.decode(data, i, jpegtables=page.jpegtables)[0][0])
+        # a tile of another size than the page's, or a page said to be RGB: left to the TIFF decoder
+        assert decode_jpeg_strict(blobs[0][1], page.jpegtables, photometric=6, shape=(128, 256), where="t") is None
+        assert decode_jpeg_strict(blobs[0][1], page.jpegtables, photometric=2, shape=(256, 256), where="t") is None
+    with open_slide(synthetic_svs, backend="tiffslide") as s, open_slide(synthetic_svs, backend="openslide") as ref:
+        page = s._tiled_page(0)
+        monkeypatch.setattr(page, "decode", lambda *a, **k: pytest.fail("the TIFF decoder was called"))
+        region = s.read_region((100, 50), 0, (600, 400))
+        np.testing.assert_array_equal(region, ref.read_region((100, 50), 0, (600, 400)))
+
+
+def test_a_corrupt_tile_is_an_error_on_both_decode_paths(synthetic_svs):
+    from wsitools.slide import check_jpeg, decode_jpeg_strict
+
+    tif, page, blobs = _tiff_tiles(synthetic_svs, 0)
+    with tif:
+        data = bytearray(blobs[9][1])
+        start = data.find(b"\xff\xda") + 2 + int.from_bytes(data[data.find(b"\xff\xda") + 2:][:2], "big")
+        at = start + (len(data) - start) // 3
+        data[at : at + 64] = np.random.default_rng(0).integers(0, 256, 64, dtype=np.uint8).tobytes()
+        bad, tables = bytes(data), page.jpegtables
+        # the TIFF decoder alone takes it without a word: the reason for the strict decode
+        assert page.decode(bad, 9, jpegtables=tables)[0][0].shape == (256, 256, 3)
+        with pytest.raises(SlideError, match=r"^corrupt JPEG data in TIFF tile 9 of level 0: .+"):
+            decode_jpeg_strict(bad, tables, photometric=6, shape=(256, 256), where="TIFF tile 9 of level 0")
+        # where the strict decode cannot stand in for the TIFF decoder, the 1/8-scale check catches it
+        assert decode_jpeg_strict(bad, tables, photometric=2, shape=(256, 256), where="t") is None
+        with pytest.raises(SlideError, match=r"^corrupt JPEG data in TIFF tile 9 of level 0: .+"):
+            check_jpeg(bad, tables, where="TIFF tile 9 of level 0")
+        check_jpeg(blobs[9][1], tables, where="TIFF tile 9 of level 0")  # the intact tile passes
+
+
+def test_rgb_pages_whose_jpegs_look_like_ycbcr_are_read_the_tiff_way(fixtures_dir):
+    """A real Aperio file: photometric RGB, JPEGs without JFIF or Adobe markers (TurboJPEG would
+    take them for YCbCr); the TIFF decoder reads them as RGB, as OpenSlide does."""
+    from wsitools.slide import decode_jpeg_strict
+
+    tif, page, blobs = _tiff_tiles(fixtures_dir / "small.svs", 0)
+    with tif:
+        assert int(page.photometric) == 2
+        shape = (page.tilelength, page.tilewidth)
+        assert decode_jpeg_strict(blobs[0][1], page.jpegtables, photometric=2, shape=shape, where="t") is None
+    with open_slide(fixtures_dir / "small.svs", backend="tiffslide") as s, \
+            open_slide(fixtures_dir / "small.svs", backend="openslide") as ref:
+        np.testing.assert_array_equal(s.read_region((0, 0), 0, (16, 16)), ref.read_region((0, 0), 0, (16, 16)))
 
 
 def test_synthetic_levels_are_area_averages_of_level_zero(tmp_path):

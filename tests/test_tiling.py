@@ -110,12 +110,19 @@ def test_more_tissue_required_means_fewer_tiles(synthetic_svs, tmp_path):
 
 def test_both_backends_and_schedulers_give_the_same_store(synthetic_tiff, tmp_path):
     stores = []
-    for name, backend, scheduler in (("a", "openslide", "threads"), ("b", "tiffslide", "processes")):
-        tile_slide(synthetic_tiff, tmp_path / name, params(mpp=0.7), backend=backend, scheduler=scheduler,
-                   workers=2, progress=False)
+    for name, backend, scheduler, workers in (("a", "openslide", "threads", 2), ("b", "tiffslide", "processes", 2),
+                                              ("c", "tiffslide", "threads", 1)):
+        tile_slide(synthetic_tiff, tmp_path / name, params(mpp=0.7, tile_size=32), backend=backend, scheduler=scheduler,
+                   workers=workers, progress=False)
         stores.append(PatchStore.open(tmp_path / name / "synth_tiff.zarr"))
-    np.testing.assert_array_equal(stores[0].coords, stores[1].coords)
-    np.testing.assert_array_equal(stores[0].read_tiles(slice(None)), stores[1].read_tiles(slice(None)))
+    assert len(stores[0]) > 64  # more than one chunk
+    for other in stores[1:]:
+        np.testing.assert_array_equal(stores[0].coords, other.coords)
+        np.testing.assert_array_equal(stores[0].read_tiles(slice(None)), other.read_tiles(slice(None)))
+    # one worker (the chunks in turn, in the calling thread) writes the very bytes parallel tasks do
+    chunks = [sorted((s.path / "tiles" / "c").iterdir()) for s in stores[1:]]
+    assert [c.name for c in chunks[0]] == [c.name for c in chunks[1]] and len(chunks[0]) >= 2
+    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(*chunks))
 
 
 def test_magnification_is_converted_with_objective_power(synthetic_svs, tmp_path):

@@ -437,6 +437,11 @@ JPEG_COMPRESSION = 7
 """The TIFF compression tag value of (new-style) JPEG, the compression of nearly every WSI."""
 
 
+def _jpeg_stream(data: bytes, tables: bytes | None) -> bytes:
+    """A TIFF JPEG tile as a whole JPEG: the shared JPEGTables spliced in before its own segments."""
+    return tables[:-2] + data[2:] if tables else data
+
+
 def check_jpeg(data: bytes, tables: bytes | None, *, where: str) -> None:
     """Raise :class:`SlideError` if a JPEG tile does not decode cleanly.
 
@@ -444,18 +449,52 @@ def check_jpeg(data: bytes, tables: bytes | None, *, where: str) -> None:
     (bad Huffman codes, bytes left over before the end marker, a premature end) decodes silently
     into garbage. This decodes the tile once more with simplejpeg in strict mode, at 1/8 scale in
     grey (the entropy decoding is complete; the inverse DCT and colour work mostly skipped), where
-    any warning is an error. ``tables`` are the TIFF's shared JPEGTables, spliced in before the
-    tile's own segments. A header TurboJPEG cannot classify (an unusual chroma subsampling) is
-    left to the decoder proper, which fails on a broken header itself.
+    any warning is an error. ``tables`` are the TIFF's shared JPEGTables. A header TurboJPEG
+    cannot classify (an unusual chroma subsampling) is left to the decoder proper, which fails on
+    a broken header itself.
     """
     import simplejpeg
 
-    stream = tables[:-2] + data[2:] if tables else data
     try:
-        simplejpeg.decode_jpeg(stream, colorspace="GRAY", strict=True, min_height=1, min_width=1)
+        simplejpeg.decode_jpeg(_jpeg_stream(data, tables), colorspace="GRAY", strict=True, min_height=1, min_width=1)
     except ValueError as exc:
         if not str(exc).startswith("tjDecompressHeader"):
             raise SlideError(f"corrupt JPEG data in {where}: {exc}") from None
+
+
+PHOTOMETRIC_RGB, PHOTOMETRIC_YCBCR = 2, 6
+"""TIFF photometric interpretations of JPEG-compressed RGB pages."""
+
+
+def decode_jpeg_strict(
+    data: bytes, tables: bytes | None, *, photometric: int, shape: tuple[int, int], where: str
+) -> np.ndarray | None:
+    """The RGB pixels [h, w, 3] of a TIFF JPEG tile, decoded once, in strict mode (any libjpeg
+    warning, i.e. corrupt data, is a :class:`SlideError` naming ``where``).
+
+    The same pixels as the TIFF decoder's (both are libjpeg-turbo with its default inverse DCT and
+    upsampling) whenever TurboJPEG reads the tile's colour space as the TIFF's ``photometric``
+    says it is: YCbCr or RGB data on a YCbCr page (the TIFF decoder keeps libjpeg's own reading
+    there), RGB data on an RGB page. Otherwise (an RGB page whose JPEG looks like YCbCr, as in
+    some Aperio files, which only the TIFF decoder can be told to read as RGB; a header TurboJPEG
+    cannot classify; a tile of another ``shape`` = (h, w)) None: the caller checks the tile with
+    :func:`check_jpeg` and decodes it the TIFF way. So a tile is decoded once where it can be,
+    not checked by one decoder and decoded by another.
+    """
+    import simplejpeg
+
+    stream = _jpeg_stream(data, tables)
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(stream)
+    except ValueError:
+        return None
+    readable = {PHOTOMETRIC_YCBCR: ("YCbCr", "RGB"), PHOTOMETRIC_RGB: ("RGB",)}.get(photometric, ())
+    if colorspace not in readable or (height, width) != shape:
+        return None
+    try:
+        return simplejpeg.decode_jpeg(stream, colorspace="RGB", strict=True)
+    except ValueError as exc:
+        raise SlideError(f"corrupt JPEG data in {where}: {exc}") from None
 
 
 TILE_CACHE_BYTES = 32 * 2**20
@@ -525,9 +564,7 @@ class TiffSlideSlide(Slide):
                     with fh.lock:
                         fh.seek(page.dataoffsets[index])
                         data = fh.read(page.databytecounts[index])
-                    if page.compression == JPEG_COMPRESSION and page.samplesperpixel == 3:
-                        check_jpeg(data, page.jpegtables, where=f"TIFF tile {index} of level {level}")
-                    tile = page.decode(data, index, jpegtables=page.jpegtables)[0][0]
+                    tile = self._decode_tile(page, data, index, level)
                     self._tiles.put((level, index), tile)
                 # overlap of this tile [tx*tw, +tw) x [ty*th, +th) with the region, in both frames
                 ax0, ay0 = max(x, tx * tw), max(y, ty * th)
@@ -538,6 +575,21 @@ class TiffSlideSlide(Slide):
                         ay0 - ty * th : ay1 - ty * th, ax0 - tx * tw : ax1 - tx * tw
                     ]
         return out
+
+    @staticmethod
+    def _decode_tile(page: Any, data: bytes, index: int, level: int) -> np.ndarray:
+        """Tile ``index`` of ``page`` from its bytes ``data``; a JPEG tile strictly (corrupt data
+        is a :class:`SlideError`, never garbage pixels), in one decode where it can be."""
+        if page.compression == JPEG_COMPRESSION and page.samplesperpixel == 3:
+            where = f"TIFF tile {index} of level {level}"
+            tile = decode_jpeg_strict(
+                data, page.jpegtables, photometric=int(page.photometric),
+                shape=(page.tilelength, page.tilewidth), where=where,
+            )
+            if tile is not None:
+                return tile
+            check_jpeg(data, page.jpegtables, where=where)
+        return page.decode(data, index, jpegtables=page.jpegtables)[0][0]
 
     def close(self) -> None:
         self._ts.close()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -87,8 +88,9 @@ class TileCodec:
         """Where chunk ``chunk`` of ``tiles`` lies inside the array's folder (zarr v3 keys)."""
         return f"c/{chunk}" if self.name == "jpeg" else f"c/{chunk}/0/0/0"
 
-    def encode_chunk(self, tiles: np.ndarray) -> bytes:
-        """The bytes of one chunk file holding ``tiles`` [n <= CHUNK_TILES, S, S, 3] uint8.
+    def encode_chunk(self, tiles: Sequence[np.ndarray]) -> bytes:
+        """The bytes of one chunk file holding ``tiles`` (n <= CHUNK_TILES arrays [S, S, 3] uint8,
+        or one array [n, S, S, 3]; views into larger images are coded as they are, uncopied).
 
         The bytes zarr's own write produces for the arrays of :func:`create_patch_store`: for
         ``jpeg`` the vlen-bytes codec's format (a little-endian uint32 count, then each item's
@@ -104,17 +106,16 @@ class TileCodec:
             items = np.full(CHUNK_TILES, b"", dtype=object)
             for k, tile in enumerate(tiles):
                 items[k] = simplejpeg.encode_jpeg(
-                    np.ascontiguousarray(tile, np.uint8), quality=self.quality, colorspace="RGB",
+                    np.asarray(tile, np.uint8), quality=self.quality, colorspace="RGB",
                     colorsubsampling=JPEG_SUBSAMPLING,
                 )
             return bytes(VLenBytes().encode(items))
         from numcodecs import Blosc
 
-        if len(tiles) == CHUNK_TILES:
-            full = np.ascontiguousarray(tiles, np.uint8)
-        else:  # the last chunk: padded to the chunk shape
-            full = np.zeros((CHUNK_TILES, *tiles.shape[1:]), np.uint8)
-            full[: len(tiles)] = tiles
+        full = np.empty((CHUNK_TILES, *np.shape(tiles[0])), np.uint8)
+        for k, tile in enumerate(tiles):
+            full[k] = tile
+        full[len(tiles) :] = 0  # the last chunk: padded with zero tiles
         return bytes(Blosc(**BLOSC, shuffle=Blosc.NOSHUFFLE).encode(full))
 
 
@@ -128,7 +129,9 @@ def codec_attrs(codec: TileCodec | None) -> dict[str, Any]:
     }
 
 
-def write_tile_chunk(tiles_dir: str | os.PathLike[str], chunk: int, tiles: np.ndarray, *, codec: TileCodec) -> None:
+def write_tile_chunk(
+    tiles_dir: str | os.PathLike[str], chunk: int, tiles: Sequence[np.ndarray], *, codec: TileCodec
+) -> None:
     """Encode one chunk of tiles and write it where zarr v3 keeps chunk ``chunk`` of ``tiles``.
 
     Without zarr's per-chunk async machinery, which costs about 5x the encoding itself; tests

@@ -201,10 +201,13 @@ def _cached_slide(path: str, backend: str, mpp_override: float | None) -> Slide:
     return cache[key]
 
 
-def read_tiles(slide: Slide, geometry: TileGeometry, grid: np.ndarray) -> np.ndarray:
-    """Tiles [n, S, S, 3] for grid cells ``grid`` (sorted by block), one read per block."""
+def read_tiles(slide: Slide, geometry: TileGeometry, grid: np.ndarray) -> list[np.ndarray]:
+    """Tiles [S, S, 3] for grid cells ``grid`` (sorted by block), one read per block.
+
+    The tiles are views into the blocks read, not copies: the encoders take them as they are.
+    """
     s, stride = geometry.tile_size, geometry.stride
-    out = np.empty((len(grid), s, s, 3), np.uint8)
+    tiles: list[np.ndarray] = []
     blocks = (grid[:, 0] // geometry.block_tiles) + (grid[:, 1] // geometry.block_tiles) * (1 << 32)
     starts = np.flatnonzero(np.r_[True, blocks[1:] != blocks[:-1]])
     for a, b in zip(starts, np.r_[starts[1:], len(grid)]):
@@ -216,10 +219,18 @@ def read_tiles(slide: Slide, geometry: TileGeometry, grid: np.ndarray) -> np.nda
         x0, y0 = i0 * stride * geometry.scale, j0 * stride * geometry.scale
         size = (w_t * geometry.resize_factor, h_t * geometry.resize_factor)
         block = slide.read_region_resized((x0, y0), geometry.level, size, (w_t, h_t))
-        for k, (i, j) in enumerate(cells, start=a):
+        for i, j in cells:
             ox, oy = (i - i0) * stride, (j - j0) * stride
-            out[k] = block[oy : oy + s, ox : ox + s]
-    return out
+            tiles.append(block[oy : oy + s, ox : ox + s])
+    return tiles
+
+
+def _write_chunk_of(
+    slide: Slide, geometry: TileGeometry, grid: np.ndarray, tiles_path: str, start: int, codec: TileCodec
+) -> int:
+    """Read the tiles of one zarr chunk and write them (chunk-aligned: no two tasks share a chunk)."""
+    write_tile_chunk(tiles_path, start // CHUNK_TILES, read_tiles(slide, geometry, grid), codec=codec)
+    return len(grid)
 
 
 def _write_chunk(
@@ -230,10 +241,8 @@ def _write_chunk(
     start: int,
     codec: TileCodec,
 ) -> int:
-    """Read the tiles of one zarr chunk and write them (chunk-aligned: no two tasks share a chunk)."""
-    tiles = read_tiles(_cached_slide(*slide_args), geometry, grid)
-    write_tile_chunk(tiles_path, start // CHUNK_TILES, tiles, codec=codec)
-    return len(grid)
+    """:func:`_write_chunk_of` as a dask task: the slide opened once per worker thread or process."""
+    return _write_chunk_of(_cached_slide(*slide_args), geometry, grid, tiles_path, start, codec)
 
 
 def _run_chunks(
@@ -247,9 +256,17 @@ def _run_chunks(
     scheduler: Scheduler,
     progress: bool,
 ) -> None:
+    from tqdm.auto import tqdm
+
+    if workers == 1 and scheduler == "threads":
+        # One worker: the chunks one after another in this thread, on the slide already open (its
+        # decoded-tile cache included), without a scheduler's queues and thread switches.
+        with tqdm(total=len(grid), unit="tile", desc=slide.path.name, disable=not progress, leave=False) as bar:
+            for a in range(0, len(grid), CHUNK_TILES):
+                bar.update(_write_chunk_of(slide, geometry, grid[a : a + CHUNK_TILES], str(tiles_path), a, codec))
+        return
     import dask
     from dask.callbacks import Callback
-    from tqdm.auto import tqdm
 
     slide_args = (str(slide.path), slide.backend, slide.mpp_override)
     tasks = [
