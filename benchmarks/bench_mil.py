@@ -31,9 +31,9 @@ import numpy as np
 import torch
 
 from wsitools.mil.config import TrainConfig
-from wsitools.mil.data import read_features
+from wsitools.feature_store import read_features
 from wsitools.mil.heads import HeadConfig, create_head
-from wsitools.mil.synthetic import write_feature_store
+from wsitools.mil.synthetic import write_synthetic_store
 from wsitools.mil.train import BagDataset, classification_loss, epoch_keys, make_optimizer, train_epoch
 
 TEXT_DIM = 384  # MiniLM's width; the TTP embeddings are random here (their values do not change the cost)
@@ -44,7 +44,7 @@ def make_bags(folder: Path, n_bags: int, n_patches: int, dim: int, dtype: str) -
     paths = []
     for i in range(n_bags):
         feats = rng.standard_normal((n_patches, dim), dtype=np.float32).astype(dtype)
-        paths.append(write_feature_store(folder / f"bag_{i:03d}.h5", feats))
+        paths.append(write_synthetic_store(folder / f"bag_{i:03d}.h5", feats))
     return paths
 
 
@@ -175,7 +175,7 @@ def main() -> None:
                               f"{rate[0] / base[0]:5.1f}x the baseline", flush=True)
                 results[f"{head}_threads{threads}"] = row
 
-        big = write_feature_store(Path(tmp) / "big.h5",
+        big = write_synthetic_store(Path(tmp) / "big.h5",
                                   np.random.default_rng(1).standard_normal((args.big, args.dim), dtype=np.float32)
                                   .astype(args.dtype))
         ctx = mp.get_context("spawn")

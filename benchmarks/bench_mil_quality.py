@@ -1,6 +1,6 @@
 """Quality of the slide-level MIL heads on a family of bag tasks, against a plain gated ABMIL.
 
-Every task is a cohort of h5 feature stores (``wsitools.mil.synthetic.write_feature_store``)
+Every task is a cohort of h5 feature stores (``wsitools.mil.synthetic.write_synthetic_store``)
 with a labels table; the package's heads are trained through the public ``wsitools.mil.train.train``
 (5-fold patient-level cross-validation, the recipe under test), so the numbers are what a user
 gets. The reference is Ilse et al.'s gated attention MIL written here in plain torch (Linear(D, 128)
@@ -271,7 +271,7 @@ TASKS = _tasks()
 
 def write_cohort(task: Task, seed: int, folder: Path) -> Path:
     """Write the task's cohort for ``seed`` as feature stores + labels + task YAML (cached)."""
-    from wsitools.mil.synthetic import write_feature_store
+    from wsitools.mil.synthetic import write_synthetic_store
 
     done = folder / "cohort.json"
     if done.is_file():
@@ -285,10 +285,10 @@ def write_cohort(task: Task, seed: int, folder: Path) -> Path:
         w.writerow(["slide_id", "label", "patient_id"])
         for i, bag in enumerate(bags):
             sid = f"slide_{i:04d}"
-            write_feature_store(folder / "features" / f"{sid}.h5", bag.features)
+            write_synthetic_store(folder / "features" / f"{sid}.h5", bag.features)
             if bag.ivp is not None:
                 (folder / "ivp").mkdir(exist_ok=True)
-                write_feature_store(folder / "ivp" / f"{sid}.h5", bag.ivp, encoder="second")
+                write_synthetic_store(folder / "ivp" / f"{sid}.h5", bag.ivp, encoder="second")
             w.writerow([sid, task.classes[bag.label], f"patient_{i:04d}"])
     lines = [f"name: {task.name}", f"description: {task.description}", "classes:"]
     lines += [f"  {c}: {d}" for c, d in zip(task.classes, task.descriptions)]
@@ -345,7 +345,8 @@ def run_reference(folder: Path, seed: int, n_boot: int = 1000) -> dict:
     import torch.nn.functional as F
     from torch import nn
 
-    from wsitools.mil.data import patient_kfold, read_labels
+    from wsitools.labels import read_labels
+    from wsitools.mil.folds import patient_kfold
     from wsitools.metrics import metrics_report
     from wsitools.text import load_task
 

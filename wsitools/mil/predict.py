@@ -25,7 +25,15 @@ from wsitools import __version__
 from wsitools.attention import write_attention
 from wsitools.errors import DataError, ModelError
 from wsitools.io import atomic_path, write_json_atomic
-from wsitools.mil.data import BagInfo, EncoderRecord, bag_info, list_feature_stores, read_coords, read_features
+from wsitools.feature_store import (
+    BagInfo,
+    EncoderRecord,
+    bag_info,
+    feature_path,
+    list_feature_stores,
+    read_coords,
+    read_features,
+)
 from wsitools.mil.heads import SavedHead, load_head
 from wsitools.types import check_slide_id
 
@@ -211,7 +219,7 @@ def predict(
         for slide_id in tqdm(wanted, desc="predict", unit="slide", disable=not progress):
             try:
                 if slide_id not in stores:
-                    raise DataError(f"slide {slide_id}: no feature store {Path(features_dir) / (slide_id + '.h5')}")
+                    raise DataError(f"slide {slide_id}: no feature store {feature_path(features_dir, slide_id)}")
                 bag = bag_info(stores[slide_id])
                 if bag.dim != first.config.in_dim:
                     raise DataError(

@@ -60,21 +60,10 @@ from wsitools.metrics import (
     regression_report,
 )
 from wsitools.mil.config import Balance, TrainConfig
-from wsitools.mil.data import (
-    Cohort,
-    Fold,
-    RowLayout,
-    bag_info,
-    build_cohort,
-    class_weights,
-    patient_kfold,
-    read_coords,
-    read_features,
-    read_labels,
-    row_layout,
-    sample_index,
-    user_folds,
-)
+from wsitools.feature_store import RowLayout, bag_info, read_coords, read_features, row_layout
+from wsitools.labels import read_labels
+from wsitools.mil.data import Cohort, build_cohort, class_weights, sample_index
+from wsitools.mil.folds import Fold, patient_kfold, user_folds
 from wsitools.mil.heads import HeadConfig, HeadName, PromptKind, create_head, save_head
 from wsitools.mil.predict import OUTPUT_NAMES, to_predictions, write_predictions_csv
 from wsitools.attention import write_attention
