@@ -184,3 +184,23 @@ def test_read_features_rows_from_contiguous_and_chunked(tmp_path):
         np.testing.assert_array_equal(read_features(path).numpy(), x)
     layout = row_layout(tmp_path / "sTrue.h5")
     assert layout.dtype == "<f2" and layout.shape == (200, 4) and layout.offset > 0
+
+
+def test_a_synthetic_bag_is_a_feature_store_read_the_same_by_every_reader(tmp_path):
+    import h5py
+
+    from wsitools.feature_store import FeatureStore, bag_info, read_coords
+
+    x = np.arange(12, dtype=np.float32).reshape(6, 2)
+    path = write_synthetic_store(tmp_path / "s1.h5", x)
+    store = FeatureStore.open(path)  # the strict opener of extraction and export accepts it
+    assert (store.slide_id, store.encoder, store.n, store.dim, store.dtype) == ("s1", "synthetic", 6, 2, "float32")
+    info = bag_info(path)
+    assert (info.slide_id, info.n, info.dim, info.attrs["encoder"]) == ("s1", 6, 2, "synthetic")
+    np.testing.assert_array_equal(read_features(path).numpy(), x)
+    np.testing.assert_array_equal(read_features(path, np.array([4, 1]), layout=row_layout(path)).numpy(), x[[1, 4]])
+    np.testing.assert_array_equal(read_coords(path), store.coords())
+    assert read_coords(path)[:4].tolist() == [[0, 0], [448, 0], [896, 0], [0, 448]]
+    with h5py.File(path) as f:  # the CLAM/TRIDENT attributes, as on an extracted store
+        assert (f["coords"].attrs["patch_size"], f["coords"].attrs["patch_size_level0"]) == (224, 448)
+        assert f["coords"].attrs["custom_downsample"] == 2.0

@@ -26,7 +26,8 @@ from wsitools.labels import check_task_labels
 from wsitools.samples import Sample, samples_from_glob, snakemake_command
 from wsitools.cli import main
 from wsitools.errors import DataError, ModelError, SlideError, WsiToolsError, one_line
-from wsitools.mil.heads import HeadConfig, create_head, save_head
+from wsitools.mil.head_folder import save_head
+from wsitools.mil.heads import HeadConfig, create_head
 from wsitools.mil.synthetic import make_bag_cohort
 from wsitools.store import write_patch_store
 from wsitools.types import check_slide_id, slide_id_from_path
@@ -217,7 +218,7 @@ def test_head_weights_of_another_dtype_kind_are_refused_naming_the_tensor(head_d
 
 
 def test_half_precision_head_weights_still_load(head_dir, bags, tmp_path, capsys):
-    from wsitools.mil.heads import load_head
+    from wsitools.mil.head_folder import load_head
 
     weights = head_dir / "model.safetensors"
     saved = load_head(head_dir)

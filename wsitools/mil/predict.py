@@ -34,7 +34,7 @@ from wsitools.feature_store import (
     read_coords,
     read_features,
 )
-from wsitools.mil.heads import SavedHead, load_head
+from wsitools.mil.head_folder import SavedHead, load_heads
 from wsitools.types import check_slide_id
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ def predict_bag(
     head's risk or predicted value, [1].
 
     The bag is moved to the device of the models (all on one device, e.g. from
-    :func:`load_heads`); the results come back as CPU arrays."""
+    :func:`~wsitools.mil.head_folder.load_heads`); the results come back as CPU arrays."""
     device = next(models[0].parameters()).device
     x = x.to(device)
     ivp = ivp.to(device) if ivp is not None else None
@@ -97,30 +97,6 @@ def predict_bag(
         preds.append(torch.from_numpy(to_predictions(out.logits.float()[None].cpu().numpy(), scale).reshape(-1)))
         attention.append(out.attention.float())
     return torch.stack(preds).mean(0).numpy(), torch.stack(attention).mean(0).cpu().numpy()
-
-
-def load_heads(model_dir: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> list[SavedHead]:
-    """The heads of a training output (``fold_*/``, in fold order) or of one head folder, on ``device``."""
-    model_dir = Path(model_dir)
-    if (model_dir / "model.safetensors").is_file():
-        heads = [load_head(model_dir, device=device)]
-    else:
-        folders = [p for p in model_dir.glob("fold_*") if p.name[5:].isdigit() and (p / "model.safetensors").is_file()]
-        heads = [load_head(p, device=device) for p in sorted(folders, key=lambda p: int(p.name[5:]))]
-    if not heads:
-        raise ModelError(f"{model_dir}: no trained head (model.safetensors) here or in fold_*/")
-    first = heads[0]
-    for h in heads[1:]:
-        if h.classes != first.classes or h.config.in_dim != first.config.in_dim or task_type(h) != task_type(first):
-            raise ModelError(f"{model_dir}: the fold heads disagree on classes or feature width")
-        if h.meta.get("encoder_hash") != first.meta.get("encoder_hash"):
-            raise ModelError(f"{model_dir}: the fold heads were trained on features of different encoders")
-    return heads
-
-
-def task_type(head: SavedHead) -> str:
-    """The task type a head was trained for (heads saved before task types: classification)."""
-    return str(head.meta.get("task_type") or "classification")
 
 
 def check_encoder(head: SavedHead, bag: BagInfo, *, model_dir: str | os.PathLike[str]) -> bool:
@@ -199,7 +175,7 @@ def predict(
     models = [h.model for h in heads]
     first = heads[0]
     classes = first.classes
-    kind = task_type(first)
+    kind = first.task_type
     output = OUTPUT_NAMES.get(kind, "")
     scales = [head_scale(h) for h in heads] if kind != "classification" else None
     needs_ivp = first.config.ivp_in_dim is not None
