@@ -190,11 +190,12 @@ class FeatureStore:
         return str(self.attrs["slide_id"])
 
     def load(self) -> tuple[np.ndarray, np.ndarray]:
-        """``(features [N, D]`` in the stored dtype, ``coords [N, 2] int64)``."""
+        """``(features, coords)``: features [N, D] in the stored dtype, coords [N, 2] int64."""
         with h5py.File(self.path, "r") as f:
             return np.asarray(f["features"][:]), np.asarray(f["coords"][:], np.int64)
 
     def coords(self) -> np.ndarray:
+        """The ``coords`` [N, 2] int64 (:func:`read_coords`)."""
         return read_coords(self.path)
 
     def interop_attrs(self) -> dict[str, Any]:
