@@ -63,8 +63,8 @@ from wsitools.mil.config import Balance, TrainConfig
 from wsitools.feature_store import RowLayout, bag_info, read_coords, read_features, row_layout
 from wsitools.labels import read_labels
 from wsitools.mil.data import Cohort, build_cohort, class_weights, sample_index
+from wsitools.mil import head_folder
 from wsitools.mil.folds import Fold, patient_kfold, user_folds
-from wsitools.mil.head_folder import fold_dir, save_head
 from wsitools.mil.heads import HeadConfig, HeadName, PromptKind, create_head
 from wsitools.mil.predict import OUTPUT_NAMES, to_predictions, write_predictions_csv
 from wsitools.attention import write_attention
@@ -669,8 +669,10 @@ def train(
             result = train_fold(
                 cohort, fold, head_config, config, text_embeddings=text_embeddings, device=dev, progress=progress
             )
-            fold_folder = save_head(result.model, fold_dir(tmp, fold.index),
-                                    meta={**meta, **result.scale, "fold": fold.index, "best_epoch": result.best_epoch})
+            fold_dir = head_folder.save_head(
+                result.model, head_folder.fold_dir(tmp, fold.index),
+                meta={**meta, **result.scale, "fold": fold.index, "best_epoch": result.best_epoch},
+            )
             preds = result.predictions()
             rows = []
             for j, i in enumerate(result.test.index):
@@ -691,7 +693,7 @@ def train(
                     meta={"head": head, "task": task_name, "task_type": task_type, "fold": fold.index,
                           "label": _label_text(cohort, int(i))},
                 )
-            write_predictions_csv(fold_folder / "predictions.csv", rows, classes)
+            write_predictions_csv(fold_dir / "predictions.csv", rows, classes)
             oof_rows.extend(rows)
             oof_index.append(result.test.index)
             oof_preds.append(preds)
@@ -699,11 +701,11 @@ def train(
             report.update(fold=fold.index, best_epoch=result.best_epoch, epochs_run=len(result.history),
                           n_train=len(fold.train), n_val=len(fold.val), seconds=round(result.seconds, 2),
                           **result.scale)
-            write_json_atomic(fold_folder / "metrics.json", report)
+            write_json_atomic(fold_dir / "metrics.json", report)
             fold_reports.append(report)
             fold_curves = [{"fold": fold.index, **h} for h in result.history]
-            _write_csv(fold_folder / "curves.csv", fold_curves)
-            plot_curves(fold_folder / "curves.png", {fold.index: result.history}, {fold.index: result.best_epoch},
+            _write_csv(fold_dir / "curves.csv", fold_curves)
+            plot_curves(fold_dir / "curves.png", {fold.index: result.history}, {fold.index: result.best_epoch},
                         title=f"{title} fold {fold.index}", loss_name=LOSS_NAMES[task_type])
             curve_rows.extend(fold_curves)
             histories[fold.index], best_epochs[fold.index] = result.history, result.best_epoch
