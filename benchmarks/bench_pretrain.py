@@ -37,9 +37,10 @@ from wsitools.puzzle import PuzzleTuningModel, fix_position_shuffle
 from wsitools.puzzle.backbone import load_puzzle_backbone
 from wsitools.encoders.transforms import prepare_input, random_resized_crop_flip, to_unit_float
 from wsitools.puzzle.data import TileStream, open_stores
-from wsitools.puzzle.train import PuzzleTrainConfig, _param_groups, train_puzzle
+from wsitools.puzzle.train import PuzzleTrainConfig, train_puzzle
 from wsitools.store import write_patch_store
 from wsitools.synthetic import texture
+from wsitools.training import adamw
 
 CARDS = {
     # The tiny test model at 224 px (196 tokens, width 64, 3 blocks), deep prompts [3, 20, 64].
@@ -97,7 +98,7 @@ def build(card: Path, device: str, decoder: tuple[int, int, int]):
     bb = load_puzzle_backbone(str(card), device=device)
     model = PuzzleTuningModel(bb.model, decoder_dim=decoder[0], decoder_depth=decoder[1],
                               decoder_heads=decoder[2]).to(bb.device).train()
-    opt = torch.optim.AdamW(_param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95))
+    opt = adamw(model, lr=1e-4, weight_decay=0.05, betas=(0.9, 0.95), decay="matrices")
     return bb, model, opt
 
 

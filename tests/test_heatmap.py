@@ -286,6 +286,19 @@ def test_geojson_clips_edge_tiles_and_omits_a_missing_prediction():
                                                               "heatmap value"}
 
 
+@pytest.mark.parametrize("output", ["risk", "prediction"])
+def test_geojson_names_a_survival_or_regression_output_as_it_is(output):
+    from wsitools.attention import AttentionMap
+    from wsitools.heatmap import attention_geojson
+
+    amap = AttentionMap("s", np.array([0.75, 0.25], np.float32), np.array([[0, 0], [224, 0]]), 224.0,
+                        classes=(output,), probs=np.array([-1.25]))
+    features = validate_qupath_detections(attention_geojson(amap), width=448, height=224)
+    assert [f["properties"]["measurements"][output] for f in features] == [-1.25, -1.25]
+    assert not any(k.startswith("prob") for k in features[0]["properties"]["measurements"])
+    assert "classification" not in features[0]["properties"]
+
+
 def test_heatmap_cli_options_and_bad_input(attention_case, tmp_path, capsys):
     args = ["heatmap", "--attention", str(attention_case["attention"]), "--out", str(tmp_path / "o"), "--quiet"]
     assert main([*args, "--min-side", "900", "--max-side", "800"]) == 2

@@ -151,9 +151,9 @@ def test_full_size_card_fits_the_converted_dinov2_exactly():
 
 def test_foreign_keys_are_refused_naming_them():
     sd = hf_model().state_dict()
-    swiglu = {**sd, "encoder.layer.0.mlp.weights_in.weight": torch.zeros(4, WIDTH)}
-    with pytest.raises(ModelError, match=r"^ckpt\.safetensors: not a Dinov2Model state dict .*mlp\.weights_in\.weight"):
-        convert_hf_dinov2_state_dict(swiglu, grid=(14, 14), source="ckpt.safetensors")
+    registers = {**sd, "embeddings.register_tokens": torch.zeros(1, 4, WIDTH)}
+    with pytest.raises(ModelError, match=r"^ckpt\.safetensors: not a Dinov2Model state dict; unknown keys: embeddings\.register_tokens$"):
+        convert_hf_dinov2_state_dict(registers, grid=(14, 14), source="ckpt.safetensors")
     no_value = {k: v for k, v in sd.items() if not k.startswith("encoder.layer.1.attention.v_proj")}
     with pytest.raises(ModelError, match=r"block 1 has no v projection"):
         convert_hf_dinov2_state_dict(no_value, grid=(14, 14), source="ckpt.safetensors")

@@ -14,8 +14,9 @@ from wsitools.errors import WsiToolsError
 from wsitools.puzzle import PuzzleTuningModel, fix_position_shuffle
 from wsitools.puzzle.backbone import load_puzzle_backbone
 from wsitools.puzzle.data import TileStream, open_stores
-from wsitools.puzzle.train import PuzzleTrainConfig, _param_groups, train_puzzle
+from wsitools.puzzle.train import PuzzleTrainConfig, train_puzzle
 from wsitools.store import write_patch_store
+from wsitools.training import adamw
 
 TINY_CARD = """name: vit-test-64
 description: tiny prompted ViT at 64 px for PuzzleTuning tests
@@ -112,7 +113,7 @@ def test_only_prompts_and_decoder_train(tiny):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert "backbone.prompt_tokens" in trainable
     assert all(n == "backbone.prompt_tokens" or n.startswith("decoder.") for n in trainable)
-    opt = torch.optim.AdamW(_param_groups(model, 0.05), lr=1e-2, betas=(0.9, 0.95))
+    opt = adamw(model, lr=1e-2, weight_decay=0.05, betas=(0.9, 0.95), decay="matrices")
     images = torch.from_numpy(_textures(8, 9)).permute(0, 3, 1, 2).float() / 255
     gen = torch.Generator().manual_seed(0)
     model.train()

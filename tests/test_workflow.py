@@ -274,6 +274,10 @@ def test_every_report_output_is_in_a_listed_section_and_tables_render(loaded_wor
     pages = [(r.subcategory, r.labels["table"]) for _, path, r in outputs if path.endswith(".html")]
     assert sorted(tables) == sorted(pages) == [("Metrics of every head", "metrics of every head"),
                                                ("QC summary", "QC summary")]
+    # The report turns the "format" label into a toggle whose values it sorts by UTF-16 code unit
+    # (JavaScript's default sort) and selects the first: the HTML page must sort first.
+    formats = {r.labels["format"] for _, path, r in outputs if path.endswith((".tsv", ".html"))}
+    assert sorted(formats, key=lambda f: f.encode("utf-16-be")) == ["HTML table", "TSV (download)"]
     import mimetypes
 
     assert all(mimetypes.guess_type(path)[0] == "text/html" for _, path, _ in outputs if path.endswith(".html"))
@@ -399,7 +403,7 @@ def test_schema_fills_in_the_defaults():
     assert config["tiling"] == {"mpp": 1.0, "tile_size": 224, "overlap": 0, "min_tissue": 0.5,
                                 "backend": "auto", "store_pixels": True, "codec": "jpeg", "jpeg_quality": 95,
                                 "threads": 2, "extra_args": []}
-    assert config["heads"]["h"] == {"type": "abmil", "prompts": ["tvp", "ttp"], "folds": 5,
+    assert config["heads"]["h"] == {"type": "abmil", "prompts": ["tvp", "ttp"], "bag": "slide", "folds": 5,
                                     "threads": 1, "device": "auto", "extra_args": []}
     assert config["features"]["encoders"] == ["efficientnet-lite0-imagenet"]
     assert (config["samples"], config["device"], config["pretrain"]["enabled"]) == ("config/samples.tsv", "auto", False)
@@ -810,3 +814,34 @@ def test_outcome_labels_tables_and_figures(tmp_path):
     table = read_table(tmp_path / "m.tsv")
     assert table[0]["task_type"] == "survival" and table[0]["c_index"] == "0.8000" and table[0]["uno_c_fold_sd"] == ""
     assert "auroc" not in table[0] and len(rows) == 1
+
+
+def test_patient_bag_heads_in_the_workflow(tmp_path):
+    """A head with `bag: patient` trains with --bag patient and predicts a patient's unlabelled
+    slides pooled, grouped by the samples sheet; slides of one patient with different labels stop
+    the run before any job, naming the patient."""
+    heads = {"pat": {"type": "abmil", "folds": 2, "bag": "patient"}, "abmil": {"type": "abmil", "folds": 2}}
+    work = make_project(tmp_path / "w", n=7, config={"heads": heads})
+    sheet = work / "config" / "samples.tsv"
+    rows = [line.split("\t") for line in sheet.read_text().splitlines()]
+    for row, patient in zip(rows[1:], ["A", "B", "A", "B", "C", "D", "E"]):
+        row[2] = patient
+    rows[7][3] = ""  # s6 (patient E) has no label: predicted
+    write_sheet(sheet, rows[0], rows[1:])
+    _qc_done(work, {f"s{i}": "ok" for i in range(7)})
+    result = snakemake(work, "-n", "--printshellcmds", "--cores", "4")
+    assert result.returncode == 0, result.stderr
+    train = {line.split("--out ", 1)[1].split()[0].rsplit("/", 1)[1]: line
+             for line in result.stdout.splitlines() if "wsitools train " in line}
+    assert " --head abmil --bag patient --folds 2 " in train["pat"]
+    assert " --head abmil --bag slide --folds 2 " in train["abmil"]
+    predict = {line.split("--out ", 1)[1].split()[0].rsplit("/", 1)[1]: line
+               for line in result.stdout.splitlines() if "wsitools predict " in line}
+    assert " --slides s6 --patients config/samples.tsv --device auto " in predict["pat"]
+    assert " --slides s6 --device auto " in predict["abmil"]
+    rows[3][2] = "B"  # s2 (neg) joins patient B (pos)
+    write_sheet(sheet, rows[0], rows[1:])
+    result = snakemake(work, "-n")
+    assert result.returncode != 0
+    assert ("config: tasks: planted: patient B in config/samples.tsv: slides s1 (pos) and s2 (neg) disagree on "
+            "'label', but heads pat pool a patient's slides") in result.stdout + result.stderr

@@ -148,7 +148,11 @@ def overlay(thumbnail: np.ndarray, raster: np.ndarray, *, alpha: float = 0.5, cm
 
 
 def _title(amap: AttentionMap) -> str:
+    """The slide, the prediction, the label, and (a patient bag's slide) its patient and share of
+    the patient's attention."""
     title = amap.slide_id
+    if "patient_id" in amap.attrs and "attention_share" in amap.attrs:
+        title += f"   patient {amap.attrs['patient_id']}: {100 * float(amap.attrs['attention_share']):.0f}% of its attention"
     if amap.classes:
         title += "   " + "  ".join(f"{c}: {p:.2f}" for c, p in zip(amap.classes, amap.probs))
     if "label" in amap.attrs:
@@ -289,12 +293,14 @@ def attention_geojson(
     ``attention x N`` (relative to uniform), ``attention percentile`` (within the slide) and
     ``heatmap value`` (the 0-1 value the PNG shows under ``scale``); with a prediction also
     ``prob {class}`` per class, and ``classification`` names the slide's predicted class (the
-    same on every tile: it is the slide's, not the tile's).
+    same on every tile: it is the slide's, not the tile's); a survival or regression head's one
+    output is named as it is (``risk``, ``prediction``), with no classification.
     """
     rel = relative_attention(amap.attention)
     percentile = display_values(amap.attention, scale="rank")
     shown = display_values(amap.attention, scale=scale)
-    shared: dict[str, float] = {f"prob {c}": _number(p) for c, p in zip(amap.classes, amap.probs)}
+    names = [f"prob {c}" for c in amap.classes] if len(amap.classes) > 1 else list(amap.classes)
+    shared: dict[str, float] = {name: _number(p) for name, p in zip(names, amap.probs)}
     classification = None
     if amap.pred is not None:
         colour = _CLASS_COLOURS[amap.classes.index(amap.pred) % len(_CLASS_COLOURS)]

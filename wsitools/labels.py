@@ -4,7 +4,8 @@ The table (CSV or TSV) has ``slide_id``, the target columns of the task type (``
 ``time`` and ``event`` for survival, see :mod:`wsitools.mil.targets`), optional ``patient_id``
 and the user's own ``split`` or ``fold``. The workflow writes one per task
 (:func:`write_labels`) after checking the sheet's labels against the task and the heads' folds
-when it builds the job graph (:func:`check_task_labels`, :func:`check_outcome_labels`);
+when it builds the job graph (:func:`check_task_labels`, :func:`check_outcome_labels`,
+:func:`check_patient_labels`);
 ``wsitools train`` reads it (:func:`read_labels`). No torch import: the workflow imports this.
 """
 
@@ -20,7 +21,7 @@ from wsitools.errors import DataError
 from wsitools.io import read_user_text
 from wsitools.mil.targets import LABEL_COLUMNS, parse_targets
 from wsitools.samples import SPLIT_COLUMNS, Sample
-from wsitools.tables import write_table
+from wsitools.tables import is_number, write_table
 from wsitools.text import TaskType
 from wsitools.types import check_slide_id
 
@@ -274,6 +275,33 @@ def check_task_labels(
             f"config: heads: {head}: folds: {k}-fold cross-validation of task {task!r} needs at least {k} "
             f"patients of each class, but in {where} {listing}; {fix}"
         )
+
+
+def check_patient_labels(
+    samples: Sequence[Sample], *, task: str, columns: Mapping[str, str], sheet: str, heads: Sequence[str]
+) -> None:
+    """For heads on patient bags (``heads``): the labelled slides of each patient must carry the
+    same targets (the task's ``columns`` of the sheet; numbers compared as numbers), before any
+    slide is tiled; a :class:`DataError` names the task, the patient, two slides that differ and
+    the heads."""
+
+    def key(text: str) -> str | float:
+        return float(text) if is_number(text) else text
+
+    first: dict[str, Sample] = {}
+    for s in samples:
+        values = [s.value(c) for c in columns.values()]
+        if not all(values):
+            continue
+        seen = first.setdefault(s.patient_id, s)
+        expected = [seen.value(c) for c in columns.values()]
+        if list(map(key, values)) != list(map(key, expected)):
+            raise DataError(
+                f"config: tasks: {task}: patient {s.patient_id} in {sheet}: slides {seen.slide_id} "
+                f"({'/'.join(expected)}) and {s.slide_id} ({'/'.join(values)}) disagree on "
+                f"{', '.join(map(repr, columns.values()))}, but heads {', '.join(heads)} pool a patient's "
+                "slides into one bag (bag: patient) with one label"
+            )
 
 
 def _patient_classes(labelled: Sequence[tuple[Sample, str]], order: Sequence[str]) -> dict[str, str]:

@@ -44,7 +44,8 @@ _HTML_STYLE = (
 )
 
 
-def _is_number(text: str) -> bool:
+def is_number(text: str) -> bool:
+    """True when ``text`` reads as a number (``float`` accepts it)."""
     try:
         float(text)
     except ValueError:
@@ -73,7 +74,7 @@ def write_html_table(
         for c in columns:
             value = row.get(c)
             text = "" if value is None else str(value)
-            kind = ' class="num"' if text and _is_number(text) else ""
+            kind = ' class="num"' if text and is_number(text) else ""
             cells.append(f"<td{kind}>{html.escape(text)}</td>")
         opening = '<tr class="left-out">' if flag else "<tr>"
         body.append(opening + "".join(cells) + "</tr>")

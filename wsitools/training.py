@@ -1,12 +1,64 @@
-"""What every trainer shares: the learning-rate schedule.
+"""The training scaffold that PuzzleTuning, PathoTune and the MIL heads are built on.
 
-A pure function of the optimiser step, so a resumed run gets exactly the learning rate it would
-have had without the interruption.
+A trainer keeps its model, its data, its loss and what is particular to its method; the
+machinery around them is here, written once:
+
+- :func:`adamw`: the optimiser over a module's trainable parameters, optionally without weight
+  decay on biases and norms (the MAE/PuzzleTuning rule);
+- :class:`Schedule`: the learning rate per optimiser step, a linear warm-up then a half-cycle
+  cosine, or constant. A pure function of the step, so a resumed run gets exactly the rate it
+  would have had without the interruption;
+- :class:`Stepper`: turns each loss into optimiser steps: precision (autocast, and a gradient
+  scaler for float16), gradient accumulation, the scheduled rate, the step count;
+- :class:`Checkpoints`: a run's resumable checkpoints, one folder per epoch
+  (``epoch-NNNN/trainable.safetensors``, ``optimizer.pt``, ``state.json``), written atomically,
+  read without running pickled code, and refused when another run's settings wrote them;
+- :class:`CsvLog`: the run's log table, rewritten atomically after each epoch;
+- :class:`BestState`: a copy of the weights of the epoch with the lowest validation loss, and
+  early stopping (``patience`` epochs without improvement, never before ``min_epochs``).
+
+A trainer's loop then reads::
+
+    stepper = Stepper(adamw(model, lr=..., weight_decay=...), schedule=Schedule(...), device=dev)
+    best = BestState(model, patience=..., min_epochs=...)
+    for epoch in range(epochs):
+        model.train()
+        for batch in loader:
+            with stepper.autocast():
+                loss = my_loss(model, batch)
+            stepper.backward(loss)
+        best.update(epoch, my_validation_loss(model))
+        if best.should_stop(epoch):
+            break
+    best.restore()
 """
 
 from __future__ import annotations
 
+import contextlib
+import csv
+import json
 import math
+import re
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from wsitools.device import TrainPrecision, autocast, training_amp_dtype
+from wsitools.encoders.checkpoint import check_optimizer_state, read_checkpoint, read_state_dict
+from wsitools.errors import ConfigError, ModelError, one_line
+from wsitools.io import atomic_path
+
+Decay = Literal["all", "matrices"]
+ScheduleKind = Literal["cosine", "constant"]
+
+CHECKPOINT_RE = re.compile(r"epoch-(\d{4,})")
+"""A checkpoint folder's name: the number of epochs done, zero-padded to at least 4 digits."""
 
 
 def learning_rate_at(
@@ -19,3 +71,269 @@ def learning_rate_at(
     span = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / span)
     return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The learning rate of each optimiser step: ``cosine`` (:func:`learning_rate_at`) or
+    ``constant`` (``base_lr`` throughout; the other fields are unused)."""
+
+    base_lr: float
+    kind: ScheduleKind = "constant"
+    total_steps: int = 0
+    warmup_steps: int = 0
+    min_lr: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("cosine", "constant"):
+            raise ConfigError(f"learning-rate schedule must be cosine or constant, got {self.kind!r}")
+
+    def at(self, step: int) -> float:
+        if self.kind == "constant":
+            return self.base_lr
+        return learning_rate_at(
+            step, base_lr=self.base_lr, total_steps=self.total_steps, warmup_steps=self.warmup_steps,
+            min_lr=self.min_lr,
+        )
+
+
+def adamw(
+    model: nn.Module,
+    *,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    decay: Decay = "all",
+    fused: bool = False,
+) -> torch.optim.AdamW:
+    """AdamW over the parameters of ``model`` that require a gradient, in their module order.
+
+    ``decay="matrices"`` puts biases and 1-D weights (norms) in a second group without weight
+    decay, as the PuzzleTuning/MAE code does; ``"all"`` decays every parameter. ``fused`` runs
+    one kernel per step (the MIL heads' many small steps gain most from it).
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups: list[dict[str, Any]]
+    if decay == "matrices":
+        no_decay = [p for n, p in named if p.ndim <= 1 or n.endswith(".bias")]
+        kept = {id(p) for p in no_decay}
+        groups = [
+            {"params": [p for _, p in named if id(p) not in kept], "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+    elif decay == "all":
+        groups = [{"params": [p for _, p in named], "weight_decay": weight_decay}]
+    else:
+        raise ConfigError(f"weight decay must apply to 'all' or 'matrices', got {decay!r}")
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
+
+
+class Stepper:
+    """One optimiser's steps: each loss is backpropagated (scaled for float16 autocast, divided
+    by ``accum_steps``), and every ``accum_steps`` losses make one step at the scheduled rate.
+
+    ``precision`` follows :func:`wsitools.device.training_amp_dtype` (``fp32`` never autocasts;
+    on a CPU ``auto`` is fp32 and bf16/fp16 are refused). ``step`` counts optimiser steps done (restored on resume);
+    ``lr`` is the rate of the last step taken.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        schedule: Schedule,
+        device: torch.device,
+        precision: TrainPrecision = "fp32",
+        accum_steps: int = 1,
+    ):
+        if accum_steps < 1:
+            raise ConfigError(f"accum_steps must be at least 1, got {accum_steps}")
+        self.optimizer = optimizer
+        self.schedule = schedule
+        self.device = device
+        self.amp_dtype = training_amp_dtype(precision, device)
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype is torch.float16 else None
+        self.accum_steps = accum_steps
+        self.step = 0
+        self.lr = schedule.at(0)
+        self._pending = 0
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """The forward pass's precision context (a no-op in fp32)."""
+        return autocast(self.device, self.amp_dtype)
+
+    def backward(self, loss: torch.Tensor) -> bool:
+        """Backpropagate one (micro-)batch's ``loss``; True when it completed an optimiser step."""
+        if self.accum_steps > 1:
+            loss = loss / self.accum_steps
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+        self._pending += 1
+        if self._pending < self.accum_steps:
+            return False
+        self.lr = self.schedule.at(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._pending = 0
+        self.step += 1
+        return True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else {}}
+
+    def load_state_dict(self, state: Mapping[str, Any], *, step: int, source: str) -> None:
+        """Restore the optimiser (checked first) and scaler states written by :meth:`state_dict`."""
+        optimizer_state = check_optimizer_state(state.get("optimizer"), source=source)
+        try:
+            self.optimizer.load_state_dict(optimizer_state)
+            if self.scaler is not None and state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+            raise ModelError(f"{source}: does not fit this run's optimizer ({one_line(exc)})") from None
+        self.step = step
+        self._pending = 0
+
+
+@dataclass(frozen=True)
+class Checkpoints:
+    """The resumable checkpoints under ``root``: ``epoch-NNNN/`` with the trainable tensors
+    (``trainable.safetensors``), the optimiser and scaler states (``optimizer.pt``) and
+    ``state.json`` (epochs and steps done, and the hash of the settings that shape the run).
+    Each is written under a temporary name and renamed when complete; the last ``keep`` stay."""
+
+    root: Path
+    keep: int = 2
+
+    def found(self) -> list[tuple[int, Path]]:
+        """Complete checkpoints as (epochs done, folder), oldest first."""
+        if not self.root.is_dir():
+            return []
+        found = []
+        for p in self.root.iterdir():
+            m = CHECKPOINT_RE.fullmatch(p.name)
+            if m and (p / "state.json").is_file():
+                found.append((int(m.group(1)), p))
+        return sorted(found)
+
+    def save(
+        self, *, epoch: int, tensors: Mapping[str, torch.Tensor], stepper: Stepper, schedule_hash: str
+    ) -> Path:
+        """Write the checkpoint after ``epoch`` epochs, then drop all but the last ``keep``."""
+        from safetensors.torch import save_file
+
+        final = self.root / f"epoch-{epoch:04d}"
+        with atomic_path(final, overwrite=True) as tmp:
+            tmp.mkdir()
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "trainable.safetensors"))
+            torch.save(stepper.state_dict(), tmp / "optimizer.pt")
+            (tmp / "state.json").write_text(
+                json.dumps({"epochs_done": epoch, "steps_done": stepper.step, "schedule_hash": schedule_hash}, indent=2)
+            )
+        for _, old in self.found()[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def restore(
+        self, path: Path, *, tensors: Mapping[str, torch.Tensor], stepper: Stepper, schedule_hash: str
+    ) -> int:
+        """Copy checkpoint ``path`` into the live ``tensors`` and ``stepper``; the epochs done.
+
+        A checkpoint written with other settings (another ``schedule_hash``) is a
+        :class:`ConfigError`; a damaged one a :class:`ModelError` naming its file."""
+        try:
+            state = json.loads((path / "state.json").read_text())
+            state = {k: state[k] for k in ("schedule_hash", "epochs_done", "steps_done")}
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            raise ModelError(f"{path / 'state.json'}: not a checkpoint state ({one_line(exc)})") from None
+        if state["schedule_hash"] != schedule_hash:
+            raise ConfigError(
+                f"{path}: was written by a run with other settings (schedule hash "
+                f"{state['schedule_hash']}, now {schedule_hash}); resume with the same settings "
+                "(see config.json) or start a new --out folder"
+            )
+        saved = read_state_dict(path / "trainable.safetensors", tensors)
+        opt_path = path / "optimizer.pt"
+        stepper.load_state_dict(read_checkpoint(opt_path), step=int(state["steps_done"]), source=str(opt_path))
+        with torch.no_grad():
+            for k, p in tensors.items():
+                p.copy_(saved[k].to(p.device))
+        return int(state["epochs_done"])
+
+
+@dataclass(frozen=True)
+class CsvLog:
+    """A run's log table: one row per step or epoch, ``columns`` in order; ``int_columns`` are
+    written as integers, the others as floats (``repr``, so they read back exactly)."""
+
+    path: Path
+    columns: tuple[str, ...]
+    int_columns: frozenset[str] = frozenset()
+
+    def write(self, rows: Sequence[Mapping[str, float]]) -> None:
+        """Replace the table with ``rows`` (atomically: a reader never sees half a table)."""
+        with atomic_path(self.path, overwrite=True) as tmp, open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(self.columns)
+            for row in rows:
+                writer.writerow(
+                    [str(int(row[k])) if k in self.int_columns else repr(float(row[k])) for k in self.columns]
+                )
+
+    def read(self) -> list[dict[str, float]]:
+        """The rows written before, as floats (none when there is no table yet)."""
+        if not self.path.is_file():
+            return []
+        with open(self.path, newline="") as f:
+            return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+class BestState:
+    """A copy of ``module``'s state at the epoch with the lowest validation loss, and early
+    stopping.
+
+    An epoch improves when its loss is below the best by more than ``min_delta``. With
+    ``patience``, :meth:`should_stop` is true once ``patience`` epochs have passed since the
+    best one, but never before ``min_epochs`` epochs have run (epochs count from 0).
+    """
+
+    def __init__(
+        self, module: nn.Module, *, min_delta: float = 0.0, patience: int | None = None, min_epochs: int = 0
+    ):
+        self.module = module
+        self.min_delta = min_delta
+        self.patience = patience
+        self.min_epochs = min_epochs
+        self.loss = math.inf
+        self.epoch = -1
+        self._state: dict[str, torch.Tensor] | None = None
+
+    def record(self, epoch: int, loss: float) -> None:
+        """Take the module's current state as the best, whatever its loss."""
+        self.loss, self.epoch = loss, epoch
+        self._state = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+
+    def update(self, epoch: int, loss: float) -> bool:
+        """Record the current state if ``loss`` improves on the best; True when it did."""
+        if loss < self.loss - self.min_delta:
+            self.record(epoch, loss)
+            return True
+        return False
+
+    def should_stop(self, epoch: int) -> bool:
+        """Whether training should end after ``epoch`` (always false without ``patience``)."""
+        return (
+            self.patience is not None
+            and epoch + 1 >= self.min_epochs
+            and epoch - self.epoch >= self.patience
+        )
+
+    def restore(self) -> None:
+        """Load the best state back into the module."""
+        if self._state is None:
+            raise ModelError("the validation loss was never finite: no epoch to keep (lower the learning rate)")
+        self.module.load_state_dict(self._state)

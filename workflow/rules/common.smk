@@ -13,7 +13,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from wsitools.errors import WsiToolsError
-from wsitools.labels import check_outcome_labels, check_task_labels, task_columns
+from wsitools.labels import check_outcome_labels, check_patient_labels, check_task_labels, task_columns
 from wsitools.report import qc_report
 from wsitools.report import usable_slides as qc_usable_slides
 from wsitools.samples import check_encoders, config_error, load_samples
@@ -82,6 +82,14 @@ for _name, _task in TASKS.items():
                 f"config: task {_name!r}: the samples sheet {config['samples']} has no column "
                 f"{_sheet_column!r} ({_table_column}_column)"
             )
+    if any(h["bag"] == "patient" for h in HEADS.values()):
+        try:
+            check_patient_labels(
+                list(SAMPLES.values()), task=_name, columns=TASK_COLUMNS[_name], sheet=config["samples"],
+                heads=[head for head, h in HEADS.items() if h["bag"] == "patient"],
+            )
+        except WsiToolsError as exc:
+            raise WorkflowError(str(exc)) from None
     if TASK_TYPES[_name] != "classification":
         try:
             check_outcome_labels(
@@ -198,9 +206,15 @@ def get_predict_features(wildcards):
     )
 
 
+def get_predict_patients(wildcards):
+    """``--patients SHEET`` for a head trained on patient bags: the samples sheet says which
+    slides to pool (its ``patient_id`` column); nothing for slide bags."""
+    return f" {shell_args(['--patients', config['samples']])}" if HEADS[wildcards.head]["bag"] == "patient" else ""
+
+
 def get_head_options(wildcards):
     h = HEADS[wildcards.head]
-    args = ["--head", h["type"], "--folds", h["folds"]]
+    args = ["--head", h["type"], "--bag", h["bag"], "--folds", h["folds"]]
     if h["type"] == "pathotune":
         args += ["--prompts", ",".join(h["prompts"])]
     return shell_args(args + h["extra_args"])

@@ -4,7 +4,9 @@
 # (classification, survival, regression) decides the loss, the metrics and the report figures. A head trains on its config
 # `device` (auto: a GPU when the job has one) with `threads` torch threads; it asks for a GPU
 # unless its device is cpu. A task's `task_file` is passed as `--task` when it is given; heads
-# without the ttp prompt can do without it (their classes are then the labels, sorted).
+# without the ttp prompt can do without it (their classes are then the labels, sorted). A head
+# with `bag: patient` pools each patient's slides into one bag (one prediction per patient; the
+# slides of a patient must share the task's label, checked here before any job runs).
 
 for _task_name, _task_conf in TASKS.items():
     for _head_name, _head_conf in HEADS.items():

@@ -1,7 +1,8 @@
 # Predictions for the slides a task has no label for: every usable slide of the samples sheet
 # whose label column is empty for a task is predicted by each trained head of that task (all
 # fold models, probabilities and attention averaged), on the head's `device` with its
-# `threads`. There is no such job when every usable slide is labelled. Heatmaps of these
+# `threads`; a head trained on patient bags (`bag: patient`) pools each patient's unlabelled slides
+# (samples-sheet patient_id) into one bag, as it was trained. There is no such job when every usable slide is labelled. Heatmaps of these
 # slides are drawn like those of the trained ones (when heatmaps are enabled).
 
 
@@ -9,6 +10,7 @@ rule predict:
     input:
         metrics="results/heads/{task}/{encoder}/{head}/metrics.json",
         features=get_predict_features,
+        patients=lambda wildcards: config["samples"] if HEADS[wildcards.head]["bag"] == "patient" else [],
     output:
         predictions="results/predictions/{task}/{encoder}/{head}/predictions.csv",
         attention=directory("results/predictions/{task}/{encoder}/{head}/attention"),
@@ -16,6 +18,7 @@ rule predict:
         model=lambda wildcards, input: Path(input.metrics).parent,
         features=lambda wildcards: f"{FEATURES}/{wildcards.encoder}",
         slides=lambda wildcards: shell_args(unlabelled_slides(wildcards.task)),
+        patients=get_predict_patients,
         out=lambda wildcards, output: Path(output.predictions).parent,
         device=lambda wildcards: HEADS[wildcards.head]["device"],
     log:
@@ -31,7 +34,7 @@ rule predict:
         "../envs/wsitools.yaml"
     shell:
         "wsitools predict --model {params.model:q} --features {params.features:q}"
-        " --slides {params.slides} --device {params.device} --threads {threads}"
+        " --slides {params.slides}{params.patients} --device {params.device} --threads {threads}"
         " --out {params.out:q} --overwrite --quiet > {log:q} 2>&1"
 
 

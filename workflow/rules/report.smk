@@ -17,7 +17,7 @@ rule qc_table:
             caption="../report/qc_summary.rst",
             category="1. Quality control",
             subcategory="QC summary",
-            labels={"table": "QC summary", "format": "table"},
+            labels={"table": "QC summary", "format": "HTML table"},
         ),
     log:
         "logs/qc_table.log",
@@ -50,7 +50,7 @@ rule metrics_table:
             caption="../report/metrics.rst",
             category="2. Metrics",
             subcategory="Metrics of every head",
-            labels={"table": "metrics of every head", "format": "table"},
+            labels={"table": "metrics of every head", "format": "HTML table"},
         ),
     log:
         "logs/metrics_table.log",

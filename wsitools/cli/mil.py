@@ -38,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         DEFAULT_THUMBNAIL_MPP,
         SCALES,
     )
-    from wsitools.mil.config import TrainConfig
+    from wsitools.mil.config import BAGS, TrainConfig
 
     d = TrainConfig()
     t = sub.add_parser(
@@ -66,6 +66,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="PathoTune prompt kinds (default for pathotune: tvp,ttp; add ivp with --ivp-features)")
     t.add_argument("--ivp-features", metavar="DIR", type=feature_store_dir, default=None,
                    help="a second encoder's feature stores for the IVP refine module (default: the slide's own bag)")
+    t.add_argument("--bag", choices=BAGS, default="slide",
+                   help="one bag per slide, or per patient: all slides of a patient_id concatenated, attention "
+                   "across them, one prediction per patient (its slides must share the label; slide)")
     t.add_argument("--folds", type=positive_int, default=d.folds, help=f"folds of patient-level k-fold ({d.folds})")
     t.add_argument("--val-fraction", type=fraction, default=d.val_fraction,
                    help=f"patients of each training part held out for early stopping ({d.val_fraction})")
@@ -120,6 +123,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, metavar="DIR", help="a `wsitools train` output, or one fold_K folder")
     p.add_argument("--features", required=True, metavar="DIR", type=feature_store_dir, help="feature stores: DIR/{slide_id}.h5")
     p.add_argument("--slides", nargs="+", default=None, metavar="SLIDE_ID", help="only these slides (default: all)")
+    p.add_argument("--patients", default=None, type=input_file, metavar="FILE",
+                   help="for heads trained with --bag patient: a CSV/TSV with slide_id and patient_id (the labels "
+                   "table or samples sheet) saying which slides to pool; one prediction per patient")
     p.add_argument("--ivp-features", metavar="DIR", type=feature_store_dir, default=None, help="second encoder's features, if the head used them")
     p.add_argument("--strict", action="store_true", help="an unusable slide is an error (default: warn and skip)")
     p.add_argument("--threads", type=positive_int, default=None,
@@ -231,6 +237,7 @@ def run_train(args: argparse.Namespace) -> int:
         out_dir=args.out,
         head=args.head,
         prompts=prompts or (),
+        bag=args.bag,
         config=config,
         head_options=head_options,
         ivp_features_dir=args.ivp_features,
@@ -265,13 +272,17 @@ def run_predict(args: argparse.Namespace) -> int:
         args.features,
         args.out,
         slides=args.slides,
+        patients=args.patients,
         ivp_features_dir=args.ivp_features,
         device=args.device,
         strict=args.strict,
         overwrite=args.overwrite,
         progress=not args.quiet,
     )
-    print(f"predicted {len(results)} slides into {args.out}/predictions.csv")
+    from wsitools.mil.predict import PatientPrediction
+
+    what = "patients" if results and isinstance(results[0], PatientPrediction) else "slides"
+    print(f"predicted {len(results)} {what} into {args.out}/predictions.csv")
     return 0
 
 

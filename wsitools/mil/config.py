@@ -8,6 +8,10 @@ from typing import Literal
 from wsitools.errors import ConfigError
 
 Balance = Literal["weights", "sampling"]
+Bag = Literal["slide", "patient"]
+BAGS: tuple[str, ...] = ("slide", "patient")
+"""What one bag is: a slide's feature store (the default), or all slides of a patient
+concatenated (:mod:`wsitools.mil.patients`; docs/mil.md, "Patient-level bags")."""
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,11 @@ class SavedHead:
         """The task type the head was trained for (heads saved before task types: classification)."""
         return str(self.meta.get("task_type") or "classification")
 
+    @property
+    def bag(self) -> str:
+        """How the head's bags were made: ``slide`` (heads saved before patient bags) or ``patient``."""
+        return str(self.meta.get("bag") or "slide")
+
 
 def save_head(model: nn.Module, folder: str | os.PathLike[str], *, meta: dict[str, Any]) -> Path:
     """Write the head folder ``folder`` (``model.safetensors`` and ``config.json``: head config +
@@ -126,13 +131,16 @@ def load_head(folder: str | os.PathLike[str], *, device: str | torch.device = "c
 
 def load_heads(model_dir: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> list[SavedHead]:
     """The heads of a training run (``fold_*/``, in fold order) or of one head folder, on
-    ``device``; :class:`ModelError` when they disagree on classes, feature width, task type or
-    the encoder of their training features (they could not be averaged)."""
+    ``device``; :class:`ModelError` when they disagree on classes, feature width, task type,
+    bags (slide or patient) or the encoder of their training features (they could not be
+    averaged)."""
     heads = [load_head(p, device=device) for p in head_folders(model_dir)]
     first = heads[0]
     for h in heads[1:]:
         if h.classes != first.classes or h.config.in_dim != first.config.in_dim or h.task_type != first.task_type:
             raise ModelError(f"{model_dir}: the fold heads disagree on classes or feature width")
+        if h.bag != first.bag:
+            raise ModelError(f"{model_dir}: the fold heads disagree on the bags (slide or patient)")
         if h.meta.get("encoder_hash") != first.meta.get("encoder_hash"):
             raise ModelError(f"{model_dir}: the fold heads were trained on features of different encoders")
     return heads

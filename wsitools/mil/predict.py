@@ -4,7 +4,8 @@
 k-fold ensemble; survival heads average their risks relative to their own training median,
 regression heads their predictions in the target's units) or one head folder, and writes
 ``predictions.csv`` and
-``attention/{slide_id}.h5`` for each slide of a feature directory (no labels needed). The heads
+``attention/{slide_id}.h5`` for each slide of a feature directory (no labels needed; heads trained
+on patient bags pool each patient's slides the same way, from a slide -> patient table). The heads
 run on ``device`` (``auto``: CUDA when available); bags are read on the CPU and copied over.
 """
 
@@ -29,12 +30,12 @@ from wsitools.feature_store import (
     BagInfo,
     EncoderRecord,
     bag_info,
-    feature_path,
     list_feature_stores,
     read_coords,
     read_features,
 )
 from wsitools.mil.head_folder import SavedHead, load_heads
+from wsitools.mil.patients import group_slides, read_patients, write_patient_attention
 from wsitools.types import check_slide_id
 
 log = logging.getLogger(__name__)
@@ -125,9 +126,10 @@ def check_encoder(head: SavedHead, bag: BagInfo, *, model_dir: str | os.PathLike
 
 
 def write_predictions_csv(path: str | os.PathLike[str], rows: Sequence[dict[str, Any]], classes: Sequence[str]) -> None:
-    """``predictions.csv``: one row per slide; a classification head's rows hold ``probs``
-    (written as ``pred`` and ``prob_{class}`` columns in class order), a survival or regression
-    head's rows (``classes`` empty) their ``risk`` or ``prediction`` as it is."""
+    """``predictions.csv``: one row per bag (slide, or patient with its slides), columns in the
+    order of the rows' keys; a classification head's rows hold ``probs`` (written as ``pred``
+    and ``prob_{class}`` columns in class order, after the other columns), a survival or
+    regression head's rows (``classes`` empty) their ``risk`` or ``prediction`` as it is."""
     if not classes:
         with atomic_path(path, overwrite=True) as tmp:
             with open(tmp, "w", newline="") as f:
@@ -136,8 +138,8 @@ def write_predictions_csv(path: str | os.PathLike[str], rows: Sequence[dict[str,
                 for r in rows:
                     writer.writerow([f"{v:.6g}" if isinstance(v, float) else v for v in r.values()])
         return
-    extra = [k for k in rows[0] if k not in ("slide_id", "probs")] if rows else []
-    fields = ["slide_id", *extra, "pred", *[f"prob_{c}" for c in classes]]
+    keys = [k for k in rows[0] if k != "probs"] if rows else ["slide_id"]
+    fields = [*keys, "pred", *[f"prob_{c}" for c in classes]]
     with atomic_path(path, overwrite=True) as tmp:
         with open(tmp, "w", newline="") as f:
             writer = csv.writer(f)
@@ -145,8 +147,63 @@ def write_predictions_csv(path: str | os.PathLike[str], rows: Sequence[dict[str,
             for r in rows:
                 probs = np.asarray(r["probs"])
                 writer.writerow(
-                    [r["slide_id"], *[r[k] for k in extra], classes[int(probs.argmax())], *[f"{p:.6f}" for p in probs]]
+                    [*[r[k] for k in keys], classes[int(probs.argmax())], *[f"{p:.6f}" for p in probs]]
                 )
+
+
+@dataclass(frozen=True)
+class PatientPrediction:
+    """One patient bag's prediction (as :class:`BagPrediction`), the slides it pooled (in bag
+    order) and its attention over all their tiles [N] (sums to one)."""
+
+    patient_id: str
+    slide_ids: tuple[str, ...]
+    probs: np.ndarray
+    attention: np.ndarray
+
+
+def _checked_bag(
+    slide_id: str, stores: dict[str, Path], head: SavedHead, *, features_dir: str | os.PathLike[str]
+) -> BagInfo:
+    """The feature store of ``slide_id``, checked against the head: a :class:`DataError` naming
+    the slide when it is missing, unusable or of another width (another encoder's features of
+    the same width are a :class:`ModelError` from :func:`check_encoder`)."""
+    if slide_id not in stores:
+        raise DataError(f"slide {slide_id}: no feature store {Path(features_dir) / (slide_id + '.h5')}")
+    bag = bag_info(stores[slide_id])
+    if bag.dim != head.config.in_dim:
+        raise DataError(
+            f"slide {slide_id}: features are {bag.dim}-d, the head expects {head.config.in_dim}-d "
+            f"(encoder {head.meta.get('encoder')})"
+        )
+    return bag
+
+
+def _bag_groups(
+    wanted: Sequence[str], patients_table: str | os.PathLike[str] | None, *, bagging: str, model_dir: Any,
+    skipped: dict[str, str], strict: bool,
+) -> dict[str, list[str]]:
+    """The bags to predict: each slide alone, or (``bagging`` ``patient``) the slides of each
+    patient of ``patients_table``. A slide the table does not list is skipped with a warning
+    (an error with ``strict``)."""
+    if bagging != "patient":
+        if patients_table is not None:
+            raise DataError(f"--patients applies to heads trained with --bag patient; {model_dir} has one bag per slide")
+        return {s: [s] for s in wanted}
+    if patients_table is None:
+        raise DataError(
+            f"{model_dir}: the head pools each patient's slides into one bag (trained with --bag patient); "
+            "give --patients TABLE (slide_id and patient_id columns, e.g. the labels table) to pool them the same way"
+        )
+    patients = read_patients(patients_table)
+    unlisted = [s for s in wanted if s not in patients]
+    if unlisted:
+        message = f"slides not in the patients table {patients_table}: {', '.join(unlisted[:20])}"
+        if strict:
+            raise DataError(message)
+        log.warning("skipping %d %s", len(unlisted), message)
+        skipped.update({s: f"slide {s}: not in the patients table {patients_table}" for s in unlisted})
+    return group_slides([s for s in wanted if s in patients], patients)
 
 
 def predict(
@@ -155,17 +212,23 @@ def predict(
     out_dir: str | os.PathLike[str],
     *,
     slides: Sequence[str] | None = None,
+    patients: str | os.PathLike[str] | None = None,
     ivp_features_dir: str | os.PathLike[str] | None = None,
     device: str | torch.device = "auto",
     strict: bool = False,
     overwrite: bool = False,
     progress: bool = True,
-) -> list[BagPrediction]:
+) -> list[BagPrediction] | list[PatientPrediction]:
     """Predict every slide in ``features_dir`` (or the named ``slides``) with the heads in
     ``model_dir``; write ``out_dir/predictions.csv``, ``out_dir/attention/{slide_id}.h5`` and
     ``out_dir/predict.json``. A slide whose bag is missing or unusable is skipped with a warning
     naming it (an error with ``strict``). ``device``: ``auto`` (CUDA when available), ``cpu`` or
-    ``cuda`` (a :class:`ModelError` when there is no GPU)."""
+    ``cuda`` (a :class:`ModelError` when there is no GPU).
+
+    Heads trained on patient bags pool the same way: ``patients`` (a table with ``slide_id`` and
+    ``patient_id``) groups the slides, each patient's usable slides are concatenated into one
+    bag, ``predictions.csv`` has one row per patient (``patient_id``, ``slides``) and each
+    slide's attention file holds its slice of the patient's attention."""
     from tqdm import tqdm
 
     from wsitools.device import resolve_device
@@ -176,6 +239,7 @@ def predict(
     first = heads[0]
     classes = first.classes
     kind = first.task_type
+    bagging = first.bag
     output = OUTPUT_NAMES.get(kind, "")
     scales = [head_scale(h) for h in heads] if kind != "classification" else None
     needs_ivp = first.config.ivp_in_dim is not None
@@ -187,52 +251,60 @@ def predict(
     if out_dir.exists() and not overwrite:
         raise DataError(f"output {out_dir} exists; use --overwrite to replace it")
     skipped: dict[str, str] = {}
+    groups = _bag_groups(wanted, patients, bagging=bagging, model_dir=model_dir, skipped=skipped, strict=strict)
     unchecked = False
-    results: list[BagPrediction] = []
+    results: list[Any] = []
     rows: list[dict[str, Any]] = []
+    meta = {"head": first.config.head, "task": (first.meta.get("task") or {}).get("name", ""),
+            "task_type": kind, "n_models": len(models)}
     with atomic_path(out_dir, overwrite=overwrite) as tmp:
         (tmp / "attention").mkdir(parents=True)
-        for slide_id in tqdm(wanted, desc="predict", unit="slide", disable=not progress):
-            try:
-                if slide_id not in stores:
-                    raise DataError(f"slide {slide_id}: no feature store {feature_path(features_dir, slide_id)}")
-                bag = bag_info(stores[slide_id])
-                if bag.dim != first.config.in_dim:
-                    raise DataError(
-                        f"slide {slide_id}: features are {bag.dim}-d, the head expects {first.config.in_dim}-d "
-                        f"(encoder {first.meta.get('encoder')})"
-                    )
-                if not check_encoder(first, bag, model_dir=model_dir) and not unchecked:
-                    unchecked = True
-                    log.warning(
-                        "%s: the head records no encoder checksum; cannot check that %s holds features "
-                        "of the encoder it was trained on", model_dir, features_dir,
-                    )
-                ivp = None
-                if needs_ivp:
-                    ivp_bag = bag_info(Path(ivp_features_dir) / f"{slide_id}.h5")
-                    ivp = read_features(ivp_bag.path)
-            except DataError as exc:
-                if strict:
-                    raise
-                skipped[slide_id] = str(exc)
-                log.warning("skipping %s", exc)
+        for name, members in tqdm(groups.items(), desc="predict", unit=bagging, disable=not progress):
+            bags, ivps = [], []
+            for slide_id in members:
+                try:
+                    bag = _checked_bag(slide_id, stores, first, features_dir=features_dir)
+                    if not check_encoder(first, bag, model_dir=model_dir) and not unchecked:
+                        unchecked = True
+                        log.warning(
+                            "%s: the head records no encoder checksum; cannot check that %s holds features "
+                            "of the encoder it was trained on", model_dir, features_dir,
+                        )
+                    ivp = read_features(bag_info(Path(ivp_features_dir) / f"{slide_id}.h5").path) if needs_ivp else None
+                except DataError as exc:
+                    if strict:
+                        raise
+                    skipped[slide_id] = str(exc)
+                    log.warning("skipping %s", exc)
+                    continue
+                bags.append(bag)
+                ivps.append(ivp)
+            if not bags:
                 continue
-            probs, attention = predict_bag(models, read_features(bag.path), ivp, scales=scales)
-            write_attention(
-                tmp / "attention" / f"{slide_id}.h5",
-                slide_id=slide_id,
-                attention=attention,
-                coords=read_coords(bag.path),
-                classes=classes or [output],
-                probs=probs,
-                feature_path=bag.path,
-                provenance=bag.attrs,
-                meta={"head": first.config.head, "task": (first.meta.get("task") or {}).get("name", ""),
-                      "task_type": kind, "n_models": len(models)},
-            )
-            results.append(BagPrediction(slide_id=slide_id, probs=probs, attention=attention))
-            row: dict[str, Any] = {"slide_id": slide_id, "n_tiles": bag.n}
+            x = torch.cat([read_features(b.path) for b in bags])
+            probs, attention = predict_bag(models, x, torch.cat(ivps) if needs_ivp else None, scales=scales)
+            outputs = classes or [output]
+            if bagging == "patient":
+                write_patient_attention(tmp / "attention", patient_id=name, bags=bags, attention=attention,
+                                        classes=outputs, probs=probs, meta=meta)
+                used = tuple(b.slide_id for b in bags)
+                results.append(PatientPrediction(patient_id=name, slide_ids=used, probs=probs, attention=attention))
+                row: dict[str, Any] = {"patient_id": name, "slides": ";".join(used), "n_tiles": len(x)}
+            else:
+                bag = bags[0]
+                write_attention(
+                    tmp / "attention" / f"{name}.h5",
+                    slide_id=name,
+                    attention=attention,
+                    coords=read_coords(bag.path),
+                    classes=outputs,
+                    probs=probs,
+                    feature_path=bag.path,
+                    provenance=bag.attrs,
+                    meta=meta,
+                )
+                results.append(BagPrediction(slide_id=name, probs=probs, attention=attention))
+                row = {"slide_id": name, "n_tiles": bag.n}
             rows.append({**row, "probs": probs} if classes else {**row, output: float(probs[0])})
         if not results:
             raise DataError(f"no slide could be predicted from {features_dir}: {'; '.join(skipped.values())[:2000]}")
@@ -244,8 +316,10 @@ def predict(
                 "features_dir": str(Path(features_dir).resolve()),
                 "n_models": len(models),
                 "task_type": kind,
+                "bag": bagging,
                 "classes": classes,
                 "n_predicted": len(results),
+                **({"patients": {r.patient_id: list(r.slide_ids) for r in results}} if bagging == "patient" else {}),
                 "device": str(dev),
                 "skipped": skipped,
                 "package_version": __version__,

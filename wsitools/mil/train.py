@@ -14,6 +14,9 @@ and renamed when complete. The task type (:class:`~wsitools.text.TaskDescription
 - regression: one output, the Huber loss on the target standardised with the training part's
   mean and standard deviation (recorded with the head), one bag per step.
 
+A bag is one slide by default; with ``bag="patient"`` it is all slides of a patient concatenated
+(:class:`PatientBagDataset`, :mod:`wsitools.mil.patients`), one prediction per patient.
+
 Choices where the papers are silent (documented in docs/mil.md):
 - Training steps see at most ``bag_size`` patches per bag (a fresh random subset every step,
   512 by default), which is both an augmentation and what makes 10k-patch bags train at
@@ -59,17 +62,27 @@ from wsitools.metrics import (
     regression_metrics,
     regression_report,
 )
-from wsitools.mil.config import Balance, TrainConfig
+from wsitools.mil.config import Bag, Balance, TrainConfig
 from wsitools.feature_store import RowLayout, bag_info, read_coords, read_features, row_layout
 from wsitools.labels import read_labels
 from wsitools.mil.data import Cohort, build_cohort, class_weights, sample_index
 from wsitools.mil import head_folder
 from wsitools.mil.folds import Fold, patient_kfold, user_folds
 from wsitools.mil.heads import HeadConfig, HeadName, PromptKind, create_head
+from wsitools.mil.patients import (
+    PatientCohort,
+    SlideGroup,
+    check_patient_targets,
+    entry_row,
+    entry_slides,
+    patient_cohort,
+    write_patient_attention,
+)
 from wsitools.mil.predict import OUTPUT_NAMES, to_predictions, write_predictions_csv
 from wsitools.attention import write_attention
 from wsitools.survival import draw_risk_groups, harrell_c, survival_report
 from wsitools.text import TaskDescription, TaskType, embed_texts, load_task, resolve_text_model, text_model_key
+from wsitools.training import BestState, Schedule, Stepper, adamw
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +159,68 @@ class BagDataset(torch.utils.data.Dataset):
         return x, ivp, i
 
 
+class PatientBagDataset(BagDataset):
+    """Patient bags: item ``i`` is the concatenation of the feature stores of ``groups[i]``
+    (and of their IVP stores), in the group's slide order.
+
+    A training draw samples its rows over the whole patient bag (``sizes`` are the patients'
+    total rows), so a patient with more tissue does not get more rows per step than the
+    ``bag_size`` cap allows; each slide's sampled rows are then read from its own store.
+    """
+
+    def __init__(self, groups: Sequence[SlideGroup], labels: np.ndarray, **options: Any):
+        super().__init__(
+            [g.paths[0] for g in groups], labels, [sum(g.sizes) for g in groups],
+            ivp_paths=[g.ivp_paths[0] for g in groups] if groups and groups[0].ivp_paths is not None else None,
+            **options,
+        )
+        self.groups = list(groups)
+        self._path_layouts: dict[Path, RowLayout | None] = {}
+
+    def _rows(self, path: Path, index: np.ndarray | None, n: int) -> torch.Tensor:
+        """Rows ``index`` of one slide's store (all of them for ``None`` or every row)."""
+        if index is None or len(index) == n:
+            return self._whole(path)
+        if path not in self._path_layouts:
+            self._path_layouts[path] = row_layout(path)
+        return read_features(path, index, layout=self._path_layouts[path])
+
+    def __getitem__(self, key: tuple[int, int | None]) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """The patient bag's rows (a training subset with ``draw``), its IVP bag, and its index."""
+        i, draw = key
+        group = self.groups[i]
+        rng = np.random.default_rng(draw) if draw is not None else None
+        index = None
+        if rng is not None:
+            index = sample_index(self.sizes[i], self.bag_size, rng, instance_dropout=self.instance_dropout)
+        starts = np.concatenate([[0], np.cumsum(group.sizes)])
+        parts = []
+        for k, path in enumerate(group.paths):
+            rows = None
+            if index is not None:
+                rows = index[(index >= starts[k]) & (index < starts[k + 1])] - starts[k]
+                if len(rows) == 0:
+                    continue
+            parts.append(self._rows(path, rows, group.sizes[k]))
+        x = torch.cat(parts)
+        ivp = None
+        if group.ivp_paths is not None:
+            ivp = torch.cat([self._whole(p) for p in group.ivp_paths])
+            if rng is not None:
+                sub = sample_index(len(ivp), self.bag_size, rng, instance_dropout=self.instance_dropout)
+                ivp = ivp if sub is None else ivp[torch.from_numpy(sub)]
+        return x, ivp, i
+
+
+def bag_dataset(cohort: Cohort, config: TrainConfig) -> BagDataset:
+    """The training dataset of ``cohort``: one bag per slide, or per patient for a
+    :class:`~wsitools.mil.patients.PatientCohort`."""
+    options: dict[str, Any] = {"bag_size": config.bag_size, "instance_dropout": config.instance_dropout}
+    if isinstance(cohort, PatientCohort):
+        return PatientBagDataset(cohort.groups, cohort.labels, **options)
+    return BagDataset(cohort.paths, cohort.labels, cohort.sizes, ivp_paths=cohort.ivp_paths, **options)
+
+
 def _loader(
     dataset: BagDataset, keys: Sequence[tuple[int, int | None]], workers: int, device: torch.device
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, int]]:
@@ -180,10 +255,13 @@ def epoch_keys(train: np.ndarray, labels: np.ndarray, *, balance: Balance, rng: 
     return [(int(i), int(d)) for i, d in zip(order, draws)]
 
 
-def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW over the head's parameters, fused (one kernel per step on CPU and GPU alike: on a
-    512-patch abmil step it takes about half the time of the per-tensor loop)."""
-    return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True)
+def make_stepper(model: nn.Module, config: TrainConfig, *, device: torch.device) -> Stepper:
+    """Fused AdamW over the head's parameters (one kernel per step on CPU and GPU alike, which
+    suits the many small steps of a head) at a constant learning rate, in float32."""
+    return Stepper(
+        adamw(model, lr=config.lr, weight_decay=config.weight_decay, fused=True),
+        schedule=Schedule(config.lr, kind="constant"), device=device,
+    )
 
 
 StepLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -244,22 +322,21 @@ def step_groups(n_keys: int, batch: int) -> list[int]:
 
 def train_epoch(
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    stepper: Stepper,
     dataset: BagDataset,
     keys: Sequence[tuple[int, int]],
     *,
     step_loss: StepLoss,
     batch: int = 1,
-    device: torch.device = torch.device("cpu"),
     workers: int = 0,
 ) -> float:
-    """One pass over ``keys`` in optimiser steps of ``batch`` bags (:func:`step_groups`); returns
-    the mean step loss. Each bag is run on its own (bags differ in size) and the step's outputs
-    are stacked for ``step_loss``. A step whose loss is exactly zero without a gradient path
-    (a survival step without an event) is skipped. The losses are summed in float64 on the
-    device (no GPU synchronisation per step).
+    """One pass over ``keys`` in optimiser steps of ``batch`` bags (:func:`step_groups`) on the
+    stepper's device; returns the mean step loss. Each bag is run on its own (bags differ in
+    size) and the step's outputs are stacked for ``step_loss``. The losses are summed in
+    float64 on the device (no GPU synchronisation per step).
     """
     model.train()
+    device = stepper.device
     total = torch.zeros((), dtype=torch.float64, device=device)
     groups = step_groups(len(keys), batch)
     bags = _loader(dataset, keys, workers, device)
@@ -270,9 +347,7 @@ def train_epoch(
             outputs.append(model(x, ivp).logits)
             index.append(i)
         loss = step_loss(torch.stack(outputs), torch.tensor(index, device=device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        stepper.backward(loss)
         total += loss.detach()
     return float(total) / max(1, len(groups))
 
@@ -407,11 +482,8 @@ def train_fold(
     torch.manual_seed(config.seed * 1009 + fold.index)
     rng = np.random.default_rng([config.seed, fold.index])
     model = create_head(head_config, text_embeddings=text_embeddings).to(device)
-    optimizer = make_optimizer(model, config)
-    dataset = BagDataset(
-        cohort.paths, cohort.labels, cohort.sizes, bag_size=config.bag_size,
-        instance_dropout=config.instance_dropout, ivp_paths=cohort.ivp_paths,
-    )
+    stepper = make_stepper(model, config, device=device)
+    dataset = bag_dataset(cohort, config)
     targets, scale = _fold_targets(cohort, fold)
     targets_dev = targets.to(device) if targets is not None else None
     batch = 1
@@ -427,7 +499,7 @@ def train_fold(
         step_loss, batch = survival_loss(targets_dev), config.survival_batch
     else:
         step_loss = regression_loss(targets_dev)
-    best_loss, best_epoch, best_state = math.inf, -1, None
+    best = BestState(model, min_delta=1e-6, patience=config.patience, min_epochs=config.min_epochs)
     history: list[dict[str, float]] = []
     start = time.perf_counter()
     bar = tqdm(range(config.epochs), desc=f"fold {fold.index}", unit="epoch", disable=not progress, leave=False)
@@ -435,7 +507,7 @@ def train_fold(
         t0 = time.perf_counter()
         keys = epoch_keys(fold.train, cohort.labels, balance=config.balance, rng=rng)
         train_loss = train_epoch(
-            model, optimizer, dataset, keys, step_loss=step_loss, batch=batch, device=device, workers=config.workers
+            model, stepper, dataset, keys, step_loss=step_loss, batch=batch, workers=config.workers
         )
         val = evaluate(model, dataset, fold.val, task_type=cohort.task_type, targets=targets_dev,
                        device=device, workers=config.workers)
@@ -449,13 +521,10 @@ def train_fold(
             }
         )
         bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val.loss:.3f}")
-        if val.loss < best_loss - 1e-6:
-            best_loss, best_epoch = val.loss, epoch
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        elif epoch + 1 >= config.min_epochs and epoch - best_epoch >= config.patience:
+        best.update(epoch, val.loss)
+        if best.should_stop(epoch):
             break
-    assert best_state is not None
-    model.load_state_dict(best_state)
+    best.restore()
     test = evaluate(model, dataset, fold.test, task_type=cohort.task_type, targets=targets_dev,
                     device=device, workers=config.workers)
     if cohort.task_type == "survival":
@@ -464,7 +533,7 @@ def train_fold(
         risks = own.outputs[:, 0].astype(np.float64)
         scale = {"risk_offset": float(np.median(risks)), "risk_scale": float(max(risks.std(), 1e-6))}
     return FoldResult(
-        fold=fold, model=model, history=history, best_epoch=best_epoch, test=test,
+        fold=fold, model=model, history=history, best_epoch=best.epoch, test=test,
         seconds=time.perf_counter() - start, scale=scale,
     )
 
@@ -547,7 +616,7 @@ def _fold_report(
 
 
 def _prediction_row(cohort: Cohort, i: int, fold: int, pred: np.ndarray) -> dict[str, Any]:
-    row: dict[str, Any] = {"slide_id": cohort.slide_ids[i], "patient_id": cohort.patients[i]}
+    row = entry_row(cohort, i)
     if cohort.task_type == "classification":
         return {**row, "label": cohort.classes[cohort.labels[i]], "fold": fold, "probs": pred}
     if cohort.task_type == "survival":
@@ -569,6 +638,7 @@ def train(
     task: str | os.PathLike[str] | TaskDescription | None = None,
     head: HeadName = "abmil",
     prompts: Sequence[PromptKind] = (),
+    bag: Bag = "slide",
     config: TrainConfig = TrainConfig(),
     head_options: dict[str, Any] | None = None,
     ivp_features_dir: str | os.PathLike[str] | None = None,
@@ -591,8 +661,11 @@ def train(
     patient-level stratified k-fold (on the class, or on the event indicator for survival). A
     task class without a usable labelled slide is an error (a warning with
     ``allow_empty_classes``). ``device``: ``auto`` (CUDA when available), ``cpu`` or ``cuda``
-    (a :class:`~wsitools.errors.ModelError` when there is no GPU). Returns the content of
-    ``metrics.json``.
+    (a :class:`~wsitools.errors.ModelError` when there is no GPU). ``bag``: ``slide`` (one bag
+    per slide) or ``patient`` (all slides of a patient concatenated into one bag, whose slides
+    must agree on the label; predictions are then one row per patient, and each slide's slice of
+    the attention goes to its own attention file; :mod:`wsitools.mil.patients`). Returns the
+    content of ``metrics.json``.
     """
     from wsitools.device import resolve_device
 
@@ -610,7 +683,11 @@ def train(
         raise DataError("--ivp-features is used by the 'ivp' prompt; add ivp to --prompts")
     if task_type != "classification" and config.balance == "sampling":
         raise DataError(f"--balance sampling balances classes; a {task_type} task has none (leave the default)")
+    if bag not in ("slide", "patient"):
+        raise DataError(f"bag must be slide or patient, got {bag!r}")
     rows = read_labels(labels, task_type=task_type)
+    if bag == "patient":
+        check_patient_targets(rows, labels, task_type=task_type)
     if task_type != "classification":
         classes: tuple[str, ...] = ()
     else:
@@ -619,6 +696,9 @@ def train(
         rows, features_dir, classes, ivp_features_dir=ivp_features_dir, strict=strict,
         allow_empty_classes=allow_empty_classes, task_type=task_type,
     )
+    n_slides = len(cohort)
+    if bag == "patient":
+        cohort = patient_cohort(cohort)
     if cohort.splits is not None or cohort.folds is not None:
         folds = user_folds(cohort, val_fraction=config.val_fraction, seed=config.seed)
     else:
@@ -646,6 +726,7 @@ def train(
     meta = {
         "classes": list(classes),
         "task_type": task_type,
+        "bag": bag,
         "task": task.to_dict() if task is not None else None,
         "encoder": cohort.encoder,
         "encoder_hash": cohort.encoder_hash,
@@ -655,9 +736,9 @@ def train(
         "package_version": __version__,
     }
     log.info(
-        "training %s%s (%s) on %d slides (%d patients), %d folds, %d-d features, on %s",
+        "training %s%s (%s) on %d slides (%d patients, %s bags), %d folds, %d-d features, on %s",
         head, f" [{','.join(head_config.prompts)}]" if head_config.prompts else "", task_type,
-        len(cohort), len(set(cohort.patients)), len(folds), cohort.dim, dev,
+        n_slides, len(set(cohort.patients)), bag, len(folds), cohort.dim, dev,
     )
     oof_rows: list[dict[str, Any]] = []
     oof_index, oof_preds = [], []
@@ -680,7 +761,16 @@ def train(
                 rows.append(row)
                 sid = cohort.slide_ids[i]
                 outputs = (classes, preds[j]) if task_type == "classification" else ((OUTPUT_NAMES[task_type],), preds[j:j + 1])
-                bag = bag_info(cohort.paths[i], check_values=False)
+                attention_meta = {"head": head, "task": task_name, "task_type": task_type, "fold": fold.index,
+                                  "label": _label_text(cohort, int(i))}
+                if isinstance(cohort, PatientCohort):
+                    write_patient_attention(
+                        tmp / "attention", patient_id=sid,
+                        bags=[bag_info(p, check_values=False) for p in cohort.groups[i].paths],
+                        attention=result.test.attention[j], classes=outputs[0], probs=outputs[1], meta=attention_meta,
+                    )
+                    continue
+                info = bag_info(cohort.paths[i], check_values=False)
                 write_attention(
                     tmp / "attention" / f"{sid}.h5",
                     slide_id=sid,
@@ -688,10 +778,9 @@ def train(
                     coords=read_coords(cohort.paths[i]),
                     classes=outputs[0],
                     probs=outputs[1],
-                    feature_path=bag.path,
-                    provenance=bag.attrs,
-                    meta={"head": head, "task": task_name, "task_type": task_type, "fold": fold.index,
-                          "label": _label_text(cohort, int(i))},
+                    feature_path=info.path,
+                    provenance=info.attrs,
+                    meta=attention_meta,
                 )
             write_predictions_csv(fold_dir / "predictions.csv", rows, classes)
             oof_rows.extend(rows)
@@ -720,9 +809,10 @@ def train(
             "task_type": task_type,
             "head": head,
             "prompts": list(head_config.prompts),
+            "bag": bag,
             "encoder": cohort.encoder,
             "classes": list(classes),
-            "n_slides": len(cohort),
+            "n_slides": n_slides,
             "n_patients": len(set(cohort.patients)),
             "pooled": pooled,
             "folds": fold_reports,
@@ -777,6 +867,7 @@ def _write_splits(path: Path, cohort: Cohort, folds: Sequence[Fold]) -> None:
     for fold in folds:
         for part in ("train", "val", "test"):
             for i in getattr(fold, part):
-                rows.append({"fold": fold.index, "part": part, "slide_id": cohort.slide_ids[i],
-                             "patient_id": cohort.patients[i], "label": _label_text(cohort, int(i))})
+                rows.extend({"fold": fold.index, "part": part, "slide_id": slide_id,
+                             "patient_id": cohort.patients[i], "label": _label_text(cohort, int(i))}
+                            for slide_id in entry_slides(cohort, int(i)))
     _write_csv(path, rows)

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from wsitools.encoders import Encoder, load_encoder
 from wsitools.encoders.transforms import prepare_input, random_resized_crop_flip, to_unit_float
-from wsitools.device import TrainPrecision, autocast, training_amp_dtype
+from wsitools.device import TrainPrecision, autocast
 from wsitools.errors import ConfigError, DataError, ModelError
 from wsitools.io import atomic_path, available_cpus, write_json_atomic
 from wsitools.metrics import classification_metrics, metrics_report
@@ -39,7 +39,7 @@ from wsitools.pathotune.data import LabelledTiles, stratified_split
 from wsitools.pathotune.encoder import save_pathotune
 from wsitools.pathotune.model import PathoTuneConfig, PathoTunePrompts, PathoTuneViT, PromptKind, parse_prompts
 from wsitools.text import TaskDescription, embed_texts
-from wsitools.training import learning_rate_at
+from wsitools.training import BestState, CsvLog, Schedule, Stepper, adamw
 
 log = logging.getLogger(__name__)
 
@@ -219,55 +219,47 @@ def tune_pathotune(
         )
 
     train_loader, val_loader = loader("train", True), loader("val", False)
-    amp = training_amp_dtype(config.precision, dev)
-    scaler = torch.amp.GradScaler("cuda") if amp is torch.float16 else None
-    params = [p for p in trainable.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = len(train_loader)
-    total = config.epochs * steps_per_epoch
+    stepper = Stepper(
+        adamw(trainable, lr=config.lr, weight_decay=config.weight_decay),
+        schedule=Schedule(config.lr, kind="cosine", total_steps=config.epochs * steps_per_epoch,
+                          warmup_steps=config.warmup * steps_per_epoch),
+        device=dev, precision=config.precision,
+    )
+    amp = stepper.amp_dtype
 
     p0, y0, loss0 = predict(model, val_loader, device=dev, amp=amp)
     untrained = {"loss": loss0, **classification_metrics(y0, p0)}
     log.info("PathoTune %s (%s) on %s: untrained val %s", backbone_enc.name, ",".join(prompts),
              ", ".join(data.classes), _fmt(untrained))
-    rows: list[list[Any]] = [[0, math.nan, loss0, *(untrained[k] for k in _METRIC_KEYS), 0.0]]
-    best_loss, best_epoch, best_state, best_metrics = loss0, 0, _copy_state(trainable), untrained
+    rows = [_log_row(0, math.nan, untrained, 0.0)]
+    val_metrics = {0: untrained}
+    best = BestState(trainable)
+    best.record(0, loss0)
     aug = torch.Generator().manual_seed(config.seed + 1)
-    step = 0
     for epoch in range(1, config.epochs + 1):
         model.train()
         losses = []
         for x, y in tqdm(train_loader, desc=f"epoch {epoch}", disable=not progress, leave=False):
-            lr = learning_rate_at(step, base_lr=config.lr, total_steps=total,
-                                  warmup_steps=config.warmup * steps_per_epoch)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
             if config.augment:
                 x = random_resized_crop_flip(x, size=size, generator=aug)
             x, y = prepare_input(backbone_enc.card, x.to(dev, non_blocking=True)), y.to(dev)
-            with autocast(dev, amp):
+            with stepper.autocast():
                 logits = model(x)
             loss = F.cross_entropy(logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
+            stepper.backward(loss)
             losses.append(float(loss.detach()))
-            step += 1
         p, yv, val_loss = predict(model, val_loader, device=dev, amp=amp)
-        metrics = {"loss": val_loss, **classification_metrics(yv, p)}
-        rows.append([epoch, float(np.mean(losses)), val_loss, *(metrics[k] for k in _METRIC_KEYS), lr])
-        log.info("epoch %d/%d: train loss %.4f, val %s", epoch, config.epochs, np.mean(losses), _fmt(metrics))
-        if val_loss < best_loss:
-            best_loss, best_epoch, best_state, best_metrics = val_loss, epoch, _copy_state(trainable), metrics
-    trainable.load_state_dict(best_state)
+        val_metrics[epoch] = {"loss": val_loss, **classification_metrics(yv, p)}
+        rows.append(_log_row(epoch, float(np.mean(losses)), val_metrics[epoch], stepper.lr))
+        log.info("epoch %d/%d: train loss %.4f, val %s", epoch, config.epochs, np.mean(losses),
+                 _fmt(val_metrics[epoch]))
+        best.update(epoch, val_loss)
+    best.restore()
+    best_epoch, best_metrics = best.epoch, val_metrics[best.epoch]
 
     out.mkdir(parents=True, exist_ok=True)
-    _write_rows(out / "log.csv", ["epoch", "train_loss", "val_loss", *(f"val_{k}" for k in _METRIC_KEYS), "lr"], rows)
+    CsvLog(out / "log.csv", LOG_COLUMNS, int_columns=frozenset({"epoch"})).write(rows)
     _write_rows(out / "split.csv", ["name", "label", "split"],
                 [[data.names[i], data.classes[data.labels[i]], split[i]] for i in range(len(data))])
     report_part = "test" if len(parts["test"]) else "val"
@@ -296,14 +288,17 @@ def tune_pathotune(
 
 
 _METRIC_KEYS = ("auroc", "balanced_accuracy", "f1", "accuracy")
+LOG_COLUMNS = ("epoch", "train_loss", "val_loss", *(f"val_{k}" for k in _METRIC_KEYS), "lr")
+
+
+def _log_row(epoch: int, train_loss: float, val: dict[str, float], lr: float) -> dict[str, float]:
+    """One row of log.csv: the epoch's mean training loss, its validation metrics, its last rate."""
+    return {"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"],
+            **{f"val_{k}": val[k] for k in _METRIC_KEYS}, "lr": lr}
 
 
 def _fmt(m: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.3f}" for k, v in m.items())
-
-
-def _copy_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
 def _safe_name(name: str) -> str:

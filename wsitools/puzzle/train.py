@@ -17,14 +17,10 @@ resumed from its last checkpoint continues exactly as if it had not been interru
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
 import logging
 import math
 import os
-import re
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,26 +30,23 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
-from wsitools.device import TrainPrecision, autocast, training_amp_dtype
+from wsitools.device import TrainPrecision
 from wsitools.encoders.cards import check_card_name
-from wsitools.encoders.checkpoint import check_optimizer_state, read_checkpoint, read_state_dict
-from wsitools.errors import ConfigError, ModelError, one_line
+from wsitools.errors import ConfigError
 from wsitools.io import atomic_path, available_cpus, stable_hash, write_json_atomic
 from wsitools.puzzle.backbone import PuzzleBackbone, export_promptstate, load_puzzle_backbone
-from wsitools.puzzle.curriculum import Curriculum, Strategy, default_patch_sizes
+from wsitools.puzzle.curriculum import Curriculum, PuzzleStage, Strategy, default_patch_sizes
 from wsitools.encoders.transforms import prepare_input
 from wsitools.puzzle.data import TileStream, open_stores
 from wsitools.puzzle.model import PuzzleTuningModel
 from wsitools.puzzle.shuffle import PuzzleError, check_puzzle_setting, fix_position_shuffle
-from wsitools.training import learning_rate_at
+from wsitools.training import Checkpoints, CsvLog, Schedule, Stepper, adamw
 
 log = logging.getLogger(__name__)
 
 LOG_COLUMNS = ("epoch", "step", "loss", "lr", "patch_size", "ratio")
-CHECKPOINT_RE = re.compile(r"epoch-(\d{4,})")
 
 
 @dataclass(frozen=True)
@@ -176,113 +169,6 @@ class PuzzleRunResult:
     log_rows: list[dict[str, float]] = field(default_factory=list)
 
 
-def _param_groups(model: PuzzleTuningModel, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups as in the PuzzleTuning/MAE code: no weight decay on biases and 1-D weights
-    (norms); decay on matrices and the prompt tokens."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def _checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
-    root = out_dir / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = []
-    for p in root.iterdir():
-        m = CHECKPOINT_RE.fullmatch(p.name)
-        if m and (p / "state.json").is_file():
-            found.append((int(m.group(1)), p))
-    return sorted(found)
-
-
-def _save_checkpoint(
-    out_dir: Path,
-    *,
-    epoch: int,
-    step: int,
-    model: PuzzleTuningModel,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler | None,
-    schedule_hash: str,
-    keep: int,
-) -> Path:
-    final = out_dir / "checkpoints" / f"epoch-{epoch:04d}"
-    with atomic_path(final, overwrite=True) as tmp:
-        tmp.mkdir()
-        tensors = {k: v.detach().cpu().contiguous() for k, v in model.trainable_state().items()}
-        save_file(tensors, str(tmp / "trainable.safetensors"))
-        torch.save(
-            {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else {}},
-            tmp / "optimizer.pt",
-        )
-        (tmp / "state.json").write_text(
-            json.dumps({"epochs_done": epoch, "steps_done": step, "schedule_hash": schedule_hash}, indent=2)
-        )
-    for _, old in _checkpoints(out_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def _load_checkpoint(
-    path: Path,
-    *,
-    model: PuzzleTuningModel,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler | None,
-    schedule_hash: str,
-) -> tuple[int, int]:
-    try:
-        state = json.loads((path / "state.json").read_text())
-        state = {k: state[k] for k in ("schedule_hash", "epochs_done", "steps_done")}
-    except (OSError, ValueError, TypeError, KeyError) as exc:
-        raise ModelError(f"{path / 'state.json'}: not a checkpoint state ({one_line(exc)})") from None
-    if state["schedule_hash"] != schedule_hash:
-        raise PuzzleError(
-            f"{path}: was written by a run with other settings (schedule hash "
-            f"{state['schedule_hash']}, now {schedule_hash}); resume with the same settings "
-            "(see config.json) or start a new --out folder"
-        )
-    own = model.trainable_state()
-    tensors = read_state_dict(path / "trainable.safetensors", own)
-    opt_path = path / "optimizer.pt"
-    opt = read_checkpoint(opt_path)
-    optimizer_state = check_optimizer_state(opt.get("optimizer"), source=str(opt_path))
-    try:
-        optimizer.load_state_dict(optimizer_state)
-        if scaler is not None and opt.get("scaler"):
-            scaler.load_state_dict(opt["scaler"])
-    except (ValueError, KeyError, TypeError, RuntimeError) as exc:
-        raise ModelError(f"{opt_path}: does not fit this run's optimizer ({one_line(exc)})") from None
-    with torch.no_grad():
-        for k, p in own.items():
-            p.copy_(tensors[k].to(p.device))
-    return int(state["epochs_done"]), int(state["steps_done"])
-
-
-def _read_log(path: Path, *, up_to_step: int) -> list[dict[str, float]]:
-    if not path.is_file():
-        return []
-    with open(path, newline="") as f:
-        rows = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
-    return [r for r in rows if r["step"] <= up_to_step]
-
-
-def _write_log(path: Path, rows: list[dict[str, float]]) -> None:
-    with atomic_path(path, overwrite=True) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: _fmt(k, r[k]) for k in LOG_COLUMNS})
-
-
-def _fmt(key: str, value: float) -> str:
-    return str(int(value)) if key in ("epoch", "step", "patch_size") else repr(float(value))
-
-
 def write_preview(path: Path, rows: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
     """A PNG grid, one row per image: original | puzzle | restoration ([3, H, W] tensors in [0, 1])."""
     tiles = [torch.cat([a, b, c], dim=2) for a, b, c in rows]
@@ -325,7 +211,8 @@ def train_puzzle(
     if name is not None:
         check_card_name(name)
     out = Path(out_dir)
-    existing = _checkpoints(out)
+    checkpoints = Checkpoints(out / "checkpoints", keep=config.keep_checkpoints)
+    existing = checkpoints.found()
     if existing and not resume:
         raise PuzzleError(
             f"{out}: holds checkpoints of an earlier run; pass --resume to continue it or choose another --out"
@@ -345,9 +232,6 @@ def train_puzzle(
     model.to(dev)
     image_size = model.image_size[0]
     curriculum = config.curriculum(image_size=image_size, token_size=model.token_size)
-    amp_dtype = training_amp_dtype(config.precision, dev)
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype is torch.float16 else None
-
     tiles_per_step = config.batch_size * config.accum_steps
     steps_per_epoch = config.steps_per_epoch or sum(len(st) for st in store_list) // tiles_per_step
     if steps_per_epoch < 1:
@@ -366,7 +250,12 @@ def train_puzzle(
     )
     total_steps = config.epochs * steps_per_epoch
     warmup_steps = curriculum.warmup_epochs * steps_per_epoch
-    optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr, betas=config.betas)
+    stepper = Stepper(
+        adamw(model, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas, decay="matrices"),
+        schedule=Schedule(config.lr, kind="cosine", total_steps=total_steps, warmup_steps=warmup_steps,
+                          min_lr=config.min_lr),
+        device=dev, precision=config.precision, accum_steps=config.accum_steps,
+    )
     schedule = {
         "config": config.schedule_dict(),
         "backbone_card": str(bb.card.source or bb.card.name),
@@ -376,15 +265,16 @@ def train_puzzle(
     }
     schedule_hash = stable_hash(schedule)
 
-    start_epoch, step = 0, 0
+    log_table = CsvLog(out / "log.csv", LOG_COLUMNS, int_columns=frozenset({"epoch", "step", "patch_size"}))
+    start_epoch = 0
     if resume and existing:
-        start_epoch, step = _load_checkpoint(
-            existing[-1][1], model=model, optimizer=optimizer, scaler=scaler, schedule_hash=schedule_hash
+        start_epoch = checkpoints.restore(
+            existing[-1][1], tensors=model.trainable_state(), stepper=stepper, schedule_hash=schedule_hash
         )
-        log.info("resuming %s at epoch %d, step %d", out, start_epoch, step)
+        log.info("resuming %s at epoch %d, step %d", out, start_epoch, stepper.step)
     elif resume:
         log.info("no checkpoint in %s: starting from the beginning", out)
-    rows = _read_log(out / "log.csv", up_to_step=step) if start_epoch else []
+    rows = [r for r in log_table.read() if r["step"] <= stepper.step] if start_epoch else []
 
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(
@@ -392,7 +282,7 @@ def train_puzzle(
         {**schedule, "schedule_hash": schedule_hash, "curriculum": curriculum.to_dict(),
          "lr": config.lr, "total_steps": total_steps, "warmup_steps": warmup_steps,
          "image_size": image_size, "num_workers": workers,
-         "amp": str(amp_dtype) if amp_dtype else "fp32", "device": str(dev)},
+         "amp": str(stepper.amp_dtype) if stepper.amp_dtype else "fp32", "device": str(dev)},
     )
     log.info("%s", curriculum.describe())
     log.info(
@@ -407,65 +297,21 @@ def train_puzzle(
     for epoch in range(start_epoch, last_epoch):
         stage = curriculum.at(epoch)
         stream.set_epoch(epoch)
-        gen = _epoch_generator(config.seed, epoch)
-        losses: list[float] = []
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", disable=not progress, leave=False)
         t0 = time.perf_counter()
-        for i, batch in enumerate(loader):
-            if i % config.accum_steps == 0:
-                lr = learning_rate_at(
-                    step, base_lr=config.lr, total_steps=total_steps, warmup_steps=warmup_steps,
-                    min_lr=config.min_lr,
-                )
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-            batch = batch.to(dev, non_blocking=True)
-            puzzled, mask = fix_position_shuffle(
-                batch, ratio=stage.ratio, patch_size=stage.patch_size, group_size=config.group, generator=gen
-            )
-            ctx = autocast(dev, amp_dtype)
-            with ctx:
-                out_ = model(batch, prepare_input(bb.card, puzzled), mask)
-            loss = out_.loss / config.accum_steps
-            (scaler.scale(loss) if scaler else loss).backward()
-            losses.append(float(out_.loss.detach()))
-            if not math.isfinite(losses[-1]):
-                raise PuzzleError(
-                    f"the loss became {losses[-1]} at epoch {epoch}, step {step}; lower the learning "
-                    "rate or use fp32/bf16 (the last good checkpoint is kept)"
-                )
-            if (i + 1) % config.accum_steps == 0:
-                if scaler:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                row = {
-                    "epoch": float(epoch), "step": float(step), "loss": float(np.mean(losses)),
-                    "lr": lr, "patch_size": float(stage.patch_size), "ratio": stage.ratio,
-                }
-                rows.append(row)
-                losses = []
-                step += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{row['loss']:.4f}")
-            images += batch.shape[0]
+        last = _train_epoch(
+            model, loader, stepper, rows, card=bb.card, stage=stage, epoch=epoch, group_size=config.group,
+            generator=_epoch_generator(config.seed, epoch), bar=bar,
+        )
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         seconds += time.perf_counter() - t0
+        images += steps_per_epoch * tiles_per_step
         bar.close()
-        _write_log(out / "log.csv", rows)
-        k = min(config.preview_images, batch.shape[0])  # the epoch's last batch
-        with torch.no_grad():
-            restored = model.restoration(puzzled[:k], _slice_output(out_, k))
-        write_preview(
-            out / "previews" / f"epoch-{epoch + 1:04d}.png",
-            list(zip(batch[:k].float().cpu(), puzzled[:k].float().cpu(), restored.float().cpu())),
-        )
-        _save_checkpoint(
-            out, epoch=epoch + 1, step=step, model=model, optimizer=optimizer, scaler=scaler,
-            schedule_hash=schedule_hash, keep=config.keep_checkpoints,
+        log_table.write(rows)
+        _write_epoch_preview(out / "previews" / f"epoch-{epoch + 1:04d}.png", model, last, k=config.preview_images)
+        checkpoints.save(
+            epoch=epoch + 1, tensors=model.trainable_state(), stepper=stepper, schedule_hash=schedule_hash
         )
         log.info(
             "epoch %d/%d: loss %.4f, patch %d px, fix ratio %.3f, lr %.3g",
@@ -480,15 +326,74 @@ def train_puzzle(
         description=(
             f"{bb.card.name} with {bb.card.prompt_tokens} {bb.card.prompt_mode} prompt tokens "
             f"trained by PuzzleTuning (wsitools) for {done} of {config.epochs} epochs "
-            f"({step} steps) on {len(store_list)} patch stores."
+            f"({stepper.step} steps) on {len(store_list)} patch stores."
         ),
     )
     return PuzzleRunResult(
-        out_dir=out, epochs_done=done, steps_done=step, promptstate=promptstate, card=card_path,
+        out_dir=out, epochs_done=done, steps_done=stepper.step, promptstate=promptstate, card=card_path,
         final_loss=rows[-1]["loss"] if rows else float("nan"),
         images_per_second=images / seconds if seconds else 0.0, log_rows=rows,
     )
 
 
-def _slice_output(out: Any, k: int) -> Any:
-    return dataclasses.replace(out, pred=out.pred[:k].detach(), relation=out.relation[:k])
+@dataclass
+class _LastBatch:
+    """An epoch's last micro-batch, for its preview: images, their puzzles, the model output."""
+
+    images: torch.Tensor
+    puzzled: torch.Tensor
+    output: Any
+
+
+def _train_epoch(
+    model: PuzzleTuningModel,
+    loader: DataLoader,
+    stepper: Stepper,
+    rows: list[dict[str, float]],
+    *,
+    card: Any,
+    stage: PuzzleStage,
+    epoch: int,
+    group_size: int,
+    generator: torch.Generator,
+    bar: Any,
+) -> _LastBatch:
+    """One epoch of puzzle restoration at ``stage``: a log row appended to ``rows`` per
+    optimiser step (the mean loss of its micro-batches); a non-finite loss stops the run."""
+    dev = stepper.device
+    losses: list[float] = []
+    for batch in loader:
+        batch = batch.to(dev, non_blocking=True)
+        puzzled, mask = fix_position_shuffle(
+            batch, ratio=stage.ratio, patch_size=stage.patch_size, group_size=group_size, generator=generator
+        )
+        with stepper.autocast():
+            output = model(batch, prepare_input(card, puzzled), mask)
+        losses.append(float(output.loss.detach()))
+        if not math.isfinite(losses[-1]):
+            raise PuzzleError(
+                f"the loss became {losses[-1]} at epoch {epoch}, step {stepper.step}; lower the learning "
+                "rate or use fp32/bf16 (the last good checkpoint is kept)"
+            )
+        if stepper.backward(output.loss):
+            rows.append({
+                "epoch": float(epoch), "step": float(stepper.step - 1), "loss": float(np.mean(losses)),
+                "lr": stepper.lr, "patch_size": float(stage.patch_size), "ratio": stage.ratio,
+            })
+            losses = []
+            bar.update(1)
+            bar.set_postfix(loss=f"{rows[-1]['loss']:.4f}")
+    return _LastBatch(batch, puzzled, output)
+
+
+def _write_epoch_preview(path: Path, model: PuzzleTuningModel, last: _LastBatch, *, k: int) -> None:
+    """The preview of the first ``k`` images of an epoch's last batch (:func:`write_preview`)."""
+    k = min(k, last.images.shape[0])
+    out = last.output
+    with torch.no_grad():
+        restored = model.restoration(
+            last.puzzled[:k], dataclasses.replace(out, pred=out.pred[:k].detach(), relation=out.relation[:k])
+        )
+    write_preview(
+        path, list(zip(last.images[:k].float().cpu(), last.puzzled[:k].float().cpu(), restored.float().cpu()))
+    )

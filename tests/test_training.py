@@ -1,0 +1,161 @@
+"""The training scaffold: schedule values, optimiser groups, accumulation, checkpoints, log, early stopping."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from wsitools.errors import ConfigError, ModelError
+from wsitools.training import BestState, Checkpoints, CsvLog, Schedule, Stepper, adamw
+
+CPU = torch.device("cpu")
+
+
+class _Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(3, 2)
+        self.norm = nn.LayerNorm(2)
+        self.frozen = nn.Linear(2, 2)
+        self.frozen.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.frozen(self.norm(self.lin(x)))
+
+
+def _batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(4, 3, generator=g), torch.randn(4, 2, generator=g)) for _ in range(n)]
+
+
+def _loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    x, y = batch
+    return ((model(x) - y) ** 2).mean()
+
+
+def _stepper(model: nn.Module, **kw) -> Stepper:
+    schedule = Schedule(0.1, kind="cosine", total_steps=6, warmup_steps=2)
+    return Stepper(adamw(model, lr=0.1, weight_decay=0.05, decay="matrices"), schedule=schedule, device=CPU, **kw)
+
+
+def test_schedule_values():
+    cos = Schedule(1e-3, kind="cosine", total_steps=100, warmup_steps=10, min_lr=1e-5)
+    assert [cos.at(s) for s in (0, 5, 10)] == pytest.approx([0.0, 5e-4, 1e-3])
+    assert cos.at(55) == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.5)
+    assert cos.at(100) == pytest.approx(1e-5) and cos.at(150) == pytest.approx(1e-5)
+    assert [Schedule(0.02).at(s) for s in (0, 7, 10**6)] == [0.02, 0.02, 0.02]
+    with pytest.raises(ConfigError, match="cosine or constant"):
+        Schedule(0.1, kind="linear")  # type: ignore[arg-type]
+
+
+def test_adamw_groups_skip_frozen_and_spare_biases_and_norms():
+    model = _Tiny()
+    matrices = adamw(model, lr=0.1, weight_decay=0.05, decay="matrices")
+    decayed, spared = matrices.param_groups
+    assert decayed["weight_decay"] == 0.05 and [p.shape for p in decayed["params"]] == [(2, 3)]
+    assert spared["weight_decay"] == 0.0 and [p.shape for p in spared["params"]] == [(2,), (2,), (2,)]
+    (every,) = adamw(model, lr=0.1, weight_decay=0.05).param_groups
+    assert len(every["params"]) == 4 and every["weight_decay"] == 0.05  # the frozen layer is left out
+    assert every["betas"] == (0.9, 0.999)
+
+
+def test_accumulation_makes_one_step_from_the_mean_gradient():
+    batches = _batches(4)
+    accum, single = _Tiny(), _Tiny()
+    sa = _stepper(accum, accum_steps=2)
+    assert [sa.backward(_loss(accum, b)) for b in batches] == [False, True, False, True]
+    assert sa.step == 2 and sa.lr == pytest.approx(0.05)  # the second step's warm-up rate
+    assert all(p.grad is None for p in accum.parameters())  # cleared after each step
+    ss = _stepper(single)
+    for a, b in zip(batches[::2], batches[1::2]):
+        ss.backward((_loss(single, a) + _loss(single, b)) / 2)
+    assert ss.step == 2
+    for p, q in zip(accum.parameters(), single.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-7)
+    # the first step is taken at lr 0 (warm-up starts at zero): only the second one moved anything
+    assert not torch.equal(accum.lin.weight, _Tiny().lin.weight)
+
+
+def test_checkpoint_round_trip_continues_with_the_same_next_steps(tmp_path):
+    batches = _batches(5)
+    model = _Tiny()
+    stepper = _stepper(model)
+    ckpts = Checkpoints(tmp_path / "checkpoints", keep=2)
+    for epoch, b in enumerate(batches[:3], start=1):
+        stepper.backward(_loss(model, b))
+        ckpts.save(epoch=epoch, tensors=dict(model.named_parameters()), stepper=stepper, schedule_hash="h1")
+    assert [e for e, _ in ckpts.found()] == [2, 3]  # the oldest is dropped
+    state = json.loads((ckpts.found()[-1][1] / "state.json").read_text())
+    assert state == {"epochs_done": 3, "steps_done": 3, "schedule_hash": "h1"}
+    for b in batches[3:]:
+        stepper.backward(_loss(model, b))
+
+    fresh = _Tiny()
+    resumed = _stepper(fresh)
+    epochs = ckpts.restore(ckpts.found()[-1][1], tensors=dict(fresh.named_parameters()), stepper=resumed,
+                           schedule_hash="h1")
+    assert epochs == 3 and resumed.step == 3
+    for b in batches[3:]:
+        resumed.backward(_loss(fresh, b))
+    assert resumed.step == stepper.step == 5 and resumed.lr == stepper.lr
+    for p, q in zip(model.parameters(), fresh.parameters()):
+        assert torch.equal(p, q)  # bit-identical to the uninterrupted run
+    with pytest.raises(ConfigError, match="other settings"):
+        ckpts.restore(ckpts.found()[-1][1], tensors=dict(fresh.named_parameters()), stepper=resumed,
+                      schedule_hash="h2")
+    (ckpts.found()[-1][1] / "optimizer.pt").write_bytes(b"not a pickle")
+    with pytest.raises(ModelError, match="optimizer.pt: not a readable weight file"):
+        ckpts.restore(ckpts.found()[-1][1], tensors=dict(fresh.named_parameters()), stepper=resumed,
+                      schedule_hash="h1")
+
+
+def test_csv_log_round_trip(tmp_path):
+    log = CsvLog(tmp_path / "log.csv", ("epoch", "loss", "lr"), int_columns=frozenset({"epoch"}))
+    assert log.read() == []
+    rows = [{"epoch": 0.0, "loss": math.nan, "lr": 0.0}, {"epoch": 1.0, "loss": 0.1 + 0.2, "lr": 1e-3}]
+    log.write(rows)
+    assert (tmp_path / "log.csv").read_text().splitlines() == [
+        "epoch,loss,lr", "0,nan,0.0", "1,0.30000000000000004,0.001"]
+    back = log.read()
+    assert back[1] == rows[1] and math.isnan(back[0]["loss"])
+    log.write(rows[1:])
+    assert len(log.read()) == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["log.csv"]
+
+
+def _run_best(losses: list[float], **kw) -> tuple[BestState, int, nn.Module]:
+    """Epochs whose weights are the epoch number; the last epoch run."""
+    model = nn.Linear(1, 1)
+    best = BestState(model, **kw)
+    for epoch, loss in enumerate(losses):
+        with torch.no_grad():
+            model.weight.fill_(epoch)
+        best.update(epoch, loss)
+        if best.should_stop(epoch):
+            break
+    best.restore()
+    return best, epoch, model
+
+
+def test_early_stopping_waits_for_min_epochs_and_restores_the_best():
+    losses = [1.0, 0.5, 0.6, 0.7, 0.8, 0.9, 0.4, 1.0, 1.0, 1.0]
+    best, last, model = _run_best(losses, patience=2)
+    assert (best.epoch, best.loss, last) == (1, 0.5, 3)
+    assert float(model.weight.detach()) == 1.0  # epoch 1's weights are back
+    best, last, model = _run_best(losses, patience=2, min_epochs=6)
+    assert (best.epoch, last) == (1, 5)  # patience ran out at epoch 3, but 6 epochs must run
+    best, last, model = _run_best(losses, patience=2, min_epochs=7)
+    assert (best.epoch, last, float(model.weight.detach())) == (6, 8, 6.0)  # epoch 6 improved, two more ran
+    best, last, _ = _run_best(losses)
+    assert (best.epoch, last) == (6, 9)  # without patience every epoch runs
+    best, _, _ = _run_best([1.0, 1.0 - 1e-7, 0.9], min_delta=1e-6)
+    assert best.epoch == 2  # an improvement within min_delta does not count
+
+
+def test_best_state_without_a_finite_loss_is_a_clear_error():
+    with pytest.raises(ModelError, match="never finite"):
+        _run_best([math.nan, math.nan])
