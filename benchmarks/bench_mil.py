@@ -34,9 +34,9 @@ import numpy as np
 import torch
 
 from wsitools.mil.config import TrainConfig
-from wsitools.mil.data import read_features
+from wsitools.feature_store import read_features
 from wsitools.mil.heads import HeadConfig, create_head
-from wsitools.mil.synthetic import write_feature_store
+from wsitools.mil.synthetic import write_synthetic_store
 from wsitools.mil.train import BagDataset, classification_loss, epoch_keys, make_stepper, train_epoch
 from wsitools.training import Stepper
 
@@ -48,7 +48,7 @@ def make_bags(folder: Path, n_bags: int, n_patches: int, dim: int, dtype: str) -
     paths = []
     for i in range(n_bags):
         feats = rng.standard_normal((n_patches, dim), dtype=np.float32).astype(dtype)
-        paths.append(write_feature_store(folder / f"bag_{i:03d}.h5", feats))
+        paths.append(write_synthetic_store(folder / f"bag_{i:03d}.h5", feats))
     return paths
 
 
@@ -198,7 +198,7 @@ def main() -> None:
                               f"(per cpu-s {rate[1] / bound[1]:4.2f})", flush=True)
                 results[f"{head}_threads{threads}"] = row
 
-        big = write_feature_store(Path(tmp) / "big.h5",
+        big = write_synthetic_store(Path(tmp) / "big.h5",
                                   np.random.default_rng(1).standard_normal((args.big, args.dim), dtype=np.float32)
                                   .astype(args.dtype))
         ctx = mp.get_context("spawn")

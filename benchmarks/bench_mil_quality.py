@@ -1,6 +1,6 @@
 """Quality of the slide-level MIL heads on a family of bag tasks, against a plain gated ABMIL.
 
-Every task is a cohort of h5 feature stores (``wsitools.mil.synthetic.write_feature_store``)
+Every task is a cohort of h5 feature stores (``wsitools.mil.synthetic.write_synthetic_store``)
 with a labels table; the package's heads are trained through the public ``wsitools.mil.train.train``
 (5-fold patient-level cross-validation, the recipe under test), so the numbers are what a user
 gets. The reference is Ilse et al.'s gated attention MIL written here in plain torch (Linear(D, 128)
@@ -61,10 +61,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
 import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -194,6 +193,7 @@ def make_ttptext(rng: np.random.Generator) -> list[Bag]:
 
 def make_real(rng: np.random.Generator) -> list[Bag]:
     """efficientnet-lite0 features of synthetic slides with planted regions (made once, cached)."""
+    from wsitools.feature_store import FeatureStore
     from wsitools.synthetic import Region
 
     root = DEFAULT_OUT / "real"
@@ -213,10 +213,10 @@ def make_real(rng: np.random.Generator) -> list[Bag]:
     labels = {r["slide_id"]: r["label"] for r in csv.DictReader(open(root / "samples.tsv"), delimiter="\t")}
     out = []
     for sid in sorted(labels):
-        with h5py.File(features / f"{sid}.h5") as f:
-            x = f["features"][()].astype(np.float32)
-            coords = f["coords"][()]
-            half = float(f.attrs["tile_size_level0"]) / 2
+        store = FeatureStore.open(features / f"{sid}.h5")
+        x, coords = store.load()
+        x = x.astype(np.float32)
+        half = float(store.attrs["tile_size_level0"]) / 2
         planted = [Region(**r) for r in truth[sid] if r["texture"] == "other"]
         inside = np.zeros(len(x), bool)
         for region in planted:
@@ -271,7 +271,7 @@ TASKS = _tasks()
 
 def write_cohort(task: Task, seed: int, folder: Path) -> Path:
     """Write the task's cohort for ``seed`` as feature stores + labels + task YAML (cached)."""
-    from wsitools.mil.synthetic import write_feature_store
+    from wsitools.mil.synthetic import write_synthetic_store
 
     done = folder / "cohort.json"
     if done.is_file():
@@ -285,10 +285,10 @@ def write_cohort(task: Task, seed: int, folder: Path) -> Path:
         w.writerow(["slide_id", "label", "patient_id"])
         for i, bag in enumerate(bags):
             sid = f"slide_{i:04d}"
-            write_feature_store(folder / "features" / f"{sid}.h5", bag.features)
+            write_synthetic_store(folder / "features" / f"{sid}.h5", bag.features)
             if bag.ivp is not None:
                 (folder / "ivp").mkdir(exist_ok=True)
-                write_feature_store(folder / "ivp" / f"{sid}.h5", bag.ivp, encoder="second")
+                write_synthetic_store(folder / "ivp" / f"{sid}.h5", bag.ivp, encoder="second")
             w.writerow([sid, task.classes[bag.label], f"patient_{i:04d}"])
     lines = [f"name: {task.name}", f"description: {task.description}", "classes:"]
     lines += [f"  {c}: {d}" for c, d in zip(task.classes, task.descriptions)]
@@ -318,6 +318,7 @@ def run_package_head(folder: Path, head: str, seed: int, overrides: dict[str, ob
     """Train ``head`` (``pathotune[subset]`` for prompts) through ``wsitools.mil.train.train``;
     ``text_space``: the features live in the text encoder's space, so ttp heads use the text prior
     (``wsitools train --text-prior``)."""
+    from wsitools.attention import read_attention
     from wsitools.mil.config import TrainConfig
     from wsitools.mil.train import train
 
@@ -332,8 +333,7 @@ def run_package_head(folder: Path, head: str, seed: int, overrides: dict[str, ob
                     ivp_features_dir=ivp_dir, overwrite=True, progress=False)
     attention = {}
     for p in (out / "attention").glob("*.h5"):
-        with h5py.File(p) as f:
-            attention[p.stem] = f["attention"][()]
+        attention[p.stem] = read_attention(p).attention
     best = [f["best_epoch"] for f in summary["folds"]]
     ran = [f["epochs_run"] for f in summary["folds"]]
     return {"pooled": summary["pooled"], "attention": attention, "best_epochs": best, "epochs_run": ran}
@@ -345,7 +345,9 @@ def run_reference(folder: Path, seed: int, n_boot: int = 1000) -> dict:
     import torch.nn.functional as F
     from torch import nn
 
-    from wsitools.mil.data import patient_kfold, read_labels
+    from wsitools.feature_store import feature_path, read_features
+    from wsitools.labels import read_labels
+    from wsitools.mil.folds import patient_kfold
     from wsitools.metrics import metrics_report
     from wsitools.text import load_task
 
@@ -353,8 +355,7 @@ def run_reference(folder: Path, seed: int, n_boot: int = 1000) -> dict:
     rows = read_labels(folder / "labels.csv")
     bags = []
     for r in rows:
-        with h5py.File(folder / "features" / f"{r.slide_id}.h5") as f:
-            bags.append(torch.from_numpy(f["features"][()].astype(np.float32)))
+        bags.append(read_features(feature_path(folder / "features", r.slide_id)))
     labels = np.array([classes.index(r.label) for r in rows])
     folds = patient_kfold(labels, [r.patient_id for r in rows], n_folds=5, val_fraction=0.2, seed=seed)
 

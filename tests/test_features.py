@@ -13,7 +13,8 @@ import torch
 from test_encoders import official_backbone, official_promptstate, run_cli, write_card
 from wsitools.encoders import load_encoder
 from wsitools.errors import ModelError, StoreError
-from wsitools.features import FeatureStore, extract_features, feature_store_path
+from wsitools.feature_store import FeatureStore, feature_store_path
+from wsitools.features import extract_features
 from wsitools.store import PatchStore, TileCodec, write_patch_store
 from wsitools.tiling import TilingParams, tile_slide
 from wsitools.tissue import TissueParams

@@ -17,7 +17,8 @@ import torch
 from wsitools.cli import main
 from wsitools.encoders import load_encoder
 from wsitools.export import export_store, trident_coords_dir
-from wsitools.features import FeatureStore, extract_features, interop_attrs, magnification
+from wsitools.feature_store import FeatureStore, interop_attrs, magnification
+from wsitools.features import extract_features
 from wsitools.store import write_patch_store
 
 MODELS = Path(__file__).resolve().parents[1] / "models"

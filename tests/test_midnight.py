@@ -261,7 +261,7 @@ def test_cli_fetch_then_extract(tmp_path, monkeypatch, capsys):
     is open) to the card's file name; ``wsitools extract STORE --encoder midnight`` then stores the
     published embeddings of a (scaled-down) Midnight."""
     from wsitools.cli import main
-    from wsitools.features import FeatureStore
+    from wsitools.feature_store import FeatureStore
     from wsitools.store import PatchStore, write_patch_store
 
     monkeypatch.delenv("HF_TOKEN", raising=False)

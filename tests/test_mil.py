@@ -19,7 +19,7 @@ from wsitools.cli import main  # noqa: E402
 from wsitools.errors import ConfigError, DataError, ModelError  # noqa: E402
 from wsitools.mil import train as train_module  # noqa: E402
 from wsitools.mil.config import TrainConfig  # noqa: E402
-from wsitools.mil.heads import load_head, save_head  # noqa: E402
+from wsitools.mil.head_folder import fold_dir, head_folders, load_head, save_head  # noqa: E402
 from wsitools.mil.predict import predict  # noqa: E402
 from wsitools.mil.synthetic import make_bag_cohort  # noqa: E402
 from wsitools.mil.train import train  # noqa: E402
@@ -235,6 +235,26 @@ def test_saved_head_round_trip_and_mismatch_is_named(trained, tmp_path):
         load_head(tmp_path / "copy")
     with pytest.raises(ModelError, match="no trained head"):
         predict(tmp_path, tmp_path, tmp_path / "out")
+
+
+def test_a_head_folder_is_written_whole_or_not_at_all(trained, tmp_path):
+    saved = load_head(trained["abmil"] / "fold_0")
+    circular: dict = {}
+    circular["self"] = circular
+    with pytest.raises(ValueError, match="Circular"):  # no config can be written: no weights stay behind
+        save_head(saved.model, tmp_path / "head", meta={**saved.meta, "bad": circular})
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "head").mkdir()
+    (tmp_path / "head" / "stale.txt").write_text("old")
+    folder = save_head(saved.model, tmp_path / "head", meta=saved.meta)
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    assert head_folders(tmp_path / "head") == [tmp_path / "head"]
+    run = tmp_path / "run"
+    for k in (10, 2):
+        save_head(saved.model, fold_dir(run, k), meta=saved.meta)
+    (run / "fold_x").mkdir()
+    assert head_folders(run) == [run / "fold_2", run / "fold_10"]  # fold order, not name order
+    assert load_head(folder).meta["fold"] == saved.meta["fold"] == 0
 
 
 def test_predict_rejects_features_of_another_width(trained, tmp_path):

@@ -9,17 +9,11 @@ import pytest
 import torch
 
 from wsitools.errors import DataError
-from wsitools.mil.data import (
-    build_cohort,
-    class_weights,
-    patient_kfold,
-    read_features,
-    read_labels,
-    row_layout,
-    sample_index,
-    user_folds,
-)
-from wsitools.mil.synthetic import make_bag_cohort, write_feature_store
+from wsitools.feature_store import read_features, row_layout
+from wsitools.labels import read_labels
+from wsitools.mil.data import build_cohort, class_weights, sample_index
+from wsitools.mil.folds import patient_kfold, user_folds
+from wsitools.mil.synthetic import make_bag_cohort, write_synthetic_store
 
 CLASSES = ("neg", "pos")
 
@@ -90,7 +84,7 @@ def test_nan_feature_is_named(cohort_dir, caplog):
     root, bags = cohort_dir
     feats = read_features(bags[2].path).numpy()
     feats[3, 1] = np.nan
-    write_feature_store(bags[2].path, feats)
+    write_synthetic_store(bags[2].path, feats)
     labels = read_labels(_labels(root / "l.csv", [(b.slide_id, b.label, b.patient_id) for b in bags]))
     with caplog.at_level(logging.WARNING):
         cohort = build_cohort(labels, root / "feats", CLASSES)
@@ -102,7 +96,7 @@ def test_nan_feature_is_named(cohort_dir, caplog):
 
 def test_mismatched_feature_dims_name_the_odd_slide(cohort_dir):
     root, bags = cohort_dir
-    write_feature_store(bags[5].path, np.zeros((4, 7), np.float32))
+    write_synthetic_store(bags[5].path, np.zeros((4, 7), np.float32))
     labels = read_labels(_labels(root / "l.csv", [(b.slide_id, b.label, b.patient_id) for b in bags]))
     with pytest.raises(DataError, match=f"most slides have D=6, but D=7: {bags[5].slide_id}"):
         build_cohort(labels, root / "feats", CLASSES)
@@ -180,7 +174,7 @@ def test_read_features_rows_from_contiguous_and_chunked(tmp_path):
     x = np.arange(200 * 4, dtype=np.float32).reshape(200, 4)
     idx = np.array([150, 3, 77])
     for chunks in (None, (16, 4)):
-        path = write_feature_store(tmp_path / f"s{chunks is None}.h5", x.astype(np.float16), chunks=chunks)
+        path = write_synthetic_store(tmp_path / f"s{chunks is None}.h5", x.astype(np.float16), chunks=chunks)
         layout = row_layout(path)
         assert (layout is None) == (chunks is not None)
         for given in (None, layout):
@@ -190,3 +184,23 @@ def test_read_features_rows_from_contiguous_and_chunked(tmp_path):
         np.testing.assert_array_equal(read_features(path).numpy(), x)
     layout = row_layout(tmp_path / "sTrue.h5")
     assert layout.dtype == "<f2" and layout.shape == (200, 4) and layout.offset > 0
+
+
+def test_a_synthetic_bag_is_a_feature_store_read_the_same_by_every_reader(tmp_path):
+    import h5py
+
+    from wsitools.feature_store import FeatureStore, bag_info, read_coords
+
+    x = np.arange(12, dtype=np.float32).reshape(6, 2)
+    path = write_synthetic_store(tmp_path / "s1.h5", x)
+    store = FeatureStore.open(path)  # the strict opener of extraction and export accepts it
+    assert (store.slide_id, store.encoder, store.n, store.dim, store.dtype) == ("s1", "synthetic", 6, 2, "float32")
+    info = bag_info(path)
+    assert (info.slide_id, info.n, info.dim, info.attrs["encoder"]) == ("s1", 6, 2, "synthetic")
+    np.testing.assert_array_equal(read_features(path).numpy(), x)
+    np.testing.assert_array_equal(read_features(path, np.array([4, 1]), layout=row_layout(path)).numpy(), x[[1, 4]])
+    np.testing.assert_array_equal(read_coords(path), store.coords())
+    assert read_coords(path)[:4].tolist() == [[0, 0], [448, 0], [896, 0], [0, 448]]
+    with h5py.File(path) as f:  # the CLAM/TRIDENT attributes, as on an extracted store
+        assert (f["coords"].attrs["patch_size"], f["coords"].attrs["patch_size_level0"]) == (224, 448)
+        assert f["coords"].attrs["custom_downsample"] == 2.0

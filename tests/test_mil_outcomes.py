@@ -19,8 +19,9 @@ from wsitools.cli import main  # noqa: E402
 from wsitools.errors import DataError  # noqa: E402
 from wsitools.metrics import regression_metrics, regression_report  # noqa: E402
 from wsitools.mil.config import TrainConfig  # noqa: E402
-from wsitools.mil.data import patient_kfold, read_labels  # noqa: E402
-from wsitools.mil.heads import load_head  # noqa: E402
+from wsitools.labels import read_labels  # noqa: E402
+from wsitools.mil.folds import patient_kfold  # noqa: E402
+from wsitools.mil.head_folder import load_head  # noqa: E402
 from wsitools.mil.predict import predict  # noqa: E402
 from wsitools.mil.synthetic import make_outcome_cohort  # noqa: E402
 from wsitools.mil.train import cox_loss, step_groups, train  # noqa: E402

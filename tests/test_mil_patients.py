@@ -18,10 +18,10 @@ from wsitools.attention import read_attention  # noqa: E402
 from wsitools.cli import main  # noqa: E402
 from wsitools.heatmap import _title  # noqa: E402
 from wsitools.mil.config import TrainConfig  # noqa: E402
-from wsitools.mil.data import read_coords, read_features  # noqa: E402
+from wsitools.feature_store import read_coords, read_features  # noqa: E402
 from wsitools.mil.patients import SlideGroup, read_patients, split_attention  # noqa: E402
 from wsitools.mil.predict import predict  # noqa: E402
-from wsitools.mil.synthetic import make_outcome_cohort, write_feature_store  # noqa: E402
+from wsitools.mil.synthetic import make_outcome_cohort, write_synthetic_store  # noqa: E402
 from wsitools.mil.train import PatientBagDataset, train  # noqa: E402
 
 FAST = TrainConfig(epochs=12, patience=8, min_epochs=0, n_boot=50, folds=3)
@@ -47,7 +47,7 @@ def _key_in_one_slide(root, *, n_patients: int = 24, seed: int = 0) -> dict:
                 planted[slide_id] = np.sort(rng.choice(n, size=int(rng.integers(4, 9)), replace=False))
                 feats[planted[slide_id]] += mu
                 key_slide[patient] = slide_id
-            write_feature_store(root / "features" / f"{slide_id}.h5", feats.astype(np.float32))
+            write_synthetic_store(root / "features" / f"{slide_id}.h5", feats.astype(np.float32))
             rows.append([slide_id, "pos" if positive else "neg", patient])
     labels = root / "labels.csv"
     with open(labels, "w", newline="") as f:
@@ -198,8 +198,8 @@ def test_patient_bag_dataset_samples_over_the_whole_patient(tmp_path):
     rng = np.random.default_rng(1)
     paths, ivp = [], []
     for k, n in enumerate((30, 45)):
-        paths.append(write_feature_store(tmp_path / f"s{k}.h5", rng.standard_normal((n, 4)).astype(np.float32)))
-        ivp.append(write_feature_store(tmp_path / "ivp" / f"s{k}.h5", rng.standard_normal((n // 3, 3)).astype(np.float32)))
+        paths.append(write_synthetic_store(tmp_path / f"s{k}.h5", rng.standard_normal((n, 4)).astype(np.float32)))
+        ivp.append(write_synthetic_store(tmp_path / "ivp" / f"s{k}.h5", rng.standard_normal((n // 3, 3)).astype(np.float32)))
     group = SlideGroup(slide_ids=("s0", "s1"), paths=tuple(paths), sizes=(30, 45), ivp_paths=tuple(ivp))
     whole = torch.cat([read_features(p) for p in paths])
     data = PatientBagDataset([group], np.array([0]), bag_size=50)
@@ -248,7 +248,7 @@ def test_outcome_heads_on_patient_bags(tmp_path, task_type, head, prompts):
     if "ivp" in prompts:  # a second encoder: another view of the same tiles
         ivp_dir = tmp_path / "ivp"
         for b in bags:
-            write_feature_store(ivp_dir / f"{b.slide_id}.h5", read_features(b.path).numpy()[:, :4])
+            write_synthetic_store(ivp_dir / f"{b.slide_id}.h5", read_features(b.path).numpy()[:, :4])
     (tmp_path / "task.yaml").write_text(OUTCOME_TASKS[task_type])
     config = TrainConfig(epochs=2, min_epochs=0, folds=2, n_boot=20, survival_batch=4)
     summary = train(features_dir=tmp_path / "features", labels=labels, task=tmp_path / "task.yaml",
@@ -286,14 +286,15 @@ def test_train_cli_with_patient_bags(cohort, tmp_path, capsys):
 
 
 def test_workflow_check_of_patient_labels_compares_numbers_as_numbers():
-    from wsitools import cohort as workflow_cohort
+    from wsitools.labels import check_patient_labels
+    from wsitools.samples import Sample
     from wsitools.errors import DataError
 
     def sample(slide, patient, level):
-        return workflow_cohort.Sample(slide, f"{slide}.svs", patient, fields={"level": level})
+        return Sample(slide, f"{slide}.svs", patient, fields={"level": level})
 
     same = [sample("a", "P", "1"), sample("b", "P", "1.0"), sample("c", "P", ""), sample("d", "Q", "2")]
-    workflow_cohort.check_patient_labels(same, task="t", columns={"label": "level"}, sheet="s.tsv", heads=["h"])
+    check_patient_labels(same, task="t", columns={"label": "level"}, sheet="s.tsv", heads=["h"])
     with pytest.raises(DataError, match=r"patient P in s.tsv: slides a \(1\) and b \(1.5\) disagree on 'level'"):
-        workflow_cohort.check_patient_labels([sample("a", "P", "1"), sample("b", "P", "1.5")], task="t",
+        check_patient_labels([sample("a", "P", "1"), sample("b", "P", "1.5")], task="t",
                                              columns={"label": "level"}, sheet="s.tsv", heads=["h"])

@@ -217,7 +217,8 @@ def test_ivp_from_a_second_encoder_on_store_tiles(setup):
     enc = load_pathotune_encoder(result.card, device="cpu")
     assert enc.encode(torch.from_numpy(data.read(0))[None]).shape == (1, 64)
     # feature extraction with the tuned encoder writes the prompted features
-    from wsitools.features import FeatureStore, extract_features
+    from wsitools.feature_store import FeatureStore
+    from wsitools.features import extract_features
 
     fs = FeatureStore.open(extract_features(root / "tiles" / "S1.zarr", enc, root / "features", workers=0).path)
     feats, _ = fs.load()

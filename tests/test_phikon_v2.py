@@ -196,7 +196,7 @@ def test_cli_extract_with_the_card_name_and_a_fetched_file(tmp_path):
     down) and a Dinov2Model file under the card's name, as ``encoders fetch`` leaves it; the stored
     features are the Dinov2Model's class tokens."""
     from wsitools.cli import main
-    from wsitools.features import FeatureStore
+    from wsitools.feature_store import FeatureStore
     from wsitools.store import PatchStore, write_patch_store
 
     hf = hf_model(seed=7)

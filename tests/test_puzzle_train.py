@@ -242,7 +242,8 @@ def test_exported_promptstate_loads_and_changes_features(tiny):
     with torch.no_grad():
         assert torch.allclose(start.forward_features(x)[:, 0], f_tuned, atol=1e-5)
     # feature extraction takes the new card as it is
-    from wsitools.features import FeatureStore, extract_features
+    from wsitools.feature_store import FeatureStore
+    from wsitools.features import extract_features
 
     store = stores / "slideB.zarr"
     fs = FeatureStore.open(extract_features(store, tuned, root / "features", workers=0).path)

@@ -16,7 +16,10 @@ import numpy as np
 import pytest
 import yaml
 
-from wsitools import cohort
+from wsitools.labels import check_outcome_labels, task_columns, write_labels
+from wsitools.report import QC_COLUMNS, plot_outcomes, plot_roc, qc_report, usable_slides, write_metrics_table, write_qc_html, write_qc_summary
+from wsitools.samples import Sample, config_error, read_samples, samples_from_glob, snakemake_command
+from wsitools.tables import read_table, write_table
 from wsitools.errors import DataError, WsiToolsError
 from wsitools.metrics import METRICS, binary_auroc, roc_points
 
@@ -59,7 +62,7 @@ def make_project(root: Path, n: int = 4, config: dict | None = None) -> Path:
 def snakemake(workdir: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run this checkout's workflow in ``workdir`` with Snakemake's CLI, output captured."""
     return subprocess.run(
-        cohort.snakemake_command(workdir, *args), capture_output=True, text=True, timeout=timeout
+        snakemake_command(workdir, *args), capture_output=True, text=True, timeout=timeout
     )
 
 
@@ -87,7 +90,7 @@ def test_samples_sheet_is_read_with_defaults_and_overrides(tmp_path):
         [["A-1", str(tmp_path / "a.svs"), "P1", "pos", "0.25", "G2"],
          ["B_2", str(tmp_path / "b.tiff"), "", "neg", "", ""]],
     )
-    a, b = cohort.read_samples(sheet)
+    a, b = read_samples(sheet)
     assert (a.slide_id, a.patient_id, a.mpp, a.value("label"), a.value("grade")) == (
         "A-1", "P1", 0.25, "pos", "G2")
     assert (b.slide_id, b.patient_id, b.mpp, b.value("grade")) == ("B_2", "B_2", None, "")
@@ -109,7 +112,7 @@ def test_bad_samples_sheet_names_the_problem(tmp_path, monkeypatch, rows, messag
         Path(name).write_bytes(b"x")
     sheet = write_sheet(tmp_path / "s.tsv", ["slide_id", "path"], rows)
     with pytest.raises(DataError, match=re.escape(message)) as err:
-        cohort.read_samples(sheet)
+        read_samples(sheet)
     assert str(sheet) in str(err.value)
 
 
@@ -117,11 +120,11 @@ def test_samples_sheet_mpp_and_columns_are_checked(tmp_path):
     (tmp_path / "a.svs").write_bytes(b"x")
     bad_mpp = write_sheet(tmp_path / "m.tsv", ["slide_id", "path", "mpp"], [["s1", str(tmp_path / "a.svs"), "40"]])
     with pytest.raises(DataError, match=r"row 2 \(slide 's1'\): mpp 40 is outside"):
-        cohort.read_samples(bad_mpp)
+        read_samples(bad_mpp)
     commas = tmp_path / "c.tsv"
     commas.write_text("slide_id,path\ns1,a.svs\n")
     with pytest.raises(DataError, match="missing column.*tab-separated"):
-        cohort.read_samples(commas)
+        read_samples(commas)
 
 
 def test_slide_glob_gives_ids_from_file_names(tmp_path, monkeypatch):
@@ -129,13 +132,13 @@ def test_slide_glob_gives_ids_from_file_names(tmp_path, monkeypatch):
     Path("slides").mkdir()
     for name in ("b.svs", "a.ome.tiff"):
         Path("slides", name).write_bytes(b"x")
-    samples = cohort.samples_from_glob("slides/*")
+    samples = samples_from_glob("slides/*")
     assert [(s.slide_id, s.path) for s in samples] == [("a", "slides/a.ome.tiff"), ("b", "slides/b.svs")]
     Path("slides", "b.tiff").write_bytes(b"x")
     with pytest.raises(DataError, match="duplicate slide id 'b'"):
-        cohort.samples_from_glob("slides/*")
+        samples_from_glob("slides/*")
     with pytest.raises(DataError, match="matches no file"):
-        cohort.samples_from_glob("nothing/*.svs")
+        samples_from_glob("nothing/*.svs")
 
 
 # --- QC summary and labels -------------------------------------------------------------------
@@ -159,19 +162,19 @@ def test_qc_summary_table_thumbnails_and_report(tmp_path):
     (tiles / "s2.tissue.png").write_bytes(b"png-s2")
     (tiles / "s3.tissue.png").write_bytes(b"png-s3")
     table = tmp_path / "qc" / "summary.tsv"
-    cohort.write_qc_summary(files, table, thumbnails=tmp_path / "qc" / "thumbs")
+    write_qc_summary(files, table, thumbnails=tmp_path / "qc" / "thumbs")
 
-    rows = cohort.read_table(table)
-    assert list(rows[0]) == list(cohort.QC_COLUMNS)
+    rows = read_table(table)
+    assert list(rows[0]) == list(QC_COLUMNS)
     assert [r["slide_id"] for r in rows] == ["s1", "s2", "s3"]
     assert rows[0]["status"] == "failed" and rows[0]["reason"] == "cannot open the file"
     assert rows[0]["mpp"] == "" and rows[0]["n_tiles"] == ""
     assert (rows[1]["mpp"], rows[1]["level"], rows[1]["tissue_area_mm2"], rows[1]["n_tiles"]) == (
         "0.2527", "1", "1.5", "120")
-    assert cohort.usable_slides(table) == ["s2"]
+    assert usable_slides(table) == ["s2"]
     assert sorted(p.name for p in (tmp_path / "qc" / "thumbs").iterdir()) == ["s2.png", "s3.png"]
     assert (tmp_path / "qc" / "thumbs" / "s2.png").read_bytes() == b"png-s2"
-    text = cohort.qc_report(table)
+    text = qc_report(table)
     assert "3 slides: 1 failed, 1 no_tissue, 1 ok" in text
     assert "left out: s1 (failed): cannot open the file" in text
 
@@ -180,12 +183,12 @@ def test_qc_and_metrics_tables_as_html_pages(tmp_path):
     import html.parser
 
     table = tmp_path / "summary.tsv"
-    cohort.write_table(table, [
+    write_table(table, [
         {"slide_id": "a<b", "status": "ok", "reason": "", "mpp": "0.25", "n_tiles": "120"},
         {"slide_id": "c", "status": "failed", "reason": "cannot open & read", "mpp": "", "n_tiles": ""},
-    ], cohort.QC_COLUMNS)
+    ], QC_COLUMNS)
     page = tmp_path / "qc.html"
-    cohort.write_qc_html(table, page)
+    write_qc_html(table, page)
 
     class Cells(html.parser.HTMLParser):
         """Rows of the page's table as (tr class, [cell texts]), header first."""
@@ -213,13 +216,13 @@ def test_qc_and_metrics_tables_as_html_pages(tmp_path):
     text = page.read_text()
     parser.feed(text)
     header, *rows = parser.rows
-    assert header[1] == list(cohort.QC_COLUMNS)
+    assert header[1] == list(QC_COLUMNS)
     assert rows[0] == (None, ["a<b", "ok", "", "0.25", "", "", "", "", "120", ""])
     assert rows[1][0] == "left-out" and rows[1][1][:3] == ["c", "failed", "cannot open & read"]
     assert "<td>a&lt;b</td>" in text and "1 failed, 1 ok. Rows tinted red are slides left out" in text
 
     a = write_head_run(tmp_path, "t", "enc", "abmil", ["neg"], [[0.4, 0.6]], ["neg", "pos"])
-    cohort.write_metrics_table([a / "metrics.json"], tmp_path / "m.tsv", html_out=tmp_path / "m.html")
+    write_metrics_table([a / "metrics.json"], tmp_path / "m.tsv", html_out=tmp_path / "m.html")
     parser = Cells()
     parser.feed((tmp_path / "m.html").read_text())
     header, row = parser.rows
@@ -325,29 +328,29 @@ def test_labels_keep_usable_labelled_slides_only(tmp_path):
     tiles.mkdir()
     qc = [write_qc(tiles, f"s{i}", status="failed" if i == 1 else "ok", reason="") for i in range(5)]
     table = tmp_path / "summary.tsv"
-    cohort.write_qc_summary(qc, table)
+    write_qc_summary(qc, table)
     samples = [
-        cohort.Sample(f"s{i}", f"s{i}.svs", f"p{i // 2}", fields={"label": lab, "grade": "g"})
+        Sample(f"s{i}", f"s{i}.svs", f"p{i // 2}", fields={"label": lab, "grade": "g"})
         for i, lab in enumerate(["neg", "pos", "pos", "", "neg"])
     ]
     out = tmp_path / "labels.tsv"
-    cohort.write_labels(samples, usable=cohort.usable_slides(table), columns={"label": "label"}, out=out)
-    assert cohort.read_table(out) == [
+    write_labels(samples, usable=usable_slides(table), columns={"label": "label"}, out=out)
+    assert read_table(out) == [
         {"slide_id": "s0", "patient_id": "p0", "label": "neg"},
         {"slide_id": "s2", "patient_id": "p1", "label": "pos"},
         {"slide_id": "s4", "patient_id": "p2", "label": "neg"},
     ]
-    with_folds = [cohort.Sample(s.slide_id, s.path, s.patient_id, fields={**s.fields, "fold": str(i % 2)})
+    with_folds = [Sample(s.slide_id, s.path, s.patient_id, fields={**s.fields, "fold": str(i % 2)})
                   for i, s in enumerate(samples)]
-    cohort.write_labels(with_folds, usable=["s0", "s2"], columns={"label": "label"}, out=out)
-    assert cohort.read_table(out) == [
+    write_labels(with_folds, usable=["s0", "s2"], columns={"label": "label"}, out=out)
+    assert read_table(out) == [
         {"slide_id": "s0", "patient_id": "p0", "label": "neg", "fold": "0"},
         {"slide_id": "s2", "patient_id": "p1", "label": "pos", "fold": "0"},
     ]
     with pytest.raises(DataError, match=r"class\(es\) \['g'\]: training needs at least two"):
-        cohort.write_labels(samples, usable=["s0", "s2"], columns={"label": "grade"}, out=out)
+        write_labels(samples, usable=["s0", "s2"], columns={"label": "grade"}, out=out)
     with pytest.raises(DataError, match="no column 'stage'"):
-        cohort.write_labels(samples, usable=["s0"], columns={"label": "stage"}, out=out)
+        write_labels(samples, usable=["s0"], columns={"label": "stage"}, out=out)
 
 
 # --- the workflow: config, dry runs, lint --------------------------------------------------------
@@ -433,7 +436,7 @@ def test_config_error_names_the_key():
     schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
 
     def first_error(config):
-        return cohort.config_error(next(jsonschema.Draft202012Validator(schema).iter_errors(config)))
+        return config_error(next(jsonschema.Draft202012Validator(schema).iter_errors(config)))
 
     assert first_error({"heads": {"h": {"type": "abmil", "fold": 3}}}) == (
         "config: heads: h: fold: unknown key (did you mean 'folds'?)")
@@ -588,8 +591,8 @@ def write_head_run(root: Path, task: str, encoder: str, head: str, labels, probs
 def test_metrics_table_has_one_row_per_head(tmp_path):
     a = write_head_run(tmp_path, "t", "enc", "abmil", ["neg"], [[0.4, 0.6]], ["neg", "pos"])
     b = write_head_run(tmp_path, "t", "enc", "pt", ["neg"], [[0.4, 0.6]], ["neg", "pos"])
-    cohort.write_metrics_table([a / "metrics.json", b / "metrics.json"], tmp_path / "m.tsv")
-    rows = cohort.read_table(tmp_path / "m.tsv")
+    write_metrics_table([a / "metrics.json", b / "metrics.json"], tmp_path / "m.tsv")
+    rows = read_table(tmp_path / "m.tsv")
     assert [(r["task"], r["encoder"], r["head"]) for r in rows] == [("t", "enc", "abmil"), ("t", "enc", "pt")]
     r = rows[0]
     assert (r["prompts"], r["n_slides"], r["auroc"], r["auroc_lo"], r["auroc_hi"]) == (
@@ -597,7 +600,7 @@ def test_metrics_table_has_one_row_per_head(tmp_path):
     assert (r["f1"], r["f1_lo"], r["f1_fold_mean"], r["f1_fold_sd"]) == ("0.7333", "", "0.5000", "")
     (a / "metrics.json").write_text("{}")
     with pytest.raises(DataError, match="metrics file .*abmil/metrics.json cannot be read"):
-        cohort.write_metrics_table([a / "metrics.json"], tmp_path / "m.tsv")
+        write_metrics_table([a / "metrics.json"], tmp_path / "m.tsv")
 
 
 def test_roc_points_step_through_thresholds_with_ties():
@@ -614,10 +617,10 @@ def test_roc_figure_has_one_panel_per_positive_class(tmp_path):
 
     two = write_head_run(tmp_path, "t2", "enc", "abmil", ["neg", "pos", "pos"],
                          [[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]], ["neg", "pos"])
-    cohort.plot_roc([two / "predictions.csv"], tmp_path / "roc2.png")
+    plot_roc([two / "predictions.csv"], tmp_path / "roc2.png")
     three = write_head_run(tmp_path, "t3", "enc", "abmil", ["a", "b", "c"],
                            [[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6]], ["a", "b", "c"])
-    cohort.plot_roc([three / "predictions.csv"], tmp_path / "roc3.png")
+    plot_roc([three / "predictions.csv"], tmp_path / "roc3.png")
     w2, h2 = Image.open(tmp_path / "roc2.png").size
     w3, h3 = Image.open(tmp_path / "roc3.png").size
     assert (w2, h2) == (504, 504)  # 4.2 in at 120 dpi, one panel
@@ -627,7 +630,7 @@ def test_roc_figure_has_one_panel_per_positive_class(tmp_path):
 def test_example_sheet_and_task_files_are_valid():
     from wsitools.text import load_task
 
-    samples = cohort.read_samples(REPO / "config" / "samples.tsv", check_files=False)
+    samples = read_samples(REPO / "config" / "samples.tsv", check_files=False)
     task = load_task(REPO / "config" / "task.yaml")
     assert {s.value("label") for s in samples} == set(task.classes)
     assert [s.mpp for s in samples][-1] == pytest.approx(0.2527)
@@ -667,7 +670,7 @@ def _qc_done(work: Path, status: dict[str, str]) -> None:
     tiles = work / "results" / "tiles"
     tiles.mkdir(parents=True)
     qc = [write_qc(tiles, s, status=st, reason="" if st == "ok" else "cannot open") for s, st in status.items()]
-    cohort.write_qc_summary(qc, work / "results" / "qc" / "summary.tsv", thumbnails=work / "results" / "qc" / "thumbnails")
+    write_qc_summary(qc, work / "results" / "qc" / "summary.tsv", thumbnails=work / "results" / "qc" / "thumbnails")
 
 
 def test_unlabelled_usable_slides_are_predicted_by_every_head(tmp_path):
@@ -779,15 +782,15 @@ def test_survival_and_regression_tasks_in_the_workflow(tmp_path):
 
 
 def test_outcome_labels_tables_and_figures(tmp_path):
-    samples = [cohort.Sample(f"s{i}", f"s{i}.svs", f"p{i}", fields={"t": t, "e": e})
+    samples = [Sample(f"s{i}", f"s{i}.svs", f"p{i}", fields={"t": t, "e": e})
                for i, (t, e) in enumerate([("5", "1"), ("2", "0"), ("", "1"), ("9", "1")])]
     out = tmp_path / "labels.tsv"
-    columns = cohort.task_columns("survival", label_column="label", time_column="t", event_column="e")
-    cohort.write_labels(samples, usable=["s0", "s1", "s2"], columns=columns, out=out, task_type="survival")
-    assert cohort.read_table(out) == [{"slide_id": "s0", "patient_id": "p0", "time": "5", "event": "1"},
+    columns = task_columns("survival", label_column="label", time_column="t", event_column="e")
+    write_labels(samples, usable=["s0", "s1", "s2"], columns=columns, out=out, task_type="survival")
+    assert read_table(out) == [{"slide_id": "s0", "patient_id": "p0", "time": "5", "event": "1"},
                                       {"slide_id": "s1", "patient_id": "p1", "time": "2", "event": "0"}]
     with pytest.raises(DataError, match="needs at least 3 patients with an event, but s.tsv has 2"):
-        cohort.check_outcome_labels(samples, task="os", task_type="survival", columns=columns, folds={"h": 3},
+        check_outcome_labels(samples, task="os", task_type="survival", columns=columns, folds={"h": 3},
                                     sheet="s.tsv")
     heads = tmp_path / "heads" / "os" / "enc"
     for head, flip in (("abmil", 1.0), ("meanpool", -1.0)):
@@ -795,20 +798,20 @@ def test_outcome_labels_tables_and_figures(tmp_path):
         rows = ["slide_id,patient_id,time,event,fold,risk"] + [
             f"s{i},p{i},{t},{e},0,{flip * (5 - t)}" for i, (t, e) in enumerate([(1, 1), (2, 1), (3, 0), (8, 1), (9, 0)])]
         (heads / head / "predictions.csv").write_text("\n".join(rows) + "\n")
-    cohort.plot_outcomes([heads / h / "predictions.csv" for h in ("abmil", "meanpool")], tmp_path / "km.png",
+    plot_outcomes([heads / h / "predictions.csv" for h in ("abmil", "meanpool")], tmp_path / "km.png",
                          task_type="survival")
     from PIL import Image
 
     width, height = Image.open(tmp_path / "km.png").size
     assert width > 1.8 * height  # two panels side by side
     with pytest.raises(DataError, match="columns label, prediction"):
-        cohort.plot_outcomes([heads / "abmil" / "predictions.csv"], tmp_path / "r.png", task_type="regression")
+        plot_outcomes([heads / "abmil" / "predictions.csv"], tmp_path / "r.png", task_type="regression")
     metrics = {"task_type": "survival", "prompts": [], "n_slides": 5, "n_patients": 5,
                "pooled": {"c_index": 0.8, "c_index_ci95": [0.6, 0.9], "uno_c": 0.75, "uno_c_ci95": [0.5, 0.9]},
                "mean_over_folds": {"c_index": {"mean": 0.8, "sd": 0.1}, "uno_c": {"mean": 0.7, "sd": None}}}
     (heads / "abmil" / "metrics.json").write_text(json.dumps(metrics))
-    rows = cohort.write_metrics_table([heads / "abmil" / "metrics.json"], tmp_path / "m.tsv")
-    table = cohort.read_table(tmp_path / "m.tsv")
+    rows = write_metrics_table([heads / "abmil" / "metrics.json"], tmp_path / "m.tsv")
+    table = read_table(tmp_path / "m.tsv")
     assert table[0]["task_type"] == "survival" and table[0]["c_index"] == "0.8000" and table[0]["uno_c_fold_sd"] == ""
     assert "auroc" not in table[0] and len(rows) == 1
 

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from test_workflow import SLURM_PROFILE, dry_run_resources, job_counts, snakemake
-from wsitools import cohort
+from wsitools.tables import read_table
 from wsitools.store import PatchStore
 from wsitools.synthetic import make_cohort
 
@@ -79,7 +79,7 @@ OK = [f"slide_{i:03d}" for i in range(8)]
 
 def test_qc_table_names_the_unreadable_slide_and_the_run_ends_with_a_summary(run):
     work, result = run
-    rows = {r["slide_id"]: r for r in cohort.read_table(work / "results/qc/summary.tsv")}
+    rows = {r["slide_id"]: r for r in read_table(work / "results/qc/summary.tsv")}
     assert sorted(rows) == sorted(OK + ["broken"])
     assert rows["broken"]["status"] == "failed"
     assert "scan-unreadable.svs" in rows["broken"]["reason"] and rows["broken"]["n_tiles"] == ""
@@ -108,7 +108,7 @@ def test_features_match_the_stores(run):
 
 def test_head_metrics_predictions_and_heatmaps(run):
     work, _ = run
-    labels = cohort.read_table(work / "results/heads/planted/labels.tsv")
+    labels = read_table(work / "results/heads/planted/labels.tsv")
     assert [r["slide_id"] for r in labels] == OK  # the failed slide is left out of training
     metrics = json.loads((work / HEAD_DIR / "metrics.json").read_text())
     assert (metrics["n_slides"], metrics["classes"], metrics["prompts"]) == (
@@ -125,7 +125,7 @@ def test_head_metrics_predictions_and_heatmaps(run):
     with h5py.File(work / "results/features" / ENCODER / "slide_003.h5") as f:
         assert len(detections) == f["coords"].shape[0]
     assert {d["properties"]["objectType"] for d in detections} == {"detection"}
-    table = cohort.read_table(work / "results/report/metrics.tsv")
+    table = read_table(work / "results/report/metrics.tsv")
     assert [(r["task"], r["encoder"], r["head"], r["n_slides"]) for r in table] == [
         ("planted", ENCODER, "pathotune", "8")]
     assert float(table[0]["auroc"]) == pytest.approx(metrics["pooled"]["auroc"], abs=1e-4)
@@ -186,7 +186,7 @@ def test_an_unlabelled_slide_is_predicted_by_the_trained_head(run, tmp_path):
         f.write("new\tslides/new.svs\tnew\t\n")  # no label: predicted, not trained on
     result = snakemake(work, "--cores", "2", timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert [r["slide_id"] for r in cohort.read_table(work / "results/heads/planted/labels.tsv")] == OK
+    assert [r["slide_id"] for r in read_table(work / "results/heads/planted/labels.tsv")] == OK
     out = work / "results/predictions/planted" / ENCODER / "pathotune"
     rows = list(csv.DictReader(open(out / "predictions.csv")))
     assert [r["slide_id"] for r in rows] == ["new"]

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from wsitools.errors import StoreError
-from wsitools.features import FeatureStore
+from wsitools.feature_store import FeatureStore
 from wsitools.io import atomic_path
 from wsitools.types import check_slide_id
 

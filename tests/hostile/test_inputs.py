@@ -22,10 +22,12 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from wsitools import cohort
+from wsitools.labels import check_task_labels
+from wsitools.samples import Sample, samples_from_glob, snakemake_command
 from wsitools.cli import main
 from wsitools.errors import DataError, ModelError, SlideError, WsiToolsError, one_line
-from wsitools.mil.heads import HeadConfig, create_head, save_head
+from wsitools.mil.head_folder import save_head
+from wsitools.mil.heads import HeadConfig, create_head
 from wsitools.mil.synthetic import make_bag_cohort
 from wsitools.store import write_patch_store
 from wsitools.types import check_slide_id, slide_id_from_path
@@ -133,7 +135,7 @@ def test_an_output_path_under_a_file_is_one_line(files, capsys):
 
 
 def test_readers_refuse_a_directory_with_a_data_error(files):
-    from wsitools.mil.data import read_labels
+    from wsitools.labels import read_labels
     from wsitools.text import load_task
 
     with pytest.raises(DataError, match=r"labels table .*dir: is a directory"):
@@ -216,7 +218,7 @@ def test_head_weights_of_another_dtype_kind_are_refused_naming_the_tensor(head_d
 
 
 def test_half_precision_head_weights_still_load(head_dir, bags, tmp_path, capsys):
-    from wsitools.mil.heads import load_head
+    from wsitools.mil.head_folder import load_head
 
     weights = head_dir / "model.safetensors"
     saved = load_head(head_dir)
@@ -543,12 +545,12 @@ def test_slide_glob_with_spaces_and_accents_and_a_collision(tmp_path, monkeypatc
     Path("slides").mkdir()
     for name in ("scan 1.svs", "Müller.svs", "plain.svs"):
         (Path("slides") / name).write_bytes(b"x")
-    samples = cohort.samples_from_glob("slides/*.svs")
+    samples = samples_from_glob("slides/*.svs")
     assert {s.slide_id: s.path for s in samples} == {
         "Muller": "slides/Müller.svs", "plain": "slides/plain.svs", "scan_1": "slides/scan 1.svs"}
     (Path("slides") / "scan_1.svs").write_bytes(b"x")
     with pytest.raises(DataError, match=r"duplicate slide id 'scan_1' \(slides/scan 1\.svs and slides/scan_1\.svs\)"):
-        cohort.samples_from_glob("slides/*.svs")
+        samples_from_glob("slides/*.svs")
 
 
 def test_heatmap_finds_a_slide_by_its_derived_id(tmp_path):
@@ -622,7 +624,7 @@ def _project(root: Path, *, patients: int = 4, labels=("neg", "pos"), config: di
 
 
 def _dry_run(work: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(cohort.snakemake_command(work, "-n"), capture_output=True, text=True, timeout=120)
+    return subprocess.run(snakemake_command(work, "-n"), capture_output=True, text=True, timeout=120)
 
 
 @pytest.mark.parametrize(
@@ -657,15 +659,15 @@ def test_workflow_slide_glob_with_odd_file_names_runs(tmp_path):
 
 
 def test_check_task_labels_counts_patients_not_slides():
-    samples = [cohort.Sample(slide_id=f"s{i}", path="x", patient_id=f"p{i // 2}", fields={"label": lab})
+    samples = [Sample(slide_id=f"s{i}", path="x", patient_id=f"p{i // 2}", fields={"label": lab})
                for i, lab in enumerate(["a", "a", "b", "b", "a", "a", "b", "b"])]
-    cohort.check_task_labels(samples, task="t", label_column="label", classes=None, folds={"h": 2}, sheet="s.tsv")
+    check_task_labels(samples, task="t", label_column="label", classes=None, folds={"h": 2}, sheet="s.tsv")
     with pytest.raises(DataError, match=r"heads: h: folds: 3-fold .* 'a' has 2 patients, 'b' has 2 patients; "
                                         r"set `heads: h: folds` to at most 2"):
-        cohort.check_task_labels(samples, task="t", label_column="label", classes=None, folds={"h": 3},
+        check_task_labels(samples, task="t", label_column="label", classes=None, folds={"h": 3},
                                  sheet="s.tsv")
-    split = [cohort.Sample(s.slide_id, s.path, s.patient_id, fields={**s.fields, "split": "train"}) for s in samples]
-    cohort.check_task_labels(split, task="t", label_column="label", classes=None, folds={"h": 3}, sheet="s.tsv")
+    split = [Sample(s.slide_id, s.path, s.patient_id, fields={**s.fields, "split": "train"}) for s in samples]
+    check_task_labels(split, task="t", label_column="label", classes=None, folds={"h": 3}, sheet="s.tsv")
     with pytest.raises(WsiToolsError, match=re.escape("class 'c' of the task has no labelled slide")):
-        cohort.check_task_labels(samples, task="t", label_column="label", classes=["a", "b", "c"],
+        check_task_labels(samples, task="t", label_column="label", classes=["a", "b", "c"],
                                  folds={"h": 2}, sheet="s.tsv")

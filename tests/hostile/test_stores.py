@@ -467,7 +467,7 @@ def test_temporary_names_carry_host_pid_and_a_random_part(tmp_path):
 def test_workflow_draws_the_heatmap_of_a_slide_that_needs_an_mpp_override(tmp_path):
     import yaml
 
-    from wsitools import cohort
+    from wsitools.samples import snakemake_command
     from wsitools.synthetic import make_cohort
 
     work = tmp_path / "w"
@@ -487,7 +487,7 @@ def test_workflow_draws_the_heatmap_of_a_slide_that_needs_an_mpp_override(tmp_pa
         "heads": {"meanpool": {"type": "meanpool", "folds": 2, "threads": 1,
                                "extra_args": ["--epochs", "3", "--bootstrap", "20"]}},
     }))
-    result = subprocess.run(cohort.snakemake_command(work, "--cores", "2"), capture_output=True, text=True,
+    result = subprocess.run(snakemake_command(work, "--cores", "2"), capture_output=True, text=True,
                             timeout=1200, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     heatmaps = work / "results/heatmaps/planted/vit-test-tiny/meanpool"

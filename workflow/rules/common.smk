@@ -1,8 +1,9 @@
 # Shared set-up of the workflow: config validation, the cohort, paths, input functions.
 #
 # Everything that is logic (reading and checking the samples sheet, QC tables, labels) lives in
-# the package (wsitools.cohort); this file only wires it to Snakemake. Errors in the config or
-# the samples sheet stop the run here, before any job is scheduled.
+# the package (wsitools.samples, wsitools.labels, wsitools.report); this file only wires it to
+# Snakemake. Errors in the config or the samples sheet stop the run here, before any job is
+# scheduled.
 
 import os
 import shlex
@@ -11,8 +12,11 @@ from pathlib import Path
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-from wsitools import cohort
 from wsitools.errors import WsiToolsError
+from wsitools.labels import check_outcome_labels, check_patient_labels, check_task_labels, task_columns
+from wsitools.report import qc_report
+from wsitools.report import usable_slides as qc_usable_slides
+from wsitools.samples import check_encoders, config_error, load_samples
 from wsitools.text import load_task
 
 
@@ -22,12 +26,12 @@ except WorkflowError as exc:
     # Snakemake's message holds the whole schema; say which key is wrong, in one line.
     if not hasattr(exc.__context__, "absolute_path"):  # not a jsonschema.ValidationError
         raise
-    raise WorkflowError(cohort.config_error(exc.__context__)) from None
+    raise WorkflowError(config_error(exc.__context__)) from None
 
 try:
     SAMPLES = {
         s.slide_id: s
-        for s in cohort.load_cohort(
+        for s in load_samples(
             samples=config["samples"] if not config["slides_glob"] else None,
             slides_glob=config["slides_glob"] or None,
         )
@@ -68,7 +72,7 @@ for _name, _task in TASKS.items():
         TASK_TYPES[_name] = load_task(_task_file).type if _task_file else "classification"
     except WsiToolsError as exc:
         raise WorkflowError(f"config: task {_name!r}: {exc}") from None
-    TASK_COLUMNS[_name] = cohort.task_columns(
+    TASK_COLUMNS[_name] = task_columns(
         TASK_TYPES[_name], label_column=_task["label_column"], time_column=_task["time_column"],
         event_column=_task["event_column"],
     )
@@ -80,7 +84,7 @@ for _name, _task in TASKS.items():
             )
     if any(h["bag"] == "patient" for h in HEADS.values()):
         try:
-            cohort.check_patient_labels(
+            check_patient_labels(
                 list(SAMPLES.values()), task=_name, columns=TASK_COLUMNS[_name], sheet=config["samples"],
                 heads=[head for head, h in HEADS.items() if h["bag"] == "patient"],
             )
@@ -88,7 +92,7 @@ for _name, _task in TASKS.items():
             raise WorkflowError(str(exc)) from None
     if TASK_TYPES[_name] != "classification":
         try:
-            cohort.check_outcome_labels(
+            check_outcome_labels(
                 list(SAMPLES.values()), task=_name, task_type=TASK_TYPES[_name], columns=TASK_COLUMNS[_name],
                 folds={head: h["folds"] for head, h in HEADS.items()}, sheet=config["samples"],
             )
@@ -96,7 +100,7 @@ for _name, _task in TASKS.items():
             raise WorkflowError(str(exc)) from None
         continue
     try:
-        cohort.check_task_labels(
+        check_task_labels(
             list(SAMPLES.values()),
             task=_name,
             label_column=_task["label_column"],
@@ -121,7 +125,7 @@ if config["tune"]["enabled"]:
     if config["tune"]["ivp_encoder"]:
         _ENCODER_KEYS["tune: ivp_encoder"] = config["tune"]["ivp_encoder"]
 try:
-    cohort.check_encoders(_ENCODER_KEYS, models_dir=config["models_dir"])
+    check_encoders(_ENCODER_KEYS, models_dir=config["models_dir"])
 except WsiToolsError as exc:
     raise WorkflowError(str(exc)) from None
 
@@ -143,7 +147,7 @@ def shell_args(args):
 
 def usable_slides():
     """Slides whose QC status is ok: they go on to features, training and heatmaps."""
-    return cohort.usable_slides(checkpoints.qc_summary.get().output.table)
+    return qc_usable_slides(checkpoints.qc_summary.get().output.table)
 
 
 def _has_targets(slide, task):

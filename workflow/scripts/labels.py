@@ -2,11 +2,13 @@
 
 from pathlib import Path
 
-from wsitools import cohort
+from wsitools.labels import write_labels
+from wsitools.report import usable_slides
+from wsitools.samples import read_samples
 
-rows = cohort.write_labels(  # `snakemake` is injected by the script directive
-    cohort.read_samples(snakemake.input.sheet, check_files=False),
-    usable=cohort.usable_slides(snakemake.input.summary),
+rows = write_labels(  # `snakemake` is injected by the script directive
+    read_samples(snakemake.input.sheet, check_files=False),
+    usable=usable_slides(snakemake.input.summary),
     columns=snakemake.params.columns,
     out=snakemake.output.labels,
     task_type=snakemake.params.task_type,

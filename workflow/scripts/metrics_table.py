@@ -2,10 +2,10 @@
 
 from pathlib import Path
 
-from wsitools import cohort
+from wsitools.report import write_metrics_table
 
 # `snakemake` is injected by the script directive
-rows = cohort.write_metrics_table(
+rows = write_metrics_table(
     snakemake.input.metrics, snakemake.output.table, html_out=snakemake.output.page
 )
 Path(snakemake.log[0]).write_text(f"{len(rows)} heads\n")

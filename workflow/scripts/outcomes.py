@@ -3,9 +3,9 @@ true values (regression) of every head of one task (out-of-fold predictions), on
 
 from pathlib import Path
 
-from wsitools import cohort
+from wsitools.report import plot_outcomes
 
-cohort.plot_outcomes(  # `snakemake`: script directive
+plot_outcomes(  # `snakemake`: script directive
     snakemake.input.predictions, snakemake.output.png, task_type=snakemake.params.task_type
 )
 Path(snakemake.log[0]).write_text(f"{len(snakemake.input.predictions)} heads\n")

@@ -2,9 +2,9 @@
 
 from pathlib import Path
 
-from wsitools import cohort
+from wsitools.report import qc_report, write_qc_summary
 
-cohort.write_qc_summary(  # `snakemake` is injected by the script directive
+write_qc_summary(  # `snakemake` is injected by the script directive
     snakemake.input.qc, snakemake.output.table, thumbnails=snakemake.output.thumbnails
 )
-Path(snakemake.log[0]).write_text(cohort.qc_report(snakemake.output.table) + "\n")
+Path(snakemake.log[0]).write_text(qc_report(snakemake.output.table) + "\n")

@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
-from wsitools import cohort
+from wsitools.report import write_qc_html
 
 # `snakemake` is injected by the script directive
-rows = cohort.write_qc_html(snakemake.input.table, snakemake.output.page)
+rows = write_qc_html(snakemake.input.table, snakemake.output.page)
 Path(snakemake.log[0]).write_text(f"{len(rows)} slides\n")

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from wsitools import cohort
+from wsitools.report import plot_roc
 
-cohort.plot_roc(snakemake.input.predictions, snakemake.output.png)  # `snakemake`: script directive
+plot_roc(snakemake.input.predictions, snakemake.output.png)  # `snakemake`: script directive
 Path(snakemake.log[0]).write_text(f"{len(snakemake.input.predictions)} heads\n")

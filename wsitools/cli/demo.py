@@ -15,7 +15,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from wsitools import cohort
+from wsitools.report import qc_report
+from wsitools.samples import snakemake_command, workflow_dir
+from wsitools.tables import read_table
 from wsitools.cli.options import non_negative_int, positive_int
 from wsitools.errors import WsiToolsError
 from wsitools.io import available_cpus
@@ -61,13 +63,13 @@ def prepare(out: Path, *, n_slides: int, seed: int) -> None:
     else:
         print(f"making a synthetic cohort of {n_slides} slides in {out / 'slides'}")
         make_cohort(out, n_slides=n_slides, seed=seed)
-    templates = cohort.workflow_dir().parent / "config" / "demo"
+    templates = workflow_dir().parent / "config" / "demo"
     _copy_if_changed(templates / "config.yaml", out / "config" / "config.yaml")
     _copy_if_changed(templates / "task.yaml", out / "config" / "task.yaml")
 
 
 def _snakemake(out: Path, *args: str, quiet: bool) -> None:
-    cmd = cohort.snakemake_command(out, *args)
+    cmd = snakemake_command(out, *args)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     result = subprocess.run(
         cmd, env=env, stdout=subprocess.DEVNULL if quiet else None, stderr=None, check=False
@@ -81,7 +83,7 @@ def _snakemake(out: Path, *args: str, quiet: bool) -> None:
 def _metrics_lines(table: Path) -> list[str]:
     """One line per trained head: pooled cross-validated AUROC with its interval, and more."""
     lines = []
-    for r in cohort.read_table(table):
+    for r in read_table(table):
         lines.append(
             f"  {r['task']} / {r['encoder']} / {r['head']}: AUROC {r['auroc']} "
             f"(95% CI {r['auroc_lo']}-{r['auroc_hi']}), balanced accuracy {r['balanced_accuracy']}, "
@@ -93,7 +95,7 @@ def _metrics_lines(table: Path) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out).resolve()
     prepare(out, n_slides=args.slides, seed=args.seed)
-    profile = cohort.workflow_dir().parent / "config" / "profiles" / "local"
+    profile = workflow_dir().parent / "config" / "profiles" / "local"
     cores = str(args.cores or available_cpus())
     quiet = "all" if args.quiet else "rules"  # progress lines only, unless --quiet
     _snakemake(out, "--profile", str(profile), "--cores", cores, "--quiet", quiet, quiet=args.quiet)
@@ -101,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     _snakemake(out, "--report", str(report), "--quiet", "all", quiet=args.quiet)
     results = out / "results"
     print()
-    print(cohort.qc_report(results / "qc" / "summary.tsv"))
+    print(qc_report(results / "qc" / "summary.tsv"))
     print(f"metrics ({results / 'report' / 'metrics.tsv'}):")
     print("\n".join(_metrics_lines(results / "report" / "metrics.tsv")))
     print(f"heatmaps: {results / 'heatmaps'}")

@@ -41,7 +41,7 @@ def _export(args: argparse.Namespace) -> int:
     from wsitools.cli.encoders import store_failure
     from wsitools.errors import DataError
     from wsitools.export import export_store
-    from wsitools.mil.data import list_feature_stores
+    from wsitools.feature_store import list_feature_stores
 
     stores = list_feature_stores(args.features)
     if args.slides is not None:

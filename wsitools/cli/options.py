@@ -89,7 +89,7 @@ def feature_store_dir(text: str) -> str:
     """A directory of feature stores (``features/ENCODER``); one store's file, or a missing path,
     is refused at once, saying so."""
     from wsitools.errors import StoreError
-    from wsitools.mil.data import check_feature_dir
+    from wsitools.feature_store import check_feature_dir
 
     try:
         check_feature_dir(text)

@@ -1,268 +1,30 @@
-"""Labels, feature bags and cohorts for slide-level MIL.
+"""Cohorts for slide-level MIL: labelled slides matched to their feature bags, and bag sampling.
 
-A *bag* is one slide's feature store ``{features_dir}/{slide_id}.h5`` (``features`` [N, D],
-``coords`` [N, 2], see docs/formats.md). A *cohort* is the labelled slides whose bags exist and
-are usable: every bag is checked once up front (shape, feature width, finite values), so a bad
-slide is named and skipped (or, with ``strict``, is an error) before any training starts.
+A *bag* is one slide's feature store ``{features_dir}/{slide_id}.h5`` (read and checked through
+:mod:`wsitools.feature_store`). A *cohort* is the labelled slides (:mod:`wsitools.labels`) whose
+bags exist and are usable: every bag is checked once up front (shape, feature width, finite
+values), so a bad slide is named and skipped (or, with ``strict``, is an error) before any
+training starts. Folds of a cohort: :mod:`wsitools.mil.folds`.
 """
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
-import h5py
 import numpy as np
-import torch
 
-from wsitools.errors import DataError, StoreError, one_line
-from wsitools.io import read_user_text
-from wsitools.mil.targets import LABEL_COLUMNS, SURVIVAL_STRATA, parse_targets
+from wsitools.errors import DataError
+from wsitools.feature_store import BagInfo, EncoderRecord, bag_info, feature_path, list_feature_stores
+from wsitools.labels import LabelRow
+from wsitools.mil.targets import SURVIVAL_STRATA
 from wsitools.text import TaskType
-from wsitools.types import check_slide_id
 
 log = logging.getLogger(__name__)
-
-CHECK_ROWS = 16384
-"""Rows read at a time when checking or loading a whole bag (bounds memory)."""
-
-
-@dataclass(frozen=True)
-class LabelRow:
-    """One row of a labels table: a class label, a numeric target (``value``, regression) or a
-    follow-up ``time`` with its ``event`` indicator (survival; ``label`` is then the event as text)."""
-
-    slide_id: str
-    label: str
-    patient_id: str
-    split: str | None = None
-    fold: int | None = None
-    value: float | None = None
-    time: float | None = None
-    event: int | None = None
-
-
-def _sniff_dialect(path: Path, head: str) -> type[csv.Dialect] | csv.Dialect:
-    if path.suffix.lower() in (".tsv", ".tab"):
-        return csv.excel_tab
-    if path.suffix.lower() == ".csv":
-        return csv.excel
-    try:
-        return csv.Sniffer().sniff(head, delimiters=",\t;")
-    except csv.Error:
-        return csv.excel
-
-
-def read_labels(path: str | os.PathLike[str], *, task_type: TaskType = "classification") -> list[LabelRow]:
-    """Read a labels table (CSV or TSV) with ``slide_id``, the target columns of ``task_type``
-    (:data:`LABEL_COLUMNS`: ``label``, a class or a number; or ``time`` and ``event`` for
-    survival) and optional ``patient_id``, ``split`` (train/val/test) or ``fold`` (integer) columns.
-
-    A slide without ``patient_id`` is its own patient. Raises :class:`DataError` naming the file
-    and row for a missing column, an unsafe or repeated slide id, an empty label, a bad split, or
-    (regression, survival) a target that is not a finite number, a negative time or an event
-    other than 0/1.
-    """
-    path = Path(path)
-    text = read_user_text(path, what="labels table", expected="a CSV or TSV file", encoding="utf-8-sig")
-    reader = csv.DictReader(text.splitlines(), dialect=_sniff_dialect(path, text[:4096]))
-    columns = [c.strip() for c in (reader.fieldnames or [])]
-    for need in LABEL_COLUMNS[task_type]:
-        if need not in columns:
-            hint = (" (a survival table? give a task file with 'type: survival')"
-                    if task_type == "classification" and {"time", "event"} <= set(columns) else "")
-            raise DataError(
-                f"labels table {path}: no '{need}' column for a {task_type} task "
-                f"(columns: {', '.join(columns) or 'none'}){hint}"
-            )
-    if "split" in columns and "fold" in columns:
-        raise DataError(f"labels table {path}: give either a 'split' or a 'fold' column, not both")
-    rows: list[LabelRow] = []
-    seen: set[str] = set()
-    for line, raw in enumerate(reader, start=2):
-        row = {(k or "").strip(): (v or "").strip() for k, v in raw.items()}
-        slide_id = row["slide_id"]
-        if not slide_id:
-            continue
-        try:
-            check_slide_id(slide_id)
-        except ValueError as exc:
-            raise DataError(f"labels table {path}, line {line}: {exc}") from exc
-        if slide_id in seen:
-            raise DataError(f"labels table {path}, line {line}: slide {slide_id} appears twice")
-        seen.add(slide_id)
-        targets = parse_targets(row, task_type, where=f"labels table {path}, line {line}: slide {slide_id}")
-        split = row.get("split") or None
-        if split is not None and split not in ("train", "val", "test"):
-            raise DataError(
-                f"labels table {path}, line {line}: slide {slide_id} has split {split!r}; "
-                "use train, val or test"
-            )
-        fold: int | None = None
-        if row.get("fold"):
-            try:
-                fold = int(row["fold"])
-            except ValueError as exc:
-                raise DataError(
-                    f"labels table {path}, line {line}: slide {slide_id} has fold {row['fold']!r}, not an integer"
-                ) from exc
-        rows.append(
-            LabelRow(
-                slide_id=slide_id,
-                patient_id=row.get("patient_id") or slide_id,
-                split=split,
-                fold=fold,
-                **targets,
-            )
-        )
-    if not rows:
-        raise DataError(f"labels table {path}: no rows")
-    has_split = [r.split is not None for r in rows]
-    has_fold = [r.fold is not None for r in rows]
-    for name, flags in (("split", has_split), ("fold", has_fold)):
-        if any(flags) and not all(flags):
-            missing = [r.slide_id for r, f in zip(rows, flags) if not f]
-            raise DataError(f"labels table {path}: {name} is empty for slides {', '.join(missing[:10])}")
-    return rows
-
-
-def feature_path(features_dir: str | os.PathLike[str], slide_id: str) -> Path:
-    """Where a slide's feature store lives: ``{features_dir}/{slide_id}.h5``."""
-    return Path(features_dir) / f"{check_slide_id(slide_id)}.h5"
-
-
-def check_feature_dir(features_dir: str | os.PathLike[str]) -> Path:
-    """``features_dir`` if it is a directory; else a :class:`StoreError` saying what it is (one
-    feature store given for the directory of them, or nothing)."""
-    folder = Path(features_dir)
-    if folder.is_file():
-        raise StoreError(
-            f"{folder}: is a file; give the directory of feature stores (features/ENCODER, "
-            f"holding {{slide_id}}.h5), e.g. {folder.parent}"
-        )
-    if not folder.is_dir():
-        raise StoreError(f"feature directory {folder}: no such directory")
-    return folder
-
-
-def list_feature_stores(features_dir: str | os.PathLike[str]) -> dict[str, Path]:
-    """Finished feature stores in a directory, by slide id (temporary ``.tmp-*`` files are skipped)."""
-    folder = check_feature_dir(features_dir)
-    return {p.stem: p for p in sorted(folder.glob("*.h5")) if not p.name.startswith(".")}
-
-
-@dataclass(frozen=True)
-class BagInfo:
-    """What a feature store holds, without its features."""
-
-    slide_id: str
-    path: Path
-    n: int
-    dim: int
-    attrs: dict[str, Any]
-
-
-def _attr_value(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return value.decode()
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return value
-
-
-def bag_info(path: str | os.PathLike[str], *, check_values: bool = True) -> BagInfo:
-    """Open a feature store and check it: ``features`` [N, D] with N >= 1, ``coords`` [N, 2],
-    and (with ``check_values``) every feature finite. Raises :class:`DataError` naming the slide."""
-    path = Path(path)
-    slide_id = path.stem
-    try:
-        with h5py.File(path, "r") as f:
-            if "features" not in f:
-                raise DataError(f"slide {slide_id}: feature store {path} has no 'features' dataset")
-            feats = f["features"]
-            if feats.ndim != 2 or feats.shape[0] == 0 or feats.shape[1] == 0:
-                raise DataError(f"slide {slide_id}: features in {path} have shape {feats.shape}, expected [N>0, D]")
-            if feats.dtype.kind != "f":
-                raise DataError(
-                    f"slide {slide_id}: features in {path} are of type {feats.dtype}, expected floating point"
-                )
-            if "coords" in f and f["coords"].shape != (feats.shape[0], 2):
-                raise DataError(
-                    f"slide {slide_id}: coords in {path} have shape {f['coords'].shape}, "
-                    f"expected ({feats.shape[0]}, 2)"
-                )
-            if check_values:
-                for start in range(0, feats.shape[0], CHECK_ROWS):
-                    block = feats[start : start + CHECK_ROWS]
-                    bad = ~np.isfinite(block).all(axis=1)
-                    if bad.any():
-                        rows = start + np.flatnonzero(bad)
-                        raise DataError(
-                            f"slide {slide_id}: feature store {path} has non-finite (NaN/inf) features "
-                            f"in {int(bad.sum())}+ rows, first row {int(rows[0])}"
-                        )
-            attrs = {k: _attr_value(v) for k, v in f.attrs.items()}
-            return BagInfo(slide_id=slide_id, path=path, n=int(feats.shape[0]), dim=int(feats.shape[1]), attrs=attrs)
-    except (OSError, TypeError, ValueError) as exc:
-        raise DataError(f"slide {slide_id}: feature store {path} cannot be read: {one_line(exc)}") from None
-
-
-class RowLayout(NamedTuple):
-    """Where a contiguous ``features`` dataset lies in its h5 file (what a memory map needs)."""
-
-    offset: int
-    dtype: str
-    shape: tuple[int, int]
-
-
-def row_layout(path: str | os.PathLike[str]) -> RowLayout | None:
-    """The byte layout of ``features`` in ``path``; ``None`` when it is chunked (or unallocated),
-    so its rows cannot be mapped directly."""
-    with h5py.File(path, "r") as f:
-        dset = f["features"]
-        offset = dset.id.get_offset() if dset.chunks is None else None
-        return None if offset is None else RowLayout(int(offset), dset.dtype.str, tuple(dset.shape))
-
-
-def read_features(
-    path: str | os.PathLike[str], index: np.ndarray | None = None, *, layout: RowLayout | None = None
-) -> torch.Tensor:
-    """Features of one bag as a float32 tensor ``[n, D]``: all rows, or the rows in ``index``
-    (returned in sorted row order).
-
-    A whole bag is read in blocks of :data:`CHECK_ROWS` rows into the float32 result, so a
-    float16 store never sits in memory twice. With the ``layout`` of a contiguous dataset (what
-    the feature step writes; from :func:`row_layout`, looked up once per store), selected rows
-    are gathered through a memory map of the h5 file at the dataset's offset, without opening it
-    with HDF5 or HDF5's per-row selection (0.2-0.4 ms of a 4-6 ms training step on 512 rows).
-    Without one (a chunked dataset) the whole bag is read and indexed. float16 is widened by
-    torch (vectorised), not numpy.
-    """
-    if index is None or layout is None:
-        with h5py.File(path, "r") as f:
-            dset = f["features"]
-            n, dim = dset.shape
-            out = torch.empty((n, dim), dtype=torch.float32)
-            for start in range(0, n, CHECK_ROWS):
-                out[start : start + CHECK_ROWS] = torch.from_numpy(dset[start : start + CHECK_ROWS])
-        return out if index is None else out[torch.from_numpy(np.sort(index))]
-    rows = np.memmap(path, dtype=np.dtype(layout.dtype), mode="r", offset=layout.offset, shape=layout.shape)
-    return torch.from_numpy(rows[np.sort(index)]).to(torch.float32)
-
-
-def read_coords(path: str | os.PathLike[str]) -> np.ndarray:
-    """The ``coords`` [N, 2] int64 of a feature store (level-0 x, y of each tile's top-left)."""
-    with h5py.File(path, "r") as f:
-        if "coords" not in f:
-            raise StoreError(f"feature store {path} has no 'coords' dataset")
-        return np.asarray(f["coords"][()], dtype=np.int64)
 
 
 @dataclass
@@ -446,26 +208,6 @@ def _check_empty_classes(
     )
 
 
-class EncoderRecord(NamedTuple):
-    """The encoder of a feature store, as its attributes record it (None where they do not)."""
-
-    name: str | None
-    hash: str | None
-    weights: str | None
-
-    @classmethod
-    def of(cls, attrs: dict[str, Any]) -> EncoderRecord:
-        def text(key: str) -> str | None:
-            value = attrs.get(key)
-            return str(value) if value not in (None, "") else None
-
-        return cls(text("encoder"), text("encoder_hash"), text("weight_sha256"))
-
-    def describe(self) -> str:
-        """``name (hash 0123456789ab)``, for messages."""
-        return f"{self.name or 'unnamed'} (hash {self.hash[:12]})" if self.hash else f"{self.name or 'unnamed'}"
-
-
 def _one_encoder(bags: Sequence[BagInfo], features_dir: Any) -> EncoderRecord:
     """The one encoder all ``bags`` come from; several (other names, or one name with other
     weights or settings) is an error naming an example of each."""
@@ -492,134 +234,6 @@ def _check_one_width(infos: dict[str, BagInfo], features_dir: Any) -> None:
             f"feature widths differ in {features_dir}: most slides have D={common}, but {listing} "
             "(mixed encoders?)"
         )
-
-
-@dataclass(frozen=True)
-class Fold:
-    """One train / validation / test partition of a cohort, as index arrays."""
-
-    index: int
-    train: np.ndarray
-    val: np.ndarray
-    test: np.ndarray
-
-
-def _patient_labels(labels: np.ndarray, patients: Sequence[str]) -> tuple[list[str], np.ndarray]:
-    """Unique patients (first-seen order) and each one's majority label (for stratification)."""
-    order: dict[str, list[int]] = {}
-    for i, p in enumerate(patients):
-        order.setdefault(p, []).append(i)
-    names = list(order)
-    plabels = np.array([np.bincount(labels[idx]).argmax() for idx in order.values()], dtype=np.int64)
-    return names, plabels
-
-
-def _stratified_assign(plabels: np.ndarray, n_parts: int, rng: np.random.Generator) -> np.ndarray:
-    """Deal the patients of each class round-robin into ``n_parts`` parts, after a shuffle.
-
-    Each class starts where the previous one stopped, so part sizes differ by at most one.
-    """
-    part = np.empty(len(plabels), dtype=np.int64)
-    offset = 0
-    for c in np.unique(plabels):
-        members = rng.permutation(np.flatnonzero(plabels == c))
-        part[members] = (offset + np.arange(len(members))) % n_parts
-        offset = (offset + len(members)) % n_parts
-    return part
-
-
-def _split_val(
-    candidates: np.ndarray, labels: np.ndarray, patients: Sequence[str], val_fraction: float, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
-    """Split slide indices into train and validation by patient, stratified by class."""
-    sub_patients = [patients[i] for i in candidates]
-    names, plabels = _patient_labels(labels[candidates], sub_patients)
-    val_patients: set[str] = set()
-    for c in np.unique(plabels):
-        members = rng.permutation(np.flatnonzero(plabels == c))
-        n_val = max(1, int(round(val_fraction * len(members)))) if len(members) >= 2 else 0
-        val_patients.update(names[m] for m in members[:n_val])
-    is_val = np.array([p in val_patients for p in sub_patients], dtype=bool)
-    return candidates[~is_val], candidates[is_val]
-
-
-def patient_kfold(
-    labels: np.ndarray,
-    patients: Sequence[str],
-    *,
-    n_folds: int = 5,
-    val_fraction: float = 0.2,
-    seed: int = 0,
-    classes: Sequence[str] | None = None,
-) -> list[Fold]:
-    """Patient-level stratified k-fold: every patient's slides are in one test fold; inside each
-    fold's training part a stratified ``val_fraction`` of the patients is held out for early
-    stopping. Raises :class:`DataError` if a class has fewer patients than folds (naming the
-    class by its name in ``classes`` when given)."""
-    labels = np.asarray(labels, dtype=np.int64)
-    if n_folds < 2:
-        raise DataError(f"--folds must be at least 2, got {n_folds}")
-    names, plabels = _patient_labels(labels, patients)
-    counts = np.bincount(plabels)
-    short = [
-        f"class {classes[c] if classes is not None else c!r}: {n} patient{'s' if n != 1 else ''}"
-        for c, n in enumerate(counts) if 0 < n < n_folds
-    ]
-    if short:
-        raise DataError(
-            f"{n_folds}-fold cross-validation needs at least {n_folds} patients per class; "
-            f"{'; '.join(short)} (use fewer folds: --folds)"
-        )
-    rng = np.random.default_rng(seed)
-    part = _stratified_assign(plabels, n_folds, rng)
-    part_of = dict(zip(names, part))
-    slide_part = np.array([part_of[p] for p in patients])
-    folds = []
-    for k in range(n_folds):
-        test = np.flatnonzero(slide_part == k)
-        train, val = _split_val(np.flatnonzero(slide_part != k), labels, patients, val_fraction, rng)
-        folds.append(Fold(index=k, train=train, val=val, test=test))
-    return folds
-
-
-def user_folds(cohort: Cohort, *, val_fraction: float = 0.2, seed: int = 0) -> list[Fold]:
-    """Folds from the labels table: a ``split`` column gives one fold (validation carved from
-    ``train`` by patient if no ``val`` rows); a ``fold`` column gives one fold per value, that
-    value's slides being the test set. A patient spanning two parts is an error (leakage)."""
-    rng = np.random.default_rng(seed)
-    if cohort.splits is not None:
-        parts = np.array(cohort.splits)
-        _check_patients_disjoint(cohort.patients, list(parts))
-        test = np.flatnonzero(parts == "test")
-        if len(test) == 0:
-            raise DataError("the labels table's split column has no 'test' slides left")
-        val = np.flatnonzero(parts == "val")
-        train = np.flatnonzero(parts == "train")
-        if len(val) == 0:
-            train, val = _split_val(train, cohort.labels, cohort.patients, val_fraction, rng)
-        return [Fold(index=0, train=train, val=val, test=test)]
-    if cohort.folds is None:
-        raise DataError("the labels table has neither a split nor a fold column")
-    folds_col = np.array(cohort.folds)
-    _check_patients_disjoint(cohort.patients, [str(f) for f in folds_col])
-    out = []
-    for k, value in enumerate(sorted(set(folds_col.tolist()))):
-        test = np.flatnonzero(folds_col == value)
-        train, val = _split_val(np.flatnonzero(folds_col != value), cohort.labels, cohort.patients, val_fraction, rng)
-        out.append(Fold(index=k, train=train, val=val, test=test))
-    if len(out) < 2:
-        raise DataError("the labels table's fold column has a single value; give at least two folds")
-    return out
-
-
-def _check_patients_disjoint(patients: Sequence[str], parts: Sequence[str]) -> None:
-    where: dict[str, set[str]] = {}
-    for p, part in zip(patients, parts):
-        where.setdefault(p, set()).add(str(part))
-    leaky = {p: s for p, s in where.items() if len(s) > 1}
-    if leaky:
-        listing = "; ".join(f"{p} in {sorted(s)}" for p, s in list(leaky.items())[:10])
-        raise DataError(f"patients appear in more than one split/fold (leakage): {listing}")
 
 
 def class_weights(labels: np.ndarray, n_classes: int) -> np.ndarray:

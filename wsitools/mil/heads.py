@@ -1,4 +1,4 @@
-"""Slide-level MIL heads: one interface, three heads, safetensors + JSON on disk.
+"""Slide-level MIL heads: one interface, three heads (saved and loaded by :mod:`wsitools.mil.head_folder`).
 
 Every head maps one bag of patch features ``x`` [N, D] (and, for PathoTune's IVP from a second
 encoder, that encoder's bag [M, E]) to :class:`HeadOutput`: class logits [C] and attention [N]
@@ -31,24 +31,19 @@ encoder, that encoder's bag [M, E]) to :class:`HeadOutput`: class logits [C] and
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass
 from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from wsitools.errors import ConfigError, ModelError
-from wsitools.io import atomic_path, write_json_atomic
 
 HeadName = Literal["abmil", "pathotune", "meanpool"]
 PromptKind = Literal["tvp", "ttp", "ivp"]
 PROMPT_KINDS: tuple[PromptKind, ...] = ("tvp", "ttp", "ivp")
-HEAD_FORMAT_VERSION = 1
 
 
 class HeadOutput(NamedTuple):
@@ -367,68 +362,3 @@ def create_head(config: HeadConfig, *, text_embeddings: Tensor | None = None) ->
         with torch.no_grad():
             model.set_text_embeddings(text_embeddings.to(torch.float32))
     return model
-
-
-@dataclass
-class SavedHead:
-    """A head read from disk: the module (eval mode), its config, and the metadata saved with it."""
-
-    model: nn.Module
-    config: HeadConfig
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def classes(self) -> list[str]:
-        return list(self.meta["classes"])
-
-
-def save_head(model: nn.Module, folder: str | os.PathLike[str], *, meta: dict[str, Any]) -> Path:
-    """Write ``model.safetensors`` and ``config.json`` (head config + ``meta``) into ``folder``.
-
-    ``meta`` must hold ``classes`` (the class names in logit order); anything else JSON-able
-    (task, encoder, text model, fold, training settings) is kept for provenance.
-    """
-    from safetensors.torch import save_file
-
-    if "classes" not in meta:
-        raise ValueError("save_head needs meta['classes']")
-    config: HeadConfig = model.config
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(folder / "model.safetensors", overwrite=True) as tmp:
-        save_file(state, str(tmp), metadata={"format": "pt", "head": config.head})
-    write_json_atomic(
-        folder / "config.json",
-        {"format_version": HEAD_FORMAT_VERSION, "kind": "mil_head", "config": config.to_dict(), **meta},
-    )
-    return folder
-
-
-def load_head(folder: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> SavedHead:
-    """Read a head written by :func:`save_head`; raises :class:`ModelError` naming the file on a mismatch."""
-    from wsitools.encoders.checkpoint import read_state_dict
-
-    folder = Path(folder)
-    config_path, weights_path = folder / "config.json", folder / "model.safetensors"
-    if not config_path.is_file() or not weights_path.is_file():
-        raise ModelError(f"{folder}: not a saved head (needs config.json and model.safetensors)")
-    try:
-        meta = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelError(f"{config_path}: not valid JSON: {exc}") from None
-    if not isinstance(meta, dict) or meta.get("kind") != "mil_head" or meta.get("format_version") != HEAD_FORMAT_VERSION:
-        raise ModelError(f"{config_path}: not a version-{HEAD_FORMAT_VERSION} mil_head config")
-    try:
-        config = HeadConfig.from_dict(meta.pop("config"))
-        model = create_head(config)
-        meta["classes"] = [str(c) for c in meta["classes"]]
-    except ModelError as exc:
-        raise ModelError(f"{config_path}: {exc}") from None
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ModelError(f"{config_path}: not a usable head config ({type(exc).__name__}: {exc})") from None
-    state = read_state_dict(weights_path, model.state_dict())
-    model.load_state_dict(state, strict=True)
-    model.to(device).eval()
-    return SavedHead(model=model, config=config, meta=meta)
-

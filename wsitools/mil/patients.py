@@ -25,7 +25,9 @@ import numpy as np
 from wsitools.attention import write_attention
 from wsitools.errors import DataError
 from wsitools.io import read_user_text
-from wsitools.mil.data import BagInfo, Cohort, LabelRow, _sniff_dialect, read_coords
+from wsitools.feature_store import BagInfo, read_coords
+from wsitools.labels import LabelRow, _sniff_dialect
+from wsitools.mil.data import Cohort
 from wsitools.text import TaskType
 from wsitools.types import check_slide_id
 

@@ -26,8 +26,15 @@ from wsitools import __version__
 from wsitools.attention import write_attention
 from wsitools.errors import DataError, ModelError
 from wsitools.io import atomic_path, write_json_atomic
-from wsitools.mil.data import BagInfo, EncoderRecord, bag_info, list_feature_stores, read_coords, read_features
-from wsitools.mil.heads import SavedHead, load_head
+from wsitools.feature_store import (
+    BagInfo,
+    EncoderRecord,
+    bag_info,
+    list_feature_stores,
+    read_coords,
+    read_features,
+)
+from wsitools.mil.head_folder import SavedHead, load_heads
 from wsitools.mil.patients import group_slides, read_patients, write_patient_attention
 from wsitools.types import check_slide_id
 
@@ -79,7 +86,7 @@ def predict_bag(
     head's risk or predicted value, [1].
 
     The bag is moved to the device of the models (all on one device, e.g. from
-    :func:`load_heads`); the results come back as CPU arrays."""
+    :func:`~wsitools.mil.head_folder.load_heads`); the results come back as CPU arrays."""
     device = next(models[0].parameters()).device
     x = x.to(device)
     ivp = ivp.to(device) if ivp is not None else None
@@ -91,32 +98,6 @@ def predict_bag(
         preds.append(torch.from_numpy(to_predictions(out.logits.float()[None].cpu().numpy(), scale).reshape(-1)))
         attention.append(out.attention.float())
     return torch.stack(preds).mean(0).numpy(), torch.stack(attention).mean(0).cpu().numpy()
-
-
-def load_heads(model_dir: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> list[SavedHead]:
-    """The heads of a training output (``fold_*/``, in fold order) or of one head folder, on ``device``."""
-    model_dir = Path(model_dir)
-    if (model_dir / "model.safetensors").is_file():
-        heads = [load_head(model_dir, device=device)]
-    else:
-        folders = [p for p in model_dir.glob("fold_*") if p.name[5:].isdigit() and (p / "model.safetensors").is_file()]
-        heads = [load_head(p, device=device) for p in sorted(folders, key=lambda p: int(p.name[5:]))]
-    if not heads:
-        raise ModelError(f"{model_dir}: no trained head (model.safetensors) here or in fold_*/")
-    first = heads[0]
-    for h in heads[1:]:
-        if h.classes != first.classes or h.config.in_dim != first.config.in_dim or task_type(h) != task_type(first):
-            raise ModelError(f"{model_dir}: the fold heads disagree on classes or feature width")
-        if head_bag(h) != head_bag(first):
-            raise ModelError(f"{model_dir}: the fold heads disagree on the bags (slide or patient)")
-        if h.meta.get("encoder_hash") != first.meta.get("encoder_hash"):
-            raise ModelError(f"{model_dir}: the fold heads were trained on features of different encoders")
-    return heads
-
-
-def task_type(head: SavedHead) -> str:
-    """The task type a head was trained for (heads saved before task types: classification)."""
-    return str(head.meta.get("task_type") or "classification")
 
 
 def check_encoder(head: SavedHead, bag: BagInfo, *, model_dir: str | os.PathLike[str]) -> bool:
@@ -179,11 +160,6 @@ class PatientPrediction:
     slide_ids: tuple[str, ...]
     probs: np.ndarray
     attention: np.ndarray
-
-
-def head_bag(head: SavedHead) -> str:
-    """How a head's bags were made: ``slide`` (heads saved before patient bags) or ``patient``."""
-    return str(head.meta.get("bag") or "slide")
 
 
 def _checked_bag(
@@ -262,8 +238,8 @@ def predict(
     models = [h.model for h in heads]
     first = heads[0]
     classes = first.classes
-    kind = task_type(first)
-    bagging = head_bag(first)
+    kind = first.task_type
+    bagging = first.bag
     output = OUTPUT_NAMES.get(kind, "")
     scales = [head_scale(h) for h in heads] if kind != "classification" else None
     needs_ivp = first.config.ivp_in_dim is not None

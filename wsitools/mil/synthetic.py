@@ -14,9 +14,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
 import numpy as np
 
+from wsitools.feature_store import FORMAT_VERSION, KIND, write_feature_store
 from wsitools.io import atomic_path
 
 
@@ -31,7 +31,7 @@ class SyntheticBag:
     planted: np.ndarray
 
 
-def write_feature_store(
+def write_synthetic_store(
     path: str | os.PathLike[str],
     features: np.ndarray,
     *,
@@ -40,25 +40,25 @@ def write_feature_store(
     tile_size_level0: float = 448.0,
     chunks: tuple[int, int] | None = None,
 ) -> Path:
-    """Write an h5 feature store (``features``, ``coords`` on a square grid if not given)."""
+    """Write a feature store of ``features`` for slide ``path.stem`` through
+    :func:`wsitools.feature_store.write_feature_store` (``coords`` on a square grid of
+    ``tile_size_level0`` px if not given; 224 px tiles at 0.5 um/px; ``chunks`` as there)."""
     path = Path(path)
     n = len(features)
     if coords is None:
         side = int(np.ceil(np.sqrt(n)))
         grid = np.stack([np.arange(n) % side, np.arange(n) // side], axis=1)
         coords = (grid * tile_size_level0).astype(np.int64)
-    with atomic_path(path, overwrite=True) as tmp:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("features", data=features, chunks=chunks)
-            f.create_dataset("coords", data=np.asarray(coords, dtype=np.int64))
-            f.attrs["format_version"] = 1
-            f.attrs["kind"] = "feature_store"
-            f.attrs["encoder"] = encoder
-            f.attrs["slide_id"] = path.stem
-            f.attrs["tile_size"] = 224
-            f.attrs["tile_size_level0"] = float(tile_size_level0)
-            f.attrs["mpp_target"] = 0.5
-    return path
+    attrs = {
+        "format_version": FORMAT_VERSION,
+        "kind": KIND,
+        "encoder": encoder,
+        "slide_id": path.stem,
+        "tile_size": 224,
+        "tile_size_level0": float(tile_size_level0),
+        "mpp_target": 0.5,
+    }
+    return write_feature_store(path, features, coords, attrs, chunks=chunks)
 
 
 def make_bag_cohort(
@@ -106,7 +106,7 @@ def make_bag_cohort(
             planted = np.sort(rng.choice(n, size=min(n, draw(n_planted)), replace=False))
             feats[planted] += mu
         slide_id = f"slide_{s:03d}"
-        path = write_feature_store(out_dir / f"{slide_id}.h5", feats.astype(dtype))
+        path = write_synthetic_store(out_dir / f"{slide_id}.h5", feats.astype(dtype))
         bags.append(
             SyntheticBag(
                 slide_id=slide_id,
@@ -202,7 +202,7 @@ def make_outcome_cohort(
             OutcomeBag(
                 slide_id=slide_id,
                 patient_id=f"patient_{p:03d}",
-                path=write_feature_store(out_dir / f"{slide_id}.h5", feats.astype(np.float32)),
+                path=write_synthetic_store(out_dir / f"{slide_id}.h5", feats.astype(np.float32)),
                 share=float(shares[p]),
                 planted=planted,
                 time=float(min(event_times[p], censor_times[p])),

@@ -63,22 +63,12 @@ from wsitools.metrics import (
     regression_report,
 )
 from wsitools.mil.config import Bag, Balance, TrainConfig
-from wsitools.mil.data import (
-    Cohort,
-    Fold,
-    RowLayout,
-    bag_info,
-    build_cohort,
-    class_weights,
-    patient_kfold,
-    read_coords,
-    read_features,
-    read_labels,
-    row_layout,
-    sample_index,
-    user_folds,
-)
-from wsitools.mil.heads import HeadConfig, HeadName, PromptKind, create_head, save_head
+from wsitools.feature_store import RowLayout, bag_info, read_coords, read_features, row_layout
+from wsitools.labels import read_labels
+from wsitools.mil.data import Cohort, build_cohort, class_weights, sample_index
+from wsitools.mil import head_folder
+from wsitools.mil.folds import Fold, patient_kfold, user_folds
+from wsitools.mil.heads import HeadConfig, HeadName, PromptKind, create_head
 from wsitools.mil.patients import (
     PatientCohort,
     SlideGroup,
@@ -760,9 +750,10 @@ def train(
             result = train_fold(
                 cohort, fold, head_config, config, text_embeddings=text_embeddings, device=dev, progress=progress
             )
-            fold_dir = tmp / f"fold_{fold.index}"
-            save_head(result.model, fold_dir,
-                      meta={**meta, **result.scale, "fold": fold.index, "best_epoch": result.best_epoch})
+            fold_dir = head_folder.save_head(
+                result.model, head_folder.fold_dir(tmp, fold.index),
+                meta={**meta, **result.scale, "fold": fold.index, "best_epoch": result.best_epoch},
+            )
             preds = result.predictions()
             rows = []
             for j, i in enumerate(result.test.index):

@@ -1,0 +1,316 @@
+"""The labels table of a task: written by the workflow from the samples sheet, read by training.
+
+The table (CSV or TSV) has ``slide_id``, the target columns of the task type (``label``; or
+``time`` and ``event`` for survival, see :mod:`wsitools.mil.targets`), optional ``patient_id``
+and the user's own ``split`` or ``fold``. The workflow writes one per task
+(:func:`write_labels`) after checking the sheet's labels against the task and the heads' folds
+when it builds the job graph (:func:`check_task_labels`, :func:`check_outcome_labels`,
+:func:`check_patient_labels`);
+``wsitools train`` reads it (:func:`read_labels`). No torch import: the workflow imports this.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from wsitools.errors import DataError
+from wsitools.io import read_user_text
+from wsitools.mil.targets import LABEL_COLUMNS, parse_targets
+from wsitools.samples import SPLIT_COLUMNS, Sample
+from wsitools.tables import is_number, write_table
+from wsitools.text import TaskType
+from wsitools.types import check_slide_id
+
+
+@dataclass(frozen=True)
+class LabelRow:
+    """One row of a labels table: a class label, a numeric target (``value``, regression) or a
+    follow-up ``time`` with its ``event`` indicator (survival; ``label`` is then the event as text)."""
+
+    slide_id: str
+    label: str
+    patient_id: str
+    split: str | None = None
+    fold: int | None = None
+    value: float | None = None
+    time: float | None = None
+    event: int | None = None
+
+
+def _sniff_dialect(path: Path, head: str) -> type[csv.Dialect] | csv.Dialect:
+    if path.suffix.lower() in (".tsv", ".tab"):
+        return csv.excel_tab
+    if path.suffix.lower() == ".csv":
+        return csv.excel
+    try:
+        return csv.Sniffer().sniff(head, delimiters=",\t;")
+    except csv.Error:
+        return csv.excel
+
+
+def read_labels(path: str | os.PathLike[str], *, task_type: TaskType = "classification") -> list[LabelRow]:
+    """Read a labels table (CSV or TSV) with ``slide_id``, the target columns of ``task_type``
+    (:data:`LABEL_COLUMNS`: ``label``, a class or a number; or ``time`` and ``event`` for
+    survival) and optional ``patient_id``, ``split`` (train/val/test) or ``fold`` (integer) columns.
+
+    A slide without ``patient_id`` is its own patient. Raises :class:`DataError` naming the file
+    and row for a missing column, an unsafe or repeated slide id, an empty label, a bad split, or
+    (regression, survival) a target that is not a finite number, a negative time or an event
+    other than 0/1.
+    """
+    path = Path(path)
+    text = read_user_text(path, what="labels table", expected="a CSV or TSV file", encoding="utf-8-sig")
+    reader = csv.DictReader(text.splitlines(), dialect=_sniff_dialect(path, text[:4096]))
+    columns = [c.strip() for c in (reader.fieldnames or [])]
+    for need in LABEL_COLUMNS[task_type]:
+        if need not in columns:
+            hint = (" (a survival table? give a task file with 'type: survival')"
+                    if task_type == "classification" and {"time", "event"} <= set(columns) else "")
+            raise DataError(
+                f"labels table {path}: no '{need}' column for a {task_type} task "
+                f"(columns: {', '.join(columns) or 'none'}){hint}"
+            )
+    if "split" in columns and "fold" in columns:
+        raise DataError(f"labels table {path}: give either a 'split' or a 'fold' column, not both")
+    rows: list[LabelRow] = []
+    seen: set[str] = set()
+    for line, raw in enumerate(reader, start=2):
+        row = {(k or "").strip(): (v or "").strip() for k, v in raw.items()}
+        slide_id = row["slide_id"]
+        if not slide_id:
+            continue
+        try:
+            check_slide_id(slide_id)
+        except ValueError as exc:
+            raise DataError(f"labels table {path}, line {line}: {exc}") from exc
+        if slide_id in seen:
+            raise DataError(f"labels table {path}, line {line}: slide {slide_id} appears twice")
+        seen.add(slide_id)
+        targets = parse_targets(row, task_type, where=f"labels table {path}, line {line}: slide {slide_id}")
+        split = row.get("split") or None
+        if split is not None and split not in ("train", "val", "test"):
+            raise DataError(
+                f"labels table {path}, line {line}: slide {slide_id} has split {split!r}; "
+                "use train, val or test"
+            )
+        fold: int | None = None
+        if row.get("fold"):
+            try:
+                fold = int(row["fold"])
+            except ValueError as exc:
+                raise DataError(
+                    f"labels table {path}, line {line}: slide {slide_id} has fold {row['fold']!r}, not an integer"
+                ) from exc
+        rows.append(
+            LabelRow(
+                slide_id=slide_id,
+                patient_id=row.get("patient_id") or slide_id,
+                split=split,
+                fold=fold,
+                **targets,
+            )
+        )
+    if not rows:
+        raise DataError(f"labels table {path}: no rows")
+    has_split = [r.split is not None for r in rows]
+    has_fold = [r.fold is not None for r in rows]
+    for name, flags in (("split", has_split), ("fold", has_fold)):
+        if any(flags) and not all(flags):
+            missing = [r.slide_id for r, f in zip(rows, flags) if not f]
+            raise DataError(f"labels table {path}: {name} is empty for slides {', '.join(missing[:10])}")
+    return rows
+
+
+def write_labels(
+    samples: Sequence[Sample],
+    *,
+    usable: Iterable[str],
+    columns: Mapping[str, str],
+    out: str | os.PathLike[str],
+    task_type: TaskType = "classification",
+) -> list[dict[str, str]]:
+    """The labels table of one task: usable slides that have every target in the sheet.
+
+    ``columns`` maps the table's target columns to the sheet's (``label``; for survival
+    ``time`` and ``event``). Columns ``slide_id``, ``patient_id`` and the targets (the table
+    ``wsitools train`` reads), plus the sheet's ``split`` or ``fold`` column when it fills one
+    (the user's own splits). Slides that failed QC or lack a target are left out. Fewer than two
+    classes left (classification) is an error, raised here (before training) with the counts.
+    """
+    for column in columns.values():
+        if samples and not any(column in s.fields for s in samples):
+            raise DataError(f"samples sheet has no column {column!r} for the task's labels")
+    keep = set(usable)
+    splits = [c for c in SPLIT_COLUMNS if any(s.value(c) for s in samples)]
+    rows = [
+        {"slide_id": s.slide_id, "patient_id": s.patient_id, **{k: s.value(c) for k, c in columns.items()},
+         **{c: s.value(c) for c in splits}}
+        for s in samples
+        if s.slide_id in keep and all(s.value(c) for c in columns.values())
+    ]
+    if task_type == "classification":
+        classes = sorted({r["label"] for r in rows})
+        if len(classes) < 2:
+            raise DataError(
+                f"task labels from column {columns['label']!r}: {len(rows)} usable labelled slide(s) "
+                f"with class(es) {classes}: training needs at least two classes"
+            )
+    write_table(out, rows, ("slide_id", "patient_id", *columns, *splits))
+    return rows
+
+
+def task_columns(task_type: TaskType, *, label_column: str, time_column: str, event_column: str) -> dict[str, str]:
+    """The labels table's target columns and the samples-sheet columns they come from."""
+    if task_type == "survival":
+        return {"time": time_column, "event": event_column}
+    return {"label": label_column}
+
+
+def check_outcome_labels(
+    samples: Sequence[Sample],
+    *,
+    task: str,
+    task_type: TaskType,
+    columns: Mapping[str, str],
+    folds: Mapping[str, int],
+    sheet: str,
+) -> None:
+    """Check a survival or regression task's targets in the samples sheet before any slide is
+    tiled: every filled value as ``wsitools train`` checks it (a number; time >= 0, event 0/1),
+    naming the slide and column; at least two labelled slides (survival: two events); each head's
+    k-fold cross-validation needs at least k labelled patients (survival: k with an event)."""
+    labelled = [s for s in samples if all(s.value(c) for c in columns.values())]
+    parsed = []
+    for s in labelled:
+        row = {k: s.value(c) for k, c in columns.items()}
+        parsed.append(parse_targets(row, task_type, where=f"config: tasks: {task}: {sheet}: slide {s.slide_id}"))
+    if task_type == "survival":
+        counted = {s.patient_id for s, t in zip(labelled, parsed) if t["event"]}
+        what = "patients with an event"
+    else:
+        counted = {s.patient_id for s in labelled}
+        what = "labelled patients"
+    if len(labelled) < 2 or (task_type == "survival" and len(counted) < 2):
+        raise DataError(f"config: tasks: {task}: {len(labelled)} labelled slide(s), {len(counted)} {what} "
+                        f"in columns {', '.join(map(repr, columns.values()))} of {sheet}; training needs at least two")
+    if any(s.value(c) for s in labelled for c in SPLIT_COLUMNS):
+        return
+    for head, k in folds.items():
+        if len(counted) < k:
+            raise DataError(f"config: heads: {head}: folds: {k}-fold cross-validation of task {task!r} needs at "
+                            f"least {k} {what}, but {sheet} has {len(counted)}; set `heads: {head}: folds` lower")
+
+
+def check_task_labels(
+    samples: Sequence[Sample],
+    *,
+    task: str,
+    label_column: str,
+    classes: Sequence[str] | None,
+    folds: Mapping[str, int],
+    sheet: str,
+    task_file: str | None = None,
+    allow_empty_classes: bool = False,
+) -> None:
+    """Check a task's labels in the samples sheet against its classes and the heads' folds,
+    before any slide is tiled (the workflow calls this when it builds the job graph).
+
+    - every label must be a class of the task file (when there is one, ``classes``);
+    - every class of the task needs a labelled slide (unless ``allow_empty_classes``);
+    - at least two classes must be labelled;
+    - without the sheet's own ``split``/``fold`` columns, each head's k-fold cross-validation
+      (``folds``: head name -> k) needs at least k patients of each class (a patient counts for
+      the class most of its slides have, as the split does).
+
+    Each problem is a :class:`DataError` naming the class and the config key to change. Slides
+    that later fail QC are not known yet: training checks again on what is left.
+    """
+    where = f"column {label_column!r} of {sheet}"
+    labelled = [(s, s.value(label_column)) for s in samples if s.value(label_column)]
+    present = sorted({label for _, label in labelled})
+    order = list(classes) if classes is not None else present
+    if classes is not None:
+        unknown: dict[str, list[str]] = {}
+        for s, label in labelled:
+            if label not in classes:
+                unknown.setdefault(label, []).append(s.slide_id)
+        if unknown:
+            listing = "; ".join(f"{label!r} (slides {', '.join(ids[:5])})" for label, ids in unknown.items())
+            raise DataError(
+                f"config: tasks: {task}: labels in {where} that are not classes of {task_file or 'the task'} "
+                f"({', '.join(classes)}): {listing}; fix the labels or add the classes to the task file"
+            )
+        empty = [c for c in classes if c not in present]
+        if empty and not allow_empty_classes:
+            raise DataError(
+                f"config: tasks: {task}: class{'es' if len(empty) > 1 else ''} {', '.join(map(repr, empty))} of "
+                f"{task_file or 'the task'} {'have' if len(empty) > 1 else 'has'} no labelled slide in {where}; "
+                "label slides of it, remove it from the task file, or add --allow-empty-classes to the "
+                "heads' extra_args"
+            )
+    if len(present) < 2:
+        raise DataError(
+            f"config: tasks: {task}: {len(labelled)} labelled slide(s) in {where} with class(es) {present}; "
+            "training needs at least two classes"
+        )
+    if any(s.value(c) for s, _ in labelled for c in SPLIT_COLUMNS):
+        return  # the sheet's own splits: the folds setting is not used
+    patients = _patient_classes(labelled, order)
+    counts = {c: sum(1 for label in patients.values() if label == c) for c in order}
+    for head, k in folds.items():
+        short = {c: n for c, n in counts.items() if 0 < n < k}
+        if not short:
+            continue
+        fewest = min(short.values())
+        listing = ", ".join(f"{c!r} has {n} patient{'s' if n != 1 else ''}" for c, n in short.items())
+        fix = (
+            f"set `heads: {head}: folds` to at most {fewest}" if fewest >= 2
+            else "label more patients of that class (cross-validation needs at least 2)"
+        )
+        raise DataError(
+            f"config: heads: {head}: folds: {k}-fold cross-validation of task {task!r} needs at least {k} "
+            f"patients of each class, but in {where} {listing}; {fix}"
+        )
+
+
+def check_patient_labels(
+    samples: Sequence[Sample], *, task: str, columns: Mapping[str, str], sheet: str, heads: Sequence[str]
+) -> None:
+    """For heads on patient bags (``heads``): the labelled slides of each patient must carry the
+    same targets (the task's ``columns`` of the sheet; numbers compared as numbers), before any
+    slide is tiled; a :class:`DataError` names the task, the patient, two slides that differ and
+    the heads."""
+
+    def key(text: str) -> str | float:
+        return float(text) if is_number(text) else text
+
+    first: dict[str, Sample] = {}
+    for s in samples:
+        values = [s.value(c) for c in columns.values()]
+        if not all(values):
+            continue
+        seen = first.setdefault(s.patient_id, s)
+        expected = [seen.value(c) for c in columns.values()]
+        if list(map(key, values)) != list(map(key, expected)):
+            raise DataError(
+                f"config: tasks: {task}: patient {s.patient_id} in {sheet}: slides {seen.slide_id} "
+                f"({'/'.join(expected)}) and {s.slide_id} ({'/'.join(values)}) disagree on "
+                f"{', '.join(map(repr, columns.values()))}, but heads {', '.join(heads)} pool a patient's "
+                "slides into one bag (bag: patient) with one label"
+            )
+
+
+def _patient_classes(labelled: Sequence[tuple[Sample, str]], order: Sequence[str]) -> dict[str, str]:
+    """Each patient's class: the one most of its slides have (ties: the first in ``order``)."""
+    by_patient: dict[str, list[str]] = {}
+    for s, label in labelled:
+        by_patient.setdefault(s.patient_id, []).append(label)
+    rank = {c: i for i, c in enumerate(order)}
+    return {
+        p: min(set(labels), key=lambda c: (-labels.count(c), rank.get(c, len(rank))))
+        for p, labels in by_patient.items()
+    }

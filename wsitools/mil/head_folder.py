@@ -1,0 +1,146 @@
+"""The head folder: one trained MIL head on disk (path, write, read, verify).
+
+A head folder holds ``model.safetensors`` (the state dict, CPU tensors) and ``config.json``
+(``format_version``, ``kind: mil_head``, the :class:`~wsitools.mil.heads.HeadConfig` under
+``config``, and the training metadata: ``classes`` in logit order, task, encoder record, text
+model, fold, settings, and a survival or regression head's scale). A ``wsitools train`` run
+holds one per fold, ``fold_{k}/`` (:func:`fold_dir`); ``wsitools predict`` takes a run (its
+fold heads, an ensemble) or one head folder (:func:`head_folders`, :func:`load_heads`). Layout:
+docs/formats.md, "MIL heads".
+
+A head folder is written whole under a temporary name and renamed when complete
+(:func:`save_head`), so a folder with weights but no config (or the reverse) is never left to
+look like a head. Loading checks the kind, the format version, the config and every tensor's
+name and shape against the head it describes, naming the file on any mismatch
+(:class:`~wsitools.errors.ModelError`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from wsitools.errors import ModelError
+from wsitools.io import atomic_path, write_json_atomic
+from wsitools.mil.heads import HeadConfig, create_head
+
+HEAD_FORMAT_VERSION = 1
+HEAD_KIND = "mil_head"
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+def fold_dir(run_dir: str | os.PathLike[str], index: int) -> Path:
+    """The head folder of fold ``index`` in a training run: ``{run_dir}/fold_{index}``."""
+    return Path(run_dir) / f"fold_{int(index)}"
+
+
+def head_folders(model_dir: str | os.PathLike[str]) -> list[Path]:
+    """The head folders of ``model_dir``: itself when it is one, else its ``fold_{k}/`` folders
+    holding weights, in fold order; :class:`ModelError` naming the folder when there is none."""
+    model_dir = Path(model_dir)
+    if (model_dir / WEIGHTS_FILE).is_file():
+        return [model_dir]
+    folds = [p for p in model_dir.glob("fold_*") if p.name[5:].isdigit() and (p / WEIGHTS_FILE).is_file()]
+    if not folds:
+        raise ModelError(f"{model_dir}: no trained head ({WEIGHTS_FILE}) here or in fold_*/")
+    return sorted(folds, key=lambda p: int(p.name[5:]))
+
+
+@dataclass
+class SavedHead:
+    """A head read from disk: the module (eval mode), its config, and the metadata saved with it."""
+
+    model: nn.Module
+    config: HeadConfig
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.meta["classes"])
+
+    @property
+    def task_type(self) -> str:
+        """The task type the head was trained for (heads saved before task types: classification)."""
+        return str(self.meta.get("task_type") or "classification")
+
+    @property
+    def bag(self) -> str:
+        """How the head's bags were made: ``slide`` (heads saved before patient bags) or ``patient``."""
+        return str(self.meta.get("bag") or "slide")
+
+
+def save_head(model: nn.Module, folder: str | os.PathLike[str], *, meta: dict[str, Any]) -> Path:
+    """Write the head folder ``folder`` (``model.safetensors`` and ``config.json``: head config +
+    ``meta``) atomically, replacing any folder there; returns ``folder``.
+
+    ``meta`` must hold ``classes`` (the class names in logit order); anything else JSON-able
+    (task, encoder, text model, fold, training settings) is kept for provenance.
+    """
+    from safetensors.torch import save_file
+
+    if "classes" not in meta:
+        raise ValueError("save_head needs meta['classes']")
+    config: HeadConfig = model.config
+    folder = Path(folder)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(folder, overwrite=True) as tmp:
+        tmp.mkdir()
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "head": config.head})
+        write_json_atomic(
+            tmp / CONFIG_FILE,
+            {"format_version": HEAD_FORMAT_VERSION, "kind": HEAD_KIND, "config": config.to_dict(), **meta},
+        )
+    return folder
+
+
+def load_head(folder: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> SavedHead:
+    """Read a head folder written by :func:`save_head`; raises :class:`ModelError` naming the file
+    on a mismatch."""
+    from wsitools.encoders.checkpoint import read_state_dict
+
+    folder = Path(folder)
+    config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+    if not config_path.is_file() or not weights_path.is_file():
+        raise ModelError(f"{folder}: not a saved head (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
+    try:
+        meta = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{config_path}: not valid JSON: {exc}") from None
+    if not isinstance(meta, dict) or meta.get("kind") != HEAD_KIND or meta.get("format_version") != HEAD_FORMAT_VERSION:
+        raise ModelError(f"{config_path}: not a version-{HEAD_FORMAT_VERSION} {HEAD_KIND} config")
+    try:
+        config = HeadConfig.from_dict(meta.pop("config"))
+        model = create_head(config)
+        meta["classes"] = [str(c) for c in meta["classes"]]
+    except ModelError as exc:
+        raise ModelError(f"{config_path}: {exc}") from None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelError(f"{config_path}: not a usable head config ({type(exc).__name__}: {exc})") from None
+    state = read_state_dict(weights_path, model.state_dict())
+    model.load_state_dict(state, strict=True)
+    model.to(device).eval()
+    return SavedHead(model=model, config=config, meta=meta)
+
+
+def load_heads(model_dir: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> list[SavedHead]:
+    """The heads of a training run (``fold_*/``, in fold order) or of one head folder, on
+    ``device``; :class:`ModelError` when they disagree on classes, feature width, task type,
+    bags (slide or patient) or the encoder of their training features (they could not be
+    averaged)."""
+    heads = [load_head(p, device=device) for p in head_folders(model_dir)]
+    first = heads[0]
+    for h in heads[1:]:
+        if h.classes != first.classes or h.config.in_dim != first.config.in_dim or h.task_type != first.task_type:
+            raise ModelError(f"{model_dir}: the fold heads disagree on classes or feature width")
+        if h.bag != first.bag:
+            raise ModelError(f"{model_dir}: the fold heads disagree on the bags (slide or patient)")
+        if h.meta.get("encoder_hash") != first.meta.get("encoder_hash"):
+            raise ModelError(f"{model_dir}: the fold heads were trained on features of different encoders")
+    return heads

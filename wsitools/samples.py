@@ -1,0 +1,203 @@
+"""The samples sheet and the workflow it feeds: the slides of a cohort, and how Snakemake is run.
+
+The Snakemake workflow (``workflow/``) and ``wsitools demo`` call these functions; the Snakefile
+holds no logic of its own beyond wiring. Everything a user can get wrong here (an unsafe or
+duplicate slide id, a missing slide file, an implausible mpp override, an unknown config key, an
+encoder without a card) is a :class:`DataError` naming the sheet or key, the row and the
+problem, raised before any job runs.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import math
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from wsitools.encoders.cards import find_card
+from wsitools.errors import DataError, ModelError
+from wsitools.types import MPP_MAX, MPP_MIN, MicronsPerPixel, check_slide_id, slide_id_from_path
+
+SPLIT_COLUMNS = ("split", "fold")
+"""Samples-sheet columns with the user's own splits, passed on to the labels tables."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One slide of the cohort, as the samples sheet (or a slide glob) describes it."""
+
+    slide_id: str
+    path: str
+    patient_id: str
+    mpp: MicronsPerPixel | None = None
+    fields: Mapping[str, str] = field(default_factory=dict)
+    """Every column of the sheet for this row (labels of any task live here)."""
+
+    def value(self, column: str) -> str:
+        """The (stripped) value of ``column`` for this slide; empty when absent."""
+        return self.fields.get(column, "").strip()
+
+
+def workflow_dir() -> Path:
+    """The ``workflow/`` folder of the wsitools checkout this package was imported from.
+
+    The workflow is not part of the installed package: it lives beside it in the repository
+    (repo root = parent of the package folder), so the package must be installed editable
+    (``pip install -e .``) or run from a checkout.
+    """
+    root = Path(__file__).resolve().parent.parent
+    snakefile = root / "workflow" / "Snakefile"
+    if not snakefile.is_file():
+        raise DataError(
+            f"no workflow at {snakefile}: the Snakemake workflow ships with the repository, "
+            "install wsitools from a checkout with `pip install -e .`"
+        )
+    return root / "workflow"
+
+
+def snakemake_command(workdir: str | os.PathLike[str], *args: str) -> list[str]:
+    """The command that runs this checkout's workflow in ``workdir`` with Snakemake's CLI.
+
+    Snakemake runs as ``python -m snakemake`` with the current interpreter, so it sees the same
+    environment (and wsitools) as the caller.
+    """
+    snakefile = workflow_dir() / "Snakefile"
+    return [sys.executable, "-m", "snakemake", "--snakefile", str(snakefile),
+            "--directory", str(workdir), *args]
+
+
+def _parse_mpp(text: str, where: str) -> MicronsPerPixel | None:
+    if not text.strip():
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise DataError(f"{where}: mpp {text!r} is not a number") from None
+    if not (math.isfinite(value) and MPP_MIN <= value <= MPP_MAX):
+        raise DataError(f"{where}: mpp {value:g} is outside {MPP_MIN:g}-{MPP_MAX:g} um/px")
+    return MicronsPerPixel(value)
+
+
+def _check_unique(samples: Sequence[Sample], source: str) -> None:
+    seen: dict[str, str] = {}
+    for s in samples:
+        if s.slide_id in seen:
+            raise DataError(
+                f"{source}: duplicate slide id {s.slide_id!r} ({seen[s.slide_id]} and {s.path})"
+            )
+        seen[s.slide_id] = s.path
+
+
+def _check_files(samples: Sequence[Sample], source: str) -> None:
+    for s in samples:
+        if not os.path.isfile(s.path):
+            raise DataError(f"{source}: slide {s.slide_id!r}: file {s.path} does not exist")
+
+
+def read_samples(path: str | os.PathLike[str], *, check_files: bool = True) -> list[Sample]:
+    """Read and validate a samples sheet (TSV with a header row).
+
+    Required columns: ``slide_id`` and ``path``; optional: ``patient_id`` (defaults to the slide
+    id, so splits are per slide), ``label`` and ``mpp`` (an override for slides whose metadata
+    lacks a resolution); other columns are kept in :attr:`Sample.fields`. Relative slide paths
+    are relative to the working directory (the workflow's convention). Blank lines and lines
+    starting with ``#`` are skipped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"samples sheet {path} does not exist")
+    with open(path, newline="") as f:
+        lines = [line for line in f if line.strip() and not line.lstrip().startswith("#")]
+    if not lines:
+        raise DataError(f"samples sheet {path} is empty")
+    reader = csv.DictReader(lines, delimiter="\t")
+    columns = [c.strip() for c in reader.fieldnames or []]
+    missing = [c for c in ("slide_id", "path") if c not in columns]
+    if missing:
+        raise DataError(
+            f"samples sheet {path}: missing column(s) {', '.join(missing)} "
+            f"(found {', '.join(columns) or 'none'}; is it tab-separated?)"
+        )
+    samples = []
+    for row_no, row in enumerate(reader, start=2):
+        if None in row:
+            raise DataError(f"samples sheet {path}, row {row_no}: more fields than columns")
+        fields = {k.strip(): (v or "").strip() for k, v in row.items()}
+        where = f"samples sheet {path}, row {row_no}"
+        try:
+            slide_id = check_slide_id(fields["slide_id"])
+        except ValueError as exc:
+            raise DataError(f"{where}: {exc}") from None
+        if not fields["path"]:
+            raise DataError(f"{where}: slide {slide_id!r} has no path")
+        samples.append(
+            Sample(
+                slide_id=slide_id,
+                path=fields["path"],
+                patient_id=fields.get("patient_id") or slide_id,
+                mpp=_parse_mpp(fields.get("mpp", ""), f"{where} (slide {slide_id!r})"),
+                fields=fields,
+            )
+        )
+    if not samples:
+        raise DataError(f"samples sheet {path} lists no slides")
+    _check_unique(samples, f"samples sheet {path}")
+    if check_files:
+        _check_files(samples, f"samples sheet {path}")
+    return samples
+
+
+def samples_from_glob(pattern: str) -> list[Sample]:
+    """The slides matching a glob (relative to the working directory), ids derived from the
+    file names (:func:`~wsitools.types.slide_id_from_path`: any name gives a safe id; two files
+    with one id are an error naming both).
+
+    No labels: a glob cohort can be tiled and embedded, and heads need a sheet.
+    """
+    paths = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+    if not paths:
+        raise DataError(f"slide glob {pattern!r} matches no file")
+    samples = [Sample(slide_id=(sid := slide_id_from_path(p)), path=p, patient_id=sid, fields={}) for p in paths]
+    _check_unique(samples, f"slide glob {pattern!r}")
+    return samples
+
+
+def load_samples(*, samples: str | None, slides_glob: str | None) -> list[Sample]:
+    """The slides of the cohort from exactly one of a samples sheet or a slide glob (the workflow's config)."""
+    if bool(samples) == bool(slides_glob):
+        raise DataError("config: give exactly one of 'samples' (a samples sheet) and 'slides_glob'")
+    return read_samples(samples) if samples else samples_from_glob(slides_glob or "")
+
+
+def config_error(error: Any) -> str:
+    """One line for a config that fails the workflow's schema (a ``jsonschema.ValidationError``):
+    the key it is about and what is wrong, never the schema itself. An unknown key (a typo) is
+    named with its place and the nearest known key."""
+    import difflib
+
+    path = [str(p) for p in error.absolute_path]
+    if error.validator == "additionalProperties" and isinstance(error.instance, Mapping):
+        known = sorted((error.schema or {}).get("properties", {}))
+        unknown = sorted(k for k in error.instance if k not in known)
+        if unknown:
+            key = unknown[0]
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}"
+            return f"config: {': '.join([*path, key])}: unknown key ({hint})"
+    where = f"{': '.join(path)}: " if path else ""
+    return f"config: {where}{' '.join(str(error.message).split())}"
+
+
+def check_encoders(encoders: Mapping[str, str], *, models_dir: str | None) -> None:
+    """Check that every encoder the config names has a valid card (``encoders``: config key ->
+    card name or card file), before any slide is tiled; a :class:`DataError` names the key."""
+    for key, name in encoders.items():
+        try:
+            find_card(name, models_dir=models_dir or None)
+        except ModelError as exc:
+            raise DataError(f"config: {key}: {exc}") from None
