@@ -20,7 +20,6 @@ it for new ones); the workflow's outputs are made afresh every run.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
@@ -33,7 +32,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from wsitools import cohort
+from wsitools.report import read_qc
+from wsitools.samples import read_samples, snakemake_command, workflow_dir
 from wsitools.io import available_cpus
 from wsitools.synthetic import make_cohort
 
@@ -130,7 +130,7 @@ def main() -> None:
 
     slides_dir = out / "cohort"
     samples = slides_dir / "samples.tsv"
-    if samples.is_file() and len(cohort.read_samples(samples)) == args.slides:
+    if samples.is_file() and len(read_samples(samples)) == args.slides:
         print(f"reusing the {args.slides} slides in {slides_dir}")
         write_s = float("nan")
     else:
@@ -143,8 +143,8 @@ def main() -> None:
     work = out / "run"
     shutil.rmtree(work, ignore_errors=True)
     write_config(work, samples, encoder=args.encoder, train=args.train)
-    profile = cohort.workflow_dir().parent / "config" / "profiles" / "local"
-    cmd = cohort.snakemake_command(work, "--profile", str(profile), "--cores", str(cores), "--quiet", "all")
+    profile = workflow_dir().parent / "config" / "profiles" / "local"
+    cmd = snakemake_command(work, "--profile", str(profile), "--cores", str(cores), "--quiet", "all")
     path, log = measuring_path(work)
     env = {**os.environ, "PATH": path, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     print("running:", " ".join(cmd))
@@ -159,8 +159,8 @@ def main() -> None:
 
     tiles_dir, features_dir = work / "results" / "tiles", work / "results" / "features" / args.encoder
     slides = []
-    for s in cohort.read_samples(samples):
-        qc = cohort.read_qc(tiles_dir / f"{s.slide_id}.qc.json")
+    for s in read_samples(samples):
+        qc = read_qc(tiles_dir / f"{s.slide_id}.qc.json")
         slides.append({
             "slide_id": s.slide_id, "status": qc["status"], "n_tiles": int(qc.get("n_tiles") or 0),
             "slide_mb": disk_bytes(Path(s.path)) / 1e6,

@@ -41,9 +41,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {'mpp_source':16s} {info['mpp_source']}")
     print(f"  {'dimensions':16s} {info['dimensions'][0]} x {info['dimensions'][1]}")
     print("  levels:")
-    for i, (dims, ds, mpp) in enumerate(
+    for i, (dims, ds, level_mpp) in enumerate(
         zip(info["level_dimensions"], info["level_downsamples"], info["level_mpp"])
     ):
-        resolution = f"  mpp {mpp:.4g}" if mpp is not None else ""
+        resolution = f"  mpp {level_mpp:.4g}" if level_mpp is not None else ""
         print(f"    {i}: {dims[0]} x {dims[1]}  downsample {ds:.4g}{resolution}")
     return 0
