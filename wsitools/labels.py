@@ -1,7 +1,7 @@
 """The labels table of a task: written by the workflow from the samples sheet, read by training.
 
 The table (CSV or TSV) has ``slide_id``, the target columns of the task type (``label``; or
-``time`` and ``event`` for survival, see :mod:`wsitools.mil.targets`), optional ``patient_id``
+``time`` and ``event`` for survival: :func:`parse_targets`), optional ``patient_id``
 and the user's own ``split`` or ``fold``. The workflow writes one per task
 (:func:`write_labels`) after checking the sheet's labels against the task and the heads' folds
 when it builds the job graph (:func:`check_task_labels`, :func:`check_outcome_labels`,
@@ -16,14 +16,61 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from wsitools.errors import DataError
 from wsitools.io import read_user_text
-from wsitools.mil.targets import LABEL_COLUMNS, parse_targets
 from wsitools.samples import SPLIT_COLUMNS, Sample
-from wsitools.tables import is_number, write_table
+from wsitools.tables import is_number, sniff_dialect, write_table
 from wsitools.text import TaskType
 from wsitools.types import check_slide_id
+
+
+LABEL_COLUMNS: dict[TaskType, tuple[str, ...]] = {
+    "classification": ("slide_id", "label"),
+    "regression": ("slide_id", "label"),
+    "survival": ("slide_id", "time", "event"),
+}
+"""The columns a labels table needs for each task type."""
+
+SURVIVAL_STRATA = ("censored", "event")
+"""The strata of a survival cohort (folds are stratified on the event indicator)."""
+
+
+def _finite(text: str, *, where: str, column: str) -> float:
+    """``text`` as a finite float; a :class:`DataError` naming ``where`` and the column if not."""
+    if not text:
+        raise DataError(f"{where}: empty {column}")
+    try:
+        value = float(text)
+    except ValueError:
+        raise DataError(f"{where}: {column} {text!r} is not a number") from None
+    if not np.isfinite(value):
+        raise DataError(f"{where}: {column} {text!r} is not a finite number")
+    return value
+
+
+def parse_targets(row: Mapping[str, str], task_type: TaskType, *, where: str) -> dict[str, Any]:
+    """The target fields of one labels-table row (``label``; ``value`` for regression; ``time``
+    and ``event`` for survival, ``label`` being the stratum) for ``task_type``, checked: a
+    :class:`DataError` starting with ``where`` for an empty label, a number that is not finite,
+    a negative time or an event other than 0/1."""
+    if task_type == "classification":
+        if not row["label"]:
+            raise DataError(f"{where} has an empty label")
+        return {"label": row["label"]}
+    if task_type == "regression":
+        value = _finite(row["label"], where=where, column="label")
+        return {"label": row["label"], "value": value}
+    time = _finite(row["time"], where=where, column="time")
+    if time < 0:
+        raise DataError(f"{where}: time {row['time']!r} is negative")
+    event = _finite(row["event"], where=where, column="event")
+    if event not in (0.0, 1.0):
+        raise DataError(f"{where}: event {row['event']!r} must be 0 (censored) or 1 (event)")
+    return {"label": SURVIVAL_STRATA[int(event)], "time": time, "event": int(event)}
 
 
 @dataclass(frozen=True)
@@ -41,17 +88,6 @@ class LabelRow:
     event: int | None = None
 
 
-def _sniff_dialect(path: Path, head: str) -> type[csv.Dialect] | csv.Dialect:
-    if path.suffix.lower() in (".tsv", ".tab"):
-        return csv.excel_tab
-    if path.suffix.lower() == ".csv":
-        return csv.excel
-    try:
-        return csv.Sniffer().sniff(head, delimiters=",\t;")
-    except csv.Error:
-        return csv.excel
-
-
 def read_labels(path: str | os.PathLike[str], *, task_type: TaskType = "classification") -> list[LabelRow]:
     """Read a labels table (CSV or TSV) with ``slide_id``, the target columns of ``task_type``
     (:data:`LABEL_COLUMNS`: ``label``, a class or a number; or ``time`` and ``event`` for
@@ -64,7 +100,7 @@ def read_labels(path: str | os.PathLike[str], *, task_type: TaskType = "classifi
     """
     path = Path(path)
     text = read_user_text(path, what="labels table", expected="a CSV or TSV file", encoding="utf-8-sig")
-    reader = csv.DictReader(text.splitlines(), dialect=_sniff_dialect(path, text[:4096]))
+    reader = csv.DictReader(text.splitlines(), dialect=sniff_dialect(path, text[:4096]))
     columns = [c.strip() for c in (reader.fieldnames or [])]
     for need in LABEL_COLUMNS[task_type]:
         if need not in columns:

@@ -87,3 +87,16 @@ def write_html_table(
     )
     with atomic_path(path, overwrite=True) as tmp:
         Path(tmp).write_text(page, encoding="utf-8")
+
+
+def sniff_dialect(path: Path, head: str) -> type[csv.Dialect] | csv.Dialect:
+    """The CSV dialect of a user's table: by its suffix (``.tsv``/``.tab`` tab, ``.csv`` comma),
+    else sniffed from ``head`` (its first lines) among comma, tab and semicolon."""
+    if path.suffix.lower() in (".tsv", ".tab"):
+        return csv.excel_tab
+    if path.suffix.lower() == ".csv":
+        return csv.excel
+    try:
+        return csv.Sniffer().sniff(head, delimiters=",\t;")
+    except csv.Error:
+        return csv.excel

@@ -3,11 +3,9 @@
 - :mod:`wsitools.mil.heads`: the ``abmil``, ``pathotune`` and ``meanpool`` heads and their config.
 - :mod:`wsitools.mil.head_folder`: a trained head on disk (safetensors + JSON): path, write, read, verify.
 - :mod:`wsitools.mil.data`: cohorts (labelled slides matched to their checked feature bags) and
-  the sampling of bag rows for training steps (labels tables: :mod:`wsitools.labels`; feature
+  the sampling of bag rows for training steps (labels tables and their targets: :mod:`wsitools.labels`; feature
   bags: :mod:`wsitools.feature_store`).
 - :mod:`wsitools.mil.folds`: patient-level stratified k-fold, or the labels table's own splits.
-- :mod:`wsitools.mil.targets`: the targets of classification, survival and regression tasks in a
-  labels table, checked (no torch import; the workflow checks samples sheets with it).
 - :mod:`wsitools.mil.config`: :class:`TrainConfig` (no torch import).
 - :mod:`wsitools.mil.patients`: patient-level bags (``--bag patient``): a patient's slides
   pooled into one bag, label agreement, the slide -> patient table, attention split per slide.

@@ -20,8 +20,7 @@ import numpy as np
 
 from wsitools.errors import DataError
 from wsitools.feature_store import BagInfo, EncoderRecord, bag_info, feature_path, list_feature_stores
-from wsitools.labels import LabelRow
-from wsitools.mil.targets import SURVIVAL_STRATA
+from wsitools.labels import SURVIVAL_STRATA, LabelRow
 from wsitools.text import TaskType
 
 log = logging.getLogger(__name__)

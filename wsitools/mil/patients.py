@@ -26,7 +26,8 @@ from wsitools.attention import write_attention
 from wsitools.errors import DataError
 from wsitools.io import read_user_text
 from wsitools.feature_store import BagInfo, read_coords
-from wsitools.labels import LabelRow, _sniff_dialect
+from wsitools.labels import LabelRow
+from wsitools.tables import sniff_dialect
 from wsitools.mil.data import Cohort
 from wsitools.text import TaskType
 from wsitools.types import check_slide_id
@@ -210,7 +211,7 @@ def read_patients(path: str | os.PathLike[str]) -> dict[str, str]:
     path = Path(path)
     text = read_user_text(path, what="patients table", expected="a CSV or TSV file", encoding="utf-8-sig")
     lines = [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
-    reader = csv.DictReader(lines, dialect=_sniff_dialect(path, "\n".join(lines[:50])))
+    reader = csv.DictReader(lines, dialect=sniff_dialect(path, "\n".join(lines[:50])))
     columns = [c.strip() for c in (reader.fieldnames or [])]
     missing = [c for c in ("slide_id", "patient_id") if c not in columns]
     if missing:
