@@ -19,7 +19,8 @@ from wsitools.cli import main  # noqa: E402
 from wsitools.heatmap import _title  # noqa: E402
 from wsitools.mil.config import TrainConfig  # noqa: E402
 from wsitools.feature_store import read_coords, read_features  # noqa: E402
-from wsitools.mil.patients import SlideGroup, read_patients, split_attention  # noqa: E402
+from wsitools.labels import read_patients  # noqa: E402
+from wsitools.mil.patients import SlideGroup, split_attention  # noqa: E402
 from wsitools.mil.predict import predict  # noqa: E402
 from wsitools.mil.synthetic import make_outcome_cohort, write_synthetic_store  # noqa: E402
 from wsitools.mil.train import PatientBagDataset, train  # noqa: E402

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import csv
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,6 +88,26 @@ class LabelRow:
     event: int | None = None
 
 
+def slide_rows(reader: Iterable[Mapping[str, str | None]], *, what: str) -> Iterator[tuple[int, str, dict[str, str]]]:
+    """The rows of a table keyed by ``slide_id`` as (line, slide id, row with stripped keys and
+    values), rows without a slide id skipped; an unsafe or repeated slide id is a
+    :class:`DataError` starting with ``what`` and naming the line."""
+    seen: set[str] = set()
+    for line, raw in enumerate(reader, start=2):
+        row = {(k or "").strip(): (v or "").strip() for k, v in raw.items()}
+        slide_id = row["slide_id"]
+        if not slide_id:
+            continue
+        try:
+            check_slide_id(slide_id)
+        except ValueError as exc:
+            raise DataError(f"{what}, line {line}: {exc}") from None
+        if slide_id in seen:
+            raise DataError(f"{what}, line {line}: slide {slide_id} appears twice")
+        seen.add(slide_id)
+        yield line, slide_id, row
+
+
 def read_labels(path: str | os.PathLike[str], *, task_type: TaskType = "classification") -> list[LabelRow]:
     """Read a labels table (CSV or TSV) with ``slide_id``, the target columns of ``task_type``
     (:data:`LABEL_COLUMNS`: ``label``, a class or a number; or ``time`` and ``event`` for
@@ -113,19 +133,7 @@ def read_labels(path: str | os.PathLike[str], *, task_type: TaskType = "classifi
     if "split" in columns and "fold" in columns:
         raise DataError(f"labels table {path}: give either a 'split' or a 'fold' column, not both")
     rows: list[LabelRow] = []
-    seen: set[str] = set()
-    for line, raw in enumerate(reader, start=2):
-        row = {(k or "").strip(): (v or "").strip() for k, v in raw.items()}
-        slide_id = row["slide_id"]
-        if not slide_id:
-            continue
-        try:
-            check_slide_id(slide_id)
-        except ValueError as exc:
-            raise DataError(f"labels table {path}, line {line}: {exc}") from exc
-        if slide_id in seen:
-            raise DataError(f"labels table {path}, line {line}: slide {slide_id} appears twice")
-        seen.add(slide_id)
+    for line, slide_id, row in slide_rows(reader, what=f"labels table {path}"):
         targets = parse_targets(row, task_type, where=f"labels table {path}, line {line}: slide {slide_id}")
         split = row.get("split") or None
         if split is not None and split not in ("train", "val", "test"):
@@ -350,3 +358,26 @@ def _patient_classes(labelled: Sequence[tuple[Sample, str]], order: Sequence[str
         p: min(set(labels), key=lambda c: (-labels.count(c), rank.get(c, len(rank))))
         for p, labels in by_patient.items()
     }
+
+
+def read_patients(path: str | os.PathLike[str]) -> dict[str, str]:
+    """Slide id -> patient id from a table (CSV or TSV) with ``slide_id`` and ``patient_id``
+    columns, such as the labels table or the workflow's samples sheet (other columns are
+    ignored). A slide with an empty ``patient_id`` is its own patient. A missing column, an
+    unsafe slide id or a slide listed twice is a :class:`DataError` naming the file and line."""
+    path = Path(path)
+    text = read_user_text(path, what="patients table", expected="a CSV or TSV file", encoding="utf-8-sig")
+    lines = [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    reader = csv.DictReader(lines, dialect=sniff_dialect(path, "\n".join(lines[:50])))
+    columns = [c.strip() for c in (reader.fieldnames or [])]
+    missing = [c for c in ("slide_id", "patient_id") if c not in columns]
+    if missing:
+        raise DataError(
+            f"patients table {path}: no {' or '.join(map(repr, missing))} column "
+            f"(columns: {', '.join(columns) or 'none'})"
+        )
+    patients = {slide_id: row["patient_id"] or slide_id
+                for _, slide_id, row in slide_rows(reader, what=f"patients table {path}")}
+    if not patients:
+        raise DataError(f"patients table {path}: no rows")
+    return patients

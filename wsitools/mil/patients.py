@@ -7,13 +7,13 @@ attention file (:func:`write_patient_attention`), so every slide still gets its 
 default stays one bag per slide (:data:`~wsitools.mil.config.Bag`).
 
 This module groups a slide cohort into patients (:func:`patient_cohort`), checks that a
-patient's slides agree on their target (:func:`check_patient_targets`), reads the slide ->
-patient table that prediction needs (:func:`read_patients`), and splits and writes attention.
+patient's slides agree on their target (:func:`check_patient_targets`), and splits and writes
+attention; the slide -> patient table that prediction needs is read by
+:func:`wsitools.labels.read_patients`.
 """
 
 from __future__ import annotations
 
-import csv
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,13 +24,10 @@ import numpy as np
 
 from wsitools.attention import write_attention
 from wsitools.errors import DataError
-from wsitools.io import read_user_text
 from wsitools.feature_store import BagInfo, read_coords
 from wsitools.labels import LabelRow
-from wsitools.tables import sniff_dialect
 from wsitools.mil.data import Cohort
 from wsitools.text import TaskType
-from wsitools.types import check_slide_id
 
 
 @dataclass(frozen=True)
@@ -201,40 +198,6 @@ def write_patient_attention(
         )
         written.append(path)
     return written
-
-
-def read_patients(path: str | os.PathLike[str]) -> dict[str, str]:
-    """Slide id -> patient id from a table (CSV or TSV) with ``slide_id`` and ``patient_id``
-    columns, such as the labels table or the workflow's samples sheet (other columns are
-    ignored). A slide with an empty ``patient_id`` is its own patient. A missing column, an
-    unsafe slide id or a slide listed twice is a :class:`DataError` naming the file and line."""
-    path = Path(path)
-    text = read_user_text(path, what="patients table", expected="a CSV or TSV file", encoding="utf-8-sig")
-    lines = [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
-    reader = csv.DictReader(lines, dialect=sniff_dialect(path, "\n".join(lines[:50])))
-    columns = [c.strip() for c in (reader.fieldnames or [])]
-    missing = [c for c in ("slide_id", "patient_id") if c not in columns]
-    if missing:
-        raise DataError(
-            f"patients table {path}: no {' or '.join(map(repr, missing))} column "
-            f"(columns: {', '.join(columns) or 'none'})"
-        )
-    patients: dict[str, str] = {}
-    for line, raw in enumerate(reader, start=2):
-        row = {(k or "").strip(): (v or "").strip() for k, v in raw.items()}
-        slide_id = row["slide_id"]
-        if not slide_id:
-            continue
-        try:
-            check_slide_id(slide_id)
-        except ValueError as exc:
-            raise DataError(f"patients table {path}, line {line}: {exc}") from None
-        if slide_id in patients:
-            raise DataError(f"patients table {path}, line {line}: slide {slide_id} appears twice")
-        patients[slide_id] = row["patient_id"] or slide_id
-    if not patients:
-        raise DataError(f"patients table {path}: no rows")
-    return patients
 
 
 def group_slides(slides: Sequence[str], patients: Mapping[str, str]) -> dict[str, list[str]]:

@@ -35,7 +35,8 @@ from wsitools.feature_store import (
     read_features,
 )
 from wsitools.mil.head_folder import SavedHead, load_heads
-from wsitools.mil.patients import group_slides, read_patients, write_patient_attention
+from wsitools.labels import read_patients
+from wsitools.mil.patients import group_slides, write_patient_attention
 from wsitools.types import check_slide_id
 
 log = logging.getLogger(__name__)
