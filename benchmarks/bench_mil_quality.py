@@ -24,7 +24,10 @@ Tasks (each seed draws a new cohort; "keys" are the patches that decide the labe
 - ``multiclass``: 120 slides, 64-d, four classes: none, or 3-5 % keys along one of three directions.
 - ``cohort1000``: 1000 slides, 64-d, 100-300 patches, 3 % keys; per-slide nuisance.
 - ``bags20k``: 40 slides, 64-d, 5 000-20 000 patches, 3 % keys; per-slide nuisance.
-- ``wide1536``: 60 slides, 1536-d, 200-800 patches, 3 % keys; per-slide nuisance.
+- ``wide1536``: the ``key3pct`` recipe with 60 slides, in 1536-d, as foundation-model features are:
+  the 64-d patches mapped into 1536-d by a random orthonormal basis, plus N(0, 0.1^2 I) in all
+  1536 dimensions (wide, but with most of the variance in a few directions; isotropic 1536-d
+  noise makes 60 slides unlearnable for every head and the reference alike).
 - ``ivp2enc`` (prompt-informative, IVP): 60 slides; the first encoder (64-d) barely sees the keys
   (shift 1), a second encoder (32-d, same patches) sees them clearly (shift 4); IVP reads it.
 - ``ttptext`` (prompt-informative, TTP): 60 slides of 384-d features in the text encoder's space;
@@ -132,6 +135,19 @@ def key_bags(
             rows = np.sort(rng.choice(n, size=min(n, keys(n, rng)), replace=False))
             x[rows] += (shift * directions[y - 1]).astype(np.float32)
         out.append(Bag(x.astype(dtype), int(y), rows))
+    return out
+
+
+def widen(bags: list[Bag], width: int, rng: np.random.Generator, *, noise: float) -> list[Bag]:
+    """The bags' features mapped into ``width`` dimensions by one random orthonormal basis of
+    their own width, plus N(0, noise^2 I) in every dimension."""
+    dim = bags[0].features.shape[1]
+    basis = np.linalg.qr(rng.standard_normal((width, dim)))[0].T.astype(np.float32)  # [dim, width]
+    out = []
+    for b in bags:
+        x = b.features.astype(np.float32) @ basis
+        x += noise * rng.standard_normal(x.shape, dtype=np.float32)
+        out.append(Bag(x.astype(b.features.dtype), b.label, b.keys, b.ivp))
     return out
 
 
@@ -259,8 +275,9 @@ def _tasks() -> dict[str, Task]:
         Task("bags20k", neg_pos, desc, lambda r: key_bags(r, n_slides=40, n_tiles=(5000, 20000), dim=64, keys=pct(0.03, 4),
                                                           shift=5.0, nuisance=0.2, directions=[u64]),
              seeds=(0,), heads=big, default=False),
-        Task("wide1536", neg_pos, desc, lambda r: key_bags(r, n_slides=60, n_tiles=(200, 800), dim=1536, keys=pct(0.03, 4),
-                                                           shift=5.0, nuisance=0.2, directions=[unit(1536, 1)]),
+        Task("wide1536", neg_pos, desc, lambda r: widen(key_bags(r, n_slides=60, n_tiles=(200, 800), dim=64,
+                                                                 keys=pct(0.03, 4), shift=5.0, nuisance=0.2,
+                                                                 directions=[u64]), 1536, r, noise=0.1),
              seeds=(0,), heads=("meanpool", *big), default=False),
     ]
     return {t.name: t for t in tasks}
