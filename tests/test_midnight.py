@@ -260,9 +260,9 @@ def test_cli_fetch_then_extract(tmp_path, monkeypatch, capsys):
     """``wsitools encoders fetch midnight`` downloads the card's hub file without a token (the model
     is open) to the card's file name; ``wsitools extract STORE --encoder midnight`` then stores the
     published embeddings of a (scaled-down) Midnight."""
+    from card_extraction import extract_five_tiles
+
     from wsitools.cli import main
-    from wsitools.feature_store import FeatureStore
-    from wsitools.store import PatchStore, write_patch_store
 
     monkeypatch.delenv("HF_TOKEN", raising=False)
     hf = hf_model(seed=7)
@@ -285,18 +285,7 @@ def test_cli_fetch_then_extract(tmp_path, monkeypatch, capsys):
     assert fetched.read_bytes() == buffer.read_bytes()
     capsys.readouterr()
 
-    rng = torch.Generator().manual_seed(8)
-    tiles = torch.randint(0, 256, (5, 224, 224, 3), dtype=torch.uint8, generator=rng).numpy()
-    attrs = dict(slide_id="S1", slide_path="/slides/S1.svs", params_hash="p1", tile_size=224,
-                 tile_size_level0=448.0, mpp_target=0.5)
-    xy = torch.arange(10).view(5, 2).numpy() * 448
-    store = write_patch_store(tmp_path / "S1.zarr", coords=xy, tiles=tiles, tissue_fraction=torch.ones(5).numpy(),
-                              attrs=attrs)
-    code = main(["extract", str(store), "--encoder", "midnight", "--models-dir", str(models),
-                 "--out", str(tmp_path / "features"), "--device", "cpu", "--workers", "0", "--quiet"])
-    assert code == 0
-    features, _ = FeatureStore.open(tmp_path / "features" / "midnight" / "S1.h5").load()
-    stored = torch.from_numpy(PatchStore.open(store).read_tiles(slice(0, 5)))  # decoded as extraction saw them
+    features, stored = extract_five_tiles(tmp_path, models, "midnight")
     enc = build_encoder(read_card(models / "midnight.yaml"), device="cpu")
     reference = midnight_embedding(hf, enc.preprocess(stored).contiguous())
     assert features.shape == (5, 2 * WIDTH)

@@ -195,9 +195,7 @@ def test_cli_extract_with_the_card_name_and_a_fetched_file(tmp_path):
     """``wsitools extract STORE --encoder phikon-v2``: a models directory holding the card (scaled
     down) and a Dinov2Model file under the card's name, as ``encoders fetch`` leaves it; the stored
     features are the Dinov2Model's class tokens."""
-    from wsitools.cli import main
-    from wsitools.feature_store import FeatureStore
-    from wsitools.store import PatchStore, write_patch_store
+    from card_extraction import extract_five_tiles
 
     hf = hf_model(seed=7)
     models = tmp_path / "models"
@@ -208,18 +206,7 @@ def test_cli_extract_with_the_card_name_and_a_fetched_file(tmp_path):
     (models / "phikon-v2.yaml").write_text(yaml.safe_dump(data))
     save_file({k: v.contiguous() for k, v in published_keys(hf.state_dict()).items()},
               str(models / data["weights"][0]["file"]))
-    rng = torch.Generator().manual_seed(8)
-    tiles = torch.randint(0, 256, (5, 224, 224, 3), dtype=torch.uint8, generator=rng).numpy()
-    attrs = dict(slide_id="S1", slide_path="/slides/S1.svs", params_hash="p1", tile_size=224,
-                 tile_size_level0=448.0, mpp_target=0.5)
-    xy = torch.arange(10).view(5, 2).numpy() * 448
-    store = write_patch_store(tmp_path / "S1.zarr", coords=xy, tiles=tiles, tissue_fraction=torch.ones(5).numpy(),
-                              attrs=attrs)
-    code = main(["extract", str(store), "--encoder", "phikon-v2", "--models-dir", str(models),
-                 "--out", str(tmp_path / "features"), "--device", "cpu", "--workers", "0", "--quiet"])
-    assert code == 0
-    features, _ = FeatureStore.open(tmp_path / "features" / "phikon-v2" / "S1.h5").load()
-    stored = torch.from_numpy(PatchStore.open(store).read_tiles(slice(0, 5)))  # decoded as extraction saw them
+    features, stored = extract_five_tiles(tmp_path, models, "phikon-v2")
     enc = build_encoder(read_card(models / "phikon-v2.yaml"), device="cpu")
     reference = hf_cls(hf, enc.preprocess(stored).contiguous())
     assert features.shape == (5, WIDTH)
