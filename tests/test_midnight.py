@@ -25,13 +25,13 @@ from safetensors.torch import save_file
 transformers = pytest.importorskip("transformers")
 
 from wsitools.encoders import find_card  # noqa: E402
-from wsitools.encoders.cards import EncoderCard, read_card  # noqa: E402
+from wsitools.encoders.cards import read_card  # noqa: E402
 from wsitools.encoders.checkpoint import convert_hf_dinov2_state_dict, load_weights  # noqa: E402
 from wsitools.encoders.loading import Encoder, _create, build_encoder  # noqa: E402
 from wsitools.errors import ModelError  # noqa: E402
+from hf_cards import DEPTH, HEADS, WIDTH, randomized, small  # noqa: E402
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
-WIDTH, DEPTH, HEADS = 48, 2, 3
 URL = "https://huggingface.co/kaiko-ai/midnight/resolve/main/model.safetensors"
 
 
@@ -45,18 +45,7 @@ def hf_config(*, image_size: int = 518) -> transformers.Dinov2Config:
 
 def hf_model(*, image_size: int = 518, seed: int = 0) -> torch.nn.Module:
     """A random SwiGLU Dinov2Model with every parameter non-trivial (layer scale included)."""
-    torch.manual_seed(seed)
-    model = transformers.Dinov2Model(hf_config(image_size=image_size)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(0.3 * torch.randn(p.shape))
-    return model
-
-
-def small(card: EncoderCard) -> EncoderCard:
-    """The card's network at width 48, 2 blocks, 3 heads (same constructor and settings)."""
-    kwargs = {**card.model_kwargs, "embed_dim": WIDTH, "depth": DEPTH, "num_heads": HEADS}
-    return dataclasses.replace(card, model_kwargs=kwargs, weights=(), init_seed=0, dim=2 * WIDTH)
+    return randomized(transformers.Dinov2Model(hf_config(image_size=image_size)), seed=seed)
 
 
 def published_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -87,7 +76,7 @@ def midnight_embedding(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def small_encoder() -> Encoder:
-    return build_encoder(small(find_card("midnight", models_dir=MODELS)), device="cpu")
+    return build_encoder(small(find_card("midnight", models_dir=MODELS), dim=2 * WIDTH), device="cpu")
 
 
 def small_card_file(directory: Path, *, name: str = "midnight") -> Path:
@@ -260,7 +249,7 @@ def test_cli_fetch_then_extract(tmp_path, monkeypatch, capsys):
     """``wsitools encoders fetch midnight`` downloads the card's hub file without a token (the model
     is open) to the card's file name; ``wsitools extract STORE --encoder midnight`` then stores the
     published embeddings of a (scaled-down) Midnight."""
-    from card_extraction import extract_five_tiles
+    from hf_cards import extract_five_tiles
 
     from wsitools.cli import main
 

@@ -9,7 +9,6 @@ device: no memory, no download).
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
@@ -20,33 +19,22 @@ from safetensors.torch import save_file
 transformers = pytest.importorskip("transformers")
 
 from wsitools.encoders import find_card  # noqa: E402
-from wsitools.encoders.cards import EncoderCard, read_card  # noqa: E402
+from wsitools.encoders.cards import read_card  # noqa: E402
 from wsitools.encoders.checkpoint import convert_hf_dinov2_state_dict  # noqa: E402
 from wsitools.encoders.loading import _create, build_encoder  # noqa: E402
 from wsitools.errors import ModelError  # noqa: E402
+from hf_cards import DEPTH, HEADS, WIDTH, randomized, small  # noqa: E402
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
-WIDTH, DEPTH, HEADS = 48, 2, 3
 
 
 def hf_model(*, image_size: int = 224, seed: int = 0) -> torch.nn.Module:
     """A random Dinov2Model with every parameter non-trivial (layer scale included)."""
-    torch.manual_seed(seed)
     config = transformers.Dinov2Config(
         hidden_size=WIDTH, num_hidden_layers=DEPTH, num_attention_heads=HEADS, patch_size=16,
         image_size=image_size, layer_norm_eps=1e-6, layerscale_value=1.0,
     )
-    model = transformers.Dinov2Model(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(0.3 * torch.randn(p.shape))
-    return model
-
-
-def small(card: EncoderCard) -> EncoderCard:
-    """The card's network at width 48, 2 blocks, 3 heads (same constructor and settings)."""
-    kwargs = {**card.model_kwargs, "embed_dim": WIDTH, "depth": DEPTH, "num_heads": HEADS}
-    return dataclasses.replace(card, model_kwargs=kwargs, weights=(), init_seed=0, dim=WIDTH)
+    return randomized(transformers.Dinov2Model(config), seed=seed)
 
 
 def published_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -69,7 +57,7 @@ def hf_cls(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def test_converted_model_gives_the_hf_class_token():
     hf = hf_model()
-    card = small(find_card("phikon-v2", models_dir=MODELS))
+    card = small(find_card("phikon-v2", models_dir=MODELS), dim=WIDTH)
     ours = _create(card, with_classifier=False).eval()
     sd = convert_hf_dinov2_state_dict(hf.state_dict(), grid=(14, 14), source="hf")
     assert "embeddings.mask_token" in hf.state_dict() and not any("mask" in k for k in sd)
@@ -100,7 +88,7 @@ def test_position_embedding_resampled_like_dinov2_at_run_time():
     its position embedding in every forward, the conversion once, to the card's 14 x 14 grid."""
     hf = hf_model(image_size=448, seed=2)
     assert hf.state_dict()["embeddings.position_embeddings"].shape == (1, 1 + 28 * 28, WIDTH)
-    ours = _create(small(find_card("phikon-v2", models_dir=MODELS)), with_classifier=False).eval()
+    ours = _create(small(find_card("phikon-v2", models_dir=MODELS), dim=WIDTH), with_classifier=False).eval()
     sd = convert_hf_dinov2_state_dict(hf.state_dict(), grid=(14, 14), source="hf")
     assert sd["pos_embed"].shape == (1, 1 + 14 * 14, WIDTH)
     ours.load_state_dict(sd, strict=True)
@@ -178,7 +166,7 @@ def test_preprocessing_is_tridents_transform():
     resize of smooth 448 px tiles agrees to about 1/255 of the pixel range."""
     import torchvision.transforms.v2 as T
 
-    enc = build_encoder(small(find_card("phikon-v2", models_dir=MODELS)), device="cpu")
+    enc = build_encoder(small(find_card("phikon-v2", models_dir=MODELS), dim=WIDTH), device="cpu")
     reference = T.Compose([T.Resize(224, interpolation=T.InterpolationMode.BILINEAR), T.CenterCrop(224),
                            T.ToDtype(torch.float32, scale=True),
                            T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
@@ -195,7 +183,7 @@ def test_cli_extract_with_the_card_name_and_a_fetched_file(tmp_path):
     """``wsitools extract STORE --encoder phikon-v2``: a models directory holding the card (scaled
     down) and a Dinov2Model file under the card's name, as ``encoders fetch`` leaves it; the stored
     features are the Dinov2Model's class tokens."""
-    from card_extraction import extract_five_tiles
+    from hf_cards import extract_five_tiles
 
     hf = hf_model(seed=7)
     models = tmp_path / "models"

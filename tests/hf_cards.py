@@ -1,16 +1,40 @@
-"""Shared by the foundation-card tests: ``wsitools extract`` run on five random tiles with a card
-from a models directory, and the tiles as extraction decoded them."""
+"""Shared by the tests of the cards converted from ``transformers`` files (Phikon-v2, Midnight):
+the scaled-down size, a random model with every parameter non-trivial, the scaled-down card, and
+``wsitools extract`` run on five random tiles with a card from a models directory."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import dataclasses
+
 import numpy as np
 import torch
 
 from wsitools.cli import main
+from wsitools.encoders.cards import EncoderCard
 from wsitools.feature_store import FeatureStore
 from wsitools.store import PatchStore, write_patch_store
+
+WIDTH, DEPTH, HEADS = 48, 2, 3
+"""The scaled-down network: width 48, 2 blocks, 3 heads."""
+
+
+def randomized(model: torch.nn.Module, *, seed: int) -> torch.nn.Module:
+    """``model`` in eval mode with every parameter drawn from N(0, 0.3^2) (layer scale included,
+    so no parameter keeps a trivial initial value)."""
+    torch.manual_seed(seed)
+    model = model.eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.3 * torch.randn(p.shape))
+    return model
+
+
+def small(card: EncoderCard, *, dim: int) -> EncoderCard:
+    """The card's network at the scaled-down size (same constructor and settings), output ``dim``."""
+    kwargs = {**card.model_kwargs, "embed_dim": WIDTH, "depth": DEPTH, "num_heads": HEADS}
+    return dataclasses.replace(card, model_kwargs=kwargs, weights=(), init_seed=0, dim=dim)
 
 
 def extract_five_tiles(tmp_path: Path, models: Path, encoder: str) -> tuple[np.ndarray, torch.Tensor]:
