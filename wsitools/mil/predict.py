@@ -180,6 +180,11 @@ def _checked_bag(
     return bag
 
 
+def _joined(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The rows of ``parts`` in order: a slide bag as read (no copy), a patient bag concatenated."""
+    return parts[0] if len(parts) == 1 else torch.cat(list(parts))
+
+
 def _bag_groups(
     wanted: Sequence[str], patients_table: str | os.PathLike[str] | None, *, bagging: str, model_dir: Any,
     skipped: dict[str, str], strict: bool,
@@ -282,8 +287,8 @@ def predict(
                 ivps.append(ivp)
             if not bags:
                 continue
-            x = torch.cat([read_features(b.path) for b in bags])
-            probs, attention = predict_bag(models, x, torch.cat(ivps) if needs_ivp else None, scales=scales)
+            x = _joined([read_features(b.path) for b in bags])
+            probs, attention = predict_bag(models, x, _joined(ivps) if needs_ivp else None, scales=scales)
             outputs = classes or [output]
             if bagging == "patient":
                 write_patient_attention(tmp / "attention", patient_id=name, bags=bags, attention=attention,
