@@ -5,10 +5,12 @@ float16), ``coords`` [N, 2] int64 level-0 top-left corners with the attributes C
 read there (:func:`interop_attrs`), and file attributes naming the encoder and the patch store.
 Every step reads and writes feature stores through it: extraction writes them
 (:func:`write_feature_store`, atomic, so nothing half-written looks finished) and decides whether
-one can be reused (:func:`reusable`); export opens them strictly (:meth:`FeatureStore.open`);
-MIL training and prediction check them as bags (:func:`bag_info`: any h5 file with a floating
-``features`` dataset, every value finite) and read their rows (:func:`read_features`, with
-:func:`row_layout` for sampled rows through a memory map) and coordinates (:func:`read_coords`).
+one can be reused (:func:`reusable`). One type, :class:`FeatureStore`, describes an opened
+store, with two openers: export and extraction's reuse check open the files this package wrote
+strictly (:meth:`FeatureStore.open`); MIL training and prediction open any h5 file with a
+floating ``features`` dataset as a bag (:meth:`FeatureStore.open_bag`, every value finite) and
+read its rows (:func:`read_features`, with :func:`row_layout` for sampled rows through a memory
+map) and coordinates (:func:`read_coords`).
 """
 
 from __future__ import annotations
@@ -133,7 +135,12 @@ def list_feature_stores(features_dir: str | os.PathLike[str]) -> dict[str, Path]
 
 @dataclass(frozen=True)
 class FeatureStore:
-    """A finished feature store: its attributes, and :meth:`load` for the arrays."""
+    """An opened feature store: its shape and attributes, and :meth:`load` for the arrays.
+
+    ``slide_id`` is the file's ``slide_id`` attribute for a store opened strictly
+    (:meth:`open`), and the file name without ``.h5`` for a bag (:meth:`open_bag`: cohorts and
+    predictions match bags to slides by file name, and a bag need not carry the attribute).
+    """
 
     path: Path
     attrs: dict[str, Any]
@@ -141,6 +148,7 @@ class FeatureStore:
     dim: int
     dtype: str
     """The stored dtype of ``features`` (``float32`` or ``float16``)."""
+    slide_id: str
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> FeatureStore:
@@ -171,7 +179,42 @@ class FeatureStore:
         missing = [k for k in REQUIRED_ATTRS if k not in attrs]
         if missing:
             raise StoreError(f"{p}: damaged feature store: attributes {', '.join(missing)} are missing")
-        return cls(path=p, attrs=attrs, n=int(fshape[0]), dim=int(fshape[1]), dtype=dtype)
+        return cls(path=p, attrs=attrs, n=int(fshape[0]), dim=int(fshape[1]), dtype=dtype, slide_id=str(attrs["slide_id"]))
+
+    @classmethod
+    def open_bag(cls, path: str | os.PathLike[str], *, check_values: bool = True) -> FeatureStore:
+        """Open any h5 file as a MIL bag and check it: ``features`` [N, D] floating point with
+        N >= 1, ``coords`` (when present) [N, 2], and (with ``check_values``) every feature
+        finite. Lenient where :meth:`open` is strict (no kind, version or attributes needed), so
+        bags written by other tools train too. Raises :class:`DataError` naming the slide."""
+        path = Path(path)
+        slide_id = path.stem
+        try:
+            with h5py.File(path, "r") as f:
+                if "features" not in f:
+                    raise DataError(f"slide {slide_id}: feature store {path} has no 'features' dataset")
+                feats = f["features"]
+                if feats.ndim != 2 or feats.shape[0] == 0 or feats.shape[1] == 0:
+                    raise DataError(
+                        f"slide {slide_id}: features in {path} have shape {feats.shape}, expected [N>0, D]"
+                    )
+                if feats.dtype.kind != "f":
+                    raise DataError(
+                        f"slide {slide_id}: features in {path} are of type {feats.dtype}, expected floating point"
+                    )
+                if "coords" in f and f["coords"].shape != (feats.shape[0], 2):
+                    raise DataError(
+                        f"slide {slide_id}: coords in {path} have shape {f['coords'].shape}, "
+                        f"expected ({feats.shape[0]}, 2)"
+                    )
+                if check_values:
+                    _check_finite(feats, slide_id=slide_id, path=path)
+                return cls(
+                    path=path, attrs=_decoded_attrs(f.attrs), n=int(feats.shape[0]), dim=int(feats.shape[1]),
+                    dtype=feats.dtype.name, slide_id=slide_id,
+                )
+        except (OSError, TypeError, ValueError) as exc:
+            raise DataError(f"slide {slide_id}: feature store {path} cannot be read: {one_line(exc)}") from None
 
     @property
     def encoder(self) -> str:
@@ -184,10 +227,6 @@ class FeatureStore:
     @property
     def store_hash(self) -> str:
         return str(self.attrs["store_hash"])
-
-    @property
-    def slide_id(self) -> str:
-        return str(self.attrs["slide_id"])
 
     def load(self) -> tuple[np.ndarray, np.ndarray]:
         """``(features, coords)``: features [N, D] in the stored dtype, coords [N, 2] int64."""
@@ -282,52 +321,17 @@ def write_feature_store(
     return path
 
 
-@dataclass(frozen=True)
-class BagInfo:
-    """What a feature store holds, without its features."""
-
-    slide_id: str
-    path: Path
-    n: int
-    dim: int
-    attrs: dict[str, Any]
-
-
-def bag_info(path: str | os.PathLike[str], *, check_values: bool = True) -> BagInfo:
-    """Open a feature store and check it: ``features`` [N, D] with N >= 1, ``coords`` [N, 2],
-    and (with ``check_values``) every feature finite. Raises :class:`DataError` naming the slide."""
-    path = Path(path)
-    slide_id = path.stem
-    try:
-        with h5py.File(path, "r") as f:
-            if "features" not in f:
-                raise DataError(f"slide {slide_id}: feature store {path} has no 'features' dataset")
-            feats = f["features"]
-            if feats.ndim != 2 or feats.shape[0] == 0 or feats.shape[1] == 0:
-                raise DataError(f"slide {slide_id}: features in {path} have shape {feats.shape}, expected [N>0, D]")
-            if feats.dtype.kind != "f":
-                raise DataError(
-                    f"slide {slide_id}: features in {path} are of type {feats.dtype}, expected floating point"
-                )
-            if "coords" in f and f["coords"].shape != (feats.shape[0], 2):
-                raise DataError(
-                    f"slide {slide_id}: coords in {path} have shape {f['coords'].shape}, "
-                    f"expected ({feats.shape[0]}, 2)"
-                )
-            if check_values:
-                for start in range(0, feats.shape[0], CHECK_ROWS):
-                    block = feats[start : start + CHECK_ROWS]
-                    bad = ~np.isfinite(block).all(axis=1)
-                    if bad.any():
-                        rows = start + np.flatnonzero(bad)
-                        raise DataError(
-                            f"slide {slide_id}: feature store {path} has non-finite (NaN/inf) features "
-                            f"in {int(bad.sum())}+ rows, first row {int(rows[0])}"
-                        )
-            attrs = _decoded_attrs(f.attrs)
-            return BagInfo(slide_id=slide_id, path=path, n=int(feats.shape[0]), dim=int(feats.shape[1]), attrs=attrs)
-    except (OSError, TypeError, ValueError) as exc:
-        raise DataError(f"slide {slide_id}: feature store {path} cannot be read: {one_line(exc)}") from None
+def _check_finite(feats: h5py.Dataset, *, slide_id: str, path: Path) -> None:
+    """A :class:`DataError` naming the slide when a row of ``feats`` holds NaN or inf (read
+    :data:`CHECK_ROWS` rows at a time)."""
+    for start in range(0, feats.shape[0], CHECK_ROWS):
+        bad = ~np.isfinite(feats[start : start + CHECK_ROWS]).all(axis=1)
+        if bad.any():
+            rows = start + np.flatnonzero(bad)
+            raise DataError(
+                f"slide {slide_id}: feature store {path} has non-finite (NaN/inf) features "
+                f"in {int(bad.sum())}+ rows, first row {int(rows[0])}"
+            )
 
 
 class RowLayout(NamedTuple):

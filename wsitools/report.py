@@ -4,7 +4,6 @@ ROC and outcome figures (written as TSV and HTML tables through :mod:`wsitools.t
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shutil
@@ -172,12 +171,14 @@ def write_metrics_table(
     and standard deviation over folds; the columns of the other types stay empty. With
     ``html_out``, also :func:`write_metrics_html` for the report.
     """
+    from wsitools.mil.run_folder import read_metrics
+
     rows = []
     used: list[str] = []
     for path in metrics_files:
         task, encoder, head = head_of(path)
         try:
-            m = json.loads(Path(path).read_text())
+            m = read_metrics(path)
             pooled, folds = m["pooled"], m["mean_over_folds"]
             task_type = m.get("task_type") or "classification"
             row = {"task": task, "task_type": task_type, "encoder": encoder, "head": head,
@@ -251,11 +252,11 @@ def plot_roc(predictions_files: Sequence[str | os.PathLike[str]], out: str | os.
     import numpy as np
 
     from wsitools.metrics import binary_auroc
+    from wsitools.mil.run_folder import read_predictions
 
     runs = []
     for path in predictions_files:
-        with open(path, newline="") as f:
-            table = list(csv.DictReader(f))
+        table = read_predictions(path)
         if not table or "label" not in table[0]:
             raise DataError(f"predictions {path} have no rows with a 'label' column")
         classes = [c[len("prob_"):] for c in table[0] if c.startswith("prob_")]
@@ -295,13 +296,13 @@ def plot_outcomes(
     import numpy as np
 
     from wsitools.metrics import regression_metrics
+    from wsitools.mil.run_folder import read_predictions
     from wsitools.survival import draw_risk_groups
 
     need = ("time", "event", "risk") if task_type == "survival" else ("label", "prediction")
     runs = []
     for path in predictions_files:
-        with open(path, newline="") as f:
-            table = list(csv.DictReader(f))
+        table = read_predictions(path)
         if not table or any(c not in table[0] for c in need):
             raise DataError(f"predictions {path} have no rows with columns {', '.join(need)} (a {task_type} head's)")
         runs.append(("/".join(head_of(path)[1:]), {c: np.array([float(r[c]) for r in table]) for c in need}))

@@ -1,9 +1,12 @@
-"""Tab-separated tables with a header row, and the same tables as small HTML pages.
+"""Tables with a header row: the one reader and writer of the package's tables, and the same
+tables as small HTML pages.
 
-Tables are read and written with the standard ``csv`` module. The workflow's HTML report shows a
-table inline only as an HTML file (Snakemake's report embeds ``text/html`` results in the page
-and offers any other text file as a download), so the QC and metrics tables are also written as
-small self-contained HTML pages (:func:`write_html_table`).
+Tables are read and written with the standard ``csv`` module, in one of two dialects
+(:data:`TableDialect`): tab-separated (the workflow's tables: samples, labels, QC and metrics)
+or comma-separated (a training run's predictions, splits and curves, and the training logs).
+The workflow's HTML report shows a table inline only as an HTML file (Snakemake's report embeds
+``text/html`` results in the page and offers any other text file as a download), so the QC and
+metrics tables are also written as small self-contained HTML pages (:func:`write_html_table`).
 """
 
 from __future__ import annotations
@@ -13,9 +16,14 @@ import html
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from wsitools.io import atomic_path
+
+TableDialect = Literal["tsv", "csv"]
+"""``tsv``: tab-separated, lines ending in ``\n``; ``csv``: the csv module's default (the
+spreadsheet dialect: comma-separated, quoted where needed, lines ending in ``\r\n``)."""
+
 
 def read_table(path: str | os.PathLike[str]) -> list[dict[str, str]]:
     """A tab-separated table with a header row, as a list of row dicts."""
@@ -24,14 +32,19 @@ def read_table(path: str | os.PathLike[str]) -> list[dict[str, str]]:
 
 
 def write_table(
-    path: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]], columns: Sequence[str]
+    path: str | os.PathLike[str],
+    rows: Sequence[Mapping[str, Any]],
+    columns: Sequence[str],
+    *,
+    dialect: TableDialect = "tsv",
 ) -> None:
-    """Write rows as a tab-separated table with ``columns`` as header, atomically."""
+    """Write rows as a table with ``columns`` as header, atomically (a reader never sees half a
+    table). Values are written as the csv module writes them (text as it is, a float as its
+    ``repr``, so it reads back exactly); keys of a row that are not in ``columns`` are left out."""
+    options: dict[str, Any] = {"delimiter": "\t", "lineterminator": "\n"} if dialect == "tsv" else {}
     with atomic_path(path, overwrite=True) as tmp:
         with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(
-                f, fieldnames=list(columns), delimiter="\t", lineterminator="\n", extrasaction="ignore"
-            )
+            writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore", **options)
             writer.writeheader()
             writer.writerows(rows)
 

@@ -53,6 +53,7 @@ from wsitools.device import TrainPrecision, autocast, training_amp_dtype
 from wsitools.encoders.checkpoint import check_optimizer_state, read_checkpoint, read_state_dict
 from wsitools.errors import ConfigError, ModelError, one_line
 from wsitools.io import atomic_path
+from wsitools.tables import write_table
 
 Decay = Literal["all", "matrices"]
 ScheduleKind = Literal["cosine", "constant"]
@@ -275,14 +276,14 @@ class CsvLog:
     int_columns: frozenset[str] = frozenset()
 
     def write(self, rows: Sequence[Mapping[str, float]]) -> None:
-        """Replace the table with ``rows`` (atomically: a reader never sees half a table)."""
-        with atomic_path(self.path, overwrite=True) as tmp, open(tmp, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(self.columns)
-            for row in rows:
-                writer.writerow(
-                    [str(int(row[k])) if k in self.int_columns else repr(float(row[k])) for k in self.columns]
-                )
+        """Replace the table with ``rows`` (a comma-separated :func:`~wsitools.tables.write_table`,
+        atomic: a reader never sees half a table)."""
+        write_table(
+            self.path,
+            [{k: str(int(row[k])) if k in self.int_columns else repr(float(row[k])) for k in self.columns} for row in rows],
+            self.columns,
+            dialect="csv",
+        )
 
     def read(self) -> list[dict[str, float]]:
         """The rows written before, as floats (none when there is no table yet)."""

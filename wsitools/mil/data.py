@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from wsitools.errors import DataError
-from wsitools.feature_store import BagInfo, EncoderRecord, bag_info, feature_path, list_feature_stores
+from wsitools.feature_store import EncoderRecord, FeatureStore, feature_path, list_feature_stores
 from wsitools.labels import SURVIVAL_STRATA, LabelRow
 from wsitools.text import TaskType
 
@@ -115,8 +115,8 @@ def build_cohort(
     ivp_stores = list_feature_stores(ivp_features_dir) if ivp_features_dir is not None else None
 
     problems: dict[str, str] = {}
-    infos: dict[str, BagInfo] = {}
-    ivp_infos: dict[str, BagInfo] = {}
+    infos: dict[str, FeatureStore] = {}
+    ivp_infos: dict[str, FeatureStore] = {}
     for r in rows:
         if r.slide_id not in stores:
             problems[r.slide_id] = f"no feature store {feature_path(features_dir, r.slide_id)}"
@@ -125,9 +125,9 @@ def build_cohort(
             problems[r.slide_id] = f"no IVP feature store {feature_path(ivp_features_dir, r.slide_id)}"
             continue
         try:
-            infos[r.slide_id] = bag_info(stores[r.slide_id], check_values=check_values)
+            infos[r.slide_id] = FeatureStore.open_bag(stores[r.slide_id], check_values=check_values)
             if ivp_stores is not None:
-                ivp_infos[r.slide_id] = bag_info(ivp_stores[r.slide_id], check_values=check_values)
+                ivp_infos[r.slide_id] = FeatureStore.open_bag(ivp_stores[r.slide_id], check_values=check_values)
         except DataError as exc:
             problems[r.slide_id] = str(exc).removeprefix(f"slide {r.slide_id}: ")
     _warn_or_raise(problems, strict=strict, what="labelled slides without usable features")
@@ -207,7 +207,7 @@ def _check_empty_classes(
     )
 
 
-def _one_encoder(bags: Sequence[BagInfo], features_dir: Any) -> EncoderRecord:
+def _one_encoder(bags: Sequence[FeatureStore], features_dir: Any) -> EncoderRecord:
     """The one encoder all ``bags`` come from; several (other names, or one name with other
     weights or settings) is an error naming an example of each."""
     seen: dict[EncoderRecord, str] = {}
@@ -219,7 +219,7 @@ def _one_encoder(bags: Sequence[BagInfo], features_dir: Any) -> EncoderRecord:
     return next(iter(seen)) if seen else EncoderRecord(None, None, None)
 
 
-def _check_one_width(infos: dict[str, BagInfo], features_dir: Any) -> None:
+def _check_one_width(infos: dict[str, FeatureStore], features_dir: Any) -> None:
     if not infos:
         return
     dims: dict[int, list[str]] = {}

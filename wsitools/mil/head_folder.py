@@ -4,8 +4,8 @@ A head folder holds ``model.safetensors`` (the state dict, CPU tensors) and ``co
 (``format_version``, ``kind: mil_head``, the :class:`~wsitools.mil.heads.HeadConfig` under
 ``config``, and the training metadata: ``classes`` in logit order, task, encoder record, text
 model, fold, settings, and a survival or regression head's scale). A ``wsitools train`` run
-holds one per fold, ``fold_{k}/`` (:func:`fold_dir`); ``wsitools predict`` takes a run (its
-fold heads, an ensemble) or one head folder (:func:`head_folders`, :func:`load_heads`). Layout:
+holds one per fold, ``fold_{k}/``; ``wsitools predict`` takes a run (its fold heads, an
+ensemble) or one head folder, both read through :mod:`wsitools.mil.run_folder`. Layout:
 docs/formats.md, "MIL heads".
 
 A head folder is written whole under a temporary name and renamed when complete
@@ -34,23 +34,6 @@ HEAD_FORMAT_VERSION = 1
 HEAD_KIND = "mil_head"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
-
-
-def fold_dir(run_dir: str | os.PathLike[str], index: int) -> Path:
-    """The head folder of fold ``index`` in a training run: ``{run_dir}/fold_{index}``."""
-    return Path(run_dir) / f"fold_{int(index)}"
-
-
-def head_folders(model_dir: str | os.PathLike[str]) -> list[Path]:
-    """The head folders of ``model_dir``: itself when it is one, else its ``fold_{k}/`` folders
-    holding weights, in fold order; :class:`ModelError` naming the folder when there is none."""
-    model_dir = Path(model_dir)
-    if (model_dir / WEIGHTS_FILE).is_file():
-        return [model_dir]
-    folds = [p for p in model_dir.glob("fold_*") if p.name[5:].isdigit() and (p / WEIGHTS_FILE).is_file()]
-    if not folds:
-        raise ModelError(f"{model_dir}: no trained head ({WEIGHTS_FILE}) here or in fold_*/")
-    return sorted(folds, key=lambda p: int(p.name[5:]))
 
 
 @dataclass
@@ -127,20 +110,3 @@ def load_head(folder: str | os.PathLike[str], *, device: str | torch.device = "c
     model.load_state_dict(state, strict=True)
     model.to(device).eval()
     return SavedHead(model=model, config=config, meta=meta)
-
-
-def load_heads(model_dir: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> list[SavedHead]:
-    """The heads of a training run (``fold_*/``, in fold order) or of one head folder, on
-    ``device``; :class:`ModelError` when they disagree on classes, feature width, task type,
-    bags (slide or patient) or the encoder of their training features (they could not be
-    averaged)."""
-    heads = [load_head(p, device=device) for p in head_folders(model_dir)]
-    first = heads[0]
-    for h in heads[1:]:
-        if h.classes != first.classes or h.config.in_dim != first.config.in_dim or h.task_type != first.task_type:
-            raise ModelError(f"{model_dir}: the fold heads disagree on classes or feature width")
-        if h.bag != first.bag:
-            raise ModelError(f"{model_dir}: the fold heads disagree on the bags (slide or patient)")
-        if h.meta.get("encoder_hash") != first.meta.get("encoder_hash"):
-            raise ModelError(f"{model_dir}: the fold heads were trained on features of different encoders")
-    return heads

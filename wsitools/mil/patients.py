@@ -24,7 +24,7 @@ import numpy as np
 
 from wsitools.attention import write_attention
 from wsitools.errors import DataError
-from wsitools.feature_store import BagInfo, read_coords
+from wsitools.feature_store import FeatureStore, read_coords
 from wsitools.labels import LabelRow
 from wsitools.mil.data import Cohort
 from wsitools.text import TaskType
@@ -170,7 +170,7 @@ def write_patient_attention(
     folder: Path,
     *,
     patient_id: str,
-    bags: Sequence[BagInfo],
+    bags: Sequence[FeatureStore],
     attention: np.ndarray,
     classes: Sequence[str],
     probs: np.ndarray,

@@ -11,7 +11,6 @@ run on ``device`` (``auto``: CUDA when available); bags are read on the CPU and 
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 from collections.abc import Sequence
@@ -27,16 +26,16 @@ from wsitools.attention import write_attention
 from wsitools.errors import DataError, ModelError
 from wsitools.io import atomic_path, write_json_atomic
 from wsitools.feature_store import (
-    BagInfo,
     EncoderRecord,
-    bag_info,
+    FeatureStore,
     list_feature_stores,
     read_coords,
     read_features,
 )
-from wsitools.mil.head_folder import SavedHead, load_heads
+from wsitools.mil.head_folder import SavedHead
 from wsitools.labels import read_patients
 from wsitools.mil.patients import group_slides, write_patient_attention
+from wsitools.mil.run_folder import load_heads, write_predictions
 from wsitools.types import check_slide_id
 
 log = logging.getLogger(__name__)
@@ -87,7 +86,7 @@ def predict_bag(
     head's risk or predicted value, [1].
 
     The bag is moved to the device of the models (all on one device, e.g. from
-    :func:`~wsitools.mil.head_folder.load_heads`); the results come back as CPU arrays."""
+    :func:`~wsitools.mil.run_folder.load_heads`); the results come back as CPU arrays."""
     device = next(models[0].parameters()).device
     x = x.to(device)
     ivp = ivp.to(device) if ivp is not None else None
@@ -101,7 +100,7 @@ def predict_bag(
     return torch.stack(preds).mean(0).numpy(), torch.stack(attention).mean(0).cpu().numpy()
 
 
-def check_encoder(head: SavedHead, bag: BagInfo, *, model_dir: str | os.PathLike[str]) -> bool:
+def check_encoder(head: SavedHead, bag: FeatureStore, *, model_dir: str | os.PathLike[str]) -> bool:
     """Refuse features of another encoder than the one ``head`` was trained on.
 
     A head records the encoder of its training features (name, ``encoder_hash`` and weight
@@ -126,32 +125,6 @@ def check_encoder(head: SavedHead, bag: BagInfo, *, model_dir: str | os.PathLike
     return trained.hash is not None
 
 
-def write_predictions_csv(path: str | os.PathLike[str], rows: Sequence[dict[str, Any]], classes: Sequence[str]) -> None:
-    """``predictions.csv``: one row per bag (slide, or patient with its slides), columns in the
-    order of the rows' keys; a classification head's rows hold ``probs`` (written as ``pred``
-    and ``prob_{class}`` columns in class order, after the other columns), a survival or
-    regression head's rows (``classes`` empty) their ``risk`` or ``prediction`` as it is."""
-    if not classes:
-        with atomic_path(path, overwrite=True) as tmp:
-            with open(tmp, "w", newline="") as f:
-                writer = csv.writer(f)
-                writer.writerow(list(rows[0]) if rows else ["slide_id"])
-                for r in rows:
-                    writer.writerow([f"{v:.6g}" if isinstance(v, float) else v for v in r.values()])
-        return
-    keys = [k for k in rows[0] if k != "probs"] if rows else ["slide_id"]
-    fields = [*keys, "pred", *[f"prob_{c}" for c in classes]]
-    with atomic_path(path, overwrite=True) as tmp:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(fields)
-            for r in rows:
-                probs = np.asarray(r["probs"])
-                writer.writerow(
-                    [*[r[k] for k in keys], classes[int(probs.argmax())], *[f"{p:.6f}" for p in probs]]
-                )
-
-
 @dataclass(frozen=True)
 class PatientPrediction:
     """One patient bag's prediction (as :class:`BagPrediction`), the slides it pooled (in bag
@@ -165,13 +138,13 @@ class PatientPrediction:
 
 def _checked_bag(
     slide_id: str, stores: dict[str, Path], head: SavedHead, *, features_dir: str | os.PathLike[str]
-) -> BagInfo:
+) -> FeatureStore:
     """The feature store of ``slide_id``, checked against the head: a :class:`DataError` naming
     the slide when it is missing, unusable or of another width (another encoder's features of
     the same width are a :class:`ModelError` from :func:`check_encoder`)."""
     if slide_id not in stores:
         raise DataError(f"slide {slide_id}: no feature store {Path(features_dir) / (slide_id + '.h5')}")
-    bag = bag_info(stores[slide_id])
+    bag = FeatureStore.open_bag(stores[slide_id])
     if bag.dim != head.config.in_dim:
         raise DataError(
             f"slide {slide_id}: features are {bag.dim}-d, the head expects {head.config.in_dim}-d "
@@ -276,7 +249,7 @@ def predict(
                             "%s: the head records no encoder checksum; cannot check that %s holds features "
                             "of the encoder it was trained on", model_dir, features_dir,
                         )
-                    ivp = read_features(bag_info(Path(ivp_features_dir) / f"{slide_id}.h5").path) if needs_ivp else None
+                    ivp = read_features(FeatureStore.open_bag(Path(ivp_features_dir) / f"{slide_id}.h5").path) if needs_ivp else None
                 except DataError as exc:
                     if strict:
                         raise
@@ -314,7 +287,7 @@ def predict(
             rows.append({**row, "probs": probs} if classes else {**row, output: float(probs[0])})
         if not results:
             raise DataError(f"no slide could be predicted from {features_dir}: {'; '.join(skipped.values())[:2000]}")
-        write_predictions_csv(tmp / "predictions.csv", rows, classes)
+        write_predictions(tmp / "predictions.csv", rows, classes)
         write_json_atomic(
             tmp / "predict.json",
             {

@@ -2,8 +2,9 @@
 
 One run = one head on one cohort: for each fold, train on the training slides (AdamW), stop
 early on the validation loss, keep the best epoch's weights, and predict the fold's test slides.
-The output directory (layout in docs/formats.md, "MIL heads") is written under a temporary name
-and renamed when complete. The task type (:class:`~wsitools.text.TaskDescription`) sets the loss:
+The run folder (layout in docs/formats.md, "MIL heads") is written through
+:mod:`wsitools.mil.run_folder`, whole or not at all. The task type
+(:class:`~wsitools.text.TaskDescription`) sets the loss:
 
 - classification: one bag per step, cross-entropy with class weights or class-balanced sampling;
 - survival: one risk output, the negative Cox partial log-likelihood (Breslow ties) over a
@@ -35,7 +36,6 @@ CPU it is bit-for-bit what it was before there was a device option.
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 import os
@@ -52,7 +52,6 @@ from torch import nn
 
 from wsitools import __version__
 from wsitools.errors import DataError
-from wsitools.io import atomic_path, write_json_atomic
 from wsitools.metrics import (
     METRICS,
     REGRESSION_METRICS,
@@ -63,10 +62,10 @@ from wsitools.metrics import (
     regression_report,
 )
 from wsitools.mil.config import Bag, Balance, TrainConfig
-from wsitools.feature_store import RowLayout, bag_info, read_coords, read_features, row_layout
+from wsitools.feature_store import FeatureStore, RowLayout, read_coords, read_features, row_layout
 from wsitools.labels import read_labels
 from wsitools.mil.data import Cohort, build_cohort, class_weights, sample_index
-from wsitools.mil import head_folder
+from wsitools.mil import head_folder, run_folder
 from wsitools.mil.folds import Fold, patient_kfold, user_folds
 from wsitools.mil.heads import HeadConfig, HeadName, PromptKind, create_head
 from wsitools.mil.patients import (
@@ -78,9 +77,9 @@ from wsitools.mil.patients import (
     patient_cohort,
     write_patient_attention,
 )
-from wsitools.mil.predict import OUTPUT_NAMES, to_predictions, write_predictions_csv
+from wsitools.mil.predict import OUTPUT_NAMES, to_predictions
 from wsitools.attention import write_attention
-from wsitools.survival import draw_risk_groups, harrell_c, survival_report
+from wsitools.survival import harrell_c, survival_report
 from wsitools.text import TaskDescription, TaskType, embed_texts, load_task, resolve_text_model, text_model_key
 from wsitools.training import BestState, Schedule, Stepper, adamw
 
@@ -543,52 +542,14 @@ LOSS_NAMES: dict[TaskType, str] = {
     "survival": "Cox partial likelihood (neg. log, per event)",
     "regression": "Huber loss (standardised target)",
 }
+"""The y-axis label of each task type's training curves."""
 
-
-def plot_curves(
-    path: Path, histories: dict[int, list[dict[str, float]]], best: dict[int, int], *, title: str,
-    loss_name: str = LOSS_NAMES["classification"],
-) -> None:
-    """Training and validation loss per epoch, one colour per fold, best epoch marked."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7, 4), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    for k, hist in histories.items():
-        epochs = [h["epoch"] for h in hist]
-        line = ax.plot(epochs, [h["train_loss"] for h in hist], "--", label=f"fold {k} train")[0]
-        ax.plot(epochs, [h["val_loss"] for h in hist], "-", color=line.get_color(), label=f"fold {k} val")
-        ax.axvline(best[k], color=line.get_color(), alpha=0.3, linewidth=1)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(loss_name)
-    ax.set_title(title)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    with atomic_path(path, overwrite=True) as tmp:
-        fig.savefig(tmp, format="png")
-
-
-def plot_risk_groups(path: Path, time: np.ndarray, event: np.ndarray, high: np.ndarray, *, title: str) -> None:
-    """Kaplan-Meier curves of the out-of-fold high- and low-risk groups with the log-rank p-value."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6, 4.2), dpi=100)
-    FigureCanvasAgg(fig)
-    draw_risk_groups(fig.add_subplot(1, 1, 1), time, event, high, title=title)
-    fig.tight_layout()
-    with atomic_path(path, overwrite=True) as tmp:
-        fig.savefig(tmp, format="png")
-
-
-def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    with atomic_path(path, overwrite=True) as tmp:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+METRIC_NAMES: dict[TaskType, tuple[str, ...]] = {
+    "classification": METRICS,
+    "survival": ("c_index", "uno_c"),
+    "regression": REGRESSION_METRICS,
+}
+"""The scalar metrics of each task type, averaged over folds in ``metrics.json``."""
 
 
 def task_text_embeddings(
@@ -630,6 +591,251 @@ def _headline(cohort: Cohort) -> tuple[str, ...]:
             "regression": ("pearson", "spearman", "mae")}[cohort.task_type]
 
 
+def _label_text(cohort: Cohort, i: int) -> str:
+    """A slide's label as text: its class, its target value, or ``time`` with ``+`` if censored."""
+    if cohort.task_type == "classification":
+        return cohort.classes[cohort.labels[i]]
+    if cohort.task_type == "regression":
+        return f"{cohort.targets[i]:g}"
+    return f"{cohort.targets[i, 0]:g}{'' if cohort.targets[i, 1] else '+'}"
+
+
+def split_rows(cohort: Cohort, folds: Sequence[Fold]) -> list[dict[str, Any]]:
+    """The rows of ``splits.csv``: every slide of every fold's parts, with its patient and label."""
+    rows = []
+    for fold in folds:
+        for part in ("train", "val", "test"):
+            for i in getattr(fold, part):
+                rows.extend({"fold": fold.index, "part": part, "slide_id": slide_id,
+                             "patient_id": cohort.patients[i], "label": _label_text(cohort, int(i))}
+                            for slide_id in entry_slides(cohort, int(i)))
+    return rows
+
+
+@dataclass
+class RunSetup:
+    """What a run fixes before its first fold: the task, the cohort (slide or patient bags) and
+    its folds, the head's config and TTP embeddings, and the metadata saved with every head."""
+
+    task: TaskDescription | None
+    cohort: Cohort
+    n_slides: int
+    folds: list[Fold]
+    head_config: HeadConfig
+    text_embeddings: torch.Tensor | None
+    meta: dict[str, Any]
+
+    @property
+    def task_name(self) -> str:
+        return self.task.name if self.task is not None else ""
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """The class names in logit order (none for survival and regression)."""
+        return tuple(self.meta["classes"])
+
+    @property
+    def title(self) -> str:
+        """The figures' title: the task and the head."""
+        return f"{self.task_name} {self.head_config.head}".strip()
+
+
+def _check_options(
+    out_dir: Path, *, overwrite: bool, prompts: Sequence[PromptKind], ivp_features_dir: Any, task_type: TaskType,
+    config: TrainConfig, bag: Bag,
+) -> None:
+    """Refuse settings that cannot make a run, before anything is read."""
+    if out_dir.exists() and not overwrite:
+        raise DataError(f"output {out_dir} exists; use --overwrite to replace it")
+    if ivp_features_dir is not None and "ivp" not in prompts:
+        raise DataError("--ivp-features is used by the 'ivp' prompt; add ivp to --prompts")
+    if task_type != "classification" and config.balance == "sampling":
+        raise DataError(f"--balance sampling balances classes; a {task_type} task has none (leave the default)")
+    if bag not in ("slide", "patient"):
+        raise DataError(f"bag must be slide or patient, got {bag!r}")
+
+
+def _cohort_and_folds(
+    task: TaskDescription | None, *, labels: Any, features_dir: Any, ivp_features_dir: Any, bag: Bag,
+    config: TrainConfig, strict: bool, allow_empty_classes: bool,
+) -> tuple[Cohort, tuple[str, ...], int, list[Fold]]:
+    """The cohort (its bags checked), its classes, its number of slides and its folds: the
+    labels table's own splits or folds, else patient-level stratified k-fold."""
+    task_type: TaskType = task.type if task is not None else "classification"
+    rows = read_labels(labels, task_type=task_type)
+    if bag == "patient":
+        check_patient_targets(rows, labels, task_type=task_type)
+    if task_type != "classification":
+        classes: tuple[str, ...] = ()
+    else:
+        classes = task.classes if task is not None else tuple(sorted({r.label for r in rows}))
+    cohort = build_cohort(
+        rows, features_dir, classes, ivp_features_dir=ivp_features_dir, strict=strict,
+        allow_empty_classes=allow_empty_classes, task_type=task_type,
+    )
+    n_slides = len(cohort)
+    if bag == "patient":
+        cohort = patient_cohort(cohort)
+    if cohort.splits is not None or cohort.folds is not None:
+        folds = user_folds(cohort, val_fraction=config.val_fraction, seed=config.seed)
+    else:
+        folds = patient_kfold(
+            cohort.labels, cohort.patients, n_folds=config.folds, val_fraction=config.val_fraction, seed=config.seed,
+            classes=cohort.classes,
+        )
+    return cohort, classes, n_slides, folds
+
+
+def setup_run(
+    task: TaskDescription | None,
+    *,
+    features_dir: Any,
+    labels: Any,
+    head: HeadName,
+    prompts: Sequence[PromptKind],
+    bag: Bag,
+    config: TrainConfig,
+    head_options: dict[str, Any] | None,
+    ivp_features_dir: Any,
+    text_model: Any,
+    text_cache_dir: Any,
+    strict: bool,
+    allow_empty_classes: bool,
+) -> RunSetup:
+    """Read the labels and bags, make the folds, embed the TTP texts and configure the head."""
+    cohort, classes, n_slides, folds = _cohort_and_folds(
+        task, labels=labels, features_dir=features_dir, ivp_features_dir=ivp_features_dir, bag=bag, config=config,
+        strict=strict, allow_empty_classes=allow_empty_classes,
+    )
+    task_type = cohort.task_type
+    text_embeddings = None
+    text_info: dict[str, Any] | None = None
+    if "ttp" in prompts:
+        assert task is not None  # checked by train()
+        text_embeddings = task_text_embeddings(task, text_model=text_model, cache_dir=text_cache_dir)
+        model_dir = resolve_text_model(text_model)
+        text_info = {"model": str(model_dir), "model_key": text_model_key(model_dir), "prompts": task.prompts()}
+    head_config = HeadConfig(
+        head=head,
+        in_dim=cohort.dim,
+        n_classes=len(classes) if task_type == "classification" else 1,
+        prompts=tuple(prompts),
+        text_dim=int(text_embeddings.shape[1]) if text_embeddings is not None else None,
+        ivp_in_dim=cohort.ivp_dim,
+        n_texts=int(text_embeddings.shape[0]) if text_embeddings is not None and task_type != "classification" else None,
+        **(head_options or {}),
+    )
+    meta = {
+        "classes": list(classes),
+        "task_type": task_type,
+        "bag": bag,
+        "task": task.to_dict() if task is not None else None,
+        "encoder": cohort.encoder,
+        "encoder_hash": cohort.encoder_hash,
+        "encoder_weights": cohort.encoder_weights,
+        "text": text_info,
+        "train": asdict(config),
+        "package_version": __version__,
+    }
+    return RunSetup(task, cohort, n_slides, folds, head_config, text_embeddings, meta)
+
+
+def _write_attention(folder: Path, setup: RunSetup, result: FoldResult, preds: np.ndarray) -> None:
+    """The attention file of each test bag of a fold (one per slide of a patient bag)."""
+    cohort, task_type = setup.cohort, setup.cohort.task_type
+    for j, i in enumerate(int(i) for i in result.test.index):
+        sid = cohort.slide_ids[i]
+        outputs, values = (
+            (setup.classes, preds[j]) if task_type == "classification" else ((OUTPUT_NAMES[task_type],), preds[j:j + 1])
+        )
+        meta = {"head": setup.head_config.head, "task": setup.task_name, "task_type": task_type,
+                "fold": result.fold.index, "label": _label_text(cohort, i)}
+        if isinstance(cohort, PatientCohort):
+            write_patient_attention(
+                folder, patient_id=sid,
+                bags=[FeatureStore.open_bag(p, check_values=False) for p in cohort.groups[i].paths],
+                attention=result.test.attention[j], classes=outputs, probs=values, meta=meta,
+            )
+            continue
+        bag = FeatureStore.open_bag(cohort.paths[i], check_values=False)
+        write_attention(
+            folder / f"{sid}.h5", slide_id=sid, attention=result.test.attention[j], coords=read_coords(bag.path),
+            classes=outputs, probs=values, feature_path=bag.path, provenance=bag.attrs, meta=meta,
+        )
+
+
+@dataclass
+class FoldOutput:
+    """What a written fold adds to the run's out-of-fold results."""
+
+    rows: list[dict[str, Any]]
+    index: np.ndarray
+    preds: np.ndarray
+    report: dict[str, Any]
+    curves: list[dict[str, Any]]
+    best_epoch: int
+
+
+def _write_fold(run_dir: Path, setup: RunSetup, result: FoldResult, config: TrainConfig) -> FoldOutput:
+    """Write a trained fold into the run: its head folder with its results, and the attention of
+    its test bags."""
+    cohort, fold, k = setup.cohort, result.fold, result.fold.index
+    folder = head_folder.save_head(
+        result.model, run_folder.fold_dir(run_dir, k),
+        meta={**setup.meta, **result.scale, "fold": k, "best_epoch": result.best_epoch},
+    )
+    preds = result.predictions()
+    rows = [_prediction_row(cohort, int(i), k, preds[j]) for j, i in enumerate(result.test.index)]
+    _write_attention(run_folder.attention_dir(run_dir), setup, result, preds)
+    auc_times = setup.task.auc_times if setup.task is not None else ()
+    report = _fold_report(cohort, result.test.index, preds, config, auc_times=auc_times)
+    report.update(fold=k, best_epoch=result.best_epoch, epochs_run=len(result.history), n_train=len(fold.train),
+                  n_val=len(fold.val), seconds=round(result.seconds, 2), **result.scale)
+    curves = [{"fold": k, **h} for h in result.history]
+    run_folder.write_results(
+        folder, predictions=rows, classes=setup.classes, metrics=report, curves=curves,
+        best_epochs={k: result.best_epoch}, title=f"{setup.title} fold {k}", loss_name=LOSS_NAMES[cohort.task_type],
+    )
+    log.info("fold %d: test %s, best epoch %d", k, ", ".join(f"{m} {report[m]}" for m in _headline(cohort)),
+             result.best_epoch)
+    return FoldOutput(rows, result.test.index, preds, report, curves, result.best_epoch)
+
+
+def _write_pooled(run_dir: Path, setup: RunSetup, outputs: Sequence[FoldOutput], config: TrainConfig) -> dict[str, Any]:
+    """Write the run's out-of-fold results (and a survival run's risk groups); returns the
+    content of ``metrics.json``."""
+    cohort, task_type = setup.cohort, setup.cohort.task_type
+    index = np.concatenate([o.index for o in outputs])
+    preds = np.concatenate([o.preds for o in outputs])
+    auc_times = setup.task.auc_times if setup.task is not None else ()
+    folds = [o.report for o in outputs]
+    summary = {
+        "task": setup.task_name or None,
+        "task_type": task_type,
+        "head": setup.head_config.head,
+        "prompts": list(setup.head_config.prompts),
+        "bag": setup.meta["bag"],
+        "encoder": cohort.encoder,
+        "classes": list(setup.classes),
+        "n_slides": setup.n_slides,
+        "n_patients": len(set(cohort.patients)),
+        "pooled": _fold_report(cohort, index, preds, config, auc_times=auc_times),
+        "folds": folds,
+        "mean_over_folds": mean_sd_of(folds, METRIC_NAMES[task_type]),
+        "skipped": cohort.skipped,
+    }
+    if task_type == "survival":
+        t = cohort.targets[index]
+        run_folder.plot_risk_groups(run_dir, t[:, 0], t[:, 1], preds > 0, title=f"{setup.title}: out-of-fold risk groups")
+    run_folder.write_results(
+        run_dir, predictions=[r for o in outputs for r in o.rows], classes=setup.classes, metrics=summary,
+        curves=[c for o in outputs for c in o.curves], best_epochs={o.report["fold"]: o.best_epoch for o in outputs},
+        title=setup.title, loss_name=LOSS_NAMES[task_type],
+    )
+    run_folder.write_splits(run_dir, split_rows(cohort, setup.folds))
+    return summary
+
+
 def train(
     *,
     features_dir: str | os.PathLike[str],
@@ -664,8 +870,9 @@ def train(
     (a :class:`~wsitools.errors.ModelError` when there is no GPU). ``bag``: ``slide`` (one bag
     per slide) or ``patient`` (all slides of a patient concatenated into one bag, whose slides
     must agree on the label; predictions are then one row per patient, and each slide's slice of
-    the attention goes to its own attention file; :mod:`wsitools.mil.patients`). Returns the
-    content of ``metrics.json``.
+    the attention goes to its own attention file; :mod:`wsitools.mil.patients`). The run folder
+    is written whole or not at all (:mod:`wsitools.mil.run_folder`). Returns the content of
+    ``metrics.json``.
     """
     from wsitools.device import resolve_device
 
@@ -673,201 +880,38 @@ def train(
     if task is None and "ttp" in prompts:
         raise DataError("the ttp prompt embeds the task and class descriptions: give a task (--task TASK.yaml)")
     task = task if isinstance(task, TaskDescription) or task is None else load_task(task)
-    task_name = task.name if task is not None else ""
-    task_type: TaskType = task.type if task is not None else "classification"
-    auc_times = task.auc_times if task is not None else ()
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise DataError(f"output {out_dir} exists; use --overwrite to replace it")
-    if ivp_features_dir is not None and "ivp" not in prompts:
-        raise DataError("--ivp-features is used by the 'ivp' prompt; add ivp to --prompts")
-    if task_type != "classification" and config.balance == "sampling":
-        raise DataError(f"--balance sampling balances classes; a {task_type} task has none (leave the default)")
-    if bag not in ("slide", "patient"):
-        raise DataError(f"bag must be slide or patient, got {bag!r}")
-    rows = read_labels(labels, task_type=task_type)
-    if bag == "patient":
-        check_patient_targets(rows, labels, task_type=task_type)
-    if task_type != "classification":
-        classes: tuple[str, ...] = ()
-    else:
-        classes = task.classes if task is not None else tuple(sorted({r.label for r in rows}))
-    cohort = build_cohort(
-        rows, features_dir, classes, ivp_features_dir=ivp_features_dir, strict=strict,
-        allow_empty_classes=allow_empty_classes, task_type=task_type,
+    _check_options(out_dir, overwrite=overwrite, prompts=prompts, ivp_features_dir=ivp_features_dir,
+                   task_type=task.type if task is not None else "classification", config=config, bag=bag)
+    setup = setup_run(
+        task, features_dir=features_dir, labels=labels, head=head, prompts=prompts, bag=bag, config=config,
+        head_options=head_options, ivp_features_dir=ivp_features_dir, text_model=text_model,
+        text_cache_dir=text_cache_dir, strict=strict, allow_empty_classes=allow_empty_classes,
     )
-    n_slides = len(cohort)
-    if bag == "patient":
-        cohort = patient_cohort(cohort)
-    if cohort.splits is not None or cohort.folds is not None:
-        folds = user_folds(cohort, val_fraction=config.val_fraction, seed=config.seed)
-    else:
-        folds = patient_kfold(
-            cohort.labels, cohort.patients, n_folds=config.folds, val_fraction=config.val_fraction, seed=config.seed,
-            classes=cohort.classes,
-        )
-    text_embeddings = None
-    text_info: dict[str, Any] | None = None
-    if "ttp" in prompts:
-        assert task is not None  # checked above
-        text_embeddings = task_text_embeddings(task, text_model=text_model, cache_dir=text_cache_dir)
-        model_dir = resolve_text_model(text_model)
-        text_info = {"model": str(model_dir), "model_key": text_model_key(model_dir), "prompts": task.prompts()}
-    head_config = HeadConfig(
-        head=head,
-        in_dim=cohort.dim,
-        n_classes=len(classes) if task_type == "classification" else 1,
-        prompts=tuple(prompts),
-        text_dim=int(text_embeddings.shape[1]) if text_embeddings is not None else None,
-        ivp_in_dim=cohort.ivp_dim,
-        n_texts=int(text_embeddings.shape[0]) if text_embeddings is not None and task_type != "classification" else None,
-        **(head_options or {}),
-    )
-    meta = {
-        "classes": list(classes),
-        "task_type": task_type,
-        "bag": bag,
-        "task": task.to_dict() if task is not None else None,
-        "encoder": cohort.encoder,
-        "encoder_hash": cohort.encoder_hash,
-        "encoder_weights": cohort.encoder_weights,
-        "text": text_info,
-        "train": asdict(config),
-        "package_version": __version__,
-    }
+    cohort, head_config = setup.cohort, setup.head_config
     log.info(
         "training %s%s (%s) on %d slides (%d patients, %s bags), %d folds, %d-d features, on %s",
-        head, f" [{','.join(head_config.prompts)}]" if head_config.prompts else "", task_type,
-        n_slides, len(set(cohort.patients)), bag, len(folds), cohort.dim, dev,
+        head, f" [{','.join(head_config.prompts)}]" if head_config.prompts else "", cohort.task_type,
+        setup.n_slides, len(set(cohort.patients)), bag, len(setup.folds), cohort.dim, dev,
     )
-    oof_rows: list[dict[str, Any]] = []
-    oof_index, oof_preds = [], []
-    fold_reports, histories, best_epochs, curve_rows = [], {}, {}, []
-    title = f"{task_name} {head}".strip()
-    with atomic_path(out_dir, overwrite=overwrite) as tmp:
-        (tmp / "attention").mkdir(parents=True)
-        for fold in folds:
+    with run_folder.writing(out_dir, overwrite=overwrite) as tmp:
+        outputs = []
+        for fold in setup.folds:
             result = train_fold(
-                cohort, fold, head_config, config, text_embeddings=text_embeddings, device=dev, progress=progress
+                cohort, fold, head_config, config, text_embeddings=setup.text_embeddings, device=dev, progress=progress
             )
-            fold_dir = head_folder.save_head(
-                result.model, head_folder.fold_dir(tmp, fold.index),
-                meta={**meta, **result.scale, "fold": fold.index, "best_epoch": result.best_epoch},
-            )
-            preds = result.predictions()
-            rows = []
-            for j, i in enumerate(result.test.index):
-                row = _prediction_row(cohort, int(i), fold.index, preds[j])
-                rows.append(row)
-                sid = cohort.slide_ids[i]
-                outputs = (classes, preds[j]) if task_type == "classification" else ((OUTPUT_NAMES[task_type],), preds[j:j + 1])
-                attention_meta = {"head": head, "task": task_name, "task_type": task_type, "fold": fold.index,
-                                  "label": _label_text(cohort, int(i))}
-                if isinstance(cohort, PatientCohort):
-                    write_patient_attention(
-                        tmp / "attention", patient_id=sid,
-                        bags=[bag_info(p, check_values=False) for p in cohort.groups[i].paths],
-                        attention=result.test.attention[j], classes=outputs[0], probs=outputs[1], meta=attention_meta,
-                    )
-                    continue
-                info = bag_info(cohort.paths[i], check_values=False)
-                write_attention(
-                    tmp / "attention" / f"{sid}.h5",
-                    slide_id=sid,
-                    attention=result.test.attention[j],
-                    coords=read_coords(cohort.paths[i]),
-                    classes=outputs[0],
-                    probs=outputs[1],
-                    feature_path=info.path,
-                    provenance=info.attrs,
-                    meta=attention_meta,
-                )
-            write_predictions_csv(fold_dir / "predictions.csv", rows, classes)
-            oof_rows.extend(rows)
-            oof_index.append(result.test.index)
-            oof_preds.append(preds)
-            report = _fold_report(cohort, result.test.index, preds, config, auc_times=auc_times)
-            report.update(fold=fold.index, best_epoch=result.best_epoch, epochs_run=len(result.history),
-                          n_train=len(fold.train), n_val=len(fold.val), seconds=round(result.seconds, 2),
-                          **result.scale)
-            write_json_atomic(fold_dir / "metrics.json", report)
-            fold_reports.append(report)
-            fold_curves = [{"fold": fold.index, **h} for h in result.history]
-            _write_csv(fold_dir / "curves.csv", fold_curves)
-            plot_curves(fold_dir / "curves.png", {fold.index: result.history}, {fold.index: result.best_epoch},
-                        title=f"{title} fold {fold.index}", loss_name=LOSS_NAMES[task_type])
-            curve_rows.extend(fold_curves)
-            histories[fold.index], best_epochs[fold.index] = result.history, result.best_epoch
-            log.info("fold %d: test %s, best epoch %d", fold.index,
-                     ", ".join(f"{k} {report[k]}" for k in _headline(cohort)), result.best_epoch)
-
-        index = np.concatenate(oof_index)
-        preds = np.concatenate(oof_preds)
-        pooled = _fold_report(cohort, index, preds, config, auc_times=auc_times)
-        summary = {
-            "task": task_name or None,
-            "task_type": task_type,
-            "head": head,
-            "prompts": list(head_config.prompts),
-            "bag": bag,
-            "encoder": cohort.encoder,
-            "classes": list(classes),
-            "n_slides": n_slides,
-            "n_patients": len(set(cohort.patients)),
-            "pooled": pooled,
-            "folds": fold_reports,
-            "mean_over_folds": mean_sd_of(fold_reports, METRIC_NAMES[task_type]),
+            outputs.append(_write_fold(tmp, setup, result, config))
+        summary = _write_pooled(tmp, setup, outputs, config)
+        run_folder.write_record(tmp, {
+            **setup.meta,
+            "head_config": head_config.to_dict(),
+            "features_dir": str(Path(features_dir).resolve()),
+            "ivp_features_dir": str(Path(ivp_features_dir).resolve()) if ivp_features_dir else None,
+            "labels": str(Path(labels).resolve()),
+            "split_source": "labels table" if (cohort.splits or cohort.folds) else "patient stratified k-fold",
+            "n_folds": len(setup.folds),
+            "device": str(dev),
             "skipped": cohort.skipped,
-        }
-        if task_type == "survival":
-            t = cohort.targets[index]
-            plot_risk_groups(tmp / "km.png", t[:, 0], t[:, 1], preds > 0, title=f"{title}: out-of-fold risk groups")
-        write_predictions_csv(tmp / "predictions.csv", oof_rows, classes)
-        write_json_atomic(tmp / "metrics.json", summary)
-        _write_csv(tmp / "curves.csv", curve_rows)
-        plot_curves(tmp / "curves.png", histories, best_epochs, title=title, loss_name=LOSS_NAMES[task_type])
-        _write_splits(tmp / "splits.csv", cohort, folds)
-        write_json_atomic(
-            tmp / "run.json",
-            {
-                **meta,
-                "head_config": head_config.to_dict(),
-                "features_dir": str(Path(features_dir).resolve()),
-                "ivp_features_dir": str(Path(ivp_features_dir).resolve()) if ivp_features_dir else None,
-                "labels": str(Path(labels).resolve()),
-                "split_source": "labels table" if (cohort.splits or cohort.folds) else "patient stratified k-fold",
-                "n_folds": len(folds),
-                "device": str(dev),
-                "skipped": cohort.skipped,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            },
-        )
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        })
     return summary
-
-
-METRIC_NAMES: dict[TaskType, tuple[str, ...]] = {
-    "classification": METRICS,
-    "survival": ("c_index", "uno_c"),
-    "regression": REGRESSION_METRICS,
-}
-"""The scalar metrics of each task type, averaged over folds in ``metrics.json``."""
-
-
-def _label_text(cohort: Cohort, i: int) -> str:
-    """A slide's label as text: its class, its target value, or ``time`` with ``+`` if censored."""
-    if cohort.task_type == "classification":
-        return cohort.classes[cohort.labels[i]]
-    if cohort.task_type == "regression":
-        return f"{cohort.targets[i]:g}"
-    return f"{cohort.targets[i, 0]:g}{'' if cohort.targets[i, 1] else '+'}"
-
-
-def _write_splits(path: Path, cohort: Cohort, folds: Sequence[Fold]) -> None:
-    rows = []
-    for fold in folds:
-        for part in ("train", "val", "test"):
-            for i in getattr(fold, part):
-                rows.extend({"fold": fold.index, "part": part, "slide_id": slide_id,
-                             "patient_id": cohort.patients[i], "label": _label_text(cohort, int(i))}
-                            for slide_id in entry_slides(cohort, int(i)))
-    _write_csv(path, rows)

@@ -1,0 +1,250 @@
+"""The run folder of ``wsitools train``: path, write, read, verify.
+
+One run is one head cross-validated on one cohort (layout in docs/formats.md, "MIL heads"):
+
+- ``run.json``: the run's record (settings and provenance), written last;
+- ``metrics.json``, ``predictions.csv``, ``curves.csv``, ``curves.png``: the out-of-fold
+  results, and ``km.png`` for a survival task; ``splits.csv``: every fold's parts;
+- ``fold_{k}/``: the head folder of fold ``k`` (:mod:`wsitools.mil.head_folder`) with the same
+  four result files for that fold alone;
+- ``attention/{slide_id}.h5``: attention files (:mod:`wsitools.attention`).
+
+A run is written whole or not at all: :func:`writing` hands out a temporary sibling of the
+output folder, and renames it into place only when the block ends without an error *and* the
+run's record has been written (:func:`write_record`, after everything else). The readers
+(:func:`check_run`, :func:`head_folders`, :func:`load_heads`) accept a run only when its
+record is there and every fold head it counts is, so the folder of a ``train`` that was killed
+(the temporary it leaves behind, or a run copied in part) is refused with one line naming it.
+The prediction tables (``predictions.csv``, also written by ``wsitools predict``) and the
+metrics file are written and read here too, for the workflow's report.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from wsitools.errors import DataError, ModelError
+from wsitools.io import atomic_path, write_json_atomic
+from wsitools.mil.head_folder import WEIGHTS_FILE, SavedHead, load_head
+from wsitools.tables import write_table
+
+RECORD_FILE = "run.json"
+METRICS_FILE = "metrics.json"
+PREDICTIONS_FILE = "predictions.csv"
+SPLITS_FILE = "splits.csv"
+CURVES_FILE = "curves.csv"
+CURVES_PLOT = "curves.png"
+RISK_GROUPS_PLOT = "km.png"
+ATTENTION_DIR = "attention"
+
+
+def fold_dir(run_dir: str | os.PathLike[str], index: int) -> Path:
+    """The head folder of fold ``index`` in a training run: ``{run_dir}/fold_{index}``."""
+    return Path(run_dir) / f"fold_{int(index)}"
+
+
+def attention_dir(run_dir: str | os.PathLike[str]) -> Path:
+    """The folder of a run's attention files, ``{run_dir}/attention``."""
+    return Path(run_dir) / ATTENTION_DIR
+
+
+@contextmanager
+def writing(out_dir: str | os.PathLike[str], *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder (with its ``attention/``) to write the run ``out_dir`` into,
+    and rename it to ``out_dir`` when the block ends; an existing ``out_dir`` is replaced only
+    with ``overwrite``, and only then. On an error, or when the block did not write the run's
+    record, the temporary is removed and ``out_dir`` is left as it was."""
+    with atomic_path(out_dir, overwrite=overwrite) as tmp:
+        attention_dir(tmp).mkdir(parents=True)
+        yield tmp
+        if not (tmp / RECORD_FILE).is_file():
+            raise RuntimeError(f"{out_dir}: the run was written without its {RECORD_FILE}")
+
+
+def write_predictions(
+    path: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]], classes: Sequence[str]
+) -> None:
+    """A predictions table: one row per bag (slide, or patient with its slides), columns in the
+    order of the rows' keys; a classification head's rows hold ``probs`` (written as ``pred``
+    and ``prob_{class}`` columns in class order, after the other columns, to 6 decimals), a
+    survival or regression head's rows (``classes`` empty) their ``risk`` or ``prediction``
+    (floats to 6 significant digits)."""
+    if not classes:
+        columns = list(rows[0]) if rows else ["slide_id"]
+        table = [{k: f"{v:.6g}" if isinstance(v, float) else v for k, v in r.items()} for r in rows]
+    else:
+        keys = [k for k in rows[0] if k != "probs"] if rows else ["slide_id"]
+        prob_columns = [f"prob_{c}" for c in classes]
+        columns = [*keys, "pred", *prob_columns]
+        table = []
+        for r in rows:
+            probs = np.asarray(r["probs"])
+            table.append({**{k: r[k] for k in keys}, "pred": classes[int(probs.argmax())],
+                          **{c: f"{p:.6f}" for c, p in zip(prob_columns, probs)}})
+    write_table(path, table, columns, dialect="csv")
+
+
+def read_predictions(path: str | os.PathLike[str]) -> list[dict[str, str]]:
+    """The rows of a predictions table (:func:`write_predictions`); a :class:`DataError`
+    naming the file when it cannot be read."""
+    try:
+        with open(path, newline="") as f:
+            return list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"predictions {path} cannot be read: {exc!r}") from None
+
+
+def read_metrics(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A run's (or a fold's) ``metrics.json``; a :class:`DataError` naming the file when it is
+    missing or not a JSON object."""
+    try:
+        metrics = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise DataError(f"metrics file {path} cannot be read: {exc!r}") from None
+    if not isinstance(metrics, dict):
+        raise DataError(f"metrics file {path} cannot be read: not a JSON object")
+    return metrics
+
+
+def write_results(
+    folder: Path,
+    *,
+    predictions: Sequence[Mapping[str, Any]],
+    classes: Sequence[str],
+    metrics: Mapping[str, Any],
+    curves: Sequence[Mapping[str, Any]],
+    best_epochs: Mapping[int, int],
+    title: str,
+    loss_name: str,
+) -> None:
+    """The results of one fold (``folder`` its head folder) or of the whole run (out-of-fold):
+    ``predictions.csv``, ``metrics.json``, ``curves.csv`` (one row per fold and epoch, columns
+    in the order of the rows' keys) and ``curves.png`` (:func:`plot_curves`)."""
+    write_predictions(folder / PREDICTIONS_FILE, predictions, classes)
+    write_json_atomic(folder / METRICS_FILE, dict(metrics))
+    write_table(folder / CURVES_FILE, curves, list(curves[0]), dialect="csv")
+    histories: dict[int, list[Mapping[str, Any]]] = {}
+    for row in curves:
+        histories.setdefault(int(row["fold"]), []).append(row)
+    plot_curves(folder / CURVES_PLOT, histories, best_epochs, title=title, loss_name=loss_name)
+
+
+def write_splits(run_dir: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    """``splits.csv``: one row per slide and fold, ``fold, part, slide_id, patient_id, label``."""
+    write_table(run_dir / SPLITS_FILE, rows, ("fold", "part", "slide_id", "patient_id", "label"), dialect="csv")
+
+
+def write_record(run_dir: Path, record: Mapping[str, Any]) -> None:
+    """``run.json``, the run's settings and provenance; written last, it marks the run as
+    complete (:func:`check_run`)."""
+    write_json_atomic(run_dir / RECORD_FILE, dict(record))
+
+
+def plot_curves(
+    path: Path, histories: Mapping[int, Sequence[Mapping[str, Any]]], best: Mapping[int, int], *, title: str,
+    loss_name: str,
+) -> None:
+    """Training and validation loss per epoch, one colour per fold, best epoch marked."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for k, hist in histories.items():
+        epochs = [h["epoch"] for h in hist]
+        line = ax.plot(epochs, [h["train_loss"] for h in hist], "--", label=f"fold {k} train")[0]
+        ax.plot(epochs, [h["val_loss"] for h in hist], "-", color=line.get_color(), label=f"fold {k} val")
+        ax.axvline(best[k], color=line.get_color(), alpha=0.3, linewidth=1)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(loss_name)
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    with atomic_path(path, overwrite=True) as tmp:
+        fig.savefig(tmp, format="png")
+
+
+def plot_risk_groups(run_dir: Path, time: np.ndarray, event: np.ndarray, high: np.ndarray, *, title: str) -> None:
+    """``km.png``: Kaplan-Meier curves of the out-of-fold high- and low-risk groups with the
+    log-rank p-value."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from wsitools.survival import draw_risk_groups
+
+    fig = Figure(figsize=(6, 4.2), dpi=100)
+    FigureCanvasAgg(fig)
+    draw_risk_groups(fig.add_subplot(1, 1, 1), time, event, high, title=title)
+    fig.tight_layout()
+    with atomic_path(run_dir / RISK_GROUPS_PLOT, overwrite=True) as tmp:
+        fig.savefig(tmp, format="png")
+
+
+def _fold_heads(run_dir: Path) -> list[Path]:
+    """The ``fold_{k}/`` folders of ``run_dir`` that hold a head's weights, in fold order."""
+    folds = [p for p in run_dir.glob("fold_*") if p.name[5:].isdigit() and (p / WEIGHTS_FILE).is_file()]
+    return sorted(folds, key=lambda p: int(p.name[5:]))
+
+
+def check_run(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The record of a finished run (``run.json``), after checking that the run is complete:
+    its record, its results and as many fold heads as the record counts. A :class:`ModelError`
+    naming the folder otherwise (one that is not a run at all, or an unfinished one: a
+    ``train`` stopped while writing it)."""
+    run_dir = Path(run_dir)
+    record_path = run_dir / RECORD_FILE
+    folds = _fold_heads(run_dir)
+    if not record_path.is_file():
+        if folds:
+            raise ModelError(
+                f"{run_dir}: an unfinished training run (fold heads without the {RECORD_FILE} that "
+                "wsitools train writes last); train it again"
+            )
+        raise ModelError(f"{run_dir}: no trained head (model.safetensors) here or in fold_*/")
+    try:
+        record = json.loads(record_path.read_text())
+        n_folds = int(record["n_folds"])
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        raise ModelError(f"{record_path}: not a readable run record ({type(exc).__name__}: {exc})") from None
+    missing = [name for name in (METRICS_FILE, PREDICTIONS_FILE) if not (run_dir / name).is_file()]
+    if len(folds) != n_folds or missing:
+        found = f"{len(folds)} of its {n_folds} fold heads" + (f", no {' or '.join(missing)}" if missing else "")
+        raise ModelError(f"{run_dir}: an unfinished training run ({found}); train it again")
+    return record
+
+
+def head_folders(model_dir: str | os.PathLike[str]) -> list[Path]:
+    """The head folders of ``model_dir``: itself when it is one head folder, else the fold
+    heads of a finished run (:func:`check_run`), in fold order."""
+    model_dir = Path(model_dir)
+    if (model_dir / WEIGHTS_FILE).is_file():
+        return [model_dir]
+    check_run(model_dir)
+    return _fold_heads(model_dir)
+
+
+def load_heads(model_dir: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> list[SavedHead]:
+    """The heads of a finished training run (``fold_*/``, in fold order) or of one head folder,
+    on ``device``; :class:`ModelError` when they disagree on classes, feature width, task type,
+    bags (slide or patient) or the encoder of their training features (they could not be
+    averaged)."""
+    heads = [load_head(p, device=device) for p in head_folders(model_dir)]
+    first = heads[0]
+    for h in heads[1:]:
+        if h.classes != first.classes or h.config.in_dim != first.config.in_dim or h.task_type != first.task_type:
+            raise ModelError(f"{model_dir}: the fold heads disagree on classes or feature width")
+        if h.bag != first.bag:
+            raise ModelError(f"{model_dir}: the fold heads disagree on the bags (slide or patient)")
+        if h.meta.get("encoder_hash") != first.meta.get("encoder_hash"):
+            raise ModelError(f"{model_dir}: the fold heads were trained on features of different encoders")
+    return heads
