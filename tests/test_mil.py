@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 from dataclasses import replace
 
 import h5py
@@ -19,7 +20,9 @@ from wsitools.cli import main  # noqa: E402
 from wsitools.errors import ConfigError, DataError, ModelError  # noqa: E402
 from wsitools.mil import train as train_module  # noqa: E402
 from wsitools.mil.config import TrainConfig  # noqa: E402
-from wsitools.mil.head_folder import fold_dir, head_folders, load_head, save_head  # noqa: E402
+from wsitools.mil.head_folder import load_head, save_head  # noqa: E402
+from wsitools.mil import run_folder  # noqa: E402
+from wsitools.mil.run_folder import fold_dir, head_folders  # noqa: E402
 from wsitools.mil.predict import predict  # noqa: E402
 from wsitools.mil.synthetic import make_bag_cohort  # noqa: E402
 from wsitools.mil.train import train  # noqa: E402
@@ -253,8 +256,46 @@ def test_a_head_folder_is_written_whole_or_not_at_all(trained, tmp_path):
     for k in (10, 2):
         save_head(saved.model, fold_dir(run, k), meta=saved.meta)
     (run / "fold_x").mkdir()
+    for name in ("metrics.json", "predictions.csv"):
+        (run / name).write_text("{}")
+    (run / "run.json").write_text(json.dumps({"n_folds": 2}))
     assert head_folders(run) == [run / "fold_2", run / "fold_10"]  # fold order, not name order
     assert load_head(folder).meta["fold"] == saved.meta["fold"] == 0
+
+
+def test_a_half_written_run_is_refused_with_one_line_naming_it(cohort, trained, tmp_path, capsys):
+    """What a killed `wsitools train` leaves (its temporary: fold heads and results, but not the
+    run.json written last), or a run copied in part, is never taken for a finished run."""
+    killed = tmp_path / ".tmp-heads-node1-4242-0badcafe"
+    shutil.copytree(trained["abmil"], killed)
+    (killed / "run.json").unlink()
+    assert head_folders(killed / "fold_0") == [killed / "fold_0"]  # one head folder alone is whole
+    with pytest.raises(ModelError, match=r"^\S+\.tmp-heads-node1-4242-0badcafe: an unfinished training run \(fold heads"):
+        predict(killed, cohort["root"] / "features", tmp_path / "p", progress=False)
+    rc = main(["predict", "--model", str(killed), "--features", str(cohort["root"] / "features"),
+               "--out", str(tmp_path / "p"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and f"{killed}: an unfinished training run" in err
+    assert not (tmp_path / "p").exists()
+    part = tmp_path / "part"
+    shutil.copytree(trained["abmil"], part)
+    shutil.rmtree(part / "fold_0")
+    (part / "metrics.json").unlink()
+    with pytest.raises(ModelError, match=r"part: an unfinished training run \(0 of its 1 fold heads, no metrics\.json\)"):
+        run_folder.load_heads(part)
+    (part / "run.json").write_text("{")
+    with pytest.raises(ModelError, match=r"part/run\.json: not a readable run record"):
+        head_folders(part)
+
+
+def test_a_run_is_published_only_with_its_record(tmp_path):
+    with pytest.raises(RuntimeError, match="without its run.json"):
+        with run_folder.writing(tmp_path / "run") as tmp:
+            run_folder.write_splits(tmp, [{"fold": 0, "part": "test", "slide_id": "s", "patient_id": "p", "label": "x"}])
+    assert list(tmp_path.iterdir()) == []
+    with run_folder.writing(tmp_path / "run") as tmp:
+        run_folder.write_record(tmp, {"n_folds": 0})
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["attention", "run.json"]
 
 
 def test_predict_rejects_features_of_another_width(trained, tmp_path):

@@ -14,7 +14,6 @@ benchmark's 40k x 30k) is made in bounded memory, rendering level 0 at most twic
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import tempfile
@@ -27,6 +26,7 @@ from typing import Literal
 import numpy as np
 
 from wsitools.io import atomic_path
+from wsitools.tables import write_table
 
 Texture = Literal["tissue", "other"]
 SlideFormat = Literal["tiff", "svs"]
@@ -341,11 +341,8 @@ def make_cohort(
                 regions=tuple(regions),
             )
         )
-    with open(out / "samples.tsv", "w", newline="") as f:
-        writer = csv.writer(f, delimiter="\t", lineterminator="\n")
-        writer.writerow(["slide_id", "path", "patient_id", "label"])
-        for s in cohort:
-            writer.writerow([s.slide_id, s.path, s.patient_id, s.label])
+    columns = ("slide_id", "path", "patient_id", "label")
+    write_table(out / "samples.tsv", [{c: getattr(s, c) for c in columns} for s in cohort], columns)
     truth = {s.slide_id: [asdict(r) for r in s.regions] for s in cohort}
     (out / "truth.json").write_text(json.dumps(truth, indent=2) + "\n")
     return cohort

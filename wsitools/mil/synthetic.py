@@ -9,7 +9,6 @@ feature store contract (docs/formats.md): ``{slide_id}.h5`` with ``features`` an
 
 from __future__ import annotations
 
-import csv
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from wsitools.feature_store import FORMAT_VERSION, KIND, write_feature_store
-from wsitools.io import atomic_path
+from wsitools.tables import write_table
 
 
 @dataclass(frozen=True)
@@ -117,11 +116,8 @@ def make_bag_cohort(
             )
         )
     if labels_path is not None:
-        with atomic_path(labels_path, overwrite=True) as tmp:
-            with open(tmp, "w", newline="") as f:
-                writer = csv.writer(f)
-                writer.writerow(["slide_id", "label", "patient_id"])
-                writer.writerows([b.slide_id, b.label, b.patient_id] for b in bags)
+        columns = ("slide_id", "label", "patient_id")
+        write_table(labels_path, [{c: getattr(b, c) for c in columns} for b in bags], columns, dialect="csv")
     return bags
 
 
@@ -211,13 +207,8 @@ def make_outcome_cohort(
             )
         )
     if labels_path is not None:
-        with atomic_path(labels_path, overwrite=True) as tmp:
-            with open(tmp, "w", newline="") as f:
-                writer = csv.writer(f)
-                if task_type == "survival":
-                    writer.writerow(["slide_id", "patient_id", "time", "event"])
-                    writer.writerows([b.slide_id, b.patient_id, f"{b.time:.6g}", b.event] for b in bags)
-                else:
-                    writer.writerow(["slide_id", "patient_id", "label"])
-                    writer.writerows([b.slide_id, b.patient_id, f"{b.value:.6g}"] for b in bags)
+        columns = ("slide_id", "patient_id", "time", "event") if task_type == "survival" else ("slide_id", "patient_id", "label")
+        rows = [{"slide_id": b.slide_id, "patient_id": b.patient_id, "time": f"{b.time:.6g}", "event": b.event,
+                 "label": f"{b.value:.6g}"} for b in bags]
+        write_table(labels_path, rows, columns, dialect="csv")
     return bags

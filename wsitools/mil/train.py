@@ -462,6 +462,26 @@ def _val_scores(cohort: Cohort, val: Evaluation, targets: torch.Tensor | None) -
     return {"val_pearson": scores["pearson"], "val_mae_sd": scores["mae"]}
 
 
+def fold_loss(
+    cohort: Cohort, fold: Fold, config: TrainConfig, *, targets: torch.Tensor | None, device: torch.device
+) -> tuple[StepLoss, int]:
+    """A fold's training loss and its bags per optimiser step: the class-weighted (or, with
+    ``balance`` ``sampling``, unweighted) cross-entropy of one bag; the Cox loss of
+    ``survival_batch`` bags; the Huber loss of one bag (``targets`` on ``device``)."""
+    if cohort.task_type == "classification":
+        n_classes = len(cohort.classes)
+        weights = (
+            torch.from_numpy(class_weights(cohort.labels[fold.train], n_classes))
+            if config.balance == "weights"
+            else torch.ones(n_classes)
+        ).to(device)
+        return classification_loss(torch.from_numpy(cohort.labels).to(device), weights), 1
+    assert targets is not None
+    if cohort.task_type == "survival":
+        return survival_loss(targets), config.survival_batch
+    return regression_loss(targets), 1
+
+
 def train_fold(
     cohort: Cohort,
     fold: Fold,
@@ -485,19 +505,7 @@ def train_fold(
     dataset = bag_dataset(cohort, config)
     targets, scale = _fold_targets(cohort, fold)
     targets_dev = targets.to(device) if targets is not None else None
-    batch = 1
-    if cohort.task_type == "classification":
-        n_classes = len(cohort.classes)
-        step_weights = (
-            torch.from_numpy(class_weights(cohort.labels[fold.train], n_classes))
-            if config.balance == "weights"
-            else torch.ones(n_classes)
-        ).to(device)
-        step_loss = classification_loss(torch.from_numpy(cohort.labels).to(device), step_weights)
-    elif cohort.task_type == "survival":
-        step_loss, batch = survival_loss(targets_dev), config.survival_batch
-    else:
-        step_loss = regression_loss(targets_dev)
+    step_loss, batch = fold_loss(cohort, fold, config, targets=targets_dev, device=device)
     best = BestState(model, min_delta=1e-6, patience=config.patience, min_epochs=config.min_epochs)
     history: list[dict[str, float]] = []
     start = time.perf_counter()
@@ -902,16 +910,27 @@ def train(
             )
             outputs.append(_write_fold(tmp, setup, result, config))
         summary = _write_pooled(tmp, setup, outputs, config)
-        run_folder.write_record(tmp, {
-            **setup.meta,
-            "head_config": head_config.to_dict(),
-            "features_dir": str(Path(features_dir).resolve()),
-            "ivp_features_dir": str(Path(ivp_features_dir).resolve()) if ivp_features_dir else None,
-            "labels": str(Path(labels).resolve()),
-            "split_source": "labels table" if (cohort.splits or cohort.folds) else "patient stratified k-fold",
-            "n_folds": len(setup.folds),
-            "device": str(dev),
-            "skipped": cohort.skipped,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        })
+        run_folder.write_record(
+            tmp, _record(setup, features_dir=features_dir, ivp_features_dir=ivp_features_dir, labels=labels, device=dev)
+        )
     return summary
+
+
+def _record(
+    setup: RunSetup, *, features_dir: Any, ivp_features_dir: Any, labels: Any, device: torch.device
+) -> dict[str, Any]:
+    """The content of ``run.json``: the heads' metadata, the head config, the inputs, where the
+    folds came from, the device, the slides left out, and when the run finished."""
+    cohort = setup.cohort
+    return {
+        **setup.meta,
+        "head_config": setup.head_config.to_dict(),
+        "features_dir": str(Path(features_dir).resolve()),
+        "ivp_features_dir": str(Path(ivp_features_dir).resolve()) if ivp_features_dir else None,
+        "labels": str(Path(labels).resolve()),
+        "split_source": "labels table" if (cohort.splits or cohort.folds) else "patient stratified k-fold",
+        "n_folds": len(setup.folds),
+        "device": str(device),
+        "skipped": cohort.skipped,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
