@@ -2,6 +2,8 @@
 
 - :mod:`wsitools.mil.heads`: the ``abmil``, ``pathotune`` and ``meanpool`` heads and their config.
 - :mod:`wsitools.mil.head_folder`: a trained head on disk (safetensors + JSON): path, write, read, verify.
+- :mod:`wsitools.mil.run_folder`: a training run on disk (its record, results, fold heads and
+  attention files), written whole or not at all; path, write, read, verify.
 - :mod:`wsitools.mil.data`: cohorts (labelled slides matched to their checked feature bags) and
   the sampling of bag rows for training steps (labels tables and their targets: :mod:`wsitools.labels`; feature
   bags: :mod:`wsitools.feature_store`).
