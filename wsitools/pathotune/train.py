@@ -282,7 +282,8 @@ def tune_pathotune(
             epoch=epoch, tensors=_checkpoint_tensors(trainable, best), stepper=stepper, settings=settings,
             extra={"best": best.summary(), "rows": rows},
         )
-    log_table.write(rows)
+    if start >= last_epoch:  # nothing trained now: the log as the checkpoint recorded it
+        log_table.write(rows)
     done = max(start, last_epoch)
     best_metrics = _row_metrics(rows[best.epoch])
     if done < config.epochs:
@@ -290,21 +291,11 @@ def tune_pathotune(
         return PathoTuneResult(out_dir=out, card=None, weights=None, epochs_done=done, best_epoch=best.epoch,
                                untrained=untrained, best=best_metrics, test=None)
     best.restore()
-
-    _write_rows(out / "split.csv", ["name", "label", "split"],
-                [[data.names[i], data.classes[data.labels[i]], split[i]] for i in range(len(data))])
     report_part = "test" if len(parts["test"]) else "val"
     p, yt, _ = predict(model, loader(report_part), device=dev, amp=amp)
-    report = metrics_report(yt, p, class_names=list(data.classes), seed=config.seed)
-    _write_rows(
-        out / "predictions.csv", ["name", "split", "label", *(f"p_{c}" for c in data.classes)],
-        [[data.names[i], report_part, data.classes[yt[k]], *map(float, p[k])] for k, i in enumerate(parts[report_part])],
-    )
-    write_json_atomic(
-        out / "metrics.json",
-        {"classes": list(data.classes), "val_untrained": untrained, "val_best": best_metrics,
-         "best_epoch": best.epoch, "report_split": report_part, report_part: report,
-         "n_tiles": {k: int(len(v)) for k, v in parts.items()}},
+    report = _write_reports(
+        out, data, split, parts, report_part=report_part, probs=p, labels=yt, seed=config.seed,
+        summary={"val_untrained": untrained, "val_best": best_metrics, "best_epoch": best.epoch},
     )
     card_name = name or f"{backbone_enc.name}-pathotune-{task.name if task else '-'.join(data.classes)}"
     weights, card = save_pathotune(
@@ -316,6 +307,36 @@ def tune_pathotune(
         out_dir=out, card=card, weights=weights, epochs_done=done, best_epoch=best.epoch, untrained=untrained,
         best=best_metrics, test=report if report_part == "test" else None,
     )
+
+
+def _write_reports(
+    out: Path,
+    data: LabelledTiles,
+    split: np.ndarray,
+    parts: Mapping[str, np.ndarray],
+    *,
+    report_part: str,
+    probs: np.ndarray,
+    labels: np.ndarray,
+    seed: int,
+    summary: Mapping[str, Any],
+) -> dict[str, Any]:
+    """split.csv, predictions.csv (of ``report_part``) and metrics.json (``summary`` plus the
+    report of ``report_part`` with its intervals); the report."""
+    _write_rows(out / "split.csv", ["name", "label", "split"],
+                [[data.names[i], data.classes[data.labels[i]], split[i]] for i in range(len(data))])
+    report = metrics_report(labels, probs, class_names=list(data.classes), seed=seed)
+    _write_rows(
+        out / "predictions.csv", ["name", "split", "label", *(f"p_{c}" for c in data.classes)],
+        [[data.names[i], report_part, data.classes[labels[k]], *map(float, probs[k])]
+         for k, i in enumerate(parts[report_part])],
+    )
+    write_json_atomic(
+        out / "metrics.json",
+        {"classes": list(data.classes), **summary, "report_split": report_part, report_part: report,
+         "n_tiles": {k: int(len(v)) for k, v in parts.items()}},
+    )
+    return report
 
 
 def _text_embeddings(
