@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from wsitools.encoders import build_encoder, find_card
-from wsitools.features import default_workers, extract_features
+from wsitools.features import extract_features
+from wsitools.io import loader_workers
 from wsitools.store import PatchStore, write_patch_store
 from wsitools.synthetic import texture
 
@@ -87,7 +88,7 @@ def main() -> None:
     if args.precision:
         card = dataclasses.replace(card, compute_precision=args.precision)
     encoder = build_encoder(card, device=args.device)
-    workers = default_workers() if args.workers is None else args.workers
+    workers = loader_workers() if args.workers is None else args.workers
     gpu = torch.cuda.get_device_name(encoder.device) if encoder.device.type == "cuda" else "no GPU"
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, {gpu}")
     print(f"encoder {card.name} ({card.model}), device {encoder.device}, autocast {encoder.amp_dtype}, "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import itertools
 import json
 
@@ -205,6 +206,56 @@ def test_tuning_beats_the_untrained_head_and_serves_as_encoder(setup):
     assert torch.allclose(via_loader.encode(tiles), f_tuned, atol=1e-6)
 
 
+def test_resumed_tuning_ends_bit_for_bit_as_an_uninterrupted_run(setup):
+    from safetensors.torch import load_file
+
+    root, cards = setup
+    data = folder_tiles(root / "data")
+    config = PathoTuneTrainConfig(epochs=4, batch_size=8, lr=1e-2, num_workers=0, val_fraction=0.2, test_fraction=0.2)
+
+    def tune(out, **kw):
+        return tune_pathotune(data, root / out, backbone=str(cards["vit-a"]), task=TASK, text_embeddings=_text(),
+                              config=kw.pop("config", config), device="cpu", progress=False, name="res", **kw)
+
+    whole = tune("whole")
+    part = tune("parts", stop_after_epochs=2)
+    assert (part.epochs_done, part.card, part.weights, part.test) == (2, None, None, None)
+    assert part.untrained == whole.untrained
+    names = sorted(p.name for p in (root / "parts").iterdir())
+    assert names == ["checkpoints", "log.csv"]  # nothing that looks finished
+    assert [p.name for p in sorted((root / "parts" / "checkpoints").iterdir())] == ["epoch-0001", "epoch-0002"]
+    with open(root / "parts" / "log.csv") as f:
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [0, 1, 2]
+    with pytest.raises(ConfigError, match="holds checkpoints of an earlier run; pass --resume"):
+        tune("parts")
+    other = PathoTuneTrainConfig(epochs=4, batch_size=8, lr=2e-2, num_workers=0, val_fraction=0.2, test_fraction=0.2)
+    with pytest.raises(ConfigError) as err:
+        tune("parts", config=other, resume=True)
+    assert str(err.value).startswith(f"{root / 'parts' / 'checkpoints' / 'epoch-0002'}: was written by a run "
+                                     "with other settings (config.lr: 0.01 -> 0.02); ")
+    third = tune("parts", resume=True, stop_after_epochs=3)  # a second interruption
+    assert third.epochs_done == 3 and third.card is None
+    rest = tune("parts", resume=True, config=dataclasses.replace(config, num_workers=2))  # workers may change
+    assert rest.epochs_done == 4 and rest.best_epoch == whole.best_epoch
+    assert (rest.best, rest.test) == (whole.best, whole.test)
+    for name in ("log.csv", "metrics.json", "predictions.csv", "split.csv"):
+        assert (root / "parts" / name).read_text() == (root / "whole" / name).read_text(), name
+    a, b = load_file(root / "whole" / "pathotune.safetensors"), load_file(root / "parts" / "pathotune.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # a finished run resumed again writes the same results without training
+    again = tune("parts", resume=True)
+    assert again.epochs_done == 4 and again.best == whole.best
+    assert (root / "parts" / "log.csv").read_text() == (root / "whole" / "log.csv").read_text()
+    # a best epoch before the interruption is kept through it (here a rate so high that the
+    # untrained head stays the best)
+    wild = dataclasses.replace(config, epochs=3, lr=1.0, warmup_epochs=0)
+    whole, _ = tune("wild-whole", config=wild), tune("wild-parts", config=wild, stop_after_epochs=1)
+    rest = tune("wild-parts", config=wild, resume=True)
+    assert whole.best_epoch == rest.best_epoch == 0 and rest.best == whole.best == whole.untrained
+    a, b = load_file(root / "wild-whole" / "pathotune.safetensors"), load_file(root / "wild-parts" / "pathotune.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_ivp_from_a_second_encoder_on_store_tiles(setup):
     root, cards = setup
     data = store_tiles(root / "labels.csv", [root / "tiles"])
@@ -257,14 +308,21 @@ def test_cli_tune_pathotune(setup, capsys):
     root, cards = setup
     parser = argparse.ArgumentParser()
     pretrain.register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args([
+    argv = [
         "tune", "pathotune", "--data", str(root / "labels.csv"), "--stores", str(root / "tiles"),
         "--encoder", str(cards["vit-a"]), "--prompts", "tvp,ivp", "--epochs", "2", "--batch-size", "8",
         "--lr", "1e-2", "--workers", "0", "--device", "cpu", "--out", str(root / "cli"), "--name", "tex-cli",
-        "--quiet",
-    ])
+        "--quiet", "--stop-after-epochs", "1",
+    ]
+    args = parser.parse_args(argv)
     assert args.func(args) == 0
     out = capsys.readouterr().out
+    assert "epochs done\t1/2\n" in out and "encoder card\tnot yet: continue with --resume" in out
+    assert not (root / "cli" / "tex-cli.yaml").exists()
+    args = parser.parse_args([*argv[:-2], "--resume"])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "epochs done\t2/2\n" in out
     assert "val (untrained)" in out and str(root / "cli" / "tex-cli.yaml") in out
     assert json.loads((root / "cli" / "pathotune.json").read_text())["config"]["prompts"] == ["tvp", "ivp"]
     args = parser.parse_args(["tune", "pathotune", "--data", str(root / "labels.csv"), "--encoder",

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from wsitools.errors import ConfigError, ModelError
-from wsitools.training import BestState, Checkpoints, CsvLog, Schedule, Stepper, adamw
+from wsitools.io import loader_workers, stable_hash
+from wsitools.training import BestState, Checkpoints, CsvLog, Schedule, Stepper, adamw, epoch_generator
 
 CPU = torch.device("cpu")
 
@@ -86,32 +87,58 @@ def test_checkpoint_round_trip_continues_with_the_same_next_steps(tmp_path):
     model = _Tiny()
     stepper = _stepper(model)
     ckpts = Checkpoints(tmp_path / "checkpoints", keep=2)
+    settings = {"config": {"lr": 0.1, "epochs": 5}, "data": "abc"}
     for epoch, b in enumerate(batches[:3], start=1):
         stepper.backward(_loss(model, b))
-        ckpts.save(epoch=epoch, tensors=dict(model.named_parameters()), stepper=stepper, schedule_hash="h1")
+        ckpts.save(epoch=epoch, tensors=dict(model.named_parameters()), stepper=stepper, settings=settings,
+                   extra={"rows": [epoch, math.inf]})
     assert [e for e, _ in ckpts.found()] == [2, 3]  # the oldest is dropped
     state = json.loads((ckpts.found()[-1][1] / "state.json").read_text())
-    assert state == {"epochs_done": 3, "steps_done": 3, "schedule_hash": "h1"}
+    assert state == {"epochs_done": 3, "steps_done": 3, "schedule_hash": stable_hash(settings),
+                     "settings": settings, "extra": {"rows": [3, math.inf]}}
     for b in batches[3:]:
         stepper.backward(_loss(model, b))
 
     fresh = _Tiny()
     resumed = _stepper(fresh)
-    epochs = ckpts.restore(ckpts.found()[-1][1], tensors=dict(fresh.named_parameters()), stepper=resumed,
-                           schedule_hash="h1")
-    assert epochs == 3 and resumed.step == 3
+    back = ckpts.restore(ckpts.found()[-1][1], tensors=dict(fresh.named_parameters()), stepper=resumed,
+                         settings=settings)
+    assert back.epochs_done == 3 and back.extra == {"rows": [3, math.inf]} and resumed.step == 3
     for b in batches[3:]:
         resumed.backward(_loss(fresh, b))
     assert resumed.step == stepper.step == 5 and resumed.lr == stepper.lr
     for p, q in zip(model.parameters(), fresh.parameters()):
         assert torch.equal(p, q)  # bit-identical to the uninterrupted run
-    with pytest.raises(ConfigError, match="other settings"):
-        ckpts.restore(ckpts.found()[-1][1], tensors=dict(fresh.named_parameters()), stepper=resumed,
-                      schedule_hash="h2")
-    (ckpts.found()[-1][1] / "optimizer.pt").write_bytes(b"not a pickle")
+    last = ckpts.found()[-1][1]
+    other = {"config": {"lr": 0.2, "epochs": 5}, "data": "abc", "seed": 1}
+    with pytest.raises(ConfigError) as err:
+        ckpts.restore(last, tensors=dict(fresh.named_parameters()), stepper=resumed, settings=other)
+    assert str(err.value) == (
+        f"{last}: was written by a run with other settings (config.lr: 0.1 -> 0.2; seed: "
+        '"(not set)" -> 1); resume with the same settings or start a new --out folder'
+    )
+    # a checkpoint from before the settings were recorded still names its hash
+    state.pop("settings")
+    (last / "state.json").write_text(json.dumps(state))
+    with pytest.raises(ConfigError, match=f"settings hash {stable_hash(settings)} -> {stable_hash(other)}"):
+        ckpts.restore(last, tensors=dict(fresh.named_parameters()), stepper=resumed, settings=other)
+    (last / "optimizer.pt").write_bytes(b"not a pickle")
     with pytest.raises(ModelError, match="optimizer.pt: not a readable weight file"):
-        ckpts.restore(ckpts.found()[-1][1], tensors=dict(fresh.named_parameters()), stepper=resumed,
-                      schedule_hash="h1")
+        ckpts.restore(last, tensors=dict(fresh.named_parameters()), stepper=resumed, settings=settings)
+
+
+def test_epoch_generator_is_a_function_of_seed_epoch_and_stream():
+    def draw(seed: int, epoch: int, stream: int = 31337) -> list[float]:
+        return torch.rand(4, generator=epoch_generator(seed, epoch, stream=stream)).tolist()
+
+    assert draw(0, 3) == draw(0, 3)
+    assert len({tuple(draw(*a)) for a in [(0, 3), (1, 3), (0, 4), (0, 3, 1)]}) == 4
+
+
+def test_loader_workers_leave_one_cpu_and_cap_at_eight(monkeypatch):
+    for cpus, workers in ((1, 0), (2, 1), (5, 4), (9, 8), (64, 8)):
+        monkeypatch.setenv("SLURM_CPUS_PER_TASK", str(cpus))
+        assert loader_workers() == workers
 
 
 def test_csv_log_round_trip(tmp_path):
@@ -159,3 +186,28 @@ def test_early_stopping_waits_for_min_epochs_and_restores_the_best():
 def test_best_state_without_a_finite_loss_is_a_clear_error():
     with pytest.raises(ModelError, match="never finite"):
         _run_best([math.nan, math.nan])
+
+
+def test_best_state_carries_over_a_resume():
+    """A BestState rebuilt from another's summary and kept tensors stops and restores as it would."""
+    losses = [1.0, 0.5, 0.6, 0.7, 0.8]
+    model = nn.Linear(1, 1)
+    first = BestState(model, patience=3)
+    for epoch, loss in enumerate(losses[:3]):
+        with torch.no_grad():
+            model.weight.fill_(epoch)
+        first.update(epoch, loss)
+    assert first.summary() == {"epoch": 1, "loss": 0.5}
+    again = BestState(model, patience=3)
+    kept = again.kept_tensors()  # a copy of the current state (epoch 2), to be overwritten
+    assert float(kept["weight"]) == 2.0
+    for k, v in first.kept_tensors().items():
+        kept[k].copy_(v)
+    again.load_summary(first.summary())
+    stops = []
+    for epoch, loss in enumerate(losses[3:], start=3):
+        again.update(epoch, loss)
+        stops.append(again.should_stop(epoch))
+    assert stops == [False, True] and again.epoch == 1
+    again.restore()
+    assert float(model.weight.detach()) == 1.0

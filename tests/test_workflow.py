@@ -518,6 +518,21 @@ def test_slurm_dry_run_gives_gpu_rules_a_gpu(tmp_path):
     assert "mem_mb=8000" in jobs["tile"] and "slurm_account=<account>" in jobs["tile"]
 
 
+def test_training_jobs_resume_their_run_folder(tmp_path):
+    """A pretrain or tune job cut off by a time limit continues from its checkpoints when rerun."""
+    tune = {"enabled": True, "data": "tiles_by_class", "task": "config/task.yaml", "prompts": ["tvp"]}
+    work = make_project(tmp_path / "w", config={"device": "cpu", "pretrain": {"enabled": True}, "tune": tune})
+    (work / "tiles_by_class").mkdir()
+    result = snakemake(work, "-n", "--printshellcmds", "--cores", "4")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    pretrain = next(line for line in lines if "wsitools pretrain puzzle " in line)
+    tune_cmd = next(line for line in lines if "wsitools tune pathotune " in line)
+    assert "--out results/pretrain/puzzle" in pretrain and "--resume" in pretrain.split()
+    assert "--out results/tune/pathotune" in tune_cmd and "--resume" in tune_cmd.split()
+    assert "--workers 4" in tune_cmd and "--workers 4" in pretrain
+
+
 def test_every_slurm_job_asks_for_a_gpu_exactly_on_the_gpu_partition(tmp_path):
     """Whole DAG (tiles done): a job asking for a GPU on a CPU partition never starts, and a GPU
     node held by a job that uses no GPU is wasted."""

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 from wsitools.encoders.loading import Encoder
 from wsitools.errors import ModelError, StoreError
 from wsitools.feature_store import feature_attrs, feature_store_path, reusable, write_feature_store
-from wsitools.io import available_cpus, remove_dead_temps
+from wsitools.io import loader_workers, remove_dead_temps
 from wsitools.store import PatchStore
 from wsitools.types import DEFAULT_FEATURE_DTYPE, FEATURE_DTYPES, FeatureDtype
 
@@ -75,11 +75,6 @@ class TileBatches(Dataset):
         return torch.from_numpy(self.store.read_tiles(slice(start, min(self.n, start + self.batch_size))))
 
 
-def default_workers() -> int:
-    """DataLoader workers: one CPU left for the main process, at most 8."""
-    return min(8, max(0, available_cpus() - 1))
-
-
 def tile_loader(store: PatchStore, *, batch_size: int, workers: int, pin_memory: bool) -> DataLoader:
     """The DataLoader that feeds extraction (exposed for the benchmark)."""
     return DataLoader(
@@ -114,7 +109,7 @@ def compute_features(
     loader = tile_loader(
         store,
         batch_size=batch_size,
-        workers=default_workers() if workers is None else workers,
+        workers=loader_workers() if workers is None else workers,
         pin_memory=cuda,
     )
     out = torch.empty((n, encoder.dim), dtype=torch.float32, device=device)
@@ -166,7 +161,7 @@ def extract_features(
         encoder: from :func:`wsitools.encoders.load_encoder`.
         out_root: the features root.
         batch_size: tiles per forward pass (and per DataLoader item).
-        workers: DataLoader workers (default: CPUs - 1, at most 8; 0 reads in this process).
+        workers: DataLoader workers (default :func:`wsitools.io.loader_workers`; 0 reads in this process).
         compile: ``torch.compile`` the forward pass (worth it on a GPU for large cohorts).
         dtype: the stored dtype of ``features``: float32, or float16 for half the disk.
         overwrite: recompute even if a matching feature store exists.

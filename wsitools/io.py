@@ -246,6 +246,14 @@ def available_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def loader_workers() -> int:
+    """The default number of DataLoader worker processes that read and decode tiles (``extract``,
+    ``pretrain``, ``tune``): every CPU this process may use but one, which the main process keeps
+    for the model's steps, and at most 8, which bounds the memory and start-up of the workers
+    while feeding one accelerator. ``--workers`` overrides it; 0 reads in the main process."""
+    return min(8, max(0, available_cpus() - 1))
+
+
 @dataclass(frozen=True)
 class TempReport:
     """One temporary found by :func:`scan_temps`, and whether it is stale (and why, or why not)."""

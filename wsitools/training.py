@@ -12,7 +12,10 @@ machinery around them is here, written once:
   scaler for float16), gradient accumulation, the scheduled rate, the step count;
 - :class:`Checkpoints`: a run's resumable checkpoints, one folder per epoch
   (``epoch-NNNN/trainable.safetensors``, ``optimizer.pt``, ``state.json``), written atomically,
-  read without running pickled code, and refused when another run's settings wrote them;
+  read without running pickled code, and refused, naming the setting, when another run's
+  settings wrote them;
+- :func:`epoch_generator`: the random stream of an epoch as a pure function of (seed, epoch),
+  so shuffles and augmentations need no saved random state to resume exactly;
 - :class:`CsvLog`: the run's log table, rewritten atomically after each epoch;
 - :class:`BestState`: a copy of the weights of the epoch with the lowest validation loss, and
   early stopping (``patience`` epochs without improvement, never before ``min_epochs``).
@@ -46,13 +49,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import nn
 
 from wsitools.device import TrainPrecision, autocast, training_amp_dtype
 from wsitools.encoders.checkpoint import check_optimizer_state, read_checkpoint, read_state_dict
 from wsitools.errors import ConfigError, ModelError, one_line
-from wsitools.io import atomic_path
+from wsitools.io import atomic_path, stable_hash
 from wsitools.tables import write_table
 
 Decay = Literal["all", "matrices"]
@@ -96,6 +100,14 @@ class Schedule:
             step, base_lr=self.base_lr, total_steps=self.total_steps, warmup_steps=self.warmup_steps,
             min_lr=self.min_lr,
         )
+
+
+def epoch_generator(seed: int, epoch: int, *, stream: int = 31337) -> torch.Generator:
+    """A CPU generator seeded from (``seed``, ``epoch``, ``stream``): each random stream of an
+    epoch (tile order, augmentation, puzzles) is then fixed by the run's seed and the epoch alone,
+    so a run resumed at any epoch draws what the uninterrupted run drew. Distinct ``stream``
+    numbers give independent streams within one epoch."""
+    return torch.Generator().manual_seed(int(np.random.default_rng([seed, epoch, stream]).integers(2**62)))
 
 
 def adamw(
@@ -201,11 +213,43 @@ class Stepper:
 
 
 @dataclass(frozen=True)
+class Resumed:
+    """What :meth:`Checkpoints.restore` read besides the tensors: the epochs done and the
+    trainer's own JSON record saved with them (``extra``)."""
+
+    epochs_done: int
+    extra: dict[str, Any]
+
+
+def _flat(settings: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``settings`` as JSON would read it back, nested keys joined with dots."""
+    out: dict[str, Any] = {}
+    for key, value in json.loads(json.dumps(settings, sort_keys=True, default=str)).items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _settings_difference(before: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    """The settings that differ between two runs, as ``name: before -> now`` (dotted names)."""
+    a, b = _flat(before), _flat(now)
+    missing = "(not set)"
+    return [
+        f"{k}: {json.dumps(a.get(k, missing))} -> {json.dumps(b.get(k, missing))}"
+        for k in sorted(a.keys() | b.keys())
+        if a.get(k, missing) != b.get(k, missing)
+    ]
+
+
+@dataclass(frozen=True)
 class Checkpoints:
     """The resumable checkpoints under ``root``: ``epoch-NNNN/`` with the trainable tensors
     (``trainable.safetensors``), the optimiser and scaler states (``optimizer.pt``) and
-    ``state.json`` (epochs and steps done, and the hash of the settings that shape the run).
-    Each is written under a temporary name and renamed when complete; the last ``keep`` stay."""
+    ``state.json`` (epochs and steps done, the settings that shape the run and their hash, and
+    the trainer's own ``extra`` record). Each is written under a temporary name and renamed when
+    complete; the last ``keep`` stay."""
 
     root: Path
     keep: int = 2
@@ -222,48 +266,61 @@ class Checkpoints:
         return sorted(found)
 
     def save(
-        self, *, epoch: int, tensors: Mapping[str, torch.Tensor], stepper: Stepper, schedule_hash: str
+        self,
+        *,
+        epoch: int,
+        tensors: Mapping[str, torch.Tensor],
+        stepper: Stepper,
+        settings: Mapping[str, Any],
+        extra: Mapping[str, Any] | None = None,
     ) -> Path:
-        """Write the checkpoint after ``epoch`` epochs, then drop all but the last ``keep``."""
+        """Write the checkpoint after ``epoch`` epochs, then drop all but the last ``keep``.
+
+        ``settings`` (JSON-serialisable) are what a resumed run must share with this one;
+        ``extra`` is the trainer's own record (e.g. its log rows), returned by :meth:`restore`."""
         from safetensors.torch import save_file
 
         final = self.root / f"epoch-{epoch:04d}"
+        state = {
+            "epochs_done": epoch, "steps_done": stepper.step, "schedule_hash": stable_hash(settings),
+            "settings": json.loads(json.dumps(settings, default=str)), "extra": dict(extra or {}),
+        }
         with atomic_path(final, overwrite=True) as tmp:
             tmp.mkdir()
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "trainable.safetensors"))
             torch.save(stepper.state_dict(), tmp / "optimizer.pt")
-            (tmp / "state.json").write_text(
-                json.dumps({"epochs_done": epoch, "steps_done": stepper.step, "schedule_hash": schedule_hash}, indent=2)
-            )
+            (tmp / "state.json").write_text(json.dumps(state, indent=2))
         for _, old in self.found()[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
         return final
 
     def restore(
-        self, path: Path, *, tensors: Mapping[str, torch.Tensor], stepper: Stepper, schedule_hash: str
-    ) -> int:
-        """Copy checkpoint ``path`` into the live ``tensors`` and ``stepper``; the epochs done.
+        self, path: Path, *, tensors: Mapping[str, torch.Tensor], stepper: Stepper, settings: Mapping[str, Any]
+    ) -> Resumed:
+        """Copy checkpoint ``path`` into the live ``tensors`` and ``stepper``.
 
-        A checkpoint written with other settings (another ``schedule_hash``) is a
-        :class:`ConfigError`; a damaged one a :class:`ModelError` naming its file."""
+        A checkpoint written with other ``settings`` is a :class:`ConfigError` naming the folder
+        and the settings that differ; a damaged one a :class:`ModelError` naming its file."""
         try:
             state = json.loads((path / "state.json").read_text())
-            state = {k: state[k] for k in ("schedule_hash", "epochs_done", "steps_done")}
+            done, steps = int(state["epochs_done"]), int(state["steps_done"])
+            written_hash, extra = str(state["schedule_hash"]), dict(state.get("extra") or {})
         except (OSError, ValueError, TypeError, KeyError) as exc:
             raise ModelError(f"{path / 'state.json'}: not a checkpoint state ({one_line(exc)})") from None
-        if state["schedule_hash"] != schedule_hash:
+        if written_hash != stable_hash(settings):
+            differ = _settings_difference(state["settings"], settings) if isinstance(state.get("settings"), dict) else []
+            what = "; ".join(differ) if differ else f"settings hash {written_hash} -> {stable_hash(settings)}"
             raise ConfigError(
-                f"{path}: was written by a run with other settings (schedule hash "
-                f"{state['schedule_hash']}, now {schedule_hash}); resume with the same settings "
-                "(see config.json) or start a new --out folder"
+                f"{path}: was written by a run with other settings ({what}); resume with the same "
+                "settings or start a new --out folder"
             )
         saved = read_state_dict(path / "trainable.safetensors", tensors)
         opt_path = path / "optimizer.pt"
-        stepper.load_state_dict(read_checkpoint(opt_path), step=int(state["steps_done"]), source=str(opt_path))
+        stepper.load_state_dict(read_checkpoint(opt_path), step=steps, source=str(opt_path))
         with torch.no_grad():
             for k, p in tensors.items():
                 p.copy_(saved[k].to(p.device))
-        return int(state["epochs_done"])
+        return Resumed(epochs_done=done, extra=extra)
 
 
 @dataclass(frozen=True)
@@ -332,6 +389,22 @@ class BestState:
             and epoch + 1 >= self.min_epochs
             and epoch - self.epoch >= self.patience
         )
+
+    def kept_tensors(self) -> dict[str, torch.Tensor]:
+        """The kept copy's tensors, for a checkpoint to save or to be read into (a copy of the
+        module's current state is taken first when none is kept yet)."""
+        if self._state is None:
+            self._state = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+        return self._state
+
+    def summary(self) -> dict[str, float]:
+        """The best epoch and its loss: with :meth:`kept_tensors`, all a resumed run needs to
+        keep choosing and stopping as the uninterrupted run would."""
+        return {"epoch": self.epoch, "loss": self.loss}
+
+    def load_summary(self, summary: Mapping[str, float]) -> None:
+        """Take back what :meth:`summary` gave (the kept tensors are restored separately)."""
+        self.epoch, self.loss = int(summary["epoch"]), float(summary["loss"])
 
     def restore(self) -> None:
         """Load the best state back into the module."""

@@ -330,6 +330,62 @@ def test_an_unsafe_card_name_is_refused_before_training(puzzle_run, tmp_path, ca
     assert not (tmp_path / "r").exists() or not list((tmp_path / "r").glob("nl*"))
 
 
+# --- PathoTune resume -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tune_run(tmp_path_factory):
+    """One of two epochs of PathoTune (TVP) on a tiny ViT and 16 image tiles, stopped and checkpointed."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("tune")
+    card = root / "vit-test-32.yaml"
+    card.write_text(yaml.safe_dump({
+        "name": "vit-test-32", "description": "tiny prompted ViT at 32 px",
+        "architecture": {"model": "prompted_vit_test_patch16_224", "kwargs": {"img_size": 32},
+                         "prompts": {"tokens": 2, "mode": "deep"}, "init_seed": 0},
+        "weights": [], "input": {"size": 32, "normalize": None}, "output": {"kind": "cls", "dim": 64},
+        "precision": {"compute": "bf16"}}))
+    rng = np.random.default_rng(0)
+    for kind, level in (("dark", 40), ("light", 200)):
+        (root / "data" / kind).mkdir(parents=True)
+        for i in range(8):
+            pixels = np.clip(level + rng.normal(0, 20, (32, 32, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / "data" / kind / f"{i}.png")
+    argv = ["tune", "pathotune", "--data", root / "data", "--encoder", card, "--prompts", "tvp", "--epochs", "2",
+            "--batch-size", "4", "--workers", "0", "--device", "cpu", "--quiet", "--out"]
+    assert main([str(a) for a in argv] + [str(root / "run"), "--stop-after-epochs", "1"]) == 0
+    return root / "run", argv
+
+
+@pytest.mark.parametrize("damage", ["other-lr", "no-rows", "rows-short", "no-resume"])
+def test_a_tune_resume_that_does_not_fit_is_one_line(tune_run, tmp_path, capsys, damage):
+    run_dir, argv = tune_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    checkpoint = copy / "checkpoints" / "epoch-0001"
+    state_path = checkpoint / "state.json"
+    state = json.loads(state_path.read_text())
+    extra_args = ["--resume"]
+    if damage == "other-lr":
+        extra_args += ["--lr", "0.01"]
+        needles = [f"{checkpoint}: was written by a run with other settings (config.lr: 0.001 -> 0.01)"]
+    elif damage == "no-resume":
+        extra_args = []
+        needles = [f"{copy}: holds checkpoints of an earlier run; pass --resume"]
+    else:
+        if damage == "no-rows":
+            del state["extra"]["rows"]
+            needles = [f"{state_path}: not a PathoTune checkpoint record (KeyError('rows'))"]
+        else:
+            state["extra"]["rows"] = state["extra"]["rows"][:1]
+            needles = [f"{state_path}: its 1 log rows and best epoch", "do not fit 1 epochs done"]
+        state_path.write_text(json.dumps(state))
+    rc, _, err = run(argv + [copy, *extra_args], capsys)
+    assert_one_line(rc, err, *needles)
+    assert not (copy / "metrics.json").exists()
+
+
 # --- patch stores read by extraction: errors in loader workers ----------------------------------------
 
 

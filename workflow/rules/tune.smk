@@ -1,6 +1,9 @@
 # Optional: PathoTune patch-level prompt tuning on labelled tiles (config: tune.enabled): a
 # folder of class folders, or a tile table (CSV: slide_id, x, y, label) naming tiles of the
-# cohort's patch stores. The tuned model is written with an encoder card.
+# cohort's patch stores. The tuned model is written with an encoder card. The run folder keeps
+# a checkpoint after each epoch, and the job always passes --resume, so a job cut off by a time
+# limit continues where it stopped when rerun (a rerun with other settings stops with an error
+# naming the setting; remove results/tune/pathotune/checkpoints to start over).
 
 
 rule tune_pathotune:
@@ -35,4 +38,4 @@ rule tune_pathotune:
         "../envs/wsitools.yaml"
     shell:
         "wsitools tune pathotune --data {input.data:q} {params.task} {params.stores} {params.options}"
-        " --workers {threads} --out {params.out:q} --quiet > {log:q} 2>&1"
+        " --workers {threads} --out {params.out:q} --resume --quiet > {log:q} 2>&1"

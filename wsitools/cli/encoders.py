@@ -70,7 +70,7 @@ def register(subparsers: Any) -> None:
     ext.add_argument("--out", required=True, metavar="DIR", help="features root: writes DIR/{encoder}/{slide_id}.h5")
     ext.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
     ext.add_argument("--batch-size", type=positive_int, default=128, help="tiles per forward pass (default 128)")
-    ext.add_argument("--workers", type=non_negative_int, default=None, help="DataLoader workers (default: CPUs - 1, max 8)")
+    ext.add_argument("--workers", type=non_negative_int, default=None, help="DataLoader processes that read and decode tiles (default: CPUs - 1, at most 8; 0: in the main process)")
     ext.add_argument("--precision", choices=["card", "fp32"], default="card",
                      help="card: compute in the card's precision on a GPU (default); fp32: float32 compute "
                      "everywhere, parity with a float32 reference forward")

@@ -99,7 +99,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="sentence-transformers / Hugging Face model directory for TTP (default: bundled MiniLM)")
     t.add_argument("--text-cache", default=None, metavar="DIR",
                    help="text embedding cache (default $WSITOOLS_CACHE/text or ~/.cache/wsitools/text)")
-    t.add_argument("--workers", type=non_negative_int, default=d.workers, help=f"bag-reading worker processes ({d.workers})")
+    t.add_argument("--workers", type=non_negative_int, default=d.workers, help=f"DataLoader processes that read feature bags (default {d.workers}: in the main process)")
     t.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads (default 1: robust when other processes share the cores)")
     t.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",

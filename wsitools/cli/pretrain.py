@@ -63,7 +63,7 @@ def register(subparsers: Any) -> None:
     pz.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                     help="auto: bf16 autocast on a GPU (fp16 where bf16 is missing), fp32 on CPU")
     pz.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
-    pz.add_argument("--workers", type=non_negative_int, default=None, help="DataLoader workers (default: CPUs - 1, max 4)")
+    pz.add_argument("--workers", type=non_negative_int, default=None, help="DataLoader processes that read and decode tiles (default: CPUs - 1, at most 8; 0: in the main process)")
     pz.add_argument("--seed", type=non_negative_int, default=0, help="seed of sampling, shuffles and init (default 0)")
     pz.add_argument("--name", default=None, help="name of the exported card (default BACKBONE-puzzletuned)")
     pz.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
@@ -87,7 +87,8 @@ def register(subparsers: Any) -> None:
             "a folder of class folders (optionally split into train/ val/ test/), or a CSV table "
             "slide_id,x,y,label[,split] naming tiles of the patch stores given with --stores. "
             "Writes OUT/pathotune.safetensors, pathotune.json, metrics.json, log.csv, "
-            "predictions.csv, split.csv and an encoder card OUT/NAME.yaml."
+            "predictions.csv, split.csv, an encoder card OUT/NAME.yaml, and checkpoints/ after "
+            "each epoch, from which --resume continues an interrupted run."
         ),
     )
     pt.add_argument("--data", required=True, metavar="PATH", help="class-folder root, or a tile-label CSV")
@@ -121,9 +122,13 @@ def register(subparsers: Any) -> None:
     pt.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                     help="auto: bf16 autocast on a GPU (fp16 where bf16 is missing), fp32 on CPU")
     pt.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
-    pt.add_argument("--workers", type=non_negative_int, default=None, help="DataLoader workers (default: CPUs - 1, max 4)")
+    pt.add_argument("--workers", type=non_negative_int, default=None, help="DataLoader processes that read and decode tiles (default: CPUs - 1, at most 8; 0: in the main process)")
     pt.add_argument("--seed", type=non_negative_int, default=0, help="seed of the split, init and augmentation (default 0)")
     pt.add_argument("--name", default=None, help="name of the encoder card (default BACKBONE-pathotune-TASK)")
+    pt.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    pt.add_argument("--stop-after-epochs", type=positive_int, default=None, metavar="N",
+                    help="stop (checkpointed) once N epochs are done, e.g. within a cluster time limit; "
+                    "continue later with --resume")
     pt.add_argument("--quiet", action="store_true", help="no progress bar")
     pt.set_defaults(func=_pathotune)
 
@@ -151,7 +156,7 @@ def _puzzle(args: argparse.Namespace) -> int:
     print(f"final loss\t{result.final_loss:.5f}")
     print(f"images/s\t{result.images_per_second:.1f}")
     print(f"promptstate\t{result.promptstate}")
-    print(f"encoder card\t{result.card}")
+    print(f"encoder card\t{result.card or 'not yet: continue with --resume'}")
     return 0
 
 
@@ -181,14 +186,16 @@ def _pathotune(args: argparse.Namespace) -> int:
         raise DataError(f"task {args.task}: patch-level prompt tuning classifies tiles; this is a {task.type} task")
     result = tune_pathotune(
         data, args.out, backbone=args.encoder, task=task,
-        ivp_encoder=args.ivp_encoder, config=config, device=args.device,
+        ivp_encoder=args.ivp_encoder, config=config, resume=args.resume, device=args.device,
         models_dir=args.models_dir, name=args.name, progress=not args.quiet,
+        stop_after_epochs=args.stop_after_epochs,
     )
+    print(f"epochs done\t{result.epochs_done}/{args.epochs}")
     keys = ("auroc", "balanced_accuracy", "f1", "accuracy")
     print("split\t" + "\t".join(keys))
     print("val (untrained)\t" + "\t".join(f"{result.untrained[k]:.4f}" for k in keys))
     print(f"val (epoch {result.best_epoch})\t" + "\t".join(f"{result.best[k]:.4f}" for k in keys))
     if result.test is not None:
         print("test\t" + "\t".join("nan" if result.test[k] is None else f"{result.test[k]:.4f}" for k in keys))
-    print(f"encoder card\t{result.card}")
+    print(f"encoder card\t{result.card or 'not yet: continue with --resume'}")
     return 0

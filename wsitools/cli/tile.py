@@ -48,7 +48,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--jpeg-quality", type=jpeg_quality, default=DEFAULT_JPEG_QUALITY, metavar="Q",
                    help=f"quality of the tile JPEGs, 1-100 ({DEFAULT_JPEG_QUALITY})")
     p.add_argument("--workers", type=positive_int, default=None,
-                   help="parallel workers (default: the CPUs this process may use)")
+                   help="threads or processes (--scheduler) that read, encode and write one slide's tile "
+                   "chunks in parallel (default: the CPUs this process may use)")
     p.add_argument("--scheduler", choices=["threads", "processes"], default="threads",
                    help="how a slide's tile blocks run in parallel: threads of one process (the decoders "
                    "release the GIL; least memory) or processes (each opens the slide itself) (threads)")

@@ -9,7 +9,8 @@ optional predefined split, a name per tile, and ``read(i)`` -> uint8 [S, S, 3]):
 - **patch stores + a tile-label table** (CSV with columns ``slide_id,x,y,label`` and optionally
   ``split``): each row names a tile of ``{slide_id}.zarr`` by its level-0 coordinates.
 
-Without a predefined split, :func:`stratified_split` draws one per class (seeded).
+Without a predefined split, :func:`stratified_split` draws one per class (seeded), and
+:class:`TileDataset` serves a split's tiles to a DataLoader at the backbone's input size.
 """
 
 from __future__ import annotations
@@ -23,8 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
+from torch.utils.data import Dataset
 
+from wsitools.encoders.transforms import to_unit_float
 from wsitools.errors import DataError, StoreError
 from wsitools.store import PatchStore
 from wsitools.types import check_slide_id
@@ -81,6 +85,21 @@ class StoreTiles(LabelledTiles):
         assert self.stores is not None and self.index is not None
         s, t = self.index[i]
         return self.stores[int(s)].read_tiles(np.array([t]))[0]
+
+
+class TileDataset(Dataset):
+    """The tiles ``indices`` of ``tiles`` as (float [3, size, size] in [0, 1], label): what a
+    DataLoader of one split reads (pixels resized to the backbone's input ``size``)."""
+
+    def __init__(self, tiles: LabelledTiles, indices: np.ndarray, size: int):
+        self.tiles, self.indices, self.size = tiles, indices, size
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, int]:
+        i = int(self.indices[k])
+        return to_unit_float(self.tiles.read(i)[None], size=self.size)[0], int(self.tiles.labels[i])
 
 
 def _images(folder: Path) -> list[Path]:

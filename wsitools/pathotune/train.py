@@ -11,15 +11,25 @@ validation loss is kept. Output folder::
       metrics.json       validation (untrained and best epoch) and test reports with 95 % CIs
       predictions.csv    per test tile (or validation tile when there is no test split): name, label, probabilities
       split.csv          the split used: name, label, split
+      checkpoints/epoch-NNNN/   the training state after each epoch (last 2 kept; wsitools.training)
+
+Every epoch ends with a checkpoint: the trainable weights, the kept best weights, the optimiser,
+the step count and the log rows. The learning rate is a pure function of the step, and the tile
+order and augmentation of an epoch are pure functions of (seed, epoch), so a run resumed from its
+last checkpoint (``resume=True``, ``wsitools tune pathotune --resume``) ends with the same
+weights and log as a run that was never interrupted. The outputs above but ``log.csv`` and the
+checkpoints are written only when the last epoch is done.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import logging
 import math
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -27,27 +37,33 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from wsitools.encoders import Encoder, load_encoder
-from wsitools.encoders.transforms import prepare_input, random_resized_crop_flip, to_unit_float
 from wsitools.device import TrainPrecision, autocast
+from wsitools.encoders import Encoder, load_encoder
+from wsitools.encoders.transforms import prepare_input, random_resized_crop_flip
 from wsitools.errors import ConfigError, DataError, ModelError
-from wsitools.io import atomic_path, available_cpus, write_json_atomic
+from wsitools.io import atomic_path, loader_workers, stable_hash, write_json_atomic
 from wsitools.metrics import classification_metrics, metrics_report
-from wsitools.pathotune.data import LabelledTiles, stratified_split
+from wsitools.pathotune.data import LabelledTiles, TileDataset, stratified_split
 from wsitools.pathotune.encoder import save_pathotune
 from wsitools.pathotune.model import PathoTuneConfig, PathoTunePrompts, PathoTuneViT, PromptKind, parse_prompts
 from wsitools.text import TaskDescription, embed_texts
-from wsitools.training import BestState, CsvLog, Schedule, Stepper, adamw
+from wsitools.training import BestState, Checkpoints, CsvLog, Resumed, Schedule, Stepper, adamw, epoch_generator
 
 log = logging.getLogger(__name__)
 
+SHUFFLE_STREAM, AUGMENT_STREAM = 1, 2
+"""The :func:`~wsitools.training.epoch_generator` streams of an epoch's tile order and augmentation."""
 
 
 @dataclass(frozen=True)
 class PathoTuneTrainConfig:
-    """Settings of a patch-level tuning run (our defaults; the paper gives none)."""
+    """Settings of a patch-level tuning run (our defaults; the paper gives none).
+
+    ``num_workers`` (None: :func:`wsitools.io.loader_workers`) are the DataLoader processes that
+    read and decode tiles; ``keep_checkpoints`` the epoch checkpoints kept in the run folder.
+    """
 
     prompts: tuple[PromptKind, ...] = ("tvp", "ttp", "ivp")
     n_tvp: int = 8
@@ -64,6 +80,7 @@ class PathoTuneTrainConfig:
     precision: TrainPrecision = "auto"
     num_workers: int | None = None
     text_model: str | None = None
+    keep_checkpoints: int = 2
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prompts", parse_prompts(tuple(self.prompts)))
@@ -71,6 +88,8 @@ class PathoTuneTrainConfig:
             raise ConfigError(f"epochs and batch size must be positive ({self.epochs}, {self.batch_size})")
         if not 0 <= self.warmup < self.epochs:
             raise ConfigError(f"warm-up epochs ({self.warmup}) must lie in [0, epochs={self.epochs})")
+        if self.keep_checkpoints < 1:
+            raise ConfigError(f"keep_checkpoints must be at least 1, got {self.keep_checkpoints}")
 
     @property
     def warmup(self) -> int:
@@ -81,30 +100,27 @@ class PathoTuneTrainConfig:
         d["prompts"] = list(self.prompts)
         return d
 
+    def schedule_dict(self) -> dict[str, Any]:
+        """The settings a resumed run must share with the original (all but the bookkeeping)."""
+        d = self.to_dict()
+        for key in ("num_workers", "keep_checkpoints"):
+            d.pop(key)
+        return d
+
 
 @dataclass
 class PathoTuneResult:
+    """A tuning run's outcome. ``card`` and ``weights`` are None (and ``test`` too) when the run
+    stopped before its last epoch (``stop_after_epochs``): it continues with ``resume=True``."""
+
     out_dir: Path
-    card: Path
-    weights: Path
+    card: Path | None
+    weights: Path | None
+    epochs_done: int
     best_epoch: int
     untrained: dict[str, float]  # validation metrics of the frozen model with its untrained head
-    best: dict[str, float]  # validation metrics at the best epoch
+    best: dict[str, float]  # validation metrics at the best epoch so far
     test: dict[str, Any] | None  # metrics report on the test split
-
-
-class _TileDataset(Dataset):
-    """Tiles of a split as [0, 1] float [3, S, S] at the backbone's input size, with labels."""
-
-    def __init__(self, tiles: LabelledTiles, indices: np.ndarray, size: int):
-        self.tiles, self.indices, self.size = tiles, indices, size
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, k: int) -> tuple[torch.Tensor, int]:
-        i = int(self.indices[k])
-        return to_unit_float(self.tiles.read(i)[None], size=self.size)[0], int(self.tiles.labels[i])
 
 
 @torch.no_grad()
@@ -142,26 +158,37 @@ def tune_pathotune(
     ivp_encoder: str | os.PathLike[str] | None = None,
     text_embeddings: np.ndarray | None = None,
     config: PathoTuneTrainConfig = PathoTuneTrainConfig(),
+    resume: bool = False,
     device: str | torch.device = "auto",
     models_dir: str | os.PathLike[str] | None = None,
     name: str | None = None,
     progress: bool = True,
+    stop_after_epochs: int | None = None,
 ) -> PathoTuneResult:
     """Tune PathoTune prompts on labelled tiles and save the model, its card and its metrics.
 
     Args:
         data: labelled tiles (:func:`~wsitools.pathotune.data.folder_tiles` or
             :func:`~wsitools.pathotune.data.store_tiles`).
+        out_dir: the run folder. Without ``resume`` it must not hold checkpoints yet.
         backbone: the frozen ViT's encoder card (name or YAML path).
         task: the task and class descriptions; required for TTP, and its class order is used.
         ivp_encoder: the second frozen encoder for IVP (default: the backbone itself).
         text_embeddings: TTP's embeddings of ``task.prompts()`` [1 + C, E] when already
             computed (default: :func:`wsitools.text.embed_texts` with ``config.text_model``).
+        resume: continue from the last checkpoint in ``out_dir`` (same settings and data
+            required); without one, start from the beginning.
         name: the encoder card's name (default ``{backbone}-pathotune-{task or classes}``).
+        stop_after_epochs: stop (after checkpointing) once this many epochs are done in total,
+            as an interruption would; the schedule still spans ``config.epochs``.
     """
-    from tqdm import tqdm
-
     out = Path(out_dir)
+    checkpoints = Checkpoints(out / "checkpoints", keep=config.keep_checkpoints)
+    existing = checkpoints.found()
+    if existing and not resume:
+        raise ConfigError(
+            f"{out}: holds checkpoints of an earlier run; pass --resume to continue it or choose another --out"
+        )
     prompts = config.prompts
     if "ttp" in prompts and task is None:
         raise DataError("TTP prompts need a task description (--task TASK.yaml) with class descriptions")
@@ -174,28 +201,8 @@ def tune_pathotune(
     ivp: Encoder | None = None
     if "ivp" in prompts:
         ivp = backbone_enc if ivp_encoder is None else load_encoder(ivp_encoder, device=dev, models_dir=models_dir)
-    text = None
-    if "ttp" in prompts:
-        assert task is not None
-        emb = embed_texts(task.prompts(), model=config.text_model) if text_embeddings is None else text_embeddings
-        if emb.ndim != 2 or emb.shape[0] != len(task.prompts()):
-            raise DataError(f"text embeddings must be [{len(task.prompts())}, E] (task + classes), got {emb.shape}")
-        text = torch.as_tensor(np.asarray(emb, np.float32))
-    vit = backbone_enc.model
-    if not hasattr(vit, "blocks"):
-        raise ModelError(f"{backbone_enc.name}: PathoTune needs a ViT backbone card, not {type(vit).__name__}")
-    pconfig = PathoTuneConfig(
-        prompts=prompts, classes=data.classes, embed_dim=int(vit.embed_dim), depth=len(vit.blocks),
-        n_tvp=config.n_tvp, n_ivp=config.n_ivp,
-        text_dim=int(text.shape[1]) if text is not None else None,
-        ivp_dim=ivp.dim if ivp is not None else None,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        trainable = PathoTunePrompts(pconfig)
-    if text is not None:
-        trainable.set_text_embeddings(text)
-    model = PathoTuneViT(backbone_enc, trainable.to(dev), ivp=ivp)
+    text = _text_embeddings(task, text_embeddings, config) if "ttp" in prompts else None
+    model, trainable = _build_model(backbone_enc, ivp, text, classes=data.classes, config=config)
 
     split = data.split if data.split is not None else stratified_split(
         data.labels, val_fraction=config.val_fraction, test_fraction=config.test_fraction, seed=config.seed
@@ -207,19 +214,19 @@ def tune_pathotune(
             f"{len(parts['train'])} and {len(parts['val'])}"
         )
     size = backbone_enc.card.input_size
-    workers = config.num_workers if config.num_workers is not None else min(4, max(0, available_cpus() - 1))
-    gen = torch.Generator().manual_seed(config.seed)
+    workers = loader_workers() if config.num_workers is None else config.num_workers
 
-    def loader(part: str, train: bool) -> DataLoader:
+    def loader(part: str, *, shuffle: torch.Generator | None = None) -> DataLoader:
         # Training drops a last, smaller batch (a batch of one would break the BatchNorm).
+        train = shuffle is not None
         return DataLoader(
-            _TileDataset(data, parts[part], size), batch_size=config.batch_size, shuffle=train,
-            num_workers=workers, generator=gen if train else None, pin_memory=dev.type == "cuda",
+            TileDataset(data, parts[part], size), batch_size=config.batch_size, shuffle=train,
+            num_workers=workers, generator=shuffle, pin_memory=dev.type == "cuda",
             drop_last=train and len(parts[part]) > config.batch_size,
         )
 
-    train_loader, val_loader = loader("train", True), loader("val", False)
-    steps_per_epoch = len(train_loader)
+    val_loader = loader("val")
+    steps_per_epoch = len(loader("train", shuffle=torch.Generator()))
     stepper = Stepper(
         adamw(trainable, lr=config.lr, weight_decay=config.weight_decay),
         schedule=Schedule(config.lr, kind="cosine", total_steps=config.epochs * steps_per_epoch,
@@ -227,68 +234,206 @@ def tune_pathotune(
         device=dev, precision=config.precision,
     )
     amp = stepper.amp_dtype
+    settings = {
+        "config": config.schedule_dict(),
+        "backbone": {"name": backbone_enc.name, "encoder_hash": backbone_enc.encoder_hash},
+        "ivp_encoder": {"name": ivp.name, "encoder_hash": ivp.encoder_hash} if ivp is not None else None,
+        "task": task.to_dict() if task is not None else None,
+        "text_embeddings": hashlib.sha256(text.numpy().tobytes()).hexdigest()[:16] if text is not None else None,
+        "data": {"classes": list(data.classes), "tiles": stable_hash([data.names, data.labels.tolist()]),
+                 "split": stable_hash(split.tolist())},
+        "steps_per_epoch": steps_per_epoch,
+    }
 
-    p0, y0, loss0 = predict(model, val_loader, device=dev, amp=amp)
-    untrained = {"loss": loss0, **classification_metrics(y0, p0)}
+    best = BestState(trainable)
+    if resume and existing:
+        resumed = checkpoints.restore(
+            existing[-1][1], tensors=_checkpoint_tensors(trainable, best), stepper=stepper, settings=settings
+        )
+        rows, summary = _resumed_record(resumed, existing[-1][1])
+        start = resumed.epochs_done
+        best.load_summary(summary)
+        log.info("resuming %s after epoch %d (step %d)", out, start, stepper.step)
+    else:
+        if resume:
+            log.info("no checkpoint in %s: starting from the beginning", out)
+        p0, y0, loss0 = predict(model, val_loader, device=dev, amp=amp)
+        start, rows = 0, [_log_row(0, math.nan, {"loss": loss0, **classification_metrics(y0, p0)}, 0.0)]
+        best.record(0, loss0)
+    untrained = _row_metrics(rows[0])
     log.info("PathoTune %s (%s) on %s: untrained val %s", backbone_enc.name, ",".join(prompts),
              ", ".join(data.classes), _fmt(untrained))
-    rows = [_log_row(0, math.nan, untrained, 0.0)]
-    val_metrics = {0: untrained}
-    best = BestState(trainable)
-    best.record(0, loss0)
-    aug = torch.Generator().manual_seed(config.seed + 1)
-    for epoch in range(1, config.epochs + 1):
-        model.train()
-        losses = []
-        for x, y in tqdm(train_loader, desc=f"epoch {epoch}", disable=not progress, leave=False):
-            if config.augment:
-                x = random_resized_crop_flip(x, size=size, generator=aug)
-            x, y = prepare_input(backbone_enc.card, x.to(dev, non_blocking=True)), y.to(dev)
-            with stepper.autocast():
-                logits = model(x)
-            loss = F.cross_entropy(logits.float(), y)
-            stepper.backward(loss)
-            losses.append(float(loss.detach()))
-        p, yv, val_loss = predict(model, val_loader, device=dev, amp=amp)
-        val_metrics[epoch] = {"loss": val_loss, **classification_metrics(yv, p)}
-        rows.append(_log_row(epoch, float(np.mean(losses)), val_metrics[epoch], stepper.lr))
-        log.info("epoch %d/%d: train loss %.4f, val %s", epoch, config.epochs, np.mean(losses),
-                 _fmt(val_metrics[epoch]))
-        best.update(epoch, val_loss)
-    best.restore()
-    best_epoch, best_metrics = best.epoch, val_metrics[best.epoch]
 
     out.mkdir(parents=True, exist_ok=True)
-    CsvLog(out / "log.csv", LOG_COLUMNS, int_columns=frozenset({"epoch"})).write(rows)
-    _write_rows(out / "split.csv", ["name", "label", "split"],
-                [[data.names[i], data.classes[data.labels[i]], split[i]] for i in range(len(data))])
+    log_table = CsvLog(out / "log.csv", LOG_COLUMNS, int_columns=frozenset({"epoch"}))
+    last_epoch = config.epochs if stop_after_epochs is None else min(config.epochs, stop_after_epochs)
+    for epoch in range(start + 1, last_epoch + 1):
+        train_loss = _train_epoch(
+            model, loader("train", shuffle=epoch_generator(config.seed, epoch, stream=SHUFFLE_STREAM)), stepper,
+            augment=epoch_generator(config.seed, epoch, stream=AUGMENT_STREAM) if config.augment else None,
+            size=size, desc=f"epoch {epoch}", progress=progress,
+        )
+        p, yv, val_loss = predict(model, val_loader, device=dev, amp=amp)
+        rows.append(_log_row(epoch, train_loss, {"loss": val_loss, **classification_metrics(yv, p)}, stepper.lr))
+        log.info("epoch %d/%d: train loss %.4f, val %s", epoch, config.epochs, train_loss, _fmt(_row_metrics(rows[-1])))
+        best.update(epoch, val_loss)
+        log_table.write(rows)
+        checkpoints.save(
+            epoch=epoch, tensors=_checkpoint_tensors(trainable, best), stepper=stepper, settings=settings,
+            extra={"best": best.summary(), "rows": rows},
+        )
+    if start >= last_epoch:  # nothing trained now: the log as the checkpoint recorded it
+        log_table.write(rows)
+    done = max(start, last_epoch)
+    best_metrics = _row_metrics(rows[best.epoch])
+    if done < config.epochs:
+        log.info("stopped after epoch %d of %d; continue with --resume", done, config.epochs)
+        return PathoTuneResult(out_dir=out, card=None, weights=None, epochs_done=done, best_epoch=best.epoch,
+                               untrained=untrained, best=best_metrics, test=None)
+    best.restore()
     report_part = "test" if len(parts["test"]) else "val"
-    p, yt, _ = predict(model, loader(report_part, False), device=dev, amp=amp)
-    report = metrics_report(yt, p, class_names=list(data.classes), seed=config.seed)
-    _write_rows(
-        out / "predictions.csv", ["name", "split", "label", *(f"p_{c}" for c in data.classes)],
-        [[data.names[i], report_part, data.classes[yt[k]], *map(float, p[k])] for k, i in enumerate(parts[report_part])],
-    )
-    write_json_atomic(
-        out / "metrics.json",
-        {"classes": list(data.classes), "val_untrained": untrained, "val_best": best_metrics,
-         "best_epoch": best_epoch, "report_split": report_part, report_part: report,
-         "n_tiles": {k: int(len(v)) for k, v in parts.items()}},
+    p, yt, _ = predict(model, loader(report_part), device=dev, amp=amp)
+    report = _write_reports(
+        out, data, split, parts, report_part=report_part, probs=p, labels=yt, seed=config.seed,
+        summary={"val_untrained": untrained, "val_best": best_metrics, "best_epoch": best.epoch},
     )
     card_name = name or f"{backbone_enc.name}-pathotune-{task.name if task else '-'.join(data.classes)}"
     weights, card = save_pathotune(
         out, model, backbone=backbone_enc, ivp=ivp, name=_safe_name(card_name),
         meta={"task": task.to_dict() if task else None, "text_model": config.text_model,
-              "training": config.to_dict(), "best_epoch": best_epoch},
+              "training": config.to_dict(), "best_epoch": best.epoch},
     )
     return PathoTuneResult(
-        out_dir=out, card=card, weights=weights, best_epoch=best_epoch, untrained=untrained,
+        out_dir=out, card=card, weights=weights, epochs_done=done, best_epoch=best.epoch, untrained=untrained,
         best=best_metrics, test=report if report_part == "test" else None,
     )
 
 
+def _write_reports(
+    out: Path,
+    data: LabelledTiles,
+    split: np.ndarray,
+    parts: Mapping[str, np.ndarray],
+    *,
+    report_part: str,
+    probs: np.ndarray,
+    labels: np.ndarray,
+    seed: int,
+    summary: Mapping[str, Any],
+) -> dict[str, Any]:
+    """split.csv, predictions.csv (of ``report_part``) and metrics.json (``summary`` plus the
+    report of ``report_part`` with its intervals); the report."""
+    _write_rows(out / "split.csv", ["name", "label", "split"],
+                [[data.names[i], data.classes[data.labels[i]], split[i]] for i in range(len(data))])
+    report = metrics_report(labels, probs, class_names=list(data.classes), seed=seed)
+    _write_rows(
+        out / "predictions.csv", ["name", "split", "label", *(f"p_{c}" for c in data.classes)],
+        [[data.names[i], report_part, data.classes[labels[k]], *map(float, probs[k])]
+         for k, i in enumerate(parts[report_part])],
+    )
+    write_json_atomic(
+        out / "metrics.json",
+        {"classes": list(data.classes), **summary, "report_split": report_part, report_part: report,
+         "n_tiles": {k: int(len(v)) for k, v in parts.items()}},
+    )
+    return report
+
+
+def _text_embeddings(
+    task: TaskDescription | None, given: np.ndarray | None, config: PathoTuneTrainConfig
+) -> torch.Tensor:
+    """TTP's text embeddings of the task and its classes [1 + C, E] (given, or embedded now)."""
+    assert task is not None
+    emb = embed_texts(task.prompts(), model=config.text_model) if given is None else given
+    if emb.ndim != 2 or emb.shape[0] != len(task.prompts()):
+        raise DataError(f"text embeddings must be [{len(task.prompts())}, E] (task + classes), got {emb.shape}")
+    return torch.as_tensor(np.asarray(emb, np.float32))
+
+
+def _build_model(
+    backbone: Encoder, ivp: Encoder | None, text: torch.Tensor | None, *, classes: tuple[str, ...],
+    config: PathoTuneTrainConfig,
+) -> tuple[PathoTuneViT, PathoTunePrompts]:
+    """The prompted model and its trainable part, initialised from ``config.seed``."""
+    vit = backbone.model
+    if not hasattr(vit, "blocks"):
+        raise ModelError(f"{backbone.name}: PathoTune needs a ViT backbone card, not {type(vit).__name__}")
+    pconfig = PathoTuneConfig(
+        prompts=config.prompts, classes=classes, embed_dim=int(vit.embed_dim), depth=len(vit.blocks),
+        n_tvp=config.n_tvp, n_ivp=config.n_ivp,
+        text_dim=int(text.shape[1]) if text is not None else None,
+        ivp_dim=ivp.dim if ivp is not None else None,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        trainable = PathoTunePrompts(pconfig)
+    if text is not None:
+        trainable.set_text_embeddings(text)
+    return PathoTuneViT(backbone, trainable.to(backbone.device), ivp=ivp), trainable
+
+
+def _train_epoch(
+    model: PathoTuneViT,
+    loader: DataLoader,
+    stepper: Stepper,
+    *,
+    augment: torch.Generator | None,
+    size: int,
+    desc: str,
+    progress: bool,
+) -> float:
+    """One pass over the training tiles (random crops and flips drawn from ``augment`` when
+    given); the mean training loss."""
+    from tqdm import tqdm
+
+    model.train()
+    dev = stepper.device
+    losses = []
+    for x, y in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        if augment is not None:
+            x = random_resized_crop_flip(x, size=size, generator=augment)
+        x, y = prepare_input(model.backbone_card, x.to(dev, non_blocking=True)), y.to(dev)
+        with stepper.autocast():
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), y)
+        stepper.backward(loss)
+        losses.append(float(loss.detach()))
+    return float(np.mean(losses))
+
+
+def _checkpoint_tensors(trainable: PathoTunePrompts, best: BestState) -> dict[str, torch.Tensor]:
+    """What an epoch checkpoint holds besides the optimiser: the live trainable state and the
+    kept best one (the same tensors the model uses, so a restore fills them in place)."""
+    return {
+        **{f"model.{k}": v for k, v in trainable.state_dict().items()},
+        **{f"best.{k}": v for k, v in best.kept_tensors().items()},
+    }
+
+
+def _resumed_record(resumed: Resumed, path: Path) -> tuple[list[dict[str, float]], dict[str, float]]:
+    """The log rows (untrained + one per epoch done) and the best-epoch summary saved with a
+    checkpoint, checked against its epochs done."""
+    source = path / "state.json"
+    try:
+        rows = [{k: float(r[k]) for k in LOG_COLUMNS} for r in resumed.extra["rows"]]
+        best = {"epoch": int(resumed.extra["best"]["epoch"]), "loss": float(resumed.extra["best"]["loss"])}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelError(f"{source}: not a PathoTune checkpoint record ({exc!r})") from None
+    if len(rows) != resumed.epochs_done + 1 or not 0 <= best["epoch"] <= resumed.epochs_done:
+        raise ModelError(
+            f"{source}: its {len(rows)} log rows and best epoch {best['epoch']} do not fit "
+            f"{resumed.epochs_done} epochs done"
+        )
+    return rows, best
+
+
 _METRIC_KEYS = ("auroc", "balanced_accuracy", "f1", "accuracy")
 LOG_COLUMNS = ("epoch", "train_loss", "val_loss", *(f"val_{k}" for k in _METRIC_KEYS), "lr")
+
+
+def _row_metrics(row: Mapping[str, float]) -> dict[str, float]:
+    """The validation metrics of a log row (as :func:`classification_metrics` gave them, with the loss)."""
+    return {"loss": row["val_loss"], **{k: row[f"val_{k}"] for k in _METRIC_KEYS}}
 
 
 def _log_row(epoch: int, train_loss: float, val: dict[str, float], lr: float) -> dict[str, float]:

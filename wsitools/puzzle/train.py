@@ -35,14 +35,14 @@ from torch.utils.data import DataLoader
 from wsitools.device import TrainPrecision
 from wsitools.encoders.cards import check_card_name
 from wsitools.errors import ConfigError
-from wsitools.io import atomic_path, available_cpus, stable_hash, write_json_atomic
+from wsitools.io import atomic_path, loader_workers, stable_hash, write_json_atomic
 from wsitools.puzzle.backbone import PuzzleBackbone, export_promptstate, load_puzzle_backbone
 from wsitools.puzzle.curriculum import Curriculum, PuzzleStage, Strategy, default_patch_sizes
 from wsitools.encoders.transforms import prepare_input
 from wsitools.puzzle.data import TileStream, open_stores
 from wsitools.puzzle.model import PuzzleTuningModel
 from wsitools.puzzle.shuffle import PuzzleError, check_puzzle_setting, fix_position_shuffle
-from wsitools.training import Checkpoints, CsvLog, Schedule, Stepper, adamw
+from wsitools.training import Checkpoints, CsvLog, Schedule, Stepper, adamw, epoch_generator
 
 log = logging.getLogger(__name__)
 
@@ -177,10 +177,6 @@ def write_preview(path: Path, rows: Sequence[tuple[torch.Tensor, torch.Tensor, t
         Image.fromarray(np.ascontiguousarray(grid)).save(tmp, format="PNG")
 
 
-def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    return torch.Generator().manual_seed(int(np.random.default_rng([seed, epoch, 31337]).integers(2**62)))
-
-
 def train_puzzle(
     stores: Sequence[str | os.PathLike[str]],
     out_dir: str | os.PathLike[str],
@@ -243,7 +239,7 @@ def train_puzzle(
         store_list, batch_size=config.batch_size, image_size=image_size, seed=config.seed,
         steps=steps_per_epoch * config.accum_steps,
     )
-    workers = config.num_workers if config.num_workers is not None else min(4, max(0, available_cpus() - 1))
+    workers = loader_workers() if config.num_workers is None else config.num_workers
     loader = DataLoader(
         stream, batch_size=None, num_workers=workers, pin_memory=dev.type == "cuda",
         persistent_workers=False,
@@ -269,8 +265,8 @@ def train_puzzle(
     start_epoch = 0
     if resume and existing:
         start_epoch = checkpoints.restore(
-            existing[-1][1], tensors=model.trainable_state(), stepper=stepper, schedule_hash=schedule_hash
-        )
+            existing[-1][1], tensors=model.trainable_state(), stepper=stepper, settings=schedule
+        ).epochs_done
         log.info("resuming %s at epoch %d, step %d", out, start_epoch, stepper.step)
     elif resume:
         log.info("no checkpoint in %s: starting from the beginning", out)
@@ -301,7 +297,7 @@ def train_puzzle(
         t0 = time.perf_counter()
         last = _train_epoch(
             model, loader, stepper, rows, card=bb.card, stage=stage, epoch=epoch, group_size=config.group,
-            generator=_epoch_generator(config.seed, epoch), bar=bar,
+            generator=epoch_generator(config.seed, epoch), bar=bar,
         )
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
@@ -311,7 +307,7 @@ def train_puzzle(
         log_table.write(rows)
         _write_epoch_preview(out / "previews" / f"epoch-{epoch + 1:04d}.png", model, last, k=config.preview_images)
         checkpoints.save(
-            epoch=epoch + 1, tensors=model.trainable_state(), stepper=stepper, schedule_hash=schedule_hash
+            epoch=epoch + 1, tensors=model.trainable_state(), stepper=stepper, settings=schedule
         )
         log.info(
             "epoch %d/%d: loss %.4f, patch %d px, fix ratio %.3f, lr %.3g",
