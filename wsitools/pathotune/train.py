@@ -23,7 +23,6 @@ checkpoints are written only when the last epoch is done.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import logging
 import math
@@ -43,11 +42,12 @@ from wsitools.device import TrainPrecision, autocast
 from wsitools.encoders import Encoder, load_encoder
 from wsitools.encoders.transforms import prepare_input, random_resized_crop_flip
 from wsitools.errors import ConfigError, DataError, ModelError
-from wsitools.io import atomic_path, loader_workers, stable_hash, write_json_atomic
+from wsitools.io import loader_workers, stable_hash, write_json_atomic
 from wsitools.metrics import classification_metrics, metrics_report
 from wsitools.pathotune.data import LabelledTiles, TileDataset, stratified_split
 from wsitools.pathotune.encoder import save_pathotune
 from wsitools.pathotune.model import PathoTuneConfig, PathoTunePrompts, PathoTuneViT, PromptKind, parse_prompts
+from wsitools.tables import write_table
 from wsitools.text import TaskDescription, embed_texts
 from wsitools.training import BestState, Checkpoints, CsvLog, Resumed, Schedule, Stepper, adamw, epoch_generator
 
@@ -140,13 +140,6 @@ def predict(
         labels.append(y.cpu().numpy())
     p, lab = np.concatenate(probs), np.concatenate(labels)
     return p, lab, loss_sum / max(1, len(lab))
-
-
-def _write_rows(path: Path, header: list[str], rows: list[list[Any]]) -> None:
-    with atomic_path(path, overwrite=True) as tmp, open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
 
 
 def tune_pathotune(
@@ -323,13 +316,16 @@ def _write_reports(
 ) -> dict[str, Any]:
     """split.csv, predictions.csv (of ``report_part``) and metrics.json (``summary`` plus the
     report of ``report_part`` with its intervals); the report."""
-    _write_rows(out / "split.csv", ["name", "label", "split"],
-                [[data.names[i], data.classes[data.labels[i]], split[i]] for i in range(len(data))])
+    write_table(out / "split.csv",
+                [{"name": data.names[i], "label": data.classes[data.labels[i]], "split": split[i]} for i in range(len(data))],
+                ["name", "label", "split"], dialect="csv")
     report = metrics_report(labels, probs, class_names=list(data.classes), seed=seed)
-    _write_rows(
-        out / "predictions.csv", ["name", "split", "label", *(f"p_{c}" for c in data.classes)],
-        [[data.names[i], report_part, data.classes[labels[k]], *map(float, probs[k])]
-         for k, i in enumerate(parts[report_part])],
+    prob_columns = [f"p_{c}" for c in data.classes]
+    write_table(
+        out / "predictions.csv",
+        [{"name": data.names[i], "split": report_part, "label": data.classes[labels[k]],
+          **dict(zip(prob_columns, map(float, probs[k])))} for k, i in enumerate(parts[report_part])],
+        ["name", "split", "label", *prob_columns], dialect="csv",
     )
     write_json_atomic(
         out / "metrics.json",
