@@ -114,3 +114,20 @@ def test_polygon_rings_follow_the_geojson_right_hand_rule():
     assert sorted(-signed_area(h) for h in holes) == pytest.approx([8 * 10 * 16, 15 * 13 * 16], rel=0.1)
     for ring in polygons[0]:
         assert ring[0] == ring[-1]
+
+
+@pytest.mark.parametrize("radius", [0, 1, 2, 3.4, 5, 9])
+def test_disk_sweep_is_scipys_binary_morphology(radius):
+    from scipy import ndimage as ndi
+    from skimage.morphology import disk
+
+    from wsitools.tissue import _disk_sweep
+
+    rng = np.random.default_rng(int(radius * 10))
+    footprint = disk(int(round(radius)))
+    for shape in [(1, 7), (5, 3), (40, 57), (120, 90)]:
+        for density in (0.05, 0.5, 0.95):
+            mask = rng.random(shape) < density
+            for op, reference in (("dilate", ndi.binary_dilation), ("erode", ndi.binary_erosion)):
+                expected = reference(mask, footprint, border_value=0)
+                np.testing.assert_array_equal(_disk_sweep(mask, radius, op=op), expected)

@@ -16,7 +16,7 @@ import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -81,10 +81,44 @@ class TissueResult:
         return not bool(self.mask.any())
 
 
-def _disk(radius_px: float) -> np.ndarray:
+def _disk_rows(radius_px: float) -> list[tuple[int, int]]:
+    """The disk footprint of ``radius_px`` (skimage's ``disk``, radius rounded) as rows: for each
+    row offset dy, the half-width w of its run of offsets -w..w."""
     from skimage.morphology import disk
 
-    return disk(max(0, int(round(radius_px))))
+    footprint = disk(max(0, int(round(radius_px))))
+    r = footprint.shape[0] // 2
+    return [(dy - r, int(np.flatnonzero(row)[-1]) - r) for dy, row in enumerate(footprint)]
+
+
+def _disk_sweep(mask: np.ndarray, radius_px: float, *, op: Literal["dilate", "erode"]) -> np.ndarray:
+    """Binary dilation or erosion of ``mask`` by a disk, pixels outside the image counted as
+    background: exactly ``scipy.ndimage.binary_dilation``/``binary_erosion`` with that footprint
+    and ``border_value=0``, in about a third of the time. The disk is a stack of centred
+    horizontal runs, so each run width is one 1-D max (min) filter along rows, and each row of
+    the disk an OR (AND) of that filter's result shifted by the row's offset.
+    """
+    from scipy import ndimage as ndi
+
+    pixels = mask.view(np.uint8)
+    height = mask.shape[0]
+    dilate = op == "dilate"
+    filter1d = ndi.maximum_filter1d if dilate else ndi.minimum_filter1d
+    out = np.zeros(mask.shape, bool) if dilate else np.ones(mask.shape, bool)
+    runs: dict[int, np.ndarray] = {}
+    for dy, w in _disk_rows(radius_px):
+        if w not in runs:
+            runs[w] = filter1d(pixels, 2 * w + 1, axis=1, mode="constant", cval=0).view(bool)
+        lo, hi = max(0, -dy), max(0, min(height, height - dy))  # rows y with y + dy inside
+        if lo < hi:
+            if dilate:
+                out[lo:hi] |= runs[w][lo + dy : hi + dy]
+            else:
+                out[lo:hi] &= runs[w][lo + dy : hi + dy]
+        if not dilate:  # the rest reach outside the image, which is background
+            out[: min(lo, height)] = False
+            out[max(hi, lo) :] = False
+    return out
 
 
 def saturation_value(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -112,9 +146,11 @@ def tissue_mask(thumbnail: np.ndarray, mpp: float, params: TissueParams) -> tupl
     threshold = float(np.clip(otsu, params.min_saturation, params.max_saturation))
     mask = (sat > threshold) & (val < params.max_brightness)
     if params.closing_radius > 0:
-        mask = ndi.binary_closing(mask, _disk(params.closing_radius / mpp), border_value=0)
+        closing = params.closing_radius / mpp
+        mask = _disk_sweep(_disk_sweep(mask, closing, op="dilate"), closing, op="erode")
     if params.opening_radius > 0:
-        mask = ndi.binary_opening(mask, _disk(params.opening_radius / mpp))
+        opening = params.opening_radius / mpp
+        mask = _disk_sweep(_disk_sweep(mask, opening, op="erode"), opening, op="dilate")
     px_area = mpp * mpp
     if params.fill_holes:
         if params.max_hole_area is None:
