@@ -297,15 +297,29 @@ def to_geojson(result: TissueResult, *, name: str = "Tissue") -> dict[str, Any]:
     return {"type": "FeatureCollection", "features": features}
 
 
+def contour_pixels(mask: np.ndarray) -> np.ndarray:
+    """The contour of ``mask`` drawn 2 px wide: its pixels with a 4-neighbour outside it (the
+    image's border is not an edge), each with its neighbours above-left, above and left.
+
+    The same pixels as skimage's ``find_boundaries(mask, mode="inner")`` dilated by a 2 x 2
+    square, with shifted logical operations instead of grey-level filters.
+    """
+    inside = mask.copy()
+    inside[1:] &= mask[:-1]
+    inside[:-1] &= mask[1:]
+    inside[:, 1:] &= mask[:, :-1]
+    inside[:, :-1] &= mask[:, 1:]
+    edges = mask & ~inside
+    edges[:-1] |= edges[1:].copy()
+    edges[:, :-1] |= edges[:, 1:].copy()
+    return edges
+
+
 def qc_image(result: TissueResult) -> np.ndarray:
     """The thumbnail with tissue contours drawn in green (2 px) and glass dimmed slightly."""
-    from scipy import ndimage as ndi
-    from skimage.segmentation import find_boundaries
-
     dim = (np.arange(256) * 0.85 + 255 * 0.15).astype(np.uint8)  # a lookup table, not a float blend
     image = np.where(result.mask[..., None], result.thumbnail, dim[result.thumbnail])
-    edges = ndi.binary_dilation(find_boundaries(result.mask, mode="inner"), np.ones((2, 2), bool))
-    image[edges] = (0, 200, 60)
+    image[contour_pixels(result.mask)] = (0, 200, 60)
     return image
 
 
