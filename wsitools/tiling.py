@@ -206,8 +206,7 @@ def cell_rectangles(cells: np.ndarray) -> list[np.ndarray]:
     the indices into ``cells`` of each, rectangles in raster order of their top-left corners.
 
     A block at the edge of the tissue keeps only some of its cells; reading its bounding box
-    would decode source tiles that no kept tile touches (6 % of the decodes of our benchmark
-    slide). Each run of adjacent cells in a row is a rectangle, grown downwards while the next
+    would decode source tiles that no kept tile touches. Each run of adjacent cells in a row is a rectangle, grown downwards while the next
     row has a run with the same columns, so a full block is still one read.
     """
     starts = np.flatnonzero(
@@ -228,7 +227,7 @@ def cell_rectangles(cells: np.ndarray) -> list[np.ndarray]:
 
 
 def read_tiles(slide: Slide, geometry: TileGeometry, grid: np.ndarray) -> list[np.ndarray]:
-    """Tiles [S, S, 3] for grid cells ``grid`` (sorted by block), one read per block.
+    """Tiles [S, S, 3] for grid cells ``grid`` (sorted by block), read a block at a time.
 
     Where the level read is at the target resolution (tiles are exact crops of it) each
     rectangle of cells of a block (:func:`cell_rectangles`) is read on its own, so no source

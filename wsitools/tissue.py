@@ -94,9 +94,9 @@ def _disk_rows(radius_px: float) -> list[tuple[int, int]]:
 def _disk_sweep(mask: np.ndarray, radius_px: float, *, op: Literal["dilate", "erode"]) -> np.ndarray:
     """Binary dilation or erosion of ``mask`` by a disk, pixels outside the image counted as
     background: exactly ``scipy.ndimage.binary_dilation``/``binary_erosion`` with that footprint
-    and ``border_value=0``, in about a third of the time. The disk is a stack of centred
-    horizontal runs, so each run width is one 1-D max (min) filter along rows, and each row of
-    the disk an OR (AND) of that filter's result shifted by the row's offset.
+    and ``border_value=0``, without their per-pixel walk over the whole footprint. The disk is
+    a stack of centred horizontal runs, so each run width is one 1-D max (min) filter along rows,
+    and each row of the disk an OR (AND) of that filter's result shifted by the row's offset.
     """
     from scipy import ndimage as ndi
 
