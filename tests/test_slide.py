@@ -216,6 +216,33 @@ def test_tiffslide_decodes_a_shared_tile_once_and_the_cache_is_bounded(synthetic
     assert cache.get((0, 3)) is None and cache.get((0, 2)) is not None
     cache.put((0, 9), np.zeros(301, np.uint8))  # larger than the whole cache: not kept
     assert cache.get((0, 9)) is None
+    cache.put((0, 6), np.zeros(100, np.uint8), spent=True)  # spent tiles go out before any other
+    cache.put((0, 7), np.zeros(100, np.uint8))
+    assert cache.get((0, 6)) is None and all(cache.get((0, k)) is not None for k in (2, 5, 7))
+
+
+def test_regions_in_raster_order_decode_each_tile_once_with_a_cache_of_one_row(synthetic_svs, monkeypatch):
+    import wsitools.slide
+    from wsitools.slide import TileCache
+
+    decoded: list[str] = []
+    decode = wsitools.slide.decode_jpeg_strict
+    monkeypatch.setattr(wsitools.slide, "decode_jpeg_strict",
+                        lambda data, tables, **kw: decoded.append(kw["where"]) or decode(data, tables, **kw))
+    with open_slide(synthetic_svs, backend="tiffslide") as s, open_slide(synthetic_svs, backend="openslide") as ref:
+        page = s._tiled_page(0)
+        across = -(-page.imagewidth // page.tilewidth)
+        # room for one row of tiles across the level and two more: a plain LRU cache would lose
+        # the bottom row of each row of regions before the next row of regions needs it
+        s._tiles = TileCache((across + 2) * page.tilewidth * page.tilelength * 3)
+        decoded.clear()
+        side = page.tilewidth * 3 // 2  # regions straddle the tiles
+        w, h = s.dimensions
+        for y in range(0, h, side):
+            for x in range(0, w, side):
+                size = (min(side, w - x), min(side, h - y))
+                np.testing.assert_array_equal(s.read_region((x, y), 0, size), ref.read_region((x, y), 0, size))
+    assert len(decoded) == len(set(decoded)) == across * -(-page.imagelength // page.tilelength)
 
 
 def _tiff_tiles(path, page_index):

@@ -235,3 +235,51 @@ def test_any_failure_of_one_slide_is_recorded_and_the_rest_go_on(synthetic_svs, 
     qc = json.loads((tmp_path / "blank.qc.json").read_text())
     assert qc["status"] == "failed" and "ValueError: corrupt JPEG tile" in qc["reason"]
     assert "blank.svs" in qc["reason"]
+
+
+def test_cell_rectangles_hold_the_kept_cells_and_nothing_else():
+    from wsitools.tiling import cell_rectangles
+
+    full = np.array([(i, j) for j in range(3) for i in range(4)])
+    assert [r.tolist() for r in cell_rectangles(full)] == [list(range(12))]
+    # an L with a gap: row 0 cells 0-3, row 1 cells 0-1 and 3, row 2 cells 0-1
+    cells = np.array([(0, 0), (1, 0), (2, 0), (3, 0), (0, 1), (1, 1), (3, 1), (0, 2), (1, 2)])
+    rects = cell_rectangles(cells)
+    assert [r.tolist() for r in rects] == [[0, 1, 2, 3], [4, 5, 7, 8], [6]]
+    for r in rects:  # each is a full rectangle of cells
+        c = cells[r]
+        span = c.max(axis=0) - c.min(axis=0) + 1
+        assert len(r) == span[0] * span[1]
+
+
+def test_tiling_decodes_each_source_tile_the_kept_tiles_touch_once(tmp_path, monkeypatch):
+    import re
+
+    import wsitools.slide
+    from conftest import REGIONS, SLIDE_MPP, SLIDE_SIZE
+    from wsitools.synthetic import write_slide
+
+    # 64 px JPEG tiles, 60 px patches at level 1: blocks of 480 px straddle the JPEG tiles, and
+    # the blocks at the tissue's edge keep only some of their cells
+    slide = write_slide(tmp_path / "small_tiles.svs", size=SLIDE_SIZE, mpp=SLIDE_MPP, regions=REGIONS,
+                        fmt="svs", downsamples=(1, 2, 8), tile=64)
+    decoded: list[str] = []
+    decode = wsitools.slide.decode_jpeg_strict
+    monkeypatch.setattr(wsitools.slide, "decode_jpeg_strict",
+                        lambda data, tables, **kw: decoded.append(kw["where"]) or decode(data, tables, **kw))
+    tile_slide(slide, tmp_path, params(tile_size=60, codec="lossless"), workers=1, progress=False)
+    store = PatchStore.open(tmp_path / "small_tiles.zarr")
+    assert store.attrs["level"] == 1 and store.attrs["resize_factor"] == 1.0
+    with open_slide(slide, backend="tiffslide") as s:
+        page = s._tiled_page(1)
+        tw, th, across = page.tilewidth, page.tilelength, -(-page.imagewidth // page.tilewidth)
+    touched = {
+        ty * across + tx
+        for x, y in store.coords // 2
+        for ty in range(y // th, (y + 59) // th + 1)
+        for tx in range(x // tw, (x + 59) // tw + 1)
+    }
+    level1 = [int(m[1]) for w in decoded if (m := re.fullmatch(r"TIFF tile (\d+) of level 1", w))]
+    assert sorted(level1) == sorted(touched)  # every touched tile once, no other
+    with open_slide(slide) as s:
+        np.testing.assert_array_equal(store.read_tiles(slice(None)), exact_reference(s, store))

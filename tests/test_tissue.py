@@ -114,3 +114,34 @@ def test_polygon_rings_follow_the_geojson_right_hand_rule():
     assert sorted(-signed_area(h) for h in holes) == pytest.approx([8 * 10 * 16, 15 * 13 * 16], rel=0.1)
     for ring in polygons[0]:
         assert ring[0] == ring[-1]
+
+
+@pytest.mark.parametrize("radius", [0, 1, 2, 3.4, 5, 9])
+def test_disk_sweep_is_scipys_binary_morphology(radius):
+    from scipy import ndimage as ndi
+    from skimage.morphology import disk
+
+    from wsitools.tissue import _disk_sweep
+
+    rng = np.random.default_rng(int(radius * 10))
+    footprint = disk(int(round(radius)))
+    for shape in [(1, 7), (5, 3), (40, 57), (120, 90)]:
+        for density in (0.05, 0.5, 0.95):
+            mask = rng.random(shape) < density
+            for op, reference in (("dilate", ndi.binary_dilation), ("erode", ndi.binary_erosion)):
+                expected = reference(mask, footprint, border_value=0)
+                np.testing.assert_array_equal(_disk_sweep(mask, radius, op=op), expected)
+
+
+def test_contour_pixels_are_skimages_inner_boundaries_two_pixels_wide():
+    from scipy import ndimage as ndi
+    from skimage.segmentation import find_boundaries
+
+    from wsitools.tissue import contour_pixels
+
+    rng = np.random.default_rng(3)
+    for shape in [(1, 1), (1, 9), (7, 2), (33, 41), (64, 48)]:
+        for density in (0.1, 0.5, 0.9):
+            mask = rng.random(shape) < density
+            expected = ndi.binary_dilation(find_boundaries(mask, mode="inner"), np.ones((2, 2), bool))
+            np.testing.assert_array_equal(contour_pixels(mask), expected)

@@ -402,35 +402,46 @@ class OpenSlideSlide(Slide):
 
 
 class TileCache:
-    """Decoded tiles, least recently used first out, bounded in bytes and safe across threads.
+    """Decoded tiles, bounded in bytes and safe across threads; spent tiles go out first.
 
     Regions that share a border share the TIFF tiles along it; without a cache each is decoded
     once per region that touches it (1.3 decodes per 224 px patch on 256 px JPEG tiles).
-    OpenSlide keeps a 32 MiB tile cache per slide for the same reason.
+    OpenSlide keeps a 32 MiB tile cache per slide for the same reason. A tile put as ``spent``
+    (the reader expects no later region to need it, :meth:`TiffSlideSlide._read_tiles_direct`)
+    is evicted before any other, so the tiles a later region needs survive a long row of
+    regions; within each kind the least recently used goes first.
     """
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
-        self._tiles: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._kept: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._spent: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
 
     def get(self, key: tuple[int, int]) -> np.ndarray | None:
         with self._lock:
-            tile = self._tiles.get(key)
-            if tile is not None:
-                self._tiles.move_to_end(key)
-            return tile
+            for tiles in (self._kept, self._spent):
+                tile = tiles.get(key)
+                if tile is not None:
+                    tiles.move_to_end(key)
+                    return tile
+            return None
 
-    def put(self, key: tuple[int, int], tile: np.ndarray) -> None:
+    def put(self, key: tuple[int, int], tile: np.ndarray, *, spent: bool = False) -> None:
         with self._lock:
-            if key in self._tiles or tile.nbytes > self.max_bytes:
+            old = self._kept.pop(key, None)
+            if old is None:
+                old = self._spent.pop(key, None)
+            if old is not None:
+                self._bytes -= old.nbytes
+            if tile.nbytes > self.max_bytes:
                 return
-            self._tiles[key] = tile
+            (self._spent if spent else self._kept)[key] = tile
             self._bytes += tile.nbytes
             while self._bytes > self.max_bytes:
-                _, old = self._tiles.popitem(last=False)
-                self._bytes -= old.nbytes
+                _, evicted = (self._spent or self._kept).popitem(last=False)
+                self._bytes -= evicted.nbytes
 
 
 JPEG_COMPRESSION = 7
@@ -543,6 +554,14 @@ class TiffSlideSlide(Slide):
 
         tiffslide's general path goes through zarr's async machinery, about 4x slower than the
         decoder itself on JPEG tiles; this is the decoder plus a copy. Off-image pixels are white.
+
+        Callers that read many regions read them in raster order (blocks of tiles, thumbnails),
+        so a tile reaching past the region's right or bottom edge (into image pixels) is cached
+        for the regions to the right and below, and any other tile is cached as spent (its last
+        use, unless the next region overlaps this one): spent tiles are evicted first, so the
+        tiles still needed, about one row of tiles across the level, stay cached, and none is
+        decoded twice while that row fits in the cache. Any other read order only costs
+        decodes, never pixels.
         """
         w, h = size
         tw, th = page.tilewidth, page.tilelength
@@ -558,14 +577,18 @@ class TiffSlideSlide(Slide):
         fh = self._ts.ts_tifffile.filehandle
         for ty in range(ty0, ty1 + 1):
             for tx in range(tx0, tx1 + 1):
-                index = ty * across + tx
-                tile = self._tiles.get((level, index))
+                key = (level, ty * across + tx)
+                tile = self._tiles.get(key)
                 if tile is None:
                     with fh.lock:
-                        fh.seek(page.dataoffsets[index])
-                        data = fh.read(page.databytecounts[index])
-                    tile = self._decode_tile(page, data, index, level)
-                    self._tiles.put((level, index), tile)
+                        fh.seek(page.dataoffsets[key[1]])
+                        data = fh.read(page.databytecounts[key[1]])
+                    tile = self._decode_tile(page, data, key[1], level)
+                needed_later = (
+                    (tx + 1) * tw > x + w and x + w < page.imagewidth
+                    or (ty + 1) * th > y + h and y + h < page.imagelength
+                )
+                self._tiles.put(key, tile, spent=not needed_later)
                 # overlap of this tile [tx*tw, +tw) x [ty*th, +th) with the region, in both frames
                 ax0, ay0 = max(x, tx * tw), max(y, ty * th)
                 ax1 = min(x + w, (tx + 1) * tw, page.imagewidth)

@@ -201,27 +201,58 @@ def _cached_slide(path: str, backend: str, mpp_override: float | None) -> Slide:
     return cache[key]
 
 
-def read_tiles(slide: Slide, geometry: TileGeometry, grid: np.ndarray) -> list[np.ndarray]:
-    """Tiles [S, S, 3] for grid cells ``grid`` (sorted by block), one read per block.
+def cell_rectangles(cells: np.ndarray) -> list[np.ndarray]:
+    """The cells of one block (sorted row by row) as rectangles that hold them and nothing else:
+    the indices into ``cells`` of each, rectangles in raster order of their top-left corners.
 
-    The tiles are views into the blocks read, not copies: the encoders take them as they are.
+    A block at the edge of the tissue keeps only some of its cells; reading its bounding box
+    would decode source tiles that no kept tile touches. Each run of adjacent cells in a row is a rectangle, grown downwards while the next
+    row has a run with the same columns, so a full block is still one read.
+    """
+    starts = np.flatnonzero(
+        np.r_[True, (cells[1:, 1] != cells[:-1, 1]) | (cells[1:, 0] != cells[:-1, 0] + 1)]
+    )
+    ends = np.r_[starts[1:], len(cells)]
+    rects: list[list[int]] = []
+    growing: dict[tuple[int, int], tuple[int, int]] = {}  # (first, last column) -> (rect, last row)
+    for a, b in zip(starts.tolist(), ends.tolist()):
+        cols, row = (int(cells[a, 0]), int(cells[b - 1, 0])), int(cells[a, 1])
+        rect, last_row = growing.get(cols, (len(rects), row - 2))
+        if last_row != row - 1:
+            rect = len(rects)
+            rects.append([])
+        rects[rect].extend(range(a, b))
+        growing[cols] = (rect, row)
+    return [np.asarray(r) for r in rects]
+
+
+def read_tiles(slide: Slide, geometry: TileGeometry, grid: np.ndarray) -> list[np.ndarray]:
+    """Tiles [S, S, 3] for grid cells ``grid`` (sorted by block), read a block at a time.
+
+    Where the level read is at the target resolution (tiles are exact crops of it) each
+    rectangle of cells of a block (:func:`cell_rectangles`) is read on its own, so no source
+    tile outside the kept tiles is decoded; where it is resampled the block's bounding box is
+    read, as resampling a smaller region rounds a few pixels the other way (by 1). The tiles
+    are views into the regions read, not copies: the encoders take them as they are.
     """
     s, stride = geometry.tile_size, geometry.stride
-    tiles: list[np.ndarray] = []
+    tiles: list[np.ndarray] = [np.empty(0, np.uint8)] * len(grid)
     blocks = (grid[:, 0] // geometry.block_tiles) + (grid[:, 1] // geometry.block_tiles) * (1 << 32)
     starts = np.flatnonzero(np.r_[True, blocks[1:] != blocks[:-1]])
+    exact = geometry.resize_factor == 1.0
     for a, b in zip(starts, np.r_[starts[1:], len(grid)]):
-        cells = grid[a:b]
-        i0, j0 = cells.min(axis=0)
-        i1, j1 = cells.max(axis=0)
-        w_t = int((i1 - i0) * stride + s)
-        h_t = int((j1 - j0) * stride + s)
-        x0, y0 = i0 * stride * geometry.scale, j0 * stride * geometry.scale
-        size = (w_t * geometry.resize_factor, h_t * geometry.resize_factor)
-        block = slide.read_region_resized((x0, y0), geometry.level, size, (w_t, h_t))
-        for i, j in cells:
-            ox, oy = (i - i0) * stride, (j - j0) * stride
-            tiles.append(block[oy : oy + s, ox : ox + s])
+        for rect in cell_rectangles(grid[a:b]) if exact else [np.arange(b - a)]:
+            cells = grid[a:b][rect]
+            i0, j0 = cells.min(axis=0)
+            i1, j1 = cells.max(axis=0)
+            w_t = int((i1 - i0) * stride + s)
+            h_t = int((j1 - j0) * stride + s)
+            x0, y0 = i0 * stride * geometry.scale, j0 * stride * geometry.scale
+            size = (w_t * geometry.resize_factor, h_t * geometry.resize_factor)
+            region = slide.read_region_resized((x0, y0), geometry.level, size, (w_t, h_t))
+            for k, (i, j) in zip(rect.tolist(), cells.tolist()):
+                ox, oy = (i - i0) * stride, (j - j0) * stride
+                tiles[a + k] = region[oy : oy + s, ox : ox + s]
     return tiles
 
 
