@@ -519,7 +519,8 @@ def test_slurm_dry_run_gives_gpu_rules_a_gpu(tmp_path):
 
 
 def test_training_jobs_resume_their_run_folder(tmp_path):
-    """A pretrain or tune job cut off by a time limit continues from its checkpoints when rerun."""
+    """A pretrain, tune or train job cut off by a time limit continues from its checkpoints (a
+    train job: its finished folds) when rerun."""
     tune = {"enabled": True, "data": "tiles_by_class", "task": "config/task.yaml", "prompts": ["tvp"]}
     work = make_project(tmp_path / "w", config={"device": "cpu", "pretrain": {"enabled": True}, "tune": tune})
     (work / "tiles_by_class").mkdir()
@@ -531,6 +532,8 @@ def test_training_jobs_resume_their_run_folder(tmp_path):
     assert "--out results/pretrain/puzzle" in pretrain and "--resume" in pretrain.split()
     assert "--out results/tune/pathotune" in tune_cmd and "--resume" in tune_cmd.split()
     assert "--workers 4" in tune_cmd and "--workers 4" in pretrain
+    train_cmd = next(line for line in lines if "wsitools train " in line)
+    assert "--out results/heads/" in train_cmd and "--resume" in train_cmd.split()
 
 
 def test_every_slurm_job_asks_for_a_gpu_exactly_on_the_gpu_partition(tmp_path):

@@ -232,7 +232,7 @@ def _flat(settings: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _settings_difference(before: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+def settings_difference(before: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
     """The settings that differ between two runs, as ``name: before -> now`` (dotted names)."""
     a, b = _flat(before), _flat(now)
     missing = "(not set)"
@@ -308,7 +308,7 @@ class Checkpoints:
         except (OSError, ValueError, TypeError, KeyError) as exc:
             raise ModelError(f"{path / 'state.json'}: not a checkpoint state ({one_line(exc)})") from None
         if written_hash != stable_hash(settings):
-            differ = _settings_difference(state["settings"], settings) if isinstance(state.get("settings"), dict) else []
+            differ = settings_difference(state["settings"], settings) if isinstance(state.get("settings"), dict) else []
             what = "; ".join(differ) if differ else f"settings hash {written_hash} -> {stable_hash(settings)}"
             raise ConfigError(
                 f"{path}: was written by a run with other settings ({what}); resume with the same "

@@ -6,7 +6,9 @@
 # unless its device is cpu. A task's `task_file` is passed as `--task` when it is given; heads
 # without the ttp prompt can do without it (their classes are then the labels, sorted). A head
 # with `bag: patient` pools each patient's slides into one bag (one prediction per patient; the
-# slides of a patient must share the task's label, checked here before any job runs).
+# slides of a patient must share the task's label, checked here before any job runs). A train job
+# always passes --resume: it writes into .{head}.partial beside its run folder, so a job cut off by
+# a time limit keeps the folds it finished and trains only the others when rerun.
 
 for _task_name, _task_conf in TASKS.items():
     for _head_name, _head_conf in HEADS.items():
@@ -71,4 +73,4 @@ rule train:
     shell:
         "wsitools train --features {params.features:q} --labels {input.labels:q}"
         " {params.task} {params.options} --device {params.device}"
-        " --threads {threads} --out {params.out:q} --overwrite --quiet > {log:q} 2>&1"
+        " --threads {threads} --out {params.out:q} --overwrite --resume --quiet > {log:q} 2>&1"

@@ -110,6 +110,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--allow-empty-classes", action="store_true",
                    help="a task class without a usable labelled slide is a warning (default: an error)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    t.add_argument("--resume", action="store_true",
+                   help="write the run into .NAME.partial beside --out and reuse the folds an interrupted run "
+                   "with the same settings finished there")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.add_argument("--out", required=True, metavar="DIR", help="output, e.g. heads/{task}/{encoder}/{head}")
     t.set_defaults(func=run_train)
@@ -247,6 +250,7 @@ def run_train(args: argparse.Namespace) -> int:
         strict=args.strict,
         allow_empty_classes=args.allow_empty_classes,
         overwrite=args.overwrite,
+        resume=args.resume,
         progress=not args.quiet,
     )
     pooled = summary["pooled"]

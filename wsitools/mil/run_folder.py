@@ -17,6 +17,12 @@ record is there and every fold head it counts is, so the folder of a ``train`` t
 (the temporary it leaves behind, or a run copied in part) is refused with one line naming it.
 The prediction tables (``predictions.csv``, also written by ``wsitools predict``) and the
 metrics file are written and read here too, for the workflow's report.
+
+A resumable run (``wsitools train --resume``) is written instead into a stable hidden sibling,
+``.{name}.partial/`` (:func:`partial_dir`), that outlives a killed ``train``: its record
+``partial.json`` (:func:`read_partial`, :func:`write_partial`) holds the run's settings and the
+folds finished so far, and is removed just before the folder is renamed into place. Having no
+``run.json``, a partial folder is never taken for a finished run.
 """
 
 from __future__ import annotations
@@ -33,11 +39,12 @@ import numpy as np
 import torch
 
 from wsitools.errors import DataError, ModelError
-from wsitools.io import atomic_path, write_json_atomic
+from wsitools.io import atomic_path, remove_path, write_json_atomic
 from wsitools.mil.head_folder import WEIGHTS_FILE, SavedHead, load_head
 from wsitools.tables import write_table
 
 RECORD_FILE = "run.json"
+PARTIAL_RECORD = "partial.json"
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.csv"
 SPLITS_FILE = "splits.csv"
@@ -57,17 +64,63 @@ def attention_dir(run_dir: str | os.PathLike[str]) -> Path:
     return Path(run_dir) / ATTENTION_DIR
 
 
+def partial_dir(out_dir: str | os.PathLike[str]) -> Path:
+    """The folder a resumable run of ``out_dir`` is written into: ``.{name}.partial`` beside it."""
+    out_dir = Path(out_dir)
+    return out_dir.parent / f".{out_dir.name}.partial"
+
+
 @contextmanager
-def writing(out_dir: str | os.PathLike[str], *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder (with its ``attention/``) to write the run ``out_dir`` into,
-    and rename it to ``out_dir`` when the block ends; an existing ``out_dir`` is replaced only
-    with ``overwrite``, and only then. On an error, or when the block did not write the run's
-    record, the temporary is removed and ``out_dir`` is left as it was."""
+def writing(out_dir: str | os.PathLike[str], *, overwrite: bool = False, resume: bool = False) -> Iterator[Path]:
+    """Yield a folder (with its ``attention/``) to write the run ``out_dir`` into, and rename it
+    to ``out_dir`` when the block ends; an existing ``out_dir`` is replaced only with
+    ``overwrite``, and only then. The folder is a run-unique temporary, removed on an error or
+    when the block did not write the run's record; with ``resume`` it is :func:`partial_dir`,
+    created when missing (a partial folder without its :data:`PARTIAL_RECORD` is started
+    afresh: it was cut off before it recorded anything) and kept on an error, for the next run
+    to continue."""
+    out_dir = Path(out_dir)
+    if not resume:
+        with atomic_path(out_dir, overwrite=overwrite) as tmp:
+            attention_dir(tmp).mkdir(parents=True)
+            yield tmp
+            _check_written(out_dir, tmp)
+        return
+    folder = partial_dir(out_dir)
+    if not (folder / PARTIAL_RECORD).is_file():
+        remove_path(folder)
+    attention_dir(folder).mkdir(parents=True, exist_ok=True)
+    yield folder
+    _check_written(out_dir, folder)
+    (folder / PARTIAL_RECORD).unlink(missing_ok=True)
     with atomic_path(out_dir, overwrite=overwrite) as tmp:
-        attention_dir(tmp).mkdir(parents=True)
-        yield tmp
-        if not (tmp / RECORD_FILE).is_file():
-            raise RuntimeError(f"{out_dir}: the run was written without its {RECORD_FILE}")
+        os.rename(folder, tmp)
+
+
+def _check_written(out_dir: Path, folder: Path) -> None:
+    if not (folder / RECORD_FILE).is_file():
+        raise RuntimeError(f"{out_dir}: the run was written without its {RECORD_FILE}")
+
+
+def read_partial(folder: Path) -> dict[str, Any] | None:
+    """The record of the partial folder ``folder`` (``settings``, ``settings_hash`` and
+    ``folds_done``, the indices of the folds written whole), or ``None`` when it has none yet;
+    a :class:`ModelError` naming the file when it is damaged."""
+    path = folder / PARTIAL_RECORD
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        record["folds_done"] = [int(k) for k in record["folds_done"]]
+        str(record["settings_hash"])
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        raise ModelError(f"{path}: not a readable partial-run record ({type(exc).__name__}: {exc})") from None
+    return record
+
+
+def write_partial(folder: Path, record: Mapping[str, Any]) -> None:
+    """Replace the record of the partial folder ``folder`` (atomically)."""
+    write_json_atomic(folder / PARTIAL_RECORD, dict(record))
 
 
 def write_predictions(
@@ -136,6 +189,19 @@ def write_results(
     for row in curves:
         histories.setdefault(int(row["fold"]), []).append(row)
     plot_curves(folder / CURVES_PLOT, histories, best_epochs, title=title, loss_name=loss_name)
+
+
+def read_curves(folder: Path) -> list[dict[str, Any]]:
+    """The rows of ``folder``'s ``curves.csv`` (:func:`write_results`): ``fold`` and ``epoch``
+    as integers, the other columns as floats (written as their ``repr``, so exactly the values
+    written)."""
+    path = folder / CURVES_FILE
+    try:
+        with open(path, newline="") as f:
+            return [{k: int(v) if k in ("fold", "epoch") else float(v) for k, v in row.items()}
+                    for row in csv.DictReader(f)]
+    except (OSError, UnicodeDecodeError, csv.Error, ValueError) as exc:
+        raise DataError(f"curves {path} cannot be read: {exc!r}") from None
 
 
 def write_splits(run_dir: Path, rows: Sequence[Mapping[str, Any]]) -> None:

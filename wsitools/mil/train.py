@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wsitools import __version__
-from wsitools.errors import DataError
+from wsitools.errors import ConfigError, DataError
 from wsitools.metrics import (
     METRICS,
     REGRESSION_METRICS,
@@ -81,7 +81,8 @@ from wsitools.mil.predict import OUTPUT_NAMES, to_predictions
 from wsitools.attention import write_attention
 from wsitools.survival import harrell_c, survival_report
 from wsitools.text import TaskDescription, TaskType, embed_texts, load_task, resolve_text_model, text_model_key
-from wsitools.training import BestState, Schedule, Stepper, adamw
+from wsitools.io import stable_hash
+from wsitools.training import BestState, Schedule, Stepper, adamw, settings_difference
 
 log = logging.getLogger(__name__)
 
@@ -772,6 +773,13 @@ def _write_attention(folder: Path, setup: RunSetup, result: FoldResult, preds: n
         )
 
 
+def _fold_predictions(setup: RunSetup, result: FoldResult) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """A fold's test predictions and their rows in the predictions tables."""
+    preds = result.predictions()
+    rows = [_prediction_row(setup.cohort, int(i), result.fold.index, preds[j]) for j, i in enumerate(result.test.index)]
+    return preds, rows
+
+
 @dataclass
 class FoldOutput:
     """What a written fold adds to the run's out-of-fold results."""
@@ -792,8 +800,7 @@ def _write_fold(run_dir: Path, setup: RunSetup, result: FoldResult, config: Trai
         result.model, run_folder.fold_dir(run_dir, k),
         meta={**setup.meta, **result.scale, "fold": k, "best_epoch": result.best_epoch},
     )
-    preds = result.predictions()
-    rows = [_prediction_row(cohort, int(i), k, preds[j]) for j, i in enumerate(result.test.index)]
+    preds, rows = _fold_predictions(setup, result)
     _write_attention(run_folder.attention_dir(run_dir), setup, result, preds)
     auc_times = setup.task.auc_times if setup.task is not None else ()
     report = _fold_report(cohort, result.test.index, preds, config, auc_times=auc_times)
@@ -807,6 +814,83 @@ def _write_fold(run_dir: Path, setup: RunSetup, result: FoldResult, config: Trai
     log.info("fold %d: test %s, best epoch %d", k, ", ".join(f"{m} {report[m]}" for m in _headline(cohort)),
              result.best_epoch)
     return FoldOutput(rows, result.test.index, preds, report, curves, result.best_epoch)
+
+
+SCALE_KEYS = ("risk_offset", "risk_scale", "target_mean", "target_sd")
+"""The keys of a fold's prediction scale (:attr:`FoldResult.scale`) in its head's metadata."""
+
+
+def _read_fold(
+    run_dir: Path, setup: RunSetup, fold: Fold, config: TrainConfig, *, device: torch.device
+) -> FoldOutput:
+    """A fold written whole by an earlier, interrupted run of the same settings, read back from
+    ``run_dir``: its head, curves and metrics. Its test outputs are computed again from the
+    saved head (a forward pass over the fold's test bags), because the predictions table holds
+    them rounded and the pooled results must be those of an uninterrupted run."""
+    folder = run_folder.fold_dir(run_dir, fold.index)
+    saved = head_folder.load_head(folder, device=device)
+    scale = {k: float(saved.meta[k]) for k in SCALE_KEYS if k in saved.meta}
+    targets, _ = _fold_targets(setup.cohort, fold)
+    test = evaluate(
+        saved.model, bag_dataset(setup.cohort, config), fold.test, task_type=setup.cohort.task_type,
+        targets=targets.to(device) if targets is not None else None, device=device, workers=config.workers,
+    )
+    curves = run_folder.read_curves(folder)
+    best_epoch = int(saved.meta["best_epoch"])
+    result = FoldResult(fold=fold, model=saved.model, history=curves, best_epoch=best_epoch, test=test, scale=scale)
+    preds, rows = _fold_predictions(setup, result)
+    report = run_folder.read_metrics(folder / run_folder.METRICS_FILE)
+    log.info("fold %d: read back from %s", fold.index, folder)
+    return FoldOutput(rows, test.index, preds, report, curves, best_epoch)
+
+
+def resume_settings(setup: RunSetup, config: TrainConfig) -> dict[str, Any]:
+    """What a fold's results depend on, recorded in a partial run so that a resumed run reuses
+    only folds trained with the same: the training settings (not ``workers``, which changes no
+    result), the head, task, encoder and text model, the cohort (slide ids, patients, labels or
+    targets, and each feature store's path, size and modification time) and the folds (hashed,
+    as a cohort has thousands of slides)."""
+    cohort = setup.cohort
+    if isinstance(cohort, PatientCohort):
+        paths = [p for g in cohort.groups for p in (*g.paths, *(g.ivp_paths or ()))]
+    else:
+        paths = [*cohort.paths, *(cohort.ivp_paths or [])]
+    stores = [[str(Path(p).resolve()), os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in paths]
+    targets = cohort.targets.tolist() if cohort.targets is not None else None
+    return {
+        **{k: v for k, v in setup.meta.items() if k != "train"},
+        "train": {k: v for k, v in asdict(config).items() if k != "workers"},
+        "head_config": setup.head_config.to_dict(),
+        "cohort": stable_hash([cohort.slide_ids, cohort.patients, cohort.labels.tolist(), targets, stores]),
+        "folds": stable_hash([[f.index, f.train.tolist(), f.val.tolist(), f.test.tolist()] for f in setup.folds]),
+    }
+
+
+def _folds_done(folder: Path, settings: dict[str, Any]) -> set[int]:
+    """The folds an interrupted run wrote whole into the partial folder ``folder``; a
+    :class:`~wsitools.errors.ConfigError` naming it and the settings that differ when that run
+    had other settings. A new partial folder is given its record."""
+    record = run_folder.read_partial(folder)
+    if record is None:
+        run_folder.write_partial(folder, {"settings": settings, "settings_hash": stable_hash(settings), "folds_done": []})
+        return set()
+    if record["settings_hash"] != stable_hash(settings):
+        before = record.get("settings")
+        differ = settings_difference(before, settings) if isinstance(before, dict) else []
+        what = "; ".join(differ) if differ else f"settings hash {record['settings_hash']} -> {stable_hash(settings)}"
+        raise ConfigError(
+            f"{folder}: was written by a run with other settings ({what}); resume with the same settings "
+            "or remove that folder to start afresh"
+        )
+    return set(record["folds_done"])
+
+
+def _mark_done(folder: Path, index: int) -> None:
+    """Record in the partial folder ``folder`` that fold ``index`` is written whole."""
+    record = run_folder.read_partial(folder)
+    assert record is not None
+    record["folds_done"] = sorted({*record["folds_done"], index})
+    run_folder.write_partial(folder, record)
 
 
 def _write_pooled(run_dir: Path, setup: RunSetup, outputs: Sequence[FoldOutput], config: TrainConfig) -> dict[str, Any]:
@@ -862,6 +946,7 @@ def train(
     strict: bool = False,
     allow_empty_classes: bool = False,
     overwrite: bool = False,
+    resume: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Cross-validate ``head`` on a labelled cohort and write the run to ``out_dir``.
@@ -879,7 +964,12 @@ def train(
     per slide) or ``patient`` (all slides of a patient concatenated into one bag, whose slides
     must agree on the label; predictions are then one row per patient, and each slide's slice of
     the attention goes to its own attention file; :mod:`wsitools.mil.patients`). The run folder
-    is written whole or not at all (:mod:`wsitools.mil.run_folder`). Returns the content of
+    is written whole or not at all (:mod:`wsitools.mil.run_folder`). With ``resume`` it is
+    written into a partial folder beside ``out_dir`` that a killed run leaves behind, and a
+    later run with ``resume`` and the same settings reads the folds finished there back instead
+    of training them again (:func:`resume_settings`; other settings are a
+    :class:`~wsitools.errors.ConfigError`); each fold seeds itself from the seed and its index,
+    so the run folder is the one an uninterrupted run writes. Returns the content of
     ``metrics.json``.
     """
     from wsitools.device import resolve_device
@@ -902,13 +992,19 @@ def train(
         head, f" [{','.join(head_config.prompts)}]" if head_config.prompts else "", cohort.task_type,
         setup.n_slides, len(set(cohort.patients)), bag, len(setup.folds), cohort.dim, dev,
     )
-    with run_folder.writing(out_dir, overwrite=overwrite) as tmp:
+    with run_folder.writing(out_dir, overwrite=overwrite, resume=resume) as tmp:
+        done = _folds_done(tmp, resume_settings(setup, config)) if resume else set()
         outputs = []
         for fold in setup.folds:
+            if fold.index in done:
+                outputs.append(_read_fold(tmp, setup, fold, config, device=dev))
+                continue
             result = train_fold(
                 cohort, fold, head_config, config, text_embeddings=setup.text_embeddings, device=dev, progress=progress
             )
             outputs.append(_write_fold(tmp, setup, result, config))
+            if resume:
+                _mark_done(tmp, fold.index)
         summary = _write_pooled(tmp, setup, outputs, config)
         run_folder.write_record(
             tmp, _record(setup, features_dir=features_dir, ivp_features_dir=ivp_features_dir, labels=labels, device=dev)

@@ -1,0 +1,158 @@
+"""wsitools train --resume: a run killed after some folds keeps them in its partial folder, a
+rerun with the same settings trains only the others and writes the run folder an uninterrupted
+run writes; a rerun with other settings is refused, naming the folder and what differs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from wsitools.cli import main  # noqa: E402
+from wsitools.errors import ConfigError, ModelError  # noqa: E402
+from wsitools.mil import run_folder  # noqa: E402
+from wsitools.mil import train as train_module  # noqa: E402
+from wsitools.mil.config import TrainConfig  # noqa: E402
+from wsitools.mil.synthetic import make_bag_cohort, make_outcome_cohort  # noqa: E402
+from wsitools.mil.train import train  # noqa: E402
+
+TASK = "name: synthetic\ndescription: planted instances\nclasses:\n  neg: background\n  pos: planted\n"
+SURVIVAL = "name: os\ntype: survival\ndescription: overall survival\nrisk:\n  high: many key cells\n  low: few\n"
+CONFIG = TrainConfig(epochs=3, min_epochs=0, folds=3, n_boot=20, seed=2)
+
+
+def _strip(value):
+    """A JSON value without the fields that say when or how long (``created``, ``seconds``)."""
+    if isinstance(value, dict):
+        return {k: _strip(v) for k, v in value.items() if k not in ("created", "seconds")}
+    if isinstance(value, list):
+        return [_strip(v) for v in value]
+    return value
+
+
+def _files(run: Path) -> dict[str, Path]:
+    return {str(p.relative_to(run)): p for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """Every file of run ``a`` equals ``b``'s: bytes, but JSON and curves without times, and
+    safetensors by tensors and metadata (their key order is the library's)."""
+    fa, fb = _files(a), _files(b)
+    assert fa.keys() == fb.keys()
+    for name, pa in fa.items():
+        pb = fb[name]
+        if name.endswith(".json"):
+            assert _strip(json.loads(pa.read_text())) == _strip(json.loads(pb.read_text())), name
+        elif name.endswith("curves.csv"):
+            ra, rb = ([{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(open(p))] for p in (pa, pb))
+            assert ra == rb and len(ra) > 0, name
+        elif name.endswith(".safetensors"):
+            ta, tb = load_file(pa), load_file(pb)
+            assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta), name
+            with safe_open(pa, "pt") as x, safe_open(pb, "pt") as y:
+                assert x.metadata() == y.metadata(), name
+        else:
+            assert pa.read_bytes() == pb.read_bytes(), name
+
+
+class Kill:
+    """``train_fold`` wrapped to record the folds it trains and to stop (as a job killed there
+    stops) on fold ``at``, while ``at`` is set."""
+
+    def __init__(self, monkeypatch, at: int | None):
+        self.at, self.calls, real = at, [], train_module.train_fold
+
+        def train_fold(cohort, fold, *args, **kwargs):
+            self.calls.append(fold.index)
+            if fold.index == self.at:
+                raise KeyboardInterrupt  # what SIGINT, or a time limit's signal, raises
+            return real(cohort, fold, *args, **kwargs)
+
+        monkeypatch.setattr(train_module, "train_fold", train_fold)
+
+
+@pytest.fixture
+def slides(tmp_path):
+    bags = make_bag_cohort(tmp_path / "f", n_slides=18, n_tiles=(10, 20), dim=8, shift=6.0, seed=4)
+    with open(tmp_path / "l.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["slide_id", "label", "patient_id"], *[[b.slide_id, b.label, b.patient_id] for b in bags]])
+    (tmp_path / "task.yaml").write_text(TASK)
+    return {"features_dir": tmp_path / "f", "labels": tmp_path / "l.csv", "task": tmp_path / "task.yaml",
+            "head": "abmil", "progress": False}
+
+
+def test_a_resumed_run_is_the_uninterrupted_run(slides, tmp_path, monkeypatch):
+    whole = train(out_dir=tmp_path / "whole", config=CONFIG, **slides)
+    kill = Kill(monkeypatch, at=1)
+    with pytest.raises(KeyboardInterrupt):
+        train(out_dir=tmp_path / "o", config=CONFIG, resume=True, **slides)
+    partial = tmp_path / ".o.partial"
+    assert not (tmp_path / "o").exists() and kill.calls == [0, 1]
+    assert json.loads((partial / "partial.json").read_text())["folds_done"] == [0]
+    assert (partial / "fold_0" / "model.safetensors").is_file() and not (partial / "fold_1").exists()
+    with pytest.raises(ModelError, match="unfinished training run"):  # never taken for a finished run
+        run_folder.check_run(partial)
+    kill.at, kill.calls = None, []
+    resumed = train(out_dir=tmp_path / "o", config=CONFIG, resume=True, **slides)
+    assert kill.calls == [1, 2]  # fold 0 read back, not trained again
+    assert not partial.exists() and not (tmp_path / "o" / "partial.json").exists()
+    assert _strip(resumed) == _strip(whole) and len(resumed["folds"]) == 3
+    assert_same_run(tmp_path / "o", tmp_path / "whole")
+    assert run_folder.check_run(tmp_path / "o")["n_folds"] == 3
+
+
+def test_resume_with_other_settings_is_refused_naming_the_folder(slides, tmp_path, monkeypatch, capsys):
+    kill = Kill(monkeypatch, at=2)
+    with pytest.raises(KeyboardInterrupt):
+        train(out_dir=tmp_path / "o", config=CONFIG, resume=True, **slides)
+    partial = tmp_path / ".o.partial"
+    assert json.loads((partial / "partial.json").read_text())["folds_done"] == [0, 1]
+    kill.at = None
+    with pytest.raises(ConfigError, match=r"\.o\.partial: was written by a run with other settings "
+                                          r"\(train\.lr: 0\.001 -> 0\.002\)"):
+        train(out_dir=tmp_path / "o", config=replace(CONFIG, lr=2e-3), resume=True, **slides)
+    args = ["train", "--features", str(slides["features_dir"]), "--labels", str(slides["labels"]), "--task",
+            str(slides["task"]), "--epochs", "3", "--min-epochs", "0", "--folds", "3", "--bootstrap", "20",
+            "--seed", "2", "--quiet", "--resume", "--out", str(tmp_path / "o")]
+    capsys.readouterr()
+    assert main([*args, "--bag-size", "5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and ".o.partial" in err[0] and "train.bag_size: 512 -> 5" in err[0]
+    assert json.loads((partial / "partial.json").read_text())["folds_done"] == [0, 1]  # left as it was
+    kill.calls = []
+    assert main([*args, "--workers", "1"]) == 0  # loader workers change no result: resumed
+    assert kill.calls == [2] and not partial.exists() and (tmp_path / "o" / "run.json").is_file()
+
+
+def test_a_partial_folder_without_its_record_is_started_afresh(slides, tmp_path):
+    partial = tmp_path / ".o.partial"
+    (partial / "fold_0").mkdir(parents=True)
+    (partial / "fold_0" / "model.safetensors").write_bytes(b"cut off")
+    train(out_dir=tmp_path / "o", config=replace(CONFIG, folds=2), resume=True, **slides)
+    assert not partial.exists() and load_file(tmp_path / "o" / "fold_0" / "model.safetensors")
+
+
+def test_resume_of_a_survival_run_on_patient_bags(tmp_path, monkeypatch):
+    labels = tmp_path / "labels.csv"
+    make_outcome_cohort(tmp_path / "f", n_slides=24, n_tiles=(20, 30), dim=8, slides_per_patient=2, seed=3,
+                        task_type="survival", labels_path=labels)
+    (tmp_path / "task.yaml").write_text(SURVIVAL)
+    options = {"features_dir": tmp_path / "f", "labels": labels, "task": tmp_path / "task.yaml", "bag": "patient",
+               "config": TrainConfig(epochs=2, min_epochs=0, folds=2, n_boot=20, survival_batch=4), "progress": False}
+    train(out_dir=tmp_path / "whole", **options)
+    kill = Kill(monkeypatch, at=1)
+    with pytest.raises(KeyboardInterrupt):
+        train(out_dir=tmp_path / "o", resume=True, **options)
+    kill.at, kill.calls = None, []
+    summary = train(out_dir=tmp_path / "o", resume=True, **options)
+    assert kill.calls == [1] and summary["n_patients"] == 12 and "c_index" in summary["pooled"]
+    assert_same_run(tmp_path / "o", tmp_path / "whole")
