@@ -103,6 +103,39 @@ def test_token_counts_and_every_prompt_kind_gets_gradient():
     assert not torch.allclose(model(x).logits, other(x).logits)
 
 
+def test_ivp_from_the_own_bag_is_bounded_by_its_gate_and_a_second_encoder_is_not():
+    """IVP from the slide's own bag adds a cosine readout times the gate to each logit, so however
+    large its weights grow, a class's logit moves by at most the gate; a second encoder's readout is
+    linear in the IVP token (its evidence is new and may take the logits as far as it needs)."""
+    torch.manual_seed(0)
+    own = create_head(HeadConfig(head="pathotune", in_dim=8, n_classes=3, dim=16, n_heads=2, prompts=("ivp",))).eval()
+    x = torch.randn(60, 8)
+    with torch.no_grad():
+        base = own(x).logits
+        own.ivp_gate.fill_(0.3)
+        for p in own.ivp_refine.mlp.parameters():
+            p.mul_(50.0)
+        own.ivp_classifier.weight.mul_(1000.0)  # a readout grown by memorising training slides
+        moved = own(x).logits - base
+        token = own.instance_tokens(own.project(x), None).mean(0)
+        cosine = torch.nn.functional.cosine_similarity(own.ivp_classifier.weight, token[None], dim=-1)
+    torch.testing.assert_close(moved, 0.3 * cosine)
+    assert float(moved.abs().max()) <= 0.3 + 1e-6 and float(moved.abs().max()) > 0.05
+    assert own.ivp_classifier.bias is None  # a cosine has no offset (it would be unbounded)
+
+    torch.manual_seed(0)
+    second = create_head(HeadConfig(head="pathotune", in_dim=8, n_classes=3, dim=16, n_heads=2, prompts=("ivp",),
+                                    ivp_in_dim=5)).eval()
+    ivp = torch.randn(40, 5)
+    with torch.no_grad():
+        base = second(x, ivp).logits
+        second.ivp_gate.fill_(0.3)
+        token = second.instance_tokens(second.project(x), ivp).mean(0)
+        torch.testing.assert_close(second(x, ivp).logits - base, 0.3 * second.ivp_classifier(token))
+        second.ivp_classifier.weight.mul_(1000.0)
+        assert float((second(x, ivp).logits - base).abs().max()) > 10.0  # linear: not bounded by the gate
+
+
 def test_cross_attention_is_linear_in_bag_size():
     cfg = HeadConfig(head="pathotune", in_dim=8, n_classes=2, dim=16, n_heads=2, prompts=("tvp", "ivp"))
     model = create_head(cfg).eval()

@@ -26,7 +26,10 @@ encoder, that encoder's bag [M, E]) to :class:`HeadOutput`: class logits [C] and
   prompts steer *where* the head looks, while the evidence pooled stays local to each patch. The
   slide-specific IVP tokens add their own term to the logits and do not reach the attention (as
   keys of the cross-attention they let it tell training slides apart, and the head learned small
-  cohorts by heart).
+  cohorts by heart). That term is linear in the mean IVP token when the tokens come from a second
+  encoder (new evidence, to be learned at its own pace) and a cosine, bounded by its gate, when
+  they come from the slide's own bag (no new evidence, only a whole-bag summary that a free
+  readout learns the training slides from; :meth:`PathoTuneHead.ivp_readout`).
 """
 
 from __future__ import annotations
@@ -303,7 +306,8 @@ class PathoTuneHead(nn.Module):
             if config.ivp_in_dim is not None:
                 self.ivp_project = _projection(config.ivp_in_dim, dim, config.dropout)
             self.ivp_refine = InstanceRefine(dim, config.n_ivp, config.dropout)
-            self.ivp_classifier = nn.Linear(dim, config.n_classes)
+            # The own bag's readout is a cosine (no bias): see ivp_readout.
+            self.ivp_classifier = nn.Linear(dim, config.n_classes, bias=config.ivp_in_dim is not None)
             self.ivp_gate = nn.Parameter(torch.zeros(()))
 
     def set_text_embeddings(self, embeddings: Tensor) -> None:
@@ -315,7 +319,7 @@ class PathoTuneHead(nn.Module):
     def instance_tokens(self, h: Tensor, ivp: Tensor | None) -> Tensor:
         """IVP's [n_ivp, d] tokens: the refine module over the slide's own projected bag ``h`` or
         over the second encoder's bag ``ivp``. They are slide-specific, so they feed the logits
-        (through ``ivp_classifier``, behind a gate that starts at zero) and not the patches' attention: as
+        (through :meth:`ivp_readout`, behind a gate that starts at zero) and not the patches' attention: as
         keys of the cross-attention they let the attention tell the training slides apart, and the
         head learned them by heart (training loss to zero, validation AUROC 0.5, where abmil
         separated the same folds)."""
@@ -324,6 +328,27 @@ class PathoTuneHead(nn.Module):
         if ivp is None:
             raise ModelError("this head was trained with IVP features from a second encoder; pass them")
         return self.ivp_refine(self.ivp_project(ivp))
+
+    def ivp_readout(self, token: Tensor) -> Tensor:
+        """IVP's [C] term of the logits (before the gate) from the mean instance token [d].
+
+        From a second encoder: ``ivp_classifier(token)``, a linear readout free to grow as fast as
+        the evidence that encoder adds is learned. From the slide's own bag: the cosine of the
+        token with each class's weight vector, in [-1, 1], so no class's term can exceed the
+        gate in size, and Adam moves the gate by about the learning rate per step. The own bag's tokens add no
+        evidence the attention cannot already pool, and a free linear readout of a whole-bag
+        summary learns the training slides by heart from their per-slide shifts and composition
+        before the attention has found the few key patches: on a cohort with 1-3 key patches per
+        positive bag its training loss reached 0 by epoch 6, the gate stayed below 0.08 while the
+        readout's weights grew until the term swung the validation logits by +-8 (so the
+        attention never got a gradient, key mass 0.04, and the fold's validation AUROC stayed
+        0.5). Bounded, the gate settles near 0.13 there, and the attention finds the keys as
+        abmil's does (key mass 0.9 by epoch 3).
+        """
+        if self.config.ivp_in_dim is not None:
+            return self.ivp_classifier(token)
+        weight = nn.functional.normalize(self.ivp_classifier.weight, dim=-1)
+        return weight @ nn.functional.normalize(token, dim=-1)
 
     def task_tokens(self) -> Tensor | None:
         """The [K, d] task prompt tokens the patches attend to (TVP, then TTP); None without either."""
@@ -348,7 +373,7 @@ class PathoTuneHead(nn.Module):
         attention = self.pool.weights(prompted, bias)
         logits = self.classifier(attention @ h)
         if "ivp" in self.config.prompts:
-            logits = logits + self.ivp_gate * self.ivp_classifier(self.instance_tokens(h, ivp).mean(dim=0))
+            logits = logits + self.ivp_gate * self.ivp_readout(self.instance_tokens(h, ivp).mean(dim=0))
         return HeadOutput(logits, attention)
 
 
