@@ -261,6 +261,19 @@ def test_bad_weights_for_a_timm_encoder_are_one_line(resnet_weights, tmp_path, c
     assert_one_line(rc, err, str(path), needle)
 
 
+def tiny_vit_card(root, *, size: int, tokens: int):
+    """A card of the registered tiny prompted ViT at ``size`` px with ``tokens`` deep prompts,
+    random weights (no weight file)."""
+    card = root / f"vit-test-{size}.yaml"
+    card.write_text(yaml.safe_dump({
+        "name": f"vit-test-{size}", "description": f"tiny prompted ViT at {size} px",
+        "architecture": {"model": "prompted_vit_test_patch16_224", "kwargs": {"img_size": size},
+                         "prompts": {"tokens": tokens, "mode": "deep"}, "init_seed": 0},
+        "weights": [], "input": {"size": size, "normalize": None}, "output": {"kind": "cls", "dim": 64},
+        "precision": {"compute": "bf16"}}))
+    return card
+
+
 # --- PuzzleTuning resume ----------------------------------------------------------------------------
 
 
@@ -268,13 +281,7 @@ def test_bad_weights_for_a_timm_encoder_are_one_line(resnet_weights, tmp_path, c
 def puzzle_run(tmp_path_factory):
     """One epoch of PuzzleTuning on a tiny prompted ViT, stopped and checkpointed."""
     root = tmp_path_factory.mktemp("puzzle")
-    card = root / "vit-test-64.yaml"
-    card.write_text(yaml.safe_dump({
-        "name": "vit-test-64", "description": "tiny prompted ViT at 64 px",
-        "architecture": {"model": "prompted_vit_test_patch16_224", "kwargs": {"img_size": 64},
-                         "prompts": {"tokens": 4, "mode": "deep"}, "init_seed": 0},
-        "weights": [], "input": {"size": 64, "normalize": None}, "output": {"kind": "cls", "dim": 64},
-        "precision": {"compute": "bf16"}}))
+    card = tiny_vit_card(root, size=64, tokens=4)
     rng = np.random.default_rng(0)
     store = write_patch_store(
         root / "tiles" / "s.zarr", coords=np.stack([np.arange(16) * 64, np.zeros(16)], 1),
@@ -339,13 +346,7 @@ def tune_run(tmp_path_factory):
     from PIL import Image
 
     root = tmp_path_factory.mktemp("tune")
-    card = root / "vit-test-32.yaml"
-    card.write_text(yaml.safe_dump({
-        "name": "vit-test-32", "description": "tiny prompted ViT at 32 px",
-        "architecture": {"model": "prompted_vit_test_patch16_224", "kwargs": {"img_size": 32},
-                         "prompts": {"tokens": 2, "mode": "deep"}, "init_seed": 0},
-        "weights": [], "input": {"size": 32, "normalize": None}, "output": {"kind": "cls", "dim": 64},
-        "precision": {"compute": "bf16"}}))
+    card = tiny_vit_card(root, size=32, tokens=2)
     rng = np.random.default_rng(0)
     for kind, level in (("dark", 40), ("light", 200)):
         (root / "data" / kind).mkdir(parents=True)
