@@ -11,8 +11,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -44,8 +42,8 @@ def _files(run: Path) -> dict[str, Path]:
 
 
 def assert_same_run(a: Path, b: Path) -> None:
-    """Every file of run ``a`` equals ``b``'s: bytes, but JSON and curves without times, and
-    safetensors by tensors and metadata (their key order is the library's)."""
+    """Every file of run ``a`` equals ``b``'s: bytes (head weights included), but JSON and
+    curves without times."""
     fa, fb = _files(a), _files(b)
     assert fa.keys() == fb.keys()
     for name, pa in fa.items():
@@ -55,11 +53,6 @@ def assert_same_run(a: Path, b: Path) -> None:
         elif name.endswith("curves.csv"):
             ra, rb = ([{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(open(p))] for p in (pa, pb))
             assert ra == rb and len(ra) > 0, name
-        elif name.endswith(".safetensors"):
-            ta, tb = load_file(pa), load_file(pb)
-            assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta), name
-            with safe_open(pa, "pt") as x, safe_open(pb, "pt") as y:
-                assert x.metadata() == y.metadata(), name
         else:
             assert pa.read_bytes() == pb.read_bytes(), name
 

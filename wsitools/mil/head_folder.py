@@ -75,7 +75,9 @@ def save_head(model: nn.Module, folder: str | os.PathLike[str], *, meta: dict[st
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     with atomic_path(folder, overwrite=True) as tmp:
         tmp.mkdir()
-        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "head": config.head})
+        # One metadata key: the library writes several in a random order, and the same head
+        # should give the same bytes (the head's name is in config.json).
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         write_json_atomic(
             tmp / CONFIG_FILE,
             {"format_version": HEAD_FORMAT_VERSION, "kind": HEAD_KIND, "config": config.to_dict(), **meta},

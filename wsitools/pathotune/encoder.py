@@ -79,7 +79,9 @@ def save_pathotune(
     weights = folder / WEIGHTS_FILE
     state = {k: v.detach().cpu().contiguous() for k, v in model.prompts.state_dict().items()}
     with atomic_path(weights, overwrite=True) as tmp:
-        save_file(state, str(tmp), metadata={"format": "pt", "kind": KIND})
+        # One metadata key, so that the same prompts give the same bytes (the library writes
+        # several in a random order); the kind is in the card and the config.
+        save_file(state, str(tmp), metadata={"format": "pt"})
     write_json_atomic(
         folder / CONFIG_FILE,
         {
