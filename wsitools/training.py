@@ -232,7 +232,7 @@ def _flat(settings: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def settings_difference(before: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+def _settings_difference(before: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
     """The settings that differ between two runs, as ``name: before -> now`` (dotted names)."""
     a, b = _flat(before), _flat(now)
     missing = "(not set)"
@@ -241,6 +241,19 @@ def settings_difference(before: Mapping[str, Any], now: Mapping[str, Any]) -> li
         for k in sorted(a.keys() | b.keys())
         if a.get(k, missing) != b.get(k, missing)
     ]
+
+
+def check_same_settings(
+    path: Path, *, written: Any, written_hash: str, settings: Mapping[str, Any], remedy: str
+) -> None:
+    """Refuse to resume from ``path``, written by a run whose settings hash to ``written_hash``
+    (``written``: those settings, when recorded), unless ``settings`` hash the same: a
+    :class:`ConfigError` naming ``path`` and each setting that differs, then ``remedy``."""
+    if written_hash == stable_hash(settings):
+        return
+    differ = _settings_difference(written, settings) if isinstance(written, dict) else []
+    what = "; ".join(differ) if differ else f"settings hash {written_hash} -> {stable_hash(settings)}"
+    raise ConfigError(f"{path}: was written by a run with other settings ({what}); resume with the same settings {remedy}")
 
 
 @dataclass(frozen=True)
@@ -307,13 +320,8 @@ class Checkpoints:
             written_hash, extra = str(state["schedule_hash"]), dict(state.get("extra") or {})
         except (OSError, ValueError, TypeError, KeyError) as exc:
             raise ModelError(f"{path / 'state.json'}: not a checkpoint state ({one_line(exc)})") from None
-        if written_hash != stable_hash(settings):
-            differ = settings_difference(state["settings"], settings) if isinstance(state.get("settings"), dict) else []
-            what = "; ".join(differ) if differ else f"settings hash {written_hash} -> {stable_hash(settings)}"
-            raise ConfigError(
-                f"{path}: was written by a run with other settings ({what}); resume with the same "
-                "settings or start a new --out folder"
-            )
+        check_same_settings(path, written=state.get("settings"), written_hash=written_hash, settings=settings,
+                            remedy="or start a new --out folder")
         saved = read_state_dict(path / "trainable.safetensors", tensors)
         opt_path = path / "optimizer.pt"
         stepper.load_state_dict(read_checkpoint(opt_path), step=steps, source=str(opt_path))

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wsitools import __version__
-from wsitools.errors import ConfigError, DataError
+from wsitools.errors import DataError
 from wsitools.metrics import (
     METRICS,
     REGRESSION_METRICS,
@@ -82,7 +82,7 @@ from wsitools.attention import write_attention
 from wsitools.survival import harrell_c, survival_report
 from wsitools.text import TaskDescription, TaskType, embed_texts, load_task, resolve_text_model, text_model_key
 from wsitools.io import stable_hash
-from wsitools.training import BestState, Schedule, Stepper, adamw, settings_difference
+from wsitools.training import BestState, Schedule, Stepper, adamw, check_same_settings
 
 log = logging.getLogger(__name__)
 
@@ -855,7 +855,8 @@ def resume_settings(setup: RunSetup, config: TrainConfig) -> dict[str, Any]:
         paths = [p for g in cohort.groups for p in (*g.paths, *(g.ivp_paths or ()))]
     else:
         paths = [*cohort.paths, *(cohort.ivp_paths or [])]
-    stores = [[str(Path(p).resolve()), os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in paths]
+    stats = [(str(Path(p).resolve()), os.stat(p)) for p in paths]
+    stores = [[path, st.st_size, st.st_mtime_ns] for path, st in stats]
     targets = cohort.targets.tolist() if cohort.targets is not None else None
     return {
         **{k: v for k, v in setup.meta.items() if k != "train"},
@@ -874,14 +875,8 @@ def _folds_done(folder: Path, settings: dict[str, Any]) -> set[int]:
     if record is None:
         run_folder.write_partial(folder, {"settings": settings, "settings_hash": stable_hash(settings), "folds_done": []})
         return set()
-    if record["settings_hash"] != stable_hash(settings):
-        before = record.get("settings")
-        differ = settings_difference(before, settings) if isinstance(before, dict) else []
-        what = "; ".join(differ) if differ else f"settings hash {record['settings_hash']} -> {stable_hash(settings)}"
-        raise ConfigError(
-            f"{folder}: was written by a run with other settings ({what}); resume with the same settings "
-            "or remove that folder to start afresh"
-        )
+    check_same_settings(folder, written=record.get("settings"), written_hash=record["settings_hash"],
+                        settings=settings, remedy="or remove that folder to start afresh")
     return set(record["folds_done"])
 
 
