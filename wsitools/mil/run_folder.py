@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from wsitools.errors import DataError, ModelError
+from wsitools.errors import DataError, ModelError, one_line
 from wsitools.io import atomic_path, remove_path, write_json_atomic
 from wsitools.mil.head_folder import WEIGHTS_FILE, SavedHead, load_head
 from wsitools.tables import write_table
@@ -112,9 +112,9 @@ def read_partial(folder: Path) -> dict[str, Any] | None:
     try:
         record = json.loads(path.read_text())
         record["folds_done"] = [int(k) for k in record["folds_done"]]
-        str(record["settings_hash"])
+        record["settings_hash"] = str(record["settings_hash"])
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
-        raise ModelError(f"{path}: not a readable partial-run record ({type(exc).__name__}: {exc})") from None
+        raise ModelError(f"{path}: not a readable partial-run record ({one_line(exc)})") from None
     return record
 
 
