@@ -28,10 +28,13 @@ and the ratios jpeg / lossless for size and read cost.
 RGB image file): 224 px crops at a stride of ``--image-stride`` px (24 by default, so crops fall
 on every phase of the 8 px JPEG block grid), each coded by the store's own chunk encoder and
 decoded as ``PatchStore.read_tiles`` decodes it; bytes per tile, PSNR and efficientnet-lite0 /
-test-ViT cosine against the crops themselves (4:4:4 and 4:2:0).
+test-ViT cosine against the crops themselves (4:4:4 and 4:2:0). ``--image-downsample N`` first
+shrinks the image N times by area averaging (the tiler's rule for a resampled read), e.g. a 40x
+photograph measured as the 20x tiles a 0.5 um/px store holds.
 
     python benchmarks/bench_store.py [--size 20000x15000] [--qualities 80,90,95] [--slide PATH]
     python benchmarks/bench_store.py --image skimage:immunohistochemistry [--qualities 85,90,95]
+    python benchmarks/bench_store.py --image he_40x.png --image-downsample 2
 """
 
 from __future__ import annotations
@@ -176,13 +179,21 @@ def store_round_trip(tiles: np.ndarray, codec: TileCodec) -> tuple[np.ndarray, f
     return out, size / len(tiles) / 1e3
 
 
-def image_benchmark(spec: str, qualities: list[int], stride: int) -> None:
-    """Sizes and fidelity of the store's codecs on crops of a real-tissue image (``--image``)."""
+def image_benchmark(spec: str, qualities: list[int], stride: int, downsample: int) -> None:
+    """Sizes and fidelity of the store's codecs on crops of a real-tissue image (``--image``),
+    shrunk ``downsample`` times first."""
     import simplejpeg
 
+    from wsitools.slide import resize_rgb
+
     image = load_image(spec)
+    if downsample > 1:
+        image = resize_rgb(image, (image.shape[1] // downsample, image.shape[0] // downsample),
+                           box=(0.0, 0.0, float(image.shape[1] // downsample * downsample),
+                                float(image.shape[0] // downsample * downsample)))
     tiles = crops(image, 224, stride)
-    print(f"{spec}: {image.shape[1]} x {image.shape[0]} px, {len(tiles)} crops of 224 px at a stride of {stride}")
+    print(f"{spec} (downsampled {downsample}x): {image.shape[1]} x {image.shape[0]} px, "
+          f"{len(tiles)} crops of 224 px at a stride of {stride}")
     nets = encoders(CARDS[:2])
     refs = {name: features(net, tiles) for name, net in nets.items()}
     print(f"{'codec':18s} {'KB/tile':>8s} {'PSNR dB':>8s} {'worst':>6s}  " + "  ".join(f"{n[:24]:>24s}" for n in nets))
@@ -215,10 +226,13 @@ def main() -> None:
     ap.add_argument("--image", default=None,
                     help="measure on crops of a real-tissue image instead (skimage:immunohistochemistry or a file)")
     ap.add_argument("--image-stride", type=int, default=24, help="stride of the image's 224 px crops")
+    ap.add_argument("--image-downsample", type=int, default=1,
+                    help="shrink the image this many times (area average) before cropping")
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.image:
-        image_benchmark(args.image, [int(q) for q in args.qualities.split(",")], args.image_stride)
+        image_benchmark(args.image, [int(q) for q in args.qualities.split(",")], args.image_stride,
+                        args.image_downsample)
         return
     width, height = (int(v) for v in args.size.lower().split("x"))
     pyramid = tuple(int(v) for v in args.pyramid.split(","))

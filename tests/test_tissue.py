@@ -133,6 +133,22 @@ def test_disk_sweep_is_scipys_binary_morphology(radius):
                 np.testing.assert_array_equal(_disk_sweep(mask, radius, op=op), expected)
 
 
+def test_fill_holes_is_scipys():
+    from scipy import ndimage as ndi
+
+    from wsitools.tissue import fill_holes
+
+    rng = np.random.default_rng(5)
+    for shape in [(1, 1), (1, 9), (3, 3), (40, 57), (120, 90)]:
+        for density in (0.1, 0.5, 0.7, 0.9):
+            mask = rng.random(shape) < density
+            np.testing.assert_array_equal(fill_holes(mask), ndi.binary_fill_holes(mask))
+    ring = np.ones((5, 5), bool)
+    ring[2, 2] = False
+    assert fill_holes(ring).all()
+    np.testing.assert_array_equal(fill_holes(~ring), ~ring)
+
+
 def test_contour_pixels_are_skimages_inner_boundaries_two_pixels_wide():
     from scipy import ndimage as ndi
     from skimage.segmentation import find_boundaries

@@ -121,6 +121,18 @@ def _disk_sweep(mask: np.ndarray, radius_px: float, *, op: Literal["dilate", "er
     return out
 
 
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``mask`` with every background region not connected to the image's border filled.
+
+    The same result as ``scipy.ndimage.binary_fill_holes`` (4-connected background), found by
+    labelling the background once instead of dilating from the border until nothing changes.
+    """
+    from scipy import ndimage as ndi
+
+    labels, _ = ndi.label(np.pad(~mask, 1, constant_values=True))
+    return labels[1:-1, 1:-1] != labels[0, 0]
+
+
 def saturation_value(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """HSV saturation and value in [0, 1] of an RGB uint8 image, as float32.
 
@@ -137,7 +149,6 @@ def saturation_value(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def tissue_mask(thumbnail: np.ndarray, mpp: float, params: TissueParams) -> tuple[np.ndarray, float]:
     """The cleaned tissue mask of an RGB thumbnail at ``mpp`` um/px, and the threshold used."""
-    from scipy import ndimage as ndi
     from skimage.filters import threshold_otsu
     from skimage.morphology import remove_small_holes, remove_small_objects
 
@@ -154,7 +165,7 @@ def tissue_mask(thumbnail: np.ndarray, mpp: float, params: TissueParams) -> tupl
     px_area = mpp * mpp
     if params.fill_holes:
         if params.max_hole_area is None:
-            mask = ndi.binary_fill_holes(mask)
+            mask = fill_holes(mask)
         else:
             mask = remove_small_holes(mask, max_size=int(params.max_hole_area / px_area))
     mask = remove_small_objects(mask, max_size=max(0, int(params.min_region_area / px_area) - 1))
@@ -211,7 +222,7 @@ def mask_polygons(mask: np.ndarray, downsample: tuple[float, float]) -> list[lis
             continue
         sub = labels[region] == index
         offset = np.array([region[0].start, region[1].start])
-        filled = ndi.binary_fill_holes(sub)
+        filled = fill_holes(sub)
         outer = max(rings_of(filled), key=len) + offset
         holes_mask = filled & ~sub
         holes = [r + offset for r in rings_of(holes_mask) if len(r) >= 4] if holes_mask.any() else []
