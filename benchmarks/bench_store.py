@@ -32,8 +32,8 @@ test-ViT cosine against the crops themselves (4:4:4 and 4:2:0). ``--image-downsa
 shrinks the image N times by area averaging (the tiler's rule for a resampled read), e.g. a 40x
 photograph measured as the 20x tiles a 0.5 um/px store holds.
 
-    python benchmarks/bench_store.py [--size 20000x15000] [--qualities 80,90,95] [--slide PATH]
-    python benchmarks/bench_store.py --image skimage:immunohistochemistry [--qualities 85,90,95]
+    python benchmarks/bench_store.py [--size 20000x15000] [--qualities 90,95,97] [--slide PATH]
+    python benchmarks/bench_store.py --image skimage:immunohistochemistry [--qualities 90,95,96,97]
     python benchmarks/bench_store.py --image he_40x.png --image-downsample 2
 """
 
@@ -220,7 +220,7 @@ def main() -> None:
     ap.add_argument("--size", default="20000x15000", help="level-0 WIDTHxHEIGHT of the synthetic slide")
     ap.add_argument("--pyramid", default="1,4,16", help="downsamples of the slide's levels")
     ap.add_argument("--slide", type=Path, default=None, help="reuse (or create) the slide at this path")
-    ap.add_argument("--qualities", default="80,90,95", help="JPEG qualities to store with")
+    ap.add_argument("--qualities", default="90,95,96,97", help="JPEG qualities to store with")
     ap.add_argument("--sample", type=int, default=256, help="tiles compared by PSNR and features")
     ap.add_argument("--vit-sample", type=int, default=48, help="of these, tiles through ViT-B/16 (slow on a CPU)")
     ap.add_argument("--image", default=None,

@@ -71,7 +71,7 @@ def test_jpeg_store_is_close_to_direct_reads_and_a_fraction_of_lossless(syntheti
     tile_slide(synthetic_svs, tmp_path / "j50", params(mpp=mpp, jpeg_quality=50), progress=False)
     tile_slide(synthetic_svs, tmp_path / "l", params(mpp=mpp, codec="lossless"), progress=False)
     jpeg, jpeg50, lossless = (PatchStore.open(tmp_path / d / "synth_svs.zarr") for d in ("j", "j50", "l"))
-    assert (jpeg.attrs["codec"], jpeg.attrs["jpeg_quality"], jpeg.attrs["jpeg_subsampling"]) == ("jpeg", 95, "444")
+    assert (jpeg.attrs["codec"], jpeg.attrs["jpeg_quality"], jpeg.attrs["jpeg_subsampling"]) == ("jpeg", 97, "444")
     assert (lossless.attrs["codec"], lossless.attrs["jpeg_quality"]) == ("lossless", None)
     assert jpeg.attrs["format_version"] == lossless.attrs["format_version"] == 3
     tiles, exact = jpeg.read_tiles(slice(None)), lossless.read_tiles(slice(None))
@@ -83,7 +83,7 @@ def test_jpeg_store_is_close_to_direct_reads_and_a_fraction_of_lossless(syntheti
     def size(store: PatchStore) -> int:
         return sum(f.stat().st_size for f in (store.path / "tiles").rglob("c/**/*") if f.is_file())
 
-    assert size(jpeg50) < size(jpeg) < size(lossless) / 3
+    assert size(jpeg50) < size(jpeg) < 0.4 * size(lossless)  # 0.34 on these 64 px tiles
 
 
 def test_coords_lie_on_the_level0_grid_inside_tissue(synthetic_svs, tmp_path):
@@ -213,7 +213,7 @@ def test_store_provenance_attributes(synthetic_svs, tmp_path):
         assert key in a
     import zarr
 
-    assert (a["codec"], a["jpeg_quality"]) == ("jpeg", 95)
+    assert (a["codec"], a["jpeg_quality"]) == ("jpeg", 97)
     tiles = zarr.open_array(str(tmp_path / "synth_svs.zarr" / "tiles"), mode="r")
     assert tiles.shape == (a["n_tiles"],) and tiles.chunks == (64,)  # one JPEG per tile, 64 per chunk
     assert bytes(tiles[:1][0])[:2] == b"\xff\xd8"  # a JPEG any zarr reader gets as bytes

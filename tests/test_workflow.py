@@ -401,7 +401,7 @@ def test_schema_fills_in_the_defaults():
     config = {"heads": {"h": {"type": "abmil"}}, "tiling": {"mpp": 1.0}}
     validate(config, str(REPO / "workflow" / "schemas" / "config.schema.yaml"))
     assert config["tiling"] == {"mpp": 1.0, "tile_size": 224, "overlap": 0, "min_tissue": 0.5,
-                                "backend": "auto", "store_pixels": True, "codec": "jpeg", "jpeg_quality": 95,
+                                "backend": "auto", "store_pixels": True, "codec": "jpeg", "jpeg_quality": 97,
                                 "threads": 2, "extra_args": []}
     assert config["heads"]["h"] == {"type": "abmil", "prompts": ["tvp", "ttp"], "bag": "slide", "folds": 5,
                                     "threads": 1, "device": "auto", "extra_args": []}
@@ -473,7 +473,7 @@ def test_tile_jobs_get_the_configured_codec(tmp_path):
         result = snakemake(work, "-n", "--printshellcmds")
         assert result.returncode == 0, result.stderr
         commands[name] = next(line for line in result.stdout.splitlines() if "wsitools tile " in line)
-    assert "--backend auto --codec jpeg --jpeg-quality 95" in commands["d"]
+    assert "--backend auto --codec jpeg --jpeg-quality 97" in commands["d"]
     assert "--backend auto --codec lossless --jpeg-quality 80" in commands["l"]
     assert "--no-pixels" in commands["n"] and "--codec" not in commands["n"]
 

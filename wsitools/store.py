@@ -3,8 +3,8 @@
 Layout (docs/formats.md): ``coords`` [N, 2] int64 level-0 (x, y) top-left corners, ``tiles``
 in chunks of many tiles (absent when pixels are switched off), ``tissue_fraction`` [N] float32,
 and the provenance under the group attribute ``wsitools``. ``tiles`` holds either one JPEG per
-tile ([N] variable-length bytes, codec ``jpeg``, the default: under a third of the lossless
-size, docs/benchmarks.md) or the pixels themselves ([N, S, S, 3] uint8 under Blosc, codec
+tile ([N] variable-length bytes, codec ``jpeg``, the default: a quarter to a third of the
+lossless size, docs/benchmarks.md) or the pixels themselves ([N, S, S, 3] uint8 under Blosc, codec
 ``lossless``). Readers never see the difference: :meth:`PatchStore.read_tiles` gives uint8
 pixels for both, and for format 2 stores (lossless, written before the codec was recorded).
 
@@ -53,11 +53,13 @@ limits tiling, but only 1.1-2x on tissue tiles (docs/benchmarks.md)."""
 Codec = Literal["jpeg", "lossless"]
 CODECS: tuple[Codec, ...] = ("jpeg", "lossless")
 DEFAULT_CODEC: Codec = "jpeg"
-DEFAULT_JPEG_QUALITY = 95
-"""Quality of the tile JPEGs. Measured on JPEG-textured slides resampled to 224 px tiles
-(docs/benchmarks.md): 95 keeps efficientnet-lite0 features within cosine 0.996 of the lossless
-tiles' at about 37 KB a tile (0.28 of lossless); 90 saves a quarter of that but falls to 0.992,
-and ImageNet CNN features are more sensitive to JPEG artefacts than PSNR suggests."""
+DEFAULT_JPEG_QUALITY = 97
+"""Quality of the tile JPEGs. Measured on 224 px tiles of four kinds of tissue (a JPEG-textured
+synthetic slide, an IHC image, an H&E image at 40x and at 20x; docs/benchmarks.md): 97 keeps
+efficientnet-lite0 features within a mean cosine of 0.9976-0.9986 of the lossless tiles' on all
+four at 38-52 KB a tile (0.25-0.35 of lossless); 96 clears 0.995 by as little as 0.001 and 95
+falls below it on two of the four. ImageNet CNN features are more sensitive to JPEG artefacts
+than PSNR suggests."""
 JPEG_SUBSAMPLING = "444"
 """Chroma subsampling of the tile JPEGs: none (4:4:4). Stain colour carries much of what encoders
 see: at equal size, 4:2:0 or 4:2:2 at a higher quality moves features further (docs/benchmarks.md)."""
