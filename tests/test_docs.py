@@ -231,3 +231,219 @@ def test_every_option_of_every_command_is_documented():
     missing = [f"{name} {option}" for name, sub in all_commands(parser) for option in sorted(options(sub) - {"--help"})
                if not any(name in commands[section] and option in named[section] for section in commands)]
     assert missing == []
+
+
+# --- workflow configuration keys ----------------------------------------------------------------
+
+
+def _with_defs(node: dict[str, Any]) -> dict[str, Any]:
+    return {**node, "$defs": SCHEMA["$defs"]}
+
+
+def _named(node: dict[str, Any]) -> dict[str, Any] | None:
+    """The schema of each entry of a mapping keyed by the user's names (``tasks``, ``heads``)."""
+    entry = node.get("additionalProperties")
+    return entry if "propertyNames" in node and isinstance(entry, dict) else None
+
+
+def key_problem(segments: list[str]) -> str | None:
+    """What is wrong with a config key path as a doc writes it (``heads: NAME: device``,
+    ``tiling: codec, jpeg_quality``, ``device: cpu``: a leaf followed by a value, which must be a
+    valid one), or None."""
+    node = SCHEMA
+    for i, segment in enumerate(segments):
+        where = ": ".join(segments[:i]) or "the config"
+        if "properties" in node:
+            keys = segment.split(", ")
+            unknown = [k for k in keys if k not in node["properties"]]
+            if unknown:
+                return f"{where}: no key {unknown[0]!r} in the schema"
+            if len(keys) > 1:
+                return None if i == len(segments) - 1 else f"{where}: {segment}: a list of keys, not a path"
+            node = node["properties"][segment]
+        elif _named(node) is not None:
+            node = _named(node)  # the segment is a name of the user's: a task, a head
+        else:
+            value = ": ".join(segments[i:])
+            error = jsonschema.exceptions.best_match(
+                jsonschema.Draft202012Validator(_with_defs(node)).iter_errors(yaml.safe_load(value)))
+            return None if error is None else f"{where}: {value!r} is not a valid value ({error.message})"
+    return None
+
+
+def schema_leaves(node: dict[str, Any] = SCHEMA, path: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+    """Every key path of the schema, a user's name as ``NAME``."""
+    for key, sub in node.get("properties", {}).items():
+        yield (*path, key)
+        yield from schema_leaves(sub, (*path, key))
+    if _named(node) is not None:
+        yield from schema_leaves(_named(node), (*path, "NAME"))
+
+
+def resolve(text: str, *, bare: bool = False) -> list[str] | None:
+    """The key path a code span names, or None when it names no config key: a path from a
+    top-level key (``tiling: jpeg_quality``, ``features.threads``, ``samples:``), or a key that
+    only one place of the schema has, with its value (``jpeg_quality: 97``) or, with ``bare``,
+    alone (``time_column``: a bare word is often another file's key, a task file's ``type``)."""
+    if re.fullmatch(r"[a-z_]+(?:\.[a-z_]+)+", text):
+        segments = text.split(".")
+        return segments if segments[0] in SCHEMA["properties"] and _is_object(segments[0]) else None
+    segments = text.removesuffix(":").split(": ")
+    if not re.fullmatch(r"[a-z_]+", segments[0]):
+        return None
+    if segments[0] in SCHEMA["properties"]:
+        return segments
+    places = [p for p in schema_leaves() if p[-1] == segments[0]]
+    if len(places) != 1 or (len(segments) == 1 and not bare):
+        return None
+    return [*places[0], *segments[1:]]
+
+
+def _is_object(key: str) -> bool:
+    node = SCHEMA["properties"][key]
+    return "properties" in node or _named(node) is not None
+
+
+def test_key_paths_are_checked_against_the_schema():
+    assert resolve("tiling: jpeg_quality") == ["tiling", "jpeg_quality"]
+    assert resolve("features.threads") == ["features", "threads"]
+    assert resolve("jpeg_quality: 97") == ["tiling", "jpeg_quality", "97"]
+    assert resolve("time_column", bare=True) == ["tasks", "NAME", "time_column"]
+    assert resolve("time_column") is None and resolve("type") is None  # a bare word: maybe a task file's key
+    assert resolve("threads") is None  # several places have it
+    assert resolve("config: tilling: unknown key (did you mean 'tiling'?)") is None  # an error message
+    assert resolve("wsitools.tiling") is None and resolve("gpu: 1") is None
+    assert key_problem(["heads", "NAME", "bag", "patient"]) is None
+    assert key_problem(["tiling", "codec, jpeg_quality"]) is None
+    assert key_problem(["pretrain", "backbone"]) == "pretrain: no key 'backbone' in the schema"
+    assert key_problem(["heads", "NAME", "bag", "bags"]) == (
+        "heads: NAME: bag: 'bags' is not a valid value ('bags' is not one of ['slide', 'patient'])")
+    assert key_problem(["export", "[clam, trident]"]) is None
+
+
+def test_config_keys_in_the_docs_are_in_the_schema():
+    problems = []
+    for snippet in doc_snippets():
+        if not snippet.fenced and (segments := resolve(snippet.text)) and (problem := key_problem(segments)):
+            problems.append(f"{snippet.where}: `{snippet.text}`: {problem}")
+    assert problems == []
+
+
+def test_config_blocks_in_the_docs_pass_the_schema():
+    """A fenced YAML block with a top-level key of the workflow config is a config: it validates."""
+    problems, checked = [], 0
+    for doc in DOCS:
+        for number, block in _yaml_blocks(doc.read_text()):
+            config = yaml.safe_load(block)
+            if isinstance(config, dict) and set(config) & set(SCHEMA["properties"]):
+                checked += 1
+                problems += [f"{doc.relative_to(REPO)}:{number}: {config_error(e)}"
+                             for e in jsonschema.Draft202012Validator(SCHEMA).iter_errors(config)]
+    assert checked >= 1 and problems == []
+
+
+def _yaml_blocks(text: str) -> Iterator[tuple[int, str]]:
+    """Each fenced YAML block of a markdown text: the line of its fence and its text."""
+    for match in re.finditer(r"^```ya?ml\n(.*?)^```", text, re.M | re.S):
+        yield text.count("\n", 0, match.start()) + 1, match.group(1)
+
+
+DEFAULTS = re.compile(r"`([^`]+)`(?: and `([^`]+)`)?,?\s+\(?defaults?:?\s+`([^`]+)`(?: and `([^`]+)`)?")
+
+
+def schema_default(segments: list[str]) -> Any:
+    node = SCHEMA
+    for segment in segments:
+        node = node["properties"][segment] if "properties" in node else _named(node)
+    return node["default"]
+
+
+def test_defaults_the_docs_quote_are_the_schemas():
+    """``(`KEY`, default `VALUE`)`` and ``(`A` and `B`, defaults `a` and `b`)`` about config keys."""
+    problems, checked = [], 0
+    for doc in DOCS:
+        text = " ".join(doc.read_text().split())
+        for match in DEFAULTS.finditer(text):
+            keys, values = [match[1], match[2]], [match[3], match[4]]
+            for key, value in zip(keys, values):
+                if key and value and (segments := resolve(key, bare=True)) and not key_problem(segments):
+                    checked += 1
+                    if yaml.safe_load(value) != schema_default(segments):
+                        problems.append(f"{doc.relative_to(REPO)}: `{key}`: default `{value}`, but the schema's is "
+                                        f"{schema_default(segments)!r}")
+    assert checked >= 5 and problems == []
+
+
+def config_yaml_entries() -> Iterator[tuple[int, str, str, str, str]]:
+    """Each key line of config/config.yaml under ``tasks:`` and ``heads:``, commented-out examples
+    included: (line, top-level key, key, value, its comment with the comment lines that continue
+    it)."""
+    lines = (REPO / "config" / "config.yaml").read_text().splitlines()
+    top = ""
+    for number, line in enumerate(lines, start=1):
+        if match := re.match(r"([a-z_]+):", line):
+            top = match[1]
+        match = re.match(r"\s+#?\s*([a-z_]+): ([^#]+?)\s*(?:#(.*))?$", line)
+        if top in ("tasks", "heads") and match:
+            comment, column = match[3] or "", line.find("#", match.end(2))
+            for following in lines[number:]:
+                if column < 0 or not following.strip().startswith("#") or following.find("#") != column:
+                    break
+                comment += " " + following.strip().lstrip("#")
+            yield number, top, match[1], match[2], comment
+
+
+CONFIG_DEFAULT = re.compile(r"\(default(?::?\s+([^;)]+?))?\s*[;)]")
+
+
+def test_example_config_shows_every_task_and_head_key_with_the_schemas_default():
+    """config/config.yaml's tasks and heads are examples, not defaults (tests/test_workflow.py
+    checks the other keys' values against the schema): each of their keys is there, set or as a
+    commented-out example, and a default its comment states is the schema's."""
+    entries = list(config_yaml_entries())
+    shown = {(top, key) for _, top, key, _, _ in entries}
+    missing = [f"{top}: NAME: {key}" for top in ("tasks", "heads")
+               for key in _named(SCHEMA["properties"][top])["properties"] if (top, key) not in shown]
+    assert missing == []
+    problems, checked = [], 0
+    for number, top, key, value, comment in entries:
+        for match in CONFIG_DEFAULT.finditer(comment):
+            checked += 1
+            stated, default = yaml.safe_load(match[1] or value), schema_default([top, "NAME", key])
+            if stated != default:
+                problems.append(f"config/config.yaml:{number}: {top}: {key}: default {stated!r}, the schema's {default!r}")
+    assert checked >= 5 and problems == []
+
+
+# --- benchmark command lines --------------------------------------------------------------------
+
+
+BENCHMARK = re.compile(r"(?<![\w/.-])python3? (benchmarks/\w+\.py)")
+
+
+def benchmark_options(script: Path) -> set[str]:
+    """The options a benchmark script's ``main`` adds to its parser, read with ``ast``."""
+    tree = ast.parse(script.read_text())
+    main = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "main")
+    return {arg.value for call in ast.walk(main) if isinstance(call, ast.Call)
+            and isinstance(call.func, ast.Attribute) and call.func.attr == "add_argument"
+            for arg in call.args if isinstance(arg, ast.Constant) and str(arg.value).startswith("-")} | {"--help"}
+
+
+def test_benchmark_options_are_read_from_the_scripts():
+    assert {"--slide", "--repeats", "--size", "--naive-sample"} <= benchmark_options(REPO / "benchmarks" / "bench_tiling.py")
+
+
+def test_every_benchmark_command_line_in_the_docs_parses():
+    problems, checked = [], 0
+    for snippet in doc_snippets():
+        for match in BENCHMARK.finditer(snippet.text):
+            script = REPO / match[1]
+            if not script.is_file():
+                problems.append(f"{snippet.where}: {match[1]}: no such script")
+                continue
+            rest = snippet.text[match.end():]
+            shown = OPTION.findall(rest[: COMMAND_END.search(rest).start()])
+            checked += 1
+            problems += [f"{snippet.where}: {match[1]}: no option {o}" for o in shown if o not in benchmark_options(script)]
+    assert checked >= 20 and problems == []
