@@ -163,7 +163,20 @@ def command_lines(snippet: Snippet, parser: argparse.ArgumentParser) -> Iterator
             name, current = f"{name} {word}", subcommands(current)[word]
         shown = tuple(OPTION.findall(" ".join(tokens)))
         problems += [f"{name}: no option {o}" for o in shown if o not in options(current)]
+        problems += choice_problems(" ".join(tokens), current, name)
         yield CommandLine(snippet.where, name, shown, tuple(problems))
+
+
+VALUES = re.compile(r"(?<![\w-])(--[\w-]+)[ =]([a-z0-9][\w.:-]*(?:\|[a-z0-9][\w.:-]*)*)(?=[\s\])`,;]|$)")
+
+
+def choice_problems(text: str, parser: argparse.ArgumentParser, name: str) -> list[str]:
+    """Literal values shown for an option with choices (``--codec jpeg|lossless``, ``--cmap
+    inferno``) that are not among them; placeholders (``--scale S``) are not literal values."""
+    actions = {o: a for a in parser._actions for o in a.option_strings}
+    return [f"{name}: {option} has no choice {value!r} (it has {'|'.join(map(str, actions[option].choices))})"
+            for option, values in VALUES.findall(text) if option in actions and actions[option].choices
+            for value in values.split("|") if value not in map(str, actions[option].choices)]
 
 
 @cache
@@ -185,13 +198,14 @@ def test_snippets_join_continuations_drop_comments_and_keep_lines():
 
 def test_command_lines_name_the_line_and_what_does_not_parse():
     parser = build_parser()
-    text = ("`wsitools tile SLIDE... --out DIR [--workers N] [--codec jpeg|lossless] --tiles 3`\n\n"
+    text = ("`wsitools tile SLIDE... --out DIR [--workers N] [--codec jpeg|lossles] --tiles 3`\n\n"
             "`wsitools encoders fetch NAME --force`, `wsitools tilee X`, `wsitools pretrain puzzel`\n\n"
             "`<wsitools>/workflow/Snakefile`, `wsitools.tile_slides`, `pip install wsitools`\n")
     found = [(c.where, c.command, c.options, c.problems) for s in snippets(text, "d.md")
              for c in command_lines(s, parser)]
     assert found == [
-        ("d.md:1", "wsitools tile", ("--out", "--workers", "--codec", "--tiles"), ("wsitools tile: no option --tiles",)),
+        ("d.md:1", "wsitools tile", ("--out", "--workers", "--codec", "--tiles"),
+         ("wsitools tile: no option --tiles", "wsitools tile: --codec has no choice 'lossles' (it has jpeg|lossless)")),
         ("d.md:3", "wsitools encoders fetch", ("--force",), ()),
         ("d.md:3", "wsitools", (), ("wsitools: no sub-command 'tilee' (it has info, tile, encoders, extract, export, "
                                     "train, predict, heatmap, pretrain, tune, demo, clean)",)),
@@ -204,7 +218,7 @@ def test_every_command_line_in_the_docs_parses():
     lines = doc_command_lines()
     assert len(lines) > 100  # the extraction finds the docs' commands
     problems = [f"{c.where}: {p}" for c in lines for p in c.problems]
-    assert problems == []
+    assert not problems, "\n".join(problems)
 
 
 def test_readme_table_lists_every_command():
@@ -215,7 +229,7 @@ def test_readme_table_lists_every_command():
     shown = {c.command for s in snippets(table, "README.md") for c in command_lines(s, parser)}
     missing = sorted(name for name, sub in all_commands(parser)
                      if name != "wsitools" and not subcommands(sub) and name not in shown)
-    assert missing == []
+    assert not missing, "\n".join(missing)
 
 
 def test_every_option_of_every_command_is_documented():
@@ -230,7 +244,7 @@ def test_every_option_of_every_command_is_documented():
         named.setdefault(snippet.section, set()).update(OPTION.findall(snippet.text))
     missing = [f"{name} {option}" for name, sub in all_commands(parser) for option in sorted(options(sub) - {"--help"})
                if not any(name in commands[section] and option in named[section] for section in commands)]
-    assert missing == []
+    assert not missing, "\n".join(missing)
 
 
 # --- workflow configuration keys ----------------------------------------------------------------
@@ -326,7 +340,7 @@ def test_config_keys_in_the_docs_are_in_the_schema():
     for snippet in doc_snippets():
         if not snippet.fenced and (segments := resolve(snippet.text)) and (problem := key_problem(segments)):
             problems.append(f"{snippet.where}: `{snippet.text}`: {problem}")
-    assert problems == []
+    assert not problems, "\n".join(problems)
 
 
 def test_config_blocks_in_the_docs_pass_the_schema():
@@ -339,7 +353,8 @@ def test_config_blocks_in_the_docs_pass_the_schema():
                 checked += 1
                 problems += [f"{doc.relative_to(REPO)}:{number}: {config_error(e)}"
                              for e in jsonschema.Draft202012Validator(SCHEMA).iter_errors(config)]
-    assert checked >= 1 and problems == []
+    assert checked >= 1
+    assert not problems, "\n".join(problems)
 
 
 def _yaml_blocks(text: str) -> Iterator[tuple[int, str]]:
@@ -371,7 +386,8 @@ def test_defaults_the_docs_quote_are_the_schemas():
                     if yaml.safe_load(value) != schema_default(segments):
                         problems.append(f"{doc.relative_to(REPO)}: `{key}`: default `{value}`, but the schema's is "
                                         f"{schema_default(segments)!r}")
-    assert checked >= 5 and problems == []
+    assert checked >= 5
+    assert not problems, "\n".join(problems)
 
 
 def config_yaml_entries() -> Iterator[tuple[int, str, str, str, str]]:
@@ -404,7 +420,7 @@ def test_example_config_shows_every_task_and_head_key_with_the_schemas_default()
     shown = {(top, key) for _, top, key, _, _ in entries}
     missing = [f"{top}: NAME: {key}" for top in ("tasks", "heads")
                for key in _named(SCHEMA["properties"][top])["properties"] if (top, key) not in shown]
-    assert missing == []
+    assert not missing, "\n".join(missing)
     problems, checked = [], 0
     for number, top, key, value, comment in entries:
         for match in CONFIG_DEFAULT.finditer(comment):
@@ -412,7 +428,8 @@ def test_example_config_shows_every_task_and_head_key_with_the_schemas_default()
             stated, default = yaml.safe_load(match[1] or value), schema_default([top, "NAME", key])
             if stated != default:
                 problems.append(f"config/config.yaml:{number}: {top}: {key}: default {stated!r}, the schema's {default!r}")
-    assert checked >= 5 and problems == []
+    assert checked >= 5
+    assert not problems, "\n".join(problems)
 
 
 # --- benchmark command lines --------------------------------------------------------------------
@@ -446,4 +463,5 @@ def test_every_benchmark_command_line_in_the_docs_parses():
             shown = OPTION.findall(rest[: COMMAND_END.search(rest).start()])
             checked += 1
             problems += [f"{snippet.where}: {match[1]}: no option {o}" for o in shown if o not in benchmark_options(script)]
-    assert checked >= 20 and problems == []
+    assert checked >= 20
+    assert not problems, "\n".join(problems)
