@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
-import pytest
 import yaml
 
 from wsitools.cli import build_parser
@@ -132,6 +131,11 @@ def options(parser: argparse.ArgumentParser) -> set[str]:
     return {o for a in parser._actions for o in a.option_strings if o.startswith("--")}
 
 
+def is_group(parser: argparse.ArgumentParser) -> bool:
+    """A command that is only a name for its sub-commands (``wsitools pretrain``)."""
+    return any(isinstance(a, argparse._SubParsersAction) and a.required for a in parser._actions)
+
+
 def all_commands(parser: argparse.ArgumentParser, name: str = "wsitools") -> Iterator[tuple[str, argparse.ArgumentParser]]:
     """Every command (``wsitools``, ``wsitools tile``, ``wsitools encoders fetch``) and its parser."""
     yield name, parser
@@ -227,8 +231,7 @@ def test_readme_table_lists_every_command():
     table = table[: table.index("\n\n")]
     parser = build_parser()
     shown = {c.command for s in snippets(table, "README.md") for c in command_lines(s, parser)}
-    missing = sorted(name for name, sub in all_commands(parser)
-                     if name != "wsitools" and not subcommands(sub) and name not in shown)
+    missing = sorted(name for name, sub in all_commands(parser) if not is_group(sub) and name not in shown)
     assert not missing, "\n".join(missing)
 
 
@@ -363,7 +366,7 @@ def _yaml_blocks(text: str) -> Iterator[tuple[int, str]]:
         yield text.count("\n", 0, match.start()) + 1, match.group(1)
 
 
-DEFAULTS = re.compile(r"`([^`]+)`(?: and `([^`]+)`)?,?\s+\(?defaults?:?\s+`([^`]+)`(?: and `([^`]+)`)?")
+DEFAULTS = re.compile(r"`([^`]+)`(?:\s+and\s+`([^`]+)`)?,?\s+\(?defaults?:?\s+`([^`]+)`(?:\s+and\s+`([^`]+)`)?")
 
 
 def schema_default(segments: list[str]) -> Any:
@@ -377,14 +380,15 @@ def test_defaults_the_docs_quote_are_the_schemas():
     """``(`KEY`, default `VALUE`)`` and ``(`A` and `B`, defaults `a` and `b`)`` about config keys."""
     problems, checked = [], 0
     for doc in DOCS:
-        text = " ".join(doc.read_text().split())
+        text = doc.read_text()
         for match in DEFAULTS.finditer(text):
-            keys, values = [match[1], match[2]], [match[3], match[4]]
-            for key, value in zip(keys, values):
+            where = f"{doc.relative_to(REPO)}:{text.count(chr(10), 0, match.start()) + 1}"
+            for key, value in [(match[1], match[3]), (match[2], match[4])]:
+                key = key and " ".join(key.split())
                 if key and value and (segments := resolve(key, bare=True)) and not key_problem(segments):
                     checked += 1
                     if yaml.safe_load(value) != schema_default(segments):
-                        problems.append(f"{doc.relative_to(REPO)}: `{key}`: default `{value}`, but the schema's is "
+                        problems.append(f"{where}: `{key}`: default `{value}`, but the schema's is "
                                         f"{schema_default(segments)!r}")
     assert checked >= 5
     assert not problems, "\n".join(problems)
