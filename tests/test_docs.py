@@ -1,7 +1,7 @@
-"""The docs say only what the code does: every command line README.md and docs/*.md show parses,
-every command and option of the CLI is documented, every workflow config key they name is in the
-schema (with the schema's default where they quote one), and every benchmark option they show
-exists.
+"""The docs say only what the code does: every command line README.md and docs/*.md show parses
+(sub-commands, options, the choices and defaults they show), every command and option of the CLI
+is documented, every workflow config key they name is in the schema (with a valid value, and the
+schema's default where they quote one), and every benchmark option they show exists.
 
 Command lines are read from what a user copies: inline code spans (which may run over a line
 break) and the lines of fenced code blocks (a line ending in a backslash joined to the next, shell
@@ -153,7 +153,8 @@ class CommandLine:
 
 def command_lines(snippet: Snippet, parser: argparse.ArgumentParser) -> Iterator[CommandLine]:
     """Each ``wsitools ...`` command in a snippet: the command it names and the options it shows,
-    and what does not parse (an unknown sub-command or option)."""
+    and what is wrong with it (an unknown sub-command or option, a value that is not among the
+    option's choices, an optional number that is not the option's default)."""
     for match in COMMAND.finditer(snippet.text):
         rest = snippet.text[match.end():]
         rest = rest[: COMMAND_END.search(rest).start()]
@@ -168,6 +169,7 @@ def command_lines(snippet: Snippet, parser: argparse.ArgumentParser) -> Iterator
         shown = tuple(OPTION.findall(" ".join(tokens)))
         problems += [f"{name}: no option {o}" for o in shown if o not in options(current)]
         problems += choice_problems(" ".join(tokens), current, name)
+        problems += default_problems(" ".join(tokens), current, name)
         yield CommandLine(snippet.where, name, shown, tuple(problems))
 
 
@@ -181,6 +183,19 @@ def choice_problems(text: str, parser: argparse.ArgumentParser, name: str) -> li
     return [f"{name}: {option} has no choice {value!r} (it has {'|'.join(map(str, actions[option].choices))})"
             for option, values in VALUES.findall(text) if option in actions and actions[option].choices
             for value in values.split("|") if value not in map(str, actions[option].choices)]
+
+
+OPTIONAL_NUMBER = re.compile(r"\[(--[\w-]+) (-?[\d.]+(?:e-?\d+)?)\]")
+
+
+def default_problems(text: str, parser: argparse.ArgumentParser, name: str) -> list[str]:
+    """An optional part with a number (``[--jpeg-quality 97]``) shows the option's default, where
+    the option has a number for one (an option without a default shows an example there)."""
+    defaults = {o: a.default for a in parser._actions for o in a.option_strings}
+    return [f"{name}: [{option} {shown}] is not its default, {defaults[option]}"
+            for option, shown in OPTIONAL_NUMBER.findall(text)
+            if isinstance(defaults.get(option), (int, float)) and not isinstance(defaults[option], bool)
+            and float(shown) != defaults[option]]
 
 
 @cache
@@ -202,14 +217,15 @@ def test_snippets_join_continuations_drop_comments_and_keep_lines():
 
 def test_command_lines_name_the_line_and_what_does_not_parse():
     parser = build_parser()
-    text = ("`wsitools tile SLIDE... --out DIR [--workers N] [--codec jpeg|lossles] --tiles 3`\n\n"
+    text = ("`wsitools tile SLIDE... --out DIR [--workers N] [--codec jpeg|lossles] --tiles 3 [--jpeg-quality 95]`\n\n"
             "`wsitools encoders fetch NAME --force`, `wsitools tilee X`, `wsitools pretrain puzzel`\n\n"
             "`<wsitools>/workflow/Snakefile`, `wsitools.tile_slides`, `pip install wsitools`\n")
     found = [(c.where, c.command, c.options, c.problems) for s in snippets(text, "d.md")
              for c in command_lines(s, parser)]
     assert found == [
-        ("d.md:1", "wsitools tile", ("--out", "--workers", "--codec", "--tiles"),
-         ("wsitools tile: no option --tiles", "wsitools tile: --codec has no choice 'lossles' (it has jpeg|lossless)")),
+        ("d.md:1", "wsitools tile", ("--out", "--workers", "--codec", "--tiles", "--jpeg-quality"),
+         ("wsitools tile: no option --tiles", "wsitools tile: --codec has no choice 'lossles' (it has jpeg|lossless)",
+          "wsitools tile: [--jpeg-quality 95] is not its default, 97")),
         ("d.md:3", "wsitools encoders fetch", ("--force",), ()),
         ("d.md:3", "wsitools", (), ("wsitools: no sub-command 'tilee' (it has info, tile, encoders, extract, export, "
                                     "train, predict, heatmap, pretrain, tune, demo, clean)",)),
