@@ -160,7 +160,7 @@ def command_lines(snippet: Snippet, parser: argparse.ArgumentParser) -> Iterator
         rest = rest[: COMMAND_END.search(rest).start()]
         tokens = rest.split()
         name, current, problems = "wsitools", parser, []
-        while tokens and subcommands(current) and not tokens[0].startswith(("-", "[")):
+        while tokens and subcommands(current) and re.fullmatch(r"[a-z][a-z0-9-]*", tokens[0]):  # not a placeholder
             word = tokens.pop(0)
             if word not in subcommands(current):
                 problems.append(f"{name}: no sub-command {word!r} (it has {', '.join(subcommands(current))})")
@@ -219,7 +219,7 @@ def test_command_lines_name_the_line_and_what_does_not_parse():
     parser = build_parser()
     text = ("`wsitools tile SLIDE... --out DIR [--workers N] [--codec jpeg|lossles] --tiles 3 [--jpeg-quality 95]`\n\n"
             "`wsitools encoders fetch NAME --force`, `wsitools tilee X`, `wsitools pretrain puzzel`\n\n"
-            "`<wsitools>/workflow/Snakefile`, `wsitools.tile_slides`, `pip install wsitools`\n")
+            "`<wsitools>/workflow/Snakefile`, `wsitools.tile_slides`, `pip install wsitools`, `wsitools COMMAND`\n")
     found = [(c.where, c.command, c.options, c.problems) for s in snippets(text, "d.md")
              for c in command_lines(s, parser)]
     assert found == [
@@ -230,6 +230,7 @@ def test_command_lines_name_the_line_and_what_does_not_parse():
         ("d.md:3", "wsitools", (), ("wsitools: no sub-command 'tilee' (it has info, tile, encoders, extract, export, "
                                     "train, predict, heatmap, pretrain, tune, demo, clean)",)),
         ("d.md:3", "wsitools pretrain", (), ("wsitools pretrain: no sub-command 'puzzel' (it has puzzle)",)),
+        ("d.md:5", "wsitools", (), ()),
         ("d.md:5", "wsitools", (), ()),
     ]
 
