@@ -174,6 +174,8 @@ class Slide(ABC):
             region = np.asarray(self._read((0, 0), level, (max(1, min(16, w)), max(1, min(16, h)))))
             if region.ndim != 3 or region.shape[-1] not in (3, 4):
                 raise ValueError(f"pixels of shape {region.shape}, expected RGB(A)")
+            if region.dtype != np.uint8:
+                raise ValueError(f"pixels of type {region.dtype}, expected 8-bit (uint8)")
         except Exception as exc:
             self.close()
             raise SlideOpenError(
@@ -574,16 +576,12 @@ class TiffSlideSlide(Slide):
         tx0, ty0 = max(0, x // tw), max(0, y // th)
         tx1 = min(across - 1, (x + w - 1) // tw)
         ty1 = min(-(-page.imagelength // th) - 1, (y + h - 1) // th)
-        fh = self._ts.ts_tifffile.filehandle
         for ty in range(ty0, ty1 + 1):
             for tx in range(tx0, tx1 + 1):
                 key = (level, ty * across + tx)
                 tile = self._tiles.get(key)
                 if tile is None:
-                    with fh.lock:
-                        fh.seek(page.dataoffsets[key[1]])
-                        data = fh.read(page.databytecounts[key[1]])
-                    tile = self._decode_tile(page, data, key[1], level)
+                    tile = self._load_tile(page, key[1], level)
                 needed_later = (
                     (tx + 1) * tw > x + w and x + w < page.imagewidth
                     or (ty + 1) * th > y + h and y + h < page.imagelength
@@ -598,6 +596,28 @@ class TiffSlideSlide(Slide):
                         ay0 - ty * th : ay1 - ty * th, ax0 - tx * tw : ax1 - tx * tw
                     ]
         return out
+
+    def _load_tile(self, page: Any, index: int, level: int) -> np.ndarray:
+        """Tile ``index`` of ``page`` read from the file and decoded.
+
+        A tile of no bytes is one the scanner left out (a sparse TIFF, as OpenSlide and libtiff
+        read it): white, like any other pixel outside the scanned area. A tile whose bytes reach
+        past the end of the file is a :class:`SlideError` saying the file is truncated (a copy
+        cut short), not a decoder's complaint about a short stream.
+        """
+        offset, count = int(page.dataoffsets[index]), int(page.databytecounts[index])
+        if count == 0:
+            return np.full((page.tilelength, page.tilewidth, page.samplesperpixel), 255, np.uint8)
+        fh = self._ts.ts_tifffile.filehandle
+        if offset + count > fh.size:
+            raise SlideError(
+                f"TIFF tile {index} of level {level} ends at byte {offset + count}, past the end of the "
+                f"file ({fh.size} bytes): the file is truncated"
+            )
+        with fh.lock:
+            fh.seek(offset)
+            data = fh.read(count)
+        return self._decode_tile(page, data, index, level)
 
     @staticmethod
     def _decode_tile(page: Any, data: bytes, index: int, level: int) -> np.ndarray:
