@@ -30,9 +30,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from wsitools.errors import ConfigError, DamagedStoreError, StoreError
+from wsitools.errors import ConfigError, DamagedStoreError, StoreError, one_line
 from wsitools.io import TEMP_PREFIX, file_fingerprint, sha256_file
-from wsitools.types import SLIDE_SUFFIXES, slide_id_from_path
+from wsitools.types import SLIDE_SUFFIXES, check_slide_id, slide_id_from_path
 
 FORMAT_VERSION = 3
 """3: the tile codec (``jpeg`` or ``lossless``) recorded in the attributes. 2: with
@@ -250,8 +250,10 @@ def _raw_attrs(p: Path) -> dict[str, Any] | None:
         return None
 
 
-def _verify_manifest(p: Path) -> None:
-    """:class:`DamagedStoreError` unless every file the manifest lists is there, whole."""
+def _verify_manifest(p: Path) -> tuple[dict[str, int], dict[str, str]]:
+    """The manifest's files (relative path: bytes) and digests (relative path: sha256);
+    :class:`DamagedStoreError` unless every file it lists is there, whole, and it records the
+    digest of the group's ``zarr.json``."""
     try:
         manifest = json.loads((p / MANIFEST).read_text())
         files, metadata = dict(manifest["files"]), dict(manifest["sha256"])
@@ -279,6 +281,9 @@ def _verify_manifest(p: Path) -> None:
     for rel, digest in metadata.items():
         if sha256_file(p / rel) != digest:
             raise DamagedStoreError(f"{p}: damaged patch store: {rel} was changed after writing; re-tile the slide")
+    if "zarr.json" not in metadata:
+        raise DamagedStoreError(f"{p}: damaged patch store: {MANIFEST} does not record zarr.json; re-tile the slide")
+    return files, metadata
 
 
 def not_a_store(path: Path) -> str:
@@ -307,21 +312,114 @@ def read_store_attrs(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise StoreError(f"{p}: is an unfinished (temporary) patch store")
     if not p.is_dir():
         raise StoreError(not_a_store(p))
-    _verify_manifest(p)
+    files, digests = _verify_manifest(p)
     try:
         group = zarr.open_group(str(p), mode="r")
         attrs = dict(group.attrs[ATTRS_KEY])
     except Exception as exc:
-        raise DamagedStoreError(f"{p}: damaged patch store: unreadable attributes ({exc})") from None
+        raise DamagedStoreError(f"{p}: damaged patch store: unreadable attributes ({exc}); re-tile the slide") from None
     if attrs.get("kind") != "patch_store":
         raise StoreError(f"{p}: not a wsitools patch store (kind {attrs.get('kind')!r})")
-    if attrs.get("format_version") not in READABLE_VERSIONS:
+    version = attrs.get("format_version")
+    if type(version) is not int or version not in READABLE_VERSIONS:
         raise StoreError(
-            f"{p}: patch store format {attrs.get('format_version')} is not supported (this wsitools "
+            f"{p}: patch store format {version!r} is not supported (this wsitools "
             f"writes format {FORMAT_VERSION} and reads formats {', '.join(map(str, READABLE_VERSIONS))}); "
             "re-tile the slide"
         )
+    problem = attrs_problem(attrs)
+    if problem is None:
+        problem = _arrays_problem(p, attrs, files, digests)
+    if problem is not None:
+        raise DamagedStoreError(f"{p}: damaged patch store: {problem}; re-tile the slide")
     return attrs
+
+
+_COUNTS = {"n_tiles": 0, "tile_size": 1, "stride": 1, "level": 0}
+"""Integer attributes and their least values."""
+_SIZES = ("mpp_level0", "mpp_target", "tile_size_level0", "level_downsample")
+"""Positive numeric attributes."""
+_TEXTS = ("slide_path", "params_hash")
+_REQUIRED = ("n_tiles", "tile_size", "mpp_target", "tile_size_level0")
+"""The attributes every reader of a store needs (with ``has_pixels`` and ``slide_id``); the
+others are checked where present (stores written by :func:`write_patch_store` for tests and
+benchmarks carry only these)."""
+
+
+def attrs_problem(attrs: dict[str, Any]) -> str | None:
+    """What is wrong with a readable store's attributes (a value a reader would choke on or
+    misread: a missing key, a wrong type, an unknown codec, a JPEG quality out of range, a slide
+    id unsafe as a file name), or None. The manifest's digest only says the attributes are the
+    ones written at sealing; this says they are ones a reader can use."""
+    for key in _REQUIRED:
+        if key not in attrs:
+            return f"attribute {key} is missing"
+    for key, least in _COUNTS.items():
+        value = attrs.get(key, least)
+        if type(value) is not int or value < least:
+            return f"attribute {key} = {value!r}, not an integer >= {least}"
+    for key in _SIZES:
+        value = attrs.get(key, 1.0)
+        if type(value) not in (int, float) or not 0 < value < float("inf"):
+            return f"attribute {key} = {value!r}, not a positive number"
+    for key in _TEXTS:
+        if not isinstance(attrs.get(key, ""), str):
+            return f"attribute {key} = {attrs[key]!r}, not a string"
+    if type(attrs.get("has_pixels")) is not bool:
+        return f"attribute has_pixels = {attrs.get('has_pixels')!r}, not true or false"
+    try:
+        check_slide_id(attrs.get("slide_id"))  # type: ignore[arg-type]
+    except (ValueError, TypeError) as exc:
+        return f"attribute slide_id: {exc}"
+    codec = attrs.get("codec")
+    if attrs["format_version"] == 2:
+        return "attribute codec in a format 2 store (always lossless)" if "codec" in attrs else None
+    if not attrs["has_pixels"]:
+        return None if codec is None else f"attribute codec = {codec!r} in a store without pixels"
+    if codec not in CODECS:
+        return f"attribute codec = {codec!r}, not one of {', '.join(CODECS)}"
+    quality = attrs.get("jpeg_quality")
+    if codec == "jpeg" and (type(quality) is not int or not 1 <= quality <= 100):
+        return f"attribute jpeg_quality = {quality!r}, not an integer from 1 to 100"
+    return None
+
+
+def _arrays_problem(p: Path, attrs: dict[str, Any], files: dict[str, int], digests: dict[str, str]) -> str | None:
+    """What is wrong with a store's arrays, judged from their metadata and the manifest alone
+    (no chunk is read), or None.
+
+    Each array the attributes call for must be there with its dtype and shape (``coords`` int64
+    [N, 2], ``tissue_fraction`` float32 [N], ``tiles`` [N] JPEGs or uint8 [N, S, S, 3]), its
+    ``zarr.json`` recorded with a digest in the manifest, and every chunk its shape implies listed
+    in the manifest: a manifest that leaves a file out cannot vouch for it, and zarr would read a
+    missing chunk as fill values (black tiles, coords (0, 0)). The one chunk zarr may rightly not
+    write is that of a store whose only tile lies at (0, 0): all fill value.
+    """
+    n, size = attrs["n_tiles"], attrs["tile_size"]
+    arrays = {"coords": ("int64", [n, 2]), "tissue_fraction": ("float32", [n])}
+    if attrs["has_pixels"]:
+        jpeg = attrs.get("codec") == "jpeg"
+        arrays["tiles"] = ("variable_length_bytes", [n]) if jpeg else ("uint8", [n, size, size, 3])
+    for name, (dtype, shape) in arrays.items():
+        doc = f"{name}/zarr.json"
+        if doc not in digests:
+            return f"{doc} is missing" if not (p / doc).is_file() else f"{MANIFEST} does not record {doc}"
+        try:
+            meta = json.loads((p / doc).read_text())
+            found = (meta["data_type"], list(meta["shape"]))
+            chunk_shape = [int(c) for c in meta["chunk_grid"]["configuration"]["chunk_shape"]]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            return f"{doc} is unreadable ({exc})"
+        if found != (dtype, shape):
+            return f"{name} is {found[0]} {found[1]}, not {dtype} {shape}"
+        if name == "coords" and n == 1:
+            continue
+        grid = [range(-(-extent // max(1, chunk))) for extent, chunk in zip(shape, chunk_shape)]
+        for index in np.ndindex(*(len(g) for g in grid)):
+            key = f"{name}/c/" + "/".join(map(str, index))
+            if key not in files:
+                return f"{MANIFEST} does not record {key}"
+    return None
 
 
 def slide_identity(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -342,11 +440,6 @@ class PatchStore:
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path).resolve()
         self.attrs = read_store_attrs(self.path)
-        if len(self.coords) != self.attrs["n_tiles"]:
-            raise StoreError(
-                f"{self.path}: holds {len(self.coords)} coordinates but its attributes say "
-                f"{self.attrs['n_tiles']}: the store is damaged; re-tile the slide"
-            )
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> PatchStore:
@@ -358,13 +451,28 @@ class PatchStore:
 
         return zarr.open_group(str(self.path), mode="r")
 
+    def _read(self, name: str, selection: Any) -> np.ndarray:
+        """``selection`` of the array ``name`` (a slice, or an index array along the first axis);
+        a chunk that does not decode (other bytes of the same size, which the manifest cannot
+        see) is a :class:`DamagedStoreError` naming the store and the array."""
+        array = self._group[name]
+        try:
+            if isinstance(selection, slice):
+                return np.asarray(array[selection])
+            return np.asarray(array.get_orthogonal_selection((np.asarray(selection),)))
+        except (RuntimeError, ValueError) as exc:
+            raise DamagedStoreError(
+                f"{self.path}: damaged patch store: a chunk of {name} cannot be decoded ({one_line(exc)}); "
+                "re-tile the slide"
+            ) from None
+
     @cached_property
     def coords(self) -> np.ndarray:
-        return np.asarray(self._group["coords"][:], np.int64).reshape(-1, 2)
+        return self._read("coords", slice(None)).reshape(-1, 2)
 
     @cached_property
     def tissue_fraction(self) -> np.ndarray:
-        return np.asarray(self._group["tissue_fraction"][:], np.float32)
+        return self._read("tissue_fraction", slice(None))
 
     @property
     def slide_id(self) -> str:
@@ -412,10 +520,7 @@ class PatchStore:
         coordinates-only store they are read from the slide."""
         codec = self.codec
         if codec is not None and codec.name == "lossless":
-            tiles = self._group["tiles"]
-            if isinstance(index, slice):
-                return np.asarray(tiles[index])
-            return np.asarray(tiles.get_orthogonal_selection((np.asarray(index),)))
+            return self._read("tiles", index)
         rows = np.arange(len(self))[index].reshape(-1)
         out = np.empty((len(rows), self.tile_size, self.tile_size, 3), np.uint8)
         if codec is None:

@@ -8,18 +8,24 @@ pixels, messages naming the file, QC records, what is on disk.
 
 from __future__ import annotations
 
+import json
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
 
-from wsitools.errors import SlideError
+from wsitools.cli import main
+from wsitools.errors import DamagedStoreError, SlideError, StoreError
 from wsitools.slide import open_slide
-from wsitools.synthetic import Region, render, write_slide
-from wsitools.tiling import TilingParams, tile_slides
+from wsitools.store import MANIFEST, PatchStore, seal_patch_store
+from wsitools.synthetic import Region, render
+from wsitools.tiling import TilingParams, tile_slide, tile_slides
 from wsitools.tissue import TissueParams
 
+MODELS = Path(__file__).resolve().parents[2] / "models"
 TISSUE = TissueParams(mpp=4.0, min_region_area=5_000)
 PARAMS = TilingParams(mpp=0.5, tile_size=64, tissue=TISSUE)
 RES = {"resolution": (1e4 / 0.5, 1e4 / 0.5), "resolutionunit": "CENTIMETER"}
@@ -106,3 +112,136 @@ def test_tiling_a_truncated_svs_fails_it_naming_the_cause(tmp_path, synthetic_sv
     assert records[0]["reason"].startswith(f"{cut.resolve()}: reading ")
     assert records[0]["reason"].endswith("the file is truncated")
     assert sorted(p.name for p in (tmp_path / "tiles").iterdir() if p.name.startswith("cut")) == ["cut.qc.json"]
+
+
+# --- patch stores: damaged at the same size, or edited and re-sealed ---------------------------
+
+
+@pytest.fixture(scope="module")
+def stores(synthetic_svs, tmp_path_factory) -> dict[str, Path]:
+    """Finished stores of the synthetic slide, one per codec, to copy and damage."""
+    out = {}
+    for codec in ("jpeg", "lossless"):
+        folder = tmp_path_factory.mktemp(codec)
+        params = TilingParams(mpp=0.5, tile_size=64, tissue=TISSUE, codec=codec)
+        assert tile_slide(synthetic_svs, folder, params, workers=1, progress=False)["status"] == "ok"
+        out[codec] = folder / "synth_svs.zarr"
+    return out
+
+
+def damaged_copy(store: Path, dest: Path) -> Path:
+    return Path(shutil.copytree(store, dest / store.name))
+
+
+def garble(path: Path) -> None:
+    """Other bytes of the same size: what a disk error or a bad copy leaves, unseen by the manifest."""
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, path.stat().st_size, np.uint8).tobytes())
+
+
+@pytest.mark.parametrize("codec, chunk, array", [
+    ("lossless", "tiles/c/0/0/0/0", "tiles"),
+    ("jpeg", "coords/c/0/0", "coords"),
+    ("jpeg", "tissue_fraction/c/0", "tissue_fraction"),
+])
+def test_a_chunk_garbled_at_its_size_is_a_one_line_error_naming_the_array(stores, tmp_path, codec, chunk, array):
+    store = damaged_copy(stores[codec], tmp_path)
+    garble(store / chunk)
+    opened = PatchStore.open(store)  # the manifest holds: sizes are unchanged
+    with pytest.raises(DamagedStoreError) as err:
+        getattr(opened, array) if array != "tiles" else opened.read_tiles(np.array([0, 1]))
+    assert str(err.value).startswith(f"{store}: damaged patch store: a chunk of {array} cannot be decoded (")
+    assert str(err.value).endswith("; re-tile the slide") and "\n" not in str(err.value)
+
+
+def test_extract_from_a_garbled_lossless_store_is_one_line_and_writes_nothing(stores, tmp_path, capsys):
+    store = damaged_copy(stores["lossless"], tmp_path / "tiles")
+    garble(store / "tiles/c/0/0/0/0")
+    rc = main(["extract", str(store), "--encoder", "vit-test-tiny", "--models-dir", str(MODELS),
+               "--out", str(tmp_path / "features"), "--device", "cpu", "--workers", "0", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 1 and f"{store}: damaged patch store: a chunk of tiles cannot be decoded" in err
+    assert "Traceback" not in err and not list((tmp_path / "features").rglob("*.h5"))
+
+
+def edit_manifest(store: Path, edit) -> None:
+    manifest = json.loads((store / MANIFEST).read_text())
+    edit(manifest)
+    (store / MANIFEST).write_text(json.dumps(manifest))
+
+
+def forget(store: Path, rel: str) -> None:
+    """Delete a file and its line in the manifest: the manifest no longer vouches for it."""
+    (store / rel).unlink()
+    edit_manifest(store, lambda m: m["files"].pop(rel))
+
+
+@pytest.mark.parametrize("codec, damage, message", [
+    ("jpeg", lambda s: edit_manifest(s, lambda m: m.update(files={}, sha256={})),
+     "manifest.json does not record zarr.json"),
+    ("lossless", lambda s: forget(s, "tiles/c/0/0/0/0"), "manifest.json does not record tiles/c/0/0/0/0"),
+    ("jpeg", lambda s: forget(s, "coords/c/0/0"), "manifest.json does not record coords/c/0/0"),
+    ("jpeg", lambda s: edit_manifest(s, lambda m: m["sha256"].pop("coords/zarr.json")),
+     "manifest.json does not record coords/zarr.json"),
+])
+def test_a_manifest_that_leaves_files_out_vouches_for_nothing(stores, tmp_path, codec, damage, message):
+    """Else zarr reads a chunk that is gone as its fill value: black tiles, coords (0, 0)."""
+    store = damaged_copy(stores[codec], tmp_path)
+    damage(store)
+    with pytest.raises(DamagedStoreError, match=re.escape(f"{store}: damaged patch store: {message}; re-tile")):
+        PatchStore.open(store)
+
+
+def reseal(store: Path, doc: str = "zarr.json", **changes) -> None:
+    """Edit a metadata document (the group's attributes, or an array's) and seal the store again,
+    as a hand edit followed by a fresh manifest would: the digests hold, the values do not."""
+    meta = json.loads((store / doc).read_text())
+    target = meta["attributes"]["wsitools"] if doc == "zarr.json" else meta
+    for key, value in changes.items():
+        if value is None:
+            target.pop(key)
+        else:
+            target[key] = value
+    (store / doc).write_text(json.dumps(meta))
+    seal_patch_store(store)
+
+
+@pytest.mark.parametrize("codec, doc, changes, message", [
+    ("jpeg", "zarr.json", {"codec": "webp"}, "attribute codec = 'webp', not one of jpeg, lossless"),
+    ("jpeg", "zarr.json", {"jpeg_quality": 0}, "attribute jpeg_quality = 0, not an integer from 1 to 100"),
+    ("jpeg", "zarr.json", {"jpeg_quality": None}, "attribute jpeg_quality = None, not an integer from 1 to 100"),
+    ("jpeg", "zarr.json", {"n_tiles": "many"}, "attribute n_tiles = 'many', not an integer >= 0"),
+    ("jpeg", "zarr.json", {"tile_size": None}, "attribute tile_size is missing"),
+    ("jpeg", "zarr.json", {"has_pixels": False}, "attribute codec = 'jpeg' in a store without pixels"),
+    ("jpeg", "zarr.json", {"slide_id": "../../elsewhere"}, "attribute slide_id: unsafe slide id '../../elsewhere'"),
+    ("lossless", "zarr.json", {"codec": "jpeg", "jpeg_quality": 97}, "tiles is uint8 [{n}, 64, 64, 3], not variable_length_bytes [{n}]"),
+    ("lossless", "zarr.json", {"tile_size": 32}, "tiles is uint8 [{n}, 64, 64, 3], not uint8 [{n}, 32, 32, 3]"),
+    ("jpeg", "coords/zarr.json", {"data_type": "float64", "fill_value": 0.0}, "coords is float64 [{n}, 2], not int64 [{n}, 2]"),
+    ("jpeg", "coords/zarr.json", {"data_type": "int32"}, "coords is int32 [{n}, 2], not int64 [{n}, 2]"),
+    ("jpeg", "coords/zarr.json", {"shape": "N3"}, "coords is int64 [{n}, 3], not int64 [{n}, 2]"),
+])
+def test_edited_and_resealed_metadata_is_refused_naming_what_is_wrong(stores, tmp_path, codec, doc, changes, message):
+    """Before this check: a KeyError or ValueError deep in a reader, or coords read as float64
+    bytes (all (0, 0)) without a word."""
+    store = damaged_copy(stores[codec], tmp_path)
+    n = json.loads((store / "zarr.json").read_text())["attributes"]["wsitools"]["n_tiles"]
+    reseal(store, doc, **{k: [n, 3] if v == "N3" else v for k, v in changes.items()})
+    with pytest.raises(DamagedStoreError) as err:
+        PatchStore.open(store)
+    text = str(err.value)
+    assert text.startswith(f"{store}: damaged patch store: {message.format(n=n)}") and "\n" not in text
+    assert text.endswith("; re-tile the slide")
+
+
+def test_a_resealed_store_is_rebuilt_by_tile_and_a_future_format_is_left_alone(stores, synthetic_svs, tmp_path):
+    store = damaged_copy(stores["jpeg"], tmp_path)
+    reseal(store, codec="webp")
+    params = TilingParams(mpp=0.5, tile_size=64, tissue=TISSUE)
+    assert tile_slides([synthetic_svs], tmp_path, params, progress=False)[0]["status"] == "ok"
+    np.testing.assert_array_equal(PatchStore.open(store).read_tiles(slice(None)),
+                                  PatchStore.open(stores["jpeg"]).read_tiles(slice(None)))
+    reseal(store, format_version=4)  # a newer wsitools wrote it: not damaged, not ours to replace
+    with pytest.raises(StoreError, match=r"patch store format 4 is not supported \(this wsitools writes format 3"):
+        PatchStore.open(store)
+    record = tile_slides([synthetic_svs], tmp_path, params, progress=False)[0]
+    assert record["status"] == "failed" and record["reason"].endswith("; use --overwrite to replace it")
+    assert json.loads((store / "zarr.json").read_text())["attributes"]["wsitools"]["format_version"] == 4
