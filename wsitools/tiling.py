@@ -362,6 +362,7 @@ def _store_attrs(
         "level": geometry.level,
         "level_downsample": geometry.level_downsample,
         "resize_factor": geometry.resize_factor,
+        "grid_shape": list(geometry.grid_shape),
         "tissue_area_um2": tissue.area_um2,
         "package_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -372,13 +373,23 @@ def _qc_record(slide_id: str, slide_path: Path, status: Status, reason: str, **e
     return {"slide_id": slide_id, "slide_path": str(slide_path), "status": status, "reason": reason, **extra}
 
 
+def _empty_reason(attrs: dict[str, Any]) -> str:
+    """Why a store holds no tile: no whole tile fits in the slide, or none has enough tissue."""
+    if 0 in attrs.get("grid_shape", (1, 1)):
+        return (
+            f"the slide is smaller than one tile ({attrs['tile_size']} px at {attrs['mpp_target']:g} um/px, "
+            f"{attrs['tile_size_level0']:g} level-0 px a side)"
+        )
+    return f"no tile has tissue fraction >= {attrs['min_tissue']}"
+
+
 def _record_from_attrs(attrs: dict[str, Any], store: Path) -> dict[str, Any]:
     n = int(attrs["n_tiles"])
     return _qc_record(
         attrs["slide_id"],
         Path(attrs["slide_path"]),
         "ok" if n else "no_tissue",
-        "" if n else f"no tile has tissue fraction >= {attrs['min_tissue']}",
+        "" if n else _empty_reason(attrs),
         store=str(store),
         mpp=attrs["mpp_level0"],
         mpp_target=attrs["mpp_target"],

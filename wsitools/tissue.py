@@ -248,7 +248,10 @@ def detect_tissue(slide: Slide, params: TissueParams = TissueParams()) -> Tissue
         threshold=threshold,
         polygons=mask_polygons(mask, downsample),
     )
-    if result.empty:
+    if result.empty and bool((thumbnail.max(axis=-1) == thumbnail.min(axis=-1)).all()):
+        log.warning("%s: no tissue found: the slide has no colour (a greyscale scan), and tissue is found "
+                    "by its colour saturation", slide.path)
+    elif result.empty:
         log.warning("%s: no tissue found (saturation threshold %.3f)", slide.path, threshold)
     return result
 

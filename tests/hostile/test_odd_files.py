@@ -21,7 +21,7 @@ from wsitools.cli import main
 from wsitools.errors import DamagedStoreError, SlideError, StoreError
 from wsitools.slide import open_slide
 from wsitools.store import MANIFEST, PatchStore, seal_patch_store
-from wsitools.synthetic import Region, render
+from wsitools.synthetic import Region, render, write_slide
 from wsitools.tiling import TilingParams, tile_slide, tile_slides
 from wsitools.tissue import TissueParams
 
@@ -245,3 +245,26 @@ def test_a_resealed_store_is_rebuilt_by_tile_and_a_future_format_is_left_alone(s
     record = tile_slides([synthetic_svs], tmp_path, params, progress=False)[0]
     assert record["status"] == "failed" and record["reason"].endswith("; use --overwrite to replace it")
     assert json.loads((store / "zarr.json").read_text())["attributes"]["wsitools"]["format_version"] == 4
+
+
+# --- slides with nothing to tile ---------------------------------------------------------------
+
+
+def test_a_slide_smaller_than_one_tile_says_so_now_and_when_kept(tmp_path):
+    path = write_slide(tmp_path / "tiny.svs", size=(100, 80), mpp=0.5, regions=(Region(0, 0, 100, 80, "tissue"),),
+                       fmt="svs", downsamples=(1,))
+    params = TilingParams(mpp=0.5, tile_size=224, tissue=TissueParams(mpp=4.0, min_region_area=0))
+    expected = "the slide is smaller than one tile (224 px at 0.5 um/px, 224 level-0 px a side)"
+    for _ in range(2):  # tiled, then the finished store kept
+        record = tile_slides([path], tmp_path / "tiles", params, progress=False)[0]
+        assert (record["status"], record["reason"], record["n_tiles"]) == ("no_tissue", expected, 0)
+    assert PatchStore.open(tmp_path / "tiles" / "tiny.zarr").attrs["grid_shape"] == [0, 0]
+    assert json.loads((tmp_path / "tiles" / "tiny.qc.json").read_text())["reason"] == expected
+
+
+def test_a_greyscale_scan_is_told_why_no_tissue_is_found(tmp_path, caplog):
+    grey = tmp_path / "grey.tiff"
+    tifffile.imwrite(grey, PIXELS[..., 1], tile=(256, 256), photometric="minisblack", **RES)
+    record = tile_slides([grey], tmp_path / "tiles", PARAMS, progress=False)[0]
+    assert (record["status"], record["reason"]) == ("no_tissue", "no tile has tissue fraction >= 0.5")
+    assert f"{grey.resolve()}: no tissue found: the slide has no colour (a greyscale scan)" in caplog.text
