@@ -51,6 +51,11 @@ Status = Literal["ok", "no_tissue", "failed"]
 MAX_BLOCK_READ = 4096
 """Largest side, in pixels of the level read, of one block read: bounds a task's memory."""
 
+ENLARGE_WARNING = 1.1
+"""A target finer than the slide's level 0 by more than this factor is warned about: its tiles
+are enlarged by interpolation (a 20x scan tiled at 40x). Below it lie the usual gaps between a
+nominal and a scanner's resolution (0.25 um/px asked of a 0.263 um/px scan: 1.05)."""
+
 
 @dataclass(frozen=True)
 class TilingParams:
@@ -430,6 +435,12 @@ def tile_slide(
     remove_dead_temps(out, store_path.name)
     with open_slide(path, backend=backend, mpp_override=mpp_override) as slide:
         geometry = tile_geometry(slide, params)
+        if geometry.scale * ENLARGE_WARNING < 1:
+            log.warning(
+                "%s: the target %.4g um/px is finer than the slide's level 0 (%.4g um/px): tiles are enlarged "
+                "%.2fx by interpolation and hold no detail the scan does not", path, geometry.mpp_target,
+                geometry.mpp_level0, 1 / geometry.scale,
+            )
         identity = _store_identity(slide, params, geometry)
         replace = False
         if store_path.exists() or store_path.is_symlink():

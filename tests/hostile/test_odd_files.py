@@ -268,3 +268,15 @@ def test_a_greyscale_scan_is_told_why_no_tissue_is_found(tmp_path, caplog):
     record = tile_slides([grey], tmp_path / "tiles", PARAMS, progress=False)[0]
     assert (record["status"], record["reason"]) == ("no_tissue", "no tile has tissue fraction >= 0.5")
     assert f"{grey.resolve()}: no tissue found: the slide has no colour (a greyscale scan)" in caplog.text
+
+
+@pytest.mark.parametrize("target, warned", [(0.125, True), (0.24, False), (0.25, False)])
+def test_a_target_finer_than_the_scan_is_warned_about(synthetic_svs, tmp_path, caplog, target, warned):
+    """The synthetic slide is scanned at 0.25 um/px: 0.125 enlarges its tiles 2x; 0.24 (4 %) is
+    the usual spread between scanners and is not warned about."""
+    params = TilingParams(mpp=target, tile_size=64, tissue=TISSUE, store_pixels=False)
+    assert tile_slides([synthetic_svs], tmp_path, params, progress=False)[0]["status"] == "ok"
+    assert ("is finer than the slide's level 0" in caplog.text) == warned
+    if warned:
+        assert (f"{synthetic_svs}: the target 0.125 um/px is finer than the slide's level 0 (0.25 um/px): "
+                "tiles are enlarged 2.00x by interpolation") in caplog.text
