@@ -530,6 +530,24 @@ class TiffSlideSlide(Slide):
         self.level_dimensions = tuple(tuple(d) for d in self._ts.level_dimensions)
         self.level_downsamples = tuple(float(d) for d in self._ts.level_downsamples)
         self.properties = {k: str(v) for k, v in self._ts.properties.items() if v is not None}
+        self._check_whole()
+
+    def _check_whole(self) -> None:
+        """ValueError if any level's image data reaches past the end of the file: a copy cut short
+        (or still being copied) is named as that when opened, not found out tile by tile."""
+        tif = self._ts.ts_tifffile
+        size = tif.filehandle.size
+        series = tif.series[int(self.properties.get("tiffslide.series-index", 0))]
+        for level, pages in enumerate(series.levels):
+            for page in pages.pages:
+                if page is None or not len(page.dataoffsets):
+                    continue
+                end = int(np.max(np.add(page.dataoffsets, page.databytecounts, dtype=np.int64)))
+                if end > size:
+                    raise ValueError(
+                        f"the file is truncated: the image data of level {level} reaches byte {end}, "
+                        f"the file has {size} bytes"
+                    )
 
     def _read(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         page = self._tiled_page(level)
@@ -601,19 +619,12 @@ class TiffSlideSlide(Slide):
         """Tile ``index`` of ``page`` read from the file and decoded.
 
         A tile of no bytes is one the scanner left out (a sparse TIFF, as OpenSlide and libtiff
-        read it): white, like any other pixel outside the scanned area. A tile whose bytes reach
-        past the end of the file is a :class:`SlideError` saying the file is truncated (a copy
-        cut short), not a decoder's complaint about a short stream.
+        read it): white, like any other pixel outside the scanned area.
         """
         offset, count = int(page.dataoffsets[index]), int(page.databytecounts[index])
         if count == 0:
             return np.full((page.tilelength, page.tilewidth, page.samplesperpixel), 255, np.uint8)
         fh = self._ts.ts_tifffile.filehandle
-        if offset + count > fh.size:
-            raise SlideError(
-                f"TIFF tile {index} of level {level} ends at byte {offset + count}, past the end of the "
-                f"file ({fh.size} bytes): the file is truncated"
-            )
         with fh.lock:
             fh.seek(offset)
             data = fh.read(count)
