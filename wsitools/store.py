@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -250,6 +251,10 @@ def _raw_attrs(p: Path) -> dict[str, Any] | None:
         return None
 
 
+_MANIFEST_PATH = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-9._-]*)*")
+"""A path the manifest may list: relative, inside the store, made of plain names."""
+
+
 def _verify_manifest(p: Path) -> tuple[dict[str, int], dict[str, str]]:
     """The manifest's files (relative path: bytes) and digests (relative path: sha256);
     :class:`DamagedStoreError` unless every file it lists is there, whole, and it records the
@@ -269,6 +274,16 @@ def _verify_manifest(p: Path) -> tuple[dict[str, int], dict[str, str]]:
         raise DamagedStoreError(f"{p}: damaged patch store: {MANIFEST} is missing; re-tile the slide") from None
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DamagedStoreError(f"{p}: damaged patch store: unreadable {MANIFEST} ({exc}); re-tile the slide") from None
+    for rel in [*files, *metadata]:
+        # Only files inside the store, and digests only of its zarr.json documents: an edited
+        # manifest must not make a reader stat or hash anything else (/dev/zero never ends).
+        if not isinstance(rel, str) or not _MANIFEST_PATH.fullmatch(rel) or ".." in rel.split("/") or (
+            rel in metadata and (rel.rsplit("/", 1)[-1] != "zarr.json" or rel not in files)
+        ):
+            raise DamagedStoreError(
+                f"{p}: damaged patch store: {MANIFEST} lists {rel!r}, which is no file of a patch store; "
+                "re-tile the slide"
+            )
     for rel, size in files.items():
         try:
             actual = (p / rel).stat().st_size

@@ -180,9 +180,18 @@ def forget(store: Path, rel: str) -> None:
     ("jpeg", lambda s: forget(s, "coords/c/0/0"), "manifest.json does not record coords/c/0/0"),
     ("jpeg", lambda s: edit_manifest(s, lambda m: m["sha256"].pop("coords/zarr.json")),
      "manifest.json does not record coords/zarr.json"),
+    ("jpeg", lambda s: edit_manifest(s, lambda m: m["files"].update({"/proc/self/status": 0})),
+     "manifest.json lists '/proc/self/status', which is no file of a patch store"),
+    ("jpeg", lambda s: edit_manifest(s, lambda m: (m["files"].update({"../outside/zarr.json": 2}),
+                                                   m["sha256"].update({"../outside/zarr.json": "0" * 64}))),
+     "manifest.json lists '../outside/zarr.json', which is no file of a patch store"),
+    ("jpeg", lambda s: edit_manifest(s, lambda m: m["sha256"].update({"tiles/c/0": "0" * 64})),
+     "manifest.json lists 'tiles/c/0', which is no file of a patch store"),
 ])
-def test_a_manifest_that_leaves_files_out_vouches_for_nothing(stores, tmp_path, codec, damage, message):
-    """Else zarr reads a chunk that is gone as its fill value: black tiles, coords (0, 0)."""
+def test_a_manifest_must_list_the_store_and_nothing_else(stores, tmp_path, codec, damage, message):
+    """A manifest that leaves a file out cannot vouch for it (zarr would read a chunk that is gone
+    as its fill value: black tiles, coords (0, 0)); one that lists files outside the store would
+    have readers stat and hash them (a digest of /dev/zero never ends)."""
     store = damaged_copy(stores[codec], tmp_path)
     damage(store)
     with pytest.raises(DamagedStoreError, match=re.escape(f"{store}: damaged patch store: {message}; re-tile")):
