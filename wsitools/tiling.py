@@ -327,7 +327,14 @@ def _run_chunks(
             with ThreadPoolExecutor(workers) as pool:
                 dask.compute(*tasks, scheduler="threads", pool=pool)
         else:
-            dask.compute(*tasks, scheduler=scheduler, num_workers=workers)
+            from dask.multiprocessing import RemoteException
+
+            try:
+                dask.compute(*tasks, scheduler=scheduler, num_workers=workers)
+            except RemoteException as exc:
+                # dask wraps an error raised in a worker process with that process's traceback
+                # in its message; the error itself is what the slide's QC record should say.
+                raise exc.exception from None
 
 
 def _store_identity(slide: Slide, params: TilingParams, geometry: TileGeometry) -> dict[str, Any]:

@@ -287,3 +287,21 @@ def test_a_target_finer_than_the_scan_is_warned_about(synthetic_svs, tmp_path, c
     if warned:
         assert (f"{synthetic_svs}: the target 0.125 um/px is finer than the slide's level 0 (0.25 um/px): "
                 "tiles are enlarged 2.00x by interpolation") in caplog.text
+
+
+def test_corrupt_tiles_read_by_worker_processes_give_the_same_one_line_reason(synthetic_svs, tmp_path):
+    """dask puts a worker process's traceback into the message of the error it re-raises; the
+    slide's QC record keeps the error alone, as with threads."""
+    from tests.hostile.test_stores import corrupt_jpeg_tiles
+
+    bad = tmp_path / "bad.svs"
+    shutil.copy(synthetic_svs, bad)
+    corrupt_jpeg_tiles(bad, [9, 10, 17, 18])  # inside the tissue
+    reasons = []
+    for scheduler in ("threads", "processes"):
+        params = TilingParams(mpp=0.25, tile_size=64, tissue=TISSUE)  # level 0, where the tiles are corrupt
+        record = tile_slides([bad], tmp_path / scheduler, params, workers=2, scheduler=scheduler, progress=False)[0]
+        assert record["status"] == "failed"
+        reasons.append(record["reason"])
+    assert reasons[0] == reasons[1] and "\n" not in reasons[1]
+    assert reasons[1].startswith(f"{bad.resolve()}: reading ") and "corrupt JPEG data in TIFF tile " in reasons[1]
