@@ -678,6 +678,8 @@ def open_slide(
     p = Path(path)
     if not p.exists():
         raise SlideError(f"{p}: no such slide file")
+    if p.is_dir():  # no slide format is a folder (MRXS and DICOM are opened by a file in theirs)
+        raise SlideError(f"{p}: is a directory, expected a slide file")
     if backend != "auto":
         if backend not in _BACKENDS:
             raise SlideError(

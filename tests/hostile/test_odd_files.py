@@ -305,3 +305,33 @@ def test_corrupt_tiles_read_by_worker_processes_give_the_same_one_line_reason(sy
         reasons.append(record["reason"])
     assert reasons[0] == reasons[1] and "\n" not in reasons[1]
     assert reasons[1].startswith(f"{bad.resolve()}: reading ") and "corrupt JPEG data in TIFF tile " in reasons[1]
+
+
+# --- a cohort with one file that is no slide in the middle ---------------------------------------
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p.mkdir(), "is a directory, expected a slide file"),
+    (lambda p: p.write_bytes(b""), "no backend can open it (cannot be opened by tiffslide: not a TIFF file"),
+    (lambda p: p.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64)), "no backend can open it (cannot be opened by tiffslide: not a TIFF file"),
+])
+def test_tile_keep_going_over_a_file_that_is_no_slide(synthetic_svs, tmp_path, capsys, make, message):
+    first, second = tmp_path / "a.svs", tmp_path / "c.svs"
+    for copy in (first, second):
+        shutil.copy(synthetic_svs, copy)
+    bad = tmp_path / "b.svs"
+    make(bad)
+    out = tmp_path / "tiles"
+    rc = main(["tile", str(first), str(bad), str(second), "--out", str(out), "--mpp", "1.0", "--tile-size", "64",
+               "--tissue-mpp", "4", "--min-region-area", "5000", "--keep-going", "--quiet"])
+    printed = capsys.readouterr()
+    assert rc == 0 and "1 of 3 slides failed" in printed.err
+    lines = printed.out.splitlines()
+    assert [line.split("\t")[:2] for line in lines] == [["a", "ok"], ["b", "failed"], ["c", "ok"]]
+    assert lines[1].startswith(f"b\tfailed\t{bad}: {message}") and "Traceback" not in printed.out + printed.err
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("b")) == ["b.qc.json"]
+    assert json.loads((out / "b.qc.json").read_text())["status"] == "failed"
+    assert len(PatchStore.open(out / "a.zarr")) == len(PatchStore.open(out / "c.zarr")) > 0
+    assert main(["info", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"wsitools info: error: {bad}: {message}") and len(err.splitlines()) == 1
