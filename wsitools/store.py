@@ -342,7 +342,7 @@ def read_store_attrs(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"writes format {FORMAT_VERSION} and reads formats {', '.join(map(str, READABLE_VERSIONS))}); "
             "re-tile the slide"
         )
-    problem = attrs_problem(attrs)
+    problem = _attrs_problem(attrs)
     if problem is None:
         problem = _arrays_problem(p, attrs, files, digests)
     if problem is not None:
@@ -355,13 +355,14 @@ _COUNTS = {"n_tiles": 0, "tile_size": 1, "stride": 1, "level": 0}
 _SIZES = ("mpp_level0", "mpp_target", "tile_size_level0", "level_downsample")
 """Positive numeric attributes."""
 _TEXTS = ("slide_path", "params_hash")
+"""String attributes."""
 _REQUIRED = ("n_tiles", "tile_size", "mpp_target", "tile_size_level0")
 """The attributes every reader of a store needs (with ``has_pixels`` and ``slide_id``); the
 others are checked where present (stores written by :func:`write_patch_store` for tests and
 benchmarks carry only these)."""
 
 
-def attrs_problem(attrs: dict[str, Any]) -> str | None:
+def _attrs_problem(attrs: dict[str, Any]) -> str | None:
     """What is wrong with a readable store's attributes (a value a reader would choke on or
     misread: a missing key, a wrong type, an unknown codec, a JPEG quality out of range, a slide
     id unsafe as a file name), or None. The manifest's digest only says the attributes are the
@@ -429,8 +430,8 @@ def _arrays_problem(p: Path, attrs: dict[str, Any], files: dict[str, int], diges
             return f"{name} is {found[0]} {found[1]}, not {dtype} {shape}"
         if name == "coords" and n == 1:
             continue
-        grid = [range(-(-extent // max(1, chunk))) for extent, chunk in zip(shape, chunk_shape)]
-        for index in np.ndindex(*(len(g) for g in grid)):
+        chunks = [-(-extent // max(1, chunk)) for extent, chunk in zip(shape, chunk_shape)]
+        for index in np.ndindex(*chunks):
             key = f"{name}/c/" + "/".join(map(str, index))
             if key not in files:
                 return f"{MANIFEST} does not record {key}"
