@@ -200,6 +200,17 @@ def create_patch_store(
     return group
 
 
+def write_tile_table(group: Any, coords: np.ndarray, tissue_fraction: np.ndarray) -> None:
+    """Write a new store's ``coords`` and ``tissue_fraction``, every chunk of them: zarr leaves
+    out a chunk of fill values (a lone tile at (0, 0), fractions of 0) unless told, and the
+    manifest must list every chunk a reader will look for."""
+    import zarr
+
+    with zarr.config.set({"array.write_empty_chunks": True}):
+        group["coords"][:] = np.asarray(coords, np.int64).reshape(-1, 2)
+        group["tissue_fraction"][:] = np.asarray(tissue_fraction, np.float32)
+
+
 def write_patch_store(
     path: str | os.PathLike[str],
     *,
@@ -221,8 +232,7 @@ def write_patch_store(
         group = create_patch_store(
             tmp, n_tiles=len(coords), tile_size=tile_size, codec=codec if tiles is not None else None, attrs=attrs
         )
-        group["coords"][:] = coords
-        group["tissue_fraction"][:] = np.asarray(tissue_fraction, np.float32)
+        write_tile_table(group, coords, tissue_fraction)
         if tiles is not None:
             for c, start in enumerate(range(0, len(coords), CHUNK_TILES)):
                 write_tile_chunk(tmp / "tiles", c, tiles[start : start + CHUNK_TILES], codec=codec)
@@ -408,8 +418,8 @@ def _arrays_problem(p: Path, attrs: dict[str, Any], files: dict[str, int], diges
     [N, 2], ``tissue_fraction`` float32 [N], ``tiles`` [N] JPEGs or uint8 [N, S, S, 3]), its
     ``zarr.json`` recorded with a digest in the manifest, and every chunk its shape implies listed
     in the manifest: a manifest that leaves a file out cannot vouch for it, and zarr would read a
-    missing chunk as fill values (black tiles, coords (0, 0)). The one chunk zarr may rightly not
-    write is that of a store whose only tile lies at (0, 0): all fill value.
+    missing chunk as fill values (black tiles, coords (0, 0)). :func:`write_tile_table` writes
+    every chunk; stores written before it may lack the coords chunk of a lone tile at (0, 0).
     """
     n, size = attrs["n_tiles"], attrs["tile_size"]
     arrays = {"coords": ("int64", [n, 2]), "tissue_fraction": ("float32", [n])}

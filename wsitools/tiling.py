@@ -38,7 +38,7 @@ from wsitools.io import (
 from wsitools.slide import Backend, Slide, open_slide
 from wsitools.store import (
     CHUNK_TILES, DEFAULT_CODEC, DEFAULT_JPEG_QUALITY, FORMAT_VERSION, Codec, TileCodec, codec_attrs,
-    create_patch_store, read_store_attrs, seal_patch_store, slide_identity, write_tile_chunk,
+    create_patch_store, read_store_attrs, seal_patch_store, slide_identity, write_tile_chunk, write_tile_table,
 )
 from wsitools.tissue import TissueParams, TissueResult, detect_tissue, params_dict, tissue_fraction, write_qc
 from wsitools.types import MPP_MAX, MPP_MIN, MicronsPerPixel, TargetPx, check_distinct_ids, check_slide_id, slide_id_from_path
@@ -477,8 +477,7 @@ def tile_slide(
                 group = create_patch_store(
                     tmp, n_tiles=len(grid), tile_size=geometry.tile_size, codec=params.tile_codec, attrs=attrs,
                 )
-                group["coords"][:] = coords
-                group["tissue_fraction"][:] = fraction
+                write_tile_table(group, coords, fraction)
                 if params.tile_codec is not None and len(grid):
                     _run_chunks(
                         slide, geometry, grid, tmp / "tiles", codec=params.tile_codec,

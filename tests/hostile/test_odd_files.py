@@ -335,3 +335,18 @@ def test_tile_keep_going_over_a_file_that_is_no_slide(synthetic_svs, tmp_path, c
     assert main(["info", str(bad)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"wsitools info: error: {bad}: {message}") and len(err.splitlines()) == 1
+
+
+def test_a_store_of_fill_values_is_written_whole_and_opens(tmp_path):
+    """Zero tissue fractions and a lone tile at (0, 0) are zarr's fill values: their chunks are
+    written all the same, so the manifest lists them and the store opens."""
+    from wsitools.store import write_patch_store
+
+    attrs = {"slide_id": "s", "tile_size": 16, "mpp_target": 0.5, "tile_size_level0": 32}
+    for name, coords in (("two", [[0, 0], [32, 0]]), ("one", [[0, 0]])):
+        path = write_patch_store(tmp_path / f"{name}.zarr", coords=np.array(coords), tiles=None,
+                                 tissue_fraction=np.zeros(len(coords)), attrs=attrs)
+        assert (path / "coords" / "c" / "0" / "0").is_file() and (path / "tissue_fraction" / "c" / "0").is_file()
+        store = PatchStore.open(path)
+        np.testing.assert_array_equal(store.coords, coords)
+        np.testing.assert_array_equal(store.tissue_fraction, np.zeros(len(coords), np.float32))
