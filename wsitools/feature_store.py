@@ -194,6 +194,9 @@ class FeatureStore:
                 if "features" not in f:
                     raise DataError(f"slide {slide_id}: feature store {path} has no 'features' dataset")
                 feats = f["features"]
+                for name in ("features", "coords"):
+                    if name in f and not isinstance(f[name], h5py.Dataset):
+                        raise DataError(f"slide {slide_id}: feature store {path}: {name!r} is a group, not a dataset")
                 if feats.ndim != 2 or feats.shape[0] == 0 or feats.shape[1] == 0:
                     raise DataError(
                         f"slide {slide_id}: features in {path} have shape {feats.shape}, expected [N>0, D]"

@@ -88,12 +88,20 @@ class LabelRow:
     event: int | None = None
 
 
-def slide_rows(reader: Iterable[Mapping[str, str | None]], *, what: str) -> Iterator[tuple[int, str, dict[str, str]]]:
+def slide_rows(reader: csv.DictReader, *, what: str) -> Iterator[tuple[int, str, dict[str, str]]]:
     """The rows of a table keyed by ``slide_id`` as (line, slide id, row with stripped keys and
-    values), rows without a slide id skipped; an unsafe or repeated slide id is a
+    values), rows without a slide id skipped; a row with more fields than the header (a value
+    holding the separator, such as a decimal comma), an unsafe or a repeated slide id is a
     :class:`DataError` starting with ``what`` and naming the line."""
     seen: set[str] = set()
-    for line, raw in enumerate(reader, start=2):
+    for raw in reader:
+        line = reader.line_num
+        if None in raw:
+            header = len(reader.fieldnames or ())
+            raise DataError(
+                f"{what}, line {line}: {header + len(raw[None])} fields, but the header has {header} "
+                "(a separator inside a value, such as a decimal comma? quote that value)"
+            )
         row = {(k or "").strip(): (v or "").strip() for k, v in raw.items()}
         slide_id = row["slide_id"]
         if not slide_id:
