@@ -88,6 +88,26 @@ class LabelRow:
     event: int | None = None
 
 
+def classes_from_labels(labelled: Iterable[tuple[str, str]], *, where: str) -> tuple[str, ...]:
+    """The classes of a task without a task file: the labels of ``labelled`` (slide id, label)
+    pairs, sorted. Two labels that are one number written two ways (``1`` and ``1.0``, as
+    exports of one spreadsheet can mix) would be two classes: a :class:`DataError` starting with
+    ``where`` names both and a slide of each."""
+    first: dict[float, tuple[str, str]] = {}
+    labels: set[str] = set()
+    for slide_id, label in labelled:
+        labels.add(label)
+        if not is_number(label):
+            continue
+        seen, seen_slide = first.setdefault(float(label), (label, slide_id))
+        if seen != label:
+            raise DataError(
+                f"{where}: labels {seen!r} and {label!r} are one number written two ways (slides {seen_slide} "
+                f"and {slide_id}), which would make them two classes; write each class's label alike"
+            )
+    return tuple(sorted(labels))
+
+
 def slide_rows(reader: csv.DictReader, *, what: str) -> Iterator[tuple[int, str, dict[str, str]]]:
     """The rows of a table keyed by ``slide_id`` as (line, slide id, row with stripped keys and
     values), rows without a slide id skipped; a row with more fields than the header (a value
@@ -283,7 +303,8 @@ def check_task_labels(
     """
     where = f"column {label_column!r} of {sheet}"
     labelled = [(s, s.value(label_column)) for s in samples if s.value(label_column)]
-    present = sorted({label for _, label in labelled})
+    present = list(classes_from_labels(((s.slide_id, label) for s, label in labelled),
+                                       where=f"config: tasks: {task}: {where}"))
     order = list(classes) if classes is not None else present
     if classes is not None:
         unknown: dict[str, list[str]] = {}

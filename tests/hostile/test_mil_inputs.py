@@ -141,8 +141,8 @@ def test_one_number_written_two_ways_is_not_two_classes(cohort, capsys):
     rows[1] = rows[1].rsplit(",", 1)[0] + ",0.0"
     labels.write_text("slide_id,label\n" + "\n".join(rows) + "\n")
     rc, err = run(train_argv(root, labels, task=False), capsys)
-    one_line(rc, err, str(labels), "labels '0' and '0.0' are one number written two ways",
-             f"slides {bags[2].slide_id}", f"and {bags[1].slide_id}")
+    one_line(rc, err, f"labels table {labels}: labels '0.0' and '0' are one number written two ways",
+             f"(slides {bags[1].slide_id} and {bags[2].slide_id})")
     assert not (root / "heads").exists()
     same = root / "same.csv"
     same.write_text("slide_id,label\n" + "\n".join(r.replace(",1.0", ",1").replace(",0.0", ",0") for r in rows) + "\n")
@@ -195,7 +195,7 @@ def test_regression_targets_too_large_to_standardise_are_refused(cohort, capsys)
     (root / "r.yaml").write_text(yaml.safe_dump({"name": "lvl", "type": "regression", "description": "a level"}))
     labels = root / "values.csv"
     values = np.random.default_rng(0).normal(size=len(bags)) * 1e200
-    labels.write_text("slide_id,label\n" + "".join(f"{b.slide_id},{v!r}\n" for b, v in zip(bags, values)))
+    labels.write_text("slide_id,label\n" + "".join(f"{b.slide_id},{v:.6g}\n" for b, v in zip(bags, values)))
     argv = train_argv(root, labels, task=False) + ["--task", root / "r.yaml"]
     rc, err = run(argv, capsys)
     one_line(rc, err, "the labels' spread is too large to standardise", "rescale")
@@ -243,3 +243,16 @@ def test_heatmap_of_a_bag_that_records_no_slide_says_so(tmp_path, capsys):
                    "--quiet"], capsys)
     assert rc == 1
     assert f"slide s1: no slide file is recorded for it (patch store {tmp_path / 'gone.zarr'} not found)" in err
+
+
+def test_the_workflow_check_names_one_number_written_two_ways():
+    from wsitools.labels import check_task_labels
+    from wsitools.samples import Sample
+
+    samples = [Sample(slide_id=f"s{i}", path=f"/x/s{i}.svs", patient_id=f"s{i}", mpp=None,
+                      fields={"label": label}) for i, label in enumerate(["0", "1", "1.0", "0", "1"])]
+    with pytest.raises(DataError) as err:
+        check_task_labels(samples, task="t", label_column="label", classes=None, folds={"abmil": 2},
+                          sheet="samples.tsv")
+    assert str(err.value).startswith("config: tasks: t: column 'label' of samples.tsv: labels '1' and '1.0' are "
+                                     "one number written two ways (slides s1 and s2)")

@@ -181,8 +181,15 @@ def _check_targets(kept: Sequence[LabelRow], task_type: TaskType) -> np.ndarray 
         return targets
     if task_type == "regression":
         targets = np.array([r.value for r in kept], dtype=np.float64)
-        if np.ptp(targets) == 0:
+        with np.errstate(over="ignore", invalid="ignore"):
+            spread = float(np.ptp(targets)), float(np.std(targets))
+        if spread[0] == 0:
             raise DataError(f"the label is {targets[0]:g} on all {len(kept)} usable slides; nothing to regress")
+        if not np.isfinite(spread).all():
+            raise DataError(
+                f"the labels' spread is too large to standardise (labels from {targets.min():g} to {targets.max():g} "
+                "overflow their standard deviation); rescale them, e.g. to other units"
+            )
         return targets
     return None
 
