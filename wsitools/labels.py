@@ -25,7 +25,7 @@ from wsitools.io import read_user_text
 from wsitools.samples import SPLIT_COLUMNS, Sample
 from wsitools.tables import is_number, sniff_dialect, write_table
 from wsitools.text import TaskType
-from wsitools.types import check_slide_id
+from wsitools.types import check_slide_id, safe_id
 
 
 LABEL_COLUMNS: dict[TaskType, tuple[str, ...]] = {
@@ -129,7 +129,9 @@ def slide_rows(reader: csv.DictReader, *, what: str) -> Iterator[tuple[int, str,
         try:
             check_slide_id(slide_id)
         except ValueError as exc:
-            raise DataError(f"{what}, line {line}: {exc}") from None
+            raise DataError(
+                f"{what}, line {line}: {exc} (wsitools names the slide of a file so called {safe_id(slide_id)!r})"
+            ) from None
         if slide_id in seen:
             raise DataError(f"{what}, line {line}: slide {slide_id} appears twice")
         seen.add(slide_id)

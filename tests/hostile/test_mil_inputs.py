@@ -256,3 +256,37 @@ def test_the_workflow_check_names_one_number_written_two_ways():
                           sheet="samples.tsv")
     assert str(err.value).startswith("config: tasks: t: column 'label' of samples.tsv: labels '1' and '1.0' are "
                                      "one number written two ways (slides s1 and s2)")
+
+
+@pytest.mark.parametrize("spelling, hint", [
+    ("{}.svs", "; give slide ids without the file extension, as wsitools names the slides"),
+    ("{}", "; slide ids are case-sensitive"),
+    ("other_{}", ""),
+])
+def test_labels_that_name_no_store_say_how_ids_and_stores_differ(cohort, capsys, spelling, hint):
+    root, bags = cohort
+    labels = root / "ids.csv"
+    ids = [spelling.format(b.slide_id.upper() if hint.endswith("sensitive") else b.slide_id) for b in bags]
+    labels.write_text("slide_id,label\n" + "".join(f"{i},{b.label}\n" for i, b in zip(ids, bags)))
+    rc, err = run(train_argv(root, labels), capsys)
+    line = one_line(rc, err, f"no labelled slide has a usable feature store in {root / 'features'}: none of the 12 "
+                    f"slide ids of the labels table (e.g. {ids[0]!r}) names one of its 12 stores (e.g. "
+                    f"'{bags[0].slide_id}.h5')")
+    assert line.endswith(f"'{bags[0].slide_id}.h5')" + hint)
+
+
+def test_a_folder_of_only_unusable_stores_names_the_first_problem(cohort, capsys):
+    root, bags = cohort
+    for b in bags:
+        b.path.write_bytes(b"not h5")
+    rc, err = run(train_argv(root, root / "labels.csv"), capsys)
+    one_line(rc, err, "all 12 labelled slides with a store were skipped (first: feature store "
+             f"{bags[0].path} cannot be read: ")
+
+
+def test_an_accented_slide_id_names_the_id_wsitools_gives_it(tmp_path):
+    path = tmp_path / "labels.csv"
+    path.write_text("slide_id,label\nBiopsie Müller 3,neg\n")
+    with pytest.raises(DataError, match=r"line 2: unsafe slide id 'Biopsie Müller 3'.*\(wsitools names the slide "
+                       r"of a file so called 'Biopsie_Muller_3'\)"):
+        read_labels(path)
