@@ -183,8 +183,24 @@ def test_a_samples_sheet_with_a_byte_order_mark_reads(tmp_path):
 def test_a_samples_sheet_that_is_not_utf8_is_one_line(tmp_path):
     sheet = tmp_path / "samples.tsv"
     sheet.write_bytes("slide_id\tpath\tlabel\na\t/x/a.svs\tn\xe9g\n".encode("latin-1"))
-    with pytest.raises(DataError, match=rf"samples sheet {sheet}: cannot be read \('utf-8' codec"):
+    with pytest.raises(DataError) as err:
         read_samples(sheet, check_files=False)
+    assert str(err.value) == (f"samples sheet {sheet}: not UTF-8 text (byte 0xe9 at offset 32: Latin-1 or another "
+                              "legacy encoding?); save it as UTF-8")
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"PK\x03\x04\x14\x00\x06\x00" + bytes(range(128, 256)),
+     "a zip file (an Excel or OpenDocument workbook?), not text; save it as CSV (UTF-8)"),
+    ("slide_id\tlabel\r\na\tneg\r\n".encode("utf-16"),
+     "UTF-16 text (a spreadsheet's 'Unicode text' export?); save it as UTF-8"),
+])
+def test_a_workbook_or_utf16_export_given_as_the_labels_says_what_it_is(tmp_path, capsys, content, message):
+    (tmp_path / "f").mkdir()
+    labels = tmp_path / "labels.csv"
+    labels.write_bytes(content)
+    rc, err = run(["train", "--features", tmp_path / "f", "--labels", labels, "--out", tmp_path / "o"], capsys)
+    one_line(rc, err, f"labels table {labels}: {message}")
 
 
 # --- regression targets ---------------------------------------------------------------------------------
