@@ -374,10 +374,16 @@ def read_features(
             n, dim = dset.shape
             out = torch.empty((n, dim), dtype=torch.float32)
             for start in range(0, n, CHECK_ROWS):
-                out[start : start + CHECK_ROWS] = torch.from_numpy(dset[start : start + CHECK_ROWS])
+                out[start : start + CHECK_ROWS] = torch.from_numpy(_native(dset[start : start + CHECK_ROWS]))
         return out if index is None else out[torch.from_numpy(np.sort(index))]
     rows = np.memmap(path, dtype=np.dtype(layout.dtype), mode="r", offset=layout.offset, shape=layout.shape)
-    return torch.from_numpy(rows[np.sort(index)]).to(torch.float32)
+    return torch.from_numpy(_native(rows[np.sort(index)])).to(torch.float32)
+
+
+def _native(rows: np.ndarray) -> np.ndarray:
+    """``rows`` in the machine's byte order (torch reads no other; a store written big-endian by
+    another tool is converted, a native one returned as it is)."""
+    return rows.astype(rows.dtype.newbyteorder("="), copy=False)
 
 
 def read_coords(path: str | os.PathLike[str]) -> np.ndarray:

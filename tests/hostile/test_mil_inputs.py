@@ -15,6 +15,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from wsitools.cli import main
@@ -306,3 +307,33 @@ def test_an_accented_slide_id_names_the_id_wsitools_gives_it(tmp_path):
     with pytest.raises(DataError, match=r"line 2: unsafe slide id 'Biopsie Müller 3'.*\(wsitools names the slide "
                        r"of a file so called 'Biopsie_Muller_3'\)"):
         read_labels(path)
+
+
+@pytest.mark.parametrize("dtype", [">f4", ">f2", "<f8"])
+def test_stores_of_another_byte_order_or_width_read_the_same_values(tmp_path, dtype):
+    from wsitools.feature_store import read_features, row_layout
+
+    feats = np.random.default_rng(0).normal(size=(40, 6)).astype(np.float32)
+    path = tmp_path / "s.h5"
+    with h5py.File(path, "w") as f:  # as another tool writes it: no attributes, contiguous
+        f.create_dataset("features", data=feats.astype(dtype))
+    expected = torch.from_numpy(feats.astype(dtype).astype(np.float32))
+    assert torch.equal(read_features(path), expected)
+    rows = np.array([31, 2, 17])
+    assert torch.equal(read_features(path, rows, layout=row_layout(path)), expected[np.sort(rows)])
+
+
+def test_a_big_endian_store_trains_and_predicts_like_the_native_one(cohort, capsys):
+    root, bags = cohort
+    rc, err = run(train_argv(root, root / "labels.csv", "native"), capsys)
+    assert rc == 0, err
+    with h5py.File(bags[0].path, "r") as f:
+        feats, coords, attrs = f["features"][:], f["coords"][:], dict(f.attrs)
+    bags[0].path.unlink()
+    with h5py.File(bags[0].path, "w") as f:
+        f.create_dataset("features", data=feats.astype(">f4"))
+        f.create_dataset("coords", data=coords)
+        f.attrs.update(attrs)
+    rc, err = run(train_argv(root, root / "labels.csv", "swapped"), capsys)
+    assert rc == 0, err
+    assert (root / "swapped" / "predictions.csv").read_text() == (root / "native" / "predictions.csv").read_text()
