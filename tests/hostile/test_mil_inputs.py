@@ -337,3 +337,22 @@ def test_a_big_endian_store_trains_and_predicts_like_the_native_one(cohort, caps
     rc, err = run(train_argv(root, root / "labels.csv", "swapped"), capsys)
     assert rc == 0, err
     assert (root / "swapped" / "predictions.csv").read_text() == (root / "native" / "predictions.csv").read_text()
+
+
+def test_too_few_patients_for_the_folds_speaks_of_strata_not_classes():
+    from wsitools.labels import SURVIVAL_STRATA
+    from wsitools.mil.folds import patient_kfold
+
+    patients = [f"p{i}" for i in range(6)]
+    with pytest.raises(DataError) as err:
+        patient_kfold(np.array([1, 1, 1, 0, 0, 0]), patients, n_folds=5, classes=SURVIVAL_STRATA)
+    assert str(err.value) == ("5-fold cross-validation needs at least 5 patients in each stratum (folds are "
+                              "stratified on the event: censored, event); stratum 'censored': 3 patients; "
+                              "stratum 'event': 3 patients (use fewer folds: --folds)")
+    with pytest.raises(DataError) as err:
+        patient_kfold(np.zeros(4, np.int64), patients[:4], n_folds=5, classes=("all",))
+    assert str(err.value) == ("5-fold cross-validation needs at least 5 labelled patients, but there are 4 "
+                              "(use fewer folds: --folds)")
+    with pytest.raises(DataError, match="needs at least 5 patients per class; class 'pos': 3 patients"):
+        patient_kfold(np.array([1, 1, 1, 0, 0, 0, 0, 0, 0, 0]), [f"p{i}" for i in range(10)], n_folds=5,
+                      classes=("neg", "pos"))
