@@ -129,9 +129,9 @@ def slide_rows(reader: csv.DictReader, *, what: str) -> Iterator[tuple[int, str,
         try:
             check_slide_id(slide_id)
         except ValueError as exc:
-            raise DataError(
-                f"{what}, line {line}: {exc} (wsitools names the slide of a file so called {safe_id(slide_id)!r})"
-            ) from None
+            as_file = {"/", "\\"}.isdisjoint(slide_id)  # a file name (not a path) has a safe id to suggest
+            named = f" (wsitools names a slide file so called {safe_id(slide_id)!r})" if as_file else ""
+            raise DataError(f"{what}, line {line}: {exc}{named}") from None
         if slide_id in seen:
             raise DataError(f"{what}, line {line}: slide {slide_id} appears twice")
         seen.add(slide_id)

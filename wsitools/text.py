@@ -313,7 +313,7 @@ def load_task(path: str | os.PathLike[str]) -> TaskDescription:
     path = Path(path)
     text = read_user_text(path, what="task description", expected="a YAML file")
     try:
-        data = yaml.load(text, Loader=_task_loader())  # noqa: S506 (a SafeLoader subclass)
+        data = yaml.load(text, Loader=_task_loader())  # a SafeLoader: no Python objects
     except yaml.YAMLError as exc:
         raise DataError(f"task description {path}: not valid YAML: {one_line(exc)}") from None
     return task_from_dict(data, source=str(path))

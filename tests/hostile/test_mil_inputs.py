@@ -304,8 +304,11 @@ def test_a_folder_of_only_unusable_stores_names_the_first_problem(cohort, capsys
 def test_an_accented_slide_id_names_the_id_wsitools_gives_it(tmp_path):
     path = tmp_path / "labels.csv"
     path.write_text("slide_id,label\nBiopsie Müller 3,neg\n")
-    with pytest.raises(DataError, match=r"line 2: unsafe slide id 'Biopsie Müller 3'.*\(wsitools names the slide "
-                       r"of a file so called 'Biopsie_Muller_3'\)"):
+    with pytest.raises(DataError, match=r"line 2: unsafe slide id 'Biopsie Müller 3'.*\(wsitools names a slide "
+                       r"file so called 'Biopsie_Muller_3'\)$"):
+        read_labels(path)
+    path.write_text("slide_id,label\n../up,neg\n")  # a path is not a file name: no suggestion
+    with pytest.raises(DataError, match=r"line 2: unsafe slide id '../up'.*without '..'$"):
         read_labels(path)
 
 
