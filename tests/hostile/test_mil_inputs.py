@@ -359,3 +359,26 @@ def test_too_few_patients_for_the_folds_speaks_of_strata_not_classes():
     with pytest.raises(DataError, match="needs at least 5 patients per class; class 'pos': 3 patients"):
         patient_kfold(np.array([1, 1, 1, 0, 0, 0, 0, 0, 0, 0]), [f"p{i}" for i in range(10)], n_folds=5,
                       classes=("neg", "pos"))
+
+
+def test_a_heatmap_whose_patch_store_is_gone_is_drawn_without_its_montage(synthetic_svs, tmp_path, capsys, caplog):
+    from wsitools.attention import write_attention
+    from wsitools.slide import open_slide
+
+    with open_slide(synthetic_svs) as slide:
+        width, height = slide.dimensions
+    tile = 256
+    xs, ys = np.meshgrid(np.arange(0, width - tile + 1, tile), np.arange(0, height - tile + 1, tile))
+    coords = np.stack([xs.ravel(), ys.ravel()], 1).astype(np.int64)
+    attention = np.linspace(1, 2, len(coords))
+    att = tmp_path / "attention" / "synth_svs.h5"
+    write_attention(att, slide_id="synth_svs", attention=attention / attention.sum(), coords=coords,
+                    classes=["neg", "pos"], probs=np.array([0.3, 0.7]), feature_path=tmp_path / "synth_svs.h5",
+                    provenance={"slide_path": str(synthetic_svs), "store_path": str(tmp_path / "deleted.zarr"),
+                                "tile_size_level0": float(tile)}, meta={"head": "abmil"})
+    rc, err = run(["heatmap", "--attention", att, "--out", tmp_path / "h", "--mpp", "8", "--quiet"], capsys)
+    assert rc == 0, err
+    assert (tmp_path / "h" / "synth_svs.heatmap.png").stat().st_size > 0
+    assert (tmp_path / "h" / "synth_svs.attention.geojson").stat().st_size > 0
+    assert not (tmp_path / "h" / "synth_svs.top_tiles.png").exists()
+    assert f"no patch store ({tmp_path / 'deleted.zarr'})" in caplog.text and "no montage" in caplog.text
