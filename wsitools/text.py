@@ -262,6 +262,9 @@ def task_from_dict(data: Any, *, source: str = "task") -> TaskDescription:
     labels = tuple(str(k) for k in classes)
     if len(set(labels)) != len(labels):
         raise DataError(f"{source}: class labels repeat: {labels}")
+    padded = [c for c in labels if c != c.strip()]
+    if padded:  # labels tables are read with their values stripped: no label could equal these
+        raise DataError(f"{source}: class name {padded[0]!r} starts or ends with a space; no label could equal it")
     texts = tuple(str(v) if v is not None else "" for v in classes.values())
     empty = [c for c, t in zip(labels, texts) if not t.strip()]
     if empty:

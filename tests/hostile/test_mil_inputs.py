@@ -162,6 +162,14 @@ def test_class_names_stay_as_written(tmp_path, keys):
     assert load_task(path).classes == keys
 
 
+def test_a_class_name_with_spaces_around_it_is_named(tmp_path):
+    path = tmp_path / "task.yaml"
+    path.write_text("name: t\ndescription: d\nclasses:\n  'pos ': first\n  neg: second\n")
+    with pytest.raises(DataError) as err:
+        load_task(path)
+    assert str(err.value) == f"{path}: class name 'pos ' starts or ends with a space; no label could equal it"
+
+
 def test_a_class_written_twice_is_named(tmp_path):
     path = tmp_path / "task.yaml"
     path.write_text("name: t\ndescription: d\nclasses:\n  a: first\n  b: second\n  a: third\n")
