@@ -184,9 +184,10 @@ class FeatureStore:
     @classmethod
     def open_bag(cls, path: str | os.PathLike[str], *, check_values: bool = True) -> FeatureStore:
         """Open any h5 file as a MIL bag and check it: ``features`` [N, D] floating point with
-        N >= 1, ``coords`` (when present) [N, 2], and (with ``check_values``) every feature
-        finite. Lenient where :meth:`open` is strict (no kind, version or attributes needed), so
-        bags written by other tools train too. Raises :class:`DataError` naming the slide."""
+        N >= 1, ``coords`` [N, 2] (training and prediction write each tile's attention with its
+        position), and (with ``check_values``) every feature finite. Lenient where :meth:`open`
+        is strict (no kind, version or attributes needed), so bags written by other tools train
+        too. Raises :class:`DataError` naming the slide."""
         path = Path(path)
         slide_id = path.stem
         try:
@@ -205,7 +206,12 @@ class FeatureStore:
                     raise DataError(
                         f"slide {slide_id}: features in {path} are of type {feats.dtype}, expected floating point"
                     )
-                if "coords" in f and f["coords"].shape != (feats.shape[0], 2):
+                if "coords" not in f:
+                    raise DataError(
+                        f"slide {slide_id}: feature store {path} has no 'coords' dataset (each tile's level-0 "
+                        "position, which its attention map needs)"
+                    )
+                if f["coords"].shape != (feats.shape[0], 2):
                     raise DataError(
                         f"slide {slide_id}: coords in {path} have shape {f['coords'].shape}, "
                         f"expected ({feats.shape[0]}, 2)"

@@ -77,6 +77,25 @@ def test_a_features_group_instead_of_a_dataset_skips_that_slide(cohort, capsys):
     assert skipped == {bags[0].slide_id: f"feature store {bags[0].path}: 'features' is a group, not a dataset"}
 
 
+def test_a_bag_without_coords_is_skipped_before_training_and_in_predict(cohort, capsys):
+    root, bags = cohort
+    rc, err = run(train_argv(root, root / "labels.csv", "before"), capsys)
+    assert rc == 0, err
+    with h5py.File(bags[0].path, "a") as f:  # features only, as some tools write them
+        del f["coords"]
+    reason = (f"feature store {bags[0].path} has no 'coords' dataset (each tile's level-0 position, which its "
+              "attention map needs)")
+    rc, err = run(train_argv(root, root / "labels.csv"), capsys)
+    assert rc == 0, err
+    assert json.loads((root / "heads" / "run.json").read_text())["skipped"] == {bags[0].slide_id: reason}
+    rc, err = run(["predict", "--model", root / "before", "--features", root / "features", "--out", root / "p",
+                   "--device", "cpu", "--quiet"], capsys)
+    assert rc == 0, err
+    skipped = json.loads((root / "p" / "predict.json").read_text())["skipped"]
+    assert skipped == {bags[0].slide_id: f"slide {bags[0].slide_id}: {reason}"}
+    assert len((root / "p" / "predictions.csv").read_text().splitlines()) == len(bags)  # header + the other 11
+
+
 def test_float16_and_float32_stores_and_a_one_tile_bag_train_together(cohort, capsys):
     from wsitools.feature_store import read_features
     from wsitools.mil.synthetic import write_synthetic_store
