@@ -184,9 +184,10 @@ class FeatureStore:
     @classmethod
     def open_bag(cls, path: str | os.PathLike[str], *, check_values: bool = True) -> FeatureStore:
         """Open any h5 file as a MIL bag and check it: ``features`` [N, D] floating point with
-        N >= 1, ``coords`` (when present) [N, 2], and (with ``check_values``) every feature
-        finite. Lenient where :meth:`open` is strict (no kind, version or attributes needed), so
-        bags written by other tools train too. Raises :class:`DataError` naming the slide."""
+        N >= 1, ``coords`` [N, 2] (training and prediction write each tile's attention with its
+        position), and (with ``check_values``) every feature finite. Lenient where :meth:`open`
+        is strict (no kind, version or attributes needed), so bags written by other tools train
+        too. Raises :class:`DataError` naming the slide."""
         path = Path(path)
         slide_id = path.stem
         try:
@@ -194,6 +195,9 @@ class FeatureStore:
                 if "features" not in f:
                     raise DataError(f"slide {slide_id}: feature store {path} has no 'features' dataset")
                 feats = f["features"]
+                for name in ("features", "coords"):
+                    if name in f and not isinstance(f[name], h5py.Dataset):
+                        raise DataError(f"slide {slide_id}: feature store {path}: {name!r} is a group, not a dataset")
                 if feats.ndim != 2 or feats.shape[0] == 0 or feats.shape[1] == 0:
                     raise DataError(
                         f"slide {slide_id}: features in {path} have shape {feats.shape}, expected [N>0, D]"
@@ -202,7 +206,12 @@ class FeatureStore:
                     raise DataError(
                         f"slide {slide_id}: features in {path} are of type {feats.dtype}, expected floating point"
                     )
-                if "coords" in f and f["coords"].shape != (feats.shape[0], 2):
+                if "coords" not in f:
+                    raise DataError(
+                        f"slide {slide_id}: feature store {path} has no 'coords' dataset (each tile's level-0 "
+                        "position, which its attention map needs)"
+                    )
+                if f["coords"].shape != (feats.shape[0], 2):
                     raise DataError(
                         f"slide {slide_id}: coords in {path} have shape {f['coords'].shape}, "
                         f"expected ({feats.shape[0]}, 2)"
@@ -371,10 +380,16 @@ def read_features(
             n, dim = dset.shape
             out = torch.empty((n, dim), dtype=torch.float32)
             for start in range(0, n, CHECK_ROWS):
-                out[start : start + CHECK_ROWS] = torch.from_numpy(dset[start : start + CHECK_ROWS])
+                out[start : start + CHECK_ROWS] = torch.from_numpy(_native(dset[start : start + CHECK_ROWS]))
         return out if index is None else out[torch.from_numpy(np.sort(index))]
     rows = np.memmap(path, dtype=np.dtype(layout.dtype), mode="r", offset=layout.offset, shape=layout.shape)
-    return torch.from_numpy(rows[np.sort(index)]).to(torch.float32)
+    return torch.from_numpy(_native(rows[np.sort(index)])).to(torch.float32)
+
+
+def _native(rows: np.ndarray) -> np.ndarray:
+    """``rows`` in the machine's byte order (torch reads no other; a store written big-endian by
+    another tool is converted, a native one returned as it is)."""
+    return rows.astype(rows.dtype.newbyteorder("="), copy=False)
 
 
 def read_coords(path: str | os.PathLike[str]) -> np.ndarray:

@@ -388,11 +388,14 @@ def draw_heatmap(
     out_dir.mkdir(parents=True, exist_ok=True)
     store_file = Path(store_path or amap.attrs.get("store_path") or "")
     store = PatchStore.open(store_file) if store_file.name and store_file.exists() else None
-    slide_file = Path(slide_path or (store.attrs.get("slide_path") if store else None) or amap.attrs.get("slide_path") or "")
+    recorded = slide_path or (store.attrs.get("slide_path") if store else None) or amap.attrs.get("slide_path")
+    if not recorded:  # a bag written by another tool, or a store without its slide's path
+        where = (f"nor by its patch store {store_file}" if store is not None
+                 else f"patch store {store_file} not found" if store_file.name else "no patch store either")
+        raise SlideError(f"slide {slide_id}: no slide file is recorded for it ({where}); pass --slide")
+    slide_file = Path(recorded)
     if not slide_file.is_file():
-        raise SlideError(
-            f"slide {slide_id}: slide file {str(slide_file) or '(none recorded)'} not found; pass --slide"
-        )
+        raise SlideError(f"slide {slide_id}: slide file {slide_file} not found; pass --slide")
     if store is None:
         log.warning("slide %s: no patch store (%s): the slide is read on its own metadata, no montage",
                     slide_id, store_file if store_file.name else "none recorded")

@@ -210,8 +210,21 @@ def read_user_text(path: Path, *, what: str, expected: str, encoding: str = "utf
         raise DataError(f"{what} {path}: no such file") from None
     except IsADirectoryError:
         raise DataError(f"{what} {path}: is a directory, expected {expected}") from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{what} {path}: {_not_text(exc)}") from None
+    except OSError as exc:
         raise DataError(f"{what} {path}: cannot be read ({exc})") from None
+
+
+def _not_text(exc: UnicodeDecodeError) -> str:
+    """What a file that is not UTF-8 text probably is, from its first bytes, for a message."""
+    head = bytes(exc.object[:4])
+    if head.startswith(b"PK\x03\x04"):
+        return "a zip file (an Excel or OpenDocument workbook?), not text; save it as CSV (UTF-8)"
+    if head[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        return "UTF-16 text (a spreadsheet's 'Unicode text' export?); save it as UTF-8"
+    return (f"not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}: Latin-1 or "
+            "another legacy encoding?); save it as UTF-8")
 
 
 def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:

@@ -25,7 +25,7 @@ from wsitools.io import read_user_text
 from wsitools.samples import SPLIT_COLUMNS, Sample
 from wsitools.tables import is_number, sniff_dialect, write_table
 from wsitools.text import TaskType
-from wsitools.types import check_slide_id
+from wsitools.types import check_slide_id, safe_id
 
 
 LABEL_COLUMNS: dict[TaskType, tuple[str, ...]] = {
@@ -88,12 +88,40 @@ class LabelRow:
     event: int | None = None
 
 
-def slide_rows(reader: Iterable[Mapping[str, str | None]], *, what: str) -> Iterator[tuple[int, str, dict[str, str]]]:
+def classes_from_labels(labelled: Iterable[tuple[str, str]], *, where: str) -> tuple[str, ...]:
+    """The classes of a task without a task file: the labels of ``labelled`` (slide id, label)
+    pairs, sorted. Two labels that are one number written two ways (``1`` and ``1.0``, as
+    exports of one spreadsheet can mix) would be two classes: a :class:`DataError` starting with
+    ``where`` names both and a slide of each."""
+    first: dict[float, tuple[str, str]] = {}
+    labels: set[str] = set()
+    for slide_id, label in labelled:
+        labels.add(label)
+        if not is_number(label):
+            continue
+        seen, seen_slide = first.setdefault(float(label), (label, slide_id))
+        if seen != label:
+            raise DataError(
+                f"{where}: labels {seen!r} and {label!r} are one number written two ways (slides {seen_slide} "
+                f"and {slide_id}), which would make them two classes; write each class's label alike"
+            )
+    return tuple(sorted(labels))
+
+
+def slide_rows(reader: csv.DictReader, *, what: str) -> Iterator[tuple[int, str, dict[str, str]]]:
     """The rows of a table keyed by ``slide_id`` as (line, slide id, row with stripped keys and
-    values), rows without a slide id skipped; an unsafe or repeated slide id is a
+    values), rows without a slide id skipped; a row with more fields than the header (a value
+    holding the separator, such as a decimal comma), an unsafe or a repeated slide id is a
     :class:`DataError` starting with ``what`` and naming the line."""
     seen: set[str] = set()
-    for line, raw in enumerate(reader, start=2):
+    for raw in reader:
+        line = reader.line_num
+        if None in raw:
+            header = len(reader.fieldnames or ())
+            raise DataError(
+                f"{what}, line {line}: {header + len(raw[None])} fields, but the header has {header} "
+                "(a separator inside a value, such as a decimal comma? quote that value)"
+            )
         row = {(k or "").strip(): (v or "").strip() for k, v in raw.items()}
         slide_id = row["slide_id"]
         if not slide_id:
@@ -101,7 +129,9 @@ def slide_rows(reader: Iterable[Mapping[str, str | None]], *, what: str) -> Iter
         try:
             check_slide_id(slide_id)
         except ValueError as exc:
-            raise DataError(f"{what}, line {line}: {exc}") from None
+            as_file = {"/", "\\"}.isdisjoint(slide_id)  # a file name (not a path) has a safe id to suggest
+            named = f" (wsitools names a slide file so called {safe_id(slide_id)!r})" if as_file else ""
+            raise DataError(f"{what}, line {line}: {exc}{named}") from None
         if slide_id in seen:
             raise DataError(f"{what}, line {line}: slide {slide_id} appears twice")
         seen.add(slide_id)
@@ -275,7 +305,8 @@ def check_task_labels(
     """
     where = f"column {label_column!r} of {sheet}"
     labelled = [(s, s.value(label_column)) for s in samples if s.value(label_column)]
-    present = sorted({label for _, label in labelled})
+    present = list(classes_from_labels(((s.slide_id, label) for s, label in labelled),
+                                       where=f"config: tasks: {task}: {where}"))
     order = list(classes) if classes is not None else present
     if classes is not None:
         unknown: dict[str, list[str]] = {}

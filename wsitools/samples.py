@@ -21,6 +21,7 @@ from typing import Any
 
 from wsitools.encoders.cards import find_card
 from wsitools.errors import DataError, ModelError
+from wsitools.io import read_user_text
 from wsitools.types import MPP_MAX, MPP_MIN, MicronsPerPixel, check_slide_id, slide_id_from_path
 
 SPLIT_COLUMNS = ("split", "fold")
@@ -111,8 +112,8 @@ def read_samples(path: str | os.PathLike[str], *, check_files: bool = True) -> l
     path = Path(path)
     if not path.is_file():
         raise DataError(f"samples sheet {path} does not exist")
-    with open(path, newline="") as f:
-        lines = [line for line in f if line.strip() and not line.lstrip().startswith("#")]
+    text = read_user_text(path, what="samples sheet", expected="a TSV file", encoding="utf-8-sig")
+    lines = [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     if not lines:
         raise DataError(f"samples sheet {path} is empty")
     reader = csv.DictReader(lines, delimiter="\t")

@@ -102,13 +102,30 @@ def write_html_table(
         Path(tmp).write_text(page, encoding="utf-8")
 
 
+class _SemicolonSeparated(csv.excel):
+    """Spreadsheet CSV in locales whose decimal mark is a comma: fields separated by ``;``."""
+
+    delimiter = ";"
+
+
+_DIALECTS: dict[str, type[csv.Dialect]] = {",": csv.excel, "\t": csv.excel_tab, ";": _SemicolonSeparated}
+_SUFFIX_DELIMITERS = {".tsv": "\t", ".tab": "\t", ".csv": ","}
+
+
 def sniff_dialect(path: Path, head: str) -> type[csv.Dialect] | csv.Dialect:
-    """The CSV dialect of a user's table: by its suffix (``.tsv``/``.tab`` tab, ``.csv`` comma),
-    else sniffed from ``head`` (its first lines) among comma, tab and semicolon."""
-    if path.suffix.lower() in (".tsv", ".tab"):
-        return csv.excel_tab
-    if path.suffix.lower() == ".csv":
-        return csv.excel
+    """The CSV dialect of a user's table from ``head`` (its first lines): the separator its
+    suffix names (``.tsv``/``.tab`` tab, ``.csv`` comma) when the header line holds it; else
+    the one of comma, tab and semicolon that the header line holds (a TSV saved as ``.csv``, a
+    spreadsheet's semicolon-separated export); else by the suffix, or sniffed among the three."""
+    header = next((line for line in head.lstrip("\ufeff").splitlines() if line.strip()), "")
+    expected = _SUFFIX_DELIMITERS.get(path.suffix.lower())
+    if expected is not None and expected in header:
+        return _DIALECTS[expected]
+    present = [d for d in _DIALECTS if d in header]
+    if len(present) == 1:
+        return _DIALECTS[present[0]]
+    if expected is not None:
+        return _DIALECTS[expected]
     try:
         return csv.Sniffer().sniff(head, delimiters=",\t;")
     except csv.Error:

@@ -22,6 +22,7 @@ from wsitools.errors import DataError
 from wsitools.feature_store import EncoderRecord, FeatureStore, feature_path, list_feature_stores
 from wsitools.labels import SURVIVAL_STRATA, LabelRow
 from wsitools.text import TaskType
+from wsitools.types import slide_id_from_path
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,8 @@ def build_cohort(
     if ivp_stores is not None:
         _check_one_width(ivp_infos, ivp_features_dir)
     if not kept:
-        raise DataError(f"no labelled slide has a usable feature store in {features_dir}")
+        raise DataError(f"no labelled slide has a usable feature store in {features_dir}: "
+                        f"{_why_none_usable(rows, stores, problems)}")
     targets = _check_targets(kept, task_type)
     if task_type == "classification":
         present = sorted({r.label for r in kept}, key=lambda c: class_index[c])
@@ -169,6 +171,26 @@ def build_cohort(
     )
 
 
+def _why_none_usable(rows: Sequence[LabelRow], stores: dict[str, Path], problems: dict[str, str]) -> str:
+    """Why no labelled slide could be used, for the error: the first problem when some slide
+    ids matched a store; else the ids against the store names, with the usual mismatches
+    named (file names with their extension for ids, ids that differ in case)."""
+    if not stores:
+        return "it holds no feature stores ({slide_id}.h5)"
+    matched = [r.slide_id for r in rows if r.slide_id in stores]
+    if matched:
+        return f"all {len(matched)} labelled slides with a store were skipped (first: {problems[matched[0]]})"
+    ids = [r.slide_id for r in rows]
+    message = (f"none of the {len(ids)} slide ids of the labels table (e.g. {ids[0]!r}) names one of its "
+               f"{len(stores)} stores (e.g. {next(iter(stores)) + '.h5'!r})")
+    lowered = {s.lower() for s in stores}
+    if any(slide_id_from_path(i) in stores for i in ids):
+        return message + "; give slide ids without the file extension, as wsitools names the slides"
+    if any(i.lower() in lowered for i in ids):
+        return message + "; slide ids are case-sensitive"
+    return message
+
+
 def _check_targets(kept: Sequence[LabelRow], task_type: TaskType) -> np.ndarray | None:
     """The survival or regression targets of the usable slides, checked for being learnable."""
     if task_type == "survival":
@@ -181,8 +203,15 @@ def _check_targets(kept: Sequence[LabelRow], task_type: TaskType) -> np.ndarray 
         return targets
     if task_type == "regression":
         targets = np.array([r.value for r in kept], dtype=np.float64)
-        if np.ptp(targets) == 0:
+        with np.errstate(over="ignore", invalid="ignore"):
+            spread = float(np.ptp(targets)), float(np.std(targets))
+        if spread[0] == 0:
             raise DataError(f"the label is {targets[0]:g} on all {len(kept)} usable slides; nothing to regress")
+        if not np.isfinite(spread).all():
+            raise DataError(
+                f"the labels' spread is too large to standardise (labels from {targets.min():g} to {targets.max():g} "
+                "overflow their standard deviation); rescale them, e.g. to other units"
+            )
         return targets
     return None
 

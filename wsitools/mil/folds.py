@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from wsitools.errors import DataError
+from wsitools.labels import SURVIVAL_STRATA
 
 if TYPE_CHECKING:
     from wsitools.mil.data import Cohort
@@ -86,13 +87,20 @@ def patient_kfold(
         raise DataError(f"--folds must be at least 2, got {n_folds}")
     names, plabels = _patient_labels(labels, patients)
     counts = np.bincount(plabels)
+    strata = tuple(classes) if classes is not None else None
     short = [
-        f"class {classes[c] if classes is not None else c!r}: {n} patient{'s' if n != 1 else ''}"
+        f"{'stratum' if strata == SURVIVAL_STRATA else 'class'} {strata[c] if strata is not None else c!r}: "
+        f"{n} patient{'s' if n != 1 else ''}"
         for c, n in enumerate(counts) if 0 < n < n_folds
     ]
+    if short and strata is not None and len(strata) == 1:  # regression: one stratum
+        raise DataError(f"{n_folds}-fold cross-validation needs at least {n_folds} labelled patients, "
+                        f"but there are {counts[0]} (use fewer folds: --folds)")
     if short:
+        per = ("in each stratum (folds are stratified on the event: censored, event)"
+               if strata == SURVIVAL_STRATA else "per class")
         raise DataError(
-            f"{n_folds}-fold cross-validation needs at least {n_folds} patients per class; "
+            f"{n_folds}-fold cross-validation needs at least {n_folds} patients {per}; "
             f"{'; '.join(short)} (use fewer folds: --folds)"
         )
     rng = np.random.default_rng(seed)

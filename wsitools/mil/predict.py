@@ -185,6 +185,14 @@ def _bag_groups(
     return group_slides([s for s in wanted if s in patients], patients)
 
 
+def _skipped_summary(skipped: dict[str, str], *, shown: int = 3) -> str:
+    """The count of skipped slides and the reasons of the first ``shown`` (one line, bounded
+    length whatever the cohort's size)."""
+    reasons = list(skipped.values())
+    more = f"; and {len(reasons) - shown} more" if len(reasons) > shown else ""
+    return f"{len(reasons)} slides skipped: " + "; ".join(r[:300] for r in reasons[:shown]) + more
+
+
 def predict(
     model_dir: str | os.PathLike[str],
     features_dir: str | os.PathLike[str],
@@ -226,6 +234,8 @@ def predict(
         raise DataError(f"{model_dir}: the head uses IVP features from a second encoder; give --ivp-features")
     stores = list_feature_stores(features_dir)
     wanted = [check_slide_id(s) for s in slides] if slides else sorted(stores)
+    if not wanted:
+        raise DataError(f"no feature stores ({{slide_id}}.h5) in {features_dir}")
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise DataError(f"output {out_dir} exists; use --overwrite to replace it")
@@ -286,7 +296,7 @@ def predict(
                 row = {"slide_id": name, "n_tiles": bag.n}
             rows.append({**row, "probs": probs} if classes else {**row, output: float(probs[0])})
         if not results:
-            raise DataError(f"no slide could be predicted from {features_dir}: {'; '.join(skipped.values())[:2000]}")
+            raise DataError(f"no slide could be predicted from {features_dir}: {_skipped_summary(skipped)}")
         write_predictions(tmp / "predictions.csv", rows, classes)
         write_json_atomic(
             tmp / "predict.json",

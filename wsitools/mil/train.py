@@ -63,7 +63,7 @@ from wsitools.metrics import (
 )
 from wsitools.mil.config import Bag, Balance, TrainConfig
 from wsitools.feature_store import FeatureStore, RowLayout, read_coords, read_features, row_layout
-from wsitools.labels import read_labels
+from wsitools.labels import classes_from_labels, read_labels
 from wsitools.mil.data import Cohort, build_cohort, class_weights, sample_index
 from wsitools.mil import head_folder, run_folder
 from wsitools.mil.folds import Fold, patient_kfold, user_folds
@@ -677,7 +677,8 @@ def _cohort_and_folds(
     if task_type != "classification":
         classes: tuple[str, ...] = ()
     else:
-        classes = task.classes if task is not None else tuple(sorted({r.label for r in rows}))
+        classes = (task.classes if task is not None
+                   else classes_from_labels(((r.slide_id, r.label) for r in rows), where=f"labels table {labels}"))
     cohort = build_cohort(
         rows, features_dir, classes, ivp_features_dir=ivp_features_dir, strict=strict,
         allow_empty_classes=allow_empty_classes, task_type=task_type,

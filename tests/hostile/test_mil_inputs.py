@@ -1,0 +1,411 @@
+"""Hostile inputs to MIL training and prediction: feature stores, labels tables, task files and
+samples sheets as a new user writes them (spreadsheet exports, other tools' h5 files, YAML's
+surprises), and `predict`/`heatmap` on folders that hold less than they should.
+
+Each case makes its own small input and asserts on the outcome: a one-line error naming the file
+(and line, key or slide) and what is wrong (exit 2 from the CLI), a skipped slide with its reason,
+or the right result where the input is still meaningful.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from wsitools.cli import main
+from wsitools.errors import DataError
+from wsitools.labels import read_labels, read_patients
+from wsitools.mil.synthetic import make_bag_cohort
+from wsitools.samples import read_samples
+from wsitools.text import load_task
+
+TASK = {"name": "planted", "description": "is there a planted region",
+        "classes": {"neg": "one texture only", "pos": "a region of another texture"}}
+FAST_TRAIN = ["--head", "meanpool", "--folds", "2", "--epochs", "2", "--patience", "1", "--bootstrap", "0",
+              "--device", "cpu", "--quiet"]
+
+
+def run(argv: list, capsys) -> tuple[int, str]:
+    """``wsitools ARGV`` in this process: (exit status, stderr)."""
+    try:
+        rc = main([str(a) for a in argv])
+    except SystemExit as exc:
+        rc = exc.code
+    return rc, capsys.readouterr().err
+
+
+def one_line(rc: int, err: str, *needles: str) -> str:
+    """Exit status 2 and one line on stderr holding every needle, no traceback."""
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture()
+def cohort(tmp_path):
+    """Twelve 8-d feature stores (six per class), a task file and a labels table."""
+    bags = make_bag_cohort(tmp_path / "features", n_slides=12, n_tiles=(10, 20), dim=8, seed=2)
+    (tmp_path / "task.yaml").write_text(yaml.safe_dump(TASK))
+    table = "slide_id,label,patient_id\n" + "".join(f"{b.slide_id},{b.label},{b.patient_id}\n" for b in bags)
+    (tmp_path / "labels.csv").write_text(table)
+    return tmp_path, bags
+
+
+def train_argv(root: Path, labels: Path, out: str = "heads", *, task: bool = True) -> list:
+    return ["train", "--features", root / "features", "--labels", labels,
+            *(["--task", root / "task.yaml"] if task else []), "--out", root / out, *FAST_TRAIN]
+
+
+# --- feature stores ----------------------------------------------------------------------------------
+
+
+def test_a_features_group_instead_of_a_dataset_skips_that_slide(cohort, capsys):
+    root, bags = cohort
+    with h5py.File(bags[0].path, "w") as f:  # another tool's layout: features/<name> datasets
+        f.create_group("features").create_dataset("resnet", data=np.zeros((4, 8), np.float32))
+    rc, err = run(train_argv(root, root / "labels.csv"), capsys)
+    assert rc == 0, err
+    skipped = json.loads((root / "heads" / "run.json").read_text())["skipped"]
+    assert skipped == {bags[0].slide_id: f"feature store {bags[0].path}: 'features' is a group, not a dataset"}
+
+
+def test_a_bag_without_coords_is_skipped_before_training_and_in_predict(cohort, capsys):
+    root, bags = cohort
+    rc, err = run(train_argv(root, root / "labels.csv", "before"), capsys)
+    assert rc == 0, err
+    with h5py.File(bags[0].path, "a") as f:  # features only, as some tools write them
+        del f["coords"]
+    reason = (f"feature store {bags[0].path} has no 'coords' dataset (each tile's level-0 position, which its "
+              "attention map needs)")
+    rc, err = run(train_argv(root, root / "labels.csv"), capsys)
+    assert rc == 0, err
+    assert json.loads((root / "heads" / "run.json").read_text())["skipped"] == {bags[0].slide_id: reason}
+    rc, err = run(["predict", "--model", root / "before", "--features", root / "features", "--out", root / "p",
+                   "--device", "cpu", "--quiet"], capsys)
+    assert rc == 0, err
+    skipped = json.loads((root / "p" / "predict.json").read_text())["skipped"]
+    assert skipped == {bags[0].slide_id: f"slide {bags[0].slide_id}: {reason}"}
+    assert len((root / "p" / "predictions.csv").read_text().splitlines()) == len(bags)  # header + the other 11
+
+
+def test_float16_and_float32_stores_and_a_one_tile_bag_train_together(cohort, capsys):
+    from wsitools.feature_store import read_features
+    from wsitools.mil.synthetic import write_synthetic_store
+
+    root, bags = cohort
+    half = read_features(bags[1].path).numpy().astype(np.float16)
+    write_synthetic_store(bags[1].path, half)
+    write_synthetic_store(bags[2].path, half[:1])
+    rc, err = run(train_argv(root, root / "labels.csv"), capsys)
+    assert rc == 0, err
+    assert json.loads((root / "heads" / "run.json").read_text())["skipped"] == {}
+    predicted = (root / "heads" / "predictions.csv").read_text()
+    assert bags[1].slide_id in predicted and bags[2].slide_id in predicted
+
+
+# --- labels tables -------------------------------------------------------------------------------------
+
+
+def test_spreadsheet_exports_read_as_the_plain_table(cohort):
+    root, bags = cohort
+    plain = (root / "labels.csv").read_text()
+    expected = [(b.slide_id, b.label, b.patient_id) for b in bags]
+    variants = {
+        "bom.csv": "\ufeff" + plain,
+        "crlf.csv": plain.replace("\n", "\r\n"),
+        "spaces.csv": plain.replace(",", " , "),
+        "blank.csv": plain.replace("\n", "\n\n", 4) + ",,\n\n",
+        "tab.csv": plain.replace(",", "\t"),  # a TSV saved under a .csv name
+        "semicolon.csv": plain.replace(",", ";"),  # a spreadsheet in a decimal-comma locale
+        "comma.tsv": plain,  # and a CSV saved under a .tsv name
+    }
+    for name, text in variants.items():
+        (root / name).write_text(text, encoding="utf-8", newline="")
+        rows = read_labels(root / name)
+        assert [(r.slide_id, r.label, r.patient_id) for r in rows] == expected, name
+    # line numbers count the blank lines too
+    (root / "twice.csv").write_text(variants["blank.csv"] + f"{bags[3].slide_id},pos,p\n")
+    with pytest.raises(DataError, match=rf"twice.csv, line 20: slide {bags[3].slide_id} appears twice"):
+        read_labels(root / "twice.csv")
+
+
+def test_a_row_with_more_fields_than_the_header_is_named(tmp_path, capsys):
+    (tmp_path / "f").mkdir()
+    path = tmp_path / "labels.csv"
+    path.write_text("slide_id,label\na,1.5\nb,1,5\nc,2\n")  # a decimal comma, unquoted
+    with pytest.raises(DataError) as err:
+        read_labels(path, task_type="regression")
+    assert str(err.value) == (f"labels table {path}, line 3: 3 fields, but the header has 2 "
+                              "(a separator inside a value, such as a decimal comma? quote that value)")
+    patients = tmp_path / "patients.csv"
+    patients.write_text("slide_id,patient_id\na,p\nb,p,x\n")
+    with pytest.raises(DataError, match=r"patients table .*patients.csv, line 3: 3 fields, but the header has 2"):
+        read_patients(patients)
+    rc, err = run(["train", "--features", tmp_path / "f", "--labels", path, "--out", tmp_path / "o"], capsys)
+    one_line(rc, err, f"{path}, line 3: 3 fields")
+
+
+def test_one_number_written_two_ways_is_not_two_classes(cohort, capsys):
+    root, bags = cohort
+    labels = root / "numeric.csv"
+    rows = [f"{b.slide_id},{'1' if b.label == 'pos' else '0'}" for b in bags]
+    rows[0] = rows[0].rsplit(",", 1)[0] + ",1.0"  # one slide written by another export
+    rows[1] = rows[1].rsplit(",", 1)[0] + ",0.0"
+    labels.write_text("slide_id,label\n" + "\n".join(rows) + "\n")
+    rc, err = run(train_argv(root, labels, task=False), capsys)
+    one_line(rc, err, f"labels table {labels}: labels '0.0' and '0' are one number written two ways",
+             f"(slides {bags[1].slide_id} and {bags[2].slide_id})")
+    assert not (root / "heads").exists()
+    same = root / "same.csv"
+    same.write_text("slide_id,label\n" + "\n".join(r.replace(",1.0", ",1").replace(",0.0", ",0") for r in rows) + "\n")
+    rc, err = run(train_argv(root, same, task=False), capsys)
+    assert rc == 0, err
+    assert json.loads((root / "heads" / "metrics.json").read_text())["classes"] == ["0", "1"]
+
+
+# --- task files ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("keys", [("yes", "no"), ("01", "02"), ("1.50", "2"), ("on", "off"), ("null", "~")])
+def test_class_names_stay_as_written(tmp_path, keys):
+    path = tmp_path / "task.yaml"
+    path.write_text(f"name: t\ndescription: d\nclasses:\n  {keys[0]}: first\n  {keys[1]}: second\n")
+    assert load_task(path).classes == keys
+
+
+def test_a_class_name_with_spaces_around_it_is_named(tmp_path):
+    path = tmp_path / "task.yaml"
+    path.write_text("name: t\ndescription: d\nclasses:\n  'pos ': first\n  neg: second\n")
+    with pytest.raises(DataError) as err:
+        load_task(path)
+    assert str(err.value) == f"{path}: class name 'pos ' starts or ends with a space; no label could equal it"
+
+
+def test_a_class_written_twice_is_named(tmp_path):
+    path = tmp_path / "task.yaml"
+    path.write_text("name: t\ndescription: d\nclasses:\n  a: first\n  b: second\n  a: third\n")
+    with pytest.raises(DataError) as err:
+        load_task(path)
+    assert str(err.value).startswith(f"task description {path}: not valid YAML: key 'a' appears twice")
+    assert "line 6" in str(err.value)
+
+
+# --- samples sheets (the workflow's labels) ------------------------------------------------------------
+
+
+def test_a_samples_sheet_with_a_byte_order_mark_reads(tmp_path):
+    sheet = tmp_path / "samples.tsv"
+    sheet.write_text("\ufeffslide_id\tpath\tlabel\r\na\t/x/a.svs\tneg\r\n", encoding="utf-8", newline="")
+    [sample] = read_samples(sheet, check_files=False)
+    assert (sample.slide_id, sample.path, sample.value("label")) == ("a", "/x/a.svs", "neg")
+
+
+def test_a_samples_sheet_that_is_not_utf8_is_one_line(tmp_path):
+    sheet = tmp_path / "samples.tsv"
+    sheet.write_bytes("slide_id\tpath\tlabel\na\t/x/a.svs\tn\xe9g\n".encode("latin-1"))
+    with pytest.raises(DataError) as err:
+        read_samples(sheet, check_files=False)
+    assert str(err.value) == (f"samples sheet {sheet}: not UTF-8 text (byte 0xe9 at offset 32: Latin-1 or another "
+                              "legacy encoding?); save it as UTF-8")
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"PK\x03\x04\x14\x00\x06\x00" + bytes(range(128, 256)),
+     "a zip file (an Excel or OpenDocument workbook?), not text; save it as CSV (UTF-8)"),
+    ("slide_id\tlabel\r\na\tneg\r\n".encode("utf-16"),
+     "UTF-16 text (a spreadsheet's 'Unicode text' export?); save it as UTF-8"),
+])
+def test_a_workbook_or_utf16_export_given_as_the_labels_says_what_it_is(tmp_path, capsys, content, message):
+    (tmp_path / "f").mkdir()
+    labels = tmp_path / "labels.csv"
+    labels.write_bytes(content)
+    rc, err = run(["train", "--features", tmp_path / "f", "--labels", labels, "--out", tmp_path / "o"], capsys)
+    one_line(rc, err, f"labels table {labels}: {message}")
+
+
+# --- regression targets ---------------------------------------------------------------------------------
+
+
+def test_regression_targets_too_large_to_standardise_are_refused(cohort, capsys):
+    root, bags = cohort
+    (root / "r.yaml").write_text(yaml.safe_dump({"name": "lvl", "type": "regression", "description": "a level"}))
+    labels = root / "values.csv"
+    values = np.random.default_rng(0).normal(size=len(bags)) * 1e200
+    labels.write_text("slide_id,label\n" + "".join(f"{b.slide_id},{v:.6g}\n" for b, v in zip(bags, values)))
+    argv = train_argv(root, labels, task=False) + ["--task", root / "r.yaml"]
+    rc, err = run(argv, capsys)
+    one_line(rc, err, "the labels' spread is too large to standardise", "rescale")
+    assert not (root / "heads").exists()
+
+
+# --- predict and heatmap on folders that hold less than they should ------------------------------------
+
+
+def test_predict_on_a_folder_without_feature_stores_says_so(cohort, capsys):
+    root, _ = cohort
+    rc, err = run(train_argv(root, root / "labels.csv"), capsys)
+    assert rc == 0, err
+    (root / "empty").mkdir()
+    (root / "empty" / "notes.txt").write_text("the stores are elsewhere")
+    rc, err = run(["predict", "--model", root / "heads", "--features", root / "empty", "--out", root / "p",
+                   "--device", "cpu", "--quiet"], capsys)
+    one_line(rc, err, f"no feature stores ({{slide_id}}.h5) in {root / 'empty'}")
+    assert not (root / "p").exists()
+
+
+def test_predict_when_every_slide_fails_counts_them_and_names_the_first(cohort, capsys):
+    root, bags = cohort
+    rc, err = run(train_argv(root, root / "labels.csv"), capsys)
+    assert rc == 0, err
+    other = make_bag_cohort(root / "wide", n_slides=30, n_tiles=(5, 6), dim=16, seed=0)
+    rc, err = run(["predict", "--model", root / "heads", "--features", root / "wide", "--out", root / "p",
+                   "--device", "cpu", "--quiet"], capsys)
+    line = one_line(rc, err, f"no slide could be predicted from {root / 'wide'}: 30 slides skipped",
+                    f"slide {other[0].slide_id}: features are 16-d, the head expects 8-d")
+    assert len(line) < 600
+
+
+def test_heatmap_of_a_bag_that_records_no_slide_says_so(tmp_path, capsys):
+    from wsitools.attention import write_attention
+
+    att = tmp_path / "attention" / "s1.h5"
+    write_attention(att, slide_id="s1", attention=np.full(4, 0.25), coords=np.zeros((4, 2), np.int64),
+                    classes=["a", "b"], probs=np.array([0.5, 0.5]), feature_path=tmp_path / "s1.h5",
+                    provenance={"tile_size_level0": 448.0}, meta={"head": "abmil"})
+    rc, err = run(["heatmap", "--attention", att, "--out", tmp_path / "h", "--quiet"], capsys)
+    assert rc == 1
+    assert "s1\tfailed\tslide s1: no slide file is recorded for it (no patch store either); pass --slide" in err
+    rc, err = run(["heatmap", "--attention", att, "--store", tmp_path / "gone.zarr", "--out", tmp_path / "h",
+                   "--quiet"], capsys)
+    assert rc == 1
+    assert f"slide s1: no slide file is recorded for it (patch store {tmp_path / 'gone.zarr'} not found)" in err
+
+
+def test_the_workflow_check_names_one_number_written_two_ways():
+    from wsitools.labels import check_task_labels
+    from wsitools.samples import Sample
+
+    samples = [Sample(slide_id=f"s{i}", path=f"/x/s{i}.svs", patient_id=f"s{i}", mpp=None,
+                      fields={"label": label}) for i, label in enumerate(["0", "1", "1.0", "0", "1"])]
+    with pytest.raises(DataError) as err:
+        check_task_labels(samples, task="t", label_column="label", classes=None, folds={"abmil": 2},
+                          sheet="samples.tsv")
+    assert str(err.value).startswith("config: tasks: t: column 'label' of samples.tsv: labels '1' and '1.0' are "
+                                     "one number written two ways (slides s1 and s2)")
+
+
+@pytest.mark.parametrize("spelling, hint", [
+    ("{}.svs", "; give slide ids without the file extension, as wsitools names the slides"),
+    ("{}", "; slide ids are case-sensitive"),
+    ("other_{}", ""),
+])
+def test_labels_that_name_no_store_say_how_ids_and_stores_differ(cohort, capsys, spelling, hint):
+    root, bags = cohort
+    labels = root / "ids.csv"
+    ids = [spelling.format(b.slide_id.upper() if hint.endswith("sensitive") else b.slide_id) for b in bags]
+    labels.write_text("slide_id,label\n" + "".join(f"{i},{b.label}\n" for i, b in zip(ids, bags)))
+    rc, err = run(train_argv(root, labels), capsys)
+    line = one_line(rc, err, f"no labelled slide has a usable feature store in {root / 'features'}: none of the 12 "
+                    f"slide ids of the labels table (e.g. {ids[0]!r}) names one of its 12 stores (e.g. "
+                    f"'{bags[0].slide_id}.h5')")
+    assert line.endswith(f"'{bags[0].slide_id}.h5')" + hint)
+
+
+def test_a_folder_of_only_unusable_stores_names_the_first_problem(cohort, capsys):
+    root, bags = cohort
+    for b in bags:
+        b.path.write_bytes(b"not h5")
+    rc, err = run(train_argv(root, root / "labels.csv"), capsys)
+    one_line(rc, err, "all 12 labelled slides with a store were skipped (first: feature store "
+             f"{bags[0].path} cannot be read: ")
+
+
+def test_an_accented_slide_id_names_the_id_wsitools_gives_it(tmp_path):
+    path = tmp_path / "labels.csv"
+    path.write_text("slide_id,label\nBiopsie Müller 3,neg\n")
+    with pytest.raises(DataError, match=r"line 2: unsafe slide id 'Biopsie Müller 3'.*\(wsitools names a slide "
+                       r"file so called 'Biopsie_Muller_3'\)$"):
+        read_labels(path)
+    path.write_text("slide_id,label\n../up,neg\n")  # a path is not a file name: no suggestion
+    with pytest.raises(DataError, match=r"line 2: unsafe slide id '../up'.*without '..'$"):
+        read_labels(path)
+
+
+@pytest.mark.parametrize("dtype", [">f4", ">f2", "<f8"])
+def test_stores_of_another_byte_order_or_width_read_the_same_values(tmp_path, dtype):
+    from wsitools.feature_store import read_features, row_layout
+
+    feats = np.random.default_rng(0).normal(size=(40, 6)).astype(np.float32)
+    path = tmp_path / "s.h5"
+    with h5py.File(path, "w") as f:  # as another tool writes it: no attributes, contiguous
+        f.create_dataset("features", data=feats.astype(dtype))
+    expected = torch.from_numpy(feats.astype(dtype).astype(np.float32))
+    assert torch.equal(read_features(path), expected)
+    rows = np.array([31, 2, 17])
+    assert torch.equal(read_features(path, rows, layout=row_layout(path)), expected[np.sort(rows)])
+
+
+def test_a_big_endian_store_trains_and_predicts_like_the_native_one(cohort, capsys):
+    root, bags = cohort
+    rc, err = run(train_argv(root, root / "labels.csv", "native"), capsys)
+    assert rc == 0, err
+    with h5py.File(bags[0].path, "r") as f:
+        feats, coords, attrs = f["features"][:], f["coords"][:], dict(f.attrs)
+    bags[0].path.unlink()
+    with h5py.File(bags[0].path, "w") as f:
+        f.create_dataset("features", data=feats.astype(">f4"))
+        f.create_dataset("coords", data=coords)
+        f.attrs.update(attrs)
+    rc, err = run(train_argv(root, root / "labels.csv", "swapped"), capsys)
+    assert rc == 0, err
+    assert (root / "swapped" / "predictions.csv").read_text() == (root / "native" / "predictions.csv").read_text()
+
+
+def test_too_few_patients_for_the_folds_speaks_of_strata_not_classes():
+    from wsitools.labels import SURVIVAL_STRATA
+    from wsitools.mil.folds import patient_kfold
+
+    patients = [f"p{i}" for i in range(6)]
+    with pytest.raises(DataError) as err:
+        patient_kfold(np.array([1, 1, 1, 0, 0, 0]), patients, n_folds=5, classes=SURVIVAL_STRATA)
+    assert str(err.value) == ("5-fold cross-validation needs at least 5 patients in each stratum (folds are "
+                              "stratified on the event: censored, event); stratum 'censored': 3 patients; "
+                              "stratum 'event': 3 patients (use fewer folds: --folds)")
+    with pytest.raises(DataError) as err:
+        patient_kfold(np.zeros(4, np.int64), patients[:4], n_folds=5, classes=("all",))
+    assert str(err.value) == ("5-fold cross-validation needs at least 5 labelled patients, but there are 4 "
+                              "(use fewer folds: --folds)")
+    with pytest.raises(DataError, match="needs at least 5 patients per class; class 'pos': 3 patients"):
+        patient_kfold(np.array([1, 1, 1, 0, 0, 0, 0, 0, 0, 0]), [f"p{i}" for i in range(10)], n_folds=5,
+                      classes=("neg", "pos"))
+
+
+def test_a_heatmap_whose_patch_store_is_gone_is_drawn_without_its_montage(synthetic_svs, tmp_path, capsys, caplog):
+    from wsitools.attention import write_attention
+    from wsitools.slide import open_slide
+
+    with open_slide(synthetic_svs) as slide:
+        width, height = slide.dimensions
+    tile = 256
+    xs, ys = np.meshgrid(np.arange(0, width - tile + 1, tile), np.arange(0, height - tile + 1, tile))
+    coords = np.stack([xs.ravel(), ys.ravel()], 1).astype(np.int64)
+    attention = np.linspace(1, 2, len(coords))
+    att = tmp_path / "attention" / "synth_svs.h5"
+    write_attention(att, slide_id="synth_svs", attention=attention / attention.sum(), coords=coords,
+                    classes=["neg", "pos"], probs=np.array([0.3, 0.7]), feature_path=tmp_path / "synth_svs.h5",
+                    provenance={"slide_path": str(synthetic_svs), "store_path": str(tmp_path / "deleted.zarr"),
+                                "tile_size_level0": float(tile)}, meta={"head": "abmil"})
+    rc, err = run(["heatmap", "--attention", att, "--out", tmp_path / "h", "--mpp", "8", "--quiet"], capsys)
+    assert rc == 0, err
+    assert (tmp_path / "h" / "synth_svs.heatmap.png").stat().st_size > 0
+    assert (tmp_path / "h" / "synth_svs.attention.geojson").stat().st_size > 0
+    assert not (tmp_path / "h" / "synth_svs.top_tiles.png").exists()
+    assert f"no patch store ({tmp_path / 'deleted.zarr'})" in caplog.text and "no montage" in caplog.text
