@@ -15,12 +15,22 @@ from wsitools.errors import ModelError
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; asking for CUDA without one is an error."""
+    """``"auto"`` -> CUDA when available, else CPU; asking for CUDA without one, or for a GPU
+    index the machine does not have, is an error, and so is a string torch does not read as a
+    device (one line, not torch's list of every device type)."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ModelError(f"--device {device}: not a device (auto, cpu, cuda or cuda:N)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ModelError("--device cuda was asked for but no CUDA GPU is available")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ModelError(
+            f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+            f"numbered from 0"
+        )
     return dev
 
 

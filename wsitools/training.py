@@ -243,6 +243,10 @@ def _settings_difference(before: Mapping[str, Any], now: Mapping[str, Any]) -> l
     ]
 
 
+MAX_SHOWN_DIFFERENCES = 6
+"""How many differing settings a refused resume names (the rest are counted)."""
+
+
 def check_same_settings(
     path: Path, *, written: Any, written_hash: str, settings: Mapping[str, Any], remedy: str
 ) -> None:
@@ -252,7 +256,10 @@ def check_same_settings(
     if written_hash == stable_hash(settings):
         return
     differ = _settings_difference(written, settings) if isinstance(written, dict) else []
-    what = "; ".join(differ) if differ else f"settings hash {written_hash} -> {stable_hash(settings)}"
+    shown = differ[:MAX_SHOWN_DIFFERENCES]
+    if len(differ) > len(shown):  # e.g. the folder of another kind of run: the first few say enough
+        shown.append(f"and {len(differ) - len(shown)} more")
+    what = "; ".join(shown) if shown else f"settings hash {written_hash} -> {stable_hash(settings)}"
     raise ConfigError(f"{path}: was written by a run with other settings ({what}); resume with the same settings {remedy}")
 
 

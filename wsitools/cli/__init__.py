@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -80,6 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if exc.filename is None:
             raise
         reason = exc.strerror or one_line(exc)
+        if isinstance(exc, FileExistsError) and not os.path.isdir(exc.filename):
+            reason = "is a file, where a folder is needed"  # mkdir over a file says only "File exists"
         print(f"wsitools {args.command}: error: {exc.filename}: {reason}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

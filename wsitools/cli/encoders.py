@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 from wsitools.cli.options import input_file, non_negative_int, patch_store_dir, positive_float, positive_int
@@ -145,6 +146,7 @@ def _extract(args: argparse.Namespace) -> int:
         weights=args.weights,
         precision=args.precision,
     )
+    Path(args.out).mkdir(parents=True, exist_ok=True)  # an unusable --out fails here, once, not per store
     if not args.quiet:
         print(f"encoder {encoder.name} ({encoder.encoder_hash}) on {encoder.device}", file=sys.stderr)
     failed = []

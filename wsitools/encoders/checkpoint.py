@@ -324,6 +324,18 @@ def check_dtypes(
             )
 
 
+def check_finite(state_dict: Mapping[str, torch.Tensor], *, source: str) -> None:
+    """Raise :class:`ModelError` naming ``source`` and the first tensor that holds NaN or an
+    infinity: such weights make every feature non-finite, which would otherwise surface only
+    after every store's tiles had been read and encoded."""
+    for key, tensor in state_dict.items():
+        if (tensor.is_floating_point() or tensor.is_complex()) and not bool(torch.isfinite(tensor).all()):
+            raise ModelError(
+                f"{source}: tensor {key!r} holds NaN or infinite values; the file is damaged or was "
+                "saved from a run that diverged"
+            )
+
+
 def check_state_dict(
     state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], *, source: str
 ) -> None:
@@ -348,6 +360,7 @@ def check_state_dict(
     if problems:
         raise ModelError(f"{source}: does not fit the model; " + "; ".join(problems))
     check_dtypes(state_dict, expected, source=source)
+    check_finite(state_dict, source=source)
 
 
 def read_state_dict(path: str | Path, expected: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -406,6 +419,7 @@ def load_weights(
                 f"{list(wanted.shape)} [layers, tokens, dim]"
             )
         check_dtypes({"prompt_tokens": prompt_tensor}, {"prompt_tokens": wanted}, source=str(prompts))
+        check_finite({"prompt_tokens": prompt_tensor}, source=str(prompts))
     if backbone is None:
         if prompt_tensor is not None:
             with torch.no_grad():

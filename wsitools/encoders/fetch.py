@@ -94,6 +94,20 @@ def _download(url: str, dest: Path, *, timeout: float) -> str:
     return digest.hexdigest()
 
 
+def _check_destination(card: EncoderCard, weight: WeightFile) -> None:
+    """Refuse to download to a place outside the card's folder: a card from elsewhere whose
+    ``file`` is absolute or climbs out with ``..`` must not make ``fetch`` write over another
+    file. (Such a card still loads a file that is already there.) The check is on the
+    names, so a symbolic link beside the card may lead to another disk."""
+    folder = Path(os.path.normpath(card.source.parent if card.source else Path.cwd()))
+    target = Path(os.path.normpath(weight.path))  # by name: a link beside the card may lead anywhere
+    if not target.is_relative_to(folder) or target == folder:
+        raise ModelError(
+            f"{card.source}: weight file {weight.file!r} is outside the card's folder {folder}; fetch "
+            "writes only beside the card (name the file relative to it, or download it by hand)"
+        )
+
+
 def fetch_weight(card: EncoderCard, weight: WeightFile, *, force: bool = False, timeout: float = 60.0) -> FetchResult:
     """Make one weight file of ``card`` present and verified; see the module docstring."""
     if weight.package:
@@ -107,6 +121,7 @@ def fetch_weight(card: EncoderCard, weight: WeightFile, *, force: bool = False, 
         if weight.path.is_file():
             return FetchResult(weight, "present", weight_sha256(weight.path))
         return FetchResult(weight, "no_url", None)
+    _check_destination(card, weight)
     with atomic_path(weight.path, overwrite=True) as tmp:
         digest = _download(weight.url, tmp, timeout=timeout)
         if weight.sha256 and digest != weight.sha256:

@@ -52,6 +52,11 @@ def weight_sha256(path: Path) -> str:
 
 def verify_weight(card: EncoderCard, weight: WeightFile) -> str:
     """Check that a card's weight file exists and matches its pinned sha256; return the sha256."""
+    if weight.path.is_dir():
+        raise ModelError(
+            f"{weight.path}: {weight.role} weight file of encoder {card.name!r} is a directory; the card "
+            f"{card.source} must name the weight file itself"
+        )
     if not weight.path.is_file():
         if weight.url:
             how = f"run `wsitools encoders fetch {card.name}` or download {weight.url}"
@@ -209,6 +214,21 @@ def _create(card: EncoderCard, *, with_classifier: bool) -> nn.Module:
     return model
 
 
+def _check_input(card: EncoderCard, model: nn.Module) -> None:
+    """A network built for one image side (a timm ViT's strict patch embedding) must get that
+    side: say so when the card is loaded, not on every batch of every store."""
+    embed = getattr(model, "patch_embed", None)
+    size = getattr(embed, "img_size", None)
+    if size is None or not getattr(embed, "strict_img_size", False) or getattr(model, "dynamic_img_size", False):
+        return
+    if tuple(size) != (card.input_size, card.input_size):
+        side = " x ".join(str(int(v)) for v in size)
+        raise ModelError(
+            f"{card.source or card.name}: input.size is {card.input_size} but {card.model} takes {side} px "
+            f"images; set input.size to {int(size[0])} or architecture.kwargs.img_size to {card.input_size}"
+        )
+
+
 def _check_output(card: EncoderCard, model: nn.Module) -> None:
     where = card.source or card.name
     if card.output != "pooled" and not hasattr(model, "num_prefix_tokens"):
@@ -231,6 +251,7 @@ def build_encoder(card: EncoderCard, *, device: str | torch.device = "auto") -> 
     prompts = card.weight("prompts")
     ordered = backbone is not None and backbone.layout == "ordered"
     model = _create(card, with_classifier=ordered)
+    _check_input(card, model)
     if backbone is not None or prompts is not None:
         load_weights(
             model,
