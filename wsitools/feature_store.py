@@ -296,8 +296,17 @@ def reusable(path: Path, store: PatchStore, encoder: Encoder, dtype: FeatureDtyp
     except StoreError as exc:
         log.info("%s: recomputing (%s)", path, exc)
         return False
-    if existing.encoder_hash != encoder.encoder_hash or existing.store_hash != store.params_hash:
-        log.info("%s: recomputing (encoder or patch store changed)", path)
+    if existing.encoder_hash != encoder.encoder_hash:
+        # Said aloud: besides a changed card or weight file, this is what a second card of the
+        # same name (another folder, another network) writing to the same features root looks like.
+        log.warning(
+            "%s: replacing features of encoder hash %s with %s's (%s): the card or its weights "
+            "changed, or another card has the name %r",
+            path, existing.encoder_hash, encoder.name, encoder.encoder_hash, encoder.name,
+        )
+        return False
+    if existing.store_hash != store.params_hash:
+        log.info("%s: recomputing (patch store changed)", path)
         return False
     if existing.dim != encoder.dim or not np.array_equal(existing.coords(), store.coords):
         log.info("%s: recomputing (shape or coordinates differ from the store)", path)

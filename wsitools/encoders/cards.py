@@ -369,18 +369,26 @@ def find_card(name_or_path: str, *, models_dir: str | os.PathLike[str] | None = 
             f"{path}: no model card named {name_or_path!r} (cards in {directory}: {known}; "
             f"set --models-dir or {MODELS_ENV} to look elsewhere)"
         )
+    return _named_card(path)
+
+
+def _named_card(path: Path) -> EncoderCard:
+    """The card of ``models_dir/NAME.yaml``, whose ``name`` must be ``NAME``: the name is looked up
+    by file name and becomes the feature folder, so a copy that kept another card's name would
+    be listed twice under it and write its features into that card's folder."""
     card = read_card(path)
-    if card.name != name_or_path:
+    if card.name != path.stem:
         raise ModelError(f"{path}: card file is named {path.stem!r} but its name is {card.name!r}")
     return card
 
 
 def list_cards(models_dir: str | os.PathLike[str] | None = None) -> list[EncoderCard]:
-    """All cards in the models directory, sorted by name (a broken card raises naming its file)."""
+    """All cards in the models directory, sorted by name (a broken card, or one whose name is not
+    its file name, raises naming its file)."""
     directory = _models_dir(models_dir)
     if not directory.is_dir():
         raise ModelError(f"{directory}: models directory not found (set --models-dir or {MODELS_ENV})")
-    return [read_card(p) for p in sorted(directory.glob("*.yaml"))]
+    return [_named_card(p) for p in sorted(directory.glob("*.yaml"))]
 
 
 def card_to_dict(card: EncoderCard) -> dict[str, Any]:

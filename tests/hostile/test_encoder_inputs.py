@@ -1,0 +1,254 @@
+"""Hostile inputs for encoders: cards, weight files, devices and folders a user brings along.
+
+Each case writes its own tiny card (the registered tiny prompted ViT at 64 px), weight files in
+the official layouts and a small patch store, and asserts on the outcome: a bad encoder is one
+line naming the file (exit 2) before any store is read, and nothing is written where it should
+not be.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import save_file
+from timm.models.vision_transformer import VisionTransformer
+
+from wsitools.cli import main
+from wsitools.device import resolve_device
+from wsitools.encoders import find_card, list_cards, load_encoder
+from wsitools.encoders.checkpoint import read_state_dict
+from wsitools.encoders.fetch import fetch_card
+from wsitools.errors import ConfigError, ModelError
+from wsitools.features import extract_features
+from wsitools.store import write_patch_store
+from wsitools.training import MAX_SHOWN_DIFFERENCES, check_same_settings
+
+TINY = dict(img_size=64, patch_size=16, embed_dim=64, depth=3, num_heads=4, mlp_ratio=2.0)
+
+
+def run(argv: list, capsys) -> tuple[int, str]:
+    """``wsitools ARGV`` in this process: (exit status, stderr)."""
+    try:
+        rc = main([str(a) for a in argv])
+    except SystemExit as exc:  # argparse ends the process on a bad option
+        rc = exc.code
+    return rc, capsys.readouterr().err
+
+
+def one_line(rc: int, err: str, *needles: str) -> str:
+    lines = [line for line in err.strip().splitlines() if not line.startswith(("INFO", "WARNING"))]
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def write_card(folder: Path, name: str = "tiny", **sections) -> Path:
+    card = {
+        "name": name,
+        "architecture": {"model": "prompted_vit_test_patch16_224", "kwargs": {"img_size": 64},
+                         "prompts": {"tokens": 4, "mode": "deep"}},
+        "weights": [{"role": "backbone", "file": "backbone.pth"}, {"role": "prompts", "file": "promptstate.pth"}],
+        "input": {"size": 64, "normalize": None},
+        "output": {"kind": "cls", "dim": 64},
+        "precision": {"compute": "fp32"},
+    }
+    card.update(sections)
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(card))
+    return path
+
+
+@pytest.fixture()
+def models(tmp_path) -> Path:
+    """A models folder with a tiny backbone (official timm layout, with its head) and promptstate."""
+    folder = tmp_path / "models"
+    folder.mkdir()
+    torch.manual_seed(0)
+    torch.save(VisionTransformer(**TINY, num_classes=1000).state_dict(), folder / "backbone.pth")
+    torch.save({"head": {}, "Prompt_Tokens": torch.nn.Parameter(0.1 * torch.randn(3, 4, 64))}, folder / "promptstate.pth")
+    write_card(folder)
+    return folder
+
+
+@pytest.fixture()
+def store(tmp_path) -> Path:
+    rng = np.random.default_rng(0)
+    n = 6
+    return write_patch_store(
+        tmp_path / "tiles" / "S1.zarr", coords=np.stack([np.arange(n) * 128, np.zeros(n)], 1),
+        tiles=rng.integers(0, 255, (n, 64, 64, 3), dtype=np.uint8), tissue_fraction=np.ones(n),
+        attrs={"slide_id": "S1", "slide_path": "/slides/S1.svs", "params_hash": "p", "tile_size": 64,
+               "tile_size_level0": 128.0, "mpp_target": 0.5},
+    )
+
+
+def extract(card: Path, store: Path, out: Path, capsys, *extra) -> tuple[int, str]:
+    return run(["extract", store, "--encoder", card, "--out", out, "--device", "cpu", "--workers", "0", "--quiet",
+                *extra], capsys)
+
+
+# --- devices -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:x", "gpu0"])
+def test_a_device_torch_cannot_read_is_one_line(device, models, store, tmp_path, capsys):
+    with pytest.raises(ModelError, match=rf"^--device {device}: not a device \(auto, cpu, cuda or cuda:N\)$"):
+        resolve_device(device)
+    rc, err = extract(models / "tiny.yaml", store, tmp_path / "f", capsys, "--device", device)
+    one_line(rc, err, f"wsitools extract: error: --device {device}: not a device")
+    assert not (tmp_path / "f").exists()
+
+
+def test_a_gpu_index_the_machine_lacks_is_one_line(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(ModelError, match=r"^--device cuda:2: this machine has 2 CUDA GPU\(s\), numbered from 0$"):
+        resolve_device("cuda:2")
+
+
+# --- cards ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [100, 224])
+def test_an_input_size_the_vit_cannot_take_stops_before_any_store(size, models, store, tmp_path, capsys):
+    card = write_card(models, input={"size": size, "normalize": None})
+    needle = (f"{card}: input.size is {size} but prompted_vit_test_patch16_224 takes 64 x 64 px images; "
+              f"set input.size to 64 or architecture.kwargs.img_size to {size}")
+    with pytest.raises(ModelError, match="input.size is"):
+        load_encoder(card, device="cpu")
+    rc, err = extract(card, store, tmp_path / "f", capsys)
+    one_line(rc, err, needle)
+    assert not (tmp_path / "f").exists()
+    # a network that resizes its own input (timm's dynamic_img_size) takes any side
+    dynamic = write_card(models, name="dyn", architecture={
+        "model": "prompted_vit_test_patch16_224", "kwargs": {"img_size": 64, "dynamic_img_size": True},
+        "prompts": {"tokens": 4, "mode": "deep"}}, input={"size": 96, "normalize": None})
+    assert load_encoder(dynamic, device="cpu").encode(torch.zeros(1, 96, 96, 3, dtype=torch.uint8)).shape == (1, 64)
+
+
+def test_a_copy_of_a_card_that_kept_its_name_is_refused_when_listed(models):
+    (models / "tiny-copy.yaml").write_text((models / "tiny.yaml").read_text())
+    with pytest.raises(ModelError, match=r"tiny-copy\.yaml: card file is named 'tiny-copy' but its name is 'tiny'"):
+        list_cards(models)
+    (models / "tiny-copy.yaml").unlink()
+    assert [c.name for c in list_cards(models)] == ["tiny"]
+
+
+def test_a_second_card_of_the_same_name_replaces_the_features_with_a_warning(models, store, tmp_path, caplog):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    other = write_card(elsewhere, weights=[], architecture={
+        "model": "prompted_vit_test_patch16_224", "kwargs": {"img_size": 64}, "init_seed": 3})
+    first = load_encoder(models / "tiny.yaml", device="cpu")
+    second = load_encoder(other, device="cpu")
+    assert first.name == second.name and first.encoder_hash != second.encoder_hash
+    out = tmp_path / "features"
+    assert extract_features(store, first, out, workers=0, progress=False).status == "computed"
+    with caplog.at_level(logging.WARNING, logger="wsitools.feature_store"):
+        result = extract_features(store, second, out, workers=0, progress=False)
+    assert result.status == "computed"
+    assert (f"replacing features of encoder hash {first.encoder_hash} with tiny's ({second.encoder_hash}): "
+            "the card or its weights changed, or another card has the name 'tiny'") in caplog.text
+
+
+# --- weight files --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("role, key", [("backbone", "blocks.1.attn.qkv.weight"), ("prompts", "prompt_tokens")])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_stop_before_any_store(role, key, value, models, store, tmp_path, capsys):
+    if role == "backbone":
+        sd = torch.load(models / "backbone.pth", weights_only=True)
+        sd[key][0, 0] = value
+        torch.save(sd, models / "backbone.pth")
+        path = models / "backbone.pth"
+    else:
+        tokens = torch.zeros(3, 4, 64)
+        tokens[2, 3, 1] = value
+        torch.save({"Prompt_Tokens": tokens}, models / "promptstate.pth")
+        path = models / "promptstate.pth"
+    rc, err = extract(models / "tiny.yaml", store, tmp_path / "f", capsys)
+    one_line(rc, err, f"{path}: tensor '{key}' holds NaN or infinite values; the file is damaged or was saved "
+             "from a run that diverged")
+    assert not (tmp_path / "f" / "tiny").exists()
+
+
+def test_non_finite_tensors_are_refused_in_every_checked_weight_file(tmp_path):
+    expected = {"w": torch.zeros(2, 2), "steps": torch.zeros(1, dtype=torch.int64)}
+    save_file({"w": torch.tensor([[0.0, float("-inf")], [1, 2]]), "steps": torch.zeros(1, dtype=torch.int64)},
+              str(tmp_path / "head.safetensors"))
+    with pytest.raises(ModelError, match=r"head\.safetensors: tensor 'w' holds NaN or infinite values"):
+        read_state_dict(tmp_path / "head.safetensors", expected)
+
+
+def test_a_directory_named_as_a_weight_file_is_said_to_be_one(models, store, tmp_path, capsys):
+    (models / "weights").mkdir()
+    card = write_card(models, weights=[{"role": "backbone", "file": "weights"},
+                                       {"role": "prompts", "file": "promptstate.pth"}])
+    rc, err = extract(card, store, tmp_path / "f", capsys)
+    one_line(rc, err, f"{models / 'weights'}: backbone weight file of encoder 'tiny' is a directory; the card "
+             f"{card} must name the weight file itself")
+
+
+# --- folders -------------------------------------------------------------------------------------
+
+
+def test_an_out_that_is_a_file_fails_once_before_any_store(models, store, tmp_path, capsys):
+    (tmp_path / "out").write_text("not a folder")
+    second = write_patch_store(
+        tmp_path / "tiles" / "S2.zarr", coords=np.zeros((1, 2)), tiles=np.zeros((1, 64, 64, 3), np.uint8),
+        tissue_fraction=np.ones(1), attrs={"slide_id": "S2", "slide_path": "/slides/S2.svs", "params_hash": "p",
+                                           "tile_size": 64, "tile_size_level0": 128.0, "mpp_target": 0.5})
+    rc, err = run(["extract", store, second, "--encoder", models / "tiny.yaml", "--out", tmp_path / "out",
+                   "--device", "cpu", "--workers", "0", "--quiet"], capsys)
+    one_line(rc, err, f"wsitools extract: error: {tmp_path / 'out'}: is a file, where a folder is needed")
+    assert (tmp_path / "out").read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("file", ["../victim.pth", "ABSOLUTE", "sub/../../victim.pth"])
+def test_fetch_never_writes_outside_the_cards_folder(file, models, tmp_path):
+    source = models / "backbone.pth"
+    victim = tmp_path / "victim.pth"
+    victim.write_bytes(b"precious")
+    name = str(victim) if file == "ABSOLUTE" else file
+    # a pinned checksum the present file does not have: fetch would download it again
+    card = write_card(models, name="hostile", architecture={"model": "prompted_vit_test_patch16_224",
+                      "kwargs": {"img_size": 64}}, weights=[
+        {"role": "backbone", "file": name, "url": source.as_uri(),
+         "sha256": hashlib.sha256(source.read_bytes()).hexdigest()}])
+    with pytest.raises(ModelError, match=rf"hostile\.yaml: weight file '{name}' is outside the card's folder "
+                       rf"{models}; fetch writes only beside the card"):
+        fetch_card(find_card(str(card)))
+    assert victim.read_bytes() == b"precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models", "victim.pth"]  # no temporary left either
+
+
+def test_fetch_writes_into_a_subfolder_of_the_cards_folder(models):
+    source = models / "backbone.pth"
+    card = write_card(models, name="nested", architecture={"model": "prompted_vit_test_patch16_224",
+                      "kwargs": {"img_size": 64}}, weights=[
+        {"role": "backbone", "file": "vit/backbone.pth", "url": source.as_uri()}])
+    [result] = fetch_card(find_card(str(card)))
+    assert result.status == "downloaded" and (models / "vit" / "backbone.pth").read_bytes() == source.read_bytes()
+
+
+# --- resuming from another run's folder ----------------------------------------------------------
+
+
+def test_a_refused_resume_names_the_first_differences_and_counts_the_rest(tmp_path):
+    written = {"backbone_card": "a.yaml", "config": {f"k{i}": i for i in range(10)}}
+    now = {"backbone": {"name": "b"}, "config": {f"k{i}": i + 1 for i in range(10)}}
+    with pytest.raises(ConfigError) as info:
+        check_same_settings(tmp_path, written=written, written_hash="x", settings=now, remedy="or start anew")
+    text = str(info.value)
+    assert text.count(" -> ") == MAX_SHOWN_DIFFERENCES == 6
+    assert text.startswith(f'{tmp_path}: was written by a run with other settings (backbone.name: "(not set)" -> "b"; ')
+    assert text.endswith("; and 6 more); resume with the same settings or start anew")
