@@ -252,3 +252,17 @@ def test_a_refused_resume_names_the_first_differences_and_counts_the_rest(tmp_pa
     assert text.count(" -> ") == MAX_SHOWN_DIFFERENCES == 6
     assert text.startswith(f'{tmp_path}: was written by a run with other settings (backbone.name: "(not set)" -> "b"; ')
     assert text.endswith("; and 6 more); resume with the same settings or start anew")
+
+
+# --- prompt tuning -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["../x", "my card", "a/b"])
+def test_an_unsafe_pathotune_name_is_refused_before_training_not_rewritten(name, models, store, tmp_path, capsys):
+    labels = tmp_path / "labels.csv"
+    labels.write_text("slide_id,x,y,label\n" + "".join(f"S1,{i * 128},0,{'ab'[i % 2]}\n" for i in range(6)))
+    rc, err = run(["tune", "pathotune", "--data", labels, "--stores", store, "--encoder", models / "tiny.yaml",
+                   "--prompts", "tvp", "--out", tmp_path / "run", "--epochs", "1", "--name", name, "--device", "cpu",
+                   "--workers", "0", "--quiet"], capsys)
+    one_line(rc, err, f"wsitools tune: error: {name!r} is not a valid encoder name")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "x.yaml").exists()

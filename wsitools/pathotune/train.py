@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader
 
 from wsitools.device import TrainPrecision, autocast
 from wsitools.encoders import Encoder, load_encoder
+from wsitools.encoders.cards import check_card_name
 from wsitools.encoders.transforms import prepare_input, random_resized_crop_flip
 from wsitools.errors import ConfigError, DataError, ModelError
 from wsitools.io import loader_workers, stable_hash, write_json_atomic
@@ -175,6 +176,8 @@ def tune_pathotune(
         stop_after_epochs: stop (after checkpointing) once this many epochs are done in total,
             as an interruption would; the schedule still spans ``config.epochs``.
     """
+    if name is not None:
+        check_card_name(name)  # as given, before any training: it names the card file and feature folder
     out = Path(out_dir)
     checkpoints = Checkpoints(out / "checkpoints", keep=config.keep_checkpoints)
     existing = checkpoints.found()
@@ -290,9 +293,9 @@ def tune_pathotune(
         out, data, split, parts, report_part=report_part, probs=p, labels=yt, seed=config.seed,
         summary={"val_untrained": untrained, "val_best": best_metrics, "best_epoch": best.epoch},
     )
-    card_name = name or f"{backbone_enc.name}-pathotune-{task.name if task else '-'.join(data.classes)}"
+    card_name = name or _safe_name(f"{backbone_enc.name}-pathotune-{task.name if task else '-'.join(data.classes)}")
     weights, card = save_pathotune(
-        out, model, backbone=backbone_enc, ivp=ivp, name=_safe_name(card_name),
+        out, model, backbone=backbone_enc, ivp=ivp, name=card_name,
         meta={"task": task.to_dict() if task else None, "text_model": config.text_model,
               "training": config.to_dict(), "best_epoch": best.epoch},
     )
