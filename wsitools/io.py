@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -327,3 +328,35 @@ def scan_temps(root: str | os.PathLike[str], *, older_than_hours: float | None =
                 stale, why = False, f"from {owner.host or 'an older wsitools'}, untouched for {idle:.1f} h"
             found.append(TempReport(path, size, idle, stale, why))
     return found
+
+
+@lru_cache(maxsize=1)
+def yaml_loader() -> type:
+    """A safe YAML loader (no Python objects) whose mapping keys are the text as written and may
+    not repeat, for every YAML file a user writes (task descriptions, model cards).
+
+    Class names are mapping keys, and plain YAML would turn ``yes``/``no``/``on``/``off`` into
+    booleans, ``01`` into 1, ``1.50`` into 1.5 and ``null`` into None, so their names would no
+    longer equal the labels in the table; and it keeps only the last of a repeated key, so a
+    class written twice would silently vanish, as would the first of two ``input:`` sections
+    of a card."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+        loader.flatten_mapping(node)
+        out: dict[Any, Any] = {}
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise yaml.constructor.ConstructorError(
+                    None, None, "a key must be a plain name, not a list or mapping", key_node.start_mark)
+            if key_node.value in out:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key_node.value!r} appears twice", key_node.start_mark)
+            out[key_node.value] = loader.construct_object(value_node, deep=True)
+        return out
+
+    StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    return StrictLoader

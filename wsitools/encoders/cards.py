@@ -26,6 +26,7 @@ import jsonschema
 import yaml
 
 from wsitools.errors import ModelError
+from wsitools.io import yaml_loader
 from wsitools.types import schema_pattern
 
 OutputKind = Literal["cls", "pooled", "mean_patch", "cls_mean_patch"]
@@ -338,7 +339,7 @@ def read_card(path: str | os.PathLike[str]) -> EncoderCard:
     if not path.is_file():
         raise ModelError(f"{path}: model card not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=yaml_loader())  # safe; a repeated key is an error
     except yaml.YAMLError as exc:
         raise ModelError(f"{path}: not valid YAML ({exc})") from None
     return card_from_dict(data, source=path)
