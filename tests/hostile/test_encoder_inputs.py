@@ -276,3 +276,19 @@ def test_an_unsafe_pathotune_name_is_refused_before_training_not_rewritten(name,
                    "--workers", "0", "--quiet"], capsys)
     one_line(rc, err, f"wsitools tune: error: {name!r} is not a valid encoder name")
     assert not (tmp_path / "run").exists() and not (tmp_path / "x.yaml").exists()
+
+
+def test_a_reader_that_stops_early_ends_the_listing_quietly(tmp_path):
+    """`wsitools encoders | head -1`: the pipe closes before the listing is written."""
+    import os
+    import subprocess
+    import sys
+
+    read, write = os.pipe()
+    os.close(read)  # every write to the pipe now fails with EPIPE
+    try:
+        done = subprocess.run([sys.executable, "-m", "wsitools", "encoders"], stdout=write, stderr=subprocess.PIPE,
+                              text=True, cwd=Path(__file__).resolve().parents[2], timeout=120)
+    finally:
+        os.close(write)
+    assert (done.returncode, done.stderr) == (1, "")
