@@ -5,7 +5,8 @@ sub-commands and sets ``func`` on them. Every user error ends the command with o
 stderr, ``wsitools CMD: error: ...``, naming the file or option and the problem, with exit status
 2 and no traceback: a bad option value (the argument types of :mod:`wsitools.cli.options`), a
 :class:`WsiToolsError`, and an ``OSError`` about a named file (a directory given for a file, a
-file that cannot be read or written). Anything else is a bug and keeps its traceback.
+file that cannot be read or written). A reader that closes the output early (``| head``) ends the
+command with status 1 and nothing on stderr. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations

@@ -446,5 +446,6 @@ def _fmt(m: dict[str, float]) -> str:
 
 
 def _safe_name(name: str) -> str:
+    """The default card name (from the backbone, task or class names) as a safe file name."""
     cleaned = re.sub(r"[^A-Za-z0-9._-]", "-", name).strip("-.") or "pathotune"
     return cleaned[:100]
