@@ -2,9 +2,9 @@
 
 The Snakemake workflow (``workflow/``) and ``wsitools demo`` call these functions; the Snakefile
 holds no logic of its own beyond wiring. Everything a user can get wrong here (an unsafe or
-duplicate slide id, a missing slide file, an implausible mpp override, an unknown config key, an
-encoder without a card) is a :class:`DataError` naming the sheet or key, the row and the
-problem, raised before any job runs.
+duplicate slide id, a missing slide file or one file under two ids, an implausible mpp override,
+an unknown config key, an encoder without a card) is a :class:`DataError` naming the sheet or
+key, the row and the problem, raised before any job runs.
 """
 
 from __future__ import annotations
@@ -95,9 +95,20 @@ def _check_unique(samples: Sequence[Sample], source: str) -> None:
 
 
 def _check_files(samples: Sequence[Sample], source: str) -> None:
+    """Every slide file exists, and no file is listed twice: two ids for one slide would put it
+    in two cross-validation folds (trained on and tested on) and count it twice."""
+    seen: dict[str, Sample] = {}
     for s in samples:
         if not os.path.isfile(s.path):
             raise DataError(f"{source}: slide {s.slide_id!r}: file {s.path} does not exist")
+        real = os.path.realpath(s.path)
+        if real in seen:
+            first = seen[real]
+            raise DataError(
+                f"{source}: slides {first.slide_id!r} ({first.path}) and {s.slide_id!r} ({s.path}) "
+                "are one file; list each slide once"
+            )
+        seen[real] = s
 
 
 def read_samples(path: str | os.PathLike[str], *, check_files: bool = True) -> list[Sample]:
