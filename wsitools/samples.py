@@ -99,6 +99,8 @@ def _check_files(samples: Sequence[Sample], source: str) -> None:
     in two cross-validation folds (trained on and tested on) and count it twice."""
     seen: dict[str, Sample] = {}
     for s in samples:
+        if os.path.isdir(s.path):
+            raise DataError(f"{source}: slide {s.slide_id!r}: {s.path} is a directory, expected a slide file")
         if not os.path.isfile(s.path):
             raise DataError(f"{source}: slide {s.slide_id!r}: file {s.path} does not exist")
         real = os.path.realpath(s.path)
@@ -121,8 +123,6 @@ def read_samples(path: str | os.PathLike[str], *, check_files: bool = True) -> l
     starting with ``#`` are skipped.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"samples sheet {path} does not exist")
     text = read_user_text(path, what="samples sheet", expected="a TSV file", encoding="utf-8-sig")
     lines = [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     if not lines:

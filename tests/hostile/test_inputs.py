@@ -697,6 +697,11 @@ def _dry_run(work: Path) -> subprocess.CompletedProcess:
          "config: tasks: planted: labels in column 'label' of config/samples.tsv that are not classes of "
          "config/task.yaml (neg, pos): 'Pos'"),
         ({"labels": ("neg",)}, "config: tasks: planted: class 'pos' of config/task.yaml has no labelled slide"),
+        ({"config": {"tasks": {"planted": {"task_file": "config/nope.yaml"}}}},
+         "config: task 'planted': task description config/nope.yaml: no such file"),
+        ({"config": {"tasks": {"planted": {"task_file": "config"}}}},
+         "config: task 'planted': task description config: is a directory, expected a YAML file"),
+        ({"config": {"samples": "config"}}, "samples sheet config: is a directory, expected a TSV file"),
     ],
 )
 def test_workflow_config_and_labels_fail_before_any_job(tmp_path, kwargs, message):
