@@ -720,6 +720,25 @@ def test_workflow_slide_glob_with_odd_file_names_runs(tmp_path):
     assert "results/tiles/scan_1.qc.json" in result.stdout and "results/tiles/Muller.qc.json" in result.stdout
 
 
+def test_a_task_left_without_classes_by_qc_ends_with_one_line(tmp_path):
+    """Every slide of the task fails QC: the labels job ends with one line naming the task, in its
+    log and in the run's output (no traceback), and the QC summary still says why."""
+    work = _project(tmp_path / "w", patients=1)
+    for name in ("s0.svs", "s1.svs"):
+        shutil.copyfile(FIXTURES / "unreadable.svs", work / "slides" / name)
+    sheet = (work / "config" / "samples.tsv").read_text().splitlines()  # own splits: no fold check
+    sheet = [sheet[0] + "\tsplit"] + [row + "\ttrain" for row in sheet[1:]]
+    (work / "config" / "samples.tsv").write_text("\n".join(sheet) + "\n")
+    result = subprocess.run(snakemake_command(work, "--cores", "2"), capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    message = ("task 'planted': task labels from column 'label': 0 usable labelled slide(s) with class(es) []: "
+               "training needs at least two classes (after QC; results/qc/summary.tsv says why slides were left out)")
+    assert result.returncode != 0
+    assert message in output and "Traceback" not in output
+    assert (work / "logs" / "labels" / "planted.log").read_text() == message + "\n"
+    assert not (work / "results" / "heads" / "planted" / "labels.tsv").exists()
+    assert "QC: 2 slides: 2 failed" in output
+
 def test_check_task_labels_counts_patients_not_slides():
     samples = [Sample(slide_id=f"s{i}", path="x", patient_id=f"p{i // 2}", fields={"label": lab})
                for i, lab in enumerate(["a", "a", "b", "b", "a", "a", "b", "b"])]
