@@ -320,6 +320,17 @@ def test_heatmap_caption_says_what_the_colours_mean(loaded_workflow, scale, says
     assert "s1.attention.geojson" in flat and "level-0" in flat
 
 
+def test_every_rule_runs_locally_or_is_sized_in_the_slurm_profile(loaded_workflow):
+    """On a cluster a rule is either a small cohort table or figure run where snakemake runs
+    (local), or a job whose resources the SLURM profile sets; never a job of default size."""
+    profile = yaml.safe_load((SLURM_PROFILE / "config.v8+.yaml").read_text())
+    rules = {rule.name: rule for rule in loaded_workflow.rules}
+    local = loaded_workflow._localrules | {name for name, rule in rules.items() if rule.norun}  # `localrules:`, `all`
+    sized = set(profile["set-resources"])
+    assert sized <= set(rules)
+    assert local == {"all", "qc_summary", "qc_table", "labels", "metrics_table", "roc", "outcome_figure", "export"}
+    assert sorted(set(rules) - local - sized) == []
+
 def test_every_caption_renders(loaded_workflow):
     wildcards = {"head": "abmil", "task": "t", "encoder": "e", "slide": "s1"}
     for caption in sorted((REPO / "workflow" / "report").glob("*.rst")):
