@@ -108,6 +108,7 @@ def test_samples_sheet_is_read_with_defaults_and_overrides(tmp_path):
          "slides 's1' (a.svs) and 's3' (./a.svs) are one file; list each slide once"),
         ([["s1", "a.svs"], ["s2", "link.svs"]], "slides 's1' (a.svs) and 's2' (link.svs) are one file"),
         ([["s1", "a.svs"], ["s2", "folder"]], "slide 's2': folder is a directory, expected a slide file"),
+        ([["S1", "a.svs"], ["s1", "b.svs"]], "slide ids 'S1' (a.svs) and 's1' (b.svs) differ only in case"),
     ],
 )
 def test_bad_samples_sheet_names_the_problem(tmp_path, monkeypatch, rows, message):

@@ -85,13 +85,19 @@ def _parse_mpp(text: str, where: str) -> MicronsPerPixel | None:
 
 
 def _check_unique(samples: Sequence[Sample], source: str) -> None:
-    seen: dict[str, str] = {}
+    """Slide ids are unique, also ignoring case: ids become file names, and on a file system
+    that ignores case (macOS, Windows shares) ``S1`` and ``s1`` would be one output file."""
+    seen: dict[str, Sample] = {}
     for s in samples:
-        if s.slide_id in seen:
+        first = seen.get(s.slide_id.casefold())
+        if first is not None and first.slide_id == s.slide_id:
+            raise DataError(f"{source}: duplicate slide id {s.slide_id!r} ({first.path} and {s.path})")
+        if first is not None:
             raise DataError(
-                f"{source}: duplicate slide id {s.slide_id!r} ({seen[s.slide_id]} and {s.path})"
+                f"{source}: slide ids {first.slide_id!r} ({first.path}) and {s.slide_id!r} ({s.path}) differ "
+                "only in case; their outputs would be one file where case is ignored (macOS, Windows): rename one"
             )
-        seen[s.slide_id] = s.path
+        seen[s.slide_id.casefold()] = s
 
 
 def _check_files(samples: Sequence[Sample], source: str) -> None:
