@@ -697,6 +697,10 @@ def _dry_run(work: Path) -> subprocess.CompletedProcess:
          "config: tasks: planted: labels in column 'label' of config/samples.tsv that are not classes of "
          "config/task.yaml (neg, pos): 'Pos'"),
         ({"labels": ("neg",)}, "config: tasks: planted: class 'pos' of config/task.yaml has no labelled slide"),
+        ({"labels": ("neg", "pos", "NA"), "config": {"tasks": {"planted": {}}}},
+         "config: tasks: planted: column 'label' of config/samples.tsv: label 'NA' (slide s2) looks like a missing "
+         "value, which would make it a class; leave the cell empty for a slide without a label, or list the "
+         "classes in a task file"),
         ({"config": {"tasks": {"planted": {"task_file": "config/nope.yaml"}}}},
          "config: task 'planted': task description config/nope.yaml: no such file"),
         ({"config": {"tasks": {"planted": {"task_file": "config"}}}},
@@ -738,6 +742,17 @@ def test_a_task_left_without_classes_by_qc_ends_with_one_line(tmp_path):
     assert (work / "logs" / "labels" / "planted.log").read_text() == message + "\n"
     assert not (work / "results" / "heads" / "planted" / "labels.tsv").exists()
     assert "QC: 2 slides: 2 failed" in output
+
+def test_a_missing_value_marker_is_a_label_only_when_a_task_file_lists_it():
+    samples = [Sample(slide_id=f"s{i}", path="x", patient_id=f"p{i}", fields={"label": lab})
+               for i, lab in enumerate(["a", "a", "b", "b", "n/a", "N/A"])]
+    with pytest.raises(DataError, match=r"label 'n/a' \(slide s4\) looks like a missing value"):
+        check_task_labels(samples, task="t", label_column="label", classes=None, folds={"h": 2}, sheet="s.tsv")
+    with pytest.raises(DataError, match=r"not classes of the task \(a, b\): 'n/a' \(slides s4\); 'N/A' \(slides s5\)"):
+        check_task_labels(samples, task="t", label_column="label", classes=["a", "b"], folds={"h": 2}, sheet="s.tsv")
+    check_task_labels(samples[:4] + [Sample("s4", "x", "p4", fields={"label": "N/A"}),
+                                     Sample("s5", "x", "p5", fields={"label": "N/A"})],
+                      task="t", label_column="label", classes=["a", "b", "N/A"], folds={"h": 2}, sheet="s.tsv")
 
 def test_check_task_labels_counts_patients_not_slides():
     samples = [Sample(slide_id=f"s{i}", path="x", patient_id=f"p{i // 2}", fields={"label": lab})
