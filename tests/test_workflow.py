@@ -104,12 +104,19 @@ def test_samples_sheet_is_read_with_defaults_and_overrides(tmp_path):
         ([["s 1", "a.svs"]], "unsafe slide id 's 1'"),
         ([["s1", ""]], "has no path"),
         ([["s1", "missing.svs"]], "file missing.svs does not exist"),
+        ([["s1", "a.svs"], ["s2", "b.svs"], ["s3", "./a.svs"]],
+         "slides 's1' (a.svs) and 's3' (./a.svs) are one file; list each slide once"),
+        ([["s1", "a.svs"], ["s2", "link.svs"]], "slides 's1' (a.svs) and 's2' (link.svs) are one file"),
+        ([["s1", "a.svs"], ["s2", "folder"]], "slide 's2': folder is a directory, expected a slide file"),
+        ([["S1", "a.svs"], ["s1", "b.svs"]], "slide ids 'S1' (a.svs) and 's1' (b.svs) differ only in case"),
     ],
 )
 def test_bad_samples_sheet_names_the_problem(tmp_path, monkeypatch, rows, message):
     monkeypatch.chdir(tmp_path)
     for name in ("a.svs", "b.svs"):
         Path(name).write_bytes(b"x")
+    Path("link.svs").symlink_to("a.svs")
+    Path("folder").mkdir()
     sheet = write_sheet(tmp_path / "s.tsv", ["slide_id", "path"], rows)
     with pytest.raises(DataError, match=re.escape(message)) as err:
         read_samples(sheet)
@@ -313,6 +320,17 @@ def test_heatmap_caption_says_what_the_colours_mean(loaded_workflow, scale, says
     assert "Colour map inferno" in re.sub(r"<[^>]+>", "", flat)
     assert "s1.attention.geojson" in flat and "level-0" in flat
 
+
+def test_every_rule_runs_locally_or_is_sized_in_the_slurm_profile(loaded_workflow):
+    """On a cluster a rule is either a small cohort table or figure run where snakemake runs
+    (local), or a job whose resources the SLURM profile sets; never a job of default size."""
+    profile = yaml.safe_load((SLURM_PROFILE / "config.v8+.yaml").read_text())
+    rules = {rule.name: rule for rule in loaded_workflow.rules}
+    local = loaded_workflow._localrules | {name for name, rule in rules.items() if rule.norun}  # `localrules:`, `all`
+    sized = set(profile["set-resources"])
+    assert sized <= set(rules)
+    assert local == {"all", "qc_summary", "qc_table", "labels", "metrics_table", "roc", "outcome_figure", "export"}
+    assert sorted(set(rules) - local - sized) == []
 
 def test_every_caption_renders(loaded_workflow):
     wildcards = {"head": "abmil", "task": "t", "encoder": "e", "slide": "s1"}

@@ -197,3 +197,21 @@ def test_an_unlabelled_slide_is_predicted_by_the_trained_head(run, tmp_path):
         assert float(f["attention"][()].sum()) == pytest.approx(1.0, abs=1e-4)
     assert sorted(p.name for p in (out / "heatmaps").iterdir() if not p.name.startswith(".")) == [
         "new.attention.geojson", "new.heatmap.png", "new.top_tiles.png"]
+
+
+def test_a_new_batch_size_reuses_the_feature_stores(run, tmp_path):
+    """`features: batch_size` says how fast, not what: a new one re-extracts nothing (and is used
+    by the next extraction), while a setting that changes the features re-extracts every store."""
+    work = copy_run(run[0], tmp_path / "w")
+    config = yaml.safe_load((work / "config/config.yaml").read_text())
+    config["features"]["batch_size"] = 8
+    (work / "config/config.yaml").write_text(yaml.safe_dump(config))
+    result = snakemake(work, "-n")
+    assert result.returncode == 0, result.stderr
+    assert "Nothing to be done" in result.stdout + result.stderr
+    forced = snakemake(work, "-n", "--printshellcmds", "--forcerun", "extract")
+    assert f"--encoder {ENCODER} " in forced.stdout and "--batch-size 8 " in forced.stdout
+    config["features"]["precision"] = "fp32"
+    (work / "config/config.yaml").write_text(yaml.safe_dump(config))
+    counts = job_counts(snakemake(work, "-n").stdout)
+    assert counts["extract"] == len(OK)

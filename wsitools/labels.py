@@ -88,14 +88,26 @@ class LabelRow:
     event: int | None = None
 
 
+MISSING_MARKERS = frozenset({"na", "n/a", "#n/a", "nan", "none", "null", "missing", "-", "?"})
+"""Cell values (compared ignoring case) that spreadsheets and data-frame exports write for "no
+value"; as labels of a task without a task file they would silently become a class."""
+
+
 def classes_from_labels(labelled: Iterable[tuple[str, str]], *, where: str) -> tuple[str, ...]:
     """The classes of a task without a task file: the labels of ``labelled`` (slide id, label)
     pairs, sorted. Two labels that are one number written two ways (``1`` and ``1.0``, as
-    exports of one spreadsheet can mix) would be two classes: a :class:`DataError` starting with
-    ``where`` names both and a slide of each."""
+    exports of one spreadsheet can mix) would be two classes, and so would a missing-value
+    marker (``NA``, ``NaN``, ``#N/A``, ...; :data:`MISSING_MARKERS`): a :class:`DataError`
+    starting with ``where`` names them and a slide of each. A task file that lists such a label
+    as a class makes it one."""
     first: dict[float, tuple[str, str]] = {}
     labels: set[str] = set()
     for slide_id, label in labelled:
+        if label.casefold() in MISSING_MARKERS:
+            raise DataError(
+                f"{where}: label {label!r} (slide {slide_id}) looks like a missing value, which would make it a "
+                "class; leave the cell empty for a slide without a label, or list the classes in a task file"
+            )
         labels.add(label)
         if not is_number(label):
             continue
@@ -305,8 +317,9 @@ def check_task_labels(
     """
     where = f"column {label_column!r} of {sheet}"
     labelled = [(s, s.value(label_column)) for s in samples if s.value(label_column)]
-    present = list(classes_from_labels(((s.slide_id, label) for s, label in labelled),
-                                       where=f"config: tasks: {task}: {where}"))
+    present = (sorted({label for _, label in labelled}) if classes is not None  # checked against them below
+               else list(classes_from_labels(((s.slide_id, label) for s, label in labelled),
+                                             where=f"config: tasks: {task}: {where}")))
     order = list(classes) if classes is not None else present
     if classes is not None:
         unknown: dict[str, list[str]] = {}

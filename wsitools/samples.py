@@ -2,9 +2,9 @@
 
 The Snakemake workflow (``workflow/``) and ``wsitools demo`` call these functions; the Snakefile
 holds no logic of its own beyond wiring. Everything a user can get wrong here (an unsafe or
-duplicate slide id, a missing slide file, an implausible mpp override, an unknown config key, an
-encoder without a card) is a :class:`DataError` naming the sheet or key, the row and the
-problem, raised before any job runs.
+duplicate slide id, a missing slide file or one file under two ids, an implausible mpp override,
+an unknown config key, an encoder without a card) is a :class:`DataError` naming the sheet or
+key, the row and the problem, raised before any job runs.
 """
 
 from __future__ import annotations
@@ -85,19 +85,38 @@ def _parse_mpp(text: str, where: str) -> MicronsPerPixel | None:
 
 
 def _check_unique(samples: Sequence[Sample], source: str) -> None:
-    seen: dict[str, str] = {}
+    """Slide ids are unique, also ignoring case: ids become file names, and on a file system
+    that ignores case (macOS, Windows shares) ``S1`` and ``s1`` would be one output file."""
+    seen: dict[str, Sample] = {}
     for s in samples:
-        if s.slide_id in seen:
+        first = seen.get(s.slide_id.casefold())
+        if first is not None and first.slide_id == s.slide_id:
+            raise DataError(f"{source}: duplicate slide id {s.slide_id!r} ({first.path} and {s.path})")
+        if first is not None:
             raise DataError(
-                f"{source}: duplicate slide id {s.slide_id!r} ({seen[s.slide_id]} and {s.path})"
+                f"{source}: slide ids {first.slide_id!r} ({first.path}) and {s.slide_id!r} ({s.path}) differ "
+                "only in case; their outputs would be one file where case is ignored (macOS, Windows): rename one"
             )
-        seen[s.slide_id] = s.path
+        seen[s.slide_id.casefold()] = s
 
 
 def _check_files(samples: Sequence[Sample], source: str) -> None:
+    """Every slide file exists, and no file is listed twice: two ids for one slide would put it
+    in two cross-validation folds (trained on and tested on) and count it twice."""
+    seen: dict[str, Sample] = {}
     for s in samples:
+        if os.path.isdir(s.path):
+            raise DataError(f"{source}: slide {s.slide_id!r}: {s.path} is a directory, expected a slide file")
         if not os.path.isfile(s.path):
             raise DataError(f"{source}: slide {s.slide_id!r}: file {s.path} does not exist")
+        real = os.path.realpath(s.path)
+        if real in seen:
+            first = seen[real]
+            raise DataError(
+                f"{source}: slides {first.slide_id!r} ({first.path}) and {s.slide_id!r} ({s.path}) "
+                "are one file; list each slide once"
+            )
+        seen[real] = s
 
 
 def read_samples(path: str | os.PathLike[str], *, check_files: bool = True) -> list[Sample]:
@@ -110,8 +129,6 @@ def read_samples(path: str | os.PathLike[str], *, check_files: bool = True) -> l
     starting with ``#`` are skipped.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"samples sheet {path} does not exist")
     text = read_user_text(path, what="samples sheet", expected="a TSV file", encoding="utf-8-sig")
     lines = [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     if not lines:

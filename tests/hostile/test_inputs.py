@@ -697,6 +697,15 @@ def _dry_run(work: Path) -> subprocess.CompletedProcess:
          "config: tasks: planted: labels in column 'label' of config/samples.tsv that are not classes of "
          "config/task.yaml (neg, pos): 'Pos'"),
         ({"labels": ("neg",)}, "config: tasks: planted: class 'pos' of config/task.yaml has no labelled slide"),
+        ({"labels": ("neg", "pos", "NA"), "config": {"tasks": {"planted": {}}}},
+         "config: tasks: planted: column 'label' of config/samples.tsv: label 'NA' (slide s2) looks like a missing "
+         "value, which would make it a class; leave the cell empty for a slide without a label, or list the "
+         "classes in a task file"),
+        ({"config": {"tasks": {"planted": {"task_file": "config/nope.yaml"}}}},
+         "config: task 'planted': task description config/nope.yaml: no such file"),
+        ({"config": {"tasks": {"planted": {"task_file": "config"}}}},
+         "config: task 'planted': task description config: is a directory, expected a YAML file"),
+        ({"config": {"samples": "config"}}, "samples sheet config: is a directory, expected a TSV file"),
     ],
 )
 def test_workflow_config_and_labels_fail_before_any_job(tmp_path, kwargs, message):
@@ -714,6 +723,36 @@ def test_workflow_slide_glob_with_odd_file_names_runs(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "results/tiles/scan_1.qc.json" in result.stdout and "results/tiles/Muller.qc.json" in result.stdout
 
+
+def test_a_task_left_without_classes_by_qc_ends_with_one_line(tmp_path):
+    """Every slide of the task fails QC: the labels job ends with one line naming the task, in its
+    log and in the run's output (no traceback), and the QC summary still says why."""
+    work = _project(tmp_path / "w", patients=1)
+    for name in ("s0.svs", "s1.svs"):
+        shutil.copyfile(FIXTURES / "unreadable.svs", work / "slides" / name)
+    sheet = (work / "config" / "samples.tsv").read_text().splitlines()  # own splits: no fold check
+    sheet = [sheet[0] + "\tsplit"] + [row + "\ttrain" for row in sheet[1:]]
+    (work / "config" / "samples.tsv").write_text("\n".join(sheet) + "\n")
+    result = subprocess.run(snakemake_command(work, "--cores", "2"), capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    message = ("task 'planted': task labels from column 'label': 0 usable labelled slide(s) with class(es) []: "
+               "training needs at least two classes (after QC; results/qc/summary.tsv says why slides were left out)")
+    assert result.returncode != 0
+    assert message in output and "Traceback" not in output
+    assert (work / "logs" / "labels" / "planted.log").read_text() == message + "\n"
+    assert not (work / "results" / "heads" / "planted" / "labels.tsv").exists()
+    assert "QC: 2 slides: 2 failed" in output
+
+def test_a_missing_value_marker_is_a_label_only_when_a_task_file_lists_it():
+    samples = [Sample(slide_id=f"s{i}", path="x", patient_id=f"p{i}", fields={"label": lab})
+               for i, lab in enumerate(["a", "a", "b", "b", "n/a", "N/A"])]
+    with pytest.raises(DataError, match=r"label 'n/a' \(slide s4\) looks like a missing value"):
+        check_task_labels(samples, task="t", label_column="label", classes=None, folds={"h": 2}, sheet="s.tsv")
+    with pytest.raises(DataError, match=r"not classes of the task \(a, b\): 'n/a' \(slides s4\); 'N/A' \(slides s5\)"):
+        check_task_labels(samples, task="t", label_column="label", classes=["a", "b"], folds={"h": 2}, sheet="s.tsv")
+    check_task_labels(samples[:4] + [Sample("s4", "x", "p4", fields={"label": "N/A"}),
+                                     Sample("s5", "x", "p5", fields={"label": "N/A"})],
+                      task="t", label_column="label", classes=["a", "b", "N/A"], folds={"h": 2}, sheet="s.tsv")
 
 def test_check_task_labels_counts_patients_not_slides():
     samples = [Sample(slide_id=f"s{i}", path="x", patient_id=f"p{i // 2}", fields={"label": lab})

@@ -409,3 +409,14 @@ def test_a_heatmap_whose_patch_store_is_gone_is_drawn_without_its_montage(synthe
     assert (tmp_path / "h" / "synth_svs.attention.geojson").stat().st_size > 0
     assert not (tmp_path / "h" / "synth_svs.top_tiles.png").exists()
     assert f"no patch store ({tmp_path / 'deleted.zarr'})" in caplog.text and "no montage" in caplog.text
+
+
+def test_a_missing_value_marker_is_not_a_class(cohort, capsys):
+    root, bags = cohort
+    labels = root / "with_na.csv"
+    rows = [f"{b.slide_id},{b.label}" for b in bags]
+    rows[2] = f"{bags[2].slide_id},#N/A"  # a spreadsheet's empty lookup
+    labels.write_text("slide_id,label\n" + "\n".join(rows) + "\n")
+    rc, err = run(train_argv(root, labels, task=False), capsys)
+    one_line(rc, err, f"labels table {labels}: label '#N/A' (slide {bags[2].slide_id}) looks like a missing value")
+    assert not (root / "heads").exists()

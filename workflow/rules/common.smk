@@ -66,8 +66,6 @@ TASK_TYPES = {}  # task name -> classification, survival or regression (the task
 TASK_COLUMNS = {}  # task name -> labels-table column -> samples-sheet column
 for _name, _task in TASKS.items():
     _task_file = _task.get("task_file") or None
-    if _task_file and not Path(_task_file).is_file():
-        raise WorkflowError(f"config: task {_name!r}: task file {_task_file} does not exist")
     try:
         TASK_TYPES[_name] = load_task(_task_file).type if _task_file else "classification"
     except WsiToolsError as exc:

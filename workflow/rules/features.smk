@@ -18,12 +18,15 @@ rule extract:
             [
                 "--device", config["device"],
                 *models_dir_args(),
-                "--batch-size", config["features"]["batch_size"],
                 "--precision", config["features"]["precision"],
                 "--dtype", config["features"]["dtype"],
             ]
             + config["features"]["extra_args"]
         ),
+        # How fast, not what: a batch size does not change the features. As a function of the
+        # job's threads Snakemake counts it as derived, not as a setting of the output, so a new
+        # batch size does not re-extract finished feature stores.
+        batch_size=lambda wildcards, threads: config["features"]["batch_size"],
     log:
         "logs/extract/{encoder}/{slide}.log",
     benchmark:
@@ -37,7 +40,7 @@ rule extract:
         "../envs/wsitools.yaml"
     shell:
         "wsitools extract {params.store} --encoder {wildcards.encoder:q} --out {params.out:q}"
-        " {params.options} --workers {threads} --quiet > {log:q} 2>&1"
+        " {params.options} --batch-size {params.batch_size} --workers {threads} --quiet > {log:q} 2>&1"
 
 
 # Export of an encoder's feature stores of the usable slides in CLAM's or TRIDENT's layout
