@@ -113,6 +113,25 @@ def feature_path(features_dir: str | os.PathLike[str], slide_id: str) -> Path:
     return Path(features_dir) / f"{check_slide_id(slide_id)}.h5"
 
 
+def check_target(path: str | os.PathLike[str]) -> Path:
+    """``path`` ready to take a feature store: its folder created and nothing but a file there;
+    else a :class:`StoreError` naming it. Called before any features are computed, because a
+    directory at ``path`` (or a folder that cannot be made) would otherwise fail only at the final
+    rename, after all the work."""
+    path = Path(path)
+    if path.is_dir():
+        raise StoreError(f"{path}: is a directory, where the feature store file goes; remove it or write the features elsewhere")
+    if path.exists() and not path.is_file():
+        raise StoreError(f"{path}: is not a regular file, where the feature store file goes; remove it or write the features elsewhere")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        blocker = next((p for p in path.parents if p.exists() or p.is_symlink()), None)
+        reason = f"{blocker} is a file" if blocker is not None and blocker.is_file() else (exc.strerror or one_line(exc))
+        raise StoreError(f"{path}: its folder {path.parent} cannot be created ({reason})") from None
+    return path
+
+
 def check_feature_dir(features_dir: str | os.PathLike[str]) -> Path:
     """``features_dir`` if it is a directory; else a :class:`StoreError` saying what it is (one
     feature store given for the directory of them, or nothing)."""

@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from wsitools.encoders.loading import Encoder
 from wsitools.errors import ModelError, StoreError
-from wsitools.feature_store import feature_attrs, feature_store_path, reusable, write_feature_store
+from wsitools.feature_store import check_target, feature_attrs, feature_store_path, reusable, write_feature_store
 from wsitools.io import loader_workers, remove_dead_temps
 from wsitools.store import PatchStore
 from wsitools.types import DEFAULT_FEATURE_DTYPE, FEATURE_DTYPES, FeatureDtype
@@ -157,7 +157,8 @@ def extract_features(
 
     Args:
         store: a patch store path or an open :class:`PatchStore` (unfinished stores raise
-            :class:`StoreError`).
+            :class:`StoreError`, and so does a feature store path that is a directory or whose
+            folder cannot be made, before any work: :func:`check_target`).
         encoder: from :func:`wsitools.encoders.load_encoder`.
         out_root: the features root.
         batch_size: tiles per forward pass (and per DataLoader item).
@@ -169,7 +170,7 @@ def extract_features(
     """
     start = time.perf_counter()
     store = store if isinstance(store, PatchStore) else PatchStore.open(store)
-    path = feature_store_path(out_root, encoder.name, store.slide_id)
+    path = check_target(feature_store_path(out_root, encoder.name, store.slide_id))
     if dtype not in FEATURE_DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(FEATURE_DTYPES)}, not {dtype!r}")
     if not overwrite and path.exists() and reusable(path, store, encoder, dtype):
@@ -178,8 +179,7 @@ def extract_features(
         log.warning("%s: patch store has no tiles; writing an empty feature store", store.path)
     elif not store.has_pixels:
         store.check_slide()  # here, once, rather than in every DataLoader worker
-    if path.parent.is_dir():
-        remove_dead_temps(path.parent, path.name)
+    remove_dead_temps(path.parent, path.name)
     features = compute_features(store, encoder, batch_size=batch_size, workers=workers, compile=compile, progress=progress)
     stored = as_stored(features, dtype, source=store.path, encoder=encoder.name)
     write_feature_store(path, stored, store.coords, feature_attrs(store, encoder))

@@ -24,7 +24,7 @@ from wsitools.device import resolve_device
 from wsitools.encoders import find_card, list_cards, load_encoder
 from wsitools.encoders.checkpoint import read_state_dict
 from wsitools.encoders.fetch import fetch_card
-from wsitools.errors import ConfigError, ModelError
+from wsitools.errors import ConfigError, ModelError, StoreError
 from wsitools.features import extract_features
 from wsitools.store import write_patch_store
 from wsitools.training import MAX_SHOWN_DIFFERENCES, check_same_settings
@@ -213,14 +213,49 @@ def test_a_directory_named_as_a_weight_file_is_said_to_be_one(models, store, tmp
 
 def test_an_out_that_is_a_file_fails_once_before_any_store(models, store, tmp_path, capsys):
     (tmp_path / "out").write_text("not a folder")
-    second = write_patch_store(
-        tmp_path / "tiles" / "S2.zarr", coords=np.zeros((1, 2)), tiles=np.zeros((1, 64, 64, 3), np.uint8),
-        tissue_fraction=np.ones(1), attrs={"slide_id": "S2", "slide_path": "/slides/S2.svs", "params_hash": "p",
-                                           "tile_size": 64, "tile_size_level0": 128.0, "mpp_target": 0.5})
+    second = second_store(tmp_path)
     rc, err = run(["extract", store, second, "--encoder", models / "tiny.yaml", "--out", tmp_path / "out",
                    "--device", "cpu", "--workers", "0", "--quiet"], capsys)
     one_line(rc, err, f"wsitools extract: error: {tmp_path / 'out'}: is a file, where a folder is needed")
     assert (tmp_path / "out").read_text() == "not a folder"
+
+
+def second_store(tmp_path: Path) -> Path:
+    return write_patch_store(
+        tmp_path / "tiles" / "S2.zarr", coords=np.zeros((1, 2)), tiles=np.zeros((1, 64, 64, 3), np.uint8),
+        tissue_fraction=np.ones(1), attrs={"slide_id": "S2", "slide_path": "/slides/S2.svs", "params_hash": "p",
+                                           "tile_size": 64, "tile_size_level0": 128.0, "mpp_target": 0.5})
+
+
+def test_a_directory_where_a_feature_store_goes_fails_that_slide_before_any_work(models, store, tmp_path, capsys,
+                                                                                monkeypatch):
+    import wsitools.features
+
+    computed = []
+    compute = wsitools.features.compute_features
+    monkeypatch.setattr(wsitools.features, "compute_features",
+                        lambda s, *a, **k: computed.append(s.slide_id) or compute(s, *a, **k))
+    blocked = tmp_path / "f" / "tiny" / "S1.h5"
+    blocked.mkdir(parents=True)
+    rc, err = run(["extract", store, second_store(tmp_path), "--encoder", models / "tiny.yaml", "--out",
+                   tmp_path / "f", "--device", "cpu", "--workers", "0", "--quiet"], capsys)
+    errors = [line for line in err.splitlines() if line.startswith("wsitools extract: error:")]
+    assert rc == 2 and len(errors) == 1 and "Traceback" not in err, err
+    assert errors[0].endswith(f"{blocked}: is a directory, where the feature store file goes; remove it or write "
+                              "the features elsewhere")
+    assert computed == ["S2"] and (tmp_path / "f" / "tiny" / "S2.h5").is_file() and blocked.is_dir()
+    with pytest.raises(StoreError, match=f"^{blocked}: is a directory"):  # the API refuses it too
+        extract_features(store, load_encoder(str(models / "tiny.yaml"), device="cpu"), tmp_path / "f", workers=0)
+    assert computed == ["S2"]
+
+
+def test_a_feature_store_folder_that_cannot_be_made_is_one_line_before_any_work(models, store, tmp_path, capsys):
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f" / "tiny").write_text("a file where the encoder's folder goes")
+    rc, err = extract(models / "tiny.yaml", store, tmp_path / "f", capsys)
+    one_line(rc, err, f"{tmp_path / 'f' / 'tiny' / 'S1.h5'}: its folder {tmp_path / 'f' / 'tiny'} cannot be "
+             f"created ({tmp_path / 'f' / 'tiny'} is a file)")
+    assert sorted(p.name for p in (tmp_path / "f").iterdir()) == ["tiny"]
 
 
 @pytest.mark.parametrize("file", ["../victim.pth", "ABSOLUTE", "sub/../../victim.pth"])

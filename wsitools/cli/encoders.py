@@ -137,7 +137,9 @@ def _fetch(args: argparse.Namespace) -> int:
 
 def _extract(args: argparse.Namespace) -> int:
     from wsitools.encoders import load_encoder
+    from wsitools.feature_store import check_target, feature_store_path
     from wsitools.features import extract_features
+    from wsitools.store import PatchStore
 
     encoder = load_encoder(
         args.encoder,
@@ -149,11 +151,26 @@ def _extract(args: argparse.Namespace) -> int:
     Path(args.out).mkdir(parents=True, exist_ok=True)  # an unusable --out fails here, once, not per store
     if not args.quiet:
         print(f"encoder {encoder.name} ({encoder.encoder_hash}) on {encoder.device}", file=sys.stderr)
-    failed = []
-    for store in args.stores:
+    ready, failed, refused = [], [], []
+    for store in args.stores:  # every output is checked before any store is extracted
+        try:
+            opened = PatchStore.open(store)
+        except Exception as exc:  # one bad store never stops the others
+            _report_failure(store, exc)
+            failed.append(store)
+            continue
+        try:
+            check_target(feature_store_path(args.out, encoder.name, opened.slide_id))
+        except WsiToolsError as exc:  # an output the user must fix: exit 2, the other stores go on
+            _report_failure(store, exc)
+            refused.append(store)
+            continue
+        ready.append((store, opened))
+    while ready:  # popped, so a finished store's coordinates are not kept
+        store, opened = ready.pop(0)
         try:
             result = extract_features(
-                store,
+                opened,
                 encoder,
                 args.out,
                 batch_size=args.batch_size,
@@ -164,14 +181,21 @@ def _extract(args: argparse.Namespace) -> int:
                 progress=not args.quiet,
             )
         except Exception as exc:  # one bad store never stops the others
-            log.debug("extraction failed for %s", store, exc_info=True)
-            print(f"wsitools extract: error: {store_failure(store, exc)}", file=sys.stderr)
+            _report_failure(store, exc)
             failed.append(store)
             continue
         if not args.quiet:
             rate = f", {result.patches_per_s:.0f} patches/s" if result.status == "computed" else ""
             print(f"{result.slide_id}: {result.n_tiles} tiles -> {result.path} ({result.status}{rate})")
-    if failed:
-        print(f"wsitools extract: {len(failed)} of {len(args.stores)} stores failed: {' '.join(failed)}", file=sys.stderr)
-        return 1
+    if failed or refused:
+        bad = [s for s in args.stores if s in failed or s in refused]
+        if len(args.stores) > 1:
+            print(f"wsitools extract: {len(bad)} of {len(args.stores)} stores failed: {' '.join(bad)}",
+                  file=sys.stderr)
+        return 2 if refused else 1
     return 0
+
+
+def _report_failure(store: str, exc: Exception) -> None:
+    log.debug("extraction failed for %s", store, exc_info=True)
+    print(f"wsitools extract: error: {store_failure(store, exc)}", file=sys.stderr)
