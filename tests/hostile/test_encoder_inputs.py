@@ -169,6 +169,29 @@ def test_a_second_card_of_the_same_name_replaces_the_features_with_a_warning(mod
             "the card or its weights changed, or another card has the name 'tiny'") in caplog.text
 
 
+def test_a_seed_beside_a_backbone_file_is_refused_naming_both_keys(models, store, tmp_path, capsys):
+    card = write_card(models, architecture={"model": "prompted_vit_test_patch16_224", "kwargs": {"img_size": 64},
+                                            "prompts": {"tokens": 4, "mode": "deep"}, "init_seed": 5})
+    rc, err = extract(card, store, tmp_path / "f", capsys)
+    one_line(rc, err, f"wsitools extract: error: {card}: architecture.init_seed is set but weights lists a backbone "
+             "file, which sets every weight, so the seed would be ignored; delete init_seed")
+    assert not (tmp_path / "f").exists()
+
+
+def test_a_prompts_file_on_a_random_backbone_needs_the_seed_that_makes_it_repeatable(models, store, tmp_path, capsys):
+    arch = {"model": "prompted_vit_test_patch16_224", "kwargs": {"img_size": 64}, "prompts": {"tokens": 4, "mode": "deep"}}
+    prompts_only = [{"role": "prompts", "file": "promptstate.pth"}]
+    card = write_card(models, architecture=arch, weights=prompts_only)
+    rc, err = extract(card, store, tmp_path / "f", capsys)
+    one_line(rc, err, f"{card}: the card lists no backbone weight file; give architecture.init_seed")
+    card = write_card(models, architecture={**arch, "init_seed": 1}, weights=prompts_only)  # what puzzle exports
+    first, second = (load_encoder(card, device="cpu") for _ in range(2))
+    for a, b in zip(first.model.state_dict().values(), second.model.state_dict().values()):
+        assert torch.equal(a, b)
+    promptstate = torch.load(models / "promptstate.pth", weights_only=True)["Prompt_Tokens"]
+    assert torch.equal(first.model.prompt_tokens.detach(), promptstate.detach())
+
+
 # --- weight files --------------------------------------------------------------------------------
 
 

@@ -252,10 +252,20 @@ def card_from_dict(data: Any, *, source: Path) -> EncoderCard:
         raise ModelError(f"{source}: invalid model card at {where}: {exc.message}") from None
     arch = data["architecture"]
     prompts = arch.get("prompts") or {}
-    if not data["weights"] and "init_seed" not in arch:
+    has_backbone = any(w["role"] == "backbone" for w in data["weights"])
+    if has_backbone and "init_seed" in arch:
+        # A backbone file sets every weight (loaded strictly; prompts then need their own file),
+        # so the seed would change nothing but the encoder hash.
         raise ModelError(
-            f"{source}: the card lists no weight files; give architecture.init_seed for a "
-            "random-weight test model"
+            f"{source}: architecture.init_seed is set but weights lists a backbone file, which sets every "
+            "weight, so the seed would be ignored; delete init_seed (it seeds random-weight test models)"
+        )
+    if not has_backbone and "init_seed" not in arch:
+        # Without either, the backbone would be drawn from whatever state torch's generator is in.
+        listed = "no weight files" if not data["weights"] else "no backbone weight file"
+        raise ModelError(
+            f"{source}: the card lists {listed}; give architecture.init_seed for a random-weight "
+            "test model"
         )
     mlp = (arch.get("kwargs") or {}).get("mlp_layer")
     if mlp is not None and mlp not in MLP_LAYERS:
