@@ -88,25 +88,35 @@ class LabelRow:
     event: int | None = None
 
 
-MISSING_MARKERS = frozenset({"na", "n/a", "#n/a", "nan", "none", "null", "missing", "-", "?"})
+MISSING_MARKERS = frozenset({
+    # pandas' default NA strings (what STAMP and CLAM, reading with pandas, take as missing)
+    "na", "n/a", "#n/a", "#n/a n/a", "#na", "<na>", "nan", "-nan", "none", "null",
+    "1.#ind", "-1.#ind", "1.#qnan", "-1.#qnan",
+    # and what else a sheet writes for "no value" that no class is called: a word, SAS's and
+    # Stata's ".", and a question mark. A lone "-" is not one: with "+" it is a receptor status.
+    "missing", ".", "?",
+})
 """Cell values (compared ignoring case) that spreadsheets and data-frame exports write for "no
 value"; as labels of a task without a task file they would silently become a class."""
 
 
-def classes_from_labels(labelled: Iterable[tuple[str, str]], *, where: str) -> tuple[str, ...]:
+def classes_from_labels(
+    labelled: Iterable[tuple[str, str]], *, where: str, unlabelled: str = "leave the cell empty"
+) -> tuple[str, ...]:
     """The classes of a task without a task file: the labels of ``labelled`` (slide id, label)
     pairs, sorted. Two labels that are one number written two ways (``1`` and ``1.0``, as
     exports of one spreadsheet can mix) would be two classes, and so would a missing-value
     marker (``NA``, ``NaN``, ``#N/A``, ...; :data:`MISSING_MARKERS`): a :class:`DataError`
-    starting with ``where`` names them and a slide of each. A task file that lists such a label
-    as a class makes it one."""
+    starting with ``where`` names them and a slide of each, and says how to mark a slide without
+    a label there (``unlabelled``: an empty cell in a samples sheet; a labels table leaves the row
+    out). A task file that lists such a label as a class makes it one."""
     first: dict[float, tuple[str, str]] = {}
     labels: set[str] = set()
     for slide_id, label in labelled:
         if label.casefold() in MISSING_MARKERS:
             raise DataError(
                 f"{where}: label {label!r} (slide {slide_id}) looks like a missing value, which would make it a "
-                "class; leave the cell empty for a slide without a label, or list the classes in a task file"
+                f"class; {unlabelled} for a slide without a label, or list the classes in a task file"
             )
         labels.add(label)
         if not is_number(label):

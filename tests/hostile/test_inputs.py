@@ -754,6 +754,16 @@ def test_a_missing_value_marker_is_a_label_only_when_a_task_file_lists_it():
                                      Sample("s5", "x", "p5", fields={"label": "N/A"})],
                       task="t", label_column="label", classes=["a", "b", "N/A"], folds={"h": 2}, sheet="s.tsv")
 
+def test_the_workflow_check_takes_plus_and_minus_as_classes_and_an_empty_cell_as_no_label():
+    samples = [Sample(slide_id=f"s{i}", path="x", patient_id=f"p{i}", fields={"er": lab})
+               for i, lab in enumerate(["+", "+", "-", "-", ""])]
+    check_task_labels(samples, task="er", label_column="er", classes=None, folds={"h": 2}, sheet="s.tsv")
+    samples[4] = Sample(slide_id="s4", path="x", patient_id="p4", fields={"er": "<NA>"})
+    with pytest.raises(DataError, match=r"^config: tasks: er: column 'er' of s.tsv: label '<NA>' \(slide s4\) looks "
+                       r"like a missing value, which would make it a class; leave the cell empty for a slide"):
+        check_task_labels(samples, task="er", label_column="er", classes=None, folds={"h": 2}, sheet="s.tsv")
+
+
 def test_check_task_labels_counts_patients_not_slides():
     samples = [Sample(slide_id=f"s{i}", path="x", patient_id=f"p{i // 2}", fields={"label": lab})
                for i, lab in enumerate(["a", "a", "b", "b", "a", "a", "b", "b"])]

@@ -420,3 +420,31 @@ def test_a_missing_value_marker_is_not_a_class(cohort, capsys):
     rc, err = run(train_argv(root, labels, task=False), capsys)
     one_line(rc, err, f"labels table {labels}: label '#N/A' (slide {bags[2].slide_id}) looks like a missing value")
     assert not (root / "heads").exists()
+
+
+def test_plus_and_minus_are_two_classes_without_a_task_file(cohort, capsys):
+    """Receptor status as a pathologist's sheet writes it."""
+    root, bags = cohort
+    status = {"neg": "-", "pos": "+"}
+    rows = [f"{b.slide_id},{status[b.label]}" for b in bags]
+    labels = root / "status.csv"
+    labels.write_text("slide_id,label\n" + "\n".join(rows) + "\n")
+    rc, err = run(train_argv(root, labels, task=False), capsys)
+    assert rc == 0, err
+    header, *lines = (root / "heads" / "predictions.csv").read_text().splitlines()
+    assert header.endswith(",prob_+,prob_-")
+    written = {line.split(",")[0]: line.split(",")[2] for line in lines}
+    assert written == {b.slide_id: status[b.label] for b in bags}
+
+
+@pytest.mark.parametrize("marker", ["<NA>", "#NA", "-nan", "#N/A N/A", ".", "?", "NULL"])
+def test_pandas_and_sas_missing_values_are_still_not_classes(cohort, capsys, marker):
+    root, bags = cohort
+    rows = [f"{b.slide_id},{b.label}" for b in bags]
+    rows[3] = f"{bags[3].slide_id},{marker}"
+    labels = root / "marked.csv"
+    labels.write_text("slide_id,label\n" + "\n".join(rows) + "\n")
+    rc, err = run(train_argv(root, labels, task=False), capsys)
+    one_line(rc, err, f"label {marker!r} (slide {bags[3].slide_id}) looks like a missing value, which would make "
+             "it a class; leave its row out for a slide without a label, or list the classes in a task file")
+    assert not (root / "heads").exists()
