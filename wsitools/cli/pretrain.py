@@ -155,7 +155,7 @@ def _puzzle(args: argparse.Namespace) -> int:
     print(f"steps done\t{result.steps_done}")
     print(f"final loss\t{result.final_loss:.5f}")
     print(f"images/s\t{result.images_per_second:.1f}")
-    print(f"promptstate\t{result.promptstate}")
+    print(f"promptstate\t{result.promptstate or 'not yet: continue with --resume'}")
     print(f"encoder card\t{result.card or 'not yet: continue with --resume'}")
     return 0
 

@@ -7,8 +7,8 @@ Output folder layout::
       log.csv                     per optimiser step: epoch, step, loss, lr, patch_size, ratio
       checkpoints/epoch-NNNN/     trainable.safetensors + optimizer.pt + state.json (last 2 kept)
       previews/epoch-NNNN.png     a few images: original | puzzle | restoration
-      {name}_promptstate.pth      the learned prompts, official format
-      {name}.yaml                 an encoder card using them (``wsitools extract --encoder``)
+      {name}_promptstate.pth      the learned prompts, official format  } written once every
+      {name}.yaml                 an encoder card using them            } epoch is done
 
 The learning rate (warm-up + cosine per optimiser step), the curriculum (per epoch), the order
 of tiles, their augmentation and the puzzles are pure functions of (seed, epoch, step), so a run
@@ -162,8 +162,8 @@ class PuzzleRunResult:
     out_dir: Path
     epochs_done: int
     steps_done: int
-    promptstate: Path
-    card: Path
+    promptstate: Path | None  # None until every epoch is done
+    card: Path | None
     final_loss: float
     images_per_second: float
     log_rows: list[dict[str, float]] = field(default_factory=list)
@@ -200,7 +200,8 @@ def train_puzzle(
         resume: continue from the last checkpoint in ``out_dir`` (same settings required).
         name: the exported card's name (default ``{backbone card}-puzzletuned``).
         stop_after_epochs: stop (after checkpointing) once this many epochs are done in total,
-            as an interruption would; the schedule still spans ``config.epochs``.
+            as an interruption would; the schedule still spans ``config.epochs``, and the
+            promptstate and card (None in the result) wait for the run to be complete.
     """
     from tqdm import tqdm
 
@@ -232,8 +233,8 @@ def train_puzzle(
     steps_per_epoch = config.steps_per_epoch or sum(len(st) for st in store_list) // tiles_per_step
     if steps_per_epoch < 1:
         raise PuzzleError(
-            f"the stores hold too few tiles for one optimiser step of {config.batch_size} x "
-            f"{config.accum_steps} tiles"
+            f"{', '.join(map(str, stores))}: {sum(len(st) for st in store_list)} tiles, too few for one optimiser "
+            f"step of {config.batch_size} x {config.accum_steps} tiles (--batch-size x --accum-steps)"
         )
     stream = TileStream(
         store_list, batch_size=config.batch_size, image_size=image_size, seed=config.seed,
@@ -316,6 +317,14 @@ def train_puzzle(
         )
 
     done = max(start_epoch, last_epoch)
+    result = PuzzleRunResult(
+        out_dir=out, epochs_done=done, steps_done=stepper.step, promptstate=None, card=None,
+        final_loss=rows[-1]["loss"] if rows else float("nan"),
+        images_per_second=images / seconds if seconds else 0.0, log_rows=rows,
+    )
+    if done < config.epochs:  # stopped early: only the checkpoints, so nothing unfinished looks finished
+        log.info("%s: %d of %d epochs done; continue with --resume", out, done, config.epochs)
+        return result
     card_name = name or f"{bb.card.name}-puzzletuned"
     promptstate, card_path = export_promptstate(
         bb.model.prompt_tokens, out, card=bb.card, weight_sha256=bb.weight_sha256, name=card_name,
@@ -325,11 +334,7 @@ def train_puzzle(
             f"({stepper.step} steps) on {len(store_list)} patch stores."
         ),
     )
-    return PuzzleRunResult(
-        out_dir=out, epochs_done=done, steps_done=stepper.step, promptstate=promptstate, card=card_path,
-        final_loss=rows[-1]["loss"] if rows else float("nan"),
-        images_per_second=images / seconds if seconds else 0.0, log_rows=rows,
-    )
+    return dataclasses.replace(result, promptstate=promptstate, card=card_path)
 
 
 @dataclass
