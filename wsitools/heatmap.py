@@ -241,6 +241,11 @@ def write_top_tiles(
             f"patch store {store.path} has other tile coords than the attention of slide {amap.slide_id} "
             f"({len(store.coords)} vs {len(amap.coords)} tiles)"
         )
+    if not math.isclose(store.tile_size_level0, amap.tile_size_level0, rel_tol=1e-6):
+        raise StoreError(
+            f"patch store {store.path} has tiles of {store.tile_size_level0:g} level-0 px, the attention of slide "
+            f"{amap.slide_id} {amap.tile_size_level0:g} px (tiled again with other settings)"
+        )
     top = np.argsort(-amap.attention, kind="mergesort")[:top_k]
     order = np.argsort(top)
     tiles = np.empty((len(top), store.tile_size, store.tile_size, 3), np.uint8)
@@ -376,8 +381,9 @@ def draw_heatmap(
     was tiled), so a slide that needed an mpp override gets its heatmap. ``slide_path``
     (default: the store's record, else the attention file's) only says where the slide is now.
     A damaged store is a :class:`StoreError`; without any store the slide is opened on its own
-    metadata and there is no montage. The montage needs a store whose coords equal the
-    attention file's.
+    metadata and there is no montage. A store of another slide is a :class:`StoreError` (its
+    slide would be drawn). The montage needs a store whose coords and level-0 tile size equal
+    the attention file's.
     """
     from wsitools.slide import open_slide
 
@@ -388,6 +394,9 @@ def draw_heatmap(
     out_dir.mkdir(parents=True, exist_ok=True)
     store_file = Path(store_path or amap.attrs.get("store_path") or "")
     store = PatchStore.open(store_file) if store_file.name and store_file.exists() else None
+    if store is not None and store.slide_id != slide_id:  # its slide would be drawn under this attention
+        raise StoreError(f"patch store {store.path} is of slide {store.slide_id}, not {slide_id}; "
+                         f"give the store of slide {slide_id}")
     recorded = slide_path or (store.attrs.get("slide_path") if store else None) or amap.attrs.get("slide_path")
     if not recorded:  # a bag written by another tool, or a store without its slide's path
         where = (f"nor by its patch store {store_file}" if store is not None

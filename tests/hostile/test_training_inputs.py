@@ -96,3 +96,62 @@ def test_too_few_tiles_for_one_puzzle_step_names_the_stores_and_the_options(tmp_
     one_line(rc, err, f"wsitools pretrain: error: {tmp_path / 'tiles'}: 6 tiles, too few for one optimiser step "
              "of 4 x 2 tiles (--batch-size x --accum-steps)")
     assert not (tmp_path / "run").exists()
+
+
+# --- heatmaps ----------------------------------------------------------------------------------------
+
+
+TILE_ARGS = ["--mpp", "0.5", "--tile-size", "64", "--tissue-mpp", "4", "--min-region-area", "5000", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def two_tiled_slides(tmp_path_factory):
+    """Two slides with tissue in the same place, tiled alike (so their stores have equal coords),
+    and an attention file of the first that records its store."""
+    from wsitools.attention import write_attention
+    from wsitools.store import PatchStore
+    from wsitools.synthetic import Region, write_slide
+
+    root = tmp_path_factory.mktemp("heat")
+    for name in ("A", "B"):
+        write_slide(root / f"{name}.tiff", size=(1024, 768), mpp=0.25, regions=(Region(100, 100, 800, 560),),
+                    downsamples=(1, 4))
+    assert main(["tile", str(root / "A.tiff"), str(root / "B.tiff"), "--out", str(root / "tiles"), *TILE_ARGS]) == 0
+    a, b = (PatchStore.open(root / "tiles" / f"{s}.zarr") for s in ("A", "B"))
+    assert np.array_equal(a.coords, b.coords) and len(a) > 4
+    n = len(a)
+    write_attention(root / "attention" / "A.h5", slide_id="A", attention=np.full(n, 1 / n), coords=a.coords,
+                    classes=["neg", "pos"], probs=np.array([0.3, 0.7]), feature_path=root / "A.h5",
+                    provenance={"slide_path": str(root / "A.tiff"), "store_path": str(a.path),
+                                "tile_size_level0": a.tile_size_level0}, meta={"head": "abmil"})
+    return root
+
+
+def test_a_heatmap_given_the_store_of_another_slide_is_refused_naming_both(two_tiled_slides, tmp_path, capsys):
+    root = two_tiled_slides
+    rc, _, err = run(["heatmap", "--attention", root / "attention" / "A.h5", "--store", root / "tiles" / "B.zarr",
+                      "--out", tmp_path / "h", "--mpp", "8", "--quiet"], capsys)
+    assert rc == 1 and "Traceback" not in err, err
+    assert f"A\tfailed\tpatch store {root / 'tiles' / 'B.zarr'} is of slide B, not A; give the store of slide A" in err
+    assert not (tmp_path / "h" / "A.heatmap.png").exists()
+    rc, _, err = run(["heatmap", "--attention", root / "attention" / "A.h5", "--store", root / "tiles",
+                      "--out", tmp_path / "h", "--mpp", "8", "--quiet"], capsys)
+    assert rc == 0 and (tmp_path / "h" / "A.top_tiles.png").is_file(), err
+
+
+def test_a_store_of_another_tile_size_at_the_same_coords_gives_no_montage(two_tiled_slides, tmp_path, capsys,
+                                                                         caplog):
+    from wsitools.attention import read_attention, write_attention
+
+    root = two_tiled_slides
+    amap = read_attention(root / "attention" / "A.h5")
+    att = tmp_path / "attention" / "A.h5"  # as if the features came from 256 px tiles on the same grid
+    write_attention(att, slide_id="A", attention=amap.attention, coords=amap.coords, classes=["neg", "pos"],
+                    probs=np.array([0.3, 0.7]), feature_path=root / "A.h5",
+                    provenance={"slide_path": str(root / "A.tiff"), "store_path": str(root / "tiles" / "A.zarr"),
+                                "tile_size_level0": 2 * amap.tile_size_level0}, meta={"head": "abmil"})
+    rc, _, err = run(["heatmap", "--attention", att, "--out", tmp_path / "h", "--mpp", "8", "--quiet"], capsys)
+    assert rc == 0, err
+    assert (tmp_path / "h" / "A.heatmap.png").is_file() and not (tmp_path / "h" / "A.top_tiles.png").exists()
+    assert (f"no top-tile montage: patch store {root / 'tiles' / 'A.zarr'} has tiles of 128 level-0 px, the "
+            "attention of slide A 256 px") in caplog.text
