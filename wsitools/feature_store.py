@@ -10,7 +10,8 @@ store, with two openers: export and extraction's reuse check open the files this
 strictly (:meth:`FeatureStore.open`); MIL training and prediction open any h5 file with a
 floating ``features`` dataset as a bag (:meth:`FeatureStore.open_bag`, every value finite) and
 read its rows (:func:`read_features`, with :func:`row_layout` for sampled rows through a memory
-map) and coordinates (:func:`read_coords`).
+map) and coordinates (:func:`read_coords`). :class:`EncoderRecord` and :class:`TileGeometry`
+read what a store records of the encoder and of the tiles its features come from.
 """
 
 from __future__ import annotations
@@ -448,3 +449,32 @@ class EncoderRecord(NamedTuple):
         return f"{self.name or 'unnamed'} (hash {self.hash[:12]})" if self.hash else f"{self.name or 'unnamed'}"
 
 
+
+
+class TileGeometry(NamedTuple):
+    """The tiles a feature store's features were computed from, as its attributes record them:
+    side in px and resolution in um/px (None where not recorded, as in other tools' files).
+
+    Features of one encoder at another resolution or tile size describe other structures (a
+    tile at 1 um/px covers four times the tissue of one at 0.5), so a head trained on one is
+    not applied to the other, and one cohort holds one geometry."""
+
+    tile_size: int | None
+    mpp: float | None
+
+    @classmethod
+    def of(cls, attrs: Mapping[str, Any]) -> TileGeometry:
+        try:
+            size = int(attrs["tile_size"]) if attrs.get("tile_size") is not None else None
+            mpp = round(float(attrs["mpp_target"]), 6) if attrs.get("mpp_target") is not None else None
+        except (TypeError, ValueError):
+            return cls(None, None)
+        return cls(size, mpp if mpp is not None and math.isfinite(mpp) else None)
+
+    @property
+    def known(self) -> bool:
+        return self.tile_size is not None and self.mpp is not None
+
+    def describe(self) -> str:
+        """``224 px tiles at 0.5 um/px``, for messages."""
+        return f"{self.tile_size} px tiles at {self.mpp:g} um/px" if self.known else "tiles of unrecorded size"

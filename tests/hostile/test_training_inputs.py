@@ -155,3 +155,68 @@ def test_a_store_of_another_tile_size_at_the_same_coords_gives_no_montage(two_ti
     assert (tmp_path / "h" / "A.heatmap.png").is_file() and not (tmp_path / "h" / "A.top_tiles.png").exists()
     assert (f"no top-tile montage: patch store {root / 'tiles' / 'A.zarr'} has tiles of 128 level-0 px, the "
             "attention of slide A 256 px") in caplog.text
+
+
+# --- MIL heads: features of tiles cut at another size or resolution ----------------------------------
+
+
+FAST_TRAIN = ["--head", "meanpool", "--folds", "2", "--epochs", "2", "--patience", "1", "--bootstrap", "0",
+              "--device", "cpu", "--quiet"]
+
+
+def retiled(path: Path, *, mpp: float) -> None:
+    """Mark a feature store as computed from 224 px tiles at ``mpp`` (as a second tiling run would)."""
+    import h5py
+
+    with h5py.File(path, "a") as f:
+        f.attrs["mpp_target"] = mpp
+        f.attrs["tile_size_level0"] = 224 * mpp / 0.25
+
+
+@pytest.fixture()
+def trained(tmp_path, capsys):
+    """Twelve 8-d bags of 224 px tiles at 0.5 um/px and meanpool heads trained on them."""
+    from wsitools.mil.synthetic import make_bag_cohort
+
+    bags = make_bag_cohort(tmp_path / "features", n_slides=12, n_tiles=(10, 20), dim=8, seed=2,
+                           labels_path=tmp_path / "labels.csv")
+    rc, _, err = run(["train", "--features", tmp_path / "features", "--labels", tmp_path / "labels.csv",
+                      "--out", tmp_path / "heads", *FAST_TRAIN], capsys)
+    assert rc == 0, err
+    return tmp_path, bags
+
+
+def test_heads_record_the_tiles_and_skip_features_of_another_resolution(trained, capsys):
+    import json
+    import shutil
+
+    root, bags = trained
+    config = json.loads((root / "heads" / "fold_0" / "config.json").read_text())
+    assert (config["tile_size"], config["mpp_target"]) == (224, 0.5)
+    other = root / "other"
+    shutil.copytree(root / "features", other)
+    retiled(other / f"{bags[0].slide_id}.h5", mpp=1.0)
+    rc, _, err = run(["predict", "--model", root / "heads", "--features", other, "--out", root / "p",
+                      "--device", "cpu", "--quiet"], capsys)
+    assert rc == 0, err
+    reason = (f"slide {bags[0].slide_id}: features of 224 px tiles at 1 um/px, but the head {root / 'heads'} was "
+              "trained on features of 224 px tiles at 0.5 um/px; extract features from tiles cut alike")
+    assert json.loads((root / "p" / "predict.json").read_text())["skipped"] == {bags[0].slide_id: reason}
+    assert bags[0].slide_id not in (root / "p" / "predictions.csv").read_text()
+    for bag in bags[1:]:
+        retiled(other / f"{bag.slide_id}.h5", mpp=1.0)
+    rc, _, err = run(["predict", "--model", root / "heads", "--features", other, "--out", root / "p2",
+                      "--device", "cpu", "--quiet"], capsys)
+    assert rc == 2 and not (root / "p2").exists()
+    assert f"wsitools predict: error: no slide could be predicted from {other}: 12 slides skipped: " in err
+
+
+def test_training_on_a_cohort_tiled_at_two_resolutions_is_refused_naming_both(trained, capsys):
+    root, bags = trained
+    retiled(root / "features" / f"{bags[0].slide_id}.h5", mpp=1.0)
+    rc, _, err = run(["train", "--features", root / "features", "--labels", root / "labels.csv",
+                      "--out", root / "heads2", *FAST_TRAIN], capsys)
+    one_line(rc, err, f"wsitools train: error: feature stores in {root / 'features'} come from tiles of several "
+             f"sizes or resolutions: 224 px tiles at 1 um/px (e.g. slide {bags[0].slide_id}); 224 px tiles at "
+             f"0.5 um/px (e.g. slide {bags[1].slide_id}); extract every slide's features from tiles cut alike")
+    assert not (root / "heads2").exists()

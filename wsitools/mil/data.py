@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from wsitools.errors import DataError
-from wsitools.feature_store import EncoderRecord, FeatureStore, feature_path, list_feature_stores
+from wsitools.feature_store import EncoderRecord, FeatureStore, TileGeometry, feature_path, list_feature_stores
 from wsitools.labels import SURVIVAL_STRATA, LabelRow
 from wsitools.text import TaskType
 from wsitools.types import slide_id_from_path
@@ -51,6 +51,7 @@ class Cohort:
     encoder: str | None = None
     encoder_hash: str | None = None
     encoder_weights: str | None = None
+    tiles: TileGeometry = TileGeometry(None, None)
     skipped: dict[str, str] = field(default_factory=dict)
     task_type: TaskType = "classification"
     targets: np.ndarray | None = None
@@ -150,6 +151,7 @@ def build_cohort(
             )
         _check_empty_classes(classes, rows, kept, allow=allow_empty_classes)
     encoder = _one_encoder([infos[r.slide_id] for r in kept], features_dir)
+    tiles = _one_geometry([infos[r.slide_id] for r in kept], features_dir)
     return Cohort(
         slide_ids=[r.slide_id for r in kept],
         labels=np.array([class_index[r.label] for r in kept], dtype=np.int64),
@@ -165,6 +167,7 @@ def build_cohort(
         encoder=encoder.name,
         encoder_hash=encoder.hash,
         encoder_weights=encoder.weights,
+        tiles=tiles,
         skipped=problems,
         task_type=task_type,
         targets=targets,
@@ -246,6 +249,23 @@ def _one_encoder(bags: Sequence[FeatureStore], features_dir: Any) -> EncoderReco
         listing = "; ".join(f"{rec.describe()} (e.g. slide {sid})" for rec, sid in seen.items())
         raise DataError(f"feature stores in {features_dir} come from several encoders: {listing}")
     return next(iter(seen)) if seen else EncoderRecord(None, None, None)
+
+
+def _one_geometry(bags: Sequence[FeatureStore], features_dir: Any) -> TileGeometry:
+    """The one tile size and resolution the ``bags`` that record them were cut at; several is
+    an error naming an example of each (a cohort tiled twice with other settings)."""
+    seen: dict[TileGeometry, str] = {}
+    for bag in bags:
+        tiles = TileGeometry.of(bag.attrs)
+        if tiles.known:
+            seen.setdefault(tiles, bag.slide_id)
+    if len(seen) > 1:
+        listing = "; ".join(f"{tiles.describe()} (e.g. slide {sid})" for tiles, sid in seen.items())
+        raise DataError(
+            f"feature stores in {features_dir} come from tiles of several sizes or resolutions: {listing}; "
+            "extract every slide's features from tiles cut alike (one --mpp and --tile-size)"
+        )
+    return next(iter(seen)) if seen else TileGeometry(None, None)
 
 
 def _check_one_width(infos: dict[str, FeatureStore], features_dir: Any) -> None:

@@ -137,6 +137,7 @@ def patient_cohort(cohort: Cohort) -> PatientCohort:
         encoder=cohort.encoder,
         encoder_hash=cohort.encoder_hash,
         encoder_weights=cohort.encoder_weights,
+        tiles=cohort.tiles,
         skipped=cohort.skipped,
         task_type=cohort.task_type,
         targets=targets,

@@ -28,6 +28,7 @@ from wsitools.io import atomic_path, write_json_atomic
 from wsitools.feature_store import (
     EncoderRecord,
     FeatureStore,
+    TileGeometry,
     list_feature_stores,
     read_coords,
     read_features,
@@ -137,11 +138,13 @@ class PatientPrediction:
 
 
 def _checked_bag(
-    slide_id: str, stores: dict[str, Path], head: SavedHead, *, features_dir: str | os.PathLike[str]
+    slide_id: str, stores: dict[str, Path], head: SavedHead, *, features_dir: str | os.PathLike[str],
+    model_dir: str | os.PathLike[str],
 ) -> FeatureStore:
     """The feature store of ``slide_id``, checked against the head: a :class:`DataError` naming
-    the slide when it is missing, unusable or of another width (another encoder's features of
-    the same width are a :class:`ModelError` from :func:`check_encoder`)."""
+    the slide when it is missing, unusable, of another width or of tiles cut at another size or
+    resolution than the head's training features, where both record it (another encoder's
+    features of the same width are a :class:`ModelError` from :func:`check_encoder`)."""
     if slide_id not in stores:
         raise DataError(f"slide {slide_id}: no feature store {Path(features_dir) / (slide_id + '.h5')}")
     bag = FeatureStore.open_bag(stores[slide_id])
@@ -149,6 +152,12 @@ def _checked_bag(
         raise DataError(
             f"slide {slide_id}: features are {bag.dim}-d, the head expects {head.config.in_dim}-d "
             f"(encoder {head.meta.get('encoder')})"
+        )
+    trained, given = TileGeometry.of(head.meta), TileGeometry.of(bag.attrs)
+    if trained.known and given.known and trained != given:
+        raise DataError(
+            f"slide {slide_id}: features of {given.describe()}, but the head {model_dir} was trained on features of "
+            f"{trained.describe()}; extract features from tiles cut alike"
         )
     return bag
 
@@ -252,7 +261,7 @@ def predict(
             bags, ivps = [], []
             for slide_id in members:
                 try:
-                    bag = _checked_bag(slide_id, stores, first, features_dir=features_dir)
+                    bag = _checked_bag(slide_id, stores, first, features_dir=features_dir, model_dir=model_dir)
                     if not check_encoder(first, bag, model_dir=model_dir) and not unchecked:
                         unchecked = True
                         log.warning(

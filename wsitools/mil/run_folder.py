@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from wsitools.errors import DataError, ModelError, one_line
+from wsitools.feature_store import TileGeometry
 from wsitools.io import atomic_path, remove_path, write_json_atomic
 from wsitools.mil.head_folder import WEIGHTS_FILE, SavedHead, load_head
 from wsitools.tables import write_table
@@ -302,8 +303,8 @@ def head_folders(model_dir: str | os.PathLike[str]) -> list[Path]:
 def load_heads(model_dir: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> list[SavedHead]:
     """The heads of a finished training run (``fold_*/``, in fold order) or of one head folder,
     on ``device``; :class:`ModelError` when they disagree on classes, feature width, task type,
-    bags (slide or patient) or the encoder of their training features (they could not be
-    averaged)."""
+    bags (slide or patient) or the encoder or tiles of their training features (they could not
+    be averaged)."""
     heads = [load_head(p, device=device) for p in head_folders(model_dir)]
     first = heads[0]
     for h in heads[1:]:
@@ -313,4 +314,7 @@ def load_heads(model_dir: str | os.PathLike[str], *, device: str | torch.device 
             raise ModelError(f"{model_dir}: the fold heads disagree on the bags (slide or patient)")
         if h.meta.get("encoder_hash") != first.meta.get("encoder_hash"):
             raise ModelError(f"{model_dir}: the fold heads were trained on features of different encoders")
+        if TileGeometry.of(h.meta) != TileGeometry.of(first.meta):
+            raise ModelError(f"{model_dir}: the fold heads were trained on features of different tiles "
+                             f"({TileGeometry.of(first.meta).describe()}, {TileGeometry.of(h.meta).describe()})")
     return heads

@@ -744,6 +744,8 @@ def setup_run(
         "encoder": cohort.encoder,
         "encoder_hash": cohort.encoder_hash,
         "encoder_weights": cohort.encoder_weights,
+        "tile_size": cohort.tiles.tile_size,
+        "mpp_target": cohort.tiles.mpp,
         "text": text_info,
         "train": asdict(config),
         "package_version": __version__,
