@@ -220,3 +220,17 @@ def test_training_on_a_cohort_tiled_at_two_resolutions_is_refused_naming_both(tr
              f"sizes or resolutions: 224 px tiles at 1 um/px (e.g. slide {bags[0].slide_id}); 224 px tiles at "
              f"0.5 um/px (e.g. slide {bags[1].slide_id}); extract every slide's features from tiles cut alike")
     assert not (root / "heads2").exists()
+
+
+def test_fold_heads_trained_on_other_tiles_are_not_averaged(trained, capsys):
+    import json
+
+    root, _ = trained
+    config_path = root / "heads" / "fold_1" / "config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "mpp_target": 1.0}))
+    rc, _, err = run(["predict", "--model", root / "heads", "--features", root / "features", "--out", root / "p",
+                      "--device", "cpu", "--quiet"], capsys)
+    one_line(rc, err, f"wsitools predict: error: {root / 'heads'}: the fold heads were trained on features of "
+             "different tiles (224 px tiles at 0.5 um/px, 224 px tiles at 1 um/px)")
+    assert not (root / "p").exists()
