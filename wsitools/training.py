@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import fnmatch
 import json
 import math
 import re
@@ -261,6 +262,26 @@ def check_same_settings(
         shown.append(f"and {len(differ) - len(shown)} more")
     what = "; ".join(shown) if shown else f"settings hash {written_hash} -> {stable_hash(settings)}"
     raise ConfigError(f"{path}: was written by a run with other settings ({what}); resume with the same settings {remedy}")
+
+
+def check_run_folder(folder: Path, *, own: Sequence[str], kind: str) -> None:
+    """Refuse a run folder that holds an entry a run of ``kind`` never writes (``own``: glob
+    patterns of its outputs; hidden temporaries aside): the folder of another run (a MIL
+    training run, the other tuner), whose files this run would overwrite (its ``metrics.json``,
+    ``predictions.csv``) while it still looked finished. A :class:`ConfigError` naming the folder
+    and the first such entry, before any work."""
+    if not folder.is_dir():
+        return
+    foreign = sorted(
+        p.name for p in folder.iterdir()
+        if not p.name.startswith(".") and not any(fnmatch.fnmatchcase(p.name, pattern) for pattern in own)
+    )
+    if foreign:
+        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        raise ConfigError(
+            f"{folder}: holds {foreign[0]}{more}, which a {kind} run does not write (another run's folder?); "
+            "choose a new or empty --out"
+        )
 
 
 @dataclass(frozen=True)

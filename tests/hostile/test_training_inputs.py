@@ -234,3 +234,32 @@ def test_fold_heads_trained_on_other_tiles_are_not_averaged(trained, capsys):
     one_line(rc, err, f"wsitools predict: error: {root / 'heads'}: the fold heads were trained on features of "
              "different tiles (224 px tiles at 0.5 um/px, 224 px tiles at 1 um/px)")
     assert not (root / "p").exists()
+
+
+# --- a run folder that holds another run --------------------------------------------------------------
+
+
+def test_tuners_refuse_the_folder_of_a_finished_mil_run_and_leave_it_whole(trained, tmp_path, capsys):
+    """PathoTune writes metrics.json and predictions.csv too: into a MIL run's folder they would
+    replace the run's own while it still looked finished."""
+    from PIL import Image
+
+    root, _ = trained
+    heads = root / "heads"
+    before = {p: p.read_bytes() for p in heads.rglob("*") if p.is_file()}
+    card = tiny_card(tmp_path, size=32)
+    rng = np.random.default_rng(0)
+    for kind, level in (("dark", 40), ("light", 200)):
+        (tmp_path / "data" / kind).mkdir(parents=True)
+        for i in range(4):
+            pixels = np.clip(level + rng.normal(0, 20, (32, 32, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "data" / kind / f"{i}.png")
+    rc, _, err = run(["tune", "pathotune", "--data", tmp_path / "data", "--encoder", card, "--prompts", "tvp",
+                      "--epochs", "1", "--batch-size", "4", "--workers", "0", "--device", "cpu", "--quiet",
+                      "--out", heads, "--resume"], capsys)
+    one_line(rc, err, f"wsitools tune: error: {heads}: holds attention and ", "which a PathoTune run does not write "
+             "(another run's folder?); choose a new or empty --out")
+    patch_store(tmp_path / "tiles" / "s.zarr", n=8, size=32)
+    rc, _, err = run(puzzle_argv(card, tmp_path / "tiles", heads), capsys)
+    one_line(rc, err, f"wsitools pretrain: error: {heads}: holds attention and ", "which a PuzzleTuning run does not")
+    assert {p: p.read_bytes() for p in heads.rglob("*") if p.is_file()} == before

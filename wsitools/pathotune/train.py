@@ -46,11 +46,21 @@ from wsitools.errors import ConfigError, DataError, ModelError
 from wsitools.io import loader_workers, stable_hash, write_json_atomic
 from wsitools.metrics import classification_metrics, metrics_report
 from wsitools.pathotune.data import LabelledTiles, TileDataset, stratified_split
-from wsitools.pathotune.encoder import save_pathotune
+from wsitools.pathotune.encoder import CONFIG_FILE, WEIGHTS_FILE, save_pathotune
 from wsitools.pathotune.model import PathoTuneConfig, PathoTunePrompts, PathoTuneViT, PromptKind, parse_prompts
 from wsitools.tables import write_table
 from wsitools.text import TaskDescription, embed_texts
-from wsitools.training import BestState, Checkpoints, CsvLog, Resumed, Schedule, Stepper, adamw, epoch_generator
+from wsitools.training import (
+    BestState,
+    Checkpoints,
+    CsvLog,
+    Resumed,
+    Schedule,
+    Stepper,
+    adamw,
+    check_run_folder,
+    epoch_generator,
+)
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +195,7 @@ def tune_pathotune(
         raise ConfigError(
             f"{out}: holds checkpoints of an earlier run; pass --resume to continue it or choose another --out"
         )
+    check_run_folder(out, own=RUN_FILES, kind="PathoTune")
     prompts = config.prompts
     if "ttp" in prompts and task is None:
         raise DataError("TTP prompts need a task description (--task TASK.yaml) with class descriptions")
@@ -426,6 +437,10 @@ def _resumed_record(resumed: Resumed, path: Path) -> tuple[list[dict[str, float]
     return rows, best
 
 
+RUN_FILES = (WEIGHTS_FILE, CONFIG_FILE, "*.yaml", "log.csv", "metrics.json", "predictions.csv", "split.csv",
+             "checkpoints")
+"""What a run writes into its folder (the layout above); a folder holding anything else is
+another run's (a MIL training run also has ``metrics.json`` and ``predictions.csv``) and is refused."""
 _METRIC_KEYS = ("auroc", "balanced_accuracy", "f1", "accuracy")
 LOG_COLUMNS = ("epoch", "train_loss", "val_loss", *(f"val_{k}" for k in _METRIC_KEYS), "lr")
 

@@ -42,11 +42,14 @@ from wsitools.encoders.transforms import prepare_input
 from wsitools.puzzle.data import TileStream, open_stores
 from wsitools.puzzle.model import PuzzleTuningModel
 from wsitools.puzzle.shuffle import PuzzleError, check_puzzle_setting, fix_position_shuffle
-from wsitools.training import Checkpoints, CsvLog, Schedule, Stepper, adamw, epoch_generator
+from wsitools.training import Checkpoints, CsvLog, Schedule, Stepper, adamw, check_run_folder, epoch_generator
 
 log = logging.getLogger(__name__)
 
 LOG_COLUMNS = ("epoch", "step", "loss", "lr", "patch_size", "ratio")
+RUN_FILES = ("config.json", "log.csv", "checkpoints", "previews", "*_promptstate.pth", "*.yaml")
+"""What a run writes into its folder (the layout above); a folder holding anything else is
+another run's and is refused."""
 
 
 @dataclass(frozen=True)
@@ -214,6 +217,7 @@ def train_puzzle(
         raise PuzzleError(
             f"{out}: holds checkpoints of an earlier run; pass --resume to continue it or choose another --out"
         )
+    check_run_folder(out, own=RUN_FILES, kind="PuzzleTuning")
     store_list = open_stores(stores)
     bb: PuzzleBackbone = load_puzzle_backbone(
         backbone, prompt_tokens=config.prompt_tokens, prompt_mode=config.prompt_mode,
