@@ -263,3 +263,20 @@ def test_tuners_refuse_the_folder_of_a_finished_mil_run_and_leave_it_whole(train
     rc, _, err = run(puzzle_argv(card, tmp_path / "tiles", heads), capsys)
     one_line(rc, err, f"wsitools pretrain: error: {heads}: holds attention and ", "which a PuzzleTuning run does not")
     assert {p: p.read_bytes() for p in heads.rglob("*") if p.is_file()} == before
+
+
+def test_split_fractions_that_leave_nothing_to_train_on_name_both_options(tmp_path, capsys):
+    from PIL import Image
+
+    card = tiny_card(tmp_path, size=32)
+    for kind in ("dark", "light"):
+        (tmp_path / "data" / kind).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(np.full((32, 32, 3), 40 if kind == "dark" else 200, np.uint8)).save(
+                tmp_path / "data" / kind / f"{i}.png")
+    rc, _, err = run(["tune", "pathotune", "--data", tmp_path / "data", "--encoder", card, "--prompts", "tvp",
+                      "--epochs", "1", "--workers", "0", "--device", "cpu", "--quiet", "--out", tmp_path / "run",
+                      "--val-fraction", "0.6", "--test-fraction", "0.4"], capsys)
+    one_line(rc, err, "wsitools tune: error: --val-fraction 0.6 and --test-fraction 0.4 leave no tiles to train on: "
+             "each must be >= 0 and their sum below 1")
+    assert not (tmp_path / "run").exists()

@@ -211,7 +211,10 @@ def stratified_split(
     class's tiles, at least one each when the fraction is positive and the class has 3+ tiles.
     """
     if val_fraction < 0 or test_fraction < 0 or val_fraction + test_fraction >= 1:
-        raise DataError(f"bad split fractions: val {val_fraction}, test {test_fraction}")
+        raise DataError(
+            f"--val-fraction {val_fraction:g} and --test-fraction {test_fraction:g} leave no tiles to train on: "
+            "each must be >= 0 and their sum below 1"
+        )
     rng = np.random.default_rng(seed)
     out = np.full(len(labels), "train", dtype=object)
     for c in np.unique(labels):
