@@ -421,10 +421,13 @@ def draw_heatmap(
         out_dir / f"{slide_id}.attention.geojson", amap, scale=scale, bounds=(int(dimensions[0]), int(dimensions[1]))
     )
     montage = None
+    montage_path = out_dir / f"{slide_id}.top_tiles.png"
     if top_k > 0 and store is not None:
         try:
-            montage = write_top_tiles(amap, store, out_dir / f"{slide_id}.top_tiles.png", top_k=top_k)
+            montage = write_top_tiles(amap, store, montage_path, top_k=top_k)
         except StoreError as exc:
             log.warning("slide %s: no top-tile montage: %s", slide_id, exc)
+    if montage is None:  # an earlier run's montage would pass for this attention's
+        montage_path.unlink(missing_ok=True)
     return HeatmapFiles(slide_id=slide_id, heatmap=heatmap, geojson=geojson, montage=montage,
                         seconds=time.perf_counter() - start)

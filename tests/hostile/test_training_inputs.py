@@ -150,8 +150,11 @@ def test_a_store_of_another_tile_size_at_the_same_coords_gives_no_montage(two_ti
                     probs=np.array([0.3, 0.7]), feature_path=root / "A.h5",
                     provenance={"slide_path": str(root / "A.tiff"), "store_path": str(root / "tiles" / "A.zarr"),
                                 "tile_size_level0": 2 * amap.tile_size_level0}, meta={"head": "abmil"})
+    rc, _, err = run(["heatmap", "--attention", root / "attention" / "A.h5", "--out", tmp_path / "h", "--mpp", "8",
+                      "--quiet"], capsys)
+    assert rc == 0 and (tmp_path / "h" / "A.top_tiles.png").is_file(), err
     rc, _, err = run(["heatmap", "--attention", att, "--out", tmp_path / "h", "--mpp", "8", "--quiet"], capsys)
-    assert rc == 0, err
+    assert rc == 0, err  # the first run's montage is gone: it would pass for this attention's
     assert (tmp_path / "h" / "A.heatmap.png").is_file() and not (tmp_path / "h" / "A.top_tiles.png").exists()
     assert (f"no top-tile montage: patch store {root / 'tiles' / 'A.zarr'} has tiles of 128 level-0 px, the "
             "attention of slide A 256 px") in caplog.text
