@@ -283,3 +283,22 @@ def test_split_fractions_that_leave_nothing_to_train_on_name_both_options(tmp_pa
     one_line(rc, err, "wsitools tune: error: --val-fraction 0.6 and --test-fraction 0.4 leave no tiles to train on: "
              "each must be >= 0 and their sum below 1")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("last_row, message", [
+    ("s,0,0,b", "line 11: tile (0, 0) of slide s is listed again (first on line 2); list each tile once"),
+    ("s,128,0,", "line 11: tile (128, 0) of slide s has an empty label"),
+    ("s,128", "line 11: 2 fields, but the header has 4"),
+    ("s,128,0,a,x", "line 11: 5 fields, but the header has 4"),
+])
+def test_a_tile_table_row_that_cannot_be_one_tile_and_label_is_named(tmp_path, capsys, last_row, message):
+    card = tiny_card(tmp_path, size=32)
+    patch_store(tmp_path / "tiles" / "s.zarr", n=8, size=32)
+    table = tmp_path / "tiles.csv"  # tiles 64 level-0 px apart; a blank line must not shift the numbers
+    table.write_text("slide_id,x,y,label\n" + "".join(f"s,{i * 64},0,{'ab'[i % 2]}\n" for i in range(4)) + "\n"
+                     + "".join(f"s,{i * 64},0,{'ab'[i % 2]}\n" for i in range(4, 8)) + last_row + "\n")
+    rc, _, err = run(["tune", "pathotune", "--data", table, "--stores", tmp_path / "tiles", "--encoder", card,
+                      "--prompts", "tvp", "--epochs", "1", "--workers", "0", "--device", "cpu", "--quiet",
+                      "--out", tmp_path / "run"], capsys)
+    one_line(rc, err, f"wsitools tune: error: {table}, {message}")
+    assert not (tmp_path / "run").exists()

@@ -141,7 +141,8 @@ def folder_tiles(root: str | os.PathLike[str]) -> FolderTiles:
 
 def store_tiles(table: str | os.PathLike[str], stores: Sequence[str | os.PathLike[str]]) -> StoreTiles:
     """Tiles named by a CSV table (``slide_id,x,y,label[,split]``) in patch stores (``*.zarr``
-    paths or folders of them). Unknown slides or coordinates are errors naming the table row."""
+    paths or folders of them). Unknown slides or coordinates, an empty label and a tile listed
+    twice are errors naming the table row."""
     table = Path(table)
     if not table.is_file():
         raise DataError(f"{table}: tile-label table not found")
@@ -150,7 +151,8 @@ def store_tiles(table: str | os.PathLike[str], stores: Sequence[str | os.PathLik
         cols = set(reader.fieldnames or ())
         if not {"slide_id", "x", "y", "label"} <= cols:
             raise DataError(f"{table}: needs columns slide_id,x,y,label (has {sorted(cols)})")
-        rows = list(reader)
+        header = len(reader.fieldnames or ())
+        rows = [(reader.line_num, r) for r in reader]  # the file's line, whatever blank lines it has
     if not rows:
         raise DataError(f"{table}: no rows")
     by_id: dict[str, PatchStore] = {}
@@ -164,9 +166,14 @@ def store_tiles(table: str | os.PathLike[str], stores: Sequence[str | os.PathLik
     store_list = list(by_id.values())
     number = {sid: i for i, sid in enumerate(by_id)}
     lookups: dict[str, dict[tuple[int, int], int]] = {}
-    classes = sorted({r["label"] for r in rows})
+    for line, r in rows:
+        if None in r or None in r.values():  # a separator inside a value, or a cut-off row
+            fields = sum(v is not None for k, v in r.items() if k is not None) + len(r.get(None) or ())
+            raise DataError(f"{table}, line {line}: {fields} fields, but the header has {header}")
+    classes = sorted({r["label"] for _, r in rows})
     index, labels, names, split = [], [], [], []
-    for line, r in enumerate(rows, start=2):
+    first_line: dict[tuple[str, int], int] = {}
+    for line, r in rows:
         sid = r["slide_id"]
         try:
             check_slide_id(sid)
@@ -181,6 +188,12 @@ def store_tiles(table: str | os.PathLike[str], stores: Sequence[str | os.PathLik
         tile = lookups[sid].get((x, y))
         if tile is None:
             raise DataError(f"{table}, line {line}: no tile at ({x}, {y}) in {by_id[sid].path}")
+        if not r["label"]:
+            raise DataError(f"{table}, line {line}: tile ({x}, {y}) of slide {sid} has an empty label")
+        seen = first_line.setdefault((sid, tile), line)
+        if seen != line:  # twice in training, or in training and test at once
+            raise DataError(f"{table}, line {line}: tile ({x}, {y}) of slide {sid} is listed again (first on line "
+                            f"{seen}); list each tile once")
         index.append((number[sid], tile))
         labels.append(classes.index(r["label"]))
         names.append(f"{sid}:{x}:{y}")
