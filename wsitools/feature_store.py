@@ -120,15 +120,17 @@ def check_target(path: str | os.PathLike[str]) -> Path:
     directory at ``path`` (or a folder that cannot be made) would otherwise fail only at the final
     rename, after all the work."""
     path = Path(path)
+    remedy = "remove it or write the features elsewhere"
     if path.is_dir():
-        raise StoreError(f"{path}: is a directory, where the feature store file goes; remove it or write the features elsewhere")
+        raise StoreError(f"{path}: is a directory, where the feature store file goes; {remedy}")
     if path.exists() and not path.is_file():
-        raise StoreError(f"{path}: is not a regular file, where the feature store file goes; remove it or write the features elsewhere")
+        raise StoreError(f"{path}: is not a regular file, where the feature store file goes; {remedy}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         blocker = next((p for p in path.parents if p.exists() or p.is_symlink()), None)
-        reason = f"{blocker} is a file" if blocker is not None and blocker.is_file() else (exc.strerror or one_line(exc))
+        is_file = blocker is not None and blocker.is_file()
+        reason = f"{blocker} is a file" if is_file else (exc.strerror or one_line(exc))
         raise StoreError(f"{path}: its folder {path.parent} cannot be created ({reason})") from None
     return path
 
@@ -447,8 +449,6 @@ class EncoderRecord(NamedTuple):
     def describe(self) -> str:
         """``name (hash 0123456789ab)``, for messages."""
         return f"{self.name or 'unnamed'} (hash {self.hash[:12]})" if self.hash else f"{self.name or 'unnamed'}"
-
-
 
 
 class TileGeometry(NamedTuple):
