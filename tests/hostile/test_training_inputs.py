@@ -290,6 +290,8 @@ def test_split_fractions_that_leave_nothing_to_train_on_name_both_options(tmp_pa
     ("s,128,0,", "line 11: tile (128, 0) of slide s has an empty label"),
     ("s,128", "line 11: 2 fields, but the header has 4"),
     ("s,128,0,a,x", "line 11: 5 fields, but the header has 4"),
+    ("s,128,0,#N/A", "label '#N/A' (slide s) looks like a missing value, which would make it a class; leave its "
+                     "row out"),
 ])
 def test_a_tile_table_row_that_cannot_be_one_tile_and_label_is_named(tmp_path, capsys, last_row, message):
     card = tiny_card(tmp_path, size=32)
@@ -300,5 +302,18 @@ def test_a_tile_table_row_that_cannot_be_one_tile_and_label_is_named(tmp_path, c
     rc, _, err = run(["tune", "pathotune", "--data", table, "--stores", tmp_path / "tiles", "--encoder", card,
                       "--prompts", "tvp", "--epochs", "1", "--workers", "0", "--device", "cpu", "--quiet",
                       "--out", tmp_path / "run"], capsys)
-    one_line(rc, err, f"wsitools tune: error: {table}, {message}")
+    one_line(rc, err, f"wsitools tune: error: {table}{':' if message.startswith('label') else ','} {message}")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_missing_value_marker_is_a_tile_class_only_when_the_task_lists_it(tmp_path):
+    from wsitools.errors import DataError
+    from wsitools.pathotune import store_tiles
+
+    patch_store(tmp_path / "tiles" / "s.zarr", n=6, size=32)
+    table = tmp_path / "tiles.csv"
+    table.write_text("slide_id,x,y,label\n" + "".join(f"s,{i * 64},0,{['a', 'b', 'NA'][i % 3]}\n" for i in range(6)))
+    with pytest.raises(DataError, match=r"label 'NA' \(slide s\) looks like a missing value"):
+        store_tiles(table, [tmp_path / "tiles"])
+    tiles = store_tiles(table, [tmp_path / "tiles"], task_classes=["b", "a", "NA"])
+    assert tiles.classes == ("NA", "a", "b") and tiles.labels.tolist() == [1, 2, 0, 1, 2, 0]

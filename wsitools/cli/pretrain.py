@@ -165,11 +165,14 @@ def _pathotune(args: argparse.Namespace) -> int:
     from wsitools.pathotune import PathoTuneTrainConfig, folder_tiles, parse_prompts, store_tiles, tune_pathotune
     from wsitools.text import load_task
 
+    task = load_task(args.task) if args.task else None
+    if task is not None and task.type != "classification":
+        raise DataError(f"task {args.task}: patch-level prompt tuning classifies tiles; this is a {task.type} task")
     data_path = Path(args.data)
     if data_path.suffix.lower() == ".csv":
         if not args.stores:
             raise DataError(f"{data_path}: a tile-label table needs --stores with the patch stores it names")
-        data = store_tiles(data_path, args.stores)
+        data = store_tiles(data_path, args.stores, task_classes=task.classes if task is not None else None)
     else:
         if args.stores:
             raise DataError("--stores goes with a tile-label CSV as --data, not with an image folder")
@@ -181,9 +184,6 @@ def _pathotune(args: argparse.Namespace) -> int:
         augment=not args.no_augment, seed=args.seed, precision=args.precision,
         num_workers=args.workers, text_model=args.text_model,
     )
-    task = load_task(args.task) if args.task else None
-    if task is not None and task.type != "classification":
-        raise DataError(f"task {args.task}: patch-level prompt tuning classifies tiles; this is a {task.type} task")
     result = tune_pathotune(
         data, args.out, backbone=args.encoder, task=task,
         ivp_encoder=args.ivp_encoder, config=config, resume=args.resume, device=args.device,

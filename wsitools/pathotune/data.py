@@ -30,6 +30,7 @@ from torch.utils.data import Dataset
 
 from wsitools.encoders.transforms import to_unit_float
 from wsitools.errors import DataError, StoreError
+from wsitools.labels import classes_from_labels
 from wsitools.store import PatchStore
 from wsitools.types import check_slide_id
 
@@ -139,10 +140,17 @@ def folder_tiles(root: str | os.PathLike[str]) -> FolderTiles:
     )
 
 
-def store_tiles(table: str | os.PathLike[str], stores: Sequence[str | os.PathLike[str]]) -> StoreTiles:
+def store_tiles(
+    table: str | os.PathLike[str],
+    stores: Sequence[str | os.PathLike[str]],
+    *,
+    task_classes: Sequence[str] | None = None,
+) -> StoreTiles:
     """Tiles named by a CSV table (``slide_id,x,y,label[,split]``) in patch stores (``*.zarr``
     paths or folders of them). Unknown slides or coordinates, an empty label and a tile listed
-    twice are errors naming the table row."""
+    twice are errors naming the table row. Without ``task_classes`` (a task file's classes) the
+    labels are the classes, checked as :func:`wsitools.labels.classes_from_labels` checks them
+    (a missing-value marker or one number written two ways is no class)."""
     table = Path(table)
     if not table.is_file():
         raise DataError(f"{table}: tile-label table not found")
@@ -170,7 +178,11 @@ def store_tiles(table: str | os.PathLike[str], stores: Sequence[str | os.PathLik
         if None in r or None in r.values():  # a separator inside a value, or a cut-off row
             fields = sum(v is not None for k, v in r.items() if k is not None) + len(r.get(None) or ())
             raise DataError(f"{table}, line {line}: {fields} fields, but the header has {header}")
-    classes = sorted({r["label"] for _, r in rows})
+    if task_classes is None:
+        classes = list(classes_from_labels(((r["slide_id"], r["label"]) for _, r in rows if r["label"]),
+                                           where=str(table), unlabelled="leave its row out"))
+    else:
+        classes = sorted({r["label"] for _, r in rows})
     index, labels, names, split = [], [], [], []
     first_line: dict[tuple[str, int], int] = {}
     for line, r in rows:
