@@ -45,7 +45,7 @@ os.environ.setdefault("WSITOOLS_SOURCE", str(Path(workflow.basedir).resolve().pa
 # Jobs run the `wsitools` command of the environment that runs Snakemake (and imported wsitools
 # above), not whichever comes first on PATH: an environment used without activating it
 # (`.venv/bin/python -m snakemake`, `make demo PYTHON=.venv/bin/python`) works as an activated one.
-os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+os.environ.update(PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
 
 SLIDES = sorted(SAMPLES)
 TILES = config["tiles_dir"].rstrip("/")
