@@ -7,6 +7,7 @@ The end-to-end run is in test_workflow_e2e.py. Here every Snakemake call is a dr
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -881,3 +882,16 @@ def test_patient_bag_heads_in_the_workflow(tmp_path):
     assert result.returncode != 0
     assert ("config: tasks: planted: patient B in config/samples.tsv: slides s1 (pos) and s2 (neg) disagree on "
             "'label', but heads pat pool a patient's slides") in result.stdout + result.stderr
+
+
+def test_jobs_run_the_wsitools_of_the_interpreter_that_runs_snakemake(tmp_path):
+    # An environment used without activating it: `wsitools` is not on PATH, yet the tile job
+    # finds the command beside the Python that runs Snakemake.
+    root = make_project(tmp_path / "p", n=1, config={"tasks": {}, "heads": {}})
+    env = {**os.environ, "PATH": "/usr/bin:/bin"}
+    assert shutil.which("wsitools", path=env["PATH"]) is None
+    run = subprocess.run(snakemake_command(root, "--cores", "1", "results/qc/summary.tsv"),
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    qc = json.loads((root / "results" / "tiles" / "s0.qc.json").read_text())
+    assert (qc["slide_id"], qc["status"]) == ("s0", "no_tissue")  # the fixture is smaller than one tile

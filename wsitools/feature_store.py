@@ -149,6 +149,23 @@ def check_feature_dir(features_dir: str | os.PathLike[str]) -> Path:
     return folder
 
 
+def features_root_hint(features_dir: str | os.PathLike[str]) -> str:
+    """For an error about a folder without feature stores: when it is a features root (the
+    ``--out`` of ``wsitools extract``, whose encoder folders hold the stores), the folders to
+    give instead, as ``"; ..."``; else ``""``."""
+    folder = Path(features_dir)
+    if not folder.is_dir():
+        return ""
+    encoders = sorted(
+        p.name for p in folder.iterdir()
+        if p.is_dir() and not p.name.startswith(".") and any(q.suffix == ".h5" for q in p.iterdir())
+    )
+    if not encoders:
+        return ""
+    return (f"; it is a features root holding the encoder folders {', '.join(encoders)}: give one of them, "
+            f"e.g. {folder / encoders[0]}")
+
+
 def list_feature_stores(features_dir: str | os.PathLike[str]) -> dict[str, Path]:
     """Finished feature stores in a directory, by slide id (temporary ``.tmp-*`` files are skipped)."""
     folder = check_feature_dir(features_dir)

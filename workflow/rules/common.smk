@@ -7,6 +7,7 @@
 
 import os
 import shlex
+import sys
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
@@ -41,6 +42,10 @@ except WsiToolsError as exc:
 
 # The checkout this workflow belongs to: envs/wsitools.yaml installs the package from it.
 os.environ.setdefault("WSITOOLS_SOURCE", str(Path(workflow.basedir).resolve().parent))
+# Jobs run the `wsitools` command of the environment that runs Snakemake (and imported wsitools
+# above), not whichever comes first on PATH: an environment used without activating it
+# (`.venv/bin/python -m snakemake`, `make demo PYTHON=.venv/bin/python`) works as an activated one.
+os.environ.update(PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
 
 SLIDES = sorted(SAMPLES)
 TILES = config["tiles_dir"].rstrip("/")

@@ -11,7 +11,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from wsitools.cli.options import input_file, non_negative_int, patch_store_dir, positive_float, positive_int
+from wsitools.cli.options import (
+    input_file,
+    non_negative_int,
+    patch_store_dir,
+    positive_float,
+    positive_int,
+    show_progress,
+)
 from wsitools.errors import WsiToolsError, one_line
 from wsitools.types import DEFAULT_FEATURE_DTYPE, FEATURE_DTYPES
 
@@ -178,7 +185,7 @@ def _extract(args: argparse.Namespace) -> int:
                 compile=args.compile,
                 dtype=args.dtype,
                 overwrite=args.overwrite,
-                progress=not args.quiet,
+                progress=show_progress(quiet=args.quiet),
             )
         except Exception as exc:  # one bad store never stops the others
             _report_failure(store, exc)

@@ -41,7 +41,7 @@ def _export(args: argparse.Namespace) -> int:
     from wsitools.cli.encoders import store_failure
     from wsitools.errors import DataError
     from wsitools.export import export_store
-    from wsitools.feature_store import list_feature_stores
+    from wsitools.feature_store import features_root_hint, list_feature_stores
 
     stores = list_feature_stores(args.features)
     if args.slides is not None:
@@ -50,7 +50,9 @@ def _export(args: argparse.Namespace) -> int:
             raise DataError(f"--slides: no feature store in {args.features} for {', '.join(missing)}")
         stores = {s: stores[s] for s in args.slides}
     if not stores:
-        raise DataError(f"feature directory {args.features}: holds no feature stores (*.h5)")
+        raise DataError(
+            f"feature directory {args.features}: holds no feature stores (*.h5){features_root_hint(args.features)}"
+        )
     failed = []
     for path in stores.values():
         try:

@@ -14,6 +14,7 @@ from wsitools.cli.options import (
     non_negative_int,
     positive_float,
     positive_int,
+    show_progress,
 )
 from wsitools.errors import DataError, WsiToolsError, one_line
 from wsitools.types import slide_id_from_path
@@ -251,7 +252,7 @@ def run_train(args: argparse.Namespace) -> int:
         allow_empty_classes=args.allow_empty_classes,
         overwrite=args.overwrite,
         resume=args.resume,
-        progress=not args.quiet,
+        progress=show_progress(quiet=args.quiet),
     )
     pooled = summary["pooled"]
     for name in HEADLINE[summary["task_type"]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -106,3 +107,10 @@ def input_file(text: str) -> str:
     if not path.is_file():
         raise argparse.ArgumentTypeError(f"{text}: no such file")
     return text
+
+
+def show_progress(*, quiet: bool) -> bool:
+    """Whether a command draws progress bars: on a terminal, unless ``--quiet``. Written into a
+    log file (a batch job, ``> run.log 2>&1``) a bar is every redraw of it, not a record; the
+    command's result lines and log messages are written either way."""
+    return not quiet and sys.stderr.isatty()

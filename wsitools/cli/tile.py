@@ -8,7 +8,7 @@ from pathlib import Path
 
 from wsitools.errors import ConfigError
 from wsitools.cli.options import (
-    fraction, jpeg_quality, mpp, non_negative_float, non_negative_int, positive_float, positive_int,
+    fraction, jpeg_quality, mpp, non_negative_float, non_negative_int, positive_float, positive_int, show_progress,
 )
 from wsitools.store import CODECS, DEFAULT_CODEC, DEFAULT_JPEG_QUALITY
 from wsitools.tiling import TilingParams, tile_slides
@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers,
         scheduler=args.scheduler,
         overwrite=args.overwrite,
-        progress=not args.quiet,
+        progress=show_progress(quiet=args.quiet),
         isolate=True,
     )
     failed = [r for r in records if r["status"] == "failed"]

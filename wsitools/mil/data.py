@@ -19,7 +19,14 @@ from typing import Any
 import numpy as np
 
 from wsitools.errors import DataError
-from wsitools.feature_store import EncoderRecord, FeatureStore, TileGeometry, feature_path, list_feature_stores
+from wsitools.feature_store import (
+    EncoderRecord,
+    FeatureStore,
+    TileGeometry,
+    feature_path,
+    features_root_hint,
+    list_feature_stores,
+)
 from wsitools.labels import SURVIVAL_STRATA, LabelRow
 from wsitools.text import TaskType
 from wsitools.types import slide_id_from_path
@@ -140,7 +147,7 @@ def build_cohort(
         _check_one_width(ivp_infos, ivp_features_dir)
     if not kept:
         raise DataError(f"no labelled slide has a usable feature store in {features_dir}: "
-                        f"{_why_none_usable(rows, stores, problems)}")
+                        f"{_why_none_usable(rows, stores, problems, features_dir)}")
     targets = _check_targets(kept, task_type)
     if task_type == "classification":
         present = sorted({r.label for r in kept}, key=lambda c: class_index[c])
@@ -174,12 +181,15 @@ def build_cohort(
     )
 
 
-def _why_none_usable(rows: Sequence[LabelRow], stores: dict[str, Path], problems: dict[str, str]) -> str:
+def _why_none_usable(
+    rows: Sequence[LabelRow], stores: dict[str, Path], problems: dict[str, str], features_dir: str | os.PathLike[str]
+) -> str:
     """Why no labelled slide could be used, for the error: the first problem when some slide
     ids matched a store; else the ids against the store names, with the usual mismatches
-    named (file names with their extension for ids, ids that differ in case)."""
+    named (file names with their extension for ids, ids that differ in case, the features
+    root given for an encoder's folder)."""
     if not stores:
-        return "it holds no feature stores ({slide_id}.h5)"
+        return "it holds no feature stores ({slide_id}.h5)" + features_root_hint(features_dir)
     matched = [r.slide_id for r in rows if r.slide_id in stores]
     if matched:
         return f"all {len(matched)} labelled slides with a store were skipped (first: {problems[matched[0]]})"

@@ -29,6 +29,7 @@ from wsitools.feature_store import (
     EncoderRecord,
     FeatureStore,
     TileGeometry,
+    features_root_hint,
     list_feature_stores,
     read_coords,
     read_features,
@@ -244,7 +245,7 @@ def predict(
     stores = list_feature_stores(features_dir)
     wanted = [check_slide_id(s) for s in slides] if slides else sorted(stores)
     if not wanted:
-        raise DataError(f"no feature stores ({{slide_id}}.h5) in {features_dir}")
+        raise DataError(f"no feature stores ({{slide_id}}.h5) in {features_dir}{features_root_hint(features_dir)}")
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise DataError(f"output {out_dir} exists; use --overwrite to replace it")

@@ -1,0 +1,33 @@
+"""Progress bars are drawn on a terminal only: written into a log (a batch job, `> log 2>&1`) a
+bar is every redraw of it. The result lines and log messages are written either way."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from wsitools.cli import main
+from wsitools.cli.options import show_progress
+from wsitools.mil.synthetic import make_bag_cohort
+
+
+@pytest.mark.parametrize("tty, quiet, shown", [(True, False, True), (True, True, False), (False, False, False)])
+def test_bars_need_a_terminal_and_no_quiet(monkeypatch, tty, quiet, shown):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: tty)
+    assert show_progress(quiet=quiet) is shown
+
+
+@pytest.mark.parametrize("tty", [True, False])
+def test_train_draws_its_epoch_bars_on_a_terminal_only(tmp_path: Path, capsys, monkeypatch, tty):
+    make_bag_cohort(tmp_path / "f", n_slides=8, n_tiles=(6, 10), dim=8, labels_path=tmp_path / "labels.csv")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: tty)
+    rc = main(["train", "--features", str(tmp_path / "f"), "--labels", str(tmp_path / "labels.csv"),
+               "--head", "meanpool", "--folds", "2", "--epochs", "3", "--min-epochs", "1", "--device", "cpu",
+               "--out", str(tmp_path / "heads")])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert out.splitlines()[0].startswith("auroc\t")  # the result, either way
+    assert ("fold 0:" in err and "epoch/s" in err) is tty
+    assert ("\r" in err) is tty
