@@ -31,3 +31,18 @@ def test_train_draws_its_epoch_bars_on_a_terminal_only(tmp_path: Path, capsys, m
     assert out.splitlines()[0].startswith("auroc\t")  # the result, either way
     assert ("fold 0:" in err and "epoch/s" in err) is tty
     assert ("\r" in err) is tty
+
+
+@pytest.mark.parametrize("tty", [True, False])
+def test_predict_draws_its_bar_on_a_terminal_only(tmp_path: Path, capsys, monkeypatch, tty):
+    make_bag_cohort(tmp_path / "f", n_slides=8, n_tiles=(6, 10), dim=8, labels_path=tmp_path / "labels.csv")
+    assert main(["train", "--features", str(tmp_path / "f"), "--labels", str(tmp_path / "labels.csv"),
+                 "--head", "abmil", "--folds", "2", "--epochs", "2", "--min-epochs", "1", "--device", "cpu",
+                 "--out", str(tmp_path / "heads"), "--quiet"]) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: tty)
+    assert main(["predict", "--model", str(tmp_path / "heads"), "--features", str(tmp_path / "f"),
+                 "--out", str(tmp_path / "pred"), "--device", "cpu"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("predicted 8 slides")  # the result, either way
+    assert ("predict:" in err and "\r" in err) is tty

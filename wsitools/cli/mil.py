@@ -282,7 +282,7 @@ def run_predict(args: argparse.Namespace) -> int:
         device=args.device,
         strict=args.strict,
         overwrite=args.overwrite,
-        progress=not args.quiet,
+        progress=show_progress(quiet=args.quiet),
     )
     from wsitools.mil.predict import PatientPrediction
 
@@ -342,7 +342,7 @@ def run_heatmap(args: argparse.Namespace) -> int:
         raise DataError(f"--min-side {args.min_side} is larger than --max-side {args.max_side}")
     files = _attention_files(args.attention)
     failed = 0
-    for f in tqdm(files, desc="heatmap", unit="slide", disable=args.quiet):
+    for f in tqdm(files, desc="heatmap", unit="slide", disable=not show_progress(quiet=args.quiet)):
         slide_id = f.stem
         try:
             out = draw_heatmap(

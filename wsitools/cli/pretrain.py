@@ -10,7 +10,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from wsitools.cli.options import fraction, input_file, non_negative_float, non_negative_int, positive_float, positive_int
+from wsitools.cli.options import (
+    fraction, input_file, non_negative_float, non_negative_int, positive_float, positive_int, show_progress,
+)
 
 
 def register(subparsers: Any) -> None:
@@ -148,7 +150,8 @@ def _puzzle(args: argparse.Namespace) -> int:
     )
     result = train_puzzle(
         args.stores, args.out, backbone=args.encoder, config=config, resume=args.resume,
-        device=args.device, models_dir=args.models_dir, name=args.name, progress=not args.quiet,
+        device=args.device, models_dir=args.models_dir, name=args.name,
+        progress=show_progress(quiet=args.quiet),
         stop_after_epochs=args.stop_after_epochs,
     )
     print(f"epochs done\t{result.epochs_done}/{args.epochs}")
@@ -187,7 +190,8 @@ def _pathotune(args: argparse.Namespace) -> int:
     result = tune_pathotune(
         data, args.out, backbone=args.encoder, task=task,
         ivp_encoder=args.ivp_encoder, config=config, resume=args.resume, device=args.device,
-        models_dir=args.models_dir, name=args.name, progress=not args.quiet,
+        models_dir=args.models_dir, name=args.name,
+        progress=show_progress(quiet=args.quiet),
         stop_after_epochs=args.stop_after_epochs,
     )
     print(f"epochs done\t{result.epochs_done}/{args.epochs}")
