@@ -679,7 +679,9 @@ def open_slide(
     if not p.exists():
         raise SlideError(f"{p}: no such slide file")
     if p.is_dir():  # no slide format is a folder (MRXS and DICOM are opened by a file in theirs)
-        raise SlideError(f"{p}: is a directory, expected a slide file")
+        raise SlideError(
+            f"{p}: is a directory, expected a slide file (for a folder's slides give the files, e.g. {p / '*.svs'})"
+        )
     if backend != "auto":
         if backend not in _BACKENDS:
             raise SlideError(
