@@ -25,6 +25,9 @@ Choices where the papers are silent (documented in docs/mil.md):
 - Instance dropout: each training step can also drop a random ``instance_dropout`` fraction (0
   by default) of the bag's patches, so no single patch can carry the decision and the attention
   learns to rank all the evidence, not just its strongest patch.
+- Features are standardised per dimension with the training bags' statistics
+  (:func:`feature_statistics`, saved with the head), so the recipe holds whatever scale and
+  origin the encoder gives its features.
 - The validation loss used for early stopping is class-balanced (inverse-frequency weights of
   the validation set), so the majority class cannot dominate model selection.
 
@@ -67,7 +70,7 @@ from wsitools.labels import classes_from_labels, read_labels
 from wsitools.mil.data import Cohort, build_cohort, class_weights, sample_index
 from wsitools.mil import head_folder, run_folder
 from wsitools.mil.folds import Fold, patient_kfold, user_folds
-from wsitools.mil.heads import HeadConfig, HeadName, PromptKind, create_head
+from wsitools.mil.heads import HeadConfig, HeadName, PromptKind, create_head, feature_scalings
 from wsitools.mil.patients import (
     PatientCohort,
     SlideGroup,
@@ -219,6 +222,45 @@ def bag_dataset(cohort: Cohort, config: TrainConfig) -> BagDataset:
     if isinstance(cohort, PatientCohort):
         return PatientBagDataset(cohort.groups, cohort.labels, **options)
     return BagDataset(cohort.paths, cohort.labels, cohort.sizes, ivp_paths=cohort.ivp_paths, **options)
+
+
+def feature_statistics(dataset: BagDataset, index: np.ndarray) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per-dimension mean and scale of the bags ``index`` of ``dataset`` (``features``, and
+    ``ivp`` for a second IVP encoder's bags), each bag weighing the same: the mean of the bag
+    means, and the square root of the mean within-bag variance plus the variance of the bag
+    means (the law of total variance, computed without cancellation). A dimension that does not
+    vary (a dead unit of the encoder) gets scale 1, so it stays constant instead of being blown up.
+
+    Bags weigh the same, not patches, so that a few very large bags do not set the scale of all.
+    """
+    moments: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {"features": [], "ivp": []}
+    for i in index:
+        x, ivp, _ = dataset[(int(i), None)]
+        for name, bag in (("features", x), ("ivp", ivp)):
+            if bag is not None:
+                bag = bag.to(torch.float64)
+                moments[name].append((bag.mean(0), bag.var(0, correction=0)))
+    out = {}
+    for name, parts in moments.items():
+        if not parts:
+            continue
+        means = torch.stack([m for m, _ in parts])
+        mean = means.mean(0)
+        sd = (torch.stack([v for _, v in parts]).mean(0) + means.var(0, correction=0)).sqrt()
+        scale = torch.where(sd > 1e-6 * (1.0 + mean.abs()), sd, torch.ones_like(sd))
+        out[name] = (mean.to(torch.float32), scale.to(torch.float32))
+    return out
+
+
+def standardise(model: nn.Module, dataset: BagDataset, index: np.ndarray) -> None:
+    """Set the head's feature standardisation from the bags ``index`` (its training part)."""
+    scalings = feature_scalings(model)
+    if not scalings:
+        return
+    stats = feature_statistics(dataset, index)
+    for name, scaling in scalings.items():
+        mean, scale = stats[name]
+        scaling.set(mean.to(scaling.mean.device), scale.to(scaling.scale.device))
 
 
 def _loader(
@@ -504,6 +546,7 @@ def train_fold(
     model = create_head(head_config, text_embeddings=text_embeddings).to(device)
     stepper = make_stepper(model, config, device=device)
     dataset = bag_dataset(cohort, config)
+    standardise(model, dataset, fold.train)
     targets, scale = _fold_targets(cohort, fold)
     targets_dev = targets.to(device) if targets is not None else None
     step_loss, batch = fold_loss(cohort, fold, config, targets=targets_dev, device=device)
