@@ -169,8 +169,10 @@ def run_head(folder: Path, head: str, out: Path) -> float:
         cmd += ["--task", str(folder / "task.yaml")]
     out.mkdir(parents=True)
     t0 = time.perf_counter()
+    # Run from the output folder: ``python -m`` puts the working directory first on the path,
+    # and a checkout there would shadow the PYTHONPATH asked for.
     env = {**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH") or str(ROOT)}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=out)
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
@@ -283,6 +285,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
+    args.out = args.out.resolve()
     rows = []
     for name in args.cohorts:
         rows += evaluate(name, args.seed, args.heads, args.out, args.jobs)
