@@ -34,12 +34,14 @@ N(0, nuisance^2 I) offset; ``scale`` and ``offset`` are applied last, to every v
 
     python benchmarks/bench_heads_defaults.py [--cohorts imb1to9 ...] [--heads abmil pathotune]
         [--seed 0] [--jobs 2] [--out DIR]
+    python benchmarks/bench_heads_defaults.py --report [--out DIR]
 
 The heads are those of the package on ``PYTHONPATH`` (this checkout when it is not set), so
 ``PYTHONPATH=OTHER_CHECKOUT ... --out DIR2`` measures another version on the same cohorts.
 Every head runs on one torch thread (the CLI's default); ``--jobs`` trains that many heads at a
 time. Cohorts and runs are cached under ``--out`` (a run already there is read back, not
-repeated); the table is printed at the end, one row per cohort and head.
+repeated); the table is printed at the end, one row per cohort and head, and every result is
+appended to ``DIR/results.jsonl``, whose table ``--report`` prints.
 """
 
 from __future__ import annotations
@@ -265,12 +267,12 @@ def evaluate(name: str, seed: int, heads: list[str], out: Path, jobs: int) -> li
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| cohort | head | AUROC | bal. acc. | baseline | its AUROC | its bal. acc. | ΔAUROC | Δbal. acc. | s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| cohort | seed | head | AUROC | bal. acc. | baseline | its AUROC | its bal. acc. | ΔAUROC | Δbal. acc. | s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['cohort']} | {r['head']} | {r['auroc']:.3f} | {r['bacc']:.3f} | {r['baseline']} | "
+            f"| {r['cohort']} | {r['seed']} | {r['head']} | {r['auroc']:.3f} | {r['bacc']:.3f} | {r['baseline']} | "
             f"{r['base_auroc']:.3f} | {r['base_bacc']:.3f} | {r['auroc'] - r['base_auroc']:+.3f} | "
             f"{r['bacc'] - r['base_bacc']:+.3f} | {r['seconds']:.0f} |"
         )
@@ -284,8 +286,17 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--report", action="store_true", help="print the table of every run recorded under --out")
     args = parser.parse_args()
     args.out = args.out.resolve()
+    if args.report:
+        recorded = {}
+        for line in (args.out / "results.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            recorded[(r["cohort"], r["seed"], r["head"])] = r  # the latest of each
+        order = {name: i for i, name in enumerate(COHORTS)}
+        print(table(sorted(recorded.values(), key=lambda r: (order[r["cohort"]], r["seed"], r["head"]))))
+        return
     rows = []
     for name in args.cohorts:
         rows += evaluate(name, args.seed, args.heads, args.out, args.jobs)
