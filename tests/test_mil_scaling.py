@@ -92,6 +92,24 @@ def test_a_run_does_not_depend_on_the_scale_and_origin_of_the_features(tmp_path,
     np.testing.assert_allclose(saved["g"].scale.numpy(), 100.0 * saved["f"].scale.numpy(), rtol=1e-4)
 
 
+def test_a_second_ivp_encoder_is_standardised_with_its_own_statistics(tmp_path):
+    """IVP's second encoder in other units (x 100 + 50) trains the same PathoTune heads, and the
+    head keeps that encoder's statistics apart from the first encoder's."""
+    bags = make_bag_cohort(tmp_path / "f", n_slides=16, n_tiles=(10, 20), n_planted=(2, 4), dim=8, shift=4.0, seed=1)
+    second = make_bag_cohort(tmp_path / "e", n_slides=16, n_tiles=(10, 20), n_planted=(2, 4), dim=5, shift=4.0, seed=1)
+    _rescaled(second, tmp_path / "e", tmp_path / "e100", scale=100.0, offset=50.0)
+    labels = _labels(tmp_path / "l.csv", bags)
+    config = TrainConfig(folds=2, epochs=4, min_epochs=0, n_boot=10)
+    for name in ("e", "e100"):
+        train(features_dir=tmp_path / "f", labels=labels, out_dir=tmp_path / f"run_{name}", head="pathotune",
+              prompts=("ivp",), ivp_features_dir=tmp_path / name, config=config, progress=False)
+    np.testing.assert_allclose(_predictions(tmp_path / "run_e100"), _predictions(tmp_path / "run_e"), atol=2e-3)
+    head = load_head(tmp_path / "run_e100" / "fold_0").model
+    assert head.scaling.mean.shape == (8,) and head.ivp_scaling.mean.shape == (5,)
+    assert float(head.ivp_scaling.mean.mean()) == pytest.approx(50.0, abs=20.0)
+    assert float(head.scaling.mean.abs().max()) < 2.0
+
+
 def test_default_recipe_learns_features_far_from_unit_scale(tmp_path):
     """The default recipe on 1-3 key patches per positive bag, in features x 100 centred near 50
     (the kind of cohort where abmil without standardisation stayed at chance: AUROC 0.51 on
