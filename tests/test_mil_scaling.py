@@ -45,17 +45,20 @@ def _rescaled(bags, src, dst, *, scale, offset):
         write_synthetic_store(dst / f"{b.slide_id}.h5", (scale * x + offset).astype(np.float32))
 
 
-def test_feature_statistics_weigh_bags_equally_and_leave_constant_dimensions_alone(tmp_path):
+def test_feature_statistics_weigh_bags_equally_and_keep_the_geometry(tmp_path):
     a = np.array([[0.0, 5.0, 1.0], [2.0, 5.0, 3.0]], dtype=np.float32)  # 2 rows
     b = np.array([[10.0, 5.0, 1.0]] * 3 + [[14.0, 5.0, 1.0]], dtype=np.float32)  # 4 rows
     paths = [write_synthetic_store(tmp_path / "a.h5", a), write_synthetic_store(tmp_path / "b.h5", b)]
     dataset = BagDataset(paths, np.array([0, 1]), [2, 4], bag_size=512)
     mean, scale = feature_statistics(dataset, np.array([0, 1]))["features"]
-    # column 0: bag means 1 and 11 -> 6; within-bag variances 1 and 3, of the means 25 -> sqrt(27)
-    # column 2: bag means 2 and 1 -> 1.5; within 1 and 0, of the means 0.25 -> sqrt(0.75)
+    # column 0: bag means 1 and 11 -> 6; within-bag variances 1 and 3, of the means 25 -> 27
+    # column 1: constant -> 0; column 2: bag means 2 and 1 -> 1.5; within 1 and 0, of the means 0.25 -> 0.75
     assert torch.allclose(mean, torch.tensor([6.0, 5.0, 1.5]))
-    assert torch.allclose(scale, torch.tensor([27.0 ** 0.5, 1.0, 0.75 ** 0.5]))  # constant column: scale 1
+    assert torch.allclose(scale, torch.full((3,), ((27.0 + 0.0 + 0.75) / 3) ** 0.5))  # one scale for all
     assert "ivp" not in feature_statistics(dataset, np.array([0, 1]))
+    flat = write_synthetic_store(tmp_path / "c.h5", np.full((3, 3), 7.0, dtype=np.float32))
+    mean, scale = feature_statistics(BagDataset([flat], np.array([0]), [3], bag_size=512), np.array([0]))["features"]
+    assert torch.equal(mean, torch.full((3,), 7.0)) and torch.equal(scale, torch.ones(3))  # nothing varies: scale 1
 
 
 def test_feature_scaling_refuses_unusable_statistics():

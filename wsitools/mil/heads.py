@@ -4,11 +4,11 @@ Every head maps one bag of patch features ``x`` [N, D] (and, for PathoTune's IVP
 encoder, that encoder's bag [M, E]) to :class:`HeadOutput`: class logits [C] and attention [N]
 (non-negative, summing to one; the map drawn by ``wsitools heatmap``).
 
-Every head first standardises each feature dimension with the mean and standard deviation of its
-training bags (:class:`FeatureScaling`, set by training and saved with the weights), so that the
-head sees the same numbers whatever scale and origin the encoder gives its features: features
-centred at 50 or 100 times larger start with most of abmil's attention gates saturated and
-logits in the tens, and the head does not learn.
+Every head first standardises its features with its training bags' statistics (each dimension
+centred, all divided by one overall scale; :class:`FeatureScaling`, set by training and saved
+with the weights), so that the head sees the same numbers whatever unit and origin the encoder
+gives its features: features centred at 50 or 100 times larger start with most of abmil's
+attention gates saturated and logits in the tens, and the head does not learn.
 
 - ``meanpool``: linear probe on the mean feature (attention is uniform).
 - ``abmil``: Ilse et al.'s gated attention MIL: Linear(D, d) + ReLU + dropout, gated attention
@@ -87,8 +87,8 @@ class HeadConfig:
     # TTP texts when they are not the task and one per class (survival and regression tasks:
     # the task and its optional high/low descriptions, with one output).
     n_texts: int | None = None
-    # Standardise the features (and a second IVP encoder's) per dimension with the training bags'
-    # statistics (FeatureScaling). Heads saved before this existed have none (from_dict).
+    # Standardise the features (and a second IVP encoder's) with the training bags' statistics
+    # (FeatureScaling). Heads saved before this existed have none (from_dict).
     standardize: bool = True
 
     def __post_init__(self) -> None:
@@ -202,14 +202,14 @@ class Dropout(nn.Module):
 
 class FeatureScaling(nn.Module):
     """``(x - mean) / scale`` per feature dimension, with ``mean`` and ``scale`` [D] buffers
-    (saved with the head) that training sets from its training bags (:meth:`set`); the identity
+    (saved with the head) that training sets from its training bags (:meth:`set`; the scale is
+    one number for all dimensions, :func:`wsitools.mil.train.feature_statistics`); the identity
     until then.
 
-    Why: encoders' feature scales differ by orders of magnitude (non-negative pooled CNN
-    features, ViT tokens with a few huge dimensions, features centred far from zero), and the
-    heads' initialisation and learning rate assume values of order one. Standardising with the
-    training part's statistics (as the regression target is) makes the head's start and steps
-    the same on every encoder.
+    Why: encoders' feature scales differ by orders of magnitude and features may sit far from
+    zero, while the heads' initialisation and learning rate assume values of order one.
+    Standardising with the training part's statistics (as the regression target is) makes the
+    head's start and steps the same on every encoder.
     """
 
     def __init__(self, dim: int):

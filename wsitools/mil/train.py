@@ -25,9 +25,9 @@ Choices where the papers are silent (documented in docs/mil.md):
 - Instance dropout: each training step can also drop a random ``instance_dropout`` fraction (0
   by default) of the bag's patches, so no single patch can carry the decision and the attention
   learns to rank all the evidence, not just its strongest patch.
-- Features are standardised per dimension with the training bags' statistics
-  (:func:`feature_statistics`, saved with the head), so the recipe holds whatever scale and
-  origin the encoder gives its features.
+- Features are centred per dimension and divided by one overall scale, from the training bags'
+  statistics (:func:`feature_statistics`, saved with the head), so the recipe holds whatever
+  unit and origin the encoder gives its features.
 - The validation loss used for early stopping is class-balanced (inverse-frequency weights of
   the validation set), so the majority class cannot dominate model selection.
 
@@ -225,13 +225,19 @@ def bag_dataset(cohort: Cohort, config: TrainConfig) -> BagDataset:
 
 
 def feature_statistics(dataset: BagDataset, index: np.ndarray) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per-dimension mean and scale of the bags ``index`` of ``dataset`` (``features``, and
-    ``ivp`` for a second IVP encoder's bags), each bag weighing the same: the mean of the bag
-    means, and the square root of the mean within-bag variance plus the variance of the bag
-    means (the law of total variance, computed without cancellation). A dimension that does not
-    vary (a dead unit of the encoder) gets scale 1, so it stays constant instead of being blown up.
+    """The standardisation of the bags ``index`` of ``dataset`` (``features``, and ``ivp`` for
+    a second IVP encoder's bags): each dimension's mean, and one scale for all dimensions, the
+    root mean square over dimensions of their standard deviations (both [D]).
 
-    Bags weigh the same, not patches, so that a few very large bags do not set the scale of all.
+    Each bag weighs the same, not each patch, so that a few very large bags do not set the
+    statistics of all: the mean is the mean of the bag means, a dimension's variance the mean
+    within-bag variance plus the variance of the bag means (the law of total variance, without
+    cancellation). One scale rather than one per dimension: it removes the encoder's unit and
+    origin and keeps its geometry, the relative spread of its dimensions. Dividing each
+    dimension by its own deviation blows up the near-constant units of sparse CNN features to
+    the size of the informative ones: on the efficientnet-lite0 features of the quality
+    benchmark's ``real`` task the attention mass on the planted region fell to 0.70 with it,
+    0.77 with one scale (AUROC 1.0 with both). Features that do not vary at all keep scale 1.
     """
     moments: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {"features": [], "ivp": []}
     for i in index:
@@ -246,8 +252,9 @@ def feature_statistics(dataset: BagDataset, index: np.ndarray) -> dict[str, tupl
             continue
         means = torch.stack([m for m, _ in parts])
         mean = means.mean(0)
-        sd = (torch.stack([v for _, v in parts]).mean(0) + means.var(0, correction=0)).sqrt()
-        scale = torch.where(sd > 1e-6 * (1.0 + mean.abs()), sd, torch.ones_like(sd))
+        var = torch.stack([v for _, v in parts]).mean(0) + means.var(0, correction=0)
+        rms = float(var.mean().sqrt())
+        scale = torch.full_like(var, rms if rms > 1e-6 * (1.0 + float(mean.abs().mean())) else 1.0)
         out[name] = (mean.to(torch.float32), scale.to(torch.float32))
     return out
 
