@@ -194,10 +194,13 @@ def read_predictions(run: Path) -> tuple[list[str], np.ndarray, np.ndarray, list
 
 
 def pooled(bags: dict[str, np.ndarray], how: str) -> dict[str, np.ndarray]:
+    """Each bag's mean or max feature."""
     return {sid: (x.mean(0) if how == "mean" else x.max(0)) for sid, x in bags.items()}
 
 
-def baseline_probs(run: Path, features: dict[str, np.ndarray], classes: list[str]) -> tuple[list[str], np.ndarray, np.ndarray]:
+def baseline_probs(
+    run: Path, features: dict[str, np.ndarray], classes: list[str]
+) -> tuple[list[str], np.ndarray, np.ndarray]:
     """Standardised logistic regression (class-balanced, C = 1) on pooled ``features``, fitted on
     each fold's training and validation slides of ``run`` and applied to its test slides."""
     from sklearn.linear_model import LogisticRegression
@@ -222,6 +225,7 @@ def baseline_probs(run: Path, features: dict[str, np.ndarray], classes: list[str
 
 
 def load_bags(folder: Path) -> dict[str, np.ndarray]:
+    """The cohort's whole bags by slide id, as float64."""
     import h5py
 
     out = {}
