@@ -15,6 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from wsitools.feature_store import read_features  # noqa: E402
 from wsitools.mil.config import TrainConfig  # noqa: E402
+from wsitools.mil.data import sample_index  # noqa: E402
 from wsitools.mil.head_folder import load_head, save_head  # noqa: E402
 from wsitools.mil.heads import FeatureScaling, HeadConfig, create_head  # noqa: E402
 from wsitools.mil.synthetic import make_bag_cohort, write_synthetic_store  # noqa: E402
@@ -59,6 +60,13 @@ def test_feature_statistics_weigh_bags_equally_and_keep_the_geometry(tmp_path):
     flat = write_synthetic_store(tmp_path / "c.h5", np.full((3, 3), 7.0, dtype=np.float32))
     mean, scale = feature_statistics(BagDataset([flat], np.array([0]), [3], bag_size=512), np.array([0]))["features"]
     assert torch.equal(mean, torch.full((3,), 7.0)) and torch.equal(scale, torch.ones(3))  # nothing varies: scale 1
+    # A bag larger than bag_size contributes the rows of one seeded draw, not the whole bag.
+    big = np.arange(40, dtype=np.float32).reshape(20, 2) ** 2
+    path = write_synthetic_store(tmp_path / "d.h5", big)
+    mean, _ = feature_statistics(BagDataset([path], np.array([0]), [20], bag_size=4), np.array([0]))["features"]
+    rows = sample_index(20, 4, np.random.default_rng(0))
+    assert len(rows) == 4 and torch.allclose(mean, torch.from_numpy(big[rows].mean(0)))
+    assert not torch.allclose(mean, torch.from_numpy(big.mean(0)))
 
 
 def test_feature_scaling_refuses_unusable_statistics():
