@@ -4,6 +4,12 @@ Every head maps one bag of patch features ``x`` [N, D] (and, for PathoTune's IVP
 encoder, that encoder's bag [M, E]) to :class:`HeadOutput`: class logits [C] and attention [N]
 (non-negative, summing to one; the map drawn by ``wsitools heatmap``).
 
+Every head first standardises its features with its training bags' statistics (each dimension
+centred, all divided by one overall scale; :class:`FeatureScaling`, set by training and saved
+with the weights), so that the head sees the same numbers whatever unit and origin the encoder
+gives its features: features centred at 50 or 100 times larger start with most of abmil's
+attention gates saturated and logits in the tens, and the head does not learn.
+
 - ``meanpool``: linear probe on the mean feature (attention is uniform).
 - ``abmil``: Ilse et al.'s gated attention MIL: Linear(D, d) + ReLU + dropout, gated attention
   ``a_i = softmax_i(w^T (tanh(V h_i) * sigmoid(U h_i)))``, ``z = sum_i a_i h_i``, Linear(d, C).
@@ -81,6 +87,9 @@ class HeadConfig:
     # TTP texts when they are not the task and one per class (survival and regression tasks:
     # the task and its optional high/low descriptions, with one output).
     n_texts: int | None = None
+    # Standardise the features (and a second IVP encoder's) with the training bags' statistics
+    # (FeatureScaling). Heads saved before this existed have none (from_dict).
+    standardize: bool = True
 
     def __post_init__(self) -> None:
         if self.head not in HEADS:
@@ -126,7 +135,8 @@ class HeadConfig:
         prompts = tuple(data.get("prompts", ()))
         # Heads saved before these were settings had the prior whenever the widths matched, unscaled.
         implied = "ttp" in prompts and data.get("text_dim") == data.get("in_dim")
-        return cls(**{"text_prior": implied, "ttp_prior_scale": 1.0, **data, "prompts": prompts})
+        # Heads saved before feature standardisation saw the raw features.
+        return cls(**{"text_prior": implied, "ttp_prior_scale": 1.0, "standardize": False, **data, "prompts": prompts})
 
 
 HEADS: dict[str, Callable[[HeadConfig], nn.Module]] = {}
@@ -190,6 +200,50 @@ class Dropout(nn.Module):
         return f"p={self.p}"
 
 
+class FeatureScaling(nn.Module):
+    """``(x - mean) / scale`` per feature dimension, with ``mean`` and ``scale`` [D] buffers
+    (saved with the head) that training sets from its training bags (:meth:`set`; the scale is
+    one number for all dimensions, :func:`wsitools.mil.train.feature_statistics`); the identity
+    until then.
+
+    Why: encoders' feature scales differ by orders of magnitude and features may sit far from
+    zero, while the heads' initialisation and learning rate assume values of order one.
+    Standardising with the training part's statistics (as the regression target is) makes the
+    head's start and steps the same on every encoder.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("scale", torch.ones(dim))
+
+    def set(self, mean: Tensor, scale: Tensor) -> None:
+        """Install the training bags' per-dimension ``mean`` and ``scale`` (> 0) [D]."""
+        if mean.shape != self.mean.shape or scale.shape != self.scale.shape:
+            raise ModelError(
+                f"feature statistics have shapes {tuple(mean.shape)}, {tuple(scale.shape)}; "
+                f"the head expects {tuple(self.mean.shape)}"
+            )
+        if not bool(torch.all(scale > 0)) or not bool(torch.all(torch.isfinite(mean))):
+            raise ModelError("feature scales must be positive and means finite")
+        self.mean.copy_(mean)
+        self.scale.copy_(scale)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x - self.mean) / self.scale
+
+
+def _scaling(config: HeadConfig, dim: int) -> nn.Module:
+    return FeatureScaling(dim) if config.standardize else nn.Identity()
+
+
+def feature_scalings(model: nn.Module) -> dict[str, FeatureScaling]:
+    """The head's :class:`FeatureScaling` modules by input: ``features`` and, for PathoTune's IVP
+    from a second encoder, ``ivp``; empty for a head saved without standardisation."""
+    found = {"features": getattr(model, "scaling", None), "ivp": getattr(model, "ivp_scaling", None)}
+    return {name: m for name, m in found.items() if isinstance(m, FeatureScaling)}
+
+
 def _projection(in_dim: int, dim: int, dropout: float) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_dim, dim), nn.ReLU(), Dropout(dropout))
 
@@ -201,11 +255,12 @@ class MeanPoolHead(nn.Module):
     def __init__(self, config: HeadConfig):
         super().__init__()
         self.config = config
+        self.scaling = _scaling(config, config.in_dim)
         self.classifier = nn.Linear(config.in_dim, config.n_classes)
 
     def forward(self, x: Tensor, ivp: Tensor | None = None) -> HeadOutput:
         attention = torch.full((x.shape[0],), 1.0 / x.shape[0], dtype=x.dtype, device=x.device)
-        return HeadOutput(self.classifier(x.mean(dim=0)), attention)
+        return HeadOutput(self.classifier(self.scaling(x).mean(dim=0)), attention)
 
 
 @register_head("abmil")
@@ -215,12 +270,13 @@ class ABMILHead(nn.Module):
     def __init__(self, config: HeadConfig):
         super().__init__()
         self.config = config
+        self.scaling = _scaling(config, config.in_dim)
         self.project = _projection(config.in_dim, config.dim, config.dropout)
         self.pool = GatedAttentionPool(config.dim, config.attn_dim)
         self.classifier = nn.Linear(config.dim, config.n_classes)
 
     def forward(self, x: Tensor, ivp: Tensor | None = None) -> HeadOutput:
-        z, attention = self.pool(self.project(x))
+        z, attention = self.pool(self.project(self.scaling(x)))
         return HeadOutput(self.classifier(z), attention)
 
 
@@ -284,6 +340,7 @@ class PathoTuneHead(nn.Module):
         dim = config.dim
         # abmil's modules first, in abmil's order: with the same seed both heads start from the
         # same weights, and the prompted paths (all gated by zeros) leave abmil's computation.
+        self.scaling = _scaling(config, config.in_dim)
         self.project = _projection(config.in_dim, dim, config.dropout)
         self.pool = GatedAttentionPool(dim, config.attn_dim)
         self.classifier = nn.Linear(dim, config.n_classes)
@@ -304,6 +361,7 @@ class PathoTuneHead(nn.Module):
             self.ttp_prior = nn.Parameter(start)
         if "ivp" in config.prompts:
             if config.ivp_in_dim is not None:
+                self.ivp_scaling = _scaling(config, config.ivp_in_dim)
                 self.ivp_project = _projection(config.ivp_in_dim, dim, config.dropout)
             self.ivp_refine = InstanceRefine(dim, config.n_ivp, config.dropout)
             # The own bag's readout is a cosine (no bias): see ivp_readout.
@@ -327,7 +385,7 @@ class PathoTuneHead(nn.Module):
             return self.ivp_refine(h)
         if ivp is None:
             raise ModelError("this head was trained with IVP features from a second encoder; pass them")
-        return self.ivp_refine(self.ivp_project(ivp))
+        return self.ivp_refine(self.ivp_project(self.ivp_scaling(ivp)))
 
     def ivp_readout(self, token: Tensor) -> Tensor:
         """IVP's [C] term of the logits (before the gate) from the mean instance token [d].
@@ -360,11 +418,12 @@ class PathoTuneHead(nn.Module):
         return torch.cat(tokens, dim=0) if tokens else None
 
     def forward(self, x: Tensor, ivp: Tensor | None = None) -> HeadOutput:
-        h = self.project(x)
+        h = self.project(self.scaling(x))
         tokens = self.task_tokens()
         prompted = self.cross(h, tokens) if tokens is not None else h
         bias = None
         if self.config.text_prior:
+            # The raw features: the prior compares them with the texts in the text encoder's space.
             similarity = nn.functional.normalize(x, dim=-1) @ nn.functional.normalize(self.ttp_text, dim=-1).T
             # Standardised within the bag, so that gamma ~ 1 already separates a patch a few
             # standard deviations closer to a text than the rest of its bag.

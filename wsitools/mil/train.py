@@ -25,6 +25,9 @@ Choices where the papers are silent (documented in docs/mil.md):
 - Instance dropout: each training step can also drop a random ``instance_dropout`` fraction (0
   by default) of the bag's patches, so no single patch can carry the decision and the attention
   learns to rank all the evidence, not just its strongest patch.
+- Features are centred per dimension and divided by one overall scale, from the training bags'
+  statistics (:func:`feature_statistics`, saved with the head), so the recipe holds whatever
+  unit and origin the encoder gives its features.
 - The validation loss used for early stopping is class-balanced (inverse-frequency weights of
   the validation set), so the majority class cannot dominate model selection.
 
@@ -67,7 +70,7 @@ from wsitools.labels import classes_from_labels, read_labels
 from wsitools.mil.data import Cohort, build_cohort, class_weights, sample_index
 from wsitools.mil import head_folder, run_folder
 from wsitools.mil.folds import Fold, patient_kfold, user_folds
-from wsitools.mil.heads import HeadConfig, HeadName, PromptKind, create_head
+from wsitools.mil.heads import HeadConfig, HeadName, PromptKind, create_head, feature_scalings
 from wsitools.mil.patients import (
     PatientCohort,
     SlideGroup,
@@ -219,6 +222,58 @@ def bag_dataset(cohort: Cohort, config: TrainConfig) -> BagDataset:
     if isinstance(cohort, PatientCohort):
         return PatientBagDataset(cohort.groups, cohort.labels, **options)
     return BagDataset(cohort.paths, cohort.labels, cohort.sizes, ivp_paths=cohort.ivp_paths, **options)
+
+
+def feature_statistics(dataset: BagDataset, index: np.ndarray) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The standardisation of the bags ``index`` of ``dataset`` (``features``, and ``ivp`` for
+    a second IVP encoder's bags): each dimension's mean, and one scale for all dimensions, the
+    root mean square over dimensions of their standard deviations (both [D]).
+
+    Each bag weighs the same, not each patch, so that a few very large bags do not set the
+    statistics of all: the mean is the mean of the bag means, a dimension's variance the mean
+    within-bag variance plus the variance of the bag means (the law of total variance, without
+    cancellation). One scale rather than one per dimension: it removes the encoder's unit and
+    origin and keeps its geometry, the relative spread of its dimensions. Dividing each
+    dimension by its own deviation blows up the near-constant units of sparse CNN features to
+    the size of the informative ones: on the efficientnet-lite0 features of the quality
+    benchmark's ``real`` task the attention mass on the planted region fell to 0.70 with it,
+    0.77 with one scale (AUROC 1.0 with both). Features that do not vary at all keep scale 1.
+
+    Each bag contributes the rows of one training draw (at most ``bag_size``, seeded by the
+    bag's index, so the statistics do not depend on the run's seed): statistics of hundreds of
+    rows per bag are as good as those of the whole bag, and reading every training bag whole
+    once per fold would cost as much as an epoch of validation and fill the bag cache that
+    validation uses.
+    """
+    moments: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {"features": [], "ivp": []}
+    for i in index:
+        x, ivp, _ = dataset[(int(i), int(i))]
+        for name, bag in (("features", x), ("ivp", ivp)):
+            if bag is not None:
+                bag = bag.to(torch.float64)
+                moments[name].append((bag.mean(0), bag.var(0, correction=0)))
+    out = {}
+    for name, parts in moments.items():
+        if not parts:
+            continue
+        means = torch.stack([m for m, _ in parts])
+        mean = means.mean(0)
+        var = torch.stack([v for _, v in parts]).mean(0) + means.var(0, correction=0)
+        rms = float(var.mean().sqrt())
+        scale = torch.full_like(var, rms if rms > 1e-6 * (1.0 + float(mean.abs().mean())) else 1.0)
+        out[name] = (mean.to(torch.float32), scale.to(torch.float32))
+    return out
+
+
+def standardise(model: nn.Module, dataset: BagDataset, index: np.ndarray) -> None:
+    """Set the head's feature standardisation from the bags ``index`` (its training part)."""
+    scalings = feature_scalings(model)
+    if not scalings:
+        return
+    stats = feature_statistics(dataset, index)
+    for name, scaling in scalings.items():
+        mean, scale = stats[name]
+        scaling.set(mean.to(scaling.mean.device), scale.to(scaling.scale.device))
 
 
 def _loader(
@@ -504,6 +559,7 @@ def train_fold(
     model = create_head(head_config, text_embeddings=text_embeddings).to(device)
     stepper = make_stepper(model, config, device=device)
     dataset = bag_dataset(cohort, config)
+    standardise(model, dataset, fold.train)
     targets, scale = _fold_targets(cohort, fold)
     targets_dev = targets.to(device) if targets is not None else None
     step_loss, batch = fold_loss(cohort, fold, config, targets=targets_dev, device=device)
