@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import itertools
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ import torch
 from PIL import Image
 
 from wsitools.encoders import load_encoder
-from wsitools.errors import ConfigError, DataError, ModelError, WsiToolsError
+from wsitools.errors import ConfigError, DataError, ModelError, StoreError, WsiToolsError
 from wsitools.pathotune import (
     PROMPT_KINDS,
     PathoTuneConfig,
@@ -160,6 +161,12 @@ def test_data_sources_and_split(setup, tmp_path):
     bad.write_text("slide_id,x,y,label\nS9,0,7,spots\nS1,0,7,stripes\n")
     with pytest.raises(DataError, match="slide 'S9' has no patch store"):
         store_tiles(bad, [root / "tiles"])
+    # a second store of slide S1 (another tiling folder): the table's ids would name either
+    shutil.copytree(root / "tiles" / "S1.zarr", tmp_path / "other" / "S1.zarr")
+    with pytest.raises(DataError, match=r"S1.zarr and .*other/S1.zarr both hold slide 'S1'; give one of them"):
+        store_tiles(root / "labels.csv", [root / "tiles", tmp_path / "other"])
+    with pytest.raises(StoreError, match=r"missing: not a patch store \(\*.zarr\) nor a folder of patch stores"):
+        store_tiles(root / "labels.csv", [tmp_path / "missing"])
     # a predefined split from train/ val/ folders
     for part in ("train", "val"):
         for kind in ("a", "b"):

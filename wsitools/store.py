@@ -448,6 +448,21 @@ def _arrays_problem(p: Path, attrs: dict[str, Any], files: dict[str, int], diges
     return None
 
 
+def find_patch_stores(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
+    """The patch stores among ``paths``: a ``*.zarr`` path as given, a folder's ``*.zarr`` in name
+    order (hidden ones, such as a running tiler's temporaries, left out). Anything else is a
+    :class:`StoreError` naming it."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if p.suffix == ".zarr":
+            found.append(p)
+        elif p.is_dir():
+            found.extend(sorted(q for q in p.glob("*.zarr") if not q.name.startswith(".")))
+        else:
+            raise StoreError(f"{p}: not a patch store (*.zarr) nor a folder of patch stores")
+    return found
+
+
 def slide_identity(path: str | os.PathLike[str]) -> dict[str, Any]:
     """What a store records to know its slide again: path, size, mtime and a partial hash."""
     p = Path(path)

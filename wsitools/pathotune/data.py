@@ -31,7 +31,7 @@ from torch.utils.data import Dataset
 from wsitools.encoders.transforms import to_unit_float
 from wsitools.errors import DataError, StoreError
 from wsitools.labels import classes_from_labels
-from wsitools.store import PatchStore
+from wsitools.store import PatchStore, find_patch_stores
 from wsitools.types import check_slide_id
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -164,11 +164,12 @@ def store_tiles(
     if not rows:
         raise DataError(f"{table}: no rows")
     by_id: dict[str, PatchStore] = {}
-    for p in map(Path, stores):
-        for q in ([p] if p.suffix == ".zarr" else sorted(p.glob("*.zarr"))):
-            if not q.name.startswith("."):
-                s = PatchStore.open(q)
-                by_id[s.slide_id] = s
+    for q in find_patch_stores(stores):
+        s = PatchStore.open(q)
+        if s.slide_id in by_id:  # the table's slide ids would name either
+            raise DataError(f"{by_id[s.slide_id].path} and {s.path} both hold slide {s.slide_id!r}; "
+                            "give one of them")
+        by_id[s.slide_id] = s
     if not by_id:
         raise StoreError(f"no patch stores under {', '.join(map(str, stores))}")
     store_list = list(by_id.values())

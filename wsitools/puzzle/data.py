@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,7 +24,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from wsitools.encoders.transforms import random_resized_crop_flip, to_unit_float
 from wsitools.errors import StoreError
-from wsitools.store import CHUNK_TILES, PatchStore
+from wsitools.store import CHUNK_TILES, PatchStore, find_patch_stores
 
 MIN_BLOCKS_PER_WINDOW = 8
 """A window of batches draws its tiles from at least this many blocks (store chunks or parts)."""
@@ -37,15 +36,7 @@ def open_stores(paths: Sequence[str | os.PathLike[str]]) -> list[PatchStore]:
     Stores with no tiles are skipped; a store without pixels is still readable (from its slide).
     Raises :class:`StoreError` when nothing usable is found.
     """
-    found: list[Path] = []
-    for p in map(Path, paths):
-        if p.suffix == ".zarr":
-            found.append(p)
-        elif p.is_dir():
-            found.extend(sorted(q for q in p.glob("*.zarr") if not q.name.startswith(".")))
-        else:
-            raise StoreError(f"{p}: not a patch store (*.zarr) nor a folder of patch stores")
-    stores = [PatchStore.open(p) for p in found]
+    stores = [PatchStore.open(p) for p in find_patch_stores(paths)]
     stores = [s for s in stores if len(s) > 0]
     if not stores:
         raise StoreError(f"no patch store with tiles under {', '.join(map(str, paths))}")
