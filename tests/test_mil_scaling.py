@@ -60,6 +60,11 @@ def test_feature_statistics_weigh_bags_equally_and_keep_the_geometry(tmp_path):
     flat = write_synthetic_store(tmp_path / "c.h5", np.full((3, 3), 7.0, dtype=np.float32))
     mean, scale = feature_statistics(BagDataset([flat], np.array([0]), [3], bag_size=512), np.array([0]))["features"]
     assert torch.equal(mean, torch.full((3,), 7.0)) and torch.equal(scale, torch.ones(3))  # nothing varies: scale 1
+    # features below unit scale are centred, not enlarged: scale 1
+    small = [write_synthetic_store(tmp_path / f"s{k}.h5", 0.01 * x + 3.0) for k, x in enumerate((a, b))]
+    small_bags = BagDataset(small, np.array([0, 1]), [2, 4], bag_size=512)
+    mean, scale = feature_statistics(small_bags, np.array([0, 1]))["features"]
+    assert torch.allclose(mean, torch.tensor([3.06, 3.05, 3.015])) and torch.equal(scale, torch.ones(3))
     # A bag larger than bag_size contributes the rows of one seeded draw, not the whole bag.
     big = np.arange(40, dtype=np.float32).reshape(20, 2) ** 2
     path = write_synthetic_store(tmp_path / "d.h5", big)
@@ -81,13 +86,14 @@ def test_feature_scaling_refuses_unusable_statistics():
 
 @pytest.mark.parametrize("head,prompts", [("abmil", ()), ("meanpool", ()), ("pathotune", ("tvp", "ivp"))])
 def test_a_run_does_not_depend_on_the_scale_and_origin_of_the_features(tmp_path, head, prompts):
-    """The same cohort in other units (every value x 100 + 50, as some encoders' features sit far
-    from zero at scales of hundreds) trains the same heads: the out-of-fold probabilities agree
-    to float rounding. Without standardisation abmil's first layer starts with pre-activations
-    of about 50 (most attention gates saturated, logits in the tens) and the runs differ
-    entirely; the saved statistics are the training bags' in the new units."""
-    bags = make_bag_cohort(tmp_path / "f", n_slides=16, n_tiles=(10, 20), n_planted=(2, 4), dim=8, shift=4.0, seed=1)
-    _rescaled(bags, tmp_path / "f", tmp_path / "g", scale=100.0, offset=50.0)
+    """The same cohort in two units above unit scale (every value x 100 + 50, as some encoders'
+    features sit far from zero at scales of hundreds, and x 10 - 3) trains the same heads: the
+    out-of-fold probabilities agree to float rounding. Without standardisation abmil's first
+    layer starts with pre-activations of about 50 (most attention gates saturated, logits in the
+    tens) and the runs differ entirely; the saved statistics are the training bags' in each unit."""
+    bags = make_bag_cohort(tmp_path / "x", n_slides=16, n_tiles=(10, 20), n_planted=(2, 4), dim=8, shift=4.0, seed=1)
+    _rescaled(bags, tmp_path / "x", tmp_path / "f", scale=10.0, offset=-3.0)
+    _rescaled(bags, tmp_path / "x", tmp_path / "g", scale=100.0, offset=50.0)
     labels = _labels(tmp_path / "l.csv", bags)
     config = TrainConfig(folds=2, epochs=4, min_epochs=0, n_boot=10)
     runs = {}
@@ -99,8 +105,9 @@ def test_a_run_does_not_depend_on_the_scale_and_origin_of_the_features(tmp_path,
     assert len(p) == 16 and np.abs(p - 0.5).max() > 1e-3  # the heads moved away from chance
     np.testing.assert_allclose(q, p, atol=2e-3)
     saved = {name: load_head(runs[name] / "fold_0").model.scaling for name in runs}
-    np.testing.assert_allclose(saved["g"].mean.numpy(), 100.0 * saved["f"].mean.numpy() + 50.0, rtol=1e-4)
-    np.testing.assert_allclose(saved["g"].scale.numpy(), 100.0 * saved["f"].scale.numpy(), rtol=1e-4)
+    np.testing.assert_allclose(saved["g"].mean.numpy(), 10.0 * (saved["f"].mean.numpy() + 3.0) + 50.0, rtol=1e-4)
+    np.testing.assert_allclose(saved["g"].scale.numpy(), 10.0 * saved["f"].scale.numpy(), rtol=1e-4)
+    assert float(saved["f"].scale[0]) > 1.0
 
 
 def test_a_second_ivp_encoder_is_standardised_with_its_own_statistics(tmp_path):

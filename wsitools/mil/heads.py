@@ -5,9 +5,9 @@ encoder, that encoder's bag [M, E]) to :class:`HeadOutput`: class logits [C] and
 (non-negative, summing to one; the map drawn by ``wsitools heatmap``).
 
 Every head first standardises its features with its training bags' statistics (each dimension
-centred, all divided by one overall scale; :class:`FeatureScaling`, set by training and saved
-with the weights), so that the head sees the same numbers whatever unit and origin the encoder
-gives its features: features centred at 50 or 100 times larger start with most of abmil's
+centred, all divided by one overall scale where it exceeds 1; :class:`FeatureScaling`, set by
+training and saved with the weights), so that the head sees numbers of at most unit scale around
+zero whatever unit and origin the encoder gives its features: features centred at 50 or 100 times larger start with most of abmil's
 attention gates saturated and logits in the tens, and the head does not learn.
 
 - ``meanpool``: linear probe on the mean feature (attention is uniform).

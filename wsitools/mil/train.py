@@ -25,9 +25,9 @@ Choices where the papers are silent (documented in docs/mil.md):
 - Instance dropout: each training step can also drop a random ``instance_dropout`` fraction (0
   by default) of the bag's patches, so no single patch can carry the decision and the attention
   learns to rank all the evidence, not just its strongest patch.
-- Features are centred per dimension and divided by one overall scale, from the training bags'
-  statistics (:func:`feature_statistics`, saved with the head), so the recipe holds whatever
-  unit and origin the encoder gives its features.
+- Features are centred per dimension and brought to at most unit scale by one overall scale, from
+  the training bags' statistics (:func:`feature_statistics`, saved with the head), so the recipe
+  holds whatever unit and origin the encoder gives its features.
 - The validation loss used for early stopping is class-balanced (inverse-frequency weights of
   the validation set), so the majority class cannot dominate model selection.
 
@@ -227,7 +227,8 @@ def bag_dataset(cohort: Cohort, config: TrainConfig) -> BagDataset:
 def feature_statistics(dataset: BagDataset, index: np.ndarray) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """The standardisation of the bags ``index`` of ``dataset`` (``features``, and ``ivp`` for
     a second IVP encoder's bags): each dimension's mean, and one scale for all dimensions, the
-    root mean square over dimensions of their standard deviations (both [D]).
+    root mean square over dimensions of their standard deviations, or 1 where that is smaller
+    (both [D]).
 
     Each bag weighs the same, not each patch, so that a few very large bags do not set the
     statistics of all: the mean is the mean of the bag means, a dimension's variance the mean
@@ -237,7 +238,12 @@ def feature_statistics(dataset: BagDataset, index: np.ndarray) -> dict[str, tupl
     dimension by its own deviation blows up the near-constant units of sparse CNN features to
     the size of the informative ones: on the efficientnet-lite0 features of the quality
     benchmark's ``real`` task the attention mass on the planted region fell to 0.70 with it,
-    0.77 with one scale (AUROC 1.0 with both). Features that do not vary at all keep scale 1.
+    0.77 with one scale (AUROC 1.0 with both). Features smaller than unit scale are centred but
+    not enlarged: the recipe's learning rate and initialisation hold for features up to unit
+    scale, and enlarging those features (0.34 there) made the head learn in effect three times
+    faster and early stopping keep epochs of less concentrated attention: 0.77 against 0.87
+    (abmil) and 0.72 against 0.93 (PathoTune) on seed 0. Larger features are brought to unit
+    scale, where the recipe is at home.
 
     Each bag contributes the rows of one training draw (at most ``bag_size``, seeded by the
     bag's index, so the statistics do not depend on the run's seed): statistics of hundreds of
@@ -260,7 +266,7 @@ def feature_statistics(dataset: BagDataset, index: np.ndarray) -> dict[str, tupl
         mean = means.mean(0)
         var = torch.stack([v for _, v in parts]).mean(0) + means.var(0, correction=0)
         rms = float(var.mean().sqrt())
-        scale = torch.full_like(var, rms if rms > 1e-6 * (1.0 + float(mean.abs().mean())) else 1.0)
+        scale = torch.full_like(var, max(rms, 1.0))
         out[name] = (mean.to(torch.float32), scale.to(torch.float32))
     return out
 
