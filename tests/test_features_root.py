@@ -10,18 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from wsitools.cli import main
 from wsitools.feature_store import features_root_hint
 from wsitools.mil.synthetic import make_bag_cohort
-
-
-def run(argv: list, capsys) -> tuple[int, str]:
-    """``wsitools ARGV`` in this process: (exit status, stderr)."""
-    try:
-        rc = main([str(a) for a in argv])
-    except SystemExit as exc:
-        rc = exc.code
-    return rc, capsys.readouterr().err
+from cli_calls import run
 
 
 @pytest.fixture()

@@ -19,7 +19,6 @@ import yaml
 from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
 
-from wsitools.cli import main
 from wsitools.device import resolve_device
 from wsitools.encoders import find_card, list_cards, load_encoder
 from wsitools.encoders.checkpoint import read_state_dict
@@ -28,25 +27,9 @@ from wsitools.errors import ConfigError, ModelError, StoreError
 from wsitools.features import extract_features
 from wsitools.store import write_patch_store
 from wsitools.training import MAX_SHOWN_DIFFERENCES, check_same_settings
+from cli_calls import one_line, run
 
 TINY = dict(img_size=64, patch_size=16, embed_dim=64, depth=3, num_heads=4, mlp_ratio=2.0)
-
-
-def run(argv: list, capsys) -> tuple[int, str]:
-    """``wsitools ARGV`` in this process: (exit status, stderr)."""
-    try:
-        rc = main([str(a) for a in argv])
-    except SystemExit as exc:  # argparse ends the process on a bad option
-        rc = exc.code
-    return rc, capsys.readouterr().err
-
-
-def one_line(rc: int, err: str, *needles: str) -> str:
-    lines = [line for line in err.strip().splitlines() if not line.startswith(("INFO", "WARNING"))]
-    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 def write_card(folder: Path, name: str = "tiny", **sections) -> Path:

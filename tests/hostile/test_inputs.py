@@ -31,21 +31,12 @@ from wsitools.mil.heads import HeadConfig, create_head
 from wsitools.mil.synthetic import make_bag_cohort
 from wsitools.store import write_patch_store
 from wsitools.types import check_slide_id, slide_id_from_path
+from cli_calls import run_cli as run
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURES = REPO / "tests" / "data" / "openslide-fixtures"
 TASK = {"name": "planted", "description": "is there a planted region",
         "classes": {"neg": "one texture only", "pos": "a region of another texture"}}
-
-
-def run(argv: list[str], capsys) -> tuple[int, str, str]:
-    """``wsitools ARGV`` in this process: (exit status, stdout, stderr)."""
-    try:
-        rc = main([str(a) for a in argv])
-    except SystemExit as exc:  # argparse ends the process on a bad option
-        rc = exc.code
-    out = capsys.readouterr()
-    return rc, out.out, out.err
 
 
 def assert_one_line(rc: int, err: str, *needles: str, status: int = 2) -> str:

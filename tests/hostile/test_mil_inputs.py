@@ -18,35 +18,17 @@ import pytest
 import torch
 import yaml
 
-from wsitools.cli import main
 from wsitools.errors import DataError
 from wsitools.labels import read_labels, read_patients
 from wsitools.mil.synthetic import make_bag_cohort
 from wsitools.samples import read_samples
 from wsitools.text import load_task
+from cli_calls import one_line, run
 
 TASK = {"name": "planted", "description": "is there a planted region",
         "classes": {"neg": "one texture only", "pos": "a region of another texture"}}
 FAST_TRAIN = ["--head", "meanpool", "--folds", "2", "--epochs", "2", "--patience", "1", "--bootstrap", "0",
               "--device", "cpu", "--quiet"]
-
-
-def run(argv: list, capsys) -> tuple[int, str]:
-    """``wsitools ARGV`` in this process: (exit status, stderr)."""
-    try:
-        rc = main([str(a) for a in argv])
-    except SystemExit as exc:
-        rc = exc.code
-    return rc, capsys.readouterr().err
-
-
-def one_line(rc: int, err: str, *needles: str) -> str:
-    """Exit status 2 and one line on stderr holding every needle, no traceback."""
-    lines = err.strip().splitlines()
-    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture()

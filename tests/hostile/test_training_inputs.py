@@ -18,24 +18,7 @@ import yaml
 
 from wsitools.cli import main
 from wsitools.store import write_patch_store
-
-
-def run(argv: list, capsys) -> tuple[int, str, str]:
-    """``wsitools ARGV`` in this process: (exit status, stdout, stderr)."""
-    try:
-        rc = main([str(a) for a in argv])
-    except SystemExit as exc:  # argparse ends the process on a bad option
-        rc = exc.code
-    captured = capsys.readouterr()
-    return rc, captured.out, captured.err
-
-
-def one_line(rc: int, err: str, *needles: str) -> str:
-    lines = [line for line in err.strip().splitlines() if not line.startswith(("INFO", "WARNING"))]
-    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
+from cli_calls import one_line, run_cli as run
 
 
 def tiny_card(root: Path, *, size: int = 64) -> Path:
