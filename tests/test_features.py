@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -205,3 +206,17 @@ def test_cli_lists_cards(capsys):
     out = capsys.readouterr().out
     assert "efficientnet-lite0-imagenet  tf_efficientnet_lite0" in out and "backbone: ok" in out
     assert "vit-test-tiny" in out and "random (test model)" in out
+
+
+def test_extraction_logs_its_result_once(tmp_path, capsys, caplog):
+    """The command prints each store's result line; extraction itself logs it only at debug
+    level, so a workflow log holds it once."""
+    store = small_store(tmp_path / "tiles" / "A.zarr", slide_id="A")
+    argv = ["extract", str(store), "--encoder", "vit-test-tiny", "--models-dir", str(MODELS),
+            "--out", str(tmp_path / "features"), "--device", "cpu", "--workers", "0"]
+    with caplog.at_level(logging.DEBUG, logger="wsitools.features"):
+        assert run_cli(argv) == 0
+    done = [r for r in caplog.records if r.name == "wsitools.features" and "10 tiles in" in r.getMessage()]
+    assert [r.levelno for r in done] == [logging.DEBUG]
+    out = capsys.readouterr().out
+    assert out.count("A: 10 tiles -> ") == 1

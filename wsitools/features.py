@@ -184,5 +184,5 @@ def extract_features(
     stored = as_stored(features, dtype, source=store.path, encoder=encoder.name)
     write_feature_store(path, stored, store.coords, feature_attrs(store, encoder))
     seconds = time.perf_counter() - start
-    log.info("%s: %d tiles in %.1f s (%.0f patches/s)", path, len(store), seconds, len(store) / max(seconds, 1e-9))
+    log.debug("%s: %d tiles in %.1f s (%.0f patches/s)", path, len(store), seconds, len(store) / max(seconds, 1e-9))
     return ExtractResult(path, store.slide_id, len(store), "computed", seconds)
