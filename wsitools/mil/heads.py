@@ -7,8 +7,9 @@ encoder, that encoder's bag [M, E]) to :class:`HeadOutput`: class logits [C] and
 Every head first standardises its features with its training bags' statistics (each dimension
 centred, all divided by one overall scale where it exceeds 1; :class:`FeatureScaling`, set by
 training and saved with the weights), so that the head sees numbers of at most unit scale around
-zero whatever unit and origin the encoder gives its features: features centred at 50 or 100 times larger start with most of abmil's
-attention gates saturated and logits in the tens, and the head does not learn.
+zero whatever unit and origin the encoder gives its features: features centred at 50 or 100 times
+larger start with most of abmil's attention gates saturated and logits in the tens, and the head
+does not learn.
 
 - ``meanpool``: linear probe on the mean feature (attention is uniform).
 - ``abmil``: Ilse et al.'s gated attention MIL: Linear(D, d) + ReLU + dropout, gated attention
@@ -203,13 +204,13 @@ class Dropout(nn.Module):
 class FeatureScaling(nn.Module):
     """``(x - mean) / scale`` per feature dimension, with ``mean`` and ``scale`` [D] buffers
     (saved with the head) that training sets from its training bags (:meth:`set`; the scale is
-    one number for all dimensions, :func:`wsitools.mil.train.feature_statistics`); the identity
-    until then.
+    one number for all dimensions, at least 1, :func:`wsitools.mil.train.feature_statistics`);
+    the identity until then.
 
     Why: encoders' feature scales differ by orders of magnitude and features may sit far from
-    zero, while the heads' initialisation and learning rate assume values of order one.
-    Standardising with the training part's statistics (as the regression target is) makes the
-    head's start and steps the same on every encoder.
+    zero, while the heads' initialisation and learning rate assume values of at most order one.
+    Centring and scaling down with the training part's statistics (as the regression target is
+    standardised) gives the head that start and those steps on every encoder.
     """
 
     def __init__(self, dim: int):
