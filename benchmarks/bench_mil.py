@@ -12,7 +12,7 @@ so "ours / bound" says how much the loop around the model costs, whatever the ma
 Peak memory is measured in a fresh process per case (``ru_maxrss`` above the resident size after
 imports and model creation): one training step and one prediction on a 100k x 768 bag.
 
-    python benchmarks/bench_mil.py [--bags 24] [--patches 10000] [--dim 768] [--threads 1 2]
+    python benchmarks/bench_mil.py [--device cpu|cuda] [--bags 24] [--patches 10000] [--dim 768] [--threads 1 2]
         [--bag-sizes 512 256] [--workers 0 1] [--big 100000]
 """
 
@@ -38,6 +38,7 @@ from wsitools.feature_store import read_features
 from wsitools.mil.heads import HeadConfig, create_head
 from wsitools.mil.synthetic import write_synthetic_store
 from wsitools.mil.train import BagDataset, classification_loss, epoch_keys, make_stepper, train_epoch
+from wsitools.device import resolve_device
 from wsitools.training import Stepper
 
 TEXT_DIM = 384  # MiniLM's width; the TTP embeddings are random here (their values do not change the cost)
@@ -58,12 +59,21 @@ def head_config(head: str, dim: int) -> HeadConfig:
     return HeadConfig(head=head, in_dim=dim, n_classes=2)
 
 
+DEVICE = torch.device("cpu")
+
+
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
 def build(head: str, dim: int) -> tuple[torch.nn.Module, Stepper]:
-    """The head and its optimiser steps exactly as ``wsitools train`` makes them (default settings)."""
+    """The head and its optimiser steps exactly as ``wsitools train`` makes them (default
+    settings), on ``DEVICE``."""
     torch.manual_seed(0)
     cfg = head_config(head, dim)
     model = create_head(cfg, text_embeddings=torch.randn(cfg.n_ttp, TEXT_DIM) if "ttp" in cfg.prompts else None)
-    return model, make_stepper(model, TrainConfig(), device=torch.device("cpu"))
+    return model.to(DEVICE), make_stepper(model, TrainConfig(), device=DEVICE)
 
 
 def ours_bags_per_s(
@@ -79,7 +89,7 @@ def ours_bags_per_s(
                          instance_dropout=cfg.instance_dropout)
     model, stepper = build(head, dim)
     rng = np.random.default_rng(0)
-    step_loss = classification_loss(torch.from_numpy(labels), torch.ones(2))
+    step_loss = classification_loss(torch.from_numpy(labels).to(DEVICE), torch.ones(2, device=DEVICE))
     index = np.arange(len(paths))
     train_epoch(model, stepper, dataset, epoch_keys(index, labels, balance="weights", rng=rng)[:4],
                 step_loss=step_loss, workers=workers)  # warm-up
@@ -101,13 +111,14 @@ def bound_bags_per_s(head: str, dim: int, bag_size: int, steps: int) -> tuple[fl
     median of five timed blocks of ``steps`` steps, by wall-clock rate)."""
     model, stepper = build(head, dim)
     model.train()
-    x = torch.randn(bag_size, dim)
-    target = torch.tensor([1])
+    x = torch.randn(bag_size, dim, device=DEVICE)
+    target = torch.tensor([1], device=DEVICE)
     rates = []
     for block in range(6):
         start, cpu = time.perf_counter(), time.process_time()
         for _ in range(steps):
             stepper.backward(torch.nn.functional.cross_entropy(model(x).logits[None], target))
+        sync()
         if block:  # the first block warms up
             rates.append((steps / (time.perf_counter() - start), steps / (time.process_time() - cpu)))
     return sorted(rates)[len(rates) // 2]
@@ -122,10 +133,11 @@ def baseline_bags_per_s(paths: list[Path], head: str, dim: int, epochs: int) -> 
     start, cpu = time.perf_counter(), time.process_time()
     for _ in range(epochs):
         for i in np.random.default_rng(steps).permutation(len(paths)):
-            x = read_features(paths[i])
-            loss = torch.nn.functional.cross_entropy(model(x).logits[None], torch.tensor([int(labels[i])]))
+            x = read_features(paths[i]).to(DEVICE)
+            loss = torch.nn.functional.cross_entropy(model(x).logits[None], torch.tensor([int(labels[i])], device=DEVICE))
             stepper.backward(loss)
             steps += 1
+    sync()
     return steps / (time.perf_counter() - start), steps / (time.process_time() - cpu)
 
 
@@ -163,12 +175,16 @@ def main() -> None:
     parser.add_argument("--big", type=int, default=100_000, help="patches of the memory-test bag")
     parser.add_argument("--workers", type=int, nargs="+", default=[0], help="bag-reading worker processes")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch intra-op threads")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (on a GPU the memory cases are skipped)")
     parser.add_argument("--bag-sizes", type=int, nargs="+", default=[TrainConfig().bag_size],
                         help="patches sampled per bag per step (the default is TrainConfig's)")
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = resolve_device(args.device)
 
+    gpu = f", {torch.cuda.get_device_name(DEVICE)}" if DEVICE.type == "cuda" else ""
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"python {sys.version.split()[0]}")
+          f"python {sys.version.split()[0]}{gpu}")
     results: dict[str, object] = {}
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
@@ -198,6 +214,9 @@ def main() -> None:
                               f"(per cpu-s {rate[1] / bound[1]:4.2f})", flush=True)
                 results[f"{head}_threads{threads}"] = row
 
+        if DEVICE.type == "cuda":
+            print(json.dumps(results, indent=1, default=lambda v: round(v, 2)))
+            return
         big = write_synthetic_store(Path(tmp) / "big.h5",
                                   np.random.default_rng(1).standard_normal((args.big, args.dim), dtype=np.float32)
                                   .astype(args.dtype))

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 from wsitools.puzzle import PuzzleTuningModel, fix_position_shuffle
 from wsitools.puzzle.backbone import load_puzzle_backbone
 from wsitools.encoders.transforms import prepare_input, random_resized_crop_flip, to_unit_float
-from wsitools.puzzle.data import TileStream, open_stores
+from wsitools.puzzle.data import TileStream, augmented, open_stores
 from wsitools.puzzle.train import PuzzleTrainConfig, train_puzzle
 from wsitools.store import write_patch_store
 from wsitools.synthetic import texture
@@ -69,7 +69,8 @@ def synthetic_stores(folder: Path, n_tiles: int, n_stores: int = 4, size: int = 
         xy = rng.integers(0, tex.shape[0] - size, size=(n, 2))
         tiles = np.stack([tex[y : y + size, x : x + size] for x, y in xy])
         write_patch_store(folder / f"bench{s}.zarr", coords=xy * 2, tiles=tiles, tissue_fraction=np.ones(n),
-                          attrs=dict(slide_id=f"bench{s}", tile_size=size, mpp_target=0.5))
+                          attrs=dict(slide_id=f"bench{s}", slide_path=f"/synthetic/bench{s}.svs", params_hash="bench",
+                                     tile_size=size, tile_size_level0=2.0 * size, mpp_target=0.5))
     return folder
 
 
@@ -126,6 +127,50 @@ def bound(card, device, decoder, batch_size, steps, amp) -> float:
     return steps * batch_size / (time.perf_counter() - t0)
 
 
+def forward_backward(card, device, decoder, batch_size, steps, amp) -> float:
+    """The step's forward and backward alone: one puzzled batch prepared once, no optimiser step."""
+    bb, model, _ = build(card, device, decoder)
+    batch = torch.rand(batch_size, 3, 224, 224, device=bb.device)
+    puzzled, mask = fix_position_shuffle(batch, ratio=0.25, patch_size=32, group_size=batch_size,
+                                         generator=torch.Generator().manual_seed(0))
+    puzzled = prepare_input(bb.card, puzzled)
+    ctx = torch.autocast(bb.device.type, dtype=amp) if amp else contextlib.nullcontext()
+
+    def once() -> None:
+        with ctx:
+            out = model(batch, puzzled, mask)
+        out.loss.backward()
+
+    for _ in range(2):
+        once()
+    sync(bb.device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        once()
+    sync(bb.device)
+    return steps * batch_size / (time.perf_counter() - t0)
+
+
+def largest_batch(card, device, decoder, amp, start: int, limit: int = 8192) -> list[tuple[int, float | None]]:
+    """Peak GPU memory (GiB) of two full steps at ``start``, doubling the batch until one does not
+    fit (None) or ``limit`` is passed."""
+    rows: list[tuple[int, float | None]] = []
+    b = start
+    while b <= limit:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        try:
+            bound(card, str(device), decoder, b, 2, amp)
+            rows.append((b, torch.cuda.max_memory_allocated(device) / 2**30))
+        except torch.OutOfMemoryError:
+            rows.append((b, None))
+            break
+        finally:
+            torch.cuda.empty_cache()
+        b *= 2
+    return rows
+
+
 def naive(card, stores, device, decoder, batch_size, steps, amp, workers) -> float:
     bb, model, opt = build(card, device, decoder)
     loader = DataLoader(NaiveTiles(open_stores([stores])), batch_size=batch_size, shuffle=True,
@@ -143,8 +188,9 @@ def naive(card, stores, device, decoder, batch_size, steps, amp, workers) -> flo
     return steps * batch_size / (time.perf_counter() - t0)
 
 
-def loaders_only(stores, batch_size: int, batches: int, workers: int) -> tuple[float, float]:
-    """Images/s of our tile stream and of the naive loader alone (read, decode, crop, flip)."""
+def loaders_only(stores, device: torch.device, batch_size: int, batches: int, workers: int) -> tuple[float, float]:
+    """Images/s of our tile stream and of the naive loader alone (read, decode, crop, flip: ours
+    crops on ``device``, as training does, the naive loader in its workers)."""
     opened = open_stores([stores])
     ours = DataLoader(TileStream(opened, batch_size=batch_size, image_size=224, steps=batches),
                       batch_size=None, num_workers=workers)
@@ -155,9 +201,10 @@ def loaders_only(stores, batch_size: int, batches: int, workers: int) -> tuple[f
         t0 = time.perf_counter()
         n = 0
         for i, batch in enumerate(loader):
-            n += batch.shape[0]
+            n += (augmented(batch, device) if isinstance(batch, (tuple, list)) else batch).shape[0]
             if i + 1 == batches:
                 break
+        sync(device)
         rates.append(n / (time.perf_counter() - t0))
     return rates[0], rates[1]
 
@@ -208,6 +255,8 @@ def main() -> None:
     ap.add_argument("--tiles", type=int, default=1024, help="tiles in the synthetic stores")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3, help="rounds of every variant, order rotated (best kept)")
+    ap.add_argument("--largest-batch", action="store_true",
+                    help="on a GPU, also double the batch from --batch-size until a step does not fit")
     args = ap.parse_args()
 
     device = torch.device(args.device)
@@ -223,11 +272,13 @@ def main() -> None:
             num_workers=args.workers, precision=args.precision if device.type == "cuda" else "fp32",
             patch_sizes=(32,), warmup_patch_size=32,
         )
-        best = {k: 0.0 for k in ("bound", "ours", "naive", "load_ours", "load_naive", "p_ours", "p_loop")}
+        best = {k: 0.0 for k in ("bound", "fwd_bwd", "ours", "naive", "load_ours", "load_naive", "p_ours", "p_loop")}
         mem = None
 
         def run_bound(r: int) -> None:
             best["bound"] = max(best["bound"], bound(card, args.device, decoder, args.batch_size, args.steps, amp))
+            best["fwd_bwd"] = max(best["fwd_bwd"], forward_backward(card, args.device, decoder, args.batch_size,
+                                                                    args.steps, amp))
 
         def run_ours(r: int) -> None:
             nonlocal mem
@@ -244,11 +295,12 @@ def main() -> None:
             best["naive"] = max(best["naive"], rate)
 
         def run_small(r: int) -> None:
-            lo, ln = loaders_only(stores, args.batch_size, args.steps, args.workers)
+            lo, ln = loaders_only(stores, device, args.batch_size, args.steps, args.workers)
             best["load_ours"], best["load_naive"] = max(best["load_ours"], lo), max(best["load_naive"], ln)
             po, pl = puzzle_only(device, args.batch_size)
             best["p_ours"], best["p_loop"] = max(best["p_ours"], po), max(best["p_loop"], pl)
 
+        fits = largest_batch(card, device, decoder, amp, args.batch_size) if args.largest_batch and device.type == "cuda" else []
         variants = [run_bound, run_ours, run_naive, run_small]
         for r in range(args.repeats):  # rotate the order each round; keep each variant's best run
             for fn in variants[r % 4:] + variants[: r % 4]:
@@ -261,6 +313,8 @@ def main() -> None:
           f"precision {args.precision}, 224 px, puzzle patch 32, ratio 0.25")
     b = best
     print(f"bound (step on a batch on the device): {b['bound']:8.1f} images/s")
+    print(f"forward+backward alone (no puzzle, no optimiser step): {b['fwd_bwd']:8.1f} images/s   "
+          f"bound/fwd+bwd {b['bound'] / b['fwd_bwd']:.2f}")
     print(f"ours  (train_puzzle from stores):      {b['ours']:8.1f} images/s   ours/bound {b['ours'] / b['bound']:.2f}")
     print(f"naive (per-tile random reads):         {b['naive']:8.1f} images/s   ours/naive {b['ours'] / b['naive']:.2f}")
     print(f"loader only, ours (tile stream):       {b['load_ours']:8.1f} images/s")
@@ -269,6 +323,8 @@ def main() -> None:
     print(f"puzzle only, per-patch loop:           {b['p_loop']:8.1f} images/s   ratio {b['p_ours'] / b['p_loop']:.1f}")
     if mem is not None:
         print(f"peak GPU memory (train_puzzle): {mem:.2f} GiB")
+    for size, gib in fits:
+        print(f"batch {size:5d}: " + (f"peak GPU memory {gib:.2f} GiB" if gib is not None else "does not fit"))
 
 
 if __name__ == "__main__":

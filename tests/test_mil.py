@@ -348,7 +348,10 @@ def test_device_cuda_without_a_gpu_is_a_one_line_error(tmp_path, monkeypatch, ca
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_training_and_prediction_on_the_gpu_match_the_cpu(cohort, trained, tmp_path):
+def test_training_and_prediction_on_the_gpu_match_the_cpu(cohort, tmp_path):
+    on_cpu_dir = tmp_path / "cpu"  # its own abmil head: the `trained` fixture needs the text model
+    train(features_dir=cohort["root"] / "features", labels=cohort["labels"], task=cohort["task"],
+          out_dir=on_cpu_dir, head="abmil", config=FAST, device="cpu", progress=False)
     out = tmp_path / "gpu"
     summary = train(features_dir=cohort["root"] / "features", labels=cohort["labels"], task=cohort["task"],
                     out_dir=out, head="abmil", config=FAST, device="cuda", progress=False)
@@ -356,9 +359,9 @@ def test_training_and_prediction_on_the_gpu_match_the_cpu(cohort, trained, tmp_p
     weights = load_file(out / "fold_0" / "model.safetensors")
     assert all(t.device.type == "cpu" and t.dtype == torch.float32 for t in weights.values())
     test_ids = [b.slide_id for b in cohort["test"]]
-    on_gpu = predict(trained["abmil"], cohort["root"] / "features", tmp_path / "pg", slides=test_ids,
+    on_gpu = predict(on_cpu_dir, cohort["root"] / "features", tmp_path / "pg", slides=test_ids,
                      device="cuda", progress=False)
-    on_cpu = predict(trained["abmil"], cohort["root"] / "features", tmp_path / "pc", slides=test_ids,
+    on_cpu = predict(on_cpu_dir, cohort["root"] / "features", tmp_path / "pc", slides=test_ids,
                      device="cpu", progress=False)
     for g, c in zip(on_gpu, on_cpu):
         np.testing.assert_allclose(g.probs, c.probs, atol=1e-4)

@@ -307,32 +307,37 @@ def test_clear_errors(setup):
                        config=PathoTuneTrainConfig(prompts=("tvp",)), device="cpu")
 
 
-def test_cli_tune_pathotune(setup, capsys):
+@pytest.mark.parametrize("device,precision", [
+    ("cpu", "auto"),
+    *(pytest.param("cuda", p, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))
+      for p in ("bf16", "fp16"))])
+def test_cli_tune_pathotune(setup, capsys, device, precision):
     import argparse
 
     from wsitools.cli import pretrain
 
     root, cards = setup
+    out_root = root / f"{device}-{precision}"
     parser = argparse.ArgumentParser()
     pretrain.register(parser.add_subparsers(dest="command"))
     argv = [
         "tune", "pathotune", "--data", str(root / "labels.csv"), "--stores", str(root / "tiles"),
         "--encoder", str(cards["vit-a"]), "--prompts", "tvp,ivp", "--epochs", "2", "--batch-size", "8",
-        "--lr", "1e-2", "--workers", "0", "--device", "cpu", "--out", str(root / "cli"), "--name", "tex-cli",
+        "--lr", "1e-2", "--workers", "0", "--device", device, "--precision", precision, "--out", str(out_root / "cli"), "--name", "tex-cli",
         "--quiet", "--stop-after-epochs", "1",
     ]
     args = parser.parse_args(argv)
     assert args.func(args) == 0
     out = capsys.readouterr().out
     assert "epochs done\t1/2\n" in out and "encoder card\tnot yet: continue with --resume" in out
-    assert not (root / "cli" / "tex-cli.yaml").exists()
+    assert not (out_root / "cli" / "tex-cli.yaml").exists()
     args = parser.parse_args([*argv[:-2], "--resume"])
     assert args.func(args) == 0
     out = capsys.readouterr().out
     assert "epochs done\t2/2\n" in out
-    assert "val (untrained)" in out and str(root / "cli" / "tex-cli.yaml") in out
-    assert json.loads((root / "cli" / "pathotune.json").read_text())["config"]["prompts"] == ["tvp", "ivp"]
+    assert "val (untrained)" in out and str(out_root / "cli" / "tex-cli.yaml") in out
+    assert json.loads((out_root / "cli" / "pathotune.json").read_text())["config"]["prompts"] == ["tvp", "ivp"]
     args = parser.parse_args(["tune", "pathotune", "--data", str(root / "labels.csv"), "--encoder",
-                              str(cards["vit-a"]), "--out", str(root / "cli2")])
+                              str(cards["vit-a"]), "--out", str(out_root / "cli2")])
     with pytest.raises(DataError, match="needs --stores"):
         args.func(args)

@@ -13,7 +13,7 @@ from wsitools.encoders.checkpoint import load_weights
 from wsitools.errors import WsiToolsError
 from wsitools.puzzle import PuzzleTuningModel, fix_position_shuffle
 from wsitools.puzzle.backbone import load_puzzle_backbone
-from wsitools.puzzle.data import TileStream, open_stores
+from wsitools.puzzle.data import TileStream, augmented, open_stores
 from wsitools.puzzle.train import PuzzleTrainConfig, train_puzzle
 from wsitools.store import write_patch_store
 from wsitools.training import adamw
@@ -88,19 +88,22 @@ def test_tile_stream_covers_stores_once_and_repeats(tiny):
     assert {len(w.tiles) for w in windows[:-1]} == {30}
     # tiles of one batch come from both slides (shuffled across blocks and stores)
     assert len(set(windows[0].tiles[:, 0].tolist())) == 2
-    batches = list(stream)
+    batches = [augmented(b, torch.device("cpu")) for b in stream]
     assert len(batches) == 10 and batches[0].shape == (10, 3, 64, 64)
     assert 0.0 <= float(batches[0].min()) and float(batches[0].max()) <= 1.0
-    again = list(stream)
+    again = [augmented(b, torch.device("cpu")) for b in stream]
     assert all(torch.equal(a, b) for a, b in zip(batches, again))  # a pure function of (seed, epoch)
     stream.set_epoch(1)
-    assert not torch.equal(next(iter(stream)), batches[0])
+    assert not torch.equal(augmented(next(iter(stream)), torch.device("cpu")), batches[0])
     # without augmentation the pixels are the stored tile, exactly
     plain = TileStream(opened, batch_size=10, image_size=64, seed=1, augment=False)
     w = plain.windows()[0]
     s, i = w.tiles[0]
     expected = torch.from_numpy(opened[s].read_tiles(np.array([i]))[0]).permute(2, 0, 1).float() / 255
-    assert torch.allclose(next(iter(plain))[0], expected)
+    tiles, crops = next(iter(plain))
+    assert crops is None and tiles.dtype == torch.uint8
+    np.testing.assert_array_equal(tiles[0].numpy(), opened[s].read_tiles(np.array([i]))[0])
+    assert torch.equal(augmented((tiles, crops), torch.device("cpu"))[0], expected)
 
 
 def test_only_prompts_and_decoder_train(tiny):
@@ -255,18 +258,25 @@ def test_exported_promptstate_loads_and_changes_features(tiny):
     assert np.allclose(np.asarray(feats, np.float32), expected.numpy(), atol=1e-4)
 
 
-def test_cli_pretrain_puzzle(tiny, capsys):
+GPU_PRECISIONS = [("cpu", "auto"),
+                  *(pytest.param("cuda", p, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))
+                    for p in ("bf16", "fp16"))]
+
+
+@pytest.mark.parametrize("device,precision", GPU_PRECISIONS)
+def test_cli_pretrain_puzzle(tiny, capsys, device, precision):
     import argparse
 
     from wsitools.cli import pretrain
 
     root, card, stores = tiny
+    root = root / f"{device}-{precision}"
     parser = argparse.ArgumentParser()
     pretrain.register(parser.add_subparsers(dest="command"))
     common = ["pretrain", "puzzle", "--stores", str(stores / "slideA.zarr"), str(stores / "slideB.zarr"),
               "--encoder", str(card), "--epochs", "2", "--batch-size", "4", "--steps-per-epoch", "2",
               "--decoder-dim", "32", "--decoder-depth", "1", "--decoder-heads", "2", "--workers", "0",
-              "--device", "cpu", "--quiet"]
+              "--device", device, "--precision", precision, "--quiet"]
     args = parser.parse_args(common + ["--out", str(root / "cli"), "--stop-after-epochs", "1"])
     assert args.func(args) == 0
     assert "epochs done\t1/2" in capsys.readouterr().out

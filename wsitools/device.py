@@ -15,11 +15,12 @@ from wsitools.errors import ModelError
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; asking for CUDA without one, or for a GPU
-    index the machine does not have, is an error, and so is a string torch does not read as a
-    device (one line, not torch's list of every device type)."""
+    """``"auto"`` -> CUDA when available, else CPU; CUDA without an index is the current GPU,
+    named by its index (``cuda:0``). Asking for CUDA without one, or for a GPU index the machine
+    does not have, is an error, and so is a string torch does not read as a device (one line,
+    not torch's list of every device type)."""
     if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError):
@@ -31,6 +32,8 @@ def resolve_device(device: str | torch.device) -> torch.device:
             f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
             f"numbered from 0"
         )
+    if dev.type == "cuda" and dev.index is None:  # the GPU it runs on, as run records name it
+        dev = torch.device("cuda", torch.cuda.current_device())
     return dev
 
 

@@ -575,6 +575,20 @@ class PatchStore:
                 self._decode_jpeg(items[rows[k] % CHUNK_TILES], key, int(rows[k]), out[k])
         return out
 
+    def read_jpegs(self, index: slice | np.ndarray) -> list[bytes]:
+        """The coded tiles of a ``jpeg`` store in the order of ``index``, undecoded (for a
+        decoder elsewhere, such as the GPU's); :meth:`read_tiles` decodes them here."""
+        codec = self.codec
+        if codec is None or codec.name != "jpeg":
+            raise StoreError(f"{self.path}: holds {codec.name if codec else 'no'} tiles, not JPEGs")
+        rows = np.arange(len(self))[index].reshape(-1)
+        out: list[bytes] = [b""] * len(rows)
+        for chunk in np.unique(rows // CHUNK_TILES):
+            items = self._jpeg_chunk(f"tiles/{codec.chunk_key(int(chunk))}")
+            for k in np.flatnonzero(rows // CHUNK_TILES == chunk):
+                out[k] = items[rows[k] % CHUNK_TILES]
+        return out
+
     def _jpeg_chunk(self, key: str) -> np.ndarray:
         """The JPEGs of the chunk file ``key`` of a ``jpeg`` store (CHUNK_TILES bytes objects)."""
         from numcodecs import VLenBytes

@@ -86,6 +86,9 @@ def register(subparsers: Any) -> None:
                      help=f"stored dtype of the features: float32, what CLAM and TRIDENT read as it is, or "
                      f"float16, half the disk ({DEFAULT_FEATURE_DTYPE})")
     ext.add_argument("--compile", action="store_true", help="torch.compile the encoder (GPU, large cohorts)")
+    ext.add_argument("--decode", choices=["cpu", "gpu"], default="cpu",
+                     help="where JPEG tiles are decoded: cpu (the loader workers; default, the faster on a "
+                     "GPU node with cores to spare) or gpu (nvJPEG: frees the cores, costs GPU time)")
     ext.add_argument("--overwrite", action="store_true", help="recompute even when a matching h5 exists")
     ext.add_argument("--quiet", action="store_true", help="no progress bar or per-store lines")
     ext.set_defaults(func=_extract)
@@ -183,6 +186,7 @@ def _extract(args: argparse.Namespace) -> int:
                 batch_size=args.batch_size,
                 workers=args.workers,
                 compile=args.compile,
+                decode=args.decode,
                 dtype=args.dtype,
                 overwrite=args.overwrite,
                 progress=show_progress(quiet=args.quiet),

@@ -10,6 +10,37 @@ import torch.nn.functional as F
 from wsitools.encoders.cards import EncoderCard
 
 
+def draw_crops(
+    n: int, height: int, width: int, *, generator: torch.Generator, scale: tuple[float, float] = (0.8, 1.0)
+) -> torch.Tensor:
+    """The random part of :func:`random_resized_crop_flip` for ``n`` tiles of ``height`` x
+    ``width``: [n, 5] int64 rows (x0, y0, side, flip left-right, flip top-bottom). Drawn apart
+    from the pixels, so that loader workers draw them and the device applies them."""
+    area = torch.empty(n).uniform_(*scale, generator=generator) * height * width
+    side = torch.sqrt(area).round().clamp(1, min(height, width)).long()
+    u = torch.rand(n, 2, generator=generator)
+    x0 = (u[:, 0] * (width - side + 1)).floor().long()
+    y0 = (u[:, 1] * (height - side + 1)).floor().long()
+    flips = (torch.rand(n, 2, generator=generator) < 0.5).long()
+    return torch.stack([x0, y0, side, flips[:, 0], flips[:, 1]], dim=1)
+
+
+def apply_crops(tiles: torch.Tensor, crops: torch.Tensor, *, size: int) -> torch.Tensor:
+    """Crop each tile of ``tiles`` [B, 3, S, S] (float in [0, 1], on any device) to its row of
+    ``crops`` (:func:`draw_crops`), resize it to ``size`` x ``size`` (antialiased bicubic,
+    clamped to [0, 1]) and flip it as drawn. Returns [B, 3, size, size] on the tiles' device."""
+    out = torch.empty(len(tiles), 3, size, size, dtype=tiles.dtype, device=tiles.device)
+    for i, (x0, y0, side, flip_lr, flip_tb) in enumerate(crops.tolist()):  # one box per image
+        crop = tiles[i : i + 1, :, y0 : y0 + side, x0 : x0 + side]
+        img = F.interpolate(crop, size=(size, size), mode="bicubic", antialias=True, align_corners=False)[0]
+        if flip_lr:
+            img = img.flip(-1)
+        if flip_tb:
+            img = img.flip(-2)
+        out[i] = img
+    return out.clamp_(0.0, 1.0)
+
+
 def random_resized_crop_flip(
     tiles: torch.Tensor,
     *,
@@ -19,29 +50,14 @@ def random_resized_crop_flip(
 ) -> torch.Tensor:
     """RandomResizedCrop (square crops, area fraction in ``scale``) + left-right and top-bottom flips.
 
-    ``tiles``: [B, 3, S, S] float in [0, 1]. Each tile gets its own square crop covering a
-    uniform fraction ``scale`` of its area at a uniform position, resized to ``size`` x ``size``
-    (antialiased bicubic, clamped to [0, 1]), then flipped left-right and top-bottom each with
-    probability 0.5 (the PuzzleTuning recipe: square crops, both flips, no normalisation).
-    Returns [B, 3, size, size].
+    ``tiles``: [B, 3, S, S] float in [0, 1], on any device (the draws come from ``generator``,
+    on the CPU). Each tile gets its own square crop covering a uniform fraction ``scale`` of its
+    area at a uniform position, resized to ``size`` x ``size`` (antialiased bicubic, clamped to
+    [0, 1]), then flipped left-right and top-bottom each with probability 0.5 (the PuzzleTuning
+    recipe: square crops, both flips, no normalisation). Returns [B, 3, size, size].
     """
     b, _, h, w = tiles.shape
-    area = torch.empty(b).uniform_(*scale, generator=generator) * h * w
-    side = torch.sqrt(area).round().clamp(1, min(h, w)).long()
-    u = torch.rand(b, 2, generator=generator)
-    x0 = (u[:, 0] * (w - side + 1)).floor().long()
-    y0 = (u[:, 1] * (h - side + 1)).floor().long()
-    flips = torch.rand(b, 2, generator=generator) < 0.5
-    out = torch.empty(b, 3, size, size, dtype=tiles.dtype)
-    for i in range(b):  # one crop box per image: a loop over images, not pixels
-        crop = tiles[i : i + 1, :, y0[i] : y0[i] + side[i], x0[i] : x0[i] + side[i]]
-        img = F.interpolate(crop, size=(size, size), mode="bicubic", antialias=True, align_corners=False)[0]
-        if flips[i, 0]:
-            img = img.flip(-1)
-        if flips[i, 1]:
-            img = img.flip(-2)
-        out[i] = img
-    return out.clamp_(0.0, 1.0)
+    return apply_crops(tiles, draw_crops(b, h, w, generator=generator, scale=scale), size=size)
 
 
 def to_unit_float(tiles: np.ndarray, *, size: int | None = None) -> torch.Tensor:

@@ -400,9 +400,10 @@ def _train_epoch(
     dev = stepper.device
     losses = []
     for x, y in tqdm(loader, desc=desc, disable=not progress, leave=False):
-        if augment is not None:
+        x = x.to(dev, non_blocking=True)
+        if augment is not None:  # on the device: the per-image resizing is most of a step on a CPU
             x = random_resized_crop_flip(x, size=size, generator=augment)
-        x, y = prepare_input(model.backbone_card, x.to(dev, non_blocking=True)), y.to(dev)
+        x, y = prepare_input(model.backbone_card, x), y.to(dev)
         with stepper.autocast():
             logits = model(x)
         loss = F.cross_entropy(logits.float(), y)

@@ -1,4 +1,6 @@
-"""Random tiles across patch stores, augmented, as [0, 1] float batches for pretraining.
+"""Random tiles across patch stores, as uint8 batches with their random crops and flips, for
+pretraining; the trainer makes them [0, 1] floats and augments them on its device
+(:func:`augmented`), so the loader workers only read and decode.
 
 Patch stores keep tiles in chunk files of 64 (64 JPEGs, or 64 tiles compressed together), so
 reading tiles one at a time in random order would read (and for lossless stores decompress) a
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from wsitools.encoders.transforms import random_resized_crop_flip, to_unit_float
+from wsitools.encoders.transforms import apply_crops, draw_crops, to_unit_float
 from wsitools.errors import StoreError
 from wsitools.store import CHUNK_TILES, PatchStore, find_patch_stores
 
@@ -47,6 +49,14 @@ def open_stores(paths: Sequence[str | os.PathLike[str]]) -> list[PatchStore]:
 class _Window:
     index: int
     tiles: np.ndarray  # [n, 2] (store number, tile index), already in batch order
+
+
+def augmented(batch: tuple[torch.Tensor, torch.Tensor | None], device: torch.device) -> torch.Tensor:
+    """A :class:`TileStream` batch on ``device`` as [B, 3, S, S] floats in [0, 1], its crops and
+    flips applied there."""
+    tiles, crops = batch
+    x = tiles.to(device, non_blocking=True).float().div_(255.0).permute(0, 3, 1, 2)
+    return x.contiguous() if crops is None else apply_crops(x, crops, size=x.shape[-1])
 
 
 class TileStream(IterableDataset):
@@ -126,28 +136,34 @@ class TileStream(IterableDataset):
             out.append(_Window(w, tiles[self._rng(w).permutation(len(tiles))]))
         return out
 
-    def read_window(self, window: _Window) -> torch.Tensor:
-        """Read a window's tiles (each store once, its tiles in sorted order): [n, 3, size, size]."""
-        out = torch.empty(len(window.tiles), 3, self.image_size, self.image_size)
+    def read_window(self, window: _Window) -> np.ndarray:
+        """Read a window's tiles (each store once, its tiles in sorted order): [n, size, size, 3]
+        uint8. Tiles of another size than the model's input are resized (antialiased) first."""
+        size = self.image_size
+        out = np.empty((len(window.tiles), size, size, 3), np.uint8)
         for s in np.unique(window.tiles[:, 0]):
             rows = np.nonzero(window.tiles[:, 0] == s)[0]
             idx = window.tiles[rows, 1]
             sort = np.argsort(idx, kind="stable")
-            # Tiles of another size than the model's input are resized first (then cropped).
-            x = to_unit_float(self.stores[int(s)].read_tiles(idx[sort]), size=self.image_size)
-            out[torch.from_numpy(rows[sort])] = x
+            tiles = self.stores[int(s)].read_tiles(idx[sort])
+            if tiles.shape[1:3] != (size, size):
+                x = to_unit_float(tiles, size=size).permute(0, 2, 3, 1)
+                tiles = x.mul(255.0).round_().clamp_(0, 255).to(torch.uint8).numpy()
+            out[rows[sort]] = tiles
         return out
 
-    def batches(self, window: _Window) -> Iterator[torch.Tensor]:
-        tiles = self.read_window(window)
+    def batches(self, window: _Window) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """The window's batches: tiles [B, size, size, 3] uint8 and their augmentation, the
+        crop and flip rows of :func:`draw_crops` (None without augmentation), which the trainer
+        applies (:func:`augmented`) on its device: the per-image resizing is most of the cost."""
+        tiles = torch.from_numpy(self.read_window(window))
         gen = torch.Generator().manual_seed(int(self._rng(7, window.index).integers(2**62)))
         for start in range(0, len(tiles), self.batch_size):
             batch = tiles[start : start + self.batch_size]
-            if self.augment:
-                batch = random_resized_crop_flip(batch, size=self.image_size, generator=gen)
-            yield batch
+            crops = draw_crops(len(batch), self.image_size, self.image_size, generator=gen) if self.augment else None
+            yield batch, crops
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         for window in self.windows()[worker::workers]:

@@ -39,7 +39,7 @@ from wsitools.io import atomic_path, loader_workers, stable_hash, write_json_ato
 from wsitools.puzzle.backbone import PuzzleBackbone, export_promptstate, load_puzzle_backbone
 from wsitools.puzzle.curriculum import Curriculum, PuzzleStage, Strategy, default_patch_sizes
 from wsitools.encoders.transforms import prepare_input
-from wsitools.puzzle.data import TileStream, open_stores
+from wsitools.puzzle.data import TileStream, augmented, open_stores
 from wsitools.puzzle.model import PuzzleTuningModel
 from wsitools.puzzle.shuffle import PuzzleError, check_puzzle_setting, fix_position_shuffle
 from wsitools.training import Checkpoints, CsvLog, Schedule, Stepper, adamw, check_run_folder, epoch_generator
@@ -367,8 +367,8 @@ def _train_epoch(
     optimiser step (the mean loss of its micro-batches); a non-finite loss stops the run."""
     dev = stepper.device
     losses: list[float] = []
-    for batch in loader:
-        batch = batch.to(dev, non_blocking=True)
+    for item in loader:
+        batch = augmented(item, dev)
         puzzled, mask = fix_position_shuffle(
             batch, ratio=stage.ratio, patch_size=stage.patch_size, group_size=group_size, generator=generator
         )
