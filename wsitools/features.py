@@ -77,21 +77,11 @@ class TileBatches(Dataset):
         return torch.from_numpy(self.store.read_tiles(slice(start, min(self.n, start + self.batch_size))))
 
 
-class CodedBatches(Dataset):
+class CodedBatches(TileBatches):
     """Contiguous batches of a JPEG store's tiles, undecoded: one uint8 buffer of the batch's
     JPEGs and their lengths (a third of the decoded bytes to hand over), for the GPU to decode."""
 
-    def __init__(self, store: PatchStore, batch_size: int):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, not {batch_size}")
-        self.store = store
-        self.batch_size = batch_size
-        self.n = len(store)
-
-    def __len__(self) -> int:
-        return math.ceil(self.n / self.batch_size)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
         start = i * self.batch_size
         jpegs = self.store.read_jpegs(slice(start, min(self.n, start + self.batch_size)))
         data = np.frombuffer(b"".join(jpegs), np.uint8).copy()
