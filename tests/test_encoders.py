@@ -288,6 +288,8 @@ def test_models_dir_from_environment(tmp_path, monkeypatch, official_files):
     [
         ({"output": {"kind": "attention", "dim": 64}}, r"invalid model card at output/kind"),
         ({"precision": {"compute": "fp8"}}, r"invalid model card at precision/compute"),
+        ({"weigths": []}, r"invalid model card at weigths: unknown key \(did you mean 'weights'\?\)"),
+        ({"precision": {"compute": "bf16", "compte": "x"}}, r"at precision/compte: unknown key \(did you mean 'compute'\?\)"),
         ({"precision": {"compute": "bf16", "features": "float16"}},
          r"precision\.features is not a card setting: features are stored float32, or float16 with "
          r"`wsitools extract --dtype float16`; delete that line from the card"),

@@ -5,6 +5,9 @@ Every error a user can cause (a bad slide, a bad checkpoint, a bad config) is a
 without a traceback; anything else is a bug and keeps its traceback.
 """
 
+from collections.abc import Mapping
+from typing import Any
+
 
 class WsiToolsError(Exception):
     """An error caused by the input, with a message meant for the user."""
@@ -46,6 +49,23 @@ class UnsafeNameError(DataError, ValueError):
 
 
 _TRACEBACK_MARKS = ("Traceback (most recent call last)", "Original Traceback (most recent call last)")
+
+
+def schema_problem(error: Any) -> tuple[list[str], str]:
+    """Where and what of a failed JSON-schema validation (a ``jsonschema.ValidationError``), in
+    words for the user: the path of keys, and what is wrong there on one line, never the schema
+    itself. An unknown key (a typo) is added to the path and named with the nearest known key."""
+    import difflib
+
+    path = [str(p) for p in error.absolute_path]
+    if error.validator == "additionalProperties" and isinstance(error.instance, Mapping):
+        known = sorted((error.schema or {}).get("properties", {}))
+        unknown = sorted(str(k) for k in error.instance if k not in known)
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], known, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}"
+            return [*path, unknown[0]], f"unknown key ({hint})"
+    return path, " ".join(str(error.message).split())
 
 
 def one_line(error: BaseException | str) -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from wsitools.encoders.cards import find_card
-from wsitools.errors import DataError, ModelError
+from wsitools.errors import DataError, ModelError, schema_problem
 from wsitools.io import read_user_text
 from wsitools.types import MPP_MAX, MPP_MIN, MicronsPerPixel, check_slide_id, slide_id_from_path
 
@@ -194,21 +194,9 @@ def load_samples(*, samples: str | None, slides_glob: str | None) -> list[Sample
 
 def config_error(error: Any) -> str:
     """One line for a config that fails the workflow's schema (a ``jsonschema.ValidationError``):
-    the key it is about and what is wrong, never the schema itself. An unknown key (a typo) is
-    named with its place and the nearest known key."""
-    import difflib
-
-    path = [str(p) for p in error.absolute_path]
-    if error.validator == "additionalProperties" and isinstance(error.instance, Mapping):
-        known = sorted((error.schema or {}).get("properties", {}))
-        unknown = sorted(k for k in error.instance if k not in known)
-        if unknown:
-            key = unknown[0]
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}"
-            return f"config: {': '.join([*path, key])}: unknown key ({hint})"
-    where = f"{': '.join(path)}: " if path else ""
-    return f"config: {where}{' '.join(str(error.message).split())}"
+    the key it is about and what is wrong (:func:`wsitools.errors.schema_problem`)."""
+    path, problem = schema_problem(error)
+    return f"config: {''.join(p + ': ' for p in path)}{problem}"
 
 
 def check_encoders(encoders: Mapping[str, str], *, models_dir: str | None) -> None:

@@ -25,7 +25,7 @@ from typing import Any, Literal
 import jsonschema
 import yaml
 
-from wsitools.errors import ModelError
+from wsitools.errors import ModelError, schema_problem
 from wsitools.io import yaml_loader
 from wsitools.types import schema_pattern
 
@@ -245,11 +245,11 @@ def card_from_dict(data: Any, *, source: Path) -> EncoderCard:
             f"{source}: precision.features is not a card setting: features are stored float32, or "
             "float16 with `wsitools extract --dtype float16`; delete that line from the card"
         )
-    try:
-        jsonschema.validate(data, CARD_SCHEMA)
-    except jsonschema.ValidationError as exc:
-        where = "/".join(str(p) for p in exc.absolute_path) or "(top level)"
-        raise ModelError(f"{source}: invalid model card at {where}: {exc.message}") from None
+    errors = list(jsonschema.validators.validator_for(CARD_SCHEMA)(CARD_SCHEMA).iter_errors(data))
+    if errors:  # a misspelt key is reported as such, not as the required key it then lacks
+        error = next((e for e in errors if e.validator == "additionalProperties"), jsonschema.exceptions.best_match(errors))
+        path, problem = schema_problem(error)
+        raise ModelError(f"{source}: invalid model card at {'/'.join(path) or '(top level)'}: {problem}")
     arch = data["architecture"]
     prompts = arch.get("prompts") or {}
     has_backbone = any(w["role"] == "backbone" for w in data["weights"])
