@@ -2,12 +2,13 @@
 
 Tiles are read by DataLoader workers in contiguous batches (whole zarr chunks, decoded to pixels
 by :meth:`PatchStore.read_tiles` whatever the store's codec; a coords-only store reads its slide),
-handed over in pinned memory and copied to the device without blocking, so the
-next batch is decoded while the current one runs; or, with ``decode="gpu"``, the workers hand
-over a JPEG store's coded tiles and the GPU decodes them on a stream of its own. On the device the encoder's card recipe applies
-(scale to [0, 1], resize, normalise), the network runs under ``torch.inference_mode`` with the
-card's autocast dtype on a GPU, channels-last, optionally ``torch.compile``-d, and the features
-accumulate on the device (no per-batch synchronisation) until one copy back at the end.
+handed over in pinned memory and copied to the device without blocking, so the next batch is
+decoded while the current one runs; or, with ``decode="gpu"``, the workers hand over a JPEG
+store's coded tiles and the GPU decodes them on a stream of its own. On the device the encoder's
+card recipe applies (scale to [0, 1], resize, normalise), the network runs under
+``torch.inference_mode`` with the card's autocast dtype on a GPU, channels-last, optionally
+``torch.compile``-d, and the features accumulate on the device (no per-batch synchronisation)
+until one copy back at the end.
 
 Features are stored float32 by default, the dtype CLAM's and TRIDENT's heads take as they are;
 float16 (``dtype="float16"``) halves the disk. The ``coords`` dataset carries the attributes
@@ -25,9 +26,9 @@ import logging
 import math
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Iterator
 from typing import Literal
 
 import numpy as np

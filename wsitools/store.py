@@ -23,7 +23,7 @@ import json
 import os
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -568,11 +568,8 @@ class PatchStore:
             for k, c in enumerate(self.coords[rows]):
                 out[k] = self._read_from_slide(c)
             return out
-        for chunk in np.unique(rows // CHUNK_TILES):
-            key = f"tiles/{codec.chunk_key(int(chunk))}"
-            items = self._jpeg_chunk(key)
-            for k in np.flatnonzero(rows // CHUNK_TILES == chunk):
-                self._decode_jpeg(items[rows[k] % CHUNK_TILES], key, int(rows[k]), out[k])
+        for k, data, key in self._coded(rows, codec):
+            self._decode_jpeg(data, key, int(rows[k]), out[k])
         return out
 
     def read_jpegs(self, index: slice | np.ndarray) -> list[bytes]:
@@ -583,11 +580,18 @@ class PatchStore:
             raise StoreError(f"{self.path}: holds {codec.name if codec else 'no'} tiles, not JPEGs")
         rows = np.arange(len(self))[index].reshape(-1)
         out: list[bytes] = [b""] * len(rows)
-        for chunk in np.unique(rows // CHUNK_TILES):
-            items = self._jpeg_chunk(f"tiles/{codec.chunk_key(int(chunk))}")
-            for k in np.flatnonzero(rows // CHUNK_TILES == chunk):
-                out[k] = items[rows[k] % CHUNK_TILES]
+        for k, data, _ in self._coded(rows, codec):
+            out[k] = data
         return out
+
+    def _coded(self, rows: np.ndarray, codec: TileCodec) -> Iterator[tuple[int, bytes, str]]:
+        """(position in ``rows``, JPEG, chunk file key) of each row of a ``jpeg`` store, each
+        chunk file read once."""
+        for chunk in np.unique(rows // CHUNK_TILES):
+            key = f"tiles/{codec.chunk_key(int(chunk))}"
+            items = self._jpeg_chunk(key)
+            for k in np.flatnonzero(rows // CHUNK_TILES == chunk):
+                yield int(k), items[rows[k] % CHUNK_TILES], key
 
     def _jpeg_chunk(self, key: str) -> np.ndarray:
         """The JPEGs of the chunk file ``key`` of a ``jpeg`` store (CHUNK_TILES bytes objects)."""

@@ -401,7 +401,7 @@ def _train_epoch(
     losses = []
     for x, y in tqdm(loader, desc=desc, disable=not progress, leave=False):
         x = x.to(dev, non_blocking=True)
-        if augment is not None:  # on the device: the per-image resizing is most of a step on a CPU
+        if augment is not None:  # on the device: resizing each image on the CPU would starve a GPU
             x = random_resized_crop_flip(x, size=size, generator=augment)
         x, y = prepare_input(model.backbone_card, x), y.to(dev)
         with stepper.autocast():

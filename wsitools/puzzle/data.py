@@ -60,7 +60,8 @@ def augmented(batch: tuple[torch.Tensor, torch.Tensor | None], device: torch.dev
 
 
 class TileStream(IterableDataset):
-    """Augmented batches [B, 3, size, size] of random tiles across patch stores (see module doc).
+    """Batches of random tiles across patch stores, uint8 [B, size, size, 3] with their crops
+    and flips (:meth:`batches`; see the module doc).
 
     Use with ``DataLoader(stream, batch_size=None, num_workers=k)``; call :meth:`set_epoch`
     before iterating. An epoch is ``steps`` batches (default: every tile once, remainder dropped).
