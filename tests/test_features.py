@@ -265,3 +265,15 @@ def test_coded_batches_hold_the_stores_jpegs(tmp_path):
                                                  tissue_fraction=np.ones(70), attrs=attrs, codec=TileCodec("lossless")))
     with pytest.raises(StoreError, match="not JPEGs"):
         lossless.read_jpegs(slice(0, 2))
+
+
+def test_decoding_on_the_gpu_without_one_is_a_one_line_error(tmp_path, capsys):
+    from wsitools.cli import main
+
+    store = small_store(tmp_path / "tiles" / "A.zarr", slide_id="A")
+    argv = ["extract", str(store), "--encoder", "vit-test-tiny", "--models-dir", str(MODELS),
+            "--out", str(tmp_path / "features"), "--device", "cpu", "--decode", "gpu", "--quiet"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "wsitools extract: error: --decode gpu needs a CUDA device (--device cpu is not one)"
+    assert not (tmp_path / "features").exists()

@@ -19,7 +19,7 @@ from wsitools.cli.options import (
     positive_int,
     show_progress,
 )
-from wsitools.errors import WsiToolsError, one_line
+from wsitools.errors import ModelError, WsiToolsError, one_line
 from wsitools.types import DEFAULT_FEATURE_DTYPE, FEATURE_DTYPES
 
 log = logging.getLogger(__name__)
@@ -147,10 +147,13 @@ def _fetch(args: argparse.Namespace) -> int:
 
 def _extract(args: argparse.Namespace) -> int:
     from wsitools.encoders import load_encoder
+    from wsitools.device import resolve_device
     from wsitools.feature_store import check_target, feature_store_path
-    from wsitools.features import extract_features
+    from wsitools.features import decodes_on_gpu, extract_features
     from wsitools.store import PatchStore
 
+    if args.decode == "gpu" and resolve_device(args.device).type != "cuda":
+        raise ModelError(f"--decode gpu needs a CUDA device (--device {args.device} is not one)")
     encoder = load_encoder(
         args.encoder,
         device=args.device,
@@ -171,7 +174,8 @@ def _extract(args: argparse.Namespace) -> int:
             continue
         try:
             check_target(feature_store_path(args.out, encoder.name, opened.slide_id))
-        except WsiToolsError as exc:  # an output the user must fix: exit 2, the other stores go on
+            decodes_on_gpu(opened, encoder.device, args.decode)
+        except WsiToolsError as exc:  # an output or option the user must fix: exit 2, the other stores go on
             _report_failure(store, exc)
             refused.append(store)
             continue
