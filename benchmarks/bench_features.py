@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from wsitools.encoders import build_encoder, find_card
-from wsitools.features import decodes_on_gpu, device_tiles, extract_features
+from wsitools.features import extract_features, tile_loader
 from wsitools.io import loader_workers
 from wsitools.store import PatchStore, write_patch_store
 from wsitools.synthetic import texture
@@ -67,11 +67,11 @@ def model_alone(encoder, *, batch_size: int, batches: int, compile: bool) -> flo
     return batches * batch_size / (time.perf_counter() - start)
 
 
-def loader_alone(store: PatchStore, device: torch.device, *, batch_size: int, workers: int, decode: str) -> float:
-    """Patches/s of the data path without the model: read and decode (in the loader workers, or
-    on the GPU), and the tiles on the device (its capacity: the whole path cannot beat it)."""
+def loader_alone(store: PatchStore, device: torch.device, *, batch_size: int, workers: int) -> float:
+    """Patches/s of the data path without the model: read and decode in the loader workers,
+    pinned hand-over and the copy to the device (its capacity: the whole path cannot beat it)."""
     start = time.perf_counter()
-    for tiles in device_tiles(store, device, batch_size=batch_size, workers=workers, decode=decode):
+    for tiles in tile_loader(store, batch_size=batch_size, workers=workers, pin_memory=device.type == "cuda"):
         tiles.to(device, non_blocking=True)
     sync(device)
     return len(store) / (time.perf_counter() - start)
@@ -89,7 +89,6 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--compile", action="store_true")
-    ap.add_argument("--decode", choices=["cpu", "gpu"], default="cpu", help="where JPEG tiles are decoded")
     ap.add_argument("--repeats", type=int, default=2, help="whole-path runs (the best is reported)")
     args = ap.parse_args()
 
@@ -113,14 +112,13 @@ def main() -> None:
         batches = max(3, min(50, n // args.batch_size))
         alone = model_alone(encoder, batch_size=args.batch_size, batches=batches, compile=args.compile)
         print(f"model alone : {alone:10.1f} patches/s ({batches} batches of {args.batch_size} random tensors on {encoder.device})")
-        feed = loader_alone(store, encoder.device, batch_size=args.batch_size, workers=workers, decode=args.decode)
-        where = "on the GPU" if decodes_on_gpu(store, encoder.device, args.decode) else f"in {workers} workers"
-        print(f"loader alone: {feed:10.1f} patches/s (read in {workers} workers, decoded {where}, on {encoder.device})")
+        feed = loader_alone(store, encoder.device, batch_size=args.batch_size, workers=workers)
+        print(f"loader alone: {feed:10.1f} patches/s (read + decode in {workers} workers, on {encoder.device})")
         best = 0.0
         for i in range(args.repeats):
             start = time.perf_counter()
             extract_features(store, encoder, Path(tmp) / "features", batch_size=args.batch_size,
-                             workers=workers, compile=args.compile, decode=args.decode, overwrite=True)
+                             workers=workers, compile=args.compile, overwrite=True)
             rate = n / (time.perf_counter() - start)
             best = max(best, rate)
             print(f"whole path  : {rate:10.1f} patches/s (run {i + 1}: {n} tiles, store -> model -> h5)")

@@ -2,13 +2,11 @@
 
 Tiles are read by DataLoader workers in contiguous batches (whole zarr chunks, decoded to pixels
 by :meth:`PatchStore.read_tiles` whatever the store's codec; a coords-only store reads its slide),
-handed over in pinned memory and copied to the device without blocking, so the next batch is
-decoded while the current one runs; or, with ``decode="gpu"``, the workers hand over a JPEG
-store's coded tiles and the GPU decodes them on a stream of its own. On the device the encoder's
-card recipe applies (scale to [0, 1], resize, normalise), the network runs under
-``torch.inference_mode`` with the card's autocast dtype on a GPU, channels-last, optionally
-``torch.compile``-d, and the features accumulate on the device (no per-batch synchronisation)
-until one copy back at the end.
+handed over in pinned memory and copied to the device without blocking, so the
+next batch is decoded while the current one runs. On the device the encoder's card recipe applies
+(scale to [0, 1], resize, normalise), the network runs under ``torch.inference_mode`` with the
+card's autocast dtype on a GPU, channels-last, optionally ``torch.compile``-d, and the features
+accumulate on the device (no per-batch synchronisation) until one copy back at the end.
 
 Features are stored float32 by default, the dtype CLAM's and TRIDENT's heads take as they are;
 float16 (``dtype="float16"``) halves the disk. The ``coords`` dataset carries the attributes
@@ -26,7 +24,6 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -36,7 +33,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from wsitools.encoders.loading import Encoder
-from wsitools.errors import DamagedStoreError, ModelError, StoreError, one_line
+from wsitools.errors import ModelError, StoreError
 from wsitools.feature_store import check_target, feature_attrs, feature_store_path, reusable, write_feature_store
 from wsitools.io import loader_workers, remove_dead_temps
 from wsitools.store import PatchStore
@@ -78,73 +75,16 @@ class TileBatches(Dataset):
         return torch.from_numpy(self.store.read_tiles(slice(start, min(self.n, start + self.batch_size))))
 
 
-class CodedBatches(TileBatches):
-    """Contiguous batches of a JPEG store's tiles, undecoded: one uint8 buffer of the batch's
-    JPEGs and their lengths (a third of the decoded bytes to hand over), for the GPU to decode."""
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
-        start = i * self.batch_size
-        jpegs = self.store.read_jpegs(slice(start, min(self.n, start + self.batch_size)))
-        data = np.frombuffer(b"".join(jpegs), np.uint8).copy()
-        return torch.from_numpy(data), torch.tensor([len(j) for j in jpegs], dtype=torch.int64)
-
-
-Decode = Literal["cpu", "gpu"]
-"""Where JPEG tiles are decoded during extraction: by the loader workers (``cpu``, the default:
-on an H100 with 8 workers the faster whole path), or on the GPU by nvJPEG (``gpu``: fewer CPU
-cores busy, but the decoding takes GPU time from the encoder; docs/benchmarks.md)."""
-
-
-def decodes_on_gpu(store: PatchStore, device: torch.device, decode: Decode) -> bool:
-    """Whether extraction of ``store`` on ``device`` decodes its tiles on the GPU."""
-    jpeg = store.codec is not None and store.codec.name == "jpeg"
-    if decode == "gpu" and not (jpeg and device.type == "cuda"):
-        raise ModelError(f"{store.path}: decoding on the GPU needs a JPEG patch store and a CUDA device")
-    return decode == "gpu"
-
-
-def device_tiles(
-    store: PatchStore, device: torch.device, *, batch_size: int, workers: int, decode: Decode = "cpu"
-) -> Iterator[torch.Tensor]:
-    """Batches ``[b, S, S, 3]`` uint8 of every tile of ``store`` in order, read by ``workers``
-    DataLoader workers and either decoded there and handed over pinned (copied to the device
-    without blocking by :meth:`Encoder.preprocess`), or decoded on the GPU (nvJPEG) on a stream
-    of their own, so that decoding the next batch overlaps the encoder's work on this one."""
-    gpu = decodes_on_gpu(store, device, decode)
-    loader = DataLoader(
-        CodedBatches(store, batch_size) if gpu else TileBatches(store, batch_size),
+def tile_loader(store: PatchStore, *, batch_size: int, workers: int, pin_memory: bool) -> DataLoader:
+    """The DataLoader that feeds extraction (exposed for the benchmark)."""
+    return DataLoader(
+        TileBatches(store, batch_size),
         batch_size=None,
         shuffle=False,
         num_workers=workers,
-        pin_memory=device.type == "cuda",
+        pin_memory=pin_memory,
         prefetch_factor=4 if workers > 0 else None,
     )
-    if not gpu:
-        yield from loader
-        return
-    from torchvision.io import decode_jpeg
-
-    side = torch.cuda.Stream(device)
-    main = torch.cuda.current_stream(device)
-    for i, (data, lengths) in enumerate(loader):
-        with torch.cuda.stream(side):
-            try:
-                images = decode_jpeg(list(torch.split(data, lengths.tolist())), device=device)
-            except RuntimeError as exc:
-                raise DamagedStoreError(
-                    f"{store.path}: damaged patch store: a tile of rows {i * batch_size}-"
-                    f"{i * batch_size + len(lengths) - 1} is not a readable JPEG ({one_line(exc)}); re-tile the slide"
-                ) from None
-            if any(tuple(im.shape) != (3, store.tile_size, store.tile_size) for im in images):
-                raise DamagedStoreError(
-                    f"{store.path}: damaged patch store: a tile of rows {i * batch_size}-"
-                    f"{i * batch_size + len(lengths) - 1} is not {store.tile_size} x {store.tile_size} RGB; "
-                    f"re-tile the slide"
-                )
-            tiles = torch.stack(images).permute(0, 2, 3, 1)
-        main.wait_stream(side)
-        tiles.record_stream(main)
-        yield tiles
 
 
 def compute_features(
@@ -154,7 +94,6 @@ def compute_features(
     batch_size: int = 128,
     workers: int | None = None,
     compile: bool = False,
-    decode: Decode = "cpu",
     progress: bool = False,
 ) -> np.ndarray:
     """Features ``[N, D]`` float32 of every tile of ``store``, in store order."""
@@ -166,15 +105,18 @@ def compute_features(
         torch.backends.cudnn.benchmark = True  # the fastest convolution algorithms; TF32 matmuls stay off
     forward = torch.compile(encoder.forward_batch, dynamic=False) if compile else encoder.forward_batch
     n = len(store)
-    batches = device_tiles(
-        store, device, batch_size=batch_size, workers=loader_workers() if workers is None else workers, decode=decode
+    loader = tile_loader(
+        store,
+        batch_size=batch_size,
+        workers=loader_workers() if workers is None else workers,
+        pin_memory=cuda,
     )
     out = torch.empty((n, encoder.dim), dtype=torch.float32, device=device)
     pos = 0
     with torch.inference_mode(), tqdm(
         total=n, unit="patch", unit_scale=True, desc=store.slide_id, disable=not progress, leave=False
     ) as bar:
-        for tiles in batches:
+        for tiles in loader:
             n_tiles = len(tiles)
             if compile and n_tiles < batch_size:  # one shape for the compiled graph: no recompiling per slide
                 tiles = torch.cat([tiles, tiles.new_zeros((batch_size - n_tiles, *tiles.shape[1:]))])
@@ -209,7 +151,6 @@ def extract_features(
     batch_size: int = 128,
     workers: int | None = None,
     compile: bool = False,
-    decode: Decode = "cpu",
     dtype: FeatureDtype = DEFAULT_FEATURE_DTYPE,
     overwrite: bool = False,
     progress: bool = False,
@@ -226,7 +167,6 @@ def extract_features(
         workers: DataLoader workers (default :func:`wsitools.io.loader_workers`; 0 reads in this process).
         compile: ``torch.compile`` the forward pass (worth it on a GPU for large cohorts; the
             last batch is padded to ``batch_size`` so that one compiled graph serves every slide).
-        decode: where JPEG tiles are decoded (:data:`Decode`).
         dtype: the stored dtype of ``features``: float32, or float16 for half the disk.
         overwrite: recompute even if a matching feature store exists.
         progress: show a tqdm bar with patches/s.
@@ -243,8 +183,7 @@ def extract_features(
     elif not store.has_pixels:
         store.check_slide()  # here, once, rather than in every DataLoader worker
     remove_dead_temps(path.parent, path.name)
-    features = compute_features(store, encoder, batch_size=batch_size, workers=workers, compile=compile,
-                                decode=decode, progress=progress)
+    features = compute_features(store, encoder, batch_size=batch_size, workers=workers, compile=compile, progress=progress)
     stored = as_stored(features, dtype, source=store.path, encoder=encoder.name)
     write_feature_store(path, stored, store.coords, feature_attrs(store, encoder))
     seconds = time.perf_counter() - start

@@ -23,7 +23,7 @@ import json
 import os
 import re
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -568,30 +568,12 @@ class PatchStore:
             for k, c in enumerate(self.coords[rows]):
                 out[k] = self._read_from_slide(c)
             return out
-        for k, data, key in self._coded(rows, codec):
-            self._decode_jpeg(data, key, int(rows[k]), out[k])
-        return out
-
-    def read_jpegs(self, index: slice | np.ndarray) -> list[bytes]:
-        """The coded tiles of a ``jpeg`` store in the order of ``index``, undecoded (for a
-        decoder elsewhere, such as the GPU's); :meth:`read_tiles` decodes them here."""
-        codec = self.codec
-        if codec is None or codec.name != "jpeg":
-            raise StoreError(f"{self.path}: holds {codec.name if codec else 'no'} tiles, not JPEGs")
-        rows = np.arange(len(self))[index].reshape(-1)
-        out: list[bytes] = [b""] * len(rows)
-        for k, data, _ in self._coded(rows, codec):
-            out[k] = data
-        return out
-
-    def _coded(self, rows: np.ndarray, codec: TileCodec) -> Iterator[tuple[int, bytes, str]]:
-        """(position in ``rows``, JPEG, chunk file key) of each row of a ``jpeg`` store, each
-        chunk file read once."""
         for chunk in np.unique(rows // CHUNK_TILES):
             key = f"tiles/{codec.chunk_key(int(chunk))}"
             items = self._jpeg_chunk(key)
             for k in np.flatnonzero(rows // CHUNK_TILES == chunk):
-                yield int(k), items[rows[k] % CHUNK_TILES], key
+                self._decode_jpeg(items[rows[k] % CHUNK_TILES], key, int(rows[k]), out[k])
+        return out
 
     def _jpeg_chunk(self, key: str) -> np.ndarray:
         """The JPEGs of the chunk file ``key`` of a ``jpeg`` store (CHUNK_TILES bytes objects)."""

@@ -19,7 +19,7 @@ from wsitools.cli.options import (
     positive_int,
     show_progress,
 )
-from wsitools.errors import ModelError, WsiToolsError, one_line
+from wsitools.errors import WsiToolsError, one_line
 from wsitools.types import DEFAULT_FEATURE_DTYPE, FEATURE_DTYPES
 
 log = logging.getLogger(__name__)
@@ -86,9 +86,6 @@ def register(subparsers: Any) -> None:
                      help=f"stored dtype of the features: float32, what CLAM and TRIDENT read as it is, or "
                      f"float16, half the disk ({DEFAULT_FEATURE_DTYPE})")
     ext.add_argument("--compile", action="store_true", help="torch.compile the encoder (GPU, large cohorts)")
-    ext.add_argument("--decode", choices=["cpu", "gpu"], default="cpu",
-                     help="where JPEG tiles are decoded: cpu (the loader workers; default, the faster on a "
-                     "GPU node with cores to spare) or gpu (nvJPEG: frees the cores, costs GPU time)")
     ext.add_argument("--overwrite", action="store_true", help="recompute even when a matching h5 exists")
     ext.add_argument("--quiet", action="store_true", help="no progress bar or per-store lines")
     ext.set_defaults(func=_extract)
@@ -147,13 +144,10 @@ def _fetch(args: argparse.Namespace) -> int:
 
 def _extract(args: argparse.Namespace) -> int:
     from wsitools.encoders import load_encoder
-    from wsitools.device import resolve_device
     from wsitools.feature_store import check_target, feature_store_path
-    from wsitools.features import decodes_on_gpu, extract_features
+    from wsitools.features import extract_features
     from wsitools.store import PatchStore
 
-    if args.decode == "gpu" and resolve_device(args.device).type != "cuda":
-        raise ModelError(f"--decode gpu needs a CUDA device (--device {args.device} is not one)")
     encoder = load_encoder(
         args.encoder,
         device=args.device,
@@ -174,8 +168,7 @@ def _extract(args: argparse.Namespace) -> int:
             continue
         try:
             check_target(feature_store_path(args.out, encoder.name, opened.slide_id))
-            decodes_on_gpu(opened, encoder.device, args.decode)
-        except WsiToolsError as exc:  # an output or option the user must fix: exit 2, the other stores go on
+        except WsiToolsError as exc:  # an output the user must fix: exit 2, the other stores go on
             _report_failure(store, exc)
             refused.append(store)
             continue
@@ -190,7 +183,6 @@ def _extract(args: argparse.Namespace) -> int:
                 batch_size=args.batch_size,
                 workers=args.workers,
                 compile=args.compile,
-                decode=args.decode,
                 dtype=args.dtype,
                 overwrite=args.overwrite,
                 progress=show_progress(quiet=args.quiet),
