@@ -13,6 +13,7 @@ from wsitools.encoders.checkpoint import load_weights
 from wsitools.errors import WsiToolsError
 from wsitools.puzzle import PuzzleTuningModel, fix_position_shuffle
 from wsitools.puzzle.backbone import load_puzzle_backbone
+from wsitools.encoders.transforms import to_unit_float
 from wsitools.puzzle.data import TileStream, augmented, open_stores
 from wsitools.puzzle.train import PuzzleTrainConfig, train_puzzle
 from wsitools.store import write_patch_store
@@ -104,6 +105,29 @@ def test_tile_stream_covers_stores_once_and_repeats(tiny):
     assert crops is None and tiles.dtype == torch.uint8
     np.testing.assert_array_equal(tiles[0].numpy(), opened[s].read_tiles(np.array([i]))[0])
     assert torch.equal(augmented((tiles, crops), torch.device("cpu"))[0], expected)
+
+
+def test_tile_stream_resizes_tiles_of_another_size(tiny, tmp_path):
+    """A store of 32 px tiles in a 64 px stream: its tiles come resized (antialiased), as uint8
+    within half a level of the float resize, beside the 64 px store's tiles as they are."""
+    _, _, stores = tiny
+    small = np.ascontiguousarray(_textures(12, seed=3)[:, ::2, ::2])
+    write_patch_store(tmp_path / "small.zarr", coords=np.stack([np.arange(12) * 32, np.zeros(12)], 1), tiles=small,
+                      tissue_fraction=np.ones(12),
+                      attrs={"slide_id": "small", "slide_path": "/synthetic/small.svs", "params_hash": "h-small",
+                             "tile_size": 32, "tile_size_level0": 64.0, "mpp_target": 1.0})
+    opened = open_stores([stores / "slideB.zarr", tmp_path / "small.zarr"])
+    stream = TileStream(opened, batch_size=6, image_size=64, seed=0, augment=False)
+    window = stream.windows()[0]
+    tiles = stream.read_window(window)
+    assert tiles.shape == (len(window.tiles), 64, 64, 3) and tiles.dtype == np.uint8
+    for k, (s, i) in enumerate(window.tiles):
+        if s == 1:
+            expected = to_unit_float(opened[1].read_tiles(np.array([i])), size=64)[0].permute(1, 2, 0).numpy() * 255
+            assert np.abs(tiles[k] - expected).max() <= 0.5 + 1e-4
+        else:
+            np.testing.assert_array_equal(tiles[k], opened[0].read_tiles(np.array([i]))[0])
+    assert {int(s) for s in window.tiles[:, 0]} == {0, 1}
 
 
 def test_only_prompts_and_decoder_train(tiny):
