@@ -32,6 +32,7 @@ from wsitools.mil.synthetic import make_bag_cohort
 from wsitools.store import write_patch_store
 from wsitools.types import check_slide_id, slide_id_from_path
 from cli_calls import run_cli as run
+from tiny_inputs import tiny_vit_card, write_class_tiles
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURES = REPO / "tests" / "data" / "openslide-fixtures"
@@ -252,19 +253,6 @@ def test_bad_weights_for_a_timm_encoder_are_one_line(resnet_weights, tmp_path, c
     assert_one_line(rc, err, str(path), needle)
 
 
-def tiny_vit_card(root, *, size: int, tokens: int):
-    """A card of the registered tiny prompted ViT at ``size`` px with ``tokens`` deep prompts,
-    random weights (no weight file)."""
-    card = root / f"vit-test-{size}.yaml"
-    card.write_text(yaml.safe_dump({
-        "name": f"vit-test-{size}", "description": f"tiny prompted ViT at {size} px",
-        "architecture": {"model": "prompted_vit_test_patch16_224", "kwargs": {"img_size": size},
-                         "prompts": {"tokens": tokens, "mode": "deep"}, "init_seed": 0},
-        "weights": [], "input": {"size": size, "normalize": None}, "output": {"kind": "cls", "dim": 64},
-        "precision": {"compute": "bf16"}}))
-    return card
-
-
 # --- PuzzleTuning resume ----------------------------------------------------------------------------
 
 
@@ -334,16 +322,9 @@ def test_an_unsafe_card_name_is_refused_before_training(puzzle_run, tmp_path, ca
 @pytest.fixture(scope="module")
 def tune_run(tmp_path_factory):
     """One of two epochs of PathoTune (TVP) on a tiny ViT and 16 image tiles, stopped and checkpointed."""
-    from PIL import Image
-
     root = tmp_path_factory.mktemp("tune")
     card = tiny_vit_card(root, size=32, tokens=2)
-    rng = np.random.default_rng(0)
-    for kind, level in (("dark", 40), ("light", 200)):
-        (root / "data" / kind).mkdir(parents=True)
-        for i in range(8):
-            pixels = np.clip(level + rng.normal(0, 20, (32, 32, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(root / "data" / kind / f"{i}.png")
+    write_class_tiles(root / "data", per_class=8)
     argv = ["tune", "pathotune", "--data", root / "data", "--encoder", card, "--prompts", "tvp", "--epochs", "2",
             "--batch-size", "4", "--workers", "0", "--device", "cpu", "--quiet", "--out"]
     assert main([str(a) for a in argv] + [str(root / "run"), "--stop-after-epochs", "1"]) == 0

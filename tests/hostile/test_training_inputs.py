@@ -14,23 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from wsitools.cli import main
 from wsitools.store import write_patch_store
 from cli_calls import one_line, run_cli as run
-
-
-def tiny_card(root: Path, *, size: int = 64) -> Path:
-    """A random-weight prompted ViT of width 64 at ``size`` px (seeded, no weight file)."""
-    card = root / f"vit-test-{size}.yaml"
-    card.write_text(yaml.safe_dump({
-        "name": f"vit-test-{size}", "architecture": {
-            "model": "prompted_vit_test_patch16_224", "kwargs": {"img_size": size},
-            "prompts": {"tokens": 4, "mode": "deep"}, "init_seed": 0},
-        "weights": [], "input": {"size": size, "normalize": None}, "output": {"kind": "cls", "dim": 64},
-        "precision": {"compute": "bf16"}}))
-    return card
+from tiny_inputs import tiny_vit_card, write_class_tiles
 
 
 def patch_store(path: Path, *, n: int, size: int = 64, mpp: float = 0.5, seed: int = 0) -> Path:
@@ -54,7 +42,7 @@ def puzzle_argv(card: Path, stores: Path, out: Path) -> list:
 
 
 def test_a_puzzle_run_stopped_early_exports_no_card_until_it_is_resumed_to_the_end(tmp_path, capsys):
-    card = tiny_card(tmp_path)
+    card = tiny_vit_card(tmp_path)
     patch_store(tmp_path / "tiles" / "s.zarr", n=8)
     argv = puzzle_argv(card, tmp_path / "tiles", tmp_path / "run")
     rc, out, err = run([*argv, "--stop-after-epochs", "1"], capsys)
@@ -70,7 +58,7 @@ def test_a_puzzle_run_stopped_early_exports_no_card_until_it_is_resumed_to_the_e
 
 
 def test_too_few_tiles_for_one_puzzle_step_names_the_stores_and_the_options(tmp_path, capsys):
-    card = tiny_card(tmp_path)
+    card = tiny_vit_card(tmp_path)
     patch_store(tmp_path / "tiles" / "s.zarr", n=6)
     argv = puzzle_argv(card, tmp_path / "tiles", tmp_path / "run")
     at = argv.index("--steps-per-epoch")
@@ -228,18 +216,11 @@ def test_fold_heads_trained_on_other_tiles_are_not_averaged(trained, capsys):
 def test_tuners_refuse_the_folder_of_a_finished_mil_run_and_leave_it_whole(trained, tmp_path, capsys):
     """PathoTune writes metrics.json and predictions.csv too: into a MIL run's folder they would
     replace the run's own while it still looked finished."""
-    from PIL import Image
-
     root, _ = trained
     heads = root / "heads"
     before = {p: p.read_bytes() for p in heads.rglob("*") if p.is_file()}
-    card = tiny_card(tmp_path, size=32)
-    rng = np.random.default_rng(0)
-    for kind, level in (("dark", 40), ("light", 200)):
-        (tmp_path / "data" / kind).mkdir(parents=True)
-        for i in range(4):
-            pixels = np.clip(level + rng.normal(0, 20, (32, 32, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(tmp_path / "data" / kind / f"{i}.png")
+    card = tiny_vit_card(tmp_path, size=32)
+    write_class_tiles(tmp_path / "data", per_class=4)
     rc, _, err = run(["tune", "pathotune", "--data", tmp_path / "data", "--encoder", card, "--prompts", "tvp",
                       "--epochs", "1", "--batch-size", "4", "--workers", "0", "--device", "cpu", "--quiet",
                       "--out", heads, "--resume"], capsys)
@@ -252,14 +233,8 @@ def test_tuners_refuse_the_folder_of_a_finished_mil_run_and_leave_it_whole(train
 
 
 def test_split_fractions_that_leave_nothing_to_train_on_name_both_options(tmp_path, capsys):
-    from PIL import Image
-
-    card = tiny_card(tmp_path, size=32)
-    for kind in ("dark", "light"):
-        (tmp_path / "data" / kind).mkdir(parents=True)
-        for i in range(4):
-            Image.fromarray(np.full((32, 32, 3), 40 if kind == "dark" else 200, np.uint8)).save(
-                tmp_path / "data" / kind / f"{i}.png")
+    card = tiny_vit_card(tmp_path, size=32)
+    write_class_tiles(tmp_path / "data", per_class=4)
     rc, _, err = run(["tune", "pathotune", "--data", tmp_path / "data", "--encoder", card, "--prompts", "tvp",
                       "--epochs", "1", "--workers", "0", "--device", "cpu", "--quiet", "--out", tmp_path / "run",
                       "--val-fraction", "0.6", "--test-fraction", "0.4"], capsys)
@@ -277,7 +252,7 @@ def test_split_fractions_that_leave_nothing_to_train_on_name_both_options(tmp_pa
                      "row out"),
 ])
 def test_a_tile_table_row_that_cannot_be_one_tile_and_label_is_named(tmp_path, capsys, last_row, message):
-    card = tiny_card(tmp_path, size=32)
+    card = tiny_vit_card(tmp_path, size=32)
     patch_store(tmp_path / "tiles" / "s.zarr", n=8, size=32)
     table = tmp_path / "tiles.csv"  # tiles 64 level-0 px apart; a blank line must not shift the numbers
     table.write_text("slide_id,x,y,label\n" + "".join(f"s,{i * 64},0,{'ab'[i % 2]}\n" for i in range(4)) + "\n"
