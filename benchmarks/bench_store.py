@@ -51,7 +51,7 @@ import numpy as np
 import torch
 
 from wsitools.encoders import build_encoder, find_card
-from wsitools.store import CHUNK_TILES, JPEG_SUBSAMPLING, PatchStore, TileCodec
+from wsitools.store import CHUNK_TILES, JPEG_SUBSAMPLING, PatchStore, TileCodec, encode_jpeg
 from wsitools.synthetic import Region, write_slide
 from wsitools.tiling import TilingParams, tile_slide
 
@@ -131,7 +131,7 @@ def other_subsampling(encoder, tiles: np.ndarray, ref: np.ndarray, qualities: li
 
     out = {}
     for q in qualities:
-        coded = [simplejpeg.encode_jpeg(t, quality=q, colorspace="RGB", colorsubsampling="420") for t in tiles]
+        coded = [encode_jpeg(t, q, subsampling="420") for t in tiles]
         decoded = np.stack([simplejpeg.decode_jpeg(c) for c in coded])
         out[q] = (float(np.mean([len(c) for c in coded]) / 1e3), float(cosine(features(encoder, decoded), ref).mean()))
     return out
@@ -205,7 +205,7 @@ def image_benchmark(spec: str, qualities: list[int], stride: int, downsample: in
         print(f"{label:18s} {kb:8.1f} {db:8.2f} {worst:6.2f}  "
               + "  ".join(f"{c.mean():.5f} / {c.min():.5f}" for c in cos))
     for q in qualities:  # the subsampling the store does not use, for the record
-        coded = [simplejpeg.encode_jpeg(t, quality=q, colorspace="RGB", colorsubsampling="420") for t in tiles]
+        coded = [encode_jpeg(t, q, subsampling="420") for t in tiles]
         decoded = np.stack([simplejpeg.decode_jpeg(c) for c in coded])
         db, worst = psnr(decoded, tiles)
         cos = [cosine(features(net, decoded), refs[name]) for name, net in nets.items()]

@@ -59,8 +59,7 @@ DEFAULT_JPEG_QUALITY = 97
 synthetic slide, an IHC image, an H&E image at 40x and at 20x; docs/benchmarks.md): 97 keeps
 efficientnet-lite0 features within a mean cosine of 0.9976-0.9986 of the lossless tiles' on all
 four at 38-52 KB a tile (0.25-0.35 of lossless); 96 clears 0.995 by as little as 0.001 and 95
-falls below it on two of the four. ImageNet CNN features are more sensitive to JPEG artefacts
-than PSNR suggests."""
+by 0.0003. ImageNet CNN features are more sensitive to JPEG artefacts than PSNR suggests."""
 JPEG_SUBSAMPLING = "444"
 """Chroma subsampling of the tile JPEGs: none (4:4:4). Stain colour carries much of what encoders
 see: at equal size, 4:2:0 or 4:2:2 at a higher quality moves features further (docs/benchmarks.md)."""
@@ -103,15 +102,11 @@ class TileCodec:
         if len(tiles) > CHUNK_TILES:
             raise ValueError(f"a chunk holds at most {CHUNK_TILES} tiles, got {len(tiles)}")
         if self.name == "jpeg":
-            import simplejpeg
             from numcodecs import VLenBytes
 
             items = np.full(CHUNK_TILES, b"", dtype=object)
             for k, tile in enumerate(tiles):
-                items[k] = simplejpeg.encode_jpeg(
-                    np.asarray(tile, np.uint8), quality=self.quality, colorspace="RGB",
-                    colorsubsampling=JPEG_SUBSAMPLING,
-                )
+                items[k] = encode_jpeg(tile, self.quality)
             return bytes(VLenBytes().encode(items))
         from numcodecs import Blosc
 
@@ -120,6 +115,16 @@ class TileCodec:
             full[k] = tile
         full[len(tiles) :] = 0  # the last chunk: padded with zero tiles
         return bytes(Blosc(**BLOSC, shuffle=Blosc.NOSHUFFLE).encode(full))
+
+
+def encode_jpeg(tile: np.ndarray, quality: int, subsampling: str = JPEG_SUBSAMPLING) -> bytes:
+    """One RGB tile ([S, S, 3] uint8, a view is coded as it is) as a baseline JPEG with libjpeg's
+    accurate integer DCT at every quality. TurboJPEG's API (simplejpeg's encoder) switches to the
+    fast DCT below quality 96, which moves encoder features further at the same size; from 96 up
+    the bytes are the same (docs/benchmarks.md)."""
+    import imagecodecs
+
+    return imagecodecs.jpeg8_encode(np.asarray(tile, np.uint8), level=quality, subsampling=subsampling)
 
 
 def codec_attrs(codec: TileCodec | None) -> dict[str, Any]:
