@@ -407,3 +407,23 @@ def test_instance_dropout_spreads_attention_over_a_planted_region(tmp_path):
     assert peak < peak0
     with pytest.raises(ConfigError, match="instance_dropout must lie in"):
         TrainConfig(instance_dropout=1.0)
+
+
+def test_an_output_folder_that_is_or_holds_an_input_is_refused(cohort, trained, tmp_path):
+    # --overwrite replaces the whole output folder: given an input folder, or one holding an
+    # input, it would delete what the run reads.
+    features = tmp_path / "project" / "features"
+    shutil.copytree(cohort["root"] / "features", features)
+    stores = sorted(p.name for p in features.iterdir())
+    with pytest.raises(DataError, match=r"output .*features is --features .*: the run replaces its output"):
+        predict(trained["abmil"], features, features, overwrite=True, progress=False)
+    with pytest.raises(DataError, match=r"output .*project holds --features "):
+        predict(trained["abmil"], features, tmp_path / "project", overwrite=True, progress=False)
+    with pytest.raises(DataError, match=r"output .*abmil is --model "):
+        predict(trained["abmil"], features, trained["abmil"], overwrite=True, progress=False)
+    with pytest.raises(DataError, match=r"output .*project holds --labels "):
+        shutil.copy(cohort["labels"], tmp_path / "project" / "labels.csv")
+        train(features_dir=cohort["root"] / "features", labels=tmp_path / "project" / "labels.csv",
+              out_dir=tmp_path / "project", overwrite=True, config=FAST, progress=False)
+    assert sorted(p.name for p in features.iterdir()) == stores and (tmp_path / "project" / "labels.csv").is_file()
+    assert (trained["abmil"] / "run.json").is_file()

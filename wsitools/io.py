@@ -119,6 +119,22 @@ def remove_dead_temps(directory: Path, name: str | None = None) -> list[Path]:
     return removed
 
 
+def check_out_apart(out: str | os.PathLike[str], inputs: dict[str, str | os.PathLike[str] | None]) -> None:
+    """Refuse an output folder that is one of ``inputs`` ({option: path}) or holds one: a run
+    replaces its whole output folder, which would delete them. A :class:`DataError` naming both."""
+    out = Path(out)
+    target = out.resolve()
+    for option, path in inputs.items():
+        if path is None:
+            continue
+        where = Path(path).resolve()
+        if where == target or target in where.parents:
+            relation = "is" if where == target else "holds"
+            raise DataError(
+                f"output {out} {relation} {option} {path}: the run replaces its output folder; choose another --out"
+            )
+
+
 class LostRace(FileExistsError):
     """Another run put a finished ``final`` in place while this one was writing it."""
 

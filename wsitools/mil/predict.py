@@ -24,7 +24,7 @@ import torch
 from wsitools import __version__
 from wsitools.attention import write_attention
 from wsitools.errors import DataError, ModelError
-from wsitools.io import atomic_path, write_json_atomic
+from wsitools.io import atomic_path, check_out_apart, write_json_atomic
 from wsitools.feature_store import (
     EncoderRecord,
     FeatureStore,
@@ -247,6 +247,8 @@ def predict(
     if not wanted:
         raise DataError(f"no feature stores ({{slide_id}}.h5) in {features_dir}{features_root_hint(features_dir)}")
     out_dir = Path(out_dir)
+    check_out_apart(out_dir, {"--model": model_dir, "--features": features_dir, "--patients": patients,
+                              "--ivp-features": ivp_features_dir})
     if out_dir.exists() and not overwrite:
         raise DataError(f"output {out_dir} exists; use --overwrite to replace it")
     skipped: dict[str, str] = {}

@@ -84,7 +84,7 @@ from wsitools.mil.predict import OUTPUT_NAMES, to_predictions
 from wsitools.attention import write_attention
 from wsitools.survival import harrell_c, survival_report
 from wsitools.text import TaskDescription, TaskType, embed_texts, load_task, resolve_text_model, text_model_key
-from wsitools.io import stable_hash
+from wsitools.io import check_out_apart, stable_hash
 from wsitools.training import BestState, Schedule, Stepper, adamw, check_same_settings
 
 log = logging.getLogger(__name__)
@@ -1038,8 +1038,11 @@ def train(
     dev = resolve_device(device)
     if task is None and "ttp" in prompts:
         raise DataError("the ttp prompt embeds the task and class descriptions: give a task (--task TASK.yaml)")
-    task = task if isinstance(task, TaskDescription) or task is None else load_task(task)
     out_dir = Path(out_dir)
+    check_out_apart(out_dir, {"--features": features_dir, "--labels": labels, "--ivp-features": ivp_features_dir,
+                              "--task": None if isinstance(task, TaskDescription) else task,
+                              "--text-model": text_model, "--text-cache": text_cache_dir})
+    task = task if isinstance(task, TaskDescription) or task is None else load_task(task)
     _check_options(out_dir, overwrite=overwrite, prompts=prompts, ivp_features_dir=ivp_features_dir,
                    task_type=task.type if task is not None else "classification", config=config, bag=bag)
     setup = setup_run(
