@@ -23,6 +23,7 @@ import json
 import os
 import re
 import warnings
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -247,14 +248,20 @@ def write_patch_store(
 
 def seal_patch_store(root: str | os.PathLike[str]) -> None:
     """Write ``manifest.json``, the last file of a complete store: every other file and its size,
-    and the sha256 of the metadata documents (``zarr.json``, which hold the attributes)."""
+    the sha256 of the metadata documents (``zarr.json``, which hold the attributes) and the CRC-32
+    of every chunk file, which readers check as they read a chunk: other bytes of the same size
+    would otherwise decode as wrong coordinates or pixels."""
     root = Path(root)
     files = {
         p.relative_to(root).as_posix(): p.stat().st_size
         for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST
     }
-    metadata = {rel: sha256_file(root / rel) for rel in files if rel.rsplit("/", 1)[-1] == "zarr.json"}
-    manifest = {"kind": "patch_store_manifest", "format_version": FORMAT_VERSION, "files": files, "sha256": metadata}
+    metadata = {rel: sha256_file(root / rel) for rel in files if _is_metadata(rel)}
+    crc32 = {rel: zlib.crc32((root / rel).read_bytes()) for rel in files if not _is_metadata(rel)}
+    manifest = {
+        "kind": "patch_store_manifest", "format_version": FORMAT_VERSION, "files": files, "sha256": metadata,
+        "crc32": crc32,
+    }
     (root / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
 
 
@@ -266,17 +273,23 @@ def _raw_attrs(p: Path) -> dict[str, Any] | None:
         return None
 
 
+def _is_metadata(rel: str) -> bool:
+    return rel.rsplit("/", 1)[-1] == "zarr.json"
+
+
 _MANIFEST_PATH = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-9._-]*)*")
 """A path the manifest may list: relative, inside the store, made of plain names."""
 
 
-def _verify_manifest(p: Path) -> tuple[dict[str, int], dict[str, str]]:
-    """The manifest's files (relative path: bytes) and digests (relative path: sha256);
+def _verify_manifest(p: Path) -> tuple[dict[str, int], dict[str, str], dict[str, int]]:
+    """The manifest's files (relative path: bytes), digests (relative path: sha256) and chunk
+    checksums (relative path: CRC-32; none in stores sealed before they were recorded);
     :class:`DamagedStoreError` unless every file it lists is there, whole, and it records the
     digest of the group's ``zarr.json``."""
     try:
         manifest = json.loads((p / MANIFEST).read_text())
         files, metadata = dict(manifest["files"]), dict(manifest["sha256"])
+        crc32 = dict(manifest.get("crc32", {}))
     except FileNotFoundError:
         attrs = _raw_attrs(p)
         if attrs is None or attrs.get("kind") != "patch_store":
@@ -293,11 +306,17 @@ def _verify_manifest(p: Path) -> tuple[dict[str, int], dict[str, str]]:
         # Only files inside the store, and digests only of its zarr.json documents: an edited
         # manifest must not make a reader stat or hash anything else (/dev/zero never ends).
         if not isinstance(rel, str) or not _MANIFEST_PATH.fullmatch(rel) or ".." in rel.split("/") or (
-            rel in metadata and (rel.rsplit("/", 1)[-1] != "zarr.json" or rel not in files)
+            rel in metadata and (not _is_metadata(rel) or rel not in files)
         ):
             raise DamagedStoreError(
                 f"{p}: damaged patch store: {MANIFEST} lists {rel!r}, which is no file of a patch store; "
                 "re-tile the slide"
+            )
+    for rel, value in crc32.items():
+        if rel not in files or _is_metadata(rel) or type(value) is not int or not 0 <= value < 1 << 32:
+            raise DamagedStoreError(
+                f"{p}: damaged patch store: {MANIFEST} records a checksum {rel!r}: {value!r}, "
+                "not the CRC-32 of a chunk it lists; re-tile the slide"
             )
     for rel, size in files.items():
         try:
@@ -313,7 +332,7 @@ def _verify_manifest(p: Path) -> tuple[dict[str, int], dict[str, str]]:
             raise DamagedStoreError(f"{p}: damaged patch store: {rel} was changed after writing; re-tile the slide")
     if "zarr.json" not in metadata:
         raise DamagedStoreError(f"{p}: damaged patch store: {MANIFEST} does not record zarr.json; re-tile the slide")
-    return files, metadata
+    return files, metadata, crc32
 
 
 def not_a_store(path: Path) -> str:
@@ -335,14 +354,18 @@ def read_store_attrs(path: str | os.PathLike[str]) -> dict[str, Any]:
     :class:`DamagedStoreError` for a store that fails its manifest (or has none: unfinished, or
     format 1), :class:`StoreError` for anything else that is not a finished patch store.
     """
+    return _open_verified(Path(path))[0]
+
+
+def _open_verified(p: Path) -> tuple[dict[str, Any], dict[str, int]]:
+    """:func:`read_store_attrs`, and the chunk checksums of the manifest."""
     import zarr
 
-    p = Path(path)
     if p.name.startswith(TEMP_PREFIX):
         raise StoreError(f"{p}: is an unfinished (temporary) patch store")
     if not p.is_dir():
         raise StoreError(not_a_store(p))
-    files, digests = _verify_manifest(p)
+    files, digests, crc32 = _verify_manifest(p)
     try:
         group = zarr.open_group(str(p), mode="r")
         attrs = dict(group.attrs[ATTRS_KEY])
@@ -362,7 +385,7 @@ def read_store_attrs(path: str | os.PathLike[str]) -> dict[str, Any]:
         problem = _arrays_problem(p, attrs, files, digests)
     if problem is not None:
         raise DamagedStoreError(f"{p}: damaged patch store: {problem}; re-tile the slide")
-    return attrs
+    return attrs, crc32
 
 
 _COUNTS = {"n_tiles": 0, "tile_size": 1, "stride": 1, "level": 0}
@@ -485,7 +508,7 @@ class PatchStore:
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path).resolve()
-        self.attrs = read_store_attrs(self.path)
+        self.attrs, self._crc32 = _open_verified(self.path)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> PatchStore:
@@ -497,10 +520,36 @@ class PatchStore:
 
         return zarr.open_group(str(self.path), mode="r")
 
-    def _read(self, name: str, selection: Any) -> np.ndarray:
-        """``selection`` of the array ``name`` (a slice, or an index array along the first axis);
-        a chunk that does not decode (other bytes of the same size, which the manifest cannot
-        see) is a :class:`DamagedStoreError` naming the store and the array."""
+    def _chunk_bytes(self, key: str) -> bytes:
+        """The bytes of the chunk file ``key``, checked against the manifest's CRC-32: other bytes
+        of the same size are a :class:`DamagedStoreError` naming the store and the file."""
+        try:
+            data = (self.path / key).read_bytes()
+        except FileNotFoundError:
+            raise DamagedStoreError(f"{self.path}: damaged patch store: {key} is missing; re-tile the slide") from None
+        expected = self._crc32.get(key)
+        if expected is not None and zlib.crc32(data) != expected:
+            raise DamagedStoreError(
+                f"{self.path}: damaged patch store: {key} was changed after writing (its checksum differs); "
+                "re-tile the slide"
+            )
+        return data
+
+    def check_chunks(self, arrays: Sequence[str] = ("coords", "tissue_fraction")) -> None:
+        """Read the chunk files of ``arrays`` whole and check them against the manifest's
+        checksums (:class:`DamagedStoreError` naming the first that differs)."""
+        for key in self._crc32:
+            if key.split("/", 1)[0] in arrays:
+                self._chunk_bytes(key)
+
+    def _read(self, name: str, selection: Any, chunks: Sequence[str] | None = None) -> np.ndarray:
+        """``selection`` of the array ``name`` (a slice, or an index array along the first axis),
+        after checking the chunk files ``chunks`` (default: all of the array's); a chunk that does
+        not decode is a :class:`DamagedStoreError` naming the store and the array."""
+        if chunks is None:
+            self.check_chunks((name,))
+        for key in chunks or ():
+            self._chunk_bytes(key)
         array = self._group[name]
         try:
             if isinstance(selection, slice):
@@ -565,9 +614,10 @@ class PatchStore:
         """Tiles [n, S, S, 3] uint8 in the order of ``index``, whatever the store's codec; for a
         coordinates-only store they are read from the slide."""
         codec = self.codec
-        if codec is not None and codec.name == "lossless":
-            return self._read("tiles", index)
         rows = np.arange(len(self))[index].reshape(-1)
+        if codec is not None and codec.name == "lossless":
+            keys = [f"tiles/{codec.chunk_key(int(c))}" for c in np.unique(rows // CHUNK_TILES)]
+            return self._read("tiles", index, keys)
         out = np.empty((len(rows), self.tile_size, self.tile_size, 3), np.uint8)
         if codec is None:
             for k, c in enumerate(self.coords[rows]):
@@ -584,10 +634,9 @@ class PatchStore:
         """The JPEGs of the chunk file ``key`` of a ``jpeg`` store (CHUNK_TILES bytes objects)."""
         from numcodecs import VLenBytes
 
+        data = self._chunk_bytes(key)
         try:
-            items = VLenBytes().decode((self.path / key).read_bytes())
-        except FileNotFoundError:
-            raise DamagedStoreError(f"{self.path}: damaged patch store: {key} is missing; re-tile the slide") from None
+            items = VLenBytes().decode(data)
         except (ValueError, RuntimeError, MemoryError, OverflowError) as exc:
             raise DamagedStoreError(
                 f"{self.path}: damaged patch store: {key} is not a chunk of JPEGs ({exc}); re-tile the slide"

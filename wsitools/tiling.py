@@ -37,7 +37,7 @@ from wsitools.io import (
 )
 from wsitools.slide import Backend, Slide, open_slide
 from wsitools.store import (
-    CHUNK_TILES, DEFAULT_CODEC, DEFAULT_JPEG_QUALITY, FORMAT_VERSION, Codec, TileCodec, codec_attrs,
+    CHUNK_TILES, DEFAULT_CODEC, DEFAULT_JPEG_QUALITY, FORMAT_VERSION, Codec, PatchStore, TileCodec, codec_attrs,
     create_patch_store, read_store_attrs, seal_patch_store, slide_identity, write_tile_chunk, write_tile_table,
 )
 from wsitools.tissue import TissueParams, TissueResult, detect_tissue, params_dict, tissue_fraction, write_qc
@@ -453,7 +453,9 @@ def tile_slide(
         if store_path.exists() or store_path.is_symlink():
             replace = True
             try:
-                old = read_store_attrs(store_path)
+                kept = PatchStore(store_path)
+                kept.check_chunks()  # the tile table, whose damage no decoder would see
+                old = kept.attrs
             except DamagedStoreError as exc:
                 log.warning("%s: rebuilding it", exc)
             except StoreError as exc:

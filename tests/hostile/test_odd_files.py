@@ -144,8 +144,15 @@ def garble(path: Path) -> None:
 def test_a_chunk_garbled_at_its_size_is_a_one_line_error_naming_the_array(stores, tmp_path, codec, chunk, array):
     store = damaged_copy(stores[codec], tmp_path)
     garble(store / chunk)
-    opened = PatchStore.open(store)  # the manifest holds: sizes are unchanged
+    opened = PatchStore.open(store)  # the manifest's sizes hold
     with pytest.raises(DamagedStoreError) as err:
+        getattr(opened, array) if array != "tiles" else opened.read_tiles(np.array([0, 1]))
+    assert str(err.value) == (
+        f"{store}: damaged patch store: {chunk} was changed after writing (its checksum differs); re-tile the slide"
+    )
+    edit_manifest(store, lambda m: m.pop("crc32"))  # sealed without checksums: the decoder is the check
+    with pytest.raises(DamagedStoreError) as err:
+        opened = PatchStore.open(store)
         getattr(opened, array) if array != "tiles" else opened.read_tiles(np.array([0, 1]))
     assert str(err.value).startswith(f"{store}: damaged patch store: a chunk of {array} cannot be decoded (")
     assert str(err.value).endswith("; re-tile the slide") and "\n" not in str(err.value)
@@ -157,7 +164,7 @@ def test_extract_from_a_garbled_lossless_store_is_one_line_and_writes_nothing(st
     rc = main(["extract", str(store), "--encoder", "vit-test-tiny", "--models-dir", str(MODELS),
                "--out", str(tmp_path / "features"), "--device", "cpu", "--workers", "0", "--quiet"])
     err = capsys.readouterr().err
-    assert rc == 1 and f"{store}: damaged patch store: a chunk of tiles cannot be decoded" in err
+    assert rc == 1 and f"{store}: damaged patch store: tiles/c/0/0/0/0 was changed after writing" in err
     assert "Traceback" not in err and not list((tmp_path / "features").rglob("*.h5"))
 
 
@@ -168,13 +175,13 @@ def edit_manifest(store: Path, edit) -> None:
 
 
 def forget(store: Path, rel: str) -> None:
-    """Delete a file and its line in the manifest: the manifest no longer vouches for it."""
+    """Delete a file and its lines in the manifest: the manifest no longer vouches for it."""
     (store / rel).unlink()
-    edit_manifest(store, lambda m: m["files"].pop(rel))
+    edit_manifest(store, lambda m: (m["files"].pop(rel), m["crc32"].pop(rel)))
 
 
 @pytest.mark.parametrize("codec, damage, message", [
-    ("jpeg", lambda s: edit_manifest(s, lambda m: m.update(files={}, sha256={})),
+    ("jpeg", lambda s: edit_manifest(s, lambda m: m.update(files={}, sha256={}, crc32={})),
      "manifest.json does not record zarr.json"),
     ("lossless", lambda s: forget(s, "tiles/c/0/0/0/0"), "manifest.json does not record tiles/c/0/0/0/0"),
     ("jpeg", lambda s: forget(s, "coords/c/0/0"), "manifest.json does not record coords/c/0/0"),
@@ -187,6 +194,12 @@ def forget(store: Path, rel: str) -> None:
      "manifest.json lists '../outside/zarr.json', which is no file of a patch store"),
     ("jpeg", lambda s: edit_manifest(s, lambda m: m["sha256"].update({"tiles/c/0": "0" * 64})),
      "manifest.json lists 'tiles/c/0', which is no file of a patch store"),
+    ("jpeg", lambda s: edit_manifest(s, lambda m: m["crc32"].update({"zarr.json": 0})),
+     "manifest.json records a checksum 'zarr.json': 0, not the CRC-32 of a chunk it lists"),
+    ("jpeg", lambda s: edit_manifest(s, lambda m: m["crc32"].update({"tiles/c/0": -1})),
+     "manifest.json records a checksum 'tiles/c/0': -1, not the CRC-32 of a chunk it lists"),
+    ("jpeg", lambda s: edit_manifest(s, lambda m: m["crc32"].update({"/etc/passwd": 1})),
+     "manifest.json records a checksum '/etc/passwd': 1, not the CRC-32 of a chunk it lists"),
 ])
 def test_a_manifest_must_list_the_store_and_nothing_else(stores, tmp_path, codec, damage, message):
     """A manifest that leaves a file out cannot vouch for it (zarr would read a chunk that is gone

@@ -25,7 +25,7 @@ from wsitools.cli import main
 from wsitools.errors import DamagedStoreError, SlideError, StoreError
 from wsitools.io import LostRace, atomic_path, temp_sibling
 from wsitools.synthetic import Region, write_slide
-from wsitools.store import MANIFEST, PatchStore, read_store_attrs
+from wsitools.store import CHUNK_TILES, MANIFEST, PatchStore, TileCodec, read_store_attrs, write_patch_store
 from wsitools.tiling import TilingParams, tile_slide, tile_slides
 from wsitools.tissue import TissueParams
 
@@ -169,27 +169,77 @@ def test_format_1_store_is_refused_and_rebuilt(tiled, synthetic_svs, tmp_path):
     assert read_store_attrs(store)["format_version"] == 3
 
 
+def _flip(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def _unchecked(store: Path) -> Path:
+    """``store`` as sealed before chunk checksums were recorded (its manifest without them)."""
+    manifest = json.loads((store / MANIFEST).read_text())
+    del manifest["crc32"]
+    (store / MANIFEST).write_text(json.dumps(manifest))
+    return store
+
+
 def test_a_jpeg_chunk_damaged_in_place_is_a_one_line_error_naming_store_and_file(tiled, tmp_path, capsys):
     store = copy_store(tiled, tmp_path / "tiles")
     chunk = store / "tiles" / "c" / "0"
     data = bytearray(chunk.read_bytes())
     start = data.index(b"\xff\xda", data.index(b"\xff\xd8", 8))  # the first tile's scan data...
-    data[start + 40 : start + 400] = bytes(360)  # ...zeroed, at the same size: the manifest holds
-    chunk.write_bytes(bytes(data))
+    _flip(chunk, start + 200)  # ...one bit of it, at the same size: the manifest's sizes hold
     opened = PatchStore.open(store)
+    with pytest.raises(DamagedStoreError) as err:
+        opened.read_tiles(np.array([1]))  # a tile the damage did not touch: its chunk is refused whole
+    assert str(err.value) == (
+        f"{store}: damaged patch store: tiles/c/0 was changed after writing (its checksum differs); re-tile the slide"
+    )
+    rc = main(["extract", str(store), "--encoder", "vit-test-tiny", "--models-dir", str(MODELS),
+               "--out", str(tmp_path / "features"), "--device", "cpu", "--workers", "0", "--quiet"])
+    err_text = capsys.readouterr().err
+    assert rc == 1 and f"{store}: damaged patch store: tiles/c/0 was changed" in err_text and "Traceback" not in err_text
+    assert not list((tmp_path / "features").rglob("*.h5"))
+    # A store sealed without checksums: the decoder is the check, tile by tile.
+    chunk.write_bytes(bytes(data[: start + 40]) + bytes(360) + bytes(data[start + 400 :]))
+    opened = PatchStore.open(_unchecked(store))
     assert opened.read_tiles(np.array([1])).shape == (1, 64, 64, 3)  # the other tiles still read
     with pytest.raises(DamagedStoreError) as err:
         opened.read_tiles(slice(0, 4))
     assert str(err.value).startswith(f"{store}: damaged patch store: tile 0 in tiles/c/0 is not a readable JPEG")
     assert "\n" not in str(err.value)
-    (store / "tiles" / "c" / "0").write_bytes(b"\x07" * len(data))  # no chunk of JPEGs at all
+    chunk.write_bytes(b"\x07" * len(data))  # no chunk of JPEGs at all
     with pytest.raises(DamagedStoreError, match=r"tiles/c/0 (is not a chunk of JPEGs|holds \d+ items)"):
         opened.read_tiles(np.array([1]))
-    rc = main(["extract", str(store), "--encoder", "vit-test-tiny", "--models-dir", str(MODELS),
-               "--out", str(tmp_path / "features"), "--device", "cpu", "--workers", "0", "--quiet"])
-    err_text = capsys.readouterr().err
-    assert rc == 1 and f"{store}: damaged patch store: tiles/c/0" in err_text and "Traceback" not in err_text
-    assert not list((tmp_path / "features").rglob("*.h5"))
+
+
+def test_a_tile_table_damaged_in_place_is_refused_and_tile_rebuilds_it(tiled, synthetic_svs, tmp_path, caplog):
+    # Coordinates decode whatever their bytes: only the checksum tells wrong ones from right ones.
+    store = copy_store(tiled, tmp_path)
+    _flip(store / "coords" / "c" / "0" / "0", 13)
+    with pytest.raises(DamagedStoreError, match=r"coords/c/0/0 was changed after writing \(its checksum differs\)"):
+        PatchStore.open(store).coords
+    with caplog.at_level("WARNING"):
+        assert tile_slides([synthetic_svs], tmp_path, PARAMS, progress=False)[0]["status"] == "ok"
+    assert "coords/c/0/0 was changed after writing" in caplog.text and "rebuilding it" in caplog.text
+    np.testing.assert_array_equal(PatchStore.open(store).coords, PatchStore.open(tiled).coords)
+    _flip(store / "tissue_fraction" / "c" / "0", 20)
+    with pytest.raises(DamagedStoreError, match=r"tissue_fraction/c/0 was changed after writing"):
+        PatchStore.open(store).tissue_fraction
+
+
+def test_a_lossless_chunk_damaged_in_place_is_refused(tmp_path):
+    tiles = np.random.default_rng(0).integers(0, 256, (CHUNK_TILES + 2, 16, 16, 3), dtype=np.uint8)
+    store = write_patch_store(
+        tmp_path / "s.zarr", coords=np.zeros((len(tiles), 2)), tiles=tiles, tissue_fraction=np.ones(len(tiles)),
+        attrs={"slide_id": "s", "tile_size": 16, "mpp_target": 0.5, "tile_size_level0": 32}, codec=TileCodec("lossless"),
+    )
+    chunk = store / "tiles" / "c" / "1" / "0" / "0" / "0"
+    _flip(chunk, chunk.stat().st_size - 5)
+    opened = PatchStore.open(store)
+    np.testing.assert_array_equal(opened.read_tiles(slice(0, 3)), tiles[:3])  # chunk 0 is whole
+    with pytest.raises(DamagedStoreError, match=r"tiles/c/1/0/0/0 was changed after writing"):
+        opened.read_tiles(np.array([CHUNK_TILES + 1]))
 
 
 def test_overwrite_replaces_what_is_not_a_store_even_with_corrupt_attributes(synthetic_svs, tmp_path, capsys):
