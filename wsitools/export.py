@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from wsitools.errors import StoreError
-from wsitools.feature_store import FeatureStore
+from wsitools.feature_store import FeatureStore, check_finite
 from wsitools.io import atomic_path
 from wsitools.types import check_slide_id
 
@@ -101,6 +101,7 @@ def export_store(path: str | os.PathLike[str], out: str | os.PathLike[str], *, t
     sid, encoder = check_slide_id(store.slide_id), check_slide_id(store.encoder)  # both become paths
     attrs = clam_coords_attrs(store) if to == "clam" else trident_coords_attrs(store)
     features, coords = store.load()
+    check_finite(features, slide_id=sid, path=store.path)
     features = np.ascontiguousarray(features, dtype=np.float32)
     if to == "clam":
         paths = (out / "pt_files" / f"{sid}.pt", out / "h5_files" / f"{sid}.h5", out / "patches" / f"{sid}.h5")

@@ -256,7 +256,7 @@ class FeatureStore:
                         f"expected ({feats.shape[0]}, 2)"
                     )
                 if check_values:
-                    _check_finite(feats, slide_id=slide_id, path=path)
+                    check_finite(feats, slide_id=slide_id, path=path)
                 return cls(
                     path=path, attrs=_decoded_attrs(f.attrs), n=int(feats.shape[0]), dim=int(feats.shape[1]),
                     dtype=feats.dtype.name, slide_id=slide_id,
@@ -353,6 +353,12 @@ def reusable(path: Path, store: PatchStore, encoder: Encoder, dtype: FeatureDtyp
     if existing.dtype != dtype:
         log.info("%s: recomputing (stored as %s, %s asked for)", path, existing.dtype, dtype)
         return False
+    try:  # extraction writes finite features only: others were damaged since
+        with h5py.File(path, "r") as f:
+            check_finite(f["features"], slide_id=store.slide_id, path=path)
+    except (DataError, OSError) as exc:
+        log.warning("%s: recomputing (%s)", path, one_line(exc))
+        return False
     return True
 
 
@@ -378,16 +384,17 @@ def write_feature_store(
     return path
 
 
-def _check_finite(feats: h5py.Dataset, *, slide_id: str, path: Path) -> None:
+def check_finite(feats: h5py.Dataset | np.ndarray, *, slide_id: str, path: Path) -> None:
     """A :class:`DataError` naming the slide when a row of ``feats`` holds NaN or inf (read
-    :data:`CHECK_ROWS` rows at a time)."""
+    :data:`CHECK_ROWS` rows at a time). Extraction never writes such rows, so the file was
+    damaged after writing (or written by another tool)."""
     for start in range(0, feats.shape[0], CHECK_ROWS):
         bad = ~np.isfinite(feats[start : start + CHECK_ROWS]).all(axis=1)
         if bad.any():
             rows = start + np.flatnonzero(bad)
             raise DataError(
                 f"slide {slide_id}: feature store {path} has non-finite (NaN/inf) features "
-                f"in {int(bad.sum())}+ rows, first row {int(rows[0])}"
+                f"in {int(bad.sum())}+ rows, first row {int(rows[0])}; extract it again (wsitools extract --overwrite)"
             )
 
 

@@ -74,8 +74,9 @@ def store(tmp_path) -> Path:
     )
 
 
-def extract(card: Path, store: Path, out: Path, capsys, *extra) -> tuple[int, str]:
-    return run(["extract", store, "--encoder", card, "--out", out, "--device", "cpu", "--workers", "0", "--quiet",
+def extract(card: Path, store: Path | list[Path], out: Path, capsys, *extra) -> tuple[int, str]:
+    stores = store if isinstance(store, list) else [store]
+    return run(["extract", *stores, "--encoder", card, "--out", out, "--device", "cpu", "--workers", "0", "--quiet",
                 *extra], capsys)
 
 
@@ -333,3 +334,55 @@ def test_a_reader_that_stops_early_ends_the_listing_quietly(tmp_path):
     finally:
         os.close(write)
     assert (done.returncode, done.stderr) == (1, "")
+
+
+# --- many stores in one extraction -------------------------------------------------------------
+
+
+def _second_store(tmp_path, folder: str, slide_id: str = "S1") -> Path:
+    rng = np.random.default_rng(1)
+    return write_patch_store(
+        tmp_path / folder / f"{slide_id}.zarr", coords=np.stack([np.arange(3) * 256, np.zeros(3)], 1),
+        tiles=rng.integers(0, 255, (3, 64, 64, 3), dtype=np.uint8), tissue_fraction=np.ones(3),
+        attrs={"slide_id": slide_id, "slide_path": f"/slides/{slide_id}.svs", "params_hash": "q",
+               "tile_size": 64, "tile_size_level0": 256.0, "mpp_target": 1.0},
+    )
+
+
+def test_a_missing_store_among_others_fails_alone(models, store, tmp_path, capsys):
+    other = _second_store(tmp_path, "more", "S2")
+    rc, err = extract(models / "tiny.yaml", [store, tmp_path / "gone.zarr", other], tmp_path / "f", capsys)
+    assert rc == 1 and f"wsitools extract: error: {tmp_path / 'gone.zarr'}: no such patch store" in err
+    assert sorted(p.name for p in (tmp_path / "f" / "tiny").iterdir()) == ["S1.h5", "S2.h5"]
+
+
+def test_two_stores_of_one_slide_are_refused_naming_each_other(models, store, tmp_path, capsys):
+    other = _second_store(tmp_path, "coarse")
+    third = _second_store(tmp_path, "more", "S2")
+    rc, err = extract(models / "tiny.yaml", [store, other, store, third], tmp_path / "f", capsys)
+    assert rc == 2, err
+    assert f"{store}: slide S1 is also the slide of {other}; both would write its feature store" in err
+    assert f"{other}: slide S1 is also the slide of {store}; both would write its feature store" in err
+    assert err.count("is also the slide of") == 2
+    assert sorted(p.name for p in (tmp_path / "f" / "tiny").iterdir()) == ["S2.h5"]  # the others go on
+    rc, err = extract(models / "tiny.yaml", [store, store], tmp_path / "g", capsys)  # one store given twice
+    assert rc == 0 and sorted(p.name for p in (tmp_path / "g" / "tiny").iterdir()) == ["S1.h5"]
+
+
+def test_features_damaged_to_nan_are_extracted_again_not_reused(models, store, tmp_path, capsys, caplog):
+    import h5py
+
+    assert extract(models / "tiny.yaml", store, tmp_path / "f", capsys)[0] == 0
+    path = tmp_path / "f" / "tiny" / "S1.h5"
+    with h5py.File(path, "r") as f:
+        good = f["features"][:]
+    with h5py.File(path, "r+") as f:
+        f["features"][2, 5] = np.nan
+    rc, err = run(["export", "--to", "clam", "--features", tmp_path / "f" / "tiny", "--out", tmp_path / "x"], capsys)
+    assert rc == 1 and "slide S1: feature store" in err and "non-finite (NaN/inf) features in 1+ rows, first row 2" in err
+    assert not (tmp_path / "x" / "pt_files" / "S1.pt").exists()
+    with caplog.at_level(logging.WARNING):
+        assert extract(models / "tiny.yaml", store, tmp_path / "f", capsys)[0] == 0
+    assert "recomputing (slide S1: feature store" in caplog.text
+    with h5py.File(path, "r") as f:
+        np.testing.assert_array_equal(f["features"][:], good)

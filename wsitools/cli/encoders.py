@@ -12,14 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from wsitools.cli.options import (
+    PatchStoreDirs,
     input_file,
     non_negative_int,
-    patch_store_dir,
     positive_float,
     positive_int,
     show_progress,
 )
-from wsitools.errors import WsiToolsError, one_line
+from wsitools.errors import StoreError, WsiToolsError, one_line
 from wsitools.types import DEFAULT_FEATURE_DTYPE, FEATURE_DTYPES
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ def register(subparsers: Any) -> None:
             "Stores whose features already match (encoder hash, store hash) are reused."
         ),
     )
-    ext.add_argument("stores", nargs="+", metavar="STORE", type=patch_store_dir,
+    ext.add_argument("stores", nargs="+", metavar="STORE", action=PatchStoreDirs,
                      help="patch stores (tiles/{slide_id}.zarr, written by wsitools tile)")
     ext.add_argument("--encoder", required=True, help="card name, card file (.yaml) or timm:NAME")
     ext.add_argument("--weights", type=input_file, metavar="CKPT", help="local checkpoint for --encoder timm:NAME")
@@ -173,6 +173,7 @@ def _extract(args: argparse.Namespace) -> int:
             refused.append(store)
             continue
         ready.append((store, opened))
+    ready = _one_store_per_slide(ready, refused)
     while ready:  # popped, so a finished store's coordinates are not kept
         store, opened = ready.pop(0)
         try:
@@ -201,6 +202,30 @@ def _extract(args: argparse.Namespace) -> int:
                   file=sys.stderr)
         return 2 if refused else 1
     return 0
+
+
+def _one_store_per_slide(ready: list[tuple[str, Any]], refused: list[str]) -> list[tuple[str, Any]]:
+    """``ready`` without the stores of a slide id that two different stores share (both would
+    write one feature store): each is refused, naming the other. A store given twice is kept once."""
+    by_id: dict[str, dict[Any, str]] = {}
+    for store, opened in ready:
+        by_id.setdefault(opened.slide_id, {}).setdefault(opened.path, store)
+    kept, seen = [], set()
+    for store, opened in ready:
+        if opened.path in seen:
+            continue
+        seen.add(opened.path)
+        paths = by_id[opened.slide_id]
+        if len(paths) > 1:
+            others = " ".join(s for p, s in paths.items() if p != opened.path)
+            _report_failure(store, StoreError(
+                f"{store}: slide {opened.slide_id} is also the slide of {others}; both would write its feature "
+                "store: give one of them"
+            ))
+            refused.append(store)
+        else:
+            kept.append((store, opened))
+    return kept
 
 
 def _report_failure(store: str, exc: Exception) -> None:

@@ -14,6 +14,7 @@ import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from wsitools.types import MPP_MAX, MPP_MIN
 
@@ -76,14 +77,18 @@ def mpp(text: str) -> float:
     return _number(text, f"from {MPP_MIN:g} to {MPP_MAX:g} um/px", lambda v: MPP_MIN <= v <= MPP_MAX)
 
 
-def patch_store_dir(text: str) -> str:
-    """A folder (a patch store, checked when opened); a slide, another file or a missing path is
-    refused at once, saying what it is (a slide: tile it first)."""
-    from wsitools.store import not_a_store
+class PatchStoreDirs(argparse.Action):
+    """Patch stores (``nargs="+"``), each opened and checked when its turn comes, so that one
+    missing or bad store among many fails alone. Only when none of them is a folder is it a
+    command-line mistake, refused at once, saying what the first one is (a slide: tile it first)."""
 
-    if not Path(text).is_dir():
-        raise argparse.ArgumentTypeError(not_a_store(Path(text)))
-    return text
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        from wsitools.store import not_a_store
+
+        if not any(Path(v).is_dir() for v in values):
+            raise argparse.ArgumentError(self, not_a_store(Path(values[0])))
+        setattr(namespace, self.dest, list(values))
 
 
 def feature_store_dir(text: str) -> str:
