@@ -474,6 +474,13 @@ def test_same_name_other_weights_is_another_encoder(head_dir, bags, tmp_path, ca
     set_attrs(bags[3].path, encoder_hash="c" * 64)  # one store re-extracted with other weights
     rc, _, err = run(["predict", "--model", head_dir, "--features", tmp_path / "features",
                       "--out", tmp_path / "pred", "--device", "cpu", "--quiet"], capsys)
+    assert rc == 0, err  # a stray store is skipped, naming it; the others are predicted
+    predicted = (tmp_path / "pred" / "predictions.csv").read_text()
+    assert bags[3].slide_id not in predicted and all(b.slide_id in predicted for b in bags[:3])
+    reason = json.loads((tmp_path / "pred" / "predict.json").read_text())["skipped"][bags[3].slide_id]
+    assert str(bags[3].path) in reason and "enc-a (hash cccccccccccc)" in reason
+    rc, _, err = run(["predict", "--model", head_dir, "--features", tmp_path / "features", "--strict",
+                      "--out", tmp_path / "strict", "--device", "cpu", "--quiet"], capsys)
     assert_one_line(rc, err, str(bags[3].path), "enc-a (hash cccccccccccc)")
 
 

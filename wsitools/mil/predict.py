@@ -138,6 +138,25 @@ class PatientPrediction:
     attention: np.ndarray
 
 
+def _check_some_encoder_matches(
+    head: SavedHead, wanted: Sequence[str], stores: dict[str, Path], *, model_dir: str | os.PathLike[str]
+) -> None:
+    """The :class:`ModelError` of :func:`check_encoder` when no store of ``wanted`` holds features
+    of the head's encoder (the wrong ``--features``); a few stray stores among right ones are
+    skipped one by one instead."""
+    first_error = None
+    for slide_id in wanted:
+        try:
+            check_encoder(head, FeatureStore.open_bag(stores[slide_id], check_values=False), model_dir=model_dir)
+            return
+        except ModelError as exc:
+            first_error = first_error or exc
+        except (DataError, KeyError):  # unusable or missing: reported with the slide
+            continue
+    if first_error is not None:
+        raise first_error
+
+
 def _checked_bag(
     slide_id: str, stores: dict[str, Path], head: SavedHead, *, features_dir: str | os.PathLike[str],
     model_dir: str | os.PathLike[str],
@@ -253,6 +272,7 @@ def predict(
         raise DataError(f"output {out_dir} exists; use --overwrite to replace it")
     skipped: dict[str, str] = {}
     groups = _bag_groups(wanted, patients, bagging=bagging, model_dir=model_dir, skipped=skipped, strict=strict)
+    _check_some_encoder_matches(first, wanted, stores, model_dir=model_dir)
     unchecked = False
     results: list[Any] = []
     rows: list[dict[str, Any]] = []
@@ -272,7 +292,7 @@ def predict(
                             "of the encoder it was trained on", model_dir, features_dir,
                         )
                     ivp = read_features(FeatureStore.open_bag(Path(ivp_features_dir) / f"{slide_id}.h5").path) if needs_ivp else None
-                except DataError as exc:
+                except (DataError, ModelError) as exc:  # ModelError: a stray store of another encoder
                     if strict:
                         raise
                     skipped[slide_id] = str(exc)
