@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import shutil
 from pathlib import Path
 
 import h5py
@@ -209,6 +211,17 @@ def test_not_an_attention_file(tmp_path):
     with h5py.File(path, "w") as f:
         f.create_dataset("features", data=np.zeros((2, 2)))
     with pytest.raises(StoreError, match=f"{Path(path)}: not an attention file"):
+        read_attention(path)
+
+
+@pytest.mark.parametrize("value, says", [(np.nan, "not finite"), (-5.0, "negative values (-5)")])
+def test_attention_that_no_head_gives_is_refused(attention_case, tmp_path, value, says):
+    from wsitools.errors import StoreError
+
+    path = Path(shutil.copy(attention_case["attention"], tmp_path / "a.h5"))
+    with h5py.File(path, "r+") as f:
+        f["attention"][3] = value
+    with pytest.raises(StoreError, match=rf"^{path}: attention has .*{re.escape(says)}"):
         read_attention(path)
 
 

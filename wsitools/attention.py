@@ -125,6 +125,8 @@ def read_attention(path: str | os.PathLike[str]) -> AttentionMap:
         raise StoreError(f"{path}: {len(attention)} attention values for coords of shape {coords.shape}")
     if not np.all(np.isfinite(attention)):
         raise StoreError(f"{path}: attention has values that are not finite")
+    if np.any(attention < 0):  # a head's attention is a softmax: weights from 0 to 1
+        raise StoreError(f"{path}: attention has negative values ({float(attention.min()):g}); not a head's attention")
     classes, probs = _prediction(path, attrs)
     return AttentionMap(
         slide_id=str(attrs.get("slide_id", path.stem)),

@@ -528,9 +528,12 @@ def _tile_one(path: Path, slide_id: str, out: Path, params: TilingParams, kwargs
         return _failed(out, slide_id, path, reason)
 
 
-def _worker_main(conn: Any, out: str, params: TilingParams, kwargs: dict[str, Any], log_level: int) -> None:
-    """A tiling worker process: tile each (path, slide id) it is sent, send back the QC record."""
-    logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s")
+def _worker_main(conn: Any, out: str, params: TilingParams, kwargs: dict[str, Any], log_levels: dict[str, int]) -> None:
+    """A tiling worker process: tile each (path, slide id) it is sent, send back the QC record;
+    ``log_levels``: the supervising process's levels of the root logger ("") and of the others it sets."""
+    logging.basicConfig(level=log_levels[""], format="%(levelname)s %(name)s: %(message)s")
+    for name, level in log_levels.items():
+        logging.getLogger(name).setLevel(level)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     try:
         while (task := conn.recv()) is not None:
@@ -568,9 +571,9 @@ class _Worker:
     def __init__(self, out: Path, params: TilingParams, kwargs: dict[str, Any]):
         ctx = multiprocessing.get_context("spawn")
         self.conn, child_conn = ctx.Pipe()
-        level = logging.getLogger().getEffectiveLevel()
+        levels = {name: logging.getLogger(name or None).getEffectiveLevel() for name in ("", "tifffile")}
         self.process = ctx.Process(
-            target=_worker_main, args=(child_conn, str(out), params, kwargs, level), name="wsitools-tile"
+            target=_worker_main, args=(child_conn, str(out), params, kwargs, levels), name="wsitools-tile"
         )
         self.process.start()
         child_conn.close()

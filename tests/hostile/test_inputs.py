@@ -187,7 +187,13 @@ def test_garbage_or_pickle_as_a_heads_weights_is_one_line(head_dir, bags, tmp_pa
     ("{not json", "not valid JSON"),
     ('{"kind": "mil_head", "format_version": 1, "classes": ["a", "b"]}', "not a usable head config (KeyError: 'config')"),
     ('{"kind": "mil_head", "format_version": 1, "classes": ["a", "b"], "config": {"head": "abmil", "in_dim": "x"}}',
-     "not a usable head config"),
+     "head config: in_dim = 'x', not an integer >= 1"),
+    ('{"kind": "mil_head", "format_version": 1, "classes": ["a", "b"], "config": {"head": "abmil", "in_dim": 8, '
+     '"n_classes": 2, "dim": "128"}}', "head config: dim = '128', not an integer >= 1"),
+    ('{"kind": "mil_head", "format_version": 1, "classes": ["a", "b"], "config": {"head": "abmil", "in_dim": 8, '
+     '"n_classes": 2, "dropout": 1.5}}', "head config: dropout = 1.5, not a number in [0, 1)"),
+    ('{"kind": "mil_head", "format_version": 1, "classes": ["a", "b"], "config": {"head": "abmil", "in_dim": 8, '
+     '"n_classes": 2, "standardize": "yes"}}', "head config: standardize = 'yes', not true or false"),
 ])
 def test_a_broken_head_config_is_one_line(head_dir, bags, tmp_path, capsys, config, needle):
     (head_dir / "config.json").write_text(config)

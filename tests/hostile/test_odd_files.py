@@ -112,6 +112,15 @@ def test_tiling_a_truncated_svs_fails_it_naming_the_cause(tmp_path, synthetic_sv
     assert sorted(p.name for p in (tmp_path / "tiles").iterdir() if p.name.startswith("cut")) == ["cut.qc.json"]
 
 
+def test_the_tile_command_names_a_truncated_slide_in_its_own_line_only(tmp_path, synthetic_svs, capfd):
+    cut = tmp_path / "cut.svs"
+    data = synthetic_svs.read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    assert main(["tile", str(cut), "--out", str(tmp_path / "tiles"), "--workers", "1", "--quiet"]) == 1
+    err = capfd.readouterr().err  # the tiling worker's too: it is another process
+    assert "the file is truncated" in err and "tifffile" not in err, err
+
+
 # --- patch stores: damaged at the same size, or edited and re-sealed ---------------------------
 
 

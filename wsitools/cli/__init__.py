@@ -73,6 +73,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:
+        # tifffile logs what it trips over while parsing a damaged file (a page offset past the
+        # end) before the error that wsitools turns into its own one line naming the slide.
+        logging.getLogger("tifffile").setLevel(logging.CRITICAL)
     try:
         return int(args.func(args) or 0)
     except WsiToolsError as exc:

@@ -133,11 +133,38 @@ class HeadConfig:
         unknown = set(data) - known
         if unknown:
             raise ModelError(f"head config has unknown keys {sorted(unknown)}")
+        for key, value in data.items():
+            problem = _config_value_problem(key, value)
+            if problem is not None:
+                raise ModelError(f"head config: {key} = {value!r}, not {problem}")
         prompts = tuple(data.get("prompts", ()))
         # Heads saved before these were settings had the prior whenever the widths matched, unscaled.
         implied = "ttp" in prompts and data.get("text_dim") == data.get("in_dim")
         # Heads saved before feature standardisation saw the raw features.
         return cls(**{"text_prior": implied, "ttp_prior_scale": 1.0, "standardize": False, **data, "prompts": prompts})
+
+
+_COUNTS = {"in_dim": 1, "n_classes": 1, "dim": 1, "attn_dim": 1, "n_heads": 1, "n_tvp": 0, "n_ivp": 0,
+           "text_dim": 1, "ivp_in_dim": 1, "n_texts": 1}
+"""The integer settings of a head config and their least values (the last three may be null)."""
+
+
+def _config_value_problem(key: str, value: Any) -> str | None:
+    """What a saved head config's ``value`` for ``key`` should have been, or None if it is usable."""
+    if key in _COUNTS:
+        if value is None and key in ("text_dim", "ivp_in_dim", "n_texts"):
+            return None
+        return None if type(value) is int and value >= _COUNTS[key] else f"an integer >= {_COUNTS[key]}"
+    if key in ("dropout", "ttp_prior_scale"):
+        ok = type(value) in (int, float) and math.isfinite(value) and (key != "dropout" or 0 <= value < 1)
+        return None if ok else ("a number in [0, 1)" if key == "dropout" else "a finite number")
+    if key in ("text_prior", "standardize"):
+        return None if type(value) is bool else "true or false"
+    if key == "head":
+        return None if isinstance(value, str) else "a head name"
+    if key == "prompts":
+        return None if isinstance(value, list | tuple) and all(isinstance(p, str) for p in value) else "a list of prompt kinds"
+    return None
 
 
 HEADS: dict[str, Callable[[HeadConfig], nn.Module]] = {}
