@@ -133,6 +133,27 @@ def test_patient_kfold_keeps_patients_together_and_stratifies():
         patient_kfold(np.array([0, 0, 0, 0, 0, 1, 1, 1]), [str(i) for i in range(8)], n_folds=5)
 
 
+@pytest.mark.parametrize("labels, n_folds, fits", [
+    ([0, 0, 1, 1], 2, False),  # each training part: one patient a class, none to hold out
+    ([0, 0, 0, 1, 1], 2, False),
+    ([0, 0, 0, 0, 1, 1], 2, True),
+    ([0, 0, 0, 1, 1, 1], 3, True),
+    ([0, 0, 0, 0, 1, 1, 1, 1], 5, False),
+])
+def test_folds_are_refused_exactly_when_a_fold_could_not_hold_out_validation(labels, n_folds, fits):
+    from wsitools.labels import folds_fit
+
+    labels = np.array(labels)
+    assert folds_fit(np.bincount(labels).tolist(), n_folds) == fits
+    for seed in range(20):  # every deal of the patients into folds
+        if fits:
+            folds = patient_kfold(labels, [str(i) for i in range(len(labels))], n_folds=n_folds, seed=seed)
+            assert all(len(f.val) and len(np.unique(labels[f.train])) == 2 for f in folds)
+        else:
+            with pytest.raises(DataError, match=r"(training part without two patients|at least \d patients)"):
+                patient_kfold(labels, [str(i) for i in range(len(labels))], n_folds=n_folds, seed=seed)
+
+
 def test_user_split_and_fold_columns(cohort_dir):
     root, bags = cohort_dir
     parts = ["train", "train", "train", "train", "val", "val", "test", "test"]

@@ -39,14 +39,16 @@ def write_sheet(path: Path, header: list[str], rows: list[list[str]]) -> Path:
     return path
 
 
-def make_project(root: Path, n: int = 4, config: dict | None = None) -> Path:
-    """A working directory with ``n`` slide files, a samples sheet, a task and a config."""
+def make_project(root: Path, n: int = 6, config: dict | None = None) -> Path:
+    """A working directory with ``n`` slide files (one patient each; every third positive, so
+    six make the smallest cohort that 2-fold cross-validation takes), a samples sheet, a task
+    and a config."""
     (root / "slides").mkdir(parents=True)
     (root / "config").mkdir()
     rows = []
     for i in range(n):
         shutil.copyfile(FIXTURES / "small.svs", root / "slides" / f"s{i}.svs")
-        rows.append([f"s{i}", f"slides/s{i}.svs", f"p{i}", "pos" if i % 2 else "neg"])
+        rows.append([f"s{i}", f"slides/s{i}.svs", f"p{i}", "pos" if i % 3 == 1 else "neg"])
     write_sheet(root / "config" / "samples.tsv", ["slide_id", "path", "patient_id", "label"], rows)
     (root / "config" / "task.yaml").write_text(yaml.safe_dump(TASK))
     base = {
@@ -477,7 +479,7 @@ def test_slide_glob_cohort_makes_tiles_and_features_only(tmp_path):
     work = make_project(tmp_path / "w", config={"slides_glob": "slides/*.svs", "tasks": {}, "heads": {}})
     result = snakemake(work, "-n", "--printshellcmds")
     assert result.returncode == 0, result.stderr
-    assert job_counts(result.stdout) == {"tile": 4, "qc_summary": 1, "qc_table": 1, "all": 1}
+    assert job_counts(result.stdout) == {"tile": 6, "qc_summary": 1, "qc_table": 1, "all": 1}
     assert "wsitools tile slides/s3.svs --slide-id s3 --out results/tiles --mpp 0.5" in result.stdout
     labelled = make_project(tmp_path / "x", config={"slides_glob": "slides/*.svs"})
     result = snakemake(labelled, "-n")
@@ -522,7 +524,7 @@ def test_slurm_dry_run_gives_gpu_rules_a_gpu(tmp_path):
     result = snakemake(work, "--profile", str(SLURM_PROFILE), "-n")
     assert result.returncode == 0, result.stderr
     out = result.stdout + result.stderr
-    assert job_counts(out) == {"tile": 4, "qc_summary": 1, "qc_table": 1, "labels": 1, "train": 1, "heatmap": 1,
+    assert job_counts(out) == {"tile": 6, "qc_summary": 1, "qc_table": 1, "labels": 1, "train": 1, "heatmap": 1,
                                "metrics_table": 1, "roc": 1, "pretrain_puzzle": 1, "tune_pathotune": 1,
                                "all": 1}
     jobs = dry_run_resources(out)
@@ -559,13 +561,13 @@ def test_every_slurm_job_asks_for_a_gpu_exactly_on_the_gpu_partition(tmp_path):
     """Whole DAG (tiles done): a job asking for a GPU on a CPU partition never starts, and a GPU
     node held by a job that uses no GPU is wasted."""
     tune = {"enabled": True, "data": "tiles_by_class", "task": "config/task.yaml", "prompts": ["tvp"]}
-    work = make_project(tmp_path / "w", n=6, config={"device": "auto", "pretrain": {"enabled": True}, "tune": tune})
+    work = make_project(tmp_path / "w", n=7, config={"device": "auto", "pretrain": {"enabled": True}, "tune": tune})
     (work / "tiles_by_class").mkdir()
     sheet = work / "config" / "samples.tsv"
     rows = [line.split("\t") for line in sheet.read_text().splitlines()]
-    rows[6][3] = ""  # s5 has no label: predicted and drawn
+    rows[7][3] = ""  # s6 has no label: predicted and drawn
     sheet.write_text("\n".join("\t".join(r) for r in rows) + "\n")
-    _qc_done(work, {f"s{i}": "ok" for i in range(6)})
+    _qc_done(work, {f"s{i}": "ok" for i in range(7)})
     result = snakemake(work, "--profile", str(SLURM_PROFILE), "-n")
     assert result.returncode == 0, result.stderr
     jobs = dry_run_resources(result.stdout + result.stderr)
@@ -711,13 +713,13 @@ def _qc_done(work: Path, status: dict[str, str]) -> None:
 
 
 def test_unlabelled_usable_slides_are_predicted_by_every_head(tmp_path):
-    work = make_project(tmp_path / "w", n=6, config={"heads": {"abmil": {"type": "abmil", "folds": 2},
+    work = make_project(tmp_path / "w", n=8, config={"heads": {"abmil": {"type": "abmil", "folds": 2},
                                                               "mean": {"type": "meanpool", "folds": 2}}})
     sheet = work / "config" / "samples.tsv"
     rows = [line.split("\t") for line in sheet.read_text().splitlines()]
-    rows[5][3] = rows[6][3] = ""  # s4 and s5 have no label; s5 fails QC
+    rows[7][3] = rows[8][3] = ""  # s6 and s7 have no label; s7 fails QC
     sheet.write_text("\n".join("\t".join(r) for r in rows) + "\n")
-    _qc_done(work, {f"s{i}": "failed" if i == 5 else "ok" for i in range(6)})
+    _qc_done(work, {f"s{i}": "failed" if i == 7 else "ok" for i in range(8)})
     result = snakemake(work, "-n", "--printshellcmds", "--cores", "4")  # threads are capped at --cores
     assert result.returncode == 0, result.stderr
     counts = job_counts(result.stdout)
@@ -726,7 +728,7 @@ def test_unlabelled_usable_slides_are_predicted_by_every_head(tmp_path):
     commands = [line.split("wsitools predict ", 1)[1] for line in result.stdout.splitlines() if "wsitools predict " in line]
     assert sorted(commands) == [
         f"--model results/heads/planted/efficientnet-lite0-imagenet/{h} --features results/features/"
-        f"efficientnet-lite0-imagenet --slides s4 --device auto --threads 1"
+        f"efficientnet-lite0-imagenet --slides s6 --device auto --threads 1"
         f" --out results/predictions/planted/efficientnet-lite0-imagenet/{h} --overwrite --quiet"
         f" > logs/predict/planted/efficientnet-lite0-imagenet/{h}.log 2>&1"
         for h in ("abmil", "mean")
@@ -858,14 +860,14 @@ def test_patient_bag_heads_in_the_workflow(tmp_path):
     slides pooled, grouped by the samples sheet; slides of one patient with different labels stop
     the run before any job, naming the patient."""
     heads = {"pat": {"type": "abmil", "folds": 2, "bag": "patient"}, "abmil": {"type": "abmil", "folds": 2}}
-    work = make_project(tmp_path / "w", n=7, config={"heads": heads})
+    work = make_project(tmp_path / "w", n=9, config={"heads": heads})
     sheet = work / "config" / "samples.tsv"
     rows = [line.split("\t") for line in sheet.read_text().splitlines()]
-    for row, patient in zip(rows[1:], ["A", "B", "A", "B", "C", "D", "E"]):
-        row[2] = patient
-    rows[7][3] = ""  # s6 (patient E) has no label: predicted
+    # patients neg: A (s0, s2), C, F, G; pos: B (s1, s3), D; s8 (patient E) has no label: predicted
+    for row, patient, label in zip(rows[1:], "ABABCDFGE", ["neg", "pos", "neg", "pos", "neg", "pos", "neg", "neg", ""]):
+        row[2], row[3] = patient, label
     write_sheet(sheet, rows[0], rows[1:])
-    _qc_done(work, {f"s{i}": "ok" for i in range(7)})
+    _qc_done(work, {f"s{i}": "ok" for i in range(9)})
     result = snakemake(work, "-n", "--printshellcmds", "--cores", "4")
     assert result.returncode == 0, result.stderr
     train = {line.split("--out ", 1)[1].split()[0].rsplit("/", 1)[1]: line
@@ -874,8 +876,8 @@ def test_patient_bag_heads_in_the_workflow(tmp_path):
     assert " --head abmil --bag slide --folds 2 " in train["abmil"]
     predict = {line.split("--out ", 1)[1].split()[0].rsplit("/", 1)[1]: line
                for line in result.stdout.splitlines() if "wsitools predict " in line}
-    assert " --slides s6 --patients config/samples.tsv --device auto " in predict["pat"]
-    assert " --slides s6 --device auto " in predict["abmil"]
+    assert " --slides s8 --patients config/samples.tsv --device auto " in predict["pat"]
+    assert " --slides s8 --device auto " in predict["abmil"]
     rows[3][2] = "B"  # s2 (neg) joins patient B (pos)
     write_sheet(sheet, rows[0], rows[1:])
     result = snakemake(work, "-n")

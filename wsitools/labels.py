@@ -301,6 +301,20 @@ def check_outcome_labels(
                             f"least {k} {what}, but {sheet} has {len(counted)}; set `heads: {head}: folds` lower")
 
 
+def folds_fit(counts: Sequence[int], n_folds: int) -> bool:
+    """Whether patient-stratified ``n_folds``-fold cross-validation works for classes (or strata)
+    of ``counts`` patients: every class has at least ``n_folds`` patients (one in each test fold),
+    and every fold's training part keeps two patients of some class, so that one can be held out
+    for validation (early stopping). A class's test part in a fold is at most ceil(n / k)."""
+    present = [n for n in counts if n > 0]
+    return bool(present) and min(present) >= n_folds and max(n - -(-n // n_folds) for n in present) >= 2
+
+
+def most_folds(counts: Sequence[int], n_folds: int) -> int | None:
+    """The most folds, fewer than ``n_folds`` and at least 2, that :func:`folds_fit` ``counts``; None if none."""
+    return next((k for k in range(n_folds - 1, 1, -1) if folds_fit(counts, k)), None)
+
+
 def check_task_labels(
     samples: Sequence[Sample],
     *,
@@ -360,18 +374,15 @@ def check_task_labels(
     patients = _patient_classes(labelled, order)
     counts = {c: sum(1 for label in patients.values() if label == c) for c in order}
     for head, k in folds.items():
-        short = {c: n for c, n in counts.items() if 0 < n < k}
-        if not short:
+        if folds_fit(list(counts.values()), k):
             continue
-        fewest = min(short.values())
-        listing = ", ".join(f"{c!r} has {n} patient{'s' if n != 1 else ''}" for c, n in short.items())
-        fix = (
-            f"set `heads: {head}: folds` to at most {fewest}" if fewest >= 2
-            else "label more patients of that class (cross-validation needs at least 2)"
-        )
+        listing = ", ".join(f"{c!r} has {n} patient{'s' if n != 1 else ''}" for c, n in counts.items() if n)
+        fewer = most_folds(list(counts.values()), k)
+        fix = f"set `heads: {head}: folds` to {fewer}" if fewer else "label more patients"
         raise DataError(
             f"config: heads: {head}: folds: {k}-fold cross-validation of task {task!r} needs at least {k} "
-            f"patients of each class, but in {where} {listing}; {fix}"
+            f"patients of each class and, in every fold's training part, two of one class to hold one out "
+            f"for validation, but in {where} {listing}; {fix}"
         )
 
 

@@ -676,8 +676,9 @@ def _dry_run(work: Path) -> subprocess.CompletedProcess:
          "config: features: encoders: no-such-encoder: "),
         ({"config": {"heads": {"abmil": {"type": "abmil", "folds": 5}}}},
          "config: heads: abmil: folds: 5-fold cross-validation of task 'planted' needs at least 5 patients of "
-         "each class, but in column 'label' of config/samples.tsv 'neg' has 4 patients, 'pos' has 4 patients; "
-         "set `heads: abmil: folds` to at most 4"),
+         "each class and, in every fold's training part, two of one class to hold one out for validation, but in "
+         "column 'label' of config/samples.tsv 'neg' has 4 patients, 'pos' has 4 patients; "
+         "set `heads: abmil: folds` to 4"),
         ({"labels": ("neg", "pos", "Pos")},
          "config: tasks: planted: labels in column 'label' of config/samples.tsv that are not classes of "
          "config/task.yaml (neg, pos): 'Pos'"),
@@ -730,31 +731,32 @@ def test_a_task_left_without_classes_by_qc_ends_with_one_line(tmp_path):
 
 def test_a_missing_value_marker_is_a_label_only_when_a_task_file_lists_it():
     samples = [Sample(slide_id=f"s{i}", path="x", patient_id=f"p{i}", fields={"label": lab})
-               for i, lab in enumerate(["a", "a", "b", "b", "n/a", "N/A"])]
-    with pytest.raises(DataError, match=r"label 'n/a' \(slide s4\) looks like a missing value"):
+               for i, lab in enumerate(["a", "a", "a", "a", "b", "b", "n/a", "N/A"])]
+    with pytest.raises(DataError, match=r"label 'n/a' \(slide s6\) looks like a missing value"):
         check_task_labels(samples, task="t", label_column="label", classes=None, folds={"h": 2}, sheet="s.tsv")
-    with pytest.raises(DataError, match=r"not classes of the task \(a, b\): 'n/a' \(slides s4\); 'N/A' \(slides s5\)"):
+    with pytest.raises(DataError, match=r"not classes of the task \(a, b\): 'n/a' \(slides s6\); 'N/A' \(slides s7\)"):
         check_task_labels(samples, task="t", label_column="label", classes=["a", "b"], folds={"h": 2}, sheet="s.tsv")
-    check_task_labels(samples[:4] + [Sample("s4", "x", "p4", fields={"label": "N/A"}),
-                                     Sample("s5", "x", "p5", fields={"label": "N/A"})],
+    check_task_labels(samples[:6] + [Sample("s6", "x", "p6", fields={"label": "N/A"}),
+                                     Sample("s7", "x", "p7", fields={"label": "N/A"})],
                       task="t", label_column="label", classes=["a", "b", "N/A"], folds={"h": 2}, sheet="s.tsv")
 
 def test_the_workflow_check_takes_plus_and_minus_as_classes_and_an_empty_cell_as_no_label():
     samples = [Sample(slide_id=f"s{i}", path="x", patient_id=f"p{i}", fields={"er": lab})
-               for i, lab in enumerate(["+", "+", "-", "-", ""])]
+               for i, lab in enumerate(["+", "+", "+", "+", "-", "-", ""])]
     check_task_labels(samples, task="er", label_column="er", classes=None, folds={"h": 2}, sheet="s.tsv")
-    samples[4] = Sample(slide_id="s4", path="x", patient_id="p4", fields={"er": "<NA>"})
-    with pytest.raises(DataError, match=r"^config: tasks: er: column 'er' of s.tsv: label '<NA>' \(slide s4\) looks "
+    samples[6] = Sample(slide_id="s6", path="x", patient_id="p6", fields={"er": "<NA>"})
+    with pytest.raises(DataError, match=r"^config: tasks: er: column 'er' of s.tsv: label '<NA>' \(slide s6\) looks "
                        r"like a missing value, which would make it a class; leave the cell empty for a slide"):
         check_task_labels(samples, task="er", label_column="er", classes=None, folds={"h": 2}, sheet="s.tsv")
 
 
 def test_check_task_labels_counts_patients_not_slides():
-    samples = [Sample(slide_id=f"s{i}", path="x", patient_id=f"p{i // 2}", fields={"label": lab})
-               for i, lab in enumerate(["a", "a", "b", "b", "a", "a", "b", "b"])]
+    # two slides a patient: 4 patients of 'a' and 2 of 'b' (8 and 4 slides)
+    samples = [Sample(slide_id=f"s{i}", path="x", patient_id=f"p{i // 2}", fields={"label": "a" if i < 8 else "b"})
+               for i in range(12)]
     check_task_labels(samples, task="t", label_column="label", classes=None, folds={"h": 2}, sheet="s.tsv")
-    with pytest.raises(DataError, match=r"heads: h: folds: 3-fold .* 'a' has 2 patients, 'b' has 2 patients; "
-                                        r"set `heads: h: folds` to at most 2"):
+    with pytest.raises(DataError, match=r"heads: h: folds: 3-fold .* 'a' has 4 patients, 'b' has 2 patients; "
+                                        r"set `heads: h: folds` to 2"):
         check_task_labels(samples, task="t", label_column="label", classes=None, folds={"h": 3},
                                  sheet="s.tsv")
     split = [Sample(s.slide_id, s.path, s.patient_id, fields={**s.fields, "split": "train"}) for s in samples]

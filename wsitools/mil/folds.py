@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from wsitools.errors import DataError
-from wsitools.labels import SURVIVAL_STRATA
+from wsitools.labels import SURVIVAL_STRATA, folds_fit, most_folds
 
 if TYPE_CHECKING:
     from wsitools.mil.data import Cohort
@@ -102,6 +102,14 @@ def patient_kfold(
         raise DataError(
             f"{n_folds}-fold cross-validation needs at least {n_folds} patients {per}; "
             f"{'; '.join(short)} (use fewer folds: --folds)"
+        )
+    if not folds_fit(counts.tolist(), n_folds):
+        fewer = most_folds(counts.tolist(), n_folds)
+        raise DataError(
+            f"{n_folds}-fold cross-validation of {', '.join(map(str, counts[counts > 0]))} patients per "
+            f"{'stratum' if strata is not None and len(strata) == 1 or strata == SURVIVAL_STRATA else 'class'} leaves "
+            "a fold's training part without two patients of one class to hold one out for validation "
+            f"(early stopping); {f'use --folds {fewer}' if fewer else 'label more patients'}"
         )
     rng = np.random.default_rng(seed)
     part = _stratified_assign(plabels, n_folds, rng)
