@@ -254,14 +254,23 @@ def check_same_settings(
     """Refuse to resume from ``path``, written by a run whose settings hash to ``written_hash``
     (``written``: those settings, when recorded), unless ``settings`` hash the same: a
     :class:`ConfigError` naming ``path`` and each setting that differs, then ``remedy``."""
+    what = settings_change(written=written, written_hash=written_hash, settings=settings)
+    if what is not None:
+        raise ConfigError(
+            f"{path}: was written by a run with other settings ({what}); resume with the same settings {remedy}"
+        )
+
+
+def settings_change(*, written: Any, written_hash: str, settings: Mapping[str, Any]) -> str | None:
+    """What differs between the recorded settings (``written``, hashing to ``written_hash``) and
+    ``settings``, in words (the first few settings, else the hashes); None when they are the same."""
     if written_hash == stable_hash(settings):
-        return
+        return None
     differ = _settings_difference(written, settings) if isinstance(written, dict) else []
     shown = differ[:MAX_SHOWN_DIFFERENCES]
     if len(differ) > len(shown):  # e.g. the folder of another kind of run: the first few say enough
         shown.append(f"and {len(differ) - len(shown)} more")
-    what = "; ".join(shown) if shown else f"settings hash {written_hash} -> {stable_hash(settings)}"
-    raise ConfigError(f"{path}: was written by a run with other settings ({what}); resume with the same settings {remedy}")
+    return "; ".join(shown) if shown else f"settings hash {written_hash} -> {stable_hash(settings)}"
 
 
 def check_run_folder(folder: Path, *, own: Sequence[str], kind: str) -> None:

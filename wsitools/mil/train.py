@@ -84,8 +84,8 @@ from wsitools.mil.predict import OUTPUT_NAMES, to_predictions
 from wsitools.attention import write_attention
 from wsitools.survival import harrell_c, survival_report
 from wsitools.text import TaskDescription, TaskType, embed_texts, load_task, resolve_text_model, text_model_key
-from wsitools.io import check_out_apart, stable_hash
-from wsitools.training import BestState, Schedule, Stepper, adamw, check_same_settings
+from wsitools.io import check_out_apart, remove_path, stable_hash
+from wsitools.training import BestState, Schedule, Stepper, adamw, settings_change
 
 log = logging.getLogger(__name__)
 
@@ -934,16 +934,21 @@ def resume_settings(setup: RunSetup, config: TrainConfig) -> dict[str, Any]:
 
 
 def _folds_done(folder: Path, settings: dict[str, Any]) -> set[int]:
-    """The folds an interrupted run wrote whole into the partial folder ``folder``; a
-    :class:`~wsitools.errors.ConfigError` naming it and the settings that differ when that run
-    had other settings. A new partial folder is given its record."""
+    """The folds an interrupted run wrote whole into the partial folder ``folder``. When that run
+    had other settings (another cohort, labels, folds or options: a rerun after the inputs
+    changed) its folds cannot be reused: the folder is emptied with a warning naming what
+    differs, and the run starts afresh. A new partial folder is given its record."""
     record = run_folder.read_partial(folder)
-    if record is None:
-        run_folder.write_partial(folder, {"settings": settings, "settings_hash": stable_hash(settings), "folds_done": []})
-        return set()
-    check_same_settings(folder, written=record.get("settings"), written_hash=record["settings_hash"],
-                        settings=settings, remedy="or remove that folder to start afresh")
-    return set(record["folds_done"])
+    if record is not None:
+        change = settings_change(written=record.get("settings"), written_hash=record["settings_hash"], settings=settings)
+        if change is None:
+            return set(record["folds_done"])
+        log.warning("%s: written by a run with other settings (%s); starting afresh", folder, change)
+        for entry in folder.iterdir():
+            remove_path(entry)
+        run_folder.attention_dir(folder).mkdir()
+    run_folder.write_partial(folder, {"settings": settings, "settings_hash": stable_hash(settings), "folds_done": []})
+    return set()
 
 
 def _mark_done(folder: Path, index: int) -> None:
