@@ -204,6 +204,26 @@ def test_heatmap_cli_uses_recorded_paths_and_names_failures(attention_case, tmp_
     assert rc == 1 and "synth_svs" in capsys.readouterr().err
 
 
+def test_a_heatmap_run_cut_off_leaves_no_folder_that_looks_finished(attention_case, tmp_path, monkeypatch, capsys):
+    import wsitools.heatmap
+
+    args = ["heatmap", "--attention", str(attention_case["attention"]), "--mpp", "4", "--quiet", "--out"]
+    real = wsitools.heatmap.draw_heatmap
+
+    def drawn_then_killed(*a, **kw):
+        real(*a, **kw)
+        raise KeyboardInterrupt  # as a job killed after its first slide
+
+    monkeypatch.setattr(wsitools.heatmap, "draw_heatmap", drawn_then_killed)
+    assert main([*args, str(tmp_path / "new")]) == 130
+    assert list(tmp_path.iterdir()) == []  # neither the folder nor a temporary
+    monkeypatch.undo()
+    assert main([*args, str(tmp_path / "new")]) == 0
+    assert capsys.readouterr().out.split("\t")[1] == str(tmp_path / "new" / "synth_svs.heatmap.png")
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == [
+        "synth_svs.attention.geojson", "synth_svs.heatmap.png", "synth_svs.top_tiles.png"]
+
+
 def test_not_an_attention_file(tmp_path):
     from wsitools.errors import StoreError
 

@@ -201,6 +201,20 @@ def atomic_path(final: str | os.PathLike[str], *, overwrite: bool = False) -> It
         raise
 
 
+@contextmanager
+def output_folder(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """The folder to write ``path``'s files into: ``path`` itself when it exists (its files are
+    added or replaced one by one, each atomically), else a temporary renamed to ``path`` once the
+    block ends, so a run cut off leaves no folder that looks finished."""
+    path = Path(path)
+    if path.is_dir():
+        yield path
+        return
+    with atomic_path(path) as tmp:
+        tmp.mkdir()
+        yield tmp
+
+
 def file_fingerprint(path: str | os.PathLike[str], *, span: int = 1 << 20) -> str:
     """A fast identity of a large file: sha256 of its size, its first and its last ``span`` bytes.
 

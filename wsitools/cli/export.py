@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 from wsitools.cli.options import feature_store_dir
@@ -42,6 +43,7 @@ def _export(args: argparse.Namespace) -> int:
     from wsitools.errors import DataError
     from wsitools.export import export_store
     from wsitools.feature_store import features_root_hint, list_feature_stores
+    from wsitools.io import output_folder
 
     stores = list_feature_stores(args.features)
     if args.slides is not None:
@@ -54,16 +56,19 @@ def _export(args: argparse.Namespace) -> int:
             f"feature directory {args.features}: holds no feature stores (*.h5){features_root_hint(args.features)}"
         )
     failed = []
-    for path in stores.values():
-        try:
-            result = export_store(path, args.out, to=args.to)
-        except Exception as exc:  # one bad store never stops the others
-            log.debug("export failed for %s", path, exc_info=True)
-            print(f"wsitools export: error: {store_failure(str(path), exc)}", file=sys.stderr)
-            failed.append(str(path))
-            continue
-        if not args.quiet:
-            print(f"{result.slide_id}: {result.n_tiles} tiles -> {', '.join(str(p) for p in result.paths)}")
+    final = Path(args.out)
+    with output_folder(final) as folder:  # a new --out appears whole, once every store is exported
+        for path in stores.values():
+            try:
+                result = export_store(path, folder, to=args.to)
+            except Exception as exc:  # one bad store never stops the others
+                log.debug("export failed for %s", path, exc_info=True)
+                print(f"wsitools export: error: {store_failure(str(path), exc)}", file=sys.stderr)
+                failed.append(str(path))
+                continue
+            if not args.quiet:
+                paths = ", ".join(str(final / p.relative_to(folder)) for p in result.paths)
+                print(f"{result.slide_id}: {result.n_tiles} tiles -> {paths}")
     if failed:
         print(f"wsitools export: {len(failed)} of {len(stores)} stores failed: {' '.join(failed)}", file=sys.stderr)
         return 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from wsitools.cli.options import (
     feature_store_dir,
@@ -18,6 +19,9 @@ from wsitools.cli.options import (
 )
 from wsitools.errors import DataError, WsiToolsError, one_line
 from wsitools.types import slide_id_from_path
+
+if TYPE_CHECKING:
+    from wsitools.heatmap import HeatmapFiles
 
 
 
@@ -336,33 +340,43 @@ def _store_for(store_arg: str | None, slide_id: str, n_files: int) -> Path | Non
 def run_heatmap(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from wsitools.heatmap import draw_heatmap
+    from wsitools.io import output_folder
 
     if args.min_side > args.max_side:
         raise DataError(f"--min-side {args.min_side} is larger than --max-side {args.max_side}")
     files = _attention_files(args.attention)
+    final = Path(args.out)
     failed = 0
-    for f in tqdm(files, desc="heatmap", unit="slide", disable=not show_progress(quiet=args.quiet)):
-        slide_id = f.stem
-        try:
-            out = draw_heatmap(
-                f,
-                args.out,
-                slide_path=_slide_for(args.slide, slide_id, len(files)),
-                store_path=_store_for(args.store, slide_id, len(files)),
-                mpp=args.mpp,
-                min_side=args.min_side,
-                max_side=args.max_side,
-                top_k=args.top_k,
-                alpha=args.alpha,
-                scale=args.scale,
-                cmap=args.cmap,
-            )
-        except WsiToolsError as exc:
-            failed += 1
-            print(f"{slide_id}\tfailed\t{one_line(exc)}", file=sys.stderr)
-            continue
-        print(f"{out.slide_id}\t{out.heatmap}\t{out.geojson}\t{out.montage or '-'}\t{out.seconds:.1f}s")
+    with output_folder(final) as folder:  # a new --out appears whole, once every slide is drawn
+        for f in tqdm(files, desc="heatmap", unit="slide", disable=not show_progress(quiet=args.quiet)):
+            try:
+                out = _draw_one(f, folder, args, n_files=len(files))
+            except WsiToolsError as exc:
+                failed += 1
+                print(f"{f.stem}\tfailed\t{one_line(exc)}", file=sys.stderr)
+                continue
+            montage = final / out.montage.name if out.montage else "-"
+            print(f"{out.slide_id}\t{final / out.heatmap.name}\t{final / out.geojson.name}\t{montage}\t{out.seconds:.1f}s")
     if failed:
         print(f"{failed} of {len(files)} heatmaps failed", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _draw_one(attention: Path, folder: Path, args: argparse.Namespace, *, n_files: int) -> HeatmapFiles:
+    """One slide's heatmap files in ``folder``, drawn as the heatmap command's ``args`` say."""
+    from wsitools.heatmap import draw_heatmap
+
+    slide_id = attention.stem
+    return draw_heatmap(
+        attention,
+        folder,
+        slide_path=_slide_for(args.slide, slide_id, n_files),
+        store_path=_store_for(args.store, slide_id, n_files),
+        mpp=args.mpp,
+        min_side=args.min_side,
+        max_side=args.max_side,
+        top_k=args.top_k,
+        alpha=args.alpha,
+        scale=args.scale,
+        cmap=args.cmap,
+    )
