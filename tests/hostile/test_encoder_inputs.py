@@ -386,3 +386,16 @@ def test_features_damaged_to_nan_are_extracted_again_not_reused(models, store, t
     assert "recomputing (slide S1: feature store" in caplog.text
     with h5py.File(path, "r") as f:
         np.testing.assert_array_equal(f["features"][:], good)
+
+
+def test_features_of_another_projects_slide_of_the_same_id_are_not_replaced(models, store, tmp_path, capsys):
+    # Two projects share a features folder; the second tiled another slide under the same id.
+    assert extract(models / "tiny.yaml", store, tmp_path / "f", capsys)[0] == 0
+    path = tmp_path / "f" / "tiny" / "S1.h5"
+    before = path.read_bytes()
+    other = _second_store(tmp_path / "project2", "tiles")
+    rc, err = extract(models / "tiny.yaml", other, tmp_path / "f", capsys)
+    assert rc == 1 and f"{path}: holds features of another patch store ({store}, slide /slides/S1.svs)" in err
+    assert path.read_bytes() == before
+    assert extract(models / "tiny.yaml", other, tmp_path / "f", capsys, "--overwrite")[0] == 0
+    assert path.read_bytes() != before
