@@ -729,7 +729,7 @@ def test_unlabelled_usable_slides_are_predicted_by_every_head(tmp_path):
     assert sorted(commands) == [
         f"--model results/heads/planted/efficientnet-lite0-imagenet/{h} --features results/features/"
         f"efficientnet-lite0-imagenet --slides s6 --device auto --threads 1"
-        f" --out results/predictions/planted/efficientnet-lite0-imagenet/{h} --overwrite --quiet"
+        f" --out results/predictions/planted/efficientnet-lite0-imagenet/{h} --overwrite --strict --quiet"
         f" > logs/predict/planted/efficientnet-lite0-imagenet/{h}.log 2>&1"
         for h in ("abmil", "mean")
     ]

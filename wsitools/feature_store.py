@@ -262,7 +262,9 @@ class FeatureStore:
                     dtype=feats.dtype.name, slide_id=slide_id,
                 )
         except (OSError, TypeError, ValueError) as exc:
-            raise DataError(f"slide {slide_id}: feature store {path} cannot be read: {one_line(exc)}") from None
+            raise DataError(
+                f"slide {slide_id}: feature store {path} cannot be read: {one_line(exc)}; extract it again"
+            ) from None
 
     @property
     def encoder(self) -> str:

@@ -8,7 +8,9 @@
 # with `bag: patient` pools each patient's slides into one bag (one prediction per patient; the
 # slides of a patient must share the task's label, checked here before any job runs). A train job
 # always passes --resume: it writes into .{head}.partial beside its run folder, so a job cut off by
-# a time limit keeps the folds it finished and trains only the others when rerun.
+# a time limit keeps the folds it finished and trains only the others when rerun. Train and predict
+# jobs pass --strict: every slide they are given has its feature store from this workflow, so one
+# that cannot be read was damaged since, and the job fails naming it instead of leaving it out.
 
 for _task_name, _task_conf in TASKS.items():
     for _head_name, _head_conf in HEADS.items():
@@ -73,4 +75,4 @@ rule train:
     shell:
         "wsitools train --features {params.features:q} --labels {input.labels:q}"
         " {params.task} {params.options} --device {params.device}"
-        " --threads {threads} --out {params.out:q} --overwrite --resume --quiet > {log:q} 2>&1"
+        " --threads {threads} --out {params.out:q} --overwrite --resume --strict --quiet > {log:q} 2>&1"

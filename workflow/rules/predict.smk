@@ -35,7 +35,7 @@ rule predict:
     shell:
         "wsitools predict --model {params.model:q} --features {params.features:q}"
         " --slides {params.slides}{params.patients} --device {params.device} --threads {threads}"
-        " --out {params.out:q} --overwrite --quiet > {log:q} 2>&1"
+        " --out {params.out:q} --overwrite --strict --quiet > {log:q} 2>&1"
 
 
 rule heatmap_predicted:
