@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -283,3 +284,23 @@ def test_tiling_decodes_each_source_tile_the_kept_tiles_touch_once(tmp_path, mon
     assert sorted(level1) == sorted(touched)  # every touched tile once, no other
     with open_slide(slide) as s:
         np.testing.assert_array_equal(store.read_tiles(slice(None)), exact_reference(s, store))
+
+
+def test_a_copied_or_touched_slide_keeps_its_store_and_qc_record(synthetic_svs, tmp_path):
+    # cp without -p, rsync without -t: the bytes are the same, only the modification time moved.
+    slide = Path(shutil.copy(synthetic_svs, tmp_path / "s.svs"))
+    for store_pixels in (True, False):
+        out = tmp_path / f"t{store_pixels}"
+        first = tile_slide(slide, out, params(store_pixels=store_pixels), progress=False)
+        qc, manifest = (out / "s.qc.json").read_bytes(), (out / "s.zarr" / "manifest.json").read_bytes()
+        st = slide.stat()
+        os.utime(slide, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+        again = tile_slide(slide, out, params(store_pixels=store_pixels), progress=False)
+        assert again == first and (out / "s.qc.json").read_bytes() == qc
+        assert (out / "s.zarr" / "manifest.json").read_bytes() == manifest  # kept, not rebuilt
+        assert PatchStore.open(out / "s.zarr").read_tiles(np.array([0])).shape == (1, 64, 64, 3)
+    with open(slide, "ab") as f:
+        f.write(bytes(16))  # other bytes: another file
+    with pytest.raises(StoreError, match=r"s\.zarr: exists with other parameters \(slide_fingerprint, slide_mtime, "
+                       r"slide_size\)"):
+        tile_slide(slide, tmp_path / "tTrue", params(), progress=False)

@@ -664,15 +664,15 @@ class PatchStore:
 
     def check_slide(self, path: str | os.PathLike[str] | None = None) -> Path:
         """The slide file (``path``, default the recorded one) if it is the one this store was made
-        from: same size, mtime and fingerprint as recorded. Else :class:`StoreError` naming both."""
+        from: same size and fingerprint as recorded (size and mtime in stores without a
+        fingerprint). Else :class:`StoreError` naming both."""
         slide = Path(path) if path is not None else self.slide_path
         if not slide.is_file():
             raise StoreError(f"{self.path}: its slide {slide} is gone; restore it or re-tile")
         now = slide_identity(slide)
-        changed = [
-            key.removeprefix("slide_") for key in ("slide_size", "slide_mtime", "slide_fingerprint")
-            if key in self.attrs and self.attrs[key] != now[key]
-        ]
+        # Its bytes decide, where a fingerprint was recorded: a copied or touched slide is the same.
+        keys = ("slide_size", "slide_fingerprint") if "slide_fingerprint" in self.attrs else ("slide_size", "slide_mtime")
+        changed = [key.removeprefix("slide_") for key in keys if key in self.attrs and self.attrs[key] != now[key]]
         if changed:
             raise StoreError(
                 f"{self.path}: its slide {slide} is not the file it was tiled from "

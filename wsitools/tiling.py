@@ -354,6 +354,17 @@ def _store_identity(slide: Slide, params: TilingParams, geometry: TileGeometry) 
     }
 
 
+def same_store(attrs: dict[str, Any], identity: dict[str, Any]) -> bool:
+    """Whether a store with ``attrs`` is the one ``identity`` (:func:`_store_identity`) asks for:
+    the same parameters and slide, the slide's modification time aside when its size and
+    fingerprint match (a slide copied or touched, its bytes unchanged, keeps its store and so
+    everything made from it)."""
+    recorded = attrs.get("params_hash")
+    return recorded == stable_hash(identity) or (
+        "slide_fingerprint" in attrs and recorded == stable_hash({**identity, "slide_mtime": attrs.get("slide_mtime")})
+    )
+
+
 def _store_attrs(
     identity: dict[str, Any],
     slide_id: str,
@@ -462,7 +473,7 @@ def tile_slide(
                 if not overwrite:
                     raise StoreError(f"{exc}; use --overwrite to replace it") from None
             else:
-                if old.get("params_hash") == stable_hash(identity):
+                if same_store(old, identity):
                     log.info("%s: finished store with the same parameters exists; kept", store_path)
                     return _finish(out, _record_from_attrs(old, store_path))
                 if not overwrite:
