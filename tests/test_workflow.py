@@ -110,6 +110,7 @@ def test_samples_sheet_is_read_with_defaults_and_overrides(tmp_path):
         ([["s1", "a.svs"], ["s2", "b.svs"], ["s3", "./a.svs"]],
          "slides 's1' (a.svs) and 's3' (./a.svs) are one file; list each slide once"),
         ([["s1", "a.svs"], ["s2", "link.svs"]], "slides 's1' (a.svs) and 's2' (link.svs) are one file"),
+        ([["s1", "a.svs"], ["s2", "hard.svs"]], "slides 's1' (a.svs) and 's2' (hard.svs) are one file"),
         ([["s1", "a.svs"], ["s2", "folder"]], "slide 's2': folder is a directory, expected a slide file"),
         ([["S1", "a.svs"], ["s1", "b.svs"]], "slide ids 'S1' (a.svs) and 's1' (b.svs) differ only in case"),
     ],
@@ -119,6 +120,7 @@ def test_bad_samples_sheet_names_the_problem(tmp_path, monkeypatch, rows, messag
     for name in ("a.svs", "b.svs"):
         Path(name).write_bytes(b"x")
     Path("link.svs").symlink_to("a.svs")
+    os.link("a.svs", "hard.svs")
     Path("folder").mkdir()
     sheet = write_sheet(tmp_path / "s.tsv", ["slide_id", "path"], rows)
     with pytest.raises(DataError, match=re.escape(message)) as err:

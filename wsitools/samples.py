@@ -103,13 +103,14 @@ def _check_unique(samples: Sequence[Sample], source: str) -> None:
 def _check_files(samples: Sequence[Sample], source: str) -> None:
     """Every slide file exists, and no file is listed twice: two ids for one slide would put it
     in two cross-validation folds (trained on and tested on) and count it twice."""
-    seen: dict[str, Sample] = {}
+    seen: dict[tuple[int, int], Sample] = {}
     for s in samples:
         if os.path.isdir(s.path):
             raise DataError(f"{source}: slide {s.slide_id!r}: {s.path} is a directory, expected a slide file")
         if not os.path.isfile(s.path):
             raise DataError(f"{source}: slide {s.slide_id!r}: file {s.path} does not exist")
-        real = os.path.realpath(s.path)
+        st = os.stat(s.path)
+        real = (st.st_dev, st.st_ino)  # one file under any name: a symbolic or a hard link, "a/../b"
         if real in seen:
             first = seen[real]
             raise DataError(
