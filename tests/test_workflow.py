@@ -899,3 +899,11 @@ def test_jobs_run_the_wsitools_of_the_interpreter_that_runs_snakemake(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     qc = json.loads((root / "results" / "tiles" / "s0.qc.json").read_text())
     assert (qc["slide_id"], qc["status"]) == ("s0", "no_tissue")  # the fixture is smaller than one tile
+
+
+def test_output_folders_given_with_dot_slash_are_normalised(tmp_path):
+    work = make_project(tmp_path / "w", n=1, config={"slides_glob": "slides/*.svs", "tasks": {}, "heads": {},
+                                                      "tiles_dir": "./out/tiles/", "features_dir": "./out/features"})
+    result = snakemake(work, "-n", "--printshellcmds")
+    assert result.returncode == 0, result.stderr
+    assert "--out out/tiles " in result.stdout and "starts with './'" not in result.stdout + result.stderr

@@ -48,8 +48,9 @@ os.environ.setdefault("WSITOOLS_SOURCE", str(Path(workflow.basedir).resolve().pa
 os.environ.update(PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
 
 SLIDES = sorted(SAMPLES)
-TILES = config["tiles_dir"].rstrip("/")
-FEATURES = config["features_dir"].rstrip("/")
+# Normalised ("./results/tiles/" -> "results/tiles"): Snakemake warns about every path starting with "./".
+TILES = os.path.normpath(config["tiles_dir"])
+FEATURES = os.path.normpath(config["features_dir"])
 ENCODERS = config["features"]["encoders"]
 TASKS = config["tasks"]
 HEADS = config["heads"]
