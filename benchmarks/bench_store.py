@@ -30,11 +30,13 @@ on every phase of the 8 px JPEG block grid), each coded by the store's own chunk
 decoded as ``PatchStore.read_tiles`` decodes it; bytes per tile, PSNR and efficientnet-lite0 /
 test-ViT cosine against the crops themselves (4:4:4 and 4:2:0). ``--image-downsample N`` first
 shrinks the image N times by area averaging (the tiler's rule for a resampled read), e.g. a 40x
-photograph measured as the 20x tiles a 0.5 um/px store holds.
+photograph measured as the 20x tiles a 0.5 um/px store holds. ``--jpegxl 0.3,0.5`` adds JPEG XL
+at those distances beside the store's JPEG (size, fidelity, encode and decode time per tile): a
+yardstick for the codec choice, not a codec the store offers.
 
     python benchmarks/bench_store.py [--size 20000x15000] [--qualities 90,95,97] [--slide PATH]
     python benchmarks/bench_store.py --image skimage:immunohistochemistry [--qualities 90,95,96,97]
-    python benchmarks/bench_store.py --image he_40x.png --image-downsample 2
+    python benchmarks/bench_store.py --image he_40x.png --image-downsample 2 [--jpegxl 0.3,0.5]
 """
 
 from __future__ import annotations
@@ -179,7 +181,48 @@ def store_round_trip(tiles: np.ndarray, codec: TileCodec) -> tuple[np.ndarray, f
     return out, size / len(tiles) / 1e3
 
 
-def image_benchmark(spec: str, qualities: list[int], stride: int, downsample: int) -> None:
+def codec_ms(tiles: np.ndarray, encode, decode, rounds: int = 3) -> tuple[list[bytes], float, float]:
+    """``tiles`` coded one by one with ``encode``; ms per tile to encode and to decode (best of
+    ``rounds``, one thread)."""
+    coded = [encode(t) for t in tiles]
+    enc = dec = float("inf")
+    for _ in range(rounds):
+        t = time.process_time()
+        for tile in tiles:
+            encode(tile)
+        enc = min(enc, (time.process_time() - t) / len(tiles) * 1e3)
+        t = time.process_time()
+        for c in coded:
+            decode(c)
+        dec = min(dec, (time.process_time() - t) / len(tiles) * 1e3)
+    return coded, enc, dec
+
+
+def jpegxl_rows(tiles: np.ndarray, nets: dict[str, object], refs: dict[str, np.ndarray], distances: list[float],
+                qualities: list[int]) -> None:
+    """JPEG XL (libjxl through imagecodecs, effort 1, one thread) at each Butteraugli
+    ``distances`` beside the store's JPEG at ``qualities``: KB per tile, PSNR, feature cosine,
+    and encode / decode ms per tile. A yardstick for the store's codec, not one it offers."""
+    import imagecodecs
+    import simplejpeg
+
+    rows = [(f"jpeg q{q} 4:4:4", lambda t, q=q: encode_jpeg(t, q), lambda c: simplejpeg.decode_jpeg(c, colorspace="RGB"))
+            for q in qualities]
+    rows += [(f"jpeg xl d{d:g}", lambda t, d=d: imagecodecs.jpegxl_encode(t, distance=d, effort=1, numthreads=1),
+              lambda c: imagecodecs.jpegxl_decode(c, numthreads=1)) for d in distances]
+    print(f"\n{'codec':18s} {'KB/tile':>8s} {'PSNR dB':>8s} {'enc ms':>7s} {'dec ms':>7s}  "
+          + "  ".join(f"{n[:24]:>24s}" for n in nets))
+    for label, encode, decode in rows:
+        coded, enc, dec = codec_ms(tiles, encode, decode)
+        decoded = np.stack([decode(c) for c in coded])
+        db, _ = psnr(decoded, tiles)
+        cos = [cosine(features(net, decoded), refs[name]) for name, net in nets.items()]
+        print(f"{label:18s} {np.mean([len(c) for c in coded]) / 1e3:8.1f} {db:8.2f} {enc:7.3f} {dec:7.3f}  "
+              + "  ".join(f"{c.mean():.5f} / {c.min():.5f}" for c in cos))
+
+
+def image_benchmark(spec: str, qualities: list[int], stride: int, downsample: int,
+                    jpegxl: list[float] | None = None) -> None:
     """Sizes and fidelity of the store's codecs on crops of a real-tissue image (``--image``),
     shrunk ``downsample`` times first."""
     import simplejpeg
@@ -211,6 +254,8 @@ def image_benchmark(spec: str, qualities: list[int], stride: int, downsample: in
         cos = [cosine(features(net, decoded), refs[name]) for name, net in nets.items()]
         print(f"{f'jpeg q{q} 4:2:0':18s} {np.mean([len(c) for c in coded]) / 1e3:8.1f} {db:8.2f} {worst:6.2f}  "
               + "  ".join(f"{c.mean():.5f} / {c.min():.5f}" for c in cos))
+    if jpegxl:
+        jpegxl_rows(tiles, nets, refs, jpegxl, qualities)
     print("(cosine of features against the crops' own, mean / min; "
           "targets: <= 25 KB/tile, efficientnet-lite0 >= 0.995)")
 
@@ -228,11 +273,13 @@ def main() -> None:
     ap.add_argument("--image-stride", type=int, default=24, help="stride of the image's 224 px crops")
     ap.add_argument("--image-downsample", type=int, default=1,
                     help="shrink the image this many times (area average) before cropping")
+    ap.add_argument("--jpegxl", default=None, metavar="DISTANCES",
+                    help="with --image: also JPEG XL at these Butteraugli distances (e.g. 0.3,0.5), as a yardstick")
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.image:
         image_benchmark(args.image, [int(q) for q in args.qualities.split(",")], args.image_stride,
-                        args.image_downsample)
+                        args.image_downsample, [float(d) for d in args.jpegxl.split(",")] if args.jpegxl else None)
         return
     width, height = (int(v) for v in args.size.lower().split("x"))
     pyramid = tuple(int(v) for v in args.pyramid.split(","))

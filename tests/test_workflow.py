@@ -189,6 +189,21 @@ def test_qc_summary_table_thumbnails_and_report(tmp_path):
     text = qc_report(table)
     assert "3 slides: 1 failed, 1 no_tissue, 1 ok" in text
     assert "left out: s1 (failed): cannot open the file" in text
+    assert "try it again" not in qc_report(table, tiles_dir="results/tiles")
+
+
+def test_the_run_summary_says_how_to_retry_a_slide_whose_tiling_was_killed(tmp_path):
+    from wsitools.tiling import death_reason
+
+    tiles = tmp_path / "tiles"
+    tiles.mkdir()
+    files = [write_qc(tiles, "big", status="failed", reason=f"/x/big.svs: tiling was {death_reason(-9)}")]
+    table = tmp_path / "qc" / "summary.tsv"
+    write_qc_summary(files, table, thumbnails=tmp_path / "qc" / "thumbs")
+    lines = qc_report(table, tiles_dir="results/tiles").splitlines()
+    assert lines[1] == ("  left out: big (failed): /x/big.svs: tiling was killed by signal 9 (SIGKILL: out of memory, "
+                        "a time limit, or killed by hand)")
+    assert lines[2] == "    to try it again: snakemake ... -R results/tiles/big.qc.json"
 
 
 def test_qc_and_metrics_tables_as_html_pages(tmp_path):

@@ -123,8 +123,10 @@ def _status_counts(rows: Iterable[Mapping[str, str]]) -> dict[str, int]:
     return counts
 
 
-def qc_report(summary: str | os.PathLike[str]) -> str:
-    """A short text summary of a QC table: counts per status, and each unusable slide's reason."""
+def qc_report(summary: str | os.PathLike[str], *, tiles_dir: str | None = None) -> str:
+    """A short text summary of a QC table: counts per status, and each unusable slide's reason;
+    for a slide whose tiling process was killed (out of memory, a time limit: perhaps not the
+    slide's fault, and its failed record keeps the workflow from trying again), how to retry it."""
     rows = read_table(summary)
     counts = _status_counts(rows)
     lines = [
@@ -135,6 +137,8 @@ def qc_report(summary: str | os.PathLike[str]) -> str:
     for r in rows:
         if r["status"] != USABLE_STATUS:
             lines.append(f"  left out: {r['slide_id']} ({r['status']}): {r['reason'] or 'no reason given'}")
+            if tiles_dir is not None and "tiling was killed by signal" in r["reason"]:
+                lines.append(f"    to try it again: snakemake ... -R {tiles_dir}/{r['slide_id']}.qc.json")
     return "\n".join(lines)
 
 
