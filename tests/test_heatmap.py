@@ -222,6 +222,9 @@ def test_a_heatmap_run_cut_off_leaves_no_folder_that_looks_finished(attention_ca
     assert capsys.readouterr().out.split("\t")[1] == str(tmp_path / "new" / "synth_svs.heatmap.png")
     assert sorted(p.name for p in (tmp_path / "new").iterdir()) == [
         "synth_svs.attention.geojson", "synth_svs.heatmap.png", "synth_svs.top_tiles.png"]
+    (tmp_path / "file").write_text("x")
+    assert main([*args, str(tmp_path / "file")]) == 2
+    assert capsys.readouterr().err.strip() == f"wsitools heatmap: error: {tmp_path / 'file'}: is a file, where a folder is needed"
 
 
 def test_not_an_attention_file(tmp_path):

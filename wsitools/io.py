@@ -210,6 +210,8 @@ def output_folder(path: str | os.PathLike[str]) -> Iterator[Path]:
     if path.is_dir():
         yield path
         return
+    if path.exists() or path.is_symlink():  # a file: said now, not after the work
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(path))
     with atomic_path(path) as tmp:
         tmp.mkdir()
         yield tmp
