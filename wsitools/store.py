@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 import warnings
 import zlib
 from collections.abc import Sequence
@@ -152,6 +153,11 @@ def write_tile_chunk(
     path.write_bytes(codec.encode_chunk(tiles))
 
 
+_WARNING_FILTERS = threading.Lock()
+"""Held while a store is created with a warning filter in place: the filters are one list for the
+whole process, so two threads each saving and restoring it would let the warning through."""
+
+
 def create_patch_store(
     path: str | os.PathLike[str],
     *,
@@ -184,7 +190,7 @@ def create_patch_store(
         from zarr.core.dtype import VariableLengthBytes
         from zarr.errors import UnstableSpecificationWarning
 
-        with warnings.catch_warnings():
+        with _WARNING_FILTERS, warnings.catch_warnings():
             # zarr marks its variable-length bytes type unstable; wsitools reads and writes the
             # chunks itself (numcodecs' vlen-bytes format), so its own reads do not depend on it.
             warnings.simplefilter("ignore", UnstableSpecificationWarning)
