@@ -3,6 +3,7 @@ bar is every redraw of it. The result lines and log messages are written either 
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -46,3 +47,22 @@ def test_predict_draws_its_bar_on_a_terminal_only(tmp_path: Path, capsys, monkey
     out, err = capsys.readouterr()
     assert out.startswith("predicted 8 slides")  # the result, either way
     assert ("predict:" in err and "\r" in err) is tty
+
+
+def test_a_log_file_holds_no_text_model_loading_noise(tmp_path: Path):
+    # A separate process: the text model is loaded once per process, so only a fresh one shows
+    # what loading it prints into a job's log (a progress bar, INFO lines of the libraries).
+    import subprocess
+
+    make_bag_cohort(tmp_path / "f", n_slides=8, n_tiles=(6, 10), dim=8, labels_path=tmp_path / "labels.csv")
+    (tmp_path / "task.yaml").write_text("name: t\ndescription: bags\nclasses:\n  neg: plain\n  pos: planted\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "wsitools", "train", "--features", str(tmp_path / "f"), "--labels",
+         str(tmp_path / "labels.csv"), "--task", str(tmp_path / "task.yaml"), "--head", "pathotune",
+         "--prompts", "tvp,ttp", "--folds", "2", "--epochs", "1", "--min-epochs", "1", "--device", "cpu",
+         "--threads", "1", "--text-cache", str(tmp_path / "cache"), "--out", str(tmp_path / "heads")],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("auroc\t")
+    assert "Loading" not in result.stderr and "\r" not in result.stderr, result.stderr

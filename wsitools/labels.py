@@ -310,9 +310,13 @@ def folds_fit(counts: Sequence[int], n_folds: int) -> bool:
     return bool(present) and min(present) >= n_folds and max(n - -(-n // n_folds) for n in present) >= 2
 
 
-def most_folds(counts: Sequence[int], n_folds: int) -> int | None:
-    """The most folds, fewer than ``n_folds`` and at least 2, that :func:`folds_fit` ``counts``; None if none."""
-    return next((k for k in range(n_folds - 1, 1, -1) if folds_fit(counts, k)), None)
+def folds_instead(counts: Sequence[int], n_folds: int) -> int | None:
+    """The fold count nearest below ``n_folds`` that :func:`folds_fit` ``counts``, else the
+    nearest above (more folds leave larger training parts: 3 patients a class take 3 folds, not
+    2); None if none does."""
+    fitting = [k for k in range(2, max(counts, default=0) + 1) if k != n_folds and folds_fit(counts, k)]
+    below = [k for k in fitting if k < n_folds]
+    return max(below) if below else min(fitting, default=None)
 
 
 def check_task_labels(
@@ -377,8 +381,8 @@ def check_task_labels(
         if folds_fit(list(counts.values()), k):
             continue
         listing = ", ".join(f"{c!r} has {n} patient{'s' if n != 1 else ''}" for c, n in counts.items() if n)
-        fewer = most_folds(list(counts.values()), k)
-        fix = f"set `heads: {head}: folds` to {fewer}" if fewer else "label more patients"
+        other = folds_instead(list(counts.values()), k)
+        fix = f"set `heads: {head}: folds` to {other}" if other else "label more patients"
         raise DataError(
             f"config: heads: {head}: folds: {k}-fold cross-validation of task {task!r} needs at least {k} "
             f"patients of each class and, in every fold's training part, two of one class to hold one out "

@@ -306,7 +306,9 @@ def make_cohort(
 
     Writes ``out_dir/slides/{slide_id}.svs`` (or .tiff), ``out_dir/samples.tsv`` (slide_id, path,
     patient_id, label) and ``out_dir/truth.json`` (the planted regions, level-0 px). Labels are
-    ``positive`` / ``negative``; two slides per patient, alternating patients positive.
+    ``positive`` / ``negative``; two slides per patient, alternating patients positive (so 12
+    slides are the fewest that cross-validation with a validation part takes: 3 patients a class,
+    3 folds).
     """
     rng = np.random.default_rng(seed)
     out = Path(out_dir)

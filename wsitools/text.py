@@ -106,7 +106,10 @@ def _load_model(model_dir: str) -> Any:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from sentence_transformers import SentenceTransformer
+    from transformers.utils import logging as transformers_logging
 
+    # Loading a local model takes a moment: no progress bar in a job's log for it.
+    transformers_logging.disable_progress_bar()
     try:
         return SentenceTransformer(model_dir, device="cpu", local_files_only=True)
     except Exception as exc:  # noqa: BLE001 - any load failure is a bad model directory

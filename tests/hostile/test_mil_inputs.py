@@ -360,11 +360,14 @@ def test_too_few_patients_for_the_folds_speaks_of_strata_not_classes():
         patient_kfold(np.array([1, 1, 1, 0, 0, 0]), patients, n_folds=5, classes=SURVIVAL_STRATA)
     assert str(err.value) == ("5-fold cross-validation needs at least 5 patients in each stratum (folds are "
                               "stratified on the event: censored, event); stratum 'censored': 3 patients; "
-                              "stratum 'event': 3 patients (use fewer folds: --folds)")
+                              "stratum 'event': 3 patients (use --folds 3)")
     with pytest.raises(DataError) as err:
         patient_kfold(np.zeros(4, np.int64), patients[:4], n_folds=5, classes=("all",))
     assert str(err.value) == ("5-fold cross-validation needs at least 5 labelled patients, but there are 4 "
-                              "(use fewer folds: --folds)")
+                              "(use --folds 4)")
+    with pytest.raises(DataError, match=r"^2-fold cross-validation of 3, 3 patients per class leaves a fold's training "
+                                        r"part without two patients of one class .*; use --folds 3$"):
+        patient_kfold(np.array([1, 1, 1, 0, 0, 0]), patients, n_folds=2)
     with pytest.raises(DataError, match="needs at least 5 patients per class; class 'pos': 3 patients"):
         patient_kfold(np.array([1, 1, 1, 0, 0, 0, 0, 0, 0, 0]), [f"p{i}" for i in range(10)], n_folds=5,
                       classes=("neg", "pos"))

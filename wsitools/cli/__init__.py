@@ -75,8 +75,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if not args.verbose:
         # tifffile logs what it trips over while parsing a damaged file (a page offset past the
-        # end) before the error that wsitools turns into its own one line naming the slide.
+        # end) before the error that wsitools turns into its own one line naming the slide; the
+        # others log their routine steps (loading a model, counting threads) at INFO.
         logging.getLogger("tifffile").setLevel(logging.CRITICAL)
+        for name in ("sentence_transformers", "transformers", "numexpr"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     try:
         return int(args.func(args) or 0)
     except WsiToolsError as exc:

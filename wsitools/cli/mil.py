@@ -290,8 +290,8 @@ def run_predict(args: argparse.Namespace) -> int:
     )
     from wsitools.mil.predict import PatientPrediction
 
-    what = "patients" if results and isinstance(results[0], PatientPrediction) else "slides"
-    print(f"predicted {len(results)} {what} into {args.out}/predictions.csv")
+    what = "patient" if results and isinstance(results[0], PatientPrediction) else "slide"
+    print(f"predicted {len(results)} {what}{'s' if len(results) != 1 else ''} into {Path(args.out) / 'predictions.csv'}")
     return 0
 
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from wsitools.errors import DataError
-from wsitools.labels import SURVIVAL_STRATA, folds_fit, most_folds
+from wsitools.labels import SURVIVAL_STRATA, folds_fit, folds_instead
 
 if TYPE_CHECKING:
     from wsitools.mil.data import Cohort
@@ -88,6 +88,8 @@ def patient_kfold(
     names, plabels = _patient_labels(labels, patients)
     counts = np.bincount(plabels)
     strata = tuple(classes) if classes is not None else None
+    other = folds_instead(counts.tolist(), n_folds)
+    instead = f"use --folds {other}" if other else "label more patients"
     short = [
         f"{'stratum' if strata == SURVIVAL_STRATA else 'class'} {strata[c] if strata is not None else c!r}: "
         f"{n} patient{'s' if n != 1 else ''}"
@@ -95,21 +97,17 @@ def patient_kfold(
     ]
     if short and strata is not None and len(strata) == 1:  # regression: one stratum
         raise DataError(f"{n_folds}-fold cross-validation needs at least {n_folds} labelled patients, "
-                        f"but there are {counts[0]} (use fewer folds: --folds)")
+                        f"but there are {counts[0]} ({instead})")
     if short:
         per = ("in each stratum (folds are stratified on the event: censored, event)"
                if strata == SURVIVAL_STRATA else "per class")
-        raise DataError(
-            f"{n_folds}-fold cross-validation needs at least {n_folds} patients {per}; "
-            f"{'; '.join(short)} (use fewer folds: --folds)"
-        )
+        raise DataError(f"{n_folds}-fold cross-validation needs at least {n_folds} patients {per}; {'; '.join(short)} ({instead})")
     if not folds_fit(counts.tolist(), n_folds):
-        fewer = most_folds(counts.tolist(), n_folds)
+        kind = "stratum" if strata is not None and len(strata) == 1 or strata == SURVIVAL_STRATA else "class"
         raise DataError(
-            f"{n_folds}-fold cross-validation of {', '.join(map(str, counts[counts > 0]))} patients per "
-            f"{'stratum' if strata is not None and len(strata) == 1 or strata == SURVIVAL_STRATA else 'class'} leaves "
-            "a fold's training part without two patients of one class to hold one out for validation "
-            f"(early stopping); {f'use --folds {fewer}' if fewer else 'label more patients'}"
+            f"{n_folds}-fold cross-validation of {', '.join(map(str, counts[counts > 0]))} patients per {kind} leaves "
+            f"a fold's training part without two patients of one {kind} to hold one out for validation "
+            f"(early stopping); {instead}"
         )
     rng = np.random.default_rng(seed)
     part = _stratified_assign(plabels, n_folds, rng)
