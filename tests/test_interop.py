@@ -246,3 +246,24 @@ def test_export_errors_are_one_line(features_dir, tiny, tmp_path, capsys):
     assert "1 of 2 stores failed" in err
     assert (tmp_path / "job" / "20x_64px_0px_overlap" / "features_vit-test-tiny" / "B.h5").is_file()
     assert not (tmp_path / "job" / "20x_64px_0px_overlap" / "features_vit-test-tiny" / "A.h5").exists()
+
+
+def test_an_export_is_one_encoders_features_each_under_its_own_slide_id(features_dir, tiny, tmp_path, capsys):
+    import shutil
+
+    import h5py
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    shutil.copy(features_dir / "S1.h5", folder / "S1.h5")
+    shutil.copy(features_dir / "S1.h5", folder / "S3.h5")  # slide S1's features under another name
+    shutil.copy(features_dir / "S2.h5", folder / "S2.h5")
+    with h5py.File(folder / "S2.h5", "r+") as f:
+        f.attrs["encoder"], f.attrs["encoder_hash"] = "other", "f" * 16  # another encoder's
+    assert main(["export", "--to", "clam", "--features", str(folder), "--out", str(tmp_path / "o"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert f"{folder / 'S3.h5'}: holds the features of slide S1; a feature store is named {{slide_id}}.h5" in err
+    assert f"{folder / 'S2.h5'}: features of encoder other (hash ffffffffffff), not the encoder of this export" in err
+    assert sorted(p.name for p in (tmp_path / "o" / "pt_files").iterdir()) == ["S1.pt"]
+    np.testing.assert_array_equal(torch.load(tmp_path / "o" / "pt_files" / "S1.pt", weights_only=True).numpy(),
+                                  h5py.File(features_dir / "S1.h5", "r")["features"][:])
