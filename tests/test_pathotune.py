@@ -305,6 +305,9 @@ def test_clear_errors(setup):
     with pytest.raises(WsiToolsError, match="no model card named 'no-such-card'"):
         tune_pathotune(data, root / "x", backbone="no-such-card", models_dir=root,
                        config=PathoTuneTrainConfig(prompts=("tvp",)), device="cpu")
+    with pytest.raises(ModelError, match="^efficientnet-lite0-imagenet: PathoTune needs a ViT backbone card, not EfficientNet$"):
+        tune_pathotune(data, root / "x", backbone="efficientnet-lite0-imagenet",
+                       config=PathoTuneTrainConfig(prompts=("tvp",)), device="cpu")
 
 
 @pytest.mark.parametrize("device,precision", [

@@ -366,7 +366,7 @@ def _build_model(
 ) -> tuple[PathoTuneViT, PathoTunePrompts]:
     """The prompted model and its trainable part, initialised from ``config.seed``."""
     vit = backbone.model
-    if not hasattr(vit, "blocks"):
+    if not (hasattr(vit, "blocks") and hasattr(vit, "embed_dim")):  # a CNN has blocks too, but no tokens
         raise ModelError(f"{backbone.name}: PathoTune needs a ViT backbone card, not {type(vit).__name__}")
     pconfig = PathoTuneConfig(
         prompts=config.prompts, classes=classes, embed_dim=int(vit.embed_dim), depth=len(vit.blocks),
