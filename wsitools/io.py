@@ -333,7 +333,8 @@ def scan_temps(root: str | os.PathLike[str], *, older_than_hours: float | None =
 
     Stale: written on this host by a process that is gone (provably dead), or, with
     ``older_than_hours``, untouched for at least that long (the only evidence there is for a
-    temporary of another host on a shared file system, or of an older wsitools).
+    temporary of another host on a shared file system, or of an older wsitools). A temporary of
+    a process still running on this host is never stale, however old.
     """
     now = time.time()
     found = []
@@ -352,10 +353,10 @@ def scan_temps(root: str | os.PathLike[str], *, older_than_hours: float | None =
             idle = max(0.0, (now - newest) / 3600.0)
             if provably_dead(path):
                 stale, why = True, f"its process {owner.pid} on this host is gone"
+            elif owner.host == _host_token() and owner.pid is not None and owner.pid != os.getpid():
+                stale, why = False, f"its process {owner.pid} on this host is running"  # whatever its age
             elif older_than_hours is not None and idle >= older_than_hours:
                 stale, why = True, f"untouched for {idle:.1f} h"
-            elif owner.host == _host_token() and owner.pid is not None:
-                stale, why = False, f"its process {owner.pid} on this host is running"
             else:
                 stale, why = False, f"from {owner.host or 'an older wsitools'}, untouched for {idle:.1f} h"
             found.append(TempReport(path, size, idle, stale, why))

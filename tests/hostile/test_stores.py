@@ -498,9 +498,18 @@ def test_clean_lists_and_removes_stale_temporaries(tmp_path, capsys):
     assert dead.exists()
     assert main(["clean", str(tmp_path)]) == 0
     assert not dead.exists() and remote.exists() and finished.exists()
-    assert main(["clean", str(tmp_path), "--older-than", "2"]) == 0
-    out = capsys.readouterr().out
-    assert not remote.exists() and f"removed\t{remote}\t10 B\tuntouched for 3.0 h" in out
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # a run still writing
+    try:
+        running = tmp_path / "a" / f".tmp-S4.h5-{host()}-{live.pid}-0ddba11a"
+        running.write_bytes(b"z")
+        os.utime(running, (hours_ago, hours_ago))
+        assert main(["clean", str(tmp_path), "--older-than", "2"]) == 0
+        out = capsys.readouterr().out
+        assert not remote.exists() and f"removed\t{remote}\t10 B\tuntouched for 3.0 h" in out
+        assert running.exists() and f"kept\t{running}\t1 B\tits process {live.pid} on this host is running" in out
+    finally:
+        live.kill()
+        live.wait()
     assert main(["clean", str(tmp_path / "nope")]) == 2
     assert "nope: no such folder" in capsys.readouterr().err
 
