@@ -305,6 +305,11 @@ def test_clear_errors(setup):
     with pytest.raises(WsiToolsError, match="no model card named 'no-such-card'"):
         tune_pathotune(data, root / "x", backbone="no-such-card", models_dir=root,
                        config=PathoTuneTrainConfig(prompts=("tvp",)), device="cpu")
+    diverging = PathoTuneTrainConfig(prompts=("tvp",), epochs=3, batch_size=16, lr=1e30, warmup_epochs=0, num_workers=0)
+    with pytest.raises(ModelError, match=r"diverged: the training loss became nan in epoch \d; training diverged"):
+        tune_pathotune(data, root / "diverged", backbone=str(cards["vit-a"]), config=diverging, device="cpu",
+                       progress=False)
+    assert not list((root / "diverged").glob("*.yaml"))  # no card of a diverged run
     with pytest.raises(ModelError, match="^efficientnet-lite0-imagenet: PathoTune needs a ViT backbone card, not EfficientNet$"):
         tune_pathotune(data, root / "x", backbone="efficientnet-lite0-imagenet",
                        config=PathoTuneTrainConfig(prompts=("tvp",)), device="cpu")

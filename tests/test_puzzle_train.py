@@ -12,6 +12,7 @@ from wsitools.encoders import load_encoder, read_card
 from wsitools.encoders.checkpoint import load_weights
 from wsitools.errors import WsiToolsError
 from wsitools.puzzle import PuzzleTuningModel, fix_position_shuffle
+from wsitools.puzzle.shuffle import PuzzleError
 from wsitools.puzzle.backbone import load_puzzle_backbone
 from wsitools.encoders.transforms import to_unit_float
 from wsitools.puzzle.data import TileStream, augmented, open_stores
@@ -338,3 +339,12 @@ def test_decoder_position_embedding_is_maes_layout():
     assert torch.equal(got[1, : dim // 2], got[1 + cols, : dim // 2])
     assert not torch.equal(got[1, : dim // 2], got[2, : dim // 2])
     assert torch.equal(got[1, dim // 2 :], got[2, dim // 2 :])
+
+
+def test_a_run_whose_last_step_diverged_exports_nothing(tiny):
+    # The loss is read before each step; the last step's own blow-up shows only in the weights.
+    root, card, stores = tiny
+    cfg = _config(epochs=1, steps_per_epoch=1, warmup_epochs=0, base_lr=1e30)
+    with pytest.raises(PuzzleError, match=r"the trained prompts give NaN or inf features after 1 steps; training diverged"):
+        train_puzzle([stores], root / "diverged", backbone=str(card), config=cfg, progress=False)
+    assert not list((root / "diverged").glob("*.yaml")) and not list((root / "diverged").glob("*promptstate*"))

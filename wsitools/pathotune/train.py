@@ -280,6 +280,11 @@ def tune_pathotune(
             augment=epoch_generator(config.seed, epoch, stream=AUGMENT_STREAM) if config.augment else None,
             size=size, desc=f"epoch {epoch}", progress=progress,
         )
+        if not math.isfinite(train_loss):
+            raise ModelError(
+                f"{out}: the training loss became {train_loss} in epoch {epoch}; training diverged: lower the "
+                "learning rate (--lr) (the checkpoints of the epochs before are kept)"
+            )
         p, yv, val_loss = predict(model, val_loader, device=dev, amp=amp)
         rows.append(_log_row(epoch, train_loss, {"loss": val_loss, **classification_metrics(yv, p)}, stepper.lr))
         log.info("epoch %d/%d: train loss %.4f, val %s", epoch, config.epochs, train_loss, _fmt(_row_metrics(rows[-1])))

@@ -294,6 +294,7 @@ def train_puzzle(
 
     last_epoch = config.epochs if stop_after_epochs is None else min(config.epochs, stop_after_epochs)
     images, seconds = 0, 0.0
+    last: _LastBatch | None = None
     model.train()
     for epoch in range(start_epoch, last_epoch):
         stage = curriculum.at(epoch)
@@ -329,6 +330,11 @@ def train_puzzle(
     if done < config.epochs:  # stopped early: only the checkpoints, so nothing unfinished looks finished
         log.info("%s: %d of %d epochs done; continue with --resume", out, done, config.epochs)
         return result
+    if last is not None and not _features_finite(bb, last.images):
+        raise PuzzleError(
+            f"{out}: the trained prompts give NaN or inf features after {stepper.step} steps; training diverged: "
+            "lower the learning rate (--base-lr); nothing was exported"
+        )
     card_name = name or f"{bb.card.name}-puzzletuned"
     promptstate, card_path = export_promptstate(
         bb.model.prompt_tokens, out, card=bb.card, weight_sha256=bb.weight_sha256, name=card_name,
@@ -389,6 +395,18 @@ def _train_epoch(
             bar.update(1)
             bar.set_postfix(loss=f"{rows[-1]['loss']:.4f}")
     return _LastBatch(batch, puzzled, output)
+
+
+def _features_finite(bb: PuzzleBackbone, images: torch.Tensor) -> bool:
+    """Whether the trained backbone gives finite features (float32) for ``images``: the loss is
+    read before each step, so a last step that blew the prompts up shows only here."""
+    was_training = bb.model.training
+    bb.model.eval()
+    try:
+        with torch.no_grad():
+            return bool(torch.isfinite(bb.model.forward_features(prepare_input(bb.card, images.float()))).all())
+    finally:
+        bb.model.train(was_training)
 
 
 def _write_epoch_preview(path: Path, model: PuzzleTuningModel, last: _LastBatch, *, k: int) -> None:
