@@ -227,9 +227,11 @@ def test_resume_continues_with_the_same_schedule(tiny):
     part = train_puzzle([stores], root / "part", backbone=str(card), config=_config(),
                         progress=False, stop_after_epochs=1)
     assert part.epochs_done == 1 and part.steps_done == 4
+    (root / "part" / "log.csv").unlink()  # the log is a copy for people: the checkpoint holds its rows
     rest = train_puzzle([stores], root / "part", backbone=str(card), config=_config(),
                         progress=False, resume=True)
     assert rest.steps_done == full.steps_done == 12
+    assert len((root / "part" / "log.csv").read_text().splitlines()) == 1 + 12
     for a, b in zip(full.log_rows, rest.log_rows, strict=True):
         assert (a["step"], a["patch_size"], a["ratio"]) == (b["step"], b["patch_size"], b["ratio"])
         assert a["lr"] == pytest.approx(b["lr"], rel=1e-12)

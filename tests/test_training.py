@@ -211,3 +211,17 @@ def test_best_state_carries_over_a_resume():
     assert stops == [False, True] and again.epoch == 1
     again.restore()
     assert float(model.weight.detach()) == 1.0
+
+
+def test_a_log_that_is_not_the_runs_own_is_one_line(tmp_path):
+    from wsitools.errors import ConfigError
+
+    log = CsvLog(tmp_path / "log.csv", ("epoch", "step", "loss"), int_columns=frozenset({"epoch", "step"}))
+    log.write([{"epoch": 0, "step": 0, "loss": 0.5}])
+    assert log.read() == [{"epoch": 0.0, "step": 0.0, "loss": 0.5}]
+    (tmp_path / "log.csv").write_text("epoch,step,loss\nabc,def,ghi\n")
+    with pytest.raises(ConfigError, match=r"log\.csv: not the log this run writes \(could not convert"):
+        log.read()
+    (tmp_path / "log.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(ConfigError, match=r"log\.csv: not the log this run writes \(columns a, b\)"):
+        log.read()

@@ -388,11 +388,18 @@ class CsvLog:
         )
 
     def read(self) -> list[dict[str, float]]:
-        """The rows written before, as floats (none when there is no table yet)."""
+        """The rows written before, as floats (none when there is no table yet); a table that is
+        not one is a :class:`ConfigError` naming it."""
         if not self.path.is_file():
             return []
         with open(self.path, newline="") as f:
-            return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
+            try:
+                rows = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
+            except (TypeError, ValueError, csv.Error) as exc:
+                raise ConfigError(f"{self.path}: not the log this run writes ({exc}); restore it or start afresh") from None
+        if rows and set(rows[0]) != set(self.columns):
+            raise ConfigError(f"{self.path}: not the log this run writes (columns {', '.join(rows[0])})")
+        return rows
 
 
 class BestState:

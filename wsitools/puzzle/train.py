@@ -267,15 +267,18 @@ def train_puzzle(
     schedule_hash = stable_hash(schedule)
 
     log_table = CsvLog(out / "log.csv", LOG_COLUMNS, int_columns=frozenset({"epoch", "step", "patch_size"}))
-    start_epoch = 0
+    start_epoch, rows = 0, []
     if resume and existing:
-        start_epoch = checkpoints.restore(
+        restored = checkpoints.restore(
             existing[-1][1], tensors=model.trainable_state(), stepper=stepper, settings=schedule
-        ).epochs_done
+        )
+        start_epoch = restored.epochs_done
+        # The log's rows travel in the checkpoint (log.csv is a copy for people); checkpoints
+        # written before they did take them from log.csv.
+        rows = restored.extra.get("rows") or [r for r in log_table.read() if r["step"] <= stepper.step]
         log.info("resuming %s at epoch %d, step %d", out, start_epoch, stepper.step)
     elif resume:
         log.info("no checkpoint in %s: starting from the beginning", out)
-    rows = [r for r in log_table.read() if r["step"] <= stepper.step] if start_epoch else []
 
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(
@@ -313,7 +316,7 @@ def train_puzzle(
         log_table.write(rows)
         _write_epoch_preview(out / "previews" / f"epoch-{epoch + 1:04d}.png", model, last, k=config.preview_images)
         checkpoints.save(
-            epoch=epoch + 1, tensors=model.trainable_state(), stepper=stepper, settings=schedule
+            epoch=epoch + 1, tensors=model.trainable_state(), stepper=stepper, settings=schedule, extra={"rows": rows}
         )
         log.info(
             "epoch %d/%d: loss %.4f, patch %d px, fix ratio %.3f, lr %.3g",
