@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -350,3 +351,19 @@ def test_a_run_whose_last_step_diverged_exports_nothing(tiny):
     with pytest.raises(PuzzleError, match=r"the trained prompts give NaN or inf features after 1 steps; training diverged"):
         train_puzzle([stores], root / "diverged", backbone=str(card), config=cfg, progress=False)
     assert not list((root / "diverged").glob("*.yaml")) and not list((root / "diverged").glob("*promptstate*"))
+
+
+def test_resume_refuses_other_tiles_at_the_same_store_paths(tiny, tmp_path):
+    import shutil
+
+    root, card, stores = tiny
+    copy = Path(shutil.copytree(stores, tmp_path / "tiles"))
+    cfg = _config(epochs=2, steps_per_epoch=2)
+    train_puzzle([copy], tmp_path / "run", backbone=str(card), config=cfg, progress=False, stop_after_epochs=1)
+    tiles = _textures(20, seed=9)
+    write_patch_store(copy / "slideB.zarr", coords=np.stack([np.arange(20) * 64, np.zeros(20)], 1), tiles=tiles,
+                      tissue_fraction=np.ones(20), overwrite=True,
+                      attrs={"slide_id": "slideB", "slide_path": "/synthetic/other.svs", "params_hash": "h-other",
+                             "tile_size": 64, "tile_size_level0": 128.0, "mpp_target": 0.5})
+    with pytest.raises(WsiToolsError, match=r"run.*: was written by a run with other settings \(stores"):
+        train_puzzle([copy], tmp_path / "run", backbone=str(card), config=cfg, progress=False, resume=True)

@@ -262,7 +262,8 @@ def train_puzzle(
         "backbone_card": str(bb.card.source or bb.card.name),
         "backbone_sha256": bb.weight_sha256,
         "steps_per_epoch": steps_per_epoch,
-        "stores": sorted(str(s.path) for s in store_list),
+        # Each store by path, tiling and size: other tiles at the same path are other data.
+        "stores": sorted([str(s.path), s.params_hash, len(s)] for s in store_list),
     }
     schedule_hash = stable_hash(schedule)
 
