@@ -211,6 +211,12 @@ def test_tuning_beats_the_untrained_head_and_serves_as_encoder(setup):
     via_loader = load_encoder(str(result.card), device="cpu")
     assert via_loader.encoder_hash == enc.encoder_hash
     assert torch.allclose(via_loader.encode(tiles), f_tuned, atol=1e-6)
+    # PuzzleTuning starts from a backbone card: a tuned one is refused before any training
+    from wsitools.puzzle.backbone import load_puzzle_backbone
+    from wsitools.puzzle.shuffle import PuzzleError
+
+    with pytest.raises(PuzzleError, match=r"PuzzleTuning starts from a backbone card .*, not a pathotune card$"):
+        load_puzzle_backbone(result.card, device="cpu")
 
 
 def test_resumed_tuning_ends_bit_for_bit_as_an_uninterrupted_run(setup):

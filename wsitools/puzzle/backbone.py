@@ -79,6 +79,11 @@ def load_puzzle_backbone(
     A card with a prompts file fixes them: asking for others is an error.
     """
     card = name_or_card if isinstance(name_or_card, EncoderCard) else find_card(str(name_or_card), models_dir=models_dir)
+    if card.kind is not None:  # its own weights (a PathoTune model's) would not carry over to the export
+        raise PuzzleError(
+            f"{card.source or card.name}: PuzzleTuning starts from a backbone card (a prompted ViT and its "
+            f"weights), not a {card.kind} card"
+        )
     card = prompted_card(card)
     if card.weight("prompts") is not None:
         if (prompt_tokens not in (None, card.prompt_tokens)) or (prompt_mode not in (None, card.prompt_mode)):
