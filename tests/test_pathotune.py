@@ -147,6 +147,16 @@ def test_data_sources_and_split(setup, tmp_path):
     for c in (0, 1):
         counts = {s: int(((split == s) & (tiles.labels == c)).sum()) for s in ("train", "val", "test")}
         assert counts == {"train": 14, "val": 4, "test": 2}
+    rare = np.array([0] * 30 + [1, 1])  # a class of two tiles cannot be in train, val and test
+    with pytest.raises(DataError, match=r"^class 'rare' has only 2 tiles: too few to split into train/val/test \(3 at"):
+        stratified_split(rare, val_fraction=0.2, test_fraction=0.1, seed=0, classes=("common", "rare"))
+    assert (stratified_split(rare, val_fraction=0.2, test_fraction=0.0, seed=0) == "val").sum() == 7
+    empty = tmp_path / "classes"
+    for name in ("a", "b"):
+        (empty / name).mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(empty / "a" / "0.png")
+    with pytest.raises(DataError, match=rf"^{empty / 'b'}: class folder without images"):
+        folder_tiles(empty)
     table = store_tiles(root / "labels.csv", [root / "tiles"])
     assert len(table) == 32 and table.classes == ("spots", "stripes")
     # the table's tile is the store's tile at those coordinates

@@ -126,6 +126,8 @@ def folder_tiles(root: str | os.PathLike[str]) -> FolderTiles:
     for folder, name in parts:
         for d in _class_dirs(folder):
             files = _images(d)
+            if not files and not split_layout:  # a class the model would learn to predict without one example
+                raise DataError(f"{d}: class folder without images ({', '.join(IMAGE_SUFFIXES)})")
             paths += files
             labels += [classes.index(d.name)] * len(files)
             split += [name] * len(files)
@@ -229,12 +231,14 @@ def store_tiles(
 
 
 def stratified_split(
-    labels: np.ndarray, *, val_fraction: float, test_fraction: float, seed: int
+    labels: np.ndarray, *, val_fraction: float, test_fraction: float, seed: int, classes: Sequence[str] | None = None
 ) -> np.ndarray:
     """"train"/"val"/"test" per tile, the same fractions within every class (seeded).
 
     Each class keeps at least one training tile; val and test get ``round(fraction * n)`` of a
-    class's tiles, at least one each when the fraction is positive and the class has 3+ tiles.
+    class's tiles, at least one each when the fraction is positive: a class too small for that
+    is a :class:`DataError` naming it (``classes``: the names of the label indices), since a
+    part without it would score the class as never seen (an AUROC of NaN).
     """
     if val_fraction < 0 or test_fraction < 0 or val_fraction + test_fraction >= 1:
         raise DataError(
@@ -246,10 +250,14 @@ def stratified_split(
     for c in np.unique(labels):
         idx = rng.permutation(np.flatnonzero(labels == c))
         n = len(idx)
-        n_val = max(int(val_fraction > 0 and n >= 3), round(val_fraction * n))
-        n_test = max(int(test_fraction > 0 and n >= 3), round(test_fraction * n))
+        n_val = max(int(val_fraction > 0), round(val_fraction * n))
+        n_test = max(int(test_fraction > 0), round(test_fraction * n))
         if n - n_val - n_test < 1:
-            raise DataError(f"class {int(c)} has only {n} tiles: too few to split into train/val/test")
+            name = repr(classes[int(c)]) if classes is not None else str(int(c))
+            raise DataError(
+                f"class {name} has only {n} tile{'s' if n != 1 else ''}: too few to split into train/val/test "
+                f"({1 + (n_val > 0) + (n_test > 0)} at least, one for each part; or give the split yourself)"
+            )
         out[idx[:n_val]] = "val"
         out[idx[n_val : n_val + n_test]] = "test"
     return out

@@ -212,7 +212,8 @@ def tune_pathotune(
     model, trainable = _build_model(backbone_enc, ivp, text, classes=data.classes, config=config)
 
     split = data.split if data.split is not None else stratified_split(
-        data.labels, val_fraction=config.val_fraction, test_fraction=config.test_fraction, seed=config.seed
+        data.labels, val_fraction=config.val_fraction, test_fraction=config.test_fraction, seed=config.seed,
+        classes=data.classes,
     )
     parts = {s: np.flatnonzero(split == s) for s in ("train", "val", "test")}
     if len(parts["train"]) < 2 or len(parts["val"]) == 0:
