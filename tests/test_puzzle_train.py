@@ -82,7 +82,8 @@ def _config(**kw):
 
 def test_tile_stream_covers_stores_once_and_repeats(tiny):
     _, _, stores = tiny
-    opened = open_stores([stores])
+    opened = open_stores([stores, stores, stores / "slideA.zarr"])  # each store once, however often given
+    assert [s.slide_id for s in opened] == ["slideA", "slideB"]
     stream = TileStream(opened, batch_size=10, image_size=64, seed=1, batches_per_window=3)
     assert len(stream) == 10  # 100 tiles / 10
     windows = stream.windows()

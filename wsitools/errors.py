@@ -5,6 +5,7 @@ Every error a user can cause (a bad slide, a bad checkpoint, a bad config) is a
 without a traceback; anything else is a bug and keeps its traceback.
 """
 
+import textwrap
 from collections.abc import Mapping
 from typing import Any
 
@@ -65,7 +66,7 @@ def schema_problem(error: Any) -> tuple[list[str], str]:
             close = difflib.get_close_matches(unknown[0], known, n=1)
             hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}"
             return [*path, unknown[0]], f"unknown key ({hint})"
-    return path, " ".join(str(error.message).split())
+    return path, textwrap.shorten(" ".join(str(error.message).split()), width=300, placeholder=" ...")
 
 
 def one_line(error: BaseException | str) -> str:

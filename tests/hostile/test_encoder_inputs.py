@@ -399,3 +399,15 @@ def test_features_of_another_projects_slide_of_the_same_id_are_not_replaced(mode
     assert path.read_bytes() == before
     assert extract(models / "tiny.yaml", other, tmp_path / "f", capsys, "--overwrite")[0] == 0
     assert path.read_bytes() != before
+
+
+def test_another_file_given_as_a_card_is_named_not_printed(store, tmp_path, capsys):
+    other = tmp_path / "notes.txt"
+    other.write_text("\n".join(f"line {i} of some private text" for i in range(500)))
+    rc, err = extract(other, store, tmp_path / "f", capsys)
+    one_line(rc, err, f"wsitools extract: error: {other}: not a model card (a YAML mapping of name, model")
+    assert "private" not in err
+    long_value = tmp_path / "long.yaml"  # a mapping whose wrong value is long: shortened
+    long_value.write_text("name: x\nmodel: " + "y" * 5000 + "\ninput: 7\nweights: []\n")
+    rc, err = extract(long_value, store, tmp_path / "f", capsys)
+    assert rc == 2 and len(err) < 600, err

@@ -239,7 +239,9 @@ def _package_dir(package: str, *, source: Path) -> Path:
 
 def card_from_dict(data: Any, *, source: Path) -> EncoderCard:
     """Validate a parsed card against :data:`CARD_SCHEMA` and build the :class:`EncoderCard`."""
-    precision = data.get("precision") if isinstance(data, dict) else None
+    if not isinstance(data, dict):  # another file given as a card: say so, not what it holds
+        raise ModelError(f"{source}: not a model card (a YAML mapping of name, model, input, weights, ...)")
+    precision = data.get("precision")
     if isinstance(precision, dict) and "features" in precision:
         raise ModelError(
             f"{source}: precision.features is not a card setting: features are stored float32, or "

@@ -35,10 +35,11 @@ MIN_BLOCKS_PER_WINDOW = 8
 def open_stores(paths: Sequence[str | os.PathLike[str]]) -> list[PatchStore]:
     """Open every patch store among ``paths`` (store directories, or folders holding ``*.zarr``).
 
-    Stores with no tiles are skipped; a store without pixels is still readable (from its slide).
+    Stores with no tiles are skipped, and a store found twice (a folder given twice, or a store
+    and its folder) is taken once; a store without pixels is still readable (from its slide).
     Raises :class:`StoreError` when nothing usable is found.
     """
-    stores = [PatchStore.open(p) for p in find_patch_stores(paths)]
+    stores = list({s.path: s for s in map(PatchStore.open, find_patch_stores(paths))}.values())
     stores = [s for s in stores if len(s) > 0]
     if not stores:
         raise StoreError(f"no patch store with tiles under {', '.join(map(str, paths))}")
