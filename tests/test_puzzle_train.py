@@ -257,6 +257,8 @@ def test_exported_promptstate_loads_and_changes_features(tiny):
     assert new_card.weight("prompts").path == result.promptstate.resolve()
     tuned = load_encoder(str(result.card), device="cpu")
     assert torch.equal(tuned.model.prompt_tokens.detach(), state["Prompt_Tokens"])
+    with pytest.raises(PuzzleError, match=r"its prompts file holds 4 deep tokens; cannot train 7 deep tokens from it$"):
+        load_puzzle_backbone(result.card, prompt_tokens=7, device="cpu")
     # the same backbone with the zero prompts training started from
     start = load_puzzle_backbone(str(card), device="cpu").model.eval()
     tiles = torch.from_numpy(_textures(6, 11))

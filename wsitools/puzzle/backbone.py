@@ -87,9 +87,10 @@ def load_puzzle_backbone(
     card = prompted_card(card)
     if card.weight("prompts") is not None:
         if (prompt_tokens not in (None, card.prompt_tokens)) or (prompt_mode not in (None, card.prompt_mode)):
+            asked = " ".join(str(v) for v in (prompt_tokens or card.prompt_tokens, prompt_mode or card.prompt_mode))
             raise PuzzleError(
                 f"{card.source or card.name}: its prompts file holds {card.prompt_tokens} "
-                f"{card.prompt_mode} tokens; cannot train {prompt_tokens} {prompt_mode} tokens from it"
+                f"{card.prompt_mode} tokens; cannot train {asked} tokens from it"
             )
         encoder = build_encoder(card, device=device)
     else:
