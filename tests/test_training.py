@@ -225,3 +225,13 @@ def test_a_log_that_is_not_the_runs_own_is_one_line(tmp_path):
     (tmp_path / "log.csv").write_text("a,b\n1,2\n")
     with pytest.raises(ConfigError, match=r"log\.csv: not the log this run writes \(columns a, b\)"):
         log.read()
+
+
+def test_a_run_folder_that_is_a_file_is_refused_before_any_work(tmp_path):
+    from wsitools.errors import ConfigError
+    from wsitools.training import check_run_folder
+
+    (tmp_path / "out").write_text("x")
+    with pytest.raises(ConfigError, match=r"out: is a file, where the PathoTune run's folder goes; choose another --out$"):
+        check_run_folder(tmp_path / "out", own=("log.csv",), kind="PathoTune")
+    check_run_folder(tmp_path / "new", own=("log.csv",), kind="PathoTune")  # not there yet: fine

@@ -278,7 +278,9 @@ def check_run_folder(folder: Path, *, own: Sequence[str], kind: str) -> None:
     patterns of its outputs; hidden temporaries aside): the folder of another run (a MIL
     training run, the other tuner), whose files this run would overwrite (its ``metrics.json``,
     ``predictions.csv``) while it still looked finished. A :class:`ConfigError` naming the folder
-    and the first such entry, before any work."""
+    and the first such entry, before any work; so is a file where the folder goes."""
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{folder}: is a file, where the {kind} run's folder goes; choose another --out")
     if not folder.is_dir():
         return
     foreign = sorted(
