@@ -679,6 +679,8 @@ def open_slide(
     if not p.exists():
         raise SlideError(f"{p}: no such slide file")
     if p.is_dir():  # no slide format is a folder (MRXS and DICOM are opened by a file in theirs)
+        if p.suffix == ".zarr" or (p / "zarr.json").is_file():
+            raise SlideError(f"{p}: is a patch store (wsitools tile's output), expected a slide file")
         raise SlideError(
             f"{p}: is a directory, expected a slide file (for a folder's slides give the files, e.g. {p / '*.svs'})"
         )

@@ -334,6 +334,7 @@ def test_corrupt_tiles_read_by_worker_processes_give_the_same_one_line_reason(sy
 
 @pytest.mark.parametrize("make, message", [
     (lambda p: p.mkdir(), "is a directory, expected a slide file (for a folder's slides give the files, e.g. "),
+    (lambda p: (p.mkdir(), (p / "zarr.json").write_text("{}")), "is a patch store (wsitools tile's output), expected a slide file"),
     (lambda p: p.write_bytes(b""), "no backend can open it (cannot be opened by tiffslide: not a TIFF file"),
     (lambda p: p.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64)), "no backend can open it (cannot be opened by tiffslide: not a TIFF file"),
 ])
