@@ -365,3 +365,20 @@ def test_cli_tune_pathotune(setup, capsys, device, precision):
                               str(cards["vit-a"]), "--out", str(out_root / "cli2")])
     with pytest.raises(DataError, match="needs --stores"):
         args.func(args)
+
+
+@pytest.mark.parametrize("args, option, command", [
+    (["tune", "pathotune", "--data", "d", "--encoder"], "--encoder", "tune pathotune"),
+    (["tune", "pathotune", "--data", "d", "--encoder", "vit-test-tiny", "--ivp-encoder"], "--ivp-encoder",
+     "tune pathotune"),
+    (["pretrain", "puzzle", "--stores", "s", "--encoder"], "--encoder", "pretrain puzzle"),
+])
+def test_training_commands_start_from_a_card_not_timm_name(args, option, command, tmp_path, capsys):
+    from wsitools.cli import main
+
+    assert main([*args, "timm:resnet50", "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"wsitools {command.split()[0]}: error: {option} timm:resnet50: {command} starts from a model card, not "
+        'timm:NAME; write a card for the checkpoint (docs/encoders.md, "Model card fields")'
+    )
+    assert not (tmp_path / "o").exists()

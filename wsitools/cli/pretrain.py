@@ -135,9 +135,22 @@ def register(subparsers: Any) -> None:
     pt.set_defaults(func=_pathotune)
 
 
+def _card_only(option: str, value: str | None, command: str) -> None:
+    """Refuse ``timm:NAME`` for an encoder option of a training command: ``extract`` takes its
+    checkpoint with ``--weights``; these train on top of a card, whose files they pin."""
+    from wsitools.errors import ConfigError
+
+    if value is not None and value.startswith("timm:"):
+        raise ConfigError(
+            f"{option} {value}: {command} starts from a model card, not timm:NAME; write a card for the "
+            "checkpoint (docs/encoders.md, \"Model card fields\")"
+        )
+
+
 def _puzzle(args: argparse.Namespace) -> int:
     from wsitools.puzzle.train import PuzzleTrainConfig, train_puzzle
 
+    _card_only("--encoder", args.encoder, "pretrain puzzle")
     config = PuzzleTrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, accum_steps=args.accum_steps,
         group_size=args.group_size, warmup_epochs=args.warmup_epochs,
@@ -168,6 +181,8 @@ def _pathotune(args: argparse.Namespace) -> int:
     from wsitools.pathotune import PathoTuneTrainConfig, folder_tiles, parse_prompts, store_tiles, tune_pathotune
     from wsitools.text import load_task
 
+    _card_only("--encoder", args.encoder, "tune pathotune")
+    _card_only("--ivp-encoder", args.ivp_encoder, "tune pathotune")
     task = load_task(args.task) if args.task else None
     if task is not None and task.type != "classification":
         raise DataError(f"task {args.task}: patch-level prompt tuning classifies tiles; this is a {task.type} task")
