@@ -165,7 +165,7 @@ def store_round_trip(tiles: np.ndarray, codec: TileCodec) -> tuple[np.ndarray, f
     """``tiles`` coded by the store's chunk encoder and decoded as ``PatchStore.read_tiles`` does;
     and KB per tile of the chunk files."""
     import simplejpeg
-    from numcodecs import Blosc, VLenBytes
+    from numcodecs import VLenBytes
 
     out, size = np.empty_like(tiles), 0
     for a in range(0, len(tiles), CHUNK_TILES):
@@ -176,8 +176,7 @@ def store_round_trip(tiles: np.ndarray, codec: TileCodec) -> tuple[np.ndarray, f
             for k, item in enumerate(VLenBytes().decode(data)[: len(chunk)]):
                 out[a + k] = simplejpeg.decode_jpeg(item, colorspace="RGB")
         else:
-            pixels = np.frombuffer(Blosc().decode(data), np.uint8).reshape(-1, *tiles.shape[1:])
-            out[a : a + len(chunk)] = pixels[: len(chunk)]
+            out[a : a + len(chunk)] = codec.decode_chunk(data, tiles.shape[1])[: len(chunk)]
     return out, size / len(tiles) / 1e3
 
 

@@ -118,6 +118,15 @@ class TileCodec:
         full[len(tiles) :] = 0  # the last chunk: padded with zero tiles
         return bytes(Blosc(**BLOSC, shuffle=Blosc.NOSHUFFLE).encode(full))
 
+    def decode_chunk(self, data: bytes, tile_size: int) -> np.ndarray:
+        """The tiles [CHUNK_TILES, S, S, 3] uint8 of a ``lossless`` chunk file's bytes (the last
+        chunk's padding included); ValueError or RuntimeError for bytes that are not one."""
+        from numcodecs import Blosc
+
+        if self.name != "lossless":
+            raise ValueError(f"decode_chunk reads lossless chunks; {self.name} tiles are decoded one by one")
+        return np.frombuffer(Blosc().decode(data), np.uint8).reshape(CHUNK_TILES, tile_size, tile_size, 3)
+
 
 def encode_jpeg(tile: np.ndarray, quality: int, subsampling: str = JPEG_SUBSAMPLING) -> bytes:
     """One RGB tile ([S, S, 3] uint8, a view is coded as it is) as a baseline JPEG with libjpeg's
@@ -548,14 +557,11 @@ class PatchStore:
             if key.split("/", 1)[0] in arrays:
                 self._chunk_bytes(key)
 
-    def _read(self, name: str, selection: Any, chunks: Sequence[str] | None = None) -> np.ndarray:
-        """``selection`` of the array ``name`` (a slice, or an index array along the first axis),
-        after checking the chunk files ``chunks`` (default: all of the array's); a chunk that does
-        not decode is a :class:`DamagedStoreError` naming the store and the array."""
-        if chunks is None:
-            self.check_chunks((name,))
-        for key in chunks or ():
-            self._chunk_bytes(key)
+    def _read(self, name: str, selection: Any) -> np.ndarray:
+        """``selection`` of the small array ``name`` (a slice, or an index array along the first
+        axis), after checking its chunk files; a chunk that does not decode is a
+        :class:`DamagedStoreError` naming the store and the array."""
+        self.check_chunks((name,))
         array = self._group[name]
         try:
             if isinstance(selection, slice):
@@ -621,10 +627,20 @@ class PatchStore:
         coordinates-only store they are read from the slide."""
         codec = self.codec
         rows = np.arange(len(self))[index].reshape(-1)
-        if codec is not None and codec.name == "lossless":
-            keys = [f"tiles/{codec.chunk_key(int(c))}" for c in np.unique(rows // CHUNK_TILES)]
-            return self._read("tiles", index, keys)
         out = np.empty((len(rows), self.tile_size, self.tile_size, 3), np.uint8)
+        if codec is not None and codec.name == "lossless":
+            for chunk in np.unique(rows // CHUNK_TILES):
+                key = f"tiles/{codec.chunk_key(int(chunk))}"
+                try:
+                    pixels = codec.decode_chunk(self._chunk_bytes(key), self.tile_size)
+                except (RuntimeError, ValueError, MemoryError) as exc:
+                    raise DamagedStoreError(
+                        f"{self.path}: damaged patch store: a chunk of tiles cannot be decoded ({one_line(exc)}); "
+                        "re-tile the slide"
+                    ) from None
+                at = rows // CHUNK_TILES == chunk
+                out[at] = pixels[rows[at] % CHUNK_TILES]
+            return out
         if codec is None:
             for k, c in enumerate(self.coords[rows]):
                 out[k] = self._read_from_slide(c)

@@ -90,8 +90,9 @@ def patient_kfold(
     strata = tuple(classes) if classes is not None else None
     other = folds_instead(counts.tolist(), n_folds)
     instead = f"use --folds {other}" if other else "label more patients"
+    kind = "stratum" if strata == SURVIVAL_STRATA or (strata is not None and len(strata) == 1) else "class"
     short = [
-        f"{'stratum' if strata == SURVIVAL_STRATA else 'class'} {strata[c] if strata is not None else c!r}: "
+        f"{kind} {strata[c] if strata is not None else c!r}: "
         f"{n} patient{'s' if n != 1 else ''}"
         for c, n in enumerate(counts) if 0 < n < n_folds
     ]
@@ -103,7 +104,6 @@ def patient_kfold(
                if strata == SURVIVAL_STRATA else "per class")
         raise DataError(f"{n_folds}-fold cross-validation needs at least {n_folds} patients {per}; {'; '.join(short)} ({instead})")
     if not folds_fit(counts.tolist(), n_folds):
-        kind = "stratum" if strata is not None and len(strata) == 1 or strata == SURVIVAL_STRATA else "class"
         raise DataError(
             f"{n_folds}-fold cross-validation of {', '.join(map(str, counts[counts > 0]))} patients per {kind} leaves "
             f"a fold's training part without two patients of one {kind} to hold one out for validation "
