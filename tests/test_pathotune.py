@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 import dataclasses
 import itertools
 import json
@@ -326,6 +327,11 @@ def test_clear_errors(setup):
         tune_pathotune(data, root / "diverged", backbone=str(cards["vit-a"]), config=diverging, device="cpu",
                        progress=False)
     assert not list((root / "diverged").glob("*.yaml"))  # no card of a diverged run
+    for taken, where in (("vit-a", "the backbone's name"), ("vit-b", f"the name of the card {root / 'vit-b.yaml'}")):
+        with pytest.raises(ModelError, match=f"^'{taken}' is {re.escape(where)}: a trained card must have a name of its own"):
+            tune_pathotune(data, root / "taken", backbone=str(cards["vit-a"]), models_dir=root, name=taken,
+                           config=PathoTuneTrainConfig(prompts=("tvp",)), device="cpu", progress=False)
+        assert not (root / "taken").exists()  # refused before any training
     with pytest.raises(ModelError, match="^efficientnet-lite0-imagenet: PathoTune needs a ViT backbone card, not EfficientNet$"):
         tune_pathotune(data, root / "x", backbone="efficientnet-lite0-imagenet",
                        config=PathoTuneTrainConfig(prompts=("tvp",)), device="cpu")

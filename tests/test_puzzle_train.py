@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 
 from wsitools.encoders import load_encoder, read_card
 from wsitools.encoders.checkpoint import load_weights
-from wsitools.errors import WsiToolsError
+from wsitools.errors import ModelError, WsiToolsError
 from wsitools.puzzle import PuzzleTuningModel, fix_position_shuffle
 from wsitools.puzzle.shuffle import PuzzleError
 from wsitools.puzzle.backbone import load_puzzle_backbone
@@ -370,3 +371,13 @@ def test_resume_refuses_other_tiles_at_the_same_store_paths(tiny, tmp_path):
                              "tile_size": 64, "tile_size_level0": 128.0, "mpp_target": 0.5})
     with pytest.raises(WsiToolsError, match=r"run.*: was written by a run with other settings \(stores"):
         train_puzzle([copy], tmp_path / "run", backbone=str(card), config=cfg, progress=False, resume=True)
+
+
+def test_a_trained_card_may_not_take_a_name_in_use(tiny):
+    root, card, stores = tiny
+    (root / "taken.yaml").write_text(TINY_CARD.replace("vit-test-64", "taken"))
+    for name, where in (("vit-test-64", "the backbone's name"), ("taken", f"the name of the card {root / 'taken.yaml'}")):
+        with pytest.raises(ModelError, match=f"^'{name}' is {re.escape(where)}: a trained card must have a name of its own"):
+            train_puzzle([stores], root / "taken-run", backbone=str(card), models_dir=root, config=_config(),
+                         progress=False, name=name)
+        assert not (root / "taken-run" / "checkpoints").exists()  # refused before any training

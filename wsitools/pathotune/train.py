@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader
 
 from wsitools.device import TrainPrecision, autocast
 from wsitools.encoders import Encoder, load_encoder
-from wsitools.encoders.cards import check_card_name
+from wsitools.encoders.cards import check_card_name, check_new_card_name
 from wsitools.encoders.transforms import prepare_input, random_resized_crop_flip
 from wsitools.errors import ConfigError, DataError, ModelError
 from wsitools.io import loader_workers, stable_hash, write_json_atomic
@@ -204,6 +204,10 @@ def tune_pathotune(
     if task is not None:
         data = data.relabel(task.classes)
     backbone_enc: Encoder = load_encoder(backbone, device=device, models_dir=models_dir)
+    card_name = check_new_card_name(
+        name or _safe_name(f"{backbone_enc.name}-pathotune-{task.name if task else '-'.join(data.classes)}"),
+        models_dir=models_dir, backbone=backbone_enc.name,
+    )
     dev = backbone_enc.device
     ivp: Encoder | None = None
     if "ivp" in prompts:
@@ -310,7 +314,6 @@ def tune_pathotune(
         out, data, split, parts, report_part=report_part, probs=p, labels=yt, seed=config.seed,
         summary={"val_untrained": untrained, "val_best": best_metrics, "best_epoch": best.epoch},
     )
-    card_name = name or _safe_name(f"{backbone_enc.name}-pathotune-{task.name if task else '-'.join(data.classes)}")
     weights, card = save_pathotune(
         out, model, backbone=backbone_enc, ivp=ivp, name=card_name,
         meta={"task": task.to_dict() if task else None, "text_model": config.text_model,

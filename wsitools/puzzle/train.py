@@ -33,7 +33,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from wsitools.device import TrainPrecision
-from wsitools.encoders.cards import check_card_name
+from wsitools.encoders.cards import check_card_name, check_new_card_name
 from wsitools.errors import ConfigError
 from wsitools.io import atomic_path, loader_workers, stable_hash, write_json_atomic
 from wsitools.puzzle.backbone import PuzzleBackbone, export_promptstate, load_puzzle_backbone
@@ -223,6 +223,7 @@ def train_puzzle(
         backbone, prompt_tokens=config.prompt_tokens, prompt_mode=config.prompt_mode,
         device=device, models_dir=models_dir,
     )
+    card_name = check_new_card_name(name or f"{bb.card.name}-puzzletuned", models_dir=models_dir, backbone=bb.card.name)
     dev = bb.device
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)  # the decoder's initial weights
@@ -339,7 +340,6 @@ def train_puzzle(
             f"{out}: the trained prompts give NaN or inf features after {stepper.step} steps; training diverged: "
             "lower the learning rate (--base-lr); nothing was exported"
         )
-    card_name = name or f"{bb.card.name}-puzzletuned"
     promptstate, card_path = export_promptstate(
         bb.model.prompt_tokens, out, card=bb.card, weight_sha256=bb.weight_sha256, name=card_name,
         description=(
