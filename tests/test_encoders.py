@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -434,6 +435,13 @@ def test_fetch_from_file_url_verifies_sha256(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         assert fetch_card(unpinned)[0].status == "downloaded"
     assert sha in caplog.text and "pins no sha256" in caplog.text
+
+    (models / "a-folder.pth").mkdir()
+    folder = read_card(write_card(models, "folder", architecture={"model": "prompted_vit_test_patch16_224"},
+                                  weights=[{**entry, "file": "a-folder.pth"}]))
+    with pytest.raises(ModelError, match=rf"^{re.escape(str(models / 'a-folder.pth'))}: is a folder, where the card "):
+        fetch_card(folder)
+    assert not list(models.glob(".tmp-*")) and not any((models / "a-folder.pth").iterdir())
 
     broken = read_card(write_card(models, "broken", architecture={"model": "prompted_vit_test_patch16_224"},
                                   weights=[{**entry, "file": "broken.pth", "url": (tmp_path / "nope.pth").as_uri()}]))

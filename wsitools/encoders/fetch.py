@@ -98,13 +98,19 @@ def _check_destination(card: EncoderCard, weight: WeightFile) -> None:
     """Refuse to download to a place outside the card's folder: a card from elsewhere whose
     ``file`` is absolute or climbs out with ``..`` must not make ``fetch`` write over another
     file. (Such a card still loads a file that is already there.) The check is on the
-    names, so a symbolic link beside the card may lead to another disk."""
+    names, so a symbolic link beside the card may lead to another disk. A folder where the file
+    goes is refused too, before the download."""
     folder = Path(os.path.normpath(card.source.parent if card.source else Path.cwd()))
     target = Path(os.path.normpath(weight.path))  # by name: a link beside the card may lead anywhere
     if not target.is_relative_to(folder) or target == folder:
         raise ModelError(
             f"{card.source}: weight file {weight.file!r} is outside the card's folder {folder}; fetch "
             "writes only beside the card (name the file relative to it, or download it by hand)"
+        )
+    if weight.path.is_dir():
+        raise ModelError(
+            f"{weight.path}: is a folder, where the card {card.source} puts its weight file {weight.file!r}; "
+            "move the folder away or name another file in the card"
         )
 
 
