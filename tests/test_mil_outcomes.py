@@ -169,6 +169,34 @@ def test_survival_metrics_match_scikit_survival():
     assert stat == pytest.approx(ref_stat, rel=1e-10) and p == pytest.approx(ref_p, rel=1e-8)
 
 
+def test_an_event_tied_with_the_last_censorings_truncates_the_weighted_statistics():
+    """Whole months with censoring at the study's end: one death in the last month makes the
+    censoring distribution 0 there; Uno's C and the time-dependent AUCs stay defined, truncated
+    just before that time as scikit-survival's ``tau`` does."""
+    pytest.importorskip("sksurv")
+    from sksurv.metrics import concordance_index_ipcw, cumulative_dynamic_auc
+    from sksurv.util import Surv
+
+    t, e, r = _cohort(seed=4, n=60)
+    end = t.max()
+    last = np.flatnonzero(t == end)
+    t[np.argsort(t)[-3:]] = end  # censored at the end of the study, but for one death
+    e[np.argsort(t)[-3:]] = False
+    e[np.argsort(t)[-1]] = True
+    assert S.censoring_survival(t, e)[1][-1] == 0.0 and e[t == end].any() and (~e[t == end]).any()
+    assert last.size
+    y = Surv.from_arrays(e, t)
+    assert S.uno_c(t, e, r) == pytest.approx(concordance_index_ipcw(y, y, r, tau=end - 0.5)[0], abs=1e-12)
+    times = S.auc_times(t, e)
+    assert len(times) == 3
+    at_end_censored = Surv.from_arrays(e & (t < end), t)  # a control either way: only G's fit sees it
+    np.testing.assert_allclose([S.time_auc(t, e, r, a) for a in times],
+                               cumulative_dynamic_auc(y, at_end_censored, r, times)[0], atol=1e-12)
+    rep = S.survival_report(t, e, r, n_boot=50)
+    assert rep["uno_c"] == pytest.approx(S.uno_c(t, e, r), abs=1e-6) and None not in rep["uno_c_ci95"]
+    assert [row["auc"] for row in rep["time_auc"]] == pytest.approx([S.time_auc(t, e, r, a) for a in times], abs=1e-6)
+
+
 def test_survival_report_intervals_and_groups():
     t, e, r = _cohort(seed=2, n=60)
     rep = S.survival_report(t, e, r, high_risk=r > np.median(r), n_boot=300, seed=0)

@@ -68,11 +68,16 @@ def censoring_survival(time: np.ndarray, event: np.ndarray) -> tuple[np.ndarray,
 
 
 def _ipcw(time: np.ndarray, event: np.ndarray) -> np.ndarray:
-    """``1 / G(time_i)`` for the slides with an event (0 for censored ones; NaN where G is 0)."""
+    """``1 / G(time_i)`` for the slides with an event, 0 for censored ones.
+
+    G reaches 0 only at the last follow-up time, when an event there ties with the last
+    censorings (whole months and censoring at the study's end make this common). Such events
+    get weight 0: the weighted statistics are truncated just before the last follow-up time, as
+    Uno's C is with ``tau`` (every statistic stays defined instead of the whole report losing it).
+    """
     times, g = censoring_survival(time, event)
     at = g[np.searchsorted(times, time, side="right") - 1]
-    with np.errstate(divide="ignore"):
-        return np.where(event, np.where(at > 0, 1.0 / np.where(at > 0, at, 1.0), math.nan), 0.0)
+    return np.where(event & (at > 0), 1.0 / np.where(at > 0, at, 1.0), 0.0)
 
 
 def logrank_test(time: np.ndarray, event: np.ndarray, group: np.ndarray) -> tuple[float, float]:
@@ -147,8 +152,8 @@ def harrell_c(time: np.ndarray, event: np.ndarray, risk: np.ndarray) -> float:
 
 
 def uno_c(time: np.ndarray, event: np.ndarray, risk: np.ndarray, *, tau: float | None = None) -> float:
-    """Uno's IPCW concordance index, truncated at ``tau`` when given (NaN without a pair, or
-    where the censoring distribution reaches zero at an event time before ``tau``)."""
+    """Uno's IPCW concordance index, truncated at ``tau`` when given, and always before an event
+    at the last follow-up time where the censoring distribution reaches zero (NaN without a pair)."""
     t, e, r = _arrays(time, event, risk)
     return _ratio(*_concordance_matrices(t, e, r, _uno_weights(t, e, tau)))
 
@@ -216,16 +221,11 @@ def survival_report(
                               "censored_fraction": json_float(float(1.0 - e.mean())) if len(t) else None}
     ipcw = _ipcw(t, e)
     for name, weight in (("c_index", np.ones(len(t))), ("uno_c", ipcw**2)):
-        if np.isnan(weight).any():
-            report[name], report[f"{name}_ci95"] = None, [None, None]
-            continue
         n, d = _concordance_matrices(t, e, r, weight)
         report[name] = json_float(_ratio(n, d))
         report[f"{name}_ci95"] = [json_float(v) for v in _bootstrap_ratio(n, d, n_boot=n_boot, seed=seed, level=level)]
     rows = []
     for at in auc_times(t, e) if times is None else times:
-        if np.isnan(ipcw).any():
-            break
         n, d = _auc_matrices(t, e, r, float(at), ipcw)
         lo, hi = _bootstrap_ratio(n, d, n_boot=n_boot, seed=seed, level=level)
         rows.append({"time": round(float(at), 6), "auc": json_float(_ratio(n, d)), "auc_ci95": [json_float(lo), json_float(hi)]})
