@@ -116,6 +116,29 @@ def test_polygon_rings_follow_the_geojson_right_hand_rule():
         assert ring[0] == ring[-1]
 
 
+def test_tissue_cut_by_the_slide_edge_stays_tissue():
+    """A slide scanned or cropped up to its tissue: the morphology neither takes the outside for
+    glass (which cut a band of the closing radius from every edge, and a thin strip away) nor
+    for tissue (which would join tissue near the edge to the edge)."""
+    from wsitools.tissue import tissue_mask
+
+    rng = np.random.default_rng(0)
+    tissue = np.clip(rng.normal((200, 120, 170), 6, (120, 160, 3)), 0, 255).astype(np.uint8)
+    params = TissueParams()  # closing 40 um, opening 16 um: 5 and 2 px at 8 um/px
+    mask, _ = tissue_mask(tissue, 8.0, params)
+    assert mask.all()
+    half = tissue.copy()  # tissue on the left half, glass on the right
+    half[:, 80:] = 243
+    mask, _ = tissue_mask(half, 8.0, params)
+    assert mask[:, :80].all() and not mask[:, 80:].any()
+    near = np.full_like(tissue, 243)  # tissue ending 4 px (32 um) before the right edge
+    near[:, 40:156] = tissue[:, 40:156]
+    mask, _ = tissue_mask(near, 8.0, params)
+    assert mask[:, 40:156].all() and not mask[:, 156:].any() and not mask[:, :40].any()
+    strip, _ = tissue_mask(tissue[:3], 8.0, TissueParams(min_region_area=1_000))  # 24 um tall, under the disks
+    assert strip.all()
+
+
 @pytest.mark.parametrize("radius", [0, 1, 2, 3.4, 5, 9])
 def test_disk_sweep_is_scipys_binary_morphology(radius):
     from scipy import ndimage as ndi

@@ -121,6 +121,25 @@ def _disk_sweep(mask: np.ndarray, radius_px: float, *, op: Literal["dilate", "er
     return out
 
 
+def _edge_aware(
+    mask: np.ndarray, radius_px: float, ops: tuple[Literal["dilate", "erode"], Literal["dilate", "erode"]]
+) -> np.ndarray:
+    """A closing (``("dilate", "erode")``) or opening by a disk, on ``mask`` extended past its
+    edges by repeating its edge pixels, cropped back.
+
+    A slide scanned or cropped up to its tissue has tissue at its edge; taking the outside for
+    glass would cut a band of the disk's radius from it (and a strip thinner than the disk
+    away), while taking it for tissue would join tissue near the edge to the edge. Repeating the
+    edge continues each the way it leaves the image.
+    """
+    pad = max(0, int(round(radius_px)))
+    height, width = mask.shape
+    out = np.pad(mask, pad, mode="edge")
+    for op in ops:
+        out = _disk_sweep(out, radius_px, op=op)
+    return out[pad : pad + height, pad : pad + width]
+
+
 def fill_holes(mask: np.ndarray) -> np.ndarray:
     """``mask`` with every background region not connected to the image's border filled.
 
@@ -157,11 +176,9 @@ def tissue_mask(thumbnail: np.ndarray, mpp: float, params: TissueParams) -> tupl
     threshold = float(np.clip(otsu, params.min_saturation, params.max_saturation))
     mask = (sat > threshold) & (val < params.max_brightness)
     if params.closing_radius > 0:
-        closing = params.closing_radius / mpp
-        mask = _disk_sweep(_disk_sweep(mask, closing, op="dilate"), closing, op="erode")
+        mask = _edge_aware(mask, params.closing_radius / mpp, ("dilate", "erode"))
     if params.opening_radius > 0:
-        opening = params.opening_radius / mpp
-        mask = _disk_sweep(_disk_sweep(mask, opening, op="erode"), opening, op="dilate")
+        mask = _edge_aware(mask, params.opening_radius / mpp, ("erode", "dilate"))
     px_area = mpp * mpp
     if params.fill_holes:
         if params.max_hole_area is None:
