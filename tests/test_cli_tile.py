@@ -23,7 +23,7 @@ def test_info_json(synthetic_svs, capsys):
 def test_info_text(fixtures_dir, capsys):
     assert main(["info", str(fixtures_dir / "boxes.tiff"), "--mpp-override", "0.5"]) == 0
     out = capsys.readouterr().out
-    assert "300 x 250" in out and "downsample 4.016" in out and "override" in out
+    assert "300 x 250" in out and "75 x 62  downsample 4  " in out and "override" in out
 
 
 @pytest.mark.parametrize("name, message", [
@@ -41,7 +41,7 @@ def test_errors_are_one_line_without_traceback(fixtures_dir, name, message):
 def test_info_shows_a_slide_without_usable_mpp_with_the_problem(fixtures_dir, capsys):
     assert main(["info", str(fixtures_dir / "boxes.tiff")]) == 0
     out = capsys.readouterr().out
-    assert "300 x 250" in out and "downsample 4.016" in out
+    assert "300 x 250" in out and "75 x 62  downsample 4\n" in out
     assert "mpp              unknown: metadata mpp-x = 352.778 um/px is implausible" in out
 
 

@@ -110,11 +110,12 @@ def test_boxes_tiff_odd_downsamples_and_nonsense_mpp(fixtures_dir):
     with open_slide(path, mpp_override=0.5) as s:
         assert s.dimensions == (300, 250)
         assert s.level_count == 4
-        assert s.level_downsamples[2] == pytest.approx(4.016, abs=1e-3)
-        assert s.level_downsamples[3] == pytest.approx(8.086, abs=1e-3)
+        assert s.backend_downsamples[2] == pytest.approx(4.016, abs=1e-3)
+        assert s.backend_downsamples[3] == pytest.approx(8.086, abs=1e-3)
+        assert s.level_downsamples == (1.0, 2.0, 4.0, 8.0)  # the sides of level 0 halved, floored
         expected = np.asarray(Image.open(fixtures_dir / "boxes.png").convert("RGB"))
         np.testing.assert_array_equal(s.read_region((0, 0), 0, (300, 250)), expected)
-        assert s.best_level_for_mpp(2.0) == 2  # 0.5 * 4.016 = 2.008 is within tolerance
+        assert s.best_level_for_mpp(2.0) == 2
         assert s.best_level_for_mpp(1.95) == 1
 
 

@@ -17,7 +17,7 @@ import os
 import threading
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -85,6 +85,25 @@ def _rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
 
+def whole_downsamples(
+    dimensions: tuple[int, int], level_dimensions: Sequence[tuple[int, int]], downsamples: Sequence[float]
+) -> tuple[float, ...]:
+    """The levels' downsamples, each made the whole number k when the level is level 0 shrunk
+    by k (each side ``floor`` or ``ceil`` of level 0's over k), as scanners and libvips write
+    pyramids; other levels keep theirs.
+
+    Backends report the ratio of the sides (2.0009 for a 2689 px level 0 over 1344), which maps
+    level px to level 0 a little off the way the level was made, drifting across the slide; a
+    level read at the target resolution then had to be resampled instead of copied.
+    """
+    out = []
+    for (w, h), ds in zip(level_dimensions, downsamples):
+        k = max(1, round(ds))
+        whole = all(side in (dim // k, -(-dim // k)) for side, dim in ((w, dimensions[0]), (h, dimensions[1])))
+        out.append(float(k) if whole else float(ds))
+    return tuple(out)
+
+
 def _float_or_none(value: Any) -> float | None:
     try:
         f = float(value)
@@ -121,8 +140,9 @@ def _tiff_resolution_mpp(path: Path) -> tuple[float | None, float | None]:
 class Slide(ABC):
     """A whole-slide image opened by one backend.
 
-    Attributes set by backends: ``dimensions``, ``level_dimensions``, ``level_downsamples``,
-    ``properties``. Opening also decodes a few pixels of the coarsest level, so a file whose
+    Attributes set by backends: ``dimensions``, ``level_dimensions``, ``backend_downsamples``
+    (the backend's own), ``properties``. ``level_downsamples`` are the backend's, made whole
+    where a level is level 0 shrunk by a whole factor (:func:`whole_downsamples`). Opening also decodes a few pixels of the coarsest level, so a file whose
     pixels no backend can decode (an unknown compression, a broken tile stream) is reported as
     that, before anything is judged from its metadata. The resolution ``mpp`` is resolved once
     at open time (the override, else the metadata, else :class:`SlideError`); with
@@ -135,6 +155,7 @@ class Slide(ABC):
 
     dimensions: tuple[Level0Px, Level0Px]
     level_dimensions: tuple[tuple[int, int], ...]
+    backend_downsamples: tuple[float, ...]
     level_downsamples: tuple[float, ...]
     properties: Mapping[str, str]
 
@@ -152,6 +173,7 @@ class Slide(ABC):
             raise
         except Exception as exc:
             raise SlideOpenError(f"{self.path}: cannot be opened by {self.backend}: {one_line(exc)}") from None
+        self.level_downsamples = whole_downsamples(self.dimensions, self.level_dimensions, self.backend_downsamples)
         self._probe()
         self._mpp: MicronsPerPixel | None = None
         self.mpp_problem: str | None = None
@@ -193,11 +215,12 @@ class Slide(ABC):
     # --- backend hooks -------------------------------------------------------------------
     @abstractmethod
     def _open(self) -> None:
-        """Open the file and set dimensions, level_dimensions, level_downsamples, properties."""
+        """Open the file and set dimensions, level_dimensions, backend_downsamples, properties."""
 
     @abstractmethod
-    def _read(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
-        """Read a region as an RGB or RGBA uint8 array (backend-native)."""
+    def _read(self, origin: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        """Read ``size`` px of ``level`` from ``origin`` in that level's px, as an RGB or RGBA
+        uint8 array (backend-native)."""
 
     @abstractmethod
     def close(self) -> None:
@@ -222,7 +245,8 @@ class Slide(ABC):
     def read_region(
         self, location: tuple[int, int], level: int, size: tuple[int, int]
     ) -> np.ndarray:
-        """Read ``size`` = (w, h) pixels of ``level`` whose top-left is ``location`` in level-0 px.
+        """Read ``size`` = (w, h) pixels of ``level`` whose top-left is ``location`` in level-0 px
+        (the level's pixel nearest to ``location / level_downsamples[level]``).
 
         Returns an RGB uint8 array [h, w, 3]; areas outside the slide are white.
         """
@@ -231,8 +255,10 @@ class Slide(ABC):
         w, h = int(size[0]), int(size[1])
         if w <= 0 or h <= 0:
             raise ValueError(f"region size must be positive, got {size}")
+        ds = self.level_downsamples[level]
+        origin = (round(location[0] / ds), round(location[1] / ds))
         try:
-            region = self._read((int(location[0]), int(location[1])), level, (w, h))
+            region = self._read(origin, level, (w, h))
         except Exception as exc:
             raise SlideError(
                 f"{self.path}: reading {w}x{h} px at {tuple(location)} (level {level}) failed: {exc}"
@@ -392,11 +418,14 @@ class OpenSlideSlide(Slide):
         self._osr = openslide.OpenSlide(str(self.path))
         self.dimensions = tuple(self._osr.dimensions)  # type: ignore[assignment]
         self.level_dimensions = tuple(tuple(d) for d in self._osr.level_dimensions)
-        self.level_downsamples = tuple(float(d) for d in self._osr.level_downsamples)
+        self.backend_downsamples = tuple(float(d) for d in self._osr.level_downsamples)
         self.properties = dict(self._osr.properties)
 
-    def _read(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
-        return np.asarray(self._osr.read_region(location, level, size))
+    def _read(self, origin: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        # OpenSlide takes level-0 px and divides by its own downsample: the nearest it can get
+        # to the level's pixel (it resamples by what is left over where that is not whole).
+        ds = self.backend_downsamples[level]
+        return np.asarray(self._osr.read_region((round(origin[0] * ds), round(origin[1] * ds)), level, size))
 
     def close(self) -> None:
         self._osr.close()
@@ -528,7 +557,7 @@ class TiffSlideSlide(Slide):
         self._tiles = TileCache(TILE_CACHE_BYTES)
         self.dimensions = tuple(self._ts.dimensions)  # type: ignore[assignment]
         self.level_dimensions = tuple(tuple(d) for d in self._ts.level_dimensions)
-        self.level_downsamples = tuple(float(d) for d in self._ts.level_downsamples)
+        self.backend_downsamples = tuple(float(d) for d in self._ts.level_downsamples)
         self.properties = {k: str(v) for k, v in self._ts.properties.items() if v is not None}
         self._check_whole()
 
@@ -549,12 +578,14 @@ class TiffSlideSlide(Slide):
                         f"the file has {size} bytes"
                     )
 
-    def _read(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+    def _read(self, origin: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         page = self._tiled_page(level)
         if page is None:
+            # tiffslide takes level-0 px and truncates their quotient by its own downsample
+            ds = self.backend_downsamples[level]
+            location = tuple(math.ceil(o * ds) if o >= 0 else math.floor(o * ds) for o in origin)
             return self._ts.read_region(location, level, size, as_array=True)
-        ds = self.level_downsamples[level]
-        return self._read_tiles_direct(level, page, round(location[0] / ds), round(location[1] / ds), size)
+        return self._read_tiles_direct(level, page, origin[0], origin[1], size)
 
     def _tiled_page(self, level: int) -> Any:
         """The level's TIFF page when its tiles can be decoded directly (tiled, chunky RGB(A))."""
