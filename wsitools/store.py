@@ -550,11 +550,12 @@ class PatchStore:
             )
         return data
 
-    def check_chunks(self, arrays: Sequence[str] = ("coords", "tissue_fraction")) -> None:
-        """Read the chunk files of ``arrays`` whole and check them against the manifest's
-        checksums (:class:`DamagedStoreError` naming the first that differs)."""
+    def check_chunks(self, arrays: Sequence[str] | None = None) -> None:
+        """Read the chunk files of ``arrays`` (default: every chunk the manifest has a checksum
+        of) whole and check them against the manifest's checksums (:class:`DamagedStoreError`
+        naming the first that differs)."""
         for key in self._crc32:
-            if key.split("/", 1)[0] in arrays:
+            if arrays is None or key.split("/", 1)[0] in arrays:
                 self._chunk_bytes(key)
 
     def _read(self, name: str, selection: Any) -> np.ndarray:

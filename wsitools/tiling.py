@@ -465,7 +465,7 @@ def tile_slide(
             replace = True
             try:
                 kept = PatchStore(store_path)
-                kept.check_chunks()  # the tile table, whose damage no decoder would see
+                kept.check_chunks()  # every chunk: one damaged in place passes the sizes
                 old = kept.attrs
             except DamagedStoreError as exc:
                 log.warning("%s: rebuilding it", exc)

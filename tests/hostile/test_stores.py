@@ -183,7 +183,7 @@ def _unchecked(store: Path) -> Path:
     return store
 
 
-def test_a_jpeg_chunk_damaged_in_place_is_a_one_line_error_naming_store_and_file(tiled, tmp_path, capsys):
+def test_a_jpeg_chunk_damaged_in_place_is_a_one_line_error_naming_store_and_file(tiled, synthetic_svs, tmp_path, capsys):
     store = copy_store(tiled, tmp_path / "tiles")
     chunk = store / "tiles" / "c" / "0"
     data = bytearray(chunk.read_bytes())
@@ -200,6 +200,10 @@ def test_a_jpeg_chunk_damaged_in_place_is_a_one_line_error_naming_store_and_file
     err_text = capsys.readouterr().err
     assert rc == 1 and f"{store}: damaged patch store: tiles/c/0 was changed" in err_text and "Traceback" not in err_text
     assert not list((tmp_path / "features").rglob("*.h5"))
+    # tiling again, as the error says, rebuilds it (the kept check reads every chunk)
+    assert tile_slide(synthetic_svs, tmp_path / "tiles", PARAMS, progress=False)["status"] == "ok"
+    np.testing.assert_array_equal(PatchStore.open(store).read_tiles(slice(None)),
+                                  PatchStore.open(tiled).read_tiles(slice(None)))
     # A store sealed without checksums: the decoder is the check, tile by tile.
     chunk.write_bytes(bytes(data[: start + 40]) + bytes(360) + bytes(data[start + 400 :]))
     opened = PatchStore.open(_unchecked(store))
