@@ -403,6 +403,8 @@ def _empty_reason(attrs: dict[str, Any]) -> str:
             f"the slide is smaller than one tile ({attrs['tile_size']} px at {attrs['mpp_target']:g} um/px, "
             f"{attrs['tile_size_level0']:g} level-0 px a side)"
         )
+    if attrs["min_tissue"] == 0:
+        return "no tile touches tissue"
     return f"no tile has tissue fraction >= {attrs['min_tissue']}"
 
 

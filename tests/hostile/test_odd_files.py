@@ -8,6 +8,7 @@ pixels, messages naming the file, QC records, what is on disk.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -297,6 +298,9 @@ def test_a_greyscale_scan_is_told_why_no_tissue_is_found(tmp_path, caplog):
     record = tile_slides([grey], tmp_path / "tiles", PARAMS, progress=False)[0]
     assert (record["status"], record["reason"]) == ("no_tissue", "no tile has tissue fraction >= 0.5")
     assert f"{grey.resolve()}: no tissue found: the slide has no colour (a greyscale scan)" in caplog.text
+    any_tissue = dataclasses.replace(PARAMS, min_tissue=0.0)
+    record = tile_slides([grey], tmp_path / "any", any_tissue, progress=False)[0]
+    assert (record["status"], record["reason"]) == ("no_tissue", "no tile touches tissue")
 
 
 @pytest.mark.parametrize("target, warned", [(0.125, True), (0.24, False), (0.25, False)])

@@ -36,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tile-size", type=positive_int, default=224, help="tile side in target px (224)")
     p.add_argument("--overlap", type=non_negative_int, default=0, help="overlap between tiles in target px (0)")
     p.add_argument("--min-tissue", type=fraction, default=0.5,
-                   help="minimum tissue fraction of a kept tile (0.5)")
+                   help="minimum tissue fraction of a kept tile; 0 keeps every tile that touches tissue (0.5)")
     p.add_argument("--backend", choices=["auto", "openslide", "tiffslide"], default="auto",
                    help="the library that reads the slides; auto: tiffslide first for .svs/.tif/.tiff, "
                    "OpenSlide first otherwise, the other if the first cannot open it (auto)")
