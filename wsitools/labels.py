@@ -104,13 +104,15 @@ def classes_from_labels(
     labelled: Iterable[tuple[str, str]], *, where: str, unlabelled: str = "leave the cell empty"
 ) -> tuple[str, ...]:
     """The classes of a task without a task file: the labels of ``labelled`` (slide id, label)
-    pairs, sorted. Two labels that are one number written two ways (``1`` and ``1.0``, as
-    exports of one spreadsheet can mix) would be two classes, and so would a missing-value
+    pairs, sorted. Two labels that are one number or one word written two ways (``1`` and
+    ``1.0``, ``tumor`` and ``Tumor``, as exports and merged sheets can mix) would be two classes,
+    and so would a missing-value
     marker (``NA``, ``NaN``, ``#N/A``, ...; :data:`MISSING_MARKERS`): a :class:`DataError`
     starting with ``where`` names them and a slide of each, and says how to mark a slide without
     a label there (``unlabelled``: an empty cell in a samples sheet; a labels table leaves the row
     out). A task file that lists such a label as a class makes it one."""
     first: dict[float, tuple[str, str]] = {}
+    spelled: dict[str, tuple[str, str]] = {}
     labels: set[str] = set()
     for slide_id, label in labelled:
         if label.casefold() in MISSING_MARKERS:
@@ -119,6 +121,13 @@ def classes_from_labels(
                 f"class; {unlabelled} for a slide without a label, or list the classes in a task file"
             )
         labels.add(label)
+        seen, seen_slide = spelled.setdefault(label.casefold(), (label, slide_id))
+        if seen != label:
+            raise DataError(
+                f"{where}: labels {seen!r} and {label!r} differ only in case (slides {seen_slide} and {slide_id}), "
+                "which would make them two classes; write each class's label alike, or list both as classes "
+                "in a task file"
+            )
         if not is_number(label):
             continue
         seen, seen_slide = first.setdefault(float(label), (label, slide_id))

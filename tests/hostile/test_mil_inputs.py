@@ -284,6 +284,20 @@ def test_the_workflow_check_names_one_number_written_two_ways():
                                      "one number written two ways (slides s1 and s2)")
 
 
+def test_labels_that_differ_only_in_case_are_named_not_made_two_classes():
+    from wsitools.labels import check_task_labels, classes_from_labels
+    from wsitools.samples import Sample
+
+    samples = [Sample(slide_id=f"s{i}", path=f"/x/s{i}.svs", patient_id=f"s{i}", mpp=None,
+                      fields={"label": label}) for i, label in enumerate(["neg", "pos", "neg", "POS", "pos"])]
+    with pytest.raises(DataError) as err:
+        check_task_labels(samples, task="t", label_column="label", classes=None, folds={"abmil": 2},
+                          sheet="samples.tsv")
+    assert str(err.value).startswith("config: tasks: t: column 'label' of samples.tsv: labels 'pos' and 'POS' "
+                                     "differ only in case (slides s1 and s3), which would make them two classes")
+    assert classes_from_labels([("a", "MSI"), ("b", "MSS"), ("c", "MSI")], where="x") == ("MSI", "MSS")
+
+
 @pytest.mark.parametrize("spelling, hint", [
     ("{}.svs", "; give slide ids without the file extension, as wsitools names the slides"),
     ("{}", "; slide ids are case-sensitive"),
