@@ -310,20 +310,25 @@ def check_outcome_labels(
                             f"least {k} {what}, but {sheet} has {len(counted)}; set `heads: {head}: folds` lower")
 
 
-def folds_fit(counts: Sequence[int], n_folds: int) -> bool:
+def folds_fit(counts: Sequence[int], n_folds: int, *, spread: Sequence[bool] | None = None) -> bool:
     """Whether patient-stratified ``n_folds``-fold cross-validation works for classes (or strata)
     of ``counts`` patients: every class has at least ``n_folds`` patients (one in each test fold),
     and every fold's training part keeps two patients of some class, so that one can be held out
-    for validation (early stopping). A class's test part in a fold is at most ceil(n / k)."""
-    present = [n for n in counts if n > 0]
-    return bool(present) and min(present) >= n_folds and max(n - -(-n // n_folds) for n in present) >= 2
+    for validation (early stopping). A class's test part in a fold is at most ceil(n / k).
+    Strata marked in ``spread`` (survival's censored patients) are dealt as far as they go and
+    need not reach every fold: only the events make the metrics of a fold."""
+    marks = spread if spread is not None else [False] * len(counts)
+    present = [(n, s) for n, s in zip(counts, marks) if n > 0]
+    filled = [n for n, s in present if not s]
+    return bool(filled) and min(filled) >= n_folds and max(n - -(-n // n_folds) for n, _ in present) >= 2
 
 
-def folds_instead(counts: Sequence[int], n_folds: int) -> int | None:
+def folds_instead(counts: Sequence[int], n_folds: int, *, spread: Sequence[bool] | None = None) -> int | None:
     """The fold count nearest below ``n_folds`` that :func:`folds_fit` ``counts``, else the
     nearest above (more folds leave larger training parts: 3 patients a class take 3 folds, not
     2); None if none does."""
-    fitting = [k for k in range(2, max(counts, default=0) + 1) if k != n_folds and folds_fit(counts, k)]
+    fitting = [k for k in range(2, max(counts, default=0) + 1)
+               if k != n_folds and folds_fit(counts, k, spread=spread)]
     below = [k for k in fitting if k < n_folds]
     return max(below) if below else min(fitting, default=None)
 

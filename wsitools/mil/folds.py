@@ -88,22 +88,22 @@ def patient_kfold(
     names, plabels = _patient_labels(labels, patients)
     counts = np.bincount(plabels)
     strata = tuple(classes) if classes is not None else None
-    other = folds_instead(counts.tolist(), n_folds)
+    spread = [s == "censored" for s in strata] if strata == SURVIVAL_STRATA else None
+    other = folds_instead(counts.tolist(), n_folds, spread=spread)
     instead = f"use --folds {other}" if other else "label more patients"
     kind = "stratum" if strata == SURVIVAL_STRATA or (strata is not None and len(strata) == 1) else "class"
     short = [
         f"{kind} {strata[c] if strata is not None else c!r}: "
         f"{n} patient{'s' if n != 1 else ''}"
-        for c, n in enumerate(counts) if 0 < n < n_folds
+        for c, n in enumerate(counts) if 0 < n < n_folds and not (spread and spread[c])
     ]
     if short and strata is not None and len(strata) == 1:  # regression: one stratum
         raise DataError(f"{n_folds}-fold cross-validation needs at least {n_folds} labelled patients, "
                         f"but there are {counts[0]} ({instead})")
     if short:
-        per = ("in each stratum (folds are stratified on the event: censored, event)"
-               if strata == SURVIVAL_STRATA else "per class")
+        per = "with an event" if strata == SURVIVAL_STRATA else "per class"
         raise DataError(f"{n_folds}-fold cross-validation needs at least {n_folds} patients {per}; {'; '.join(short)} ({instead})")
-    if not folds_fit(counts.tolist(), n_folds):
+    if not folds_fit(counts.tolist(), n_folds, spread=spread):
         raise DataError(
             f"{n_folds}-fold cross-validation of {', '.join(map(str, counts[counts > 0]))} patients per {kind} leaves "
             f"a fold's training part without two patients of one {kind} to hold one out for validation "
