@@ -168,6 +168,13 @@ def test_predict_skips_a_bad_slide_and_pools_the_rest(cohort, runs, tmp_path):
     assert results[1].attention.sum() == pytest.approx(1.0, abs=1e-5)
     skipped = json.loads((tmp_path / "p" / "predict.json").read_text())["skipped"]
     assert sorted(skipped) == ["p02_s1", "stray"] and "not in the patients table" in skipped["stray"]
+    # a slide named twice is pooled once
+    twice = predict(runs["patient"], cohort["root"] / "features", tmp_path / "twice", patients=cohort["labels"],
+                    slides=["p01_s0", "p01_s0", "p01_s1"], progress=False)
+    once = predict(runs["patient"], cohort["root"] / "features", tmp_path / "once", patients=cohort["labels"],
+                   slides=["p01_s0", "p01_s1"], progress=False)
+    assert [r.slide_ids for r in twice] == [("p01_s0", "p01_s1")]
+    np.testing.assert_array_equal(twice[0].attention, once[0].attention)
 
 
 @pytest.mark.parametrize(

@@ -262,7 +262,7 @@ def predict(
     if needs_ivp and ivp_features_dir is None:
         raise DataError(f"{model_dir}: the head uses IVP features from a second encoder; give --ivp-features")
     stores = list_feature_stores(features_dir)
-    wanted = [check_slide_id(s) for s in slides] if slides else sorted(stores)
+    wanted = list(dict.fromkeys(check_slide_id(s) for s in slides)) if slides else sorted(stores)  # each once
     if not wanted:
         raise DataError(f"no feature stores ({{slide_id}}.h5) in {features_dir}{features_root_hint(features_dir)}")
     out_dir = Path(out_dir)
