@@ -173,6 +173,10 @@ def test_user_split_and_fold_columns(cohort_dir):
                           root / "feats", CLASSES)
     folds = user_folds(cohort)
     assert [f.test.tolist() for f in folds] == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    numbered = [(b.slide_id, b.label, b.patient_id, (10, 2)[i % 2]) for i, b in enumerate(bags)]
+    cohort = build_cohort(read_labels(_labels(root / "n.csv", numbered, ("slide_id", "label", "patient_id", "fold"))),
+                          root / "feats", CLASSES)
+    assert [f.test.tolist() for f in user_folds(cohort)] == [[1, 3, 5, 7], [0, 2, 4, 6]]  # fold 2, then fold 10
 
 
 def test_class_weights_and_bag_sampling():

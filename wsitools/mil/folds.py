@@ -142,7 +142,7 @@ def user_folds(cohort: Cohort, *, val_fraction: float = 0.2, seed: int = 0) -> l
     folds_col = np.array(cohort.folds)
     _check_patients_disjoint(cohort.patients, [str(f) for f in folds_col])
     out = []
-    for k, value in enumerate(sorted(set(folds_col.tolist()))):
+    for k, value in enumerate(sorted(set(folds_col.tolist()))):  # integers, in numeric order
         test = np.flatnonzero(folds_col == value)
         train, val = _split_val(np.flatnonzero(folds_col != value), cohort.labels, cohort.patients, val_fraction, rng)
         out.append(Fold(index=k, train=train, val=val, test=test))
