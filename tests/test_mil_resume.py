@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from wsitools.cli import main  # noqa: E402
-from wsitools.errors import ConfigError, ModelError  # noqa: E402
+from wsitools.errors import ModelError  # noqa: E402
 from wsitools.mil import run_folder  # noqa: E402
 from wsitools.mil import train as train_module  # noqa: E402
 from wsitools.mil.config import TrainConfig  # noqa: E402
