@@ -8,9 +8,12 @@ resolution).
 
 Display scales map each tile's attention ``a`` (N tiles, summing to one) to [0, 1]:
 
-- ``rank`` (default): the tile's percentile within the slide. Readable whatever the bag size,
-  but every slide spans the whole colour map, a negative slide as much as a positive one.
+- ``rank`` (default): the tile's percentile within the slide, tied tiles sharing their mean
+  rank (identical tiles get identical attention; store order must not colour them). Readable
+  whatever the bag size, but every slide spans the whole colour map, a negative slide as much
+  as a positive one.
 - ``minmax``: linear between the slide's smallest and largest attention (also per slide).
+  On both per-slide scales attention that is the same everywhere is the middle colour.
 - ``absolute``: ``a * N``, the attention relative to a uniform spread (1 = every tile alike),
   on a log scale from 1 to :data:`ABSOLUTE_MAX`. Raw attention would not do: it shrinks as
   1/N, so a large slide would look cold whatever the head saw. ``a * N`` is comparable
@@ -61,7 +64,7 @@ DEFAULT_MAX_SIDE = 4096
 
 _TITLE_PX = 32  # band above the image for the title
 _BAR_PANEL_PX = 150  # band right of the image for the colour bar and its label
-_MIN_IMAGE_PX = 300  # figure height below the title at least this, so the bar label fits
+_MIN_IMAGE_PX = 300  # figure height below the title at least this, so the bar label (two lines) fits
 
 
 def relative_attention(attention: np.ndarray) -> np.ndarray:
@@ -82,21 +85,20 @@ def display_values(attention: np.ndarray, *, scale: Scale = "rank") -> np.ndarra
     if len(a) < 2:
         return np.ones_like(a)
     if scale == "rank":
-        order = np.argsort(a, kind="mergesort")
-        ranks = np.empty(len(a))
-        ranks[order] = np.arange(len(a))
-        return ranks / (len(a) - 1)
+        from scipy.stats import rankdata
+
+        return (rankdata(a, method="average") - 1.0) / (len(a) - 1)
     lo, hi = a.min(), a.max()
-    return (a - lo) / (hi - lo) if hi > lo else np.ones_like(a)
+    return (a - lo) / (hi - lo) if hi > lo else np.full_like(a, 0.5)
 
 
 def scale_label(scale: Scale) -> str:
     """The colour bar's label: what the colours mean, with the range of the scale."""
     if scale == "rank":
-        return "attention percentile within the slide (0 = least, 1 = most attended tile)"
+        return "attention percentile within the slide\n(0 = least, 1 = most attended tile)"
     if scale == "minmax":
-        return "attention, min-max within the slide (0 = least, 1 = most attended tile)"
-    return f"attention x N (1 = uniform over the N tiles; log scale 1-{ABSOLUTE_MAX:g})"
+        return "attention, min-max within the slide\n(0 = least, 1 = most attended tile)"
+    return f"attention x N (1 = uniform over the N tiles;\nlog scale 1-{ABSOLUTE_MAX:g})"
 
 
 def thumbnail_mpp(
@@ -116,18 +118,19 @@ def thumbnail_mpp(
 
 
 def attention_raster(
-    amap: AttentionMap, *, shape: tuple[int, int], downsample: float, scale: Scale = "rank"
+    amap: AttentionMap, *, shape: tuple[int, int], downsample: tuple[float, float], scale: Scale = "rank"
 ) -> np.ndarray:
-    """Display values painted on a ``shape`` (h, w) grid whose pixels are ``downsample`` level-0
-    px wide (the thumbnail's grid); NaN where no tile lies. Overlapping tiles are averaged."""
+    """Display values painted on a ``shape`` (h, w) grid whose pixels span ``downsample`` level-0
+    px along (x, y) (the thumbnail's grid); NaN where no tile lies. Overlapping tiles are averaged."""
     h, w = shape
+    dx, dy = downsample
     values = display_values(amap.attention, scale=scale)
     total = np.zeros((h, w), np.float64)
     count = np.zeros((h, w), np.float64)
-    x0 = np.floor(amap.coords[:, 0] / downsample).astype(np.int64)
-    y0 = np.floor(amap.coords[:, 1] / downsample).astype(np.int64)
-    x1 = np.ceil((amap.coords[:, 0] + amap.tile_size_level0) / downsample).astype(np.int64)
-    y1 = np.ceil((amap.coords[:, 1] + amap.tile_size_level0) / downsample).astype(np.int64)
+    x0 = np.floor(amap.coords[:, 0] / dx).astype(np.int64)
+    y0 = np.floor(amap.coords[:, 1] / dy).astype(np.int64)
+    x1 = np.ceil((amap.coords[:, 0] + amap.tile_size_level0) / dx).astype(np.int64)
+    y1 = np.ceil((amap.coords[:, 1] + amap.tile_size_level0) / dy).astype(np.int64)
     x0, y0 = np.clip(x0, 0, w), np.clip(y0, 0, h)
     x1, y1 = np.clip(np.maximum(x1, x0 + 1), 0, w), np.clip(np.maximum(y1, y0 + 1), 0, h)
     for v, a, b, c, d in zip(values, y0, y1, x0, x1):

@@ -299,11 +299,11 @@ class Slide(ABC):
                     best = level
         return best
 
-    def thumbnail(self, *, mpp: float, block: int = 4096) -> tuple[np.ndarray, float]:
+    def thumbnail(self, *, mpp: float, block: int = 4096) -> tuple[np.ndarray, tuple[float, float]]:
         """The whole slide at about ``mpp`` um/px, read in blocks so memory stays bounded.
 
-        Returns the image and its downsample (level-0 px per thumbnail px, along x). Never
-        finer than level 0.
+        Returns the image and its downsample along (x, y) (level-0 px per thumbnail px; the
+        two differ a little, as each side is rounded to whole px). Never finer than level 0.
         """
         w0, h0 = self.dimensions
         target_ds = max(1.0, mpp / self.mpp)
@@ -325,7 +325,7 @@ class Slide(ABC):
                     (round(lx * lds), round(ly * lds)), level, (lx1 - lx, ly1 - ly)
                 )
                 out[oy:oy1, ox:ox1] = resize_rgb(region, (ox1 - ox, oy1 - oy))
-        return out, w0 / out_w
+        return out, (w0 / out_w, h0 / out_h)
 
     def info(self) -> dict[str, Any]:
         """Everything ``wsitools info`` prints, JSON-serialisable; without a usable mpp the
