@@ -139,6 +139,28 @@ def test_tissue_cut_by_the_slide_edge_stays_tissue():
     assert strip.all()
 
 
+def test_polygons_hold_tissue_joined_only_at_a_corner():
+    from matplotlib.path import Path as MplPath
+
+    from wsitools.tissue import mask_polygons
+
+    mask = np.zeros((40, 40), bool)
+    mask[5:15, 5:15] = True
+    mask[15:28, 15:28] = True  # touches the first block at one corner only
+    mask[20:24, 5:9] = True
+    mask[23:27, 9:13] = True  # another diagonal join, the other way
+    polygons = mask_polygons(mask, (1.0, 1.0))
+    ys, xs = np.mgrid[0:40, 0:40]
+    centres = np.stack([xs.ravel() + 0.5, ys.ravel() + 0.5], 1)
+    covered = np.zeros(len(centres), bool)
+    for outer, *holes in polygons:
+        inside = MplPath(outer).contains_points(centres)
+        for hole in holes:
+            inside &= ~MplPath(hole).contains_points(centres)
+        covered |= inside
+    np.testing.assert_array_equal(covered.reshape(40, 40), mask)
+
+
 @pytest.mark.parametrize("radius", [0, 1, 2, 3.4, 5, 9])
 def test_disk_sweep_is_scipys_binary_morphology(radius):
     from scipy import ndimage as ndi

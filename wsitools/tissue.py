@@ -214,8 +214,8 @@ def _wound(ring: Ring, *, counterclockwise: bool) -> Ring:
 
 
 def mask_polygons(mask: np.ndarray, downsample: tuple[float, float]) -> list[list[Ring]]:
-    """Polygons (outer ring + holes) of each connected region, in level-0 px; outer rings wind
-    counterclockwise and holes clockwise, as GeoJSON requires."""
+    """Polygons (outer ring + holes) of each region of pixels joined edge to edge, in level-0 px;
+    outer rings wind counterclockwise and holes clockwise, as GeoJSON requires."""
     from scipy import ndimage as ndi
     from skimage.measure import find_contours, label
 
@@ -232,7 +232,9 @@ def mask_polygons(mask: np.ndarray, downsample: tuple[float, float]) -> list[lis
             ring.append(ring[0])
         return ring
 
-    labels = label(mask, connectivity=2)
+    # Regions joined edge to edge, as find_contours traces them: a part joined to the rest only
+    # at a pixel's corner would trace as a second outer ring of one region, and be lost.
+    labels = label(mask, connectivity=1)
     polygons: list[list[Ring]] = []
     for index, region in enumerate(ndi.find_objects(labels), start=1):
         if region is None:
