@@ -608,6 +608,16 @@ class _Worker:
         self.process.join()
 
 
+class TilingStopped(WsiToolsError):
+    """A SIGTERM stopped :func:`tile_slides` after the slide it was tiling got its record: the
+    run did not finish, whatever ``keep_going`` says (a scheduler, or Snakemake, must not take
+    the job for done). ``records`` are those of the slides it got to."""
+
+    def __init__(self, signum: int, records: list[dict[str, Any]], left: int):
+        super().__init__(f"stopped by signal {signum}: {left} slide{'s' if left != 1 else ''} not tiled")
+        self.signum, self.records, self.left = signum, records, left
+
+
 @contextmanager
 def _forward_termination(workers: list[_Worker]) -> Iterator[list[int]]:
     """While tiling, SIGTERM (a scheduler cancelling the job) ends the worker, not this process,
@@ -648,7 +658,7 @@ def tile_slides(
     process: when it dies (killed, out of memory, a crash in a decoder) the slide's record says
     how (``failed``, ``killed by signal 9 (SIGKILL...)``), its dead temporaries are removed, and a
     new worker goes on with the next slide. A SIGTERM ends the worker, records its slide, and
-    stops before the next one.
+    stops before the next one, raising :class:`TilingStopped`.
     """
     if slide_ids is not None and len(slide_ids) != len(slide_paths):
         raise ValueError(f"{len(slide_ids)} slide ids for {len(slide_paths)} slides")
@@ -684,8 +694,9 @@ def tile_slides(
                 record = _failed(out, slide_id, path, reason)
             records.append(record)
             if stopped:
-                log.error("stopped by signal %d: %d slides not tiled", stopped[0], len(slide_paths) - i - 1)
                 break
         for w in workers:
             w.close()
+    if stopped:
+        raise TilingStopped(stopped[0], records, len(slide_paths) - len(records))
     return records

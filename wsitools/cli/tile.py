@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from wsitools.errors import ConfigError
 from wsitools.cli.options import (
     fraction, jpeg_quality, mpp, non_negative_float, non_negative_int, positive_float, positive_int, show_progress,
 )
 from wsitools.store import CODECS, DEFAULT_CODEC, DEFAULT_JPEG_QUALITY
-from wsitools.tiling import TilingParams, tile_slides
+from wsitools.tiling import TilingParams, TilingStopped, tile_slides
 from wsitools.tissue import TissueParams
 from wsitools.types import MicronsPerPixel, TargetPx
 
@@ -93,23 +94,32 @@ def run(args: argparse.Namespace) -> int:
         print("wsitools tile: error: --slide-id names one slide; give one SLIDE", file=sys.stderr)
         return 2
     Path(args.out).mkdir(parents=True, exist_ok=True)  # an unusable --out fails here, once, not per slide
-    records = tile_slides(
-        args.slides,
-        args.out,
-        params,
-        slide_ids=None if args.slide_id is None else [args.slide_id],
-        backend=args.backend,
-        mpp_override=args.mpp_override,
-        workers=args.workers,
-        scheduler=args.scheduler,
-        overwrite=args.overwrite,
-        progress=show_progress(quiet=args.quiet),
-        isolate=True,
-    )
+    try:
+        records = tile_slides(
+            args.slides,
+            args.out,
+            params,
+            slide_ids=None if args.slide_id is None else [args.slide_id],
+            backend=args.backend,
+            mpp_override=args.mpp_override,
+            workers=args.workers,
+            scheduler=args.scheduler,
+            overwrite=args.overwrite,
+            progress=show_progress(quiet=args.quiet),
+            isolate=True,
+        )
+    except TilingStopped as stop:
+        _print_records(stop.records)
+        print(f"wsitools tile: {stop} (see {args.out}/*.qc.json)", file=sys.stderr)
+        return 128 + stop.signum  # asked to stop: not done, --keep-going or not
     failed = [r for r in records if r["status"] == "failed"]
-    for r in records:
-        detail = f"{r['n_tiles']} tiles" if r["status"] != "failed" else r["reason"]
-        print(f"{r['slide_id']}\t{r['status']}\t{detail}")
+    _print_records(records)
     if failed:
         print(f"{len(failed)} of {len(records)} slides failed (see {args.out}/*.qc.json)", file=sys.stderr)
     return 0 if not failed or args.keep_going else 1
+
+
+def _print_records(records: list[dict[str, Any]]) -> None:
+    for r in records:
+        detail = f"{r['n_tiles']} tiles" if r["status"] != "failed" else r["reason"]
+        print(f"{r['slide_id']}\t{r['status']}\t{detail}")
