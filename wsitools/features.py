@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 from wsitools.encoders.loading import Encoder
 from wsitools.errors import ModelError, StoreError
 from wsitools.feature_store import check_target, feature_attrs, feature_store_path, reusable, write_feature_store
-from wsitools.io import loader_workers, remove_dead_temps
+from wsitools.io import loader_workers
 from wsitools.store import PatchStore
 from wsitools.types import DEFAULT_FEATURE_DTYPE, FEATURE_DTYPES, FeatureDtype
 
@@ -182,7 +182,6 @@ def extract_features(
         log.warning("%s: patch store has no tiles; writing an empty feature store", store.path)
     elif not store.has_pixels:
         store.check_slide()  # here, once, rather than in every DataLoader worker
-    remove_dead_temps(path.parent, path.name)
     features = compute_features(store, encoder, batch_size=batch_size, workers=workers, compile=compile, progress=progress)
     stored = as_stored(features, dtype, source=store.path, encoder=encoder.name)
     write_feature_store(path, stored, store.coords, feature_attrs(store, encoder))

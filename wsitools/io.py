@@ -106,8 +106,9 @@ def remove_dead_temps(directory: Path, name: str | None = None) -> list[Path]:
     """Remove the temporaries in ``directory`` (of final name ``name``, or all) that are provably dead.
 
     Only temporaries of this host whose process is gone are touched: another host's, or a live
-    run's, are left alone (``wsitools clean`` removes old ones on a shared file system). The steps
-    that write big temporaries (tiling, extraction) call this before writing, once per slide.
+    run's, are left alone (``wsitools clean`` removes old ones on a shared file system).
+    :func:`atomic_path` calls this for its final name before writing, so whatever a killed run
+    was writing is removed when the next run writes it again.
     """
     pattern = f"{TEMP_PREFIX}{name}-*" if name is not None else f"{TEMP_PREFIX}*"
     removed = []
@@ -186,10 +187,12 @@ def atomic_path(final: str | os.PathLike[str], *, overwrite: bool = False) -> It
     The temporary is unique to this run (:func:`temp_sibling`). On an exception it is removed and
     ``final`` is left as it was. Without ``overwrite`` an existing ``final`` is never touched:
     :class:`LostRace` (a ``FileExistsError``) says another run got there first. With
-    ``overwrite`` an existing ``final`` is replaced only once the new one is complete.
+    ``overwrite`` an existing ``final`` is replaced only once the new one is complete. Dead
+    temporaries of ``final`` (:func:`remove_dead_temps`) are removed first.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_temps(final.parent, final.name)
     tmp = temp_sibling(final)
     try:
         yield tmp

@@ -452,7 +452,6 @@ def tile_slide(
     out = Path(out_dir)
     store_path = out / f"{slide_id}.zarr"
     out.mkdir(parents=True, exist_ok=True)
-    remove_dead_temps(out, store_path.name)
     with open_slide(path, backend=backend, mpp_override=mpp_override) as slide:
         geometry = tile_geometry(slide, params)
         if geometry.scale * ENLARGE_WARNING < 1:
