@@ -18,7 +18,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from wsitools.errors import DataError
+from wsitools.errors import DataError, WsiToolsError
 
 
 TEMP_PREFIX = ".tmp-"
@@ -136,8 +136,9 @@ def check_out_apart(out: str | os.PathLike[str], inputs: dict[str, str | os.Path
             )
 
 
-class LostRace(FileExistsError):
-    """Another run put a finished ``final`` in place while this one was writing it."""
+class LostRace(FileExistsError, WsiToolsError):
+    """Another run put a finished ``final`` in place while this one was writing it (one line
+    for the user: two runs wrote one output at once)."""
 
 
 def _publish(tmp: Path, final: Path, *, overwrite: bool) -> None:
@@ -188,7 +189,8 @@ def atomic_path(final: str | os.PathLike[str], *, overwrite: bool = False) -> It
     ``final`` is left as it was. Without ``overwrite`` an existing ``final`` is never touched:
     :class:`LostRace` (a ``FileExistsError``) says another run got there first. With
     ``overwrite`` an existing ``final`` is replaced only once the new one is complete. Dead
-    temporaries of ``final`` (:func:`remove_dead_temps`) are removed first.
+    temporaries of ``final`` (:func:`remove_dead_temps`) are removed first. An ``OSError``
+    that names no file (a full disk, as Python's writes report it) is raised naming ``final``.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -199,8 +201,10 @@ def atomic_path(final: str | os.PathLike[str], *, overwrite: bool = False) -> It
         if final.exists() and not overwrite:
             raise LostRace(f"{final}: another run finished it first")
         _publish(tmp, final, overwrite=overwrite)
-    except BaseException:
+    except BaseException as exc:
         remove_path(tmp)
+        if isinstance(exc, OSError) and not isinstance(exc, LostRace) and exc.filename is None and exc.errno:
+            raise OSError(exc.errno, exc.strerror or os.strerror(exc.errno), str(final)) from exc
         raise
 
 

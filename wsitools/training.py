@@ -330,7 +330,7 @@ class Checkpoints:
 
         ``settings`` (JSON-serialisable) are what a resumed run must share with this one;
         ``extra`` is the trainer's own record (e.g. its log rows), returned by :meth:`restore`."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         final = self.root / f"epoch-{epoch:04d}"
         state = {
@@ -339,7 +339,8 @@ class Checkpoints:
         }
         with atomic_path(final, overwrite=True) as tmp:
             tmp.mkdir()
-            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "trainable.safetensors"))
+            # written by Python, so a full disk is an OSError (safetensors' writer raises its own type)
+            (tmp / "trainable.safetensors").write_bytes(save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
             torch.save(stepper.state_dict(), tmp / "optimizer.pt")
             (tmp / "state.json").write_text(json.dumps(state, indent=2))
         for _, old in self.found()[: -self.keep]:

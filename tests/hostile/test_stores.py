@@ -85,6 +85,30 @@ def test_two_writers_of_one_directory_never_merge(tmp_path):
     assert not temps(tmp_path)
 
 
+def test_write_failures_name_the_output_in_one_line(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from wsitools.cli import main as cli_main
+
+    final = tmp_path / "run" / "model.safetensors"
+    with pytest.raises(OSError) as err:
+        with atomic_path(final) as tmp:
+            tmp.write_bytes(b"x")
+            raise OSError(errno.ENOSPC, "No space left on device")  # as Python's own writes report a full disk
+    assert (err.value.errno, err.value.filename) == (errno.ENOSPC, str(final)) and not temps(tmp_path)
+    # two runs of one output: the loser's error is the user's one line, not a traceback
+    import wsitools.cli.mil as cli_mil
+
+    def lost(args):
+        raise LostRace(f"{tmp_path / 'run'}: another run finished it first")
+
+    monkeypatch.setattr(cli_mil, "run_train", lost)
+    (tmp_path / "l.csv").write_text("slide_id,label\n")
+    assert cli_main(["train", "--features", str(tmp_path), "--labels", str(tmp_path / "l.csv"),
+                     "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err == f"wsitools train: error: {tmp_path / 'run'}: another run finished it first\n"
+
+
 def test_two_concurrent_tile_runs_of_one_slide_give_one_whole_store(synthetic_svs, tmp_path, monkeypatch):
     import wsitools.tiling as tiling
 

@@ -66,7 +66,7 @@ def save_head(model: nn.Module, folder: str | os.PathLike[str], *, meta: dict[st
     ``meta`` must hold ``classes`` (the class names in logit order); anything else JSON-able
     (task, encoder, text model, fold, training settings) is kept for provenance.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     if "classes" not in meta:
         raise ValueError("save_head needs meta['classes']")
@@ -77,7 +77,8 @@ def save_head(model: nn.Module, folder: str | os.PathLike[str], *, meta: dict[st
         tmp.mkdir()
         # One metadata key: the library writes several in a random order, and the same head
         # should give the same bytes (the head's name is in config.json).
-        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        # (written by Python, so a full disk is an OSError: safetensors' writer raises its own type)
+        (tmp / WEIGHTS_FILE).write_bytes(save(state, metadata={"format": "pt"}))
         write_json_atomic(
             tmp / CONFIG_FILE,
             {"format_version": HEAD_FORMAT_VERSION, "kind": HEAD_KIND, "config": config.to_dict(), **meta},

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 import yaml
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from wsitools.device import resolve_device
 from wsitools.encoders import Encoder, EncoderCard, load_encoder
@@ -81,7 +81,7 @@ def save_pathotune(
     with atomic_path(weights, overwrite=True) as tmp:
         # One metadata key, so that the same prompts give the same bytes (the library writes
         # several in a random order); the kind is in the card and the config.
-        save_file(state, str(tmp), metadata={"format": "pt"})
+        tmp.write_bytes(save(state, metadata={"format": "pt"}))  # by Python: a full disk is an OSError
     write_json_atomic(
         folder / CONFIG_FILE,
         {
