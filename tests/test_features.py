@@ -134,6 +134,36 @@ def test_weight_and_store_changes_force_recompute(tmp_path):
     np.testing.assert_array_equal(fs.coords(), PatchStore.open(path).coords)
 
 
+def test_the_workflow_check_finds_features_of_an_earlier_version_of_a_card(tmp_path):
+    """The workflow extracts a slide once; after a card's recipe or weights change its old
+    features must not go on feeding the heads unnoticed."""
+    from wsitools.errors import DataError
+    from wsitools.samples import check_features_current
+
+    torch.save(official_backbone(seed=0), tmp_path / "backbone.pth")
+    torch.save(official_promptstate(seed=1), tmp_path / "promptstate.pth")
+    card = write_card(tmp_path)
+    extract_features(small_store(tmp_path / "tiles" / "S1.zarr"), load_encoder(card, device="cpu"), tmp_path / "features")
+
+    def check(precision="card"):
+        check_features_current(tmp_path / "features", ["tiny-official"], models_dir=str(tmp_path), precision=precision)
+
+    check()
+    check("fp32")  # a float32 card is the same encoder at either precision
+    for change in ("weights", "recipe"):
+        if change == "weights":
+            torch.save(official_promptstate(seed=2), tmp_path / "promptstate.pth")
+        else:
+            torch.save(official_promptstate(seed=1), tmp_path / "promptstate.pth")
+            card.write_text(card.read_text().replace("normalize: null", "normalize: {mean: [0.5, 0.5, 0.5], std: [0.2, 0.2, 0.2]}"))
+        with pytest.raises(DataError, match=rf"^{tmp_path / 'features' / 'tiny-official'}: its feature stores were made by "
+                                            "another version of encoder card 'tiny-official'"):
+            check()
+    # once extracted again with the card as it is, the check passes
+    extract_features(tmp_path / "tiles" / "S1.zarr", load_encoder(card, device="cpu"), tmp_path / "features")
+    check()
+
+
 def test_unfinished_and_foreign_stores_are_errors(tiny, tmp_path):
     good = small_store(tmp_path / "S1.zarr")
     unfinished = tmp_path / ".tmp-S2.zarr-4242"

@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import h5py
 import numpy as np
-import torch
 
 from wsitools import __version__
 from wsitools.errors import DataError, StoreError, one_line
@@ -35,6 +34,8 @@ from wsitools.io import atomic_path
 from wsitools.types import FeatureDtype, check_slide_id
 
 if TYPE_CHECKING:
+    import torch
+
     from wsitools.encoders.loading import Encoder
     from wsitools.store import PatchStore
 
@@ -441,6 +442,8 @@ def read_features(
     Without one (a chunked dataset) the whole bag is read and indexed. float16 is widened by
     torch (vectorised), not numpy.
     """
+    import torch  # here: a workflow's checks read stores' attributes without loading torch
+
     if index is None or layout is None:
         with h5py.File(path, "r") as f:
             dset = f["features"]

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from wsitools.encoders.cards import find_card
-from wsitools.errors import DataError, ModelError, schema_problem
+from wsitools.encoders.cards import card_encoder_hash, find_card, precision_hash
+from wsitools.errors import DataError, ModelError, StoreError, schema_problem
 from wsitools.io import read_user_text
 from wsitools.types import MPP_MAX, MPP_MIN, MicronsPerPixel, check_slide_id, slide_id_from_path
 
@@ -208,3 +208,35 @@ def check_encoders(encoders: Mapping[str, str], *, models_dir: str | None) -> No
             find_card(name, models_dir=models_dir or None)
         except ModelError as exc:
             raise DataError(f"config: {key}: {exc}") from None
+
+
+def check_features_current(
+    features_dir: str | os.PathLike[str], encoders: Sequence[str], *, models_dir: str | None, precision: str
+) -> None:
+    """Check that the feature stores a workflow already has for each encoder card were made by the
+    card as it is now: the workflow extracts a slide once, so after a card's recipe or weight file
+    changed it would go on training on the old card's features (and later mix both). A
+    :class:`DataError` names the folder and what to do. Reads one store's attributes per
+    encoder; cards of a kind (PathoTune) and cards with a weight file missing are left to
+    extraction."""
+    from wsitools.feature_store import FeatureStore
+
+    for name in encoders:
+        folder = Path(features_dir) / name
+        first = min(folder.glob("[!.]*.h5"), default=None)
+        if first is None:
+            continue
+        card = find_card(name, models_dir=models_dir or None)
+        if card.kind is not None or not all(w.path.is_file() for w in card.weights):
+            continue
+        try:
+            recorded = FeatureStore.open(first).encoder_hash
+        except StoreError:
+            continue  # a damaged store is the extraction's to report
+        expected = precision_hash(card_encoder_hash(card), card, "fp32" if precision == "fp32" else "card")
+        if recorded != expected:
+            raise DataError(
+                f"{folder}: its feature stores were made by another version of encoder card {name!r} "
+                f"(encoder hash {recorded[:12]}; {card.source} and its weight files give {expected[:12]} now: "
+                f"the card or a weight file changed since); move {folder} away (or restore the card) and run again"
+            )

@@ -26,7 +26,7 @@ import jsonschema
 import yaml
 
 from wsitools.errors import ModelError, schema_problem
-from wsitools.io import yaml_loader
+from wsitools.io import sha256_file, stable_hash, yaml_loader
 from wsitools.types import schema_pattern
 
 OutputKind = Literal["cls", "pooled", "mean_patch", "cls_mean_patch"]
@@ -355,6 +355,37 @@ def read_card(path: str | os.PathLike[str]) -> EncoderCard:
     except yaml.YAMLError as exc:
         raise ModelError(f"{path}: not valid YAML ({exc})") from None
     return card_from_dict(data, source=path)
+
+
+# sha256 of weight files already hashed in this process, keyed by (path, size, mtime_ns).
+_SHA_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def weight_sha256(path: Path) -> str:
+    """sha256 of a weight file, cached per process by path, size and modification time."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        _SHA_CACHE[key] = sha256_file(path)
+    return _SHA_CACHE[key]
+
+
+def card_encoder_hash(card: EncoderCard, digests: dict[str, str] | None = None) -> str:
+    """The ``encoder_hash`` of ``card``'s features: its architecture and input recipe, and the
+    sha256 of each weight file (``digests`` by role; default: the card's pinned sha256, else the
+    file's own). What extraction records in every feature store, computable without building the
+    model (a workflow checks it against the features it already has)."""
+    if digests is None:
+        digests = {w.role: w.sha256 or weight_sha256(w.path) for w in card.weights}
+    return stable_hash({"architecture": card.architecture(), "weights": sorted(digests.items())})
+
+
+def precision_hash(encoder_hash: str, card: EncoderCard, precision: Literal["card", "fp32"]) -> str:
+    """``encoder_hash`` of an encoder of ``card`` computing at ``precision``: float32 instead of
+    the card's half precision is another encoder (its features differ), a float32 card the same."""
+    if precision == "card" or card.compute_precision == "fp32":
+        return encoder_hash
+    return stable_hash({"encoder": encoder_hash, "precision": "fp32"})
 
 
 def check_card_name(name: str) -> str:

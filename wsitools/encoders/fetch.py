@@ -23,8 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from wsitools.encoders.cards import EncoderCard, WeightFile
-from wsitools.encoders.loading import weight_sha256
+from wsitools.encoders.cards import EncoderCard, WeightFile, weight_sha256
 from wsitools.errors import ModelError
 from wsitools.io import atomic_path
 

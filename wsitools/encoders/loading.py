@@ -25,30 +25,18 @@ import timm
 import torch
 from torch import nn
 
-from wsitools.encoders.cards import EncoderCard, WeightFile, find_card
+from wsitools.encoders.cards import (
+    EncoderCard, WeightFile, card_encoder_hash, find_card, precision_hash, weight_sha256,
+)
 from wsitools.encoders.checkpoint import load_weights
 from wsitools.encoders.transforms import fit_to_input
 from wsitools.encoders.vit import PromptedVisionTransformer  # noqa: F401 - registers the prompted ViTs with timm
 from wsitools.device import resolve_device
 from wsitools.errors import ModelError
-from wsitools.io import sha256_file, stable_hash
 
 log = logging.getLogger(__name__)
 
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
-
-# sha256 of weight files already hashed in this process, keyed by (path, size, mtime_ns).
-_SHA_CACHE: dict[tuple[str, int, int], str] = {}
-
-
-def weight_sha256(path: Path) -> str:
-    """sha256 of a weight file, cached per process by path, size and modification time."""
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _SHA_CACHE:
-        _SHA_CACHE[key] = sha256_file(path)
-    return _SHA_CACHE[key]
-
 
 def verify_weight(card: EncoderCard, weight: WeightFile) -> str:
     """Check that a card's weight file exists and matches its pinned sha256; return the sha256."""
@@ -264,9 +252,7 @@ def build_encoder(card: EncoderCard, *, device: str | torch.device = "auto") -> 
     _check_output(card, model)
     model.eval().requires_grad_(False)
     model.to(device=dev, memory_format=torch.channels_last)
-    encoder_hash = stable_hash(
-        {"architecture": card.architecture(), "weights": sorted(digests.items())}
-    )
+    encoder_hash = card_encoder_hash(card, digests)
     return Encoder(
         name=card.name,
         card=card,
@@ -309,9 +295,7 @@ def with_precision(encoder: Encoder, precision: Precision) -> Encoder:
     if precision == "card" or card.compute_precision == "fp32":
         return encoder
     exact = dataclasses.replace(card, compute_precision="fp32")
-    return dataclasses.replace(
-        encoder, card=exact, encoder_hash=stable_hash({"encoder": encoder.encoder_hash, "precision": "fp32"})
-    )
+    return dataclasses.replace(encoder, card=exact, encoder_hash=precision_hash(encoder.encoder_hash, card, precision))
 
 
 def timm_card(model_name: str, weights: str | os.PathLike[str]) -> EncoderCard:
