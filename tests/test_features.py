@@ -164,6 +164,20 @@ def test_the_workflow_check_finds_features_of_an_earlier_version_of_a_card(tmp_p
     check()
 
 
+def test_the_workflow_check_finds_features_of_another_projects_slide(tiny, tmp_path):
+    from wsitools.errors import DataError
+    from wsitools.samples import check_features_own
+
+    ours = small_store(tmp_path / "a" / "tiles" / "S1.zarr")
+    theirs = small_store(tmp_path / "b" / "tiles" / "S1.zarr", seed=3)  # another project's slide S1
+    shared = tmp_path / "shared_features"
+    extract_features(ours, tiny, shared)
+    check_features_own(shared, [tiny.name], {"S1": str(ours), "S2": str(tmp_path / "a" / "tiles" / "S2.zarr")})
+    with pytest.raises(DataError, match=rf"^{shared / tiny.name / 'S1.h5'}: holds features of another project's patch "
+                                        rf"store {ours} under slide id S1 \(this project's is {theirs}\)"):
+        check_features_own(shared, [tiny.name], {"S1": str(theirs)})
+
+
 def test_unfinished_and_foreign_stores_are_errors(tiny, tmp_path):
     good = small_store(tmp_path / "S1.zarr")
     unfinished = tmp_path / ".tmp-S2.zarr-4242"

@@ -240,3 +240,31 @@ def check_features_current(
                 f"(encoder hash {recorded[:12]}; {card.source} and its weight files give {expected[:12]} now: "
                 f"the card or a weight file changed since); move {folder} away (or restore the card) and run again"
             )
+
+
+def check_features_own(features_dir: str | os.PathLike[str], encoders: Sequence[str], stores: Mapping[str, str]) -> None:
+    """Check that the feature stores in ``features_dir`` of this project's slides (``stores``:
+    slide id -> this project's patch store) were made from this project's patch stores. A folder
+    shared with another project would have that project's features of one slide id replaced
+    by this project's runs (Snakemake replaces a job's outputs before it runs), and its heads
+    would then train on another slide's features. A :class:`DataError` names the file."""
+    from wsitools.feature_store import FeatureStore
+
+    for name in encoders:
+        folder = Path(features_dir) / name
+        if not folder.is_dir():
+            continue
+        for slide_id, store in stores.items():
+            path = folder / f"{slide_id}.h5"
+            if not path.is_file():
+                continue
+            try:
+                made_from = FeatureStore.open(path).attrs.get("store_path")
+            except StoreError:
+                continue  # a damaged store is the extraction's to report
+            if made_from and os.path.abspath(made_from) != os.path.abspath(store) and Path(made_from).is_dir():
+                raise DataError(
+                    f"{path}: holds features of another project's patch store {made_from} under slide id "
+                    f"{slide_id} (this project's is {store}); this project's runs would replace them: give each "
+                    "project its own features_dir"
+                )

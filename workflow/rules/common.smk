@@ -17,7 +17,7 @@ from wsitools.errors import WsiToolsError
 from wsitools.labels import check_outcome_labels, check_patient_labels, check_task_labels, task_columns
 from wsitools.report import qc_report
 from wsitools.report import usable_slides as qc_usable_slides
-from wsitools.samples import check_encoders, check_features_current, config_error, load_samples
+from wsitools.samples import check_encoders, check_features_current, check_features_own, config_error, load_samples
 from wsitools.text import load_task
 
 
@@ -132,6 +132,8 @@ try:
     check_encoders(_ENCODER_KEYS, models_dir=config["models_dir"])
     # Features are extracted once per slide: ones made by an earlier version of a card would stay.
     check_features_current(FEATURES, ENCODERS, models_dir=config["models_dir"], precision=config["features"]["precision"])
+    if not Path(FEATURES).resolve().is_relative_to(Path.cwd().resolve()):  # a folder another project may use too
+        check_features_own(FEATURES, ENCODERS, {s: f"{TILES}/{s}.zarr" for s in SAMPLES})
 except WsiToolsError as exc:
     raise WorkflowError(str(exc)) from None
 
