@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import yaml
 
-from test_workflow import SLURM_PROFILE, dry_run_resources, job_counts, snakemake
+from test_workflow import REPO, SLURM_PROFILE, dry_run_resources, job_counts, snakemake
 from wsitools.tables import read_table
 from wsitools.store import PatchStore
 from wsitools.synthetic import make_cohort
@@ -211,6 +211,23 @@ def test_a_new_batch_size_reuses_the_feature_stores(run, tmp_path):
     assert "Nothing to be done" in result.stdout + result.stderr
     forced = snakemake(work, "-n", "--printshellcmds", "--forcerun", "extract")
     assert f"--encoder {ENCODER} " in forced.stdout and "--batch-size 8 " in forced.stdout
+    # the cards moved to another folder: where they are is not what they are
+    cards = work / "cards"
+    cards.mkdir()
+    shutil.copy(REPO / "models" / f"{ENCODER}.yaml", cards)
+    config["models_dir"] = str(cards)
+    (work / "config/config.yaml").write_text(yaml.safe_dump(config))
+    result = snakemake(work, "-n")
+    assert "Nothing to be done" in result.stdout + result.stderr, result.stdout + result.stderr
+    assert f"--models-dir {cards} " in snakemake(work, "-n", "--printshellcmds", "--forcerun", "extract").stdout
+    # an edited card is another encoder: its old features are named before any job runs
+    card = cards / f"{ENCODER}.yaml"
+    card.write_text(card.read_text().replace("init_seed: 0", "init_seed: 1"))
+    result = snakemake(work, "-n")
+    assert result.returncode != 0
+    assert (f"results/features/{ENCODER}: its feature stores were made by another version of encoder card "
+            f"'{ENCODER}'") in result.stdout + result.stderr
+    card.write_text(card.read_text().replace("init_seed: 1", "init_seed: 0"))
     config["features"]["precision"] = "fp32"
     (work / "config/config.yaml").write_text(yaml.safe_dump(config))
     counts = job_counts(snakemake(work, "-n").stdout)

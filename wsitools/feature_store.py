@@ -332,9 +332,10 @@ def feature_attrs(store: PatchStore, encoder: Encoder) -> dict[str, Any]:
 
 def reusable(path: Path, store: PatchStore, encoder: Encoder, dtype: FeatureDtype) -> bool:
     """True if ``path`` holds features of exactly this store and encoder (hashes and coords),
-    stored in ``dtype``. Features of another patch store that still exists under another path (a
-    second project sharing the features folder, with the same slide id for another slide) are a
-    :class:`StoreError`: replacing them would silently change that project's features."""
+    stored in ``dtype``. Features of another patch store that still exists under another path
+    (another tiling of the slide, or another project's slide of the same id, in one features
+    folder) are a :class:`StoreError`: replacing them would silently change what that store's
+    users read."""
     try:
         existing = FeatureStore.open(path)
     except StoreError as exc:
@@ -354,9 +355,8 @@ def reusable(path: Path, store: PatchStore, encoder: Encoder, dtype: FeatureDtyp
         if made_from not in (None, str(store.path)) and Path(made_from).is_dir():
             raise StoreError(
                 f"{path}: holds features of another patch store ({made_from}, slide "
-                f"{existing.attrs.get('slide_path')}) under slide id {store.slide_id}: two projects share this "
-                "features folder with one id for different slides; give the slides distinct ids or use another "
-                "features folder (--overwrite replaces it)"
+                f"{existing.attrs.get('slide_path')}) under slide id {store.slide_id}: one features folder per "
+                "tiling (and per project); extract into another --out (--overwrite replaces them)"
             )
         log.info("%s: recomputing (patch store changed)", path)
         return False

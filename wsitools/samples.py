@@ -210,15 +210,14 @@ def check_encoders(encoders: Mapping[str, str], *, models_dir: str | None) -> No
             raise DataError(f"config: {key}: {exc}") from None
 
 
-def check_features_current(
-    features_dir: str | os.PathLike[str], encoders: Sequence[str], *, models_dir: str | None, precision: str
-) -> None:
+def check_features_current(features_dir: str | os.PathLike[str], encoders: Sequence[str], *, models_dir: str | None) -> None:
     """Check that the feature stores a workflow already has for each encoder card were made by the
     card as it is now: the workflow extracts a slide once, so after a card's recipe or weight file
     changed it would go on training on the old card's features (and later mix both). A
     :class:`DataError` names the folder and what to do. Reads one store's attributes per
-    encoder; cards of a kind (PathoTune) and cards with a weight file missing are left to
-    extraction."""
+    encoder; either compute precision passes (a new ``features: precision`` is a setting that
+    Snakemake itself re-extracts for); cards of a kind (PathoTune) and cards with a weight file
+    missing are left to extraction."""
     from wsitools.feature_store import FeatureStore
 
     for name in encoders:
@@ -233,8 +232,8 @@ def check_features_current(
             recorded = FeatureStore.open(first).encoder_hash
         except StoreError:
             continue  # a damaged store is the extraction's to report
-        expected = precision_hash(card_encoder_hash(card), card, "fp32" if precision == "fp32" else "card")
-        if recorded != expected:
+        expected = card_encoder_hash(card)
+        if recorded not in (expected, precision_hash(expected, card, "fp32")):
             raise DataError(
                 f"{folder}: its feature stores were made by another version of encoder card {name!r} "
                 f"(encoder hash {recorded[:12]}; {card.source} and its weight files give {expected[:12]} now: "

@@ -131,7 +131,7 @@ if config["tune"]["enabled"]:
 try:
     check_encoders(_ENCODER_KEYS, models_dir=config["models_dir"])
     # Features are extracted once per slide: ones made by an earlier version of a card would stay.
-    check_features_current(FEATURES, ENCODERS, models_dir=config["models_dir"], precision=config["features"]["precision"])
+    check_features_current(FEATURES, ENCODERS, models_dir=config["models_dir"])
     if not Path(FEATURES).resolve().is_relative_to(Path.cwd().resolve()):  # a folder another project may use too
         check_features_own(FEATURES, ENCODERS, {s: f"{TILES}/{s}.zarr" for s in SAMPLES})
 except WsiToolsError as exc:

@@ -17,7 +17,6 @@ rule extract:
         options=shell_args(
             [
                 "--device", config["device"],
-                *models_dir_args(),
                 "--precision", config["features"]["precision"],
                 "--dtype", config["features"]["dtype"],
             ]
@@ -27,6 +26,10 @@ rule extract:
         # job's threads Snakemake counts it as derived, not as a setting of the output, so a new
         # batch size does not re-extract finished feature stores.
         batch_size=lambda wildcards, threads: config["features"]["batch_size"],
+        # Where the cards are, not what they are: every run checks that an encoder's feature
+        # stores were made by its card as it is now (check_features_current in common.smk), so
+        # moving the cards to another folder re-extracts nothing.
+        models=lambda wildcards, threads: shell_args(models_dir_args()),
     log:
         "logs/extract/{encoder}/{slide}.log",
     benchmark:
@@ -40,7 +43,7 @@ rule extract:
         "../envs/wsitools.yaml"
     shell:
         "wsitools extract {params.store} --encoder {wildcards.encoder:q} --out {params.out:q}"
-        " {params.options} --batch-size {params.batch_size} --workers {threads} --quiet > {log:q} 2>&1"
+        " {params.options} {params.models} --batch-size {params.batch_size} --workers {threads} --quiet > {log:q} 2>&1"
 
 
 # Export of an encoder's feature stores of the usable slides in CLAM's or TRIDENT's layout
