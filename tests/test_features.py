@@ -175,6 +175,8 @@ def test_the_workflow_check_finds_features_of_another_projects_slide(tiny, tmp_p
     with pytest.raises(DataError, match=rf"^{shared / tiny.name / 'S1.h5'}: holds features of another project's patch "
                                         rf"store {ours} under slide id S1 \(this project's is {theirs}\)"):
         check_features_own(shared, [tiny.name], {"S1": str(theirs)})
+    (tmp_path / "link").symlink_to(tmp_path / "a")  # the project's results behind a link (results -> scratch)
+    check_features_own(shared, [tiny.name], {"S1": str(tmp_path / "link" / "tiles" / "S1.zarr")})
 
 
 def test_unfinished_and_foreign_stores_are_errors(tiny, tmp_path):

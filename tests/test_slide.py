@@ -54,10 +54,19 @@ def test_best_level_is_the_coarsest_not_coarser_than_target(synthetic_svs, targe
         assert s.best_level_for_mpp(target) == level
 
 
-def test_outside_the_slide_is_white(synthetic_tiff):
+def test_outside_the_slide_is_white(synthetic_tiff, tmp_path):
     with open_slide(synthetic_tiff, backend="openslide") as s:
         region = s.read_region((SLIDE_SIZE[0] - 10, 0), 0, (20, 4))
     assert (region[:, 10:] == 255).all()
+    import tifffile  # a TIFF in strips: tiffslide reads it through its own path, which pads black
+
+    pixels = np.full((60, 80, 3), 90, np.uint8)
+    tifffile.imwrite(tmp_path / "strips.tif", pixels, photometric="rgb", rowsperstrip=16,
+                     resolution=(1e4 / 0.5, 1e4 / 0.5), resolutionunit="CENTIMETER")
+    with open_slide(tmp_path / "strips.tif", backend="tiffslide") as s:
+        region = s.read_region((-5, 50), 0, (90, 20))
+    assert (region[:10, 5:85] == 90).all()  # inside
+    assert (region[:, :5] == 255).all() and (region[:, 85:] == 255).all() and (region[10:] == 255).all()
 
 
 def test_thumbnail_has_the_requested_resolution(synthetic_svs):

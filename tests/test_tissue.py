@@ -135,8 +135,13 @@ def test_tissue_cut_by_the_slide_edge_stays_tissue():
     near[:, 40:156] = tissue[:, 40:156]
     mask, _ = tissue_mask(near, 8.0, params)
     assert mask[:, 40:156].all() and not mask[:, 156:].any() and not mask[:, :40].any()
-    strip, _ = tissue_mask(tissue[:3], 8.0, TissueParams(min_region_area=1_000))  # 24 um tall, under the disks
-    assert strip.all()
+    for rows in (1, 2, 3):  # 8-24 um tall strips, at or under the opening's disk (2 px)
+        strip, _ = tissue_mask(tissue[:rows], 8.0, TissueParams(min_region_area=1_000))
+        assert strip.all(), rows
+    edge = np.full_like(tissue, 243)  # a 2 px band of tissue along the top edge
+    edge[:2] = tissue[:2]
+    mask, _ = tissue_mask(edge, 8.0, TissueParams(min_region_area=1_000))
+    assert mask[:2].all() and not mask[3:].any()
 
 
 def test_polygons_hold_tissue_joined_only_at_a_corner():

@@ -821,9 +821,12 @@ def test_survival_and_regression_tasks_in_the_workflow(tmp_path):
     tasks = {"os": {"task_file": "config/os.yaml", "time_column": "os_months", "event_column": "os_event"},
              "level": {"task_file": "config/level.yaml", "label_column": "level"}}
     config = yaml.safe_load((work / "config" / "config.yaml").read_text())
-    (work / "config" / "config.yaml").write_text(yaml.safe_dump({**config, "tasks": tasks}))
+    # 3 events and 2 censored patients take 3 folds (2 would leave a training part without two
+    # patients of one stratum, as training would find)
+    heads = {name: {**head, "folds": 3} for name, head in config["heads"].items()}
+    (work / "config" / "config.yaml").write_text(yaml.safe_dump({**config, "tasks": tasks, "heads": heads}))
     result = snakemake(work, "-n", "--printshellcmds")
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 0, result.stdout + result.stderr
     counts = job_counts(result.stdout)
     assert counts["train"] == 2 and counts["outcome_figure"] == 2 and "roc" not in counts
     assert "results/report/km/os.png" in result.stdout and "results/report/regression/level.png" in result.stdout
@@ -848,6 +851,14 @@ def test_outcome_labels_tables_and_figures(tmp_path):
     with pytest.raises(DataError, match="needs at least 3 patients with an event, but s.tsv has 2"):
         check_outcome_labels(samples, task="os", task_type="survival", columns=columns, folds={"h": 3},
                                     sheet="s.tsv")
+    # as training makes the folds: 2 events, 2 folds leave no fold's training part two of one stratum
+    with pytest.raises(DataError, match=r"2-fold cross-validation of task 'os' leaves a fold's training part "
+                                        r"without two patients of one stratum .*\(s.tsv: 2 patients with an event, "
+                                        r"1 other\); label more patients"):
+        check_outcome_labels(samples, task="os", task_type="survival", columns=columns, folds={"h": 2},
+                             sheet="s.tsv")
+    more = samples + [Sample(f"c{i}", f"c{i}.svs", f"c{i}", fields={"t": "4", "e": "0"}) for i in range(3)]
+    check_outcome_labels(more, task="os", task_type="survival", columns=columns, folds={"h": 2}, sheet="s.tsv")
     heads = tmp_path / "heads" / "os" / "enc"
     for head, flip in (("abmil", 1.0), ("meanpool", -1.0)):
         (heads / head).mkdir(parents=True)

@@ -83,7 +83,7 @@ def display_values(attention: np.ndarray, *, scale: Scale = "rank") -> np.ndarra
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}; use one of {', '.join(SCALES)}")
     if len(a) < 2:
-        return np.ones_like(a)
+        return np.full_like(a, 0.5)  # one tile: attention the same everywhere
     if scale == "rank":
         from scipy.stats import rankdata
 

@@ -296,9 +296,12 @@ def check_outcome_labels(
     if task_type == "survival":
         counted = {s.patient_id for s, t in zip(labelled, parsed) if t["event"]}
         what = "patients with an event"
+        # folds as patient_kfold makes them: censored patients dealt as far as they go
+        counts, spread = [len({s.patient_id for s in labelled} - counted), len(counted)], [True, False]
     else:
         counted = {s.patient_id for s in labelled}
         what = "labelled patients"
+        counts, spread = [len(counted)], None
     if len(labelled) < 2 or (task_type == "survival" and len(counted) < 2):
         raise DataError(f"config: tasks: {task}: {len(labelled)} labelled slide(s), {len(counted)} {what} "
                         f"in columns {', '.join(map(repr, columns.values()))} of {sheet}; training needs at least two")
@@ -308,6 +311,14 @@ def check_outcome_labels(
         if len(counted) < k:
             raise DataError(f"config: heads: {head}: folds: {k}-fold cross-validation of task {task!r} needs at "
                             f"least {k} {what}, but {sheet} has {len(counted)}; set `heads: {head}: folds` lower")
+        if not folds_fit(counts, k, spread=spread):
+            other = folds_instead(counts, k, spread=spread)
+            raise DataError(
+                f"config: heads: {head}: folds: {k}-fold cross-validation of task {task!r} leaves a fold's training "
+                f"part without two patients of one stratum to hold one out for validation ({sheet}: "
+                f"{len(counted)} {what}, {sum(counts) - len(counted)} other); "
+                + (f"set `heads: {head}: folds` to {other}" if other else "label more patients")
+            )
 
 
 def folds_fit(counts: Sequence[int], n_folds: int, *, spread: Sequence[bool] | None = None) -> bool:

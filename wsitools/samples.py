@@ -261,7 +261,7 @@ def check_features_own(features_dir: str | os.PathLike[str], encoders: Sequence[
                 made_from = FeatureStore.open(path).attrs.get("store_path")
             except StoreError:
                 continue  # a damaged store is the extraction's to report
-            if made_from and os.path.abspath(made_from) != os.path.abspath(store) and Path(made_from).is_dir():
+            if made_from and Path(made_from).resolve() != Path(store).resolve() and Path(made_from).is_dir():
                 raise DataError(
                     f"{path}: holds features of another project's patch store {made_from} under slide id "
                     f"{slide_id} (this project's is {store}); this project's runs would replace them: give each "

@@ -584,7 +584,14 @@ class TiffSlideSlide(Slide):
             # tiffslide takes level-0 px and truncates their quotient by its own downsample
             ds = self.backend_downsamples[level]
             location = tuple(math.ceil(o * ds) if o >= 0 else math.floor(o * ds) for o in origin)
-            return self._ts.read_region(location, level, size, as_array=True)
+            region = np.array(self._ts.read_region(location, level, size, as_array=True))
+            # tiffslide pads what lies off the image with black; the contract is white
+            (x, y), (w, h), (lw, lh) = origin, size, self.level_dimensions[level]
+            region[: max(0, min(h, -y))] = 255
+            region[max(0, lh - y) :] = 255
+            region[:, : max(0, min(w, -x))] = 255
+            region[:, max(0, lw - x) :] = 255
+            return region
         return self._read_tiles_direct(level, page, origin[0], origin[1], size)
 
     def _tiled_page(self, level: int) -> Any:

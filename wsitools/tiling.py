@@ -612,9 +612,10 @@ class TilingStopped(WsiToolsError):
     run did not finish, whatever ``keep_going`` says (a scheduler, or Snakemake, must not take
     the job for done). ``records`` are those of the slides it got to."""
 
-    def __init__(self, signum: int, records: list[dict[str, Any]], left: int):
-        super().__init__(f"stopped by signal {signum}: {left} slide{'s' if left != 1 else ''} not tiled")
-        self.signum, self.records, self.left = signum, records, left
+    def __init__(self, signum: int, records: list[dict[str, Any]], n_slides: int):
+        tiled = sum(r["status"] != "failed" for r in records)
+        super().__init__(f"stopped by signal {signum}: {tiled} of {n_slides} slides tiled")
+        self.signum, self.records = signum, records
 
 
 @contextmanager
@@ -697,5 +698,5 @@ def tile_slides(
         for w in workers:
             w.close()
     if stopped:
-        raise TilingStopped(stopped[0], records, len(slide_paths) - len(records))
+        raise TilingStopped(stopped[0], records, len(slide_paths))
     return records

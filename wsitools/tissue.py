@@ -132,7 +132,7 @@ def _edge_aware(
     away), while taking it for tissue would join tissue near the edge to the edge. Repeating the
     edge continues each the way it leaves the image.
     """
-    pad = max(0, int(round(radius_px)))
+    pad = 2 * max(0, int(round(radius_px)))  # the second step reads what the first made up to a radius out
     height, width = mask.shape
     out = np.pad(mask, pad, mode="edge")
     for op in ops:

@@ -130,10 +130,13 @@ if config["tune"]["enabled"]:
         _ENCODER_KEYS["tune: ivp_encoder"] = config["tune"]["ivp_encoder"]
 try:
     check_encoders(_ENCODER_KEYS, models_dir=config["models_dir"])
-    # Features are extracted once per slide: ones made by an earlier version of a card would stay.
-    check_features_current(FEATURES, ENCODERS, models_dir=config["models_dir"])
-    if not Path(FEATURES).resolve().is_relative_to(Path.cwd().resolve()):  # a folder another project may use too
-        check_features_own(FEATURES, ENCODERS, {s: f"{TILES}/{s}.zarr" for s in SAMPLES})
+    # About the run as a whole, so once, not in every cluster job (they hash weight files):
+    # features are extracted once per slide, so ones made by an earlier version of a card would
+    # stay, and a features folder outside the project may hold another project's.
+    if getattr(workflow, "is_main_process", True):
+        check_features_current(FEATURES, ENCODERS, models_dir=config["models_dir"])
+        if not Path(FEATURES).resolve().is_relative_to(Path.cwd().resolve()):
+            check_features_own(FEATURES, ENCODERS, {s: f"{TILES}/{s}.zarr" for s in SAMPLES})
 except WsiToolsError as exc:
     raise WorkflowError(str(exc)) from None
 
