@@ -510,9 +510,9 @@ def test_tiling_removes_only_provably_dead_temporaries(synthetic_svs, tmp_path):
     assert not dead.exists() and live.exists() and remote.exists()
 
 
-def test_every_atomic_write_removes_the_dead_temporaries_of_its_name(tmp_path):
+def test_every_atomic_write_removes_the_dead_temporaries_of_its_folder(tmp_path):
     """A killed train, predict, heatmap or export leaves its run folder's or files' temporaries;
-    writing the same output again removes them (not another name's, nor a live run's)."""
+    the next write into that folder removes them (not a live run's)."""
     from wsitools.io import atomic_path, write_json_atomic
 
     dead_run = tmp_path / f".tmp-run-{host()}-{dead_pid()}-0badc0de"
@@ -523,7 +523,7 @@ def test_every_atomic_write_removes_the_dead_temporaries_of_its_name(tmp_path):
         (t / "fold_0").mkdir(parents=True)
     with atomic_path(tmp_path / "run") as tmp:
         tmp.mkdir()
-    assert not dead_run.exists() and other.exists() and live.exists()
+    assert not dead_run.exists() and not other.exists() and live.exists()
     dead_file.write_text("{")
     write_json_atomic(tmp_path / "run" / "metrics.json", {"auroc": 1.0})
     assert not dead_file.exists() and json.loads((tmp_path / "run" / "metrics.json").read_text()) == {"auroc": 1.0}
