@@ -102,22 +102,17 @@ def remove_path(path: Path) -> None:
         pass
 
 
-def remove_dead_temps(directory: Path, name: str | None = None) -> list[Path]:
-    """Remove the temporaries in ``directory`` (of final name ``name``, or all) that are provably dead.
+def remove_dead_temps(directory: Path) -> None:
+    """Remove the temporaries in ``directory`` that are provably dead.
 
     Only temporaries of this host whose process is gone are touched: another host's, or a live
     run's, are left alone (``wsitools clean`` removes old ones on a shared file system).
-    :func:`atomic_path` sweeps each folder it writes into once per process (all its dead
-    temporaries), so whatever a killed run was writing is removed by the next run that writes there.
+    :func:`atomic_path` sweeps each folder it writes into once per process, so whatever a killed
+    run was writing is removed by the next run that writes there.
     """
-    pattern = f"{TEMP_PREFIX}{name}-*" if name is not None else f"{TEMP_PREFIX}*"
-    removed = []
-    for tmp in directory.glob(pattern):
-        owner = temp_owner(tmp)
-        if owner is not None and (name is None or owner.name == name) and provably_dead(tmp):
+    for tmp in directory.glob(f"{TEMP_PREFIX}*"):
+        if temp_owner(tmp) is not None and provably_dead(tmp):
             remove_path(tmp)
-            removed.append(tmp)
-    return removed
 
 
 def check_out_apart(out: str | os.PathLike[str], inputs: dict[str, str | os.PathLike[str] | None]) -> None:
