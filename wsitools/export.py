@@ -33,7 +33,7 @@ import torch
 
 from wsitools.errors import StoreError
 from wsitools.feature_store import FeatureStore, check_finite
-from wsitools.io import atomic_path
+from wsitools.io import atomic_path, write_torch
 from wsitools.types import check_slide_id
 
 ExportTarget = Literal["clam", "trident"]
@@ -90,7 +90,7 @@ def _write_h5(path: Path, coords: np.ndarray, coords_attrs: dict[str, Any], *,
 
 def _write_tensor(path: Path, features: np.ndarray) -> None:
     with atomic_path(path, overwrite=True) as tmp:
-        torch.save(torch.from_numpy(features), tmp)
+        write_torch(tmp, torch.from_numpy(features))
 
 
 def export_store(

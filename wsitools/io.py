@@ -276,6 +276,28 @@ def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def write_safetensors(path: Path, tensors: dict[str, Any], *, metadata: dict[str, str] | None = None) -> None:
+    """Write ``tensors`` (torch tensors, copied to the CPU) to ``path`` as safetensors.
+
+    The bytes are written by Python, so a full disk is an ``OSError`` (which :func:`atomic_path`
+    names) where safetensors' own writer raises a type of its own."""
+    from safetensors.torch import save
+
+    path.write_bytes(save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata))
+
+
+def write_torch(path: Path, obj: Any) -> None:
+    """``torch.save`` of ``obj`` to ``path``, the bytes written by Python (a full disk is an
+    ``OSError``; torch's own file writer raises ``RuntimeError``)."""
+    from io import BytesIO
+
+    import torch
+
+    buffer = BytesIO()
+    torch.save(obj, buffer)
+    path.write_bytes(buffer.getbuffer())
+
+
 def sha256_file(path: str | os.PathLike[str], *, chunk: int = 1 << 20) -> str:
     """Hex sha256 of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()

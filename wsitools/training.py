@@ -57,7 +57,7 @@ from torch import nn
 from wsitools.device import TrainPrecision, autocast, training_amp_dtype
 from wsitools.encoders.checkpoint import check_optimizer_state, read_checkpoint, read_state_dict
 from wsitools.errors import ConfigError, ModelError, one_line
-from wsitools.io import atomic_path, stable_hash
+from wsitools.io import atomic_path, stable_hash, write_safetensors, write_torch
 from wsitools.tables import write_table
 
 Decay = Literal["all", "matrices"]
@@ -330,8 +330,6 @@ class Checkpoints:
 
         ``settings`` (JSON-serialisable) are what a resumed run must share with this one;
         ``extra`` is the trainer's own record (e.g. its log rows), returned by :meth:`restore`."""
-        from safetensors.torch import save
-
         final = self.root / f"epoch-{epoch:04d}"
         state = {
             "epochs_done": epoch, "steps_done": stepper.step, "schedule_hash": stable_hash(settings),
@@ -339,9 +337,8 @@ class Checkpoints:
         }
         with atomic_path(final, overwrite=True) as tmp:
             tmp.mkdir()
-            # written by Python, so a full disk is an OSError (safetensors' writer raises its own type)
-            (tmp / "trainable.safetensors").write_bytes(save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
-            torch.save(stepper.state_dict(), tmp / "optimizer.pt")
+            write_safetensors(tmp / "trainable.safetensors", tensors)
+            write_torch(tmp / "optimizer.pt", stepper.state_dict())
             (tmp / "state.json").write_text(json.dumps(state, indent=2))
         for _, old in self.found()[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)

@@ -600,3 +600,33 @@ def test_workflow_draws_the_heatmap_of_a_slide_that_needs_an_mpp_override(tmp_pa
     heatmaps = work / "results/heatmaps/planted/vit-test-tiny/meanpool"
     assert (heatmaps / f"{nompp.slide_id}.heatmap.png").stat().st_size > 0
     assert sorted(p.name for p in heatmaps.glob("*.heatmap.png")) == sorted(f"{s.slide_id}.heatmap.png" for s in slides)
+
+
+def test_checkpoint_and_export_writes_on_a_full_disk_name_the_output(tmp_path):
+    """torch's and safetensors' own file writers raise their own types on a full disk; every
+    weight file is written by Python, so the error is an OSError naming the output, and nothing
+    is left behind. A file-size limit stands in for the full disk (it fails write() the same way)."""
+    script = f"""
+import json, resource, signal, torch
+from pathlib import Path
+from wsitools.io import atomic_path, write_safetensors, write_torch
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+out = {{}}
+for name, write in [("optimizer.pt", lambda p: write_torch(p, {{"state": torch.zeros(10_000)}})),
+                    ("model.safetensors", lambda p: write_safetensors(p, {{"w": torch.zeros(10_000)}}))]:
+    final = Path({str(tmp_path)!r}) / name
+    try:
+        with atomic_path(final) as tmp:
+            write(tmp)
+        out[name] = "written"
+    except OSError as exc:
+        out[name] = [type(exc).__name__, exc.filename]
+print(json.dumps(out))
+"""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
+    out = json.loads(result.stdout)
+    assert out == {name: [err, str(tmp_path / name)] for name, err in
+                   [("optimizer.pt", "OSError"), ("model.safetensors", "OSError")]}
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from wsitools.errors import ModelError
-from wsitools.io import atomic_path, write_json_atomic
+from wsitools.io import atomic_path, write_json_atomic, write_safetensors
 from wsitools.mil.heads import HeadConfig, create_head
 
 HEAD_FORMAT_VERSION = 1
@@ -66,19 +66,16 @@ def save_head(model: nn.Module, folder: str | os.PathLike[str], *, meta: dict[st
     ``meta`` must hold ``classes`` (the class names in logit order); anything else JSON-able
     (task, encoder, text model, fold, training settings) is kept for provenance.
     """
-    from safetensors.torch import save
-
     if "classes" not in meta:
         raise ValueError("save_head needs meta['classes']")
     config: HeadConfig = model.config
     folder = Path(folder)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    state = model.state_dict()
     with atomic_path(folder, overwrite=True) as tmp:
         tmp.mkdir()
         # One metadata key: the library writes several in a random order, and the same head
         # should give the same bytes (the head's name is in config.json).
-        # (written by Python, so a full disk is an OSError: safetensors' writer raises its own type)
-        (tmp / WEIGHTS_FILE).write_bytes(save(state, metadata={"format": "pt"}))
+        write_safetensors(tmp / WEIGHTS_FILE, state, metadata={"format": "pt"})
         write_json_atomic(
             tmp / CONFIG_FILE,
             {"format_version": HEAD_FORMAT_VERSION, "kind": HEAD_KIND, "config": config.to_dict(), **meta},

@@ -32,7 +32,6 @@ from typing import Any
 
 import torch
 import yaml
-from safetensors.torch import save
 
 from wsitools.device import resolve_device
 from wsitools.encoders import Encoder, EncoderCard, load_encoder
@@ -40,7 +39,7 @@ from wsitools.encoders.cards import card_from_dict, card_to_dict
 from wsitools.encoders.checkpoint import read_state_dict
 from wsitools.encoders.loading import build_encoder
 from wsitools.errors import ModelError
-from wsitools.io import atomic_path, sha256_file, stable_hash, write_json_atomic
+from wsitools.io import atomic_path, sha256_file, stable_hash, write_json_atomic, write_safetensors
 from wsitools.pathotune.model import PathoTuneConfig, PathoTunePrompts, PathoTuneViT
 
 FORMAT_VERSION = 1
@@ -77,11 +76,11 @@ def save_pathotune(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     weights = folder / WEIGHTS_FILE
-    state = {k: v.detach().cpu().contiguous() for k, v in model.prompts.state_dict().items()}
+    state = model.prompts.state_dict()
     with atomic_path(weights, overwrite=True) as tmp:
         # One metadata key, so that the same prompts give the same bytes (the library writes
         # several in a random order); the kind is in the card and the config.
-        tmp.write_bytes(save(state, metadata={"format": "pt"}))  # by Python: a full disk is an OSError
+        write_safetensors(tmp, state, metadata={"format": "pt"})
     write_json_atomic(
         folder / CONFIG_FILE,
         {

@@ -26,7 +26,7 @@ from torch import nn
 from wsitools.encoders import EncoderCard, PromptedVisionTransformer, build_encoder, find_card, read_card
 from wsitools.encoders.cards import card_to_dict
 from wsitools.errors import ModelError
-from wsitools.io import atomic_path, sha256_file
+from wsitools.io import atomic_path, sha256_file, write_torch
 from wsitools.puzzle.shuffle import PuzzleError
 
 PromptMode = Literal["deep", "shallow"]
@@ -131,7 +131,7 @@ def export_promptstate(
     state_path = out / f"{name}_promptstate.pth"
     card_path = out / f"{name}.yaml"
     with atomic_path(state_path, overwrite=overwrite) as tmp:
-        torch.save({"Prompt_Tokens": prompts.detach().float().cpu().contiguous(), "head": {}}, tmp)
+        write_torch(tmp, {"Prompt_Tokens": prompts.detach().float().cpu().contiguous(), "head": {}})
     data = card_to_dict(card)
     data["name"] = name
     data["description"] = description
