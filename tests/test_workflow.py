@@ -254,8 +254,8 @@ def test_qc_and_metrics_tables_as_html_pages(tmp_path):
     parser.feed((tmp_path / "m.html").read_text())
     header, row = parser.rows
     cells = dict(zip(header[1], row[1]))
-    assert (cells["head"], cells["auroc"], cells["f1"], cells["f1 over folds"]) == (
-        "abmil", "0.8750 [0.7000, 1.0000]", "0.7333", "0.5000")
+    assert (cells["head"], cells["auroc"], cells["auroc over folds"], cells["f1"], cells["f1 over folds"]) == (
+        "abmil", "0.8750 [0.7000, 1.0000]", "0.8000 ± 0.1000 (3 folds)", "0.7333", "0.5000 (1 of 3 folds)")
 
 
 # --- the HTML report -------------------------------------------------------------------------
@@ -636,7 +636,7 @@ def write_head_run(root: Path, task: str, encoder: str, head: str, labels, probs
     folds["f1"] = {"mean": 0.5, "sd": None, "n_folds": 1}
     (folder / "metrics.json").write_text(json.dumps(
         {"task": task, "head": head, "prompts": ["tvp", "ttp"], "n_slides": 8, "n_patients": 4,
-         "pooled": metric, "mean_over_folds": folds}))
+         "pooled": metric, "folds": [{"fold": k} for k in range(3)], "mean_over_folds": folds}))
     lines = ["slide_id,patient_id,label,fold,pred," + ",".join(f"prob_{c}" for c in classes)]
     for i, (label, p) in enumerate(zip(labels, probs)):
         lines.append(f"s{i},p{i},{label},0,{classes[0]}," + ",".join(f"{x:.3f}" for x in p))
@@ -653,7 +653,8 @@ def test_metrics_table_has_one_row_per_head(tmp_path):
     r = rows[0]
     assert (r["prompts"], r["n_slides"], r["auroc"], r["auroc_lo"], r["auroc_hi"]) == (
         "tvp,ttp", "8", "0.8750", "0.7000", "1.0000")
-    assert (r["f1"], r["f1_lo"], r["f1_fold_mean"], r["f1_fold_sd"]) == ("0.7333", "", "0.5000", "")
+    assert (r["f1"], r["f1_lo"], r["f1_fold_mean"], r["f1_fold_sd"], r["f1_fold_n"], r["n_folds"]) == (
+        "0.7333", "", "0.5000", "", "1", "3")
     (a / "metrics.json").write_text("{}")
     with pytest.raises(DataError, match="metrics file .*abmil/metrics.json cannot be read"):
         write_metrics_table([a / "metrics.json"], tmp_path / "m.tsv")

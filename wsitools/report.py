@@ -172,7 +172,8 @@ def write_metrics_table(
 
     Per metric of the head's task type (:data:`TASK_METRICS`): the value over the pooled
     out-of-fold predictions with its bootstrap 95 % interval (``_lo``, ``_hi``), and the mean
-    and standard deviation over folds; the columns of the other types stay empty. With
+    and standard deviation over the folds where it is defined (``_fold_n`` of ``n_folds``: a
+    fold of one class has no AUROC); the columns of the other types stay empty. With
     ``html_out``, also :func:`write_metrics_html` for the report.
     """
     from wsitools.mil.run_folder import read_metrics
@@ -187,22 +188,24 @@ def write_metrics_table(
             task_type = m.get("task_type") or "classification"
             row = {"task": task, "task_type": task_type, "encoder": encoder, "head": head,
                    "prompts": ",".join(m.get("prompts") or []),
-                   "n_slides": str(m["n_slides"]), "n_patients": str(m["n_patients"])}
+                   "n_slides": str(m["n_slides"]), "n_patients": str(m["n_patients"]),
+                   "n_folds": str(len(m["folds"]))}
             for name in TASK_METRICS[task_type]:
                 lo, hi = pooled.get(f"{name}_ci95") or (None, None)
                 row.update({name: _number(pooled.get(name)), f"{name}_lo": _number(lo),
                             f"{name}_hi": _number(hi),
                             f"{name}_fold_mean": _number(folds[name]["mean"]),
-                            f"{name}_fold_sd": _number(folds[name]["sd"])})
+                            f"{name}_fold_sd": _number(folds[name]["sd"]),
+                            f"{name}_fold_n": str(folds[name]["n_folds"])})
             if task_type not in used:
                 used.append(task_type)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise DataError(f"metrics file {path} cannot be read: {exc!r}") from None
         rows.append(row)
     names = [n for t in TASK_METRICS if t in (used or ["classification"]) for n in TASK_METRICS[t]]
-    columns = ["task", "task_type", "encoder", "head", "prompts", "n_slides", "n_patients"] + [
+    columns = ["task", "task_type", "encoder", "head", "prompts", "n_slides", "n_patients", "n_folds"] + [
         f"{name}{suffix}" for name in names
-        for suffix in ("", "_lo", "_hi", "_fold_mean", "_fold_sd")
+        for suffix in ("", "_lo", "_hi", "_fold_mean", "_fold_sd", "_fold_n")
     ]
     write_table(out, [{c: r.get(c, "") for c in columns} for r in rows], columns)
     if html_out is not None:
@@ -214,10 +217,18 @@ def _with_interval(value: str, lo: str, hi: str) -> str:
     return f"{value} [{lo}, {hi}]" if value and lo and hi else value
 
 
+def _over_folds(mean: str, sd: str, n: str, of: str) -> str:
+    """``mean ± sd (n folds)``, or ``(n of k folds)`` where the metric is undefined in some."""
+    if not mean:
+        return ""
+    return mean + (f" ± {sd}" if sd else "") + (f" ({n} folds)" if n == of else f" ({n} of {of} folds)")
+
+
 def write_metrics_html(rows: Sequence[Mapping[str, str]], out: str | os.PathLike[str]) -> None:
     """The metrics table (rows of :func:`write_metrics_table`) as an HTML page for the report:
     per metric of the heads' task types the pooled out-of-fold value with its bootstrap 95 %
-    interval, and the mean and standard deviation over folds (empty for a head of another type)."""
+    interval, and the mean and standard deviation over the folds where it is defined, with their
+    number (empty for a head of another type)."""
     types = [t for t in TASK_METRICS if any(r.get("task_type", "classification") == t for r in rows)]
     names = [n for t in (types or ["classification"]) for n in TASK_METRICS[t]]
     shown = []
@@ -227,8 +238,8 @@ def write_metrics_html(rows: Sequence[Mapping[str, str]], out: str | os.PathLike
             if name not in r:
                 continue
             row[name] = _with_interval(r[name], r[f"{name}_lo"], r[f"{name}_hi"])
-            sd = r[f"{name}_fold_sd"]
-            row[f"{name} over folds"] = r[f"{name}_fold_mean"] + (f" ± {sd}" if sd else "")
+            row[f"{name} over folds"] = _over_folds(
+                r[f"{name}_fold_mean"], r[f"{name}_fold_sd"], r[f"{name}_fold_n"], r["n_folds"])
         shown.append(row)
     columns = ["task", "task_type", "encoder", "head", "prompts", "n_slides", "n_patients"] + [
         c for name in names for c in (name, f"{name} over folds")
@@ -237,7 +248,8 @@ def write_metrics_html(rows: Sequence[Mapping[str, str]], out: str | os.PathLike
         out, [{c: r.get(c, "") for c in columns} for r in shown], columns,
         title="Cross-validated metrics of every head",
         note="Each metric over the pooled out-of-fold predictions, with its bootstrap 95 % interval in "
-        "brackets, and its mean ± standard deviation over the folds. AUROC is one-vs-rest macro for "
+        "brackets, and its mean ± standard deviation over the folds where it is defined (a fold of one class "
+        "has no AUROC), with their number in parentheses. AUROC is one-vs-rest macro for "
         "more than two classes; c_index is Harrell's concordance, uno_c Uno's. metrics.tsv holds the "
         "same numbers, one per column.",
     )
