@@ -876,11 +876,14 @@ def test_outcome_labels_tables_and_figures(tmp_path):
         plot_outcomes([heads / "abmil" / "predictions.csv"], tmp_path / "r.png", task_type="regression")
     metrics = {"task_type": "survival", "prompts": [], "n_slides": 5, "n_patients": 5,
                "pooled": {"c_index": 0.8, "c_index_ci95": [0.6, 0.9], "uno_c": 0.75, "uno_c_ci95": [0.5, 0.9]},
-               "mean_over_folds": {"c_index": {"mean": 0.8, "sd": 0.1}, "uno_c": {"mean": 0.7, "sd": None}}}
+               "folds": [{"fold": 0}, {"fold": 1}],
+               "mean_over_folds": {"c_index": {"mean": 0.8, "sd": 0.1, "n_folds": 2},
+                                   "uno_c": {"mean": 0.7, "sd": None, "n_folds": 1}}}
     (heads / "abmil" / "metrics.json").write_text(json.dumps(metrics))
     rows = write_metrics_table([heads / "abmil" / "metrics.json"], tmp_path / "m.tsv")
     table = read_table(tmp_path / "m.tsv")
     assert table[0]["task_type"] == "survival" and table[0]["c_index"] == "0.8000" and table[0]["uno_c_fold_sd"] == ""
+    assert (table[0]["n_folds"], table[0]["c_index_fold_n"], table[0]["uno_c_fold_n"]) == ("2", "2", "1")
     assert "auroc" not in table[0] and len(rows) == 1
 
 
