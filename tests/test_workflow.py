@@ -937,3 +937,29 @@ def test_output_folders_given_with_dot_slash_are_normalised(tmp_path):
     result = snakemake(work, "-n", "--printshellcmds")
     assert result.returncode == 0, result.stderr
     assert "--out out/tiles " in result.stdout and "starts with './'" not in result.stdout + result.stderr
+
+
+def test_workflow_scripts_fail_with_one_line_in_their_log(tmp_path, capsys):
+    """A script rule given bad input ends as the wsitools command does: one line naming the file,
+    in the rule's log and on stderr, exit status 2; every script runs through run_script."""
+    import runpy
+    from types import SimpleNamespace
+
+    scripts = sorted((REPO / "workflow" / "scripts").glob("*.py"))
+    assert scripts and all("run_script(" in p.read_text() for p in scripts)
+    bad = tmp_path / "s1.qc.json"
+    bad.write_text('{"slide_id": "s1", "status": "ok"')  # cut off
+    log = tmp_path / "qc_summary.log"
+    job = SimpleNamespace(input=SimpleNamespace(qc=[str(bad)]), log=[str(log)],
+                          output=SimpleNamespace(table=str(tmp_path / "summary.tsv"), thumbnails=str(tmp_path / "th")))
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_path(str(REPO / "workflow" / "scripts" / "qc_summary.py"), init_globals={"snakemake": job})
+    line = log.read_text()
+    assert stop.value.code == 2 and line.count("\n") == 1 and line.startswith(f"QC file {bad} cannot be read")
+    assert capsys.readouterr().err == line and not (tmp_path / "summary.tsv").exists()
+    log.unlink()
+    job.input.metrics = [str(tmp_path / "missing" / "metrics.json")]
+    job.output = SimpleNamespace(table=str(tmp_path / "m.tsv"), page=str(tmp_path / "m.html"))
+    with pytest.raises(SystemExit):
+        runpy.run_path(str(REPO / "workflow" / "scripts" / "metrics_table.py"), init_globals={"snakemake": job})
+    assert log.read_text().startswith(f"metrics file {tmp_path / 'missing' / 'metrics.json'} cannot be read")

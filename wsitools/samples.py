@@ -14,13 +14,13 @@ import glob
 import math
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from wsitools.encoders.cards import card_encoder_hash, find_card, precision_hash
-from wsitools.errors import DataError, ModelError, StoreError, schema_problem
+from wsitools.errors import DataError, ModelError, StoreError, WsiToolsError, one_line, schema_problem
 from wsitools.io import read_user_text
 from wsitools.types import MPP_MAX, MPP_MIN, MicronsPerPixel, check_slide_id, slide_id_from_path
 
@@ -70,6 +70,33 @@ def snakemake_command(workdir: str | os.PathLike[str], *args: str) -> list[str]:
     snakefile = workflow_dir() / "Snakefile"
     return [sys.executable, "-m", "snakemake", "--snakefile", str(snakefile),
             "--directory", str(workdir), *args]
+
+
+def run_script(
+    log: str | os.PathLike[str],
+    step: Callable[[], str],
+    *,
+    context: Callable[[str], str] = lambda message: message,
+) -> None:
+    """Run a workflow script's ``step`` and write the line it returns to the rule's ``log``.
+
+    Bad input (a :class:`WsiToolsError`, or an ``OSError`` about a named file) ends the job as
+    the ``wsitools`` command would: one line, put through ``context``, in the log and on
+    stderr, and exit status 2; never a traceback with an empty log."""
+    try:
+        summary = step()
+    except (WsiToolsError, OSError) as exc:
+        if isinstance(exc, OSError) and not isinstance(exc, WsiToolsError):
+            if exc.filename is None:
+                raise
+            message = f"{exc.filename}: {exc.strerror or one_line(exc)}"
+        else:
+            message = one_line(exc)
+        message = context(message)
+        Path(log).write_text(message + "\n")
+        print(message, file=sys.stderr)
+        sys.exit(2)
+    Path(log).write_text(summary + "\n")
 
 
 def _parse_mpp(text: str, where: str) -> MicronsPerPixel | None:

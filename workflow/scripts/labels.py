@@ -5,16 +5,12 @@ slides here (say every slide of a class failed QC): that ends the job with one l
 task, in its log and on stderr, never a traceback.
 """
 
-import sys
-from pathlib import Path
-
-from wsitools.errors import WsiToolsError
 from wsitools.labels import write_labels
 from wsitools.report import usable_slides
-from wsitools.samples import read_samples
+from wsitools.samples import read_samples, run_script
 
-log = Path(snakemake.log[0])  # `snakemake` is injected by the script directive
-try:
+
+def step() -> str:
     rows = write_labels(
         read_samples(snakemake.input.sheet, check_files=False),
         usable=usable_slides(snakemake.input.summary),
@@ -22,10 +18,11 @@ try:
         out=snakemake.output.labels,
         task_type=snakemake.params.task_type,
     )
-except WsiToolsError as exc:
-    message = (f"task {snakemake.wildcards.task!r}: {exc} (after QC; {snakemake.input.summary} says why "
-               "slides were left out)")
-    log.write_text(message + "\n")
-    print(message, file=sys.stderr)
-    sys.exit(2)  # bad input, as the wsitools command says it
-log.write_text(f"{len(rows)} usable labelled slides\n")
+    return f"{len(rows)} usable labelled slides"
+
+
+run_script(  # `snakemake` is injected by the script directive
+    snakemake.log[0], step,
+    context=lambda message: (f"task {snakemake.wildcards.task!r}: {message} (after QC; "
+                             f"{snakemake.input.summary} says why slides were left out)"),
+)

@@ -1,10 +1,12 @@
 """Rule qc_summary: gather the per-slide QC files into results/qc/summary.tsv (+ thumbnails)."""
 
-from pathlib import Path
-
 from wsitools.report import qc_report, write_qc_summary
+from wsitools.samples import run_script
 
-write_qc_summary(  # `snakemake` is injected by the script directive
-    snakemake.input.qc, snakemake.output.table, thumbnails=snakemake.output.thumbnails
-)
-Path(snakemake.log[0]).write_text(qc_report(snakemake.output.table) + "\n")
+
+def step() -> str:
+    write_qc_summary(snakemake.input.qc, snakemake.output.table, thumbnails=snakemake.output.thumbnails)
+    return qc_report(snakemake.output.table)
+
+
+run_script(snakemake.log[0], step)  # `snakemake` is injected by the script directive

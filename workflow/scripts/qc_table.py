@@ -1,9 +1,8 @@
 """Rule qc_table: the QC table as an HTML page, which the report shows inline."""
 
-from pathlib import Path
-
 from wsitools.report import write_qc_html
+from wsitools.samples import run_script
 
-# `snakemake` is injected by the script directive
-rows = write_qc_html(snakemake.input.table, snakemake.output.page)
-Path(snakemake.log[0]).write_text(f"{len(rows)} slides\n")
+run_script(  # `snakemake` is injected by the script directive
+    snakemake.log[0], lambda: f"{len(write_qc_html(snakemake.input.table, snakemake.output.page))} slides"
+)

@@ -1,8 +1,12 @@
 """Rule roc: ROC curves of every head of one task (out-of-fold predictions), one figure."""
 
-from pathlib import Path
-
 from wsitools.report import plot_roc
+from wsitools.samples import run_script
 
-plot_roc(snakemake.input.predictions, snakemake.output.png)  # `snakemake`: script directive
-Path(snakemake.log[0]).write_text(f"{len(snakemake.input.predictions)} heads\n")
+
+def step() -> str:
+    plot_roc(snakemake.input.predictions, snakemake.output.png)
+    return f"{len(snakemake.input.predictions)} heads"
+
+
+run_script(snakemake.log[0], step)  # `snakemake` is injected by the script directive
