@@ -455,6 +455,10 @@ def test_schema_fills_in_the_defaults():
         ({"features": {"dtype": "float64"}}, "config: features: dtype: 'float64' is not one of ['float32', 'float16']"),
         ({"tasks": {"planted": {"task_file": "config/task.yaml", "label_column": "grade"}}},
          "has no column 'grade' (label_column)"),
+        # integral floats pass JSON Schema's integer type, then every job's command refused them
+        ({"heads": {"abmil": {"type": "abmil", "folds": 2.0}}}, "config: heads: abmil: folds: 2.0 is not a whole number"),
+        ({"tiling": {"tile_size": 224.0}}, "config: tiling: tile_size: 224.0 is not a whole number"),
+        ({"tiling": {"overlap": 224}}, "config: tiling: overlap: 224 must be smaller than tile_size (224)"),
     ],
 )
 def test_bad_config_fails_before_any_job(tmp_path, change, message):

@@ -227,6 +227,29 @@ def config_error(error: Any) -> str:
     return f"config: {''.join(p + ': ' for p in path)}{problem}"
 
 
+def check_whole_numbers(config: Mapping[str, Any], schema: str | os.PathLike[str]) -> None:
+    """Refuse a config whose ``integer`` keys hold a float (``folds: 2.0``, ``tile_size: 224.0``),
+    which JSON Schema lets pass but every command refuses, in every job: a :class:`DataError`
+    naming the key (:func:`config_error`), before any job runs."""
+    import jsonschema
+    import yaml
+
+    with open(schema) as f:
+        spec = yaml.safe_load(f)
+    base = jsonschema.validators.validator_for(spec)
+    whole = base.TYPE_CHECKER.redefine(
+        "integer", lambda _, value: isinstance(value, int) and not isinstance(value, bool)
+    )
+    strict = jsonschema.validators.extend(base, type_checker=whole)(spec)
+    error = jsonschema.exceptions.best_match(strict.iter_errors(dict(config)))
+    if error is None:
+        return
+    if error.validator == "type" and isinstance(error.instance, float):
+        path = "".join(f"{p}: " for p in error.absolute_path)
+        raise DataError(f"config: {path}{error.instance!r} is not a whole number")
+    raise DataError(config_error(error))
+
+
 def check_encoders(encoders: Mapping[str, str], *, models_dir: str | None) -> None:
     """Check that every encoder the config names has a valid card (``encoders``: config key ->
     card name or card file), before any slide is tiled; a :class:`DataError` names the key."""

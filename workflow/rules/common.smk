@@ -17,7 +17,9 @@ from wsitools.errors import WsiToolsError
 from wsitools.labels import check_outcome_labels, check_patient_labels, check_task_labels, task_columns
 from wsitools.report import qc_report
 from wsitools.report import usable_slides as qc_usable_slides
-from wsitools.samples import check_encoders, check_features_current, check_features_own, config_error, load_samples
+from wsitools.samples import (
+    check_encoders, check_features_current, check_features_own, check_whole_numbers, config_error, load_samples,
+)
 from wsitools.text import load_task
 
 
@@ -28,6 +30,10 @@ except WorkflowError as exc:
     if not hasattr(exc.__context__, "absolute_path"):  # not a jsonschema.ValidationError
         raise
     raise WorkflowError(config_error(exc.__context__)) from None
+try:
+    check_whole_numbers(config, Path(workflow.basedir) / "schemas" / "config.schema.yaml")
+except WsiToolsError as exc:
+    raise WorkflowError(str(exc)) from None
 
 try:
     SAMPLES = {
@@ -62,6 +68,11 @@ PUZZLE_CARD = config["pretrain"]["name"] or (
 )
 
 # Settings that the schema cannot check, checked before any job runs.
+if config["tiling"]["overlap"] >= config["tiling"]["tile_size"]:
+    raise WorkflowError(
+        f"config: tiling: overlap: {config['tiling']['overlap']} must be smaller than tile_size "
+        f"({config['tiling']['tile_size']})"
+    )
 if TASKS and config["slides_glob"]:
     raise WorkflowError(
         "config: tasks need labels, which come from a samples sheet ('samples'), not 'slides_glob'"
