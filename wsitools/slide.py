@@ -35,6 +35,14 @@ MPP_XY_TOLERANCE = 0.05
 _BACKENDS: dict[str, type[Slide]] = {}
 
 
+PYRAMID_ASPECT_TOLERANCE = 0.05
+"""How far a level's x and y downsamples may differ (relative) for it to count as a pyramid level."""
+
+MAX_PAGES_CHECKED = 64
+"""Pages of a TIFF compared with its level 0 when opened (slides hold a handful; an OME-TIFF of
+many planes is not read page by page)."""
+
+
 class SlideOpenError(SlideError):
     """The backend cannot open the file at all (as opposed to a slide with bad metadata)."""
 
@@ -112,13 +120,16 @@ def _float_or_none(value: Any) -> float | None:
     return f if math.isfinite(f) and f > 0 else None
 
 
-def _tiff_resolution_mpp(path: Path) -> tuple[float | None, float | None]:
-    """mpp from the TIFF XResolution/YResolution tags of the first page, if present and metric."""
+def _tiff_resolution_mpp(path: Path, *, size: tuple[int, int]) -> tuple[float | None, float | None]:
+    """mpp from the TIFF XResolution/YResolution tags of the first page of ``size`` = (w, h),
+    level 0's (else the first page), if present and metric."""
     try:
         import tifffile
 
         with tifffile.TiffFile(path) as tif:
-            tags = tif.pages[0].tags
+            pages = tif.pages[:MAX_PAGES_CHECKED]
+            page = next((p for p in pages if (p.imagewidth, p.imagelength) == tuple(size)), tif.pages[0])
+            tags = page.tags
             unit = tags.get("ResolutionUnit")
             xres, yres = tags.get("XResolution"), tags.get("YResolution")
             if unit is None or xres is None or yres is None:
@@ -162,11 +173,10 @@ class Slide(ABC):
     def __init__(
         self, path: str | os.PathLike[str], *, mpp_override: float | None = None, require_mpp: bool = True
     ):
+        check_slide_file(Path(path))
         self.path = Path(path).resolve()
         self.mpp_override = mpp_override
         self.require_mpp = require_mpp
-        if not self.path.exists():
-            raise SlideError(f"{self.path}: no such slide file")
         try:
             self._open()
         except SlideError:
@@ -286,14 +296,24 @@ class Slide(ABC):
         region = self.read_region((round(ix * ds), round(iy * ds)), level, (w, h))
         return resize_rgb(region, out_size, box=(fx, fy, fx + size[0], fy + size[1]))
 
+    def level_in_pyramid(self, level: int) -> bool:
+        """Whether ``level`` is level 0 shrunk alike along both axes (within 5 %), as pyramid
+        levels are. A backend may list another reduced image of the file as a level (a label
+        strip flagged as reduced in a generic TIFF); it is never read for tiles or thumbnails."""
+        (w0, h0), (w, h) = self.dimensions, self.level_dimensions[level]
+        rx, ry = w0 / max(w, 1), h0 / max(h, 1)
+        return abs(rx - ry) <= PYRAMID_ASPECT_TOLERANCE * max(rx, ry)
+
     def best_level_for_mpp(self, mpp: float, *, tolerance: float = 0.01) -> int:
-        """The coarsest level whose mpp is not coarser than ``mpp`` (within ``tolerance``).
+        """The coarsest pyramid level whose mpp is not coarser than ``mpp`` (within ``tolerance``).
 
         Reading it and shrinking keeps every detail the target resolution can hold, while reading
         far fewer pixels than level 0 whenever a finer-than-target level exists.
         """
         best = 0
         for level in range(self.level_count):
+            if not self.level_in_pyramid(level):
+                continue
             if self.level_mpp(level) <= mpp * (1.0 + tolerance):
                 if self.level_downsamples[level] >= self.level_downsamples[best]:
                     best = level
@@ -349,11 +369,15 @@ class Slide(ABC):
 
     # --- resolution ----------------------------------------------------------------------
     def metadata_mpp(self) -> tuple[float | None, float | None]:
-        """(mpp-x, mpp-y) from the backend's properties, else from TIFF resolution tags."""
+        """(mpp-x, mpp-y) from the backend's properties, else from the TIFF resolution tags of
+        level 0's page. For a generic TIFF the tags win: the backends take them from the first
+        page, which is not level 0 in a pyramid stored smallest first."""
         x = _float_or_none(self.properties.get(f"{self.property_prefix}.mpp-x"))
         y = _float_or_none(self.properties.get(f"{self.property_prefix}.mpp-y"))
-        if x is None and y is None:
-            x, y = _tiff_resolution_mpp(self.path)
+        if (x is None and y is None) or self.vendor in (None, "generic-tiff"):
+            tx, ty = _tiff_resolution_mpp(self.path, size=self.dimensions)
+            if tx is not None or ty is not None:
+                x, y = tx, ty
         return x, y
 
     def _resolve_mpp(self, override: float | None) -> MicronsPerPixel:
@@ -507,6 +531,9 @@ def check_jpeg(data: bytes, tables: bytes | None, *, where: str) -> None:
 PHOTOMETRIC_RGB, PHOTOMETRIC_YCBCR = 2, 6
 """TIFF photometric interpretations of JPEG-compressed RGB pages."""
 
+PHOTOMETRIC_SEPARATED, ASSOCIATED_ALPHA = 5, 1
+"""TIFF photometric of CMYK pixels, and the ExtraSamples value of premultiplied alpha."""
+
 
 def decode_jpeg_strict(
     data: bytes, tables: bytes | None, *, photometric: int, shape: tuple[int, int], where: str
@@ -559,17 +586,30 @@ class TiffSlideSlide(Slide):
         self.level_dimensions = tuple(tuple(d) for d in self._ts.level_dimensions)
         self.backend_downsamples = tuple(float(d) for d in self._ts.level_downsamples)
         self.properties = {k: str(v) for k, v in self._ts.properties.items() if v is not None}
-        self._check_whole()
+        self._check_levels()
 
-    def _check_whole(self) -> None:
-        """ValueError if any level's image data reaches past the end of the file: a copy cut short
-        (or still being copied) is named as that when opened, not found out tile by tile."""
+    def _check_levels(self) -> None:
+        """ValueError for a file tiffslide would read wrong, so that ``auto`` gives it to OpenSlide:
+
+        - any level's image data reaching past the end of the file (a copy cut short, or still
+          being copied: named as that when opened, not found out tile by tile);
+        - pixels whose fourth sample is not plain alpha: CMYK (tiffslide gives C, M, Y, K as RGBA,
+          so every pixel composites to white) or premultiplied alpha (composited as if it were not);
+        - a page of the file larger than the level 0 tiffslide found (a pyramid stored smallest
+          first: tiffslide takes the first page for the slide, and its resolution with it).
+        """
         tif = self._ts.ts_tifffile
         size = tif.filehandle.size
         series = tif.series[int(self.properties.get("tiffslide.series-index", 0))]
         for level, pages in enumerate(series.levels):
             for page in pages.pages:
-                if page is None or not len(page.dataoffsets):
+                if page is None:
+                    continue
+                if int(page.photometric) == PHOTOMETRIC_SEPARATED:
+                    raise ValueError(f"level {level} holds CMYK pixels, which tiffslide does not convert to RGB")
+                if ASSOCIATED_ALPHA in tuple(page.extrasamples):
+                    raise ValueError(f"level {level} holds premultiplied alpha, which tiffslide does not undo")
+                if not len(page.dataoffsets):
                     continue
                 end = int(np.max(np.add(page.dataoffsets, page.databytecounts, dtype=np.int64)))
                 if end > size:
@@ -577,6 +617,13 @@ class TiffSlideSlide(Slide):
                         f"the file is truncated: the image data of level {level} reaches byte {end}, "
                         f"the file has {size} bytes"
                     )
+        w0, h0 = self.dimensions
+        for index, page in enumerate(tif.pages[:MAX_PAGES_CHECKED]):
+            if page is not None and hasattr(page, "imagewidth") and page.imagewidth * page.imagelength > w0 * h0:
+                raise ValueError(
+                    f"page {index} holds a {page.imagewidth} x {page.imagelength} px image, larger than the "
+                    f"{w0} x {h0} px level 0 tiffslide found (a pyramid stored smallest first?)"
+                )
 
     def _read(self, origin: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         page = self._tiled_page(level)
@@ -701,6 +748,17 @@ def choose_backend(path: str | os.PathLike[str]) -> str:
     return "tiffslide" if Path(path).suffix.lower() in TIFFSLIDE_FIRST else "openslide"
 
 
+def check_slide_file(path: Path) -> None:
+    """A :class:`SlideError` when ``path`` names nothing: missing, or a link that leads nowhere
+    (a loop of links says so, not "no such file")."""
+    try:
+        path.stat()
+    except FileNotFoundError:
+        raise SlideError(f"{path}: no such slide file") from None
+    except OSError as exc:
+        raise SlideError(f"{path}: cannot be read: {exc.strerror or one_line(exc)}") from None
+
+
 def open_slide(
     path: str | os.PathLike[str],
     *,
@@ -714,14 +772,22 @@ def open_slide(
     ``mpp_problem`` says why, and reading its ``mpp`` raises :class:`SlideError`.
     """
     p = Path(path)
-    if not p.exists():
-        raise SlideError(f"{p}: no such slide file")
+    check_slide_file(p)
     if p.is_dir():  # no slide format is a folder (MRXS and DICOM are opened by a file in theirs)
         if p.suffix == ".zarr" or (p / "zarr.json").is_file():
             raise SlideError(f"{p}: is a patch store (wsitools tile's output), expected a slide file")
         raise SlideError(
             f"{p}: is a directory, expected a slide file (for a folder's slides give the files, e.g. {p / '*.svs'})"
         )
+    if not p.is_file():  # opening a named pipe would wait for a writer: the cohort would hang on it
+        raise SlideError(f"{p}: is not a regular file (a pipe, socket or device), expected a slide file")
+    if p.stat().st_size == 0:
+        raise SlideError(f"{p}: is empty (0 bytes; a copy that failed?)")
+    try:
+        with open(p, "rb"):
+            pass
+    except OSError as exc:  # a backend would say "unsupported format" for a file it may not read
+        raise SlideError(f"{p}: cannot be read: {exc.strerror or one_line(exc)}") from None
     if backend != "auto":
         if backend not in _BACKENDS:
             raise SlideError(

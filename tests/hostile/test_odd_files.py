@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -333,13 +334,70 @@ def test_corrupt_tiles_read_by_worker_processes_give_the_same_one_line_reason(sy
     assert reasons[1].startswith(f"{bad.resolve()}: reading ") and "corrupt JPEG data in TIFF tile " in reasons[1]
 
 
+# --- TIFFs tiffslide would read wrong, given to OpenSlide -------------------------------------
+
+
+def test_cmyk_and_premultiplied_alpha_go_to_openslide(tmp_path):
+    """tiffslide took C, M, Y, K for R, G, B, A (K = 0 made every pixel white: "no tissue") and
+    composited premultiplied alpha as if it were plain; auto now opens both with OpenSlide."""
+    cmyk = np.concatenate([255 - PIXELS, np.zeros((512, 512, 1), np.uint8)], axis=-1)
+    tifffile.imwrite(tmp_path / "cmyk.tif", cmyk, tile=(256, 256), photometric="separated", **RES)
+    alpha = np.full((512, 512, 1), 128, np.uint8)
+    premultiplied = np.concatenate([(PIXELS.astype(np.uint16) * 128 // 255).astype(np.uint8), alpha], axis=-1)
+    tifffile.imwrite(tmp_path / "assoc.tif", premultiplied, tile=(256, 256), photometric="rgb",
+                     extrasamples=["assocalpha"], **RES)
+    on_white = premultiplied[..., :3].astype(int) + 255 - 128  # premultiplied colour over white
+    for name, what, expected in (("cmyk.tif", "CMYK pixels", PIXELS.astype(int)),
+                                 ("assoc.tif", "premultiplied alpha", on_white)):
+        with pytest.raises(SlideError, match=f"{name}: cannot be opened by tiffslide: level 0 holds {what}"):
+            open_slide(tmp_path / name, backend="tiffslide")
+        with open_slide(tmp_path / name) as slide:
+            assert slide.backend == "openslide"
+            pixels = slide.read_region((0, 0), 0, (512, 512)).astype(int)
+        assert np.abs(pixels - expected).max() <= 1
+
+
+def test_a_pyramid_stored_smallest_first_is_read_at_its_level_0(tmp_path):
+    """tiffslide took the first (smallest) page for the slide; OpenSlide found level 0 but took
+    the first page's resolution for it: tiles 4x too fine, 'ok'."""
+    path = tmp_path / "reversed.tif"
+    with tifffile.TiffWriter(path) as tif:
+        for k in (4, 2, 1):
+            level = np.ascontiguousarray(PIXELS[::k, ::k])
+            tif.write(level, tile=(64, 64), photometric="rgb", resolution=(1e4 / (0.5 * k), 1e4 / (0.5 * k)),
+                      resolutionunit="CENTIMETER", subfiletype=0 if k == 4 else 1)
+    with pytest.raises(SlideError, match=r"page 1 holds a 256 x 256 px image, larger than the 128 x 128 px level 0"):
+        open_slide(path, backend="tiffslide")
+    with open_slide(path) as slide:
+        assert (slide.backend, slide.dimensions, slide.mpp) == ("openslide", (512, 512), 0.5)
+
+
+def test_a_reduced_page_of_another_shape_is_never_read_as_a_level(tmp_path):
+    """A label strip flagged as reduced is a level to OpenSlide (downsample 7.7 here): a coarse
+    target read the label for tiles and tissue."""
+    path = tmp_path / "label.tif"
+    label = np.zeros((40, 200, 3), np.uint8)
+    label[..., 1] = 200
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(PIXELS, tile=(64, 64), photometric="rgb", **RES)
+        tif.write(np.ascontiguousarray(PIXELS[::2, ::2]), tile=(64, 64), photometric="rgb", subfiletype=1, **RES)
+        tif.write(label, tile=(64, 64), photometric="rgb", subfiletype=1, **RES)
+    with open_slide(path, backend="openslide") as slide:
+        assert slide.level_count == 3 and [slide.level_in_pyramid(k) for k in range(3)] == [True, True, False]
+        assert slide.best_level_for_mpp(8.0) == 1
+        thumb, _ = slide.thumbnail(mpp=8.0)
+    assert thumb[..., 1].mean() < 200 and np.abs(thumb.astype(int) - PIXELS[::16, ::16]).mean() < 20
+
+
 # --- a cohort with one file that is no slide in the middle ---------------------------------------
 
 
 @pytest.mark.parametrize("make, message", [
     (lambda p: p.mkdir(), "is a directory, expected a slide file (for a folder's slides give the files, e.g. "),
     (lambda p: (p.mkdir(), (p / "zarr.json").write_text("{}")), "is a patch store (wsitools tile's output), expected a slide file"),
-    (lambda p: p.write_bytes(b""), "no backend can open it (cannot be opened by tiffslide: not a TIFF file"),
+    (lambda p: p.write_bytes(b""), "is empty (0 bytes; a copy that failed?)"),
+    (lambda p: os.mkfifo(p), "is not a regular file (a pipe, socket or device), expected a slide file"),  # never waited on
+    (lambda p: p.symlink_to(p), "cannot be read: Too many levels of symbolic links"),
     (lambda p: p.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64)), "no backend can open it (cannot be opened by tiffslide: not a TIFF file"),
 ])
 def test_tile_keep_going_over_a_file_that_is_no_slide(synthetic_svs, tmp_path, capsys, make, message):
