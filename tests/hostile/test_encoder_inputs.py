@@ -411,3 +411,99 @@ def test_another_file_given_as_a_card_is_named_not_printed(store, tmp_path, caps
     long_value.write_text("name: x\nmodel: " + "y" * 5000 + "\ninput: 7\nweights: []\n")
     rc, err = extract(long_value, store, tmp_path / "f", capsys)
     assert rc == 2 and len(err) < 600, err
+
+
+# --- settings that would go around the card, and timm names of other sources ----------------------
+
+
+ARCH = {"model": "prompted_vit_test_patch16_224", "prompts": {"tokens": 4, "mode": "deep"}}
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"architecture": {**ARCH, "kwargs": {"img_size": 64, "checkpoint_path": "w.pth"}}},
+     "architecture.kwargs.checkpoint_path would have timm load weights itself, unchecked and outside the encoder hash"),
+    ({"architecture": {**ARCH, "kwargs": {"img_size": 64, "features_only": True}}},
+     "architecture.kwargs.features_only is not a setting of an encoder"),
+    ({"architecture": {**ARCH, "kwargs": {"img_size": 64, "num_classes": 7}}},
+     "architecture.kwargs.num_classes is not a setting of an encoder"),
+    ({"architecture": {**ARCH, "kwargs": {"img_size": 64, "act_layer": "nonexistent"}}},
+     "timm model 'prompted_vit_test_patch16_224' does not accept the card's settings (KeyError"),
+    ({"architecture": {**ARCH, "kwargs": {"img_size": 64, "global_pool": ""}}, "output": {"kind": "pooled", "dim": 64}},
+     "architecture.kwargs.global_pool '' leaves every token unpooled, but output is 'pooled'"),
+    ({"input": {"size": 64, "normalize": {"mean": [float("nan"), 0, 0], "std": [1, 1, 1]}}},
+     "input.normalize needs finite means and finite positive stds"),
+    ({"input": {"size": 64, "normalize": {"mean": [0, 0, 0], "std": [float("inf"), 1, 1]}}},
+     "input.normalize needs finite means and finite positive stds"),
+    ({"name": "a..b"}, "'a..b' is not a valid encoder name"),
+])
+def test_a_card_that_would_fail_every_store_stops_before_any(change, needle, models, store, tmp_path, capsys):
+    """Each of these loaded, then failed (or silently changed) every store: features from weights
+    outside the hash, a raw KeyError or RuntimeError per store, a red channel zeroed by an
+    infinite std, an encoder name refused as an "unsafe slide id"."""
+    name = change.get("name", "odd")
+    card = write_card(models, **{"name": name, **{k: v for k, v in change.items() if k != "name"}})
+    rc, err = extract(card, store, tmp_path / "f", capsys)
+    one_line(rc, err, needle)
+    assert not (tmp_path / "f").exists()
+
+
+def test_a_weight_package_with_a_relative_name_is_one_line(models, store, tmp_path, capsys):
+    card = write_card(models, weights=[{"role": "backbone", "file": "b.pth", "package": "../evil"},
+                                       {"role": "prompts", "file": "promptstate.pth"}])
+    rc, err = extract(card, store, tmp_path / "f", capsys)
+    one_line(rc, err, f"{card}: weight package '../evil' is not installed")
+
+
+def test_weight_files_are_told_apart_by_their_bytes_not_their_names(models, tmp_path):
+    """A hub's safetensors named .bin or .pth loads; a file that is neither format is named so;
+    an official PuzzleTuning training checkpoint (its command line kept as an argparse.Namespace
+    under 'args') gives its prompts, without unpickling anything else."""
+    import argparse
+
+    sd = torch.load(models / "backbone.pth", weights_only=True)
+    save_file({k: v.contiguous() for k, v in sd.items()}, tmp_path / "model.bin")
+    loaded = read_state_dict(tmp_path / "model.bin", sd)
+    assert all(torch.equal(loaded[k], sd[k]) for k in sd)
+    (tmp_path / "junk.pth").write_bytes(b"\x1f\x8b" + bytes(100))
+    with pytest.raises(ModelError, match=r"junk\.pth: not a weight file \(neither safetensors nor a PyTorch checkpoint\)$"):
+        read_state_dict(tmp_path / "junk.pth", sd)
+    prompts = 0.1 * torch.randn(3, 4, 64)
+    torch.save({"model": {"Prompt_Tokens": prompts}, "epoch": 199, "args": argparse.Namespace(lr=1e-3, model="vit")},
+               models / "checkpoint-199.pth")
+    card = write_card(models, name="from-training", weights=[
+        {"role": "backbone", "file": "backbone.pth"}, {"role": "prompts", "file": "checkpoint-199.pth"}])
+    encoder = load_encoder(card, device="cpu")
+    assert torch.equal(encoder.model.prompt_tokens.detach(), prompts)
+
+
+def test_a_hub_model_takes_the_preprocessing_of_its_own_config(tmp_path, monkeypatch, capsys):
+    """timm:hf-hub:/local-dir: models were built from their config.json but preprocessed with
+    ImageNet's mean/std at 224 px (timm's registry knows nothing of them): silently wrong features."""
+    import json
+
+    import timm
+
+    folder = tmp_path / "hub-model"
+    folder.mkdir()
+    cfg = {"input_size": [3, 96, 96], "interpolation": "bilinear", "mean": [0.7, 0.6, 0.7], "std": [0.2, 0.25, 0.18]}
+    (folder / "config.json").write_text(json.dumps({"architecture": "test_convnext", "num_classes": 0, "pretrained_cfg": cfg}))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        net = timm.create_model("test_convnext", num_classes=0).eval()
+    torch.save(net.state_dict(), tmp_path / "w.pth")
+    encoder = load_encoder(f"timm:local-dir:{folder}", device="cpu", weights=tmp_path / "w.pth")
+    card = encoder.card
+    assert (card.input_size, card.interpolation, card.mean, card.std) == (96, "bilinear", (0.7, 0.6, 0.7), (0.2, 0.25, 0.18))
+    tiles = torch.from_numpy(np.random.default_rng(1).integers(0, 255, (2, 64, 64, 3), dtype=np.uint8))
+    x = torch.nn.functional.interpolate(tiles.permute(0, 3, 1, 2).float() / 255, size=(96, 96), mode="bilinear",
+                                        antialias=True, align_corners=False).clamp(0, 1)
+    with torch.no_grad():
+        expected = net((x - torch.tensor(cfg["mean"]).view(1, 3, 1, 1)) / torch.tensor(cfg["std"]).view(1, 3, 1, 1))
+    torch.testing.assert_close(encoder.encode(tiles).float(), expected, rtol=1e-4, atol=1e-4)
+    # a hub model that is not in the local cache is refused, never downloaded
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelError, match=r"timm:hf-hub:nobody/absent: its config.json is not in the local Hugging Face "
+                       r"cache, and wsitools never downloads"):
+        load_encoder("timm:hf-hub:nobody/absent", device="cpu", weights=tmp_path / "w.pth")
+    with pytest.raises(ModelError, match=r"^timm:\.\./x: not a timm model"):
+        load_encoder("timm:../x", device="cpu", weights=tmp_path / "w.pth")

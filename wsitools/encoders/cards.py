@@ -16,6 +16,7 @@ environment variable, else the ``models/`` folder of the source checkout this pa
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -42,6 +43,9 @@ STANDARD_ARCHITECTURE_KEYS = ("model", "kwargs", "prompts", "init_seed")
 MLP_LAYERS = ("Mlp", "GluMlp", "SwiGLU", "SwiGLUPacked")
 """timm MLP classes a card may name in ``architecture.kwargs.mlp_layer`` (YAML holds no classes;
 ``act_layer`` and ``norm_layer`` take names timm resolves itself, e.g. ``silu``, ``layernorm``)."""
+
+UNCHECKED_WEIGHT_KWARGS = ("checkpoint_path", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay")
+"""timm settings that would load weights behind the card's back (outside its checked, hashed files)."""
 
 MODELS_ENV = "WSITOOLS_MODELS"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
@@ -231,7 +235,10 @@ def _models_dir(models_dir: str | os.PathLike[str] | None) -> Path:
 
 
 def _package_dir(package: str, *, source: Path) -> Path:
-    spec = importlib.util.find_spec(package)
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):  # a relative or malformed name ("../x")
+        spec = None
     if spec is None or not spec.submodule_search_locations:
         raise ModelError(f"{source}: weight package {package!r} is not installed (pip install it)")
     return Path(next(iter(spec.submodule_search_locations)))
@@ -269,7 +276,22 @@ def card_from_dict(data: Any, *, source: Path) -> EncoderCard:
             f"{source}: the card lists {listed}; give architecture.init_seed for a random-weight "
             "test model"
         )
-    mlp = (arch.get("kwargs") or {}).get("mlp_layer")
+    if ".." in data["name"]:
+        check_card_name(data["name"])  # the card's name names its feature folder
+    kwargs = arch.get("kwargs") or {}
+    loading = sorted(set(kwargs) & set(UNCHECKED_WEIGHT_KWARGS))
+    if loading:
+        raise ModelError(
+            f"{source}: architecture.kwargs.{loading[0]} would have timm load weights itself, unchecked "
+            "and outside the encoder hash; list the file under weights: instead"
+        )
+    if kwargs.get("features_only") or kwargs.get("num_classes"):
+        key = "features_only" if kwargs.get("features_only") else "num_classes"
+        raise ModelError(
+            f"{source}: architecture.kwargs.{key} is not a setting of an encoder (its feature is "
+            "output.kind; a classifier is dropped); delete it"
+        )
+    mlp = kwargs.get("mlp_layer")
     if mlp is not None and mlp not in MLP_LAYERS:
         raise ModelError(
             f"{source}: architecture.kwargs.mlp_layer {mlp!r} is not one of {', '.join(MLP_LAYERS)}"
@@ -314,6 +336,12 @@ def card_from_dict(data: Any, *, source: Path) -> EncoderCard:
             )
         )
     norm = data["input"]["normalize"]
+    if norm and not (all(math.isfinite(v) for v in norm["mean"])
+                     and all(math.isfinite(v) and v > 0 for v in norm["std"])):
+        raise ModelError(
+            f"{source}: input.normalize needs finite means and finite positive stds, got mean "
+            f"{list(norm['mean'])}, std {list(norm['std'])}"
+        )
     resize = data["input"].get("resize")
     if resize is not None and resize < data["input"]["size"]:
         raise ModelError(

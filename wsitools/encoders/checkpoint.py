@@ -22,6 +22,7 @@ Layouts understood:
 
 from __future__ import annotations
 
+import argparse
 import pickle
 import re
 from collections.abc import Mapping, Sequence
@@ -38,20 +39,56 @@ CheckpointLayout = Literal["timm", "ordered", "hf_dinov2"]
 _PROMPT_KEYS = ("Prompt_Tokens", "prompt_tokens")
 
 
+def _file_kind(path: Path) -> Literal["safetensors", "torch", "other"]:
+    """What a weight file is, by its first bytes, whatever its name (hub files named ``.bin`` or
+    ``.pth`` may be safetensors): safetensors opens with its header's length and ``{``; a torch
+    checkpoint is a zip archive, or a pickle in the legacy format."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < path.stat().st_size:
+        return "safetensors"
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):
+        return "torch"
+    return "other"
+
+
+def classifier_name(model: nn.Module) -> str | Sequence[str]:
+    """The name of ``model``'s classifier module, whose weights a timm checkpoint carries and an
+    encoder drops: the module timm's ``get_classifier`` returns (``head``, ``head.fc``, ``fc``...),
+    else the model's pretrained config's ``classifier`` entry, else ``head``. A config from a
+    hub's ``config.json`` may lack the entry (a convnext's ``head`` also holds its final norm)."""
+    getter = getattr(model, "get_classifier", None)
+    if callable(getter):
+        head = getter()
+        found = next((name for name, module in model.named_modules(remove_duplicate=False) if module is head), None)
+        if found:
+            return found
+    return (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or "head"
+
+
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a weight file without executing code: a dict of tensors (possibly nested)."""
+    """Read a weight file without executing code: a dict of tensors (possibly nested).
+
+    Torch checkpoints are read with ``weights_only``, which unpickles tensors and plain
+    containers only; ``argparse.Namespace`` is allowed besides (official PuzzleTuning training
+    checkpoints keep their command line under ``args``): rebuilding one sets attributes and runs
+    no code."""
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"{path}: weight file not found")
+    kind = _file_kind(path)
+    if kind == "other":
+        raise ModelError(f"{path}: not a weight file (neither safetensors nor a PyTorch checkpoint)")
     try:
-        if path.suffix == ".safetensors":
+        if kind == "safetensors":
             from safetensors.torch import load_file
 
             obj: Any = load_file(str(path), device="cpu")
         else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - whatever the reader trips on, the file is not a weight file
-        reader = "safetensors" if path.suffix == ".safetensors" else "torch.load, weights only"
+        reader = "safetensors" if kind == "safetensors" else "torch.load, weights only"
         raise ModelError(f"{path}: not a readable weight file ({reader}: {_read_failure(exc)})") from None
     if not isinstance(obj, Mapping):
         raise ModelError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
@@ -439,8 +476,7 @@ def load_weights(
         if prompt_tensor is not None:
             sd["prompt_tokens"] = prompt_tensor
     else:
-        classifier = getattr(model, "pretrained_cfg", {}).get("classifier") or "head"
-        sd = convert_timm_state_dict(sd, prompt_tensor, classifier=classifier)
+        sd = convert_timm_state_dict(sd, prompt_tensor, classifier=classifier_name(model))
     if "prompt_tokens" in expected and "prompt_tokens" not in sd:
         raise ModelError(f"{backbone}: the model has prompt tokens but no prompts file was given")
     check_state_dict(sd, expected, source=str(backbone))

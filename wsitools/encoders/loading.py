@@ -32,7 +32,7 @@ from wsitools.encoders.checkpoint import load_weights
 from wsitools.encoders.transforms import fit_to_input
 from wsitools.encoders.vit import PromptedVisionTransformer  # noqa: F401 - registers the prompted ViTs with timm
 from wsitools.device import resolve_device
-from wsitools.errors import ModelError
+from wsitools.errors import ModelError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -194,10 +194,10 @@ def _create(card: EncoderCard, *, with_classifier: bool) -> nn.Module:
         if "Unknown model" in str(exc):
             raise ModelError(f"{card.source or card.name}: unknown timm model {card.model!r}") from None
         raise
-    except TypeError as exc:
+    except (TypeError, KeyError, ValueError, AttributeError) as exc:
         raise ModelError(
             f"{card.source or card.name}: timm model {card.model!r} does not accept the card's "
-            f"settings ({exc}); prompts need a prompted_vit_* model"
+            f"settings ({type(exc).__name__}: {one_line(exc)}); prompts need a prompted_vit_* model"
         ) from None
     return model
 
@@ -223,6 +223,11 @@ def _check_output(card: EncoderCard, model: nn.Module) -> None:
         raise ModelError(f"{where}: output {card.output!r} needs a ViT-style model; use 'pooled'")
     if card.output in ("cls", "cls_mean_patch") and not getattr(model, "has_class_token", False):
         raise ModelError(f"{where}: output {card.output!r} but {card.model} has no class token")
+    if card.output == "pooled" and getattr(model, "global_pool", None) == "":
+        raise ModelError(
+            f"{where}: architecture.kwargs.global_pool '' leaves every token unpooled, but output is "
+            "'pooled'; use output kind cls or mean_patch"
+        )
     width = getattr(model, "head_hidden_size", None) if card.output == "pooled" else None
     width = width or model.num_features
     if card.output == "cls_mean_patch":
@@ -298,20 +303,47 @@ def with_precision(encoder: Encoder, precision: Precision) -> Encoder:
     return dataclasses.replace(encoder, card=exact, encoder_hash=precision_hash(encoder.encoder_hash, card, precision))
 
 
+def _check_hub_config_cached(model_name: str) -> None:
+    """Refuse an ``hf-hub:`` model whose ``config.json`` is not in the local Hugging Face cache:
+    timm would download it, and extraction never reaches the network."""
+    if not model_name.startswith("hf-hub:"):
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    repo = model_name.removeprefix("hf-hub:").split("@")[0]
+    try:
+        cached = try_to_load_from_cache(repo, "config.json")
+    except ValueError as exc:  # not a repo id
+        raise ModelError(f"timm:{model_name}: not a Hugging Face repo ({one_line(exc)})") from None
+    if not isinstance(cached, str):
+        raise ModelError(
+            f"timm:{model_name}: its config.json is not in the local Hugging Face cache, and wsitools "
+            f"never downloads; fetch it first (huggingface-cli download {repo} config.json)"
+        )
+
+
 def timm_card(model_name: str, weights: str | os.PathLike[str]) -> EncoderCard:
     """A card for ``timm:NAME`` plus a local timm-layout checkpoint (no YAML needed).
 
-    Input size, mean/std and interpolation come from timm's pretrained config for the model;
-    the feature is timm's pooled pre-logits output.
+    Input size, mean/std and interpolation come from the pretrained config of the model timm
+    builds (for ``hf-hub:`` and ``local-dir:`` names, the one in the model's ``config.json``);
+    a model without one is refused, never given ImageNet's. The feature is timm's pooled
+    pre-logits output.
     """
     path = Path(weights).expanduser().resolve()
+    _check_hub_config_cached(model_name)
     try:
-        cfg = timm.get_pretrained_cfg(model_name)
         probe = timm.create_model(model_name, pretrained=False, num_classes=0)
-    except RuntimeError as exc:
-        raise ModelError(f"timm:{model_name}: unknown timm model ({exc})") from None
-    cfg_dict = cfg.to_dict() if cfg is not None else {}
-    size = int(cfg_dict.get("input_size", (3, 224, 224))[-1])
+    except (RuntimeError, ValueError, OSError) as exc:
+        raise ModelError(f"timm:{model_name}: not a timm model ({one_line(exc)})") from None
+    cfg_dict = dict(getattr(probe, "pretrained_cfg", None) or {})
+    missing = [k for k in ("input_size", "mean", "std") if not cfg_dict.get(k)]
+    if missing:
+        raise ModelError(
+            f"timm:{model_name}: the model's pretrained config gives no {', '.join(missing)}; "
+            "write an encoder card that states its preprocessing (docs/encoders.md)"
+        )
+    size = int(cfg_dict["input_size"][-1])
     name = "timm-" + re.sub(r"[^A-Za-z0-9._-]", "-", model_name)
     return EncoderCard(
         name=name,
@@ -324,8 +356,8 @@ def timm_card(model_name: str, weights: str | os.PathLike[str]) -> EncoderCard:
         weights=(WeightFile(role="backbone", file=path.name, path=path),),
         input_size=size,
         interpolation="bilinear" if cfg_dict.get("interpolation") == "bilinear" else "bicubic",
-        mean=tuple(cfg_dict.get("mean", (0.485, 0.456, 0.406))),  # type: ignore[arg-type]
-        std=tuple(cfg_dict.get("std", (0.229, 0.224, 0.225))),  # type: ignore[arg-type]
+        mean=tuple(cfg_dict["mean"]),  # type: ignore[arg-type]
+        std=tuple(cfg_dict["std"]),  # type: ignore[arg-type]
         output="pooled",
         dim=getattr(probe, "head_hidden_size", None) or probe.num_features,
         compute_precision="bf16",
