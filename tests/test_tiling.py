@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import planted_mask
-from wsitools.errors import StoreError
+from wsitools.errors import ConfigError, StoreError
 from wsitools.slide import open_slide
 from wsitools.store import PatchStore, read_store_attrs
 from wsitools.tiling import TilingParams, tile_slide
@@ -165,8 +165,11 @@ def test_both_backends_and_schedulers_give_the_same_store(synthetic_tiff, tmp_pa
 
 
 def test_magnification_is_converted_with_objective_power(synthetic_svs, tmp_path):
-    tile_slide(synthetic_svs, tmp_path, TilingParams(mpp=None, magnification=10, tile_size=64, tissue=TISSUE),
-               progress=False)
+    params = TilingParams(magnification=10, tile_size=64, tissue=TISSUE)  # the mpp's default gives way
+    assert (params.mpp, TilingParams().mpp) == (None, 0.5)
+    with pytest.raises(ConfigError, match="give exactly one of a target mpp and a target magnification"):
+        TilingParams(mpp=0.5, magnification=10)
+    tile_slide(synthetic_svs, tmp_path, params, progress=False)
     attrs = read_store_attrs(tmp_path / "synth_svs.zarr")
     assert attrs["mpp_target"] == pytest.approx(1.0)  # 0.25 um/px at 40x -> 1.0 at 10x
     assert attrs["level"] == 2

@@ -57,12 +57,16 @@ are enlarged by interpolation (a 20x scan tiled at 40x). Below it lie the usual 
 nominal and a scanner's resolution (0.25 um/px asked of a 0.263 um/px scan: 1.05)."""
 
 
+DEFAULT_MPP = MicronsPerPixel(0.5)
+"""The target resolution when neither an mpp nor a magnification is given (20x)."""
+
+
 @dataclass(frozen=True)
 class TilingParams:
     """What to tile: resolution (mpp, or magnification), tile size, overlap, tissue threshold."""
 
-    mpp: MicronsPerPixel | None = MicronsPerPixel(0.5)
-    """Target resolution in um/px (None when ``magnification`` is given)."""
+    mpp: MicronsPerPixel | None = None
+    """Target resolution in um/px: :data:`DEFAULT_MPP` unless ``magnification`` is given (then None)."""
     magnification: float | None = None
     """Target magnification (e.g. 20): converted with the slide's objective power and mpp, or with
     the 10 um/px-at-1x convention (20x = 0.5 um/px) when the slide does not state its objective."""
@@ -77,8 +81,10 @@ class TilingParams:
     tissue: TissueParams = field(default_factory=TissueParams)
 
     def __post_init__(self) -> None:
-        if (self.mpp is None) == (self.magnification is None):
+        if self.mpp is not None and self.magnification is not None:
             raise ConfigError("give exactly one of a target mpp and a target magnification")
+        if self.mpp is None and self.magnification is None:
+            object.__setattr__(self, "mpp", DEFAULT_MPP)
         if self.mpp is not None and not MPP_MIN <= self.mpp <= MPP_MAX:
             raise ConfigError(f"target mpp must be from {MPP_MIN:g} to {MPP_MAX:g} um/px, got {self.mpp}")
         if self.magnification is not None and not self.magnification > 0:
