@@ -267,3 +267,18 @@ def test_an_export_is_one_encoders_features_each_under_its_own_slide_id(features
     assert sorted(p.name for p in (tmp_path / "o" / "pt_files").iterdir()) == ["S1.pt"]
     np.testing.assert_array_equal(torch.load(tmp_path / "o" / "pt_files" / "S1.pt", weights_only=True).numpy(),
                                   h5py.File(features_dir / "S1.h5", "r")["features"][:])
+
+
+def test_stores_that_record_no_encoder_hash_are_exported(tmp_path, capsys):
+    """Stores of other writers (the synthetic bag cohorts here) need not record an encoder hash:
+    each was exported whole, then reported failed with a raw KeyError ("2 of 2 stores failed")."""
+    from wsitools.mil.synthetic import make_bag_cohort
+
+    make_bag_cohort(tmp_path / "bags", n_slides=2, n_tiles=(5, 8), dim=4, seed=0)
+    stores = sorted((tmp_path / "bags").glob("*.h5"))
+    assert FeatureStore.open(stores[0]).encoder_hash is None
+    assert main(["export", "--to", "clam", "--features", str(tmp_path / "bags"), "--out", str(tmp_path / "x"), "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
+    for store in stores:
+        features, _ = FeatureStore.open(store).load()
+        assert torch.equal(clam_load_pt(tmp_path / "x", store.stem), torch.from_numpy(features.astype(np.float32)))

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from wsitools.errors import StoreError
-from wsitools.feature_store import FeatureStore, check_finite
+from wsitools.feature_store import EncoderRecord, FeatureStore, check_finite
 from wsitools.io import atomic_path, write_torch
 from wsitools.types import check_slide_id
 
@@ -47,7 +47,7 @@ class ExportResult:
     slide_id: str
     n_tiles: int
     paths: tuple[Path, ...]
-    encoder_hash: str
+    encoder_hash: str | None
 
 
 def clam_coords_attrs(store: FeatureStore) -> dict[str, Any]:
@@ -108,7 +108,7 @@ def export_store(
         raise StoreError(f"{path}: holds the features of slide {store.slide_id}; a feature store is named {{slide_id}}.h5")
     if encoder_hash is not None and store.encoder_hash != encoder_hash:
         raise StoreError(
-            f"{path}: features of encoder {store.encoder} (hash {store.encoder_hash[:12]}), not the encoder of this "
+            f"{path}: features of encoder {EncoderRecord.of(store.attrs).describe()}, not the encoder of this "
             f"export's other stores (hash {encoder_hash[:12]}); export each encoder's folder on its own"
         )
     out = Path(out)

@@ -272,8 +272,10 @@ class FeatureStore:
         return str(self.attrs["encoder"])
 
     @property
-    def encoder_hash(self) -> str:
-        return str(self.attrs["encoder_hash"])
+    def encoder_hash(self) -> str | None:
+        """The ``encoder_hash`` attribute; None where the store does not record it (stores of
+        other writers, e.g. :mod:`wsitools.mil.synthetic`'s)."""
+        return EncoderRecord.of(self.attrs).hash
 
     @property
     def store_hash(self) -> str:

@@ -282,6 +282,8 @@ def check_features_current(features_dir: str | os.PathLike[str], encoders: Seque
             recorded = FeatureStore.open(first).encoder_hash
         except StoreError:
             continue  # a damaged store is the extraction's to report
+        if recorded is None:
+            continue  # not written by extraction: nothing to compare
         expected = card_encoder_hash(card)
         if recorded not in (expected, precision_hash(expected, card, "fp32")):
             raise DataError(
