@@ -247,6 +247,29 @@ def test_resume_continues_with_the_same_schedule(tiny):
                      progress=False, resume=True)
 
 
+def test_a_resumed_run_keeps_its_loader_workers(tiny, tmp_path):
+    """Several loader workers each read whole windows of batches and the DataLoader interleaves
+    them, so the batch order depends on their number: a resume on a machine of another CPU count
+    (the default is the CPUs less one) trained on other batches without a word."""
+    import json
+
+    root, card, stores = tiny
+    cfg = dict(epochs=2, batch_size=2, steps_per_epoch=20, decoder_dim=16)  # two windows of 16 batches
+    full = train_puzzle([stores], tmp_path / "full", backbone=str(card), config=_config(**cfg, num_workers=2),
+                        progress=False)
+    train_puzzle([stores], tmp_path / "part", backbone=str(card), config=_config(**cfg, num_workers=2),
+                 progress=False, stop_after_epochs=1)
+    rest = train_puzzle([stores], tmp_path / "part", backbone=str(card), config=_config(**cfg, num_workers=None),
+                        progress=False, resume=True)
+    assert json.loads((tmp_path / "part" / "config.json").read_text())["num_workers"] == 2
+    assert [r["loss"] for r in rest.log_rows] == pytest.approx([r["loss"] for r in full.log_rows], rel=1e-5)
+    with pytest.raises(WsiToolsError, match=r"other settings \(loader_workers"):
+        train_puzzle([stores], tmp_path / "part", backbone=str(card), config=_config(**cfg, num_workers=0),
+                     progress=False, resume=True)
+    with pytest.raises(WsiToolsError, match=r"ratio \(1.0\) < 1 \(at 1 every patch stays in place"):
+        _config(ratio=1.0).curriculum(image_size=64, token_size=16)  # it trained on nothing, then exported
+
+
 def test_exported_promptstate_loads_and_changes_features(tiny):
     root, card, stores = tiny
     result = train_puzzle([stores], root / "export", backbone=str(card), config=_config(epochs=2),

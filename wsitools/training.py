@@ -344,6 +344,14 @@ class Checkpoints:
             shutil.rmtree(old, ignore_errors=True)
         return final
 
+    def recorded_settings(self, path: Path) -> dict[str, Any]:
+        """The settings checkpoint ``path`` was written with ({} when unreadable: :meth:`restore`
+        then says what is wrong with it)."""
+        try:
+            return dict(json.loads((path / "state.json").read_text()).get("settings") or {})
+        except (OSError, ValueError, TypeError, AttributeError):
+            return {}
+
     def restore(
         self, path: Path, *, tensors: Mapping[str, torch.Tensor], stepper: Stepper, settings: Mapping[str, Any]
     ) -> Resumed:

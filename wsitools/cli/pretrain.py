@@ -65,7 +65,7 @@ def register(subparsers: Any) -> None:
     pz.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                     help="auto: bf16 autocast on a GPU (fp16 where bf16 is missing), fp32 on CPU")
     pz.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
-    pz.add_argument("--workers", type=non_negative_int, default=None, help="DataLoader processes that read and decode tiles (default: CPUs - 1, at most 8; 0: in the main process)")
+    pz.add_argument("--workers", type=non_negative_int, default=None, help="DataLoader processes that read and decode tiles; several set the batch order (default: CPUs - 1, at most 8, or with --resume the run's own; 0: in the main process)")
     pz.add_argument("--seed", type=non_negative_int, default=0, help="seed of sampling, shuffles and init (default 0)")
     pz.add_argument("--name", default=None, help="name of the exported card (default BACKBONE-puzzletuned)")
     pz.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")

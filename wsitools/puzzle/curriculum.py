@@ -84,10 +84,11 @@ class Curriculum:
             raise ConfigError(f"epochs per patch size must be at least 1, got {self.epochs_per_size}")
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"curriculum strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
-        if not 0.0 <= self.ratio_min <= self.ratio_max <= 1.0 or not 0.0 <= self.ratio <= 1.0:
+        # At a fix-position ratio of 1 every patch stays in place: nothing to restore, a loss of 0.
+        if not 0.0 <= self.ratio_min <= self.ratio_max < 1.0 or not 0.0 <= self.ratio < 1.0:
             raise ConfigError(
-                f"ratios must satisfy 0 <= min ({self.ratio_min}) <= max ({self.ratio_max}) <= 1 "
-                f"and 0 <= ratio ({self.ratio}) <= 1"
+                f"fix-position ratios must satisfy 0 <= min ({self.ratio_min}) <= max ({self.ratio_max}) < 1 "
+                f"and 0 <= ratio ({self.ratio}) < 1 (at 1 every patch stays in place and nothing is learnt)"
             )
 
     def patch_size_at(self, epoch: int) -> int:
