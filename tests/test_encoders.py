@@ -461,6 +461,10 @@ def test_cli_fetch(tmp_path, capsys):
     assert f"fetchme: backbone {models / 'w.pth'}: downloaded sha256 {sha}" in capsys.readouterr().out
     assert run_cli(["encoders", "--models-dir", str(models), "--verify"]) == 0
     assert "backbone: ok" in capsys.readouterr().out
+    (models / "w.pth").write_bytes(b"PK\x03\x04 damaged")  # a script checking the weights reads the exit status
+    assert run_cli(["encoders", "--models-dir", str(models), "--verify"]) == 1
+    printed = capsys.readouterr()
+    assert "backbone: WRONG CHECKSUM" in printed.out and printed.err == "1 weight file(s) with a wrong checksum\n"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

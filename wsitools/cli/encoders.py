@@ -107,6 +107,7 @@ def _list(args: argparse.Namespace) -> int:
     directory = getattr(args, "models_dir", None) or default_models_dir()
     print(f"models directory: {directory}")
     rows = [("NAME", "MODEL", "DIM", "LICENCE", "WEIGHTS")]
+    wrong = 0
     for card in list_cards(directory):
         states = []
         for w in card.weights:
@@ -118,6 +119,7 @@ def _list(args: argparse.Namespace) -> int:
                     states.append(f"{w.role}: ok" if w.sha256 else f"{w.role}: present (sha256 not pinned)")
                 except WsiToolsError:
                     states.append(f"{w.role}: WRONG CHECKSUM")
+                    wrong += 1
             else:
                 states.append(f"{w.role}: present")
         licence = (card.license or "-") + (" (gated)" if card.access == "gated" else "")
@@ -125,6 +127,9 @@ def _list(args: argparse.Namespace) -> int:
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows:
         print("  ".join(c.ljust(widths[i]) for i, c in enumerate(r[:4])) + "  " + r[4])
+    if wrong:  # a script checking the weights gets it from the exit status
+        print(f"{wrong} weight file(s) with a wrong checksum", file=sys.stderr)
+        return 1
     return 0
 
 
