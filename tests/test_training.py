@@ -123,7 +123,7 @@ def test_checkpoint_round_trip_continues_with_the_same_next_steps(tmp_path):
     with pytest.raises(ConfigError, match=f"settings hash {stable_hash(settings)} -> {stable_hash(other)}"):
         ckpts.restore(last, tensors=dict(fresh.named_parameters()), stepper=resumed, settings=other)
     (last / "optimizer.pt").write_bytes(b"not a pickle")
-    with pytest.raises(ModelError, match="optimizer.pt: not a readable weight file"):
+    with pytest.raises(ModelError, match=r"optimizer.pt: not a weight file \(neither safetensors nor a PyTorch checkpoint\)"):
         ckpts.restore(last, tensors=dict(fresh.named_parameters()), stepper=resumed, settings=settings)
 
 

@@ -464,6 +464,9 @@ def test_weight_files_are_told_apart_by_their_bytes_not_their_names(models, tmp_
     save_file({k: v.contiguous() for k, v in sd.items()}, tmp_path / "model.bin")
     loaded = read_state_dict(tmp_path / "model.bin", sd)
     assert all(torch.equal(loaded[k], sd[k]) for k in sd)
+    torch.save(sd, tmp_path / "torch.safetensors")  # torch.load itself would hand this name to safetensors
+    loaded = read_state_dict(tmp_path / "torch.safetensors", sd)
+    assert all(torch.equal(loaded[k], sd[k]) for k in sd)
     (tmp_path / "junk.pth").write_bytes(b"\x1f\x8b" + bytes(100))
     with pytest.raises(ModelError, match=r"junk\.pth: not a weight file \(neither safetensors nor a PyTorch checkpoint\)$"):
         read_state_dict(tmp_path / "junk.pth", sd)

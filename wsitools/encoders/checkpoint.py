@@ -85,8 +85,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
             obj: Any = load_file(str(path), device="cpu")
         else:
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                obj = torch.load(path, map_location="cpu", weights_only=True)
+            # an open file, not the path: torch.load hands a path named .safetensors to safetensors
+            with open(path, "rb") as f, torch.serialization.safe_globals([argparse.Namespace]):
+                obj = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - whatever the reader trips on, the file is not a weight file
         reader = "safetensors" if kind == "safetensors" else "torch.load, weights only"
         raise ModelError(f"{path}: not a readable weight file ({reader}: {_read_failure(exc)})") from None
