@@ -578,6 +578,32 @@ def test_training_jobs_resume_their_run_folder(tmp_path):
     assert "--out results/heads/" in train_cmd and "--resume" in train_cmd.split()
 
 
+def test_dry_run_lists_tuning_on_a_tile_table_before_and_after_qc(tmp_path):
+    """PathoTune on a tile table needs the usable slides' stores, known only after the QC
+    checkpoint: a dry run before QC lists the job with its data and task and the stores (and
+    PuzzleTuning's) as <TBD>; after QC the stores are those of the usable slides."""
+    tune = {"enabled": True, "data": "tiles.csv", "task": "config/task.yaml", "prompts": ["tvp"]}
+    work = make_project(tmp_path / "w", config={"device": "cpu", "pretrain": {"enabled": True}, "tune": tune})
+    (work / "tiles.csv").write_text("slide_id,x,y,label\ns0,0,0,neg\n")
+    result = snakemake(work, "-n", "--printshellcmds", "--cores", "2")
+    assert result.returncode == 0, result.stderr
+    assert job_counts(result.stdout)["tune_pathotune"] == 1
+    lines = result.stdout.splitlines()
+    tune_cmd = next(line for line in lines if "wsitools tune pathotune " in line)
+    assert "--data tiles.csv --task config/task.yaml <TBD> --encoder" in tune_cmd
+    pretrain = next(line for line in lines if "wsitools pretrain puzzle " in line)
+    assert "--stores <TBD> --out" in pretrain
+    _qc_done(work, {f"s{i}": "failed" if i == 2 else "ok" for i in range(6)})
+    result = snakemake(work, "-n", "--printshellcmds", "--cores", "2")
+    assert result.returncode == 0, result.stderr
+    stores = " ".join(f"results/tiles/s{i}.zarr" for i in (0, 1, 3, 4, 5))
+    lines = result.stdout.splitlines()
+    tune_cmd = next(line for line in lines if "wsitools tune pathotune " in line)
+    assert f"--data tiles.csv --task config/task.yaml --stores {stores} --encoder" in tune_cmd
+    pretrain = next(line for line in lines if "wsitools pretrain puzzle " in line)
+    assert f"--stores {stores} --out" in pretrain
+
+
 def test_every_slurm_job_asks_for_a_gpu_exactly_on_the_gpu_partition(tmp_path):
     """Whole DAG (tiles done): a job asking for a GPU on a CPU partition never starts, and a GPU
     node held by a job that uses no GPU is wasted."""

@@ -292,13 +292,31 @@ def get_cohort_targets(wildcards):
 
 
 def get_tune_inputs(wildcards):
-    """PathoTune's labelled tiles; a tile table (CSV) also needs the cohort's patch stores."""
+    """PathoTune's labelled tiles and task file: known from the config alone, so a dry run
+    before the QC checkpoint still gives the job its `data` and `task` inputs."""
     inputs = {"data": config["tune"]["data"]}
     if config["tune"]["task"]:
         inputs["task"] = config["tune"]["task"]
-    if config["tune"]["data"].endswith(".csv"):
-        inputs["qc"] = get_usable_qc(wildcards)
     return inputs
+
+
+def tunes_on_tile_table():
+    """Whether PathoTune's `data` is a tile table (CSV) naming tiles of the cohort's stores."""
+    return config["tune"]["data"].endswith(".csv")
+
+
+def get_tune_qc(wildcards):
+    """For a tile table, the usable slides' QC records (after the QC checkpoint); none for a
+    folder of class folders. Kept apart from `get_tune_inputs`: an input function that reads
+    the checkpoint before it has run gives the job only the checkpoint's output, so the other
+    inputs would be missing from the dry run."""
+    return get_usable_qc(wildcards) if tunes_on_tile_table() else []
+
+
+def usable_stores(wildcards):
+    """The usable slides' patch stores, quoted for the shell; a params function reading the QC
+    checkpoint, so a dry run before QC shows them as <TBD>."""
+    return stores_of(get_usable_qc(wildcards))
 
 
 def stores_of(qc_files):
