@@ -216,6 +216,14 @@ def get_tile_options(wildcards):
     return shell_args(args + t["extra_args"])
 
 
+def get_labels(wildcards):
+    """A task's labels table, read through the `labels` checkpoint: the heads are planned again
+    once it is written, so a labels table rewritten with the same content (an edit of the
+    samples sheet that leaves the task's labels as they were, a new version of the workflow's
+    scripts) keeps its checksum and retrains no head."""
+    return checkpoints.labels.get(task=wildcards.task).output.labels
+
+
 def get_task_features(wildcards):
     return expand(
         f"{FEATURES}/{wildcards.encoder}/{{slide}}.h5", slide=labelled_slides(wildcards.task)
