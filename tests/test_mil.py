@@ -197,7 +197,9 @@ def test_train_cli_skips_missing_features_or_fails_strictly(tmp_path, capsys, ca
     assert main(args + ["--out", str(tmp_path / "o")]) == 0
     assert "qc_failed_slide" in caplog.text
     assert "qc_failed_slide" in json.loads((tmp_path / "o" / "run.json").read_text())["skipped"]
-    assert "auroc" in capsys.readouterr().out
+    pooled = json.loads((tmp_path / "o" / "metrics.json").read_text())["pooled"]
+    lo, hi = pooled["auroc_ci95"]  # the printed metrics say they are the pooled out-of-fold ones
+    assert capsys.readouterr().out.splitlines()[0] == f"auroc\t{pooled['auroc']}\tpooled out-of-fold, 95% CI [{lo}, {hi}]"
     assert main(args + ["--out", str(tmp_path / "strict"), "--strict"]) == 2
     assert "qc_failed_slide: no feature store" in capsys.readouterr().err
     assert not (tmp_path / "strict").exists()
