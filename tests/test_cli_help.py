@@ -60,6 +60,8 @@ def test_named_options_say_what_they_do():
     assert "threads of one process" in help_of("wsitools tile", "--scheduler")
     assert "AdamW peak learning rate" in help_of("wsitools tune pathotune", "--lr")
     assert "float16, half the disk" in help_of("wsitools extract", "--dtype")
+    assert all(f"{{slide_id}}.{name}" in help_of("wsitools heatmap", "--out")
+               for name in ("heatmap.png", "top_tiles.png", "attention.geojson"))
 
 
 def test_extract_given_a_slide_says_to_tile_it_first(capsys):

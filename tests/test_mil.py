@@ -197,7 +197,9 @@ def test_train_cli_skips_missing_features_or_fails_strictly(tmp_path, capsys, ca
     assert main(args + ["--out", str(tmp_path / "o")]) == 0
     assert "qc_failed_slide" in caplog.text
     assert "qc_failed_slide" in json.loads((tmp_path / "o" / "run.json").read_text())["skipped"]
-    assert "auroc" in capsys.readouterr().out
+    pooled = json.loads((tmp_path / "o" / "metrics.json").read_text())["pooled"]
+    lo, hi = pooled["auroc_ci95"]  # the printed metrics say they are the pooled out-of-fold ones
+    assert capsys.readouterr().out.splitlines()[0] == f"auroc\t{pooled['auroc']}\tpooled out-of-fold, 95% CI [{lo}, {hi}]"
     assert main(args + ["--out", str(tmp_path / "strict"), "--strict"]) == 2
     assert "qc_failed_slide: no feature store" in capsys.readouterr().err
     assert not (tmp_path / "strict").exists()
@@ -407,6 +409,31 @@ def test_instance_dropout_spreads_attention_over_a_planted_region(tmp_path):
     assert peak < peak0
     with pytest.raises(ConfigError, match="instance_dropout must lie in"):
         TrainConfig(instance_dropout=1.0)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("lr", float("nan"), "lr must be a finite number > 0, got nan"),
+    ("lr", float("inf"), "lr must be a finite number > 0, got inf"),
+    ("lr", 0.0, "lr must be a finite number > 0, got 0.0"),
+    ("weight_decay", -1e-4, "weight_decay must be a finite number >= 0, got -0.0001"),
+    ("bag_size", -1, "bag_size must be at least 1, or None for whole bags, got -1"),
+    ("bag_size", 0, "bag_size must be at least 1, or None for whole bags, got 0"),
+    ("n_boot", -1, "n_boot must be at least 0 (0: no bootstrap intervals), got -1"),
+    ("workers", -2, "workers must be at least 0, got -2"),
+])
+def test_train_config_refuses_what_the_command_line_refuses(field, value, message):
+    """A settings dataclass given from Python is checked as the CLI checks its options, before
+    any training (a nan lr used to end in torch's own error, a negative bag_size meant no cap)."""
+    with pytest.raises(ConfigError) as error:
+        TrainConfig(**{field: value})
+    assert str(error.value) == message
+
+
+def test_train_config_keeps_its_documented_edge_values():
+    """None is whole bags, 0 bootstrap resamples is no interval, and min_epochs above epochs
+    trains every epoch: settings the CLI gives too (--bag-size 0, --bootstrap 0, --epochs 2)."""
+    config = TrainConfig(bag_size=None, n_boot=0, epochs=2, min_epochs=50)
+    assert (config.bag_size, config.n_boot, config.epochs, config.min_epochs) == (None, 0, 2, 50)
 
 
 def test_an_output_folder_that_is_or_holds_an_input_is_refused(cohort, trained, tmp_path):

@@ -202,8 +202,12 @@ def test_tuning_beats_the_untrained_head_and_serves_as_encoder(setup):
     assert metrics["classes"] == ["stripes", "spots"]  # the task's order
     assert metrics["n_tiles"] == {"train": 24, "val": 8, "test": 8}
     with open(out / "predictions.csv") as f:
-        preds = list(csv.DictReader(f))
+        reader = csv.DictReader(f)
+        preds = list(reader)
     assert len(preds) == 8 and {p["split"] for p in preds} == {"test"}
+    # one probability column per class, named as the MIL heads name them, in the task's order
+    assert reader.fieldnames == ["name", "split", "label", "prob_stripes", "prob_spots"]
+    assert all(abs(float(p["prob_stripes"]) + float(p["prob_spots"]) - 1.0) < 1e-5 for p in preds)
     with open(out / "log.csv") as f:
         assert len(list(csv.DictReader(f))) == 5  # untrained + 4 epochs
     # the tuned model reloads to the same predictions, and as an encoder gives prompted features

@@ -21,7 +21,7 @@ from wsitools.labels import check_outcome_labels, task_columns, write_labels
 from wsitools.report import QC_COLUMNS, plot_outcomes, plot_roc, qc_report, usable_slides, write_metrics_table, write_qc_html, write_qc_summary
 from wsitools.samples import Sample, config_error, read_samples, samples_from_glob, snakemake_command
 from wsitools.tables import read_table, write_table
-from wsitools.errors import DataError, WsiToolsError
+from wsitools.errors import ConfigError, DataError, WsiToolsError
 from wsitools.metrics import METRICS, binary_auroc, roc_points
 
 REPO = Path(__file__).resolve().parent.parent
@@ -578,6 +578,32 @@ def test_training_jobs_resume_their_run_folder(tmp_path):
     assert "--out results/heads/" in train_cmd and "--resume" in train_cmd.split()
 
 
+def test_dry_run_lists_tuning_on_a_tile_table_before_and_after_qc(tmp_path):
+    """PathoTune on a tile table needs the usable slides' stores, known only after the QC
+    checkpoint: a dry run before QC lists the job with its data and task and the stores (and
+    PuzzleTuning's) as <TBD>; after QC the stores are those of the usable slides."""
+    tune = {"enabled": True, "data": "tiles.csv", "task": "config/task.yaml", "prompts": ["tvp"]}
+    work = make_project(tmp_path / "w", config={"device": "cpu", "pretrain": {"enabled": True}, "tune": tune})
+    (work / "tiles.csv").write_text("slide_id,x,y,label\ns0,0,0,neg\n")
+    result = snakemake(work, "-n", "--printshellcmds", "--cores", "2")
+    assert result.returncode == 0, result.stderr
+    assert job_counts(result.stdout)["tune_pathotune"] == 1
+    lines = result.stdout.splitlines()
+    tune_cmd = next(line for line in lines if "wsitools tune pathotune " in line)
+    assert "--data tiles.csv --task config/task.yaml <TBD> --encoder" in tune_cmd
+    pretrain = next(line for line in lines if "wsitools pretrain puzzle " in line)
+    assert "--stores <TBD> --out" in pretrain
+    _qc_done(work, {f"s{i}": "failed" if i == 2 else "ok" for i in range(6)})
+    result = snakemake(work, "-n", "--printshellcmds", "--cores", "2")
+    assert result.returncode == 0, result.stderr
+    stores = " ".join(f"results/tiles/s{i}.zarr" for i in (0, 1, 3, 4, 5))
+    lines = result.stdout.splitlines()
+    tune_cmd = next(line for line in lines if "wsitools tune pathotune " in line)
+    assert f"--data tiles.csv --task config/task.yaml --stores {stores} --encoder" in tune_cmd
+    pretrain = next(line for line in lines if "wsitools pretrain puzzle " in line)
+    assert f"--stores {stores} --out" in pretrain
+
+
 def test_every_slurm_job_asks_for_a_gpu_exactly_on_the_gpu_partition(tmp_path):
     """Whole DAG (tiles done): a job asking for a GPU on a CPU partition never starts, and a GPU
     node held by a job that uses no GPU is wasted."""
@@ -723,6 +749,40 @@ def test_demo_config_drives_the_workflow(tmp_path, capsys):
     for bad in (7, 10):  # 10 slides are 5 patients: 2 of one class, fewer than the 3 folds
         with pytest.raises(WsiToolsError, match=f"--slides {bad}: give an even number, at least 12"):
             demo.prepare(work, n_slides=bad, seed=0)
+
+
+def test_demo_reuses_its_cohort_and_refuses_another_size_or_seed(tmp_path, capsys, monkeypatch):
+    """A second demo run reuses the cohort in --out; a --slides or --seed that differs from it is
+    refused in one line (the run would otherwise report on another cohort than the one asked for)."""
+    from wsitools import synthetic
+    from wsitools.cli import demo, main
+
+    def fake_cohort(out: Path, *, n_slides: int, seed: int) -> None:  # the sheet is all prepare reads
+        rows = [[f"slide_{i:03d}", f"slides/slide_{i:03d}.svs", f"patient_{i // 2:03d}", "negative"] for i in range(n_slides)]
+        write_sheet(Path(out) / "samples.tsv", ["slide_id", "path", "patient_id", "label"], rows)
+
+    monkeypatch.setattr(synthetic, "make_cohort", fake_cohort)
+    work = tmp_path / "demo"
+    work.mkdir()
+    demo.prepare(work, n_slides=14, seed=3)
+    assert json.loads((work / "demo_cohort.json").read_text()) == {"slides": 14, "seed": 3}
+    assert "making a synthetic cohort of 14 slides (seed 3)" in capsys.readouterr().out
+    for same in ({}, {"n_slides": 14}, {"seed": 3}, {"n_slides": 14, "seed": 3}):
+        demo.prepare(work, **same)
+        assert f"reusing the synthetic cohort of 14 slides, seed 3 in {work}" in capsys.readouterr().out
+    with pytest.raises(ConfigError) as error:
+        demo.prepare(work, n_slides=12, seed=4)
+    assert str(error.value) == (f"{work} holds a synthetic cohort of 14 slides (seed 3), not the one --slides 12 "
+                                f"--seed 4 asks for: give another --out, or delete {work / 'samples.tsv'} for a new "
+                                "cohort there")
+    assert main(["demo", "--out", str(work), "--seed", "5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not the one --seed 5 asks for" in err
+    (work / "demo_cohort.json").unlink()  # a cohort made before the record: only its size is known
+    demo.prepare(work, seed=5)
+    assert f"reusing the synthetic cohort of 14 slides in {work}" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="holds a synthetic cohort of 14 slides, not the one --slides 16"):
+        demo.prepare(work, n_slides=16)
 
 
 def _qc_done(work: Path, status: dict[str, str]) -> None:

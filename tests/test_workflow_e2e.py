@@ -179,6 +179,26 @@ def test_adding_a_slide_tiles_and_extracts_only_it(run, tmp_path):
     assert "gpu=1" in jobs["train"] and "slurm_partition=<gpu-partition>" in jobs["train"]
 
 
+def test_a_sheet_edit_that_keeps_the_labels_retrains_no_head(run, tmp_path):
+    """An edit of the samples sheet that leaves the task's labels as they were (a new column)
+    reruns the labels step, which writes the same table: its checksum decides, no head retrains
+    (the heatmaps and report figures planned behind it are redrawn, as after the QC checkpoint)."""
+    work = copy_run(run[0], tmp_path / "w")
+    sheet = work / "config/samples.tsv"
+    lines = sheet.read_text().splitlines()
+    sheet.write_text("\n".join([lines[0] + "\tnote", *(line + "\tscanned 2024" for line in lines[1:])]) + "\n")
+    labels = work / "results/heads/planted/labels.tsv"
+    before = {p: p.read_bytes() for p in (labels, work / HEAD_DIR / "metrics.json", work / HEAD_DIR / "predictions.csv")}
+    mtimes = {p: p.stat().st_mtime_ns for p in before}
+    result = snakemake(work, "--cores", "1", timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ran = re.findall(r"^(?:local)?(?:rule|checkpoint) (\w+):", result.stdout + result.stderr, re.M)
+    assert "labels" in ran and "train" not in ran, ran
+    assert {p: p.read_bytes() for p in before} == before
+    assert labels.stat().st_mtime_ns > mtimes[labels]  # rewritten, with the same content
+    assert all(p.stat().st_mtime_ns == mtimes[p] for p in before if p != labels)
+
+
 def test_an_unlabelled_slide_is_predicted_by_the_trained_head(run, tmp_path):
     work = copy_run(run[0], tmp_path / "w")
     shutil.copyfile(work / "slides/slide_003.svs", work / "slides/new.svs")

@@ -216,6 +216,14 @@ def get_tile_options(wildcards):
     return shell_args(args + t["extra_args"])
 
 
+def get_labels(wildcards):
+    """A task's labels table, read through the `labels` checkpoint: the heads are planned again
+    once it is written, so a labels table rewritten with the same content (an edit of the
+    samples sheet that leaves the task's labels as they were, a new version of the workflow's
+    scripts) keeps its checksum and retrains no head."""
+    return checkpoints.labels.get(task=wildcards.task).output.labels
+
+
 def get_task_features(wildcards):
     return expand(
         f"{FEATURES}/{wildcards.encoder}/{{slide}}.h5", slide=labelled_slides(wildcards.task)
@@ -292,13 +300,31 @@ def get_cohort_targets(wildcards):
 
 
 def get_tune_inputs(wildcards):
-    """PathoTune's labelled tiles; a tile table (CSV) also needs the cohort's patch stores."""
+    """PathoTune's labelled tiles and task file: known from the config alone, so a dry run
+    before the QC checkpoint still gives the job its `data` and `task` inputs."""
     inputs = {"data": config["tune"]["data"]}
     if config["tune"]["task"]:
         inputs["task"] = config["tune"]["task"]
-    if config["tune"]["data"].endswith(".csv"):
-        inputs["qc"] = get_usable_qc(wildcards)
     return inputs
+
+
+def tunes_on_tile_table():
+    """Whether PathoTune's `data` is a tile table (CSV) naming tiles of the cohort's stores."""
+    return config["tune"]["data"].endswith(".csv")
+
+
+def get_tune_qc(wildcards):
+    """For a tile table, the usable slides' QC records (after the QC checkpoint); none for a
+    folder of class folders. Kept apart from `get_tune_inputs`: an input function that reads
+    the checkpoint before it has run gives the job only the checkpoint's output, so the other
+    inputs would be missing from the dry run."""
+    return get_usable_qc(wildcards) if tunes_on_tile_table() else []
+
+
+def usable_stores(wildcards):
+    """The usable slides' patch stores, quoted for the shell; a params function reading the QC
+    checkpoint, so a dry run before QC shows them as <TBD>."""
+    return stores_of(get_usable_qc(wildcards))
 
 
 def stores_of(qc_files):

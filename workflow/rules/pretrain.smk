@@ -11,7 +11,7 @@ rule pretrain_puzzle:
     output:
         card=f"results/pretrain/puzzle/{PUZZLE_CARD}.yaml",
     params:
-        stores=lambda wildcards, input: stores_of(input.qc),
+        stores=usable_stores,
         out=lambda wildcards, output: Path(output.card).parent,
         options=shell_args(
             [

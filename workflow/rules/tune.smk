@@ -9,12 +9,13 @@
 rule tune_pathotune:
     input:
         unpack(get_tune_inputs),
+        qc=get_tune_qc,
     output:
         metrics="results/tune/pathotune/metrics.json",
     params:
         out=lambda wildcards, output: Path(output.metrics).parent,
         task=lambda wildcards, input: shell_args(["--task", input.task]) if "task" in input.keys() else "",
-        stores=lambda wildcards, input: f"--stores {stores_of(input.qc)}" if "qc" in input.keys() else "",
+        stores=lambda wildcards: f"--stores {usable_stores(wildcards)}" if tunes_on_tile_table() else "",
         options=shell_args(
             [
                 "--encoder", config["tune"]["encoder"],

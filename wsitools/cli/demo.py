@@ -9,6 +9,7 @@ the HTML report and prints where it is. A second run reuses everything already m
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -19,8 +20,14 @@ from wsitools.report import qc_report
 from wsitools.samples import snakemake_command, workflow_dir
 from wsitools.tables import read_table
 from wsitools.cli.options import non_negative_int, positive_int
-from wsitools.errors import WsiToolsError
-from wsitools.io import available_cpus
+from wsitools.errors import ConfigError, WsiToolsError
+from wsitools.io import available_cpus, write_json_atomic
+
+
+DEFAULT_SLIDES = 12
+DEFAULT_SEED = 0
+COHORT_RECORD = "demo_cohort.json"
+"""Beside the demo's samples.tsv: the slide count and seed the cohort was made with."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -31,9 +38,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", default="demo_run", metavar="DIR",
                    help="working directory of the demo run (default: demo_run)")
-    p.add_argument("--slides", type=positive_int, default=12, metavar="N",
-                   help="slides in the synthetic cohort (default 12; even, at least 12)")
-    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the synthetic cohort (default 0)")
+    p.add_argument("--slides", type=positive_int, default=None, metavar="N",
+                   help=f"slides of a new synthetic cohort (default {DEFAULT_SLIDES}; even, at least 12); a cohort "
+                   "already in --out is reused, and one of another size is refused")
+    p.add_argument("--seed", type=non_negative_int, default=None,
+                   help=f"seed of a new synthetic cohort (default {DEFAULT_SEED}); a cohort already in --out made "
+                   "with another seed is refused")
     p.add_argument("--cores", type=positive_int, default=None, metavar="N",
                    help="cores Snakemake may use (default: the CPUs this process may use)")
     p.add_argument("--quiet", action="store_true", help="only Snakemake's errors and the summary")
@@ -48,24 +58,61 @@ def _copy_if_changed(src: Path, dst: Path) -> None:
     shutil.copyfile(src, dst)
 
 
-def prepare(out: Path, *, n_slides: int, seed: int) -> None:
-    """Write the synthetic cohort (unless ``out`` has one) and the demo's config into ``out``."""
+def prepare(out: Path, *, n_slides: int | None = None, seed: int | None = None) -> None:
+    """Write the synthetic cohort (unless ``out`` has one) and the demo's config into ``out``.
+
+    ``n_slides`` and ``seed`` (None: 12 and 0) make a new cohort. An existing cohort is reused
+    as it is, so a second run redoes nothing; a slide count or seed given that differs from
+    the existing cohort's is refused with one line, since the run would otherwise report on
+    another cohort than the one asked for."""
     from wsitools.synthetic import make_cohort
 
-    if n_slides < 12 or n_slides % 2:
-        raise WsiToolsError(
+    if n_slides is not None and (n_slides < 12 or n_slides % 2):
+        raise ConfigError(
             f"--slides {n_slides}: give an even number, at least 12 (two slides per patient; 3 folds "
             "need 3 patients of each class)"
         )
     sheet = out / "samples.tsv"
     if sheet.is_file():
-        print(f"reusing the synthetic cohort in {out} (delete {sheet} for a new one)")
+        made = _existing_cohort(out)
+        _check_reuse(out, made, n_slides=n_slides, seed=seed)
+        seed_note = f", seed {made['seed']}" if made["seed"] is not None else ""
+        print(f"reusing the synthetic cohort of {made['slides']} slides{seed_note} in {out} "
+              f"(delete {sheet} for a new one)")
     else:
-        print(f"making a synthetic cohort of {n_slides} slides in {out / 'slides'}")
+        n_slides = DEFAULT_SLIDES if n_slides is None else n_slides
+        seed = DEFAULT_SEED if seed is None else seed
+        print(f"making a synthetic cohort of {n_slides} slides (seed {seed}) in {out / 'slides'}")
         make_cohort(out, n_slides=n_slides, seed=seed)
+        write_json_atomic(out / COHORT_RECORD, {"slides": n_slides, "seed": seed})
     templates = workflow_dir().parent / "config" / "demo"
     _copy_if_changed(templates / "config.yaml", out / "config" / "config.yaml")
     _copy_if_changed(templates / "task.yaml", out / "config" / "task.yaml")
+
+
+def _existing_cohort(out: Path) -> dict[str, int | None]:
+    """The slide count (rows of samples.tsv) and seed (from the cohort's record; None for a
+    cohort made before the record was kept, or a record that cannot be read) of the cohort in
+    ``out``."""
+    slides = len(read_table(out / "samples.tsv"))
+    try:
+        seed = json.loads((out / COHORT_RECORD).read_text()).get("seed")
+    except (OSError, ValueError, AttributeError):
+        seed = None
+    return {"slides": slides, "seed": seed if isinstance(seed, int) else None}
+
+
+def _check_reuse(out: Path, made: dict[str, int | None], *, n_slides: int | None, seed: int | None) -> None:
+    """Refuse a ``--slides`` or ``--seed`` that differs from the cohort already in ``out``."""
+    asked = {"slides": n_slides, "seed": seed}
+    differs = [k for k, v in asked.items() if v is not None and made[k] is not None and v != made[k]]
+    if differs:
+        has = f"{made['slides']} slides" + (f" (seed {made['seed']})" if made["seed"] is not None else "")
+        given = " ".join(f"--{k} {asked[k]}" for k in differs)
+        raise ConfigError(
+            f"{out} holds a synthetic cohort of {has}, not the one {given} asks for: give another --out, "
+            f"or delete {out / 'samples.tsv'} for a new cohort there"
+        )
 
 
 def _snakemake(out: Path, *args: str, quiet: bool) -> None:

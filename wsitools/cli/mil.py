@@ -179,7 +179,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"colour map; all but turbo and jet are perceptually uniform ({DEFAULT_CMAP})")
     h.add_argument("--quiet", action="store_true", help="no progress bar")
     h.add_argument("--out", required=True, metavar="DIR",
-                   help="output folder: {slide_id}.heatmap.png and {slide_id}.top_tiles.png")
+                   help="output folder: {slide_id}.heatmap.png, {slide_id}.top_tiles.png and "
+                        "{slide_id}.attention.geojson")
     h.set_defaults(func=run_heatmap)
 
 
@@ -258,13 +259,13 @@ def run_train(args: argparse.Namespace) -> int:
         resume=args.resume,
         progress=show_progress(quiet=args.quiet),
     )
-    pooled = summary["pooled"]
+    pooled = summary["pooled"]  # one value over every fold's held-out predictions, not a fold mean
     for name in HEADLINE[summary["task_type"]]:
         lo, hi = pooled[f"{name}_ci95"]
-        print(f"{name}\t{pooled[name]}\t95% CI [{lo}, {hi}]")
+        print(f"{name}\t{pooled[name]}\tpooled out-of-fold, 95% CI [{lo}, {hi}]")
     for row in pooled.get("time_auc", []):
         lo, hi = row["auc_ci95"]
-        print(f"auc@{row['time']:g}\t{row['auc']}\t95% CI [{lo}, {hi}]")
+        print(f"auc@{row['time']:g}\t{row['auc']}\tpooled out-of-fold, 95% CI [{lo}, {hi}]")
     if "risk_groups" in pooled:
         print(f"logrank_p\t{pooled['risk_groups']['logrank_p']}\t(high vs low risk, {args.out}/km.png)")
     if summary["skipped"]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -24,6 +25,11 @@ class TrainConfig:
     (docs/mil.md, "Quality benchmark and the choice of defaults"). ``survival_batch`` is the
     number of bags per optimiser step of a survival head (the Cox loss compares each event with
     the bags of its step still at risk; docs/mil.md, "Survival").
+
+    ``bag_size`` None trains on whole bags (what ``wsitools train --bag-size 0`` gives);
+    ``n_boot`` 0 computes no bootstrap intervals (their bounds are null in ``metrics.json``), a
+    quick run's setting. Every other bad value is a :class:`ConfigError` naming the field, as
+    the command line refuses it.
     """
 
     epochs: int = 100
@@ -46,6 +52,16 @@ class TrainConfig:
             raise ConfigError("epochs and patience must be at least 1")
         if self.min_epochs < 0:
             raise ConfigError(f"min_epochs must be at least 0, got {self.min_epochs}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"lr must be a finite number > 0, got {self.lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ConfigError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        if self.bag_size is not None and self.bag_size < 1:
+            raise ConfigError(f"bag_size must be at least 1, or None for whole bags, got {self.bag_size}")
+        if self.n_boot < 0:
+            raise ConfigError(f"n_boot must be at least 0 (0: no bootstrap intervals), got {self.n_boot}")
+        if self.workers < 0:
+            raise ConfigError(f"workers must be at least 0, got {self.workers}")
         if self.balance not in ("weights", "sampling"):
             raise ConfigError(f"balance must be 'weights' or 'sampling', got {self.balance!r}")
         if not 0.0 <= self.instance_dropout < 1.0:

@@ -9,7 +9,8 @@ validation loss is kept. Output folder::
       pathotune.safetensors, pathotune.json, {name}.yaml   (see wsitools.pathotune.encoder)
       log.csv            epoch, train_loss, val_loss, val_auroc, val_balanced_accuracy, val_f1, val_accuracy, lr
       metrics.json       validation (untrained and best epoch) and test reports with 95 % CIs
-      predictions.csv    per test tile (or validation tile when there is no test split): name, label, probabilities
+      predictions.csv    per test tile (or validation tile when there is no test split): name, split, label,
+                         prob_{class} per class in the class order of metrics.json
       split.csv          the split used: name, label, split
       checkpoints/epoch-NNNN/   the training state after each epoch (last 2 kept; wsitools.training)
 
@@ -343,7 +344,7 @@ def _write_reports(
                 [{"name": data.names[i], "label": data.classes[data.labels[i]], "split": split[i]} for i in range(len(data))],
                 ["name", "label", "split"], dialect="csv")
     report = metrics_report(labels, probs, class_names=list(data.classes), seed=seed)
-    prob_columns = [f"p_{c}" for c in data.classes]
+    prob_columns = [f"prob_{c}" for c in data.classes]  # as the MIL heads name them
     write_table(
         out / "predictions.csv",
         [{"name": data.names[i], "split": report_part, "label": data.classes[labels[k]],
