@@ -9,6 +9,7 @@ not be.
 from __future__ import annotations
 
 import hashlib
+import re
 import logging
 from pathlib import Path
 
@@ -503,10 +504,47 @@ def test_a_hub_model_takes_the_preprocessing_of_its_own_config(tmp_path, monkeyp
     with torch.no_grad():
         expected = net((x - torch.tensor(cfg["mean"]).view(1, 3, 1, 1)) / torch.tensor(cfg["std"]).view(1, 3, 1, 1))
     torch.testing.assert_close(encoder.encode(tiles).float(), expected, rtol=1e-4, atol=1e-4)
-    # a hub model that is not in the local cache is refused, never downloaded
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ModelError, match=r"timm:hf-hub:nobody/absent: its config.json is not in the local Hugging Face "
-                       r"cache, and wsitools never downloads"):
-        load_encoder("timm:hf-hub:nobody/absent", device="cpu", weights=tmp_path / "w.pth")
     with pytest.raises(ModelError, match=r"^timm:\.\./x: not a timm model"):
         load_encoder("timm:../x", device="cpu", weights=tmp_path / "w.pth")
+    # a config.json that states no preprocessing: timm would fill in ImageNet's at 224 px
+    (folder / "config.json").write_text(json.dumps({"architecture": "test_convnext", "num_classes": 0,
+                                                    "pretrained_cfg": {"interpolation": "bilinear"}}))
+    with pytest.raises(ModelError, match=r"its config.json's pretrained_cfg gives no input_size, mean, std; write an "
+                       r"encoder card"):
+        load_encoder(f"timm:local-dir:{folder}", device="cpu", weights=tmp_path / "w.pth")
+
+
+def test_hub_models_come_from_the_local_cache_at_their_revision(tmp_path, monkeypatch):
+    """hf-hub: models are read from the local Hugging Face cache at the revision asked for, with
+    the hub never asked (even where HF_HUB_OFFLINE is not set); one missing there names the
+    command that fetches that revision."""
+    import json
+
+    import timm
+    from huggingface_hub import constants
+
+    repo = tmp_path / "hub" / "models--org--tiny"
+    commit = "c" * 40
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "v1").write_text(commit)
+    cfg = {"input_size": [3, 96, 96], "interpolation": "bicubic", "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+    (repo / "snapshots" / commit / "config.json").write_text(
+        json.dumps({"architecture": "test_convnext", "num_classes": 0, "pretrained_cfg": cfg}))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    asked = []
+
+    def lookup(host, *args, **kwargs):
+        asked.append(host)
+        raise OSError(-2, "no network in this test")
+
+    monkeypatch.setattr("socket.getaddrinfo", lookup)
+    torch.save(timm.create_model("test_convnext", num_classes=0).state_dict(), tmp_path / "w.pth")
+    card = load_encoder("timm:hf-hub:org/tiny@v1", device="cpu", weights=tmp_path / "w.pth").card
+    assert (card.input_size, card.mean) == (96, (0.5, 0.5, 0.5))
+    for name, fetch in (("org/tiny", "org/tiny config.json)"), ("org/tiny@v2", "org/tiny config.json --revision v2)")):
+        with pytest.raises(ModelError, match=rf"^timm:hf-hub:{name}: not in the local Hugging Face cache .*, and wsitools "
+                           rf"never downloads; fetch it first \(huggingface-cli download {re.escape(fetch)}$"):
+            load_encoder(f"timm:hf-hub:{name}", device="cpu", weights=tmp_path / "w.pth")
+    assert constants.HF_HUB_OFFLINE is False and asked == []  # as it was, and never used

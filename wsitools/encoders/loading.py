@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -179,17 +180,18 @@ def _create(card: EncoderCard, *, with_classifier: bool) -> nn.Module:
         kwargs.update(prompt_tokens=card.prompt_tokens, prompt_mode=card.prompt_mode)
     if not with_classifier:
         kwargs.setdefault("num_classes", 0)
+    where = f"{card.source or card.name} (model {card.model})"
     try:
         if card.init_seed is not None:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(card.init_seed)
-                model = timm.create_model(card.model, pretrained=False, **kwargs)
+                model = create_timm_model(card.model, where=where, **kwargs)
                 prompts = getattr(model, "prompt_tokens", None)
                 if prompts is not None:
                     # Random-weight test models get random prompts too, so prompts matter in tests.
                     nn.init.normal_(prompts, std=0.02)
         else:
-            model = timm.create_model(card.model, pretrained=False, **kwargs)
+            model = create_timm_model(card.model, where=where, **kwargs)
     except RuntimeError as exc:
         if "Unknown model" in str(exc):
             raise ModelError(f"{card.source or card.name}: unknown timm model {card.model!r}") from None
@@ -303,46 +305,84 @@ def with_precision(encoder: Encoder, precision: Precision) -> Encoder:
     return dataclasses.replace(encoder, card=exact, encoder_hash=precision_hash(encoder.encoder_hash, card, precision))
 
 
-def _check_hub_config_cached(model_name: str) -> None:
-    """Refuse an ``hf-hub:`` model whose ``config.json`` is not in the local Hugging Face cache:
-    timm would download it, and extraction never reaches the network."""
-    if not model_name.startswith("hf-hub:"):
-        return
-    from huggingface_hub import try_to_load_from_cache
+HUB_PREFIX, LOCAL_DIR_PREFIX = "hf-hub:", "local-dir:"
+"""timm model names whose network is described by a ``config.json`` (on the hub, or in a folder)."""
 
-    repo = model_name.removeprefix("hf-hub:").split("@")[0]
+
+@contextlib.contextmanager
+def hub_cache_only() -> Iterator[None]:
+    """Hugging Face hub lookups answered from the local cache only (timm builds ``hf-hub:``
+    models from their ``config.json``): extraction never reaches the network."""
+    from huggingface_hub import constants
+
+    saved, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, True
     try:
-        cached = try_to_load_from_cache(repo, "config.json")
-    except ValueError as exc:  # not a repo id
-        raise ModelError(f"timm:{model_name}: not a Hugging Face repo ({one_line(exc)})") from None
-    if not isinstance(cached, str):
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+
+
+def create_timm_model(model_name: str, *, where: str, **kwargs: Any) -> nn.Module:
+    """``timm.create_model(model_name, pretrained=False, **kwargs)``, an ``hf-hub:`` model from
+    the local cache only; a model whose config cannot be read is a one-line :class:`ModelError`
+    naming ``where``."""
+    try:
+        with hub_cache_only():
+            return timm.create_model(model_name, pretrained=False, **kwargs)
+    except OSError as exc:
+        if not model_name.startswith(HUB_PREFIX):
+            raise ModelError(f"{where}: {one_line(exc)}") from None
+        repo, _, revision = model_name.removeprefix(HUB_PREFIX).partition("@")
+        fetch = f"huggingface-cli download {repo} config.json" + (f" --revision {revision}" if revision else "")
         raise ModelError(
-            f"timm:{model_name}: its config.json is not in the local Hugging Face cache, and wsitools "
-            f"never downloads; fetch it first (huggingface-cli download {repo} config.json)"
-        )
+            f"{where}: not in the local Hugging Face cache ({type(exc).__name__}), and wsitools never "
+            f"downloads; fetch it first ({fetch})"
+        ) from None
+
+
+def config_preprocessing(model_name: str) -> dict[str, Any] | None:
+    """The ``pretrained_cfg`` of an ``hf-hub:`` or ``local-dir:`` model's own ``config.json``
+    (None for other names). timm fills what it lacks with ImageNet's values at 224 px, which
+    are no model's stated preprocessing."""
+    if model_name.startswith(LOCAL_DIR_PREFIX):
+        path = Path(model_name.removeprefix(LOCAL_DIR_PREFIX)) / "config.json"
+    elif model_name.startswith(HUB_PREFIX):
+        from huggingface_hub import hf_hub_download
+
+        repo, _, revision = model_name.removeprefix(HUB_PREFIX).partition("@")
+        with hub_cache_only():
+            path = Path(hf_hub_download(repo, "config.json", revision=revision or None))
+    else:
+        return None
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{path}: not a readable model config ({one_line(exc)})") from None
+    return dict(raw.get("pretrained_cfg") or {}) if isinstance(raw, dict) else {}
 
 
 def timm_card(model_name: str, weights: str | os.PathLike[str]) -> EncoderCard:
     """A card for ``timm:NAME`` plus a local timm-layout checkpoint (no YAML needed).
 
-    Input size, mean/std and interpolation come from the pretrained config of the model timm
-    builds (for ``hf-hub:`` and ``local-dir:`` names, the one in the model's ``config.json``);
-    a model without one is refused, never given ImageNet's. The feature is timm's pooled
-    pre-logits output.
+    Input size, mean/std and interpolation come from timm's pretrained config for the model
+    (for ``hf-hub:`` and ``local-dir:`` names, the ``pretrained_cfg`` of the model's own
+    ``config.json``, which must state them: a model without them is refused, never given
+    ImageNet's). The feature is timm's pooled pre-logits output.
     """
     path = Path(weights).expanduser().resolve()
-    _check_hub_config_cached(model_name)
     try:
-        probe = timm.create_model(model_name, pretrained=False, num_classes=0)
-    except (RuntimeError, ValueError, OSError) as exc:
+        probe = create_timm_model(model_name, where=f"timm:{model_name}", num_classes=0)
+    except (RuntimeError, ValueError) as exc:
         raise ModelError(f"timm:{model_name}: not a timm model ({one_line(exc)})") from None
-    cfg_dict = dict(getattr(probe, "pretrained_cfg", None) or {})
-    missing = [k for k in ("input_size", "mean", "std") if not cfg_dict.get(k)]
-    if missing:
-        raise ModelError(
-            f"timm:{model_name}: the model's pretrained config gives no {', '.join(missing)}; "
-            "write an encoder card that states its preprocessing (docs/encoders.md)"
-        )
+    own = config_preprocessing(model_name)
+    if own is not None:
+        missing = [k for k in ("input_size", "mean", "std") if not own.get(k)]
+        if missing:
+            raise ModelError(
+                f"timm:{model_name}: its config.json's pretrained_cfg gives no {', '.join(missing)}; "
+                "write an encoder card that states its preprocessing (docs/encoders.md)"
+            )
+    cfg_dict = {**dict(getattr(probe, "pretrained_cfg", None) or {}), **(own or {})}
     size = int(cfg_dict["input_size"][-1])
     name = "timm-" + re.sub(r"[^A-Za-z0-9._-]", "-", model_name)
     return EncoderCard(
