@@ -20,6 +20,7 @@ from wsitools.encoders.transforms import to_unit_float
 from wsitools.puzzle.data import TileStream, augmented, open_stores
 from wsitools.puzzle.train import PuzzleTrainConfig, train_puzzle
 from wsitools.store import write_patch_store
+from wsitools.io import stable_hash
 from wsitools.training import adamw
 
 TINY_CARD = """name: vit-test-64
@@ -266,6 +267,23 @@ def test_a_resumed_run_keeps_its_loader_workers(tiny, tmp_path):
     with pytest.raises(WsiToolsError, match=r"other settings \(loader_workers"):
         train_puzzle([stores], tmp_path / "part", backbone=str(card), config=_config(**cfg, num_workers=0),
                      progress=False, resume=True)
+    # a run read in the main process resumes with the default on a machine of many CPUs
+    train_puzzle([stores], tmp_path / "zero", backbone=str(card), config=_config(**cfg, num_workers=0),
+                 progress=False, stop_after_epochs=1)
+    train_puzzle([stores], tmp_path / "zero", backbone=str(card), config=_config(**cfg, num_workers=None),
+                 progress=False, resume=True)
+    assert json.loads((tmp_path / "zero" / "config.json").read_text())["num_workers"] == 1
+    # a checkpoint of an earlier version, which did not record the count, resumes with any
+    train_puzzle([stores], tmp_path / "old", backbone=str(card), config=_config(**cfg, num_workers=0),
+                 progress=False, stop_after_epochs=1)
+    (last,) = sorted((tmp_path / "old" / "checkpoints").iterdir())
+    state = json.loads((last / "state.json").read_text())
+    del state["settings"]["loader_workers"]
+    state["schedule_hash"] = stable_hash(state["settings"])
+    (last / "state.json").write_text(json.dumps(state))
+    old = train_puzzle([stores], tmp_path / "old", backbone=str(card), config=_config(**cfg, num_workers=2),
+                       progress=False, resume=True)
+    assert old.epochs_done == 2
     with pytest.raises(WsiToolsError, match=r"ratio \(1.0\) < 1 \(at 1 every patch stays in place"):
         _config(ratio=1.0).curriculum(image_size=64, token_size=16)  # it trained on nothing, then exported
 

@@ -1,6 +1,7 @@
 # Optional: PuzzleTuning prompt pretraining on the patch stores of the usable slides
 # (config: pretrain.enabled). The run folder keeps checkpoints, and the job always passes
-# --resume, so a job cut off by a time limit continues where it stopped when rerun. The
+# --resume, so a job cut off by a time limit continues where it stopped when rerun (with the
+# same threads: the loader workers set the batch order, and another count is refused). The
 # exported prompts come with an encoder card (the declared output), so a later run can name
 # the result as an encoder.
 

@@ -49,9 +49,10 @@ log = logging.getLogger(__name__)
 LOG_COLUMNS = ("epoch", "step", "loss", "lr", "patch_size", "ratio")
 
 BATCH_ORDER_WORKERS = "loader_workers"
-"""The schedule's record of the loader workers, where there are several: each reads whole windows
-of batches and the DataLoader interleaves their batches, so the batch order (and the puzzles each
-image gets) depends on their number. A resumed run keeps it; another count is refused."""
+"""The schedule's record of the loader workers (0 recorded as 1, the same order): several each
+read whole windows of batches and the DataLoader interleaves their batches, so the batch order
+(and the puzzles each image gets) depends on their number. A resumed run keeps it; another count
+is refused. Checkpoints of earlier versions do not record it and resume with any count."""
 RUN_FILES = ("config.json", "log.csv", "checkpoints", "previews", "*_promptstate.pth", "*.yaml")
 """What a run writes into its folder (the layout above); a folder holding anything else is
 another run's and is refused."""
@@ -250,9 +251,10 @@ def train_puzzle(
         store_list, batch_size=config.batch_size, image_size=image_size, seed=config.seed,
         steps=steps_per_epoch * config.accum_steps,
     )
+    recorded = checkpoints.recorded_settings(existing[-1][1]) if resume and existing else None
     workers = config.num_workers
-    if workers is None and resume and existing:  # the batch order depends on it: keep the run's
-        workers = checkpoints.recorded_settings(existing[-1][1]).get(BATCH_ORDER_WORKERS)
+    if workers is None and recorded is not None:  # the batch order depends on it: keep the run's
+        workers = recorded.get(BATCH_ORDER_WORKERS)
     workers = loader_workers() if workers is None else int(workers)
     loader = DataLoader(
         stream, batch_size=None, num_workers=workers, pin_memory=dev.type == "cuda",
@@ -274,8 +276,8 @@ def train_puzzle(
         # Each store by path, tiling and size: other tiles at the same path are other data.
         "stores": sorted([str(s.path), s.params_hash, len(s)] for s in store_list),
     }
-    if workers > 1:  # 0 and 1 read the windows in turn: the order every count > 1 interleaves
-        schedule[BATCH_ORDER_WORKERS] = workers
+    if recorded is None or BATCH_ORDER_WORKERS in recorded:  # earlier versions' checkpoints lack it
+        schedule[BATCH_ORDER_WORKERS] = max(1, workers)  # 0 and 1 read the windows in the same order
     schedule_hash = stable_hash(schedule)
 
     log_table = CsvLog(out / "log.csv", LOG_COLUMNS, int_columns=frozenset({"epoch", "step", "patch_size"}))
