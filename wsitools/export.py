@@ -47,7 +47,8 @@ class ExportResult:
     slide_id: str
     n_tiles: int
     paths: tuple[Path, ...]
-    encoder_hash: str | None
+    encoder: EncoderRecord
+    dim: int
 
 
 def clam_coords_attrs(store: FeatureStore) -> dict[str, Any]:
@@ -94,22 +95,24 @@ def _write_tensor(path: Path, features: np.ndarray) -> None:
 
 
 def export_store(
-    path: str | os.PathLike[str], out: str | os.PathLike[str], *, to: ExportTarget, encoder_hash: str | None = None
+    path: str | os.PathLike[str], out: str | os.PathLike[str], *, to: ExportTarget, like: ExportResult | None = None
 ) -> ExportResult:
     """Export one feature store into the ``to`` layout under ``out`` (see the module docstring).
 
     A :class:`StoreError` names the store when its file name is not its slide id (another
-    slide's files would be replaced) or, given ``encoder_hash`` (the export's first store's),
-    when it holds another encoder's features: an export is one encoder's, as CLAM reads a folder."""
+    slide's files would be replaced) or, given ``like`` (the export's first store's result),
+    when its features are of another encoder (name and hash, as recorded, a missing hash
+    included) or width: an export is one encoder's, as CLAM reads a folder."""
     if to not in EXPORT_TARGETS:
         raise ValueError(f"unknown export target {to!r} (one of {', '.join(EXPORT_TARGETS)})")
     store = FeatureStore.open(path)
     if store.slide_id != Path(path).stem:
         raise StoreError(f"{path}: holds the features of slide {store.slide_id}; a feature store is named {{slide_id}}.h5")
-    if encoder_hash is not None and store.encoder_hash != encoder_hash:
+    record = EncoderRecord.of(store.attrs)
+    if like is not None and ((record.name, record.hash, store.dim) != (like.encoder.name, like.encoder.hash, like.dim)):
         raise StoreError(
-            f"{path}: features of encoder {EncoderRecord.of(store.attrs).describe()}, not the encoder of this "
-            f"export's other stores (hash {encoder_hash[:12]}); export each encoder's folder on its own"
+            f"{path}: {store.dim}-d features of encoder {record.describe()}, not those of this export's other "
+            f"stores ({like.dim}-d, encoder {like.encoder.describe()}); export each encoder's folder on its own"
         )
     out = Path(out)
     sid, encoder = check_slide_id(store.slide_id), check_slide_id(store.encoder)  # both become paths
@@ -127,4 +130,4 @@ def export_store(
         paths = (folder / "patches" / f"{sid}_patches.h5", folder / f"features_{encoder}" / f"{sid}.h5")
         _write_h5(paths[0], coords, attrs)
         _write_h5(paths[1], coords, attrs, features=features, features_attrs={"name": sid, "encoder": encoder})
-    return ExportResult(sid, store.n, paths, store.encoder_hash)
+    return ExportResult(sid, store.n, paths, record, store.dim)

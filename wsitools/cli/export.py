@@ -55,18 +55,18 @@ def _export(args: argparse.Namespace) -> int:
         raise DataError(
             f"feature directory {args.features}: holds no feature stores (*.h5){features_root_hint(args.features)}"
         )
-    failed, encoder_hash = [], None
+    failed, first = [], None
     final = Path(args.out)
     with output_folder(final) as folder:  # a new --out appears whole, once every store is exported
         for path in stores.values():
             try:
-                result = export_store(path, folder, to=args.to, encoder_hash=encoder_hash)
+                result = export_store(path, folder, to=args.to, like=first)
             except Exception as exc:  # one bad store never stops the others
                 log.debug("export failed for %s", path, exc_info=True)
                 print(f"wsitools export: error: {store_failure(str(path), exc)}", file=sys.stderr)
                 failed.append(str(path))
                 continue
-            encoder_hash = result.encoder_hash
+            first = first or result
             if not args.quiet:
                 paths = ", ".join(str(final / p.relative_to(folder)) for p in result.paths)
                 print(f"{result.slide_id}: {result.n_tiles} tiles -> {paths}")
