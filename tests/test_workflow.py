@@ -1027,3 +1027,32 @@ def test_workflow_scripts_fail_with_one_line_in_their_log(tmp_path, capsys):
     with pytest.raises(SystemExit):
         runpy.run_path(str(REPO / "workflow" / "scripts" / "metrics_table.py"), init_globals={"snakemake": job})
     assert log.read_text().startswith(f"metrics file {tmp_path / 'missing' / 'metrics.json'} cannot be read")
+
+
+def test_report_scripts_refuse_damaged_tables_in_one_line(tmp_path, capsys):
+    """A predictions table with a probability that is no number, or of a head with no class
+    probabilities, and a QC table without its status column ended the roc and qc_table rules
+    in a traceback with no log."""
+    import runpy
+    from types import SimpleNamespace
+
+    head = write_head_run(tmp_path, "t", "enc", "abmil", ["neg"], [[0.4, 0.6]], ["neg", "pos"])
+    preds = head / "predictions.csv"
+    preds.write_text(preds.read_text().replace("0.600", "x"))
+    log = tmp_path / "roc.log"
+    job = SimpleNamespace(input=SimpleNamespace(predictions=[str(preds)]), log=[str(log)],
+                          output=SimpleNamespace(png=str(tmp_path / "roc.png")))
+    with pytest.raises(SystemExit):
+        runpy.run_path(str(REPO / "workflow" / "scripts" / "roc.py"), init_globals={"snakemake": job})
+    assert log.read_text() == f"predictions {preds}: a probability is not a number (could not convert string to float: 'x')\n"
+    preds.write_text("slide_id,label,risk\ns0,1,0.5\n")
+    with pytest.raises(SystemExit):
+        runpy.run_path(str(REPO / "workflow" / "scripts" / "roc.py"), init_globals={"snakemake": job})
+    assert log.read_text() == f"predictions {preds} have no prob_{{class}} columns of two or more classes\n"
+    write_table(tmp_path / "summary.tsv", [{"slide_id": "s0", "state": "ok"}], ["slide_id", "state"])
+    job = SimpleNamespace(input=SimpleNamespace(table=str(tmp_path / "summary.tsv")), log=[str(log)],
+                          output=SimpleNamespace(page=str(tmp_path / "qc.html")))
+    with pytest.raises(SystemExit):
+        runpy.run_path(str(REPO / "workflow" / "scripts" / "qc_table.py"), init_globals={"snakemake": job})
+    assert log.read_text() == f"QC table {tmp_path / 'summary.tsv'} has no column status (not a wsitools QC summary)\n"
+    capsys.readouterr()

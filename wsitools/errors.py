@@ -5,6 +5,7 @@ Every error a user can cause (a bad slide, a bad checkpoint, a bad config) is a
 without a traceback; anything else is a bug and keeps its traceback.
 """
 
+import os
 import textwrap
 from collections.abc import Mapping
 from typing import Any
@@ -90,6 +91,20 @@ def one_line(error: BaseException | str) -> str:
         own = short in {c.__name__ for c in (WsiToolsError, *_subclasses(WsiToolsError))}
         return message if own else f"{short}: {message}"
     return last
+
+
+def error_line(exc: BaseException) -> str | None:
+    """The one line a user is told for ``exc``: a :class:`WsiToolsError`'s message, or
+    ``FILE: reason`` for an ``OSError`` about a named file; None for anything else (a bug,
+    whose traceback is wanted). The ``wsitools`` command and the workflow's scripts both say it."""
+    if isinstance(exc, WsiToolsError):
+        return one_line(exc)
+    if isinstance(exc, OSError) and exc.filename is not None:
+        reason = exc.strerror or one_line(exc)
+        if isinstance(exc, FileExistsError) and not os.path.isdir(exc.filename):
+            reason = "is a file, where a folder is needed"  # mkdir over a file says only "File exists"
+        return f"{exc.filename}: {reason}"
+    return None
 
 
 def _subclasses(cls: type) -> list[type]:

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from wsitools.errors import DataError
+from wsitools.errors import DataError, one_line
 from wsitools.io import atomic_path
 from wsitools.metrics import METRICS, REGRESSION_METRICS, roc_points
 from wsitools.tables import read_table, write_html_table, write_table
@@ -100,6 +100,9 @@ def write_qc_html(summary: str | os.PathLike[str], out: str | os.PathLike[str]) 
     """The QC table (``results/qc/summary.tsv``) as an HTML page for the report; slides left out
     (status other than ``ok``) are tinted red."""
     rows = read_table(summary)
+    missing = [c for c in ("slide_id", "status") if rows and c not in rows[0]]
+    if missing:
+        raise DataError(f"QC table {summary} has no column {', '.join(missing)} (not a wsitools QC summary)")
     counts = _status_counts(rows)
     write_html_table(
         out, rows, QC_COLUMNS, title=f"QC summary: {len(rows)} slides",
@@ -276,8 +279,15 @@ def plot_roc(predictions_files: Sequence[str | os.PathLike[str]], out: str | os.
         if not table or "label" not in table[0]:
             raise DataError(f"predictions {path} have no rows with a 'label' column")
         classes = [c[len("prob_"):] for c in table[0] if c.startswith("prob_")]
+        if len(classes) < 2:
+            raise DataError(f"predictions {path} have no prob_{{class}} columns of two or more classes")
+        if runs and classes != runs[0][1]:
+            raise DataError(f"predictions {path} are of classes {', '.join(classes)}, not {', '.join(runs[0][1])}")
         labels = np.array([r["label"] for r in table])
-        probs = np.array([[float(r[f"prob_{c}"]) for c in classes] for r in table])
+        try:
+            probs = np.array([[float(r[f"prob_{c}"]) for c in classes] for r in table])
+        except (TypeError, ValueError) as exc:
+            raise DataError(f"predictions {path}: a probability is not a number ({one_line(exc)})") from None
         runs.append(("/".join(head_of(path)[1:]), classes, labels, probs))
     classes = runs[0][1]
     panels = classes[1:] if len(classes) == 2 else classes

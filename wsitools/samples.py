@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from wsitools.encoders.cards import card_encoder_hash, find_card, precision_hash
-from wsitools.errors import DataError, ModelError, StoreError, WsiToolsError, one_line, schema_problem
+from wsitools.errors import DataError, ModelError, StoreError, WsiToolsError, error_line, schema_problem
 from wsitools.io import read_user_text
 from wsitools.types import MPP_MAX, MPP_MIN, MicronsPerPixel, check_slide_id, slide_id_from_path
 
@@ -86,13 +86,10 @@ def run_script(
     try:
         summary = step()
     except (WsiToolsError, OSError) as exc:
-        if isinstance(exc, OSError) and not isinstance(exc, WsiToolsError):
-            if exc.filename is None:
-                raise
-            message = f"{exc.filename}: {exc.strerror or one_line(exc)}"
-        else:
-            message = one_line(exc)
-        message = context(message)
+        line = error_line(exc)
+        if line is None:
+            raise
+        message = context(line)
         Path(log).write_text(message + "\n")
         print(message, file=sys.stderr)
         sys.exit(2)

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from wsitools import __version__
-from wsitools.errors import WsiToolsError, one_line
+from wsitools.errors import WsiToolsError, error_line, one_line
 
 # Sub-command modules, in the order of the pipeline.
 COMMAND_MODULES = (
@@ -82,19 +82,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             logging.getLogger(name).setLevel(logging.WARNING)
     try:
         return int(args.func(args) or 0)
-    except WsiToolsError as exc:
-        print(f"wsitools {args.command}: error: {one_line(exc)}", file=sys.stderr)
-        return 2
     except BrokenPipeError:  # whoever read our output stopped early (`wsitools encoders | head`)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush is silent
         return 1
-    except OSError as exc:
-        if exc.filename is None:
+    except (WsiToolsError, OSError) as exc:
+        line = error_line(exc)
+        if line is None:
             raise
-        reason = exc.strerror or one_line(exc)
-        if isinstance(exc, FileExistsError) and not os.path.isdir(exc.filename):
-            reason = "is a file, where a folder is needed"  # mkdir over a file says only "File exists"
-        print(f"wsitools {args.command}: error: {exc.filename}: {reason}", file=sys.stderr)
+        print(f"wsitools {args.command}: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
