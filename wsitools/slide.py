@@ -134,7 +134,7 @@ def _tiff_resolution_mpp(path: Path, *, size: tuple[int, int]) -> tuple[float | 
             xres, yres = tags.get("XResolution"), tags.get("YResolution")
             if unit is None or xres is None or yres is None:
                 return None, None
-            um_per_unit = {2: 25400.0, 3: 10000.0}.get(int(unit.value))
+            um_per_unit = {2: 25400.0, 3: 10000.0, 4: 1000.0, 5: 1.0}.get(int(unit.value))  # inch, cm, mm, um
             if um_per_unit is None:
                 return None, None
 
@@ -595,8 +595,10 @@ class TiffSlideSlide(Slide):
           being copied: named as that when opened, not found out tile by tile);
         - pixels whose fourth sample is not plain alpha: CMYK (tiffslide gives C, M, Y, K as RGBA,
           so every pixel composites to white) or premultiplied alpha (composited as if it were not);
-        - a page of the file larger than the level 0 tiffslide found (a pyramid stored smallest
-          first: tiffslide takes the first page for the slide, and its resolution with it).
+        - a tiled page of the file larger than the level 0 tiffslide found (a pyramid stored
+          smallest first: tiffslide takes the first page for the slide, and its resolution with
+          it). Associated images (label, macro) are stored in strips and may be larger than the
+          scan of a small region.
         """
         tif = self._ts.ts_tifffile
         size = tif.filehandle.size
@@ -619,7 +621,7 @@ class TiffSlideSlide(Slide):
                     )
         w0, h0 = self.dimensions
         for index, page in enumerate(tif.pages[:MAX_PAGES_CHECKED]):
-            if page is not None and hasattr(page, "imagewidth") and page.imagewidth * page.imagelength > w0 * h0:
+            if getattr(page, "is_tiled", False) and page.imagewidth * page.imagelength > w0 * h0:
                 raise ValueError(
                     f"page {index} holds a {page.imagewidth} x {page.imagelength} px image, larger than the "
                     f"{w0} x {h0} px level 0 tiffslide found (a pyramid stored smallest first?)"

@@ -370,6 +370,13 @@ def test_a_pyramid_stored_smallest_first_is_read_at_its_level_0(tmp_path):
         open_slide(path, backend="tiffslide")
     with open_slide(path) as slide:
         assert (slide.backend, slide.dimensions, slide.mpp) == ("openslide", (512, 512), 0.5)
+    # a small scan whose macro image (in strips, as scanners store it) has more pixels is no such pyramid
+    small = tmp_path / "small.tif"
+    with tifffile.TiffWriter(small) as tif:
+        tif.write(PIXELS, tile=(64, 64), photometric="rgb", **RES)
+        tif.write(np.full((400, 900, 3), 180, np.uint8), photometric="rgb", rowsperstrip=16, subfiletype=9)
+    with open_slide(small, backend="tiffslide") as slide:
+        assert slide.dimensions == (512, 512)
 
 
 def test_a_reduced_page_of_another_shape_is_never_read_as_a_level(tmp_path):
