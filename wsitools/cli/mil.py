@@ -310,18 +310,28 @@ def _attention_files(paths: list[str]) -> list[Path]:
     return files
 
 
-def _slide_for(slide_arg: str | None, slide_id: str, n_files: int) -> Path | None:
+def _slides_by_id(slide_arg: str | None) -> dict[str, Path] | None:
+    """The slide files of the folder ``--slide`` names, by slide id (the first in name order
+    where ids repeat): listed once for all the attention files of a run, not once per slide;
+    None when ``--slide`` is not a folder."""
+    if slide_arg is None or not Path(slide_arg).is_dir():
+        return None
+    found: dict[str, Path] = {}
+    for f in sorted(Path(slide_arg).iterdir()):
+        if not f.name.startswith(".") and f.is_file():
+            found.setdefault(slide_id_from_path(f.name), f)
+    return found
+
+
+def _slide_for(slide_arg: str | None, slide_id: str, n_files: int, slides: dict[str, Path] | None) -> Path | None:
     if slide_arg is None:
         return None
     path = Path(slide_arg)
-    if path.is_dir():
-        found = sorted(
-            f for f in path.iterdir()
-            if f.is_file() and not f.name.startswith(".") and slide_id_from_path(f.name) == slide_id
-        )
-        if not found:
+    if slides is not None:
+        found = slides.get(slide_id)
+        if found is None:
             raise DataError(f"slide {slide_id}: no slide file named {slide_id}.* (or with that id) in {path}")
-        return found[0]
+        return found
     if n_files > 1:
         raise DataError("--slide names one file but several attention files were given; pass a directory")
     return path
@@ -346,12 +356,13 @@ def run_heatmap(args: argparse.Namespace) -> int:
     if args.min_side > args.max_side:
         raise DataError(f"--min-side {args.min_side} is larger than --max-side {args.max_side}")
     files = _attention_files(args.attention)
+    slides = _slides_by_id(args.slide)
     final = Path(args.out)
     failed = 0
     with output_folder(final) as folder:  # a new --out appears whole, once every slide is drawn
         for f in tqdm(files, desc="heatmap", unit="slide", disable=not show_progress(quiet=args.quiet)):
             try:
-                out = _draw_one(f, folder, args, n_files=len(files))
+                out = _draw_one(f, folder, args, n_files=len(files), slides=slides)
             except WsiToolsError as exc:
                 failed += 1
                 print(f"{f.stem}\tfailed\t{one_line(exc)}", file=sys.stderr)
@@ -363,7 +374,9 @@ def run_heatmap(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _draw_one(attention: Path, folder: Path, args: argparse.Namespace, *, n_files: int) -> HeatmapFiles:
+def _draw_one(
+    attention: Path, folder: Path, args: argparse.Namespace, *, n_files: int, slides: dict[str, Path] | None
+) -> HeatmapFiles:
     """One slide's heatmap files in ``folder``, drawn as the heatmap command's ``args`` say."""
     from wsitools.heatmap import draw_heatmap
 
@@ -371,7 +384,7 @@ def _draw_one(attention: Path, folder: Path, args: argparse.Namespace, *, n_file
     return draw_heatmap(
         attention,
         folder,
-        slide_path=_slide_for(args.slide, slide_id, n_files),
+        slide_path=_slide_for(args.slide, slide_id, n_files, slides),
         store_path=_store_for(args.store, slide_id, n_files),
         mpp=args.mpp,
         min_side=args.min_side,
