@@ -23,7 +23,7 @@ censoring, ``risk`` a score where higher means an earlier event (a Cox head's lo
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -107,55 +107,77 @@ def logrank_test(time: np.ndarray, event: np.ndarray, group: np.ndarray) -> tupl
     return stat, float(chi2.sf(stat, 1))
 
 
+PairRows = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+"""The rows ``i`` (an index array) of a pair statistic's matrices ``N`` and ``D``."""
+
+PAIR_BLOCK_BYTES = 32 * 2**20
+"""Size of one block of rows of a pair matrix (float64): the matrices of a cohort are never
+built whole (N x N: 3.2 GB for each at 20 000 slides)."""
+
+
 def _concordance_matrices(
-    time: np.ndarray, event: np.ndarray, risk: np.ndarray, weight: np.ndarray
+    time: np.ndarray, event: np.ndarray, risk: np.ndarray, weight: np.ndarray, rows: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``N_ij`` (weighted concordance credit) and ``D_ij`` (weighted comparability) of every pair,
-    ``i`` the slide with the event; ``weight`` [n] weighs each slide as ``i``."""
-    earlier = (time[:, None] < time[None, :]) | ((time[:, None] == time[None, :]) & ~event[None, :])
-    comparable = earlier & event[:, None] & (weight[:, None] > 0)
-    credit = (risk[:, None] > risk[None, :]) + 0.5 * (risk[:, None] == risk[None, :])
-    d = np.where(comparable, weight[:, None], 0.0)
+    """Rows ``rows`` (default all) of ``N_ij`` (weighted concordance credit) and ``D_ij`` (weighted
+    comparability) of every pair, ``i`` the slide with the event; ``weight`` [n] weighs each
+    slide as ``i``."""
+    i = np.arange(len(time)) if rows is None else rows
+    ti, ei, ri, wi = time[i, None], event[i, None], risk[i, None], weight[i, None]
+    earlier = (ti < time[None, :]) | ((ti == time[None, :]) & ~event[None, :])
+    comparable = earlier & ei & (wi > 0)
+    credit = (ri > risk[None, :]) + 0.5 * (ri == risk[None, :])
+    d = np.where(comparable, wi, 0.0)
     return d * credit, d
 
 
-def _ratio(n: np.ndarray, d: np.ndarray) -> float:
-    den = d.sum()
-    return float(n.sum() / den) if den > 0 else math.nan
+def _pair_ratio(
+    pairs: PairRows, candidates: np.ndarray, size: int, *, n_boot: int, seed: int, level: float = 0.95, chunk: int = 100
+) -> tuple[float, float, float]:
+    """``sum N / sum D`` of a pair statistic and its percentile interval over ``n_boot``
+    resamples: ``c^T N c / c^T D c`` for each resample's counts ``c`` of every slide.
 
-
-def _bootstrap_ratio(
-    n: np.ndarray, d: np.ndarray, *, n_boot: int, seed: int, level: float = 0.95, chunk: int = 100
-) -> tuple[float, float]:
-    """Percentile interval of ``c^T N c / c^T D c`` over ``n_boot`` resample counts ``c``."""
-    size = n.shape[0]
+    Only the rows of ``candidates`` (the slides that can be ``i``) are built, a block of rows
+    at a time (:data:`PAIR_BLOCK_BYTES`), so memory grows with the cohort, not its square."""
     rng = np.random.default_rng(seed)
-    values = []
-    for start in range(0, n_boot, chunk):
-        b = min(chunk, n_boot - start)
-        counts = np.stack([np.bincount(rng.integers(0, size, size=size), minlength=size) for _ in range(b)])
-        counts = counts.astype(np.float64)
-        num = np.einsum("bi,bi->b", counts @ n, counts)
-        den = np.einsum("bi,bi->b", counts @ d, counts)
-        values.extend((num[den > 0] / den[den > 0]).tolist())
-    if not values:
-        return math.nan, math.nan
+    draws = [np.bincount(rng.integers(0, size, size=size), minlength=size) for _ in range(n_boot)]
+    counts = np.stack(draws).astype(np.float64) if draws else np.zeros((0, size))
+    total_n = total_d = 0.0
+    num, den = np.zeros(n_boot), np.zeros(n_boot)
+    block = max(1, PAIR_BLOCK_BYTES // (8 * max(size, 1)))
+    for start in range(0, len(candidates), block):
+        rows = candidates[start : start + block]
+        n, d = pairs(rows)
+        total_n, total_d = total_n + float(n.sum()), total_d + float(d.sum())
+        for b in range(0, n_boot, chunk):
+            c = counts[b : b + chunk]
+            num[b : b + chunk] += ((c @ n.T) * c[:, rows]).sum(axis=1)
+            den[b : b + chunk] += ((c @ d.T) * c[:, rows]).sum(axis=1)
+    value = total_n / total_d if total_d > 0 else math.nan
+    values = num[den > 0] / den[den > 0]
+    if not len(values):
+        return value, math.nan, math.nan
     tail = (1.0 - level) / 2.0 * 100.0
     lo, hi = np.percentile(values, [tail, 100.0 - tail])
-    return float(lo), float(hi)
+    return value, float(lo), float(hi)
+
+
+def _concordance(t: np.ndarray, e: np.ndarray, r: np.ndarray, weight: np.ndarray, **boot: Any) -> tuple[float, float, float]:
+    """A (weighted) concordance index with its interval (:func:`_pair_ratio`)."""
+    candidates = np.flatnonzero(e & (weight > 0))
+    return _pair_ratio(lambda rows: _concordance_matrices(t, e, r, weight, rows), candidates, len(t), **boot)
 
 
 def harrell_c(time: np.ndarray, event: np.ndarray, risk: np.ndarray) -> float:
     """Harrell's concordance index (NaN without a comparable pair)."""
     t, e, r = _arrays(time, event, risk)
-    return _ratio(*_concordance_matrices(t, e, r, np.ones(len(t))))
+    return _concordance(t, e, r, np.ones(len(t)), n_boot=0, seed=0)[0]
 
 
 def uno_c(time: np.ndarray, event: np.ndarray, risk: np.ndarray, *, tau: float | None = None) -> float:
     """Uno's IPCW concordance index, truncated at ``tau`` when given, and always before an event
     at the last follow-up time where the censoring distribution reaches zero (NaN without a pair)."""
     t, e, r = _arrays(time, event, risk)
-    return _ratio(*_concordance_matrices(t, e, r, _uno_weights(t, e, tau)))
+    return _concordance(t, e, r, _uno_weights(t, e, tau), n_boot=0, seed=0)[0]
 
 
 def _uno_weights(t: np.ndarray, e: np.ndarray, tau: float | None) -> np.ndarray:
@@ -165,21 +187,24 @@ def _uno_weights(t: np.ndarray, e: np.ndarray, tau: float | None) -> np.ndarray:
     return w
 
 
-def _auc_matrices(
-    time: np.ndarray, event: np.ndarray, risk: np.ndarray, at: float, ipcw: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    case = event & (time <= at)
-    control = time > at
-    d = np.where(case[:, None] & control[None, :], ipcw[:, None], 0.0)
-    credit = (risk[:, None] > risk[None, :]) + 0.5 * (risk[:, None] == risk[None, :])
-    return d * credit, d
+def _time_auc(t: np.ndarray, e: np.ndarray, r: np.ndarray, at: float, ipcw: np.ndarray, **boot: Any) -> tuple[float, float, float]:
+    """The cumulative/dynamic AUC at ``at`` with its interval (:func:`_pair_ratio`): rows are
+    the cases (an event by ``at``, weighted by ``1 / G(time)``), columns the controls."""
+    case, control = e & (t <= at), t > at
+
+    def rows_of(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        d = np.where(control[None, :], ipcw[rows, None], 0.0)
+        credit = (r[rows, None] > r[None, :]) + 0.5 * (r[rows, None] == r[None, :])
+        return d * credit, d
+
+    return _pair_ratio(rows_of, np.flatnonzero(case), len(t), **boot)
 
 
 def time_auc(time: np.ndarray, event: np.ndarray, risk: np.ndarray, at: float) -> float:
     """Cumulative/dynamic AUC at time ``at``: cases had their event by ``at`` (weighted by
     ``1 / G(time)``), controls were still event-free after it; NaN without either."""
     t, e, r = _arrays(time, event, risk)
-    return _ratio(*_auc_matrices(t, e, r, at, _ipcw(t, e)))
+    return _time_auc(t, e, r, at, _ipcw(t, e), n_boot=0, seed=0)[0]
 
 
 def auc_times(time: np.ndarray, event: np.ndarray) -> list[float]:
@@ -220,15 +245,15 @@ def survival_report(
     report: dict[str, Any] = {"n": int(len(t)), "n_events": int(e.sum()),
                               "censored_fraction": json_float(float(1.0 - e.mean())) if len(t) else None}
     ipcw = _ipcw(t, e)
+    boot = {"n_boot": n_boot, "seed": seed, "level": level}
     for name, weight in (("c_index", np.ones(len(t))), ("uno_c", ipcw**2)):
-        n, d = _concordance_matrices(t, e, r, weight)
-        report[name] = json_float(_ratio(n, d))
-        report[f"{name}_ci95"] = [json_float(v) for v in _bootstrap_ratio(n, d, n_boot=n_boot, seed=seed, level=level)]
+        value, lo, hi = _concordance(t, e, r, weight, **boot)
+        report[name] = json_float(value)
+        report[f"{name}_ci95"] = [json_float(lo), json_float(hi)]
     rows = []
     for at in auc_times(t, e) if times is None else times:
-        n, d = _auc_matrices(t, e, r, float(at), ipcw)
-        lo, hi = _bootstrap_ratio(n, d, n_boot=n_boot, seed=seed, level=level)
-        rows.append({"time": round(float(at), 6), "auc": json_float(_ratio(n, d)), "auc_ci95": [json_float(lo), json_float(hi)]})
+        value, lo, hi = _time_auc(t, e, r, float(at), ipcw, **boot)
+        rows.append({"time": round(float(at), 6), "auc": json_float(value), "auc_ci95": [json_float(lo), json_float(hi)]})
     report["time_auc"] = rows
     if high_risk is not None:
         g = np.asarray(high_risk).astype(bool)
