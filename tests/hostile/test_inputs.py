@@ -596,13 +596,14 @@ def test_slide_glob_with_spaces_and_accents_and_a_collision(tmp_path, monkeypatc
 
 
 def test_heatmap_finds_a_slide_by_its_derived_id(tmp_path):
-    from wsitools.cli.mil import _slide_for
+    from wsitools.cli.mil import _slide_for, _slides_by_id
 
     for name in ("scan 1 (HE).svs", "scan_1_HE.qc.json", "other.svs"):
         (tmp_path / name).write_bytes(b"x")
-    assert _slide_for(str(tmp_path), "scan_1_HE", 2) == tmp_path / "scan 1 (HE).svs"
+    slides = _slides_by_id(str(tmp_path))
+    assert _slide_for(str(tmp_path), "scan_1_HE", 2, slides) == tmp_path / "scan 1 (HE).svs"
     with pytest.raises(DataError, match="no slide file named missing"):
-        _slide_for(str(tmp_path), "missing", 2)
+        _slide_for(str(tmp_path), "missing", 2, slides)
 
 
 def test_tile_refuses_two_files_with_one_id_naming_both(tmp_path, capsys):
