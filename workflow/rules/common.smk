@@ -224,6 +224,24 @@ def get_labels(wildcards):
     return checkpoints.labels.get(task=wildcards.task).output.labels
 
 
+def after_labels(pattern, *, every_head=False):
+    """An input function of a job behind the heads of a task: ``pattern``'s paths, once the
+    task's `labels` checkpoint has run (every task's, without a {task} wildcard). Planned after
+    it, a job whose heads kept their files (a labels table rewritten with the same content)
+    does not run again; planned before it, Snakemake took the heads' files for updated.
+    ``every_head``: the paths of every encoder and head of the task (or of every task)."""
+
+    def inputs(wildcards):
+        tasks = [wildcards.task] if "task" in wildcards.keys() else list(TASKS)
+        for task in tasks:
+            checkpoints.labels.get(task=task)
+        if every_head:
+            return expand(pattern, task=tasks, encoder=ENCODERS, head=HEADS)
+        return pattern.format(**dict(wildcards.items()))
+
+    return inputs
+
+
 def get_task_features(wildcards):
     return expand(
         f"{FEATURES}/{wildcards.encoder}/{{slide}}.h5", slide=labelled_slides(wildcards.task)

@@ -8,7 +8,7 @@
 
 rule heatmap:
     input:
-        attention="results/heads/{task}/{encoder}/{head}/attention",
+        attention=after_labels("results/heads/{task}/{encoder}/{head}/attention"),
     output:
         pictures=report(
             directory("results/heatmaps/{task}/{encoder}/{head}"),
@@ -19,6 +19,8 @@ rule heatmap:
             labels={"slide": "{slide}", "figure": "{figure}"},
         ),
     params:
+        # from the wildcards: a dry run before the labels checkpoint has the checkpoint's file as input
+        attention=lambda wildcards: f"results/heads/{wildcards.task}/{wildcards.encoder}/{wildcards.head}/attention",
         stores=TILES,
         scale=config["heatmaps"]["scale"],
         cmap=config["heatmaps"]["cmap"],
@@ -34,5 +36,5 @@ rule heatmap:
     conda:
         "../envs/wsitools.yaml"
     shell:
-        "wsitools heatmap --attention {input.attention:q} --store {params.stores:q}"
+        "wsitools heatmap --attention {params.attention:q} --store {params.stores:q}"
         " --scale {params.scale} --cmap {params.cmap} {params.options} --out {output.pictures:q} --quiet > {log:q} 2>&1"

@@ -8,14 +8,15 @@
 
 rule predict:
     input:
-        metrics="results/heads/{task}/{encoder}/{head}/metrics.json",
+        metrics=after_labels("results/heads/{task}/{encoder}/{head}/metrics.json"),
         features=get_predict_features,
         patients=lambda wildcards: config["samples"] if HEADS[wildcards.head]["bag"] == "patient" else [],
     output:
         predictions="results/predictions/{task}/{encoder}/{head}/predictions.csv",
         attention=directory("results/predictions/{task}/{encoder}/{head}/attention"),
     params:
-        model=lambda wildcards, input: Path(input.metrics).parent,
+        # from the wildcards: a dry run before the labels checkpoint has the checkpoint's file as input
+        model=lambda wildcards: f"results/heads/{wildcards.task}/{wildcards.encoder}/{wildcards.head}",
         features=lambda wildcards: f"{FEATURES}/{wildcards.encoder}",
         slides=lambda wildcards: shell_args(unlabelled_slides(wildcards.task)),
         patients=get_predict_patients,

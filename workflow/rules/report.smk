@@ -33,10 +33,7 @@ rule qc_table:
 
 rule metrics_table:
     input:
-        metrics=expand(
-            "results/heads/{task}/{encoder}/{head}/metrics.json",
-            task=TASKS, encoder=ENCODERS, head=HEADS,
-        ),
+        metrics=after_labels("results/heads/{task}/{encoder}/{head}/metrics.json", every_head=True),
     output:
         table=report(
             "results/report/metrics.tsv",
@@ -66,10 +63,7 @@ rule metrics_table:
 
 rule roc:
     input:
-        predictions=lambda wildcards: expand(
-            "results/heads/{task}/{encoder}/{head}/predictions.csv",
-            task=wildcards.task, encoder=ENCODERS, head=HEADS,
-        ),
+        predictions=after_labels("results/heads/{task}/{encoder}/{head}/predictions.csv", every_head=True),
     output:
         png=report(
             "results/report/roc/{task}.png",
@@ -92,10 +86,7 @@ rule roc:
 
 rule outcome_figure:
     input:
-        predictions=lambda wildcards: expand(
-            "results/heads/{task}/{encoder}/{head}/predictions.csv",
-            task=wildcards.task, encoder=ENCODERS, head=HEADS,
-        ),
+        predictions=after_labels("results/heads/{task}/{encoder}/{head}/predictions.csv", every_head=True),
     output:
         png=report(
             "results/report/{figure}/{task}.png",
