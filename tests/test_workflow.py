@@ -736,7 +736,7 @@ def test_demo_config_drives_the_workflow(tmp_path, capsys):
         rows.append([f"slide_{i:03d}", str(work / "slides" / f"slide_{i:03d}.svs"), f"patient_{i // 2:03d}",
                      "positive" if (i // 2) % 2 else "negative"])
     write_sheet(work / "samples.tsv", ["slide_id", "path", "patient_id", "label"], rows)
-    demo.prepare(work, n_slides=12, seed=0)
+    demo.prepare(work, n_slides=12)
     assert "reusing the synthetic cohort" in capsys.readouterr().out
     config = yaml.safe_load((work / "config" / "config.yaml").read_text())
     assert config["device"] == "cpu" and config["heads"]["pathotune"]["folds"] == 3
@@ -779,8 +779,10 @@ def test_demo_reuses_its_cohort_and_refuses_another_size_or_seed(tmp_path, capsy
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "not the one --seed 5 asks for" in err
     (work / "demo_cohort.json").unlink()  # a cohort made before the record: only its size is known
-    demo.prepare(work, seed=5)
+    demo.prepare(work)
     assert f"reusing the synthetic cohort of 14 slides in {work}" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="holds a synthetic cohort whose seed was not recorded"):
+        demo.prepare(work, seed=5)  # it was reused without a word
     with pytest.raises(ConfigError, match="holds a synthetic cohort of 14 slides, not the one --slides 16"):
         demo.prepare(work, n_slides=16)
 

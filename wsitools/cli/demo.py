@@ -83,8 +83,9 @@ def prepare(out: Path, *, n_slides: int | None = None, seed: int | None = None) 
         n_slides = DEFAULT_SLIDES if n_slides is None else n_slides
         seed = DEFAULT_SEED if seed is None else seed
         print(f"making a synthetic cohort of {n_slides} slides (seed {seed}) in {out / 'slides'}")
-        make_cohort(out, n_slides=n_slides, seed=seed)
+        # the record first: a run cut off before samples.tsv is written makes the cohort again
         write_json_atomic(out / COHORT_RECORD, {"slides": n_slides, "seed": seed})
+        make_cohort(out, n_slides=n_slides, seed=seed)
     templates = workflow_dir().parent / "config" / "demo"
     _copy_if_changed(templates / "config.yaml", out / "config" / "config.yaml")
     _copy_if_changed(templates / "task.yaml", out / "config" / "task.yaml")
@@ -103,7 +104,13 @@ def _existing_cohort(out: Path) -> dict[str, int | None]:
 
 
 def _check_reuse(out: Path, made: dict[str, int | None], *, n_slides: int | None, seed: int | None) -> None:
-    """Refuse a ``--slides`` or ``--seed`` that differs from the cohort already in ``out``."""
+    """Refuse a ``--slides`` or ``--seed`` that differs from the cohort already in ``out``, and a
+    ``--seed`` where the cohort's was not recorded (a cohort of an earlier version)."""
+    if seed is not None and made["seed"] is None:
+        raise ConfigError(
+            f"{out} holds a synthetic cohort whose seed was not recorded (made by an earlier version): leave "
+            f"--seed out to reuse it, or delete {out / 'samples.tsv'} for a new cohort there"
+        )
     asked = {"slides": n_slides, "seed": seed}
     differs = [k for k, v in asked.items() if v is not None and made[k] is not None and v != made[k]]
     if differs:
