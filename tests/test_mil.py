@@ -420,6 +420,10 @@ def test_instance_dropout_spreads_attention_over_a_planted_region(tmp_path):
     ("bag_size", 0, "bag_size must be at least 1, or None for whole bags, got 0"),
     ("n_boot", -1, "n_boot must be at least 0 (0: no bootstrap intervals), got -1"),
     ("workers", -2, "workers must be at least 0, got -2"),
+    ("seed", -1, "seed must be at least 0, got -1"),
+    ("epochs", 2.5, "epochs must be a whole number, got 2.5"),
+    ("folds", True, "folds must be a whole number, got True"),
+    ("lr", "0.001", "lr must be a number, got '0.001'"),
 ])
 def test_train_config_refuses_what_the_command_line_refuses(field, value, message):
     """A settings dataclass given from Python is checked as the CLI checks its options, before

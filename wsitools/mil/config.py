@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from numbers import Integral, Real
 from dataclasses import dataclass
 from typing import Literal
 
@@ -48,6 +49,16 @@ class TrainConfig:
     survival_batch: int = 16
 
     def __post_init__(self) -> None:
+        for name in ("epochs", "patience", "min_epochs", "bag_size", "folds", "seed", "workers", "n_boot", "survival_batch"):
+            value = getattr(self, name)
+            if not (isinstance(value, Integral) and not isinstance(value, bool)) and not (name == "bag_size" and value is None):
+                raise ConfigError(f"{name} must be a whole number, got {value!r}")
+        for name in ("lr", "weight_decay", "instance_dropout", "val_fraction"):
+            value = getattr(self, name)
+            if not isinstance(value, Real) or isinstance(value, bool):
+                raise ConfigError(f"{name} must be a number, got {value!r}")
+        if self.seed < 0:
+            raise ConfigError(f"seed must be at least 0, got {self.seed}")
         if self.epochs < 1 or self.patience < 1:
             raise ConfigError("epochs and patience must be at least 1")
         if self.min_epochs < 0:
