@@ -216,19 +216,12 @@ def get_tile_options(wildcards):
     return shell_args(args + t["extra_args"])
 
 
-def get_labels(wildcards):
-    """A task's labels table, read through the `labels` checkpoint: the heads are planned again
-    once it is written, so a labels table rewritten with the same content (an edit of the
-    samples sheet that leaves the task's labels as they were, a new version of the workflow's
-    scripts) keeps its checksum and retrains no head."""
-    return checkpoints.labels.get(task=wildcards.task).output.labels
-
-
 def after_labels(pattern, *, every_head=False):
-    """An input function of a job behind the heads of a task: ``pattern``'s paths, once the
-    task's `labels` checkpoint has run (every task's, without a {task} wildcard). Planned after
-    it, a job whose heads kept their files (a labels table rewritten with the same content)
-    does not run again; planned before it, Snakemake took the heads' files for updated.
+    """An input function of the heads of a task and the jobs behind them: ``pattern``'s paths,
+    once the task's `labels` checkpoint has run (every task's, without a {task} wildcard).
+    Planned after it, a job whose inputs kept their content (a labels table rewritten with the
+    same content: a new sheet column, a new version of the workflow's scripts) does not run
+    again; planned before it, Snakemake took them for updated.
     ``every_head``: the paths of every encoder and head of the task (or of every task)."""
 
     def inputs(wildcards):

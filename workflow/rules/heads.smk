@@ -21,7 +21,7 @@ for _task_name, _task_conf in TASKS.items():
             )
 
 
-# A checkpoint: train reads the table through get_labels, so the heads are planned again once it
+# A checkpoint: train reads the table through after_labels, so the heads are planned again once it
 # is written, and a table rewritten with the same content (its checksum) retrains no head.
 checkpoint labels:
     input:
@@ -46,7 +46,7 @@ checkpoint labels:
 
 rule train:
     input:
-        labels=get_labels,
+        labels=after_labels("results/heads/{task}/labels.tsv"),
         task=lambda wildcards: TASKS[wildcards.task]["task_file"] or [],
         features=get_task_features,
     output:

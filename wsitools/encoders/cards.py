@@ -276,8 +276,7 @@ def card_from_dict(data: Any, *, source: Path) -> EncoderCard:
             f"{source}: the card lists {listed}; give architecture.init_seed for a random-weight "
             "test model"
         )
-    if ".." in data["name"]:
-        check_card_name(data["name"])  # the card's name names its feature folder
+    check_card_name(data["name"])  # the card's name names its feature folder
     kwargs = arch.get("kwargs") or {}
     loading = sorted(set(kwargs) & set(UNCHECKED_WEIGHT_KWARGS))
     if loading:

@@ -322,6 +322,12 @@ def hub_cache_only() -> Iterator[None]:
         constants.HF_HUB_OFFLINE = saved
 
 
+def _hub_repo(model_name: str) -> tuple[str, str]:
+    """(repo id, revision or "") of a timm ``hf-hub:OWNER/REPO[@REVISION]`` name."""
+    repo, _, revision = model_name.removeprefix(HUB_PREFIX).partition("@")
+    return repo, revision
+
+
 def create_timm_model(model_name: str, *, where: str, **kwargs: Any) -> nn.Module:
     """``timm.create_model(model_name, pretrained=False, **kwargs)``, an ``hf-hub:`` model from
     the local cache only; a model whose config cannot be read is a one-line :class:`ModelError`
@@ -332,7 +338,7 @@ def create_timm_model(model_name: str, *, where: str, **kwargs: Any) -> nn.Modul
     except OSError as exc:
         if not model_name.startswith(HUB_PREFIX):
             raise ModelError(f"{where}: {one_line(exc)}") from None
-        repo, _, revision = model_name.removeprefix(HUB_PREFIX).partition("@")
+        repo, revision = _hub_repo(model_name)
         fetch = f"huggingface-cli download {repo} config.json" + (f" --revision {revision}" if revision else "")
         raise ModelError(
             f"{where}: not in the local Hugging Face cache ({type(exc).__name__}), and wsitools never "
@@ -349,7 +355,7 @@ def config_preprocessing(model_name: str) -> dict[str, Any] | None:
     elif model_name.startswith(HUB_PREFIX):
         from huggingface_hub import hf_hub_download
 
-        repo, _, revision = model_name.removeprefix(HUB_PREFIX).partition("@")
+        repo, revision = _hub_repo(model_name)
         with hub_cache_only():
             path = Path(hf_hub_download(repo, "config.json", revision=revision or None))
     else:
