@@ -252,3 +252,23 @@ def test_a_new_batch_size_reuses_the_feature_stores(run, tmp_path):
     (work / "config/config.yaml").write_text(yaml.safe_dump(config))
     counts = job_counts(snakemake(work, "-n").stdout)
     assert counts["extract"] == len(OK)
+
+
+def test_features_extracted_in_one_process_are_reused(run, tmp_path):
+    """The large-cohort recipe of docs/cluster.md: after QC, one `wsitools extract` over many patch
+    stores (one process's start-up for all of them) writes the feature stores where the workflow
+    keeps them, and the workflow then plans no extraction job, even with no record of its own."""
+    work = copy_run(run[0], tmp_path / "w")
+    shutil.rmtree(work / "results/features")
+    shutil.rmtree(work / ".snakemake/metadata")
+    usable = [r["slide_id"] for r in read_table(work / "results/qc/summary.tsv") if r["status"] == "ok"]
+    assert sorted(usable) == OK
+    stores = [str(work / "results/tiles" / f"{s}.zarr") for s in usable]
+    extract = subprocess.run(
+        ["wsitools", "extract", *stores, "--encoder", ENCODER, "--out", "results/features",
+         "--device", "cpu", "--workers", "0", "--quiet"],
+        cwd=work, capture_output=True, text=True, timeout=300,
+    )
+    assert extract.returncode == 0, extract.stderr
+    counts = job_counts(snakemake(work, "-n").stdout)
+    assert "extract" not in counts and counts["train"] == 1, counts
