@@ -237,6 +237,34 @@ def test_regression_metrics_match_scipy():
     assert math.isnan(regression_metrics(y, np.ones(50))["pearson"])
 
 
+
+def test_reports_keep_six_significant_digits_of_small_errors():
+    rng = np.random.default_rng(1)
+    y = 1e-7 * rng.normal(size=40)
+    p = y + 3e-8 * rng.normal(size=40)
+    rep = regression_report(y, p, n_boot=50)
+    assert rep["mae"] == pytest.approx(np.mean(np.abs(y - p)), rel=1e-5) and rep["mae"] > 0
+    assert 0 < rep["rmse_ci95"][0] < rep["rmse"] < rep["rmse_ci95"][1]
+
+
+def test_metrics_refuse_predictions_that_are_not_finite():
+    y = np.arange(6.0)
+    with pytest.raises(ValueError, match="must be finite"):
+        regression_metrics(y, np.array([0.0, 1, 2, np.nan, 4, 5]))
+    with pytest.raises(ValueError, match="risk holds 1 values that are not finite"):
+        S.harrell_c(y + 1, np.ones(6), np.array([0.0, 1, 2, np.nan, 4, 5]))
+
+
+def test_prediction_tables_keep_every_digit(tmp_path):
+    from wsitools.mil.run_folder import read_predictions, write_predictions
+
+    rows = [{"slide_id": "a", "label": 1234567.891, "fold": 1, "prediction": 1234561.2345678},
+            {"slide_id": "b", "label": 2.5e-9, "fold": 2, "prediction": -1.0000001e-9}]
+    write_predictions(tmp_path / "p.csv", rows, ())
+    back = read_predictions(tmp_path / "p.csv")
+    assert [(float(r["label"]), float(r["prediction"])) for r in back] == [
+        (1234567.891, 1234561.2345678), (2.5e-9, -1.0000001e-9)]
+
 # ---------------------------------------------------------------- the Cox loss
 
 
@@ -252,6 +280,21 @@ def test_cox_loss_is_the_breslow_partial_likelihood():
     cox_loss(risk, torch.tensor(t), torch.zeros(7)).backward()
     assert torch.count_nonzero(risk.grad) == 0  # no event: no gradient
 
+
+
+def test_survival_targets_keep_the_order_of_times_beyond_float32():
+    """Times in seconds (1e8 and more) stay distinct in the Cox loss: it trains on their ranks."""
+    from types import SimpleNamespace
+
+    from wsitools.mil.train import _fold_targets
+
+    t = np.array([1e8 + 2, 1e8, 1e8 + 1, 1e8 + 1, 1e8 + 3])
+    e = np.array([1.0, 1, 0, 1, 1])
+    targets, scale = _fold_targets(SimpleNamespace(task_type="survival", targets=np.stack([t, e], axis=1)), None)
+    assert scale == {} and targets[:, 0].tolist() == [2, 0, 1, 1, 3] and targets[:, 1].tolist() == e.tolist()
+    r = torch.tensor([0.3, -1.0, 0.5, 0.2, -0.4])
+    exact = cox_loss(r.double(), torch.tensor(t), torch.tensor(e))
+    assert float(cox_loss(r, targets[:, 0], targets[:, 1])) == pytest.approx(float(exact), abs=1e-6)
 
 def test_step_groups_cover_the_epoch_without_tiny_steps():
     assert step_groups(5, 1) == [1] * 5

@@ -176,8 +176,9 @@ def bootstrap_ci(
 
 
 def json_float(x: float) -> float | None:
-    """A metric for a JSON report: rounded to 6 places, NaN (undefined) as null."""
-    return None if math.isnan(x) else round(float(x), 6)
+    """A number for a JSON report: to 6 significant digits (errors of targets near 1e-7 are not
+    zero), NaN (undefined) as null."""
+    return None if math.isnan(x) else float(f"{float(x):.6g}")
 
 
 def metrics_report(
@@ -231,6 +232,8 @@ def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, floa
     p = np.asarray(y_pred, dtype=np.float64)
     if y.ndim != 1 or y.shape != p.shape:
         raise ValueError(f"y_true {y.shape} and y_pred {p.shape} must be 1-D of one length")
+    if not (np.isfinite(y).all() and np.isfinite(p).all()):
+        raise ValueError("y_true and y_pred must be finite")
     if not len(y):
         return {name: math.nan for name in REGRESSION_METRICS}
     return {

@@ -41,6 +41,8 @@ def _arrays(time: np.ndarray, event: np.ndarray, risk: np.ndarray | None = None)
     r = np.asarray(risk, dtype=np.float64)
     if r.shape != t.shape:
         raise ValueError(f"risk {r.shape} and time {t.shape} differ in shape")
+    if not np.isfinite(r).all():
+        raise ValueError(f"risk holds {int((~np.isfinite(r)).sum())} values that are not finite")
     return t, e, r
 
 
@@ -253,7 +255,7 @@ def survival_report(
     rows = []
     for at in auc_times(t, e) if times is None else times:
         value, lo, hi = _time_auc(t, e, r, float(at), ipcw, **boot)
-        rows.append({"time": round(float(at), 6), "auc": json_float(value), "auc_ci95": [json_float(lo), json_float(hi)]})
+        rows.append({"time": json_float(at), "auc": json_float(value), "auc_ci95": [json_float(lo), json_float(hi)]})
     report["time_auc"] = rows
     if high_risk is not None:
         g = np.asarray(high_risk).astype(bool)

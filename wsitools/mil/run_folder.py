@@ -131,10 +131,11 @@ def write_predictions(
     order of the rows' keys; a classification head's rows hold ``probs`` (written as ``pred``
     and ``prob_{class}`` columns in class order, after the other columns, to 6 decimals), a
     survival or regression head's rows (``classes`` empty) their ``risk`` or ``prediction``
-    (floats to 6 significant digits)."""
+    (floats written exactly, as the shortest text that reads back as the same number: targets of
+    1e6 and more, or times in seconds, must recompute the reported metrics)."""
     if not classes:
         columns = list(rows[0]) if rows else ["slide_id"]
-        table = [{k: f"{v:.6g}" if isinstance(v, float) else v for k, v in r.items()} for r in rows]
+        table = [{k: repr(float(v)) if isinstance(v, float) else v for k, v in r.items()} for r in rows]
     else:
         keys = [k for k in rows[0] if k != "probs"] if rows else ["slide_id"]
         prob_columns = [f"prob_{c}" for c in classes]

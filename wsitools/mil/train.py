@@ -486,10 +486,13 @@ class FoldResult:
 
 
 def _fold_targets(cohort: Cohort, fold: Fold) -> tuple[torch.Tensor | None, dict[str, float]]:
-    """The targets a fold trains on, and the scale recorded with its head: regression targets
-    standardised with the training part's mean and standard deviation."""
+    """The targets a fold trains on, and the scale recorded with its head: survival times as their
+    ranks, regression targets standardised with the training part's mean and standard deviation."""
     if cohort.task_type == "survival":
-        return torch.from_numpy(cohort.targets.astype(np.float32)), {}
+        # The Cox loss depends on the order of the times alone: their dense ranks are exact in
+        # float32, where distinct times above 2**24 (e.g. seconds) would round into ties.
+        ranks = np.unique(cohort.targets[:, 0], return_inverse=True)[1]
+        return torch.from_numpy(np.stack([ranks, cohort.targets[:, 1]], axis=1).astype(np.float32)), {}
     if cohort.task_type == "regression":
         values = cohort.targets[fold.train]
         mean, sd = float(values.mean()), float(values.std())
