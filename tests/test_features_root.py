@@ -57,3 +57,18 @@ def test_train_predict_and_export_given_the_features_root_say_which_folder_to_gi
     rc, err = run(["export", "--to", "clam", "--features", features, "--out", root / "clam"], capsys)
     assert (rc, err.strip()) == (2, f"wsitools export: error: feature directory {features}: holds no feature stores "
                                     f"(*.h5); it is a features root holding the encoder folders enc-a, enc-c: {hint}")
+
+
+def test_train_given_clams_pt_files_is_told_to_give_h5_files(root, capsys):
+    clam = root / "clam"
+    rc, err = run(["export", "--to", "clam", "--features", root / "features" / "enc-a", "--out", clam, "--quiet"],
+                  capsys)
+    assert rc == 0, err
+    hint = (f"; it holds .pt files (CLAM's pt_files: features without tile coordinates): give the folder of the same "
+            f"features as h5 files with their coords, CLAM's h5_files, e.g. {clam / 'h5_files'}")
+    assert features_root_hint(clam / "pt_files") == hint
+    rc, err = run(["train", "--features", clam / "pt_files", "--labels", root / "labels.csv", "--head", "meanpool",
+                   "--folds", "2", "--epochs", "2", "--device", "cpu", "--quiet", "--out", root / "heads"], capsys)
+    assert rc == 2 and err.strip().splitlines()[-1] == (
+        f"wsitools train: error: no labelled slide has a usable feature store in {clam / 'pt_files'}: it holds no "
+        f"feature stores ({{slide_id}}.h5){hint}")

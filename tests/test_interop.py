@@ -263,7 +263,8 @@ def test_an_export_is_one_encoders_features_each_under_its_own_slide_id(features
     assert main(["export", "--to", "clam", "--features", str(folder), "--out", str(tmp_path / "o"), "--quiet"]) == 1
     err = capsys.readouterr().err
     assert f"{folder / 'S3.h5'}: holds the features of slide S1; a feature store is named {{slide_id}}.h5" in err
-    assert f"{folder / 'S2.h5'}: 64-d features of encoder other (hash ffffffffffff), not those of this export's" in err
+    assert (f"{folder / 'S2.h5'}: 64-d features of encoder other (hash ffffffffffff) from 64 px tiles at 0.5 um/px, "
+            "not those of this export (1 of its 2 stores: 64-d features of encoder vit-test-tiny (hash") in err
     assert sorted(p.name for p in (tmp_path / "o" / "pt_files").iterdir()) == ["S1.pt"]
     np.testing.assert_array_equal(torch.load(tmp_path / "o" / "pt_files" / "S1.pt", weights_only=True).numpy(),
                                   h5py.File(features_dir / "S1.h5", "r")["features"][:])
@@ -282,7 +283,7 @@ def test_stores_that_record_no_encoder_hash_are_exported(tmp_path, capsys):
     for store in stores:
         features, _ = FeatureStore.open(store).load()
         assert torch.equal(clam_load_pt(tmp_path / "x", store.stem), torch.from_numpy(features.astype(np.float32)))
-    # ... but a store without a hash first in line does not let another encoder's features in
+    # ... and a store of a named encoder among them is not theirs: it fails alone
     make_bag_cohort(tmp_path / "other", n_slides=1, n_tiles=(5, 8), dim=8, seed=1)
     late = tmp_path / "bags" / "zz_late.h5"
     (tmp_path / "other" / "slide_000.h5").rename(late)
@@ -291,6 +292,6 @@ def test_stores_that_record_no_encoder_hash_are_exported(tmp_path, capsys):
     with h5py.File(late, "r+") as f:
         f.attrs["slide_id"], f.attrs["encoder"], f.attrs["encoder_hash"] = "zz_late", "enc-b", "b" * 16
     assert main(["export", "--to", "clam", "--features", str(tmp_path / "bags"), "--out", str(tmp_path / "y"), "--quiet"]) == 1
-    assert f"{late}: 8-d features of encoder enc-b (hash bbbbbbbbbbbb), not those of this export's other stores (4-d" in (
-        capsys.readouterr().err)
+    assert f"{late}: 8-d features of encoder enc-b (hash bbbbbbbbbbbb) from " in (err := capsys.readouterr().err)
+    assert ", not those of this export (2 of its 3 stores: 4-d features of encoder " in err
     assert not (tmp_path / "y" / "pt_files" / "zz_late.pt").exists()

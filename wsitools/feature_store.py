@@ -151,12 +151,17 @@ def check_feature_dir(features_dir: str | os.PathLike[str]) -> Path:
 
 
 def features_root_hint(features_dir: str | os.PathLike[str]) -> str:
-    """For an error about a folder without feature stores: when it is a features root (the
-    ``--out`` of ``wsitools extract``, whose encoder folders hold the stores), the folders to
-    give instead, as ``"; ..."``; else ``""``."""
+    """For an error about a folder without feature stores, the folder to give instead, as
+    ``"; ..."``, else ``""``: the encoder folders of a features root (the ``--out`` of
+    ``wsitools extract``, whose encoder folders hold the stores), or, for a folder of ``.pt``
+    files (CLAM's ``pt_files``: bare tensors, without the coordinates every bag needs), the
+    ``h5_files`` folder beside it, which holds the same features with their coordinates."""
     folder = Path(features_dir)
     if not folder.is_dir():
         return ""
+    if any(p.suffix == ".pt" for p in folder.iterdir()):
+        return (f"; it holds .pt files (CLAM's pt_files: features without tile coordinates): give the folder of "
+                f"the same features as h5 files with their coords, CLAM's h5_files, e.g. {folder.parent / 'h5_files'}")
     encoders = sorted(
         p.name for p in folder.iterdir()
         if p.is_dir() and not p.name.startswith(".") and any(q.suffix == ".h5" for q in p.iterdir())

@@ -8,10 +8,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from wsitools.cli.options import feature_store_dir
+
+if TYPE_CHECKING:
+    from wsitools.export import ExportKind, ExportTarget
 
 log = logging.getLogger(__name__)
 
@@ -25,14 +29,18 @@ def register(subparsers: Any) -> None:
             "CLAM or TRIDENT reads. clam: OUT/pt_files/{slide_id}.pt (float32 tensor), OUT/h5_files/{slide_id}.h5 "
             "and OUT/patches/{slide_id}.h5 (coordinates for CLAM's feature extraction). trident: "
             "OUT/{mag}x_{size}px_{overlap}px_overlap/patches/{slide_id}_patches.h5 and "
-            ".../features_{encoder}/{slide_id}.h5. Features are written float32; earlier exports are replaced."
+            ".../features_{encoder}/{slide_id}.h5. Features are written float32. An export is one encoder's features "
+            "(for clam, of one tile size and resolution): those most stores share; stores of others fail alone, "
+            "and stores without tiles are skipped with a warning. The export replaces an earlier one in OUT as a "
+            "whole; an OUT holding other files is refused."
         ),
     )
     ex.add_argument("--to", required=True, choices=["clam", "trident"], help="the layout to write")
     ex.add_argument("--features", required=True, metavar="DIR", type=feature_store_dir,
                     help="a folder of feature stores DIR/{slide_id}.h5 (features/{encoder})")
     ex.add_argument("--out", required=True, metavar="DIR",
-                    help="CLAM's data folder (its --data_root_dir) or TRIDENT's job folder")
+                    help="CLAM's dataset folder (the data_dir of its Generic_MIL_Dataset, under --data_root_dir) or "
+                         "a TRIDENT job folder, the export's own (it is replaced as a whole)")
     ex.add_argument("--slides", nargs="+", default=None, metavar="SLIDE_ID", help="only these slides (default: all)")
     ex.add_argument("--quiet", action="store_true", help="no per-slide lines")
     ex.set_defaults(func=_export)
@@ -41,9 +49,9 @@ def register(subparsers: Any) -> None:
 def _export(args: argparse.Namespace) -> int:
     from wsitools.cli.encoders import store_failure
     from wsitools.errors import DataError
-    from wsitools.export import export_store
+    from wsitools.export import export_folder, export_store, majority_kind
     from wsitools.feature_store import features_root_hint, list_feature_stores
-    from wsitools.io import output_folder
+    from wsitools.io import check_out_apart
 
     stores = list_feature_stores(args.features)
     if args.slides is not None:
@@ -55,22 +63,62 @@ def _export(args: argparse.Namespace) -> int:
         raise DataError(
             f"feature directory {args.features}: holds no feature stores (*.h5){features_root_hint(args.features)}"
         )
-    failed, first = [], None
     final = Path(args.out)
-    with output_folder(final) as folder:  # a new --out appears whole, once every store is exported
-        for path in stores.values():
-            try:
-                result = export_store(path, folder, to=args.to, like=first)
-            except Exception as exc:  # one bad store never stops the others
-                log.debug("export failed for %s", path, exc_info=True)
-                print(f"wsitools export: error: {store_failure(str(path), exc)}", file=sys.stderr)
-                failed.append(str(path))
-                continue
-            first = first or result
-            if not args.quiet:
-                paths = ", ".join(str(final / p.relative_to(folder)) for p in result.paths)
-                print(f"{result.slide_id}: {result.n_tiles} tiles -> {paths}")
+    check_out_apart(final, {"--features": args.features})
+    failed: list[str] = []
+
+    def fail(path: Path, exc: Exception, *, folder: Path | None = None) -> None:  # one bad store never stops the others
+        log.debug("export failed for %s", path, exc_info=True)
+        line = store_failure(str(path), exc)
+        if folder is not None:  # the file named as it would have been, not in the folder the export is built in
+            line = line.replace(str(folder), str(final))
+        print(f"wsitools export: error: {line}", file=sys.stderr)
+        failed.append(str(path))
+
+    kinds = _kinds(stores.values(), to=args.to, fail=fail)
+    if not kinds and not failed:
+        raise DataError(
+            f"feature directory {args.features}: none of its {len(stores)} stores holds tiles; nothing exported"
+        )
+    exported = 0
+    if kinds:
+        expect = majority_kind(list(kinds.values()))
+        with export_folder(final, to=args.to) as folder:  # replaces --out as a whole once every store is exported
+            for path in kinds:
+                try:
+                    result = export_store(path, folder, to=args.to, expect=expect)
+                except Exception as exc:
+                    fail(path, exc, folder=folder)
+                    continue
+                exported += 1
+                if not args.quiet:
+                    paths = ", ".join(str(final / p.relative_to(folder)) for p in result.paths)
+                    print(f"{result.slide_id}: {result.n_tiles} tiles -> {paths}")
     if failed:
-        print(f"wsitools export: {len(failed)} of {len(stores)} stores failed: {' '.join(failed)}", file=sys.stderr)
+        kept = "" if exported else f"; nothing exported, {final} left as it was"
+        print(f"wsitools export: {len(failed)} of {len(stores)} stores failed: {' '.join(failed)}{kept}",
+              file=sys.stderr)
         return 1
     return 0
+
+
+def _kinds(
+    paths: Iterable[Path], *, to: ExportTarget, fail: Callable[[Path, Exception], None]
+) -> dict[Path, ExportKind]:
+    """The kind of each store that can be exported; a store that cannot be opened is reported to
+    ``fail``, and one without tiles (a slide without tissue) is skipped with a warning naming it."""
+    from wsitools.export import ExportKind, open_store
+
+    kinds: dict[Path, ExportKind] = {}
+    for path in paths:
+        try:
+            store = open_store(path)
+        except Exception as exc:
+            fail(path, exc)
+            continue
+        if store.n == 0:
+            log.warning("slide %s: feature store %s holds no tiles (no tissue found); skipped, as a MIL head "
+                        "cannot use an empty bag", store.slide_id, path)
+        else:
+            kinds[path] = ExportKind.of(store, to=to)
+    return kinds
