@@ -64,3 +64,25 @@ def planted_mask(shape: tuple[int, int], downsample: tuple[float, float], region
     for r in regions:
         truth |= r.contains(x0, y0)
     return truth
+
+
+OPENSLIDE_BOUNDS = (300, 200, 1600, 1200)
+"""x, y, width, height of the scanned area that :func:`openslide_bounds` makes OpenSlide report."""
+
+
+@pytest.fixture()
+def openslide_bounds(monkeypatch: pytest.MonkeyPatch) -> tuple[int, int, int, int]:
+    """OpenSlide reporting the properties ``openslide.bounds-x/-y/-width/-height`` (as it does for
+    MRXS, Leica SCN and Ventana BIF files, of which none can be written here) for every slide it
+    opens: :data:`OPENSLIDE_BOUNDS`."""
+    from wsitools.slide import OpenSlideSlide
+
+    real = OpenSlideSlide._open
+
+    def with_bounds(self: OpenSlideSlide) -> None:
+        real(self)
+        keys = ("openslide.bounds-x", "openslide.bounds-y", "openslide.bounds-width", "openslide.bounds-height")
+        self.properties = {**self.properties, **{k: str(v) for k, v in zip(keys, OPENSLIDE_BOUNDS)}}
+
+    monkeypatch.setattr(OpenSlideSlide, "_open", with_bounds)
+    return OPENSLIDE_BOUNDS

@@ -15,7 +15,7 @@ from conftest import REGIONS, SLIDE_SIZE
 from wsitools.cli import main
 from wsitools.attention import read_attention, write_attention
 from wsitools.heatmap import attention_raster, display_values, draw_heatmap, overlay
-from wsitools.slide import open_slide
+from wsitools.slide import Bounds, OpenSlideSlide, open_slide
 from wsitools.store import PatchStore, write_patch_store
 
 TILE0 = 128  # level-0 px per tile (64 target px at 0.5 um/px on a 0.25 um/px slide)
@@ -322,7 +322,7 @@ def test_geojson_clips_edge_tiles_and_omits_a_missing_prediction():
 
     amap = AttentionMap("s", np.array([0.5, 0.25, 0.25], np.float32),
                         np.array([[0, 0], [900, 500], [2000, 0]]), 224.0)
-    doc = attention_geojson(amap, bounds=(1000, 600))
+    doc = attention_geojson(amap, bounds=Bounds(0, 0, 1000, 600))
     features = validate_qupath_detections(doc, width=1000, height=600)
     assert len(features) == 2  # the third tile lies off the slide
     assert features[1]["geometry"]["coordinates"][0] == [[900, 500], [1000, 500], [1000, 600], [900, 600], [900, 500]]
@@ -385,7 +385,9 @@ def test_a_slide_folder_is_listed_once_for_all_slides(attention_case, tmp_path, 
     atts.mkdir()
     for sid in ("synth_svs", "second"):
         shutil.copy(attention_case["slide"], slides / f"{sid}.svs")
-        shutil.copy(attention_case["attention"], atts / f"{sid}.h5")
+        with h5py.File(shutil.copy(attention_case["attention"], atts / f"{sid}.h5"), "r+") as f:
+            f.attrs["slide_id"] = sid  # each of its own slide, drawn without a store
+            del f.attrs["store_path"]
     (slides / ".hidden.svs").write_bytes(b"")
     listed = []
     real = Path.iterdir
@@ -403,3 +405,167 @@ def test_a_slide_folder_is_listed_once_for_all_slides(attention_case, tmp_path, 
     rc = main(["heatmap", "--attention", str(atts), "--slide", str(slides), "--out", str(tmp_path / "p"), "--mpp", "4",
                "--top-k", "0", "--quiet"])
     assert rc == 1 and f"slide second: no slide file named second.* (or with that id) in {slides}" in capsys.readouterr().err
+
+
+def test_geojson_tiles_start_at_the_top_left_of_the_slides_bounds():
+    from wsitools.attention import AttentionMap
+    from wsitools.heatmap import attention_geojson
+
+    amap = AttentionMap("s", np.array([0.5, 0.25, 0.25], np.float32),
+                        np.array([[1000, 2000], [1100, 2000], [0, 0]]), 100.0)
+    features = attention_geojson(amap, bounds=Bounds(1000, 2000, 150, 500))["features"]
+    assert [f["geometry"]["coordinates"][0] for f in features] == [
+        [[0, 0], [100, 0], [100, 100], [0, 100], [0, 0]],
+        [[100, 0], [150, 0], [150, 100], [100, 100], [100, 0]],  # clipped to the bounds' width
+    ]  # the tile at (0, 0) lies outside the scanned area QuPath shows
+
+
+def test_heatmap_detections_are_in_qupaths_frame_of_a_slide_with_openslide_bounds(attention_case, openslide_bounds,
+                                                                                    tmp_path):
+    """QuPath's OpenSlide reader shows an MRXS, SCN or BIF slide from the top-left of its
+    bounds, which becomes its (0, 0): each detection is its tile less that corner, clipped to the
+    bounds; a tile outside them is left out. The montage captions stay in level-0 px."""
+    import json
+
+    coords = attention_case["coords"]
+    store = write_patch_store(
+        tmp_path / "stores" / "synth_svs.zarr", coords=coords, tiles=None, tissue_fraction=np.ones(len(coords)),
+        attrs={"slide_id": "synth_svs", "slide_path": str(attention_case["slide"]), "backend": "openslide",
+               "tile_size": 64, "tile_size_level0": float(TILE0), "mpp_target": 0.5})
+    out = draw_heatmap(attention_case["attention"], tmp_path / "h", store_path=store, mpp=4.0, top_k=0)
+    bx, by, bw, bh = openslide_bounds
+    features = validate_qupath_detections(json.loads(out.geojson.read_text()), width=bw, height=bh)
+    expected = []
+    for x, y in coords:
+        x0, y0, x1, y1 = max(x - bx, 0), max(y - by, 0), min(x + TILE0 - bx, bw), min(y + TILE0 - by, bh)
+        if x1 > x0 and y1 > y0:
+            expected.append([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]])
+    assert [f["geometry"]["coordinates"][0] for f in features] == expected
+    assert [[84, 56], [212, 56], [212, 184], [84, 184], [84, 56]] in expected  # the tile at level-0 (384, 256)
+    assert len(expected) == 13 * 10 < len(coords)
+
+
+def test_heatmap_without_a_store_refuses_a_slide_the_tiles_do_not_fit(attention_case, blank_svs, tmp_path, capsys):
+    """Without a patch store nothing says which slide the attention is of: another slide was
+    drawn under it and the detections off that slide were dropped without a word."""
+    att = attention_case["attention"]
+    args = ["heatmap", "--attention", str(att), "--store", str(tmp_path / "none"), "--mpp", "4", "--quiet", "--out"]
+    rc = main([*args, str(tmp_path / "small"), "--slide", str(blank_svs)])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err
+    assert (f"synth_svs\tfailed\t{att}: 144 of its 192 tiles lie off slide {blank_svs} (1024 x 768 level-0 px; "
+            "e.g. the tile at x 1024, y 0): not the slide they were cut from; give that slide with --slide") in err
+    assert not (tmp_path / "small" / "synth_svs.attention.geojson").exists()
+    # Tiles cut at 0.5 um/px, 64 px a side, 128 level-0 px: from a slide of 0.5 um/px, not this one's 0.25.
+    coarse = tmp_path / "coarse" / "synth_svs.h5"
+    amap = read_attention(att)
+    write_attention(coarse, slide_id="synth_svs", attention=amap.attention, coords=amap.coords, classes=["neg", "pos"],
+                    probs=amap.probs, feature_path=tmp_path / "f.h5", meta={},
+                    provenance={"slide_path": str(attention_case["slide"]), "tile_size": 64, "mpp_target": 1.0,
+                                "tile_size_level0": float(TILE0)})
+    rc = main([*args, str(tmp_path / "coarse_out"), "--attention", str(coarse)])
+    assert rc == 1
+    assert (f"synth_svs\tfailed\t{coarse}: its tiles were cut from a slide of 0.5 um/px, slide "
+            f"{attention_case['slide']} has 0.25 um/px: not the slide they were cut from") in capsys.readouterr().err
+
+
+def test_heatmap_of_a_slide_without_mpp_takes_the_mpp_its_tiles_were_cut_at(attention_case, tmp_path, capsys):
+    """A slide tiled with --mpp-override gets its heatmap without its store: heatmap has no
+    --mpp-override, and the attention's tile geometry says what the tiler took (0.25 um/px)."""
+    from conftest import REGIONS
+    from wsitools.synthetic import write_slide
+
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    write_slide(slides / "synth_svs.svs", size=SLIDE_SIZE, mpp=0.25, regions=REGIONS, fmt="svs",
+                downsamples=(1, 2, 4, 8), write_mpp=False)
+    args = ["heatmap", "--slide", str(slides), "--store", str(tmp_path / "none"), "--mpp", "2", "--min-side", "100",
+            "--top-k", "0", "--quiet"]
+    assert main([*args, "--attention", str(attention_case["attention"]), "--out", str(tmp_path / "h")]) == 0
+    # 2048 px at 0.25 um/px drawn at 2 um/px: 256 px wide (under a 32 px title, beside the 150 px bar)
+    assert Image.open(tmp_path / "h" / "synth_svs.heatmap.png").size == (256 + 150, 300 + 32)
+    bare = tmp_path / "bare" / "synth_svs.h5"
+    amap = read_attention(attention_case["attention"])
+    write_attention(bare, slide_id="synth_svs", attention=amap.attention, coords=amap.coords, classes=[],
+                    probs=np.zeros(0), feature_path=tmp_path / "f.h5", meta={},
+                    provenance={"tile_size_level0": float(TILE0)})
+    assert main([*args, "--attention", str(bare), "--out", str(tmp_path / "b")]) == 1
+    assert (f"synth_svs\tfailed\t{slides / 'synth_svs.svs'}: the slide's metadata gives no usable resolution (mpp), "
+            f"and attention file {bare} does not record its tiles' geometry (mpp_target, tile_size) to take it from; "
+            "pass the slide's patch store with --store") in capsys.readouterr().err
+
+
+def test_two_attention_files_of_one_slide_are_refused_before_drawing(attention_case, tmp_path, capsys):
+    """A training run's and a prediction's attention of one slide, given to one --out: the
+    second heatmap would overwrite the first."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "pred").mkdir()
+    first = Path(shutil.copy(attention_case["attention"], tmp_path / "run" / "synth_svs.h5"))
+    second = Path(shutil.copy(attention_case["attention"], tmp_path / "pred" / "renamed.h5"))
+    rc = main(["heatmap", "--attention", str(tmp_path / "run"), str(second), "--out", str(tmp_path / "o"), "--quiet"])
+    assert rc == 2
+    assert capsys.readouterr().err.strip() == (
+        f"wsitools heatmap: error: attention files {first} and {second} are both of slide synth_svs, whose heatmap "
+        "files would overwrite each other; draw them into separate --out folders")
+    assert not (tmp_path / "o").exists()
+    # one file named twice (its folder and itself) is drawn once
+    assert main(["heatmap", "--attention", str(tmp_path / "run"), str(first), "--out", str(tmp_path / "p"),
+                 "--mpp", "4", "--top-k", "0", "--quiet"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 1
+
+
+def test_slide_and_store_folders_are_searched_for_the_slide_id_the_attention_records(attention_case, tmp_path,
+                                                                                      capsys):
+    """An attention file renamed (or written by hand) is still of the slide it records: --slide
+    DIR and --store DIR find that slide's files, and its heatmap files are named after it."""
+    renamed = Path(shutil.copy(attention_case["attention"], tmp_path / "renamed.h5"))
+    slides, stores = tmp_path / "slides", tmp_path / "stores"
+    slides.mkdir()
+    shutil.copy(attention_case["slide"], slides / "synth_svs.svs")
+    shutil.copytree(attention_case["store"], stores / "synth_svs.zarr")
+    with h5py.File(renamed, "r+") as f:  # nothing recorded to fall back on
+        for key in ("slide_path", "store_path"):
+            del f.attrs[key]
+    rc = main(["heatmap", "--attention", str(renamed), "--slide", str(slides), "--store", str(stores),
+               "--out", str(tmp_path / "o"), "--mpp", "4", "--top-k", "2", "--quiet"])
+    out = capsys.readouterr().out.strip().split("\t")
+    assert rc == 0 and out[0] == "synth_svs"
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [
+        "synth_svs.attention.geojson", "synth_svs.heatmap.png", "synth_svs.top_tiles.png"]
+
+
+@pytest.mark.parametrize("coords_attrs, level0", [
+    ({"patch_size": 64, "patch_size_level0": 128, "level0_magnification": 40.0, "target_magnification": 20.0,
+      "overlap": 0, "name": "synth_svs"}, 128.0),  # TRIDENT's features_{encoder}/ files
+    ({"patch_size": 128, "patch_level": 0, "downsample": [1.0, 1.0], "name": "synth_svs"}, 128.0),  # CLAM's
+    ({"patch_size": 64, "patch_level": 1, "downsample": [2.0, 2.0]}, None),  # level 1: needs the slide's downsample
+])
+def test_heatmap_of_clam_or_trident_features_takes_their_tile_size(attention_case, tmp_path, coords_attrs, level0):
+    """Bags of other tools record no tile_size_level0 as a file attribute; TRIDENT (and CLAM at
+    patch_level 0) record it on coords, and their attention is drawn with --slide."""
+    import json
+
+    from wsitools.errors import StoreError
+    from wsitools.feature_store import FeatureStore
+
+    coords = attention_case["coords"]
+    bag_path = tmp_path / "features" / "synth_svs.h5"
+    bag_path.parent.mkdir()
+    with h5py.File(bag_path, "w") as f:
+        f["features"] = np.ones((len(coords), 4), np.float32)
+        f["coords"] = coords
+        f["coords"].attrs.update(coords_attrs)
+    bag = FeatureStore.open_bag(bag_path)
+    assert bag.attrs.get("tile_size_level0") == level0
+    att = tmp_path / "attention" / "synth_svs.h5"
+    write_attention(att, slide_id="synth_svs", attention=attention_case["values"], coords=coords, classes=["a", "b"],
+                    probs=np.array([0.4, 0.6]), feature_path=bag_path, provenance=bag.attrs, meta={})
+    if level0 is None:
+        with pytest.raises(StoreError, match="lacks tile_size_level0"):
+            read_attention(att)
+        return
+    out = draw_heatmap(att, tmp_path / "h", slide_path=attention_case["slide"], mpp=4.0)
+    features = validate_qupath_detections(json.loads(out.geojson.read_text()), width=SLIDE_SIZE[0],
+                                          height=SLIDE_SIZE[1])
+    x, y = coords[5]
+    assert features[5]["geometry"]["coordinates"][0] == [[x, y], [x + 128, y], [x + 128, y + 128], [x, y + 128], [x, y]]

@@ -35,6 +35,24 @@ def test_both_backends_read_the_same_pixels(fixture, request):
         np.testing.assert_array_equal(a, b)
 
 
+def test_bounds_are_the_scanned_area_openslide_reports(synthetic_svs, openslide_bounds, monkeypatch):
+    """The rectangle QuPath's OpenSlide reader shows (its top-left at QuPath's 0, 0): OpenSlide's
+    bounds properties where it reports all four, else the whole of level 0 (tiffslide never)."""
+    from wsitools.slide import Bounds
+
+    with open_slide(synthetic_svs, backend="openslide") as s:
+        assert s.bounds == Bounds(*openslide_bounds) == (300, 200, 1600, 1200)
+    with open_slide(synthetic_svs, backend="tiffslide") as s:
+        assert s.bounds == Bounds(0, 0, *SLIDE_SIZE)
+    monkeypatch.undo()
+    with open_slide(synthetic_svs, backend="openslide") as s:
+        assert s.bounds == Bounds(0, 0, *SLIDE_SIZE)  # an SVS: OpenSlide reports none
+        s.properties = {**s.properties, "openslide.bounds-x": "300", "openslide.bounds-y": "200"}
+        assert s.bounds == Bounds(0, 0, *SLIDE_SIZE)  # not all four: QuPath ignores them too
+        s.properties = {**s.properties, "openslide.bounds-width": "1600", "openslide.bounds-height": "x"}
+        assert s.bounds == Bounds(0, 0, *SLIDE_SIZE)
+
+
 def test_svs_properties(synthetic_svs):
     with open_slide(synthetic_svs) as s:
         assert s.backend == "tiffslide"  # auto: tiffslide first for SVS and TIFF (faster)

@@ -43,6 +43,22 @@ def test_polygons_are_level0_and_inside_the_regions(synthetic_svs):
         assert poly[0][0] == poly[0][-1]  # closed ring
 
 
+def test_geojson_is_in_qupaths_frame_of_a_slide_with_openslide_bounds(synthetic_svs, openslide_bounds, tmp_path):
+    """QuPath shows an MRXS, SCN or BIF slide from the top-left of its OpenSlide bounds: the
+    tissue polygons are written less that corner; the result itself stays in level-0 px."""
+    with open_slide(synthetic_svs, backend="openslide") as s:
+        shifted = detect_tissue(s, PARAMS)
+    with open_slide(synthetic_svs, backend="tiffslide") as s:
+        plain = detect_tissue(s, PARAMS)
+    assert shifted.polygons == plain.polygons and plain.viewer_origin == (0, 0)
+    assert shifted.viewer_origin == (300, 200)
+    written = json.loads(write_qc(shifted, tmp_path, "synth")["geojson"].read_text())
+    rings = [f["geometry"]["coordinates"] for f in written["features"]]
+    expected = [[[[round(x - 300, 1), round(y - 200, 1)] for x, y in ring] for ring in poly] for poly in plain.polygons]
+    assert rings == expected and len(rings) == 2
+    assert rings[0][0][0] != list(plain.polygons[0][0][0])
+
+
 def test_geojson_and_qc_files(synthetic_svs, tmp_path):
     with open_slide(synthetic_svs) as s:
         result = detect_tissue(s, PARAMS)

@@ -12,6 +12,7 @@ a heatmap needs nothing else.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -50,6 +51,17 @@ class AttentionMap:
     def pred(self) -> str | None:
         """The predicted class (highest probability), or None without classes to choose from."""
         return self.classes[int(np.argmax(self.probs))] if len(self.classes) > 1 else None
+
+    @property
+    def level0_mpp(self) -> float | None:
+        """The level-0 resolution (um/px) of the slide the tiles were cut from, as their geometry
+        implies it: ``mpp_target * tile_size / tile_size_level0``; None where the file does not
+        record ``mpp_target`` and ``tile_size`` (bags of other tools)."""
+        try:
+            mpp = float(self.attrs["mpp_target"]) * float(self.attrs["tile_size"]) / self.tile_size_level0
+        except (KeyError, TypeError, ValueError, ZeroDivisionError):
+            return None
+        return mpp if math.isfinite(mpp) and mpp > 0 else None
 
 
 def write_attention(
@@ -107,6 +119,25 @@ def _prediction(path: Path, attrs: Mapping[str, Any]) -> tuple[tuple[str, ...], 
     return classes, probs
 
 
+def _slide_id(attrs: Mapping[str, Any], path: Path) -> str:
+    """The slide an attention file is of: its ``slide_id`` attribute, else its file name."""
+    value = attrs.get("slide_id")
+    if isinstance(value, bytes):
+        value = value.decode()
+    return str(value) if value not in (None, "") else path.stem
+
+
+def attention_slide_id(path: str | os.PathLike[str]) -> str:
+    """The slide id an attention file records (its file name where it records none, or cannot be
+    read: :func:`read_attention` then names what is wrong with it)."""
+    path = Path(path)
+    try:
+        with h5py.File(path, "r") as f:
+            return _slide_id(f.attrs, path)
+    except OSError:
+        return path.stem
+
+
 def read_attention(path: str | os.PathLike[str]) -> AttentionMap:
     """Read an attention file; :class:`StoreError` naming it if it is not one."""
     path = Path(path)
@@ -129,7 +160,7 @@ def read_attention(path: str | os.PathLike[str]) -> AttentionMap:
         raise StoreError(f"{path}: attention has negative values ({float(attention.min()):g}); not a head's attention")
     classes, probs = _prediction(path, attrs)
     return AttentionMap(
-        slide_id=str(attrs.get("slide_id", path.stem)),
+        slide_id=_slide_id(attrs, path),
         attention=attention,
         coords=coords,
         tile_size_level0=float(attrs["tile_size_level0"]),

@@ -67,10 +67,10 @@ def interop_attrs(
     target px at ``mpp_target`` um/px covering ``tile_size_level0`` level-0 px (docs/formats.md).
 
     TRIDENT: ``patch_size`` (target px), ``patch_size_level0`` (level-0 px, rounded down as TRIDENT
-    computes it, so that its slide encoders' ``coords // patch_size_level0`` is each tile's grid
-    index), the level-0 and target magnifications and ``overlap`` (target px; left out when
-    unknown). The legacy (CLAM) reading of the same file: ``patch_level`` 0 (coordinates are
-    level-0) and ``custom_downsample`` (level-0 px per target px), so that patch_size x
+    computes it; without overlap, ``coords // patch_size_level0`` is each tile's grid index, which
+    TRIDENT's slide encoders use), the level-0 and target magnifications and ``overlap`` (target
+    px; left out when unknown). The legacy (CLAM) reading of the same file: ``patch_level`` 0
+    (coordinates are level-0) and ``custom_downsample`` (level-0 px per target px), so that patch_size x
     downsample(patch_level) x custom_downsample is the tile's level-0 size. The level-0 mpp is the one the tiles were cut with
     (``mpp_target * tile_size / tile_size_level0``); wsitools never tiles a slide without one.
     """
@@ -103,6 +103,24 @@ def interop_attrs_of(path: Path, attrs: Mapping[str, Any]) -> dict[str, Any]:
         mpp_target=float(attrs["mpp_target"]),
         overlap=int(attrs["overlap"]) if "overlap" in attrs else None,
     )
+
+
+def peer_tile_size_level0(coords_attrs: Mapping[str, Any]) -> float | None:
+    """A tile's side in level-0 px from the attributes CLAM or TRIDENT write on ``coords``:
+    TRIDENT's ``patch_size_level0`` (rounded down by TRIDENT), else CLAM's ``patch_size`` where
+    ``patch_level`` is 0 (at another level it would need that level's downsample, which only the
+    slide knows); None where neither is there (CLAM's own feature files carry no attributes)."""
+    if "patch_size_level0" in coords_attrs:
+        size = coords_attrs["patch_size_level0"]
+    elif "patch_size" in coords_attrs and coords_attrs.get("patch_level") == 0:
+        size = coords_attrs["patch_size"]
+    else:
+        return None
+    try:
+        value = float(size)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) and value > 0 else None
 
 
 def feature_store_path(out_root: str | os.PathLike[str], encoder_name: str, slide_id: str) -> Path:
@@ -184,7 +202,8 @@ class FeatureStore:
 
     ``slide_id`` is the file's ``slide_id`` attribute for a store opened strictly
     (:meth:`open`), and the file name without ``.h5`` for a bag (:meth:`open_bag`: cohorts and
-    predictions match bags to slides by file name, and a bag need not carry the attribute).
+    predictions match bags to slides by file name, and a bag need not carry the attribute; one
+    that does must agree).
     """
 
     path: Path
@@ -232,7 +251,11 @@ class FeatureStore:
         N >= 1, ``coords`` [N, 2] (training and prediction write each tile's attention with its
         position), and (with ``check_values``) every feature finite. Lenient where :meth:`open`
         is strict (no kind, version or attributes needed), so bags written by other tools train
-        too. Raises :class:`DataError` naming the slide."""
+        too; but a ``slide_id`` attribute, where there is one, must be the file's name (a store
+        copied or renamed under another slide's id would be that slide's bag). Where the file
+        records no ``tile_size_level0``, its ``attrs`` take it from the ``coords`` attributes
+        CLAM or TRIDENT write (:func:`peer_tile_size_level0`), so that its attention can be
+        drawn. Raises :class:`DataError` naming the slide."""
         path = Path(path)
         slide_id = path.stem
         try:
@@ -261,10 +284,21 @@ class FeatureStore:
                         f"slide {slide_id}: coords in {path} have shape {f['coords'].shape}, "
                         f"expected ({feats.shape[0]}, 2)"
                     )
+                attrs = _decoded_attrs(f.attrs)
+                recorded = attrs.get("slide_id")
+                if recorded not in (None, "") and str(recorded) != slide_id:
+                    raise DataError(
+                        f"slide {slide_id}: feature store {path} holds the features of slide {recorded} (its "
+                        "slide_id attribute); a feature store is named {slide_id}.h5"
+                    )
                 if check_values:
                     check_finite(feats, slide_id=slide_id, path=path)
+                if "tile_size_level0" not in attrs:
+                    level0 = peer_tile_size_level0(_decoded_attrs(f["coords"].attrs))
+                    if level0 is not None:
+                        attrs["tile_size_level0"] = level0
                 return cls(
-                    path=path, attrs=_decoded_attrs(f.attrs), n=int(feats.shape[0]), dim=int(feats.shape[1]),
+                    path=path, attrs=attrs, n=int(feats.shape[0]), dim=int(feats.shape[1]),
                     dtype=feats.dtype.name, slide_id=slide_id,
                 )
         except (OSError, TypeError, ValueError) as exc:

@@ -35,7 +35,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -44,6 +44,9 @@ from wsitools.errors import SlideError, StoreError
 from wsitools.io import atomic_path
 from wsitools.store import PatchStore
 from wsitools.types import MicronsPerPixel, check_slide_id
+
+if TYPE_CHECKING:
+    from wsitools.slide import Bounds, Slide
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +64,11 @@ DEFAULT_MIN_SIDE = 1024
 """A slide smaller than this many px on its long side at ``--mpp`` is drawn finer, up to it."""
 DEFAULT_MAX_SIDE = 4096
 """A slide larger than this many px on its long side at ``--mpp`` is drawn coarser, down to it."""
+
+MPP_MATCH_TOLERANCE = 0.05
+"""Largest relative difference between a slide's level-0 mpp and the one an attention file's
+tiles imply for the two to be taken as one slide (scanners of one model differ by about 1 %,
+objectives by 2x)."""
 
 _TITLE_PX = 32  # band above the image for the title
 _BAR_PANEL_PX = 150  # band right of the image for the colour bar and its label
@@ -276,27 +284,28 @@ def _coordinate(value: float) -> float | int:
     return int(value) if value.is_integer() else value
 
 
-def tile_polygon(x: float, y: float, size: float, bounds: tuple[int, int] | None) -> list[list[float | int]] | None:
-    """A tile's level-0 footprint as a closed GeoJSON ring, exterior counterclockwise in the
-    coordinates as written (RFC 7946 section 3.1.6), clipped to ``bounds`` (width, height);
-    None when nothing of it lies on the slide."""
+def tile_polygon(x: float, y: float, size: float, bounds: Bounds | None) -> list[list[float | int]] | None:
+    """A tile's footprint (level-0 top-left ``x``, ``y``, side ``size``) as a closed GeoJSON ring,
+    exterior counterclockwise in the coordinates as written (RFC 7946 section 3.1.6), in QuPath's
+    frame: relative to the top-left of the slide's ``bounds`` (:attr:`Slide.bounds`) and clipped
+    to them; None when nothing of it lies inside. Without ``bounds``, level 0 as it is."""
     x0, y0, x1, y1 = float(x), float(y), float(x) + size, float(y) + size
     if bounds is not None:
-        x0, y0 = max(x0, 0.0), max(y0, 0.0)
-        x1, y1 = min(x1, float(bounds[0])), min(y1, float(bounds[1]))
+        bx, by, bw, bh = bounds
+        x0, y0 = max(x0 - bx, 0.0), max(y0 - by, 0.0)
+        x1, y1 = min(x1 - bx, float(bw)), min(y1 - by, float(bh))
     if x1 <= x0 or y1 <= y0:
         return None
     x0, y0, x1, y1 = (_coordinate(v) for v in (x0, y0, x1, y1))
     return [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]
 
 
-def attention_geojson(
-    amap: AttentionMap, *, scale: Scale = "rank", bounds: tuple[int, int] | None = None
-) -> dict[str, Any]:
+def attention_geojson(amap: AttentionMap, *, scale: Scale = "rank", bounds: Bounds | None = None) -> dict[str, Any]:
     """The attention as a GeoJSON FeatureCollection of QuPath detections, one per tile.
 
-    Each feature is the tile's level-0 footprint (QuPath's full-resolution pixel coordinates,
-    clipped to the slide's ``bounds``) with ``properties.objectType = "detection"`` and
+    Each feature is the tile's footprint in QuPath's full-resolution pixel coordinates (level-0
+    px relative to the top-left of the slide's ``bounds``, clipped to them: :func:`tile_polygon`)
+    with ``properties.objectType = "detection"`` and
     ``properties.measurements`` (numbers, QuPath's map form): ``attention`` (raw, sums to one),
     ``attention x N`` (relative to uniform), ``attention percentile`` (within the slide) and
     ``heatmap value`` (the 0-1 value the PNG shows under ``scale``); with a prediction also
@@ -336,8 +345,7 @@ def attention_geojson(
 
 
 def write_attention_geojson(
-    path: str | os.PathLike[str], amap: AttentionMap, *, scale: Scale = "rank",
-    bounds: tuple[int, int] | None = None,
+    path: str | os.PathLike[str], amap: AttentionMap, *, scale: Scale = "rank", bounds: Bounds | None = None,
 ) -> Path:
     """Write :func:`attention_geojson` atomically (compact JSON: about 400 bytes per tile)."""
     path = Path(path)
@@ -358,6 +366,53 @@ class HeatmapFiles:
     geojson: Path
     montage: Path | None
     seconds: float
+
+
+def open_slide_for(amap: AttentionMap, attention_path: str | os.PathLike[str], slide_file: Path) -> Slide:
+    """``slide_file`` opened on its own metadata for the attention ``amap`` (read from
+    ``attention_path``), when there is no patch store to open it through. Where the metadata
+    gives no usable mpp, the level-0 mpp the attention's tiles imply (:attr:`AttentionMap.level0_mpp`:
+    a slide tiled with an mpp override) is taken instead; a :class:`SlideError` naming both files
+    when the attention records none either."""
+    from wsitools.slide import open_slide
+
+    slide = open_slide(slide_file, require_mpp=False)
+    if slide.mpp_problem is None:
+        return slide
+    slide.close()
+    if amap.level0_mpp is None:
+        raise SlideError(
+            f"{slide_file}: the slide's metadata gives no usable resolution (mpp), and attention file "
+            f"{attention_path} does not record its tiles' geometry (mpp_target, tile_size) to take it from; "
+            "pass the slide's patch store with --store"
+        )
+    log.info("%s: no usable mpp in its metadata; taking %.4g um/px, the level-0 mpp its attention's tiles "
+             "were cut at", slide_file, amap.level0_mpp)
+    return open_slide(slide_file, backend=slide.backend, mpp_override=amap.level0_mpp)  # type: ignore[arg-type]
+
+
+def check_slide_fits(amap: AttentionMap, attention_path: str | os.PathLike[str], slide: Slide) -> None:
+    """A :class:`SlideError` naming both files when ``slide`` cannot be the slide the attention's
+    tiles were cut from: a tile starts off the slide (it would be left out of the heatmap and the
+    GeoJSON), or the level-0 mpp the tiles imply (:attr:`AttentionMap.level0_mpp`, where
+    recorded) differs from the slide's by more than :data:`MPP_MATCH_TOLERANCE`."""
+    width, height = slide.dimensions
+    x, y = amap.coords[:, 0], amap.coords[:, 1]
+    off = np.flatnonzero((x < 0) | (y < 0) | (x >= width) | (y >= height))
+    if len(off):
+        first = amap.coords[off[0]]
+        raise SlideError(
+            f"{attention_path}: {len(off)} of its {len(amap.coords)} tiles lie off slide {slide.path} "
+            f"({width} x {height} level-0 px; e.g. the tile at x {first[0]}, y {first[1]}): not the slide they "
+            "were cut from; give that slide with --slide"
+        )
+    implied = amap.level0_mpp
+    if implied is not None and abs(implied - slide.mpp) > MPP_MATCH_TOLERANCE * slide.mpp:
+        raise SlideError(
+            f"{attention_path}: its tiles were cut from a slide of {implied:.4g} um/px, slide {slide.path} has "
+            f"{slide.mpp:.4g} um/px: not the slide they were cut from; give that slide with --slide (or, for a "
+            "slide tiled with --mpp-override, its patch store with --store)"
+        )
 
 
 def draw_heatmap(
@@ -384,12 +439,11 @@ def draw_heatmap(
     was tiled), so a slide that needed an mpp override gets its heatmap. ``slide_path``
     (default: the store's record, else the attention file's) only says where the slide is now.
     A damaged store is a :class:`StoreError`; without any store the slide is opened on its own
-    metadata and there is no montage. A store of another slide is a :class:`StoreError` (its
-    slide would be drawn). The montage needs a store whose coords and level-0 tile size equal
-    the attention file's.
+    metadata (:func:`open_slide_for`) and there is no montage. A store of another slide is a
+    :class:`StoreError` (its slide would be drawn), a slide the tiles do not fit a
+    :class:`SlideError` (:func:`check_slide_fits`). The montage needs a store whose coords and
+    level-0 tile size equal the attention file's.
     """
-    from wsitools.slide import open_slide
-
     start = time.perf_counter()
     amap = read_attention(attention_path)
     slide_id = check_slide_id(amap.slide_id)
@@ -411,8 +465,10 @@ def draw_heatmap(
     if store is None:
         log.warning("slide %s: no patch store (%s): the slide is read on its own metadata, no montage",
                     slide_id, store_file if store_file.name else "none recorded")
-    with store.open_slide(slide_file) if store is not None else open_slide(slide_file) as slide:
-        dimensions = slide.dimensions
+    slide = store.open_slide(slide_file) if store is not None else open_slide_for(amap, attention_path, slide_file)
+    with slide:
+        check_slide_fits(amap, attention_path, slide)
+        dimensions, bounds = slide.dimensions, slide.bounds
         chosen = thumbnail_mpp(dimensions, slide.mpp, mpp=mpp, min_side=min_side, max_side=max_side)
         thumb, downsample = slide.thumbnail(mpp=chosen)
     raster = attention_raster(amap, shape=thumb.shape[:2], downsample=downsample, scale=scale)
@@ -420,9 +476,7 @@ def draw_heatmap(
         out_dir / f"{slide_id}.heatmap.png", overlay(thumb, raster, alpha=alpha, cmap=cmap),
         title=_title(amap), scale=scale, cmap=cmap,
     )
-    geojson = write_attention_geojson(
-        out_dir / f"{slide_id}.attention.geojson", amap, scale=scale, bounds=(int(dimensions[0]), int(dimensions[1]))
-    )
+    geojson = write_attention_geojson(out_dir / f"{slide_id}.attention.geojson", amap, scale=scale, bounds=bounds)
     montage = None
     montage_path = out_dir / f"{slide_id}.top_tiles.png"
     if top_k > 0 and store is not None:

@@ -19,7 +19,7 @@ from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -41,6 +41,20 @@ PYRAMID_ASPECT_TOLERANCE = 0.05
 MAX_PAGES_CHECKED = 64
 """Pages of a TIFF compared with its level 0 when opened (slides hold a handful; an OME-TIFF of
 many planes is not read page by page)."""
+
+
+class Bounds(NamedTuple):
+    """A rectangle of level 0: its top-left ``x``, ``y`` and its ``width``, ``height``, in level-0 px."""
+
+    x: int
+    y: int
+    width: int
+    height: int
+
+
+OPENSLIDE_BOUNDS = tuple(f"openslide.bounds-{key}" for key in ("x", "y", "width", "height"))
+"""The properties in which OpenSlide reports the scanned part of level 0 (MRXS, Leica SCN,
+Ventana BIF and a few others; never SVS or generic TIFF)."""
 
 
 class SlideOpenError(SlideError):
@@ -248,6 +262,23 @@ class Slide(ABC):
     @property
     def objective_power(self) -> float | None:
         return _float_or_none(self.properties.get(f"{self.property_prefix}.objective-power"))
+
+    @property
+    def bounds(self) -> Bounds:
+        """The scanned part of level 0 as OpenSlide reports it (:data:`OPENSLIDE_BOUNDS`, all four
+        whole numbers), else the whole of level 0.
+
+        Every coordinate wsitools writes is in the whole level-0 frame (patch stores, feature
+        stores, exports, montage captions). QuPath's OpenSlide reader shows only this rectangle
+        and puts its top-left at (0, 0), so the GeoJSON written for QuPath (tissue and attention)
+        is shifted by ``-(x, y)``. Only OpenSlide's properties count: tiffslide leaves its bounds
+        empty, and the files it reads (SVS, generic TIFF) have none in OpenSlide either.
+        """
+        try:
+            x, y, width, height = (int(self.properties[key]) for key in OPENSLIDE_BOUNDS)
+        except (KeyError, ValueError):
+            return Bounds(0, 0, int(self.dimensions[0]), int(self.dimensions[1]))
+        return Bounds(x, y, width, height)
 
     def level_mpp(self, level: int) -> MicronsPerPixel:
         return MicronsPerPixel(self.mpp * self.level_downsamples[level])

@@ -70,6 +70,9 @@ class TissueResult:
     threshold: float
     polygons: list[list[Ring]]
     """One polygon per tissue region: the outer ring, then its holes (level-0 px)."""
+    viewer_origin: tuple[int, int] = (0, 0)
+    """The top-left of the slide's :attr:`~wsitools.slide.Slide.bounds`: QuPath's (0, 0), which
+    :func:`to_geojson` subtracts."""
 
     @property
     def area_um2(self) -> float:
@@ -266,6 +269,7 @@ def detect_tissue(slide: Slide, params: TissueParams = TissueParams()) -> Tissue
         mpp_level0=slide.mpp,
         threshold=threshold,
         polygons=mask_polygons(mask, downsample),
+        viewer_origin=slide.bounds[:2],
     )
     if result.empty and bool((thumbnail.max(axis=-1) == thumbnail.min(axis=-1)).all()):
         log.warning("%s: no tissue found: the slide has no colour (a greyscale scan), and tissue is found "
@@ -315,11 +319,16 @@ def tissue_fraction(
 
 
 def to_geojson(result: TissueResult, *, name: str = "Tissue") -> dict[str, Any]:
-    """A GeoJSON FeatureCollection of the tissue polygons (level-0 px) that QuPath imports."""
+    """A GeoJSON FeatureCollection of the tissue polygons that QuPath imports: level-0 px less
+    the slide's ``viewer_origin`` (QuPath's frame, :attr:`~wsitools.slide.Slide.bounds`)."""
+    ox, oy = result.viewer_origin
     features = [
         {
             "type": "Feature",
-            "geometry": {"type": "Polygon", "coordinates": [[list(p) for p in ring] for ring in poly]},
+            "geometry": {
+                "type": "Polygon",
+                "coordinates": [[[round(x - ox, 1), round(y - oy, 1)] for x, y in ring] for ring in poly],
+            },
             "properties": {
                 "objectType": "annotation",
                 "classification": {"name": name, "color": [0, 160, 60]},

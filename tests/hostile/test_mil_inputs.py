@@ -78,6 +78,29 @@ def test_a_bag_without_coords_is_skipped_before_training_and_in_predict(cohort, 
     assert len((root / "p" / "predictions.csv").read_text().splitlines()) == len(bags)  # header + the other 11
 
 
+def test_a_store_copied_under_another_slides_name_is_skipped_in_training_and_predict(cohort, capsys):
+    """slide_002's features saved as slide_000.h5 would be predicted (and trained) as slide_000;
+    the store records whose they are, and export already refused them."""
+    import shutil
+
+    root, bags = cohort
+    rc, err = run(train_argv(root, root / "labels.csv", "before"), capsys)
+    assert rc == 0, err
+    shutil.copy(bags[2].path, bags[0].path)
+    reason = (f"feature store {bags[0].path} holds the features of slide {bags[2].slide_id} (its slide_id attribute); "
+              "a feature store is named {slide_id}.h5")
+    rc, err = run(train_argv(root, root / "labels.csv"), capsys)
+    assert rc == 0, err
+    assert json.loads((root / "heads" / "run.json").read_text())["skipped"] == {bags[0].slide_id: reason}
+    rc, err = run(["predict", "--model", root / "before", "--features", root / "features", "--out", root / "p",
+                   "--device", "cpu", "--quiet"], capsys)
+    assert rc == 0, err
+    skipped = json.loads((root / "p" / "predict.json").read_text())["skipped"]
+    assert skipped == {bags[0].slide_id: f"slide {bags[0].slide_id}: {reason}"}
+    predicted = [line.split(",")[0] for line in (root / "p" / "predictions.csv").read_text().splitlines()[1:]]
+    assert predicted == [b.slide_id for b in bags[1:]]
+
+
 def test_float16_and_float32_stores_and_a_one_tile_bag_train_together(cohort, capsys):
     from wsitools.feature_store import read_features
     from wsitools.mil.synthetic import write_synthetic_store

@@ -153,13 +153,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         "thumbnail, with a colour bar saying what the colours mean), {slide_id}.top_tiles.png (the most "
         "attended tiles from the patch store, captioned with their level-0 x, y) and "
         "{slide_id}.attention.geojson (one QuPath detection per tile with the attention and the prediction "
-        "as measurements: File > Import objects in QuPath 0.4 or later). Slide and patch store paths "
-        "default to those recorded in the attention file.",
+        "as measurements: File > Import objects in QuPath 0.4 or later; in QuPath's frame, which starts at "
+        "the slide's OpenSlide bounds). Slide and patch store paths default to those recorded in the "
+        "attention file.",
     )
     h.add_argument("--attention", nargs="+", required=True, metavar="PATH",
                    help="attention .h5 files, or directories of them (e.g. heads/.../attention)")
     h.add_argument("--slide", default=None, metavar="PATH",
-                   help="the slide file (one attention file), or a directory holding {slide_id}.* slides")
+                   help="the slide file (one attention file), or a directory holding {slide_id}.* slides "
+                   "(the slide id the attention file records)")
     h.add_argument("--store", default=None, metavar="PATH",
                    help="the patch store {slide_id}.zarr, or a directory of them: how the slide was read "
                    "(backend, mpp override) and the tiles of the montage (default: recorded in the attention file)")
@@ -297,6 +299,7 @@ def run_predict(args: argparse.Namespace) -> int:
 
 
 def _attention_files(paths: list[str]) -> list[Path]:
+    """The attention files ``--attention`` names (files, and the ``*.h5`` of folders), each once."""
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
@@ -307,7 +310,10 @@ def _attention_files(paths: list[str]) -> list[Path]:
             raise DataError(f"attention {p}: no such file or directory")
     if not files:
         raise DataError(f"no attention files in {', '.join(paths)}")
-    return files
+    unique: dict[Path, Path] = {}
+    for f in files:
+        unique.setdefault(f.resolve(), f)
+    return list(unique.values())
 
 
 def _slides_by_id(slide_arg: str | None) -> dict[str, Path] | None:
@@ -348,6 +354,25 @@ def _store_for(store_arg: str | None, slide_id: str, n_files: int) -> Path | Non
     return path / f"{slide_id}.zarr"
 
 
+def _attention_ids(files: list[Path]) -> dict[Path, str]:
+    """The slide id each attention file records (:func:`attention_slide_id`); a :class:`DataError`
+    naming both files where two are of one slide: their heatmaps would overwrite each other in
+    ``--out`` (a training run's and a prediction's attention, given together)."""
+    from wsitools.attention import attention_slide_id
+
+    ids: dict[Path, str] = {}
+    seen: dict[str, Path] = {}
+    for f in files:
+        slide_id = ids[f] = attention_slide_id(f)
+        if slide_id in seen:
+            raise DataError(
+                f"attention files {seen[slide_id]} and {f} are both of slide {slide_id}, whose heatmap files "
+                "would overwrite each other; draw them into separate --out folders"
+            )
+        seen[slide_id] = f
+    return ids
+
+
 def run_heatmap(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -356,16 +381,17 @@ def run_heatmap(args: argparse.Namespace) -> int:
     if args.min_side > args.max_side:
         raise DataError(f"--min-side {args.min_side} is larger than --max-side {args.max_side}")
     files = _attention_files(args.attention)
+    ids = _attention_ids(files)
     slides = _slides_by_id(args.slide)
     final = Path(args.out)
     failed = 0
     with output_folder(final) as folder:  # a new --out appears whole, once every slide is drawn
         for f in tqdm(files, desc="heatmap", unit="slide", disable=not show_progress(quiet=args.quiet)):
             try:
-                out = _draw_one(f, folder, args, n_files=len(files), slides=slides)
+                out = _draw_one(f, ids[f], folder, args, n_files=len(files), slides=slides)
             except WsiToolsError as exc:
                 failed += 1
-                print(f"{f.stem}\tfailed\t{one_line(exc)}", file=sys.stderr)
+                print(f"{ids[f]}\tfailed\t{one_line(exc)}", file=sys.stderr)
                 continue
             montage = final / out.montage.name if out.montage else "-"
             print(f"{out.slide_id}\t{final / out.heatmap.name}\t{final / out.geojson.name}\t{montage}\t{out.seconds:.1f}s")
@@ -375,12 +401,13 @@ def run_heatmap(args: argparse.Namespace) -> int:
 
 
 def _draw_one(
-    attention: Path, folder: Path, args: argparse.Namespace, *, n_files: int, slides: dict[str, Path] | None
+    attention: Path, slide_id: str, folder: Path, args: argparse.Namespace, *, n_files: int,
+    slides: dict[str, Path] | None,
 ) -> HeatmapFiles:
-    """One slide's heatmap files in ``folder``, drawn as the heatmap command's ``args`` say."""
+    """The heatmap files of slide ``slide_id`` (the id ``attention`` records) in ``folder``, drawn
+    as the heatmap command's ``args`` say; ``--slide DIR`` and ``--store DIR`` are looked up by that id."""
     from wsitools.heatmap import draw_heatmap
 
-    slide_id = attention.stem
     return draw_heatmap(
         attention,
         folder,
