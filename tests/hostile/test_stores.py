@@ -414,7 +414,9 @@ def test_slide_needing_an_mpp_override_gets_its_heatmap(tmp_path, capsys):
     with h5py.File(att, "a") as f:  # without its store, the slide's own metadata has no mpp: named
         del f.attrs["store_path"]
     assert main(["heatmap", "--attention", str(att), "--out", str(tmp_path / "h2"), "--quiet"]) == 1
-    assert "nompp.tiff: the slide's metadata gives no resolution" in capsys.readouterr().err
+    err = capsys.readouterr().err  # nor does the attention record the geometry the mpp follows from
+    assert "nompp.tiff: the slide's metadata gives no usable resolution (mpp), and attention file" in err
+    assert "pass the slide's patch store with --store" in err
 
 
 def test_heatmap_refuses_a_damaged_store_in_one_line(tmp_path, capsys, tiled):
