@@ -639,15 +639,17 @@ def _fold_report(
 ) -> dict[str, Any]:
     """The metrics of predictions ``preds`` of the slides ``index`` (one fold or pooled);
     ``auc_times``: where a survival report's time-dependent AUC is taken (default: the
-    quartiles of the event times)."""
+    quartiles of the event times). The intervals resample patients, each with all its slides
+    (a patient's slides are not independent cases)."""
+    groups = [cohort.patients[i] for i in index]
     if cohort.task_type == "classification":
         return metrics_report(cohort.labels[index], preds, class_names=cohort.classes, n_boot=config.n_boot,
-                              seed=config.seed)
+                              seed=config.seed, groups=groups)
     if cohort.task_type == "regression":
-        return regression_report(cohort.targets[index], preds, n_boot=config.n_boot, seed=config.seed)
+        return regression_report(cohort.targets[index], preds, n_boot=config.n_boot, seed=config.seed, groups=groups)
     t = cohort.targets[index]
     return survival_report(t[:, 0], t[:, 1], preds, times=list(auc_times) or None, high_risk=preds > 0,
-                           n_boot=config.n_boot, seed=config.seed)
+                           n_boot=config.n_boot, seed=config.seed, groups=groups)
 
 
 def _prediction_row(cohort: Cohort, i: int, fold: int, pred: np.ndarray) -> dict[str, Any]:
