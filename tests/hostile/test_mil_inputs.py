@@ -473,3 +473,43 @@ def test_pandas_and_sas_missing_values_are_still_not_classes(cohort, capsys, mar
     one_line(rc, err, f"label {marker!r} (slide {bags[3].slide_id}) looks like a missing value, which would make "
              "it a class; leave its row out for a slide without a label, or list the classes in a task file")
     assert not (root / "heads").exists()
+
+
+# --- the labels table's own splits ---------------------------------------------------------------------
+
+
+def _three_class_table(root: Path, bags, column: str, parts: list) -> Path:
+    """The cohort with its first two slides relabelled 'rare' (a third class of the task), and a
+    ``split`` or ``fold`` column holding ``parts``."""
+    task = {**TASK, "classes": {**TASK["classes"], "rare": "a third texture"}}
+    (root / "task.yaml").write_text(yaml.safe_dump(task, sort_keys=False))
+    labels = root / f"{column}.csv"
+    labels.write_text(f"slide_id,label,patient_id,{column}\n" + "".join(
+        f"{b.slide_id},{'rare' if i < 2 else b.label},{b.patient_id},{part}\n" for i, (b, part) in
+        enumerate(zip(bags, parts))))
+    return labels
+
+
+def test_a_split_column_that_leaves_a_class_without_training_slides_is_refused(cohort, capsys, caplog):
+    root, bags = cohort
+    rest = [b.label for b in bags[2:]]
+    parts = ["test", "test"] + [("train", "train", "val", "test")[rest[:i].count(label) % 4]
+                                for i, label in enumerate(rest)]
+    labels = _three_class_table(root, bags, "split", parts)
+    rc, err = run(train_argv(root, labels), capsys)
+    one_line(rc, err, f"labels table {labels}: the split column leaves classes without a training slide: "
+             "class 'rare' in fold 0 (0 in val, 2 in test); the head would never learn them but be tested with "
+             "them: put slides of each into the training part of every fold, or pass --allow-empty-classes")
+    assert not (root / "heads").exists()
+    rc, err = run(train_argv(root, labels) + ["--allow-empty-classes"], capsys)
+    assert rc == 0, err
+    assert "the split column leaves classes without a training slide (trained without them" in caplog.text
+    assert json.loads((root / "heads" / "metrics.json").read_text())["pooled"]["support"]["rare"] == 2
+
+
+def test_a_fold_column_with_a_class_in_one_fold_only_is_refused(cohort, capsys):
+    root, bags = cohort
+    labels = _three_class_table(root, bags, "fold", [7, 7] + [(1, 2, 7)[i % 3] for i in range(len(bags) - 2)])
+    rc, err = run(train_argv(root, labels), capsys)
+    one_line(rc, err, f"labels table {labels}: the fold column leaves classes without a training slide: "
+             "class 'rare' in fold 2 (test fold 7) (0 in val, 2 in test); the head would never learn them")

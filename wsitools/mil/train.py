@@ -514,6 +514,37 @@ def _check_fold(cohort: Cohort, fold: Fold) -> None:
                 raise DataError(f"fold {fold.index}: the {part} part holds no event (too few events for this split)")
 
 
+def _check_fold_classes(cohort: Cohort, folds: Sequence[Fold], *, table: Any, allow: bool) -> None:
+    """Every class of the cohort must have training slides in every fold. Stratified k-fold sees
+    to it; the labels table's own ``split`` or ``fold`` column may not (a class only in ``test``,
+    or in one fold only), and the head would then be trained without the class but tested and
+    applied with it. A :class:`DataError` naming the labels table ``table`` and each such class
+    and fold, or with ``allow`` (``--allow-empty-classes``, which admits classes without any
+    usable slide) a warning."""
+    if cohort.task_type != "classification":
+        return
+    column = "split" if cohort.splits is not None else "fold"
+    problems = []
+    for fold in folds:
+        missing = set(np.unique(cohort.labels)) - set(np.unique(cohort.labels[fold.train]))
+        tested = f" (test fold {cohort.folds[fold.test[0]]})" if cohort.folds is not None else ""
+        for c in sorted(missing):
+            n_val, n_test = (int((cohort.labels[part] == c).sum()) for part in (fold.val, fold.test))
+            problems.append(f"class {cohort.classes[c]!r} in fold {fold.index}{tested} ({n_val} in val, {n_test} in test)")
+    if not problems:
+        return
+    listing = "; ".join(problems)
+    if allow:
+        log.warning("labels table %s: the %s column leaves classes without a training slide (trained without "
+                    "them, tested with them all the same): %s", table, column, listing)
+        return
+    raise DataError(
+        f"labels table {table}: the {column} column leaves classes without a training slide: {listing}; the head "
+        "would never learn them but be tested with them: put slides of each into the training part of every "
+        "fold, or pass --allow-empty-classes"
+    )
+
+
 def _val_scores(cohort: Cohort, val: Evaluation, targets: torch.Tensor | None) -> dict[str, float]:
     """The validation metrics logged per epoch."""
     if cohort.task_type == "classification":
@@ -756,6 +787,7 @@ def _cohort_and_folds(
         cohort = patient_cohort(cohort)
     if cohort.splits is not None or cohort.folds is not None:
         folds = user_folds(cohort, val_fraction=config.val_fraction, seed=config.seed)
+        _check_fold_classes(cohort, folds, table=labels, allow=allow_empty_classes)
     else:
         folds = patient_kfold(
             cohort.labels, cohort.patients, n_folds=config.folds, val_fraction=config.val_fraction, seed=config.seed,
@@ -1029,8 +1061,8 @@ def train(
     (recorded as ``classes`` with every head). Survival and regression need the task. Folds
     come from the labels table's ``split``/``fold`` column if it has one, else from
     patient-level stratified k-fold (on the class, or on the event indicator for survival). A
-    task class without a usable labelled slide is an error (a warning with
-    ``allow_empty_classes``). ``device``: ``auto`` (CUDA when available), ``cpu`` or ``cuda``
+    task class without a usable labelled slide, or without a training slide in a fold of the
+    table's own split or fold column, is an error (a warning with ``allow_empty_classes``). ``device``: ``auto`` (CUDA when available), ``cpu`` or ``cuda``
     (a :class:`~wsitools.errors.ModelError` when there is no GPU). ``bag``: ``slide`` (one bag
     per slide) or ``patient`` (all slides of a patient concatenated into one bag, whose slides
     must agree on the label; predictions are then one row per patient, and each slide's slice of
