@@ -139,6 +139,35 @@ def classes_from_labels(
     return tuple(sorted(labels))
 
 
+def check_labels_are_classes(
+    labelled: Iterable[tuple[str, str]], classes: Sequence[str], *, what: str, task: str
+) -> None:
+    """Every label of ``labelled`` (slide id, label) pairs must be one of a task file's
+    ``classes``, as written. A :class:`DataError` starting with ``what`` (the labels and where
+    they are) and naming ``task`` (the task file) lists the other labels with a few slides
+    each, and says which of them are a class written in another case or spacing (``tumor`` for
+    ``Tumor``), the usual slip."""
+    unknown: dict[str, list[str]] = {}
+    for slide_id, label in labelled:
+        if label not in classes:
+            unknown.setdefault(label, []).append(slide_id)
+    if not unknown:
+        return
+
+    def spelling(text: str) -> str:
+        return " ".join(text.split()).casefold()
+
+    written = {spelling(c): c for c in classes}
+    listing = "; ".join(f"{label!r} (slides {', '.join(ids[:5])})" for label, ids in unknown.items())
+    variants = [f"{label!r} is class {written[spelling(label)]!r} in another case or spacing"
+                for label in unknown if spelling(label) in written]
+    hint = f" ({'; '.join(variants)}: labels must be written as the classes are)" if variants else ""
+    raise DataError(
+        f"{what} that are not classes of {task} ({', '.join(classes)}): {listing}{hint}; "
+        "fix the labels or add the classes to the task file"
+    )
+
+
 def slide_rows(reader: csv.DictReader, *, what: str) -> Iterator[tuple[int, str, dict[str, str]]]:
     """The rows of a table keyed by ``slide_id`` as (line, slide id, row with stripped keys and
     values), rows without a slide id skipped; a row with more fields than the header (a value
@@ -375,16 +404,8 @@ def check_task_labels(
                                              where=f"config: tasks: {task}: {where}")))
     order = list(classes) if classes is not None else present
     if classes is not None:
-        unknown: dict[str, list[str]] = {}
-        for s, label in labelled:
-            if label not in classes:
-                unknown.setdefault(label, []).append(s.slide_id)
-        if unknown:
-            listing = "; ".join(f"{label!r} (slides {', '.join(ids[:5])})" for label, ids in unknown.items())
-            raise DataError(
-                f"config: tasks: {task}: labels in {where} that are not classes of {task_file or 'the task'} "
-                f"({', '.join(classes)}): {listing}; fix the labels or add the classes to the task file"
-            )
+        check_labels_are_classes(((s.slide_id, label) for s, label in labelled), classes,
+                                 what=f"config: tasks: {task}: labels in {where}", task=task_file or "the task")
         empty = [c for c in classes if c not in present]
         if empty and not allow_empty_classes:
             raise DataError(

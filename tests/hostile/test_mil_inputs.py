@@ -513,3 +513,37 @@ def test_a_fold_column_with_a_class_in_one_fold_only_is_refused(cohort, capsys):
     rc, err = run(train_argv(root, labels), capsys)
     one_line(rc, err, f"labels table {labels}: the fold column leaves classes without a training slide: "
              "class 'rare' in fold 2 (test fold 7) (0 in val, 2 in test); the head would never learn them")
+
+
+def test_labels_that_are_no_class_of_the_task_file_name_both_files_and_a_spelling(cohort, capsys):
+    root, bags = cohort
+    labels = root / "spelled.csv"
+    rows = [f"{b.slide_id},{b.label}" for b in bags]
+    rows[0] = f"{bags[0].slide_id},Pos"
+    rows[1] = f"{bags[1].slide_id},C"
+    labels.write_text("slide_id,label\n" + "\n".join(rows) + "\n")
+    rc, err = run(train_argv(root, labels), capsys)
+    one_line(rc, err, f"labels in labels table {labels} that are not classes of task file {root / 'task.yaml'} "
+             f"(neg, pos): 'Pos' (slides {bags[0].slide_id}); 'C' (slides {bags[1].slide_id}) ('Pos' is class 'pos' "
+             "in another case or spacing: labels must be written as the classes are); fix the labels or add the "
+             "classes to the task file")
+    rows[0] = f"{bags[0].slide_id},C"
+    labels.write_text("slide_id,label\n" + "\n".join(rows) + "\n")
+    line = one_line(*run(train_argv(root, labels), capsys), f"(neg, pos): 'C' (slides {bags[0].slide_id}, "
+                    f"{bags[1].slide_id}); fix the labels")
+    assert "another case" not in line
+
+
+def test_the_workflow_check_hints_at_a_class_in_another_case_or_spacing():
+    from wsitools.labels import check_task_labels
+    from wsitools.samples import Sample
+
+    samples = [Sample(slide_id=f"s{i}", path="x", patient_id=f"p{i}", fields={"label": label})
+               for i, label in enumerate(["high grade"] * 3 + ["low grade"] * 3 + ["High  Grade"])]
+    with pytest.raises(DataError) as error:
+        check_task_labels(samples, task="t", label_column="label", classes=["high grade", "low grade"],
+                          folds={"h": 2}, sheet="s.tsv", task_file="t.yaml")
+    assert str(error.value) == (
+        "config: tasks: t: labels in column 'label' of s.tsv that are not classes of t.yaml (high grade, low grade): "
+        "'High  Grade' (slides s6) ('High  Grade' is class 'high grade' in another case or spacing: labels must be "
+        "written as the classes are); fix the labels or add the classes to the task file")

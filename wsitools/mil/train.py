@@ -764,10 +764,11 @@ def _check_options(
 
 def _cohort_and_folds(
     task: TaskDescription | None, *, labels: Any, features_dir: Any, ivp_features_dir: Any, bag: Bag,
-    config: TrainConfig, strict: bool, allow_empty_classes: bool,
+    config: TrainConfig, strict: bool, allow_empty_classes: bool, task_file: Any,
 ) -> tuple[Cohort, tuple[str, ...], int, list[Fold]]:
     """The cohort (its bags checked), its classes, its number of slides and its folds: the
-    labels table's own splits or folds, else patient-level stratified k-fold."""
+    labels table's own splits or folds, else patient-level stratified k-fold. ``task_file``:
+    the file ``task`` was read from, if any (named in errors about the classes)."""
     task_type: TaskType = task.type if task is not None else "classification"
     rows = read_labels(labels, task_type=task_type)
     if bag == "patient":
@@ -780,7 +781,7 @@ def _cohort_and_folds(
                                            unlabelled="leave its row out"))
     cohort = build_cohort(
         rows, features_dir, classes, ivp_features_dir=ivp_features_dir, strict=strict,
-        allow_empty_classes=allow_empty_classes, task_type=task_type,
+        allow_empty_classes=allow_empty_classes, task_type=task_type, labels_file=labels, task_file=task_file,
     )
     n_slides = len(cohort)
     if bag == "patient":
@@ -811,11 +812,13 @@ def setup_run(
     text_cache_dir: Any,
     strict: bool,
     allow_empty_classes: bool,
+    task_file: Any = None,
 ) -> RunSetup:
-    """Read the labels and bags, make the folds, embed the TTP texts and configure the head."""
+    """Read the labels and bags, make the folds, embed the TTP texts and configure the head
+    (``task_file``: the file ``task`` was read from, if any)."""
     cohort, classes, n_slides, folds = _cohort_and_folds(
         task, labels=labels, features_dir=features_dir, ivp_features_dir=ivp_features_dir, bag=bag, config=config,
-        strict=strict, allow_empty_classes=allow_empty_classes,
+        strict=strict, allow_empty_classes=allow_empty_classes, task_file=task_file,
     )
     task_type = cohort.task_type
     text_embeddings = None
@@ -1081,16 +1084,16 @@ def train(
     if task is None and "ttp" in prompts:
         raise DataError("the ttp prompt embeds the task and class descriptions: give a task (--task TASK.yaml)")
     out_dir = Path(out_dir)
+    task_file = None if isinstance(task, TaskDescription) else task
     check_out_apart(out_dir, {"--features": features_dir, "--labels": labels, "--ivp-features": ivp_features_dir,
-                              "--task": None if isinstance(task, TaskDescription) else task,
-                              "--text-model": text_model, "--text-cache": text_cache_dir})
+                              "--task": task_file, "--text-model": text_model, "--text-cache": text_cache_dir})
     task = task if isinstance(task, TaskDescription) or task is None else load_task(task)
     _check_options(out_dir, overwrite=overwrite, prompts=prompts, ivp_features_dir=ivp_features_dir,
                    task_type=task.type if task is not None else "classification", config=config, bag=bag)
     setup = setup_run(
         task, features_dir=features_dir, labels=labels, head=head, prompts=prompts, bag=bag, config=config,
         head_options=head_options, ivp_features_dir=ivp_features_dir, text_model=text_model,
-        text_cache_dir=text_cache_dir, strict=strict, allow_empty_classes=allow_empty_classes,
+        text_cache_dir=text_cache_dir, strict=strict, allow_empty_classes=allow_empty_classes, task_file=task_file,
     )
     cohort, head_config = setup.cohort, setup.head_config
     log.info(
