@@ -170,9 +170,17 @@ def check_labels_are_classes(
 
 def slide_rows(reader: csv.DictReader, *, what: str) -> Iterator[tuple[int, str, dict[str, str]]]:
     """The rows of a table keyed by ``slide_id`` as (line, slide id, row with stripped keys and
-    values), rows without a slide id skipped; a row with more fields than the header (a value
-    holding the separator, such as a decimal comma), an unsafe or a repeated slide id is a
-    :class:`DataError` starting with ``what`` and naming the line."""
+    values), rows with no cell filled skipped. A :class:`DataError` starting with ``what``
+    names the column a header holds twice (only the last would be read) and the line of a row
+    with more fields than the header (a value holding the separator, such as a decimal comma),
+    of a row with an empty slide id but other cells filled (a cut cell would drop its slide
+    unseen), and of an unsafe or a repeated slide id."""
+    named: set[str] = set()
+    for column in (c.strip() for c in reader.fieldnames or ()):
+        if column in named:
+            raise DataError(f"{what}: the header names column '{column}' twice; only one would be read")
+        if column:
+            named.add(column)
     seen: set[str] = set()
     for raw in reader:
         line = reader.line_num
@@ -185,6 +193,10 @@ def slide_rows(reader: csv.DictReader, *, what: str) -> Iterator[tuple[int, str,
         row = {(k or "").strip(): (v or "").strip() for k, v in raw.items()}
         slide_id = row["slide_id"]
         if not slide_id:
+            filled = [f"{k} {v!r}" for k, v in row.items() if v]
+            if filled:
+                raise DataError(f"{what}, line {line}: no slide_id, but {', '.join(filled[:3])}; "
+                                "fill in the slide id or remove the row")
             continue
         try:
             check_slide_id(slide_id)
@@ -204,9 +216,10 @@ def read_labels(path: str | os.PathLike[str], *, task_type: TaskType = "classifi
     survival) and optional ``patient_id``, ``split`` (train/val/test) or ``fold`` (integer) columns.
 
     A slide without ``patient_id`` is its own patient. Raises :class:`DataError` naming the file
-    and row for a missing column, an unsafe or repeated slide id, an empty label, a bad split, or
-    (regression, survival) a target that is not a finite number, a negative time or an event
-    other than 0/1.
+    and row for a missing column, an unsafe or repeated slide id, an empty slide id in a filled
+    row, an empty label, a bad split, or (regression, survival) a target that is not a finite
+    number, a negative time or an event other than 0/1; naming the file and the column for a
+    column named twice, and the file and both ids for patient ids that differ only in case.
     """
     path = Path(path)
     text = read_user_text(path, what="labels table", expected="a CSV or TSV file", encoding="utf-8-sig")
@@ -223,6 +236,7 @@ def read_labels(path: str | os.PathLike[str], *, task_type: TaskType = "classifi
     if "split" in columns and "fold" in columns:
         raise DataError(f"labels table {path}: give either a 'split' or a 'fold' column, not both")
     rows: list[LabelRow] = []
+    given: list[tuple[str, str]] = []  # (patient id, slide id) where the table gives the patient
     for line, slide_id, row in slide_rows(reader, what=f"labels table {path}"):
         targets = parse_targets(row, task_type, where=f"labels table {path}, line {line}: slide {slide_id}")
         split = row.get("split") or None
@@ -239,6 +253,8 @@ def read_labels(path: str | os.PathLike[str], *, task_type: TaskType = "classifi
                 raise DataError(
                     f"labels table {path}, line {line}: slide {slide_id} has fold {row['fold']!r}, not an integer"
                 ) from exc
+        if row.get("patient_id"):
+            given.append((row["patient_id"], slide_id))
         rows.append(
             LabelRow(
                 slide_id=slide_id,
@@ -250,6 +266,7 @@ def read_labels(path: str | os.PathLike[str], *, task_type: TaskType = "classifi
         )
     if not rows:
         raise DataError(f"labels table {path}: no rows")
+    _check_patient_spelling(given, where=f"labels table {path}")
     has_split = [r.split is not None for r in rows]
     has_fold = [r.fold is not None for r in rows]
     for name, flags in (("split", has_split), ("fold", has_fold)):
@@ -257,6 +274,21 @@ def read_labels(path: str | os.PathLike[str], *, task_type: TaskType = "classifi
             missing = [r.slide_id for r, f in zip(rows, flags) if not f]
             raise DataError(f"labels table {path}: {name} is empty for slides {', '.join(missing[:10])}")
     return rows
+
+
+def _check_patient_spelling(given: Iterable[tuple[str, str]], *, where: str) -> None:
+    """Patient ids of ``given`` (patient id, slide id) pairs that differ only in case (``P001``,
+    ``p001``) would be two patients, whose slides the folds could put into training and test:
+    a :class:`DataError` starting with ``where`` names both ids and a slide of each."""
+    first: dict[str, tuple[str, str]] = {}
+    for patient_id, slide_id in given:
+        seen, seen_slide = first.setdefault(patient_id.casefold(), (patient_id, slide_id))
+        if seen != patient_id:
+            raise DataError(
+                f"{where}: patient ids {seen!r} and {patient_id!r} differ only in case (slides {seen_slide} and "
+                f"{slide_id}), which would make them two patients, split between training and test as if "
+                "unrelated; write each patient's id alike"
+            )
 
 
 def write_labels(
