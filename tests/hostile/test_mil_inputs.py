@@ -497,13 +497,13 @@ def test_a_split_column_that_leaves_a_class_without_training_slides_is_refused(c
                                 for i, label in enumerate(rest)]
     labels = _three_class_table(root, bags, "split", parts)
     rc, err = run(train_argv(root, labels), capsys)
-    one_line(rc, err, f"labels table {labels}: the split column leaves classes without a training slide: "
-             "class 'rare' in fold 0 (0 in val, 2 in test); the head would never learn them but be tested with "
-             "them: put slides of each into the training part of every fold, or pass --allow-empty-classes")
+    one_line(rc, err, f"labels table {labels}: the split column leaves a fold without training slides of a class: "
+             "class 'rare' in fold 0 (0 in val, 2 in test); the head would be tested with a class it never learnt: "
+             "put slides of every class into the training part of every fold, or pass --allow-empty-classes")
     assert not (root / "heads").exists()
     rc, err = run(train_argv(root, labels) + ["--allow-empty-classes"], capsys)
     assert rc == 0, err
-    assert "the split column leaves classes without a training slide (trained without them" in caplog.text
+    assert "the split column leaves a fold without training slides of a class (trained without it" in caplog.text
     assert json.loads((root / "heads" / "metrics.json").read_text())["pooled"]["support"]["rare"] == 2
 
 
@@ -511,8 +511,8 @@ def test_a_fold_column_with_a_class_in_one_fold_only_is_refused(cohort, capsys):
     root, bags = cohort
     labels = _three_class_table(root, bags, "fold", [7, 7] + [(1, 2, 7)[i % 3] for i in range(len(bags) - 2)])
     rc, err = run(train_argv(root, labels), capsys)
-    one_line(rc, err, f"labels table {labels}: the fold column leaves classes without a training slide: "
-             "class 'rare' in fold 2 (test fold 7) (0 in val, 2 in test); the head would never learn them")
+    one_line(rc, err, f"labels table {labels}: the fold column leaves a fold without training slides of a class: "
+             "class 'rare' in fold 2 (test fold 7) (0 in val, 2 in test); the head would be tested with a class")
 
 
 def test_labels_that_are_no_class_of_the_task_file_name_both_files_and_a_spelling(cohort, capsys):

@@ -535,13 +535,13 @@ def _check_fold_classes(cohort: Cohort, folds: Sequence[Fold], *, table: Any, al
         return
     listing = "; ".join(problems)
     if allow:
-        log.warning("labels table %s: the %s column leaves classes without a training slide (trained without "
-                    "them, tested with them all the same): %s", table, column, listing)
+        log.warning("labels table %s: the %s column leaves a fold without training slides of a class (trained "
+                    "without it, tested with it all the same): %s", table, column, listing)
         return
     raise DataError(
-        f"labels table {table}: the {column} column leaves classes without a training slide: {listing}; the head "
-        "would never learn them but be tested with them: put slides of each into the training part of every "
-        "fold, or pass --allow-empty-classes"
+        f"labels table {table}: the {column} column leaves a fold without training slides of a class: {listing}; "
+        "the head would be tested with a class it never learnt: put slides of every class into the training part "
+        "of every fold, or pass --allow-empty-classes"
     )
 
 
