@@ -510,8 +510,9 @@ def _patient_classes(labelled: Sequence[tuple[Sample, str]], order: Sequence[str
 def read_patients(path: str | os.PathLike[str]) -> dict[str, str]:
     """Slide id -> patient id from a table (CSV or TSV) with ``slide_id`` and ``patient_id``
     columns, such as the labels table or the workflow's samples sheet (other columns are
-    ignored). A slide with an empty ``patient_id`` is its own patient. A missing column, an
-    unsafe slide id or a slide listed twice is a :class:`DataError` naming the file and line."""
+    ignored). A slide with an empty ``patient_id`` is its own patient. A missing column, a
+    column named twice, a filled row without slide id, an unsafe slide id or a slide listed
+    twice is a :class:`DataError` naming the file (and the line or column: :func:`slide_rows`)."""
     path = Path(path)
     text = read_user_text(path, what="patients table", expected="a CSV or TSV file", encoding="utf-8-sig")
     lines = [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
