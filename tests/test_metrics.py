@@ -11,17 +11,20 @@ import math
 import numpy as np
 import pytest
 
+from wsitools import survival
 from wsitools.metrics import (
     auroc,
     average_ranks,
     balanced_accuracy,
     binary_auroc,
     bootstrap_ci,
+    bootstrap_samples,
     classification_metrics,
     confusion_matrix,
     f1_macro,
     mean_sd,
     metrics_report,
+    regression_report,
     roc_points,
 )
 
@@ -121,3 +124,82 @@ def test_report_is_json_ready_and_nulls_undefined():
     assert agg["auroc"]["mean"] == pytest.approx(0.9)
     assert agg["auroc"]["sd"] == pytest.approx(np.std([0.8, 1.0], ddof=1), abs=1e-6)  # rounded to 6 places
     assert agg["balanced_accuracy"] == {"mean": 0.7, "sd": None, "n_folds": 1}
+
+
+def test_bootstrap_samples_draw_whole_patients():
+    groups = ["p1", "p2", "p2", "p3", "p3", "p3", "p1"]
+    members = {g: {i for i, h in enumerate(groups) if h == g} for g in set(groups)}
+    for idx in bootstrap_samples(len(groups), n_boot=50, seed=0, groups=groups):
+        counts = np.bincount(idx, minlength=len(groups))
+        # every row of a patient is drawn as often as the patient, and 3 patients are drawn
+        per_patient = {g: {int(counts[i]) for i in rows} for g, rows in members.items()}
+        assert all(len(c) == 1 for c in per_patient.values())
+        assert sum(c.pop() for c in per_patient.values()) == 3
+    with pytest.raises(ValueError, match="groups has 2 entries for 3 rows"):
+        next(bootstrap_samples(3, n_boot=1, seed=0, groups=["a", "b"]))
+
+
+def _one_slide_per_patient_cohort():
+    rng = np.random.default_rng(42)
+    n = 40
+    y = rng.integers(0, 2, n)
+    p1 = np.clip(0.3 * y + rng.uniform(0, 0.7, n), 0, 1)
+    values = rng.normal(size=n)
+    predicted = values + rng.normal(scale=0.8, size=n)
+    t = rng.exponential(10, n).round(1)
+    e = (rng.uniform(size=n) < 0.7).astype(int)
+    risk = -t + rng.normal(scale=5, size=n)
+    return y, np.stack([1 - p1, p1], 1), values, predicted, t, e, risk
+
+
+def _reports(groups):
+    y, p, values, predicted, t, e, risk = _one_slide_per_patient_cohort()
+    return (metrics_report(y, p, class_names=["a", "b"], n_boot=200, seed=1, groups=groups),
+            regression_report(values, predicted, n_boot=200, seed=1, groups=groups),
+            survival.survival_report(t, e, risk, n_boot=200, seed=1, groups=groups))
+
+
+def test_one_slide_per_patient_keeps_the_slide_intervals():
+    """Patients numbered in any way, one slide each: the very intervals of a slide bootstrap."""
+    plain = _reports(None)
+    assert _reports([f"patient {i}" for i in range(40)]) == plain
+    assert _reports([f"p{(i * 7) % 40:02d}" for i in range(40)]) == plain
+    classification, regression, outcome = plain  # the numbers the slide bootstrap has always given
+    assert classification["auroc_ci95"] == pytest.approx([0.619812, 0.914074], abs=2e-6)
+    assert classification["accuracy_ci95"] == pytest.approx([0.55, 0.825], abs=2e-6)
+    assert regression["pearson_ci95"] == pytest.approx([0.55169, 0.827251], abs=2e-6)
+    assert regression["mae_ci95"] == pytest.approx([0.461273, 0.67897], abs=2e-6)
+    assert outcome["c_index_ci95"] == pytest.approx([0.564017, 0.8091], abs=2e-6)
+    assert outcome["uno_c_ci95"] == pytest.approx([0.574018, 0.815602], abs=2e-6)
+    assert [v for row in outcome["time_auc"] for v in row["auc_ci95"]] == pytest.approx(
+        [0.527354, 0.915034, 0.51655, 0.835916, 0.645327, 0.983827], abs=2e-6)
+
+
+def test_patient_bootstrap_of_repeated_slides_is_that_of_the_patients():
+    """Each patient's slide copied four times: resampling patients gives the intervals of the
+    patients alone (slides resampled one by one would give narrower ones)."""
+    y, p, values, predicted, t, e, risk = _one_slide_per_patient_cohort()
+    copies = np.repeat(np.arange(40), 4)
+    patients = [f"p{i}" for i in copies]
+
+    def ci95(report):
+        return {k: v for k, v in report.items() if k.endswith("_ci95")}
+
+    alone, _, _ = _reports(None)
+    repeated = metrics_report(y[copies], p[copies], class_names=["a", "b"], n_boot=200, seed=1, groups=patients)
+    assert ci95(repeated) == pytest.approx(ci95(alone), abs=2e-6)
+    by_slide = metrics_report(y[copies], p[copies], class_names=["a", "b"], n_boot=200, seed=1)
+    width = {k: r["auroc_ci95"][1] - r["auroc_ci95"][0] for k, r in (("patients", repeated), ("slides", by_slide))}
+    assert width["slides"] < 0.6 * width["patients"]
+
+    _, alone_reg, alone_surv = _reports(None)
+    repeated_reg = regression_report(values[copies], predicted[copies], n_boot=200, seed=1, groups=patients)
+    assert ci95(repeated_reg) == pytest.approx(ci95(alone_reg), abs=2e-6)
+    repeated_surv = survival.survival_report(t[copies], e[copies], risk[copies], times=survival.auc_times(t, e),
+                                             n_boot=200, seed=1, groups=patients)
+    assert ci95(repeated_surv) == pytest.approx(ci95(alone_surv), abs=2e-6)
+
+    def auc_bounds(report):
+        return [v for row in report["time_auc"] for v in row["auc_ci95"]]
+
+    assert auc_bounds(repeated_surv) == pytest.approx(auc_bounds(alone_surv), abs=2e-6)

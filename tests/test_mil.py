@@ -458,3 +458,41 @@ def test_an_output_folder_that_is_or_holds_an_input_is_refused(cohort, trained, 
               out_dir=tmp_path / "project", overwrite=True, config=FAST, progress=False)
     assert sorted(p.name for p in features.iterdir()) == stores and (tmp_path / "project" / "labels.csv").is_file()
     assert (trained["abmil"] / "run.json").is_file()
+
+
+@pytest.mark.parametrize("task_type", ["classification", "regression", "survival"])
+def test_run_reports_resample_patients(task_type):
+    """A fold's and the pooled report's intervals resample the slides' patients: 10 patients of
+    4 slides each give the intervals of a patient bootstrap, wider than those of the slides."""
+    from pathlib import Path
+
+    from wsitools.metrics import metrics_report, regression_report
+    from wsitools.mil.data import Cohort
+    from wsitools.survival import survival_report
+
+    rng = np.random.default_rng(0)
+    patients = [f"p{i // 4}" for i in range(40)]
+    labels = np.array([(i // 4) % 2 for i in range(40)])
+    score = np.repeat(rng.uniform(size=10), 4) * 0.6 + 0.4 * labels
+    targets = {"classification": None, "regression": score * 3 + labels,
+               "survival": np.stack([np.repeat(rng.exponential(10, 10), 4), labels], axis=1)}[task_type]
+    cohort = Cohort(slide_ids=[f"s{i}" for i in range(40)], labels=labels, patients=patients,
+                    classes=("neg", "pos") if task_type == "classification" else ("censored", "event"),
+                    paths=[Path("unused.h5")] * 40, sizes=[1] * 40, dim=1, task_type=task_type, targets=targets)
+    index = np.arange(40)[::-1]
+    preds = np.stack([1 - score, score], axis=1)[index] if task_type == "classification" else score[index]
+    groups = [patients[i] for i in index]
+
+    def report(**by):
+        if task_type == "classification":
+            return metrics_report(labels[index], preds, class_names=cohort.classes, n_boot=100, seed=3, **by)
+        if task_type == "regression":
+            return regression_report(targets[index], preds, n_boot=100, seed=3, **by)
+        return survival_report(targets[index, 0], targets[index, 1], preds, high_risk=preds > 0, n_boot=100,
+                               seed=3, **by)
+
+    written = train_module._fold_report(cohort, index, preds, TrainConfig(n_boot=100, seed=3))
+    assert written == report(groups=groups)
+    name = {"classification": "auroc", "regression": "pearson", "survival": "c_index"}[task_type]
+    by_patient, by_slide = written[f"{name}_ci95"], report()[f"{name}_ci95"]
+    assert by_slide[1] - by_slide[0] < by_patient[1] - by_patient[0]

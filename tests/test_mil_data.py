@@ -48,6 +48,14 @@ def test_read_labels_csv_tsv_and_defaults(tmp_path):
         ("slide_id,label,fold\na,neg,one\n", "fold 'one', not an integer"),
         ("slide_id,label,split,fold\na,neg,train,1\n", "either a 'split' or a 'fold'"),
         ("slide_id,label,split\na,neg,train\nb,pos,\n", "split is empty for slides b"),
+        # a cut slide id would drop its row unseen
+        ("slide_id,label,patient_id\na,neg,p1\n,pos,p2\n",
+         "line 3: no slide_id, but label 'pos', patient_id 'p2'; fill in the slide id or remove the row"),
+        # only the last 'label' would be read
+        ("slide_id,label,patient_id,label\na,neg,p1,pos\n", ": the header names column 'label' twice"),
+        # two patients to the folds, one in truth: leakage between training and test
+        ("slide_id,label,patient_id\na,neg,P001\nb,neg,p002\nc,pos,p001\n",
+         "patient ids 'P001' and 'p001' differ only in case \\(slides a and c\\), which would make them two patients"),
     ],
 )
 def test_bad_labels_tables_are_named(tmp_path, content, message):
@@ -56,6 +64,16 @@ def test_bad_labels_tables_are_named(tmp_path, content, message):
     with pytest.raises(DataError, match=message) as err:
         read_labels(path)
     assert str(path) in str(err.value)
+
+
+def test_empty_rows_and_slides_without_a_patient_id_still_read(tmp_path):
+    """A row with no cell filled is skipped; slides without a patient id are their own patients,
+    whatever the case of their ids; columns a header leaves unnamed are not a repeated name."""
+    path = tmp_path / "labels.csv"
+    path.write_text("slide_id,label,patient_id,,\na,neg,,,\n,,,,\nA,pos,,,\nb,neg,P1,,\nc,pos,P1,,\n")
+    rows = read_labels(path)
+    assert [(r.slide_id, r.label, r.patient_id) for r in rows] == [
+        ("a", "neg", "a"), ("A", "pos", "A"), ("b", "neg", "P1"), ("c", "pos", "P1")]
 
 
 def test_missing_feature_store_is_skipped_with_warning_or_strict_error(cohort_dir, caplog):
@@ -108,7 +126,8 @@ def test_one_class_only_and_unknown_label(cohort_dir):
     with pytest.raises(DataError, match="only one class \\('neg'\\)"):
         build_cohort(read_labels(_labels(root / "a.csv", only_neg)), root / "feats", CLASSES)
     odd = [(b.slide_id, b.label, b.patient_id) for b in bags[1:]] + [(bags[0].slide_id, "tumour", "p")]
-    with pytest.raises(DataError, match=f"slides {bags[0].slide_id} \\('tumour'\\)"):
+    with pytest.raises(DataError, match=f"^labels that are not classes of the task \\(neg, pos\\): 'tumour' "
+                                        f"\\(slides {bags[0].slide_id}\\); fix the labels"):
         build_cohort(read_labels(_labels(root / "b.csv", odd)), root / "feats", CLASSES)
 
 

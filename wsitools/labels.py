@@ -139,11 +139,48 @@ def classes_from_labels(
     return tuple(sorted(labels))
 
 
+def check_labels_are_classes(
+    labelled: Iterable[tuple[str, str]], classes: Sequence[str], *, what: str, task: str
+) -> None:
+    """Every label of ``labelled`` (slide id, label) pairs must be one of a task file's
+    ``classes``, as written. A :class:`DataError` starting with ``what`` (the labels and where
+    they are) and naming ``task`` (the task file) lists the other labels with a few slides
+    each, and says which of them are a class written in another case or spacing (``tumor`` for
+    ``Tumor``), the usual slip."""
+    unknown: dict[str, list[str]] = {}
+    for slide_id, label in labelled:
+        if label not in classes:
+            unknown.setdefault(label, []).append(slide_id)
+    if not unknown:
+        return
+
+    def spelling(text: str) -> str:
+        return " ".join(text.split()).casefold()
+
+    written = {spelling(c): c for c in classes}
+    listing = "; ".join(f"{label!r} (slides {', '.join(ids[:5])})" for label, ids in unknown.items())
+    variants = [f"{label!r} is class {written[spelling(label)]!r} in another case or spacing"
+                for label in unknown if spelling(label) in written]
+    hint = f" ({'; '.join(variants)}: labels must be written as the classes are)" if variants else ""
+    raise DataError(
+        f"{what} that are not classes of {task} ({', '.join(classes)}): {listing}{hint}; "
+        "fix the labels or add the classes to the task file"
+    )
+
+
 def slide_rows(reader: csv.DictReader, *, what: str) -> Iterator[tuple[int, str, dict[str, str]]]:
     """The rows of a table keyed by ``slide_id`` as (line, slide id, row with stripped keys and
-    values), rows without a slide id skipped; a row with more fields than the header (a value
-    holding the separator, such as a decimal comma), an unsafe or a repeated slide id is a
-    :class:`DataError` starting with ``what`` and naming the line."""
+    values), rows with no cell filled skipped. A :class:`DataError` starting with ``what``
+    names the column a header holds twice (only the last would be read) and the line of a row
+    with more fields than the header (a value holding the separator, such as a decimal comma),
+    of a row with an empty slide id but other cells filled (a cut cell would drop its slide
+    unseen), and of an unsafe or a repeated slide id."""
+    named: set[str] = set()
+    for column in (c.strip() for c in reader.fieldnames or ()):
+        if column in named:
+            raise DataError(f"{what}: the header names column '{column}' twice; only one would be read")
+        if column:
+            named.add(column)
     seen: set[str] = set()
     for raw in reader:
         line = reader.line_num
@@ -156,6 +193,10 @@ def slide_rows(reader: csv.DictReader, *, what: str) -> Iterator[tuple[int, str,
         row = {(k or "").strip(): (v or "").strip() for k, v in raw.items()}
         slide_id = row["slide_id"]
         if not slide_id:
+            filled = [f"{k} {v!r}" for k, v in row.items() if v]
+            if filled:
+                raise DataError(f"{what}, line {line}: no slide_id, but {', '.join(filled[:3])}; "
+                                "fill in the slide id or remove the row")
             continue
         try:
             check_slide_id(slide_id)
@@ -175,9 +216,10 @@ def read_labels(path: str | os.PathLike[str], *, task_type: TaskType = "classifi
     survival) and optional ``patient_id``, ``split`` (train/val/test) or ``fold`` (integer) columns.
 
     A slide without ``patient_id`` is its own patient. Raises :class:`DataError` naming the file
-    and row for a missing column, an unsafe or repeated slide id, an empty label, a bad split, or
-    (regression, survival) a target that is not a finite number, a negative time or an event
-    other than 0/1.
+    and row for a missing column, an unsafe or repeated slide id, an empty slide id in a filled
+    row, an empty label, a bad split, or (regression, survival) a target that is not a finite
+    number, a negative time or an event other than 0/1; naming the file and the column for a
+    column named twice, and the file and both ids for patient ids that differ only in case.
     """
     path = Path(path)
     text = read_user_text(path, what="labels table", expected="a CSV or TSV file", encoding="utf-8-sig")
@@ -194,6 +236,7 @@ def read_labels(path: str | os.PathLike[str], *, task_type: TaskType = "classifi
     if "split" in columns and "fold" in columns:
         raise DataError(f"labels table {path}: give either a 'split' or a 'fold' column, not both")
     rows: list[LabelRow] = []
+    given: list[tuple[str, str]] = []  # (patient id, slide id) where the table gives the patient
     for line, slide_id, row in slide_rows(reader, what=f"labels table {path}"):
         targets = parse_targets(row, task_type, where=f"labels table {path}, line {line}: slide {slide_id}")
         split = row.get("split") or None
@@ -210,6 +253,8 @@ def read_labels(path: str | os.PathLike[str], *, task_type: TaskType = "classifi
                 raise DataError(
                     f"labels table {path}, line {line}: slide {slide_id} has fold {row['fold']!r}, not an integer"
                 ) from exc
+        if row.get("patient_id"):
+            given.append((row["patient_id"], slide_id))
         rows.append(
             LabelRow(
                 slide_id=slide_id,
@@ -221,6 +266,7 @@ def read_labels(path: str | os.PathLike[str], *, task_type: TaskType = "classifi
         )
     if not rows:
         raise DataError(f"labels table {path}: no rows")
+    _check_patient_spelling(given, where=f"labels table {path}")
     has_split = [r.split is not None for r in rows]
     has_fold = [r.fold is not None for r in rows]
     for name, flags in (("split", has_split), ("fold", has_fold)):
@@ -228,6 +274,21 @@ def read_labels(path: str | os.PathLike[str], *, task_type: TaskType = "classifi
             missing = [r.slide_id for r, f in zip(rows, flags) if not f]
             raise DataError(f"labels table {path}: {name} is empty for slides {', '.join(missing[:10])}")
     return rows
+
+
+def _check_patient_spelling(given: Iterable[tuple[str, str]], *, where: str) -> None:
+    """Patient ids of ``given`` (patient id, slide id) pairs that differ only in case (``P001``,
+    ``p001``) would be two patients, whose slides the folds could put into training and test:
+    a :class:`DataError` starting with ``where`` names both ids and a slide of each."""
+    first: dict[str, tuple[str, str]] = {}
+    for patient_id, slide_id in given:
+        seen, seen_slide = first.setdefault(patient_id.casefold(), (patient_id, slide_id))
+        if seen != patient_id:
+            raise DataError(
+                f"{where}: patient ids {seen!r} and {patient_id!r} differ only in case (slides {seen_slide} and "
+                f"{slide_id}), which would make them two patients, split between training and test as if "
+                "unrelated; write each patient's id alike"
+            )
 
 
 def write_labels(
@@ -375,16 +436,8 @@ def check_task_labels(
                                              where=f"config: tasks: {task}: {where}")))
     order = list(classes) if classes is not None else present
     if classes is not None:
-        unknown: dict[str, list[str]] = {}
-        for s, label in labelled:
-            if label not in classes:
-                unknown.setdefault(label, []).append(s.slide_id)
-        if unknown:
-            listing = "; ".join(f"{label!r} (slides {', '.join(ids[:5])})" for label, ids in unknown.items())
-            raise DataError(
-                f"config: tasks: {task}: labels in {where} that are not classes of {task_file or 'the task'} "
-                f"({', '.join(classes)}): {listing}; fix the labels or add the classes to the task file"
-            )
+        check_labels_are_classes(((s.slide_id, label) for s, label in labelled), classes,
+                                 what=f"config: tasks: {task}: labels in {where}", task=task_file or "the task")
         empty = [c for c in classes if c not in present]
         if empty and not allow_empty_classes:
             raise DataError(
@@ -457,8 +510,9 @@ def _patient_classes(labelled: Sequence[tuple[Sample, str]], order: Sequence[str
 def read_patients(path: str | os.PathLike[str]) -> dict[str, str]:
     """Slide id -> patient id from a table (CSV or TSV) with ``slide_id`` and ``patient_id``
     columns, such as the labels table or the workflow's samples sheet (other columns are
-    ignored). A slide with an empty ``patient_id`` is its own patient. A missing column, an
-    unsafe slide id or a slide listed twice is a :class:`DataError` naming the file and line."""
+    ignored). A slide with an empty ``patient_id`` is its own patient. A missing column, a
+    column named twice, a filled row without slide id, an unsafe slide id or a slide listed
+    twice is a :class:`DataError` naming the file (and the line or column: :func:`slide_rows`)."""
     path = Path(path)
     text = read_user_text(path, what="patients table", expected="a CSV or TSV file", encoding="utf-8-sig")
     lines = [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]

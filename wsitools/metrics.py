@@ -12,13 +12,14 @@ Used by the MIL heads (slide level) and by patch-level prompt tuning. Convention
 - F1 is macro F1 over all ``C`` classes (also for two classes, so it is symmetric in the class
   order); a class never predicted and never true adds nothing;
 - 95 % intervals are percentile bootstrap intervals over slides (or patches) resampled with
-  replacement; resamples where a metric is undefined (one class only) are skipped.
+  replacement, or over patients when each row's patient is given (:func:`bootstrap_samples`);
+  resamples where a metric is undefined (one class only) are skipped.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -129,6 +130,37 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray) -> dict[str, f
     }
 
 
+def bootstrap_samples(
+    n_rows: int, *, n_boot: int, seed: int, groups: Sequence[Hashable] | None = None
+) -> Iterator[np.ndarray]:
+    """The row indices of ``n_boot`` bootstrap resamples of ``n_rows`` rows (seeded).
+
+    Without ``groups`` each resample draws ``n_rows`` rows with replacement. With ``groups``
+    (each row's group, e.g. the patient of each slide) it draws as many groups as there are,
+    with replacement, each bringing all its rows: a patient's slides are not independent, and
+    resampling them one by one would make intervals too narrow when patients have several
+    slides. Groups are numbered in the order they first occur, so with one row per group the
+    resamples are exactly those without ``groups``.
+    """
+    rng = np.random.default_rng(seed)
+    if groups is None:
+        for _ in range(n_boot):
+            yield rng.integers(0, n_rows, size=n_rows)
+        return
+    if len(groups) != n_rows:
+        raise ValueError(f"groups has {len(groups)} entries for {n_rows} rows")
+    number: dict[Hashable, int] = {}
+    codes = np.array([number.setdefault(g, len(number)) for g in groups], dtype=np.int64)
+    members = np.argsort(codes, kind="stable")  # rows grouped, group 0 first
+    sizes = np.bincount(codes, minlength=len(number))
+    starts = np.cumsum(sizes) - sizes
+    for _ in range(n_boot):
+        drawn = rng.integers(0, len(number), size=len(number))
+        lengths = sizes[drawn]
+        offsets = np.cumsum(lengths) - lengths
+        yield members[np.repeat(starts[drawn] - offsets, lengths) + np.arange(int(lengths.sum()))]
+
+
 def percentile_bootstrap(
     metrics: Callable[[np.ndarray, np.ndarray], dict[str, float]],
     y: np.ndarray,
@@ -137,17 +169,17 @@ def percentile_bootstrap(
     n_boot: int,
     seed: int,
     level: float,
+    groups: Sequence[Hashable] | None = None,
 ) -> dict[str, tuple[float, float]]:
     """Percentile bootstrap interval of every metric ``metrics(y, p)`` returns.
 
-    Resamples whole cases with replacement ``n_boot`` times (seeded, so reports are
-    reproducible); a resample where a metric is undefined (NaN) is left out for that metric, and
-    a metric never defined gets (NaN, NaN).
+    Resamples whole cases (or, with ``groups``, whole groups of cases: :func:`bootstrap_samples`)
+    with replacement ``n_boot`` times (seeded, so reports are reproducible); a resample where a
+    metric is undefined (NaN) is left out for that metric, and a metric never defined gets
+    (NaN, NaN).
     """
-    rng = np.random.default_rng(seed)
     draws: dict[str, list[float]] = {}
-    for _ in range(n_boot):
-        idx = rng.integers(0, len(y), size=len(y))
+    for idx in bootstrap_samples(len(y), n_boot=n_boot, seed=seed, groups=groups):
         for name, value in metrics(y[idx], p[idx]).items():
             values = draws.setdefault(name, [])
             if not math.isnan(value):
@@ -167,11 +199,13 @@ def bootstrap_ci(
     n_boot: int = 1000,
     seed: int = 0,
     level: float = 0.95,
+    groups: Sequence[Hashable] | None = None,
 ) -> dict[str, tuple[float, float]]:
-    """Percentile bootstrap interval of each metric in :data:`METRICS` (over slides)."""
+    """Percentile bootstrap interval of each metric in :data:`METRICS` (over slides, or over
+    the ``groups`` of the slides, e.g. their patients: :func:`bootstrap_samples`)."""
     y = _as_labels(y_true)
     p = np.asarray(probs, dtype=np.float64)
-    out = percentile_bootstrap(classification_metrics, y, p, n_boot=n_boot, seed=seed, level=level)
+    out = percentile_bootstrap(classification_metrics, y, p, n_boot=n_boot, seed=seed, level=level, groups=groups)
     return {name: out.get(name, (math.nan, math.nan)) for name in METRICS}
 
 
@@ -188,8 +222,10 @@ def metrics_report(
     class_names: Sequence[str],
     n_boot: int = 1000,
     seed: int = 0,
+    groups: Sequence[Hashable] | None = None,
 ) -> dict[str, Any]:
-    """A JSON-ready report: each metric with its 95 % interval, the confusion matrix, counts.
+    """A JSON-ready report: each metric with its 95 % interval (resampling ``groups``, e.g. the
+    slides' patients, when given: :func:`bootstrap_samples`), the confusion matrix, counts.
 
     Undefined values (e.g. AUROC of a single-class sample) are written as ``null``.
     """
@@ -198,7 +234,7 @@ def metrics_report(
     if p.shape[1] != len(class_names):
         raise ValueError(f"probs have {p.shape[1]} columns for {len(class_names)} classes")
     point = classification_metrics(y, p)
-    ci = bootstrap_ci(y, p, n_boot=n_boot, seed=seed)
+    ci = bootstrap_ci(y, p, n_boot=n_boot, seed=seed, groups=groups)
     report: dict[str, Any] = {"n": int(len(y))}
     for name in METRICS:
         report[name] = json_float(point[name])
@@ -245,14 +281,21 @@ def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, floa
 
 
 def regression_report(
-    y_true: np.ndarray, y_pred: np.ndarray, *, n_boot: int = 1000, seed: int = 0, level: float = 0.95
+    y_true: np.ndarray,
+    y_pred: np.ndarray,
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+    groups: Sequence[Hashable] | None = None,
 ) -> dict[str, Any]:
     """A JSON-ready report: each of :data:`REGRESSION_METRICS` with its percentile bootstrap
-    interval over slides (resamples where a metric is undefined are skipped)."""
+    interval over slides, or over their ``groups`` (e.g. patients) when given
+    (:func:`bootstrap_samples`; resamples where a metric is undefined are skipped)."""
     y = np.asarray(y_true, dtype=np.float64)
     p = np.asarray(y_pred, dtype=np.float64)
     point = regression_metrics(y, p)
-    intervals = percentile_bootstrap(regression_metrics, y, p, n_boot=n_boot, seed=seed, level=level)
+    intervals = percentile_bootstrap(regression_metrics, y, p, n_boot=n_boot, seed=seed, level=level, groups=groups)
     report: dict[str, Any] = {"n": int(len(y))}
     for name in REGRESSION_METRICS:
         lo, hi = intervals.get(name, (math.nan, math.nan))

@@ -14,7 +14,9 @@ censoring, ``risk`` a score where higher means an earlier event (a Cox head's lo
   the early events; pairs with ``time_i >= tau`` are left out when a horizon ``tau`` is given.
 - The time-dependent AUC at ``t`` (cumulative cases ``time <= t`` with an event, dynamic
   controls ``time > t``) weights each case by ``1 / G(time_i)`` (Uno et al. 2007).
-- Intervals resample slides with replacement. Every statistic here is a ratio of two sums over
+- Intervals resample slides with replacement, or whole patients when each slide's patient is
+  given (:func:`wsitools.metrics.bootstrap_samples`: a patient drawn twice counts each of its
+  slides twice). Every statistic here is a ratio of two sums over
   pairs, ``sum_ij c_i c_j N_ij / sum_ij c_i c_j D_ij`` with ``c`` the resample's counts, so a
   resample costs two matrix products instead of a new pass over the pairs (the censoring weights
   stay those of the whole sample). Memory and time grow with the square of the slide count.
@@ -23,12 +25,12 @@ censoring, ``risk`` a score where higher means an earlier event (a Cox head's lo
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import numpy as np
 
-from wsitools.metrics import json_float
+from wsitools.metrics import bootstrap_samples, json_float
 
 
 def _arrays(time: np.ndarray, event: np.ndarray, risk: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
@@ -133,15 +135,24 @@ def _concordance_matrices(
 
 
 def _pair_ratio(
-    pairs: PairRows, candidates: np.ndarray, size: int, *, n_boot: int, seed: int, level: float = 0.95, chunk: int = 100
+    pairs: PairRows,
+    candidates: np.ndarray,
+    size: int,
+    *,
+    n_boot: int,
+    seed: int,
+    level: float = 0.95,
+    groups: Sequence[Hashable] | None = None,
+    chunk: int = 100,
 ) -> tuple[float, float, float]:
     """``sum N / sum D`` of a pair statistic and its percentile interval over ``n_boot``
-    resamples: ``c^T N c / c^T D c`` for each resample's counts ``c`` of every slide.
+    resamples: ``c^T N c / c^T D c`` for each resample's counts ``c`` of every slide (drawn by
+    :func:`~wsitools.metrics.bootstrap_samples`, over the slides' ``groups`` when given).
 
     Only the rows of ``candidates`` (the slides that can be ``i``) are built, a block of rows
     at a time (:data:`PAIR_BLOCK_BYTES`), so memory grows with the cohort, not its square."""
-    rng = np.random.default_rng(seed)
-    draws = [np.bincount(rng.integers(0, size, size=size), minlength=size) for _ in range(n_boot)]
+    draws = [np.bincount(idx, minlength=size)
+             for idx in bootstrap_samples(size, n_boot=n_boot, seed=seed, groups=groups)]
     counts = np.stack(draws).astype(np.float64) if draws else np.zeros((0, size))
     total_n = total_d = 0.0
     num, den = np.zeros(n_boot), np.zeros(n_boot)
@@ -235,10 +246,12 @@ def survival_report(
     n_boot: int = 1000,
     seed: int = 0,
     level: float = 0.95,
+    groups: Sequence[Hashable] | None = None,
 ) -> dict[str, Any]:
     """A JSON-ready report of risk scores against outcomes.
 
-    Harrell's C (``c_index``) and Uno's C (``uno_c``) with their intervals; the time-dependent
+    Harrell's C (``c_index``) and Uno's C (``uno_c``) with their intervals (resampling the
+    slides' ``groups``, e.g. their patients, when given); the time-dependent
     AUC at ``times`` (default :func:`auc_times`) with intervals; counts and the censored share;
     and, with ``high_risk`` (boolean groups), the log-rank test between the groups and each
     group's size and median survival time. Undefined values are ``null``.
@@ -247,7 +260,7 @@ def survival_report(
     report: dict[str, Any] = {"n": int(len(t)), "n_events": int(e.sum()),
                               "censored_fraction": json_float(float(1.0 - e.mean())) if len(t) else None}
     ipcw = _ipcw(t, e)
-    boot = {"n_boot": n_boot, "seed": seed, "level": level}
+    boot = {"n_boot": n_boot, "seed": seed, "level": level, "groups": groups}
     for name, weight in (("c_index", np.ones(len(t))), ("uno_c", ipcw**2)):
         value, lo, hi = _concordance(t, e, r, weight, **boot)
         report[name] = json_float(value)

@@ -473,3 +473,77 @@ def test_pandas_and_sas_missing_values_are_still_not_classes(cohort, capsys, mar
     one_line(rc, err, f"label {marker!r} (slide {bags[3].slide_id}) looks like a missing value, which would make "
              "it a class; leave its row out for a slide without a label, or list the classes in a task file")
     assert not (root / "heads").exists()
+
+
+# --- the labels table's own splits ---------------------------------------------------------------------
+
+
+def _three_class_table(root: Path, bags, column: str, parts: list) -> Path:
+    """The cohort with its first two slides relabelled 'rare' (a third class of the task), and a
+    ``split`` or ``fold`` column holding ``parts``."""
+    task = {**TASK, "classes": {**TASK["classes"], "rare": "a third texture"}}
+    (root / "task.yaml").write_text(yaml.safe_dump(task, sort_keys=False))
+    labels = root / f"{column}.csv"
+    labels.write_text(f"slide_id,label,patient_id,{column}\n" + "".join(
+        f"{b.slide_id},{'rare' if i < 2 else b.label},{b.patient_id},{part}\n" for i, (b, part) in
+        enumerate(zip(bags, parts))))
+    return labels
+
+
+def test_a_split_column_that_leaves_a_class_without_training_slides_is_refused(cohort, capsys, caplog):
+    root, bags = cohort
+    rest = [b.label for b in bags[2:]]
+    parts = ["test", "test"] + [("train", "train", "val", "test")[rest[:i].count(label) % 4]
+                                for i, label in enumerate(rest)]
+    labels = _three_class_table(root, bags, "split", parts)
+    rc, err = run(train_argv(root, labels), capsys)
+    one_line(rc, err, f"labels table {labels}: the split column leaves a fold without training slides of a class: "
+             "class 'rare' in fold 0 (0 in val, 2 in test); the head would be tested with a class it never learnt: "
+             "put slides of every class into the training part of every fold, or pass --allow-empty-classes")
+    assert not (root / "heads").exists()
+    rc, err = run(train_argv(root, labels) + ["--allow-empty-classes"], capsys)
+    assert rc == 0, err
+    assert "the split column leaves a fold without training slides of a class (trained without it" in caplog.text
+    assert json.loads((root / "heads" / "metrics.json").read_text())["pooled"]["support"]["rare"] == 2
+
+
+def test_a_fold_column_with_a_class_in_one_fold_only_is_refused(cohort, capsys):
+    root, bags = cohort
+    labels = _three_class_table(root, bags, "fold", [7, 7] + [(1, 2, 7)[i % 3] for i in range(len(bags) - 2)])
+    rc, err = run(train_argv(root, labels), capsys)
+    one_line(rc, err, f"labels table {labels}: the fold column leaves a fold without training slides of a class: "
+             "class 'rare' in fold 2 (test fold 7) (0 in val, 2 in test); the head would be tested with a class")
+
+
+def test_labels_that_are_no_class_of_the_task_file_name_both_files_and_a_spelling(cohort, capsys):
+    root, bags = cohort
+    labels = root / "spelled.csv"
+    rows = [f"{b.slide_id},{b.label}" for b in bags]
+    rows[0] = f"{bags[0].slide_id},Pos"
+    rows[1] = f"{bags[1].slide_id},C"
+    labels.write_text("slide_id,label\n" + "\n".join(rows) + "\n")
+    rc, err = run(train_argv(root, labels), capsys)
+    one_line(rc, err, f"labels in labels table {labels} that are not classes of task file {root / 'task.yaml'} "
+             f"(neg, pos): 'Pos' (slides {bags[0].slide_id}); 'C' (slides {bags[1].slide_id}) ('Pos' is class 'pos' "
+             "in another case or spacing: labels must be written as the classes are); fix the labels or add the "
+             "classes to the task file")
+    rows[0] = f"{bags[0].slide_id},C"
+    labels.write_text("slide_id,label\n" + "\n".join(rows) + "\n")
+    line = one_line(*run(train_argv(root, labels), capsys), f"(neg, pos): 'C' (slides {bags[0].slide_id}, "
+                    f"{bags[1].slide_id}); fix the labels")
+    assert "another case" not in line
+
+
+def test_the_workflow_check_hints_at_a_class_in_another_case_or_spacing():
+    from wsitools.labels import check_task_labels
+    from wsitools.samples import Sample
+
+    samples = [Sample(slide_id=f"s{i}", path="x", patient_id=f"p{i}", fields={"label": label})
+               for i, label in enumerate(["high grade"] * 3 + ["low grade"] * 3 + ["High  Grade"])]
+    with pytest.raises(DataError) as error:
+        check_task_labels(samples, task="t", label_column="label", classes=["high grade", "low grade"],
+                          folds={"h": 2}, sheet="s.tsv", task_file="t.yaml")
+    assert str(error.value) == (
+        "config: tasks: t: labels in column 'label' of s.tsv that are not classes of t.yaml (high grade, low grade): "
+        "'High  Grade' (slides s6) ('High  Grade' is class 'high grade' in another case or spacing: labels must be "
+        "written as the classes are); fix the labels or add the classes to the task file")

@@ -27,7 +27,7 @@ from wsitools.feature_store import (
     features_root_hint,
     list_feature_stores,
 )
-from wsitools.labels import SURVIVAL_STRATA, LabelRow
+from wsitools.labels import SURVIVAL_STRATA, LabelRow, check_labels_are_classes
 from wsitools.text import TaskType
 from wsitools.types import slide_id_from_path
 
@@ -87,11 +87,15 @@ def build_cohort(
     check_values: bool = True,
     allow_empty_classes: bool = False,
     task_type: TaskType = "classification",
+    labels_file: str | os.PathLike[str] | None = None,
+    task_file: str | os.PathLike[str] | None = None,
 ) -> Cohort:
     """Match labelled slides to their feature stores and check every bag.
 
-    - A label not among ``classes`` is an error naming the slide (classification; for survival
-      and regression ``classes`` is ignored and the strata are set as :class:`Cohort` says).
+    - A label not among ``classes`` is an error naming the labels table ``labels_file``, the
+      task file ``task_file`` (where the rows and classes come from, when they are files) and the
+      slide (classification; for survival and regression ``classes`` is ignored and the strata
+      are set as :class:`Cohort` says).
     - A labelled slide without a feature store (e.g. it failed QC), or with an unusable one
       (non-finite features, wrong shape), is skipped with a warning naming it; with ``strict``
       it is an error. Feature stores without a label are listed in a warning and ignored.
@@ -109,11 +113,9 @@ def build_cohort(
     class_index = {c: i for i, c in enumerate(classes)}
     if task_type == "regression":
         rows = [replace(r, label="all") for r in rows]
-    unknown = [f"{r.slide_id} ({r.label!r})" for r in rows if r.label not in class_index]
-    if unknown:
-        raise DataError(
-            f"labels not among the task's classes {list(classes)}: slides {', '.join(unknown[:20])}"
-        )
+    check_labels_are_classes(((r.slide_id, r.label) for r in rows), classes,
+                             what=f"labels in labels table {labels_file}" if labels_file is not None else "labels",
+                             task=f"task file {task_file}" if task_file is not None else "the task")
     stores = list_feature_stores(features_dir)
     unlabelled = sorted(set(stores) - {r.slide_id for r in rows})
     if unlabelled:

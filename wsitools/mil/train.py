@@ -514,6 +514,37 @@ def _check_fold(cohort: Cohort, fold: Fold) -> None:
                 raise DataError(f"fold {fold.index}: the {part} part holds no event (too few events for this split)")
 
 
+def _check_fold_classes(cohort: Cohort, folds: Sequence[Fold], *, table: Any, allow: bool) -> None:
+    """Every class of the cohort must have training slides in every fold. Stratified k-fold sees
+    to it; the labels table's own ``split`` or ``fold`` column may not (a class only in ``test``,
+    or in one fold only), and the head would then be trained without the class but tested and
+    applied with it. A :class:`DataError` naming the labels table ``table`` and each such class
+    and fold, or with ``allow`` (``--allow-empty-classes``, which admits classes without any
+    usable slide) a warning."""
+    if cohort.task_type != "classification":
+        return
+    column = "split" if cohort.splits is not None else "fold"
+    problems = []
+    for fold in folds:
+        missing = set(np.unique(cohort.labels)) - set(np.unique(cohort.labels[fold.train]))
+        tested = f" (test fold {cohort.folds[fold.test[0]]})" if cohort.folds is not None else ""
+        for c in sorted(missing):
+            n_val, n_test = (int((cohort.labels[part] == c).sum()) for part in (fold.val, fold.test))
+            problems.append(f"class {cohort.classes[c]!r} in fold {fold.index}{tested} ({n_val} in val, {n_test} in test)")
+    if not problems:
+        return
+    listing = "; ".join(problems)
+    if allow:
+        log.warning("labels table %s: the %s column leaves a fold without training slides of a class (trained "
+                    "without it, tested with it all the same): %s", table, column, listing)
+        return
+    raise DataError(
+        f"labels table {table}: the {column} column leaves a fold without training slides of a class: {listing}; "
+        "the head would be tested with a class it never learnt: put slides of every class into the training part "
+        "of every fold, or pass --allow-empty-classes"
+    )
+
+
 def _val_scores(cohort: Cohort, val: Evaluation, targets: torch.Tensor | None) -> dict[str, float]:
     """The validation metrics logged per epoch."""
     if cohort.task_type == "classification":
@@ -639,15 +670,17 @@ def _fold_report(
 ) -> dict[str, Any]:
     """The metrics of predictions ``preds`` of the slides ``index`` (one fold or pooled);
     ``auc_times``: where a survival report's time-dependent AUC is taken (default: the
-    quartiles of the event times)."""
+    quartiles of the event times). The intervals resample patients, each with all its slides
+    (a patient's slides are not independent cases)."""
+    groups = [cohort.patients[i] for i in index]
     if cohort.task_type == "classification":
         return metrics_report(cohort.labels[index], preds, class_names=cohort.classes, n_boot=config.n_boot,
-                              seed=config.seed)
+                              seed=config.seed, groups=groups)
     if cohort.task_type == "regression":
-        return regression_report(cohort.targets[index], preds, n_boot=config.n_boot, seed=config.seed)
+        return regression_report(cohort.targets[index], preds, n_boot=config.n_boot, seed=config.seed, groups=groups)
     t = cohort.targets[index]
     return survival_report(t[:, 0], t[:, 1], preds, times=list(auc_times) or None, high_risk=preds > 0,
-                           n_boot=config.n_boot, seed=config.seed)
+                           n_boot=config.n_boot, seed=config.seed, groups=groups)
 
 
 def _prediction_row(cohort: Cohort, i: int, fold: int, pred: np.ndarray) -> dict[str, Any]:
@@ -731,10 +764,11 @@ def _check_options(
 
 def _cohort_and_folds(
     task: TaskDescription | None, *, labels: Any, features_dir: Any, ivp_features_dir: Any, bag: Bag,
-    config: TrainConfig, strict: bool, allow_empty_classes: bool,
+    config: TrainConfig, strict: bool, allow_empty_classes: bool, task_file: Any,
 ) -> tuple[Cohort, tuple[str, ...], int, list[Fold]]:
     """The cohort (its bags checked), its classes, its number of slides and its folds: the
-    labels table's own splits or folds, else patient-level stratified k-fold."""
+    labels table's own splits or folds, else patient-level stratified k-fold. ``task_file``:
+    the file ``task`` was read from, if any (named in errors about the classes)."""
     task_type: TaskType = task.type if task is not None else "classification"
     rows = read_labels(labels, task_type=task_type)
     if bag == "patient":
@@ -747,13 +781,14 @@ def _cohort_and_folds(
                                            unlabelled="leave its row out"))
     cohort = build_cohort(
         rows, features_dir, classes, ivp_features_dir=ivp_features_dir, strict=strict,
-        allow_empty_classes=allow_empty_classes, task_type=task_type,
+        allow_empty_classes=allow_empty_classes, task_type=task_type, labels_file=labels, task_file=task_file,
     )
     n_slides = len(cohort)
     if bag == "patient":
         cohort = patient_cohort(cohort)
     if cohort.splits is not None or cohort.folds is not None:
         folds = user_folds(cohort, val_fraction=config.val_fraction, seed=config.seed)
+        _check_fold_classes(cohort, folds, table=labels, allow=allow_empty_classes)
     else:
         folds = patient_kfold(
             cohort.labels, cohort.patients, n_folds=config.folds, val_fraction=config.val_fraction, seed=config.seed,
@@ -777,11 +812,13 @@ def setup_run(
     text_cache_dir: Any,
     strict: bool,
     allow_empty_classes: bool,
+    task_file: Any = None,
 ) -> RunSetup:
-    """Read the labels and bags, make the folds, embed the TTP texts and configure the head."""
+    """Read the labels and bags, make the folds, embed the TTP texts and configure the head
+    (``task_file``: the file ``task`` was read from, if any)."""
     cohort, classes, n_slides, folds = _cohort_and_folds(
         task, labels=labels, features_dir=features_dir, ivp_features_dir=ivp_features_dir, bag=bag, config=config,
-        strict=strict, allow_empty_classes=allow_empty_classes,
+        strict=strict, allow_empty_classes=allow_empty_classes, task_file=task_file,
     )
     task_type = cohort.task_type
     text_embeddings = None
@@ -1027,8 +1064,8 @@ def train(
     (recorded as ``classes`` with every head). Survival and regression need the task. Folds
     come from the labels table's ``split``/``fold`` column if it has one, else from
     patient-level stratified k-fold (on the class, or on the event indicator for survival). A
-    task class without a usable labelled slide is an error (a warning with
-    ``allow_empty_classes``). ``device``: ``auto`` (CUDA when available), ``cpu`` or ``cuda``
+    task class without a usable labelled slide, or without a training slide in a fold of the
+    table's own split or fold column, is an error (a warning with ``allow_empty_classes``). ``device``: ``auto`` (CUDA when available), ``cpu`` or ``cuda``
     (a :class:`~wsitools.errors.ModelError` when there is no GPU). ``bag``: ``slide`` (one bag
     per slide) or ``patient`` (all slides of a patient concatenated into one bag, whose slides
     must agree on the label; predictions are then one row per patient, and each slide's slice of
@@ -1047,16 +1084,16 @@ def train(
     if task is None and "ttp" in prompts:
         raise DataError("the ttp prompt embeds the task and class descriptions: give a task (--task TASK.yaml)")
     out_dir = Path(out_dir)
+    task_file = None if isinstance(task, TaskDescription) else task
     check_out_apart(out_dir, {"--features": features_dir, "--labels": labels, "--ivp-features": ivp_features_dir,
-                              "--task": None if isinstance(task, TaskDescription) else task,
-                              "--text-model": text_model, "--text-cache": text_cache_dir})
+                              "--task": task_file, "--text-model": text_model, "--text-cache": text_cache_dir})
     task = task if isinstance(task, TaskDescription) or task is None else load_task(task)
     _check_options(out_dir, overwrite=overwrite, prompts=prompts, ivp_features_dir=ivp_features_dir,
                    task_type=task.type if task is not None else "classification", config=config, bag=bag)
     setup = setup_run(
         task, features_dir=features_dir, labels=labels, head=head, prompts=prompts, bag=bag, config=config,
         head_options=head_options, ivp_features_dir=ivp_features_dir, text_model=text_model,
-        text_cache_dir=text_cache_dir, strict=strict, allow_empty_classes=allow_empty_classes,
+        text_cache_dir=text_cache_dir, strict=strict, allow_empty_classes=allow_empty_classes, task_file=task_file,
     )
     cohort, head_config = setup.cohort, setup.head_config
     log.info(
