@@ -113,7 +113,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--strict", action="store_true",
                    help="a labelled slide without a usable feature store is an error (default: warn and skip)")
     t.add_argument("--allow-empty-classes", action="store_true",
-                   help="a task class without a usable labelled slide is a warning (default: an error)")
+                   help="a task class without a usable labelled slide, or without training slides in a fold of "
+                   "a split or fold column, is a warning (default: an error)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     t.add_argument("--resume", action="store_true",
                    help="write the run into .NAME.partial beside --out and reuse the folds an interrupted run "
