@@ -139,21 +139,34 @@ def classes_from_labels(
     return tuple(sorted(labels))
 
 
-def slide_rows(reader: csv.DictReader, *, what: str) -> Iterator[tuple[int, str, dict[str, str]]]:
-    """The rows of a table keyed by ``slide_id`` as (line, slide id, row with stripped keys and
-    values), rows without a slide id skipped; a row with more fields than the header (a value
-    holding the separator, such as a decimal comma), an unsafe or a repeated slide id is a
-    :class:`DataError` starting with ``what`` and naming the line."""
-    seen: set[str] = set()
+def table_rows(
+    reader: csv.DictReader, *, what: str, complete: bool = False
+) -> Iterator[tuple[int, dict[str, str]]]:
+    """The rows of a user's table as (line in the file, row with stripped keys and values: a
+    spreadsheet's stray space makes no other label); a row with more fields than the header (a
+    value holding the separator, such as a decimal comma), and with ``complete`` one with fewer
+    (cut off), is a :class:`DataError` starting with ``what`` and naming the line."""
+    header = len(reader.fieldnames or ())
     for raw in reader:
         line = reader.line_num
         if None in raw:
-            header = len(reader.fieldnames or ())
             raise DataError(
                 f"{what}, line {line}: {header + len(raw[None])} fields, but the header has {header} "
                 "(a separator inside a value, such as a decimal comma? quote that value)"
             )
-        row = {(k or "").strip(): (v or "").strip() for k, v in raw.items()}
+        if complete and None in raw.values():
+            raise DataError(
+                f"{what}, line {line}: {sum(v is not None for v in raw.values())} fields, but the header has {header}"
+            )
+        yield line, {(k or "").strip(): (v or "").strip() for k, v in raw.items()}
+
+
+def slide_rows(reader: csv.DictReader, *, what: str) -> Iterator[tuple[int, str, dict[str, str]]]:
+    """The rows of a table keyed by ``slide_id`` as (line, slide id, row) (:func:`table_rows`),
+    rows without a slide id skipped; an unsafe or a repeated slide id is a :class:`DataError`
+    starting with ``what`` and naming the line."""
+    seen: set[str] = set()
+    for line, row in table_rows(reader, what=what):
         slide_id = row["slide_id"]
         if not slide_id:
             continue
