@@ -16,6 +16,7 @@ from PIL import Image
 
 from wsitools.encoders import load_encoder
 from wsitools.errors import ConfigError, DataError, ModelError, StoreError, WsiToolsError
+from wsitools.pathotune import data as pathotune_data
 from wsitools.pathotune import (
     PROMPT_KINDS,
     PathoTuneConfig,
@@ -30,7 +31,7 @@ from wsitools.pathotune import (
     stratified_split,
     tune_pathotune,
 )
-from wsitools.store import write_patch_store
+from wsitools.store import PatchStore, write_patch_store
 from wsitools.text import task_from_dict
 
 CARD = """name: {name}
@@ -293,6 +294,11 @@ def test_ivp_from_a_second_encoder_on_store_tiles(setup):
     meta = json.loads((root / "ivp" / "pathotune.json").read_text())
     assert meta["ivp"]["source"] == "card" and meta["ivp"]["name"] == "vit-b"
     assert meta["config"]["ivp_dim"] == 64 and meta["config"]["prompts"] == ["ivp"]
+    assert meta["tile_geometries"] == {"64 px tiles at 0.5 um/px": 2}  # the tiles' size and resolution
+    from wsitools.encoders import read_card
+
+    assert read_card(result.card).description.endswith(
+        "Tuned on tiles of 2 patch stores (64 px tiles at 0.5 um/px: 2).")
     enc = load_pathotune_encoder(result.card, device="cpu")
     assert enc.encode(torch.from_numpy(data.read(0))[None]).shape == (1, 64)
     # feature extraction with the tuned encoder writes the prompted features
@@ -320,7 +326,8 @@ def test_clear_errors(setup):
         tune_pathotune(data, root / "x", backbone=str(cards["vit-a"]),
                        config=PathoTuneTrainConfig(prompts=("ttp",)), device="cpu")
     other = task_from_dict({"name": "t", "description": "d", "classes": {"a": "x", "b": "y"}})
-    with pytest.raises(DataError, match="differ from the data's"):
+    with pytest.raises(DataError, match=rf"^{root / 'data' / 'spots'}: label 'spots' is not a class of the task 't' "
+                                        r"\(a, b\); fix the label or add the class to the task file$"):
         tune_pathotune(data, root / "x", backbone=str(cards["vit-a"]), task=other,
                        config=PathoTuneTrainConfig(prompts=("tvp",)), device="cpu")
     with pytest.raises(WsiToolsError, match="no model card named 'no-such-card'"):
@@ -336,6 +343,13 @@ def test_clear_errors(setup):
             tune_pathotune(data, root / "taken", backbone=str(cards["vit-a"]), models_dir=root, name=taken,
                            config=PathoTuneTrainConfig(prompts=("tvp",)), device="cpu", progress=False)
         assert not (root / "taken").exists()  # refused before any training
+    # a PuzzleTuning run's folder: "pass --resume" would be refused next, so that is not the advice
+    (root / "puzzled" / "checkpoints" / "epoch-0001").mkdir(parents=True)
+    (root / "puzzled" / "checkpoints" / "epoch-0001" / "state.json").write_text("{}")
+    (root / "puzzled" / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"puzzled: holds config.json, which a PathoTune run does not write"):
+        tune_pathotune(data, root / "puzzled", backbone=str(cards["vit-a"]),
+                       config=PathoTuneTrainConfig(prompts=("tvp",)), device="cpu")
     with pytest.raises(ModelError, match="^efficientnet-lite0-imagenet: PathoTune needs a ViT backbone card, not EfficientNet$"):
         tune_pathotune(data, root / "x", backbone="efficientnet-lite0-imagenet",
                        config=PathoTuneTrainConfig(prompts=("tvp",)), device="cpu")
@@ -375,6 +389,17 @@ def test_cli_tune_pathotune(setup, capsys, device, precision):
                               str(cards["vit-a"]), "--out", str(out_root / "cli2")])
     with pytest.raises(DataError, match="needs --stores"):
         args.func(args)
+    # a TSV is a tile-label table as well; an image folder with --stores is named
+    args = parser.parse_args(["tune", "pathotune", "--data", str(root / "labels.tsv"), "--encoder",
+                              str(cards["vit-a"]), "--out", str(out_root / "cli2")])
+    with pytest.raises(DataError, match=f"^{root / 'labels.tsv'}: a tile-label table needs --stores"):
+        args.func(args)
+    args = parser.parse_args(["tune", "pathotune", "--data", str(root / "data"), "--stores", str(root / "tiles"),
+                              "--encoder", str(cards["vit-a"]), "--out", str(out_root / "cli2")])
+    with pytest.raises(DataError) as err:
+        args.func(args)
+    assert str(err.value) == (f"{root / 'data'}: --stores goes with a tile-label table (.csv or .tsv) as --data, "
+                              "not with a folder of class folders")
 
 
 @pytest.mark.parametrize("args, option, command", [
@@ -392,3 +417,160 @@ def test_training_commands_start_from_a_card_not_timm_name(args, option, command
         'timm:NAME; write a card for the checkpoint (docs/encoders.md, "Model card fields")'
     )
     assert not (tmp_path / "o").exists()
+
+
+def test_a_tile_table_is_read_as_the_mil_labels_table(setup, tmp_path):
+    """Stripped cells (a label with a stray space is no other class), a byte-order mark, TSV, and a
+    file in another encoding a one-line error naming it, as wsitools.labels reads its tables."""
+    root, _ = setup
+    with open(root / "labels.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    reference = store_tiles(root / "labels.csv", [root / "tiles"])
+    spaced = tmp_path / "spaced.csv"  # as a spreadsheet saves "CSV UTF-8", with a stray space after a label
+    spaced.write_text("\ufeff" + "".join(f"{a}, {b},{c} ,{d}{' ' * (i % 2)}\n" for i, (a, b, c, d) in enumerate(rows)),
+                      encoding="utf-8")
+    tiles = store_tiles(spaced, [root / "tiles"])
+    assert tiles.classes == ("spots", "stripes") and tiles.labels.tolist() == reference.labels.tolist()
+    assert tiles.names == reference.names
+    tsv = tmp_path / "labels.tsv"
+    tsv.write_text("".join("\t".join(r) + "\n" for r in rows))
+    assert store_tiles(tsv, [root / "tiles"]).names == reference.names
+    latin = tmp_path / "latin1.csv"
+    latin.write_bytes("slide_id,x,y,label\nS1,0,7,str\u00f3ma\n".encode("latin-1"))
+    with pytest.raises(DataError, match=rf"^tile-label table {latin}: not UTF-8 text \(byte 0xf3 at offset 29"):
+        store_tiles(latin, [root / "tiles"])
+
+
+def test_a_tile_table_opens_only_the_stores_it_names(setup, tmp_path):
+    """A damaged store of a slide the table does not name sinks nothing; a coordinates-only store
+    whose slide is gone fails before any training, naming the store and the slide."""
+    root, _ = setup
+    tiles = tmp_path / "tiles"
+    shutil.copytree(root / "tiles", tiles)
+    shutil.copytree(tiles / "S2.zarr", tiles / "S9.zarr")
+    (tiles / "S9.zarr" / "manifest.json").unlink()
+    data = store_tiles(root / "labels.csv", [tiles])
+    assert [s.path for s in data.patch_stores()] == [tiles / "S1.zarr", tiles / "S2.zarr"]
+    write_patch_store(tiles / "S3.zarr", coords=np.array([[0, 7], [128, 7]]), tiles=None, tissue_fraction=np.ones(2),
+                      attrs={"slide_id": "S3", "slide_path": str(tmp_path / "S3.svs"), "params_hash": "h-S3",
+                             "tile_size": 64, "tile_size_level0": 128.0, "mpp_target": 0.5})
+    table = tmp_path / "with-s3.csv"
+    table.write_text((root / "labels.csv").read_text() + "S3,0,7,spots\n")
+    with pytest.raises(StoreError, match=rf"^{tiles / 'S3.zarr'}: its slide {tmp_path / 'S3.svs'} is gone; restore it"):
+        store_tiles(table, [tiles])
+
+
+def test_task_classes_other_than_the_datas_name_the_task_file_the_table_and_line(setup, tmp_path):
+    from wsitools.text import load_task
+
+    root, cards = setup
+    task_file = tmp_path / "task.yaml"
+    task_file.write_text("name: textures\ndescription: two textures\nclasses: {stripes: lines, spots: dots}\n")
+    task = load_task(task_file)
+    table = tmp_path / "extra.csv"
+    lines = (root / "labels.csv").read_text().splitlines()
+    lines[5] = lines[5].rsplit(",", 1)[0] + ",necrosis"  # the table's line 6
+    table.write_text("\n".join(lines) + "\n")
+    data = store_tiles(table, [root / "tiles"], task_classes=task.classes)
+    config = PathoTuneTrainConfig(prompts=("tvp",), epochs=1, num_workers=0)
+    with pytest.raises(DataError) as err:
+        tune_pathotune(data, tmp_path / "run", backbone=str(cards["vit-a"]), task=task, config=config, device="cpu")
+    assert str(err.value) == (f"{table}, line 6: label 'necrosis' is not a class of the task file {task_file} "
+                              "(stripes, spots); fix the label or add the class to the task file")
+    task_file.write_text("name: textures\ndescription: d\nclasses: {stripes: lines, spots: dots, fat: cells}\n")
+    with pytest.raises(DataError) as err:
+        store_tiles(root / "labels.csv", [root / "tiles"]).relabel(load_task(task_file).classes, task=str(task_file))
+    assert str(err.value) == (f"class 'fat' of {task_file} has no tile in {root / 'labels.csv'}; label tiles of it "
+                              "or remove it from the task file")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_given_split_must_hold_every_class_in_each_part_it_fills(setup, tmp_path):
+    """As the stratified split: a class without training tiles would never be learnt, one missing
+    from val or test scored as never seen (an AUROC of NaN). A part left empty is no part."""
+    root, cards = setup
+    data = store_tiles(root / "labels.csv", [root / "tiles"])
+    k = data.classes.index("stripes")
+    split = np.where(np.arange(len(data)) % 3 == 0, "val", "train").astype(object)
+    pathotune_data.check_given_split(data, split)  # no test part at all: fine
+    only_val = split.copy()
+    only_val[data.labels == k] = "val"
+    with pytest.raises(DataError) as err:
+        pathotune_data.check_given_split(data, only_val)
+    assert str(err.value) == (f"{root / 'labels.csv'}: class 'stripes' has no train tile in the given split, so the "
+                              "model would never learn it; give train tiles of every class")
+    one_test = split.copy()
+    one_test[np.flatnonzero(data.labels == k)[0]] = "test"
+    with pytest.raises(DataError, match=r"class 'spots' has no test tile in the given split, so it would be scored "
+                                        r"as never seen \(an AUROC of NaN\)"):
+        pathotune_data.check_given_split(data, one_test)
+    table = tmp_path / "split.csv"
+    table.write_text("slide_id,x,y,label,split\n" + "".join(
+        f"{n.split(':')[0]},{n.split(':')[1]},{n.split(':')[2]},{data.classes[y]},{s}\n"
+        for n, y, s in zip(data.names, data.labels, only_val)))
+    with pytest.raises(DataError, match=f"^{table}: class 'stripes' has no train tile in the given split"):
+        tune_pathotune(store_tiles(table, [root / "tiles"]), tmp_path / "run", backbone=str(cards["vit-a"]),
+                       config=PathoTuneTrainConfig(prompts=("tvp",), epochs=1, num_workers=0), device="cpu")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_fresh_start_removes_an_earlier_runs_outputs_and_metrics_come_last(setup, tmp_path, monkeypatch):
+    """A folder whose checkpoints were removed holds the old card, weights and metrics: a new run
+    that has done one epoch of two must not sit beside them as if finished. And metrics.json is
+    written after the model, so a run killed between the two leaves no metrics of a missing model."""
+    from wsitools.pathotune import train as pathotune_train
+
+    root, cards = setup
+    data = store_tiles(root / "labels.csv", [root / "tiles"])
+    config = PathoTuneTrainConfig(prompts=("tvp",), epochs=2, batch_size=8, num_workers=0)
+    out = tmp_path / "run"
+
+    def tune(**kw):
+        return tune_pathotune(data, out, backbone=str(cards["vit-a"]), config=config, device="cpu", progress=False,
+                              name="tex", resume=True, **kw)
+
+    tune()
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "log.csv", "metrics.json", "pathotune.json",
+                                                     "pathotune.safetensors", "predictions.csv", "split.csv",
+                                                     "tex.yaml"]
+    shutil.rmtree(out / "checkpoints")
+    assert tune(stop_after_epochs=1).card is None
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "log.csv"]
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pathotune_train, "save_pathotune", killed)
+    with pytest.raises(KeyboardInterrupt):
+        tune()
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "log.csv"]
+
+
+def test_a_resume_checks_the_stores_the_precision_as_run_and_the_card_name(setup, tmp_path):
+    """Other tiles at the same store path (another tiling) are other data; fp32 asked for on a
+    CPU is the auto run's arithmetic; another card name would leave two cards in one run."""
+    root, cards = setup
+    tiles = tmp_path / "tiles"
+    shutil.copytree(root / "tiles", tiles)
+    config = PathoTuneTrainConfig(prompts=("tvp",), epochs=2, batch_size=8, num_workers=0)
+
+    def tune(**kw):
+        return tune_pathotune(store_tiles(root / "labels.csv", [tiles]), tmp_path / "run", backbone=str(cards["vit-a"]),
+                              device="cpu", progress=False, resume=True, **{"name": "tex", "config": config, **kw})
+
+    assert tune(stop_after_epochs=1).epochs_done == 1
+    with pytest.raises(ConfigError, match=r'other settings \(name: "tex" -> "tex2"\)'):
+        tune(name="tex2")
+    s2 = PatchStore.open(tiles / "S2.zarr")
+    pixels, attrs = s2.read_tiles(slice(None)), {k: s2.attrs[k] for k in ("slide_id", "slide_path", "tile_size",
+                                                                           "tile_size_level0", "mpp_target")}
+
+    def retile(params_hash: str) -> None:  # the same tiles at the same path, from another tiling run
+        write_patch_store(tiles / "S2.zarr", coords=s2.coords, tiles=pixels, tissue_fraction=s2.tissue_fraction,
+                          overwrite=True, attrs={**attrs, "params_hash": params_hash})
+
+    retile("h-retiled")
+    with pytest.raises(ConfigError, match=rf"other settings \(data.stores: 1 changed \({tiles / 'S2.zarr'}\)\)"):
+        tune()
+    retile("h-S2")
+    assert tune(config=dataclasses.replace(config, precision="fp32")).epochs_done == 2

@@ -350,9 +350,12 @@ def test_cli_pretrain_puzzle(tiny, capsys, device, precision):
               "--encoder", str(card), "--epochs", "2", "--batch-size", "4", "--steps-per-epoch", "2",
               "--decoder-dim", "32", "--decoder-depth", "1", "--decoder-heads", "2", "--workers", "0",
               "--device", device, "--precision", precision, "--quiet"]
-    args = parser.parse_args(common + ["--out", str(root / "cli"), "--stop-after-epochs", "1"])
+    args = parser.parse_args(common + ["--out", str(root / "cli"), "--stop-after-epochs", "1", "--name", "cli-tuned"])
     assert args.func(args) == 0
     assert "epochs done\t1/2" in capsys.readouterr().out
+    args = parser.parse_args(common + ["--out", str(root / "cli"), "--resume"])  # the card would be renamed
+    with pytest.raises(WsiToolsError, match=r'other settings \(name: "cli-tuned" -> "vit-test-64-puzzletuned"\)'):
+        args.func(args)
     args = parser.parse_args(common + ["--out", str(root / "cli"), "--resume", "--name", "cli-tuned"])
     assert args.func(args) == 0
     out = capsys.readouterr().out
@@ -410,7 +413,9 @@ def test_resume_refuses_other_tiles_at_the_same_store_paths(tiny, tmp_path):
                       tissue_fraction=np.ones(20), overwrite=True,
                       attrs={"slide_id": "slideB", "slide_path": "/synthetic/other.svs", "params_hash": "h-other",
                              "tile_size": 64, "tile_size_level0": 128.0, "mpp_target": 0.5})
-    with pytest.raises(WsiToolsError, match=r"run.*: was written by a run with other settings \(stores"):
+    with pytest.raises(WsiToolsError, match=r"run.*: was written by a run with other settings \(stores: 1 changed "
+                                            rf"\({copy / 'slideB.zarr'}\)\); resume with the same settings or start "
+                                            rf"the run over: remove {tmp_path / 'run' / 'checkpoints'} or choose"):
         train_puzzle([copy], tmp_path / "run", backbone=str(card), config=cfg, progress=False, resume=True)
 
 
@@ -422,3 +427,75 @@ def test_a_trained_card_may_not_take_a_name_in_use(tiny):
             train_puzzle([stores], root / "taken-run", backbone=str(card), models_dir=root, config=_config(),
                          progress=False, name=name)
         assert not (root / "taken-run" / "checkpoints").exists()  # refused before any training
+
+
+def test_a_fresh_start_removes_what_an_earlier_run_left(tiny, tmp_path):
+    """A folder whose checkpoints were removed still holds the old card, promptstate and previews:
+    a new run stopped after one epoch of two must not sit beside them as if finished."""
+    root, card, stores = tiny
+    out = tmp_path / "run"
+    (out / "previews").mkdir(parents=True)
+    (out / "previews" / "mine.png").write_bytes(b"")  # not a name the run writes: kept
+    train_puzzle([stores], out, backbone=str(card), config=_config(epochs=2), progress=False, name="p")
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.json", "log.csv", "p.yaml",
+                                                     "p_promptstate.pth", "previews"]
+    import shutil
+
+    shutil.rmtree(out / "checkpoints")
+    part = train_puzzle([stores], out, backbone=str(card), config=_config(epochs=2), progress=False, name="p",
+                        resume=True, stop_after_epochs=1)
+    assert part.card is None
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.json", "log.csv", "previews"]
+    assert sorted(p.name for p in (out / "previews").iterdir()) == ["epoch-0001.png", "mine.png"]
+    assert len((out / "log.csv").read_text().splitlines()) == 1 + 4  # one epoch of four steps
+
+
+def test_stores_of_other_magnifications_are_trained_on_together_and_recorded(tiny, tmp_path, caplog):
+    """PuzzleTuning pretrains across magnifications: stores of another resolution or tile size are
+    not refused, but warned of once, with each group's store count, and recorded in config.json
+    and in the card's description."""
+    import json
+    import logging
+
+    root, card, stores = tiny
+    write_patch_store(tmp_path / "wide.zarr", coords=np.stack([np.arange(20) * 128, np.zeros(20)], 1),
+                      tiles=_textures(20, seed=4, size=32), tissue_fraction=np.ones(20),
+                      attrs={"slide_id": "wide", "slide_path": "/synthetic/wide.svs", "params_hash": "h-wide",
+                             "tile_size": 32, "tile_size_level0": 128.0, "mpp_target": 1.0})
+    with caplog.at_level(logging.WARNING, logger="wsitools.training"):
+        result = train_puzzle([stores, tmp_path / "wide.zarr"], tmp_path / "run", backbone=str(card),
+                              config=_config(epochs=1, warmup_epochs=0), progress=False)
+    groups = {"64 px tiles at 0.5 um/px": 2, "32 px tiles at 1 um/px": 1}
+    assert [r.getMessage() for r in caplog.records if "sizes or resolutions" in r.getMessage()] == [
+        "the patch stores hold tiles of 2 sizes or resolutions, trained on together: 64 px tiles at 0.5 um/px "
+        "(2 stores); 32 px tiles at 1 um/px (1 store)"]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["tile_geometries"] == groups
+    assert read_card(result.card).description.endswith(
+        "on 3 patch stores (64 px tiles at 0.5 um/px: 2; 32 px tiles at 1 um/px: 1).")
+
+
+def test_a_coordinates_only_store_whose_slide_is_gone_fails_before_training(tiny, tmp_path):
+    root, card, stores = tiny
+    write_patch_store(tmp_path / "np" / "gone.zarr", coords=np.stack([np.arange(8) * 128, np.zeros(8)], 1), tiles=None,
+                      tissue_fraction=np.ones(8),
+                      attrs={"slide_id": "gone", "slide_path": str(tmp_path / "gone.svs"), "params_hash": "h-gone",
+                             "tile_size": 64, "tile_size_level0": 128.0, "mpp_target": 0.5})
+    with pytest.raises(WsiToolsError, match=rf"^{tmp_path / 'np' / 'gone.zarr'}: its slide {tmp_path / 'gone.svs'} "
+                                            "is gone; restore it or re-tile$"):
+        open_stores([stores, tmp_path / "np"])
+
+
+def test_a_resume_takes_the_precision_as_run_and_refuses_another_kinds_folder_first(tiny, tmp_path):
+    root, card, stores = tiny
+    cfg = _config(epochs=2, steps_per_epoch=2)
+    train_puzzle([stores], tmp_path / "run", backbone=str(card), config=cfg, progress=False, stop_after_epochs=1)
+    # fp32 on a CPU is what auto ran: the same arithmetic
+    rest = train_puzzle([stores], tmp_path / "run", backbone=str(card), config=_config(epochs=2, steps_per_epoch=2,
+                        precision="fp32"), progress=False, resume=True)
+    assert rest.epochs_done == 2
+    # a PathoTune run's folder: "pass --resume" would be refused next, so that is not the advice
+    (tmp_path / "tuned" / "checkpoints" / "epoch-0001").mkdir(parents=True)
+    (tmp_path / "tuned" / "checkpoints" / "epoch-0001" / "state.json").write_text("{}")
+    (tmp_path / "tuned" / "metrics.json").write_text("{}")
+    with pytest.raises(WsiToolsError, match=r"tuned: holds metrics.json, which a PuzzleTuning run does not write"):
+        train_puzzle([stores], tmp_path / "tuned", backbone=str(card), config=cfg, progress=False)

@@ -115,7 +115,8 @@ def test_checkpoint_round_trip_continues_with_the_same_next_steps(tmp_path):
         ckpts.restore(last, tensors=dict(fresh.named_parameters()), stepper=resumed, settings=other)
     assert str(err.value) == (
         f"{last}: was written by a run with other settings (config.lr: 0.1 -> 0.2; seed: "
-        '"(not set)" -> 1); resume with the same settings or start a new --out folder'
+        f'"(not set)" -> 1); resume with the same settings or start the run over: remove {ckpts.root} or choose '
+        "another --out"
     )
     # a checkpoint from before the settings were recorded still names its hash
     state.pop("settings")
@@ -235,3 +236,38 @@ def test_a_run_folder_that_is_a_file_is_refused_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match=r"out: is a file, where the PathoTune run's folder goes; choose another --out$"):
         check_run_folder(tmp_path / "out", own=("log.csv",), kind="PathoTune")
     check_run_folder(tmp_path / "new", own=("log.csv",), kind="PathoTune")  # not there yet: fine
+
+
+def test_a_refused_resume_names_the_stores_added_removed_and_changed_not_both_lists():
+    """A cohort of hundreds of stores printed whole, twice, on one line said nothing of what changed."""
+    from wsitools.training import settings_change
+
+    before = {"stores": [[f"/t/s{i:03d}.zarr", "h", 10] for i in range(300)], "seed": 1}
+    now = {"stores": [[f"/t/s{i:03d}.zarr", "h2" if i == 7 else "h", 10] for i in range(2, 305)], "seed": 1}
+    assert settings_change(written=before, written_hash=stable_hash(before), settings=now) == (
+        "stores: 5 added (/t/s300.zarr, /t/s301.zarr, /t/s302.zarr and 2 more), 2 removed (/t/s000.zarr, "
+        "/t/s001.zarr), 1 changed (/t/s007.zarr)")
+    # lists of values stay whole
+    assert settings_change(written={"betas": [0.9, 0.95]}, written_hash="x", settings={"betas": [0.9, 0.99]}) == (
+        "betas: [0.9, 0.95] -> [0.9, 0.99]")
+
+
+def test_clear_outputs_removes_only_full_matches_and_names_them(tmp_path, caplog):
+    from wsitools.training import clear_outputs
+
+    for name in ("card.yaml", "card.yaml.bak", "my-card.yaml", "log.csv", "previews/epoch-0002.png", "previews/x.png"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text("")
+    removed = clear_outputs(tmp_path, [r"card\.yaml", r"log\.csv", r"previews/epoch-\d{4,}\.png"])
+    assert [p.relative_to(tmp_path).as_posix() for p in removed] == ["card.yaml", "log.csv", "previews/epoch-0002.png"]
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()) == [
+        "card.yaml.bak", "my-card.yaml", "previews/x.png"]
+    assert "the outputs of an earlier run there are removed: card.yaml, log.csv, previews/epoch-0002.png" in caplog.text
+
+
+def test_the_precision_a_resume_compares_is_the_arithmetic_run():
+    model = _Tiny()
+    opt = adamw(model, lr=0.1, weight_decay=0.0)
+    schedule = Schedule(0.1)
+    assert [Stepper(opt, schedule=schedule, device=torch.device("cpu"), precision=p).precision
+            for p in ("auto", "fp32")] == ["fp32", "fp32"]

@@ -168,29 +168,42 @@ def check_labels_are_classes(
     )
 
 
-def slide_rows(reader: csv.DictReader, *, what: str) -> Iterator[tuple[int, str, dict[str, str]]]:
-    """The rows of a table keyed by ``slide_id`` as (line, slide id, row with stripped keys and
-    values), rows with no cell filled skipped. A :class:`DataError` starting with ``what``
-    names the column a header holds twice (only the last would be read) and the line of a row
-    with more fields than the header (a value holding the separator, such as a decimal comma),
-    of a row with an empty slide id but other cells filled (a cut cell would drop its slide
-    unseen), and of an unsafe or a repeated slide id."""
+def table_rows(
+    reader: csv.DictReader, *, what: str, complete: bool = False
+) -> Iterator[tuple[int, dict[str, str]]]:
+    """The rows of a user's table as (line in the file, row with stripped keys and values: a
+    spreadsheet's stray space makes no other label); a row with more fields than the header (a
+    value holding the separator, such as a decimal comma), and with ``complete`` one with fewer
+    (cut off), is a :class:`DataError` starting with ``what`` and naming the line; so is a
+    header naming a column twice (only the last would be read)."""
     named: set[str] = set()
     for column in (c.strip() for c in reader.fieldnames or ()):
         if column in named:
             raise DataError(f"{what}: the header names column '{column}' twice; only one would be read")
         if column:
             named.add(column)
-    seen: set[str] = set()
+    header = len(reader.fieldnames or ())
     for raw in reader:
         line = reader.line_num
         if None in raw:
-            header = len(reader.fieldnames or ())
             raise DataError(
                 f"{what}, line {line}: {header + len(raw[None])} fields, but the header has {header} "
                 "(a separator inside a value, such as a decimal comma? quote that value)"
             )
-        row = {(k or "").strip(): (v or "").strip() for k, v in raw.items()}
+        if complete and None in raw.values():
+            raise DataError(
+                f"{what}, line {line}: {sum(v is not None for v in raw.values())} fields, but the header has {header}"
+            )
+        yield line, {(k or "").strip(): (v or "").strip() for k, v in raw.items()}
+
+
+def slide_rows(reader: csv.DictReader, *, what: str) -> Iterator[tuple[int, str, dict[str, str]]]:
+    """The rows of a table keyed by ``slide_id`` as (line, slide id, row) (:func:`table_rows`),
+    rows with no cell filled skipped. A :class:`DataError` starting with ``what`` names the line
+    of a row with an empty slide id but other cells filled (a cut cell would drop its slide
+    unseen), and of an unsafe or a repeated slide id."""
+    seen: set[str] = set()
+    for line, row in table_rows(reader, what=what):
         slide_id = row["slide_id"]
         if not slide_id:
             filled = [f"{k} {v!r}" for k, v in row.items() if v]

@@ -37,7 +37,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -168,6 +168,8 @@ class TaskDescription:
     type: TaskType = "classification"
     anchors: tuple[tuple[str, str], ...] = ()
     auc_times: tuple[float, ...] = ()
+    source: str | None = field(default=None, compare=False)
+    """The file it was read from (:func:`load_task`), for messages; None when built in code."""
 
     def prompts(self) -> list[str]:
         """The texts TTP embeds: the task (with its stain) first, then one per class (in order),
@@ -292,4 +294,4 @@ def load_task(path: str | os.PathLike[str]) -> TaskDescription:
         data = yaml.load(text, Loader=yaml_loader())  # a SafeLoader: no Python objects
     except yaml.YAMLError as exc:
         raise DataError(f"task description {path}: not valid YAML: {one_line(exc)}") from None
-    return task_from_dict(data, source=str(path))
+    return replace(task_from_dict(data, source=str(path)), source=str(path))

@@ -17,6 +17,9 @@ machinery around them is here, written once:
 - :func:`epoch_generator`: the random stream of an epoch as a pure function of (seed, epoch),
   so shuffles and augmentations need no saved random state to resume exactly;
 - :class:`CsvLog`: the run's log table, rewritten atomically after each epoch;
+- :func:`check_run_folder` and :func:`clear_outputs`: a run folder holds one run (another run's
+  folder is refused; what an earlier run of the same kind left is removed at a fresh start);
+- :func:`tile_geometries`: the tile sizes and resolutions of the patch stores a run trains on;
 - :class:`BestState`: a copy of the weights of the epoch with the lowest validation loss, and
   early stopping (``patience`` epochs without improvement, never before ``min_epochs``).
 
@@ -42,6 +45,7 @@ import contextlib
 import csv
 import fnmatch
 import json
+import logging
 import math
 import re
 import shutil
@@ -57,8 +61,12 @@ from torch import nn
 from wsitools.device import TrainPrecision, autocast, training_amp_dtype
 from wsitools.encoders.checkpoint import check_optimizer_state, read_checkpoint, read_state_dict
 from wsitools.errors import ConfigError, ModelError, one_line
+from wsitools.feature_store import TileGeometry
 from wsitools.io import atomic_path, stable_hash, write_safetensors, write_torch
+from wsitools.store import PatchStore
 from wsitools.tables import write_table
+
+log = logging.getLogger(__name__)
 
 Decay = Literal["all", "matrices"]
 ScheduleKind = Literal["cosine", "constant"]
@@ -172,6 +180,12 @@ class Stepper:
         self.lr = schedule.at(0)
         self._pending = 0
 
+    @property
+    def precision(self) -> str:
+        """The forward pass's arithmetic on this device, ``fp32``, ``bf16`` or ``fp16`` (what
+        ``auto`` came to): what a resumed run must share, whatever the option said."""
+        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
+
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         """The forward pass's precision context (a no-op in fp32)."""
         return autocast(self.device, self.amp_dtype)
@@ -234,11 +248,13 @@ def _flat(settings: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _settings_difference(before: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
-    """The settings that differ between two runs, as ``name: before -> now`` (dotted names)."""
+    """The settings that differ between two runs, as ``name: before -> now`` (dotted names), or
+    for lists of records (the patch stores) the records added, removed and changed."""
     a, b = _flat(before), _flat(now)
     missing = "(not set)"
     return [
-        f"{k}: {json.dumps(a.get(k, missing))} -> {json.dumps(b.get(k, missing))}"
+        _records_difference(k, a[k], b[k]) if _records(a.get(k)) and _records(b.get(k))
+        else f"{k}: {json.dumps(a.get(k, missing))} -> {json.dumps(b.get(k, missing))}"
         for k in sorted(a.keys() | b.keys())
         if a.get(k, missing) != b.get(k, missing)
     ]
@@ -246,6 +262,29 @@ def _settings_difference(before: Mapping[str, Any], now: Mapping[str, Any]) -> l
 
 MAX_SHOWN_DIFFERENCES = 6
 """How many differing settings a refused resume names (the rest are counted)."""
+MAX_SHOWN_RECORDS = 3
+"""How many added, removed or changed records (patch stores) a refused resume names per kind."""
+
+
+def _records(value: Any) -> bool:
+    """Whether a setting is a list of records, each a list named by its first item (a patch
+    store as [path, tiling hash, tile count])."""
+    return isinstance(value, list) and all(isinstance(r, list) and r for r in value)
+
+
+def _records_difference(key: str, before: list[list[Any]], now: list[list[Any]]) -> str:
+    """``key: 2 added (a, b), 1 removed (c)``: the records of two lists that differ, by name
+    (the first few of each kind, then how many more), not both lists whole (a cohort's
+    hundreds of stores)."""
+    a, b = {str(r[0]): r for r in before}, {str(r[0]): r for r in now}
+    kinds = (("added", [n for n in b if n not in a]), ("removed", [n for n in a if n not in b]),
+             ("changed", [n for n in b if n in a and a[n] != b[n]]))
+    parts = []
+    for kind, names in kinds:
+        if names:
+            more = f" and {len(names) - MAX_SHOWN_RECORDS} more" if len(names) > MAX_SHOWN_RECORDS else ""
+            parts.append(f"{len(names)} {kind} ({', '.join(names[:MAX_SHOWN_RECORDS])}{more})")
+    return f"{key}: {', '.join(parts)}"
 
 
 def check_same_settings(
@@ -293,6 +332,41 @@ def check_run_folder(folder: Path, *, own: Sequence[str], kind: str) -> None:
             f"{folder}: holds {foreign[0]}{more}, which a {kind} run does not write (another run's folder?); "
             "choose a new or empty --out"
         )
+
+
+def clear_outputs(folder: Path, outputs: Sequence[str]) -> list[Path]:
+    """Remove the files of ``folder`` whose path in it fully matches one of ``outputs`` (regular
+    expressions naming the final outputs a run writes once its last epoch is done): what an
+    earlier run in the folder left there, which beside a run started afresh would look like its
+    finished result until the new run overwrites it at its end. A warning names them; returns
+    them."""
+    if not folder.is_dir():
+        return []
+    patterns = [re.compile(p) for p in outputs]
+    old = sorted(p for p in folder.rglob("*")
+                 if p.is_file() and any(r.fullmatch(p.relative_to(folder).as_posix()) for r in patterns))
+    for p in old:
+        p.unlink()
+    if old:
+        log.warning("%s: starting afresh, so the outputs of an earlier run there are removed: %s", folder,
+                    ", ".join(p.relative_to(folder).as_posix() for p in old))
+    return old
+
+
+def tile_geometries(stores: Sequence[PatchStore]) -> dict[str, int]:
+    """How many of ``stores`` hold tiles of each size and resolution (``64 px tiles at 0.5
+    um/px``: count), most first, for a run's record. Stores of several are trained on together
+    (PuzzleTuning pretrains across magnifications; the tiles are resized to the model's input),
+    but a field of view twice as wide is other data: a mix is logged as a warning."""
+    counts: dict[str, int] = {}
+    for store in stores:
+        key = TileGeometry.of(store.attrs).describe()
+        counts[key] = counts.get(key, 0) + 1
+    groups = dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+    if len(groups) > 1:
+        log.warning("the patch stores hold tiles of %d sizes or resolutions, trained on together: %s", len(groups),
+                    "; ".join(f"{k} ({n} store{'s' if n > 1 else ''})" for k, n in groups.items()))
+    return groups
 
 
 @dataclass(frozen=True)
@@ -366,7 +440,7 @@ class Checkpoints:
         except (OSError, ValueError, TypeError, KeyError) as exc:
             raise ModelError(f"{path / 'state.json'}: not a checkpoint state ({one_line(exc)})") from None
         check_same_settings(path, written=state.get("settings"), written_hash=written_hash, settings=settings,
-                            remedy="or start a new --out folder")
+                            remedy=f"or start the run over: remove {self.root} or choose another --out")
         saved = read_state_dict(path / "trainable.safetensors", tensors)
         opt_path = path / "optimizer.pt"
         stepper.load_state_dict(read_checkpoint(opt_path), step=steps, source=str(opt_path))

@@ -67,6 +67,13 @@ def test_too_few_tiles_for_one_puzzle_step_names_the_stores_and_the_options(tmp_
     one_line(rc, err, f"wsitools pretrain: error: {tmp_path / 'tiles'}: 6 tiles, too few for one optimiser step "
              "of 4 x 2 tiles (--batch-size x --accum-steps)")
     assert not (tmp_path / "run").exists()
+    # with --steps-per-epoch the tiles are drawn again as often as needed, but one batch needs its tiles
+    (tmp_path / "tiles" / "s.zarr").rename(tmp_path / "s.zarr")
+    patch_store(tmp_path / "tiles" / "s.zarr", n=3)
+    rc, _, err = run(puzzle_argv(card, tmp_path / "tiles", tmp_path / "run"), capsys)
+    one_line(rc, err, f"wsitools pretrain: error: {tmp_path / 'tiles'}: 3 tiles, too few for one batch of 4 tiles "
+             "(--batch-size)")
+    assert not (tmp_path / "run").exists()
 
 
 # --- heatmaps ----------------------------------------------------------------------------------------

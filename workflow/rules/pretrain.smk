@@ -2,8 +2,11 @@
 # (config: pretrain.enabled). The run folder keeps checkpoints, and the job always passes
 # --resume, so a job cut off by a time limit continues where it stopped when rerun (with the
 # same threads: the loader workers set the batch order, and another count is refused). The
-# exported prompts come with an encoder card (the declared output), so a later run can name
-# the result as an encoder.
+# patch stores are settings too: a cohort that gained or lost usable slides stops the rerun with
+# one line naming the stores added and removed; delete results/pretrain/puzzle/checkpoints to
+# pretrain on the new cohort (move the folder away first to keep its prompts), or leave the new
+# slides out. The exported prompts come with an encoder card (the declared output), so a later
+# run can name the result as an encoder.
 
 
 rule pretrain_puzzle:

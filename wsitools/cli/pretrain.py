@@ -15,6 +15,10 @@ from wsitools.cli.options import (
 )
 
 
+TABLE_SUFFIXES = (".csv", ".tsv")
+"""The suffixes of a tile-label table as ``tune pathotune --data`` (anything else is a class-folder root)."""
+
+
 def register(subparsers: Any) -> None:
     pre = subparsers.add_parser(
         "pretrain",
@@ -86,15 +90,16 @@ def register(subparsers: Any) -> None:
         help="PathoTune: TVP/TTP/IVP prompts + classifier on a frozen ViT",
         description=(
             "Tune PathoTune prompts (any of tvp, ttp, ivp) and a classifier on a frozen ViT. --data is "
-            "a folder of class folders (optionally split into train/ val/ test/), or a CSV table "
+            "a folder of class folders (optionally split into train/ val/ test/), or a CSV or TSV table "
             "slide_id,x,y,label[,split] naming tiles of the patch stores given with --stores. "
             "Writes OUT/pathotune.safetensors, pathotune.json, metrics.json, log.csv, "
             "predictions.csv, split.csv, an encoder card OUT/NAME.yaml, and checkpoints/ after "
             "each epoch, from which --resume continues an interrupted run."
         ),
     )
-    pt.add_argument("--data", required=True, metavar="PATH", help="class-folder root, or a tile-label CSV")
-    pt.add_argument("--stores", nargs="+", metavar="DIR", help="patch stores for a tile-label CSV")
+    pt.add_argument("--data", required=True, metavar="PATH",
+                    help="class-folder root, or a tile-label table (.csv or .tsv)")
+    pt.add_argument("--stores", nargs="+", metavar="DIR", help="patch stores for a tile-label table")
     pt.add_argument("--encoder", required=True, metavar="CARD", help="the frozen ViT's encoder card")
     pt.add_argument("--ivp-encoder", metavar="CARD", default=None,
                     help="second frozen encoder whose features feed IVP (default: --encoder)")
@@ -187,13 +192,14 @@ def _pathotune(args: argparse.Namespace) -> int:
     if task is not None and task.type != "classification":
         raise DataError(f"task {args.task}: patch-level prompt tuning classifies tiles; this is a {task.type} task")
     data_path = Path(args.data)
-    if data_path.suffix.lower() == ".csv":
+    if data_path.suffix.lower() in TABLE_SUFFIXES:
         if not args.stores:
             raise DataError(f"{data_path}: a tile-label table needs --stores with the patch stores it names")
         data = store_tiles(data_path, args.stores, task_classes=task.classes if task is not None else None)
     else:
         if args.stores:
-            raise DataError("--stores goes with a tile-label CSV as --data, not with an image folder")
+            raise DataError(f"{data_path}: --stores goes with a tile-label table ({' or '.join(TABLE_SUFFIXES)}) "
+                            "as --data, not with a folder of class folders")
         data = folder_tiles(data_path)
     config = PathoTuneTrainConfig(
         prompts=parse_prompts(args.prompts), n_tvp=args.n_tvp, n_ivp=args.n_ivp, epochs=args.epochs,

@@ -6,8 +6,8 @@ optional predefined split, a name per tile, and ``read(i)`` -> uint8 [S, S, 3]):
 - an **image folder** with one sub-folder per class (``DIR/CLASS/*.png|jpg|tif``), or with
   ``train/``, ``val/`` and optionally ``test/`` sub-folders each holding class folders (then that
   split is used as given);
-- **patch stores + a tile-label table** (CSV with columns ``slide_id,x,y,label`` and optionally
-  ``split``): each row names a tile of ``{slide_id}.zarr`` by its level-0 coordinates.
+- **patch stores + a tile-label table** (CSV or TSV with columns ``slide_id,x,y,label`` and
+  optionally ``split``): each row names a tile of ``{slide_id}.zarr`` by its level-0 coordinates.
 
 Without a predefined split, :func:`stratified_split` draws one per class (seeded), and
 :class:`TileDataset` serves a split's tiles to a DataLoader at the backbone's input size.
@@ -30,8 +30,10 @@ from torch.utils.data import Dataset
 
 from wsitools.encoders.transforms import to_unit_float
 from wsitools.errors import DataError, StoreError
-from wsitools.labels import classes_from_labels
+from wsitools.io import read_user_text
+from wsitools.labels import classes_from_labels, table_rows
 from wsitools.store import PatchStore, find_patch_stores
+from wsitools.tables import sniff_dialect
 from wsitools.types import check_slide_id
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -54,11 +56,36 @@ class LabelledTiles(ABC):
     def read(self, i: int) -> np.ndarray:
         """Tile ``i`` as uint8 [H, W, 3] RGB."""
 
-    def relabel(self, classes: Sequence[str]) -> LabelledTiles:
-        """The same tiles with class indices in the order of ``classes`` (e.g. a task's order)."""
-        if set(classes) != set(self.classes):
+    @property
+    @abstractmethod
+    def origin(self) -> Path:
+        """The table or folder the labels come from, for messages."""
+
+    @abstractmethod
+    def where(self, i: int) -> str:
+        """Where tile ``i`` is labelled (its table line, its class folder), for messages."""
+
+    def patch_stores(self) -> list[PatchStore]:
+        """The patch stores the pixels are read from (none for image files)."""
+        return []
+
+    def relabel(self, classes: Sequence[str], *, task: str = "the task") -> LabelledTiles:
+        """The same tiles with class indices in the order of ``classes`` (a task's order). A
+        label that is not one of them (named where it first occurs) or one of them without a
+        tile is a :class:`DataError`; ``task`` names the task in it (e.g. its file)."""
+        extra = [c for c in self.classes if c not in classes]
+        if extra:
+            first = int(np.flatnonzero(self.labels == self.classes.index(extra[0]))[0])
             raise DataError(
-                f"the task's classes {sorted(classes)} differ from the data's {sorted(self.classes)}"
+                f"{self.where(first)}: label {extra[0]!r} is not a class of {task} ({', '.join(classes)}); "
+                "fix the label or add the class to the task file"
+            )
+        missing = [c for c in classes if c not in self.classes]
+        if missing:
+            raise DataError(
+                f"class{'es' if len(missing) > 1 else ''} {', '.join(map(repr, missing))} of {task} "
+                f"{'have' if len(missing) > 1 else 'has'} no tile in {self.origin}; label tiles of it or remove it "
+                "from the task file"
             )
         lookup = np.array([list(classes).index(c) for c in self.classes], dtype=np.int64)
         return dataclasses.replace(self, classes=tuple(classes), labels=lookup[self.labels])
@@ -66,7 +93,17 @@ class LabelledTiles(ABC):
 
 @dataclass
 class FolderTiles(LabelledTiles):
+    root: Path | None = None
     paths: list[Path] | None = None
+
+    @property
+    def origin(self) -> Path:
+        assert self.root is not None
+        return self.root
+
+    def where(self, i: int) -> str:
+        assert self.paths is not None
+        return str(self.paths[i].parent)
 
     def read(self, i: int) -> np.ndarray:
         assert self.paths is not None
@@ -79,8 +116,23 @@ class FolderTiles(LabelledTiles):
 
 @dataclass
 class StoreTiles(LabelledTiles):
+    table: Path | None = None
+    lines: np.ndarray | None = None  # [n] the table's line of each tile
     stores: list[PatchStore] | None = None
     index: np.ndarray | None = None  # [n, 2] (store number, tile index)
+
+    @property
+    def origin(self) -> Path:
+        assert self.table is not None
+        return self.table
+
+    def where(self, i: int) -> str:
+        assert self.lines is not None
+        return f"{self.table}, line {int(self.lines[i])}"
+
+    def patch_stores(self) -> list[PatchStore]:
+        assert self.stores is not None
+        return list(self.stores)
 
     def read(self, i: int) -> np.ndarray:
         assert self.stores is not None and self.index is not None
@@ -138,6 +190,7 @@ def folder_tiles(root: str | os.PathLike[str]) -> FolderTiles:
         labels=np.asarray(labels, np.int64),
         names=[str(p) for p in paths],
         split=np.asarray(split, object) if split_layout else None,
+        root=root,
         paths=paths,
     )
 
@@ -148,45 +201,33 @@ def store_tiles(
     *,
     task_classes: Sequence[str] | None = None,
 ) -> StoreTiles:
-    """Tiles named by a CSV table (``slide_id,x,y,label[,split]``) in patch stores (``*.zarr``
-    paths or folders of them). Unknown slides or coordinates, an empty label and a tile listed
-    twice are errors naming the table row. Without ``task_classes`` (a task file's classes) the
+    """Tiles named by a table (CSV or TSV, ``slide_id,x,y,label[,split]``, read as the MIL
+    labels table is: a UTF-8 byte-order mark allowed, cells stripped) in patch stores (``*.zarr``
+    paths or folders of them; only the stores of the table's slides, ``{slide_id}.zarr``, are
+    opened, and a coordinates-only store's slide is checked here, once). Unknown slides or
+    coordinates, an empty label, a tile listed twice and a row of more or fewer fields than the
+    header are errors naming the table row. Without ``task_classes`` (a task file's classes) the
     labels are the classes, checked as :func:`wsitools.labels.classes_from_labels` checks them
     (a missing-value marker or one number written two ways is no class)."""
     table = Path(table)
-    if not table.is_file():
-        raise DataError(f"{table}: tile-label table not found")
-    with open(table, newline="") as f:
-        reader = csv.DictReader(f)
-        cols = set(reader.fieldnames or ())
-        if not {"slide_id", "x", "y", "label"} <= cols:
-            raise DataError(f"{table}: needs columns slide_id,x,y,label (has {sorted(cols)})")
-        header = len(reader.fieldnames or ())
-        rows = [(reader.line_num, r) for r in reader]  # the file's line, whatever blank lines it has
+    text = read_user_text(table, what="tile-label table", expected="a CSV or TSV file", encoding="utf-8-sig")
+    reader = csv.DictReader(text.splitlines(), dialect=sniff_dialect(table, text[:4096]))
+    cols = {c.strip() for c in reader.fieldnames or ()}
+    if not {"slide_id", "x", "y", "label"} <= cols:
+        raise DataError(f"{table}: needs columns slide_id,x,y,label (has {sorted(cols)})")
+    rows = list(table_rows(reader, what=str(table), complete=True))
     if not rows:
         raise DataError(f"{table}: no rows")
-    by_id: dict[str, PatchStore] = {}
-    for q in find_patch_stores(stores):
-        s = PatchStore.open(q)
-        if s.slide_id in by_id:  # the table's slide ids would name either
-            raise DataError(f"{by_id[s.slide_id].path} and {s.path} both hold slide {s.slide_id!r}; "
-                            "give one of them")
-        by_id[s.slide_id] = s
-    if not by_id:
-        raise StoreError(f"no patch stores under {', '.join(map(str, stores))}")
+    by_id = _named_stores(stores, {r["slide_id"] for _, r in rows})
     store_list = list(by_id.values())
     number = {sid: i for i, sid in enumerate(by_id)}
     lookups: dict[str, dict[tuple[int, int], int]] = {}
-    for line, r in rows:
-        if None in r or None in r.values():  # a separator inside a value, or a cut-off row
-            fields = sum(v is not None for k, v in r.items() if k is not None) + len(r.get(None) or ())
-            raise DataError(f"{table}, line {line}: {fields} fields, but the header has {header}")
     if task_classes is None:
         classes = list(classes_from_labels(((r["slide_id"], r["label"]) for _, r in rows if r["label"]),
                                            where=str(table), unlabelled="leave its row out"))
     else:
         classes = sorted({r["label"] for _, r in rows})
-    index, labels, names, split = [], [], [], []
+    index, labels, names, split, lines = [], [], [], [], []
     first_line: dict[tuple[str, int], int] = {}
     for line, r in rows:
         sid = r["slide_id"]
@@ -212,7 +253,8 @@ def store_tiles(
         index.append((number[sid], tile))
         labels.append(classes.index(r["label"]))
         names.append(f"{sid}:{x}:{y}")
-        split.append((r.get("split") or "").strip())
+        split.append(r.get("split", ""))
+        lines.append(line)
     if len(classes) < 2:
         raise DataError(f"{table}: needs at least two labels, found {classes}")
     has_split = "split" in cols
@@ -225,9 +267,57 @@ def store_tiles(
         labels=np.asarray(labels, np.int64),
         names=names,
         split=np.asarray(split, object) if has_split else None,
+        table=table,
+        lines=np.asarray(lines, np.int64),
         stores=store_list,
         index=np.asarray(index, np.int64),
     )
+
+
+def _named_stores(paths: Sequence[str | os.PathLike[str]], slide_ids: set[str]) -> dict[str, PatchStore]:
+    """The patch stores among ``paths`` of the slides ``slide_ids`` (each ``{slide_id}.zarr``), by
+    slide id; the others are not opened, so a damaged store the table does not name sinks
+    nothing. A coordinates-only store's slide must be the file it was tiled from
+    (:meth:`PatchStore.check_slide`), checked before any training."""
+    found = find_patch_stores(paths)
+    if not found:
+        raise StoreError(f"no patch stores under {', '.join(map(str, paths))}")
+    by_id: dict[str, PatchStore] = {}
+    for q in found:
+        if q.stem not in slide_ids:
+            continue
+        s = PatchStore.open(q)
+        if s.slide_id != q.stem:
+            raise StoreError(f"{s.path}: holds slide {s.slide_id!r}, not {q.stem!r} as its name says; "
+                             "name each store {slide_id}.zarr, as `wsitools tile` does")
+        if s.slide_id in by_id:  # the table's slide ids would name either
+            raise DataError(f"{by_id[s.slide_id].path} and {s.path} both hold slide {s.slide_id!r}; "
+                            "give one of them")
+        if not s.has_pixels:
+            s.check_slide()
+        by_id[s.slide_id] = s
+    return by_id
+
+
+def check_given_split(tiles: LabelledTiles, split: np.ndarray) -> None:
+    """Refuse a given split (a table's ``split`` column, ``train/ val/ test/`` folders) that
+    leaves a class out of a part holding tiles: as :func:`stratified_split` keeps every class in
+    every part it fills, since training without the class never learns it and a validation or
+    test part without it scores the class as never seen (an AUROC of NaN). A
+    :class:`DataError` naming the class, the part and the data."""
+    for part in SPLITS:
+        inside = split == part
+        if not inside.any():
+            continue
+        missing = [c for k, c in enumerate(tiles.classes) if not (inside & (tiles.labels == k)).any()]
+        if missing:
+            effect = ("the model would never learn it" if part == "train"
+                      else "it would be scored as never seen (an AUROC of NaN)")
+            raise DataError(
+                f"{tiles.origin}: class{'es' if len(missing) > 1 else ''} {', '.join(map(repr, missing))} "
+                f"{'have' if len(missing) > 1 else 'has'} no {part} tile in the given split, so {effect}; "
+                f"give {part} tiles of every class"
+            )
 
 
 def stratified_split(

@@ -70,9 +70,11 @@ def save_pathotune(
     ivp: Encoder | None,
     name: str,
     meta: dict[str, Any],
+    trained_on: str | None = None,
 ) -> tuple[Path, Path]:
     """Write the weights, ``pathotune.json`` and the encoder card ``{name}.yaml``; return
-    (weights, card)."""
+    (weights, card). ``trained_on`` (e.g. the tile sizes and resolutions of the patch stores)
+    ends the card's description."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     weights = folder / WEIGHTS_FILE
@@ -97,6 +99,7 @@ def save_pathotune(
     card["description"] = (
         f"{backbone.name} with PathoTune prompts ({', '.join(model.prompts.config.prompts)}) tuned for "
         f"{', '.join(model.prompts.config.classes)}; the feature is the prompted CLS token."
+        + (f" Tuned on {trained_on}." if trained_on else "")
     )
     for entry in card["weights"]:
         digest = backbone.weight_sha256.get(entry["role"])

@@ -19,7 +19,9 @@ the step count and the log rows. The learning rate is a pure function of the ste
 order and augmentation of an epoch are pure functions of (seed, epoch), so a run resumed from its
 last checkpoint (``resume=True``, ``wsitools tune pathotune --resume``) ends with the same
 weights and log as a run that was never interrupted. The outputs above but ``log.csv`` and the
-checkpoints are written only when the last epoch is done.
+checkpoints are written only when the last epoch is done, the model first and ``metrics.json``
+last (so a folder with it holds the whole result); a run that starts afresh (no checkpoint)
+first removes those an earlier run left (its card of the same name too, and its log).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from wsitools.encoders.transforms import prepare_input, random_resized_crop_flip
 from wsitools.errors import ConfigError, DataError, ModelError
 from wsitools.io import loader_workers, stable_hash, write_json_atomic
 from wsitools.metrics import classification_metrics, metrics_report
-from wsitools.pathotune.data import LabelledTiles, TileDataset, stratified_split
+from wsitools.pathotune.data import LabelledTiles, TileDataset, check_given_split, stratified_split
 from wsitools.pathotune.encoder import CONFIG_FILE, WEIGHTS_FILE, save_pathotune
 from wsitools.pathotune.model import PathoTuneConfig, PathoTunePrompts, PathoTuneViT, PromptKind, parse_prompts
 from wsitools.tables import write_table
@@ -60,7 +62,9 @@ from wsitools.training import (
     Stepper,
     adamw,
     check_run_folder,
+    clear_outputs,
     epoch_generator,
+    tile_geometries,
 )
 
 log = logging.getLogger(__name__)
@@ -190,20 +194,23 @@ def tune_pathotune(
     if name is not None:
         check_card_name(name)  # as given, before any training: it names the card file and feature folder
     out = Path(out_dir)
+    check_run_folder(out, own=RUN_FILES, kind="PathoTune")  # before advice to resume another kind's run
     checkpoints = Checkpoints(out / "checkpoints", keep=config.keep_checkpoints)
     existing = checkpoints.found()
     if existing and not resume:
         raise ConfigError(
             f"{out}: holds checkpoints of an earlier run; pass --resume to continue it or choose another --out"
         )
-    check_run_folder(out, own=RUN_FILES, kind="PathoTune")
     prompts = config.prompts
     if "ttp" in prompts and task is None:
         raise DataError("TTP prompts need a task description (--task TASK.yaml) with class descriptions")
     if ivp_encoder is not None and "ivp" not in prompts:
         raise DataError("an IVP encoder was given but the 'ivp' prompt is not used")
     if task is not None:
-        data = data.relabel(task.classes)
+        named = f"the task file {task.source}" if task.source else f"the task {task.name!r}"
+        data = data.relabel(task.classes, task=named)
+    stores = data.patch_stores()
+    geometries = tile_geometries(stores) if stores else None
     backbone_enc: Encoder = load_encoder(backbone, device=device, models_dir=models_dir)
     card_name = check_new_card_name(
         name or _safe_name(f"{backbone_enc.name}-pathotune-{task.name if task else '-'.join(data.classes)}"),
@@ -226,6 +233,8 @@ def tune_pathotune(
             f"PathoTune needs at least 2 training tiles and 1 validation tile; the split has "
             f"{len(parts['train'])} and {len(parts['val'])}"
         )
+    if data.split is not None:
+        check_given_split(data, split)
     size = backbone_enc.card.input_size
     workers = loader_workers() if config.num_workers is None else config.num_workers
 
@@ -248,13 +257,17 @@ def tune_pathotune(
     )
     amp = stepper.amp_dtype
     settings = {
-        "config": config.schedule_dict(),
+        # the arithmetic run, not the option: auto is fp32 on a CPU, bf16 or fp16 on a GPU
+        "config": {**config.schedule_dict(), "precision": stepper.precision},
+        "name": card_name,
         "backbone": {"name": backbone_enc.name, "encoder_hash": backbone_enc.encoder_hash},
         "ivp_encoder": {"name": ivp.name, "encoder_hash": ivp.encoder_hash} if ivp is not None else None,
         "task": task.to_dict() if task is not None else None,
         "text_embeddings": hashlib.sha256(text.numpy().tobytes()).hexdigest()[:16] if text is not None else None,
         "data": {"classes": list(data.classes), "tiles": stable_hash([data.names, data.labels.tolist()]),
-                 "split": stable_hash(split.tolist())},
+                 "split": stable_hash(split.tolist()),
+                 # each store by path, tiling and size, as PuzzleTuning's: other tiles at the same path are other data
+                 "stores": sorted([str(st.path), st.params_hash, len(st)] for st in stores)},
         "steps_per_epoch": steps_per_epoch,
     }
 
@@ -270,6 +283,7 @@ def tune_pathotune(
     else:
         if resume:
             log.info("no checkpoint in %s: starting from the beginning", out)
+        clear_outputs(out, [re.escape(f) for f in (*FINAL_FILES, f"{card_name}.yaml", "log.csv")])
         p0, y0, loss0 = predict(model, val_loader, device=dev, amp=amp)
         start, rows = 0, [_log_row(0, math.nan, {"loss": loss0, **classification_metrics(y0, p0)}, 0.0)]
         best.record(0, loss0)
@@ -311,14 +325,16 @@ def tune_pathotune(
     best.restore()
     report_part = "test" if len(parts["test"]) else "val"
     p, yt, _ = predict(model, loader(report_part), device=dev, amp=amp)
-    report = _write_reports(
-        out, data, split, parts, report_part=report_part, probs=p, labels=yt, seed=config.seed,
-        summary={"val_untrained": untrained, "val_best": best_metrics, "best_epoch": best.epoch},
-    )
+    # The model first and metrics.json last: a run killed in between has no metrics of a model it lacks.
     weights, card = save_pathotune(
         out, model, backbone=backbone_enc, ivp=ivp, name=card_name,
         meta={"task": task.to_dict() if task else None, "text_model": config.text_model,
-              "training": config.to_dict(), "best_epoch": best.epoch},
+              "training": config.to_dict(), "best_epoch": best.epoch, "tile_geometries": geometries},
+        trained_on=_geometry_words(geometries),
+    )
+    report = _write_reports(
+        out, data, split, parts, report_part=report_part, probs=p, labels=yt, seed=config.seed,
+        summary={"val_untrained": untrained, "val_best": best_metrics, "best_epoch": best.epoch},
     )
     return PathoTuneResult(
         out_dir=out, card=card, weights=weights, epochs_done=done, best_epoch=best.epoch, untrained=untrained,
@@ -448,8 +464,11 @@ def _resumed_record(resumed: Resumed, path: Path) -> tuple[list[dict[str, float]
     return rows, best
 
 
-RUN_FILES = (WEIGHTS_FILE, CONFIG_FILE, "*.yaml", "log.csv", "metrics.json", "predictions.csv", "split.csv",
-             "checkpoints")
+FINAL_FILES = (WEIGHTS_FILE, CONFIG_FILE, "split.csv", "predictions.csv", "metrics.json")
+"""What a run writes when its last epoch is done, besides its card, in this order: metrics.json
+last, so a folder that has it holds the whole result (the workflow's declared output). At a
+fresh start an earlier run's are removed, with its card of the same name and its log."""
+RUN_FILES = (*FINAL_FILES, "*.yaml", "log.csv", "checkpoints")
 """What a run writes into its folder (the layout above); a folder holding anything else is
 another run's (a MIL training run also has ``metrics.json`` and ``predictions.csv``) and is refused."""
 _METRIC_KEYS = ("auroc", "balanced_accuracy", "f1", "accuracy")
@@ -465,6 +484,14 @@ def _log_row(epoch: int, train_loss: float, val: dict[str, float], lr: float) ->
     """One row of log.csv: the epoch's mean training loss, its validation metrics, its last rate."""
     return {"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"],
             **{f"val_{k}": val[k] for k in _METRIC_KEYS}, "lr": lr}
+
+
+def _geometry_words(geometries: Mapping[str, int] | None) -> str | None:
+    """``tiles of 3 patch stores (64 px tiles at 0.5 um/px: 3)``, for the card's description."""
+    if geometries is None:
+        return None
+    groups = "; ".join(f"{k}: {n}" for k, n in geometries.items())
+    return f"tiles of {sum(geometries.values())} patch stores ({groups})"
 
 
 def _fmt(m: dict[str, float]) -> str:

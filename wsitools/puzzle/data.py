@@ -36,13 +36,18 @@ def open_stores(paths: Sequence[str | os.PathLike[str]]) -> list[PatchStore]:
     """Open every patch store among ``paths`` (store directories, or folders holding ``*.zarr``).
 
     Stores with no tiles are skipped, and a store found twice (a folder given twice, or a store
-    and its folder) is taken once; a store without pixels is still readable (from its slide).
+    and its folder) is taken once; a store without pixels is still readable (from its slide),
+    whose slide must be the file it was tiled from (:meth:`PatchStore.check_slide`, here, once:
+    a missing slide fails before training, not when an epoch first reads it).
     Raises :class:`StoreError` when nothing usable is found.
     """
     stores = list({s.path: s for s in map(PatchStore.open, find_patch_stores(paths))}.values())
     stores = [s for s in stores if len(s) > 0]
     if not stores:
         raise StoreError(f"no patch store with tiles under {', '.join(map(str, paths))}")
+    for s in stores:
+        if not s.has_pixels:
+            s.check_slide()
     return stores
 
 

@@ -3,7 +3,7 @@
 Output folder layout::
 
     out/
-      config.json                 the run's settings, backbone card and curriculum
+      config.json                 the run's settings, backbone card, tile geometries and curriculum
       log.csv                     per optimiser step: epoch, step, loss, lr, patch_size, ratio
       checkpoints/epoch-NNNN/     trainable.safetensors + optimizer.pt + state.json (last 2 kept)
       previews/epoch-NNNN.png     a few images: original | puzzle | restoration
@@ -12,7 +12,9 @@ Output folder layout::
 
 The learning rate (warm-up + cosine per optimiser step), the curriculum (per epoch), the order
 of tiles, their augmentation and the puzzles are pure functions of (seed, epoch, step), so a run
-resumed from its last checkpoint continues exactly as if it had not been interrupted.
+resumed from its last checkpoint continues exactly as if it had not been interrupted. A run that
+starts afresh (no checkpoint) removes an earlier run's log and previews, and the promptstate and
+card of its own card name, so nothing of that run passes for this one's result.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import dataclasses
 import logging
 import math
 import os
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -42,7 +45,17 @@ from wsitools.encoders.transforms import prepare_input
 from wsitools.puzzle.data import TileStream, augmented, open_stores
 from wsitools.puzzle.model import PuzzleTuningModel
 from wsitools.puzzle.shuffle import PuzzleError, check_puzzle_setting, fix_position_shuffle
-from wsitools.training import Checkpoints, CsvLog, Schedule, Stepper, adamw, check_run_folder, epoch_generator
+from wsitools.training import (
+    Checkpoints,
+    CsvLog,
+    Schedule,
+    Stepper,
+    adamw,
+    check_run_folder,
+    clear_outputs,
+    epoch_generator,
+    tile_geometries,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +69,13 @@ is refused. Checkpoints of earlier versions do not record it and resume with any
 RUN_FILES = ("config.json", "log.csv", "checkpoints", "previews", "*_promptstate.pth", "*.yaml")
 """What a run writes into its folder (the layout above); a folder holding anything else is
 another run's and is refused."""
+
+
+def _final_outputs(name: str) -> list[str]:
+    """What a run of card ``name`` writes besides its checkpoints and config.json (regular
+    expressions of paths in the run folder): at a fresh start, an earlier run's are removed."""
+    return [re.escape("log.csv"), r"previews/epoch-\d{4,}\.png", re.escape(f"{name}_promptstate.pth"),
+            re.escape(f"{name}.yaml")]
 
 
 @dataclass(frozen=True)
@@ -217,14 +237,15 @@ def train_puzzle(
     if name is not None:
         check_card_name(name)
     out = Path(out_dir)
+    check_run_folder(out, own=RUN_FILES, kind="PuzzleTuning")  # before advice to resume another kind's run
     checkpoints = Checkpoints(out / "checkpoints", keep=config.keep_checkpoints)
     existing = checkpoints.found()
     if existing and not resume:
         raise PuzzleError(
             f"{out}: holds checkpoints of an earlier run; pass --resume to continue it or choose another --out"
         )
-    check_run_folder(out, own=RUN_FILES, kind="PuzzleTuning")
     store_list = open_stores(stores)
+    geometries = tile_geometries(store_list)
     bb: PuzzleBackbone = load_puzzle_backbone(
         backbone, prompt_tokens=config.prompt_tokens, prompt_mode=config.prompt_mode,
         device=device, models_dir=models_dir,
@@ -241,12 +262,12 @@ def train_puzzle(
     image_size = model.image_size[0]
     curriculum = config.curriculum(image_size=image_size, token_size=model.token_size)
     tiles_per_step = config.batch_size * config.accum_steps
-    steps_per_epoch = config.steps_per_epoch or sum(len(st) for st in store_list) // tiles_per_step
-    if steps_per_epoch < 1:
-        raise PuzzleError(
-            f"{', '.join(map(str, stores))}: {sum(len(st) for st in store_list)} tiles, too few for one optimiser "
-            f"step of {config.batch_size} x {config.accum_steps} tiles (--batch-size x --accum-steps)"
-        )
+    n_tiles = sum(len(st) for st in store_list)
+    steps_per_epoch = config.steps_per_epoch or n_tiles // tiles_per_step
+    if steps_per_epoch < 1 or n_tiles < config.batch_size:  # given steps draw the tiles again, a batch at least
+        need = (f"one optimiser step of {config.batch_size} x {config.accum_steps} tiles (--batch-size x --accum-steps)"
+                if config.steps_per_epoch is None else f"one batch of {config.batch_size} tiles (--batch-size)")
+        raise PuzzleError(f"{', '.join(map(str, stores))}: {n_tiles} tiles, too few for {need}")
     stream = TileStream(
         store_list, batch_size=config.batch_size, image_size=image_size, seed=config.seed,
         steps=steps_per_epoch * config.accum_steps,
@@ -269,7 +290,9 @@ def train_puzzle(
         device=dev, precision=config.precision, accum_steps=config.accum_steps,
     )
     schedule = {
-        "config": config.schedule_dict(),
+        # the arithmetic run, not the option: auto is fp32 on a CPU, bf16 or fp16 on a GPU
+        "config": {**config.schedule_dict(), "precision": stepper.precision},
+        "name": card_name,
         "backbone_card": str(bb.card.source or bb.card.name),
         "backbone_sha256": bb.weight_sha256,
         "steps_per_epoch": steps_per_epoch,
@@ -291,13 +314,15 @@ def train_puzzle(
         # written before they did take them from log.csv.
         rows = restored.extra.get("rows") or [r for r in log_table.read() if r["step"] <= stepper.step]
         log.info("resuming %s at epoch %d, step %d", out, start_epoch, stepper.step)
-    elif resume:
-        log.info("no checkpoint in %s: starting from the beginning", out)
+    else:
+        if resume:
+            log.info("no checkpoint in %s: starting from the beginning", out)
+        clear_outputs(out, _final_outputs(card_name))
 
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(
         out / "config.json",
-        {**schedule, "schedule_hash": schedule_hash, "curriculum": curriculum.to_dict(),
+        {**schedule, "schedule_hash": schedule_hash, "tile_geometries": geometries, "curriculum": curriculum.to_dict(),
          "lr": config.lr, "total_steps": total_steps, "warmup_steps": warmup_steps,
          "image_size": image_size, "num_workers": workers,
          "amp": str(stepper.amp_dtype) if stepper.amp_dtype else "fp32", "device": str(dev)},
@@ -357,7 +382,8 @@ def train_puzzle(
         description=(
             f"{bb.card.name} with {bb.card.prompt_tokens} {bb.card.prompt_mode} prompt tokens "
             f"trained by PuzzleTuning (wsitools) for {done} of {config.epochs} epochs "
-            f"({stepper.step} steps) on {len(store_list)} patch stores."
+            f"({stepper.step} steps) on {len(store_list)} patch stores "
+            f"({'; '.join(f'{k}: {n}' for k, n in geometries.items())})."
         ),
     )
     return dataclasses.replace(result, promptstate=promptstate, card=card_path)
