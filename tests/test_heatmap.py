@@ -15,7 +15,7 @@ from conftest import REGIONS, SLIDE_SIZE
 from wsitools.cli import main
 from wsitools.attention import read_attention, write_attention
 from wsitools.heatmap import attention_raster, display_values, draw_heatmap, overlay
-from wsitools.slide import Bounds, OpenSlideSlide, open_slide
+from wsitools.slide import Bounds, open_slide
 from wsitools.store import PatchStore, write_patch_store
 
 TILE0 = 128  # level-0 px per tile (64 target px at 0.5 um/px on a 0.25 um/px slide)

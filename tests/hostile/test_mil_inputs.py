@@ -59,6 +59,17 @@ def test_a_features_group_instead_of_a_dataset_skips_that_slide(cohort, capsys):
     assert skipped == {bags[0].slide_id: f"feature store {bags[0].path}: 'features' is a group, not a dataset"}
 
 
+def assert_skipped_in_train_and_predict(root, slide_id: str, reason: str, capsys) -> None:
+    """Training again and predicting with the head trained before both skip the slide for ``reason``."""
+    rc, err = run(train_argv(root, root / "labels.csv"), capsys)
+    assert rc == 0, err
+    assert json.loads((root / "heads" / "run.json").read_text())["skipped"] == {slide_id: reason}
+    rc, err = run(["predict", "--model", root / "before", "--features", root / "features", "--out", root / "p",
+                   "--device", "cpu", "--quiet"], capsys)
+    assert rc == 0, err
+    skipped = json.loads((root / "p" / "predict.json").read_text())["skipped"]
+    assert skipped == {slide_id: f"slide {slide_id}: {reason}"}
+
 def test_a_bag_without_coords_is_skipped_before_training_and_in_predict(cohort, capsys):
     root, bags = cohort
     rc, err = run(train_argv(root, root / "labels.csv", "before"), capsys)
@@ -67,14 +78,7 @@ def test_a_bag_without_coords_is_skipped_before_training_and_in_predict(cohort, 
         del f["coords"]
     reason = (f"feature store {bags[0].path} has no 'coords' dataset (each tile's level-0 position, which its "
               "attention map needs)")
-    rc, err = run(train_argv(root, root / "labels.csv"), capsys)
-    assert rc == 0, err
-    assert json.loads((root / "heads" / "run.json").read_text())["skipped"] == {bags[0].slide_id: reason}
-    rc, err = run(["predict", "--model", root / "before", "--features", root / "features", "--out", root / "p",
-                   "--device", "cpu", "--quiet"], capsys)
-    assert rc == 0, err
-    skipped = json.loads((root / "p" / "predict.json").read_text())["skipped"]
-    assert skipped == {bags[0].slide_id: f"slide {bags[0].slide_id}: {reason}"}
+    assert_skipped_in_train_and_predict(root, bags[0].slide_id, reason, capsys)
     assert len((root / "p" / "predictions.csv").read_text().splitlines()) == len(bags)  # header + the other 11
 
 
@@ -89,14 +93,7 @@ def test_a_store_copied_under_another_slides_name_is_skipped_in_training_and_pre
     shutil.copy(bags[2].path, bags[0].path)
     reason = (f"feature store {bags[0].path} holds the features of slide {bags[2].slide_id} (its slide_id attribute); "
               "a feature store is named {slide_id}.h5")
-    rc, err = run(train_argv(root, root / "labels.csv"), capsys)
-    assert rc == 0, err
-    assert json.loads((root / "heads" / "run.json").read_text())["skipped"] == {bags[0].slide_id: reason}
-    rc, err = run(["predict", "--model", root / "before", "--features", root / "features", "--out", root / "p",
-                   "--device", "cpu", "--quiet"], capsys)
-    assert rc == 0, err
-    skipped = json.loads((root / "p" / "predict.json").read_text())["skipped"]
-    assert skipped == {bags[0].slide_id: f"slide {bags[0].slide_id}: {reason}"}
+    assert_skipped_in_train_and_predict(root, bags[0].slide_id, reason, capsys)
     predicted = [line.split(",")[0] for line in (root / "p" / "predictions.csv").read_text().splitlines()[1:]]
     assert predicted == [b.slide_id for b in bags[1:]]
 
