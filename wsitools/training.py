@@ -52,7 +52,7 @@ import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -63,8 +63,10 @@ from wsitools.encoders.checkpoint import check_optimizer_state, read_checkpoint,
 from wsitools.errors import ConfigError, ModelError, one_line
 from wsitools.feature_store import TileGeometry
 from wsitools.io import atomic_path, stable_hash, write_safetensors, write_torch
-from wsitools.store import PatchStore
 from wsitools.tables import write_table
+
+if TYPE_CHECKING:
+    from wsitools.store import PatchStore
 
 log = logging.getLogger(__name__)
 
@@ -367,6 +369,11 @@ def tile_geometries(stores: Sequence[PatchStore]) -> dict[str, int]:
         log.warning("the patch stores hold tiles of %d sizes or resolutions, trained on together: %s", len(groups),
                     "; ".join(f"{k} ({n} store{'s' if n > 1 else ''})" for k, n in groups.items()))
     return groups
+
+
+def describe_geometries(geometries: Mapping[str, int]) -> str:
+    """``64 px tiles at 0.5 um/px: 3; ...``: :func:`tile_geometries` in words, for a card's description."""
+    return "; ".join(f"{k}: {n}" for k, n in geometries.items())
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,7 @@ from wsitools.training import (
     adamw,
     check_run_folder,
     clear_outputs,
+    describe_geometries,
     epoch_generator,
     tile_geometries,
 )
@@ -490,8 +491,7 @@ def _geometry_words(geometries: Mapping[str, int] | None) -> str | None:
     """``tiles of 3 patch stores (64 px tiles at 0.5 um/px: 3)``, for the card's description."""
     if geometries is None:
         return None
-    groups = "; ".join(f"{k}: {n}" for k, n in geometries.items())
-    return f"tiles of {sum(geometries.values())} patch stores ({groups})"
+    return f"tiles of {sum(geometries.values())} patch stores ({describe_geometries(geometries)})"
 
 
 def _fmt(m: dict[str, float]) -> str:

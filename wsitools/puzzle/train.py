@@ -53,6 +53,7 @@ from wsitools.training import (
     adamw,
     check_run_folder,
     clear_outputs,
+    describe_geometries,
     epoch_generator,
     tile_geometries,
 )
@@ -383,7 +384,7 @@ def train_puzzle(
             f"{bb.card.name} with {bb.card.prompt_tokens} {bb.card.prompt_mode} prompt tokens "
             f"trained by PuzzleTuning (wsitools) for {done} of {config.epochs} epochs "
             f"({stepper.step} steps) on {len(store_list)} patch stores "
-            f"({'; '.join(f'{k}: {n}' for k, n in geometries.items())})."
+            f"({describe_geometries(geometries)})."
         ),
     )
     return dataclasses.replace(result, promptstate=promptstate, card=card_path)
