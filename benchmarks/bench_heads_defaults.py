@@ -31,6 +31,8 @@ N(0, nuisance^2 I) offset; ``scale`` and ``offset`` are applied last, to every v
 - ``offset50``: 80 slides of 64-d features centred at 50.
 - ``allpatch``: 80 slides whose positives shift every patch by 0.3 (signal in all patches).
 - ``focal1pct``: 80 slides, 200-2 000 patches, 1 % keys (>= 1): tumour foci.
+- ``smallbags``: 110 slides of 30-60 32-d patches, every patch of the positives shifted by 0.3:
+  a diffuse phenotype in small bags (tissue microarray cores, biopsies).
 
     python benchmarks/bench_heads_defaults.py [--cohorts imb1to9 ...] [--heads abmil pathotune]
         [--seed 0] [--jobs 2] [--out DIR]
@@ -96,6 +98,7 @@ COHORTS: dict[str, Cohort] = {
     "offset50": Cohort((40, 40), (100, 400), 0.05, 4.0, offset=50.0),
     "allpatch": Cohort((40, 40), (100, 400), 1.0, 0.3),
     "focal1pct": Cohort((40, 40), (200, 2000), 0.01, 4.0),
+    "smallbags": Cohort((55, 55), (30, 60), 1.0, 0.3, dim=32),
 }
 CLASS_TEXTS = (
     ("normal", "benign tissue without tumour"),

@@ -43,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         DEFAULT_THUMBNAIL_MPP,
         SCALES,
     )
-    from wsitools.mil.config import BAGS, TrainConfig
+    from wsitools.mil.config import BAGS, POOLING_CHOICES, TrainConfig
 
     d = TrainConfig()
     t = sub.add_parser(
@@ -90,6 +90,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--instance-dropout", type=fraction, default=d.instance_dropout,
                    help="fraction of a bag's patches dropped at random in each training step, so the "
                    f"attention spreads over all the evidence; 0 = none ({d.instance_dropout})")
+    t.add_argument("--pooling", choices=list(POOLING_CHOICES), default=d.pooling,
+                   help="select: train attention and mean pooling together and keep, per fold, the one "
+                   "with the lower validation loss; attention: attention pooling alone (abmil, pathotune; "
+                   f"{d.pooling})")
     t.add_argument("--balance", choices=["weights", "sampling"], default=d.balance,
                    help="class-weighted loss or class-balanced bag sampling (weights)")
     t.add_argument("--dim", type=positive_int, default=128, help="head width d (128)")
@@ -232,6 +236,7 @@ def run_train(args: argparse.Namespace) -> int:
         weight_decay=args.weight_decay,
         bag_size=args.bag_size or None,
         instance_dropout=args.instance_dropout,
+        pooling=args.pooling,
         balance=args.balance,
         folds=args.folds,
         val_fraction=args.val_fraction,

@@ -11,6 +11,11 @@ from wsitools.errors import ConfigError
 
 Balance = Literal["weights", "sampling"]
 Bag = Literal["slide", "patient"]
+PoolingChoice = Literal["select", "attention"]
+POOLING_CHOICES: tuple[str, ...] = ("select", "attention")
+"""How an attention head pools: ``select`` trains attention and mean pooling together and keeps
+whichever gives the lower validation loss (the default; docs/mil.md, "Pooling selection");
+``attention`` trains and keeps attention pooling alone."""
 BAGS: tuple[str, ...] = ("slide", "patient")
 """What one bag is: a slide's feature store (the default), or all slides of a patient
 concatenated (:mod:`wsitools.mil.patients`; docs/mil.md, "Patient-level bags")."""
@@ -26,6 +31,8 @@ class TrainConfig:
     (docs/mil.md, "Quality benchmark and the choice of defaults"). ``survival_batch`` is the
     number of bags per optimiser step of a survival head (the Cox loss compares each event with
     the bags of its step still at risk; docs/mil.md, "Survival").
+
+    ``pooling``: :data:`POOLING_CHOICES` (no effect on ``meanpool``, which has no attention).
 
     ``bag_size`` None trains on whole bags (what ``wsitools train --bag-size 0`` gives);
     ``n_boot`` 0 computes no bootstrap intervals (their bounds are null in ``metrics.json``), a
@@ -47,6 +54,7 @@ class TrainConfig:
     workers: int = 0
     n_boot: int = 1000
     survival_batch: int = 16
+    pooling: PoolingChoice = "select"
 
     def __post_init__(self) -> None:
         for name in ("epochs", "patience", "min_epochs", "bag_size", "folds", "seed", "workers", "n_boot", "survival_batch"):
@@ -73,6 +81,8 @@ class TrainConfig:
             raise ConfigError(f"n_boot must be at least 0 (0: no bootstrap intervals), got {self.n_boot}")
         if self.workers < 0:
             raise ConfigError(f"workers must be at least 0, got {self.workers}")
+        if self.pooling not in POOLING_CHOICES:
+            raise ConfigError(f"pooling must be one of {', '.join(POOLING_CHOICES)}, got {self.pooling!r}")
         if self.balance not in ("weights", "sampling"):
             raise ConfigError(f"balance must be 'weights' or 'sampling', got {self.balance!r}")
         if not 0.0 <= self.instance_dropout < 1.0:

@@ -3,9 +3,9 @@
 A head folder holds ``model.safetensors`` (the state dict, CPU tensors) and ``config.json``
 (``format_version``, ``kind: mil_head``, the :class:`~wsitools.mil.heads.HeadConfig` under
 ``config``, and the training metadata: ``classes`` in logit order, task, encoder record, text
-model, fold, settings, and a survival or regression head's scale). A ``wsitools train`` run
-holds one per fold, ``fold_{k}/``; ``wsitools predict`` takes a run (its fold heads, an
-ensemble) or one head folder, both read through :mod:`wsitools.mil.run_folder`. Layout:
+model, fold, settings, the pooling training kept, and a survival or regression head's scale).
+A ``wsitools train`` run holds one per fold, ``fold_{k}/``; ``wsitools predict`` takes a run
+(its fold heads, an ensemble) or one head folder, both read through :mod:`wsitools.mil.run_folder`. Layout:
 docs/formats.md, "MIL heads".
 
 A head folder is written whole under a temporary name and renamed when complete
@@ -28,7 +28,7 @@ from torch import nn
 
 from wsitools.errors import ModelError
 from wsitools.io import atomic_path, write_json_atomic, write_safetensors
-from wsitools.mil.heads import HeadConfig, create_head
+from wsitools.mil.heads import HeadConfig, Pooling, create_head, set_pooling
 
 HEAD_FORMAT_VERSION = 1
 HEAD_KIND = "mil_head"
@@ -52,6 +52,12 @@ class SavedHead:
     def task_type(self) -> str:
         """The task type the head was trained for (heads saved before task types: classification)."""
         return str(self.meta.get("task_type") or "classification")
+
+    @property
+    def pooling(self) -> Pooling:
+        """How the head's attention pools pool: ``attention``, or ``mean`` where training kept mean
+        pooling (heads saved before pooling selection: attention)."""
+        return "mean" if self.meta.get("pooling") == "mean" else "attention"
 
     @property
     def bag(self) -> str:
@@ -102,6 +108,8 @@ def load_head(folder: str | os.PathLike[str], *, device: str | torch.device = "c
         config = HeadConfig.from_dict(meta.pop("config"))
         model = create_head(config)
         meta["classes"] = [str(c) for c in meta["classes"]]
+        if meta.get("pooling", "attention") not in ("attention", "mean"):
+            raise ModelError(f"pooling is {meta['pooling']!r}, not 'attention' or 'mean'")
     except ModelError as exc:
         raise ModelError(f"{config_path}: {exc}") from None
     except (KeyError, TypeError, ValueError) as exc:
@@ -109,4 +117,6 @@ def load_head(folder: str | os.PathLike[str], *, device: str | torch.device = "c
     state = read_state_dict(weights_path, model.state_dict())
     model.load_state_dict(state, strict=True)
     model.to(device).eval()
-    return SavedHead(model=model, config=config, meta=meta)
+    saved = SavedHead(model=model, config=config, meta=meta)
+    set_pooling(model, saved.pooling)
+    return saved

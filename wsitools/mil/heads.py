@@ -52,6 +52,8 @@ from torch import Tensor, nn
 from wsitools.errors import ConfigError, ModelError
 
 HeadName = Literal["abmil", "pathotune", "meanpool"]
+Pooling = Literal["attention", "mean", "mixed"]
+POOLINGS: tuple[Pooling, ...] = ("attention", "mean", "mixed")
 PromptKind = Literal["tvp", "ttp", "ivp"]
 PROMPT_KINDS: tuple[PromptKind, ...] = ("tvp", "ttp", "ivp")
 
@@ -185,6 +187,11 @@ class GatedAttentionPool(nn.Module):
 
     ``tanh(v)`` is computed as ``2 sigmoid(2v) - 1`` (the same function): on CPUs torch's tanh
     kernel is about five times slower than its sigmoid (0.37 vs 0.08 ms in a 512-patch step).
+
+    ``pooling`` (:func:`set_pooling`) is ``attention``, or ``mean`` (every instance weighs the
+    same), or, in training only, ``mixed``: each bag pooled by its mean with probability 1/2
+    (drawn from torch's seeded generator), so that one set of weights learns both poolings and
+    validation can keep the better one (docs/mil.md, "Pooling selection").
     """
 
     def __init__(self, dim: int, attn_dim: int):
@@ -192,10 +199,16 @@ class GatedAttentionPool(nn.Module):
         self.attn_dim = attn_dim
         self.vu = nn.Linear(dim, 2 * attn_dim)
         self.w = nn.Linear(attn_dim, 1)
+        self.pooling: Pooling = "attention"
 
     def weights(self, h: Tensor, bias: Tensor | None = None) -> Tensor:
         """Attention over the N instances of ``h`` [N, d] (softmax, sums to one); ``bias`` [N]
-        is added to the scores before the softmax."""
+        is added to the scores before the softmax. Uniform where the pool pools by the mean."""
+        mean = self.pooling == "mean" or (
+            self.pooling == "mixed" and self.training and bool(torch.rand(()) < 0.5)
+        )
+        if mean:
+            return torch.full(h.shape[:-1], 1.0 / h.shape[-2], dtype=h.dtype, device=h.device)
         v, u = self.vu(h).split(self.attn_dim, dim=-1)
         gate = (2.0 * torch.sigmoid(2.0 * v) - 1.0) * torch.sigmoid(u)
         scores = self.w(gate).squeeze(-1)
@@ -462,6 +475,19 @@ class PathoTuneHead(nn.Module):
         if "ivp" in self.config.prompts:
             logits = logits + self.ivp_gate * self.ivp_readout(self.instance_tokens(h, ivp).mean(dim=0))
         return HeadOutput(logits, attention)
+
+
+def attention_pools(model: nn.Module) -> list[GatedAttentionPool]:
+    """The head's attention pools (none in ``meanpool``)."""
+    return [m for m in model.modules() if isinstance(m, GatedAttentionPool)]
+
+
+def set_pooling(model: nn.Module, pooling: Pooling) -> None:
+    """Make every attention pool of ``model`` pool by ``pooling`` (:class:`GatedAttentionPool`)."""
+    if pooling not in POOLINGS:
+        raise ModelError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
+    for pool in attention_pools(model):
+        pool.pooling = pooling
 
 
 def create_head(config: HeadConfig, *, text_embeddings: Tensor | None = None) -> nn.Module:

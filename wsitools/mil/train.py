@@ -70,7 +70,9 @@ from wsitools.labels import classes_from_labels, read_labels
 from wsitools.mil.data import Cohort, build_cohort, class_weights, sample_index
 from wsitools.mil import head_folder, run_folder
 from wsitools.mil.folds import Fold, patient_kfold, user_folds
-from wsitools.mil.heads import HeadConfig, HeadName, PromptKind, create_head, feature_scalings
+from wsitools.mil.heads import (
+    HeadConfig, HeadName, Pooling, PromptKind, attention_pools, create_head, feature_scalings, set_pooling,
+)
 from wsitools.mil.patients import (
     PatientCohort,
     SlideGroup,
@@ -466,6 +468,23 @@ def evaluate(
     )
 
 
+def validate(
+    model: nn.Module, dataset: BagDataset, index: np.ndarray, *, select: bool, **options: Any
+) -> tuple[Evaluation, Pooling]:
+    """An epoch's validation (:func:`evaluate` with ``options``) and the pooling it was made
+    with. With ``select`` both poolings are evaluated and the one of lower loss is kept (the
+    model is left pooling by it; attention on a tie); else the model's attention pooling."""
+    if not select:
+        return evaluate(model, dataset, index, **options), "attention"
+    results: dict[Pooling, Evaluation] = {}
+    for pooling in ("attention", "mean"):
+        set_pooling(model, pooling)
+        results[pooling] = evaluate(model, dataset, index, **options)
+    kept: Pooling = "mean" if results["mean"].loss < results["attention"].loss else "attention"
+    set_pooling(model, kept)
+    return results[kept], kept
+
+
 @dataclass
 class FoldResult:
     """A trained fold: its model (best epoch restored, on the training device), curves, test
@@ -479,6 +498,7 @@ class FoldResult:
     test: Evaluation
     seconds: float = 0.0
     scale: dict[str, float] = field(default_factory=dict)
+    pooling: Pooling = "attention"
 
     def predictions(self) -> np.ndarray:
         """The test slides' predictions: class probabilities [n, C], or the risk / value [n]."""
@@ -604,17 +624,21 @@ def train_fold(
     targets_dev = targets.to(device) if targets is not None else None
     step_loss, batch = fold_loss(cohort, fold, config, targets=targets_dev, device=device)
     best = BestState(model, min_delta=1e-6, patience=config.patience, min_epochs=config.min_epochs)
+    select = config.pooling == "select" and bool(attention_pools(model))
+    kept: Pooling = "attention"
     history: list[dict[str, float]] = []
     start = time.perf_counter()
     bar = tqdm(range(config.epochs), desc=f"fold {fold.index}", unit="epoch", disable=not progress, leave=False)
     for epoch in bar:
         t0 = time.perf_counter()
         keys = epoch_keys(fold.train, cohort.labels, balance=config.balance, rng=rng)
+        if select:
+            set_pooling(model, "mixed")
         train_loss = train_epoch(
             model, stepper, dataset, keys, step_loss=step_loss, batch=batch, workers=config.workers
         )
-        val = evaluate(model, dataset, fold.val, task_type=cohort.task_type, targets=targets_dev,
-                       device=device, workers=config.workers)
+        val, pooling = validate(model, dataset, fold.val, select=select, task_type=cohort.task_type,
+                                targets=targets_dev, device=device, workers=config.workers)
         history.append(
             {
                 "epoch": epoch,
@@ -625,10 +649,12 @@ def train_fold(
             }
         )
         bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val.loss:.3f}")
-        best.update(epoch, val.loss)
+        if best.update(epoch, val.loss):
+            kept = pooling
         if best.should_stop(epoch):
             break
     best.restore()
+    set_pooling(model, kept)
     test = evaluate(model, dataset, fold.test, task_type=cohort.task_type, targets=targets_dev,
                     device=device, workers=config.workers)
     if cohort.task_type == "survival":
@@ -637,7 +663,7 @@ def train_fold(
         risks = own.outputs[:, 0].astype(np.float64)
         scale = {"risk_offset": float(np.median(risks)), "risk_scale": float(max(risks.std(), 1e-6))}
     return FoldResult(
-        fold=fold, model=model, history=history, best_epoch=best.epoch, test=test,
+        fold=fold, model=model, history=history, best_epoch=best.epoch, test=test, pooling=kept,
         seconds=time.perf_counter() - start, scale=scale,
     )
 
@@ -904,21 +930,21 @@ def _write_fold(run_dir: Path, setup: RunSetup, result: FoldResult, config: Trai
     cohort, fold, k = setup.cohort, result.fold, result.fold.index
     folder = head_folder.save_head(
         result.model, run_folder.fold_dir(run_dir, k),
-        meta={**setup.meta, **result.scale, "fold": k, "best_epoch": result.best_epoch},
+        meta={**setup.meta, **result.scale, "fold": k, "best_epoch": result.best_epoch, "pooling": result.pooling},
     )
     preds, rows = _fold_predictions(setup, result)
     _write_attention(run_folder.attention_dir(run_dir), setup, result, preds)
     auc_times = setup.task.auc_times if setup.task is not None else ()
     report = _fold_report(cohort, result.test.index, preds, config, auc_times=auc_times)
-    report.update(fold=k, best_epoch=result.best_epoch, epochs_run=len(result.history), n_train=len(fold.train),
-                  n_val=len(fold.val), seconds=round(result.seconds, 2), **result.scale)
+    report.update(fold=k, best_epoch=result.best_epoch, pooling=result.pooling, epochs_run=len(result.history),
+                  n_train=len(fold.train), n_val=len(fold.val), seconds=round(result.seconds, 2), **result.scale)
     curves = [{"fold": k, **h} for h in result.history]
     run_folder.write_results(
         folder, predictions=rows, classes=setup.classes, metrics=report, curves=curves,
         best_epochs={k: result.best_epoch}, title=f"{setup.title} fold {k}", loss_name=LOSS_NAMES[cohort.task_type],
     )
-    log.info("fold %d: test %s, best epoch %d", k, ", ".join(f"{m} {report[m]}" for m in _headline(cohort)),
-             result.best_epoch)
+    log.info("fold %d: test %s, best epoch %d (%s pooling)", k,
+             ", ".join(f"{m} {report[m]}" for m in _headline(cohort)), result.best_epoch, result.pooling)
     return FoldOutput(rows, result.test.index, preds, report, curves, result.best_epoch)
 
 
@@ -943,7 +969,8 @@ def _read_fold(
     )
     curves = run_folder.read_curves(folder)
     best_epoch = int(saved.meta["best_epoch"])
-    result = FoldResult(fold=fold, model=saved.model, history=curves, best_epoch=best_epoch, test=test, scale=scale)
+    result = FoldResult(fold=fold, model=saved.model, history=curves, best_epoch=best_epoch, test=test, scale=scale,
+                        pooling=saved.pooling)
     preds, rows = _fold_predictions(setup, result)
     report = run_folder.read_metrics(folder / run_folder.METRICS_FILE)
     log.info("fold %d: read back from %s", fold.index, folder)
