@@ -11,7 +11,7 @@ import secrets
 import shutil
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
@@ -129,6 +129,23 @@ def check_out_apart(out: str | os.PathLike[str], inputs: dict[str, str | os.Path
             raise DataError(
                 f"output {out} {relation} {option} {path}: the run replaces its output folder; choose another --out"
             )
+
+
+def check_own_folder(out: str | os.PathLike[str], *, foreign: Callable[[Path], str | None], writes: str) -> None:
+    """Refuse an existing ``out`` that a command writes over but did not make itself, so that it
+    never deletes or replaces a user's files: a file, or a folder of which ``foreign`` (given the
+    folder) says what shows it is not the command's (None: it is). ``writes`` says what the
+    command does to its ``--out``. A missing folder, and one holding nothing but the temporaries
+    of earlier runs, are fine. A :class:`DataError` naming the folder and what is wrong."""
+    out = Path(out)
+    if not out.exists() and not out.is_symlink():
+        return
+    if not out.is_dir():
+        raise DataError(f"{out}: is a file, where a folder is needed; give a folder for --out")
+    if all(p.name.startswith(TEMP_PREFIX) for p in out.iterdir()):
+        return
+    if (problem := foreign(out)) is not None:
+        raise DataError(f"{out}: {problem}; {writes}, so give a new or empty folder (or remove this one)")
 
 
 class LostRace(FileExistsError, WsiToolsError):
