@@ -542,9 +542,16 @@ def test_slurm_dry_run_gives_gpu_rules_a_gpu(tmp_path):
     tune = {"enabled": True, "data": "tiles_by_class", "task": "config/task.yaml", "prompts": ["tvp", "ttp"]}
     work = make_project(tmp_path / "w", config={"device": "auto", "pretrain": {"enabled": True}, "tune": tune})
     (work / "tiles_by_class").mkdir()
-    result = snakemake(work, "--profile", str(SLURM_PROFILE), "-n")
+    dry_run = "--profile <wsitools>/config/profiles/slurm -n --cores 64   # check"  # as docs/cluster.md says
+    assert dry_run in (REPO / "docs" / "cluster.md").read_text()
+    result = snakemake(work, "--profile", str(SLURM_PROFILE), "-n", "--cores", "64")
     assert result.returncode == 0, result.stderr
     out = result.stdout + result.stderr
+    # the profile's set-threads, not the config's threads keys (2, 1, 4) and not capped at one core
+    commands = {line.split()[3]: line.split() for line in out.splitlines() if line.startswith("Shell command: wsitools ")}
+    assert commands["tile"][commands["tile"].index("--workers") + 1] == "4"
+    assert commands["train"][commands["train"].index("--threads") + 1] == "4"
+    assert commands["pretrain"][commands["pretrain"].index("--workers") + 1] == "16"
     assert job_counts(out) == {"tile": 6, "qc_summary": 1, "qc_table": 1, "labels": 1, "train": 1, "heatmap": 1,
                                "metrics_table": 1, "roc": 1, "pretrain_puzzle": 1, "tune_pathotune": 1,
                                "all": 1}
