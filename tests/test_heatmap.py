@@ -520,6 +520,7 @@ def test_a_store_or_slide_given_must_be_there(attention_case, tmp_path, capsys):
     assert main([*base, "--store", str(tmp_path / "empty")]) == 1
     assert (f"synth_svs\tfailed\tslide synth_svs: no patch store synth_svs.zarr in --store {tmp_path / 'empty'}\n"
             in capsys.readouterr().err)
+    assert not (tmp_path / "o").exists()  # every heatmap failed: no empty --out either
     with pytest.raises(StoreError, match=f"^{re.escape(str(tmp_path / 'nope.zarr'))}: no such patch store$"):
         draw_heatmap(att, tmp_path / "api", store_path=tmp_path / "nope.zarr")
     with pytest.raises(SlideError, match=f"^slide synth_svs: no slide file {re.escape(str(tmp_path / 'nope.svs'))}$"):

@@ -228,20 +228,30 @@ def atomic_path(final: str | os.PathLike[str], *, overwrite: bool = False) -> It
         raise
 
 
+class _NothingWritten(Exception):
+    """Raised inside :func:`output_folder` to leave no new folder where nothing was written."""
+
+
 @contextmanager
 def output_folder(path: str | os.PathLike[str]) -> Iterator[Path]:
     """The folder to write ``path``'s files into: ``path`` itself when it exists (its files are
     added or replaced one by one, each atomically), else a temporary renamed to ``path`` once the
-    block ends, so a run cut off leaves no folder that looks finished."""
+    block ends, so a run cut off leaves no folder that looks finished, and one that wrote
+    nothing (every item failed) leaves no folder at all."""
     path = Path(path)
     if path.is_dir():
         yield path
         return
     if path.exists() or path.is_symlink():  # a file: said now, not after the work
         raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(path))
-    with atomic_path(path) as tmp:
-        tmp.mkdir()
-        yield tmp
+    try:
+        with atomic_path(path) as tmp:
+            tmp.mkdir()
+            yield tmp
+            if not any(tmp.iterdir()):
+                raise _NothingWritten
+    except _NothingWritten:
+        pass
 
 
 def file_fingerprint(path: str | os.PathLike[str], *, span: int = 1 << 20) -> str:
