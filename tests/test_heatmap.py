@@ -13,6 +13,7 @@ from PIL import Image
 
 from conftest import REGIONS, SLIDE_SIZE
 from wsitools.cli import main
+from wsitools.errors import SlideError, StoreError
 from wsitools.attention import read_attention, write_attention
 from wsitools.heatmap import attention_raster, display_values, draw_heatmap, overlay
 from wsitools.slide import Bounds, open_slide
@@ -202,7 +203,7 @@ def test_heatmap_cli_uses_recorded_paths_and_names_failures(attention_case, tmp_
     rc = main(["heatmap", "--attention", str(att_dir), "--out", str(tmp_path / "a"), "--mpp", "4", "--quiet"])
     assert rc == 0
     assert (tmp_path / "a" / "synth_svs.heatmap.png").is_file() and (tmp_path / "a" / "synth_svs.top_tiles.png").is_file()
-    # A store with other coords only loses the montage; a missing slide fails that slide, named.
+    # A store with other coords only loses the montage; a missing --slide is refused, named.
     wrong = tmp_path / "other.zarr"
     write_patch_store(wrong, coords=np.zeros((1, 2)), tiles=np.zeros((1, 64, 64, 3), np.uint8), tissue_fraction=[1.0],
                       attrs={"slide_id": "synth_svs", "tile_size": 64, "tile_size_level0": 128.0, "mpp_target": 0.5})
@@ -210,7 +211,7 @@ def test_heatmap_cli_uses_recorded_paths_and_names_failures(attention_case, tmp_
     assert out.montage is None and out.heatmap.is_file()
     rc = main(["heatmap", "--attention", str(attention_case["attention"]), "--slide", str(tmp_path / "gone.svs"),
                "--out", str(tmp_path / "c"), "--quiet"])
-    assert rc == 1 and "synth_svs" in capsys.readouterr().err
+    assert rc == 2 and f"--slide {tmp_path / 'gone.svs'}: no such file or folder" in capsys.readouterr().err
 
 
 def test_a_heatmap_run_cut_off_leaves_no_folder_that_looks_finished(attention_case, tmp_path, monkeypatch, capsys):
@@ -445,11 +446,20 @@ def test_heatmap_detections_are_in_qupaths_frame_of_a_slide_with_openslide_bound
     assert len(expected) == 13 * 10 < len(coords)
 
 
+def _storeless(attention: Path, copy: Path) -> Path:
+    """A copy of ``attention`` that records no patch store (a bag written by another tool)."""
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(attention, copy)
+    with h5py.File(copy, "r+") as f:
+        del f.attrs["store_path"]
+    return copy
+
+
 def test_heatmap_without_a_store_refuses_a_slide_the_tiles_do_not_fit(attention_case, blank_svs, tmp_path, capsys):
     """Without a patch store nothing says which slide the attention is of: another slide was
     drawn under it and the detections off that slide were dropped without a word."""
-    att = attention_case["attention"]
-    args = ["heatmap", "--attention", str(att), "--store", str(tmp_path / "none"), "--mpp", "4", "--quiet", "--out"]
+    att = _storeless(attention_case["attention"], tmp_path / "storeless" / "synth_svs.h5")
+    args = ["heatmap", "--attention", str(att), "--mpp", "4", "--quiet", "--out"]
     rc = main([*args, str(tmp_path / "small"), "--slide", str(blank_svs)])
     err = capsys.readouterr().err
     assert rc == 1 and "Traceback" not in err
@@ -479,9 +489,9 @@ def test_heatmap_of_a_slide_without_mpp_takes_the_mpp_its_tiles_were_cut_at(atte
     slides.mkdir()
     write_slide(slides / "synth_svs.svs", size=SLIDE_SIZE, mpp=0.25, regions=REGIONS, fmt="svs",
                 downsamples=(1, 2, 4, 8), write_mpp=False)
-    args = ["heatmap", "--slide", str(slides), "--store", str(tmp_path / "none"), "--mpp", "2", "--min-side", "100",
-            "--top-k", "0", "--quiet"]
-    assert main([*args, "--attention", str(attention_case["attention"]), "--out", str(tmp_path / "h")]) == 0
+    args = ["heatmap", "--slide", str(slides), "--mpp", "2", "--min-side", "100", "--top-k", "0", "--quiet"]
+    storeless = _storeless(attention_case["attention"], tmp_path / "storeless" / "synth_svs.h5")
+    assert main([*args, "--attention", str(storeless), "--out", str(tmp_path / "h")]) == 0
     # 2048 px at 0.25 um/px drawn at 2 um/px: 256 px wide (under a 32 px title, beside the 150 px bar)
     assert Image.open(tmp_path / "h" / "synth_svs.heatmap.png").size == (256 + 150, 300 + 32)
     bare = tmp_path / "bare" / "synth_svs.h5"
@@ -493,6 +503,28 @@ def test_heatmap_of_a_slide_without_mpp_takes_the_mpp_its_tiles_were_cut_at(atte
     assert (f"synth_svs\tfailed\t{slides / 'synth_svs.svs'}: the slide's metadata gives no usable resolution (mpp), "
             f"and attention file {bare} does not record its tiles' geometry (mpp_target, tile_size) to take it from; "
             "pass the slide's patch store with --store") in capsys.readouterr().err
+
+
+def test_a_store_or_slide_given_must_be_there(attention_case, tmp_path, capsys):
+    """A --store or --slide given but missing (a typo) is an error naming it before anything is
+    drawn, not passed over for the slide's own metadata (no montage, no mpp override); a --store
+    folder without the slide's store fails that slide, naming both."""
+    att = attention_case["attention"]
+    base = ["heatmap", "--attention", str(att), "--mpp", "4", "--quiet", "--out", str(tmp_path / "o")]
+    for option, path in (("--store", tmp_path / "nope.zarr"), ("--store", tmp_path / "nodir"),
+                         ("--slide", tmp_path / "nope.svs")):
+        assert main([*base, option, str(path)]) == 2
+        assert capsys.readouterr().err == f"wsitools heatmap: error: {option} {path}: no such file or folder\n"
+    assert not (tmp_path / "o").exists()
+    (tmp_path / "empty").mkdir()
+    assert main([*base, "--store", str(tmp_path / "empty")]) == 1
+    assert (f"synth_svs\tfailed\tslide synth_svs: no patch store synth_svs.zarr in --store {tmp_path / 'empty'}\n"
+            in capsys.readouterr().err)
+    assert not (tmp_path / "o").exists()  # every heatmap failed: no empty --out either
+    with pytest.raises(StoreError, match=f"^{re.escape(str(tmp_path / 'nope.zarr'))}: no such patch store$"):
+        draw_heatmap(att, tmp_path / "api", store_path=tmp_path / "nope.zarr")
+    with pytest.raises(SlideError, match=f"^slide synth_svs: no slide file {re.escape(str(tmp_path / 'nope.svs'))}$"):
+        draw_heatmap(att, tmp_path / "api", slide_path=tmp_path / "nope.svs")
 
 
 def test_two_attention_files_of_one_slide_are_refused_before_drawing(attention_case, tmp_path, capsys):

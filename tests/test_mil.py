@@ -461,6 +461,42 @@ def test_an_output_folder_that_is_or_holds_an_input_is_refused(cohort, trained, 
     assert (trained["abmil"] / "run.json").is_file()
 
 
+def test_overwrite_replaces_only_an_earlier_run_of_the_same_command(tmp_path, capsys):
+    """--overwrite replaces --out as a whole, so it takes only an empty folder or an earlier run
+    of the same command (its run.json or predict.json): any other folder (a user's, the other
+    command's), or a file, is refused in one line and left as it was."""
+    bags = make_bag_cohort(tmp_path / "f", n_slides=12, n_tiles=(10, 20), dim=4, seed=1)
+    labels = _write_labels(tmp_path / "l.csv", bags, ["train"] * 6 + ["val"] * 3 + ["test"] * 3)
+    run, pred = tmp_path / "run", tmp_path / "pred"
+    train_args = ["train", "--features", str(tmp_path / "f"), "--labels", str(labels), "--head", "abmil", "--epochs",
+                  "2", "--bootstrap", "10", "--quiet", "--threads", "1", "--overwrite", "--out"]
+    predict_args = ["predict", "--model", str(run), "--features", str(tmp_path / "f"), "--quiet", "--threads", "1",
+                    "--overwrite", "--out"]
+    run.mkdir()
+    for args, out in ((train_args, run), (train_args, run), (predict_args, pred), (predict_args, pred)):
+        assert main(args + [str(out)]) == 0  # an empty folder, then the earlier run
+    shutil.copytree(run, tmp_path / "run_copy")
+    capsys.readouterr()
+    mine = tmp_path / "mine"
+    (mine / "important").mkdir(parents=True)
+    (mine / "important" / "data.txt").write_text("keep")
+    afile = tmp_path / "afile.txt"
+    afile.write_text("keep")
+    for command, args, other, what in (("train", train_args, pred, "training run (it has no run.json)"),
+                                        ("predict", predict_args, tmp_path / "run_copy",
+                                         "prediction (it has no predict.json)")):
+        for out in (mine, other):
+            assert main(args + [str(out)]) == 2
+            assert capsys.readouterr().err == (
+                f"wsitools {command}: error: {out}: is no wsitools {what}; {command} --overwrite replaces its --out "
+                "as a whole, so give a new or empty folder (or remove this one)\n")
+        assert main(args + [str(afile)]) == 2
+        assert capsys.readouterr().err == (
+            f"wsitools {command}: error: {afile}: is a file, where a folder is needed; give a folder for --out\n")
+    assert (mine / "important" / "data.txt").read_text() == "keep" and afile.read_text() == "keep"
+    assert (pred / "predict.json").is_file() and (tmp_path / "run_copy" / "run.json").is_file()
+
+
 @pytest.mark.parametrize("task_type", ["classification", "regression", "survival"])
 def test_run_reports_resample_patients(task_type):
     """A fold's and the pooled report's intervals resample the slides' patients: 10 patients of

@@ -542,9 +542,16 @@ def test_slurm_dry_run_gives_gpu_rules_a_gpu(tmp_path):
     tune = {"enabled": True, "data": "tiles_by_class", "task": "config/task.yaml", "prompts": ["tvp", "ttp"]}
     work = make_project(tmp_path / "w", config={"device": "auto", "pretrain": {"enabled": True}, "tune": tune})
     (work / "tiles_by_class").mkdir()
-    result = snakemake(work, "--profile", str(SLURM_PROFILE), "-n")
+    dry_run = "--profile <wsitools>/config/profiles/slurm -n --cores 64   # check"  # as docs/cluster.md says
+    assert dry_run in (REPO / "docs" / "cluster.md").read_text()
+    result = snakemake(work, "--profile", str(SLURM_PROFILE), "-n", "--cores", "64")
     assert result.returncode == 0, result.stderr
     out = result.stdout + result.stderr
+    # the profile's set-threads, not the config's threads keys (2, 1, 4) and not capped at one core
+    commands = {line.split()[3]: line.split() for line in out.splitlines() if line.startswith("Shell command: wsitools ")}
+    assert commands["tile"][commands["tile"].index("--workers") + 1] == "4"
+    assert commands["train"][commands["train"].index("--threads") + 1] == "4"
+    assert commands["pretrain"][commands["pretrain"].index("--workers") + 1] == "16"
     assert job_counts(out) == {"tile": 6, "qc_summary": 1, "qc_table": 1, "labels": 1, "train": 1, "heatmap": 1,
                                "metrics_table": 1, "roc": 1, "pretrain_puzzle": 1, "tune_pathotune": 1,
                                "all": 1}
@@ -736,6 +743,7 @@ def test_demo_config_drives_the_workflow(tmp_path, capsys):
         rows.append([f"slide_{i:03d}", str(work / "slides" / f"slide_{i:03d}.svs"), f"patient_{i // 2:03d}",
                      "positive" if (i // 2) % 2 else "negative"])
     write_sheet(work / "samples.tsv", ["slide_id", "path", "patient_id", "label"], rows)
+    (work / demo.COHORT_RECORD).write_text(json.dumps({"slides": 12, "seed": 0}))
     demo.prepare(work, n_slides=12)
     assert "reusing the synthetic cohort" in capsys.readouterr().out
     config = yaml.safe_load((work / "config" / "config.yaml").read_text())
@@ -769,7 +777,7 @@ def test_demo_reuses_its_cohort_and_refuses_another_size_or_seed(tmp_path, capsy
     assert "making a synthetic cohort of 14 slides (seed 3)" in capsys.readouterr().out
     for same in ({}, {"n_slides": 14}, {"seed": 3}, {"n_slides": 14, "seed": 3}):
         demo.prepare(work, **same)
-        assert f"reusing the synthetic cohort of 14 slides, seed 3 in {work}" in capsys.readouterr().out
+        assert f"reusing the synthetic cohort of 14 slides, seed 3 in {work} (delete" in capsys.readouterr().out
     with pytest.raises(ConfigError) as error:
         demo.prepare(work, n_slides=12, seed=4)
     assert str(error.value) == (f"{work} holds a synthetic cohort of 14 slides (seed 3), not the one --slides 12 "
@@ -778,13 +786,49 @@ def test_demo_reuses_its_cohort_and_refuses_another_size_or_seed(tmp_path, capsy
     assert main(["demo", "--out", str(work), "--seed", "5"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "not the one --seed 5 asks for" in err
-    (work / "demo_cohort.json").unlink()  # a cohort made before the record: only its size is known
-    demo.prepare(work)
-    assert f"reusing the synthetic cohort of 14 slides in {work}" in capsys.readouterr().out
-    with pytest.raises(ConfigError, match="holds a synthetic cohort whose seed was not recorded"):
-        demo.prepare(work, seed=5)  # it was reused without a word
-    with pytest.raises(ConfigError, match="holds a synthetic cohort of 14 slides, not the one --slides 16"):
+    with pytest.raises(ConfigError, match=r"holds a synthetic cohort of 14 slides \(seed 3\), not the one --slides 16 "):
         demo.prepare(work, n_slides=16)
+    (work / "demo_cohort.json").write_text('{"slides": 14}')
+    with pytest.raises(ConfigError) as error:
+        demo.prepare(work)
+    assert str(error.value) == (f"{work / 'demo_cohort.json'}: holds no seed of the cohort beside it; delete {work} "
+                                "for a new demo there")
+
+
+def test_demo_refuses_an_out_it_did_not_make(tmp_path, capsys, monkeypatch):
+    """The demo writes its cohort and replaces config/config.yaml and config/task.yaml in --out:
+    a folder it did not make (a project laid out as the README says, with no demo_cohort.json)
+    is refused in one line before anything is written, and so is a file; a missing or empty
+    folder gets a new cohort."""
+    from wsitools import synthetic
+    from wsitools.cli import demo, main
+
+    made = []
+    monkeypatch.setattr(synthetic, "make_cohort", lambda out, **kw: made.append(Path(out)))
+    project = tmp_path / "project"
+    (project / "config").mkdir(parents=True)
+    for name in ("config.yaml", "task.yaml", "samples.tsv"):
+        (project / "config" / name).write_text(f"mine: {name}\n")
+    assert main(["demo", "--out", str(project)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"wsitools demo: error: {project}: is not a folder the demo made (it has no demo_cohort.json, which the "
+        "demo writes first); the demo writes a synthetic cohort and its own config/ into --out, so give a new or "
+        "empty folder (or remove this one)")
+    assert sorted(p.relative_to(project).as_posix() for p in project.rglob("*")) == [
+        "config", "config/config.yaml", "config/samples.tsv", "config/task.yaml"]
+    assert (project / "config" / "config.yaml").read_text() == "mine: config.yaml\n"
+    assert (project / "config" / "task.yaml").read_text() == "mine: task.yaml\n"
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(DataError, match=f"^{tmp_path / 'afile'}: is a file, where a folder is needed; give a folder"):
+        demo.prepare(tmp_path / "afile")
+    assert made == []
+    for fresh in (tmp_path / "empty", tmp_path / "missing"):
+        if fresh.name == "empty":
+            fresh.mkdir()
+        demo.prepare(fresh)
+        assert json.loads((fresh / "demo_cohort.json").read_text()) == {"slides": 12, "seed": 0}
+        assert (fresh / "config" / "config.yaml").read_bytes() == (REPO / "config" / "demo" / "config.yaml").read_bytes()
+    assert made == [tmp_path / "empty", tmp_path / "missing"]
 
 
 def _qc_done(work: Path, status: dict[str, str]) -> None:

@@ -43,7 +43,7 @@ import torch
 
 from wsitools.errors import StoreError
 from wsitools.feature_store import EncoderRecord, FeatureStore, TileGeometry, check_finite
-from wsitools.io import TEMP_PREFIX, atomic_path, write_torch
+from wsitools.io import TEMP_PREFIX, atomic_path, check_own_folder, write_torch
 from wsitools.types import check_slide_id
 
 ExportTarget = Literal["clam", "trident"]
@@ -246,25 +246,24 @@ def _in_layout(rel: Path, path: Path, to: ExportTarget) -> bool:
 
 
 def check_replaceable(out: str | os.PathLike[str], *, to: ExportTarget) -> None:
-    """Refuse an existing ``out`` that is not an export of ``to`` (:class:`StoreError` naming a
-    file that is not an exported one): an export replaces its folder as a whole, which must delete
-    nothing else (another tool's files, CLAM's own features, a TRIDENT job's other outputs). A
-    missing or empty folder, and the temporaries of earlier runs, are fine."""
-    out = Path(out)
-    if not out.exists() and not out.is_symlink():
-        return
-    if not out.is_dir():
-        raise StoreError(f"{out}: is a file, not an export folder; give a folder for --out")
+    """Refuse an existing ``out`` that is not an export of ``to`` (:func:`~wsitools.io.check_own_folder`,
+    naming a file that is not an exported one): an export replaces its folder as a whole, which
+    must delete nothing else (another tool's files, CLAM's own features, a TRIDENT job's other
+    outputs). A missing or empty folder, and the temporaries of earlier runs, are fine."""
+    check_own_folder(out, foreign=lambda folder: _foreign_file(folder, to),
+                     writes="an export replaces its --out as a whole")
+
+
+def _foreign_file(out: Path, to: ExportTarget) -> str | None:
+    """The first file under ``out`` that an export ``to`` does not write, in words (None: there is none)."""
     for root, dirs, files in os.walk(out):
         dirs[:] = sorted(d for d in dirs if not d.startswith(TEMP_PREFIX))
         for name in sorted(files):
             path = Path(root) / name
             if name.startswith(TEMP_PREFIX) or (not path.is_symlink() and _in_layout(path.relative_to(out), path, to)):
                 continue
-            raise StoreError(
-                f"{out}: holds {path.relative_to(out)}, which is no file of a wsitools {to} export; an export "
-                "replaces its --out as a whole, so give a new or empty folder (or remove this one)"
-            )
+            return f"holds {path.relative_to(out)}, which is no file of a wsitools {to} export"
+    return None
 
 
 class _NothingExported(Exception):

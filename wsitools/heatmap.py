@@ -433,7 +433,8 @@ def draw_heatmap(
     and (with a patch store and ``top_k > 0``) ``{slide_id}.top_tiles.png`` into ``out_dir``.
 
     The thumbnail's resolution is :func:`thumbnail_mpp` of ``mpp``, ``min_side`` and
-    ``max_side``. ``store_path`` defaults to the patch store recorded in the attention file.
+    ``max_side``. ``store_path`` defaults to the patch store recorded in the attention file; a
+    store given must be there (a :class:`StoreError` naming it), the recorded one may be gone.
     The store is the record of how the slide was read: the thumbnail comes from the slide
     opened through it (its backend and mpp override, after checking the slide is the file that
     was tiled), so a slide that needed an mpp override gets its heatmap. ``slide_path``
@@ -450,7 +451,8 @@ def draw_heatmap(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     store_file = Path(store_path or amap.attrs.get("store_path") or "")
-    store = PatchStore.open(store_file) if store_file.name and store_file.exists() else None
+    given_or_there = store_path is not None or (store_file.name and store_file.exists())
+    store = PatchStore.open(store_file) if given_or_there else None
     if store is not None and store.slide_id != slide_id:  # its slide would be drawn under this attention
         raise StoreError(f"patch store {store.path} is of slide {store.slide_id}, not {slide_id}; "
                          f"give the store of slide {slide_id}")
@@ -461,7 +463,9 @@ def draw_heatmap(
         raise SlideError(f"slide {slide_id}: no slide file is recorded for it ({where}); pass --slide")
     slide_file = Path(recorded)
     if not slide_file.is_file():
-        raise SlideError(f"slide {slide_id}: slide file {slide_file} not found; pass --slide")
+        if slide_path is not None:
+            raise SlideError(f"slide {slide_id}: no slide file {slide_file}")
+        raise SlideError(f"slide {slide_id}: slide file {slide_file} (recorded for it) not found; pass --slide")
     if store is None:
         log.warning("slide %s: no patch store (%s): the slide is read on its own metadata, no montage",
                     slide_id, store_file if store_file.name else "none recorded")

@@ -11,7 +11,7 @@ import secrets
 import shutil
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
@@ -131,6 +131,23 @@ def check_out_apart(out: str | os.PathLike[str], inputs: dict[str, str | os.Path
             )
 
 
+def check_own_folder(out: str | os.PathLike[str], *, foreign: Callable[[Path], str | None], writes: str) -> None:
+    """Refuse an existing ``out`` that a command writes over but did not make itself, so that it
+    never deletes or replaces a user's files: a file, or a folder of which ``foreign`` (given the
+    folder) says what shows it is not the command's (None: it is). ``writes`` says what the
+    command does to its ``--out``. A missing folder, and one holding nothing but the temporaries
+    of earlier runs, are fine. A :class:`DataError` naming the folder and what is wrong."""
+    out = Path(out)
+    if not out.exists() and not out.is_symlink():
+        return
+    if not out.is_dir():
+        raise DataError(f"{out}: is a file, where a folder is needed; give a folder for --out")
+    if all(p.name.startswith(TEMP_PREFIX) for p in out.iterdir()):
+        return
+    if (problem := foreign(out)) is not None:
+        raise DataError(f"{out}: {problem}; {writes}, so give a new or empty folder (or remove this one)")
+
+
 class LostRace(FileExistsError, WsiToolsError):
     """Another run put a finished ``final`` in place while this one was writing it (one line
     for the user: two runs wrote one output at once)."""
@@ -211,20 +228,30 @@ def atomic_path(final: str | os.PathLike[str], *, overwrite: bool = False) -> It
         raise
 
 
+class _NothingWritten(Exception):
+    """Raised inside :func:`output_folder` to leave no new folder where nothing was written."""
+
+
 @contextmanager
 def output_folder(path: str | os.PathLike[str]) -> Iterator[Path]:
     """The folder to write ``path``'s files into: ``path`` itself when it exists (its files are
     added or replaced one by one, each atomically), else a temporary renamed to ``path`` once the
-    block ends, so a run cut off leaves no folder that looks finished."""
+    block ends, so a run cut off leaves no folder that looks finished, and one that wrote
+    nothing (every item failed) leaves no folder at all."""
     path = Path(path)
     if path.is_dir():
         yield path
         return
     if path.exists() or path.is_symlink():  # a file: said now, not after the work
         raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(path))
-    with atomic_path(path) as tmp:
-        tmp.mkdir()
-        yield tmp
+    try:
+        with atomic_path(path) as tmp:
+            tmp.mkdir()
+            yield tmp
+            if not any(tmp.iterdir()):
+                raise _NothingWritten
+    except _NothingWritten:
+        pass
 
 
 def file_fingerprint(path: str | os.PathLike[str], *, span: int = 1 << 20) -> str:

@@ -287,7 +287,13 @@ def test_heatmap_of_a_bag_that_records_no_slide_says_so(tmp_path, capsys):
     assert "s1\tfailed\tslide s1: no slide file is recorded for it (no patch store either); pass --slide" in err
     rc, err = run(["heatmap", "--attention", att, "--store", tmp_path / "gone.zarr", "--out", tmp_path / "h",
                    "--quiet"], capsys)
-    assert rc == 1
+    assert rc == 2 and err.strip() == f"wsitools heatmap: error: --store {tmp_path / 'gone.zarr'}: no such file or folder"
+    write_attention(att, slide_id="s1", attention=np.full(4, 0.25), coords=np.zeros((4, 2), np.int64),
+                    classes=["a", "b"], probs=np.array([0.5, 0.5]), feature_path=tmp_path / "s1.h5",
+                    provenance={"tile_size_level0": 448.0, "store_path": str(tmp_path / "gone.zarr")},
+                    meta={"head": "abmil"})
+    rc, err = run(["heatmap", "--attention", att, "--out", tmp_path / "h", "--quiet"], capsys)
+    assert rc == 1  # a store recorded, since removed
     assert f"slide s1: no slide file is recorded for it (patch store {tmp_path / 'gone.zarr'} not found)" in err
 
 

@@ -1,7 +1,9 @@
 # Optional: PuzzleTuning prompt pretraining on the patch stores of the usable slides
 # (config: pretrain.enabled). The run folder keeps checkpoints, and the job always passes
 # --resume, so a job cut off by a time limit continues where it stopped when rerun (with the
-# same threads: the loader workers set the batch order, and another count is refused). The
+# same threads: the loader workers set the batch order, and another count is refused; the SLURM
+# profile's set-threads replaces pretrain.threads, so a run resumes under the profile it started
+# with). The
 # patch stores are settings too: a cohort that gained or lost usable slides stops the rerun with
 # one line naming the stores added and removed; delete results/pretrain/puzzle/checkpoints to
 # pretrain on the new cohort (move the folder away first to keep its prompts), or leave the new

@@ -21,13 +21,14 @@ from wsitools.samples import snakemake_command, workflow_dir
 from wsitools.tables import read_table
 from wsitools.cli.options import non_negative_int, positive_int
 from wsitools.errors import ConfigError, WsiToolsError
-from wsitools.io import available_cpus, write_json_atomic
+from wsitools.io import available_cpus, check_own_folder, write_json_atomic
 
 
 DEFAULT_SLIDES = 12
 DEFAULT_SEED = 0
 COHORT_RECORD = "demo_cohort.json"
-"""Beside the demo's samples.tsv: the slide count and seed the cohort was made with."""
+"""Beside the demo's samples.tsv: the slide count and seed the cohort was made with. Written
+first into a new --out, it also marks the folder as the demo's own (:func:`prepare`)."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -37,7 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=__doc__,
     )
     p.add_argument("--out", default="demo_run", metavar="DIR",
-                   help="working directory of the demo run (default: demo_run)")
+                   help="working directory of the demo run: missing, empty or one an earlier demo made "
+                   "(default: demo_run)")
     p.add_argument("--slides", type=positive_int, default=None, metavar="N",
                    help=f"slides of a new synthetic cohort (default {DEFAULT_SLIDES}; even, at least 12); a cohort "
                    "already in --out is reused, and one of another size is refused")
@@ -61,12 +63,17 @@ def _copy_if_changed(src: Path, dst: Path) -> None:
 def prepare(out: Path, *, n_slides: int | None = None, seed: int | None = None) -> None:
     """Write the synthetic cohort (unless ``out`` has one) and the demo's config into ``out``.
 
-    ``n_slides`` and ``seed`` (None: 12 and 0) make a new cohort. An existing cohort is reused
-    as it is, so a second run redoes nothing; a slide count or seed given that differs from
-    the existing cohort's is refused with one line, since the run would otherwise report on
-    another cohort than the one asked for."""
+    ``out`` must be missing, empty or the demo's own folder (it holds :data:`COHORT_RECORD`):
+    the demo replaces ``config/config.yaml`` and ``config/task.yaml`` and runs the workflow
+    there, so another folder (a project of one's own, a checkout) is refused with one line
+    before anything is written. ``n_slides`` and ``seed`` (None: 12 and 0) make a new cohort.
+    An existing cohort is reused as it is, so a second run redoes nothing; a slide count or
+    seed given that differs from the existing cohort's is refused with one line, since the run
+    would otherwise report on another cohort than the one asked for."""
     from wsitools.synthetic import make_cohort
 
+    check_own_folder(out, foreign=_not_the_demos,
+                     writes="the demo writes a synthetic cohort and its own config/ into --out")
     if n_slides is not None and (n_slides < 12 or n_slides % 2):
         raise ConfigError(
             f"--slides {n_slides}: give an even number, at least 12 (two slides per patient; 3 folds "
@@ -76,8 +83,7 @@ def prepare(out: Path, *, n_slides: int | None = None, seed: int | None = None) 
     if sheet.is_file():
         made = _existing_cohort(out)
         _check_reuse(out, made, n_slides=n_slides, seed=seed)
-        seed_note = f", seed {made['seed']}" if made["seed"] is not None else ""
-        print(f"reusing the synthetic cohort of {made['slides']} slides{seed_note} in {out} "
+        print(f"reusing the synthetic cohort of {made['slides']} slides, seed {made['seed']} in {out} "
               f"(delete {sheet} for a new one)")
     else:
         n_slides = DEFAULT_SLIDES if n_slides is None else n_slides
@@ -91,34 +97,37 @@ def prepare(out: Path, *, n_slides: int | None = None, seed: int | None = None) 
     _copy_if_changed(templates / "task.yaml", out / "config" / "task.yaml")
 
 
-def _existing_cohort(out: Path) -> dict[str, int | None]:
-    """The slide count (rows of samples.tsv) and seed (from the cohort's record; None for a
-    cohort made before the record was kept, or a record that cannot be read) of the cohort in
-    ``out``."""
+def _not_the_demos(out: Path) -> str | None:
+    """Why the non-empty folder ``out`` is not the demo's own (None when it is): it lacks the
+    cohort record the demo writes into a new folder first."""
+    if (out / COHORT_RECORD).is_file():
+        return None
+    return f"is not a folder the demo made (it has no {COHORT_RECORD}, which the demo writes first)"
+
+
+def _existing_cohort(out: Path) -> dict[str, int]:
+    """The slide count (rows of samples.tsv) and seed (from the cohort's record) of the cohort
+    in ``out``; a :class:`ConfigError` naming the record when it holds no seed."""
     slides = len(read_table(out / "samples.tsv"))
+    record = out / COHORT_RECORD
     try:
-        seed = json.loads((out / COHORT_RECORD).read_text()).get("seed")
+        seed = json.loads(record.read_text()).get("seed")
     except (OSError, ValueError, AttributeError):
         seed = None
-    return {"slides": slides, "seed": seed if isinstance(seed, int) else None}
+    if not isinstance(seed, int):
+        raise ConfigError(f"{record}: holds no seed of the cohort beside it; delete {out} for a new demo there")
+    return {"slides": slides, "seed": seed}
 
 
-def _check_reuse(out: Path, made: dict[str, int | None], *, n_slides: int | None, seed: int | None) -> None:
-    """Refuse a ``--slides`` or ``--seed`` that differs from the cohort already in ``out``, and a
-    ``--seed`` where the cohort's was not recorded (a cohort of an earlier version)."""
-    if seed is not None and made["seed"] is None:
-        raise ConfigError(
-            f"{out} holds a synthetic cohort whose seed was not recorded (made by an earlier version): leave "
-            f"--seed out to reuse it, or delete {out / 'samples.tsv'} for a new cohort there"
-        )
+def _check_reuse(out: Path, made: dict[str, int], *, n_slides: int | None, seed: int | None) -> None:
+    """Refuse a ``--slides`` or ``--seed`` that differs from the cohort already in ``out``."""
     asked = {"slides": n_slides, "seed": seed}
-    differs = [k for k, v in asked.items() if v is not None and made[k] is not None and v != made[k]]
+    differs = [k for k, v in asked.items() if v is not None and v != made[k]]
     if differs:
-        has = f"{made['slides']} slides" + (f" (seed {made['seed']})" if made["seed"] is not None else "")
         given = " ".join(f"--{k} {asked[k]}" for k in differs)
         raise ConfigError(
-            f"{out} holds a synthetic cohort of {has}, not the one {given} asks for: give another --out, "
-            f"or delete {out / 'samples.tsv'} for a new cohort there"
+            f"{out} holds a synthetic cohort of {made['slides']} slides (seed {made['seed']}), not the one {given} "
+            f"asks for: give another --out, or delete {out / 'samples.tsv'} for a new cohort there"
         )
 
 

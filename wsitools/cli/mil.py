@@ -357,7 +357,10 @@ def _store_for(store_arg: str | None, slide_id: str, n_files: int) -> Path | Non
         if n_files > 1:
             raise DataError("--store names one patch store but several attention files were given; pass a directory")
         return path
-    return path / f"{slide_id}.zarr"
+    store = path / f"{slide_id}.zarr"
+    if not store.exists():
+        raise DataError(f"slide {slide_id}: no patch store {store.name} in --store {path}")
+    return store
 
 
 def _attention_ids(files: list[Path]) -> dict[Path, str]:
@@ -386,6 +389,9 @@ def run_heatmap(args: argparse.Namespace) -> int:
 
     if args.min_side > args.max_side:
         raise DataError(f"--min-side {args.min_side} is larger than --max-side {args.max_side}")
+    for option, given in (("--slide", args.slide), ("--store", args.store)):
+        if given is not None and not Path(given).exists():
+            raise DataError(f"{option} {given}: no such file or folder")
     files = _attention_files(args.attention)
     ids = _attention_ids(files)
     slides = _slides_by_id(args.slide)

@@ -24,7 +24,7 @@ import torch
 from wsitools import __version__
 from wsitools.attention import write_attention
 from wsitools.errors import DataError, ModelError
-from wsitools.io import atomic_path, check_out_apart, write_json_atomic
+from wsitools.io import atomic_path, check_out_apart, check_own_folder, write_json_atomic
 from wsitools.feature_store import (
     EncoderRecord,
     FeatureStore,
@@ -41,6 +41,10 @@ from wsitools.mil.run_folder import load_heads, write_predictions
 from wsitools.types import check_slide_id
 
 log = logging.getLogger(__name__)
+
+RECORD_FILE = "predict.json"
+"""A prediction folder's record (its inputs and what was predicted); it marks a folder that
+``predict --overwrite`` may replace."""
 
 OUTPUT_NAMES = {"survival": "risk", "regression": "prediction"}
 """The predictions column of a survival or regression head (classification: ``prob_{class}``)."""
@@ -239,7 +243,9 @@ def predict(
     ``model_dir``; write ``out_dir/predictions.csv``, ``out_dir/attention/{slide_id}.h5`` and
     ``out_dir/predict.json``. A slide whose bag is missing or unusable is skipped with a warning
     naming it (an error with ``strict``). ``device``: ``auto`` (CUDA when available), ``cpu`` or
-    ``cuda`` (a :class:`ModelError` when there is no GPU).
+    ``cuda`` (a :class:`ModelError` when there is no GPU). An existing ``out_dir`` is replaced
+    only with ``overwrite``, and only when it is empty or an earlier prediction (it holds a
+    ``predict.json``); anything else, a file included, is a :class:`DataError` naming it.
 
     Heads trained on patient bags pool the same way: ``patients`` (a table with ``slide_id`` and
     ``patient_id``) groups the slides, each patient's usable slides are concatenated into one
@@ -270,6 +276,10 @@ def predict(
                               "--ivp-features": ivp_features_dir})
     if out_dir.exists() and not overwrite:
         raise DataError(f"output {out_dir} exists; use --overwrite to replace it")
+    check_own_folder(
+        out_dir, writes="predict --overwrite replaces its --out as a whole",
+        foreign=lambda folder: None if (folder / RECORD_FILE).is_file() else f"is no wsitools prediction (it has no {RECORD_FILE})",
+    )
     skipped: dict[str, str] = {}
     groups = _bag_groups(wanted, patients, bagging=bagging, model_dir=model_dir, skipped=skipped, strict=strict)
     _check_some_encoder_matches(first, wanted, stores, model_dir=model_dir)
@@ -331,7 +341,7 @@ def predict(
             raise DataError(f"no slide could be predicted from {features_dir}: {_skipped_summary(skipped)}")
         write_predictions(tmp / "predictions.csv", rows, classes)
         write_json_atomic(
-            tmp / "predict.json",
+            tmp / RECORD_FILE,
             {
                 "model_dir": str(Path(model_dir).resolve()),
                 "features_dir": str(Path(features_dir).resolve()),

@@ -40,7 +40,7 @@ import torch
 
 from wsitools.errors import DataError, ModelError, one_line
 from wsitools.feature_store import TileGeometry
-from wsitools.io import atomic_path, remove_path, write_json_atomic
+from wsitools.io import atomic_path, check_own_folder, remove_path, write_json_atomic
 from wsitools.mil.head_folder import WEIGHTS_FILE, SavedHead, load_head
 from wsitools.tables import write_table
 
@@ -75,12 +75,15 @@ def partial_dir(out_dir: str | os.PathLike[str]) -> Path:
 def writing(out_dir: str | os.PathLike[str], *, overwrite: bool = False, resume: bool = False) -> Iterator[Path]:
     """Yield a folder (with its ``attention/``) to write the run ``out_dir`` into, and rename it
     to ``out_dir`` when the block ends; an existing ``out_dir`` is replaced only with
-    ``overwrite``, and only then. The folder is a run-unique temporary, removed on an error or
-    when the block did not write the run's record; with ``resume`` it is :func:`partial_dir`,
-    created when missing (a partial folder without its :data:`PARTIAL_RECORD` is started
-    afresh: it was cut off before it recorded anything) and kept on an error, for the next run
-    to continue."""
+    ``overwrite``, and only when it is empty or an earlier run (it holds a :data:`RECORD_FILE`):
+    anything else is refused first (:func:`check_replaceable`). The folder is a run-unique
+    temporary, removed on an error or when the block did not write the run's record; with
+    ``resume`` it is :func:`partial_dir`, created when missing (a partial folder without its
+    :data:`PARTIAL_RECORD` is started afresh: it was cut off before it recorded anything) and
+    kept on an error, for the next run to continue."""
     out_dir = Path(out_dir)
+    if overwrite:
+        check_replaceable(out_dir)
     if not resume:
         with atomic_path(out_dir, overwrite=overwrite) as tmp:
             attention_dir(tmp).mkdir(parents=True)
@@ -96,6 +99,16 @@ def writing(out_dir: str | os.PathLike[str], *, overwrite: bool = False, resume:
     (folder / PARTIAL_RECORD).unlink(missing_ok=True)
     with atomic_path(out_dir, overwrite=overwrite) as tmp:
         os.rename(folder, tmp)
+
+
+def check_replaceable(out_dir: str | os.PathLike[str]) -> None:
+    """Refuse an ``out_dir`` that ``train --overwrite`` may not replace: a file, or a folder that
+    is neither empty nor a training run (no :data:`RECORD_FILE`), whose files the run would
+    delete (:func:`~wsitools.io.check_own_folder`)."""
+    check_own_folder(
+        out_dir, writes="train --overwrite replaces its --out as a whole",
+        foreign=lambda folder: None if (folder / RECORD_FILE).is_file() else f"is no wsitools training run (it has no {RECORD_FILE})",
+    )
 
 
 def _check_written(out_dir: Path, folder: Path) -> None:
