@@ -495,6 +495,11 @@ def test_overwrite_replaces_only_an_earlier_run_of_the_same_command(tmp_path, ca
             f"wsitools {command}: error: {afile}: is a file, where a folder is needed; give a folder for --out\n")
     assert (mine / "important" / "data.txt").read_text() == "keep" and afile.read_text() == "keep"
     assert (pred / "predict.json").is_file() and (tmp_path / "run_copy" / "run.json").is_file()
+    # train refuses such an --out before it reads anything (here a features folder without stores).
+    (tmp_path / "empty").mkdir()
+    no_features = [str(tmp_path / "empty") if a == str(tmp_path / "f") else a for a in train_args]
+    assert main(no_features + [str(mine)]) == 2
+    assert "is no wsitools training run" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("task_type", ["classification", "regression", "survival"])

@@ -780,6 +780,8 @@ def _check_options(
     """Refuse settings that cannot make a run, before anything is read."""
     if out_dir.exists() and not overwrite:
         raise DataError(f"output {out_dir} exists; use --overwrite to replace it")
+    if overwrite:
+        run_folder.check_replaceable(out_dir)
     if ivp_features_dir is not None and "ivp" not in prompts:
         raise DataError("--ivp-features is used by the 'ivp' prompt; add ivp to --prompts")
     if task_type != "classification" and config.balance == "sampling":
