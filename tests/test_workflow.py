@@ -507,6 +507,29 @@ def test_slide_glob_cohort_makes_tiles_and_features_only(tmp_path):
     assert result.returncode != 0 and "tasks need labels" in result.stdout + result.stderr
 
 
+def test_a_slide_replaced_by_an_older_file_is_tiled_again(tmp_path):
+    """Snakemake's mtime trigger reruns a job only for a newer input: a slide file replaced by
+    another one with an older mtime (`cp -p`, a restore) is tiled again through the tile rule's
+    record of the file's size and mtime, and its QC record then describes the new file."""
+    work = make_project(tmp_path / "w", n=1, config={"slides_glob": "slides/*.svs", "tasks": {}, "heads": {}})
+    result = snakemake(work, "--cores", "1")
+    assert result.returncode == 0, result.stderr
+    qc = work / "results" / "tiles" / "s0.qc.json"
+    assert json.loads(qc.read_text())["status"] == "no_tissue"
+    slide = work / "slides" / "s0.svs"
+    old = slide.stat().st_mtime_ns - 3_600 * 10**9
+    shutil.copyfile(FIXTURES / "unreadable.svs", slide)  # another file of the same size
+    os.utime(slide, ns=(old, old))
+    result = snakemake(work, "-n")
+    assert result.returncode == 0, result.stderr
+    assert job_counts(result.stdout)["tile"] == 1
+    assert "Params have changed since last execution" in result.stdout
+    result = snakemake(work, "--cores", "1")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(qc.read_text())["status"] == "failed"
+    assert "Nothing to be done" in snakemake(work, "-n").stdout
+
+
 def test_tile_jobs_get_the_configured_codec(tmp_path):
     glob = {"slides_glob": "slides/*.svs", "tasks": {}, "heads": {}}
     commands = {}

@@ -144,6 +144,20 @@ def _check_files(samples: Sequence[Sample], source: str) -> None:
         seen[real] = s
 
 
+def slide_file_state(path: str | os.PathLike[str]) -> str:
+    """A slide file's size and modification time, as the workflow's tile rule records them (a
+    ``params`` value, which Snakemake's params trigger compares with the one of the finished job).
+
+    Snakemake's own trigger tiles a slide again only when its file is newer than the slide's QC
+    record; a file replaced by another with an older modification time (``cp -p``, ``rsync -a``,
+    a restore from a backup) would otherwise keep the old slide's store, features and heads.
+    A stat, no read: planning a cohort of thousands of slides stays fast. A file touched or
+    copied with its bytes unchanged is tiled again and keeps its store (the tiler compares the
+    slide's fingerprint), so nothing after tiling reruns."""
+    st = os.stat(path)
+    return f"{st.st_size} bytes, modified {st.st_mtime_ns} ns"
+
+
 def read_samples(path: str | os.PathLike[str], *, check_files: bool = True) -> list[Sample]:
     """Read and validate a samples sheet (TSV with a header row).
 
