@@ -391,6 +391,34 @@ def test_labels_keep_usable_labelled_slides_only(tmp_path):
         write_labels(samples, usable=["s0"], columns={"label": "stage"}, out=out)
 
 
+def test_labels_refuse_one_slide_under_two_ids_as_copies(tmp_path):
+    """A byte copy of a slide under another id (not a link, which the sheet's check catches) is
+    found by the slide fingerprint the patch stores record, before a labels table puts the two
+    in the training and the test part of one fold."""
+    from wsitools.tiling import tile_slide
+
+    (tmp_path / "slides").mkdir()
+    files = {"a": "small.svs", "b": "boxes.tiff", "c": "small.svs"}
+    samples = []
+    for i, (slide_id, fixture) in enumerate(files.items()):
+        path = tmp_path / "slides" / f"{slide_id}{Path(fixture).suffix}"
+        shutil.copyfile(FIXTURES / fixture, path)
+        tile_slide(path, tmp_path / "tiles", slide_id=slide_id, mpp_override=0.5, progress=False)
+        samples.append(Sample(slide_id, str(path), f"p{i}", fields={"label": ("neg", "pos", "pos")[i]}))
+    out = tmp_path / "labels.tsv"
+    with pytest.raises(DataError) as caught:
+        write_labels(samples, usable=["a", "b", "c"], columns={"label": "label"}, out=out, tiles_dir=tmp_path / "tiles")
+    assert str(caught.value) == (
+        f"slides 'a' ({tmp_path}/slides/a.svs) and 'c' ({tmp_path}/slides/c.svs) are copies of one slide file "
+        "(the same size and the same first and last MiB); list each slide once in the samples sheet"
+    )
+    assert not out.exists()
+    rows = write_labels(samples, usable=["a", "b"], columns={"label": "label"}, out=out, tiles_dir=tmp_path / "tiles")
+    assert [r["slide_id"] for r in rows] == ["a", "b"]  # distinct files pass
+    rows = write_labels(samples, usable=["a", "b", "c"], columns={"label": "label"}, out=out)
+    assert [r["slide_id"] for r in rows] == ["a", "b", "c"]  # no stores to compare: not checked
+
+
 # --- the workflow: config, dry runs, lint --------------------------------------------------------
 
 
