@@ -655,6 +655,20 @@ def test_dry_run_lists_tuning_on_a_tile_table_before_and_after_qc(tmp_path):
     assert f"--stores {stores} --out" in pretrain
 
 
+@pytest.mark.parametrize("data", ["tiles.tsv", "Tiles.CSV"])
+def test_tuning_data_is_a_tile_table_by_the_commands_suffix_rule(tmp_path, data):
+    """`tune: data:` is a tile table for every suffix `wsitools tune pathotune` takes as one (.csv,
+    .tsv, in any case): the job gets the usable slides' stores, after QC."""
+    tune = {"enabled": True, "data": data, "prompts": ["tvp"]}
+    work = make_project(tmp_path / "w", n=2, config={"tasks": {}, "heads": {}, "tune": tune})
+    (work / data).write_text("slide_id\tx\ty\tlabel\ns0\t0\t0\tneg\n")
+    _qc_done(work, {"s0": "ok", "s1": "failed"})
+    result = snakemake(work, "-n", "--printshellcmds")
+    assert result.returncode == 0, result.stderr
+    tune_cmd = next(line for line in result.stdout.splitlines() if "wsitools tune pathotune " in line)
+    assert f"--data {data}  --stores results/tiles/s0.zarr --encoder" in tune_cmd
+
+
 def test_every_slurm_job_asks_for_a_gpu_exactly_on_the_gpu_partition(tmp_path):
     """Whole DAG (tiles done): a job asking for a GPU on a CPU partition never starts, and a GPU
     node held by a job that uses no GPU is wasted."""

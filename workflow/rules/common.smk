@@ -21,6 +21,7 @@ from wsitools.samples import (
     check_encoders, check_features_current, check_features_own, check_whole_numbers, config_error, load_samples,
     slide_file_state,
 )
+from wsitools.tables import is_tile_table
 from wsitools.text import load_task
 
 
@@ -321,8 +322,9 @@ def get_tune_inputs(wildcards):
 
 
 def tunes_on_tile_table():
-    """Whether PathoTune's `data` is a tile table (CSV) naming tiles of the cohort's stores."""
-    return config["tune"]["data"].endswith(".csv")
+    """Whether PathoTune's `data` is a tile table (CSV or TSV, the command's rule) naming tiles
+    of the cohort's stores."""
+    return is_tile_table(config["tune"]["data"])
 
 
 def get_tune_qc(wildcards):
