@@ -524,6 +524,23 @@ def test_bad_samples_sheet_fails_before_any_job(tmp_path):
     assert not (work / "results").exists()
 
 
+def test_a_feature_encoder_without_its_weight_file_fails_before_any_job(tmp_path):
+    """A card whose weight file is not fetched stops the run once, with the message each
+    slide's extraction job would give, not one failed job per slide."""
+    models = tmp_path / "models"  # cards of their own: the checkout's models/ may hold fetched weights
+    models.mkdir()
+    for card in ("efficientnet-lite0-imagenet", "uni"):
+        shutil.copyfile(REPO / "models" / f"{card}.yaml", models / f"{card}.yaml")
+    work = make_project(tmp_path / "w", config={"models_dir": str(models),
+                                                "features": {"encoders": ["efficientnet-lite0-imagenet", "uni"]}})
+    result = snakemake(work, "-n")
+    assert result.returncode != 0
+    weight = models / "uni-pytorch_model.bin"
+    assert (f"config: features: encoders: uni: {weight}: backbone weight file of encoder 'uni' not found; "
+            "run `wsitools encoders fetch uni` or download https://") in result.stdout + result.stderr
+    assert "Job stats" not in result.stdout
+
+
 def test_slide_glob_cohort_makes_tiles_and_features_only(tmp_path):
     work = make_project(tmp_path / "w", config={"slides_glob": "slides/*.svs", "tasks": {}, "heads": {}})
     result = snakemake(work, "-n", "--printshellcmds")

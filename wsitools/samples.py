@@ -14,12 +14,12 @@ import glob
 import math
 import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from wsitools.encoders.cards import card_encoder_hash, find_card, precision_hash
+from wsitools.encoders.cards import card_encoder_hash, check_weight_file, find_card, precision_hash
 from wsitools.errors import DataError, ModelError, StoreError, WsiToolsError, error_line, schema_problem
 from wsitools.io import read_user_text
 from wsitools.types import MPP_MAX, MPP_MIN, MicronsPerPixel, check_slide_id, slide_id_from_path
@@ -261,12 +261,20 @@ def check_whole_numbers(config: Mapping[str, Any], schema: str | os.PathLike[str
     raise DataError(config_error(error))
 
 
-def check_encoders(encoders: Mapping[str, str], *, models_dir: str | None) -> None:
+def check_encoders(
+    encoders: Mapping[str, str], *, models_dir: str | None, with_weights: Collection[str] = ()
+) -> None:
     """Check that every encoder the config names has a valid card (``encoders``: config key ->
-    card name or card file), before any slide is tiled; a :class:`DataError` names the key."""
+    card name or card file), and that the cards of the keys in ``with_weights`` (the feature
+    encoders, which a job per slide loads) have their weight files (a stat each, as extraction
+    checks them first), before any slide is tiled: a missing file would otherwise fail every
+    slide's extraction with one message. A :class:`DataError` names the key."""
     for key, name in encoders.items():
         try:
-            find_card(name, models_dir=models_dir or None)
+            card = find_card(name, models_dir=models_dir or None)
+            if key in with_weights:
+                for weight in card.weights:
+                    check_weight_file(card, weight)
         except ModelError as exc:
             raise DataError(f"config: {key}: {exc}") from None
 
@@ -277,8 +285,8 @@ def check_features_current(features_dir: str | os.PathLike[str], encoders: Seque
     changed it would go on training on the old card's features (and later mix both). A
     :class:`DataError` names the folder and what to do. Reads one store's attributes per
     encoder; either compute precision passes (a new ``features: precision`` is a setting that
-    Snakemake itself re-extracts for); cards of a kind (PathoTune) and cards with a weight file
-    missing are left to extraction."""
+    Snakemake itself re-extracts for); cards of a kind (PathoTune) are left to extraction, and
+    cards with a weight file missing to :func:`check_encoders`."""
     from wsitools.feature_store import FeatureStore
 
     for name in encoders:
