@@ -345,3 +345,13 @@ def test_a_copied_or_touched_slide_keeps_its_store_and_qc_record(synthetic_svs, 
     with pytest.raises(StoreError, match=r"s\.zarr: exists with other parameters \(slide_fingerprint, slide_mtime, "
                        r"slide_size\)"):
         tile_slide(slide, tmp_path / "tTrue", params(), progress=False)
+
+
+def test_tiling_warns_when_the_mpp_override_is_far_from_the_metadata(blank_svs, tmp_path, caplog):
+    record = tile_slide(blank_svs, tmp_path / "tiles", mpp_override=0.3, progress=False)
+    assert record["mpp"] == 0.3
+    warnings = [r.getMessage() for r in caplog.records if "mpp override" in r.getMessage()]
+    assert warnings == [
+        f"{blank_svs}: the mpp override 0.3 um/px differs from the slide's metadata mpp 0.25 um/px by 20%; "
+        "the override is used (check the samples sheet's mpp column or --mpp-override)"
+    ]

@@ -162,8 +162,8 @@ def read_samples(path: str | os.PathLike[str], *, check_files: bool = True) -> l
     """Read and validate a samples sheet (TSV with a header row).
 
     Required columns: ``slide_id`` and ``path``; optional: ``patient_id`` (defaults to the slide
-    id, so splits are per slide), ``label`` and ``mpp`` (an override for slides whose metadata
-    lacks a resolution); other columns are kept in :attr:`Sample.fields`. Relative slide paths
+    id, so splits are per slide), ``label`` and ``mpp`` (an override of the slide's metadata
+    mpp, for slides whose metadata lacks one); other columns are kept in :attr:`Sample.fields`. Relative slide paths
     are relative to the working directory (the workflow's convention). Blank lines and lines
     starting with ``#`` are skipped.
     """

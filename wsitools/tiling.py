@@ -459,6 +459,9 @@ def tile_slide(
     store_path = out / f"{slide_id}.zarr"
     out.mkdir(parents=True, exist_ok=True)
     with open_slide(path, backend=backend, mpp_override=mpp_override) as slide:
+        conflict = slide.mpp_override_conflict()
+        if conflict is not None:
+            log.warning("%s", conflict)
         geometry = tile_geometry(slide, params)
         if geometry.scale * ENLARGE_WARNING < 1:
             log.warning(
