@@ -19,7 +19,9 @@ import yaml
 
 from wsitools.labels import check_outcome_labels, task_columns, write_labels
 from wsitools.report import QC_COLUMNS, plot_outcomes, plot_roc, qc_report, usable_slides, write_metrics_table, write_qc_html, write_qc_summary
-from wsitools.samples import Sample, config_error, read_samples, samples_from_glob, snakemake_command
+from wsitools.samples import (
+    Sample, config_error, read_samples, run_failure_line, samples_from_glob, snakemake_command,
+)
 from wsitools.tables import read_table, write_table
 from wsitools.errors import ConfigError, DataError, WsiToolsError
 from wsitools.metrics import METRICS, binary_auroc, roc_points
@@ -419,6 +421,18 @@ def test_labels_refuse_one_slide_under_two_ids_as_copies(tmp_path):
     assert [r["slide_id"] for r in rows] == ["a", "b", "c"]  # no stores to compare: not checked
 
 
+def test_labels_that_are_no_class_say_how_many_slides_are_not_listed():
+    from wsitools.labels import check_labels_are_classes
+
+    labelled = [(f"s{i}", "Tumour") for i in range(7)] + [("s9", "tumor")]
+    with pytest.raises(DataError) as caught:
+        check_labels_are_classes(labelled, ["normal", "tumor"], what="labels in column 'label'", task="task.yaml")
+    assert str(caught.value) == (
+        "labels in column 'label' that are not classes of task.yaml (normal, tumor): 'Tumour' (slides s0, s1, s2, "
+        "s3, s4 and 2 more); fix the labels or add the classes to the task file"
+    )
+
+
 # --- the workflow: config, dry runs, lint --------------------------------------------------------
 
 
@@ -573,6 +587,31 @@ def test_a_slide_replaced_by_an_older_file_is_tiled_again(tmp_path):
     assert result.returncode == 0, result.stderr
     assert json.loads(qc.read_text())["status"] == "failed"
     assert "Nothing to be done" in snakemake(work, "-n").stdout
+
+
+def test_a_stopped_run_is_not_said_to_have_a_failed_job(tmp_path):
+    """A run stopped by a signal (a SIGTERM here, which lets the running job finish; Ctrl-C
+    ends the same way) ends with a line saying so, not one blaming a job; a failed job's line
+    names its log."""
+    import signal
+
+    work = make_project(tmp_path / "w", n=3, config={"slides_glob": "slides/*.svs", "tasks": {}, "heads": {}})
+    run = subprocess.Popen(snakemake_command(work, "--cores", "1"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True)
+    lines = []
+    for line in run.stdout:
+        lines.append(line)
+        if line.startswith("localrule tile:"):
+            run.send_signal(signal.SIGTERM)
+            break
+    output = "".join(lines) + run.communicate(timeout=120)[0]
+    assert run.returncode != 0
+    assert ("wsitools workflow: the run stopped before it finished and no job failed (interrupted, or see the "
+            "error above); run snakemake again to finish") in output
+    assert "failed (see the error above)" not in output
+    assert run_failure_line([["logs/labels/t.log"]]) == (
+        "wsitools workflow: a job failed (see the error above); logs: logs/labels/t.log")
+    assert run_failure_line([["a.log"], []]) == "wsitools workflow: 2 jobs failed (see the error above); logs: a.log"
 
 
 def test_tile_jobs_get_the_configured_codec(tmp_path):

@@ -159,7 +159,7 @@ def check_labels_are_classes(
         return " ".join(text.split()).casefold()
 
     written = {spelling(c): c for c in classes}
-    listing = "; ".join(f"{label!r} (slides {', '.join(ids[:5])})" for label, ids in unknown.items())
+    listing = "; ".join(f"{label!r} (slides {_first(ids, 5)})" for label, ids in unknown.items())
     variants = [f"{label!r} is class {written[spelling(label)]!r} in another case or spacing"
                 for label in unknown if spelling(label) in written]
     hint = f" ({'; '.join(variants)}: labels must be written as the classes are)" if variants else ""
@@ -286,7 +286,7 @@ def read_labels(path: str | os.PathLike[str], *, task_type: TaskType = "classifi
     for name, flags in (("split", has_split), ("fold", has_fold)):
         if any(flags) and not all(flags):
             missing = [r.slide_id for r, f in zip(rows, flags) if not f]
-            raise DataError(f"labels table {path}: {name} is empty for slides {', '.join(missing[:10])}")
+            raise DataError(f"labels table {path}: {name} is empty for slides {_first(missing, 10)}")
     return rows
 
 
@@ -369,6 +369,13 @@ def check_distinct_slides(
                 "of one slide file (the same size and the same first and last MiB); list each slide once in "
                 "the samples sheet"
             )
+
+
+def _first(ids: Sequence[str], shown: int) -> str:
+    """The first ``shown`` of ``ids``, comma-separated, and how many more there are: a message
+    stays one line and still says how many slides it is about."""
+    more = f" and {len(ids) - shown} more" if len(ids) > shown else ""
+    return ", ".join(ids[:shown]) + more
 
 
 def task_columns(task_type: TaskType, *, label_column: str, time_column: str, event_column: str) -> dict[str, str]:

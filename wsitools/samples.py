@@ -96,6 +96,20 @@ def run_script(
     Path(log).write_text(summary + "\n")
 
 
+def run_failure_line(failed_logs: Sequence[Sequence[str]]) -> str:
+    """The workflow's last line for a run that did not succeed (``failed_logs``: the log files of
+    each job that failed): the failed jobs' logs, or, when no job failed, that the run was
+    stopped (Ctrl-C, a kill of snakemake, or Snakemake's own error printed above), which the
+    next run finishes."""
+    if not failed_logs:
+        return ("wsitools workflow: the run stopped before it finished and no job failed (interrupted, or "
+                "see the error above); run snakemake again to finish")
+    logs = [log for job in failed_logs for log in job]
+    where = f"; logs: {', '.join(logs)}" if logs else ""
+    jobs = "a job" if len(failed_logs) == 1 else f"{len(failed_logs)} jobs"
+    return f"wsitools workflow: {jobs} failed (see the error above){where}"
+
+
 def _parse_mpp(text: str, where: str) -> MicronsPerPixel | None:
     if not text.strip():
         return None

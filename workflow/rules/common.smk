@@ -19,7 +19,7 @@ from wsitools.report import qc_report
 from wsitools.report import usable_slides as qc_usable_slides
 from wsitools.samples import (
     check_encoders, check_features_current, check_features_own, check_whole_numbers, config_error, load_samples,
-    slide_file_state,
+    run_failure_line, slide_file_state,
 )
 from wsitools.tables import is_tile_table
 from wsitools.text import load_task
