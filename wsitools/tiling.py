@@ -530,12 +530,12 @@ def _finish(out: Path, record: dict[str, Any]) -> dict[str, Any]:
 
 def _failed(out: Path, slide_id: str, path: Path, reason: str) -> dict[str, Any]:
     """Record a failed slide: its QC record, and no tissue QC files unless a finished store is there.
-    Its slide path is absolute (links resolved), as a tiled slide's (its store's) is: one form in
-    the QC table."""
+    Its slide path is absolute (links resolved; a link loop kept as it is), as a tiled slide's
+    (its store's) is: one form in the QC table."""
     if not (out / f"{slide_id}.zarr").exists():
         for suffix in (".tissue.png", ".geojson"):
             remove_path(out / f"{slide_id}{suffix}")
-    return _finish(out, _qc_record(slide_id, path.resolve(), "failed", reason))
+    return _finish(out, _qc_record(slide_id, Path(os.path.realpath(path)), "failed", reason))
 
 
 def _tile_one(path: Path, slide_id: str, out: Path, params: TilingParams, kwargs: dict[str, Any]) -> dict[str, Any]:
