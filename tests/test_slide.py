@@ -115,6 +115,25 @@ def test_missing_mpp_needs_an_override(tmp_path):
         open_slide(path, mpp_override=50)
 
 
+def test_an_mpp_override_far_from_the_metadata_is_named(synthetic_svs, tmp_path, fixtures_dir):
+    """The override wins; one that differs from the slide's own mpp by more than 5 % (a column
+    of nominal values filled in for every slide) is named, with both values."""
+    with open_slide(synthetic_svs, mpp_override=0.5) as s:  # the metadata says 0.25
+        assert s.mpp == 0.5
+        assert s.mpp_override_conflict() == (
+            f"{synthetic_svs}: the mpp override 0.5 um/px differs from the slide's metadata mpp 0.25 um/px by "
+            "100%; the override is used (check the samples sheet's mpp column or --mpp-override)"
+        )
+    for override in (0.26, None):  # within 5 %, or none
+        with open_slide(synthetic_svs, mpp_override=override) as s:
+            assert s.mpp_override_conflict() is None
+    nompp = write_slide(tmp_path / "nompp.tiff", size=(512, 512), mpp=0.5, regions=(), write_mpp=False, downsamples=(1,))
+    with open_slide(nompp, mpp_override=0.25) as s:  # nothing to compare with
+        assert s.mpp_override_conflict() is None
+    with open_slide(fixtures_dir / "boxes.tiff", mpp_override=0.5) as s:  # implausible metadata (352 um/px)
+        assert s.mpp_override_conflict() is None
+
+
 def test_mpp_x_and_y_must_agree(tmp_path):
     import tifffile
 

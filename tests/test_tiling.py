@@ -345,3 +345,40 @@ def test_a_copied_or_touched_slide_keeps_its_store_and_qc_record(synthetic_svs, 
     with pytest.raises(StoreError, match=r"s\.zarr: exists with other parameters \(slide_fingerprint, slide_mtime, "
                        r"slide_size\)"):
         tile_slide(slide, tmp_path / "tTrue", params(), progress=False)
+
+
+def test_tiling_warns_when_the_mpp_override_is_far_from_the_metadata(blank_svs, tmp_path, caplog):
+    record = tile_slide(blank_svs, tmp_path / "tiles", mpp_override=0.3, progress=False)
+    assert record["mpp"] == 0.3
+    warnings = [r.getMessage() for r in caplog.records if "mpp override" in r.getMessage()]
+    assert warnings == [
+        f"{blank_svs}: the mpp override 0.3 um/px differs from the slide's metadata mpp 0.25 um/px by 20%; "
+        "the override is used (check the samples sheet's mpp column or --mpp-override)"
+    ]
+
+
+def test_failed_and_tiled_slides_record_their_paths_in_one_form(blank_svs, fixtures_dir, tmp_path, monkeypatch):
+    """The QC table's slide_path is absolute for a slide that failed as for one that was tiled,
+    whatever form the samples sheet gave."""
+    from wsitools.tiling import tile_slides
+
+    monkeypatch.chdir(tmp_path)
+    Path("slides").mkdir()
+    shutil.copyfile(fixtures_dir / "unreadable.svs", "slides/bad.svs")
+    shutil.copyfile(blank_svs, "slides/blank.svs")
+    records = tile_slides(["slides/bad.svs", "slides/blank.svs"], "tiles", progress=False)
+    assert [(r["status"], r["slide_path"]) for r in records] == [
+        ("failed", str(tmp_path.resolve() / "slides" / "bad.svs")),
+        ("no_tissue", str(tmp_path.resolve() / "slides" / "blank.svs")),
+    ]
+    assert json.loads(Path("tiles/bad.qc.json").read_text())["slide_path"] == str(tmp_path.resolve() / "slides" / "bad.svs")
+
+
+def test_a_blank_slide_is_not_called_a_greyscale_scan(blank_svs, tmp_path, caplog):
+    """What is known of a slide without any colour is that every pixel is grey, not why."""
+    record = tile_slide(blank_svs, tmp_path / "tiles", progress=False)
+    assert record["status"] == "no_tissue"
+    assert [r.getMessage() for r in caplog.records if "no tissue found" in r.getMessage()] == [
+        f"{blank_svs}: no tissue found: every pixel of the slide is grey (no colour at all: a greyscale scan or a "
+        "blank image), and tissue is found by its colour saturation"
+    ]

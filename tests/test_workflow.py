@@ -19,7 +19,9 @@ import yaml
 
 from wsitools.labels import check_outcome_labels, task_columns, write_labels
 from wsitools.report import QC_COLUMNS, plot_outcomes, plot_roc, qc_report, usable_slides, write_metrics_table, write_qc_html, write_qc_summary
-from wsitools.samples import Sample, config_error, read_samples, samples_from_glob, snakemake_command
+from wsitools.samples import (
+    Sample, config_error, read_samples, run_failure_line, samples_from_glob, snakemake_command,
+)
 from wsitools.tables import read_table, write_table
 from wsitools.errors import ConfigError, DataError, WsiToolsError
 from wsitools.metrics import METRICS, binary_auroc, roc_points
@@ -391,6 +393,46 @@ def test_labels_keep_usable_labelled_slides_only(tmp_path):
         write_labels(samples, usable=["s0"], columns={"label": "stage"}, out=out)
 
 
+def test_labels_refuse_one_slide_under_two_ids_as_copies(tmp_path):
+    """A byte copy of a slide under another id (not a link, which the sheet's check catches) is
+    found by the slide fingerprint the patch stores record, before a labels table puts the two
+    in the training and the test part of one fold."""
+    from wsitools.tiling import tile_slide
+
+    (tmp_path / "slides").mkdir()
+    files = {"a": "small.svs", "b": "boxes.tiff", "c": "small.svs"}
+    samples = []
+    for i, (slide_id, fixture) in enumerate(files.items()):
+        path = tmp_path / "slides" / f"{slide_id}{Path(fixture).suffix}"
+        shutil.copyfile(FIXTURES / fixture, path)
+        tile_slide(path, tmp_path / "tiles", slide_id=slide_id, mpp_override=0.5, progress=False)
+        samples.append(Sample(slide_id, str(path), f"p{i}", fields={"label": ("neg", "pos", "pos")[i]}))
+    out = tmp_path / "labels.tsv"
+    with pytest.raises(DataError) as caught:
+        write_labels(samples, usable=["a", "b", "c"], columns={"label": "label"}, out=out, tiles_dir=tmp_path / "tiles")
+    assert str(caught.value) == (
+        f"slides 'a' ({tmp_path}/slides/a.svs) and 'c' ({tmp_path}/slides/c.svs) are copies of one slide file "
+        "(the same size and the same first and last MiB); list each slide once in the samples sheet"
+    )
+    assert not out.exists()
+    rows = write_labels(samples, usable=["a", "b"], columns={"label": "label"}, out=out, tiles_dir=tmp_path / "tiles")
+    assert [r["slide_id"] for r in rows] == ["a", "b"]  # distinct files pass
+    rows = write_labels(samples, usable=["a", "b", "c"], columns={"label": "label"}, out=out)
+    assert [r["slide_id"] for r in rows] == ["a", "b", "c"]  # no stores to compare: not checked
+
+
+def test_labels_that_are_no_class_say_how_many_slides_are_not_listed():
+    from wsitools.labels import check_labels_are_classes
+
+    labelled = [(f"s{i}", "Tumour") for i in range(7)] + [("s9", "tumor")]
+    with pytest.raises(DataError) as caught:
+        check_labels_are_classes(labelled, ["normal", "tumor"], what="labels in column 'label'", task="task.yaml")
+    assert str(caught.value) == (
+        "labels in column 'label' that are not classes of task.yaml (normal, tumor): 'Tumour' (slides s0, s1, s2, "
+        "s3, s4 and 2 more); fix the labels or add the classes to the task file"
+    )
+
+
 # --- the workflow: config, dry runs, lint --------------------------------------------------------
 
 
@@ -496,6 +538,23 @@ def test_bad_samples_sheet_fails_before_any_job(tmp_path):
     assert not (work / "results").exists()
 
 
+def test_a_feature_encoder_without_its_weight_file_fails_before_any_job(tmp_path):
+    """A card whose weight file is not fetched stops the run once, with the message each
+    slide's extraction job would give, not one failed job per slide."""
+    models = tmp_path / "models"  # cards of their own: the checkout's models/ may hold fetched weights
+    models.mkdir()
+    for card in ("efficientnet-lite0-imagenet", "uni"):
+        shutil.copyfile(REPO / "models" / f"{card}.yaml", models / f"{card}.yaml")
+    work = make_project(tmp_path / "w", config={"models_dir": str(models),
+                                                "features": {"encoders": ["efficientnet-lite0-imagenet", "uni"]}})
+    result = snakemake(work, "-n")
+    assert result.returncode != 0
+    weight = models / "uni-pytorch_model.bin"
+    assert (f"config: features: encoders: uni: {weight}: backbone weight file of encoder 'uni' not found; "
+            "run `wsitools encoders fetch uni` or download https://") in result.stdout + result.stderr
+    assert "Job stats" not in result.stdout
+
+
 def test_slide_glob_cohort_makes_tiles_and_features_only(tmp_path):
     work = make_project(tmp_path / "w", config={"slides_glob": "slides/*.svs", "tasks": {}, "heads": {}})
     result = snakemake(work, "-n", "--printshellcmds")
@@ -505,6 +564,54 @@ def test_slide_glob_cohort_makes_tiles_and_features_only(tmp_path):
     labelled = make_project(tmp_path / "x", config={"slides_glob": "slides/*.svs"})
     result = snakemake(labelled, "-n")
     assert result.returncode != 0 and "tasks need labels" in result.stdout + result.stderr
+
+
+def test_a_slide_replaced_by_an_older_file_is_tiled_again(tmp_path):
+    """Snakemake's mtime trigger reruns a job only for a newer input: a slide file replaced by
+    another one with an older mtime (`cp -p`, a restore) is tiled again through the tile rule's
+    record of the file's size and mtime, and its QC record then describes the new file."""
+    work = make_project(tmp_path / "w", n=1, config={"slides_glob": "slides/*.svs", "tasks": {}, "heads": {}})
+    result = snakemake(work, "--cores", "1")
+    assert result.returncode == 0, result.stderr
+    qc = work / "results" / "tiles" / "s0.qc.json"
+    assert json.loads(qc.read_text())["status"] == "no_tissue"
+    slide = work / "slides" / "s0.svs"
+    old = slide.stat().st_mtime_ns - 3_600 * 10**9
+    shutil.copyfile(FIXTURES / "unreadable.svs", slide)  # another file of the same size
+    os.utime(slide, ns=(old, old))
+    result = snakemake(work, "-n")
+    assert result.returncode == 0, result.stderr
+    assert job_counts(result.stdout)["tile"] == 1
+    assert "Params have changed since last execution" in result.stdout
+    result = snakemake(work, "--cores", "1")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(qc.read_text())["status"] == "failed"
+    assert "Nothing to be done" in snakemake(work, "-n").stdout
+
+
+def test_a_stopped_run_is_not_said_to_have_a_failed_job(tmp_path):
+    """A run stopped by a signal (a SIGTERM here, which lets the running job finish; Ctrl-C
+    ends the same way) ends with a line saying so, not one blaming a job; a failed job's line
+    names its log."""
+    import signal
+
+    work = make_project(tmp_path / "w", n=3, config={"slides_glob": "slides/*.svs", "tasks": {}, "heads": {}})
+    run = subprocess.Popen(snakemake_command(work, "--cores", "1"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True)
+    lines = []
+    for line in run.stdout:
+        lines.append(line)
+        if line.startswith("localrule tile:"):
+            run.send_signal(signal.SIGTERM)
+            break
+    output = "".join(lines) + run.communicate(timeout=120)[0]
+    assert run.returncode != 0
+    assert ("wsitools workflow: the run stopped before it finished and no job failed (interrupted, or see the "
+            "error above); run snakemake again to finish") in output
+    assert "failed (see the error above)" not in output
+    assert run_failure_line([["logs/labels/t.log"]]) == (
+        "wsitools workflow: a job failed (see the error above); logs: logs/labels/t.log")
+    assert run_failure_line([["a.log"], []]) == "wsitools workflow: 2 jobs failed (see the error above); logs: a.log"
 
 
 def test_tile_jobs_get_the_configured_codec(tmp_path):
@@ -609,6 +716,20 @@ def test_dry_run_lists_tuning_on_a_tile_table_before_and_after_qc(tmp_path):
     assert f"--data tiles.csv --task config/task.yaml --stores {stores} --encoder" in tune_cmd
     pretrain = next(line for line in lines if "wsitools pretrain puzzle " in line)
     assert f"--stores {stores} --out" in pretrain
+
+
+@pytest.mark.parametrize("data", ["tiles.tsv", "Tiles.CSV"])
+def test_tuning_data_is_a_tile_table_by_the_commands_suffix_rule(tmp_path, data):
+    """`tune: data:` is a tile table for every suffix `wsitools tune pathotune` takes as one (.csv,
+    .tsv, in any case): the job gets the usable slides' stores, after QC."""
+    tune = {"enabled": True, "data": data, "prompts": ["tvp"]}
+    work = make_project(tmp_path / "w", n=2, config={"tasks": {}, "heads": {}, "tune": tune})
+    (work / data).write_text("slide_id\tx\ty\tlabel\ns0\t0\t0\tneg\n")
+    _qc_done(work, {"s0": "ok", "s1": "failed"})
+    result = snakemake(work, "-n", "--printshellcmds")
+    assert result.returncode == 0, result.stderr
+    tune_cmd = next(line for line in result.stdout.splitlines() if "wsitools tune pathotune " in line)
+    assert f"--data {data}  --stores results/tiles/s0.zarr --encoder" in tune_cmd
 
 
 def test_every_slurm_job_asks_for_a_gpu_exactly_on_the_gpu_partition(tmp_path):

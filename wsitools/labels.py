@@ -23,6 +23,7 @@ import numpy as np
 from wsitools.errors import DataError
 from wsitools.io import read_user_text
 from wsitools.samples import SPLIT_COLUMNS, Sample
+from wsitools.store import recorded_slide_fingerprint
 from wsitools.tables import is_number, sniff_dialect, write_table
 from wsitools.text import TaskType
 from wsitools.types import check_slide_id, safe_id
@@ -158,7 +159,7 @@ def check_labels_are_classes(
         return " ".join(text.split()).casefold()
 
     written = {spelling(c): c for c in classes}
-    listing = "; ".join(f"{label!r} (slides {', '.join(ids[:5])})" for label, ids in unknown.items())
+    listing = "; ".join(f"{label!r} (slides {_first(ids, 5)})" for label, ids in unknown.items())
     variants = [f"{label!r} is class {written[spelling(label)]!r} in another case or spacing"
                 for label in unknown if spelling(label) in written]
     hint = f" ({'; '.join(variants)}: labels must be written as the classes are)" if variants else ""
@@ -285,7 +286,7 @@ def read_labels(path: str | os.PathLike[str], *, task_type: TaskType = "classifi
     for name, flags in (("split", has_split), ("fold", has_fold)):
         if any(flags) and not all(flags):
             missing = [r.slide_id for r, f in zip(rows, flags) if not f]
-            raise DataError(f"labels table {path}: {name} is empty for slides {', '.join(missing[:10])}")
+            raise DataError(f"labels table {path}: {name} is empty for slides {_first(missing, 10)}")
     return rows
 
 
@@ -311,6 +312,7 @@ def write_labels(
     columns: Mapping[str, str],
     out: str | os.PathLike[str],
     task_type: TaskType = "classification",
+    tiles_dir: str | os.PathLike[str] | None = None,
 ) -> list[dict[str, str]]:
     """The labels table of one task: usable slides that have every target in the sheet.
 
@@ -319,6 +321,8 @@ def write_labels(
     ``wsitools train`` reads), plus the sheet's ``split`` or ``fold`` column when it fills one
     (the user's own splits). Slides that failed QC or lack a target are left out. Fewer than two
     classes left (classification) is an error, raised here (before training) with the counts.
+    With ``tiles_dir`` (the slides' patch stores, ``{tiles_dir}/{slide_id}.zarr``), two slides
+    of the table that are copies of one file are an error (:func:`check_distinct_slides`).
     """
     for column in columns.values():
         if samples and not any(column in s.fields for s in samples):
@@ -331,6 +335,8 @@ def write_labels(
         for s in samples
         if s.slide_id in keep and all(s.value(c) for c in columns.values())
     ]
+    if tiles_dir is not None:
+        check_distinct_slides(samples, [r["slide_id"] for r in rows], tiles_dir=tiles_dir)
     if task_type == "classification":
         classes = sorted({r["label"] for r in rows})
         if len(classes) < 2:
@@ -340,6 +346,36 @@ def write_labels(
             )
     write_table(out, rows, ("slide_id", "patient_id", *columns, *splits))
     return rows
+
+
+def check_distinct_slides(
+    samples: Sequence[Sample], slide_ids: Iterable[str], *, tiles_dir: str | os.PathLike[str]
+) -> None:
+    """Refuse two of ``slide_ids`` whose patch stores (``{tiles_dir}/{slide_id}.zarr``) record
+    one slide fingerprint (the file's size and the sha256 of its first and last MiB): one scan
+    under two ids as two copies of the file (the sheet's check before the run catches one file
+    under two names, links included) would be trained on and tested on in cross-validation.
+    A :class:`DataError` names both slides and their files; slides without a store are skipped."""
+    by_id = {s.slide_id: s for s in samples}
+    seen: dict[str, Sample] = {}
+    for slide_id in slide_ids:
+        fingerprint = recorded_slide_fingerprint(Path(tiles_dir) / f"{slide_id}.zarr")
+        if fingerprint is None:
+            continue
+        first = seen.setdefault(fingerprint, by_id[slide_id])
+        if first.slide_id != slide_id:
+            raise DataError(
+                f"slides {first.slide_id!r} ({first.path}) and {slide_id!r} ({by_id[slide_id].path}) are copies "
+                "of one slide file (the same size and the same first and last MiB); list each slide once in "
+                "the samples sheet"
+            )
+
+
+def _first(ids: Sequence[str], shown: int) -> str:
+    """The first ``shown`` of ``ids``, comma-separated, and how many more there are: a message
+    stays one line and still says how many slides it is about."""
+    more = f" and {len(ids) - shown} more" if len(ids) > shown else ""
+    return ", ".join(ids[:shown]) + more
 
 
 def task_columns(task_type: TaskType, *, label_column: str, time_column: str, event_column: str) -> dict[str, str]:

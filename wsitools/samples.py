@@ -14,12 +14,12 @@ import glob
 import math
 import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from wsitools.encoders.cards import card_encoder_hash, find_card, precision_hash
+from wsitools.encoders.cards import card_encoder_hash, check_weight_file, find_card, precision_hash
 from wsitools.errors import DataError, ModelError, StoreError, WsiToolsError, error_line, schema_problem
 from wsitools.io import read_user_text
 from wsitools.types import MPP_MAX, MPP_MIN, MicronsPerPixel, check_slide_id, slide_id_from_path
@@ -96,6 +96,20 @@ def run_script(
     Path(log).write_text(summary + "\n")
 
 
+def run_failure_line(failed_logs: Sequence[Sequence[str]]) -> str:
+    """The workflow's last line for a run that did not succeed (``failed_logs``: the log files of
+    each job that failed): the failed jobs' logs, or, when no job failed, that the run was
+    stopped (Ctrl-C, a kill of snakemake, or Snakemake's own error printed above), which the
+    next run finishes."""
+    if not failed_logs:
+        return ("wsitools workflow: the run stopped before it finished and no job failed (interrupted, or "
+                "see the error above); run snakemake again to finish")
+    logs = [log for job in failed_logs for log in job]
+    where = f"; logs: {', '.join(logs)}" if logs else ""
+    jobs = "a job" if len(failed_logs) == 1 else f"{len(failed_logs)} jobs"
+    return f"wsitools workflow: {jobs} failed (see the error above){where}"
+
+
 def _parse_mpp(text: str, where: str) -> MicronsPerPixel | None:
     if not text.strip():
         return None
@@ -144,12 +158,26 @@ def _check_files(samples: Sequence[Sample], source: str) -> None:
         seen[real] = s
 
 
+def slide_file_state(path: str | os.PathLike[str]) -> str:
+    """A slide file's size and modification time, as the workflow's tile rule records them (a
+    ``params`` value, which Snakemake's params trigger compares with the one of the finished job).
+
+    Snakemake's own trigger tiles a slide again only when its file is newer than the slide's QC
+    record; a file replaced by another with an older modification time (``cp -p``, ``rsync -a``,
+    a restore from a backup) would otherwise keep the old slide's store, features and heads.
+    A stat, no read: planning a cohort of thousands of slides stays fast. A file touched or
+    copied with its bytes unchanged is tiled again and keeps its store (the tiler compares the
+    slide's fingerprint), so nothing after tiling reruns."""
+    st = os.stat(path)
+    return f"{st.st_size} bytes, modified {st.st_mtime_ns} ns"
+
+
 def read_samples(path: str | os.PathLike[str], *, check_files: bool = True) -> list[Sample]:
     """Read and validate a samples sheet (TSV with a header row).
 
     Required columns: ``slide_id`` and ``path``; optional: ``patient_id`` (defaults to the slide
-    id, so splits are per slide), ``label`` and ``mpp`` (an override for slides whose metadata
-    lacks a resolution); other columns are kept in :attr:`Sample.fields`. Relative slide paths
+    id, so splits are per slide), ``label`` and ``mpp`` (an override of the slide's metadata
+    mpp, for slides whose metadata lacks one); other columns are kept in :attr:`Sample.fields`. Relative slide paths
     are relative to the working directory (the workflow's convention). Blank lines and lines
     starting with ``#`` are skipped.
     """
@@ -247,12 +275,20 @@ def check_whole_numbers(config: Mapping[str, Any], schema: str | os.PathLike[str
     raise DataError(config_error(error))
 
 
-def check_encoders(encoders: Mapping[str, str], *, models_dir: str | None) -> None:
+def check_encoders(
+    encoders: Mapping[str, str], *, models_dir: str | None, with_weights: Collection[str] = ()
+) -> None:
     """Check that every encoder the config names has a valid card (``encoders``: config key ->
-    card name or card file), before any slide is tiled; a :class:`DataError` names the key."""
+    card name or card file), and that the cards of the keys in ``with_weights`` (the feature
+    encoders, which a job per slide loads) have their weight files (a stat each, as extraction
+    checks them first), before any slide is tiled: a missing file would otherwise fail every
+    slide's extraction with one message. A :class:`DataError` names the key."""
     for key, name in encoders.items():
         try:
-            find_card(name, models_dir=models_dir or None)
+            card = find_card(name, models_dir=models_dir or None)
+            if key in with_weights:
+                for weight in card.weights:
+                    check_weight_file(card, weight)
         except ModelError as exc:
             raise DataError(f"config: {key}: {exc}") from None
 
@@ -263,8 +299,8 @@ def check_features_current(features_dir: str | os.PathLike[str], encoders: Seque
     changed it would go on training on the old card's features (and later mix both). A
     :class:`DataError` names the folder and what to do. Reads one store's attributes per
     encoder; either compute precision passes (a new ``features: precision`` is a setting that
-    Snakemake itself re-extracts for); cards of a kind (PathoTune) and cards with a weight file
-    missing are left to extraction."""
+    Snakemake itself re-extracts for); cards of a kind (PathoTune) are left to extraction, and
+    cards with a weight file missing to :func:`check_encoders`."""
     from wsitools.feature_store import FeatureStore
 
     for name in encoders:

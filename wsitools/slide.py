@@ -32,6 +32,10 @@ Backend = Literal["auto", "openslide", "tiffslide"]
 MPP_XY_TOLERANCE = 0.05
 """Largest relative difference between mpp-x and mpp-y accepted (square pixels assumed)."""
 
+MPP_OVERRIDE_TOLERANCE = 0.05
+"""Largest relative difference between an mpp override and the slide's own metadata mpp that
+passes without a warning (an override meant for a slide without one, filled in for all)."""
+
 _BACKENDS: dict[str, type[Slide]] = {}
 
 
@@ -410,6 +414,27 @@ class Slide(ABC):
             if tx is not None or ty is not None:
                 x, y = tx, ty
         return x, y
+
+    def mpp_override_conflict(self) -> str | None:
+        """A line naming the slide and both values when an mpp override differs from the slide's
+        own (plausible) metadata mpp by more than :data:`MPP_OVERRIDE_TOLERANCE`: the override
+        wins, and a wrong one (a scanner's nominal 0.25 given for a 20x slide) silently tiles at
+        another scale. None without an override, without a usable metadata mpp, or when close."""
+        if self.mpp_override is None:
+            return None
+        values = [v for v in self.metadata_mpp() if v is not None]
+        metadata = sum(values) / len(values) if values else None
+        if metadata is None or not MPP_MIN <= metadata <= MPP_MAX:
+            return None
+        override = float(self.mpp_override)
+        difference = abs(override - metadata) / metadata
+        if difference <= MPP_OVERRIDE_TOLERANCE:
+            return None
+        return (
+            f"{self.path}: the mpp override {override:g} um/px differs from the slide's metadata mpp "
+            f"{metadata:g} um/px by {difference:.0%}; the override is used (check the samples sheet's mpp column "
+            "or --mpp-override)"
+        )
 
     def _resolve_mpp(self, override: float | None) -> MicronsPerPixel:
         if override is not None:

@@ -288,6 +288,15 @@ def _raw_attrs(p: Path) -> dict[str, Any] | None:
         return None
 
 
+def recorded_slide_fingerprint(path: str | os.PathLike[str]) -> str | None:
+    """The slide fingerprint (:func:`~wsitools.io.file_fingerprint`) the patch store at ``path``
+    records, read from its ``zarr.json`` alone (one small file, no verification of the store, so
+    a cohort's stores are compared quickly); None where there is no such record."""
+    attrs = _raw_attrs(Path(path))
+    value = attrs.get("slide_fingerprint") if attrs is not None else None
+    return value if isinstance(value, str) else None
+
+
 def _is_metadata(rel: str) -> bool:
     return rel.rsplit("/", 1)[-1] == "zarr.json"
 

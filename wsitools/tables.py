@@ -20,6 +20,10 @@ from typing import Any, Literal
 
 from wsitools.io import atomic_path
 
+TILE_TABLE_SUFFIXES = (".csv", ".tsv")
+"""The suffixes (in any case) of a tile-label table as ``tune pathotune --data``: anything else
+is a folder of class folders."""
+
 TableDialect = Literal["tsv", "csv"]
 """``tsv``: tab-separated, lines ending in ``\n``; ``csv``: the csv module's default (the
 spreadsheet dialect: comma-separated, quoted where needed, lines ending in ``\r\n``)."""
@@ -55,6 +59,12 @@ _HTML_STYLE = (
     "th{background:#f0f0f0;position:sticky;top:0}td.num{text-align:right;font-variant-numeric:tabular-nums}"
     "tr.left-out td{background:#fde2e2}p{max-width:60em}"
 )
+
+
+def is_tile_table(path: str | os.PathLike[str]) -> bool:
+    """Whether ``tune pathotune --data PATH`` is a tile-label table naming tiles of patch stores
+    (:data:`TILE_TABLE_SUFFIXES`), for the command and the workflow alike."""
+    return Path(path).suffix.lower() in TILE_TABLE_SUFFIXES
 
 
 def is_number(text: str) -> bool:

@@ -459,6 +459,9 @@ def tile_slide(
     store_path = out / f"{slide_id}.zarr"
     out.mkdir(parents=True, exist_ok=True)
     with open_slide(path, backend=backend, mpp_override=mpp_override) as slide:
+        conflict = slide.mpp_override_conflict()
+        if conflict is not None:
+            log.warning("%s", conflict)
         geometry = tile_geometry(slide, params)
         if geometry.scale * ENLARGE_WARNING < 1:
             log.warning(
@@ -526,11 +529,13 @@ def _finish(out: Path, record: dict[str, Any]) -> dict[str, Any]:
 
 
 def _failed(out: Path, slide_id: str, path: Path, reason: str) -> dict[str, Any]:
-    """Record a failed slide: its QC record, and no tissue QC files unless a finished store is there."""
+    """Record a failed slide: its QC record, and no tissue QC files unless a finished store is there.
+    Its slide path is absolute (links resolved; a link loop kept as it is), as a tiled slide's
+    (its store's) is: one form in the QC table."""
     if not (out / f"{slide_id}.zarr").exists():
         for suffix in (".tissue.png", ".geojson"):
             remove_path(out / f"{slide_id}{suffix}")
-    return _finish(out, _qc_record(slide_id, path, "failed", reason))
+    return _finish(out, _qc_record(slide_id, Path(os.path.realpath(path)), "failed", reason))
 
 
 def _tile_one(path: Path, slide_id: str, out: Path, params: TilingParams, kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -272,8 +272,8 @@ def detect_tissue(slide: Slide, params: TissueParams = TissueParams()) -> Tissue
         viewer_origin=slide.bounds[:2],
     )
     if result.empty and bool((thumbnail.max(axis=-1) == thumbnail.min(axis=-1)).all()):
-        log.warning("%s: no tissue found: the slide has no colour (a greyscale scan), and tissue is found "
-                    "by its colour saturation", slide.path)
+        log.warning("%s: no tissue found: every pixel of the slide is grey (no colour at all: a greyscale scan "
+                    "or a blank image), and tissue is found by its colour saturation", slide.path)
     elif result.empty:
         log.warning("%s: no tissue found (saturation threshold %.3f)", slide.path, threshold)
     return result

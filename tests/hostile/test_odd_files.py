@@ -298,7 +298,8 @@ def test_a_greyscale_scan_is_told_why_no_tissue_is_found(tmp_path, caplog):
     tifffile.imwrite(grey, PIXELS[..., 1], tile=(256, 256), photometric="minisblack", **RES)
     record = tile_slides([grey], tmp_path / "tiles", PARAMS, progress=False)[0]
     assert (record["status"], record["reason"]) == ("no_tissue", "no tile has tissue fraction >= 0.5")
-    assert f"{grey.resolve()}: no tissue found: the slide has no colour (a greyscale scan)" in caplog.text
+    assert (f"{grey.resolve()}: no tissue found: every pixel of the slide is grey (no colour at all: a greyscale "
+            "scan or a blank image)") in caplog.text
     any_tissue = dataclasses.replace(PARAMS, min_tissue=0.0)
     record = tile_slides([grey], tmp_path / "any", any_tissue, progress=False)[0]
     assert (record["status"], record["reason"]) == ("no_tissue", "no tile touches tissue")

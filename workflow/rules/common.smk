@@ -19,7 +19,9 @@ from wsitools.report import qc_report
 from wsitools.report import usable_slides as qc_usable_slides
 from wsitools.samples import (
     check_encoders, check_features_current, check_features_own, check_whole_numbers, config_error, load_samples,
+    run_failure_line, slide_file_state,
 )
+from wsitools.tables import is_tile_table
 from wsitools.text import load_task
 
 
@@ -131,8 +133,10 @@ for _name, _task in TASKS.items():
 if config["tune"]["enabled"] and "ttp" in config["tune"]["prompts"] and not config["tune"]["task"]:
     raise WorkflowError("config: tune: the ttp prompt needs a task file ('tune: task:')")
 
-# Every encoder card the config names must exist before any slide is tiled.
-_ENCODER_KEYS = {f"features: encoders: {name}": name for name in ENCODERS}
+# Every encoder card the config names must exist before any slide is tiled, and the feature
+# encoders' weight files too (else every slide's extraction job would fail on them).
+_FEATURE_ENCODER_KEYS = {f"features: encoders: {name}": name for name in ENCODERS}
+_ENCODER_KEYS = dict(_FEATURE_ENCODER_KEYS)
 if config["pretrain"]["enabled"]:
     _ENCODER_KEYS["pretrain: encoder"] = config["pretrain"]["encoder"]
 if config["tune"]["enabled"]:
@@ -140,7 +144,7 @@ if config["tune"]["enabled"]:
     if config["tune"]["ivp_encoder"]:
         _ENCODER_KEYS["tune: ivp_encoder"] = config["tune"]["ivp_encoder"]
 try:
-    check_encoders(_ENCODER_KEYS, models_dir=config["models_dir"])
+    check_encoders(_ENCODER_KEYS, models_dir=config["models_dir"], with_weights=_FEATURE_ENCODER_KEYS)
     # About the run as a whole, so once, not in every cluster job (they hash weight files):
     # features are extracted once per slide, so ones made by an earlier version of a card would
     # stay, and a features folder outside the project may hold another project's.
@@ -320,8 +324,9 @@ def get_tune_inputs(wildcards):
 
 
 def tunes_on_tile_table():
-    """Whether PathoTune's `data` is a tile table (CSV) naming tiles of the cohort's stores."""
-    return config["tune"]["data"].endswith(".csv")
+    """Whether PathoTune's `data` is a tile table (CSV or TSV, the command's rule) naming tiles
+    of the cohort's stores."""
+    return is_tile_table(config["tune"]["data"])
 
 
 def get_tune_qc(wildcards):

@@ -32,6 +32,7 @@ checkpoint labels:
     params:
         columns=lambda wildcards: TASK_COLUMNS[wildcards.task],
         task_type=lambda wildcards: TASK_TYPES[wildcards.task],
+        tiles=TILES,
     log:
         "logs/labels/{task}.log",
     threads: 1

@@ -17,6 +17,9 @@ rule tile:
     params:
         out=lambda wildcards, output: Path(output.qc).parent,
         options=get_tile_options,
+        # The slide file's size and mtime: a slide replaced by a file with an older mtime is tiled
+        # again (Snakemake's params trigger; its mtime trigger sees only newer inputs).
+        slide_file=lambda wildcards: slide_file_state(SAMPLES[wildcards.slide].path),
     log:
         "logs/tile/{slide}.log",
     benchmark:

@@ -1,5 +1,5 @@
 # Optional: PathoTune patch-level prompt tuning on labelled tiles (config: tune.enabled): a
-# folder of class folders, or a tile table (CSV: slide_id, x, y, label) naming tiles of the
+# folder of class folders, or a tile table (.csv or .tsv: slide_id, x, y, label) naming tiles of the
 # cohort's patch stores. The tuned model is written with an encoder card. The run folder keeps
 # a checkpoint after each epoch, and the job always passes --resume, so a job cut off by a time
 # limit continues where it stopped when rerun (a rerun with other settings stops with an error

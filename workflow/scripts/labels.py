@@ -1,8 +1,10 @@
 """Rule labels: the labels table of one task (usable slides with a label only).
 
 Which slides are usable is known only after QC, so a task can be left with too few labelled
-slides here (say every slide of a class failed QC): that ends the job with one line naming the
-task, in its log and on stderr, never a traceback.
+slides here (say every slide of a class failed QC), and two labelled slides whose patch stores
+record one slide fingerprint (one scan under two ids, as two copies of the file) are found
+here: either ends the job with one line naming the task, in its log and on stderr, never a
+traceback.
 """
 
 from wsitools.labels import write_labels
@@ -17,6 +19,7 @@ def step() -> str:
         columns=snakemake.params.columns,
         out=snakemake.output.labels,
         task_type=snakemake.params.task_type,
+        tiles_dir=snakemake.params.tiles,
     )
     return f"{len(rows)} usable labelled slides"
 

@@ -15,10 +15,6 @@ from wsitools.cli.options import (
 )
 
 
-TABLE_SUFFIXES = (".csv", ".tsv")
-"""The suffixes of a tile-label table as ``tune pathotune --data`` (anything else is a class-folder root)."""
-
-
 def register(subparsers: Any) -> None:
     pre = subparsers.add_parser(
         "pretrain",
@@ -184,6 +180,7 @@ def _puzzle(args: argparse.Namespace) -> int:
 def _pathotune(args: argparse.Namespace) -> int:
     from wsitools.errors import DataError
     from wsitools.pathotune import PathoTuneTrainConfig, folder_tiles, parse_prompts, store_tiles, tune_pathotune
+    from wsitools.tables import TILE_TABLE_SUFFIXES, is_tile_table
     from wsitools.text import load_task
 
     _card_only("--encoder", args.encoder, "tune pathotune")
@@ -192,13 +189,13 @@ def _pathotune(args: argparse.Namespace) -> int:
     if task is not None and task.type != "classification":
         raise DataError(f"task {args.task}: patch-level prompt tuning classifies tiles; this is a {task.type} task")
     data_path = Path(args.data)
-    if data_path.suffix.lower() in TABLE_SUFFIXES:
+    if is_tile_table(data_path):
         if not args.stores:
             raise DataError(f"{data_path}: a tile-label table needs --stores with the patch stores it names")
         data = store_tiles(data_path, args.stores, task_classes=task.classes if task is not None else None)
     else:
         if args.stores:
-            raise DataError(f"{data_path}: --stores goes with a tile-label table ({' or '.join(TABLE_SUFFIXES)}) "
+            raise DataError(f"{data_path}: --stores goes with a tile-label table ({' or '.join(TILE_TABLE_SUFFIXES)}) "
                             "as --data, not with a folder of class folders")
         data = folder_tiles(data_path)
     config = PathoTuneTrainConfig(

