@@ -283,3 +283,25 @@ def test_extraction_on_the_gpu_matches_the_cpu(tmp_path, capsys, precision):
     assert gpu.shape == cpu.shape == (21, cpu.shape[1])
     cos = (cpu * gpu).sum(1) / np.linalg.norm(cpu, axis=1) / np.linalg.norm(gpu, axis=1)
     assert cos.min() > (0.9999 if precision == "fp32" else 0.99), cos.min()
+
+
+def test_two_copies_of_one_slide_extracted_under_two_ids_are_refused_by_training(synthetic_svs, tiny, tmp_path):
+    """Extraction copies the slide fingerprint of the patch store, so that training run alone
+    (without the workflow's labels step) knows two copies of one scan under two ids; a patch store
+    that records none gives a feature store without one."""
+    from wsitools.errors import DataError
+    from wsitools.io import file_fingerprint
+    from wsitools.labels import read_labels
+    from wsitools.mil.data import build_cohort
+
+    for name in ("A.svs", "B.svs"):
+        shutil.copyfile(synthetic_svs, tmp_path / name)
+        tile_slide(tmp_path / name, tmp_path / "tiles", PARAMS, progress=False)
+    paths = [extract_features(tmp_path / "tiles" / f"{s}.zarr", tiny, tmp_path / "f", workers=0).path for s in "AB"]
+    assert [FeatureStore.open(p).attrs["slide_fingerprint"] for p in paths] == [file_fingerprint(synthetic_svs)] * 2
+    labels = tmp_path / "labels.csv"
+    labels.write_text("slide_id,label\nA,neg\nB,pos\n")
+    with pytest.raises(DataError, match=f"^slides 'A' \\({paths[0]}\\) and 'B' \\({paths[1]}\\) have features of one slide file"):
+        build_cohort(read_labels(labels), tmp_path / "f" / tiny.name, ("neg", "pos"))
+    plain = small_store(tmp_path / "plain.zarr", slide_id="P")  # a store without the slide's fingerprint
+    assert "slide_fingerprint" not in FeatureStore.open(extract_features(plain, tiny, tmp_path / "f", workers=0).path).attrs

@@ -248,3 +248,53 @@ def test_a_synthetic_bag_is_a_feature_store_read_the_same_by_every_reader(tmp_pa
     with h5py.File(path) as f:  # the CLAM/TRIDENT attributes, as on an extracted store
         assert (f["coords"].attrs["patch_size"], f["coords"].attrs["patch_size_level0"]) == (224, 448)
         assert f["coords"].attrs["custom_downsample"] == 2.0
+
+
+def _record_fingerprint(path, fingerprint: str, slide_path: str) -> None:
+    """Give a bag the slide provenance extraction copies from its patch store."""
+    import h5py
+
+    with h5py.File(path, "r+") as f:
+        f.attrs.update({"slide_fingerprint": fingerprint, "slide_path": slide_path})
+
+
+def test_two_slide_ids_of_one_scan_are_refused_naming_both(cohort_dir, capsys):
+    """Two byte-copies of one slide file tiled and extracted under two ids record one slide
+    fingerprint: their tissue would be trained on and tested on in one fold."""
+    from cli_calls import one_line, run
+
+    root, bags = cohort_dir
+    for i, bag in enumerate(bags):
+        _record_fingerprint(bag.path, f"fp{i}", f"/slides/{bag.slide_id}.svs")
+    _record_fingerprint(bags[5].path, "fp2", "/slides/copy.svs")  # bags[2]'s scan under another id
+    labels_path = _labels(root / "l.csv", [(b.slide_id, b.label, b.patient_id) for b in bags])
+    expected = (f"slides '{bags[2].slide_id}' ({bags[2].path}) and '{bags[5].slide_id}' ({bags[5].path}) have "
+                "features of one slide file (their stores record the same slide fingerprint: the same size and the "
+                f"same first and last MiB, as in /slides/{bags[2].slide_id}.svs and /slides/copy.svs); list each "
+                "slide once in the labels table")
+    for strict in (False, True):
+        with pytest.raises(DataError) as err:
+            build_cohort(read_labels(labels_path), root / "feats", CLASSES, strict=strict)
+        assert str(err.value) == expected
+    rc, err = run(["train", "--features", root / "feats", "--labels", labels_path, "--head", "meanpool",
+                   "--folds", "2", "--epochs", "1", "--device", "cpu", "--quiet", "--out", root / "run"], capsys)
+    assert one_line(rc, err, expected) == f"wsitools train: error: {expected}"
+    assert not (root / "run").exists()
+    # left out of the labels table, the copy no longer meets its original
+    kept = read_labels(_labels(root / "k.csv", [(b.slide_id, b.label, b.patient_id) for b in bags if b is not bags[5]]))
+    assert len(build_cohort(kept, root / "feats", CLASSES)) == 7
+
+
+def test_slides_of_distinct_scans_are_never_refused_however_alike_their_features(cohort_dir):
+    """The identity compared is the source file's: equal bags of two scans, several slides of one
+    patient, and stores that record no fingerprint (other writers, older extractions) all train."""
+    root, bags = cohort_dir
+    twin = write_synthetic_store(root / "feats" / "twin.h5", read_features(bags[0].path).numpy())
+    _record_fingerprint(bags[0].path, "fp-a", "/slides/a.svs")
+    _record_fingerprint(twin, "fp-b", "/slides/b.svs")  # the same features, another scan
+    rows = [(b.slide_id, b.label, b.patient_id) for b in bags] + [("twin", bags[0].label, bags[0].patient_id)]
+    cohort = build_cohort(read_labels(_labels(root / "l.csv", rows)), root / "feats", CLASSES)
+    assert len(cohort) == 9 and cohort.patients.count(bags[0].patient_id) == 2
+    # two stores that record no fingerprint, with equal features too, are not compared
+    write_synthetic_store(twin, read_features(bags[1].path).numpy())
+    assert len(build_cohort(read_labels(_labels(root / "l.csv", rows)), root / "feats", CLASSES)) == 9

@@ -320,6 +320,15 @@ class FeatureStore:
     def store_hash(self) -> str:
         return str(self.attrs["store_hash"])
 
+    @property
+    def slide_fingerprint(self) -> str | None:
+        """The fingerprint of the slide file the features come from
+        (:func:`~wsitools.io.file_fingerprint`, copied from the patch store at extraction), which
+        two byte-copies of one scan share; None where the store does not record it (stores
+        extracted before it was recorded, from a patch store without one, or by other writers)."""
+        value = self.attrs.get("slide_fingerprint")
+        return value if isinstance(value, str) and value else None
+
     def load(self) -> tuple[np.ndarray, np.ndarray]:
         """``(features, coords)``: features [N, D] in the stored dtype, coords [N, 2] int64."""
         with h5py.File(self.path, "r") as f:
@@ -362,6 +371,7 @@ def feature_attrs(store: PatchStore, encoder: Encoder) -> dict[str, Any]:
         "store_hash": store.params_hash,
         "slide_id": store.slide_id,
         "slide_path": str(store.slide_path),
+        **({"slide_fingerprint": str(store.attrs["slide_fingerprint"])} if "slide_fingerprint" in store.attrs else {}),
         "mpp_target": store.mpp_target,
         "tile_size": store.tile_size,
         "tile_size_level0": store.tile_size_level0,

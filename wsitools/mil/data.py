@@ -99,6 +99,8 @@ def build_cohort(
     - A labelled slide without a feature store (e.g. it failed QC), or with an unusable one
       (non-finite features, wrong shape), is skipped with a warning naming it; with ``strict``
       it is an error. Feature stores without a label are listed in a warning and ignored.
+    - Two bags whose stores record one slide fingerprint (one scan under two slide ids, as two
+      copies of its file) are an error naming both (:func:`_check_distinct_slides`).
     - Bags whose feature width differs from the others are an error naming them (mixed encoders).
     - A class of ``classes`` without any usable labelled slide is an error naming it (a head
       would be trained and evaluated on a class it never saw); with ``allow_empty_classes`` a
@@ -144,6 +146,7 @@ def build_cohort(
     _warn_or_raise(problems, strict=strict, what="labelled slides without usable features")
 
     kept = [r for r in rows if r.slide_id in infos and r.slide_id not in problems]
+    _check_distinct_slides([infos[r.slide_id] for r in kept])
     _check_one_width(infos, features_dir)
     if ivp_stores is not None:
         _check_one_width(ivp_infos, ivp_features_dir)
@@ -278,6 +281,28 @@ def _one_geometry(bags: Sequence[FeatureStore], features_dir: Any) -> TileGeomet
             "extract every slide's features from tiles cut alike (one --mpp and --tile-size)"
         )
     return next(iter(seen)) if seen else TileGeometry(None, None)
+
+
+def _check_distinct_slides(bags: Sequence[FeatureStore]) -> None:
+    """Refuse two ``bags`` whose feature stores record one slide fingerprint (the slide file's
+    size and the sha256 of its first and last MiB, :attr:`FeatureStore.slide_fingerprint`): one
+    scan under two slide ids, as two copies of its file, would be trained on in one part of a
+    fold and tested on in another. The identity compared is the source file's, never the
+    features' (two slides may well give equal bags); stores that record none are not compared.
+    A :class:`DataError` names both slides and their feature stores."""
+    seen: dict[str, FeatureStore] = {}
+    for bag in bags:
+        fingerprint = bag.slide_fingerprint
+        if fingerprint is None:
+            continue
+        first = seen.setdefault(fingerprint, bag)
+        if first is not bag:
+            raise DataError(
+                f"slides {first.slide_id!r} ({first.path}) and {bag.slide_id!r} ({bag.path}) have features of one "
+                f"slide file (their stores record the same slide fingerprint: the same size and the same first and "
+                f"last MiB, as in {first.attrs.get('slide_path')} and {bag.attrs.get('slide_path')}); list each "
+                "slide once in the labels table"
+            )
 
 
 def _check_one_width(infos: dict[str, FeatureStore], features_dir: Any) -> None:
