@@ -155,3 +155,41 @@ def test_resume_of_a_survival_run_on_patient_bags(tmp_path, monkeypatch):
     summary = train(out_dir=tmp_path / "o", resume=True, **options)
     assert kill.calls == [1] and summary["n_patients"] == 12 and "c_index" in summary["pooled"]
     assert_same_run(tmp_path / "o", tmp_path / "whole")
+
+
+def test_a_second_train_of_one_out_is_refused_while_the_first_holds_it(slides, tmp_path, monkeypatch, capsys):
+    """Two trains (with --resume, or one of each) of one --out would write one partial folder, or
+    one would train for hours to lose the race to rename its run into place: the second one is
+    refused at once, naming the folder, and writes nothing; the lock goes with its holder."""
+    import signal
+    import subprocess
+    import sys
+
+    from cli_calls import one_line, run
+
+    out, lock = tmp_path / "o", tmp_path / ".o.lock"
+    assert run_folder.lock_path(out) == lock
+    args = ["train", "--features", slides["features_dir"], "--labels", slides["labels"], "--task", slides["task"],
+            "--epochs", "2", "--min-epochs", "0", "--folds", "2", "--bootstrap", "0", "--quiet", "--out", out]
+    kill = Kill(monkeypatch, at=None)
+    with run_folder.locked(out):
+        assert lock.read_text() == f"{os.getpid()} on {__import__('socket').gethostname()}\n"
+        for extra in (["--resume"], []):
+            rc, err = run([*args, *extra], capsys)
+            one_line(rc, err, f"wsitools train: error: {out}: another wsitools train is writing this run (its lock "
+                              f"{lock} is held by process {os.getpid()} on ", "wait for it to end, or give another --out")
+        assert kill.calls == [] and sorted(p.name for p in tmp_path.iterdir()) == [".o.lock", "f", "l.csv", "task.yaml"]
+    assert not lock.exists()  # let go with the block
+
+    holder = subprocess.Popen(  # another process holds the lock, then is killed
+        [sys.executable, "-c", "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+         "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()", lock],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    rc, err = run([*args, "--resume"], capsys)
+    one_line(rc, err, f"{out}: another wsitools train is writing this run (its lock {lock} is held)")
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    assert run([*args, "--resume"], capsys) == (0, "")  # the dead process's lock is gone with it
+    assert kill.calls == [0, 1] and (out / "run.json").is_file() and not lock.exists()
+    assert run([*args, "--overwrite"], capsys) == (0, "") and not lock.exists()

@@ -23,13 +23,22 @@ A resumable run (``wsitools train --resume``) is written instead into a stable h
 ``partial.json`` (:func:`read_partial`, :func:`write_partial`) holds the run's settings and the
 folds finished so far, and is removed just before the folder is renamed into place. Having no
 ``run.json``, a partial folder is never taken for a finished run.
+
+One ``train`` at a time writes a run: :func:`locked` holds an exclusive lock on the file
+``.{name}.lock`` beside the output folder (:func:`lock_path`) while it trains, so a second
+``train`` (``--resume`` or not) of the same ``--out`` is refused at once instead of writing the
+same partial folder, or losing the race to rename its run into place after all its training.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
+import fcntl
 import json
+import logging
 import os
+import socket
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,6 +52,8 @@ from wsitools.feature_store import TileGeometry
 from wsitools.io import atomic_path, check_own_folder, remove_path, write_json_atomic
 from wsitools.mil.head_folder import WEIGHTS_FILE, SavedHead, load_head
 from wsitools.tables import write_table
+
+log = logging.getLogger(__name__)
 
 RECORD_FILE = "run.json"
 PARTIAL_RECORD = "partial.json"
@@ -69,6 +80,67 @@ def partial_dir(out_dir: str | os.PathLike[str]) -> Path:
     """The folder a resumable run of ``out_dir`` is written into: ``.{name}.partial`` beside it."""
     out_dir = Path(out_dir)
     return out_dir.parent / f".{out_dir.name}.partial"
+
+
+def lock_path(out_dir: str | os.PathLike[str]) -> Path:
+    """The lock file of the run ``out_dir``: ``.{name}.lock`` beside it (not in it: the run
+    folder appears only when complete, and ``--overwrite`` replaces it as a whole)."""
+    out_dir = Path(os.path.abspath(out_dir))
+    return out_dir.parent / f".{out_dir.name}.lock"
+
+
+@contextmanager
+def locked(out_dir: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold an exclusive lock on the run ``out_dir`` for the block (``flock`` on
+    :func:`lock_path`, created with the folder above it where missing): a :class:`DataError`
+    naming the folder and the process that holds it when another one does. The kernel lets go
+    of the lock when its process ends, killed or not; the lock file is removed when the block
+    ends. On a file system that cannot lock files the block runs unlocked, with a warning."""
+    lock = lock_path(out_dir)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = _take_lock(lock, Path(out_dir))
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)  # before letting go: a process waiting on this file takes the next one
+        os.close(fd)
+
+
+def _take_lock(lock: Path, out_dir: Path) -> int:
+    """An open descriptor of ``lock`` holding its exclusive lock, with this host and process id
+    written in it (what a refused run names)."""
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            try:
+                holder = lock.read_text().strip()
+            except OSError:
+                holder = ""
+            held_by = f" by process {holder}" if holder else ""
+            raise DataError(
+                f"{out_dir}: another wsitools train is writing this run (its lock {lock} is held{held_by}); "
+                "wait for it to end, or give another --out"
+            ) from None
+        except OSError as exc:
+            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                os.close(fd)
+                raise
+            log.warning("%s: cannot be locked (%s); a second train of %s at the same time would not be noticed",
+                        lock, exc.strerror, out_dir)
+            return fd
+        try:
+            current = os.stat(lock)
+        except FileNotFoundError:
+            current = None
+        held = os.fstat(fd)
+        if current is not None and (current.st_dev, current.st_ino) == (held.st_dev, held.st_ino):
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()} on {socket.gethostname()}\n".encode())
+            return fd
+        os.close(fd)  # its holder removed the file while letting go: lock the one there now
 
 
 @contextmanager

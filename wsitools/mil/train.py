@@ -1104,8 +1104,9 @@ def train(
     later run with ``resume`` and the same settings reads the folds finished there back instead
     of training them again (:func:`resume_settings`; other settings are a
     :class:`~wsitools.errors.ConfigError`); each fold seeds itself from the seed and its index,
-    so the run folder is the one an uninterrupted run writes. Returns the content of
-    ``metrics.json``.
+    so the run folder is the one an uninterrupted run writes. A second ``train`` of the same
+    ``out_dir`` while this one runs is a :class:`~wsitools.errors.DataError` naming the folder
+    (:func:`~wsitools.mil.run_folder.locked`). Returns the content of ``metrics.json``.
     """
     from wsitools.device import resolve_device
 
@@ -1117,36 +1118,36 @@ def train(
     check_out_apart(out_dir, {"--features": features_dir, "--labels": labels, "--ivp-features": ivp_features_dir,
                               "--task": task_file, "--text-model": text_model, "--text-cache": text_cache_dir})
     task = task if isinstance(task, TaskDescription) or task is None else load_task(task)
-    _check_options(out_dir, overwrite=overwrite, prompts=prompts, ivp_features_dir=ivp_features_dir,
-                   task_type=task.type if task is not None else "classification", config=config, bag=bag)
-    setup = setup_run(
-        task, features_dir=features_dir, labels=labels, head=head, prompts=prompts, bag=bag, config=config,
-        head_options=head_options, ivp_features_dir=ivp_features_dir, text_model=text_model,
-        text_cache_dir=text_cache_dir, strict=strict, allow_empty_classes=allow_empty_classes, task_file=task_file,
-    )
-    cohort, head_config = setup.cohort, setup.head_config
-    log.info(
-        "training %s%s (%s) on %d slides (%d patients, %s bags), %d folds, %d-d features, on %s",
-        head, f" [{','.join(head_config.prompts)}]" if head_config.prompts else "", cohort.task_type,
-        setup.n_slides, len(set(cohort.patients)), bag, len(setup.folds), cohort.dim, dev,
-    )
-    with run_folder.writing(out_dir, overwrite=overwrite, resume=resume) as tmp:
-        done = _folds_done(tmp, resume_settings(setup, config)) if resume else set()
-        outputs = []
-        for fold in setup.folds:
-            if fold.index in done:
-                outputs.append(_read_fold(tmp, setup, fold, config, device=dev))
-                continue
-            result = train_fold(
-                cohort, fold, head_config, config, text_embeddings=setup.text_embeddings, device=dev, progress=progress
-            )
-            outputs.append(_write_fold(tmp, setup, result, config))
-            if resume:
-                _mark_done(tmp, fold.index)
-        summary = _write_pooled(tmp, setup, outputs, config)
-        run_folder.write_record(
-            tmp, _record(setup, features_dir=features_dir, ivp_features_dir=ivp_features_dir, labels=labels, device=dev)
+    with run_folder.locked(out_dir):  # the folder's state is checked, and the run written, by one train alone
+        _check_options(out_dir, overwrite=overwrite, prompts=prompts, ivp_features_dir=ivp_features_dir,
+                       task_type=task.type if task is not None else "classification", config=config, bag=bag)
+        setup = setup_run(
+            task, features_dir=features_dir, labels=labels, head=head, prompts=prompts, bag=bag, config=config,
+            head_options=head_options, ivp_features_dir=ivp_features_dir, text_model=text_model,
+            text_cache_dir=text_cache_dir, strict=strict, allow_empty_classes=allow_empty_classes, task_file=task_file,
         )
+        cohort, head_config = setup.cohort, setup.head_config
+        log.info(
+            "training %s%s (%s) on %d slides (%d patients, %s bags), %d folds, %d-d features, on %s",
+            head, f" [{','.join(head_config.prompts)}]" if head_config.prompts else "", cohort.task_type,
+            setup.n_slides, len(set(cohort.patients)), bag, len(setup.folds), cohort.dim, dev,
+        )
+        with run_folder.writing(out_dir, overwrite=overwrite, resume=resume) as tmp:
+            done = _folds_done(tmp, resume_settings(setup, config)) if resume else set()
+            outputs = []
+            for fold in setup.folds:
+                if fold.index in done:
+                    outputs.append(_read_fold(tmp, setup, fold, config, device=dev))
+                    continue
+                result = train_fold(cohort, fold, head_config, config, text_embeddings=setup.text_embeddings,
+                                    device=dev, progress=progress)
+                outputs.append(_write_fold(tmp, setup, result, config))
+                if resume:
+                    _mark_done(tmp, fold.index)
+            summary = _write_pooled(tmp, setup, outputs, config)
+            run_folder.write_record(
+                tmp, _record(setup, features_dir=features_dir, ivp_features_dir=ivp_features_dir, labels=labels, device=dev)
+            )
     return summary
 
 
