@@ -408,23 +408,25 @@ def test_instance_dropout_spreads_attention_over_a_planted_region(tmp_path):
     assert auroc0 >= 0.95 and auroc >= 0.95
     assert precision >= 0.7 and precision >= precision0 + 0.08
     assert peak < peak0
-    with pytest.raises(ConfigError, match="instance_dropout must lie in"):
+    with pytest.raises(ConfigError, match=r"instance_dropout \(--instance-dropout\) must lie in"):
         TrainConfig(instance_dropout=1.0)
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("lr", float("nan"), "lr must be a finite number > 0, got nan"),
-    ("lr", float("inf"), "lr must be a finite number > 0, got inf"),
-    ("lr", 0.0, "lr must be a finite number > 0, got 0.0"),
-    ("weight_decay", -1e-4, "weight_decay must be a finite number >= 0, got -0.0001"),
-    ("bag_size", -1, "bag_size must be at least 1, or None for whole bags, got -1"),
-    ("bag_size", 0, "bag_size must be at least 1, or None for whole bags, got 0"),
-    ("n_boot", -1, "n_boot must be at least 0 (0: no bootstrap intervals), got -1"),
-    ("workers", -2, "workers must be at least 0, got -2"),
-    ("seed", -1, "seed must be at least 0, got -1"),
-    ("epochs", 2.5, "epochs must be a whole number, got 2.5"),
-    ("folds", True, "folds must be a whole number, got True"),
-    ("lr", "0.001", "lr must be a number, got '0.001'"),
+    ("lr", float("nan"), "lr (--lr) must be a finite number > 0, got nan"),
+    ("lr", float("inf"), "lr (--lr) must be a finite number > 0, got inf"),
+    ("lr", 0.0, "lr (--lr) must be a finite number > 0, got 0.0"),
+    ("weight_decay", -1e-4, "weight_decay (--weight-decay) must be a finite number >= 0, got -0.0001"),
+    ("bag_size", -1, "bag_size (--bag-size) must be at least 1, or None for whole bags (--bag-size 0), got -1"),
+    ("bag_size", 0, "bag_size (--bag-size) must be at least 1, or None for whole bags (--bag-size 0), got 0"),
+    ("n_boot", -1, "n_boot (--bootstrap) must be at least 0 (0: no bootstrap intervals), got -1"),
+    ("workers", -2, "workers (--workers) must be at least 0, got -2"),
+    ("seed", -1, "seed (--seed) must be at least 0, got -1"),
+    ("epochs", 2.5, "epochs (--epochs) must be a whole number, got 2.5"),
+    ("folds", True, "folds (--folds) must be a whole number, got True"),
+    ("lr", "0.001", "lr (--lr) must be a number, got '0.001'"),
+    ("val_fraction", 1.0, "val_fraction (--val-fraction) must lie in (0, 1), got 1.0"),
+    ("survival_batch", 1, "survival_batch must be at least 2 (a Cox risk set compares bags), got 1"),  # no option
 ])
 def test_train_config_refuses_what_the_command_line_refuses(field, value, message):
     """A settings dataclass given from Python is checked as the CLI checks its options, before
@@ -432,6 +434,31 @@ def test_train_config_refuses_what_the_command_line_refuses(field, value, messag
     with pytest.raises(ConfigError) as error:
         TrainConfig(**{field: value})
     assert str(error.value) == message
+
+
+def test_refusals_of_train_options_name_the_option_typed(cohort, tmp_path, capsys):
+    """Values the option parser lets through but a run cannot use are refused naming the option
+    (``--val-fraction``), not only the field of the settings it sets; every field named with an
+    option is one of ``wsitools train``'s."""
+    import argparse
+
+    from cli_calls import one_line, run
+    from wsitools.cli import build_parser
+    from wsitools.mil.config import OPTIONS
+
+    common = ["train", "--features", cohort["root"] / "features", "--labels", cohort["labels"], "--folds", "2",
+              "--epochs", "1", "--bootstrap", "0", "--device", "cpu", "--quiet", "--out", tmp_path / "o"]
+    for extra, message in (
+        (["--val-fraction", "0"], "val_fraction (--val-fraction) must lie in (0, 1), got 0.0"),
+        (["--instance-dropout", "1"], "instance_dropout (--instance-dropout) must lie in [0, 1), got 1.0"),
+        (["--dropout", "1"], "dropout (--dropout) must lie in [0, 1), got 1.0"),
+        (["--dim", "130"], "head width dim (--dim) 130 must be divisible by its 4 attention heads (n_heads)"),
+    ):
+        rc, err = run([*common, *extra], capsys)
+        assert one_line(rc, err) == f"wsitools train: error: {message}"
+    train_parser = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
+    typed = {o for a in train_parser._actions for o in a.option_strings}
+    assert set(OPTIONS.values()) <= typed and set(OPTIONS) == set(TrainConfig.__dataclass_fields__) - {"survival_batch"}
 
 
 def test_train_config_keeps_its_documented_edge_values():

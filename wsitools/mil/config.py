@@ -21,6 +21,22 @@ BAGS: tuple[str, ...] = ("slide", "patient")
 concatenated (:mod:`wsitools.mil.patients`; docs/mil.md, "Patient-level bags")."""
 
 
+OPTIONS: dict[str, str] = {
+    "epochs": "--epochs", "patience": "--patience", "min_epochs": "--min-epochs", "lr": "--lr",
+    "weight_decay": "--weight-decay", "bag_size": "--bag-size", "instance_dropout": "--instance-dropout",
+    "balance": "--balance", "folds": "--folds", "val_fraction": "--val-fraction", "seed": "--seed",
+    "workers": "--workers", "n_boot": "--bootstrap", "pooling": "--pooling",
+}
+"""The option of ``wsitools train`` that sets each :class:`TrainConfig` field (``survival_batch``
+has none)."""
+
+
+def named(field: str) -> str:
+    """A field as an error names it: with the option that sets it, ``val_fraction
+    (--val-fraction)``, since the config is built from the command line and from Python alike."""
+    return f"{field} ({OPTIONS[field]})" if field in OPTIONS else field
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimisation and evaluation settings of a run (saved in ``run.json``).
@@ -36,8 +52,8 @@ class TrainConfig:
 
     ``bag_size`` None trains on whole bags (what ``wsitools train --bag-size 0`` gives);
     ``n_boot`` 0 computes no bootstrap intervals (their bounds are null in ``metrics.json``), a
-    quick run's setting. Every other bad value is a :class:`ConfigError` naming the field, as
-    the command line refuses it.
+    quick run's setting. Every other bad value is a :class:`ConfigError` naming the field and
+    its option of ``wsitools train`` (:func:`named`), as the command line refuses it.
     """
 
     epochs: int = 100
@@ -60,34 +76,34 @@ class TrainConfig:
         for name in ("epochs", "patience", "min_epochs", "bag_size", "folds", "seed", "workers", "n_boot", "survival_batch"):
             value = getattr(self, name)
             if not (isinstance(value, Integral) and not isinstance(value, bool)) and not (name == "bag_size" and value is None):
-                raise ConfigError(f"{name} must be a whole number, got {value!r}")
+                raise ConfigError(f"{named(name)} must be a whole number, got {value!r}")
         for name in ("lr", "weight_decay", "instance_dropout", "val_fraction"):
             value = getattr(self, name)
             if not isinstance(value, Real) or isinstance(value, bool):
-                raise ConfigError(f"{name} must be a number, got {value!r}")
+                raise ConfigError(f"{named(name)} must be a number, got {value!r}")
         if self.seed < 0:
-            raise ConfigError(f"seed must be at least 0, got {self.seed}")
+            raise ConfigError(f"{named('seed')} must be at least 0, got {self.seed}")
         if self.epochs < 1 or self.patience < 1:
-            raise ConfigError("epochs and patience must be at least 1")
+            raise ConfigError(f"{named('epochs')} and {named('patience')} must be at least 1")
         if self.min_epochs < 0:
-            raise ConfigError(f"min_epochs must be at least 0, got {self.min_epochs}")
+            raise ConfigError(f"{named('min_epochs')} must be at least 0, got {self.min_epochs}")
         if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ConfigError(f"lr must be a finite number > 0, got {self.lr}")
+            raise ConfigError(f"{named('lr')} must be a finite number > 0, got {self.lr}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise ConfigError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
+            raise ConfigError(f"{named('weight_decay')} must be a finite number >= 0, got {self.weight_decay}")
         if self.bag_size is not None and self.bag_size < 1:
-            raise ConfigError(f"bag_size must be at least 1, or None for whole bags, got {self.bag_size}")
+            raise ConfigError(f"{named('bag_size')} must be at least 1, or None for whole bags (--bag-size 0), got {self.bag_size}")
         if self.n_boot < 0:
-            raise ConfigError(f"n_boot must be at least 0 (0: no bootstrap intervals), got {self.n_boot}")
+            raise ConfigError(f"{named('n_boot')} must be at least 0 (0: no bootstrap intervals), got {self.n_boot}")
         if self.workers < 0:
-            raise ConfigError(f"workers must be at least 0, got {self.workers}")
+            raise ConfigError(f"{named('workers')} must be at least 0, got {self.workers}")
         if self.pooling not in POOLING_CHOICES:
-            raise ConfigError(f"pooling must be one of {', '.join(POOLING_CHOICES)}, got {self.pooling!r}")
+            raise ConfigError(f"{named('pooling')} must be one of {', '.join(POOLING_CHOICES)}, got {self.pooling!r}")
         if self.balance not in ("weights", "sampling"):
-            raise ConfigError(f"balance must be 'weights' or 'sampling', got {self.balance!r}")
+            raise ConfigError(f"{named('balance')} must be 'weights' or 'sampling', got {self.balance!r}")
         if not 0.0 <= self.instance_dropout < 1.0:
-            raise ConfigError(f"instance_dropout must lie in [0, 1), got {self.instance_dropout}")
+            raise ConfigError(f"{named('instance_dropout')} must lie in [0, 1), got {self.instance_dropout}")
         if self.survival_batch < 2:
             raise ConfigError(f"survival_batch must be at least 2 (a Cox risk set compares bags), got {self.survival_batch}")
         if not 0.0 < self.val_fraction < 1.0:
-            raise ConfigError(f"val_fraction must lie in (0, 1), got {self.val_fraction}")
+            raise ConfigError(f"{named('val_fraction')} must lie in (0, 1), got {self.val_fraction}")

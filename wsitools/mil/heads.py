@@ -117,7 +117,7 @@ class HeadConfig:
         if self.ivp_in_dim is not None and "ivp" not in self.prompts:
             raise ConfigError("a second IVP encoder is only used with the 'ivp' prompt")
         if self.dim % self.n_heads:
-            raise ConfigError(f"dim {self.dim} must be divisible by n_heads {self.n_heads}")
+            raise ConfigError(f"head width dim (--dim) {self.dim} must be divisible by its {self.n_heads} attention heads (n_heads)")
 
     @property
     def n_ttp(self) -> int:
@@ -228,7 +228,7 @@ class Dropout(nn.Module):
     def __init__(self, p: float):
         super().__init__()
         if not 0.0 <= p < 1.0:
-            raise ModelError(f"dropout must lie in [0, 1), got {p}")
+            raise ModelError(f"dropout (--dropout) must lie in [0, 1), got {p}")
         self.p = p
 
     def forward(self, x: Tensor) -> Tensor:

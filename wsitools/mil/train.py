@@ -787,7 +787,7 @@ def _check_options(
     if task_type != "classification" and config.balance == "sampling":
         raise DataError(f"--balance sampling balances classes; a {task_type} task has none (leave the default)")
     if bag not in ("slide", "patient"):
-        raise DataError(f"bag must be slide or patient, got {bag!r}")
+        raise DataError(f"bag (--bag) must be slide or patient, got {bag!r}")
 
 
 def _cohort_and_folds(
