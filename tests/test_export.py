@@ -16,7 +16,7 @@ import torch
 
 from cli_calls import one_line, run
 from wsitools.errors import StoreError
-from wsitools.export import export_store
+from wsitools.export import export_store, open_store
 from wsitools.feature_store import FORMAT_VERSION, KIND, write_feature_store
 
 MPP0 = 0.2527
@@ -166,7 +166,7 @@ def test_stores_without_tiles_are_skipped_with_a_warning(tmp_path, capsys, caplo
         f"slide E0: feature store {features / 'E0.h5'} holds no tiles (no tissue found); skipped, as a MIL head "
         "cannot use an empty bag"]
     with pytest.raises(StoreError, match="E0.h5: holds no tiles .no tissue was found on slide E0.; nothing to export"):
-        export_store(features / "E0.h5", tmp_path / "lib", to="trident")
+        export_store(open_store(features / "E0.h5"), tmp_path / "lib", to="trident")
     (features / "S1.h5").unlink()
     rc, err = export("clam", features, tmp_path / "only_empty", capsys)
     one_line(rc, err, f"feature directory {features}: none of its 1 stores holds tiles; nothing exported")
@@ -202,3 +202,27 @@ def test_a_slide_whose_files_cannot_all_be_written_leaves_none(tmp_path, capsys,
     assert listing(tmp_path / "clam") == ["h5_files/S1.h5", "h5_files/S3.h5", "patches/S1.h5", "patches/S3.h5",
                                           "pt_files/S1.pt", "pt_files/S3.pt"]
     assert not list(tmp_path.rglob(".tmp-*"))
+
+
+def test_an_export_opens_each_store_once_and_reads_its_arrays_once(tmp_path, capsys, monkeypatch):
+    """The first pass (each store's kind, for the export's majority) opens and checks every store;
+    the export then reads the arrays of the stores it opened, without opening and checking them
+    again: two opens of each file, not three."""
+    features = tmp_path / "enc-a"
+    paths = [store(features, sid, seed=i) for i, sid in enumerate(["S1", "S2", "S3"])]
+    opens: list[str] = []
+    real = h5py.File
+
+    def counting(name, *args, **kwargs):
+        opens.append(str(name))
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(h5py, "File", counting)
+    assert export("trident", features, tmp_path / "job", capsys) == (0, "")
+    assert {str(p): opens.count(str(p)) for p in paths} == {str(p): 2 for p in paths}
+    monkeypatch.undo()
+    folder = tmp_path / "job" / "20x_224px_0px_overlap"
+    assert listing(tmp_path / "job") == [f"20x_224px_0px_overlap/{kind}/{sid}" for kind in ("features_enc-a", "patches")
+                                         for sid in (("S1.h5", "S2.h5", "S3.h5") if kind != "patches" else
+                                                     ("S1_patches.h5", "S2_patches.h5", "S3_patches.h5"))]
+    np.testing.assert_array_equal(features_of(folder / "features_enc-a" / "S2.h5"), features_of(paths[1]))

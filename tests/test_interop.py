@@ -16,7 +16,7 @@ import torch
 
 from wsitools.cli import main
 from wsitools.encoders import load_encoder
-from wsitools.export import export_store, trident_coords_dir
+from wsitools.export import export_store, open_store, trident_coords_dir
 from wsitools.feature_store import FeatureStore, interop_attrs, magnification
 from wsitools.features import extract_features
 from wsitools.store import write_patch_store
@@ -196,7 +196,7 @@ def test_export_trident_layout_from_a_float16_store(tiny, tmp_path):
     result = extract_features(store, tiny, tmp_path / "features", workers=0, dtype="float16")
     ours, coords = FeatureStore.open(result.path).load()
     assert ours.dtype == np.float16
-    exported = export_store(result.path, tmp_path / "job", to="trident")
+    exported = export_store(open_store(result.path), tmp_path / "job", to="trident")
     folder = tmp_path / "job" / "20x_64px_0px_overlap"
     assert exported.paths == (folder / "patches" / "S3_patches.h5", folder / "features_vit-test-tiny" / "S3.h5")
     attrs, patch_coords = trident_read_coords(exported.paths[0])

@@ -166,18 +166,19 @@ def _write_tensor(path: Path, features: np.ndarray) -> None:
 
 
 def export_store(
-    path: str | os.PathLike[str], out: str | os.PathLike[str], *, to: ExportTarget, expect: Majority | None = None
+    store: FeatureStore, out: str | os.PathLike[str], *, to: ExportTarget, expect: Majority | None = None
 ) -> ExportResult:
-    """Export one feature store into the ``to`` layout under ``out`` (see the module docstring).
+    """Export one feature store, opened by :func:`open_store` (the export's first pass over its
+    stores opens each once, and its arrays are read here), into the ``to`` layout under ``out``
+    (see the module docstring).
 
     Its files are written as a unit: when one cannot be written, those already written are
     removed, so a slide is exported whole or not at all. A :class:`StoreError` names the store
-    when it is not named after its slide (:func:`open_store`), holds no tiles (CLAM's heads fail
-    on an empty bag) or, given ``expect`` (the export's :func:`majority_kind`), when it is of
-    another :class:`ExportKind`."""
+    when it holds no tiles (CLAM's heads fail on an empty bag) or, given ``expect`` (the
+    export's :func:`majority_kind`), when it is of another :class:`ExportKind`."""
     if to not in EXPORT_TARGETS:
         raise ValueError(f"unknown export target {to!r} (one of {', '.join(EXPORT_TARGETS)})")
-    store = open_store(path)
+    path = store.path
     if store.n == 0:
         raise StoreError(f"{path}: holds no tiles (no tissue was found on slide {store.slide_id}); nothing to export")
     sid, encoder = check_slide_id(store.slide_id), check_slide_id(store.encoder)  # both become paths

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from wsitools.cli.options import feature_store_dir
 
 if TYPE_CHECKING:
-    from wsitools.export import ExportKind, ExportTarget
+    from wsitools.feature_store import FeatureStore
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def register(subparsers: Any) -> None:
 def _export(args: argparse.Namespace) -> int:
     from wsitools.cli.encoders import store_failure
     from wsitools.errors import DataError
-    from wsitools.export import export_folder, export_store, majority_kind
+    from wsitools.export import ExportKind, export_folder, export_store, majority_kind
     from wsitools.feature_store import features_root_hint, list_feature_stores
     from wsitools.io import check_out_apart
 
@@ -75,18 +75,18 @@ def _export(args: argparse.Namespace) -> int:
         print(f"wsitools export: error: {line}", file=sys.stderr)
         failed.append(str(path))
 
-    kinds = _kinds(stores.values(), to=args.to, fail=fail)
-    if not kinds and not failed:
+    opened = _with_tiles(stores.values(), fail=fail)
+    if not opened and not failed:
         raise DataError(
             f"feature directory {args.features}: none of its {len(stores)} stores holds tiles; nothing exported"
         )
     exported = 0
-    if kinds:
-        expect = majority_kind(list(kinds.values()))
+    if opened:
+        expect = majority_kind([ExportKind.of(store, to=args.to) for store in opened.values()])
         with export_folder(final, to=args.to) as folder:  # replaces --out as a whole once every store is exported
-            for path in kinds:
+            for path, store in opened.items():
                 try:
-                    result = export_store(path, folder, to=args.to, expect=expect)
+                    result = export_store(store, folder, to=args.to, expect=expect)
                 except Exception as exc:
                     fail(path, exc, folder=folder)
                     continue
@@ -102,14 +102,13 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _kinds(
-    paths: Iterable[Path], *, to: ExportTarget, fail: Callable[[Path, Exception], None]
-) -> dict[Path, ExportKind]:
-    """The kind of each store that can be exported; a store that cannot be opened is reported to
-    ``fail``, and one without tiles (a slide without tissue) is skipped with a warning naming it."""
-    from wsitools.export import ExportKind, open_store
+def _with_tiles(paths: Iterable[Path], *, fail: Callable[[Path, Exception], None]) -> dict[Path, FeatureStore]:
+    """The stores that can be exported, opened (each file once: :func:`export_store` takes them
+    as they are); a store that cannot be opened is reported to ``fail``, and one without tiles
+    (a slide without tissue) is skipped with a warning naming it."""
+    from wsitools.export import open_store
 
-    kinds: dict[Path, ExportKind] = {}
+    opened: dict[Path, FeatureStore] = {}
     for path in paths:
         try:
             store = open_store(path)
@@ -120,5 +119,5 @@ def _kinds(
             log.warning("slide %s: feature store %s holds no tiles (no tissue found); skipped, as a MIL head "
                         "cannot use an empty bag", store.slide_id, path)
         else:
-            kinds[path] = ExportKind.of(store, to=to)
-    return kinds
+            opened[path] = store
+    return opened
