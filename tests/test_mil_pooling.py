@@ -69,7 +69,7 @@ def test_unknown_poolings_are_refused():
     model = create_head(HeadConfig("abmil", in_dim=8, n_classes=2))
     with pytest.raises(ModelError, match="unknown pooling 'max'"):
         set_pooling(model, "max")
-    with pytest.raises(ConfigError, match="pooling must be one of select, attention, got 'mean'"):
+    with pytest.raises(ConfigError, match=r"pooling \(--pooling\) must be one of select, attention, got 'mean'"):
         TrainConfig(pooling="mean")
 
 
