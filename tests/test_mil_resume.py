@@ -167,8 +167,10 @@ def test_a_second_train_of_one_out_is_refused_while_the_first_holds_it(slides, t
 
     from cli_calls import one_line, run
 
-    out, lock = tmp_path / "o", tmp_path / ".o.lock"
-    assert run_folder.lock_path(out) == lock
+    out, lock = tmp_path / "o", (tmp_path / ".o.lock").resolve()
+    (tmp_path / "link").symlink_to(tmp_path)
+    assert run_folder.lock_path(out) == run_folder.lock_path(tmp_path / "link" / "o") == lock  # one run, one lock
+    (tmp_path / "link").unlink()
     args = ["train", "--features", slides["features_dir"], "--labels", slides["labels"], "--task", slides["task"],
             "--epochs", "2", "--min-epochs", "0", "--folds", "2", "--bootstrap", "0", "--quiet", "--out", out]
     kill = Kill(monkeypatch, at=None)

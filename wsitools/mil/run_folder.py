@@ -84,9 +84,10 @@ def partial_dir(out_dir: str | os.PathLike[str]) -> Path:
 
 def lock_path(out_dir: str | os.PathLike[str]) -> Path:
     """The lock file of the run ``out_dir``: ``.{name}.lock`` beside it (not in it: the run
-    folder appears only when complete, and ``--overwrite`` replaces it as a whole)."""
+    folder appears only when complete, and ``--overwrite`` replaces it as a whole), in the
+    folder above it with its links resolved, so that two paths to one run share one lock."""
     out_dir = Path(os.path.abspath(out_dir))
-    return out_dir.parent / f".{out_dir.name}.lock"
+    return out_dir.parent.resolve() / f".{out_dir.name}.lock"
 
 
 @contextmanager
