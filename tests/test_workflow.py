@@ -354,6 +354,22 @@ def test_every_rule_runs_locally_or_is_sized_in_the_slurm_profile(loaded_workflo
     assert local == {"all", "qc_summary", "qc_table", "labels", "metrics_table", "roc", "outcome_figure", "export"}
     assert sorted(set(rules) - local - sized) == []
 
+
+def test_memory_and_time_limits_live_in_the_slurm_profile_not_in_the_rules(loaded_workflow):
+    """Resources and partitions are the site's: no rule declares memory or a time limit, every rule
+    submitted to SLURM has both under set-resources, and the defaults cover the local rules. A
+    rule keeps only its GPU, which it computes from the config."""
+    profile = yaml.safe_load((SLURM_PROFILE / "config.v8+.yaml").read_text())
+    declared = {rule.name: sorted(set(rule.resources) - {"_cores", "_nodes", "tmpdir"}) for rule in loaded_workflow.rules}
+    assert {name: keys for name, keys in declared.items() if keys} == {
+        name: ["gpu"] for name in ("extract", "train", "predict", "pretrain_puzzle", "tune_pathotune")}
+    assert profile["default-resources"]["mem_mb"] >= 2000 and profile["default-resources"]["runtime"] >= 10
+    for name, resources in profile["set-resources"].items():
+        assert resources["mem_mb"] >= 4000 and resources["runtime"] >= 60, name
+    assert profile["set-resources"]["pretrain_puzzle"]["runtime"] == 2880
+    local = yaml.safe_load((REPO / "config" / "profiles" / "local" / "config.v8+.yaml").read_text())
+    assert local["resources"] == {"gpu": 1}  # no memory limit: the rules declare none
+
 def test_every_caption_renders(loaded_workflow):
     wildcards = {"head": "abmil", "task": "t", "encoder": "e", "slide": "s1"}
     for caption in sorted((REPO / "workflow" / "report").glob("*.rst")):
@@ -512,6 +528,38 @@ def test_bad_config_fails_before_any_job(tmp_path, change, message):
     assert "Job stats" not in output
     assert "$defs" not in output and len(output.strip().splitlines()) <= 4  # the line, not the schema
     assert not (work / "results").exists() and not (work / "logs").exists()
+
+
+@pytest.mark.parametrize("extra_file", [False, True])
+def test_a_config_file_with_a_repeated_key_fails_before_any_job(tmp_path, extra_file):
+    """A YAML reader keeps the last of a repeated key: the first `folds` would be dropped without
+    a word. The project's config file and one given with --configfile are both checked."""
+    work = make_project(tmp_path / "w")
+    config = work / "config" / "config.yaml"
+    text = config.read_text().replace("    folds: 2\n", "    folds: 2\n    folds: 3\n")
+    assert text.count("folds:") == 2
+    line = text.splitlines().index("    folds: 3") + 1
+    if extra_file:
+        (work / "more.yaml").write_text(text)
+        name, args = str(work / "more.yaml"), ("--configfile", str(work / "more.yaml"))
+    else:
+        config.write_text(text)
+        name, args = "config/config.yaml", ()
+    result = snakemake(work, "--cores", "1", *args)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert f"config file {name}: line {line}: key 'folds' appears twice" in output
+    assert "Job stats" not in output and not (work / "results").exists()
+
+
+def test_a_task_file_with_a_repeated_key_fails_before_any_job(tmp_path):
+    work = make_project(tmp_path / "w")
+    task = work / "config" / "task.yaml"
+    task.write_text(task.read_text() + "name: other\n")
+    result = snakemake(work, "--cores", "1")
+    assert result.returncode != 0
+    assert "config: task 'planted': task description config/task.yaml: not valid YAML: key 'name' appears twice" in result.stderr
+    assert "line 6" in result.stderr and not (work / "results").exists()
 
 
 def test_config_error_names_the_key():

@@ -252,6 +252,25 @@ def config_error(error: Any) -> str:
     return f"config: {''.join(p + ': ' for p in path)}{problem}"
 
 
+def check_unique_keys(path: str | os.PathLike[str]) -> None:
+    """Refuse a YAML (or JSON) config file in which a mapping repeats a key: a :class:`DataError`
+    naming the file, the line and the key. The reader that loaded it keeps the last of a repeated
+    key, so the first setting would be dropped without a word. Other problems of the file are the
+    loader's to report (it read the file first)."""
+    import yaml
+
+    from wsitools.io import yaml_loader
+
+    text = read_user_text(Path(path), what="config file", expected="a YAML file")
+    try:
+        yaml.load(text, Loader=yaml_loader())  # a SafeLoader that refuses a repeated key
+    except yaml.constructor.ConstructorError as exc:
+        mark = exc.problem_mark
+        raise DataError(f"config file {path}: line {mark.line + 1}: {exc.problem}") from None
+    except yaml.YAMLError:
+        return
+
+
 def check_whole_numbers(config: Mapping[str, Any], schema: str | os.PathLike[str]) -> None:
     """Refuse a config whose ``integer`` keys hold a float (``folds: 2.0``, ``tile_size: 224.0``),
     which JSON Schema lets pass but every command refuses, in every job: a :class:`DataError`

@@ -18,12 +18,20 @@ from wsitools.labels import check_outcome_labels, check_patient_labels, check_ta
 from wsitools.report import qc_report
 from wsitools.report import usable_slides as qc_usable_slides
 from wsitools.samples import (
-    check_encoders, check_features_current, check_features_own, check_whole_numbers, config_error, load_samples,
-    run_failure_line, slide_file_state,
+    check_encoders, check_features_current, check_features_own, check_unique_keys, check_whole_numbers, config_error,
+    load_samples, run_failure_line, slide_file_state,
 )
 from wsitools.tables import is_tile_table
 from wsitools.text import load_task
 
+
+# Snakemake's YAML reader keeps the last of a repeated key: refuse a config file with one (each
+# file Snakemake read, from `configfile:` and --configfile) before any of its values is used.
+for _configfile in workflow.configfiles:
+    try:
+        check_unique_keys(_configfile)
+    except WsiToolsError as exc:
+        raise WorkflowError(str(exc)) from None
 
 try:
     validate(config, schema="../schemas/config.schema.yaml")
@@ -62,6 +70,11 @@ FEATURES = os.path.normpath(config["features_dir"])
 ENCODERS = config["features"]["encoders"]
 TASKS = config["tasks"]
 HEADS = config["heads"]
+# Resources: a job's GPU is its need, computed from the config (none with `device: cpu`), so the
+# rules declare it; memory, time limits and partitions belong to the site and live in the
+# profiles (config/profiles/): the local profile's `resources: gpu` runs GPU jobs one at a time
+# per GPU and CPU jobs beside them, and the SLURM profile, which cannot read the config, gives each
+# rule its memory, runtime, partition and GPU.
 GPU_JOB = 0 if config["device"] == "cpu" else 1  # GPUs asked for by a GPU-capable job
 
 # Name of the encoder card PuzzleTuning exports (its file is the pretraining's declared output).
@@ -255,6 +268,11 @@ def get_predict_patients(wildcards):
     """``--patients SHEET`` for a head trained on patient bags: the samples sheet says which
     slides to pool (its ``patient_id`` column); nothing for slide bags."""
     return f" {shell_args(['--patients', config['samples']])}" if HEADS[wildcards.head]["bag"] == "patient" else ""
+
+
+def head_gpu(wildcards):
+    """GPUs of a head's train or predict job: none for a head whose `device` is cpu."""
+    return 0 if HEADS[wildcards.head]["device"] == "cpu" else 1
 
 
 def get_head_options(wildcards):

@@ -36,9 +36,6 @@ checkpoint labels:
     log:
         "logs/labels/{task}.log",
     threads: 1
-    resources:
-        mem_mb=2000,
-        runtime=10,
     conda:
         "../envs/wsitools.yaml"
     script:
@@ -70,9 +67,7 @@ rule train:
         "benchmarks/train/{task}/{encoder}/{head}.tsv",
     threads: lambda wildcards: HEADS[wildcards.head]["threads"]
     resources:
-        mem_mb=8000,
-        runtime=240,
-        gpu=lambda wildcards: 0 if HEADS[wildcards.head]["device"] == "cpu" else 1,
+        gpu=head_gpu,
     conda:
         "../envs/wsitools.yaml"
     shell:
