@@ -60,8 +60,23 @@ def make_project(root: Path, n: int = 6, config: dict | None = None) -> Path:
         "heads": {"abmil": {"type": "abmil", "folds": 2}},
     }
     base.update(config or {})
+    if any((base.get(step) or {}).get("enabled") for step in ("pretrain", "tune")) and "models_dir" not in base:
+        base["models_dir"] = stand_in_models(root / "models")
     (root / "config" / "config.yaml").write_text(yaml.safe_dump(base))
     return root
+
+
+def stand_in_models(folder: Path) -> str:
+    """A models folder with the checkout's encoder cards and an empty stand-in for each weight
+    file a card downloads: a run checks that the weight files of every encoder the config names
+    are there before any job, and a dry run loads none."""
+    folder.mkdir()
+    for card in (REPO / "models").glob("*.yaml"):
+        shutil.copyfile(card, folder / card.name)
+        for weight in yaml.safe_load(card.read_text())["weights"]:
+            if "package" not in weight:
+                (folder / weight["file"]).touch()
+    return str(folder)
 
 
 def snakemake(workdir: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -601,6 +616,30 @@ def test_a_feature_encoder_without_its_weight_file_fails_before_any_job(tmp_path
     assert (f"config: features: encoders: uni: {weight}: backbone weight file of encoder 'uni' not found; "
             "run `wsitools encoders fetch uni` or download https://") in result.stdout + result.stderr
     assert "Job stats" not in result.stdout
+
+
+@pytest.mark.parametrize("step, key", [("pretrain", "pretrain: encoder"), ("tune", "tune: encoder"),
+                                       ("tune", "tune: ivp_encoder")])
+def test_a_pretraining_or_tuning_encoder_without_its_weight_file_fails_before_any_job(tmp_path, step, key):
+    """Its one job would fail only after the whole cohort was tiled."""
+    models = Path(stand_in_models(tmp_path / "models"))
+    shutil.copyfile(models / "vitb16-imagenet.yaml", models / "vit-other.yaml")
+    card = models / "vit-other.yaml"
+    card.write_text(card.read_text().replace("name: vitb16-imagenet", "name: vit-other")
+                    .replace("ViT_b16_224_Imagenet.pth", "vit-other.pth"))
+    settings = {"enabled": True, key.split(": ")[1]: "vit-other"}
+    if step == "tune":
+        settings.update(data="tiles_by_class", prompts=["tvp", "ivp"])
+    work = make_project(tmp_path / "w", config={"models_dir": str(models), step: settings})
+    (work / "tiles_by_class").mkdir()
+    result = snakemake(work, "-n")
+    assert result.returncode != 0
+    assert (f"config: {key}: {models}/vit-other.pth: backbone weight file of encoder 'vit-other' not found; "
+            "run `wsitools encoders fetch vit-other` or download https://") in result.stdout + result.stderr
+    assert "Job stats" not in result.stdout
+    (models / "vit-other.pth").touch()
+    result = snakemake(work, "-n")
+    assert result.returncode == 0, result.stderr
 
 
 def test_slide_glob_cohort_makes_tiles_and_features_only(tmp_path):

@@ -294,20 +294,17 @@ def check_whole_numbers(config: Mapping[str, Any], schema: str | os.PathLike[str
     raise DataError(config_error(error))
 
 
-def check_encoders(
-    encoders: Mapping[str, str], *, models_dir: str | None, with_weights: Collection[str] = ()
-) -> None:
-    """Check that every encoder the config names has a valid card (``encoders``: config key ->
-    card name or card file), and that the cards of the keys in ``with_weights`` (the feature
-    encoders, which a job per slide loads) have their weight files (a stat each, as extraction
-    checks them first), before any slide is tiled: a missing file would otherwise fail every
-    slide's extraction with one message. A :class:`DataError` names the key."""
+def check_encoders(encoders: Mapping[str, str], *, models_dir: str | None) -> None:
+    """Check that every encoder the config names (``encoders``: config key -> card name or card
+    file) has a valid card and its weight files (a stat each, as the jobs check them first),
+    before any slide is tiled: a missing file would otherwise fail every slide's extraction with
+    one message, or the pretraining or tuning job after the whole cohort was tiled. A
+    :class:`DataError` names the key."""
     for key, name in encoders.items():
         try:
             card = find_card(name, models_dir=models_dir or None)
-            if key in with_weights:
-                for weight in card.weights:
-                    check_weight_file(card, weight)
+            for weight in card.weights:
+                check_weight_file(card, weight)
         except ModelError as exc:
             raise DataError(f"config: {key}: {exc}") from None
 

@@ -146,10 +146,10 @@ for _name, _task in TASKS.items():
 if config["tune"]["enabled"] and "ttp" in config["tune"]["prompts"] and not config["tune"]["task"]:
     raise WorkflowError("config: tune: the ttp prompt needs a task file ('tune: task:')")
 
-# Every encoder card the config names must exist before any slide is tiled, and the feature
-# encoders' weight files too (else every slide's extraction job would fail on them).
-_FEATURE_ENCODER_KEYS = {f"features: encoders: {name}": name for name in ENCODERS}
-_ENCODER_KEYS = dict(_FEATURE_ENCODER_KEYS)
+# Every encoder card the config names must exist before any slide is tiled, with its weight files
+# (else every slide's extraction job, or the pretraining or tuning job after tiling, would fail
+# on them).
+_ENCODER_KEYS = {f"features: encoders: {name}": name for name in ENCODERS}
 if config["pretrain"]["enabled"]:
     _ENCODER_KEYS["pretrain: encoder"] = config["pretrain"]["encoder"]
 if config["tune"]["enabled"]:
@@ -157,7 +157,7 @@ if config["tune"]["enabled"]:
     if config["tune"]["ivp_encoder"]:
         _ENCODER_KEYS["tune: ivp_encoder"] = config["tune"]["ivp_encoder"]
 try:
-    check_encoders(_ENCODER_KEYS, models_dir=config["models_dir"], with_weights=_FEATURE_ENCODER_KEYS)
+    check_encoders(_ENCODER_KEYS, models_dir=config["models_dir"])
     # About the run as a whole, so once, not in every cluster job (they hash weight files):
     # features are extracted once per slide, so ones made by an earlier version of a card would
     # stay, and a features folder outside the project may hold another project's.
