@@ -577,6 +577,74 @@ def test_a_task_file_with_a_repeated_key_fails_before_any_job(tmp_path):
     assert "line 6" in result.stderr and not (work / "results").exists()
 
 
+@pytest.mark.parametrize("change, message", [
+    ({"heads": {"abmil": {"type": "abmil", "folds": 2, "extra_args": ["--lerning-rate", "1e-4"]}}},
+     "config: heads: abmil: extra_args: '--lerning-rate' is not an option of `wsitools train`"),
+    ({"heads": {"abmil": {"type": "abmil", "folds": 2, "extra_args": ["--epochs", "ten"]}}},
+     "config: heads: abmil: extra_args: argument --epochs: must be a whole number >= 1, got 'ten' (`wsitools train`)"),
+    ({"heads": {"abmil": {"type": "abmil", "folds": 2, "extra_args": ["--folds", "3"]}}},
+     "config: heads: abmil: extra_args: --folds is set by the workflow (heads: abmil: folds), not in extra_args"),
+    ({"features": {"extra_args": ["--out", "elsewhere"]}},
+     "config: features: extra_args: --out is set by the workflow (features_dir), not in extra_args"),
+    ({"features": {"extra_args": ["--compiel"]}},
+     "config: features: extra_args: '--compiel' is not an option of `wsitools extract` (did you mean --compile?)"),
+    ({"heatmaps": {"extra_args": ["--max-side", "6000", "--top", "8", "--colour", "red"]}},
+     "config: heatmaps: extra_args: '--colour' is not an option of `wsitools heatmap`"),
+    ({"tiling": {"extra_args": ["--magnification", "20"]}},
+     "config: tiling: extra_args: --magnification is set by the workflow (tiling: mpp), not in extra_args"),
+    ({"pretrain": {"enabled": True, "extra_args": ["--warmup", "1", "--ratios", "0.5"]}},
+     "config: pretrain: extra_args: '--ratios' is not an option of `wsitools pretrain puzzle` (did you mean --ratio?)"),
+    ({"tune": {"enabled": True, "data": "tiles_by_class", "prompts": ["tvp"], "extra_args": ["--n-tvp", "2", "models"]}},
+     "config: tune: extra_args: 'models' is not an option of `wsitools tune pathotune`"),
+])
+def test_bad_extra_args_fail_before_any_job(tmp_path, change, message):
+    """Parsed by the command's own parser: a misspelt option would fail every job of its step
+    after tiling, and an option the workflow sets would replace the config's setting or the job's
+    output."""
+    work = make_project(tmp_path / "w", config=change)
+    result = snakemake(work, "--cores", "1")
+    assert result.returncode != 0
+    assert message in result.stdout + result.stderr
+    assert "Job stats" not in result.stdout and not (work / "results").exists()
+
+
+def test_the_options_the_workflow_sets_are_listed_for_extra_args(tmp_path):
+    """Every option a job's command gets from the workflow is one `extra_args` may not repeat
+    (workflow_options in common.smk), so a new option of a rule cannot be overridden unnoticed."""
+    from snakemake.api import ConfigSettings, OutputSettings, ResourceSettings, SnakemakeApi, StorageSettings
+
+    tune = {"enabled": True, "data": "tiles.csv", "task": "config/task.yaml", "prompts": ["tvp", "ivp"],
+            "ivp_encoder": "vitb16-imagenet", "extra_args": ["--n-tvp", "2"]}
+    heads = {"abmil": {"type": "abmil", "folds": 2, "extra_args": ["--allow-empty-classes", "--lr", "1e-4"]}}
+    work = make_project(tmp_path / "w", config={"pretrain": {"enabled": True}, "tune": tune, "heads": heads,
+                                                "features": {"extra_args": ["--compile"]}})
+    (work / "tiles.csv").write_text("slide_id,x,y,label\ns0,0,0,neg\n")
+    before_qc = snakemake(work, "-n", "--printshellcmds")  # the tile jobs
+    _qc_done(work, {f"s{i}": "ok" for i in range(6)})
+    after_qc = snakemake(work, "-n", "--printshellcmds")  # the jobs of the usable slides
+    assert before_qc.returncode == after_qc.returncode == 0, before_qc.stderr + after_qc.stderr
+    with SnakemakeApi(OutputSettings()) as api:
+        options = api.workflow(
+            resource_settings=ResourceSettings(), storage_settings=StorageSettings(),
+            config_settings=ConfigSettings(configfiles=[work / "config" / "config.yaml"]),
+            workdir=work, snakefile=REPO / "workflow" / "Snakefile",
+        )._workflow.globals["workflow_options"]("abmil")
+    flags = {"--keep-going", "--overwrite", "--quiet", "--resume", "--strict", "--compile", "--allow-empty-classes"}
+    seen = set()
+    for line in (before_qc.stdout + after_qc.stdout).splitlines():
+        if "wsitools " not in line:
+            continue
+        words = line.split("wsitools ", 1)[1].split(" > ")[0].split()
+        words.insert(0, "wsitools")
+        command = " ".join(words[1:3]) if words[1] in ("pretrain", "tune") else words[1]
+        if command not in options:
+            continue
+        seen.add(command)
+        given = {w for w in words if w.startswith("--")} - flags - {"--lr", "--n-tvp"}  # the extra_args
+        assert given <= set(options[command]), (command, sorted(given - set(options[command])))
+    assert seen == set(options)
+
+
 def test_config_error_names_the_key():
     import jsonschema
 

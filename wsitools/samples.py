@@ -17,10 +17,10 @@ import sys
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from wsitools.encoders.cards import card_encoder_hash, check_weight_file, find_card, precision_hash
-from wsitools.errors import DataError, ModelError, StoreError, WsiToolsError, error_line, schema_problem
+from wsitools.errors import DataError, ModelError, StoreError, WsiToolsError, error_line, one_line, schema_problem
 from wsitools.io import read_user_text
 from wsitools.types import MPP_MAX, MPP_MIN, MicronsPerPixel, check_slide_id, slide_id_from_path
 
@@ -307,6 +307,50 @@ def check_encoders(encoders: Mapping[str, str], *, models_dir: str | None) -> No
                 check_weight_file(card, weight)
         except ModelError as exc:
             raise DataError(f"config: {key}: {exc}") from None
+
+
+def check_extra_args(key: str, command: Sequence[str], extra: Sequence[str], *, set_by: Mapping[str, str]) -> None:
+    """Check the ``extra_args`` of a config (at ``key``) with the argument parser of ``wsitools
+    COMMAND`` itself, before any job runs: a misspelt option or a bad value would otherwise fail
+    every job of the step, one by one, after tiling. Options the workflow gives the command
+    (``set_by``: option -> where its value comes from, a config key) may not be given again: the
+    last would win, replacing a setting of the config or the job's outputs. A :class:`DataError`
+    names the key and the option."""
+    import argparse
+    import contextlib
+    import difflib
+    import io
+
+    from wsitools.cli import build_parser
+
+    def refuse(message: str) -> NoReturn:
+        raise DataError(f"config: {key}: {message}")
+
+    parser = build_parser()
+    for name in command:  # argparse has no public way to reach a sub-command's parser
+        parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
+    program = f"`wsitools {' '.join(command)}`"
+    parser.error = lambda message: refuse(f"{one_line(message)} ({program})")  # type: ignore[method-assign]
+    parser.exit = lambda status=0, message=None: refuse("--help prints the help and runs nothing")  # type: ignore[method-assign]
+    for action in parser._actions:  # only what extra_args gives: the workflow gives the rest
+        action.default, action.required = argparse.SUPPRESS, False
+    for group in parser._mutually_exclusive_groups:
+        group.required = False
+    with contextlib.redirect_stdout(io.StringIO()):
+        given, unknown = parser.parse_known_args([str(a) for a in extra])
+    if unknown:
+        option = unknown[0].split("=", 1)[0]
+        near = difflib.get_close_matches(option, parser._option_string_actions, n=1)
+        refuse(f"{option!r} is not an option of {program}" + (f" (did you mean {near[0]}?)" if near else ""))
+    for action in parser._actions:
+        if action.dest not in vars(given):
+            continue
+        if not action.option_strings:
+            value = getattr(given, action.dest)
+            refuse(f"{' '.join(value) if isinstance(value, list) else value!r} is not an option of {program}")
+        for option in action.option_strings:
+            if option in set_by:
+                refuse(f"{option} is set by the workflow ({set_by[option]}), not in extra_args")
 
 
 def check_features_current(features_dir: str | os.PathLike[str], encoders: Sequence[str], *, models_dir: str | None) -> None:

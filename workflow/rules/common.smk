@@ -18,8 +18,8 @@ from wsitools.labels import check_outcome_labels, check_patient_labels, check_ta
 from wsitools.report import qc_report
 from wsitools.report import usable_slides as qc_usable_slides
 from wsitools.samples import (
-    check_encoders, check_features_current, check_features_own, check_unique_keys, check_whole_numbers, config_error,
-    load_samples, run_failure_line, slide_file_state,
+    check_encoders, check_extra_args, check_features_current, check_features_own, check_unique_keys,
+    check_whole_numbers, config_error, load_samples, run_failure_line, slide_file_state,
 )
 from wsitools.tables import is_tile_table
 from wsitools.text import load_task
@@ -167,6 +167,66 @@ try:
             check_features_own(FEATURES, ENCODERS, {s: f"{TILES}/{s}.zarr" for s in SAMPLES})
 except WsiToolsError as exc:
     raise WorkflowError(str(exc)) from None
+
+
+def workflow_options(head=""):
+    """The options the workflow gives each `wsitools` command that takes `extra_args` (by
+    command), with where each value comes from: `extra_args` may not give them again (the last
+    would win). ``head``: the head whose train job it is."""
+    out = "the job's output"
+    return {
+        "tile": {
+            "--out": "tiles_dir", "--slide-id": "the samples sheet", "--mpp": "tiling: mpp",
+            "--magnification": "tiling: mpp", "--tile-size": "tiling: tile_size", "--overlap": "tiling: overlap",
+            "--min-tissue": "tiling: min_tissue", "--backend": "tiling: backend", "--codec": "tiling: codec",
+            "--jpeg-quality": "tiling: jpeg_quality", "--no-pixels": "tiling: store_pixels",
+            "--mpp-override": "the samples sheet's mpp", "--workers": "tiling: threads",
+        },
+        "extract": {
+            "--encoder": "features: encoders", "--out": "features_dir", "--device": "device",
+            "--precision": "features: precision", "--dtype": "features: dtype",
+            "--batch-size": "features: batch_size", "--workers": "features: threads", "--models-dir": "models_dir",
+        },
+        "train": {
+            "--features": "features_dir", "--labels": "the task's labels table", "--task": "tasks: TASK: task_file",
+            "--head": f"heads: {head}: type", "--bag": f"heads: {head}: bag", "--folds": f"heads: {head}: folds",
+            "--prompts": f"heads: {head}: prompts", "--device": f"heads: {head}: device",
+            "--threads": f"heads: {head}: threads", "--out": out,
+        },
+        "heatmap": {
+            "--attention": "the head's attention", "--store": "tiles_dir", "--scale": "heatmaps: scale",
+            "--cmap": "heatmaps: cmap", "--out": out,
+        },
+        "pretrain puzzle": {
+            "--stores": "the usable slides", "--out": out, "--encoder": "pretrain: encoder",
+            "--name": "pretrain: name", "--epochs": "pretrain: epochs", "--batch-size": "pretrain: batch_size",
+            "--device": "device", "--models-dir": "models_dir", "--workers": "pretrain: threads",
+        },
+        "tune pathotune": {
+            "--data": "tune: data", "--task": "tune: task", "--stores": "the usable slides", "--out": out,
+            "--encoder": "tune: encoder", "--ivp-encoder": "tune: ivp_encoder", "--prompts": "tune: prompts",
+            "--device": "device", "--models-dir": "models_dir", "--workers": "tune: threads",
+        },
+    }
+
+
+# Every step's `extra_args` are parsed by its command's own parser before any job runs: a misspelt
+# option would otherwise fail every job of the step, one by one, after tiling.
+_EXTRA_ARGS = [  # (config key, command, its options, the head of a train job)
+    ("tiling: extra_args", "tile", config["tiling"]["extra_args"], ""),
+    ("features: extra_args", "extract", config["features"]["extra_args"], ""),
+    ("heatmaps: extra_args", "heatmap", config["heatmaps"]["extra_args"], ""),
+    ("pretrain: extra_args", "pretrain puzzle", config["pretrain"]["extra_args"], ""),
+    ("tune: extra_args", "tune pathotune", config["tune"]["extra_args"], ""),
+    *((f"heads: {name}: extra_args", "train", h["extra_args"], name) for name, h in HEADS.items()),
+]
+for _key, _command, _extra, _head in _EXTRA_ARGS:
+    if not config.get(_key.split(":")[0], {}).get("enabled", True):
+        continue  # a step that is off runs no job
+    try:
+        check_extra_args(_key, _command.split(), _extra, set_by=workflow_options(_head)[_command])
+    except WsiToolsError as exc:
+        raise WorkflowError(str(exc)) from None
 
 
 wildcard_constraints:
