@@ -1378,3 +1378,19 @@ def test_report_scripts_refuse_damaged_tables_in_one_line(tmp_path, capsys):
         runpy.run_path(str(REPO / "workflow" / "scripts" / "qc_table.py"), init_globals={"snakemake": job})
     assert log.read_text() == f"QC table {tmp_path / 'summary.tsv'} has no column status (not a wsitools QC summary)\n"
     capsys.readouterr()
+
+
+def test_too_few_patients_left_by_qc_for_a_heads_folds_name_the_config_key(tmp_path):
+    """The folds check before any job counts every labelled slide; QC may drop some. The labels
+    job checks the usable ones again, so the run stops there naming `heads: NAME: folds` (not
+    the --folds of `wsitools train`, which the config does not show), before any head trains."""
+    work = make_project(tmp_path / "w")  # 'pos': s1 and s4, two patients for 2 folds
+    _qc_done(work, {f"s{i}": "failed" if i == 4 else "ok" for i in range(6)})
+    result = snakemake(work, "--cores", "1", "results/heads/planted/labels.tsv")
+    assert result.returncode != 0
+    log = (work / "logs" / "labels" / "planted.log").read_text().strip()
+    assert log.startswith("task 'planted': config: heads: abmil: folds: 2-fold cross-validation of task 'planted' "
+                          "needs at least 2 patients of each class")
+    assert "but in column 'label' of config/samples.tsv 'neg' has 4 patients, 'pos' has 1 patient; label more patients" in log
+    assert log.endswith("(after QC; results/qc/summary.tsv says why slides were left out)")
+    assert not (work / "results" / "heads" / "planted" / "labels.tsv").exists()

@@ -294,6 +294,27 @@ def check_whole_numbers(config: Mapping[str, Any], schema: str | os.PathLike[str
     raise DataError(config_error(error))
 
 
+def check_task_cohort(
+    samples: Sequence[Sample], *, task: str, task_type: str, columns: Mapping[str, str], task_file: str | None,
+    folds: Mapping[str, int], sheet: str, allow_empty_classes: bool,
+) -> None:
+    """Check a task's targets in the samples sheet against its task file and the heads' folds
+    (``folds``: head -> k): :func:`wsitools.labels.check_task_labels` for a classification task,
+    :func:`wsitools.labels.check_outcome_labels` for survival and regression. The workflow checks
+    every slide before any job, and the usable ones again once QC has run (QC may leave too few
+    for a head's folds); a :class:`DataError` names the config key to change."""
+    from wsitools.labels import check_outcome_labels, check_task_labels
+    from wsitools.text import load_task
+
+    if task_type != "classification":
+        check_outcome_labels(samples, task=task, task_type=task_type, columns=columns, folds=folds, sheet=sheet)
+        return
+    check_task_labels(
+        samples, task=task, label_column=columns["label"], classes=load_task(task_file).classes if task_file else None,
+        folds=folds, sheet=sheet, task_file=task_file, allow_empty_classes=allow_empty_classes,
+    )
+
+
 def check_encoders(encoders: Mapping[str, str], *, models_dir: str | None) -> None:
     """Check that every encoder the config names (``encoders``: config key -> card name or card
     file) has a valid card and its weight files (a stat each, as the jobs check them first),

@@ -14,12 +14,12 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from wsitools.errors import WsiToolsError
-from wsitools.labels import check_outcome_labels, check_patient_labels, check_task_labels, task_columns
+from wsitools.labels import check_patient_labels, task_columns
 from wsitools.report import qc_report
 from wsitools.report import usable_slides as qc_usable_slides
 from wsitools.samples import (
-    check_encoders, check_extra_args, check_features_current, check_features_own, check_unique_keys,
-    check_whole_numbers, config_error, load_samples, run_failure_line, slide_file_state,
+    check_encoders, check_extra_args, check_features_current, check_features_own, check_task_cohort,
+    check_unique_keys, check_whole_numbers, config_error, load_samples, run_failure_line, slide_file_state,
 )
 from wsitools.tables import is_tile_table
 from wsitools.text import load_task
@@ -94,6 +94,9 @@ if TASKS and config["slides_glob"]:
     )
 if TASKS and not HEADS:
     raise WorkflowError("config: tasks are given but no heads to train for them ('heads')")
+HEAD_FOLDS = {name: h["folds"] for name, h in HEADS.items()}
+# Every head trains with --allow-empty-classes: a class of the task file may have no labelled slide.
+ALLOW_EMPTY_CLASSES = bool(HEADS) and all("--allow-empty-classes" in h["extra_args"] for h in HEADS.values())
 TASK_TYPES = {}  # task name -> classification, survival or regression (the task file's type)
 TASK_COLUMNS = {}  # task name -> labels-table column -> samples-sheet column
 for _name, _task in TASKS.items():
@@ -120,26 +123,10 @@ for _name, _task in TASKS.items():
             )
         except WsiToolsError as exc:
             raise WorkflowError(str(exc)) from None
-    if TASK_TYPES[_name] != "classification":
-        try:
-            check_outcome_labels(
-                list(SAMPLES.values()), task=_name, task_type=TASK_TYPES[_name], columns=TASK_COLUMNS[_name],
-                folds={head: h["folds"] for head, h in HEADS.items()}, sheet=config["samples"],
-            )
-        except WsiToolsError as exc:
-            raise WorkflowError(str(exc)) from None
-        continue
     try:
-        check_task_labels(
-            list(SAMPLES.values()),
-            task=_name,
-            label_column=_task["label_column"],
-            classes=load_task(_task_file).classes if _task_file else None,
-            folds={head: h["folds"] for head, h in HEADS.items()},
-            sheet=config["samples"],
-            task_file=_task_file,
-            allow_empty_classes=bool(HEADS)
-            and all("--allow-empty-classes" in h["extra_args"] for h in HEADS.values()),
+        check_task_cohort(
+            list(SAMPLES.values()), task=_name, task_type=TASK_TYPES[_name], columns=TASK_COLUMNS[_name],
+            task_file=_task_file, folds=HEAD_FOLDS, sheet=config["samples"], allow_empty_classes=ALLOW_EMPTY_CLASSES,
         )
     except WsiToolsError as exc:
         raise WorkflowError(str(exc)) from None
