@@ -60,8 +60,23 @@ def make_project(root: Path, n: int = 6, config: dict | None = None) -> Path:
         "heads": {"abmil": {"type": "abmil", "folds": 2}},
     }
     base.update(config or {})
+    if any((base.get(step) or {}).get("enabled") for step in ("pretrain", "tune")) and "models_dir" not in base:
+        base["models_dir"] = stand_in_models(root / "models")
     (root / "config" / "config.yaml").write_text(yaml.safe_dump(base))
     return root
+
+
+def stand_in_models(folder: Path) -> str:
+    """A models folder with the checkout's encoder cards and an empty stand-in for each weight
+    file a card downloads: a run checks that the weight files of every encoder the config names
+    are there before any job, and a dry run loads none."""
+    folder.mkdir()
+    for card in (REPO / "models").glob("*.yaml"):
+        shutil.copyfile(card, folder / card.name)
+        for weight in yaml.safe_load(card.read_text())["weights"]:
+            if "package" not in weight:
+                (folder / weight["file"]).touch()
+    return str(folder)
 
 
 def snakemake(workdir: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -354,6 +369,22 @@ def test_every_rule_runs_locally_or_is_sized_in_the_slurm_profile(loaded_workflo
     assert local == {"all", "qc_summary", "qc_table", "labels", "metrics_table", "roc", "outcome_figure", "export"}
     assert sorted(set(rules) - local - sized) == []
 
+
+def test_memory_and_time_limits_live_in_the_slurm_profile_not_in_the_rules(loaded_workflow):
+    """Resources and partitions are the site's: no rule declares memory or a time limit, every rule
+    submitted to SLURM has both under set-resources, and the defaults cover the local rules. A
+    rule keeps only its GPU, which it computes from the config."""
+    profile = yaml.safe_load((SLURM_PROFILE / "config.v8+.yaml").read_text())
+    declared = {rule.name: sorted(set(rule.resources) - {"_cores", "_nodes", "tmpdir"}) for rule in loaded_workflow.rules}
+    assert {name: keys for name, keys in declared.items() if keys} == {
+        name: ["gpu"] for name in ("extract", "train", "predict", "pretrain_puzzle", "tune_pathotune")}
+    assert profile["default-resources"]["mem_mb"] >= 2000 and profile["default-resources"]["runtime"] >= 10
+    for name, resources in profile["set-resources"].items():
+        assert resources["mem_mb"] >= 4000 and resources["runtime"] >= 60, name
+    assert profile["set-resources"]["pretrain_puzzle"]["runtime"] == 2880
+    local = yaml.safe_load((REPO / "config" / "profiles" / "local" / "config.v8+.yaml").read_text())
+    assert local["resources"] == {"gpu": 1}  # no memory limit: the rules declare none
+
 def test_every_caption_renders(loaded_workflow):
     wildcards = {"head": "abmil", "task": "t", "encoder": "e", "slide": "s1"}
     for caption in sorted((REPO / "workflow" / "report").glob("*.rst")):
@@ -514,6 +545,106 @@ def test_bad_config_fails_before_any_job(tmp_path, change, message):
     assert not (work / "results").exists() and not (work / "logs").exists()
 
 
+@pytest.mark.parametrize("extra_file", [False, True])
+def test_a_config_file_with_a_repeated_key_fails_before_any_job(tmp_path, extra_file):
+    """A YAML reader keeps the last of a repeated key: the first `folds` would be dropped without
+    a word. The project's config file and one given with --configfile are both checked."""
+    work = make_project(tmp_path / "w")
+    config = work / "config" / "config.yaml"
+    text = config.read_text().replace("    folds: 2\n", "    folds: 2\n    folds: 3\n")
+    assert text.count("folds:") == 2
+    line = text.splitlines().index("    folds: 3") + 1
+    if extra_file:
+        (work / "more.yaml").write_text(text)
+        name, args = str(work / "more.yaml"), ("--configfile", str(work / "more.yaml"))
+    else:
+        config.write_text(text)
+        name, args = "config/config.yaml", ()
+    result = snakemake(work, "--cores", "1", *args)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert f"config file {name}: line {line}: key 'folds' appears twice" in output
+    assert "Job stats" not in output and not (work / "results").exists()
+
+
+def test_a_task_file_with_a_repeated_key_fails_before_any_job(tmp_path):
+    work = make_project(tmp_path / "w")
+    task = work / "config" / "task.yaml"
+    task.write_text(task.read_text() + "name: other\n")
+    result = snakemake(work, "--cores", "1")
+    assert result.returncode != 0
+    assert "config: task 'planted': task description config/task.yaml: not valid YAML: key 'name' appears twice" in result.stderr
+    assert "line 6" in result.stderr and not (work / "results").exists()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"heads": {"abmil": {"type": "abmil", "folds": 2, "extra_args": ["--lerning-rate", "1e-4"]}}},
+     "config: heads: abmil: extra_args: '--lerning-rate' is not an option of `wsitools train`"),
+    ({"heads": {"abmil": {"type": "abmil", "folds": 2, "extra_args": ["--epochs", "ten"]}}},
+     "config: heads: abmil: extra_args: argument --epochs: must be a whole number >= 1, got 'ten' (`wsitools train`)"),
+    ({"heads": {"abmil": {"type": "abmil", "folds": 2, "extra_args": ["--folds", "3"]}}},
+     "config: heads: abmil: extra_args: --folds is set by the workflow (heads: abmil: folds), not in extra_args"),
+    ({"features": {"extra_args": ["--out", "elsewhere"]}},
+     "config: features: extra_args: --out is set by the workflow (features_dir), not in extra_args"),
+    ({"features": {"extra_args": ["--compiel"]}},
+     "config: features: extra_args: '--compiel' is not an option of `wsitools extract` (did you mean --compile?)"),
+    ({"heatmaps": {"extra_args": ["--max-side", "6000", "--top", "8", "--colour", "red"]}},
+     "config: heatmaps: extra_args: '--colour' is not an option of `wsitools heatmap`"),
+    ({"tiling": {"extra_args": ["--magnification", "20"]}},
+     "config: tiling: extra_args: --magnification is set by the workflow (tiling: mpp), not in extra_args"),
+    ({"pretrain": {"enabled": True, "extra_args": ["--warmup", "1", "--ratios", "0.5"]}},
+     "config: pretrain: extra_args: '--ratios' is not an option of `wsitools pretrain puzzle` (did you mean --ratio?)"),
+    ({"tune": {"enabled": True, "data": "tiles_by_class", "prompts": ["tvp"], "extra_args": ["--n-tvp", "2", "models"]}},
+     "config: tune: extra_args: 'models' is not an option of `wsitools tune pathotune`"),
+])
+def test_bad_extra_args_fail_before_any_job(tmp_path, change, message):
+    """Parsed by the command's own parser: a misspelt option would fail every job of its step
+    after tiling, and an option the workflow sets would replace the config's setting or the job's
+    output."""
+    work = make_project(tmp_path / "w", config=change)
+    result = snakemake(work, "--cores", "1")
+    assert result.returncode != 0
+    assert message in result.stdout + result.stderr
+    assert "Job stats" not in result.stdout and not (work / "results").exists()
+
+
+def test_the_options_the_workflow_sets_are_listed_for_extra_args(tmp_path):
+    """Every option a job's command gets from the workflow is one `extra_args` may not repeat
+    (workflow_options in common.smk), so a new option of a rule cannot be overridden unnoticed."""
+    from snakemake.api import ConfigSettings, OutputSettings, ResourceSettings, SnakemakeApi, StorageSettings
+
+    tune = {"enabled": True, "data": "tiles.csv", "task": "config/task.yaml", "prompts": ["tvp", "ivp"],
+            "ivp_encoder": "vitb16-imagenet", "extra_args": ["--n-tvp", "2"]}
+    heads = {"abmil": {"type": "abmil", "folds": 2, "extra_args": ["--allow-empty-classes", "--lr", "1e-4"]}}
+    work = make_project(tmp_path / "w", config={"pretrain": {"enabled": True}, "tune": tune, "heads": heads,
+                                                "features": {"extra_args": ["--compile"]}})
+    (work / "tiles.csv").write_text("slide_id,x,y,label\ns0,0,0,neg\n")
+    before_qc = snakemake(work, "-n", "--printshellcmds")  # the tile jobs
+    _qc_done(work, {f"s{i}": "ok" for i in range(6)})
+    after_qc = snakemake(work, "-n", "--printshellcmds")  # the jobs of the usable slides
+    assert before_qc.returncode == after_qc.returncode == 0, before_qc.stderr + after_qc.stderr
+    with SnakemakeApi(OutputSettings()) as api:
+        options = api.workflow(
+            resource_settings=ResourceSettings(), storage_settings=StorageSettings(),
+            config_settings=ConfigSettings(configfiles=[work / "config" / "config.yaml"]),
+            workdir=work, snakefile=REPO / "workflow" / "Snakefile",
+        )._workflow.globals["workflow_options"]("abmil")
+    flags = {"--keep-going", "--overwrite", "--quiet", "--resume", "--strict", "--compile", "--allow-empty-classes"}
+    seen = set()
+    for line in (before_qc.stdout + after_qc.stdout).splitlines():
+        if "wsitools " not in line:
+            continue
+        words = line.split("wsitools ", 1)[1].split(" > ")[0].split()
+        words.insert(0, "wsitools")
+        command = " ".join(words[1:3]) if words[1] in ("pretrain", "tune") else words[1]
+        if command not in options:
+            continue
+        seen.add(command)
+        given = {w for w in words if w.startswith("--")} - flags - {"--lr", "--n-tvp"}  # the extra_args
+        assert given <= set(options[command]), (command, sorted(given - set(options[command])))
+    assert seen == set(options)
+
+
 def test_config_error_names_the_key():
     import jsonschema
 
@@ -553,6 +684,30 @@ def test_a_feature_encoder_without_its_weight_file_fails_before_any_job(tmp_path
     assert (f"config: features: encoders: uni: {weight}: backbone weight file of encoder 'uni' not found; "
             "run `wsitools encoders fetch uni` or download https://") in result.stdout + result.stderr
     assert "Job stats" not in result.stdout
+
+
+@pytest.mark.parametrize("step, key", [("pretrain", "pretrain: encoder"), ("tune", "tune: encoder"),
+                                       ("tune", "tune: ivp_encoder")])
+def test_a_pretraining_or_tuning_encoder_without_its_weight_file_fails_before_any_job(tmp_path, step, key):
+    """Its one job would fail only after the whole cohort was tiled."""
+    models = Path(stand_in_models(tmp_path / "models"))
+    shutil.copyfile(models / "vitb16-imagenet.yaml", models / "vit-other.yaml")
+    card = models / "vit-other.yaml"
+    card.write_text(card.read_text().replace("name: vitb16-imagenet", "name: vit-other")
+                    .replace("ViT_b16_224_Imagenet.pth", "vit-other.pth"))
+    settings = {"enabled": True, key.split(": ")[1]: "vit-other"}
+    if step == "tune":
+        settings.update(data="tiles_by_class", prompts=["tvp", "ivp"])
+    work = make_project(tmp_path / "w", config={"models_dir": str(models), step: settings})
+    (work / "tiles_by_class").mkdir()
+    result = snakemake(work, "-n")
+    assert result.returncode != 0
+    assert (f"config: {key}: {models}/vit-other.pth: backbone weight file of encoder 'vit-other' not found; "
+            "run `wsitools encoders fetch vit-other` or download https://") in result.stdout + result.stderr
+    assert "Job stats" not in result.stdout
+    (models / "vit-other.pth").touch()
+    result = snakemake(work, "-n")
+    assert result.returncode == 0, result.stderr
 
 
 def test_slide_glob_cohort_makes_tiles_and_features_only(tmp_path):
@@ -1223,3 +1378,19 @@ def test_report_scripts_refuse_damaged_tables_in_one_line(tmp_path, capsys):
         runpy.run_path(str(REPO / "workflow" / "scripts" / "qc_table.py"), init_globals={"snakemake": job})
     assert log.read_text() == f"QC table {tmp_path / 'summary.tsv'} has no column status (not a wsitools QC summary)\n"
     capsys.readouterr()
+
+
+def test_too_few_patients_left_by_qc_for_a_heads_folds_name_the_config_key(tmp_path):
+    """The folds check before any job counts every labelled slide; QC may drop some. The labels
+    job checks the usable ones again, so the run stops there naming `heads: NAME: folds` (not
+    the --folds of `wsitools train`, which the config does not show), before any head trains."""
+    work = make_project(tmp_path / "w")  # 'pos': s1 and s4, two patients for 2 folds
+    _qc_done(work, {f"s{i}": "failed" if i == 4 else "ok" for i in range(6)})
+    result = snakemake(work, "--cores", "1", "results/heads/planted/labels.tsv")
+    assert result.returncode != 0
+    log = (work / "logs" / "labels" / "planted.log").read_text().strip()
+    assert log.startswith("task 'planted': config: heads: abmil: folds: 2-fold cross-validation of task 'planted' "
+                          "needs at least 2 patients of each class")
+    assert "but in column 'label' of config/samples.tsv 'neg' has 4 patients, 'pos' has 1 patient; label more patients" in log
+    assert log.endswith("(after QC; results/qc/summary.tsv says why slides were left out)")
+    assert not (work / "results" / "heads" / "planted" / "labels.tsv").exists()

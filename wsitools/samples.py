@@ -17,10 +17,10 @@ import sys
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from wsitools.encoders.cards import card_encoder_hash, check_weight_file, find_card, precision_hash
-from wsitools.errors import DataError, ModelError, StoreError, WsiToolsError, error_line, schema_problem
+from wsitools.errors import DataError, ModelError, StoreError, WsiToolsError, error_line, one_line, schema_problem
 from wsitools.io import read_user_text
 from wsitools.types import MPP_MAX, MPP_MIN, MicronsPerPixel, check_slide_id, slide_id_from_path
 
@@ -252,6 +252,25 @@ def config_error(error: Any) -> str:
     return f"config: {''.join(p + ': ' for p in path)}{problem}"
 
 
+def check_unique_keys(path: str | os.PathLike[str]) -> None:
+    """Refuse a YAML (or JSON) config file in which a mapping repeats a key: a :class:`DataError`
+    naming the file, the line and the key. The reader that loaded it keeps the last of a repeated
+    key, so the first setting would be dropped without a word. Other problems of the file are the
+    loader's to report (it read the file first)."""
+    import yaml
+
+    from wsitools.io import yaml_loader
+
+    text = read_user_text(Path(path), what="config file", expected="a YAML file")
+    try:
+        yaml.load(text, Loader=yaml_loader())  # a SafeLoader that refuses a repeated key
+    except yaml.constructor.ConstructorError as exc:
+        mark = exc.problem_mark
+        raise DataError(f"config file {path}: line {mark.line + 1}: {exc.problem}") from None
+    except yaml.YAMLError:
+        return
+
+
 def check_whole_numbers(config: Mapping[str, Any], schema: str | os.PathLike[str]) -> None:
     """Refuse a config whose ``integer`` keys hold a float (``folds: 2.0``, ``tile_size: 224.0``),
     which JSON Schema lets pass but every command refuses, in every job: a :class:`DataError`
@@ -275,22 +294,84 @@ def check_whole_numbers(config: Mapping[str, Any], schema: str | os.PathLike[str
     raise DataError(config_error(error))
 
 
-def check_encoders(
-    encoders: Mapping[str, str], *, models_dir: str | None, with_weights: Collection[str] = ()
+def check_task_cohort(
+    samples: Sequence[Sample], *, task: str, task_type: str, columns: Mapping[str, str], task_file: str | None,
+    folds: Mapping[str, int], sheet: str, allow_empty_classes: bool,
 ) -> None:
-    """Check that every encoder the config names has a valid card (``encoders``: config key ->
-    card name or card file), and that the cards of the keys in ``with_weights`` (the feature
-    encoders, which a job per slide loads) have their weight files (a stat each, as extraction
-    checks them first), before any slide is tiled: a missing file would otherwise fail every
-    slide's extraction with one message. A :class:`DataError` names the key."""
+    """Check a task's targets in the samples sheet against its task file and the heads' folds
+    (``folds``: head -> k): :func:`wsitools.labels.check_task_labels` for a classification task,
+    :func:`wsitools.labels.check_outcome_labels` for survival and regression. The workflow checks
+    every slide before any job, and the usable ones again once QC has run (QC may leave too few
+    for a head's folds); a :class:`DataError` names the config key to change."""
+    from wsitools.labels import check_outcome_labels, check_task_labels
+    from wsitools.text import load_task
+
+    if task_type != "classification":
+        check_outcome_labels(samples, task=task, task_type=task_type, columns=columns, folds=folds, sheet=sheet)
+        return
+    check_task_labels(
+        samples, task=task, label_column=columns["label"], classes=load_task(task_file).classes if task_file else None,
+        folds=folds, sheet=sheet, task_file=task_file, allow_empty_classes=allow_empty_classes,
+    )
+
+
+def check_encoders(encoders: Mapping[str, str], *, models_dir: str | None) -> None:
+    """Check that every encoder the config names (``encoders``: config key -> card name or card
+    file) has a valid card and its weight files (a stat each, as the jobs check them first),
+    before any slide is tiled: a missing file would otherwise fail every slide's extraction with
+    one message, or the pretraining or tuning job after the whole cohort was tiled. A
+    :class:`DataError` names the key."""
     for key, name in encoders.items():
         try:
             card = find_card(name, models_dir=models_dir or None)
-            if key in with_weights:
-                for weight in card.weights:
-                    check_weight_file(card, weight)
+            for weight in card.weights:
+                check_weight_file(card, weight)
         except ModelError as exc:
             raise DataError(f"config: {key}: {exc}") from None
+
+
+def check_extra_args(key: str, command: Sequence[str], extra: Sequence[str], *, set_by: Mapping[str, str]) -> None:
+    """Check the ``extra_args`` of a config (at ``key``) with the argument parser of ``wsitools
+    COMMAND`` itself, before any job runs: a misspelt option or a bad value would otherwise fail
+    every job of the step, one by one, after tiling. Options the workflow gives the command
+    (``set_by``: option -> where its value comes from, a config key) may not be given again: the
+    last would win, replacing a setting of the config or the job's outputs. A :class:`DataError`
+    names the key and the option."""
+    import argparse
+    import contextlib
+    import difflib
+    import io
+
+    from wsitools.cli import build_parser
+
+    def refuse(message: str) -> NoReturn:
+        raise DataError(f"config: {key}: {message}")
+
+    parser = build_parser()
+    for name in command:  # argparse has no public way to reach a sub-command's parser
+        parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
+    program = f"`wsitools {' '.join(command)}`"
+    parser.error = lambda message: refuse(f"{one_line(message)} ({program})")  # type: ignore[method-assign]
+    parser.exit = lambda status=0, message=None: refuse("--help prints the help and runs nothing")  # type: ignore[method-assign]
+    for action in parser._actions:  # only what extra_args gives: the workflow gives the rest
+        action.default, action.required = argparse.SUPPRESS, False
+    for group in parser._mutually_exclusive_groups:
+        group.required = False
+    with contextlib.redirect_stdout(io.StringIO()):
+        given, unknown = parser.parse_known_args([str(a) for a in extra])
+    if unknown:
+        option = unknown[0].split("=", 1)[0]
+        near = difflib.get_close_matches(option, parser._option_string_actions, n=1)
+        refuse(f"{option!r} is not an option of {program}" + (f" (did you mean {near[0]}?)" if near else ""))
+    for action in parser._actions:
+        if action.dest not in vars(given):
+            continue
+        if not action.option_strings:
+            value = getattr(given, action.dest)
+            refuse(f"{' '.join(value) if isinstance(value, list) else value!r} is not an option of {program}")
+        for option in action.option_strings:
+            if option in set_by:
+                refuse(f"{option} is set by the workflow ({set_by[option]}), not in extra_args")
 
 
 def check_features_current(features_dir: str | os.PathLike[str], encoders: Sequence[str], *, models_dir: str | None) -> None:

@@ -14,16 +14,24 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from wsitools.errors import WsiToolsError
-from wsitools.labels import check_outcome_labels, check_patient_labels, check_task_labels, task_columns
+from wsitools.labels import check_patient_labels, task_columns
 from wsitools.report import qc_report
 from wsitools.report import usable_slides as qc_usable_slides
 from wsitools.samples import (
-    check_encoders, check_features_current, check_features_own, check_whole_numbers, config_error, load_samples,
-    run_failure_line, slide_file_state,
+    check_encoders, check_extra_args, check_features_current, check_features_own, check_task_cohort,
+    check_unique_keys, check_whole_numbers, config_error, load_samples, run_failure_line, slide_file_state,
 )
 from wsitools.tables import is_tile_table
 from wsitools.text import load_task
 
+
+# Snakemake's YAML reader keeps the last of a repeated key: refuse a config file with one (each
+# file Snakemake read, from `configfile:` and --configfile) before any of its values is used.
+for _configfile in workflow.configfiles:
+    try:
+        check_unique_keys(_configfile)
+    except WsiToolsError as exc:
+        raise WorkflowError(str(exc)) from None
 
 try:
     validate(config, schema="../schemas/config.schema.yaml")
@@ -62,6 +70,11 @@ FEATURES = os.path.normpath(config["features_dir"])
 ENCODERS = config["features"]["encoders"]
 TASKS = config["tasks"]
 HEADS = config["heads"]
+# Resources: a job's GPU is its need, computed from the config (none with `device: cpu`), so the
+# rules declare it; memory, time limits and partitions belong to the site and live in the
+# profiles (config/profiles/): the local profile's `resources: gpu` runs GPU jobs one at a time
+# per GPU and CPU jobs beside them, and the SLURM profile, which cannot read the config, gives each
+# rule its memory, runtime, partition and GPU.
 GPU_JOB = 0 if config["device"] == "cpu" else 1  # GPUs asked for by a GPU-capable job
 
 # Name of the encoder card PuzzleTuning exports (its file is the pretraining's declared output).
@@ -81,6 +94,9 @@ if TASKS and config["slides_glob"]:
     )
 if TASKS and not HEADS:
     raise WorkflowError("config: tasks are given but no heads to train for them ('heads')")
+HEAD_FOLDS = {name: h["folds"] for name, h in HEADS.items()}
+# Every head trains with --allow-empty-classes: a class of the task file may have no labelled slide.
+ALLOW_EMPTY_CLASSES = bool(HEADS) and all("--allow-empty-classes" in h["extra_args"] for h in HEADS.values())
 TASK_TYPES = {}  # task name -> classification, survival or regression (the task file's type)
 TASK_COLUMNS = {}  # task name -> labels-table column -> samples-sheet column
 for _name, _task in TASKS.items():
@@ -107,36 +123,20 @@ for _name, _task in TASKS.items():
             )
         except WsiToolsError as exc:
             raise WorkflowError(str(exc)) from None
-    if TASK_TYPES[_name] != "classification":
-        try:
-            check_outcome_labels(
-                list(SAMPLES.values()), task=_name, task_type=TASK_TYPES[_name], columns=TASK_COLUMNS[_name],
-                folds={head: h["folds"] for head, h in HEADS.items()}, sheet=config["samples"],
-            )
-        except WsiToolsError as exc:
-            raise WorkflowError(str(exc)) from None
-        continue
     try:
-        check_task_labels(
-            list(SAMPLES.values()),
-            task=_name,
-            label_column=_task["label_column"],
-            classes=load_task(_task_file).classes if _task_file else None,
-            folds={head: h["folds"] for head, h in HEADS.items()},
-            sheet=config["samples"],
-            task_file=_task_file,
-            allow_empty_classes=bool(HEADS)
-            and all("--allow-empty-classes" in h["extra_args"] for h in HEADS.values()),
+        check_task_cohort(
+            list(SAMPLES.values()), task=_name, task_type=TASK_TYPES[_name], columns=TASK_COLUMNS[_name],
+            task_file=_task_file, folds=HEAD_FOLDS, sheet=config["samples"], allow_empty_classes=ALLOW_EMPTY_CLASSES,
         )
     except WsiToolsError as exc:
         raise WorkflowError(str(exc)) from None
 if config["tune"]["enabled"] and "ttp" in config["tune"]["prompts"] and not config["tune"]["task"]:
     raise WorkflowError("config: tune: the ttp prompt needs a task file ('tune: task:')")
 
-# Every encoder card the config names must exist before any slide is tiled, and the feature
-# encoders' weight files too (else every slide's extraction job would fail on them).
-_FEATURE_ENCODER_KEYS = {f"features: encoders: {name}": name for name in ENCODERS}
-_ENCODER_KEYS = dict(_FEATURE_ENCODER_KEYS)
+# Every encoder card the config names must exist before any slide is tiled, with its weight files
+# (else every slide's extraction job, or the pretraining or tuning job after tiling, would fail
+# on them).
+_ENCODER_KEYS = {f"features: encoders: {name}": name for name in ENCODERS}
 if config["pretrain"]["enabled"]:
     _ENCODER_KEYS["pretrain: encoder"] = config["pretrain"]["encoder"]
 if config["tune"]["enabled"]:
@@ -144,7 +144,7 @@ if config["tune"]["enabled"]:
     if config["tune"]["ivp_encoder"]:
         _ENCODER_KEYS["tune: ivp_encoder"] = config["tune"]["ivp_encoder"]
 try:
-    check_encoders(_ENCODER_KEYS, models_dir=config["models_dir"], with_weights=_FEATURE_ENCODER_KEYS)
+    check_encoders(_ENCODER_KEYS, models_dir=config["models_dir"])
     # About the run as a whole, so once, not in every cluster job (they hash weight files):
     # features are extracted once per slide, so ones made by an earlier version of a card would
     # stay, and a features folder outside the project may hold another project's.
@@ -154,6 +154,66 @@ try:
             check_features_own(FEATURES, ENCODERS, {s: f"{TILES}/{s}.zarr" for s in SAMPLES})
 except WsiToolsError as exc:
     raise WorkflowError(str(exc)) from None
+
+
+def workflow_options(head=""):
+    """The options the workflow gives each `wsitools` command that takes `extra_args` (by
+    command), with where each value comes from: `extra_args` may not give them again (the last
+    would win). ``head``: the head whose train job it is."""
+    out = "the job's output"
+    return {
+        "tile": {
+            "--out": "tiles_dir", "--slide-id": "the samples sheet", "--mpp": "tiling: mpp",
+            "--magnification": "tiling: mpp", "--tile-size": "tiling: tile_size", "--overlap": "tiling: overlap",
+            "--min-tissue": "tiling: min_tissue", "--backend": "tiling: backend", "--codec": "tiling: codec",
+            "--jpeg-quality": "tiling: jpeg_quality", "--no-pixels": "tiling: store_pixels",
+            "--mpp-override": "the samples sheet's mpp", "--workers": "tiling: threads",
+        },
+        "extract": {
+            "--encoder": "features: encoders", "--out": "features_dir", "--device": "device",
+            "--precision": "features: precision", "--dtype": "features: dtype",
+            "--batch-size": "features: batch_size", "--workers": "features: threads", "--models-dir": "models_dir",
+        },
+        "train": {
+            "--features": "features_dir", "--labels": "the task's labels table", "--task": "tasks: TASK: task_file",
+            "--head": f"heads: {head}: type", "--bag": f"heads: {head}: bag", "--folds": f"heads: {head}: folds",
+            "--prompts": f"heads: {head}: prompts", "--device": f"heads: {head}: device",
+            "--threads": f"heads: {head}: threads", "--out": out,
+        },
+        "heatmap": {
+            "--attention": "the head's attention", "--store": "tiles_dir", "--scale": "heatmaps: scale",
+            "--cmap": "heatmaps: cmap", "--out": out,
+        },
+        "pretrain puzzle": {
+            "--stores": "the usable slides", "--out": out, "--encoder": "pretrain: encoder",
+            "--name": "pretrain: name", "--epochs": "pretrain: epochs", "--batch-size": "pretrain: batch_size",
+            "--device": "device", "--models-dir": "models_dir", "--workers": "pretrain: threads",
+        },
+        "tune pathotune": {
+            "--data": "tune: data", "--task": "tune: task", "--stores": "the usable slides", "--out": out,
+            "--encoder": "tune: encoder", "--ivp-encoder": "tune: ivp_encoder", "--prompts": "tune: prompts",
+            "--device": "device", "--models-dir": "models_dir", "--workers": "tune: threads",
+        },
+    }
+
+
+# Every step's `extra_args` are parsed by its command's own parser before any job runs: a misspelt
+# option would otherwise fail every job of the step, one by one, after tiling.
+_EXTRA_ARGS = [  # (config key, command, its options, the head of a train job)
+    ("tiling: extra_args", "tile", config["tiling"]["extra_args"], ""),
+    ("features: extra_args", "extract", config["features"]["extra_args"], ""),
+    ("heatmaps: extra_args", "heatmap", config["heatmaps"]["extra_args"], ""),
+    ("pretrain: extra_args", "pretrain puzzle", config["pretrain"]["extra_args"], ""),
+    ("tune: extra_args", "tune pathotune", config["tune"]["extra_args"], ""),
+    *((f"heads: {name}: extra_args", "train", h["extra_args"], name) for name, h in HEADS.items()),
+]
+for _key, _command, _extra, _head in _EXTRA_ARGS:
+    if not config.get(_key.split(":")[0], {}).get("enabled", True):
+        continue  # a step that is off runs no job
+    try:
+        check_extra_args(_key, _command.split(), _extra, set_by=workflow_options(_head)[_command])
+    except WsiToolsError as exc:
+        raise WorkflowError(str(exc)) from None
 
 
 wildcard_constraints:
@@ -255,6 +315,11 @@ def get_predict_patients(wildcards):
     """``--patients SHEET`` for a head trained on patient bags: the samples sheet says which
     slides to pool (its ``patient_id`` column); nothing for slide bags."""
     return f" {shell_args(['--patients', config['samples']])}" if HEADS[wildcards.head]["bag"] == "patient" else ""
+
+
+def head_gpu(wildcards):
+    """GPUs of a head's train or predict job: none for a head whose `device` is cpu."""
+    return 0 if HEADS[wildcards.head]["device"] == "cpu" else 1
 
 
 def get_head_options(wildcards):

@@ -36,8 +36,6 @@ rule extract:
         "benchmarks/extract/{encoder}/{slide}.tsv",
     threads: config["features"]["threads"]
     resources:
-        mem_mb=16000,
-        runtime=120,
         gpu=GPU_JOB,
     conda:
         "../envs/wsitools.yaml"

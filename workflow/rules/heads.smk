@@ -33,12 +33,13 @@ checkpoint labels:
         columns=lambda wildcards: TASK_COLUMNS[wildcards.task],
         task_type=lambda wildcards: TASK_TYPES[wildcards.task],
         tiles=TILES,
+        # the checks run before any job, again on the slides QC kept (see the script)
+        task_file=lambda wildcards: TASKS[wildcards.task]["task_file"] or None,
+        folds=HEAD_FOLDS,
+        allow_empty_classes=ALLOW_EMPTY_CLASSES,
     log:
         "logs/labels/{task}.log",
     threads: 1
-    resources:
-        mem_mb=2000,
-        runtime=10,
     conda:
         "../envs/wsitools.yaml"
     script:
@@ -70,9 +71,7 @@ rule train:
         "benchmarks/train/{task}/{encoder}/{head}.tsv",
     threads: lambda wildcards: HEADS[wildcards.head]["threads"]
     resources:
-        mem_mb=8000,
-        runtime=240,
-        gpu=lambda wildcards: 0 if HEADS[wildcards.head]["device"] == "cpu" else 1,
+        gpu=head_gpu,
     conda:
         "../envs/wsitools.yaml"
     shell:

@@ -30,9 +30,6 @@ rule heatmap:
     benchmark:
         "benchmarks/heatmap/{task}/{encoder}/{head}.tsv",
     threads: 1
-    resources:
-        mem_mb=4000,
-        runtime=60,
     conda:
         "../envs/wsitools.yaml"
     shell:

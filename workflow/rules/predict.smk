@@ -28,9 +28,7 @@ rule predict:
         "benchmarks/predict/{task}/{encoder}/{head}.tsv",
     threads: lambda wildcards: HEADS[wildcards.head]["threads"]
     resources:
-        mem_mb=8000,
-        runtime=60,
-        gpu=lambda wildcards: 0 if HEADS[wildcards.head]["device"] == "cpu" else 1,
+        gpu=head_gpu,
     conda:
         "../envs/wsitools.yaml"
     shell:
@@ -61,9 +59,6 @@ rule heatmap_predicted:
     benchmark:
         "benchmarks/heatmap_predicted/{task}/{encoder}/{head}.tsv",
     threads: 1
-    resources:
-        mem_mb=4000,
-        runtime=60,
     conda:
         "../envs/wsitools.yaml"
     shell:

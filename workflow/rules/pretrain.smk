@@ -36,8 +36,6 @@ rule pretrain_puzzle:
         "benchmarks/pretrain_puzzle.tsv",
     threads: config["pretrain"]["threads"]
     resources:
-        mem_mb=32000,
-        runtime=2880,
         gpu=GPU_JOB,
     conda:
         "../envs/wsitools.yaml"

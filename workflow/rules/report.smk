@@ -22,9 +22,6 @@ rule qc_table:
     log:
         "logs/qc_table.log",
     threads: 1
-    resources:
-        mem_mb=1000,
-        runtime=10,
     conda:
         "../envs/wsitools.yaml"
     script:
@@ -52,9 +49,6 @@ rule metrics_table:
     log:
         "logs/metrics_table.log",
     threads: 1
-    resources:
-        mem_mb=2000,
-        runtime=10,
     conda:
         "../envs/wsitools.yaml"
     script:
@@ -75,9 +69,6 @@ rule roc:
     log:
         "logs/roc/{task}.log",
     threads: 1
-    resources:
-        mem_mb=2000,
-        runtime=10,
     conda:
         "../envs/wsitools.yaml"
     script:
@@ -102,9 +93,6 @@ rule outcome_figure:
     log:
         "logs/{figure}/{task}.log",
     threads: 1
-    resources:
-        mem_mb=2000,
-        runtime=10,
     conda:
         "../envs/wsitools.yaml"
     script:

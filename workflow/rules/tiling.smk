@@ -25,9 +25,6 @@ rule tile:
     benchmark:
         "benchmarks/tile/{slide}.tsv",
     threads: config["tiling"]["threads"]
-    resources:
-        mem_mb=4000,
-        runtime=60,
     conda:
         "../envs/wsitools.yaml"
     shell:
@@ -57,9 +54,6 @@ checkpoint qc_summary:
     log:
         "logs/qc_summary.log",
     threads: 1
-    resources:
-        mem_mb=2000,
-        runtime=10,
     conda:
         "../envs/wsitools.yaml"
     script:

@@ -32,8 +32,6 @@ rule tune_pathotune:
         "benchmarks/tune_pathotune.tsv",
     threads: config["tune"]["threads"]
     resources:
-        mem_mb=32000,
-        runtime=1440,
         gpu=GPU_JOB,
     conda:
         "../envs/wsitools.yaml"
