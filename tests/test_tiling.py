@@ -379,6 +379,10 @@ def test_a_blank_slide_is_not_called_a_greyscale_scan(blank_svs, tmp_path, caplo
     record = tile_slide(blank_svs, tmp_path / "tiles", progress=False)
     assert record["status"] == "no_tissue"
     assert [r.getMessage() for r in caplog.records if "no tissue found" in r.getMessage()] == [
-        f"{blank_svs}: no tissue found: every pixel of the slide is grey (no colour at all: a greyscale scan or a "
-        "blank image), and tissue is found by its colour saturation"
+        f"{blank_svs}: {GREY}"
     ]
+    assert record["reason"] == f"no tile has tissue fraction >= 0.5; {GREY}"
+
+
+GREY = ("no tissue found: every pixel of the slide is grey (no colour at all: a greyscale scan, a blank image or a "
+        "fully transparent one), and tissue is found by its colour saturation")

@@ -227,3 +227,51 @@ def test_contour_pixels_are_skimages_inner_boundaries_two_pixels_wide():
             mask = rng.random(shape) < density
             expected = ndi.binary_dilation(find_boundaries(mask, mode="inner"), np.ones((2, 2), bool))
             np.testing.assert_array_equal(contour_pixels(mask), expected)
+
+
+DARK = ("tissue detection assumes a brightfield slide on light glass, and this slide's border is dark (median "
+        "brightness {}%; a fluorescence scan?): its tissue mask is not to be trusted")
+
+
+def test_a_slide_on_a_dark_background_is_warned_about_and_recorded(tmp_path, caplog):
+    """Near-black noise is saturated and never bright: a fluorescence-like slide of 40 % tissue
+    was 97 % tissue, every tile kept, status 'ok' and not a word."""
+    import tifffile
+
+    from wsitools.synthetic import Region, render
+    from wsitools.tiling import TilingParams, tile_slide
+
+    region = Region(200, 150, 1100, 800)
+    ys, xs = np.mgrid[0:1024, 0:1536]
+    noise = np.random.default_rng(0).integers(0, 12, (1024, 1536, 3), dtype=np.uint8)
+    pixels = np.where(region.contains(xs, ys)[..., None], 255 - render((region,), 0, 0, 1536, 1024), noise)
+    path = tmp_path / "dark.tif"
+    tifffile.imwrite(path, pixels, tile=(256, 256), photometric="rgb", resolution=(2e4, 2e4),
+                     resolutionunit="CENTIMETER")
+    params = TilingParams(mpp=0.5, tile_size=64, tissue=PARAMS)
+    with caplog.at_level(logging.WARNING):
+        for _ in range(2):  # tiled, then the finished store kept
+            record = tile_slide(path, tmp_path / "tiles", params, progress=False)
+            assert (record["status"], record["reason"]) == ("ok", DARK.format(2))
+    assert f"{path.resolve()}: {DARK.format(2)}" in caplog.messages
+    assert json.loads((tmp_path / "tiles" / "dark.qc.json").read_text())["reason"] == DARK.format(2)
+
+
+def test_brightfield_slides_are_not_taken_for_dark_ones(synthetic_svs):
+    """H&E and IHC, on glass or filling the whole slide to its border, stay far above the bar."""
+    from skimage import data
+
+    from wsitools.synthetic import Region, render
+    from wsitools.tissue import DARK_BORDER, border_brightness, tissue_warning
+
+    ihc = data.immunohistochemistry()
+    with open_slide(synthetic_svs) as s:
+        thumbnail = detect_tissue(s, PARAMS).thumbnail
+    full = Region(-400, -400, 2000, 2000, "tissue"), Region(-400, -400, 2000, 2000, "other")
+    for image in (thumbnail, ihc, np.pad(ihc, ((100, 100), (100, 100), (0, 0)), constant_values=255),
+                  render(full[:1], 0, 0, 600, 400), render(full[1:], 0, 0, 600, 400)):
+        assert border_brightness(image) > 2 * DARK_BORDER
+        assert tissue_warning(image, np.ones(image.shape[:2], bool)) is None
+    black = np.zeros((40, 60, 3), np.uint8)
+    black[10:30, 10:50] = (200, 80, 120)
+    assert tissue_warning(black, np.ones((40, 60), bool)) == DARK.format(0)

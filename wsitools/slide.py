@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import threading
 from abc import ABC, abstractmethod
 from collections import OrderedDict
@@ -123,14 +124,97 @@ def whole_downsamples(
     level read at the target resolution then had to be resampled instead of copied.
     """
     out = []
-    for (w, h), ds in zip(level_dimensions, downsamples):
-        k = max(1, round(ds))
-        whole = all(side in (dim // k, -(-dim // k)) for side, dim in ((w, dimensions[0]), (h, dimensions[1])))
-        out.append(float(k) if whole else float(ds))
+    for size, ds in zip(level_dimensions, downsamples):
+        k = _whole_factor(dimensions, size, ds)
+        out.append(float(k) if k else float(ds))
     return tuple(out)
 
 
+def _whole_factor(dimensions: tuple[int, int], size: tuple[int, int], downsample: float) -> int | None:
+    """The whole k nearest ``downsample`` when a level of ``size`` is level 0 (``dimensions``)
+    shrunk by k, each side ``floor`` or ``ceil`` of level 0's over k; else None."""
+    k = max(1, round(downsample))
+    whole = all(side in (dim // k, -(-dim // k)) for side, dim in zip(size, dimensions))
+    return k if whole else None
+
+
+def axis_downsamples(
+    dimensions: tuple[int, int], level_dimensions: Sequence[tuple[int, int]], downsamples: Sequence[float]
+) -> tuple[tuple[float, float], ...]:
+    """Level-0 px per level px along (x, y), for each level: the whole factor k on both axes
+    where the level is level 0 shrunk by k (:func:`whole_downsamples`), else each side's own
+    ratio (level 0's width over the level's, heights likewise).
+
+    Backends keep one downsample per level, the mean of the two ratios. A level whose sides were
+    shrunk by factors a little apart (within :data:`PYRAMID_ASPECT_TOLERANCE`, so it is read)
+    mapped with that mean drifts from its true place along both axes, by about 10 level-0 px
+    across 2000 px at 1 % apart.
+    """
+    out = []
+    for (w, h), ds in zip(level_dimensions, downsamples):
+        k = _whole_factor(dimensions, (w, h), ds)
+        out.append((float(k), float(k)) if k else (dimensions[0] / max(w, 1), dimensions[1] / max(h, 1)))
+    return tuple(out)
+
+
+def shrunk_alike(large: tuple[int, int], small: tuple[int, int]) -> bool:
+    """Whether ``small`` = (w, h) is ``large`` shrunk by factors within
+    :data:`PYRAMID_ASPECT_TOLERANCE` (relative) of each other along x and y."""
+    rx, ry = large[0] / max(small[0], 1), large[1] / max(small[1], 1)
+    return abs(rx - ry) <= PYRAMID_ASPECT_TOLERANCE * max(rx, ry)
+
+
+ASSOCIATED_IMAGE = re.compile(r"^\s*(label|macro)\b", re.IGNORECASE | re.MULTILINE)
+"""How an Aperio label or macro page's ImageDescription names it (a line ``label 415x422``)."""
+
+SUBFILE_MASK = 4
+"""The NewSubfileType bit of a transparency mask page."""
+
+
+def larger_tiff_page(path: Path, dimensions: tuple[int, int]) -> str | None:
+    """A line naming the largest page (of the first :data:`MAX_PAGES_CHECKED`) of the TIFF at
+    ``path`` that holds the slide's image at more pixels than the level 0 a backend found
+    (``dimensions``); None when there is none, or the file is no TIFF.
+
+    In a pyramid stored smallest page first, tiffslide takes the first page for the slide, and
+    OpenSlide keeps the first page and those flagged as reduced, dropping a full-resolution page
+    after them: either would tile a reduced page, enlarged, at its coarser resolution. A page
+    counts when it has level 0's shape (:func:`shrunk_alike`) and is neither a transparency mask
+    nor an Aperio label or macro image; other associated images have their own shape.
+    """
+    w0, h0 = dimensions
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            sizes = {
+                index: (int(page.imagewidth), int(page.imagelength))
+                for index, page in enumerate(tif.pages[:MAX_PAGES_CHECKED])
+                if not int(getattr(page, "subfiletype", 0)) & SUBFILE_MASK
+                and not ASSOCIATED_IMAGE.search(getattr(page, "description", "") or "")
+            }
+    except Exception:  # not a TIFF (MRXS, DICOM...), or unreadable pages: nothing to compare
+        return None
+    larger = {i: (w, h) for i, (w, h) in sizes.items() if w * h > w0 * h0 and shrunk_alike((w, h), (w0, h0))}
+    if not larger:
+        return None
+    index = max(larger, key=lambda i: larger[i][0] * larger[i][1])
+    w, h = larger[index]
+    return (
+        f"page {index} holds a {w} x {h} px image, larger than the {w0} x {h0} px level 0 found "
+        "(a pyramid stored smallest page first?)"
+    )
+
+
 def _float_or_none(value: Any) -> float | None:
+    """``value`` (a number, or a metadata string) as a positive finite float, else None.
+
+    A string may have one comma as its decimal separator and no point (``"0,5"``, as Aperio
+    files written in a decimal-comma locale hold, and as OpenSlide reads them); one with a
+    comma and a point (``"1,234.5"``, a thousands separator) is no number.
+    """
+    if isinstance(value, str) and value.count(",") == 1 and "." not in value:
+        value = value.replace(",", ".")
     try:
         f = float(value)
     except (TypeError, ValueError):
@@ -171,8 +255,11 @@ class Slide(ABC):
 
     Attributes set by backends: ``dimensions``, ``level_dimensions``, ``backend_downsamples``
     (the backend's own), ``properties``. ``level_downsamples`` are the backend's, made whole
-    where a level is level 0 shrunk by a whole factor (:func:`whole_downsamples`). Opening also decodes a few pixels of the coarsest level, so a file whose
-    pixels no backend can decode (an unknown compression, a broken tile stream) is reported as
+    where a level is level 0 shrunk by a whole factor (:func:`whole_downsamples`): a level's
+    resolution. ``level_downsamples_xy`` map level-0 px to the level's along each axis
+    (:func:`axis_downsamples`). Opening checks that no page of a TIFF holds the image at more
+    pixels than the level 0 found (:func:`larger_tiff_page`), and decodes a few pixels of the
+    coarsest level, so a file whose pixels no backend can decode (an unknown compression, a broken tile stream) is reported as
     that, before anything is judged from its metadata. The resolution ``mpp`` is resolved once
     at open time (the override, else the metadata, else :class:`SlideError`); with
     ``require_mpp=False`` a slide without a usable one still opens, ``mpp_problem`` says why, and
@@ -186,6 +273,7 @@ class Slide(ABC):
     level_dimensions: tuple[tuple[int, int], ...]
     backend_downsamples: tuple[float, ...]
     level_downsamples: tuple[float, ...]
+    level_downsamples_xy: tuple[tuple[float, float], ...]
     properties: Mapping[str, str]
 
     def __init__(
@@ -201,7 +289,12 @@ class Slide(ABC):
             raise
         except Exception as exc:
             raise SlideOpenError(f"{self.path}: cannot be opened by {self.backend}: {one_line(exc)}") from None
+        larger = larger_tiff_page(self.path, self.dimensions)
+        if larger is not None:
+            self.close()
+            raise SlideOpenError(f"{self.path}: cannot be opened by {self.backend}: {larger}")
         self.level_downsamples = whole_downsamples(self.dimensions, self.level_dimensions, self.backend_downsamples)
+        self.level_downsamples_xy = axis_downsamples(self.dimensions, self.level_dimensions, self.level_downsamples)
         self._probe()
         self._mpp: MicronsPerPixel | None = None
         self.mpp_problem: str | None = None
@@ -291,7 +384,7 @@ class Slide(ABC):
         self, location: tuple[int, int], level: int, size: tuple[int, int]
     ) -> np.ndarray:
         """Read ``size`` = (w, h) pixels of ``level`` whose top-left is ``location`` in level-0 px
-        (the level's pixel nearest to ``location / level_downsamples[level]``).
+        (the level's pixel nearest to ``location / level_downsamples_xy[level]``, axis by axis).
 
         Returns an RGB uint8 array [h, w, 3]; areas outside the slide are white.
         """
@@ -300,8 +393,8 @@ class Slide(ABC):
         w, h = int(size[0]), int(size[1])
         if w <= 0 or h <= 0:
             raise ValueError(f"region size must be positive, got {size}")
-        ds = self.level_downsamples[level]
-        origin = (round(location[0] / ds), round(location[1] / ds))
+        dx, dy = self.level_downsamples_xy[level]
+        origin = (round(location[0] / dx), round(location[1] / dy))
         try:
             region = self._read(origin, level, (w, h))
         except Exception as exc:
@@ -317,27 +410,27 @@ class Slide(ABC):
         size: tuple[float, float],
         out_size: tuple[int, int],
     ) -> np.ndarray:
-        """The region at ``location`` (level-0 px) spanning ``size`` px of ``level``, as ``out_size``.
+        """The region at ``location`` (level-0 px) spanning ``size`` = (w, h) px of ``level``, as
+        ``out_size``.
 
         Location and size may be fractional: the covering whole pixels are read and resampled
         from the exact sub-pixel box, so every backend and every read path (one tile, or a
-        block of tiles) samples the same geometry.
+        block of tiles) samples the same geometry. A region of ``e`` level-0 px a side spans
+        ``e / level_downsamples_xy[level]`` px of the level along each axis.
         """
-        ds = self.level_downsamples[level]
-        lx, ly = location[0] / ds, location[1] / ds
+        dx, dy = self.level_downsamples_xy[level]
+        lx, ly = location[0] / dx, location[1] / dy
         ix, iy = math.floor(lx), math.floor(ly)
         fx, fy = lx - ix, ly - iy
         w, h = math.ceil(fx + size[0]), math.ceil(fy + size[1])
-        region = self.read_region((round(ix * ds), round(iy * ds)), level, (w, h))
+        region = self.read_region((round(ix * dx), round(iy * dy)), level, (w, h))
         return resize_rgb(region, out_size, box=(fx, fy, fx + size[0], fy + size[1]))
 
     def level_in_pyramid(self, level: int) -> bool:
         """Whether ``level`` is level 0 shrunk alike along both axes (within 5 %), as pyramid
         levels are. A backend may list another reduced image of the file as a level (a label
         strip flagged as reduced in a generic TIFF); it is never read for tiles or thumbnails."""
-        (w0, h0), (w, h) = self.dimensions, self.level_dimensions[level]
-        rx, ry = w0 / max(w, 1), h0 / max(h, 1)
-        return abs(rx - ry) <= PYRAMID_ASPECT_TOLERANCE * max(rx, ry)
+        return shrunk_alike(self.dimensions, self.level_dimensions[level])
 
     def best_level_for_mpp(self, mpp: float, *, tolerance: float = 0.01) -> int:
         """The coarsest pyramid level whose mpp is not coarser than ``mpp`` (within ``tolerance``).
@@ -364,7 +457,7 @@ class Slide(ABC):
         target_ds = max(1.0, mpp / self.mpp)
         out_w, out_h = max(1, round(w0 / target_ds)), max(1, round(h0 / target_ds))
         level = self.best_level_for_mpp(self.mpp * target_ds)
-        lds = self.level_downsamples[level]
+        ldx, ldy = self.level_downsamples_xy[level]
         lw, lh = self.level_dimensions[level]
         sx, sy = out_w / lw, out_h / lh  # thumbnail px per level px
         step_x = max(1, int(block * sx))  # output px per block, so input blocks stay <= block
@@ -377,7 +470,7 @@ class Slide(ABC):
                 ox1 = min(out_w, ox + step_x)
                 lx, lx1 = round(ox / sx), min(lw, max(round(ox1 / sx), round(ox / sx) + 1))
                 region = self.read_region(
-                    (round(lx * lds), round(ly * lds)), level, (lx1 - lx, ly1 - ly)
+                    (round(lx * ldx), round(ly * ldy)), level, (lx1 - lx, ly1 - ly)
                 )
                 out[oy:oy1, ox:ox1] = resize_rgb(region, (ox1 - ox, oy1 - oy))
         return out, (w0 / out_w, h0 / out_h)
@@ -415,6 +508,16 @@ class Slide(ABC):
                 x, y = tx, ty
         return x, y
 
+    def _unreadable_mpp(self) -> str | None:
+        """``key = 'value'`` of the first mpp property (the backend's, then Aperio's own, which
+        OpenSlide leaves out of its ``openslide.mpp-x`` when it cannot read it) that is there but
+        no usable number (``'0.5 um'``, ``'0'``), else None."""
+        for key in (f"{self.property_prefix}.mpp-x", f"{self.property_prefix}.mpp-y", "aperio.MPP"):
+            value = self.properties.get(key)
+            if value is not None and value.strip() and _float_or_none(value) is None:
+                return f"{key} = {value!r}"
+        return None
+
     def mpp_override_conflict(self) -> str | None:
         """A line naming the slide and both values when an mpp override differs from the slide's
         own (plausible) metadata mpp by more than :data:`MPP_OVERRIDE_TOLERANCE`: the override
@@ -446,10 +549,12 @@ class Slide(ABC):
             return MicronsPerPixel(value)
         x, y = self.metadata_mpp()
         if x is None and y is None:
-            raise SlideError(
-                f"{self.path}: the slide's metadata gives no resolution (mpp); "
-                "give one with --mpp-override (or the samples sheet's mpp column)"
+            unreadable = self._unreadable_mpp()
+            what = (
+                f"the slide's metadata resolution {unreadable} is not a positive number of um/px"
+                if unreadable else "the slide's metadata gives no resolution (mpp)"
             )
+            raise SlideError(f"{self.path}: {what}; give one with --mpp-override (or the samples sheet's mpp column)")
         x = x if x is not None else y
         y = y if y is not None else x
         assert x is not None and y is not None
@@ -587,8 +692,9 @@ def check_jpeg(data: bytes, tables: bytes | None, *, where: str) -> None:
 PHOTOMETRIC_RGB, PHOTOMETRIC_YCBCR = 2, 6
 """TIFF photometric interpretations of JPEG-compressed RGB pages."""
 
-PHOTOMETRIC_SEPARATED, ASSOCIATED_ALPHA = 5, 1
-"""TIFF photometric of CMYK pixels, and the ExtraSamples value of premultiplied alpha."""
+PHOTOMETRIC_SEPARATED, EXTRASAMPLE_UNSPECIFIED, ASSOCIATED_ALPHA = 5, 0, 1
+"""TIFF photometric of CMYK pixels, and the ExtraSamples values of a sample of unspecified
+meaning and of premultiplied alpha."""
 
 
 def decode_jpeg_strict(
@@ -643,6 +749,14 @@ class TiffSlideSlide(Slide):
         self.backend_downsamples = tuple(float(d) for d in self._ts.level_downsamples)
         self.properties = {k: str(v) for k, v in self._ts.properties.items() if v is not None}
         self._check_levels()
+        self._unspecified_extra = frozenset(
+            level for level, pages in enumerate(self._series().levels)
+            if tuple(pages.keyframe.extrasamples) == (EXTRASAMPLE_UNSPECIFIED,)
+        )
+
+    def _series(self) -> Any:
+        """The tifffile series tiffslide reads the slide from."""
+        return self._ts.ts_tifffile.series[int(self.properties.get("tiffslide.series-index", 0))]
 
     def _check_levels(self) -> None:
         """ValueError for a file tiffslide would read wrong, so that ``auto`` gives it to OpenSlide:
@@ -650,16 +764,10 @@ class TiffSlideSlide(Slide):
         - any level's image data reaching past the end of the file (a copy cut short, or still
           being copied: named as that when opened, not found out tile by tile);
         - pixels whose fourth sample is not plain alpha: CMYK (tiffslide gives C, M, Y, K as RGBA,
-          so every pixel composites to white) or premultiplied alpha (composited as if it were not);
-        - a tiled page of the file larger than the level 0 tiffslide found (a pyramid stored
-          smallest first: tiffslide takes the first page for the slide, and its resolution with
-          it). Associated images (label, macro) are stored in strips and may be larger than the
-          scan of a small region.
+          so every pixel composites to white) or premultiplied alpha (composited as if it were not).
         """
-        tif = self._ts.ts_tifffile
-        size = tif.filehandle.size
-        series = tif.series[int(self.properties.get("tiffslide.series-index", 0))]
-        for level, pages in enumerate(series.levels):
+        size = self._ts.ts_tifffile.filehandle.size
+        for level, pages in enumerate(self._series().levels):
             for page in pages.pages:
                 if page is None:
                     continue
@@ -675,15 +783,16 @@ class TiffSlideSlide(Slide):
                         f"the file is truncated: the image data of level {level} reaches byte {end}, "
                         f"the file has {size} bytes"
                     )
-        w0, h0 = self.dimensions
-        for index, page in enumerate(tif.pages[:MAX_PAGES_CHECKED]):
-            if getattr(page, "is_tiled", False) and page.imagewidth * page.imagelength > w0 * h0:
-                raise ValueError(
-                    f"page {index} holds a {page.imagewidth} x {page.imagelength} px image, larger than the "
-                    f"{w0} x {h0} px level 0 tiffslide found (a pyramid stored smallest first?)"
-                )
 
     def _read(self, origin: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        """The region's RGB(A) pixels; a fourth sample of unspecified meaning (ExtraSamples 0) is
+        dropped: it is no alpha, and taken for one (all zeros: fully transparent) every pixel
+        would be white."""
+        region = self._read_samples(origin, level, size)
+        return np.ascontiguousarray(region[..., :3]) if level in self._unspecified_extra else region
+
+    def _read_samples(self, origin: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        """The region's pixels with every sample the level's page has."""
         page = self._tiled_page(level)
         if page is None:
             # tiffslide takes level-0 px and truncates their quotient by its own downsample
@@ -702,8 +811,7 @@ class TiffSlideSlide(Slide):
     def _tiled_page(self, level: int) -> Any:
         """The level's TIFF page when its tiles can be decoded directly (tiled, chunky RGB(A))."""
         if level not in self._pages:
-            series = self._ts.ts_tifffile.series[int(self.properties.get("tiffslide.series-index", 0))]
-            pages = series.levels[level].pages
+            pages = self._series().levels[level].pages
             page = pages[0] if len(pages) == 1 else None
             ok = (
                 page is not None and page.is_tiled and page.planarconfig == 1

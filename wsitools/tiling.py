@@ -134,8 +134,12 @@ class TileGeometry:
     stride: int
     level: int
     level_downsample: float
+    """The level's downsample (its resolution over level 0's)."""
     grid_shape: tuple[int, int]
     """Tiles along (x, y) that fit inside the slide."""
+    level_downsample_xy: tuple[float, float]
+    """Level-0 px per px of the level along (x, y) (:attr:`~wsitools.slide.Slide.level_downsamples_xy`):
+    both ``level_downsample`` on a pyramid level of level 0 shrunk by a whole factor."""
 
     @property
     def scale(self) -> float:
@@ -146,6 +150,11 @@ class TileGeometry:
     def resize_factor(self) -> float:
         """Pixels of the level read per target px (1 when a level matches the target)."""
         return self.scale / self.level_downsample
+
+    @property
+    def resize_xy(self) -> tuple[float, float]:
+        """Pixels of the level read per target px along (x, y)."""
+        return self.scale / self.level_downsample_xy[0], self.scale / self.level_downsample_xy[1]
 
     @property
     def tile_size_level0(self) -> float:
@@ -177,6 +186,7 @@ def tile_geometry(slide: Slide, params: TilingParams) -> TileGeometry:
         level=level,
         level_downsample=float(slide.level_downsamples[level]),
         grid_shape=(n[0], n[1]),
+        level_downsample_xy=slide.level_downsamples_xy[level],
     )
 
 
@@ -250,7 +260,8 @@ def read_tiles(slide: Slide, geometry: TileGeometry, grid: np.ndarray) -> list[n
     tiles: list[np.ndarray] = [np.empty(0, np.uint8)] * len(grid)
     blocks = (grid[:, 0] // geometry.block_tiles) + (grid[:, 1] // geometry.block_tiles) * (1 << 32)
     starts = np.flatnonzero(np.r_[True, blocks[1:] != blocks[:-1]])
-    exact = geometry.resize_factor == 1.0
+    rx, ry = geometry.resize_xy
+    exact = rx == ry == 1.0
     for a, b in zip(starts, np.r_[starts[1:], len(grid)]):
         for rect in cell_rectangles(grid[a:b]) if exact else [np.arange(b - a)]:
             cells = grid[a:b][rect]
@@ -259,7 +270,7 @@ def read_tiles(slide: Slide, geometry: TileGeometry, grid: np.ndarray) -> list[n
             w_t = int((i1 - i0) * stride + s)
             h_t = int((j1 - j0) * stride + s)
             x0, y0 = i0 * stride * geometry.scale, j0 * stride * geometry.scale
-            size = (w_t * geometry.resize_factor, h_t * geometry.resize_factor)
+            size = (w_t * rx, h_t * ry)
             region = slide.read_region_resized((x0, y0), geometry.level, size, (w_t, h_t))
             for k, (i, j) in zip(rect.tolist(), cells.tolist()):
                 ox, oy = (i - i0) * stride, (j - j0) * stride
@@ -393,6 +404,7 @@ def _store_attrs(
         "resize_factor": geometry.resize_factor,
         "grid_shape": list(geometry.grid_shape),
         "tissue_area_um2": tissue.area_um2,
+        "tissue_warning": tissue.warning,
         "package_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -415,12 +427,15 @@ def _empty_reason(attrs: dict[str, Any]) -> str:
 
 
 def _record_from_attrs(attrs: dict[str, Any], store: Path) -> dict[str, Any]:
+    """A finished store's QC record; its reason says why no tile was kept, and the tissue
+    detection's warning (:attr:`~wsitools.tissue.TissueResult.warning`) when there was one."""
     n = int(attrs["n_tiles"])
+    reasons = ([] if n else [_empty_reason(attrs)]) + ([attrs["tissue_warning"]] if attrs.get("tissue_warning") else [])
     return _qc_record(
         attrs["slide_id"],
         Path(attrs["slide_path"]),
         "ok" if n else "no_tissue",
-        "" if n else _empty_reason(attrs),
+        "; ".join(reasons),
         store=str(store),
         mpp=attrs["mpp_level0"],
         mpp_target=attrs["mpp_target"],
@@ -517,8 +532,8 @@ def tile_slide(
             log.info("%s: another run finished the same store first; kept", store_path)
             return _finish(out, _record_from_attrs(winner, store_path))
         record = _record_from_attrs({**attrs, "n_tiles": len(grid)}, store_path)
-        if not len(grid):
-            log.warning("%s: %s", path, record["reason"])
+        if not len(grid):  # the tissue warning, if any, was logged by detect_tissue
+            log.warning("%s: %s", path, _empty_reason(attrs))
         return _finish(out, record)
 
 

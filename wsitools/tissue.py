@@ -7,6 +7,9 @@ closing and opening at physical radii clean the mask, regions smaller than a phy
 dropped, and holes inside tissue are filled (all of them, or those under a size) so lumina and
 fat inside tissue count as tissue. Every size is in microns, so results do not depend on the
 scanner's resolution.
+
+Detection assumes a brightfield slide: stained tissue on light glass. A slide whose border is
+dark (a fluorescence or dark-field scan) gets a warning, as one without any colour does.
 """
 
 from __future__ import annotations
@@ -25,6 +28,14 @@ from wsitools.slide import Slide
 from wsitools.types import Microns, MicronsPerPixel
 
 log = logging.getLogger(__name__)
+
+DARK_BORDER = 0.25
+"""Median brightness (HSV value, 0-1) of a thumbnail's border under which the slide is taken for
+one on a dark background. Glass is above 0.9, and H&E or IHC tissue filling the border above 0.5;
+a fluorescence background is near 0, and its noise is saturated enough to pass for tissue."""
+
+BORDER_WIDTH = 0.05
+"""The border whose brightness is judged, as a fraction of the thumbnail's shorter side."""
 
 
 @dataclass(frozen=True)
@@ -73,6 +84,9 @@ class TissueResult:
     viewer_origin: tuple[int, int] = (0, 0)
     """The top-left of the slide's :attr:`~wsitools.slide.Slide.bounds`: QuPath's (0, 0), which
     :func:`to_geojson` subtracts."""
+    warning: str | None = None
+    """Why the mask may not be what it seems (a slide without colour, or on a dark background),
+    in one line without the slide's path; None for an ordinary brightfield slide."""
 
     @property
     def area_um2(self) -> float:
@@ -255,8 +269,31 @@ def mask_polygons(mask: np.ndarray, downsample: tuple[float, float]) -> list[lis
     return polygons
 
 
+def border_brightness(thumbnail: np.ndarray) -> float:
+    """Median HSV value (0-1) of the outer :data:`BORDER_WIDTH` of an RGB thumbnail (1 px at least)."""
+    h, w = thumbnail.shape[:2]
+    b = max(1, round(BORDER_WIDTH * min(h, w)))
+    border = np.ones((h, w), bool)
+    border[b:-b, b:-b] = False
+    return float(np.median(thumbnail[border].max(axis=-1))) / 255.0
+
+
+def tissue_warning(thumbnail: np.ndarray, mask: np.ndarray) -> str | None:
+    """A line saying why ``mask`` may be wrong for this ``thumbnail``, else None: no tissue and
+    no colour anywhere, or a dark border (:data:`DARK_BORDER`)."""
+    if not mask.any() and bool((thumbnail.max(axis=-1) == thumbnail.min(axis=-1)).all()):
+        return ("no tissue found: every pixel of the slide is grey (no colour at all: a greyscale scan, a blank "
+                "image or a fully transparent one), and tissue is found by its colour saturation")
+    brightness = border_brightness(thumbnail)
+    if brightness < DARK_BORDER:
+        return (f"tissue detection assumes a brightfield slide on light glass, and this slide's border is dark "
+                f"(median brightness {brightness:.0%}; a fluorescence scan?): its tissue mask is not to be trusted")
+    return None
+
+
 def detect_tissue(slide: Slide, params: TissueParams = TissueParams()) -> TissueResult:
-    """Find tissue on a thumbnail of ``slide``; an empty result (with a warning) if there is none."""
+    """Find tissue on a thumbnail of ``slide``; an empty result (with a warning) if there is none,
+    and a warning (kept in :attr:`TissueResult.warning`) when the slide is not what detection assumes."""
     thumbnail, _ = slide.thumbnail(mpp=params.mpp)
     w0, h0 = slide.dimensions
     downsample = (w0 / thumbnail.shape[1], h0 / thumbnail.shape[0])
@@ -270,10 +307,10 @@ def detect_tissue(slide: Slide, params: TissueParams = TissueParams()) -> Tissue
         threshold=threshold,
         polygons=mask_polygons(mask, downsample),
         viewer_origin=slide.bounds[:2],
+        warning=tissue_warning(thumbnail, mask),
     )
-    if result.empty and bool((thumbnail.max(axis=-1) == thumbnail.min(axis=-1)).all()):
-        log.warning("%s: no tissue found: every pixel of the slide is grey (no colour at all: a greyscale scan "
-                    "or a blank image), and tissue is found by its colour saturation", slide.path)
+    if result.warning is not None:
+        log.warning("%s: %s", slide.path, result.warning)
     elif result.empty:
         log.warning("%s: no tissue found (saturation threshold %.3f)", slide.path, threshold)
     return result

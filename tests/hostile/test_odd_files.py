@@ -297,12 +297,13 @@ def test_a_greyscale_scan_is_told_why_no_tissue_is_found(tmp_path, caplog):
     grey = tmp_path / "grey.tiff"
     tifffile.imwrite(grey, PIXELS[..., 1], tile=(256, 256), photometric="minisblack", **RES)
     record = tile_slides([grey], tmp_path / "tiles", PARAMS, progress=False)[0]
-    assert (record["status"], record["reason"]) == ("no_tissue", "no tile has tissue fraction >= 0.5")
-    assert (f"{grey.resolve()}: no tissue found: every pixel of the slide is grey (no colour at all: a greyscale "
-            "scan or a blank image)") in caplog.text
+    why = "no tissue found: every pixel of the slide is grey (no colour at all: a greyscale scan, a blank image"
+    assert record["status"] == "no_tissue"
+    assert record["reason"].startswith(f"no tile has tissue fraction >= 0.5; {why}")
+    assert f"{grey.resolve()}: {why}" in caplog.text
     any_tissue = dataclasses.replace(PARAMS, min_tissue=0.0)
     record = tile_slides([grey], tmp_path / "any", any_tissue, progress=False)[0]
-    assert (record["status"], record["reason"]) == ("no_tissue", "no tile touches tissue")
+    assert record["status"] == "no_tissue" and record["reason"].startswith(f"no tile touches tissue; {why}")
 
 
 @pytest.mark.parametrize("target, warned", [(0.125, True), (0.24, False), (0.25, False)])
@@ -367,7 +368,7 @@ def test_a_pyramid_stored_smallest_first_is_read_at_its_level_0(tmp_path):
             level = np.ascontiguousarray(PIXELS[::k, ::k])
             tif.write(level, tile=(64, 64), photometric="rgb", resolution=(1e4 / (0.5 * k), 1e4 / (0.5 * k)),
                       resolutionunit="CENTIMETER", subfiletype=0 if k == 4 else 1)
-    with pytest.raises(SlideError, match=r"page 1 holds a 256 x 256 px image, larger than the 128 x 128 px level 0"):
+    with pytest.raises(SlideError, match=r"page 2 holds a 512 x 512 px image, larger than the 128 x 128 px level 0"):
         open_slide(path, backend="tiffslide")
     with open_slide(path) as slide:
         assert (slide.backend, slide.dimensions, slide.mpp) == ("openslide", (512, 512), 0.5)
@@ -378,6 +379,54 @@ def test_a_pyramid_stored_smallest_first_is_read_at_its_level_0(tmp_path):
         tif.write(np.full((400, 900, 3), 180, np.uint8), photometric="rgb", rowsperstrip=16, subfiletype=9)
     with open_slide(small, backend="tiffslide") as slide:
         assert slide.dimensions == (512, 512)
+
+
+@pytest.mark.parametrize("flags, openslide_level0", [((1, 1, 0), 256), ((0, 0, 0), 128)])
+def test_a_full_resolution_page_after_reduced_ones_is_an_error_with_either_backend(tmp_path, flags, openslide_level0):
+    """OpenSlide keeps the first page and those flagged as reduced: it dropped the full-resolution
+    page stored last and tiled a reduced page, enlarged, with status 'ok'."""
+    path = tmp_path / "last.tif"
+    with tifffile.TiffWriter(path) as tif:
+        for k, flag in zip((4, 2, 1), flags):
+            tif.write(np.ascontiguousarray(PIXELS[::k, ::k]), tile=(64, 64), photometric="rgb", subfiletype=flag,
+                      resolution=(1e4 / (0.5 * k), 1e4 / (0.5 * k)), resolutionunit="CENTIMETER")
+    larger = "page 2 holds a 512 x 512 px image, larger than the {0} x {0} px level 0 found"
+    with pytest.raises(SlideError) as caught:
+        open_slide(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: no backend can open it (cannot be opened by tiffslide: {larger.format(128)}")
+    assert f"; cannot be opened by openslide: {larger.format(openslide_level0)} (a pyramid stored" in message
+    record = tile_slides([path], tmp_path / "tiles", PARAMS, progress=False)[0]
+    assert record["status"] == "failed" and larger.format(openslide_level0) in record["reason"]
+
+
+def test_aperio_label_and_macro_pages_larger_than_a_small_scan_are_no_level_0(tmp_path):
+    """Associated images of level 0's shape are named by their description (Aperio's), or are
+    transparency masks; only an unnamed page of that shape is taken for the slide's image."""
+    description = "Aperio Image Library v12.0.0\r\n512x512 (256x256) JPEG/RGB Q=90|AppMag = 20|MPP = 0.5"
+    big = np.full((1024, 1024, 3), 180, np.uint8)
+    for name, extra in (("macro", "Aperio Image Library v12.0.0\r\nmacro 1024x1024"), ("label", "x\nlabel 1024x1024")):
+        path = tmp_path / f"{name}.svs"
+        with tifffile.TiffWriter(path) as tif:
+            tif.write(PIXELS, tile=(256, 256), photometric="rgb", compression="jpeg", description=description,
+                      metadata=None)
+            tif.write(np.ascontiguousarray(PIXELS[::4, ::4]), photometric="rgb", description="thumb", metadata=None)
+            tif.write(big, photometric="rgb", rowsperstrip=16, description=extra, metadata=None, subfiletype=9)
+        for backend in ("tiffslide", "openslide"):
+            with open_slide(path, backend=backend) as slide:
+                assert (slide.dimensions, slide.mpp) == ((512, 512), 0.5)
+    mask = tmp_path / "mask.tif"
+    with tifffile.TiffWriter(mask) as tif:
+        tif.write(PIXELS, tile=(64, 64), photometric="rgb", **RES)
+        tif.write(np.ones((1024, 1024), bool), photometric="minisblack", subfiletype=4)
+    with open_slide(mask, backend="tiffslide") as slide:
+        assert slide.dimensions == (512, 512)
+    unnamed = tmp_path / "unnamed.svs"
+    with tifffile.TiffWriter(unnamed) as tif:
+        tif.write(PIXELS, tile=(256, 256), photometric="rgb", compression="jpeg", description=description, metadata=None)
+        tif.write(big, photometric="rgb", rowsperstrip=16, description="an image", metadata=None)
+    with pytest.raises(SlideError, match=r"cannot be opened by tiffslide: page 1 holds a 1024 x 1024 px image"):
+        open_slide(unnamed, backend="tiffslide")
 
 
 def test_a_reduced_page_of_another_shape_is_never_read_as_a_level(tmp_path):
@@ -443,3 +492,86 @@ def test_a_store_of_fill_values_is_written_whole_and_opens(tmp_path):
         store = PatchStore.open(path)
         np.testing.assert_array_equal(store.coords, coords)
         np.testing.assert_array_equal(store.tissue_fraction, np.zeros(len(coords), np.float32))
+
+
+# --- metadata and pixels written unusually ----------------------------------------------------
+
+
+def aperio_svs(path: Path, levels: list[np.ndarray], *, mpp: str = "0.5", **kwargs) -> Path:
+    """An Aperio-like SVS: level 0 with its description, the thumbnail page, the other levels."""
+    h, w = levels[0].shape[:2]
+    with tifffile.TiffWriter(path) as tif:
+        for index, level in enumerate(levels):
+            description = f"Aperio Image Library v12.0.0\r\n{w}x{h} (128x128) JPEG/RGB Q=90|AppMag = 20|MPP = {mpp}"
+            tif.write(level, tile=(128, 128), photometric="rgb", metadata=None,
+                      description=description if index == 0 else None, **{"compression": "zlib", **kwargs})
+            if index == 0:
+                tif.write(np.ascontiguousarray(PIXELS[::8, ::8]), photometric="rgb", metadata=None, description="thumb")
+    return path
+
+
+def test_an_aperio_mpp_with_a_decimal_comma_is_read(tmp_path):
+    """'MPP = 0,5' from a decimal-comma locale: OpenSlide reads 0.5, tiffslide's '0,5' was dropped
+    and the slide failed with 'no resolution'."""
+    path = aperio_svs(tmp_path / "comma.svs", [PIXELS], mpp="0,5")
+    for backend in ("auto", "tiffslide", "openslide"):
+        with open_slide(path, backend=backend) as slide:
+            assert slide.mpp == 0.5
+
+
+@pytest.mark.parametrize("backend, value", [("tiffslide", "1,234.5"), ("openslide", "0.5 um"), ("tiffslide", "0")])
+def test_an_unreadable_mpp_is_named_not_called_missing(tmp_path, backend, value):
+    path = aperio_svs(tmp_path / "odd.svs", [PIXELS], mpp=value)
+    key = "tiffslide.mpp-x" if backend == "tiffslide" else "aperio.MPP"
+    with pytest.raises(SlideError) as caught:
+        open_slide(path, backend=backend)
+    assert str(caught.value) == (
+        f"{path}: the slide's metadata resolution {key} = {value!r} is not a positive number of um/px; "
+        "give one with --mpp-override (or the samples sheet's mpp column)"
+    )
+
+
+@pytest.mark.parametrize("tiled", [True, False])
+def test_a_fourth_sample_of_unspecified_meaning_is_dropped_not_taken_for_alpha(tmp_path, tiled):
+    """ExtraSamples 0 is no alpha: taken for one (all zeros here) every pixel was white, and the
+    slide 'no tissue', blamed on a greyscale scan."""
+    four = np.concatenate([PIXELS, np.zeros((512, 512, 1), np.uint8)], axis=-1)
+    path = tmp_path / "extra.tif"
+    layout = {"tile": (128, 128)} if tiled else {"rowsperstrip": 64}
+    tifffile.imwrite(path, four, photometric="rgb", extrasamples=[0], compression="zlib", **layout, **RES)
+    with open_slide(path) as slide:
+        assert slide.backend == "tiffslide"
+        np.testing.assert_array_equal(slide.read_region((0, 0), 0, (512, 512)), PIXELS)
+    record = tile_slides([path], tmp_path / "tiles", PARAMS, progress=False)[0]
+    assert record["status"] == "ok" and record["reason"] == ""
+
+
+def test_a_level_shrunk_unequally_along_x_and_y_is_read_at_its_true_place(tmp_path):
+    """Level 1 is 512 x 380 under 1024 x 768 (x / 2, y / 2.021, a pyramid level within 5 %): read
+    with the backends' one mean downsample 2.0105, its pixels drifted 2-3 level-1 px by the far
+    corner, and tiles at its resolution matched level 0 best 4 level-0 px off."""
+    from wsitools.slide import resize_rgb
+
+    level0 = resize_rgb(np.random.default_rng(0).integers(60, 200, (192, 256, 3), dtype=np.uint8), (1024, 768))
+    level1 = resize_rgb(level0, (512, 380))
+    path = aperio_svs(tmp_path / "xy.svs", [level0, level1])
+    y1 = round(700 * 380 / 768)
+    for backend in ("tiffslide", "openslide"):
+        with open_slide(path, backend=backend) as slide:
+            assert slide.level_in_pyramid(1) and slide.level_downsamples_xy[1] == (2.0, 768 / 380)
+            region = slide.read_region((900, 700), 1, (48, 32)).astype(int)
+        error = np.abs(region - level1[y1 : y1 + 32, 450:498]).mean()
+        assert error == 0 if backend == "tiffslide" else error < 8  # OpenSlide resamples the sub-pixel rest
+    params = TilingParams(mpp=1.0, tile_size=64, codec="lossless", min_tissue=0.1, tissue=TISSUE)
+    tile_slide(path, tmp_path / "tiles", params, progress=False)
+    store = PatchStore.open(tmp_path / "tiles" / "xy.zarr")
+    assert store.attrs["level"] == 1 and len(store) == 48
+    tiles = store.read_tiles(slice(None)).astype(int)
+
+    def error_at(dx: int, dy: int) -> float:
+        errors = [np.abs(resize_rgb(level0[y + dy : y + dy + 128, x + dx : x + dx + 128], (64, 64)) - tile).mean()
+                  for (x, y), tile in zip(store.coords, tiles) if 2 <= x <= 1024 - 130 and 2 <= y <= 768 - 130]
+        return float(np.mean(errors))
+
+    at_place = error_at(0, 0)
+    assert at_place < 4 and all(at_place < error_at(dx, dy) for dx, dy in ((-2, 0), (2, 0), (0, -2), (0, 2)))
