@@ -233,6 +233,12 @@ def test_tuning_beats_the_untrained_head_and_serves_as_encoder(setup):
 
     with pytest.raises(PuzzleError, match=r"PuzzleTuning starts from a backbone card .*, not a pathotune card$"):
         load_puzzle_backbone(result.card, device="cpu")
+    # a card edited to hold a key twice is refused, not read with the last one
+    lines = result.card.read_text().splitlines()
+    twice = result.card.with_name("twice.yaml")
+    twice.write_text("\n".join([lines[0], *lines]) + "\n")
+    with pytest.raises(ModelError, match=rf"twice\.yaml: not a readable card \(key '{lines[0].split(':')[0]}' appears twice"):
+        load_pathotune(twice, device="cpu")
 
 
 def test_resumed_tuning_ends_bit_for_bit_as_an_uninterrupted_run(setup):

@@ -729,8 +729,10 @@ class PatchStore:
         # The exact (unrounded) grid position the tiler sampled: coords are rounded to whole px.
         step = a["stride"] * a["mpp_target"] / a["mpp_level0"]
         x, y = (np.rint(coord / step) * step).tolist()
-        size = self.tile_size_level0 / a["level_downsample"]
-        return self._slide.read_region_resized((x, y), int(a["level"]), (size, size), (self.tile_size,) * 2)
+        level = int(a["level"])
+        dx, dy = self._slide.level_downsamples_xy[level]  # as the tiler reads: each axis its own ratio
+        size = (self.tile_size_level0 / dx, self.tile_size_level0 / dy)
+        return self._slide.read_region_resized((x, y), level, size, (self.tile_size,) * 2)
 
     def __getstate__(self) -> dict[str, Any]:
         return {"path": self.path}

@@ -39,7 +39,7 @@ from wsitools.encoders.cards import card_from_dict, card_to_dict
 from wsitools.encoders.checkpoint import read_state_dict
 from wsitools.encoders.loading import build_encoder
 from wsitools.errors import ModelError
-from wsitools.io import atomic_path, sha256_file, stable_hash, write_json_atomic, write_safetensors
+from wsitools.io import atomic_path, sha256_file, stable_hash, write_json_atomic, write_safetensors, yaml_loader
 from wsitools.pathotune.model import PathoTuneConfig, PathoTunePrompts, PathoTuneViT
 
 FORMAT_VERSION = 1
@@ -116,7 +116,7 @@ def save_pathotune(
 def _split_card(path: Path) -> tuple[EncoderCard, Path, Path, str | None]:
     """A PathoTune card -> (the backbone's card under the tuned name, weights, config, pinned sha)."""
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=yaml_loader())  # safe; a repeated key is an error
     except (OSError, yaml.YAMLError) as exc:
         raise ModelError(f"{path}: not a readable card ({exc})") from None
     data = copy.deepcopy(data)
