@@ -492,7 +492,8 @@ def check_task_labels(
             raise DataError(
                 f"config: tasks: {task}: class{'es' if len(empty) > 1 else ''} {', '.join(map(repr, empty))} of "
                 f"{task_file or 'the task'} {'have' if len(empty) > 1 else 'has'} no labelled slide in {where}; "
-                "label slides of it, remove it from the task file, or add --allow-empty-classes to the "
+                f"label slides of {'them' if len(empty) > 1 else 'it'}, remove {'them' if len(empty) > 1 else 'it'} "
+                "from the task file, or add --allow-empty-classes to the "
                 "heads' extra_args"
             )
     if len(present) < 2:

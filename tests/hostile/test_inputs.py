@@ -722,8 +722,10 @@ def test_a_task_left_without_classes_by_qc_ends_with_one_line(tmp_path):
     (work / "config" / "samples.tsv").write_text("\n".join(sheet) + "\n")
     result = subprocess.run(snakemake_command(work, "--cores", "2"), capture_output=True, text=True, timeout=300)
     output = result.stdout + result.stderr
-    message = ("task 'planted': task labels from column 'label': 0 usable labelled slide(s) with class(es) []: "
-               "training needs at least two classes (after QC; results/qc/summary.tsv says why slides were left out)")
+    message = ("task 'planted': config: tasks: planted: classes 'neg', 'pos' of config/task.yaml have no labelled "
+               "slide in column 'label' of config/samples.tsv; label slides of them, remove them from the task "
+               "file, or add --allow-empty-classes to the heads' extra_args (after QC; results/qc/summary.tsv says why slides "
+               "were left out)")
     assert result.returncode != 0
     assert message in output and "Traceback" not in output
     assert (work / "logs" / "labels" / "planted.log").read_text() == message + "\n"
