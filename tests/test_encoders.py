@@ -503,3 +503,152 @@ def test_run_blocks_appends_shallow_and_deep_prompts_and_checkpoints_alike():
         ckpt = run_blocks(vit, x, shallow=[shallow], deep=lambda i: deep[i])
     assert torch.allclose(ckpt, expected, atol=1e-6)
     assert torch.allclose(run_blocks(vit, x), vit.norm(vit.blocks(x)), atol=1e-6)
+
+
+# ---- networks checked against the card when the encoder loads ---------------------------------
+
+SMALL_VIT = {"embed_dim": 32, "depth": 1, "num_heads": 2}
+
+
+def random_card(directory: Path, model: str, *, size: int, kind: str, dim: int, name: str = "net", **kwargs) -> Path:
+    """A random-weight card (init_seed, no weight files) of a timm model with ``kwargs``."""
+    return write_card(
+        directory, name,
+        architecture={"model": model, "kwargs": kwargs, "init_seed": 0}, weights=[],
+        input={"size": size, "normalize": None}, output={"kind": kind, "dim": dim},
+    )
+
+
+@pytest.mark.parametrize("model, kwargs, dim", [
+    ("vit_tiny_patch16_224", {**SMALL_VIT, "in_chans": 1}, 32),
+    ("test_resnet", {"in_chans": 1}, 256),
+])
+def test_a_network_for_other_than_rgb_is_refused_at_load(tmp_path, model, kwargs, dim):
+    path = random_card(tmp_path, model, size=224, kind="pooled", dim=dim, **kwargs)
+    with pytest.raises(ModelError, match=rf"net\.yaml: architecture\.kwargs\.in_chans is 1, but tiles are RGB"):
+        load_encoder(path, device="cpu")
+
+
+def test_a_dynamic_size_vit_needs_a_multiple_of_its_patch_size(tmp_path):
+    vit = {**SMALL_VIT, "patch_size": 14, "dynamic_img_size": True}
+    path = random_card(tmp_path, "vit_tiny_patch16_224", size=256, kind="cls", dim=32, **vit)
+    with pytest.raises(ModelError, match=r"net\.yaml: input\.size 256 is not a multiple of vit_tiny_patch16_224's "
+                       r"patch size 14 \(dynamic_img_size takes only multiples\); set input\.size to 252 or 266"):
+        load_encoder(path, device="cpu")
+    for size, extra in ((252, {}), (256, {"dynamic_img_pad": True})):
+        path = random_card(tmp_path, "vit_tiny_patch16_224", size=size, kind="cls", dim=32, **vit, **extra)
+        assert load_encoder(path, device="cpu").encode(tissue_images(1, size)).shape == (1, 32)
+
+
+def test_any_network_that_cannot_take_the_input_size_is_refused_at_load(tmp_path):
+    """LeViT's attention biases are built for one grid: no explicit check knows it, the probe forward does."""
+    with pytest.raises(ModelError, match=r"net\.yaml: levit_128s cannot run on RGB tiles of 256 x 256 px, the "
+                       r"card's input\.size \(RuntimeError: The size of tensor a \(256\) must match"):
+        load_encoder(random_card(tmp_path, "levit_128s", size=256, kind="pooled", dim=384), device="cpu")
+    assert load_encoder(random_card(tmp_path, "levit_128s", size=224, kind="pooled", dim=384), device="cpu").dim == 384
+
+
+class ItemNet(nn.Module):
+    """A network whose forward reads a value (``.item()``), which a meta tensor has not: the
+    load-time probe must not refuse it for that."""
+
+    num_features = 4
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return y * float(y.abs().max().item() >= 0)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return x.mean(dim=(2, 3))
+
+
+@timm.models.register_model
+def wsitools_test_item_net(pretrained: bool = False, **kwargs) -> ItemNet:
+    return ItemNet()
+
+
+def test_a_network_the_meta_device_cannot_run_still_loads(tmp_path):
+    enc = load_encoder(random_card(tmp_path, "wsitools_test_item_net", size=32, kind="pooled", dim=4), device="cpu")
+    assert enc.encode(tissue_images(2, 32)).shape == (2, 4)
+
+
+@pytest.mark.parametrize("model, kwargs", [
+    ("vit_tiny_patch16_224", {**SMALL_VIT, "class_token": False, "global_pool": "avg", "reg_tokens": 4}),
+    ("eva02_tiny_patch14_224", SMALL_VIT),
+    ("beit_base_patch16_224", SMALL_VIT),
+])
+@pytest.mark.parametrize("kind", ["mean_patch", "cls", "cls_mean_patch"])
+def test_token_outputs_are_refused_where_the_final_norm_follows_pooling(tmp_path, model, kwargs, kind):
+    """fc_norm networks have no normed tokens: a token feature would silently skip the final norm."""
+    size = 224
+    dim = 64 if kind == "cls_mean_patch" else 32
+    with pytest.raises(ModelError, match=rf"net\.yaml: output '{kind}' would take {model}'s tokens before their final "
+                       r"norm \(its fc_norm follows the pooling\); use output kind 'pooled'"):
+        load_encoder(random_card(tmp_path, model, size=size, kind=kind, dim=dim, **kwargs), device="cpu")
+    enc = load_encoder(random_card(tmp_path, model, size=size, kind="pooled", dim=32, **kwargs), device="cpu")
+    x = enc.preprocess(tissue_images(2, size))
+    with torch.no_grad():
+        tokens = enc.model.forward_features(x)
+        expected = enc.model.fc_norm(tokens[:, enc.model.num_prefix_tokens:].mean(dim=1))  # timm's avg pool
+    torch.testing.assert_close(enc.encode(tissue_images(2, size)), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("model", ["eva02_tiny_patch14_224", "beit_base_patch16_224"])
+def test_class_token_of_eva02_and_beit(tmp_path, model):
+    """Only timm's VisionTransformer says has_class_token; EVA-02 and BEiT have a cls_token too."""
+    kwargs = {**SMALL_VIT, "global_pool": "token"}  # timm then puts the final norm on every token
+    enc = load_encoder(random_card(tmp_path, model, size=224, kind="cls", dim=32, **kwargs), device="cpu")
+    x = enc.preprocess(tissue_images(2))
+    with torch.no_grad():
+        expected = enc.model.forward_head(enc.model.forward_features(x), pre_logits=True)  # timm's token pooling
+    torch.testing.assert_close(enc.encode(tissue_images(2)), expected, atol=1e-6, rtol=0)
+    assert not torch.allclose(expected, enc.model.forward_features(x)[:, 1])
+
+
+def test_torchscript_and_raw_pickles_are_one_line_without_warnings(tmp_path):
+    import pickle
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit's own deprecation notices
+        torch.jit.save(torch.jit.script(nn.Linear(2, 2)), tmp_path / "jit.pt")
+    (tmp_path / "raw.pth").write_bytes(pickle.dumps({"evil": Payload()}, protocol=4))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(ModelError) as jit:
+            read_checkpoint(tmp_path / "jit.pt")
+        with pytest.raises(ModelError, match=r"raw\.pth: not a readable weight file \(torch\.load, weights only: it "
+                           r"holds pickled Python objects other than tensors, which are never unpickled\)"):
+            read_checkpoint(tmp_path / "raw.pth")
+    assert [str(w.message) for w in caught] == []
+    assert str(jit.value) == (f"{tmp_path / 'jit.pt'}: not a readable weight file (torch.load, weights only: a "
+                              "TorchScript archive, not a state dict (save the model's state_dict() instead))")
+
+
+def test_compiled_and_parallel_prefixes_are_stripped_and_odd_entries_named():
+    from wsitools.encoders import unwrap_state_dict
+
+    t = torch.zeros(1)
+    for prefix in ("module.", "_orig_mod.", "module._orig_mod.", "_orig_mod.module."):
+        assert unwrap_state_dict({"model": {prefix + "a.weight": t}}, source="x.pth") == {"a.weight": t}
+    with pytest.raises(ModelError, match=r"^x\.pth: entry 'state_dict_ema' holds OrderedDict, not a tensor \(a state "
+                       r"dict of tensors is read at the top level or under 'model' or 'state_dict'\)$"):
+        unwrap_state_dict({"state_dict_ema": nn.Linear(1, 1).state_dict()}, source="x.pth")
+
+
+def test_listing_shows_every_card_and_a_row_per_broken_one(official_files, capsys):
+    directory, _, _ = official_files
+    write_card(directory)
+    write_card(directory, "broken", weights=[])
+    assert run_cli(["encoders", "--models-dir", str(directory)]) == 2
+    out, err = capsys.readouterr()
+    rows = {line.split()[0]: line for line in out.splitlines()[2:]}
+    assert set(rows) == {"broken", "tiny-official"}
+    assert rows["tiny-official"].split()[1:3] == ["prompted_vit_test_patch16_224", "64"]
+    assert rows["broken"].endswith(
+        "BROKEN: the card lists no weight files; give architecture.init_seed for a random-weight test model")
+    assert err == "1 card(s) could not be read (BROKEN above)\n"

@@ -101,14 +101,20 @@ def store_failure(store: str, exc: Exception) -> str:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from wsitools.encoders import default_models_dir, list_cards
+    """List the cards (a broken one as a row with its reason); exit 2 when a card is broken, else
+    1 when ``--verify`` found a wrong checksum, else 0."""
+    from wsitools.encoders import default_models_dir, scan_cards
     from wsitools.encoders.loading import verify_weight
 
     directory = getattr(args, "models_dir", None) or default_models_dir()
     print(f"models directory: {directory}")
     rows = [("NAME", "MODEL", "DIM", "LICENCE", "WEIGHTS")]
-    wrong = 0
-    for card in list_cards(directory):
+    wrong = broken = 0
+    for path, card in scan_cards(directory):
+        if isinstance(card, WsiToolsError):
+            rows.append((path.stem, "-", "-", "-", f"BROKEN: {str(card).removeprefix(f'{path.resolve()}: ')}"))
+            broken += 1
+            continue
         states = []
         for w in card.weights:
             if not w.path.is_file():
@@ -127,10 +133,12 @@ def _list(args: argparse.Namespace) -> int:
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows:
         print("  ".join(c.ljust(widths[i]) for i, c in enumerate(r[:4])) + "  " + r[4])
-    if wrong:  # a script checking the weights gets it from the exit status
+    # a script checking the cards or the weights gets it from the exit status
+    if broken:
+        print(f"{broken} card(s) could not be read (BROKEN above)", file=sys.stderr)
+    if wrong:
         print(f"{wrong} weight file(s) with a wrong checksum", file=sys.stderr)
-        return 1
-    return 0
+    return 2 if broken else 1 if wrong else 0
 
 
 def _fetch(args: argparse.Namespace) -> int:

@@ -26,6 +26,7 @@ _HOMES = {
     "find_card": "cards",
     "list_cards": "cards",
     "read_card": "cards",
+    "scan_cards": "cards",
     "check_state_dict": "checkpoint",
     "convert_hf_dinov2_state_dict": "checkpoint",
     "convert_ordered_state_dict": "checkpoint",

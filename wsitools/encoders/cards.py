@@ -492,13 +492,31 @@ def _named_card(path: Path) -> EncoderCard:
     return card
 
 
-def list_cards(models_dir: str | os.PathLike[str] | None = None) -> list[EncoderCard]:
-    """All cards in the models directory, sorted by name (a broken card, or one whose name is not
-    its file name, raises naming its file)."""
+def scan_cards(models_dir: str | os.PathLike[str] | None = None) -> list[tuple[Path, EncoderCard | ModelError]]:
+    """Every card file of the models directory, sorted by name, with its card or the
+    :class:`ModelError` (naming the file) that reading it raised: a listing shows a broken card
+    beside the others rather than nothing. A missing directory raises."""
     directory = _models_dir(models_dir)
     if not directory.is_dir():
         raise ModelError(f"{directory}: models directory not found (set --models-dir or {MODELS_ENV})")
-    return [_named_card(p) for p in sorted(directory.glob("*.yaml"))]
+    found: list[tuple[Path, EncoderCard | ModelError]] = []
+    for path in sorted(directory.glob("*.yaml")):
+        try:
+            found.append((path, _named_card(path)))
+        except ModelError as exc:
+            found.append((path, exc))
+    return found
+
+
+def list_cards(models_dir: str | os.PathLike[str] | None = None) -> list[EncoderCard]:
+    """All cards in the models directory, sorted by name (a broken card, or one whose name is not
+    its file name, raises naming its file)."""
+    cards = []
+    for _, card in scan_cards(models_dir):
+        if isinstance(card, ModelError):
+            raise card
+        cards.append(card)
+    return cards
 
 
 def card_to_dict(card: EncoderCard) -> dict[str, Any]:

