@@ -389,7 +389,7 @@ def test_instance_dropout_spreads_attention_over_a_planted_region(tmp_path):
     """Positives hold a region-sized set of weakly shifted instances (12-20 of 60-120): without
     instance dropout (the default) the attention piles onto a few of them; dropout 0.7 spreads it
     over the region, so the top-k tiles are mostly planted ones, at the same AUROC. Attention
-    pooling alone: pooling selection trains the attention on half of the steps (docs/mil.md)."""
+    pooling alone, as what is measured is the attention (and it trains once, not twice)."""
     bags = make_bag_cohort(tmp_path / "features", n_slides=90, n_tiles=(60, 120), n_planted=(12, 20), dim=16,
                            shift=3.0, seed=0)
     labels = _write_labels(tmp_path / "labels.csv", bags, ["train"] * 45 + ["val"] * 15 + ["test"] * 30)

@@ -1,5 +1,6 @@
-"""Pooling selection: attention heads trained with attention and mean pooling together, each fold
-keeping the pooling of lower validation loss, and saved heads predicting with the one kept."""
+"""Pooling selection: attention heads trained in each fold pooling by attention and by the mean,
+each fold keeping the pooling of lower validation loss, and saved heads predicting with the one
+kept."""
 
 from __future__ import annotations
 
@@ -50,21 +51,6 @@ def test_pathotune_pools_by_the_mean_too():
     np.testing.assert_allclose(model(_bag()).attention.numpy(), np.full(30, 1 / 30, np.float32), rtol=1e-6)
 
 
-def test_mixed_pooling_draws_per_bag_in_training_only():
-    """In training about half of the bags are pooled by their mean (seeded draws); in eval mode
-    mixed pooling is attention pooling."""
-    torch.manual_seed(0)
-    model = create_head(HeadConfig("abmil", in_dim=8, n_classes=2, dropout=0.0))
-    x = _bag()
-    set_pooling(model, "mixed")
-    uniform = [bool(torch.allclose(model(x).attention, torch.full((30,), 1 / 30))) for _ in range(200)]
-    assert 70 <= sum(uniform) <= 130
-    model.eval()
-    mixed = model(x)
-    set_pooling(model, "attention")
-    torch.testing.assert_close(mixed.attention, model(x).attention)
-
-
 def test_unknown_poolings_are_refused():
     model = create_head(HeadConfig("abmil", in_dim=8, n_classes=2))
     with pytest.raises(ModelError, match="unknown pooling 'max'"):
@@ -96,6 +82,23 @@ def test_selection_keeps_mean_pooling_where_the_signal_is_in_every_patch(diffuse
     assert [f["pooling"] for f in runs["attention"]["folds"]] == ["attention"] * 3
     assert [f["pooling"] for f in runs["select"]["folds"]].count("mean") >= 2
     assert runs["select"]["pooled"]["auroc"] >= runs["attention"]["pooled"]["auroc"] + 0.1
+
+
+def test_selection_keeps_the_training_of_lower_validation_loss_and_its_attention_one_is_the_plain_recipe(diffuse):
+    """Each fold's two trainings start alike: the attention one is exactly `--pooling attention`'s
+    (same best epoch, same validation loss), and the pooling kept is the one of lower loss."""
+    root, runs = diffuse
+    plain = {f["fold"]: f for f in runs["attention"]["folds"]}
+    for fold in runs["select"]["folds"]:
+        losses = fold["pooling_val_loss"]
+        assert set(losses) == {"attention", "mean"}
+        assert fold["pooling"] == min(losses, key=losses.get)
+        assert "pooling_val_loss" not in plain[fold["fold"]]
+        with open(root / "attention" / "curves.csv", newline="") as f:
+            curve = [float(r["val_loss"]) for r in csv.DictReader(f) if int(r["fold"]) == fold["fold"]]
+        assert losses["attention"] == pytest.approx(min(curve), rel=1e-5)
+        if fold["pooling"] == "attention":
+            assert fold["best_epoch"] == plain[fold["fold"]]["best_epoch"]
 
 
 def test_a_fold_kept_with_mean_pooling_predicts_and_attends_with_it(diffuse, tmp_path):

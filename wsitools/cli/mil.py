@@ -91,8 +91,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="fraction of a bag's patches dropped at random in each training step, so the "
                    f"attention spreads over all the evidence; 0 = none ({d.instance_dropout})")
     t.add_argument("--pooling", choices=list(POOLING_CHOICES), default=d.pooling,
-                   help="select: train attention and mean pooling together and keep, per fold, the one "
-                   "with the lower validation loss; attention: attention pooling alone (abmil, pathotune; "
+                   help="select: train each fold twice, pooling by attention and by the mean, and keep "
+                   "the one with the lower validation loss; attention: attention pooling alone (abmil, pathotune; "
                    f"{d.pooling})")
     t.add_argument("--balance", choices=["weights", "sampling"], default=d.balance,
                    help="class-weighted loss or class-balanced bag sampling (weights)")

@@ -13,9 +13,9 @@ Balance = Literal["weights", "sampling"]
 Bag = Literal["slide", "patient"]
 PoolingChoice = Literal["select", "attention"]
 POOLING_CHOICES: tuple[str, ...] = ("select", "attention")
-"""How an attention head pools: ``select`` trains attention and mean pooling together and keeps
-whichever gives the lower validation loss (the default; docs/mil.md, "Pooling selection");
-``attention`` trains and keeps attention pooling alone."""
+"""How an attention head pools: ``select`` trains it twice in each fold, pooling by attention and
+by the mean, and keeps the one of lower best validation loss (the default; docs/mil.md, "Pooling
+selection"); ``attention`` trains attention pooling alone."""
 BAGS: tuple[str, ...] = ("slide", "patient")
 """What one bag is: a slide's feature store (the default), or all slides of a patient
 concatenated (:mod:`wsitools.mil.patients`; docs/mil.md, "Patient-level bags")."""

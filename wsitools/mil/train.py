@@ -59,6 +59,7 @@ from wsitools.metrics import (
     METRICS,
     REGRESSION_METRICS,
     classification_metrics,
+    json_float,
     mean_sd_of,
     metrics_report,
     regression_metrics,
@@ -468,23 +469,6 @@ def evaluate(
     )
 
 
-def validate(
-    model: nn.Module, dataset: BagDataset, index: np.ndarray, *, select: bool, **options: Any
-) -> tuple[Evaluation, Pooling]:
-    """An epoch's validation (:func:`evaluate` with ``options``) and the pooling it was made
-    with. With ``select`` both poolings are evaluated and the one of lower loss is kept (the
-    model is left pooling by it; attention on a tie); else the model's attention pooling."""
-    if not select:
-        return evaluate(model, dataset, index, **options), "attention"
-    results: dict[Pooling, Evaluation] = {}
-    for pooling in ("attention", "mean"):
-        set_pooling(model, pooling)
-        results[pooling] = evaluate(model, dataset, index, **options)
-    kept: Pooling = "mean" if results["mean"].loss < results["attention"].loss else "attention"
-    set_pooling(model, kept)
-    return results[kept], kept
-
-
 @dataclass
 class FoldResult:
     """A trained fold: its model (best epoch restored, on the training device), curves, test
@@ -499,6 +483,8 @@ class FoldResult:
     seconds: float = 0.0
     scale: dict[str, float] = field(default_factory=dict)
     pooling: Pooling = "attention"
+    pooling_val_loss: dict[str, float] = field(default_factory=dict)
+    """With pooling selection, each pooling's best validation loss (the lower one was kept)."""
 
     def predictions(self) -> np.ndarray:
         """The test slides' predictions: class probabilities [n, C], or the risk / value [n]."""
@@ -610,51 +596,25 @@ def train_fold(
 ) -> FoldResult:
     """Train one head on ``device`` on ``fold.train``, early-stopped on ``fold.val``; evaluate on
     ``fold.test``. The head is initialised on the CPU (seeded) and then moved, so its initial
-    weights do not depend on the device."""
-    from tqdm import tqdm
+    weights do not depend on the device.
 
+    With pooling selection (``config.pooling`` ``select``) a head with attention pools is trained
+    twice from the same initial weights and batches, pooling by attention and by the mean
+    (:func:`set_pooling`), and the one whose best epoch has the lower validation loss is kept
+    (attention on a tie): attention finds a few deciding tiles, the mean a signal spread over
+    every tile, and neither is known before training (docs/mil.md, "Pooling selection")."""
     _check_fold(cohort, fold)
-    torch.manual_seed(config.seed * 1009 + fold.index)
-    rng = np.random.default_rng([config.seed, fold.index])
-    model = create_head(head_config, text_embeddings=text_embeddings).to(device)
-    stepper = make_stepper(model, config, device=device)
     dataset = bag_dataset(cohort, config)
-    standardise(model, dataset, fold.train)
     targets, scale = _fold_targets(cohort, fold)
     targets_dev = targets.to(device) if targets is not None else None
-    step_loss, batch = fold_loss(cohort, fold, config, targets=targets_dev, device=device)
-    best = BestState(model, min_delta=1e-6, patience=config.patience, min_epochs=config.min_epochs)
-    select = config.pooling == "select" and bool(attention_pools(model))
-    kept: Pooling = "attention"
-    history: list[dict[str, float]] = []
     start = time.perf_counter()
-    bar = tqdm(range(config.epochs), desc=f"fold {fold.index}", unit="epoch", disable=not progress, leave=False)
-    for epoch in bar:
-        t0 = time.perf_counter()
-        keys = epoch_keys(fold.train, cohort.labels, balance=config.balance, rng=rng)
-        if select:
-            set_pooling(model, "mixed")
-        train_loss = train_epoch(
-            model, stepper, dataset, keys, step_loss=step_loss, batch=batch, workers=config.workers
-        )
-        val, pooling = validate(model, dataset, fold.val, select=select, task_type=cohort.task_type,
-                                targets=targets_dev, device=device, workers=config.workers)
-        history.append(
-            {
-                "epoch": epoch,
-                "train_loss": train_loss,
-                "val_loss": val.loss,
-                **_val_scores(cohort, val, targets),
-                "seconds": time.perf_counter() - t0,
-            }
-        )
-        bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val.loss:.3f}")
-        if best.update(epoch, val.loss):
-            kept = pooling
-        if best.should_stop(epoch):
-            break
-    best.restore()
-    set_pooling(model, kept)
+    fits = [_fit(cohort, fold, head_config, config, dataset=dataset, targets=targets_dev, pooling="attention",
+                 text_embeddings=text_embeddings, device=device, progress=progress)]
+    if config.pooling == "select" and attention_pools(fits[0].model):
+        fits.append(_fit(cohort, fold, head_config, config, dataset=dataset, targets=targets_dev, pooling="mean",
+                         text_embeddings=text_embeddings, device=device, progress=progress))
+    fit = min(fits, key=lambda f: f.best.loss)  # the first, attention, on a tie
+    model = fit.model
     test = evaluate(model, dataset, fold.test, task_type=cohort.task_type, targets=targets_dev,
                     device=device, workers=config.workers)
     if cohort.task_type == "survival":
@@ -663,9 +623,75 @@ def train_fold(
         risks = own.outputs[:, 0].astype(np.float64)
         scale = {"risk_offset": float(np.median(risks)), "risk_scale": float(max(risks.std(), 1e-6))}
     return FoldResult(
-        fold=fold, model=model, history=history, best_epoch=best.epoch, test=test, pooling=kept,
+        fold=fold, model=model, history=fit.history, best_epoch=fit.best.epoch, test=test, pooling=fit.pooling,
         seconds=time.perf_counter() - start, scale=scale,
+        pooling_val_loss={f.pooling: f.best.loss for f in fits} if len(fits) > 1 else {},
     )
+
+
+@dataclass
+class _Fit:
+    """One training of a fold's head: the model (best epoch restored), its pooling, curves and
+    best epoch."""
+
+    model: nn.Module
+    pooling: Pooling
+    history: list[dict[str, float]]
+    best: BestState
+
+
+def _fit(
+    cohort: Cohort,
+    fold: Fold,
+    head_config: HeadConfig,
+    config: TrainConfig,
+    *,
+    dataset: BagDataset,
+    targets: torch.Tensor | None,
+    pooling: Pooling,
+    text_embeddings: torch.Tensor | None,
+    device: torch.device,
+    progress: bool,
+) -> _Fit:
+    """Train a head pooling by ``pooling`` on ``fold.train``, early-stopped on ``fold.val`` (the
+    best epoch restored). The seeds depend on the run's seed and the fold only, so the trainings
+    of one fold start from the same weights and draw the same batches."""
+    from tqdm import tqdm
+
+    torch.manual_seed(config.seed * 1009 + fold.index)
+    rng = np.random.default_rng([config.seed, fold.index])
+    model = create_head(head_config, text_embeddings=text_embeddings).to(device)
+    set_pooling(model, pooling)
+    stepper = make_stepper(model, config, device=device)
+    standardise(model, dataset, fold.train)
+    step_loss, batch = fold_loss(cohort, fold, config, targets=targets, device=device)
+    best = BestState(model, min_delta=1e-6, patience=config.patience, min_epochs=config.min_epochs)
+    history: list[dict[str, float]] = []
+    label = f"fold {fold.index}" + (" (mean pooling)" if pooling == "mean" else "")
+    bar = tqdm(range(config.epochs), desc=label, unit="epoch", disable=not progress, leave=False)
+    for epoch in bar:
+        t0 = time.perf_counter()
+        keys = epoch_keys(fold.train, cohort.labels, balance=config.balance, rng=rng)
+        train_loss = train_epoch(
+            model, stepper, dataset, keys, step_loss=step_loss, batch=batch, workers=config.workers
+        )
+        val = evaluate(model, dataset, fold.val, task_type=cohort.task_type, targets=targets, device=device,
+                       workers=config.workers)
+        history.append(
+            {
+                "epoch": epoch,
+                "train_loss": train_loss,
+                "val_loss": val.loss,
+                **_val_scores(cohort, val, targets.cpu() if targets is not None else None),
+                "seconds": time.perf_counter() - t0,
+            }
+        )
+        bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val.loss:.3f}")
+        best.update(epoch, val.loss)
+        if best.should_stop(epoch):
+            break
+    best.restore()
+    return _Fit(model=model, pooling=pooling, history=history, best=best)
 
 
 LOSS_NAMES: dict[TaskType, str] = {
@@ -940,6 +966,9 @@ def _write_fold(run_dir: Path, setup: RunSetup, result: FoldResult, config: Trai
     report = _fold_report(cohort, result.test.index, preds, config, auc_times=auc_times)
     report.update(fold=k, best_epoch=result.best_epoch, pooling=result.pooling, epochs_run=len(result.history),
                   n_train=len(fold.train), n_val=len(fold.val), seconds=round(result.seconds, 2), **result.scale)
+    if result.pooling_val_loss:
+        report["pooling_val_loss"] = {p: json_float(v) if math.isfinite(v) else None
+                                      for p, v in result.pooling_val_loss.items()}
     curves = [{"fold": k, **h} for h in result.history]
     run_folder.write_results(
         folder, predictions=rows, classes=setup.classes, metrics=report, curves=curves,
