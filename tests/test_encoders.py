@@ -525,7 +525,7 @@ def random_card(directory: Path, model: str, *, size: int, kind: str, dim: int, 
 ])
 def test_a_network_for_other_than_rgb_is_refused_at_load(tmp_path, model, kwargs, dim):
     path = random_card(tmp_path, model, size=224, kind="pooled", dim=dim, **kwargs)
-    with pytest.raises(ModelError, match=rf"net\.yaml: architecture\.kwargs\.in_chans is 1, but tiles are RGB"):
+    with pytest.raises(ModelError, match=r"net\.yaml: architecture\.kwargs\.in_chans is 1, but tiles are RGB"):
         load_encoder(path, device="cpu")
 
 
