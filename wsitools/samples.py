@@ -294,6 +294,14 @@ def check_whole_numbers(config: Mapping[str, Any], schema: str | os.PathLike[str
     raise DataError(config_error(error))
 
 
+def heads_label_checks(heads: Mapping[str, Mapping[str, Any]]) -> tuple[dict[str, int], bool]:
+    """What the labels checks need of the config's heads (``heads: NAME: ...``): each head's
+    k-fold count, and whether every head trains with ``--allow-empty-classes``."""
+    folds = {name: int(h["folds"]) for name, h in heads.items()}
+    allow = bool(heads) and all("--allow-empty-classes" in h.get("extra_args", []) for h in heads.values())
+    return folds, allow
+
+
 def check_task_cohort(
     samples: Sequence[Sample], *, task: str, task_type: str, columns: Mapping[str, str], task_file: str | None,
     folds: Mapping[str, int], sheet: str, allow_empty_classes: bool,

@@ -19,7 +19,8 @@ from wsitools.report import qc_report
 from wsitools.report import usable_slides as qc_usable_slides
 from wsitools.samples import (
     check_encoders, check_extra_args, check_features_current, check_features_own, check_task_cohort,
-    check_unique_keys, check_whole_numbers, config_error, load_samples, run_failure_line, slide_file_state,
+    check_unique_keys, check_whole_numbers, config_error, heads_label_checks, load_samples, run_failure_line,
+    slide_file_state,
 )
 from wsitools.tables import is_tile_table
 from wsitools.text import load_task
@@ -94,9 +95,9 @@ if TASKS and config["slides_glob"]:
     )
 if TASKS and not HEADS:
     raise WorkflowError("config: tasks are given but no heads to train for them ('heads')")
-HEAD_FOLDS = {name: h["folds"] for name, h in HEADS.items()}
-# Every head trains with --allow-empty-classes: a class of the task file may have no labelled slide.
-ALLOW_EMPTY_CLASSES = bool(HEADS) and all("--allow-empty-classes" in h["extra_args"] for h in HEADS.values())
+# Each head's folds, and whether every head trains with --allow-empty-classes (a class of the task
+# file may then have no labelled slide).
+HEAD_FOLDS, ALLOW_EMPTY_CLASSES = heads_label_checks(HEADS)
 TASK_TYPES = {}  # task name -> classification, survival or regression (the task file's type)
 TASK_COLUMNS = {}  # task name -> labels-table column -> samples-sheet column
 for _name, _task in TASKS.items():

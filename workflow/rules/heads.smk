@@ -33,10 +33,6 @@ checkpoint labels:
         columns=lambda wildcards: TASK_COLUMNS[wildcards.task],
         task_type=lambda wildcards: TASK_TYPES[wildcards.task],
         tiles=TILES,
-        # the checks run before any job, again on the slides QC kept (see the script)
-        task_file=lambda wildcards: TASKS[wildcards.task]["task_file"] or None,
-        folds=HEAD_FOLDS,
-        allow_empty_classes=ALLOW_EMPTY_CLASSES,
     log:
         "logs/labels/{task}.log",
     threads: 1

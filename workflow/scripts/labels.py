@@ -11,16 +11,20 @@ never a traceback.
 
 from wsitools.labels import write_labels
 from wsitools.report import usable_slides
-from wsitools.samples import check_task_cohort, read_samples, run_script
+from wsitools.samples import check_task_cohort, heads_label_checks, read_samples, run_script
 
 
 def step() -> str:
     samples = read_samples(snakemake.input.sheet, check_files=False)
     usable = usable_slides(snakemake.input.summary)
+    # The checks' settings come from the config, not the rule's params: a params value that
+    # changes when a head is added would make Snakemake redo this table and retrain every head.
+    folds, allow_empty_classes = heads_label_checks(snakemake.config["heads"])
+    task_file = snakemake.config["tasks"][snakemake.wildcards.task]["task_file"] or None
     check_task_cohort(
         [s for s in samples if s.slide_id in set(usable)], task=snakemake.wildcards.task,
-        task_type=snakemake.params.task_type, columns=snakemake.params.columns, task_file=snakemake.params.task_file,
-        folds=snakemake.params.folds, sheet=snakemake.input.sheet, allow_empty_classes=snakemake.params.allow_empty_classes,
+        task_type=snakemake.params.task_type, columns=snakemake.params.columns, task_file=task_file,
+        folds=folds, sheet=snakemake.input.sheet, allow_empty_classes=allow_empty_classes,
     )
     rows = write_labels(
         samples,
