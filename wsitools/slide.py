@@ -171,10 +171,10 @@ SUBFILE_MASK = 4
 """The NewSubfileType bit of a transparency mask page."""
 
 
-def larger_tiff_page(path: Path, dimensions: tuple[int, int]) -> str | None:
-    """A line naming the largest page (of the first :data:`MAX_PAGES_CHECKED`) of the TIFF at
-    ``path`` that holds the slide's image at more pixels than the level 0 a backend found
-    (``dimensions``); None when there is none, or the file is no TIFF.
+def larger_tiff_page(tif: Any, dimensions: tuple[int, int]) -> str | None:
+    """A line naming the largest page (of the first :data:`MAX_PAGES_CHECKED`) of the open
+    ``tifffile.TiffFile`` ``tif`` that holds the slide's image at more pixels than the level 0 a
+    backend found (``dimensions``); None when there is none.
 
     In a pyramid stored smallest page first, tiffslide takes the first page for the slide, and
     OpenSlide keeps the first page and those flagged as reduced, dropping a full-resolution page
@@ -184,16 +184,13 @@ def larger_tiff_page(path: Path, dimensions: tuple[int, int]) -> str | None:
     """
     w0, h0 = dimensions
     try:
-        import tifffile
-
-        with tifffile.TiffFile(path) as tif:
-            sizes = {
-                index: (int(page.imagewidth), int(page.imagelength))
-                for index, page in enumerate(tif.pages[:MAX_PAGES_CHECKED])
-                if not int(getattr(page, "subfiletype", 0)) & SUBFILE_MASK
-                and not ASSOCIATED_IMAGE.search(getattr(page, "description", "") or "")
-            }
-    except Exception:  # not a TIFF (MRXS, DICOM...), or unreadable pages: nothing to compare
+        sizes = {
+            index: (int(page.imagewidth), int(page.imagelength))
+            for index, page in enumerate(tif.pages[:MAX_PAGES_CHECKED])
+            if not int(getattr(page, "subfiletype", 0)) & SUBFILE_MASK
+            and not ASSOCIATED_IMAGE.search(getattr(page, "description", "") or "")
+        }
+    except Exception:  # unreadable pages: nothing to compare
         return None
     larger = {i: (w, h) for i, (w, h) in sizes.items() if w * h > w0 * h0 and shrunk_alike((w, h), (w0, h0))}
     if not larger:
@@ -289,7 +286,7 @@ class Slide(ABC):
             raise
         except Exception as exc:
             raise SlideOpenError(f"{self.path}: cannot be opened by {self.backend}: {one_line(exc)}") from None
-        larger = larger_tiff_page(self.path, self.dimensions)
+        larger = self._larger_tiff_page()
         if larger is not None:
             self.close()
             raise SlideOpenError(f"{self.path}: cannot be opened by {self.backend}: {larger}")
@@ -425,6 +422,17 @@ class Slide(ABC):
         w, h = math.ceil(fx + size[0]), math.ceil(fy + size[1])
         region = self.read_region((round(ix * dx), round(iy * dy)), level, (w, h))
         return resize_rgb(region, out_size, box=(fx, fy, fx + size[0], fy + size[1]))
+
+    def _larger_tiff_page(self) -> str | None:
+        """:func:`larger_tiff_page` of the slide's file, opened for it; None for a file that is
+        no TIFF (MRXS, DICOM...). A backend that holds the file open as a TIFF passes its own."""
+        import tifffile
+
+        try:
+            with tifffile.TiffFile(self.path) as tif:
+                return larger_tiff_page(tif, self.dimensions)
+        except Exception:  # not a TIFF: nothing to compare
+            return None
 
     def level_in_pyramid(self, level: int) -> bool:
         """Whether ``level`` is level 0 shrunk alike along both axes (within 5 %), as pyramid
@@ -753,6 +761,9 @@ class TiffSlideSlide(Slide):
             level for level, pages in enumerate(self._series().levels)
             if tuple(pages.keyframe.extrasamples) == (EXTRASAMPLE_UNSPECIFIED,)
         )
+
+    def _larger_tiff_page(self) -> str | None:
+        return larger_tiff_page(self._ts.ts_tifffile, self.dimensions)
 
     def _series(self) -> Any:
         """The tifffile series tiffslide reads the slide from."""
