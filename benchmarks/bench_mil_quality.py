@@ -38,7 +38,7 @@ Tasks (each seed draws a new cohort; "keys" are the patches that decide the labe
 - ``real``: efficientnet-lite0 features of 40 synthetic slides (``wsitools.synthetic.make_cohort``:
   half carry a planted region of another tissue texture), tiled and extracted by ``wsitools tile``
   and ``wsitools extract``; keys are the tiles whose centre lies in the planted region. Made once
-  and cached.
+  under ``DIR/cohorts/real/source`` and shared by the seeds.
 
     python benchmarks/bench_mil_quality.py [--tasks key3pct many ...] [--heads abmil reference ...]
         [--seeds 0 1 2] [--jobs 2] [--set lr=1e-3 instance_dropout=0 ...] [--out DIR]
@@ -59,6 +59,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -92,7 +93,7 @@ class Task:
     name: str
     classes: tuple[str, ...]
     descriptions: tuple[str, ...]
-    make: Callable[[np.random.Generator], list[Bag]]
+    make: Callable[[np.random.Generator, Path], list[Bag]]  # (rng, the task's folder for inputs shared by seeds)
     seeds: tuple[int, ...] = (0, 1)
     heads: tuple[str, ...] = tuple(FEW_HEADS)
     ablation: tuple[str, ...] = ()  # further heads, run on the first seed only
@@ -163,7 +164,7 @@ def fraction(lo: float, hi: float) -> Callable[[int, np.random.Generator], int]:
     return lambda n, rng: int(round(rng.uniform(lo, hi) * n))
 
 
-def make_proportion(rng: np.random.Generator) -> list[Bag]:
+def make_proportion(rng: np.random.Generator, _: Path) -> list[Bag]:
     labels = rng.permutation(np.arange(80) % 2)
     u = unit(64, 1)
     out = []
@@ -177,13 +178,13 @@ def make_proportion(rng: np.random.Generator) -> list[Bag]:
     return out
 
 
-def make_batch(rng: np.random.Generator) -> list[Bag]:
+def make_batch(rng: np.random.Generator, _: Path) -> list[Bag]:
     batches = np.stack([3.0 * unit(128, 100 + b) for b in range(4)]).astype(np.float32)
     return key_bags(rng, n_slides=100, n_tiles=(200, 600), dim=128, keys=pct(0.05, 4), shift=5.0,
                     nuisance=0.3, directions=[unit(128, 1)], batches=batches)
 
 
-def make_ivp2enc(rng: np.random.Generator) -> list[Bag]:
+def make_ivp2enc(rng: np.random.Generator, _: Path) -> list[Bag]:
     bags = key_bags(rng, n_slides=60, n_tiles=(200, 600), dim=64, keys=pct(0.03, 4), shift=1.0,
                     nuisance=0.2, directions=[unit(64, 1)])
     v = unit(32, 2)
@@ -198,7 +199,7 @@ TTP_CLASSES = ("benign", "tumour")
 TTP_DESCRIPTIONS = ("benign tissue, normal glands and stroma", "invasive carcinoma with atypical nuclei and mitoses")
 
 
-def make_ttptext(rng: np.random.Generator) -> list[Bag]:
+def make_ttptext(rng: np.random.Generator, _: Path) -> list[Bag]:
     from wsitools.text import embed_texts
 
     text = embed_texts([f"{c}: {d}" for c, d in zip(TTP_CLASSES, TTP_DESCRIPTIONS)])
@@ -207,12 +208,12 @@ def make_ttptext(rng: np.random.Generator) -> list[Bag]:
                     nuisance=0.3, directions=[direction])
 
 
-def make_real(rng: np.random.Generator) -> list[Bag]:
-    """efficientnet-lite0 features of synthetic slides with planted regions (made once, cached)."""
+def make_real(rng: np.random.Generator, shared: Path) -> list[Bag]:
+    """efficientnet-lite0 features of synthetic slides with planted regions (made once under ``shared``)."""
     from wsitools.feature_store import FeatureStore
     from wsitools.synthetic import Region
 
-    root = DEFAULT_OUT / "real"
+    root = shared / "source"
     features = root / "features" / "efficientnet-lite0-imagenet"
     if not (root / "done").is_file():
         from wsitools.synthetic import make_cohort
@@ -248,17 +249,17 @@ def _tasks() -> dict[str, Task]:
     prompted = "pathotune[tvp,ttp,ivp]"
     big = ("abmil", prompted, "reference")
     tasks = [
-        Task("key3pct", neg_pos, desc, lambda r: key_bags(r, n_slides=80, n_tiles=(200, 800), dim=64, keys=pct(0.03, 4),
+        Task("key3pct", neg_pos, desc, lambda r, _: key_bags(r, n_slides=80, n_tiles=(200, 800), dim=64, keys=pct(0.03, 4),
                                                           shift=5.0, nuisance=0.2, directions=[u64]),
              seeds=(0, 1), ablation=tuple(f"pathotune[{s}]" for s in SUBSETS[:-1])),
-        Task("key1to3", neg_pos, desc, lambda r: key_bags(r, n_slides=100, n_tiles=(100, 500), dim=64, keys=between(1, 3),
+        Task("key1to3", neg_pos, desc, lambda r, _: key_bags(r, n_slides=100, n_tiles=(100, 500), dim=64, keys=between(1, 3),
                                                           shift=8.0, nuisance=0.2, directions=[u64]), seeds=(0, 1)),
-        Task("many", neg_pos, desc, lambda r: key_bags(r, n_slides=60, n_tiles=(100, 400), dim=64, keys=fraction(0.3, 0.5),
+        Task("many", neg_pos, desc, lambda r, _: key_bags(r, n_slides=60, n_tiles=(100, 400), dim=64, keys=fraction(0.3, 0.5),
                                                        shift=0.7, nuisance=0.2, directions=[u64])),
         Task("batch", neg_pos, desc, make_batch),
         Task("proportion", ("low", "high"), ("few patches of the kind", "many patches of the kind"), make_proportion),
         Task("multiclass", ("none", "a", "b", "c"), ("background only", "kind a", "kind b", "kind c"),
-             lambda r: key_bags(r, n_slides=120, n_tiles=(200, 600), dim=64, keys=fraction(0.03, 0.05), shift=5.0,
+             lambda r, _: key_bags(r, n_slides=120, n_tiles=(200, 600), dim=64, keys=fraction(0.03, 0.05), shift=5.0,
                                 nuisance=0.2, directions=[unit(64, k) for k in (1, 2, 3)])),
         Task("ivp2enc", neg_pos, desc, make_ivp2enc, seeds=(0, 1),
              heads=("abmil", "pathotune[ivp]", prompted, "reference"),
@@ -269,13 +270,13 @@ def _tasks() -> dict[str, Task]:
         Task("real", ("negative", "positive"), ("only DAB and haematoxylin stained tissue",
                                                  "a region of eosin-dominant, differently textured tissue"),
              make_real, seeds=(0, 1)),
-        Task("cohort1000", neg_pos, desc, lambda r: key_bags(r, n_slides=1000, n_tiles=(100, 300), dim=64,
+        Task("cohort1000", neg_pos, desc, lambda r, _: key_bags(r, n_slides=1000, n_tiles=(100, 300), dim=64,
                                                              keys=pct(0.03, 2), shift=4.0, nuisance=0.2, directions=[u64]),
              seeds=(0,), heads=big, default=False),
-        Task("bags20k", neg_pos, desc, lambda r: key_bags(r, n_slides=40, n_tiles=(5000, 20000), dim=64, keys=pct(0.03, 4),
+        Task("bags20k", neg_pos, desc, lambda r, _: key_bags(r, n_slides=40, n_tiles=(5000, 20000), dim=64, keys=pct(0.03, 4),
                                                           shift=5.0, nuisance=0.2, directions=[u64]),
              seeds=(0,), heads=big, default=False),
-        Task("wide1536", neg_pos, desc, lambda r: widen(key_bags(r, n_slides=60, n_tiles=(200, 800), dim=64,
+        Task("wide1536", neg_pos, desc, lambda r, _: widen(key_bags(r, n_slides=60, n_tiles=(200, 800), dim=64,
                                                                  keys=pct(0.03, 4), shift=5.0, nuisance=0.2,
                                                                  directions=[u64]), 1536, r, noise=0.1),
              seeds=(0,), heads=("meanpool", *big), default=False),
@@ -295,7 +296,7 @@ def write_cohort(task: Task, seed: int, folder: Path) -> Path:
         return folder
     if folder.exists():
         shutil.rmtree(folder)
-    bags = task.make(np.random.default_rng([seed, 7]))
+    bags = task.make(np.random.default_rng([seed, 7]), folder.parent)
     (folder / "features").mkdir(parents=True)
     with open(folder / "labels.csv", "w", newline="") as f:
         w = csv.writer(f)
@@ -438,7 +439,7 @@ def run_one(job: tuple[str, int, str, dict[str, object], str, str]) -> dict:
     if head == "reference":
         result = run_reference(folder, seed)
     else:
-        result = run_package_head(folder, head, seed, overrides, Path(out) / "runs" / f"{task_name}-{seed}-{head}",
+        result = run_package_head(folder, head, seed, overrides, Path(out) / "runs" / f"{task_name}-{seed}-{head}-{recipe}",
                                   text_space=TASKS[task_name].text_space)
     mass, share, topk = key_mass(result.pop("attention"), keys)
     pooled = result.pop("pooled")
@@ -501,6 +502,8 @@ def main() -> None:
                    and (args.seeds is None or r["seed"] in args.seeds)]
         print(table(results, [h for h in ALL_HEADS if any(r["head"] == h for r in results)]))
         return
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", args.recipe):
+        ap.error(f"--recipe {args.recipe!r}: use letters, digits, '.', '_' and '-' (it names run folders)")
     overrides = {k: parse_value(v) for k, v in (s.split("=", 1) for s in args.set)}
     args.out.mkdir(parents=True, exist_ok=True)
     jobs = []
