@@ -3,8 +3,9 @@
 # `wsitools tile --keep-going` always writes {slide}.qc.json (status ok, no_tissue or failed,
 # with the reason) and exits 0 for a slide it cannot use, so one bad slide never stops the
 # cohort. It tiles in a worker process: a worker killed by a signal, the out-of-memory killer or
-# a decoder crash (or a SIGTERM from the scheduler) still leaves the slide a `failed` qc.json
-# saying how, so the QC checkpoint runs. The QC table is a checkpoint: which slides go on to
+# a decoder crash still leaves the slide a `failed` qc.json saying how, so the QC checkpoint
+# runs. A SIGTERM to the command itself (the scheduler cancelling the job) exits 143: the job
+# fails and its output is dropped, so a rerun tiles the slide again. The QC table is a checkpoint: which slides go on to
 # features and training is known once it exists. `--overwrite` lets a re-run replace a store
 # made with other settings (a damaged store is rebuilt anyway).
 
