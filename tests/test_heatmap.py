@@ -329,7 +329,7 @@ def test_geojson_clips_edge_tiles_and_omits_a_missing_prediction():
     assert features[1]["geometry"]["coordinates"][0] == [[900, 500], [1000, 500], [1000, 600], [900, 600], [900, 500]]
     assert "classification" not in features[0]["properties"]
     assert set(features[0]["properties"]["measurements"]) == {"attention", "attention x N", "attention percentile",
-                                                              "heatmap value"}
+                                                              "heatmap value", "mean-pooled heads"}
 
 
 @pytest.mark.parametrize("output", ["risk", "prediction"])
@@ -601,3 +601,92 @@ def test_heatmap_of_clam_or_trident_features_takes_their_tile_size(attention_cas
                                           height=SLIDE_SIZE[1])
     x, y = coords[5]
     assert features[5]["geometry"]["coordinates"][0] == [[x, y], [x + 128, y], [x + 128, y + 128], [x, y + 128], [x, y]]
+
+
+def _rewrite_attention(attention_case, path, attention, meta) -> Path:
+    """The attention case's slide and store, with ``attention`` and the attributes ``meta``."""
+    provenance = {"slide_path": str(attention_case["slide"]), "store_path": str(attention_case["store"]),
+                  "tile_size_level0": float(TILE0), "tile_size": 64, "mpp_target": 0.5}
+    write_attention(path, slide_id="synth_svs", attention=attention, coords=attention_case["coords"],
+                    classes=["neg", "pos"], probs=np.array([0.1, 0.9]), feature_path=path.parent / "synth_svs.h5",
+                    provenance=provenance, meta={"head": "abmil", "label": "pos", **meta})
+    return path
+
+
+def test_a_map_of_mean_pooled_heads_says_so_and_ranks_no_tiles(attention_case, tmp_path, caplog):
+    """A head that pooled by the mean weighs every tile alike: the title says the map is none, the
+    montage (which would rank tiles in store order) is skipped with a note, and the QuPath
+    detections carry the share of such heads."""
+    import json
+    import logging
+
+    from wsitools.attention import pooling_attrs
+    from wsitools.heatmap import _title
+
+    n = len(attention_case["coords"])
+    path = _rewrite_attention(attention_case, tmp_path / "att" / "synth_svs.h5", np.full(n, 1 / n),
+                              pooling_attrs(["mean"]))
+    amap = read_attention(path)
+    assert (amap.n_models, amap.n_mean_pooled, amap.mean_pooled, amap.attrs["pooling"]) == (1, 1, True, "mean")
+    assert _title(amap) == ("synth_svs   neg: 0.10  pos: 0.90   (label pos)   "
+                            "[mean pooling: uniform weights, no attention map]")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    (out_dir / "synth_svs.top_tiles.png").write_bytes(b"an earlier run's montage")
+    caplog.set_level(logging.INFO, logger="wsitools.heatmap")
+    out = draw_heatmap(path, out_dir, mpp=4.0, top_k=4)
+    assert out.montage is None and not (out_dir / "synth_svs.top_tiles.png").exists()
+    assert "slide synth_svs: no top-tile montage: its heads pooled by the mean (uniform weights: no tile ranks " \
+           "above another)" in caplog.text
+    features = json.loads(out.geojson.read_text())["features"]
+    assert {f["properties"]["measurements"]["mean-pooled heads"] for f in features} == {1.0}
+    ensemble = _rewrite_attention(attention_case, tmp_path / "ens" / "synth_svs.h5", np.full(n, 1 / n),
+                                  pooling_attrs(["mean"] * 3))
+    assert _title(read_attention(ensemble)).endswith(
+        "   [all 3 heads pooled by the mean: uniform weights, no attention map]")
+
+
+def test_a_map_of_an_ensemble_with_mean_pooled_heads_says_how_many(attention_case, tmp_path):
+    """2 of 3 heads pooled by the mean: the title says so, the montage is drawn (the attention
+    head ranks the tiles), and on the rank scale the map is the attention head's map."""
+    import json
+
+    from wsitools.attention import pooling_attrs
+    from wsitools.heatmap import _title
+
+    values = attention_case["values"]
+    n = len(values)
+    mixed = (values + 2 / n) / 3  # one attention head and two uniform ones, averaged
+    path = _rewrite_attention(attention_case, tmp_path / "att" / "synth_svs.h5", mixed,
+                              pooling_attrs(["attention", "mean", "mean"]))
+    amap = read_attention(path)
+    assert (amap.n_models, amap.n_mean_pooled, amap.mean_pooled, amap.attrs["pooling"]) == (3, 2, False, "mixed")
+    assert _title(amap) == "synth_svs   neg: 0.10  pos: 0.90   (label pos)   [2 of 3 heads pooled by the mean]"
+    np.testing.assert_allclose(display_values(amap.attention), display_values(values), atol=1e-6)
+    out = draw_heatmap(path, tmp_path / "out", mpp=4.0, top_k=4)
+    assert out.montage is not None and out.montage.exists()
+    features = json.loads(out.geojson.read_text())["features"]
+    assert {f["properties"]["measurements"]["mean-pooled heads"] for f in features} == {0.666667}
+
+
+def test_older_attention_files_read_as_one_attention_head_and_bad_counts_are_refused(attention_case, tmp_path):
+    from wsitools.heatmap import _title
+
+    amap = read_attention(attention_case["attention"])  # written without the pooling attributes
+    assert (amap.n_models, amap.n_mean_pooled, amap.mean_pooled) == (1, 0, False)
+    assert _title(amap) == "synth_svs   neg: 0.10  pos: 0.90   (label pos)"
+    bad = _rewrite_attention(attention_case, tmp_path / "bad.h5", attention_case["values"],
+                             {"n_models": 3, "n_mean_pooled": 4})
+    with pytest.raises(StoreError, match=r"bad\.h5: 4 of 3 heads pooled by the mean"):
+        read_attention(bad)
+
+
+@pytest.mark.parametrize(("n_mean_pooled", "share"), [(0, "attention"), (1, "tiles")])
+def test_a_patient_bags_share_is_of_its_tiles_for_a_mean_pooled_head(n_mean_pooled, share):
+    """A head that pooled by the mean gives each slide of a patient its share of the tiles."""
+    from wsitools.attention import AttentionMap
+    from wsitools.heatmap import _title
+
+    amap = AttentionMap("s1", np.full(51, 1 / 130, np.float32), np.zeros((51, 2), np.int64), 224.0,
+                        attrs={"patient_id": "P7", "attention_share": 51 / 130}, n_mean_pooled=n_mean_pooled)
+    assert _title(amap).startswith(f"s1   patient P7: 39% of its {share}")

@@ -7,6 +7,7 @@ import csv
 import json
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -438,3 +439,48 @@ def test_survival_pair_statistics_are_built_a_block_of_rows_at_a_time(monkeypatc
     flat = lambda rep: [rep["c_index"], *rep["c_index_ci95"], rep["uno_c"], *rep["uno_c_ci95"],
                         *[v for row in rep["time_auc"] for v in (row["auc"], *row["auc_ci95"])]]
     assert flat(blocked) == pytest.approx(flat(whole), abs=1e-12)
+
+
+@pytest.fixture(scope="module")
+def small_outcome_bags(tmp_path_factory):
+    """12 small regression bags: features for labels tables written per test."""
+    root = tmp_path_factory.mktemp("outcome_labels")
+    bags = make_outcome_cohort(root / "f", n_slides=12, n_tiles=(5, 8), task_type="regression", seed=0)
+    return root / "f", [b.slide_id for b in bags]
+
+
+@pytest.mark.parametrize(
+    ("task", "columns", "values", "says"),
+    [
+        (SURVIVAL, "time,event", ["5,0"] * 12, r"0 event\(s\) among the 12 usable slides; a survival head needs at least two$"),
+        (SURVIVAL, "time,event", ["5,1"] + ["5,0"] * 11, r"1 event\(s\) among the 12 usable slides"),
+        (REGRESSION, "label", ["3"] * 12, "the label is 3 on all 12 usable slides; nothing to regress$"),
+        (REGRESSION, "label", ["5"] + ["3"] * 11,
+         r"the training slides of fold \d all have the label 3; nothing to regress: the other values are on too few "
+         r"slides to be in every fold's training part; label more slides with other values or use fewer folds "
+         r"\(--folds\)"),
+    ],
+)
+def test_unlearnable_outcomes_are_one_line_naming_the_labels_table(small_outcome_bags, tmp_path, task, columns,
+                                                                  values, says):
+    features, slides = small_outcome_bags
+    labels = tmp_path / "labels.csv"
+    labels.write_text(f"slide_id,{columns}\n" + "".join(f"{s},{v}\n" for s, v in zip(slides, values)))
+    with pytest.raises(DataError, match=f"^labels table {re.escape(str(labels))}: {says}"):
+        train(features_dir=features, labels=labels, out_dir=tmp_path / "o", task=task, head="abmil",
+              config=TrainConfig(folds=3, epochs=1, n_boot=0), progress=False)
+
+
+def test_survival_times_all_equal_are_warned_of_naming_the_labels_table(small_outcome_bags, tmp_path, caplog):
+    from wsitools.mil.data import build_cohort
+
+    features, slides = small_outcome_bags
+    labels = tmp_path / "labels.csv"
+    labels.write_text("slide_id,time,event\n" + "".join(f"{s},0,{i % 2}\n" for i, s in enumerate(slides)))
+    build_cohort(read_labels(labels, task_type="survival"), features, (), task_type="survival", labels_file=labels)
+    assert (f"labels table {labels}: all 12 usable slides have the time 0: the head learns events against censored "
+            "slides alone") in caplog.text
+    caplog.clear()
+    labels.write_text("slide_id,time,event\n" + "".join(f"{s},{i},{i % 2}\n" for i, s in enumerate(slides)))
+    build_cohort(read_labels(labels, task_type="survival"), features, (), task_type="survival", labels_file=labels)
+    assert "have the time" not in caplog.text

@@ -135,3 +135,58 @@ def test_a_head_whose_pooling_is_not_known_is_refused(diffuse, tmp_path):
     (folder / "config.json").write_text(json.dumps({**meta, "pooling": "mixed"}))
     with pytest.raises(ModelError, match=r"config\.json: pooling is 'mixed', not 'attention' or 'mean'"):
         load_head(folder)
+
+
+def test_attention_files_curves_and_predict_record_each_heads_pooling(diffuse, tmp_path):
+    """Training's attention files carry the pooling of the fold that made them, curves.csv and the
+    curves' legend each fold's, and predict with the whole run how many heads pool by the mean."""
+    from wsitools.attention import read_attention
+    from wsitools.mil.run_folder import curves_figure, read_curves
+
+    root, runs = diffuse
+    run = root / "select"
+    folds = {f["fold"]: f["pooling"] for f in runs["select"]["folds"]}
+    with open(run / "predictions.csv", newline="") as f:
+        fold_of = {r["slide_id"]: int(r["fold"]) for r in csv.DictReader(f)}
+    for slide_id, k in fold_of.items():
+        amap = read_attention(run / "attention" / f"{slide_id}.h5")
+        mean = folds[k] == "mean"
+        assert (amap.attrs["pooling"], amap.n_models, amap.n_mean_pooled, amap.mean_pooled) == (
+            folds[k], 1, int(mean), mean)
+    curves = read_curves(run)
+    assert {(r["fold"], r["pooling"]) for r in curves} == set(folds.items())
+    histories = {k: [r for r in curves if r["fold"] == k] for k in folds}
+    legend = curves_figure(histories, {k: 0 for k in folds}, title="t", loss_name="l").axes[0].get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == [
+        f"fold {k} {part} ({folds[k]} pooling)" for k in sorted(folds) for part in ("train", "val")]
+
+    out = tmp_path / "pred"
+    predict(run, root / "features", out, slides=sorted(fold_of)[:2], device="cpu", progress=False)
+    n_mean = list(folds.values()).count("mean")
+    summary = "mean" if n_mean == 3 else "mixed"
+    record = json.loads((out / "predict.json").read_text())
+    assert (record["pooling"], record["n_models"], record["n_mean_pooled"]) == (summary, 3, n_mean)
+    amap = read_attention(out / "attention" / f"{sorted(fold_of)[0]}.h5")
+    assert (amap.attrs["pooling"], amap.n_models, amap.n_mean_pooled) == (summary, 3, n_mean)
+
+
+def test_a_meanpool_head_is_recorded_as_pooling_by_the_mean(diffuse, tmp_path, caplog):
+    """meanpool has no attention: its folds, head configs and attention files say mean pooling,
+    and a meanpool head saved as pooling by attention reads as the mean."""
+    import logging
+
+    from wsitools.attention import read_attention
+
+    root, _ = diffuse
+    run = tmp_path / "mp"
+    caplog.set_level(logging.INFO, logger="wsitools.mil.train")
+    summary = train(features_dir=root / "features", labels=root / "labels.csv", out_dir=run, head="meanpool",
+                    config=TrainConfig(folds=3, epochs=2, min_epochs=1, patience=2, n_boot=0), progress=False)
+    assert [f["pooling"] for f in summary["folds"]] == ["mean"] * 3
+    assert "best epoch" in caplog.text and "(mean pooling)" in caplog.text and "(attention pooling)" not in caplog.text
+    assert json.loads((fold_dir(run, 0) / "config.json").read_text())["pooling"] == "mean"
+    amap = read_attention(next((run / "attention").glob("*.h5")))
+    assert (amap.attrs["pooling"], amap.n_mean_pooled, amap.mean_pooled) == ("mean", 1, True)
+    meta = json.loads((fold_dir(run, 0) / "config.json").read_text())
+    (fold_dir(run, 0) / "config.json").write_text(json.dumps({**meta, "pooling": "attention"}))
+    assert load_head(fold_dir(run, 0)).pooling == "mean"

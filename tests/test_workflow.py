@@ -973,6 +973,21 @@ def test_metrics_table_has_one_row_per_head(tmp_path):
         write_metrics_table([a / "metrics.json"], tmp_path / "m.tsv")
 
 
+def test_metrics_table_counts_the_pooling_each_fold_kept(tmp_path):
+    """Pooling selection keeps attention or mean pooling per fold; the table counts them (a fold
+    of a run from before pooling selection records none and pooled by attention)."""
+    mixed = write_head_run(tmp_path, "t", "enc", "abmil", ["neg"], [[0.4, 0.6]], ["neg", "pos"])
+    old = write_head_run(tmp_path, "t", "enc", "pt", ["neg"], [[0.4, 0.6]], ["neg", "pos"])
+    metrics = json.loads((mixed / "metrics.json").read_text())
+    metrics["folds"] = [{"fold": k, "pooling": p} for k, p in enumerate(["mean", "attention", "mean", "attention",
+                                                                         "attention"])]
+    (mixed / "metrics.json").write_text(json.dumps(metrics))
+    write_metrics_table([mixed / "metrics.json", old / "metrics.json"], tmp_path / "m.tsv", html_out=tmp_path / "m.html")
+    assert [r["pooling"] for r in read_table(tmp_path / "m.tsv")] == ["attention 3, mean 2", "attention 3"]
+    html = (tmp_path / "m.html").read_text()
+    assert "<th>pooling</th>" in html and "<td>attention 3, mean 2</td>" in html
+
+
 def test_roc_points_step_through_thresholds_with_ties():
     fpr, tpr = roc_points([1, 0, 1, 0, 1], [0.9, 0.8, 0.8, 0.3, 0.1])
     # thresholds 0.9 | 0.8 (one positive and one negative tied) | 0.3 | 0.1

@@ -5,8 +5,9 @@ only one that knows its layout (docs/formats.md, "Attention file"): datasets ``a
 float32 (sums to one) and ``coords`` [N, 2] int64 (level-0 x, y of each tile's top-left, as in
 the feature store); attributes name the slide, the head and the prediction (``classes``,
 ``probs``, ``pred``; a survival or regression head's one output as ``classes`` ``["risk"]`` or
-``["prediction"]`` with its value in ``probs``) and carry over the feature store's slide/store paths and tile geometry, so
-a heatmap needs nothing else.
+``["prediction"]`` with its value in ``probs``), say how the heads that made the map pooled
+(:func:`pooling_attrs`: a head pooling by the mean attends to every tile alike) and carry over
+the feature store's slide/store paths and tile geometry, so a heatmap needs nothing else.
 """
 
 from __future__ import annotations
@@ -31,13 +32,26 @@ PROVENANCE_ATTRS = ("slide_path", "store_path", "tile_size", "tile_size_level0",
 """Feature-store attributes copied into the attention file when the store has them."""
 
 
+def pooling_attrs(poolings: Sequence[str]) -> dict[str, Any]:
+    """The attributes that record how the heads whose attention a map averages pooled
+    (``poolings``: each head's, ``attention`` or ``mean``): ``n_models`` (heads averaged),
+    ``n_mean_pooled`` (how many of them pool by the mean: their attention is uniform, so they
+    add the same to every tile) and ``pooling``, the two in a word (``attention``: none by the
+    mean, ``mean``: all, ``mixed``)."""
+    n_mean = sum(p == "mean" for p in poolings)
+    summary = "attention" if n_mean == 0 else "mean" if n_mean == len(poolings) else "mixed"
+    return {"pooling": summary, "n_models": len(poolings), "n_mean_pooled": n_mean}
+
+
 @dataclass(frozen=True)
 class AttentionMap:
     """One slide's attention per tile, and the head's prediction for the slide.
 
     ``classes`` and ``probs`` are empty when the file carries no prediction; for a survival or
     regression head they are one name (``risk``, ``prediction``) and its value. ``pred`` is
-    ``None`` unless there are classes to choose from."""
+    ``None`` unless there are classes to choose from. ``n_models`` heads made the map, and
+    ``n_mean_pooled`` of them pool by the mean (:func:`pooling_attrs`; a file that does not
+    record it was made by one head pooling by attention)."""
 
     slide_id: str
     attention: np.ndarray  # [N] float32
@@ -46,6 +60,14 @@ class AttentionMap:
     classes: tuple[str, ...] = ()
     probs: np.ndarray = field(default_factory=lambda: np.zeros(0))  # [C] float64, order of classes
     attrs: dict[str, Any] = field(default_factory=dict)
+    n_models: int = 1
+    n_mean_pooled: int = 0
+
+    @property
+    def mean_pooled(self) -> bool:
+        """Whether every head that made the map pooled by the mean: its weights are uniform, not
+        an attention map, and no tile ranks above another."""
+        return self.n_mean_pooled == self.n_models
 
     @property
     def pred(self) -> str | None:
@@ -119,6 +141,19 @@ def _prediction(path: Path, attrs: Mapping[str, Any]) -> tuple[tuple[str, ...], 
     return classes, probs
 
 
+def _pooling(path: Path, attrs: Mapping[str, Any]) -> tuple[int, int]:
+    """``(n_models, n_mean_pooled)`` of an attention file (:func:`pooling_attrs`); ``(1, 0)``,
+    one head pooling by attention, where it records neither (files of heads that could only
+    pool by attention)."""
+    try:
+        n_models, n_mean = int(attrs.get("n_models", 1)), int(attrs.get("n_mean_pooled", 0))
+    except (TypeError, ValueError) as exc:
+        raise StoreError(f"{path}: unreadable 'n_models' or 'n_mean_pooled' attribute: {exc}") from None
+    if n_models < 1 or not 0 <= n_mean <= n_models:
+        raise StoreError(f"{path}: {n_mean} of {n_models} heads pooled by the mean (n_mean_pooled of n_models)")
+    return n_models, n_mean
+
+
 def _slide_id(attrs: Mapping[str, Any], path: Path) -> str:
     """The slide an attention file is of: its ``slide_id`` attribute, else its file name."""
     value = attrs.get("slide_id")
@@ -159,6 +194,7 @@ def read_attention(path: str | os.PathLike[str]) -> AttentionMap:
     if np.any(attention < 0):  # a head's attention is a softmax: weights from 0 to 1
         raise StoreError(f"{path}: attention has negative values ({float(attention.min()):g}); not a head's attention")
     classes, probs = _prediction(path, attrs)
+    n_models, n_mean_pooled = _pooling(path, attrs)
     return AttentionMap(
         slide_id=_slide_id(attrs, path),
         attention=attention,
@@ -167,4 +203,6 @@ def read_attention(path: str | os.PathLike[str]) -> AttentionMap:
         classes=classes,
         probs=probs,
         attrs=attrs,
+        n_models=n_models,
+        n_mean_pooled=n_mean_pooled,
     )

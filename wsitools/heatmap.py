@@ -13,7 +13,10 @@ Display scales map each tile's attention ``a`` (N tiles, summing to one) to [0, 
   whatever the bag size, but every slide spans the whole colour map, a negative slide as much
   as a positive one.
 - ``minmax``: linear between the slide's smallest and largest attention (also per slide).
-  On both per-slide scales attention that is the same everywhere is the middle colour.
+  On both per-slide scales attention that is the same everywhere is the middle colour, and
+  neither changes when every tile's attention is scaled and shifted alike: the heads of an
+  ensemble that pooled by the mean (:func:`pooling_note`) add the same to every tile, so there the
+  ensemble's map is that of its heads that pooled by attention.
 - ``absolute``: ``a * N``, the attention relative to a uniform spread (1 = every tile alike),
   on a log scale from 1 to :data:`ABSOLUTE_MAX`. Raw attention would not do: it shrinks as
   1/N, so a large slide would look cold whatever the head saw. ``a * N`` is comparable
@@ -158,17 +161,35 @@ def overlay(thumbnail: np.ndarray, raster: np.ndarray, *, alpha: float = 0.5, cm
     return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
 
 
+def pooling_note(amap: AttentionMap) -> str:
+    """The title's note on the heads that made the map and pooled by the mean: empty when none
+    did; when all did, that its weights are uniform (no attention map: every tile alike); else
+    how many of them did (they add the same to every tile, so the ``rank`` and ``minmax`` scales
+    show the other heads' map)."""
+    k, n = amap.n_mean_pooled, amap.n_models
+    if k == 0:
+        return ""
+    if k == n:
+        heads = "mean pooling" if n == 1 else f"all {n} heads pooled by the mean"
+        return f"{heads}: uniform weights, no attention map"
+    return f"{k} of {n} heads pooled by the mean"
+
+
 def _title(amap: AttentionMap) -> str:
-    """The slide, the prediction, the label, and (a patient bag's slide) its patient and share of
-    the patient's attention."""
+    """The slide, (a patient bag's slide) its patient and share of the patient's attention (of
+    its tiles, for heads pooling by the mean), the prediction, the label, and
+    :func:`pooling_note`."""
     title = amap.slide_id
     if "patient_id" in amap.attrs and "attention_share" in amap.attrs:
-        title += f"   patient {amap.attrs['patient_id']}: {100 * float(amap.attrs['attention_share']):.0f}% of its attention"
+        share = 100 * float(amap.attrs["attention_share"])
+        of = "tiles" if amap.mean_pooled else "attention"
+        title += f"   patient {amap.attrs['patient_id']}: {share:.0f}% of its {of}"
     if amap.classes:
         title += "   " + "  ".join(f"{c}: {p:.2f}" for c, p in zip(amap.classes, amap.probs))
     if "label" in amap.attrs:
         title += f"   (label {amap.attrs['label']})"
-    return title
+    note = pooling_note(amap)
+    return title + (f"   [{note}]" if note else "")
 
 
 def save_heatmap_figure(
@@ -308,7 +329,9 @@ def attention_geojson(amap: AttentionMap, *, scale: Scale = "rank", bounds: Boun
     with ``properties.objectType = "detection"`` and
     ``properties.measurements`` (numbers, QuPath's map form): ``attention`` (raw, sums to one),
     ``attention x N`` (relative to uniform), ``attention percentile`` (within the slide) and
-    ``heatmap value`` (the 0-1 value the PNG shows under ``scale``); with a prediction also
+    ``heatmap value`` (the 0-1 value the PNG shows under ``scale``), ``mean-pooled heads`` (the
+    share of the heads that made the map pooling by the mean: 1 = uniform weights, no attention
+    map; :attr:`AttentionMap.n_mean_pooled`); with a prediction also
     ``prob {class}`` per class, and ``classification`` names the slide's predicted class (the
     same on every tile: it is the slide's, not the tile's); a survival or regression head's one
     output is named as it is (``risk``, ``prediction``), with no classification.
@@ -317,7 +340,8 @@ def attention_geojson(amap: AttentionMap, *, scale: Scale = "rank", bounds: Boun
     percentile = display_values(amap.attention, scale="rank")
     shown = display_values(amap.attention, scale=scale)
     names = [f"prob {c}" for c in amap.classes] if len(amap.classes) > 1 else list(amap.classes)
-    shared: dict[str, float] = {name: _number(p) for name, p in zip(names, amap.probs)}
+    shared: dict[str, float] = {"mean-pooled heads": _number(amap.n_mean_pooled / amap.n_models),
+                                **{name: _number(p) for name, p in zip(names, amap.probs)}}
     classification = None
     if amap.pred is not None:
         colour = _CLASS_COLOURS[amap.classes.index(amap.pred) % len(_CLASS_COLOURS)]
@@ -430,7 +454,9 @@ def draw_heatmap(
     cmap: str = DEFAULT_CMAP,
 ) -> HeatmapFiles:
     """Write ``{slide_id}.heatmap.png``, ``{slide_id}.attention.geojson`` (QuPath detections)
-    and (with a patch store and ``top_k > 0``) ``{slide_id}.top_tiles.png`` into ``out_dir``.
+    and (with a patch store and ``top_k > 0``) ``{slide_id}.top_tiles.png`` into ``out_dir``;
+    a map whose heads all pooled by the mean gets no montage (its weights are uniform: there are
+    no top tiles), and the title says so (:func:`pooling_note`).
 
     The thumbnail's resolution is :func:`thumbnail_mpp` of ``mpp``, ``min_side`` and
     ``max_side``. ``store_path`` defaults to the patch store recorded in the attention file; a
@@ -483,7 +509,10 @@ def draw_heatmap(
     geojson = write_attention_geojson(out_dir / f"{slide_id}.attention.geojson", amap, scale=scale, bounds=bounds)
     montage = None
     montage_path = out_dir / f"{slide_id}.top_tiles.png"
-    if top_k > 0 and store is not None:
+    if top_k > 0 and store is not None and amap.mean_pooled:
+        log.info("slide %s: no top-tile montage: its heads pooled by the mean (uniform weights: no tile ranks "
+                 "above another)", slide_id)
+    elif top_k > 0 and store is not None:
         try:
             montage = write_top_tiles(amap, store, montage_path, top_k=top_k)
         except StoreError as exc:

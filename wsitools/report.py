@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -165,6 +166,14 @@ TASK_METRICS: dict[str, tuple[str, ...]] = {
 """The metrics of each task type in the metrics table (``metrics.json`` of every head)."""
 
 
+def fold_poolings(folds: Sequence[Mapping[str, Any]]) -> str:
+    """How many of a run's folds (``metrics.json``'s ``folds``) kept each pooling, e.g.
+    ``attention 3, mean 2`` (docs/mil.md, "Pooling selection"); a fold that does not record it
+    pooled by attention."""
+    counts = Counter(str(f.get("pooling") or "attention") for f in folds)
+    return ", ".join(f"{p} {counts[p]}" for p in sorted(counts, key=lambda p: (p != "attention", p)))
+
+
 def write_metrics_table(
     metrics_files: Iterable[str | os.PathLike[str]],
     out: str | os.PathLike[str],
@@ -192,7 +201,7 @@ def write_metrics_table(
             row = {"task": task, "task_type": task_type, "encoder": encoder, "head": head,
                    "prompts": ",".join(m.get("prompts") or []),
                    "n_slides": str(m["n_slides"]), "n_patients": str(m["n_patients"]),
-                   "n_folds": str(len(m["folds"]))}
+                   "n_folds": str(len(m["folds"])), "pooling": fold_poolings(m["folds"])}
             for name in TASK_METRICS[task_type]:
                 lo, hi = pooled.get(f"{name}_ci95") or (None, None)
                 row.update({name: _number(pooled.get(name)), f"{name}_lo": _number(lo),
@@ -206,7 +215,7 @@ def write_metrics_table(
             raise DataError(f"metrics file {path} cannot be read: {exc!r}") from None
         rows.append(row)
     names = [n for t in TASK_METRICS if t in (used or ["classification"]) for n in TASK_METRICS[t]]
-    columns = ["task", "task_type", "encoder", "head", "prompts", "n_slides", "n_patients", "n_folds"] + [
+    columns = ["task", "task_type", "encoder", "head", "prompts", "n_slides", "n_patients", "n_folds", "pooling"] + [
         f"{name}{suffix}" for name in names
         for suffix in ("", "_lo", "_hi", "_fold_mean", "_fold_sd", "_fold_n")
     ]
@@ -236,7 +245,8 @@ def write_metrics_html(rows: Sequence[Mapping[str, str]], out: str | os.PathLike
     names = [n for t in (types or ["classification"]) for n in TASK_METRICS[t]]
     shown = []
     for r in rows:
-        row = {k: r[k] for k in ("task", "task_type", "encoder", "head", "prompts", "n_slides", "n_patients")}
+        row = {k: r[k] for k in ("task", "task_type", "encoder", "head", "prompts", "n_slides", "n_patients",
+                                 "pooling")}
         for name in names:
             if name not in r:
                 continue
@@ -244,7 +254,7 @@ def write_metrics_html(rows: Sequence[Mapping[str, str]], out: str | os.PathLike
             row[f"{name} over folds"] = _over_folds(
                 r[f"{name}_fold_mean"], r[f"{name}_fold_sd"], r[f"{name}_fold_n"], r["n_folds"])
         shown.append(row)
-    columns = ["task", "task_type", "encoder", "head", "prompts", "n_slides", "n_patients"] + [
+    columns = ["task", "task_type", "encoder", "head", "prompts", "n_slides", "n_patients", "pooling"] + [
         c for name in names for c in (name, f"{name} over folds")
     ]
     write_html_table(
@@ -253,7 +263,8 @@ def write_metrics_html(rows: Sequence[Mapping[str, str]], out: str | os.PathLike
         note="Each metric over the pooled out-of-fold predictions, with its bootstrap 95 % interval in "
         "brackets, and its mean ± standard deviation over the folds where it is defined (a fold of one class "
         "has no AUROC), with their number in parentheses. AUROC is one-vs-rest macro for "
-        "more than two classes; c_index is Harrell's concordance, uno_c Uno's. metrics.tsv holds the "
+        "more than two classes; c_index is Harrell's concordance, uno_c Uno's. pooling counts the folds that kept "
+        "each pooling (attention, or the mean: uniform attention, flat heatmaps). metrics.tsv holds the "
         "same numbers, one per column.",
     )
 

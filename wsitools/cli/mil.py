@@ -156,11 +156,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="draw attention heatmaps over slide thumbnails, top-tile montages, and QuPath detections",
         description="For each attention file, write {slide_id}.heatmap.png (attention per tile over the slide "
         "thumbnail, with a colour bar saying what the colours mean), {slide_id}.top_tiles.png (the most "
-        "attended tiles from the patch store, captioned with their level-0 x, y) and "
-        "{slide_id}.attention.geojson (one QuPath detection per tile with the attention and the prediction "
-        "as measurements: File > Import objects in QuPath 0.4 or later; in QuPath's frame, which starts at "
-        "the slide's OpenSlide bounds). Slide and patch store paths default to those recorded in the "
-        "attention file.",
+        "attended tiles from the patch store, captioned with their level-0 x, y; none where every head pooled "
+        "by the mean, whose weights are uniform) and {slide_id}.attention.geojson (one QuPath detection per "
+        "tile with the attention and the prediction as measurements: File > Import objects in QuPath 0.4 or "
+        "later; in QuPath's frame, which starts at the slide's OpenSlide bounds). Slide and patch store paths "
+        "default to those recorded in the attention file.",
     )
     h.add_argument("--attention", nargs="+", required=True, metavar="PATH",
                    help="attention .h5 files, or directories of them (e.g. heads/.../attention)")

@@ -153,12 +153,13 @@ def build_cohort(
     if not kept:
         raise DataError(f"no labelled slide has a usable feature store in {features_dir}: "
                         f"{_why_none_usable(rows, stores, problems, features_dir)}")
-    targets = _check_targets(kept, task_type)
+    table = f"labels table {labels_file}: " if labels_file is not None else ""
+    targets = _check_targets(kept, task_type, table=table)
     if task_type == "classification":
         present = sorted({r.label for r in kept}, key=lambda c: class_index[c])
         if len(present) < 2:
             raise DataError(
-                f"only one class ({present[0]!r}) among the {len(kept)} usable slides; "
+                f"{table}only one class ({present[0]!r}) among the {len(kept)} usable slides; "
                 "a classifier needs at least two"
             )
         _check_empty_classes(classes, rows, kept, allow=allow_empty_classes)
@@ -209,26 +210,33 @@ def _why_none_usable(
     return message
 
 
-def _check_targets(kept: Sequence[LabelRow], task_type: TaskType) -> np.ndarray | None:
-    """The survival or regression targets of the usable slides, checked for being learnable."""
+def _check_targets(kept: Sequence[LabelRow], task_type: TaskType, *, table: str = "") -> np.ndarray | None:
+    """The survival or regression targets of the usable slides, checked for being learnable;
+    ``table`` begins the errors (``labels table FILE: ``). Survival times that are all equal are
+    learnable but say little (a warning): the head can only rank the events against the
+    censored slides, and Uno's C and the time-dependent AUC are undefined."""
     if task_type == "survival":
         targets = np.array([[r.time, r.event] for r in kept], dtype=np.float64)
         n_events = int(targets[:, 1].sum())
         if n_events < 2:
             raise DataError(
-                f"{n_events} event(s) among the {len(kept)} usable slides; a survival head needs at least two"
+                f"{table}{n_events} event(s) among the {len(kept)} usable slides; a survival head needs at least two"
             )
+        if np.ptp(targets[:, 0]) == 0:
+            log.warning("%sall %d usable slides have the time %g: the head learns events against censored slides "
+                        "alone (no order in time; Uno's C and the time-dependent AUC are undefined)",
+                        table, len(kept), targets[0, 0])
         return targets
     if task_type == "regression":
         targets = np.array([r.value for r in kept], dtype=np.float64)
         with np.errstate(over="ignore", invalid="ignore"):
             spread = float(np.ptp(targets)), float(np.std(targets))
         if spread[0] == 0:
-            raise DataError(f"the label is {targets[0]:g} on all {len(kept)} usable slides; nothing to regress")
+            raise DataError(f"{table}the label is {targets[0]:g} on all {len(kept)} usable slides; nothing to regress")
         if not np.isfinite(spread).all():
             raise DataError(
-                f"the labels' spread is too large to standardise (labels from {targets.min():g} to {targets.max():g} "
-                "overflow their standard deviation); rescale them, e.g. to other units"
+                f"{table}the labels' spread is too large to standardise (labels from {targets.min():g} to "
+                f"{targets.max():g} overflow their standard deviation); rescale them, e.g. to other units"
             )
         return targets
     return None

@@ -28,7 +28,7 @@ from torch import nn
 
 from wsitools.errors import ModelError
 from wsitools.io import atomic_path, write_json_atomic, write_safetensors
-from wsitools.mil.heads import HeadConfig, Pooling, create_head, set_pooling
+from wsitools.mil.heads import HeadConfig, Pooling, attention_pools, create_head, set_pooling
 
 HEAD_FORMAT_VERSION = 1
 HEAD_KIND = "mil_head"
@@ -55,9 +55,10 @@ class SavedHead:
 
     @property
     def pooling(self) -> Pooling:
-        """How the head's attention pools pool: ``attention``, or ``mean`` where training kept mean
-        pooling (heads saved before pooling selection: attention)."""
-        return "mean" if self.meta.get("pooling") == "mean" else "attention"
+        """How the head pools: ``attention``, or ``mean`` where training kept mean pooling or the
+        head has no attention pools (``meanpool``); heads saved before pooling selection pool by
+        attention."""
+        return "mean" if self.meta.get("pooling") == "mean" or not attention_pools(self.model) else "attention"
 
     @property
     def bag(self) -> str:

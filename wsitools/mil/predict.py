@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from wsitools import __version__
-from wsitools.attention import write_attention
+from wsitools.attention import pooling_attrs, write_attention
 from wsitools.errors import DataError, ModelError
 from wsitools.io import atomic_path, check_out_apart, check_own_folder, write_json_atomic
 from wsitools.feature_store import (
@@ -286,8 +286,12 @@ def predict(
     unchecked = False
     results: list[Any] = []
     rows: list[dict[str, Any]] = []
+    pooling = pooling_attrs([h.pooling for h in heads])
+    if pooling["n_mean_pooled"]:
+        log.info("%s: %d of its %d heads pool by the mean (uniform attention)", model_dir,
+                 pooling["n_mean_pooled"], pooling["n_models"])
     meta = {"head": first.config.head, "task": (first.meta.get("task") or {}).get("name", ""),
-            "task_type": kind, "n_models": len(models)}
+            "task_type": kind, **pooling}
     with atomic_path(out_dir, overwrite=overwrite) as tmp:
         (tmp / "attention").mkdir(parents=True)
         for name, members in tqdm(groups.items(), desc="predict", unit=bagging, disable=not progress):
@@ -345,7 +349,7 @@ def predict(
             {
                 "model_dir": str(Path(model_dir).resolve()),
                 "features_dir": str(Path(features_dir).resolve()),
-                "n_models": len(models),
+                **pooling,
                 "task_type": kind,
                 "bag": bagging,
                 "classes": classes,

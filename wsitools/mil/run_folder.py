@@ -42,7 +42,7 @@ import socket
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -52,6 +52,9 @@ from wsitools.feature_store import TileGeometry
 from wsitools.io import atomic_path, check_own_folder, remove_path, write_json_atomic
 from wsitools.mil.head_folder import WEIGHTS_FILE, SavedHead, load_head
 from wsitools.tables import write_table
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
 
@@ -281,13 +284,13 @@ def write_results(
 
 def read_curves(folder: Path) -> list[dict[str, Any]]:
     """The rows of ``folder``'s ``curves.csv`` (:func:`write_results`): ``fold`` and ``epoch``
-    as integers, the other columns as floats (written as their ``repr``, so exactly the values
-    written)."""
+    as integers, ``pooling`` as it is, the other columns as floats (written as their ``repr``, so
+    exactly the values written)."""
     path = folder / CURVES_FILE
     try:
         with open(path, newline="") as f:
-            return [{k: int(v) if k in ("fold", "epoch") else float(v) for k, v in row.items()}
-                    for row in csv.DictReader(f)]
+            return [{k: int(v) if k in ("fold", "epoch") else v if k == "pooling" else float(v)
+                     for k, v in row.items()} for row in csv.DictReader(f)]
     except (OSError, UnicodeDecodeError, csv.Error, ValueError) as exc:
         raise DataError(f"curves {path} cannot be read: {exc!r}") from None
 
@@ -303,11 +306,12 @@ def write_record(run_dir: Path, record: Mapping[str, Any]) -> None:
     write_json_atomic(run_dir / RECORD_FILE, dict(record))
 
 
-def plot_curves(
-    path: Path, histories: Mapping[int, Sequence[Mapping[str, Any]]], best: Mapping[int, int], *, title: str,
-    loss_name: str,
-) -> None:
-    """Training and validation loss per epoch, one colour per fold, best epoch marked."""
+def curves_figure(
+    histories: Mapping[int, Sequence[Mapping[str, Any]]], best: Mapping[int, int], *, title: str, loss_name: str,
+) -> Figure:
+    """Training and validation loss per epoch, one colour per fold, best epoch marked; the legend
+    names each fold's pooling where its rows record it (``fold 2 val (mean pooling)``: the
+    training pooling selection kept, the only one whose curves are kept)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -316,14 +320,24 @@ def plot_curves(
     ax = fig.add_subplot(1, 1, 1)
     for k, hist in histories.items():
         epochs = [h["epoch"] for h in hist]
-        line = ax.plot(epochs, [h["train_loss"] for h in hist], "--", label=f"fold {k} train")[0]
-        ax.plot(epochs, [h["val_loss"] for h in hist], "-", color=line.get_color(), label=f"fold {k} val")
+        pooling = f" ({hist[0]['pooling']} pooling)" if hist and "pooling" in hist[0] else ""
+        line = ax.plot(epochs, [h["train_loss"] for h in hist], "--", label=f"fold {k} train{pooling}")[0]
+        ax.plot(epochs, [h["val_loss"] for h in hist], "-", color=line.get_color(), label=f"fold {k} val{pooling}")
         ax.axvline(best[k], color=line.get_color(), alpha=0.3, linewidth=1)
     ax.set_xlabel("epoch")
     ax.set_ylabel(loss_name)
     ax.set_title(title)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
+    return fig
+
+
+def plot_curves(
+    path: Path, histories: Mapping[int, Sequence[Mapping[str, Any]]], best: Mapping[int, int], *, title: str,
+    loss_name: str,
+) -> None:
+    """Write :func:`curves_figure` as PNG."""
+    fig = curves_figure(histories, best, title=title, loss_name=loss_name)
     with atomic_path(path, overwrite=True) as tmp:
         fig.savefig(tmp, format="png")
 

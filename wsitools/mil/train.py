@@ -84,7 +84,7 @@ from wsitools.mil.patients import (
     write_patient_attention,
 )
 from wsitools.mil.predict import OUTPUT_NAMES, to_predictions
-from wsitools.attention import write_attention
+from wsitools.attention import pooling_attrs, write_attention
 from wsitools.survival import harrell_c, survival_report
 from wsitools.text import TaskDescription, TaskType, embed_texts, load_task, resolve_text_model, text_model_key
 from wsitools.io import check_out_apart, remove_path, stable_hash
@@ -551,6 +551,25 @@ def _check_fold_classes(cohort: Cohort, folds: Sequence[Fold], *, table: Any, al
     )
 
 
+def _check_fold_targets(cohort: Cohort, folds: Sequence[Fold], *, table: Any) -> None:
+    """A regression fold whose training slides all have one value has nothing to learn (and no
+    spread to standardise its target with): a :class:`DataError` naming the labels table
+    ``table`` and the fold, before any fold trains. A value rare enough to fall in one fold's
+    val or test part alone needs fewer folds (or other splits in the table's own column)."""
+    if cohort.task_type != "regression":
+        return
+    for fold in folds:
+        values = np.unique(cohort.targets[fold.train])
+        if len(values) < 2:
+            fix = ("change the table's split or fold column" if cohort.splits is not None or cohort.folds is not None
+                   else "use fewer folds (--folds)")
+            raise DataError(
+                f"labels table {table}: the training slides of fold {fold.index} all have the label {values[0]:g}; "
+                f"nothing to regress: the other values are on too few slides to be in every fold's training part; "
+                f"label more slides with other values or {fix}"
+            )
+
+
 def _val_scores(cohort: Cohort, val: Evaluation, targets: torch.Tensor | None) -> dict[str, float]:
     """The validation metrics logged per epoch."""
     if cohort.task_type == "classification":
@@ -631,8 +650,8 @@ def train_fold(
 
 @dataclass
 class _Fit:
-    """One training of a fold's head: the model (best epoch restored), its pooling, curves and
-    best epoch."""
+    """One training of a fold's head: the model (best epoch restored), its pooling (``mean`` for
+    a head without attention pools), curves and best epoch."""
 
     model: nn.Module
     pooling: Pooling
@@ -691,7 +710,8 @@ def _fit(
         if best.should_stop(epoch):
             break
     best.restore()
-    return _Fit(model=model, pooling=pooling, history=history, best=best)
+    # A head without attention pools (meanpool) pools by the mean whatever was asked.
+    return _Fit(model=model, pooling=pooling if attention_pools(model) else "mean", history=history, best=best)
 
 
 LOSS_NAMES: dict[TaskType, str] = {
@@ -848,6 +868,7 @@ def _cohort_and_folds(
             cohort.labels, cohort.patients, n_folds=config.folds, val_fraction=config.val_fraction, seed=config.seed,
             classes=cohort.classes,
         )
+    _check_fold_targets(cohort, folds, table=labels)
     return cohort, classes, n_slides, folds
 
 
@@ -918,7 +939,7 @@ def _write_attention(folder: Path, setup: RunSetup, result: FoldResult, preds: n
             (setup.classes, preds[j]) if task_type == "classification" else ((OUTPUT_NAMES[task_type],), preds[j:j + 1])
         )
         meta = {"head": setup.head_config.head, "task": setup.task_name, "task_type": task_type,
-                "fold": result.fold.index, "label": _label_text(cohort, i)}
+                "fold": result.fold.index, "label": _label_text(cohort, i), **pooling_attrs([result.pooling])}
         if isinstance(cohort, PatientCohort):
             write_patient_attention(
                 folder, patient_id=sid,
@@ -969,7 +990,7 @@ def _write_fold(run_dir: Path, setup: RunSetup, result: FoldResult, config: Trai
     if result.pooling_val_loss:
         report["pooling_val_loss"] = {p: json_float(v) if math.isfinite(v) else None
                                       for p, v in result.pooling_val_loss.items()}
-    curves = [{"fold": k, **h} for h in result.history]
+    curves = [{"fold": k, "pooling": result.pooling, **h} for h in result.history]
     run_folder.write_results(
         folder, predictions=rows, classes=setup.classes, metrics=report, curves=curves,
         best_epochs={k: result.best_epoch}, title=f"{setup.title} fold {k}", loss_name=LOSS_NAMES[cohort.task_type],
