@@ -111,8 +111,8 @@ def test_feature_scaling_makes_one_bag_sized_tensor_with_the_bits_of_the_formula
     scaling = FeatureScaling(24)
     scaling.set(mean, scale)
     expected = (x - mean) / scale
-    for train in (True, False):
-        scaling.train(train)
+    for mode in (True, False):
+        scaling.train(mode)
         with _NewTensors() as new:
             out = scaling(x)
         assert out.dtype == expected.dtype and torch.equal(out, expected)
