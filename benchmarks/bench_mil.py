@@ -37,7 +37,7 @@ from wsitools.mil.config import TrainConfig
 from wsitools.feature_store import read_features
 from wsitools.mil.heads import HeadConfig, create_head
 from wsitools.mil.synthetic import write_synthetic_store
-from wsitools.mil.train import BagDataset, classification_loss, epoch_keys, make_stepper, train_epoch
+from wsitools.mil.train import BagDataset, BagLoader, classification_loss, epoch_keys, make_stepper, train_epoch
 from wsitools.device import resolve_device
 from wsitools.training import Stepper
 
@@ -87,18 +87,19 @@ def ours_bags_per_s(
     labels = np.arange(len(paths)) % 2
     dataset = BagDataset(paths, labels, [n_patches] * len(paths), bag_size=cfg.bag_size,
                          instance_dropout=cfg.instance_dropout)
+    bags = BagLoader(dataset, workers=workers, device=DEVICE)
     model, stepper = build(head, dim)
     rng = np.random.default_rng(0)
     step_loss = classification_loss(torch.from_numpy(labels).to(DEVICE), torch.ones(2, device=DEVICE))
     index = np.arange(len(paths))
-    train_epoch(model, stepper, dataset, epoch_keys(index, labels, balance="weights", rng=rng)[:4],
-                step_loss=step_loss, workers=workers)  # warm-up
+    train_epoch(model, stepper, bags, epoch_keys(index, labels, balance="weights", rng=rng)[:4],
+                step_loss=step_loss)  # warm-up
     rates = []
     for _ in range(repeats):
         start, cpu = time.perf_counter(), time.process_time()
         for _ in range(epochs):
             keys = epoch_keys(index, labels, balance="weights", rng=rng)
-            train_epoch(model, stepper, dataset, keys, step_loss=step_loss, workers=workers)
+            train_epoch(model, stepper, bags, keys, step_loss=step_loss)
         n = epochs * len(paths)
         rates.append((n / (time.perf_counter() - start), n / (time.process_time() - cpu)))
     rates.sort()

@@ -242,7 +242,9 @@ def test_export_errors_are_one_line(features_dir, tiny, tmp_path, capsys):
     extract_features(odd_store(tmp_path / "B.zarr", slide_id="B"), tiny, folder, workers=0)
     code, err = run("--to", "trident", "--features", str(folder / "vit-test-tiny"), "--out", str(tmp_path / "job"))
     assert code == 1
-    assert "A.h5: no overlap attribute (written by an older wsitools); run wsitools extract again" in err
+    assert (f"{folder / 'vit-test-tiny' / 'A.h5'}: the file attribute overlap (target px between neighbouring tiles) "
+            "is missing, and TRIDENT's folder name needs it; extract the features again with wsitools extract from "
+            "a patch store that records it (wsitools tile writes it)") in err
     assert "1 of 2 stores failed" in err
     assert (tmp_path / "job" / "20x_64px_0px_overlap" / "features_vit-test-tiny" / "B.h5").is_file()
     assert not (tmp_path / "job" / "20x_64px_0px_overlap" / "features_vit-test-tiny" / "A.h5").exists()
@@ -268,6 +270,25 @@ def test_an_export_is_one_encoders_features_each_under_its_own_slide_id(features
     assert sorted(p.name for p in (tmp_path / "o" / "pt_files").iterdir()) == ["S1.pt"]
     np.testing.assert_array_equal(torch.load(tmp_path / "o" / "pt_files" / "S1.pt", weights_only=True).numpy(),
                                   h5py.File(features_dir / "S1.h5", "r")["features"][:])
+
+
+def test_synthetic_stores_record_the_tile_geometry_extract_writes_and_export_to_trident(features_dir, tmp_path,
+                                                                                      capsys):
+    """The synthetic bag stores record the geometry attributes an extracted store does, overlap
+    included (TRIDENT's folder name needs it): ``export --to trident`` refused them before."""
+    from wsitools.mil.synthetic import write_synthetic_store
+
+    geometry = ("tile_size", "tile_size_level0", "mpp_target", "overlap")
+    assert all(k in FeatureStore.open(features_dir / "S1.h5").attrs for k in geometry)
+    path = write_synthetic_store(tmp_path / "bags" / "S7.h5", np.ones((3, 4), dtype=np.float32))
+    attrs = FeatureStore.open(path).attrs
+    assert {k: attrs[k] for k in geometry} == {"tile_size": 224, "tile_size_level0": 448.0, "mpp_target": 0.5,
+                                                "overlap": 0}
+    assert main(["export", "--to", "trident", "--features", str(tmp_path / "bags"), "--out", str(tmp_path / "x"),
+                 "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
+    attrs, coords = trident_read_coords(tmp_path / "x" / "20x_224px_0px_overlap" / "patches" / "S7_patches.h5")
+    assert attrs["overlap"] == 0 and coords.tolist() == [[0, 0], [448, 0], [0, 448]]
 
 
 def test_stores_that_record_no_encoder_hash_are_exported(tmp_path, capsys):

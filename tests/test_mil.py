@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import multiprocessing
 import os
 import shutil
 from dataclasses import replace
@@ -18,6 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from wsitools.cli import main  # noqa: E402
 from wsitools.errors import ConfigError, DataError, ModelError  # noqa: E402
+from wsitools.feature_store import read_features  # noqa: E402
 from wsitools.mil import train as train_module  # noqa: E402
 from wsitools.mil.config import TrainConfig  # noqa: E402
 from wsitools.mil.head_folder import load_head, save_head  # noqa: E402
@@ -25,7 +27,7 @@ from wsitools.mil import run_folder  # noqa: E402
 from wsitools.mil.run_folder import fold_dir, head_folders  # noqa: E402
 from wsitools.mil.predict import predict  # noqa: E402
 from wsitools.mil.synthetic import make_bag_cohort  # noqa: E402
-from wsitools.mil.train import train  # noqa: E402
+from wsitools.mil.train import BagDataset, BagLoader, train  # noqa: E402
 
 TASK = """name: synthetic
 description: synthetic feature bags; positives hold a few planted instances
@@ -333,6 +335,53 @@ def test_device_cpu_equals_auto_without_a_gpu(tmp_path, monkeypatch):
     pa, pc = ((tmp_path / run / "predictions.csv").read_bytes() for run in ("p_auto", "p_cpu"))
     assert pa == pc and pa.count(b"\n") == 13  # header + 12 slides
     assert json.loads((tmp_path / "p_cpu" / "predict.json").read_text())["device"] == "cpu"
+
+
+def test_loader_workers_read_each_bag_once_per_fold_and_change_no_result(tmp_path, monkeypatch):
+    """With ``--workers 2`` the loaders' workers last the fold: the validation bags, evaluated
+    every epoch of both pooling trainings, are read from their stores once, like every other bag;
+    the run's weights, curves and predictions are those of ``--workers 0``."""
+    reads = tmp_path / "reads.txt"
+    read_features = train_module.read_features
+
+    def logged(path, *args, **kwargs):
+        fd = os.open(reads, os.O_WRONLY | os.O_APPEND | os.O_CREAT)  # workers append too
+        os.write(fd, f"{path.stem}\n".encode())
+        os.close(fd)
+        return read_features(path, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "read_features", logged)
+    args = _tiny_cli_cohort(tmp_path)
+    assert main(["train", *args, "--workers", "2", "--out", str(tmp_path / "w2")]) == 0
+    counts = {sid: reads.read_text().split().count(sid) for sid in set(reads.read_text().split())}
+    assert counts == {f"slide_{i:03d}": 1 for i in range(12)}  # 6 train, 3 val, 3 test bags
+    assert multiprocessing.active_children() == []  # the workers ended with their fold
+    assert main(["train", *args, "--workers", "0", "--out", str(tmp_path / "w0")]) == 0
+    a, b = (load_file(tmp_path / run / "fold_0" / "model.safetensors") for run in ("w0", "w2"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for name in ("predictions.csv", "curves.csv"):
+        rows = [[{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(open(tmp_path / run / name))]
+                for run in ("w0", "w2")]
+        assert rows[0] == rows[1] and len(rows[0]) == 3, name
+
+
+def test_a_bag_loader_pass_takes_one_number_of_the_global_generator(tmp_path):
+    """A pass of a :class:`BagLoader`, with or without (persistent) workers, takes from torch's
+    global generator what a data loader made for the pass takes, so the dropout draws that
+    follow in it, and the run's results, are the same however the bags are loaded."""
+    paths = [b.path for b in make_bag_cohort(tmp_path, n_slides=3, n_tiles=(5, 9), dim=4, seed=0)]
+    dataset = BagDataset(paths, np.zeros(3), [len(read_features(p)) for p in paths], bag_size=512)
+    keys = [(2, None), (0, None), (1, None)]
+    torch.manual_seed(7)
+    for _ in range(3):
+        list(torch.utils.data.DataLoader(dataset, sampler=keys, batch_size=None))
+    expected = torch.rand(4)
+    for workers in (0, 2):
+        bags = BagLoader(dataset, workers=workers, device=torch.device("cpu"))
+        torch.manual_seed(7)
+        for _ in range(3):
+            assert [i for _, _, i in bags(keys)] == [2, 0, 1]
+        assert torch.equal(torch.rand(4), expected), workers
 
 
 def test_device_cuda_without_a_gpu_is_a_one_line_error(tmp_path, monkeypatch, capsys):

@@ -130,7 +130,9 @@ def trident_coords_attrs(store: FeatureStore) -> dict[str, Any]:
     interop = store.interop_attrs()
     if "overlap" not in interop:
         raise StoreError(
-            f"{store.path}: no overlap attribute (written by an older wsitools); run wsitools extract again"
+            f"{store.path}: the file attribute overlap (target px between neighbouring tiles) is missing, and "
+            "TRIDENT's folder name needs it; extract the features again with wsitools extract from a patch store "
+            "that records it (wsitools tile writes it)"
         )
     return {**interop, "name": store.slide_id}
 

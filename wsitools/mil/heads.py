@@ -267,7 +267,8 @@ class FeatureScaling(nn.Module):
         self.scale.copy_(scale)
 
     def forward(self, x: Tensor) -> Tensor:
-        return (x - self.mean) / self.scale
+        # One bag-sized temporary, not two: the difference is divided in place (the same bits).
+        return (x - self.mean).div_(self.scale)
 
 
 def _scaling(config: HeadConfig, dim: int) -> nn.Module:

@@ -41,7 +41,8 @@ def write_synthetic_store(
 ) -> Path:
     """Write a feature store of ``features`` for slide ``path.stem`` through
     :func:`wsitools.feature_store.write_feature_store` (``coords`` on a square grid of
-    ``tile_size_level0`` px if not given; 224 px tiles at 0.5 um/px; ``chunks`` as there)."""
+    ``tile_size_level0`` px if not given; 224 px tiles at 0.5 um/px without overlap, the tile
+    geometry ``wsitools extract`` records; ``chunks`` as there)."""
     path = Path(path)
     n = len(features)
     if coords is None:
@@ -56,6 +57,7 @@ def write_synthetic_store(
         "tile_size": 224,
         "tile_size_level0": float(tile_size_level0),
         "mpp_target": 0.5,
+        "overlap": 0,
     }
     return write_feature_store(path, features, coords, attrs, chunks=chunks)
 

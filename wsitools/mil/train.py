@@ -93,7 +93,8 @@ from wsitools.training import BestState, Schedule, Stepper, adamw, settings_chan
 log = logging.getLogger(__name__)
 
 CACHE_BYTES = 1 << 30
-"""Whole bags kept in memory per training run (per loader worker), in bytes."""
+"""Whole bags kept in memory by a fold's :class:`BagDataset`, in bytes: by the main process and
+by each of its loaders' workers (:class:`BagLoader`) apart."""
 
 
 class BagDataset(torch.utils.data.Dataset):
@@ -104,8 +105,9 @@ class BagDataset(torch.utils.data.Dataset):
     of loader workers; ``draw=None`` reads the whole bag. Each store's row layout is looked up
     once (per loader worker) and its sampled rows are then read through a memory map alone.
     Bags read whole (validation, test, and training steps of bags no larger than ``bag_size``)
-    are kept in memory up to ``cache_bytes`` in all, so small cohorts are read from disk once:
-    opening an h5 file took a third of a small bag's training step.
+    are kept in memory up to ``cache_bytes`` in all in each process that reads bags (the main
+    one, and each worker of a :class:`BagLoader`, which lasts the fold), so small cohorts are
+    read from disk once per fold: opening an h5 file took a third of a small bag's training step.
     """
 
     def __init__(
@@ -285,25 +287,80 @@ def standardise(model: nn.Module, dataset: BagDataset, index: np.ndarray) -> Non
         scaling.set(mean.to(scaling.mean.device), scale.to(scaling.scale.device))
 
 
-def _loader(
-    dataset: BagDataset, keys: Sequence[tuple[int, int | None]], workers: int, device: torch.device
-) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, int]]:
-    """Bags in the order of ``keys``, moved to ``device`` (from pinned memory, without blocking,
-    when it is a GPU: the copy overlaps the previous step)."""
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        sampler=list(keys),
-        batch_size=None,
-        num_workers=workers,
-        prefetch_factor=4 if workers else None,
-        pin_memory=device.type == "cuda",
-    )
-    for x, ivp, i in loader:
-        yield (
-            x.to(device, non_blocking=True),
-            ivp.to(device, non_blocking=True) if ivp is not None else None,
-            int(i),
+Item = tuple[torch.Tensor, torch.Tensor | None, int]
+"""A bag as read: its rows, its IVP bag (or ``None``), and its index."""
+
+
+class _Keys(torch.utils.data.Sampler):
+    """The keys of a :class:`BagLoader`'s current pass."""
+
+    def __init__(self) -> None:
+        self.keys: list[tuple[int, int | None]] = []
+
+    def __iter__(self) -> Iterator[tuple[int, int | None]]:
+        return iter(self.keys)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+class BagLoader:
+    """The bags of ``dataset`` for the keys of each pass, in their order, moved to ``device``
+    (from pinned memory, without blocking, when it is a GPU: the copy overlaps the previous step).
+
+    One per fold and role (training steps, whole-bag evaluation): its ``workers`` processes
+    are kept from pass to pass, and with them the whole bags each has kept in memory
+    (:class:`BagDataset`), so a validation bag is read from its store once per fold, not once
+    per epoch (a pass over the same keys gives each bag to the same worker again). They end
+    when the loader is freed. One pass at a time: a new pass ends the one before.
+
+    Each pass takes one number from torch's global random generator, the one a data loader
+    takes when it starts its workers: the head's dropout draws follow in that generator, so a
+    run's results do not depend on the loader's workers or on how many passes they serve.
+    """
+
+    def __init__(self, dataset: BagDataset, *, workers: int, device: torch.device):
+        self.dataset = dataset
+        self.device = device
+        self._keys = _Keys()
+        self._loader = torch.utils.data.DataLoader(
+            dataset,
+            sampler=self._keys,
+            batch_size=None,
+            num_workers=workers,
+            prefetch_factor=4 if workers else None,
+            persistent_workers=workers > 0,
+            pin_memory=device.type == "cuda",
+            generator=torch.Generator(),  # the workers' seeds; the pass's number is drawn below
         )
+
+    def __call__(self, keys: Sequence[tuple[int, int | None]]) -> Iterator[Item]:
+        """A pass over ``keys``: the bags (on the device), in their order."""
+        self._keys.keys = list(keys)
+        torch.empty((), dtype=torch.int64).random_()
+        return self._moved(iter(self._loader))
+
+    def _moved(self, bags: Iterator[Item]) -> Iterator[Item]:
+        for x, ivp, i in bags:
+            yield (
+                x.to(self.device, non_blocking=True),
+                ivp.to(self.device, non_blocking=True) if ivp is not None else None,
+                int(i),
+            )
+
+
+@dataclass(frozen=True)
+class FoldBags:
+    """A fold's two loaders of its bags (:class:`BagLoader`), each kept for the fold: the
+    training steps' (``train``) and the whole bags' (``whole``: validation every epoch, then test)."""
+
+    train: BagLoader
+    whole: BagLoader
+
+    @classmethod
+    def of(cls, dataset: BagDataset, *, workers: int, device: torch.device) -> FoldBags:
+        """Both loaders of ``dataset``, with ``workers`` processes each."""
+        return cls(*(BagLoader(dataset, workers=workers, device=device) for _ in range(2)))
 
 
 def epoch_keys(train: np.ndarray, labels: np.ndarray, *, balance: Balance, rng: np.random.Generator) -> list[tuple[int, int]]:
@@ -387,15 +444,14 @@ def step_groups(n_keys: int, batch: int) -> list[int]:
 def train_epoch(
     model: nn.Module,
     stepper: Stepper,
-    dataset: BagDataset,
+    bags: BagLoader,
     keys: Sequence[tuple[int, int]],
     *,
     step_loss: StepLoss,
     batch: int = 1,
-    workers: int = 0,
 ) -> float:
-    """One pass over ``keys`` in optimiser steps of ``batch`` bags (:func:`step_groups`) on the
-    stepper's device; returns the mean step loss. Each bag is run on its own (bags differ in
+    """One pass of ``bags`` over ``keys`` in optimiser steps of ``batch`` bags (:func:`step_groups`)
+    on the stepper's device; returns the mean step loss. Each bag is run on its own (bags differ in
     size) and the step's outputs are stacked for ``step_loss``. The losses are summed in
     float64 on the device (no GPU synchronisation per step).
     """
@@ -403,11 +459,11 @@ def train_epoch(
     device = stepper.device
     total = torch.zeros((), dtype=torch.float64, device=device)
     groups = step_groups(len(keys), batch)
-    bags = _loader(dataset, keys, workers, device)
+    steps = bags(keys)
     for size in groups:
         outputs, index = [], []
         for _ in range(size):
-            x, ivp, i = next(bags)
+            x, ivp, i = next(steps)
             outputs.append(model(x, ivp).logits)
             index.append(i)
         loss = step_loss(torch.stack(outputs), torch.tensor(index, device=device))
@@ -434,28 +490,28 @@ class Evaluation:
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
-    dataset: BagDataset,
+    bags: BagLoader,
     index: np.ndarray,
     *,
     task_type: TaskType = "classification",
     targets: torch.Tensor | None = None,
-    device: torch.device = torch.device("cpu"),
-    workers: int = 0,
 ) -> Evaluation:
-    """Predict whole bags in eval mode (``model`` on ``device``). The loss: cross-entropy with
-    each class weighted by its inverse frequency here (classification), the Cox loss of all the
-    bags together (survival), the mean Huber loss (regression; ``targets`` standardised, on
-    the device). Results are gathered on the device and copied back once."""
+    """Predict the whole bags ``index`` of ``bags`` in eval mode (``model`` on the loader's
+    device). The loss: cross-entropy with each class weighted by its inverse frequency here
+    (classification), the Cox loss of all the bags together (survival), the mean Huber loss
+    (regression; ``targets`` standardised, on the device). Results are gathered on the device
+    and copied back once."""
     model.eval()
+    device = bags.device
     outputs, attention = [], []
-    for x, ivp, _ in _loader(dataset, [(int(i), None) for i in index], workers, device):
+    for x, ivp, _ in bags([(int(i), None) for i in index]):
         out = model(x, ivp)
         outputs.append(out.logits)
         attention.append(out.attention)
     stacked = torch.stack(outputs)
     at = torch.as_tensor(np.asarray(index), device=device)
     if task_type == "classification":
-        labels = dataset.labels[index]
+        labels = bags.dataset.labels[index]
         per_bag = F.cross_entropy(stacked, torch.from_numpy(labels).to(device), reduction="none")
         weights = class_weights(labels, stacked.shape[1])[labels]
         loss = float(np.sum(weights * per_bag.cpu().numpy().astype(np.float64)) / np.sum(weights))
@@ -623,22 +679,21 @@ def train_fold(
     (attention on a tie): attention finds a few deciding tiles, the mean a signal spread over
     every tile, and neither is known before training (docs/mil.md, "Pooling selection")."""
     _check_fold(cohort, fold)
-    dataset = bag_dataset(cohort, config)
+    bags = FoldBags.of(bag_dataset(cohort, config), workers=config.workers, device=device)
     targets, scale = _fold_targets(cohort, fold)
     targets_dev = targets.to(device) if targets is not None else None
     start = time.perf_counter()
-    fits = [_fit(cohort, fold, head_config, config, dataset=dataset, targets=targets_dev, pooling="attention",
+    fits = [_fit(cohort, fold, head_config, config, bags=bags, targets=targets_dev, pooling="attention",
                  text_embeddings=text_embeddings, device=device, progress=progress)]
     if config.pooling == "select" and attention_pools(fits[0].model):
-        fits.append(_fit(cohort, fold, head_config, config, dataset=dataset, targets=targets_dev, pooling="mean",
+        fits.append(_fit(cohort, fold, head_config, config, bags=bags, targets=targets_dev, pooling="mean",
                          text_embeddings=text_embeddings, device=device, progress=progress))
     fit = min(fits, key=lambda f: f.best.loss)  # the first, attention, on a tie
     model = fit.model
-    test = evaluate(model, dataset, fold.test, task_type=cohort.task_type, targets=targets_dev,
-                    device=device, workers=config.workers)
+    test = evaluate(model, bags.whole, fold.test, task_type=cohort.task_type, targets=targets_dev)
     if cohort.task_type == "survival":
         seen = np.sort(np.concatenate([fold.train, fold.val]))
-        own = evaluate(model, dataset, seen, task_type="survival", targets=targets_dev, device=device, workers=config.workers)
+        own = evaluate(model, bags.whole, seen, task_type="survival", targets=targets_dev)
         risks = own.outputs[:, 0].astype(np.float64)
         scale = {"risk_offset": float(np.median(risks)), "risk_scale": float(max(risks.std(), 1e-6))}
     return FoldResult(
@@ -665,7 +720,7 @@ def _fit(
     head_config: HeadConfig,
     config: TrainConfig,
     *,
-    dataset: BagDataset,
+    bags: FoldBags,
     targets: torch.Tensor | None,
     pooling: Pooling,
     text_embeddings: torch.Tensor | None,
@@ -682,7 +737,7 @@ def _fit(
     model = create_head(head_config, text_embeddings=text_embeddings).to(device)
     set_pooling(model, pooling)
     stepper = make_stepper(model, config, device=device)
-    standardise(model, dataset, fold.train)
+    standardise(model, bags.train.dataset, fold.train)
     step_loss, batch = fold_loss(cohort, fold, config, targets=targets, device=device)
     best = BestState(model, min_delta=1e-6, patience=config.patience, min_epochs=config.min_epochs)
     history: list[dict[str, float]] = []
@@ -691,11 +746,8 @@ def _fit(
     for epoch in bar:
         t0 = time.perf_counter()
         keys = epoch_keys(fold.train, cohort.labels, balance=config.balance, rng=rng)
-        train_loss = train_epoch(
-            model, stepper, dataset, keys, step_loss=step_loss, batch=batch, workers=config.workers
-        )
-        val = evaluate(model, dataset, fold.val, task_type=cohort.task_type, targets=targets, device=device,
-                       workers=config.workers)
+        train_loss = train_epoch(model, stepper, bags.train, keys, step_loss=step_loss, batch=batch)
+        val = evaluate(model, bags.whole, fold.val, task_type=cohort.task_type, targets=targets)
         history.append(
             {
                 "epoch": epoch,
@@ -1016,8 +1068,8 @@ def _read_fold(
     scale = {k: float(saved.meta[k]) for k in SCALE_KEYS if k in saved.meta}
     targets, _ = _fold_targets(setup.cohort, fold)
     test = evaluate(
-        saved.model, bag_dataset(setup.cohort, config), fold.test, task_type=setup.cohort.task_type,
-        targets=targets.to(device) if targets is not None else None, device=device, workers=config.workers,
+        saved.model, BagLoader(bag_dataset(setup.cohort, config), workers=config.workers, device=device), fold.test,
+        task_type=setup.cohort.task_type, targets=targets.to(device) if targets is not None else None,
     )
     curves = run_folder.read_curves(folder)
     best_epoch = int(saved.meta["best_epoch"])
