@@ -104,6 +104,28 @@ def test_a_resumed_run_is_the_uninterrupted_run(slides, tmp_path, monkeypatch):
     assert run_folder.check_run(tmp_path / "o")["n_folds"] == 3
 
 
+def test_a_resume_writes_again_the_results_a_killed_run_left_damaged(slides, tmp_path, monkeypatch):
+    # A fold read back is recomputed from its head: its predictions table, plot and its test
+    # slides' attention files are written again from that, not carried over missing or cut off.
+    train(out_dir=tmp_path / "whole", config=CONFIG, **slides)
+    kill = Kill(monkeypatch, at=2)
+    with pytest.raises(KeyboardInterrupt):
+        train(out_dir=tmp_path / "o", config=CONFIG, resume=True, **slides)
+    partial = tmp_path / ".o.partial"
+    assert json.loads((partial / "partial.json").read_text())["folds_done"] == [0, 1]
+    (partial / "fold_0" / "predictions.csv").unlink()
+    (partial / "fold_0" / "curves.png").unlink()
+    table = partial / "fold_1" / "predictions.csv"
+    table.write_bytes(table.read_bytes()[:40])
+    fold_0 = [r["slide_id"] for r in csv.DictReader(open(tmp_path / "whole" / "fold_0" / "predictions.csv"))]
+    for sid in fold_0:
+        (partial / "attention" / f"{sid}.h5").unlink()
+    kill.at, kill.calls = None, []
+    train(out_dir=tmp_path / "o", config=CONFIG, resume=True, **slides)
+    assert kill.calls == [2] and len(fold_0) == 6 and not partial.exists()
+    assert_same_run(tmp_path / "o", tmp_path / "whole")
+
+
 def test_resume_with_other_settings_starts_afresh_naming_what_changed(slides, tmp_path, monkeypatch, capsys, caplog):
     # The workflow reruns train with --resume when its inputs change: folds of other settings
     # (another cohort, other labels or options) cannot be reused, and nothing of them may stay.
