@@ -92,7 +92,8 @@ def provably_dead(path: Path) -> bool:
 
 
 def remove_path(path: Path) -> None:
-    """Remove a file, link or directory tree; nothing if it is already gone."""
+    """Remove a file, link or directory tree; nothing if it is already gone (also on a read-only
+    file system, where unlinking a missing name fails with ``EROFS``, not ``ENOENT``)."""
     try:
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
@@ -100,6 +101,9 @@ def remove_path(path: Path) -> None:
             path.unlink()
     except FileNotFoundError:
         pass
+    except OSError:
+        if os.path.lexists(path):
+            raise
 
 
 def remove_dead_temps(directory: Path) -> None:
