@@ -425,7 +425,7 @@ def check_run(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
         if folds:
             raise ModelError(
                 f"{run_dir}: an unfinished training run (fold heads without the {RECORD_FILE} that "
-                "wsitools train writes last); train it again"
+                "wsitools train writes last); train into a new or empty folder, or remove this one first"
             )
         raise ModelError(f"{run_dir}: no trained head (model.safetensors) here or in fold_*/")
     try:
@@ -436,7 +436,7 @@ def check_run(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     missing = [name for name in (METRICS_FILE, PREDICTIONS_FILE) if not (run_dir / name).is_file()]
     if len(folds) != n_folds or missing:
         found = f"{len(folds)} of its {n_folds} fold heads" + (f", no {' or '.join(missing)}" if missing else "")
-        raise ModelError(f"{run_dir}: an unfinished training run ({found}); train it again")
+        raise ModelError(f"{run_dir}: an unfinished training run ({found}); train it again with --overwrite")
     return record
 
 
