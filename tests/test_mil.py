@@ -280,13 +280,20 @@ def test_a_half_written_run_is_refused_with_one_line_naming_it(cohort, trained, 
                "--out", str(tmp_path / "p"), "--quiet"])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and f"{killed}: an unfinished training run" in err
+    assert err.endswith("; train into a new or empty folder, or remove this one first\n")
     assert not (tmp_path / "p").exists()
+    rc = main(["train", "--features", str(cohort["root"] / "features"), "--labels", str(cohort["labels"]),
+               "--resume", "--overwrite", "--out", str(killed), "--quiet"])  # what that line says does not work
+    err = capsys.readouterr().err
+    assert rc == 2 and err.endswith("give a new or empty folder (or remove this one)\n"), err
     part = tmp_path / "part"
     shutil.copytree(trained["abmil"], part)
     shutil.rmtree(part / "fold_0")
     (part / "metrics.json").unlink()
-    with pytest.raises(ModelError, match=r"part: an unfinished training run \(0 of its 1 fold heads, no metrics\.json\)"):
+    with pytest.raises(ModelError, match=r"part: an unfinished training run \(0 of its 1 fold heads, no metrics\.json\); "
+                                         "train it again with --overwrite$"):
         run_folder.load_heads(part)
+    run_folder.check_replaceable(part)  # which --overwrite does: it has its run.json
     (part / "run.json").write_text("{")
     with pytest.raises(ModelError, match=r"part/run\.json: not a readable run record"):
         head_folders(part)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -118,6 +119,8 @@ def test_mismatched_feature_dims_name_the_odd_slide(cohort_dir):
     labels = read_labels(_labels(root / "l.csv", [(b.slide_id, b.label, b.patient_id) for b in bags]))
     with pytest.raises(DataError, match=f"most slides have D=6, but D=7: {bags[5].slide_id}"):
         build_cohort(labels, root / "feats", CLASSES)
+    readme = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
+    assert "`train` stops instead, naming the odd slides and the feature widths" in readme  # not skipped
 
 
 def test_one_class_only_and_unknown_label(cohort_dir):

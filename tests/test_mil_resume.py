@@ -104,6 +104,81 @@ def test_a_resumed_run_is_the_uninterrupted_run(slides, tmp_path, monkeypatch):
     assert run_folder.check_run(tmp_path / "o")["n_folds"] == 3
 
 
+def test_a_resume_writes_again_the_results_a_killed_run_left_damaged(slides, tmp_path, monkeypatch):
+    # A fold read back is recomputed from its head: its predictions table, plot and its test
+    # slides' attention files are written again from that, not carried over missing or cut off.
+    train(out_dir=tmp_path / "whole", config=CONFIG, **slides)
+    kill = Kill(monkeypatch, at=2)
+    with pytest.raises(KeyboardInterrupt):
+        train(out_dir=tmp_path / "o", config=CONFIG, resume=True, **slides)
+    partial = tmp_path / ".o.partial"
+    assert json.loads((partial / "partial.json").read_text())["folds_done"] == [0, 1]
+    (partial / "fold_0" / "predictions.csv").unlink()
+    (partial / "fold_0" / "curves.png").unlink()
+    table = partial / "fold_1" / "predictions.csv"
+    table.write_bytes(table.read_bytes()[:40])
+    fold_0 = [r["slide_id"] for r in csv.DictReader(open(tmp_path / "whole" / "fold_0" / "predictions.csv"))]
+    for sid in fold_0:
+        (partial / "attention" / f"{sid}.h5").unlink()
+    kill.at, kill.calls = None, []
+    train(out_dir=tmp_path / "o", config=CONFIG, resume=True, **slides)
+    assert kill.calls == [2] and len(fold_0) == 6 and not partial.exists()
+    assert_same_run(tmp_path / "o", tmp_path / "whole")
+
+
+def test_partial_folders_are_removed_once_replaced_and_listed_by_clean_as_what_they_are(
+    slides, tmp_path, monkeypatch, capsys
+):
+    """A run finished without --resume replaces the run a killed --resume left in its partial
+    folder, and removes that folder; ``wsitools clean`` keeps a partial folder a train may be
+    writing or can resume, and removes one no run can use (no record, or older than the run
+    finished beside it)."""
+    import shutil
+    import socket
+    import subprocess
+    import sys
+
+    from cli_calls import run_cli
+
+    config = replace(CONFIG, epochs=2, folds=2)
+    kill = Kill(monkeypatch, at=1)
+    with pytest.raises(KeyboardInterrupt):
+        train(out_dir=tmp_path / "o", config=config, resume=True, **slides)
+    shutil.copytree(tmp_path / ".o.partial", tmp_path / "kept")
+    kill.at = None
+    train(out_dir=tmp_path / "o", config=config, **slides)
+    assert (tmp_path / "o" / "run.json").is_file() and not (tmp_path / ".o.partial").exists()
+
+    shutil.copytree(tmp_path / "o", tmp_path / "e")
+    for name in ("o", "e", "d", "p"):
+        shutil.copytree(tmp_path / "kept", tmp_path / f".{name}.partial")
+    os.utime(tmp_path / ".o.partial" / "partial.json", (0, 0))  # older than o/run.json: left by the run o replaced
+    os.utime(tmp_path / ".e.partial" / "partial.json")  # newer than e/run.json: a rerun of e, killed
+    (tmp_path / ".c.partial" / "attention").mkdir(parents=True)  # cut off before its record
+    (tmp_path / ".d.lock").write_text(f"{os.getpid()} on {socket.gethostname()}\n")  # a train writing d
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / ".p.lock").write_text(f"{dead.pid} on {socket.gethostname()}\n")  # left by a killed train
+    shutil.rmtree(tmp_path / "kept")
+
+    rc, out, err = run_cli(["clean", tmp_path, "--dry-run"], capsys)
+    lines = {Path(line.split("\t")[1]).name: (line.split("\t")[0], line.split("\t")[3])
+             for line in out.splitlines()[:-1]}
+    resumable = "resumable: a train --resume of {} with the same settings reads its finished folds back (0); " \
+                "remove it by hand to discard them"
+    assert rc == 0 and err == "" and lines == {
+        ".c.partial": ("would remove", "obsolete: it has no partial.json (cut off before its first fold)"),
+        ".d.partial": ("kept", f"a train of {tmp_path / 'd'} may be writing it (its lock is held by process "
+                               f"{os.getpid()} on {socket.gethostname()})"),
+        ".e.partial": ("kept", resumable.format(tmp_path / "e")),
+        ".o.partial": ("would remove", f"obsolete: {tmp_path / 'o'} was trained again and finished after it"),
+        ".p.partial": ("kept", resumable.format(tmp_path / "p")),
+    }
+    assert out.splitlines()[-1].startswith("2 stale temporaries or obsolete partial runs, would free ")
+    assert run_cli(["clean", tmp_path], capsys)[0] == 0
+    assert sorted(p.name for p in tmp_path.glob(".*.partial")) == [".d.partial", ".e.partial", ".p.partial"]
+
+
 def test_resume_with_other_settings_starts_afresh_naming_what_changed(slides, tmp_path, monkeypatch, capsys, caplog):
     # The workflow reruns train with --resume when its inputs change: folds of other settings
     # (another cohort, other labels or options) cannot be reused, and nothing of them may stay.

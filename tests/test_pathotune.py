@@ -270,6 +270,9 @@ def test_resumed_tuning_ends_bit_for_bit_as_an_uninterrupted_run(setup):
                                      "with other settings (config.lr: 0.01 -> 0.02); ")
     third = tune("parts", resume=True, stop_after_epochs=3)  # a second interruption
     assert third.epochs_done == 3 and third.card is None
+    state = json.loads((root / "parts" / "checkpoints" / "epoch-0003" / "state.json").read_text())
+    assert [r["epoch"] for r in state["extra"]["rows"]] == [0, 1, 2, 3]  # read back, saved again as written
+    assert {type(r["epoch"]) for r in state["extra"]["rows"]} == {int}
     rest = tune("parts", resume=True, config=dataclasses.replace(config, num_workers=2))  # workers may change
     assert rest.epochs_done == 4 and rest.best_epoch == whole.best_epoch
     assert (rest.best, rest.test) == (whole.best, whole.test)

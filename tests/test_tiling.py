@@ -386,3 +386,71 @@ def test_a_blank_slide_is_not_called_a_greyscale_scan(blank_svs, tmp_path, caplo
 
 GREY = ("no tissue found: every pixel of the slide is grey (no colour at all: a greyscale scan, a blank image or a "
         "fully transparent one), and tissue is found by its colour saturation")
+
+
+def test_a_full_or_read_only_out_is_one_line_per_slide_and_stops_where_no_record_can_be_written(
+    blank_svs, tmp_path, monkeypatch, caplog
+):
+    """An OSError naming its file (a full disk, a read-only --out) is a slide's one-line failure,
+    without a traceback; when even its failed QC record cannot be written the run stops with that
+    error, and a tiling worker sends it to the supervising process instead of dying on it."""
+    import errno
+    import logging
+    import multiprocessing
+    import types
+
+    import wsitools.tiling as tiling
+
+    store = tmp_path / "blank.zarr"
+
+    def full_disk(path, out, params, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(store))
+
+    monkeypatch.setattr(tiling, "tile_slide", full_disk)
+    with caplog.at_level(logging.INFO):
+        records = tiling.tile_slides([blank_svs], tmp_path, params(), progress=False)
+    line = f"{blank_svs}: {store}: No space left on device"
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert [(r.getMessage(), r.exc_info) for r in errors] == [(line, None)]
+    assert records[0]["reason"] == json.loads((tmp_path / "blank.qc.json").read_text())["reason"] == line
+
+    qc = tmp_path / "blank.qc.json"
+
+    def read_only(path, record):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(qc))
+
+    monkeypatch.setattr(tiling, "write_json_atomic", read_only)
+    with pytest.raises(OSError, match="Read-only file system") as raised:
+        tiling.tile_slides([blank_svs], tmp_path, params(), progress=False)
+    assert raised.value.filename == str(qc)
+
+    ours, theirs = multiprocessing.Pipe()
+    ours.send((str(blank_svs), "blank"))
+    ours.send((str(blank_svs), "other"))  # never tiled: the worker ends on the error
+    monkeypatch.setattr(tiling.signal, "signal", lambda *args: None)
+    tiling._worker_main(theirs, str(tmp_path), params(), {"progress": False}, {"": logging.INFO})
+    sent = ours.recv()
+    assert isinstance(sent, OSError) and (sent.errno, sent.filename) == (errno.EROFS, str(qc)) and not ours.poll()
+    worker = object.__new__(tiling._Worker)  # its end of the pipe, and a process that has ended
+    worker.conn, worker.process = ours, types.SimpleNamespace(join=lambda: None)
+    theirs.send(sent)
+    with pytest.raises(OSError, match="Read-only file system"):
+        worker.tile(blank_svs, "blank")
+
+
+def test_removing_what_is_not_there_is_nothing_on_a_read_only_file_system(tmp_path, monkeypatch):
+    """Unlinking a missing name on a read-only file system fails with EROFS, not ENOENT: a
+    temporary that was never created is not an error, a file that is there still is."""
+    import errno
+
+    from wsitools.io import remove_path
+
+    def read_only(self, missing_ok=False):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+
+    there = tmp_path / "there"
+    there.write_text("x")
+    monkeypatch.setattr(Path, "unlink", read_only)
+    remove_path(tmp_path / ".tmp-never-made")
+    with pytest.raises(OSError, match="Read-only file system"):
+        remove_path(there)

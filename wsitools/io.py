@@ -92,7 +92,8 @@ def provably_dead(path: Path) -> bool:
 
 
 def remove_path(path: Path) -> None:
-    """Remove a file, link or directory tree; nothing if it is already gone."""
+    """Remove a file, link or directory tree; nothing if it is already gone (also on a read-only
+    file system, where unlinking a missing name fails with ``EROFS``, not ``ENOENT``)."""
     try:
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
@@ -100,6 +101,9 @@ def remove_path(path: Path) -> None:
             path.unlink()
     except FileNotFoundError:
         pass
+    except OSError:
+        if os.path.lexists(path):
+            raise
 
 
 def remove_dead_temps(directory: Path) -> None:
@@ -387,13 +391,20 @@ def _tree_stats(path: Path) -> tuple[int, float]:
     return total, newest
 
 
-def scan_temps(root: str | os.PathLike[str], *, older_than_hours: float | None = None) -> list[TempReport]:
+def scan_temps(
+    root: str | os.PathLike[str],
+    *,
+    older_than_hours: float | None = None,
+    judge: Callable[[Path], tuple[bool, str] | None] = lambda path: None,
+) -> list[TempReport]:
     """Every wsitools temporary under ``root``, each judged stale or not.
 
     Stale: written on this host by a process that is gone (provably dead), or, with
     ``older_than_hours``, untouched for at least that long (the only evidence there is for a
     temporary of another host on a shared file system, or of an older wsitools). A temporary of
-    a process still running on this host is never stale, however old.
+    a process still running on this host is never stale, however old. ``judge`` reports on a
+    folder that is no temporary but state a run left behind (a partial training run): whether it
+    is stale and why, or None for any other folder; a stale one is not looked into.
     """
     now = time.time()
     found = []
@@ -401,16 +412,19 @@ def scan_temps(root: str | os.PathLike[str], *, older_than_hours: float | None =
         for name in sorted(dirs + files):
             path = Path(dirpath) / name
             owner = temp_owner(path)
-            if owner is None:
+            verdict = judge(path) if owner is None and name in dirs else None
+            if owner is None and verdict is None:
                 continue
-            if name in dirs:
-                dirs.remove(name)  # never look inside a temporary for more
+            if name in dirs and (owner is not None or (verdict is not None and verdict[0])):
+                dirs.remove(name)  # never look inside a temporary, or stale state, for more
             try:
                 size, newest = _tree_stats(path)
             except FileNotFoundError:
                 continue
             idle = max(0.0, (now - newest) / 3600.0)
-            if provably_dead(path):
+            if verdict is not None:
+                stale, why = verdict
+            elif provably_dead(path):
                 stale, why = True, f"its process {owner.pid} on this host is gone"
             elif owner.host == _host_token() and owner.pid is not None and owner.pid != os.getpid():
                 stale, why = False, f"its process {owner.pid} on this host is running"  # whatever its age

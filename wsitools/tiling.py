@@ -31,7 +31,9 @@ from typing import Any, Literal
 import numpy as np
 
 from wsitools import __version__
-from wsitools.errors import ConfigError, DamagedStoreError, DataError, SlideError, StoreError, WsiToolsError
+from wsitools.errors import (
+    ConfigError, DamagedStoreError, DataError, SlideError, StoreError, WsiToolsError, error_line,
+)
 from wsitools.io import (
     LostRace, atomic_path, available_cpus, remove_dead_temps, remove_path, stable_hash, write_json_atomic,
 )
@@ -554,15 +556,21 @@ def _failed(out: Path, slide_id: str, path: Path, reason: str) -> dict[str, Any]
 
 
 def _tile_one(path: Path, slide_id: str, out: Path, params: TilingParams, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Tile one slide; any failure is its ``failed`` QC record."""
+    """Tile one slide; any failure is its ``failed`` QC record, logged in one line (a user error,
+    or an ``OSError`` naming its file: a full disk, a read-only or forbidden ``out_dir``; its
+    traceback only at debug level) or with its traceback (a bug). An ``OSError`` writing that
+    record (the same full or read-only ``out_dir``) is raised."""
     try:
         return tile_slide(path, out, params, slide_id=slide_id, **kwargs)
     except Exception as exc:  # noqa: BLE001 - any failure of one slide is that slide's QC record
-        reason = str(exc) if isinstance(exc, WsiToolsError) else f"{path}: {type(exc).__name__}: {exc}"
-        if isinstance(exc, WsiToolsError):
-            log.error("%s", reason)
-        else:
+        line = error_line(exc)
+        if line is None:
+            reason = f"{path}: {type(exc).__name__}: {exc}"
             log.exception("%s", reason)
+        else:
+            reason = line if isinstance(exc, WsiToolsError) else f"{path}: {line}"
+            log.debug("tiling failed for %s", path, exc_info=True)
+            log.error("%s", reason)
         return _failed(out, slide_id, path, reason)
 
 
@@ -575,7 +583,12 @@ def _worker_main(conn: Any, out: str, params: TilingParams, kwargs: dict[str, An
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     try:
         while (task := conn.recv()) is not None:
-            conn.send(_tile_one(Path(task[0]), task[1], Path(out), params, kwargs))
+            try:
+                record = _tile_one(Path(task[0]), task[1], Path(out), params, kwargs)
+            except OSError as exc:  # its record cannot be written: sent for the supervising process to raise
+                conn.send(exc)
+                return
+            conn.send(record)
     except (EOFError, BrokenPipeError):  # the supervising process is gone
         pass
 
@@ -617,13 +630,18 @@ class _Worker:
         child_conn.close()
 
     def tile(self, path: Path, slide_id: str) -> dict[str, Any] | None:
-        """The slide's QC record, or None if the worker died on it."""
+        """The slide's QC record, or None if the worker died on it; the ``OSError`` that kept the
+        worker from writing that record is raised here (the worker has ended)."""
         try:
             self.conn.send((str(path), slide_id))
-            return self.conn.recv()
+            answer = self.conn.recv()
         except (EOFError, OSError):
             self.process.join()
             return None
+        if isinstance(answer, OSError):
+            self.process.join()
+            raise answer
+        return answer
 
     def close(self) -> None:
         try:
@@ -684,7 +702,8 @@ def tile_slides(
     process: when it dies (killed, out of memory, a crash in a decoder) the slide's record says
     how (``failed``, ``killed by signal 9 (SIGKILL...)``), its dead temporaries are removed, and a
     new worker goes on with the next slide. A SIGTERM ends the worker, records its slide, and
-    stops before the next one, raising :class:`TilingStopped`.
+    stops before the next one, raising :class:`TilingStopped`. An ``OSError`` writing a failed
+    slide's record (a full disk, a read-only ``out_dir``) stops the run: it is raised.
     """
     if slide_ids is not None and len(slide_ids) != len(slide_paths):
         raise ValueError(f"{len(slide_ids)} slide ids for {len(slide_paths)} slides")

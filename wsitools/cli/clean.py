@@ -5,6 +5,11 @@ path and renamed when complete. A run that is killed leaves its temporary behind
 extraction remove the dead temporaries of their own host before writing; this command does it
 for whole folders, and, with ``--older-than``, also for the temporaries of other hosts on a
 shared file system, whose processes cannot be checked from here.
+
+The partial folder of a resumable training run (``.NAME.partial/``, ``wsitools train --resume``)
+is state, not a temporary: it is listed, and kept while a ``train`` may be writing it or while
+``train --resume`` can continue it; one that no run can use any more (without its record, or
+older than the run finished beside it) is obsolete and removed.
 """
 
 from __future__ import annotations
@@ -16,8 +21,19 @@ from wsitools.errors import DataError
 from wsitools.io import remove_path, scan_temps
 
 
+def _partial_run(path: Path) -> tuple[bool, str] | None:
+    """Whether ``path``, when it is the partial folder of a training run, is obsolete, and why
+    (:func:`~wsitools.mil.run_folder.partial_state`); None for any other folder."""
+    if not path.name.endswith(".partial"):
+        return None
+    from wsitools.mil.run_folder import partial_state  # imports torch: only once such a folder is found
+
+    return partial_state(path)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("clean", help="list and remove temporaries left by dead runs", description=__doc__)
+    p = sub.add_parser("clean", help="list and remove temporaries left by dead runs, and obsolete partial "
+                       "training runs", description=__doc__)
     p.add_argument("dirs", nargs="+", metavar="DIR", help="folders to search (recursively)")
     p.add_argument("--older-than", type=float, default=None, metavar="HOURS",
                    help="also remove temporaries untouched for this many hours, whatever host wrote them "
@@ -42,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
             raise DataError(f"{d}: no such folder")
     removed, freed = 0, 0
     for d in args.dirs:
-        for temp in scan_temps(d, older_than_hours=args.older_than):
+        for temp in scan_temps(d, older_than_hours=args.older_than, judge=_partial_run):
             if temp.stale:
                 action = "would remove" if args.dry_run else "removed"
                 if not args.dry_run:
@@ -53,5 +69,5 @@ def run(args: argparse.Namespace) -> int:
                 action = "kept"
             print(f"{action}\t{temp.path}\t{_size(temp.bytes)}\t{temp.why}")
     verb = "would free" if args.dry_run else "freed"
-    print(f"{removed} stale temporaries, {verb} {_size(freed)}")
+    print(f"{removed} stale temporaries or obsolete partial runs, {verb} {_size(freed)}")
     return 0

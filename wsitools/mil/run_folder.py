@@ -22,7 +22,9 @@ A resumable run (``wsitools train --resume``) is written instead into a stable h
 ``.{name}.partial/`` (:func:`partial_dir`), that outlives a killed ``train``: its record
 ``partial.json`` (:func:`read_partial`, :func:`write_partial`) holds the run's settings and the
 folds finished so far, and is removed just before the folder is renamed into place. Having no
-``run.json``, a partial folder is never taken for a finished run.
+``run.json``, a partial folder is never taken for a finished run. A run of the same output
+folder written without ``--resume`` removes it once finished; ``wsitools clean`` lists it as
+resumable state or removes it as obsolete (:func:`partial_state`).
 
 One ``train`` at a time writes a run: :func:`locked` holds an exclusive lock on the file
 ``.{name}.lock`` beside the output folder (:func:`lock_path`) while it trains, so a second
@@ -49,7 +51,7 @@ import torch
 
 from wsitools.errors import DataError, ModelError, one_line
 from wsitools.feature_store import TileGeometry
-from wsitools.io import atomic_path, check_own_folder, remove_path, write_json_atomic
+from wsitools.io import atomic_path, check_own_folder, pid_alive, remove_path, write_json_atomic
 from wsitools.mil.head_folder import WEIGHTS_FILE, SavedHead, load_head
 from wsitools.tables import write_table
 
@@ -156,7 +158,8 @@ def writing(out_dir: str | os.PathLike[str], *, overwrite: bool = False, resume:
     temporary, removed on an error or when the block did not write the run's record; with
     ``resume`` it is :func:`partial_dir`, created when missing (a partial folder without its
     :data:`PARTIAL_RECORD` is started afresh: it was cut off before it recorded anything) and
-    kept on an error, for the next run to continue."""
+    kept on an error, for the next run to continue. A run written without ``resume`` removes the
+    partial folder a killed resumable run of ``out_dir`` left, once it has replaced that run."""
     out_dir = Path(out_dir)
     if overwrite:
         check_replaceable(out_dir)
@@ -165,6 +168,7 @@ def writing(out_dir: str | os.PathLike[str], *, overwrite: bool = False, resume:
             attention_dir(tmp).mkdir(parents=True)
             yield tmp
             _check_written(out_dir, tmp)
+        remove_path(partial_dir(out_dir))  # a killed resumable run's state, of a run now replaced
         return
     folder = partial_dir(out_dir)
     if not (folder / PARTIAL_RECORD).is_file():
@@ -206,6 +210,51 @@ def read_partial(folder: Path) -> dict[str, Any] | None:
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
         raise ModelError(f"{path}: not a readable partial-run record ({one_line(exc)})") from None
     return record
+
+
+def partial_state(folder: Path) -> tuple[bool, str] | None:
+    """What ``wsitools clean`` says of ``folder`` when it is the partial folder of a run
+    (``.{name}.partial/`` with its ``attention/``; None for any other folder): whether it is
+    obsolete, and why. Kept: one a ``train`` of the run may be writing (its lock file names a
+    process that is alive on this host, or one of another host, which cannot be checked), and
+    resumable state (``train --resume`` continues it). Obsolete: one without a readable
+    :data:`PARTIAL_RECORD` (nothing a resumed run can use), and one older than the finished run
+    beside it (that run, trained without ``--resume``, replaced the one it belonged to)."""
+    name = folder.name
+    stem = name[1:-len(".partial")]
+    if not (name.startswith(".") and name.endswith(".partial") and stem and attention_dir(folder).is_dir()):
+        return None
+    out_dir = folder.parent / stem
+    holder = _lock_holder(lock_path(out_dir))
+    if holder is not None:
+        return False, f"a train of {out_dir} may be writing it (its lock is held by process {holder})"
+    record_path = folder / PARTIAL_RECORD
+    try:
+        record = read_partial(folder)
+    except ModelError as exc:
+        return True, f"obsolete: {one_line(exc)}"
+    if record is None:
+        return True, f"obsolete: it has no {PARTIAL_RECORD} (cut off before its first fold)"
+    finished = out_dir / RECORD_FILE
+    if finished.is_file() and finished.stat().st_mtime >= record_path.stat().st_mtime:
+        return True, f"obsolete: {out_dir} was trained again and finished after it"
+    folds = ", ".join(map(str, record["folds_done"])) or "none yet"
+    return False, (f"resumable: a train --resume of {out_dir} with the same settings reads its finished folds "
+                   f"back ({folds}); remove it by hand to discard them")
+
+
+def _lock_holder(lock: Path) -> str | None:
+    """The ``PID on HOST`` written in a run's lock file (:func:`locked`) when that process may
+    still hold it: alive on this host, or on another host; None when there is no lock file or its
+    process is gone."""
+    try:
+        holder = lock.read_text().strip()
+    except FileNotFoundError:
+        return None
+    pid, _, host = holder.partition(" on ")
+    if host == socket.gethostname() and pid.isdigit() and not pid_alive(int(pid)):
+        return None
+    return holder or "unknown"
 
 
 def write_partial(folder: Path, record: Mapping[str, Any]) -> None:
@@ -376,7 +425,7 @@ def check_run(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
         if folds:
             raise ModelError(
                 f"{run_dir}: an unfinished training run (fold heads without the {RECORD_FILE} that "
-                "wsitools train writes last); train it again"
+                "wsitools train writes last); train into a new or empty folder, or remove this one first"
             )
         raise ModelError(f"{run_dir}: no trained head (model.safetensors) here or in fold_*/")
     try:
@@ -387,7 +436,7 @@ def check_run(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     missing = [name for name in (METRICS_FILE, PREDICTIONS_FILE) if not (run_dir / name).is_file()]
     if len(folds) != n_folds or missing:
         found = f"{len(folds)} of its {n_folds} fold heads" + (f", no {' or '.join(missing)}" if missing else "")
-        raise ModelError(f"{run_dir}: an unfinished training run ({found}); train it again")
+        raise ModelError(f"{run_dir}: an unfinished training run ({found}); train it again with --overwrite")
     return record
 
 

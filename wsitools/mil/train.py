@@ -1029,12 +1029,11 @@ def _write_fold(run_dir: Path, setup: RunSetup, result: FoldResult, config: Trai
     """Write a trained fold into the run: its head folder with its results, and the attention of
     its test bags."""
     cohort, fold, k = setup.cohort, result.fold, result.fold.index
-    folder = head_folder.save_head(
+    head_folder.save_head(
         result.model, run_folder.fold_dir(run_dir, k),
         meta={**setup.meta, **result.scale, "fold": k, "best_epoch": result.best_epoch, "pooling": result.pooling},
     )
     preds, rows = _fold_predictions(setup, result)
-    _write_attention(run_folder.attention_dir(run_dir), setup, result, preds)
     auc_times = setup.task.auc_times if setup.task is not None else ()
     report = _fold_report(cohort, result.test.index, preds, config, auc_times=auc_times)
     report.update(fold=k, best_epoch=result.best_epoch, pooling=result.pooling, epochs_run=len(result.history),
@@ -1043,13 +1042,22 @@ def _write_fold(run_dir: Path, setup: RunSetup, result: FoldResult, config: Trai
         report["pooling_val_loss"] = {p: json_float(v) if math.isfinite(v) else None
                                       for p, v in result.pooling_val_loss.items()}
     curves = [{"fold": k, "pooling": result.pooling, **h} for h in result.history]
-    run_folder.write_results(
-        folder, predictions=rows, classes=setup.classes, metrics=report, curves=curves,
-        best_epochs={k: result.best_epoch}, title=f"{setup.title} fold {k}", loss_name=LOSS_NAMES[cohort.task_type],
-    )
+    output = FoldOutput(rows, result.test.index, preds, report, curves, result.best_epoch)
+    _write_fold_results(run_dir, setup, result, output)
     log.info("fold %d: test %s, best epoch %d (%s pooling)", k,
              ", ".join(f"{m} {report[m]}" for m in _headline(cohort)), result.best_epoch, result.pooling)
-    return FoldOutput(rows, result.test.index, preds, report, curves, result.best_epoch)
+    return output
+
+
+def _write_fold_results(run_dir: Path, setup: RunSetup, result: FoldResult, output: FoldOutput) -> None:
+    """A fold's results in the run ``run_dir``: the attention files of its test bags and its head
+    folder's result files."""
+    _write_attention(run_folder.attention_dir(run_dir), setup, result, output.preds)
+    run_folder.write_results(
+        run_folder.fold_dir(run_dir, result.fold.index), predictions=output.rows, classes=setup.classes, metrics=output.report, curves=output.curves,
+        best_epochs={result.fold.index: output.best_epoch}, title=f"{setup.title} fold {result.fold.index}",
+        loss_name=LOSS_NAMES[setup.cohort.task_type],
+    )
 
 
 SCALE_KEYS = ("risk_offset", "risk_scale", "target_mean", "target_sd")
@@ -1062,7 +1070,9 @@ def _read_fold(
     """A fold written whole by an earlier, interrupted run of the same settings, read back from
     ``run_dir``: its head, curves and metrics. Its test outputs are computed again from the
     saved head (a forward pass over the fold's test bags), because the predictions table holds
-    them rounded and the pooled results must be those of an uninterrupted run."""
+    them rounded and the pooled results must be those of an uninterrupted run; its predictions
+    table, plot and attention files are written again from them, so that one the interrupted run
+    left missing or damaged is not carried into the finished run."""
     folder = run_folder.fold_dir(run_dir, fold.index)
     saved = head_folder.load_head(folder, device=device)
     scale = {k: float(saved.meta[k]) for k in SCALE_KEYS if k in saved.meta}
@@ -1077,8 +1087,10 @@ def _read_fold(
                         pooling=saved.pooling)
     preds, rows = _fold_predictions(setup, result)
     report = run_folder.read_metrics(folder / run_folder.METRICS_FILE)
+    output = FoldOutput(rows, test.index, preds, report, curves, best_epoch)
+    _write_fold_results(run_dir, setup, result, output)
     log.info("fold %d: read back from %s", fold.index, folder)
-    return FoldOutput(rows, test.index, preds, report, curves, best_epoch)
+    return output
 
 
 def resume_settings(setup: RunSetup, config: TrainConfig) -> dict[str, Any]:

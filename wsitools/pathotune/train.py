@@ -293,7 +293,7 @@ def tune_pathotune(
              ", ".join(data.classes), _fmt(untrained))
 
     out.mkdir(parents=True, exist_ok=True)
-    log_table = CsvLog(out / "log.csv", LOG_COLUMNS, int_columns=frozenset({"epoch"}))
+    log_table = CsvLog(out / "log.csv", LOG_COLUMNS, int_columns=LOG_INT_COLUMNS)
     last_epoch = config.epochs if stop_after_epochs is None else min(config.epochs, stop_after_epochs)
     for epoch in range(start + 1, last_epoch + 1):
         train_loss = _train_epoch(
@@ -453,7 +453,8 @@ def _resumed_record(resumed: Resumed, path: Path) -> tuple[list[dict[str, float]
     checkpoint, checked against its epochs done."""
     source = path / "state.json"
     try:
-        rows = [{k: float(r[k]) for k in LOG_COLUMNS} for r in resumed.extra["rows"]]
+        rows = [{k: int(r[k]) if k in LOG_INT_COLUMNS else float(r[k]) for k in LOG_COLUMNS}
+                for r in resumed.extra["rows"]]
         best = {"epoch": int(resumed.extra["best"]["epoch"]), "loss": float(resumed.extra["best"]["loss"])}
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelError(f"{source}: not a PathoTune checkpoint record ({exc!r})") from None
@@ -474,6 +475,8 @@ RUN_FILES = (*FINAL_FILES, "*.yaml", "log.csv", "checkpoints")
 another run's (a MIL training run also has ``metrics.json`` and ``predictions.csv``) and is refused."""
 _METRIC_KEYS = ("auroc", "balanced_accuracy", "f1", "accuracy")
 LOG_COLUMNS = ("epoch", "train_loss", "val_loss", *(f"val_{k}" for k in _METRIC_KEYS), "lr")
+LOG_INT_COLUMNS = frozenset({"epoch"})
+"""The columns of :data:`LOG_COLUMNS` that hold integers, in log.csv and in a checkpoint's record."""
 
 
 def _row_metrics(row: Mapping[str, float]) -> dict[str, float]:
