@@ -15,7 +15,11 @@ from conftest import REGIONS, SLIDE_SIZE
 from wsitools.cli import main
 from wsitools.errors import SlideError, StoreError
 from wsitools.attention import read_attention, write_attention
-from wsitools.heatmap import attention_raster, display_values, draw_heatmap, overlay
+from wsitools import heatmap
+from wsitools.attention import AttentionMap
+from wsitools.heatmap import (
+    attention_raster, display_values, draw_heatmap, overlay, save_heatmap_figure, scale_label,
+)
 from wsitools.slide import Bounds, open_slide
 from wsitools.store import PatchStore, write_patch_store
 
@@ -100,6 +104,120 @@ def test_partial_coverage_leaves_thumbnail_untouched():
     # each axis by its own downsample (a thumbnail's sides are rounded apart)
     tall = attention_raster(amap, shape=(20, 20), downsample=(10.0, 5.0))
     assert np.isfinite(tall[:10, :5]).all() and np.isnan(tall[10:]).all()
+
+
+def _overlapping_map(rng: np.random.Generator) -> AttentionMap:
+    """Tiles at a stride of half their side (each thumbnail px under up to four tiles), a
+    third of the grid left out (uncovered px), ties among the weights."""
+    xs, ys = np.meshgrid(np.arange(0, 1600, 40), np.arange(0, 1200, 40))
+    coords = np.stack([xs.ravel(), ys.ravel()], 1).astype(np.int64)
+    coords = coords[rng.random(len(coords)) > 0.33]
+    attention = rng.gamma(0.5, size=len(coords))
+    attention[::7] = attention[0]
+    return AttentionMap("s", (attention / attention.sum()).astype(np.float32), coords, 80.0)
+
+
+def _old_raster(amap: AttentionMap, shape: tuple[int, int], downsample: tuple[float, float],
+                scale: str) -> np.ndarray:
+    """The raster as it was computed with a float64 count over the whole grid (the reference)."""
+    h, w = shape
+    dx, dy = downsample
+    values = display_values(amap.attention, scale=scale)
+    total, count = np.zeros((h, w), np.float64), np.zeros((h, w), np.float64)
+    x0 = np.floor(amap.coords[:, 0] / dx).astype(np.int64)
+    y0 = np.floor(amap.coords[:, 1] / dy).astype(np.int64)
+    x1 = np.ceil((amap.coords[:, 0] + amap.tile_size_level0) / dx).astype(np.int64)
+    y1 = np.ceil((amap.coords[:, 1] + amap.tile_size_level0) / dy).astype(np.int64)
+    x0, y0 = np.clip(x0, 0, w), np.clip(y0, 0, h)
+    x1, y1 = np.clip(np.maximum(x1, x0 + 1), 0, w), np.clip(np.maximum(y1, y0 + 1), 0, h)
+    for v, a, b, c, d in zip(values, y0, y1, x0, x1):
+        total[a:b, c:d] += v
+        count[a:b, c:d] += 1.0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, total / count, np.nan).astype(np.float32)
+
+
+def _old_overlay(thumbnail: np.ndarray, raster: np.ndarray, alpha: float, cmap: str) -> np.ndarray:
+    """The blend computed over the whole image at once (the reference)."""
+    from matplotlib import colormaps
+
+    colours = colormaps[cmap](np.nan_to_num(raster, nan=0.0))[..., :3] * 255.0
+    covered = ~np.isnan(raster)[..., None]
+    blended = np.where(covered, (1.0 - alpha) * thumbnail + alpha * colours, thumbnail)
+    return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+
+
+def _old_figure(path: Path, image: np.ndarray, title: str) -> None:
+    """The figure with the image drawn by matplotlib (``figimage``), the rest as
+    :func:`save_heatmap_figure` draws it (the reference)."""
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+
+    h, w = image.shape[:2]
+    width, height = w + 150, max(h, 300) + 32
+    fig = Figure(figsize=(width / 100, height / 100), dpi=100)
+    FigureCanvasAgg(fig)
+    fig.figimage(image, xo=0, yo=height - 32 - h, origin="upper")
+    fig.text(4 / width, 1 - 6 / height, title, ha="left", va="top", fontsize=9)
+    cax = fig.add_axes(((w + 20) / width, 16 / height, 16 / width, (height - 40 - 16) / height))
+    bar = fig.colorbar(ScalarMappable(Normalize(0.0, 1.0), colormaps["turbo"]), cax=cax)
+    bar.ax.tick_params(labelsize=8)
+    bar.set_label(scale_label("minmax"), fontsize=8)
+    fig.savefig(path, format="png", dpi=100)
+
+
+@pytest.mark.parametrize("scale", ["rank", "minmax", "absolute"])
+def test_heatmap_pixels_equal_those_drawn_in_float64_over_the_whole_image(tmp_path, monkeypatch, scale):
+    rng = np.random.default_rng(5)
+    amap = _overlapping_map(rng)
+    shape, downsample = (310, 420), (4.1, 3.9)  # tiles end short of the right edge, past the bottom
+    raster = attention_raster(amap, shape=shape, downsample=downsample, scale=scale)
+    reference = _old_raster(amap, shape, downsample, scale)
+    np.testing.assert_array_equal(raster, reference)  # NaN where no tile, in the same places
+    assert np.isnan(raster).any() and (raster > 0).any()
+    thumb = rng.integers(0, 256, shape + (3,), dtype=np.uint8)
+    monkeypatch.setattr(heatmap, "_BLEND_PIXELS", 4096)  # blended in many strips, one of them partial
+    blended = overlay(thumb, raster, alpha=0.3, cmap="turbo")
+    np.testing.assert_array_equal(blended, _old_overlay(thumb, reference, 0.3, "turbo"))
+    save_heatmap_figure(tmp_path / "new.png", blended, title="s  neg: 0.10  pos: 0.90", scale="minmax", cmap="turbo")
+    _old_figure(tmp_path / "old.png", blended, "s  neg: 0.10  pos: 0.90")
+    new, old = np.asarray(Image.open(tmp_path / "new.png")), np.asarray(Image.open(tmp_path / "old.png"))
+    assert new.shape == (342, 570, 4)
+    np.testing.assert_array_equal(new, old)
+
+
+def test_heatmap_memory_per_thumbnail_pixel_is_bounded(tmp_path):
+    """Bytes per thumbnail pixel that the raster, the blend and the figure allocate beyond their
+    results (numpy's allocations, as tracemalloc counts them): float64 copies of the whole
+    image, some 100 bytes per pixel in each of the blend and matplotlib's drawing of it and 29 in
+    the raster, would take gigabytes on a large thumbnail."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    amap = _overlapping_map(rng)
+    shape = (1200, 1600)  # 1.92 M px
+    pixels = shape[0] * shape[1]
+    thumb = rng.integers(0, 256, shape + (3,), dtype=np.uint8)
+    overlay(thumb[:2, :2], attention_raster(amap, shape=(2, 2), downsample=(800.0, 600.0)))  # imports outside
+    peaks = {}
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        raster = attention_raster(amap, shape=shape, downsample=(1.0, 1.0))
+        peaks["raster"] = (tracemalloc.get_traced_memory()[1] - tracemalloc.get_traced_memory()[0]) / pixels
+        tracemalloc.reset_peak()
+        blended = overlay(thumb, raster)
+        peaks["overlay"] = (tracemalloc.get_traced_memory()[1] - tracemalloc.get_traced_memory()[0]) / pixels
+        del raster
+        tracemalloc.reset_peak()
+        save_heatmap_figure(tmp_path / "h.png", blended, title="s", scale="rank")
+        peaks["figure"] = (tracemalloc.get_traced_memory()[1] - tracemalloc.get_traced_memory()[0]) / pixels
+    finally:
+        tracemalloc.stop()
+    assert peaks["raster"] < 20 and peaks["overlay"] < 12 and peaks["figure"] < 10, peaks
 
 
 def test_draw_heatmap_files_and_top_tile_montage(attention_case, tmp_path):
@@ -362,13 +480,14 @@ def test_heatmap_cli_options_and_bad_input(attention_case, tmp_path, capsys):
 
 @pytest.mark.parametrize("scale", ["rank", "minmax", "absolute"])
 def test_the_colour_bar_label_fits_a_short_thumbnail(tmp_path, monkeypatch, scale):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     from wsitools.heatmap import save_heatmap_figure
 
-    saved = []
-    original = Figure.savefig
-    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: (saved.append(self), original(self, *a, **k))[1])
+    saved: list[Figure] = []
+    original = FigureCanvasAgg.draw
+    monkeypatch.setattr(FigureCanvasAgg, "draw", lambda self: (saved.append(self.figure), original(self))[1])
     save_heatmap_figure(tmp_path / "h.png", np.zeros((120, 300, 3), np.uint8), title="s1", scale=scale)
     fig = saved[0]
     renderer = fig.canvas.get_renderer()

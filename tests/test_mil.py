@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -17,6 +18,7 @@ from safetensors.torch import load_file
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from wsitools.attention import read_attention  # noqa: E402
 from wsitools.cli import main  # noqa: E402
 from wsitools.errors import ConfigError, DataError, ModelError  # noqa: E402
 from wsitools.feature_store import read_features  # noqa: E402
@@ -149,6 +151,40 @@ def test_predict_cli_on_unlabelled_slides_skips_bad_ones(cohort, trained, tmp_pa
     rc = main(["predict", "--model", str(trained["abmil"]), "--features", str(feats), "--out", str(tmp_path / "q"),
                "--quiet", "--strict", "--threads", "1"])
     assert rc == 2 and "broken" in capsys.readouterr().err and not (tmp_path / "q").exists()
+
+
+def test_predict_reads_each_bag_once_and_still_refuses_non_finite_features(cohort, trained, tmp_path, monkeypatch):
+    """The features of every bag are read once (their finiteness checked on the rows read, not
+    in a read of their own), a bag with a NaN is skipped with the one line naming its file, and
+    the results carry no attention (each slide's is in its file)."""
+    feats = tmp_path / "f"
+    feats.mkdir()
+    bags = cohort["test"][:4]
+    for b in bags:
+        shutil.copy(b.path, feats / f"{b.slide_id}.h5")
+    bad = feats / f"{bags[2].slide_id}.h5"
+    with h5py.File(bad, "r+") as f:
+        f["features"][3, 5] = np.nan
+    rows_read: dict[str, int] = {}
+    getitem = h5py.Dataset.__getitem__
+
+    def counting(self, key, *args, **kwargs):
+        out = getitem(self, key, *args, **kwargs)
+        if self.name == "/features":
+            stem = os.path.splitext(os.path.basename(self.file.filename))[0]
+            rows_read[stem] = rows_read.get(stem, 0) + len(out)
+        return out
+
+    monkeypatch.setattr(h5py.Dataset, "__getitem__", counting)
+    results = predict(trained["abmil"], feats, tmp_path / "p", progress=False)
+    assert rows_read == {b.slide_id: len(h5py.File(b.path)["coords"]) for b in bags}
+    assert [r.slide_id for r in results] == [b.slide_id for b in bags if b is not bags[2]]
+    assert [f.name for f in dataclasses.fields(results[0])] == ["slide_id", "probs"]
+    skipped = json.loads((tmp_path / "p" / "predict.json").read_text())["skipped"]
+    assert skipped == {bags[2].slide_id: f"slide {bags[2].slide_id}: feature store {bad} has non-finite (NaN/inf) "
+                                         "features in 1+ rows, first row 3; extract it again (wsitools extract --overwrite)"}
+    with pytest.raises(DataError, match=r"non-finite \(NaN/inf\) features in 1\+ rows, first row 3"):
+        predict(trained["abmil"], feats, tmp_path / "q", strict=True, progress=False)
 
 
 def test_meanpool_probe_on_a_mean_shifted_cohort(tmp_path):
@@ -423,7 +459,8 @@ def test_training_and_prediction_on_the_gpu_match_the_cpu(cohort, tmp_path):
                      device="cpu", progress=False)
     for g, c in zip(on_gpu, on_cpu):
         np.testing.assert_allclose(g.probs, c.probs, atol=1e-4)
-        np.testing.assert_allclose(g.attention, c.attention, atol=1e-4)
+        on = {run: read_attention(tmp_path / run / "attention" / f"{g.slide_id}.h5").attention for run in ("pg", "pc")}
+        np.testing.assert_allclose(on["pg"], on["pc"], atol=1e-4)
 
 
 def _top_k_precision(run_dir, bags):

@@ -76,6 +76,7 @@ objectives by 2x)."""
 _TITLE_PX = 32  # band above the image for the title
 _BAR_PANEL_PX = 150  # band right of the image for the colour bar and its label
 _MIN_IMAGE_PX = 300  # figure height below the title at least this, so the bar label (two lines) fits
+_BLEND_PIXELS = 1 << 16  # pixels :func:`overlay` blends at a time
 
 
 def relative_attention(attention: np.ndarray) -> np.ndarray:
@@ -137,7 +138,7 @@ def attention_raster(
     dx, dy = downsample
     values = display_values(amap.attention, scale=scale)
     total = np.zeros((h, w), np.float64)
-    count = np.zeros((h, w), np.float64)
+    count = np.zeros((h, w), np.int32)
     x0 = np.floor(amap.coords[:, 0] / dx).astype(np.int64)
     y0 = np.floor(amap.coords[:, 1] / dy).astype(np.int64)
     x1 = np.ceil((amap.coords[:, 0] + amap.tile_size_level0) / dx).astype(np.int64)
@@ -146,19 +147,30 @@ def attention_raster(
     x1, y1 = np.clip(np.maximum(x1, x0 + 1), 0, w), np.clip(np.maximum(y1, y0 + 1), 0, h)
     for v, a, b, c, d in zip(values, y0, y1, x0, x1):
         total[a:b, c:d] += v
-        count[a:b, c:d] += 1.0
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(count > 0, total / count, np.nan).astype(np.float32)
+        count[a:b, c:d] += 1
+    empty = count == 0
+    np.divide(total, count, out=total, where=~empty)  # in place: the grid is the thumbnail's size
+    total[empty] = np.nan
+    return total.astype(np.float32)
 
 
 def overlay(thumbnail: np.ndarray, raster: np.ndarray, *, alpha: float = 0.5, cmap: str = DEFAULT_CMAP) -> np.ndarray:
-    """The thumbnail with the raster's colours blended in where tiles are (uint8 RGB)."""
+    """The thumbnail with the raster's colours blended in where tiles are (uint8 RGB).
+
+    Blended :data:`_BLEND_PIXELS` pixels at a time: the colours and the blend are float64
+    (about 100 bytes per pixel), which over a whole large thumbnail would take gigabytes."""
     from matplotlib import colormaps
 
-    colours = colormaps[cmap](np.nan_to_num(raster, nan=0.0))[..., :3] * 255.0
-    covered = ~np.isnan(raster)[..., None]
-    blended = np.where(covered, (1.0 - alpha) * thumbnail + alpha * colours, thumbnail)
-    return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+    colour_map = colormaps[cmap]
+    out = np.empty(raster.shape + (3,), np.uint8)
+    rows = max(1, _BLEND_PIXELS // max(1, raster.shape[1]))
+    for top in range(0, raster.shape[0], rows):
+        part, under = raster[top : top + rows], thumbnail[top : top + rows]
+        colours = colour_map(np.nan_to_num(part, nan=0.0))[..., :3] * 255.0
+        covered = ~np.isnan(part)[..., None]
+        blended = np.where(covered, (1.0 - alpha) * under + alpha * colours, under)
+        out[top : top + rows] = np.clip(np.rint(blended), 0, 255)
+    return out
 
 
 def pooling_note(amap: AttentionMap) -> str:
@@ -196,19 +208,23 @@ def save_heatmap_figure(
     path: str | os.PathLike[str], image: np.ndarray, *, title: str, scale: Scale, cmap: str = DEFAULT_CMAP
 ) -> Path:
     """Write the blended thumbnail 1:1 in pixels (a band of :data:`_TITLE_PX` above it for the
-    title, one of :data:`_BAR_PANEL_PX` right of it for the colour bar) as PNG."""
+    title, one of :data:`_BAR_PANEL_PX` right of it for the colour bar) as PNG.
+
+    The figure (title and colour bar) is drawn around an empty space, and the image is copied
+    into the drawn pixels there: drawn as a figure image, matplotlib would take it through float
+    RGBA copies of about 100 bytes per pixel (the same pixels)."""
     from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import LogNorm, Normalize
     from matplotlib.figure import Figure
+    from matplotlib.image import imsave
 
     h, w = image.shape[:2]
     width, height = w + _BAR_PANEL_PX, max(h, _MIN_IMAGE_PX) + _TITLE_PX
     dpi = 100
     fig = Figure(figsize=(width / dpi, height / dpi), dpi=dpi)
-    FigureCanvasAgg(fig)
-    fig.figimage(image, xo=0, yo=height - _TITLE_PX - h, origin="upper")
+    canvas = FigureCanvasAgg(fig)
     fig.text(4 / width, 1 - 6 / height, title, ha="left", va="top", fontsize=9)
     bar_top = _TITLE_PX + 8
     cax = fig.add_axes((
@@ -221,9 +237,12 @@ def save_heatmap_figure(
         bar.set_ticks(ticks, labels=[f"{t:g}" for t in ticks[:-1]] + [f">={ticks[-1]:g}"])
     bar.ax.tick_params(labelsize=8)
     bar.set_label(scale_label(scale), fontsize=8)
+    canvas.draw()
+    pixels = np.asarray(canvas.buffer_rgba())  # [height, width, 4], top row first; a view
+    pixels[_TITLE_PX : _TITLE_PX + h, :w, :3] = image
     path = Path(path)
     with atomic_path(path, overwrite=True) as tmp:
-        fig.savefig(tmp, format="png", dpi=dpi)
+        imsave(tmp, pixels, format="png", origin="upper", dpi=dpi)
     return path
 
 

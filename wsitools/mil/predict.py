@@ -6,7 +6,8 @@ regression heads their predictions in the target's units) or one head folder, an
 ``predictions.csv`` and
 ``attention/{slide_id}.h5`` for each slide of a feature directory (no labels needed; heads trained
 on patient bags pool each patient's slides the same way, from a slide -> patient table). The heads
-run on ``device`` (``auto``: CUDA when available); bags are read on the CPU and copied over.
+run on ``device`` (``auto``: CUDA when available); bags are read on the CPU (each once, its values
+checked as read) and copied over, and each bag's attention is written and let go before the next.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from wsitools.feature_store import (
     EncoderRecord,
     FeatureStore,
     TileGeometry,
+    check_finite,
     features_root_hint,
     list_feature_stores,
     read_coords,
@@ -53,11 +55,12 @@ OUTPUT_NAMES = {"survival": "risk", "regression": "prediction"}
 @dataclass(frozen=True)
 class BagPrediction:
     """One slide's prediction: class probabilities [C] (classification) or the one-element
-    risk (survival) or predicted value (regression) [1], and attention [N] (sums to one)."""
+    risk (survival) or predicted value (regression) [1]. Its attention is in the prediction
+    folder's ``attention/{slide_id}.h5`` (:func:`~wsitools.attention.read_attention`), not
+    here: a cohort's attention held until the end would grow with all its tiles."""
 
     slide_id: str
     probs: np.ndarray
-    attention: np.ndarray
 
 
 SCALE_KEYS = ("risk_offset", "risk_scale", "target_mean", "target_sd")
@@ -133,13 +136,12 @@ def check_encoder(head: SavedHead, bag: FeatureStore, *, model_dir: str | os.Pat
 
 @dataclass(frozen=True)
 class PatientPrediction:
-    """One patient bag's prediction (as :class:`BagPrediction`), the slides it pooled (in bag
-    order) and its attention over all their tiles [N] (sums to one)."""
+    """One patient bag's prediction (as :class:`BagPrediction`) and the slides it pooled (in bag
+    order); each slide's slice of the patient's attention is in its ``attention/{slide_id}.h5``."""
 
     patient_id: str
     slide_ids: tuple[str, ...]
     probs: np.ndarray
-    attention: np.ndarray
 
 
 def _check_some_encoder_matches(
@@ -168,10 +170,11 @@ def _checked_bag(
     """The feature store of ``slide_id``, checked against the head: a :class:`DataError` naming
     the slide when it is missing, unusable, of another width or of tiles cut at another size or
     resolution than the head's training features, where both record it (another encoder's
-    features of the same width are a :class:`ModelError` from :func:`check_encoder`)."""
+    features of the same width are a :class:`ModelError` from :func:`check_encoder`). Its
+    values are checked as :func:`_read_bag` reads them."""
     if slide_id not in stores:
         raise DataError(f"slide {slide_id}: no feature store {Path(features_dir) / (slide_id + '.h5')}")
-    bag = FeatureStore.open_bag(stores[slide_id])
+    bag = FeatureStore.open_bag(stores[slide_id], check_values=False)
     if bag.dim != head.config.in_dim:
         raise DataError(
             f"slide {slide_id}: features are {bag.dim}-d, the head expects {head.config.in_dim}-d "
@@ -184,6 +187,15 @@ def _checked_bag(
             f"{trained.describe()}; extract features from tiles cut alike"
         )
     return bag
+
+
+def _read_bag(bag: FeatureStore) -> torch.Tensor:
+    """The features of ``bag`` as float32 [N, D], read once; the :class:`DataError` of
+    :func:`~wsitools.feature_store.check_finite` naming the slide and file when a row holds NaN
+    or inf (also a float64 value beyond float32's range, which the head would see as inf)."""
+    x = read_features(bag.path)
+    check_finite(x.numpy(), slide_id=bag.slide_id, path=bag.path)
+    return x
 
 
 def _joined(parts: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -250,7 +262,12 @@ def predict(
     Heads trained on patient bags pool the same way: ``patients`` (a table with ``slide_id`` and
     ``patient_id``) groups the slides, each patient's usable slides are concatenated into one
     bag, ``predictions.csv`` has one row per patient (``patient_id``, ``slides``) and each
-    slide's attention file holds its slice of the patient's attention."""
+    slide's attention file holds its slice of the patient's attention.
+
+    Returns each bag's prediction (:class:`BagPrediction` or :class:`PatientPrediction`); the
+    attention is in the files only. The folder is written under a temporary name and appears
+    whole at the end: a run cut off (killed, or a failure with ``strict``) leaves no ``out_dir``
+    and an earlier one as it was, and a new run starts over."""
     from tqdm import tqdm
 
     from wsitools.device import resolve_device
@@ -295,7 +312,7 @@ def predict(
     with atomic_path(out_dir, overwrite=overwrite) as tmp:
         (tmp / "attention").mkdir(parents=True)
         for name, members in tqdm(groups.items(), desc="predict", unit=bagging, disable=not progress):
-            bags, ivps = [], []
+            bags, feats, ivps = [], [], []
             for slide_id in members:
                 try:
                     bag = _checked_bag(slide_id, stores, first, features_dir=features_dir, model_dir=model_dir)
@@ -305,7 +322,9 @@ def predict(
                             "%s: the head records no encoder checksum; cannot check that %s holds features "
                             "of the encoder it was trained on", model_dir, features_dir,
                         )
-                    ivp = read_features(FeatureStore.open_bag(Path(ivp_features_dir) / f"{slide_id}.h5").path) if needs_ivp else None
+                    part = _read_bag(bag)
+                    ivp_bag = Path(ivp_features_dir) / f"{slide_id}.h5" if needs_ivp else None
+                    ivp = _read_bag(FeatureStore.open_bag(ivp_bag, check_values=False)) if ivp_bag else None
                 except (DataError, ModelError) as exc:  # ModelError: a stray store of another encoder
                     if strict:
                         raise
@@ -313,17 +332,19 @@ def predict(
                     log.warning("skipping %s", exc)
                     continue
                 bags.append(bag)
+                feats.append(part)
                 ivps.append(ivp)
             if not bags:
                 continue
-            x = _joined([read_features(b.path) for b in bags])
-            probs, attention = predict_bag(models, x, _joined(ivps) if needs_ivp else None, scales=scales)
+            x, ivp = _joined(feats), (_joined(ivps) if needs_ivp else None)
+            del feats, ivps  # a patient's parts, copied into x and ivp: not held twice through the forward pass
+            probs, attention = predict_bag(models, x, ivp, scales=scales)
             outputs = classes or [output]
             if bagging == "patient":
                 write_patient_attention(tmp / "attention", patient_id=name, bags=bags, attention=attention,
                                         classes=outputs, probs=probs, meta=meta)
                 used = tuple(b.slide_id for b in bags)
-                results.append(PatientPrediction(patient_id=name, slide_ids=used, probs=probs, attention=attention))
+                results.append(PatientPrediction(patient_id=name, slide_ids=used, probs=probs))
                 row: dict[str, Any] = {"patient_id": name, "slides": ";".join(used), "n_tiles": len(x)}
             else:
                 bag = bags[0]
@@ -338,7 +359,7 @@ def predict(
                     provenance=bag.attrs,
                     meta=meta,
                 )
-                results.append(BagPrediction(slide_id=name, probs=probs, attention=attention))
+                results.append(BagPrediction(slide_id=name, probs=probs))
                 row = {"slide_id": name, "n_tiles": bag.n}
             rows.append({**row, "probs": probs} if classes else {**row, output: float(probs[0])})
         if not results:
