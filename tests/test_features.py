@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import errno
+import json
 import logging
+import os
 import shutil
+import subprocess
+import sys
+import zlib
 from pathlib import Path
 
 import h5py
@@ -13,8 +19,10 @@ import torch
 
 from test_encoders import official_backbone, official_promptstate, run_cli, write_card
 from wsitools.encoders import load_encoder
-from wsitools.errors import ModelError, StoreError
-from wsitools.feature_store import FeatureStore, feature_store_path
+from wsitools.errors import DataError, ModelError, StoreError
+from wsitools.feature_store import (
+    FeatureStore, feature_store_path, read_coords, read_features, row_layout, write_feature_store,
+)
 from wsitools.features import extract_features
 from wsitools.store import PatchStore, TileCodec, write_patch_store
 from wsitools.tiling import TilingParams, tile_slide
@@ -305,3 +313,126 @@ def test_two_copies_of_one_slide_extracted_under_two_ids_are_refused_by_training
         build_cohort(read_labels(labels), tmp_path / "f" / tiny.name, ("neg", "pos"))
     plain = small_store(tmp_path / "plain.zarr", slide_id="P")  # a store without the slide's fingerprint
     assert "slide_fingerprint" not in FeatureStore.open(extract_features(plain, tiny, tmp_path / "f", workers=0).path).attrs
+
+
+def flip_bit(path: Path, dataset: str, index: tuple[int, ...], bit: int) -> None:
+    """Flip bit ``bit`` (0: the lowest) of the element ``index`` of the contiguous little-endian
+    ``dataset`` in the file's bytes, as a disk error would: the file's attributes stay as written."""
+    with h5py.File(path, "r") as f:
+        dset = f[dataset]
+        at = dset.id.get_offset() + int(np.ravel_multi_index(index, dset.shape)) * dset.dtype.itemsize + bit // 8
+    with open(path, "r+b") as f:
+        f.seek(at)
+        byte = f.read(1)[0]
+        f.seek(at)
+        f.write(bytes([byte ^ (1 << bit % 8)]))
+
+
+STORE_ATTRS = {"format_version": 1, "kind": "feature_store", "encoder": "e", "slide_id": "S1", "tile_size": 224,
+               "tile_size_level0": 448.0, "mpp_target": 0.5}
+
+
+def test_every_whole_read_of_a_feature_store_checks_its_checksums(tmp_path):
+    rng = np.random.default_rng(0)
+    features, coords = rng.normal(size=(40, 16)).astype(np.float32), rng.integers(0, 10_000, size=(40, 2))
+    path = write_feature_store(tmp_path / "S1.h5", features, coords, STORE_ATTRS)
+    with h5py.File(path, "r") as f:
+        assert f.attrs["features_crc32"] == zlib.crc32(features.tobytes())
+        assert f.attrs["coords_crc32"] == zlib.crc32(coords.astype("<i8").tobytes())
+    flip_bit(path, "features", (7, 3), 23)  # an exponent bit: the value doubles or halves, still finite
+    with h5py.File(path, "r") as f:
+        assert f["features"][7, 3] in (2 * features[7, 3], features[7, 3] / 2)
+    says = f"{path}: checksum mismatch in 'features' (CRC-32 "
+    for read in (lambda: FeatureStore.open(path).load(), lambda: read_features(path)):
+        with pytest.raises(StoreError) as err:
+            read()
+        assert str(err.value).startswith(says)
+        assert str(err.value).endswith("damaged since it was written; extract it again (wsitools extract --overwrite)")
+    with pytest.raises(DataError) as err:  # what training's cohort check and prediction open
+        FeatureStore.open_bag(path)
+    assert str(err.value).startswith(f"slide S1: {says}")
+    # a training step's sampled rows (the memory map) and a look at the shapes are not checked
+    np.testing.assert_array_equal(read_features(path, np.arange(5), layout=row_layout(path)).numpy(), features[:5])
+    assert FeatureStore.open_bag(path, check_values=False).n == 40
+    flip_bit(path, "features", (7, 3), 23)  # flipped back: whole again
+    np.testing.assert_array_equal(FeatureStore.open(path).load()[0], features)
+    flip_bit(path, "coords", (5, 1), 12)
+    for read in (lambda: read_coords(path), lambda: FeatureStore.open(path).load()):
+        with pytest.raises(StoreError, match=f"^{path}: checksum mismatch in 'coords'"):
+            read()
+    with pytest.raises(DataError, match=f"^slide S1: {path}: checksum mismatch in 'coords'"):
+        FeatureStore.open_bag(path)
+    with h5py.File(path, "r+") as f:  # a store written before checksums were recorded: read unchecked
+        del f.attrs["features_crc32"], f.attrs["coords_crc32"]
+    assert read_coords(path)[5, 1] == coords[5, 1] ^ (1 << 12) and FeatureStore.open_bag(path).n == 40
+
+
+@pytest.mark.parametrize("dataset, index, bit", [("features", (4, 2), 23), ("coords", (3, 1), 2)])
+def test_a_feature_store_that_fails_its_checksum_is_extracted_again(tiny, tmp_path, caplog, dataset, index, bit):
+    store = small_store(tmp_path / "tiles" / "S1.zarr")
+    first = extract_features(store, tiny, tmp_path / "f", workers=0)
+    features, coords = FeatureStore.open(first.path).load()
+    flip_bit(first.path, dataset, index, bit)
+    with caplog.at_level(logging.WARNING):
+        again = extract_features(store, tiny, tmp_path / "f", workers=0)
+    assert again.status == "computed"
+    assert f"{first.path}: recomputing ({first.path}: checksum mismatch in '{dataset}'" in caplog.text
+    for was, now in zip((features, coords), FeatureStore.open(again.path).load()):
+        np.testing.assert_array_equal(now, was)
+    assert extract_features(store, tiny, tmp_path / "f", workers=0).status == "reused"
+
+
+def test_a_full_disk_while_a_feature_store_is_written_is_an_oserror_naming_it(tmp_path):
+    """A file-size limit stands in for a full disk (write() fails the same way), at the raw data
+    or in the metadata HDF5 writes when it closes the file: one OSError naming the store, nothing
+    on stderr, no temporary left, and no crash at exit."""
+    script = """
+import json, resource, signal, sys
+import numpy as np
+from wsitools.feature_store import write_feature_store
+path, limit = sys.argv[1], int(sys.argv[2])
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+attrs = {"encoder": "e", "slide_id": "S1", "tile_size": 224, "tile_size_level0": 448.0, "mpp_target": 0.5}
+try:
+    write_feature_store(path, np.ones((2000, 64), np.float32), np.zeros((2000, 2), np.int64), attrs)
+    print(json.dumps("written"))
+except OSError as exc:
+    print(json.dumps([exc.errno, exc.filename]))
+"""
+    whole = write_feature_store(tmp_path / "whole.h5", np.ones((2000, 64), np.float32), np.zeros((2000, 2), np.int64),
+                                {k: v for k, v in STORE_ATTRS.items() if k not in ("format_version", "kind")})
+    size = whole.stat().st_size
+    for limit in (size - 1, size - 5000, 1000):  # the last metadata write, an earlier one, the raw data
+        path = tmp_path / "out" / "S1.h5"
+        result = subprocess.run([sys.executable, "-c", script, str(path), str(limit)], capture_output=True, text=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert (result.returncode, result.stderr) == (0, ""), result.stderr[-2000:]
+        assert json.loads(result.stdout) == [errno.EFBIG, str(path)]
+        assert list(path.parent.iterdir()) == []
+
+
+def test_cli_extract_on_a_full_disk_names_the_feature_store_in_one_line(tmp_path, capsys, monkeypatch):
+    a = small_store(tmp_path / "tiles" / "A.zarr", slide_id="A")
+    b = small_store(tmp_path / "tiles" / "B.zarr", slide_id="B", seed=3)
+    out = tmp_path / "features" / "vit-test-tiny"
+    real_write, writes = os.write, []
+
+    def write(fd: int, data) -> int:  # B's disk fills once its features are written, as HDF5 closes the file
+        if Path(os.readlink(f"/proc/self/fd/{fd}")).name.startswith(".tmp-B.h5"):
+            writes.append(len(data))
+            if len(writes) > 2:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+    argv = ["extract", str(a), str(b), "--encoder", "vit-test-tiny", "--models-dir", str(MODELS),
+            "--out", str(tmp_path / "features"), "--device", "cpu", "--workers", "0", "--quiet"]
+    assert run_cli(argv) == 1
+    assert writes == [10 * 64 * 4, 10 * 2 * 8, 40]  # features and coords written, the first metadata write failed
+    assert capsys.readouterr().err.splitlines() == [
+        f"wsitools extract: error: {b}: OSError: [Errno 28] No space left on device: '{out / 'B.h5'}'",
+        f"wsitools extract: 1 of 2 stores failed: {b}",
+    ]
+    assert sorted(p.name for p in out.iterdir()) == ["A.h5"]
+    assert FeatureStore.open(out / "A.h5").load()[0].shape[0] == 10

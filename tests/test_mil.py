@@ -335,6 +335,34 @@ def test_a_half_written_run_is_refused_with_one_line_naming_it(cohort, trained, 
         head_folders(part)
 
 
+def test_a_flipped_bit_in_a_heads_weights_is_one_line_naming_the_file(cohort, trained, tmp_path, capsys):
+    """A bit flipped in a weight leaves the file readable and every value finite, but would shift
+    every prediction: the sha256 that config.json records finds it. A head without one (saved
+    before it was recorded) loads as it is."""
+    import hashlib
+
+    run = tmp_path / "run"
+    shutil.copytree(trained["abmil"], run)
+    weights, config = run / "fold_0" / "model.safetensors", run / "fold_0" / "config.json"
+    recorded = json.loads(config.read_text())["weights_sha256"]
+    assert recorded == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert "weights_sha256" not in load_head(run / "fold_0").meta
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # an exponent bit of the last weight: 4 times larger or smaller, still finite
+    weights.write_bytes(bytes(data))
+    digest = hashlib.sha256(bytes(data)).hexdigest()
+    rc = main(["predict", "--model", str(run), "--features", str(cohort["root"] / "features"),
+               "--out", str(tmp_path / "p"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err == (f"wsitools predict: error: {weights}: checksum mismatch: its sha256 is {digest}, "
+                               f"{config} records {recorded}: damaged since it was written; train the head again\n")
+    assert not (tmp_path / "p").exists()
+    meta = json.loads(config.read_text())
+    del meta["weights_sha256"]
+    config.write_text(json.dumps(meta))
+    assert load_head(run / "fold_0").meta["fold"] == 0
+
+
 def test_a_run_is_published_only_with_its_record(tmp_path):
     with pytest.raises(RuntimeError, match="without its run.json"):
         with run_folder.writing(tmp_path / "run") as tmp:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from wsitools.errors import ConfigError, ModelError
-from wsitools.io import loader_workers, stable_hash
+from wsitools.io import loader_workers, sha256_file, stable_hash
 from wsitools.training import BestState, Checkpoints, CsvLog, Schedule, Stepper, adamw, epoch_generator
 
 CPU = torch.device("cpu")
@@ -94,8 +94,9 @@ def test_checkpoint_round_trip_continues_with_the_same_next_steps(tmp_path):
                    extra={"rows": [epoch, math.inf]})
     assert [e for e, _ in ckpts.found()] == [2, 3]  # the oldest is dropped
     state = json.loads((ckpts.found()[-1][1] / "state.json").read_text())
+    files = {name: sha256_file(ckpts.found()[-1][1] / name) for name in ("trainable.safetensors", "optimizer.pt")}
     assert state == {"epochs_done": 3, "steps_done": 3, "schedule_hash": stable_hash(settings),
-                     "settings": settings, "extra": {"rows": [3, math.inf]}}
+                     "settings": settings, "extra": {"rows": [3, math.inf]}, "sha256": files}
     for b in batches[3:]:
         stepper.backward(_loss(model, b))
 
@@ -127,6 +128,35 @@ def test_checkpoint_round_trip_continues_with_the_same_next_steps(tmp_path):
     with pytest.raises(ModelError, match=r"optimizer.pt: not a weight file \(neither safetensors nor a PyTorch checkpoint\)"):
         ckpts.restore(last, tensors=dict(fresh.named_parameters()), stepper=resumed, settings=settings)
 
+
+
+def test_a_checkpoint_whose_weights_changed_since_is_named_and_not_restored(tmp_path):
+    """One flipped bit in the trainable tensors leaves the file readable; the sha256 that
+    state.json records finds it before anything is restored. A checkpoint without the record
+    (written before it was kept) restores unchecked."""
+    model, fresh = _Tiny(), _Tiny()
+    stepper, resumed = _stepper(model), _stepper(fresh)
+    stepper.backward(_loss(model, _batches(1)[0]))
+    ckpts = Checkpoints(tmp_path / "checkpoints")
+    last = ckpts.save(epoch=1, tensors=dict(model.named_parameters()), stepper=stepper, settings={})
+    weights = last / "trainable.safetensors"
+    recorded = json.loads((last / "state.json").read_text())["sha256"]["trainable.safetensors"]
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # an exponent bit of the last value: still finite
+    weights.write_bytes(bytes(data))
+    before = [p.clone() for p in fresh.parameters()]
+    with pytest.raises(ModelError) as err:
+        ckpts.restore(last, tensors=dict(fresh.named_parameters()), stepper=resumed, settings={})
+    assert str(err.value) == (
+        f"{weights}: checksum mismatch: its sha256 is {sha256_file(weights)}, {last / 'state.json'} records "
+        f"{recorded}: damaged since it was written; remove {last} to resume from the checkpoint before it, or "
+        "start the run over"
+    )
+    assert resumed.step == 0 and all(torch.equal(p, q) for p, q in zip(before, fresh.parameters()))
+    state = json.loads((last / "state.json").read_text())
+    del state["sha256"]
+    (last / "state.json").write_text(json.dumps(state))
+    assert ckpts.restore(last, tensors=dict(fresh.named_parameters()), stepper=resumed, settings={}).epochs_done == 1
 
 def test_epoch_generator_is_a_function_of_seed_epoch_and_stream():
     def draw(seed: int, epoch: int, stream: int = 31337) -> list[float]:

@@ -12,15 +12,22 @@ floating ``features`` dataset as a bag (:meth:`FeatureStore.open_bag`, every val
 read its rows (:func:`read_features`, with :func:`row_layout` for sampled rows through a memory
 map) and coordinates (:func:`read_coords`). :class:`EncoderRecord` and :class:`TileGeometry`
 read what a store records of the encoder and of the tiles its features come from.
+
+A store records the CRC-32 of each dataset (:data:`CHECKSUM_ATTRS`), and every read of a whole
+dataset here checks it (:func:`checked_rows`): a flipped bit that leaves a value finite would
+otherwise change predictions silently. Sampled rows read through the memory map (training
+steps) are not checked; the whole bag was, when the cohort was checked.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
 import time
-from collections.abc import Mapping
+import zlib
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -51,6 +58,9 @@ REQUIRED_ATTRS = ("encoder", "slide_id")
 
 GEOMETRY_ATTRS = ("tile_size", "tile_size_level0", "mpp_target")
 """File attributes the CLAM/TRIDENT attributes of ``coords`` are computed from."""
+
+CHECKSUM_ATTRS = {"features": "features_crc32", "coords": "coords_crc32"}
+"""The file attribute recording each dataset's :func:`crc32_of`, by dataset."""
 
 
 def magnification(mpp: float) -> float:
@@ -252,7 +262,9 @@ class FeatureStore:
         position), and (with ``check_values``) every feature finite. Lenient where :meth:`open`
         is strict (no kind, version or attributes needed), so bags written by other tools train
         too; but a ``slide_id`` attribute, where there is one, must be the file's name (a store
-        copied or renamed under another slide's id would be that slide's bag). Where the file
+        copied or renamed under another slide's id would be that slide's bag). ``check_values``
+        also reads ``coords`` and checks both datasets' checksums where the file records them
+        (:func:`checked_rows`), so a damaged store is found here, with the cohort. Where the file
         records no ``tile_size_level0``, its ``attrs`` take it from the ``coords`` attributes
         CLAM or TRIDENT write (:func:`peer_tile_size_level0`), so that its attention can be
         drawn. Raises :class:`DataError` naming the slide."""
@@ -292,7 +304,8 @@ class FeatureStore:
                         "slide_id attribute); a feature store is named {slide_id}.h5"
                     )
                 if check_values:
-                    check_finite(feats, slide_id=slide_id, path=path)
+                    _read_through(_finite(checked_rows(f, "features", path), slide_id=slide_id, path=path))
+                    _read_through(checked_rows(f, "coords", path))
                 if "tile_size_level0" not in attrs:
                     level0 = peer_tile_size_level0(_decoded_attrs(f["coords"].attrs))
                     if level0 is not None:
@@ -301,6 +314,8 @@ class FeatureStore:
                     path=path, attrs=attrs, n=int(feats.shape[0]), dim=int(feats.shape[1]),
                     dtype=feats.dtype.name, slide_id=slide_id,
                 )
+        except StoreError as exc:
+            raise DataError(f"slide {slide_id}: {exc}") from None
         except (OSError, TypeError, ValueError) as exc:
             raise DataError(
                 f"slide {slide_id}: feature store {path} cannot be read: {one_line(exc)}; extract it again"
@@ -330,9 +345,13 @@ class FeatureStore:
         return value if isinstance(value, str) and value else None
 
     def load(self) -> tuple[np.ndarray, np.ndarray]:
-        """``(features, coords)``: features [N, D] in the stored dtype, coords [N, 2] int64."""
+        """``(features, coords)``: features [N, D] in the stored dtype, every value finite,
+        coords [N, 2] int64, both checked against their checksums (:func:`checked_rows`)."""
         with h5py.File(self.path, "r") as f:
-            return np.asarray(f["features"][:]), np.asarray(f["coords"][:], np.int64)
+            rows = _finite(checked_rows(f, "features", self.path), slide_id=self.slide_id, path=self.path)
+            features = _read_all(f["features"], rows)
+            coords = _read_all(f["coords"], checked_rows(f, "coords", self.path))
+        return features, coords.astype(np.int64, copy=False)
 
     def coords(self) -> np.ndarray:
         """The ``coords`` [N, 2] int64 (:func:`read_coords`)."""
@@ -383,7 +402,8 @@ def feature_attrs(store: PatchStore, encoder: Encoder) -> dict[str, Any]:
 
 def reusable(path: Path, store: PatchStore, encoder: Encoder, dtype: FeatureDtype) -> bool:
     """True if ``path`` holds features of exactly this store and encoder (hashes and coords),
-    stored in ``dtype``. Features of another patch store that still exists under another path
+    stored in ``dtype``, finite and matching their checksums (a damaged file is recomputed, with
+    a warning naming it). Features of another patch store that still exists under another path
     (another tiling of the slide, or another project's slide of the same id, in one features
     folder) are a :class:`StoreError`: replacing them would silently change what that store's
     users read."""
@@ -411,17 +431,21 @@ def reusable(path: Path, store: PatchStore, encoder: Encoder, dtype: FeatureDtyp
             )
         log.info("%s: recomputing (patch store changed)", path)
         return False
-    if existing.dim != encoder.dim or not np.array_equal(existing.coords(), store.coords):
-        log.info("%s: recomputing (shape or coordinates differ from the store)", path)
+    if existing.dim != encoder.dim:
+        log.info("%s: recomputing (%d-d features, the encoder gives %d-d)", path, existing.dim, encoder.dim)
         return False
     if existing.dtype != dtype:
         log.info("%s: recomputing (stored as %s, %s asked for)", path, existing.dtype, dtype)
         return False
-    try:  # extraction writes finite features only: others were damaged since
+    try:  # extraction writes finite features and matching checksums only: others were damaged since
         with h5py.File(path, "r") as f:
-            check_finite(f["features"], slide_id=store.slide_id, path=path)
-    except (DataError, OSError) as exc:
+            coords = _read_all(f["coords"], checked_rows(f, "coords", path))
+            _read_through(_finite(checked_rows(f, "features", path), slide_id=store.slide_id, path=path))
+    except (DataError, StoreError, OSError) as exc:
         log.warning("%s: recomputing (%s)", path, one_line(exc))
+        return False
+    if not np.array_equal(coords, store.coords):
+        log.info("%s: recomputing (coordinates differ from the store)", path)
         return False
     return True
 
@@ -435,31 +459,120 @@ def write_feature_store(
     chunks: tuple[int, int] | None = None,
 ) -> Path:
     """Write ``features``/``coords`` and ``attrs`` to ``path`` atomically (replacing any old file),
-    with the CLAM/TRIDENT attributes on ``coords`` (:func:`interop_attrs`); returns ``path``.
+    with the CLAM/TRIDENT attributes on ``coords`` (:func:`interop_attrs`) and each dataset's
+    checksum (:data:`CHECKSUM_ATTRS`); returns ``path``. A write that fails (a full disk) is an
+    ``OSError`` naming ``path`` (:class:`_KeptErrorFile`), and nothing is left behind.
 
     ``features`` is stored contiguous (what :func:`row_layout` maps) unless ``chunks`` is given."""
     path = Path(path)
+    features, coords = np.asarray(features), np.asarray(coords, np.int64)
+    checksums = {CHECKSUM_ATTRS["features"]: crc32_of(features), CHECKSUM_ATTRS["coords"]: crc32_of(coords)}
     with atomic_path(path, overwrite=True) as tmp:
-        with h5py.File(tmp, "w") as f:
+        with _KeptErrorFile(tmp, "w+") as raw, h5py.File(raw, "w") as f:
             f.create_dataset("features", data=features, chunks=chunks)
-            f.create_dataset("coords", data=np.asarray(coords, np.int64))
+            f.create_dataset("coords", data=coords)
             f["coords"].attrs.update(interop_attrs_of(path, attrs))
-            f.attrs.update(attrs)
+            f.attrs.update({**attrs, **checksums})
     return path
+
+
+class _KeptErrorFile(io.FileIO):
+    """The file HDF5 writes a feature store through (h5py's file-object driver), which keeps the
+    first ``OSError`` of a write or truncation (a full disk) and raises it from :meth:`close`,
+    once HDF5 has closed the file. HDF5 cannot recover from a write that fails while it closes a
+    file (the file stays half-open and the process crashes at exit), so it is never told: what
+    it writes after the failure is dropped (HDF5 reads nothing back from a file it creates), and
+    the file is removed."""
+
+    error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        size = view.nbytes
+        while self.error is None and view:
+            try:
+                view = view[os.write(self.fileno(), view) :]  # a write may take part of the bytes
+            except OSError as exc:
+                self.error = exc
+        return size
+
+    def truncate(self, size: int | None = None) -> int:
+        if self.error is None:
+            try:
+                return super().truncate(size)
+            except OSError as exc:
+                self.error = exc
+        return self.tell() if size is None else size
+
+    def close(self) -> None:
+        super().close()
+        error, self.error = self.error, None
+        if error is not None:
+            raise error
+
+
+def crc32_of(values: np.ndarray, crc: int = 0) -> int:
+    """The CRC-32 (zlib) of ``values``' bytes, little-endian in C order, continued from ``crc``:
+    the checksum of rows read in blocks is that of the whole dataset."""
+    return zlib.crc32(np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("<")), crc)
+
+
+def checked_rows(f: h5py.File, name: str, path: Path) -> Iterator[np.ndarray]:
+    """The rows of dataset ``name`` of the open store ``f`` (at ``path``), :data:`CHECK_ROWS` at
+    a time; after the last, a :class:`StoreError` naming the file and the dataset when the file
+    records the dataset's checksum (:data:`CHECKSUM_ATTRS`) and the rows read do not match it.
+    A store without one (written before checksums were recorded, or by another tool) is read
+    unchecked. Read it to the end: the check comes last."""
+    dset, recorded = f[name], f.attrs.get(CHECKSUM_ATTRS[name])
+    crc = 0
+    for start in range(0, dset.shape[0], CHECK_ROWS):
+        rows = dset[start : start + CHECK_ROWS]
+        crc = crc32_of(rows, crc) if recorded is not None else 0
+        yield rows
+    if recorded is not None and crc != recorded:
+        raise StoreError(
+            f"{path}: checksum mismatch in {name!r} (CRC-32 {crc:08x}, recorded {int(recorded):08x}): "
+            "damaged since it was written; extract it again (wsitools extract --overwrite)"
+        )
+
+
+def _read_all(dset: h5py.Dataset, blocks: Iterable[np.ndarray]) -> np.ndarray:
+    """The rows of ``dset`` from ``blocks``, its consecutive blocks of rows."""
+    out = np.empty(dset.shape, dset.dtype)
+    start = 0
+    for rows in blocks:
+        out[start : start + len(rows)] = rows
+        start += len(rows)
+    return out
+
+
+def _read_through(blocks: Iterable[np.ndarray]) -> None:
+    """Read ``blocks`` to the end, for the checks they make (:func:`checked_rows`, :func:`_finite`)."""
+    for _ in blocks:
+        pass
 
 
 def check_finite(feats: h5py.Dataset | np.ndarray, *, slide_id: str, path: Path) -> None:
     """A :class:`DataError` naming the slide when a row of ``feats`` holds NaN or inf (read
     :data:`CHECK_ROWS` rows at a time). Extraction never writes such rows, so the file was
     damaged after writing (or written by another tool)."""
-    for start in range(0, feats.shape[0], CHECK_ROWS):
-        bad = ~np.isfinite(feats[start : start + CHECK_ROWS]).all(axis=1)
+    _read_through(_finite((feats[s : s + CHECK_ROWS] for s in range(0, feats.shape[0], CHECK_ROWS)),
+                          slide_id=slide_id, path=path))
+
+
+def _finite(blocks: Iterable[np.ndarray], *, slide_id: str, path: Path) -> Iterator[np.ndarray]:
+    """``blocks`` of consecutive feature rows, each checked as :func:`check_finite` says."""
+    start = 0
+    for block in blocks:
+        bad = ~np.isfinite(block).all(axis=1)
         if bad.any():
             rows = start + np.flatnonzero(bad)
             raise DataError(
                 f"slide {slide_id}: feature store {path} has non-finite (NaN/inf) features "
                 f"in {int(bad.sum())}+ rows, first row {int(rows[0])}; extract it again (wsitools extract --overwrite)"
             )
+        start += len(block)
+        yield block
 
 
 class RowLayout(NamedTuple):
@@ -486,7 +599,8 @@ def read_features(
     (returned in sorted row order).
 
     A whole bag is read in blocks of :data:`CHECK_ROWS` rows into the float32 result, so a
-    float16 store never sits in memory twice. With the ``layout`` of a contiguous dataset (what
+    float16 store never sits in memory twice, and checked against its checksum
+    (:func:`checked_rows`; :class:`StoreError`). With the ``layout`` of a contiguous dataset (what
     the feature step writes; from :func:`row_layout`, looked up once per store), selected rows
     are gathered through a memory map of the h5 file at the dataset's offset, without opening it
     with HDF5 or HDF5's per-row selection (0.2-0.4 ms of a 4-6 ms training step on 512 rows).
@@ -497,11 +611,11 @@ def read_features(
 
     if index is None or layout is None:
         with h5py.File(path, "r") as f:
-            dset = f["features"]
-            n, dim = dset.shape
-            out = torch.empty((n, dim), dtype=torch.float32)
-            for start in range(0, n, CHECK_ROWS):
-                out[start : start + CHECK_ROWS] = torch.from_numpy(_native(dset[start : start + CHECK_ROWS]))
+            out = torch.empty(f["features"].shape, dtype=torch.float32)
+            start = 0
+            for rows in checked_rows(f, "features", Path(path)):
+                out[start : start + len(rows)] = torch.from_numpy(_native(rows))
+                start += len(rows)
         return out if index is None else out[torch.from_numpy(np.sort(index))]
     rows = np.memmap(path, dtype=np.dtype(layout.dtype), mode="r", offset=layout.offset, shape=layout.shape)
     return torch.from_numpy(_native(rows[np.sort(index)])).to(torch.float32)
@@ -514,11 +628,12 @@ def _native(rows: np.ndarray) -> np.ndarray:
 
 
 def read_coords(path: str | os.PathLike[str]) -> np.ndarray:
-    """The ``coords`` [N, 2] int64 of a feature store (level-0 x, y of each tile's top-left)."""
+    """The ``coords`` [N, 2] int64 of a feature store (level-0 x, y of each tile's top-left),
+    checked against its checksum (:func:`checked_rows`)."""
     with h5py.File(path, "r") as f:
         if "coords" not in f:
             raise StoreError(f"feature store {path} has no 'coords' dataset")
-        return np.asarray(f["coords"][()], dtype=np.int64)
+        return _read_all(f["coords"], checked_rows(f, "coords", Path(path))).astype(np.int64, copy=False)
 
 
 class EncoderRecord(NamedTuple):

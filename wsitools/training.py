@@ -62,7 +62,7 @@ from wsitools.device import TrainPrecision, autocast, training_amp_dtype
 from wsitools.encoders.checkpoint import check_optimizer_state, read_checkpoint, read_state_dict
 from wsitools.errors import ConfigError, ModelError, one_line
 from wsitools.feature_store import TileGeometry
-from wsitools.io import atomic_path, stable_hash, write_safetensors, write_torch
+from wsitools.io import atomic_path, sha256_file, stable_hash, write_safetensors, write_torch
 from wsitools.tables import write_table
 
 if TYPE_CHECKING:
@@ -75,6 +75,9 @@ ScheduleKind = Literal["cosine", "constant"]
 
 CHECKPOINT_RE = re.compile(r"epoch-(\d{4,})")
 """A checkpoint folder's name: the number of epochs done, zero-padded to at least 4 digits."""
+
+CHECKPOINT_FILES = ("trainable.safetensors", "optimizer.pt")
+"""The files of a checkpoint whose sha256 its ``state.json`` records."""
 
 
 def learning_rate_at(
@@ -380,9 +383,9 @@ def describe_geometries(geometries: Mapping[str, int]) -> str:
 class Checkpoints:
     """The resumable checkpoints under ``root``: ``epoch-NNNN/`` with the trainable tensors
     (``trainable.safetensors``), the optimiser and scaler states (``optimizer.pt``) and
-    ``state.json`` (epochs and steps done, the settings that shape the run and their hash, and
-    the trainer's own ``extra`` record). Each is written under a temporary name and renamed when
-    complete; the last ``keep`` stay."""
+    ``state.json`` (epochs and steps done, the settings that shape the run and their hash, the
+    sha256 of the two other files, and the trainer's own ``extra`` record). Each is written under
+    a temporary name and renamed when complete; the last ``keep`` stay."""
 
     root: Path
     keep: int = 2
@@ -420,6 +423,7 @@ class Checkpoints:
             tmp.mkdir()
             write_safetensors(tmp / "trainable.safetensors", tensors)
             write_torch(tmp / "optimizer.pt", stepper.state_dict())
+            state["sha256"] = {name: sha256_file(tmp / name) for name in CHECKPOINT_FILES}
             (tmp / "state.json").write_text(json.dumps(state, indent=2))
         for _, old in self.found()[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
@@ -439,18 +443,29 @@ class Checkpoints:
         """Copy checkpoint ``path`` into the live ``tensors`` and ``stepper``.
 
         A checkpoint written with other ``settings`` is a :class:`ConfigError` naming the folder
-        and the settings that differ; a damaged one a :class:`ModelError` naming its file."""
+        and the settings that differ; a damaged one a :class:`ModelError` naming its file (a file
+        whose sha256 is not the one ``state.json`` records, where it records them: one flipped
+        bit would otherwise go on into the run's result)."""
         try:
             state = json.loads((path / "state.json").read_text())
             done, steps = int(state["epochs_done"]), int(state["steps_done"])
             written_hash, extra = str(state["schedule_hash"]), dict(state.get("extra") or {})
+            recorded = dict(state.get("sha256") or {})
         except (OSError, ValueError, TypeError, KeyError) as exc:
             raise ModelError(f"{path / 'state.json'}: not a checkpoint state ({one_line(exc)})") from None
         check_same_settings(path, written=state.get("settings"), written_hash=written_hash, settings=settings,
                             remedy=f"or start the run over: remove {self.root} or choose another --out")
         saved = read_state_dict(path / "trainable.safetensors", tensors)
         opt_path = path / "optimizer.pt"
-        stepper.load_state_dict(read_checkpoint(opt_path), step=steps, source=str(opt_path))
+        optimizer = read_checkpoint(opt_path)
+        for name, digest in recorded.items():  # after reading: a file that is no checkpoint is named as such
+            if name in CHECKPOINT_FILES and (actual := sha256_file(path / name)) != digest:
+                raise ModelError(
+                    f"{path / name}: checksum mismatch: its sha256 is {actual}, {path / 'state.json'} records "
+                    f"{digest}: damaged since it was written; remove {path} to resume from the checkpoint before "
+                    "it, or start the run over"
+                )
+        stepper.load_state_dict(optimizer, step=steps, source=str(opt_path))
         with torch.no_grad():
             for k, p in tensors.items():
                 p.copy_(saved[k].to(p.device))

@@ -10,6 +10,7 @@ or the right result where the input is still meaningful.
 from __future__ import annotations
 
 import json
+import zlib
 from pathlib import Path
 
 import h5py
@@ -24,6 +25,7 @@ from wsitools.mil.synthetic import make_bag_cohort
 from wsitools.samples import read_samples
 from wsitools.text import load_task
 from cli_calls import one_line, run
+from test_features import flip_bit
 
 TASK = {"name": "planted", "description": "is there a planted region",
         "classes": {"neg": "one texture only", "pos": "a region of another texture"}}
@@ -69,6 +71,27 @@ def assert_skipped_in_train_and_predict(root, slide_id: str, reason: str, capsys
     assert rc == 0, err
     skipped = json.loads((root / "p" / "predict.json").read_text())["skipped"]
     assert skipped == {slide_id: f"slide {slide_id}: {reason}"}
+
+@pytest.mark.parametrize("dataset, index, bit", [("features", (3, 2), 23), ("coords", (2, 0), 12)])
+def test_a_flipped_bit_in_a_feature_store_skips_that_slide_and_fails_its_export(cohort, capsys, dataset, index, bit):
+    """A bit flipped on disk leaves the values finite and the shapes right (a feature doubled or
+    halved, a tile moved): only the store's checksum finds it."""
+    root, bags = cohort
+    rc, err = run(train_argv(root, root / "labels.csv", "before"), capsys)
+    assert rc == 0, err
+    bad = bags[0].path
+    flip_bit(bad, dataset, index, bit)
+    with h5py.File(bad, "r") as f:
+        read = zlib.crc32(f[dataset][()].astype(f[dataset].dtype.newbyteorder("<")))
+        recorded = f.attrs.get(f"{dataset}_crc32", -1)
+    reason = (f"{bad}: checksum mismatch in '{dataset}' (CRC-32 {read:08x}, recorded {recorded:08x}): damaged since "
+              "it was written; extract it again (wsitools extract --overwrite)")
+    assert_skipped_in_train_and_predict(root, bags[0].slide_id, reason, capsys)
+    rc, err = run(["export", "--to", "clam", "--features", root / "features", "--out", root / "x", "--quiet"], capsys)
+    assert rc == 1 and reason in err and "Traceback" not in err, err
+    exported = sorted(p.stem for p in (root / "x" / "pt_files").iterdir())
+    assert exported == sorted(b.slide_id for b in bags[1:])
+
 
 def test_a_bag_without_coords_is_skipped_before_training_and_in_predict(cohort, capsys):
     root, bags = cohort
