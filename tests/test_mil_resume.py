@@ -207,22 +207,28 @@ def test_resume_with_other_settings_starts_afresh_naming_what_changed(slides, tm
     assert kill.calls == [2] and not (tmp_path / ".p.partial").exists() and (tmp_path / "p" / "run.json").is_file()
 
 
-def test_a_damaged_head_of_a_finished_fold_is_not_reused_by_resume(slides, tmp_path, monkeypatch, capsys):
-    kill = Kill(monkeypatch, at=1)
+def test_a_damaged_head_of_a_finished_fold_is_trained_again_by_resume(slides, tmp_path, monkeypatch, caplog):
+    whole = train(out_dir=tmp_path / "whole", config=CONFIG, **slides)
+    kill = Kill(monkeypatch, at=2)
     with pytest.raises(KeyboardInterrupt):
         train(out_dir=tmp_path / "o", config=CONFIG, resume=True, **slides)
-    fold = tmp_path / ".o.partial" / "fold_0"
+    partial = tmp_path / ".o.partial"
+    fold = partial / "fold_0"
     data = bytearray((fold / "model.safetensors").read_bytes())
     data[-1] ^= 1  # an exponent bit of a weight: the head reads, and predicts otherwise
     (fold / "model.safetensors").write_bytes(bytes(data))
+    (partial / "fold_1" / "metrics.json").write_text("{")  # cut off
+    kill.at, kill.calls = 1, []
+    with pytest.raises(KeyboardInterrupt):  # killed again while fold 1 trains again
+        train(out_dir=tmp_path / "o", config=CONFIG, resume=True, **slides)
+    assert kill.calls == [0, 1]  # fold 0 was not reused: trained again, and is now done
+    assert json.loads((partial / "partial.json").read_text())["folds_done"] == [0]
+    assert f"fold 0: cannot be read back ({fold / 'model.safetensors'}: checksum mismatch" in caplog.text
     kill.at, kill.calls = None, []
-    args = ["train", "--features", str(slides["features_dir"]), "--labels", str(slides["labels"]), "--task",
-            str(slides["task"]), "--epochs", "3", "--min-epochs", "0", "--folds", "3", "--bootstrap", "20",
-            "--seed", "2", "--quiet", "--resume", "--out", str(tmp_path / "o")]
-    assert main(args) == 2
-    err = capsys.readouterr().err
-    assert err.startswith(f"wsitools train: error: {fold / 'model.safetensors'}: checksum mismatch: its sha256 is ")
-    assert err.count("\n") == 1 and kill.calls == [] and not (tmp_path / "o").exists()
+    resumed = train(out_dir=tmp_path / "o", config=CONFIG, resume=True, **slides)
+    assert kill.calls == [1, 2] and not partial.exists()
+    assert _strip(resumed) == _strip(whole)
+    assert_same_run(tmp_path / "o", tmp_path / "whole")
 
 
 def test_a_partial_folder_without_its_record_is_started_afresh(slides, tmp_path):

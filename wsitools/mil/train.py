@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wsitools import __version__
-from wsitools.errors import DataError
+from wsitools.errors import DataError, ModelError, StoreError, one_line
 from wsitools.metrics import (
     METRICS,
     REGRESSION_METRICS,
@@ -1116,6 +1116,23 @@ def resume_settings(setup: RunSetup, config: TrainConfig) -> dict[str, Any]:
     }
 
 
+def _read_back(
+    run_dir: Path, setup: RunSetup, fold: Fold, config: TrainConfig, *, device: torch.device
+) -> FoldOutput | None:
+    """:func:`_read_fold`, or ``None`` with a warning naming what is wrong where the fold's files
+    no longer read back whole (a head whose weights fail their checksum, a cut-off table: damaged
+    since they were written): the fold is then no longer marked done, and is trained again."""
+    try:
+        return _read_fold(run_dir, setup, fold, config, device=device)
+    except (ModelError, DataError, StoreError) as exc:
+        log.warning("fold %d: cannot be read back (%s); training it again", fold.index, one_line(exc))
+    record = run_folder.read_partial(run_dir)
+    assert record is not None
+    record["folds_done"] = [k for k in record["folds_done"] if k != fold.index]
+    run_folder.write_partial(run_dir, record)
+    return None
+
+
 def _folds_done(folder: Path, settings: dict[str, Any]) -> set[int]:
     """The folds an interrupted run wrote whole into the partial folder ``folder``. When that run
     had other settings (another cohort, labels, folds or options: a rerun after the inputs
@@ -1251,8 +1268,10 @@ def train(
             outputs = []
             for fold in setup.folds:
                 if fold.index in done:
-                    outputs.append(_read_fold(tmp, setup, fold, config, device=dev))
-                    continue
+                    output = _read_back(tmp, setup, fold, config, device=dev)
+                    if output is not None:
+                        outputs.append(output)
+                        continue
                 result = train_fold(cohort, fold, head_config, config, text_embeddings=setup.text_embeddings,
                                     device=dev, progress=progress)
                 outputs.append(_write_fold(tmp, setup, result, config))
