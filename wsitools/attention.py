@@ -25,7 +25,7 @@ import numpy as np
 
 from wsitools import __version__
 from wsitools.errors import StoreError
-from wsitools.io import atomic_path
+from wsitools.io import KeptErrorFile, atomic_path
 
 ATTENTION_FORMAT_VERSION = 1
 PROVENANCE_ATTRS = ("slide_path", "store_path", "tile_size", "tile_size_level0", "mpp_target", "encoder")
@@ -108,7 +108,7 @@ def write_attention(
     if len(probs) != len(classes):
         raise ValueError(f"slide {slide_id}: {len(probs)} probabilities for {len(classes)} classes")
     with atomic_path(path, overwrite=True) as tmp:
-        with h5py.File(tmp, "w") as f:
+        with KeptErrorFile(tmp, "w+") as raw, h5py.File(raw, "w") as f:  # a full disk: one OSError
             f.create_dataset("attention", data=np.asarray(attention, dtype=np.float32))
             f.create_dataset("coords", data=np.asarray(coords, dtype=np.int64))
             f.attrs["format_version"] = ATTENTION_FORMAT_VERSION

@@ -43,7 +43,7 @@ import torch
 
 from wsitools.errors import StoreError
 from wsitools.feature_store import EncoderRecord, FeatureStore, TileGeometry, check_finite
-from wsitools.io import TEMP_PREFIX, atomic_path, check_own_folder, write_torch
+from wsitools.io import TEMP_PREFIX, KeptErrorFile, atomic_path, check_own_folder, write_torch
 from wsitools.types import check_slide_id
 
 ExportTarget = Literal["clam", "trident"]
@@ -153,7 +153,7 @@ def export_file_attrs(store: FeatureStore) -> dict[str, Any]:
 def _write_h5(path: Path, coords: np.ndarray, coords_attrs: dict[str, Any], *, file_attrs: dict[str, Any],
               features: np.ndarray | None = None, features_attrs: dict[str, Any] | None = None) -> None:
     with atomic_path(path, overwrite=True) as tmp:
-        with h5py.File(tmp, "w") as f:
+        with KeptErrorFile(tmp, "w+") as raw, h5py.File(raw, "w") as f:  # a full disk: one OSError
             f.attrs.update(file_attrs)
             if features is not None:
                 f.create_dataset("features", data=features)

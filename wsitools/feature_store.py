@@ -21,7 +21,6 @@ steps) are not checked; the whole bag was, when the cohort was checked.
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import os
@@ -37,7 +36,7 @@ import numpy as np
 
 from wsitools import __version__
 from wsitools.errors import DataError, StoreError, one_line
-from wsitools.io import atomic_path
+from wsitools.io import KeptErrorFile, atomic_path
 from wsitools.types import FeatureDtype, check_slide_id
 
 if TYPE_CHECKING:
@@ -461,54 +460,19 @@ def write_feature_store(
     """Write ``features``/``coords`` and ``attrs`` to ``path`` atomically (replacing any old file),
     with the CLAM/TRIDENT attributes on ``coords`` (:func:`interop_attrs`) and each dataset's
     checksum (:data:`CHECKSUM_ATTRS`); returns ``path``. A write that fails (a full disk) is an
-    ``OSError`` naming ``path`` (:class:`_KeptErrorFile`), and nothing is left behind.
+    ``OSError`` naming ``path`` (:class:`~wsitools.io.KeptErrorFile`), and nothing is left behind.
 
     ``features`` is stored contiguous (what :func:`row_layout` maps) unless ``chunks`` is given."""
     path = Path(path)
     features, coords = np.asarray(features), np.asarray(coords, np.int64)
     checksums = {CHECKSUM_ATTRS["features"]: crc32_of(features), CHECKSUM_ATTRS["coords"]: crc32_of(coords)}
     with atomic_path(path, overwrite=True) as tmp:
-        with _KeptErrorFile(tmp, "w+") as raw, h5py.File(raw, "w") as f:
+        with KeptErrorFile(tmp, "w+") as raw, h5py.File(raw, "w") as f:
             f.create_dataset("features", data=features, chunks=chunks)
             f.create_dataset("coords", data=coords)
             f["coords"].attrs.update(interop_attrs_of(path, attrs))
             f.attrs.update({**attrs, **checksums})
     return path
-
-
-class _KeptErrorFile(io.FileIO):
-    """The file HDF5 writes a feature store through (h5py's file-object driver), which keeps the
-    first ``OSError`` of a write or truncation (a full disk) and raises it from :meth:`close`,
-    once HDF5 has closed the file. HDF5 cannot recover from a write that fails while it closes a
-    file (the file stays half-open and the process crashes at exit), so it is never told: what
-    it writes after the failure is dropped (HDF5 reads nothing back from a file it creates), and
-    the file is removed."""
-
-    error: OSError | None = None
-
-    def write(self, data: Any) -> int:
-        view = memoryview(data).cast("B")
-        size = view.nbytes
-        while self.error is None and view:
-            try:
-                view = view[os.write(self.fileno(), view) :]  # a write may take part of the bytes
-            except OSError as exc:
-                self.error = exc
-        return size
-
-    def truncate(self, size: int | None = None) -> int:
-        if self.error is None:
-            try:
-                return super().truncate(size)
-            except OSError as exc:
-                self.error = exc
-        return self.tell() if size is None else size
-
-    def close(self) -> None:
-        super().close()
-        error, self.error = self.error, None
-        if error is not None:
-            raise error
 
 
 def crc32_of(values: np.ndarray, crc: int = 0) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import json
 import os
 import re
@@ -466,3 +467,38 @@ def yaml_loader() -> type:
 
     StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
     return StrictLoader
+
+
+class KeptErrorFile(io.FileIO):
+    """A file to write an HDF5 file through (h5py's file-object driver), which keeps the
+    first ``OSError`` of a write or truncation (a full disk) and raises it from :meth:`close`,
+    once HDF5 has closed the file. HDF5 cannot recover from a write that fails while it closes a
+    file (the file stays half-open and the process crashes at exit), so it is never told: what
+    it writes after the failure is dropped (HDF5 reads nothing back from a file it creates), and
+    the file is removed."""
+
+    error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        size = view.nbytes
+        while self.error is None and view:
+            try:
+                view = view[os.write(self.fileno(), view) :]  # a write may take part of the bytes
+            except OSError as exc:
+                self.error = exc
+        return size
+
+    def truncate(self, size: int | None = None) -> int:
+        if self.error is None:
+            try:
+                return super().truncate(size)
+            except OSError as exc:
+                self.error = exc
+        return self.tell() if size is None else size
+
+    def close(self) -> None:
+        super().close()
+        error, self.error = self.error, None
+        if error is not None:
+            raise error
