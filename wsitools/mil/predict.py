@@ -24,7 +24,7 @@ import torch
 
 from wsitools import __version__
 from wsitools.attention import pooling_attrs, write_attention
-from wsitools.errors import DataError, ModelError
+from wsitools.errors import DataError, ModelError, StoreError
 from wsitools.io import atomic_path, check_out_apart, check_own_folder, write_json_atomic
 from wsitools.feature_store import (
     EncoderRecord,
@@ -190,10 +190,16 @@ def _checked_bag(
 
 
 def _read_bag(bag: FeatureStore) -> torch.Tensor:
-    """The features of ``bag`` as float32 [N, D], read once; the :class:`DataError` of
-    :func:`~wsitools.feature_store.check_finite` naming the slide and file when a row holds NaN
-    or inf (also a float64 value beyond float32's range, which the head would see as inf)."""
-    x = read_features(bag.path)
+    """The features of ``bag`` as float32 [N, D], read once; a :class:`DataError` naming the
+    slide and file when a row holds NaN or inf (:func:`~wsitools.feature_store.check_finite`;
+    also a float64 value beyond float32's range, which the head would see as inf) or when the
+    features or the coords fail their checksums (damaged since they were written), so that the
+    slide is skipped before its attention is written."""
+    try:
+        x = read_features(bag.path)
+        read_coords(bag.path)
+    except StoreError as exc:
+        raise DataError(f"slide {bag.slide_id}: {exc}") from None
     check_finite(x.numpy(), slide_id=bag.slide_id, path=bag.path)
     return x
 
