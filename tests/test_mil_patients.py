@@ -171,8 +171,8 @@ def test_predict_skips_a_bad_slide_and_pools_the_rest(cohort, runs, tmp_path):
     # a slide named twice is pooled once
     twice = predict(runs["patient"], cohort["root"] / "features", tmp_path / "twice", patients=cohort["labels"],
                     slides=["p01_s0", "p01_s0", "p01_s1"], progress=False)
-    once = predict(runs["patient"], cohort["root"] / "features", tmp_path / "once", patients=cohort["labels"],
-                   slides=["p01_s0", "p01_s1"], progress=False)
+    predict(runs["patient"], cohort["root"] / "features", tmp_path / "once", patients=cohort["labels"],
+            slides=["p01_s0", "p01_s1"], progress=False)
     assert [r.slide_ids for r in twice] == [("p01_s0", "p01_s1")]
     for slide_id in ("p01_s0", "p01_s1"):
         np.testing.assert_array_equal(read_attention(tmp_path / "twice" / "attention" / f"{slide_id}.h5").attention,
