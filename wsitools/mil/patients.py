@@ -24,7 +24,7 @@ import numpy as np
 
 from wsitools.attention import write_attention
 from wsitools.errors import DataError
-from wsitools.feature_store import FeatureStore, read_coords
+from wsitools.feature_store import FeatureStore
 from wsitools.labels import LabelRow
 from wsitools.mil.data import Cohort
 from wsitools.text import TaskType
@@ -172,24 +172,25 @@ def write_patient_attention(
     *,
     patient_id: str,
     bags: Sequence[FeatureStore],
+    coords: Sequence[np.ndarray],
     attention: np.ndarray,
     classes: Sequence[str],
     probs: np.ndarray,
     meta: Mapping[str, Any],
 ) -> list[Path]:
     """Write ``{slide_id}.h5`` for each slide of a patient bag: its slice of the patient's
-    attention (summing to the slide's share of it, not to one), its coords, and the patient's
+    attention (summing to the slide's share of it, not to one), its ``coords``, and the patient's
     prediction; attributes ``bag`` (``patient``), ``patient_id``, ``patient_slides`` and
     ``attention_share`` say where the slice came from."""
     written = []
     slides = [b.slide_id for b in bags]
-    for bag, part in zip(bags, split_attention(attention, [b.n for b in bags])):
+    for bag, tiles, part in zip(bags, coords, split_attention(attention, [b.n for b in bags])):
         path = folder / f"{bag.slide_id}.h5"
         write_attention(
             path,
             slide_id=bag.slide_id,
             attention=part,
-            coords=read_coords(bag.path),
+            coords=tiles,
             classes=classes,
             probs=probs,
             feature_path=bag.path,

@@ -189,19 +189,18 @@ def _checked_bag(
     return bag
 
 
-def _read_bag(bag: FeatureStore) -> torch.Tensor:
-    """The features of ``bag`` as float32 [N, D], read once; a :class:`DataError` naming the
-    slide and file when a row holds NaN or inf (:func:`~wsitools.feature_store.check_finite`;
-    also a float64 value beyond float32's range, which the head would see as inf) or when the
-    features or the coords fail their checksums (damaged since they were written), so that the
-    slide is skipped before its attention is written."""
+def _read_bag(bag: FeatureStore) -> tuple[torch.Tensor, np.ndarray]:
+    """The features of ``bag`` as float32 [N, D] and its coords, each read once; a
+    :class:`DataError` naming the slide and file when a row holds NaN or inf
+    (:func:`~wsitools.feature_store.check_finite`; also a float64 value beyond float32's range,
+    which the head would see as inf) or when the features or the coords fail their checksums
+    (damaged since they were written), so that the slide is skipped before its attention is written."""
     try:
-        x = read_features(bag.path)
-        read_coords(bag.path)
+        x, coords = read_features(bag.path), read_coords(bag.path)
     except StoreError as exc:
         raise DataError(f"slide {bag.slide_id}: {exc}") from None
     check_finite(x.numpy(), slide_id=bag.slide_id, path=bag.path)
-    return x
+    return x, coords
 
 
 def _joined(parts: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -318,7 +317,7 @@ def predict(
     with atomic_path(out_dir, overwrite=overwrite) as tmp:
         (tmp / "attention").mkdir(parents=True)
         for name, members in tqdm(groups.items(), desc="predict", unit=bagging, disable=not progress):
-            bags, feats, ivps = [], [], []
+            bags, feats, ivps, coords = [], [], [], []
             for slide_id in members:
                 try:
                     bag = _checked_bag(slide_id, stores, first, features_dir=features_dir, model_dir=model_dir)
@@ -328,9 +327,9 @@ def predict(
                             "%s: the head records no encoder checksum; cannot check that %s holds features "
                             "of the encoder it was trained on", model_dir, features_dir,
                         )
-                    part = _read_bag(bag)
+                    part, tiles = _read_bag(bag)
                     ivp_bag = Path(ivp_features_dir) / f"{slide_id}.h5" if needs_ivp else None
-                    ivp = _read_bag(FeatureStore.open_bag(ivp_bag, check_values=False)) if ivp_bag else None
+                    ivp = _read_bag(FeatureStore.open_bag(ivp_bag, check_values=False))[0] if ivp_bag else None
                 except (DataError, ModelError) as exc:  # ModelError: a stray store of another encoder
                     if strict:
                         raise
@@ -340,6 +339,7 @@ def predict(
                 bags.append(bag)
                 feats.append(part)
                 ivps.append(ivp)
+                coords.append(tiles)
             if not bags:
                 continue
             x, ivp = _joined(feats), (_joined(ivps) if needs_ivp else None)
@@ -347,8 +347,8 @@ def predict(
             probs, attention = predict_bag(models, x, ivp, scales=scales)
             outputs = classes or [output]
             if bagging == "patient":
-                write_patient_attention(tmp / "attention", patient_id=name, bags=bags, attention=attention,
-                                        classes=outputs, probs=probs, meta=meta)
+                write_patient_attention(tmp / "attention", patient_id=name, bags=bags, coords=coords,
+                                        attention=attention, classes=outputs, probs=probs, meta=meta)
                 used = tuple(b.slide_id for b in bags)
                 results.append(PatientPrediction(patient_id=name, slide_ids=used, probs=probs))
                 row: dict[str, Any] = {"patient_id": name, "slides": ";".join(used), "n_tiles": len(x)}
@@ -358,7 +358,7 @@ def predict(
                     tmp / "attention" / f"{name}.h5",
                     slide_id=name,
                     attention=attention,
-                    coords=read_coords(bag.path),
+                    coords=coords[0],
                     classes=outputs,
                     probs=probs,
                     feature_path=bag.path,

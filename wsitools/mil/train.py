@@ -993,9 +993,9 @@ def _write_attention(folder: Path, setup: RunSetup, result: FoldResult, preds: n
         meta = {"head": setup.head_config.head, "task": setup.task_name, "task_type": task_type,
                 "fold": result.fold.index, "label": _label_text(cohort, i), **pooling_attrs([result.pooling])}
         if isinstance(cohort, PatientCohort):
+            bags = [FeatureStore.open_bag(p, check_values=False) for p in cohort.groups[i].paths]
             write_patient_attention(
-                folder, patient_id=sid,
-                bags=[FeatureStore.open_bag(p, check_values=False) for p in cohort.groups[i].paths],
+                folder, patient_id=sid, bags=bags, coords=[read_coords(b.path) for b in bags],
                 attention=result.test.attention[j], classes=outputs, probs=values, meta=meta,
             )
             continue
