@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import zlib
 from pathlib import Path
 
 import h5py
@@ -321,12 +322,7 @@ def test_heatmap_cli_uses_recorded_paths_and_names_failures(attention_case, tmp_
     rc = main(["heatmap", "--attention", str(att_dir), "--out", str(tmp_path / "a"), "--mpp", "4", "--quiet"])
     assert rc == 0
     assert (tmp_path / "a" / "synth_svs.heatmap.png").is_file() and (tmp_path / "a" / "synth_svs.top_tiles.png").is_file()
-    # A store with other coords only loses the montage; a missing --slide is refused, named.
-    wrong = tmp_path / "other.zarr"
-    write_patch_store(wrong, coords=np.zeros((1, 2)), tiles=np.zeros((1, 64, 64, 3), np.uint8), tissue_fraction=[1.0],
-                      attrs={"slide_id": "synth_svs", "tile_size": 64, "tile_size_level0": 128.0, "mpp_target": 0.5})
-    out = draw_heatmap(attention_case["attention"], tmp_path / "b", store_path=wrong, mpp=4.0)
-    assert out.montage is None and out.heatmap.is_file()
+    # a missing --slide is refused, named
     rc = main(["heatmap", "--attention", str(attention_case["attention"]), "--slide", str(tmp_path / "gone.svs"),
                "--out", str(tmp_path / "c"), "--quiet"])
     assert rc == 2 and f"--slide {tmp_path / 'gone.svs'}: no such file or folder" in capsys.readouterr().err
@@ -355,6 +351,73 @@ def test_a_heatmap_run_cut_off_leaves_no_folder_that_looks_finished(attention_ca
     assert capsys.readouterr().err.strip() == f"wsitools heatmap: error: {tmp_path / 'file'}: is a file, where a folder is needed"
 
 
+def _files(folder: Path) -> dict[str, bytes]:
+    """Every file and folder name in ``folder``, with the bytes of its files."""
+    return {p.name: p.read_bytes() if p.is_file() else b"<folder>" for p in sorted(folder.iterdir())}
+
+
+def test_a_heatmap_killed_over_another_scale_leaves_the_earlier_set_whole(attention_case, tmp_path, capsys):
+    """A heatmap run killed while drawing a slide into an --out holding that slide's files of
+    another --scale leaves those files as they were, never one scale's heatmap beside the
+    other's detections; its temporary is what `wsitools clean` removes, as does the next run,
+    which replaces the set whole (the montage it does not draw too)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "h"
+    args = ["heatmap", "--attention", str(attention_case["attention"]), "--mpp", "4", "--quiet", "--out", str(out)]
+    assert main(args) == 0
+    before = _files(out)
+    assert sorted(before) == ["synth_svs.attention.geojson", "synth_svs.heatmap.png", "synth_svs.top_tiles.png"]
+    killed = ("import os, sys\n"
+              "import wsitools.heatmap\n"
+              "wsitools.heatmap.write_attention_geojson = lambda *a, **k: os._exit(9)  # killed after the heatmap\n"
+              "from wsitools.cli import main\n"
+              f"main({[*args, '--scale', 'absolute']!r})\n")
+    assert subprocess.run([sys.executable, "-c", killed], capture_output=True).returncode == 9
+    after = _files(out)
+    staging = [name for name in after if name.startswith(".tmp-")]
+    assert {k: v for k, v in after.items() if k not in staging} == before
+    assert len(staging) == 1 and staging[0].startswith(".tmp-synth_svs.heatmap.png-")
+    capsys.readouterr()
+    assert main(["clean", str(out), "--dry-run"]) == 0
+    assert f"would remove\t{out / staging[0]}\t" in capsys.readouterr().out
+    assert main([*args, "--scale", "absolute", "--top-k", "0"]) == 0
+    redrawn = _files(out)
+    assert sorted(redrawn) == ["synth_svs.attention.geojson", "synth_svs.heatmap.png"]
+    assert all(redrawn[name] != before[name] for name in redrawn)
+
+
+def test_files_replaced_together_never_sit_beside_the_old_set(tmp_path, monkeypatch):
+    """Cut off while renaming a set in, the folder holds files of the new set only, without the
+    last name that seals it; never an old file beside a new one."""
+    import os
+
+    from wsitools import io
+
+    names = ["s.top_tiles.png", "s.attention.geojson", "s.heatmap.png"]
+    for name in names:
+        (tmp_path / name).write_text("old")
+    real, renamed = os.replace, []
+
+    def cut_off(src, dst):
+        if len(renamed) == 1:
+            raise KeyboardInterrupt
+        renamed.append(dst)
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", cut_off)
+    with pytest.raises(KeyboardInterrupt), io.replaced_together(tmp_path, names) as staged:
+        for name in names:
+            (staged / name).write_text("new")
+    monkeypatch.undo()
+    assert _files(tmp_path) == {"s.top_tiles.png": b"new"}  # and no temporary
+    with io.replaced_together(tmp_path, names) as staged:  # a set of two: the third name's old file goes
+        for name in names[1:]:
+            (staged / name).write_text("newer")
+    assert _files(tmp_path) == {"s.attention.geojson": b"newer", "s.heatmap.png": b"newer"}
+
+
 def test_not_an_attention_file(tmp_path):
     from wsitools.errors import StoreError
 
@@ -370,10 +433,59 @@ def test_attention_that_no_head_gives_is_refused(attention_case, tmp_path, value
     from wsitools.errors import StoreError
 
     path = Path(shutil.copy(attention_case["attention"], tmp_path / "a.h5"))
-    with h5py.File(path, "r+") as f:
+    with h5py.File(path, "r+") as f:  # written so, without checksums (another writer): no damage to find
         f["attention"][3] = value
+        del f.attrs["attention_crc32"]
     with pytest.raises(StoreError, match=rf"^{path}: attention has .*{re.escape(says)}"):
         read_attention(path)
+
+
+def _crc32(values: np.ndarray) -> int:
+    """The CRC-32 of ``values``' little-endian bytes, as the file records it."""
+    return zlib.crc32(np.ascontiguousarray(values, values.dtype.newbyteorder("<")).tobytes())
+
+
+def test_a_damaged_attention_file_is_found_and_fails_its_slide_alone(attention_case, tmp_path, capsys):
+    """A flipped bit that leaves the attention finite and positive (a tile coloured hotter), or
+    moves a tile, keeps shapes and attributes right: the checksums the file records find it, and
+    the heatmap run fails that file alone, naming it and the dataset. A file that records no
+    checksums (written before they were) is read unchecked."""
+    with h5py.File(attention_case["attention"], "r") as f:
+        assert f.attrs["attention_crc32"] == _crc32(f["attention"][()])
+        assert f.attrs["coords_crc32"] == _crc32(f["coords"][()])
+    for name, damage in (("attention", lambda d: d.__setitem__(3, 2 * d[3])),
+                         ("coords", lambda d: d.__setitem__((5, 0), d[5, 0] + TILE0))):
+        path = Path(shutil.copy(attention_case["attention"], tmp_path / f"{name}.h5"))
+        with h5py.File(path, "r+") as f:
+            damage(f[name])
+            crc, recorded = _crc32(f[name][()]), int(f.attrs[f"{name}_crc32"])
+        assert crc != recorded
+        with pytest.raises(StoreError) as caught:
+            read_attention(path)
+        assert str(caught.value) == (f"{path}: checksum mismatch in {name!r} (CRC-32 {crc:08x}, recorded "
+                                     f"{recorded:08x}): damaged since it was written; write it again (wsitools "
+                                     "train or predict)")
+    damaged = tmp_path / "coords.h5"
+    other = tmp_path / "other" / "synth_b.h5"  # another slide's attention, drawn from the slide file alone
+    amap = read_attention(attention_case["attention"])
+    write_attention(other, slide_id="synth_b", attention=amap.attention, coords=amap.coords, classes=["neg", "pos"],
+                    probs=np.array([0.1, 0.9]), feature_path=tmp_path / "synth_b.h5", meta={},
+                    provenance={"slide_path": str(attention_case["slide"]), "tile_size_level0": float(TILE0)})
+    rc = main(["heatmap", "--attention", str(damaged), str(other), "--out", str(tmp_path / "h"), "--mpp", "4",
+               "--top-k", "0", "--quiet"])
+    captured = capsys.readouterr()
+    assert rc == 1 and "Traceback" not in captured.err
+    moved = amap.coords.copy()
+    moved[5, 0] += TILE0
+    assert captured.err.splitlines() == [
+        f"synth_svs\tfailed\t{damaged}: checksum mismatch in 'coords' (CRC-32 {_crc32(moved):08x}, recorded "
+        f"{_crc32(amap.coords):08x}): damaged since it was written; write it again (wsitools train or predict)",
+        "1 of 2 heatmaps failed"]
+    assert sorted(p.name for p in (tmp_path / "h").iterdir()) == ["synth_b.attention.geojson", "synth_b.heatmap.png"]
+    with h5py.File(damaged, "r+") as f:  # as written before checksums were recorded
+        for key in ("attention_crc32", "coords_crc32"):
+            del f.attrs[key]
+    assert read_attention(damaged).coords[5, 0] == amap.coords[5, 0] + TILE0
 
 
 # --- QuPath GeoJSON ----------------------------------------------------------------------------
@@ -644,6 +756,52 @@ def test_a_store_or_slide_given_must_be_there(attention_case, tmp_path, capsys):
         draw_heatmap(att, tmp_path / "api", store_path=tmp_path / "nope.zarr")
     with pytest.raises(SlideError, match=f"^slide synth_svs: no slide file {re.escape(str(tmp_path / 'nope.svs'))}$"):
         draw_heatmap(att, tmp_path / "api", slide_path=tmp_path / "nope.svs")
+
+
+def test_a_store_of_another_tiling_of_the_slide_fails_it_naming_both_and_what_differs(attention_case, tmp_path,
+                                                                                      capsys):
+    """A patch store of the slide tiled again with other settings (other coords, tile size or
+    resolution) is not the record of how this attention's tiles were read: its slide is refused,
+    naming the attention file, the store and what differs, and its earlier files are kept.
+    Without a store (none given, the recorded one gone) the slide is drawn from its file."""
+    from wsitools.heatmap import check_store_fits
+
+    att, coords = attention_case["attention"], attention_case["coords"]
+    amap = read_attention(att)
+    moved = coords.copy()
+    moved[10:, 0] += 64
+    geometry = {"slide_id": "synth_svs", "slide_path": str(attention_case["slide"]), "tile_size": 64,
+                "tile_size_level0": float(TILE0), "mpp_target": 0.5}
+    cases = {
+        "count": (coords[:1], {}, "192 tiles, the store's 1"),
+        "moved": (moved, {}, f"182 tiles elsewhere, e.g. tile 10 at x {coords[10, 0]}, y {coords[10, 1]}, the "
+                             f"store's at x {coords[10, 0] + 64}, y {coords[10, 1]}"),
+        "level0": (coords, {"tile_size_level0": 256.0}, "tiles of 128 level-0 px, the store's 256"),
+        "geometry": (coords, {"tile_size": 128, "mpp_target": 0.25},
+                     "64 px tiles at 0.5 um/px, the store's 128 px tiles at 0.25 um/px"),
+    }
+    for name, (store_coords, changed, differs) in cases.items():
+        store = write_patch_store(tmp_path / name / "synth_svs.zarr", coords=store_coords, tiles=None,
+                                  tissue_fraction=np.ones(len(store_coords)), attrs={**geometry, **changed})
+        with pytest.raises(StoreError) as caught:
+            check_store_fits(amap, att, PatchStore.open(store))
+        assert str(caught.value) == (
+            f"{att}: its tiles are not those of patch store {store} ({differs}): another tiling of the slide; give "
+            "the store its features were extracted from (--store), or extract the features again from this one "
+            "and train or predict again")
+    out = tmp_path / "h"
+    args = ["heatmap", "--attention", str(att), "--mpp", "4", "--quiet", "--out", str(out)]
+    assert main(args) == 0
+    before = _files(out)
+    capsys.readouterr()
+    assert main([*args, "--store", str(tmp_path / "moved"), "--scale", "absolute"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"synth_svs\tfailed\t{att}: its tiles are not those of patch store "
+                          f"{tmp_path / 'moved' / 'synth_svs.zarr'} (182 tiles elsewhere, ")
+    assert _files(out) == before
+    assert main([*args, "--slide", str(attention_case["slide"])]) == 0  # the recorded store fits
+    storeless = _storeless(att, tmp_path / "storeless" / "synth_svs.h5")
+    assert main(["heatmap", "--attention", str(storeless), "--mpp", "4", "--quiet", "--out", str(tmp_path / "s")]) == 0
 
 
 def test_two_attention_files_of_one_slide_are_refused_before_drawing(attention_case, tmp_path, capsys):

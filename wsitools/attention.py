@@ -7,7 +7,9 @@ the feature store); attributes name the slide, the head and the prediction (``cl
 ``probs``, ``pred``; a survival or regression head's one output as ``classes`` ``["risk"]`` or
 ``["prediction"]`` with its value in ``probs``), say how the heads that made the map pooled
 (:func:`pooling_attrs`: a head pooling by the mean attends to every tile alike) and carry over
-the feature store's slide/store paths and tile geometry, so a heatmap needs nothing else.
+the feature store's slide/store paths and tile geometry, so a heatmap needs nothing else. The
+file records each dataset's CRC-32 (:data:`CHECKSUM_ATTRS`), which every read checks: a flipped
+bit that keeps a value finite would otherwise move a tile or its colour silently.
 """
 
 from __future__ import annotations
@@ -25,11 +27,16 @@ import numpy as np
 
 from wsitools import __version__
 from wsitools.errors import StoreError
+from wsitools.feature_store import crc32_of
 from wsitools.io import KeptErrorFile, atomic_path
 
 ATTENTION_FORMAT_VERSION = 1
 PROVENANCE_ATTRS = ("slide_path", "store_path", "tile_size", "tile_size_level0", "mpp_target", "encoder")
 """Feature-store attributes copied into the attention file when the store has them."""
+
+CHECKSUM_ATTRS = {"attention": "attention_crc32", "coords": "coords_crc32"}
+"""The file attribute recording each dataset's CRC-32 (:func:`~wsitools.feature_store.crc32_of`),
+by dataset. Optional: files written before they were recorded are read unchecked."""
 
 
 def pooling_attrs(poolings: Sequence[str]) -> dict[str, Any]:
@@ -101,16 +108,19 @@ def write_attention(
     """Write one slide's attention file atomically.
 
     ``provenance`` is the feature store's attributes (only :data:`PROVENANCE_ATTRS` are kept);
-    ``meta`` adds attributes such as the head, task, fold and label (non-scalars as JSON).
+    ``meta`` adds attributes such as the head, task, fold and label (non-scalars as JSON). Each
+    dataset's checksum is recorded (:data:`CHECKSUM_ATTRS`).
     """
     if len(attention) != len(coords):
         raise ValueError(f"slide {slide_id}: {len(attention)} attention values for {len(coords)} coords")
     if len(probs) != len(classes):
         raise ValueError(f"slide {slide_id}: {len(probs)} probabilities for {len(classes)} classes")
+    datasets = {"attention": np.asarray(attention, dtype=np.float32), "coords": np.asarray(coords, dtype=np.int64)}
     with atomic_path(path, overwrite=True) as tmp:
         with KeptErrorFile(tmp, "w+") as raw, h5py.File(raw, "w") as f:  # a full disk: one OSError
-            f.create_dataset("attention", data=np.asarray(attention, dtype=np.float32))
-            f.create_dataset("coords", data=np.asarray(coords, dtype=np.int64))
+            for name, values in datasets.items():
+                f.create_dataset(name, data=values)
+                f.attrs[CHECKSUM_ATTRS[name]] = crc32_of(values)
             f.attrs["format_version"] = ATTENTION_FORMAT_VERSION
             f.attrs["kind"] = "attention"
             f.attrs["slide_id"] = slide_id
@@ -125,6 +135,19 @@ def write_attention(
                     f.attrs[key] = provenance[key]
             for key, value in meta.items():
                 f.attrs[key] = value if isinstance(value, (int, float, str)) else json.dumps(value)
+
+
+def _checked(path: Path, name: str, values: np.ndarray, attrs: Mapping[str, Any]) -> np.ndarray:
+    """``values``, dataset ``name`` of the attention file at ``path`` as read; a
+    :class:`StoreError` naming the file and the dataset when ``attrs`` record its checksum
+    (:data:`CHECKSUM_ATTRS`) and the values do not match it."""
+    recorded = attrs.get(CHECKSUM_ATTRS[name])
+    if recorded is not None and (crc := crc32_of(values)) != int(recorded):
+        raise StoreError(
+            f"{path}: checksum mismatch in {name!r} (CRC-32 {crc:08x}, recorded {int(recorded):08x}): damaged "
+            "since it was written; write it again (wsitools train or predict)"
+        )
+    return values
 
 
 def _prediction(path: Path, attrs: Mapping[str, Any]) -> tuple[tuple[str, ...], np.ndarray]:
@@ -174,15 +197,16 @@ def attention_slide_id(path: str | os.PathLike[str]) -> str:
 
 
 def read_attention(path: str | os.PathLike[str]) -> AttentionMap:
-    """Read an attention file; :class:`StoreError` naming it if it is not one."""
+    """Read an attention file; :class:`StoreError` naming it if it is not one, or if a dataset
+    does not match the checksum the file records (:data:`CHECKSUM_ATTRS`)."""
     path = Path(path)
     try:
         with h5py.File(path, "r") as f:
             if f.attrs.get("kind") != "attention" or "attention" not in f or "coords" not in f:
                 raise StoreError(f"{path}: not an attention file (needs 'attention', 'coords', kind=attention)")
             attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
-            attention = np.asarray(f["attention"][()], dtype=np.float32)
-            coords = np.asarray(f["coords"][()], dtype=np.int64)
+            attention = np.asarray(_checked(path, "attention", f["attention"][()], attrs), dtype=np.float32)
+            coords = np.asarray(_checked(path, "coords", f["coords"][()], attrs), dtype=np.int64)
     except OSError as exc:
         raise StoreError(f"{path}: cannot be read as an attention file: {exc}") from exc
     if "tile_size_level0" not in attrs:

@@ -44,7 +44,8 @@ import numpy as np
 
 from wsitools.attention import AttentionMap, read_attention
 from wsitools.errors import SlideError, StoreError
-from wsitools.io import atomic_path
+from wsitools.feature_store import TileGeometry
+from wsitools.io import atomic_path, replaced_together
 from wsitools.store import PatchStore
 from wsitools.types import MicronsPerPixel, check_slide_id
 
@@ -284,19 +285,10 @@ def top_tile_labels(amap: AttentionMap, top: np.ndarray) -> list[str]:
 def write_top_tiles(
     amap: AttentionMap, store: PatchStore, out_path: str | os.PathLike[str], *, top_k: int = 16
 ) -> Path:
-    """The ``top_k`` most attended tiles of the patch store, most attended first, as a PNG."""
+    """The ``top_k`` most attended tiles of the patch store, most attended first, as a PNG; the
+    store holds the attention's tiles (checked by :func:`check_store_fits`)."""
     from PIL import Image
 
-    if not np.array_equal(store.coords, amap.coords):
-        raise StoreError(
-            f"patch store {store.path} has other tile coords than the attention of slide {amap.slide_id} "
-            f"({len(store.coords)} vs {len(amap.coords)} tiles)"
-        )
-    if not math.isclose(store.tile_size_level0, amap.tile_size_level0, rel_tol=1e-6):
-        raise StoreError(
-            f"patch store {store.path} has tiles of {store.tile_size_level0:g} level-0 px, the attention of slide "
-            f"{amap.slide_id} {amap.tile_size_level0:g} px (tiled again with other settings)"
-        )
     top = np.argsort(-amap.attention, kind="mergesort")[:top_k]
     order = np.argsort(top)
     tiles = np.empty((len(top), store.tile_size, store.tile_size, 3), np.uint8)
@@ -458,6 +450,33 @@ def check_slide_fits(amap: AttentionMap, attention_path: str | os.PathLike[str],
         )
 
 
+def check_store_fits(amap: AttentionMap, attention_path: str | os.PathLike[str], store: PatchStore) -> None:
+    """A :class:`StoreError` naming the attention file, the patch store and what differs when the
+    store does not hold the attention's tiles: other coords, another level-0 tile size, or
+    (where the attention file records them) another tile size or resolution. Such a store is
+    another tiling of the slide (tiled again since its features were extracted): its tiles would
+    make this attention's montage, and the slide would be read as that tiling read it (backend,
+    mpp override)."""
+    differs = []
+    if len(store.coords) != len(amap.coords):
+        differs.append(f"{len(amap.coords)} tiles, the store's {len(store.coords)}")
+    elif len(other := np.flatnonzero((store.coords != amap.coords).any(axis=1))):
+        i = int(other[0])
+        differs.append(f"{len(other)} tiles elsewhere, e.g. tile {i} at x {amap.coords[i, 0]}, y {amap.coords[i, 1]}, "
+                       f"the store's at x {store.coords[i, 0]}, y {store.coords[i, 1]}")
+    if not math.isclose(store.tile_size_level0, amap.tile_size_level0, rel_tol=1e-6):
+        differs.append(f"tiles of {amap.tile_size_level0:g} level-0 px, the store's {store.tile_size_level0:g}")
+    geometry, stored = TileGeometry.of(amap.attrs), TileGeometry.of(store.attrs)
+    if geometry.known and geometry != stored:
+        differs.append(f"{geometry.describe()}, the store's {stored.describe()}")
+    if differs:
+        raise StoreError(
+            f"{attention_path}: its tiles are not those of patch store {store.path} ({'; '.join(differs)}): "
+            "another tiling of the slide; give the store its features were extracted from (--store), or extract "
+            "the features again from this one and train or predict again"
+        )
+
+
 def draw_heatmap(
     attention_path: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -486,21 +505,27 @@ def draw_heatmap(
     (default: the store's record, else the attention file's) only says where the slide is now.
     A damaged store is a :class:`StoreError`; without any store the slide is opened on its own
     metadata (:func:`open_slide_for`) and there is no montage. A store of another slide is a
-    :class:`StoreError` (its slide would be drawn), a slide the tiles do not fit a
-    :class:`SlideError` (:func:`check_slide_fits`). The montage needs a store whose coords and
-    level-0 tile size equal the attention file's.
+    :class:`StoreError` (its slide would be drawn), as is a store of another tiling
+    (:func:`check_store_fits`); a slide the tiles do not fit is a :class:`SlideError`
+    (:func:`check_slide_fits`).
+
+    The slide's files in ``out_dir`` are replaced as one set (:func:`~wsitools.io.replaced_together`,
+    ``{slide_id}.heatmap.png`` renamed in last): an earlier run's files of the slide (of another
+    ``scale``, or a montage this run does not draw) never stay beside this run's, and a slide
+    that fails keeps the files it had.
     """
     start = time.perf_counter()
     amap = read_attention(attention_path)
     slide_id = check_slide_id(amap.slide_id)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     store_file = Path(store_path or amap.attrs.get("store_path") or "")
     given_or_there = store_path is not None or (store_file.name and store_file.exists())
     store = PatchStore.open(store_file) if given_or_there else None
     if store is not None and store.slide_id != slide_id:  # its slide would be drawn under this attention
         raise StoreError(f"patch store {store.path} is of slide {store.slide_id}, not {slide_id}; "
                          f"give the store of slide {slide_id}")
+    if store is not None:
+        check_store_fits(amap, attention_path, store)
     recorded = slide_path or (store.attrs.get("slide_path") if store else None) or amap.attrs.get("slide_path")
     if not recorded:  # a bag written by another tool, or a store without its slide's path
         where = (f"nor by its patch store {store_file}" if store is not None
@@ -521,22 +546,20 @@ def draw_heatmap(
         chosen = thumbnail_mpp(dimensions, slide.mpp, mpp=mpp, min_side=min_side, max_side=max_side)
         thumb, downsample = slide.thumbnail(mpp=chosen)
     raster = attention_raster(amap, shape=thumb.shape[:2], downsample=downsample, scale=scale)
-    heatmap = save_heatmap_figure(
-        out_dir / f"{slide_id}.heatmap.png", overlay(thumb, raster, alpha=alpha, cmap=cmap),
-        title=_title(amap), scale=scale, cmap=cmap,
-    )
-    geojson = write_attention_geojson(out_dir / f"{slide_id}.attention.geojson", amap, scale=scale, bounds=bounds)
+    heatmap, geojson, top_tiles = (f"{slide_id}.{k}" for k in ("heatmap.png", "attention.geojson", "top_tiles.png"))
     montage = None
-    montage_path = out_dir / f"{slide_id}.top_tiles.png"
-    if top_k > 0 and store is not None and amap.mean_pooled:
-        log.info("slide %s: no top-tile montage: its heads pooled by the mean (uniform weights: no tile ranks "
-                 "above another)", slide_id)
-    elif top_k > 0 and store is not None:
-        try:
-            montage = write_top_tiles(amap, store, montage_path, top_k=top_k)
-        except StoreError as exc:
-            log.warning("slide %s: no top-tile montage: %s", slide_id, exc)
-    if montage is None:  # an earlier run's montage would pass for this attention's
-        montage_path.unlink(missing_ok=True)
-    return HeatmapFiles(slide_id=slide_id, heatmap=heatmap, geojson=geojson, montage=montage,
+    with replaced_together(out_dir, [top_tiles, geojson, heatmap]) as staged:  # the heatmap seals the set
+        save_heatmap_figure(staged / heatmap, overlay(thumb, raster, alpha=alpha, cmap=cmap),
+                            title=_title(amap), scale=scale, cmap=cmap)
+        write_attention_geojson(staged / geojson, amap, scale=scale, bounds=bounds)
+        if top_k > 0 and store is not None and amap.mean_pooled:
+            log.info("slide %s: no top-tile montage: its heads pooled by the mean (uniform weights: no tile ranks "
+                     "above another)", slide_id)
+        elif top_k > 0 and store is not None:
+            try:
+                write_top_tiles(amap, store, staged / top_tiles, top_k=top_k)
+                montage = out_dir / top_tiles
+            except StoreError as exc:  # a damaged tile chunk
+                log.warning("slide %s: no top-tile montage: %s", slide_id, exc)
+    return HeatmapFiles(slide_id=slide_id, heatmap=out_dir / heatmap, geojson=out_dir / geojson, montage=montage,
                         seconds=time.perf_counter() - start)

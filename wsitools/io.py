@@ -12,7 +12,7 @@ import secrets
 import shutil
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
@@ -199,7 +199,17 @@ def _publish(tmp: Path, final: Path, *, overwrite: bool) -> None:
 
 
 _SWEPT: set[str] = set()
-"""Folders :func:`atomic_path` has removed dead temporaries from in this process."""
+"""Folders :func:`atomic_path` and :func:`replaced_together` have removed dead temporaries from
+in this process."""
+
+
+def _sweep_once(folder: Path) -> None:
+    """Create ``folder`` and, the first time this process writes there, remove its dead
+    temporaries (:func:`remove_dead_temps`)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if (swept := os.path.abspath(folder)) not in _SWEPT:
+        _SWEPT.add(swept)
+        remove_dead_temps(folder)
 
 
 @contextmanager
@@ -216,10 +226,7 @@ def atomic_path(final: str | os.PathLike[str], *, overwrite: bool = False) -> It
     naming ``final``.
     """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    if (swept := os.path.abspath(final.parent)) not in _SWEPT:
-        _SWEPT.add(swept)
-        remove_dead_temps(final.parent)
+    _sweep_once(final.parent)
     tmp = temp_sibling(final)
     try:
         yield tmp
@@ -231,6 +238,32 @@ def atomic_path(final: str | os.PathLike[str], *, overwrite: bool = False) -> It
         if isinstance(exc, OSError) and not isinstance(exc, LostRace) and exc.filename is None and exc.errno:
             raise OSError(exc.errno, exc.strerror or os.strerror(exc.errno), str(final)) from exc
         raise
+
+
+@contextmanager
+def replaced_together(folder: str | os.PathLike[str], names: Sequence[str]) -> Iterator[Path]:
+    """Yield a temporary folder to write files of ``names`` into (some may be left unwritten);
+    when the block ends, the files of ``names`` in ``folder`` are replaced by the ones written,
+    as one set: every old one is removed (the last of ``names`` first), then each written one
+    is renamed in (the last of ``names`` last). So the last name seals the set: where it is
+    there, its companions beside it were written with it, and a run cut off while replacing
+    them leaves files of one set only, without the seal; an old file of ``names`` that this set
+    does not write never stays to pass for one of it. On an exception nothing in ``folder``
+    changes. The temporary folder (:func:`temp_sibling` of the seal) is removed either way, and
+    a killed run's by the next run writing into ``folder`` or by ``wsitools clean``."""
+    folder = Path(folder)
+    _sweep_once(folder)
+    staging = temp_sibling(folder / names[-1])
+    staging.mkdir()
+    try:
+        yield staging
+        for name in reversed(names):
+            remove_path(folder / name)
+        for name in names:
+            if (staging / name).is_file():
+                os.replace(staging / name, folder / name)
+    finally:
+        remove_path(staging)
 
 
 class _NothingWritten(Exception):

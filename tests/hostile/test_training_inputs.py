@@ -117,8 +117,7 @@ def test_a_heatmap_given_the_store_of_another_slide_is_refused_naming_both(two_t
     assert rc == 0 and (tmp_path / "h" / "A.top_tiles.png").is_file(), err
 
 
-def test_a_store_of_another_tile_size_at_the_same_coords_gives_no_montage(two_tiled_slides, tmp_path, capsys,
-                                                                         caplog):
+def test_a_store_of_another_tile_size_at_the_same_coords_fails_the_slide(two_tiled_slides, tmp_path, capsys):
     from wsitools.attention import read_attention, write_attention
 
     root = two_tiled_slides
@@ -131,11 +130,14 @@ def test_a_store_of_another_tile_size_at_the_same_coords_gives_no_montage(two_ti
     rc, _, err = run(["heatmap", "--attention", root / "attention" / "A.h5", "--out", tmp_path / "h", "--mpp", "8",
                       "--quiet"], capsys)
     assert rc == 0 and (tmp_path / "h" / "A.top_tiles.png").is_file(), err
+    before = {p.name: p.read_bytes() for p in (tmp_path / "h").iterdir()}
     rc, _, err = run(["heatmap", "--attention", att, "--out", tmp_path / "h", "--mpp", "8", "--quiet"], capsys)
-    assert rc == 0, err  # the first run's montage is gone: it would pass for this attention's
-    assert (tmp_path / "h" / "A.heatmap.png").is_file() and not (tmp_path / "h" / "A.top_tiles.png").exists()
-    assert (f"no top-tile montage: patch store {root / 'tiles' / 'A.zarr'} has tiles of 128 level-0 px, the "
-            "attention of slide A 256 px") in caplog.text
+    assert rc == 1 and "Traceback" not in err, err  # the first run's files are kept, whole
+    assert err.splitlines()[0] == (
+        f"A\tfailed\t{att}: its tiles are not those of patch store {root / 'tiles' / 'A.zarr'} (tiles of 256 level-0 "
+        "px, the store's 128): another tiling of the slide; give the store its features were extracted from "
+        "(--store), or extract the features again from this one and train or predict again")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "h").iterdir()} == before
 
 
 # --- MIL heads: features of tiles cut at another size or resolution ----------------------------------
