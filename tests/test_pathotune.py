@@ -583,3 +583,29 @@ def test_a_resume_checks_the_stores_the_precision_as_run_and_the_card_name(setup
         tune()
     retile("h-S2")
     assert tune(config=dataclasses.replace(config, precision="fp32")).epochs_done == 2
+
+
+def test_a_fresh_start_under_another_name_removes_the_earlier_runs_card(setup, tmp_path, caplog):
+    """An earlier run's card of another name stayed beside the new run's, pinning the checksum of
+    weights the new run replaced (so `wsitools extract` refused it): a fresh start removes it,
+    and keeps YAML files that are not such a card (a task file, the backbone's card)."""
+    root, cards = setup
+    data = store_tiles(root / "labels.csv", [root / "tiles"])
+    config = PathoTuneTrainConfig(prompts=("tvp",), epochs=1, batch_size=8, num_workers=0)
+    out = tmp_path / "run"
+    out.mkdir()
+    backbone = shutil.copy(cards["vit-a"], out / "vit-a.yaml")
+    (out / "task.yaml").write_text("name: textures\nclasses: {stripes: stripes, spots: spots}\n")
+
+    def tune(name: str):
+        return tune_pathotune(data, out, backbone=str(backbone), config=config, device="cpu", progress=False,
+                              name=name, resume=True)
+
+    tune("old")
+    shutil.rmtree(out / "checkpoints")
+    new = tune("new")
+    assert sorted(p.name for p in out.iterdir()) == [
+        "checkpoints", "log.csv", "metrics.json", "new.yaml", "pathotune.json", "pathotune.safetensors",
+        "predictions.csv", "split.csv", "task.yaml", "vit-a.yaml"]
+    assert "the outputs of an earlier run there are removed: log.csv, metrics.json, old.yaml" in caplog.text
+    assert load_encoder(str(new.card), device="cpu").name == "new"

@@ -295,6 +295,24 @@ def test_clear_outputs_removes_only_full_matches_and_names_them(tmp_path, caplog
     assert "the outputs of an earlier run there are removed: card.yaml, log.csv, previews/epoch-0002.png" in caplog.text
 
 
+def test_earlier_cards_are_the_cards_naming_a_weight_file_of_the_role_beside_them(tmp_path):
+    from wsitools.training import earlier_cards
+
+    files = {
+        "a.yaml": "name: a\nweights: [{role: backbone, file: /w/vit.pth}, {role: prompts, file: a_promptstate.pth}]\n",
+        "b.yaml": "name: b\nweights: [{role: prompts, file: /elsewhere/b_promptstate.pth}]\n",  # not beside it
+        "c.yaml": "name: c\nweights: [{role: pathotune, file: pathotune.safetensors}]\n",  # another role
+        "read.yaml": "name: read\nweights: [{role: prompts, file: read_promptstate.pth}]\n",  # this run reads it
+        "task.yaml": "name: t\nclasses: {x: an x}\n",
+        "broken.yaml": "weights: [\n",
+        "list.yaml": "- 1\n",
+    }
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    assert earlier_cards(tmp_path, role="prompts", keep=[tmp_path / "read.yaml"]) == ["a.yaml", "a_promptstate.pth"]
+    assert earlier_cards(tmp_path / "absent", role="prompts") == []
+
+
 def test_the_precision_a_resume_compares_is_the_arithmetic_run():
     model = _Tiny()
     opt = adamw(model, lr=0.1, weight_decay=0.0)

@@ -17,8 +17,9 @@ machinery around them is here, written once:
 - :func:`epoch_generator`: the random stream of an epoch as a pure function of (seed, epoch),
   so shuffles and augmentations need no saved random state to resume exactly;
 - :class:`CsvLog`: the run's log table, rewritten atomically after each epoch;
-- :func:`check_run_folder` and :func:`clear_outputs`: a run folder holds one run (another run's
-  folder is refused; what an earlier run of the same kind left is removed at a fresh start);
+- :func:`check_run_folder`, :func:`clear_outputs` and :func:`earlier_cards`: a run folder holds
+  one run (another run's folder is refused; what an earlier run of the same kind left, its card
+  whatever its name among it, is removed at a fresh start);
 - :func:`tile_geometries`: the tile sizes and resolutions of the patch stores a run trains on;
 - :class:`BestState`: a copy of the weights of the epoch with the lowest validation loss, and
   early stopping (``patience`` epochs without improvement, never before ``min_epochs``).
@@ -49,13 +50,14 @@ import logging
 import math
 import re
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
+import yaml
 from torch import nn
 
 from wsitools.device import TrainPrecision, autocast, training_amp_dtype
@@ -356,6 +358,36 @@ def clear_outputs(folder: Path, outputs: Sequence[str]) -> list[Path]:
         log.warning("%s: starting afresh, so the outputs of an earlier run there are removed: %s", folder,
                     ", ".join(p.relative_to(folder).as_posix() for p in old))
     return old
+
+
+def earlier_cards(folder: Path, *, role: str, keep: Collection[Path] = ()) -> list[str]:
+    """The encoder cards an earlier tuning run left directly in ``folder``, whatever their name,
+    and the weight files of ``role`` they name there: the names of both, for :func:`clear_outputs`.
+
+    A tuner writes its card beside its own weight file and names that file relative to the card
+    (a bare file name); a card listing a ``role`` file so is an earlier run's result. Beside a run
+    started afresh under another name it would be a second card in the folder, whose weights the
+    new run replaces or removes. Other YAML files (a task file, a card naming its weights
+    elsewhere) and the files in ``keep`` (the cards and weights this run reads) are not among them.
+    """
+    if not folder.is_dir():
+        return []
+    kept = {p.resolve() for p in keep}
+    found: list[str] = []
+    for path in sorted(folder.glob("*.yaml")):
+        if path.resolve() in kept or not path.is_file():
+            continue
+        try:
+            data = yaml.safe_load(path.read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            continue  # not a card
+        weights = data.get("weights") if isinstance(data, dict) else None
+        entries = weights if isinstance(weights, list) else []
+        files = [w.get("file") for w in entries if isinstance(w, dict) and w.get("role") == role]
+        here = [f for f in files if isinstance(f, str) and f and f == Path(f).name]
+        if here:
+            found += [path.name, *(f for f in here if (folder / f).resolve() not in kept)]
+    return found
 
 
 def tile_geometries(stores: Sequence[PatchStore]) -> dict[str, int]:
