@@ -609,3 +609,26 @@ def test_a_fresh_start_under_another_name_removes_the_earlier_runs_card(setup, t
         "predictions.csv", "split.csv", "task.yaml", "vit-a.yaml"]
     assert "the outputs of an earlier run there are removed: log.csv, metrics.json, old.yaml" in caplog.text
     assert load_encoder(str(new.card), device="cpu").name == "new"
+
+
+def test_a_resume_refuses_an_image_replaced_under_its_name(setup, tmp_path):
+    """The image files were compared by name only: another image saved under a trained one's
+    name resumed silently on other data. Their bytes count (a copied or touched file is the same)."""
+    root, cards = setup
+    images = tmp_path / "data"
+    shutil.copytree(root / "data", images)
+    config = PathoTuneTrainConfig(prompts=("tvp",), epochs=2, batch_size=8, num_workers=0)
+
+    def tune(**kw):
+        return tune_pathotune(folder_tiles(images), tmp_path / "run", backbone=str(cards["vit-a"]), config=config,
+                              device="cpu", progress=False, name="tex", resume=True, **kw)
+
+    assert tune(stop_after_epochs=1).epochs_done == 1
+    replaced = images / "spots" / "03.png"
+    shutil.copyfile(images / "spots" / "04.png", replaced)
+    with pytest.raises(ConfigError) as err:
+        tune()
+    assert str(err.value).startswith(f"{tmp_path / 'run' / 'checkpoints' / 'epoch-0001'}: was written by a run with "
+                                     f"other settings (data.images: 1 changed ({replaced})); ")
+    shutil.copyfile(root / "data" / "spots" / "03.png", replaced)  # the same bytes again, a new mtime
+    assert tune().epochs_done == 2

@@ -282,6 +282,18 @@ def test_a_refused_resume_names_the_stores_added_removed_and_changed_not_both_li
         "betas: [0.9, 0.95] -> [0.9, 0.99]")
 
 
+def test_a_list_of_records_one_run_did_not_record_is_named_by_its_records():
+    """A checkpoint recording no image files, resumed on a folder of thousands, named them all on one line."""
+    from wsitools.training import settings_change
+
+    before = {"data": {"tiles": "h"}}
+    now = {"data": {"tiles": "h", "images": [[f"/d/a/{i}.png", "f"] for i in range(40)]}}
+    assert settings_change(written=before, written_hash=stable_hash(before), settings=now) == (
+        "data.images: 40 added (/d/a/0.png, /d/a/1.png, /d/a/2.png and 37 more)")
+    assert settings_change(written={"x": None}, written_hash="x", settings={"x": [["a", 1]]}) == "x: 1 added (a)"
+    assert settings_change(written={}, written_hash="x", settings={"x": []}) == 'x: "(not set)" -> []'
+
+
 def test_clear_outputs_removes_only_full_matches_and_names_them(tmp_path, caplog):
     from wsitools.training import clear_outputs
 

@@ -256,11 +256,12 @@ def _flat(settings: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _settings_difference(before: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
     """The settings that differ between two runs, as ``name: before -> now`` (dotted names), or
-    for lists of records (the patch stores) the records added, removed and changed."""
+    for lists of records (the patch stores, the image files) the records added, removed and
+    changed (a list that one run did not record counts as empty)."""
     a, b = _flat(before), _flat(now)
     missing = "(not set)"
     return [
-        _records_difference(k, a[k], b[k]) if _records(a.get(k)) and _records(b.get(k))
+        _records_difference(k, a.get(k) or [], b.get(k) or []) if _records_either(a.get(k), b.get(k))
         else f"{k}: {json.dumps(a.get(k, missing))} -> {json.dumps(b.get(k, missing))}"
         for k in sorted(a.keys() | b.keys())
         if a.get(k, missing) != b.get(k, missing)
@@ -275,8 +276,14 @@ MAX_SHOWN_RECORDS = 3
 
 def _records(value: Any) -> bool:
     """Whether a setting is a list of records, each a list named by its first item (a patch
-    store as [path, tiling hash, tile count])."""
+    store as [path, tiling hash, tile count], an image file as [path, fingerprint])."""
     return isinstance(value, list) and all(isinstance(r, list) and r for r in value)
+
+
+def _records_either(before: Any, now: Any) -> bool:
+    """Whether two values of a setting (None: not recorded) are lists of records, one of them
+    not empty: a list one run did not record is compared as an empty one."""
+    return _records([] if before is None else before) and _records([] if now is None else now) and bool(before or now)
 
 
 def _records_difference(key: str, before: list[list[Any]], now: list[list[Any]]) -> str:

@@ -258,6 +258,7 @@ def tune_pathotune(
         device=dev, precision=config.precision,
     )
     amp = stepper.amp_dtype
+    images = data.image_files()
     settings = {
         # the arithmetic run, not the option: auto is fp32 on a CPU, bf16 or fp16 on a GPU
         "config": {**config.schedule_dict(), "precision": stepper.precision},
@@ -269,7 +270,9 @@ def tune_pathotune(
         "data": {"classes": list(data.classes), "tiles": stable_hash([data.names, data.labels.tolist()]),
                  "split": stable_hash(split.tolist()),
                  # each store by path, tiling and size, as PuzzleTuning's: other tiles at the same path are other data
-                 "stores": sorted([str(st.path), st.params_hash, len(st)] for st in stores)},
+                 "stores": sorted([str(st.path), st.params_hash, len(st)] for st in stores),
+                 # each image file by path and fingerprint: another image under the same name is other data
+                 **({"images": images} if images else {})},
         "steps_per_epoch": steps_per_epoch,
     }
 
