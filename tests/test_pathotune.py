@@ -583,3 +583,52 @@ def test_a_resume_checks_the_stores_the_precision_as_run_and_the_card_name(setup
         tune()
     retile("h-S2")
     assert tune(config=dataclasses.replace(config, precision="fp32")).epochs_done == 2
+
+
+def test_a_fresh_start_under_another_name_removes_the_earlier_runs_card(setup, tmp_path, caplog):
+    """An earlier run's card of another name stayed beside the new run's, pinning the checksum of
+    weights the new run replaced (so `wsitools extract` refused it): a fresh start removes it,
+    and keeps YAML files that are not such a card (a task file, the backbone's card)."""
+    root, cards = setup
+    data = store_tiles(root / "labels.csv", [root / "tiles"])
+    config = PathoTuneTrainConfig(prompts=("tvp",), epochs=1, batch_size=8, num_workers=0)
+    out = tmp_path / "run"
+    out.mkdir()
+    backbone = shutil.copy(cards["vit-a"], out / "vit-a.yaml")
+    (out / "task.yaml").write_text("name: textures\nclasses: {stripes: stripes, spots: spots}\n")
+
+    def tune(name: str):
+        return tune_pathotune(data, out, backbone=str(backbone), config=config, device="cpu", progress=False,
+                              name=name, resume=True)
+
+    tune("old")
+    shutil.rmtree(out / "checkpoints")
+    new = tune("new")
+    assert sorted(p.name for p in out.iterdir()) == [
+        "checkpoints", "log.csv", "metrics.json", "new.yaml", "pathotune.json", "pathotune.safetensors",
+        "predictions.csv", "split.csv", "task.yaml", "vit-a.yaml"]
+    assert "the outputs of an earlier run there are removed: log.csv, metrics.json, old.yaml" in caplog.text
+    assert load_encoder(str(new.card), device="cpu").name == "new"
+
+
+def test_a_resume_refuses_an_image_replaced_under_its_name(setup, tmp_path):
+    """The image files were compared by name only: another image saved under a trained one's
+    name resumed silently on other data. Their bytes count (a copied or touched file is the same)."""
+    root, cards = setup
+    images = tmp_path / "data"
+    shutil.copytree(root / "data", images)
+    config = PathoTuneTrainConfig(prompts=("tvp",), epochs=2, batch_size=8, num_workers=0)
+
+    def tune(**kw):
+        return tune_pathotune(folder_tiles(images), tmp_path / "run", backbone=str(cards["vit-a"]), config=config,
+                              device="cpu", progress=False, name="tex", resume=True, **kw)
+
+    assert tune(stop_after_epochs=1).epochs_done == 1
+    replaced = images / "spots" / "03.png"
+    shutil.copyfile(images / "spots" / "04.png", replaced)
+    with pytest.raises(ConfigError) as err:
+        tune()
+    assert str(err.value).startswith(f"{tmp_path / 'run' / 'checkpoints' / 'epoch-0001'}: was written by a run with "
+                                     f"other settings (data.images: 1 changed ({replaced})); ")
+    shutil.copyfile(root / "data" / "spots" / "03.png", replaced)  # the same bytes again, a new mtime
+    assert tune().epochs_done == 2

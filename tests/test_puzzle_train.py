@@ -499,3 +499,27 @@ def test_a_resume_takes_the_precision_as_run_and_refuses_another_kinds_folder_fi
     (tmp_path / "tuned" / "metrics.json").write_text("{}")
     with pytest.raises(WsiToolsError, match=r"tuned: holds metrics.json, which a PuzzleTuning run does not write"):
         train_puzzle([stores], tmp_path / "tuned", backbone=str(card), config=cfg, progress=False)
+
+
+def test_a_fresh_start_under_another_name_removes_the_earlier_runs_card(tiny, tmp_path):
+    """An earlier run's card and promptstate of another name stayed beside the new run's result
+    as a second, stale card: a fresh start removes them, but not a card it reads as its backbone."""
+    import shutil
+
+    root, card, stores = tiny
+    out = tmp_path / "run"
+
+    def train(name: str, backbone: Path) -> None:
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        train_puzzle([stores], out, backbone=str(backbone), config=_config(epochs=1, warmup_epochs=0),
+                     progress=False, name=name)
+
+    def cards() -> list[str]:
+        return sorted(p.name for p in out.iterdir() if p.suffix in (".yaml", ".pth"))
+
+    train("old", card)
+    train("more", out / "old.yaml")  # goes on from the prompts of the run before, read from the folder
+    assert cards() == ["more.yaml", "more_promptstate.pth", "old.yaml", "old_promptstate.pth"]
+    train("new", card)
+    assert cards() == ["new.yaml", "new_promptstate.pth"]
+    assert load_encoder(str(out / "new.yaml"), device="cpu").name == "new"

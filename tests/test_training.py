@@ -282,6 +282,18 @@ def test_a_refused_resume_names_the_stores_added_removed_and_changed_not_both_li
         "betas: [0.9, 0.95] -> [0.9, 0.99]")
 
 
+def test_a_list_of_records_one_run_did_not_record_is_named_by_its_records():
+    """A checkpoint recording no image files, resumed on a folder of thousands, named them all on one line."""
+    from wsitools.training import settings_change
+
+    before = {"data": {"tiles": "h"}}
+    now = {"data": {"tiles": "h", "images": [[f"/d/a/{i}.png", "f"] for i in range(40)]}}
+    assert settings_change(written=before, written_hash=stable_hash(before), settings=now) == (
+        "data.images: 40 added (/d/a/0.png, /d/a/1.png, /d/a/2.png and 37 more)")
+    assert settings_change(written={"x": None}, written_hash="x", settings={"x": [["a", 1]]}) == "x: 1 added (a)"
+    assert settings_change(written={}, written_hash="x", settings={"x": []}) == 'x: "(not set)" -> []'
+
+
 def test_clear_outputs_removes_only_full_matches_and_names_them(tmp_path, caplog):
     from wsitools.training import clear_outputs
 
@@ -293,6 +305,24 @@ def test_clear_outputs_removes_only_full_matches_and_names_them(tmp_path, caplog
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()) == [
         "card.yaml.bak", "my-card.yaml", "previews/x.png"]
     assert "the outputs of an earlier run there are removed: card.yaml, log.csv, previews/epoch-0002.png" in caplog.text
+
+
+def test_earlier_cards_are_the_cards_naming_a_weight_file_of_the_role_beside_them(tmp_path):
+    from wsitools.training import earlier_cards
+
+    files = {
+        "a.yaml": "name: a\nweights: [{role: backbone, file: /w/vit.pth}, {role: prompts, file: a_promptstate.pth}]\n",
+        "b.yaml": "name: b\nweights: [{role: prompts, file: /elsewhere/b_promptstate.pth}]\n",  # not beside it
+        "c.yaml": "name: c\nweights: [{role: pathotune, file: pathotune.safetensors}]\n",  # another role
+        "read.yaml": "name: read\nweights: [{role: prompts, file: read_promptstate.pth}]\n",  # this run reads it
+        "task.yaml": "name: t\nclasses: {x: an x}\n",
+        "broken.yaml": "weights: [\n",
+        "list.yaml": "- 1\n",
+    }
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    assert earlier_cards(tmp_path, role="prompts", keep=[tmp_path / "read.yaml"]) == ["a.yaml", "a_promptstate.pth"]
+    assert earlier_cards(tmp_path / "absent", role="prompts") == []
 
 
 def test_the_precision_a_resume_compares_is_the_arithmetic_run():

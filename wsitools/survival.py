@@ -17,15 +17,20 @@ censoring, ``risk`` a score where higher means an earlier event (a Cox head's lo
 - Intervals resample slides with replacement, or whole patients when each slide's patient is
   given (:func:`wsitools.metrics.bootstrap_samples`: a patient drawn twice counts each of its
   slides twice). Every statistic here is a ratio of two sums over
-  pairs, ``sum_ij c_i c_j N_ij / sum_ij c_i c_j D_ij`` with ``c`` the resample's counts, so a
-  resample costs two matrix products instead of a new pass over the pairs (the censoring weights
-  stay those of the whole sample). Memory and time grow with the square of the slide count.
+  pairs, ``sum_ij c_i c_j N_ij / sum_ij c_i c_j D_ij`` with ``c`` the resample's counts (the
+  censoring weights stay those of the whole sample). The pairs are set up once as runs of slides
+  sorted by risk, one run per earlier slide ``i`` (:class:`PairRuns`), so a resample's sums are
+  prefix sums of its counts read at the runs' bounds: O(N log N) for a concordance index, O(N)
+  for an AUC, never a matrix of all pairs. Sums of counts are exact, so Harrell's C and its
+  interval are exactly those of the pair matrices.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -111,62 +116,102 @@ def logrank_test(time: np.ndarray, event: np.ndarray, group: np.ndarray) -> tupl
     return stat, float(chi2.sf(stat, 1))
 
 
-PairRows = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
-"""The rows ``i`` (an index array) of a pair statistic's matrices ``N`` and ``D``."""
-
-PAIR_BLOCK_BYTES = 32 * 2**20
-"""Size of one block of rows of a pair matrix (float64): the matrices of a cohort are never
-built whole (N x N: 3.2 GB for each at 20 000 slides)."""
+BOOT_BLOCK_BYTES = 4 * 2**20
+"""Size of one block of resample counts (float64) summed at a time: the counts of all resamples
+are never held at once (n_boot x N: 80 MB at 10 000 slides and 1 000 resamples)."""
 
 
-def _concordance_matrices(
-    time: np.ndarray, event: np.ndarray, risk: np.ndarray, weight: np.ndarray, rows: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Rows ``rows`` (default all) of ``N_ij`` (weighted concordance credit) and ``D_ij`` (weighted
-    comparability) of every pair, ``i`` the slide with the event; ``weight`` [n] weighs each
-    slide as ``i``."""
-    i = np.arange(len(time)) if rows is None else rows
-    ti, ei, ri, wi = time[i, None], event[i, None], risk[i, None], weight[i, None]
-    earlier = (ti < time[None, :]) | ((ti == time[None, :]) & ~event[None, :])
-    comparable = earlier & ei & (wi > 0)
-    credit = (ri > risk[None, :]) + 0.5 * (ri == risk[None, :])
-    d = np.where(comparable, wi, 0.0)
-    return d * credit, d
+@dataclass(frozen=True)
+class PairRuns:
+    """Pairs (i, j) of a pair statistic, set up for fast sums: each ``query`` slide ``i`` (the
+    earlier event, the case) is paired with a run of ``order``, slides sorted by risk within each
+    run: ``order[start:end]`` are all its partners ``j``, ``order[start:below]`` those of lower
+    risk and ``order[below:upto]`` those of equal risk (``i`` concordant, or half)."""
+
+    order: np.ndarray
+    query: np.ndarray
+    start: np.ndarray
+    below: np.ndarray
+    upto: np.ndarray
+    end: np.ndarray
+
+
+def _runs(query: np.ndarray, query_run: np.ndarray, partners: np.ndarray, partner_run: np.ndarray,
+          risk_rank: np.ndarray) -> PairRuns:
+    """Each slide of ``query`` paired with the slides of ``partners`` that have its run number
+    (``query_run``, ``partner_run``: one per slide of each); ``risk_rank``: every slide's dense
+    rank of risk (ties share one)."""
+    span = int(risk_rank.max()) + 1 if len(risk_rank) else 1
+    key = partner_run * span + risk_rank[partners]
+    by_key = np.argsort(key, kind="stable")
+    key = key[by_key]
+    base, own = query_run * span, query_run * span + risk_rank[query]
+    return PairRuns(order=partners[by_key], query=query, start=np.searchsorted(key, base, side="left"),
+                    below=np.searchsorted(key, own, side="left"), upto=np.searchsorted(key, own, side="right"),
+                    end=np.searchsorted(key, base + span, side="left"))
+
+
+def _concordance_runs(time: np.ndarray, event: np.ndarray, risk: np.ndarray, candidates: np.ndarray) -> list[PairRuns]:
+    """The comparable pairs of a concordance index, ``i`` among ``candidates`` (slides with an
+    event), as one :class:`PairRuns` per bit of the pairs' order ranks.
+
+    A slide's order rank orders the times, an event before the censorings of its time: j is
+    comparable to the event i when its rank is higher (ties in rank, events at one time, are not
+    comparable). Each such pair is counted once, at the highest bit in which the two ranks
+    differ, where i's is 0 and j's 1 and the bits above are equal: the run of i at that bit is
+    the slides whose rank has that bit set and i's bits above it. About log2(N) runs per slide."""
+    _, time_rank = np.unique(time, return_inverse=True)
+    _, order_rank = np.unique(2 * time_rank + ~event, return_inverse=True)
+    risk_rank = np.unique(risk, return_inverse=True)[1]
+    families = []
+    for bit in range(int(order_rank.max(initial=0)).bit_length()):
+        later = ((order_rank >> bit) & 1).astype(bool)
+        query, partners = candidates[~later[candidates]], np.flatnonzero(later)
+        families.append(_runs(query, order_rank[query] >> (bit + 1), partners, order_rank[partners] >> (bit + 1),
+                              risk_rank))
+    return families
+
+
+def _pair_sums(families: Sequence[PairRuns], weight: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``sum_ij c_i c_j N_ij`` and ``sum_ij c_i c_j D_ij`` for each row ``c`` of ``counts``, with
+    ``D_ij = weight_i`` for each pair of ``families`` and ``N_ij`` its concordance credit (1
+    below ``i``'s risk, 1/2 at it) times ``D_ij``: the prefix sums of the counts along each
+    family's order, read at the runs' bounds."""
+    num, den = np.zeros(len(counts)), np.zeros(len(counts))
+    for runs in families:
+        prefix = np.zeros((len(counts), len(runs.order) + 1))
+        np.cumsum(counts[:, runs.order], axis=1, out=prefix[:, 1:])
+        lead = counts[:, runs.query] * weight[runs.query]
+        twice_credit = prefix[:, runs.below] + prefix[:, runs.upto] - 2.0 * prefix[:, runs.start]
+        num += 0.5 * (lead * twice_credit).sum(axis=1)
+        den += (lead * (prefix[:, runs.end] - prefix[:, runs.start])).sum(axis=1)
+    return num, den
 
 
 def _pair_ratio(
-    pairs: PairRows,
-    candidates: np.ndarray,
+    families: Sequence[PairRuns],
+    weight: np.ndarray,
     size: int,
     *,
     n_boot: int,
     seed: int,
     level: float = 0.95,
     groups: Sequence[Hashable] | None = None,
-    chunk: int = 100,
 ) -> tuple[float, float, float]:
-    """``sum N / sum D`` of a pair statistic and its percentile interval over ``n_boot``
-    resamples: ``c^T N c / c^T D c`` for each resample's counts ``c`` of every slide (drawn by
-    :func:`~wsitools.metrics.bootstrap_samples`, over the slides' ``groups`` when given).
-
-    Only the rows of ``candidates`` (the slides that can be ``i``) are built, a block of rows
-    at a time (:data:`PAIR_BLOCK_BYTES`), so memory grows with the cohort, not its square."""
-    draws = [np.bincount(idx, minlength=size)
-             for idx in bootstrap_samples(size, n_boot=n_boot, seed=seed, groups=groups)]
-    counts = np.stack(draws).astype(np.float64) if draws else np.zeros((0, size))
-    total_n = total_d = 0.0
-    num, den = np.zeros(n_boot), np.zeros(n_boot)
-    block = max(1, PAIR_BLOCK_BYTES // (8 * max(size, 1)))
-    for start in range(0, len(candidates), block):
-        rows = candidates[start : start + block]
-        n, d = pairs(rows)
-        total_n, total_d = total_n + float(n.sum()), total_d + float(d.sum())
-        for b in range(0, n_boot, chunk):
-            c = counts[b : b + chunk]
-            num[b : b + chunk] += ((c @ n.T) * c[:, rows]).sum(axis=1)
-            den[b : b + chunk] += ((c @ d.T) * c[:, rows]).sum(axis=1)
-    value = total_n / total_d if total_d > 0 else math.nan
-    values = num[den > 0] / den[den > 0]
+    """``sum N / sum D`` of a pair statistic (:func:`_pair_sums`) and its percentile interval
+    over ``n_boot`` resamples: the same ratio under each resample's counts ``c`` of every slide
+    (drawn by :func:`~wsitools.metrics.bootstrap_samples`, over the slides' ``groups`` when
+    given), a block of resamples at a time (:data:`BOOT_BLOCK_BYTES`)."""
+    num, den = _pair_sums(families, weight, np.ones((1, size)))
+    value = float(num[0] / den[0]) if den[0] > 0 else math.nan
+    draws = bootstrap_samples(size, n_boot=n_boot, seed=seed, groups=groups)
+    block = max(1, BOOT_BLOCK_BYTES // (8 * max(size, 1)))
+    parts = []
+    while batch := list(itertools.islice(draws, block)):
+        counts = np.stack([np.bincount(idx, minlength=size) for idx in batch]).astype(np.float64)
+        num, den = _pair_sums(families, weight, counts)
+        parts.append(num[den > 0] / den[den > 0])
+    values = np.concatenate(parts) if parts else np.zeros(0)
     if not len(values):
         return value, math.nan, math.nan
     tail = (1.0 - level) / 2.0 * 100.0
@@ -177,7 +222,7 @@ def _pair_ratio(
 def _concordance(t: np.ndarray, e: np.ndarray, r: np.ndarray, weight: np.ndarray, **boot: Any) -> tuple[float, float, float]:
     """A (weighted) concordance index with its interval (:func:`_pair_ratio`)."""
     candidates = np.flatnonzero(e & (weight > 0))
-    return _pair_ratio(lambda rows: _concordance_matrices(t, e, r, weight, rows), candidates, len(t), **boot)
+    return _pair_ratio(_concordance_runs(t, e, r, candidates), weight, len(t), **boot)
 
 
 def harrell_c(time: np.ndarray, event: np.ndarray, risk: np.ndarray) -> float:
@@ -203,14 +248,10 @@ def _uno_weights(t: np.ndarray, e: np.ndarray, tau: float | None) -> np.ndarray:
 def _time_auc(t: np.ndarray, e: np.ndarray, r: np.ndarray, at: float, ipcw: np.ndarray, **boot: Any) -> tuple[float, float, float]:
     """The cumulative/dynamic AUC at ``at`` with its interval (:func:`_pair_ratio`): rows are
     the cases (an event by ``at``, weighted by ``1 / G(time)``), columns the controls."""
-    case, control = e & (t <= at), t > at
-
-    def rows_of(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        d = np.where(control[None, :], ipcw[rows, None], 0.0)
-        credit = (r[rows, None] > r[None, :]) + 0.5 * (r[rows, None] == r[None, :])
-        return d * credit, d
-
-    return _pair_ratio(rows_of, np.flatnonzero(case), len(t), **boot)
+    case, control = np.flatnonzero(e & (t <= at)), np.flatnonzero(t > at)
+    risk_rank = np.unique(r, return_inverse=True)[1]
+    runs = _runs(case, np.zeros(len(case), np.int64), control, np.zeros(len(control), np.int64), risk_rank)
+    return _pair_ratio([runs], ipcw, len(t), **boot)
 
 
 def time_auc(time: np.ndarray, event: np.ndarray, risk: np.ndarray, at: float) -> float:

@@ -17,8 +17,9 @@ machinery around them is here, written once:
 - :func:`epoch_generator`: the random stream of an epoch as a pure function of (seed, epoch),
   so shuffles and augmentations need no saved random state to resume exactly;
 - :class:`CsvLog`: the run's log table, rewritten atomically after each epoch;
-- :func:`check_run_folder` and :func:`clear_outputs`: a run folder holds one run (another run's
-  folder is refused; what an earlier run of the same kind left is removed at a fresh start);
+- :func:`check_run_folder`, :func:`clear_outputs` and :func:`earlier_cards`: a run folder holds
+  one run (another run's folder is refused; what an earlier run of the same kind left, its card
+  whatever its name among it, is removed at a fresh start);
 - :func:`tile_geometries`: the tile sizes and resolutions of the patch stores a run trains on;
 - :class:`BestState`: a copy of the weights of the epoch with the lowest validation loss, and
   early stopping (``patience`` epochs without improvement, never before ``min_epochs``).
@@ -49,13 +50,14 @@ import logging
 import math
 import re
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
+import yaml
 from torch import nn
 
 from wsitools.device import TrainPrecision, autocast, training_amp_dtype
@@ -254,11 +256,12 @@ def _flat(settings: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _settings_difference(before: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
     """The settings that differ between two runs, as ``name: before -> now`` (dotted names), or
-    for lists of records (the patch stores) the records added, removed and changed."""
+    for lists of records (the patch stores, the image files) the records added, removed and
+    changed (a list that one run did not record counts as empty)."""
     a, b = _flat(before), _flat(now)
     missing = "(not set)"
     return [
-        _records_difference(k, a[k], b[k]) if _records(a.get(k)) and _records(b.get(k))
+        _records_difference(k, a.get(k) or [], b.get(k) or []) if _records_either(a.get(k), b.get(k))
         else f"{k}: {json.dumps(a.get(k, missing))} -> {json.dumps(b.get(k, missing))}"
         for k in sorted(a.keys() | b.keys())
         if a.get(k, missing) != b.get(k, missing)
@@ -273,8 +276,14 @@ MAX_SHOWN_RECORDS = 3
 
 def _records(value: Any) -> bool:
     """Whether a setting is a list of records, each a list named by its first item (a patch
-    store as [path, tiling hash, tile count])."""
+    store as [path, tiling hash, tile count], an image file as [path, fingerprint])."""
     return isinstance(value, list) and all(isinstance(r, list) and r for r in value)
+
+
+def _records_either(before: Any, now: Any) -> bool:
+    """Whether two values of a setting (None: not recorded) are lists of records, one of them
+    not empty: a list one run did not record is compared as an empty one."""
+    return _records([] if before is None else before) and _records([] if now is None else now) and bool(before or now)
 
 
 def _records_difference(key: str, before: list[list[Any]], now: list[list[Any]]) -> str:
@@ -356,6 +365,36 @@ def clear_outputs(folder: Path, outputs: Sequence[str]) -> list[Path]:
         log.warning("%s: starting afresh, so the outputs of an earlier run there are removed: %s", folder,
                     ", ".join(p.relative_to(folder).as_posix() for p in old))
     return old
+
+
+def earlier_cards(folder: Path, *, role: str, keep: Collection[Path] = ()) -> list[str]:
+    """The encoder cards an earlier tuning run left directly in ``folder``, whatever their name,
+    and the weight files of ``role`` they name there: the names of both, for :func:`clear_outputs`.
+
+    A tuner writes its card beside its own weight file and names that file relative to the card
+    (a bare file name); a card listing a ``role`` file so is an earlier run's result. Beside a run
+    started afresh under another name it would be a second card in the folder, whose weights the
+    new run replaces or removes. Other YAML files (a task file, a card naming its weights
+    elsewhere) and the files in ``keep`` (the cards and weights this run reads) are not among them.
+    """
+    if not folder.is_dir():
+        return []
+    kept = {p.resolve() for p in keep}
+    found: list[str] = []
+    for path in sorted(folder.glob("*.yaml")):
+        if path.resolve() in kept or not path.is_file():
+            continue
+        try:
+            data = yaml.safe_load(path.read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            continue  # not a card
+        weights = data.get("weights") if isinstance(data, dict) else None
+        entries = weights if isinstance(weights, list) else []
+        files = [w.get("file") for w in entries if isinstance(w, dict) and w.get("role") == role]
+        here = [f for f in files if isinstance(f, str) and f and f == Path(f).name]
+        if here:
+            found += [path.name, *(f for f in here if (folder / f).resolve() not in kept)]
+    return found
 
 
 def tile_geometries(stores: Sequence[PatchStore]) -> dict[str, int]:

@@ -203,6 +203,10 @@ class EncoderCard:
         """The card's weight file with this role, if any."""
         return next((w for w in self.weights if w.role == role), None)
 
+    def files(self) -> list[Path]:
+        """The files that loading the card reads: the card itself, its weight files and its kind's config."""
+        return [p for p in (self.source, *(w.path for w in self.weights), self.kind_config) if p is not None]
+
     def architecture(self) -> dict[str, Any]:
         """Everything that decides the features apart from the weight bytes (for the encoder hash)."""
         return {

@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 
 from wsitools.encoders.transforms import to_unit_float
 from wsitools.errors import DataError, StoreError
-from wsitools.io import read_user_text
+from wsitools.io import file_fingerprint, read_user_text
 from wsitools.labels import classes_from_labels, table_rows
 from wsitools.store import PatchStore, find_patch_stores
 from wsitools.tables import sniff_dialect
@@ -69,6 +69,11 @@ class LabelledTiles(ABC):
         """The patch stores the pixels are read from (none for image files)."""
         return []
 
+    def image_files(self) -> list[list[str]]:
+        """Each image file the pixels are read from as [path, fingerprint] (none for patch
+        stores): what a resumed run compares, since another image under the same name is other data."""
+        return []
+
     def relabel(self, classes: Sequence[str], *, task: str = "the task") -> LabelledTiles:
         """The same tiles with class indices in the order of ``classes`` (a task's order). A
         label that is not one of them (named where it first occurs) or one of them without a
@@ -104,6 +109,10 @@ class FolderTiles(LabelledTiles):
     def where(self, i: int) -> str:
         assert self.paths is not None
         return str(self.paths[i].parent)
+
+    def image_files(self) -> list[list[str]]:
+        assert self.paths is not None
+        return [[str(p), _fingerprint(p)] for p in self.paths]
 
     def read(self, i: int) -> np.ndarray:
         assert self.paths is not None
@@ -153,6 +162,15 @@ class TileDataset(Dataset):
     def __getitem__(self, k: int) -> tuple[torch.Tensor, int]:
         i = int(self.indices[k])
         return to_unit_float(self.tiles.read(i)[None], size=self.size)[0], int(self.tiles.labels[i])
+
+
+def _fingerprint(path: Path) -> str:
+    """The image file's :func:`~wsitools.io.file_fingerprint` (its size and bytes, as a slide's);
+    a :class:`DataError` naming it when it cannot be read."""
+    try:
+        return file_fingerprint(path)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot be read ({exc.strerror or exc})") from None
 
 
 def _images(folder: Path) -> list[Path]:

@@ -21,7 +21,7 @@ last checkpoint (``resume=True``, ``wsitools tune pathotune --resume``) ends wit
 weights and log as a run that was never interrupted. The outputs above but ``log.csv`` and the
 checkpoints are written only when the last epoch is done, the model first and ``metrics.json``
 last (so a folder with it holds the whole result); a run that starts afresh (no checkpoint)
-first removes those an earlier run left (its card of the same name too, and its log).
+first removes those an earlier run left (its card too, whatever its name, and its log).
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ from wsitools.training import (
     check_run_folder,
     clear_outputs,
     describe_geometries,
+    earlier_cards,
     epoch_generator,
     tile_geometries,
 )
@@ -257,6 +258,7 @@ def tune_pathotune(
         device=dev, precision=config.precision,
     )
     amp = stepper.amp_dtype
+    images = data.image_files()
     settings = {
         # the arithmetic run, not the option: auto is fp32 on a CPU, bf16 or fp16 on a GPU
         "config": {**config.schedule_dict(), "precision": stepper.precision},
@@ -268,7 +270,9 @@ def tune_pathotune(
         "data": {"classes": list(data.classes), "tiles": stable_hash([data.names, data.labels.tolist()]),
                  "split": stable_hash(split.tolist()),
                  # each store by path, tiling and size, as PuzzleTuning's: other tiles at the same path are other data
-                 "stores": sorted([str(st.path), st.params_hash, len(st)] for st in stores)},
+                 "stores": sorted([str(st.path), st.params_hash, len(st)] for st in stores),
+                 # each image file by path and fingerprint: another image under the same name is other data
+                 **({"images": images} if images else {})},
         "steps_per_epoch": steps_per_epoch,
     }
 
@@ -284,7 +288,9 @@ def tune_pathotune(
     else:
         if resume:
             log.info("no checkpoint in %s: starting from the beginning", out)
-        clear_outputs(out, [re.escape(f) for f in (*FINAL_FILES, f"{card_name}.yaml", "log.csv")])
+        read = [f for enc in (backbone_enc, ivp) if enc is not None for f in enc.card.files()]
+        earlier = earlier_cards(out, role="pathotune", keep=read)
+        clear_outputs(out, [re.escape(f) for f in (*FINAL_FILES, f"{card_name}.yaml", *earlier, "log.csv")])
         p0, y0, loss0 = predict(model, val_loader, device=dev, amp=amp)
         start, rows = 0, [_log_row(0, math.nan, {"loss": loss0, **classification_metrics(y0, p0)}, 0.0)]
         best.record(0, loss0)
@@ -469,7 +475,7 @@ def _resumed_record(resumed: Resumed, path: Path) -> tuple[list[dict[str, float]
 FINAL_FILES = (WEIGHTS_FILE, CONFIG_FILE, "split.csv", "predictions.csv", "metrics.json")
 """What a run writes when its last epoch is done, besides its card, in this order: metrics.json
 last, so a folder that has it holds the whole result (the workflow's declared output). At a
-fresh start an earlier run's are removed, with its card of the same name and its log."""
+fresh start an earlier run's are removed, with its card (whatever its name) and its log."""
 RUN_FILES = (*FINAL_FILES, "*.yaml", "log.csv", "checkpoints")
 """What a run writes into its folder (the layout above); a folder holding anything else is
 another run's (a MIL training run also has ``metrics.json`` and ``predictions.csv``) and is refused."""

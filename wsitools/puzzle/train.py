@@ -13,8 +13,9 @@ Output folder layout::
 The learning rate (warm-up + cosine per optimiser step), the curriculum (per epoch), the order
 of tiles, their augmentation and the puzzles are pure functions of (seed, epoch, step), so a run
 resumed from its last checkpoint continues exactly as if it had not been interrupted. A run that
-starts afresh (no checkpoint) removes an earlier run's log and previews, and the promptstate and
-card of its own card name, so nothing of that run passes for this one's result.
+starts afresh (no checkpoint) removes an earlier run's log and previews, and its promptstate and
+card whatever their name (not a card this run reads as its backbone), so nothing of that run
+passes for this one's result.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ from wsitools.training import (
     check_run_folder,
     clear_outputs,
     describe_geometries,
+    earlier_cards,
     epoch_generator,
     tile_geometries,
 )
@@ -72,11 +74,12 @@ RUN_FILES = ("config.json", "log.csv", "checkpoints", "previews", "*_promptstate
 another run's and is refused."""
 
 
-def _final_outputs(name: str) -> list[str]:
-    """What a run of card ``name`` writes besides its checkpoints and config.json (regular
-    expressions of paths in the run folder): at a fresh start, an earlier run's are removed."""
-    return [re.escape("log.csv"), r"previews/epoch-\d{4,}\.png", re.escape(f"{name}_promptstate.pth"),
-            re.escape(f"{name}.yaml")]
+def _final_outputs(name: str, *, earlier: Sequence[str]) -> list[str]:
+    """What a run of card ``name`` writes besides its checkpoints and config.json, and the cards
+    and promptstates of ``earlier`` runs' (:func:`~wsitools.training.earlier_cards`), as regular
+    expressions of paths in the run folder: at a fresh start, an earlier run's are removed."""
+    return [re.escape("log.csv"), r"previews/epoch-\d{4,}\.png",
+            *(re.escape(f) for f in (f"{name}_promptstate.pth", f"{name}.yaml", *earlier))]
 
 
 @dataclass(frozen=True)
@@ -318,7 +321,8 @@ def train_puzzle(
     else:
         if resume:
             log.info("no checkpoint in %s: starting from the beginning", out)
-        clear_outputs(out, _final_outputs(card_name))
+        earlier = earlier_cards(out, role="prompts", keep=bb.card.files())
+        clear_outputs(out, _final_outputs(card_name, earlier=earlier))
 
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(
