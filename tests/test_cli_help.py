@@ -4,11 +4,17 @@ errors that say what was given and what to run instead."""
 from __future__ import annotations
 
 import argparse
+import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
 
+import wsitools.cli.slide
 from wsitools.cli import build_parser, main
+from wsitools.errors import STOPPED_LINE
+from wsitools.io import atomic_path
 
 FIXTURES = Path(__file__).parent / "data" / "openslide-fixtures"
 
@@ -99,3 +105,34 @@ def test_features_given_one_store_asks_for_its_directory(tmp_path, capsys, comma
     assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1
     assert (f"argument --features: {store}: is a file; give the directory of feature stores (features/ENCODER, "
             f"holding {{slide_id}}.h5), e.g. {store.parent}") in err
+
+
+def test_sigterm_stops_a_command_with_one_line_and_leaves_no_temporary(tmp_path, monkeypatch, capsys):
+    """A cancelled job (SIGTERM) removes what it was writing and says it was stopped, as its last
+    line, which the workflow tells from a failure by; a process it forked dies of the signal."""
+    final = tmp_path / "out.bin"
+    child_status = []
+
+    def cancelled(args):
+        pid = os.fork()
+        if pid == 0:  # a forked worker: dies of SIGTERM, never raises into the parent's code
+            os.kill(os.getpid(), signal.SIGTERM)
+            os._exit(0)
+        child_status.append(os.waitpid(pid, 0)[1])
+        with atomic_path(final) as tmp:
+            tmp.write_bytes(b"half")
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(10)
+        return 0
+
+    monkeypatch.setattr(wsitools.cli.slide, "run", cancelled)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        assert main(["info", "x.svs"]) == 128 + signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert os.WIFSIGNALED(child_status[0]) and os.WTERMSIG(child_status[0]) == signal.SIGTERM
+    assert list(tmp_path.iterdir()) == []
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line == "wsitools info: stopped by SIGTERM before it finished; run it again to finish"
+    assert STOPPED_LINE.match(line).group(1) == "SIGTERM"

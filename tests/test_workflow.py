@@ -769,6 +769,21 @@ def test_a_stopped_run_is_not_said_to_have_a_failed_job(tmp_path):
     assert run_failure_line([["a.log"], []]) == "wsitools workflow: 2 jobs failed (see the error above); logs: a.log"
 
 
+def test_jobs_stopped_by_a_signal_are_not_called_failed(tmp_path):
+    """SIGTERM to a whole run (a closed session, ``timeout``) stops its jobs, whose logs end saying
+    so: the run stopped, no slide is at fault; a job that failed beside them is still named."""
+    stopped = [tmp_path / f"s{i}.log" for i in range(2)]
+    for log in stopped:
+        log.write_text("slide_001: 3 tiles\nwsitools extract: stopped by SIGTERM before it finished; run it again to finish\n")
+    failed = tmp_path / "f.log"
+    failed.write_text("wsitools train: error: labels table t.csv: one class\n")
+    assert run_failure_line([[str(stopped[0])], [str(stopped[1])]]) == (
+        "wsitools workflow: the run stopped before it finished: 2 jobs were stopped by SIGTERM and no job failed; "
+        "run snakemake again to finish")
+    assert run_failure_line([[str(failed)], [str(stopped[0])]]) == (
+        f"wsitools workflow: a job failed (see the error above); logs: {failed}; a job was stopped by SIGTERM")
+
+
 def test_tile_jobs_get_the_configured_codec(tmp_path):
     glob = {"slides_glob": "slides/*.svs", "tasks": {}, "heads": {}}
     commands = {}

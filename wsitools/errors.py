@@ -6,6 +6,8 @@ without a traceback; anything else is a bug and keeps its traceback.
 """
 
 import os
+import re
+import signal
 import textwrap
 from collections.abc import Mapping
 from typing import Any
@@ -48,6 +50,18 @@ class UnsafeNameError(DataError, ValueError):
 
     Also a ValueError, so code validating its own input can catch it as one.
     """
+
+
+STOPPED_LINE = re.compile(r"wsitools [\w-]+: stopped by (SIG[A-Z]+)\b")
+"""How a ``wsitools`` command that a signal stopped says so as its last line
+(:func:`stopped_line`); the workflow tells such a job from a failed one by it."""
+
+
+def stopped_line(command: str, signum: int, detail: str = "") -> str:
+    """The last line of a ``wsitools`` command stopped by signal ``signum`` (a cancelled job):
+    not a fault of its input, and nothing it had not finished is kept."""
+    name = signal.Signals(signum).name
+    return f"wsitools {command}: stopped by {name} before it finished{detail}; run it again to finish"
 
 
 _TRACEBACK_MARKS = ("Traceback (most recent call last)", "Original Traceback (most recent call last)")

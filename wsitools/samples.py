@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from wsitools.encoders.cards import card_encoder_hash, check_weight_file, find_card, precision_hash
-from wsitools.errors import DataError, ModelError, StoreError, WsiToolsError, error_line, one_line, schema_problem
+from wsitools.errors import (
+    STOPPED_LINE, DataError, ModelError, StoreError, WsiToolsError, error_line, one_line, schema_problem,
+)
 from wsitools.io import read_user_text
 from wsitools.types import MPP_MAX, MPP_MIN, MicronsPerPixel, check_slide_id, slide_id_from_path
 
@@ -96,18 +98,44 @@ def run_script(
     Path(log).write_text(summary + "\n")
 
 
+def _stopped_by(logs: Sequence[str]) -> str | None:
+    """The signal a job's logs end by saying stopped it (:data:`~wsitools.errors.STOPPED_LINE`),
+    or ``None``: a job cancelled with its run exits non-zero without any fault of its input."""
+    for log in logs:
+        try:
+            with open(log, "rb") as f:
+                f.seek(max(0, os.fstat(f.fileno()).st_size - 4096))
+                lines = f.read().decode("utf-8", "replace").strip().splitlines()
+        except OSError:
+            continue
+        if lines and (match := STOPPED_LINE.match(lines[-1])):
+            return match.group(1)
+    return None
+
+
 def run_failure_line(failed_logs: Sequence[Sequence[str]]) -> str:
     """The workflow's last line for a run that did not succeed (``failed_logs``: the log files of
     each job that failed): the failed jobs' logs, or, when no job failed, that the run was
     stopped (Ctrl-C, a kill of snakemake, or Snakemake's own error printed above), which the
-    next run finishes."""
-    if not failed_logs:
-        return ("wsitools workflow: the run stopped before it finished and no job failed (interrupted, or "
-                "see the error above); run snakemake again to finish")
-    logs = [log for job in failed_logs for log in job]
+    next run finishes. Jobs whose logs end saying a signal stopped them (SIGTERM to the whole
+    run: a closed session, ``timeout``, a cancelled allocation) are counted as stopped, not
+    failed."""
+    signals = [_stopped_by(job) for job in failed_logs]
+    stopped = sorted({sig for sig in signals if sig is not None})
+    n_stopped = len(signals) - signals.count(None)
+    said = f"{_jobs(n_stopped)} {'was' if n_stopped == 1 else 'were'} stopped by {', '.join(stopped)}"
+    failed = [job for job, sig in zip(failed_logs, signals) if sig is None]
+    if not failed:
+        how = f": {said} and no job failed" if stopped else " and no job failed (interrupted, or see the error above)"
+        return f"wsitools workflow: the run stopped before it finished{how}; run snakemake again to finish"
+    logs = [log for job in failed for log in job]
     where = f"; logs: {', '.join(logs)}" if logs else ""
-    jobs = "a job" if len(failed_logs) == 1 else f"{len(failed_logs)} jobs"
-    return f"wsitools workflow: {jobs} failed (see the error above){where}"
+    also = f"; {said}" if stopped else ""
+    return f"wsitools workflow: {_jobs(len(failed))} failed (see the error above){where}{also}"
+
+
+def _jobs(n: int) -> str:
+    return "a job" if n == 1 else f"{n} jobs"
 
 
 def _parse_mpp(text: str, where: str) -> MicronsPerPixel | None:

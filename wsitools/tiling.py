@@ -658,8 +658,9 @@ class TilingStopped(WsiToolsError):
 
     def __init__(self, signum: int, records: list[dict[str, Any]], n_slides: int):
         tiled = sum(r["status"] != "failed" for r in records)
-        super().__init__(f"stopped by signal {signum}: {tiled} of {n_slides} slides tiled")
         self.signum, self.records = signum, records
+        self.summary = f"{tiled} of {n_slides} slides tiled"
+        super().__init__(f"stopped by {signal.Signals(signum).name}: {self.summary}")
 
 
 @contextmanager

@@ -494,7 +494,8 @@ def test_sigterm_to_the_whole_job_records_the_slide_and_stops(synthetic_svs, tmp
     assert proc.returncode == 128 + signal.SIGTERM, stderr  # not done, though --keep-going: no scheduler takes it for done
     reason = json.loads((out / "big.qc.json").read_text())["reason"]
     assert reason == f"{big}: tiling was killed by signal 15 (SIGTERM)"
-    assert f"wsitools tile: stopped by signal 15: 0 of 2 slides tiled (see {out}/*.qc.json)" in stderr
+    assert (f"wsitools tile: stopped by SIGTERM before it finished: 0 of 2 slides tiled (see {out}/*.qc.json); "
+            "run it again to finish") in stderr
     assert "big\tfailed\t" in stdout
     assert not (out / "synth_svs.qc.json").exists() and not temps(out)
 

@@ -6,7 +6,10 @@ stderr, ``wsitools CMD: error: ...``, naming the file or option and the problem,
 2 and no traceback: a bad option value (the argument types of :mod:`wsitools.cli.options`), a
 :class:`WsiToolsError`, and an ``OSError`` about a named file (a directory given for a file, a
 file that cannot be read or written). A reader that closes the output early (``| head``) ends the
-command with status 1 and nothing on stderr. Anything else is a bug and keeps its traceback.
+command with status 1 and nothing on stderr. SIGTERM (a scheduler cancelling the job) stops the
+command as Ctrl-C does, so what it was writing is removed, and it ends with one line saying so
+(:func:`~wsitools.errors.stopped_line`) and status 128 + 15. Anything else is a bug and keeps its
+traceback.
 """
 
 from __future__ import annotations
@@ -16,12 +19,14 @@ import importlib
 import logging
 import os
 import re
+import signal
 import sys
 from collections.abc import Sequence
+from types import FrameType
 from typing import NoReturn
 
 from wsitools import __version__
-from wsitools.errors import WsiToolsError, error_line, one_line
+from wsitools.errors import WsiToolsError, error_line, one_line, stopped_line
 
 # Sub-command modules, in the order of the pipeline.
 COMMAND_MODULES = (
@@ -53,6 +58,30 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
 
 
+class Stopped(BaseException):
+    """Raised in the command's process by SIGTERM; a ``BaseException`` like ``KeyboardInterrupt``,
+    so that only cleanup (``finally``, removing temporaries) runs on the way out."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM raises :class:`Stopped` in this process; a child forked from it (a data-loading
+    worker) dies of it as by default."""
+    pid = os.getpid()
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        if os.getpid() != pid:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise Stopped(signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="wsitools",
@@ -80,8 +109,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("tifffile").setLevel(logging.CRITICAL)
         for name in ("sentence_transformers", "transformers", "numexpr"):
             logging.getLogger(name).setLevel(logging.WARNING)
+    _stop_on_sigterm()
     try:
         return int(args.func(args) or 0)
+    except Stopped as stop:
+        print(stopped_line(args.command, stop.signum), file=sys.stderr)
+        return 128 + stop.signum
     except BrokenPipeError:  # whoever read our output stopped early (`wsitools encoders | head`)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush is silent
         return 1

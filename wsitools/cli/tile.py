@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from wsitools.errors import ConfigError
+from wsitools.errors import ConfigError, stopped_line
 from wsitools.cli.options import (
     fraction, jpeg_quality, mpp, non_negative_float, non_negative_int, positive_float, positive_int, show_progress,
 )
@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
         )
     except TilingStopped as stop:
         _print_records(stop.records)
-        print(f"wsitools tile: {stop} (see {args.out}/*.qc.json)", file=sys.stderr)
+        print(stopped_line("tile", stop.signum, f": {stop.summary} (see {args.out}/*.qc.json)"), file=sys.stderr)
         return 128 + stop.signum  # asked to stop: not done, --keep-going or not
     failed = [r for r in records if r["status"] == "failed"]
     _print_records(records)
