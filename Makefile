@@ -3,14 +3,18 @@ PYTHON ?= python3
 
 .PHONY: install demo test test-all
 
-# Installed once per interpreter (the stamp names its prefix), again when pyproject.toml changes.
-STAMP := .installed-$(shell $(PYTHON) -c 'import hashlib, sys; print(hashlib.sha1(sys.prefix.encode()).hexdigest()[:10])')
+# The stamp's name is a hash of the interpreter's prefix and of where that interpreter imports
+# wsitools from (in isolated mode, so this folder itself does not count): installed again for
+# another interpreter, for a venv made anew at the same path or one whose wsitools is not this
+# checkout's, and when pyproject.toml changes. The recipe names the stamp after installing.
+STAMP_NAME := $(PYTHON) -I -c 'import hashlib, importlib.util, sys; spec = importlib.util.find_spec("wsitools"); key = sys.prefix + "|" + (spec.origin if spec else ""); print(".installed-" + hashlib.sha1(key.encode()).hexdigest()[:10])'
+STAMP := $(shell $(STAMP_NAME))
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m pip install -q -e ".[test]"
-	touch $@
+	touch "$$($(STAMP_NAME))"
 
 demo: install
 	$(PYTHON) -m wsitools demo --out demo_run

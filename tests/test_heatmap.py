@@ -159,7 +159,7 @@ def _old_figure(path: Path, image: np.ndarray, title: str) -> None:
 
     h, w = image.shape[:2]
     width, height = w + 150, max(h, 300) + 32
-    fig = Figure(figsize=(width / 100, height / 100), dpi=100)
+    fig = Figure(figsize=(heatmap._figure_inches(width, 100), heatmap._figure_inches(height, 100)), dpi=100)
     FigureCanvasAgg(fig)
     fig.figimage(image, xo=0, yo=height - 32 - h, origin="upper")
     fig.text(4 / width, 1 - 6 / height, title, ha="left", va="top", fontsize=9)
@@ -605,6 +605,24 @@ def test_the_colour_bar_label_fits_a_short_thumbnail(tmp_path, monkeypatch, scal
     renderer = fig.canvas.get_renderer()
     label = fig.axes[-1].yaxis.label.get_window_extent(renderer)
     assert label.y0 >= 0 and label.y1 <= fig.bbox.height and label.x1 <= fig.bbox.width
+
+
+@pytest.mark.parametrize("shape", [(120, 256, 3), (374, 256, 3), (370, 51, 3)])
+def test_the_figure_is_its_pixel_size_where_matplotlib_truncates_the_inches(tmp_path, monkeypatch, shape):
+    """A canvas of int(inches * dpi) pixels with no tolerance for the float step, as some
+    matplotlib versions size it: 406 / 100 * 100 is 405.99999999999994, a figure 1 px short of
+    the image, title band and colour-bar band."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    from wsitools.heatmap import save_heatmap_figure
+
+    monkeypatch.setattr(FigureCanvasBase, "get_width_height",
+                        lambda self, *, physical=False: tuple(int(v) for v in self.figure.bbox.max))
+    image = np.full(shape, 77, np.uint8)
+    figure = np.asarray(Image.open(save_heatmap_figure(tmp_path / "h.png", image, title="s", scale="rank")).convert("RGB"))
+    h, w = shape[:2]
+    assert figure.shape == (max(h, 300) + 32, w + 150, 3)  # 406 x 332, 406 x 406, 201 x 402
+    assert (figure[32 : 32 + h, :w] == 77).all()
 
 
 def test_a_slide_folder_is_listed_once_for_all_slides(attention_case, tmp_path, monkeypatch, capsys):

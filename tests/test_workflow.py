@@ -1137,6 +1137,24 @@ def test_demo_refuses_an_out_it_did_not_make(tmp_path, capsys, monkeypatch):
     assert made == [tmp_path / "empty", tmp_path / "missing"]
 
 
+def test_demo_without_the_workflow_fails_before_writing_anything(tmp_path, capsys, monkeypatch):
+    """Installed from a wheel, the package has no workflow beside it: the demo says so in one line
+    before it makes the synthetic cohort (12 slides, about 20 MB) that it could not use."""
+    from wsitools import samples, synthetic
+    from wsitools.cli import main
+
+    made = []
+    monkeypatch.setattr(synthetic, "make_cohort", lambda out, **kw: made.append(Path(out)))
+    site = tmp_path / "site-packages"
+    monkeypatch.setattr(samples, "__file__", str(site / "wsitools" / "samples.py"))
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"wsitools demo: error: no workflow at {site / 'workflow' / 'Snakefile'}: the Snakemake workflow ships "
+        "with the repository, install wsitools from a checkout with `pip install -e .`")
+    assert made == [] and not out.exists()
+
+
 def _qc_done(work: Path, status: dict[str, str]) -> None:
     """Give ``work`` a finished QC (tile QC files and summary, newer than the slides), so a dry
     run sees which slides are usable."""

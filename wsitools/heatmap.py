@@ -205,6 +205,13 @@ def _title(amap: AttentionMap) -> str:
     return title + (f"   [{note}]" if note else "")
 
 
+def _figure_inches(pixels: int, dpi: int) -> float:
+    """A figure side of ``pixels`` at ``dpi`` in inches, one float step over ``pixels / dpi``:
+    matplotlib may truncate inches * dpi to whole pixels, and 406 / 100 * 100 is
+    405.99999999999994, a figure one pixel short."""
+    return math.nextafter(pixels / dpi, math.inf)
+
+
 def save_heatmap_figure(
     path: str | os.PathLike[str], image: np.ndarray, *, title: str, scale: Scale, cmap: str = DEFAULT_CMAP
 ) -> Path:
@@ -224,7 +231,7 @@ def save_heatmap_figure(
     h, w = image.shape[:2]
     width, height = w + _BAR_PANEL_PX, max(h, _MIN_IMAGE_PX) + _TITLE_PX
     dpi = 100
-    fig = Figure(figsize=(width / dpi, height / dpi), dpi=dpi)
+    fig = Figure(figsize=(_figure_inches(width, dpi), _figure_inches(height, dpi)), dpi=dpi)
     canvas = FigureCanvasAgg(fig)
     fig.text(4 / width, 1 - 6 / height, title, ha="left", va="top", fontsize=9)
     bar_top = _TITLE_PX + 8

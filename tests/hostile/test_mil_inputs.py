@@ -418,7 +418,7 @@ def test_too_few_patients_for_the_folds_speaks_of_strata_not_classes():
     with pytest.raises(DataError) as err:
         patient_kfold(np.array([1, 1, 1, 0, 0, 0]), patients, n_folds=5, classes=SURVIVAL_STRATA)
     assert str(err.value) == ("5-fold cross-validation needs at least 5 patients with an event; "
-                              "stratum 'event': 3 patients (use --folds 3)")
+                              "stratum 'event': 3 patients; use 3 folds (--folds 3)")
     # censored patients are dealt as far as they go: 1 of them, or 3 at 5 folds, is no reason to refuse
     for events, censored, k in ((44, 1, 5), (42, 3, 5), (10, 1, 2)):
         labels = np.array([1] * events + [0] * censored)
@@ -429,14 +429,17 @@ def test_too_few_patients_for_the_folds_speaks_of_strata_not_classes():
         assert all(labels[f.val].sum() >= 1 for f in folds)
     with pytest.raises(DataError) as err:
         patient_kfold(np.zeros(4, np.int64), patients[:4], n_folds=5, classes=("all",))
-    assert str(err.value) == ("5-fold cross-validation needs at least 5 labelled patients, but there are 4 "
-                              "(use --folds 4)")
+    assert str(err.value) == ("5-fold cross-validation needs at least 5 labelled patients, but there are 4; "
+                              "use 4 folds (--folds 4)")
     with pytest.raises(DataError, match=r"^2-fold cross-validation of 3, 3 patients per class leaves a fold's training "
-                                        r"part without two patients of one class .*; use --folds 3$"):
+                                        r"part without two patients of one class .*; use 3 folds \(--folds 3\)$"):
         patient_kfold(np.array([1, 1, 1, 0, 0, 0]), patients, n_folds=2)
     with pytest.raises(DataError, match="needs at least 5 patients per class; class 'pos': 3 patients"):
         patient_kfold(np.array([1, 1, 1, 0, 0, 0, 0, 0, 0, 0]), [f"p{i}" for i in range(10)], n_folds=5,
                       classes=("neg", "pos"))
+    # called from Python (TrainConfig(folds=...)) or the command line alike: both names of the setting
+    with pytest.raises(DataError, match=r"^folds \(--folds\) must be at least 2, got 1$"):
+        patient_kfold(np.array([1, 1, 1, 0, 0, 0]), patients, n_folds=1)
 
 
 def test_a_heatmap_whose_patch_store_is_gone_is_drawn_without_its_montage(synthetic_svs, tmp_path, capsys, caplog):

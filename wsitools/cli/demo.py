@@ -69,9 +69,11 @@ def prepare(out: Path, *, n_slides: int | None = None, seed: int | None = None) 
     before anything is written. ``n_slides`` and ``seed`` (None: 12 and 0) make a new cohort.
     An existing cohort is reused as it is, so a second run redoes nothing; a slide count or
     seed given that differs from the existing cohort's is refused with one line, since the run
-    would otherwise report on another cohort than the one asked for."""
+    would otherwise report on another cohort than the one asked for. Without the workflow (an
+    install that is not editable) nothing is written either: the cohort could not be used."""
     from wsitools.synthetic import make_cohort
 
+    templates = workflow_dir().parent / "config" / "demo"
     check_own_folder(out, foreign=_not_the_demos,
                      writes="the demo writes a synthetic cohort and its own config/ into --out")
     if n_slides is not None and (n_slides < 12 or n_slides % 2):
@@ -92,7 +94,6 @@ def prepare(out: Path, *, n_slides: int | None = None, seed: int | None = None) 
         # the record first: a run cut off before samples.tsv is written makes the cohort again
         write_json_atomic(out / COHORT_RECORD, {"slides": n_slides, "seed": seed})
         make_cohort(out, n_slides=n_slides, seed=seed)
-    templates = workflow_dir().parent / "config" / "demo"
     _copy_if_changed(templates / "config.yaml", out / "config" / "config.yaml")
     _copy_if_changed(templates / "task.yaml", out / "config" / "task.yaml")
 

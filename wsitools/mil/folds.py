@@ -15,6 +15,7 @@ import numpy as np
 
 from wsitools.errors import DataError
 from wsitools.labels import SURVIVAL_STRATA, folds_fit, folds_instead
+from wsitools.mil.config import named
 
 if TYPE_CHECKING:
     from wsitools.mil.data import Cohort
@@ -84,13 +85,13 @@ def patient_kfold(
     class by its name in ``classes`` when given)."""
     labels = np.asarray(labels, dtype=np.int64)
     if n_folds < 2:
-        raise DataError(f"--folds must be at least 2, got {n_folds}")
+        raise DataError(f"{named('folds')} must be at least 2, got {n_folds}")
     names, plabels = _patient_labels(labels, patients)
     counts = np.bincount(plabels)
     strata = tuple(classes) if classes is not None else None
     spread = [s == "censored" for s in strata] if strata == SURVIVAL_STRATA else None
     other = folds_instead(counts.tolist(), n_folds, spread=spread)
-    instead = f"use --folds {other}" if other else "label more patients"
+    instead = f"use {other} folds (--folds {other})" if other else "label more patients"
     kind = "stratum" if strata == SURVIVAL_STRATA or (strata is not None and len(strata) == 1) else "class"
     short = [
         f"{kind} {strata[c] if strata is not None else c!r}: "
@@ -99,10 +100,10 @@ def patient_kfold(
     ]
     if short and strata is not None and len(strata) == 1:  # regression: one stratum
         raise DataError(f"{n_folds}-fold cross-validation needs at least {n_folds} labelled patients, "
-                        f"but there are {counts[0]} ({instead})")
+                        f"but there are {counts[0]}; {instead}")
     if short:
         per = "with an event" if strata == SURVIVAL_STRATA else "per class"
-        raise DataError(f"{n_folds}-fold cross-validation needs at least {n_folds} patients {per}; {'; '.join(short)} ({instead})")
+        raise DataError(f"{n_folds}-fold cross-validation needs at least {n_folds} patients {per}; {'; '.join(short)}; {instead}")
     if not folds_fit(counts.tolist(), n_folds, spread=spread):
         raise DataError(
             f"{n_folds}-fold cross-validation of {', '.join(map(str, counts[counts > 0]))} patients per {kind} leaves "
