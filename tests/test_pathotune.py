@@ -191,7 +191,9 @@ def test_data_sources_and_split(setup, tmp_path):
 def test_tuning_beats_the_untrained_head_and_serves_as_encoder(setup):
     root, cards = setup
     out = root / "tuned"
-    config = PathoTuneTrainConfig(epochs=4, batch_size=16, lr=1e-2, warmup_epochs=0, num_workers=0,
+    # 10 epochs of 3 steps: every backbone init_seed 0-11 reaches balanced accuracy 1.0 (at 4 epochs
+    # of 2 steps some rank the tiles right but have not yet moved the threshold)
+    config = PathoTuneTrainConfig(epochs=10, batch_size=8, lr=1e-2, warmup_epochs=0, num_workers=0,
                                   val_fraction=0.2, test_fraction=0.2)
     result = tune_pathotune(folder_tiles(root / "data"), out, backbone=str(cards["vit-a"]), task=TASK,
                             text_embeddings=_text(), config=config, device="cpu", progress=False)
@@ -210,7 +212,7 @@ def test_tuning_beats_the_untrained_head_and_serves_as_encoder(setup):
     assert reader.fieldnames == ["name", "split", "label", "prob_stripes", "prob_spots"]
     assert all(abs(float(p["prob_stripes"]) + float(p["prob_spots"]) - 1.0) < 1e-5 for p in preds)
     with open(out / "log.csv") as f:
-        assert len(list(csv.DictReader(f))) == 5  # untrained + 4 epochs
+        assert len(list(csv.DictReader(f))) == 11  # untrained + 10 epochs
     # the tuned model reloads to the same predictions, and as an encoder gives prompted features
     tuned = load_pathotune(result.card, device="cpu")
     assert tuned.meta["task"]["name"] == "textures"
