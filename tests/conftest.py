@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -86,3 +88,21 @@ def openslide_bounds(monkeypatch: pytest.MonkeyPatch) -> tuple[int, int, int, in
 
     monkeypatch.setattr(OpenSlideSlide, "_open", with_bounds)
     return OPENSLIDE_BOUNDS
+
+
+@pytest.fixture()
+def fifo() -> Iterator[Callable[[Path], Path]]:
+    """Makes a FIFO (named pipe) at a path, with a writer that opens and closes it whenever a
+    reader opens it: code that should refuse a FIFO but opens it then reads an empty file, so its
+    test fails instead of hanging. The writers are stopped when the test ends."""
+    writers: list[subprocess.Popen] = []
+
+    def make(path: Path) -> Path:
+        os.mkfifo(path)
+        writers.append(subprocess.Popen(["sh", "-c", 'while [ -p "$0" ]; do : > "$0"; done', str(path)]))
+        return path
+
+    yield make
+    for writer in writers:
+        writer.kill()
+        writer.wait()

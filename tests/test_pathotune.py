@@ -366,6 +366,28 @@ def test_clear_errors(setup):
                        config=PathoTuneTrainConfig(prompts=("tvp",)), device="cpu")
 
 
+@pytest.mark.parametrize("size, problem", [
+    ((9000, 8000), "9000 x 8000 px"),  # above the bound, below PIL's limit
+    ((10000, 10000), "refused by PIL as a possible decompression bomb (Image size (100000000 pixels) exceeds limit"),
+    ((14000, 14000), "refused by PIL as a possible decompression bomb (Image size (196000000 pixels) exceeds limit"),
+])
+def test_a_class_folder_image_too_large_for_a_tile_is_one_line_naming_it(tmp_path, size, problem):
+    """Judged from the image's header, before decoding: a PNG of a few KB may decode to GB. PIL
+    warns between its limit and twice it and refuses above; both are the same one line."""
+    for name in ("dark", "light"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        Image.new("RGB", (32, 32), "white" if name == "light" else "black").save(tmp_path / "data" / name / "a.png")
+    big = tmp_path / "data" / "dark" / "big.png"
+    Image.new("1", size).save(big)  # a few KB
+    tiles = folder_tiles(tmp_path / "data")
+    with pytest.raises(DataError) as err:
+        tiles.read(tiles.names.index(str(big)))
+    assert str(err.value).startswith(f"{big}: {problem}") and "\n" not in str(err.value)
+    assert str(err.value).endswith(f"more than the {pathotune_data.MAX_IMAGE_PIXELS / 1e6:.0f} Mpx a class-folder image "
+                                   "may have (tiles are resized to the backbone's input); cut it into tiles or shrink it")
+    assert tiles.read(tiles.names.index(str(tmp_path / "data" / "dark" / "a.png"))).shape == (32, 32, 3)
+
+
 @pytest.mark.parametrize("device,precision", [
     ("cpu", "auto"),
     *(pytest.param("cuda", p, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))

@@ -16,7 +16,9 @@ read what a store records of the encoder and of the tiles its features come from
 A store records the CRC-32 of each dataset (:data:`CHECKSUM_ATTRS`), and every read of a whole
 dataset here checks it (:func:`checked_rows`): a flipped bit that leaves a value finite would
 otherwise change predictions silently. Sampled rows read through the memory map (training
-steps) are not checked; the whole bag was, when the cohort was checked.
+steps) are not checked; the whole bag was, when the cohort was checked. Before anything is read
+or allocated, every reader checks that the file is a regular one and that each dataset holds
+in it the values its shape claims (:func:`stored_dataset`): a few KB of h5 may claim terabytes.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import stat
 import time
 import zlib
 from collections.abc import Iterable, Iterator, Mapping
@@ -36,7 +39,7 @@ import numpy as np
 
 from wsitools import __version__
 from wsitools.errors import DataError, StoreError, one_line
-from wsitools.io import KeptErrorFile, atomic_path
+from wsitools.io import KeptErrorFile, atomic_path, file_kind
 from wsitools.types import FeatureDtype, check_slide_id
 
 if TYPE_CHECKING:
@@ -60,6 +63,17 @@ GEOMETRY_ATTRS = ("tile_size", "tile_size_level0", "mpp_target")
 
 CHECKSUM_ATTRS = {"features": "features_crc32", "coords": "coords_crc32"}
 """The file attribute recording each dataset's :func:`crc32_of`, by dataset."""
+
+MAX_ROWS = 100_000_000
+"""The most tiles a store may hold: more than any slide gives (a 200 000 x 200 000 px scan cut
+into 32 px tiles gives 40 million)."""
+
+MAX_DIM = 65_536
+"""The widest features a store may hold (encoders give 384 to a few thousand values per tile)."""
+
+MAX_COMPRESSION = 1100
+"""How many times more bytes than it is stored in a compressed dataset's values may take:
+deflate (h5py's gzip) packs at most about 1032 to 1, and features about 1.1 to 1."""
 
 
 def magnification(mpp: float) -> float:
@@ -229,14 +243,12 @@ class FeatureStore:
         p = Path(path)
         if p.name.startswith(".tmp-"):
             raise StoreError(f"{p}: is an unfinished (temporary) feature store")
-        if not p.is_file():
-            raise StoreError(f"{p}: no such feature store")
         try:
-            with h5py.File(p, "r") as f:
+            with open_h5(p) as f:
                 attrs = _decoded_attrs(f.attrs)
                 if "features" not in f or "coords" not in f:
                     raise StoreError(f"{p}: not a feature store (needs datasets 'features' and 'coords')")
-                fshape, cshape = f["features"].shape, f["coords"].shape
+                fshape, cshape = stored_dataset(f, "features", p).shape, stored_dataset(f, "coords", p).shape
                 dtype = f["features"].dtype.name
         except OSError as exc:
             raise StoreError(f"{p}: not a readable h5 file ({exc})") from None
@@ -270,13 +282,10 @@ class FeatureStore:
         path = Path(path)
         slide_id = path.stem
         try:
-            with h5py.File(path, "r") as f:
+            with open_h5(path) as f:
                 if "features" not in f:
                     raise DataError(f"slide {slide_id}: feature store {path} has no 'features' dataset")
-                feats = f["features"]
-                for name in ("features", "coords"):
-                    if name in f and not isinstance(f[name], h5py.Dataset):
-                        raise DataError(f"slide {slide_id}: feature store {path}: {name!r} is a group, not a dataset")
+                feats = stored_dataset(f, "features", path)
                 if feats.ndim != 2 or feats.shape[0] == 0 or feats.shape[1] == 0:
                     raise DataError(
                         f"slide {slide_id}: features in {path} have shape {feats.shape}, expected [N>0, D]"
@@ -290,10 +299,10 @@ class FeatureStore:
                         f"slide {slide_id}: feature store {path} has no 'coords' dataset (each tile's level-0 "
                         "position, which its attention map needs)"
                     )
-                if f["coords"].shape != (feats.shape[0], 2):
+                coords = stored_dataset(f, "coords", path)
+                if coords.shape != (feats.shape[0], 2):
                     raise DataError(
-                        f"slide {slide_id}: coords in {path} have shape {f['coords'].shape}, "
-                        f"expected ({feats.shape[0]}, 2)"
+                        f"slide {slide_id}: coords in {path} have shape {coords.shape}, expected ({feats.shape[0]}, 2)"
                     )
                 attrs = _decoded_attrs(f.attrs)
                 recorded = attrs.get("slide_id")
@@ -306,7 +315,7 @@ class FeatureStore:
                     _read_through(_finite(checked_rows(f, "features", path), slide_id=slide_id, path=path))
                     _read_through(checked_rows(f, "coords", path))
                 if "tile_size_level0" not in attrs:
-                    level0 = peer_tile_size_level0(_decoded_attrs(f["coords"].attrs))
+                    level0 = peer_tile_size_level0(_decoded_attrs(coords.attrs))
                     if level0 is not None:
                         attrs["tile_size_level0"] = level0
                 return cls(
@@ -315,7 +324,7 @@ class FeatureStore:
                 )
         except StoreError as exc:
             raise DataError(f"slide {slide_id}: {exc}") from None
-        except (OSError, TypeError, ValueError) as exc:
+        except (OSError, TypeError, ValueError, MemoryError) as exc:
             raise DataError(
                 f"slide {slide_id}: feature store {path} cannot be read: {one_line(exc)}; extract it again"
             ) from None
@@ -346,10 +355,10 @@ class FeatureStore:
     def load(self) -> tuple[np.ndarray, np.ndarray]:
         """``(features, coords)``: features [N, D] in the stored dtype, every value finite,
         coords [N, 2] int64, both checked against their checksums (:func:`checked_rows`)."""
-        with h5py.File(self.path, "r") as f:
+        with open_h5(self.path) as f:
             rows = _finite(checked_rows(f, "features", self.path), slide_id=self.slide_id, path=self.path)
-            features = _read_all(f["features"], rows)
-            coords = _read_all(f["coords"], checked_rows(f, "coords", self.path))
+            features = _read_all(stored_dataset(f, "features", self.path), rows)
+            coords = _read_all(stored_dataset(f, "coords", self.path), checked_rows(f, "coords", self.path))
         return features, coords.astype(np.int64, copy=False)
 
     def coords(self) -> np.ndarray:
@@ -409,7 +418,7 @@ def reusable(path: Path, store: PatchStore, encoder: Encoder, dtype: FeatureDtyp
     try:
         existing = FeatureStore.open(path)
     except StoreError as exc:
-        log.info("%s: recomputing (%s)", path, exc)
+        log.warning("%s: recomputing (%s)", path, str(exc).removeprefix(f"{path}: "))
         return False
     if existing.encoder_hash != encoder.encoder_hash:
         # Said aloud: besides a changed card or weight file, this is what a second card of the
@@ -437,10 +446,10 @@ def reusable(path: Path, store: PatchStore, encoder: Encoder, dtype: FeatureDtyp
         log.info("%s: recomputing (stored as %s, %s asked for)", path, existing.dtype, dtype)
         return False
     try:  # extraction writes finite features and matching checksums only: others were damaged since
-        with h5py.File(path, "r") as f:
-            coords = _read_all(f["coords"], checked_rows(f, "coords", path))
+        with open_h5(path) as f:
+            coords = _read_all(stored_dataset(f, "coords", path), checked_rows(f, "coords", path))
             _read_through(_finite(checked_rows(f, "features", path), slide_id=store.slide_id, path=path))
-    except (DataError, StoreError, OSError) as exc:
+    except (DataError, StoreError, OSError, MemoryError) as exc:
         log.warning("%s: recomputing (%s)", path, one_line(exc))
         return False
     if not np.array_equal(coords, store.coords):
@@ -481,13 +490,65 @@ def crc32_of(values: np.ndarray, crc: int = 0) -> int:
     return zlib.crc32(np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("<")), crc)
 
 
+def open_h5(path: Path) -> h5py.File:
+    """The h5 file at ``path`` opened for reading, if it is a regular file (or a link to one):
+    opening a FIFO would wait for a writer forever, and a device never ends. Else a
+    :class:`StoreError` naming it."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise StoreError(f"{path}: no such feature store") from None
+    except OSError as exc:
+        raise StoreError(f"{path}: cannot be read ({exc.strerror or one_line(exc)})") from None
+    if not stat.S_ISREG(mode):
+        raise StoreError(f"{path}: is {file_kind(mode)}, not a feature store file (an h5 file)")
+    return h5py.File(path, "r")
+
+
+def stored_dataset(f: h5py.File, name: str, path: Path) -> h5py.Dataset:
+    """Dataset ``name`` of the open store ``f`` (at ``path``), once it is known to hold in the
+    file every value its shape claims: checked before anything is read or allocated for it, since
+    a few KB of h5 can claim a dataset of terabytes in chunks never written, which read as fill
+    values for hours before an allocation fails. A :class:`StoreError` naming the file and the
+    dataset when it is not a dataset of the file itself (a link, a virtual dataset or one whose
+    values lie in another file: a store is one self-contained file, copied and checked alone),
+    when it has more than :data:`MAX_ROWS` rows or (features) :data:`MAX_DIM` columns, or when its
+    values take more bytes than the file stores of it (times :data:`MAX_COMPRESSION` where it is
+    compressed)."""
+    link = f.get(name, getlink=True)
+    if isinstance(link, (h5py.ExternalLink, h5py.SoftLink)):
+        target = f"{link.path} in {link.filename}" if isinstance(link, h5py.ExternalLink) else link.path
+        raise StoreError(f"{path}: {name!r} is a link to {target}, not a dataset of the file; a feature store "
+                         "holds its own data")
+    dset = f[name]
+    if not isinstance(dset, h5py.Dataset):
+        raise StoreError(f"feature store {path}: {name!r} is a group, not a dataset")
+    if dset.is_virtual or dset.external:
+        where = "a virtual dataset" if dset.is_virtual else f"stored in another file, {dset.external[0][0]}"
+        raise StoreError(f"{path}: {name!r} is {where}; a feature store holds its own data")
+    shape = dset.shape
+    if len(shape) >= 1 and shape[0] > MAX_ROWS:
+        raise StoreError(f"{path}: {name!r} claims {shape[0]:,} rows, more than the {MAX_ROWS:,} tiles any slide "
+                         "gives; damaged, extract it again")
+    if name == "features" and len(shape) == 2 and shape[1] > MAX_DIM:
+        raise StoreError(f"{path}: 'features' claims {shape[1]:,}-d features, more than the {MAX_DIM:,} of any "
+                         "encoder; damaged, extract it again")
+    claimed, stored = dset.size * dset.dtype.itemsize, dset.id.get_storage_size()
+    compressed = dset.id.get_create_plist().get_nfilters() > 0
+    if claimed > stored * (MAX_COMPRESSION if compressed else 1):
+        held = f"{stored:,} bytes{' compressed' if compressed else ''}"
+        raise StoreError(f"{path}: {name!r} claims {shape} values of {claimed:,} bytes, but the file holds {held} of "
+                         "them (never written, or cut short); damaged, extract it again")
+    return dset
+
+
 def checked_rows(f: h5py.File, name: str, path: Path) -> Iterator[np.ndarray]:
     """The rows of dataset ``name`` of the open store ``f`` (at ``path``), :data:`CHECK_ROWS` at
     a time; after the last, a :class:`StoreError` naming the file and the dataset when the file
     records the dataset's checksum (:data:`CHECKSUM_ATTRS`) and the rows read do not match it.
     A store without one (written before checksums were recorded, or by another tool) is read
     unchecked. Read it to the end: the check comes last."""
-    dset, recorded = f[name], f.attrs.get(CHECKSUM_ATTRS[name])
+    dset, recorded = stored_dataset(f, name, path), f.attrs.get(CHECKSUM_ATTRS[name])
     crc = 0
     for start in range(0, dset.shape[0], CHECK_ROWS):
         rows = dset[start : start + CHECK_ROWS]
@@ -550,8 +611,8 @@ class RowLayout(NamedTuple):
 def row_layout(path: str | os.PathLike[str]) -> RowLayout | None:
     """The byte layout of ``features`` in ``path``; ``None`` when it is chunked (or unallocated),
     so its rows cannot be mapped directly."""
-    with h5py.File(path, "r") as f:
-        dset = f["features"]
+    with open_h5(Path(path)) as f:
+        dset = stored_dataset(f, "features", Path(path))
         offset = dset.id.get_offset() if dset.chunks is None else None
         return None if offset is None else RowLayout(int(offset), dset.dtype.str, tuple(dset.shape))
 
@@ -574,8 +635,9 @@ def read_features(
     import torch  # here: a workflow's checks read stores' attributes without loading torch
 
     if index is None or layout is None:
-        with h5py.File(path, "r") as f:
-            out = torch.empty(f["features"].shape, dtype=torch.float32)
+        with open_h5(Path(path)) as f:
+            # numpy's allocation: a bag too large for memory is a MemoryError, as in every other reader
+            out = torch.from_numpy(np.empty(stored_dataset(f, "features", Path(path)).shape, np.float32))
             start = 0
             for rows in checked_rows(f, "features", Path(path)):
                 out[start : start + len(rows)] = torch.from_numpy(_native(rows))
@@ -594,10 +656,11 @@ def _native(rows: np.ndarray) -> np.ndarray:
 def read_coords(path: str | os.PathLike[str]) -> np.ndarray:
     """The ``coords`` [N, 2] int64 of a feature store (level-0 x, y of each tile's top-left),
     checked against its checksum (:func:`checked_rows`)."""
-    with h5py.File(path, "r") as f:
+    with open_h5(Path(path)) as f:
         if "coords" not in f:
             raise StoreError(f"feature store {path} has no 'coords' dataset")
-        return _read_all(f["coords"], checked_rows(f, "coords", Path(path))).astype(np.int64, copy=False)
+        coords = stored_dataset(f, "coords", Path(path))
+        return _read_all(coords, checked_rows(f, "coords", Path(path))).astype(np.int64, copy=False)
 
 
 class EncoderRecord(NamedTuple):

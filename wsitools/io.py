@@ -11,13 +11,14 @@ import re
 import secrets
 import shutil
 import socket
+import stat
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from wsitools.errors import DataError, WsiToolsError
 
@@ -370,6 +371,43 @@ def sha256_file(path: str | os.PathLike[str], *, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+class NotRegularFile(OSError):
+    """A path that names something other than a regular file (:func:`open_regular`)."""
+
+    def __init__(self, path: str | os.PathLike[str], kind: str):
+        super().__init__(f"{path}: is {kind}, not a regular file")
+        self.kind = kind
+
+
+def file_kind(mode: int) -> str:
+    """What a file of ``st_mode`` ``mode`` that is no regular file is, for messages: ``a
+    symbolic link``, ``a FIFO (named pipe)``, ..."""
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISLNK, "a symbolic link"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    return next((kind for test, kind in kinds if test(mode)), "a special file")
+
+
+def open_regular(path: str | os.PathLike[str], *, follow_links: bool = True) -> BinaryIO:
+    """``path`` opened for binary reading if it is a regular file, else :class:`NotRegularFile`
+    saying what it is, before a byte is read: a device such as /dev/zero never ends, and a FIFO
+    never starts (opening one waits for a writer). It is judged before it is opened (opening
+    some devices acts on them) and again on the open file, opened without waiting, so what is
+    judged is what is read; with ``follow_links`` False a symbolic link is refused too, not
+    followed."""
+    mode = (os.stat if follow_links else os.lstat)(path).st_mode
+    if not stat.S_ISREG(mode):
+        raise NotRegularFile(path, file_kind(mode))
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    if not follow_links:
+        flags |= getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(path, flags)
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise NotRegularFile(path, file_kind(mode))
+    return os.fdopen(fd, "rb")
 
 
 def stable_hash(obj: Any) -> str:

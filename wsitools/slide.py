@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import struct
 import threading
 from abc import ABC, abstractmethod
 from collections import OrderedDict
@@ -46,6 +47,12 @@ PYRAMID_ASPECT_TOLERANCE = 0.05
 MAX_PAGES_CHECKED = 64
 """Pages of a TIFF compared with its level 0 when opened (slides hold a handful; an OME-TIFF of
 many planes is not read page by page)."""
+
+MAX_TIFF_PAGES = 1000
+"""The most pages (IFDs) a TIFF given to tiffslide may have. A slide holds a handful (SVS: level
+0, a few reduced levels, thumbnail, label, macro; a pyramid of some planes a few hundred at
+most), while tifffile's sorting of pages into series grows with their square: 1000 reduced pages
+take a few seconds, 100 000 most of an hour (:func:`tiff_page_count`)."""
 
 
 class Bounds(NamedTuple):
@@ -201,6 +208,37 @@ def larger_tiff_page(tif: Any, dimensions: tuple[int, int]) -> str | None:
         f"page {index} holds a {w} x {h} px image, larger than the {w0} x {h0} px level 0 found "
         "(a pyramid stored smallest page first?)"
     )
+
+
+def tiff_page_count(path: Path, *, limit: int) -> int | None:
+    """The pages (IFDs of the main chain) of the TIFF at ``path``, counted no further than
+    ``limit + 1``; None where it is no TIFF (classic or BigTIFF). Only the chain of IFD offsets is
+    read (a few bytes per page), so a file of any number of pages is judged at once; a chain that
+    loops or points past the end stops the count (the backend says what is wrong with it)."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+        order = {b"II": "<", b"MM": ">"}.get(head[:2])
+        if order is None or len(head) < 16:
+            return None
+        version = struct.unpack(order + "H", head[2:4])[0]
+        if version == 42:  # classic: 2-byte entry counts, 12-byte entries, 4-byte offsets
+            count, entry, pointer, offset = "H", 12, "I", struct.unpack(order + "I", head[4:8])[0]
+        elif version == 43:  # BigTIFF: 8-byte counts, 20-byte entries, 8-byte offsets
+            count, entry, pointer, offset = "Q", 20, "Q", struct.unpack(order + "Q", head[8:16])[0]
+        else:
+            return None
+        count_size, pointer_size = struct.calcsize(order + count), struct.calcsize(order + pointer)
+        size, seen = os.fstat(f.fileno()).st_size, set()
+        while offset and offset not in seen and offset + count_size <= size and len(seen) <= limit:
+            seen.add(offset)
+            f.seek(offset)
+            entries = struct.unpack(order + count, f.read(count_size))[0]
+            f.seek(offset + count_size + entries * entry)
+            raw = f.read(pointer_size)
+            if len(raw) < pointer_size:
+                break
+            offset = struct.unpack(order + pointer, raw)[0]
+        return len(seen)
 
 
 def _float_or_none(value: Any) -> float | None:
@@ -749,6 +787,12 @@ class TiffSlideSlide(Slide):
     def _open(self) -> None:
         import tiffslide
 
+        pages = tiff_page_count(self.path, limit=MAX_TIFF_PAGES)
+        if pages is not None and pages > MAX_TIFF_PAGES:
+            raise ValueError(
+                f"it has more than {MAX_TIFF_PAGES} pages (image file directories), more than any slide; "
+                "tifffile's time to sort pages into series grows with their square"
+            )
         self._ts = tiffslide.TiffSlide(str(self.path))
         self._pages: dict[int, Any] = {}
         self._tiles = TileCache(TILE_CACHE_BYTES)

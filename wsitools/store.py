@@ -10,18 +10,21 @@ pixels for both, and for format 2 stores (lossless, written before the codec was
 
 A store exists under its final name only once complete (written under a temporary name and
 renamed), and its last file, ``manifest.json``, lists every other file with its size (and the
-sha256 of the metadata documents). Opening a store checks the manifest (a stat per file, no
-pixel read), so a store with a missing or truncated chunk or edited metadata is an error naming
-it, never a silent read of fill values. The store is also the one record of how its slide was
+sha256 of the metadata documents). Opening a store checks the manifest (an lstat per file, no
+pixel read), so a store with a missing or truncated chunk, edited metadata or a file that is no
+regular file (a link, a FIFO, a device: never followed or read) is an error naming it, never a
+silent read of fill values or a read that never ends. The store is also the one record of how its slide was
 read (backend, mpp and its override, pyramid level, geometry, the slide's identity): later steps
 open the slide through :meth:`PatchStore.open_slide`, never on their own.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import stat
 import threading
 import warnings
 import zlib
@@ -34,7 +37,7 @@ from typing import Any, Literal
 import numpy as np
 
 from wsitools.errors import ConfigError, DamagedStoreError, StoreError, one_line
-from wsitools.io import TEMP_PREFIX, file_fingerprint, sha256_file
+from wsitools.io import TEMP_PREFIX, NotRegularFile, file_fingerprint, file_kind, open_regular, sha256_file
 from wsitools.types import SLIDE_SUFFIXES, check_slide_id, slide_id_from_path
 
 FORMAT_VERSION = 3
@@ -283,7 +286,8 @@ def seal_patch_store(root: str | os.PathLike[str]) -> None:
 def _raw_attrs(p: Path) -> dict[str, Any] | None:
     """The ``wsitools`` attributes read straight from the group's zarr.json, or None."""
     try:
-        return dict(json.loads((p / "zarr.json").read_text())["attributes"][ATTRS_KEY])
+        with open_regular(p / "zarr.json", follow_links=False) as f:
+            return dict(json.loads(f.read())["attributes"][ATTRS_KEY])
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -305,13 +309,41 @@ _MANIFEST_PATH = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-
 """A path the manifest may list: relative, inside the store, made of plain names."""
 
 
+def _not_regular(p: Path, rel: str, kind: str) -> DamagedStoreError:
+    """The error for the entry ``rel`` of the store ``p``, which is ``kind`` (:func:`~wsitools.io.file_kind`)."""
+    return DamagedStoreError(
+        f"{p}: damaged patch store: {rel} is {kind}, not a regular file (never followed or read); re-tile the slide"
+    )
+
+
+def _entry_bytes(p: Path, rel: str, size: int) -> bytes:
+    """The bytes of the store entry ``rel``, ``size`` of them as the manifest lists it: read only
+    from a regular file, never through a link (:func:`~wsitools.io.open_regular`), and no further
+    than one byte past ``size``; else a :class:`DamagedStoreError` naming the store and the entry."""
+    try:
+        with open_regular(p / rel, follow_links=False) as f:
+            data = f.read(size + 1)
+    except FileNotFoundError:
+        raise DamagedStoreError(f"{p}: damaged patch store: {rel} is missing; re-tile the slide") from None
+    except NotRegularFile as exc:
+        raise _not_regular(p, rel, exc.kind) from None
+    if len(data) != size:
+        held = f"more than {size}" if len(data) > size else str(len(data))
+        raise DamagedStoreError(
+            f"{p}: damaged patch store: {rel} holds {held} bytes, {size} when written; re-tile the slide"
+        )
+    return data
+
+
 def _verify_manifest(p: Path) -> tuple[dict[str, int], dict[str, str], dict[str, int]]:
     """The manifest's files (relative path: bytes), digests (relative path: sha256) and chunk
     checksums (relative path: CRC-32; none in stores sealed before they were recorded);
-    :class:`DamagedStoreError` unless every file it lists is there, whole, and it records the
-    digest of the group's ``zarr.json``."""
+    :class:`DamagedStoreError` unless every file it lists is there, a regular file (a link to
+    /dev/zero or a FIFO would be read forever) and whole, and it records the digest of the
+    group's ``zarr.json``."""
     try:
-        manifest = json.loads((p / MANIFEST).read_text())
+        with open_regular(p / MANIFEST, follow_links=False) as f:
+            manifest = json.loads(f.read())
         files, metadata = dict(manifest["files"]), dict(manifest["sha256"])
         crc32 = dict(manifest.get("crc32", {}))
     except FileNotFoundError:
@@ -344,15 +376,18 @@ def _verify_manifest(p: Path) -> tuple[dict[str, int], dict[str, str], dict[str,
             )
     for rel, size in files.items():
         try:
-            actual = (p / rel).stat().st_size
+            st = os.lstat(p / rel)
         except FileNotFoundError:
             raise DamagedStoreError(f"{p}: damaged patch store: {rel} is missing; re-tile the slide") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise _not_regular(p, rel, file_kind(st.st_mode))
+        actual = st.st_size
         if actual != size:
             raise DamagedStoreError(
                 f"{p}: damaged patch store: {rel} holds {actual} bytes, {size} when written; re-tile the slide"
             )
     for rel, digest in metadata.items():
-        if sha256_file(p / rel) != digest:
+        if hashlib.sha256(_entry_bytes(p, rel, files[rel])).hexdigest() != digest:
             raise DamagedStoreError(f"{p}: damaged patch store: {rel} was changed after writing; re-tile the slide")
     if "zarr.json" not in metadata:
         raise DamagedStoreError(f"{p}: damaged patch store: {MANIFEST} does not record zarr.json; re-tile the slide")
@@ -381,8 +416,8 @@ def read_store_attrs(path: str | os.PathLike[str]) -> dict[str, Any]:
     return _open_verified(Path(path))[0]
 
 
-def _open_verified(p: Path) -> tuple[dict[str, Any], dict[str, int]]:
-    """:func:`read_store_attrs`, and the chunk checksums of the manifest."""
+def _open_verified(p: Path) -> tuple[dict[str, Any], dict[str, int], dict[str, int]]:
+    """:func:`read_store_attrs`, and the files (with their sizes) and chunk checksums of the manifest."""
     import zarr
 
     if p.name.startswith(TEMP_PREFIX):
@@ -409,7 +444,7 @@ def _open_verified(p: Path) -> tuple[dict[str, Any], dict[str, int]]:
         problem = _arrays_problem(p, attrs, files, digests)
     if problem is not None:
         raise DamagedStoreError(f"{p}: damaged patch store: {problem}; re-tile the slide")
-    return attrs, crc32
+    return attrs, files, crc32
 
 
 _COUNTS = {"n_tiles": 0, "tile_size": 1, "stride": 1, "level": 0}
@@ -483,7 +518,7 @@ def _arrays_problem(p: Path, attrs: dict[str, Any], files: dict[str, int], diges
         if doc not in digests:
             return f"{doc} is missing" if not (p / doc).is_file() else f"{MANIFEST} does not record {doc}"
         try:
-            meta = json.loads((p / doc).read_text())
+            meta = json.loads(_entry_bytes(p, doc, files[doc]))
             found = (meta["data_type"], list(meta["shape"]))
             chunk_shape = [int(c) for c in meta["chunk_grid"]["configuration"]["chunk_shape"]]
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -532,7 +567,7 @@ class PatchStore:
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path).resolve()
-        self.attrs, self._crc32 = _open_verified(self.path)
+        self.attrs, self._files, self._crc32 = _open_verified(self.path)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> PatchStore:
@@ -547,10 +582,7 @@ class PatchStore:
     def _chunk_bytes(self, key: str) -> bytes:
         """The bytes of the chunk file ``key``, checked against the manifest's CRC-32: other bytes
         of the same size are a :class:`DamagedStoreError` naming the store and the file."""
-        try:
-            data = (self.path / key).read_bytes()
-        except FileNotFoundError:
-            raise DamagedStoreError(f"{self.path}: damaged patch store: {key} is missing; re-tile the slide") from None
+        data = _entry_bytes(self.path, key, self._files[key])
         expected = self._crc32.get(key)
         if expected is not None and zlib.crc32(data) != expected:
             raise DamagedStoreError(

@@ -389,6 +389,29 @@ def test_features_damaged_to_nan_are_extracted_again_not_reused(models, store, t
         np.testing.assert_array_equal(f["features"][:], good)
 
 
+def test_features_that_claim_more_than_the_file_holds_are_extracted_again_naming_it(models, store, tmp_path, capsys,
+                                                                                   caplog):
+    """Datasets of a million rows in chunks never written (a few KB claiming 256 MB of fill
+    values; the checksums kept, so only the shape lies): the reuse check refuses the file before
+    reading or allocating, says so naming it, and extracts again."""
+    import h5py
+
+    assert extract(models / "tiny.yaml", store, tmp_path / "f", capsys)[0] == 0
+    path = tmp_path / "f" / "tiny" / "S1.h5"
+    with h5py.File(path, "r+") as f:
+        good, dtype = f["features"][()], f["features"].dtype
+        for name, width, kind in (("features", 64, dtype), ("coords", 2, "i8")):
+            del f[name]
+            f.create_dataset(name, shape=(1_000_000, width), dtype=kind, chunks=(4096, width))
+    with caplog.at_level(logging.WARNING):
+        assert extract(models / "tiny.yaml", store, tmp_path / "f", capsys)[0] == 0
+    claimed = 1_000_000 * 64 * dtype.itemsize
+    assert (f"{path}: recomputing ('features' claims (1000000, 64) values of {claimed:,} bytes, but the file holds 0 "
+            "bytes of them (never written, or cut short); damaged, extract it again)") in caplog.text
+    with h5py.File(path, "r") as f:
+        np.testing.assert_array_equal(f["features"][()], good)
+
+
 def test_features_of_another_projects_slide_of_the_same_id_are_not_replaced(models, store, tmp_path, capsys):
     # Two projects share a features folder; the second tiled another slide under the same id.
     assert extract(models / "tiny.yaml", store, tmp_path / "f", capsys)[0] == 0

@@ -121,6 +121,101 @@ def test_a_store_copied_under_another_slides_name_is_skipped_in_training_and_pre
     assert predicted == [b.slide_id for b in bags[1:]]
 
 
+def _replace(path: Path, name: str, link=None, **dataset) -> None:
+    """Dataset ``name`` of the store at ``path`` replaced by ``link`` or by a dataset made of
+    ``dataset`` (h5py's create_dataset arguments), its checksum dropped: what anyone editing the
+    file can do."""
+    with h5py.File(path, "r+") as f:
+        del f[name]
+        del f.attrs[f"{name}_crc32"]
+        if link is not None:
+            f[name] = link
+        else:
+            f.create_dataset(name, **dataset)
+
+
+def test_feature_stores_that_claim_more_than_they_hold_or_hold_it_elsewhere_are_skipped(tmp_path, capsys, fifo):
+    """A few KB of h5 can claim terabytes in chunks never written, which read as fill values for
+    hours before an allocation fails, or keep its values in another file. Each such store is
+    refused in one line naming it before anything is read or allocated, and train, predict and
+    export go on without it."""
+    from wsitools.feature_store import MAX_ROWS
+
+    bags = make_bag_cohort(tmp_path / "features", n_slides=24, n_tiles=(10, 20), dim=8, seed=2)
+    (tmp_path / "task.yaml").write_text(yaml.safe_dump(TASK))
+    (tmp_path / "labels.csv").write_text(
+        "slide_id,label,patient_id\n" + "".join(f"{b.slide_id},{b.label},{b.patient_id}\n" for b in bags))
+    rc, err = run(train_argv(tmp_path, tmp_path / "labels.csv", "before"), capsys)
+    assert rc == 0, err
+    paths = [b.path for b in bags]
+    values = []
+    for path in paths[:10]:
+        with h5py.File(path, "r") as f:
+            values.append(f["features"][()])
+    other, blob = tmp_path / "other.h5", tmp_path / "blob.bin"
+    with h5py.File(other, "w") as f:
+        for i in (4, 7):
+            f.create_dataset(f"bag{i}", data=values[i])
+    values[6].tofile(blob)
+    reasons = {}
+    huge = MAX_ROWS + 1
+    _replace(paths[0], "features", shape=(huge, 8), dtype="f4", chunks=(65536, 8))
+    _replace(paths[0], "coords", shape=(huge, 2), dtype="i8", chunks=(65536, 2))
+    reasons[0] = f"'features' claims {huge:,} rows, more than the {MAX_ROWS:,} tiles any slide gives"
+    _replace(paths[1], "features", shape=(1_000_000, 8), dtype="f4", chunks=(4096, 8))
+    _replace(paths[1], "coords", shape=(1_000_000, 2), dtype="i8", chunks=(4096, 2))
+    reasons[1] = "'features' claims (1000000, 8) values of 32,000,000 bytes, but the file holds 0 bytes of them"
+    _replace(paths[2], "features", shape=(1_000_000, 8), dtype="f4", chunks=(4096, 8), compression="gzip")
+    _replace(paths[2], "coords", shape=(1_000_000, 2), dtype="i8", chunks=(4096, 2), compression="gzip")
+    with h5py.File(paths[2], "r+") as f:
+        f["features"][: len(values[2])] = values[2]
+        f["coords"][: len(values[2])] = np.arange(2 * len(values[2])).reshape(-1, 2)
+        stored = f["features"].id.get_storage_size()
+    reasons[2] = f"'features' claims (1000000, 8) values of 32,000,000 bytes, but the file holds {stored:,} bytes compressed"
+    _replace(paths[3], "features", shape=(len(values[3]), 70_000), dtype="f4", chunks=(1, 70_000))
+    reasons[3] = "'features' claims 70,000-d features, more than the 65,536 of any encoder"
+    _replace(paths[4], "features", link=h5py.ExternalLink(str(other), "/bag4"))
+    reasons[4] = f"'features' is a link to /bag4 in {other}, not a dataset of the file; a feature store holds its own data"
+    with h5py.File(paths[5], "r+") as f:
+        f.move("features", "kept")
+        f["features"] = h5py.SoftLink("/kept")
+    reasons[5] = "'features' is a link to /kept, not a dataset of the file; a feature store holds its own data"
+    _replace(paths[6], "features", shape=values[6].shape, dtype="f4", external=[(str(blob), 0, values[6].nbytes)])
+    reasons[6] = f"'features' is stored in another file, {blob}; a feature store holds its own data"
+    layout = h5py.VirtualLayout(shape=values[7].shape, dtype="f4")
+    layout[:] = h5py.VirtualSource(str(other), "bag7", shape=values[7].shape)
+    with h5py.File(paths[7], "r+") as f:
+        del f["features"]
+        f.create_virtual_dataset("features", layout)
+    reasons[7] = "'features' is a virtual dataset; a feature store holds its own data"
+    n8 = len(values[8])
+    _replace(paths[8], "coords", shape=(n8, 2), dtype="i8", chunks=(4, 2))
+    reasons[8] = f"'coords' claims ({n8}, 2) values of {16 * n8:,} bytes, but the file holds 0 bytes of them"
+    paths[9].unlink()
+    fifo(paths[9])
+    reasons[9] = "is a FIFO (named pipe), not a feature store file (an h5 file)"
+
+    rc, err = run(train_argv(tmp_path, tmp_path / "labels.csv"), capsys)
+    assert rc == 0, err
+    skipped = json.loads((tmp_path / "heads" / "run.json").read_text())["skipped"]
+    assert sorted(skipped) == sorted(b.slide_id for b in bags[:10])
+    for i, reason in reasons.items():
+        assert skipped[bags[i].slide_id].startswith(f"{paths[i]}: {reason}"), (i, skipped[bags[i].slide_id])
+    rc, err = run(["predict", "--model", tmp_path / "before", "--features", tmp_path / "features",
+                   "--out", tmp_path / "p", "--device", "cpu", "--quiet"], capsys)
+    assert rc == 0, err
+    skipped = json.loads((tmp_path / "p" / "predict.json").read_text())["skipped"]
+    assert sorted(skipped) == sorted(b.slide_id for b in bags[:10])
+    for i, reason in reasons.items():
+        assert skipped[bags[i].slide_id].startswith(f"slide {bags[i].slide_id}: {paths[i]}: {reason}")
+    predicted = [line.split(",")[0] for line in (tmp_path / "p" / "predictions.csv").read_text().splitlines()[1:]]
+    assert predicted == [b.slide_id for b in bags[10:]]
+    rc, err = run(["export", "--to", "clam", "--features", tmp_path / "features", "--out", tmp_path / "x",
+                   "--quiet"], capsys)
+    assert rc == 1 and "Traceback" not in err and all(f"{paths[i]}: {r}" in err for i, r in reasons.items()), err
+    assert sorted(p.stem for p in (tmp_path / "x" / "pt_files").iterdir()) == sorted(b.slide_id for b in bags[10:])
+
+
 def test_float16_and_float32_stores_and_a_one_tile_bag_train_together(cohort, capsys):
     from wsitools.feature_store import read_features
     from wsitools.mil.synthetic import write_synthetic_store

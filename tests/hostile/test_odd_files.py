@@ -446,6 +446,30 @@ def test_a_reduced_page_of_another_shape_is_never_read_as_a_level(tmp_path):
     assert thumb[..., 1].mean() < 200 and np.abs(thumb.astype(int) - PIXELS[::16, ::16]).mean() < 20
 
 
+@pytest.mark.parametrize("bigtiff", [False, True])
+def test_a_tiff_of_implausibly_many_pages_is_refused_at_once(tmp_path, synthetic_svs, capsys, bigtiff):
+    """tifffile's sorting of pages into series takes time growing with their square (100 000
+    pages: most of an hour), so the pages are counted from the chain of IFDs before tiffslide
+    sees the file; a real pyramid is counted as tifffile counts it."""
+    from wsitools.slide import MAX_TIFF_PAGES, tiff_page_count
+
+    path = tmp_path / "pages.tif"
+    with tifffile.TiffWriter(path, bigtiff=bigtiff) as tif:
+        for _ in range(MAX_TIFF_PAGES + 1):
+            tif.write(np.zeros((1, 1, 3), np.uint8), photometric="rgb", subfiletype=1, **RES)
+    assert tiff_page_count(path, limit=MAX_TIFF_PAGES) == MAX_TIFF_PAGES + 1
+    refusal = (f"cannot be opened by tiffslide: it has more than {MAX_TIFF_PAGES} pages (image file directories), "
+               "more than any slide; tifffile's time to sort pages into series grows with their square")
+    with pytest.raises(SlideError) as err:
+        open_slide(path, backend="tiffslide")
+    assert str(err.value) == f"{path}: {refusal}"
+    assert main(["info", str(path)]) == 2
+    assert f"{path}: no backend can open it ({refusal}; cannot be opened by openslide:" in capsys.readouterr().err
+    with tifffile.TiffFile(synthetic_svs) as tif:
+        assert tiff_page_count(synthetic_svs, limit=MAX_TIFF_PAGES) == len(tif.pages)
+    assert tiff_page_count(tmp_path / "pages.tif", limit=10) == 11
+
+
 # --- a cohort with one file that is no slide in the middle ---------------------------------------
 
 

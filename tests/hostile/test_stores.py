@@ -66,6 +66,17 @@ def copy_store(store: Path, dest: Path) -> Path:
     return Path(shutil.copytree(store, dest / store.name))
 
 
+def link_to_copy(store: Path, rel: str) -> None:
+    """The store file ``rel`` replaced by a symbolic link to a copy of it outside the store (the
+    same bytes, so only the link is wrong)."""
+    import shutil
+
+    outside = store.parent / f"outside-{rel.replace('/', '-')}"
+    shutil.copyfile(store / rel, outside)
+    (store / rel).unlink()
+    (store / rel).symlink_to(outside)
+
+
 # --- 1. temporaries unique per run; one atomic rename; the loser leaves the winner alone ----------
 
 
@@ -148,6 +159,9 @@ def test_two_concurrent_tile_runs_of_one_slide_give_one_whole_store(synthetic_sv
     (lambda s: (s / "zarr.json").write_bytes(b"{" * (s / "zarr.json").stat().st_size),
      r"zarr\.json was changed after writing"),
     (lambda s: (s / MANIFEST).unlink(), r"manifest\.json is missing"),
+    (lambda s: link_to_copy(s, "tiles/c/0"), r"tiles/c/0 is a symbolic link, not a regular file \(never followed or read\)"),
+    (lambda s: link_to_copy(s, "tissue_fraction/zarr.json"), r"tissue_fraction/zarr\.json is a symbolic link, not a regular"),
+    (lambda s: link_to_copy(s, MANIFEST), r"unreadable manifest\.json \(.*manifest\.json: is a symbolic link, not a regular"),
 ])
 def test_damaged_store_is_a_one_line_error_and_tile_rebuilds_it(tiled, synthetic_svs, tmp_path, damage, message):
     store = copy_store(tiled, tmp_path)
@@ -179,6 +193,33 @@ def test_every_reader_refuses_a_damaged_store(tiled, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 1 and f"{store}: damaged patch store: tiles/c/0 is missing" in err
     assert not list((tmp_path / "features").rglob("*.h5"))
+
+
+def test_a_store_file_that_is_a_fifo_is_refused_never_opened(tiled, tmp_path, capsys, fifo):
+    """A FIFO never starts (opening one waits for a writer), so one listed in a manifest edited
+    to match (size 0, no checksum) is refused in one line naming the store and the file, before
+    anything is read; so is a FIFO for the manifest itself."""
+    store = copy_store(tiled, tmp_path / "tiles")
+    chunk = store / "tiles" / "c" / "0"
+    chunk.unlink()
+    fifo(chunk)
+    manifest = json.loads((store / MANIFEST).read_text())
+    manifest["files"]["tiles/c/0"] = 0
+    del manifest["crc32"]["tiles/c/0"]
+    (store / MANIFEST).write_text(json.dumps(manifest))
+    rc = main(["extract", str(store), "--encoder", "vit-test-tiny", "--models-dir", str(MODELS),
+               "--out", str(tmp_path / "features"), "--device", "cpu", "--workers", "0", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err, err
+    assert (f"{store}: damaged patch store: tiles/c/0 is a FIFO (named pipe), not a regular file (never followed or "
+            "read); re-tile the slide") in err
+    assert not list((tmp_path / "features").rglob("*.h5"))
+    (store / MANIFEST).unlink()
+    fifo(store / MANIFEST)
+    with pytest.raises(DamagedStoreError) as exc:
+        PatchStore.open(store)
+    assert str(exc.value) == (f"{store}: damaged patch store: unreadable manifest.json ({store / MANIFEST}: is a FIFO "
+                              "(named pipe), not a regular file); re-tile the slide")
 
 
 def test_format_1_store_is_refused_and_rebuilt(tiled, synthetic_svs, tmp_path):

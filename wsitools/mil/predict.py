@@ -24,7 +24,7 @@ import torch
 
 from wsitools import __version__
 from wsitools.attention import pooling_attrs, write_attention
-from wsitools.errors import DataError, ModelError, StoreError
+from wsitools.errors import DataError, ModelError, StoreError, one_line
 from wsitools.io import atomic_path, check_out_apart, check_own_folder, write_json_atomic
 from wsitools.feature_store import (
     EncoderRecord,
@@ -193,12 +193,17 @@ def _read_bag(bag: FeatureStore) -> tuple[torch.Tensor, np.ndarray]:
     """The features of ``bag`` as float32 [N, D] and its coords, each read once; a
     :class:`DataError` naming the slide and file when a row holds NaN or inf
     (:func:`~wsitools.feature_store.check_finite`; also a float64 value beyond float32's range,
-    which the head would see as inf) or when the features or the coords fail their checksums
-    (damaged since they were written), so that the slide is skipped before its attention is written."""
+    which the head would see as inf), when the features or the coords fail their checksums
+    (damaged since they were written) or when they do not fit in memory, so that the slide is
+    skipped before its attention is written."""
     try:
         x, coords = read_features(bag.path), read_coords(bag.path)
     except StoreError as exc:
         raise DataError(f"slide {bag.slide_id}: {exc}") from None
+    except MemoryError as exc:
+        raise DataError(
+            f"slide {bag.slide_id}: feature store {bag.path} does not fit in memory ({one_line(exc)})"
+        ) from None
     check_finite(x.numpy(), slide_id=bag.slide_id, path=bag.path)
     return x, coords
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import os
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,6 +38,11 @@ from wsitools.tables import sniff_dialect
 from wsitools.types import check_slide_id
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+MAX_IMAGE_PIXELS = 8192 * 8192
+"""The largest class-folder image decoded, in pixels (67 Mpx, 200 MB as RGB). Tiles are resized to
+the backbone's input (a few hundred px), so a larger image is a slide region to be tiled, not a
+tile, or a decompression bomb (a PNG of a few KB that decodes to GB). Below PIL's own limit, so
+PIL's warning band between its limit and twice it is refused too."""
 SPLITS = ("train", "val", "test")
 
 
@@ -115,12 +121,28 @@ class FolderTiles(LabelledTiles):
         return [[str(p), _fingerprint(p)] for p in self.paths]
 
     def read(self, i: int) -> np.ndarray:
+        """Image ``i`` as uint8 RGB; a :class:`DataError` naming it when it cannot be decoded or
+        has more than :data:`MAX_IMAGE_PIXELS` pixels (judged from its header, before decoding)."""
         assert self.paths is not None
+        path = self.paths[i]
+
+        def too_large(size: str) -> DataError:
+            return DataError(
+                f"{path}: {size}, more than the {MAX_IMAGE_PIXELS / 1e6:.0f} Mpx a class-folder image may have "
+                "(tiles are resized to the backbone's input); cut it into tiles or shrink it"
+            )
+
         try:
-            with Image.open(self.paths[i]) as im:
-                return np.array(im.convert("RGB"))
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(path) as im:
+                    if im.width * im.height > MAX_IMAGE_PIXELS:
+                        raise too_large(f"{im.width} x {im.height} px")
+                    return np.array(im.convert("RGB"))
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise too_large(f"refused by PIL as a possible decompression bomb ({exc})") from None
         except OSError as exc:
-            raise DataError(f"{self.paths[i]}: not a readable image ({exc})") from None
+            raise DataError(f"{path}: not a readable image ({exc})") from None
 
 
 @dataclass
