@@ -382,27 +382,23 @@ class NotRegularFile(OSError):
 
 
 def file_kind(mode: int) -> str:
-    """What a file of ``st_mode`` ``mode`` that is no regular file is, for messages: ``a
-    symbolic link``, ``a FIFO (named pipe)``, ..."""
-    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISLNK, "a symbolic link"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    """What a file of ``st_mode`` ``mode`` (links followed) that is no regular file is, for
+    messages: ``a FIFO (named pipe)``, ``a character device``, ..."""
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
              (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
     return next((kind for test, kind in kinds if test(mode)), "a special file")
 
 
-def open_regular(path: str | os.PathLike[str], *, follow_links: bool = True) -> BinaryIO:
-    """``path`` opened for binary reading if it is a regular file, else :class:`NotRegularFile`
-    saying what it is, before a byte is read: a device such as /dev/zero never ends, and a FIFO
-    never starts (opening one waits for a writer). It is judged before it is opened (opening
-    some devices acts on them) and again on the open file, opened without waiting, so what is
-    judged is what is read; with ``follow_links`` False a symbolic link is refused too, not
-    followed."""
-    mode = (os.stat if follow_links else os.lstat)(path).st_mode
+def open_regular(path: str | os.PathLike[str]) -> BinaryIO:
+    """``path`` opened for binary reading if it is (or links to) a regular file, else
+    :class:`NotRegularFile` saying what it is, before a byte is read: a device such as /dev/zero
+    never ends, and a FIFO never starts (opening one waits for a writer). It is judged before it
+    is opened (opening some devices acts on them) and again on the open file, opened without
+    waiting, so what is judged is what is read."""
+    mode = os.stat(path).st_mode
     if not stat.S_ISREG(mode):
         raise NotRegularFile(path, file_kind(mode))
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
-    if not follow_links:
-        flags |= getattr(os, "O_NOFOLLOW", 0)
-    fd = os.open(path, flags)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
     mode = os.fstat(fd).st_mode
     if not stat.S_ISREG(mode):
         os.close(fd)

@@ -10,9 +10,9 @@ pixels for both, and for format 2 stores (lossless, written before the codec was
 
 A store exists under its final name only once complete (written under a temporary name and
 renamed), and its last file, ``manifest.json``, lists every other file with its size (and the
-sha256 of the metadata documents). Opening a store checks the manifest (an lstat per file, no
-pixel read), so a store with a missing or truncated chunk, edited metadata or a file that is no
-regular file (a link, a FIFO, a device: never followed or read) is an error naming it, never a
+sha256 of the metadata documents). Opening a store checks the manifest (a stat per file, no
+pixel read), so a store with a missing or truncated chunk, edited metadata or a file that is not
+and does not link to a regular file (a FIFO, a device: never read) is an error naming it, never a
 silent read of fill values or a read that never ends. The store is also the one record of how its slide was
 read (backend, mpp and its override, pyramid level, geometry, the slide's identity): later steps
 open the slide through :meth:`PatchStore.open_slide`, never on their own.
@@ -286,7 +286,7 @@ def seal_patch_store(root: str | os.PathLike[str]) -> None:
 def _raw_attrs(p: Path) -> dict[str, Any] | None:
     """The ``wsitools`` attributes read straight from the group's zarr.json, or None."""
     try:
-        with open_regular(p / "zarr.json", follow_links=False) as f:
+        with open_regular(p / "zarr.json") as f:
             return dict(json.loads(f.read())["attributes"][ATTRS_KEY])
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -312,16 +312,16 @@ _MANIFEST_PATH = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-
 def _not_regular(p: Path, rel: str, kind: str) -> DamagedStoreError:
     """The error for the entry ``rel`` of the store ``p``, which is ``kind`` (:func:`~wsitools.io.file_kind`)."""
     return DamagedStoreError(
-        f"{p}: damaged patch store: {rel} is {kind}, not a regular file (never followed or read); re-tile the slide"
+        f"{p}: damaged patch store: {rel} is {kind}, not a regular file (never read); re-tile the slide"
     )
 
 
 def _entry_bytes(p: Path, rel: str, size: int) -> bytes:
     """The bytes of the store entry ``rel``, ``size`` of them as the manifest lists it: read only
-    from a regular file, never through a link (:func:`~wsitools.io.open_regular`), and no further
+    from a regular file or a link to one (:func:`~wsitools.io.open_regular`), and no further
     than one byte past ``size``; else a :class:`DamagedStoreError` naming the store and the entry."""
     try:
-        with open_regular(p / rel, follow_links=False) as f:
+        with open_regular(p / rel) as f:
             data = f.read(size + 1)
     except FileNotFoundError:
         raise DamagedStoreError(f"{p}: damaged patch store: {rel} is missing; re-tile the slide") from None
@@ -342,7 +342,7 @@ def _verify_manifest(p: Path) -> tuple[dict[str, int], dict[str, str], dict[str,
     /dev/zero or a FIFO would be read forever) and whole, and it records the digest of the
     group's ``zarr.json``."""
     try:
-        with open_regular(p / MANIFEST, follow_links=False) as f:
+        with open_regular(p / MANIFEST) as f:
             manifest = json.loads(f.read())
         files, metadata = dict(manifest["files"]), dict(manifest["sha256"])
         crc32 = dict(manifest.get("crc32", {}))
@@ -376,7 +376,7 @@ def _verify_manifest(p: Path) -> tuple[dict[str, int], dict[str, str], dict[str,
             )
     for rel, size in files.items():
         try:
-            st = os.lstat(p / rel)
+            st = os.stat(p / rel)
         except FileNotFoundError:
             raise DamagedStoreError(f"{p}: damaged patch store: {rel} is missing; re-tile the slide") from None
         if not stat.S_ISREG(st.st_mode):

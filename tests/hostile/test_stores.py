@@ -66,15 +66,16 @@ def copy_store(store: Path, dest: Path) -> Path:
     return Path(shutil.copytree(store, dest / store.name))
 
 
-def link_to_copy(store: Path, rel: str) -> None:
-    """The store file ``rel`` replaced by a symbolic link to a copy of it outside the store (the
-    same bytes, so only the link is wrong)."""
+def link_to(store: Path, rel: str, target: Path | None = None) -> None:
+    """The store file ``rel`` replaced by a symbolic link to ``target``, or (None) to a copy of it
+    outside the store, as a symlinked data cache (git-annex, DVC) holds it."""
     import shutil
 
-    outside = store.parent / f"outside-{rel.replace('/', '-')}"
-    shutil.copyfile(store / rel, outside)
+    if target is None:
+        target = store.parent / f"outside-{rel.replace('/', '-')}"
+        shutil.copyfile(store / rel, target)
     (store / rel).unlink()
-    (store / rel).symlink_to(outside)
+    (store / rel).symlink_to(target)
 
 
 # --- 1. temporaries unique per run; one atomic rename; the loser leaves the winner alone ----------
@@ -159,9 +160,9 @@ def test_two_concurrent_tile_runs_of_one_slide_give_one_whole_store(synthetic_sv
     (lambda s: (s / "zarr.json").write_bytes(b"{" * (s / "zarr.json").stat().st_size),
      r"zarr\.json was changed after writing"),
     (lambda s: (s / MANIFEST).unlink(), r"manifest\.json is missing"),
-    (lambda s: link_to_copy(s, "tiles/c/0"), r"tiles/c/0 is a symbolic link, not a regular file \(never followed or read\)"),
-    (lambda s: link_to_copy(s, "tissue_fraction/zarr.json"), r"tissue_fraction/zarr\.json is a symbolic link, not a regular"),
-    (lambda s: link_to_copy(s, MANIFEST), r"unreadable manifest\.json \(.*manifest\.json: is a symbolic link, not a regular"),
+    (lambda s: link_to(s, "tiles/c/0", Path("/dev/zero")), r"tiles/c/0 is a character device, not a regular file \(never read\)"),
+    (lambda s: link_to(s, "tissue_fraction/zarr.json", Path("/dev/zero")), r"tissue_fraction/zarr\.json is a character device"),
+    (lambda s: link_to(s, MANIFEST, Path("/dev/zero")), r"unreadable manifest\.json \(.*manifest\.json: is a character device, not a"),
 ])
 def test_damaged_store_is_a_one_line_error_and_tile_rebuilds_it(tiled, synthetic_svs, tmp_path, damage, message):
     store = copy_store(tiled, tmp_path)
@@ -173,6 +174,17 @@ def test_damaged_store_is_a_one_line_error_and_tile_rebuilds_it(tiled, synthetic
     assert record["status"] == "ok"
     rebuilt, original = PatchStore.open(store), PatchStore.open(tiled)
     np.testing.assert_array_equal(rebuilt.read_tiles(slice(None)), original.read_tiles(slice(None)))
+
+
+def test_a_store_whose_files_link_to_regular_files_reads_as_the_store(tiled, tmp_path):
+    """A store kept in a symlinked data cache (every file a link to its copy elsewhere) is the same
+    store: its manifest holds, and it reads the same coords and tiles."""
+    store = copy_store(tiled, tmp_path / "cache")
+    for rel in ("tiles/c/0", "tissue_fraction/zarr.json", "zarr.json", MANIFEST):
+        link_to(store, rel)
+    linked, original = PatchStore.open(store), PatchStore.open(tiled)
+    np.testing.assert_array_equal(linked.coords, original.coords)
+    np.testing.assert_array_equal(linked.read_tiles(slice(None)), original.read_tiles(slice(None)))
 
 
 def test_every_reader_refuses_a_damaged_store(tiled, tmp_path, capsys):
@@ -211,8 +223,8 @@ def test_a_store_file_that_is_a_fifo_is_refused_never_opened(tiled, tmp_path, ca
                "--out", str(tmp_path / "features"), "--device", "cpu", "--workers", "0", "--quiet"])
     err = capsys.readouterr().err
     assert rc == 1 and "Traceback" not in err, err
-    assert (f"{store}: damaged patch store: tiles/c/0 is a FIFO (named pipe), not a regular file (never followed or "
-            "read); re-tile the slide") in err
+    assert (f"{store}: damaged patch store: tiles/c/0 is a FIFO (named pipe), not a regular file (never read); "
+            "re-tile the slide") in err
     assert not list((tmp_path / "features").rglob("*.h5"))
     (store / MANIFEST).unlink()
     fifo(store / MANIFEST)
