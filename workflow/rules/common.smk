@@ -18,9 +18,9 @@ from wsitools.labels import check_patient_labels, task_columns
 from wsitools.report import qc_report
 from wsitools.report import usable_slides as qc_usable_slides
 from wsitools.samples import (
-    check_encoders, check_extra_args, check_features_current, check_features_own, check_task_cohort,
-    check_unique_keys, check_whole_numbers, config_error, heads_label_checks, load_samples, run_failure_line,
-    slide_file_state,
+    check_encoders, check_extra_args, check_features_current, check_features_own, check_names_differ_in_case,
+    check_pretrain_name, check_task_cohort, check_unique_keys, check_whole_numbers, config_error, heads_label_checks,
+    load_samples, run_failure_line, slide_file_state,
 )
 from wsitools.tables import is_tile_table
 from wsitools.text import load_task
@@ -43,6 +43,10 @@ except WorkflowError as exc:
     raise WorkflowError(config_error(exc.__context__)) from None
 try:
     check_whole_numbers(config, Path(workflow.basedir) / "schemas" / "config.schema.yaml")
+    check_names_differ_in_case(
+        {"tasks": list(config["tasks"]), "heads": list(config["heads"]),
+         "features: encoders": config["features"]["encoders"]}
+    )
 except WsiToolsError as exc:
     raise WorkflowError(str(exc)) from None
 
@@ -146,6 +150,11 @@ if config["tune"]["enabled"]:
         _ENCODER_KEYS["tune: ivp_encoder"] = config["tune"]["ivp_encoder"]
 try:
     check_encoders(_ENCODER_KEYS, models_dir=config["models_dir"])
+    if config["pretrain"]["enabled"]:
+        check_pretrain_name(
+            PUZZLE_CARD, given=bool(config["pretrain"]["name"]), encoder=config["pretrain"]["encoder"],
+            models_dir=config["models_dir"],
+        )
     # About the run as a whole, so once, not in every cluster job (they hash weight files):
     # features are extracted once per slide, so ones made by an earlier version of a card would
     # stay, and a features folder outside the project may hold another project's.
