@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import fnmatch
 import hashlib
 import io
 import json
@@ -12,7 +13,7 @@ import secrets
 import shutil
 import socket
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
@@ -151,6 +152,38 @@ def check_own_folder(out: str | os.PathLike[str], *, foreign: Callable[[Path], s
         return
     if (problem := foreign(out)) is not None:
         raise DataError(f"{out}: {problem}; {writes}, so give a new or empty folder (or remove this one)")
+
+
+def not_written_by(folder: Path, *, own: Sequence[str], writer: str) -> str | None:
+    """What ``folder`` holds that ``writer`` never writes (``own``: glob patterns of the entries
+    it writes), in words (``holds docs and 1 more, which train does not write``), or None when it
+    holds nothing else: the folder of another run or a user's, whose files a run would overwrite
+    or delete."""
+    foreign = sorted(p.name for p in folder.iterdir() if not any(fnmatch.fnmatchcase(p.name, pattern) for pattern in own))
+    if not foreign:
+        return None
+    more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+    return f"holds {foreign[0]}{more}, which {writer} does not write"
+
+
+def not_an_output(
+    folder: Path, *, record: str, fields: Mapping[str, type], own: Sequence[str], what: str, writer: str
+) -> str | None:
+    """Why ``folder`` is no ``what`` (``training run``) that ``writer`` (``train``) wrote, in
+    words, for :func:`check_own_folder`'s ``foreign``; None when it is one. It is one when its
+    ``record`` file is a JSON object holding each of ``fields`` (name -> type of its value:
+    another tool or a user may write a file of that name) and it holds nothing else than the
+    entries ``writer`` writes (``own``: glob patterns, :func:`not_written_by`)."""
+    path = folder / record
+    if not path.is_file():
+        return f"is no wsitools {what} (it has no {record})"
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        content = None
+    if not (isinstance(content, dict) and all(isinstance(content.get(k), t) for k, t in fields.items())):
+        return f"is no wsitools {what} (its {record} is not the record of one)"
+    return not_written_by(folder, own=[record, *own], writer=writer)
 
 
 class LostRace(FileExistsError, WsiToolsError):
