@@ -59,16 +59,26 @@ class TempOwner:
 
 _TEMP = re.compile(r"\.tmp-(?P<name>.+)-(?P<host>[A-Za-z0-9._]+)-(?P<pid>[0-9]+)-(?P<rand>[0-9a-f]{8})")
 _LEGACY_TEMP = re.compile(r"\.tmp-(?P<name>.+)-(?P<pid>[0-9]+)")
+_LEGACY_OUTPUT_SUFFIXES = (".zarr", ".h5")
+"""Final names that a temporary of an older wsitools named so stands for on its own: a patch store, an HDF5 file."""
+_RUN_RECORDS = ("run.json", "predict.json")
+"""The records of a run folder (``train``, ``predict``): a folder holding one is a wsitools output."""
 
 
 def temp_owner(path: Path) -> TempOwner | None:
     """The owner encoded in a temporary's name; None if ``path`` is no wsitools temporary.
 
     Temporaries of older wsitools (``.tmp-NAME-PID``) have no host: they are never provably dead.
+    Other tools and people name things so too (``.tmp-thesis-2023``), so such a name is a
+    wsitools temporary only where it could be nothing else: ``NAME`` is a patch store or an HDF5
+    file (``.zarr``, ``.h5``), or the run folder ``NAME`` (with its ``run.json`` or
+    ``predict.json``) is beside it.
     """
     if m := _TEMP.fullmatch(path.name):
         return TempOwner(m["name"], m["host"], int(m["pid"]))
-    if m := _LEGACY_TEMP.fullmatch(path.name):
+    if (m := _LEGACY_TEMP.fullmatch(path.name)) and (
+        m["name"].endswith(_LEGACY_OUTPUT_SUFFIXES) or any((path.parent / m["name"] / r).is_file() for r in _RUN_RECORDS)
+    ):
         return TempOwner(m["name"], None, None)
     return None
 
