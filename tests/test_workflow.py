@@ -720,6 +720,11 @@ def test_the_pretrained_cards_name_is_checked_before_any_job(tmp_path, settings,
     assert result.returncode != 0
     assert message.replace("MODELS", str(models)) in result.stdout + result.stderr
     assert "Job stats" not in result.stdout
+    if "name" in settings:  # exported already (its card then copied into the models folder): not checked
+        exported = work / "results" / "pretrain" / "puzzle" / f"{settings['name']}.yaml"
+        exported.parent.mkdir(parents=True)
+        exported.write_text("name: x\n")
+        assert snakemake(work, "-n").returncode == 0
 
 
 @pytest.mark.parametrize("step, key", [("pretrain", "pretrain: encoder"), ("tune", "tune: encoder"),

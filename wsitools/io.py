@@ -60,7 +60,8 @@ class TempOwner:
 _TEMP = re.compile(r"\.tmp-(?P<name>.+)-(?P<host>[A-Za-z0-9._]+)-(?P<pid>[0-9]+)-(?P<rand>[0-9a-f]{8})")
 _LEGACY_TEMP = re.compile(r"\.tmp-(?P<name>.+)-(?P<pid>[0-9]+)")
 _LEGACY_OUTPUT_SUFFIXES = (".zarr", ".h5")
-"""Final names that a temporary of an older wsitools named so stands for on its own: a patch store, an HDF5 file."""
+"""Final names that a temporary of an older wsitools named so stands for on its own: a patch
+store, an HDF5 file."""
 _RUN_RECORDS = ("run.json", "predict.json")
 """The records of a run folder (``train``, ``predict``): a folder holding one is a wsitools output."""
 
@@ -77,7 +78,8 @@ def temp_owner(path: Path) -> TempOwner | None:
     if m := _TEMP.fullmatch(path.name):
         return TempOwner(m["name"], m["host"], int(m["pid"]))
     if (m := _LEGACY_TEMP.fullmatch(path.name)) and (
-        m["name"].endswith(_LEGACY_OUTPUT_SUFFIXES) or any((path.parent / m["name"] / r).is_file() for r in _RUN_RECORDS)
+        m["name"].endswith(_LEGACY_OUTPUT_SUFFIXES)
+        or any((path.parent / m["name"] / record).is_file() for record in _RUN_RECORDS)
     ):
         return TempOwner(m["name"], None, None)
     return None
@@ -169,7 +171,9 @@ def not_written_by(folder: Path, *, own: Sequence[str], writer: str) -> str | No
     it writes), in words (``holds docs and 1 more, which train does not write``), or None when it
     holds nothing else: the folder of another run or a user's, whose files a run would overwrite
     or delete."""
-    foreign = sorted(p.name for p in folder.iterdir() if not any(fnmatch.fnmatchcase(p.name, pattern) for pattern in own))
+    foreign = sorted(
+        p.name for p in folder.iterdir() if not any(fnmatch.fnmatchcase(p.name, pattern) for pattern in own)
+    )
     if not foreign:
         return None
     more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""

@@ -19,12 +19,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
-from wsitools.encoders.cards import card_encoder_hash, check_new_card_name, check_weight_file, find_card, precision_hash
+from wsitools.encoders.cards import (
+    card_encoder_hash, check_new_card_name, check_weight_file, find_card, precision_hash,
+)
 from wsitools.errors import (
     STOPPED_LINE, DataError, ModelError, StoreError, WsiToolsError, error_line, one_line, schema_problem,
 )
 from wsitools.io import read_user_text
-from wsitools.types import MPP_MAX, MPP_MIN, MicronsPerPixel, case_twins, check_distinct_ids, check_slide_id, slide_id_from_path
+from wsitools.types import (
+    MPP_MAX, MPP_MIN, MicronsPerPixel, case_twins, check_distinct_ids, check_slide_id, slide_id_from_path,
+)
 
 SPLIT_COLUMNS = ("split", "fold")
 """Samples-sheet columns with the user's own splits, passed on to the labels tables."""

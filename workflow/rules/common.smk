@@ -86,6 +86,7 @@ GPU_JOB = 0 if config["device"] == "cpu" else 1  # GPUs asked for by a GPU-capab
 PUZZLE_CARD = config["pretrain"]["name"] or (
     f"{Path(config['pretrain']['encoder']).name.removesuffix('.yaml')}-puzzletuned"
 )
+PUZZLE_CARD_FILE = f"results/pretrain/puzzle/{PUZZLE_CARD}.yaml"
 
 # Settings that the schema cannot check, checked before any job runs.
 if config["tiling"]["overlap"] >= config["tiling"]["tile_size"]:
@@ -150,7 +151,9 @@ if config["tune"]["enabled"]:
         _ENCODER_KEYS["tune: ivp_encoder"] = config["tune"]["ivp_encoder"]
 try:
     check_encoders(_ENCODER_KEYS, models_dir=config["models_dir"])
-    if config["pretrain"]["enabled"]:
+    # The name of the card pretraining will export; once exported, its card may be copied into
+    # the models folder to extract with (docs/cluster.md), where the name is then taken.
+    if config["pretrain"]["enabled"] and not Path(PUZZLE_CARD_FILE).is_file():
         check_pretrain_name(
             PUZZLE_CARD, given=bool(config["pretrain"]["name"]), encoder=config["pretrain"]["encoder"],
             models_dir=config["models_dir"],
@@ -363,7 +366,7 @@ def fixed_targets():
             "results/heatmaps/{task}/{encoder}/{head}", task=TASKS, encoder=ENCODERS, head=HEADS
         )
     if config["pretrain"]["enabled"]:
-        targets.append(f"results/pretrain/puzzle/{PUZZLE_CARD}.yaml")
+        targets.append(PUZZLE_CARD_FILE)
     if config["tune"]["enabled"]:
         targets.append("results/tune/pathotune/metrics.json")
     return targets

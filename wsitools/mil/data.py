@@ -252,7 +252,7 @@ def _check_empty_classes(
     if not empty:
         return
     listing = first_few(
-        [f"{c!r} ({'no labelled slide' if not labelled[c] else f'{labelled[c]} labelled, none usable'})" for c in empty],
+        [f"{c!r} ({f'{labelled[c]} labelled, none usable' if labelled[c] else 'no labelled slide'})" for c in empty],
         SHOWN_CLASSES,
     )
     if allow:
