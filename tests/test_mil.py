@@ -644,6 +644,24 @@ def test_overwrite_replaces_only_an_earlier_run_of_the_same_command(tmp_path, ca
             f"wsitools {command}: error: {afile}: is a file, where a folder is needed; give a folder for --out\n")
     assert (mine / "important" / "data.txt").read_text() == "keep" and afile.read_text() == "keep"
     assert (pred / "predict.json").is_file() and (tmp_path / "run_copy" / "run.json").is_file()
+    # A record of that name that another tool wrote, and an earlier output beside a user's files.
+    for command, args, done, what in (("train", train_args, tmp_path / "run_copy", "training run"),
+                                      ("predict", predict_args, pred, "prediction")):
+        record = "run.json" if command == "train" else "predict.json"
+        other_tool, grown = tmp_path / f"{command}_other", tmp_path / f"{command}_grown"
+        (other_tool / "docs").mkdir(parents=True)
+        (other_tool / record).write_text('{"tool": "mlflow"}')
+        shutil.copytree(done, grown)
+        (grown / "docs").mkdir()
+        (grown / "docs" / "thesis.tex").write_text("keep")
+        (grown / "notes.txt").write_text("keep")
+        for out, problem in ((other_tool, f"is no wsitools {what} (its {record} is not the record of one)"),
+                             (grown, f"holds docs and 1 more, which {command} does not write")):
+            assert main(args + [str(out)]) == 2
+            assert capsys.readouterr().err == (
+                f"wsitools {command}: error: {out}: {problem}; {command} --overwrite replaces its --out "
+                "as a whole, so give a new or empty folder (or remove this one)\n")
+        assert (grown / "docs" / "thesis.tex").read_text() == "keep" and (other_tool / "docs").is_dir()
     # train refuses such an --out before it reads anything (here a features folder without stores).
     (tmp_path / "empty").mkdir()
     no_features = [str(tmp_path / "empty") if a == str(tmp_path / "f") else a for a in train_args]

@@ -68,6 +68,27 @@ def test_bad_model_directory_is_named(tmp_path):
         embed_texts(["x"], model=tmp_path / "missing", cache_dir=tmp_path)
 
 
+def test_a_text_model_with_pickled_objects_is_refused_without_advice_to_unpickle_it(tmp_path):
+    """torch's own message suggests weights_only=False, which would run whatever the file holds."""
+    import fractions
+
+    import torch
+
+    bundled = resolve_text_model(None)
+    model = tmp_path / "minilm"
+    for path in bundled.rglob("*"):
+        if path.is_file() and path.name != "model.safetensors":
+            (model / path.relative_to(bundled)).parent.mkdir(parents=True, exist_ok=True)
+            (model / path.relative_to(bundled)).symlink_to(path)
+    torch.save({"embeddings.word_embeddings.weight": fractions.Fraction(1, 3)}, model / "pytorch_model.bin")
+    with pytest.raises(ModelError) as caught:
+        embed_texts(["x"], model=model, cache_dir=tmp_path / "cache")
+    assert str(caught.value) == (
+        f"text model {model}: cannot be loaded: it holds pickled Python objects other than tensors, "
+        "which are never unpickled"
+    )
+
+
 def test_task_description_yaml(tmp_path):
     path = tmp_path / "task.yaml"
     path.write_text(

@@ -532,6 +532,14 @@ def test_schema_fills_in_the_defaults():
         ({"heads": {"abmil": {"type": "abmil", "folds": 2.0}}}, "config: heads: abmil: folds: 2.0 is not a whole number"),
         ({"tiling": {"tile_size": 224.0}}, "config: tiling: tile_size: 224.0 is not a whole number"),
         ({"tiling": {"overlap": 224}}, "config: tiling: overlap: 224 must be smaller than tile_size (224)"),
+        # names of output folders, one folder where case is ignored (macOS, Windows)
+        ({"tasks": {"planted": {"task_file": "config/task.yaml"}, "Planted": {"task_file": "config/task.yaml"}}},
+         "config: tasks: 'Planted' and 'planted' differ only in case; their output folders would be one where case "
+         "is ignored (macOS, Windows): rename one"),
+        ({"heads": {"abmil": {"type": "abmil", "folds": 2}, "ABmil": {"type": "abmil", "folds": 2}}},
+         "config: heads: 'ABmil' and 'abmil' differ only in case"),
+        ({"features": {"encoders": ["efficientnet-lite0-imagenet", "EfficientNet-lite0-imagenet"]}},
+         "config: features: encoders: 'efficientnet-lite0-imagenet' and 'EfficientNet-lite0-imagenet' differ only in case"),
     ],
 )
 def test_bad_config_fails_before_any_job(tmp_path, change, message):
@@ -684,6 +692,39 @@ def test_a_feature_encoder_without_its_weight_file_fails_before_any_job(tmp_path
     assert (f"config: features: encoders: uni: {weight}: backbone weight file of encoder 'uni' not found; "
             "run `wsitools encoders fetch uni` or download https://") in result.stdout + result.stderr
     assert "Job stats" not in result.stdout
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"encoder": "MODELS/vit test.yaml"},
+     "config: pretrain: encoder: 'vit test-puzzletuned' is not a valid encoder name (letters, digits, '.', '_' and '-', "
+     "starting with a letter or digit, at most 100 characters); the exported card's name is made from this card's "
+     "file name; set `pretrain: name`"),
+    ({"name": "vitb16-imagenet"},
+     "config: pretrain: name: 'vitb16-imagenet' is the backbone's name: a trained card must have a name of its own "
+     "(its features are kept under it); choose another `pretrain: name`"),
+    ({"name": "uni"}, "config: pretrain: name: 'uni' is the name of the card MODELS/uni.yaml"),
+    ({"encoder": "MODELS/vit test.yaml", "name": "vit-test-puzzletuned"}, None),
+])
+def test_the_pretrained_cards_name_is_checked_before_any_job(tmp_path, settings, message):
+    """The pretraining job, which checks the name of the card it exports, runs after the whole
+    cohort is tiled; a name made from the encoder card's file name is checked too."""
+    models = Path(stand_in_models(tmp_path / "models"))
+    shutil.copyfile(models / "vitb16-imagenet.yaml", models / "vit test.yaml")
+    settings = {key: value.replace("MODELS", str(models)) for key, value in settings.items()}
+    work = make_project(tmp_path / "w", config={"models_dir": str(models), "pretrain": {"enabled": True, **settings}})
+    result = snakemake(work, "-n")
+    if message is None:
+        assert result.returncode == 0, result.stderr
+        assert "results/pretrain/puzzle/vit-test-puzzletuned.yaml" in result.stdout
+        return
+    assert result.returncode != 0
+    assert message.replace("MODELS", str(models)) in result.stdout + result.stderr
+    assert "Job stats" not in result.stdout
+    if "name" in settings:  # exported already (its card then copied into the models folder): not checked
+        exported = work / "results" / "pretrain" / "puzzle" / f"{settings['name']}.yaml"
+        exported.parent.mkdir(parents=True)
+        exported.write_text("name: x\n")
+        assert snakemake(work, "-n").returncode == 0
 
 
 @pytest.mark.parametrize("step, key", [("pretrain", "pretrain: encoder"), ("tune", "tune: encoder"),

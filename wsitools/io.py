@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import fnmatch
 import hashlib
 import io
 import json
@@ -13,7 +14,7 @@ import shutil
 import socket
 import stat
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
@@ -59,16 +60,28 @@ class TempOwner:
 
 _TEMP = re.compile(r"\.tmp-(?P<name>.+)-(?P<host>[A-Za-z0-9._]+)-(?P<pid>[0-9]+)-(?P<rand>[0-9a-f]{8})")
 _LEGACY_TEMP = re.compile(r"\.tmp-(?P<name>.+)-(?P<pid>[0-9]+)")
+_LEGACY_OUTPUT_SUFFIXES = (".zarr", ".h5")
+"""Final names that a temporary of an older wsitools named so stands for on its own: a patch
+store, an HDF5 file."""
+_RUN_RECORDS = ("run.json", "predict.json")
+"""The records of a run folder (``train``, ``predict``): a folder holding one is a wsitools output."""
 
 
 def temp_owner(path: Path) -> TempOwner | None:
     """The owner encoded in a temporary's name; None if ``path`` is no wsitools temporary.
 
     Temporaries of older wsitools (``.tmp-NAME-PID``) have no host: they are never provably dead.
+    Other tools and people name things so too (``.tmp-thesis-2023``), so such a name is a
+    wsitools temporary only where it could be nothing else: ``NAME`` is a patch store or an HDF5
+    file (``.zarr``, ``.h5``), or the run folder ``NAME`` (with its ``run.json`` or
+    ``predict.json``) is beside it.
     """
     if m := _TEMP.fullmatch(path.name):
         return TempOwner(m["name"], m["host"], int(m["pid"]))
-    if m := _LEGACY_TEMP.fullmatch(path.name):
+    if (m := _LEGACY_TEMP.fullmatch(path.name)) and (
+        m["name"].endswith(_LEGACY_OUTPUT_SUFFIXES)
+        or any((path.parent / m["name"] / record).is_file() for record in _RUN_RECORDS)
+    ):
         return TempOwner(m["name"], None, None)
     return None
 
@@ -152,6 +165,40 @@ def check_own_folder(out: str | os.PathLike[str], *, foreign: Callable[[Path], s
         return
     if (problem := foreign(out)) is not None:
         raise DataError(f"{out}: {problem}; {writes}, so give a new or empty folder (or remove this one)")
+
+
+def not_written_by(folder: Path, *, own: Sequence[str], writer: str) -> str | None:
+    """What ``folder`` holds that ``writer`` never writes (``own``: glob patterns of the entries
+    it writes), in words (``holds docs and 1 more, which train does not write``), or None when it
+    holds nothing else: the folder of another run or a user's, whose files a run would overwrite
+    or delete."""
+    foreign = sorted(
+        p.name for p in folder.iterdir() if not any(fnmatch.fnmatchcase(p.name, pattern) for pattern in own)
+    )
+    if not foreign:
+        return None
+    more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+    return f"holds {foreign[0]}{more}, which {writer} does not write"
+
+
+def not_an_output(
+    folder: Path, *, record: str, fields: Mapping[str, type], own: Sequence[str], what: str, writer: str
+) -> str | None:
+    """Why ``folder`` is no ``what`` (``training run``) that ``writer`` (``train``) wrote, in
+    words, for :func:`check_own_folder`'s ``foreign``; None when it is one. It is one when its
+    ``record`` file is a JSON object holding each of ``fields`` (name -> type of its value:
+    another tool or a user may write a file of that name) and it holds nothing else than the
+    entries ``writer`` writes (``own``: glob patterns, :func:`not_written_by`)."""
+    path = folder / record
+    if not path.is_file():
+        return f"is no wsitools {what} (it has no {record})"
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        content = None
+    if not (isinstance(content, dict) and all(isinstance(content.get(k), t) for k, t in fields.items())):
+        return f"is no wsitools {what} (its {record} is not the record of one)"
+    return not_written_by(folder, own=[record, *own], writer=writer)
 
 
 class LostRace(FileExistsError, WsiToolsError):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import os
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,8 +102,21 @@ MISSING_MARKERS = frozenset({
 value"; as labels of a task without a task file they would silently become a class."""
 
 
+SHOWN_CLASSES = 10
+"""Classes (or labels) a message lists by name; it counts the others, so it stays one line."""
+
+MAX_CLASSES = 1000
+"""More classes than this, taken from the labels of a task without a task file, are no
+classification: a column of numbers read as classes (:func:`classes_from_labels`)."""
+
+MANY_CLASSES = 20
+"""More classes than this, taken from the labels of a task without a task file, most of them on
+one row only, are no classification either (:func:`classes_from_labels`)."""
+
+
 def classes_from_labels(
-    labelled: Iterable[tuple[str, str]], *, where: str, unlabelled: str = "leave the cell empty"
+    labelled: Iterable[tuple[str, str]], *, where: str, unlabelled: str = "leave the cell empty",
+    column: str | None = None,
 ) -> tuple[str, ...]:
     """The classes of a task without a task file: the labels of ``labelled`` (slide id, label)
     pairs, sorted. Two labels that are one number or one word written two ways (``1`` and
@@ -111,17 +125,21 @@ def classes_from_labels(
     marker (``NA``, ``NaN``, ``#N/A``, ...; :data:`MISSING_MARKERS`): a :class:`DataError`
     starting with ``where`` names them and a slide of each, and says how to mark a slide without
     a label there (``unlabelled``: an empty cell in a samples sheet; a labels table leaves the row
-    out). A task file that lists such a label as a class makes it one."""
+    out). A task file that lists such a label as a class makes it one. Labels too many to be
+    classes (more than :data:`MAX_CLASSES`, or more than :data:`MANY_CLASSES` mostly on one row
+    each: a column of numbers, meant as a regression or survival target) are a
+    :class:`DataError` starting with ``where`` and ``column`` (where the labels are, when
+    ``where`` does not say)."""
     first: dict[float, tuple[str, str]] = {}
     spelled: dict[str, tuple[str, str]] = {}
-    labels: set[str] = set()
+    labels: dict[str, int] = {}
     for slide_id, label in labelled:
         if label.casefold() in MISSING_MARKERS:
             raise DataError(
                 f"{where}: label {label!r} (slide {slide_id}) looks like a missing value, which would make it a "
                 f"class; {unlabelled} for a slide without a label, or list the classes in a task file"
             )
-        labels.add(label)
+        labels[label] = labels.get(label, 0) + 1
         seen, seen_slide = spelled.setdefault(label.casefold(), (label, slide_id))
         if seen != label:
             raise DataError(
@@ -137,6 +155,14 @@ def classes_from_labels(
                 f"{where}: labels {seen!r} and {label!r} are one number written two ways (slides {seen_slide} "
                 f"and {slide_id}), which would make them two classes; write each class's label alike"
             )
+    single = sum(n == 1 for n in labels.values())
+    if len(labels) > MAX_CLASSES or (len(labels) > MANY_CLASSES and 2 * single > len(labels)):
+        of = f", column {column!r}" if column else ""
+        raise DataError(
+            f"{where}{of}: {len(labels)} different labels in {sum(labels.values())} labelled rows ({single} of them "
+            "in one row only) are too many to be the classes of a classification (a column of numbers?); for a "
+            "numeric target give a task file of type regression (or survival, with time and event columns)"
+        )
     return tuple(sorted(labels))
 
 
@@ -148,9 +174,10 @@ def check_labels_are_classes(
     they are) and naming ``task`` (the task file) lists the other labels with a few slides
     each, and says which of them are a class written in another case or spacing (``tumor`` for
     ``Tumor``), the usual slip."""
+    known = set(classes)
     unknown: dict[str, list[str]] = {}
     for slide_id, label in labelled:
-        if label not in classes:
+        if label not in known:
             unknown.setdefault(label, []).append(slide_id)
     if not unknown:
         return
@@ -159,12 +186,14 @@ def check_labels_are_classes(
         return " ".join(text.split()).casefold()
 
     written = {spelling(c): c for c in classes}
-    listing = "; ".join(f"{label!r} (slides {_first(ids, 5)})" for label, ids in unknown.items())
+    shown = list(unknown.items())[:SHOWN_CLASSES]
+    more = f"; and {len(unknown) - len(shown)} more labels" if len(unknown) > len(shown) else ""
+    listing = "; ".join(f"{label!r} (slides {first_few(ids, 5)})" for label, ids in shown) + more
     variants = [f"{label!r} is class {written[spelling(label)]!r} in another case or spacing"
-                for label in unknown if spelling(label) in written]
+                for label, _ in shown if spelling(label) in written]
     hint = f" ({'; '.join(variants)}: labels must be written as the classes are)" if variants else ""
     raise DataError(
-        f"{what} that are not classes of {task} ({', '.join(classes)}): {listing}{hint}; "
+        f"{what} that are not classes of {task} ({first_few(classes, SHOWN_CLASSES)}): {listing}{hint}; "
         "fix the labels or add the classes to the task file"
     )
 
@@ -286,7 +315,7 @@ def read_labels(path: str | os.PathLike[str], *, task_type: TaskType = "classifi
     for name, flags in (("split", has_split), ("fold", has_fold)):
         if any(flags) and not all(flags):
             missing = [r.slide_id for r, f in zip(rows, flags) if not f]
-            raise DataError(f"labels table {path}: {name} is empty for slides {_first(missing, 10)}")
+            raise DataError(f"labels table {path}: {name} is empty for slides {first_few(missing, 10)}")
     return rows
 
 
@@ -371,11 +400,11 @@ def check_distinct_slides(
             )
 
 
-def _first(ids: Sequence[str], shown: int) -> str:
-    """The first ``shown`` of ``ids``, comma-separated, and how many more there are: a message
-    stays one line and still says how many slides it is about."""
-    more = f" and {len(ids) - shown} more" if len(ids) > shown else ""
-    return ", ".join(ids[:shown]) + more
+def first_few(items: Sequence[str], shown: int) -> str:
+    """The first ``shown`` of ``items`` (slide ids, classes), comma-separated, and how many more
+    there are: a message stays one line and still says how many it is about."""
+    more = f" and {len(items) - shown} more" if len(items) > shown else ""
+    return ", ".join(items[:shown]) + more
 
 
 def task_columns(task_type: TaskType, *, label_column: str, time_column: str, event_column: str) -> dict[str, str]:
@@ -487,10 +516,12 @@ def check_task_labels(
     if classes is not None:
         check_labels_are_classes(((s.slide_id, label) for s, label in labelled), classes,
                                  what=f"config: tasks: {task}: labels in {where}", task=task_file or "the task")
-        empty = [c for c in classes if c not in present]
+        labels = set(present)
+        empty = [c for c in classes if c not in labels]
         if empty and not allow_empty_classes:
             raise DataError(
-                f"config: tasks: {task}: class{'es' if len(empty) > 1 else ''} {', '.join(map(repr, empty))} of "
+                f"config: tasks: {task}: class{'es' if len(empty) > 1 else ''} "
+                f"{first_few([repr(c) for c in empty], SHOWN_CLASSES)} of "
                 f"{task_file or 'the task'} {'have' if len(empty) > 1 else 'has'} no labelled slide in {where}; "
                 f"label slides of {'them' if len(empty) > 1 else 'it'}, remove {'them' if len(empty) > 1 else 'it'} "
                 "from the task file, or add --allow-empty-classes to the "
@@ -503,12 +534,14 @@ def check_task_labels(
         )
     if any(s.value(c) for s, _ in labelled for c in SPLIT_COLUMNS):
         return  # the sheet's own splits: the folds setting is not used
-    patients = _patient_classes(labelled, order)
-    counts = {c: sum(1 for label in patients.values() if label == c) for c in order}
+    patients = Counter(_patient_classes(labelled, order).values())
+    counts = {c: patients[c] for c in order}
     for head, k in folds.items():
         if folds_fit(list(counts.values()), k):
             continue
-        listing = ", ".join(f"{c!r} has {n} patient{'s' if n != 1 else ''}" for c, n in counts.items() if n)
+        listing = first_few(
+            [f"{c!r} has {n} patient{'s' if n != 1 else ''}" for c, n in counts.items() if n], SHOWN_CLASSES
+        )
         other = folds_instead(list(counts.values()), k)
         fix = f"set `heads: {head}: folds` to {other}" if other else "label more patients"
         raise DataError(

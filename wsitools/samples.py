@@ -19,12 +19,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
-from wsitools.encoders.cards import card_encoder_hash, check_weight_file, find_card, precision_hash
+from wsitools.encoders.cards import (
+    card_encoder_hash, check_new_card_name, check_weight_file, find_card, precision_hash,
+)
 from wsitools.errors import (
     STOPPED_LINE, DataError, ModelError, StoreError, WsiToolsError, error_line, one_line, schema_problem,
 )
 from wsitools.io import read_user_text
-from wsitools.types import MPP_MAX, MPP_MIN, MicronsPerPixel, check_slide_id, slide_id_from_path
+from wsitools.types import (
+    MPP_MAX, MPP_MIN, MicronsPerPixel, case_twins, check_distinct_ids, check_slide_id, slide_id_from_path,
+)
 
 SPLIT_COLUMNS = ("split", "fold")
 """Samples-sheet columns with the user's own splits, passed on to the labels tables."""
@@ -150,22 +154,6 @@ def _parse_mpp(text: str, where: str) -> MicronsPerPixel | None:
     return MicronsPerPixel(value)
 
 
-def _check_unique(samples: Sequence[Sample], source: str) -> None:
-    """Slide ids are unique, also ignoring case: ids become file names, and on a file system
-    that ignores case (macOS, Windows shares) ``S1`` and ``s1`` would be one output file."""
-    seen: dict[str, Sample] = {}
-    for s in samples:
-        first = seen.get(s.slide_id.casefold())
-        if first is not None and first.slide_id == s.slide_id:
-            raise DataError(f"{source}: duplicate slide id {s.slide_id!r} ({first.path} and {s.path})")
-        if first is not None:
-            raise DataError(
-                f"{source}: slide ids {first.slide_id!r} ({first.path}) and {s.slide_id!r} ({s.path}) differ "
-                "only in case; their outputs would be one file where case is ignored (macOS, Windows): rename one"
-            )
-        seen[s.slide_id.casefold()] = s
-
-
 def _check_files(samples: Sequence[Sample], source: str) -> None:
     """Every slide file exists, and no file is listed twice: two ids for one slide would put it
     in two cross-validation folds (trained on and tested on) and count it twice."""
@@ -245,7 +233,7 @@ def read_samples(path: str | os.PathLike[str], *, check_files: bool = True) -> l
         )
     if not samples:
         raise DataError(f"samples sheet {path} lists no slides")
-    _check_unique(samples, f"samples sheet {path}")
+    check_distinct_ids([s.slide_id for s in samples], [s.path for s in samples], source=f"samples sheet {path}")
     if check_files:
         _check_files(samples, f"samples sheet {path}")
     return samples
@@ -262,7 +250,7 @@ def samples_from_glob(pattern: str) -> list[Sample]:
     if not paths:
         raise DataError(f"slide glob {pattern!r} matches no file")
     samples = [Sample(slide_id=(sid := slide_id_from_path(p)), path=p, patient_id=sid, fields={}) for p in paths]
-    _check_unique(samples, f"slide glob {pattern!r}")
+    check_distinct_ids([s.slide_id for s in samples], [s.path for s in samples], source=f"slide glob {pattern!r}")
     return samples
 
 
@@ -364,6 +352,39 @@ def check_encoders(encoders: Mapping[str, str], *, models_dir: str | None) -> No
                 check_weight_file(card, weight)
         except ModelError as exc:
             raise DataError(f"config: {key}: {exc}") from None
+
+
+def check_pretrain_name(name: str, *, given: bool, encoder: str, models_dir: str | None) -> None:
+    """Check the name of the encoder card the pretraining job exports (``name``: ``pretrain:
+    name`` when ``given``, else made from the ``pretrain: encoder`` card's file name) as the job
+    checks it first (:func:`~wsitools.encoders.cards.check_new_card_name`), before any slide is
+    tiled: the job runs after the whole cohort is tiled. A :class:`DataError` names the key."""
+    key = "pretrain: name" if given else "pretrain: encoder"
+    try:
+        backbone = find_card(encoder, models_dir=models_dir or None).name
+        check_new_card_name(
+            name, models_dir=models_dir or None, backbone=backbone,
+            advice="choose another `pretrain: name`" if given else
+            "the exported card's name is made from this card's file name; set `pretrain: name`",
+        )
+    except ModelError as exc:
+        raise DataError(f"config: {key}: {exc}") from None
+
+
+def check_names_differ_in_case(names: Mapping[str, Sequence[str]]) -> None:
+    """Check that no two names under one config key (``names``: key -> its names, e.g. the
+    tasks, the heads, the encoders) differ only in case (:func:`~wsitools.types.case_twins`):
+    each names an output folder, and where case is ignored (macOS, Windows shares) ``T1`` and
+    ``t1`` are one folder, so one head's run would replace the other's. A :class:`DataError`
+    names the key and both names."""
+    for key, group in names.items():
+        twins = case_twins(group)
+        if twins is not None:
+            a, b = (group[i] for i in twins)
+            raise DataError(
+                f"config: {key}: {a!r} and {b!r} differ only in case; their output folders would be one where "
+                "case is ignored (macOS, Windows): rename one"
+            )
 
 
 def check_extra_args(key: str, command: Sequence[str], extra: Sequence[str], *, set_by: Mapping[str, str]) -> None:

@@ -108,12 +108,14 @@ def _load_model(model_dir: str) -> Any:
     from sentence_transformers import SentenceTransformer
     from transformers.utils import logging as transformers_logging
 
+    from wsitools.encoders.checkpoint import read_failure
+
     # Loading a local model takes a moment: no progress bar in a job's log for it.
     transformers_logging.disable_progress_bar()
     try:
         return SentenceTransformer(model_dir, device="cpu", local_files_only=True)
     except Exception as exc:  # noqa: BLE001 - any load failure is a bad model directory
-        raise ModelError(f"text model {model_dir}: cannot be loaded: {exc}") from exc
+        raise ModelError(f"text model {model_dir}: cannot be loaded: {read_failure(exc)}") from exc
 
 
 def _text_digest(text: str) -> str:

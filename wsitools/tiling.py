@@ -32,7 +32,7 @@ import numpy as np
 
 from wsitools import __version__
 from wsitools.errors import (
-    ConfigError, DamagedStoreError, DataError, SlideError, StoreError, WsiToolsError, error_line,
+    ConfigError, DamagedStoreError, SlideError, StoreError, WsiToolsError, error_line,
 )
 from wsitools.io import (
     LostRace, atomic_path, available_cpus, remove_dead_temps, remove_path, stable_hash, write_json_atomic,
@@ -698,7 +698,7 @@ def tile_slides(
 
     ``slide_ids`` (one per slide, e.g. from a samples sheet) replace the ids derived from the
     file names (:func:`~wsitools.types.slide_id_from_path`). Two slides with one id are a
-    :class:`DataError` naming both, before any is tiled. ``kwargs`` go to :func:`tile_slide` for
+    :class:`~wsitools.errors.DataError` naming both, before any is tiled. ``kwargs`` go to :func:`tile_slide` for
     every slide. With ``isolate`` (the command line's way) the slides are tiled in a worker
     process: when it dies (killed, out of memory, a crash in a decoder) the slide's record says
     how (``failed``, ``killed by signal 9 (SIGKILL...)``), its dead temporaries are removed, and a
@@ -709,10 +709,7 @@ def tile_slides(
     if slide_ids is not None and len(slide_ids) != len(slide_paths):
         raise ValueError(f"{len(slide_ids)} slide ids for {len(slide_paths)} slides")
     ids = list(slide_ids) if slide_ids is not None else [slide_id_from_path(str(p)) for p in slide_paths]
-    try:
-        check_distinct_ids(ids, slide_paths)
-    except ValueError as exc:
-        raise DataError(str(exc)) from None
+    check_distinct_ids(ids, slide_paths)
     out = Path(out_dir)
     records = []
     workers: list[_Worker] = []

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import fnmatch
 import json
 import logging
 import math
@@ -64,7 +63,7 @@ from wsitools.device import TrainPrecision, autocast, training_amp_dtype
 from wsitools.encoders.checkpoint import check_optimizer_state, read_checkpoint, read_state_dict
 from wsitools.errors import ConfigError, ModelError, one_line
 from wsitools.feature_store import TileGeometry
-from wsitools.io import atomic_path, sha256_file, stable_hash, write_safetensors, write_torch
+from wsitools.io import atomic_path, not_written_by, sha256_file, stable_hash, write_safetensors, write_torch
 from wsitools.tables import write_table
 
 if TYPE_CHECKING:
@@ -336,16 +335,8 @@ def check_run_folder(folder: Path, *, own: Sequence[str], kind: str) -> None:
         raise ConfigError(f"{folder}: is a file, where the {kind} run's folder goes; choose another --out")
     if not folder.is_dir():
         return
-    foreign = sorted(
-        p.name for p in folder.iterdir()
-        if not p.name.startswith(".") and not any(fnmatch.fnmatchcase(p.name, pattern) for pattern in own)
-    )
-    if foreign:
-        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
-        raise ConfigError(
-            f"{folder}: holds {foreign[0]}{more}, which a {kind} run does not write (another run's folder?); "
-            "choose a new or empty --out"
-        )
+    if (foreign := not_written_by(folder, own=[*own, ".*"], writer=f"a {kind} run")) is not None:
+        raise ConfigError(f"{folder}: {foreign} (another run's folder?); choose a new or empty --out")
 
 
 def clear_outputs(folder: Path, outputs: Sequence[str]) -> list[Path]:

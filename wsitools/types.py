@@ -12,7 +12,7 @@ import unicodedata
 from collections.abc import Sequence
 from typing import Literal, NewType, get_args
 
-from wsitools.errors import UnsafeNameError
+from wsitools.errors import DataError, UnsafeNameError
 
 Microns = NewType("Microns", float)
 """A length in micrometres (um)."""
@@ -110,14 +110,31 @@ def slide_id_from_path(path: str) -> str:
     return safe_id(stem)
 
 
-def check_distinct_ids(ids: Sequence[str], paths: Sequence[object]) -> None:
-    """Raise ValueError naming both files when two slides get one id (their outputs would
-    overwrite each other)."""
-    seen: dict[str, object] = {}
-    for slide_id, path in zip(ids, paths, strict=True):
-        if slide_id in seen:
-            raise ValueError(
-                f"{seen[slide_id]} and {path} both have slide id {slide_id!r}; rename one of them "
-                "(or give each its own id in a samples sheet)"
-            )
-        seen[slide_id] = path
+def case_twins(names: Sequence[str]) -> tuple[int, int] | None:
+    """The positions of the first two of ``names`` that are one name ignoring case (``S1`` and
+    ``s1``, or the same name twice), or None. Names that become file or folder names must
+    differ in more than case: where case is ignored (macOS, Windows shares) two such names are
+    one file."""
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names):
+        first = seen.setdefault(name.casefold(), i)
+        if first != i:
+            return first, i
+    return None
+
+
+def check_distinct_ids(ids: Sequence[str], paths: Sequence[object], *, source: str = "") -> None:
+    """Raise DataError naming both slide files when two slides get one id, also ignoring case
+    (:func:`case_twins`): their outputs would overwrite each other. ``source`` (a samples
+    sheet, a slide glob) starts the message."""
+    twins = case_twins(ids)
+    if twins is None:
+        return
+    (a, path_a), (b, path_b) = ((ids[i], paths[i]) for i in twins)
+    where = f"{source}: " if source else ""
+    if a == b:
+        raise DataError(f"{where}duplicate slide id {a!r} ({path_a} and {path_b}); rename one of them")
+    raise DataError(
+        f"{where}slide ids {a!r} ({path_a}) and {b!r} ({path_b}) differ only in case; their outputs "
+        "would be one file where case is ignored (macOS, Windows): rename one"
+    )

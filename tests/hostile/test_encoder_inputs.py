@@ -321,6 +321,24 @@ def test_an_unsafe_pathotune_name_is_refused_before_training_not_rewritten(name,
     assert not (tmp_path / "run").exists() and not (tmp_path / "x.yaml").exists()
 
 
+def test_the_default_pathotune_name_made_from_class_names_is_a_valid_card_name(models, store, tmp_path, capsys):
+    """Class names may hold what a card name may not (``..``, a leading ``-``): the default name
+    is made valid; where it is still refused (another card has it), the line says to pass --name."""
+    labels = tmp_path / "labels.csv"
+    labels.write_text("slide_id,x,y,label\n" + "".join(
+        f"S1,{i * 128},0,{('grade..1', '-light')[i % 2]}\n" for i in range(6)))
+    args = ["tune", "pathotune", "--data", labels, "--stores", store, "--encoder", models / "tiny.yaml",
+            "--prompts", "tvp", "--epochs", "1", "--device", "cpu", "--workers", "0", "--quiet"]
+    rc, err = run([*args, "--out", tmp_path / "run"], capsys)
+    assert rc == 0, err
+    assert sorted(p.name for p in (tmp_path / "run").glob("*.yaml")) == ["tiny-pathotune--light-grade.1.yaml"]
+    write_card(models, "tiny-pathotune--light-grade.1")
+    rc, err = run([*args, "--out", tmp_path / "run2", "--models-dir", models], capsys)
+    one_line(rc, err, f"wsitools tune: error: 'tiny-pathotune--light-grade.1' is the name of the card "
+             f"{models / 'tiny-pathotune--light-grade.1.yaml'}: a trained card must have a name of its own (its "
+             "features are kept under it); pass --name")
+
+
 def test_a_reader_that_stops_early_ends_the_listing_quietly(tmp_path):
     """`wsitools encoders | head -1`: the pipe closes before the listing is written."""
     import os

@@ -612,12 +612,18 @@ def test_heatmap_finds_a_slide_by_its_derived_id(tmp_path):
         _slide_for(str(tmp_path), "missing", 2, slides)
 
 
-def test_tile_refuses_two_files_with_one_id_naming_both(tmp_path, capsys):
-    a, b = tmp_path / "scan 1.svs", tmp_path / "scan_1.svs"
+@pytest.mark.parametrize("names, message", [
+    (("scan 1.svs", "scan_1.svs"), "duplicate slide id 'scan_1' ({a} and {b}); rename one of them"),
+    # one store folder where case is ignored (macOS, Windows)
+    (("Slide_1.svs", "slide_1.svs"), "slide ids 'Slide_1' ({a}) and 'slide_1' ({b}) differ only in case; their "
+     "outputs would be one file where case is ignored (macOS, Windows): rename one"),
+])
+def test_tile_refuses_two_files_with_one_id_naming_both(tmp_path, capsys, names, message):
+    a, b = (tmp_path / name for name in names)
     for p in (a, b):
         shutil.copyfile(FIXTURES / "small.svs", p)
     rc, _, err = run(["tile", a, b, "--out", tmp_path / "t", "--quiet"], capsys)
-    assert_one_line(rc, err, f"{a} and {b} both have slide id 'scan_1'")
+    assert_one_line(rc, err, message.format(a=a, b=b))
     assert list((tmp_path / "t").iterdir()) == []  # refused before any slide was tiled
 
 

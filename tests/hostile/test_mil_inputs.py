@@ -586,6 +586,62 @@ def test_plus_and_minus_are_two_classes_without_a_task_file(cohort, capsys):
     assert written == {b.slide_id: status[b.label] for b in bags}
 
 
+def test_a_column_of_numbers_is_not_read_as_classes(cohort, capsys):
+    """Without a task file the labels are the classes: a column of numbers would make one class
+    per slide (and a message listing them all); it is refused in one line naming the column."""
+    root, bags = cohort
+    labels = root / "numbers.csv"
+    labels.write_text("slide_id,label\n" + "".join(f"{b.slide_id},{b.label}\n" for b in bags)
+                      + "".join(f"x{i},{i * 0.37:.2f}\n" for i in range(30)))
+    rc, err = run(train_argv(root, labels, task=False), capsys)
+    one_line(rc, err, f"wsitools train: error: labels table {labels}, column 'label': 32 different labels in 42 "
+             "labelled rows (30 of them in one row only) are too many to be the classes of a classification (a "
+             "column of numbers?); for a numeric target give a task file of type regression (or survival, with "
+             "time and event columns)")
+    assert not (root / "heads").exists()
+
+
+def test_many_classes_pass_when_they_are_classes():
+    """More than 20 classes, each on several slides; at most 1000 of them."""
+    from wsitools.labels import classes_from_labels
+
+    labelled = [(f"s{i}", f"c{i % 25:02d}") for i in range(50)] + [("t", "c00")]
+    assert classes_from_labels(labelled, where="x") == tuple(f"c{i:02d}" for i in range(25))
+    with pytest.raises(DataError, match=r"^x, column 'label': 1001 different labels in 2002 labelled rows \(0 of"):
+        classes_from_labels([(f"s{i}", f"c{i % 1001}") for i in range(2002)], where="x", column="label")
+
+
+def test_class_listings_in_messages_are_capped(cohort):
+    """A task of many classes: each message lists ten and counts the others, so it stays short."""
+    from wsitools.labels import check_labels_are_classes, check_task_labels
+    from wsitools.mil.data import build_cohort
+    from wsitools.samples import Sample
+
+    classes = [f"c{i:02d}" for i in range(30)]
+    with pytest.raises(DataError) as caught:
+        check_labels_are_classes([(f"s{i}", f"u{i:02d}") for i in range(15)], classes, what="labels", task="t.yaml")
+    assert str(caught.value) == (
+        "labels that are not classes of t.yaml (c00, c01, c02, c03, c04, c05, c06, c07, c08, c09 and 20 more): "
+        + "; ".join(f"'u{i:02d}' (slides s{i})" for i in range(10))
+        + "; and 5 more labels; fix the labels or add the classes to the task file")
+    root, bags = cohort
+    rows = read_labels(root / "labels.csv")
+    with pytest.raises(DataError) as caught:
+        build_cohort(rows, root / "features", ["neg", "pos", *classes])
+    assert str(caught.value) == (
+        "task classes without a usable labelled slide: "
+        + ", ".join(f"'c{i:02d}' (no labelled slide)" for i in range(10))
+        + " and 20 more; label slides of them, remove them from the task, or pass --allow-empty-classes")
+    samples = [Sample(slide_id=b.slide_id, path="/x.svs", patient_id=b.patient_id, mpp=None,
+                      fields={"label": b.label}) for b in bags]
+    with pytest.raises(DataError) as caught:
+        check_task_labels(samples, task="t", label_column="label", classes=["neg", "pos", *classes],
+                          folds={"abmil": 2}, sheet="samples.tsv", task_file="t.yaml")
+    assert str(caught.value).startswith(
+        "config: tasks: t: classes " + ", ".join(f"'c{i:02d}'" for i in range(10)) + " and 20 more of t.yaml have "
+        "no labelled slide in column 'label' of samples.tsv; ")
+
+
 @pytest.mark.parametrize("marker", ["<NA>", "#NA", "-nan", "#N/A N/A", ".", "?", "NULL"])
 def test_pandas_and_sas_missing_values_are_still_not_classes(cohort, capsys, marker):
     root, bags = cohort

@@ -618,6 +618,32 @@ def test_clean_lists_and_removes_stale_temporaries(tmp_path, capsys):
     assert "nope: no such folder" in capsys.readouterr().err
 
 
+def test_clean_takes_an_old_style_temporary_name_only_where_it_stands_for_a_wsitools_output(tmp_path, capsys):
+    """``.tmp-NAME-PID`` (the names of older wsitools) is a name other tools and people use too:
+    clean takes it only for a store or HDF5 file, or beside the run folder it stands for."""
+    days_ago = time.time() - 3 * 24 * 3600
+    theirs = [tmp_path / "project" / ".tmp-thesis-2023", tmp_path / "project" / ".tmp-notes-12"]
+    ours = [tmp_path / "tiles" / ".tmp-S1.zarr-4242", tmp_path / "features" / ".tmp-S1.h5-4242",
+            tmp_path / "heads" / ".tmp-abmil-4242"]
+    (tmp_path / "project" / "notes").mkdir(parents=True)  # a folder of that name, but no run
+    (tmp_path / "heads" / "abmil").mkdir(parents=True)
+    (tmp_path / "heads" / "abmil" / "run.json").write_text("{}")
+    for path in theirs + ours:
+        path.mkdir(parents=True)
+        (path / "f").write_bytes(b"x" * 10)
+        for p in (path / "f", path):
+            os.utime(p, (days_ago, days_ago))
+    assert main(["clean", str(tmp_path), "--older-than", "24", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert sorted(line.split("\t")[1] for line in out.splitlines()[:-1]) == sorted(map(str, ours))
+    assert f"would remove\t{ours[0]}\t" in out and "untouched for 72.0 h" in out
+    assert main(["clean", str(tmp_path)]) == 0  # without --older-than, kept and listed
+    assert f"kept\t{ours[0]}\t" in capsys.readouterr().out
+    assert main(["clean", str(tmp_path), "--older-than", "24"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("3 stale temporaries or obsolete partial runs, freed ")
+    assert all(p.is_dir() for p in theirs) and not any(p.exists() for p in ours)
+
+
 def test_temporary_names_carry_host_pid_and_a_random_part(tmp_path):
     a, b = temp_sibling(tmp_path / "S.h5"), temp_sibling(tmp_path / "S.h5")
     assert a != b

@@ -18,9 +18,9 @@ from wsitools.labels import check_patient_labels, task_columns
 from wsitools.report import qc_report
 from wsitools.report import usable_slides as qc_usable_slides
 from wsitools.samples import (
-    check_encoders, check_extra_args, check_features_current, check_features_own, check_task_cohort,
-    check_unique_keys, check_whole_numbers, config_error, heads_label_checks, load_samples, run_failure_line,
-    slide_file_state,
+    check_encoders, check_extra_args, check_features_current, check_features_own, check_names_differ_in_case,
+    check_pretrain_name, check_task_cohort, check_unique_keys, check_whole_numbers, config_error, heads_label_checks,
+    load_samples, run_failure_line, slide_file_state,
 )
 from wsitools.tables import is_tile_table
 from wsitools.text import load_task
@@ -43,6 +43,10 @@ except WorkflowError as exc:
     raise WorkflowError(config_error(exc.__context__)) from None
 try:
     check_whole_numbers(config, Path(workflow.basedir) / "schemas" / "config.schema.yaml")
+    check_names_differ_in_case(
+        {"tasks": list(config["tasks"]), "heads": list(config["heads"]),
+         "features: encoders": config["features"]["encoders"]}
+    )
 except WsiToolsError as exc:
     raise WorkflowError(str(exc)) from None
 
@@ -82,6 +86,7 @@ GPU_JOB = 0 if config["device"] == "cpu" else 1  # GPUs asked for by a GPU-capab
 PUZZLE_CARD = config["pretrain"]["name"] or (
     f"{Path(config['pretrain']['encoder']).name.removesuffix('.yaml')}-puzzletuned"
 )
+PUZZLE_CARD_FILE = f"results/pretrain/puzzle/{PUZZLE_CARD}.yaml"
 
 # Settings that the schema cannot check, checked before any job runs.
 if config["tiling"]["overlap"] >= config["tiling"]["tile_size"]:
@@ -146,6 +151,13 @@ if config["tune"]["enabled"]:
         _ENCODER_KEYS["tune: ivp_encoder"] = config["tune"]["ivp_encoder"]
 try:
     check_encoders(_ENCODER_KEYS, models_dir=config["models_dir"])
+    # The name of the card pretraining will export; once exported, its card may be copied into
+    # the models folder to extract with (docs/cluster.md), where the name is then taken.
+    if config["pretrain"]["enabled"] and not Path(PUZZLE_CARD_FILE).is_file():
+        check_pretrain_name(
+            PUZZLE_CARD, given=bool(config["pretrain"]["name"]), encoder=config["pretrain"]["encoder"],
+            models_dir=config["models_dir"],
+        )
     # About the run as a whole, so once, not in every cluster job (they hash weight files):
     # features are extracted once per slide, so ones made by an earlier version of a card would
     # stay, and a features folder outside the project may hold another project's.
@@ -354,7 +366,7 @@ def fixed_targets():
             "results/heatmaps/{task}/{encoder}/{head}", task=TASKS, encoder=ENCODERS, head=HEADS
         )
     if config["pretrain"]["enabled"]:
-        targets.append(f"results/pretrain/puzzle/{PUZZLE_CARD}.yaml")
+        targets.append(PUZZLE_CARD_FILE)
     if config["tune"]["enabled"]:
         targets.append("results/tune/pathotune/metrics.json")
     return targets

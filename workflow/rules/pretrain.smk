@@ -15,7 +15,7 @@ rule pretrain_puzzle:
     input:
         qc=get_usable_qc,
     output:
-        card=f"results/pretrain/puzzle/{PUZZLE_CARD}.yaml",
+        card=PUZZLE_CARD_FILE,
     params:
         stores=usable_stores,
         out=lambda wildcards, output: Path(output.card).parent,

@@ -4,7 +4,9 @@ Every output is written under a temporary name, ``.tmp-NAME-HOST-PID-RANDOM``, b
 path and renamed when complete. A run that is killed leaves its temporary behind. Tiling and
 extraction remove the dead temporaries of their own host before writing; this command does it
 for whole folders, and, with ``--older-than``, also for the temporaries of other hosts on a
-shared file system, whose processes cannot be checked from here.
+shared file system, whose processes cannot be checked from here. A name of the form older
+wsitools gave its temporaries, .tmp-NAME-PID, which other tools and people use too, counts only
+where it can be nothing else: NAME ends in .zarr or .h5, or the run folder NAME is beside it.
 
 The partial folder of a resumable training run (``.NAME.partial/``, ``wsitools train --resume``)
 is state, not a temporary: it is listed, and kept while a ``train`` may be writing it or while

@@ -453,19 +453,24 @@ def check_card_name(name: str) -> str:
 
 
 def check_new_card_name(
-    name: str, *, models_dir: str | os.PathLike[str] | None = None, backbone: str | None = None
+    name: str, *, models_dir: str | os.PathLike[str] | None = None, backbone: str | None = None,
+    advice: str = "choose another --name",
 ) -> str:
-    """Return ``name`` if a newly trained card may take it, else raise :class:`ModelError`: a safe
-    card name (:func:`check_card_name`) that is neither its backbone's name nor that of a card in
-    the models directory. Features are kept per card name, so a trained card under a taken name
-    would write into (and replace) the features of the card it shadows."""
-    check_card_name(name)
+    """Return ``name`` if a newly trained card may take it, else raise :class:`ModelError` ending
+    with ``advice`` (how to give another name; ``pass --name`` where the name was made from
+    others): a safe card name (:func:`check_card_name`) that is neither its backbone's name nor
+    that of a card in the models directory. Features are kept per card name, so a trained card
+    under a taken name would write into (and replace) the features of the card it shadows."""
+    try:
+        check_card_name(name)
+    except ModelError as exc:
+        raise ModelError(f"{exc}; {advice}") from None
     path = _models_dir(models_dir) / f"{name}.yaml"
     if name == backbone or path.is_file():
         where = "the backbone's name" if name == backbone else f"the name of the card {path}"
         raise ModelError(
             f"{name!r} is {where}: a trained card must have a name of its own (its features are kept under it); "
-            "choose another --name"
+            f"{advice}"
         )
     return name
 

@@ -96,7 +96,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
                     obj = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - whatever the reader trips on, the file is not a weight file
         reader = "safetensors" if kind == "safetensors" else "torch.load, weights only"
-        raise ModelError(f"{path}: not a readable weight file ({reader}: {_read_failure(exc)})") from None
+        raise ModelError(f"{path}: not a readable weight file ({reader}: {read_failure(exc)})") from None
     if not isinstance(obj, Mapping):
         raise ModelError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
     return dict(obj)
@@ -105,11 +105,16 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
-def _read_failure(exc: Exception) -> str:
-    """Why a weight file could not be read, in a few words (no advice to unpickle it anyway)."""
+def read_failure(exc: Exception) -> str:
+    """Why a weight file (or a model holding one) could not be read, in a few words: torch's
+    advice to unpickle it anyway (``weights_only=False``, which runs whatever it holds) is
+    never passed on."""
     text = _ANSI.sub("", str(exc)).strip()
-    if isinstance(exc, pickle.UnpicklingError) and "weights only" in text.lower():
-        return "it holds pickled Python objects other than tensors, which are never unpickled"
+    cause: BaseException | None = exc
+    while cause is not None:  # a library loading the file may raise its own error from torch's
+        if isinstance(cause, pickle.UnpicklingError) and "weights only" in str(cause).lower():
+            return "it holds pickled Python objects other than tensors, which are never unpickled"
+        cause = cause.__cause__ or cause.__context__
     if "TorchScript" in text:
         return "a TorchScript archive, not a state dict (save the model's state_dict() instead)"
     return text.splitlines()[0] if text else type(exc).__name__

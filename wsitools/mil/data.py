@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -27,7 +28,7 @@ from wsitools.feature_store import (
     features_root_hint,
     list_feature_stores,
 )
-from wsitools.labels import SURVIVAL_STRATA, LabelRow, check_labels_are_classes
+from wsitools.labels import SHOWN_CLASSES, SURVIVAL_STRATA, LabelRow, check_labels_are_classes, first_few
 from wsitools.text import TaskType
 from wsitools.types import slide_id_from_path
 
@@ -245,13 +246,14 @@ def _check_targets(kept: Sequence[LabelRow], task_type: TaskType, *, table: str 
 def _check_empty_classes(
     classes: Sequence[str], rows: Sequence[LabelRow], kept: Sequence[LabelRow], *, allow: bool
 ) -> None:
-    labelled = {c: sum(r.label == c for r in rows) for c in classes}
-    usable = {c: sum(r.label == c for r in kept) for c in classes}
+    labelled = Counter(r.label for r in rows)
+    usable = Counter(r.label for r in kept)
     empty = [c for c in classes if usable[c] == 0]
     if not empty:
         return
-    listing = ", ".join(
-        f"{c!r} ({'no labelled slide' if not labelled[c] else f'{labelled[c]} labelled, none usable'})" for c in empty
+    listing = first_few(
+        [f"{c!r} ({f'{labelled[c]} labelled, none usable' if labelled[c] else 'no labelled slide'})" for c in empty],
+        SHOWN_CLASSES,
     )
     if allow:
         log.warning("task classes without a usable labelled slide (trained and predicted all the same): %s", listing)

@@ -25,7 +25,7 @@ import torch
 from wsitools import __version__
 from wsitools.attention import pooling_attrs, write_attention
 from wsitools.errors import DataError, ModelError, StoreError, one_line
-from wsitools.io import atomic_path, check_out_apart, check_own_folder, write_json_atomic
+from wsitools.io import atomic_path, check_out_apart, check_own_folder, not_an_output, write_json_atomic
 from wsitools.feature_store import (
     EncoderRecord,
     FeatureStore,
@@ -305,7 +305,10 @@ def predict(
         raise DataError(f"output {out_dir} exists; use --overwrite to replace it")
     check_own_folder(
         out_dir, writes="predict --overwrite replaces its --out as a whole",
-        foreign=lambda folder: None if (folder / RECORD_FILE).is_file() else f"is no wsitools prediction (it has no {RECORD_FILE})",
+        foreign=lambda folder: not_an_output(
+            folder, record=RECORD_FILE, fields={"package_version": str, "n_predicted": int, "task_type": str},
+            own=("predictions.csv", "attention"), what="prediction", writer="predict",
+        ),
     )
     skipped: dict[str, str] = {}
     groups = _bag_groups(wanted, patients, bagging=bagging, model_dir=model_dir, skipped=skipped, strict=strict)

@@ -51,7 +51,7 @@ import torch
 
 from wsitools.errors import DataError, ModelError, one_line
 from wsitools.feature_store import TileGeometry
-from wsitools.io import atomic_path, check_own_folder, pid_alive, remove_path, write_json_atomic
+from wsitools.io import atomic_path, check_own_folder, not_an_output, pid_alive, remove_path, write_json_atomic
 from wsitools.mil.head_folder import WEIGHTS_FILE, SavedHead, load_head
 from wsitools.tables import write_table
 
@@ -69,6 +69,13 @@ CURVES_FILE = "curves.csv"
 CURVES_PLOT = "curves.png"
 RISK_GROUPS_PLOT = "km.png"
 ATTENTION_DIR = "attention"
+RUN_ENTRIES = (
+    METRICS_FILE, PREDICTIONS_FILE, SPLITS_FILE, CURVES_FILE, CURVES_PLOT, RISK_GROUPS_PLOT, ATTENTION_DIR, "fold_*",
+)
+"""The entries of a run folder besides its record (glob patterns): ``train --overwrite`` replaces
+no folder holding anything else."""
+RECORD_FIELDS = {"package_version": str, "n_folds": int, "head_config": dict, "task_type": str}
+"""Fields every run's :data:`RECORD_FILE` holds, with the type of their values."""
 
 
 def fold_dir(run_dir: str | os.PathLike[str], index: int) -> Path:
@@ -153,8 +160,8 @@ def _take_lock(lock: Path, out_dir: Path) -> int:
 def writing(out_dir: str | os.PathLike[str], *, overwrite: bool = False, resume: bool = False) -> Iterator[Path]:
     """Yield a folder (with its ``attention/``) to write the run ``out_dir`` into, and rename it
     to ``out_dir`` when the block ends; an existing ``out_dir`` is replaced only with
-    ``overwrite``, and only when it is empty or an earlier run (it holds a :data:`RECORD_FILE`):
-    anything else is refused first (:func:`check_replaceable`). The folder is a run-unique
+    ``overwrite``, and only when it is empty or an earlier run: anything else is refused first
+    (:func:`check_replaceable`). The folder is a run-unique
     temporary, removed on an error or when the block did not write the run's record; with
     ``resume`` it is :func:`partial_dir`, created when missing (a partial folder without its
     :data:`PARTIAL_RECORD` is started afresh: it was cut off before it recorded anything) and
@@ -182,12 +189,15 @@ def writing(out_dir: str | os.PathLike[str], *, overwrite: bool = False, resume:
 
 
 def check_replaceable(out_dir: str | os.PathLike[str]) -> None:
-    """Refuse an ``out_dir`` that ``train --overwrite`` may not replace: a file, or a folder that
-    is neither empty nor a training run (no :data:`RECORD_FILE`), whose files the run would
-    delete (:func:`~wsitools.io.check_own_folder`)."""
+    """Refuse an ``out_dir`` that ``train --overwrite`` may not replace, whose files the run would
+    delete (:func:`~wsitools.io.check_own_folder`): a file, or a folder that is neither empty nor
+    a training run (:func:`~wsitools.io.not_an_output`: its :data:`RECORD_FILE` holds
+    :data:`RECORD_FIELDS`, and it holds nothing but :data:`RUN_ENTRIES`)."""
     check_own_folder(
         out_dir, writes="train --overwrite replaces its --out as a whole",
-        foreign=lambda folder: None if (folder / RECORD_FILE).is_file() else f"is no wsitools training run (it has no {RECORD_FILE})",
+        foreign=lambda folder: not_an_output(
+            folder, record=RECORD_FILE, fields=RECORD_FIELDS, own=RUN_ENTRIES, what="training run", writer="train"
+        ),
     )
 
 

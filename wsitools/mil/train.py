@@ -904,7 +904,7 @@ def _cohort_and_folds(
     else:
         classes = (task.classes if task is not None
                    else classes_from_labels(((r.slide_id, r.label) for r in rows), where=f"labels table {labels}",
-                                           unlabelled="leave its row out"))
+                                           unlabelled="leave its row out", column="label"))
     cohort = build_cohort(
         rows, features_dir, classes, ivp_features_dir=ivp_features_dir, strict=strict,
         allow_empty_classes=allow_empty_classes, task_type=task_type, labels_file=labels, task_file=task_file,

@@ -216,7 +216,7 @@ def tune_pathotune(
     backbone_enc: Encoder = load_encoder(backbone, device=device, models_dir=models_dir)
     card_name = check_new_card_name(
         name or _safe_name(f"{backbone_enc.name}-pathotune-{task.name if task else '-'.join(data.classes)}"),
-        models_dir=models_dir, backbone=backbone_enc.name,
+        models_dir=models_dir, backbone=backbone_enc.name, advice="choose another --name" if name else "pass --name",
     )
     dev = backbone_enc.device
     ivp: Encoder | None = None
@@ -508,6 +508,8 @@ def _fmt(m: dict[str, float]) -> str:
 
 
 def _safe_name(name: str) -> str:
-    """The default card name (from the backbone, task or class names) as a safe file name."""
-    cleaned = re.sub(r"[^A-Za-z0-9._-]", "-", name).strip("-.") or "pathotune"
-    return cleaned[:100]
+    """The default card name (from the backbone, task or class names) as a valid card name
+    (:func:`~wsitools.encoders.cards.check_card_name`): other characters become ``-``, runs of
+    ``.`` one ``.``, at most 100 characters, starting and ending with a letter or digit."""
+    cleaned = re.sub(r"\.{2,}", ".", re.sub(r"[^A-Za-z0-9._-]", "-", name))
+    return cleaned[:100].strip("-._") or "pathotune"

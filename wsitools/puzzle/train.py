@@ -254,7 +254,10 @@ def train_puzzle(
         backbone, prompt_tokens=config.prompt_tokens, prompt_mode=config.prompt_mode,
         device=device, models_dir=models_dir,
     )
-    card_name = check_new_card_name(name or f"{bb.card.name}-puzzletuned", models_dir=models_dir, backbone=bb.card.name)
+    card_name = check_new_card_name(
+        name or f"{bb.card.name}-puzzletuned", models_dir=models_dir, backbone=bb.card.name,
+        advice="choose another --name" if name else "pass --name",
+    )
     dev = bb.device
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)  # the decoder's initial weights
