@@ -624,6 +624,11 @@ def test_overwrite_replaces_only_an_earlier_run_of_the_same_command(tmp_path, ca
     run.mkdir()
     for args, out in ((train_args, run), (train_args, run), (predict_args, pred), (predict_args, pred)):
         assert main(args + [str(out)]) == 0  # an empty folder, then the earlier run
+    for args, out in ((train_args, run), (predict_args, pred)):  # a desktop's file and a killed write's
+        (out / ".DS_Store").write_bytes(b"\0")  # temporary are nobody's files: the earlier run is replaced
+        (out / ".tmp-metrics.json-host-1-0123abcd").write_text("{")
+        assert main(args + [str(out)]) == 0
+        assert not (out / ".DS_Store").exists() and (out / ("run.json" if out == run else "predict.json")).is_file()
     shutil.copytree(run, tmp_path / "run_copy")
     capsys.readouterr()
     mine = tmp_path / "mine"

@@ -167,13 +167,19 @@ def check_own_folder(out: str | os.PathLike[str], *, foreign: Callable[[Path], s
         raise DataError(f"{out}: {problem}; {writes}, so give a new or empty folder (or remove this one)")
 
 
+DESKTOP_FILES = (".DS_Store", "._*", "Thumbs.db", "desktop.ini")
+"""Files a desktop's file browser leaves in any folder it shows (glob patterns): never a sign
+that a folder is a user's."""
+
+
 def not_written_by(folder: Path, *, own: Sequence[str], writer: str) -> str | None:
     """What ``folder`` holds that ``writer`` never writes (``own``: glob patterns of the entries
     it writes), in words (``holds docs and 1 more, which train does not write``), or None when it
     holds nothing else: the folder of another run or a user's, whose files a run would overwrite
-    or delete."""
+    or delete. Temporaries of killed writes and :data:`DESKTOP_FILES` count as its own."""
+    mine = [*own, f"{TEMP_PREFIX}*", *DESKTOP_FILES]
     foreign = sorted(
-        p.name for p in folder.iterdir() if not any(fnmatch.fnmatchcase(p.name, pattern) for pattern in own)
+        p.name for p in folder.iterdir() if not any(fnmatch.fnmatchcase(p.name, pattern) for pattern in mine)
     )
     if not foreign:
         return None
