@@ -10,7 +10,11 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +27,7 @@ from wsitools.samples import (
     Sample, config_error, read_samples, run_failure_line, samples_from_glob, snakemake_command,
 )
 from wsitools.tables import read_table, write_table
+from wsitools.cli import Stopped
 from wsitools.errors import ConfigError, DataError, WsiToolsError
 from wsitools.metrics import METRICS, binary_auroc, roc_points
 
@@ -1194,6 +1199,62 @@ def test_demo_without_the_workflow_fails_before_writing_anything(tmp_path, capsy
         f"wsitools demo: error: no workflow at {site / 'workflow' / 'Snakefile'}: the Snakemake workflow ships "
         "with the repository, install wsitools from a checkout with `pip install -e .`")
     assert made == [] and not out.exists()
+
+
+_TRAPPING_RUN = """
+import pathlib, signal, sys, time
+folder = pathlib.Path(sys.argv[1])
+def stop(signum, frame):
+    time.sleep(0.5)  # a run takes a while to stop its jobs and release its lock
+    (folder / "released").write_text(signal.Signals(signum).name)
+    sys.exit(1)
+signal.signal(signal.SIGINT, stop)
+signal.signal(signal.SIGTERM, stop)
+(folder / "started").write_text("")
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("signum, raised", [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, Stopped)])
+def test_a_stopped_demo_lets_its_workflow_release_its_lock(tmp_path, monkeypatch, signum, raised):
+    """Ctrl-C (or a SIGTERM) to the demo is passed on to its Snakemake run, in a session of its
+    own, and the demo waits for it to stop its jobs and release its lock; killed at once, it left
+    the lock and the next demo stopped on it."""
+    from wsitools.cli import _stop_on_sigterm, demo
+
+    script = tmp_path / "run.py"
+    script.write_text(_TRAPPING_RUN)
+    monkeypatch.setattr(demo, "snakemake_command", lambda out, *args: [sys.executable, str(script), str(tmp_path)])
+
+    def signal_once_started():
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "started").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(os.getpid(), signum)
+
+    previous = signal.getsignal(signal.SIGTERM)
+    _stop_on_sigterm()
+    try:
+        threading.Thread(target=signal_once_started, daemon=True).start()
+        with pytest.raises(raised):
+            demo._snakemake(tmp_path / "out", quiet=True)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert (tmp_path / "released").read_text() == signal.Signals(signum).name  # stopped by it, and waited for
+
+
+def test_a_demo_stopped_on_a_left_lock_says_how_to_remove_it(tmp_path, monkeypatch):
+    from wsitools.cli import demo
+
+    out = tmp_path / "out"
+    (out / ".snakemake" / "locks").mkdir(parents=True)
+    (out / ".snakemake" / "locks" / "0.input.lock").write_text("")
+    monkeypatch.setattr(demo, "snakemake_command", lambda o, *args: [sys.executable, "-c", "raise SystemExit(1)", *args])
+    with pytest.raises(WsiToolsError) as err:
+        demo._snakemake(out, quiet=True)
+    assert str(err.value) == (
+        f"the workflow failed (exit 1); job logs are in {out / 'logs'}; if it says {out} cannot be locked and no "
+        f"other run uses it, `{sys.executable} -c 'raise SystemExit(1)' --unlock` removes the lock a killed run left")
 
 
 def _qc_done(work: Path, status: dict[str, str]) -> None:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +21,7 @@ from pathlib import Path
 from wsitools.report import qc_report
 from wsitools.samples import snakemake_command, workflow_dir
 from wsitools.tables import read_table
+from wsitools.cli import Stopped
 from wsitools.cli.options import non_negative_int, positive_int
 from wsitools.errors import ConfigError, WsiToolsError
 from wsitools.io import available_cpus, check_own_folder, write_json_atomic
@@ -135,13 +138,29 @@ def _check_reuse(out: Path, made: dict[str, int], *, n_slides: int | None, seed:
 def _snakemake(out: Path, *args: str, quiet: bool) -> None:
     cmd = snakemake_command(out, *args)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run(
-        cmd, env=env, stdout=subprocess.DEVNULL if quiet else None, stderr=None, check=False
-    )
-    if result.returncode:
-        raise WsiToolsError(
-            f"the workflow failed (exit {result.returncode}); job logs are in {out / 'logs'}"
+    returncode = _run_until_stopped(cmd, env=env, quiet=quiet)
+    if returncode:
+        locks = out / ".snakemake" / "locks"
+        hint = (
+            f"; if it says {out} cannot be locked and no other run uses it, `{shlex.join(snakemake_command(out, '--unlock'))}` "
+            "removes the lock a killed run left" if locks.is_dir() and any(locks.iterdir()) else ""
         )
+        raise WsiToolsError(f"the workflow failed (exit {returncode}); job logs are in {out / 'logs'}{hint}")
+
+
+def _run_until_stopped(cmd: list[str], *, env: dict[str, str], quiet: bool) -> int:
+    """Run Snakemake's ``cmd`` in a session of its own and return its exit status. Ctrl-C or a
+    SIGTERM to this command is passed on to it once (SIGINT or SIGTERM) and it is waited for, so
+    it stops its jobs and releases its lock on the folder, and the demo run again finishes the
+    work; killed at once, it would leave the lock behind and the next run would stop on it."""
+    process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL if quiet else None, start_new_session=True)
+    try:
+        return process.wait()
+    except BaseException as exc:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM if isinstance(exc, Stopped) else signal.SIGINT)
+            process.wait()
+        raise
 
 
 def _metrics_lines(table: Path) -> list[str]:
