@@ -1232,14 +1232,16 @@ def test_a_stopped_demo_lets_its_workflow_release_its_lock(tmp_path, monkeypatch
             time.sleep(0.02)
         os.kill(os.getpid(), signum)
 
-    previous = signal.getsignal(signal.SIGTERM)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a command (in-process Snakemake sets its own)
     _stop_on_sigterm()
     try:
         threading.Thread(target=signal_once_started, daemon=True).start()
         with pytest.raises(raised):
             demo._snakemake(tmp_path / "out", quiet=True)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     assert (tmp_path / "released").read_text() == signal.Signals(signum).name  # stopped by it, and waited for
 
 
