@@ -357,8 +357,9 @@ class FeatureStore:
         coords [N, 2] int64, both checked against their checksums (:func:`checked_rows`)."""
         with open_h5(self.path) as f:
             rows = _finite(checked_rows(f, "features", self.path), slide_id=self.slide_id, path=self.path)
-            features = _read_all(stored_dataset(f, "features", self.path), rows)
-            coords = _read_all(stored_dataset(f, "coords", self.path), checked_rows(f, "coords", self.path))
+            features = _read_all(f["features"], rows)
+            blocks = checked_rows(f, "coords", self.path)
+            coords = _read_all(f["coords"], blocks)
         return features, coords.astype(np.int64, copy=False)
 
     def coords(self) -> np.ndarray:
@@ -447,7 +448,8 @@ def reusable(path: Path, store: PatchStore, encoder: Encoder, dtype: FeatureDtyp
         return False
     try:  # extraction writes finite features and matching checksums only: others were damaged since
         with open_h5(path) as f:
-            coords = _read_all(stored_dataset(f, "coords", path), checked_rows(f, "coords", path))
+            blocks = checked_rows(f, "coords", path)
+            coords = _read_all(f["coords"], blocks)
             _read_through(_finite(checked_rows(f, "features", path), slide_id=store.slide_id, path=path))
     except (DataError, StoreError, OSError, MemoryError) as exc:
         log.warning("%s: recomputing (%s)", path, one_line(exc))
@@ -547,8 +549,12 @@ def checked_rows(f: h5py.File, name: str, path: Path) -> Iterator[np.ndarray]:
     a time; after the last, a :class:`StoreError` naming the file and the dataset when the file
     records the dataset's checksum (:data:`CHECKSUM_ATTRS`) and the rows read do not match it.
     A store without one (written before checksums were recorded, or by another tool) is read
-    unchecked. Read it to the end: the check comes last."""
-    dset, recorded = stored_dataset(f, name, path), f.attrs.get(CHECKSUM_ATTRS[name])
+    unchecked. Read it to the end: the check comes last. The dataset itself is checked at once
+    (:func:`stored_dataset`), before the caller allocates anything for its rows."""
+    return _checked_rows(stored_dataset(f, name, path), f.attrs.get(CHECKSUM_ATTRS[name]), name, path)
+
+
+def _checked_rows(dset: h5py.Dataset, recorded: Any, name: str, path: Path) -> Iterator[np.ndarray]:
     crc = 0
     for start in range(0, dset.shape[0], CHECK_ROWS):
         rows = dset[start : start + CHECK_ROWS]
@@ -562,7 +568,8 @@ def checked_rows(f: h5py.File, name: str, path: Path) -> Iterator[np.ndarray]:
 
 
 def _read_all(dset: h5py.Dataset, blocks: Iterable[np.ndarray]) -> np.ndarray:
-    """The rows of ``dset`` from ``blocks``, its consecutive blocks of rows."""
+    """The rows of ``dset`` from ``blocks``, its consecutive blocks of rows (:func:`checked_rows`,
+    which has checked ``dset`` already: take them first, then allocate)."""
     out = np.empty(dset.shape, dset.dtype)
     start = 0
     for rows in blocks:
@@ -636,10 +643,11 @@ def read_features(
 
     if index is None or layout is None:
         with open_h5(Path(path)) as f:
+            blocks = checked_rows(f, "features", Path(path))
             # numpy's allocation: a bag too large for memory is a MemoryError, as in every other reader
-            out = torch.from_numpy(np.empty(stored_dataset(f, "features", Path(path)).shape, np.float32))
+            out = torch.from_numpy(np.empty(f["features"].shape, np.float32))
             start = 0
-            for rows in checked_rows(f, "features", Path(path)):
+            for rows in blocks:
                 out[start : start + len(rows)] = torch.from_numpy(_native(rows))
                 start += len(rows)
         return out if index is None else out[torch.from_numpy(np.sort(index))]
@@ -659,8 +667,8 @@ def read_coords(path: str | os.PathLike[str]) -> np.ndarray:
     with open_h5(Path(path)) as f:
         if "coords" not in f:
             raise StoreError(f"feature store {path} has no 'coords' dataset")
-        coords = stored_dataset(f, "coords", Path(path))
-        return _read_all(coords, checked_rows(f, "coords", Path(path))).astype(np.int64, copy=False)
+        blocks = checked_rows(f, "coords", Path(path))
+        return _read_all(f["coords"], blocks).astype(np.int64, copy=False)
 
 
 class EncoderRecord(NamedTuple):
